@@ -1,0 +1,155 @@
+"""Envoys: the wrapper tree that mirrors a model's modules inside and outside traces."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+
+from .errors import TraceError, at_line, user_line
+from .sites import INPUT, OUTPUT, Site, module_label
+
+if TYPE_CHECKING:
+    from .models import NNsight
+    from .proxy import Proxy
+
+
+class Envoy:
+    """A module of the wrapped model. ``.output``, ``.input`` and ``.inputs`` read (and,
+    assigned, overwrite) its activations inside a trace; other attributes fall through to
+    the real module; submodules are envoys too."""
+
+    def __init__(self, module: torch.nn.Module, path: str, root: "NNsight | None" = None):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_root", root if root is not None else self)
+        object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_call", 0)
+
+    # --- tree navigation ---------------------------------------------------------------
+    def _child(self, name: str, module: torch.nn.Module) -> "Envoy":
+        children = self._children
+        if name not in children:
+            path = f"{self._path}.{name}" if self._path else name
+            children[name] = Envoy(module, path, self._root)
+        return children[name]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        module = self._module
+        submodules = module._modules
+        if name in submodules and submodules[name] is not None:
+            return self._child(name, submodules[name])
+        try:
+            return getattr(module, name)
+        except AttributeError:
+            raise AttributeError(
+                f"{module_label(self._path)} ({type(module).__name__}) has no submodule or "
+                f"attribute {name!r}; its submodules are: "
+                f"{', '.join(submodules) or '(none)'}") from None
+
+    def __getitem__(self, key: Any) -> "Envoy":
+        module = self._module
+        if isinstance(module, torch.nn.ModuleDict):
+            return self._child(str(key), module[key])
+        if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
+            if isinstance(key, int):
+                length = len(module)
+                if not -length <= key < length:
+                    raise IndexError(f"{module_label(self._path)} has {length} modules; "
+                                     f"index {key} is out of range")
+                index = key % length
+                return self._child(str(index), module[index])
+        raise TypeError(f"{module_label(self._path)} ({type(module).__name__}) cannot be "
+                        f"indexed with {key!r}")
+
+    def __iter__(self) -> Iterator["Envoy"]:
+        for name, module in self._module.named_children():
+            yield self._child(name, module)
+
+    def __len__(self) -> int:
+        return len(self._module)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("output", "input", "inputs"):
+            object.__setattr__(self, name, value)  # routed to the property setter
+            return
+        setattr(self._module, name, value)
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    @property
+    def path(self) -> str:
+        """The module's dotted path in the model (``""`` for the model itself)."""
+        return self._path
+
+    # --- activations ---------------------------------------------------------------------
+    def _tracer(self, what: str):
+        from .tracer import current_tracer
+        tracer = current_tracer(self._root)
+        if tracer is None:
+            raise TraceError(at_line(
+                f"{module_label(self._path)}.{what} is only available inside a trace "
+                f"(`with model.trace(...):`)", user_line()))
+        return tracer
+
+    def _site(self, kind: str) -> Site:
+        return Site(self._path, kind, self._call)
+
+    @property
+    def output(self) -> "Proxy":
+        """The module's output (a proxy inside a trace); assign to replace it."""
+        return self._tracer("output")._read(self._site(OUTPUT), "output")
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        self._tracer("output")._write(self._site(OUTPUT), "output", value)
+
+    @property
+    def inputs(self) -> "Proxy":
+        """The module's inputs as ``(args, kwargs)``; assign to replace them."""
+        return self._tracer("inputs")._read(self._site(INPUT), "inputs")
+
+    @inputs.setter
+    def inputs(self, value: Any) -> None:
+        self._tracer("inputs")._write(self._site(INPUT), "inputs", value)
+
+    @property
+    def input(self) -> "Proxy":
+        """The module's first input (first positional argument, else first keyword one)."""
+        return self._tracer("input")._read(self._site(INPUT), "input")
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        self._tracer("input")._write(self._site(INPUT), "input", value)
+
+    def __call__(self, *args, **kwargs) -> Any:
+        """Inside a trace, apply this module to traced values (e.g. the logit lens);
+        outside, call the module."""
+        from .proxy import Proxy
+        from .tracer import current_tracer
+        tracer = current_tracer(self._root)
+        traced = any(isinstance(a, Proxy) for a in (*args, *kwargs.values()))
+        if tracer is None or not traced:
+            return self._module(*args, **kwargs)
+        return tracer._record("call_function", ModuleCall(self._module, self._path),
+                              args, kwargs)
+
+
+class ModuleCall:
+    """A module applied to traced values, as a graph node target."""
+
+    def __init__(self, module: torch.nn.Module, path: str):
+        self.module = module
+        self.__name__ = (path or "model").replace(".", "_")
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ModuleCall) and other.module is self.module
+
+    def __hash__(self) -> int:
+        return hash(id(self.module))

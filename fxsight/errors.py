@@ -1,0 +1,57 @@
+"""Errors raised by fxsight, and the helper that finds the user's source line."""
+
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class FxsightError(Exception):
+    """Base class of every error fxsight raises on purpose."""
+
+
+class TraceError(FxsightError):
+    """A trace's interventions cannot be honoured (raised before anything runs)."""
+
+
+class OrderError(TraceError):
+    """A write depends on a value that is only computed after the written module."""
+
+
+class ShapeError(TraceError):
+    """A value does not fit the activation it is written into."""
+
+
+class ControlFlowError(TraceError):
+    """Python control flow on a traced value, which cannot be recorded."""
+
+
+class CaptureError(FxsightError):
+    """The model could not be captured into a graph (the hooks backend takes over)."""
+
+    def __init__(self, message: str, module_path: str | None = None):
+        super().__init__(message)
+        self.module_path = module_path
+
+
+def user_line(skip_torch: bool = True) -> str:
+    """Return ``"file:line: code"`` of the innermost frame outside fxsight (and torch)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        inside = filename.startswith(_PACKAGE_DIR) or (
+            skip_torch and (f"{os.sep}torch{os.sep}" in filename)
+        )
+        if not inside:
+            code = linecache.getline(filename, frame.f_lineno).strip()
+            return f"{filename}:{frame.f_lineno}: {code}"
+        frame = frame.f_back
+    return "<unknown line>"
+
+
+def at_line(message: str, line: str | None) -> str:
+    """Append the user's source line to an error message."""
+    return f"{message}\n  at {line}" if line else message

@@ -1,0 +1,76 @@
+"""Observing module boundaries with forward hooks, with a guarantee that they are removed."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .sites import INPUT, OUTPUT, Site
+
+# on_event(site, value) -> replacement value or None; value is (args, kwargs) for inputs.
+EventHandler = Callable[[Site, Any], Any]
+
+
+def module_paths(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
+    """Each module of ``model`` with its dotted path (the first path of a shared module)."""
+    paths: dict[torch.nn.Module, str] = {}
+    for path, module in model.named_modules():
+        paths.setdefault(module, path)
+    return paths
+
+
+class ModuleEvents:
+    """Calls a handler at each module's inputs and output, counting calls per module.
+
+    ``stack`` holds the paths of the modules running now: after an exception it names the
+    innermost module that failed.
+    """
+
+    def __init__(self, model: torch.nn.Module, on_event: EventHandler,
+                 only: set[str] | None = None):
+        self.model = model
+        self.on_event = on_event
+        self.only = only
+        self.calls: dict[str, int] = {}
+        self.stack: list[str] = []
+        self.order: list[Site] = []
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["ModuleEvents"]:
+        handles = []
+        try:
+            for module, path in module_paths(self.model).items():
+                if self.only is not None and path not in self.only:
+                    continue
+                handles.append(module.register_forward_pre_hook(
+                    self._pre_hook(path), with_kwargs=True))
+                handles.append(module.register_forward_hook(
+                    self._post_hook(path)))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _pre_hook(self, path: str):
+        def hook(module, args, kwargs):
+            call = self.calls.get(path, 0)
+            self.calls[path] = call + 1
+            self.stack.append(path)
+            site = Site(path, INPUT, call)
+            self.order.append(site)
+            new = self.on_event(site, (args, kwargs))
+            return new
+        return hook
+
+    def _post_hook(self, path: str):
+        def hook(module, args, output):
+            if self.stack and self.stack[-1] == path:
+                self.stack.pop()
+            elif path in self.stack:  # an exception unwound through inner modules
+                return None
+            site = Site(path, OUTPUT, self.calls[path] - 1)
+            self.order.append(site)
+            return self.on_event(site, output)
+        return hook

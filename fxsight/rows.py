@@ -1,0 +1,67 @@
+"""Row ranges of a batch: how each invoke sees and writes its own part of a batched value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows ``start:stop`` of a batch of ``total`` rows (batch dimension 0)."""
+
+    start: int
+    stop: int
+    total: int
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == self.total
+
+
+def _batched(value: Any, rows: Rows) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows.total
+
+
+def narrow_rows(value: Any, start: int, stop: int, total: int) -> Any:
+    """The rows ``start:stop`` of every batched tensor in ``value`` (views, not copies)."""
+    rows = Rows(start, stop, total)
+    return pytree.tree_map(lambda t: t[start:stop] if _batched(t, rows) else t, value)
+
+
+def splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any:
+    """``full`` with rows ``start:stop`` replaced by ``part`` (new tensors, ``full`` untouched)."""
+    rows = Rows(start, stop, total)
+
+    def splice(whole, piece):
+        if not _batched(whole, rows):
+            return piece
+        piece = torch.as_tensor(piece, dtype=whole.dtype, device=whole.device)
+        piece = piece.expand(stop - start, *whole.shape[1:])
+        return torch.cat([whole[:start], piece, whole[stop:]], dim=0)
+
+    full_leaves, spec = pytree.tree_flatten(full)
+    part_leaves = pytree.tree_leaves(part) if not isinstance(part, torch.Tensor) else [part]
+    if len(part_leaves) != len(full_leaves):
+        raise ValueError(f"expected {len(full_leaves)} values, got {len(part_leaves)}")
+    return pytree.tree_unflatten([splice(w, p) for w, p in zip(full_leaves, part_leaves)], spec)
+
+
+def conform(value: Any, like: Any) -> Any:
+    """``value`` shaped like ``like`` (broadcast where a tensor's shape differs)."""
+
+    def fit(new, old):
+        if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
+            return new if new.shape == old.shape else new.expand(old.shape)
+        if isinstance(old, torch.Tensor) and isinstance(new, (int, float, bool)):
+            return torch.full_like(old, new)
+        return new
+
+    if isinstance(like, torch.Tensor) or not isinstance(value, (tuple, list, dict)):
+        return fit(value, like)
+    like_leaves, spec = pytree.tree_flatten(like)
+    return pytree.tree_unflatten(
+        [fit(n, o) for n, o in zip(pytree.tree_leaves(value), like_leaves)], spec)

@@ -1,0 +1,89 @@
+"""Scan: run a model on fake tensors to learn the shapes at every module boundary."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from . import counters as stats
+from .capture import signature
+from .module_events import ModuleEvents
+from .sites import Site
+
+
+@dataclass
+class ScanResult:
+    """The boundary events of one forward pass, in order, with meta-tensor values."""
+
+    events: list[Site]
+    values: dict[Site, Any]
+    devices: dict[Site, Any]
+    output: Any = None
+    index: dict[Site, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.index = {site: i for i, site in enumerate(self.events)}
+
+    def meta_value(self, site: Site) -> Any:
+        return self.values[site]
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return value
+
+
+def _is_meta_model(model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def scan(model: torch.nn.Module, args: tuple, kwargs: dict) -> ScanResult:
+    """Run ``model`` without computing anything real and record every boundary's shapes.
+
+    Works on models whose weights are on the meta device (not loaded yet) too.
+    """
+    values: dict[Site, Any] = {}
+    devices: dict[Site, Any] = {}
+
+    def record(site: Site, value: Any) -> None:
+        values[site] = pytree.tree_map(_to_meta, value)
+        devices[site] = pytree.tree_map(
+            lambda v: v.device if isinstance(v, torch.Tensor) else None, value)
+
+    events = ModuleEvents(model, record)
+    with torch.no_grad():
+        if _is_meta_model(model):
+            meta_args, meta_kwargs = pytree.tree_map(_to_meta, (args, kwargs))
+            with events.installed():
+                output = model(*meta_args, **meta_kwargs)
+        else:
+            try:
+                with events.installed(), FakeTensorMode(allow_non_fake_inputs=True):
+                    output = model(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - data-dependent code: probe with real values
+                values.clear()
+                devices.clear()
+                events = ModuleEvents(model, record)
+                with events.installed():
+                    output = model(*args, **kwargs)
+                stats.bump("real_scans")
+    stats.bump("scans")
+    return ScanResult(list(events.order), values, devices, pytree.tree_map(_to_meta, output))
+
+
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def cached_scan(model: torch.nn.Module, args: tuple, kwargs: dict) -> ScanResult:
+    """``scan`` once per (model, input signature)."""
+    per_model = _CACHE.setdefault(model, {})
+    key = signature(model, args, kwargs)
+    if key not in per_model:
+        per_model[key] = scan(model, args, kwargs)
+    return per_model[key]

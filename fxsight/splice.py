@@ -1,0 +1,175 @@
+"""Splice: a Program's nodes inserted into a captured graph, ready to run.
+
+Reads connect to the boundary markers, writes re-route the boundary's users to the new
+value, saves become extra graph outputs; then the markers are removed and everything no
+output needs is pruned.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from . import counters as stats
+from .capture import BOUNDARY, Captured
+from .program import Program
+from .rows import Rows
+from .sites import OUTPUT, Site
+from .walk import BEFORE_ALL, Walker
+
+
+@dataclass
+class OutputPlan:
+    """How to rebuild a Python value from the graph's flat outputs.
+
+    ``spec`` is its pytree layout; each leaf is ``("out", k)`` (the k-th graph output) or
+    ``("const", value)``.
+    """
+
+    spec: pytree.TreeSpec
+    leaves: list[tuple[str, Any]]
+
+    def build(self, outputs: list[Any]) -> Any:
+        values = [outputs[v] if kind == "out" else v for kind, v in self.leaves]
+        return pytree.tree_unflatten(values, self.spec)
+
+
+@dataclass
+class Spliced:
+    """A rewritten forward pass: ``graph_module(*model_inputs, *program_inputs)``."""
+
+    graph_module: fx.GraphModule
+    model_output: OutputPlan | None
+    saves: list[OutputPlan]
+
+
+class _SpliceWalker(Walker):
+    def __init__(self, program: Program, rows: dict[Any, Rows], captured: Captured,
+                 graph: fx.Graph, node_map: dict[fx.Node, fx.Node], inputs: list[fx.Node]):
+        super().__init__(program, rows, captured.index)
+        self.captured = captured
+        self.graph = graph
+        self.node_map = node_map
+        self.inputs = inputs
+        self.anchors: dict[int, fx.Node] = {BEFORE_ALL: inputs[-1] if inputs else
+                                            captured_anchor(graph)}
+        self.inserted: set[fx.Node] = set()
+
+    def site_value(self, site: Site) -> Any:
+        slot = self.captured.slots[site]
+        return slot.value([self.node_map[n] if n is not None else None for n in slot.nodes])
+
+    def input_value(self, node: fx.Node) -> Any:
+        return self.inputs[node.meta["index"]]
+
+    def _anchor(self, position: int) -> fx.Node:
+        if position not in self.anchors:
+            self.anchors[position] = self.node_map[self.captured.anchor(position)]
+        return self.anchors[position]
+
+    def call(self, node, op, target, args, kwargs, position):
+        if op == "call_function" and _static(target, args):
+            return target(*args, **kwargs)
+        with self.graph.inserting_after(self._anchor(position)):
+            new = self.graph.create_node(op, target, args, kwargs,
+                                         name=node.name if node is not None else None)
+        new.meta["fxsight"] = True
+        if node is not None:
+            new.meta["line"] = node.meta["line"]
+            new.meta["mutation"] = node.meta.get("mutation", False)
+        self.anchors[position] = new
+        self.inserted.add(new)
+        return new
+
+
+def captured_anchor(graph: fx.Graph) -> fx.Node:
+    return [n for n in graph.nodes if n.op == "placeholder"][-1]
+
+
+def _static(target: Any, args: tuple) -> bool:
+    """getitem/getattr on a Python container of graph values resolves now, not at run time."""
+    import operator
+    return target in (operator.getitem, getattr) and not isinstance(args[0], fx.Node) and \
+        not isinstance(args[0], torch.Tensor)
+
+
+def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
+           keep_output: bool) -> Spliced:
+    """Build the rewritten GraphModule of ``program`` over ``captured``."""
+    graph = fx.Graph()
+    node_map: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(captured.graph_module.graph, node_map)  # no output node copied
+    old_output = next(n for n in captured.graph_module.graph.nodes if n.op == "output")
+    last_placeholder = captured_anchor(graph)
+    inputs = []
+    anchor = last_placeholder
+    for node in program.nodes:
+        if node.meta["kind"] == "input":
+            with graph.inserting_after(anchor):
+                anchor = graph.placeholder(node.name)
+            inputs.append(anchor)
+    walker = _SpliceWalker(program, rows, captured, graph, node_map, inputs)
+    walker.run()
+
+    # writes: the model's own users of a boundary see the value written there
+    for site, value in walker.current.items():
+        slot = captured.slots[site]
+        new_leaves = pytree.tree_leaves(value) if not isinstance(value, fx.Node) else [value]
+        old_nodes = [node_map[n] if n is not None else None for n in slot.nodes]
+        tensor_old = [n for n in old_nodes if n is not None]
+        new_nodes = [v for v, o in zip(new_leaves, old_nodes) if o is not None] \
+            if len(new_leaves) == len(old_nodes) else new_leaves
+        for old, new in zip(tensor_old, new_nodes):
+            if isinstance(new, fx.Node) and new is not old:
+                old.replace_all_uses_with(
+                    new, delete_user_cb=lambda user: user not in walker.inserted)
+
+    outputs: list[fx.Node] = []
+
+    def plan(value: Any) -> OutputPlan:
+        flat, spec = pytree.tree_flatten(value)
+        leaves = []
+        for leaf in flat:
+            if isinstance(leaf, fx.Node):
+                leaves.append(("out", len(outputs)))
+                outputs.append(leaf)
+            else:
+                leaves.append(("const", leaf))
+        return OutputPlan(spec, leaves)
+
+    root = Site("", OUTPUT, 0)
+    model_output = None
+    if keep_output:
+        if root in walker.current:
+            model_output = plan(walker.current[root])
+        else:
+            old_flat = [node_map[a] if isinstance(a, fx.Node) else a
+                        for a in pytree.tree_leaves(old_output.args[0])]
+            model_output = plan(pytree.tree_unflatten(old_flat, captured.out_spec))
+    saves = [plan(walker.values[node]) for node in program.saves]
+    graph.output(tuple(outputs))
+
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is BOUNDARY:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    graph.eliminate_dead_code(is_impure_node=_is_impure)
+    graph.lint()
+    module = fx.GraphModule(captured.graph_module, graph, class_name="RewrittenForward")
+    stats.bump("splices")
+    return Spliced(module, model_output, saves)
+
+
+def _is_impure(node: fx.Node) -> bool:
+    if node.op == "placeholder":
+        return True
+    return bool(node.meta.get("mutation")) or node.is_impure()
+
+
+def copy_program_values(values: list[Any]) -> list[Any]:
+    return copy.copy(values)

@@ -1,0 +1,437 @@
+"""The trace context: records a Program, runs it on the chosen backend, binds the results."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from . import counters as stats
+from .bind import bind_frame
+from .capture import CaptureError, cached_capture, signature
+from .errors import TraceError, at_line, user_line
+from .hooks_backend import run_with_hooks
+from .program import Program, setitem
+from .proxy import Proxy
+from .rows import Rows
+from .runner import Runner, cached_runner
+from .scan import cached_scan
+from .sites import INPUT, OUTPUT, Site
+from .splice import splice
+from .walk import MetaWalker
+
+if TYPE_CHECKING:
+    from .models import NNsight
+
+BACKENDS = ("auto", "fx", "hooks")
+_ACTIVE = threading.local()
+
+
+def active_tracers() -> list["Tracer"]:
+    if not hasattr(_ACTIVE, "stack"):
+        _ACTIVE.stack = []
+    return _ACTIVE.stack
+
+
+def current_tracer(model: "NNsight") -> "Tracer | None":
+    for tracer in reversed(active_tracers()):
+        if tracer.model is model:
+            return tracer
+    return None
+
+
+class Invoke:
+    """One input of a batched trace: inside its block, reads and writes see its rows."""
+
+    def __init__(self, tracer: "Tracer", index: int, args: tuple, kwargs: dict):
+        self.tracer = tracer
+        self.index = index
+        self.args = args
+        self.kwargs = kwargs
+        self.prepared: tuple[tuple, dict, int] | None = None
+
+    def __enter__(self) -> "Invoke":
+        if self.tracer._invoke is not None:
+            raise TraceError(at_line("invokes cannot be nested", user_line()))
+        self.tracer._invoke = self.index
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.tracer._invoke = None
+        return False
+
+
+class Barrier:
+    """nnsight's barrier: all ``n`` invokes reach it before any goes on.
+
+    fxsight runs every invoke in one dependency-ordered pass, so values flow between
+    invokes without it; calling it is accepted and checked (``n`` distinct invokes)."""
+
+    def __init__(self, tracer: "Tracer", participants: int):
+        self.tracer = tracer
+        self.participants = participants
+        self.arrived: set[int | None] = set()
+        self.line = user_line()
+
+    def __call__(self) -> None:
+        self.arrived.add(self.tracer._invoke)
+
+    def check(self) -> None:
+        if self.arrived and len(self.arrived) != self.participants:
+            raise TraceError(at_line(
+                f"barrier({self.participants}) was reached by {len(self.arrived)} invoke(s)",
+                self.line))
+
+
+class Tracer:
+    """``with model.trace(inputs) as tracer:`` records interventions; they run on exit."""
+
+    def __init__(self, model: "NNsight", args: tuple, kwargs: dict, *,
+                 backend: str = "auto", compile: Any = None, prune: bool = True):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        self.model = model
+        self.program = Program()
+        self.invokes: list[Invoke] = []
+        self._invoke: int | None = None
+        self._implicit: Invoke | None = None
+        self._args, self._kwargs = args, kwargs
+        self._backend_choice = backend
+        self._compile = _compile_options(compile if compile is not None else model._compile)
+        self._prune = prune
+        self._state = "new"
+        self._saved: dict[int, fx.Node] = {}
+        self._results: dict[fx.Node, Any] = {}
+        self._output: Any = None
+        self._output_kept = False
+        self._record_walkers: dict[Any, MetaWalker] = {}
+        self._barriers: list[Barrier] = []
+        self._proxies: "weakref.WeakSet[Proxy]" = weakref.WeakSet()
+        self.backend: str | None = None
+        self.graph_module: fx.GraphModule | None = None
+        self._token_indexing = model._token_indexing
+
+    # --- context ----------------------------------------------------------------------
+    def __enter__(self) -> "Tracer":
+        if self._state != "new":
+            raise TraceError("a tracer can be entered once")
+        self._state = "recording"
+        active_tracers().append(self)
+        if self._args or self._kwargs:
+            self._implicit = self.invoke(*self._args, **self._kwargs)
+            self._implicit.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._exit(sys._getframe(1), exc_type is not None)
+        return False
+
+    def _exit(self, frame, failed: bool) -> None:
+        if self._implicit is not None:
+            self._implicit.__exit__(None, None, None)
+        stack = active_tracers()
+        if self in stack:
+            stack.remove(self)
+        if failed:
+            self._state = "done"
+            return
+        try:
+            self._execute()
+        finally:
+            self._state = "done"
+        bind_frame(frame, self._resolve)
+
+    # --- user API -----------------------------------------------------------------------
+    def invoke(self, *args, **kwargs) -> Invoke:
+        """Add an input to the batch; reads and writes inside the block see only its rows.
+
+        With no input, the block sees the whole batch."""
+        if self._implicit is not None and self._invoke == self._implicit.index and args:
+            raise TraceError(at_line("trace(inputs) already has its input; use "
+                                     "trace() with no inputs to batch several invokes",
+                                     user_line()))
+        if not args and not kwargs:
+            return _WholeBatch(self)
+        invoke = Invoke(self, len(self.invokes), args, kwargs)
+        invoke.prepared = self.model._prepare_invoke(args, kwargs, invoke)
+        self.invokes.append(invoke)
+        return invoke
+
+    def barrier(self, participants: int) -> Barrier:
+        barrier = Barrier(self, participants)
+        self._barriers.append(barrier)
+        return barrier
+
+    @property
+    def result(self) -> Any:
+        """The model's return value (a proxy inside the block)."""
+        if self._state == "recording":
+            return self._read(Site("", OUTPUT, 0), "output")
+        if not self._output_kept:
+            raise TraceError(
+                "the model's output was not computed: this trace saved values, and the fx "
+                "backend prunes what no saved value needs. Save it inside the block "
+                "(`out = model.output.save()`) or trace with prune=False.")
+        return self._output
+
+    output = result
+
+    # --- recording ----------------------------------------------------------------------
+    def _check_recording(self) -> None:
+        if self._state != "recording" or self not in active_tracers():
+            raise TraceError(at_line("this trace has ended: values can only be used inside "
+                                     "the `with ... trace(...)` block", user_line()))
+
+    def _to_arg(self, value: Any) -> Any:
+        if isinstance(value, Proxy):
+            if value._tracer is not self:
+                raise TraceError(at_line(
+                    "a value from another (earlier) trace was used here; save it in its "
+                    "own trace and pass the real tensor instead", user_line()))
+            return value._node
+        if isinstance(value, torch.Tensor):
+            return self.program.input(value)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._to_arg(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._to_arg(v) for k, v in value.items()}
+        if isinstance(value, slice):
+            return slice(self._to_arg(value.start), self._to_arg(value.stop),
+                         self._to_arg(value.step))
+        from .envoy import Envoy
+        if isinstance(value, Envoy):
+            raise TraceError(at_line("a module was passed where a value was expected; "
+                                     "use its .output or .input", user_line()))
+        return value
+
+    def _proxy(self, node: fx.Node) -> Proxy:
+        proxy = Proxy(self, node)
+        return proxy
+
+    def _record(self, op: str, target: Any, args: tuple, kwargs: dict,
+                lenient: bool = False) -> Proxy:
+        self._check_recording()
+        node = self.program.op(op, target, self._to_arg(tuple(args)), self._to_arg(kwargs),
+                               self._invoke, user_line())
+        if lenient:
+            node.meta["lenient"] = True
+        if node.meta["mutation"] and args and isinstance(args[0], Proxy):
+            object.__setattr__(args[0], "_node", node)
+            return args[0]
+        return self._proxy(node)
+
+    def _record_setitem(self, proxy: Proxy, key: Any, value: Any) -> None:
+        self._record("call_function", setitem, (proxy, key, value), {})
+
+    def _read(self, site: Site, accessor: str) -> Proxy:
+        self._check_recording()
+        node = self.program.read(site, accessor, self._invoke, user_line())
+        return self._proxy(node)
+
+    def _write(self, site: Site, accessor: str, value: Any) -> None:
+        self._check_recording()
+        self.program.write(site, accessor, self._to_arg(value), self._invoke, user_line())
+
+    def _save(self, proxy: Proxy) -> Proxy:
+        if proxy._tracer is not self or self._state != "recording":
+            raise TraceError(at_line(".save() can only be called inside the trace that "
+                                     "created the value", user_line()))
+        self.program.save(proxy._node)
+        self._saved[id(proxy)] = proxy._node
+        self._proxies.add(proxy)
+        return proxy
+
+    # --- metadata while recording ----------------------------------------------------------
+    def _meta_of(self, proxy: Proxy, what: str) -> Any:
+        self._check_recording()
+        invoke = proxy._node.meta.get("invoke", self._invoke)
+        walker = self._record_walkers.get(invoke)
+        if walker is None:
+            args, kwargs = self._inputs_for_metadata(invoke)
+            source = self._metadata_source(args, kwargs)
+            rows = _WholeRows()
+            walker = self._record_walkers[invoke] = MetaWalker(self.program, rows, source)
+        walker.run()
+        meta = walker.values[proxy._node]
+        from .walk import UnknownMeta
+        if isinstance(meta, UnknownMeta):
+            raise TraceError(at_line(f"the {what} of this value depends on real data "
+                                     f"(fxsight.apply on an opaque function)", user_line()))
+        if what in ("shape", "dtype") and not isinstance(meta, torch.Tensor):
+            raise TraceError(at_line(f"this value is a {type(meta).__name__}, not a tensor; "
+                                     f"it has no {what}", user_line()))
+        return meta
+
+    def _metadata_source(self, args: tuple, kwargs: dict):
+        """Boundary shapes for these inputs: from the capture where the fx backend will run
+        (it is needed anyway), else from a scan."""
+        module = self.model._module
+        if self._backend_choice != "hooks":
+            try:
+                return cached_capture(module, args, kwargs)
+            except CaptureError:
+                pass
+        return cached_scan(module, args, kwargs)
+
+    def _device_of(self, proxy: Proxy) -> torch.device:
+        self._meta_of(proxy, "device")
+        return self.model._device()
+
+    def _inputs_for_metadata(self, invoke: int | None) -> tuple[tuple, dict]:
+        if invoke is not None:
+            args, kwargs, _ = self.invokes[invoke].prepared
+            return args, kwargs
+        if not self.invokes:
+            raise TraceError(at_line("shapes are unknown before the trace has an input",
+                                     user_line()))
+        args, kwargs, _ = self._batched()
+        return args, kwargs
+
+    def _grad_of(self, proxy: Proxy) -> Proxy:
+        raise TraceError(at_line("gradients (.grad) are not supported yet", user_line()))
+
+    def _set_grad(self, proxy: Proxy, value: Any) -> None:
+        self._grad_of(proxy)
+
+    def _token_indexer(self, proxy: Proxy):
+        return self.model._token_indexer(self, proxy)
+
+    # --- execution ---------------------------------------------------------------------
+    def _batched(self) -> tuple[tuple, dict, dict[Any, Rows]]:
+        if not self.invokes:
+            raise TraceError("the trace has no input: pass inputs to trace(...) or use "
+                             "tracer.invoke(...)")
+        prepared = [inv.prepared for inv in self.invokes]
+        args, kwargs = self.model._batch_inputs(prepared)
+        total = sum(size for _, _, size in prepared)
+        rows: dict[Any, Rows] = {None: Rows(0, total, total)}
+        start = 0
+        for inv, (_, _, size) in zip(self.invokes, prepared):
+            rows[inv.index] = Rows(start, start + size, total)
+            start += size
+        return args, kwargs, rows
+
+    def _execute(self) -> None:
+        for barrier in self._barriers:
+            barrier.check()
+        args, kwargs, rows = self._batched()
+        module = self.model._module
+        self.model._before_run()
+        stats.bump("traces")
+        keep_output = not self._prune or not self.program.saves
+        backend = self._backend_choice
+        captured = None
+        if backend in ("auto", "fx"):
+            try:
+                captured = cached_capture(module, args, kwargs)
+            except CaptureError as error:
+                if backend == "fx":
+                    raise
+                self._warn_fallback(error, args, kwargs)
+        if captured is not None:
+            self._run_fx(captured, module, args, kwargs, rows, keep_output)
+        else:
+            self._run_hooks(module, args, kwargs, rows)
+
+    def _warn_fallback(self, error: CaptureError, args, kwargs) -> None:
+        stats.bump("fallbacks")
+        warned = self.model._fallback_warned
+        key = signature(self.model._module, args, kwargs)
+        if key not in warned:
+            warned.add(key)
+            warnings.warn(f"fxsight: {error}; this model runs with the hooks backend",
+                          RuntimeWarning, stacklevel=4)
+
+    def _run_fx(self, captured, module, args, kwargs, rows, keep_output) -> None:
+        program = self.program
+        flat_inputs, in_spec = pytree.tree_flatten((args, kwargs))
+        key = (signature(module, args, kwargs), program.structure_key(),
+               tuple(sorted((k, v) for k, v in rows.items() if k is not None)),
+               keep_output, _freeze(self._compile))
+
+        def build() -> Runner:
+            MetaWalker(program, rows, captured).run()
+            return Runner(splice(captured, program, rows, keep_output), self._compile)
+
+        runner = cached_runner(module, key, build)
+        output, saves = runner(flat_inputs + program.input_values)
+        self.backend = "fx"
+        self.graph_module = runner.graph_module
+        self._output, self._output_kept = output, keep_output
+        self._results = dict(zip(program.saves, saves))
+
+    def _run_hooks(self, module, args, kwargs, rows) -> None:
+        program = self.program
+        source = cached_scan(module, args, kwargs)
+        walker = MetaWalker(program, rows, source)
+        walker.run()
+        output, values = run_with_hooks(module, program, rows, source.index,
+                                        walker.positions, args, kwargs)
+        self.backend = "hooks"
+        self._output, self._output_kept = output, True
+        self._results = {node: values[node] for node in program.saves}
+
+    # --- results -------------------------------------------------------------------------
+    def _resolve(self, proxy: Proxy) -> tuple[bool, Any]:
+        if proxy._tracer is not self:
+            return False, None
+        node = self._saved.get(id(proxy))
+        if node is None or node not in self._results:
+            return False, None
+        return True, self._results[node]
+
+    def _value_of(self, proxy: Proxy) -> Any:
+        if self._state != "done":
+            raise TraceError(at_line(".value is only available after the trace has run",
+                                     user_line()))
+        ok, value = self._resolve(proxy)
+        if not ok:
+            raise TraceError(at_line("this value was not saved: call .save() on it inside "
+                                     "the trace", user_line()))
+        return value
+
+
+class _WholeBatch:
+    """``tracer.invoke()`` with no input: the block sees the whole batch."""
+
+    def __init__(self, tracer: Tracer):
+        self.tracer = tracer
+        self._previous: int | None = None
+
+    def __enter__(self) -> "_WholeBatch":
+        self._previous = self.tracer._invoke
+        self.tracer._invoke = None
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.tracer._invoke = self._previous
+        return False
+
+
+class _WholeRows(dict):
+    """Rows for metadata while recording: every invoke alone is a whole batch."""
+
+    def __missing__(self, key):
+        return Rows(0, 1, 1)
+
+
+def _compile_options(value: Any) -> dict | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    raise TypeError(f"compile must be a bool or a dict of torch.compile options, not {value!r}")
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    return value
