@@ -123,8 +123,8 @@ class Tracer:
             raise TraceError("a tracer can be entered once")
         self._state = "recording"
         active_tracers().append(self)
-        if self._args or self._kwargs:
-            self._implicit = self.invoke(*self._args, **self._kwargs)
+        if self._args:
+            self._implicit = self.invoke(*self._args)
             self._implicit.__enter__()
         return self
 
@@ -158,6 +158,7 @@ class Tracer:
                                      user_line()))
         if not args and not kwargs:
             return _WholeBatch(self)
+        kwargs = {**self._kwargs, **kwargs}  # trace(**kwargs) apply to every invoke
         invoke = Invoke(self, len(self.invokes), args, kwargs)
         invoke.prepared = self.model._prepare_invoke(args, kwargs, invoke)
         self.invokes.append(invoke)
