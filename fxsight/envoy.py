@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -29,7 +30,7 @@ class Envoy:
     # --- tree navigation ---------------------------------------------------------------
     def _child(self, name: str, module: torch.nn.Module) -> "Envoy":
         children = self._children
-        if name not in children:
+        if name not in children or children[name]._module is not module:  # replaced?
             path = f"{self._path}.{name}" if self._path else name
             children[name] = Envoy(module, path, self._root)
         return children[name]
@@ -44,10 +45,10 @@ class Envoy:
         try:
             return getattr(module, name)
         except AttributeError:
-            raise AttributeError(
+            raise AttributeError(at_line(
                 f"{module_label(self._path)} ({type(module).__name__}) has no submodule or "
                 f"attribute {name!r}; its submodules are: "
-                f"{', '.join(submodules) or '(none)'}") from None
+                f"{', '.join(submodules) or '(none)'}", user_line())) from None
 
     def __getitem__(self, key: Any) -> "Envoy":
         module = self._module
@@ -57,8 +58,9 @@ class Envoy:
             if isinstance(key, int):
                 length = len(module)
                 if not -length <= key < length:
-                    raise IndexError(f"{module_label(self._path)} has {length} modules; "
-                                     f"index {key} is out of range")
+                    raise IndexError(at_line(f"{module_label(self._path)} has {length} "
+                                             f"modules; index {key} is out of range",
+                                             user_line()))
                 index = key % length
                 return self._child(str(index), module[index])
         raise TypeError(f"{module_label(self._path)} ({type(module).__name__}) cannot be "
@@ -125,6 +127,11 @@ class Envoy:
     def input(self, value: Any) -> None:
         self._tracer("input")._write(self._site(INPUT), "input", value)
 
+    def skip(self, value: Any) -> None:
+        """Replace this module's computation with ``value`` (shaped like its output): the
+        module does not run, and nothing inside it may be read or written."""
+        self._tracer("skip")._skip(self._site(OUTPUT), value)
+
     def __call__(self, *args, **kwargs) -> Any:
         """Inside a trace, apply this module to traced values (e.g. the logit lens);
         outside, call the module."""
@@ -147,6 +154,11 @@ class ModuleCall:
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def device(self) -> torch.device:
+        tensors = itertools.chain(self.module.parameters(), self.module.buffers())
+        first = next(tensors, None)
+        return first.device if first is not None else torch.device("cpu")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ModuleCall) and other.module is self.module

@@ -52,6 +52,17 @@ def user_line(skip_torch: bool = True) -> str:
     return "<unknown line>"
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called by the caller of this function that
+    attributes the warning to the innermost frame outside fxsight (the user's line)."""
+    level = 1
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 def at_line(message: str, line: str | None) -> str:
     """Append the user's source line to an error message."""
     return f"{message}\n  at {line}" if line else message

@@ -7,6 +7,7 @@ fx backends give the same answers, in the same order.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch.nn as nn
 
 from .errors import TraceError, at_line
 from .module_events import ModuleEvents
-from .program import Program, execute
+from .program import Program, execute, map_nodes
 from .rows import Rows
 from .sites import INPUT, Site, module_label
 from .walk import BEFORE_ALL, Walker
@@ -40,18 +41,34 @@ class _RealWalker(Walker):
         super()._write(node)
         self.written.add(node.meta["site"])
 
+    def on_tapped(self, site: Site) -> None:
+        self.written.add(site)
+
+
+class _StopForward(Exception):
+    """Raised by a hook once everything a stopped trace needs is computed."""
+
 
 def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
                    index: dict[Site, int], positions: dict[fx.Node, int],
-                   args: tuple, kwargs: dict) -> tuple[Any, dict[fx.Node, Any]]:
+                   args: tuple, kwargs: dict, *,
+                   stop: bool = False,
+                   grad_keys: dict[fx.Node, str] | None = None) -> tuple[Any, dict[fx.Node, Any]]:
     """Run ``model(*args, **kwargs)`` with ``program`` interleaved; return the model's
-    output and the value of every Program node."""
+    output and the value of every Program node.
+
+    ``stop``: end the forward pass (output ``None``) right after the last event the
+    Program needs."""
     schedule: dict[int, list[fx.Node]] = defaultdict(list)
-    for node in program.nodes:
-        schedule[positions[node]].append(node)
     walker = _RealWalker(program, rows, index)
+    for node in program.nodes:
+        if node not in walker.backward_nodes:
+            schedule[positions[node]].append(node)
     walker.run(schedule.get(BEFORE_ALL, []))
     paths = {site.path for site, i in index.items() if i in schedule}
+    last = max(schedule, default=BEFORE_ALL)
+    if stop and last == BEFORE_ALL:
+        return None, walker.values
 
     def on_event(site: Site, value: Any) -> Any:
         position = index.get(site)
@@ -60,15 +77,25 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
         walker.event_values[site] = value
         walker.current.pop(site, None)
         walker.run(schedule[position])
+        if stop and position == last:
+            raise _StopForward
         if site in walker.written:
             new = walker.current[site]
             return (tuple(new[0]), dict(new[1])) if site.kind == INPUT else new
         return None
 
     events = ModuleEvents(model, on_event, only=paths)
-    with events.installed():
-        output = model(*args, **kwargs)
-    missing = [n for n in program.nodes if n not in walker.values]
+    skips = [n for n in program.nodes
+             if n.meta.get("skip") and rows[n.meta["invoke"]].whole]
+    try:
+        with events.installed(), _skipping(model, skips, walker, events):
+            output = model(*args, **kwargs)
+    except _StopForward:
+        output = None
+    if grad_keys is not None:
+        grad_keys.update(walker.grad_keys)
+    missing = [n for n in program.nodes
+               if n not in walker.values and n not in walker.backward_nodes]
     if missing:
         node = missing[0]
         site = next((n.meta["site"] for n in [node, *node.all_input_nodes]
@@ -77,3 +104,46 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
         raise TraceError(at_line(f"{where} never ran during the forward pass, so this "
                                  f"intervention could not be applied", node.meta["line"]))
     return output, walker.values
+
+
+_NO_FORWARD = object()
+
+
+@contextlib.contextmanager
+def _skipping(model: nn.Module, skips: list[fx.Node], walker: _RealWalker,
+              events: ModuleEvents):
+    """While active, each skipped module call returns its skip value instead of running.
+
+    A forward pre-hook cannot skip a module in torch, so the module's ``forward`` is
+    replaced by an instance attribute for the run (restored in ``finally``); its hooks
+    still fire, so the skip's write and later reads happen at its output event."""
+    saved: list[tuple[nn.Module, Any]] = []
+    try:
+        for node in skips:
+            site: Site = node.meta["site"]
+            module = model.get_submodule(site.path)
+            if any(m is module for m, _ in saved):
+                continue
+            calls = {n.meta["site"].call: n for n in skips if n.meta["site"].path == site.path}
+            saved.append((module, module.__dict__.get("forward", _NO_FORWARD)))
+            module.forward = _skipped_forward(module, site.path, calls, walker, events)
+        yield
+    finally:
+        for module, previous in reversed(saved):
+            if previous is _NO_FORWARD:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+
+
+def _skipped_forward(module: nn.Module, path: str, calls: dict[int, fx.Node],
+                     walker: _RealWalker, events: ModuleEvents):
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        node = calls.get(events.calls.get(path, 0) - 1)
+        if node is None:
+            return original(*args, **kwargs)
+        return map_nodes(node.args[0], walker.values.__getitem__)
+
+    return forward

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from .capture import flat_inputs
 from .envoy import Envoy
 from .errors import TraceError, at_line, user_line
 
@@ -24,22 +25,64 @@ class NNsight(Envoy):
                  compile: Any = None):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, not {type(module).__name__}")
+        module, compile = _uncompiled(module, compile)
         super().__init__(module, "")
         object.__setattr__(self, "_backend", backend)
         object.__setattr__(self, "_compile", compile)
         object.__setattr__(self, "_fallback_warned", set())
+        object.__setattr__(self, "_edits", [])  # Programs of model.edit(), oldest first
 
     # --- entry points ----------------------------------------------------------------------
     def trace(self, *args, trace: bool = True, backend: str | None = None,
               compile: Any = None, prune: bool = True, **kwargs):
         """Open a trace over ``self(*args, **kwargs)``; with ``trace=False`` just run it."""
+        from .tracer import Tracer
         if not trace:
+            if self.__dict__.get("_edits"):  # an edited model runs with its edits
+                with Tracer(self, args, kwargs, backend=backend or self._backend,
+                            compile=compile) as tracer:
+                    from .edit import seed
+                    seed(tracer.program, self._edits)
+                return tracer.result
             prepared = self._prepare_invoke(args, kwargs, None)
             self._before_run()
             return self._module(*prepared[0], **prepared[1])
-        from .tracer import Tracer
-        return Tracer(self, args, kwargs, backend=backend or self._backend,
-                      compile=compile, prune=prune)
+        tracer = Tracer(self, args, kwargs, backend=backend or self._backend,
+                        compile=compile, prune=prune)
+        if self.__dict__.get("_edits"):
+            from .edit import seed
+            seed(tracer.program, self._edits)
+        return tracer
+
+    def scan(self, *args, **kwargs):
+        """``with model.scan(inputs):`` -- nothing runs for real: shapes and dtypes of
+        every module's inputs and outputs are known inside, interventions are checked
+        (shape errors raise) and saved values are bound to meta tensors."""
+        from .tracer import ScanTracer
+        tracer = ScanTracer(self, args, kwargs)
+        if self.__dict__.get("_edits"):
+            from .edit import seed
+            seed(tracer.program, self._edits)
+        return tracer
+
+    def edit(self, *args, inplace: bool = False, **kwargs):
+        """``with model.edit() as edited:`` -- the interventions recorded in the block are
+        applied first in every later trace of ``edited`` (a new wrapper of the same module;
+        ``model`` is unchanged), or of ``model`` itself with ``inplace=True``. Inputs are
+        optional (they make shapes known inside the block and validate the edit)."""
+        from .edit import EditTracer
+        return EditTracer(self, args, kwargs, inplace=inplace)
+
+    def clear_edits(self) -> None:
+        """Forget every edit of this wrapper (``model.edit(inplace=True)``)."""
+        object.__setattr__(self, "_edits", [])
+
+    def export(self, *args, **kwargs) -> torch.nn.Module:
+        """The model with its edits as a plain ``torch.fx.GraphModule`` for these example
+        inputs: it runs, saves (``torch.save``) and exports (``torch.export``) without
+        fxsight, and is called like the model with inputs of the same shapes."""
+        from .edit import export
+        return export(self, args, kwargs)
 
     def to(self, *args, **kwargs) -> "NNsight":
         """Move the wrapped module; returns the wrapper."""
@@ -59,7 +102,7 @@ class NNsight(Envoy):
         """Concatenate several invokes' inputs along the batch dimension."""
         if len(prepared) == 1:
             return prepared[0][0], prepared[0][1]
-        flats = [pytree.tree_flatten((a, k)) for a, k, _ in prepared]
+        flats = [flat_inputs(a, k) for a, k, _ in prepared]
         spec = flats[0][1]
         for flat, other_spec in flats[1:]:
             if other_spec != spec:
@@ -73,7 +116,11 @@ class NNsight(Envoy):
                 if any(v != column[0] for v in column[1:]):
                     raise TraceError(f"invokes disagree on a non-tensor input: {column}")
                 leaves.append(column[0])
-        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        if isinstance(spec, tuple):  # flat_inputs' fast layout: (args..., kwargs values...)
+            _, n_args, names = spec
+            return tuple(leaves[:n_args]), dict(zip(names, leaves[n_args:]))
+        args, kwargs = pytree.tree_unflatten(leaves, pytree.tree_structure(
+            (prepared[0][0], prepared[0][1])))
         return tuple(args), dict(kwargs)
 
     def _before_run(self) -> None:
@@ -87,8 +134,28 @@ class NNsight(Envoy):
         raise AttributeError("token indexing is available on LanguageModel")
 
 
+def _uncompiled(module: torch.nn.Module, compile: Any) -> tuple[torch.nn.Module, Any]:
+    """A ``torch.compile``d module is unwrapped (and traced with ``compile=True`` unless
+    told otherwise): hooks added to a compiled module are silently ignored, and fxsight
+    compiles the rewritten graph itself. A compiled *submodule* cannot be unwrapped
+    without changing the user's model: it is refused."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while isinstance(module, OptimizedModule):
+        module = module._orig_mod
+        compile = True if compile is None else compile
+    for path, sub in module.named_modules():
+        if isinstance(sub, OptimizedModule):
+            raise TypeError(
+                f"model.{path} is a torch.compile'd module: forward hooks added after "
+                f"compilation are silently ignored and its graph cannot be captured with "
+                f"module boundaries. Wrap the uncompiled model and trace with compile=True "
+                f"(fxsight compiles the whole rewritten forward pass).")
+    return module, compile
+
+
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    for leaf in pytree.tree_leaves((args, kwargs)):
+    for leaf in flat_inputs(args, kwargs)[0]:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return leaf.shape[0]
     return None

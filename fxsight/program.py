@@ -5,7 +5,8 @@ Node kinds (``node.meta["kind"]``):
 - ``"input"``: a placeholder for a real value the user brought into the block
   (a steering vector); its value lives in ``Program.input_values``.
 - ``"read"``: a module's inputs or output (``meta["site"]``, ``meta["accessor"]``).
-- ``"write"``: replaces a module's inputs or output with ``args[0]``.
+- ``"write"``: replaces a module's inputs or output with ``args[0]`` (``meta["skip"]``:
+  ``env.skip(value)``, the module's computation is replaced and it does not run).
 - ``"op"``: any recorded operation (torch function, tensor method, operator, ``apply``).
   ``meta["mutation"]`` is true when it changes its first argument in place.
 
@@ -22,7 +23,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .sites import Site
+from .sites import Site, module_label
 
 INPUT_ACCESSORS = ("input", "inputs")
 
@@ -33,6 +34,10 @@ def READ(*_):  # noqa: N802 - sentinel target, never called
 
 def WRITE(*_):  # noqa: N802
     raise RuntimeError("fxsight WRITE sentinel must be spliced, not run")
+
+
+def SKIP(*_):  # noqa: N802 - a write that replaces a module's whole computation
+    raise RuntimeError("fxsight SKIP sentinel must be spliced, not run")
 
 
 def setitem(target, key, value):
@@ -108,8 +113,18 @@ class Program:
         node.meta.update(kind="write", site=site, accessor=accessor, invoke=invoke, line=line)
         return node
 
+    def skip(self, site: Site, value: Any, invoke: int | None, line: str) -> fx.Node:
+        """``env.skip(value)``: a write of the module's output whose value may not depend
+        on anything the module computes (meta ``skip``); the module does not run."""
+        node = self.graph.call_function(SKIP, (value,))
+        node.meta.update(kind="write", site=site, accessor="output", invoke=invoke,
+                         line=line, skip=True)
+        return node
+
     def op(self, op: str, target: Any, args: tuple, kwargs: dict, invoke: int | None,
            line: str) -> fx.Node:
+        if op == "call_function" and not hasattr(target, "__name__"):
+            target = Named(target)  # fx names nodes and code globals after __name__
         node = self.graph.create_node(op, target, args, kwargs)
         node.meta.update(kind="op", invoke=invoke, line=line,
                          mutation=is_mutation(op, target))
@@ -148,6 +163,24 @@ class Program:
         return tuple(parts)
 
 
+class Named:
+    """A callable without ``__name__`` (``operator.itemgetter(0)``, a ``functools.partial``,
+    an object with ``__call__``) given one, so it can be an fx node target."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.__name__ = type(fn).__name__
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Named) and other.fn is self.fn
+
+    def __hash__(self) -> int:
+        return hash(id(self.fn))
+
+
 def _safe_name(site: Site, accessor: str) -> str:
     name = (site.path or "model").replace(".", "_")
     return f"{name}_{accessor}" + (f"_{site.call}" if site.call else "")
@@ -182,6 +215,27 @@ def _structure(value: Any, index: dict) -> Any:
         return value
     except TypeError:
         return ("id", id(value))
+
+
+def origin(node: fx.Node) -> str:
+    """The module boundaries a recorded value comes from, as users name them
+    (``"model.layer1.output"``), for error messages; ``""`` when it reads none."""
+    labels: list[str] = []
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.meta.get("kind") == "read":
+            site = current.meta["site"]
+            label = f"{module_label(site.path)}.{current.meta['accessor']}" + \
+                (f"#{site.call}" if site.call else "")
+            if label not in labels:
+                labels.append(label)
+        stack.extend(reversed(current.all_input_nodes))
+    return ", ".join(labels)
 
 
 def map_nodes(value: Any, fn: Callable[[fx.Node], Any]) -> Any:

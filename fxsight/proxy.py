@@ -115,7 +115,8 @@ class Proxy:
 
     # --- Python control flow is not recordable ----------------------------------------
     def _no_control_flow(self, what: str):
-        raise ControlFlowError(at_line(f"{what} of a traced value. {_CONTROL_FLOW_HINT}", user_line()))
+        raise ControlFlowError(at_line(f"{what} of a traced value{from_where(self)}. "
+                                       f"{_CONTROL_FLOW_HINT}", user_line()))
 
     def __bool__(self):
         self._no_control_flow("bool()")
@@ -129,6 +130,13 @@ class Proxy:
     def __index__(self):
         self._no_control_flow("Using as an index / int")
 
+    def __enter__(self) -> "Proxy":
+        """``with loss.backward():`` (nnsight 0.5's form): the block is part of the trace."""
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
     def __repr__(self) -> str:
         return f"<fxsight.Proxy {self._node.name}>"
 
@@ -140,6 +148,13 @@ class Proxy:
 
 
 _PROPERTIES = ("shape", "dtype", "device", "ndim", "value")
+
+
+def from_where(proxy: "Proxy") -> str:
+    """`` (from model.layer1.output)``: where a traced value comes from, for messages."""
+    from .program import origin
+    where = origin(proxy._node)
+    return f" (from {where})" if where else ""
 
 
 def _call_value(fn, *args, **kwargs):

@@ -1,7 +1,24 @@
-"""Run: a rewritten GraphModule executed eagerly or under torch.compile, cached by structure."""
+"""Run: a rewritten GraphModule executed eagerly or under torch.compile, cached by structure.
+
+Two caches, two levels:
+
+- a :class:`Runner` per (exact input signature, Program structure, rows, options): the
+  Program was validated (shapes, order) for exactly these inputs; a hit costs a dict lookup;
+- an :class:`Executable` per (captured graph, Program structure blind to tensor shapes,
+  rows, options): the spliced GraphModule and its compiled function. Runners of a
+  dynamic-shape capture (one graph for many batch/sequence lengths) share it, so new
+  shapes are validated again but neither spliced nor compiled again.
+
+Compilation goes through :class:`CountingBackend`, a thin wrapper around the chosen
+``torch.compile`` backend (inductor by default) that counts every graph dynamo hands
+over: ``fxsight.stats()["compilations"]`` counts compiles *and* recompiles.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 import warnings
 import weakref
 from typing import Any, Callable
@@ -11,57 +28,213 @@ import torch
 from . import counters as stats
 from .splice import Spliced
 
+# torch.compile options fxsight understands; everything else is an error (as in torch).
+COMPILE_KEYS = ("backend", "mode", "options", "dynamic", "fullgraph")
 
-class Runner:
-    """Executes one rewritten forward pass; compiles it on first use when asked."""
 
-    def __init__(self, spliced: Spliced, compile_options: dict | None):
+def normalize_options(options: dict | None) -> dict | None:
+    """``compile=`` options with fxsight's defaults: inductor, ``fullgraph=True``."""
+    if options is None:
+        return None
+    unknown = set(options) - set(COMPILE_KEYS)
+    if unknown:
+        raise TypeError(f"unknown torch.compile option(s) {sorted(unknown)}; fxsight passes "
+                        f"{', '.join(COMPILE_KEYS)} through")
+    return {"backend": "inductor", "mode": None, "options": None, "dynamic": None,
+            "fullgraph": True, **options}
+
+
+class CountingBackend:
+    """A ``torch.compile`` backend that counts the graphs it compiles and delegates."""
+
+    def __init__(self, backend: Any = "inductor", mode: str | None = None,
+                 options: dict | None = None, dynamic: bool | None = None):
+        if backend == "inductor":
+            self.inner = torch._TorchCompileInductorWrapper(mode, options, dynamic)
+        else:
+            self.inner = torch._TorchCompileWrapper(backend, mode, options, dynamic)
+        self.compiler_name = getattr(self.inner, "compiler_name", str(backend))
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, **kwargs):
+        stats.bump("compilations")
+        start = time.perf_counter()
+        try:
+            return self.inner(gm, example_inputs, **kwargs)
+        finally:
+            stats.bump("compile_ms", int(1000 * (time.perf_counter() - start)))
+
+    def __getattr__(self, name: str) -> Any:  # get_compiler_config, reset, ...
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def _first_line(error: BaseException) -> str:
+    """The reason in one line (dynamo wraps a backend's exception: name that one)."""
+    inner = getattr(error, "inner_exception", None)
+    if isinstance(inner, BaseException):
+        error = inner
+    text = str(error).strip()
+    for line in text.splitlines():
+        if line.strip():
+            return f"{type(error).__name__}: {line.strip()[:300]}"
+    return type(error).__name__
+
+
+def _user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel of the first frame outside fxsight (the user's line)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) \
+            == package:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class Executable:
+    """A spliced GraphModule and the function that runs it (eager, or compiled lazily)."""
+
+    def __init__(self, spliced: Spliced, compile_options: dict | None,
+                 dynamic_capture: bool = False):
         self.spliced = spliced
         self.compile_options = compile_options
-        self._fn: Callable | None = None if compile_options is not None else spliced.graph_module
+        self.failure: str | None = None
+        gm = spliced.graph_module
+        self._eager = gm.forward
+        self._fn: Callable = self._eager
+        if compile_options is not None:
+            options = dict(compile_options)
+            dynamic = options["dynamic"]
+            if dynamic is None and dynamic_capture:
+                dynamic = True  # the graph is shape-generic: keep it so under dynamo
+            backend = CountingBackend(options["backend"], options["mode"],
+                                      options["options"], dynamic)
+            # Compile the GraphModule's own forward (its code object is unique to it), so
+            # dynamo's per-code cache and recompile limit are per rewritten graph.
+            self._fn = torch.compile(gm.forward, backend=backend, dynamic=dynamic,
+                                     fullgraph=options["fullgraph"])
+
+    @property
+    def compiled(self) -> bool:
+        return self._fn is not self._eager
+
+    def __call__(self, flat_inputs: list[Any]) -> tuple[Any, ...]:
+        fn = self._fn
+        if fn is self._eager:
+            return fn(*flat_inputs)
+        try:
+            return fn(*flat_inputs)
+        except Exception as error:  # noqa: BLE001 - decide below whether compile was at fault
+            # The same inputs eagerly: if that fails too, the error is the user's (raise
+            # the eager error); if it works, compilation failed: run eagerly from now on.
+            outputs = self._eager(*flat_inputs)
+            self.failure = _first_line(error)
+            self._fn = self._eager
+            stats.bump("compile_failures")
+            warnings.warn(f"fxsight: torch.compile failed ({self.failure}); this "
+                          f"intervention structure runs eagerly (results are unchanged)",
+                          RuntimeWarning, stacklevel=_user_stacklevel())
+            return outputs
+
+
+class Runner:
+    """Executes one validated rewritten forward pass."""
+
+    def __init__(self, executable: Executable):
+        self.executable = executable
+        self.captured: Any = None  # the capture this runner was validated against
+
+    @property
+    def spliced(self) -> Spliced:
+        return self.executable.spliced
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
-        return self.spliced.graph_module
+        return self.executable.spliced.graph_module
 
-    def _function(self) -> Callable:
-        if self._fn is None:
-            options = dict(self.compile_options or {})
-            self._fn = torch.compile(self.spliced.graph_module, **options)
-            self._compiled = True
-        return self._fn
+    @property
+    def compiled(self) -> bool:
+        return self.executable.compiled
 
     def __call__(self, flat_inputs: list[Any]) -> tuple[Any, list[Any]]:
-        fn = self._function()
-        try:
-            outputs = fn(*flat_inputs)
-        except Exception as error:  # noqa: BLE001
-            if fn is self.spliced.graph_module:
-                raise
-            warnings.warn(f"fxsight: torch.compile failed ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); "
-                          f"running this trace eagerly", RuntimeWarning, stacklevel=3)
-            stats.bump("compile_failures")
-            self._fn = self.spliced.graph_module
-            outputs = self._fn(*flat_inputs)
-        spliced = self.spliced
+        outputs = self.executable(flat_inputs)
+        spliced = self.executable.spliced
         model_output = spliced.model_output.build(outputs) if spliced.model_output else None
         return model_output, [plan.build(outputs) for plan in spliced.saves]
 
 
 _RUNNERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_EXECUTABLES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def cached_runner(model: torch.nn.Module, key: tuple, build: Callable[[], Runner]) -> Runner:
-    """The runner for ``key`` (capture signature + Program structure), built once."""
-    per_model = _RUNNERS.setdefault(model, {})
+def cached_runner(model: torch.nn.Module, key: tuple, captured: Any,
+                  build: Callable[[], Runner]) -> Runner:
+    """The runner for ``key`` (the capture's id + Program structure + ...), built once.
+
+    ``captured`` is the capture the key's id names (checked: an id can be reused)."""
+    per_model = _RUNNERS.get(model)
+    if per_model is None:
+        per_model = _RUNNERS[model] = {}
     runner = per_model.get(key)
-    if runner is None:
+    if runner is None or runner.captured is not captured:
         runner = per_model[key] = build()
+        runner.captured = captured
     else:
         stats.bump("runner_hits")
     return runner
 
 
+def cached_executable(model: torch.nn.Module, key: tuple,
+                      build: Callable[[], Executable]) -> Executable:
+    """The executable for ``key`` (captured graph + shape-blind structure), built once."""
+    per_model = _EXECUTABLES.get(model)
+    if per_model is None:
+        per_model = _EXECUTABLES[model] = {}
+    executable = per_model.get(key)
+    if executable is None:
+        executable = per_model[key] = build()
+    else:
+        stats.bump("executable_hits")
+    return executable
+
+
+def shape_blind(structure: tuple) -> tuple:
+    """A Program structure key with the shapes of its input tensors reduced to their rank
+    (the spliced graph never depends on them; validation runs per exact shape anyway)."""
+    parts = []
+    for part in structure:
+        if part and part[0] == "input" and isinstance(part[1], tuple) and \
+                part[1] and part[1][0] == "tensor":
+            _, shape, *rest = part[1]
+            part = ("input", ("tensor", len(shape), *rest))
+        parts.append(part)
+    return tuple(parts)
+
+
 def forget(model: torch.nn.Module) -> None:
     _RUNNERS.pop(model, None)
+    _EXECUTABLES.pop(model, None)
+
+
+def rows_key(rows: dict, exact: bool = True) -> tuple:
+    """The invokes' row ranges as a cache key (whole-batch ranges as ``"whole"`` unless
+    ``exact``: the spliced graph holds no constant for them)."""
+    return tuple(sorted((k, (v.start, v.stop, v.total) if exact or not v.whole else "whole")
+                        for k, v in rows.items() if k is not None))
+
+
+def build_runner(model: torch.nn.Module, captured: Any, program: Any, rows: dict,
+                 keep_output: bool, compile_options: dict | None, structure: tuple,
+                 options_key: Any) -> Runner:
+    """Validate ``program`` for these exact inputs and find (or splice, and compile) its
+    executable."""
+    from .splice import splice
+    from .walk import MetaWalker
+
+    MetaWalker(program, rows, captured).run()
+    dynamic = bool(getattr(captured, "dynamic", False))
+    key = (captured.graph_module, shape_blind(structure), rows_key(rows, exact=False),
+           keep_output, options_key)
+    executable = cached_executable(model, key, lambda: Executable(
+        splice(captured, program, rows, keep_output), compile_options, dynamic))
+    return Runner(executable)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from . import counters as stats
 from .capture import signature
@@ -52,24 +52,30 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict) -> ScanResult:
     devices: dict[Site, Any] = {}
 
     def record(site: Site, value: Any) -> None:
-        values[site] = pytree.tree_map(_to_meta, value)
+        with unset_fake_temporarily():  # plain meta tensors, not fakes of this scan's mode
+            values[site] = pytree.tree_map(_to_meta, value)
         devices[site] = pytree.tree_map(
             lambda v: v.device if isinstance(v, torch.Tensor) else None, value)
 
     events = ModuleEvents(model, record)
     with torch.no_grad():
-        if _is_meta_model(model):
-            meta_args, meta_kwargs = pytree.tree_map(_to_meta, (args, kwargs))
-            with events.installed():
-                output = model(*meta_args, **meta_kwargs)
-        else:
-            try:
-                with events.installed(), FakeTensorMode(allow_non_fake_inputs=True):
-                    output = model(*args, **kwargs)
-            except Exception:  # noqa: BLE001 - data-dependent code: probe with real values
-                values.clear()
-                devices.clear()
-                events = ModuleEvents(model, record)
+        try:
+            # inputs made fake too: models then take their tracing paths (transformers
+            # skips data-dependent checks on fake tensors), for real and meta weights alike
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            fake_args, fake_kwargs = pytree.tree_map_only(
+                torch.Tensor, mode.from_tensor, (args, kwargs))
+            with events.installed(), mode:
+                output = model(*fake_args, **fake_kwargs)
+        except Exception:  # noqa: BLE001 - data-dependent code: probe with real values
+            values.clear()
+            devices.clear()
+            events = ModuleEvents(model, record)
+            if _is_meta_model(model):
+                meta_args, meta_kwargs = pytree.tree_map(_to_meta, (args, kwargs))
+                with events.installed():
+                    output = model(*meta_args, **meta_kwargs)
+            else:
                 with events.installed():
                     output = model(*args, **kwargs)
                 stats.bump("real_scans")

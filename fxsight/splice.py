@@ -8,7 +8,7 @@ output needs is pruned.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ class Spliced:
     graph_module: fx.GraphModule
     model_output: OutputPlan | None
     saves: list[OutputPlan]
+    grad_keys: dict[int, str] = field(default_factory=dict)  # Program node index -> tap
 
 
 class _SpliceWalker(Walker):
@@ -108,10 +109,17 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
     last_placeholder = captured_anchor(graph)
     inputs = []
     anchor = last_placeholder
+    # a placeholder's name is its argument name in the generated code: it must clash with
+    # no node name (`input_1 = input` of the model's own placeholder would shadow it)
+    used = {n.name for n in graph.nodes} | {str(n.target) for n in graph.nodes}
     for node in program.nodes:
         if node.meta["kind"] == "input":
+            name = f"fxsight_{node.name}"
+            while name in used:
+                name += "_"
+            used.add(name)
             with graph.inserting_after(anchor):
-                anchor = graph.placeholder(node.name)
+                anchor = graph.placeholder(name)
             inputs.append(anchor)
     walker = _SpliceWalker(program, rows, captured, graph, node_map, inputs)
     walker.run()
@@ -151,25 +159,52 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             old_flat = [node_map[a] if isinstance(a, fx.Node) else a
                         for a in pytree.tree_leaves(old_output.args[0])]
             model_output = plan(pytree.tree_unflatten(old_flat, captured.out_spec))
-    saves = [plan(walker.values[node]) for node in program.saves]
+    saves = [plan(walker.values[node]) for node in program.saves
+             if node not in walker.backward_nodes]
     graph.output(tuple(outputs))
 
+    named: set[fx.Node] = set()
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is BOUNDARY:
-            node.replace_all_uses_with(node.args[0])
+            source = node.args[0]
+            # the model's node a boundary marked keeps the boundary's name, so the code
+            # reads `layer1_output = ...` next to the interventions spliced there
+            if isinstance(source, fx.Node) and source.op == "call_function" and \
+                    source not in named and not source.meta.get("fxsight"):
+                named.add(source)
+                source._rename(_boundary_name(node.args[1]))
+            node.replace_all_uses_with(source)
             graph.erase_node(node)
     graph.eliminate_dead_code(is_impure_node=_is_impure)
     graph.lint()
     module = fx.GraphModule(captured.graph_module, graph, class_name="RewrittenForward")
     stats.bump("splices")
-    return Spliced(module, model_output, saves)
+    order = {node: i for i, node in enumerate(program.nodes)}
+    grad_keys = {order[node]: key for node, key in walker.grad_keys.items()}
+    return Spliced(module, model_output, saves, grad_keys)
 
 
 def _is_impure(node: fx.Node) -> bool:
     if node.op == "placeholder":
         return True
-    return bool(node.meta.get("mutation")) or node.is_impure()
+    if node.meta.get("mutation"):
+        return True
+    return not _unused_random_is_dead(node) and node.is_impure()
+
+
+def _unused_random_is_dead(node: fx.Node) -> bool:
+    """Random ops (``dropout``, ``scaled_dot_product_attention`` with its ``dropout_p``)
+    count as impure for fx, which would keep every layer up to the head alive. Unused, they
+    may go: no value anyone reads changes (the hooks backend skips the same work)."""
+    target = node.target
+    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and \
+        torch.Tag.nondeterministic_seeded in target.tags and not target._schema.is_mutable
 
 
 def copy_program_values(values: list[Any]) -> list[Any]:
     return copy.copy(values)
+
+
+def _boundary_name(label: str) -> str:
+    """``transformer.h.0.output#1`` -> ``transformer_h_0_output_1`` (a Python name)."""
+    return label.replace(".", "_").replace("#", "_")

@@ -14,13 +14,14 @@ import torch.utils._pytree as pytree
 
 from . import counters as stats
 from .bind import bind_frame
-from .capture import CaptureError, cached_capture, signature
-from .errors import TraceError, at_line, user_line
+from .capture import CaptureError, cached_capture, flat_inputs, signature
+from .errors import TraceError, at_line, user_line, user_stacklevel
 from .hooks_backend import run_with_hooks
 from .program import Program, setitem
-from .proxy import Proxy
+from .gradients import GRAD, GRAD_WRITE, BackwardPhase, backward_phase, forward_exports
+from .proxy import Proxy, from_where
 from .rows import Rows
-from .runner import Runner, cached_runner
+from .runner import build_runner, cached_runner, normalize_options, rows_key
 from .scan import cached_scan
 from .sites import INPUT, OUTPUT, Site
 from .splice import splice
@@ -41,7 +42,7 @@ def active_tracers() -> list["Tracer"]:
 
 def current_tracer(model: "NNsight") -> "Tracer | None":
     for tracer in reversed(active_tracers()):
-        if tracer.model is model:
+        if tracer.model is model or getattr(tracer, "_also", None) is model:
             return tracer
     return None
 
@@ -84,9 +85,12 @@ class Barrier:
 
     def check(self) -> None:
         if self.arrived and len(self.arrived) != self.participants:
+            reached = ", ".join("the whole batch" if i is None else f"#{i}"
+                                for i in sorted(self.arrived, key=lambda i: (i is None, i)))
             raise TraceError(at_line(
-                f"barrier({self.participants}) was reached by {len(self.arrived)} invoke(s)",
-                self.line))
+                f"barrier({self.participants}) was reached by {len(self.arrived)} invoke(s) "
+                f"({reached}); each of the {self.participants} participating invokes must "
+                f"call it", self.line))
 
 
 class Tracer:
@@ -116,6 +120,9 @@ class Tracer:
         self.backend: str | None = None
         self.graph_module: fx.GraphModule | None = None
         self._token_indexing = model._token_indexing
+        self._cache_requests: list = []  # tracer.cache(...) calls, recorded at the run
+        self._stop_line: str | None = None  # tracer.stop(): where, and how many Program
+        self._stop_after = 0  # nodes were recorded before it
 
     # --- context ----------------------------------------------------------------------
     def __enter__(self) -> "Tracer":
@@ -164,6 +171,28 @@ class Tracer:
         self.invokes.append(invoke)
         return invoke
 
+    def cache(self, modules: Any = None, device: Any = torch.device("cpu"), dtype: Any = None,
+              detach: bool = True, include_output: bool = True, include_inputs: bool = False,
+              rename: dict | None = None, alias: dict | None = None):
+        """Cache modules' outputs (and inputs) of this trace, after interventions: returns
+        a ``CacheDict`` filled when the block ends (``cache["model.transformer.h.0"].output``,
+        ``cache.model.transformer.h[0].output``). See :mod:`fxsight.cache`."""
+        self._check_recording()
+        from .cache import CacheRequest
+        request = CacheRequest(self.model, modules, device, dtype, detach, include_output,
+                               include_inputs, rename, alias, self._invoke)
+        self._cache_requests.append(request)
+        return request.cache
+
+    def stop(self) -> None:
+        """End the forward pass as soon as everything recorded so far is computed; nothing
+        may be recorded after it. (The fx backend prunes what no saved value needs anyway;
+        the hooks backend stops the model after the last needed module event.)"""
+        self._check_recording()
+        if self._stop_line is None:
+            self._stop_line = user_line()
+            self._stop_after = len(self.program.graph.nodes)
+
     def barrier(self, participants: int) -> Barrier:
         barrier = Barrier(self, participants)
         self._barriers.append(barrier)
@@ -174,6 +203,9 @@ class Tracer:
         """The model's return value (a proxy inside the block)."""
         if self._state == "recording":
             return self._read(Site("", OUTPUT, 0), "output")
+        if not self._output_kept and self._stop_line is not None:
+            raise TraceError(at_line("the model's output was not computed: tracer.stop() "
+                                     "ended the forward pass", self._stop_line))
         if not self._output_kept:
             raise TraceError(
                 "the model's output was not computed: this trace saved values, and the fx "
@@ -184,17 +216,19 @@ class Tracer:
     output = result
 
     # --- recording ----------------------------------------------------------------------
-    def _check_recording(self) -> None:
+    def _check_recording(self, used: Any = None) -> None:
         if self._state != "recording" or self not in active_tracers():
-            raise TraceError(at_line("this trace has ended: values can only be used inside "
-                                     "the `with ... trace(...)` block", user_line()))
+            where = next((from_where(v) for v in pytree.tree_leaves(used)
+                          if isinstance(v, Proxy)), "")
+            raise TraceError(at_line(f"this trace has ended: values{where} can only be used "
+                                     "inside the `with ... trace(...)` block", user_line()))
 
     def _to_arg(self, value: Any) -> Any:
         if isinstance(value, Proxy):
             if value._tracer is not self:
                 raise TraceError(at_line(
-                    "a value from another (earlier) trace was used here; save it in its "
-                    "own trace and pass the real tensor instead", user_line()))
+                    f"a value from another (earlier) trace{from_where(value)} was used here; "
+                    "save it in its own trace and pass the real tensor instead", user_line()))
             return value._node
         if isinstance(value, torch.Tensor):
             return self.program.input(value)
@@ -217,7 +251,7 @@ class Tracer:
 
     def _record(self, op: str, target: Any, args: tuple, kwargs: dict,
                 lenient: bool = False) -> Proxy:
-        self._check_recording()
+        self._check_recording((args, kwargs))
         node = self.program.op(op, target, self._to_arg(tuple(args)), self._to_arg(kwargs),
                                self._invoke, user_line())
         if lenient:
@@ -239,10 +273,14 @@ class Tracer:
         self._check_recording()
         self.program.write(site, accessor, self._to_arg(value), self._invoke, user_line())
 
+    def _skip(self, site: Site, value: Any) -> None:
+        self._check_recording()
+        self.program.skip(site, self._to_arg(value), self._invoke, user_line())
+
     def _save(self, proxy: Proxy) -> Proxy:
         if proxy._tracer is not self or self._state != "recording":
             raise TraceError(at_line(".save() can only be called inside the trace that "
-                                     "created the value", user_line()))
+                                     f"created the value{from_where(proxy)}", user_line()))
         self.program.save(proxy._node)
         self._saved[id(proxy)] = proxy._node
         self._proxies.add(proxy)
@@ -294,11 +332,46 @@ class Tracer:
         args, kwargs, _ = self._batched()
         return args, kwargs
 
+    # --- gradients -------------------------------------------------------------------------
     def _grad_of(self, proxy: Proxy) -> Proxy:
-        raise TraceError(at_line("gradients (.grad) are not supported yet", user_line()))
+        """``proxy.grad``: the gradient of the backward() loss with respect to it."""
+        self._check_recording()
+        target = self._to_arg(proxy)
+        node = self.program.graph.call_function(GRAD, (target,))
+        node.meta.update(kind="grad", invoke=target.meta.get("invoke", self._invoke),
+                         line=user_line())
+        return self._proxy(node)
 
     def _set_grad(self, proxy: Proxy, value: Any) -> None:
-        self._grad_of(proxy)
+        """``proxy.grad = value``: replace the gradient flowing back through it."""
+        self._check_recording()
+        target = self._to_arg(proxy)
+        node = self.program.graph.call_function(GRAD_WRITE, (target, self._to_arg(value)))
+        node.meta.update(kind="grad_write", invoke=target.meta.get("invoke", self._invoke),
+                         line=user_line())
+
+    def _prepare_gradients(self) -> None:
+        self._backward_nodes = backward_phase(self.program)
+        self._grad_keys: dict[fx.Node, str] = {}
+        for node in forward_exports(self.program, self._backward_nodes):
+            self.program.save(node)
+        if self._backward_nodes and self._compile is not None:
+            # grad taps call back into the trace during backward(): the compiled graph
+            # breaks around them
+            self._compile = {**self._compile, "fullgraph": False}
+
+    def _forward_saves(self) -> list[fx.Node]:
+        return [n for n in self.program.saves if n not in self._backward_nodes]
+
+    def _run_backward(self, rows: dict[Any, Rows]) -> None:
+        if not self._backward_nodes:
+            return
+        forward = {n: self._results[n] for n in self._forward_saves()}
+        values = BackwardPhase(self.program, rows, self._backward_nodes, forward,
+                               self._grad_keys).run()
+        for node in self.program.saves:
+            if node in self._backward_nodes:
+                self._results[node] = values[node]
 
     def _token_indexer(self, proxy: Proxy):
         return self.model._token_indexer(self, proxy)
@@ -322,15 +395,18 @@ class Tracer:
         for barrier in self._barriers:
             barrier.check()
         args, kwargs, rows = self._batched()
+        self.model._before_run()  # may replace the module (LanguageModel loads weights)
         module = self.model._module
-        self.model._before_run()
+        self._before_execute(args, kwargs)
+        self._prepare_gradients()
         stats.bump("traces")
-        keep_output = not self._prune or not self.program.saves
+        keep_output = (not self._prune or not self.program.saves) and self._stop_line is None
         backend = self._backend_choice
         captured = None
         if backend in ("auto", "fx"):
             try:
-                captured = cached_capture(module, args, kwargs)
+                captured = cached_capture(module, args, kwargs,
+                                          dynamic=_dynamic_policy(self._compile))
             except CaptureError as error:
                 if backend == "fx":
                     raise
@@ -339,6 +415,28 @@ class Tracer:
             self._run_fx(captured, module, args, kwargs, rows, keep_output)
         else:
             self._run_hooks(module, args, kwargs, rows)
+        self._run_backward(rows)
+        self._after_execute()
+
+    def _before_execute(self, args: tuple, kwargs: dict, source: Any = None) -> None:
+        """Check what follows a tracer.stop(); add the nodes of tracer.cache() calls (after
+        every intervention, so they see its effects)."""
+        if self._stop_line is not None:
+            late = [n for n in list(self.program.nodes)[self._stop_after:]
+                    if n.meta["kind"] != "input"]
+            if late:
+                raise TraceError(at_line(
+                    f"this comes after tracer.stop() ({self._stop_line}), which ends the "
+                    f"forward pass: it would never run", late[0].meta.get("line")))
+        if self._cache_requests:
+            if source is None:
+                source = self._metadata_source(args, kwargs)
+            for request in self._cache_requests:
+                request.record(self.program, source)
+
+    def _after_execute(self) -> None:
+        for request in self._cache_requests:
+            request.fill(self._results)
 
     def _warn_fallback(self, error: CaptureError, args, kwargs) -> None:
         stats.bump("fallbacks")
@@ -347,25 +445,26 @@ class Tracer:
         if key not in warned:
             warned.add(key)
             warnings.warn(f"fxsight: {error}; this model runs with the hooks backend",
-                          RuntimeWarning, stacklevel=4)
+                          RuntimeWarning, stacklevel=user_stacklevel())
 
     def _run_fx(self, captured, module, args, kwargs, rows, keep_output) -> None:
         program = self.program
-        flat_inputs, in_spec = pytree.tree_flatten((args, kwargs))
-        key = (signature(module, args, kwargs), program.structure_key(),
-               tuple(sorted((k, v) for k, v in rows.items() if k is not None)),
-               keep_output, _freeze(self._compile))
-
-        def build() -> Runner:
-            MetaWalker(program, rows, captured).run()
-            return Runner(splice(captured, program, rows, keep_output), self._compile)
-
-        runner = cached_runner(module, key, build)
-        output, saves = runner(flat_inputs + program.input_values)
+        flat = flat_inputs(args, kwargs)[0]
+        structure = program.structure_key()
+        options_key = _freeze(self._compile)
+        # the capture found for these exact inputs stands for their signature (the runner
+        # checks it is the same object: ids can be reused)
+        key = (id(captured), structure, rows_key(rows), keep_output, options_key)
+        runner = cached_runner(module, key, captured, lambda: build_runner(
+            module, captured, program, rows, keep_output, self._compile, structure,
+            options_key))
+        output, saves = runner(flat + program.input_values)
         self.backend = "fx"
         self.graph_module = runner.graph_module
         self._output, self._output_kept = output, keep_output
-        self._results = dict(zip(program.saves, saves))
+        self._results = dict(zip(self._forward_saves(), saves))
+        nodes = list(program.nodes)
+        self._grad_keys = {nodes[i]: key for i, key in runner.spliced.grad_keys.items()}
 
     def _run_hooks(self, module, args, kwargs, rows) -> None:
         program = self.program
@@ -373,10 +472,12 @@ class Tracer:
         walker = MetaWalker(program, rows, source)
         walker.run()
         output, values = run_with_hooks(module, program, rows, source.index,
-                                        walker.positions, args, kwargs)
+                                        walker.positions, args, kwargs,
+                                        stop=self._stop_line is not None,
+                                        grad_keys=self._grad_keys)
         self.backend = "hooks"
-        self._output, self._output_kept = output, True
-        self._results = {node: values[node] for node in program.saves}
+        self._output, self._output_kept = output, self._stop_line is None
+        self._results = {node: values[node] for node in self._forward_saves()}
 
     # --- results -------------------------------------------------------------------------
     def _resolve(self, proxy: Proxy) -> tuple[bool, Any]:
@@ -396,6 +497,29 @@ class Tracer:
             raise TraceError(at_line("this value was not saved: call .save() on it inside "
                                      "the trace", user_line()))
         return value
+
+
+class ScanTracer(Tracer):
+    """``with model.scan(inputs):`` records like a trace, then only checks it: the Program
+    is walked on the meta values of a fake-tensor scan (nothing runs for real; the weights
+    may be on the meta device). Saved values are bound to meta tensors, a cache holds meta
+    values, ``tracer.result`` is the output's meta value."""
+
+    def __init__(self, model: "NNsight", args: tuple, kwargs: dict):
+        super().__init__(model, args, kwargs, backend="hooks")
+
+    def _execute(self) -> None:
+        for barrier in self._barriers:
+            barrier.check()
+        args, kwargs, rows = self._batched()
+        source = cached_scan(self.model._module, args, kwargs)
+        self._before_execute(args, kwargs, source)
+        walker = MetaWalker(self.program, rows, source)
+        walker.run()
+        self.backend = "scan"
+        self._output, self._output_kept = source.output, True
+        self._results = {node: walker.values[node] for node in self.program.saves}
+        self._after_execute()
 
 
 class _WholeBatch:
@@ -426,10 +550,18 @@ def _compile_options(value: Any) -> dict | None:
     if value is None or value is False:
         return None
     if value is True:
-        return {}
+        return normalize_options({})
     if isinstance(value, dict):
-        return dict(value)
+        return normalize_options(dict(value))
     raise TypeError(f"compile must be a bool or a dict of torch.compile options, not {value!r}")
+
+
+def _dynamic_policy(options: dict | None) -> str:
+    """How a trace uses dynamic-shape captures: only compiled traces do (``dynamic=None``:
+    after a second input shape, ``True``: at once, ``False``: never)."""
+    if options is None or options.get("dynamic") is False:
+        return "never"
+    return "always" if options.get("dynamic") else "auto"
 
 
 def _freeze(value: Any) -> Any:

@@ -14,9 +14,12 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .envoy import ModuleCall
 from .errors import OrderError, ShapeError, TraceError, at_line
-from .program import Program, execute, is_view, map_nodes, node_args, replace, select
+from .program import (Program, execute, is_view, map_nodes, node_args, origin, replace,
+                      select)
 from .rows import Rows, conform, narrow_rows, splice_rows
+from .gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
 from .sites import Site, module_label
 
 BEFORE_ALL = -1
@@ -33,6 +36,11 @@ class Walker:
         self.positions: dict[fx.Node, int] = {}
         self.current: dict[Site, Any] = {}
         self.current_position: dict[Site, int] = {}
+        # gradients: nodes that run after the forward pass, and the grad taps of sites
+        self.backward_nodes = backward_phase(program)
+        self.grad_nodes = [n for n in self.backward_nodes
+                           if n.meta["kind"] in ("grad", "grad_write")]
+        self.grad_keys: dict[fx.Node, str] = {}
 
     # --- domain hooks -------------------------------------------------------------------
     def call(self, node: fx.Node | None, op: str, target: Any, args: tuple, kwargs: dict,
@@ -47,13 +55,27 @@ class Walker:
         raise NotImplementedError
 
     # --- walking ---------------------------------------------------------------------------
+    taps_gradients = True  # real values and graphs route gradients through grad taps
+
     def run(self, nodes=None) -> None:
-        for node in self.program.nodes if nodes is None else nodes:
+        if nodes is None:
+            nodes = [n for n in self.program.nodes if n not in self.backward_nodes]
+        for node in nodes:
             if node not in self.values:
                 self.visit(node)
 
     def visit(self, node: fx.Node) -> None:
         kind = node.meta["kind"]
+        if kind in ("grad", "grad_write"):  # seen by the meta walker only
+            target = node.args[0]
+            self.values[node] = self.values[target] if kind == "grad" else None
+            self.positions[node] = self.positions[target]
+            if kind == "grad_write":
+                rows = self._rows(node)
+                value = map_nodes(node.args[1], self.values.__getitem__)
+                site = grad_target(node)[0].meta["site"]
+                self.check_grad_write(node, site, self.values[target], value, rows)
+            return
         if kind == "input":
             self.values[node] = self.input_value(node)
             self.positions[node] = BEFORE_ALL
@@ -74,8 +96,36 @@ class Walker:
 
     def _current(self, site: Site) -> Any:
         if site not in self.current:
-            self.current[site] = self.site_value(site)
+            self.current[site] = self._tapped(site, self.site_value(site))
         return self.current[site]
+
+    def _tapped(self, site: Site, value: Any) -> Any:
+        """``value`` with a grad tap on every leaf whose gradient the trace uses."""
+        taps: dict[int, str] = {}
+        for node in self.grad_nodes:
+            read, keys = grad_target(node)
+            if read.meta["site"] != site:
+                continue
+            leaf = leaf_index(value, read.meta["accessor"], keys)
+            if leaf is None:
+                raise TraceError(at_line(
+                    f".grad needs a single tensor of {site.label}; use an item of it "
+                    f"(e.g. `.output[0]`)", node.meta["line"]))
+            key = self.grad_keys[node] = tap_key(site, leaf)
+            node.meta["grad_site"] = site.label
+            taps[leaf] = key
+        if not taps or not self.taps_gradients:
+            return value
+        flat, spec = pytree.tree_flatten(value)
+        position = self.index[site]
+        for leaf, key in taps.items():
+            flat[leaf] = self.call(None, "call_function", grad_tap, (flat[leaf], key), {},
+                                   position)
+        self.on_tapped(site)
+        return pytree.tree_unflatten(flat, spec)
+
+    def on_tapped(self, site: Site) -> None:
+        """Domain hook: ``site``'s value now carries a grad tap."""
 
     def _rows(self, node: fx.Node) -> Rows:
         return self.rows[node.meta["invoke"]]
@@ -104,6 +154,8 @@ class Walker:
             raise OrderError(at_line(
                 f"the write to {site.label} depends on {later.label}, which is only "
                 f"computed after {module_label(site.path)} has run", node.meta["line"]))
+        if node.meta.get("skip"):
+            self._check_skip_value(node, value_position)
         value = map_nodes(node.args[0], self.values.__getitem__)
         full = self._current(site)
         old = select(full, node.meta["accessor"])
@@ -118,8 +170,8 @@ class Walker:
                 node.meta["line"]))
         replaced = []
         for old_leaf, new_leaf in zip(old_leaves, new_leaves):
-            if not self.is_value(old_leaf):
-                replaced.append(new_leaf)
+            if not self.is_value(old_leaf) or (rows.whole and node.meta.get("skip")):
+                replaced.append(new_leaf)  # a skipped module's value is taken as it is
             elif rows.whole:
                 replaced.append(self.call(None, "call_function", conform,
                                           (new_leaf, old_leaf), {}, position))
@@ -132,6 +184,17 @@ class Walker:
         self.current_position[site] = position
         self.values[node] = None
         self.positions[node] = position
+
+    def _check_skip_value(self, node: fx.Node, value_position: int) -> None:
+        """A skipped module does not run: its value may not come from inside it."""
+        site: Site = node.meta["site"]
+        start = self.index.get(Site(site.path, "input", site.call), BEFORE_ALL)
+        if value_position > start:
+            inner = self._site_at(value_position)
+            raise OrderError(at_line(
+                f"the value given to {module_label(site.path)}.skip(...) depends on "
+                f"{inner.label}, which is computed inside {module_label(site.path)}; a "
+                f"skipped module does not run", node.meta["line"]))
 
     def _op(self, node: fx.Node) -> None:
         position = max(self._arg_position(node.args), self._arg_position(node.kwargs))
@@ -149,6 +212,9 @@ class Walker:
     def _leafwise(self, value: Any, fn) -> Any:
         flat, spec = pytree.tree_flatten(value)
         return pytree.tree_unflatten([fn(v) if self.is_value(v) else v for v in flat], spec)
+
+    def check_grad_write(self, node, site, old, value, rows) -> None:
+        """Domain hook: reject a gradient that cannot replace ``old``'s."""
 
     def check_write(self, node: fx.Node, old: Any, value: Any, rows: Rows) -> None:
         """Domain hook: reject a value that cannot replace ``old``."""
@@ -189,12 +255,53 @@ class MetaWalker(Walker):
     """Evaluates a Program on meta tensors: shapes, dtypes, positions, and every check
     that must happen before anything runs."""
 
+    taps_gradients = False
+
     def __init__(self, program: Program, rows: dict[Any, Rows], source: Any):
         super().__init__(program, rows, source.index)
         self.source = source
 
     def site_value(self, site: Site) -> Any:
         return self.source.meta_value(site)
+
+    def run(self, nodes=None) -> None:
+        self._check_inside_skips()
+        super().run(list(self.program.nodes) if nodes is None else nodes)
+
+    def check_grad_write(self, node, site, old, value, rows) -> None:
+        if not isinstance(old, torch.Tensor) or isinstance(value, UnknownMeta):
+            return
+        shape = old.shape if rows.whole else (rows.stop - rows.start, *old.shape[1:])
+        new_shape = value.shape if isinstance(value, torch.Tensor) else ()
+        try:
+            fits = torch.broadcast_shapes(new_shape, shape) == torch.Size(shape)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ShapeError(at_line(f"a gradient of shape {tuple(new_shape)} cannot replace "
+                                     f"the gradient of {site.label}, of shape {tuple(shape)}",
+                                     node.meta["line"]))
+
+    def _check_inside_skips(self) -> None:
+        """Nothing may be read or written inside a module skipped for the whole batch."""
+        spans = []
+        for node in self.program.nodes:
+            if node.meta.get("skip") and self._rows(node).whole:
+                site = node.meta["site"]
+                start = self.index.get(Site(site.path, "input", site.call))
+                end = self.index.get(site)
+                if start is not None and end is not None:
+                    spans.append((start, end, site))
+        for node in self.program.nodes if spans else ():
+            if node.meta["kind"] not in ("read", "write") or node.meta.get("skip"):
+                continue
+            position = self.index.get(node.meta["site"])
+            for start, end, skipped in spans:
+                if position is not None and start < position < end:
+                    raise TraceError(at_line(
+                        f"{node.meta['site'].label} is inside {module_label(skipped.path)}, "
+                        f"which is skipped (.skip(...)) and does not run",
+                        node.meta["line"]))
 
     def input_value(self, node: fx.Node) -> Any:
         value = self.program.input_values[node.meta["index"]]
@@ -204,13 +311,19 @@ class MetaWalker(Walker):
     def call(self, node, op, target, args, kwargs, position):
         if any(isinstance(v, UnknownMeta) for v in pytree.tree_leaves((args, kwargs))):
             return UNKNOWN
+        if op == "call_method" and target == "backward":
+            return None
         try:
+            if isinstance(target, ModuleCall):  # real weights: run it on fake tensors
+                return _fake_execute(op, target, args, kwargs, target.device())
             return execute(op, target, args, kwargs)
         except Exception as error:  # noqa: BLE001
             if node is None or node.meta.get("lenient"):
                 return UNKNOWN
             name = target if isinstance(target, str) else getattr(target, "__name__", target)
-            raise ShapeError(at_line(f"{name} fails on these shapes: {error}",
+            where = origin(node)
+            where = f" (on values from {where})" if where else ""
+            raise ShapeError(at_line(f"{name} fails on these shapes{where}: {error}",
                                      node.meta["line"])) from None
 
     def check_write(self, node, old, value, rows):
@@ -230,6 +343,12 @@ class MetaWalker(Walker):
             if not rows.whole and old_leaf.dim() > 0 and old_leaf.shape[0] == rows.total:
                 target_shape = (rows.stop - rows.start, *old_leaf.shape[1:])
             new_shape = new_leaf.shape if isinstance(new_leaf, torch.Tensor) else ()
+            if node.meta.get("skip") and rows.whole and (
+                    not isinstance(new_leaf, torch.Tensor) or new_shape != old_leaf.shape):
+                raise ShapeError(at_line(
+                    f"{module_label(site.path)}.skip(...) needs a value shaped like the "
+                    f"module's output, {tuple(old_leaf.shape)}; it got "
+                    f"{_describe(new_leaf)}", node.meta["line"]))
             try:
                 broadcast = torch.broadcast_shapes(new_shape, target_shape)
             except RuntimeError:
@@ -237,7 +356,34 @@ class MetaWalker(Walker):
             if broadcast != torch.Size(target_shape):
                 raise ShapeError(at_line(
                     f"a value of shape {tuple(new_shape)} cannot be written into "
-                    f"{site.label} of shape {tuple(target_shape)}", node.meta["line"]))
+                    f"{site.label} of shape {tuple(target_shape)}{_rows_note(node, rows)}",
+                    node.meta["line"]))
+
+
+def _fake_execute(op: str, target: Any, args: tuple, kwargs: dict,
+                  device: torch.device) -> Any:
+    """Run an operation that touches real tensors (a module's weights) on fake tensors made
+    from the meta ones, on ``device``; the result is given back as meta tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def to_meta(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        args, kwargs = pytree.tree_map_only(
+            torch.Tensor, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                                        device=device) if t.is_meta else t,
+            (args, kwargs))
+        result = execute(op, target, args, kwargs)
+    return pytree.tree_map_only(torch.Tensor, to_meta, result)
+
+
+def _rows_note(node: fx.Node, rows: Rows) -> str:
+    """Which invoke's rows a write targets, for error messages."""
+    invoke = node.meta.get("invoke")
+    if invoke is None:
+        return f" (the whole batch of {rows.total} rows)"
+    return f" (invoke #{invoke}: rows {rows.start}:{rows.stop} of a batch of {rows.total})"
 
 
 def _describe(value: Any) -> str:

@@ -5,3 +5,58 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+# --- fixtures of the core-engine tests (tests/test_core_*.py) -------------------------
+import contextlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The test models are tiny: intra-op threads only contend (a tiny GPT-2 forward takes
+# ~50 ms with 2 threads on 2 busy cores, ~6 ms with one), above all under pytest-xdist.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def core_gpt2():
+    """A tiny random GPT-2 (2 layers, 64 wide, vocab 128), shared read-only by tests."""
+    from models import tiny_gpt2
+    return tiny_gpt2()
+
+
+@pytest.fixture(scope="session")
+def core_llama():
+    """A tiny random Llama (2 layers, 64 wide, vocab 128), shared read-only by tests."""
+    from models import tiny_llama
+    return tiny_llama()
+
+
+@pytest.fixture
+def core_ids():
+    """Token ids of shape (2, 7) for the tiny language models."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(4, 128, (2, 7), generator=generator)
+
+
+@contextlib.contextmanager
+def _reference_hooks(model, hooks=None, pre_hooks=None):
+    handles = []
+    try:
+        for path, fn in (hooks or {}).items():
+            handles.append(model.get_submodule(path).register_forward_hook(fn))
+        for path, fn in (pre_hooks or {}).items():
+            handles.append(model.get_submodule(path).register_forward_pre_hook(
+                fn, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.fixture
+def reference_hooks():
+    """``with reference_hooks(model, hooks={path: fn}, pre_hooks={path: fn}):`` installs
+    plain PyTorch forward (pre-)hooks for a hand-written reference, removed afterwards.
+    Pre-hooks get ``(module, args, kwargs)`` and may return ``(args, kwargs)``."""
+    return _reference_hooks

@@ -1,0 +1,363 @@
+"""Cache: every (or some) module's inputs and outputs of a trace, in one dictionary.
+
+``cache = tracer.cache(...)`` inside a trace returns an empty :class:`CacheDict`; when the
+block ends, the requested reads are added to the Program (after every intervention the user
+recorded, so cached values are the values *after* interventions), each followed by one
+conversion node (detach / device / dtype) and saved; after the run the dictionary is filled.
+
+Keys follow nnsight: ``"model"`` is the root, ``"model.transformer.h.0"`` a block. Values are
+:class:`Entry` objects (``.output``, ``.inputs`` = ``(args, kwargs)``, ``.input``), or a list
+of entries for a module called several times in one forward pass. Navigation by attribute
+and index works too: ``cache.model.transformer.h[0].output``; ``rename`` / ``alias`` give
+modules shorter names (``rename={"transformer.h": "layers"}`` or, equivalently,
+``alias={"layers": "transformer.h"}``: ``cache.model.layers[0]``, ``cache["model.layers.0"]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import TraceError, at_line, user_line
+from .sites import INPUT, OUTPUT, Site
+
+if TYPE_CHECKING:
+    from .program import Program
+
+ROOT = "model"
+
+
+def convert(value: Any, device: torch.device | None, dtype: torch.dtype | None,
+            detach: bool) -> Any:
+    """A cached value: every tensor detached, moved to ``device`` and (floating-point ones)
+    cast to ``dtype``, as asked. Runs as one graph node per cached site."""
+
+    def one(tensor: torch.Tensor) -> torch.Tensor:
+        if detach:
+            tensor = tensor.detach()
+        if device is not None and not tensor.is_meta:
+            tensor = tensor.to(device)
+        if dtype is not None and (tensor.is_floating_point() or tensor.is_complex()):
+            tensor = tensor.to(dtype)
+        return tensor
+
+    return pytree.tree_map_only(torch.Tensor, one, value)
+
+
+@dataclass
+class Entry:
+    """One call of one module: its output and/or its inputs ``(args, kwargs)``."""
+
+    output: Any = None
+    inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
+    @property
+    def input(self) -> Any:
+        """The first positional input (else the first keyword input); None if not cached."""
+        if self.inputs is None:
+            return None
+        args, kwargs = self.inputs
+        values = [*args, *kwargs.values()]
+        return values[0] if values else None
+
+
+def _key(path: str) -> str:
+    """A module path (``""`` for the root) as a cache key (``"model..."``)."""
+    return f"{ROOT}.{path}" if path else ROOT
+
+
+class CacheDict(dict):
+    """Cached activations by module: ``cache["model.transformer.h.0"].output`` or
+    ``cache.model.transformer.h[0].output`` (also ``.inputs``, ``.input``).
+
+    A navigated value (``cache.model.transformer.h``) is a CacheDict too, holding the
+    entries under that path. Keys are real module paths; ``keys(alias=True)`` lists the
+    renamed ones.
+    """
+
+    def __init__(self, data: Any = (), path: str = "", alias: dict[str, str] | None = None,
+                 rename: dict[str, str] | None = None,
+                 alias_paths: dict[str, str] | None = None):
+        super().__init__(data)
+        object.__setattr__(self, "_path", path)
+        renames = _normalize_renames(rename, alias)
+        object.__setattr__(self, "_rename", renames)
+        object.__setattr__(self, "_alias_paths", dict(alias_paths or {}))
+        if alias_paths is None:
+            for key in self:
+                self._add_alias_path(key)
+
+    # --- building ---------------------------------------------------------------------
+    def _add_alias_path(self, key: str) -> None:
+        aliased = _apply_renames(key, self._rename)
+        if aliased != key:
+            self._alias_paths[aliased] = key
+
+    def _add(self, key: str, entry: Any) -> None:
+        dict.__setitem__(self, key, entry)
+        self._add_alias_path(key)
+
+    # --- lookup ---------------------------------------------------------------------------
+    def _real(self, name: str) -> str | None:
+        """The real key of ``name`` (a real or renamed path), or None."""
+        if dict.__contains__(self, name):
+            return name
+        return self._alias_paths.get(name)
+
+    def _names(self) -> Iterable[str]:
+        yield from dict.keys(self)
+        yield from self._alias_paths
+
+    def _has_prefix(self, path: str) -> bool:
+        prefix = path + "."
+        return any(name == path or name.startswith(prefix) for name in self._names())
+
+    def _view(self, path: str) -> "CacheDict":
+        prefix = path + "."
+        real = {self._real(n) for n in self._names() if n == path or n.startswith(prefix)}
+        data = {k: dict.__getitem__(self, k) for k in dict.keys(self) if k in real}
+        aliases = {a: r for a, r in self._alias_paths.items() if r in data}
+        return CacheDict(data, path, rename=self._rename, alias_paths=aliases)
+
+    def _entry(self, what: str) -> Any:
+        path = self._path
+        real = self._real(path) if path else None
+        if real is None:
+            where = f"{path!r}" if path else "the cache itself"
+            raise AttributeError(
+                f"{where} is not a cached module, so it has no .{what}; cached modules "
+                f"under it: {', '.join(list(dict.keys(self))[:8]) or '(none)'}")
+        return dict.__getitem__(self, real)
+
+    def _field(self, what: str) -> Any:
+        entry = self._entry(what)
+        if isinstance(entry, list):
+            return [getattr(e, what) for e in entry]
+        return getattr(entry, what)
+
+    @property
+    def output(self) -> Any:
+        """The output of the module at this path (a list if it ran several times)."""
+        return self._field("output")
+
+    @property
+    def inputs(self) -> Any:
+        """The inputs ``(args, kwargs)`` of the module at this path."""
+        return self._field("inputs")
+
+    @property
+    def input(self) -> Any:
+        """The first input of the module at this path."""
+        return self._field("input")
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def keys(self, alias: bool = False):  # type: ignore[override]
+        if alias:
+            return self._alias_paths.keys()
+        return super().keys()
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._real(key) is not None \
+            or dict.__contains__(self, key)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, int):
+            return self._index(key)
+        if not isinstance(key, str):
+            raise KeyError(key)
+        for name in (key, f"{self._path}.{key}" if self._path else None):
+            if name is None:
+                continue
+            real = self._real(name)
+            if real is not None:
+                return dict.__getitem__(self, real)
+        raise KeyError(f"{key!r} was not cached"
+                       + (f" (cached: {', '.join(list(dict.keys(self))[:8])}"
+                          f"{', ...' if len(self) > 8 else ''})" if len(self) else ""))
+
+    def _index(self, index: int) -> "CacheDict":
+        prefix = f"{self._path}." if self._path else ""
+        children = sorted({int(part) for part in
+                           (n[len(prefix):].split(".")[0] for n in self._names()
+                            if n.startswith(prefix)) if part.isdigit()})
+        if not children:
+            raise TypeError(f"{self._path or 'the cache'!r} holds no indexed modules")
+        if index < 0:
+            index += children[-1] + 1
+        if index not in children:
+            raise IndexError(f"{self._path!r}[{index}] was not cached (cached indices: "
+                             f"{children})")
+        return self._view(f"{prefix}{index}")
+
+    def __getattr__(self, name: str) -> "CacheDict":
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        if name in ("output", "inputs", "input"):  # the property raised: say why
+            return self._field(name)
+        path = f"{self._path}.{name}" if self._path else name
+        if self._has_prefix(path):
+            return self._view(path)
+        raise AttributeError(f"module path {path!r} was never cached")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a CacheDict is read-only through attributes")
+
+    def __repr__(self) -> str:
+        return f"CacheDict({self._path or ''}: {list(dict.keys(self))})"
+
+
+def _normalize_renames(rename: dict[str, str] | None,
+                       alias: dict[str, str] | None) -> dict[str, str]:
+    """``{real path: short name}`` from ``rename`` and its inverse ``alias``."""
+    renames: dict[str, str] = {}
+    for real, short in (rename or {}).items():
+        renames[_path_of(real)] = short.strip(".")
+    for short, real in (alias or {}).items():
+        renames[_path_of(real)] = short.strip(".")
+    return renames
+
+
+def _path_of(module: Any) -> str:
+    path = getattr(module, "_path", module)
+    if not isinstance(path, str):
+        raise TypeError(f"rename/alias take module paths or envoys, not {module!r}")
+    return path.strip(".")
+
+
+def _apply_renames(key: str, renames: dict[str, str]) -> str:
+    """``model.transformer.h.0`` with ``{"transformer.h": "layers"}`` -> ``model.layers.0``
+    (whole path components only)."""
+    if not renames or key == ROOT:
+        return key
+    parts = key.split(".")[1:]
+    for real, short in renames.items():
+        pattern = real.split(".")
+        out, i = [], 0
+        while i < len(parts):
+            if parts[i:i + len(pattern)] == pattern:
+                out.extend(short.split("."))
+                i += len(pattern)
+            else:
+                out.append(parts[i])
+                i += 1
+        parts = out
+    return ".".join([ROOT, *parts])
+
+
+class CacheRequest:
+    """One ``tracer.cache(...)`` call: which sites to read, how to convert, where to put
+    the values. ``record`` adds its nodes to the Program before the run; ``fill`` fills
+    the CacheDict from the run's results."""
+
+    def __init__(self, model: Any, modules: Any, device: torch.device | None,
+                 dtype: torch.dtype | None, detach: bool, include_output: bool,
+                 include_inputs: bool, rename: dict | None, alias: dict | None,
+                 invoke: int | None):
+        self.line = user_line()
+        self.paths = None if modules is None else self._resolve(model, modules)
+        self.device = torch.device(device) if isinstance(device, str) else device
+        self.dtype = dtype
+        self.detach = bool(detach)
+        self.include_output = include_output
+        self.include_inputs = include_inputs
+        self.invoke = invoke
+        self.cache = CacheDict(rename=rename, alias=alias)
+        self.nodes: list[tuple[Site, Any, Any]] = []  # (site, node, layout of the value)
+
+    def _resolve(self, model: Any, modules: Any) -> list[str]:
+        from .envoy import Envoy
+        if isinstance(modules, (str, Envoy)):
+            modules = [modules]
+        known = {path for path, _ in model._module.named_modules()}
+        paths = []
+        for module in modules:
+            if isinstance(module, Envoy):
+                if module._root is not model:
+                    raise TraceError(at_line(
+                        f"tracer.cache(modules=...) got a module of another model "
+                        f"({module._path or 'model'})", self.line))
+                path = module._path
+            elif isinstance(module, str):
+                path = _module_path(module, known)
+                if path is None:
+                    raise TraceError(at_line(
+                        f"tracer.cache(modules=...): {module!r} is not a module of this "
+                        f"model (paths look like 'model.transformer.h.0' or "
+                        f"'transformer.h.0')", self.line))
+            else:
+                raise TypeError(f"tracer.cache(modules=...) takes envoys or path strings, "
+                                f"not {type(module).__name__}")
+            if path not in paths:
+                paths.append(path)
+        return paths
+
+    def record(self, program: "Program", source: Any) -> None:
+        """Add a read + conversion + save per cached site (in forward order). ``source``
+        (a capture or a scan) says which sites run and how their values are laid out."""
+        index = source.index
+        kinds = ([INPUT] if self.include_inputs else []) + \
+            ([OUTPUT] if self.include_output else [])
+        wanted = None if self.paths is None else set(self.paths)
+        sites = [s for s in sorted(index, key=index.__getitem__)
+                 if s.kind in kinds and (wanted is None or s.path in wanted)]
+        if wanted is not None:
+            ran = {s.path for s in sites}
+            missing = [p for p in self.paths if p not in ran]
+            if missing and kinds:
+                raise TraceError(at_line(
+                    f"tracer.cache: {_key(missing[0])} never runs in this forward pass, so "
+                    f"it cannot be cached", self.line))
+        convert_args = (self.device, self.dtype, self.detach)
+        needs_convert = self.detach or self.device is not None or self.dtype is not None
+        for site in sites:
+            accessor = "inputs" if site.kind == INPUT else "output"
+            node = program.read(site, accessor, self.invoke, self.line)
+            if needs_convert:
+                node = program.op("call_function", convert, (node, *convert_args), {},
+                                  self.invoke, self.line)
+            program.save(node)
+            spec = pytree.tree_flatten(source.meta_value(site))[1]
+            self.nodes.append((site, node, spec))
+
+    def fill(self, results: dict[Any, Any]) -> None:
+        """Put the run's values into the CacheDict, one Entry per module call."""
+        entries: dict[str, dict[int, Entry]] = {}
+        for site, node, spec in self.nodes:
+            if node not in results:
+                continue
+            value = _relayout(results[node], spec)
+            entry = entries.setdefault(site.path, {}).setdefault(site.call, Entry())
+            if site.kind == INPUT:
+                args, kwargs = value
+                entry.inputs = (tuple(args), dict(kwargs))
+            else:
+                entry.output = value
+        for path, calls in entries.items():
+            ordered = [calls[c] for c in sorted(calls)]
+            self.cache._add(_key(path), ordered[0] if len(ordered) == 1 else ordered)
+
+
+def _relayout(value: Any, spec: pytree.TreeSpec) -> Any:
+    """``value`` in the layout the module produced (a graph returns a ``ModelOutput`` as a
+    plain dict: give it its class back)."""
+    leaves = pytree.tree_leaves(value)
+    if len(leaves) != spec.num_leaves:
+        return value
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _module_path(name: str, known: set[str]) -> str | None:
+    """A user's module path string as a path of the model (``"model"`` is the root;
+    ``"model.x"`` is ``"x"`` unless only ``"model.x"`` itself is a module)."""
+    name = name.strip(".")
+    if name in (ROOT, ""):
+        return ""
+    if name.startswith(ROOT + ".") and name[len(ROOT) + 1:] in known:
+        return name[len(ROOT) + 1:]
+    return name if name in known else None

@@ -1,0 +1,167 @@
+"""Edit: interventions recorded once and baked into every later trace of a model, and the
+edited model exported as a plain ``torch.nn.Module``.
+
+``with model.edit() as edited:`` records a Program like a trace does, but runs nothing:
+the Program is kept on ``edited`` (a new wrapper around the *same* torch module, or the
+model itself with ``inplace=True``) and copied in front of the Program of each later trace,
+so a trace's own reads see the edited values. ``edited.export(inputs)`` splices the edits
+into the captured graph and re-exports the result with ``torch.export``: every fxsight
+helper is traced through into ATen ops, the edit's tensors become buffers, and the module
+takes and returns what the model does -- it runs, pickles (``torch.save``) and exports
+without fxsight.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .capture import _DROPPED_TARGETS, cached_capture
+from .errors import TraceError, at_line
+from .program import Program
+from .rows import Rows
+from .splice import splice
+from .tracer import Tracer
+from .walk import MetaWalker
+
+if TYPE_CHECKING:
+    from .models import NNsight
+
+
+def edits_of(model: "NNsight") -> list[Program]:
+    """The edit Programs of a wrapper (oldest first)."""
+    return model.__dict__.setdefault("_edits", [])
+
+
+def seed(program: Program, edits: list[Program]) -> None:
+    """Copy the nodes of ``edits`` (in order) into ``program``, which must be empty."""
+    for edit in edits:
+        env: dict[fx.Node, fx.Node] = {}
+        for node in edit.nodes:
+            if node.meta["kind"] == "input":
+                env[node] = program.input(edit.input_values[node.meta["index"]])
+            else:
+                env[node] = program.graph.node_copy(node, env.__getitem__)
+
+
+def edited_copy(model: "NNsight") -> "NNsight":
+    """A new wrapper around the same module, with a copy of ``model``'s edit list."""
+    new = copy.copy(model)
+    object.__setattr__(new, "_root", new)
+    object.__setattr__(new, "_children", {})
+    object.__setattr__(new, "_edits", list(edits_of(model)))
+    return new
+
+
+class EditTracer(Tracer):
+    """``with model.edit(*inputs, inplace=False) as edited:`` -- records, runs nothing.
+
+    Inside the block, interventions are written on ``model`` (nnsight's idiom) or on
+    ``edited``. With inputs, shapes are known inside the block and the edit is validated
+    against them at its end."""
+
+    def __init__(self, model: "NNsight", args: tuple, kwargs: dict, inplace: bool = False):
+        super().__init__(model, args, kwargs)
+        self.edited = model if inplace else edited_copy(model)
+        self._also = self.edited  # current_tracer(edited) finds this tracer too
+
+    def __enter__(self) -> "NNsight":
+        super().__enter__()
+        return self.edited
+
+    def _execute(self) -> None:
+        program = self.program
+        if program.saves:
+            raise TraceError(at_line(
+                "an edit cannot save values: it has no results of its own (a saved value "
+                "would never be bound); save it in a trace of the edited model instead",
+                program.saves[0].meta.get("line")))
+        if getattr(self, "_cache_requests", None):
+            raise TraceError(at_line("tracer.cache() has no meaning in an edit; call it in "
+                                     "a trace of the edited model",
+                                     self._cache_requests[0].line))
+        if getattr(self, "_stop_line", None):
+            raise TraceError(at_line("tracer.stop() has no meaning in an edit",
+                                     self._stop_line))
+        if self.invokes:
+            args, kwargs, rows = self._batched()
+            whole = Program()
+            seed(whole, [*edits_of(self.model), program])
+            MetaWalker(whole, rows, self._metadata_source(args, kwargs)).run()
+        if not program.is_empty():
+            edits_of(self.edited).append(program)
+        self.backend = "edit"
+
+
+def export(model: "NNsight", args: tuple, kwargs: dict) -> fx.GraphModule:
+    """The edited model for these example inputs as a self-contained GraphModule."""
+    prepared = model._prepare_invoke(args, kwargs, None)
+    args, kwargs = model._batch_inputs([prepared])
+    size = prepared[2]
+    model._before_run()
+    module = model._module
+    captured = cached_capture(module, args, kwargs)
+    program = Program()
+    seed(program, edits_of(model))
+    rows = {None: Rows(0, size, size)}
+    MetaWalker(program, rows, captured).run()
+    spliced = splice(captured, program, rows, keep_output=True)
+    gm = spliced.graph_module
+    flat_inputs = pytree.tree_leaves((args, kwargs))
+    _bake_program_inputs(gm, len(flat_inputs), program.input_values)
+
+    exported = torch.export.export(gm, tuple(flat_inputs), strict=False).module()
+    graph = exported.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target in _DROPPED_TARGETS:
+            graph.erase_node(node)
+    output = next(n for n in graph.nodes if n.op == "output")
+    flat_out = list(output.args[0])
+    plan = spliced.model_output
+    leaves = [flat_out[v] if kind == "out" else v for kind, v in plan.leaves]
+    output.args = (tuple(leaves),)
+    names = [n.name for n in graph.nodes if n.op == "placeholder"]
+    graph._codegen = fx.graph._PyTreeCodeGen(
+        fx.graph._PyTreeInfo(names, captured.in_spec, _plain_spec(plan.spec)))
+    graph.eliminate_dead_code()
+    graph._tracer_cls, graph._tracer_extras = None, {}  # unpickling retraces with plain fx
+    result = fx.GraphModule(exported, graph, class_name="EditedModel")
+    result.train(module.training)
+    return result
+
+
+def _plain_spec(spec: pytree.TreeSpec) -> pytree.TreeSpec:
+    """An output layout that survives ``torch.save``: a transformers ``ModelOutput`` becomes
+    its ``to_tuple()`` (as with ``return_dict=False``). Unpickling a GraphModule retraces
+    its code with plain fx, which would turn the ``ModelOutput`` into a dict."""
+    if spec.is_leaf():
+        return spec
+    children = [_plain_spec(child) for child in spec.children()]
+    kind = spec.type
+    if isinstance(kind, type) and issubclass(kind, dict) and kind is not dict and \
+            hasattr(kind, "to_tuple"):
+        return pytree.TreeSpec(tuple, None, children)
+    return pytree.TreeSpec(kind, spec.context, children)
+
+
+def _bake_program_inputs(gm: fx.GraphModule, n_model_inputs: int, values: list[Any]) -> None:
+    """The edit's own tensors (steering vectors) as buffers instead of graph inputs."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"][n_model_inputs:]
+    for i, (node, value) in enumerate(zip(placeholders, values)):
+        name = f"edit_input_{i}"
+        if isinstance(value, torch.Tensor):
+            gm.register_buffer(name, value.detach().clone())
+        else:
+            setattr(gm, name, value)
+        with graph.inserting_before(node):
+            attr = graph.get_attr(name)
+        node.replace_all_uses_with(attr)
+        graph.erase_node(node)
+    gm.recompile()

@@ -1,0 +1,591 @@
+"""LanguageModel: a transformers causal LM whose inputs are text, batched with left padding.
+
+``LanguageModel(path)`` reads the config and the tokenizer saved in ``path`` and builds the
+model on the meta device, so ``print(lm)`` shows its structure at once; the weights are
+loaded with ``automodel.from_pretrained(path, **kwargs)`` when the model first runs (or at
+once with ``dispatch=True``). ``LanguageModel(module, tokenizer=tok)`` wraps a loaded model.
+
+Inputs of an invoke (or of ``trace(...)``): a string, a list of strings, token ids (a list
+of ints, a list of lists, a 1-D or 2-D integer tensor) or a dict of tensors
+(``input_ids``, optional ``attention_mask``, other token-aligned tensors). Every prompt is
+left-padded: the invokes of a trace are padded to a common length, with the attention mask
+and explicit ``position_ids`` (attention mask cumulative sum, as transformers' ``generate``
+does), so each row computes what it computes alone. A right-padded ``attention_mask`` is
+re-packed to the left (its rows are rolled so that the last real token is last).
+
+Token indexing: ``proxy.token[i]`` / ``proxy.t[i]`` index dimension 1 counting from each
+prompt's first real token. Because padding is on the left, a prompt's tokens are always the
+last ``n`` positions of the batch, whatever the other invokes pad to, so indices are taken
+from the end and do not depend on later invokes. When the rows of one invoke (a list of
+prompts of different lengths) start at different positions, each row is gathered at its own
+position (an advanced index, ``value[rows, positions]``); when they agree it is a plain
+slice (a view). Reading ``.token`` of a value that spans the whole batch
+(``tracer.invoke()`` with no input) uses every invoke recorded so far.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from .errors import TraceError, at_line, user_line
+from .models import NNsight
+
+# keys of a dict input that are not forwarded as they come but re-laid out with the rows
+_PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 1}
+_CONFIG_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only",
+                  "subfolder")
+_FROM_CONFIG_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
+
+
+class LanguageModel(NNsight):
+    """A transformers language model wrapped for tracing, with text inputs.
+
+    ``LanguageModel(path_or_module, tokenizer=None, automodel=AutoModelForCausalLM,
+    dispatch=False, **kwargs)``: ``kwargs`` go to ``automodel.from_pretrained`` (``device_map``,
+    ``dtype``, ...), except ``backend`` and ``compile`` (defaults of every trace).
+    """
+
+    _token_indexing = True
+
+    def __init__(self, model_or_path: Any, tokenizer: Any = None,
+                 automodel: Any = AutoModelForCausalLM, dispatch: bool = False, *,
+                 backend: str = "auto", compile: Any = None, **kwargs: Any):
+        if isinstance(model_or_path, torch.nn.Module):
+            module, path = model_or_path, None
+            if tokenizer is None:
+                tokenizer = _tokenizer_beside(module)
+        elif isinstance(model_or_path, (str, os.PathLike)):
+            path = os.fspath(model_or_path)
+            module, tokenizer = _load_meta(path, tokenizer, automodel, kwargs)
+        else:
+            raise TypeError("LanguageModel wraps a torch.nn.Module or loads a local path, "
+                            f"not {type(model_or_path).__name__}")
+        super().__init__(module, backend=backend, compile=compile)
+        if tokenizer is not None:
+            _prepare_tokenizer(tokenizer)
+        object.__setattr__(self, "tokenizer", tokenizer)
+        object.__setattr__(self, "automodel", automodel)
+        object.__setattr__(self, "_load_path", path)
+        object.__setattr__(self, "_load_kwargs", dict(kwargs))
+        object.__setattr__(self, "_dispatched", path is None)
+        object.__setattr__(self, "_forward_params", None)
+        if dispatch:
+            self.dispatch_model()
+
+    # --- loading ---------------------------------------------------------------------------
+    @property
+    def dispatched(self) -> bool:
+        """Whether the real weights are loaded (``False`` while the model is on meta)."""
+        return self._dispatched
+
+    def dispatch_model(self) -> None:
+        """Load the real weights now (``automodel.from_pretrained(path, **kwargs)``)."""
+        if self._dispatched:
+            return
+        old = self._module
+        new = self.automodel.from_pretrained(self._load_path, **self._load_kwargs)
+        new.eval()
+        object.__setattr__(self, "_module", new)
+        object.__setattr__(self, "_dispatched", True)
+        object.__setattr__(self, "_forward_params", None)
+        _refresh_envoys(self, new)
+        _forget(old)
+
+    def _before_run(self) -> None:
+        self.dispatch_model()
+
+    def trace(self, *inputs: Any, **kwargs: Any):
+        """``with lm.trace(prompt, **forward_kwargs) as tracer:``; or ``lm.trace()`` and
+        ``tracer.invoke(prompt)`` several times. ``input_ids=``/``attention_mask=`` may be
+        given as keywords too. Loads the weights first if they are not loaded yet (so that
+        modules applied inside the block, e.g. a logit lens, are the real ones)."""
+        if not inputs and "input_ids" in kwargs:
+            given = {k: kwargs.pop(k) for k in ("input_ids", "attention_mask")
+                     if k in kwargs}
+            inputs = (given,)
+        self.dispatch_model()
+        return super().trace(*inputs, **kwargs)
+
+    def to(self, *args, **kwargs) -> "LanguageModel":
+        """Move the model (loading its weights first if needed); returns the wrapper."""
+        self.dispatch_model()
+        self._module.to(*args, **kwargs)
+        return self
+
+    # --- inputs ------------------------------------------------------------------------------
+    def _accepts(self, name: str) -> bool:
+        params = self._forward_params
+        if params is None:
+            try:
+                params = set(inspect.signature(self._module.forward).parameters)
+            except (TypeError, ValueError):
+                params = set()
+            object.__setattr__(self, "_forward_params", params)
+        return name in params
+
+    def _prepare_invoke(self, args: tuple, kwargs: dict, invoke: Any) -> tuple[tuple, dict, int]:
+        where = f"invoke #{invoke.index}" if invoke is not None else "the input"
+        line = user_line()
+        kwargs = dict(kwargs)
+        if not args and "input_ids" in kwargs:
+            args = ({k: kwargs.pop(k) for k in ("input_ids", "attention_mask") if k in kwargs},)
+        if len(args) != 1:
+            raise TraceError(at_line(
+                f"{where}: a language model takes one input (a string, a list of strings, "
+                f"token ids or a dict of tensors), got {len(args)} positional inputs", line))
+        ids, mask, extras = self._encode(args[0], where, line)
+        self._check_ids(ids, where, line)
+        prepared: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        prepared.update(extras)
+        for key, value in kwargs.items():
+            if key in prepared:
+                raise TraceError(at_line(f"{where}: {key!r} is given twice (in the input and "
+                                         f"as a keyword)", line))
+            prepared[key] = value
+        if "use_cache" not in prepared and self._accepts("use_cache"):
+            prepared["use_cache"] = False  # export cannot return a cache object
+        prepared = self._with_positions(prepared, [(prepared, ids.shape[1])])
+        if invoke is not None and invoke.tracer.invokes:
+            _check_batchable(invoke.tracer.invokes[0].prepared, prepared, ids.shape[0],
+                             invoke.index, line)
+        return (), self._to_device(prepared), ids.shape[0]
+
+    def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:
+        """Left-pad every invoke's token-aligned tensors to the longest, concatenate rows."""
+        for i, (_, kw, n) in enumerate(prepared[1:], 1):
+            _check_batchable(prepared[0], kw, n, i, None)
+        invokes = [kw for _, kw, _ in prepared]
+        length = max(kw["input_ids"].shape[1] for kw in invokes)
+        batched: dict[str, Any] = {}
+        for key in [k for k in invokes[0] if k != "position_ids"]:
+            column = [kw[key] for kw in invokes]
+            if all(_token_aligned(v, kw) for v, kw in zip(column, invokes)):
+                pad = self._pad_id() if key == "input_ids" else _PAD_VALUES.get(key, 0)
+                batched[key] = torch.cat([_left_pad(v, length, pad) for v in column])
+            elif all(_batch_sized(v, n) for v, (_, _, n) in zip(column, prepared)):
+                batched[key] = torch.cat(column)
+            else:
+                batched[key] = column[0]
+        batched = self._with_positions(batched, [(kw, length) for kw in invokes])
+        return (), batched
+
+    def _with_positions(self, batched: dict, invokes: list[tuple[dict, int]]) -> dict:
+        """``batched`` with ``position_ids`` that count real tokens only, where needed."""
+        parts, explicit = [], False
+        for kw, length in invokes:
+            mask = kw["attention_mask"]
+            auto = _positions(mask)
+            given = kw.get("position_ids")
+            if given is not None and not torch.equal(given.to(auto.device), auto):
+                explicit = True
+                auto = given
+            parts.append(_left_pad(auto, length, _PAD_VALUES["position_ids"]))
+        out = {k: v for k, v in batched.items() if k != "position_ids"}
+        padded = not bool(batched["attention_mask"].all())
+        if (explicit or padded) and (self._accepts("position_ids") or explicit):
+            positions = torch.cat(parts).to(batched["input_ids"].device)
+            ordered = {}
+            for key, value in out.items():
+                ordered[key] = value
+                if key == "attention_mask":
+                    ordered["position_ids"] = positions
+            out = ordered
+        return out
+
+    def _encode(self, value: Any, where: str, line: str):
+        """Token rows of one invoke's input: ``(input_ids, attention_mask, extras)``."""
+        if isinstance(value, str):
+            return self._from_rows(self._tokenize([value], where, line), None, {}, where, line)
+        if isinstance(value, Mapping) or _is_batch_encoding(value):
+            return self._from_mapping(value, where, line)
+        if isinstance(value, torch.Tensor):
+            if not _integer(value) or value.dim() not in (1, 2):
+                raise TraceError(at_line(
+                    f"{where}: token ids must be an integer tensor of 1 or 2 dimensions, got "
+                    f"{value.dtype} of shape {tuple(value.shape)}", line))
+            ids = value.reshape(1, -1) if value.dim() == 1 else value
+            return self._from_rows(ids, None, {}, where, line)
+        if isinstance(value, (list, tuple)):
+            if len(value) == 0:
+                raise TraceError(at_line(f"{where}: the prompt list is empty", line))
+            if all(isinstance(v, str) for v in value):
+                return self._from_rows(self._tokenize(list(value), where, line), None, {},
+                                       where, line)
+            if all(_is_int(v) for v in value):
+                return self._from_rows([[int(v) for v in value]], None, {}, where, line)
+            if all(_is_id_row(v) for v in value):
+                rows = [[int(t) for t in (v.tolist() if isinstance(v, torch.Tensor) else v)]
+                        for v in value]
+                return self._from_rows(rows, None, {}, where, line)
+            kinds = sorted({type(v).__name__ for v in value})
+            raise TraceError(at_line(
+                f"{where}: a list input must hold strings, token ids (ints) or lists of "
+                f"token ids, not a mix of {', '.join(kinds)}", line))
+        raise TraceError(at_line(
+            f"{where}: cannot use a {type(value).__name__} as a language model input (give a "
+            f"string, a list of strings, token ids or a dict with 'input_ids')", line))
+
+    def _tokenize(self, prompts: list[str], where: str, line: str) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise TraceError(at_line(f"{where}: text input needs a tokenizer; pass "
+                                     f"LanguageModel(model, tokenizer=...)", line))
+        try:
+            encoded = self.tokenizer(prompts, padding=False, truncation=False)
+        except Exception as error:  # noqa: BLE001 - the tokenizer's reason, with the line
+            raise TraceError(at_line(f"{where}: the tokenizer rejected this input "
+                                     f"({type(error).__name__}: {error})", line)) from None
+        return [list(map(int, ids)) for ids in encoded["input_ids"]]
+
+    def _from_mapping(self, value: Any, where: str, line: str):
+        data = dict(value.items())
+        if "input_ids" not in data:
+            raise TraceError(at_line(f"{where}: a dict input needs 'input_ids' (it has "
+                                     f"{sorted(data)})", line))
+        ids = data.pop("input_ids")
+        mask = data.pop("attention_mask", None)
+        ids = _as_id_tensor(ids, where, line)
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            if mask.dim() == 1:
+                mask = mask.reshape(1, -1)
+            if mask.shape != ids.shape:
+                raise TraceError(at_line(f"{where}: attention_mask has shape "
+                                         f"{tuple(mask.shape)}, input_ids {tuple(ids.shape)}",
+                                         line))
+        extras = {}
+        for key, extra in data.items():
+            if isinstance(extra, torch.Tensor) and extra.dim() == 1 and \
+                    extra.shape[0] == ids.shape[1] and ids.shape[0] == 1:
+                extra = extra.reshape(1, -1)
+            extras[key] = extra
+        return self._from_rows(ids, mask, extras, where, line)
+
+    def _from_rows(self, rows: Any, mask: torch.Tensor | None, extras: dict, where: str,
+                   line: str):
+        """Left-padded ``(input_ids, attention_mask, extras)`` from ragged rows or a tensor
+        (with an optional mask, re-packed to the left where it is right-padded)."""
+        if isinstance(rows, torch.Tensor):
+            ids = rows.long()
+        else:
+            if any(len(r) == 0 for r in rows):
+                empty = next(i for i, r in enumerate(rows) if len(r) == 0)
+                raise TraceError(at_line(f"{where}: prompt {empty} has no tokens", line))
+            length = max(len(r) for r in rows)
+            pad = self._pad_id()
+            ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], dtype=torch.long)
+            mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows],
+                                dtype=torch.long)
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise TraceError(at_line(f"{where}: the input holds no tokens (shape "
+                                     f"{tuple(ids.shape)})", line))
+        if mask is None:
+            mask = torch.ones_like(ids)
+        mask = mask.to(ids.device).long()
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise TraceError(at_line(f"{where}: attention_mask must hold 0s and 1s", line))
+        shifts = []
+        for r in range(mask.shape[0]):
+            real = torch.nonzero(mask[r]).flatten()
+            if real.numel() == 0:
+                raise TraceError(at_line(f"{where}: prompt {r} has no tokens (its "
+                                         f"attention_mask is all zeros)", line))
+            shifts.append(mask.shape[1] - 1 - int(real[-1]))
+        if any(shifts):  # right-padded rows: roll their real tokens to the end
+            ids, mask = _roll_rows(ids, shifts), _roll_rows(mask, shifts)
+            extras = {k: _roll_rows(v, shifts) if _token_aligned(v, {"input_ids": ids}) else v
+                      for k, v in extras.items()}
+        return ids, mask, extras
+
+    def _check_ids(self, ids: torch.Tensor, where: str, line: str) -> None:
+        embeddings = None
+        try:
+            embeddings = self._module.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            pass
+        size = getattr(embeddings, "num_embeddings", None)
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (size is not None and high >= size):
+            bad = low if low < 0 else high
+            raise TraceError(at_line(f"{where}: token id {bad} is outside the model's "
+                                     f"vocabulary of {size} tokens", line))
+
+    def _pad_id(self) -> int:
+        for source in (self.tokenizer, getattr(self._module, "config", None)):
+            for name in ("pad_token_id", "eos_token_id"):
+                value = getattr(source, name, None) if source is not None else None
+                if isinstance(value, (list, tuple)):
+                    value = value[0] if value else None
+                if isinstance(value, int):
+                    return value
+        return 0
+
+    def _to_device(self, kwargs: dict) -> dict:
+        device = self._device()
+        if device.type == "meta":
+            return kwargs
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                for k, v in kwargs.items()}
+
+    # --- token indexing -----------------------------------------------------------------
+    def _token_indexer(self, tracer, proxy) -> "TokenIndexer":
+        return TokenIndexer(tracer, proxy)
+
+
+class TokenIndexer:
+    """``proxy.token[key]``: index dimension 1 counting from each prompt's first real token
+    (``proxy.token[0]`` is the first real token of every row, ``[-1]`` the last)."""
+
+    def __init__(self, tracer, proxy):
+        self.tracer = tracer
+        self.proxy = proxy
+
+    def __getitem__(self, key: Any):
+        return self.proxy[self._key(key, user_line())]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.proxy[self._key(key, user_line())] = value
+
+    def _spans(self, line: str) -> tuple[str, list[int], bool]:
+        """``(where, spans, whole)``: each row's count of positions from its first real
+        token to the end, for the rows the proxy holds."""
+        tracer = self.tracer
+        node = self.proxy._node
+        invoke = node.meta["invoke"] if "invoke" in node.meta else tracer._invoke
+        invokes = tracer.invokes if invoke is None else [tracer.invokes[invoke]]
+        if not invokes:
+            raise TraceError(at_line("token indexing needs an input: the trace has none yet",
+                                     line))
+        spans: list[int] = []
+        for inv in invokes:
+            mask = inv.prepared[1]["attention_mask"]
+            for row in mask:
+                real = torch.nonzero(row).flatten()
+                spans.append(int(row.shape[0] - real[0]))
+        where = "the whole batch" if invoke is None else f"invoke #{invoke}"
+        return where, spans, invoke is None
+
+    def _key(self, key: Any, line: str) -> Any:
+        where, spans, whole = self._spans(line)
+        if isinstance(key, slice):
+            rows = [list(range(span))[key] for span in spans]
+            if len({len(r) for r in rows}) > 1:
+                raise TraceError(at_line(
+                    f"token slice {_show(key)} selects a different number of tokens in the "
+                    f"prompts of {where} ({', '.join(str(len(r)) for r in rows)}); use an "
+                    f"index each prompt has", line))
+            negative = [[p - span for p in r] for r, span in zip(rows, spans)]
+        else:
+            try:
+                index = int(key.__index__())
+            except (AttributeError, TypeError):
+                raise TypeError(f"token indexing takes an int or a slice, not "
+                                f"{type(key).__name__}") from None
+            for r, span in enumerate(spans):
+                if not -span <= index < span:
+                    raise TraceError(at_line(
+                        f"token index {index} is past the end of prompt {r} of {where}, "
+                        f"which has {span} tokens", line))
+            negative = [index % span - span for span in spans]
+        if whole:
+            self.tracer._record("call_function", check_token_rows,
+                                (self.proxy, len(spans)), {})
+        if all(n == negative[0] for n in negative):  # every row at the same place: a view
+            return (slice(None), _static_key(negative[0]))
+        count = len(spans)
+        positions = torch.tensor(negative, dtype=torch.long)
+        rows = torch.arange(count)
+        if isinstance(key, slice):
+            rows = rows.reshape(count, 1)
+        return (rows, positions)
+
+
+def check_token_rows(value: Any, rows: int) -> None:
+    """Raises where a token index recorded for ``rows`` rows meets a value with others."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] != rows:
+        raise ValueError(
+            f"token indexing over the whole batch was written when the batch had {rows} "
+            f"rows, but it has {value.shape[0]}: put `tracer.invoke()` (no input) after "
+            f"every invoke that adds prompts")
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
+                     line: str | None) -> None:
+    """Raise unless an invoke's prepared inputs can share a batch with invoke #0's."""
+    _, base, base_rows = first
+    keys = [k for k in base if k != "position_ids"]
+    other = [k for k in kwargs if k != "position_ids"]
+    if other != keys:
+        raise TraceError(at_line(
+            f"invoke #{index} passes other inputs than invoke #0 ({', '.join(other)} vs "
+            f"{', '.join(keys)}); the invokes of a trace run in one batch", line))
+    for key in keys:
+        mine, theirs = kwargs[key], base[key]
+        if _token_aligned(mine, kwargs) and _token_aligned(theirs, base):
+            continue
+        if _batch_sized(mine, rows) and _batch_sized(theirs, base_rows) and \
+                mine.shape[1:] == theirs.shape[1:]:
+            continue
+        if not _same(mine, theirs):
+            raise TraceError(at_line(
+                f"invokes #0 and #{index} disagree on {key!r} ({_brief(theirs)} vs "
+                f"{_brief(mine)}); the invokes of a trace run in one batch", line))
+
+
+def _batch_sized(value: Any, rows: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value)
+
+
+def _static_key(negative: Any) -> Any:
+    if isinstance(negative, int):
+        return negative
+    if not negative:
+        return slice(0, 0)
+    step = negative[1] - negative[0] if len(negative) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in zip(negative, negative[1:])):
+        stop = negative[-1] + step
+        return slice(negative[0], None if stop >= 0 else stop, step)
+    return torch.tensor(negative, dtype=torch.long)  # not a plain slice: index by a list
+
+
+def _show(key: slice) -> str:
+    return ":".join("" if v is None else str(v) for v in (key.start, key.stop, key.step))
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only (transformers' ``generate`` convention)."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 1)
+
+
+def _left_pad(value: torch.Tensor, length: int, pad: Any) -> torch.Tensor:
+    missing = length - value.shape[1]
+    if missing == 0:
+        return value
+    filler = torch.full((value.shape[0], missing, *value.shape[2:]), pad, dtype=value.dtype,
+                        device=value.device)
+    return torch.cat([filler, value], dim=1)
+
+
+def _roll_rows(value: torch.Tensor, shifts: list[int]) -> torch.Tensor:
+    return torch.stack([torch.roll(row, s, dims=0) if s else row
+                        for row, s in zip(value, shifts)])
+
+
+def _token_aligned(value: Any, kwargs: dict) -> bool:
+    ids = kwargs["input_ids"]
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and \
+        tuple(value.shape[:2]) == tuple(ids.shape)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
+            a.shape == b.shape and bool((a == b).all())
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001
+        return a is b
+
+
+def _is_int(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point())
+
+
+def _is_id_row(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 1 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
+
+
+def _integer(tensor: torch.Tensor) -> bool:
+    return not tensor.dtype.is_floating_point and not tensor.dtype.is_complex and \
+        tensor.dtype != torch.bool
+
+
+def _is_batch_encoding(value: Any) -> bool:
+    return type(value).__name__ == "BatchEncoding" and hasattr(value, "items")
+
+
+def _as_id_tensor(ids: Any, where: str, line: str) -> torch.Tensor:
+    if isinstance(ids, torch.Tensor):
+        tensor = ids
+    else:
+        try:
+            tensor = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TraceError(at_line(f"{where}: input_ids must be a rectangular tensor or list "
+                                     f"of token ids ({error})", line)) from None
+    if not _integer(tensor) or tensor.dim() not in (1, 2):
+        raise TraceError(at_line(f"{where}: input_ids must be integers of 1 or 2 dimensions, "
+                                 f"got {tensor.dtype} of shape {tuple(tensor.shape)}", line))
+    return tensor.reshape(1, -1).long() if tensor.dim() == 1 else tensor.long()
+
+
+def _prepare_tokenizer(tokenizer: Any) -> None:
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None):
+        tokenizer.pad_token = tokenizer.eos_token
+    if hasattr(tokenizer, "padding_side"):
+        tokenizer.padding_side = "left"
+
+
+def _tokenizer_beside(module: torch.nn.Module) -> Any:
+    """The tokenizer saved beside a loaded model's weights, if its path is a local folder."""
+    name = getattr(getattr(module, "config", None), "_name_or_path", None)
+    if not name or not os.path.isdir(name):
+        return None
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(name)
+    except Exception:  # noqa: BLE001 - no tokenizer there: token ids still work
+        return None
+
+
+def _load_meta(path: str, tokenizer: Any, automodel: Any, kwargs: dict):
+    """The model of ``path`` on the meta device (structure only) and its tokenizer."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoTokenizer
+
+    config_kwargs = {k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs}
+    config = AutoConfig.from_pretrained(path, **config_kwargs)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path, **config_kwargs)
+    build_kwargs = {k: kwargs[k] for k in _FROM_CONFIG_KWARGS if k in kwargs
+                    and kwargs[k] != "auto"}
+    with init_empty_weights(include_buffers=False):
+        module = automodel.from_config(config, **build_kwargs)
+    return module.eval(), tokenizer
+
+
+def _refresh_envoys(envoy: Any, root: torch.nn.Module) -> None:
+    """Point every cached envoy below ``envoy`` at the module of its path in ``root``."""
+    children = envoy._children
+    for name, child in list(children.items()):
+        try:
+            module = root.get_submodule(child._path)
+        except AttributeError:
+            del children[name]
+            continue
+        object.__setattr__(child, "_module", module)
+        _refresh_envoys(child, root)
+
+
+def _forget(module: torch.nn.Module) -> None:
+    """Drop the engine's caches of a module that has been replaced."""
+    from . import capture, runner, scan
+    capture.forget(module)
+    runner.forget(module)
+    getattr(scan, "_CACHE", {}).pop(module, None)

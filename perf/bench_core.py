@@ -1,0 +1,335 @@
+"""The core benchmark of issue 4: what an intervention costs, side by side in one run.
+
+Models: a tiny GPT-2 (2 layers, 64 wide) and a gpt2-small shape (12 layers, 768 wide,
+random weights); token ids of batch 8 x 32; ``use_cache=False``; no autograd.
+
+Experiments:
+
+- ``save``: every block's output and the logits are kept (``.save()``);
+- ``patch``: two-invoke activation patching at the middle block: rows 0-3 (clean) are read
+  at one position, rows 4-7 (corrupted) get them written there, and their logits are kept.
+
+Variants (each experiment):
+
+- ``plain eager``: the model's forward, no intervention (the baseline);
+- ``plain compiled``: ``torch.compile(model)``'s forward, no intervention (the floor);
+- ``hooks``: the experiment with hand-written forward hooks (registered and removed per call);
+- ``fxsight eager`` / ``fxsight compiled``: ``NNsight(model).trace(...)``, recording,
+  lookup, run and binding included in every call;
+- ``nnsight``: nnsight's ``NNsight`` with the same code, when ``import nnsight`` works.
+
+The variants take turns, one call each per round (so drift hits all alike); medians of the
+rounds after warm-up (the compiled variants' first call, which compiles, is reported apart).
+``overhead`` is fxsight's Python time per trace: the whole trace minus the time inside the
+rewritten graph, measured on the same calls.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+ROWS, TOKENS = 8, 32
+POSITION = 5
+
+
+def _gpt2(n_layer: int, n_embd: int, n_head: int, vocab_size: int) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size,
+                        n_positions=max(TOKENS, 64), bos_token_id=0, eos_token_id=0,
+                        pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(config)
+    return model.eval()
+
+
+MODELS: dict[str, tuple[str, Callable[[], torch.nn.Module]]] = {
+    "tiny": ("tiny-gpt2 2x64", lambda: _gpt2(2, 64, 4, 128)),
+    "small": ("gpt2-small 12x768", lambda: _gpt2(12, 768, 12, 50257)),
+}
+EXPERIMENTS = ("save", "patch")
+VARIANTS = ("plain eager", "plain compiled", "hooks", "fxsight eager", "fxsight compiled",
+            "nnsight")
+
+
+# --- the experiments, once per library --------------------------------------------------
+def _plain(model: torch.nn.Module) -> Callable:
+    def run(ids):
+        return model(ids, use_cache=False).logits
+    return run
+
+
+def _hooks(model: torch.nn.Module, experiment: str, layer: int) -> Callable:
+    blocks = model.transformer.h
+    half = ROWS // 2
+
+    if experiment == "save":
+        def run(ids):
+            saved = []
+            handles = [block.register_forward_hook(
+                lambda module, args, output: saved.append(output)) for block in blocks]
+            try:
+                logits = model(ids, use_cache=False).logits
+            finally:
+                for handle in handles:
+                    handle.remove()
+            return saved, logits
+        return run
+
+    def patch(module, args, output):
+        output = output.clone()
+        output[half:, POSITION] = output[:half, POSITION]
+        return output
+
+    def run(ids):
+        handle = blocks[layer].register_forward_hook(patch)
+        try:
+            logits = model(ids, use_cache=False).logits
+        finally:
+            handle.remove()
+        return logits[half:]
+    return run
+
+
+def _traced(wrapped: Any, experiment: str, layer: int, n_layer: int, **trace_kwargs) -> Callable:
+    """The experiment in nnsight's API: runs on fxsight's and on nnsight's wrappers."""
+    half = ROWS // 2
+
+    if experiment == "save":
+        def run(ids):
+            saved = []
+            with wrapped.trace(ids, use_cache=False, **trace_kwargs):
+                for i in range(n_layer):
+                    saved.append(wrapped.transformer.h[i].output.save())
+                logits = wrapped.lm_head.output.save()
+            return saved, logits
+        return run
+
+    def run(ids):
+        with wrapped.trace(**trace_kwargs) as tracer:
+            with tracer.invoke(ids[:half], use_cache=False):
+                clean = wrapped.transformer.h[layer].output[:, POSITION]
+            with tracer.invoke(ids[half:], use_cache=False):
+                wrapped.transformer.h[layer].output[:, POSITION] = clean
+                logits = wrapped.lm_head.output.save()
+        return logits
+    return run
+
+
+def _nnsight_wrapper(model: torch.nn.Module) -> Any:
+    try:
+        import nnsight
+    except Exception:  # noqa: BLE001 - not installed (or broken): skipped
+        return None
+    return nnsight.NNsight(model)
+
+
+# --- timing ------------------------------------------------------------------------------
+class _GraphClock:
+    """Time spent inside fxsight's rewritten graph (Executable.__call__)."""
+
+    def __init__(self):
+        from fxsight import runner
+        self.runner = runner
+        self.original = runner.Executable.__call__
+        self.seconds = 0.0
+
+    def __enter__(self):
+        original, clock = self.original, self
+
+        def timed(executable, flat_inputs):
+            start = time.perf_counter()
+            try:
+                return original(executable, flat_inputs)
+            finally:
+                clock.seconds += time.perf_counter() - start
+
+        self.runner.Executable.__call__ = timed
+        return self
+
+    def __exit__(self, *exc):
+        self.runner.Executable.__call__ = self.original
+
+
+def _max_diff(got: Any, want: Any) -> float:
+    got_leaves = torch.utils._pytree.tree_leaves(got)
+    want_leaves = torch.utils._pytree.tree_leaves(want)
+    if len(got_leaves) != len(want_leaves):
+        return float("nan")
+    return max((float((g.float() - w.float()).abs().max()) for g, w in zip(got_leaves, want_leaves)),
+               default=0.0)
+
+
+def bench_model(key: str, experiments: tuple[str, ...], rounds: int, warmup: int,
+                log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Every variant of ``experiments`` on one model; one dict per (experiment, variant)."""
+    import fxsight
+
+    name, build = MODELS[key]
+    model = build()
+    n_layer = len(model.transformer.h)
+    layer = n_layer // 2
+    ids = torch.randint(4, model.config.vocab_size, (ROWS, TOKENS),
+                        generator=torch.Generator().manual_seed(0))
+    compiled_model = torch.compile(model)
+    fx_wrapper = fxsight.NNsight(model)
+    nn_wrapper = _nnsight_wrapper(model)
+    results = []
+    for experiment in experiments:
+        fns: dict[str, Callable | None] = {
+            "plain eager": _plain(model),
+            "plain compiled": _plain(compiled_model),
+            "hooks": _hooks(model, experiment, layer),
+            "fxsight eager": _traced(fx_wrapper, experiment, layer, n_layer, compile=False),
+            "fxsight compiled": _traced(fx_wrapper, experiment, layer, n_layer, compile=True),
+            "nnsight": None if nn_wrapper is None else
+            _traced(nn_wrapper, experiment, layer, n_layer),
+        }
+        first: dict[str, float] = {}
+        answers: dict[str, Any] = {}
+        failed: dict[str, str] = {}
+        for variant, fn in fns.items():
+            if fn is None:
+                continue
+            try:
+                start = time.perf_counter()
+                answers[variant] = fn(ids)
+                first[variant] = time.perf_counter() - start
+                for _ in range(warmup):
+                    fn(ids)
+            except Exception as error:  # noqa: BLE001 - a failing variant is reported
+                failed[variant] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+        live = [v for v, fn in fns.items() if fn is not None and v not in failed]
+        times: dict[str, list[float]] = {v: [] for v in live}
+        python: dict[str, list[float]] = {v: [] for v in live if v.startswith("fxsight")}
+        stats_before = fxsight.stats()
+        for _ in range(rounds):
+            for variant in live:
+                clock = _GraphClock() if variant in python else None
+                if clock is not None:
+                    clock.__enter__()
+                try:
+                    start = time.perf_counter()
+                    fns[variant](ids)
+                    elapsed = time.perf_counter() - start
+                finally:
+                    if clock is not None:
+                        clock.__exit__()
+                times[variant].append(elapsed)
+                if clock is not None:
+                    python[variant].append(elapsed - clock.seconds)
+        stats_after = fxsight.stats()
+        new_compiles = stats_after["compilations"] - stats_before["compilations"]
+        reference = answers.get("hooks")
+        medians = {v: statistics.median(t) for v, t in times.items()}
+        for variant in VARIANTS:
+            row = dict(model=name, experiment=experiment, variant=variant)
+            if fns.get(variant) is None:
+                row["skipped"] = "nnsight is not importable"
+            elif variant in failed:
+                row["skipped"] = failed[variant]
+            else:
+                median = medians[variant]
+                row.update(median_ms=median * 1e3, first_s=first[variant], rounds=rounds,
+                           vs_eager=median / medians["plain eager"],
+                           vs_floor=median / medians["plain compiled"])
+                if variant in python:
+                    base = "plain compiled" if variant.endswith("compiled") else "plain eager"
+                    row["overhead_us"] = (median - medians[base]) * 1e6
+                    row["python_us"] = statistics.median(python[variant]) * 1e6
+                if "nnsight" in medians and variant.startswith("fxsight"):
+                    row["vs_nnsight"] = median / medians["nnsight"]
+                if reference is not None and not variant.startswith("plain"):
+                    row["max_abs_diff"] = _max_diff(answers[variant], reference)
+            results.append(row)
+        log(f"  {name} / {experiment}: done ({rounds} rounds; compilations during the "
+            f"timed rounds: {new_compiles})")
+        if new_compiles:
+            results.append(dict(model=name, experiment=experiment, variant="!",
+                                skipped=f"{new_compiles} compilation(s) during timing"))
+    return results
+
+
+def run(quick: bool = False, only: str | None = None,
+        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The whole core suite (``only``: run the (model/experiment) names containing it)."""
+    torch.set_num_threads(2)
+    results = []
+    with torch.no_grad():
+        for key in MODELS:
+            experiments = tuple(e for e in EXPERIMENTS
+                                if only is None or only in f"core/{key}/{e}")
+            if not experiments:
+                continue
+            small = key == "small"
+            rounds = (3 if small else 15) if quick else (10 if small else 60)
+            warmup = 1 if small else 5
+            results += bench_model(key, experiments, rounds, warmup, log)
+    return results
+
+
+# --- reporting ----------------------------------------------------------------------------
+def _fmt(value: Any, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """A markdown table of the results."""
+    head = ("| model | experiment | variant | median ms | × plain eager | × compiled floor "
+            "| × nnsight | overhead µs | python µs | first call s | max abs diff |")
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | {r['experiment']} | {r['variant']} | "
+                         f"skipped: {r['skipped']} | | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['experiment']} | {r['variant']} | {r['median_ms']:.3f} | "
+            f"{r['vs_eager']:.2f} | {r['vs_floor']:.2f} | {_fmt(r.get('vs_nnsight'), '.2f')} | "
+            f"{_fmt(r.get('overhead_us'), '.0f')} | {_fmt(r.get('python_us'), '.0f')} | "
+            f"{r['first_s']:.2f} | {_fmt(r.get('max_abs_diff'), '.1e')} |")
+    return "\n".join(lines)
+
+
+def targets(results: list[dict[str, Any]]) -> str:
+    """Issue 4's targets, checked against the results."""
+    def find(model_key, experiment, variant):
+        name = MODELS[model_key][0]
+        for r in results:
+            if (r["model"], r["experiment"], r["variant"]) == (name, experiment, variant) \
+                    and "skipped" not in r:
+                return r
+        return None
+
+    lines = []
+    for experiment in EXPERIMENTS:
+        fxc = find("tiny", experiment, "fxsight compiled")
+        fxe = find("tiny", experiment, "fxsight eager")
+        if fxc:
+            lines.append(f"- tiny/{experiment}: fxsight compiled = {fxc['vs_eager']:.2f}× plain "
+                         f"eager forward (target ≤ 1.00): "
+                         f"{'met' if fxc['vs_eager'] <= 1 else 'NOT met'}")
+            if "vs_nnsight" in fxc:
+                lines.append(f"- tiny/{experiment}: fxsight compiled = {fxc['vs_nnsight']:.2f}× "
+                             f"nnsight (target ≤ 0.60): "
+                             f"{'met' if fxc['vs_nnsight'] <= 0.6 else 'NOT met'}")
+        for r in (fxe, fxc):
+            if r:
+                lines.append(f"- tiny/{experiment}: {r['variant']} per-trace Python overhead "
+                             f"{r['python_us']:.0f} µs (target < 100): "
+                             f"{'met' if r['python_us'] < 100 else 'NOT met'}")
+        for variant in ("fxsight eager", "fxsight compiled"):
+            r = find("small", experiment, variant)
+            if r:
+                base = "plain compiled" if variant.endswith("compiled") else "plain eager"
+                ratio = r["vs_floor"] if base == "plain compiled" else r["vs_eager"]
+                lines.append(f"- small/{experiment}: {variant} = {100 * (ratio - 1):+.1f}% vs "
+                             f"{base} (target < +1%): {'met' if ratio < 1.01 else 'NOT met'}")
+    return "\n".join(lines)

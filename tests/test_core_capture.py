@@ -1,0 +1,132 @@
+"""Core engine, capture: GPT-2, Llama and an MLP are captured by the fx backend, and an
+untouched trace gives exactly the plain model's output."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import fxsight
+from fxsight import NNsight
+from models import mlp
+
+
+def _x(rows: int = 4) -> torch.Tensor:
+    return torch.randn(rows, 5, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("backend", ["auto", "fx"])
+def test_mlp_is_captured_and_untouched_output_is_exact(backend):
+    model = mlp()
+    x = _x()
+    expected = model(x)
+    net = NNsight(model)
+    with net.trace(x, backend=backend) as tracer:
+        pass
+    assert tracer.backend == "fx"
+    assert isinstance(tracer.graph_module, torch.fx.GraphModule)
+    assert torch.equal(tracer.result, expected)
+    with net.trace(x, backend=backend) as tracer:
+        out = net.output.save()
+    assert tracer.backend == "fx"
+    assert isinstance(out, torch.Tensor) and torch.equal(out, expected)
+
+
+def test_mlp_hooks_backend_untouched_output_is_exact():
+    model = mlp()
+    x = _x()
+    net = NNsight(model)
+    with net.trace(x, backend="hooks") as tracer:
+        out = net.output.save()
+    assert tracer.backend == "hooks"
+    assert tracer.graph_module is None
+    assert torch.equal(out, model(x))
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_language_models_untouched_output_is_exact(which, backend, request, core_ids):
+    model = request.getfixturevalue(f"core_{which}")
+    expected = model(core_ids, use_cache=False).logits
+    net = NNsight(model)
+    with net.trace(core_ids, use_cache=False, backend=backend) as tracer:
+        logits = net.output.logits.save()
+    assert tracer.backend == backend
+    assert torch.equal(logits, expected)
+    # without saves, the whole ModelOutput is the result
+    with net.trace(core_ids, use_cache=False, backend=backend) as tracer:
+        pass
+    assert type(tracer.result) is type(model(core_ids, use_cache=False))
+    assert torch.equal(tracer.result.logits, expected)
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_language_models_auto_backend_is_fx(which, request, core_ids):
+    model = request.getfixturevalue(f"core_{which}")
+    net = NNsight(model)
+    with net.trace(core_ids, use_cache=False) as tracer:
+        logits = net.output.logits.save()
+    assert tracer.backend == "fx"
+    assert torch.equal(logits, model(core_ids, use_cache=False).logits)
+
+
+def test_capture_is_cached_per_signature():
+    model = mlp()
+    net = NNsight(model)
+    before = fxsight.stats()["captures"]
+    for _ in range(3):
+        with net.trace(_x(4)):
+            net.layer1.output.save()
+    assert fxsight.stats()["captures"] == before + 1
+    with net.trace(_x(6)):  # a new input shape is a new capture
+        out = net.output.save()
+    assert fxsight.stats()["captures"] == before + 2
+    assert torch.equal(out, model(_x(6)))
+
+
+def test_graph_code_shows_boundaries_and_interventions():
+    net = NNsight(mlp())
+    with net.trace(_x()) as tracer:
+        h = net.layer1.output.save()
+        net.layer2.output[:, 0] = 0
+        net.layer3.output = net.layer3.output * 2 + h.mean()
+        net.output.save()
+    code = tracer.graph_module.code
+    # the boundaries the Program touches are named nodes of the rewritten graph
+    for name in ("layer1_output", "layer2_output", "layer3_output"):
+        assert re.search(rf"\b{name}\b", code), (name, code)
+    # the spliced interventions sit next to them
+    assert "setitem" in code and "mean" in code
+    lines = code.splitlines()
+    where = {name: next(i for i, line in enumerate(lines) if line.strip().startswith(name))
+             for name in ("layer1_output", "mean", "layer2_output", "setitem")}
+    assert where["layer1_output"] < where["mean"] < where["layer2_output"] < where["setitem"]
+
+
+def test_in_place_weight_change_after_capture_is_seen():
+    model = mlp()
+    net = NNsight(model)
+    x = _x()
+    with net.trace(x):
+        net.output.save()
+    with torch.no_grad():
+        model.layer2.weight.mul_(-1.5)
+    with net.trace(x) as tracer:
+        out = net.output.save()
+    assert tracer.backend == "fx"
+    assert torch.equal(out, model(x))
+
+
+def test_replaced_parameter_after_capture_is_seen():
+    model = mlp()
+    net = NNsight(model)
+    x = _x()
+    with net.trace(x):
+        net.output.save()
+    model.layer2.weight = torch.nn.Parameter(torch.randn(10, 10))
+    with net.trace(x) as tracer:
+        out = net.output.save()
+    assert tracer.backend == "fx"
+    assert torch.equal(out, model(x))

@@ -1,0 +1,297 @@
+"""Core engine, bad input: each mistake raises a clear exception that names the module and
+the user's source line, before anything runs."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+
+import fxsight
+from fxsight import NNsight
+
+THIS_FILE = os.path.basename(__file__)
+BACKENDS = ("fx", "hooks")
+RUNS = {"count": 0}
+
+
+@torch.library.custom_op("fxsight_core_tests::count_runs", mutates_args=())
+def count_runs(x: torch.Tensor) -> torch.Tensor:
+    """Identity that counts real executions (export and fake scans use the fake below)."""
+    RUNS["count"] += 1
+    return x.clone()
+
+
+@count_runs.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Counter(torch.nn.Module):
+    def forward(self, x):
+        return count_runs(x)
+
+
+def counted_mlp() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(OrderedDict(
+        count=Counter(),
+        layer1=torch.nn.Linear(5, 10),
+        act1=torch.nn.ReLU(),
+        layer2=torch.nn.Linear(10, 10),
+        act2=torch.nn.Sigmoid(),
+        layer3=torch.nn.Linear(10, 2),
+    )).eval()
+
+
+@pytest.fixture
+def net():
+    model = counted_mlp()
+    wrapped = NNsight(model)
+    x = torch.randn(3, 5)
+    # warm up, and prove the counter sees real runs on both backends
+    for backend in BACKENDS:
+        before = RUNS["count"]
+        with wrapped.trace(x, backend=backend):
+            wrapped.output.save()
+        assert RUNS["count"] == before + 1
+    RUNS["count"] = 0
+    yield wrapped
+    assert_clean(model)
+
+
+def assert_clean(model: torch.nn.Module) -> None:
+    for name, module in model.named_modules():
+        assert not module._forward_hooks, name
+        assert not module._forward_pre_hooks, name
+
+
+def x_in() -> torch.Tensor:
+    return torch.randn(3, 5)
+
+
+def check(error: pytest.ExceptionInfo, *fragments: str) -> str:
+    message = str(error.value)
+    assert THIS_FILE in message, message  # the user's source line
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    assert RUNS["count"] == 0, "the model ran although the trace was rejected"
+    return message
+
+
+# --- unknown module ----------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unknown_module_path(net, backend):
+    with pytest.raises(AttributeError) as error:
+        with net.trace(x_in(), backend=backend):
+            net.layer9.output.save()
+    message = check(error, "model", "'layer9'", "layer1, act1, layer2, act2, layer3",
+                    "net.layer9.output.save()")
+    assert "has no submodule" in message
+
+
+def test_unknown_nested_module_path(core_gpt2, core_ids):
+    net = NNsight(core_gpt2)
+    with pytest.raises(AttributeError) as error:
+        with net.trace(core_ids, use_cache=False):
+            net.transformer.h[0].mlpp.output.save()
+    message = str(error.value)
+    assert "model.transformer.h.0" in message and "'mlpp'" in message
+    assert "attn" in message and "mlp" in message and THIS_FILE in message
+
+
+def test_module_list_index_out_of_range(core_gpt2, core_ids):
+    net = NNsight(core_gpt2)
+    with pytest.raises(IndexError) as error:
+        with net.trace(core_ids, use_cache=False):
+            net.transformer.h[5].output.save()
+    assert "model.transformer.h" in str(error.value) and THIS_FILE in str(error.value)
+
+
+# --- order ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_depending_on_a_later_module(net, backend):
+    with pytest.raises(fxsight.OrderError) as error:
+        with net.trace(x_in(), backend=backend):
+            net.layer1.output = net.layer3.output.sum() * torch.ones(10)
+    check(error, "layer1.output", "layer3.output", "net.layer1.output = net.layer3")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_edit_depending_on_a_later_module(net, backend):
+    with pytest.raises(fxsight.OrderError) as error:
+        with net.trace(x_in(), backend=backend):
+            h = net.layer1.output
+            h[:, 0] = net.layer2.output[:, 0]
+    check(error, "layer1.output", "layer2.output", "h[:, 0] = net.layer2.output[:, 0]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_input_depending_on_own_output(net, backend):
+    with pytest.raises(fxsight.OrderError) as error:
+        with net.trace(x_in(), backend=backend):
+            net.layer2.input = net.layer2.output[:, :10] * 0
+    check(error, "layer2.input", "layer2.output")
+
+
+def test_order_error_is_a_trace_error():
+    assert issubclass(fxsight.OrderError, fxsight.TraceError)
+    assert issubclass(fxsight.ShapeError, fxsight.TraceError)
+    assert issubclass(fxsight.ControlFlowError, fxsight.TraceError)
+    assert issubclass(fxsight.TraceError, fxsight.FxsightError)
+
+
+# --- shapes --------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_that_cannot_broadcast(net, backend):
+    with pytest.raises(fxsight.ShapeError) as error:
+        with net.trace(x_in(), backend=backend):
+            net.layer2.output = torch.zeros(3, 7)
+    check(error, "layer2.output", "(3, 7)", "(3, 10)", "torch.zeros(3, 7)")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_that_only_broadcasts_the_other_way(net, backend):
+    with pytest.raises(fxsight.ShapeError) as error:
+        with net.trace(x_in(), backend=backend):
+            net.layer3.output = net.layer3.output.unsqueeze(0).expand(4, 3, 2)
+    check(error, "layer3.output", "(4, 3, 2)", "(3, 2)")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_setitem_that_cannot_broadcast(net, backend):
+    with pytest.raises(fxsight.ShapeError) as error:
+        with net.trace(x_in(), backend=backend):
+            net.layer2.output[:, 0] = torch.zeros(5)
+    check(error, "model.layer2.output", "net.layer2.output[:, 0] = torch.zeros(5)")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tuple_write_into_tensor_output(net, backend):
+    with pytest.raises(fxsight.ShapeError) as error:
+        with net.trace(x_in(), backend=backend):
+            net.layer2.output = (net.layer2.output, net.layer2.output)
+    check(error, "layer2.output")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_that_fails_on_shapes(net, backend):
+    with pytest.raises(fxsight.ShapeError) as error:
+        with net.trace(x_in(), backend=backend):
+            (net.layer1.output @ net.layer3.output).save()
+    check(error, "model.layer1.output", "model.layer3.output")
+
+
+# --- Python control flow -------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_if_on_a_proxy(net, backend):
+    with pytest.raises(fxsight.ControlFlowError) as error:
+        with net.trace(x_in(), backend=backend):
+            if net.layer1.output.sum() > 0:
+                net.layer2.output[:] = 0
+    check(error, "torch.where", "model.layer1.output", "if net.layer1.output.sum() > 0:")
+
+
+@pytest.mark.parametrize("convert", [bool, int, float])
+def test_bool_int_float_of_a_proxy(net, convert):
+    with pytest.raises(fxsight.ControlFlowError) as error:
+        with net.trace(x_in()):
+            convert(net.layer2.output.sum())
+    check(error, "torch.where", f"{convert.__name__}()", "model.layer2.output",
+          "convert(net.layer2.output.sum())")
+
+
+def test_proxy_as_python_index(net):
+    with pytest.raises(fxsight.ControlFlowError) as error:
+        with net.trace(x_in()):
+            [1, 2, 3][net.layer3.output.argmax()]
+    check(error, "torch.where", "model.layer3.output")
+
+
+def test_proxy_in_while_loop(net):
+    with pytest.raises(fxsight.ControlFlowError) as error:
+        with net.trace(x_in()):
+            h = net.layer1.output
+            while h.max() > 1:
+                h = h / 2
+    check(error, "torch.where", "model.layer1.output", "while h.max() > 1:")
+
+
+# --- outside a trace -------------------------------------------------------------------------
+def test_output_outside_a_trace(net):
+    with pytest.raises(fxsight.TraceError) as error:
+        net.layer1.output
+    check(error, "model.layer1.output", "inside a trace")
+    with pytest.raises(fxsight.TraceError) as error:
+        net.layer1.input = torch.zeros(3, 5)
+    check(error, "model.layer1.input")
+
+
+def test_save_outside_a_trace(net):
+    with net.trace(x_in()):
+        kept = net.layer2.output
+    RUNS["count"] = 0
+    with pytest.raises(fxsight.TraceError) as error:
+        kept.save()
+    check(error, "model.layer2.output", ".save()", "kept.save()")
+    with pytest.raises(fxsight.TraceError) as error:
+        kept * 2
+    check(error, "model.layer2.output", "kept * 2")
+
+
+def test_proxy_from_an_earlier_trace(net):
+    with net.trace(x_in()):
+        old = net.layer1.output
+    RUNS["count"] = 0
+    with pytest.raises(fxsight.TraceError) as error:
+        with net.trace(x_in()):
+            net.layer2.output = old
+    check(error, "model.layer1.output", "earlier", "net.layer2.output = old")
+    with pytest.raises(fxsight.TraceError) as error:
+        with net.trace(x_in()):
+            torch.add(net.layer1.output, old).save()
+    check(error, "model.layer1.output", "earlier")
+    with pytest.raises(fxsight.TraceError) as error:
+        with net.trace(x_in()):
+            (old + net.layer1.output).save()
+    check(error, "model.layer1.output", "(old + net.layer1.output).save()")
+
+
+def test_module_that_never_runs():
+    class PartlyUsed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = torch.nn.Linear(5, 5)
+            self.unused = torch.nn.Linear(5, 5)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = PartlyUsed()
+    net = NNsight(model)
+    for backend in BACKENDS:
+        with pytest.raises(fxsight.TraceError) as error:
+            with net.trace(torch.randn(2, 5), backend=backend):
+                net.unused.output.save()
+        assert "unused" in str(error.value) and THIS_FILE in str(error.value)
+    assert_clean(model)
+
+
+# --- after an error, everything still works ----------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trace_works_after_an_error(net, backend):
+    x = x_in()
+    with pytest.raises(fxsight.ShapeError):
+        with net.trace(x, backend=backend):
+            net.layer2.output = torch.zeros(3, 7)
+    with pytest.raises(ZeroDivisionError):  # an exception of the user's own
+        with net.trace(x, backend=backend):
+            net.layer2.output.save()
+            1 / 0
+    assert RUNS["count"] == 0
+    with net.trace(x, backend=backend) as tracer:
+        out = net.output.save()
+    assert tracer.backend == backend
+    assert torch.equal(out, net._module(x))

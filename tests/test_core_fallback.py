@@ -1,0 +1,176 @@
+"""Core engine, fallback: a model with a module that capture cannot handle still traces,
+through the hooks backend, with one warning naming the module and the same numbers."""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+
+import fxsight
+from fxsight import NNsight
+
+
+class SignGate(torch.nn.Module):
+    """Data-dependent Python control flow: torch.export cannot capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(10, 10)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.inner(x)
+        return -x
+
+
+def gated_mlp() -> torch.nn.Sequential:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(OrderedDict(
+            layer1=torch.nn.Linear(5, 10),
+            gate=SignGate(),
+            layer2=torch.nn.Linear(10, 10),
+            act=torch.nn.Sigmoid(),
+            layer3=torch.nn.Linear(10, 2),
+        )).eval()
+
+
+def _x(seed=1, rows=4):
+    return torch.randn(rows, 5, generator=torch.Generator().manual_seed(seed))
+
+
+def _fallback_warnings(record):
+    return [w for w in record if issubclass(w.category, RuntimeWarning)
+            and "fxsight" in str(w.message)]
+
+
+def test_auto_falls_back_to_hooks_with_one_warning(reference_hooks):
+    model = gated_mlp()
+    x = _x()
+    ref = {}
+
+    def gate_hook(m, i, o):
+        ref["gate"] = o
+        return o * 2
+
+    with reference_hooks(model, hooks={"gate": gate_hook,
+                                       "layer1": lambda m, i, o: ref.__setitem__("h1", o)}):
+        expected = model(x)
+
+    net = NNsight(model)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with net.trace(x) as tracer:
+            h1 = net.layer1.output.save()
+            gate = net.gate.output.clone().save()
+            net.gate.output = net.gate.output * 2
+            out = net.output.save()
+    assert tracer.backend == "hooks"
+    found = _fallback_warnings(record)
+    assert len(found) == 1, [str(w.message) for w in record]
+    message = str(found[0].message)
+    assert "gate" in message and "hooks" in message
+    assert found[0].filename == __file__  # attributed to the user's `with` line
+    assert torch.equal(h1, ref["h1"])
+    assert torch.equal(gate, ref["gate"])
+    assert torch.equal(out, expected)
+
+    # a second trace (same inputs) does not warn again, and still agrees
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with net.trace(x) as tracer:
+            net.gate.output = net.gate.output * 2
+            again = net.output.save()
+    assert tracer.backend == "hooks"
+    assert not _fallback_warnings(record)
+    assert torch.equal(again, expected)
+
+
+def test_fallback_takes_both_branches(reference_hooks):
+    model = gated_mlp()
+    net = NNsight(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in range(6):
+            x = _x(seed) * (1 if seed % 2 else -1) * 10
+            with reference_hooks(model, pre_hooks={
+                    "layer2": lambda m, a, k: ((a[0] + 1,), k)}):
+                expected = model(x)
+            with net.trace(x) as tracer:
+                net.layer2.input = net.layer2.input + 1
+                out = net.output.save()
+            assert tracer.backend == "hooks"
+            assert torch.equal(out, expected)
+
+
+def test_backend_fx_raises_capture_error():
+    net = NNsight(gated_mlp())
+    with pytest.raises(fxsight.CaptureError) as error:
+        with net.trace(_x(), backend="fx"):
+            net.output.save()
+    assert "gate" in str(error.value)
+    assert error.value.module_path == "gate"
+
+
+def test_fallback_shapes_known_while_recording():
+    model = gated_mlp()
+    net = NNsight(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with net.trace(_x()) as tracer:
+            shape = net.gate.output.shape
+            net.layer2.output[:, : shape[1] // 2] = 0
+            out = net.output.save()
+    assert shape == (4, 10)
+    assert tracer.backend == "hooks"
+
+    def zero_half(m, i, o):
+        o[:, :5] = 0
+
+    handle = model.layer2.register_forward_hook(zero_half)
+    try:
+        expected = model(_x())
+    finally:
+        handle.remove()
+    assert torch.equal(out, expected)
+
+
+def test_fallback_leaves_no_hooks():
+    model = gated_mlp()
+    net = NNsight(model)
+    before = {name: set(vars(m)) for name, m in model.named_modules()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            with net.trace(_x()):
+                net.gate.output[:] = 1
+                net.output.save()
+    for name, module in model.named_modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, name
+        assert set(vars(module)) == before[name], name
+
+
+def test_functional_trace_falls_back_too():
+    model = gated_mlp()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with fxsight.trace(model, _x()) as m:
+            out = m.output.save()
+    found = _fallback_warnings(record)
+    assert len(found) == 1 and found[0].filename == __file__
+    assert "gate" in str(found[0].message)
+    assert torch.equal(out, model(_x()))
+
+
+def test_failed_capture_prints_nothing_but_the_warning(capfd):
+    model = gated_mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with NNsight(model).trace(_x()) as tracer:
+            pass
+    captured = capfd.readouterr()
+    assert "def forward" not in captured.err and "def forward" not in captured.out
+    assert torch.equal(tracer.result, model(_x()))

@@ -1,0 +1,176 @@
+"""Gradients inside traces: .grad read/assign and backward(), against torch.autograd."""
+
+import pytest
+import torch
+
+import fxsight
+from fxsight import NNsight, patching
+from models import mlp, tiny_gpt2
+
+BACKENDS = ["fx", "hooks"]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiny_gpt2()
+
+
+def _reference_grads(model, ids, paths, loss_fn, scale=None):
+    """torch.autograd.grad of the loss w.r.t. module outputs, with forward hooks."""
+    acts = {}
+    handles = []
+    for path in paths:
+        module = model.get_submodule(path)
+        handles.append(module.register_forward_hook(
+            lambda m, a, o, path=path: acts.__setitem__(path, o if torch.is_tensor(o) else o[0])))
+    if scale is not None:
+        path, factor = scale
+        handles.append(model.get_submodule(path).register_forward_hook(
+            lambda m, a, o: o.register_hook(lambda g: g * factor) and None))
+    try:
+        out = model(ids, use_cache=False) if not isinstance(model, torch.nn.Sequential) \
+            else model(ids)
+        loss = loss_fn(out)
+        return dict(zip(paths, torch.autograd.grad(loss, [acts[p] for p in paths])))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_reads_match_autograd(gpt2, backend):
+    net = NNsight(gpt2)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    paths = ["transformer.h.0", "transformer.h.1.mlp", "transformer.ln_f"]
+    with net.trace(ids, use_cache=False, backend=backend) as tracer:
+        g0 = net.transformer.h[0].output.grad.save()
+        g1 = net.transformer.h[1].mlp.output.grad.save()
+        g2 = net.transformer.ln_f.output.grad.save()
+        net.lm_head.output[:, -1, 5].sum().backward()
+    assert tracer.backend == backend
+    reference = _reference_grads(gpt2, ids, paths, lambda o: o.logits[:, -1, 5].sum())
+    for got, path in zip([g0, g1, g2], paths):
+        assert isinstance(got, torch.Tensor)
+        torch.testing.assert_close(got, reference[path], rtol=1e-5, atol=1e-6)
+        assert got.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_assignment_changes_upstream_gradients(gpt2, backend):
+    net = NNsight(gpt2)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(2))
+    with net.trace(ids, use_cache=False, backend=backend):
+        g0 = net.transformer.h[0].output.grad.save()
+        h1 = net.transformer.h[1].output
+        h1.grad = h1.grad * 3
+        with net.lm_head.output[:, -1, 7].sum().backward():
+            pass
+    reference = _reference_grads(gpt2, ids, ["transformer.h.0"],
+                                 lambda o: o.logits[:, -1, 7].sum(),
+                                 scale=("transformer.h.1", 3.0))
+    torch.testing.assert_close(g0, reference["transformer.h.0"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_gradient_edit(backend):
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(4, 5)
+    with net.trace(x, backend=backend):
+        g1 = net.layer1.output.grad.save()
+        net.layer2.output.grad[:, :5] = 0
+        net.output.sum().backward()
+    acts = {}
+    h1 = model.layer1.register_forward_hook(lambda m, a, o: acts.__setitem__("a", o))
+
+    def zero(m, a, o):
+        def edit(g):
+            g = g.clone()
+            g[:, :5] = 0
+            return g
+        o.register_hook(edit)
+    h2 = model.layer2.register_forward_hook(zero)
+    out = model(x)
+    reference = torch.autograd.grad(out.sum(), acts["a"])[0]
+    h1.remove()
+    h2.remove()
+    torch.testing.assert_close(g1, reference)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_per_invoke(gpt2, backend):
+    net = NNsight(gpt2)
+    ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(3))
+    with net.trace(use_cache=False, backend=backend) as tracer:
+        with tracer.invoke(ids[:1]):
+            ga = net.transformer.h[0].output.grad.save()
+            la = net.lm_head.output[:, -1, 3].sum()
+        with tracer.invoke(ids[1:]):
+            gb = net.transformer.h[0].output.grad.save()
+            lb = net.lm_head.output[:, -1, 3].sum()
+        (la + lb).backward()
+    full = _reference_grads(gpt2, ids, ["transformer.h.0"],
+                            lambda o: o.logits[:, -1, 3].sum())["transformer.h.0"]
+    torch.testing.assert_close(ga, full[:1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb, full[1:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.compile
+def test_compiled_gradients_equal_eager():
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(4, 5)
+    results = []
+    for compile in (False, True):
+        with net.trace(x, compile=compile):
+            g = net.layer2.output.grad.save()
+            net.output.pow(2).sum().backward()
+        results.append(g)
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_grad_errors(gpt2):
+    net = NNsight(mlp())
+    x = torch.randn(2, 5)
+    with pytest.raises(fxsight.TraceError, match="never calls backward"):
+        with net.trace(x):
+            net.layer1.output.grad.save()
+    with pytest.raises(fxsight.TraceError, match="module's inputs and outputs"):
+        with net.trace(x):
+            (net.layer1.output * 2).grad.save()
+            net.output.sum().backward()
+    with pytest.raises(fxsight.TraceError, match="no_grad"):
+        with torch.no_grad(), net.trace(x):
+            net.layer1.output.grad.save()
+            net.output.sum().backward()
+    with pytest.raises(fxsight.ShapeError, match="gradient"):
+        with net.trace(x):
+            net.layer1.output.grad = torch.zeros(3)
+            net.output.sum().backward()
+
+
+def test_attribution_patching_matches_manual_computation(gpt2):
+    net = NNsight(gpt2)
+    clean = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(4))
+    corrupted = clean.clone()
+    corrupted[0, 2] = (clean[0, 2] + 1) % 128
+
+    def metric(out):
+        return out.logits[:, -1, 5] - out.logits[:, -1, 6]
+
+    result = patching.attribution(net, clean, corrupted, metric, use_cache=False)
+    acts = {}
+    handles = [block.register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, o))
+               for i, block in enumerate(gpt2.transformer.h)]
+    with torch.no_grad():
+        gpt2(clean, use_cache=False)
+    clean_acts = dict(acts)
+    out = gpt2(corrupted, use_cache=False)
+    grads = torch.autograd.grad(metric(out).sum(), [acts[0], acts[1]])
+    for handle in handles:
+        handle.remove()
+    expected = torch.stack([((clean_acts[i] - acts[i].detach()) * grads[i]).sum(-1).sum(0)
+                            for i in range(2)])
+    torch.testing.assert_close(result.values, expected, rtol=1e-5, atol=1e-6)
+    assert result.sites == ["transformer.h.0", "transformer.h.1"]
+    assert result.values.shape == (2, 8)

@@ -1,0 +1,505 @@
+"""LanguageModel: loading (meta device, dispatch, offline), text and token inputs, left-padded
+batching that leaves every row equal to its prompt run alone, token indexing, patching.
+
+Every expected value comes from plain PyTorch / transformers (forward hooks written here by
+hand, the model run on one prompt at a time), never from fxsight itself.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+
+import fxsight
+from fxsight import LanguageModel, ShapeError, TraceError
+from models import saved_language_model, tiny_gpt2, tiny_llama, train_tokenizer
+
+ATOL = 1e-5
+PROMPT_A = "The Eiffel Tower is in the city of"
+PROMPT_B = "Big Ben"
+PROMPT_C = "The capital of France is Paris"
+IDS_D = [5, 17, 42, 8]
+
+
+# --- fixtures and plain-PyTorch references -------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer()
+
+
+def _blocks(model):
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+def _block_envoys(lm):
+    return lm.transformer.h if hasattr(lm._module, "transformer") else lm.model.layers
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    """kind -> (LanguageModel, the plain module it wraps); shared so captures are reused."""
+    built = {}
+    for kind, build in (("gpt2", tiny_gpt2), ("llama", tiny_llama)):
+        module = build(vocab_size=len(tokenizer))
+        built[kind] = (LanguageModel(module, tokenizer=tokenizer), module)
+    return built
+
+
+def _ids(tokenizer, prompt) -> list[int]:
+    return prompt if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]
+
+
+def alone(model, ids: list[int]):
+    """Plain PyTorch, one prompt alone: (logits, [every block's output]) without batch dim."""
+    outputs = []
+    handles = [block.register_forward_hook(lambda m, a, o: outputs.append(o.detach().clone()))
+               for block in _blocks(model)]
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits[0], [o[0] for o in outputs]
+
+
+def padded_batch(tokenizer, prompts):
+    """A left-padded batch built by hand: ids, mask and positions counting real tokens."""
+    rows = [_ids(tokenizer, p) for p in prompts]
+    length = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions, [len(r) for r in rows]
+
+
+# --- batched vs unbatched ---------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_each_invoke_equals_its_prompts_run_alone(models, tokenizer, kind, backend):
+    lm, model = models[kind]
+    invokes = [PROMPT_A, [PROMPT_B, PROMPT_C], IDS_D]
+    layers = len(_blocks(model))
+    saved = {}
+    with torch.no_grad(), lm.trace(backend=backend) as tracer:
+        for k, prompt in enumerate(invokes):
+            with tracer.invoke(prompt):
+                for layer in range(layers):
+                    saved[k, layer] = _block_envoys(lm)[layer].output.save()
+                saved[k, "logits"] = lm.lm_head.output.save()
+                saved[k, "last"] = lm.lm_head.output.t[-1].save()
+                saved[k, "first"] = _block_envoys(lm)[0].output.token[0].save()
+    assert tracer.backend == backend
+    rows = [(0, 0, PROMPT_A), (1, 0, PROMPT_B), (1, 1, PROMPT_C), (2, 0, IDS_D)]
+    lengths = {len(_ids(tokenizer, p)) for _, _, p in rows}
+    assert len(lengths) == 4, "the prompts must have different lengths"
+    width = max(lengths)
+    for k, row, prompt in rows:
+        logits, hidden = alone(model, _ids(tokenizer, prompt))
+        n = logits.shape[0]
+        assert saved[k, "logits"].shape[1] == width  # padded to the longest prompt
+        torch.testing.assert_close(saved[k, "logits"][row, -n:], logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(saved[k, "last"][row], logits[-1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(saved[k, "first"][row], hidden[0][0], atol=ATOL, rtol=0)
+        for layer in range(layers):
+            torch.testing.assert_close(saved[k, layer][row, -n:], hidden[layer],
+                                       atol=ATOL, rtol=0)
+
+
+def test_result_and_model_output(models, tokenizer):
+    lm, model = models["gpt2"]
+    logits, _ = alone(model, _ids(tokenizer, PROMPT_A))
+    with torch.no_grad(), lm.trace(PROMPT_A) as tracer:
+        out = lm.output.save()
+        res = tracer.result.logits.save()
+    torch.testing.assert_close(out.logits[0], logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(res[0], logits, atol=ATOL, rtol=0)
+    with torch.no_grad(), lm.trace(PROMPT_A) as tracer:
+        pass
+    torch.testing.assert_close(tracer.result.logits[0], logits, atol=ATOL, rtol=0)
+    assert getattr(tracer.result, "past_key_values", None) is None  # use_cache=False
+
+
+# --- patching -----------------------------------------------------------------------------------
+def _hook_patch(model, clean, corrupt, layer, position):
+    """Hand-written reference: one batched forward [clean; corrupt] whose block ``layer``
+    output gets row 0's ``position`` copied into row 1."""
+    def patch(module, args, output):
+        output = output.clone()
+        output[1, position] = output[0, position]
+        return output
+
+    handle = _blocks(model)[layer].register_forward_hook(patch)
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([clean, corrupt]), use_cache=False).logits[1]
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_patching_every_layer_and_position_equals_forward_hooks(models, backend):
+    lm, model = models["gpt2"]
+    clean = [5, 17, 42, 8, 23, 61, 30, 12]
+    corrupt = [5, 17, 77, 8, 23, 61, 30, 12]
+    for layer in range(len(_blocks(model))):
+        for position in range(len(clean)):
+            with torch.no_grad(), lm.trace(backend=backend) as tracer:
+                with tracer.invoke(clean):
+                    h = lm.transformer.h[layer].output[:, position]
+                with tracer.invoke(corrupt):
+                    lm.transformer.h[layer].output[:, position] = h
+                    patched = lm.lm_head.output.save()
+            assert tracer.backend == backend
+            expected = _hook_patch(model, clean, corrupt, layer, position)
+            torch.testing.assert_close(patched[0], expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_patching_by_token_between_prompts_of_different_lengths(models, tokenizer, kind):
+    """Clean and corrupted prompts of different lengths, patched at their last token with
+    ``.t[-1]``; the reference pads by hand and patches with a forward hook."""
+    lm, model = models[kind]
+    clean, corrupt = PROMPT_A, "The Colosseum is in the city of"
+    ids, mask, positions, lengths = padded_batch(tokenizer, [clean, corrupt])
+    assert lengths[0] != lengths[1]
+    layer = 1
+    with torch.no_grad(), lm.trace() as tracer:
+        barrier = tracer.barrier(2)
+        with tracer.invoke(clean):
+            h = _block_envoys(lm)[layer].output.t[-1].save()
+            barrier()
+        with tracer.invoke(corrupt):
+            barrier()
+            _block_envoys(lm)[layer].output.t[-1] = h
+            logits = lm.lm_head.output.t[-1].save()
+
+    def patch(module, args, output):
+        output = output.clone()
+        output[1, -1] = output[0, -1]
+        return output
+
+    handle = _blocks(model)[layer].register_forward_hook(patch)
+    try:
+        with torch.no_grad():
+            expected = model(ids, attention_mask=mask, position_ids=positions,
+                             use_cache=False).logits[1, -1]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits[0], expected, atol=ATOL, rtol=0)
+    _, hidden = alone(model, _ids(tokenizer, clean))
+    torch.testing.assert_close(h[0], hidden[layer][-1], atol=ATOL, rtol=0)
+
+
+# --- loading --------------------------------------------------------------------------------
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: the hub's offline switches on, and any socket connection raises."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def saved_gpt2(tmp_path_factory):
+    return saved_language_model(tmp_path_factory.mktemp("gpt2"), "gpt2")
+
+
+def test_meta_model_prints_structure_and_dispatches_on_first_use(saved_gpt2, offline, tokenizer):
+    lm = LanguageModel(saved_gpt2)
+    assert not lm.dispatched
+    assert all(p.is_meta for p in lm._module.parameters())
+    text = repr(lm)
+    assert text.startswith("GPT2LMHeadModel(") and "(h): ModuleList" in text
+    assert "(lm_head): Linear(in_features=64, out_features=128" in text
+    assert lm.config.n_layer == 2  # attribute fall-through, before any weight is loaded
+    assert lm.tokenizer.padding_side == "left"
+    block = lm.transformer.h[1]  # an envoy cached while the model is on meta
+    with torch.no_grad(), lm.trace(PROMPT_A):
+        h = lm.transformer.h[1].output.save()
+        logits = lm.lm_head.output.save()
+    assert lm.dispatched
+    assert not any(p.is_meta for p in lm._module.parameters())
+    assert block._module is lm._module.transformer.h[1]  # refreshed, not stale
+    assert not block.ln_1.weight.is_meta
+    reference = AutoModelForCausalLM.from_pretrained(saved_gpt2)
+    expected_logits, hidden = alone(reference, _ids(tokenizer, PROMPT_A))
+    torch.testing.assert_close(logits[0], expected_logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(h[0], hidden[1], atol=ATOL, rtol=0)
+
+
+def test_load_offline_with_dispatch_kwargs_and_to(saved_gpt2, offline, tokenizer):
+    lm = LanguageModel(saved_gpt2, dispatch=True, device_map="cpu", dtype=torch.float64)
+    assert lm.dispatched
+    assert next(lm._module.parameters()).dtype == torch.float64
+    assert lm.to(torch.float32) is lm
+    assert next(lm._module.parameters()).dtype == torch.float32
+    reference = AutoModelForCausalLM.from_pretrained(saved_gpt2)
+    expected, _ = alone(reference, _ids(tokenizer, PROMPT_B))
+    with torch.no_grad(), lm.trace(PROMPT_B):
+        logits = lm.lm_head.output.save()
+    torch.testing.assert_close(logits[0], expected, atol=ATOL, rtol=0)
+    lazy = LanguageModel(saved_gpt2)
+    assert lazy.to("cpu") is lazy and lazy.dispatched  # moving needs the real weights
+
+
+def test_saved_llama_with_its_tokenizer(tmp_path, offline):
+    path = saved_language_model(tmp_path, "llama")
+    lm = LanguageModel(path)
+    assert "LlamaForCausalLM(" in repr(lm) and not lm.dispatched
+    with torch.no_grad(), lm.trace([PROMPT_A, PROMPT_B], backend="hooks"):
+        logits = lm.lm_head.output.save()
+    reference = AutoModelForCausalLM.from_pretrained(path)
+    for row, prompt in enumerate([PROMPT_A, PROMPT_B]):
+        expected, _ = alone(reference, lm.tokenizer(prompt)["input_ids"])
+        torch.testing.assert_close(logits[row, -expected.shape[0]:], expected, atol=ATOL,
+                                   rtol=0)
+
+
+def test_wraps_a_loaded_module(models, tokenizer):
+    lm, model = models["gpt2"]
+    assert lm.dispatched and lm._module is model
+    assert lm.tokenizer is tokenizer and lm.config is model.config
+    assert lm.to("cpu") is lm
+    assert isinstance(fxsight.LanguageModel(model), LanguageModel)  # no tokenizer: ids only
+    with pytest.raises(TypeError, match="LanguageModel wraps"):
+        LanguageModel(42)
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+def _input_forms(tokenizer):
+    a, b = _ids(tokenizer, PROMPT_A), _ids(tokenizer, PROMPT_B)
+    right = torch.tensor([b + [0] * (len(a) - len(b))])  # right-padded: re-packed to the left
+    right_mask = torch.tensor([[1] * len(b) + [0] * (len(a) - len(b))])
+    return [
+        ("str", PROMPT_A, [a]),
+        ("list of str", [PROMPT_A, PROMPT_B], [a, b]),
+        ("list of ids", a, [a]),
+        ("ragged list of ids", [a, b], [a, b]),
+        ("1-D tensor", torch.tensor(a), [a]),
+        ("2-D tensor", torch.tensor([a, a]), [a, a]),
+        ("dict", {"input_ids": torch.tensor([a])}, [a]),
+        ("dict, right padded", {"input_ids": right, "attention_mask": right_mask}, [b]),
+        ("BatchEncoding", tokenizer([PROMPT_A, PROMPT_B], return_tensors="pt", padding=True),
+         [a, b]),
+    ]
+
+
+def test_input_forms(models, tokenizer):
+    lm, model = models["gpt2"]
+    for name, value, rows in _input_forms(tokenizer):
+        with torch.no_grad(), lm.trace(value, backend="hooks"):
+            logits = lm.lm_head.output.save()
+            first = lm.lm_head.output.t[0].save()
+        assert logits.shape[0] == len(rows), name
+        for row, ids in enumerate(rows):
+            expected, _ = alone(model, ids)
+            torch.testing.assert_close(logits[row, -len(ids):], expected, atol=ATOL, rtol=0,
+                                       msg=name)
+            torch.testing.assert_close(first[row], expected[0], atol=ATOL, rtol=0, msg=name)
+
+
+def test_input_ids_keyword_and_forward_kwargs(models, tokenizer):
+    lm, model = models["gpt2"]
+    ids = torch.tensor([_ids(tokenizer, PROMPT_A)])
+    with torch.no_grad(), lm.trace(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   backend="hooks"):
+        logits = lm.lm_head.output.save()
+        block_kwargs = lm.transformer.inputs.save()
+    expected, _ = alone(model, ids[0].tolist())
+    torch.testing.assert_close(logits[0], expected, atol=ATOL, rtol=0)
+    assert block_kwargs[1]["use_cache"] is False  # default for traces
+    with torch.no_grad(), lm.trace(ids, use_cache=True, backend="hooks"):
+        inner = lm.transformer.inputs.save()
+    assert inner[1]["use_cache"] is True  # the user's choice wins
+    out = lm.trace(PROMPT_A, trace=False)
+    torch.testing.assert_close(out.logits[0], expected, atol=ATOL, rtol=0)
+
+
+# --- token indexing ------------------------------------------------------------------------------
+def test_token_indexing_per_row_of_an_invoke(models, tokenizer):
+    """Rows of one invoke with different pad lengths: each row is indexed from its own
+    first real token."""
+    lm, model = models["gpt2"]
+    prompts = [PROMPT_B, PROMPT_C]
+    refs = [alone(model, _ids(tokenizer, p))[0] for p in prompts]
+    with torch.no_grad(), lm.trace() as tracer:
+        with tracer.invoke(PROMPT_A):
+            pass
+        with tracer.invoke(prompts):
+            out = lm.lm_head.output
+            t0, t1, last = out.t[0].save(), out.token[1].save(), out.t[-1].save()
+            pair = out.t[1:3].save()
+            minus = out.t[-3:-1].save()
+    for row, ref in enumerate(refs):
+        torch.testing.assert_close(t0[row], ref[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(t1[row], ref[1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(last[row], ref[-1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(pair[row], ref[1:3], atol=ATOL, rtol=0)
+        torch.testing.assert_close(minus[row], ref[-3:-1], atol=ATOL, rtol=0)
+
+
+def test_token_write_touches_the_right_position_of_each_row(models, tokenizer):
+    lm, model = models["gpt2"]
+    prompts = [PROMPT_B, PROMPT_C]
+    ids, mask, positions, lengths = padded_batch(tokenizer, prompts)
+    with torch.no_grad(), lm.trace(prompts):
+        lm.transformer.h[0].output.t[1] = 0.0
+        logits = lm.lm_head.output.save()
+
+    def zero(module, args, output):
+        output = output.clone()
+        for row, n in enumerate(lengths):
+            output[row, ids.shape[1] - n + 1] = 0.0
+        return output
+
+    handle = model.transformer.h[0].register_forward_hook(zero)
+    try:
+        with torch.no_grad():
+            expected = model(ids, attention_mask=mask, position_ids=positions,
+                             use_cache=False).logits
+    finally:
+        handle.remove()
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(logits[row, -n:], expected[row, -n:], atol=ATOL, rtol=0)
+
+
+# --- errors: clear, naming the invoke and the line, raised before anything runs -----------------
+def _traces() -> int:
+    return fxsight.stats()["traces"]
+
+
+def test_tokenizer_rejects_input(models):
+    lm, _ = models["gpt2"]
+    before = _traces()
+    with pytest.raises(TraceError, match=r"invoke #1: a list input must hold .*\n.*"
+                                         r"tracer\.invoke\(\[PROMPT_B, 3\]\)"):
+        with lm.trace() as tracer:
+            with tracer.invoke(PROMPT_A):
+                lm.lm_head.output.save()
+            with tracer.invoke([PROMPT_B, 3]):
+                pass
+    with pytest.raises(TraceError, match=r"invoke #0: cannot use a NoneType"):
+        with lm.trace(None):
+            pass
+    with pytest.raises(TraceError, match=r"invoke #0: prompt 0 has no tokens"):
+        with lm.trace(""):
+            pass
+    with pytest.raises(TraceError, match=r"token id 9999 is outside the model's vocabulary"):
+        with lm.trace([5, 9999]):
+            pass
+
+    class Refusing:
+        pad_token, eos_token, padding_side, pad_token_id = "<p>", "<e>", "left", 0
+
+        def __call__(self, *args, **kwargs):
+            raise ValueError("no thanks")
+
+    picky = LanguageModel(lm._module, tokenizer=Refusing())
+    with pytest.raises(TraceError, match=r"invoke #0: the tokenizer rejected this input "
+                                         r"\(ValueError: no thanks\)\n  at .*picky\.trace"):
+        with picky.trace(PROMPT_A):
+            pass
+    assert _traces() == before
+
+
+def test_empty_prompt_list(models):
+    lm, _ = models["gpt2"]
+    before = _traces()
+    with pytest.raises(TraceError, match=r"invoke #0: the prompt list is empty\n.*"
+                                         r"tracer\.invoke\(\[\]\)"):
+        with lm.trace() as tracer:
+            with tracer.invoke([]):
+                pass
+    assert _traces() == before
+
+
+def test_token_index_past_a_prompts_length(models, tokenizer):
+    lm, _ = models["gpt2"]
+    n = len(_ids(tokenizer, PROMPT_B))
+    before = _traces()
+    with pytest.raises(TraceError, match=rf"token index {n} is past the end of prompt 0 of "
+                                         rf"invoke #1, which has {n} tokens\n.*\.t\[n\]"):
+        with lm.trace() as tracer:
+            with tracer.invoke(PROMPT_A):
+                pass
+            with tracer.invoke([PROMPT_B, PROMPT_C]):
+                lm.lm_head.output.t[n].save()
+    with pytest.raises(TraceError, match="selects a different number of tokens"):
+        with lm.trace([PROMPT_B, PROMPT_C]):
+            lm.lm_head.output.t[:n + 1].save()
+    assert _traces() == before
+
+
+def test_write_that_does_not_fit_the_invokes_rows(models):
+    lm, model = models["gpt2"]
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    calls = []  # real (not fake-tensor shape-probing) runs of the head
+    handle = model.lm_head.register_forward_hook(
+        lambda m, a, out: None if isinstance(out, FakeTensor) else calls.append(1))
+    try:
+        with pytest.raises(ShapeError, match=r"cannot be written into transformer\.h\.0\.output "
+                                             r"of shape \(1, \d+, 64\) \(invoke #1: rows 1:2 "
+                                             r"of a batch of 2\)\n.*= torch\.zeros\(2, 1, 64\)"):
+            with lm.trace(backend="hooks") as tracer:
+                with tracer.invoke(PROMPT_A):
+                    pass
+                with tracer.invoke(PROMPT_B):
+                    lm.transformer.h[0].output = torch.zeros(2, 1, 64)
+    finally:
+        handle.remove()
+    assert not calls  # the model never ran
+
+
+def test_barrier_not_reached_by_every_participant(models):
+    lm, _ = models["gpt2"]
+    before = _traces()
+    with pytest.raises(TraceError, match=r"barrier\(2\) was reached by 1 invoke\(s\) \(#1\)"
+                                         r".*\n.*tracer\.barrier\(2\)"):
+        with lm.trace() as tracer:
+            barrier = tracer.barrier(2)
+            with tracer.invoke(PROMPT_A):
+                h = lm.transformer.h[0].output
+            with tracer.invoke(PROMPT_C):
+                barrier()
+                lm.transformer.h[0].output.t[-1] = h[:, -1]
+    assert _traces() == before
+
+
+# --- property: any mix of prompt lengths, any token index --------------------------------------
+_prompt = st.lists(st.integers(4, 127), min_size=1, max_size=9)
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(invokes=st.lists(st.lists(_prompt, min_size=1, max_size=2), min_size=1, max_size=3),
+       index=st.integers(-9, 8))
+def test_any_padding_keeps_rows_equal_to_their_prompts_alone(models, invokes, index):
+    lm, model = models["gpt2"]
+    shortest = min(len(p) for rows in invokes for p in rows)
+    index = index % shortest if index >= 0 else -1 - ((-1 - index) % shortest)
+    saved = {}
+    with torch.no_grad(), lm.trace(backend="hooks") as tracer:
+        for k, rows in enumerate(invokes):
+            with tracer.invoke(rows):
+                saved[k] = lm.lm_head.output.save()
+                saved[k, "t"] = lm.lm_head.output.t[index].save()
+    for k, rows in enumerate(invokes):
+        for row, ids in enumerate(rows):
+            expected, _ = alone(model, ids)
+            torch.testing.assert_close(saved[k][row, -len(ids):], expected, atol=ATOL, rtol=0)
+            torch.testing.assert_close(saved[k, "t"][row], expected[index], atol=ATOL, rtol=0)

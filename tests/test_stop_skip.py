@@ -1,0 +1,229 @@
+"""Pruning, tracer.stop() and env.skip(value).
+
+- A trace that saves layer 3 of a gpt2-small-shaped model computes nothing of layers 4..11,
+  the final norm or the head (asserted on the rewritten graph).
+- tracer.stop(): the fx backend prunes the rest; the hooks backend stops the model after
+  the last event the trace needs; anything recorded after the stop is an error.
+- skip: the module does not run (its nodes are pruned on fx, its forward is not called on
+  hooks) and the result equals a hand-written equivalent.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxsight import NNsight, OrderError, ShapeError, TraceError
+from models import mlp, tiny_gpt2
+
+BACKENDS = ("fx", "hooks")
+
+
+@pytest.fixture(scope="module")
+def gpt2_small_shape():
+    """GPT-2 small's shape (12 layers x 768, 12 heads), random weights, untied head (so
+    the head's weight has a name of its own), small vocabulary (it only sizes the head)."""
+    return tiny_gpt2(n_layer=12, n_embd=768, n_head=12, vocab_size=512,
+                     tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiny_gpt2()
+
+
+def _ids(vocab: int = 128, rows: int = 2, seq: int = 7) -> torch.Tensor:
+    return torch.randint(4, vocab, (rows, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _modules_in(graph_module) -> set[str]:
+    """Every module path that a node of the graph computes in, and every attribute read."""
+    paths = set()
+    for node in graph_module.graph.nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            paths.add(path)
+        if node.op == "get_attr":
+            paths.add(node.target.rsplit(".", 1)[0])
+    return paths
+
+
+def _after_layer(paths: set[str], layer: int, n_layers: int) -> set[str]:
+    later = tuple(f"transformer.h.{i}" for i in range(layer + 1, n_layers))
+    return {p for p in paths if p.startswith(("lm_head", "transformer.ln_f")) or
+            any(p == name or p.startswith(name + ".") for name in later)}
+
+
+class _Counter:
+    """Forward hooks counting calls of some modules (a hand-written observer)."""
+
+    def __init__(self, model, paths):
+        self.calls = dict.fromkeys(paths, 0)
+        self.handles = [model.get_submodule(p).register_forward_hook(self._hook(p))
+                        for p in paths]
+
+    def _hook(self, path):
+        def hook(module, args, output):
+            self.calls[path] += 1
+        return hook
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+# --- pruning -------------------------------------------------------------------------------
+def test_saving_layer_3_computes_no_later_layer(gpt2_small_shape):
+    module = gpt2_small_shape
+    x = _ids(512, 1, 16)
+    expected = {}
+    handle = module.transformer.h[3].register_forward_hook(
+        lambda m, i, o: expected.setdefault("h3", o))
+    try:
+        with torch.no_grad():
+            module(x, use_cache=False)
+    finally:
+        handle.remove()
+
+    model = NNsight(module)
+    with torch.no_grad(), model.trace(x, use_cache=False, backend="fx") as tracer:
+        h3 = model.transformer.h[3].output.save()
+    assert torch.equal(h3, expected["h3"])
+    paths = _modules_in(tracer.graph_module)
+    assert "transformer.h.3.mlp.c_proj" in paths and "transformer.wte" in paths
+    assert _after_layer(paths, 3, 12) == set()
+    attrs = [n.target for n in tracer.graph_module.graph.nodes if n.op == "get_attr"]
+    assert attrs and not [a for a in attrs if a.startswith(
+        ("lm_head", "transformer.ln_f", *(f"transformer.h.{i}." for i in range(4, 12))))]
+    with pytest.raises(TraceError, match="not computed"):
+        tracer.result  # noqa: B018 - the head was pruned
+
+
+# --- stop --------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stop_ends_the_forward_pass_after_the_last_needed_value(gpt2, backend):
+    x = _ids()
+    expected = {}
+    handle = gpt2.transformer.h[0].register_forward_hook(
+        lambda m, i, o: expected.setdefault("h0", o))
+    try:
+        with torch.no_grad():
+            gpt2(x, use_cache=False)
+    finally:
+        handle.remove()
+
+    counter = _Counter(gpt2, ["transformer.h.0", "transformer.h.1", "lm_head"])
+    try:
+        model = NNsight(gpt2)
+        with torch.no_grad(), model.trace(x, use_cache=False, backend=backend,
+                                          prune=False) as tracer:
+            h0 = model.transformer.h[0].output.save()
+            tracer.stop()
+    finally:
+        counter.remove()
+    assert tracer.backend == backend
+    assert torch.equal(h0, expected["h0"])
+    if backend == "hooks":
+        assert counter.calls == {"transformer.h.0": 1, "transformer.h.1": 0, "lm_head": 0}
+        assert not any(module._forward_hooks or module._forward_pre_hooks
+                       for module in gpt2.modules())
+    else:
+        assert _after_layer(_modules_in(tracer.graph_module), 0, 2) == set()
+    with pytest.raises(TraceError, match="tracer.stop"):
+        tracer.result  # noqa: B018
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_anything_after_a_stop_is_a_clear_error(gpt2, backend):
+    model = NNsight(gpt2)
+    with pytest.raises(TraceError, match=r"after tracer\.stop\(\)") as info:
+        with model.trace(_ids(), use_cache=False, backend=backend) as tracer:
+            model.transformer.h[0].output.save()
+            tracer.stop()
+            model.lm_head.output.save()
+    assert "model.lm_head.output.save()" in str(info.value)  # the user's line
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stop_with_a_write_runs_the_write(backend):
+    net = mlp()
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    model = NNsight(net)
+    with model.trace(x, backend=backend) as tracer:
+        model.layer1.output[:] = 1.0
+        h2 = model.layer2.output.save()
+        tracer.stop()
+    assert torch.equal(h2, net.layer2(torch.ones(3, 10)).detach())
+
+
+# --- skip --------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_replaces_a_block_which_does_not_run(gpt2, backend):
+    x = _ids()
+    # hand-written: block 1 returns block 0's output (replacing its forward), as skip means
+    saved = {}
+    h0_hook = gpt2.transformer.h[0].register_forward_hook(
+        lambda m, i, o: saved.setdefault("h0", o))
+    gpt2.transformer.h[1].forward = lambda *args, **kwargs: saved["h0"]
+    try:
+        with torch.no_grad():
+            expected = gpt2(x, use_cache=False).logits
+    finally:
+        h0_hook.remove()
+        del gpt2.transformer.h[1].forward
+
+    counter = _Counter(gpt2, ["transformer.h.1.attn", "transformer.h.1.mlp"])
+    try:
+        model = NNsight(gpt2)
+        with torch.no_grad(), model.trace(x, use_cache=False, backend=backend) as tracer:
+            h0 = model.transformer.h[0].output
+            model.transformer.h[1].skip(h0)
+            h1 = model.transformer.h[1].output.save()
+            logits = model.lm_head.output.save()
+    finally:
+        counter.remove()
+    assert torch.equal(h1, saved["h0"])
+    assert torch.equal(logits, expected)
+    assert counter.calls == {"transformer.h.1.attn": 0, "transformer.h.1.mlp": 0}
+    # the module's forward is its own again: nothing left behind
+    assert "forward" not in vars(gpt2.transformer.h[1])
+    if backend == "fx":
+        paths = _modules_in(tracer.graph_module)
+        assert not {p for p in paths if p == "transformer.h.1" or
+                    p.startswith("transformer.h.1.")}
+        assert "transformer.h.0.mlp" in paths and "lm_head" in paths
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_with_a_computed_value_and_a_later_write(backend):
+    net = mlp()
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
+    model = NNsight(net)
+    with model.trace(x, backend=backend) as tracer:
+        model.layer2.skip(model.layer2.input * 2 + 1)  # from its own input: allowed
+        model.act2.output[:, 0] = 0.5
+        out = model.output.save()
+    h = net.act1(net.layer1(x)) * 2 + 1
+    a = torch.sigmoid(h)
+    a[:, 0] = 0.5
+    assert torch.equal(out, net.layer3(a).detach())
+
+
+def test_skip_errors_are_clear(gpt2):
+    model = NNsight(gpt2)
+    x = _ids()
+    with pytest.raises(ShapeError, match=r"skip\(\.\.\.\) needs a value shaped like"):
+        with model.trace(x, use_cache=False):
+            model.transformer.h[1].skip(torch.zeros(64))
+    with pytest.raises(ShapeError, match="skip"):
+        with model.trace(x, use_cache=False):
+            model.transformer.h[1].skip(model.transformer.h[0].output[:, :3])
+    with pytest.raises(OrderError, match="computed inside"):
+        with model.trace(x, use_cache=False):
+            model.transformer.h[1].skip(model.transformer.h[1].mlp.output)
+    with pytest.raises(OrderError):
+        with model.trace(x, use_cache=False):
+            model.transformer.h[0].skip(model.transformer.h[1].output)
+    with pytest.raises(TraceError, match="skipped"):
+        with model.trace(x, use_cache=False, backend="hooks"):
+            model.transformer.h[1].skip(model.transformer.h[0].output)
+            model.transformer.h[1].attn.output.save()
