@@ -112,6 +112,20 @@ class LanguageModel(NNsight):
         self.dispatch_model()
         return super().trace(*inputs, **kwargs)
 
+    def generate(self, *inputs: Any, backend: str | None = None, **kwargs: Any):
+        """``with lm.generate(prompt, max_new_tokens=n) as tracer:``: interventions across
+        decoding steps (``tracer.iter[...]``, ``tracer.all()``); ``kwargs`` go to
+        transformers' ``generate``. ``lm.generator.output`` is the generated ids."""
+        from .generation import Generator
+        self.dispatch_model()
+        return Generator(self, inputs, kwargs, backend=backend or self._backend)
+
+    @property
+    def generator(self):
+        """``lm.generator.output``: the generated token ids, inside ``lm.generate(...)``."""
+        from .generation import GeneratorEnvoy
+        return GeneratorEnvoy(self)
+
     def to(self, *args, **kwargs) -> "LanguageModel":
         """Move the model (loading its weights first if needed); returns the wrapper."""
         self.dispatch_model()

@@ -1,0 +1,179 @@
+"""model.edit(): interventions baked into every later trace of the edited wrapper (the
+original untouched), inplace edits and clear_edits(); and export of an edited model as a
+plain module that runs, saves and exports without fxsight."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fxsight import NNsight, ShapeError, TraceError
+from models import mlp, tiny_gpt2
+
+BACKENDS = ("fx", "hooks")
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiny_gpt2()
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 128, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def _steer() -> torch.Tensor:
+    return torch.randn(64, generator=torch.Generator().manual_seed(7))
+
+
+def _reference_logits(module, x, steer):
+    """Hand-written: block 0's output at position 1 zeroed, block 1's output steered."""
+    def zero(m, args, output):
+        output = output.clone()
+        output[:, 1] = 0
+        return output
+
+    handles = [module.transformer.h[0].register_forward_hook(zero),
+               module.transformer.h[1].register_forward_hook(lambda m, a, o: o + steer)]
+    try:
+        with torch.no_grad():
+            return module(x, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edited_wrapper_applies_edits_and_model_is_unchanged(gpt2, backend):
+    x, steer = _ids(), _steer()
+    expected = _reference_logits(gpt2, x, steer)
+    with torch.no_grad():
+        plain = gpt2(x, use_cache=False).logits
+
+    model = NNsight(gpt2, backend=backend)
+    with model.edit() as edited:
+        model.transformer.h[0].output[:, 1] = 0
+        edited.transformer.h[1].output = edited.transformer.h[1].output + steer
+    assert edited is not model and edited._module is gpt2
+
+    with torch.no_grad(), edited.trace(x, use_cache=False) as tracer:
+        h0 = edited.transformer.h[0].output.save()  # the trace sees the edited value
+        logits = edited.lm_head.output.save()
+    assert tracer.backend == backend
+    assert (h0[:, 1] == 0).all()
+    assert torch.equal(logits, expected)
+    with torch.no_grad(), edited.trace(x, use_cache=False):  # every later trace
+        again = edited.output.save()
+    assert torch.equal(again.logits, expected)
+    with torch.no_grad():
+        assert torch.equal(edited.trace(x, use_cache=False, trace=False).logits, expected)
+
+    with torch.no_grad(), model.trace(x, use_cache=False) as tracer:
+        untouched = model.lm_head.output.save()
+    assert torch.equal(untouched, plain)
+
+
+def test_inplace_edit_and_clear_edits():
+    net = mlp()
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    model = NNsight(net)
+    with model.edit(inplace=True) as edited:
+        model.layer1.output[:] = 0
+    assert edited is model
+    with model.trace(x):
+        out = model.output.save()
+    assert torch.equal(out, net.layer3(net.act2(net.layer2(torch.zeros(3, 10)))).detach())
+    # edits stack: a second edit comes after the first
+    with model.edit(inplace=True):
+        model.layer2.output = model.layer2.output * 2
+    with model.trace(x):
+        out = model.output.save()
+    doubled = net.layer2(torch.zeros(3, 10)) * 2
+    assert torch.equal(out, net.layer3(net.act2(doubled)).detach())
+    model.clear_edits()
+    with model.trace(x):
+        out = model.output.save()
+    assert torch.equal(out, net(x).detach())
+
+
+def test_edit_of_an_edited_model_keeps_both_and_leaves_the_first():
+    net = mlp()
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    model = NNsight(net)
+    with model.edit() as first:
+        model.act1.output[:] = 1.0
+    with first.edit() as second:
+        first.layer3.output = first.layer3.output + 1
+    with first.trace(x):
+        out1 = first.output.save()
+    with second.trace(x):
+        out2 = second.output.save()
+    ones = net.layer3(net.act2(net.layer2(torch.ones(3, 10)))).detach()
+    assert torch.equal(out1, ones)
+    assert torch.equal(out2, ones + 1)
+
+
+def test_edit_errors_are_clear(gpt2):
+    model = NNsight(gpt2)
+    with pytest.raises(TraceError, match="an edit cannot save"):
+        with model.edit():
+            model.transformer.h[0].output.save()
+    with pytest.raises(ShapeError):  # with inputs, an edit is checked at its end
+        with model.edit(_ids(), use_cache=False):
+            model.transformer.h[0].output[:, 10] = 0
+    assert model._edits == []
+
+
+# --- export ------------------------------------------------------------------------------
+def test_exported_edited_model_runs_saves_and_exports_without_fxsight(gpt2, tmp_path):
+    x, steer = _ids(3), _steer()
+    expected = _reference_logits(gpt2, x, steer)
+    model = NNsight(gpt2)
+    with model.edit() as edited:
+        model.transformer.h[0].output[:, 1] = 0
+        model.transformer.h[1].output = model.transformer.h[1].output + steer
+
+    exported = edited.export(x, use_cache=False)
+    assert isinstance(exported, torch.fx.GraphModule)
+    targets = {n.target for n in exported.graph.nodes if n.op == "call_function"}
+    assert all("fxsight" not in getattr(t, "__module__", "") for t in targets)
+    with torch.no_grad():
+        out = exported(x, use_cache=False)
+    assert isinstance(out, tuple)  # a ModelOutput is given as its to_tuple()
+    assert torch.equal(out[0], expected)
+
+    path = tmp_path / "edited.pt"
+    torch.save(exported, path)
+    torch.save({"x": x, "logits": expected}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        module = torch.load({str(path)!r}, weights_only=False)
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        with torch.no_grad():
+            logits = module(io["x"], use_cache=False)[0]
+        assert torch.equal(logits, io["logits"]), (logits - io["logits"]).abs().max()
+        program = torch.export.export(module, (io["x"],), {{"use_cache": False}})
+        with torch.no_grad():
+            assert torch.equal(program.module()(io["x"], use_cache=False)[0], io["logits"])
+        assert "fxsight" not in sys.modules, "fxsight was imported"
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_export_of_an_unedited_model_is_the_model():
+    net = mlp()
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(5))
+    exported = NNsight(net).export(x)
+    assert torch.equal(exported(x), net(x))
+    assert not any(n.op == "placeholder" and n.name.startswith("edit_input")
+                   for n in exported.graph.nodes)
