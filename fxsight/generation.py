@@ -196,7 +196,9 @@ class _StepInterleaver:
 
     @contextlib.contextmanager
     def installed(self, module):
-        self.events = ModuleEvents(module, self._on_event)
+        paths = {n.meta["site"].path for n in self.program.nodes
+                 if n.meta["kind"] in ("read", "write") and n.meta["site"] != GENERATOR}
+        self.events = ModuleEvents(module, self._on_event, only=paths | {""})
         with self.events.installed():
             yield
 

@@ -295,6 +295,7 @@ class LanguageModel(NNsight):
             ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], dtype=torch.long)
             mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows],
                                 dtype=torch.long)
+            return ids, mask, extras  # left-padded by construction
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise TraceError(at_line(f"{where}: the input holds no tokens (shape "
                                      f"{tuple(ids.shape)})", line))
@@ -303,14 +304,13 @@ class LanguageModel(NNsight):
         mask = mask.to(ids.device).long()
         if not bool(((mask == 0) | (mask == 1)).all()):
             raise TraceError(at_line(f"{where}: attention_mask must hold 0s and 1s", line))
-        shifts = []
-        for r in range(mask.shape[0]):
-            real = torch.nonzero(mask[r]).flatten()
-            if real.numel() == 0:
-                raise TraceError(at_line(f"{where}: prompt {r} has no tokens (its "
-                                         f"attention_mask is all zeros)", line))
-            shifts.append(mask.shape[1] - 1 - int(real[-1]))
-        if any(shifts):  # right-padded rows: roll their real tokens to the end
+        empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise TraceError(at_line(f"{where}: prompt {empty[0]} has no tokens (its "
+                                     f"attention_mask is all zeros)", line))
+        trailing = (mask.flip(-1).cumsum(-1) == 0).sum(-1)  # pads after the last real token
+        if bool(trailing.any()):  # right-padded rows: roll their real tokens to the end
+            shifts = trailing.tolist()
             ids, mask = _roll_rows(ids, shifts), _roll_rows(mask, shifts)
             extras = {k: _roll_rows(v, shifts) if _token_aligned(v, {"input_ids": ids}) else v
                       for k, v in extras.items()}
@@ -378,9 +378,8 @@ class TokenIndexer:
         spans: list[int] = []
         for inv in invokes:
             mask = inv.prepared[1]["attention_mask"]
-            for row in mask:
-                real = torch.nonzero(row).flatten()
-                spans.append(int(row.shape[0] - real[0]))
+            first_real = mask.argmax(-1)  # the first 1 of each row
+            spans.extend((mask.shape[1] - first_real).tolist())
         where = "the whole batch" if invoke is None else f"invoke #{invoke}"
         return where, spans, invoke is None
 

@@ -8,6 +8,7 @@ A node can run as soon as the forward pass reaches its position.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -314,8 +315,8 @@ class MetaWalker(Walker):
         if op == "call_method" and target == "backward":
             return None
         try:
-            if isinstance(target, ModuleCall):  # real weights: run it on fake tensors
-                return _fake_execute(op, target, args, kwargs, target.device())
+            if isinstance(target, ModuleCall):  # real weights: run it on meta copies
+                return _module_call_meta(target, args, kwargs)
             return execute(op, target, args, kwargs)
         except Exception as error:  # noqa: BLE001
             if node is None or node.meta.get("lenient"):
@@ -358,6 +359,19 @@ class MetaWalker(Walker):
                     f"a value of shape {tuple(new_shape)} cannot be written into "
                     f"{site.label} of shape {tuple(target_shape)}{_rows_note(node, rows)}",
                     node.meta["line"]))
+
+
+def _module_call_meta(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
+    """A module applied to meta values: with meta copies of its weights (fast), else, for
+    modules that need real devices or data, on fake tensors."""
+    module = call.module
+    try:
+        state = {name: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                 for name, t in itertools.chain(module.named_parameters(),
+                                                module.named_buffers())}
+        return torch.func.functional_call(module, state, tuple(args), kwargs)
+    except Exception:  # noqa: BLE001
+        return _fake_execute("call_function", call, args, kwargs, call.device())
 
 
 def _fake_execute(op: str, target: Any, args: tuple, kwargs: dict,

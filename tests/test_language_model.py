@@ -329,6 +329,22 @@ def test_input_ids_keyword_and_forward_kwargs(models, tokenizer):
     torch.testing.assert_close(out.logits[0], expected, atol=ATOL, rtol=0)
 
 
+def test_explicit_position_ids_are_kept_and_padded(models, tokenizer):
+    lm, model = models["gpt2"]
+    a, b = _ids(tokenizer, PROMPT_A), _ids(tokenizer, PROMPT_B)
+    shifted = torch.arange(len(b)).unsqueeze(0) + 7
+    with torch.no_grad(), lm.trace(backend="hooks") as tracer:
+        with tracer.invoke(a):
+            first = lm.lm_head.output.save()
+        with tracer.invoke({"input_ids": torch.tensor([b]), "position_ids": shifted}):
+            second = lm.lm_head.output.save()
+    with torch.no_grad():
+        expected_a = model(torch.tensor([a]), use_cache=False).logits[0]
+        expected_b = model(torch.tensor([b]), position_ids=shifted, use_cache=False).logits[0]
+    torch.testing.assert_close(first[0], expected_a, atol=ATOL, rtol=0)
+    torch.testing.assert_close(second[0, -len(b):], expected_b, atol=ATOL, rtol=0)
+
+
 # --- token indexing ------------------------------------------------------------------------------
 def test_token_indexing_per_row_of_an_invoke(models, tokenizer):
     """Rows of one invoke with different pad lengths: each row is indexed from its own
