@@ -356,7 +356,7 @@ def signature(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
     # (``layer.weight = nn.Parameter(...)``) needs a new capture, or it would be ignored
     tensors, first = _tensor_ids(model)
     state = (model.training, None if first is None else (first.dtype, first.device))
-    return (layout, tuple(parts), state, torch.is_grad_enabled(), tensors)
+    return (layout, tuple(parts), state, torch.is_grad_enabled(), tensors, _user_hooks(model))
 
 
 # Parameters, buffers and submodules assigned as attributes go through torch's global
@@ -397,6 +397,27 @@ def _tensor_ids(model: torch.nn.Module) -> tuple[tuple, torch.Tensor | None]:
     first = next(model.parameters(), None)
     _TENSOR_IDS[model] = (_GENERATION[0], firsts, ids, first)
     return ids, first
+
+
+_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _user_hooks(model: torch.nn.Module) -> tuple:
+    """The forward (pre-)hooks on ``model``'s modules and the global ones: export runs them
+    and bakes their effect into the captured graph, so a hook added or removed afterwards
+    needs a new capture (else the fx backend would silently keep or ignore it)."""
+    memo = _MODULES.get(model)
+    if memo is None or memo[0] != _GENERATION[0]:  # (the model itself is not kept: a
+        submodules = tuple(m for m in model.modules() if m is not model)  # weak key)
+        memo = _MODULES[model] = (_GENERATION[0], submodules)
+    hooked = [m for m in (model, *memo[1]) if m._forward_hooks or m._forward_pre_hooks]
+    hooks = tuple((id(m), tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
+                  for m in hooked) if hooked else ()
+    module = torch.nn.modules.module
+    if module._global_forward_hooks or module._global_forward_pre_hooks:
+        hooks += (("global", tuple(module._global_forward_pre_hooks),
+                   tuple(module._global_forward_hooks)),)
+    return hooks
 
 
 def general_signature(key: tuple) -> tuple:

@@ -87,6 +87,9 @@ class EditTracer(Tracer):
         if getattr(self, "_stop_line", None):
             raise TraceError(at_line("tracer.stop() has no meaning in an edit",
                                      self._stop_line))
+        for node in program.nodes:  # an edit applies to every row of a later batch
+            if "invoke" in node.meta:
+                node.meta["invoke"] = None
         if self.invokes:
             args, kwargs, rows = self._batched()
             whole = Program()

@@ -76,7 +76,11 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
             return None
         walker.event_values[site] = value
         walker.current.pop(site, None)
-        walker.run(schedule[position])
+        events.paused = True  # modules the Program calls (the logit lens) are no events
+        try:
+            walker.run(schedule[position])
+        finally:
+            events.paused = False
         if stop and position == last:
             raise _StopForward
         if site in walker.written:

@@ -20,7 +20,14 @@ from the end and do not depend on later invokes. When the rows of one invoke (a 
 prompts of different lengths) start at different positions, each row is gathered at its own
 position (an advanced index, ``value[rows, positions]``); when they agree it is a plain
 slice (a view). Reading ``.token`` of a value that spans the whole batch
-(``tracer.invoke()`` with no input) uses every invoke recorded so far.
+(``tracer.invoke()`` with no input) uses every invoke recorded so far (an invoke added
+after it is an error, raised before the model runs).
+
+Invokes run as one forward pass, in dependency order, so a value flows between invokes in
+either direction the forward order allows: a later invoke uses an earlier one's values
+directly; an earlier invoke uses a later one's (computed at an earlier module) by entering
+its block again: ``with tracer.invoke(a) as first: ...``, ``with tracer.invoke(b): h = ...``,
+``with first: ... = h``. ``tracer.barrier(n)`` is accepted (and checked) for nnsight code.
 """
 
 from __future__ import annotations
@@ -401,8 +408,9 @@ class TokenIndexer:
                                 f"{type(key).__name__}") from None
             for r, span in enumerate(spans):
                 if not -span <= index < span:
+                    side = "past the end" if index >= 0 else "before the start"
                     raise TraceError(at_line(
-                        f"token index {index} is past the end of prompt {r} of {where}, "
+                        f"token index {index} is {side} of prompt {r} of {where}, "
                         f"which has {span} tokens", line))
             negative = [index % span - span for span in spans]
         if whole:

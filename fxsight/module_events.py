@@ -36,6 +36,9 @@ class ModuleEvents:
         self.calls: dict[str, int] = {}
         self.stack: list[str] = []
         self.order: list[Site] = []
+        # while paused, module calls are not events (a module the handler itself calls,
+        # e.g. an envoy applied to a traced value, is not a call of the model's forward)
+        self.paused = False
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["ModuleEvents"]:
@@ -55,6 +58,8 @@ class ModuleEvents:
 
     def _pre_hook(self, path: str):
         def hook(module, args, kwargs):
+            if self.paused:
+                return None
             call = self.calls.get(path, 0)
             self.calls[path] = call + 1
             self.stack.append(path)
@@ -66,6 +71,8 @@ class ModuleEvents:
 
     def _post_hook(self, path: str):
         def hook(module, args, output):
+            if self.paused:
+                return None
             if self.stack and self.stack[-1] == path:
                 self.stack.pop()
             elif path in self.stack:  # an exception unwound through inner modules

@@ -1,100 +1,617 @@
-"""Patching experiments built on traces: attribution patching (gradient approximation).
+"""Patching experiments: activation patching sweeps, steering sweeps, attribution patching.
 
-``attribution(model, clean, corrupted, metric)`` estimates, in one forward and one backward
-pass, the effect on ``metric`` of patching each layer's clean activation into the corrupted
-run at each position: ``(clean - corrupted) · d metric / d activation``, summed over the
-hidden dimension (Nanda's attribution patching).
+All three return a :class:`PatchingResult`: a tensor of scores with named axes.
+
+- :func:`activation_patching` patches the clean run's activation into the corrupted run at
+  every (site kind, layer, position) cell and measures ``metric`` on the patched logits.
+  The cells run in large batches with the corrupted run's computation before the patched
+  layer reused (see :mod:`fxsight.sweeps`); the numbers are those of a one-cell-at-a-time
+  loop.
+- :func:`steering_sweep` adds ``scale * vector`` to the residual stream at every (vector,
+  layer, scale) cell, with the same machinery.
+- :func:`attribution` estimates activation patching's scores from one forward and one
+  backward pass (``(clean - corrupted) · d metric / d activation``, Nanda's attribution
+  patching).
+
+Scores are *effects*: the metric of the patched (steered) run minus the metric of the
+unpatched run (``result.baseline``); ``result.normalized()`` divides activation patching's by
+``reference - baseline`` (the clean run's metric minus the corrupted run's), so 1 means
+"restores the clean behaviour".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from .envoy import Envoy
+from .sweeps import (DEFAULT_MEMORY_BUDGET, KINDS, Group, Sweep, check_kinds, check_layers,
+                     check_positions, choose_batch_size, expanded, find_layout,
+                     forward_kwargs as _forward_kwargs, forward_parameters, hidden, metric_values,
+                     reads_last_position_only, reference_run, row_bytes, token_ids,
+                     token_labels, with_hidden)
+
+__all__ = ["PatchingResult", "Cell", "activation_patching", "steering_sweep", "attribution",
+           "block_envoys"]
 
 
-@dataclass
+class Cell(tuple):
+    """One cell of a result: a tuple of its coordinates (``("attn", 1, 8)``) with the
+    axes as attributes (``cell.site``, ``cell.layer``, ``cell.position``) and its score
+    (``cell.value``)."""
+
+    def __new__(cls, coords: dict[str, Any], value: float):
+        cell = super().__new__(cls, coords.values())
+        cell.coords = dict(coords)
+        cell.value = value
+        return cell
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["coords"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.coords.items())
+        return f"Cell({inner}, value={self.value:.4g})"
+
+
+@dataclass(eq=False)
 class PatchingResult:
-    """Scores of a patching experiment: ``values[i, p]`` for site ``sites[i]`` at token
-    position ``p``."""
+    """Scores with named axes: ``values`` has one dimension per name in ``dims``, and
+    ``coords[dim]`` labels its entries.
+
+    Activation patching: ``dims == ("site", "layer", "position")``,
+    ``values[i, l, p]`` the effect of patching site kind ``sites[i]`` of layer
+    ``layers[l]`` at token position ``positions[p]``. Steering:
+    ``("vector", "layer", "scale")``. Attribution over explicit modules:
+    ``("site", "position")`` with module paths as sites.
+    """
 
     values: torch.Tensor
-    sites: list[str]
-    positions: list[int]
+    dims: tuple[str, ...]
+    coords: dict[str, list]
+    baseline: float | None = None  # metric of the unpatched (corrupted / unsteered) run
+    reference: float | None = None  # metric of the clean run (activation patching)
+    tokens: list[str] | None = None  # the prompt's tokens, labels of the position axis
+    method: str = "activation patching"
+    info: dict = field(default_factory=dict)  # batch size, traces, backend, timing
+
+    def __post_init__(self) -> None:
+        self.dims = tuple(self.dims)
+        if self.values.dim() != len(self.dims):
+            raise ValueError(f"values have {self.values.dim()} dimensions, dims name "
+                             f"{len(self.dims)}: {self.dims}")
+        for dim, size in zip(self.dims, self.values.shape):
+            if len(self.coords.get(dim, ())) != size:
+                raise ValueError(f"axis {dim!r} has {size} entries but "
+                                 f"{len(self.coords.get(dim, ()))} labels")
+
+    # --- axes ------------------------------------------------------------------------------
+    @property
+    def sites(self) -> list:
+        return list(self.coords.get("site", []))
+
+    @property
+    def layers(self) -> list:
+        return list(self.coords.get("layer", []))
+
+    @property
+    def positions(self) -> list:
+        return list(self.coords.get("position", []))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def normalized(self) -> "PatchingResult":
+        """Scores divided by ``reference - baseline`` (clean minus corrupted metric): the
+        fraction of the clean behaviour a patch restores."""
+        if self.reference is None or self.baseline is None:
+            raise ValueError(f"{self.method} has no clean reference to normalize by")
+        span = self.reference - self.baseline
+        if span == 0:
+            raise ValueError("the clean and corrupted runs give the same metric: nothing "
+                             "to normalize by")
+        return self._with(self.values / span)
+
+    def sel(self, **selection: Any) -> "PatchingResult":
+        """The scores at some coordinates: ``result.sel(site="resid")`` drops the site axis,
+        ``result.sel(layer=[0, 1])`` keeps it with two entries."""
+        values, dims, coords = self.values, list(self.dims), dict(self.coords)
+        for dim, wanted in selection.items():
+            if dim not in dims:
+                raise KeyError(f"no axis {dim!r}; the axes are {', '.join(dims)}")
+            axis = dims.index(dim)
+            labels = coords[dim]
+            many = isinstance(wanted, (list, tuple, range))
+            keys = list(wanted) if many else [wanted]
+            missing = [k for k in keys if k not in labels]
+            if missing:
+                raise KeyError(f"{dim} {missing[0]!r} is not in this result ({labels})")
+            index = torch.tensor([labels.index(k) for k in keys])
+            values = values.index_select(axis, index)
+            if many:
+                coords[dim] = keys
+            else:
+                values = values.squeeze(axis)
+                dims.pop(axis)
+                del coords[dim]
+        return self._with(values, tuple(dims), coords)
+
+    def _with(self, values: torch.Tensor, dims: tuple | None = None,
+              coords: dict | None = None) -> "PatchingResult":
+        return PatchingResult(values, dims if dims is not None else self.dims,
+                              coords if coords is not None else dict(self.coords),
+                              self.baseline, self.reference, self.tokens, self.method,
+                              dict(self.info))
+
+    # --- summaries ---------------------------------------------------------------------------
+    def top_k(self, k: int = 5, **selection: Any) -> list[Cell]:
+        """The ``k`` cells with the largest absolute score (optionally among a selection:
+        ``result.top_k(3, site="attn")``)."""
+        result = self.sel(**selection) if selection else self
+        flat = result.values.reshape(-1)
+        order = flat.abs().argsort(descending=True, stable=True)[:k]
+        cells = []
+        for index in order.tolist():
+            coords = {dim: v for dim, v in selection.items()
+                      if not isinstance(v, (list, tuple, range))}
+            rest = index
+            position = {}
+            for dim, size in reversed(list(zip(result.dims, result.values.shape))):
+                rest, i = divmod(rest, size)
+                position[dim] = result.coords[dim][i]
+            ordered = {dim: coords.get(dim, position.get(dim)) for dim in self.dims
+                       if dim in coords or dim in position}
+            cells.append(Cell(ordered, float(flat[index])))
+        return cells
+
+    def top(self, **selection: Any) -> Cell:
+        """The cell with the largest absolute score: ``("attn", 1, 8)`` for
+        ``(site, layer, position)`` (a :class:`Cell`, with ``.value``)."""
+        return self.top_k(1, **selection)[0]
+
+    def to_records(self) -> list[dict]:
+        """One dict per cell: its coordinates, ``value`` and, where known, ``token``."""
+        records = []
+        for index in range(self.values.numel()):
+            rest, record = index, {}
+            for dim, size in reversed(list(zip(self.dims, self.values.shape))):
+                rest, i = divmod(rest, size)
+                record[dim] = self.coords[dim][i]
+            record = {dim: record[dim] for dim in self.dims}
+            if self.tokens is not None and "position" in record:
+                record["token"] = self.tokens[record["position"]]
+            record["value"] = float(self.values.reshape(-1)[index])
+            records.append(record)
+        return records
 
     def to_dataframe(self):
-        """The scores as a pandas DataFrame (rows: sites, columns: positions)."""
-        import pandas as pd
-        return pd.DataFrame(self.values.numpy(), index=self.sites, columns=self.positions)
+        """The scores as a long-format pandas DataFrame: one row per cell, one column per
+        axis, ``token`` (where known) and ``value``."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError(
+                "PatchingResult.to_dataframe() needs pandas, which is not installed "
+                "(pip install pandas). Without it: result.values is a tensor with axes "
+                f"{self.dims}, result.coords labels them, and result.to_records() gives one "
+                "dict per cell.") from None
+        return pd.DataFrame(self.to_records())
 
-    def top(self) -> tuple[str, int]:
-        """The site and position with the largest absolute score."""
-        index = int(self.values.abs().argmax())
-        row, column = divmod(index, self.values.shape[1])
-        return self.sites[row], self.positions[column]
+    def table(self, digits: int = 2, **selection: Any) -> str:
+        """The scores as text: one table per entry of the first axis (for 3 axes), rows
+        along the next-to-last axis and columns along the last."""
+        result = self.sel(**selection) if selection else self
+        if result.values.dim() == 3:
+            first = result.dims[0]
+            return "\n\n".join(f"{first} {label}:\n" + result.sel(**{first: label})
+                               .table(digits) for label in result.coords[first])
+        values = result.values
+        if values.dim() == 0:
+            return f"{float(values):.{digits}f}"
+        if values.dim() == 1:
+            values = values.unsqueeze(0)
+            rows_dim, row_labels = "", [""]
+        else:
+            rows_dim, row_labels = result.dims[0], result.coords[result.dims[0]]
+        column_dim = result.dims[-1]
+        columns = [str(c) for c in result.coords[column_dim]]
+        if column_dim == "position" and self.tokens is not None:
+            columns = [f"{c}:{self.tokens[int(c)]}" for c in columns]
+        width = max(digits + 4, *(len(c) for c in columns))
+        label_width = max(len(f"{rows_dim} {r}") for r in row_labels)
+        lines = [" " * label_width + " " + " ".join(c[:width].rjust(width) for c in columns)]
+        for label, row in zip(row_labels, values.tolist()):
+            name = f"{rows_dim} {label}".ljust(label_width)
+            lines.append(name + " " + " ".join(f"{v:+.{digits}f}".rjust(width) for v in row))
+        return "\n".join(lines)
 
-    def plot(self, path: str | None = None, title: str = "patching"):
-        """A site × position heatmap (matplotlib); saved to ``path`` when given."""
-        import matplotlib
+    def __repr__(self) -> str:
+        axes = ", ".join(f"{d}={len(self.coords[d])}" for d in self.dims)
+        extra = "" if self.baseline is None else f", baseline={self.baseline:.4g}"
+        extra += "" if self.reference is None else f", reference={self.reference:.4g}"
+        return f"PatchingResult({self.method}: {axes}{extra}; top {self.top()!r})"
+
+    # --- plotting ----------------------------------------------------------------------------
+    def plot(self, path: str | None = None, title: str | None = None,
+             normalized: bool = False, cmap: str = "RdBu"):
+        """A heatmap (matplotlib): one panel per site kind (per vector for steering), rows
+        along layers, columns along positions (scales); saved to ``path`` when given (with
+        the Agg backend, so no display is needed). Returns the figure."""
+        result = self.normalized() if normalized else self
+        values = result.values
+        if values.dim() == 1:
+            values = values.unsqueeze(0)
+        panels_dim = result.dims[0] if values.dim() == 3 else None
+        panels = result.coords[panels_dim] if panels_dim else [None]
+        grids = [values[i] for i in range(values.shape[0])] if panels_dim else [values]
+        row_dim = result.dims[-2] if len(result.dims) >= 2 else ""
+        column_dim = result.dims[-1]
+        rows = result.coords.get(row_dim, [""])
+        columns = [str(c) for c in result.coords[column_dim]]
+        if column_dim == "position" and self.tokens is not None:
+            columns = [f"{self.tokens[int(c)]} ({c})" for c in columns]
+        limit = float(values.abs().max()) or 1.0
+        size = (1.5 + 0.45 * len(columns), 0.8 + len(panels) * (0.6 + 0.35 * len(rows)))
         if path is not None:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        figure, axes = plt.subplots(figsize=(1 + 0.5 * len(self.positions),
-                                             1 + 0.4 * len(self.sites)))
-        limit = float(self.values.abs().max()) or 1.0
-        image = axes.imshow(self.values.numpy(), cmap="RdBu", vmin=-limit, vmax=limit,
-                            aspect="auto")
-        axes.set_xticks(range(len(self.positions)), self.positions)
-        axes.set_yticks(range(len(self.sites)), self.sites)
-        axes.set_xlabel("position")
-        axes.set_title(title)
-        figure.colorbar(image)
-        figure.tight_layout()
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+            figure = Figure(figsize=size)
+            FigureCanvasAgg(figure)
+            axes_list = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
+        else:
+            import matplotlib.pyplot as plt
+            figure, axes_list = plt.subplots(len(panels), 1, squeeze=False, figsize=size)
+            axes_list = axes_list[:, 0]
+        image = None
+        for axes, panel, grid in zip(axes_list, panels, grids):
+            image = axes.imshow(grid.numpy(), cmap=cmap, vmin=-limit, vmax=limit,
+                                aspect="auto", interpolation="nearest")
+            axes.set_yticks(range(len(rows)), [str(r) for r in rows])
+            axes.set_ylabel(row_dim)
+            axes.set_xticks(range(len(columns)), columns, rotation=90 if self.tokens else 0)
+            if panel is not None:
+                axes.set_title(f"{panels_dim} {panel}", fontsize=10)
+        axes_list[-1].set_xlabel(column_dim)
+        label = "fraction of clean restored" if normalized else "effect on metric"
+        figure.colorbar(image, ax=list(axes_list), label=label, shrink=0.9)
+        figure.suptitle(title or self.method)
         if path is not None:
-            figure.savefig(path)
-            plt.close(figure)
+            figure.savefig(path, dpi=110, bbox_inches="tight")
         return figure
 
 
+# --- activation patching -------------------------------------------------------------------
+def activation_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callable,
+                        sites: Sequence[str] = ("resid", "attn", "mlp"),
+                        positions: Any = "all", layers: Iterable[int] | None = None,
+                        batch_size: int | None = None,
+                        memory_budget: int | float = DEFAULT_MEMORY_BUDGET,
+                        progress: bool = True, backend: str | None = None,
+                        compile: Any = None, **forward_kwargs: Any) -> PatchingResult:
+    """Patch the clean run's activation into the corrupted run, one cell at a time in
+    effect, for every site kind × layer × position; return the effect of each patch on
+    ``metric``.
+
+    ``model``: an ``NNsight`` (``clean``/``corrupted`` are token ids of shape (1, T) or
+    (T,)) or a ``LanguageModel`` (strings too). Both prompts must have the same number of
+    tokens. ``metric(logits)`` maps logits of shape (rows, T, vocab) to one number per row,
+    e.g. ``lambda logits: logits[:, -1, paris] - logits[:, -1, rome]``.
+
+    ``sites``: ``"resid"`` (a block's output: the residual stream after it), ``"attn"``
+    (the block's attention output, item 0 if it returns a tuple), ``"mlp"`` (its MLP's
+    output). ``positions``: ``"all"`` or a list of token positions; ``layers``: all or a
+    list. Batches are sized to ``memory_budget`` bytes of activations unless
+    ``batch_size`` is given; ``progress`` shows a tqdm bar. Other keywords go to the
+    model's forward.
+
+    Returns scores with ``dims == ("site", "layer", "position")``: the patched run's metric
+    minus the corrupted run's (``result.baseline``); ``result.reference`` is the clean
+    run's, ``result.normalized()`` the fraction restored.
+    """
+    import time
+
+    start = time.perf_counter()
+    kinds = check_kinds(sites)
+    clean_ids = token_ids(model, clean, "clean")
+    corrupt_ids = token_ids(model, corrupted, "corrupted")
+    if clean_ids.shape != corrupt_ids.shape:
+        raise ValueError(
+            f"the clean and corrupted prompts must have the same number of tokens to be "
+            f"patched position by position: clean has {clean_ids.shape[1]} "
+            f"{_token_note(model, clean_ids)}, corrupted has {corrupt_ids.shape[1]} "
+            f"{_token_note(model, corrupt_ids)}")
+    layout = find_layout(model)
+    layer_list = check_layers(layers, layout.n_layers)
+    length = clean_ids.shape[1]
+    position_list = check_positions(positions, length)
+    kwargs = _forward_kwargs(model, forward_kwargs)
+    options = _trace_options(backend, compile)
+    # the two reference runs need every activation and the full logits: plain forward
+    # passes with hooks (no capture for batch size 1); the sweep's batches use the graph
+    reference_options = options if backend is not None else {**options, "backend": "hooks"}
+
+    # the reference runs: every site the cells patch (clean), and every value the cells
+    # start from (corrupted): the patched module's own output and the modules before it
+    clean_envoys, corrupt_envoys = [], []
+    for kind in kinds:
+        for layer in layer_list:
+            site = layout.site(kind, layer)
+            clean_envoys.append(site)
+            corrupt_envoys.extend(_prefix(layout, kind, layer))
+            corrupt_envoys.append(site)
+    clean_run = reference_run(model, clean_ids, clean_envoys, kwargs, reference_options)
+    corrupt_run = reference_run(model, corrupt_ids, corrupt_envoys, kwargs,
+                                reference_options)
+    reference = float(metric_values(metric, clean_run.logits, 1)[0])
+    baseline = float(metric_values(metric, corrupt_run.logits, 1)[0])
+
+    run_kwargs, kept = _logits_kwargs(model, kwargs, metric, clean_run.logits)
+    probe = hidden(clean_run.outputs[clean_envoys[0].path])
+    per_row = row_bytes(model, length, kept, probe.shape[-1], clean_run.logits.shape[-1],
+                        probe.dtype)
+    size = choose_batch_size(batch_size, memory_budget, per_row, len(position_list))
+
+    groups = []
+    for k, kind in enumerate(kinds):
+        for l, layer in enumerate(layer_list):
+            site = layout.site(kind, layer)
+            prefix = _prefix(layout, kind, layer)
+            groups.append(Group(
+                f"{kind} {layer}", list(position_list),
+                [(k, l, p) for p in range(len(position_list))],
+                _patch_skips(site, prefix, clean_run.outputs[site.path],
+                             corrupt_run.outputs, length)))
+    sweep = Sweep(model, corrupt_ids, metric, run_kwargs, options, corrupt_run.output_kind,
+                  size, progress, "activation patching")
+    values = torch.zeros(len(kinds), len(layer_list), len(position_list))
+    sweep.run(groups, values)
+    values -= baseline
+    return PatchingResult(
+        values, ("site", "layer", "position"),
+        {"site": kinds, "layer": layer_list, "position": position_list},
+        baseline=baseline, reference=reference, tokens=token_labels(model, clean_ids),
+        method="activation patching",
+        info=dict(batch_size=size, traces=sweep.traces + 2, cells=values.numel(),
+                  backend=_backend(sweep, clean_run), logits_to_keep=run_kwargs.get(
+                      "logits_to_keep"), seconds=time.perf_counter() - start,
+                  graph_module=getattr(sweep.last_tracer, "graph_module", None)))
+
+
+def _prefix(layout, kind: str, layer: int) -> list[Envoy]:
+    """The modules a ``kind`` cell of ``layer`` skips with the corrupted run's values,
+    before the patched module: the previous block (its output is this block's input) and,
+    for an MLP cell, the block's attention."""
+    if kind == "resid":
+        return []
+    prefix = [layout.blocks[layer - 1]] if layer > 0 else []
+    if kind == "mlp":
+        try:
+            prefix.append(layout.site("attn", layer))
+        except ValueError:
+            pass  # no attention module to skip: it runs
+    return prefix
+
+
+def _patch_skips(site: Envoy, prefix: list[Envoy], clean_output: Any,
+                 corrupt_outputs: dict[str, Any], length: int):
+    """The skips of a batch of cells at ``site``: the prefix modules with the corrupted
+    values, the site with the corrupted value where each row's position holds the clean
+    one."""
+    clean_hidden = hidden(clean_output)
+    corrupt_output = corrupt_outputs[site.path]
+    corrupt_hidden = hidden(corrupt_output)
+    if clean_hidden.shape[:2] != (1, length):
+        raise ValueError(f"{site.path} outputs shape {tuple(clean_hidden.shape)}; patching "
+                         f"needs (batch, tokens, ...)")
+
+    def skips(rows: int, positions: list[int]) -> list[tuple[Envoy, Any]]:
+        index = torch.tensor(positions)
+        patched = corrupt_hidden.expand(rows, *corrupt_hidden.shape[1:]).clone()
+        patched[torch.arange(rows), index] = clean_hidden[0, index]
+        pairs = [(envoy, expanded(corrupt_outputs[envoy.path], rows)) for envoy in prefix]
+        pairs.append((site, with_hidden(corrupt_output, patched, rows)))
+        return pairs
+
+    return skips
+
+
+def _logits_kwargs(model: Envoy, kwargs: dict, metric: Callable,
+                   logits: torch.Tensor) -> tuple[dict, int]:
+    """The forward kwargs of the sweep's batches and how many positions of logits they
+    compute: only the last where the metric reads nothing else and the model can."""
+    if "logits_to_keep" not in kwargs and "logits_to_keep" in forward_parameters(model) \
+            and reads_last_position_only(metric, logits):
+        return {**kwargs, "logits_to_keep": 1}, 1
+    return dict(kwargs), logits.shape[1]
+
+
+def _trace_options(backend: str | None, compile: Any) -> dict:
+    options = {}
+    if backend is not None:
+        options["backend"] = backend
+    if compile is not None:
+        options["compile"] = compile
+    return options
+
+
+def _backend(sweep: Sweep, reference) -> str:
+    backends = sweep.backends or {reference.backend}
+    return ",".join(sorted(str(b) for b in backends))
+
+
+def _token_note(model: Envoy, ids: torch.Tensor) -> str:
+    labels = token_labels(model, ids)
+    return f"tokens {labels}" if labels is not None else "tokens"
+
+
+# --- steering ------------------------------------------------------------------------------
+def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
+                   layers: Iterable[int] | None = None,
+                   scales: Sequence[float] = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0),
+                   metric: Callable | None = None, positions: Any = "all",
+                   batch_size: int | None = None,
+                   memory_budget: int | float = DEFAULT_MEMORY_BUDGET,
+                   progress: bool = True, backend: str | None = None, compile: Any = None,
+                   **forward_kwargs: Any) -> PatchingResult:
+    """Add ``scale * vector`` to the residual stream (a block's output) at every
+    (vector, layer, scale) cell and measure ``metric`` on the steered logits.
+
+    ``vectors``: one tensor of shape (hidden,), a (k, hidden) stack of k vectors, a list of
+    vectors, or a dict name -> vector; a vector of shape (n_layers, hidden) gives one
+    vector per layer (row ``l`` at layer ``l``). ``positions``: where the vector is added
+    (``"all"`` or a list). ``metric(logits)`` gives one number per row; by default the
+    log-probability of the unsteered run's prediction at the last position.
+
+    Returns scores with ``dims == ("vector", "layer", "scale")``: the steered metric minus
+    the unsteered one (``result.baseline``).
+    """
+    import time
+
+    start = time.perf_counter()
+    ids = token_ids(model, prompt, "prompt")
+    layout = find_layout(model)
+    layer_list = check_layers(layers, layout.n_layers)
+    length = ids.shape[1]
+    position_list = check_positions(positions, length)
+    scale_list = [float(s) for s in scales]
+    if not scale_list:
+        raise ValueError("scales is empty")
+    kwargs = _forward_kwargs(model, forward_kwargs)
+    options = _trace_options(backend, compile)
+    blocks = [layout.site("resid", layer) for layer in layer_list]
+    reference_options = options if backend is not None else {**options, "backend": "hooks"}
+    run = reference_run(model, ids, blocks, kwargs, reference_options)
+    if metric is None:
+        token = int(run.logits[0, -1].argmax())
+
+        def metric(logits, token=token):
+            return logits[:, -1].float().log_softmax(-1)[:, token]
+    baseline = float(metric_values(metric, run.logits, 1)[0])
+    named = _named_vectors(vectors, layout.n_layers)
+    size_hidden = hidden(run.outputs[blocks[0].path]).shape[-1]
+    for name, vector in named.items():
+        if vector.shape[-1] != size_hidden:
+            raise ValueError(f"vector {name!r} has size {vector.shape[-1]}; the residual "
+                             f"stream has {size_hidden}")
+
+    run_kwargs, kept = _logits_kwargs(model, kwargs, metric, run.logits)
+    probe = hidden(run.outputs[blocks[0].path])
+    per_row = row_bytes(model, length, kept, size_hidden, run.logits.shape[-1], probe.dtype)
+    cells_per_layer = len(named) * len(scale_list)
+    size = choose_batch_size(batch_size, memory_budget, per_row, cells_per_layer)
+    mask = torch.zeros(length, 1, dtype=probe.dtype)
+    mask[position_list] = 1
+
+    groups = []
+    names = list(named)
+    for l, (layer, block) in enumerate(zip(layer_list, blocks)):
+        output = run.outputs[block.path]
+        base = hidden(output)
+        deltas = {name: (v[layer] if v.dim() == 2 else v).to(base.dtype) * mask
+                  for name, v in named.items()}
+
+        def skips(rows, cells, block=block, output=output, base=base, deltas=deltas):
+            steered = torch.stack([base[0] + scale * deltas[name] for name, scale in cells])
+            return [(block, with_hidden(output, steered, rows))]
+
+        cells = [(name, scale) for name in names for scale in scale_list]
+        indices = [(v, l, s) for v in range(len(names)) for s in range(len(scale_list))]
+        groups.append(Group(f"layer {layer}", cells, indices, skips))
+    sweep = Sweep(model, ids, metric, run_kwargs, options, run.output_kind, size, progress,
+                  "steering sweep")
+    values = torch.zeros(len(names), len(layer_list), len(scale_list))
+    sweep.run(groups, values)
+    values -= baseline
+    return PatchingResult(
+        values, ("vector", "layer", "scale"),
+        {"vector": names, "layer": layer_list, "scale": scale_list},
+        baseline=baseline, tokens=token_labels(model, ids), method="steering sweep",
+        info=dict(batch_size=size, traces=sweep.traces + 1, cells=values.numel(),
+                  backend=_backend(sweep, run), seconds=time.perf_counter() - start,
+                  graph_module=getattr(sweep.last_tracer, "graph_module", None)))
+
+
+def _named_vectors(vectors: Any, n_layers: int) -> dict[str, torch.Tensor]:
+    if isinstance(vectors, dict):
+        named = {str(k): torch.as_tensor(v) for k, v in vectors.items()}
+    elif isinstance(vectors, torch.Tensor) and vectors.dim() == 1:
+        named = {"vector": vectors}
+    elif isinstance(vectors, torch.Tensor) and vectors.dim() == 2:
+        named = {str(i): v for i, v in enumerate(vectors)}
+    elif isinstance(vectors, (list, tuple)):
+        named = {str(i): torch.as_tensor(v) for i, v in enumerate(vectors)}
+    else:
+        raise TypeError(f"vectors must be a tensor, a list or a dict of tensors, not "
+                        f"{type(vectors).__name__}")
+    if not named:
+        raise ValueError("no steering vectors given")
+    for name, vector in named.items():
+        if vector.dim() == 2 and vector.shape[0] != n_layers:
+            raise ValueError(f"vector {name!r} has shape {tuple(vector.shape)}: a per-layer "
+                             f"vector needs one row per layer ({n_layers})")
+        if vector.dim() not in (1, 2):
+            raise ValueError(f"vector {name!r} has shape {tuple(vector.shape)}")
+    return {name: v.detach() for name, v in named.items()}
+
+
+# --- attribution patching ------------------------------------------------------------------
 def block_envoys(model: Envoy) -> list[Envoy]:
     """The model's main stack of blocks: the longest ModuleList in it."""
-    best: tuple[int, str] | None = None
-    for path, module in model._module.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and (best is None or len(module) > best[0]):
-            best = (len(module), path)
-    if best is None:
-        raise ValueError("the model has no ModuleList of blocks; pass sites= explicitly")
-    envoy = model
-    for part in best[1].split("."):
-        envoy = getattr(envoy, part)
-    return list(envoy)
+    return find_layout(model).blocks
 
 
 def attribution(model: Envoy, clean: Any, corrupted: Any,
-                metric: Callable[[Any], Any], sites: Sequence[Envoy] | None = None,
+                metric: Callable[[Any], Any], sites: Sequence[Envoy] | Sequence[str] | None = None,
                 **trace_kwargs) -> PatchingResult:
     """Attribution patching of each site's output at every position, in one trace.
 
     ``metric`` receives the corrupted run's model output (as a traced value) and returns a
-    scalar to differentiate, e.g. ``lambda out: out.logits[0, -1, a] - out.logits[0, -1, b]``.
-    Sites default to the model's blocks (the residual stream after each block); their
-    outputs must be tensors or tuples whose first item is the hidden state.
+    scalar to differentiate, e.g. ``lambda out: out.logits[:, -1, a] - out.logits[:, -1, b]``.
+
+    ``sites``: site kinds (``["resid", "attn", "mlp"]``: scores with ``dims ==
+    ("site", "layer", "position")``, comparable cell by cell with
+    :func:`activation_patching`), or modules (envoys; scores with ``dims == ("site",
+    "position")`` and module paths as sites). By default, the blocks' outputs (the residual
+    stream), as modules. Module outputs must be tensors or tuples whose first item is the
+    hidden state.
     """
-    sites = list(sites) if sites is not None else block_envoys(model)
+    kinds = None
+    if sites is not None and all(isinstance(s, str) for s in sites):
+        kinds = check_kinds(sites)
+        layout = find_layout(model)
+        envoys = [layout.site(kind, layer) for kind in kinds
+                  for layer in range(layout.n_layers)]
+    else:
+        envoys = list(sites) if sites is not None else block_envoys(model)
     with torch.enable_grad(), model.trace(**trace_kwargs) as tracer:
         with tracer.invoke(clean):
-            clean_acts = [_hidden(site.output).detach().save() for site in sites]
+            clean_acts = [_hidden(site.output).detach().save() for site in envoys]
         with tracer.invoke(corrupted):
-            corrupt_acts = [_hidden(site.output).detach().save() for site in sites]
-            grads = [_hidden(site.output).grad.save() for site in sites]
-            metric(model.output).sum().backward()
+            corrupt_acts = [_hidden(site.output).detach().save() for site in envoys]
+            grads = [_hidden(site.output).grad.save() for site in envoys]
+            score = metric(model.output).sum()
+            baseline = [score.detach().save()]
+            score.backward()
     values = torch.stack([((c - k) * g).sum(-1).sum(0) for c, k, g
                           in zip(clean_acts, corrupt_acts, grads)]).detach()
-    names = [site.path for site in sites]
-    return PatchingResult(values, names, list(range(values.shape[1])))
+    positions = list(range(values.shape[1]))
+    baseline_value = float(baseline[0]) if isinstance(baseline[0], torch.Tensor) else None
+    if kinds is not None:
+        n_layers = len(envoys) // len(kinds)
+        values = values.reshape(len(kinds), n_layers, -1)
+        return PatchingResult(values, ("site", "layer", "position"),
+                              {"site": kinds, "layer": list(range(n_layers)),
+                               "position": positions},
+                              baseline=baseline_value, method="attribution patching")
+    return PatchingResult(values, ("site", "position"),
+                          {"site": [site.path for site in envoys], "position": positions},
+                          baseline=baseline_value, method="attribution patching")
 
 
 def _hidden(value):

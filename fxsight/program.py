@@ -200,19 +200,32 @@ def _value_key(value: Any) -> Any:
     return ("value", type(value).__name__)
 
 
+_PLAIN = (int, str, type(None), type(Ellipsis))
+
+
 def _structure(value: Any, index: dict) -> Any:
+    kind = type(value)
+    if kind is fx.Node:
+        return ("node", index[value])
+    if kind in _PLAIN:
+        return value
+    if kind is tuple or kind is list:
+        return (kind.__name__, tuple([_structure(v, index) for v in value]))
+    if kind is slice:
+        return ("slice", _structure(value.start, index), _structure(value.stop, index),
+                _structure(value.step, index))
+    if kind is bool or kind is float:
+        # tagged: ``True == 1 == 1.0`` would make ``x[:, True]`` share ``x[:, 1]``'s graph
+        return (kind.__name__, value)
     if isinstance(value, fx.Node):
         return ("node", index[value])
     if isinstance(value, (tuple, list)):
         return (type(value).__name__, tuple(_structure(v, index) for v in value))
     if isinstance(value, dict):
         return ("dict", tuple((k, _structure(v, index)) for k, v in value.items()))
-    if isinstance(value, slice):
-        return ("slice", _structure(value.start, index), _structure(value.stop, index),
-                _structure(value.step, index))
     try:
         hash(value)
-        return value
+        return (type(value), value)
     except TypeError:
         return ("id", id(value))
 

@@ -21,6 +21,7 @@ import sys
 import time
 import warnings
 import weakref
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -91,6 +92,15 @@ def _user_stacklevel() -> int:
     return level
 
 
+def _single_output(plan: Any) -> Any:
+    leaves = getattr(plan, "leaves", None)
+    spec = getattr(plan, "spec", None)
+    if leaves is not None and len(leaves) == 1 and leaves[0][0] == "out" and \
+            spec is not None and spec.is_leaf():
+        return leaves[0][1]
+    return plan
+
+
 class Executable:
     """A spliced GraphModule and the function that runs it (eager, or compiled lazily)."""
 
@@ -99,6 +109,8 @@ class Executable:
         self.spliced = spliced
         self.compile_options = compile_options
         self.failure: str | None = None
+        # a save that is one graph output is read by index (no pytree rebuild per trace)
+        self.save_builders = [_single_output(plan) for plan in spliced.saves]
         gm = spliced.graph_module
         self._eager = gm.forward
         self._fn: Callable = self._eager
@@ -157,14 +169,35 @@ class Runner:
         return self.executable.compiled
 
     def __call__(self, flat_inputs: list[Any]) -> tuple[Any, list[Any]]:
-        outputs = self.executable(flat_inputs)
-        spliced = self.executable.spliced
-        model_output = spliced.model_output.build(outputs) if spliced.model_output else None
-        return model_output, [plan.build(outputs) for plan in spliced.saves]
+        executable = self.executable
+        outputs = executable(flat_inputs)
+        plan = executable.spliced.model_output
+        model_output = plan.build(outputs) if plan is not None else None
+        return model_output, [outputs[b] if type(b) is int else b.build(outputs)
+                              for b in executable.save_builders]
 
 
-_RUNNERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
-_EXECUTABLES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_RUNNERS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = \
+    weakref.WeakKeyDictionary()
+_EXECUTABLES: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = \
+    weakref.WeakKeyDictionary()
+# Both caches are LRU, bounded per model: a long session that tries many structures keeps
+# the most recently used ones (a runner keeps its executable alive while it is cached).
+MAX_RUNNERS = 256
+MAX_EXECUTABLES = 128
+
+
+def _lru_get(cache: "weakref.WeakKeyDictionary", model: torch.nn.Module, key: tuple,
+             limit: int) -> tuple[OrderedDict, Any]:
+    per_model = cache.get(model)
+    if per_model is None:
+        per_model = cache[model] = OrderedDict()
+    value = per_model.get(key)
+    if value is not None:
+        per_model.move_to_end(key)
+    elif len(per_model) >= limit:
+        per_model.popitem(last=False)
+    return per_model, value
 
 
 def cached_runner(model: torch.nn.Module, key: tuple, captured: Any,
@@ -172,10 +205,7 @@ def cached_runner(model: torch.nn.Module, key: tuple, captured: Any,
     """The runner for ``key`` (the capture's id + Program structure + ...), built once.
 
     ``captured`` is the capture the key's id names (checked: an id can be reused)."""
-    per_model = _RUNNERS.get(model)
-    if per_model is None:
-        per_model = _RUNNERS[model] = {}
-    runner = per_model.get(key)
+    per_model, runner = _lru_get(_RUNNERS, model, key, MAX_RUNNERS)
     if runner is None or runner.captured is not captured:
         runner = per_model[key] = build()
         runner.captured = captured
@@ -187,10 +217,7 @@ def cached_runner(model: torch.nn.Module, key: tuple, captured: Any,
 def cached_executable(model: torch.nn.Module, key: tuple,
                       build: Callable[[], Executable]) -> Executable:
     """The executable for ``key`` (captured graph + shape-blind structure), built once."""
-    per_model = _EXECUTABLES.get(model)
-    if per_model is None:
-        per_model = _EXECUTABLES[model] = {}
-    executable = per_model.get(key)
+    per_model, executable = _lru_get(_EXECUTABLES, model, key, MAX_EXECUTABLES)
     if executable is None:
         executable = per_model[key] = build()
     else:

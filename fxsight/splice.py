@@ -172,7 +172,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             if isinstance(source, fx.Node) and source.op == "call_function" and \
                     source not in named and not source.meta.get("fxsight"):
                 named.add(source)
-                source._rename(_boundary_name(node.args[1]))
+                source._rename(_boundary_name(node.args[1], node.args[2]))
             node.replace_all_uses_with(source)
             graph.erase_node(node)
     graph.eliminate_dead_code(is_impure_node=_is_impure)
@@ -205,6 +205,8 @@ def copy_program_values(values: list[Any]) -> list[Any]:
     return copy.copy(values)
 
 
-def _boundary_name(label: str) -> str:
-    """``transformer.h.0.output#1`` -> ``transformer_h_0_output_1`` (a Python name)."""
-    return label.replace(".", "_").replace("#", "_")
+def _boundary_name(label: str, leaf: int) -> str:
+    """``transformer.h.0.output#1`` -> ``transformer_h_0_output_1`` (a Python name); the
+    tensors after the first of a site get their leaf index: ``transformer_h_0_input_leaf2``."""
+    name = label.replace(".", "_").replace("#", "_")
+    return f"{name}_leaf{leaf}" if leaf else name

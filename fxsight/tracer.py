@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import threading
 import warnings
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +30,7 @@ if TYPE_CHECKING:
     from .models import NNsight
 
 BACKENDS = ("auto", "fx", "hooks")
+_PLAIN_ARGS = frozenset({int, float, bool, str, type(None), type(Ellipsis)})
 _ACTIVE = threading.local()
 
 
@@ -116,7 +116,8 @@ class Tracer:
         self._output_kept = False
         self._record_walkers: dict[Any, MetaWalker] = {}
         self._barriers: list[Barrier] = []
-        self._proxies: "weakref.WeakSet[Proxy]" = weakref.WeakSet()
+        # saved proxies, kept alive so that their ids (the keys of _saved) stay theirs
+        self._proxies: dict[int, Proxy] = {}
         self.backend: str | None = None
         self.graph_module: fx.GraphModule | None = None
         self._token_indexing = model._token_indexing
@@ -224,6 +225,8 @@ class Tracer:
                                      "inside the `with ... trace(...)` block", user_line()))
 
     def _to_arg(self, value: Any) -> Any:
+        if type(value) in _PLAIN_ARGS:  # the common case, first
+            return value
         if isinstance(value, Proxy):
             if value._tracer is not self:
                 raise TraceError(at_line(
@@ -283,7 +286,7 @@ class Tracer:
                                      f"created the value{from_where(proxy)}", user_line()))
         self.program.save(proxy._node)
         self._saved[id(proxy)] = proxy._node
-        self._proxies.add(proxy)
+        self._proxies[id(proxy)] = proxy
         return proxy
 
     # --- metadata while recording ----------------------------------------------------------

@@ -36,18 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(2)
-    try:
-        import nnsight
-        nnsight_version = nnsight.__version__
-    except Exception:  # noqa: BLE001
-        nnsight_version = "not importable (skipped)"
-    print(f"# fxsight benchmarks: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, python {platform.python_version()}, "
-          f"nnsight {nnsight_version}; `python -m perf {' '.join(argv or sys.argv[1:])}`")
+    from perf import bench_core
+    nnsight_version = bench_core.nnsight_version() or "not importable (skipped)"
+    print(f"# fxsight benchmarks: torch {torch.__version__}, {torch.get_num_threads()} threads "
+          f"of {os.cpu_count()} cores, {platform.machine()}, python "
+          f"{platform.python_version()}, nnsight {nnsight_version}, load average "
+          f"{os.getloadavg()[0]:.1f} at start; `python -m perf {' '.join(argv or sys.argv[1:])}`")
     everything: dict[str, object] = {}
     start = time.perf_counter()
 
-    from perf import bench_core
     core_names = [f"core/{m}/{e}" for m in bench_core.MODELS for e in bench_core.EXPERIMENTS]
     if args.only is None or any(args.only in name for name in core_names):
         print("\n## core: batch 8x32 tokens, no autograd, medians after warm-up\n", flush=True)
@@ -75,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         table = getattr(module, "table", None)
         print(table(results) if table else "\n".join(map(str, results)), flush=True)
 
-    print(f"\n(total {time.perf_counter() - start:.0f} s)")
+    print(f"\n(total {time.perf_counter() - start:.0f} s; load average "
+          f"{os.getloadavg()[0]:.1f} at the end)")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(everything, file, indent=1, default=str)

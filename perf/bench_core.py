@@ -26,7 +26,11 @@ rewritten graph, measured on the same calls.
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -98,37 +102,125 @@ def _hooks(model: torch.nn.Module, experiment: str, layer: int) -> Callable:
     return run
 
 
-def _traced(wrapped: Any, experiment: str, layer: int, n_layer: int, **trace_kwargs) -> Callable:
+def _traced(wrapped: Any, experiment: str, layer: int, n_layer: int,
+            check: Callable[[Any], None] = lambda tracer: None, **trace_kwargs) -> Callable:
     """The experiment in nnsight's API: runs on fxsight's and on nnsight's wrappers."""
     half = ROWS // 2
 
     if experiment == "save":
         def run(ids):
             saved = []
-            with wrapped.trace(ids, use_cache=False, **trace_kwargs):
+            with wrapped.trace(ids, use_cache=False, **trace_kwargs) as tracer:
                 for i in range(n_layer):
                     saved.append(wrapped.transformer.h[i].output.save())
                 logits = wrapped.lm_head.output.save()
+            check(tracer)
             return saved, logits
         return run
 
     def run(ids):
         with wrapped.trace(**trace_kwargs) as tracer:
+            barrier = tracer.barrier(2)  # nnsight runs invokes as threads: share through it
             with tracer.invoke(ids[:half], use_cache=False):
                 clean = wrapped.transformer.h[layer].output[:, POSITION]
+                barrier()
             with tracer.invoke(ids[half:], use_cache=False):
+                barrier()
                 wrapped.transformer.h[layer].output[:, POSITION] = clean
                 logits = wrapped.lm_head.output.save()
+        check(tracer)
         return logits
     return run
 
 
+def _fx_backend(tracer: Any) -> None:
+    if tracer.backend != "fx":
+        raise RuntimeError(f"fxsight ran on the {tracer.backend} backend, not fx")
+
+
+# --- nnsight, in a subprocess -------------------------------------------------------------
+# Importing nnsight changes global state that torch.export then trips over (fxsight's
+# capture fails with nnsight imported), so nnsight is timed in a child process, together
+# with the plain eager forward there; its ratios are relative to that process's own plain
+# forward. FXSIGHT_BENCH_NNSIGHT_PYTHON names an interpreter that has nnsight (default: this).
+NNSIGHT_PYTHON = os.environ.get("FXSIGHT_BENCH_NNSIGHT_PYTHON", sys.executable)
+
+
 def _nnsight_wrapper(model: torch.nn.Module) -> Any:
-    try:
-        import nnsight
-    except Exception:  # noqa: BLE001 - not installed (or broken): skipped
-        return None
-    return nnsight.NNsight(model)
+    import nnsight
+
+    class Batched(nnsight.NNsight):
+        """nnsight's NNsight with the batching of fxsight's NNsight (concatenate the
+        invokes' tensors along dim 0), so two invokes run as one batch."""
+
+        def _batch_size(self, *inputs, **kwargs):
+            for value in (*inputs, *kwargs.values()):
+                if isinstance(value, torch.Tensor):
+                    return value.shape[0]
+            return 0  # no rows (an empty invoke, keyword parameters only)
+
+        def _batch(self, invokes, fn):
+            if len(invokes) == 1:
+                return invokes[0]
+            args = tuple(torch.cat(column) for column in zip(*(a for a, _ in invokes)))
+            return args, invokes[0][1]
+
+    return Batched(model)
+
+
+def nnsight_version(python: str = NNSIGHT_PYTHON) -> str | None:
+    """nnsight's version in ``python`` (``None`` where it is not importable)."""
+    done = subprocess.run([python, "-c", "import nnsight; print(nnsight.__version__)"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def _nnsight_worker(key: str, experiments: list[str], rounds: int, warmup: int) -> None:
+    """(In the child process.) Print JSON: per experiment, nnsight's and the plain eager
+    forward's medians, the first call, and nnsight's max |diff| from the hooks."""
+    torch.set_num_threads(2)
+    out = {}
+    with torch.no_grad():
+        model = MODELS[key][1]()
+        n_layer = len(model.transformer.h)
+        ids = _ids(model)
+        wrapped = _nnsight_wrapper(model)
+        for experiment in experiments:
+            fns = {"plain eager": _plain(model),
+                   "hooks": _hooks(model, experiment, n_layer // 2),
+                   "nnsight": _traced(wrapped, experiment, n_layer // 2, n_layer)}
+            start = time.perf_counter()
+            answer = fns["nnsight"](ids)
+            first = time.perf_counter() - start
+            for fn in fns.values():
+                for _ in range(warmup):
+                    fn(ids)
+            times = {v: [] for v in fns}
+            for _ in range(rounds):
+                for variant, fn in fns.items():
+                    start = time.perf_counter()
+                    fn(ids)
+                    times[variant].append(time.perf_counter() - start)
+            out[experiment] = dict(
+                nnsight=statistics.median(times["nnsight"]),
+                eager=statistics.median(times["plain eager"]), first=first,
+                diff=_max_diff(answer, fns["hooks"](ids)))
+    print(json.dumps(out))
+
+
+def _nnsight_in_child(key: str, experiments: tuple[str, ...], rounds: int,
+                      warmup: int) -> dict | str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (f"from perf.bench_core import _nnsight_worker; "
+            f"_nnsight_worker({key!r}, {list(experiments)!r}, {rounds}, {warmup})")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    done = subprocess.run([NNSIGHT_PYTHON, "-c", code], capture_output=True, text=True,
+                          cwd=root, env=env)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        return lines[-1][:120] if lines else f"exit status {done.returncode}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # --- timing ------------------------------------------------------------------------------
@@ -167,7 +259,13 @@ def _max_diff(got: Any, want: Any) -> float:
                default=0.0)
 
 
+def _ids(model: torch.nn.Module) -> torch.Tensor:
+    return torch.randint(4, model.config.vocab_size, (ROWS, TOKENS),
+                         generator=torch.Generator().manual_seed(0))
+
+
 def bench_model(key: str, experiments: tuple[str, ...], rounds: int, warmup: int,
+                with_nnsight: bool = True,
                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every variant of ``experiments`` on one model; one dict per (experiment, variant)."""
     import fxsight
@@ -176,28 +274,24 @@ def bench_model(key: str, experiments: tuple[str, ...], rounds: int, warmup: int
     model = build()
     n_layer = len(model.transformer.h)
     layer = n_layer // 2
-    ids = torch.randint(4, model.config.vocab_size, (ROWS, TOKENS),
-                        generator=torch.Generator().manual_seed(0))
+    ids = _ids(model)
     compiled_model = torch.compile(model)
-    fx_wrapper = fxsight.NNsight(model)
-    nn_wrapper = _nnsight_wrapper(model)
+    wrapper = fxsight.NNsight(model)
     results = []
     for experiment in experiments:
-        fns: dict[str, Callable | None] = {
+        fns: dict[str, Callable] = {
             "plain eager": _plain(model),
             "plain compiled": _plain(compiled_model),
             "hooks": _hooks(model, experiment, layer),
-            "fxsight eager": _traced(fx_wrapper, experiment, layer, n_layer, compile=False),
-            "fxsight compiled": _traced(fx_wrapper, experiment, layer, n_layer, compile=True),
-            "nnsight": None if nn_wrapper is None else
-            _traced(nn_wrapper, experiment, layer, n_layer),
+            "fxsight eager": _traced(wrapper, experiment, layer, n_layer, _fx_backend,
+                                     compile=False),
+            "fxsight compiled": _traced(wrapper, experiment, layer, n_layer, _fx_backend,
+                                        compile=True),
         }
         first: dict[str, float] = {}
         answers: dict[str, Any] = {}
         failed: dict[str, str] = {}
         for variant, fn in fns.items():
-            if fn is None:
-                continue
             try:
                 start = time.perf_counter()
                 answers[variant] = fn(ids)
@@ -206,10 +300,10 @@ def bench_model(key: str, experiments: tuple[str, ...], rounds: int, warmup: int
                     fn(ids)
             except Exception as error:  # noqa: BLE001 - a failing variant is reported
                 failed[variant] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
-        live = [v for v, fn in fns.items() if fn is not None and v not in failed]
+        live = [v for v in fns if v not in failed]
         times: dict[str, list[float]] = {v: [] for v in live}
         python: dict[str, list[float]] = {v: [] for v in live if v.startswith("fxsight")}
-        stats_before = fxsight.stats()
+        compiles_before = fxsight.stats()["compilations"]
         for _ in range(rounds):
             for variant in live:
                 clock = _GraphClock() if variant in python else None
@@ -225,14 +319,25 @@ def bench_model(key: str, experiments: tuple[str, ...], rounds: int, warmup: int
                 times[variant].append(elapsed)
                 if clock is not None:
                     python[variant].append(elapsed - clock.seconds)
-        stats_after = fxsight.stats()
-        new_compiles = stats_after["compilations"] - stats_before["compilations"]
-        reference = answers.get("hooks")
+        new_compiles = fxsight.stats()["compilations"] - compiles_before
         medians = {v: statistics.median(t) for v, t in times.items()}
+        child = _nnsight_in_child(key, (experiment,), rounds, warmup) if with_nnsight \
+            else "nnsight is not importable"
+        nn_ratio = None
+        if isinstance(child, dict):
+            nn = child[experiment]
+            nn_ratio = nn["nnsight"] / nn["eager"]  # relative to its own process's forward
         for variant in VARIANTS:
             row = dict(model=name, experiment=experiment, variant=variant)
-            if fns.get(variant) is None:
-                row["skipped"] = "nnsight is not importable"
+            if variant == "nnsight":
+                if nn_ratio is None:
+                    row["skipped"] = child
+                else:
+                    row.update(median_ms=nn["nnsight"] * 1e3, first_s=nn["first"],
+                               rounds=rounds, vs_eager=nn_ratio,
+                               vs_floor=nn_ratio * medians["plain eager"] /
+                               medians["plain compiled"], max_abs_diff=nn["diff"],
+                               child_eager_ms=nn["eager"] * 1e3)
             elif variant in failed:
                 row["skipped"] = failed[variant]
             else:
@@ -244,10 +349,10 @@ def bench_model(key: str, experiments: tuple[str, ...], rounds: int, warmup: int
                     base = "plain compiled" if variant.endswith("compiled") else "plain eager"
                     row["overhead_us"] = (median - medians[base]) * 1e6
                     row["python_us"] = statistics.median(python[variant]) * 1e6
-                if "nnsight" in medians and variant.startswith("fxsight"):
-                    row["vs_nnsight"] = median / medians["nnsight"]
-                if reference is not None and not variant.startswith("plain"):
-                    row["max_abs_diff"] = _max_diff(answers[variant], reference)
+                    if nn_ratio is not None:
+                        row["vs_nnsight"] = row["vs_eager"] / nn_ratio
+                if "hooks" in answers and not variant.startswith("plain"):
+                    row["max_abs_diff"] = _max_diff(answers[variant], answers["hooks"])
             results.append(row)
         log(f"  {name} / {experiment}: done ({rounds} rounds; compilations during the "
             f"timed rounds: {new_compiles})")
@@ -262,6 +367,7 @@ def run(quick: bool = False, only: str | None = None,
     """The whole core suite (``only``: run the (model/experiment) names containing it)."""
     torch.set_num_threads(2)
     results = []
+    with_nnsight = nnsight_version() is not None
     with torch.no_grad():
         for key in MODELS:
             experiments = tuple(e for e in EXPERIMENTS
@@ -271,7 +377,7 @@ def run(quick: bool = False, only: str | None = None,
             small = key == "small"
             rounds = (3 if small else 15) if quick else (10 if small else 60)
             warmup = 1 if small else 5
-            results += bench_model(key, experiments, rounds, warmup, log)
+            results += bench_model(key, experiments, rounds, warmup, with_nnsight, log)
     return results
 
 

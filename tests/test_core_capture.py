@@ -130,3 +130,55 @@ def test_replaced_parameter_after_capture_is_seen():
         out = net.output.save()
     assert tracer.backend == "fx"
     assert torch.equal(out, model(x))
+
+
+def test_gpt2_graph_code_names_module_boundaries(core_gpt2, core_ids):
+    net = NNsight(core_gpt2)
+    with net.trace(core_ids, use_cache=False) as tracer:
+        net.transformer.h[0].attn.output[0][:] = 0
+        net.transformer.h[1].output[:, -1] *= 2
+        logits = net.output.logits.save()
+    code = tracer.graph_module.code
+    for name in ("transformer_h_0_output", "transformer_h_1_output", "transformer_ln_f_output",
+                 "transformer_h_0_attn_resid_dropout_output", "transformer_wte_output"):
+        assert re.search(rf"^\s+{name} = ", code, re.M), name
+    assert re.search(r"setitem\w* = \S+\(transformer_h_1_output,", code)
+    graph = tracer.graph_module.graph
+    graph.lint()
+    assert len({n.name for n in graph.nodes}) == len(graph.nodes)
+    assert logits.shape == (2, 7, 128)
+
+
+def test_user_hooks_added_or_removed_after_capture_are_honoured():
+    """Export runs the user's own forward hooks and bakes them into the graph: a hook added
+    or removed later must not be silently ignored (or kept) by the fx backend."""
+    model = mlp()
+    net = NNsight(model)
+    x = _x()
+
+    def traced():
+        results = {}
+        for backend in ("fx", "hooks"):
+            with net.trace(x, backend=backend) as tracer:
+                out = net.output.save()
+            assert tracer.backend == backend
+            results[backend] = out
+        return results
+
+    handle = model.layer2.register_forward_hook(lambda m, i, o: o * 0)
+    results = traced()
+    expected = model(x)
+    assert torch.equal(results["fx"], expected) and torch.equal(results["hooks"], expected)
+    handle.remove()
+    results = traced()
+    expected = model(x)
+    assert torch.equal(results["fx"], expected) and torch.equal(results["hooks"], expected)
+    handle = model.layer1.register_forward_pre_hook(lambda m, a: (a[0] + 1,))
+    try:
+        results = traced()
+        expected = model(x)
+    finally:
+        handle.remove()
+    assert torch.equal(results["fx"], expected) and torch.equal(results["hooks"], expected)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks

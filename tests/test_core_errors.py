@@ -295,3 +295,39 @@ def test_trace_works_after_an_error(net, backend):
         out = net.output.save()
     assert tracer.backend == backend
     assert torch.equal(out, net._module(x))
+
+
+def test_rejected_trace_fires_no_forward_hook_on_the_hooks_backend():
+    """The plain-PyTorch view of "nothing ran": a forward hook counting real calls."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    model = counted_mlp()
+    net = NNsight(model)
+    calls = []
+
+    def count(module, args, output):
+        if not isinstance(output, FakeTensor) and output.device.type != "meta":
+            calls.append(module)
+
+    handle = model.layer3.register_forward_hook(count)
+    try:
+        with net.trace(x_in(), backend="hooks"):
+            net.output.save()
+        assert len(calls) == 1
+        calls.clear()
+        for bad in (_order_mistake, _shape_mistake):
+            with pytest.raises(fxsight.TraceError):
+                bad(net)
+        assert calls == []
+    finally:
+        handle.remove()
+    assert_clean(model)
+
+
+def _order_mistake(net):
+    with net.trace(x_in(), backend="hooks"):
+        net.layer1.output = net.layer3.output.mean() + torch.zeros(10)
+
+
+def _shape_mistake(net):
+    with net.trace(x_in(), backend="hooks"):
+        net.act1.output = torch.zeros(2, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import warnings
 
 import pytest
 import torch
@@ -51,10 +52,12 @@ def _assert_no_hooks(model):
 def _count(*types):
     gc.collect()
     counts = dict.fromkeys(types, 0)
-    for obj in gc.get_objects():
-        for kind in types:
-            if isinstance(obj, kind):
-                counts[kind] += 1
+    with warnings.catch_warnings():  # isinstance on deprecated module objects warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            for kind in types:
+                if isinstance(obj, kind):
+                    counts[kind] += 1
     return counts
 
 

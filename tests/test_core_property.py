@@ -1,5 +1,6 @@
 """Core engine, property test: random intervention programs (module choice, reads, writes,
-arithmetic, slices, in-place edits, steering tensors) over the MLP and a tiny GPT-2 give
+arithmetic, slices, in-place edits, steering tensors) over the MLP, a tiny GPT-2 and a
+tiny Llama give
 identical tensors on the fx backend, the hooks backend and hand-written forward hooks.
 
 A program is a list of steps, each at one *site* (a module's input, output, or the first
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fxsight import NNsight, Proxy
-from models import mlp, tiny_gpt2
+from models import mlp, tiny_gpt2, tiny_llama
 
 # --- the models, built once --------------------------------------------------------------
 MLP = mlp()
@@ -33,11 +34,23 @@ GPT2 = tiny_gpt2()
 GPT2_NET = NNsight(GPT2)
 GPT2_IDS = torch.randint(4, 128, (2, 6), generator=torch.Generator().manual_seed(4))
 GPT2_SITES = [
-    ("transformer.h.0.attn", "output0", 64), ("transformer.h.0.mlp", "output", 64),
+    ("transformer.wte", "output", 64), ("transformer.drop", "input", 64),
+    ("transformer.drop", "output", 64), ("transformer.h.0.attn", "output0", 64), ("transformer.h.0.mlp", "output", 64),
     ("transformer.h.0", "output", 64), ("transformer.h.1", "input", 64),
     ("transformer.h.1.ln_1", "output", 64), ("transformer.h.1.attn", "output0", 64),
     ("transformer.h.1.mlp", "input", 64), ("transformer.h.1", "output", 64),
     ("transformer.ln_f", "output", 64), ("lm_head", "output", 128),
+]
+
+LLAMA = tiny_llama()
+LLAMA_NET = NNsight(LLAMA)
+LLAMA_SITES = [
+    ("model.embed_tokens", "output", 64), ("model.layers.0.input_layernorm", "output", 64),
+    ("model.layers.0.self_attn", "output0", 64), ("model.layers.0.mlp", "input", 64),
+    ("model.layers.0.mlp.act_fn", "output", 128), ("model.layers.0.mlp", "output", 64),
+    ("model.layers.0", "output", 64), ("model.layers.1", "input", 64),
+    ("model.layers.1.self_attn.o_proj", "input", 64), ("model.layers.1", "output", 64),
+    ("model.norm", "output", 64), ("lm_head", "output", 128),
 ]
 
 CONSTANTS = [-2.0, -0.5, 0.0, 0.25, 1.5, 3.0]
@@ -234,6 +247,14 @@ def test_random_programs_mlp(steps):
 @given(steps_strategy(len(GPT2_SITES)))
 def test_random_programs_gpt2(steps):
     check_program(GPT2, GPT2_NET, GPT2_SITES, steps,
+                  lambda: ((GPT2_IDS,), {"use_cache": False}), lambda out: out.logits)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(steps_strategy(len(LLAMA_SITES)))
+def test_random_programs_llama(steps):
+    check_program(LLAMA, LLAMA_NET, LLAMA_SITES, steps,
                   lambda: ((GPT2_IDS,), {"use_cache": False}), lambda out: out.logits)
 
 

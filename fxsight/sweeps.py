@@ -1,0 +1,379 @@
+"""The batching engine behind patching and steering sweeps.
+
+A sweep is many *cells* (patch this site of this layer at this position; add this vector at
+this layer with this scale). Every cell is one forward pass of the same prompt that differs
+from an unpatched run from one layer on. The engine runs them like this:
+
+- **Reference activations once.** One trace per prompt saves every site the cells need.
+- **Prefix reuse.** A cell that changes layer ``l`` starts from the unpatched run's values
+  at layer ``l``: the modules before the patched site are *skipped* with the saved values
+  (``envoy.skip(value)``), so in the fx backend nothing before layer ``l`` is in the
+  rewritten graph (pruned: no saved value or write needs it). A residual-stream cell skips
+  the block itself with the patched residual stream: only the blocks after ``l`` and the
+  head run.
+- **Batches of one structure.** The cells of one (site kind, layer) run as rows of a batch;
+  each row's patched value is built beforehand and brought into the trace as a tensor (a
+  Program input), so every batch of the group has the same Program structure, the last
+  batch is padded to the batch size, and the runner cache makes every batch after the first
+  a cache hit (no new splice, no new validation).
+- **Batch size** from a memory budget (an estimate of one row's activation memory), or
+  given.
+- **Only the logits the metric reads.** When the metric only looks at the last position
+  (checked on the clean logits) and the model takes ``logits_to_keep``, the head runs on
+  the last position only.
+
+Nothing here is specific to GPT-2 or Llama beyond :data:`ATTENTION_NAMES` and
+:data:`MLP_NAMES`, the names under which blocks keep their attention and MLP modules.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from .envoy import Envoy
+
+KINDS = ("resid", "attn", "mlp")
+ATTENTION_NAMES = ("attn", "self_attn", "attention", "self_attention")
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per batch (1 GiB)
+
+
+# --- where the sites are ---------------------------------------------------------------------
+@dataclass
+class Layout:
+    """The model's stack of blocks and, per block, its attention and MLP modules."""
+
+    blocks: list[Envoy]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    def site(self, kind: str, layer: int) -> Envoy:
+        """The module whose output is the ``kind`` site of ``layer``: the block itself for
+        ``"resid"`` (its output is the residual stream), else its attention or MLP."""
+        block = self.blocks[layer]
+        if kind == "resid":
+            return block
+        names = {"attn": ATTENTION_NAMES, "mlp": MLP_NAMES}.get(kind)
+        if names is None:
+            raise ValueError(f"unknown site kind {kind!r}; the kinds are {', '.join(KINDS)}")
+        children = dict(block._module.named_children())
+        for name in names:
+            if name in children:
+                return getattr(block, name)
+        raise ValueError(f"{block.path} ({type(block._module).__name__}) has no {kind} module "
+                         f"(looked for {', '.join(names)}; it has {', '.join(children)})")
+
+
+def find_layout(model: Envoy) -> Layout:
+    """The blocks of ``model``: its longest ``ModuleList`` (``transformer.h`` of GPT-2,
+    ``model.layers`` of Llama)."""
+    best: tuple[int, str] | None = None
+    for path, module in model._module.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and (best is None or len(module) > best[0]):
+            best = (len(module), path)
+    if best is None:
+        raise ValueError("the model has no ModuleList of blocks to sweep over")
+    envoy = model
+    for part in best[1].split("."):
+        envoy = getattr(envoy, part)
+    return Layout(list(envoy))
+
+
+def check_kinds(kinds: Sequence[str] | str) -> list[str]:
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"sites must be some of {', '.join(map(repr, KINDS))}, not {kinds!r}")
+    return kinds
+
+
+def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    for layer in layers:
+        if not -n_layers <= layer < n_layers:
+            raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers")
+    return [layer % n_layers for layer in layers]
+
+
+def check_positions(positions: Any, length: int) -> list[int]:
+    """``"all"``, an int or a list of ints (negative ones count from the end)."""
+    if isinstance(positions, str):
+        if positions != "all":
+            raise ValueError(f"positions must be 'all' or a list of token positions, "
+                             f"not {positions!r}")
+        return list(range(length))
+    positions = [positions] if isinstance(positions, int) else list(positions)
+    for p in positions:
+        if not isinstance(p, int) or not -length <= p < length:
+            raise ValueError(f"position {p!r} is out of range for {length} tokens")
+    return [p % length for p in positions]
+
+
+# --- inputs ------------------------------------------------------------------------------------
+def token_ids(model: Envoy, prompt: Any, what: str) -> torch.Tensor:
+    """A prompt as token ids of shape (1, T): a string (tokenized with ``model.tokenizer``),
+    a list of ints, or an integer tensor of shape (T,) or (1, T)."""
+    if isinstance(prompt, str):
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise TypeError(f"{what} is a string but the model has no tokenizer; wrap it as "
+                            f"LanguageModel(module, tokenizer=...) or pass token ids")
+        return torch.as_tensor(tokenizer(prompt)["input_ids"], dtype=torch.long).reshape(1, -1)
+    ids = torch.as_tensor(prompt)
+    if ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or \
+            ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.shape[0] != 1):
+        raise ValueError(f"{what} must be a string or the token ids of one prompt (shape (T,) "
+                         f"or (1, T)), not a {ids.dtype} tensor of shape {tuple(ids.shape)}")
+    return ids.long().reshape(1, -1)
+
+
+def token_labels(model: Envoy, ids: torch.Tensor) -> list[str] | None:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    try:
+        return [str(t) for t in tokenizer.convert_ids_to_tokens(ids[0].tolist())]
+    except Exception:  # noqa: BLE001 - labels are a nicety
+        return None
+
+
+def forward_parameters(model: Envoy) -> set[str]:
+    try:
+        return set(inspect.signature(model._module.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def forward_kwargs(model: Envoy, given: dict) -> dict:
+    """The keyword arguments of every forward pass: ``use_cache=False`` where the model
+    takes it (a sweep never decodes), then the caller's."""
+    kwargs = {}
+    if "use_cache" in forward_parameters(model):
+        kwargs["use_cache"] = False
+    kwargs.update(given)
+    return kwargs
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: ``output.logits``, the output itself when it is a
+    tensor, else its first item."""
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find the logits in the model's output ({type(output).__name__})")
+
+
+def _logits_proxy(model: Envoy, output_kind: str):
+    output = model.output
+    if output_kind == "attr":
+        return output.logits
+    if output_kind == "item":
+        return output[0]
+    return output
+
+
+def output_kind(output: Any) -> str:
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return "attr"
+    return "tensor" if isinstance(output, torch.Tensor) else "item"
+
+
+def metric_values(metric: Callable, logits: torch.Tensor, rows: int) -> torch.Tensor:
+    """``metric(logits)`` as one float per row."""
+    value = metric(logits)
+    value = torch.as_tensor(value)
+    if value.dim() > 1 and value.shape[1:].numel() == 1:
+        value = value.reshape(value.shape[0])
+    if value.dim() == 0 and rows == 1:
+        value = value.reshape(1)
+    if value.shape != (rows,):
+        raise ValueError(f"the metric must give one number per row of the logits (shape "
+                         f"({rows},) for logits of shape {tuple(logits.shape)}); it gave "
+                         f"shape {tuple(value.shape)}")
+    return value.detach().float()
+
+
+def reads_last_position_only(metric: Callable, logits: torch.Tensor) -> bool:
+    """Whether ``metric`` gives the same on ``logits[:, -1:]`` as on the full logits and
+    does not look at the other positions (they are set to NaN to check)."""
+    if logits.dim() < 3 or logits.shape[1] < 2:
+        return False
+    try:
+        full = torch.as_tensor(metric(logits))
+        last = torch.as_tensor(metric(logits[:, -1:]))
+        blinded = logits.clone()
+        blinded[:, :-1] = float("nan")
+        probe = torch.as_tensor(metric(blinded))
+    except Exception:  # noqa: BLE001 - any failure: keep every position
+        return False
+    return full.shape == last.shape == probe.shape and torch.equal(full, last) and \
+        torch.equal(full, probe)
+
+
+# --- reference runs ---------------------------------------------------------------------------
+@dataclass
+class Reference:
+    """One prompt's unpatched forward pass: the saved output of each needed module (as the
+    module returns it) and the logits."""
+
+    ids: torch.Tensor
+    outputs: dict[str, Any]
+    logits: torch.Tensor
+    output_kind: str
+    backend: str | None = None
+
+
+def reference_run(model: Envoy, ids: torch.Tensor, envoys: Iterable[Envoy], kwargs: dict,
+                  trace_options: dict) -> Reference:
+    """One trace of ``ids`` saving the output of every envoy in ``envoys`` and the model
+    output."""
+    saved: dict[str, Any] = {}
+    with torch.no_grad(), model.trace(ids, **kwargs, **trace_options) as tracer:
+        for envoy in envoys:
+            if envoy.path not in saved:
+                saved[envoy.path] = envoy.output.save()
+        output = model.output.save()
+    saved = {path: _real(value) for path, value in saved.items()}
+    output = _real(output)
+    return Reference(ids, saved, logits_of(output).detach(), output_kind(output),
+                     tracer.backend)
+
+
+def _real(value: Any) -> Any:
+    from .proxy import Proxy
+    return value.value if isinstance(value, Proxy) else value
+
+
+def hidden(value: Any) -> torch.Tensor:
+    """The hidden state in a module's output (item 0 of a tuple)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise TypeError(f"expected a tensor or a tuple whose first item is one, not "
+                    f"{type(value).__name__}")
+
+
+def with_hidden(output: Any, new: torch.Tensor, rows: int) -> Any:
+    """``output`` (a saved one-row module output) for ``rows`` rows with its hidden state
+    replaced by ``new``: the value to skip the module with. Other tensors are expanded."""
+    def grow(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1:
+            return t.expand(rows, *t.shape[1:])
+        return t
+
+    if isinstance(output, torch.Tensor):
+        return new
+    items = list(output)
+    items[0] = new
+    rest = pytree.tree_map(grow, items[1:])
+    return type(output)([new, *rest]) if isinstance(output, tuple) else [new, *rest]
+
+
+def expanded(output: Any, rows: int) -> Any:
+    """A saved one-row module output as ``rows`` identical rows (views, no copies)."""
+    return with_hidden(output, hidden(output).expand(rows, *hidden(output).shape[1:]), rows)
+
+
+# --- batches --------------------------------------------------------------------------------
+def row_bytes(model: Envoy, length: int, kept_positions: int, hidden_size: int,
+              vocab: int, dtype: torch.dtype) -> int:
+    """An estimate of the activation memory of one row of a forward pass: the residual
+    stream and its temporaries, the MLP's hidden layer, attention scores and the logits."""
+    config = getattr(model._module, "config", None)
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) \
+        or 4 * hidden_size
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
+    size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    elements = 16 * length * hidden_size + 3 * length * inner + 3 * heads * length * length \
+        + 2 * kept_positions * vocab
+    return int(size * elements)
+
+
+def choose_batch_size(batch_size: int | None, memory_budget: int | float | None,
+                      per_row: int, cells_per_group: int) -> int:
+    """The batch size: as given, else as many rows as the memory budget holds, at most the
+    cells of one group (more rows would be padding)."""
+    if batch_size is not None:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        return int(batch_size)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    fits = max(1, int(budget // max(per_row, 1)))
+    return max(1, min(fits, cells_per_group))
+
+
+@dataclass
+class Group:
+    """Cells that share one Program structure: same sites skipped, different values.
+
+    ``skips(rows, cells)`` gives the ``(envoy, value)`` pairs of a batch of ``rows`` rows
+    for these cells (the padded rows repeat the last cell); each cell's result goes to
+    ``out[index]``."""
+
+    label: str
+    cells: list[Any]
+    indices: list[tuple[int, ...]]
+    skips: Callable[[int, list[Any]], list[tuple[Envoy, Any]]]
+
+
+@dataclass
+class Sweep:
+    """Runs groups of cells in padded batches of one size; collects one metric per cell."""
+
+    model: Envoy
+    ids: torch.Tensor  # (1, T): the prompt every cell runs on
+    metric: Callable
+    kwargs: dict
+    trace_options: dict
+    output_kind: str
+    batch_size: int
+    progress: bool = True
+    description: str = "sweep"
+    last_tracer: Any = None
+    traces: int = 0
+    backends: set = field(default_factory=set)
+
+    def run(self, groups: list[Group], out: torch.Tensor) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
+        total = sum(len(g.cells) for g in groups)
+        size = self.batch_size
+        with torch.no_grad(), tqdm(total=total, desc=self.description, unit="cell",
+                                   disable=not self.progress, leave=False) as bar:
+            ids = self.ids.expand(size, self.ids.shape[1]).contiguous()
+            for group in groups:
+                for start in range(0, len(group.cells), size):
+                    cells = group.cells[start:start + size]
+                    padded = cells + [cells[-1]] * (size - len(cells))
+                    logits = self.run_batch(ids, group.skips(size, padded))
+                    values = metric_values(self.metric, logits, size)
+                    for index, value in zip(group.indices[start:start + size], values):
+                        out[index] = value
+                    bar.update(len(cells))
+        return out
+
+    def run_batch(self, ids: torch.Tensor, skips: list[tuple[Envoy, Any]]) -> torch.Tensor:
+        model = self.model
+        with model.trace(ids, **self.kwargs, **self.trace_options) as tracer:
+            for envoy, value in skips:
+                envoy.skip(value)
+            logits = _logits_proxy(model, self.output_kind).save()
+        self.last_tracer = tracer
+        self.traces += 1
+        self.backends.add(tracer.backend)
+        return _real(logits)
