@@ -33,6 +33,9 @@ VALUES = "0123456789"
 PAIRS = 6
 CLEAN = "a3 f8 c1 h6 e2 b5 c"
 CORRUPTED = "a3 f8 c7 h6 e2 b5 c"
+# the residual stream entering each block (layer 0: the embeddings), what attention and the
+# MLP add, and the residual stream leaving each block
+SITES = ["resid_pre", "attn", "mlp", "resid"]
 
 
 # --- the task ---------------------------------------------------------------------------------
@@ -170,7 +173,7 @@ def sweep(lm, progress: bool = False, **options: Any):
         return logits[:, -1, good] - logits[:, -1, bad]
 
     return activation_patching(lm, task["clean"], task["corrupted"], metric,
-                               sites=["resid", "attn", "mlp"], progress=progress, **options)
+                               sites=SITES, progress=progress, **options)
 
 
 def loop(lm, result) -> tuple[torch.Tensor, float]:
@@ -193,28 +196,40 @@ def loop(lm, result) -> tuple[torch.Tensor, float]:
                 for p, position in enumerate(result.positions):
                     with lm.trace() as tracer:
                         with tracer.invoke(clean):
-                            output = site.output
-                            h = (output[0] if kind == "attn" else output)[:, position]
+                            h = _value(site, kind)[:, position]
                         with tracer.invoke(corrupted):
-                            output = site.output
-                            (output[0] if kind == "attn" else output)[:, position] = h
+                            _value(site, kind)[:, position] = h
                             logits = lm.lm_head.output.save()
                     values[k, l, p] = logits[0, -1, good] - logits[0, -1, bad]
     return values - result.baseline, time.perf_counter() - start
 
 
-def describe(result, task: dict[str, Any]) -> list[str]:
-    """Where the sweep says the information is, layer by layer, in words."""
+def _value(site, kind: str):
+    """The hidden state at a site, inside a trace: a block's input (``resid_pre``), the
+    attention's output (item 0 of its tuple), a module's output."""
+    if kind == "resid_pre":
+        return site.input
+    return site.output[0] if kind == "attn" else site.output
+
+
+def describe(result) -> list[str]:
+    """Where the sweep finds the answer, following the residual stream, in words."""
     restored = result.normalized()
-    lines = []
     tokens = result.tokens or [str(p) for p in result.positions]
+    lines = []
+
+    def where(cell, label: str) -> str:
+        return (f"  {label:<30} position {cell.position} ({tokens[cell.position]!r}): "
+                f"patching there restores {cell.value:.0%}")
+
+    if "resid_pre" in result.sites:
+        lines.append(where(restored.top(site="resid_pre", layer=result.layers[0]),
+                           f"entering layer {result.layers[0]} (embeddings):"))
     for layer in result.layers:
-        cell = restored.top(site="resid", layer=layer)
-        lines.append(f"  after layer {layer}: the answer is at position {cell.position} "
-                     f"({tokens[cell.position]!r}), patching it there restores "
-                     f"{cell.value:.0%}")
+        lines.append(where(restored.top(site="resid", layer=layer),
+                           f"leaving layer {layer}:"))
     mover = restored.top(site="attn")
-    lines.append(f"  it is moved by the attention of layer {mover.layer} into position "
+    lines.append(f"  moved by the attention of layer {mover.layer} into position "
                  f"{mover.position} ({tokens[mover.position]!r}): patching that attention "
                  f"output restores {mover.value:.0%}")
     return lines
@@ -233,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     begin = time.perf_counter()
 
     if args.retrain or not os.path.exists(os.path.join(DATA, "config.json")):
-        print(f"training the demo model (2-layer GPT-2, 64 wide) on key-value recall ...")
+        print("training the demo model (2-layer GPT-2, 64 wide) on key-value recall ...")
         start = time.perf_counter()
         model = train()
         print(f"trained in {time.perf_counter() - start:.1f} s")
@@ -263,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
           "(1 = fully restored):\n")
     print(result.normalized().table(digits=2))
     print("\nwhere the information flows:")
-    for line in describe(result, task):
+    for line in describe(result):
         print(line)
     print(f"  (planted: the answer is the value of pair {task['pair_position']} and is read at "
           f"position {task['last_position']})")

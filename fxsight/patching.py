@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .envoy import Envoy
-from .sweeps import (DEFAULT_MEMORY_BUDGET, KINDS, Group, Sweep, check_kinds, check_layers,
+from .sweeps import (DEFAULT_MEMORY_BUDGET, Group, Sweep, Target, check_kinds, check_layers,
                      check_positions, choose_batch_size, expanded, find_layout,
                      forward_kwargs as _forward_kwargs, forward_parameters, hidden, metric_values,
                      reads_last_position_only, reference_run, row_bytes, token_ids,
@@ -235,7 +235,8 @@ class PatchingResult:
         axes = ", ".join(f"{d}={len(self.coords[d])}" for d in self.dims)
         extra = "" if self.baseline is None else f", baseline={self.baseline:.4g}"
         extra += "" if self.reference is None else f", reference={self.reference:.4g}"
-        return f"PatchingResult({self.method}: {axes}{extra}; top {self.top()!r})"
+        top = f"; top {self.top()!r}" if self.values.numel() else ""
+        return f"PatchingResult({self.method}: {axes}{extra}{top})"
 
     # --- plotting ----------------------------------------------------------------------------
     def plot(self, path: str | None = None, title: str | None = None,
@@ -255,18 +256,21 @@ class PatchingResult:
         rows = result.coords.get(row_dim, [""])
         columns = [str(c) for c in result.coords[column_dim]]
         if column_dim == "position" and self.tokens is not None:
-            columns = [f"{self.tokens[int(c)]} ({c})" for c in columns]
+            columns = [f"{self.tokens[int(c)]}\n{c}" for c in columns]
         limit = float(values.abs().max()) or 1.0
-        size = (1.5 + 0.45 * len(columns), 0.8 + len(panels) * (0.6 + 0.35 * len(rows)))
+        rotate = 90 if max(len(c.split("\n")[0]) for c in columns) > 5 else 0
+        size = (2.5 + 0.5 * len(columns),
+                1.2 + (1.0 if rotate else 0.3) + len(panels) * (0.45 + 0.3 * len(rows)))
         if path is not None:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
-            figure = Figure(figsize=size)
+            figure = Figure(figsize=size, layout="constrained")
             FigureCanvasAgg(figure)
-            axes_list = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
+            axes_list = figure.subplots(len(panels), 1, squeeze=False, sharex=True)[:, 0]
         else:
             import matplotlib.pyplot as plt
-            figure, axes_list = plt.subplots(len(panels), 1, squeeze=False, figsize=size)
+            figure, axes_list = plt.subplots(len(panels), 1, squeeze=False, figsize=size,
+                                             sharex=True, layout="constrained")
             axes_list = axes_list[:, 0]
         image = None
         for axes, panel, grid in zip(axes_list, panels, grids):
@@ -274,12 +278,12 @@ class PatchingResult:
                                 aspect="auto", interpolation="nearest")
             axes.set_yticks(range(len(rows)), [str(r) for r in rows])
             axes.set_ylabel(row_dim)
-            axes.set_xticks(range(len(columns)), columns, rotation=90 if self.tokens else 0)
             if panel is not None:
                 axes.set_title(f"{panels_dim} {panel}", fontsize=10)
+        axes_list[-1].set_xticks(range(len(columns)), columns, rotation=rotate)
         axes_list[-1].set_xlabel(column_dim)
         label = "fraction of clean restored" if normalized else "effect on metric"
-        figure.colorbar(image, ax=list(axes_list), label=label, shrink=0.9)
+        figure.colorbar(image, ax=list(axes_list), label=label, shrink=0.8)
         figure.suptitle(title or self.method)
         if path is not None:
             figure.savefig(path, dpi=110, bbox_inches="tight")
@@ -336,23 +340,20 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callab
     # passes with hooks (no capture for batch size 1); the sweep's batches use the graph
     reference_options = options if backend is not None else {**options, "backend": "hooks"}
 
-    # the reference runs: every site the cells patch (clean), and every value the cells
-    # start from (corrupted): the patched module's own output and the modules before it
-    clean_envoys, corrupt_envoys = [], []
-    for kind in kinds:
-        for layer in layer_list:
-            site = layout.site(kind, layer)
-            clean_envoys.append(site)
-            corrupt_envoys.extend(_prefix(layout, kind, layer))
-            corrupt_envoys.append(site)
-    clean_run = reference_run(model, clean_ids, clean_envoys, kwargs, reference_options)
-    corrupt_run = reference_run(model, corrupt_ids, corrupt_envoys, kwargs,
+    # the reference runs: every value the cells patch (clean), and every value they start
+    # from (corrupted): the patched value itself and the modules before it
+    plans = {(kind, layer): _plan(layout, kind, layer) for kind in kinds
+             for layer in layer_list}
+    clean_targets = [target for target, _ in plans.values()]
+    corrupt_targets = [t for target, prefix in plans.values() for t in (*prefix, target)]
+    clean_run = reference_run(model, clean_ids, clean_targets, kwargs, reference_options)
+    corrupt_run = reference_run(model, corrupt_ids, corrupt_targets, kwargs,
                                 reference_options)
     reference = float(metric_values(metric, clean_run.logits, 1)[0])
     baseline = float(metric_values(metric, corrupt_run.logits, 1)[0])
 
     run_kwargs, kept = _logits_kwargs(model, kwargs, metric, clean_run.logits)
-    probe = hidden(clean_run.outputs[clean_envoys[0].path])
+    probe = hidden(clean_run.outputs[clean_targets[0].key])
     per_row = row_bytes(model, length, kept, probe.shape[-1], clean_run.logits.shape[-1],
                         probe.dtype)
     size = choose_batch_size(batch_size, memory_budget, per_row, len(position_list))
@@ -360,13 +361,11 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callab
     groups = []
     for k, kind in enumerate(kinds):
         for l, layer in enumerate(layer_list):
-            site = layout.site(kind, layer)
-            prefix = _prefix(layout, kind, layer)
+            target, prefix = plans[kind, layer]
             groups.append(Group(
                 f"{kind} {layer}", list(position_list),
                 [(k, l, p) for p in range(len(position_list))],
-                _patch_skips(site, prefix, clean_run.outputs[site.path],
-                             corrupt_run.outputs, length)))
+                _patches(target, prefix, clean_run.outputs, corrupt_run.outputs, length)))
     sweep = Sweep(model, corrupt_ids, metric, run_kwargs, options, corrupt_run.output_kind,
                   size, progress, "activation patching")
     values = torch.zeros(len(kinds), len(layer_list), len(position_list))
@@ -383,42 +382,50 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callab
                   graph_module=getattr(sweep.last_tracer, "graph_module", None)))
 
 
-def _prefix(layout, kind: str, layer: int) -> list[Envoy]:
-    """The modules a ``kind`` cell of ``layer`` skips with the corrupted run's values,
-    before the patched module: the previous block (its output is this block's input) and,
-    for an MLP cell, the block's attention."""
+def _plan(layout, kind: str, layer: int) -> tuple[Target, list[Target]]:
+    """What a ``kind`` cell of ``layer`` patches, and the modules before it that it skips
+    with the corrupted run's values (prefix reuse): the previous block (its output is this
+    block's input) and, for an MLP cell, the block's attention.
+
+    A residual-stream cell skips its block with the patched value (nothing up to it runs);
+    ``resid_pre`` of layer ``l > 0`` is ``resid`` of layer ``l - 1``; of layer 0, it
+    replaces the first block's input (the embeddings)."""
     if kind == "resid":
-        return []
-    prefix = [layout.blocks[layer - 1]] if layer > 0 else []
+        return Target(layout.blocks[layer]), []
+    if kind == "resid_pre":
+        if layer > 0:
+            return Target(layout.blocks[layer - 1]), []
+        return Target(layout.blocks[0], "input"), []
+    prefix = [Target(layout.blocks[layer - 1])] if layer > 0 else []
     if kind == "mlp":
         try:
-            prefix.append(layout.site("attn", layer))
+            prefix.append(Target(layout.site("attn", layer)))
         except ValueError:
             pass  # no attention module to skip: it runs
-    return prefix
+    return Target(layout.site(kind, layer)), prefix
 
 
-def _patch_skips(site: Envoy, prefix: list[Envoy], clean_output: Any,
-                 corrupt_outputs: dict[str, Any], length: int):
-    """The skips of a batch of cells at ``site``: the prefix modules with the corrupted
-    values, the site with the corrupted value where each row's position holds the clean
-    one."""
-    clean_hidden = hidden(clean_output)
-    corrupt_output = corrupt_outputs[site.path]
-    corrupt_hidden = hidden(corrupt_output)
+def _patches(target: Target, prefix: list[Target], clean: dict[str, Any],
+             corrupt: dict[str, Any], length: int):
+    """The replacements of a batch of cells at ``target``: the prefix modules skipped with
+    the corrupted values, the target replaced by the corrupted value in which each row's
+    position holds the clean one."""
+    clean_hidden = hidden(clean[target.key])
+    corrupt_value = corrupt[target.key]
+    corrupt_hidden = hidden(corrupt_value)
     if clean_hidden.shape[:2] != (1, length):
-        raise ValueError(f"{site.path} outputs shape {tuple(clean_hidden.shape)}; patching "
+        raise ValueError(f"{target.key} has shape {tuple(clean_hidden.shape)}; patching "
                          f"needs (batch, tokens, ...)")
 
-    def skips(rows: int, positions: list[int]) -> list[tuple[Envoy, Any]]:
+    def replacements(rows: int, positions: list[int]) -> list[tuple[Target, Any]]:
         index = torch.tensor(positions)
         patched = corrupt_hidden.expand(rows, *corrupt_hidden.shape[1:]).clone()
         patched[torch.arange(rows), index] = clean_hidden[0, index]
-        pairs = [(envoy, expanded(corrupt_outputs[envoy.path], rows)) for envoy in prefix]
-        pairs.append((site, with_hidden(corrupt_output, patched, rows)))
+        pairs = [(t, expanded(corrupt[t.key], rows)) for t in prefix]
+        pairs.append((target, with_hidden(corrupt_value, patched, rows)))
         return pairs
 
-    return skips
+    return replacements
 
 
 def _logits_kwargs(model: Envoy, kwargs: dict, metric: Callable,
@@ -484,7 +491,7 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
         raise ValueError("scales is empty")
     kwargs = _forward_kwargs(model, forward_kwargs)
     options = _trace_options(backend, compile)
-    blocks = [layout.site("resid", layer) for layer in layer_list]
+    blocks = [Target(layout.site("resid", layer)) for layer in layer_list]
     reference_options = options if backend is not None else {**options, "backend": "hooks"}
     run = reference_run(model, ids, blocks, kwargs, reference_options)
     if metric is None:
@@ -494,14 +501,14 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
             return logits[:, -1].float().log_softmax(-1)[:, token]
     baseline = float(metric_values(metric, run.logits, 1)[0])
     named = _named_vectors(vectors, layout.n_layers)
-    size_hidden = hidden(run.outputs[blocks[0].path]).shape[-1]
+    size_hidden = hidden(run.outputs[blocks[0].key]).shape[-1]
     for name, vector in named.items():
         if vector.shape[-1] != size_hidden:
             raise ValueError(f"vector {name!r} has size {vector.shape[-1]}; the residual "
                              f"stream has {size_hidden}")
 
     run_kwargs, kept = _logits_kwargs(model, kwargs, metric, run.logits)
-    probe = hidden(run.outputs[blocks[0].path])
+    probe = hidden(run.outputs[blocks[0].key])
     per_row = row_bytes(model, length, kept, size_hidden, run.logits.shape[-1], probe.dtype)
     cells_per_layer = len(named) * len(scale_list)
     size = choose_batch_size(batch_size, memory_budget, per_row, cells_per_layer)
@@ -511,7 +518,7 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
     groups = []
     names = list(named)
     for l, (layer, block) in enumerate(zip(layer_list, blocks)):
-        output = run.outputs[block.path]
+        output = run.outputs[block.key]
         base = hidden(output)
         deltas = {name: (v[layer] if v.dim() == 2 else v).to(base.dtype) * mask
                   for name, v in named.items()}
@@ -582,19 +589,21 @@ def attribution(model: Envoy, clean: Any, corrupted: Any,
     hidden state.
     """
     kinds = None
-    if sites is not None and all(isinstance(s, str) for s in sites):
+    if sites is not None and not isinstance(sites, str) and \
+            all(isinstance(s, str) for s in sites):
         kinds = check_kinds(sites)
         layout = find_layout(model)
-        envoys = [layout.site(kind, layer) for kind in kinds
-                  for layer in range(layout.n_layers)]
+        targets = [_attribution_target(layout, kind, layer) for kind in kinds
+                   for layer in range(layout.n_layers)]
     else:
-        envoys = list(sites) if sites is not None else block_envoys(model)
+        targets = [Target(site) for site in
+                   (list(sites) if sites is not None else block_envoys(model))]
     with torch.enable_grad(), model.trace(**trace_kwargs) as tracer:
         with tracer.invoke(clean):
-            clean_acts = [_hidden(site.output).detach().save() for site in envoys]
+            clean_acts = [_hidden(t.read()).detach().save() for t in targets]
         with tracer.invoke(corrupted):
-            corrupt_acts = [_hidden(site.output).detach().save() for site in envoys]
-            grads = [_hidden(site.output).grad.save() for site in envoys]
+            corrupt_acts = [_hidden(t.read()).detach().save() for t in targets]
+            grads = [_hidden(t.read()).grad.save() for t in targets]
             score = metric(model.output).sum()
             baseline = [score.detach().save()]
             score.backward()
@@ -603,15 +612,21 @@ def attribution(model: Envoy, clean: Any, corrupted: Any,
     positions = list(range(values.shape[1]))
     baseline_value = float(baseline[0]) if isinstance(baseline[0], torch.Tensor) else None
     if kinds is not None:
-        n_layers = len(envoys) // len(kinds)
+        n_layers = len(targets) // len(kinds)
         values = values.reshape(len(kinds), n_layers, -1)
         return PatchingResult(values, ("site", "layer", "position"),
                               {"site": kinds, "layer": list(range(n_layers)),
                                "position": positions},
                               baseline=baseline_value, method="attribution patching")
     return PatchingResult(values, ("site", "position"),
-                          {"site": [site.path for site in envoys], "position": positions},
+                          {"site": [t.envoy.path for t in targets], "position": positions},
                           baseline=baseline_value, method="attribution patching")
+
+
+def _attribution_target(layout, kind: str, layer: int) -> Target:
+    if kind == "resid_pre":
+        return Target(layout.blocks[layer], "input")
+    return Target(layout.site(kind, layer))
 
 
 def _hidden(value):

@@ -7,10 +7,11 @@ from an unpatched run from one layer on. The engine runs them like this:
 - **Reference activations once.** One trace per prompt saves every site the cells need.
 - **Prefix reuse.** A cell that changes layer ``l`` starts from the unpatched run's values
   at layer ``l``: the modules before the patched site are *skipped* with the saved values
-  (``envoy.skip(value)``), so in the fx backend nothing before layer ``l`` is in the
-  rewritten graph (pruned: no saved value or write needs it). A residual-stream cell skips
-  the block itself with the patched residual stream: only the blocks after ``l`` and the
-  head run.
+  (``envoy.skip(value)``, see :class:`Target`), so in the fx backend nothing before layer
+  ``l`` is in the rewritten graph (pruned: no saved value or write needs it). A
+  residual-stream cell skips the block itself with the patched residual stream: only the
+  blocks after ``l`` and the head run. (Skipping rather than writing ``block.input``: a
+  write keeps the replaced value's computation alive, as the shape it is conformed to.)
 - **Batches of one structure.** The cells of one (site kind, layer) run as rows of a batch;
   each row's patched value is built beforehand and brought into the trace as a tensor (a
   Program input), so every batch of the group has the same Program structure, the last
@@ -29,7 +30,6 @@ Nothing here is specific to GPT-2 or Llama beyond :data:`ATTENTION_NAMES` and
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -38,7 +38,7 @@ import torch.utils._pytree as pytree
 
 from .envoy import Envoy
 
-KINDS = ("resid", "attn", "mlp")
+KINDS = ("resid", "attn", "mlp", "resid_pre")
 ATTENTION_NAMES = ("attn", "self_attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per batch (1 GiB)
@@ -57,9 +57,10 @@ class Layout:
 
     def site(self, kind: str, layer: int) -> Envoy:
         """The module whose output is the ``kind`` site of ``layer``: the block itself for
-        ``"resid"`` (its output is the residual stream), else its attention or MLP."""
+        ``"resid"`` (its output is the residual stream) and ``"resid_pre"`` (its input),
+        else its attention or MLP."""
         block = self.blocks[layer]
-        if kind == "resid":
+        if kind in ("resid", "resid_pre"):
             return block
         names = {"attn": ATTENTION_NAMES, "mlp": MLP_NAMES}.get(kind)
         if names is None:
@@ -85,6 +86,29 @@ def find_layout(model: Envoy) -> Layout:
     for part in best[1].split("."):
         envoy = getattr(envoy, part)
     return Layout(list(envoy))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A value a sweep reads and replaces: a module's output, or its first input."""
+
+    envoy: Envoy
+    accessor: str = "output"  # or "input"
+
+    @property
+    def key(self) -> str:
+        return f"{self.envoy.path}.{self.accessor}"
+
+    def read(self) -> Any:
+        return self.envoy.input if self.accessor == "input" else self.envoy.output
+
+    def replace(self, value: Any) -> None:
+        """Inside a trace: the module is skipped with ``value`` (so nothing that only feeds
+        it is computed), or its input is replaced."""
+        if self.accessor == "input":
+            self.envoy.input = value
+        else:
+            self.envoy.skip(value)
 
 
 def check_kinds(kinds: Sequence[str] | str) -> list[str]:
@@ -231,21 +255,20 @@ class Reference:
     module returns it) and the logits."""
 
     ids: torch.Tensor
-    outputs: dict[str, Any]
+    outputs: dict[str, Any]  # Target.key -> the value
     logits: torch.Tensor
     output_kind: str
     backend: str | None = None
 
 
-def reference_run(model: Envoy, ids: torch.Tensor, envoys: Iterable[Envoy], kwargs: dict,
+def reference_run(model: Envoy, ids: torch.Tensor, targets: Iterable[Target], kwargs: dict,
                   trace_options: dict) -> Reference:
-    """One trace of ``ids`` saving the output of every envoy in ``envoys`` and the model
-    output."""
+    """One trace of ``ids`` saving every target's value and the model output."""
     saved: dict[str, Any] = {}
     with torch.no_grad(), model.trace(ids, **kwargs, **trace_options) as tracer:
-        for envoy in envoys:
-            if envoy.path not in saved:
-                saved[envoy.path] = envoy.output.save()
+        for target in targets:
+            if target.key not in saved:
+                saved[target.key] = target.read().save()
         output = model.output.save()
     saved = {path: _real(value) for path, value in saved.items()}
     output = _real(output)
@@ -321,14 +344,14 @@ def choose_batch_size(batch_size: int | None, memory_budget: int | float | None,
 class Group:
     """Cells that share one Program structure: same sites skipped, different values.
 
-    ``skips(rows, cells)`` gives the ``(envoy, value)`` pairs of a batch of ``rows`` rows
-    for these cells (the padded rows repeat the last cell); each cell's result goes to
-    ``out[index]``."""
+    ``replacements(rows, cells)`` gives the ``(target, value)`` pairs of a batch of
+    ``rows`` rows for these cells (the padded rows repeat the last cell); each cell's
+    result goes to ``out[index]``."""
 
     label: str
     cells: list[Any]
     indices: list[tuple[int, ...]]
-    skips: Callable[[int, list[Any]], list[tuple[Envoy, Any]]]
+    replacements: Callable[[int, list[Any]], list[tuple[Target, Any]]]
 
 
 @dataclass
@@ -360,18 +383,19 @@ class Sweep:
                 for start in range(0, len(group.cells), size):
                     cells = group.cells[start:start + size]
                     padded = cells + [cells[-1]] * (size - len(cells))
-                    logits = self.run_batch(ids, group.skips(size, padded))
+                    logits = self.run_batch(ids, group.replacements(size, padded))
                     values = metric_values(self.metric, logits, size)
                     for index, value in zip(group.indices[start:start + size], values):
                         out[index] = value
                     bar.update(len(cells))
         return out
 
-    def run_batch(self, ids: torch.Tensor, skips: list[tuple[Envoy, Any]]) -> torch.Tensor:
+    def run_batch(self, ids: torch.Tensor,
+                  replacements: list[tuple[Target, Any]]) -> torch.Tensor:
         model = self.model
         with model.trace(ids, **self.kwargs, **self.trace_options) as tracer:
-            for envoy, value in skips:
-                envoy.skip(value)
+            for target, value in replacements:
+                target.replace(value)
             logits = _logits_proxy(model, self.output_kind).save()
         self.last_tracer = tracer
         self.traces += 1

@@ -33,22 +33,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="NAME", help="run only benchmarks whose name "
                         "contains NAME (core/tiny/save, core/small/patch, patching, ...)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="where the core benchmark's models "
+                        "run (cpu, cuda)")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    os.environ["FXSIGHT_BENCH_DEVICE"] = args.device
     from perf import bench_core
+    bench_core.DEVICE = args.device
     nnsight_version = bench_core.nnsight_version() or "not importable (skipped)"
     print(f"# fxsight benchmarks: torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"of {os.cpu_count()} cores, {platform.machine()}, python "
           f"{platform.python_version()}, nnsight {nnsight_version}, load average "
-          f"{os.getloadavg()[0]:.1f} at start; `python -m perf {' '.join(argv or sys.argv[1:])}`")
+          f"{os.getloadavg()[0]:.1f} at start, device {args.device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}"
+          f"; `python -m perf {' '.join(argv or sys.argv[1:])}`")
     everything: dict[str, object] = {}
     start = time.perf_counter()
 
     core_names = [f"core/{m}/{e}" for m in bench_core.MODELS for e in bench_core.EXPERIMENTS]
     if args.only is None or any(args.only in name for name in core_names):
         print("\n## core: batch 8x32 tokens, no autograd, medians after warm-up\n", flush=True)
-        results = bench_core.run(quick=args.quick, only=args.only,
+        results = bench_core.run(quick=args.quick, only=args.only, threads=args.threads,
                                  log=lambda line: print(line, file=sys.stderr, flush=True))
         everything["core"] = results
         print(bench_core.table(results))

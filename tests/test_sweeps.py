@@ -1,0 +1,384 @@
+"""Patching and steering sweeps (fxsight.patching / fxsight.sweeps).
+
+- Every cell of ``activation_patching`` equals a hand-written one-cell-at-a-time loop with
+  forward hooks (GPT-2 and Llama shapes; resid, attn, mlp and resid_pre sites; all
+  positions), on the fx backend and on the hooks backend.
+- Prefix reuse is visible in the rewritten graph: a cell at layer l computes nothing of the
+  blocks before l (and, for the residual stream, of block l itself).
+- Batches of one (site kind, layer) share one Program structure: one splice per group, the
+  later (and padded) batches are runner-cache hits.
+- ``steering_sweep`` equals hand-written hooks; ``attribution`` returns the same result type.
+- PatchingResult: named axes, selection, top cells, text table, records, DataFrame (or a
+  clear ImportError), PNG heatmap.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import fxsight
+from fxsight import NNsight, patching
+from models import tiny_gpt2, tiny_llama, train_tokenizer
+
+TOKENS = 7
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiny_gpt2(n_layer=3)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama(num_hidden_layers=3)
+
+
+def _prompts(vocab: int = 128, position: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    clean = torch.randint(4, vocab, (1, TOKENS), generator=torch.Generator().manual_seed(1))
+    corrupted = clean.clone()
+    corrupted[0, position] = (clean[0, position] + 1) % vocab
+    return clean, corrupted
+
+
+def metric(logits: torch.Tensor) -> torch.Tensor:
+    return logits[:, -1, 5] - logits[:, -1, 6]
+
+
+def _blocks(model):
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+def _module(model, kind: str, layer: int):
+    block = _blocks(model)[layer]
+    if kind in ("resid", "resid_pre"):
+        return block
+    if kind == "attn":
+        return block.attn if hasattr(block, "attn") else block.self_attn
+    return block.mlp
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def hooks_loop(model, clean, corrupted, metric, kinds, positions=None):
+    """The reference: for each cell, one clean forward saving the site and one corrupted
+    forward whose hook puts the clean value at that position (hand-written hooks)."""
+    layers = len(_blocks(model))
+    positions = list(range(clean.shape[1])) if positions is None else positions
+    out = torch.zeros(len(kinds), layers, len(positions))
+    with torch.no_grad():
+        baseline = metric(model(corrupted, use_cache=False).logits)[0]
+        for k, kind in enumerate(kinds):
+            for layer in range(layers):
+                module = _module(model, kind, layer)
+                for i, position in enumerate(positions):
+                    store = {}
+                    if kind == "resid_pre":
+                        handle = module.register_forward_pre_hook(
+                            lambda m, args: store.__setitem__("h", args[0]))
+                    else:
+                        handle = module.register_forward_hook(
+                            lambda m, args, output: store.__setitem__("h", _first(output)))
+                    model(clean, use_cache=False)
+                    handle.remove()
+                    clean_value = store["h"]
+
+                    if kind == "resid_pre":
+                        def patch(m, args, position=position, clean_value=clean_value):
+                            hidden = args[0].clone()
+                            hidden[:, position] = clean_value[:, position]
+                            return (hidden, *args[1:])
+                        handle = module.register_forward_pre_hook(patch)
+                    else:
+                        def patch(m, args, output, position=position, clean_value=clean_value):
+                            hidden = _first(output).clone()
+                            hidden[:, position] = clean_value[:, position]
+                            return (hidden, *output[1:]) if isinstance(output, tuple) \
+                                else hidden
+                        handle = module.register_forward_hook(patch)
+                    try:
+                        logits = model(corrupted, use_cache=False).logits
+                    finally:
+                        handle.remove()
+                    out[k, layer, i] = metric(logits)[0] - baseline
+    return out
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_activation_patching_equals_a_one_cell_hooks_loop(name, request):
+    model = request.getfixturevalue(name)
+    clean, corrupted = _prompts()
+    kinds = ["resid", "attn", "mlp", "resid_pre"]
+    result = patching.activation_patching(NNsight(model), clean, corrupted, metric,
+                                          sites=kinds, progress=False)
+    expected = hooks_loop(model, clean, corrupted, metric, kinds)
+    assert result.dims == ("site", "layer", "position")
+    assert result.sites == kinds and result.layers == [0, 1, 2]
+    assert result.positions == list(range(TOKENS))
+    assert result.info["backend"] == "fx"
+    assert result.info["logits_to_keep"] == 1  # the metric reads the last position only
+    torch.testing.assert_close(result.values, expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        reference = metric(model(clean, use_cache=False).logits)[0]
+    assert result.reference == pytest.approx(float(reference), abs=1e-5)
+    assert result.values.abs().max() > 1e-3  # the patches do something
+
+
+def test_hooks_backend_gives_the_same_sweep(gpt2):
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    fx = patching.activation_patching(net, clean, corrupted, metric, progress=False)
+    hooks = patching.activation_patching(net, clean, corrupted, metric, progress=False,
+                                         backend="hooks")
+    assert hooks.info["backend"] == "hooks"
+    torch.testing.assert_close(fx.values, hooks.values, rtol=1e-4, atol=1e-5)
+
+
+def _parameters(graph_module) -> set[str]:
+    return {str(n.target) for n in graph_module.graph.nodes if n.op == "get_attr"}
+
+
+@pytest.mark.parametrize("kind, absent, present", [
+    ("resid", ["transformer.h.0.", "transformer.h.1.", "transformer.h.2."],
+     ["transformer.h.3."]),
+    ("attn", ["transformer.h.0.", "transformer.h.1.", "transformer.h.2.attn.",
+              "transformer.h.2.ln_1."], ["transformer.h.2.mlp.", "transformer.h.3."]),
+    ("mlp", ["transformer.h.0.", "transformer.h.1.", "transformer.h.2.attn.",
+             "transformer.h.2.ln_", "transformer.h.2.mlp."], ["transformer.h.3."]),
+])
+def test_cells_at_layer_l_compute_nothing_before_it(kind, absent, present):
+    model = tiny_gpt2(n_layer=4)
+    clean, corrupted = _prompts()
+    result = patching.activation_patching(NNsight(model), clean, corrupted, metric,
+                                          sites=[kind], layers=[2], progress=False)
+    graph = result.info["graph_module"]
+    used = _parameters(graph)
+    for prefix in absent:
+        assert not any(p.startswith(prefix) for p in used), (prefix, sorted(used))
+    for prefix in present:
+        assert any(p.startswith(prefix) for p in used), (prefix, sorted(used))
+    assert "transformer.wpe.weight" not in used  # no embeddings either
+    targets = {n.target for n in graph.graph.nodes}
+    assert torch.ops.aten.embedding.default not in targets
+    torch.testing.assert_close(
+        result.values, hooks_loop(model, clean, corrupted, metric, [kind])[:, 2:3],
+        rtol=1e-4, atol=1e-5)
+
+
+def test_batches_share_one_structure_and_padding_is_dropped(gpt2):
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    whole = patching.activation_patching(net, clean, corrupted, metric, sites=["attn"],
+                                         progress=False)
+    before = fxsight.stats()
+    # 7 positions in batches of 3: 3 batches per layer, the last one padded
+    result = patching.activation_patching(net, clean, corrupted, metric, sites=["attn"],
+                                          batch_size=3, progress=False)
+    after = fxsight.stats()
+    assert result.info["batch_size"] == 3
+    assert result.info["traces"] == 2 + 3 * 3
+    assert after["splices"] - before["splices"] == 3  # one per layer
+    assert after["runner_hits"] - before["runner_hits"] == 3 * 2
+    torch.testing.assert_close(result.values, whole.values, rtol=1e-4, atol=1e-5)
+    # the same sweep again: every batch is a cache hit
+    before = fxsight.stats()
+    patching.activation_patching(net, clean, corrupted, metric, sites=["attn"],
+                                 batch_size=3, progress=False)
+    assert fxsight.stats()["splices"] == before["splices"]
+
+
+def test_batch_size_comes_from_the_memory_budget(gpt2):
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    small = patching.activation_patching(net, clean, corrupted, metric, sites=["resid"],
+                                         memory_budget=1, progress=False)
+    large = patching.activation_patching(net, clean, corrupted, metric, sites=["resid"],
+                                         progress=False)
+    assert small.info["batch_size"] == 1
+    assert large.info["batch_size"] == TOKENS  # at most one layer's cells
+    torch.testing.assert_close(small.values, large.values, rtol=1e-4, atol=1e-5)
+
+
+def test_positions_and_layers_select_cells(gpt2):
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    full = patching.activation_patching(net, clean, corrupted, metric, sites=["mlp"],
+                                        progress=False)
+    part = patching.activation_patching(net, clean, corrupted, metric, sites=["mlp"],
+                                        positions=[1, -1], layers=[-1], progress=False)
+    assert part.positions == [1, TOKENS - 1] and part.layers == [2]
+    torch.testing.assert_close(part.values[0, 0], full.values[0, 2, [1, TOKENS - 1]],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_metric_reading_other_positions_gets_every_logit(gpt2):
+    clean, corrupted = _prompts()
+
+    def early(logits):
+        return logits[:, 3, 7] + logits[:, -1].logsumexp(-1)
+
+    result = patching.activation_patching(NNsight(gpt2), clean, corrupted, early,
+                                          sites=["resid"], progress=False)
+    assert result.info["logits_to_keep"] is None
+    torch.testing.assert_close(result.values,
+                               hooks_loop(gpt2, clean, corrupted, early, ["resid"]),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_language_model_takes_strings_of_equal_length():
+    from fxsight import LanguageModel
+
+    tokenizer = train_tokenizer()
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    clean, corrupted = "The capital of Italy is", "The capital of Spain is"
+    clean_ids = tokenizer(clean, return_tensors="pt")["input_ids"]
+    corrupted_ids = tokenizer(corrupted, return_tensors="pt")["input_ids"]
+    assert clean_ids.shape == corrupted_ids.shape
+    result = patching.activation_patching(lm, clean, corrupted, metric, progress=False)
+    assert result.tokens == tokenizer.convert_ids_to_tokens(clean_ids[0].tolist())
+    expected = hooks_loop(model, clean_ids, corrupted_ids, metric, ["resid", "attn", "mlp"])
+    torch.testing.assert_close(result.values, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="same number of tokens"):
+        patching.activation_patching(lm, clean, "The capital of France is",
+                                     metric, progress=False)
+
+
+def test_bad_arguments_are_reported(gpt2):
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    with pytest.raises(ValueError, match="sites must be"):
+        patching.activation_patching(net, clean, corrupted, metric, sites=["heads"])
+    with pytest.raises(ValueError, match="one number per row"):
+        patching.activation_patching(net, clean, corrupted, lambda logits: logits[:, -1],
+                                     progress=False)
+    with pytest.raises(TypeError, match="tokenizer"):
+        patching.activation_patching(net, "a string", corrupted, metric)
+    with pytest.raises(ValueError, match="out of range"):
+        patching.activation_patching(net, clean, corrupted, metric, layers=[3])
+
+
+# --- steering --------------------------------------------------------------------------------
+def test_steering_sweep_equals_hand_written_hooks(gpt2):
+    prompt = _prompts()[0]
+    generator = torch.Generator().manual_seed(3)
+    vectors = {"one": torch.randn(64, generator=generator),
+               "per layer": torch.randn(3, 64, generator=generator)}
+    scales = [-2.0, 0.5, 3.0]
+    for positions in ("all", [-1]):
+        result = patching.steering_sweep(NNsight(gpt2), prompt, vectors, scales=scales,
+                                         metric=metric, positions=positions,
+                                         progress=False)
+        assert result.dims == ("vector", "layer", "scale")
+        assert result.coords == {"vector": ["one", "per layer"], "layer": [0, 1, 2],
+                                 "scale": scales}
+        expected = torch.zeros(2, 3, 3)
+        with torch.no_grad():
+            baseline = metric(gpt2(prompt, use_cache=False).logits)[0]
+            for v, vector in enumerate(vectors.values()):
+                for layer, block in enumerate(gpt2.transformer.h):
+                    for s, scale in enumerate(scales):
+                        delta = scale * (vector[layer] if vector.dim() == 2 else vector)
+
+                        def steer(m, args, output, delta=delta):
+                            output = output.clone()
+                            if positions == "all":
+                                output += delta
+                            else:
+                                output[:, -1] += delta
+                            return output
+
+                        handle = block.register_forward_hook(steer)
+                        try:
+                            logits = gpt2(prompt, use_cache=False).logits
+                        finally:
+                            handle.remove()
+                        expected[v, layer, s] = metric(logits)[0] - baseline
+        torch.testing.assert_close(result.values, expected, rtol=1e-4, atol=1e-5)
+        assert result.baseline == pytest.approx(float(baseline), abs=1e-5)
+
+
+def test_steering_default_metric_and_batches(gpt2):
+    prompt = _prompts()[0]
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    result = patching.steering_sweep(NNsight(gpt2), prompt, vector, layers=[1],
+                                     scales=[0.0, 1.0, 4.0], batch_size=2, progress=False)
+    assert result.shape == (1, 1, 3)
+    assert result.values[0, 0, 0] == pytest.approx(0.0, abs=1e-5)  # scale 0 changes nothing
+    assert result.values[0, 0, 2] < 0  # the default metric: the unsteered prediction's
+    # log-probability, which a large random push lowers
+
+
+# --- attribution -----------------------------------------------------------------------------
+def test_attribution_returns_the_same_result_type(gpt2):
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+
+    def output_metric(out):
+        return metric(out.logits)
+
+    result = patching.attribution(net, clean, corrupted, output_metric,
+                                  sites=["resid", "attn", "mlp"], use_cache=False)
+    exact = patching.activation_patching(net, clean, corrupted, metric, progress=False)
+    assert isinstance(result, patching.PatchingResult)
+    assert result.dims == exact.dims and result.coords == exact.coords
+    legacy = patching.attribution(net, clean, corrupted, output_metric, use_cache=False)
+    torch.testing.assert_close(result.sel(site="resid").values, legacy.values)
+    assert result.baseline == pytest.approx(exact.baseline, abs=1e-5)
+    # a first-order estimate of the same effects: it agrees on their sign where they are large
+    large = exact.values.abs() > 0.5 * exact.values.abs().max()
+    assert torch.equal(result.values[large].sign(), exact.values[large].sign())
+
+
+# --- the result object ---------------------------------------------------------------------------
+def _result() -> patching.PatchingResult:
+    values = torch.tensor([[[0.0, 1.0, -3.0], [0.5, 0.0, 0.0]],
+                           [[0.0, 2.0, 0.0], [0.0, 0.0, 0.25]]])
+    return patching.PatchingResult(values, ("site", "layer", "position"),
+                                   {"site": ["resid", "attn"], "layer": [0, 1],
+                                    "position": [0, 1, 2]},
+                                   baseline=1.0, reference=5.0, tokens=["a", "b", "c"])
+
+
+def test_result_axes_selection_and_top_cells():
+    result = _result()
+    assert result.top() == ("resid", 0, 2)
+    assert result.top().value == -3.0 and result.top().layer == 0
+    assert result.top(site="attn") == ("attn", 0, 1)
+    assert [tuple(c) for c in result.top_k(2, layer=1)] == [("resid", 1, 0), ("attn", 1, 2)]
+    assert result.sel(site="attn", layer=0).values.tolist() == [0.0, 2.0, 0.0]
+    assert result.sel(layer=[1]).shape == (2, 1, 3)
+    assert result.normalized().values[0, 0, 2] == pytest.approx(-0.75)
+    records = result.to_records()
+    assert records[2] == {"site": "resid", "layer": 0, "position": 2, "token": "c",
+                          "value": -3.0}
+    table = result.table(site="resid")
+    assert "layer 0" in table and "-3.00" in table and "2:c" in table
+    with pytest.raises(KeyError, match="no axis"):
+        result.sel(head=0)
+
+
+def test_to_dataframe_needs_pandas(monkeypatch):
+    result = _result()
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        frame = result.to_dataframe()
+        assert list(frame.columns) == ["site", "layer", "position", "token", "value"]
+        assert len(frame) == 12
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="pip install pandas"):
+        result.to_dataframe()
+
+
+def test_plot_writes_a_png(tmp_path):
+    path = tmp_path / "heatmap.png"
+    figure = _result().plot(str(path), title="test", normalized=True)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(figure.axes) == 3  # a panel per site kind and the colour bar
