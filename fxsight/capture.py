@@ -223,14 +223,15 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
 
 
 def _auto_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """``dynamic_shapes`` for export: every dimension of every input tensor ``Dim.AUTO``."""
+    """``dynamic_shapes`` for export: every dimension of every input tensor ``Dim.AUTO``
+    (but sizes 0 and 1, which export would specialize anyway, with a warning)."""
     import inspect
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
     auto = torch.export.Dim.AUTO
     return {name: pytree.tree_map(
-        lambda v: {d: auto for d in range(v.dim())} if isinstance(v, torch.Tensor) else None,
-        value) for name, value in bound.items()}
+        lambda v: {d: auto for d in range(v.dim()) if v.shape[d] > 1}
+        if isinstance(v, torch.Tensor) else None, value) for name, value in bound.items()}
 
 
 def _make_dynamic(captured: Captured, exported: Any, guards: Any) -> None:

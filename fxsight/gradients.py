@@ -71,6 +71,8 @@ def is_backward_root(node: fx.Node) -> bool:
 def backward_phase(program: Program) -> set[fx.Node]:
     """The nodes that can only run after the forward pass (they need a gradient)."""
     phase: set[fx.Node] = set()
+    if not program.uses_gradients:
+        return phase
     for node in program.nodes:
         if is_backward_root(node) or any(arg in phase for arg in node.all_input_nodes):
             phase.add(node)

@@ -87,6 +87,7 @@ class Program:
         self.graph = fx.Graph()
         self.input_values: list[Any] = []
         self.saves: list[fx.Node] = []
+        self.uses_gradients = False  # set by .grad, .grad = v and backward()
         self._input_ids: dict[int, fx.Node] = {}
 
     # --- building -------------------------------------------------------------------
@@ -128,6 +129,8 @@ class Program:
         node = self.graph.create_node(op, target, args, kwargs)
         node.meta.update(kind="op", invoke=invoke, line=line,
                          mutation=is_mutation(op, target))
+        if op == "call_method" and target == "backward":
+            self.uses_gradients = True
         return node
 
     def save(self, node: fx.Node) -> None:

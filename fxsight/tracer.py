@@ -340,6 +340,7 @@ class Tracer:
         """``proxy.grad``: the gradient of the backward() loss with respect to it."""
         self._check_recording()
         target = self._to_arg(proxy)
+        self.program.uses_gradients = True
         node = self.program.graph.call_function(GRAD, (target,))
         node.meta.update(kind="grad", invoke=target.meta.get("invoke", self._invoke),
                          line=user_line())
@@ -349,6 +350,7 @@ class Tracer:
         """``proxy.grad = value``: replace the gradient flowing back through it."""
         self._check_recording()
         target = self._to_arg(proxy)
+        self.program.uses_gradients = True
         node = self.program.graph.call_function(GRAD_WRITE, (target, self._to_arg(value)))
         node.meta.update(kind="grad_write", invoke=target.meta.get("invoke", self._invoke),
                          line=user_line())

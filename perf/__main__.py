@@ -1,4 +1,6 @@
-"""``python -m perf [--quick] [--only NAME] [--json PATH]``: fxsight's benchmark suite.
+"""``python -m perf [--quick] [--only NAME] [--json PATH] [--threads N] [--device D]``.
+
+fxsight's benchmark suite.
 
 Runs the core benchmark (``perf/bench_core.py``: plain eager / compiled forward, hand-written
 hooks, fxsight eager / compiled, nnsight when importable; tiny GPT-2 and a gpt2-small shape;
@@ -28,7 +30,7 @@ def _others() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m perf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m perf", description="fxsight's benchmark suite")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument("--only", metavar="NAME", help="run only benchmarks whose name "
                         "contains NAME (core/tiny/save, core/small/patch, patching, ...)")
