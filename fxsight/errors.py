@@ -37,8 +37,27 @@ class CaptureError(FxsightError):
         self.module_path = module_path
 
 
-def user_line(skip_torch: bool = True) -> str:
-    """Return ``"file:line: code"`` of the innermost frame outside fxsight (and torch)."""
+class SourceLine(str):
+    """``"file:line: code"`` of a user's statement, formatted only when first shown.
+
+    Recording a node costs a frame walk, not a file read: the code is looked up lazily."""
+
+    __slots__ = ()
+
+    def __new__(cls, filename: str, lineno: int) -> "SourceLine":
+        return super().__new__(cls, f"{filename}:{lineno}")
+
+    def __str__(self) -> str:
+        location = str.__str__(self)
+        filename, _, lineno = location.rpartition(":")
+        code = linecache.getline(filename, int(lineno)).strip()
+        return f"{location}: {code}"
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
+
+
+def user_line(skip_torch: bool = True) -> SourceLine | str:
+    """The ``"file:line: code"`` of the innermost frame outside fxsight (and torch)."""
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
@@ -46,8 +65,7 @@ def user_line(skip_torch: bool = True) -> str:
             skip_torch and (f"{os.sep}torch{os.sep}" in filename)
         )
         if not inside:
-            code = linecache.getline(filename, frame.f_lineno).strip()
-            return f"{filename}:{frame.f_lineno}: {code}"
+            return SourceLine(filename, frame.f_lineno)
         frame = frame.f_back
     return "<unknown line>"
 
