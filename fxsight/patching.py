@@ -309,7 +309,7 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callab
 
     ``sites``: ``"resid"`` (a block's output: the residual stream after it), ``"attn"``
     (the block's attention output, item 0 if it returns a tuple), ``"mlp"`` (its MLP's
-    output). ``positions``: ``"all"`` or a list of token positions; ``layers``: all or a
+    output), ``"resid_pre"`` (a block's input; layer 0: the embeddings). ``positions``: ``"all"`` or a list of token positions; ``layers``: all or a
     list. Batches are sized to ``memory_budget`` bytes of activations unless
     ``batch_size`` is given; ``progress`` shows a tqdm bar. Other keywords go to the
     model's forward.

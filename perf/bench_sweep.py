@@ -21,7 +21,8 @@ position.
 Every method's scores are checked against the batched hooks' (``max_abs_diff``). Methods
 alternate run by run; fxsight's first sweep (it captures the model and splices one graph per
 layer) is a warm-up, reported on its own row; the nnsight loop is timed once (hundreds of
-traces). ``fxsight x`` is how many times fxsight's (warm) time each method takes. ``--quick``: a 4-layer model of the same width, 16 positions, one timed run.
+traces). ``fxsight x``: each method's time over fxsight's (warm) time. ``--quick``: a
+4-layer model of the same width, 16 positions, one timed run.
 """
 
 from __future__ import annotations
