@@ -20,17 +20,14 @@ from typing import Any, Callable
 
 import torch
 
+from perf.models import gpt2
+
 PROMPT_TOKENS = 16
 
 
 def _model(n_layer: int, n_embd: int, n_head: int, vocab: int) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab,
-                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return GPT2LMHeadModel(config).eval()
+    return gpt2(n_layer, n_embd, n_head, vocab, n_positions=1024)
+
 
 
 class _IdsTokenizer:

@@ -25,22 +25,14 @@ from typing import Any, Callable
 
 import torch
 
+from perf.models import gpt2
+
 ROWS, TOKENS = 8, 32
 POSITION = 5
 
 
 def _gpt2(n_layer: int, n_embd: int, n_head: int, vocab_size: int) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size,
-                        n_positions=max(TOKENS, 64), bos_token_id=0, eos_token_id=0,
-                        pad_token_id=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(config)
-    return model.eval()
+    return gpt2(n_layer, n_embd, n_head, vocab_size, n_positions=max(TOKENS, 64))
 
 
 MODELS: dict[str, Callable[[], torch.nn.Module]] = {

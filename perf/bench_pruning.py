@@ -25,23 +25,15 @@ from typing import Any, Callable
 
 import torch
 
+from perf.models import gpt2
+
 LAYERS, WIDTH, HEADS, VOCAB = 12, 768, 12, 50257
 ROWS, TOKENS = 4, 32
 SAVED = 3
 
 
 def _model() -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    config = GPT2Config(n_layer=LAYERS, n_embd=WIDTH, n_head=HEADS, vocab_size=VOCAB,
-                        n_positions=max(TOKENS, 64), bos_token_id=0, eos_token_id=0,
-                        pad_token_id=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(config)
-    return model.eval()
+    return gpt2(LAYERS, WIDTH, HEADS, VOCAB, n_positions=max(TOKENS, 64))
 
 
 def _expected_ratio() -> float:

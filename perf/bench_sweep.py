@@ -35,21 +35,14 @@ from typing import Any, Callable
 
 import torch
 
+from perf.models import gpt2
+
 TOKENS = 32
 A, B = 11, 22  # the metric: logit of token A minus logit of token B at the last position
 
 
 def _model(n_layer: int) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    config = GPT2Config(n_layer=n_layer, n_embd=768, n_head=12, vocab_size=50257,
-                        n_positions=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(config)
-    return model.eval()
+    return gpt2(n_layer, 768, 12, 50257)
 
 
 def metric(logits: torch.Tensor) -> torch.Tensor:
