@@ -155,8 +155,8 @@ def test_models_are_not_kept_alive_by_caches():
 
 @pytest.mark.xfail(strict=True, reason=(
     "each distinct Python float in a Program is part of its structure key, so a sweep "
-    "over coefficients splices and keeps one rewritten graph per value (the runner cache "
-    "is unbounded); fix: bound the cache (LRU) or make float constants Program inputs"))
+    "over coefficients splices and keeps one rewritten graph per value (up to the runner "
+    "cache's LRU bound of 256); fix: make float constants of arithmetic Program inputs"))
 def test_coefficient_sweep_keeps_memory_bounded():
     net = NNsight(mlp())
     x = torch.randn(4, 5)
@@ -171,7 +171,7 @@ def test_coefficient_sweep_keeps_memory_bounded():
 @pytest.mark.xfail(strict=True, reason=(
     "a callable given to fxsight.apply is a node target, keyed by identity: a lambda "
     "created in each trace makes a new structure, so every trace splices and keeps a "
-    "new rewritten graph (unbounded runner cache)"))
+    "new rewritten graph (kept up to the runner cache's LRU bound of 256)"))
 def test_apply_with_a_new_lambda_each_trace_keeps_memory_bounded():
     net = NNsight(mlp())
     x = torch.randn(4, 5)
