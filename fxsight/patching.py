@@ -578,8 +578,9 @@ def attribution(model: Envoy, clean: Any, corrupted: Any,
                 **trace_kwargs) -> PatchingResult:
     """Attribution patching of each site's output at every position, in one trace.
 
-    ``metric`` receives the corrupted run's model output (as a traced value) and returns a
-    scalar to differentiate, e.g. ``lambda out: out.logits[:, -1, a] - out.logits[:, -1, b]``.
+    ``metric`` receives the corrupted run's logits (as a traced value; the model's output
+    when it is a tensor, else its ``.logits``) and returns a scalar to differentiate, as in
+    :func:`activation_patching`: ``lambda logits: logits[:, -1, a] - logits[:, -1, b]``.
 
     ``sites``: site kinds (``["resid", "attn", "mlp"]``: scores with ``dims ==
     ("site", "layer", "position")``, comparable cell by cell with
@@ -604,7 +605,7 @@ def attribution(model: Envoy, clean: Any, corrupted: Any,
         with tracer.invoke(corrupted):
             corrupt_acts = [_hidden(t.read()).detach().save() for t in targets]
             grads = [_hidden(t.read()).grad.save() for t in targets]
-            score = metric(model.output).sum()
+            score = metric(_logits(model.output)).sum()
             baseline = [score.detach().save()]
             score.backward()
     values = torch.stack([((c - k) * g).sum(-1).sum(0) for c, k, g
@@ -627,6 +628,16 @@ def _attribution_target(layout, kind: str, layer: int) -> Target:
     if kind == "resid_pre":
         return Target(layout.blocks[layer], "input")
     return Target(layout.site(kind, layer))
+
+
+def _logits(output):
+    """The logits of a traced model output: the output itself if it is a tensor."""
+    from .errors import TraceError
+    try:
+        output.shape
+        return output
+    except TraceError:
+        return output.logits
 
 
 def _hidden(value):

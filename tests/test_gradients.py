@@ -155,8 +155,8 @@ def test_attribution_patching_matches_manual_computation(gpt2):
     corrupted = clean.clone()
     corrupted[0, 2] = (clean[0, 2] + 1) % 128
 
-    def metric(out):
-        return out.logits[:, -1, 5] - out.logits[:, -1, 6]
+    def metric(logits):
+        return logits[:, -1, 5] - logits[:, -1, 6]
 
     result = patching.attribution(net, clean, corrupted, metric, use_cache=False)
     acts = {}
@@ -166,7 +166,7 @@ def test_attribution_patching_matches_manual_computation(gpt2):
         gpt2(clean, use_cache=False)
     clean_acts = dict(acts)
     out = gpt2(corrupted, use_cache=False)
-    grads = torch.autograd.grad(metric(out).sum(), [acts[0], acts[1]])
+    grads = torch.autograd.grad(metric(out.logits).sum(), [acts[0], acts[1]])
     for handle in handles:
         handle.remove()
     expected = torch.stack([((clean_acts[i] - acts[i].detach()) * grads[i]).sum(-1).sum(0)

@@ -318,15 +318,12 @@ def test_attribution_returns_the_same_result_type(gpt2):
     clean, corrupted = _prompts()
     net = NNsight(gpt2)
 
-    def output_metric(out):
-        return metric(out.logits)
-
-    result = patching.attribution(net, clean, corrupted, output_metric,
+    result = patching.attribution(net, clean, corrupted, metric,
                                   sites=["resid", "attn", "mlp"], use_cache=False)
     exact = patching.activation_patching(net, clean, corrupted, metric, progress=False)
     assert isinstance(result, patching.PatchingResult)
     assert result.dims == exact.dims and result.coords == exact.coords
-    legacy = patching.attribution(net, clean, corrupted, output_metric, use_cache=False)
+    legacy = patching.attribution(net, clean, corrupted, metric, use_cache=False)
     torch.testing.assert_close(result.sel(site="resid").values, legacy.values)
     assert result.baseline == pytest.approx(exact.baseline, abs=1e-5)
     # a first-order estimate of the same effects: it agrees on their sign where they are large
