@@ -648,3 +648,8 @@ def _hidden(value):
         return value
     except TraceError:
         return value[0]
+
+
+from .heads import head_patching  # noqa: E402 - heads builds on the helpers above
+
+__all__.append("head_patching")
