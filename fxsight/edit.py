@@ -159,10 +159,14 @@ def _bake_program_inputs(gm: fx.GraphModule, n_model_inputs: int, values: list[A
     placeholders = [n for n in graph.nodes if n.op == "placeholder"][n_model_inputs:]
     for i, (node, value) in enumerate(zip(placeholders, values)):
         name = f"edit_input_{i}"
-        if isinstance(value, torch.Tensor):
-            gm.register_buffer(name, value.detach().clone())
-        else:
-            setattr(gm, name, value)
+        if not isinstance(value, torch.Tensor):  # a Python number: a constant again
+            for user in list(node.users):
+                user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
+                user.kwargs = fx.node.map_arg(user.kwargs,
+                                              lambda n: value if n is node else n)
+            graph.erase_node(node)
+            continue
+        gm.register_buffer(name, value.detach().clone())
         with graph.inserting_before(node):
             attr = graph.get_attr(name)
         node.replace_all_uses_with(attr)

@@ -225,6 +225,8 @@ class Tracer:
                                      "inside the `with ... trace(...)` block", user_line()))
 
     def _to_arg(self, value: Any) -> Any:
+        if type(value) is float:  # a coefficient: an input, so new values reuse the graph
+            return self.program.input(value)
         if type(value) in _PLAIN_ARGS:  # the common case, first
             return value
         if isinstance(value, Proxy):

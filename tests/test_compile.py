@@ -262,3 +262,25 @@ def test_stats_report_the_compile_counters():
     for key in ("traces", "captures", "splices", "runner_hits", "compilations",
                 "compile_failures", "fallbacks"):
         assert key in stats
+
+
+def test_new_float_coefficients_reuse_the_graph_and_compile_at_most_twice():
+    """Python floats in a trace are graph inputs: a coefficient sweep splices once, and
+    dynamo compiles the specialized graph plus at most one float-generic one."""
+    import fxsight
+    from fxsight import NNsight
+    from models import mlp
+
+    net = NNsight(mlp())
+    x = torch.randn(4, 5)
+    fxsight.reset_stats()
+    for i in range(5):
+        with net.trace(x, compile=True):
+            net.layer2.output = net.layer2.output * (i / 10) + 0.5
+            compiled = net.output.save()
+        reference = net.layer3(torch.sigmoid(net.layer2(torch.relu(net.layer1(x))) * (i / 10)
+                                             + 0.5))
+        torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-6)
+    counts = fxsight.stats()
+    assert counts["splices"] == 1
+    assert counts["compilations"] <= 2

@@ -153,10 +153,6 @@ def test_models_are_not_kept_alive_by_caches():
     assert all(ref() is None for ref in refs)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "each distinct Python float in a Program is part of its structure key, so a sweep "
-    "over coefficients splices and keeps one rewritten graph per value (up to the runner "
-    "cache's LRU bound of 256); fix: make float constants of arithmetic Program inputs"))
 def test_coefficient_sweep_keeps_memory_bounded():
     net = NNsight(mlp())
     x = torch.randn(4, 5)
