@@ -650,6 +650,6 @@ def _hidden(value):
         return value[0]
 
 
-from .heads import head_patching  # noqa: E402 - heads builds on the helpers above
+from .heads import head_patching  # noqa: E402,F401 - heads builds on the helpers above
 
 __all__.append("head_patching")

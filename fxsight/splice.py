@@ -7,7 +7,6 @@ output needs is pruned.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,10 +198,6 @@ def _unused_random_is_dead(node: fx.Node) -> bool:
     target = node.target
     return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and \
         torch.Tag.nondeterministic_seeded in target.tags and not target._schema.is_mutable
-
-
-def copy_program_values(values: list[Any]) -> list[Any]:
-    return copy.copy(values)
 
 
 def _boundary_name(label: str, leaf: int) -> str:

@@ -22,8 +22,7 @@ from .proxy import Proxy, from_where
 from .rows import Rows
 from .runner import build_runner, cached_runner, normalize_options, rows_key
 from .scan import cached_scan
-from .sites import INPUT, OUTPUT, Site
-from .splice import splice
+from .sites import OUTPUT, Site
 from .walk import MetaWalker
 
 if TYPE_CHECKING:
