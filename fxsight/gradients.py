@@ -214,7 +214,7 @@ class BackwardPhase:
 def forward_exports(program: Program, phase: set[fx.Node]) -> list[fx.Node]:
     """Forward values the backward phase uses: they must outlive the forward pass."""
     exports: list[fx.Node] = []
-    for node in program.nodes:
+    for node in program.nodes if phase else ():
         if node in phase:
             for arg in node.all_input_nodes:
                 if arg not in phase and arg not in exports:

@@ -469,8 +469,9 @@ class Tracer:
         self.graph_module = runner.graph_module
         self._output, self._output_kept = output, keep_output
         self._results = dict(zip(self._forward_saves(), saves))
-        nodes = list(program.nodes)
-        self._grad_keys = {nodes[i]: key for i, key in runner.spliced.grad_keys.items()}
+        if runner.spliced.grad_keys:
+            nodes = list(program.nodes)
+            self._grad_keys = {nodes[i]: key for i, key in runner.spliced.grad_keys.items()}
 
     def _run_hooks(self, module, args, kwargs, rows) -> None:
         program = self.program
