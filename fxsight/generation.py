@@ -18,11 +18,10 @@ import warnings
 from collections import defaultdict
 from typing import Any, Iterator
 
-import torch.fx as fx
-
 from .errors import TraceError, at_line, user_line, user_stacklevel
 from .hooks_backend import _RealWalker
 from .module_events import ModuleEvents
+from .program import Node
 from .rows import Rows
 from .sites import INPUT, OUTPUT, Site, module_label
 from .tracer import Tracer
@@ -119,7 +118,7 @@ class Generator(Tracer):
 
     # --- recording: every new node remembers the steps it belongs to ------------------------
     def _stamp(self) -> None:
-        for node in reversed(self.program.graph.nodes):
+        for node in reversed(self.program.nodes):
             if "steps" in node.meta:
                 break
             node.meta["steps"] = self._steps
@@ -186,11 +185,11 @@ class _StepInterleaver:
         self.rows = rows
         self.once = [n for n in program.nodes if n.meta.get("steps") is None]
         self.per_step = [n for n in program.nodes if n.meta.get("steps") is not None]
-        self.persistent: dict[fx.Node, Any] = {}
-        self.collected: dict[fx.Node, list[Any]] = defaultdict(list)
+        self.persistent: dict[Node, Any] = {}
+        self.collected: dict[Node, list[Any]] = defaultdict(list)
         self.step = -1
         self.walker: _RealWalker | None = None
-        self.pending: list[fx.Node] = []
+        self.pending: list[Node] = []
         self.base: dict[str, int] = {}
         self.events: ModuleEvents | None = None
 
@@ -246,7 +245,7 @@ class _StepInterleaver:
             return (tuple(new[0]), dict(new[1])) if local.kind == INPUT else new
         return None
 
-    def _ready(self, node: fx.Node, firing: Site | None) -> bool:
+    def _ready(self, node: Node, firing: Site | None) -> bool:
         walker = self.walker
         if any(arg not in walker.values for arg in node.all_input_nodes):
             return False
@@ -288,7 +287,7 @@ class _StepInterleaver:
             raise TraceError(at_line(f"{where} never ran during generation, so this "
                                      f"intervention could not be applied", node.meta["line"]))
 
-    def result(self, node: fx.Node) -> Any:
+    def result(self, node: Node) -> Any:
         if node.meta.get("steps") is not None:
             return list(self.collected.get(node, []))
         return self.persistent[node]

@@ -15,11 +15,10 @@ import threading
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .errors import TraceError, at_line
-from .program import Program, execute, map_nodes, node_args, select
+from .program import Node, Program, execute, map_nodes, node_args, select
 from .rows import Rows, conform, narrow_rows, splice_rows
 from .sites import Site, module_label
 
@@ -62,15 +61,15 @@ def grad_tap(value: Any, key: str) -> Any:
     return value
 
 
-def is_backward_root(node: fx.Node) -> bool:
+def is_backward_root(node: Node) -> bool:
     kind = node.meta["kind"]
     return kind in ("grad", "grad_write") or (
         kind == "op" and node.op == "call_method" and node.target == "backward")
 
 
-def backward_phase(program: Program) -> set[fx.Node]:
+def backward_phase(program: Program) -> set[Node]:
     """The nodes that can only run after the forward pass (they need a gradient)."""
-    phase: set[fx.Node] = set()
+    phase: set[Node] = set()
     if not program.uses_gradients:
         return phase
     for node in program.nodes:
@@ -79,7 +78,7 @@ def backward_phase(program: Program) -> set[fx.Node]:
     return phase
 
 
-def grad_target(node: fx.Node) -> tuple[fx.Node, list[Any]]:
+def grad_target(node: Node) -> tuple[Node, list[Any]]:
     """The module read whose gradient a grad node means, and the item keys on the way."""
     read, keys = node.args[0], []
     while read.meta["kind"] == "op" and read.target is operator.getitem and \
@@ -112,8 +111,8 @@ def tap_key(site: Site, leaf: int) -> str:
 class BackwardPhase:
     """Runs a trace's backward-phase nodes on real values, driven by the grad taps."""
 
-    def __init__(self, program: Program, rows: dict[Any, Rows], nodes: set[fx.Node],
-                 values: dict[fx.Node, Any], keys: dict[fx.Node, str]):
+    def __init__(self, program: Program, rows: dict[Any, Rows], nodes: set[Node],
+                 values: dict[Node, Any], keys: dict[Node, str]):
         self.program = program
         self.rows = rows
         self.pending = [n for n in program.nodes if n in nodes]
@@ -123,7 +122,7 @@ class BackwardPhase:
         self.firing: str | None = None
 
     # --- driving -----------------------------------------------------------------------
-    def run(self) -> dict[fx.Node, Any]:
+    def run(self) -> dict[Node, Any]:
         if not torch.is_grad_enabled():
             node = self.pending[0]
             raise TraceError(at_line("gradients need autograd, but this trace runs under "
@@ -161,7 +160,7 @@ class BackwardPhase:
                     self.pending.remove(node)
                     progress = True
 
-    def _ready(self, node: fx.Node, top_level: bool) -> bool:
+    def _ready(self, node: Node, top_level: bool) -> bool:
         if any(arg not in self.values for arg in node.all_input_nodes):
             return False
         kind = node.meta["kind"]
@@ -173,7 +172,7 @@ class BackwardPhase:
             return top_level
         return True
 
-    def _evaluate(self, node: fx.Node) -> None:
+    def _evaluate(self, node: Node) -> None:
         kind = node.meta["kind"]
         rows = self.rows[node.meta["invoke"]]
         if kind == "grad":
@@ -196,7 +195,7 @@ class BackwardPhase:
             kwargs = map_nodes(node.kwargs, self.values.__getitem__)
             self.values[node] = execute(node.op, node.target, args, kwargs)
 
-    def _explain(self, node: fx.Node) -> None:
+    def _explain(self, node: Node) -> None:
         backwards = [n for n in self.program.nodes
                      if n.op == "call_method" and n.target == "backward"]
         if not backwards:
@@ -211,9 +210,9 @@ class BackwardPhase:
             node.meta["line"]))
 
 
-def forward_exports(program: Program, phase: set[fx.Node]) -> list[fx.Node]:
+def forward_exports(program: Program, phase: set[Node]) -> list[Node]:
     """Forward values the backward phase uses: they must outlive the forward pass."""
-    exports: list[fx.Node] = []
+    exports: list[Node] = []
     for node in program.nodes if phase else ():
         if node in phase:
             for arg in node.all_input_nodes:

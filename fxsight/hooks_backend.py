@@ -11,12 +11,11 @@ import contextlib
 from collections import defaultdict
 from typing import Any
 
-import torch.fx as fx
 import torch.nn as nn
 
 from .errors import TraceError, at_line
 from .module_events import ModuleEvents
-from .program import Program, execute, map_nodes
+from .program import Node, Program, execute, map_nodes
 from .rows import Rows
 from .sites import INPUT, Site, module_label
 from .walk import BEFORE_ALL, Walker
@@ -31,13 +30,13 @@ class _RealWalker(Walker):
     def site_value(self, site: Site) -> Any:
         return self.event_values[site]
 
-    def input_value(self, node: fx.Node) -> Any:
+    def input_value(self, node: Node) -> Any:
         return self.program.input_values[node.meta["index"]]
 
     def call(self, node, op, target, args, kwargs, position):
         return execute(op, target, args, kwargs)
 
-    def _write(self, node: fx.Node) -> None:
+    def _write(self, node: Node) -> None:
         super()._write(node)
         self.written.add(node.meta["site"])
 
@@ -50,16 +49,16 @@ class _StopForward(Exception):
 
 
 def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
-                   index: dict[Site, int], positions: dict[fx.Node, int],
+                   index: dict[Site, int], positions: dict[Node, int],
                    args: tuple, kwargs: dict, *,
                    stop: bool = False,
-                   grad_keys: dict[fx.Node, str] | None = None) -> tuple[Any, dict[fx.Node, Any]]:
+                   grad_keys: dict[Node, str] | None = None) -> tuple[Any, dict[Node, Any]]:
     """Run ``model(*args, **kwargs)`` with ``program`` interleaved; return the model's
     output and the value of every Program node.
 
     ``stop``: end the forward pass (output ``None``) right after the last event the
     Program needs."""
-    schedule: dict[int, list[fx.Node]] = defaultdict(list)
+    schedule: dict[int, list[Node]] = defaultdict(list)
     walker = _RealWalker(program, rows, index)
     for node in program.nodes:
         if node not in walker.backward_nodes:
@@ -114,7 +113,7 @@ _NO_FORWARD = object()
 
 
 @contextlib.contextmanager
-def _skipping(model: nn.Module, skips: list[fx.Node], walker: _RealWalker,
+def _skipping(model: nn.Module, skips: list[Node], walker: _RealWalker,
               events: ModuleEvents):
     """While active, each skipped module call returns its skip value instead of running.
 
@@ -140,7 +139,7 @@ def _skipping(model: nn.Module, skips: list[fx.Node], walker: _RealWalker,
                 module.__dict__["forward"] = previous
 
 
-def _skipped_forward(module: nn.Module, path: str, calls: dict[int, fx.Node],
+def _skipped_forward(module: nn.Module, path: str, calls: dict[int, Node],
                      walker: _RealWalker, events: ModuleEvents):
     original = module.forward
 

@@ -1,4 +1,4 @@
-"""The Program: a trace's recorded interventions as an fx.Graph of their own.
+"""The Program: a trace's recorded interventions, a small graph of their own.
 
 Node kinds (``node.meta["kind"]``):
 
@@ -20,7 +20,6 @@ import operator
 from typing import Any, Callable
 
 import torch
-import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .sites import Site, module_label
@@ -74,96 +73,137 @@ def is_mutation(op: str, target: Any) -> bool:
         not name.startswith("_")
 
 
-def is_view(node: fx.Node) -> bool:
+def is_view(node: "Node") -> bool:
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
     return node.target in _VIEW_FUNCTIONS
 
 
+class Node:
+    """One recorded step of a Program: an input, a read, a write, an op, a gradient.
+
+    Nodes are plain objects (recording one is cheap); they mirror the part of
+    ``torch.fx.Node``'s interface fxsight uses (``op``, ``target``, ``args``, ``kwargs``,
+    ``meta``, ``name``, ``all_input_nodes``). ``args``/``kwargs`` refer to earlier nodes.
+    """
+
+    __slots__ = ("index", "op", "target", "args", "kwargs", "meta", "all_input_nodes",
+                 "__weakref__")
+
+    def __init__(self, index: int, op: str, target: Any, args: tuple, kwargs: dict,
+                 meta: dict, inputs: list["Node"]):
+        self.index = index
+        self.op = op
+        self.target = target
+        self.args = args
+        self.kwargs = kwargs
+        self.meta = meta
+        self.all_input_nodes = inputs
+
+    @property
+    def name(self) -> str:
+        """A Python identifier naming the node (for messages and generated code)."""
+        meta = self.meta
+        kind = meta["kind"]
+        if kind == "read":
+            return _safe_name(meta["site"], meta["accessor"])
+        if kind == "input":
+            return f"input_{meta['index']}"
+        target = self.target if isinstance(self.target, str) else \
+            getattr(self.target, "__name__", "op")
+        return f"{target.strip('_').lower() or 'op'}_{self.index}"
+
+    def __repr__(self) -> str:
+        return self.name
+
+
 class Program:
-    """The recorded interventions of one trace."""
+    """The recorded interventions of one trace, in recording order.
+
+    Its structure key (what a compiled runner is cached by) is built as nodes are
+    recorded, so looking a runner up costs no walk over the Program."""
 
     def __init__(self) -> None:
-        self.graph = fx.Graph()
+        self.nodes: list[Node] = []
         self.input_values: list[Any] = []
-        self.saves: list[fx.Node] = []
+        self.saves: list[Node] = []
         self.uses_gradients = False  # set by .grad, .grad = v and backward()
-        self._input_ids: dict[int, fx.Node] = {}
+        self._input_ids: dict[int, Node] = {}
+        self._parts: list[tuple] = []
 
     # --- building -------------------------------------------------------------------
-    def input(self, value: Any) -> fx.Node:
+    def add(self, op: str, target: Any, args: tuple, kwargs: dict, meta: dict) -> Node:
+        """Record a node (``meta["kind"]`` says which kind)."""
+        inputs: list[Node] = []
+        key = (meta["kind"], op, _target_key(target), _structure(args, inputs),
+               _structure(kwargs, inputs) if kwargs else None, meta.get("site"),
+               meta.get("accessor"), meta.get("invoke"))
+        node = Node(len(self.nodes), op, target, args, kwargs, meta,
+                    list(dict.fromkeys(inputs)) if len(inputs) > 1 else inputs)
+        self.nodes.append(node)
+        self._parts.append(key)
+        return node
+
+    def input(self, value: Any) -> Node:
         """A placeholder for a real value (deduplicated by identity)."""
         node = self._input_ids.get(id(value))
         if node is None:
-            node = self.graph.placeholder(f"input_{len(self.input_values)}")
-            node.meta["kind"] = "input"
-            node.meta["index"] = len(self.input_values)
+            index = len(self.input_values)
+            node = Node(len(self.nodes), "placeholder", f"input_{index}", (), {},
+                        {"kind": "input", "index": index}, [])
+            self.nodes.append(node)
+            self._parts.append(("input", _value_key(value)))
             self.input_values.append(value)
             self._input_ids[id(value)] = node
         return node
 
-    def read(self, site: Site, accessor: str, invoke: int | None, line: str) -> fx.Node:
-        node = self.graph.call_function(READ, ())
-        node.meta.update(kind="read", site=site, accessor=accessor, invoke=invoke, line=line)
-        node.name = _safe_name(site, accessor)
-        return node
+    def read(self, site: Site, accessor: str, invoke: int | None, line: str) -> Node:
+        return self.add("call_function", READ, (), {},
+                        {"kind": "read", "site": site, "accessor": accessor,
+                         "invoke": invoke, "line": line})
 
     def write(self, site: Site, accessor: str, value: Any, invoke: int | None,
-              line: str) -> fx.Node:
-        node = self.graph.call_function(WRITE, (value,))
-        node.meta.update(kind="write", site=site, accessor=accessor, invoke=invoke, line=line)
-        return node
+              line: str) -> Node:
+        return self.add("call_function", WRITE, (value,), {},
+                        {"kind": "write", "site": site, "accessor": accessor,
+                         "invoke": invoke, "line": line})
 
-    def skip(self, site: Site, value: Any, invoke: int | None, line: str) -> fx.Node:
+    def skip(self, site: Site, value: Any, invoke: int | None, line: str) -> Node:
         """``env.skip(value)``: a write of the module's output whose value may not depend
         on anything the module computes (meta ``skip``); the module does not run."""
-        node = self.graph.call_function(SKIP, (value,))
-        node.meta.update(kind="write", site=site, accessor="output", invoke=invoke,
-                         line=line, skip=True)
-        return node
+        return self.add("call_function", SKIP, (value,), {},
+                        {"kind": "write", "site": site, "accessor": "output",
+                         "invoke": invoke, "line": line, "skip": True})
 
     def op(self, op: str, target: Any, args: tuple, kwargs: dict, invoke: int | None,
-           line: str) -> fx.Node:
+           line: str) -> Node:
         if op == "call_function" and not hasattr(target, "__name__"):
             target = Named(target)  # fx names nodes and code globals after __name__
-        node = self.graph.create_node(op, target, args, kwargs)
-        node.meta.update(kind="op", invoke=invoke, line=line,
-                         mutation=is_mutation(op, target))
         if op == "call_method" and target == "backward":
             self.uses_gradients = True
-        return node
+        return self.add(op, target, args, kwargs,
+                        {"kind": "op", "invoke": invoke, "line": line,
+                         "mutation": is_mutation(op, target)})
 
-    def save(self, node: fx.Node) -> None:
+    def copy(self, node: Node, env: dict[Node, Node]) -> Node:
+        """Record a copy of another Program's ``node`` (its arguments mapped by ``env``)."""
+        return self.add(node.op, node.target, map_nodes(node.args, env.__getitem__),
+                        map_nodes(node.kwargs, env.__getitem__), dict(node.meta))
+
+    def save(self, node: Node) -> None:
         if node not in self.saves:
             self.saves.append(node)
 
     # --- queries ----------------------------------------------------------------------
-    @property
-    def nodes(self):
-        return self.graph.nodes
-
     def sites(self) -> set[Site]:
-        return {n.meta["site"] for n in self.graph.nodes if n.meta["kind"] in ("read", "write")}
+        return {n.meta["site"] for n in self.nodes if n.meta["kind"] in ("read", "write")}
 
     def is_empty(self) -> bool:
-        return len(self.graph.nodes) == 0
+        return not self.nodes
 
     def structure_key(self) -> tuple:
         """A hashable description of the Program's structure, blind to input values."""
-        index = {}
-        parts = []
-        for i, node in enumerate(self.graph.nodes):
-            index[node] = i
-            meta = node.meta
-            if meta["kind"] == "input":
-                parts.append(("input", _value_key(self.input_values[meta["index"]])))
-                continue
-            args = _structure(node.args, index)
-            kwargs = _structure(node.kwargs, index)
-            parts.append((meta["kind"], node.op, _target_key(node.target), args, kwargs,
-                          meta.get("site"), meta.get("accessor"), meta.get("invoke")))
-        parts.append(("saves", tuple(index[n] for n in self.saves)))
-        return tuple(parts)
+        return (*self._parts, ("saves", tuple([n.index for n in self.saves])))
 
 
 class Named:
@@ -206,26 +246,26 @@ def _value_key(value: Any) -> Any:
 _PLAIN = (int, str, type(None), type(Ellipsis))
 
 
-def _structure(value: Any, index: dict) -> Any:
+def _structure(value: Any, inputs: list[Node]) -> Any:
+    """``value``'s structure (nodes by index) as a hashable key; its nodes go to ``inputs``."""
     kind = type(value)
-    if kind is fx.Node:
-        return ("node", index[value])
+    if kind is Node:
+        inputs.append(value)
+        return ("node", value.index)
     if kind in _PLAIN:
         return value
     if kind is tuple or kind is list:
-        return (kind.__name__, tuple([_structure(v, index) for v in value]))
+        return (kind.__name__, tuple([_structure(v, inputs) for v in value]))
     if kind is slice:
-        return ("slice", _structure(value.start, index), _structure(value.stop, index),
-                _structure(value.step, index))
+        return ("slice", _structure(value.start, inputs), _structure(value.stop, inputs),
+                _structure(value.step, inputs))
     if kind is bool or kind is float:
         # tagged: ``True == 1 == 1.0`` would make ``x[:, True]`` share ``x[:, 1]``'s graph
         return (kind.__name__, value)
-    if isinstance(value, fx.Node):
-        return ("node", index[value])
     if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_structure(v, index) for v in value))
+        return (type(value).__name__, tuple(_structure(v, inputs) for v in value))
     if isinstance(value, dict):
-        return ("dict", tuple((k, _structure(v, index)) for k, v in value.items()))
+        return ("dict", tuple((k, _structure(v, inputs)) for k, v in value.items()))
     try:
         hash(value)
         return (type(value), value)
@@ -233,11 +273,11 @@ def _structure(value: Any, index: dict) -> Any:
         return ("id", id(value))
 
 
-def origin(node: fx.Node) -> str:
+def origin(node: Node) -> str:
     """The module boundaries a recorded value comes from, as users name them
     (``"model.layer1.output"``), for error messages; ``""`` when it reads none."""
     labels: list[str] = []
-    seen: set[fx.Node] = set()
+    seen: set[Node] = set()
     stack = [node]
     while stack:
         current = stack.pop()
@@ -254,9 +294,10 @@ def origin(node: fx.Node) -> str:
     return ", ".join(labels)
 
 
-def map_nodes(value: Any, fn: Callable[[fx.Node], Any]) -> Any:
-    """Replace every fx.Node inside ``value`` (tuples, lists, dicts, slices) by ``fn(node)``."""
-    if isinstance(value, fx.Node):
+def map_nodes(value: Any, fn: Callable[[Node], Any]) -> Any:
+    """Replace every Program node inside ``value`` (tuples, lists, dicts, slices) by
+    ``fn(node)``."""
+    if type(value) is Node:
         return fn(value)
     if isinstance(value, tuple):
         return tuple(map_nodes(v, fn) for v in value)
@@ -270,9 +311,9 @@ def map_nodes(value: Any, fn: Callable[[fx.Node], Any]) -> Any:
     return value
 
 
-def node_args(value: Any) -> list[fx.Node]:
-    """Every fx.Node inside ``value``."""
-    found: list[fx.Node] = []
+def node_args(value: Any) -> list[Node]:
+    """Every Program node inside ``value``."""
+    found: list[Node] = []
     map_nodes(value, lambda n: found.append(n))
     return found
 

@@ -16,7 +16,7 @@ from .bind import bind_frame
 from .capture import CaptureError, cached_capture, flat_inputs, signature
 from .errors import TraceError, at_line, user_line, user_stacklevel
 from .hooks_backend import run_with_hooks
-from .program import Program, setitem
+from .program import Node, Program, setitem
 from .gradients import GRAD, GRAD_WRITE, BackwardPhase, backward_phase, forward_exports
 from .proxy import Proxy, from_where
 from .rows import Rows
@@ -109,8 +109,8 @@ class Tracer:
         self._compile = _compile_options(compile if compile is not None else model._compile)
         self._prune = prune
         self._state = "new"
-        self._saved: dict[int, fx.Node] = {}
-        self._results: dict[fx.Node, Any] = {}
+        self._saved: dict[int, Node] = {}
+        self._results: dict[Node, Any] = {}
         self._output: Any = None
         self._output_kept = False
         self._record_walkers: dict[Any, MetaWalker] = {}
@@ -191,7 +191,7 @@ class Tracer:
         self._check_recording()
         if self._stop_line is None:
             self._stop_line = user_line()
-            self._stop_after = len(self.program.graph.nodes)
+            self._stop_after = len(self.program.nodes)
 
     def barrier(self, participants: int) -> Barrier:
         barrier = Barrier(self, participants)
@@ -249,7 +249,7 @@ class Tracer:
                                      "use its .output or .input", user_line()))
         return value
 
-    def _proxy(self, node: fx.Node) -> Proxy:
+    def _proxy(self, node: Node) -> Proxy:
         proxy = Proxy(self, node)
         return proxy
 
@@ -342,9 +342,9 @@ class Tracer:
         self._check_recording()
         target = self._to_arg(proxy)
         self.program.uses_gradients = True
-        node = self.program.graph.call_function(GRAD, (target,))
-        node.meta.update(kind="grad", invoke=target.meta.get("invoke", self._invoke),
-                         line=user_line())
+        node = self.program.add("call_function", GRAD, (target,), {}, {
+            "kind": "grad", "invoke": target.meta.get("invoke", self._invoke),
+            "line": user_line()})
         return self._proxy(node)
 
     def _set_grad(self, proxy: Proxy, value: Any) -> None:
@@ -352,13 +352,13 @@ class Tracer:
         self._check_recording()
         target = self._to_arg(proxy)
         self.program.uses_gradients = True
-        node = self.program.graph.call_function(GRAD_WRITE, (target, self._to_arg(value)))
-        node.meta.update(kind="grad_write", invoke=target.meta.get("invoke", self._invoke),
-                         line=user_line())
+        self.program.add("call_function", GRAD_WRITE, (target, self._to_arg(value)), {}, {
+            "kind": "grad_write", "invoke": target.meta.get("invoke", self._invoke),
+            "line": user_line()})
 
     def _prepare_gradients(self) -> None:
         self._backward_nodes = backward_phase(self.program)
-        self._grad_keys: dict[fx.Node, str] = {}
+        self._grad_keys: dict[Node, str] = {}
         for node in forward_exports(self.program, self._backward_nodes):
             self.program.save(node)
         if self._backward_nodes and self._compile is not None:
@@ -366,7 +366,7 @@ class Tracer:
             # breaks around them
             self._compile = {**self._compile, "fullgraph": False}
 
-    def _forward_saves(self) -> list[fx.Node]:
+    def _forward_saves(self) -> list[Node]:
         return [n for n in self.program.saves if n not in self._backward_nodes]
 
     def _run_backward(self, rows: dict[Any, Rows]) -> None:

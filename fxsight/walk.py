@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 
 from .envoy import ModuleCall
 from .errors import OrderError, ShapeError, TraceError, at_line
-from .program import (Program, execute, is_view, map_nodes, node_args, origin, replace,
+from .program import (Node, Program, execute, is_view, map_nodes, node_args, origin, replace,
                       select)
 from .rows import Rows, conform, narrow_rows, splice_rows
 from .gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
@@ -33,18 +33,18 @@ class Walker:
         self.program = program
         self.rows = rows
         self.index = index
-        self.values: dict[fx.Node, Any] = {}
-        self.positions: dict[fx.Node, int] = {}
+        self.values: dict[Node, Any] = {}
+        self.positions: dict[Node, int] = {}
         self.current: dict[Site, Any] = {}
         self.current_position: dict[Site, int] = {}
         # gradients: nodes that run after the forward pass, and the grad taps of sites
         self.backward_nodes = backward_phase(program)
         self.grad_nodes = [n for n in self.backward_nodes
                            if n.meta["kind"] in ("grad", "grad_write")]
-        self.grad_keys: dict[fx.Node, str] = {}
+        self.grad_keys: dict[Node, str] = {}
 
     # --- domain hooks -------------------------------------------------------------------
-    def call(self, node: fx.Node | None, op: str, target: Any, args: tuple, kwargs: dict,
+    def call(self, node: Node | None, op: str, target: Any, args: tuple, kwargs: dict,
              position: int) -> Any:
         raise NotImplementedError
 
@@ -52,7 +52,7 @@ class Walker:
         """The value of ``site`` before any write."""
         raise NotImplementedError
 
-    def input_value(self, node: fx.Node) -> Any:
+    def input_value(self, node: Node) -> Any:
         raise NotImplementedError
 
     # --- walking ---------------------------------------------------------------------------
@@ -65,7 +65,7 @@ class Walker:
             if node not in self.values:
                 self.visit(node)
 
-    def visit(self, node: fx.Node) -> None:
+    def visit(self, node: Node) -> None:
         kind = node.meta["kind"]
         if kind in ("grad", "grad_write"):  # seen by the meta walker only
             target = node.args[0]
@@ -87,7 +87,7 @@ class Walker:
         else:
             self._op(node)
 
-    def position_of_site(self, node: fx.Node) -> int:
+    def position_of_site(self, node: Node) -> int:
         site: Site = node.meta["site"]
         if site not in self.index:
             raise TraceError(at_line(
@@ -128,10 +128,10 @@ class Walker:
     def on_tapped(self, site: Site) -> None:
         """Domain hook: ``site``'s value now carries a grad tap."""
 
-    def _rows(self, node: fx.Node) -> Rows:
+    def _rows(self, node: Node) -> Rows:
         return self.rows[node.meta["invoke"]]
 
-    def _read(self, node: fx.Node) -> None:
+    def _read(self, node: Node) -> None:
         site = node.meta["site"]
         position = max(self.position_of_site(node), self.current_position.get(site, BEFORE_ALL))
         value = select(self._current(site), node.meta["accessor"])
@@ -146,7 +146,7 @@ class Walker:
     def _arg_position(self, value: Any) -> int:
         return max([self.positions[n] for n in node_args(value)], default=BEFORE_ALL)
 
-    def _write(self, node: fx.Node) -> None:
+    def _write(self, node: Node) -> None:
         site: Site = node.meta["site"]
         position = self.position_of_site(node)
         value_position = self._arg_position(node.args[0])
@@ -186,7 +186,7 @@ class Walker:
         self.values[node] = None
         self.positions[node] = position
 
-    def _check_skip_value(self, node: fx.Node, value_position: int) -> None:
+    def _check_skip_value(self, node: Node, value_position: int) -> None:
         """A skipped module does not run: its value may not come from inside it."""
         site: Site = node.meta["site"]
         start = self.index.get(Site(site.path, "input", site.call), BEFORE_ALL)
@@ -197,7 +197,7 @@ class Walker:
                 f"{inner.label}, which is computed inside {module_label(site.path)}; a "
                 f"skipped module does not run", node.meta["line"]))
 
-    def _op(self, node: fx.Node) -> None:
+    def _op(self, node: Node) -> None:
         position = max(self._arg_position(node.args), self._arg_position(node.kwargs))
         if node.meta.get("mutation"):
             self._check_mutation_order(node, position)
@@ -217,15 +217,15 @@ class Walker:
     def check_grad_write(self, node, site, old, value, rows) -> None:
         """Domain hook: reject a gradient that cannot replace ``old``'s."""
 
-    def check_write(self, node: fx.Node, old: Any, value: Any, rows: Rows) -> None:
+    def check_write(self, node: Node, old: Any, value: Any, rows: Rows) -> None:
         """Domain hook: reject a value that cannot replace ``old``."""
 
-    def _check_mutation_order(self, node: fx.Node, position: int) -> None:
+    def _check_mutation_order(self, node: Node, position: int) -> None:
         root = node.args[0]
-        while isinstance(root, fx.Node) and root.meta["kind"] == "op" and (
+        while isinstance(root, Node) and root.meta["kind"] == "op" and (
                 is_view(root) or root.meta.get("mutation")):
             root = root.args[0]
-        if not isinstance(root, fx.Node) or root.meta["kind"] != "read":
+        if not isinstance(root, Node) or root.meta["kind"] != "read":
             return
         site_position = self.positions[root]
         if position > site_position:
@@ -304,7 +304,7 @@ class MetaWalker(Walker):
                         f"which is skipped (.skip(...)) and does not run",
                         node.meta["line"]))
 
-    def input_value(self, node: fx.Node) -> Any:
+    def input_value(self, node: Node) -> Any:
         value = self.program.input_values[node.meta["index"]]
         return pytree.tree_map_only(
             torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), value)
@@ -392,7 +392,7 @@ def _fake_execute(op: str, target: Any, args: tuple, kwargs: dict,
     return pytree.tree_map_only(torch.Tensor, to_meta, result)
 
 
-def _rows_note(node: fx.Node, rows: Rows) -> str:
+def _rows_note(node: Node, rows: Rows) -> str:
     """Which invoke's rows a write targets, for error messages."""
     invoke = node.meta.get("invoke")
     if invoke is None:
