@@ -340,9 +340,12 @@ def flat_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
     return flat, str(spec)
 
 
-def signature(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
-    """What a capture depends on: input shapes and types, non-tensor inputs, model state."""
-    flat, layout = flat_inputs(args, kwargs)
+def signature(model: torch.nn.Module, args: tuple, kwargs: dict,
+              flat: tuple[list[Any], Any] | None = None) -> tuple:
+    """What a capture depends on: input shapes and types, non-tensor inputs, model state.
+
+    ``flat`` is ``flat_inputs(args, kwargs)`` where the caller has it already."""
+    flat, layout = flat if flat is not None else flat_inputs(args, kwargs)
     parts = []
     for value in flat:
         if isinstance(value, torch.Tensor):
@@ -410,10 +413,14 @@ def _user_hooks(model: torch.nn.Module) -> tuple:
     memo = _MODULES.get(model)
     if memo is None or memo[0] != _GENERATION[0]:  # (the model itself is not kept: a
         submodules = tuple(m for m in model.modules() if m is not model)  # weak key)
-        memo = _MODULES[model] = (_GENERATION[0], submodules)
-    hooked = [m for m in (model, *memo[1]) if m._forward_hooks or m._forward_pre_hooks]
-    hooks = tuple((id(m), tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
-                  for m in hooked) if hooked else ()
+        hook_dicts = [d for m in (model, *submodules)
+                      for d in (m._forward_hooks, m._forward_pre_hooks)]
+        memo = _MODULES[model] = (_GENERATION[0], submodules, hook_dicts)
+    hooks: tuple = ()
+    if any(memo[2]):  # (the usual answer, no hook anywhere, costs one pass in C)
+        hooked = [m for m in (model, *memo[1]) if m._forward_hooks or m._forward_pre_hooks]
+        hooks = tuple((id(m), tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
+                      for m in hooked)
     module = torch.nn.modules.module
     if module._global_forward_hooks or module._global_forward_pre_hooks:
         hooks += (("global", tuple(module._global_forward_pre_hooks),
@@ -432,7 +439,8 @@ _DYNAMIC_ATTEMPTS = 2  # dynamic captures tried per general signature
 
 
 def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
-                   dynamic: str = "never") -> Captured:
+                   dynamic: str = "never",
+                   flat: tuple[list[Any], Any] | None = None) -> Captured:
     """Capture once per (model, signature); failures are remembered too.
 
     ``dynamic`` (``"never"``, ``"auto"``, ``"always"``) lets a compiled trace use one
@@ -443,7 +451,7 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     per_model = _CACHE.get(model)
     if per_model is None:
         per_model = _CACHE[model] = {}
-    key = signature(model, args, kwargs)
+    key = signature(model, args, kwargs, flat)
     if dynamic != "never":
         view = per_model.get(("dynamic", key))
         if view is None:  # False: known not to have one

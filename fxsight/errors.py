@@ -5,6 +5,7 @@ from __future__ import annotations
 import linecache
 import os
 import sys
+from types import CodeType
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,16 +57,29 @@ class SourceLine(str):
     __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
 
 
+# code object -> whether its frames are fxsight's (or torch's): asked for every recorded
+# node, so the answer is remembered per code object
+_INSIDE: dict[tuple[CodeType, bool], bool] = {}
+
+
+def _inside(code: CodeType, skip_torch: bool) -> bool:
+    filename = code.co_filename
+    inside = filename.startswith(_PACKAGE_DIR) or (
+        skip_torch and f"{os.sep}torch{os.sep}" in filename)
+    _INSIDE[(code, skip_torch)] = inside
+    return inside
+
+
 def user_line(skip_torch: bool = True) -> SourceLine | str:
     """The ``"file:line: code"`` of the innermost frame outside fxsight (and torch)."""
     frame = sys._getframe(1)
     while frame is not None:
-        filename = frame.f_code.co_filename
-        inside = filename.startswith(_PACKAGE_DIR) or (
-            skip_torch and (f"{os.sep}torch{os.sep}" in filename)
-        )
+        code = frame.f_code
+        inside = _INSIDE.get((code, skip_torch))
+        if inside is None:
+            inside = _inside(code, skip_torch)
         if not inside:
-            return SourceLine(filename, frame.f_lineno)
+            return SourceLine(code.co_filename, frame.f_lineno)
         frame = frame.f_back
     return "<unknown line>"
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
 
 
-@dataclass(frozen=True)
-class Rows:
+class Rows(NamedTuple):
     """Rows ``start:stop`` of a batch of ``total`` rows (batch dimension 0)."""
 
     start: int
@@ -28,6 +26,8 @@ def _batched(value: Any, rows: Rows) -> bool:
 
 def narrow_rows(value: Any, start: int, stop: int, total: int) -> Any:
     """The rows ``start:stop`` of every batched tensor in ``value`` (views, not copies)."""
+    if isinstance(value, torch.Tensor):  # the common case (a read narrows leaf by leaf)
+        return value[start:stop] if value.dim() > 0 and value.shape[0] == total else value
     rows = Rows(start, stop, total)
     return pytree.tree_map(lambda t: t[start:stop] if _batched(t, rows) else t, value)
 
@@ -43,6 +43,8 @@ def splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any:
         piece = piece.expand(stop - start, *whole.shape[1:])
         return torch.cat([whole[:start], piece, whole[stop:]], dim=0)
 
+    if isinstance(full, torch.Tensor):  # the common case (a write splices leaf by leaf)
+        return splice(full, part)
     full_leaves, spec = pytree.tree_flatten(full)
     part_leaves = pytree.tree_leaves(part) if not isinstance(part, torch.Tensor) else [part]
     if len(part_leaves) != len(full_leaves):

@@ -187,17 +187,39 @@ MAX_RUNNERS = 256
 MAX_EXECUTABLES = 128
 
 
+class Key:
+    """A cache key (a tuple of nested tuples) hashed once: a lookup and the LRU update
+    after it would each hash the whole Program structure again."""
+
+    __slots__ = ("value", "hash")
+
+    def __init__(self, value: tuple):
+        self.value = value
+        self.hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (type(other) is Key and self.hash == other.hash
+                                 and self.value == other.value)
+
+
 def _lru_get(cache: "weakref.WeakKeyDictionary", model: torch.nn.Module, key: tuple,
-             limit: int) -> tuple[OrderedDict, Any]:
+             limit: int) -> tuple[OrderedDict, Key, Any]:
+    """``(the model's cache, the key to store under, the cached value or None)``."""
     per_model = cache.get(model)
     if per_model is None:
         per_model = cache[model] = OrderedDict()
-    value = per_model.get(key)
-    if value is not None:
-        per_model.move_to_end(key)
-    elif len(per_model) >= limit:
+    key = Key(key)
+    entry = per_model.get(key)
+    if entry is not None:
+        stored, value = entry
+        per_model.move_to_end(stored)  # (the stored key: found by identity)
+        return per_model, stored, value
+    if len(per_model) >= limit:
         per_model.popitem(last=False)
-    return per_model, value
+    return per_model, key, None
 
 
 def cached_runner(model: torch.nn.Module, key: tuple, captured: Any,
@@ -205,10 +227,11 @@ def cached_runner(model: torch.nn.Module, key: tuple, captured: Any,
     """The runner for ``key`` (the capture's id + Program structure + ...), built once.
 
     ``captured`` is the capture the key's id names (checked: an id can be reused)."""
-    per_model, runner = _lru_get(_RUNNERS, model, key, MAX_RUNNERS)
+    per_model, key, runner = _lru_get(_RUNNERS, model, key, MAX_RUNNERS)
     if runner is None or runner.captured is not captured:
-        runner = per_model[key] = build()
+        runner = build()
         runner.captured = captured
+        per_model[key] = (key, runner)
     else:
         stats.bump("runner_hits")
     return runner
@@ -217,9 +240,10 @@ def cached_runner(model: torch.nn.Module, key: tuple, captured: Any,
 def cached_executable(model: torch.nn.Module, key: tuple,
                       build: Callable[[], Executable]) -> Executable:
     """The executable for ``key`` (captured graph + shape-blind structure), built once."""
-    per_model, executable = _lru_get(_EXECUTABLES, model, key, MAX_EXECUTABLES)
+    per_model, key, executable = _lru_get(_EXECUTABLES, model, key, MAX_EXECUTABLES)
     if executable is None:
-        executable = per_model[key] = build()
+        executable = build()
+        per_model[key] = (key, executable)
     else:
         stats.bump("executable_hits")
     return executable
@@ -246,8 +270,9 @@ def forget(model: torch.nn.Module) -> None:
 def rows_key(rows: dict, exact: bool = True) -> tuple:
     """The invokes' row ranges as a cache key (whole-batch ranges as ``"whole"`` unless
     ``exact``: the spliced graph holds no constant for them)."""
-    return tuple(sorted((k, (v.start, v.stop, v.total) if exact or not v.whole else "whole")
-                        for k, v in rows.items() if k is not None))
+    # (insertion order is invoke order: the whole batch first, then invokes 0, 1, ...)
+    return tuple([(k, (v.start, v.stop, v.total) if exact or not v.whole else "whole")
+                  for k, v in rows.items() if k is not None])
 
 
 def build_runner(model: torch.nn.Module, captured: Any, program: Any, rows: dict,

@@ -176,11 +176,36 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             graph.erase_node(node)
     graph.eliminate_dead_code(is_impure_node=_is_impure)
     graph.lint()
-    module = fx.GraphModule(captured.graph_module, graph, class_name="RewrittenForward")
+    module = fx.GraphModule(_flat_attributes(captured.graph_module, graph), graph,
+                            class_name="RewrittenForward")
     stats.bump("splices")
     order = {node: i for i, node in enumerate(program.nodes)}
     grad_keys = {order[node]: key for node, key in walker.grad_keys.items()}
     return Spliced(module, model_output, saves, grad_keys)
+
+
+def _flat_attributes(root: torch.nn.Module, graph: fx.Graph) -> dict[str, Any]:
+    """Give every ``get_attr`` node a flat name (``transformer_h_0_attn_c_attn_weight``) and
+    return the objects by those names: the rewritten module holds its parameters and
+    buffers itself, and its code reads each with one attribute lookup, not one per level
+    of the model's module tree (``self.transformer.h[0].attn.c_attn.weight``)."""
+    attributes: dict[str, Any] = {}
+    by_target: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        target = node.target
+        if target not in by_target:
+            value = root
+            for part in target.split("."):
+                value = getattr(value, part)
+            name = target.replace(".", "_")
+            while name in attributes:
+                name += "_"
+            by_target[target] = name
+            attributes[name] = value
+        node.target = by_target[target]
+    return attributes
 
 
 def _is_impure(node: fx.Node) -> bool:

@@ -236,13 +236,18 @@ class Tracer:
             return value._node
         if isinstance(value, torch.Tensor):
             return self.program.input(value)
+        kind = type(value)
+        if kind is tuple:
+            return tuple([self._to_arg(v) for v in value])
+        if kind is slice:
+            if value.start is None and value.stop is None and value.step is None:
+                return value  # `:`
+            return slice(self._to_arg(value.start), self._to_arg(value.stop),
+                         self._to_arg(value.step))
         if isinstance(value, (tuple, list)):
             return type(value)(self._to_arg(v) for v in value)
         if isinstance(value, dict):
             return {k: self._to_arg(v) for k, v in value.items()}
-        if isinstance(value, slice):
-            return slice(self._to_arg(value.start), self._to_arg(value.stop),
-                         self._to_arg(value.step))
         from .envoy import Envoy
         if isinstance(value, Envoy):
             raise TraceError(at_line("a module was passed where a value was expected; "
@@ -256,8 +261,9 @@ class Tracer:
     def _record(self, op: str, target: Any, args: tuple, kwargs: dict,
                 lenient: bool = False) -> Proxy:
         self._check_recording((args, kwargs))
-        node = self.program.op(op, target, self._to_arg(tuple(args)), self._to_arg(kwargs),
-                               self._invoke, user_line())
+        node = self.program.op(op, target, self._to_arg(tuple(args)),
+                               self._to_arg(kwargs) if kwargs else {}, self._invoke,
+                               user_line())
         if lenient:
             node.meta["lenient"] = True
         if node.meta["mutation"] and args and isinstance(args[0], Proxy):
@@ -409,16 +415,17 @@ class Tracer:
         keep_output = (not self._prune or not self.program.saves) and self._stop_line is None
         backend = self._backend_choice
         captured = None
+        flat = flat_inputs(args, kwargs)
         if backend in ("auto", "fx"):
             try:
                 captured = cached_capture(module, args, kwargs,
-                                          dynamic=_dynamic_policy(self._compile))
+                                          dynamic=_dynamic_policy(self._compile), flat=flat)
             except CaptureError as error:
                 if backend == "fx":
                     raise
                 self._warn_fallback(error, args, kwargs)
         if captured is not None:
-            self._run_fx(captured, module, args, kwargs, rows, keep_output)
+            self._run_fx(captured, module, flat[0], rows, keep_output)
         else:
             self._run_hooks(module, args, kwargs, rows)
         self._run_backward(rows)
@@ -453,9 +460,8 @@ class Tracer:
             warnings.warn(f"fxsight: {error}; this model runs with the hooks backend",
                           RuntimeWarning, stacklevel=user_stacklevel())
 
-    def _run_fx(self, captured, module, args, kwargs, rows, keep_output) -> None:
+    def _run_fx(self, captured, module, flat: list[Any], rows, keep_output) -> None:
         program = self.program
-        flat = flat_inputs(args, kwargs)[0]
         structure = program.structure_key()
         options_key = _freeze(self._compile)
         # the capture found for these exact inputs stands for their signature (the runner
@@ -553,11 +559,14 @@ class _WholeRows(dict):
         return Rows(0, 1, 1)
 
 
+_DEFAULT_COMPILE = normalize_options({})
+
+
 def _compile_options(value: Any) -> dict | None:
     if value is None or value is False:
         return None
     if value is True:
-        return normalize_options({})
+        return _DEFAULT_COMPILE  # (never changed in place: a tracer replaces it)
     if isinstance(value, dict):
         return normalize_options(dict(value))
     raise TypeError(f"compile must be a bool or a dict of torch.compile options, not {value!r}")
@@ -572,6 +581,13 @@ def _dynamic_policy(options: dict | None) -> str:
 
 
 def _freeze(value: Any) -> Any:
+    if value is None:
+        return None
+    if value is _DEFAULT_COMPILE:
+        return _DEFAULT_KEY
     if isinstance(value, dict):
         return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
     return value
+
+
+_DEFAULT_KEY = _freeze(dict(_DEFAULT_COMPILE))
