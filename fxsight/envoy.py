@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from .active import current_tracer
 from .errors import TraceError, at_line, user_line
 from .sites import INPUT, OUTPUT, Site, module_label
 
@@ -89,7 +90,6 @@ class Envoy:
 
     # --- activations ---------------------------------------------------------------------
     def _tracer(self, what: str):
-        from .tracer import current_tracer
         tracer = current_tracer(self._root)
         if tracer is None:
             raise TraceError(at_line(
@@ -136,7 +136,6 @@ class Envoy:
         """Inside a trace, apply this module to traced values (e.g. the logit lens);
         outside, call the module."""
         from .proxy import Proxy
-        from .tracer import current_tracer
         tracer = current_tracer(self._root)
         traced = any(isinstance(a, Proxy) for a in (*args, *kwargs.values()))
         if tracer is None or not traced:

@@ -18,6 +18,7 @@ import warnings
 from collections import defaultdict
 from typing import Any, Iterator
 
+from .active import current_tracer
 from .errors import TraceError, at_line, user_line, user_stacklevel
 from .hooks_backend import _RealWalker
 from .module_events import ModuleEvents
@@ -301,7 +302,6 @@ class GeneratorEnvoy:
 
     @property
     def output(self):
-        from .tracer import current_tracer
         tracer = current_tracer(self._model)
         if not isinstance(tracer, Generator):
             raise TraceError(at_line("lm.generator.output is only available inside "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +11,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import counters as stats
+from .active import active_tracers, current_tracer  # noqa: F401 (re-exported)
 from .bind import bind_frame
 from .capture import CaptureError, cached_capture, flat_inputs, signature
 from .errors import TraceError, at_line, user_line, user_stacklevel
@@ -30,20 +30,6 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "fx", "hooks")
 _PLAIN_ARGS = frozenset({int, float, bool, str, type(None), type(Ellipsis)})
-_ACTIVE = threading.local()
-
-
-def active_tracers() -> list["Tracer"]:
-    if not hasattr(_ACTIVE, "stack"):
-        _ACTIVE.stack = []
-    return _ACTIVE.stack
-
-
-def current_tracer(model: "NNsight") -> "Tracer | None":
-    for tracer in reversed(active_tracers()):
-        if tracer.model is model or getattr(tracer, "_also", None) is model:
-            return tracer
-    return None
 
 
 class Invoke:
