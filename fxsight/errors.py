@@ -57,25 +57,26 @@ class SourceLine(str):
     __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
 
 
-# code object -> whether its frames are fxsight's (or torch's): asked for every recorded
-# node, so the answer is remembered per code object
-_INSIDE: dict[tuple[CodeType, bool], bool] = {}
+# code object -> whether its frames are fxsight's (or torch's), one table per
+# ``skip_torch``: asked for every recorded node, so the answer is remembered
+_INSIDE: dict[bool, dict[CodeType, bool]] = {True: {}, False: {}}
 
 
 def _inside(code: CodeType, skip_torch: bool) -> bool:
     filename = code.co_filename
     inside = filename.startswith(_PACKAGE_DIR) or (
         skip_torch and f"{os.sep}torch{os.sep}" in filename)
-    _INSIDE[(code, skip_torch)] = inside
+    _INSIDE[skip_torch][code] = inside
     return inside
 
 
 def user_line(skip_torch: bool = True) -> SourceLine | str:
     """The ``"file:line: code"`` of the innermost frame outside fxsight (and torch)."""
     frame = sys._getframe(1)
+    known = _INSIDE[skip_torch]
     while frame is not None:
         code = frame.f_code
-        inside = _INSIDE.get((code, skip_torch))
+        inside = known.get(code)
         if inside is None:
             inside = _inside(code, skip_torch)
         if not inside:

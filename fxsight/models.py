@@ -36,7 +36,7 @@ class NNsight(Envoy):
     def trace(self, *args, trace: bool = True, backend: str | None = None,
               compile: Any = None, prune: bool = True, **kwargs):
         """Open a trace over ``self(*args, **kwargs)``; with ``trace=False`` just run it."""
-        from .tracer import Tracer
+        Tracer = _tracer_class()
         if not trace:
             if self.__dict__.get("_edits"):  # an edited model runs with its edits
                 with Tracer(self, args, kwargs, backend=backend or self._backend,
@@ -159,3 +159,15 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return leaf.shape[0]
     return None
+
+
+def _tracer_class() -> type:
+    """``fxsight.tracer.Tracer`` (imported on first use: the tracer imports this module)."""
+    global _TRACER
+    if _TRACER is None:
+        from .tracer import Tracer
+        _TRACER = Tracer
+    return _TRACER
+
+
+_TRACER: type | None = None

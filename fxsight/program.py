@@ -135,7 +135,8 @@ class Program:
     def add(self, op: str, target: Any, args: tuple, kwargs: dict, meta: dict) -> Node:
         """Record a node (``meta["kind"]`` says which kind)."""
         inputs: list[Node] = []
-        key = (meta["kind"], op, _target_key(target), _structure(args, inputs),
+        key = (meta["kind"], op, _target_key(target),
+               _structure(args, inputs) if args else None,
                _structure(kwargs, inputs) if kwargs else None, meta.get("site"),
                meta.get("accessor"), meta.get("invoke"))
         node = Node(len(self.nodes), op, target, args, kwargs, meta,
