@@ -157,8 +157,12 @@ def _to_meta(value: Any, bindings: dict | None = None) -> Any:
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
-            dynamic: bool = False) -> Captured:
+            dynamic: bool = False, events_on: torch.nn.Module | None = None) -> Captured:
     """Capture ``model(*args, **kwargs)`` into a GraphModule with boundary markers.
+
+    ``events_on``: the module whose boundaries are marked and named (its submodule paths
+    are the sites), where ``model`` is a wrapper around it (a decoding step); by default
+    ``model`` itself.
 
     With ``dynamic``, every dimension of every input tensor is ``Dim.AUTO`` (export keeps
     it symbolic unless the model fixes it): the graph serves other batch and sequence
@@ -177,7 +181,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                   for i, v in enumerate(flat)]
         return pytree.tree_unflatten(marked, spec)
 
-    events = ModuleEvents(model, mark)
+    events = ModuleEvents(model if events_on is None else events_on, mark)
     try:
         with events.installed(), _quiet_symbolic_shapes():
             exported = torch.export.export(
@@ -440,7 +444,8 @@ _DYNAMIC_ATTEMPTS = 2  # dynamic captures tried per general signature
 
 def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                    dynamic: str = "never",
-                   flat: tuple[list[Any], Any] | None = None) -> Captured:
+                   flat: tuple[list[Any], Any] | None = None,
+                   events_on: torch.nn.Module | None = None) -> Captured:
     """Capture once per (model, signature); failures are remembered too.
 
     ``dynamic`` (``"never"``, ``"auto"``, ``"always"``) lets a compiled trace use one
@@ -456,7 +461,7 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         view = per_model.get(("dynamic", key))
         if view is None:  # False: known not to have one
             view = per_model[("dynamic", key)] = \
-                _dynamic_view(model, per_model, key, args, kwargs, dynamic) or False
+                _dynamic_view(model, per_model, key, args, kwargs, dynamic, events_on) or False
         if view is not False:
             return view
     hit = per_model.get(key)
@@ -466,7 +471,7 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         if len(shapes) < 2:
             shapes.add(key)
         try:
-            hit = capture(model, args, kwargs)
+            hit = capture(model, args, kwargs, events_on=events_on)
         except CaptureError as error:
             hit = error
             stats.bump("capture_failures")
@@ -477,7 +482,8 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
 
 
 def _dynamic_view(model: torch.nn.Module, per_model: dict, key: tuple, args: tuple,
-                  kwargs: dict, dynamic: str) -> Captured | None:
+                  kwargs: dict, dynamic: str,
+                  events_on: torch.nn.Module | None = None) -> Captured | None:
     general = general_signature(key)
     flat = flat_inputs(args, kwargs)[0]
     bases = per_model.setdefault(("dynamic-bases", general), [])
@@ -492,7 +498,7 @@ def _dynamic_view(model: torch.nn.Module, per_model: dict, key: tuple, args: tup
     if dynamic == "auto" and not (shapes - {key}):
         return None  # only one shape seen so far: the exact capture serves it
     try:
-        base = capture(model, args, kwargs, dynamic=True)
+        base = capture(model, args, kwargs, dynamic=True, events_on=events_on)
         stats.bump("dynamic_captures")
     except Exception:  # noqa: BLE001 - the exact-shape capture is always a correct fallback
         stats.bump("dynamic_capture_failures")

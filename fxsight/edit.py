@@ -45,7 +45,7 @@ def seed(program: Program, edits: list[Program]) -> None:
             if node.meta["kind"] == "input":
                 env[node] = program.input(edit.input_values[node.meta["index"]])
             else:
-                env[node] = program.copy(node, env)
+                env[node] = program.copy(node, env.__getitem__)
 
 
 def edited_copy(model: "NNsight") -> "NNsight":

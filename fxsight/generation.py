@@ -7,8 +7,10 @@ entry per step). Every model call ``generate`` makes is one step; its boundary e
 the Program as in the hooks backend: each node runs as soon as its values exist in the
 current step, and a write runs at its module's boundary.
 
-Decoding steps run through forward hooks: capturing one decoding step with a KV cache as a
-graph is not done yet, so the fx backend falls back here, with a warning.
+On the fx backend (the default) every step runs as a rewritten graph (see
+:mod:`fxsight.decoding`; ``compile=True`` compiles the decoding step once for all steps);
+on the hooks backend, or where a step cannot be captured, the steps run through forward
+hooks (:class:`_StepInterleaver`).
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ import warnings
 from collections import defaultdict
 from typing import Any, Iterator
 
+import torch
+
 from .active import current_tracer
+from .decoding import GraphSteps, Unsupported
 from .errors import TraceError, at_line, user_line, user_stacklevel
 from .hooks_backend import _RealWalker
 from .module_events import ModuleEvents
 from .program import Node
 from .rows import Rows
 from .sites import INPUT, OUTPUT, Site, module_label
-from .tracer import Tracer
+from .tracer import Tracer, _dynamic_policy, _freeze
 
 GENERATOR = Site("generator", OUTPUT, 0)
 ALL = "all"
@@ -93,8 +98,9 @@ class _StepIndexer:
 class Generator(Tracer):
     """The context of ``lm.generate(...)``: a trace whose model call is ``generate``."""
 
-    def __init__(self, model, args: tuple, generate_kwargs: dict, *, backend: str = "auto"):
-        super().__init__(model, args, {}, backend=backend, compile=None, prune=False)
+    def __init__(self, model, args: tuple, generate_kwargs: dict, *, backend: str = "auto",
+                 compile: Any = None):
+        super().__init__(model, args, {}, backend=backend, compile=compile, prune=False)
         self._generate_kwargs = generate_kwargs
         self._steps: Steps | None = None
 
@@ -151,14 +157,19 @@ class Generator(Tracer):
         args, kwargs, rows = self._batched()
         self.model._before_run()
         module = self.model._module
-        if self._backend_choice != "hooks" and not getattr(self.model, "_generation_warned",
-                                                            False):
-            object.__setattr__(self.model, "_generation_warned", True)
-            warnings.warn("fxsight: generate() runs its decoding steps with the hooks "
-                          "backend (a decoding step with a KV cache is not captured yet)",
-                          RuntimeWarning, stacklevel=user_stacklevel())
         inputs = {k: v for k, v in kwargs.items() if k not in ("position_ids", "use_cache")}
         options = dict(self._generate_kwargs)
+        if self._backend_choice != "hooks":
+            rng = torch.random.get_rng_state()
+            try:
+                self._generate_with_graphs(module, inputs, options, rows)
+                return
+            except Unsupported as reason:
+                if self._backend_choice == "fx":
+                    raise TraceError(f"generate() cannot run on the fx backend: {reason}") \
+                        from None
+                torch.random.set_rng_state(rng)  # (a seeded sampling starts over alike)
+                self._warn_generation_fallback(str(reason))
         interleaver = _StepInterleaver(self.program, rows)
         with interleaver.installed(module):
             output = module.generate(**inputs, **options)
@@ -166,6 +177,54 @@ class Generator(Tracer):
         self.backend = "hooks"
         self._output, self._output_kept = output, True
         self._results = {node: interleaver.result(node) for node in self.program.saves}
+
+    def _generate_with_graphs(self, module, inputs: dict, options: dict,
+                              rows: dict[Any, Rows]) -> None:
+        """Every decoding step as a rewritten graph (:mod:`fxsight.decoding`)."""
+        after = _needs_generated_ids(self.program)
+        steps = GraphSteps(module, self.program, rows, self._compile, _freeze(self._compile),
+                           _dynamic_policy(self._compile), after)
+        original = module.__dict__.get("forward")
+        module.forward = steps.forward_for(module.forward)
+        try:
+            output = module.generate(**inputs, **options)
+        finally:
+            if original is None:
+                del module.forward
+            else:
+                module.forward = original
+        values = dict(steps.persistent)
+        if after:
+            walker = _RealWalker(self.program, rows, _AnySite())
+            walker.values.update(values)
+            walker.positions.update((node, 0) for node in values)  # (all "now")
+            walker.event_values[GENERATOR] = output
+            for node in self.program.nodes:
+                if node in after:
+                    walker.visit(node)
+            values.update((node, walker.values[node]) for node in after)
+        self.backend = "fx"
+        self.graph_module = steps.graph_module
+        self._output, self._output_kept = output, True
+        self._results = {node: values[node] if node in after else steps.result(node)
+                         for node in self.program.saves}
+
+    def _warn_generation_fallback(self, reason: str) -> None:
+        warned = self.model.__dict__.setdefault("_generation_warned", set())
+        if reason not in warned:
+            warned.add(reason)
+            warnings.warn(f"fxsight: generate() runs with the hooks backend: {reason}",
+                          RuntimeWarning, stacklevel=user_stacklevel())
+
+
+def _needs_generated_ids(program) -> set[Node]:
+    """The nodes that read ``lm.generator.output`` or depend on it."""
+    after: set[Node] = set()
+    for node in program.nodes:
+        if (node.meta["kind"] == "read" and node.meta["site"] == GENERATOR) or \
+                any(arg in after for arg in node.all_input_nodes):
+            after.add(node)
+    return after
 
 
 class _AnySite(dict):
@@ -207,6 +266,7 @@ class _StepInterleaver:
         self.step += 1
         self.walker = _RealWalker(self.program, self.rows, _AnySite())
         self.walker.values.update(self.persistent)
+        self.walker.positions.update((node, 0) for node in self.persistent)
         active = [n for n in self.per_step if self.step in n.meta["steps"]]
         self.pending = [n for n in self.program.nodes
                         if (n in active or n in self.once) and n not in self.persistent]

@@ -119,13 +119,19 @@ class LanguageModel(NNsight):
         self.dispatch_model()
         return super().trace(*inputs, **kwargs)
 
-    def generate(self, *inputs: Any, backend: str | None = None, **kwargs: Any):
+    def generate(self, *inputs: Any, backend: str | None = None, compile: Any = None,
+                 **kwargs: Any):
         """``with lm.generate(prompt, max_new_tokens=n) as tracer:``: interventions across
         decoding steps (``tracer.iter[...]``, ``tracer.all()``); ``kwargs`` go to
-        transformers' ``generate``. ``lm.generator.output`` is the generated ids."""
+        transformers' ``generate``. ``lm.generator.output`` is the generated ids.
+
+        On the fx backend every step runs as a rewritten graph; ``compile=True`` (or a
+        dict of ``torch.compile`` options) compiles the first step and the decoding step
+        once each, for every later step and sequence length."""
         from .generation import Generator
         self.dispatch_model()
-        return Generator(self, inputs, kwargs, backend=backend or self._backend)
+        return Generator(self, inputs, kwargs, backend=backend or self._backend,
+                         compile=compile)
 
     @property
     def generator(self):

@@ -186,10 +186,11 @@ class Program:
                         {"kind": "op", "invoke": invoke, "line": line,
                          "mutation": is_mutation(op, target)})
 
-    def copy(self, node: Node, env: dict[Node, Node]) -> Node:
-        """Record a copy of another Program's ``node`` (its arguments mapped by ``env``)."""
-        return self.add(node.op, node.target, map_nodes(node.args, env.__getitem__),
-                        map_nodes(node.kwargs, env.__getitem__), dict(node.meta))
+    def copy(self, node: Node, resolve: Callable[[Node], Node]) -> Node:
+        """Record a copy of another Program's ``node``; ``resolve`` maps the nodes among
+        its arguments to this Program's."""
+        return self.add(node.op, node.target, map_nodes(node.args, resolve),
+                        map_nodes(node.kwargs, resolve), dict(node.meta))
 
     def save(self, node: Node) -> None:
         if node not in self.saves:

@@ -125,6 +125,11 @@ class Executable:
             # dynamo's per-code cache and recompile limit are per rewritten graph.
             self._fn = torch.compile(gm.forward, backend=backend, dynamic=dynamic,
                                      fullgraph=options["fullgraph"])
+            if dynamic:
+                # no duck shaping: dynamo would give sizes of equal value one symbol, so
+                # a sequence length that happens to equal a head size (a constant of the
+                # graph) would be specialized, and the next length recompile
+                self._fn = torch.fx.experimental._config.patch(use_duck_shape=False)(self._fn)
 
     @property
     def compiled(self) -> bool:

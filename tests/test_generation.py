@@ -50,7 +50,7 @@ def _reference(model, tokenizer, prompts, block, steer, steps=None, rows=None, *
     handle = model.get_submodule(block).register_forward_hook(hook)
     try:
         encoded = tokenizer(prompts, return_tensors="pt", padding=True)
-        return model.generate(**encoded, do_sample=False, **kwargs)
+        return model.generate(**encoded, **{"do_sample": False, **kwargs})
     finally:
         handle.remove()
 
@@ -62,15 +62,18 @@ def _block(lm, path):
     return envoy
 
 
+BACKENDS = ["fx", "hooks"]
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 @pytest.mark.parametrize("use_cache", [True, False])
-@pytest.mark.parametrize("backend", ["auto", "hooks"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_steering_every_step_matches_hooks(models, tokenizer, name, use_cache, backend):
     model, blocks = models[name]
     lm = LanguageModel(model, tokenizer=tokenizer)
     steer = _steer_vector()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback
         with lm.generate(PROMPTS[0], max_new_tokens=5, do_sample=False, use_cache=use_cache,
                          backend=backend) as tracer:
             with tracer.all():
@@ -80,17 +83,19 @@ def test_steering_every_step_matches_hooks(models, tokenizer, name, use_cache, b
                           max_new_tokens=5, use_cache=use_cache)
     plain = model.generate(**tokenizer([PROMPTS[0]], return_tensors="pt"), do_sample=False,
                            max_new_tokens=5, use_cache=use_cache)
-    assert tracer.backend == "hooks"
+    assert tracer.backend == backend
     assert torch.equal(tokens, expected)
     assert not torch.equal(tokens, plain), "the steering vector should change the output"
+    assert "forward" not in model.__dict__, "the model's forward is restored"
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_chosen_steps_and_several_prompts(models, tokenizer, name):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chosen_steps_and_several_prompts(models, tokenizer, name, backend):
     model, blocks = models[name]
     lm = LanguageModel(model, tokenizer=tokenizer)
     steer = _steer_vector(seed=1)
-    with lm.generate(max_new_tokens=5, do_sample=False, backend="hooks") as tracer:
+    with lm.generate(max_new_tokens=5, do_sample=False, backend=backend) as tracer:
         with tracer.invoke(PROMPTS[0]):
             for _ in tracer.iter[1:4]:
                 _block(lm, blocks)[0].output[:, -1] += steer
@@ -99,13 +104,15 @@ def test_chosen_steps_and_several_prompts(models, tokenizer, name):
         tokens = tracer.result.save()
     expected = _reference(model, tokenizer, PROMPTS, f"{blocks}.0", steer, steps={1, 2, 3},
                           rows=slice(0, 1), max_new_tokens=5)
+    assert tracer.backend == backend
     assert torch.equal(tokens, expected)
 
 
-def test_saves_inside_steps_collect_one_value_per_step(models, tokenizer):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saves_inside_steps_collect_one_value_per_step(models, tokenizer, backend):
     model, blocks = models["gpt2"]
     lm = LanguageModel(model, tokenizer=tokenizer)
-    with lm.generate(PROMPTS[0], max_new_tokens=4, do_sample=False, backend="hooks") as tracer:
+    with lm.generate(PROMPTS[0], max_new_tokens=4, do_sample=False, backend=backend) as tracer:
         first = lm.transformer.h[0].output.save()
         with tracer.all():
             each = lm.transformer.h[0].output[:, -1].save()
@@ -118,18 +125,114 @@ def test_saves_inside_steps_collect_one_value_per_step(models, tokenizer):
     assert isinstance(third, list) and len(third) == 1 and third[0].shape[1] == 1
     # the last-position activation of step 0 is the same as in the full first read
     torch.testing.assert_close(each[0], first[:, -1])
+    # and every step's value is the one a forward hook sees
+    seen = []
+    handle = model.transformer.h[0].register_forward_hook(
+        lambda module, args, output: seen.append(output[:, -1].clone()))
+    try:
+        model.generate(**tokenizer([PROMPTS[0]], return_tensors="pt"), do_sample=False,
+                       max_new_tokens=4)
+    finally:
+        handle.remove()
+    for got, want in zip(each, seen):
+        torch.testing.assert_close(got, want)
 
 
-def test_fx_backend_warns_once_and_falls_back(tokenizer):
+def test_first_step_values_feed_later_steps_and_generated_ids_feed_after(models, tokenizer):
+    """A value read in the first step is used in every later step (a graph output of the
+    first step, an input of the others); a value computed from the generated ids runs
+    after generation. fx and hooks agree."""
+    model, blocks = models["llama"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    results = {}
+    for backend in BACKENDS:
+        with lm.generate(PROMPTS, max_new_tokens=4, do_sample=False,
+                         backend=backend) as tracer:
+            first = _block(lm, blocks)[0].output[:, -1]
+            with tracer.all():
+                _block(lm, blocks)[1].output[:, -1] += first * 0.5
+                norms = _block(lm, blocks)[1].output[:, -1].norm(dim=-1).save()
+            last_three = lm.generator.output[:, -3:].save()
+            tokens = lm.generator.output.save()
+        assert tracer.backend == backend
+        results[backend] = (tokens, last_three, norms)
+    fx, hooks = results["fx"], results["hooks"]
+    assert torch.equal(fx[0], hooks[0]) and torch.equal(fx[1], hooks[1])
+    assert torch.equal(fx[1], fx[0][:, -3:])
+    assert len(fx[2]) == len(hooks[2]) == 4
+    for got, want in zip(fx[2], hooks[2]):
+        torch.testing.assert_close(got, want)
+
+
+def test_sampling_with_a_seed_matches_across_backends(models, tokenizer):
+    model, blocks = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = _steer_vector(seed=3)
+    outputs = []
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        with lm.generate(PROMPTS[0], max_new_tokens=6, do_sample=True, top_k=20,
+                         backend=backend) as tracer:
+            with tracer.all():
+                _block(lm, blocks)[1].output[:, -1] += steer
+            outputs.append(lm.generator.output.save())
+    torch.manual_seed(0)
+    expected = _reference(model, tokenizer, [PROMPTS[0]], f"{blocks}.1", steer,
+                          max_new_tokens=6, do_sample=True, top_k=20)
+    assert torch.equal(outputs[0], expected) and torch.equal(outputs[1], expected)
+
+
+def test_unsupported_step_falls_back_to_hooks_once_with_the_reason(tokenizer):
+    """Several sequences per prompt change the batch during generation: the graph path
+    refuses it; auto warns (once) and runs on hooks with the same result, fx raises."""
     model = tiny_gpt2(vocab_size=len(tokenizer))
     lm = LanguageModel(model, tokenizer=tokenizer)
-    with pytest.warns(RuntimeWarning, match="hooks backend"):
-        with lm.generate(PROMPTS[0], max_new_tokens=2, do_sample=False):
-            pass
+    steer = _steer_vector(seed=2)
+    options = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+
+    def run(backend):
+        with lm.generate(PROMPTS[0], backend=backend, **options) as tracer:
+            with tracer.all():
+                lm.transformer.h[1].output[:, -1] += steer
+            tokens = lm.generator.output.save()
+        return tracer, tokens
+
+    with pytest.warns(RuntimeWarning, match="hooks backend: the batch has 2 rows"):
+        tracer, tokens = run("auto")
+    assert tracer.backend == "hooks"
+    assert torch.equal(tokens, run("hooks")[1])
+    assert "forward" not in model.__dict__
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        with lm.generate(PROMPTS[0], max_new_tokens=2, do_sample=False):
-            pass
+        run("auto")  # warned once per reason
+    with pytest.raises(fxsight.TraceError, match="cannot run on the fx backend"):
+        run("fx")
+
+
+def test_compiled_generation_compiles_once_for_every_length(tokenizer):
+    """compile=True: the first step and the decoding step compile once each; more steps
+    (longer sequences) and a second generation compile nothing more."""
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = _steer_vector(seed=4)
+
+    def run(new_tokens, compile):
+        with lm.generate(PROMPTS, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, compile=compile) as tracer:
+            with tracer.all():
+                lm.transformer.h[1].output[:, -1] += steer
+            tokens = lm.generator.output.save()
+        assert tracer.backend == "fx"
+        return tokens
+
+    eager = run(6, None)
+    before = fxsight.stats()["compilations"]
+    assert torch.equal(run(6, True), eager)
+    assert fxsight.stats()["compilations"] - before == 2
+    before = fxsight.stats()["compilations"]
+    longer = run(9, True)
+    assert fxsight.stats()["compilations"] == before
+    assert torch.equal(longer[:, :eager.shape[1]], eager)
 
 
 def test_generator_output_outside_generate(models, tokenizer):

@@ -1,0 +1,249 @@
+"""Decoding steps as rewritten graphs: the fx backend of ``lm.generate``.
+
+transformers' ``generate`` calls the model once per step. While it runs, the model's
+``forward`` is replaced (an instance attribute, with the original's signature, so
+``generate`` passes the same arguments) by :class:`GraphSteps`, which runs each call as a
+captured graph with that step's interventions spliced in:
+
+- the KV cache enters and leaves the graph as plain tensors: :class:`DecodingStep` wraps
+  the model, rebuilds a ``DynamicCache`` from them inside the graph and returns the grown
+  cache's tensors, which are written back into the cache object ``generate`` holds;
+- the decoding steps (after the first) are captured once with dynamic shapes (the cache
+  and the attention mask grow by one token per step), so one graph, and under
+  ``compile=True`` one compilation, serves every step and every sequence length;
+- each step runs the part of the trace's Program that applies to it: nodes recorded
+  outside ``tracer.iter``/``tracer.all()`` at the first step, the others at their steps.
+  Values a later step needs from the first are graph outputs of the first step and graph
+  inputs of the later ones.
+
+Where a step cannot run this way (a cache of another kind, a batch that changes size,
+arguments the wrapper does not know), :class:`Unsupported` is raised and the generation
+is run again with the hooks backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .capture import CaptureError, cached_capture, flat_inputs
+from .errors import TraceError, at_line
+from .program import Node, Program
+from .rows import Rows
+from .runner import build_runner, cached_runner, rows_key
+
+# what generate may pass to the model's forward beyond what DecodingStep takes, and the
+# values that change nothing here
+_HARMLESS = {"return_dict": (True, None), "output_attentions": (False, None),
+             "output_hidden_states": (False, None)}
+
+
+class Unsupported(Exception):
+    """A decoding step that the graph path cannot run (the hooks backend takes over)."""
+
+
+class DecodingStep(torch.nn.Module):
+    """The model's forward for one decoding step, with the KV cache as tensors.
+
+    ``forward(input_ids, attention_mask, position_ids, keys, values)`` returns the logits
+    and the keys and values of every layer after this step (empty lists without a cache).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None, keys: list[torch.Tensor],
+                values: list[torch.Tensor], use_cache: bool = True,
+                logits_to_keep: int = 0) -> tuple[torch.Tensor, list, list]:
+        cache = None
+        if use_cache:
+            cache = DynamicCache(config=self.model.config)
+            for layer, key, value in zip(cache.layers, keys, values):
+                layer.lazy_initialization(key, value)
+                layer.keys, layer.values = key, value
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, cache=cache, use_cache=use_cache,
+                         logits_to_keep=logits_to_keep)
+        if not use_cache:
+            return out.logits, [], []
+        layers = out.cache.layers
+        return out.logits, [layer.keys for layer in layers], [layer.values for layer in layers]
+
+
+def decoding_step(model: torch.nn.Module) -> DecodingStep:
+    """The (one, cached) DecodingStep of ``model``: its captures are cached with it."""
+    step = model.__dict__.get("_fxsight_decoding_step")
+    if step is None or step.model is not model:
+        step = DecodingStep(model)
+        # kept in the instance dict, not as a submodule: the model's structure is unchanged
+        model.__dict__["_fxsight_decoding_step"] = step
+    return step
+
+
+class GraphSteps:
+    """Runs each model call of one ``generate`` as a rewritten graph of its step."""
+
+    def __init__(self, model: torch.nn.Module, program: Program, rows: dict[Any, Rows],
+                 compile_options: dict | None, options_key: Any,
+                 dynamic_policy: str, after: set[Node]):
+        self.model = model
+        self.wrapper = decoding_step(model)
+        self.program = program
+        self.rows = rows
+        self.compile_options = compile_options
+        self.options_key = options_key
+        self.dynamic_policy = dynamic_policy
+        self.after = after  # nodes that need the generated ids: they run after generate
+        self.step = 0
+        self.persistent: dict[Node, Any] = {}  # first-step values later steps use
+        self.collected: dict[Node, list[Any]] = defaultdict(list)
+        self.graph_module: Any = None
+        self._needed_later = self._first_step_values_needed_later()
+
+    # --- installing --------------------------------------------------------------------
+    def forward_for(self, original: Callable) -> Callable:
+        """A replacement of ``model.forward`` with ``original``'s signature."""
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            if args:
+                raise Unsupported("generate passed positional arguments to the model")
+            # the step's own capture calls the model: with its own forward
+            replacement = self.model.__dict__.pop("forward")
+            try:
+                return self(**kwargs)
+            finally:
+                self.model.forward = replacement
+
+        return forward
+
+    # --- one step ----------------------------------------------------------------------
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, cache: Any = None,
+                 past_key_values: Any = None, use_cache: bool | None = None,
+                 logits_to_keep: int = 0, **rest: Any) -> CausalLMOutputWithPast:
+        unknown = {k for k, v in rest.items() if k not in _HARMLESS or v not in _HARMLESS[k]}
+        if unknown:
+            raise Unsupported(f"generate passed {sorted(unknown)} to the model")
+        cache = cache if cache is not None else past_key_values
+        use_cache = bool(use_cache) and cache is not None
+        keys, values = self._cache_tensors(cache) if use_cache else ([], [])
+        if input_ids.shape[0] != self.rows[None].total:
+            raise Unsupported(f"the batch has {input_ids.shape[0]} rows during generation, "
+                              f"not {self.rows[None].total}")
+        if attention_mask is None:
+            past = keys[0].shape[-2] if keys else 0
+            attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1],
+                                        dtype=torch.long, device=input_ids.device)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids, keys=keys, values=values,
+                      use_cache=use_cache, logits_to_keep=logits_to_keep)
+        step = self.step
+        self.step += 1
+        program, origin = self._program_for(step)
+        logits, new_keys, new_values = self._run(program, origin, inputs,
+                                                 decoding=step > 0)
+        if use_cache:
+            for layer, key, value in zip(cache.layers, new_keys, new_values):
+                if not layer.is_initialized:
+                    layer.lazy_initialization(key, value)
+                layer.keys, layer.values = key, value
+        return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
+
+    def _cache_tensors(self, cache: Any) -> tuple[list, list]:
+        if not isinstance(cache, DynamicCache) or \
+                any(type(layer) is not DynamicLayer for layer in cache.layers):
+            raise Unsupported(f"the KV cache is a {type(cache).__name__} "
+                              f"({', '.join(sorted({type(l).__name__ for l in cache.layers}))})"
+                              if hasattr(cache, "layers") else
+                              f"the KV cache is a {type(cache).__name__}")
+        if not cache.layers or not cache.layers[0].is_initialized:
+            return [], []
+        # contiguous: the first step leaves views (its keys are transposed projections),
+        # later steps concatenations; one layout keeps one compiled decoding step
+        return ([layer.keys.contiguous() for layer in cache.layers],
+                [layer.values.contiguous() for layer in cache.layers])
+
+    def _run(self, program: Program, origin: dict[Node, Node], inputs: dict,
+             decoding: bool) -> tuple[torch.Tensor, list, list]:
+        wrapper = self.wrapper
+        flat = flat_inputs((), inputs)
+        try:
+            captured = cached_capture(wrapper, (), inputs, flat=flat, events_on=self.model,
+                                      dynamic="always" if decoding else self.dynamic_policy)
+        except CaptureError as error:
+            raise Unsupported(str(error)) from error
+        structure = program.structure_key()
+        key = (id(captured), structure, rows_key(self.rows), True, self.options_key)
+        runner = cached_runner(wrapper, key, captured, lambda: build_runner(
+            wrapper, captured, program, self.rows, True, self.compile_options, structure,
+            self.options_key))
+        output, saves = runner(flat[0] + program.input_values)
+        self.graph_module = runner.graph_module
+        for node, value in zip(program.saves, saves):
+            parent = origin[node]
+            if parent.meta.get("steps") is None:
+                self.persistent[parent] = value
+            else:
+                self.collected[parent].append(value)
+        return output
+
+    # --- the Program of a step ------------------------------------------------------------
+    def _active(self, node: Node, step: int) -> bool:
+        if node in self.after or node.meta["kind"] == "input":
+            return False
+        steps = node.meta.get("steps")
+        return step == 0 if steps is None else step in steps
+
+    def _first_step_values_needed_later(self) -> set[Node]:
+        needed = set()
+        for node in self.program.nodes:
+            if node.meta.get("steps") is not None or node in self.after:
+                needed.update(n for n in node.all_input_nodes
+                              if n.meta.get("steps") is None and n.meta["kind"] != "input")
+        return needed
+
+    def _program_for(self, step: int) -> tuple[Program, dict[Node, Node]]:
+        """The nodes of ``step``, as a Program of their own (with the map back)."""
+        parent = self.program
+        program = Program()
+        env: dict[Node, Node] = {}
+
+        def resolve(node: Node, user: Node) -> Node:
+            if node in env:
+                return env[node]
+            if node.meta["kind"] == "input":
+                return program.input(parent.input_values[node.meta["index"]])
+            if node in self.persistent:
+                return program.input(self.persistent[node])
+            raise TraceError(at_line(
+                f"this value is used in decoding step {step}, but what it depends on "
+                f"({node.name}) is only computed in other steps", user.meta["line"]))
+
+        for node in parent.nodes:
+            if self._active(node, step):
+                env[node] = program.copy(node, lambda n, user=node: resolve(n, user))
+        saved = set(parent.saves)
+        origin = {}
+        for node, copy in env.items():
+            if node in saved or (step == 0 and node in self._needed_later):
+                program.save(copy)
+                origin[copy] = node
+        return program, origin
+
+    # --- results ---------------------------------------------------------------------------
+    def result(self, node: Node) -> Any:
+        if node.meta.get("steps") is not None:
+            return list(self.collected.get(node, []))
+        if node not in self.persistent:
+            raise TraceError(at_line("this value was never computed during generation (no "
+                                     "decoding step ran)", node.meta.get("line")))
+        return self.persistent[node]
