@@ -69,9 +69,9 @@ class DecodingStep(torch.nn.Module):
             for layer, key, value in zip(cache.layers, keys, values):
                 layer.lazy_initialization(key, value)
                 layer.keys, layer.values = key, value
+        extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, cache=cache, use_cache=use_cache,
-                         logits_to_keep=logits_to_keep)
+                         position_ids=position_ids, cache=cache, use_cache=use_cache, **extra)
         if not use_cache:
             return out.logits, [], []
         layers = out.cache.layers

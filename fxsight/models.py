@@ -12,6 +12,9 @@ from .envoy import Envoy
 from .errors import TraceError, at_line, user_line
 
 
+_PLAIN_VALUES = frozenset({bool, int, float, str, type(None)})
+
+
 class NNsight(Envoy):
     """Wrap ``module`` for tracing: ``with NNsight(module).trace(x) as tracer: ...``.
 
@@ -102,6 +105,9 @@ class NNsight(Envoy):
         """Concatenate several invokes' inputs along the batch dimension."""
         if len(prepared) == 1:
             return prepared[0][0], prepared[0][1]
+        if _tensors_and_same_options(prepared):
+            return tuple(torch.cat(column, dim=0) for column in
+                         zip(*(a for a, _, _ in prepared))), dict(prepared[0][1])
         flats = [flat_inputs(a, k) for a, k, _ in prepared]
         spec = flats[0][1]
         for flat, other_spec in flats[1:]:
@@ -154,7 +160,20 @@ def _uncompiled(module: torch.nn.Module, compile: Any) -> tuple[torch.nn.Module,
     return module, compile
 
 
+def _tensors_and_same_options(prepared: list[tuple[tuple, dict, int]]) -> bool:
+    """Whether every invoke passes tensors positionally (as many) and the same plain
+    keyword values (``use_cache=False``): the common case, batched without flattening."""
+    first_args, first_kwargs, _ = prepared[0]
+    for args, kwargs, _ in prepared:
+        if len(args) != len(first_args) or any(type(a) is not torch.Tensor for a in args) \
+                or any(type(v) not in _PLAIN_VALUES for v in kwargs.values()):
+            return False
+    return all(kwargs == first_kwargs for _, kwargs, _ in prepared[1:])
+
+
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    if args and type(args[0]) is torch.Tensor and args[0].dim() > 0:
+        return args[0].shape[0]  # the common case: a batch of inputs first
     for leaf in flat_inputs(args, kwargs)[0]:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return leaf.shape[0]

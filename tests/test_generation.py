@@ -182,6 +182,28 @@ def test_sampling_with_a_seed_matches_across_backends(models, tokenizer):
     assert torch.equal(outputs[0], expected) and torch.equal(outputs[1], expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eos_stops_generation_as_in_transformers(models, tokenizer, backend):
+    """An eos token generated early ends generation for fxsight exactly as for the
+    hand-written loop (the eos is the steered run's second new token)."""
+    model, blocks = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = _steer_vector(seed=5)
+    free = _reference(model, tokenizer, [PROMPTS[0]], f"{blocks}.1", steer, max_new_tokens=6)
+    prompt_length = len(tokenizer(PROMPTS[0])["input_ids"])
+    eos = int(free[0, prompt_length + 1])
+    expected = _reference(model, tokenizer, [PROMPTS[0]], f"{blocks}.1", steer,
+                          max_new_tokens=6, eos_token_id=eos)
+    with lm.generate(PROMPTS[0], max_new_tokens=6, do_sample=False, eos_token_id=eos,
+                     backend=backend) as tracer:
+        with tracer.all():
+            _block(lm, blocks)[1].output[:, -1] += steer
+        tokens = lm.generator.output.save()
+    assert tracer.backend == backend
+    assert expected.shape[1] < free.shape[1], "the eos should end generation early"
+    assert torch.equal(tokens, expected)
+
+
 def test_unsupported_step_falls_back_to_hooks_once_with_the_reason(tokenizer):
     """Several sequences per prompt change the batch during generation: the graph path
     refuses it; auto warns (once) and runs on hooks with the same result, fx raises."""
