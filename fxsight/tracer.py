@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import counters as stats
-from .active import active_tracers, current_tracer  # noqa: F401 (re-exported)
+from .active import active_tracers
 from .bind import bind_frame
 from .capture import CaptureError, cached_capture, flat_inputs, signature
 from .errors import TraceError, at_line, user_line, user_stacklevel

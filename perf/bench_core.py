@@ -33,12 +33,12 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from typing import Any, Callable
 
 import torch
 
+from perf.child import NNSIGHT_PYTHON, run_in_child
 from perf.models import gpt2
 
 ROWS, TOKENS = 8, 32
@@ -138,7 +138,6 @@ def _fx_backend(tracer: Any) -> None:
 # capture fails with nnsight imported), so nnsight is timed in a child process, together
 # with the plain eager forward there; its ratios are relative to that process's own plain
 # forward. FXSIGHT_BENCH_NNSIGHT_PYTHON names an interpreter that has nnsight (default: this).
-NNSIGHT_PYTHON = os.environ.get("FXSIGHT_BENCH_NNSIGHT_PYTHON", sys.executable)
 # where models run (``python -m perf --device cuda``; the child process reads it too)
 DEVICE = os.environ.get("FXSIGHT_BENCH_DEVICE", "cpu")
 
@@ -221,17 +220,9 @@ def _nnsight_worker(key: str, experiments: list[str], rounds: int, warmup: int,
 
 def _nnsight_in_child(key: str, experiments: tuple[str, ...], rounds: int,
                       warmup: int) -> dict | str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = (f"from perf.bench_core import _nnsight_worker; _nnsight_worker({key!r}, "
-            f"{list(experiments)!r}, {rounds}, {warmup}, {torch.get_num_threads()})")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [root, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    done = subprocess.run([NNSIGHT_PYTHON, "-c", code], capture_output=True, text=True,
-                          cwd=root, env=env)
-    if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines()
-        return lines[-1][:120] if lines else f"exit status {done.returncode}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_in_child(
+        f"from perf.bench_core import _nnsight_worker; _nnsight_worker({key!r}, "
+        f"{list(experiments)!r}, {rounds}, {warmup}, {torch.get_num_threads()})")
 
 
 # --- timing ------------------------------------------------------------------------------

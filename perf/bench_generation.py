@@ -21,18 +21,17 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable
 
 import torch
 
+from perf.child import run_in_child
 from perf.models import gpt2
 
 PROMPT_TOKENS = 16
 SHAPES = {"tiny (2x64)": (2, 64, 4, 128), "gpt2-small shape (12x768)": (12, 768, 12, 50257)}
-NNSIGHT_PYTHON = os.environ.get("FXSIGHT_BENCH_NNSIGHT_PYTHON", sys.executable)
 
 
 class _IdsTokenizer:
@@ -126,18 +125,9 @@ def _nnsight_worker(name: str, new_tokens: int, repeats: int) -> None:
 
 
 def _nnsight_in_child(name: str, new_tokens: int, repeats: int) -> dict | str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = (f"from perf.bench_generation import _nnsight_worker; "
-            f"_nnsight_worker({name!r}, {new_tokens}, {repeats})")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [root, *filter(None, [os.environ.get("PYTHONPATH")])]),
-        FXSIGHT_BENCH_THREADS=str(torch.get_num_threads()))
-    done = subprocess.run([NNSIGHT_PYTHON, "-c", code], capture_output=True, text=True,
-                          cwd=root, env=env)
-    if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines()
-        return lines[-1][:160] if lines else f"exit status {done.returncode}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_in_child(f"from perf.bench_generation import _nnsight_worker; "
+                        f"_nnsight_worker({name!r}, {new_tokens}, {repeats})",
+                        FXSIGHT_BENCH_THREADS=str(torch.get_num_threads()))
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
