@@ -243,6 +243,7 @@ class _StepInterleaver:
     def __init__(self, program, rows: dict[Any, Rows]):
         self.program = program
         self.rows = rows
+        self.after = _needs_generated_ids(program)  # they run once generate is done
         self.once = [n for n in program.nodes if n.meta.get("steps") is None]
         self.per_step = [n for n in program.nodes if n.meta.get("steps") is not None]
         self.persistent: dict[Node, Any] = {}
@@ -281,13 +282,18 @@ class _StepInterleaver:
         for node in self.once:
             if node in walker.values:
                 self.persistent[node] = walker.values[node]
-        late = [n for n in self.pending if n.meta["kind"] == "write" or (
-            n.meta["kind"] == "read" and n.meta["site"] != GENERATOR and n in self.once)]
+        late = [n for n in self.pending if n not in self.after and (
+            n.meta["kind"] == "write" or n.meta.get("steps") is not None or
+            (n.meta["kind"] == "read" and n in self.once))]
         if late:
             node = late[0]
-            raise TraceError(at_line(
-                f"{node.meta['site'].label} was not reached in decoding step {self.step} "
-                f"(or this write depends on a later value)", node.meta["line"]))
+            if "site" in node.meta:
+                message = (f"{node.meta['site'].label} was not reached in decoding step "
+                           f"{self.step} (or this write depends on a later value)")
+            else:
+                message = (f"this was not computed in decoding step {self.step}: a value it "
+                           f"needs is only computed in other steps, or its module did not run")
+            raise TraceError(at_line(message, node.meta["line"]))
 
     def _on_event(self, site: Site, value: Any) -> Any:
         events = self.events
@@ -326,7 +332,12 @@ class _StepInterleaver:
             progress = False
             for node in list(self.pending):
                 if self._ready(node, firing):
-                    self.walker.visit(node)
+                    try:
+                        self.walker.visit(node)
+                    except Exception as error:
+                        if not isinstance(error, TraceError):
+                            error.add_note(f"  at {node.meta.get('line')}")
+                        raise
                     self.pending.remove(node)
                     progress = True
 

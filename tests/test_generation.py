@@ -204,6 +204,23 @@ def test_eos_stops_generation_as_in_transformers(models, tokenizer, backend):
     assert torch.equal(tokens, expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_value_from_another_step_is_an_error_naming_the_line(models, tokenizer, backend):
+    """A step-2 intervention that needs a value of step 1 can never run: an error at the
+    user's line, not an intervention silently skipped."""
+    model, _ = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with pytest.raises(fxsight.TraceError, match="step 2") as caught:
+        with lm.generate(PROMPTS[1], max_new_tokens=4, do_sample=False,
+                         backend=backend) as tracer:
+            with tracer.iter[1]:
+                value = lm.transformer.h[0].output[:, -1]
+            with tracer.iter[2]:
+                lm.transformer.h[1].output[:, -1] += value  # the line at fault
+    assert "the line at fault" in str(caught.value)
+    assert "forward" not in model.__dict__
+
+
 def test_unsupported_step_falls_back_to_hooks_once_with_the_reason(tokenizer):
     """Several sequences per prompt change the batch during generation: the graph path
     refuses it; auto warns (once) and runs on hooks with the same result, fx raises."""
