@@ -53,6 +53,13 @@ class Envoy:
 
     def __getitem__(self, key: Any) -> "Envoy":
         module = self._module
+        if type(module) is torch.nn.ModuleList and type(key) is int:
+            # the common case (``h[3]``): a ModuleList names its modules "0", "1", ...
+            modules = module._modules
+            length = len(modules)
+            if -length <= key < length:
+                name = str(key % length)
+                return self._child(name, modules[name])
         if isinstance(module, torch.nn.ModuleDict):
             return self._child(str(key), module[key])
         if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
