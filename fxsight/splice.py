@@ -200,7 +200,7 @@ def _flat_attributes(root: torch.nn.Module, graph: fx.Graph) -> dict[str, Any]:
             for part in target.split("."):
                 value = getattr(value, part)
             name = target.replace(".", "_")
-            while name in attributes:
+            while name in attributes or hasattr(fx.GraphModule, name):  # (`graph`, `code`)
                 name += "_"
             by_target[target] = name
             attributes[name] = value
