@@ -38,23 +38,36 @@ class CaptureError(FxsightError):
         self.module_path = module_path
 
 
-class SourceLine(str):
-    """``"file:line: code"`` of a user's statement, formatted only when first shown.
+class SourceLine:
+    """``"file:line: code"`` of a user's statement, worked out only when shown.
 
-    Recording a node costs a frame walk, not a file read: the code is looked up lazily."""
+    Recording a node keeps the code object and the instruction offset of the user's frame:
+    the line number (a scan of the code's line table) and the source text (a file read)
+    are looked up when an error message needs them."""
 
-    __slots__ = ()
+    __slots__ = ("code", "offset")
 
-    def __new__(cls, filename: str, lineno: int) -> "SourceLine":
-        return super().__new__(cls, f"{filename}:{lineno}")
+    def __init__(self, code: CodeType, offset: int):
+        self.code = code
+        self.offset = offset
+
+    @property
+    def lineno(self) -> int | None:
+        for start, end, line in self.code.co_lines():
+            if start <= self.offset < end:
+                return line
+        return self.code.co_firstlineno
 
     def __str__(self) -> str:
-        location = str.__str__(self)
-        filename, _, lineno = location.rpartition(":")
-        code = linecache.getline(filename, int(lineno)).strip()
-        return f"{location}: {code}"
+        filename, lineno = self.code.co_filename, self.lineno
+        code = linecache.getline(filename, lineno).strip() if lineno else ""
+        return f"{filename}:{lineno}: {code}"
 
-    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def __repr__(self) -> str:
+        return f"<SourceLine {self}>"
 
 
 # code object -> whether its frames are fxsight's (or torch's), one table per
@@ -80,7 +93,7 @@ def user_line(skip_torch: bool = True) -> SourceLine | str:
         if inside is None:
             inside = _inside(code, skip_torch)
         if not inside:
-            return SourceLine(code.co_filename, frame.f_lineno)
+            return SourceLine(code, frame.f_lasti)
         frame = frame.f_back
     return "<unknown line>"
 
