@@ -113,7 +113,7 @@ class Executable:
         # a save that is one graph output is read by index (no pytree rebuild per trace)
         self.save_builders = [_single_output(plan) for plan in spliced.saves]
         gm = spliced.graph_module
-        self._eager = fast_forward(gm) if compile_options is None else gm.forward
+        self._eager = fast_forward(gm)
         self._fn: Callable = self._eager
         if compile_options is not None:
             options = dict(compile_options)
