@@ -397,9 +397,11 @@ def _first(model: torch.nn.Module, attribute: str) -> tuple | None:
 def _tensor_ids(model: torch.nn.Module) -> tuple[tuple, torch.Tensor | None]:
     """The ids of ``model``'s parameters and buffers, and its first parameter (memoized)."""
     memo = _TENSOR_IDS.get(model)
-    if memo is not None and memo[0] == _GENERATION[0] and all(
-            first is None or first[0].get(first[1]) is first[2] for first in memo[1]):
-        return memo[2], memo[3]
+    if memo is not None and memo[0] == _GENERATION[0]:
+        parameter, buffer = memo[1]  # (mapping, name, tensor) of the first of each, or None
+        if (parameter is None or parameter[0].get(parameter[1]) is parameter[2]) and \
+                (buffer is None or buffer[0].get(buffer[1]) is buffer[2]):
+            return memo[2], memo[3]
     ids = tuple(map(id, model.parameters())) + tuple(map(id, model.buffers()))
     firsts = (_first(model, "_parameters"), _first(model, "_buffers"))
     first = next(model.parameters(), None)

@@ -165,10 +165,17 @@ def _tensors_and_same_options(prepared: list[tuple[tuple, dict, int]]) -> bool:
     keyword values (``use_cache=False``): the common case, batched without flattening."""
     first_args, first_kwargs, _ = prepared[0]
     for args, kwargs, _ in prepared:
-        if len(args) != len(first_args) or any(type(a) is not torch.Tensor for a in args) \
-                or any(type(v) not in _PLAIN_VALUES for v in kwargs.values()):
+        if len(args) != len(first_args):
             return False
-    return all(kwargs == first_kwargs for _, kwargs, _ in prepared[1:])
+        for value in args:
+            if type(value) is not torch.Tensor:
+                return False
+        for value in kwargs.values():
+            if type(value) not in _PLAIN_VALUES:
+                return False
+        if kwargs != first_kwargs:
+            return False
+    return True
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
