@@ -7,7 +7,7 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel
-from models import tiny_gpt2, tiny_llama, train_tokenizer
+from models import saved_language_model, tiny_gpt2, tiny_llama, train_tokenizer
 
 PROMPTS = ["The Eiffel Tower is in", "Hello there"]
 
@@ -272,6 +272,25 @@ def test_compiled_generation_compiles_once_for_every_length(tokenizer):
     longer = run(9, True)
     assert fxsight.stats()["compilations"] == before
     assert torch.equal(longer[:, :eager.shape[1]], eager)
+
+
+def test_a_model_loaded_from_disk_generates_on_the_fx_backend(tmp_path):
+    """The real loading path (``LanguageModel(path, device_map=...)``, weights on the meta
+    device until first use): fx and hooks give the same steered ids, and no warning."""
+    path = saved_language_model(tmp_path, "llama")
+    steer = _steer_vector(seed=6)
+    results = {}
+    for backend in BACKENDS:
+        lm = LanguageModel(path, device_map="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with lm.generate(PROMPTS, max_new_tokens=4, do_sample=False,
+                             backend=backend) as tracer:
+                with tracer.all():
+                    lm.model.layers[0].output[:, -1] += steer
+                results[backend] = lm.generator.output.save()
+        assert tracer.backend == backend
+    assert torch.equal(results["fx"], results["hooks"])
 
 
 def test_generator_output_outside_generate(models, tokenizer):
