@@ -36,7 +36,7 @@ from .capture import CaptureError, cached_capture, flat_inputs
 from .errors import TraceError, at_line
 from .program import Node, Program
 from .rows import Rows
-from .runner import build_runner, cached_runner, rows_key
+from .runner import runner_for
 
 # what generate may pass to the model's forward beyond what DecodingStep takes, and the
 # values that change nothing here
@@ -159,12 +159,12 @@ class GraphSteps:
         return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
 
     def _cache_tensors(self, cache: Any) -> tuple[list, list]:
+        layers = getattr(cache, "layers", ())
         if not isinstance(cache, DynamicCache) or \
-                any(type(layer) is not DynamicLayer for layer in cache.layers):
-            raise Unsupported(f"the KV cache is a {type(cache).__name__} "
-                              f"({', '.join(sorted({type(l).__name__ for l in cache.layers}))})"
-                              if hasattr(cache, "layers") else
-                              f"the KV cache is a {type(cache).__name__}")
+                any(type(layer) is not DynamicLayer for layer in layers):
+            kinds = ", ".join(sorted({type(layer).__name__ for layer in layers}))
+            raise Unsupported(f"the KV cache is a {type(cache).__name__}" +
+                              (f" of {kinds}" if kinds else ""))
         if not cache.layers or not cache.layers[0].is_initialized:
             return [], []
         # contiguous: the first step leaves views (its keys are transposed projections),
@@ -181,11 +181,8 @@ class GraphSteps:
                                       dynamic="always" if decoding else self.dynamic_policy)
         except CaptureError as error:
             raise Unsupported(str(error)) from error
-        structure = program.structure_key()
-        key = (id(captured), structure, rows_key(self.rows), True, self.options_key)
-        runner = cached_runner(wrapper, key, captured, lambda: build_runner(
-            wrapper, captured, program, self.rows, True, self.compile_options, structure,
-            self.options_key))
+        runner = runner_for(wrapper, captured, program, self.rows, True,
+                            self.compile_options, self.options_key)
         output, saves = runner(flat[0] + program.input_values)
         self.graph_module = runner.graph_module
         for node, value in zip(program.saves, saves):

@@ -281,6 +281,18 @@ def rows_key(rows: dict, exact: bool = True) -> tuple:
                   for k, v in rows.items() if k is not None])
 
 
+def runner_for(model: torch.nn.Module, captured: Any, program: Any, rows: dict,
+               keep_output: bool, compile_options: dict | None, options_key: Any) -> Runner:
+    """The runner of ``program`` over ``captured`` for these rows and options: a cache hit,
+    or validated (and spliced and compiled where its executable is new) now."""
+    structure = program.structure_key()
+    # the capture found for these exact inputs stands for their signature (cached_runner
+    # checks it is the same object: ids can be reused)
+    key = (id(captured), structure, rows_key(rows), keep_output, options_key)
+    return cached_runner(model, key, captured, lambda: build_runner(
+        model, captured, program, rows, keep_output, compile_options, structure, options_key))
+
+
 def build_runner(model: torch.nn.Module, captured: Any, program: Any, rows: dict,
                  keep_output: bool, compile_options: dict | None, structure: tuple,
                  options_key: Any) -> Runner:

@@ -20,7 +20,7 @@ from .program import Node, Program, setitem
 from .gradients import GRAD, GRAD_WRITE, BackwardPhase, backward_phase, forward_exports
 from .proxy import Proxy, from_where
 from .rows import Rows
-from .runner import build_runner, cached_runner, normalize_options, rows_key
+from .runner import normalize_options, runner_for
 from .scan import cached_scan
 from .sites import OUTPUT, Site
 from .walk import MetaWalker
@@ -448,14 +448,8 @@ class Tracer:
 
     def _run_fx(self, captured, module, flat: list[Any], rows, keep_output) -> None:
         program = self.program
-        structure = program.structure_key()
-        options_key = _freeze(self._compile)
-        # the capture found for these exact inputs stands for their signature (the runner
-        # checks it is the same object: ids can be reused)
-        key = (id(captured), structure, rows_key(rows), keep_output, options_key)
-        runner = cached_runner(module, key, captured, lambda: build_runner(
-            module, captured, program, rows, keep_output, self._compile, structure,
-            options_key))
+        runner = runner_for(module, captured, program, rows, keep_output, self._compile,
+                            _freeze(self._compile))
         output, saves = runner(flat + program.input_values)
         self.backend = "fx"
         self.graph_module = runner.graph_module
