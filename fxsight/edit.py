@@ -112,7 +112,7 @@ def export(model: "NNsight", args: tuple, kwargs: dict) -> fx.GraphModule:
     seed(program, edits_of(model))
     rows = {None: Rows(0, size, size)}
     MetaWalker(program, rows, captured).run()
-    spliced = splice(captured, program, rows, keep_output=True)
+    spliced = splice(captured, program, rows, keep_output=True, flat_attributes=False)
     gm = spliced.graph_module
     flat_inputs = pytree.tree_leaves((args, kwargs))
     _bake_program_inputs(gm, len(flat_inputs), program.input_values)

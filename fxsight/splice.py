@@ -99,8 +99,11 @@ def _static(target: Any, args: tuple) -> bool:
 
 
 def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
-           keep_output: bool) -> Spliced:
-    """Build the rewritten GraphModule of ``program`` over ``captured``."""
+           keep_output: bool, flat_attributes: bool = True) -> Spliced:
+    """Build the rewritten GraphModule of ``program`` over ``captured``.
+
+    ``flat_attributes``: the module holds the parameters under flat names (faster to run);
+    without it, under the model's own dotted names (its ``state_dict`` keys)."""
     graph = fx.Graph()
     node_map: dict[fx.Node, fx.Node] = {}
     graph.graph_copy(captured.graph_module.graph, node_map)  # no output node copied
@@ -176,8 +179,9 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             graph.erase_node(node)
     graph.eliminate_dead_code(is_impure_node=_is_impure)
     graph.lint()
-    module = fx.GraphModule(_flat_attributes(captured.graph_module, graph), graph,
-                            class_name="RewrittenForward")
+    root = _flat_attributes(captured.graph_module, graph) if flat_attributes \
+        else captured.graph_module
+    module = fx.GraphModule(root, graph, class_name="RewrittenForward")
     stats.bump("splices")
     order = {node: i for i, node in enumerate(program.nodes)}
     grad_keys = {order[node]: key for node, key in walker.grad_keys.items()}

@@ -177,3 +177,19 @@ def test_export_of_an_unedited_model_is_the_model():
     assert torch.equal(exported(x), net(x))
     assert not any(n.op == "placeholder" and n.name.startswith("edit_input")
                    for n in exported.graph.nodes)
+
+
+def test_exported_model_keeps_the_models_parameter_names():
+    """The exported module's state_dict speaks the model's names (``layer1.weight``), so
+    ``load_state_dict`` of a fine-tuned copy of the model works on it."""
+    net = mlp()
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(5))
+    wrapper = NNsight(net)
+    with wrapper.edit(x) as edited:
+        edited.layer1.output[:] = edited.layer1.output * 2
+    exported = edited.export(x)
+    assert set(exported.state_dict()) <= set(net.state_dict())
+    assert any(name.startswith("layer1.") for name in exported.state_dict())
+    tuned = {k: v + 1 for k, v in net.state_dict().items() if k in exported.state_dict()}
+    exported.load_state_dict(tuned)
+    assert torch.equal(exported.state_dict()["layer1.weight"], tuned["layer1.weight"])
