@@ -148,6 +148,19 @@ class Generator(Tracer):
         raise TraceError(at_line("gradients are not available inside generate()",
                                  user_line()))
 
+    def cache(self, *args, **kwargs):
+        """Not available inside ``generate()``: it would have to hold every module at every
+        step; save what you need inside ``tracer.all()`` (one value per step) instead."""
+        raise TraceError(at_line("tracer.cache() is not available inside generate(); save "
+                                 "the values you need inside `with tracer.all():` (a list "
+                                 "with one value per step)", user_line()))
+
+    def stop(self) -> None:
+        """Not available inside ``generate()``: ``max_new_tokens`` ends generation."""
+        raise TraceError(at_line("tracer.stop() is not available inside generate(); "
+                                 "max_new_tokens (or an eos token) ends generation",
+                                 user_line()))
+
     _set_grad = _grad_of
 
     # --- running ------------------------------------------------------------------------

@@ -293,6 +293,15 @@ def test_a_model_loaded_from_disk_generates_on_the_fx_backend(tmp_path):
     assert torch.equal(results["fx"], results["hooks"])
 
 
+@pytest.mark.parametrize("call", ["cache", "stop"])
+def test_cache_and_stop_inside_generate_are_errors_not_no_ops(models, tokenizer, call):
+    model, _ = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with pytest.raises(fxsight.TraceError, match=f"tracer.{call}\\(\\) is not available"):
+        with lm.generate(PROMPTS[0], max_new_tokens=2, do_sample=False) as tracer:
+            getattr(tracer, call)()
+
+
 def test_generator_output_outside_generate(models, tokenizer):
     model, _ = models["gpt2"]
     lm = LanguageModel(model, tokenizer=tokenizer)
