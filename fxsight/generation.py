@@ -254,6 +254,11 @@ class _StepInterleaver:
     """Runs a Program over the model calls of one ``generate``."""
 
     def __init__(self, program, rows: dict[Any, Rows]):
+        skip = next((n for n in program.nodes if n.meta.get("skip")), None)
+        if skip is not None:
+            raise TraceError(at_line(
+                f"{module_label(skip.meta['site'].path)}.skip(...) inside generate() needs "
+                f"the fx backend (this generation runs on hooks)", skip.meta["line"]))
         self.program = program
         self.rows = rows
         self.after = _needs_generated_ids(program)  # they run once generate is done

@@ -293,6 +293,29 @@ def test_a_model_loaded_from_disk_generates_on_the_fx_backend(tmp_path):
     assert torch.equal(results["fx"], results["hooks"])
 
 
+def test_skip_inside_generate_replaces_the_module_on_fx_and_is_refused_on_hooks(models,
+                                                                             tokenizer):
+    model, _ = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with lm.generate(PROMPTS[1], max_new_tokens=3, do_sample=False, backend="fx") as tracer:
+        with tracer.all():
+            lm.transformer.h[1].skip(lm.transformer.h[1].input)
+        tokens = lm.generator.output.save()
+    block = model.transformer.h[1]
+    block.forward = lambda hidden_states, *args, **kwargs: hidden_states  # the block skipped
+    try:
+        expected = model.generate(**tokenizer([PROMPTS[1]], return_tensors="pt"),
+                                  max_new_tokens=3, do_sample=False)
+    finally:
+        del block.forward
+    assert torch.equal(tokens, expected)
+    with pytest.raises(fxsight.TraceError, match="skip.*needs the fx backend"):
+        with lm.generate(PROMPTS[1], max_new_tokens=3, do_sample=False,
+                         backend="hooks") as tracer:
+            with tracer.all():
+                lm.transformer.h[1].skip(lm.transformer.h[1].input)
+
+
 @pytest.mark.parametrize("call", ["cache", "stop"])
 def test_cache_and_stop_inside_generate_are_errors_not_no_ops(models, tokenizer, call):
     model, _ = models["gpt2"]
