@@ -20,7 +20,7 @@ $(VENV): $(STAMP)
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m fxsight.demo
+	$(PY) -m fxsight.experiments.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests

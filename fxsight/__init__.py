@@ -13,9 +13,9 @@ import torch
 
 from .errors import (CaptureError, ControlFlowError, FxsightError, OrderError, ShapeError,
                      TraceError)
-from .models import NNsight
-from .proxy import Proxy
-from .counters import reset_stats, stats
+from .api.nnsight import NNsight
+from .record.proxy import Proxy
+from .stats import reset_stats, stats
 
 __all__ = ["NNsight", "LanguageModel", "trace", "save", "apply", "stats", "reset_stats",
            "Proxy", "FxsightError", "TraceError", "OrderError", "ShapeError",
@@ -36,7 +36,7 @@ def save(value: Any) -> Any:
 
 def apply(fn, *args, **kwargs) -> Any:
     """Record a call of any Python callable on traced values (run with the real values)."""
-    from .proxy import _find_tracer
+    from .record.proxy import _find_tracer
     tracer = _find_tracer(args, kwargs)
     return tracer._record("call_function", fn, args, kwargs, lenient=True)
 
@@ -59,6 +59,6 @@ class trace:  # noqa: N801 - nnsight's spelling
 
 def __getattr__(name: str) -> Any:
     if name == "LanguageModel":
-        from .language_model import LanguageModel
+        from .api.language_model import LanguageModel
         return LanguageModel
     raise AttributeError(name)

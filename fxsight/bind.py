@@ -7,7 +7,7 @@ import sys
 import types
 from typing import Any, Callable
 
-from .proxy import Proxy
+from .record.proxy import Proxy
 
 _LOCALS_TO_FAST = getattr(ctypes.pythonapi, "PyFrame_LocalsToFast", None)
 

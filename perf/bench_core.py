@@ -230,7 +230,7 @@ class _GraphClock:
     """Time spent inside fxsight's rewritten graph (Executable.__call__)."""
 
     def __init__(self):
-        from fxsight import runner
+        from fxsight.run import executable as runner
         self.runner = runner
         self.original = runner.Executable.__call__
         self.seconds = 0.0

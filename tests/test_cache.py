@@ -10,7 +10,7 @@ import torch.utils._pytree as pytree
 
 import fxsight
 from fxsight import NNsight, TraceError
-from fxsight.cache import CacheDict, Entry
+from fxsight.api.cache import CacheDict, Entry
 from models import mlp, tiny_gpt2, tiny_llama
 
 BACKENDS = ("fx", "hooks")

@@ -12,7 +12,7 @@ import torch
 
 import fxsight
 from fxsight import NNsight, Proxy
-from fxsight.tracer import Tracer
+from fxsight.api.tracer import Tracer
 from models import mlp
 
 BACKENDS = ("fx", "hooks")

@@ -1,4 +1,4 @@
-"""The demo (``python -m fxsight.demo``) and its built-in model (``fxsight/data``).
+"""The demo (``python -m fxsight.experiments.demo``) and its built-in model (``fxsight/data``).
 
 The shipped model was trained on key-value recall (``a3 f8 c1 h6 e2 b5 c -> 1``): the
 answer lives in the queried pair's token and must reach the last position. The demo's sweep
@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from fxsight import demo
+from fxsight.experiments import demo
 
 
 @pytest.fixture(scope="module")

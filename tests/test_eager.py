@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from fxsight import NNsight
-from fxsight.eager import fast_forward
+from fxsight.run.eager import fast_forward
 from models import tiny_gpt2
 
 

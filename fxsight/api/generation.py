@@ -22,15 +22,15 @@ from typing import Any, Iterator
 
 import torch
 
-from .active import current_tracer
-from .decoding import GraphSteps, Unsupported
-from .errors import TraceError, at_line, user_line, user_stacklevel
-from .hooks_backend import _RealWalker
-from .module_events import ModuleEvents
-from .program import Node
-from .rows import Rows
-from .sites import INPUT, OUTPUT, Site, module_label
-from .tracer import Tracer, _dynamic_policy, _freeze
+from ..record.active import current_tracer
+from ..generate.decoding import GraphSteps, Unsupported
+from ..errors import TraceError, at_line, user_line, user_stacklevel
+from ..run.hooks import _RealWalker
+from ..capture.events import ModuleEvents
+from ..record.program import Node
+from ..splice.rows import Rows
+from ..record.sites import INPUT, OUTPUT, Site, module_label
+from ..api.tracer import Tracer, _dynamic_policy, _freeze
 
 GENERATOR = Site("generator", OUTPUT, 0)
 ALL = "all"

@@ -20,16 +20,16 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .capture import _DROPPED_TARGETS, cached_capture
-from .errors import TraceError, at_line
-from .program import Program
-from .rows import Rows
-from .splice import splice
-from .tracer import Tracer
-from .walk import MetaWalker
+from ..capture.export import _DROPPED_TARGETS, cached_capture
+from ..errors import TraceError, at_line
+from ..record.program import Program
+from ..splice.rows import Rows
+from ..splice.splice import splice
+from ..api.tracer import Tracer
+from ..splice.walker import MetaWalker
 
 if TYPE_CHECKING:
-    from .models import NNsight
+    from ..api.nnsight import NNsight
 
 
 def edits_of(model: "NNsight") -> list[Program]:

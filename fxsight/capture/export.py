@@ -22,10 +22,10 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from . import counters as stats
-from .errors import CaptureError
-from .module_events import ModuleEvents
-from .sites import Site
+from ..stats import bump
+from ..errors import CaptureError
+from ..capture.events import ModuleEvents
+from ..record.sites import Site
 
 
 @torch.library.custom_op("fxsight::boundary", mutates_args=())
@@ -218,7 +218,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         slots[site] = SiteSlot(spec, nodes, constants)
     module = fx.GraphModule(gm, graph, class_name="CapturedForward")
     _drop_forward_hooks(module)
-    stats.bump("captures")
+    bump("captures")
     captured = Captured(module, in_spec, out_spec, list(events.order), slots,
                         time.perf_counter() - start)
     if dynamic:
@@ -476,7 +476,7 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
             hit = capture(model, args, kwargs, events_on=events_on)
         except CaptureError as error:
             hit = error
-            stats.bump("capture_failures")
+            bump("capture_failures")
         per_model[key] = hit
     if isinstance(hit, CaptureError):
         raise hit
@@ -501,9 +501,9 @@ def _dynamic_view(model: torch.nn.Module, per_model: dict, key: tuple, args: tup
         return None  # only one shape seen so far: the exact capture serves it
     try:
         base = capture(model, args, kwargs, dynamic=True, events_on=events_on)
-        stats.bump("dynamic_captures")
+        bump("dynamic_captures")
     except Exception:  # noqa: BLE001 - the exact-shape capture is always a correct fallback
-        stats.bump("dynamic_capture_failures")
+        bump("dynamic_capture_failures")
         bases.append(None)
         return None
     bases.append(base)

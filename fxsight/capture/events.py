@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .sites import INPUT, OUTPUT, Site
+from ..record.sites import INPUT, OUTPUT, Site
 
 # on_event(site, value) -> replacement value or None; value is (args, kwargs) for inputs.
 EventHandler = Callable[[Site, Any], Any]

@@ -10,10 +10,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-from . import counters as stats
-from .capture import signature
-from .module_events import ModuleEvents
-from .sites import Site
+from ..stats import bump
+from ..capture.export import signature
+from ..capture.events import ModuleEvents
+from ..record.sites import Site
 
 
 @dataclass
@@ -78,8 +78,8 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict) -> ScanResult:
             else:
                 with events.installed():
                     output = model(*args, **kwargs)
-                stats.bump("real_scans")
-    stats.bump("scans")
+                bump("real_scans")
+    bump("scans")
     return ScanResult(list(events.order), values, devices, pytree.tree_map(_to_meta, output))
 
 

@@ -10,23 +10,23 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from . import counters as stats
-from .active import active_tracers
-from .bind import bind_frame
-from .capture import CaptureError, cached_capture, flat_inputs, signature
-from .errors import TraceError, at_line, user_line, user_stacklevel
-from .hooks_backend import run_with_hooks
-from .program import Node, Program, setitem
-from .gradients import GRAD, GRAD_WRITE, BackwardPhase, backward_phase, forward_exports
-from .proxy import Proxy, from_where
-from .rows import Rows
-from .runner import normalize_options, runner_for
-from .scan import cached_scan
-from .sites import OUTPUT, Site
-from .walk import MetaWalker
+from ..stats import bump
+from ..record.active import active_tracers
+from ..bind import bind_frame
+from ..capture.export import CaptureError, cached_capture, flat_inputs, signature
+from ..errors import TraceError, at_line, user_line, user_stacklevel
+from ..run.hooks import run_with_hooks
+from ..record.program import Node, Program, setitem
+from ..splice.gradients import GRAD, GRAD_WRITE, BackwardPhase, backward_phase, forward_exports
+from ..record.proxy import Proxy, from_where
+from ..splice.rows import Rows
+from ..run.executable import normalize_options, runner_for
+from ..capture.scan import cached_scan
+from ..record.sites import OUTPUT, Site
+from ..splice.walker import MetaWalker
 
 if TYPE_CHECKING:
-    from .models import NNsight
+    from ..api.nnsight import NNsight
 
 BACKENDS = ("auto", "fx", "hooks")
 _PLAIN_ARGS = frozenset({int, float, bool, str, type(None), type(Ellipsis)})
@@ -164,7 +164,7 @@ class Tracer:
         a ``CacheDict`` filled when the block ends (``cache["model.transformer.h.0"].output``,
         ``cache.model.transformer.h[0].output``). See :mod:`fxsight.cache`."""
         self._check_recording()
-        from .cache import CacheRequest
+        from ..api.cache import CacheRequest
         request = CacheRequest(self.model, modules, device, dtype, detach, include_output,
                                include_inputs, rename, alias, self._invoke)
         self._cache_requests.append(request)
@@ -234,7 +234,7 @@ class Tracer:
             return type(value)(self._to_arg(v) for v in value)
         if isinstance(value, dict):
             return {k: self._to_arg(v) for k, v in value.items()}
-        from .envoy import Envoy
+        from ..api.envoy import Envoy
         if isinstance(value, Envoy):
             raise TraceError(at_line("a module was passed where a value was expected; "
                                      "use its .output or .input", user_line()))
@@ -294,7 +294,7 @@ class Tracer:
             walker = self._record_walkers[invoke] = MetaWalker(self.program, rows, source)
         walker.run()
         meta = walker.values[proxy._node]
-        from .walk import UnknownMeta
+        from ..splice.walker import UnknownMeta
         if isinstance(meta, UnknownMeta):
             raise TraceError(at_line(f"the {what} of this value depends on real data "
                                      f"(fxsight.apply on an opaque function)", user_line()))
@@ -397,7 +397,7 @@ class Tracer:
         module = self.model._module
         self._before_execute(args, kwargs)
         self._prepare_gradients()
-        stats.bump("traces")
+        bump("traces")
         keep_output = (not self._prune or not self.program.saves) and self._stop_line is None
         backend = self._backend_choice
         captured = None
@@ -438,7 +438,7 @@ class Tracer:
             request.fill(self._results)
 
     def _warn_fallback(self, error: CaptureError, args, kwargs) -> None:
-        stats.bump("fallbacks")
+        bump("fallbacks")
         warned = self.model._fallback_warned
         key = signature(self.model._module, args, kwargs)
         if key not in warned:

@@ -1,4 +1,4 @@
-"""``python -m fxsight.demo``: where does a small transformer keep the answer? An activation
+"""``python -m fxsight.experiments.demo``: where does a small transformer keep the answer? An activation
 patching sweep on fxsight's built-in demo model finds it.
 
 The built-in model (``fxsight/data/demo_model``: a 2-layer GPT-2, 64 wide, ~0.3 MB) was
@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "demo_model")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                    "demo_model")
 KEYS = "abcdefgh"
 VALUES = "0123456789"
 PAIRS = 6
@@ -143,7 +144,7 @@ def load(path: str = DATA):
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
     from transformers.utils import logging
 
-    from .language_model import LanguageModel
+    from ..api.language_model import LanguageModel
 
     logging.set_verbosity_error()
     module = GPT2LMHeadModel.from_pretrained(path).eval()
@@ -236,7 +237,7 @@ def describe(result) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fxsight.demo",
+    parser = argparse.ArgumentParser(prog="python -m fxsight.experiments.demo",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--retrain", action="store_true",
                         help="train the demo model again and save it")

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from .errors import TraceError, at_line, user_line
-from .models import NNsight
+from ..errors import TraceError, at_line, user_line
+from ..api.nnsight import NNsight
 
 # keys of a dict input that are not forwarded as they come but re-laid out with the rows
 _PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 1}
@@ -128,7 +128,7 @@ class LanguageModel(NNsight):
         On the fx backend every step runs as a rewritten graph; ``compile=True`` (or a
         dict of ``torch.compile`` options) compiles the first step and the decoding step
         once each, for every later step and sequence length."""
-        from .generation import Generator
+        from ..api.generation import Generator
         self.dispatch_model()
         return Generator(self, inputs, kwargs, backend=backend or self._backend,
                          compile=compile)
@@ -136,7 +136,7 @@ class LanguageModel(NNsight):
     @property
     def generator(self):
         """``lm.generator.output``: the generated token ids, inside ``lm.generate(...)``."""
-        from .generation import GeneratorEnvoy
+        from ..api.generation import GeneratorEnvoy
         return GeneratorEnvoy(self)
 
     def to(self, *args, **kwargs) -> "LanguageModel":
@@ -612,7 +612,9 @@ def _refresh_envoys(envoy: Any, root: torch.nn.Module) -> None:
 
 def _forget(module: torch.nn.Module) -> None:
     """Drop the engine's caches of a module that has been replaced."""
-    from . import capture, runner, scan
+    from ..capture import export as capture
+    from ..run import executable as runner
+    from ..capture import scan
     capture.forget(module)
     runner.forget(module)
     getattr(scan, "_CACHE", {}).pop(module, None)

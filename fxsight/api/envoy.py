@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from .active import current_tracer
-from .errors import TraceError, at_line, user_line
-from .sites import INPUT, OUTPUT, Site, module_label
+from ..record.active import current_tracer
+from ..errors import TraceError, at_line, user_line
+from ..record.sites import INPUT, OUTPUT, Site, module_label
 
 if TYPE_CHECKING:
-    from .models import NNsight
-    from .proxy import Proxy
+    from ..api.nnsight import NNsight
+    from ..record.proxy import Proxy
 
 
 class Envoy:
@@ -142,7 +142,7 @@ class Envoy:
     def __call__(self, *args, **kwargs) -> Any:
         """Inside a trace, apply this module to traced values (e.g. the logit lens);
         outside, call the module."""
-        from .proxy import Proxy
+        from ..record.proxy import Proxy
         tracer = current_tracer(self._root)
         traced = any(isinstance(a, Proxy) for a in (*args, *kwargs.values()))
         if tracer is None or not traced:

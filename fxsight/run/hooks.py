@@ -13,12 +13,12 @@ from typing import Any
 
 import torch.nn as nn
 
-from .errors import TraceError, at_line
-from .module_events import ModuleEvents
-from .program import Node, Program, execute, map_nodes
-from .rows import Rows
-from .sites import INPUT, Site, module_label
-from .walk import BEFORE_ALL, Walker
+from ..errors import TraceError, at_line
+from ..capture.events import ModuleEvents
+from ..record.program import Node, Program, execute, map_nodes
+from ..splice.rows import Rows
+from ..record.sites import INPUT, Site, module_label
+from ..splice.walker import BEFORE_ALL, Walker
 
 
 class _RealWalker(Walker):

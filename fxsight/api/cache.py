@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import TraceError, at_line, user_line
-from .sites import INPUT, OUTPUT, Site
+from ..errors import TraceError, at_line, user_line
+from ..record.sites import INPUT, OUTPUT, Site
 
 if TYPE_CHECKING:
-    from .program import Program
+    from ..record.program import Program
 
 ROOT = "model"
 
@@ -271,7 +271,7 @@ class CacheRequest:
         self.nodes: list[tuple[Site, Any, Any]] = []  # (site, node, layout of the value)
 
     def _resolve(self, model: Any, modules: Any) -> list[str]:
-        from .envoy import Envoy
+        from ..api.envoy import Envoy
         if isinstance(modules, (str, Envoy)):
             modules = [modules]
         known = {path for path, _ in model._module.named_modules()}

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import TraceError, at_line
-from .program import Node, Program, execute, map_nodes, node_args, select
-from .rows import Rows, conform, narrow_rows, splice_rows
-from .sites import Site, module_label
+from ..errors import TraceError, at_line
+from ..record.program import Node, Program, execute, map_nodes, node_args, select
+from ..splice.rows import Rows, conform, narrow_rows, splice_rows
+from ..record.sites import Site, module_label
 
 _STATE = threading.local()
 

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from .errors import ControlFlowError, TraceError, at_line, user_line
+from ..errors import ControlFlowError, TraceError, at_line, user_line
 
 if TYPE_CHECKING:
-    from .tracer import Tracer
+    from ..api.tracer import Tracer
 
 _CONTROL_FLOW_HINT = (
     "Python control flow on a traced value cannot be recorded: the value does not exist "
@@ -152,7 +152,7 @@ _PROPERTIES = ("shape", "dtype", "device", "ndim", "value")
 
 def from_where(proxy: "Proxy") -> str:
     """`` (from model.layer1.output)``: where a traced value comes from, for messages."""
-    from .program import origin
+    from ..record.program import origin
     where = origin(proxy._node)
     return f" (from {where})" if where else ""
 

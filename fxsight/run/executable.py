@@ -16,8 +16,6 @@ over: ``fxsight.stats()["compilations"]`` counts compiles *and* recompiles.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 import warnings
 import weakref
@@ -26,9 +24,10 @@ from typing import Any, Callable
 
 import torch
 
-from . import counters as stats
-from .eager import fast_forward
-from .splice import Spliced
+from ..stats import bump
+from ..errors import user_stacklevel
+from ..run.eager import fast_forward
+from ..splice.splice import Spliced
 
 # torch.compile options fxsight understands; everything else is an error (as in torch).
 COMPILE_KEYS = ("backend", "mode", "options", "dynamic", "fullgraph")
@@ -58,12 +57,12 @@ class CountingBackend:
         self.compiler_name = getattr(self.inner, "compiler_name", str(backend))
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, **kwargs):
-        stats.bump("compilations")
+        bump("compilations")
         start = time.perf_counter()
         try:
             return self.inner(gm, example_inputs, **kwargs)
         finally:
-            stats.bump("compile_ms", int(1000 * (time.perf_counter() - start)))
+            bump("compile_ms", int(1000 * (time.perf_counter() - start)))
 
     def __getattr__(self, name: str) -> Any:  # get_compiler_config, reset, ...
         if name == "inner":
@@ -81,16 +80,6 @@ def _first_line(error: BaseException) -> str:
         if line.strip():
             return f"{type(error).__name__}: {line.strip()[:300]}"
     return type(error).__name__
-
-
-def _user_stacklevel() -> int:
-    """``warnings.warn``'s stacklevel of the first frame outside fxsight (the user's line)."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) \
-            == package:
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _single_output(plan: Any) -> Any:
@@ -148,10 +137,10 @@ class Executable:
             outputs = self._eager(*flat_inputs)
             self.failure = _first_line(error)
             self._fn = self._eager
-            stats.bump("compile_failures")
+            bump("compile_failures")
             warnings.warn(f"fxsight: torch.compile failed ({self.failure}); this "
                           f"intervention structure runs eagerly (results are unchanged)",
-                          RuntimeWarning, stacklevel=_user_stacklevel())
+                          RuntimeWarning, stacklevel=user_stacklevel())
             return outputs
 
 
@@ -239,7 +228,7 @@ def cached_runner(model: torch.nn.Module, key: tuple, captured: Any,
         runner.captured = captured
         per_model[key] = (key, runner)
     else:
-        stats.bump("runner_hits")
+        bump("runner_hits")
     return runner
 
 
@@ -251,7 +240,7 @@ def cached_executable(model: torch.nn.Module, key: tuple,
         executable = build()
         per_model[key] = (key, executable)
     else:
-        stats.bump("executable_hits")
+        bump("executable_hits")
     return executable
 
 
@@ -298,8 +287,8 @@ def build_runner(model: torch.nn.Module, captured: Any, program: Any, rows: dict
                  options_key: Any) -> Runner:
     """Validate ``program`` for these exact inputs and find (or splice, and compile) its
     executable."""
-    from .splice import splice
-    from .walk import MetaWalker
+    from ..splice.splice import splice
+    from ..splice.walker import MetaWalker
 
     MetaWalker(program, rows, captured).run()
     dynamic = bool(getattr(captured, "dynamic", False))

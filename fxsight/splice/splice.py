@@ -14,12 +14,12 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from . import counters as stats
-from .capture import BOUNDARY, Captured
-from .program import Program
-from .rows import Rows
-from .sites import OUTPUT, Site
-from .walk import BEFORE_ALL, Walker
+from ..stats import bump
+from ..capture.export import BOUNDARY, Captured
+from ..record.program import Program
+from ..splice.rows import Rows
+from ..record.sites import OUTPUT, Site
+from ..splice.walker import BEFORE_ALL, Walker
 
 
 @dataclass
@@ -182,7 +182,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
     root = _flat_attributes(captured.graph_module, graph) if flat_attributes \
         else captured.graph_module
     module = fx.GraphModule(root, graph, class_name="RewrittenForward")
-    stats.bump("splices")
+    bump("splices")
     order = {node: i for i, node in enumerate(program.nodes)}
     grad_keys = {order[node]: key for node, key in walker.grad_keys.items()}
     return Spliced(module, model_output, saves, grad_keys)

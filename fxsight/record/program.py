@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
-from .sites import Site, module_label
+from ..record.sites import Site, module_label
 
 INPUT_ACCESSORS = ("input", "inputs")
 

@@ -15,13 +15,13 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .envoy import ModuleCall
-from .errors import OrderError, ShapeError, TraceError, at_line
-from .program import (Node, Program, execute, is_view, map_nodes, node_args, origin, replace,
+from ..api.envoy import ModuleCall
+from ..errors import OrderError, ShapeError, TraceError, at_line
+from ..record.program import (Node, Program, execute, is_view, map_nodes, node_args, origin, replace,
                       select)
-from .rows import Rows, conform, narrow_rows, splice_rows
-from .gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
-from .sites import Site, module_label
+from ..splice.rows import Rows, conform, narrow_rows, splice_rows
+from ..splice.gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
+from ..record.sites import Site, module_label
 
 BEFORE_ALL = -1
 

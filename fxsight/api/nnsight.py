@@ -7,9 +7,9 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .capture import flat_inputs
-from .envoy import Envoy
-from .errors import TraceError, at_line, user_line
+from ..capture.export import flat_inputs
+from ..api.envoy import Envoy
+from ..errors import TraceError, at_line, user_line
 
 
 _PLAIN_VALUES = frozenset({bool, int, float, str, type(None)})
@@ -44,7 +44,7 @@ class NNsight(Envoy):
             if self.__dict__.get("_edits"):  # an edited model runs with its edits
                 with Tracer(self, args, kwargs, backend=backend or self._backend,
                             compile=compile) as tracer:
-                    from .edit import seed
+                    from ..api.edit import seed
                     seed(tracer.program, self._edits)
                 return tracer.result
             prepared = self._prepare_invoke(args, kwargs, None)
@@ -53,7 +53,7 @@ class NNsight(Envoy):
         tracer = Tracer(self, args, kwargs, backend=backend or self._backend,
                         compile=compile, prune=prune)
         if self.__dict__.get("_edits"):
-            from .edit import seed
+            from ..api.edit import seed
             seed(tracer.program, self._edits)
         return tracer
 
@@ -61,10 +61,10 @@ class NNsight(Envoy):
         """``with model.scan(inputs):`` -- nothing runs for real: shapes and dtypes of
         every module's inputs and outputs are known inside, interventions are checked
         (shape errors raise) and saved values are bound to meta tensors."""
-        from .tracer import ScanTracer
+        from ..api.tracer import ScanTracer
         tracer = ScanTracer(self, args, kwargs)
         if self.__dict__.get("_edits"):
-            from .edit import seed
+            from ..api.edit import seed
             seed(tracer.program, self._edits)
         return tracer
 
@@ -73,7 +73,7 @@ class NNsight(Envoy):
         applied first in every later trace of ``edited`` (a new wrapper of the same module;
         ``model`` is unchanged), or of ``model`` itself with ``inplace=True``. Inputs are
         optional (they make shapes known inside the block and validate the edit)."""
-        from .edit import EditTracer
+        from ..api.edit import EditTracer
         return EditTracer(self, args, kwargs, inplace=inplace)
 
     def clear_edits(self) -> None:
@@ -84,7 +84,7 @@ class NNsight(Envoy):
         """The model with its edits as a plain ``torch.fx.GraphModule`` for these example
         inputs: it runs, saves (``torch.save``) and exports (``torch.export``) without
         fxsight, and is called like the model with inputs of the same shapes."""
-        from .edit import export
+        from ..api.edit import export
         return export(self, args, kwargs)
 
     def to(self, *args, **kwargs) -> "NNsight":
@@ -191,7 +191,7 @@ def _tracer_class() -> type:
     """``fxsight.tracer.Tracer`` (imported on first use: the tracer imports this module)."""
     global _TRACER
     if _TRACER is None:
-        from .tracer import Tracer
+        from ..api.tracer import Tracer
         _TRACER = Tracer
     return _TRACER
 

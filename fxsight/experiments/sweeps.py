@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from .envoy import Envoy
+from ..api.envoy import Envoy
 
 KINDS = ("resid", "attn", "mlp", "resid_pre")
 ATTENTION_NAMES = ("attn", "self_attn", "attention", "self_attention")
@@ -277,7 +277,7 @@ def reference_run(model: Envoy, ids: torch.Tensor, targets: Iterable[Target], kw
 
 
 def _real(value: Any) -> Any:
-    from .proxy import Proxy
+    from ..record.proxy import Proxy
     return value.value if isinstance(value, Proxy) else value
 
 
@@ -401,3 +401,22 @@ class Sweep:
         self.traces += 1
         self.backends.add(tracer.backend)
         return _real(logits)
+
+
+def logits_kwargs(model: Envoy, kwargs: dict, metric: Callable,
+                   logits: torch.Tensor) -> tuple[dict, int]:
+    """The forward kwargs of the sweep's batches and how many positions of logits they
+    compute: only the last where the metric reads nothing else and the model can."""
+    if "logits_to_keep" not in kwargs and "logits_to_keep" in forward_parameters(model) \
+            and reads_last_position_only(metric, logits):
+        return {**kwargs, "logits_to_keep": 1}, 1
+    return dict(kwargs), logits.shape[1]
+
+
+def trace_options(backend: str | None, compile: Any) -> dict:
+    options = {}
+    if backend is not None:
+        options["backend"] = backend
+    if compile is not None:
+        options["compile"] = compile
+    return options

@@ -32,11 +32,11 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .capture import CaptureError, cached_capture, flat_inputs
-from .errors import TraceError, at_line
-from .program import Node, Program
-from .rows import Rows
-from .runner import runner_for
+from ..capture.export import CaptureError, cached_capture, flat_inputs
+from ..errors import TraceError, at_line
+from ..record.program import Node, Program
+from ..splice.rows import Rows
+from ..run.executable import runner_for
 
 # what generate may pass to the model's forward beyond what DecodingStep takes, and the
 # values that change nothing here

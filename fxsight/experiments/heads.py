@@ -12,11 +12,12 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .envoy import Envoy
+from ..api.envoy import Envoy
+from .result import PatchingResult
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Group, Layout, Sweep, Target, check_layers,
-                     check_positions, choose_batch_size, expanded, find_layout,
-                     forward_kwargs, metric_values, reference_run, row_bytes, token_ids,
-                     token_labels)
+                     check_positions, choose_batch_size, expanded, find_layout, forward_kwargs,
+                     logits_kwargs, metric_values, reference_run, row_bytes, token_ids,
+                     token_labels, trace_options)
 
 OUTPUT_PROJECTION_NAMES = ("c_proj", "o_proj", "out_proj", "dense")
 
@@ -53,8 +54,6 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callable,
     Arguments as in :func:`fxsight.patching.activation_patching`. Returns scores with
     ``dims == ("layer", "head", "position")``: the patched run's metric minus the corrupted
     run's."""
-    from .patching import PatchingResult, _logits_kwargs, _trace_options
-
     clean_ids = token_ids(model, clean, "clean")
     corrupt_ids = token_ids(model, corrupted, "corrupted")
     if clean_ids.shape != corrupt_ids.shape:
@@ -66,7 +65,7 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callable,
     position_list = check_positions(positions, length)
     heads = head_count(model)
     kwargs = forward_kwargs(model, forward_kwargs_given)
-    options = _trace_options(backend, compile)
+    options = trace_options(backend, compile)
     reference_options = options if backend is not None else {**options, "backend": "hooks"}
 
     targets = {layer: Target(output_projection(layout, layer), "input") for layer in layer_list}
@@ -85,7 +84,7 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callable,
                          f"{heads} heads")
     head_dim = width // heads
 
-    run_kwargs, kept = _logits_kwargs(model, kwargs, metric, clean_run.logits)
+    run_kwargs, kept = logits_kwargs(model, kwargs, metric, clean_run.logits)
     cells = [(h, p) for h in range(heads) for p in range(len(position_list))]
     per_row = row_bytes(model, length, kept, width, clean_run.logits.shape[-1],
                         clean_run.logits.dtype)

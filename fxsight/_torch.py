@@ -1,0 +1,93 @@
+"""Every private torch API fxsight uses, in one place.
+
+Private names change without notice between torch releases: each one here says why it is
+needed and since which torch version it has been checked (fxsight runs on torch 2.11 to
+2.14). Where a public API does the same, it is used instead (``torch.compiler.disable``,
+``ExportedProgram.call_spec``, ``torch.fx.node.map_arg``). No other fxsight module names
+``torch._…``, ``torch.utils._pytree``, ``torch.fx._…`` or ``torch.export._…``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+# pytree: torch has no public pytree module yet (torch.utils._pytree since 1.x; checked 2.13)
+import torch.utils._pytree as pytree
+# an OptimizedModule is what torch.compile(module) returns; no public name (checked 2.13)
+from torch._dynamo.eval_frame import OptimizedModule
+# fake tensors: shapes of a forward pass without computing it; no public API (checked 2.13)
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
+__all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
+           "is_op_overload", "entry_point", "is_unused_random", "compile_backend",
+           "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
+           "global_forward_hooks", "TreeSpec"]
+
+TreeSpec = pytree.TreeSpec
+
+
+def is_op_overload(target: Any) -> bool:
+    """Whether a graph node's target is an ATen/custom operator overload (``OpOverload``
+    lives in ``torch._ops``; checked 2.13)."""
+    return isinstance(target, torch._ops.OpOverload)
+
+
+def entry_point(target: Any) -> Callable | None:
+    """The C++ entry point behind a plain ``OpOverload`` (its ``_op``), or ``None`` where
+    calling the overload does more than forward to it. Saves a Python frame per ATen call in
+    eager rewritten graphs (checked 2.11-2.14)."""
+    overload = torch._ops.OpOverload
+    if type(target) is not overload or type(target).__call__ is not overload.__call__:
+        return None
+    return target._op
+
+
+def is_unused_random(target: Any) -> bool:
+    """A non-mutating random operator (dropout, sdpa with dropout_p), which fx counts as
+    impure: its schema (``_schema``, checked 2.13) tells whether it mutates an argument."""
+    return is_op_overload(target) and torch.Tag.nondeterministic_seeded in target.tags and \
+        not target._schema.is_mutable
+
+
+def compile_backend(backend: Any, mode: str | None, options: dict | None,
+                    dynamic: bool | None) -> Callable:
+    """The backend callable ``torch.compile(backend=..., mode=..., options=...)`` builds:
+    wrapping it lets fxsight count compilations. ``torch._TorchCompileInductorWrapper`` and
+    ``torch._TorchCompileWrapper`` are what ``torch.compile`` itself uses (checked 2.11-2.14)."""
+    if backend == "inductor":
+        return torch._TorchCompileInductorWrapper(mode, options, dynamic)
+    return torch._TorchCompileWrapper(backend, mode, options, dynamic)
+
+
+def without_duck_shaping(fn: Callable) -> Callable:
+    """``fn`` run with dynamo's duck shaping off: sizes of equal value get their own
+    symbols, so a sequence length equal to a head size is not specialized. The switch is
+    ``torch.fx.experimental._config.use_duck_shape`` (checked 2.11-2.14)."""
+    return torch.fx.experimental._config.patch(use_duck_shape=False)(fn)
+
+
+def plain_codegen(graph: fx.Graph) -> None:
+    """Make ``graph`` generate a flat ``forward(*inputs)`` (drop export's pytree codegen).
+    ``Graph._codegen`` has no public setter (checked 2.13)."""
+    graph._codegen = fx.graph.CodeGen()
+
+
+def pytree_codegen(graph: fx.Graph, names: list[str], in_spec: Any, out_spec: Any) -> None:
+    """Make ``graph`` take and return pytrees laid out by ``in_spec``/``out_spec``, as an
+    exported module does (``fx.graph._PyTreeCodeGen``; checked 2.13)."""
+    graph._codegen = fx.graph._PyTreeCodeGen(fx.graph._PyTreeInfo(names, in_spec, out_spec))
+
+
+def rename_node(node: fx.Node, name: str) -> None:
+    """Give a graph node a new (unique) name: ``Node._rename`` keeps the graph's namespace
+    consistent, which assigning ``node.name`` does not (checked 2.13)."""
+    node._rename(name)
+
+
+def global_forward_hooks() -> tuple[tuple, tuple]:
+    """The process-wide forward pre-hooks and hooks (``register_module_forward_hook``):
+    there is no public getter (``torch.nn.modules.module._global_forward_*``; checked 2.13)."""
+    module = torch.nn.modules.module
+    return tuple(module._global_forward_pre_hooks), tuple(module._global_forward_hooks)

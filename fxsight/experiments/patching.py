@@ -1,0 +1,380 @@
+"""Patching experiments: activation patching sweeps, steering sweeps, attribution patching.
+
+All three return a :class:`PatchingResult`: a tensor of scores with named axes.
+
+- :func:`activation_patching` patches the clean run's activation into the corrupted run at
+  every (site kind, layer, position) cell and measures ``metric`` on the patched logits.
+  The cells run in large batches with the corrupted run's computation before the patched
+  layer reused (see :mod:`fxsight.sweeps`); the numbers are those of a one-cell-at-a-time
+  loop.
+- :func:`steering_sweep` adds ``scale * vector`` to the residual stream at every (vector,
+  layer, scale) cell, with the same machinery.
+- :func:`attribution` estimates activation patching's scores from one forward and one
+  backward pass (``(clean - corrupted) · d metric / d activation``, Nanda's attribution
+  patching).
+
+Scores are *effects*: the metric of the patched (steered) run minus the metric of the
+unpatched run (``result.baseline``); ``result.normalized()`` divides activation patching's by
+``reference - baseline`` (the clean run's metric minus the corrupted run's), so 1 means
+"restores the clean behaviour".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from ..api.envoy import Envoy
+from ..errors import TraceError
+from .heads import head_patching
+from .result import Cell, PatchingResult
+from .sweeps import (DEFAULT_MEMORY_BUDGET, Group, Sweep, Target, check_kinds, check_layers,
+                     check_positions, choose_batch_size, expanded, find_layout,
+                     forward_kwargs as _forward_kwargs, forward_parameters, hidden, metric_values,
+                     logits_kwargs, reads_last_position_only, reference_run, row_bytes, token_ids,
+                     token_labels, trace_options, with_hidden)
+
+__all__ = ["PatchingResult", "Cell", "activation_patching", "head_patching", "steering_sweep",
+           "attribution", "block_envoys"]
+
+
+# --- activation patching -------------------------------------------------------------------
+def activation_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callable,
+                        sites: Sequence[str] = ("resid", "attn", "mlp"),
+                        positions: Any = "all", layers: Iterable[int] | None = None,
+                        batch_size: int | None = None,
+                        memory_budget: int | float = DEFAULT_MEMORY_BUDGET,
+                        progress: bool = True, backend: str | None = None,
+                        compile: Any = None, **forward_kwargs: Any) -> PatchingResult:
+    """Patch the clean run's activation into the corrupted run, one cell at a time in
+    effect, for every site kind × layer × position; return the effect of each patch on
+    ``metric``.
+
+    ``model``: an ``NNsight`` (``clean``/``corrupted`` are token ids of shape (1, T) or
+    (T,)) or a ``LanguageModel`` (strings too). Both prompts must have the same number of
+    tokens. ``metric(logits)`` maps logits of shape (rows, T, vocab) to one number per row,
+    e.g. ``lambda logits: logits[:, -1, paris] - logits[:, -1, rome]``.
+
+    ``sites``: ``"resid"`` (a block's output: the residual stream after it), ``"attn"``
+    (the block's attention output, item 0 if it returns a tuple), ``"mlp"`` (its MLP's
+    output), ``"resid_pre"`` (a block's input; layer 0: the embeddings). ``positions``: ``"all"`` or a list of token positions; ``layers``: all or a
+    list. Batches are sized to ``memory_budget`` bytes of activations unless
+    ``batch_size`` is given; ``progress`` shows a tqdm bar. Other keywords go to the
+    model's forward.
+
+    Returns scores with ``dims == ("site", "layer", "position")``: the patched run's metric
+    minus the corrupted run's (``result.baseline``); ``result.reference`` is the clean
+    run's, ``result.normalized()`` the fraction restored.
+    """
+    import time
+
+    start = time.perf_counter()
+    kinds = check_kinds(sites)
+    clean_ids = token_ids(model, clean, "clean")
+    corrupt_ids = token_ids(model, corrupted, "corrupted")
+    if clean_ids.shape != corrupt_ids.shape:
+        raise ValueError(
+            f"the clean and corrupted prompts must have the same number of tokens to be "
+            f"patched position by position: clean has {clean_ids.shape[1]} "
+            f"{_token_note(model, clean_ids)}, corrupted has {corrupt_ids.shape[1]} "
+            f"{_token_note(model, corrupt_ids)}")
+    layout = find_layout(model)
+    layer_list = check_layers(layers, layout.n_layers)
+    length = clean_ids.shape[1]
+    position_list = check_positions(positions, length)
+    kwargs = _forward_kwargs(model, forward_kwargs)
+    options = trace_options(backend, compile)
+    # the two reference runs need every activation and the full logits: plain forward
+    # passes with hooks (no capture for batch size 1); the sweep's batches use the graph
+    reference_options = options if backend is not None else {**options, "backend": "hooks"}
+
+    # the reference runs: every value the cells patch (clean), and every value they start
+    # from (corrupted): the patched value itself and the modules before it
+    plans = {(kind, layer): _plan(layout, kind, layer) for kind in kinds
+             for layer in layer_list}
+    clean_targets = [target for target, _ in plans.values()]
+    corrupt_targets = [t for target, prefix in plans.values() for t in (*prefix, target)]
+    clean_run = reference_run(model, clean_ids, clean_targets, kwargs, reference_options)
+    corrupt_run = reference_run(model, corrupt_ids, corrupt_targets, kwargs,
+                                reference_options)
+    reference = float(metric_values(metric, clean_run.logits, 1)[0])
+    baseline = float(metric_values(metric, corrupt_run.logits, 1)[0])
+
+    run_kwargs, kept = logits_kwargs(model, kwargs, metric, clean_run.logits)
+    probe = hidden(clean_run.outputs[clean_targets[0].key])
+    per_row = row_bytes(model, length, kept, probe.shape[-1], clean_run.logits.shape[-1],
+                        probe.dtype)
+    size = choose_batch_size(batch_size, memory_budget, per_row, len(position_list))
+
+    groups = []
+    for k, kind in enumerate(kinds):
+        for l, layer in enumerate(layer_list):
+            target, prefix = plans[kind, layer]
+            groups.append(Group(
+                f"{kind} {layer}", list(position_list),
+                [(k, l, p) for p in range(len(position_list))],
+                _patches(target, prefix, clean_run.outputs, corrupt_run.outputs, length)))
+    sweep = Sweep(model, corrupt_ids, metric, run_kwargs, options, corrupt_run.output_kind,
+                  size, progress, "activation patching")
+    values = torch.zeros(len(kinds), len(layer_list), len(position_list))
+    sweep.run(groups, values)
+    values -= baseline
+    return PatchingResult(
+        values, ("site", "layer", "position"),
+        {"site": kinds, "layer": layer_list, "position": position_list},
+        baseline=baseline, reference=reference, tokens=token_labels(model, clean_ids),
+        method="activation patching",
+        info=dict(batch_size=size, traces=sweep.traces + 2, cells=values.numel(),
+                  backend=_backend(sweep, clean_run), logits_to_keep=run_kwargs.get(
+                      "logits_to_keep"), seconds=time.perf_counter() - start,
+                  graph_module=getattr(sweep.last_tracer, "graph_module", None)))
+
+
+def _plan(layout, kind: str, layer: int) -> tuple[Target, list[Target]]:
+    """What a ``kind`` cell of ``layer`` patches, and the modules before it that it skips
+    with the corrupted run's values (prefix reuse): the previous block (its output is this
+    block's input) and, for an MLP cell, the block's attention.
+
+    A residual-stream cell skips its block with the patched value (nothing up to it runs);
+    ``resid_pre`` of layer ``l > 0`` is ``resid`` of layer ``l - 1``; of layer 0, it
+    replaces the first block's input (the embeddings)."""
+    if kind == "resid":
+        return Target(layout.blocks[layer]), []
+    if kind == "resid_pre":
+        if layer > 0:
+            return Target(layout.blocks[layer - 1]), []
+        return Target(layout.blocks[0], "input"), []
+    prefix = [Target(layout.blocks[layer - 1])] if layer > 0 else []
+    if kind == "mlp":
+        try:
+            prefix.append(Target(layout.site("attn", layer)))
+        except ValueError:
+            pass  # no attention module to skip: it runs
+    return Target(layout.site(kind, layer)), prefix
+
+
+def _patches(target: Target, prefix: list[Target], clean: dict[str, Any],
+             corrupt: dict[str, Any], length: int):
+    """The replacements of a batch of cells at ``target``: the prefix modules skipped with
+    the corrupted values, the target replaced by the corrupted value in which each row's
+    position holds the clean one."""
+    clean_hidden = hidden(clean[target.key])
+    corrupt_value = corrupt[target.key]
+    corrupt_hidden = hidden(corrupt_value)
+    if clean_hidden.shape[:2] != (1, length):
+        raise ValueError(f"{target.key} has shape {tuple(clean_hidden.shape)}; patching "
+                         f"needs (batch, tokens, ...)")
+
+    def replacements(rows: int, positions: list[int]) -> list[tuple[Target, Any]]:
+        index = torch.tensor(positions)
+        patched = corrupt_hidden.expand(rows, *corrupt_hidden.shape[1:]).clone()
+        patched[torch.arange(rows), index] = clean_hidden[0, index]
+        pairs = [(t, expanded(corrupt[t.key], rows)) for t in prefix]
+        pairs.append((target, with_hidden(corrupt_value, patched, rows)))
+        return pairs
+
+    return replacements
+
+
+def _backend(sweep: Sweep, reference) -> str:
+    backends = sweep.backends or {reference.backend}
+    return ",".join(sorted(str(b) for b in backends))
+
+
+def _token_note(model: Envoy, ids: torch.Tensor) -> str:
+    labels = token_labels(model, ids)
+    return f"tokens {labels}" if labels is not None else "tokens"
+
+
+# --- steering ------------------------------------------------------------------------------
+def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
+                   layers: Iterable[int] | None = None,
+                   scales: Sequence[float] = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0),
+                   metric: Callable | None = None, positions: Any = "all",
+                   batch_size: int | None = None,
+                   memory_budget: int | float = DEFAULT_MEMORY_BUDGET,
+                   progress: bool = True, backend: str | None = None, compile: Any = None,
+                   **forward_kwargs: Any) -> PatchingResult:
+    """Add ``scale * vector`` to the residual stream (a block's output) at every
+    (vector, layer, scale) cell and measure ``metric`` on the steered logits.
+
+    ``vectors``: one tensor of shape (hidden,), a (k, hidden) stack of k vectors, a list of
+    vectors, or a dict name -> vector; a vector of shape (n_layers, hidden) gives one
+    vector per layer (row ``l`` at layer ``l``). ``positions``: where the vector is added
+    (``"all"`` or a list). ``metric(logits)`` gives one number per row; by default the
+    log-probability of the unsteered run's prediction at the last position.
+
+    Returns scores with ``dims == ("vector", "layer", "scale")``: the steered metric minus
+    the unsteered one (``result.baseline``).
+    """
+    import time
+
+    start = time.perf_counter()
+    ids = token_ids(model, prompt, "prompt")
+    layout = find_layout(model)
+    layer_list = check_layers(layers, layout.n_layers)
+    length = ids.shape[1]
+    position_list = check_positions(positions, length)
+    scale_list = [float(s) for s in scales]
+    if not scale_list:
+        raise ValueError("scales is empty")
+    kwargs = _forward_kwargs(model, forward_kwargs)
+    options = trace_options(backend, compile)
+    blocks = [Target(layout.site("resid", layer)) for layer in layer_list]
+    reference_options = options if backend is not None else {**options, "backend": "hooks"}
+    run = reference_run(model, ids, blocks, kwargs, reference_options)
+    if metric is None:
+        token = int(run.logits[0, -1].argmax())
+
+        def metric(logits, token=token):
+            return logits[:, -1].float().log_softmax(-1)[:, token]
+    baseline = float(metric_values(metric, run.logits, 1)[0])
+    named = _named_vectors(vectors, layout.n_layers)
+    size_hidden = hidden(run.outputs[blocks[0].key]).shape[-1]
+    for name, vector in named.items():
+        if vector.shape[-1] != size_hidden:
+            raise ValueError(f"vector {name!r} has size {vector.shape[-1]}; the residual "
+                             f"stream has {size_hidden}")
+
+    run_kwargs, kept = logits_kwargs(model, kwargs, metric, run.logits)
+    probe = hidden(run.outputs[blocks[0].key])
+    per_row = row_bytes(model, length, kept, size_hidden, run.logits.shape[-1], probe.dtype)
+    cells_per_layer = len(named) * len(scale_list)
+    size = choose_batch_size(batch_size, memory_budget, per_row, cells_per_layer)
+    mask = torch.zeros(length, 1, dtype=probe.dtype)
+    mask[position_list] = 1
+
+    groups = []
+    names = list(named)
+    for l, (layer, block) in enumerate(zip(layer_list, blocks)):
+        output = run.outputs[block.key]
+        base = hidden(output)
+        deltas = {name: (v[layer] if v.dim() == 2 else v).to(base.dtype) * mask
+                  for name, v in named.items()}
+
+        def skips(rows, cells, block=block, output=output, base=base, deltas=deltas):
+            steered = torch.stack([base[0] + scale * deltas[name] for name, scale in cells])
+            return [(block, with_hidden(output, steered, rows))]
+
+        cells = [(name, scale) for name in names for scale in scale_list]
+        indices = [(v, l, s) for v in range(len(names)) for s in range(len(scale_list))]
+        groups.append(Group(f"layer {layer}", cells, indices, skips))
+    sweep = Sweep(model, ids, metric, run_kwargs, options, run.output_kind, size, progress,
+                  "steering sweep")
+    values = torch.zeros(len(names), len(layer_list), len(scale_list))
+    sweep.run(groups, values)
+    values -= baseline
+    return PatchingResult(
+        values, ("vector", "layer", "scale"),
+        {"vector": names, "layer": layer_list, "scale": scale_list},
+        baseline=baseline, tokens=token_labels(model, ids), method="steering sweep",
+        info=dict(batch_size=size, traces=sweep.traces + 1, cells=values.numel(),
+                  backend=_backend(sweep, run), seconds=time.perf_counter() - start,
+                  graph_module=getattr(sweep.last_tracer, "graph_module", None)))
+
+
+def _named_vectors(vectors: Any, n_layers: int) -> dict[str, torch.Tensor]:
+    if isinstance(vectors, dict):
+        named = {str(k): torch.as_tensor(v) for k, v in vectors.items()}
+    elif isinstance(vectors, torch.Tensor) and vectors.dim() == 1:
+        named = {"vector": vectors}
+    elif isinstance(vectors, torch.Tensor) and vectors.dim() == 2:
+        named = {str(i): v for i, v in enumerate(vectors)}
+    elif isinstance(vectors, (list, tuple)):
+        named = {str(i): torch.as_tensor(v) for i, v in enumerate(vectors)}
+    else:
+        raise TypeError(f"vectors must be a tensor, a list or a dict of tensors, not "
+                        f"{type(vectors).__name__}")
+    if not named:
+        raise ValueError("no steering vectors given")
+    for name, vector in named.items():
+        if vector.dim() == 2 and vector.shape[0] != n_layers:
+            raise ValueError(f"vector {name!r} has shape {tuple(vector.shape)}: a per-layer "
+                             f"vector needs one row per layer ({n_layers})")
+        if vector.dim() not in (1, 2):
+            raise ValueError(f"vector {name!r} has shape {tuple(vector.shape)}")
+    return {name: v.detach() for name, v in named.items()}
+
+
+# --- attribution patching ------------------------------------------------------------------
+def block_envoys(model: Envoy) -> list[Envoy]:
+    """The model's main stack of blocks: the longest ModuleList in it."""
+    return find_layout(model).blocks
+
+
+def attribution(model: Envoy, clean: Any, corrupted: Any,
+                metric: Callable[[Any], Any], sites: Sequence[Envoy] | Sequence[str] | None = None,
+                **trace_kwargs) -> PatchingResult:
+    """Attribution patching of each site's output at every position, in one trace.
+
+    ``metric`` receives the corrupted run's logits (as a traced value; the model's output
+    when it is a tensor, else its ``.logits``) and returns a scalar to differentiate, as in
+    :func:`activation_patching`: ``lambda logits: logits[:, -1, a] - logits[:, -1, b]``.
+
+    ``sites``: site kinds (``["resid", "attn", "mlp"]``: scores with ``dims ==
+    ("site", "layer", "position")``, comparable cell by cell with
+    :func:`activation_patching`), or modules (envoys; scores with ``dims == ("site",
+    "position")`` and module paths as sites). By default, the blocks' outputs (the residual
+    stream), as modules. Module outputs must be tensors or tuples whose first item is the
+    hidden state.
+    """
+    kinds = None
+    if sites is not None and not isinstance(sites, str) and \
+            all(isinstance(s, str) for s in sites):
+        kinds = check_kinds(sites)
+        layout = find_layout(model)
+        targets = [_attribution_target(layout, kind, layer) for kind in kinds
+                   for layer in range(layout.n_layers)]
+    else:
+        targets = [Target(site) for site in
+                   (list(sites) if sites is not None else block_envoys(model))]
+    with torch.enable_grad(), model.trace(**trace_kwargs) as tracer:
+        with tracer.invoke(clean):
+            clean_acts = [_hidden(t.read()).detach().save() for t in targets]
+        with tracer.invoke(corrupted):
+            corrupt_acts = [_hidden(t.read()).detach().save() for t in targets]
+            grads = [_hidden(t.read()).grad.save() for t in targets]
+            score = metric(_logits(model.output)).sum()
+            baseline = [score.detach().save()]
+            score.backward()
+    values = torch.stack([((c - k) * g).sum(-1).sum(0) for c, k, g
+                          in zip(clean_acts, corrupt_acts, grads)]).detach()
+    positions = list(range(values.shape[1]))
+    baseline_value = float(baseline[0]) if isinstance(baseline[0], torch.Tensor) else None
+    if kinds is not None:
+        n_layers = len(targets) // len(kinds)
+        values = values.reshape(len(kinds), n_layers, -1)
+        return PatchingResult(values, ("site", "layer", "position"),
+                              {"site": kinds, "layer": list(range(n_layers)),
+                               "position": positions},
+                              baseline=baseline_value, method="attribution patching")
+    return PatchingResult(values, ("site", "position"),
+                          {"site": [t.envoy.path for t in targets], "position": positions},
+                          baseline=baseline_value, method="attribution patching")
+
+
+def _attribution_target(layout, kind: str, layer: int) -> Target:
+    if kind == "resid_pre":
+        return Target(layout.blocks[layer], "input")
+    return Target(layout.site(kind, layer))
+
+
+def _logits(output):
+    """The logits of a traced model output: the output itself if it is a tensor."""
+    try:
+        output.shape
+        return output
+    except TraceError:
+        return output.logits
+
+
+def _hidden(value):
+    """The hidden state of a block's output (item 0 of a tuple output)."""
+    try:
+        value.shape
+        return value
+    except TraceError:
+        return value[0]
+
+
