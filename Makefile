@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m fxsight.experiments.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --doctest-modules tests fxsight
 
 bench: $(STAMP)
 	$(PY) -m perf

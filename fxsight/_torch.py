@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
            "is_op_overload", "entry_point", "is_unused_random", "compile_backend",
            "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
-           "global_forward_hooks", "TreeSpec"]
+           "global_forward_hooks", "TreeSpec", "uncompiled", "plain_pickling"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -84,6 +84,20 @@ def rename_node(node: fx.Node, name: str) -> None:
     """Give a graph node a new (unique) name: ``Node._rename`` keeps the graph's namespace
     consistent, which assigning ``node.name`` does not (checked 2.13)."""
     node._rename(name)
+
+
+def uncompiled(module: Any) -> Any:
+    """The module a ``torch.compile``d one wraps (``OptimizedModule._orig_mod``, checked
+    2.11-2.14); ``module`` itself otherwise."""
+    while isinstance(module, OptimizedModule):
+        module = module._orig_mod
+    return module
+
+
+def plain_pickling(graph: fx.Graph) -> None:
+    """Make a GraphModule of ``graph`` unpickle by re-tracing its code with plain fx, not
+    with the tracer that built it (``Graph._tracer_cls``/``_tracer_extras``; checked 2.13)."""
+    graph._tracer_cls, graph._tracer_extras = None, {}
 
 
 def global_forward_hooks() -> tuple[tuple, tuple]:

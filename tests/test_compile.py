@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fxsight
+from fxsight.run.options import RunOptions
 from fxsight import NNsight
 from models import mlp, tiny_gpt2
 
@@ -109,7 +110,7 @@ class _defaults:
     """Set a wrapper's default backend / compile for the programs above."""
 
     def __init__(self, net, backend="auto", compile=None):
-        self.net, self.values = net, dict(_backend=backend, _compile=compile)
+        self.net, self.values = net, dict(_options=RunOptions.of(backend, compile))
 
     def __enter__(self):
         self.old = {k: getattr(self.net, k) for k in self.values}

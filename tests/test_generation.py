@@ -331,3 +331,43 @@ def test_generator_output_outside_generate(models, tokenizer):
     with pytest.raises(fxsight.TraceError, match="generate"):
         with lm.trace(PROMPTS[0]):
             lm.generator.output.save()
+
+
+def _generate_with_block_skipped(model, tokenizer, prompt, calls, **options):
+    """``model.generate`` with block 1 replaced by the identity at the model calls (decoding
+    steps) in ``calls`` (``None``: every step), by hand."""
+    block = model.transformer.h[1]
+    original = block.forward
+    seen = [-1]
+
+    def forward(hidden_states, *args, **kwargs):
+        seen[0] += 1
+        if calls is None or seen[0] in calls:
+            return hidden_states
+        return original(hidden_states, *args, **kwargs)
+
+    block.forward = forward
+    try:
+        return model.generate(**tokenizer([prompt], return_tensors="pt"), **options)
+    finally:
+        del block.forward
+
+
+def test_skip_as_the_last_line_of_all_skips_the_module_at_every_step(tokenizer):
+    """``module.skip(v)`` as the last line of ``tracer.all()`` belongs to every decoding
+    step (its scope is set when it is recorded), not to the first step only."""
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # large weights: each block changes the tokens
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    options = dict(max_new_tokens=8, do_sample=False)
+    every_step = _generate_with_block_skipped(model, tokenizer, PROMPTS[0], None, **options)
+    first_only = _generate_with_block_skipped(model, tokenizer, PROMPTS[0], {0}, **options)
+    assert not torch.equal(every_step, first_only)  # the model tells the two apart
+    with lm.generate(PROMPTS[0], backend="fx", **options) as tracer:
+        with tracer.all():
+            lm.transformer.h[1].skip(lm.transformer.h[1].input)
+        tokens = lm.generator.output.save()
+    assert torch.equal(tokens, every_step)

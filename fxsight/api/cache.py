@@ -16,16 +16,16 @@ modules shorter names (``rename={"transformer.h": "layers"}`` or, equivalently,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
-import torch.utils._pytree as pytree
 
+from .._torch import pytree
 from ..errors import TraceError, at_line, user_line
+from ..record.program import Program
+from ..record.scope import Scope
 from ..record.sites import INPUT, OUTPUT, Site
-
-if TYPE_CHECKING:
-    from ..record.program import Program
+from .envoy import Envoy
 
 ROOT = "model"
 
@@ -258,7 +258,7 @@ class CacheRequest:
     def __init__(self, model: Any, modules: Any, device: torch.device | None,
                  dtype: torch.dtype | None, detach: bool, include_output: bool,
                  include_inputs: bool, rename: dict | None, alias: dict | None,
-                 invoke: int | None):
+                 scope: Scope):
         self.line = user_line()
         self.paths = None if modules is None else self._resolve(model, modules)
         self.device = torch.device(device) if isinstance(device, str) else device
@@ -266,12 +266,11 @@ class CacheRequest:
         self.detach = bool(detach)
         self.include_output = include_output
         self.include_inputs = include_inputs
-        self.invoke = invoke
+        self.scope = scope
         self.cache = CacheDict(rename=rename, alias=alias)
         self.nodes: list[tuple[Site, Any, Any]] = []  # (site, node, layout of the value)
 
     def _resolve(self, model: Any, modules: Any) -> list[str]:
-        from ..api.envoy import Envoy
         if isinstance(modules, (str, Envoy)):
             modules = [modules]
         known = {path for path, _ in model._module.named_modules()}
@@ -297,7 +296,7 @@ class CacheRequest:
                 paths.append(path)
         return paths
 
-    def record(self, program: "Program", source: Any) -> None:
+    def record(self, program: Program, source: Any) -> None:
         """Add a read + conversion + save per cached site (in forward order). ``source``
         (a capture or a scan) says which sites run and how their values are laid out."""
         index = source.index
@@ -317,10 +316,10 @@ class CacheRequest:
         needs_convert = self.detach or self.device is not None or self.dtype is not None
         for site in sites:
             accessor = "inputs" if site.kind == INPUT else "output"
-            node = program.read(site, accessor, self.invoke, self.line)
+            node = program.read(site, accessor, self.scope, self.line)
             if needs_convert:
                 node = program.op("call_function", convert, (node, *convert_args), {},
-                                  self.invoke, self.line)
+                                  self.scope, self.line)
             program.save(node)
             spec = pytree.tree_flatten(source.meta_value(site))[1]
             self.nodes.append((site, node, spec))

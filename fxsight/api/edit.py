@@ -14,41 +14,43 @@ without fxsight.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
-from ..capture.export import _DROPPED_TARGETS, cached_capture
+from .._torch import plain_pickling, pytree, pytree_codegen
+from ..capture.export import cached_capture, strip_export_checks
 from ..errors import TraceError, at_line
-from ..record.program import Program
+from ..record.program import Kind, Node, Program
+from ..record.scope import Scope
+from ..run.options import RunOptions
 from ..splice.rows import Rows
 from ..splice.splice import splice
-from ..api.tracer import Tracer
 from ..splice.walker import MetaWalker
+from .tracer import Tracer
 
-if TYPE_CHECKING:
-    from ..api.nnsight import NNsight
+# (``model`` below is an NNsight wrapper: fxsight.api.nnsight imports this module)
 
 
-def edits_of(model: "NNsight") -> list[Program]:
+def edits_of(model: Any) -> list[Program]:
     """The edit Programs of a wrapper (oldest first)."""
     return model.__dict__.setdefault("_edits", [])
 
 
-def seed(program: Program, edits: list[Program]) -> None:
-    """Copy the nodes of ``edits`` (in order) into ``program``, which must be empty."""
+def seed(program: Program, edits: list[Program], scope: Scope | None = None) -> None:
+    """Copy the nodes of ``edits`` (in order) into ``program`` (in ``scope``, or each
+    node's own)."""
     for edit in edits:
-        env: dict[fx.Node, fx.Node] = {}
+        env: dict[Node, Node] = {}
         for node in edit.nodes:
-            if node.meta["kind"] == "input":
-                env[node] = program.input(edit.input_values[node.meta["index"]])
+            if node.kind is Kind.INPUT:
+                env[node] = program.input(edit.input_values[node.input_index])
             else:
-                env[node] = program.copy(node, env.__getitem__)
+                env[node] = program.copy(node, env.__getitem__, scope)
 
 
-def edited_copy(model: "NNsight") -> "NNsight":
+def edited_copy(model: Any) -> Any:
     """A new wrapper around the same module, with a copy of ``model``'s edit list."""
     new = copy.copy(model)
     object.__setattr__(new, "_root", new)
@@ -64,12 +66,13 @@ class EditTracer(Tracer):
     ``edited``. With inputs, shapes are known inside the block and the edit is validated
     against them at its end."""
 
-    def __init__(self, model: "NNsight", args: tuple, kwargs: dict, inplace: bool = False):
-        super().__init__(model, args, kwargs)
+    def __init__(self, model: Any, args: tuple, kwargs: dict, options: RunOptions,
+                 inplace: bool = False):
+        super().__init__(model, args, kwargs, options)
         self.edited = model if inplace else edited_copy(model)
         self._also = self.edited  # current_tracer(edited) finds this tracer too
 
-    def __enter__(self) -> "NNsight":
+    def __enter__(self) -> Any:
         super().__enter__()
         return self.edited
 
@@ -79,28 +82,27 @@ class EditTracer(Tracer):
             raise TraceError(at_line(
                 "an edit cannot save values: it has no results of its own (a saved value "
                 "would never be bound); save it in a trace of the edited model instead",
-                program.saves[0].meta.get("line")))
-        if getattr(self, "_cache_requests", None):
+                program.saves[0].line))
+        if self._cache_requests:
             raise TraceError(at_line("tracer.cache() has no meaning in an edit; call it in "
                                      "a trace of the edited model",
                                      self._cache_requests[0].line))
-        if getattr(self, "_stop_line", None):
+        if self._stop_line is not None:
             raise TraceError(at_line("tracer.stop() has no meaning in an edit",
                                      self._stop_line))
-        for node in program.nodes:  # an edit applies to every row of a later batch
-            if "invoke" in node.meta:
-                node.meta["invoke"] = None
+        edit = Program()  # an edit applies to every row of a later batch
+        seed(edit, [program], Scope())
         if self.invokes:
             args, kwargs, rows = self._batched()
             whole = Program()
-            seed(whole, [*edits_of(self.model), program])
+            seed(whole, [*edits_of(self.model), edit])
             MetaWalker(whole, rows, self._metadata_source(args, kwargs)).run()
-        if not program.is_empty():
-            edits_of(self.edited).append(program)
+        if not edit.is_empty():
+            edits_of(self.edited).append(edit)
         self.backend = "edit"
 
 
-def export(model: "NNsight", args: tuple, kwargs: dict) -> fx.GraphModule:
+def export(model: Any, args: tuple, kwargs: dict) -> fx.GraphModule:
     """The edited model for these example inputs as a self-contained GraphModule."""
     prepared = model._prepare_invoke(args, kwargs, None)
     args, kwargs = model._batch_inputs([prepared])
@@ -118,22 +120,17 @@ def export(model: "NNsight", args: tuple, kwargs: dict) -> fx.GraphModule:
     _bake_program_inputs(gm, len(flat_inputs), program.input_values)
 
     exported = torch.export.export(gm, tuple(flat_inputs), strict=False).module()
+    strip_export_checks(exported)
     graph = exported.graph
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            graph.erase_node(node)
-        elif node.op == "call_function" and node.target in _DROPPED_TARGETS:
-            graph.erase_node(node)
     output = next(n for n in graph.nodes if n.op == "output")
     flat_out = list(output.args[0])
     plan = spliced.model_output
     leaves = [flat_out[v] if kind == "out" else v for kind, v in plan.leaves]
     output.args = (tuple(leaves),)
     names = [n.name for n in graph.nodes if n.op == "placeholder"]
-    graph._codegen = fx.graph._PyTreeCodeGen(
-        fx.graph._PyTreeInfo(names, captured.in_spec, _plain_spec(plan.spec)))
+    pytree_codegen(graph, names, captured.in_spec, _plain_spec(plan.spec))
     graph.eliminate_dead_code()
-    graph._tracer_cls, graph._tracer_extras = None, {}  # unpickling retraces with plain fx
+    plain_pickling(graph)  # unpickling retraces with plain fx
     result = fx.GraphModule(exported, graph, class_name="EditedModel")
     result.train(module.training)
     return result

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 
-from ..record.active import current_tracer
 from ..errors import TraceError, at_line, user_line
+from ..record.active import current_tracer
+from ..record.program import ModuleCall
+from ..record.proxy import Proxy
+from ..record.recorder import Recorder
 from ..record.sites import INPUT, OUTPUT, Site, module_label
-
-if TYPE_CHECKING:
-    from ..api.nnsight import NNsight
-    from ..record.proxy import Proxy
 
 
 class Envoy:
@@ -21,7 +19,9 @@ class Envoy:
     assigned, overwrite) its activations inside a trace; other attributes fall through to
     the real module; submodules are envoys too."""
 
-    def __init__(self, module: torch.nn.Module, path: str, root: "NNsight | None" = None):
+    _is_envoy = True  # (recorders refuse an envoy where a value is expected)
+
+    def __init__(self, module: torch.nn.Module, path: str, root: "Envoy | None" = None):
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_root", root if root is not None else self)
@@ -96,78 +96,83 @@ class Envoy:
         return self._path
 
     # --- activations ---------------------------------------------------------------------
-    def _tracer(self, what: str):
+    def _recorder(self, what: str) -> Recorder:
         tracer = current_tracer(self._root)
         if tracer is None:
             raise TraceError(at_line(
                 f"{module_label(self._path)}.{what} is only available inside a trace "
                 f"(`with model.trace(...):`)", user_line()))
-        return tracer
+        return tracer.recorder
 
     def _site(self, kind: str) -> Site:
         return Site(self._path, kind, self._call)
 
     @property
-    def output(self) -> "Proxy":
-        """The module's output (a proxy inside a trace); assign to replace it."""
-        return self._tracer("output")._read(self._site(OUTPUT), "output")
+    def output(self) -> Proxy:
+        """The module's output (a proxy inside a trace); assign to replace it.
+
+        >>> import torch, fxsight
+        >>> net = fxsight.NNsight(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1)))
+        >>> with net.trace(torch.ones(4, 2)):
+        ...     h = net[0].output.save()
+        ...     net[0].output = h * 0  # the second layer now sees zeros
+        ...     out = net.output.save()
+        >>> h.shape, torch.equal(out, net[1].bias.expand(4, 1))
+        (torch.Size([4, 3]), True)
+        """
+        return self._recorder("output").create_read(self._site(OUTPUT), "output")
 
     @output.setter
     def output(self, value: Any) -> None:
-        self._tracer("output")._write(self._site(OUTPUT), "output", value)
+        self._recorder("output").create_write(self._site(OUTPUT), "output", value)
 
     @property
-    def inputs(self) -> "Proxy":
+    def inputs(self) -> Proxy:
         """The module's inputs as ``(args, kwargs)``; assign to replace them."""
-        return self._tracer("inputs")._read(self._site(INPUT), "inputs")
+        return self._recorder("inputs").create_read(self._site(INPUT), "inputs")
 
     @inputs.setter
     def inputs(self, value: Any) -> None:
-        self._tracer("inputs")._write(self._site(INPUT), "inputs", value)
+        self._recorder("inputs").create_write(self._site(INPUT), "inputs", value)
 
     @property
-    def input(self) -> "Proxy":
-        """The module's first input (first positional argument, else first keyword one)."""
-        return self._tracer("input")._read(self._site(INPUT), "input")
+    def input(self) -> Proxy:
+        """The module's first input (first positional argument, else first keyword one).
+
+        >>> import torch, fxsight
+        >>> net = fxsight.NNsight(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+        >>> with net.trace(torch.ones(1, 2)):
+        ...     net[1].input = torch.tensor([[-1.0, 5.0]])
+        ...     out = net.output.save()
+        >>> out.tolist()
+        [[0.0, 5.0]]
+        """
+        return self._recorder("input").create_read(self._site(INPUT), "input")
 
     @input.setter
     def input(self, value: Any) -> None:
-        self._tracer("input")._write(self._site(INPUT), "input", value)
+        self._recorder("input").create_write(self._site(INPUT), "input", value)
 
     def skip(self, value: Any) -> None:
         """Replace this module's computation with ``value`` (shaped like its output): the
-        module does not run, and nothing inside it may be read or written."""
-        self._tracer("skip")._skip(self._site(OUTPUT), value)
+        module does not run, and nothing inside it may be read or written.
+
+        >>> import torch, fxsight
+        >>> net = fxsight.NNsight(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh()))
+        >>> with net.trace(torch.ones(1, 2)):
+        ...     net[0].skip(torch.zeros(1, 2))
+        ...     out = net.output.save()
+        >>> out.tolist()
+        [[0.0, 0.0]]
+        """
+        self._recorder("skip").create_skip(self._site(OUTPUT), value)
 
     def __call__(self, *args, **kwargs) -> Any:
         """Inside a trace, apply this module to traced values (e.g. the logit lens);
         outside, call the module."""
-        from ..record.proxy import Proxy
         tracer = current_tracer(self._root)
         traced = any(isinstance(a, Proxy) for a in (*args, *kwargs.values()))
         if tracer is None or not traced:
             return self._module(*args, **kwargs)
-        return tracer._record("call_function", ModuleCall(self._module, self._path),
-                              args, kwargs)
-
-
-class ModuleCall:
-    """A module applied to traced values, as a graph node target."""
-
-    def __init__(self, module: torch.nn.Module, path: str):
-        self.module = module
-        self.__name__ = (path or "model").replace(".", "_")
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def device(self) -> torch.device:
-        tensors = itertools.chain(self.module.parameters(), self.module.buffers())
-        first = next(tensors, None)
-        return first.device if first is not None else torch.device("cpu")
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ModuleCall) and other.module is self.module
-
-    def __hash__(self) -> int:
-        return hash(id(self.module))
+        return tracer.recorder.create_op("call_function", ModuleCall(self._module, self._path),
+                                         args, kwargs)

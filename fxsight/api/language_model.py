@@ -40,8 +40,12 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
+from ..capture import export as capture
+from ..capture import scan
 from ..errors import TraceError, at_line, user_line
-from ..api.nnsight import NNsight
+from ..run import executable as runner
+from .generation import Generator, GeneratorEnvoy
+from .nnsight import NNsight
 
 # keys of a dict input that are not forwarded as they come but re-laid out with the rows
 _PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 1}
@@ -127,16 +131,26 @@ class LanguageModel(NNsight):
 
         On the fx backend every step runs as a rewritten graph; ``compile=True`` (or a
         dict of ``torch.compile`` options) compiles the first step and the decoding step
-        once each, for every later step and sequence length."""
-        from ..api.generation import Generator
+        once each, for every later step and sequence length.
+
+        >>> import torch
+        >>> from fxsight.experiments import demo
+        >>> lm = demo.load()
+        >>> with lm.generate("a3 f8 c", max_new_tokens=3, do_sample=False) as tracer:
+        ...     with tracer.all():  # every decoding step
+        ...         lm.transformer.h[1].output[:, -1] += torch.ones(64)
+        ...         last = lm.transformer.h[1].output[:, -1].save()
+        ...     tokens = lm.generator.output.save()
+        >>> len(last), tokens.shape[1] - len(lm.tokenizer("a3 f8 c")["input_ids"])
+        (3, 3)
+        """
         self.dispatch_model()
-        return Generator(self, inputs, kwargs, backend=backend or self._backend,
-                         compile=compile)
+        return Generator(self, inputs, kwargs,
+                         self._run_options(backend, compile, prune=False))
 
     @property
     def generator(self):
         """``lm.generator.output``: the generated token ids, inside ``lm.generate(...)``."""
-        from ..api.generation import GeneratorEnvoy
         return GeneratorEnvoy(self)
 
     def to(self, *args, **kwargs) -> "LanguageModel":
@@ -383,7 +397,7 @@ class TokenIndexer:
         token to the end, for the rows the proxy holds."""
         tracer = self.tracer
         node = self.proxy._node
-        invoke = node.meta["invoke"] if "invoke" in node.meta else tracer._invoke
+        invoke = node.invoke
         invokes = tracer.invokes if invoke is None else [tracer.invokes[invoke]]
         if not invokes:
             raise TraceError(at_line("token indexing needs an input: the trace has none yet",
@@ -420,7 +434,7 @@ class TokenIndexer:
                         f"which has {span} tokens", line))
             negative = [index % span - span for span in spans]
         if whole:
-            self.tracer._record("call_function", check_token_rows,
+            self.tracer.recorder.create_op("call_function", check_token_rows,
                                 (self.proxy, len(spans)), {})
         if all(n == negative[0] for n in negative):  # every row at the same place: a view
             return (slice(None), _static_key(negative[0]))
@@ -612,9 +626,6 @@ def _refresh_envoys(envoy: Any, root: torch.nn.Module) -> None:
 
 def _forget(module: torch.nn.Module) -> None:
     """Drop the engine's caches of a module that has been replaced."""
-    from ..capture import export as capture
-    from ..run import executable as runner
-    from ..capture import scan
     capture.forget(module)
     runner.forget(module)
     getattr(scan, "_CACHE", {}).pop(module, None)

@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 
+from .._torch import OptimizedModule, pytree, uncompiled
 from ..capture.export import flat_inputs
-from ..api.envoy import Envoy
 from ..errors import TraceError, at_line, user_line
+from ..run.options import CompileOptions, RunOptions
+from .edit import EditTracer, export, seed
+from .envoy import Envoy
+from .tracer import ScanTracer, Tracer
 
 
 _PLAIN_VALUES = frozenset({bool, int, float, str, type(None)})
@@ -19,7 +22,18 @@ class NNsight(Envoy):
     """Wrap ``module`` for tracing: ``with NNsight(module).trace(x) as tracer: ...``.
 
     ``backend`` (``"auto"``, ``"fx"`` or ``"hooks"``) and ``compile`` set the defaults of
-    every trace of this wrapper.
+    every trace of this wrapper. Printing it shows the module tree; attributes fall through
+    to the module; ``model.layers[3]`` indexes module lists.
+
+    >>> import torch, fxsight
+    >>> net = fxsight.NNsight(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    >>> net[0].out_features
+    4
+    >>> with net.trace(torch.randn(2, 4)):
+    ...     net[0].output[:] = -1.0  # every pre-activation negative...
+    ...     out = net.output.save()
+    >>> out.abs().sum().item()  # ...so the ReLU gives zeros
+    0.0
     """
 
     _token_indexing = False
@@ -30,51 +44,81 @@ class NNsight(Envoy):
             raise TypeError(f"NNsight wraps a torch.nn.Module, not {type(module).__name__}")
         module, compile = _uncompiled(module, compile)
         super().__init__(module, "")
-        object.__setattr__(self, "_backend", backend)
-        object.__setattr__(self, "_compile", compile)
+        object.__setattr__(self, "_options", RunOptions.of(backend, compile))
         object.__setattr__(self, "_fallback_warned", set())
         object.__setattr__(self, "_edits", [])  # Programs of model.edit(), oldest first
 
+    def _run_options(self, backend: str | None, compile: Any, prune: bool = True) -> RunOptions:
+        """A trace's options: its own where given, else this wrapper's."""
+        defaults = self._options
+        return RunOptions(backend or defaults.backend,
+                          defaults.compile if compile is None else CompileOptions.of(compile),
+                          prune)
+
     # --- entry points ----------------------------------------------------------------------
     def trace(self, *args, trace: bool = True, backend: str | None = None,
-              compile: Any = None, prune: bool = True, **kwargs):
-        """Open a trace over ``self(*args, **kwargs)``; with ``trace=False`` just run it."""
-        Tracer = _tracer_class()
+              compile: Any = None, prune: bool = True, **kwargs) -> Any:
+        """Open a trace over ``self(*args, **kwargs)``; with ``trace=False`` just run it.
+
+        ``backend``: ``"auto"`` (fx, or hooks where the model cannot be captured), ``"fx"``
+        or ``"hooks"``; ``compile``: ``True`` or a dict of ``torch.compile`` options;
+        ``prune=False`` computes the model's output even where no saved value needs it.
+
+        >>> import torch, fxsight
+        >>> net = fxsight.NNsight(torch.nn.Linear(2, 2))
+        >>> with net.trace(torch.ones(1, 2)):
+        ...     net.output = net.output * 0 + 7
+        ...     seven = net.output.save()
+        >>> seven.tolist()
+        [[7.0, 7.0]]
+        >>> net.trace(torch.ones(1, 2), trace=False).shape  # a plain forward
+        torch.Size([1, 2])
+        """
+        options = self._run_options(backend, compile, prune)
         if not trace:
-            if self.__dict__.get("_edits"):  # an edited model runs with its edits
-                with Tracer(self, args, kwargs, backend=backend or self._backend,
-                            compile=compile) as tracer:
-                    from ..api.edit import seed
+            if self._edits:  # an edited model runs with its edits
+                with Tracer(self, args, kwargs, options) as tracer:
                     seed(tracer.program, self._edits)
                 return tracer.result
             prepared = self._prepare_invoke(args, kwargs, None)
             self._before_run()
             return self._module(*prepared[0], **prepared[1])
-        tracer = Tracer(self, args, kwargs, backend=backend or self._backend,
-                        compile=compile, prune=prune)
-        if self.__dict__.get("_edits"):
-            from ..api.edit import seed
-            seed(tracer.program, self._edits)
+        tracer = Tracer(self, args, kwargs, options)
+        seed(tracer.program, self._edits)
         return tracer
 
-    def scan(self, *args, **kwargs):
+    def scan(self, *args, **kwargs) -> ScanTracer:
         """``with model.scan(inputs):`` -- nothing runs for real: shapes and dtypes of
         every module's inputs and outputs are known inside, interventions are checked
-        (shape errors raise) and saved values are bound to meta tensors."""
-        from ..api.tracer import ScanTracer
+        (shape errors raise) and saved values are bound to meta tensors.
+
+        >>> import torch, fxsight
+        >>> net = fxsight.NNsight(torch.nn.Linear(3, 5))
+        >>> with net.scan(torch.ones(7, 3)):
+        ...     shape = net.output.shape
+        >>> shape
+        torch.Size([7, 5])
+        """
         tracer = ScanTracer(self, args, kwargs)
-        if self.__dict__.get("_edits"):
-            from ..api.edit import seed
-            seed(tracer.program, self._edits)
+        seed(tracer.program, self._edits)
         return tracer
 
-    def edit(self, *args, inplace: bool = False, **kwargs):
+    def edit(self, *args, inplace: bool = False, **kwargs) -> EditTracer:
         """``with model.edit() as edited:`` -- the interventions recorded in the block are
         applied first in every later trace of ``edited`` (a new wrapper of the same module;
         ``model`` is unchanged), or of ``model`` itself with ``inplace=True``. Inputs are
-        optional (they make shapes known inside the block and validate the edit)."""
-        from ..api.edit import EditTracer
-        return EditTracer(self, args, kwargs, inplace=inplace)
+        optional (they make shapes known inside the block and validate the edit).
+
+        >>> import torch, fxsight
+        >>> net = fxsight.NNsight(torch.nn.Linear(2, 2))
+        >>> with net.edit() as edited:
+        ...     net.output[:] = 0
+        >>> edited.trace(torch.ones(1, 2), trace=False).tolist()
+        [[0.0, 0.0]]
+        >>> net.trace(torch.ones(1, 2), trace=False).abs().sum().item() > 0  # unchanged
+        True
+        """
+        return EditTracer(self, args, kwargs, self._run_options(None, None), inplace=inplace)
 
     def clear_edits(self) -> None:
         """Forget every edit of this wrapper (``model.edit(inplace=True)``)."""
@@ -83,8 +127,16 @@ class NNsight(Envoy):
     def export(self, *args, **kwargs) -> torch.nn.Module:
         """The model with its edits as a plain ``torch.fx.GraphModule`` for these example
         inputs: it runs, saves (``torch.save``) and exports (``torch.export``) without
-        fxsight, and is called like the model with inputs of the same shapes."""
-        from ..api.edit import export
+        fxsight, and is called like the model with inputs of the same shapes.
+
+        >>> import torch, fxsight
+        >>> net = fxsight.NNsight(torch.nn.Linear(2, 2))
+        >>> with net.edit(inplace=True):
+        ...     net.output[:] = 1
+        >>> plain = net.export(torch.zeros(3, 2))
+        >>> type(plain).__name__, plain(torch.zeros(3, 2)).tolist()
+        ('EditedModel', [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+        """
         return export(self, args, kwargs)
 
     def to(self, *args, **kwargs) -> "NNsight":
@@ -145,10 +197,8 @@ def _uncompiled(module: torch.nn.Module, compile: Any) -> tuple[torch.nn.Module,
     told otherwise): hooks added to a compiled module are silently ignored, and fxsight
     compiles the rewritten graph itself. A compiled *submodule* cannot be unwrapped
     without changing the user's model: it is refused."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    while isinstance(module, OptimizedModule):
-        module = module._orig_mod
+    if isinstance(module, OptimizedModule):
+        module = uncompiled(module)
         compile = True if compile is None else compile
     for path, sub in module.named_modules():
         if isinstance(sub, OptimizedModule):
@@ -185,15 +235,3 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return leaf.shape[0]
     return None
-
-
-def _tracer_class() -> type:
-    """``fxsight.tracer.Tracer`` (imported on first use: the tracer imports this module)."""
-    global _TRACER
-    if _TRACER is None:
-        from ..api.tracer import Tracer
-        _TRACER = Tracer
-    return _TRACER
-
-
-_TRACER: type | None = None

@@ -1,35 +1,32 @@
-"""The trace context: records a Program, runs it on the chosen backend, binds the results."""
+"""The trace context: ``with model.trace(inputs) as tracer:``.
+
+It is thin: a :class:`~fxsight.record.recorder.Recorder` turns the block's lines into a
+Program, :func:`~fxsight.run.forward.run_program` runs it when the block ends, and the
+caller's names for saved values are bound to the results.
+"""
 
 from __future__ import annotations
 
 import sys
-import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
-from ..stats import bump
-from ..record.active import active_tracers
 from ..bind import bind_frame
-from ..capture.export import CaptureError, cached_capture, flat_inputs, signature
-from ..errors import TraceError, at_line, user_line, user_stacklevel
-from ..run.hooks import run_with_hooks
-from ..record.program import Node, Program, setitem
-from ..splice.gradients import GRAD, GRAD_WRITE, BackwardPhase, backward_phase, forward_exports
-from ..record.proxy import Proxy, from_where
-from ..splice.rows import Rows
-from ..run.executable import normalize_options, runner_for
-from ..capture.scan import cached_scan
+from ..errors import TraceError, at_line, user_line
+from ..record.active import active_tracers
+from ..record.program import Kind, Node
+from ..record.proxy import Proxy
+from ..record.recorder import Recorder
+from ..record.scope import Scope
 from ..record.sites import OUTPUT, Site
-from ..splice.walker import MetaWalker
-
-if TYPE_CHECKING:
-    from ..api.nnsight import NNsight
-
-BACKENDS = ("auto", "fx", "hooks")
-_PLAIN_ARGS = frozenset({int, float, bool, str, type(None), type(Ellipsis)})
+from ..run.forward import metadata_source, run_program
+from ..run.options import RunOptions
+from ..splice.rows import Rows
+from ..splice.walker import MetaWalker, UnknownMeta
+from ..stats import bump
+from .cache import CacheRequest
 
 
 class Invoke:
@@ -41,15 +38,36 @@ class Invoke:
         self.args = args
         self.kwargs = kwargs
         self.prepared: tuple[tuple, dict, int] | None = None
+        self._previous: Scope | None = None
 
     def __enter__(self) -> "Invoke":
-        if self.tracer._invoke is not None:
+        recorder = self.tracer.recorder
+        if recorder.scope.invoke is not None:
             raise TraceError(at_line("invokes cannot be nested", user_line()))
-        self.tracer._invoke = self.index
+        self._previous = recorder.scope
+        recorder.scope = recorder.scope._replace(invoke=self.index)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self.tracer._invoke = None
+        self.tracer.recorder.scope = self._previous
+        return False
+
+
+class WholeBatch:
+    """``tracer.invoke()`` with no input: the block sees the whole batch."""
+
+    def __init__(self, tracer: "Tracer"):
+        self.tracer = tracer
+        self._previous: Scope | None = None
+
+    def __enter__(self) -> "WholeBatch":
+        recorder = self.tracer.recorder
+        self._previous = recorder.scope
+        recorder.scope = recorder.scope._replace(invoke=None)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.tracer.recorder.scope = self._previous
         return False
 
 
@@ -66,7 +84,7 @@ class Barrier:
         self.line = user_line()
 
     def __call__(self) -> None:
-        self.arrived.add(self.tracer._invoke)
+        self.arrived.add(self.tracer.recorder.scope.invoke)
 
     def check(self) -> None:
         if self.arrived and len(self.arrived) != self.participants:
@@ -79,42 +97,49 @@ class Barrier:
 
 
 class Tracer:
-    """``with model.trace(inputs) as tracer:`` records interventions; they run on exit."""
+    """``with model.trace(inputs) as tracer:`` records interventions; they run on exit.
 
-    def __init__(self, model: "NNsight", args: tuple, kwargs: dict, *,
-                 backend: str = "auto", compile: Any = None, prune: bool = True):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    >>> import torch, fxsight
+    >>> net = fxsight.NNsight(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()))
+    >>> with net.trace(torch.ones(2, 4)) as tracer:
+    ...     hidden = net[0].output.save()
+    ...     net[1].output[:, 0] = 0
+    ...     out = net.output.save()
+    >>> hidden.shape, out[:, 0].tolist(), tracer.backend
+    (torch.Size([2, 3]), [0.0, 0.0], 'fx')
+    """
+
+    def __init__(self, model: Any, args: tuple, kwargs: dict, options: RunOptions):
+        # model: the NNsight wrapper (fxsight.api.nnsight, which imports this module)
         self.model = model
-        self.program = Program()
+        self.options = options
+        self.recorder = Recorder(self, model._token_indexing)
         self.invokes: list[Invoke] = []
-        self._invoke: int | None = None
-        self._implicit: Invoke | None = None
+        self.backend: str | None = None
+        self.graph_module: fx.GraphModule | None = None
         self._args, self._kwargs = args, kwargs
-        self._backend_choice = backend
-        self._compile = _compile_options(compile if compile is not None else model._compile)
-        self._prune = prune
+        self._implicit: Invoke | None = None
         self._state = "new"
-        self._saved: dict[int, Node] = {}
         self._results: dict[Node, Any] = {}
         self._output: Any = None
         self._output_kept = False
-        self._record_walkers: dict[Any, MetaWalker] = {}
+        self._meta_walkers: dict[Any, MetaWalker] = {}
         self._barriers: list[Barrier] = []
-        # saved proxies, kept alive so that their ids (the keys of _saved) stay theirs
-        self._proxies: dict[int, Proxy] = {}
-        self.backend: str | None = None
-        self.graph_module: fx.GraphModule | None = None
-        self._token_indexing = model._token_indexing
-        self._cache_requests: list = []  # tracer.cache(...) calls, recorded at the run
-        self._stop_line: str | None = None  # tracer.stop(): where, and how many Program
-        self._stop_after = 0  # nodes were recorded before it
+        self._cache_requests: list[CacheRequest] = []  # tracer.cache(...) calls
+        self._stop_line: Any = None  # tracer.stop(): where, and how many Program nodes
+        self._stop_after = 0  # were recorded before it
+
+    @property
+    def program(self):
+        """The recorded Program (see :mod:`fxsight.record.program`)."""
+        return self.recorder.program
 
     # --- context ----------------------------------------------------------------------
     def __enter__(self) -> "Tracer":
         if self._state != "new":
             raise TraceError("a tracer can be entered once")
         self._state = "recording"
+        self.recorder.open = True
         active_tracers().append(self)
         if self._args:
             self._implicit = self.invoke(*self._args)
@@ -122,12 +147,15 @@ class Tracer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self._exit(sys._getframe(1), exc_type is not None)
+        self.exit_into(sys._getframe(1), exc_type is not None)
         return False
 
-    def _exit(self, frame, failed: bool) -> None:
+    def exit_into(self, frame: Any, failed: bool) -> None:
+        """End the block: run (unless it ``failed``) and bind the saved values in
+        ``frame``, the caller's."""
         if self._implicit is not None:
             self._implicit.__exit__(None, None, None)
+        self.recorder.open = False
         stack = active_tracers()
         if self in stack:
             stack.remove(self)
@@ -141,16 +169,30 @@ class Tracer:
         bind_frame(frame, self._resolve)
 
     # --- user API -----------------------------------------------------------------------
-    def invoke(self, *args, **kwargs) -> Invoke:
+    def invoke(self, *args, **kwargs) -> Invoke | WholeBatch:
         """Add an input to the batch; reads and writes inside the block see only its rows.
 
-        With no input, the block sees the whole batch."""
-        if self._implicit is not None and self._invoke == self._implicit.index and args:
+        With no input, the block sees the whole batch.
+
+        >>> import torch, fxsight
+        >>> net = fxsight.NNsight(torch.nn.Linear(3, 3))
+        >>> with net.trace() as tracer:
+        ...     with tracer.invoke(torch.ones(1, 3)):
+        ...         first = net.output.save()
+        ...     with tracer.invoke(torch.zeros(2, 3)):
+        ...         net.output[:] = first  # a value of invoke 0 written into invoke 1
+        ...     with tracer.invoke():
+        ...         everything = net.output.save()
+        >>> everything.shape, bool((everything == first).all())
+        (torch.Size([3, 3]), True)
+        """
+        if self._implicit is not None and self.recorder.scope.invoke == self._implicit.index \
+                and args:
             raise TraceError(at_line("trace(inputs) already has its input; use "
                                      "trace() with no inputs to batch several invokes",
                                      user_line()))
         if not args and not kwargs:
-            return _WholeBatch(self)
+            return WholeBatch(self)
         kwargs = {**self._kwargs, **kwargs}  # trace(**kwargs) apply to every invoke
         invoke = Invoke(self, len(self.invokes), args, kwargs)
         invoke.prepared = self.model._prepare_invoke(args, kwargs, invoke)
@@ -160,26 +202,47 @@ class Tracer:
     def cache(self, modules: Any = None, device: Any = torch.device("cpu"), dtype: Any = None,
               detach: bool = True, include_output: bool = True, include_inputs: bool = False,
               rename: dict | None = None, alias: dict | None = None):
-        """Cache modules' outputs (and inputs) of this trace, after interventions: returns
-        a ``CacheDict`` filled when the block ends (``cache["model.transformer.h.0"].output``,
-        ``cache.model.transformer.h[0].output``). See :mod:`fxsight.cache`."""
-        self._check_recording()
-        from ..api.cache import CacheRequest
+        """Cache modules' outputs (and inputs) of this trace, after interventions.
+
+        Returns a ``CacheDict`` filled when the block ends (see :mod:`fxsight.api.cache`).
+
+        >>> import torch, fxsight
+        >>> net = fxsight.NNsight(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh()))
+        >>> with net.trace(torch.ones(1, 2)) as tracer:
+        ...     cache = tracer.cache()
+        >>> sorted(cache.keys())
+        ['model', 'model.0', 'model.1']
+        >>> cache["model.1"].output.shape == cache.model[1].output.shape == (1, 2)
+        True
+        """
+        self.recorder.check_open()
         request = CacheRequest(self.model, modules, device, dtype, detach, include_output,
-                               include_inputs, rename, alias, self._invoke)
+                               include_inputs, rename, alias, self.recorder.scope)
         self._cache_requests.append(request)
         return request.cache
 
     def stop(self) -> None:
         """End the forward pass as soon as everything recorded so far is computed; nothing
-        may be recorded after it. (The fx backend prunes what no saved value needs anyway;
-        the hooks backend stops the model after the last needed module event.)"""
-        self._check_recording()
+        may be recorded after it.
+
+        (The fx backend prunes what no saved value needs anyway; the hooks backend stops
+        the model after the last needed module event.)
+
+        >>> import torch, fxsight
+        >>> net = fxsight.NNsight(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+        >>> with net.trace(torch.ones(1, 2), backend="hooks") as tracer:
+        ...     first = net[0].output.save()
+        ...     tracer.stop()
+        >>> first.shape
+        torch.Size([1, 2])
+        """
+        self.recorder.check_open()
         if self._stop_line is None:
             self._stop_line = user_line()
             self._stop_after = len(self.program.nodes)
 
     def barrier(self, participants: int) -> Barrier:
+        """nnsight's ``tracer.barrier(n)`` (accepted and checked; see :class:`Barrier`)."""
         barrier = Barrier(self, participants)
         self._barriers.append(barrier)
         return barrier
@@ -188,7 +251,7 @@ class Tracer:
     def result(self) -> Any:
         """The model's return value (a proxy inside the block)."""
         if self._state == "recording":
-            return self._read(Site("", OUTPUT, 0), "output")
+            return self.recorder.create_read(Site("", OUTPUT, 0), "output")
         if not self._output_kept and self._stop_line is not None:
             raise TraceError(at_line("the model's output was not computed: tracer.stop() "
                                      "ended the forward pass", self._stop_line))
@@ -201,100 +264,16 @@ class Tracer:
 
     output = result
 
-    # --- recording ----------------------------------------------------------------------
-    def _check_recording(self, used: Any = None) -> None:
-        if self._state != "recording" or self not in active_tracers():
-            where = next((from_where(v) for v in pytree.tree_leaves(used)
-                          if isinstance(v, Proxy)), "")
-            raise TraceError(at_line(f"this trace has ended: values{where} can only be used "
-                                     "inside the `with ... trace(...)` block", user_line()))
-
-    def _to_arg(self, value: Any) -> Any:
-        if type(value) is float:  # a coefficient: an input, so new values reuse the graph
-            return self.program.input(value)
-        if type(value) in _PLAIN_ARGS:  # the common case, first
-            return value
-        if isinstance(value, Proxy):
-            if value._tracer is not self:
-                raise TraceError(at_line(
-                    f"a value from another (earlier) trace{from_where(value)} was used here; "
-                    "save it in its own trace and pass the real tensor instead", user_line()))
-            return value._node
-        if isinstance(value, torch.Tensor):
-            return self.program.input(value)
-        kind = type(value)
-        if kind is tuple:
-            return tuple([self._to_arg(v) for v in value])
-        if kind is slice:
-            if value.start is None and value.stop is None and value.step is None:
-                return value  # `:`
-            return slice(self._to_arg(value.start), self._to_arg(value.stop),
-                         self._to_arg(value.step))
-        if isinstance(value, (tuple, list)):
-            return type(value)(self._to_arg(v) for v in value)
-        if isinstance(value, dict):
-            return {k: self._to_arg(v) for k, v in value.items()}
-        from ..api.envoy import Envoy
-        if isinstance(value, Envoy):
-            raise TraceError(at_line("a module was passed where a value was expected; "
-                                     "use its .output or .input", user_line()))
-        return value
-
-    def _proxy(self, node: Node) -> Proxy:
-        proxy = Proxy(self, node)
-        return proxy
-
-    def _record(self, op: str, target: Any, args: tuple, kwargs: dict,
-                lenient: bool = False) -> Proxy:
-        self._check_recording((args, kwargs))
-        node = self.program.op(op, target, self._to_arg(tuple(args)),
-                               self._to_arg(kwargs) if kwargs else {}, self._invoke,
-                               user_line())
-        if lenient:
-            node.meta["lenient"] = True
-        if node.meta["mutation"] and args and isinstance(args[0], Proxy):
-            object.__setattr__(args[0], "_node", node)
-            return args[0]
-        return self._proxy(node)
-
-    def _record_setitem(self, proxy: Proxy, key: Any, value: Any) -> None:
-        self._record("call_function", setitem, (proxy, key, value), {})
-
-    def _read(self, site: Site, accessor: str) -> Proxy:
-        self._check_recording()
-        node = self.program.read(site, accessor, self._invoke, user_line())
-        return self._proxy(node)
-
-    def _write(self, site: Site, accessor: str, value: Any) -> None:
-        self._check_recording()
-        self.program.write(site, accessor, self._to_arg(value), self._invoke, user_line())
-
-    def _skip(self, site: Site, value: Any) -> None:
-        self._check_recording()
-        self.program.skip(site, self._to_arg(value), self._invoke, user_line())
-
-    def _save(self, proxy: Proxy) -> Proxy:
-        if proxy._tracer is not self or self._state != "recording":
-            raise TraceError(at_line(".save() can only be called inside the trace that "
-                                     f"created the value{from_where(proxy)}", user_line()))
-        self.program.save(proxy._node)
-        self._saved[id(proxy)] = proxy._node
-        self._proxies[id(proxy)] = proxy
-        return proxy
-
-    # --- metadata while recording ----------------------------------------------------------
-    def _meta_of(self, proxy: Proxy, what: str) -> Any:
-        self._check_recording()
-        invoke = proxy._node.meta.get("invoke", self._invoke)
-        walker = self._record_walkers.get(invoke)
+    # --- the recorder's host: answers that need the model or the inputs -----------------
+    def meta_of(self, node: Node, what: str) -> Any:
+        walker = self._meta_walkers.get(node.invoke)
         if walker is None:
-            args, kwargs = self._inputs_for_metadata(invoke)
-            source = self._metadata_source(args, kwargs)
-            rows = _WholeRows()
-            walker = self._record_walkers[invoke] = MetaWalker(self.program, rows, source)
+            args, kwargs = self._inputs_for_metadata(node.invoke)
+            source = metadata_source(self.model._module, args, kwargs, self.options)
+            walker = self._meta_walkers[node.invoke] = MetaWalker(self.program, _WholeRows(),
+                                                                 source)
         walker.run()
-        meta = walker.values[proxy._node]
-        from ..splice.walker import UnknownMeta
+        meta = walker.values[node]
         if isinstance(meta, UnknownMeta):
             raise TraceError(at_line(f"the {what} of this value depends on real data "
                                      f"(fxsight.apply on an opaque function)", user_line()))
@@ -303,20 +282,22 @@ class Tracer:
                                      f"it has no {what}", user_line()))
         return meta
 
-    def _metadata_source(self, args: tuple, kwargs: dict):
-        """Boundary shapes for these inputs: from the capture where the fx backend will run
-        (it is needed anyway), else from a scan."""
-        module = self.model._module
-        if self._backend_choice != "hooks":
-            try:
-                return cached_capture(module, args, kwargs)
-            except CaptureError:
-                pass
-        return cached_scan(module, args, kwargs)
-
-    def _device_of(self, proxy: Proxy) -> torch.device:
-        self._meta_of(proxy, "device")
+    def device_of(self, node: Node) -> torch.device:
+        self.meta_of(node, "device")
         return self.model._device()
+
+    def value_of(self, proxy: Proxy) -> Any:
+        if self._state != "done":
+            raise TraceError(at_line(".value is only available after the trace has run",
+                                     user_line()))
+        ok, value = self._resolve(proxy)
+        if not ok:
+            raise TraceError(at_line("this value was not saved: call .save() on it inside "
+                                     "the trace", user_line()))
+        return value
+
+    def token_indexer(self, proxy: Proxy) -> Any:
+        return self.model._token_indexer(self, proxy)
 
     def _inputs_for_metadata(self, invoke: int | None) -> tuple[tuple, dict]:
         if invoke is not None:
@@ -327,52 +308,6 @@ class Tracer:
                                      user_line()))
         args, kwargs, _ = self._batched()
         return args, kwargs
-
-    # --- gradients -------------------------------------------------------------------------
-    def _grad_of(self, proxy: Proxy) -> Proxy:
-        """``proxy.grad``: the gradient of the backward() loss with respect to it."""
-        self._check_recording()
-        target = self._to_arg(proxy)
-        self.program.uses_gradients = True
-        node = self.program.add("call_function", GRAD, (target,), {}, {
-            "kind": "grad", "invoke": target.meta.get("invoke", self._invoke),
-            "line": user_line()})
-        return self._proxy(node)
-
-    def _set_grad(self, proxy: Proxy, value: Any) -> None:
-        """``proxy.grad = value``: replace the gradient flowing back through it."""
-        self._check_recording()
-        target = self._to_arg(proxy)
-        self.program.uses_gradients = True
-        self.program.add("call_function", GRAD_WRITE, (target, self._to_arg(value)), {}, {
-            "kind": "grad_write", "invoke": target.meta.get("invoke", self._invoke),
-            "line": user_line()})
-
-    def _prepare_gradients(self) -> None:
-        self._backward_nodes = backward_phase(self.program)
-        self._grad_keys: dict[Node, str] = {}
-        for node in forward_exports(self.program, self._backward_nodes):
-            self.program.save(node)
-        if self._backward_nodes and self._compile is not None:
-            # grad taps call back into the trace during backward(): the compiled graph
-            # breaks around them
-            self._compile = {**self._compile, "fullgraph": False}
-
-    def _forward_saves(self) -> list[Node]:
-        return [n for n in self.program.saves if n not in self._backward_nodes]
-
-    def _run_backward(self, rows: dict[Any, Rows]) -> None:
-        if not self._backward_nodes:
-            return
-        forward = {n: self._results[n] for n in self._forward_saves()}
-        values = BackwardPhase(self.program, rows, self._backward_nodes, forward,
-                               self._grad_keys).run()
-        for node in self.program.saves:
-            if node in self._backward_nodes:
-                self._results[node] = values[node]
-
-    def _token_indexer(self, proxy: Proxy):
-        return self.model._token_indexer(self, proxy)
 
     # --- execution ---------------------------------------------------------------------
     def _batched(self) -> tuple[tuple, dict, dict[Any, Rows]]:
@@ -389,107 +324,53 @@ class Tracer:
             start += size
         return args, kwargs, rows
 
-    def _execute(self) -> None:
+    def _prepare_run(self, load: bool = True) -> tuple[tuple, dict, dict[Any, Rows]]:
+        """Checks and additions before the run: barriers, what follows a ``stop()``, the
+        nodes of ``tracer.cache()`` calls (after every intervention: they see its
+        effects). Returns the batched inputs and the invokes' rows. ``load``: make the
+        model ready to run (a LanguageModel loads its weights)."""
         for barrier in self._barriers:
             barrier.check()
         args, kwargs, rows = self._batched()
-        self.model._before_run()  # may replace the module (LanguageModel loads weights)
-        module = self.model._module
-        self._before_execute(args, kwargs)
-        self._prepare_gradients()
-        bump("traces")
-        keep_output = (not self._prune or not self.program.saves) and self._stop_line is None
-        backend = self._backend_choice
-        captured = None
-        flat = flat_inputs(args, kwargs)
-        if backend in ("auto", "fx"):
-            try:
-                captured = cached_capture(module, args, kwargs,
-                                          dynamic=_dynamic_policy(self._compile), flat=flat)
-            except CaptureError as error:
-                if backend == "fx":
-                    raise
-                self._warn_fallback(error, args, kwargs)
-        if captured is not None:
-            self._run_fx(captured, module, flat[0], rows, keep_output)
-        else:
-            self._run_hooks(module, args, kwargs, rows)
-        self._run_backward(rows)
-        self._after_execute()
-
-    def _before_execute(self, args: tuple, kwargs: dict, source: Any = None) -> None:
-        """Check what follows a tracer.stop(); add the nodes of tracer.cache() calls (after
-        every intervention, so they see its effects)."""
+        if load:
+            self.model._before_run()  # may replace the module
         if self._stop_line is not None:
-            late = [n for n in list(self.program.nodes)[self._stop_after:]
-                    if n.meta["kind"] != "input"]
+            late = [n for n in self.program.nodes[self._stop_after:] if n.kind is not Kind.INPUT]
             if late:
                 raise TraceError(at_line(
                     f"this comes after tracer.stop() ({self._stop_line}), which ends the "
-                    f"forward pass: it would never run", late[0].meta.get("line")))
+                    f"forward pass: it would never run", late[0].line))
         if self._cache_requests:
-            if source is None:
-                source = self._metadata_source(args, kwargs)
+            source = self._metadata_source(args, kwargs)
             for request in self._cache_requests:
                 request.record(self.program, source)
+        return args, kwargs, rows
 
-    def _after_execute(self) -> None:
+    def _metadata_source(self, args: tuple, kwargs: dict) -> Any:
+        return metadata_source(self.model._module, args, kwargs, self.options)
+
+    def _execute(self) -> None:
+        args, kwargs, rows = self._prepare_run()
+        bump("traces")
+        outcome = run_program(self.model._module, self.program, args, kwargs, rows,
+                              self.options, self.model._fallback_warned,
+                              stop=self._stop_line is not None)
+        self.backend = outcome.backend
+        self.graph_module = outcome.graph_module
+        self._output, self._output_kept = outcome.output, outcome.output_kept
+        self._results = outcome.values
+        self._fill_caches()
+
+    def _fill_caches(self) -> None:
         for request in self._cache_requests:
             request.fill(self._results)
 
-    def _warn_fallback(self, error: CaptureError, args, kwargs) -> None:
-        bump("fallbacks")
-        warned = self.model._fallback_warned
-        key = signature(self.model._module, args, kwargs)
-        if key not in warned:
-            warned.add(key)
-            warnings.warn(f"fxsight: {error}; this model runs with the hooks backend",
-                          RuntimeWarning, stacklevel=user_stacklevel())
-
-    def _run_fx(self, captured, module, flat: list[Any], rows, keep_output) -> None:
-        program = self.program
-        runner = runner_for(module, captured, program, rows, keep_output, self._compile,
-                            _freeze(self._compile))
-        output, saves = runner(flat + program.input_values)
-        self.backend = "fx"
-        self.graph_module = runner.graph_module
-        self._output, self._output_kept = output, keep_output
-        self._results = dict(zip(self._forward_saves(), saves))
-        if runner.spliced.grad_keys:
-            nodes = list(program.nodes)
-            self._grad_keys = {nodes[i]: key for i, key in runner.spliced.grad_keys.items()}
-
-    def _run_hooks(self, module, args, kwargs, rows) -> None:
-        program = self.program
-        source = cached_scan(module, args, kwargs)
-        walker = MetaWalker(program, rows, source)
-        walker.run()
-        output, values = run_with_hooks(module, program, rows, source.index,
-                                        walker.positions, args, kwargs,
-                                        stop=self._stop_line is not None,
-                                        grad_keys=self._grad_keys)
-        self.backend = "hooks"
-        self._output, self._output_kept = output, self._stop_line is None
-        self._results = {node: values[node] for node in self._forward_saves()}
-
     # --- results -------------------------------------------------------------------------
     def _resolve(self, proxy: Proxy) -> tuple[bool, Any]:
-        if proxy._tracer is not self:
+        saved = self.recorder.saved.get(id(proxy))
+        if saved is None or saved[0] is not proxy or saved[1] not in self._results:
             return False, None
-        node = self._saved.get(id(proxy))
-        if node is None or node not in self._results:
-            return False, None
-        return True, self._results[node]
-
-    def _value_of(self, proxy: Proxy) -> Any:
-        if self._state != "done":
-            raise TraceError(at_line(".value is only available after the trace has run",
-                                     user_line()))
-        ok, value = self._resolve(proxy)
-        if not ok:
-            raise TraceError(at_line("this value was not saved: call .save() on it inside "
-                                     "the trace", user_line()))
-        return value
+        return True, self._results[saved[1]]
 
 
 class ScanTracer(Tracer):
@@ -498,38 +379,18 @@ class ScanTracer(Tracer):
     may be on the meta device). Saved values are bound to meta tensors, a cache holds meta
     values, ``tracer.result`` is the output's meta value."""
 
-    def __init__(self, model: "NNsight", args: tuple, kwargs: dict):
-        super().__init__(model, args, kwargs, backend="hooks")
+    def __init__(self, model: Any, args: tuple, kwargs: dict):
+        super().__init__(model, args, kwargs, RunOptions("hooks"))
 
     def _execute(self) -> None:
-        for barrier in self._barriers:
-            barrier.check()
-        args, kwargs, rows = self._batched()
-        source = cached_scan(self.model._module, args, kwargs)
-        self._before_execute(args, kwargs, source)
+        args, kwargs, rows = self._prepare_run(load=False)
+        source = self._metadata_source(args, kwargs)
         walker = MetaWalker(self.program, rows, source)
         walker.run()
         self.backend = "scan"
         self._output, self._output_kept = source.output, True
         self._results = {node: walker.values[node] for node in self.program.saves}
-        self._after_execute()
-
-
-class _WholeBatch:
-    """``tracer.invoke()`` with no input: the block sees the whole batch."""
-
-    def __init__(self, tracer: Tracer):
-        self.tracer = tracer
-        self._previous: int | None = None
-
-    def __enter__(self) -> "_WholeBatch":
-        self._previous = self.tracer._invoke
-        self.tracer._invoke = None
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self.tracer._invoke = self._previous
-        return False
+        self._fill_caches()
 
 
 class _WholeRows(dict):
@@ -537,37 +398,3 @@ class _WholeRows(dict):
 
     def __missing__(self, key):
         return Rows(0, 1, 1)
-
-
-_DEFAULT_COMPILE = normalize_options({})
-
-
-def _compile_options(value: Any) -> dict | None:
-    if value is None or value is False:
-        return None
-    if value is True:
-        return _DEFAULT_COMPILE  # (never changed in place: a tracer replaces it)
-    if isinstance(value, dict):
-        return normalize_options(dict(value))
-    raise TypeError(f"compile must be a bool or a dict of torch.compile options, not {value!r}")
-
-
-def _dynamic_policy(options: dict | None) -> str:
-    """How a trace uses dynamic-shape captures: only compiled traces do (``dynamic=None``:
-    after a second input shape, ``True``: at once, ``False``: never)."""
-    if options is None or options.get("dynamic") is False:
-        return "never"
-    return "always" if options.get("dynamic") else "auto"
-
-
-def _freeze(value: Any) -> Any:
-    if value is None:
-        return None
-    if value is _DEFAULT_COMPILE:
-        return _DEFAULT_KEY
-    if isinstance(value, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
-    return value
-
-
-_DEFAULT_KEY = _freeze(dict(_DEFAULT_COMPILE))

@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
+
+from .._torch import plain_codegen, pytree
 
 from ..stats import bump
 from ..errors import CaptureError
-from ..capture.events import ModuleEvents
+from .events import ModuleEvents
 from ..record.sites import Site
 
 
@@ -41,11 +42,27 @@ def _boundary_fake(x, site, leaf):
 
 BOUNDARY = torch.ops.fxsight.boundary.default
 
-_DROPPED_TARGETS = {
+# the run-time checks export inserts: fxsight validates inputs itself (signatures, guards)
+DROPPED_TARGETS = {
     torch.ops.aten._assert_tensor_metadata.default,
     torch.ops.aten._assert_scalar.default,
     torch.ops.aten.sym_constrain_range_for_size.default,
 }
+
+
+def strip_export_checks(gm: fx.GraphModule) -> Any:
+    """Remove the guard call and the run-time asserts ``ExportedProgram.module()`` adds to
+    ``gm``'s graph; return the guard function (``None`` if there was none)."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target in DROPPED_TARGETS:
+            graph.erase_node(node)
+    guards = getattr(gm, "_guards_fn", None)
+    if guards is not None:
+        delattr(gm, "_guards_fn")
+    return guards
 
 
 @dataclass
@@ -194,18 +211,11 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         raise CaptureError(f"could not capture {where}: {reason}", culprit) from error
 
     gm = exported.module()
-    guards = getattr(gm, "_guards_fn", None) if dynamic else None
+    guards = strip_export_checks(gm)
+    guards = guards if dynamic else None
     graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            graph.erase_node(node)
-        elif node.op == "call_function" and node.target in _DROPPED_TARGETS:
-            graph.erase_node(node)
-    in_spec, out_spec = gm._in_spec, gm._out_spec
-    graph._codegen = fx.graph.CodeGen()
-    for name in ("_guards_fn",):
-        if hasattr(gm, name):
-            delattr(gm, name)
+    in_spec, out_spec = exported.call_spec
+    plain_codegen(graph)
     marks: dict[str, dict[int, fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_function" and node.target is BOUNDARY:

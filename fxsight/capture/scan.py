@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from .._torch import FakeTensorMode, pytree, unset_fake_temporarily
 
 from ..stats import bump
-from ..capture.export import signature
-from ..capture.events import ModuleEvents
+from .export import signature
+from .events import ModuleEvents
 from ..record.sites import Site
 
 

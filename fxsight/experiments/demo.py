@@ -27,6 +27,10 @@ from typing import Any
 
 import torch
 
+from ..api.language_model import LanguageModel
+from .patching import activation_patching
+from .sweeps import find_layout
+
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
                     "demo_model")
 KEYS = "abcdefgh"
@@ -144,7 +148,6 @@ def load(path: str = DATA):
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
     from transformers.utils import logging
 
-    from ..api.language_model import LanguageModel
 
     logging.set_verbosity_error()
     module = GPT2LMHeadModel.from_pretrained(path).eval()
@@ -164,7 +167,6 @@ def prompts() -> dict[str, Any]:
 
 def sweep(lm, progress: bool = False, **options: Any):
     """The demo's activation-patching sweep on ``lm`` (a :class:`PatchingResult`)."""
-    from .patching import activation_patching
 
     task = prompts()
     vocab = lm.tokenizer.get_vocab()
@@ -180,7 +182,6 @@ def sweep(lm, progress: bool = False, **options: Any):
 def loop(lm, result) -> tuple[torch.Tensor, float]:
     """The same cells one at a time: one two-invoke trace per cell (clean invoke reads the
     site, corrupted invoke writes it and reads the logits), as one writes it by hand."""
-    from .sweeps import find_layout
 
     task = prompts()
     layout = find_layout(lm)

@@ -5,7 +5,7 @@ All three return a :class:`PatchingResult`: a tensor of scores with named axes.
 - :func:`activation_patching` patches the clean run's activation into the corrupted run at
   every (site kind, layer, position) cell and measures ``metric`` on the patched logits.
   The cells run in large batches with the corrupted run's computation before the patched
-  layer reused (see :mod:`fxsight.sweeps`); the numbers are those of a one-cell-at-a-time
+  layer reused (see :mod:`fxsight.experiments.sweeps`); the numbers are those of a one-cell-at-a-time
   loop.
 - :func:`steering_sweep` adds ``scale * vector`` to the residual stream at every (vector,
   layer, scale) cell, with the same machinery.
@@ -21,6 +21,7 @@ unpatched run (``result.baseline``); ``result.normalized()`` divides activation 
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -31,8 +32,8 @@ from .heads import head_patching
 from .result import Cell, PatchingResult
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Group, Sweep, Target, check_kinds, check_layers,
                      check_positions, choose_batch_size, expanded, find_layout,
-                     forward_kwargs as _forward_kwargs, forward_parameters, hidden, metric_values,
-                     logits_kwargs, reads_last_position_only, reference_run, row_bytes, token_ids,
+                     forward_kwargs as _forward_kwargs, hidden, metric_values,
+                     logits_kwargs, reference_run, row_bytes, token_ids,
                      token_labels, trace_options, with_hidden)
 
 __all__ = ["PatchingResult", "Cell", "activation_patching", "head_patching", "steering_sweep",
@@ -66,8 +67,19 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callab
     Returns scores with ``dims == ("site", "layer", "position")``: the patched run's metric
     minus the corrupted run's (``result.baseline``); ``result.reference`` is the clean
     run's, ``result.normalized()`` the fraction restored.
+
+    >>> from fxsight.experiments import demo
+    >>> lm = demo.load()  # the built-in 2-layer GPT-2 (fxsight/data)
+    >>> vocab = lm.tokenizer.get_vocab()
+    >>> def metric(logits):  # the clean answer's logit minus the corrupted one's
+    ...     return logits[:, -1, vocab["1"]] - logits[:, -1, vocab["7"]]
+    >>> result = activation_patching(lm, demo.CLEAN, demo.CORRUPTED, metric,
+    ...                              sites=["resid"], progress=False)
+    >>> result.dims, tuple(result.values.shape)  # one site kind, 2 layers, 7 tokens
+    (('site', 'layer', 'position'), (1, 2, 7))
+    >>> round(result.normalized().values[0, 1, -1].item(), 2)  # last block, last token
+    1.0
     """
-    import time
 
     start = time.perf_counter()
     kinds = check_kinds(sites)
@@ -207,8 +219,16 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
 
     Returns scores with ``dims == ("vector", "layer", "scale")``: the steered metric minus
     the unsteered one (``result.baseline``).
+
+    >>> from fxsight.experiments import demo
+    >>> lm = demo.load()
+    >>> vocab = lm.tokenizer.get_vocab()
+    >>> result = steering_sweep(lm, demo.CLEAN, {"noise": torch.ones(64)}, scales=[0.0, 4.0],
+    ...                         metric=lambda logits: logits[:, -1, vocab["1"]],
+    ...                         progress=False)
+    >>> result.dims, result.values[..., 0].abs().max().item() < 1e-4  # scale 0: no change
+    (('vector', 'layer', 'scale'), True)
     """
-    import time
 
     start = time.perf_counter()
     ids = token_ids(model, prompt, "prompt")
@@ -318,6 +338,15 @@ def attribution(model: Envoy, clean: Any, corrupted: Any,
     "position")`` and module paths as sites). By default, the blocks' outputs (the residual
     stream), as modules. Module outputs must be tensors or tuples whose first item is the
     hidden state.
+
+    >>> from fxsight.experiments import demo
+    >>> lm = demo.load()
+    >>> vocab = lm.tokenizer.get_vocab()
+    >>> result = attribution(lm, demo.CLEAN, demo.CORRUPTED,
+    ...                      lambda logits: logits[:, -1, vocab["1"]] - logits[:, -1, vocab["7"]],
+    ...                      sites=["resid"])
+    >>> result.method, tuple(result.values.shape)
+    ('attribution patching', (1, 2, 7))
     """
     kinds = None
     if sites is not None and not isinstance(sites, str) and \

@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.utils._pytree as pytree
+from .._torch import pytree
 
 from ..api.envoy import Envoy
+from ..record.proxy import Proxy
 
 KINDS = ("resid", "attn", "mlp", "resid_pre")
 ATTENTION_NAMES = ("attn", "self_attn", "attention", "self_attention")
@@ -277,7 +278,6 @@ def reference_run(model: Envoy, ids: torch.Tensor, targets: Iterable[Target], kw
 
 
 def _real(value: Any) -> Any:
-    from ..record.proxy import Proxy
     return value.value if isinstance(value, Proxy) else value
 
 

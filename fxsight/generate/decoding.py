@@ -34,9 +34,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..capture.export import CaptureError, cached_capture, flat_inputs
 from ..errors import TraceError, at_line
-from ..record.program import Node, Program
-from ..splice.rows import Rows
+from ..record.program import Kind, Node, Program
 from ..run.executable import runner_for
+from ..run.options import RunOptions
+from ..splice.rows import Rows
 
 # what generate may pass to the model's forward beyond what DecodingStep takes, and the
 # values that change nothing here
@@ -92,15 +93,12 @@ class GraphSteps:
     """Runs each model call of one ``generate`` as a rewritten graph of its step."""
 
     def __init__(self, model: torch.nn.Module, program: Program, rows: dict[Any, Rows],
-                 compile_options: dict | None, options_key: Any,
-                 dynamic_policy: str, after: set[Node]):
+                 options: RunOptions, after: set[Node]):
         self.model = model
         self.wrapper = decoding_step(model)
         self.program = program
         self.rows = rows
-        self.compile_options = compile_options
-        self.options_key = options_key
-        self.dynamic_policy = dynamic_policy
+        self.options = options
         self.after = after  # nodes that need the generated ids: they run after generate
         self.step = 0
         self.persistent: dict[Node, Any] = {}  # first-step values later steps use
@@ -178,16 +176,17 @@ class GraphSteps:
         flat = flat_inputs((), inputs)
         try:
             captured = cached_capture(wrapper, (), inputs, flat=flat, events_on=self.model,
-                                      dynamic="always" if decoding else self.dynamic_policy)
+                                      dynamic="always" if decoding
+                                      else self.options.dynamic_policy)
         except CaptureError as error:
             raise Unsupported(str(error)) from error
         runner = runner_for(wrapper, captured, program, self.rows, True,
-                            self.compile_options, self.options_key)
+                            self.options.compile)
         output, saves = runner(flat[0] + program.input_values)
         self.graph_module = runner.graph_module
         for node, value in zip(program.saves, saves):
             parent = origin[node]
-            if parent.meta.get("steps") is None:
+            if parent.steps is None:
                 self.persistent[parent] = value
             else:
                 self.collected[parent].append(value)
@@ -195,17 +194,17 @@ class GraphSteps:
 
     # --- the Program of a step ------------------------------------------------------------
     def _active(self, node: Node, step: int) -> bool:
-        if node in self.after or node.meta["kind"] == "input":
+        if node in self.after or node.kind is Kind.INPUT:
             return False
-        steps = node.meta.get("steps")
+        steps = node.steps
         return step == 0 if steps is None else step in steps
 
     def _first_step_values_needed_later(self) -> set[Node]:
         needed = set()
         for node in self.program.nodes:
-            if node.meta.get("steps") is not None or node in self.after:
+            if node.steps is not None or node in self.after:
                 needed.update(n for n in node.all_input_nodes
-                              if n.meta.get("steps") is None and n.meta["kind"] != "input")
+                              if n.steps is None and n.kind is not Kind.INPUT)
         return needed
 
     def _program_for(self, step: int) -> tuple[Program, dict[Node, Node]]:
@@ -217,13 +216,13 @@ class GraphSteps:
         def resolve(node: Node, user: Node) -> Node:
             if node in env:
                 return env[node]
-            if node.meta["kind"] == "input":
-                return program.input(parent.input_values[node.meta["index"]])
+            if node.kind is Kind.INPUT:
+                return program.input(parent.input_values[node.input_index])
             if node in self.persistent:
                 return program.input(self.persistent[node])
             raise TraceError(at_line(
                 f"this value is used in decoding step {step}, but what it depends on "
-                f"({node.name}) is only computed in other steps", user.meta["line"]))
+                f"({node.name}) is only computed in other steps", user.line))
 
         for node in parent.nodes:
             if self._active(node, step):
@@ -238,9 +237,9 @@ class GraphSteps:
 
     # --- results ---------------------------------------------------------------------------
     def result(self, node: Node) -> Any:
-        if node.meta.get("steps") is not None:
+        if node.steps is not None:
             return list(self.collected.get(node, []))
         if node not in self.persistent:
             raise TraceError(at_line("this value was never computed during generation (no "
-                                     "decoding step ran)", node.meta.get("line")))
+                                     "decoding step ran)", node.line))
         return self.persistent[node]

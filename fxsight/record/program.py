@@ -1,30 +1,35 @@
 """The Program: a trace's recorded interventions, a small graph of their own.
 
-Node kinds (``node.meta["kind"]``):
-
-- ``"input"``: a placeholder for a real value the user brought into the block
-  (a steering vector); its value lives in ``Program.input_values``.
-- ``"read"``: a module's inputs or output (``meta["site"]``, ``meta["accessor"]``).
-- ``"write"``: replaces a module's inputs or output with ``args[0]`` (``meta["skip"]``:
-  ``env.skip(value)``, the module's computation is replaced and it does not run).
-- ``"op"``: any recorded operation (torch function, tensor method, operator, ``apply``).
-  ``meta["mutation"]`` is true when it changes its first argument in place.
-
-Every node of a read, write or op also carries ``meta["invoke"]`` (the invoke it was
-recorded in, ``None`` for the whole batch) and ``meta["line"]`` (the user's source line).
+Each :class:`Node` has a :class:`Kind` from a closed set and typed fields; its scope (the
+invoke whose rows it sees, the decoding steps it runs at) and the user's source line are
+set when it is recorded and never change afterwards.
 """
 
 from __future__ import annotations
 
+import enum
+import itertools
 import operator
 from typing import Any, Callable
 
 import torch
-import torch.utils._pytree as pytree
 
-from ..record.sites import Site, module_label
+from .._torch import pytree
+from .scope import Scope, Steps
+from .sites import Site, module_label
 
 INPUT_ACCESSORS = ("input", "inputs")
+
+
+class Kind(enum.Enum):
+    """What a Program node is."""
+
+    INPUT = "input"  # a real value the user brought in (``Program.input_values``)
+    READ = "read"  # a module's inputs or output (``site``, ``accessor``)
+    WRITE = "write"  # replaces them with ``args[0]`` (``skip``: ``env.skip(value)``)
+    OP = "op"  # any recorded operation (torch function, tensor method, operator, apply)
+    GRAD = "grad"  # ``proxy.grad``: the gradient of ``args[0]``
+    GRAD_WRITE = "grad_write"  # ``proxy.grad = v``: replace the gradient of ``args[0]``
 
 
 def READ(*_):  # noqa: N802 - sentinel target, never called
@@ -37,6 +42,14 @@ def WRITE(*_):  # noqa: N802
 
 def SKIP(*_):  # noqa: N802 - a write that replaces a module's whole computation
     raise RuntimeError("fxsight SKIP sentinel must be spliced, not run")
+
+
+def GRAD(*_):  # noqa: N802 - sentinel target of ``proxy.grad``, never called
+    raise RuntimeError("fxsight GRAD sentinel must not run")
+
+
+def GRAD_WRITE(*_):  # noqa: N802 - sentinel target of ``proxy.grad = v``, never called
+    raise RuntimeError("fxsight GRAD_WRITE sentinel must not run")
 
 
 def setitem(target, key, value):
@@ -79,36 +92,57 @@ def is_view(node: "Node") -> bool:
     return node.target in _VIEW_FUNCTIONS
 
 
-class Node:
-    """One recorded step of a Program: an input, a read, a write, an op, a gradient.
+def is_backward(node: "Node") -> bool:
+    """Whether ``node`` is a ``loss.backward()`` call."""
+    return node.kind is Kind.OP and node.op == "call_method" and node.target == "backward"
 
-    Nodes are plain objects (recording one is cheap); they mirror the part of
-    ``torch.fx.Node``'s interface fxsight uses (``op``, ``target``, ``args``, ``kwargs``,
-    ``meta``, ``name``, ``all_input_nodes``). ``args``/``kwargs`` refer to earlier nodes.
+
+class Node:
+    """One recorded step of a Program.
+
+    ``op``/``target``/``args``/``kwargs``/``name``/``all_input_nodes`` mirror the part of
+    ``torch.fx.Node``'s interface the engine uses (``args`` refer to earlier nodes); the
+    other fields are typed and fixed when the node is recorded.
     """
 
-    __slots__ = ("index", "op", "target", "args", "kwargs", "meta", "all_input_nodes",
-                 "__weakref__")
+    __slots__ = ("index", "kind", "op", "target", "args", "kwargs", "all_input_nodes",
+                 "line", "invoke", "steps", "site", "accessor", "skip", "mutation",
+                 "lenient", "input_index", "__weakref__")
 
-    def __init__(self, index: int, op: str, target: Any, args: tuple, kwargs: dict,
-                 meta: dict, inputs: list["Node"]):
+    def __init__(self, index: int, kind: Kind, op: str, target: Any, args: tuple,
+                 kwargs: dict, inputs: list["Node"], line: Any = None,
+                 scope: Scope = Scope(), site: Site | None = None,
+                 accessor: str | None = None, skip: bool = False, mutation: bool = False,
+                 lenient: bool = False, input_index: int | None = None):
         self.index = index
+        self.kind = kind
         self.op = op
         self.target = target
         self.args = args
         self.kwargs = kwargs
-        self.meta = meta
         self.all_input_nodes = inputs
+        self.line = line  # the user's source line (a SourceLine, or a string)
+        self.invoke: int | None = scope.invoke  # whose rows it sees (None: every row)
+        self.steps: Steps | None = scope.steps  # decoding steps (None: the first only)
+        self.site = site  # reads and writes: the boundary event
+        self.accessor = accessor  # reads and writes: "output", "input" or "inputs"
+        self.skip = skip  # a write that replaces the module's computation (env.skip)
+        self.mutation = mutation  # an op that changes its first argument in place
+        self.lenient = lenient  # an op whose shapes may be unknowable (fxsight.apply)
+        self.input_index = input_index  # inputs: the index in Program.input_values
+
+    @property
+    def scope(self) -> Scope:
+        return Scope(self.invoke, self.steps)
 
     @property
     def name(self) -> str:
         """A Python identifier naming the node (for messages and generated code)."""
-        meta = self.meta
-        kind = meta["kind"]
-        if kind == "read":
-            return _safe_name(meta["site"], meta["accessor"])
-        if kind == "input":
-            return f"input_{meta['index']}"
+        kind = self.kind
+        if kind is Kind.READ:
+            return _safe_name(self.site, self.accessor)
+        if kind is Kind.INPUT:
+            return f"input_{self.input_index}"
         target = self.target if isinstance(self.target, str) else \
             getattr(self.target, "__name__", "op")
         return f"{target.strip('_').lower() or 'op'}_{self.index}"
@@ -132,15 +166,16 @@ class Program:
         self._parts: list[tuple] = []
 
     # --- building -------------------------------------------------------------------
-    def add(self, op: str, target: Any, args: tuple, kwargs: dict, meta: dict) -> Node:
-        """Record a node (``meta["kind"]`` says which kind)."""
+    def _add(self, kind: Kind, op: str, target: Any, args: tuple, kwargs: dict,
+             line: Any, scope: Scope, site: Site | None = None, accessor: str | None = None,
+             skip: bool = False, mutation: bool = False, lenient: bool = False) -> Node:
         inputs: list[Node] = []
-        key = (meta["kind"], op, _target_key(target),
+        key = (kind, op, _target_key(target),
                _structure(args, inputs) if args else None,
-               _structure(kwargs, inputs) if kwargs else None, meta.get("site"),
-               meta.get("accessor"), meta.get("invoke"))
-        node = Node(len(self.nodes), op, target, args, kwargs, meta,
-                    list(dict.fromkeys(inputs)) if len(inputs) > 1 else inputs)
+               _structure(kwargs, inputs) if kwargs else None, site, accessor, scope.invoke)
+        node = Node(len(self.nodes), kind, op, target, args, kwargs,
+                    list(dict.fromkeys(inputs)) if len(inputs) > 1 else inputs, line, scope,
+                    site, accessor, skip, mutation, lenient)
         self.nodes.append(node)
         self._parts.append(key)
         return node
@@ -150,47 +185,61 @@ class Program:
         node = self._input_ids.get(id(value))
         if node is None:
             index = len(self.input_values)
-            node = Node(len(self.nodes), "placeholder", f"input_{index}", (), {},
-                        {"kind": "input", "index": index}, [])
+            node = Node(len(self.nodes), Kind.INPUT, "placeholder", f"input_{index}", (), {},
+                        [], input_index=index)
             self.nodes.append(node)
-            self._parts.append(("input", _value_key(value)))
+            self._parts.append((Kind.INPUT, _value_key(value)))
             self.input_values.append(value)
             self._input_ids[id(value)] = node
         return node
 
-    def read(self, site: Site, accessor: str, invoke: int | None, line: str) -> Node:
-        return self.add("call_function", READ, (), {},
-                        {"kind": "read", "site": site, "accessor": accessor,
-                         "invoke": invoke, "line": line})
+    def read(self, site: Site, accessor: str, scope: Scope, line: Any) -> Node:
+        """A module's ``accessor`` (``"output"``, ``"input"``, ``"inputs"``) at ``site``."""
+        return self._add(Kind.READ, "call_function", READ, (), {}, line, scope, site, accessor)
 
-    def write(self, site: Site, accessor: str, value: Any, invoke: int | None,
-              line: str) -> Node:
-        return self.add("call_function", WRITE, (value,), {},
-                        {"kind": "write", "site": site, "accessor": accessor,
-                         "invoke": invoke, "line": line})
+    def write(self, site: Site, accessor: str, value: Any, scope: Scope, line: Any) -> Node:
+        """Replace a module's ``accessor`` at ``site`` with ``value``."""
+        return self._add(Kind.WRITE, "call_function", WRITE, (value,), {}, line, scope, site,
+                         accessor)
 
-    def skip(self, site: Site, value: Any, invoke: int | None, line: str) -> Node:
+    def skip(self, site: Site, value: Any, scope: Scope, line: Any) -> Node:
         """``env.skip(value)``: a write of the module's output whose value may not depend
-        on anything the module computes (meta ``skip``); the module does not run."""
-        return self.add("call_function", SKIP, (value,), {},
-                        {"kind": "write", "site": site, "accessor": "output",
-                         "invoke": invoke, "line": line, "skip": True})
+        on anything the module computes; the module does not run."""
+        return self._add(Kind.WRITE, "call_function", SKIP, (value,), {}, line, scope, site,
+                         "output", skip=True)
 
-    def op(self, op: str, target: Any, args: tuple, kwargs: dict, invoke: int | None,
-           line: str) -> Node:
+    def op(self, op: str, target: Any, args: tuple, kwargs: dict, scope: Scope, line: Any,
+           lenient: bool = False) -> Node:
+        """Any operation on recorded values (``op`` is ``"call_function"`` or
+        ``"call_method"``, as in torch.fx)."""
         if op == "call_function" and not hasattr(target, "__name__"):
             target = Named(target)  # fx names nodes and code globals after __name__
         if op == "call_method" and target == "backward":
             self.uses_gradients = True
-        return self.add(op, target, args, kwargs,
-                        {"kind": "op", "invoke": invoke, "line": line,
-                         "mutation": is_mutation(op, target)})
+        return self._add(Kind.OP, op, target, args, kwargs, line, scope,
+                         mutation=is_mutation(op, target), lenient=lenient)
 
-    def copy(self, node: Node, resolve: Callable[[Node], Node]) -> Node:
-        """Record a copy of another Program's ``node``; ``resolve`` maps the nodes among
-        its arguments to this Program's."""
-        return self.add(node.op, node.target, map_nodes(node.args, resolve),
-                        map_nodes(node.kwargs, resolve), dict(node.meta))
+    def grad(self, target: Node, scope: Scope, line: Any) -> Node:
+        """``target.grad``: the gradient of the ``backward()`` loss with respect to it."""
+        self.uses_gradients = True
+        return self._add(Kind.GRAD, "call_function", GRAD, (target,), {}, line, scope)
+
+    def grad_write(self, target: Node, value: Any, scope: Scope, line: Any) -> Node:
+        """``target.grad = value``: replace the gradient flowing back through it."""
+        self.uses_gradients = True
+        return self._add(Kind.GRAD_WRITE, "call_function", GRAD_WRITE, (target, value), {},
+                         line, scope)
+
+    def copy(self, node: Node, resolve: Callable[[Node], Node],
+             scope: Scope | None = None) -> Node:
+        """Record a copy of another Program's ``node`` (in ``scope``, or its own);
+        ``resolve`` maps the nodes among its arguments to this Program's."""
+        if node.kind in (Kind.GRAD, Kind.GRAD_WRITE) or is_backward(node):
+            self.uses_gradients = True
+        return self._add(node.kind, node.op, node.target, map_nodes(node.args, resolve),
+                         map_nodes(node.kwargs, resolve), node.line,
+                         node.scope if scope is None else scope, node.site, node.accessor,
+                         node.skip, node.mutation, node.lenient)
 
     def save(self, node: Node) -> None:
         if node not in self.saves:
@@ -198,7 +247,7 @@ class Program:
 
     # --- queries ----------------------------------------------------------------------
     def sites(self) -> set[Site]:
-        return {n.meta["site"] for n in self.nodes if n.meta["kind"] in ("read", "write")}
+        return {n.site for n in self.nodes if n.kind in (Kind.READ, Kind.WRITE)}
 
     def is_empty(self) -> bool:
         return not self.nodes
@@ -224,6 +273,27 @@ class Named:
 
     def __hash__(self) -> int:
         return hash(id(self.fn))
+
+
+class ModuleCall:
+    """A module of the model applied to recorded values (the logit lens), as a node target."""
+
+    def __init__(self, module: torch.nn.Module, path: str):
+        self.module = module
+        self.__name__ = (path or "model").replace(".", "_")
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def device(self) -> torch.device:
+        first = next(itertools.chain(self.module.parameters(), self.module.buffers()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ModuleCall) and other.module is self.module
+
+    def __hash__(self) -> int:
+        return hash(id(self.module))
 
 
 def _safe_name(site: Site, accessor: str) -> str:
@@ -286,9 +356,9 @@ def origin(node: Node) -> str:
         if current in seen:
             continue
         seen.add(current)
-        if current.meta.get("kind") == "read":
-            site = current.meta["site"]
-            label = f"{module_label(site.path)}.{current.meta['accessor']}" + \
+        if current.kind is Kind.READ:
+            site = current.site
+            label = f"{module_label(site.path)}.{current.accessor}" + \
                 (f"#{site.call}" if site.call else "")
             if label not in labels:
                 labels.append(label)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 
+from .._torch import pytree
 from ..errors import ControlFlowError, TraceError, at_line, user_line
-
-if TYPE_CHECKING:
-    from ..api.tracer import Tracer
+from .program import origin
 
 _CONTROL_FLOW_HINT = (
     "Python control flow on a traced value cannot be recorded: the value does not exist "
@@ -24,29 +23,41 @@ class Proxy:
 
     Operations on a proxy (torch functions, tensor methods, operators, indexing) are
     recorded, not executed. After the block, a saved proxy's name is re-bound to the real
-    value; ``proxy.value`` returns it too.
+    value; ``proxy.value`` returns it too. ``proxy.grad`` is its gradient (read, or assign
+    to replace it) once ``loss.backward()`` is called inside the block.
+
+    >>> import torch, fxsight
+    >>> net = fxsight.NNsight(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)))
+    >>> with net.trace(torch.ones(2, 3)):
+    ...     hidden = net[0].output
+    ...     grad = hidden.grad.save()
+    ...     _ = net.output.sum().backward()
+    >>> torch.equal(grad, net[1].weight.detach().expand(2, 3))
+    True
     """
 
-    __slots__ = ("_tracer", "_node", "__weakref__")
+    __slots__ = ("_recorder", "_node", "__weakref__")
 
-    def __init__(self, tracer: "Tracer", node: Any):
-        object.__setattr__(self, "_tracer", tracer)
+    def __init__(self, recorder: Any, node: Any):
+        # recorder: the fxsight.record.recorder.Recorder that created it (which imports
+        # this module); node: its Program node
+        object.__setattr__(self, "_recorder", recorder)
         object.__setattr__(self, "_node", node)
 
     # --- results ---------------------------------------------------------------------
     def save(self) -> "Proxy":
         """Keep this value after the trace (the name is re-bound to the real value)."""
-        return self._tracer._save(self)
+        return self._recorder.save(self)
 
     @property
     def value(self) -> Any:
         """The real value, once the trace has run and if the proxy was saved."""
-        return self._tracer._value_of(self)
+        return self._recorder.value(self)
 
     # --- metadata (from shape propagation on fake values) ----------------------------
     @property
     def shape(self) -> torch.Size:
-        return self._tracer._meta_of(self, "shape").shape
+        return self._recorder.meta(self, "shape").shape
 
     def size(self, dim: int | None = None):
         shape = self.shape
@@ -54,11 +65,11 @@ class Proxy:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._tracer._meta_of(self, "dtype").dtype
+        return self._recorder.meta(self, "dtype").dtype
 
     @property
     def device(self) -> torch.device:
-        return self._tracer._device_of(self)
+        return self._recorder.device(self)
 
     @property
     def ndim(self) -> int:
@@ -70,47 +81,47 @@ class Proxy:
     # --- recording ---------------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        tracer = _find_tracer(args, kwargs or {})
-        return tracer._record("call_function", func, args, kwargs or {})
+        recorder = find_recorder(args, kwargs or {})
+        return recorder.create_op("call_function", func, args, kwargs or {})
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
         if name in _PROPERTIES:  # the property itself raised AttributeError: surface it
             return getattr(type(self), name).fget(self)
-        if name in ("token", "t") and self._tracer._token_indexing:
-            return self._tracer._token_indexer(self)
+        if name in ("token", "t") and self._recorder.token_indexing:
+            return self._recorder.token_indexer(self)
         if name == "grad":
-            return self._tracer._grad_of(self)
+            return self._recorder.create_grad(self)
         attr = getattr(torch.Tensor, name, None)
         if callable(attr):
             return _MethodRecorder(self, name)
-        return self._tracer._record("call_function", getattr, (self, name), {})
+        return self._recorder.create_op("call_function", getattr, (self, name), {})
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "grad":
-            self._tracer._set_grad(self, value)
+            self._recorder.create_grad_write(self, value)
             return
         raise TraceError(
             at_line(f"cannot set attribute {name!r} on a traced value", user_line())
         )
 
     def __call__(self, *args, **kwargs):
-        return self._tracer._record("call_function", _call_value, (self, *args), kwargs)
+        return self._recorder.create_op("call_function", _call_value, (self, *args), kwargs)
 
     def __getitem__(self, key):
-        return self._tracer._record("call_function", operator.getitem, (self, key), {})
+        return self._recorder.create_op("call_function", operator.getitem, (self, key), {})
 
     def __setitem__(self, key, value):
-        self._tracer._record_setitem(self, key, value)
+        self._recorder.create_setitem(self, key, value)
 
     def __iter__(self) -> Iterator["Proxy"]:
-        meta = self._tracer._meta_of(self, "iteration")
+        meta = self._recorder.meta(self, "iteration")
         length = meta.shape[0] if isinstance(meta, torch.Tensor) else len(meta)
         return iter([self[i] for i in range(length)])
 
     def __len__(self) -> int:
-        meta = self._tracer._meta_of(self, "len()")
+        meta = self._recorder.meta(self, "len()")
         return meta.shape[0] if isinstance(meta, torch.Tensor) else len(meta)
 
     # --- Python control flow is not recordable ----------------------------------------
@@ -152,7 +163,6 @@ _PROPERTIES = ("shape", "dtype", "device", "ndim", "value")
 
 def from_where(proxy: "Proxy") -> str:
     """`` (from model.layer1.output)``: where a traced value comes from, for messages."""
-    from ..record.program import origin
     where = origin(proxy._node)
     return f" (from {where})" if where else ""
 
@@ -169,29 +179,31 @@ class _MethodRecorder:
         self.name = name
 
     def __call__(self, *args, **kwargs):
-        return self.proxy._tracer._record("call_method", self.name, (self.proxy, *args), kwargs)
+        return self.proxy._recorder.create_op("call_method", self.name, (self.proxy, *args),
+                                              kwargs)
 
 
-def _find_tracer(args, kwargs) -> "Tracer":
-    for value in torch.utils._pytree.tree_leaves((args, kwargs)):
+def find_recorder(args: Any, kwargs: Any) -> Any:
+    """The recorder of the first proxy among ``args`` and ``kwargs``."""
+    for value in pytree.tree_leaves((args, kwargs)):
         if isinstance(value, Proxy):
-            return value._tracer
+            return value._recorder
     raise TraceError("no traced value among the arguments")
 
 
 def _binary(op):
     def forward(self, other):
-        return self._tracer._record("call_function", op, (self, other), {})
+        return self._recorder.create_op("call_function", op, (self, other), {})
 
     def reverse(self, other):
-        return self._tracer._record("call_function", op, (other, self), {})
+        return self._recorder.create_op("call_function", op, (other, self), {})
 
     return forward, reverse
 
 
 def _inplace(op):
     def method(self, other):
-        return self._tracer._record("call_function", op, (self, other), {})
+        return self._recorder.create_op("call_function", op, (self, other), {})
 
     return method
 
@@ -216,5 +228,5 @@ for _name, _op in {
 
 for _name, _op in {"neg": operator.neg, "pos": operator.pos, "abs": operator.abs,
                    "invert": operator.invert}.items():
-    setattr(Proxy, f"__{_name}__", (lambda op: lambda self: self._tracer._record(
+    setattr(Proxy, f"__{_name}__", (lambda op: lambda self: self._recorder.create_op(
         "call_function", op, (self,), {}))(_op))

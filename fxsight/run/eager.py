@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from .._torch import entry_point
+
 _CALL = re.compile(r"\btorch\.ops\.(\w+)\.(\w+)\.(\w+)\(")
 
 
@@ -26,10 +28,7 @@ def _entry_point(namespace: str, packet: str, overload: str):
         target = getattr(getattr(getattr(torch.ops, namespace), packet), overload)
     except (AttributeError, RuntimeError):
         return None
-    if type(target) is not torch._ops.OpOverload or \
-            type(target).__call__ is not torch._ops.OpOverload.__call__:
-        return None
-    return target._op
+    return entry_point(target)
 
 
 def fast_forward(graph_module: fx.GraphModule) -> Callable:

@@ -26,34 +26,19 @@ import torch
 
 from ..stats import bump
 from ..errors import user_stacklevel
-from ..run.eager import fast_forward
-from ..splice.splice import Spliced
-
-# torch.compile options fxsight understands; everything else is an error (as in torch).
-COMPILE_KEYS = ("backend", "mode", "options", "dynamic", "fullgraph")
-
-
-def normalize_options(options: dict | None) -> dict | None:
-    """``compile=`` options with fxsight's defaults: inductor, ``fullgraph=True``."""
-    if options is None:
-        return None
-    unknown = set(options) - set(COMPILE_KEYS)
-    if unknown:
-        raise TypeError(f"unknown torch.compile option(s) {sorted(unknown)}; fxsight passes "
-                        f"{', '.join(COMPILE_KEYS)} through")
-    return {"backend": "inductor", "mode": None, "options": None, "dynamic": None,
-            "fullgraph": True, **options}
-
+from .._torch import compile_backend, without_duck_shaping
+from ..record.program import Kind, Program
+from ..splice.splice import Spliced, splice
+from ..splice.walker import MetaWalker
+from .eager import fast_forward
+from .options import CompileOptions
 
 class CountingBackend:
     """A ``torch.compile`` backend that counts the graphs it compiles and delegates."""
 
     def __init__(self, backend: Any = "inductor", mode: str | None = None,
                  options: dict | None = None, dynamic: bool | None = None):
-        if backend == "inductor":
-            self.inner = torch._TorchCompileInductorWrapper(mode, options, dynamic)
-        else:
-            self.inner = torch._TorchCompileWrapper(backend, mode, options, dynamic)
+        self.inner = compile_backend(backend, mode, options, dynamic)
         self.compiler_name = getattr(self.inner, "compiler_name", str(backend))
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, **kwargs):
@@ -94,7 +79,7 @@ def _single_output(plan: Any) -> Any:
 class Executable:
     """A spliced GraphModule and the function that runs it (eager, or compiled lazily)."""
 
-    def __init__(self, spliced: Spliced, compile_options: dict | None,
+    def __init__(self, spliced: Spliced, compile_options: CompileOptions | None,
                  dynamic_capture: bool = False):
         self.spliced = spliced
         self.compile_options = compile_options
@@ -105,21 +90,20 @@ class Executable:
         self._eager = fast_forward(gm)
         self._fn: Callable = self._eager
         if compile_options is not None:
-            options = dict(compile_options)
-            dynamic = options["dynamic"]
+            dynamic = compile_options.dynamic
             if dynamic is None and dynamic_capture:
                 dynamic = True  # the graph is shape-generic: keep it so under dynamo
-            backend = CountingBackend(options["backend"], options["mode"],
-                                      options["options"], dynamic)
+            backend = CountingBackend(compile_options.backend, compile_options.mode,
+                                      compile_options.inductor_options(), dynamic)
             # Compile the GraphModule's own forward (its code object is unique to it), so
             # dynamo's per-code cache and recompile limit are per rewritten graph.
             self._fn = torch.compile(gm.forward, backend=backend, dynamic=dynamic,
-                                     fullgraph=options["fullgraph"])
+                                     fullgraph=compile_options.fullgraph)
             if dynamic:
                 # no duck shaping: dynamo would give sizes of equal value one symbol, so
                 # a sequence length that happens to equal a head size (a constant of the
                 # graph) would be specialized, and the next length recompile
-                self._fn = torch.fx.experimental._config.patch(use_duck_shape=False)(self._fn)
+                self._fn = without_duck_shaping(self._fn)
 
     @property
     def compiled(self) -> bool:
@@ -249,10 +233,10 @@ def shape_blind(structure: tuple) -> tuple:
     (the spliced graph never depends on them; validation runs per exact shape anyway)."""
     parts = []
     for part in structure:
-        if part and part[0] == "input" and isinstance(part[1], tuple) and \
+        if part and part[0] is Kind.INPUT and isinstance(part[1], tuple) and \
                 part[1] and part[1][0] == "tensor":
             _, shape, *rest = part[1]
-            part = ("input", ("tensor", len(shape), *rest))
+            part = (Kind.INPUT, ("tensor", len(shape), *rest))
         parts.append(part)
     return tuple(parts)
 
@@ -270,30 +254,27 @@ def rows_key(rows: dict, exact: bool = True) -> tuple:
                   for k, v in rows.items() if k is not None])
 
 
-def runner_for(model: torch.nn.Module, captured: Any, program: Any, rows: dict,
-               keep_output: bool, compile_options: dict | None, options_key: Any) -> Runner:
+def runner_for(model: torch.nn.Module, captured: Any, program: Program, rows: dict,
+               keep_output: bool, compile_options: CompileOptions | None) -> Runner:
     """The runner of ``program`` over ``captured`` for these rows and options: a cache hit,
     or validated (and spliced and compiled where its executable is new) now."""
     structure = program.structure_key()
     # the capture found for these exact inputs stands for their signature (cached_runner
     # checks it is the same object: ids can be reused)
-    key = (id(captured), structure, rows_key(rows), keep_output, options_key)
+    key = (id(captured), structure, rows_key(rows), keep_output, compile_options)
     return cached_runner(model, key, captured, lambda: build_runner(
-        model, captured, program, rows, keep_output, compile_options, structure, options_key))
+        model, captured, program, rows, keep_output, compile_options, structure))
 
 
-def build_runner(model: torch.nn.Module, captured: Any, program: Any, rows: dict,
-                 keep_output: bool, compile_options: dict | None, structure: tuple,
-                 options_key: Any) -> Runner:
+def build_runner(model: torch.nn.Module, captured: Any, program: Program, rows: dict,
+                 keep_output: bool, compile_options: CompileOptions | None,
+                 structure: tuple) -> Runner:
     """Validate ``program`` for these exact inputs and find (or splice, and compile) its
     executable."""
-    from ..splice.splice import splice
-    from ..splice.walker import MetaWalker
-
     MetaWalker(program, rows, captured).run()
     dynamic = bool(getattr(captured, "dynamic", False))
     key = (captured.graph_module, shape_blind(structure), rows_key(rows, exact=False),
-           keep_output, options_key)
+           keep_output, compile_options)
     executable = cached_executable(model, key, lambda: Executable(
         splice(captured, program, rows, keep_output), compile_options, dynamic))
     return Runner(executable)

@@ -21,7 +21,7 @@ from ..record.sites import INPUT, Site, module_label
 from ..splice.walker import BEFORE_ALL, Walker
 
 
-class _RealWalker(Walker):
+class RealWalker(Walker):
     def __init__(self, program: Program, rows: dict[Any, Rows], index: dict[Site, int]):
         super().__init__(program, rows, index)
         self.event_values: dict[Site, Any] = {}
@@ -31,14 +31,14 @@ class _RealWalker(Walker):
         return self.event_values[site]
 
     def input_value(self, node: Node) -> Any:
-        return self.program.input_values[node.meta["index"]]
+        return self.program.input_values[node.input_index]
 
     def call(self, node, op, target, args, kwargs, position):
         return execute(op, target, args, kwargs)
 
     def _write(self, node: Node) -> None:
         super()._write(node)
-        self.written.add(node.meta["site"])
+        self.written.add(node.site)
 
     def on_tapped(self, site: Site) -> None:
         self.written.add(site)
@@ -59,7 +59,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
     ``stop``: end the forward pass (output ``None``) right after the last event the
     Program needs."""
     schedule: dict[int, list[Node]] = defaultdict(list)
-    walker = _RealWalker(program, rows, index)
+    walker = RealWalker(program, rows, index)
     for node in program.nodes:
         if node not in walker.backward_nodes:
             schedule[positions[node]].append(node)
@@ -89,7 +89,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
 
     events = ModuleEvents(model, on_event, only=paths)
     skips = [n for n in program.nodes
-             if n.meta.get("skip") and rows[n.meta["invoke"]].whole]
+             if n.skip and rows[n.invoke].whole]
     try:
         with events.installed(), _skipping(model, skips, walker, events):
             output = model(*args, **kwargs)
@@ -101,11 +101,11 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
                if n not in walker.values and n not in walker.backward_nodes]
     if missing:
         node = missing[0]
-        site = next((n.meta["site"] for n in [node, *node.all_input_nodes]
-                     if "site" in n.meta), None)
+        site = next((n.site for n in [node, *node.all_input_nodes]
+                     if n.site is not None), None)
         where = module_label(site.path) if site else "a module"
         raise TraceError(at_line(f"{where} never ran during the forward pass, so this "
-                                 f"intervention could not be applied", node.meta["line"]))
+                                 f"intervention could not be applied", node.line))
     return output, walker.values
 
 
@@ -113,7 +113,7 @@ _NO_FORWARD = object()
 
 
 @contextlib.contextmanager
-def _skipping(model: nn.Module, skips: list[Node], walker: _RealWalker,
+def _skipping(model: nn.Module, skips: list[Node], walker: RealWalker,
               events: ModuleEvents):
     """While active, each skipped module call returns its skip value instead of running.
 
@@ -123,11 +123,11 @@ def _skipping(model: nn.Module, skips: list[Node], walker: _RealWalker,
     saved: list[tuple[nn.Module, Any]] = []
     try:
         for node in skips:
-            site: Site = node.meta["site"]
+            site: Site = node.site
             module = model.get_submodule(site.path)
             if any(m is module for m, _ in saved):
                 continue
-            calls = {n.meta["site"].call: n for n in skips if n.meta["site"].path == site.path}
+            calls = {n.site.call: n for n in skips if n.site.path == site.path}
             saved.append((module, module.__dict__.get("forward", _NO_FORWARD)))
             module.forward = _skipped_forward(module, site.path, calls, walker, events)
         yield
@@ -140,7 +140,7 @@ def _skipping(model: nn.Module, skips: list[Node], walker: _RealWalker,
 
 
 def _skipped_forward(module: nn.Module, path: str, calls: dict[int, Node],
-                     walker: _RealWalker, events: ModuleEvents):
+                     walker: RealWalker, events: ModuleEvents):
     original = module.forward
 
     def forward(*args, **kwargs):

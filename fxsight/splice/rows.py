@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-import torch.utils._pytree as pytree
+from .._torch import pytree
 
 
 class Rows(NamedTuple):

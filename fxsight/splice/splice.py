@@ -7,19 +7,20 @@ output needs is pruned.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
+from .._torch import is_unused_random, pytree, rename_node
 
 from ..stats import bump
 from ..capture.export import BOUNDARY, Captured
-from ..record.program import Program
-from ..splice.rows import Rows
+from ..record.program import Kind, Program
+from .rows import Rows
 from ..record.sites import OUTPUT, Site
-from ..splice.walker import BEFORE_ALL, Walker
+from .walker import BEFORE_ALL, Walker
 
 
 @dataclass
@@ -65,7 +66,7 @@ class _SpliceWalker(Walker):
         return slot.value([self.node_map[n] if n is not None else None for n in slot.nodes])
 
     def input_value(self, node: fx.Node) -> Any:
-        return self.inputs[node.meta["index"]]
+        return self.inputs[node.input_index]
 
     def _anchor(self, position: int) -> fx.Node:
         if position not in self.anchors:
@@ -80,8 +81,8 @@ class _SpliceWalker(Walker):
                                          name=node.name if node is not None else None)
         new.meta["fxsight"] = True
         if node is not None:
-            new.meta["line"] = node.meta["line"]
-            new.meta["mutation"] = node.meta.get("mutation", False)
+            new.line = node.line
+            new.meta["mutation"] = node.mutation
         self.anchors[position] = new
         self.inserted.add(new)
         return new
@@ -93,7 +94,6 @@ def captured_anchor(graph: fx.Graph) -> fx.Node:
 
 def _static(target: Any, args: tuple) -> bool:
     """getitem/getattr on a Python container of graph values resolves now, not at run time."""
-    import operator
     return target in (operator.getitem, getattr) and not isinstance(args[0], fx.Node) and \
         not isinstance(args[0], torch.Tensor)
 
@@ -115,7 +115,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
     # no node name (`input_1 = input` of the model's own placeholder would shadow it)
     used = {n.name for n in graph.nodes} | {str(n.target) for n in graph.nodes}
     for node in program.nodes:
-        if node.meta["kind"] == "input":
+        if node.kind is Kind.INPUT:
             name = f"fxsight_{node.name}"
             while name in used:
                 name += "_"
@@ -174,7 +174,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             if isinstance(source, fx.Node) and source.op == "call_function" and \
                     source not in named and not source.meta.get("fxsight"):
                 named.add(source)
-                source._rename(_boundary_name(node.args[1], node.args[2]))
+                rename_node(source, _boundary_name(node.args[1], node.args[2]))
             node.replace_all_uses_with(source)
             graph.erase_node(node)
     graph.eliminate_dead_code(is_impure_node=_is_impure)
@@ -224,9 +224,7 @@ def _unused_random_is_dead(node: fx.Node) -> bool:
     """Random ops (``dropout``, ``scaled_dot_product_attention`` with its ``dropout_p``)
     count as impure for fx, which would keep every layer up to the head alive. Unused, they
     may go: no value anyone reads changes (the hooks backend skips the same work)."""
-    target = node.target
-    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and \
-        torch.Tag.nondeterministic_seeded in target.tags and not target._schema.is_mutable
+    return node.op == "call_function" and is_unused_random(node.target)
 
 
 def _boundary_name(label: str, leaf: int) -> str:

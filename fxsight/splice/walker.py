@@ -13,14 +13,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
+from .._torch import FakeTensorMode, pytree
 
-from ..api.envoy import ModuleCall
 from ..errors import OrderError, ShapeError, TraceError, at_line
-from ..record.program import (Node, Program, execute, is_view, map_nodes, node_args, origin, replace,
+from ..record.program import (Kind, ModuleCall, Node, Program, execute, is_view, map_nodes, node_args, origin, replace,
                       select)
-from ..splice.rows import Rows, conform, narrow_rows, splice_rows
-from ..splice.gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
+from .rows import Rows, conform, narrow_rows, splice_rows
+from .gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
 from ..record.sites import Site, module_label
 
 BEFORE_ALL = -1
@@ -40,7 +39,7 @@ class Walker:
         # gradients: nodes that run after the forward pass, and the grad taps of sites
         self.backward_nodes = backward_phase(program)
         self.grad_nodes = [n for n in self.backward_nodes
-                           if n.meta["kind"] in ("grad", "grad_write")]
+                           if n.kind in (Kind.GRAD, Kind.GRAD_WRITE)]
         self.grad_keys: dict[Node, str] = {}
 
     # --- domain hooks -------------------------------------------------------------------
@@ -66,33 +65,33 @@ class Walker:
                 self.visit(node)
 
     def visit(self, node: Node) -> None:
-        kind = node.meta["kind"]
-        if kind in ("grad", "grad_write"):  # seen by the meta walker only
+        kind = node.kind
+        if kind in (Kind.GRAD, Kind.GRAD_WRITE):  # seen by the meta walker only
             target = node.args[0]
-            self.values[node] = self.values[target] if kind == "grad" else None
+            self.values[node] = self.values[target] if kind is Kind.GRAD else None
             self.positions[node] = self.positions[target]
-            if kind == "grad_write":
+            if kind is Kind.GRAD_WRITE:
                 rows = self._rows(node)
                 value = map_nodes(node.args[1], self.values.__getitem__)
-                site = grad_target(node)[0].meta["site"]
+                site = grad_target(node)[0].site
                 self.check_grad_write(node, site, self.values[target], value, rows)
             return
-        if kind == "input":
+        if kind is Kind.INPUT:
             self.values[node] = self.input_value(node)
             self.positions[node] = BEFORE_ALL
-        elif kind == "read":
+        elif kind is Kind.READ:
             self._read(node)
-        elif kind == "write":
+        elif kind is Kind.WRITE:
             self._write(node)
         else:
             self._op(node)
 
     def position_of_site(self, node: Node) -> int:
-        site: Site = node.meta["site"]
+        site: Site = node.site
         if site not in self.index:
             raise TraceError(at_line(
                 f"{module_label(site.path)} has no {site.kind} call #{site.call} in this "
-                f"forward pass (the module never runs with these inputs)", node.meta["line"]))
+                f"forward pass (the module never runs with these inputs)", node.line))
         return self.index[site]
 
     def _current(self, site: Site) -> Any:
@@ -105,15 +104,14 @@ class Walker:
         taps: dict[int, str] = {}
         for node in self.grad_nodes:
             read, keys = grad_target(node)
-            if read.meta["site"] != site:
+            if read.site != site:
                 continue
-            leaf = leaf_index(value, read.meta["accessor"], keys)
+            leaf = leaf_index(value, read.accessor, keys)
             if leaf is None:
                 raise TraceError(at_line(
                     f".grad needs a single tensor of {site.label}; use an item of it "
-                    f"(e.g. `.output[0]`)", node.meta["line"]))
+                    f"(e.g. `.output[0]`)", node.line))
             key = self.grad_keys[node] = tap_key(site, leaf)
-            node.meta["grad_site"] = site.label
             taps[leaf] = key
         if not taps or not self.taps_gradients:
             return value
@@ -129,12 +127,12 @@ class Walker:
         """Domain hook: ``site``'s value now carries a grad tap."""
 
     def _rows(self, node: Node) -> Rows:
-        return self.rows[node.meta["invoke"]]
+        return self.rows[node.invoke]
 
     def _read(self, node: Node) -> None:
-        site = node.meta["site"]
+        site = node.site
         position = max(self.position_of_site(node), self.current_position.get(site, BEFORE_ALL))
-        value = select(self._current(site), node.meta["accessor"])
+        value = select(self._current(site), node.accessor)
         rows = self._rows(node)
         if not rows.whole:
             value = self._leafwise(value, lambda leaf: self.call(
@@ -147,19 +145,19 @@ class Walker:
         return max([self.positions[n] for n in node_args(value)], default=BEFORE_ALL)
 
     def _write(self, node: Node) -> None:
-        site: Site = node.meta["site"]
+        site: Site = node.site
         position = self.position_of_site(node)
         value_position = self._arg_position(node.args[0])
         if value_position > position:
             later = self._site_at(value_position)
             raise OrderError(at_line(
                 f"the write to {site.label} depends on {later.label}, which is only "
-                f"computed after {module_label(site.path)} has run", node.meta["line"]))
-        if node.meta.get("skip"):
+                f"computed after {module_label(site.path)} has run", node.line))
+        if node.skip:
             self._check_skip_value(node, value_position)
         value = map_nodes(node.args[0], self.values.__getitem__)
         full = self._current(site)
-        old = select(full, node.meta["accessor"])
+        old = select(full, node.accessor)
         rows = self._rows(node)
         self.check_write(node, old, value, rows)
         old_leaves, spec = pytree.tree_flatten(old)
@@ -168,10 +166,10 @@ class Walker:
         if len(new_leaves) != len(old_leaves):
             raise ShapeError(at_line(
                 f"{site.label} holds {_describe(old)}; the written value is {_describe(value)}",
-                node.meta["line"]))
+                node.line))
         replaced = []
         for old_leaf, new_leaf in zip(old_leaves, new_leaves):
-            if not self.is_value(old_leaf) or (rows.whole and node.meta.get("skip")):
+            if not self.is_value(old_leaf) or (rows.whole and node.skip):
                 replaced.append(new_leaf)  # a skipped module's value is taken as it is
             elif rows.whole:
                 replaced.append(self.call(None, "call_function", conform,
@@ -181,25 +179,25 @@ class Walker:
                                           (old_leaf, new_leaf, rows.start, rows.stop,
                                            rows.total), {}, position))
         new = pytree.tree_unflatten(replaced, spec)
-        self.current[site] = replace(full, node.meta["accessor"], new)
+        self.current[site] = replace(full, node.accessor, new)
         self.current_position[site] = position
         self.values[node] = None
         self.positions[node] = position
 
     def _check_skip_value(self, node: Node, value_position: int) -> None:
         """A skipped module does not run: its value may not come from inside it."""
-        site: Site = node.meta["site"]
+        site: Site = node.site
         start = self.index.get(Site(site.path, "input", site.call), BEFORE_ALL)
         if value_position > start:
             inner = self._site_at(value_position)
             raise OrderError(at_line(
                 f"the value given to {module_label(site.path)}.skip(...) depends on "
                 f"{inner.label}, which is computed inside {module_label(site.path)}; a "
-                f"skipped module does not run", node.meta["line"]))
+                f"skipped module does not run", node.line))
 
     def _op(self, node: Node) -> None:
         position = max(self._arg_position(node.args), self._arg_position(node.kwargs))
-        if node.meta.get("mutation"):
+        if node.mutation:
             self._check_mutation_order(node, position)
         args = map_nodes(node.args, self.values.__getitem__)
         kwargs = map_nodes(node.kwargs, self.values.__getitem__)
@@ -222,18 +220,18 @@ class Walker:
 
     def _check_mutation_order(self, node: Node, position: int) -> None:
         root = node.args[0]
-        while isinstance(root, Node) and root.meta["kind"] == "op" and (
-                is_view(root) or root.meta.get("mutation")):
+        while isinstance(root, Node) and root.kind is Kind.OP and (
+                is_view(root) or root.mutation):
             root = root.args[0]
-        if not isinstance(root, Node) or root.meta["kind"] != "read":
+        if not isinstance(root, Node) or root.kind is not Kind.READ:
             return
         site_position = self.positions[root]
         if position > site_position:
             later = self._site_at(position)
             raise OrderError(at_line(
-                f"this in-place change of {root.meta['site'].label} depends on "
+                f"this in-place change of {root.site.label} depends on "
                 f"{later.label}, which is only computed after "
-                f"{module_label(root.meta['site'].path)} has run", node.meta["line"]))
+                f"{module_label(root.site.path)} has run", node.line))
 
     def _site_at(self, position: int) -> Site:
         for site, index in self.index.items():
@@ -281,31 +279,31 @@ class MetaWalker(Walker):
         if not fits:
             raise ShapeError(at_line(f"a gradient of shape {tuple(new_shape)} cannot replace "
                                      f"the gradient of {site.label}, of shape {tuple(shape)}",
-                                     node.meta["line"]))
+                                     node.line))
 
     def _check_inside_skips(self) -> None:
         """Nothing may be read or written inside a module skipped for the whole batch."""
         spans = []
         for node in self.program.nodes:
-            if node.meta.get("skip") and self._rows(node).whole:
-                site = node.meta["site"]
+            if node.skip and self._rows(node).whole:
+                site = node.site
                 start = self.index.get(Site(site.path, "input", site.call))
                 end = self.index.get(site)
                 if start is not None and end is not None:
                     spans.append((start, end, site))
         for node in self.program.nodes if spans else ():
-            if node.meta["kind"] not in ("read", "write") or node.meta.get("skip"):
+            if node.kind not in (Kind.READ, Kind.WRITE) or node.skip:
                 continue
-            position = self.index.get(node.meta["site"])
+            position = self.index.get(node.site)
             for start, end, skipped in spans:
                 if position is not None and start < position < end:
                     raise TraceError(at_line(
-                        f"{node.meta['site'].label} is inside {module_label(skipped.path)}, "
+                        f"{node.site.label} is inside {module_label(skipped.path)}, "
                         f"which is skipped (.skip(...)) and does not run",
-                        node.meta["line"]))
+                        node.line))
 
     def input_value(self, node: Node) -> Any:
-        value = self.program.input_values[node.meta["index"]]
+        value = self.program.input_values[node.input_index]
         return pytree.tree_map_only(
             torch.Tensor, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), value)
 
@@ -319,16 +317,16 @@ class MetaWalker(Walker):
                 return _module_call_meta(target, args, kwargs)
             return execute(op, target, args, kwargs)
         except Exception as error:  # noqa: BLE001
-            if node is None or node.meta.get("lenient"):
+            if node is None or node.lenient:
                 return UNKNOWN
             name = target if isinstance(target, str) else getattr(target, "__name__", target)
             where = origin(node)
             where = f" (on values from {where})" if where else ""
             raise ShapeError(at_line(f"{name} fails on these shapes{where}: {error}",
-                                     node.meta["line"])) from None
+                                     node.line)) from None
 
     def check_write(self, node, old, value, rows):
-        site = node.meta["site"]
+        site = node.site
         old_leaves, old_spec = pytree.tree_flatten(old)
         new_leaves = [value] if isinstance(value, torch.Tensor) else pytree.tree_leaves(value)
         if isinstance(value, UnknownMeta):
@@ -336,7 +334,7 @@ class MetaWalker(Walker):
         if len(old_leaves) != len(new_leaves):
             raise ShapeError(at_line(
                 f"{site.label} holds {_describe(old)}; the written value is {_describe(value)}",
-                node.meta["line"]))
+                node.line))
         for old_leaf, new_leaf in zip(old_leaves, new_leaves):
             if not isinstance(old_leaf, torch.Tensor) or isinstance(new_leaf, UnknownMeta):
                 continue
@@ -344,12 +342,12 @@ class MetaWalker(Walker):
             if not rows.whole and old_leaf.dim() > 0 and old_leaf.shape[0] == rows.total:
                 target_shape = (rows.stop - rows.start, *old_leaf.shape[1:])
             new_shape = new_leaf.shape if isinstance(new_leaf, torch.Tensor) else ()
-            if node.meta.get("skip") and rows.whole and (
+            if node.skip and rows.whole and (
                     not isinstance(new_leaf, torch.Tensor) or new_shape != old_leaf.shape):
                 raise ShapeError(at_line(
                     f"{module_label(site.path)}.skip(...) needs a value shaped like the "
                     f"module's output, {tuple(old_leaf.shape)}; it got "
-                    f"{_describe(new_leaf)}", node.meta["line"]))
+                    f"{_describe(new_leaf)}", node.line))
             try:
                 broadcast = torch.broadcast_shapes(new_shape, target_shape)
             except RuntimeError:
@@ -358,7 +356,7 @@ class MetaWalker(Walker):
                 raise ShapeError(at_line(
                     f"a value of shape {tuple(new_shape)} cannot be written into "
                     f"{site.label} of shape {tuple(target_shape)}{_rows_note(node, rows)}",
-                    node.meta["line"]))
+                    node.line))
 
 
 def _module_call_meta(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
@@ -378,8 +376,6 @@ def _fake_execute(op: str, target: Any, args: tuple, kwargs: dict,
                   device: torch.device) -> Any:
     """Run an operation that touches real tensors (a module's weights) on fake tensors made
     from the meta ones, on ``device``; the result is given back as meta tensors."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     def to_meta(t: torch.Tensor) -> torch.Tensor:
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
@@ -394,7 +390,7 @@ def _fake_execute(op: str, target: Any, args: tuple, kwargs: dict,
 
 def _rows_note(node: Node, rows: Rows) -> str:
     """Which invoke's rows a write targets, for error messages."""
-    invoke = node.meta.get("invoke")
+    invoke = node.invoke
     if invoke is None:
         return f" (the whole batch of {rows.total} rows)"
     return f" (invoke #{invoke}: rows {rows.start}:{rows.stop} of a batch of {rows.total})"

@@ -1,0 +1,176 @@
+"""Generation on the hooks backend: a Program driven by the module events of each model
+call ``generate`` makes.
+
+Every model call is one decoding step. Nodes recorded outside ``tracer.iter``/``tracer.all()``
+run at the first step, the others at their steps (a saved value becomes a list with one
+entry per step); each node runs as soon as its values exist in the current step, and a write
+runs at its module's boundary. Nodes that read the generated ids run after ``generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Any
+
+from ..capture.events import ModuleEvents
+from ..errors import TraceError, at_line
+from ..record.program import Kind, Node
+from ..record.sites import INPUT, OUTPUT, Site, module_label
+from ..run.hooks import RealWalker
+from ..splice.rows import Rows
+
+GENERATOR = Site("generator", OUTPUT, 0)  # ``lm.generator.output``: the generated ids
+
+
+def needs_generated_ids(program) -> set[Node]:
+    """The nodes that read ``lm.generator.output`` or depend on it."""
+    after: set[Node] = set()
+    for node in program.nodes:
+        if (node.kind is Kind.READ and node.site == GENERATOR) or \
+                any(arg in after for arg in node.all_input_nodes):
+            after.add(node)
+    return after
+
+
+class AnySite(dict):
+    """Positions do not order a generation step: every site is 'now'."""
+
+    def __contains__(self, site: object) -> bool:
+        return True
+
+    def __missing__(self, site: Site) -> int:
+        return 0
+
+
+class StepInterleaver:
+    """Runs a Program over the model calls of one ``generate``."""
+
+    def __init__(self, program, rows: dict[Any, Rows]):
+        skip = next((n for n in program.nodes if n.skip), None)
+        if skip is not None:
+            raise TraceError(at_line(
+                f"{module_label(skip.site.path)}.skip(...) inside generate() needs "
+                f"the fx backend (this generation runs on hooks)", skip.line))
+        self.program = program
+        self.rows = rows
+        self.after = needs_generated_ids(program)  # they run once generate is done
+        self.once = [n for n in program.nodes if n.steps is None]
+        self.per_step = [n for n in program.nodes if n.steps is not None]
+        self.persistent: dict[Node, Any] = {}
+        self.collected: dict[Node, list[Any]] = defaultdict(list)
+        self.step = -1
+        self.walker: RealWalker | None = None
+        self.pending: list[Node] = []
+        self.base: dict[str, int] = {}
+        self.events: ModuleEvents | None = None
+
+    @contextlib.contextmanager
+    def installed(self, module):
+        paths = {n.site.path for n in self.program.nodes
+                 if n.kind in (Kind.READ, Kind.WRITE) and n.site != GENERATOR}
+        self.events = ModuleEvents(module, self._on_event, only=paths | {""})
+        with self.events.installed():
+            yield
+
+    def _start_step(self) -> None:
+        self._end_step()
+        self.step += 1
+        self.walker = RealWalker(self.program, self.rows, AnySite())
+        self.walker.values.update(self.persistent)
+        self.walker.positions.update((node, 0) for node in self.persistent)
+        active = [n for n in self.per_step if self.step in n.steps]
+        self.pending = [n for n in self.program.nodes
+                        if (n in active or n in self.once) and n not in self.persistent]
+
+    def _end_step(self) -> None:
+        walker = self.walker
+        if walker is None:
+            return
+        for node in self.per_step:
+            if node in walker.values and self.step in node.steps:
+                self.collected[node].append(walker.values[node])
+        for node in self.once:
+            if node in walker.values:
+                self.persistent[node] = walker.values[node]
+        late = [n for n in self.pending if n not in self.after and (
+            n.kind is Kind.WRITE or n.steps is not None or
+            (n.kind is Kind.READ and n in self.once))]
+        if late:
+            node = late[0]
+            if node.site is not None:
+                message = (f"{node.site.label} was not reached in decoding step "
+                           f"{self.step} (or this write depends on a later value)")
+            else:
+                message = (f"this was not computed in decoding step {self.step}: a value it "
+                           f"needs is only computed in other steps, or its module did not run")
+            raise TraceError(at_line(message, node.line))
+
+    def _on_event(self, site: Site, value: Any) -> Any:
+        events = self.events
+        if site.path == "" and site.kind == INPUT:
+            self._start_step()
+            self.base = dict(events.calls)
+            self.base[""] = events.calls[""] - 1
+        local = Site(site.path, site.kind, site.call - self.base.get(site.path, 0))
+        walker = self.walker
+        walker.event_values[local] = value
+        walker.current.pop(local, None)
+        self._pump(local)
+        if local in walker.written:
+            walker.written.discard(local)
+            new = walker.current[local]
+            return (tuple(new[0]), dict(new[1])) if local.kind == INPUT else new
+        return None
+
+    def _ready(self, node: Node, firing: Site | None) -> bool:
+        walker = self.walker
+        if any(arg not in walker.values for arg in node.all_input_nodes):
+            return False
+        kind = node.kind
+        if kind is Kind.READ:
+            site = node.site
+            if site == GENERATOR:
+                return site == firing
+            return site in walker.event_values and (self.step == 0 or node not in self.once)
+        if kind is Kind.WRITE:
+            return node.site == firing
+        return True
+
+    def _pump(self, firing: Site | None) -> None:
+        progress = True
+        while progress:
+            progress = False
+            for node in list(self.pending):
+                if self._ready(node, firing):
+                    try:
+                        self.walker.visit(node)
+                    except Exception as error:
+                        if not isinstance(error, TraceError):
+                            error.add_note(f"  at {node.line}")
+                        raise
+                    self.pending.remove(node)
+                    progress = True
+
+    def finish(self, output: Any) -> None:
+        self._end_step()
+        if self.walker is None:
+            self._start_step()
+        self.walker.event_values[GENERATOR] = output
+        self.pending = [n for n in self.once if n not in self.persistent
+                        and n not in self.walker.values]
+        self._pump(GENERATOR)
+        for node in self.once:
+            if node in self.walker.values:
+                self.persistent[node] = self.walker.values[node]
+        if self.pending:
+            node = self.pending[0]
+            site = node.site
+            where = f"{module_label(site.path)}" if site else "a value it needs"
+            raise TraceError(at_line(f"{where} never ran during generation, so this "
+                                     f"intervention could not be applied", node.line))
+
+    def result(self, node: Node) -> Any:
+        if node.steps is not None:
+            return list(self.collected.get(node, []))
+        return self.persistent[node]

@@ -1,0 +1,190 @@
+"""The recorder: where a line of a ``trace`` block becomes a Program node.
+
+Proxies and envoys call its ``create_*`` methods (in the spirit of torch.fx's
+``TracerBase.create_node``); each node takes the recorder's current :class:`Scope` (the
+invoke, the decoding steps) and the user's source line as it is created. Questions that
+need the model or the inputs (a value's shape, its real value after the run, token
+positions) go to the recorder's :class:`Host`, the trace that owns it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import TraceError, at_line, user_line
+from .active import active_tracers
+from .program import Node, Program, setitem
+from .proxy import Proxy, from_where
+from .scope import Scope
+from .sites import Site
+
+_PLAIN_ARGS = frozenset({int, bool, str, type(None), type(Ellipsis)})
+
+
+class Host(Protocol):
+    """What a recorder asks the trace that owns it."""
+
+    def meta_of(self, node: Node, what: str) -> Any:
+        """``node``'s meta value (a meta tensor, or a structure of them)."""
+
+    def device_of(self, node: Node) -> torch.device:
+        """The device ``node``'s value will be on."""
+
+    def value_of(self, proxy: Proxy) -> Any:
+        """A saved proxy's real value, once the trace has run."""
+
+    def token_indexer(self, proxy: Proxy) -> Any:
+        """``proxy.token``: padding-aware token indexing (language models)."""
+
+
+class Recorder:
+    """Records the interventions of one trace into :attr:`program`."""
+
+    def __init__(self, host: Host, token_indexing: bool = False):
+        self.host = host
+        self.program = Program()
+        self.scope = Scope()
+        self.token_indexing = token_indexing
+        self.open = False  # whether recording is allowed (set by the trace's context)
+        # ``what -> why``: kinds of node this trace cannot run (gradients in generate)
+        self.refused: dict[str, str] = {}
+        # saved proxies (kept alive, so their ids stay theirs) and their nodes at save time
+        self.saved: dict[int, tuple[Proxy, Node]] = {}
+
+    # --- creating nodes -----------------------------------------------------------------
+    def create_read(self, site: Site, accessor: str) -> Proxy:
+        """A module's ``accessor`` (``"output"``, ``"input"``, ``"inputs"``) at ``site``."""
+        self.check_open()
+        return Proxy(self, self.program.read(site, accessor, self.scope, user_line()))
+
+    def create_write(self, site: Site, accessor: str, value: Any) -> None:
+        """Replace a module's ``accessor`` at ``site`` with ``value``."""
+        self.check_open()
+        self.program.write(site, accessor, self.to_arg(value), self.scope, user_line())
+
+    def create_skip(self, site: Site, value: Any) -> None:
+        """The module of ``site`` does not run; ``value`` is its output."""
+        self.check_open()
+        self.program.skip(site, self.to_arg(value), self.scope, user_line())
+
+    def create_op(self, op: str, target: Any, args: tuple, kwargs: dict,
+                  lenient: bool = False) -> Proxy:
+        """Any operation on recorded values. An in-place one (``h += v``, ``h[k] = v``)
+        moves its first argument's proxy to the new node and returns that proxy."""
+        self.check_open((args, kwargs))
+        node = self.program.op(op, target, self.to_arg(tuple(args)),
+                               self.to_arg(kwargs) if kwargs else {}, self.scope,
+                               user_line(), lenient)
+        if node.mutation and args and isinstance(args[0], Proxy):
+            object.__setattr__(args[0], "_node", node)
+            return args[0]
+        return Proxy(self, node)
+
+    def create_setitem(self, proxy: Proxy, key: Any, value: Any) -> None:
+        """``proxy[key] = value``."""
+        self.create_op("call_function", setitem, (proxy, key, value), {})
+
+    def create_grad(self, proxy: Proxy) -> Proxy:
+        """``proxy.grad``."""
+        self._check_allowed("grad")
+        self.check_open()
+        target = self.to_arg(proxy)
+        return Proxy(self, self.program.grad(target, self._scope_of(target), user_line()))
+
+    def create_grad_write(self, proxy: Proxy, value: Any) -> None:
+        """``proxy.grad = value``."""
+        self._check_allowed("grad")
+        self.check_open()
+        target = self.to_arg(proxy)
+        self.program.grad_write(target, self.to_arg(value), self._scope_of(target),
+                                user_line())
+
+    def save(self, proxy: Proxy) -> Proxy:
+        """Keep ``proxy``'s value after the trace."""
+        if proxy._recorder is not self or not self.open:
+            raise TraceError(at_line(".save() can only be called inside the trace that "
+                                     f"created the value{from_where(proxy)}", user_line()))
+        self.program.save(proxy._node)
+        self.saved[id(proxy)] = (proxy, proxy._node)
+        return proxy
+
+    # --- questions about recorded values -------------------------------------------------
+    def meta(self, proxy: Proxy, what: str) -> Any:
+        """``proxy``'s meta value, for ``.shape``, ``.dtype``, ``len()``, iteration."""
+        self.check_open()
+        return self.host.meta_of(proxy._node, what)
+
+    def device(self, proxy: Proxy) -> torch.device:
+        self.check_open()
+        return self.host.device_of(proxy._node)
+
+    def value(self, proxy: Proxy) -> Any:
+        return self.host.value_of(proxy)
+
+    def token_indexer(self, proxy: Proxy) -> Any:
+        return self.host.token_indexer(proxy)
+
+    # --- helpers ---------------------------------------------------------------------------
+    def check_open(self, used: Any = None) -> None:
+        """Raise unless recording is allowed now, in this thread."""
+        if not self.open or self.host not in active_tracers():
+            where = ""
+            for value in _proxies_in(used):
+                where = from_where(value)
+                break
+            raise TraceError(at_line(f"this trace has ended: values{where} can only be used "
+                                     "inside the `with ... trace(...)` block", user_line()))
+
+    def _check_allowed(self, what: str) -> None:
+        why = self.refused.get(what)
+        if why is not None:
+            raise TraceError(at_line(why, user_line()))
+
+    def _scope_of(self, target: Node) -> Scope:
+        """A gradient's scope: the rows of the value it is the gradient of."""
+        return Scope(target.invoke, self.scope.steps)
+
+    def to_arg(self, value: Any) -> Any:
+        """``value`` as a node argument: proxies become their nodes, real tensors and
+        Python floats become Program inputs (new values reuse the graph)."""
+        kind = type(value)
+        if kind is float:  # a coefficient: an input, so new values reuse the graph
+            return self.program.input(value)
+        if kind in _PLAIN_ARGS:  # the common case, first
+            return value
+        if kind is Proxy:
+            if value._recorder is not self:
+                raise TraceError(at_line(
+                    f"a value from another (earlier) trace{from_where(value)} was used here; "
+                    "save it in its own trace and pass the real tensor instead", user_line()))
+            return value._node
+        if isinstance(value, torch.Tensor):
+            return self.program.input(value)
+        if kind is tuple:
+            return tuple([self.to_arg(v) for v in value])
+        if kind is slice:
+            if value.start is None and value.stop is None and value.step is None:
+                return value  # `:`
+            return slice(self.to_arg(value.start), self.to_arg(value.stop),
+                         self.to_arg(value.step))
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.to_arg(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.to_arg(v) for k, v in value.items()}
+        if getattr(kind, "_is_envoy", False):
+            raise TraceError(at_line("a module was passed where a value was expected; "
+                                     "use its .output or .input", user_line()))
+        return value
+
+
+def _proxies_in(value: Any):
+    if isinstance(value, Proxy):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _proxies_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _proxies_in(item)

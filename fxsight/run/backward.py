@@ -1,0 +1,131 @@
+"""The backward phase of a trace: what runs after the forward pass, driven by grad taps.
+
+Everything that depends on a gradient or on ``backward()`` runs here, in program order,
+each node as soon as its values exist (a gradient exists once its tap has fired during
+``backward()``); gradient writes return a new gradient from the tap. See
+:mod:`fxsight.splice.gradients` for the taps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import TraceError, at_line
+from ..record.program import Kind, Node, Program, execute, map_nodes
+from ..splice.gradients import grad_target, set_active_sink
+from ..splice.rows import Rows, conform, narrow_rows, splice_rows
+
+
+class BackwardPhase:
+    """Runs a trace's backward-phase nodes on real values, driven by the grad taps."""
+
+    def __init__(self, program: Program, rows: dict[Any, Rows], nodes: set[Node],
+                 values: dict[Node, Any], keys: dict[Node, str]):
+        self.program = program
+        self.rows = rows
+        self.pending = [n for n in program.nodes if n in nodes]
+        self.values = dict(values)
+        self.keys = keys
+        self.grads: dict[str, torch.Tensor] = {}
+        self.firing: str | None = None
+
+    # --- driving -----------------------------------------------------------------------
+    def run(self) -> dict[Node, Any]:
+        if not torch.is_grad_enabled():
+            node = self.pending[0]
+            raise TraceError(at_line("gradients need autograd, but this trace runs under "
+                                     "torch.no_grad()", node.line))
+        set_active_sink(self)
+        try:
+            self._pump(top_level=True)
+        finally:
+            set_active_sink(None)
+        if self.pending:
+            self._explain(self.pending[0])
+        return self.values
+
+    def on_grad(self, key: str, grad: torch.Tensor) -> torch.Tensor:
+        self.grads[key] = grad.clone()
+        previous, self.firing = self.firing, key
+        try:
+            self._pump(top_level=False)
+        finally:
+            self.firing = previous
+        for node in self.pending:
+            if node.kind is Kind.GRAD_WRITE and self.keys[node] == key:
+                raise TraceError(at_line(
+                    "this gradient write depends on a value that is only known later in "
+                    "the backward pass", node.line))
+        return self.grads[key]
+
+    def _pump(self, top_level: bool) -> None:
+        progress = True
+        while progress:
+            progress = False
+            for node in list(self.pending):
+                if self._ready(node, top_level):
+                    self._evaluate(node)
+                    self.pending.remove(node)
+                    progress = True
+
+    def _ready(self, node: Node, top_level: bool) -> bool:
+        if any(arg not in self.values for arg in node.all_input_nodes):
+            return False
+        kind = node.kind
+        if kind is Kind.GRAD:
+            return self.keys[node] in self.grads
+        if kind is Kind.GRAD_WRITE:
+            return self.firing == self.keys[node]
+        if node.op == "call_method" and node.target == "backward":
+            return top_level
+        return True
+
+    def _evaluate(self, node: Node) -> None:
+        kind = node.kind
+        rows = self.rows[node.invoke]
+        if kind is Kind.GRAD:
+            grad = self.grads[self.keys[node]]
+            self.values[node] = grad if rows.whole else narrow_rows(
+                grad, rows.start, rows.stop, rows.total)
+        elif kind is Kind.GRAD_WRITE:
+            key = self.keys[node]
+            value = map_nodes(node.args[1], self.values.__getitem__)
+            old = self.grads[key]
+            self.grads[key] = conform(value, old) if rows.whole else splice_rows(
+                old, value, rows.start, rows.stop, rows.total)
+            self.values[node] = None
+        elif kind in (Kind.READ, Kind.WRITE):
+            raise TraceError(at_line(
+                "a module's inputs and outputs cannot be read or written with values that "
+                "depend on gradients: the forward pass is over", node.line))
+        else:
+            args = map_nodes(node.args, self.values.__getitem__)
+            kwargs = map_nodes(node.kwargs, self.values.__getitem__)
+            self.values[node] = execute(node.op, node.target, args, kwargs)
+
+    def _explain(self, node: Node) -> None:
+        backwards = [n for n in self.program.nodes
+                     if n.op == "call_method" and n.target == "backward"]
+        if not backwards:
+            raise TraceError(at_line("this gradient is read, but the trace never calls "
+                                     "backward()", node.line))
+        grad = next((n for n in [node, *node.all_input_nodes] if n.kind is Kind.GRAD),
+                    node)
+        where = grad_target(grad)[0].site.label if grad.kind is Kind.GRAD else None
+        raise TraceError(at_line(
+            f"the gradient of {where or 'this value'} was never computed: the loss passed "
+            f"to backward() does not depend on it (or it does not require grad)",
+            node.line))
+
+
+def forward_exports(program: Program, phase: set[Node]) -> list[Node]:
+    """Forward values the backward phase uses: they must outlive the forward pass."""
+    exports: list[Node] = []
+    for node in program.nodes if phase else ():
+        if node in phase:
+            for arg in node.all_input_nodes:
+                if arg not in phase and arg not in exports:
+                    exports.append(arg)
+    return exports

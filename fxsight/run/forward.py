@@ -1,0 +1,134 @@
+"""The one execution path: a recorded Program run over a model's forward pass.
+
+:func:`run_program` picks the backend (the fx backend where the model is captured, the
+hooks backend where it is not or where asked), runs the forward pass with the Program
+spliced in, then the backward phase where the trace uses gradients. The decision to fall
+back to hooks is made in one place, :func:`fall_back`, for traces and generation alike.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ..capture.export import CaptureError, Captured, cached_capture, flat_inputs, signature
+from ..capture.scan import ScanResult, cached_scan
+from ..errors import TraceError, user_stacklevel
+from ..record.program import Node, Program
+from ..splice.gradients import backward_phase
+from ..splice.rows import Rows
+from ..splice.walker import MetaWalker
+from ..stats import bump
+from .backward import BackwardPhase, forward_exports
+from .executable import runner_for
+from .hooks import run_with_hooks
+from .options import RunOptions
+
+
+@dataclass
+class Outcome:
+    """What a run produced: the model's output and every saved node's value."""
+
+    backend: str  # "fx" or "hooks"
+    output: Any
+    output_kept: bool
+    values: dict[Node, Any]
+    graph_module: fx.GraphModule | None = None
+    grad_keys: dict[Node, str] = field(default_factory=dict)
+
+
+def fall_back(reason: Exception | str, options: RunOptions, warned: set, key: Any,
+              what: str = "this model") -> None:
+    """The fx path cannot run ``what``: raise under ``backend="fx"``, else warn (once per
+    ``key``) that the hooks backend takes over."""
+    if options.backend == "fx":
+        if isinstance(reason, Exception):
+            raise reason
+        raise TraceError(f"{what} cannot run on the fx backend: {reason}")
+    bump("fallbacks")
+    if key not in warned:
+        warned.add(key)
+        warnings.warn(f"fxsight: {what} runs with the hooks backend: {reason}",
+                      RuntimeWarning, stacklevel=user_stacklevel())
+
+
+def capture_for(module: nn.Module, args: tuple, kwargs: dict, options: RunOptions,
+                warned: set, flat: tuple | None = None) -> Captured | None:
+    """The capture the fx backend runs, or ``None`` where the hooks backend runs instead
+    (``backend="hooks"``, or a failed capture under ``"auto"``)."""
+    if options.backend == "hooks":
+        return None
+    try:
+        return cached_capture(module, args, kwargs, dynamic=options.dynamic_policy, flat=flat)
+    except CaptureError as error:
+        fall_back(error, options, warned, signature(module, args, kwargs, flat))
+        return None
+
+
+def metadata_source(module: nn.Module, args: tuple, kwargs: dict,
+                    options: RunOptions) -> Captured | ScanResult:
+    """Boundary shapes for these inputs: from the capture where the fx backend will run
+    (it is needed anyway), else from a fake-tensor scan."""
+    if options.backend != "hooks":
+        try:
+            return cached_capture(module, args, kwargs)
+        except CaptureError:
+            pass
+    return cached_scan(module, args, kwargs)
+
+
+def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
+                rows: dict[Any, Rows], options: RunOptions, warned: set,
+                stop: bool = False) -> Outcome:
+    """Run ``module(*args, **kwargs)`` with ``program`` spliced in (``stop``: end the
+    forward pass once everything the Program needs is computed)."""
+    backward_nodes = backward_phase(program)
+    for node in forward_exports(program, backward_nodes):
+        program.save(node)  # forward values the backward phase needs
+    if backward_nodes:
+        # grad taps call back into the trace during backward(): the graph breaks there
+        options = options.with_compile(fullgraph=False)
+    keep_output = (not options.prune or not program.saves) and not stop
+    forward_saves = [n for n in program.saves if n not in backward_nodes]
+    flat = flat_inputs(args, kwargs)
+    captured = capture_for(module, args, kwargs, options, warned, flat)
+    if captured is not None:
+        outcome = _run_fx(module, captured, program, flat[0], rows, options, keep_output,
+                          forward_saves)
+    else:
+        outcome = _run_hooks(module, program, args, kwargs, rows, stop, forward_saves)
+    if backward_nodes:
+        forward = {n: outcome.values[n] for n in forward_saves}
+        values = BackwardPhase(program, rows, backward_nodes, forward,
+                               outcome.grad_keys).run()
+        outcome.values.update((n, values[n]) for n in program.saves if n in backward_nodes)
+    return outcome
+
+
+def _run_fx(module: nn.Module, captured: Captured, program: Program, flat: list[Any],
+            rows: dict[Any, Rows], options: RunOptions, keep_output: bool,
+            forward_saves: list[Node]) -> Outcome:
+    runner = runner_for(module, captured, program, rows, keep_output, options.compile)
+    output, saves = runner(flat + program.input_values)
+    grad_keys = {}
+    if runner.spliced.grad_keys:
+        nodes = program.nodes
+        grad_keys = {nodes[i]: key for i, key in runner.spliced.grad_keys.items()}
+    return Outcome("fx", output, keep_output, dict(zip(forward_saves, saves)),
+                   runner.graph_module, grad_keys)
+
+
+def _run_hooks(module: nn.Module, program: Program, args: tuple, kwargs: dict,
+               rows: dict[Any, Rows], stop: bool, forward_saves: list[Node]) -> Outcome:
+    source = cached_scan(module, args, kwargs)
+    walker = MetaWalker(program, rows, source)
+    walker.run()
+    grad_keys: dict[Node, str] = {}
+    output, values = run_with_hooks(module, program, rows, source.index, walker.positions,
+                                    args, kwargs, stop=stop, grad_keys=grad_keys)
+    return Outcome("hooks", output, not stop, {n: values[n] for n in forward_saves},
+                   None, grad_keys)
