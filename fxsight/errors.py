@@ -30,6 +30,11 @@ class ControlFlowError(TraceError):
     """Python control flow on a traced value, which cannot be recorded."""
 
 
+class NotOnGraph(TraceError):
+    """An intervention the fx backend cannot honour on a captured graph (the hooks backend
+    can): under ``backend="auto"`` the trace runs on hooks, with a warning."""
+
+
 class CaptureError(FxsightError):
     """The model could not be captured into a graph (the hooks backend takes over)."""
 

@@ -331,3 +331,42 @@ def _order_mistake(net):
 def _shape_mistake(net):
     with net.trace(x_in(), backend="hooks"):
         net.act1.output = torch.zeros(2, 2)
+
+
+# --- writes of what a site cannot hold (issue 18: S9, S11, U1) ------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writing_none_is_an_error_not_ignored(net, backend):
+    with pytest.raises(fxsight.ShapeError) as error:
+        with net.trace(x_in(), backend=backend):
+            net.layer2.output = None
+    check(error, "layer2.output", "NoneType", "net.layer2.output = None")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value, shown", [
+    ("text", "str"), (object(), "object"), (torch.zeros(3, 10, dtype=torch.float64), "float64"),
+    (torch.zeros(3, 10, dtype=torch.int64), "int64"), (torch.zeros(3, 10, dtype=torch.bool), "bool"),
+])
+def test_writing_a_value_of_another_kind_or_dtype_is_an_error(net, backend, value, shown):
+    with pytest.raises(fxsight.ShapeError) as error:
+        with net.trace(x_in(), backend=backend):
+            net.layer2.output = value
+    check(error, "layer2.output", shown)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_meta_tensor_brought_into_a_trace_is_an_error(net, backend):
+    with pytest.raises(fxsight.TraceError) as error:
+        with net.trace(x_in(), backend=backend):
+            net.layer2.output[:] = torch.zeros(10, device="meta")
+    check(error, "meta device")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_smaller_batch_is_not_stretched_over_the_batch(net, backend):
+    """A forward hook returning ``h[:1]`` would shrink the batch; fxsight cannot change a
+    captured shape, and stretching the row over the batch would be silently different."""
+    with pytest.raises(fxsight.ShapeError) as error:
+        with net.trace(x_in(), backend=backend):
+            net.layer2.output = net.layer2.output[:1]
+    check(error, "(1, 10)", "(3, 10)", "net.layer2.output[:1]")

@@ -33,7 +33,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..capture.export import CaptureError, cached_capture, flat_inputs
-from ..errors import TraceError, at_line
+from ..errors import NotOnGraph, TraceError, at_line
 from ..record.program import Kind, Node, Program
 from ..run.executable import runner_for
 from ..run.options import RunOptions
@@ -180,8 +180,11 @@ class GraphSteps:
                                       else self.options.dynamic_policy)
         except CaptureError as error:
             raise Unsupported(str(error)) from error
-        runner = runner_for(wrapper, captured, program, self.rows, True,
-                            self.options.compile)
+        try:
+            runner = runner_for(wrapper, captured, program, self.rows, True,
+                                self.options.compile)
+        except NotOnGraph as error:
+            raise Unsupported(str(error)) from error
         output, saves = runner(flat[0] + program.input_values)
         self.graph_module = runner.graph_module
         for node, value in zip(program.saves, saves):

@@ -12,13 +12,14 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from ..capture.export import CaptureError, Captured, cached_capture, flat_inputs, signature
 from ..capture.scan import ScanResult, cached_scan
-from ..errors import TraceError, user_stacklevel
-from ..record.program import Node, Program
+from ..errors import NotOnGraph, TraceError, at_line, user_stacklevel
+from ..record.program import Kind, Node, Program
 from ..splice.gradients import backward_phase
 from ..splice.rows import Rows
 from ..splice.walker import MetaWalker
@@ -86,6 +87,7 @@ def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
                 stop: bool = False) -> Outcome:
     """Run ``module(*args, **kwargs)`` with ``program`` spliced in (``stop``: end the
     forward pass once everything the Program needs is computed)."""
+    _check_inputs(program)
     backward_nodes = backward_phase(program)
     for node in forward_exports(program, backward_nodes):
         program.save(node)  # forward values the backward phase needs
@@ -96,10 +98,14 @@ def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
     forward_saves = [n for n in program.saves if n not in backward_nodes]
     flat = flat_inputs(args, kwargs)
     captured = capture_for(module, args, kwargs, options, warned, flat)
+    outcome = None
     if captured is not None:
-        outcome = _run_fx(module, captured, program, flat[0], rows, options, keep_output,
-                          forward_saves)
-    else:
+        try:
+            outcome = _run_fx(module, captured, program, flat[0], rows, options, keep_output,
+                              forward_saves)
+        except NotOnGraph as error:  # (raised while splicing: nothing has run)
+            fall_back(error, options, warned, ("not on graph", str(error)))
+    if outcome is None:
         outcome = _run_hooks(module, program, args, kwargs, rows, stop, forward_saves)
     if backward_nodes:
         forward = {n: outcome.values[n] for n in forward_saves}
@@ -132,3 +138,15 @@ def _run_hooks(module: nn.Module, program: Program, args: tuple, kwargs: dict,
                                     args, kwargs, stop=stop, grad_keys=grad_keys)
     return Outcome("hooks", output, not stop, {n: values[n] for n in forward_saves},
                    None, grad_keys)
+
+
+def _check_inputs(program: Program) -> None:
+    """Tensors the user brought into the trace must hold data (not be on the meta device)."""
+    for index, value in enumerate(program.input_values):
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            user = next((n for n in program.nodes if any(
+                a.kind is Kind.INPUT and a.input_index == index for a in n.all_input_nodes)),
+                None)
+            raise TraceError(at_line("a tensor on the meta device (shapes only, no data) was "
+                                     "used in this trace; pass a real tensor",
+                                     user.line if user is not None else None))

@@ -36,9 +36,8 @@ class RealWalker(Walker):
     def call(self, node, op, target, args, kwargs, position):
         return execute(op, target, args, kwargs)
 
-    def _write(self, node: Node) -> None:
-        super()._write(node)
-        self.written.add(node.site)
+    def on_written(self, site: Site) -> None:
+        self.written.add(site)
 
     def on_tapped(self, site: Site) -> None:
         self.written.add(site)

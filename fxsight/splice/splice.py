@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from .._torch import is_unused_random, pytree, rename_node
 
+from ..errors import NotOnGraph, at_line
 from ..stats import bump
 from ..capture.export import BOUNDARY, Captured
 from ..record.program import Kind, Program
@@ -68,6 +69,20 @@ class _SpliceWalker(Walker):
     def input_value(self, node: fx.Node) -> Any:
         return self.inputs[node.input_index]
 
+    def check_write(self, node, site, old, value, rows) -> None:
+        """A Python value at a boundary (a flag, a scale) is a constant of the captured
+        graph: a write that changes one cannot be honoured here (the hooks backend can)."""
+        new_leaves = [value] if not isinstance(value, (tuple, list, dict)) \
+            else pytree.tree_leaves(value)
+        for old_leaf, new_leaf in zip(pytree.tree_leaves(old), new_leaves):
+            if isinstance(old_leaf, fx.Node):
+                continue
+            if isinstance(new_leaf, fx.Node) or not _same_constant(old_leaf, new_leaf):
+                raise NotOnGraph(at_line(
+                    f"the write to {site.label} changes a Python value the model was called "
+                    f"with ({old_leaf!r} -> {_shown(new_leaf)}), which the captured graph "
+                    f"holds as a constant", node.line))
+
     def _anchor(self, position: int) -> fx.Node:
         if position not in self.anchors:
             self.anchors[position] = self.node_map[self.captured.anchor(position)]
@@ -86,6 +101,17 @@ class _SpliceWalker(Walker):
         self.anchors[position] = new
         self.inserted.add(new)
         return new
+
+
+def _same_constant(old: Any, new: Any) -> bool:
+    try:
+        return type(old) is type(new) and bool(old == new)
+    except Exception:  # noqa: BLE001 - not comparable: not the same
+        return False
+
+
+def _shown(value: Any) -> str:
+    return "a value computed in the trace" if isinstance(value, fx.Node) else repr(value)
 
 
 def captured_anchor(graph: fx.Graph) -> fx.Node:

@@ -8,6 +8,7 @@ A node can run as soon as the forward pass reaches its position.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch.fx as fx
 from .._torch import FakeTensorMode, pytree
 
 from ..errors import OrderError, ShapeError, TraceError, at_line
-from ..record.program import (Kind, ModuleCall, Node, Program, execute, is_view, map_nodes, node_args, origin, replace,
+from ..record.program import (Kind, ModuleCall, Node, Program, execute, setitem, is_view, map_nodes, node_args, origin, replace,
                       select)
 from .rows import Rows, conform, narrow_rows, splice_rows
 from .gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
@@ -86,8 +87,8 @@ class Walker:
         else:
             self._op(node)
 
-    def position_of_site(self, node: Node) -> int:
-        site: Site = node.site
+    def position_of_site(self, node: Node, site: Site | None = None) -> int:
+        site = node.site if site is None else site
         if site not in self.index:
             raise TraceError(at_line(
                 f"{module_label(site.path)} has no {site.kind} call #{site.call} in this "
@@ -145,21 +146,26 @@ class Walker:
         return max([self.positions[n] for n in node_args(value)], default=BEFORE_ALL)
 
     def _write(self, node: Node) -> None:
-        site: Site = node.site
-        position = self.position_of_site(node)
         value_position = self._arg_position(node.args[0])
+        if node.skip:
+            self._check_skip_value(node, value_position)
+        value = map_nodes(node.args[0], self.values.__getitem__)
+        self._write_at(node, node.site, node.accessor, value, value_position)
+        self.values[node] = None
+
+    def _write_at(self, node: Node, site: Site, accessor: str, value: Any,
+                  value_position: int) -> None:
+        """Replace ``accessor`` of ``site`` with ``value`` (for ``node``, the user's line)."""
+        position = self.position_of_site(node, site)
         if value_position > position:
             later = self._site_at(value_position)
             raise OrderError(at_line(
                 f"the write to {site.label} depends on {later.label}, which is only "
                 f"computed after {module_label(site.path)} has run", node.line))
-        if node.skip:
-            self._check_skip_value(node, value_position)
-        value = map_nodes(node.args[0], self.values.__getitem__)
         full = self._current(site)
-        old = select(full, node.accessor)
+        old = select(full, accessor)
         rows = self._rows(node)
-        self.check_write(node, old, value, rows)
+        self.check_write(node, site, old, value, rows)
         old_leaves, spec = pytree.tree_flatten(old)
         new_leaves = pytree.tree_leaves(value) if isinstance(value, (tuple, list, dict)) \
             else [value]
@@ -179,10 +185,24 @@ class Walker:
                                           (old_leaf, new_leaf, rows.start, rows.stop,
                                            rows.total), {}, position))
         new = pytree.tree_unflatten(replaced, spec)
-        self.current[site] = replace(full, node.accessor, new)
+        self.current[site] = replace(full, accessor, new)
         self.current_position[site] = position
-        self.values[node] = None
         self.positions[node] = position
+        self.on_written(site)
+
+    def on_written(self, site: Site) -> None:
+        """Domain hook: ``site``'s value was replaced."""
+
+    def _set_item_of_read(self, node: Node) -> None:
+        """``value[key] = v`` where ``value`` is a module's dict-like inputs or output (a
+        ``ModelOutput``): a write of the site with that item replaced, so the model's
+        later modules see it on every backend."""
+        read, key, item = node.args
+        value_position = max(self._arg_position(item), self._arg_position(key))
+        new = _with_item(self.values[read], map_nodes(key, self.values.__getitem__),
+                         map_nodes(item, self.values.__getitem__))
+        self._write_at(node, read.site, read.accessor, new, value_position)
+        self.values[node] = new
 
     def _check_skip_value(self, node: Node, value_position: int) -> None:
         """A skipped module does not run: its value may not come from inside it."""
@@ -196,6 +216,11 @@ class Walker:
                 f"skipped module does not run", node.line))
 
     def _op(self, node: Node) -> None:
+        if node.target is setitem and type(node.args[0]) is Node and \
+                node.args[0].kind is Kind.READ and \
+                isinstance(self.values[node.args[0]], (dict, list)):
+            self._set_item_of_read(node)
+            return
         position = max(self._arg_position(node.args), self._arg_position(node.kwargs))
         if node.mutation:
             self._check_mutation_order(node, position)
@@ -215,8 +240,8 @@ class Walker:
     def check_grad_write(self, node, site, old, value, rows) -> None:
         """Domain hook: reject a gradient that cannot replace ``old``'s."""
 
-    def check_write(self, node: Node, old: Any, value: Any, rows: Rows) -> None:
-        """Domain hook: reject a value that cannot replace ``old``."""
+    def check_write(self, node: Node, site: Site, old: Any, value: Any, rows: Rows) -> None:
+        """Domain hook: reject a value that cannot replace ``old`` at ``site``."""
 
     def _check_mutation_order(self, node: Node, position: int) -> None:
         root = node.args[0]
@@ -325,12 +350,11 @@ class MetaWalker(Walker):
             raise ShapeError(at_line(f"{name} fails on these shapes{where}: {error}",
                                      node.line)) from None
 
-    def check_write(self, node, old, value, rows):
-        site = node.site
-        old_leaves, old_spec = pytree.tree_flatten(old)
-        new_leaves = [value] if isinstance(value, torch.Tensor) else pytree.tree_leaves(value)
+    def check_write(self, node, site, old, value, rows):
         if isinstance(value, UnknownMeta):
             return
+        old_leaves = pytree.tree_leaves(old)
+        new_leaves = [value] if isinstance(value, torch.Tensor) else pytree.tree_leaves(value)
         if len(old_leaves) != len(new_leaves):
             raise ShapeError(at_line(
                 f"{site.label} holds {_describe(old)}; the written value is {_describe(value)}",
@@ -341,22 +365,29 @@ class MetaWalker(Walker):
             target_shape = old_leaf.shape
             if not rows.whole and old_leaf.dim() > 0 and old_leaf.shape[0] == rows.total:
                 target_shape = (rows.stop - rows.start, *old_leaf.shape[1:])
-            new_shape = new_leaf.shape if isinstance(new_leaf, torch.Tensor) else ()
-            if node.skip and rows.whole and (
-                    not isinstance(new_leaf, torch.Tensor) or new_shape != old_leaf.shape):
+            if type(new_leaf) in (int, float, bool) and not node.skip:
+                continue  # a number fills the tensor
+            if not isinstance(new_leaf, torch.Tensor):
+                raise ShapeError(at_line(
+                    f"{site.label} holds {_describe(old_leaf)}; the written value is "
+                    f"{_describe(new_leaf)} (write a tensor, or a number to fill it)",
+                    node.line))
+            if new_leaf.dtype != old_leaf.dtype:
+                raise ShapeError(at_line(
+                    f"a {_dtype(new_leaf)} value cannot be written into {site.label}, which "
+                    f"is {_dtype(old_leaf)}: convert it first (`.to({old_leaf.dtype})`)",
+                    node.line))
+            if node.skip and rows.whole and new_leaf.shape != old_leaf.shape:
                 raise ShapeError(at_line(
                     f"{module_label(site.path)}.skip(...) needs a value shaped like the "
                     f"module's output, {tuple(old_leaf.shape)}; it got "
                     f"{_describe(new_leaf)}", node.line))
-            try:
-                broadcast = torch.broadcast_shapes(new_shape, target_shape)
-            except RuntimeError:
-                broadcast = None
-            if broadcast != torch.Size(target_shape):
+            if not _fits(new_leaf.shape, torch.Size(target_shape)):
                 raise ShapeError(at_line(
-                    f"a value of shape {tuple(new_shape)} cannot be written into "
-                    f"{site.label} of shape {tuple(target_shape)}{_rows_note(node, rows)}",
-                    node.line))
+                    f"a value of shape {tuple(new_leaf.shape)} cannot be written into "
+                    f"{site.label} of shape {tuple(target_shape)}{_rows_note(node, rows)}"
+                    f" (a write keeps the shape: give every dimension, or fewer leading "
+                    f"ones to repeat the value over them)", node.line))
 
 
 def _module_call_meta(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
@@ -394,6 +425,32 @@ def _rows_note(node: Node, rows: Rows) -> str:
     if invoke is None:
         return f" (the whole batch of {rows.total} rows)"
     return f" (invoke #{invoke}: rows {rows.start}:{rows.stop} of a batch of {rows.total})"
+
+
+def _fits(new: torch.Size, old: torch.Size) -> bool:
+    """Whether a written value of shape ``new`` can take the place of one of shape ``old``:
+    the same shape, or fewer dimensions repeated over the leading ones (a row written into
+    every row). A size-1 dimension is not stretched: ``h[:1]`` written where ``h`` was
+    would change the batch under a forward hook, so it is an error, not a broadcast."""
+    if len(new) == len(old):
+        return new == old
+    if len(new) > len(old):
+        return False
+    try:
+        return torch.broadcast_shapes(new, old) == old and new == old[len(old) - len(new):]
+    except RuntimeError:
+        return False
+
+
+def _dtype(value: torch.Tensor) -> str:
+    return str(value.dtype).replace("torch.", "")
+
+
+def _with_item(container: Any, key: Any, item: Any) -> Any:
+    """A shallow copy of a dict-like or list ``container`` with ``container[key] = item``."""
+    new = copy.copy(container) if isinstance(container, dict) else list(container)
+    new[key] = item
+    return new
 
 
 def _describe(value: Any) -> str:
