@@ -22,6 +22,7 @@ import torch.utils._pytree as pytree
 
 from ..capture.export import _DROPPED_TARGETS, cached_capture
 from ..errors import TraceError, at_line
+from ..locks import exclusive_export, model_lock
 from ..record.program import Program
 from ..splice.rows import Rows
 from ..splice.splice import splice
@@ -107,6 +108,12 @@ def export(model: "NNsight", args: tuple, kwargs: dict) -> fx.GraphModule:
     size = prepared[2]
     model._before_run()
     module = model._module
+    with model_lock(module):
+        return _export(model, module, args, kwargs, size)
+
+
+def _export(model: "NNsight", module: torch.nn.Module, args: tuple, kwargs: dict,
+            size: int) -> fx.GraphModule:
     captured = cached_capture(module, args, kwargs)
     program = Program()
     seed(program, edits_of(model))
@@ -117,7 +124,8 @@ def export(model: "NNsight", args: tuple, kwargs: dict) -> fx.GraphModule:
     flat_inputs = pytree.tree_leaves((args, kwargs))
     _bake_program_inputs(gm, len(flat_inputs), program.input_values)
 
-    exported = torch.export.export(gm, tuple(flat_inputs), strict=False).module()
+    with exclusive_export():
+        exported = torch.export.export(gm, tuple(flat_inputs), strict=False).module()
     graph = exported.graph
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":

@@ -15,6 +15,7 @@ from ..record.active import active_tracers
 from ..bind import bind_frame
 from ..capture.export import CaptureError, cached_capture, flat_inputs, signature
 from ..errors import TraceError, at_line, user_line, user_stacklevel
+from ..locks import model_lock
 from ..run.hooks import run_with_hooks
 from ..record.program import Node, Program, setitem
 from ..splice.gradients import GRAD, GRAD_WRITE, BackwardPhase, backward_phase, forward_exports
@@ -135,7 +136,8 @@ class Tracer:
             self._state = "done"
             return
         try:
-            self._execute()
+            with model_lock(self.model._module):  # one trace of a model runs at a time
+                self._execute()
         finally:
             self._state = "done"
         bind_frame(frame, self._resolve)
@@ -286,13 +288,14 @@ class Tracer:
     def _meta_of(self, proxy: Proxy, what: str) -> Any:
         self._check_recording()
         invoke = proxy._node.meta.get("invoke", self._invoke)
-        walker = self._record_walkers.get(invoke)
-        if walker is None:
-            args, kwargs = self._inputs_for_metadata(invoke)
-            source = self._metadata_source(args, kwargs)
-            rows = _WholeRows()
-            walker = self._record_walkers[invoke] = MetaWalker(self.program, rows, source)
-        walker.run()
+        with model_lock(self.model._module):  # (captures, scans: see fxsight.locks)
+            walker = self._record_walkers.get(invoke)
+            if walker is None:
+                args, kwargs = self._inputs_for_metadata(invoke)
+                source = self._metadata_source(args, kwargs)
+                rows = _WholeRows()
+                walker = self._record_walkers[invoke] = MetaWalker(self.program, rows, source)
+            walker.run()
         meta = walker.values[proxy._node]
         from ..splice.walker import UnknownMeta
         if isinstance(meta, UnknownMeta):

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from ..locks import exclusive_export
 from ..stats import bump
 from ..errors import CaptureError
 from ..capture.events import ModuleEvents
@@ -183,7 +184,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
 
     events = ModuleEvents(model if events_on is None else events_on, mark)
     try:
-        with events.installed(), _quiet_symbolic_shapes():
+        # (one export at a time: export sets process-wide flags, see fxsight.locks)
+        with exclusive_export(), events.installed(), _quiet_symbolic_shapes():
             exported = torch.export.export(
                 model, tuple(args), dict(kwargs), strict=False,
                 dynamic_shapes=_auto_dynamic_shapes(model, args, kwargs) if dynamic else None)
