@@ -59,3 +59,66 @@ def test_generate_does_not_keep_the_model_alive(tokenizer):
     ref = run()
     gc.collect()
     assert ref() is None
+
+
+def _module_attributes(model):
+    return {name: set(vars(module)) for name, module in model.named_modules()}
+
+
+@pytest.mark.parametrize("backend", ("fx", "hooks"))
+def test_accessor_typo_inside_a_trace_raises_and_leaves_the_module_untouched(backend):
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(4, 5)
+    before = _module_attributes(model)
+    with pytest.raises(AttributeError) as raised:
+        with net.trace(x, backend=backend):
+            net.layer1.ouput = net.layer1.output * 2
+    message = str(raised.value)
+    assert "model.layer1" in message and "'ouput'" in message
+    assert "did you mean 'output'" in message
+    assert "net.layer1.ouput = net.layer1.output * 2" in message  # the user's line
+    assert _module_attributes(model) == before
+    assert not hasattr(model.layer1, "ouput")
+
+    with pytest.raises(AttributeError, match="did you mean 'inputs'"):
+        with net.trace(x, backend=backend):
+            net.layer2.inputs_ = net.layer2.inputs
+    with pytest.raises(AttributeError, match="did you mean 'weight'"):
+        with net.trace(x, backend=backend):
+            net.layer2.wieght = torch.zeros(10, 10)
+    assert _module_attributes(model) == before
+
+    # the model still traces, and its result is the plain one
+    with net.trace(x, backend=backend):
+        out = net.output.save()
+    assert torch.equal(out, model(x))
+
+
+def test_accessor_typo_on_a_language_model_block_raises():
+    model = tiny_gpt2()
+    lm = NNsight(model)
+    ids = torch.randint(4, 128, (1, 5))
+    before = _module_attributes(model)
+    with pytest.raises(AttributeError, match=r"model\.transformer\.h\.0.*'outptu'.*"
+                                             r"did you mean 'output'"):
+        with lm.trace(ids, use_cache=False):
+            lm.transformer.h[0].outptu = 0
+    assert _module_attributes(model) == before
+
+
+def test_setting_attributes_inside_and_outside_traces():
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(4, 5)
+    # an attribute the module has: set on the module, as a plain assignment would
+    with net.trace(x):
+        net.act1.inplace = False
+        out = net.output.save()
+    assert model.act1.inplace is False
+    assert torch.equal(out, model(x))
+    # outside a trace, attributes are set on the module (as reads fall through to it)
+    net.layer1.note = "probe"
+    assert model.layer1.note == "probe"
+    assert net.layer1.note == "probe"
+    del model.layer1.note
