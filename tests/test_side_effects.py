@@ -5,6 +5,7 @@ attribute on the real module."""
 from __future__ import annotations
 
 import gc
+import sys
 import warnings
 import weakref
 
@@ -122,3 +123,51 @@ def test_setting_attributes_inside_and_outside_traces():
     assert model.layer1.note == "probe"
     assert net.layer1.note == "probe"
     del model.layer1.note
+
+
+def _rss_mb():
+    import os
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _new_structure(net, x, i):
+    """A trace whose intervention structure is new for every ``i`` (an int is a constant of
+    the rewritten graph): different modules, positions and operations."""
+    layer = (net.layer1, net.layer2)[i % 2]
+    with net.trace(x):
+        if i % 3 == 0:
+            layer.output[:, i % 10] = i
+        elif i % 3 == 1:
+            layer.output[:, i % 10] += layer.output[:, (i + 1) % 10] * i
+        else:
+            layer.output = layer.output.clamp(max=i)
+        out = net.output.save()
+    return out
+
+
+def test_evicted_rewritten_graphs_leave_no_generated_source_behind(monkeypatch):
+    import linecache
+
+    from fxsight.run import executable
+
+    # small runner caches: eviction starts early (the same code path as at 256/128)
+    monkeypatch.setattr(executable, "MAX_RUNNERS", 32)
+    monkeypatch.setattr(executable, "MAX_EXECUTABLES", 16)
+    net = NNsight(mlp())
+    x = torch.randn(4, 5)
+    for i in range(100):  # warm-up: caches full and evicting, allocator at its plateau
+        _new_structure(net, x, i)
+    gc.collect()
+    lines, rss, blocks = len(linecache.cache), _rss_mb(), sys.getallocatedblocks()
+    for i in range(100, 600):
+        _new_structure(net, x, i)
+        if i % 50 == 0:
+            gc.collect()  # (evicted graphs are cyclic garbage: RSS should not wait for it)
+    gc.collect()
+    # each structure compiled one rewritten forward, whose source fx kept in linecache
+    # (and in its loader) for good: 500 more entries before; a handful of others now
+    assert len(linecache.cache) - lines < 20, len(linecache.cache) - lines
+    grown_blocks = sys.getallocatedblocks() - blocks
+    assert grown_blocks < 1_000, f"{grown_blocks} Python memory blocks more"
+    assert _rss_mb() - rss < 4, f"RSS grew by {_rss_mb() - rss:.1f} MB"

@@ -27,6 +27,7 @@ import torch
 from ..stats import bump
 from ..errors import user_stacklevel
 from ..run.eager import fast_forward
+from ..run.sources import release_source_when_collected
 from ..splice.splice import Spliced
 
 # torch.compile options fxsight understands; everything else is an error (as in torch).
@@ -102,6 +103,7 @@ class Executable:
         # a save that is one graph output is read by index (no pytree rebuild per trace)
         self.save_builders = [_single_output(plan) for plan in spliced.saves]
         gm = spliced.graph_module
+        release_source_when_collected(gm)  # (evicted, its source must not stay behind)
         self._eager = fast_forward(gm)
         self._fn: Callable = self._eager
         if compile_options is not None:
