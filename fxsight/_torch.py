@@ -9,6 +9,7 @@ needed and since which torch version it has been checked (fxsight runs on torch 
 
 from __future__ import annotations
 
+import linecache
 from typing import Any, Callable
 
 import torch
@@ -23,7 +24,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
            "is_op_overload", "entry_point", "is_unused_random", "compile_backend",
            "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
-           "global_forward_hooks", "TreeSpec", "uncompiled", "plain_pickling"]
+           "global_forward_hooks", "TreeSpec", "uncompiled", "plain_pickling",
+           "generated_source_key", "forget_generated_source"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -105,3 +107,21 @@ def global_forward_hooks() -> tuple[tuple, tuple]:
     there is no public getter (``torch.nn.modules.module._global_forward_*``; checked 2.13)."""
     module = torch.nn.modules.module
     return tuple(module._global_forward_pre_hooks), tuple(module._global_forward_hooks)
+
+
+def generated_source_key(graph_module: fx.GraphModule) -> str | None:
+    """The name under which fx keeps the source of ``graph_module``'s generated forward
+    (the code's file name), or ``None``. ``GraphModule.recompile`` stores the source in
+    ``torch.fx.graph_module._loader.eval_cache`` and a lazy ``linecache`` entry, under a
+    name unique to that compilation, and never drops either (checked 2.13)."""
+    code = getattr(getattr(type(graph_module), "forward", None), "__code__", None)
+    key = getattr(code, "co_filename", None)
+    if key is None or key not in torch.fx.graph_module._loader.eval_cache:
+        return None
+    return key
+
+
+def forget_generated_source(key: str) -> None:
+    """Drop the source fx registered under ``key`` (see :func:`generated_source_key`)."""
+    torch.fx.graph_module._loader.eval_cache.pop(key, None)
+    linecache.cache.pop(key, None)

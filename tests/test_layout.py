@@ -16,7 +16,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "fxsight"
 
 # the floors of the flow, bottom up: a module may import from its own floor or below
 FLOORS = {
-    "fxsight._torch": 0, "fxsight.errors": 0, "fxsight.stats": 0,
+    "fxsight._torch": 0, "fxsight.errors": 0, "fxsight.stats": 0, "fxsight.locks": 0,
     "fxsight.record": 1,
     "fxsight.capture": 2,
     "fxsight.splice": 3,

@@ -22,6 +22,7 @@ import torch.fx as fx
 from .._torch import plain_pickling, pytree, pytree_codegen
 from ..capture.export import cached_capture, strip_export_checks
 from ..errors import TraceError, at_line
+from ..locks import exclusive_export, model_lock
 from ..record.program import Kind, Node, Program
 from ..record.scope import Scope
 from ..run.options import RunOptions
@@ -109,6 +110,12 @@ def export(model: Any, args: tuple, kwargs: dict) -> fx.GraphModule:
     size = prepared[2]
     model._before_run()
     module = model._module
+    with model_lock(module):
+        return _export(model, module, args, kwargs, size)
+
+
+def _export(model: Any, module: torch.nn.Module, args: tuple, kwargs: dict,
+            size: int) -> fx.GraphModule:
     captured = cached_capture(module, args, kwargs)
     program = Program()
     seed(program, edits_of(model))
@@ -119,7 +126,8 @@ def export(model: Any, args: tuple, kwargs: dict) -> fx.GraphModule:
     flat_inputs = pytree.tree_leaves((args, kwargs))
     _bake_program_inputs(gm, len(flat_inputs), program.input_values)
 
-    exported = torch.export.export(gm, tuple(flat_inputs), strict=False).module()
+    with exclusive_export():
+        exported = torch.export.export(gm, tuple(flat_inputs), strict=False).module()
     strip_export_checks(exported)
     graph = exported.graph
     output = next(n for n in graph.nodes if n.op == "output")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Iterator
 
 import torch
@@ -82,10 +83,15 @@ class Envoy:
         return len(self._module)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("output", "input", "inputs"):
+        if name in _ACCESSORS:
             object.__setattr__(self, name, value)  # routed to the property setter
             return
-        setattr(self._module, name, value)
+        module = self._module
+        if not hasattr(module, name) and current_tracer(self._root) is not None:
+            # inside a trace, a new attribute is a typo of an accessor far more often
+            # than a wish to change the real module: refuse it, module untouched
+            raise AttributeError(at_line(_unknown_attribute(self, name), user_line()))
+        setattr(module, name, value)  # (outside a trace: as on the module itself)
 
     def __repr__(self) -> str:
         return repr(self._module)
@@ -176,3 +182,20 @@ class Envoy:
             return self._module(*args, **kwargs)
         return tracer.recorder.create_op("call_function", ModuleCall(self._module, self._path),
                                          args, kwargs)
+
+
+_ACCESSORS = ("output", "input", "inputs")
+
+
+def _unknown_attribute(envoy: Envoy, name: str) -> str:
+    """Why ``envoy.<name> = ...`` is refused inside a trace, with the nearest name that
+    can be set."""
+    module = envoy._module
+    names = [*_ACCESSORS, *module._modules,
+             *(n for n in dir(module) if not n.startswith("_") and n not in _ACCESSORS)]
+    near = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    return (f"{module_label(envoy._path)} ({type(module).__name__}) has no attribute "
+            f"{name!r}; inside a trace, setting it would add it to the real module, so "
+            f"it is refused ({hint}a module's activations are set with .output, .input "
+            f"and .inputs)")

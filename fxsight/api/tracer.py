@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from ..bind import bind_frame
 from ..errors import TraceError, at_line, user_line
+from ..locks import model_lock
 from ..record.active import active_tracers
 from ..record.program import Kind, Node
 from ..record.proxy import Proxy
@@ -163,7 +164,8 @@ class Tracer:
             self._state = "done"
             return
         try:
-            self._execute()
+            with model_lock(self.model._module):  # one trace of a model runs at a time
+                self._execute()
         finally:
             self._state = "done"
         bind_frame(frame, self._resolve)
@@ -266,13 +268,14 @@ class Tracer:
 
     # --- the recorder's host: answers that need the model or the inputs -----------------
     def meta_of(self, node: Node, what: str) -> Any:
-        walker = self._meta_walkers.get(node.invoke)
-        if walker is None:
-            args, kwargs = self._inputs_for_metadata(node.invoke)
-            source = metadata_source(self.model._module, args, kwargs, self.options)
-            walker = self._meta_walkers[node.invoke] = MetaWalker(self.program, _WholeRows(),
-                                                                 source)
-        walker.run()
+        with model_lock(self.model._module):  # (captures, scans: see fxsight.locks)
+            walker = self._meta_walkers.get(node.invoke)
+            if walker is None:
+                args, kwargs = self._inputs_for_metadata(node.invoke)
+                source = metadata_source(self.model._module, args, kwargs, self.options)
+                walker = self._meta_walkers[node.invoke] = MetaWalker(
+                    self.program, _WholeRows(), source)
+            walker.run()
         meta = walker.values[node]
         if isinstance(meta, UnknownMeta):
             raise TraceError(at_line(f"the {what} of this value depends on real data "

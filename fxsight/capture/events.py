@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Callable, Iterator
 
 import torch
@@ -26,6 +27,9 @@ class ModuleEvents:
 
     ``stack`` holds the paths of the modules running now: after an exception it names the
     innermost module that failed.
+
+    Only calls made in the thread that created it are events: a forward of the same model
+    in another thread (the user's own, plain) sees none of its handler's effects.
     """
 
     def __init__(self, model: torch.nn.Module, on_event: EventHandler,
@@ -39,6 +43,7 @@ class ModuleEvents:
         # while paused, module calls are not events (a module the handler itself calls,
         # e.g. an envoy applied to a traced value, is not a call of the model's forward)
         self.paused = False
+        self.thread = threading.get_ident()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["ModuleEvents"]:
@@ -58,7 +63,7 @@ class ModuleEvents:
 
     def _pre_hook(self, path: str):
         def hook(module, args, kwargs):
-            if self.paused:
+            if self.paused or threading.get_ident() != self.thread:
                 return None
             call = self.calls.get(path, 0)
             self.calls[path] = call + 1
@@ -71,7 +76,7 @@ class ModuleEvents:
 
     def _post_hook(self, path: str):
         def hook(module, args, output):
-            if self.paused:
+            if self.paused or threading.get_ident() != self.thread:
                 return None
             if self.stack and self.stack[-1] == path:
                 self.stack.pop()

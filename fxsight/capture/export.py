@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from .._torch import plain_codegen, pytree
 
+from ..locks import exclusive_export
 from ..stats import bump
 from ..errors import CaptureError
 from .events import ModuleEvents
@@ -200,7 +201,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
 
     events = ModuleEvents(model if events_on is None else events_on, mark)
     try:
-        with events.installed(), _quiet_symbolic_shapes():
+        # (one export at a time: export sets process-wide flags, see fxsight.locks)
+        with exclusive_export(), events.installed(), _quiet_symbolic_shapes():
             exported = torch.export.export(
                 model, tuple(args), dict(kwargs), strict=False,
                 dynamic_shapes=_auto_dynamic_shapes(model, args, kwargs) if dynamic else None)
@@ -427,16 +429,15 @@ def _user_hooks(model: torch.nn.Module) -> tuple:
     and bakes their effect into the captured graph, so a hook added or removed afterwards
     needs a new capture (else the fx backend would silently keep or ignore it)."""
     memo = _MODULES.get(model)
-    if memo is None or memo[0] != _GENERATION[0]:  # (the model itself is not kept: a
-        submodules = tuple(m for m in model.modules() if m is not model)  # weak key)
-        hook_dicts = [d for m in (model, *submodules)
-                      for d in (m._forward_hooks, m._forward_pre_hooks)]
-        memo = _MODULES[model] = (_GENERATION[0], submodules, hook_dicts)
+    if memo is None or memo[0] != _GENERATION[0]:  # (no module is kept, only their hook
+        modules = tuple(model.modules())  # dicts: a wrapper's memo must not keep the model
+        hook_dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+        owners = tuple((id(m), m._forward_pre_hooks, m._forward_hooks) for m in modules)
+        memo = _MODULES[model] = (_GENERATION[0], owners, hook_dicts)  # alive)
     hooks: tuple = ()
     if any(memo[2]):  # (the usual answer, no hook anywhere, costs one pass in C)
-        hooked = [m for m in (model, *memo[1]) if m._forward_hooks or m._forward_pre_hooks]
-        hooks = tuple((id(m), tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
-                      for m in hooked)
+        hooks = tuple((key, tuple(pre), tuple(post)) for key, pre, post in memo[1]
+                      if pre or post)
     module = torch.nn.modules.module
     if module._global_forward_hooks or module._global_forward_pre_hooks:
         hooks += (("global", tuple(module._global_forward_pre_hooks),

@@ -23,7 +23,10 @@ is run again with the hooks backend.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+import weakref
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -54,11 +57,25 @@ class DecodingStep(torch.nn.Module):
 
     ``forward(input_ids, attention_mask, position_ids, keys, values)`` returns the logits
     and the keys and values of every layer after this step (empty lists without a cache).
+
+    The model is its submodule ``model`` only while attached (``with step.attached():``,
+    around each capture and cache lookup, so that its parameters and hooks are part of
+    the capture's signature); otherwise the step holds it weakly, and the step, kept per
+    model in a weak dictionary, does not keep the model alive.
     """
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.model = model
+        self._target = weakref.ref(model)
+
+    @contextlib.contextmanager
+    def attached(self):
+        # (not ``self.model = ...``: torch's global registration hooks need not know)
+        self._modules["model"] = self._target()
+        try:
+            yield self
+        finally:
+            del self._modules["model"]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None, keys: list[torch.Tensor],
@@ -79,13 +96,20 @@ class DecodingStep(torch.nn.Module):
         return out.logits, [layer.keys for layer in layers], [layer.values for layer in layers]
 
 
+# model -> its DecodingStep (kept as long as the model lives; nothing stored on the model)
+_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, DecodingStep]" = \
+    weakref.WeakKeyDictionary()
+_STEPS_GUARD = threading.Lock()
+
+
 def decoding_step(model: torch.nn.Module) -> DecodingStep:
     """The (one, cached) DecodingStep of ``model``: its captures are cached with it."""
-    step = model.__dict__.get("_fxsight_decoding_step")
-    if step is None or step.model is not model:
-        step = DecodingStep(model)
-        # kept in the instance dict, not as a submodule: the model's structure is unchanged
-        model.__dict__["_fxsight_decoding_step"] = step
+    step = _STEPS.get(model)
+    if step is None:
+        with _STEPS_GUARD:
+            step = _STEPS.get(model)
+            if step is None:
+                step = _STEPS[model] = DecodingStep(model)
     return step
 
 
@@ -110,8 +134,12 @@ class GraphSteps:
     def forward_for(self, original: Callable) -> Callable:
         """A replacement of ``model.forward`` with ``original``'s signature."""
 
+        thread = threading.get_ident()
+
         @functools.wraps(original)
         def forward(*args, **kwargs):
+            if threading.get_ident() != thread:  # another thread's plain call of the model
+                return original(*args, **kwargs)
             if args:
                 raise Unsupported("generate passed positional arguments to the model")
             # the step's own capture calls the model: with its own forward
@@ -174,17 +202,15 @@ class GraphSteps:
              decoding: bool) -> tuple[torch.Tensor, list, list]:
         wrapper = self.wrapper
         flat = flat_inputs((), inputs)
-        try:
-            captured = cached_capture(wrapper, (), inputs, flat=flat, events_on=self.model,
-                                      dynamic="always" if decoding
-                                      else self.options.dynamic_policy)
-        except CaptureError as error:
-            raise Unsupported(str(error)) from error
-        try:
-            runner = runner_for(wrapper, captured, program, self.rows, True,
-                                self.options.compile)
-        except NotOnGraph as error:
-            raise Unsupported(str(error)) from error
+        with wrapper.attached():
+            try:
+                captured = cached_capture(wrapper, (), inputs, flat=flat, events_on=self.model,
+                                          dynamic="always" if decoding
+                                          else self.options.dynamic_policy)
+                runner = runner_for(wrapper, captured, program, self.rows, True,
+                                    self.options.compile)
+            except (CaptureError, NotOnGraph) as error:
+                raise Unsupported(str(error)) from error
         output, saves = runner(flat[0] + program.input_values)
         self.graph_module = runner.graph_module
         for node, value in zip(program.saves, saves):

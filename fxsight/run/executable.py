@@ -31,6 +31,7 @@ from ..record.program import Kind, Program
 from ..splice.splice import Spliced, splice
 from ..splice.walker import MetaWalker
 from .eager import fast_forward
+from .sources import release_source_when_collected
 from .options import CompileOptions
 
 class CountingBackend:
@@ -87,6 +88,7 @@ class Executable:
         # a save that is one graph output is read by index (no pytree rebuild per trace)
         self.save_builders = [_single_output(plan) for plan in spliced.saves]
         gm = spliced.graph_module
+        release_source_when_collected(gm)  # (evicted, its source must not stay behind)
         self._eager = fast_forward(gm)
         self._fn: Callable = self._eager
         if compile_options is not None:

@@ -8,6 +8,7 @@ fx backends give the same answers, in the same order.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import defaultdict
 from typing import Any
 
@@ -143,6 +144,8 @@ def _skipped_forward(module: nn.Module, path: str, calls: dict[int, Node],
     original = module.forward
 
     def forward(*args, **kwargs):
+        if threading.get_ident() != events.thread:  # another thread's call: not skipped
+            return original(*args, **kwargs)
         node = calls.get(events.calls.get(path, 0) - 1)
         if node is None:
             return original(*args, **kwargs)

@@ -1,0 +1,173 @@
+"""No side effects on the user's objects: generate() leaves the model's attributes and
+forward as they were; an accessor typo inside a trace raises instead of setting an
+attribute on the real module."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import warnings
+import weakref
+
+import pytest
+import torch
+
+from fxsight import LanguageModel, NNsight
+from models import mlp, tiny_gpt2, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer()
+
+
+def _generate(model, tokenizer, backend):
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback
+        with lm.generate("The Eiffel Tower is in", max_new_tokens=3, do_sample=False,
+                         backend=backend) as tracer:
+            with tracer.all():
+                lm.transformer.h[0].output[:, -1] += 1.0
+            ids = lm.generator.output.save()
+    assert tracer.backend == backend
+    return ids
+
+
+@pytest.mark.parametrize("backend", ("fx", "hooks"))
+def test_generate_leaves_the_model_as_it_was(tokenizer, backend):
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    before = {name: dict(vars(module)) for name, module in model.named_modules()}
+    ids = _generate(model, tokenizer, backend)
+    assert ids.shape[0] == 1
+    after = {name: dict(vars(module)) for name, module in model.named_modules()}
+    assert set(after) == set(before)
+    for name in before:
+        assert set(after[name]) == set(before[name]), name
+        assert "forward" not in after[name], name
+    assert model.forward.__func__ is type(model).forward
+    # a second generate reuses what the first one built (no new attribute either)
+    _generate(model, tokenizer, backend)
+    assert set(vars(model)) == set(before[""])
+
+
+def test_generate_does_not_keep_the_model_alive(tokenizer):
+    def run():
+        model = tiny_gpt2(vocab_size=len(tokenizer))
+        _generate(model, tokenizer, "fx")
+        return weakref.ref(model)
+
+    ref = run()
+    gc.collect()
+    assert ref() is None
+
+
+def _module_attributes(model):
+    return {name: set(vars(module)) for name, module in model.named_modules()}
+
+
+@pytest.mark.parametrize("backend", ("fx", "hooks"))
+def test_accessor_typo_inside_a_trace_raises_and_leaves_the_module_untouched(backend):
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(4, 5)
+    before = _module_attributes(model)
+    with pytest.raises(AttributeError) as raised:
+        with net.trace(x, backend=backend):
+            net.layer1.ouput = net.layer1.output * 2
+    message = str(raised.value)
+    assert "model.layer1" in message and "'ouput'" in message
+    assert "did you mean 'output'" in message
+    assert "net.layer1.ouput = net.layer1.output * 2" in message  # the user's line
+    assert _module_attributes(model) == before
+    assert not hasattr(model.layer1, "ouput")
+
+    with pytest.raises(AttributeError, match="did you mean 'inputs'"):
+        with net.trace(x, backend=backend):
+            net.layer2.inputs_ = net.layer2.inputs
+    with pytest.raises(AttributeError, match="did you mean 'weight'"):
+        with net.trace(x, backend=backend):
+            net.layer2.wieght = torch.zeros(10, 10)
+    assert _module_attributes(model) == before
+
+    # the model still traces, and its result is the plain one
+    with net.trace(x, backend=backend):
+        out = net.output.save()
+    assert torch.equal(out, model(x))
+
+
+def test_accessor_typo_on_a_language_model_block_raises():
+    model = tiny_gpt2()
+    lm = NNsight(model)
+    ids = torch.randint(4, 128, (1, 5))
+    before = _module_attributes(model)
+    with pytest.raises(AttributeError, match=r"model\.transformer\.h\.0.*'outptu'.*"
+                                             r"did you mean 'output'"):
+        with lm.trace(ids, use_cache=False):
+            lm.transformer.h[0].outptu = 0
+    assert _module_attributes(model) == before
+
+
+def test_setting_attributes_inside_and_outside_traces():
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(4, 5)
+    # an attribute the module has: set on the module, as a plain assignment would
+    with net.trace(x):
+        net.act1.inplace = False
+        out = net.output.save()
+    assert model.act1.inplace is False
+    assert torch.equal(out, model(x))
+    # outside a trace, attributes are set on the module (as reads fall through to it)
+    net.layer1.note = "probe"
+    assert model.layer1.note == "probe"
+    assert net.layer1.note == "probe"
+    del model.layer1.note
+
+
+def _rss_mb():
+    import os
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _new_structure(net, x, i):
+    """A trace whose intervention structure is new for every ``i`` (an int is a constant of
+    the rewritten graph): different modules, positions and operations."""
+    layer = (net.layer1, net.layer2)[i % 2]
+    with net.trace(x):
+        if i % 3 == 0:
+            layer.output[:, i % 10] = i
+        elif i % 3 == 1:
+            layer.output[:, i % 10] += layer.output[:, (i + 1) % 10] * i
+        else:
+            layer.output = layer.output.clamp(max=i)
+        out = net.output.save()
+    return out
+
+
+def test_evicted_rewritten_graphs_leave_no_generated_source_behind(monkeypatch):
+    import linecache
+
+    from fxsight.run import executable
+
+    # small runner caches: eviction starts early (the same code path as at 256/128)
+    monkeypatch.setattr(executable, "MAX_RUNNERS", 32)
+    monkeypatch.setattr(executable, "MAX_EXECUTABLES", 16)
+    net = NNsight(mlp())
+    x = torch.randn(4, 5)
+    for i in range(100):  # warm-up: caches full and evicting, allocator at its plateau
+        _new_structure(net, x, i)
+    gc.collect()
+    lines, rss, blocks = len(linecache.cache), _rss_mb(), sys.getallocatedblocks()
+    for i in range(100, 600):
+        _new_structure(net, x, i)
+        if i % 50 == 0:
+            gc.collect()  # (evicted graphs are cyclic garbage: RSS should not wait for it)
+    gc.collect()
+    # each structure compiled one rewritten forward, whose source fx kept in linecache
+    # (and in its loader) for good: 500 more entries before; a handful of others now
+    assert len(linecache.cache) - lines < 20, len(linecache.cache) - lines
+    grown_blocks = sys.getallocatedblocks() - blocks
+    assert grown_blocks < 1_000, f"{grown_blocks} Python memory blocks more"
+    assert _rss_mb() - rss < 4, f"RSS grew by {_rss_mb() - rss:.1f} MB"
