@@ -384,10 +384,10 @@ class MetaWalker(Walker):
                     f"{_describe(new_leaf)}", node.line))
             if not _fits(new_leaf.shape, torch.Size(target_shape)):
                 raise ShapeError(at_line(
-                    f"a value of shape {tuple(new_leaf.shape)} cannot be written into "
-                    f"{site.label} of shape {tuple(target_shape)}{_rows_note(node, rows)}"
-                    f" (a write keeps the shape: give every dimension, or fewer leading "
-                    f"ones to repeat the value over them)", node.line))
+                    f"a write keeps the site's shape (give every dimension, or fewer leading "
+                    f"ones to repeat the value over them): a value of shape "
+                    f"{tuple(new_leaf.shape)} cannot be written into {site.label} of shape "
+                    f"{tuple(target_shape)}{_rows_note(node, rows)}", node.line))
 
 
 def _module_call_meta(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
