@@ -1,4 +1,10 @@
-"""Bind: after a trace, the caller's names for saved proxies become the real values."""
+"""Bind: after a trace, the caller's names for saved proxies become the real values.
+
+Saved proxies are replaced wherever the caller's frame can reach them: its variables, and
+inside the lists, dicts, tuples and the user's own objects those hold (nested, a few levels
+deep; objects of torch, transformers and other libraries are not walked). A saved proxy
+kept somewhere else still stands for its value (see :mod:`fxsight.record.recorder`).
+"""
 
 from __future__ import annotations
 
@@ -7,38 +13,77 @@ import sys
 import types
 from typing import Any, Callable
 
+import torch
+
 from .record.proxy import Proxy
 
 _LOCALS_TO_FAST = getattr(ctypes.pythonapi, "PyFrame_LocalsToFast", None)
+_DEPTH = 4  # how deep into containers and objects the walk goes
+_ATOMS = (str, bytes, int, float, bool, type(None), torch.Tensor, torch.nn.Module, type,
+          types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
+# packages whose objects hold no user values: their attributes are not walked
+_LIBRARIES = frozenset({"builtins", "fxsight", "torch", "transformers", "tokenizers",
+                        "accelerate", "numpy", "pandas", "matplotlib", "tqdm", "datasets"})
+
+Resolve = Callable[[Proxy], "tuple[bool, Any]"]
 
 
-def bind_frame(frame: types.FrameType, resolve: Callable[[Proxy], tuple[bool, Any]]) -> None:
-    """Replace saved proxies in ``frame``'s variables (and in lists and dicts they hold).
+class _Walk:
+    """One binding walk over what a frame can reach."""
+
+    def __init__(self, resolve: Resolve):
+        self.resolve = resolve
+        self.seen: set[int] = set()
+
+    def bound(self, value: Any, depth: int) -> Any:
+        """``value`` with saved proxies replaced (containers changed in place where they
+        can be; a tuple holding one is rebuilt and returned)."""
+        if type(value) is Proxy:
+            ok, real = self.resolve(value)
+            return real if ok else value
+        if depth == 0 or isinstance(value, _ATOMS) or id(value) in self.seen:
+            return value
+        self.seen.add(id(value))
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                new = self.bound(item, depth - 1)
+                if new is not item:
+                    value[i] = new
+        elif isinstance(value, dict):
+            for key, item in list(value.items()):
+                new = self.bound(item, depth - 1)
+                if new is not item:
+                    value[key] = new
+        elif isinstance(value, tuple):
+            items = [self.bound(item, depth - 1) for item in value]
+            if any(new is not old for new, old in zip(items, value)):
+                return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        elif hasattr(value, "__dict__") and \
+                type(value).__module__.partition(".")[0] not in _LIBRARIES:
+            attributes = vars(value)
+            for key, item in list(attributes.items()):
+                new = self.bound(item, depth - 1)
+                if new is not item:
+                    attributes[key] = new
+        return value
+
+
+def bind_frame(frame: types.FrameType | None, resolve: Resolve, saved: int) -> None:
+    """Replace the saved proxies reachable from ``frame``'s variables (``saved``: how many
+    the trace has; none, nothing to do).
 
     ``resolve(proxy)`` returns ``(True, value)`` for a proxy to replace.
     """
-    if frame is None:
+    if frame is None or saved == 0:
         return
     namespace = frame.f_locals
+    walk = _Walk(resolve)
     changed = False
     for name, value in list(namespace.items()):
-        if isinstance(value, Proxy):
-            ok, real = resolve(value)
-            if ok:
-                namespace[name] = real
-                changed = True
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                if isinstance(item, Proxy):
-                    ok, real = resolve(item)
-                    if ok:
-                        value[i] = real
-        elif isinstance(value, dict):
-            for key, item in list(value.items()):
-                if isinstance(item, Proxy):
-                    ok, real = resolve(item)
-                    if ok:
-                        value[key] = real
+        new = walk.bound(value, _DEPTH)
+        if new is not value:
+            namespace[name] = new
+            changed = True
     if changed and namespace is not frame.f_globals and _LOCALS_TO_FAST is not None \
             and sys.version_info < (3, 13):
         _LOCALS_TO_FAST(ctypes.py_object(frame), ctypes.c_int(0))

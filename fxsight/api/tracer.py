@@ -166,9 +166,10 @@ class Tracer:
         try:
             with model_lock(self.model._module):  # one trace of a model runs at a time
                 self._execute()
+            self.recorder.done = True
         finally:
             self._state = "done"
-        bind_frame(frame, self._resolve)
+        bind_frame(frame, self._resolve, len(self.recorder.saved))
 
     # --- user API -----------------------------------------------------------------------
     def invoke(self, *args, **kwargs) -> Invoke | WholeBatch:

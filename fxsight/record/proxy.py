@@ -125,21 +125,23 @@ class Proxy:
         return meta.shape[0] if isinstance(meta, torch.Tensor) else len(meta)
 
     # --- Python control flow is not recordable ----------------------------------------
-    def _no_control_flow(self, what: str):
+    def _no_control_flow(self, what: str, convert: Any) -> Any:
+        if self._recorder.done:  # after the trace: a saved value stands for itself
+            return convert(self._recorder.value(self))
         raise ControlFlowError(at_line(f"{what} of a traced value{from_where(self)}. "
                                        f"{_CONTROL_FLOW_HINT}", user_line()))
 
     def __bool__(self):
-        self._no_control_flow("bool()")
+        return self._no_control_flow("bool()", bool)
 
     def __int__(self):
-        self._no_control_flow("int()")
+        return self._no_control_flow("int()", int)
 
     def __float__(self):
-        self._no_control_flow("float()")
+        return self._no_control_flow("float()", float)
 
     def __index__(self):
-        self._no_control_flow("Using as an index / int")
+        return self._no_control_flow("Using as an index / int", operator.index)
 
     def __enter__(self) -> "Proxy":
         """``with loss.backward():`` (nnsight 0.5's form): the block is part of the trace."""
@@ -149,6 +151,11 @@ class Proxy:
         return False
 
     def __repr__(self) -> str:
+        if self._recorder.done:
+            try:
+                return repr(self._recorder.value(self))
+            except TraceError:
+                pass
         return f"<fxsight.Proxy {self._node.name}>"
 
     def __hash__(self) -> int:

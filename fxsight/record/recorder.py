@@ -15,7 +15,7 @@ import torch
 
 from ..errors import TraceError, at_line, user_line
 from .active import active_tracers
-from .program import Node, Program, setitem
+from .program import Node, Program, execute, setitem
 from .proxy import Proxy, from_where
 from .scope import Scope
 from .sites import Site
@@ -48,6 +48,7 @@ class Recorder:
         self.scope = Scope()
         self.token_indexing = token_indexing
         self.open = False  # whether recording is allowed (set by the trace's context)
+        self.done = False  # whether the trace has run: saved proxies stand for their values
         # ``what -> why``: kinds of node this trace cannot run (gradients in generate)
         self.refused: dict[str, str] = {}
         # saved proxies (kept alive, so their ids stay theirs) and their nodes at save time
@@ -73,6 +74,8 @@ class Recorder:
                   lenient: bool = False) -> Proxy:
         """Any operation on recorded values. An in-place one (``h += v``, ``h[k] = v``)
         moves its first argument's proxy to the new node and returns that proxy."""
+        if self.done:  # a saved proxy used after its trace: the operation on its value
+            return execute(op, target, *self.settle((tuple(args), kwargs)))
         self.check_open((args, kwargs))
         node = self.program.op(op, target, self.to_arg(tuple(args)),
                                self.to_arg(kwargs) if kwargs else {}, self.scope,
@@ -88,6 +91,8 @@ class Recorder:
 
     def create_grad(self, proxy: Proxy) -> Proxy:
         """``proxy.grad``."""
+        if self.done:  # after the trace: the saved value's own gradient
+            return self.host.value_of(proxy).grad
         self._check_allowed("grad")
         self.check_open()
         target = self.to_arg(proxy)
@@ -112,13 +117,33 @@ class Recorder:
 
     # --- questions about recorded values -------------------------------------------------
     def meta(self, proxy: Proxy, what: str) -> Any:
-        """``proxy``'s meta value, for ``.shape``, ``.dtype``, ``len()``, iteration."""
+        """``proxy``'s meta value, for ``.shape``, ``.dtype``, ``len()``, iteration (after
+        the trace, its real value)."""
+        if self.done:
+            return self.host.value_of(proxy)
         self.check_open()
         return self.host.meta_of(proxy._node, what)
 
     def device(self, proxy: Proxy) -> torch.device:
+        if self.done:
+            return self.host.value_of(proxy).device
         self.check_open()
         return self.host.device_of(proxy._node)
+
+    def settle(self, value: Any) -> Any:
+        """``value`` with every proxy of this finished trace replaced by its real value
+        (an error names the line of a proxy that was not saved)."""
+        if isinstance(value, Proxy):
+            return self.host.value_of(value) if value._recorder is self else \
+                value._recorder.settle(value)
+        if type(value) in (tuple, list):
+            return type(value)(self.settle(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.settle(v) for k, v in value.items()}
+        if isinstance(value, slice):
+            return slice(self.settle(value.start), self.settle(value.stop),
+                         self.settle(value.step))
+        return value
 
     def value(self, proxy: Proxy) -> Any:
         return self.host.value_of(proxy)

@@ -1,0 +1,87 @@
+"""Saved values are real values after the block wherever the caller put them (issue 12):
+nested containers, object attributes, values saved in helper functions; a saved proxy
+that could not be reached still stands for its value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxsight
+from fxsight import NNsight
+from models import mlp
+
+BACKENDS = ("fx", "hooks")
+_ELSEWHERE: list = []
+
+
+class _Store:
+    def __init__(self):
+        self.acts = {}
+        self.pairs = []
+
+
+def _saved_by_a_helper(net):
+    return net.layer1.output.save()
+
+
+@pytest.fixture
+def setup():
+    model = mlp()
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    return model, NNsight(model), x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saved_values_are_bound_wherever_they_are_kept(setup, backend):
+    model, net, x = setup
+    hidden = model.layer1(x)
+    out = model(x)
+    store, nested = _Store(), {"pair": None, "deep": [[None]]}
+    with net.trace(x, backend=backend):
+        a = net.layer1.output.save()
+        b = net.output.save()
+        nested["pair"] = (a, b)
+        nested["deep"][0][0] = b
+        store.acts["layer1"] = a
+        store.pairs.append((a, {"out": b}))
+        from_helper = _saved_by_a_helper(net)
+        both = [a, a]  # the same proxy twice
+    for value in (a, nested["pair"][0], store.acts["layer1"], store.pairs[0][0],
+                  from_helper, both[0], both[1]):
+        assert type(value) is torch.Tensor
+        torch.testing.assert_close(value, hidden, rtol=0, atol=0)
+    for value in (b, nested["pair"][1], nested["deep"][0][0], store.pairs[0][1]["out"]):
+        assert type(value) is torch.Tensor
+        torch.testing.assert_close(value, out, rtol=0, atol=0)
+    assert type(nested["pair"]) is tuple
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_saved_proxy_out_of_reach_stands_for_its_value(setup, backend):
+    model, net, x = setup
+    hidden = model.layer1(x)
+    _ELSEWHERE.clear()
+    with net.trace(x, backend=backend):
+        _ELSEWHERE.append(net.layer1.output.save())  # a module global: not in the frame
+    proxy = _ELSEWHERE[0]
+    assert isinstance(proxy, fxsight.Proxy)
+    torch.testing.assert_close(proxy.value, hidden, rtol=0, atol=0)
+    assert proxy.shape == hidden.shape and proxy.dtype == hidden.dtype
+    torch.testing.assert_close(proxy + 1, hidden + 1, rtol=0, atol=0)
+    torch.testing.assert_close(torch.relu(proxy), torch.relu(hidden), rtol=0, atol=0)
+    torch.testing.assert_close(proxy.sum(dim=0), hidden.sum(dim=0), rtol=0, atol=0)
+    torch.testing.assert_close(proxy[0], hidden[0], rtol=0, atol=0)
+    assert bool(proxy.sum() == hidden.sum())
+    assert float(proxy[0, 0]) == float(hidden[0, 0])
+    assert repr(proxy) == repr(hidden)
+
+
+def test_an_unsaved_proxy_after_the_trace_is_a_clear_error(setup):
+    model, net, x = setup
+    kept = []
+    with net.trace(x):
+        kept.append(net.layer1.output)  # not saved
+        net.output.save()
+    with pytest.raises(fxsight.TraceError, match="not saved"):
+        kept[0] + 1
