@@ -437,9 +437,9 @@ def test_fxsight_save_function_and_apply_output(backend):
         pair = fxsight.save((net.layer1.output, net.layer3.output))
         halves = fxsight.apply(lambda t: (t[:2], t[2:]), net.layer1.output).save()
     h1 = model.layer1(x)
-    assert isinstance(pair, tuple) and all(isinstance(p, Proxy) for p in pair)
-    _assert_same(pair[0].value, h1)
-    _assert_same(pair[1].value, model(x))
+    assert isinstance(pair, tuple) and all(type(p) is torch.Tensor for p in pair)
+    _assert_same(pair[0], h1)
+    _assert_same(pair[1], model(x))
     _assert_same(halves, (h1[:2], h1[2:]))
 
 
@@ -607,10 +607,9 @@ def test_saved_names_are_rebound_in_locals_lists_and_dicts(backend):
     _assert_same(h, h1)
     _assert_same(listed, [h2, model(x)])
     _assert_same(mapped["a"], torch.relu(h1))
-    # a proxy nested deeper is not re-bound, but .value gives the real value
-    proxy = nested["deep"][0]
-    assert isinstance(proxy, Proxy)
-    _assert_same(proxy.value, torch.sigmoid(h2))
+    # nested deeper: re-bound too
+    assert type(nested["deep"][0]) is torch.Tensor
+    _assert_same(nested["deep"][0], torch.sigmoid(h2))
     assert isinstance(unsaved, Proxy)
     with pytest.raises(fxsight.TraceError, match="not saved"):
         unsaved.value
@@ -634,7 +633,8 @@ def test_binding_inside_a_helper_function_and_value():
         alias = kept
         holder = (kept,)
     assert type(kept) is torch.Tensor and type(alias) is torch.Tensor
-    _assert_same(holder[0].value, model.layer1(x))
+    assert type(holder) is tuple and type(holder[0]) is torch.Tensor
+    _assert_same(holder[0], model.layer1(x))
 
 
 # --- more kinds, and regressions ----------------------------------------------------------

@@ -75,6 +75,10 @@ class Recorder:
         """Any operation on recorded values. An in-place one (``h += v``, ``h[k] = v``)
         moves its first argument's proxy to the new node and returns that proxy."""
         if self.done:  # a saved proxy used after its trace: the operation on its value
+            live = next((p._recorder for p in _proxies_in((args, kwargs))
+                         if not p._recorder.done), None)
+            if live is not None:  # (used in a later trace: recorded there)
+                return live.create_op(op, target, args, kwargs, lenient)
             return execute(op, target, *self.settle((tuple(args), kwargs)))
         self.check_open((args, kwargs))
         node = self.program.op(op, target, self.to_arg(tuple(args)),
@@ -134,8 +138,14 @@ class Recorder:
         """``value`` with every proxy of this finished trace replaced by its real value
         (an error names the line of a proxy that was not saved)."""
         if isinstance(value, Proxy):
-            return self.host.value_of(value) if value._recorder is self else \
-                value._recorder.settle(value)
+            if value._recorder is not self:
+                return value._recorder.settle(value)
+            if id(value) not in self.saved:
+                raise TraceError(at_line(
+                    f"this trace has ended and this value{from_where(value)} was not saved: "
+                    f"call .save() on it inside the `with ... trace(...)` block",
+                    user_line()))
+            return self.host.value_of(value)
         if type(value) in (tuple, list):
             return type(value)(self.settle(v) for v in value)
         if isinstance(value, dict):
@@ -180,6 +190,9 @@ class Recorder:
         if kind in _PLAIN_ARGS:  # the common case, first
             return value
         if kind is Proxy:
+            if value._recorder is not self and value._recorder.done and \
+                    id(value) in value._recorder.saved:
+                return self.to_arg(value._recorder.settle(value))  # an earlier trace's value
             if value._recorder is not self:
                 raise TraceError(at_line(
                     f"a value from another (earlier) trace{from_where(value)} was used here; "
