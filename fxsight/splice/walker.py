@@ -340,6 +340,8 @@ class MetaWalker(Walker):
         try:
             if isinstance(target, ModuleCall):  # real weights: run it on meta copies
                 return _module_call_meta(target, args, kwargs)
+            if op == "call_method" and target in _DEVICE_MOVES:
+                return _device_move_meta(target, args, kwargs)
             return execute(op, target, args, kwargs)
         except Exception as error:  # noqa: BLE001
             if node is None or node.lenient:
@@ -388,6 +390,25 @@ class MetaWalker(Walker):
                     f"ones to repeat the value over them): a value of shape "
                     f"{tuple(new_leaf.shape)} cannot be written into {site.label} of shape "
                     f"{tuple(target_shape)}{_rows_note(node, rows)}", node.line))
+
+
+_DEVICE_MOVES = ("cpu", "cuda", "to")
+
+
+def _device_move_meta(target: str, args: tuple, kwargs: dict) -> Any:
+    """``value.cpu()``, ``.cuda()``, ``.to(device, ...)`` on a meta value: the result stays
+    on meta (it has no data to copy), with the shape and any dtype the move asks for."""
+    value, *rest = args
+    if not isinstance(value, torch.Tensor):
+        return execute("call_method", target, args, kwargs)
+    if target != "to":
+        return value
+    kwargs = {k: v for k, v in kwargs.items() if k != "device"}
+    rest = [a for a in rest if not isinstance(a, (str, torch.device, int))
+            or isinstance(a, bool)]
+    if not rest and "dtype" not in kwargs:
+        return value
+    return value.to(*rest, **kwargs)
 
 
 def _module_call_meta(call: ModuleCall, args: tuple, kwargs: dict) -> Any:

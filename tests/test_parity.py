@@ -1,0 +1,65 @@
+"""nnsight scripts that port unchanged: device moves, error classes, cache with skip,
+rename=, submodules named like envoy properties; against hand-written hooks."""
+
+import pytest
+import torch
+
+import fxsight
+from fxsight import NNsight
+from models import mlp
+
+BACKENDS = ["fx", "hooks"]
+
+
+def _layer1_output(model, x):
+    got = {}
+    handle = model.layer1.register_forward_hook(lambda m, a, o: got.__setitem__("h", o))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return got["h"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("move, dtype", [
+    (lambda h: h.cpu(), torch.float32),
+    (lambda h: h.to("cpu"), torch.float32),
+    (lambda h: h.to(torch.device("cpu"), torch.float64), torch.float64),
+    (lambda h: h.to(device="cpu", dtype=torch.float16), torch.float16),
+    (lambda h: h.detach().cpu().clone(), torch.float32),
+], ids=["cpu", "to_str", "to_device_dtype", "to_kwargs", "detach_cpu_clone"])
+def test_device_moves_on_traced_values(backend, move, dtype):
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    with net.trace(x, backend=backend):
+        moved = move(net.layer1.output)
+        shape = moved.shape
+        doubled = (moved * 2).save()
+        moved = moved.save()
+    expected = _layer1_output(model, x).to(dtype)
+    assert shape == expected.shape
+    assert moved.dtype == dtype and moved.device.type == "cpu"
+    torch.testing.assert_close(moved, expected)
+    torch.testing.assert_close(doubled, expected * 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retain_grad_is_accepted(backend):
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    with net.trace(x, backend=backend):
+        h = net.layer1.output
+        assert h.retain_grad() is None
+        g = h.grad.save()
+        net.output.sum().backward()
+    acts = {}
+    handle = model.layer1.register_forward_hook(lambda m, a, o: acts.__setitem__("h", o))
+    try:
+        out = model(x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(g, torch.autograd.grad(out.sum(), acts["h"])[0])
