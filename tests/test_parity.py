@@ -63,3 +63,29 @@ def test_retain_grad_is_accepted(backend):
     finally:
         handle.remove()
     torch.testing.assert_close(g, torch.autograd.grad(out.sum(), acts["h"])[0])
+
+
+# --- error classes: fxsight errors are also the built-in a script may catch ----------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_index_out_of_range_is_an_index_error(backend):
+    net = NNsight(mlp())
+    x = torch.randn(3, 5)
+    for kind in (IndexError, fxsight.ShapeError, fxsight.ShapeIndexError):
+        with pytest.raises(kind, match=r"index 999 is out of bounds(.|\n)*h\[999\]"):
+            with net.trace(x, backend=backend):
+                h = net.layer1.output
+                h[999].save()
+    with pytest.raises(fxsight.ShapeError) as info:  # other shape errors are not IndexErrors
+        with net.trace(x, backend=backend):
+            (net.layer1.output @ torch.ones(3, 3)).save()
+    assert not isinstance(info.value, IndexError)
+
+
+def test_token_index_out_of_range_is_an_index_error():
+    from models import tiny_gpt2, train_tokenizer
+    tokenizer = train_tokenizer()
+    lm = fxsight.LanguageModel(tiny_gpt2(vocab_size=len(tokenizer)), tokenizer=tokenizer)
+    for kind in (IndexError, fxsight.TraceError, fxsight.TokenIndexError):
+        with pytest.raises(kind, match="token index 99 is past the end of prompt 0"):
+            with lm.trace("The cat sat"):
+                lm.lm_head.output.t[99].save()

@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM
 
 from ..capture import export as capture
 from ..capture import scan
-from ..errors import TraceError, at_line, user_line
+from ..errors import TokenIndexError, TraceError, at_line, user_line
 from ..run import executable as runner
 from .generation import Generator, GeneratorEnvoy
 from .nnsight import NNsight
@@ -429,7 +429,7 @@ class TokenIndexer:
             for r, span in enumerate(spans):
                 if not -span <= index < span:
                     side = "past the end" if index >= 0 else "before the start"
-                    raise TraceError(at_line(
+                    raise TokenIndexError(at_line(
                         f"token index {index} is {side} of prompt {r} of {where}, "
                         f"which has {span} tokens", line))
             negative = [index % span - span for span in spans]

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from .._torch import FakeTensorMode, pytree
 
-from ..errors import OrderError, ShapeError, TraceError, at_line
+from ..errors import OrderError, ShapeError, ShapeIndexError, TraceError, at_line
 from ..record.program import (Kind, ModuleCall, Node, Program, execute, setitem, is_view, map_nodes, node_args, origin, replace,
                       select)
 from .rows import Rows, conform, narrow_rows, splice_rows
@@ -349,8 +349,9 @@ class MetaWalker(Walker):
             name = target if isinstance(target, str) else getattr(target, "__name__", target)
             where = origin(node)
             where = f" (on values from {where})" if where else ""
-            raise ShapeError(at_line(f"{name} fails on these shapes{where}: {error}",
-                                     node.line)) from None
+            kind = ShapeIndexError if isinstance(error, IndexError) else ShapeError
+            raise kind(at_line(f"{name} fails on these shapes{where}: {error}",
+                               node.line)) from None
 
     def check_write(self, node, site, old, value, rows):
         if isinstance(value, UnknownMeta):
