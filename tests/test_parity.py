@@ -89,3 +89,35 @@ def test_token_index_out_of_range_is_an_index_error():
         with pytest.raises(kind, match="token index 99 is past the end of prompt 0"):
             with lm.trace("The cat sat"):
                 lm.lm_head.output.t[99].save()
+
+
+# --- tracer.cache() with .skip() -------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_with_skip(core_gpt2, core_ids, reference_hooks, backend):
+    net = NNsight(core_gpt2)
+    skipped = "transformer.h.0.mlp"
+    with net.trace(core_ids, use_cache=False, backend=backend) as tracer:
+        net.transformer.h[0].mlp.skip(net.transformer.h[0].mlp.input * 2)
+        cache = tracer.cache()
+    # reference: the skipped module's forward replaced by one returning the skip value
+    expected = {}
+
+    def keep(path):
+        def hook(module, args, output):
+            expected[f"model.{path}" if path else "model"] = output
+        return hook
+
+    hooks = {path: keep(path) for path, _ in core_gpt2.named_modules()
+             if not path.startswith(skipped)}
+    hooks[skipped] = lambda m, args, output: expected.__setitem__(
+        f"model.{skipped}", args[0] * 2) or args[0] * 2
+    with reference_hooks(core_gpt2, hooks=hooks), torch.no_grad():
+        core_gpt2(core_ids, use_cache=False)
+    assert not [k for k in cache if k.startswith(f"model.{skipped}.")]
+    assert sorted(cache) == sorted(expected)
+    for key, value in expected.items():
+        got = cache[key].output
+        if key == "model":
+            torch.testing.assert_close(got.logits, value.logits)
+        else:
+            torch.testing.assert_close(got, value)
