@@ -121,3 +121,34 @@ def test_cache_with_skip(core_gpt2, core_ids, reference_hooks, backend):
             torch.testing.assert_close(got.logits, value.logits)
         else:
             torch.testing.assert_close(got, value)
+
+
+# --- rename= on the wrapper --------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rename_aliases_envoys_and_cache_keys(core_gpt2, core_ids, reference_hooks, backend):
+    net = NNsight(core_gpt2, rename={"transformer.h": "layers", "mlp": "ffn"})
+    with net.trace(core_ids, use_cache=False, backend=backend) as tracer:
+        ffn = net.layers[0].ffn.output.save()
+        net.layers[1].ffn.output = net.layers[1].ffn.output * 0
+        out = net.output.logits.save()
+        cache = tracer.cache(modules=[net.layers[0].ffn, net.transformer.h[1].mlp])
+    assert net.layers[0].ffn.path == "transformer.h.0.mlp"
+    assert net.layers[1] is net.transformer.h[1]
+    got = {}
+    hooks = {"transformer.h.0.mlp": lambda m, a, o: got.__setitem__("ffn", o),
+             "transformer.h.1.mlp": lambda m, a, o: o * 0}
+    with reference_hooks(core_gpt2, hooks=hooks), torch.no_grad():
+        expected = core_gpt2(core_ids, use_cache=False).logits
+    torch.testing.assert_close(ffn, got["ffn"])
+    torch.testing.assert_close(out, expected)
+    assert sorted(cache.keys()) == ["model.transformer.h.0.mlp", "model.transformer.h.1.mlp"]
+    assert sorted(cache.keys(alias=True)) == ["model.layers.0.ffn", "model.layers.1.ffn"]
+    torch.testing.assert_close(cache["model.layers.0.ffn"].output, got["ffn"])
+    torch.testing.assert_close(cache.model.layers[0].ffn.output, got["ffn"])
+
+
+def test_rename_of_a_missing_module_is_refused():
+    with pytest.raises(ValueError, match="no submodule named 'mpl'"):
+        NNsight(mlp(), rename={"mpl": "ffn"})
+    with pytest.raises(ValueError, match="'transformer.x' is not a module path"):
+        NNsight(mlp(), rename={"transformer.x": "layers"})

@@ -267,7 +267,9 @@ class CacheRequest:
         self.include_output = include_output
         self.include_inputs = include_inputs
         self.scope = scope
-        self.cache = CacheDict(rename=rename, alias=alias)
+        # the wrapper's rename= names keys too (the call's own rename=/alias= on top)
+        self.cache = CacheDict(rename={**getattr(model, "_rename", {}), **(rename or {})},
+                               alias=alias)
         self.nodes: list[tuple[Site, Any, Any]] = []  # (site, node, layout of the value)
 
     def _resolve(self, model: Any, modules: Any) -> list[str]:

@@ -66,7 +66,8 @@ class LanguageModel(NNsight):
 
     def __init__(self, model_or_path: Any, tokenizer: Any = None,
                  automodel: Any = AutoModelForCausalLM, dispatch: bool = False, *,
-                 backend: str = "auto", compile: Any = None, **kwargs: Any):
+                 backend: str = "auto", compile: Any = None,
+                 rename: dict[str, str] | None = None, **kwargs: Any):
         if isinstance(model_or_path, torch.nn.Module):
             module, path = model_or_path, None
             if tokenizer is None:
@@ -77,7 +78,7 @@ class LanguageModel(NNsight):
         else:
             raise TypeError("LanguageModel wraps a torch.nn.Module or loads a local path, "
                             f"not {type(model_or_path).__name__}")
-        super().__init__(module, backend=backend, compile=compile)
+        super().__init__(module, backend=backend, compile=compile, rename=rename)
         if tokenizer is not None:
             _prepare_tokenizer(tokenizer)
         object.__setattr__(self, "tokenizer", tokenizer)
