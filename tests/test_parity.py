@@ -152,3 +152,43 @@ def test_rename_of_a_missing_module_is_refused():
         NNsight(mlp(), rename={"mpl": "ffn"})
     with pytest.raises(ValueError, match="'transformer.x' is not a module path"):
         NNsight(mlp(), rename={"transformer.x": "layers"})
+
+
+# --- a submodule named like an envoy attribute (BERT's BertLayer.output) ----------------------
+@pytest.fixture(scope="module")
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return BertModel(config).eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_submodule_named_output_is_reached_by_item(tiny_bert, reference_hooks, backend):
+    net = NNsight(tiny_bert)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    layer = net.encoder.layer[0]
+    assert layer["output"]._module is tiny_bert.encoder.layer[0].output
+    assert layer["output"].path == "encoder.layer.0.output"
+    assert "reached by item" in repr(layer)
+    with net.trace(ids, backend=backend):
+        sub = layer["output"].output.save()  # the BertOutput module's output
+        whole = layer.output.save()  # the BertLayer's own output
+        layer["output"].dense.output = layer["output"].dense.output * 0.5
+        last = net.output.last_hidden_state.save()
+    got = {}
+    hooks = {"encoder.layer.0.output": lambda m, a, o: got.__setitem__("sub", o),
+             "encoder.layer.0": lambda m, a, o: got.__setitem__("whole", o),
+             "encoder.layer.0.output.dense": lambda m, a, o: o * 0.5}
+    with reference_hooks(tiny_bert, hooks=hooks), torch.no_grad():
+        expected = tiny_bert(ids).last_hidden_state
+    torch.testing.assert_close(sub, got["sub"])
+    whole_ref = got["whole"]
+    torch.testing.assert_close(whole[0] if isinstance(whole, tuple) else whole,
+                               whole_ref[0] if isinstance(whole_ref, tuple) else whole_ref)
+    torch.testing.assert_close(last, expected)
+    with pytest.raises(KeyError, match=r"has no submodule .*outptu"):
+        layer["outptu"]

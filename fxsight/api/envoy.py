@@ -75,7 +75,21 @@ class Envoy:
         return envoy
 
     def __getitem__(self, key: Any) -> "Envoy":
+        """``envoy[i]``: a module of a list; ``envoy["name"]``: the submodule ``name``
+        (the way to a submodule named like an envoy attribute: ``layer["output"]`` is
+        BERT's ``BertLayer.output`` module, ``layer.output`` the layer's activation)."""
         module = self._module
+        if type(key) is str and not isinstance(module, torch.nn.ModuleDict):
+            child = module._modules.get(key)
+            if child is not None:
+                return self._child(key, child)
+            aliased = self._aliased(key)
+            if aliased is not None:
+                return aliased
+            raise KeyError(at_line(
+                f"{module_label(self._path)} ({type(module).__name__}) has no submodule "
+                f"{key!r}; its submodules are: {', '.join(module._modules) or '(none)'}",
+                user_line()))
         if type(module) is torch.nn.ModuleList and type(key) is int:
             # the common case (``h[3]``): a ModuleList names its modules "0", "1", ...
             modules = module._modules
@@ -116,7 +130,16 @@ class Envoy:
         setattr(module, name, value)  # (outside a trace: as on the module itself)
 
     def __repr__(self) -> str:
-        return repr(self._module)
+        shadowed = sorted({path for path, _ in self._module.named_modules()
+                           if path and path.rsplit(".", 1)[-1] in _SHADOWING})
+        if not shadowed:
+            return repr(self._module)
+        names = sorted({path.rsplit(".", 1)[-1] for path in shadowed})
+        example = shadowed[0].rsplit(".", 1)
+        example = (f"{example[0]}[{example[1]!r}]" if len(example) == 2
+                   else f"[{example[0]!r}]")
+        return (f"{self._module!r}\n(submodules named {', '.join(names)} are reached by "
+                f"item, e.g. {example}: the attributes of those names are the envoy's)")
 
     @property
     def path(self) -> str:
@@ -207,6 +230,10 @@ class Envoy:
 
 
 _ACCESSORS = ("output", "input", "inputs")
+# names a submodule may have that an envoy attribute shadows (reach it by item)
+_SHADOWING = frozenset(
+    {*_ACCESSORS, "source", "skip", "path", "trace", "scan", "edit", "export", "to",
+     "generate", "cache", "save"})
 
 
 def _unknown_attribute(envoy: Envoy, name: str) -> str:
