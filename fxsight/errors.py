@@ -26,6 +26,16 @@ class ShapeError(TraceError):
     """A value does not fit the activation it is written into."""
 
 
+# Errors that stand for a built-in one are instances of it too, so that a script's
+# ``except IndexError`` keeps catching what eager torch would have raised on that line.
+class ShapeIndexError(ShapeError, IndexError):
+    """An index out of range on a traced value (``value[999]``): torch raises IndexError."""
+
+
+class TokenIndexError(TraceError, IndexError):
+    """A token index (``value.token[i]``) past either end of a prompt."""
+
+
 class ControlFlowError(TraceError):
     """Python control flow on a traced value, which cannot be recorded."""
 

@@ -493,8 +493,9 @@ def test_sequential_indexing():
     model = mlp()
     net = NNsight(model)
     assert net[0].path == "0"  # nn.Sequential indexes by position
+    assert net["layer1"] is net.layer1  # by name: any submodule (see test_parity.py)
     with pytest.raises(TypeError):
-        net["layer1"]
+        net[1.5]
 
 
 # --- real tensors become graph inputs --------------------------------------------------------

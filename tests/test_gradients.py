@@ -174,3 +174,41 @@ def test_attribution_patching_matches_manual_computation(gpt2):
     torch.testing.assert_close(result.values, expected, rtol=1e-5, atol=1e-6)
     assert result.sites == ["transformer.h.0", "transformer.h.1"]
     assert result.values.shape == (2, 8)
+
+
+def _mlp_reference_grad(model, x):
+    """d(model(x).sum()) / d(layer1 output), by torch.autograd.grad on a plain forward."""
+    acts = {}
+    handle = model.layer1.register_forward_hook(lambda m, a, o: acts.__setitem__("h", o))
+    try:
+        out = model(x)
+    finally:
+        handle.remove()
+    return torch.autograd.grad(out.sum(), acts["h"])[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_read_recorded_after_backward(backend):
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    with net.trace(x, backend=backend):
+        h = net.layer1.output
+        net.output.sum().backward()
+        g = h.grad.save()
+    torch.testing.assert_close(g, _mlp_reference_grad(model, x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_read_inside_backward_block(backend):
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(3))
+    with net.trace(x, backend=backend):
+        h = net.layer1.output
+        with net.output.sum().backward():
+            g = h.grad.save()
+            doubled = (h.grad * 2).save()
+    reference = _mlp_reference_grad(model, x)
+    torch.testing.assert_close(g, reference)
+    torch.testing.assert_close(doubled, reference * 2)

@@ -267,7 +267,9 @@ class CacheRequest:
         self.include_output = include_output
         self.include_inputs = include_inputs
         self.scope = scope
-        self.cache = CacheDict(rename=rename, alias=alias)
+        # the wrapper's rename= names keys too (the call's own rename=/alias= on top)
+        self.cache = CacheDict(rename={**getattr(model, "_rename", {}), **(rename or {})},
+                               alias=alias)
         self.nodes: list[tuple[Site, Any, Any]] = []  # (site, node, layout of the value)
 
     def _resolve(self, model: Any, modules: Any) -> list[str]:
@@ -296,9 +298,11 @@ class CacheRequest:
                 paths.append(path)
         return paths
 
-    def record(self, program: Program, source: Any) -> None:
+    def record(self, program: Program, source: Any, rows: dict[Any, Any]) -> None:
         """Add a read + conversion + save per cached site (in forward order). ``source``
-        (a capture or a scan) says which sites run and how their values are laid out."""
+        (a capture or a scan) says which sites run and how their values are laid out;
+        ``rows``: the invokes' rows (a module skipped for the whole batch does not run:
+        the modules inside it have no entries)."""
         index = source.index
         kinds = ([INPUT] if self.include_inputs else []) + \
             ([OUTPUT] if self.include_output else [])
@@ -312,6 +316,9 @@ class CacheRequest:
                 raise TraceError(at_line(
                     f"tracer.cache: {_key(missing[0])} never runs in this forward pass, so "
                     f"it cannot be cached", self.line))
+        skipped = _skipped_spans(program, index, rows)
+        sites = [s for s in sites
+                 if not any(start < index[s] < end for start, end in skipped)]
         convert_args = (self.device, self.dtype, self.detach)
         needs_convert = self.detach or self.device is not None or self.dtype is not None
         for site in sites:
@@ -340,6 +347,21 @@ class CacheRequest:
         for path, calls in entries.items():
             ordered = [calls[c] for c in sorted(calls)]
             self.cache._add(_key(path), ordered[0] if len(ordered) == 1 else ordered)
+
+
+def _skipped_spans(program: Program, index: dict[Site, int],
+                   rows: dict[Any, Any]) -> list[tuple[int, int]]:
+    """``(input position, output position)`` of each module call skipped for the whole
+    batch: what lies strictly between does not run."""
+    spans = []
+    for node in program.nodes:
+        if node.skip and rows[node.invoke].whole:
+            site = node.site
+            start = index.get(Site(site.path, INPUT, site.call))
+            end = index.get(site)
+            if start is not None and end is not None:
+                spans.append((start, end))
+    return spans
 
 
 def _relayout(value: Any, spec: pytree.TreeSpec) -> Any:

@@ -21,6 +21,11 @@ class Envoy:
     the real module; submodules are envoys too."""
 
     _is_envoy = True  # (recorders refuse an envoy where a value is expected)
+    # ``rename=`` of the wrapper (set on the root): alias -> real path, from the root
+    # (``{"transformer.h": "layers"}``), and alias -> real name of any submodule
+    # (``{"mlp": "ffn"}``: every ``.mlp`` is also ``.ffn``)
+    _alias_paths: dict[str, str] = {}
+    _alias_names: dict[str, str] = {}
 
     def __init__(self, module: torch.nn.Module, path: str, root: "Envoy | None" = None):
         object.__setattr__(self, "_module", module)
@@ -44,6 +49,9 @@ class Envoy:
         submodules = module._modules
         if name in submodules and submodules[name] is not None:
             return self._child(name, submodules[name])
+        aliased = self._aliased(name)
+        if aliased is not None:
+            return aliased
         try:
             return getattr(module, name)
         except AttributeError:
@@ -52,8 +60,36 @@ class Envoy:
                 f"attribute {name!r}; its submodules are: "
                 f"{', '.join(submodules) or '(none)'}", user_line())) from None
 
+    def _aliased(self, name: str) -> "Envoy | None":
+        """The envoy a ``rename=`` alias stands for here (its real path), or None."""
+        root = self._root
+        real = root._alias_names.get(name)
+        if real is not None and self._module._modules.get(real) is not None:
+            return self._child(real, self._module._modules[real])
+        path = root._alias_paths.get(name) if self is root else None
+        if path is None:
+            return None
+        envoy = self
+        for part in path.split("."):
+            envoy = envoy._child(part, envoy._module._modules[part])
+        return envoy
+
     def __getitem__(self, key: Any) -> "Envoy":
+        """``envoy[i]``: a module of a list; ``envoy["name"]``: the submodule ``name``
+        (the way to a submodule named like an envoy attribute: ``layer["output"]`` is
+        BERT's ``BertLayer.output`` module, ``layer.output`` the layer's activation)."""
         module = self._module
+        if type(key) is str and not isinstance(module, torch.nn.ModuleDict):
+            child = module._modules.get(key)
+            if child is not None:
+                return self._child(key, child)
+            aliased = self._aliased(key)
+            if aliased is not None:
+                return aliased
+            raise KeyError(at_line(
+                f"{module_label(self._path)} ({type(module).__name__}) has no submodule "
+                f"{key!r}; its submodules are: {', '.join(module._modules) or '(none)'}",
+                user_line()))
         if type(module) is torch.nn.ModuleList and type(key) is int:
             # the common case (``h[3]``): a ModuleList names its modules "0", "1", ...
             modules = module._modules
@@ -94,7 +130,16 @@ class Envoy:
         setattr(module, name, value)  # (outside a trace: as on the module itself)
 
     def __repr__(self) -> str:
-        return repr(self._module)
+        shadowed = sorted({path for path, _ in self._module.named_modules()
+                           if path and path.rsplit(".", 1)[-1] in _SHADOWING})
+        if not shadowed:
+            return repr(self._module)
+        names = sorted({path.rsplit(".", 1)[-1] for path in shadowed})
+        example = shadowed[0].rsplit(".", 1)
+        example = (f"{example[0]}[{example[1]!r}]" if len(example) == 2
+                   else f"[{example[0]!r}]")
+        return (f"{self._module!r}\n(submodules named {', '.join(names)} are reached by "
+                f"item, e.g. {example}: the attributes of those names are the envoy's)")
 
     @property
     def path(self) -> str:
@@ -185,6 +230,10 @@ class Envoy:
 
 
 _ACCESSORS = ("output", "input", "inputs")
+# names a submodule may have that an envoy attribute shadows (reach it by item)
+_SHADOWING = frozenset(
+    {*_ACCESSORS, "source", "skip", "path", "trace", "scan", "edit", "export", "to",
+     "generate", "cache", "save"})
 
 
 def _unknown_attribute(envoy: Envoy, name: str) -> str:
@@ -199,3 +248,30 @@ def _unknown_attribute(envoy: Envoy, name: str) -> str:
             f"{name!r}; inside a trace, setting it would add it to the real module, so "
             f"it is refused ({hint}a module's activations are set with .output, .input "
             f"and .inputs)")
+
+
+def renames(module: torch.nn.Module, rename: dict[str, str] | None
+            ) -> tuple[dict[str, str], dict[str, str]]:
+    """``(alias -> real path from the root, alias -> real submodule name)`` of a wrapper's
+    ``rename={real: alias}``: a dotted key is a module path (``"transformer.h"``, also
+    written ``"model.transformer.h"``), a plain key a submodule name wherever it occurs."""
+    paths: dict[str, str] = {}
+    names: dict[str, str] = {}
+    known = dict(module.named_modules())
+    for real, alias in (rename or {}).items():
+        if not isinstance(real, str) or not isinstance(alias, str) \
+                or not alias.isidentifier():
+            raise ValueError(f"rename={{{real!r}: {alias!r}}}: give a module path or name "
+                             f"and the attribute name to reach it by")
+        real = real.strip(".")
+        if "." not in real:
+            if not any(path.rsplit(".", 1)[-1] == real for path in known if path):
+                raise ValueError(f"rename: the model has no submodule named {real!r}")
+            names[alias] = real
+            continue
+        if real not in known and real.startswith("model.") and real[6:] in known:
+            real = real[6:]
+        if real not in known:
+            raise ValueError(f"rename: {real!r} is not a module path of the model")
+        paths[alias] = real
+    return paths, names

@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM
 
 from ..capture import export as capture
 from ..capture import scan
-from ..errors import TraceError, at_line, user_line
+from ..errors import TokenIndexError, TraceError, at_line, user_line
 from ..run import executable as runner
 from .generation import Generator, GeneratorEnvoy
 from .nnsight import NNsight
@@ -66,7 +66,8 @@ class LanguageModel(NNsight):
 
     def __init__(self, model_or_path: Any, tokenizer: Any = None,
                  automodel: Any = AutoModelForCausalLM, dispatch: bool = False, *,
-                 backend: str = "auto", compile: Any = None, **kwargs: Any):
+                 backend: str = "auto", compile: Any = None,
+                 rename: dict[str, str] | None = None, **kwargs: Any):
         if isinstance(model_or_path, torch.nn.Module):
             module, path = model_or_path, None
             if tokenizer is None:
@@ -77,7 +78,7 @@ class LanguageModel(NNsight):
         else:
             raise TypeError("LanguageModel wraps a torch.nn.Module or loads a local path, "
                             f"not {type(model_or_path).__name__}")
-        super().__init__(module, backend=backend, compile=compile)
+        super().__init__(module, backend=backend, compile=compile, rename=rename)
         if tokenizer is not None:
             _prepare_tokenizer(tokenizer)
         object.__setattr__(self, "tokenizer", tokenizer)
@@ -429,7 +430,7 @@ class TokenIndexer:
             for r, span in enumerate(spans):
                 if not -span <= index < span:
                     side = "past the end" if index >= 0 else "before the start"
-                    raise TraceError(at_line(
+                    raise TokenIndexError(at_line(
                         f"token index {index} is {side} of prompt {r} of {where}, "
                         f"which has {span} tokens", line))
             negative = [index % span - span for span in spans]

@@ -11,7 +11,7 @@ from ..capture.export import flat_inputs
 from ..errors import TraceError, at_line, user_line
 from ..run.options import CompileOptions, RunOptions
 from .edit import EditTracer, export, seed
-from .envoy import Envoy
+from .envoy import Envoy, renames
 from .tracer import ScanTracer, Tracer
 
 
@@ -22,7 +22,10 @@ class NNsight(Envoy):
     """Wrap ``module`` for tracing: ``with NNsight(module).trace(x) as tracer: ...``.
 
     ``backend`` (``"auto"``, ``"fx"`` or ``"hooks"``) and ``compile`` set the defaults of
-    every trace of this wrapper. Printing it shows the module tree; attributes fall through
+    every trace of this wrapper. ``rename={"transformer.h": "layers", "mlp": "ffn"}``
+    adds aliases (``model.layers[0].ffn``, also in ``tracer.cache()`` keys); a dotted key
+    is a module path (its alias an attribute of the wrapper), a plain one a submodule
+    name wherever it occurs. Printing it shows the module tree; attributes fall through
     to the module; ``model.layers[3]`` indexes module lists.
 
     >>> import torch, fxsight
@@ -39,7 +42,7 @@ class NNsight(Envoy):
     _token_indexing = False
 
     def __init__(self, module: torch.nn.Module, *, backend: str = "auto",
-                 compile: Any = None):
+                 compile: Any = None, rename: dict[str, str] | None = None):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, not {type(module).__name__}")
         module, compile = _uncompiled(module, compile)
@@ -47,6 +50,11 @@ class NNsight(Envoy):
         object.__setattr__(self, "_options", RunOptions.of(backend, compile))
         object.__setattr__(self, "_fallback_warned", set())
         object.__setattr__(self, "_edits", [])  # Programs of model.edit(), oldest first
+        alias_paths, alias_names = renames(module, rename)
+        object.__setattr__(self, "_alias_paths", alias_paths)
+        object.__setattr__(self, "_alias_names", alias_names)
+        object.__setattr__(self, "_rename", {real: alias for alias, real in
+                                             (*alias_paths.items(), *alias_names.items())})
 
     def _run_options(self, backend: str | None, compile: Any, prune: bool = True) -> RunOptions:
         """A trace's options: its own where given, else this wrapper's."""

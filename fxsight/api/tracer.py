@@ -347,7 +347,7 @@ class Tracer:
         if self._cache_requests:
             source = self._metadata_source(args, kwargs)
             for request in self._cache_requests:
-                request.record(self.program, source)
+                request.record(self.program, source, rows)
         return args, kwargs, rows
 
     def _metadata_source(self, args: tuple, kwargs: dict) -> Any:

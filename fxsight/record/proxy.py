@@ -78,6 +78,10 @@ class Proxy:
     def dim(self) -> int:
         return self.ndim
 
+    def retain_grad(self) -> None:
+        """Accepted and ignored (returns None, as torch does; nothing is recorded): a trace
+        reads gradients with ``value.grad`` inside the block, without retaining them."""
+
     # --- recording ---------------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

@@ -65,7 +65,9 @@ class BackwardPhase:
         while progress:
             progress = False
             for node in list(self.pending):
-                if self._ready(node, top_level):
+                # evaluating backward() pumps the nodes its taps make ready (nested, in
+                # on_grad): those are no longer pending when this loop reaches them
+                if node in self.pending and self._ready(node, top_level):
                     self._evaluate(node)
                     self.pending.remove(node)
                     progress = True

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from .._torch import FakeTensorMode, pytree
 
-from ..errors import OrderError, ShapeError, TraceError, at_line
+from ..errors import OrderError, ShapeError, ShapeIndexError, TraceError, at_line
 from ..record.program import (Kind, ModuleCall, Node, Program, execute, setitem, is_view, map_nodes, node_args, origin, replace,
                       select)
 from .rows import Rows, conform, narrow_rows, splice_rows
@@ -340,6 +340,8 @@ class MetaWalker(Walker):
         try:
             if isinstance(target, ModuleCall):  # real weights: run it on meta copies
                 return _module_call_meta(target, args, kwargs)
+            if op == "call_method" and target in _DEVICE_MOVES:
+                return _device_move_meta(target, args, kwargs)
             return execute(op, target, args, kwargs)
         except Exception as error:  # noqa: BLE001
             if node is None or node.lenient:
@@ -347,8 +349,9 @@ class MetaWalker(Walker):
             name = target if isinstance(target, str) else getattr(target, "__name__", target)
             where = origin(node)
             where = f" (on values from {where})" if where else ""
-            raise ShapeError(at_line(f"{name} fails on these shapes{where}: {error}",
-                                     node.line)) from None
+            kind = ShapeIndexError if isinstance(error, IndexError) else ShapeError
+            raise kind(at_line(f"{name} fails on these shapes{where}: {error}",
+                               node.line)) from None
 
     def check_write(self, node, site, old, value, rows):
         if isinstance(value, UnknownMeta):
@@ -388,6 +391,25 @@ class MetaWalker(Walker):
                     f"ones to repeat the value over them): a value of shape "
                     f"{tuple(new_leaf.shape)} cannot be written into {site.label} of shape "
                     f"{tuple(target_shape)}{_rows_note(node, rows)}", node.line))
+
+
+_DEVICE_MOVES = ("cpu", "cuda", "to")
+
+
+def _device_move_meta(target: str, args: tuple, kwargs: dict) -> Any:
+    """``value.cpu()``, ``.cuda()``, ``.to(device, ...)`` on a meta value: the result stays
+    on meta (it has no data to copy), with the shape and any dtype the move asks for."""
+    value, *rest = args
+    if not isinstance(value, torch.Tensor):
+        return execute("call_method", target, args, kwargs)
+    if target != "to":
+        return value
+    kwargs = {k: v for k, v in kwargs.items() if k != "device"}
+    rest = [a for a in rest if not isinstance(a, (str, torch.device, int))
+            or isinstance(a, bool)]
+    if not rest and "dtype" not in kwargs:
+        return value
+    return value.to(*rest, **kwargs)
 
 
 def _module_call_meta(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
