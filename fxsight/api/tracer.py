@@ -334,6 +334,7 @@ class Tracer:
         model ready to run (a LanguageModel loads its weights)."""
         for barrier in self._barriers:
             barrier.check()
+        self.program.check_inputs()
         args, kwargs, rows = self._batched()
         if load:
             self.model._before_run()  # may replace the module

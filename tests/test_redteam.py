@@ -1,0 +1,69 @@
+"""Findings of red-team issue 18 (S6, S7, U2, U3, U4, C1): each result equals a
+hand-written forward hook or plain PyTorch, on both backends, or is a clear error before
+anything runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxsight import NNsight
+from fxsight.errors import TraceError
+
+BACKENDS = ("fx", "hooks")
+
+
+def _mlp() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+
+
+# --- S6: a tensor changed in place later in the block ----------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_tensor_changed_in_place_between_uses_is_an_error_naming_the_first_line(backend):
+    # nnsight (and hooks by hand) would write 1 into layer 0, 2 into layer 2; the
+    # Program runs when the block ends, so the first line would read 2: refused
+    net = NNsight(_mlp())
+    buf = torch.zeros(3)
+    with pytest.raises(TraceError, match=r"changed in\s+place later in the block") as info:
+        with net.trace(torch.randn(3, 4), backend=backend):
+            for i in (0, 2):
+                buf[:] = i + 1
+                net[i].output[:, 0] = buf
+    assert "net[i].output[:, 0] = buf" in str(info.value)
+    assert buf.tolist() == [3.0, 3.0, 3.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_copy_per_use_gives_the_value_of_each_line(backend, reference_hooks):
+    model = _mlp()
+    x = torch.randn(3, 4)
+
+    def writer(value):
+        def hook(module, args, output):
+            output = output.clone()
+            output[:, 0] = value
+            return output
+        return hook
+
+    with reference_hooks(model, hooks={"0": writer(1.0), "2": writer(3.0)}):
+        expected = model(x)
+    net = NNsight(model)
+    buf = torch.zeros(3)
+    with net.trace(x, backend=backend):
+        for i in (0, 2):
+            buf[:] = i + 1
+            net[i].output[:, 0] = buf.clone()
+        out = net.output.save()
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_tensor_changed_in_place_after_its_last_use_is_an_error(backend):
+    net = NNsight(_mlp())
+    steer = torch.ones(4)
+    with pytest.raises(TraceError, match=r"changed in\s+place later in the block") as info:
+        with net.trace(torch.randn(2, 4), backend=backend):
+            net[0].output[:] = steer  # the line named
+            steer += 1
+    assert "net[0].output[:] = steer" in str(info.value)
