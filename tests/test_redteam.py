@@ -67,3 +67,44 @@ def test_a_tensor_changed_in_place_after_its_last_use_is_an_error(backend):
             net[0].output[:] = steer  # the line named
             steer += 1
     assert "net[0].output[:] = steer" in str(info.value)
+
+
+# --- S7: decoding steps that never happened --------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    from models import train_tokenizer
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def lm(tokenizer):
+    from fxsight import LanguageModel
+    from models import tiny_gpt2
+    return LanguageModel(tiny_gpt2(vocab_size=len(tokenizer)), tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_that_never_ran_is_an_error_naming_the_line(lm, backend):
+    with pytest.raises(TraceError, match=r"decoding step 7.*ran 3 step") as info:
+        with lm.generate("Hello there", max_new_tokens=3, do_sample=False,
+                         backend=backend) as tracer:
+            with tracer.iter[7]:
+                late = lm.transformer.h[0].output.save()  # the line named
+    assert "late = lm.transformer.h[0].output.save()" in str(info.value)
+    with pytest.raises(TraceError, match=r"decoding step 5.*ran 3 step"):
+        with lm.generate("Hello there", max_new_tokens=3, do_sample=False,
+                         backend=backend) as tracer:
+            with tracer.iter[[1, 5]]:
+                lm.transformer.h[0].output[:] = 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_slice_past_the_last_step_runs_the_steps_that_exist(lm, backend):
+    with lm.generate("Hello there", max_new_tokens=3, do_sample=False,
+                     backend=backend) as tracer:
+        with tracer.iter[1:10]:
+            some = lm.lm_head.output.save()
+        with tracer.all():
+            every = lm.lm_head.output.save()
+    assert len(some) == 2 and len(every) == 3
+    torch.testing.assert_close(some, every[1:])
