@@ -108,3 +108,22 @@ def test_a_slice_past_the_last_step_runs_the_steps_that_exist(lm, backend):
             every = lm.lm_head.output.save()
     assert len(some) == 2 and len(every) == 3
     torch.testing.assert_close(some, every[1:])
+
+
+# --- U2: a prompt longer than the model's positions --------------------------------------
+def test_a_prompt_longer_than_the_positions_is_an_error_at_the_invoke(tokenizer):
+    from fxsight import LanguageModel
+    from models import tiny_gpt2
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    limit = model.config.n_positions
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    ids = torch.randint(4, 100, (1, limit + 3))
+    with pytest.raises(TraceError, match=rf"{limit + 3} tokens long.*{limit} positions") \
+            as info:
+        with lm.trace() as tracer:
+            with tracer.invoke(ids):  # the line named
+                lm.transformer.h[0].output.save()
+    assert "with tracer.invoke(ids):" in str(info.value)
+    with lm.trace(ids[:, :limit]):  # as long as the positions: fine
+        out = lm.lm_head.output.save()
+    assert out.shape[1] == limit
