@@ -127,3 +127,41 @@ def test_a_prompt_longer_than_the_positions_is_an_error_at_the_invoke(tokenizer)
     with lm.trace(ids[:, :limit]):  # as long as the positions: fine
         out = lm.lm_head.output.save()
     assert out.shape[1] == limit
+
+
+# --- U3: a module registered under two names ---------------------------------------------
+class _Shared(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(4, 4)
+        self.b = self.a  # the same module under a second name
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(x)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_name_of_a_shared_module_reads_and_writes_its_sites(backend, reference_hooks):
+    model = _Shared()
+    x = torch.randn(3, 4)
+    seen = {}
+
+    def hook(module, args, output):
+        output = output.clone()
+        output[:, 0] = 5.0  # (an in-place edit: the saved read sees it, as in nnsight)
+        seen["out"] = output
+        return output
+
+    with reference_hooks(model, hooks={"a": hook}):
+        expected = model(x)
+    net = NNsight(model)
+    with net.trace(x, backend=backend):
+        by_b = net.b.output.save()
+        by_a = net.a.output.save()
+        net.b.output[:, 0] = 5.0
+        out = net.output.save()
+    torch.testing.assert_close(by_b, seen["out"])
+    torch.testing.assert_close(by_a, seen["out"])
+    torch.testing.assert_close(out, expected)
