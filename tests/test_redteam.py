@@ -165,3 +165,55 @@ def test_every_name_of_a_shared_module_reads_and_writes_its_sites(backend, refer
     torch.testing.assert_close(by_b, seen["out"])
     torch.testing.assert_close(by_a, seen["out"])
     torch.testing.assert_close(out, expected)
+
+
+# --- U4: unpacking the keyword arguments of .inputs ---------------------------------------
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x, scale=1.0, shift=0.0):
+        return self.lin(x) * scale + shift
+
+
+class _Outer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sub = _Scaled()
+
+    def forward(self, x):
+        return self.sub(x, scale=2.0, shift=1.0)
+
+
+@pytest.mark.parametrize("backend", ("auto", "hooks"))
+def test_unpacking_the_keyword_arguments_of_inputs(backend, reference_hooks):
+    torch.manual_seed(0)
+    model, x = _Outer(), torch.randn(2, 3)
+    with reference_hooks(model, pre_hooks={"sub": lambda m, a, k: (a, {**k, "scale": 5.0})}):
+        expected = model(x)
+    net = NNsight(model)
+    with pytest.warns(RuntimeWarning) if backend == "auto" else _nothing():
+        with net.trace(x, backend=backend) as tracer:
+            args, kw = net.sub.inputs
+            assert kw.keys() == ["scale", "shift"] and list(kw) == ["scale", "shift"]
+            assert [key for key, _ in kw.items()] == ["scale", "shift"]
+            assert len(kw.values()) == 2
+            net.sub.inputs = (args, {**kw, "scale": 5.0})
+            out = net.output.save()
+    assert tracer.backend == "hooks"
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_unpacking_the_keyword_arguments_of_inputs_is_refused_on_fx():
+    torch.manual_seed(0)
+    net = NNsight(_Outer())
+    with pytest.raises(TraceError, match="constant"):
+        with net.trace(torch.randn(2, 3), backend="fx"):
+            args, kw = net.sub.inputs
+            net.sub.inputs = (args, {**kw, "scale": 5.0})
+
+
+def _nothing():
+    import contextlib
+    return contextlib.nullcontext()
