@@ -217,3 +217,28 @@ def test_unpacking_the_keyword_arguments_of_inputs_is_refused_on_fx():
 def _nothing():
     import contextlib
     return contextlib.nullcontext()
+
+
+# --- C1: metadata of one invoke ignores other invokes' nodes -----------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shape_of_an_earlier_invoke_after_a_whole_batch_token_write(lm, backend):
+    prompts = ["The Eiffel Tower is in the city of", ["Hello", "Big Ben is"]]
+    with lm.trace(backend=backend) as tracer:
+        with tracer.invoke(prompts[0]):
+            first = lm.transformer.h[0].output.save()
+        with tracer.invoke(prompts[1]):
+            second = lm.transformer.h[0].output.save()
+        with tracer.invoke():
+            lm.transformer.h[1].output.token[0] = 0
+            everything = lm.transformer.h[1].output.save()
+        shapes = (tuple(first.shape), tuple(second.shape))  # after the write
+    assert shapes[0] == tuple(first.shape)  # (the longest prompt: no padding)
+    assert shapes[0][0] == 1 and shapes[1][0] == 2 == second.shape[0]
+    mask = lm.tokenizer(prompts[0])["attention_mask"]
+    assert shapes[0][1] == len(mask)
+    # the first real token of every row is zero, and nothing else is
+    for row, length in enumerate([len(mask)] + [len(lm.tokenizer(p)["input_ids"])
+                                                for p in prompts[1]]):
+        first_real = everything.shape[1] - length
+        assert everything[row, first_real].abs().sum() == 0
+        assert everything[row, first_real + 1:].abs().sum() > 0
