@@ -242,3 +242,14 @@ def test_shape_of_an_earlier_invoke_after_a_whole_batch_token_write(lm, backend)
         first_real = everything.shape[1] - length
         assert everything[row, first_real].abs().sum() == 0
         assert everything[row, first_real + 1:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_named_sequential_indexed_by_position_reads_its_module(backend):
+    from models import mlp
+    model = mlp()
+    x = torch.randn(2, model.layer1.in_features)
+    net = NNsight(model)
+    with net.trace(x, backend=backend):
+        by_index = net[0].output.save()
+    torch.testing.assert_close(by_index, model.layer1(x))
