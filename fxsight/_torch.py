@@ -25,7 +25,7 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "is_op_overload", "entry_point", "is_unused_random", "compile_backend",
            "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
            "global_forward_hooks", "TreeSpec", "uncompiled", "plain_pickling",
-           "generated_source_key", "forget_generated_source"]
+           "generated_source_key", "forget_generated_source", "tensor_version"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -125,3 +125,12 @@ def forget_generated_source(key: str) -> None:
     """Drop the source fx registered under ``key`` (see :func:`generated_source_key`)."""
     torch.fx.graph_module._loader.eval_cache.pop(key, None)
     linecache.cache.pop(key, None)
+
+
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """A tensor's in-place version counter (``_version``; no public API tells whether a
+    tensor was changed in place, checked 2.13), or ``None`` for inference tensors (none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None

@@ -492,7 +492,8 @@ def test_replaced_submodule_is_seen_by_the_envoy():
 def test_sequential_indexing():
     model = mlp()
     net = NNsight(model)
-    assert net[0].path == "0"  # nn.Sequential indexes by position
+    # nn.Sequential indexes by position; the envoy takes the module's own name (its sites)
+    assert net[0].path == "layer1"
     assert net["layer1"] is net.layer1  # by name: any submodule (see test_parity.py)
     with pytest.raises(TypeError):
         net[1.5]

@@ -7,6 +7,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..capture.events import module_paths
 from ..errors import TraceError, at_line, user_line
 from ..record.active import current_tracer
 from ..record.program import ModuleCall
@@ -33,14 +34,27 @@ class Envoy:
         object.__setattr__(self, "_root", root if root is not None else self)
         object.__setattr__(self, "_children", {})
         object.__setattr__(self, "_call", 0)
+        object.__setattr__(self, "_paths", None)  # (the root's) module -> canonical path
 
     # --- tree navigation ---------------------------------------------------------------
     def _child(self, name: str, module: torch.nn.Module) -> "Envoy":
         children = self._children
         if name not in children or children[name]._module is not module:  # replaced?
             path = f"{self._path}.{name}" if self._path else name
-            children[name] = Envoy(module, path, self._root)
+            children[name] = Envoy(module, self._root._canonical(module, path), self._root)
         return children[name]
+
+    def _canonical(self, module: torch.nn.Module, path: str) -> str:
+        """The path sites use for ``module``: a module registered under several names
+        (``self.b = self.a``) has its events under the first (``capture.events``), so every
+        alias reads and writes the same sites."""
+        paths = self._paths
+        known = paths.get(module) if paths is not None else None
+        if known is None or not _resolves(self._module, known, module):  # changed model
+            paths = module_paths(self._module)
+            object.__setattr__(self, "_paths", paths)
+            known = paths.get(module)
+        return path if known is None else known
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
@@ -275,3 +289,10 @@ def renames(module: torch.nn.Module, rename: dict[str, str] | None
             raise ValueError(f"rename: {real!r} is not a module path of the model")
         paths[alias] = real
     return paths, names
+
+
+def _resolves(root: torch.nn.Module, path: str, module: torch.nn.Module) -> bool:
+    try:
+        return root.get_submodule(path) is module
+    except AttributeError:
+        return False

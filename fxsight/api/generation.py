@@ -129,6 +129,7 @@ class Generator(Tracer):
         interleaver = StepInterleaver(self.program, rows)
         with interleaver.installed(module):
             output = module.generate(**inputs, **options)
+        _check_steps(self.program, interleaver.step + 1)
         interleaver.finish(output)
         self.backend = "hooks"
         self._output, self._output_kept = output, True
@@ -148,6 +149,7 @@ class Generator(Tracer):
                 del module.forward
             else:
                 module.forward = original
+        _check_steps(self.program, steps.step)
         values = dict(steps.persistent)
         if after:
             walker = RealWalker(self.program, rows, AnySite())
@@ -163,6 +165,20 @@ class Generator(Tracer):
         self._output, self._output_kept = output, True
         self._results = {node: values[node] if node in after else steps.result(node)
                          for node in self.program.saves}
+
+
+def _check_steps(program: Any, count: int) -> None:
+    """After generation: a node chosen for a step that never happened is an error (it
+    would save nothing and write nothing)."""
+    for node in program.nodes:
+        if node.steps is not None:
+            missing = node.steps.missing(count)
+            if missing:
+                raise TraceError(at_line(
+                    f"this line applies to decoding step {missing[0]}, but generation ran "
+                    f"{count} step(s) (0 to {count - 1}): set max_new_tokens high enough, "
+                    "or choose steps that exist (an open-ended slice or tracer.all() takes "
+                    "whatever steps run)", node.line))
 
 
 class GeneratorEnvoy:

@@ -356,6 +356,15 @@ class LanguageModel(NNsight):
             bad = low if low < 0 else high
             raise TraceError(at_line(f"{where}: token id {bad} is outside the model's "
                                      f"vocabulary of {size} tokens", line))
+        config = getattr(self._module, "config", None)
+        limit = getattr(config, "n_positions", None) or \
+            getattr(config, "max_position_embeddings", None)
+        if isinstance(limit, int) and ids.shape[1] > limit and any(
+                isinstance(m, torch.nn.Embedding) and m is not embeddings and
+                m.num_embeddings == limit for m in self._module.modules()):
+            # a learned position embedding of `limit` rows (rotary ones have no limit)
+            raise TraceError(at_line(f"{where}: the input is {ids.shape[1]} tokens long, "
+                                     f"longer than the model's {limit} positions", line))
 
     def _pad_id(self) -> int:
         for source in (self.tokenizer, getattr(self._module, "config", None)):

@@ -276,7 +276,7 @@ class Tracer:
                 source = metadata_source(self.model._module, args, kwargs, self.options)
                 walker = self._meta_walkers[node.invoke] = MetaWalker(
                     self.program, _WholeRows(), source)
-            walker.run()
+            walker.run(_walked_for(self.program, node.invoke))
         meta = walker.values[node]
         if isinstance(meta, UnknownMeta):
             raise TraceError(at_line(f"the {what} of this value depends on real data "
@@ -335,6 +335,7 @@ class Tracer:
         model ready to run (a LanguageModel loads its weights)."""
         for barrier in self._barriers:
             barrier.check()
+        self.program.check_inputs()
         args, kwargs, rows = self._batched()
         if load:
             self.model._before_run()  # may replace the module
@@ -395,6 +396,19 @@ class ScanTracer(Tracer):
         self._output, self._output_kept = source.output, True
         self._results = {node: walker.values[node] for node in self.program.saves}
         self._fill_caches()
+
+
+def _walked_for(program: Any, invoke: int | None) -> list[Node]:
+    """The nodes the metadata of ``invoke`` (run on its inputs alone) needs: its own, and
+    those of other invokes they depend on. Other invokes' nodes are sized for other rows
+    (a whole-batch token index, say), and writes keep a site's shape, so leaving them out
+    changes no shape of this invoke."""
+    needed: set[Node] = set()
+    for node in reversed(program.nodes):
+        if node.invoke == invoke or node in needed:
+            needed.update(node.all_input_nodes)
+            needed.add(node)
+    return [node for node in program.nodes if node in needed]
 
 
 class _WholeRows(dict):

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from .._torch import pytree
+from .._torch import pytree, tensor_version
+from ..errors import TraceError, at_line
 from .scope import Scope, Steps
 from .sites import Site, module_label
 
@@ -162,7 +163,8 @@ class Program:
         self.input_values: list[Any] = []
         self.saves: list[Node] = []
         self.uses_gradients = False  # set by .grad, .grad = v and backward()
-        self._input_ids: dict[int, Node] = {}
+        # id -> (node, value, {tensor version at a use: the first line using it})
+        self._input_ids: dict[int, tuple] = {}
         self._parts: list[tuple] = []
 
     # --- building -------------------------------------------------------------------
@@ -180,18 +182,36 @@ class Program:
         self._parts.append(key)
         return node
 
-    def input(self, value: Any) -> Node:
-        """A placeholder for a real value (deduplicated by identity)."""
-        node = self._input_ids.get(id(value))
-        if node is None:
+    def input(self, value: Any, line: Any = None) -> Node:
+        """A placeholder for a real value (deduplicated by identity). For a tensor, the
+        version of each use is kept: :meth:`check_inputs` refuses a run that would read a
+        value changed in place after a line used it."""
+        use = self._input_ids.get(id(value))
+        if use is None:
             index = len(self.input_values)
             node = Node(len(self.nodes), Kind.INPUT, "placeholder", f"input_{index}", (), {},
                         [], input_index=index)
             self.nodes.append(node)
             self._parts.append((Kind.INPUT, _value_key(value)))
             self.input_values.append(value)
-            self._input_ids[id(value)] = node
-        return node
+            use = self._input_ids[id(value)] = (node, value, {})
+        if isinstance(value, torch.Tensor):
+            use[2].setdefault(tensor_version(value), line)  # the first line per version
+        return use[0]
+
+    def check_inputs(self) -> None:
+        """Before running: no tensor the block used was changed in place after a line
+        used it (the run reads tensors when the block ends, a line means the value it saw;
+        copying every tensor at every use would cost memory and time)."""
+        for _, value, uses in self._input_ids.values():
+            now = tensor_version(value) if uses else None
+            stale = [line for version, line in uses.items() if version != now]
+            if stale and now is not None:
+                raise TraceError(at_line(
+                    f"a tensor of shape {tuple(value.shape)} used on this line is changed in "
+                    "place later in the block; the interventions run when the block ends and "
+                    "would all see its last value, not the one this line saw. Pass a copy "
+                    "here (`value.clone()`)", stale[0]))
 
     def read(self, site: Site, accessor: str, scope: Scope, line: Any) -> Node:
         """A module's ``accessor`` (``"output"``, ``"input"``, ``"inputs"``) at ``site``."""

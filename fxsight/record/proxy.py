@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 import torch
@@ -121,12 +122,35 @@ class Proxy:
 
     def __iter__(self) -> Iterator["Proxy"]:
         meta = self._recorder.meta(self, "iteration")
+        if isinstance(meta, Mapping):  # a dict (kwargs, a ModelOutput): its keys
+            return iter(list(meta.keys()))
         length = meta.shape[0] if isinstance(meta, torch.Tensor) else len(meta)
         return iter([self[i] for i in range(length)])
 
     def __len__(self) -> int:
         meta = self._recorder.meta(self, "len()")
         return meta.shape[0] if isinstance(meta, torch.Tensor) else len(meta)
+
+    # --- a dict's value (kwargs of ``.inputs``, a ModelOutput): keys known from its meta
+    def keys(self) -> list:
+        """The keys of a dict value (``{**kw, "scale": 2.0}``, ``dict(kw)`` use it)."""
+        return list(self._mapping("keys()").keys())
+
+    def items(self) -> list[tuple[Any, "Proxy"]]:
+        return [(key, self[key]) for key in self._mapping("items()").keys()]
+
+    def values(self) -> Any:
+        meta = self._recorder.meta(self, "values()")
+        if isinstance(meta, Mapping):
+            return [self[key] for key in meta.keys()]
+        return self._recorder.create_op("call_method", "values", (self,), {})  # (sparse)
+
+    def _mapping(self, what: str) -> Mapping:
+        meta = self._recorder.meta(self, what)
+        if not isinstance(meta, Mapping):
+            raise AttributeError(at_line(f"{what[:-2]}: this value is a "
+                                         f"{type(meta).__name__}, not a dict", user_line()))
+        return meta
 
     # --- Python control flow is not recordable ----------------------------------------
     def _no_control_flow(self, what: str, convert: Any) -> Any:

@@ -199,7 +199,7 @@ class Recorder:
                     "save it in its own trace and pass the real tensor instead", user_line()))
             return value._node
         if isinstance(value, torch.Tensor):
-            return self.program.input(value)
+            return self.program.input(value, user_line())
         if kind is tuple:
             return tuple([self.to_arg(v) for v in value])
         if kind is slice:

@@ -34,6 +34,20 @@ class Steps:
                 (step - start) % stride == 0
         return step in choice
 
+    def missing(self, count: int) -> list[int]:
+        """The chosen steps that did not happen when ``count`` steps ran: every step of
+        an int or a list must run; a slice runs the steps of it that happened (open-ended
+        or cut short by ``max_new_tokens``), so it misses only when none of them did."""
+        choice = self.choice
+        if choice == ALL:
+            return []
+        if isinstance(choice, int):
+            return [choice] if choice >= count else []
+        if isinstance(choice, slice):
+            start = choice.start or 0
+            return [start] if start >= count else []
+        return [step for step in choice if step >= count]
+
     def __repr__(self) -> str:
         return f"Steps({self.choice!r})"
 
