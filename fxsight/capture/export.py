@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .._torch import plain_codegen, pytree
+from .._torch import global_forward_hooks, plain_codegen, pytree
 
 from ..locks import exclusive_export
 from ..stats import bump
@@ -438,10 +438,9 @@ def _user_hooks(model: torch.nn.Module) -> tuple:
     if any(memo[2]):  # (the usual answer, no hook anywhere, costs one pass in C)
         hooks = tuple((key, tuple(pre), tuple(post)) for key, pre, post in memo[1]
                       if pre or post)
-    module = torch.nn.modules.module
-    if module._global_forward_hooks or module._global_forward_pre_hooks:
-        hooks += (("global", tuple(module._global_forward_pre_hooks),
-                   tuple(module._global_forward_hooks)),)
+    pre, post = global_forward_hooks()
+    if pre or post:
+        hooks += (("global", pre, post),)
     return hooks
 
 
