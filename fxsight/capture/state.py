@@ -1,9 +1,9 @@
 """Model state: what a capture bakes in besides its inputs, watched cheaply between traces.
 
-A captured graph holds the parameter and buffer objects it read, their dtypes and devices,
-the module tree as it was, every module's ``training`` flag, the plain Python attributes
-(numbers, strings, tuples, settings objects such as transformers' configs) the forward
-read, and the effect of the hooks that ran. A change to any of these between traces must
+A captured graph holds the parameter and buffer objects it read, their dtypes, the module
+tree as it was, every module's ``training`` flag, the plain Python attributes (numbers,
+strings, tuples, settings objects such as transformers' configs) the forward read, and
+what the hooks that ran did. A change to any of these between traces must
 lead to a new capture: :func:`state_token` names the model's current state with a number
 that changes when one of them did (and comes back when the state does).
 
@@ -15,10 +15,11 @@ keeps a model alive.
 
 Not seen (documented limits): the contents of a list, dict or set attribute of more than
 ``_MAX_CONTAINER`` elements changed in place; settings objects nested more than one level
-down; class attributes, globals and closures that ``forward`` reads (a user's forward hooks
-are not captured at all, see :func:`user_hooks`); ``param.data = ...`` with a new dtype or
-device on a parameter other than the first of its module (``.to()``, ``.half()`` and the
-like convert every parameter of a module, and are seen).
+down; class attributes (and ``module.__class__ = ...``),
+globals and closures that ``forward`` reads (models whose forward hooks change values are
+not captured, see :func:`user_hooks`); ``param.data = ...`` with a new dtype on a parameter
+other than the first of its module (``.to()``, ``.half()`` and the like convert every
+parameter of a module, and are seen), or a new device on any but the model's first.
 """
 
 from __future__ import annotations
