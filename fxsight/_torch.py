@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
            "is_op_overload", "entry_point", "is_unused_random", "compile_backend",
            "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
-           "global_forward_hooks", "TreeSpec", "uncompiled", "plain_pickling",
+           "global_forward_hooks", "global_hook_keys", "TreeSpec", "uncompiled", "plain_pickling",
            "generated_source_key", "forget_generated_source", "tensor_version"]
 
 TreeSpec = pytree.TreeSpec
@@ -107,6 +107,16 @@ def global_forward_hooks() -> tuple[tuple, tuple]:
     there is no public getter (``torch.nn.modules.module._global_forward_*``; checked 2.13)."""
     module = torch.nn.modules.module
     return tuple(module._global_forward_pre_hooks), tuple(module._global_forward_hooks)
+
+
+def global_hook_keys() -> list[tuple]:
+    """The handle ids of torch's four process-wide module hook dicts (forward, forward-pre,
+    backward, backward-pre): no public getter (``torch.nn.modules.module._global_*``;
+    checked 2.13)."""
+    module = torch.nn.modules.module
+    return [tuple(getattr(module, name)) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks",
+        "_global_backward_hooks", "_global_backward_pre_hooks")]
 
 
 def generated_source_key(graph_module: fx.GraphModule) -> str | None:

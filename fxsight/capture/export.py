@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
+import inspect
 import logging
-import sys
+import threading
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from .._torch import global_forward_hooks, plain_codegen, pytree
+from .._torch import plain_codegen, pytree
 
 from ..locks import exclusive_export
 from ..stats import bump
 from ..errors import CaptureError
+from . import state
 from .events import ModuleEvents
 from ..record.sites import Site
 
@@ -186,9 +188,18 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     it symbolic unless the model fixes it): the graph serves other batch and sequence
     lengths too (see :meth:`Captured.bind`).
 
-    Raises :class:`CaptureError` naming the innermost module that could not be captured.
+    Raises :class:`CaptureError` naming the innermost module that could not be captured;
+    also where a forward hook of the model changes a module's inputs or outputs (the
+    graph would keep what it did at capture time, whatever the hook reads) and where the
+    forward changes the model's Python state (the graph would not repeat that; the change
+    is undone). Hooks that only look run during the capture, on fake tensors, and are not
+    part of the graph.
     """
     start = time.perf_counter()
+    global_hooks, hooked = state.user_hooks(model)
+    if global_hooks is not None:
+        raise CaptureError(f"could not capture the model: {global_hooks}, which a "
+                           f"captured graph would keep as they were at capture time")
     layouts: dict[Site, tuple[pytree.TreeSpec, list[Any]]] = {}
 
     def mark(site: Site, value: Any) -> Any:
@@ -200,17 +211,41 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         return pytree.tree_unflatten(marked, spec)
 
     events = ModuleEvents(model if events_on is None else events_on, mark)
+    before = state.Watch(model, 0)
+    changes: list[str] = []
+    root = _Root(model, before, changes)
+    hook_changes: list[tuple[str, str]] = []
     try:
         # (one export at a time: export sets process-wide flags, see fxsight.locks)
-        with exclusive_export(), events.installed(), _quiet_symbolic_shapes():
-            exported = torch.export.export(
-                model, tuple(args), dict(kwargs), strict=False,
-                dynamic_shapes=_auto_dynamic_shapes(model, args, kwargs) if dynamic else None)
+        try:
+            with exclusive_export(), _watching_hooks(hooked, hook_changes), \
+                    events.installed(), _quiet_symbolic_shapes():
+                exported = torch.export.export(
+                    root, tuple(args), dict(kwargs), strict=False,
+                    dynamic_shapes=_auto_dynamic_shapes(model, args, kwargs)
+                    if dynamic else None)
+        finally:
+            # (export puts back the modules' own attributes after tracing; not the
+            # attributes of the objects they hold)
+            if not before.unchanged():
+                changes = changes or before.changes() or ["its state"]
+                before.restore()
     except Exception as error:  # noqa: BLE001 - any failure means: fall back to hooks
+        if isinstance(error, _Uncapturable):
+            error = error.error
         culprit = events.stack[-1] if events.stack else None
         where = f"module {culprit or 'model'!r}" if culprit is not None else "the model"
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         raise CaptureError(f"could not capture {where}: {reason}", culprit) from error
+    if hook_changes:
+        path, what = hook_changes[0]
+        raise CaptureError(f"could not capture the model: {what}; a captured graph would "
+                           f"keep what the hook did at capture time", path)
+    if changes:
+        error = CaptureError(f"could not capture the model: its forward changes "
+                             f"{changes[0]}, which a captured graph would not repeat")
+        error.changes_state = True
+        raise error
 
     gm = exported.module()
     guards = strip_export_checks(gm)
@@ -218,6 +253,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     graph = gm.graph
     in_spec, out_spec = exported.call_spec
     plain_codegen(graph)
+    owner = _unwrap(gm, graph)
     marks: dict[str, dict[int, fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_function" and node.target is BOUNDARY:
@@ -228,7 +264,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         found = marks.get(_marker(site), {})
         nodes = [found.get(i) if constants[i] is None else None for i in range(len(constants))]
         slots[site] = SiteSlot(spec, nodes, constants)
-    module = fx.GraphModule(gm, graph, class_name="CapturedForward")
+    module = fx.GraphModule(owner, graph, class_name="CapturedForward")
     _drop_forward_hooks(module)
     bump("captures")
     captured = Captured(module, in_spec, out_spec, list(events.order), slots,
@@ -236,6 +272,137 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     if dynamic:
         _make_dynamic(captured, exported, guards)
     return captured
+
+
+@contextlib.contextmanager
+def _watching_hooks(hooked: list, changes: list):
+    """Around each hooked module's own hooks, hooks that note in ``changes`` where the
+    user's hooks changed the module's inputs or outputs (other values, or edited in
+    place): ``(path, "module 'a' has a forward hook (...) that changes its output")``."""
+    handles = []
+
+    def leaves(value):
+        return [(id(v), v._version if isinstance(v, torch.Tensor) else None)
+                for v in pytree.tree_leaves(value)]
+
+    def watch(path, module, description):
+        before = {}
+
+        def first_in(m, args, kwargs):
+            before["in"] = leaves((args, kwargs))
+
+        def last_in(m, args, kwargs):
+            if leaves((args, kwargs)) != before.pop("in", None):
+                changes.append((path, f"{description} that changes its inputs"))
+
+        def first_out(m, args, output):
+            before["out"] = leaves(output)
+
+        def last_out(m, args, output):
+            if leaves(output) != before.pop("out", None):
+                changes.append((path, f"{description} that changes its output"))
+
+        if module._forward_pre_hooks:
+            handles.append(module.register_forward_pre_hook(first_in, prepend=True,
+                                                            with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(last_in, with_kwargs=True))
+        if module._forward_hooks:
+            handles.append(module.register_forward_hook(first_out, prepend=True))
+            handles.append(module.register_forward_hook(last_out))
+
+    try:
+        for path, module, description in hooked:
+            watch(path, module, description)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _Uncapturable(Exception):
+    """A data-dependent failure inside the model, carried out of ``torch.export`` as an
+    exception it does not annotate: export prints the partial graph of such failures to
+    ``sys.stderr`` (unconditionally, ``torch/export/_trace.py``), fxsight's fallback
+    warning says it once instead."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _data_dependent(error: BaseException) -> bool:
+    # what ``torch.fx.Tracer.trace`` tests before attaching ``partial_fx_graph``
+    return isinstance(error, RuntimeError) and bool(error.args) and \
+        isinstance(error.args[0], str) and "data-dependent" in error.args[0]
+
+
+class _Root(torch.nn.Module):
+    """What ``capture`` exports: the model as its only child ``model`` (whose prefix
+    :func:`_unwrap` takes off the graph's attribute names again), called through a forward
+    with the model's own signature that carries data-dependent failures out as
+    :class:`_Uncapturable`, and puts in ``changes`` the plain attributes the model's
+    forward changed (compared with ``watch``; export puts them back afterwards)."""
+
+    def __init__(self, model: torch.nn.Module, watch: state.Watch, changes: list[str]):
+        super().__init__()
+        self.model = model
+
+        def forward(*args, **kwargs):
+            try:
+                output = self.model(*args, **kwargs)
+            except Exception as error:
+                if _data_dependent(error):
+                    raise _Uncapturable(error) from None
+                raise
+            changes[:] = watch.changes(plain=True)
+            return output
+
+        try:
+            forward.__signature__ = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            pass
+        self.forward = forward
+
+
+def _unprefixed(path: str) -> str:
+    return "" if path == "model" else path[len("model."):] if path.startswith("model.") \
+        else path
+
+
+def _unwrap(gm: torch.nn.Module, graph: fx.Graph) -> torch.nn.Module:
+    """The module of the exported ``_Root``'s child, holding every attribute the graph
+    reads, under the model's own names (``lm_head.weight``, not ``model.lm_head.weight``).
+    (``gm``'s modules are new ones, made by ``ExportedProgram.module()``.)"""
+    owner = gm.get_submodule("model") if isinstance(getattr(gm, "model", None),
+                                                     torch.nn.Module) else None
+    if owner is None:
+        return gm
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:  # paths as the model's own: "model.a.b" -> "a.b", "model" -> "" (the
+            node.meta["nn_module_stack"] = {  # root's, where "" was _Root's)
+                key: (_unprefixed(path), kind) for key, (path, kind) in stack.items()
+                if path != ""}
+        if node.op != "get_attr":
+            continue
+        if node.target.startswith("model."):
+            node.target = node.target[len("model."):]
+            continue
+        # an attribute of the root (a lifted constant): moved onto the model's module
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        name = node.target.replace(".", "_")
+        while hasattr(owner, name):
+            name += "_"
+        if isinstance(value, torch.nn.Parameter):
+            owner.register_parameter(name, value)
+        elif node.target in gm._buffers:
+            owner.register_buffer(name, value)
+        else:
+            setattr(owner, name, value)
+        node.target = name
+    return owner
 
 
 def _auto_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -295,26 +462,31 @@ def _make_dynamic(captured: Captured, exported: Any, guards: Any) -> None:
     captured.ranges = ranges
 
 
+class _OtherThreadsOrErrors(logging.Filter):
+    """Lets through the records of other threads, and errors."""
+
+    def __init__(self):
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread or record.levelno >= logging.ERROR
+
+
 @contextlib.contextmanager
 def _quiet_symbolic_shapes():
-    """A failed capture is reported once, by the fallback warning: keep torch from also
-    printing the partial graph on stderr (export does, unconditionally) and logging it.
-    What else reached stderr is passed on when the capture succeeds."""
+    """A failed capture is reported once, by the fallback warning: keep torch's shape
+    solver from also logging warnings about it ("Unable to find user code ...") for this
+    thread. Nothing process-wide is swapped (``sys.stderr`` is never touched; the partial
+    graph export would print is avoided by :class:`_Root`), and other threads log as
+    usual."""
     logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    buffer = io.StringIO()
-    failed = False
+    quiet = _OtherThreadsOrErrors()
+    logger.addFilter(quiet)
     try:
-        with contextlib.redirect_stderr(buffer):
-            yield
-    except BaseException:
-        failed = True
-        raise
+        yield
     finally:
-        logger.setLevel(level)
-        if not failed and buffer.getvalue():
-            sys.stderr.write(buffer.getvalue())
+        logger.removeFilter(quiet)
 
 
 def _marker(site: Site) -> str:
@@ -329,7 +501,106 @@ def _drop_forward_hooks(module: torch.nn.Module) -> None:
 
 
 # --- the capture cache ---------------------------------------------------------------
-_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+# Per model, LRU: the captures (failures included) of the last MAX_CAPTURES signatures,
+# dynamic-shape bases counted with them.
+MAX_CAPTURES = 32
+_MAX_VIEWS = 4 * MAX_CAPTURES  # dynamic views (cheap: they share their base's graph)
+
+
+class _Captures:
+    """One model's cache: ``entries`` (signature -> Captured or CaptureError, and
+    ``("dynamic-bases", general signature)`` -> list of bases), ``views`` (signature ->
+    view of a dynamic base, or False) and ``shapes`` (general signature -> the first two
+    signatures seen), each a bounded LRU."""
+
+    __slots__ = ("entries", "views", "shapes", "refused")
+
+    def __init__(self):
+        self.entries: OrderedDict = OrderedDict()
+        self.views: OrderedDict = OrderedDict()
+        self.shapes: OrderedDict = OrderedDict()
+        # the error of a model whose forward changes its own state: not captured again
+        self.refused: CaptureError | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key: Any) -> Any:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: Any, value: Any) -> list:
+        """Store ``value``; returns the values evicted."""
+        self.entries[key] = value
+        self.entries.move_to_end(key)
+        evicted = []
+        while len(self.entries) > MAX_CAPTURES:
+            old, value = self.entries.popitem(last=False)
+            evicted.append(value)
+            if old[0] == "dynamic-bases":
+                self.views.clear()  # (views share the bases' graphs)
+        return evicted
+
+    def view(self, key: Any) -> Any:
+        value = self.views.get(key)
+        if value is not None:
+            self.views.move_to_end(key)
+        return value
+
+    def put_view(self, key: Any, value: Any) -> None:
+        self.views[key] = value
+        while len(self.views) > _MAX_VIEWS:
+            self.views.popitem(last=False)
+
+    def shapes_of(self, general: tuple) -> set:
+        seen = self.shapes.get(general)
+        if seen is None:
+            seen = self.shapes[general] = set()
+            while len(self.shapes) > _MAX_VIEWS:
+                self.shapes.popitem(last=False)
+        return seen
+
+    def drop_states(self, tokens: set) -> list:
+        """Forget the captures of these model states (see ``state.state_token``); returns
+        the values dropped."""
+        dropped = []
+        for table in (self.entries, self.views, self.shapes):
+            for key in [k for k in table if _token_of(k) in tokens]:
+                dropped.append(table.pop(key))
+        return dropped
+
+
+# Called as ``listener(model, graph_module)`` when a capture leaves the cache, so that
+# what was built on it (runners, spliced graphs) goes too: see ``run.executable``.
+_RELEASE_LISTENERS: list = []
+
+
+def on_release(listener: Any) -> None:
+    """Register ``listener(model, graph_module)``, called for each captured graph the
+    capture cache lets go."""
+    _RELEASE_LISTENERS.append(listener)
+
+
+def _release(model: torch.nn.Module, values: list) -> None:
+    graphs = {}
+    for value in values:
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, Captured):
+                graphs[id(item.graph_module)] = item.graph_module
+    for graph_module in graphs.values():
+        for listener in _RELEASE_LISTENERS:
+            listener(model, graph_module)
+
+
+def _token_of(key: tuple) -> Any:
+    if key[0] in ("dynamic-bases",):
+        key = key[1]
+    return key[-1]
+
+
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, _Captures]" = weakref.WeakKeyDictionary()
 
 
 _LEAF_TYPES = (bool, int, float, str, torch.dtype, torch.device)
@@ -358,7 +629,9 @@ def flat_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
 
 def signature(model: torch.nn.Module, args: tuple, kwargs: dict,
               flat: tuple[list[Any], Any] | None = None) -> tuple:
-    """What a capture depends on: input shapes and types, non-tensor inputs, model state.
+    """What a capture depends on: input shapes and types, non-tensor inputs, grad mode,
+    and the model's state (a number from :func:`state.state_token`: its parameters and
+    buffers, modules, training flags, plain attributes and hooks as they are now).
 
     ``flat`` is ``flat_inputs(args, kwargs)`` where the caller has it already."""
     flat, layout = flat if flat is not None else flat_inputs(args, kwargs)
@@ -372,76 +645,14 @@ def signature(model: torch.nn.Module, args: tuple, kwargs: dict,
                 parts.append(("V", value))
             except TypeError:
                 parts.append(("V", repr(value)))
-    # the captured graph holds the parameter and buffer objects themselves: one replaced
-    # (``layer.weight = nn.Parameter(...)``) needs a new capture, or it would be ignored
-    tensors, first = _tensor_ids(model)
-    state = (model.training, None if first is None else (first.dtype, first.device))
-    return (layout, tuple(parts), state, torch.is_grad_enabled(), tensors, _user_hooks(model))
+    token = state.state_token(model, _drop_states)
+    return (layout, tuple(parts), torch.is_grad_enabled(), token)
 
 
-# Parameters, buffers and submodules assigned as attributes go through torch's global
-# registration hooks: a generation count, bumped by them, tells when the (costly, ~5 µs per
-# module) walk over a model's tensors must be redone; between changes it is memoized.
-# ``Module._apply`` (``.to()``, ``.half()``...) may put new tensors in place without those
-# hooks: it replaces every buffer and (when it replaces any) every parameter, so the first
-# of each, checked by identity, tells that too.
-_GENERATION = [0]
-_TENSOR_IDS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _bump_generation(*_: Any) -> None:
-    _GENERATION[0] += 1
-
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_bump_generation)
-torch.nn.modules.module.register_module_buffer_registration_hook(_bump_generation)
-torch.nn.modules.module.register_module_module_registration_hook(_bump_generation)
-
-
-def _first(model: torch.nn.Module, attribute: str) -> tuple | None:
-    for module in model.modules():
-        for name, tensor in getattr(module, attribute).items():
-            if tensor is not None:
-                return (getattr(module, attribute), name, tensor)
-    return None
-
-
-def _tensor_ids(model: torch.nn.Module) -> tuple[tuple, torch.Tensor | None]:
-    """The ids of ``model``'s parameters and buffers, and its first parameter (memoized)."""
-    memo = _TENSOR_IDS.get(model)
-    if memo is not None and memo[0] == _GENERATION[0]:
-        parameter, buffer = memo[1]  # (mapping, name, tensor) of the first of each, or None
-        if (parameter is None or parameter[0].get(parameter[1]) is parameter[2]) and \
-                (buffer is None or buffer[0].get(buffer[1]) is buffer[2]):
-            return memo[2], memo[3]
-    ids = tuple(map(id, model.parameters())) + tuple(map(id, model.buffers()))
-    firsts = (_first(model, "_parameters"), _first(model, "_buffers"))
-    first = next(model.parameters(), None)
-    _TENSOR_IDS[model] = (_GENERATION[0], firsts, ids, first)
-    return ids, first
-
-
-_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _user_hooks(model: torch.nn.Module) -> tuple:
-    """The forward (pre-)hooks on ``model``'s modules and the global ones: export runs them
-    and bakes their effect into the captured graph, so a hook added or removed afterwards
-    needs a new capture (else the fx backend would silently keep or ignore it)."""
-    memo = _MODULES.get(model)
-    if memo is None or memo[0] != _GENERATION[0]:  # (no module is kept, only their hook
-        modules = tuple(model.modules())  # dicts: a wrapper's memo must not keep the model
-        hook_dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
-        owners = tuple((id(m), m._forward_pre_hooks, m._forward_hooks) for m in modules)
-        memo = _MODULES[model] = (_GENERATION[0], owners, hook_dicts)  # alive)
-    hooks: tuple = ()
-    if any(memo[2]):  # (the usual answer, no hook anywhere, costs one pass in C)
-        hooks = tuple((key, tuple(pre), tuple(post)) for key, pre, post in memo[1]
-                      if pre or post)
-    pre, post = global_forward_hooks()
-    if pre or post:
-        hooks += (("global", pre, post),)
-    return hooks
+def _drop_states(model: torch.nn.Module, tokens: set) -> None:
+    captures = _CACHE.get(model)
+    if captures is not None:
+        _release(model, captures.drop_states(tokens))
 
 
 def general_signature(key: tuple) -> tuple:
@@ -454,51 +665,69 @@ def general_signature(key: tuple) -> tuple:
 _DYNAMIC_ATTEMPTS = 2  # dynamic captures tried per general signature
 
 
+def _kept(error: CaptureError) -> CaptureError:
+    """A copy of ``error`` without traceback (the cache keeps one, and raises a new copy
+    each time: the frames of a traceback would keep the model and the inputs alive)."""
+    kept = CaptureError(str(error), error.module_path)
+    kept.changes_state = getattr(error, "changes_state", False)
+    return kept
+
+
 def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                    dynamic: str = "never",
                    flat: tuple[list[Any], Any] | None = None,
                    events_on: torch.nn.Module | None = None) -> Captured:
-    """Capture once per (model, signature); failures are remembered too.
+    """Capture once per (model, signature); failures are remembered too (both in a
+    bounded LRU, see :data:`MAX_CAPTURES`).
 
     ``dynamic`` (``"never"``, ``"auto"``, ``"always"``) lets a compiled trace use one
     dynamic-shape capture for many input shapes: ``"always"`` captures dynamically at
     once, ``"auto"`` once inputs of a second shape (same structure) are seen. Where a
     dynamic capture fails or does not fit the inputs, the exact-shape capture is used.
     """
-    per_model = _CACHE.get(model)
-    if per_model is None:
-        per_model = _CACHE[model] = {}
     key = signature(model, args, kwargs, flat)
+    cache = _CACHE.get(model)
+    if cache is None:
+        cache = _CACHE[model] = _Captures()
+    if cache.refused is not None:
+        raise _kept(cache.refused)
     if dynamic != "never":
-        view = per_model.get(("dynamic", key))
+        view = cache.view(key)
         if view is None:  # False: known not to have one
-            view = per_model[("dynamic", key)] = \
-                _dynamic_view(model, per_model, key, args, kwargs, dynamic, events_on) or False
+            view = _dynamic_view(model, cache, key, args, kwargs, dynamic, events_on) or False
+            cache.put_view(key, view)
         if view is not False:
             return view
-    hit = per_model.get(key)
+    hit = cache.get(key)
     if hit is None:
-        general = general_signature(key)
-        shapes = per_model.setdefault(("shapes", general), set())
+        shapes = cache.shapes_of(general_signature(key))
         if len(shapes) < 2:
             shapes.add(key)
         try:
             hit = capture(model, args, kwargs, events_on=events_on)
         except CaptureError as error:
-            hit = error
             bump("capture_failures")
-        per_model[key] = hit
+            kept = _kept(error)
+            if kept.changes_state:
+                cache.refused = kept
+            _release(model, cache.put(key, kept))
+            raise
+        _release(model, cache.put(key, hit))
     if isinstance(hit, CaptureError):
-        raise hit
+        raise _kept(hit)
     return hit
 
 
-def _dynamic_view(model: torch.nn.Module, per_model: dict, key: tuple, args: tuple,
+def _dynamic_view(model: torch.nn.Module, cache: _Captures, key: tuple, args: tuple,
                   kwargs: dict, dynamic: str,
                   events_on: torch.nn.Module | None = None) -> Captured | None:
     general = general_signature(key)
     flat = flat_inputs(args, kwargs)[0]
-    bases = per_model.setdefault(("dynamic-bases", general), [])
+    bases_key = ("dynamic-bases", general)
+    bases = cache.get(bases_key)
+    if bases is None:
+        bases = []
+        _release(model, cache.put(bases_key, bases))
     for base in bases:
         if isinstance(base, Captured):
             view = base.bind(flat)
@@ -506,7 +735,7 @@ def _dynamic_view(model: torch.nn.Module, per_model: dict, key: tuple, args: tup
                 return view
     if len(bases) >= _DYNAMIC_ATTEMPTS:
         return None
-    shapes = per_model.get(("shapes", general), set())
+    shapes = cache.shapes.get(general, set())
     if dynamic == "auto" and not (shapes - {key}):
         return None  # only one shape seen so far: the exact capture serves it
     try:
@@ -522,4 +751,7 @@ def _dynamic_view(model: torch.nn.Module, per_model: dict, key: tuple, args: tup
 
 def forget(model: torch.nn.Module) -> None:
     """Drop every cached capture of ``model`` (after changing its structure)."""
-    _CACHE.pop(model, None)
+    captures = _CACHE.pop(model, None)
+    if captures is not None:
+        _release(model, list(captures.entries.values()))
+    state.forget(model)

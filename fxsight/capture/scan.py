@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,8 @@ import torch
 from .._torch import FakeTensorMode, pytree, unset_fake_temporarily
 
 from ..stats import bump
-from .export import signature
+from .export import MAX_CAPTURES, signature
+from .state import Watch
 from .events import ModuleEvents
 from ..record.sites import Site
 
@@ -57,6 +59,17 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict) -> ScanResult:
             lambda v: v.device if isinstance(v, torch.Tensor) else None, value)
 
     events = ModuleEvents(model, record)
+    before = Watch(model, 0)
+    try:
+        output, events = _run(model, args, kwargs, events, record, values, devices)
+    finally:
+        if not before.unchanged():  # the forward changed the model: undone (a trace
+            before.restore()        # changes it only as the plain forward does)
+    bump("scans")
+    return ScanResult(list(events.order), values, devices, pytree.tree_map(_to_meta, output))
+
+
+def _run(model, args, kwargs, events, record, values, devices):
     with torch.no_grad():
         try:
             # inputs made fake too: models then take their tracing paths (transformers
@@ -78,17 +91,25 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict) -> ScanResult:
                 with events.installed():
                     output = model(*args, **kwargs)
                 bump("real_scans")
-    bump("scans")
-    return ScanResult(list(events.order), values, devices, pytree.tree_map(_to_meta, output))
+    return output, events
 
 
-_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = \
+    weakref.WeakKeyDictionary()
 
 
 def cached_scan(model: torch.nn.Module, args: tuple, kwargs: dict) -> ScanResult:
-    """``scan`` once per (model, input signature)."""
-    per_model = _CACHE.setdefault(model, {})
+    """``scan`` once per (model, input signature), for the last ``MAX_CAPTURES``
+    signatures (an LRU, as the captures')."""
     key = signature(model, args, kwargs)
-    if key not in per_model:
-        per_model[key] = scan(model, args, kwargs)
-    return per_model[key]
+    per_model = _CACHE.get(model)
+    if per_model is None:
+        per_model = _CACHE[model] = OrderedDict()
+    result = per_model.get(key)
+    if result is None:
+        result = per_model[key] = scan(model, args, kwargs)
+        while len(per_model) > MAX_CAPTURES:
+            per_model.popitem(last=False)
+    else:
+        per_model.move_to_end(key)
+    return result

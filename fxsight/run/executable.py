@@ -33,6 +33,7 @@ from ..splice.walker import MetaWalker
 from .eager import fast_forward
 from .sources import release_source_when_collected
 from .options import CompileOptions
+from ..capture.export import on_release
 
 class CountingBackend:
     """A ``torch.compile`` backend that counts the graphs it compiles and delegates."""
@@ -246,6 +247,23 @@ def shape_blind(structure: tuple) -> tuple:
 def forget(model: torch.nn.Module) -> None:
     _RUNNERS.pop(model, None)
     _EXECUTABLES.pop(model, None)
+
+
+def _release(model: torch.nn.Module, graph_module: torch.fx.GraphModule) -> None:
+    """Forget the runners and executables built on a captured graph that the capture
+    cache let go (they would keep it, and themselves, alive up to their own bounds)."""
+    runners = _RUNNERS.get(model)
+    if runners:
+        for key in [k for k, (_, r) in runners.items()
+                    if getattr(r.captured, "graph_module", None) is graph_module]:
+            del runners[key]
+    executables = _EXECUTABLES.get(model)
+    if executables:
+        for key in [k for k in executables if k.value[0] is graph_module]:
+            del executables[key]
+
+
+on_release(_release)
 
 
 def rows_key(rows: dict, exact: bool = True) -> tuple:

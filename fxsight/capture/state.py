@@ -1,0 +1,392 @@
+"""Model state: what a capture bakes in besides its inputs, watched cheaply between traces.
+
+A captured graph holds the parameter and buffer objects it read, their dtypes, the module
+tree as it was, every module's ``training`` flag, the plain Python attributes (numbers,
+strings, tuples, settings objects such as transformers' configs) the forward read, and
+what the hooks that ran did. A change to any of these between traces must
+lead to a new capture: :func:`state_token` names the model's current state with a number
+that changes when one of them did (and comes back when the state does).
+
+Nothing is installed anywhere: each call compares a snapshot with the model in a few
+C-level passes (``map`` over the modules, tuple and dict comparisons whose elements are
+mostly the very same objects, compared by identity). The snapshot refers to the model's
+modules and to other objects that could lead back to the model only weakly, so it never
+keeps a model alive.
+
+Not seen (documented limits): the contents of a list, dict or set attribute of more than
+``_MAX_CONTAINER`` elements changed in place; settings objects nested more than one level
+down; class attributes (and ``module.__class__ = ...``),
+globals and closures that ``forward`` reads (models whose forward hooks change values are
+not captured, see :func:`user_hooks`); ``param.data = ...`` with a new dtype on a parameter
+other than the first of its module (``.to()``, ``.half()`` and the like convert every
+parameter of a module, and are seen), or a new device on any but the model's first.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import operator
+import weakref
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+from .._torch import global_forward_hooks, global_hook_keys
+
+# the bound on states remembered per model (a state seen again reuses its captures)
+MAX_STATES = 8
+
+_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype,
+                      torch.device, torch.layout, torch.memory_format})
+_MAX_CONTAINER = 64  # elements of a plain list, dict or set compared by value each trace
+
+# internal dicts of nn.Module that no capture depends on
+_IGNORED = frozenset({
+    "_non_persistent_buffers_set", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+    "_is_full_backward_hook", "_state_dict_hooks", "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"})
+_HOOKS = frozenset({"_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                    "_backward_pre_hooks"})
+_TENSORS = frozenset({"_parameters", "_buffers"})
+# compared apart from a module's other values (or not at all)
+_APART = _IGNORED | _HOOKS | _TENSORS | {"_modules"}
+
+_call = operator.call
+_dtype = operator.attrgetter("dtype")
+_dict = operator.attrgetter("__dict__")  # (faster than ``vars``)
+_submodules = operator.itemgetter("_modules")
+_TOKENS = itertools.count(1)
+
+
+def _plain(value: Any, budget: list[int] | None = None) -> bool:
+    """A value compared by equality: scalars, enums and small containers of those."""
+    kind = type(value)
+    if kind in _SCALARS or isinstance(value, enum.Enum):
+        return True
+    if budget is None:
+        budget = [_MAX_CONTAINER]
+    if kind in (tuple, list, set, frozenset, torch.Size):
+        budget[0] -= len(value)
+        return budget[0] >= 0 and all(_plain(v, budget) for v in value)
+    if kind is dict:
+        budget[0] -= len(value)
+        return budget[0] >= 0 and all(_plain(k, budget) and _plain(v, budget)
+                                      for k, v in value.items())
+    return False
+
+
+def _copy(value: Any) -> Any:
+    """A plain value as it is now (mutable containers copied: an in-place change shows)."""
+    kind = type(value)
+    if kind is list:
+        return [_copy(v) for v in value]
+    if kind is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if kind is set:
+        return set(value)
+    return value
+
+
+def _weak(value: Any) -> Any:
+    """A weak proxy of ``value`` where it can be: it compares equal to its referent alone
+    (through the referent's own comparison) and keeps nothing alive."""
+    if value is None or type(value) in _SCALARS:
+        return value
+    try:
+        return weakref.proxy(value)
+    except TypeError:
+        return value
+
+
+def _data(value: Any, depth: int = 2) -> bool:
+    """A settings object (a config): attributes in a ``__dict__`` that are plain or
+    settings objects themselves; held strongly, it cannot lead back to a model."""
+    if isinstance(value, (type, torch.nn.Module, torch.Tensor, dict, list, tuple, set,
+                          frozenset)) or callable(value):
+        return False
+    attributes = getattr(value, "__dict__", None)
+    if type(attributes) is not dict or depth == 0:
+        return False
+    return all(_plain(v) or _data(v, depth - 1) for v in attributes.values())
+
+
+class Watch:
+    """A snapshot of one model's state; :meth:`unchanged` compares it with the model now."""
+
+    def __init__(self, model: torch.nn.Module, token: int):
+        self.token = token
+        modules = list(model.modules())
+        index = {id(m): i for i, m in enumerate(modules)}
+        self.paths = {id(m): p for p, m in reversed(list(model.named_modules()))}
+        self.refs = [weakref.ref(m) for m in modules]
+        dicts = [vars(m) for m in modules]
+        self.lens = [len(d) for d in dicts]
+        # the module tree: the children of the modules that have some, as indices into
+        # ``modules`` (``len(modules)`` standing for a ``None`` child); a leaf's (empty)
+        # ``_modules`` is compared with its other values
+        parents = [i for i, d in enumerate(dicts) if d["_modules"]]
+        self.parents = _getter(parents)
+        children = [index.get(id(c), len(modules)) if c is not None else len(modules)
+                    for i in parents for c in dicts[i]["_modules"].values()]
+        self.children = _getter(children)
+        self.keys: list[tuple] = []
+        self.getters: list = []
+        self.values: list = []
+        self.exact: list = []     # (module index, key, name or None, object): by identity
+        self.first_parameters: list = []  # (the dtype of each module's first parameter)
+        self.objects: list = []   # (settings object, a copy of its attributes)
+        # every ``_parameters`` and ``_buffers`` dict (held: tensors lead to no module)
+        # and a copy of each
+        self.tensor_dicts: list = []
+        self.tensor_copies: list = []
+        self.tensor_owners: list = []  # (module index, key) of each
+        tensors: list = []
+        objects: set[int] = set()
+        for i, d in enumerate(dicts):
+            for key in _TENSORS:
+                self._tensors(i, key, d[key], tensors)
+            keys = tuple(k for k in d if k not in _APART or (k == "_modules" and not d[k]))
+            snapshot = tuple(self._snapshot(i, k, d[k], tensors, objects) for k in keys)
+            self.keys.append(keys)
+            self.getters.append(operator.itemgetter(*keys))
+            self.values.append(snapshot if len(keys) > 1 else snapshot[0])
+        self.dtypes = list(map(_dtype, self.first_parameters))
+        # (and the device of the first: the model's, unless it is spread over devices)
+        self.device = self.first_parameters[0].device if self.first_parameters else None
+        self.tensor_ids = tuple(map(id, tensors))  # a new set of tensors: old states go
+        # hooks: by the keys of every hook dict; the global count of hook handles ever
+        # made tells, while there are none, that none was added since
+        self.hook_keys = _hook_keys(modules)
+        self.hooked = any(map(any, self.hook_keys))
+        self.next_id = RemovableHandle.next_id
+
+    def _tensors(self, index: int, key: str, value: dict, tensors: list) -> None:
+        first = key == "_parameters"
+        for name, tensor in value.items():
+            if tensor is None:
+                continue
+            tensors.append(tensor)
+            if first:
+                self.first_parameters.append(tensor)
+                first = False
+            if tensor.numel() <= 1:  # (a one-element tensor compares by value)
+                self.exact.append((index, key, name, tensor))
+        self.tensor_dicts.append(value)
+        self.tensor_copies.append(dict(value))
+        self.tensor_owners.append((index, key))
+
+    def _snapshot(self, index: int, key: str, value: Any, tensors: list,
+                  objects: set[int]) -> Any:
+        if _plain(value):
+            return _copy(value)
+        if isinstance(value, torch.Tensor):  # a plain tensor attribute: by identity
+            self.exact.append((index, key, None, value))
+            return value
+        if _data(value):
+            if id(value) not in objects:
+                objects.add(id(value))
+                # (its ``__dict__`` is held: a config's ``__getattribute__`` is slow)
+                attributes = object.__getattribute__(value, "__dict__")
+                self.objects.append((attributes, list(attributes),
+                                     [_copy(v) if _plain(v) else v
+                                      for v in attributes.values()]))
+            return value
+        return _weak(value)
+
+    def unchanged(self) -> bool:
+        """Whether the model is in this state still (any doubt answers ``False``)."""
+        try:
+            modules = list(map(_call, self.refs))
+            dicts = list(map(_dict, modules))  # (a dead module: AttributeError)
+            if list(map(len, dicts)) != self.lens or \
+                    list(map(_call, self.getters, dicts)) != self.values or \
+                    self.tensor_dicts != self.tensor_copies or \
+                    list(map(_dtype, self.first_parameters)) != self.dtypes or \
+                    (self.device is not None and
+                     self.first_parameters[0].device != self.device):
+                return False
+            modules.append(None)
+            children = itertools.chain.from_iterable(
+                map(dict.values, map(_submodules, self.parents(dicts))))
+            if tuple(children) != self.children(modules):
+                return False
+            for i, key, name, obj in self.exact:
+                found = dicts[i][key] if name is None else dicts[i][key][name]
+                if found is not obj:
+                    return False
+            for attributes, keys, values in self.objects:  # (renamed, same values: no)
+                if list(attributes.values()) != values:
+                    return False
+            if self.hooked or RemovableHandle.next_id != self.next_id:
+                if _hook_keys(modules[:-1]) != self.hook_keys:
+                    return False
+                if not self.hooked:
+                    self.next_id = RemovableHandle.next_id
+            return True
+        except Exception:  # noqa: BLE001 - a dead referent, a missing key, tensors compared
+            return False
+
+    def _modules_now(self):
+        for ref, keys, values in zip(self.refs, self.keys, self.values):
+            module = ref()
+            if module is not None:
+                yield module, keys, values if len(keys) > 1 else (values,)
+
+    def changes(self, plain: bool = False) -> list[str]:
+        """What differs now, in words (``"module 'a.b', attribute 'calls'"``); slow.
+
+        With ``plain``, only plain attributes and settings objects are compared (while a
+        capture runs, parameters are fake tensors and fxsight's hooks are in place)."""
+        found = []
+        for module, keys, values in self._modules_now():
+            where = f"module {self.paths.get(id(module)) or 'model'!r}"
+            now = vars(module)
+            for key, old in zip(keys, values):
+                if plain and not (_plain(old) or _data(old)):
+                    continue
+                if key not in now:
+                    found.append(f"{where}, attribute {key!r} (deleted)")
+                elif not _same(now[key], old):
+                    found.append(f"{where}, attribute {key!r}")
+            found += [f"{where}, attribute {key!r} (added)" for key in now
+                      if key not in keys and key not in _APART]
+        for (index, key), now, old in zip(self.tensor_owners, self.tensor_dicts,
+                                          self.tensor_copies):
+            if not plain and not _same(now, old):
+                module = self.refs[index]()
+                path = self.paths.get(id(module)) or "model"
+                found.append(f"module {path!r}, {key[1:]}")
+        for now, keys, values in self.objects:
+            old = dict(zip(keys, values))
+            found += [f"a settings object's attribute {key!r}"
+                      for key in {*now, *old}
+                      if not _same(now.get(key, _MISSING), old.get(key, _MISSING))]
+        return found
+
+    def restore(self) -> None:
+        """Put back what the snapshot holds (plain attributes, tensors, parameters and
+        buffers) where it changed, and remove plain attributes added since: after a
+        capture whose forward changed them, on fake tensors."""
+        for module, keys, values in self._modules_now():
+            now = vars(module)
+            for key, old in zip(keys, values):
+                current = now.get(key, _MISSING)
+                if key != "_modules" and \
+                        (_plain(old) or isinstance(old, torch.Tensor) or _data(old)) \
+                        and not _same(current, old):
+                    now[key] = _copy(old)
+            for key in [k for k in now if k not in keys and k not in _APART]:
+                del now[key]
+        for now, old in zip(self.tensor_dicts, self.tensor_copies):
+            if not _same(now, old):
+                now.clear()
+                now.update(old)
+        for now, keys, values in self.objects:
+            if list(now.values()) != values or list(now) != keys:
+                now.clear()
+                now.update({k: _copy(v) for k, v in zip(keys, values)})
+
+
+_MISSING = object()
+
+
+def _getter(indices: list) -> Any:
+    """``items -> tuple(items[i] for i in indices)``, in C."""
+    if len(indices) == 1:
+        index = indices[0]
+        return lambda items: (items[index],)
+    return operator.itemgetter(*indices) if indices else lambda items: ()
+
+
+def _hook_keys(modules: list) -> list:
+    """The keys (unique handle ids) of every hook dict of ``modules`` and torch's global
+    ones."""
+    keys = global_hook_keys()
+    for m in modules:
+        keys.append((tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
+                     tuple(m._backward_hooks), tuple(m._backward_pre_hooks)))
+    return keys
+
+
+def _same(now: Any, old: Any) -> bool:
+    if now is old:
+        return True
+    try:
+        return type(now) is old.__class__ and bool(now == old)
+    except Exception:  # noqa: BLE001 - tensors compared, a dead proxy
+        return False
+
+
+_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, list[Watch]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def state_token(model: torch.nn.Module, dropped: Any = None) -> int:
+    """A number for ``model``'s current state: the same while nothing a capture depends on
+    changed, the same again when a recent state comes back (``model.train()`` then
+    ``model.eval()``), new otherwise.
+
+    ``dropped(model, tokens)`` is called with the states forgotten, whose captures are of no use
+    any more: the oldest beyond :data:`MAX_STATES`, and all those whose parameters and
+    buffers were other tensors (their captures hold the old tensors)."""
+    watches = _STATES.get(model)
+    if watches:
+        if watches[0].unchanged():
+            return watches[0].token
+        for i in range(1, len(watches)):
+            if watches[i].unchanged():
+                watches.insert(0, watches.pop(i))
+                return watches[0].token
+    else:
+        watches = _STATES[model] = []
+    watch = Watch(model, next(_TOKENS))
+    kept = [w for w in watches if w.tensor_ids == watch.tensor_ids][:MAX_STATES - 1]
+    forgotten = {w.token for w in watches} - {w.token for w in kept}
+    watches[:] = [watch, *kept]
+    if forgotten and dropped is not None:
+        dropped(model, forgotten)
+    return watch.token
+
+
+def current_watch(model: torch.nn.Module) -> Watch | None:
+    """The snapshot that :func:`state_token` last matched for ``model``."""
+    watches = _STATES.get(model)
+    return watches[0] if watches else None
+
+
+def forget(model: torch.nn.Module) -> None:
+    _STATES.pop(model, None)
+
+
+def user_hooks(model: torch.nn.Module) -> tuple[str | None, list]:
+    """The forward hooks on ``model``: ``(a description of torch's global forward hooks,
+    or None; [(path, module, description of its first hook)] of the modules with some)``.
+
+    Export runs a hook while capturing and keeps what it did to the values then: a hook
+    whose effect depends on anything else (its closure, a global, a counter) would be
+    silently frozen into the graph. So ``capture`` refuses a model whose hooks changed a
+    module's inputs or outputs while it captured (hooks that only look run during the
+    capture, on fake tensors, and not in the captured graph's runs)."""
+    global_hooks = None
+    if any(global_forward_hooks()):
+        global_hooks = "torch has global forward hooks (register_module_forward_hook)"
+    hooked = []
+    for path, sub in model.named_modules():
+        for kind, hooks in (("forward pre-hook", sub._forward_pre_hooks),
+                            ("forward hook", sub._forward_hooks)):
+            if hooks:
+                hook = next(iter(hooks.values()))
+                hooked.append((path, sub, f"module {path or 'model'!r} has a {kind} "
+                                          f"({_describe(hook)})"))
+                break
+    return global_hooks, hooked
+
+
+def _describe(hook: Any) -> str:
+    code = getattr(hook, "__code__", None)
+    name = getattr(hook, "__qualname__", None) or type(hook).__name__
+    if code is not None:
+        return f"{name} at {code.co_filename}:{code.co_firstlineno}"
+    return name

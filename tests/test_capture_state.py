@@ -1,0 +1,445 @@
+"""Capture state: a capture is reused only while everything it baked in is unchanged.
+
+The fx backend runs a graph captured from one forward pass: whatever that pass read from
+the model (parameters and buffers by identity, dtypes, submodules, training flags, plain
+Python attributes, hooks) is frozen into it. A change between traces must lead to a new
+capture (or be refused with a clear error), never to a stale result. Each test compares
+both backends with the plain model called by hand.
+
+Also here: fxsight installs nothing at import (a user's ``torch.compile`` does not
+recompile because fxsight is imported), the capture cache is bounded, and a capture never
+reassigns the process-wide ``sys.stderr``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+
+import pytest
+import torch
+
+import fxsight
+from fxsight import NNsight
+from fxsight.capture import export as capture_export
+
+BACKENDS = ("fx", "hooks")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Config:
+    """A plain settings object, as transformers' configs are (read in forward)."""
+
+    def __init__(self):
+        self.negate = False
+
+
+class Doubler(torch.nn.Module):
+    """Doubles its input in training mode only (a deterministic stand-in for dropout)."""
+
+    def forward(self, x):
+        return x * 2 if self.training else x
+
+
+class Stateful(torch.nn.Module):
+    """A model whose forward reads plain attributes, a plain tensor attribute, a settings
+    object, a submodule's training flag, the dtype of its weights and a module list."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(5, 5)
+            self.post = torch.nn.ModuleList([torch.nn.Linear(5, 5)])
+        self.gate = Doubler()
+        self.scale = 2.0
+        self.offset = torch.ones(5)
+        self.config = Config()
+
+    def forward(self, x):
+        h = self.lin(x.to(self.lin.weight.dtype)).to(x.dtype) * self.scale + self.offset
+        if self.config.negate:
+            h = -h
+        h = h + getattr(self, "shift", 0.0)
+        for layer in self.post:
+            h = layer(h)
+        return self.gate(h)
+
+
+def _x(rows: int = 3) -> torch.Tensor:
+    return torch.randn(rows, 5, generator=torch.Generator().manual_seed(1))
+
+
+def _new_linear() -> torch.nn.Linear:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        return torch.nn.Linear(5, 5)
+
+
+def _load_assign(model):
+    state = {name: torch.randn_like(value) for name, value in model.state_dict().items()
+             if name.startswith("lin.")}
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+CHANGES = {
+    "plain attribute": lambda m: setattr(m, "scale", 3.0),
+    "added attribute": lambda m: setattr(m, "shift", 1.5),
+    "plain tensor attribute replaced": lambda m: setattr(m, "offset", torch.full((5,), 2.0)),
+    "settings object attribute": lambda m: setattr(m.config, "negate", True),
+    "settings object replaced": lambda m: setattr(m, "config", type("C", (), {"negate": True})()),
+    "submodule train()": lambda m: m.gate.train(),
+    "parameter replaced": lambda m: setattr(m.lin, "weight", torch.nn.Parameter(torch.randn(5, 5))),
+    "load_state_dict(assign=True)": _load_assign,
+    "submodule to(float64)": lambda m: m.lin.to(torch.float64),
+    "submodule added": lambda m: m.post.append(_new_linear()),
+    "submodule removed": lambda m: m.post.__delitem__(0),
+    "submodule replaced": lambda m: m.post.__setitem__(0, _new_linear()),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_change_between_traces_is_seen(change, backend):
+    model = Stateful().eval()
+    net = NNsight(model)
+    x = _x()
+    with net.trace(x, backend=backend) as tracer:
+        first = net.lin.output.save()
+        out = net.output.save()
+    assert tracer.backend == backend
+    assert torch.equal(out, model(x)) and torch.equal(first, model.lin(x))
+    CHANGES[change](model)
+    expected = model(x)
+    with net.trace(x, backend=backend) as tracer:
+        out = net.output.save()
+    assert tracer.backend == backend
+    assert out.dtype == expected.dtype and torch.equal(out, expected), change
+    # and back again (a state seen before may reuse its capture: it must still be right)
+    with net.trace(x, backend=backend) as tracer:
+        net.gate.output[:] = 0
+        zeroed = net.output.save()
+    assert torch.equal(zeroed, torch.zeros_like(expected))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_toggling_train_and_eval_reuses_captures(backend):
+    model = Stateful().eval()
+    net = NNsight(model)
+    x = _x()
+    for _ in range(3):
+        for mode in (True, False):
+            model.gate.train(mode)
+            with net.trace(x, backend=backend):
+                out = net.output.save()
+            assert torch.equal(out, model(x))
+    if backend == "fx":  # two states, two captures, whatever the number of toggles
+        captures = capture_export._CACHE[model]
+        assert len(captures) == 2
+
+
+def test_user_hook_closures_are_never_stale():
+    """A user's hook may read anything (its closure, globals): the fx backend cannot know
+    when its effect changes, so a model whose hooks change values runs on the hooks
+    backend (``auto``) or is refused by name (``fx``); never a graph with an old effect of
+    the hook."""
+    model = Stateful().eval()
+    net = NNsight(model)
+    x = _x()
+    factor = [2.0]
+    for hook in (lambda m, args, out: out * factor[0],  # a new output
+                 lambda m, args, out: out.mul_(factor[0])):  # the output edited in place
+        handle = model.lin.register_forward_hook(hook)
+        try:
+            with warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")
+                for value in (2.0, 5.0):
+                    factor[0] = value
+                    with net.trace(x) as tracer:
+                        out = net.output.save()
+                    assert tracer.backend == "hooks"
+                    assert torch.equal(out, model(x))
+            assert any("forward hook" in str(w.message) and "'lin'" in str(w.message)
+                       for w in record)
+            with pytest.raises(fxsight.CaptureError,
+                               match=r"module 'lin' has a forward hook.*changes its output"):
+                with net.trace(x, backend="fx"):
+                    net.output.save()
+        finally:
+            handle.remove()
+    handle = model.post[0].register_forward_pre_hook(lambda m, args: (args[0] * factor[0],))
+    try:
+        with pytest.raises(fxsight.CaptureError, match=r"'post.0'.*changes its inputs"):
+            with net.trace(x, backend="fx"):
+                net.output.save()
+    finally:
+        handle.remove()
+    with net.trace(x) as tracer:  # the hooks gone, the graph is back
+        out = net.output.save()
+    assert tracer.backend == "fx" and torch.equal(out, model(x))
+
+
+def test_hooks_that_only_look_do_not_prevent_capture():
+    model = Stateful().eval()
+    net = NNsight(model)
+    x = _x()
+    seen = []
+    handle = model.lin.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    try:
+        with net.trace(x, backend="fx") as tracer:
+            out = net.output.save()
+    finally:
+        handle.remove()
+    assert tracer.backend == "fx" and torch.equal(out, model(x))
+    assert seen  # (it ran while capturing, on fake tensors)
+
+
+class Counting(torch.nn.Module):
+    """A forward that changes the module's own Python state (a captured graph would not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 5)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x) * self.calls
+
+
+def test_a_forward_that_changes_its_module_is_not_captured():
+    model = Counting()
+    net = NNsight(model)
+    x = _x()
+    with pytest.raises(fxsight.CaptureError, match=r"'calls'"):
+        with net.trace(x, backend="fx"):
+            net.output.save()
+    assert model.calls == 0  # (refused before running: the model is as it was)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for calls in range(1, 4):  # each trace counts once, as a plain forward does
+            with net.trace(x) as tracer:
+                out = net.output.save()
+            assert tracer.backend == "hooks"
+            assert model.calls == calls
+            assert torch.equal(out, model.lin(x) * calls)
+
+
+# --- nothing installed at import ------------------------------------------------------
+
+def test_importing_fxsight_installs_no_global_module_hooks():
+    module = torch.nn.modules.module
+    for name in ("_global_module_registration_hooks", "_global_parameter_registration_hooks",
+                 "_global_buffer_registration_hooks", "_global_forward_hooks",
+                 "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks"):
+        hooks = getattr(module, name, {})
+        assert not any(getattr(h, "__module__", "").startswith("fxsight")
+                       for h in hooks.values()), name
+
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    if sys.argv[1] == "with":
+        import fxsight  # noqa: F401
+
+    class Sliced(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+
+        def forward(self, x, n: int = 2):
+            for layer in self.layers[:n]:  # registers modules (a new ModuleList)
+                x = layer(x)
+            return x
+
+    compiled = []
+
+    def backend(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    model = torch.compile(Sliced(), backend=backend)
+    x = torch.randn(2, 4)
+    for _ in range(6):
+        model(x)
+    print(len(compiled))
+""")
+
+
+def test_user_torch_compile_does_not_recompile_because_fxsight_is_imported():
+    counts = {}
+    for mode in ("without", "with"):
+        result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, mode], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "PYTHONPATH": ROOT})
+        assert result.returncode == 0, result.stderr
+        counts[mode] = int(result.stdout.strip().splitlines()[-1])
+    assert counts["without"] == 1
+    assert counts["with"] == counts["without"], counts
+
+
+# --- a bounded capture cache ------------------------------------------------------------
+
+def _captures_of(model) -> int:
+    per_model = capture_export._CACHE.get(model)
+    return 0 if per_model is None else len(per_model)
+
+
+def test_capture_cache_is_bounded_per_model():
+    from models import mlp
+    model = mlp()
+    net = NNsight(model)
+    for rows in range(1, 101):
+        x = torch.randn(rows, 5)
+        with net.trace(x, backend="fx"):
+            out = net.output.save()
+        assert torch.equal(out, model(x))
+        assert _captures_of(model) <= capture_export.MAX_CAPTURES
+    assert _captures_of(model) == capture_export.MAX_CAPTURES
+    # the most recent shapes are still cached: no new capture for them
+    assert capture_export._CACHE[model].get(capture_export.signature(
+        model, (torch.randn(100, 5),), {})) is not None
+    before = fxsight.stats()["captures"]
+    with net.trace(torch.randn(100, 5), backend="fx"):
+        net.output.save()
+    assert fxsight.stats()["captures"] == before
+
+
+def test_failed_captures_are_bounded_too():
+    from test_core_fallback import gated_mlp
+    model = gated_mlp()
+    net = NNsight(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rows in range(1, capture_export.MAX_CAPTURES + 11):
+            with net.trace(torch.randn(rows, 5)) as tracer:
+                net.output.save()
+            assert tracer.backend == "hooks"
+    assert _captures_of(model) == capture_export.MAX_CAPTURES
+
+
+def _fail_twice(model):
+    net = NNsight(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):  # a failure, then the failure remembered
+            with net.trace(_x()) as tracer:
+                net.output.save()
+            assert tracer.backend == "hooks"
+
+
+def test_a_model_whose_capture_failed_is_not_kept_alive():
+    """A remembered failure keeps no traceback (whose frames hold the model)."""
+    import gc
+    import weakref
+    from test_core_fallback import gated_mlp
+    model = gated_mlp()
+    _fail_twice(model)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_dynamic_captures_are_bounded_too(monkeypatch):
+    from models import mlp
+    monkeypatch.setattr(capture_export, "MAX_CAPTURES", 4)
+    monkeypatch.setattr(capture_export, "_MAX_VIEWS", 6)
+    model = mlp()
+    net = NNsight(model)
+    for rank in range(2, 9):  # a new structure (general signature) each rank
+        for size in (2, 3):  # a second shape: a dynamic capture (a base) for the rank
+            x = torch.randn(*(size,) * (rank - 1), 5)
+            with net.trace(x, backend="fx", compile={"backend": "eager"}):
+                out = net.output.save()
+            assert torch.allclose(out, model(x), atol=1e-6)
+            cache = capture_export._CACHE[model]
+            assert len(cache) <= 4 and len(cache.views) <= 6 and len(cache.shapes) <= 6
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _clear_torch_caches():
+    """torch's own caches that grow with every new shape, whoever exports (fake-tensor
+    dispatch results, the source of generated code): not fxsight's to bound."""
+    import gc
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    FakeTensorMode.cache.clear()
+    torch.fx.graph_module._loader.eval_cache.clear()
+    gc.collect()
+
+
+def test_memory_stays_flat_over_new_input_shapes(monkeypatch):
+    from models import mlp
+    monkeypatch.setattr(capture_export, "MAX_CAPTURES", 8)
+    model = mlp()
+    net = NNsight(model)
+
+    def trace(rows):
+        with net.trace(torch.randn(rows, 5), backend="fx"):
+            net.layer2.output[:, 0] = 0
+            net.output.save()
+
+    for rows in range(1, 81):  # fill every cache (and the allocator's arenas)
+        trace(rows)
+    _clear_torch_caches()
+    before = _rss_mb()
+    for rows in range(200, 240):  # 40 new shapes, each a new capture
+        trace(rows)
+    _clear_torch_caches()
+    grown = _rss_mb() - before
+    print(f"RSS grew {grown:.1f} MB over 40 new shapes")
+    # (keeping every capture, and what was built on it, costs ~9 MB here)
+    assert grown < 4, f"RSS grew {grown:.1f} MB over 40 new input shapes"
+    assert _captures_of(model) == 8
+
+
+# --- sys.stderr is the process's, during a capture too --------------------------------
+
+class Observer(torch.nn.Module):
+    """Records ``sys.stderr`` while its forward runs (during a capture too) and lets a
+    thread write to it then."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 5)
+        self.fail = fail
+
+    def forward(self, x):
+        seen.append(sys.stderr)
+        thread = threading.Thread(target=lambda: sys.stderr.write("from another thread\n"))
+        thread.start()
+        thread.join()
+        h = self.lin(x)
+        if self.fail and h.sum() > 0:  # data-dependent: the capture fails
+            return h * 2
+        return h
+
+
+seen: list = []
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_capture_never_reassigns_sys_stderr(fail, capfd):
+    model = Observer(fail)
+    real = sys.stderr
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with NNsight(model).trace(_x()) as tracer:
+            pass
+    assert tracer.backend == ("hooks" if fail else "fx")
+    assert seen and all(s is real for s in seen)
+    err = capfd.readouterr().err
+    # every forward (the capture's and, after a failed capture, the hooks backend's) wrote
+    assert err.count("from another thread") == len(seen)
+    assert "def forward" not in err
