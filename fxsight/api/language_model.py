@@ -45,10 +45,14 @@ from ..capture import scan
 from ..errors import TokenIndexError, TraceError, at_line, user_line
 from ..run import executable as runner
 from .generation import Generator, GeneratorEnvoy
+from .inputs import BATCH_KEYWORDS, check_keywords, describe
 from .nnsight import NNsight
 
 # keys of a dict input that are not forwarded as they come but re-laid out with the rows
 _PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 1}
+# keywords that are part of the input whatever their type (a tokenizer's lists)
+_TOKEN_KEYWORDS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids",
+                             "labels"})
 _CONFIG_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only",
                   "subfolder")
 _FROM_CONFIG_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
@@ -114,13 +118,12 @@ class LanguageModel(NNsight):
 
     def trace(self, *inputs: Any, **kwargs: Any):
         """``with lm.trace(prompt, **forward_kwargs) as tracer:``; or ``lm.trace()`` and
-        ``tracer.invoke(prompt)`` several times. ``input_ids=``/``attention_mask=`` may be
-        given as keywords too. Loads the weights first if they are not loaded yet (so that
-        modules applied inside the block, e.g. a logit lens, are the real ones)."""
-        if not inputs and "input_ids" in kwargs:
-            given = {k: kwargs.pop(k) for k in ("input_ids", "attention_mask")
-                     if k in kwargs}
-            inputs = (given,)
+        ``tracer.invoke(prompt)`` several times. The input may be given as keywords too
+        (``input_ids=``, ``attention_mask=``, other tensors: ``**tokenizer(...)``). Loads
+        the weights first if they are not loaded yet (so that modules applied inside the
+        block, e.g. a logit lens, are the real ones)."""
+        if not inputs:
+            inputs, kwargs = _keyword_input(kwargs)
         self.dispatch_model()
         return super().trace(*inputs, **kwargs)
 
@@ -172,11 +175,16 @@ class LanguageModel(NNsight):
         return name in params
 
     def _prepare_invoke(self, args: tuple, kwargs: dict, invoke: Any) -> tuple[tuple, dict, int]:
-        where = f"invoke #{invoke.index}" if invoke is not None else "the input"
-        line = user_line()
+        where, line = describe(invoke), user_line()
         kwargs = dict(kwargs)
-        if not args and "input_ids" in kwargs:
-            args = ({k: kwargs.pop(k) for k in ("input_ids", "attention_mask") if k in kwargs},)
+        if not args:
+            args, kwargs = _keyword_input(kwargs)
+        if not args:
+            given = ", ".join(kwargs)
+            raise TraceError(at_line(
+                f"{where} has no input: no input_ids"
+                f"{f' among its keywords ({given})' if given else ''}. Give a string, a list of strings, token ids or a dict "
+                f"with 'input_ids' (or input_ids=... as a keyword)", line))
         if len(args) != 1:
             raise TraceError(at_line(
                 f"{where}: a language model takes one input (a string, a list of strings, "
@@ -190,6 +198,7 @@ class LanguageModel(NNsight):
                 raise TraceError(at_line(f"{where}: {key!r} is given twice (in the input and "
                                          f"as a keyword)", line))
             prepared[key] = value
+        check_keywords(self._module, (), prepared, where, line)
         if "use_cache" not in prepared and self._accepts("use_cache"):
             prepared["use_cache"] = False  # export cannot return a cache object
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])])
@@ -302,9 +311,17 @@ class LanguageModel(NNsight):
                                          line))
         extras = {}
         for key, extra in data.items():
+            if key in BATCH_KEYWORDS and isinstance(extra, (list, tuple)):
+                extra = torch.as_tensor(extra)  # (a tokenizer's lists)
             if isinstance(extra, torch.Tensor) and extra.dim() == 1 and \
                     extra.shape[0] == ids.shape[1] and ids.shape[0] == 1:
                 extra = extra.reshape(1, -1)
+            if key in BATCH_KEYWORDS and isinstance(extra, torch.Tensor) and \
+                    extra.dim() > 0 and extra.shape[0] != ids.shape[0]:
+                raise TraceError(at_line(
+                    f"{where}: the inputs disagree on the batch size (input_ids has "
+                    f"{ids.shape[0]}, {key} has {extra.shape[0]} rows); every input of an "
+                    f"invoke holds its rows", line))
             extras[key] = extra
         return self._from_rows(ids, mask, extras, where, line)
 
@@ -487,6 +504,16 @@ def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
             raise TraceError(at_line(
                 f"invokes #0 and #{index} disagree on {key!r} ({_brief(theirs)} vs "
                 f"{_brief(mine)}); the invokes of a trace run in one batch", line))
+
+
+def _keyword_input(kwargs: dict) -> tuple[tuple, dict]:
+    """``input_ids=...`` and the other token inputs given as keywords (``**enc``) as one
+    dict input, the rest (``use_cache=False``, trace options) as keywords."""
+    if "input_ids" not in kwargs:
+        return (), kwargs
+    moved = {k: v for k, v in kwargs.items()
+             if k in _TOKEN_KEYWORDS or isinstance(v, torch.Tensor)}
+    return (moved,), {k: v for k, v in kwargs.items() if k not in moved}
 
 
 def _batch_sized(value: Any, rows: int) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .._torch import pytree
 from ..bind import bind_frame
 from ..errors import TraceError, at_line, user_line
 from ..locks import model_lock
@@ -38,6 +39,7 @@ class Invoke:
         self.index = index
         self.args = args
         self.kwargs = kwargs
+        self.implicit = False  # the input of trace(...) itself
         self.prepared: tuple[tuple, dict, int] | None = None
         self._previous: Scope | None = None
 
@@ -119,6 +121,7 @@ class Tracer:
         self.backend: str | None = None
         self.graph_module: fx.GraphModule | None = None
         self._args, self._kwargs = args, kwargs
+        self._line = user_line()  # where the trace was opened
         self._implicit: Invoke | None = None
         self._state = "new"
         self._results: dict[Node, Any] = {}
@@ -140,10 +143,16 @@ class Tracer:
         if self._state != "new":
             raise TraceError("a tracer can be entered once")
         self._state = "recording"
+        if self._args or _holds_tensor(self._kwargs):
+            try:  # (bad input raises here, before the tracer is open)
+                self._implicit = self._add_invoke(self._args, dict(self._kwargs),
+                                                  implicit=True)
+            except BaseException:
+                self._state = "done"
+                raise
         self.recorder.open = True
         active_tracers().append(self)
-        if self._args:
-            self._implicit = self.invoke(*self._args)
+        if self._implicit is not None:
             self._implicit.__enter__()
         return self
 
@@ -190,14 +199,20 @@ class Tracer:
         (torch.Size([3, 3]), True)
         """
         if self._implicit is not None and self.recorder.scope.invoke == self._implicit.index \
-                and args:
+                and (args or kwargs):
             raise TraceError(at_line("trace(inputs) already has its input; use "
                                      "trace() with no inputs to batch several invokes",
                                      user_line()))
         if not args and not kwargs:
             return WholeBatch(self)
-        kwargs = {**self._kwargs, **kwargs}  # trace(**kwargs) apply to every invoke
+        merged = dict(kwargs)  # trace(**options) apply to every invoke, after its own
+        for key, value in self._kwargs.items():
+            merged.setdefault(key, value)
+        return self._add_invoke(args, merged)
+
+    def _add_invoke(self, args: tuple, kwargs: dict, implicit: bool = False) -> Invoke:
         invoke = Invoke(self, len(self.invokes), args, kwargs)
+        invoke.implicit = implicit
         invoke.prepared = self.model._prepare_invoke(args, kwargs, invoke)
         self.invokes.append(invoke)
         return invoke
@@ -316,8 +331,10 @@ class Tracer:
     # --- execution ---------------------------------------------------------------------
     def _batched(self) -> tuple[tuple, dict, dict[Any, Rows]]:
         if not self.invokes:
-            raise TraceError("the trace has no input: pass inputs to trace(...) or use "
-                             "tracer.invoke(...)")
+            raise TraceError(at_line(
+                f"the trace of {type(self.model._module).__name__} has no input: pass the "
+                f"model's inputs to trace(...), positionally or as keywords (e.g. "
+                f"input_ids=...), or add them with tracer.invoke(...)", self._line))
         prepared = [inv.prepared for inv in self.invokes]
         args, kwargs = self.model._batch_inputs(prepared)
         total = sum(size for _, _, size in prepared)
@@ -396,6 +413,19 @@ class ScanTracer(Tracer):
         self._output, self._output_kept = source.output, True
         self._results = {node: walker.values[node] for node in self.program.saves}
         self._fill_caches()
+
+
+def _holds_tensor(kwargs: dict) -> bool:
+    """Whether ``trace(**kwargs)`` brings inputs (a tensor somewhere in its keywords), not
+    only options that apply to every invoke (``use_cache=False``)."""
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor):
+            return True
+        if isinstance(value, (list, tuple, dict)) or hasattr(value, "items"):
+            if any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(
+                    dict(value.items()) if hasattr(value, "items") else value)):
+                return True
+    return False
 
 
 def _walked_for(program: Any, invoke: int | None) -> list[Node]:
