@@ -348,6 +348,25 @@ def test_language_model_bert_token_type_ids(bert, tokenizer):
     torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_language_model_generate_scan_and_plain_run_take_keywords(gpt2, tokenizer, encoded):
+    lm = fxsight.LanguageModel(gpt2, tokenizer=tokenizer)
+    with lm.generate(TEXTS, max_new_tokens=2, do_sample=False, backend="hooks"):
+        by_text = lm.generator.output.save()
+    with lm.generate(**encoded, max_new_tokens=2, do_sample=False, backend="hooks"):
+        by_keywords = lm.generator.output.save()
+    assert torch.equal(by_text, by_keywords)
+    with lm.scan(**encoded):
+        shape = lm.transformer.h[0].mlp.output.shape
+    assert tuple(shape) == (2, 14, 64)
+    net = fxsight.NNsight(gpt2)
+    with net.scan(**encoded, use_cache=False):
+        shape = net.transformer.h[0].mlp.output.shape
+    assert tuple(shape) == (2, 14, 64)
+    plain = net.trace(**encoded, use_cache=False, trace=False)
+    torch.testing.assert_close(plain.logits, gpt2(**encoded, use_cache=False).logits,
+                               rtol=0, atol=0)
+
+
 # --- non-tensor keywords ----------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_tensor_keywords_pass_through_invokes(vit, backend, reference_hooks):

@@ -116,12 +116,8 @@ def _typed_keywords(forward: Any, signature: inspect.Signature) -> frozenset[str
 
 
 def describe(invoke: Any) -> str:
-    """How an error names the invoke: ``invoke #i``, or the trace's own input."""
-    if invoke is None:
-        return "the input"
-    if getattr(invoke, "implicit", False):
-        return "the trace's input"
-    return f"invoke #{invoke.index}"
+    """How an error names the invoke: ``invoke #i`` (``trace(inputs)``'s is #0)."""
+    return "the input" if invoke is None else f"invoke #{invoke.index}"
 
 
 def _model_name(module: torch.nn.Module) -> str:
@@ -280,7 +276,8 @@ def _batched(first: tuple[tuple, dict, int], other: tuple[tuple, dict, int], ind
         raise TraceError(at_line(
             f"invoke #{index} passes other keyword inputs than invoke #0 ({differ}); the "
             f"invokes of a trace run in one batch", line))
-    pairs = [(f"argument {i}", a0, a1) for i, (a0, a1) in enumerate(zip(args0, args1))]
+    pairs = [(f"positional input {i}", a0, a1) for i, (a0, a1) in
+             enumerate(zip(args0, args1))]
     pairs += [(key, kwargs0[key], kwargs1[key]) for key in kwargs0]
     marked = []
     for name, value0, value1 in pairs:
@@ -288,8 +285,8 @@ def _batched(first: tuple[tuple, dict, int], other: tuple[tuple, dict, int], ind
         leaves1, spec1 = _leaves(value1, name)
         if spec0 != spec1 or len(leaves0) != len(leaves1):
             raise TraceError(at_line(
-                f"invokes #0 and #{index} pass {name!r} with other structures; the invokes "
-                f"of a trace run in one batch", line))
+                f"invokes #0 and #{index} pass {name} in different structures; invokes "
+                f"must pass inputs of the same structure to be batched together", line))
         marks = [_mark(leaf_name, v0, v1, rows0, rows1, index, line)
                  for (leaf_name, v0), (_, v1) in zip(leaves0, leaves1)]
         marked.append((spec0, marks))
@@ -298,6 +295,7 @@ def _batched(first: tuple[tuple, dict, int], other: tuple[tuple, dict, int], ind
 
 def _mark(name: str, v0: Any, v1: Any, rows0: int, rows1: int, index: int,
           line: Any) -> _Leaf:
+    pair, shown = f"invokes #0 and #{index}", _shown(name)
     tensors = isinstance(v0, torch.Tensor), isinstance(v1, torch.Tensor)
     if tensors == (True, True):
         batched0 = v0.dim() > 0 and v0.shape[0] == rows0
@@ -305,26 +303,27 @@ def _mark(name: str, v0: Any, v1: Any, rows0: int, rows1: int, index: int,
         if batched0 and batched1:
             if v0.shape[1:] != v1.shape[1:]:
                 raise TraceError(at_line(
-                    f"invokes #0 and #{index} give {name!r} of shapes {tuple(v0.shape)} and "
-                    f"{tuple(v1.shape)}: the invokes' inputs are concatenated along the "
-                    f"batch dimension, so their other dimensions must agree (pad them to "
-                    f"one length; LanguageModel pads token ids itself)", line))
+                    f"{pair} give {shown} of shapes {tuple(v0.shape)} and {tuple(v1.shape)}: "
+                    f"the invokes' inputs are concatenated along the batch dimension, so "
+                    f"their other dimensions must agree (pad them to one length; "
+                    f"LanguageModel pads token ids itself)", line))
             if v0.dtype != v1.dtype:
                 raise TraceError(at_line(
-                    f"invokes #0 and #{index} give {name!r} of dtypes {v0.dtype} and "
-                    f"{v1.dtype}; the invokes of a trace run in one batch", line))
+                    f"{pair} give {shown} of dtypes {v0.dtype} and {v1.dtype}; the invokes "
+                    f"of a trace run in one batch", line))
             return _Leaf(True, v1)
         if not batched0 and not batched1 and v0.shape == v1.shape and (
                 v0 is v1 or torch.equal(v0, v1.to(v0.device))):
             return _Leaf(False, v1)
         raise TraceError(at_line(
-            f"invokes #0 and #{index} disagree on {name!r} ({_brief(v0, rows0)} vs "
-            f"{_brief(v1, rows1)}): an input is either one row per example in every invoke "
-            f"(concatenated) or the same in all of them", line))
+            f"{pair} disagree on {shown} ({_brief(v0, rows0)} vs {_brief(v1, rows1)}): an "
+            f"input is either one row per example in every invoke (concatenated) or the "
+            f"same in all of them", line))
     if tensors != (False, False) or not _same(v0, v1):
         raise TraceError(at_line(
-            f"invokes #0 and #{index} disagree on {name!r} ({v0!r} vs {v1!r}); the invokes "
-            f"of a trace run in one batch, with one value of each non-tensor input", line))
+            f"{pair} disagree on {shown} ({_brief(v0, rows0)} vs {_brief(v1, rows1)}); the "
+            f"invokes of a trace run in one batch, with one value of each non-tensor input",
+            line))
     return _Leaf(False, v1)
 
 
@@ -340,6 +339,10 @@ def _join(first: Any, marked: list[tuple[Any, list[_Leaf]]]) -> Any:
         else:
             joined.append(leaf)
     return joined[0] if spec is None else pytree.tree_unflatten(joined, spec)
+
+
+def _shown(name: str) -> str:
+    return name if name.startswith("positional input") else repr(name)
 
 
 def _brief(value: Any, rows: int) -> str:

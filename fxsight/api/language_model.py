@@ -7,7 +7,9 @@ once with ``dispatch=True``). ``LanguageModel(module, tokenizer=tok)`` wraps a l
 
 Inputs of an invoke (or of ``trace(...)``): a string, a list of strings, token ids (a list
 of ints, a list of lists, a 1-D or 2-D integer tensor) or a dict of tensors
-(``input_ids``, optional ``attention_mask``, other token-aligned tensors). Every prompt is
+(``input_ids``, optional ``attention_mask``, other token-aligned tensors), also given as
+keywords (``trace(input_ids=..., attention_mask=...)``, ``invoke(**tokenizer(...))``). Keywords
+are checked against the model's ``forward`` (:mod:`fxsight.api.inputs`). Every prompt is
 left-padded: the invokes of a trace are padded to a common length, with the attention mask
 and explicit ``position_ids`` (attention mask cumulative sum, as transformers' ``generate``
 does), so each row computes what it computes alone. A right-padded ``attention_mask`` is
@@ -131,7 +133,8 @@ class LanguageModel(NNsight):
                  **kwargs: Any):
         """``with lm.generate(prompt, max_new_tokens=n) as tracer:``: interventions across
         decoding steps (``tracer.iter[...]``, ``tracer.all()``); ``kwargs`` go to
-        transformers' ``generate``. ``lm.generator.output`` is the generated ids.
+        transformers' ``generate`` (the input may be given as keywords, as in ``trace``).
+        ``lm.generator.output`` is the generated ids.
 
         On the fx backend every step runs as a rewritten graph; ``compile=True`` (or a
         dict of ``torch.compile`` options) compiles the first step and the decoding step
@@ -148,6 +151,8 @@ class LanguageModel(NNsight):
         >>> len(last), tokens.shape[1] - len(lm.tokenizer("a3 f8 c")["input_ids"])
         (3, 3)
         """
+        if not inputs:  # lm.generate(**tokenizer(...), max_new_tokens=n)
+            inputs, kwargs = _keyword_input(kwargs)
         self.dispatch_model()
         return Generator(self, inputs, kwargs,
                          self._run_options(backend, compile, prune=False))
@@ -180,11 +185,11 @@ class LanguageModel(NNsight):
         if not args:
             args, kwargs = _keyword_input(kwargs)
         if not args:
-            given = ", ".join(kwargs)
+            among = f" among its keywords ({', '.join(kwargs)})" if kwargs else ""
             raise TraceError(at_line(
-                f"{where} has no input: no input_ids"
-                f"{f' among its keywords ({given})' if given else ''}. Give a string, a list of strings, token ids or a dict "
-                f"with 'input_ids' (or input_ids=... as a keyword)", line))
+                f"{where} has no input: no input_ids{among}. Give a string, a list of "
+                f"strings, token ids or a dict with 'input_ids' (or input_ids=... as a "
+                f"keyword)", line))
         if len(args) != 1:
             raise TraceError(at_line(
                 f"{where}: a language model takes one input (a string, a list of strings, "
@@ -198,7 +203,8 @@ class LanguageModel(NNsight):
                 raise TraceError(at_line(f"{where}: {key!r} is given twice (in the input and "
                                          f"as a keyword)", line))
             prepared[key] = value
-        check_keywords(self._module, (), prepared, where, line)
+        given = {k: v for k, v in prepared.items() if k != "attention_mask"}  # (always ours)
+        check_keywords(self._module, (), given, where, line)
         if "use_cache" not in prepared and self._accepts("use_cache"):
             prepared["use_cache"] = False  # export cannot return a cache object
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])])

@@ -39,7 +39,6 @@ class Invoke:
         self.index = index
         self.args = args
         self.kwargs = kwargs
-        self.implicit = False  # the input of trace(...) itself
         self.prepared: tuple[tuple, dict, int] | None = None
         self._previous: Scope | None = None
 
@@ -145,8 +144,7 @@ class Tracer:
         self._state = "recording"
         if self._args or _holds_tensor(self._kwargs):
             try:  # (bad input raises here, before the tracer is open)
-                self._implicit = self._add_invoke(self._args, dict(self._kwargs),
-                                                  implicit=True)
+                self._implicit = self._add_invoke(self._args, dict(self._kwargs))
             except BaseException:
                 self._state = "done"
                 raise
@@ -210,9 +208,8 @@ class Tracer:
             merged.setdefault(key, value)
         return self._add_invoke(args, merged)
 
-    def _add_invoke(self, args: tuple, kwargs: dict, implicit: bool = False) -> Invoke:
+    def _add_invoke(self, args: tuple, kwargs: dict) -> Invoke:
         invoke = Invoke(self, len(self.invokes), args, kwargs)
-        invoke.implicit = implicit
         invoke.prepared = self.model._prepare_invoke(args, kwargs, invoke)
         self.invokes.append(invoke)
         return invoke
@@ -416,15 +413,16 @@ class ScanTracer(Tracer):
 
 
 def _holds_tensor(kwargs: dict) -> bool:
-    """Whether ``trace(**kwargs)`` brings inputs (a tensor somewhere in its keywords), not
-    only options that apply to every invoke (``use_cache=False``)."""
+    """Whether ``trace(**kwargs)`` brings inputs (a tensor with a batch dimension somewhere
+    in its keywords), not only options that apply to every invoke (``use_cache=False``)."""
     for value in kwargs.values():
-        if isinstance(value, torch.Tensor):
-            return True
         if isinstance(value, (list, tuple, dict)) or hasattr(value, "items"):
-            if any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(
-                    dict(value.items()) if hasattr(value, "items") else value)):
-                return True
+            value = pytree.tree_leaves(dict(value.items()) if hasattr(value, "items")
+                                       else value)
+        else:
+            value = [value]
+        if any(isinstance(leaf, torch.Tensor) and leaf.dim() > 0 for leaf in value):
+            return True
     return False
 
 
