@@ -338,14 +338,20 @@ def test_language_model_spread_batch_encoding(gpt2, tokenizer, encoded, backend)
         torch.testing.assert_close(invoked[-n:], alone, rtol=1e-4, atol=1e-5)
 
 
-def test_language_model_bert_token_type_ids(bert, tokenizer):
+def test_language_model_right_padded_keywords_move_together(bert, tokenizer):
+    """Right-padded keyword inputs are re-packed to the left, token_type_ids with the ids:
+    each row computes what it computes alone."""
     lm = fxsight.LanguageModel(bert, tokenizer=tokenizer)
-    ids = _ids(1, 6)
-    token_types = torch.tensor([[0, 0, 0, 1, 1, 1]])
-    expected = bert(input_ids=ids, token_type_ids=token_types).last_hidden_state
-    with lm.trace(input_ids=ids, token_type_ids=token_types, backend="hooks"):
+    ids = _ids(2, 6)
+    token_types = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])  # row 1: 4 tokens
+    with lm.trace(input_ids=ids, attention_mask=mask, token_type_ids=token_types,
+                  backend="hooks"):
         hidden = lm.output.last_hidden_state.save()
-    torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+    for row, n in ((0, 6), (1, 4)):
+        alone = bert(input_ids=ids[row:row + 1, :n],
+                     token_type_ids=token_types[row:row + 1, :n]).last_hidden_state[0]
+        torch.testing.assert_close(hidden[row, -n:], alone, rtol=1e-4, atol=1e-5)
 
 
 def test_language_model_generate_scan_and_plain_run_take_keywords(gpt2, tokenizer, encoded):
