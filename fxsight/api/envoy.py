@@ -170,7 +170,9 @@ class Envoy:
         return tracer.recorder
 
     def _site(self, kind: str) -> Site:
-        return Site(self._path, kind, self._call)
+        tracer = current_tracer(self._root)  # (in `for i in tracer.iter[...]`: call i)
+        call = tracer.recorder.scope.call if tracer is not None else None
+        return Site(self._path, kind, self._call if call is None else call)
 
     @property
     def output(self) -> Proxy:

@@ -29,12 +29,18 @@ from ..run.forward import fall_back
 from ..run.hooks import RealWalker
 from ..run.options import RunOptions
 from ..splice.rows import Rows
-from .tracer import Tracer
+from .tracer import Tracer, scoped_loop
 
 
 class StepScope:
-    """``with tracer.iter[1:4]:`` / ``for step in tracer.iter[1:4]:`` / ``tracer.all()``:
-    nodes recorded inside apply at the chosen decoding steps."""
+    """``with tracer.iter[1:4]:`` / ``with tracer.all():``: nodes recorded inside apply at
+    the chosen decoding steps (recorded once; a saved value is a list, one per step).
+
+    ``for step in tracer.iter[1:4]:`` / ``for step in tracer.all():``: the body is
+    recorded once per step, ``step`` a real int (so ``if step == 2:``, ``h[step]`` and
+    Python lists filled per step work); a value saved there is that step's value. An
+    open-ended slice or ``all()`` runs to ``max_new_tokens``.
+    """
 
     def __init__(self, tracer: "Generator", steps: Steps):
         self.tracer = tracer
@@ -51,10 +57,10 @@ class StepScope:
         self.tracer.recorder.scope = self._previous
         return False
 
-    def __iter__(self) -> Iterator[Steps]:
-        # the loop body is recorded once and applied at every chosen step
-        with self:
-            yield self.steps
+    def __iter__(self) -> Iterator[int]:
+        steps = self.steps.concrete(self.tracer._step_count)
+        return scoped_loop(self.tracer.recorder, steps,
+                         lambda step: {"steps": Steps(step, single=True)})
 
 
 class StepIndexer:
@@ -110,6 +116,19 @@ class Generator(Tracer):
         raise TraceError(at_line("tracer.stop() is not available inside generate(); "
                                  "max_new_tokens (or an eos token) ends generation",
                                  user_line()))
+
+    def _step_count(self) -> int:
+        """How many decoding steps run at most (``max_new_tokens``), for a step loop."""
+        count = self._generate_kwargs.get("max_new_tokens")
+        if count is None and "max_length" not in self._generate_kwargs:
+            config = getattr(self.model._module, "generation_config", None)
+            count = getattr(config, "max_new_tokens", None)
+        if not isinstance(count, int):
+            raise TraceError(at_line(
+                "`for step in tracer.all()` (or an open-ended tracer.iter[...] slice) needs "
+                "to know how many steps run: pass max_new_tokens=... to generate(), or "
+                "choose the steps (tracer.iter[0:5])", user_line()))
+        return count
 
     # --- running ------------------------------------------------------------------------
     def _execute(self) -> None:

@@ -19,6 +19,7 @@ from ..record.program import Kind, Node
 from ..record.sites import INPUT, OUTPUT, Site, module_label
 from ..run.hooks import RealWalker
 from ..splice.rows import Rows
+from .decoding import step_result
 
 GENERATOR = Site("generator", OUTPUT, 0)  # ``lm.generator.output``: the generated ids
 
@@ -90,6 +91,8 @@ class StepInterleaver:
         for node in self.per_step:
             if node in walker.values and self.step in node.steps:
                 self.collected[node].append(walker.values[node])
+                if node.steps.single:  # (other steps may use it)
+                    self.persistent[node] = walker.values[node]
         for node in self.once:
             if node in walker.values:
                 self.persistent[node] = walker.values[node]
@@ -172,5 +175,5 @@ class StepInterleaver:
 
     def result(self, node: Node) -> Any:
         if node.steps is not None:
-            return list(self.collected.get(node, []))
+            return step_result(node, self.collected.get(node, []))
         return self.persistent[node]
