@@ -289,3 +289,40 @@ def test_outside_a_session_an_unsaved_value_of_an_earlier_trace_is_refused():
     with pytest.raises(fxsight.TraceError, match="another \\(earlier\\) trace"):
         with net.trace(torch.ones(1, 4)):
             net.head.input = hidden
+
+
+# --- 4. tracer.cache() inside generate ------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_inside_generate_has_an_entry_per_step(gpt2, tokenizer, backend):
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    steer = _steer(7)
+    with lm.generate(PROMPT, max_new_tokens=3, do_sample=False, backend=backend) as tracer:
+        with tracer.all():
+            lm.transformer.h[0].output[:, -1] += steer
+        cache = tracer.cache(modules=[lm.transformer.h[0], "lm_head"])
+        with tracer.iter[1]:
+            second = tracer.cache(modules=["lm_head"], include_inputs=True)
+    expected = {"transformer.h.0": [], "lm_head": []}
+    final_norm = []
+
+    def steered(step, output):
+        output = output.clone()
+        output[:, -1] += steer
+        expected["transformer.h.0"].append(output)
+        return output
+
+    def keep(step, output):
+        expected["lm_head"].append(output)
+
+    _generate_with_hooks(gpt2, tokenizer, {"transformer.h.0": steered, "lm_head": keep,
+                                           "transformer.ln_f": lambda step, output:
+                                           final_norm.append(output)}, steps=3)
+    assert sorted(cache) == ["model.lm_head", "model.transformer.h.0"]
+    for path, values in expected.items():
+        entries = cache[f"model.{path}"]
+        assert isinstance(entries, list) and len(entries) == 3
+        for entry, want in zip(entries, values):
+            torch.testing.assert_close(entry.output, want)
+    entry = second["model.lm_head"]  # one step: a plain entry
+    torch.testing.assert_close(entry.output, expected["lm_head"][1])
+    torch.testing.assert_close(entry.input, final_norm[1])

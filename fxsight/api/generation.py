@@ -25,7 +25,7 @@ from ..generate.interleave import GENERATOR, AnySite, StepInterleaver, needs_gen
 from ..record.active import current_tracer
 from ..record.proxy import Proxy
 from ..record.scope import ALL, Scope, Steps
-from ..run.forward import fall_back
+from ..run.forward import fall_back, metadata_source
 from ..run.hooks import RealWalker
 from ..run.options import RunOptions
 from ..splice.rows import Rows
@@ -105,11 +105,23 @@ class Generator(Tracer):
     output = result
 
     def cache(self, *args, **kwargs):
-        """Not available inside ``generate()``: it would have to hold every module at every
-        step; save what you need inside ``tracer.all()`` (one value per step) instead."""
-        raise TraceError(at_line("tracer.cache() is not available inside generate(); save "
-                                 "the values you need inside `with tracer.all():` (a list "
-                                 "with one value per step)", user_line()))
+        """``tracer.cache(...)`` across decoding steps: each module's entry is a list with
+        one entry per step it ran at (every step; inside ``tracer.iter[...]`` /
+        ``tracer.all()``, the chosen ones), as nnsight appends them. A module called once
+        in the chosen steps has a plain entry."""
+        recorder = self.recorder
+        previous = recorder.scope
+        if previous.steps is None:
+            recorder.scope = previous._replace(steps=Steps(ALL))
+        try:
+            return super().cache(*args, **kwargs)
+        finally:
+            recorder.scope = previous
+
+    def _metadata_source(self, args: tuple, kwargs: dict) -> Any:
+        # which sites a step has, from a scan of the first step's forward (not a capture
+        # of the plain forward, which generate never runs)
+        return metadata_source(self.model._module, args, kwargs, RunOptions("hooks"))
 
     def stop(self) -> None:
         """Not available inside ``generate()``: ``max_new_tokens`` ends generation."""
@@ -140,6 +152,7 @@ class Generator(Tracer):
             rng = torch.random.get_rng_state()
             try:
                 self._generate_with_graphs(module, inputs, options, rows)
+                self._fill_caches()
                 return
             except Unsupported as reason:
                 torch.random.set_rng_state(rng)  # (a seeded sampling starts over alike)
@@ -153,6 +166,7 @@ class Generator(Tracer):
         self.backend = "hooks"
         self._output, self._output_kept = output, True
         self._results = {node: interleaver.result(node) for node in self.program.saves}
+        self._fill_caches()
 
     def _generate_with_graphs(self, module: torch.nn.Module, inputs: dict, options: dict,
                               rows: dict[Any, Rows]) -> None:
