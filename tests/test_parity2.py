@@ -326,3 +326,38 @@ def test_cache_inside_generate_has_an_entry_per_step(gpt2, tokenizer, backend):
     entry = second["model.lm_head"]  # one step: a plain entry
     torch.testing.assert_close(entry.output, expected["lm_head"][1])
     torch.testing.assert_close(entry.input, final_norm[1])
+
+
+# --- 5. lm.generator.streamer ----------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streamer_output_is_the_token_of_each_step(gpt2, tokenizer, backend):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.puts = []
+
+        def put(self, value):
+            self.puts.append(value.clone())
+
+        def end(self):
+            pass
+
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with lm.generate(PROMPT, max_new_tokens=3, do_sample=False, backend=backend) as tracer:
+        tokens = fxsight.save(list())
+        for step in tracer.all():
+            tokens.append(lm.generator.streamer.output)
+        first = lm.generator.streamer.output.save()  # outside a loop: the first step
+    streamer = Collect()
+    with torch.no_grad():
+        gpt2.generate(**tokenizer([PROMPT], return_tensors="pt"), do_sample=False,
+                      max_new_tokens=3, streamer=streamer)
+    assert len(tokens) == 3  # transformers puts the prompt first, then each step's token
+    for got, want in zip(tokens, streamer.puts[1:]):
+        assert torch.equal(got, want)
+    assert torch.equal(first, streamer.puts[1])
+    with pytest.raises(fxsight.TraceError, match="step loop"):
+        with lm.generate(PROMPT, max_new_tokens=2, backend=backend) as tracer:
+            with tracer.all():
+                lm.generator.streamer.output.save()

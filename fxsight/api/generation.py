@@ -215,10 +215,15 @@ def _check_steps(program: Any, count: int) -> None:
 
 
 class GeneratorEnvoy:
-    """``lm.generator``: ``.output`` is the generated token ids (inside ``generate``)."""
+    """``lm.generator``: ``.output`` is the generated token ids (inside ``generate``);
+    ``.streamer.output`` the token ids chosen at a step."""
 
     def __init__(self, model):
         self._model = model
+
+    @property
+    def streamer(self) -> "StreamerEnvoy":
+        return StreamerEnvoy(self._model)
 
     @property
     def output(self) -> Proxy:
@@ -227,3 +232,31 @@ class GeneratorEnvoy:
             raise TraceError(at_line("lm.generator.output is only available inside "
                                      "`with lm.generate(...)`", user_line()))
         return tracer.recorder.create_read(GENERATOR, "output")
+
+
+class StreamerEnvoy:
+    """``lm.generator.streamer.output``: the token ids generate chose at the decoding step
+    (one per row, shape ``(batch,)``, as transformers' streamers receive them): at the
+    first step outside a step loop, at ``step`` in ``for step in tracer.iter[...]``. It is
+    read from the generated ids, so it is known once generation has ended (save it; it
+    cannot steer a later step)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    @property
+    def output(self) -> Proxy:
+        tracer = current_tracer(self._model)
+        line = user_line()
+        if not isinstance(tracer, Generator):
+            raise TraceError(at_line("lm.generator.streamer.output is only available inside "
+                                     "`with lm.generate(...)`", line))
+        steps = tracer.recorder.scope.steps
+        if steps is not None and not steps.single:
+            raise TraceError(at_line(
+                "lm.generator.streamer.output is one step's tokens: read it in a step loop "
+                "(`for step in tracer.all():`), not in `with tracer.all():`", line))
+        step = 0 if steps is None else steps.choice
+        _, kwargs, _ = tracer._batched()
+        prompt = kwargs["input_ids"].shape[1]
+        return tracer.recorder.create_read(GENERATOR, "output")[:, prompt + step]

@@ -160,12 +160,16 @@ class StepInterleaver:
         if self.walker is None:
             self._start_step()
         self.walker.event_values[GENERATOR] = output
-        self.pending = [n for n in self.once if n not in self.persistent
+        self.pending = [n for n in self.program.nodes
+                        if (n in self.once or n in self.after) and n not in self.persistent
                         and n not in self.walker.values]
         self._pump(GENERATOR)
         for node in self.once:
             if node in self.walker.values:
                 self.persistent[node] = self.walker.values[node]
+        for node in self.after:  # (of chosen steps: computed once, from the ids)
+            if node.steps is not None and node in self.walker.values:
+                self.collected[node] = [self.walker.values[node]]
         if self.pending:
             node = self.pending[0]
             site = node.site
