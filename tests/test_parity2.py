@@ -361,3 +361,66 @@ def test_streamer_output_is_the_token_of_each_step(gpt2, tokenizer, backend):
         with lm.generate(PROMPT, max_new_tokens=2, backend=backend) as tracer:
             with tracer.all():
                 lm.generator.streamer.output.save()
+
+
+# --- 5b. a module attached to the model, called with hook=True -------------------------------
+class _SAE(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Linear(4, 8)
+        self.decoder = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.decoder(torch.relu(self.encoder(x)))
+
+
+class _WithSAE(torch.nn.Module):
+    """Two layers; ``sae`` is attached but the forward never calls it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.first = torch.nn.Linear(4, 4)
+        self.second = torch.nn.Linear(4, 2)
+        self.sae = _SAE()
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attached_module_called_with_hook_true(backend):
+    model = _WithSAE()
+    net = NNsight(model)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
+    with net.trace(x, backend=backend) as tracer:
+        reconstruction = net.sae(net.first.output, hook=True)
+        codes = net.sae.encoder.output.save()
+        decoder_input = net.sae.decoder.input.save()
+        sae_args, _ = net.sae.inputs
+        sae_input = sae_args[0].save()
+        net.first.output = reconstruction  # the model continues with the SAE's output
+        out = net.output.save()
+    # hand-written: the SAE's inner values from forward hooks on a plain call
+    seen = {}
+    handles = [model.sae.encoder.register_forward_hook(
+        lambda m, a, o: seen.__setitem__("codes", o)),
+        model.sae.decoder.register_forward_hook(
+        lambda m, a, o: seen.__setitem__("decoder_input", a[0]))]
+    try:
+        with torch.no_grad():
+            hidden = model.first(x)
+            expected_out = model.second(model.sae(hidden))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert tracer.backend == backend
+    torch.testing.assert_close(codes, seen["codes"])
+    torch.testing.assert_close(decoder_input, seen["decoder_input"])
+    torch.testing.assert_close(sae_input, hidden)
+    torch.testing.assert_close(out, expected_out)
+    assert not any(m._forward_hooks for m in model.modules()), "no hook left behind"
+    with pytest.raises(fxsight.TraceError, match="ambiguous(.|\n)*test_parity2.py"):
+        with net.trace(x, backend=backend):
+            net.second(net.first.output, hook=True)
+            net.second.output.save()

@@ -130,6 +130,9 @@ class Tracer:
         self._stop_line: Any = None  # tracer.stop(): where, and how many Program nodes
         self._stop_after = 0  # were recorded before it
         self._kept: list[Any] = []  # fxsight.save(obj) on lists, dicts, user objects
+        # envoy(value, hook=True) calls: module path -> (node's proxy, line), the latest
+        self.hooked_calls: dict[str, tuple[Proxy, Any]] = {}
+        self._paths_run: set[str] | None = None
 
     @property
     def program(self):
@@ -436,6 +439,15 @@ class Tracer:
             source = metadata_source(self.model._module, args, kwargs, self.options)
         return max(sum(1 for site in source.events if site.path == path
                        and site.kind == OUTPUT) for path in paths)
+
+    def _forward_paths(self) -> set[str]:
+        """The paths of the modules the model's forward runs (for these inputs)."""
+        if self._paths_run is None:
+            with model_lock(self.model._module):
+                args, kwargs = self._inputs_for_metadata(None)
+                source = self._metadata_source(args, kwargs)
+            self._paths_run = {site.path for site in source.events}
+        return self._paths_run
 
     def _fill_caches(self) -> None:
         for request in self._cache_requests:
