@@ -146,6 +146,18 @@ def test_open_ended_step_loop_needs_max_new_tokens(gpt2, tokenizer):
                 pass
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_loop_cut_short_by_eos_is_an_error(gpt2, tokenizer, backend):
+    encoded = tokenizer([PROMPT], return_tensors="pt")
+    first = gpt2.generate(**encoded, do_sample=False, max_new_tokens=1)[0, -1]
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with pytest.raises(fxsight.TraceError, match="ended after 1 step(.|\n)*test_parity2.py"):
+        with lm.generate(PROMPT, max_new_tokens=3, do_sample=False, backend=backend,
+                         eos_token_id=int(first)) as tracer:
+            for _ in tracer.all():
+                lm.lm_head.output.save()
+
+
 # --- 1b. tracer.iter over a module called several times in one forward ------------------------
 class Loop(torch.nn.Module):
     """A layer applied three times."""

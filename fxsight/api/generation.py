@@ -206,6 +206,13 @@ def _check_steps(program: Any, count: int) -> None:
     for node in program.nodes:
         if node.steps is not None:
             missing = node.steps.missing(count)
+            if missing and node.steps.single:
+                raise TraceError(at_line(
+                    f"this line of a step loop is for decoding step {missing[0]}, but "
+                    f"generation ended after {count} step(s) (an eos token?): every step "
+                    "of a loop must run; pass min_new_tokens equal to max_new_tokens, or "
+                    "record once with `with tracer.all():` (it takes the steps that run)",
+                    node.line))
             if missing:
                 raise TraceError(at_line(
                     f"this line applies to decoding step {missing[0]}, but generation ran "
