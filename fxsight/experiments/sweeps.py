@@ -307,6 +307,23 @@ def with_hidden(output: Any, new: torch.Tensor, rows: int) -> Any:
     return type(output)([new, *rest]) if isinstance(output, tuple) else [new, *rest]
 
 
+def stacked(outputs: list, new: torch.Tensor | None = None) -> Any:
+    """Saved one-row module outputs (one per row, of different prompts) as one output of
+    ``len(outputs)`` rows, its hidden state replaced by ``new`` when given."""
+    def cat(*ts: Any) -> Any:
+        if isinstance(ts[0], torch.Tensor) and ts[0].dim() > 0 and ts[0].shape[0] == 1:
+            return torch.cat(ts)
+        return ts[0]
+
+    first = outputs[0]
+    hidden_rows = new if new is not None else torch.cat([hidden(o) for o in outputs])
+    if isinstance(first, torch.Tensor):
+        return hidden_rows
+    rest = pytree.tree_map(cat, list(first)[1:], *[list(o)[1:] for o in outputs[1:]])
+    return type(first)([hidden_rows, *rest]) if isinstance(first, tuple) \
+        else [hidden_rows, *rest]
+
+
 def expanded(output: Any, rows: int) -> Any:
     """A saved one-row module output as ``rows`` identical rows (views, no copies)."""
     return with_hidden(output, hidden(output).expand(rows, *hidden(output).shape[1:]), rows)
@@ -390,10 +407,11 @@ class Sweep:
                     bar.update(len(cells))
         return out
 
-    def run_batch(self, ids: torch.Tensor,
-                  replacements: list[tuple[Target, Any]]) -> torch.Tensor:
+    def run_batch(self, ids: torch.Tensor, replacements: list[tuple[Target, Any]],
+                  kwargs: dict | None = None) -> torch.Tensor:
         model = self.model
-        with model.trace(ids, **self.kwargs, **self.trace_options) as tracer:
+        kwargs = self.kwargs if kwargs is None else kwargs
+        with model.trace(ids, **kwargs, **self.trace_options) as tracer:
             for target, value in replacements:
                 target.replace(value)
             logits = _logits_proxy(model, self.output_kind).save()
