@@ -69,6 +69,16 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
     ``batch_size`` is given; ``progress`` shows a tqdm bar. Other keywords go to the
     model's forward.
 
+    **Datasets**: ``clean`` and ``corrupted`` may be sequences of prompts (or ``clean`` a
+    sequence of dicts with ``"clean"``, ``"corrupted"`` and optionally ``"metric"``, with
+    ``corrupted=None``), and ``metric`` one callable per pair: ``values`` is then the mean
+    over pairs, ``per_pair`` each pair's scores, ``stderr`` the standard error (pairs of
+    different lengths are grouped by length, positions counted from the end; see
+    docs/sweeps.md). Under an initialized ``torch.distributed`` process group the batches
+    are shared among the ranks and every rank returns the full result (``distributed=False``
+    to not). ``checkpoint="path"`` saves finished batches there and a repeated call resumes
+    from them.
+
     Returns scores with ``dims == ("site", "layer", "position")``: the patched run's metric
     minus the corrupted run's (``result.baseline``); ``result.reference`` is the clean
     run's, ``result.normalized()`` the fraction restored.
