@@ -158,3 +158,17 @@ def test_checkpoint_resumes_without_redoing_batches(model, tmp_path):
     with pytest.raises(ValueError, match="written by another sweep"):
         patching.activation_patching(model, cleans, corrupts, metric, checkpoint=path,
                                      sites=["resid"], batch_size=4, progress=False)
+
+
+def test_attribution_dataset_is_the_mean_of_one_pair_attributions(model):
+    pairs = [_pair(seed) for seed in range(2)]
+    result = patching.attribution(model, [c for c, _ in pairs], [k for _, k in pairs],
+                                  lambda logits: logits[:, -1, 5] - logits[:, -1, 6],
+                                  sites=["resid"])
+    singles = [patching.attribution(model, c, k,
+                                    lambda logits: logits[:, -1, 5] - logits[:, -1, 6],
+                                    sites=["resid"]) for c, k in pairs]
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(result.per_pair[i], single.values)
+    torch.testing.assert_close(result.values, (singles[0].values + singles[1].values) / 2)
+    assert result.n_pairs == 2 and result.stderr.shape == result.values.shape

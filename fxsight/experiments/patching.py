@@ -30,8 +30,8 @@ from ..api.envoy import Envoy
 from ..errors import TraceError
 from .heads import head_patching
 from .result import Cell, PatchingResult
-from .jobs import (Experiment, Group as JobGroup, Item, Refs, dataset_result, job_info,
-                   kwargs_key, pairs_of, position_in, position_labels, prompts_of, run_job)
+from .jobs import (Experiment, Group as JobGroup, Item, Refs, dataset_result, is_dataset,
+                   job_info, kwargs_key, pairs_of, position_in, position_labels, prompts_of, run_job)
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, check_kinds, check_layers,
                      check_positions, choose_batch_size, expanded, find_layout,
                      forward_kwargs as _forward_kwargs, forward_parameters, hidden,
@@ -383,8 +383,8 @@ def block_envoys(model: Envoy) -> list[Envoy]:
     return find_layout(model).blocks
 
 
-def attribution(model: Envoy, clean: Any, corrupted: Any,
-                metric: Callable[[Any], Any], sites: Sequence[Envoy] | Sequence[str] | None = None,
+def attribution(model: Envoy, clean: Any, corrupted: Any = None,
+                metric: Callable[[Any], Any] | Sequence[Callable] | None = None, sites: Sequence[Envoy] | Sequence[str] | None = None,
                 **trace_kwargs) -> PatchingResult:
     """Attribution patching of each site's output at every position, in one trace.
 
@@ -408,6 +408,8 @@ def attribution(model: Envoy, clean: Any, corrupted: Any,
     >>> result.method, tuple(result.values.shape)
     ('attribution patching', (1, 2, 7))
     """
+    if is_dataset(clean):
+        return _attribution_dataset(model, clean, corrupted, metric, sites, trace_kwargs)
     kinds = None
     if sites is not None and not isinstance(sites, str) and \
             all(isinstance(s, str) for s in sites):
@@ -441,6 +443,26 @@ def attribution(model: Envoy, clean: Any, corrupted: Any,
     return PatchingResult(values, ("site", "position"),
                           {"site": [t.envoy.path for t in targets], "position": positions},
                           baseline=baseline_value, method="attribution patching")
+
+
+def _attribution_dataset(model, clean, corrupted, metric, sites, trace_kwargs):
+    """Attribution over a dataset of pairs: one trace per pair (no batching), the mean,
+    standard error and each pair's scores as in :func:`activation_patching`."""
+    items, _ = pairs_of(model, clean, corrupted, metric)
+    lengths = {item.length for item in items}
+    if len(lengths) > 1:
+        raise ValueError(f"attribution over a dataset needs pairs of one length (got "
+                         f"lengths {sorted(lengths)}); group them by length first")
+    results = [attribution(model, item.clean, item.corrupted, item.metric, sites,
+                           **trace_kwargs) for item in items]
+    first = results[0]
+    per_pair = torch.stack([r.values for r in results])
+    baselines = None if first.baseline is None else \
+        torch.tensor([r.baseline for r in results])
+    return PatchingResult(per_pair.mean(0), first.dims, first.coords,
+                          baseline=None if baselines is None else float(baselines.mean()),
+                          method=first.method, info={"pairs": len(items)},
+                          per_pair=per_pair, baselines=baselines)
 
 
 def _attribution_target(layout, kind: str, layer: int) -> Target:
