@@ -414,6 +414,10 @@ def run_job(experiment: Experiment, sweep: Sweep, batch_size, memory_budget, cho
     for values, metrics, _, _ in payloads:
         done.update(values)
         item_metrics.update(metrics)
+    for position in range(len(items)):
+        if position not in item_metrics:  # no cell of its length: only its metrics
+            _refs(experiment, cache, position, item_metrics)
+            cache.pop(position, None)
     keep_last = any(p[3] for p in payloads)
     traces = sum(p[2] for p in payloads)
 
