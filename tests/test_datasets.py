@@ -94,9 +94,9 @@ def test_dataset_of_dicts_of_different_lengths(model):
 def test_head_patching_and_steering_datasets(model):
     pairs = [_pair(seed, 5) for seed in range(2)]
     heads = patching.head_patching(model, [c for c, _ in pairs], [k for _, k in pairs],
-                                   metric, batch_size=16, progress=False)
+                                   metric, layers=[1], batch_size=16, progress=False)
     for i, (c, k) in enumerate(pairs):
-        single = patching.head_patching(model, c, k, metric, progress=False)
+        single = patching.head_patching(model, c, k, metric, layers=[1], progress=False)
         torch.testing.assert_close(heads.per_pair[i], single.values, **ATOL)
     prompts = [pairs[0][0], pairs[1][0][:, :3]]
     vectors = {"a": torch.randn(64, generator=torch.Generator().manual_seed(3))}
