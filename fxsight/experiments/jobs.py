@@ -31,12 +31,12 @@ import numbers
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
 from .result import PatchingResult
-from .sweeps import Sweep, metric_values, reads_last_position_only, token_ids
+from .sweeps import Sweep, metric_values, token_ids
 
 CHECKPOINT_SECONDS = 10.0
 
@@ -457,10 +457,6 @@ def _batch_metrics(logits: torch.Tensor, batch: Batch, refs: dict[int, Refs]) ->
         rows = torch.tensor([k for k, (j, _) in enumerate(batch.rows) if j == i])
         out[rows] = metric_values(r.metric, logits[rows], len(rows)).to(out.device)
     return out
-
-
-def check_last_only(metric: Callable, logits: torch.Tensor) -> bool:
-    return reads_last_position_only(metric, logits)
 
 
 def summary(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

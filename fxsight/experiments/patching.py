@@ -31,7 +31,8 @@ from ..errors import TraceError
 from .heads import head_patching
 from .result import Cell, PatchingResult
 from .jobs import (Experiment, Group as JobGroup, Item, Refs, dataset_result, is_dataset,
-                   job_info, kwargs_key, pairs_of, position_in, position_labels, prompts_of, run_job)
+                   job_info, kwargs_key, pairs_of, position_in, position_labels,
+                   prompts_of, run_job)
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, check_kinds, check_layers,
                      check_positions, choose_batch_size, expanded, find_layout,
                      forward_kwargs as _forward_kwargs, forward_parameters, hidden,
@@ -384,7 +385,8 @@ def block_envoys(model: Envoy) -> list[Envoy]:
 
 
 def attribution(model: Envoy, clean: Any, corrupted: Any = None,
-                metric: Callable[[Any], Any] | Sequence[Callable] | None = None, sites: Sequence[Envoy] | Sequence[str] | None = None,
+                metric: Callable[[Any], Any] | Sequence[Callable] | None = None,
+                sites: Sequence[Envoy] | Sequence[str] | None = None,
                 **trace_kwargs) -> PatchingResult:
     """Attribution patching of each site's output at every position, in one trace.
 
