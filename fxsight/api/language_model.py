@@ -190,8 +190,6 @@ class LanguageModel(NNsight):
                 raise TraceError(at_line(f"{where}: {key!r} is given twice (in the input and "
                                          f"as a keyword)", line))
             prepared[key] = value
-        if "use_cache" not in prepared and self._accepts("use_cache"):
-            prepared["use_cache"] = False  # export cannot return a cache object
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])])
         if invoke is not None and invoke.tracer.invokes:
             _check_batchable(invoke.tracer.invokes[0].prepared, prepared, ids.shape[0],
