@@ -186,3 +186,12 @@ def test_language_model_output_holds_the_cache(gpt2, ids):
     torch.testing.assert_close(output.logits, expected.logits, atol=ATOL, rtol=0)
     assert output.cache is not None
     assert_same_cache(output.cache, expected.cache)
+
+
+def test_a_write_that_replaces_a_cache_object_is_refused_on_fx(gpt2, ids):
+    wrapped = NNsight(gpt2)
+    with pytest.raises(NotOnGraph, match=r"transformer\.h\.0\.attn\.input.*cache object") as error:
+        with torch.no_grad(), wrapped.trace(ids, backend="fx"):
+            args, kwargs = wrapped.transformer.h[0].attn.inputs
+            wrapped.transformer.h[0].attn.inputs = (args, {**kwargs, "cache": None})
+    assert "test_cache_objects.py" in str(error.value)  # the user's line

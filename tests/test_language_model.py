@@ -328,10 +328,10 @@ def test_input_ids_keyword_and_forward_kwargs(models, tokenizer):
         block_kwargs = lm.transformer.inputs.save()
     expected, _ = alone(model, ids[0].tolist())
     torch.testing.assert_close(logits[0], expected, atol=ATOL, rtol=0)
-    assert block_kwargs[1]["use_cache"] is False  # default for traces
-    with torch.no_grad(), lm.trace(ids, use_cache=True, backend="hooks"):
+    assert block_kwargs[1]["use_cache"] is None  # transformers' default: as a plain call
+    with torch.no_grad(), lm.trace(ids, use_cache=False, backend="hooks"):
         inner = lm.transformer.inputs.save()
-    assert inner[1]["use_cache"] is True  # the user's choice wins
+    assert inner[1]["use_cache"] is False  # the user's choice
     out = lm.trace(PROMPT_A, trace=False)
     torch.testing.assert_close(out.logits[0], expected, atol=ATOL, rtol=0)
 

@@ -158,15 +158,6 @@ def update(target: Any, skeleton: Skeleton, tensors: list[Any]) -> None:
     into(target, skeleton)
 
 
-def key(skeleton: Skeleton) -> Any:
-    """A hashable description (a skeleton is hashable unless a constant is not)."""
-    try:
-        hash(skeleton)
-        return skeleton
-    except TypeError:
-        return repr(skeleton)
-
-
 # --- inputs ----------------------------------------------------------------------------
 def expand(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[tuple[int, Any, Skeleton]]]:
     """``(args, kwargs)`` with every cache object replaced by the tuple of its tensors, and
@@ -289,6 +280,3 @@ def find(obj: Any, roots: list[Any]) -> tuple[int, tuple] | None:
                              if not isinstance(v, torch.Tensor))
     return None
 
-
-def has_ref(value: Any) -> bool:
-    return any(type(leaf) is CacheRef for leaf in pytree.tree_leaves(value))
