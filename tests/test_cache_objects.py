@@ -7,6 +7,7 @@ References: the plain forward pass and hand-written forward hooks.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -195,3 +196,54 @@ def test_a_write_that_replaces_a_cache_object_is_refused_on_fx(gpt2, ids):
             args, kwargs = wrapped.transformer.h[0].attn.inputs
             wrapped.transformer.h[0].attn.inputs = (args, {**kwargs, "cache": None})
     assert "test_cache_objects.py" in str(error.value)  # the user's line
+
+
+def _state_tensors(value):
+    """Every tensor a cache object holds (its layers' attributes, dicts of states)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for k in value for t in _state_tensors(value[k])]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _state_tensors(v)]
+    if hasattr(value, "__dict__"):
+        return [t for k, v in sorted(vars(value).items()) for t in _state_tensors(v)]
+    return []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mamba", "gemma2"])
+def test_state_space_and_sliding_window_caches(kind, ids, more_ids):
+    """Mamba's cache holds convolution and recurrent states (dicts per layer), Gemma 2's
+    sliding-window layers: both pass through the graph, returned and passed in."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "mamba":
+        model = tf.MambaForCausalLM(tf.MambaConfig(hidden_size=32, num_hidden_layers=2,
+                                                   vocab_size=128, state_size=4))
+    else:
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, vocab_size=128, sliding_window=4,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    model.eval()
+    wrapped = NNsight(model)
+    with torch.no_grad():
+        expected = model(ids)
+        plain_cache = copy.deepcopy(expected.cache)
+        expected_next = model(more_ids, cache=plain_cache)
+    with torch.no_grad(), wrapped.trace(ids, backend="fx"):
+        output = wrapped.output.save()
+    torch.testing.assert_close(output.logits, expected.logits, atol=ATOL, rtol=0)
+    got, want = _state_tensors(output.cache), _state_tensors(expected.cache)
+    assert type(output.cache) is type(expected.cache) and len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    cache = output.cache
+    with torch.no_grad(), wrapped.trace(more_ids, cache=cache, backend="fx"):
+        following = wrapped.output.save()
+    assert following.cache is cache
+    torch.testing.assert_close(following.logits, expected_next.logits, atol=ATOL, rtol=0)
+    for a, b in zip(_state_tensors(cache), _state_tensors(plain_cache), strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
