@@ -12,6 +12,7 @@ from ..errors import TraceError, at_line, user_line
 from ..run.options import CompileOptions, RunOptions
 from .edit import EditTracer, export, seed
 from .envoy import Envoy, renames
+from .session import Session
 from .tracer import ScanTracer, Tracer
 
 
@@ -127,6 +128,11 @@ class NNsight(Envoy):
         True
         """
         return EditTracer(self, args, kwargs, self._run_options(None, None), inplace=inplace)
+
+    def session(self) -> Session:
+        """``with model.session():`` several traces as one unit: a value of an earlier
+        trace is used in a later one without ``.save()`` (see :mod:`fxsight.api.session`)."""
+        return Session(self)
 
     def clear_edits(self) -> None:
         """Forget every edit of this wrapper (``model.edit(inplace=True)``)."""

@@ -423,7 +423,8 @@ def _module_call_meta(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
         state = {name: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
                  for name, t in itertools.chain(module.named_parameters(),
                                                 module.named_buffers())}
-        return torch.func.functional_call(module, state, tuple(args), kwargs)
+        return call.collect(
+            lambda: torch.func.functional_call(module, state, tuple(args), kwargs))
     except Exception:  # noqa: BLE001
         return _fake_execute("call_function", call, args, kwargs, call.device())
 
