@@ -205,8 +205,6 @@ class LanguageModel(NNsight):
             prepared[key] = value
         given = {k: v for k, v in prepared.items() if k != "attention_mask"}  # (always ours)
         check_keywords(self._module, (), given, where, line)
-        if "use_cache" not in prepared and self._accepts("use_cache"):
-            prepared["use_cache"] = False  # export cannot return a cache object
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])])
         if invoke is not None and invoke.tracer.invokes:
             _check_batchable(invoke.tracer.invokes[0].prepared, prepared, ids.shape[0],
