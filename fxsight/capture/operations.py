@@ -219,7 +219,8 @@ def describe(function: Any) -> str:
 
 
 # --- specs -------------------------------------------------------------------------------
-def split_path(model: torch.nn.Module, path: str) -> tuple[str, tuple[str, ...]] | None:
+def split_path(model: torch.nn.Module, path: str, modules: dict | None = None
+               ) -> tuple[str, tuple[str, ...]] | None:
     """``(module path, (op, op, ...))`` of an operation site's path
     (``"h.0.attn.source.attention_interface_0.source.softmax_0"`` ->
     ``("h.0.attn", ("attention_interface_0", "softmax_0"))``), or ``None`` for a module's
@@ -227,7 +228,7 @@ def split_path(model: torch.nn.Module, path: str) -> tuple[str, tuple[str, ...]]
     parts = path.split(".") if path else []
     if SOURCE not in parts:
         return None
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules()) if modules is None else modules
     for i, part in enumerate(parts):
         if part != SOURCE:
             continue
@@ -248,14 +249,17 @@ def spec_for(model: torch.nn.Module, paths: Any) -> frozenset:
     """The operations spec the sites at ``paths`` need (empty where none is an
     operation)."""
     chains = set()
+    modules = None
     for path in paths:
         if SOURCE not in path:
             continue
-        found = split_path(model, path)
+        if modules is None:
+            modules = dict(model.named_modules())
+        found = split_path(model, path, modules)
         if found is None:
             continue
         module_path, ops = found
-        forward = module_forward(model.get_submodule(module_path))
+        forward = module_forward(modules[module_path])
         for depth in range(len(ops)):
             chains.add((forward, *ops[:depth]))
     return frozenset(chains)
