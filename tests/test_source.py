@@ -261,3 +261,48 @@ def test_compiled(ids):
         net.source.torch_relu_0.output = torch.ones(2, 3)
         out = net.output.save()
     assert torch.allclose(out, net._module.out(torch.ones(2, 3) * 2))
+
+
+class _Tanh(torch.nn.Linear):
+    def forward(self, x):
+        y = super().forward(x)  # (zero-argument super() keeps working when instrumented)
+        return torch.tanh(y)
+
+
+class _InPlace(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        torch.nn.functional.relu(h, inplace=True)  # changes its argument in place
+        return h * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_super_and_gradients(backend):
+    torch.manual_seed(0)
+    net = NNsight(torch.nn.Sequential(_Tanh(3, 3), torch.nn.Linear(3, 1)))
+    assert net[0].source.operations == ["forward_0", "torch_tanh_0"]
+    x = torch.randn(2, 3)
+    with net.trace(x, backend=backend):
+        tanh = net[0].source.torch_tanh_0.output.save()
+        loss = net.output.sum()
+        grad = net[0].source.torch_tanh_0.output.grad.save()
+        loss.backward()
+    first, second = net._module
+    assert torch.allclose(tanh, first(x))
+    assert torch.allclose(grad, second.weight.expand(2, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_operation_changing_its_argument_in_place(backend):
+    torch.manual_seed(0)
+    net = NNsight(_InPlace())
+    x = torch.randn(4, 3)
+    expected = net._module(x)
+    with net.trace(x, backend=backend):
+        relu = net.source.torch_nn_functional_relu_0.output.save()
+        out = net.output.save()
+    assert torch.equal(out, expected) and torch.equal(relu * 2, expected)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .._torch import pytree
 from ..record.sites import INPUT, OUTPUT, Site
 from . import operations as ops
 
@@ -22,6 +23,16 @@ def module_paths(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
     for path, module in model.named_modules():
         paths.setdefault(module, path)
     return paths
+
+
+def _replaced(before: Any, after: Any) -> list:
+    """``(original, replacement, its version)`` for each tensor leaf of ``before`` that
+    ``after`` replaces (a boundary marker's copy, a written value)."""
+    old, new = pytree.tree_leaves(before), pytree.tree_leaves(after)
+    if len(old) != len(new):
+        return []
+    return [(o, n, n._version) for o, n in zip(old, new)
+            if isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor) and o is not n]
 
 
 class ModuleEvents:
@@ -109,9 +120,14 @@ class ModuleEvents:
                 site = Site(path, INPUT, count)
                 self.order.append(site)
                 new = self.on_event(site, (args, kwargs))
+                moved = []
                 if new is not None:
+                    moved = _replaced((args, kwargs), new)
                     args, kwargs = new
                 output = target(*args, **kwargs)
+                for original, given, version in moved:
+                    if given._version != version:  # changed in place by the operation:
+                        original.copy_(given)       # so is the argument it stands for
                 site = Site(path, OUTPUT, count)
                 self.order.append(site)
                 new = self.on_event(site, output)
