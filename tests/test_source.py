@@ -306,3 +306,24 @@ def test_an_operation_changing_its_argument_in_place(backend):
         relu = net.source.torch_nn_functional_relu_0.output.save()
         out = net.output.save()
     assert torch.equal(out, expected) and torch.equal(relu * 2, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_router_logits(backend):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    model = MixtralForCausalLM(config).eval()
+    ids = torch.randint(4, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    expected = model(ids, use_cache=False, output_router_logits=True).router_logits[0]
+    net = NNsight(model)
+    with net.trace(ids, use_cache=False, backend=backend):
+        router = net.model.layers[0].mlp.gate.source
+        logits = router.F_linear_0.output.save()
+        probabilities = router.torch_nn_functional_softmax_0.output.save()
+    assert torch.allclose(logits, expected)
+    assert torch.allclose(probabilities, expected.float().softmax(-1))
