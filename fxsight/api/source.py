@@ -48,6 +48,7 @@ class SourceEnvoy:
         except SourceError as error:
             raise TraceError(at_line(f"{owner}.source: {error}", user_line())) from None
         object.__setattr__(self, "_parsed", parsed)
+        object.__setattr__(self, "_function", parsed.function)  # (kept alive)
         object.__setattr__(self, "_operations", {})
 
     @property
@@ -58,7 +59,7 @@ class SourceEnvoy:
     @property
     def function(self) -> Callable:
         """The function whose source this is."""
-        return self._parsed.function
+        return self._function
 
     def __getattr__(self, name: str) -> "OperationEnvoy":
         if name.startswith("__") and name.endswith("__"):

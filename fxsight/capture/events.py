@@ -110,7 +110,9 @@ class ModuleEvents:
 
             def call(*args, **kwargs):
                 target = fn
-                self.callees[path] = fn
+                function = getattr(fn, "__func__", fn)
+                if isinstance(function, types.FunctionType):  # (for ``.source`` of it;
+                    self.callees[path] = function          # no tensors, no modules kept)
                 if inner is not None:
                     target = self._instrumented_callee(fn, path, inner)
                 if not emit:

@@ -50,7 +50,7 @@ class SourceError(Exception):
 class Parsed:
     """A function's source with its operations."""
 
-    function: Callable  # the innermost function (decorators unwrapped)
+    reference: Any  # weakref.ref to the innermost function (decorators unwrapped)
     name: str
     filename: str
     first_line: int  # the ``def`` line in ``filename`` (1-based)
@@ -59,6 +59,10 @@ class Parsed:
     operations: dict[str, int]  # name -> index in ``lines``, in naming order
     factory: Callable  # factory(dispatch, *closure values) -> instrumented function
     decorators: list[tuple[str, Any]]  # (source, code) of each decorator, outermost first
+
+    @property
+    def function(self) -> Callable:
+        return self.reference()
 
     def nearest(self, name: str, n: int = 5) -> list[str]:
         import difflib
@@ -173,7 +177,7 @@ def parse(function: Any) -> Parsed:
     decorators = [(ast.unparse(d), compile(ast.Expression(body=d), filename, "eval"))
                   for d in namer.decorators] if inner is not getattr(
                       function, "__func__", function) else []
-    parsed = Parsed(inner, inner.__qualname__, filename, first + def_index, lines, def_index,
+    parsed = Parsed(weakref.ref(inner), inner.__qualname__, filename, first + def_index, lines, def_index,
                     namer.operations, namespace["__fxsight_factory__"], decorators)
     _PARSED[inner] = parsed
     linecache.getlines(filename)  # (keep the file's lines for tracebacks)
