@@ -327,3 +327,21 @@ def test_moe_router_logits(backend):
         probabilities = router.torch_nn_functional_softmax_0.output.save()
     assert torch.allclose(logits, expected)
     assert torch.allclose(probabilities, expected.float().softmax(-1))
+
+
+def test_caches_keep_no_model_alive():
+    import gc
+    import weakref
+
+    def run():
+        module = Net()
+        net = NNsight(module)
+        for backend in BACKENDS:
+            with net.trace(torch.ones(1, 3), backend=backend):
+                net.source.torch_relu_0.output.save()
+                net.source.self_out_0.output[0] = 3.0
+        return weakref.ref(module), weakref.ref(net)
+
+    module, net = run()
+    gc.collect()
+    assert module() is None and net() is None
