@@ -345,3 +345,28 @@ def test_caches_keep_no_model_alive():
     module, net = run()
     gc.collect()
     assert module() is None and net() is None
+
+
+class _ViewEdited(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        v = h.view(-1)
+        v.mul_(2)  # changes h through the view an operation returned
+        return h + 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_view_returned_by_an_operation_keeps_aliasing(backend):
+    torch.manual_seed(0)
+    net = NNsight(_ViewEdited())
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        expected = net._module(x)
+        with net.trace(x, backend=backend):
+            net.source.h_view_0.output.save()
+            out = net.output.save()
+    assert torch.equal(out, expected)
