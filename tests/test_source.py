@@ -370,3 +370,12 @@ def test_a_view_returned_by_an_operation_keeps_aliasing(backend):
             net.source.h_view_0.output.save()
             out = net.output.save()
     assert torch.equal(out, expected)
+
+
+def test_generate_refuses_operations_clearly(gpt2):
+    from models import train_tokenizer
+
+    lm = fxsight.LanguageModel(gpt2, tokenizer=train_tokenizer())
+    with pytest.raises(TraceError, match="generate"):
+        with lm.generate("ab", max_new_tokens=2):
+            lm.transformer.h[0].attn.source.attention_interface_0.output.save()
