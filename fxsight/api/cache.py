@@ -24,7 +24,7 @@ from .._torch import pytree
 from ..errors import TraceError, at_line, user_line
 from ..record.program import Program
 from ..record.scope import Scope
-from ..record.sites import INPUT, OUTPUT, Site
+from ..record.sites import INPUT, OUTPUT, Site, is_operation
 from .envoy import Envoy
 
 ROOT = "model"
@@ -308,7 +308,8 @@ class CacheRequest:
             ([OUTPUT] if self.include_output else [])
         wanted = None if self.paths is None else set(self.paths)
         sites = [s for s in sorted(index, key=index.__getitem__)
-                 if s.kind in kinds and (wanted is None or s.path in wanted)]
+                 if s.kind in kinds and not is_operation(s.path)  # (modules only)
+                 and (wanted is None or s.path in wanted)]
         if wanted is not None:
             ran = {s.path for s in sites}
             missing = [p for p in self.paths if p not in ran]

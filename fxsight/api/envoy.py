@@ -14,6 +14,8 @@ from ..record.program import HookedCall, ModuleCall
 from ..record.proxy import Proxy
 from ..record.recorder import Recorder
 from ..record.sites import INPUT, OUTPUT, Site, module_label
+from ..capture.operations import innermost
+from .source import source_of
 
 
 class Envoy:
@@ -159,6 +161,35 @@ class Envoy:
     def path(self) -> str:
         """The module's dotted path in the model (``""`` for the model itself)."""
         return self._path
+
+    @property
+    def source(self) -> Any:
+        """The operations inside this module's ``forward``, each named as in nnsight
+        (print it to read the names); ``.source.<name>.output`` / ``.input`` / ``.inputs``
+        read and write a call's values inside a trace (see :mod:`fxsight.api.source`).
+
+        >>> import torch, fxsight
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = torch.nn.Linear(2, 2)
+        ...     def forward(self, x):
+        ...         return torch.relu(self.fc(x))
+        >>> net = fxsight.NNsight(Net())
+        >>> net.source.operations
+        ['self_fc_0', 'torch_relu_0']
+        >>> with net.trace(torch.ones(1, 2)):
+        ...     before = net.source.torch_relu_0.input.save()
+        ...     net.source.torch_relu_0.output = torch.full((1, 2), 7.0)
+        ...     out = net.output.save()
+        >>> out.tolist(), torch.equal(before, net.fc(torch.ones(1, 2)))
+        ([[7.0, 7.0]], True)
+        """
+        cached = self.__dict__.get("_source_envoy")
+        if cached is None or cached.function is not _source_function(self._module):
+            cached = source_of(self)
+            object.__setattr__(self, "_source_envoy", cached)
+        return cached
 
     # --- activations ---------------------------------------------------------------------
     def _recorder(self, what: str) -> Recorder:
@@ -346,6 +377,10 @@ def renames(module: torch.nn.Module, rename: dict[str, str] | None
             raise ValueError(f"rename: {real!r} is not a module path of the model")
         paths[alias] = real
     return paths, names
+
+
+def _source_function(module: torch.nn.Module) -> Any:
+    return innermost(type(module).forward)
 
 
 def _resolves(root: torch.nn.Module, path: str, module: torch.nn.Module) -> bool:

@@ -23,6 +23,7 @@ from ..record.proxy import Proxy
 from ..record.recorder import Recorder
 from ..record.scope import ALL, Scope, Steps
 from ..record.sites import OUTPUT, Site
+from ..capture.operations import spec_for
 from ..run.forward import metadata_source, run_program
 from ..run.options import RunOptions
 from ..splice.rows import Rows
@@ -341,11 +342,14 @@ class Tracer:
     # --- the recorder's host: answers that need the model or the inputs -----------------
     def meta_of(self, node: Node, what: str) -> Any:
         with model_lock(self.model._module):  # (captures, scans: see fxsight.locks)
-            walker = self._meta_walkers.get(node.invoke)
+            operations = self._operations()
+            key = (node.invoke, operations) if operations else node.invoke
+            walker = self._meta_walkers.get(key)
             if walker is None:
                 args, kwargs = self._inputs_for_metadata(node.invoke)
-                source = metadata_source(self.model._module, args, kwargs, self.options)
-                walker = self._meta_walkers[node.invoke] = MetaWalker(
+                source = metadata_source(self.model._module, args, kwargs, self.options,
+                                         operations)
+                walker = self._meta_walkers[key] = MetaWalker(
                     self.program, _WholeRows(), source)
             walker.run(_walked_for(self.program, node.invoke))
         meta = walker.values[node]
@@ -425,7 +429,24 @@ class Tracer:
         return args, kwargs, rows
 
     def _metadata_source(self, args: tuple, kwargs: dict) -> Any:
-        return metadata_source(self.model._module, args, kwargs, self.options)
+        return metadata_source(self.model._module, args, kwargs, self.options,
+                               self._operations())
+
+    def _operations(self) -> frozenset:
+        """The operations spec of the sites recorded so far (``.source``)."""
+        if not self.recorder.operations:
+            return frozenset()
+        return spec_for(self.model._module, self.recorder.operations)
+
+    def callees(self, paths: set[str], invoke: int | None) -> dict:
+        """The functions operations called (op path -> function) in a forward pass of
+        this trace's inputs instrumented for ``paths`` (operation sites' paths)."""
+        with model_lock(self.model._module):
+            args, kwargs = self._inputs_for_metadata(invoke)
+            operations = spec_for(self.model._module, paths | self.recorder.operations)
+            source = metadata_source(self.model._module, args, kwargs, self.options,
+                                     operations)
+        return source.callees
 
     def _execute(self) -> None:
         args, kwargs, rows = self._prepare_run()

@@ -104,6 +104,8 @@ class Captured:
     bindings: dict | None = None
     # where the model takes or returns cache objects (see ``caches``): how they pass
     caches: "CacheLayout | None" = None
+    # operation sites (``capture.operations``): op path -> the function it called
+    callees: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
@@ -234,7 +236,8 @@ def _to_meta(value: Any, bindings: dict | None = None) -> Any:
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
-            dynamic: bool = False, events_on: torch.nn.Module | None = None) -> Captured:
+            dynamic: bool = False, events_on: torch.nn.Module | None = None,
+            operations: frozenset = frozenset()) -> Captured:
     """Capture ``model(*args, **kwargs)`` into a GraphModule with boundary markers.
 
     ``events_on``: the module whose boundaries are marked and named (its submodule paths
@@ -244,6 +247,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     With ``dynamic``, every dimension of every input tensor is ``Dim.AUTO`` (export keeps
     it symbolic unless the model fixes it): the graph serves other batch and sequence
     lengths too (see :meth:`Captured.bind`).
+
+    ``operations``: an operations spec (:mod:`fxsight.capture.operations`): the calls
+    inside those forwards are marked too, as sites ``<module>.source.<op>``.
 
     Raises :class:`CaptureError` naming the innermost module that could not be captured;
     also where a forward hook of the model changes a module's inputs or outputs (the
@@ -267,7 +273,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                   for i, v in enumerate(flat)]
         return pytree.tree_unflatten(marked, spec)
 
-    events = ModuleEvents(model if events_on is None else events_on, mark)
+    events = ModuleEvents(model if events_on is None else events_on, mark,
+                          operations=operations)
     before = state.Watch(model, 0)
     changes: list[str] = []
     layout = pytree.tree_structure((tuple(args), dict(kwargs)))
@@ -334,7 +341,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     _drop_forward_hooks(module)
     bump("captures")
     captured = Captured(module, in_spec, out_spec, list(events.order), slots,
-                        time.perf_counter() - start, caches=cache_state.result)
+                        time.perf_counter() - start, caches=cache_state.result,
+                        callees=dict(events.callees))
     if dynamic:
         _make_dynamic(captured, exported, guards)
     return captured
@@ -770,7 +778,8 @@ def _kept(error: CaptureError) -> CaptureError:
 def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                    dynamic: str = "never",
                    flat: tuple[list[Any], Any] | None = None,
-                   events_on: torch.nn.Module | None = None) -> Captured:
+                   events_on: torch.nn.Module | None = None,
+                   operations: frozenset = frozenset()) -> Captured:
     """Capture once per (model, signature); failures are remembered too (both in a
     bounded LRU, see :data:`MAX_CAPTURES`).
 
@@ -778,8 +787,14 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     dynamic-shape capture for many input shapes: ``"always"`` captures dynamically at
     once, ``"auto"`` once inputs of a second shape (same structure) are seen. Where a
     dynamic capture fails or does not fit the inputs, the exact-shape capture is used.
+
+    ``operations`` (a spec of :mod:`fxsight.capture.operations`) is part of the key: a
+    capture with operation sites is another capture (only exact shapes).
     """
     key = signature(model, args, kwargs, flat)
+    if operations:
+        key = (*key[:-1], operations, key[-1])  # (the state token stays last)
+        dynamic = "never"
     cache = _CACHE.get(model)
     if cache is None:
         cache = _CACHE[model] = _Captures()
@@ -798,7 +813,7 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         if len(shapes) < 2:
             shapes.add(key)
         try:
-            hit = capture(model, args, kwargs, events_on=events_on)
+            hit = capture(model, args, kwargs, events_on=events_on, operations=operations)
         except CaptureError as error:
             bump("capture_failures")
             kept = _kept(error)

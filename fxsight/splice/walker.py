@@ -21,7 +21,7 @@ from ..record.program import (Kind, ModuleCall, Node, Program, execute, setitem,
                       select)
 from .rows import Rows, conform, narrow_rows, splice_rows
 from .gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
-from ..record.sites import Site, module_label
+from ..record.sites import Site, is_operation, module_label
 
 BEFORE_ALL = -1
 
@@ -90,9 +90,11 @@ class Walker:
     def position_of_site(self, node: Node, site: Site | None = None) -> int:
         site = node.site if site is None else site
         if site not in self.index:
+            why = ("its line is not reached with these inputs" if is_operation(site.path)
+                   else "the module never runs with these inputs")
             raise TraceError(at_line(
                 f"{module_label(site.path)} has no {site.kind} call #{site.call} in this "
-                f"forward pass (the module never runs with these inputs)", node.line))
+                f"forward pass ({why})", node.line))
         return self.index[site]
 
     def _current(self, site: Site) -> Any:
