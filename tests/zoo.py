@@ -93,7 +93,7 @@ ZOO: list[Arch] = [
     _a("qwen3_moe", "moe", decoder_sparse_step=1), _a("olmoe", "moe"),
     _a("dbrx", "moe", d_model=32, n_heads=4, n_layers=2,
        ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2),
-       attn_config=dict(kv_n_heads=2)),
+       attn_config=dict(kv_n_heads=2, rope_theta=10000.0)),
     _a("granitemoe", "moe"), _a("jetmoe", "moe", kv_channels=8), _a("phimoe", "moe"),
     _a("deepseek_v3", "moe", q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
        qk_nope_head_dim=4, v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1),
@@ -254,8 +254,8 @@ def _write(output: Any, value: torch.Tensor) -> Any:
     """A layer output with its main tensor replaced (what a hook returns)."""
     if isinstance(output, torch.Tensor):
         return value
-    if isinstance(output, tuple):
-        return (value, *output[1:])
+    if isinstance(output, (tuple, list)):
+        return type(output)((value, *output[1:]))
     raise TypeError(type(output).__name__)
 
 
@@ -269,6 +269,7 @@ class Result:
     checks: dict = field(default_factory=dict)  # save/patch/replace -> "ok" | error
     opaque: list = field(default_factory=list)  # modules run as opaque calls
     seconds: float = 0.0
+    without_cache: "Result | None" = None  # the same with use_cache=False
 
     @property
     def ok(self) -> bool:
@@ -303,8 +304,9 @@ def _backend(tracer: Any) -> str:
     return tracer.backend
 
 
-def check(arch: Arch, backend: str = "auto") -> Result:
-    """Build ``arch`` and run the three checks; never raises (failures are recorded)."""
+def check(arch: Arch, backend: str = "auto", extra: dict | None = None) -> Result:
+    """Build ``arch`` and run the three checks; never raises (failures are recorded).
+    ``extra``: keyword arguments added to the model's inputs (``use_cache=False``)."""
     import fxsight
 
     result = Result(arch.name, arch.family)
@@ -313,6 +315,8 @@ def check(arch: Arch, backend: str = "auto") -> Result:
         model = build(arch)
         args_a, kwargs_a = make_inputs(arch, model, 1)
         args_b, kwargs_b = make_inputs(arch, model, 2)
+        kwargs_a.update(extra or {})
+        kwargs_b.update(extra or {})
         path = result.layer = layer_path(model)
         layer = model.get_submodule(path)
     except Exception as error:  # noqa: BLE001 - recorded as not built
@@ -427,16 +431,18 @@ def table(results: list[Result]) -> str:
         "`fx`: captured whole; `partly fx`: captured with the listed modules as opaque "
         "calls; `hooks`: fell back to the hooks backend (reason given).",
         "",
+        "Many models fall back only because their output holds a transformers cache "
+        "object (`use_cache=True` is their default); for those the last column says where "
+        "the same model runs when called with `use_cache=False`.",
+        "",
         "| architecture | family | layer | runs on | opaque modules / fallback reason | "
-        "save | patch | replace |",
-        "|---|---|---|---|---|---|---|---|",
+        "save | patch | replace | with `use_cache=False` |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        reason = ", ".join(f"`{m}`" for m in r.opaque) if r.opaque else r.reason
-        reason = reason.replace("|", "\\|").replace("\n", " ")[:240]
         cells = [_cell(r.checks.get(k)) for k in ("save", "patch", "replace")]
         lines.append(f"| {r.name} | {r.family} | `{r.layer}` | {r.backend or 'not built'} | "
-                     f"{reason} | {' | '.join(cells)} |")
+                     f"{_why(r)} | {' | '.join(cells)} | {_other(r.without_cache)} |")
     built = [r for r in results if r.checks]
     counts = {}
     for r in built:
@@ -445,6 +451,21 @@ def table(results: list[Result]) -> str:
               ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) +
               f"; all checks equal to hooks: {sum(r.ok for r in built)}.", ""]
     return "\n".join(lines)
+
+
+def _why(r: Result) -> str:
+    reason = ", ".join(f"`{m}`" for m in r.opaque) if r.opaque else r.reason
+    reason = reason.replace("this model runs with the hooks backend: ", "")
+    return reason.replace("|", "\\|").replace("\n", " ")[:200]
+
+
+def _other(r: "Result | None") -> str:
+    if r is None:
+        return ""
+    checks = "all checks ok" if r.ok else "; ".join(
+        f"{k}: {_cell(v)}" for k, v in r.checks.items() if v != "ok")
+    why = _why(r)
+    return f"{r.backend} ({checks}{'; ' + why if why else ''})"
 
 
 def _cell(value: str | None) -> str:
@@ -465,10 +486,17 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     results = []
     for name in names:
-        result = check(BY_NAME[name])
+        arch = BY_NAME[name]
+        result = check(arch)
+        if "Cache" in result.reason and arch.head != "base":
+            result.without_cache = check(arch, extra={"use_cache": False})
         results.append(result)
         print(f"{name:22s} {result.backend or 'not built':10s} {result.seconds:6.1f}s "
               f"{result.checks} {', '.join(result.opaque)} {result.reason[:160]}", flush=True)
+        if result.without_cache is not None:
+            other = result.without_cache
+            print(f"{'  use_cache=False':22s} {other.backend:10s} {other.seconds:6.1f}s "
+                  f"{other.checks} {', '.join(other.opaque)} {other.reason[:160]}", flush=True)
     if "--write" in argv:
         import os
         target = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
