@@ -144,3 +144,30 @@ def test_gradients_through_an_opaque_module_run_on_hooks():
     assert tracer.backend == "hooks"
     assert any("gradients" in m and "'routed'" in m for m in messages), messages
     assert grad.shape == (3, 8)
+
+
+def test_export_of_a_partly_captured_model_is_refused():
+    from fxsight.errors import CaptureError
+    net = fxsight.NNsight(_net())
+    with pytest.raises(CaptureError, match="module 'routed' runs as an opaque call"):
+        net.export(torch.randn(3, 8))
+
+
+def test_a_forward_that_changes_its_state_is_opaque_there():
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x * 3
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Counting(), torch.nn.Linear(4, 2))
+    net = fxsight.NNsight(model)
+    x = torch.randn(2, 4)
+    tracer, out, messages = _trace(net, x, lambda: net[1].output.save())
+    assert tracer.backend == "fx"
+    assert any("module '1' runs as one opaque call" in m for m in messages), messages
+    assert torch.equal(out, model[0](x) * 3)
+    assert model[1].calls >= 1 and "forward" not in vars(model[1])

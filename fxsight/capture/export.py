@@ -742,7 +742,7 @@ def capture_partly(model: torch.nn.Module, args: tuple, kwargs: dict,
         return capture(model, args, kwargs, events_on=events_on)
     except CaptureError as error:
         first = error
-    if _hooks_error(first):
+    if _hooks_error(first) or events_on is not None:  # (not for decoding steps)
         raise first
     top = model if events_on is None else events_on
     reasons: dict[str, str] = {}
@@ -752,7 +752,7 @@ def capture_partly(model: torch.nn.Module, args: tuple, kwargs: dict,
         path = getattr(error, "changed_module", None) if getattr(
             error, "changes_state", False) else error.module_path
         if not path or path in reasons or len(reasons) >= opaque_calls.MAX_OPAQUE or \
-                _hooks_error(error):
+                _hooks_error(error) or not _is_submodule(top, path):
             raise first
         # (a module inside an opaque one does not run; an opaque one inside it neither)
         reasons = {p: r for p, r in reasons.items() if not p.startswith(path + ".")}
@@ -768,8 +768,17 @@ def capture_partly(model: torch.nn.Module, args: tuple, kwargs: dict,
         except CaptureError as again:
             error = again
             continue
+        except Exception:  # noqa: BLE001 - the retry's own failure: the first error stands
+            raise first from None
         bump("partial_captures")
         return captured
+
+
+def _is_submodule(model: torch.nn.Module, path: str) -> bool:
+    try:
+        return model.get_submodule(path) is not model
+    except AttributeError:  # (the root, which state changes call 'model')
+        return False
 
 
 def _hooks_error(error: CaptureError) -> bool:
