@@ -737,7 +737,8 @@ def capture_partly(model: torch.nn.Module, args: tuple, kwargs: dict,
     """:func:`capture`; where it fails inside a module (the culprit of its
     :class:`CaptureError`, or the module whose Python state the forward changes), capture
     again with that module as one opaque call (``capture/opaque.py``), up to
-    ``opaque.MAX_OPAQUE`` modules. Raises the first error where that does not succeed."""
+    ``opaque.MAX_OPAQUE`` modules. Raises the first error where an opaque call does not
+    help, the last one where something outside a module (the output) stops the capture."""
     try:
         return capture(model, args, kwargs, events_on=events_on)
     except CaptureError as error:
@@ -751,9 +752,16 @@ def capture_partly(model: torch.nn.Module, args: tuple, kwargs: dict,
     while True:
         path = getattr(error, "changed_module", None) if getattr(
             error, "changes_state", False) else error.module_path
-        if not path or path in reasons or len(reasons) >= opaque_calls.MAX_OPAQUE or \
-                _hooks_error(error) or not _is_submodule(top, path):
+        if path in reasons or len(reasons) >= opaque_calls.MAX_OPAQUE:
             raise first
+        if not path or _hooks_error(error) or not _is_submodule(top, path):
+            if error is first:
+                raise first
+            # what stops the capture once the modules before are opaque
+            last = CaptureError(f"{error} (with {', '.join(map(repr, reasons))} as opaque "
+                                f"calls)", error.module_path)
+            last.changes_state = getattr(error, "changes_state", False)
+            raise last from error
         # (a module inside an opaque one does not run; an opaque one inside it neither)
         reasons = {p: r for p, r in reasons.items() if not p.startswith(path + ".")}
         reasons[path] = str(error).split(": ", 1)[-1] if ": " in str(error) else str(error)

@@ -47,13 +47,15 @@ class _Call:
     path: str
     module: Any                       # weakref.ref to the module
     in_spec: Any
-    in_constants: list[Any]           # None where a tensor goes
+    in_constants: list[Any]           # TENSOR where a tensor goes
     n_tensors: int
     out_spec: Any
     out_constants: list[Any]
     out_metas: list[tuple]            # (shape, dtype, device) of each output tensor
     reason: str
 
+
+TENSOR = object()  # where a tensor goes among a call's constants
 
 _CALLS: dict[str, _Call] = {}
 _KEYS = itertools.count()
@@ -77,7 +79,7 @@ def opaque(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
     if module is None:
         raise RuntimeError(f"fxsight: the module of opaque call {key!r} is gone")
     tensors = iter(inputs[:call.n_tensors])
-    leaves = [next(tensors) if c is None else c for c in call.in_constants]
+    leaves = [next(tensors) if c is TENSOR else c for c in call.in_constants]
     args, kwargs = pytree.tree_unflatten(leaves, call.in_spec)
     output = module.forward(*args, **kwargs)
     flat = [v for v in pytree.tree_leaves(output) if isinstance(v, torch.Tensor)]
@@ -228,14 +230,14 @@ def _router(module: torch.nn.Module, path: str, reason: str, outputs: dict[Site,
             if not isinstance(value, (_Meta, *_PLAIN)):
                 raise Unroutable(f"module {path!r} returns a {type(value).__name__}")
         key = _register(_Call(path, ref, spec,
-                              [None if isinstance(v, torch.Tensor) else v for v in flat],
+                              [TENSOR if isinstance(v, torch.Tensor) else v for v in flat],
                               len(tensors), out_spec,
-                              [None if isinstance(v, _Meta) else v for v in out_flat],
+                              [TENSOR if isinstance(v, _Meta) else v for v in out_flat],
                               [(m.shape, m.dtype, m.device) for m in out_flat
                                if isinstance(m, _Meta)], reason), module)
         parameters = [p for p in module.parameters()]
         results = iter(opaque(tensors + parameters, key))
-        leaves = [next(results) if c is None else c
+        leaves = [next(results) if c is TENSOR else c
                   for c in _CALLS[key].out_constants]
         return pytree.tree_unflatten(leaves, out_spec)
 
