@@ -45,3 +45,13 @@ def test_moe_with_eager_experts_runs_partly_on_fx(name):
 @pytest.mark.parametrize("name", [a.name for a in zoo.ZOO])
 def test_zoo(name):
     _check(name)
+
+
+def test_switch_transformers_runs_partly_on_fx():
+    # its routers change their own state (``self.input_dtype``) and route by data; its
+    # encoder cannot be traced without an attention mask (transformers builds the mask only
+    # when not compiling): each runs as an opaque call, the rest is captured
+    result = _check("switch_transformers", extra={"use_cache": False})
+    assert result.backend == "partly fx", result.reason
+    assert "encoder" in result.opaque
+    assert any(path.endswith("mlp.experts") for path in result.opaque), result.opaque

@@ -507,8 +507,29 @@ def _versions() -> str:
     return f"{transformers.__version__} (torch {torch.__version__})"
 
 
+def _to_json(result: Result) -> dict:
+    data = dict(vars(result))
+    if result.without_cache is not None:
+        data["without_cache"] = _to_json(result.without_cache)
+    return data
+
+
+def _from_json(data: dict) -> Result:
+    data = dict(data)
+    other = data.pop("without_cache", None)
+    result = Result(**data)
+    result.without_cache = _from_json(other) if other else None
+    return result
+
+
 def main(argv: list[str]) -> None:
-    names = [a for a in argv if not a.startswith("-")] or [a.name for a in ZOO]
+    """``python -m tests.zoo [names] [--write] [--results FILE] [--traceback]``: check the
+    named architectures (all by default); ``--results`` appends each result to a JSON-lines
+    file (and ``--write`` then tables every architecture found there)."""
+    import json
+
+    log = argv[argv.index("--results") + 1] if "--results" in argv else None
+    names = [a for a in argv if not a.startswith("-") and a != log] or [a.name for a in ZOO]
     torch.set_num_threads(1)
     results = []
     for name in names:
@@ -517,6 +538,9 @@ def main(argv: list[str]) -> None:
         if "Cache" in result.reason and arch.head != "base":
             result.without_cache = check(arch, extra={"use_cache": False})
         results.append(result)
+        if log is not None:
+            with open(log, "a") as f:
+                f.write(json.dumps(_to_json(result), default=str) + "\n")
         print(f"{name:22s} {result.backend or 'not built':10s} {result.seconds:6.1f}s "
               f"{result.checks} {', '.join(result.opaque)} {result.reason[:160]}", flush=True)
         if result.without_cache is not None:
@@ -525,6 +549,13 @@ def main(argv: list[str]) -> None:
                   f"{other.checks} {', '.join(other.opaque)} {other.reason[:160]}", flush=True)
     if "--write" in argv:
         import os
+        if log is not None:
+            found = {}
+            with open(log) as f:
+                for line in f:
+                    result = _from_json(json.loads(line))
+                    found[result.name] = result
+            results = [found[a.name] for a in ZOO if a.name in found]
         target = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "docs", "models.md")
         with open(target, "w") as f:

@@ -88,7 +88,12 @@ def opaque(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
                            f"{len(call.out_metas)} when it was captured")
     seen = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
     out = []
-    for tensor in flat:
+    for tensor, (shape, dtype, _) in zip(flat, call.out_metas):
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"fxsight: module {call.path!r} returned a {tensor.dtype} "
+                               f"tensor of shape {tuple(tensor.shape)} where the captured "
+                               f"graph has {dtype} {shape} (its output shape depends on "
+                               f"data); trace with backend='hooks'")
         tensor = tensor.contiguous()
         if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
             tensor = tensor.clone()  # (an operator's outputs never alias its inputs)
