@@ -48,9 +48,10 @@ def test_zoo(name):
 
 
 def test_switch_transformers_runs_partly_on_fx():
-    # its routers change their own state (``self.input_dtype``) and route by data; its
-    # encoder cannot be traced without an attention mask (transformers builds the mask only
-    # when not compiling): each runs as an opaque call, the rest is captured
+    # its sparse layers route by data (experts) and move their own submodule while
+    # tracing (router: ``self.classifier = self.classifier.to(...)``); its encoder cannot be
+    # traced without an attention mask (transformers builds the mask only when not
+    # compiling): each runs as an opaque call, the rest is captured
     result = _check("switch_transformers", extra={"use_cache": False})
     assert result.backend == "partly fx", result.reason
     assert "encoder" in result.opaque
