@@ -59,14 +59,15 @@ class Arch:
     inputs: str = "ids"           # ids | seq2seq | pixels | audio | whisper
     config: dict = field(default_factory=dict)  # overrides (after TINY)
     model_type: str = ""          # where the name is not the model_type (variants)
+    layer: str = ""               # the module checked, where not the first layer
 
     @property
     def type(self) -> str:
         return self.model_type or self.name
 
 
-def _a(name, family, head="causal", inputs="ids", model_type="", **config) -> Arch:
-    return Arch(name, family, head, inputs, config, model_type)
+def _a(name, family, head="causal", inputs="ids", model_type="", layer="", **config) -> Arch:
+    return Arch(name, family, head, inputs, config, model_type, layer)
 
 
 _VIT = dict(image_size=32, patch_size=8)
@@ -101,7 +102,9 @@ ZOO: list[Arch] = [
     _a("mixtral-eager", "moe", model_type="mixtral", experts_implementation="eager"),
     _a("qwen3_moe-eager", "moe", model_type="qwen3_moe", decoder_sparse_step=1,
        experts_implementation="eager"),
-    _a("switch_transformers", "moe", "seq2seq", "seq2seq", num_sparse_encoder_layers=1,
+    # (its encoder runs as an opaque call: the check is on a decoder layer)
+    _a("switch_transformers", "moe", "seq2seq", "seq2seq", layer="decoder.block.1",
+       num_sparse_encoder_layers=1,
        num_sparse_decoder_layers=1, expert_capacity=8),
     # state-space and hybrids
     _a("mamba", "state-space", state_size=8, expand=2), _a("mamba2", "state-space",
@@ -320,7 +323,7 @@ def check(arch: Arch, backend: str = "auto", extra: dict | None = None,
         args_b, kwargs_b = make_inputs(arch, model, 2)
         kwargs_a.update(extra or {})
         kwargs_b.update(extra or {})
-        path = result.layer = layer_path(model)
+        path = result.layer = arch.layer or layer_path(model)
         layer = model.get_submodule(path)
     except Exception as error:  # noqa: BLE001 - recorded as not built
         result.reason = f"not built: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
