@@ -96,7 +96,7 @@ ZOO: list[Arch] = [
        ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2),
        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0)),
     _a("granitemoe", "moe"), _a("jetmoe", "moe", kv_channels=8), _a("phimoe", "moe"),
-    _a("deepseek_v3", "moe", q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+    _a("deepseek_v3", "moe", q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, head_dim=4,
        qk_nope_head_dim=4, v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1),
     _a("gpt_oss", "moe", num_local_experts=4, sliding_window=8),
     _a("mixtral-eager", "moe", model_type="mixtral", experts_implementation="eager"),
