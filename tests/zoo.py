@@ -107,9 +107,8 @@ ZOO: list[Arch] = [
        num_sparse_encoder_layers=1,
        num_sparse_decoder_layers=1, expert_capacity=8),
     # state-space and hybrids
-    _a("mamba", "state-space", state_size=8, expand=2), _a("mamba2", "state-space",
-                                                           state_size=8, n_groups=1, expand=2,
-                                                           chunk_size=8),
+    _a("mamba", "state-space", state_size=8, expand=2),
+    _a("mamba2", "state-space", state_size=8, n_groups=1, expand=2, chunk_size=8, head_dim=16),
     _a("falcon_mamba", "state-space", state_size=8), _a("rwkv", "state-space",
                                                         attention_hidden_size=32),
     _a("jamba", "state-space", attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
@@ -120,7 +119,7 @@ ZOO: list[Arch] = [
     # encoders
     _a("bert", "encoder", "base"), _a("roberta", "encoder", "base"),
     _a("distilbert", "encoder", "base", dim=32, n_layers=2, n_heads=4, hidden_dim=64),
-    _a("albert", "encoder", "base"), _a("electra", "encoder", "base"),
+    _a("albert", "encoder", "base", layer="encoder.albert_layer_groups.0"), _a("electra", "encoder", "base"),
     _a("deberta-v2", "encoder", "base"), _a("xlm-roberta", "encoder", "base"),
     _a("mpnet", "encoder", "base"), _a("modernbert", "encoder", "base"),
     _a("roformer", "encoder", "base"), _a("megatron-bert", "encoder", "base"),
