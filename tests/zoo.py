@@ -119,7 +119,7 @@ ZOO: list[Arch] = [
     # encoders
     _a("bert", "encoder", "base"), _a("roberta", "encoder", "base"),
     _a("distilbert", "encoder", "base", dim=32, n_layers=2, n_heads=4, hidden_dim=64),
-    _a("albert", "encoder", "base", layer="encoder.albert_layer_groups.0"), _a("electra", "encoder", "base"),
+    _a("albert", "encoder", "base", num_hidden_groups=2), _a("electra", "encoder", "base"),
     _a("deberta-v2", "encoder", "base"), _a("xlm-roberta", "encoder", "base"),
     _a("mpnet", "encoder", "base"), _a("modernbert", "encoder", "base"),
     _a("roformer", "encoder", "base"), _a("megatron-bert", "encoder", "base"),
