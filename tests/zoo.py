@@ -163,6 +163,9 @@ def make_config(arch: Arch):
     defaults = AutoConfig.for_model(arch.type)
     keys = set(defaults.to_dict()) | set(getattr(defaults, "attribute_map", {}))
     kwargs = {k: v for k, v in TINY.items() if k in keys}
+    for alias, real in getattr(defaults, "attribute_map", {}).items():
+        if real in arch.config:  # (an alias would set it again)
+            kwargs.pop(alias, None)
     kwargs.update(arch.config)
     return AutoConfig.for_model(arch.type, **kwargs)
 
