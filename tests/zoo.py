@@ -502,7 +502,9 @@ def table(results: list[Result]) -> str:
 def _why(r: Result) -> str:
     reason = ", ".join(f"`{m}`" for m in r.opaque) if r.opaque else r.reason
     reason = reason.replace("this model runs with the hooks backend: ", "")
-    reason = reason.split(". If this type holds tensors")[0]  # (torch's advice, at length)
+    head, cut, tail = reason.partition(". If this type holds tensors")  # (torch's advice)
+    if cut:
+        reason = head + (" " + tail[tail.rfind("(with "):] if "as opaque calls)" in tail else "")
     return reason.replace("|", "\\|").replace("\n", " ")[:200]
 
 
