@@ -505,7 +505,7 @@ def _why(r: Result) -> str:
     head, cut, tail = reason.partition(". If this type holds tensors")  # (torch's advice)
     if cut:
         reason = head + (" " + tail[tail.rfind("(with "):] if "as opaque calls)" in tail else "")
-    return reason.replace("|", "\\|").replace("\n", " ")[:200]
+    return reason.replace("|", "\\|").replace("\n", " ")[:320]
 
 
 def _other(r: "Result | None") -> str:
