@@ -333,17 +333,24 @@ class CacheRequest:
 
     def fill(self, results: dict[Any, Any]) -> None:
         """Put the run's values into the CacheDict, one Entry per module call."""
-        entries: dict[str, dict[int, Entry]] = {}
+        entries: dict[str, dict[Any, Entry]] = {}
         for site, node, spec in self.nodes:
             if node not in results:
                 continue
-            value = _relayout(results[node], spec)
-            entry = entries.setdefault(site.path, {}).setdefault(site.call, Entry())
-            if site.kind == INPUT:
-                args, kwargs = value
-                entry.inputs = (tuple(args), dict(kwargs))
-            else:
-                entry.output = value
+            steps = node.steps
+            if steps is None or steps.single:  # one forward pass (or one decoding step)
+                values = [((0, site.call), results[node])]
+            else:  # inside generate: one value per decoding step, in step order
+                values = [((step, site.call), value)
+                          for step, value in enumerate(results[node])]
+            for call, value in values:
+                value = _relayout(value, spec)
+                entry = entries.setdefault(site.path, {}).setdefault(call, Entry())
+                if site.kind == INPUT:
+                    args, kwargs = value
+                    entry.inputs = (tuple(args), dict(kwargs))
+                else:
+                    entry.output = value
         for path, calls in entries.items():
             ordered = [calls[c] for c in sorted(calls)]
             self.cache._add(_key(path), ordered[0] if len(ordered) == 1 else ordered)

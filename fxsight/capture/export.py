@@ -27,7 +27,7 @@ from .._torch import plain_codegen, pytree
 from ..locks import exclusive_export
 from ..stats import bump
 from ..errors import CaptureError
-from . import state
+from . import caches, state
 from .events import ModuleEvents
 from . import opaque as opaque_calls
 from ..record.sites import Site
@@ -103,6 +103,8 @@ class Captured:
     dims: list = field(default_factory=list, repr=False)
     ranges: dict = field(default_factory=dict, repr=False)
     bindings: dict | None = None
+    # where the model takes or returns cache objects (see ``caches``): how they pass
+    caches: "CacheLayout | None" = None
     # modules that run as ``fxsight::opaque`` calls (path -> why it could not be
     # captured), see ``capture/opaque.py``
     opaque: dict[str, str] = field(default_factory=dict)
@@ -160,6 +162,61 @@ class Captured:
         view = copy.copy(self)
         view.bindings = bindings
         return view
+
+
+@dataclass
+class CacheLayout:
+    """How cache objects pass through a captured graph. The graph takes each input cache
+    as its tensors (in ``caches.flatten`` order, in place of the cache among the inputs)
+    and returns ``(leaves, finals)``: the model output's leaves but its caches, and for
+    each cache ``k`` (the input caches first, then those the forward pass made) its
+    tensors after the forward pass, laid out by ``skeletons[k]``."""
+
+    skeletons: list
+    n_inputs: int
+    model_spec: Any  # the model output's pytree layout (caches as leaves)
+    positions: dict  # leaf index in model_spec -> k
+
+    def model_value(self, graph_output: Any) -> Any:
+        """The model's output from the graph's ``(leaves, finals)``: ``CacheRef``s where
+        its caches are."""
+        rest = iter(graph_output[0])
+        leaves = [caches.CacheRef(self.positions[i], (), "the model's output")
+                  if i in self.positions else next(rest)
+                  for i in range(self.model_spec.num_leaves)]
+        return pytree.tree_unflatten(leaves, self.model_spec)
+
+
+class _CacheState:
+    """What ``_Root`` needs and learns about cache objects during one capture."""
+
+    def __init__(self, found: list, layout: Any, dynamic: bool):
+        self.found = found  # the input caches (see ``caches.expand``)
+        self.layout = layout  # the original inputs' pytree layout
+        self.dynamic = dynamic
+        self.roots: list = []
+        self.result: CacheLayout | None = None
+
+    def convert(self, output: Any) -> Any:
+        flat, spec = pytree.tree_flatten(output)
+        positions = {}
+        roots = self.roots
+        for index, leaf in enumerate(flat):
+            if caches.is_cache(leaf):
+                k = next((j for j, r in enumerate(roots) if r is leaf), None)
+                if k is None:
+                    roots.append(leaf)
+                    k = len(roots) - 1
+                positions[index] = k
+        if not roots:
+            return output
+        finals, skeletons = [], []
+        for root in roots:
+            tensors, skeleton = caches.flatten(root, symbolic_ok=not self.dynamic)
+            finals.append(tensors)
+            skeletons.append(skeleton)
+        self.result = CacheLayout(skeletons, len(self.found), spec, positions)
+        return ([leaf for i, leaf in enumerate(flat) if i not in positions], finals)
 
 
 def _concrete(sizes: Any, bindings: dict | None) -> list[int]:
@@ -223,7 +280,14 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     events = ModuleEvents(model if events_on is None else events_on, mark)
     before = state.Watch(model, 0)
     changes: list[str] = []
-    root = _Root(model, before, changes, opaque_calls.ignored_changes(opaque))
+    layout = pytree.tree_structure((tuple(args), dict(kwargs)))
+    try:
+        args, kwargs, found = caches.expand(tuple(args), dict(kwargs))
+    except caches.Unsupported as error:
+        raise CaptureError(f"could not capture the model: {error}") from None
+    cache_state = _CacheState(found, layout, dynamic)
+    root = _Root(model, before, changes, cache_state,
+                 opaque_calls.ignored_changes(opaque))
     hook_changes: list[tuple[str, str]] = []
     try:
         # (one export at a time: export sets process-wide flags, see fxsight.locks)
@@ -274,6 +338,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     slots = {}
     for site in events.order:
         spec, constants = layouts[site]
+        if any(caches.is_cache(c) for c in constants):
+            constants = [_cache_ref(c, cache_state.roots, site) if caches.is_cache(c) else c
+                         for c in constants]
         found = marks.get(_marker(site), {})
         nodes = [found.get(i) if constants[i] is None else None for i in range(len(constants))]
         slots[site] = SiteSlot(spec, nodes, constants)
@@ -281,10 +348,19 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     _drop_forward_hooks(module)
     bump("captures")
     captured = Captured(module, in_spec, out_spec, list(events.order), slots,
-                        time.perf_counter() - start, opaque=dict(opaque))
+                        time.perf_counter() - start, caches=cache_state.result,
+                        opaque=dict(opaque))
     if dynamic:
         _make_dynamic(captured, exported, guards)
     return captured
+
+
+def _cache_ref(cache: Any, roots: list, site: Site) -> caches.CacheRef:
+    """What a capture keeps of a cache object at a module boundary."""
+    where = f"{site.label}"
+    found = caches.find(cache, roots)
+    return caches.CacheRef(None, (), where) if found is None else \
+        caches.CacheRef(found[0], found[1], where)
 
 
 @contextlib.contextmanager
@@ -357,11 +433,14 @@ class _Root(torch.nn.Module):
     forward changed (compared with ``watch``; export puts them back afterwards)."""
 
     def __init__(self, model: torch.nn.Module, watch: state.Watch, changes: list[str],
-                 ignored: set[str] = frozenset()):
+                 cache_state: "_CacheState", ignored: set[str] = frozenset()):
         super().__init__()
         self.model = model
 
         def forward(*args, **kwargs):
+            if cache_state.found:  # the input caches, built again from their tensors
+                args, kwargs, cache_state.roots = caches.rebuild(
+                    args, kwargs, cache_state.layout, cache_state.found)
             try:
                 output = self.model(*args, **kwargs)
             except Exception as error:
@@ -369,7 +448,7 @@ class _Root(torch.nn.Module):
                     raise _Uncapturable(error) from None
                 raise
             changes[:] = [c for c in watch.changes(plain=True) if c not in ignored]
-            return output
+            return cache_state.convert(output)
 
         try:
             forward.__signature__ = inspect.signature(model.forward)
@@ -638,7 +717,23 @@ def flat_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
         else:
             return flat, ("flat", len(args), tuple(kwargs))
     flat, spec = pytree.tree_flatten((args, kwargs))
-    return flat, str(spec)
+    if not any(caches.is_cache(leaf) for leaf in flat):
+        return flat, str(spec)
+    # a cache object passes as its tensors (see ``caches``): its layout is in the key
+    expanded, skeletons = [], []
+    for leaf in flat:
+        if caches.is_cache(leaf):
+            try:
+                tensors, skeleton = caches.flatten(leaf)
+            except caches.Unsupported:
+                expanded.append(leaf)  # (its capture fails and says why)
+                continue
+            expanded.extend(tensors)
+            skeletons.append(skeleton)
+        else:
+            expanded.append(leaf)
+    return expanded, f"{spec} with caches {skeletons!r}"
+
 
 
 def signature(model: torch.nn.Module, args: tuple, kwargs: dict,

@@ -11,6 +11,7 @@ import torch
 from .._torch import FakeTensorMode, pytree, unset_fake_temporarily
 
 from ..stats import bump
+from . import caches
 from .export import MAX_CAPTURES, signature
 from .state import Watch
 from .events import ModuleEvents
@@ -77,6 +78,8 @@ def _run(model, args, kwargs, events, record, values, devices):
             mode = FakeTensorMode(allow_non_fake_inputs=True)
             fake_args, fake_kwargs = pytree.tree_map_only(
                 torch.Tensor, mode.from_tensor, (args, kwargs))
+            # (a cache object among the inputs: a copy, the user's is not updated)
+            fake_args, fake_kwargs = caches.copied(fake_args, fake_kwargs, mode.from_tensor)
             with events.installed(), mode:
                 output = model(*fake_args, **fake_kwargs)
         except Exception:  # noqa: BLE001 - data-dependent code: probe with real values
@@ -85,9 +88,11 @@ def _run(model, args, kwargs, events, record, values, devices):
             events = ModuleEvents(model, record)
             if _is_meta_model(model):
                 meta_args, meta_kwargs = pytree.tree_map(_to_meta, (args, kwargs))
+                meta_args, meta_kwargs = caches.copied(meta_args, meta_kwargs, _to_meta)
                 with events.installed():
                     output = model(*meta_args, **meta_kwargs)
             else:
+                args, kwargs = caches.copied(args, kwargs, torch.Tensor.clone)
                 with events.installed():
                     output = model(*args, **kwargs)
                 bump("real_scans")

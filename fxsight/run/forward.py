@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..capture.caches import input_caches
 from ..capture.export import CaptureError, Captured, cached_capture, flat_inputs, signature
 from ..capture.scan import ScanResult, cached_scan
 from ..errors import NotOnGraph, TraceError, at_line, user_stacklevel
@@ -143,7 +144,7 @@ def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
     if captured is not None:
         try:
             outcome = _run_fx(module, captured, program, flat[0], rows, options, keep_output,
-                              forward_saves)
+                              forward_saves, args, kwargs)
         except NotOnGraph as error:  # (raised while splicing: nothing has run)
             fall_back(error, options, warned, ("not on graph", str(error)))
     if outcome is None:
@@ -158,9 +159,12 @@ def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
 
 def _run_fx(module: nn.Module, captured: Captured, program: Program, flat: list[Any],
             rows: dict[Any, Rows], options: RunOptions, keep_output: bool,
-            forward_saves: list[Node]) -> Outcome:
+            forward_saves: list[Node], args: tuple = (), kwargs: dict | None = None
+            ) -> Outcome:
     runner = runner_for(module, captured, program, rows, keep_output, options.compile)
-    output, saves = runner(flat + program.input_values)
+    user_caches = input_caches(args, kwargs or {}) if captured.caches is not None and \
+        captured.caches.n_inputs else ()
+    output, saves = runner(flat + program.input_values, user_caches)
     grad_keys = {}
     if runner.spliced.grad_keys:
         nodes = program.nodes
