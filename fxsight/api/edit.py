@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from .._torch import plain_pickling, pytree, pytree_codegen
-from ..capture.export import cached_capture, strip_export_checks
+from ..capture.export import CaptureError, cached_capture, strip_export_checks
 from ..errors import TraceError, at_line
 from ..locks import exclusive_export, model_lock
 from ..record.program import Kind, Node, Program
@@ -128,6 +128,10 @@ def _export(model: Any, module: torch.nn.Module, args: tuple, kwargs: dict,
                              "use_cache=False")
         kwargs = {**kwargs, "use_cache": False}
         captured = cached_capture(module, args, kwargs)
+    if captured.opaque:  # (the graph would call back into fxsight and the module)
+        path, reason = next(iter(captured.opaque.items()))
+        raise CaptureError(f"model.export needs the whole model captured: module {path!r} "
+                           f"runs as an opaque call ({reason})", path)
     program = Program()
     seed(program, edits_of(model))
     rows = {None: Rows(0, size, size)}

@@ -29,6 +29,7 @@ from ..stats import bump
 from ..errors import CaptureError
 from . import caches, state
 from .events import ModuleEvents
+from . import opaque as opaque_calls
 from ..record.sites import Site
 
 
@@ -106,6 +107,9 @@ class Captured:
     caches: "CacheLayout | None" = None
     # operation sites (``capture.operations``): op path -> the function it called
     callees: dict = field(default_factory=dict, repr=False)
+    # modules that run as ``fxsight::opaque`` calls (path -> why it could not be
+    # captured), see ``capture/opaque.py``
+    opaque: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
@@ -237,7 +241,9 @@ def _to_meta(value: Any, bindings: dict | None = None) -> Any:
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
             dynamic: bool = False, events_on: torch.nn.Module | None = None,
-            operations: frozenset = frozenset()) -> Captured:
+            operations: frozenset = frozenset(),
+            opaque: dict[str, str] | None = None,
+            outputs: dict[Site, Any] | None = None) -> Captured:
     """Capture ``model(*args, **kwargs)`` into a GraphModule with boundary markers.
 
     ``events_on``: the module whose boundaries are marked and named (its submodule paths
@@ -257,7 +263,11 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     forward changes the model's Python state (the graph would not repeat that; the change
     is undone). Hooks that only look run during the capture, on fake tensors, and are not
     part of the graph.
+
+    ``opaque`` (path -> reason) names modules that run as ``fxsight::opaque`` calls
+    returning tensors shaped as in ``outputs`` (see :func:`capture_partly`).
     """
+    opaque = opaque or {}
     start = time.perf_counter()
     global_hooks, hooked = state.user_hooks(model)
     if global_hooks is not None:
@@ -283,13 +293,16 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     except caches.Unsupported as error:
         raise CaptureError(f"could not capture the model: {error}") from None
     cache_state = _CacheState(found, layout, dynamic)
-    root = _Root(model, before, changes, cache_state)
+    root = _Root(model, before, changes, cache_state,
+                 opaque_calls.ignored_changes(opaque))
     hook_changes: list[tuple[str, str]] = []
     try:
         # (one export at a time: export sets process-wide flags, see fxsight.locks)
         try:
             with exclusive_export(), _watching_hooks(hooked, hook_changes), \
-                    events.installed(), _quiet_symbolic_shapes():
+                    events.installed(), _quiet_symbolic_shapes(), \
+                    opaque_calls.routed(model if events_on is None else events_on,
+                                        opaque, outputs or {}):
                 exported = torch.export.export(
                     root, tuple(args), dict(kwargs), strict=False,
                     dynamic_shapes=_auto_dynamic_shapes(model, args, kwargs)
@@ -315,6 +328,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         error = CaptureError(f"could not capture the model: its forward changes "
                              f"{changes[0]}, which a captured graph would not repeat")
         error.changes_state = True
+        error.changed_module = opaque_calls.changed_module(changes[0])
         raise error
 
     gm = exported.module()
@@ -342,7 +356,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     bump("captures")
     captured = Captured(module, in_spec, out_spec, list(events.order), slots,
                         time.perf_counter() - start, caches=cache_state.result,
-                        callees=dict(events.callees))
+                        callees=dict(events.callees), opaque=dict(opaque))
     if dynamic:
         _make_dynamic(captured, exported, guards)
     return captured
@@ -426,7 +440,7 @@ class _Root(torch.nn.Module):
     forward changed (compared with ``watch``; export puts them back afterwards)."""
 
     def __init__(self, model: torch.nn.Module, watch: state.Watch, changes: list[str],
-                 cache_state: "_CacheState"):
+                 cache_state: "_CacheState", ignored: set[str] = frozenset()):
         super().__init__()
         self.model = model
 
@@ -440,7 +454,7 @@ class _Root(torch.nn.Module):
                 if _data_dependent(error):
                     raise _Uncapturable(error) from None
                 raise
-            changes[:] = watch.changes(plain=True)
+            changes[:] = [c for c in watch.changes(plain=True) if c not in ignored]
             return cache_state.convert(output)
 
         try:
@@ -813,7 +827,8 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         if len(shapes) < 2:
             shapes.add(key)
         try:
-            hit = capture(model, args, kwargs, events_on=events_on, operations=operations)
+            hit = capture_partly(model, args, kwargs, events_on=events_on,
+                                 operations=operations)
         except CaptureError as error:
             bump("capture_failures")
             kept = _kept(error)
@@ -825,6 +840,69 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     if isinstance(hit, CaptureError):
         raise _kept(hit)
     return hit
+
+
+def capture_partly(model: torch.nn.Module, args: tuple, kwargs: dict,
+                   events_on: torch.nn.Module | None = None,
+                   operations: frozenset = frozenset()) -> Captured:
+    """:func:`capture`; where it fails inside a module (the culprit of its
+    :class:`CaptureError`, or the module whose Python state the forward changes), capture
+    again with that module as one opaque call (``capture/opaque.py``), up to
+    ``opaque.MAX_OPAQUE`` modules. Raises the first error where an opaque call does not
+    help, the last one where something outside a module (the output) stops the capture."""
+    try:
+        return capture(model, args, kwargs, events_on=events_on, operations=operations)
+    except CaptureError as error:
+        first = error
+    if _hooks_error(first) or events_on is not None:  # (not for decoding steps)
+        raise first
+    top = model if events_on is None else events_on
+    reasons: dict[str, str] = {}
+    outputs = None
+    error = first
+    while True:
+        path = getattr(error, "changed_module", None) if getattr(
+            error, "changes_state", False) else error.module_path
+        if path in reasons or len(reasons) >= opaque_calls.MAX_OPAQUE:
+            raise first
+        if not path or _hooks_error(error) or not _is_submodule(top, path):
+            if error is first:
+                raise first
+            # what stops the capture once the modules before are opaque
+            last = CaptureError(f"{error} (with {', '.join(map(repr, reasons))} as opaque "
+                                f"calls)", error.module_path)
+            last.changes_state = getattr(error, "changes_state", False)
+            raise last from error
+        # (a module inside an opaque one does not run; an opaque one inside it neither)
+        reasons = {p: r for p, r in reasons.items() if not p.startswith(path + ".")}
+        reasons[path] = str(error).split(": ", 1)[-1] if ": " in str(error) else str(error)
+        if outputs is None:
+            try:
+                outputs = opaque_calls.record_outputs(model, args, kwargs, top)
+            except Exception:  # noqa: BLE001 - not even a plain forward runs: no retry
+                raise first from None
+        try:
+            captured = capture(model, args, kwargs, events_on=events_on, opaque=reasons,
+                               outputs=outputs, operations=operations)
+        except CaptureError as again:
+            error = again
+            continue
+        except Exception:  # noqa: BLE001 - the retry's own failure: the first error stands
+            raise first from None
+        bump("partial_captures")
+        return captured
+
+
+def _is_submodule(model: torch.nn.Module, path: str) -> bool:
+    try:
+        return model.get_submodule(path) is not model
+    except AttributeError:  # (the root, which state changes call 'model')
+        return False
+
+
+def _hooks_error(error: CaptureError) -> bool:
+    """A capture refused for the model's hooks (not a failure inside a module)."""
+    return "hook" in str(error) and "a captured graph would keep" in str(error)
 
 
 def _dynamic_view(model: torch.nn.Module, cache: _Captures, key: tuple, args: tuple,

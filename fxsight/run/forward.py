@@ -67,11 +67,44 @@ def capture_for(module: nn.Module, args: tuple, kwargs: dict, options: RunOption
     if options.backend == "hooks":
         return None
     try:
-        return cached_capture(module, args, kwargs, dynamic=options.dynamic_policy, flat=flat,
-                              operations=operations)
+        captured = cached_capture(module, args, kwargs, dynamic=options.dynamic_policy,
+                                  flat=flat, operations=operations)
     except CaptureError as error:
         fall_back(error, options, warned, signature(module, args, kwargs, flat))
         return None
+    if captured.opaque:
+        key = ("opaque", signature(module, args, kwargs, flat))
+        if key not in warned:
+            warned.add(key)
+            for path, reason in captured.opaque.items():
+                warnings.warn(f"fxsight: module {path!r} runs as one opaque call inside the "
+                              f"captured graph (the rest of the model is captured; a trace "
+                              f"that reads or writes inside it runs on hooks): {reason}",
+                              RuntimeWarning, stacklevel=user_stacklevel())
+    return captured
+
+
+def _inside_opaque(captured: Captured, program: Program,
+                   backward_nodes: Any) -> str | None:
+    """Why ``program`` cannot run on this partly captured graph, or ``None``: it reads or
+    writes a site inside a module that runs as an opaque call, or uses gradients (which
+    do not flow through opaque calls)."""
+    if not captured.opaque:
+        return None
+    for node in program.nodes:
+        site = getattr(node, "site", None)
+        if site is None:
+            continue
+        for path in captured.opaque:
+            if site.path.startswith(path + ".") or (path == "" and site.path):
+                return at_line(f"{site.label} is inside module {path!r}, which runs as an "
+                               f"opaque call in the captured graph ({captured.opaque[path]})",
+                               node.line)
+    if backward_nodes or any(n.kind in (Kind.GRAD, Kind.GRAD_WRITE) for n in program.nodes):
+        path = next(iter(captured.opaque))
+        return (f"the trace uses gradients, which do not flow through module {path!r} "
+                f"(an opaque call in the captured graph)")
+    return None
 
 
 def metadata_source(module: nn.Module, args: tuple, kwargs: dict,
@@ -82,7 +115,9 @@ def metadata_source(module: nn.Module, args: tuple, kwargs: dict,
     spec whose sites are needed too (``capture.operations.spec_for``)."""
     if options.backend != "hooks":
         try:
-            return cached_capture(module, args, kwargs, operations=operations)
+            captured = cached_capture(module, args, kwargs, operations=operations)
+            if not captured.opaque:  # (a partial capture lacks the sites inside)
+                return captured
         except CaptureError:
             pass
     return cached_scan(module, args, kwargs, operations)
@@ -106,6 +141,11 @@ def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
     operations = spec_for(module, {site.path for site in program.sites()})
     captured = capture_for(module, args, kwargs, options, warned, flat, operations)
     outcome = None
+    if captured is not None:
+        reason = _inside_opaque(captured, program, backward_nodes)
+        if reason is not None:
+            fall_back(NotOnGraph(reason), options, warned, ("opaque", reason))
+            captured = None
     if captured is not None:
         try:
             outcome = _run_fx(module, captured, program, flat[0], rows, options, keep_output,

@@ -1,0 +1,263 @@
+"""Opaque calls: a module that cannot be captured runs as one call inside an otherwise
+captured graph.
+
+Where ``torch.export`` fails inside module X (data-dependent expert routing, a forward
+that changes its own Python state, ...), :func:`capture_partly` captures the model again
+with X's call routed through ``fxsight::opaque``: a custom operator whose real
+implementation calls X's forward on the real inputs at run time, and whose fake
+implementation returns tensors shaped like X's outputs as a forward of the same inputs
+recorded them. X's input and output stay sites (their boundary markers are in place);
+what runs inside X is not in the graph (reading or writing a site inside X runs the
+trace on hooks, see ``run.forward``), the rest of the model is captured, pruned, spliced
+and compiled as usual.
+
+Nothing is left on the user's model: X's ``forward`` is an instance attribute only while
+``torch.export`` traces (in this thread); the operator finds X through a registry entry
+that holds X weakly and goes when X goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from .._torch import FakeTensorMode, pytree, unset_fake_temporarily
+from ..record.sites import OUTPUT, Site
+from .events import ModuleEvents
+from .state import Watch
+
+MAX_OPAQUE = 8  # modules made opaque in one capture, at most
+
+# the Python values an opaque call may take or return besides tensors: they are constants
+# of the captured graph (anything else, a cache object, would be stale at run time)
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+@dataclass
+class _Call:
+    """One opaque call: the module (weakly), how its inputs and output are laid out."""
+
+    path: str
+    module: Any                       # weakref.ref to the module
+    in_spec: Any
+    in_constants: list[Any]           # TENSOR where a tensor goes
+    n_tensors: int
+    out_spec: Any
+    out_constants: list[Any]
+    out_metas: list[tuple]            # (shape, dtype, device) of each output tensor
+    reason: str
+
+
+TENSOR = object()  # where a tensor goes among a call's constants
+
+_CALLS: dict[str, _Call] = {}
+_KEYS = itertools.count()
+_LOCK = threading.Lock()
+
+
+def _register(call: _Call, module: torch.nn.Module) -> str:
+    with _LOCK:
+        key = f"opaque{next(_KEYS)}"
+        _CALLS[key] = call
+    weakref.finalize(module, _CALLS.pop, key, None)
+    return key
+
+
+@torch.library.custom_op("fxsight::opaque", mutates_args=())
+def opaque(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
+    """Call the module registered under ``key`` on ``inputs`` (its tensors, then its
+    parameters, which are there for autograd to see); its output tensors, as new tensors."""
+    call = _CALLS.get(key)
+    module = call.module() if call is not None else None
+    if module is None:
+        raise RuntimeError(f"fxsight: the module of opaque call {key!r} is gone")
+    tensors = iter(inputs[:call.n_tensors])
+    leaves = [next(tensors) if c is TENSOR else c for c in call.in_constants]
+    args, kwargs = pytree.tree_unflatten(leaves, call.in_spec)
+    output = module.forward(*args, **kwargs)
+    flat = [v for v in pytree.tree_leaves(output) if isinstance(v, torch.Tensor)]
+    if len(flat) != len(call.out_metas):
+        raise RuntimeError(f"fxsight: module {call.path!r} returned {len(flat)} tensors, "
+                           f"{len(call.out_metas)} when it was captured")
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+    out = []
+    for tensor, (shape, dtype, _) in zip(flat, call.out_metas):
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"fxsight: module {call.path!r} returned a {tensor.dtype} "
+                               f"tensor of shape {tuple(tensor.shape)} where the captured "
+                               f"graph has {dtype} {shape} (its output shape depends on "
+                               f"data); trace with backend='hooks'")
+        tensor = tensor.contiguous()
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()  # (an operator's outputs never alias its inputs)
+        seen.add(tensor.untyped_storage().data_ptr())
+        out.append(tensor)
+    return out
+
+
+@opaque.register_fake
+def _opaque_fake(inputs, key):
+    call = _CALLS[key]
+    return [torch.empty(shape, dtype=dtype, device=device)
+            for shape, dtype, device in call.out_metas]
+
+
+def _no_backward(ctx, grads):
+    call = _CALLS.get(ctx.key)
+    path = call.path if call is not None else "?"
+    raise RuntimeError(f"fxsight: module {path!r} ran as an opaque call inside a captured "
+                       f"graph; gradients through it are not computed (trace with "
+                       f"backend='hooks')")
+
+
+def _setup(ctx, inputs, output):
+    ctx.key = inputs[1]
+
+
+opaque.register_autograd(_no_backward, setup_context=_setup)
+
+OPAQUE = torch.ops.fxsight.opaque.default
+
+
+def opaque_modules(graph_module: torch.fx.GraphModule) -> list[str]:
+    """The paths of the modules that run as opaque calls in ``graph_module``."""
+    paths = []
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target is OPAQUE:
+            call = _CALLS.get(node.args[1])
+            if call is not None and call.path not in paths:
+                paths.append(call.path)
+    return paths
+
+
+# --- recording the outputs a capture's fake implementation returns -----------------------
+
+def record_outputs(model: torch.nn.Module, args: tuple, kwargs: dict,
+                   events_on: torch.nn.Module) -> dict[Site, Any]:
+    """Every module's output (meta tensors, device in ``_device``) in a forward of these
+    inputs: on fake tensors, or for real (without gradients) where the model's code
+    depends on data. The model's Python state is put back afterwards."""
+    outputs: dict[Site, Any] = {}
+
+    def record(site: Site, value: Any) -> None:
+        if site.kind == OUTPUT:
+            with unset_fake_temporarily():
+                outputs[site] = pytree.tree_map(_meta, value)
+
+    before = Watch(model, 0)
+    try:
+        try:
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            fake = pytree.tree_map_only(torch.Tensor, mode.from_tensor, (args, kwargs))
+            with torch.no_grad(), ModuleEvents(events_on, record).installed(), mode:
+                model(*fake[0], **fake[1])
+        except Exception:  # noqa: BLE001 - data-dependent code: record with real values
+            outputs.clear()
+            with torch.no_grad(), ModuleEvents(events_on, record).installed():
+                model(*args, **kwargs)
+    finally:
+        if not before.unchanged():
+            before.restore()
+    return outputs
+
+
+class _Meta:
+    """A recorded output tensor: shape, dtype, device (a pytree leaf)."""
+
+    __slots__ = ("shape", "dtype", "device")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.shape, self.dtype, self.device = tuple(tensor.shape), tensor.dtype, tensor.device
+
+
+def _meta(value: Any) -> Any:
+    return _Meta(value) if isinstance(value, torch.Tensor) else value
+
+
+# --- routing calls while capturing ---------------------------------------------------------
+
+class Unroutable(Exception):
+    """A module whose call cannot be opaque (a non-plain Python value in or out)."""
+
+
+@contextlib.contextmanager
+def routed(events_on: torch.nn.Module, reasons: dict[str, str],
+           outputs: dict[Site, Any]) -> Iterator[None]:
+    """While ``torch.export`` traces (in this thread), the modules at ``reasons``' paths
+    run as ``fxsight::opaque`` calls returning what ``outputs`` recorded."""
+    thread = threading.get_ident()
+    installed = []
+    try:
+        for path, reason in reasons.items():
+            module = events_on.get_submodule(path)
+            previous = vars(module).get("forward", _MISSING)
+            vars(module)["forward"] = _router(module, path, reason, outputs, thread)
+            installed.append((module, previous))
+        yield
+    finally:
+        for module, previous in installed:
+            if previous is _MISSING:
+                vars(module).pop("forward", None)
+            else:
+                vars(module)["forward"] = previous
+
+
+_MISSING = object()
+
+
+def _router(module: torch.nn.Module, path: str, reason: str, outputs: dict[Site, Any],
+            thread: int) -> Any:
+    original = module.forward  # (the class's, or the instance's own)
+    calls = itertools.count()
+    ref = weakref.ref(module)
+
+    def forward(*args, **kwargs):
+        if threading.get_ident() != thread:
+            return original(*args, **kwargs)
+        call = next(calls)
+        recorded = outputs.get(Site(path, OUTPUT, call))
+        if recorded is None:
+            raise Unroutable(f"module {path!r}: no output recorded for call #{call}")
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        for value in flat:
+            if not isinstance(value, (torch.Tensor, *_PLAIN)):
+                raise Unroutable(f"module {path!r} takes a {type(value).__name__}")
+        tensors = [v for v in flat if isinstance(v, torch.Tensor)]
+        out_flat, out_spec = pytree.tree_flatten(recorded)
+        for value in out_flat:
+            if not isinstance(value, (_Meta, *_PLAIN)):
+                raise Unroutable(f"module {path!r} returns a {type(value).__name__}")
+        key = _register(_Call(path, ref, spec,
+                              [TENSOR if isinstance(v, torch.Tensor) else v for v in flat],
+                              len(tensors), out_spec,
+                              [TENSOR if isinstance(v, _Meta) else v for v in out_flat],
+                              [(m.shape, m.dtype, m.device) for m in out_flat
+                               if isinstance(m, _Meta)], reason), module)
+        parameters = [p for p in module.parameters()]
+        results = iter(opaque(tensors + parameters, key))
+        leaves = [next(results) if c is TENSOR else c
+                  for c in _CALLS[key].out_constants]
+        return pytree.tree_unflatten(leaves, out_spec)
+
+    return forward
+
+
+def ignored_changes(reasons: dict[str, str]) -> set[str]:
+    """The state changes ``routed`` makes (``state.Watch.changes``' words)."""
+    return {f"module {path!r}, attribute 'forward' (added)" for path in reasons}
+
+
+_CHANGED = re.compile(r"^module '([^']+)'")
+
+
+def changed_module(change: str) -> str | None:
+    """The module path of a state change in ``state.Watch.changes``' words."""
+    found = _CHANGED.match(change)
+    return found.group(1) if found else None

@@ -1,0 +1,173 @@
+"""Partial capture: a module that cannot be captured runs as one opaque call
+(``fxsight::opaque``) inside an otherwise captured graph (``capture/opaque.py``)."""
+
+import warnings
+
+import pytest
+import torch
+
+import fxsight
+from fxsight.capture.opaque import opaque_modules
+from fxsight.errors import TraceError
+
+
+class Routed(torch.nn.Module):
+    """Data-dependent control flow: ``torch.export`` cannot capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        if (x.sum() > 0).item():
+            return self.inner(x) * 2
+        return self.inner(x) - 1
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.routed = Routed()
+        self.b = torch.nn.Linear(8, 8)
+        self.c = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(self.routed(self.a(x)))))
+
+
+def _net():
+    torch.manual_seed(0)
+    return Net()
+
+
+def _trace(net, x, body, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with net.trace(x, **kw) as tracer:
+            values = body()
+    return tracer, values, [str(w.message) for w in caught]
+
+
+def test_opaque_module_inside_a_captured_graph():
+    model = _net()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    net = fxsight.NNsight(model)
+
+    def body():
+        return net.routed.output.save(), net.b.output.save(), net.output.save()
+
+    tracer, (routed, b, out), messages = _trace(net, x, body)
+    assert tracer.backend == "fx"
+    assert opaque_modules(tracer.graph_module) == ["routed"]
+    assert any("module 'routed' runs as one opaque call" in m for m in messages), messages
+    with torch.no_grad():
+        expected_routed = model.routed(model.a(x))
+        expected = model(x)
+    assert torch.equal(routed, expected_routed)
+    assert torch.equal(out, expected)
+    assert "forward" not in vars(model.routed)  # nothing left on the module
+
+
+def test_writes_around_an_opaque_module_equal_hooks():
+    model = _net()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    value = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    net = fxsight.NNsight(model)
+    for backend in ("auto", "hooks"):
+        def body():
+            net.a.output = value  # into the opaque module's input
+            return net.routed.output.save(), net.output.save()
+        tracer, (routed, out), _ = _trace(net, x, body, backend=backend)
+        handle = model.a.register_forward_hook(lambda m, i, o: value)
+        try:
+            with torch.no_grad():
+                expected = model(x)
+        finally:
+            handle.remove()
+        assert torch.equal(out, expected), backend
+    # replacing the opaque module's output
+    def body():
+        net.routed.output = value
+        return net.output.save()
+    tracer, out, _ = _trace(net, x, body)
+    assert tracer.backend == "fx"
+    with torch.no_grad():
+        expected = model.c(torch.relu(model.b(value)))
+    assert torch.equal(out, expected)
+
+
+def test_opaque_call_is_pruned():
+    model = _net()
+    x = torch.randn(3, 8)
+    net = fxsight.NNsight(model)
+    tracer, saved, _ = _trace(net, x, lambda: net.a.output.save())
+    assert tracer.backend == "fx" and opaque_modules(tracer.graph_module) == []
+
+
+def test_sites_inside_an_opaque_module_run_on_hooks():
+    model = _net()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    net = fxsight.NNsight(model)
+
+    def body():
+        net.routed.inner.output[:] = 0
+        return net.output.save()
+
+    tracer, out, messages = _trace(net, x, body)
+    assert tracer.backend == "hooks"
+    assert any("inside module 'routed'" in m and "runs with the hooks backend" in m
+               for m in messages), messages
+    with torch.no_grad():
+        expected = model.c(torch.relu(model.b(torch.zeros(3, 8) * 2 - 0)))
+        h = model.a(x)
+        inner = torch.zeros(3, 8)
+        routed = inner * 2 if (h.sum() > 0) else inner - 1
+        expected = model.c(torch.relu(model.b(routed)))
+    assert torch.equal(out, expected)
+    with pytest.raises(TraceError, match="inside module 'routed'"):
+        with net.trace(x, backend="fx"):
+            net.routed.inner.output[:] = 0
+
+
+def test_gradients_through_an_opaque_module_run_on_hooks():
+    model = _net()
+    x = torch.randn(3, 8)
+    net = fxsight.NNsight(model)
+
+    def body():
+        grad = net.a.output.grad.save()
+        net.output.sum().backward()
+        return grad
+
+    tracer, grad, messages = _trace(net, x, body)
+    assert tracer.backend == "hooks"
+    assert any("gradients" in m and "'routed'" in m for m in messages), messages
+    assert grad.shape == (3, 8)
+
+
+def test_export_of_a_partly_captured_model_is_refused():
+    from fxsight.errors import CaptureError
+    net = fxsight.NNsight(_net())
+    with pytest.raises(CaptureError, match="module 'routed' runs as an opaque call"):
+        net.export(torch.randn(3, 8))
+
+
+def test_a_forward_that_changes_its_state_is_opaque_there():
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x * 3
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Counting(), torch.nn.Linear(4, 2))
+    net = fxsight.NNsight(model)
+    x = torch.randn(2, 4)
+    tracer, out, messages = _trace(net, x, lambda: net[1].output.save())
+    assert tracer.backend == "fx"
+    assert any("module '1' runs as one opaque call" in m for m in messages), messages
+    assert torch.equal(out, model[0](x) * 3)
+    assert model[1].calls >= 1 and "forward" not in vars(model[1])
