@@ -224,3 +224,23 @@ def test_dropout_in_eval_mode_is_pruned_entirely():
         net[0].output.save()
     assert "dropout" not in tracer.graph_module.code and \
         "zeros" not in tracer.graph_module.code
+
+
+# --- S10: random ops under torch.compile ---------------------------------------------------------
+def test_compiled_dropouts_draw_the_eager_numbers():
+    """(One small compile: inductor's ``fallback_random`` is passed per compile where the
+    graph draws random numbers.)"""
+    model = _dropouts()
+    net = NNsight(model)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    expected = model(x)
+    after = torch.get_rng_state()
+    torch.manual_seed(7)
+    with net.trace(x, compile=True) as tracer:
+        out = net.output.save()
+    assert tracer.backend == "fx" and fxsight.stats()["compilations"] >= 1
+    assert torch.equal(torch.get_rng_state(), after)
+    torch.testing.assert_close(out, expected)
+    import torch._inductor.config as inductor_config  # noqa: PLC0415 - nothing left set
+    assert inductor_config.fallback_random is False
