@@ -244,3 +244,113 @@ def test_compiled_dropouts_draw_the_eager_numbers():
     torch.testing.assert_close(out, expected)
     import torch._inductor.config as inductor_config  # noqa: PLC0415 - nothing left set
     assert inductor_config.fallback_random is False
+
+
+# --- memory: flat over new shapes and new intervention structures ----------------------------
+def _rss_mb() -> float:
+    import os
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _clear_torch_caches():
+    """torch's own caches that grow with every new shape (fake-tensor dispatch results, the
+    source of generated code): not fxsight's to bound."""
+    import gc
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    FakeTensorMode.cache.clear()
+    torch.fx.graph_module._loader.eval_cache.clear()
+    gc.collect()
+
+
+def _shapes(start):
+    """New (batch, length) pairs: every one a new input signature."""
+    for i in range(start, start + 10_000):
+        yield 1 + i % 23, 1 + i // 23
+
+
+def _trace_shape(net, shape, backend):
+    x = torch.randn(*shape, 5)
+    with net.trace(x, backend=backend):
+        net.layer1.output[..., 0] = 0
+        out = net.output.save()
+    return out
+
+
+def _trace_structure(net, x, i, backend):
+    layer = (net.layer1, net.layer2)[i % 2]
+    with net.trace(x, backend=backend):
+        if i % 3 == 0:
+            layer.output[:, i % 10] = i
+        elif i % 3 == 1:
+            layer.output[:, i % 10] += layer.output[:, (i + 1) % 10] * i
+        else:
+            layer.output = layer.output.clamp(max=i)
+        out = net.output.save()
+    return out
+
+
+def _settled_rss_mb() -> float:
+    """RSS once torch's per-shape caches are cleared and the allocator has given back its
+    free memory (glibc's ``malloc_trim``; where there is none, RSS as it is)."""
+    import ctypes
+    _clear_torch_caches()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return _rss_mb()
+
+
+def _grown_over(run, warm, count):
+    """(RSS growth in MB, Python memory blocks more) over ``count`` runs after ``warm``."""
+    import gc
+    import sys
+    for i in range(warm):
+        run(i)
+    before, blocks = _settled_rss_mb(), sys.getallocatedblocks()
+    for i in range(warm, warm + count):
+        run(i)
+        if i % 50 == 0:
+            gc.collect()
+    rss = _settled_rss_mb() - before
+    return rss, sys.getallocatedblocks() - blocks
+
+
+# torch's fake-tensor machinery keeps some native memory per new input shape, whoever runs
+# it (a bare ``FakeTensorMode`` running ``linear`` on 300 new shapes: ~3 MB, no fxsight
+# involved); the hooks backend's scans (once per new signature) pay that too
+_TORCH_PER_SHAPE_MB = 0.02
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_500_new_shapes_and_structures_on_hooks():
+    """(slow: ~60 s of CPU.) The scan LRU (32 per model) bounds what fxsight keeps."""
+    from models import mlp
+    net = NNsight(mlp())
+    shapes = list(_shapes(0))
+    grown, blocks = _grown_over(lambda i: _trace_shape(net, shapes[i], "hooks"), 80, 500)
+    assert blocks < 2_000, f"{blocks} Python memory blocks more over 500 new shapes"
+    assert grown < 2 + 500 * _TORCH_PER_SHAPE_MB, \
+        f"RSS grew {grown:.1f} MB over 500 new input shapes (hooks)"
+    x = torch.randn(4, 5)
+    grown, blocks = _grown_over(lambda i: _trace_structure(net, x, i, "hooks"), 100, 500)
+    assert blocks < 2_000, f"{blocks} Python memory blocks more over 500 new structures"
+    assert grown < 2, f"RSS grew {grown:.1f} MB over 500 new structures (hooks)"
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_500_new_shapes_and_structures_on_fx():
+    """(slow: each new shape is a new capture, ~0.1 s each.) The capture LRU (32 per model)
+    and the runner LRUs (256/128) bound what is kept."""
+    from models import mlp
+    net = NNsight(mlp())
+    shapes = list(_shapes(0))
+    grown, blocks = _grown_over(lambda i: _trace_shape(net, shapes[i], "fx"), 80, 500)
+    assert blocks < 2_000, f"{blocks} Python memory blocks more over 500 new shapes"
+    assert grown < 2 + 500 * _TORCH_PER_SHAPE_MB, \
+        f"RSS grew {grown:.1f} MB over 500 new input shapes (fx)"
+    x = torch.randn(4, 5)
+    grown, blocks = _grown_over(lambda i: _trace_structure(net, x, i, "fx"), 300, 500)
+    assert blocks < 2_000, f"{blocks} Python memory blocks more over 500 new structures"
+    assert grown < 2, f"RSS grew {grown:.1f} MB over 500 new structures (fx)"
