@@ -87,3 +87,11 @@ def bind_frame(frame: types.FrameType | None, resolve: Resolve, saved: int) -> N
     if changed and namespace is not frame.f_globals and _LOCALS_TO_FAST is not None \
             and sys.version_info < (3, 13):
         _LOCALS_TO_FAST(ctypes.py_object(frame), ctypes.c_int(0))
+
+
+def bind_objects(objects: list, resolve: Resolve) -> None:
+    """Replace the saved proxies inside ``objects`` (lists, dicts, the user's objects kept
+    with ``fxsight.save(obj)``), in place."""
+    walk = _Walk(resolve)
+    for value in objects:
+        walk.bound(value, _DEPTH)

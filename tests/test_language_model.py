@@ -122,7 +122,14 @@ def test_result_and_model_output(models, tokenizer):
     with torch.no_grad(), lm.trace(PROMPT_A) as tracer:
         pass
     torch.testing.assert_close(tracer.result.logits[0], logits, atol=ATOL, rtol=0)
-    assert getattr(tracer.result, "past_key_values", None) is None  # use_cache=False
+    # transformers' default call: the output holds the cache, as the plain model's does
+    with torch.no_grad():
+        expected = model(torch.tensor([_ids(tokenizer, PROMPT_A)])).cache
+    cache = tracer.result.cache
+    assert type(cache) is type(expected) and cache.get_seq_length() == expected.get_seq_length()
+    for got, want in zip(cache.layers, expected.layers, strict=True):
+        torch.testing.assert_close(got.keys, want.keys, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got.values, want.values, atol=ATOL, rtol=0)
 
 
 # --- patching -----------------------------------------------------------------------------------
@@ -321,10 +328,10 @@ def test_input_ids_keyword_and_forward_kwargs(models, tokenizer):
         block_kwargs = lm.transformer.inputs.save()
     expected, _ = alone(model, ids[0].tolist())
     torch.testing.assert_close(logits[0], expected, atol=ATOL, rtol=0)
-    assert block_kwargs[1]["use_cache"] is False  # default for traces
-    with torch.no_grad(), lm.trace(ids, use_cache=True, backend="hooks"):
+    assert block_kwargs[1]["use_cache"] is None  # transformers' default: as a plain call
+    with torch.no_grad(), lm.trace(ids, use_cache=False, backend="hooks"):
         inner = lm.transformer.inputs.save()
-    assert inner[1]["use_cache"] is True  # the user's choice wins
+    assert inner[1]["use_cache"] is False  # the user's choice
     out = lm.trace(PROMPT_A, trace=False)
     torch.testing.assert_close(out.logits[0], expected, atol=ATOL, rtol=0)
 

@@ -24,7 +24,7 @@ from .._torch import pytree
 from ..errors import TraceError, at_line, user_line
 from ..record.program import Program
 from ..record.scope import Scope
-from ..record.sites import INPUT, OUTPUT, Site
+from ..record.sites import INPUT, OUTPUT, Site, is_operation
 from .envoy import Envoy
 
 ROOT = "model"
@@ -308,7 +308,8 @@ class CacheRequest:
             ([OUTPUT] if self.include_output else [])
         wanted = None if self.paths is None else set(self.paths)
         sites = [s for s in sorted(index, key=index.__getitem__)
-                 if s.kind in kinds and (wanted is None or s.path in wanted)]
+                 if s.kind in kinds and not is_operation(s.path)  # (modules only)
+                 and (wanted is None or s.path in wanted)]
         if wanted is not None:
             ran = {s.path for s in sites}
             missing = [p for p in self.paths if p not in ran]
@@ -333,17 +334,24 @@ class CacheRequest:
 
     def fill(self, results: dict[Any, Any]) -> None:
         """Put the run's values into the CacheDict, one Entry per module call."""
-        entries: dict[str, dict[int, Entry]] = {}
+        entries: dict[str, dict[Any, Entry]] = {}
         for site, node, spec in self.nodes:
             if node not in results:
                 continue
-            value = _relayout(results[node], spec)
-            entry = entries.setdefault(site.path, {}).setdefault(site.call, Entry())
-            if site.kind == INPUT:
-                args, kwargs = value
-                entry.inputs = (tuple(args), dict(kwargs))
-            else:
-                entry.output = value
+            steps = node.steps
+            if steps is None or steps.single:  # one forward pass (or one decoding step)
+                values = [((0, site.call), results[node])]
+            else:  # inside generate: one value per decoding step, in step order
+                values = [((step, site.call), value)
+                          for step, value in enumerate(results[node])]
+            for call, value in values:
+                value = _relayout(value, spec)
+                entry = entries.setdefault(site.path, {}).setdefault(call, Entry())
+                if site.kind == INPUT:
+                    args, kwargs = value
+                    entry.inputs = (tuple(args), dict(kwargs))
+                else:
+                    entry.output = value
         for path, calls in entries.items():
             ordered = [calls[c] for c in sorted(calls)]
             self.cache._add(_key(path), ordered[0] if len(ordered) == 1 else ordered)

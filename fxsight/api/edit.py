@@ -14,6 +14,7 @@ without fxsight.
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -117,6 +118,16 @@ def export(model: Any, args: tuple, kwargs: dict) -> fx.GraphModule:
 def _export(model: Any, module: torch.nn.Module, args: tuple, kwargs: dict,
             size: int) -> fx.GraphModule:
     captured = cached_capture(module, args, kwargs)
+    if captured.caches is not None:
+        # an exported GraphModule returns tensors: no cache objects (transformers' default
+        # call returns one); the cache is left out where the model lets it
+        if "use_cache" in kwargs or \
+                "use_cache" not in inspect.signature(module.forward).parameters:
+            raise TraceError("the exported model would take or return a cache object, "
+                             "which a self-contained graph cannot; call it with "
+                             "use_cache=False")
+        kwargs = {**kwargs, "use_cache": False}
+        captured = cached_capture(module, args, kwargs)
     program = Program()
     seed(program, edits_of(model))
     rows = {None: Rows(0, size, size)}

@@ -10,10 +10,12 @@ import torch
 from ..capture.events import module_paths
 from ..errors import TraceError, at_line, user_line
 from ..record.active import current_tracer
-from ..record.program import ModuleCall
+from ..record.program import HookedCall, ModuleCall
 from ..record.proxy import Proxy
 from ..record.recorder import Recorder
 from ..record.sites import INPUT, OUTPUT, Site, module_label
+from ..capture.operations import innermost
+from .source import source_of
 
 
 class Envoy:
@@ -160,6 +162,35 @@ class Envoy:
         """The module's dotted path in the model (``""`` for the model itself)."""
         return self._path
 
+    @property
+    def source(self) -> Any:
+        """The operations inside this module's ``forward``, each named as in nnsight
+        (print it to read the names); ``.source.<name>.output`` / ``.input`` / ``.inputs``
+        read and write a call's values inside a trace (see :mod:`fxsight.api.source`).
+
+        >>> import torch, fxsight
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = torch.nn.Linear(2, 2)
+        ...     def forward(self, x):
+        ...         return torch.relu(self.fc(x))
+        >>> net = fxsight.NNsight(Net())
+        >>> net.source.operations
+        ['self_fc_0', 'torch_relu_0']
+        >>> with net.trace(torch.ones(1, 2)):
+        ...     before = net.source.torch_relu_0.input.save()
+        ...     net.source.torch_relu_0.output = torch.full((1, 2), 7.0)
+        ...     out = net.output.save()
+        >>> out.tolist(), torch.equal(before, net.fc(torch.ones(1, 2)))
+        ([[7.0, 7.0]], True)
+        """
+        cached = self.__dict__.get("_source_envoy")
+        if cached is None or cached.function is not _source_function(self._module):
+            cached = source_of(self)
+            object.__setattr__(self, "_source_envoy", cached)
+        return cached
+
     # --- activations ---------------------------------------------------------------------
     def _recorder(self, what: str) -> Recorder:
         tracer = current_tracer(self._root)
@@ -170,7 +201,16 @@ class Envoy:
         return tracer.recorder
 
     def _site(self, kind: str) -> Site:
-        return Site(self._path, kind, self._call)
+        tracer = current_tracer(self._root)  # (in `for i in tracer.iter[...]`: call i)
+        call = tracer.recorder.scope.call if tracer is not None else None
+        return Site(self._path, kind, self._call if call is None else call)
+
+    def _read(self, kind: str, accessor: str) -> Proxy:
+        recorder = self._recorder(accessor)
+        hooked = _hooked_call(current_tracer(self._root), self._path)
+        if hooked is not None:  # inside a module called with hook=True
+            return _from_hooked_call(recorder, hooked, self, accessor)
+        return recorder.create_read(self._site(kind), accessor)
 
     @property
     def output(self) -> Proxy:
@@ -185,7 +225,7 @@ class Envoy:
         >>> h.shape, torch.equal(out, net[1].bias.expand(4, 1))
         (torch.Size([4, 3]), True)
         """
-        return self._recorder("output").create_read(self._site(OUTPUT), "output")
+        return self._read(OUTPUT, "output")
 
     @output.setter
     def output(self, value: Any) -> None:
@@ -194,7 +234,7 @@ class Envoy:
     @property
     def inputs(self) -> Proxy:
         """The module's inputs as ``(args, kwargs)``; assign to replace them."""
-        return self._recorder("inputs").create_read(self._site(INPUT), "inputs")
+        return self._read(INPUT, "inputs")
 
     @inputs.setter
     def inputs(self, value: Any) -> None:
@@ -212,7 +252,7 @@ class Envoy:
         >>> out.tolist()
         [[0.0, 5.0]]
         """
-        return self._recorder("input").create_read(self._site(INPUT), "input")
+        return self._read(INPUT, "input")
 
     @input.setter
     def input(self, value: Any) -> None:
@@ -232,15 +272,63 @@ class Envoy:
         """
         self._recorder("skip").create_skip(self._site(OUTPUT), value)
 
-    def __call__(self, *args, **kwargs) -> Any:
+    def __call__(self, *args, hook: bool = False, **kwargs) -> Any:
         """Inside a trace, apply this module to traced values (e.g. the logit lens);
-        outside, call the module."""
+        outside, call the module. With ``hook=True`` the call's inner boundaries are
+        visible: after it, ``.output``/``.input``/``.inputs`` of the module and its
+        submodules read this call (a module attached to the model, such as an SAE, that
+        the model's own forward does not call)."""
         tracer = current_tracer(self._root)
         traced = any(isinstance(a, Proxy) for a in (*args, *kwargs.values()))
         if tracer is None or not traced:
             return self._module(*args, **kwargs)
+        if hook:
+            node = tracer.recorder.create_op("call_function",
+                                             HookedCall(self._module, self._path), args,
+                                             kwargs)
+            tracer.hooked_calls[self._path] = (node, user_line())
+            return node["result"]
         return tracer.recorder.create_op("call_function", ModuleCall(self._module, self._path),
                                          args, kwargs)
+
+
+def _hooked_call(tracer: Any, path: str) -> Any:
+    """The latest ``envoy(..., hook=True)`` call of this trace that ``path`` is inside."""
+    calls = getattr(tracer, "hooked_calls", None)
+    if not calls:
+        return None
+    for prefix in sorted(calls, key=len, reverse=True):
+        if not prefix or path == prefix or path.startswith(prefix + "."):
+            return prefix, *calls[prefix]
+    return None
+
+
+def _from_hooked_call(recorder: Recorder, hooked: tuple, envoy: "Envoy",
+                      accessor: str) -> Proxy:
+    """``envoy.<accessor>`` inside a call made with ``hook=True``: the value of that call
+    (the ``i``-th call of the submodule in a ``for i in tracer.iter[...]`` loop). A module
+    the model's own forward also runs would be ambiguous: refused."""
+    prefix, node, line = hooked
+    tracer = current_tracer(envoy._root)
+    if envoy._path in tracer._forward_paths():
+        raise TraceError(at_line(
+            f"{module_label(envoy._path)} runs in the model's forward and was also called "
+            f"with hook=True ({line}): which call .{accessor} means is ambiguous; use the "
+            f"value the hook=True call returns", user_line()))
+    relative = envoy._path[len(prefix):].lstrip(".") if prefix else envoy._path
+    call = recorder.scope.call or 0
+    record = node["calls"][relative][call]
+    if accessor == "output":
+        return record["output"]
+    inputs = record["inputs"]
+    if accessor == "inputs":
+        return inputs
+    return recorder.create_op("call_function", _first_input, (inputs,), {})
+
+
+def _first_input(inputs: tuple) -> Any:
+    args, kwargs = inputs
+    return args[0] if args else next(iter(kwargs.values()))
 
 
 _ACCESSORS = ("output", "input", "inputs")
@@ -289,6 +377,10 @@ def renames(module: torch.nn.Module, rename: dict[str, str] | None
             raise ValueError(f"rename: {real!r} is not a module path of the model")
         paths[alias] = real
     return paths, names
+
+
+def _source_function(module: torch.nn.Module) -> Any:
+    return innermost(type(module).forward)
 
 
 def _resolves(root: torch.nn.Module, path: str, module: torch.nn.Module) -> bool:

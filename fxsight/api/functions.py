@@ -8,6 +8,8 @@ from typing import Any, Callable
 import torch
 
 from .._torch import pytree
+from ..errors import TraceError, at_line, user_line
+from ..record.active import active_sessions, active_tracers
 from ..record.proxy import Proxy, find_recorder
 from .nnsight import NNsight
 
@@ -15,19 +17,42 @@ from .nnsight import NNsight
 def save(value: Any) -> Any:
     """``value.save()`` as a function; works on nested structures of proxies too.
 
+    On a list, dict or object of your own (nnsight's ``list().save()``), inside a trace or
+    a session, it keeps the object: traced values put into it later in the block (appended
+    per step, say) are saved too, and are real values in it after the block.
+
     >>> import torch, fxsight
     >>> net = fxsight.NNsight(torch.nn.Linear(2, 2))
     >>> with net.trace(torch.ones(1, 2)):
     ...     pair = fxsight.save([net.input, net.output])
-    >>> [tuple(v.shape) for v in pair]
-    [(1, 2), (1, 2)]
+    ...     later = fxsight.save(list())
+    ...     later.append(net.output * 2)
+    >>> [tuple(v.shape) for v in pair], type(later[0]).__name__
+    ([(1, 2), (1, 2)], 'Tensor')
     """
     if isinstance(value, Proxy):
         return value.save()
     for leaf in pytree.tree_leaves(value):
         if isinstance(leaf, Proxy):
             leaf.save()
+    if isinstance(value, (list, dict)) or (
+            hasattr(value, "__dict__") and not isinstance(value, (type, torch.nn.Module))):
+        keep(value)
     return value
+
+
+def keep(value: Any) -> None:
+    """Keep ``value`` (a container) with the innermost open trace, else session: traced
+    values in it are saved when the block ends, and replaced by their values."""
+    tracers, sessions = active_tracers(), active_sessions()
+    if tracers:
+        tracers[-1].keep(value)
+    elif sessions:
+        sessions[-1].keep(value)
+    else:
+        raise TraceError(at_line(
+            f"fxsight.save() on a {type(value).__name__} keeps it for the traced values put "
+            "into it, so it must be called inside a trace or a session", user_line()))
 
 
 def apply(fn: Callable, *args, **kwargs) -> Any:

@@ -3,7 +3,8 @@
 ``with lm.generate(prompt, max_new_tokens=n) as tracer:`` records interventions like a
 trace. A node recorded outside ``tracer.iter[...]`` / ``tracer.all()`` applies to the first
 step; inside them, to the chosen steps, once per step (a saved value becomes a list with one
-entry per step). Every model call ``generate`` makes is one step; its boundary events drive
+entry per step). ``for step in tracer.iter[...]`` / ``for step in tracer.all()`` record the
+loop's body once per step instead, ``step`` a real int (a saved value is that step's). Every model call ``generate`` makes is one step; its boundary events drive
 the Program as in the hooks backend: each node runs as soon as its values exist in the
 current step, and a write runs at its module's boundary.
 
@@ -25,16 +26,22 @@ from ..generate.interleave import GENERATOR, AnySite, StepInterleaver, needs_gen
 from ..record.active import current_tracer
 from ..record.proxy import Proxy
 from ..record.scope import ALL, Scope, Steps
-from ..run.forward import fall_back
+from ..run.forward import fall_back, metadata_source
 from ..run.hooks import RealWalker
 from ..run.options import RunOptions
 from ..splice.rows import Rows
-from .tracer import Tracer
+from .tracer import Tracer, scoped_loop
 
 
 class StepScope:
-    """``with tracer.iter[1:4]:`` / ``for step in tracer.iter[1:4]:`` / ``tracer.all()``:
-    nodes recorded inside apply at the chosen decoding steps."""
+    """``with tracer.iter[1:4]:`` / ``with tracer.all():``: nodes recorded inside apply at
+    the chosen decoding steps (recorded once; a saved value is a list, one per step).
+
+    ``for step in tracer.iter[1:4]:`` / ``for step in tracer.all():``: the body is
+    recorded once per step, ``step`` a real int (so ``if step == 2:``, ``h[step]`` and
+    Python lists filled per step work); a value saved there is that step's value. An
+    open-ended slice or ``all()`` runs to ``max_new_tokens``.
+    """
 
     def __init__(self, tracer: "Generator", steps: Steps):
         self.tracer = tracer
@@ -51,10 +58,10 @@ class StepScope:
         self.tracer.recorder.scope = self._previous
         return False
 
-    def __iter__(self) -> Iterator[Steps]:
-        # the loop body is recorded once and applied at every chosen step
-        with self:
-            yield self.steps
+    def __iter__(self) -> Iterator[int]:
+        steps = self.steps.concrete(self.tracer._step_count)
+        return scoped_loop(self.tracer.recorder, steps,
+                         lambda step: {"steps": Steps(step, single=True)})
 
 
 class StepIndexer:
@@ -99,17 +106,42 @@ class Generator(Tracer):
     output = result
 
     def cache(self, *args, **kwargs):
-        """Not available inside ``generate()``: it would have to hold every module at every
-        step; save what you need inside ``tracer.all()`` (one value per step) instead."""
-        raise TraceError(at_line("tracer.cache() is not available inside generate(); save "
-                                 "the values you need inside `with tracer.all():` (a list "
-                                 "with one value per step)", user_line()))
+        """``tracer.cache(...)`` across decoding steps: each module's entry is a list with
+        one entry per step it ran at (every step; inside ``tracer.iter[...]`` /
+        ``tracer.all()``, the chosen ones), as nnsight appends them. A module called once
+        in the chosen steps has a plain entry."""
+        recorder = self.recorder
+        previous = recorder.scope
+        if previous.steps is None:
+            recorder.scope = previous._replace(steps=Steps(ALL))
+        try:
+            return super().cache(*args, **kwargs)
+        finally:
+            recorder.scope = previous
+
+    def _metadata_source(self, args: tuple, kwargs: dict) -> Any:
+        # which sites a step has, from a scan of the first step's forward (not a capture
+        # of the plain forward, which generate never runs)
+        return metadata_source(self.model._module, args, kwargs, RunOptions("hooks"))
 
     def stop(self) -> None:
         """Not available inside ``generate()``: ``max_new_tokens`` ends generation."""
         raise TraceError(at_line("tracer.stop() is not available inside generate(); "
                                  "max_new_tokens (or an eos token) ends generation",
                                  user_line()))
+
+    def _step_count(self) -> int:
+        """How many decoding steps run at most (``max_new_tokens``), for a step loop."""
+        count = self._generate_kwargs.get("max_new_tokens")
+        if count is None and "max_length" not in self._generate_kwargs:
+            config = getattr(self.model._module, "generation_config", None)
+            count = getattr(config, "max_new_tokens", None)
+        if not isinstance(count, int):
+            raise TraceError(at_line(
+                "`for step in tracer.all()` (or an open-ended tracer.iter[...] slice) needs "
+                "to know how many steps run: pass max_new_tokens=... to generate(), or "
+                "choose the steps (tracer.iter[0:5])", user_line()))
+        return count
 
     # --- running ------------------------------------------------------------------------
     def _execute(self) -> None:
@@ -121,6 +153,7 @@ class Generator(Tracer):
             rng = torch.random.get_rng_state()
             try:
                 self._generate_with_graphs(module, inputs, options, rows)
+                self._fill_caches()
                 return
             except Unsupported as reason:
                 torch.random.set_rng_state(rng)  # (a seeded sampling starts over alike)
@@ -134,6 +167,7 @@ class Generator(Tracer):
         self.backend = "hooks"
         self._output, self._output_kept = output, True
         self._results = {node: interleaver.result(node) for node in self.program.saves}
+        self._fill_caches()
 
     def _generate_with_graphs(self, module: torch.nn.Module, inputs: dict, options: dict,
                               rows: dict[Any, Rows]) -> None:
@@ -173,6 +207,13 @@ def _check_steps(program: Any, count: int) -> None:
     for node in program.nodes:
         if node.steps is not None:
             missing = node.steps.missing(count)
+            if missing and node.steps.single:
+                raise TraceError(at_line(
+                    f"this line of a step loop is for decoding step {missing[0]}, but "
+                    f"generation ended after {count} step(s) (an eos token?): every step "
+                    "of a loop must run; pass min_new_tokens equal to max_new_tokens, or "
+                    "record once with `with tracer.all():` (it takes the steps that run)",
+                    node.line))
             if missing:
                 raise TraceError(at_line(
                     f"this line applies to decoding step {missing[0]}, but generation ran "
@@ -182,10 +223,15 @@ def _check_steps(program: Any, count: int) -> None:
 
 
 class GeneratorEnvoy:
-    """``lm.generator``: ``.output`` is the generated token ids (inside ``generate``)."""
+    """``lm.generator``: ``.output`` is the generated token ids (inside ``generate``);
+    ``.streamer.output`` the token ids chosen at a step."""
 
     def __init__(self, model):
         self._model = model
+
+    @property
+    def streamer(self) -> "StreamerEnvoy":
+        return StreamerEnvoy(self._model)
 
     @property
     def output(self) -> Proxy:
@@ -194,3 +240,31 @@ class GeneratorEnvoy:
             raise TraceError(at_line("lm.generator.output is only available inside "
                                      "`with lm.generate(...)`", user_line()))
         return tracer.recorder.create_read(GENERATOR, "output")
+
+
+class StreamerEnvoy:
+    """``lm.generator.streamer.output``: the token ids generate chose at the decoding step
+    (one per row, shape ``(batch,)``, as transformers' streamers receive them): at the
+    first step outside a step loop, at ``step`` in ``for step in tracer.iter[...]``. It is
+    read from the generated ids, so it is known once generation has ended (save it; it
+    cannot steer a later step)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    @property
+    def output(self) -> Proxy:
+        tracer = current_tracer(self._model)
+        line = user_line()
+        if not isinstance(tracer, Generator):
+            raise TraceError(at_line("lm.generator.streamer.output is only available inside "
+                                     "`with lm.generate(...)`", line))
+        steps = tracer.recorder.scope.steps
+        if steps is not None and not steps.single:
+            raise TraceError(at_line(
+                "lm.generator.streamer.output is one step's tokens: read it in a step loop "
+                "(`for step in tracer.all():`), not in `with tracer.all():`", line))
+        step = 0 if steps is None else steps.choice
+        _, kwargs, _ = tracer._batched()
+        prompt = kwargs["input_ids"].shape[1]
+        return tracer.recorder.create_read(GENERATOR, "output")[:, prompt + step]

@@ -7,7 +7,9 @@ once with ``dispatch=True``). ``LanguageModel(module, tokenizer=tok)`` wraps a l
 
 Inputs of an invoke (or of ``trace(...)``): a string, a list of strings, token ids (a list
 of ints, a list of lists, a 1-D or 2-D integer tensor) or a dict of tensors
-(``input_ids``, optional ``attention_mask``, other token-aligned tensors). Every prompt is
+(``input_ids``, optional ``attention_mask``, other token-aligned tensors), also given as
+keywords (``trace(input_ids=..., attention_mask=...)``, ``invoke(**tokenizer(...))``). Keywords
+are checked against the model's ``forward`` (:mod:`fxsight.api.inputs`). Every prompt is
 left-padded: the invokes of a trace are padded to a common length, with the attention mask
 and explicit ``position_ids`` (attention mask cumulative sum, as transformers' ``generate``
 does), so each row computes what it computes alone. A right-padded ``attention_mask`` is
@@ -45,10 +47,14 @@ from ..capture import scan
 from ..errors import TokenIndexError, TraceError, at_line, user_line
 from ..run import executable as runner
 from .generation import Generator, GeneratorEnvoy
+from .inputs import BATCH_KEYWORDS, check_keywords, describe
 from .nnsight import NNsight
 
 # keys of a dict input that are not forwarded as they come but re-laid out with the rows
 _PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 1}
+# keywords that are part of the input whatever their type (a tokenizer's lists)
+_TOKEN_KEYWORDS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids",
+                             "labels"})
 _CONFIG_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only",
                   "subfolder")
 _FROM_CONFIG_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
@@ -114,13 +120,12 @@ class LanguageModel(NNsight):
 
     def trace(self, *inputs: Any, **kwargs: Any):
         """``with lm.trace(prompt, **forward_kwargs) as tracer:``; or ``lm.trace()`` and
-        ``tracer.invoke(prompt)`` several times. ``input_ids=``/``attention_mask=`` may be
-        given as keywords too. Loads the weights first if they are not loaded yet (so that
-        modules applied inside the block, e.g. a logit lens, are the real ones)."""
-        if not inputs and "input_ids" in kwargs:
-            given = {k: kwargs.pop(k) for k in ("input_ids", "attention_mask")
-                     if k in kwargs}
-            inputs = (given,)
+        ``tracer.invoke(prompt)`` several times. The input may be given as keywords too
+        (``input_ids=``, ``attention_mask=``, other tensors: ``**tokenizer(...)``). Loads
+        the weights first if they are not loaded yet (so that modules applied inside the
+        block, e.g. a logit lens, are the real ones)."""
+        if not inputs:
+            inputs, kwargs = _keyword_input(kwargs)
         self.dispatch_model()
         return super().trace(*inputs, **kwargs)
 
@@ -128,7 +133,8 @@ class LanguageModel(NNsight):
                  **kwargs: Any):
         """``with lm.generate(prompt, max_new_tokens=n) as tracer:``: interventions across
         decoding steps (``tracer.iter[...]``, ``tracer.all()``); ``kwargs`` go to
-        transformers' ``generate``. ``lm.generator.output`` is the generated ids.
+        transformers' ``generate`` (the input may be given as keywords, as in ``trace``).
+        ``lm.generator.output`` is the generated ids.
 
         On the fx backend every step runs as a rewritten graph; ``compile=True`` (or a
         dict of ``torch.compile`` options) compiles the first step and the decoding step
@@ -145,6 +151,8 @@ class LanguageModel(NNsight):
         >>> len(last), tokens.shape[1] - len(lm.tokenizer("a3 f8 c")["input_ids"])
         (3, 3)
         """
+        if not inputs:  # lm.generate(**tokenizer(...), max_new_tokens=n)
+            inputs, kwargs = _keyword_input(kwargs)
         self.dispatch_model()
         return Generator(self, inputs, kwargs,
                          self._run_options(backend, compile, prune=False))
@@ -172,11 +180,16 @@ class LanguageModel(NNsight):
         return name in params
 
     def _prepare_invoke(self, args: tuple, kwargs: dict, invoke: Any) -> tuple[tuple, dict, int]:
-        where = f"invoke #{invoke.index}" if invoke is not None else "the input"
-        line = user_line()
+        where, line = describe(invoke), user_line()
         kwargs = dict(kwargs)
-        if not args and "input_ids" in kwargs:
-            args = ({k: kwargs.pop(k) for k in ("input_ids", "attention_mask") if k in kwargs},)
+        if not args:
+            args, kwargs = _keyword_input(kwargs)
+        if not args:
+            among = f" among its keywords ({', '.join(kwargs)})" if kwargs else ""
+            raise TraceError(at_line(
+                f"{where} has no input: no input_ids{among}. Give a string, a list of "
+                f"strings, token ids or a dict with 'input_ids' (or input_ids=... as a "
+                f"keyword)", line))
         if len(args) != 1:
             raise TraceError(at_line(
                 f"{where}: a language model takes one input (a string, a list of strings, "
@@ -190,8 +203,8 @@ class LanguageModel(NNsight):
                 raise TraceError(at_line(f"{where}: {key!r} is given twice (in the input and "
                                          f"as a keyword)", line))
             prepared[key] = value
-        if "use_cache" not in prepared and self._accepts("use_cache"):
-            prepared["use_cache"] = False  # export cannot return a cache object
+        given = {k: v for k, v in prepared.items() if k != "attention_mask"}  # (always ours)
+        check_keywords(self._module, (), given, where, line)
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])])
         if invoke is not None and invoke.tracer.invokes:
             _check_batchable(invoke.tracer.invokes[0].prepared, prepared, ids.shape[0],
@@ -302,9 +315,17 @@ class LanguageModel(NNsight):
                                          line))
         extras = {}
         for key, extra in data.items():
+            if key in BATCH_KEYWORDS and isinstance(extra, (list, tuple)):
+                extra = torch.as_tensor(extra)  # (a tokenizer's lists)
             if isinstance(extra, torch.Tensor) and extra.dim() == 1 and \
                     extra.shape[0] == ids.shape[1] and ids.shape[0] == 1:
                 extra = extra.reshape(1, -1)
+            if key in BATCH_KEYWORDS and isinstance(extra, torch.Tensor) and \
+                    extra.dim() > 0 and extra.shape[0] != ids.shape[0]:
+                raise TraceError(at_line(
+                    f"{where}: the inputs disagree on the batch size (input_ids has "
+                    f"{ids.shape[0]}, {key} has {extra.shape[0]} rows); every input of an "
+                    f"invoke holds its rows", line))
             extras[key] = extra
         return self._from_rows(ids, mask, extras, where, line)
 
@@ -487,6 +508,16 @@ def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
             raise TraceError(at_line(
                 f"invokes #0 and #{index} disagree on {key!r} ({_brief(theirs)} vs "
                 f"{_brief(mine)}); the invokes of a trace run in one batch", line))
+
+
+def _keyword_input(kwargs: dict) -> tuple[tuple, dict]:
+    """``input_ids=...`` and the other token inputs given as keywords (``**enc``) as one
+    dict input, the rest (``use_cache=False``, trace options) as keywords."""
+    if "input_ids" not in kwargs:
+        return (), kwargs
+    moved = {k: v for k, v in kwargs.items()
+             if k in _TOKEN_KEYWORDS or isinstance(v, torch.Tensor)}
+    return (moved,), {k: v for k, v in kwargs.items() if k not in moved}
 
 
 def _batch_sized(value: Any, rows: int) -> bool:

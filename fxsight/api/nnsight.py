@@ -6,12 +6,14 @@ from typing import Any
 
 import torch
 
-from .._torch import OptimizedModule, pytree, uncompiled
-from ..capture.export import flat_inputs
-from ..errors import TraceError, at_line, user_line
+from .._torch import OptimizedModule, uncompiled
+from ..errors import user_line
 from ..run.options import CompileOptions, RunOptions
 from .edit import EditTracer, export, seed
 from .envoy import Envoy, renames
+from .inputs import (batch, batch_size, check_batchable, check_keywords, describe,
+                     expand_mapping, named_inputs)
+from .session import Session
 from .tracer import ScanTracer, Tracer
 
 
@@ -128,6 +130,11 @@ class NNsight(Envoy):
         """
         return EditTracer(self, args, kwargs, self._run_options(None, None), inplace=inplace)
 
+    def session(self) -> Session:
+        """``with model.session():`` several traces as one unit: a value of an earlier
+        trace is used in a later one without ``.save()`` (see :mod:`fxsight.api.session`)."""
+        return Session(self)
+
     def clear_edits(self) -> None:
         """Forget every edit of this wrapper (``model.edit(inplace=True)``)."""
         object.__setattr__(self, "_edits", [])
@@ -154,12 +161,19 @@ class NNsight(Envoy):
 
     # --- inputs (overridden by LanguageModel) ---------------------------------------------
     def _prepare_invoke(self, args: tuple, kwargs: dict, invoke: Any) -> tuple[tuple, dict, int]:
-        """An invoke's inputs as the model takes them, and its number of rows."""
-        size = _batch_size(args, kwargs)
-        if size is None:
-            raise TraceError(at_line("an invoke's inputs hold no tensor with a batch "
-                                     "dimension", user_line()))
-        return args, kwargs, size
+        """An invoke's inputs as the model takes them, and its number of rows: a single
+        dict of inputs (a ``BatchEncoding``) is spread into keywords, keywords are checked
+        against ``forward``, batch sizes against each other and against invoke #0's
+        inputs (see :mod:`fxsight.api.inputs`)."""
+        where, line = describe(invoke), user_line()
+        module = self._module
+        args, kwargs = expand_mapping(module, args, kwargs, where, line)
+        check_keywords(module, args, kwargs, where, line)
+        size = batch_size(named_inputs(module, args, kwargs), bool(args), where, line)
+        prepared = (args, kwargs, size)
+        if invoke is not None and invoke.tracer.invokes:
+            check_batchable(invoke.tracer.invokes[0].prepared, prepared, invoke.index, line)
+        return prepared
 
     def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:
         """Concatenate several invokes' inputs along the batch dimension."""
@@ -168,26 +182,7 @@ class NNsight(Envoy):
         if _tensors_and_same_options(prepared):
             return tuple(torch.cat(column, dim=0) for column in
                          zip(*(a for a, _, _ in prepared))), dict(prepared[0][1])
-        flats = [flat_inputs(a, k) for a, k, _ in prepared]
-        spec = flats[0][1]
-        for flat, other_spec in flats[1:]:
-            if other_spec != spec:
-                raise TraceError("invokes must pass inputs of the same structure to be "
-                                 "batched together")
-        leaves = []
-        for column in zip(*(flat for flat, _ in flats)):
-            if isinstance(column[0], torch.Tensor):
-                leaves.append(torch.cat(column, dim=0))
-            else:
-                if any(v != column[0] for v in column[1:]):
-                    raise TraceError(f"invokes disagree on a non-tensor input: {column}")
-                leaves.append(column[0])
-        if isinstance(spec, tuple):  # flat_inputs' fast layout: (args..., kwargs values...)
-            _, n_args, names = spec
-            return tuple(leaves[:n_args]), dict(zip(names, leaves[n_args:]))
-        args, kwargs = pytree.tree_unflatten(leaves, pytree.tree_structure(
-            (prepared[0][0], prepared[0][1])))
-        return tuple(args), dict(kwargs)
+        return batch(prepared)
 
     def _before_run(self) -> None:
         """Last preparations before the model runs (LanguageModel dispatches weights)."""
@@ -219,14 +214,15 @@ def _uncompiled(module: torch.nn.Module, compile: Any) -> tuple[torch.nn.Module,
 
 
 def _tensors_and_same_options(prepared: list[tuple[tuple, dict, int]]) -> bool:
-    """Whether every invoke passes tensors positionally (as many) and the same plain
-    keyword values (``use_cache=False``): the common case, batched without flattening."""
+    """Whether every invoke passes tensors of one row per example positionally (as many)
+    and the same plain keyword values (``use_cache=False``): the common case, batched
+    without flattening."""
     first_args, first_kwargs, _ = prepared[0]
-    for args, kwargs, _ in prepared:
+    for args, kwargs, size in prepared:
         if len(args) != len(first_args):
             return False
         for value in args:
-            if type(value) is not torch.Tensor:
+            if type(value) is not torch.Tensor or value.dim() == 0 or value.shape[0] != size:
                 return False
         for value in kwargs.values():
             if type(value) not in _PLAIN_VALUES:
@@ -235,11 +231,3 @@ def _tensors_and_same_options(prepared: list[tuple[tuple, dict, int]]) -> bool:
             return False
     return True
 
-
-def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    if args and type(args[0]) is torch.Tensor and args[0].dim() > 0:
-        return args[0].shape[0]  # the common case: a batch of inputs first
-    for leaf in flat_inputs(args, kwargs)[0]:
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            return leaf.shape[0]
-    return None

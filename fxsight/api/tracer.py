@@ -13,15 +13,17 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..bind import bind_frame
+from .._torch import pytree
+from ..bind import bind_frame, bind_objects
 from ..errors import TraceError, at_line, user_line
 from ..locks import model_lock
-from ..record.active import active_tracers
+from ..record.active import active_sessions, active_tracers
 from ..record.program import Kind, Node
 from ..record.proxy import Proxy
 from ..record.recorder import Recorder
-from ..record.scope import Scope
+from ..record.scope import ALL, Scope, Steps
 from ..record.sites import OUTPUT, Site
+from ..capture.operations import spec_for
 from ..run.forward import metadata_source, run_program
 from ..run.options import RunOptions
 from ..splice.rows import Rows
@@ -119,6 +121,7 @@ class Tracer:
         self.backend: str | None = None
         self.graph_module: fx.GraphModule | None = None
         self._args, self._kwargs = args, kwargs
+        self._line = user_line()  # where the trace was opened
         self._implicit: Invoke | None = None
         self._state = "new"
         self._results: dict[Node, Any] = {}
@@ -129,6 +132,10 @@ class Tracer:
         self._cache_requests: list[CacheRequest] = []  # tracer.cache(...) calls
         self._stop_line: Any = None  # tracer.stop(): where, and how many Program nodes
         self._stop_after = 0  # were recorded before it
+        self._kept: list[Any] = []  # fxsight.save(obj) on lists, dicts, user objects
+        # envoy(value, hook=True) calls: module path -> (node's proxy, line), the latest
+        self.hooked_calls: dict[str, tuple[Proxy, Any]] = {}
+        self._paths_run: set[str] | None = None
 
     @property
     def program(self):
@@ -140,10 +147,15 @@ class Tracer:
         if self._state != "new":
             raise TraceError("a tracer can be entered once")
         self._state = "recording"
+        if self._args or _holds_tensor(self._kwargs):
+            try:  # (bad input raises here, before the tracer is open)
+                self._implicit = self._add_invoke(self._args, dict(self._kwargs))
+            except BaseException:
+                self._state = "done"
+                raise
         self.recorder.open = True
         active_tracers().append(self)
-        if self._args:
-            self._implicit = self.invoke(*self._args)
+        if self._implicit is not None:
             self._implicit.__enter__()
         return self
 
@@ -156,6 +168,9 @@ class Tracer:
         ``frame``, the caller's."""
         if self._implicit is not None:
             self._implicit.__exit__(None, None, None)
+        kept = [*self._kept, *(obj for s in active_sessions() for obj in s.kept)]
+        if not failed:
+            self._save_reachable(kept, frame if active_sessions() else None)
         self.recorder.open = False
         stack = active_tracers()
         if self in stack:
@@ -170,6 +185,28 @@ class Tracer:
         finally:
             self._state = "done"
         bind_frame(frame, self._resolve, len(self.recorder.saved))
+        if kept:
+            bind_objects(kept, self._resolve)
+
+    def keep(self, value: Any) -> None:
+        """``fxsight.save(obj)``: traced values put into ``obj`` are saved at the end."""
+        if not any(value is other for other in self._kept):
+            self._kept.append(value)
+
+    def _save_reachable(self, kept: list, frame: Any) -> None:
+        """Save this trace's proxies inside ``kept`` objects, and (in a session, where a
+        later trace may use them) those the caller's ``frame`` holds."""
+        recorder = self.recorder
+
+        def save(proxy: Proxy) -> tuple[bool, Any]:
+            if proxy._recorder is recorder and id(proxy) not in recorder.saved:
+                recorder.save(proxy)
+            return False, None
+
+        if kept:
+            bind_objects(kept, save)
+        if frame is not None:
+            bind_frame(frame, save, 1)
 
     # --- user API -----------------------------------------------------------------------
     def invoke(self, *args, **kwargs) -> Invoke | WholeBatch:
@@ -190,13 +227,18 @@ class Tracer:
         (torch.Size([3, 3]), True)
         """
         if self._implicit is not None and self.recorder.scope.invoke == self._implicit.index \
-                and args:
+                and (args or kwargs):
             raise TraceError(at_line("trace(inputs) already has its input; use "
                                      "trace() with no inputs to batch several invokes",
                                      user_line()))
         if not args and not kwargs:
             return WholeBatch(self)
-        kwargs = {**self._kwargs, **kwargs}  # trace(**kwargs) apply to every invoke
+        merged = dict(kwargs)  # trace(**options) apply to every invoke, after its own
+        for key, value in self._kwargs.items():
+            merged.setdefault(key, value)
+        return self._add_invoke(args, merged)
+
+    def _add_invoke(self, args: tuple, kwargs: dict) -> Invoke:
         invoke = Invoke(self, len(self.invokes), args, kwargs)
         invoke.prepared = self.model._prepare_invoke(args, kwargs, invoke)
         self.invokes.append(invoke)
@@ -244,6 +286,36 @@ class Tracer:
             self._stop_line = user_line()
             self._stop_after = len(self.program.nodes)
 
+    @property
+    def iter(self) -> "CallIndexer":
+        """``for i in tracer.iter[0:3]:`` over a module called several times in one forward
+        (a layer applied in a loop): inside the body, ``module.output`` is its ``i``-th
+        call. The body is recorded once per call, ``i`` a real int.
+
+        >>> import torch, fxsight
+        >>> class Loop(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layer = torch.nn.Linear(2, 2)
+        ...     def forward(self, x):
+        ...         for _ in range(3):
+        ...             x = self.layer(x)
+        ...         return x
+        >>> net = fxsight.NNsight(Loop())
+        >>> with net.trace(torch.ones(1, 2)) as tracer:
+        ...     outs = fxsight.save(list())
+        ...     for i in tracer.iter[:]:  # i = 0, 1, 2
+        ...         outs.append(net.layer.output)
+        ...     out = net.output.save()
+        >>> len(outs), torch.equal(outs[2], out)
+        (3, True)
+        """
+        return CallIndexer(self)
+
+    def all(self) -> "CallScope":
+        """``for i in tracer.all():`` every call of the modules read in the body."""
+        return CallScope(self, Steps(ALL))
+
     def barrier(self, participants: int) -> Barrier:
         """nnsight's ``tracer.barrier(n)`` (accepted and checked; see :class:`Barrier`)."""
         barrier = Barrier(self, participants)
@@ -270,11 +342,14 @@ class Tracer:
     # --- the recorder's host: answers that need the model or the inputs -----------------
     def meta_of(self, node: Node, what: str) -> Any:
         with model_lock(self.model._module):  # (captures, scans: see fxsight.locks)
-            walker = self._meta_walkers.get(node.invoke)
+            operations = self._operations()
+            key = (node.invoke, operations) if operations else node.invoke
+            walker = self._meta_walkers.get(key)
             if walker is None:
                 args, kwargs = self._inputs_for_metadata(node.invoke)
-                source = metadata_source(self.model._module, args, kwargs, self.options)
-                walker = self._meta_walkers[node.invoke] = MetaWalker(
+                source = metadata_source(self.model._module, args, kwargs, self.options,
+                                         operations)
+                walker = self._meta_walkers[key] = MetaWalker(
                     self.program, _WholeRows(), source)
             walker.run(_walked_for(self.program, node.invoke))
         meta = walker.values[node]
@@ -316,8 +391,10 @@ class Tracer:
     # --- execution ---------------------------------------------------------------------
     def _batched(self) -> tuple[tuple, dict, dict[Any, Rows]]:
         if not self.invokes:
-            raise TraceError("the trace has no input: pass inputs to trace(...) or use "
-                             "tracer.invoke(...)")
+            raise TraceError(at_line(
+                f"the trace of {type(self.model._module).__name__} has no input: pass the "
+                f"model's inputs to trace(...), positionally or as keywords (e.g. "
+                f"input_ids=...), or add them with tracer.invoke(...)", self._line))
         prepared = [inv.prepared for inv in self.invokes]
         args, kwargs = self.model._batch_inputs(prepared)
         total = sum(size for _, _, size in prepared)
@@ -352,7 +429,24 @@ class Tracer:
         return args, kwargs, rows
 
     def _metadata_source(self, args: tuple, kwargs: dict) -> Any:
-        return metadata_source(self.model._module, args, kwargs, self.options)
+        return metadata_source(self.model._module, args, kwargs, self.options,
+                               self._operations())
+
+    def _operations(self) -> frozenset:
+        """The operations spec of the sites recorded so far (``.source``)."""
+        if not self.recorder.operations:
+            return frozenset()
+        return spec_for(self.model._module, self.recorder.operations)
+
+    def callees(self, paths: set[str], invoke: int | None) -> dict:
+        """The functions operations called (op path -> function) in a forward pass of
+        this trace's inputs instrumented for ``paths`` (operation sites' paths)."""
+        with model_lock(self.model._module):
+            args, kwargs = self._inputs_for_metadata(invoke)
+            operations = spec_for(self.model._module, paths | self.recorder.operations)
+            source = metadata_source(self.model._module, args, kwargs, self.options,
+                                     operations)
+        return source.callees
 
     def _execute(self) -> None:
         args, kwargs, rows = self._prepare_run()
@@ -365,6 +459,30 @@ class Tracer:
         self._output, self._output_kept = outcome.output, outcome.output_kept
         self._results = outcome.values
         self._fill_caches()
+
+    def _calls_of(self, nodes: list[Node], line: Any) -> int:
+        """How many times the modules ``nodes`` read and write are called in one forward
+        (the most of them): the bound of an open-ended ``tracer.iter`` loop."""
+        paths = {n.site.path for n in nodes if n.site is not None}
+        if not paths:
+            raise TraceError(at_line(
+                "an open-ended `for i in tracer.iter[...]` (or tracer.all()) in a trace runs "
+                "over the calls of the modules its body uses, and this body uses none: "
+                "choose the calls (tracer.iter[0:3])", line))
+        with model_lock(self.model._module):
+            args, kwargs = self._inputs_for_metadata(None)
+            source = metadata_source(self.model._module, args, kwargs, self.options)
+        return max(sum(1 for site in source.events if site.path == path
+                       and site.kind == OUTPUT) for path in paths)
+
+    def _forward_paths(self) -> set[str]:
+        """The paths of the modules the model's forward runs (for these inputs)."""
+        if self._paths_run is None:
+            with model_lock(self.model._module):
+                args, kwargs = self._inputs_for_metadata(None)
+                source = self._metadata_source(args, kwargs)
+            self._paths_run = {site.path for site in source.events}
+        return self._paths_run
 
     def _fill_caches(self) -> None:
         for request in self._cache_requests:
@@ -398,6 +516,20 @@ class ScanTracer(Tracer):
         self._fill_caches()
 
 
+def _holds_tensor(kwargs: dict) -> bool:
+    """Whether ``trace(**kwargs)`` brings inputs (a tensor with a batch dimension somewhere
+    in its keywords), not only options that apply to every invoke (``use_cache=False``)."""
+    for value in kwargs.values():
+        if isinstance(value, (list, tuple, dict)) or hasattr(value, "items"):
+            value = pytree.tree_leaves(dict(value.items()) if hasattr(value, "items")
+                                       else value)
+        else:
+            value = [value]
+        if any(isinstance(leaf, torch.Tensor) and leaf.dim() > 0 for leaf in value):
+            return True
+    return False
+
+
 def _walked_for(program: Any, invoke: int | None) -> list[Node]:
     """The nodes the metadata of ``invoke`` (run on its inputs alone) needs: its own, and
     those of other invokes they depend on. Other invokes' nodes are sized for other rows
@@ -416,3 +548,79 @@ class _WholeRows(dict):
 
     def __missing__(self, key):
         return Rows(0, 1, 1)
+
+
+class CallScope:
+    """``for i in tracer.iter[...]`` in a plain trace: the body recorded once per call
+    ``i`` of the modules it reads and writes. An open-ended slice (or ``tracer.all()``)
+    runs to the number of calls of the modules the first pass of the body uses."""
+
+    def __init__(self, tracer: Tracer, steps: Steps):
+        self.tracer = tracer
+        self.steps = steps
+        self._previous: Scope | None = None
+
+    def __enter__(self) -> int:
+        if not isinstance(self.steps.choice, int):
+            raise TraceError(at_line("in a trace, `with tracer.iter[...]` takes one call "
+                                     "(an int); loop over several: `for i in "
+                                     "tracer.iter[0:3]:`", user_line()))
+        recorder = self.tracer.recorder
+        self._previous = recorder.scope
+        recorder.scope = recorder.scope._replace(call=self.steps.choice)
+        return self.steps.choice
+
+    def __exit__(self, *exc) -> bool:
+        self.tracer.recorder.scope = self._previous
+        return False
+
+    def __iter__(self):
+        choice = self.steps.choice
+        recorder = self.tracer.recorder
+        if not (choice == ALL or (isinstance(choice, slice) and choice.stop is None)):
+            calls = self.steps.concrete(None)
+            if any(not isinstance(c, int) or c < 0 for c in calls):
+                raise TraceError(at_line(f"tracer.iter[{choice!r}]: calls are counted "
+                                         "from 0", user_line()))
+            yield from scoped_loop(recorder, calls, lambda call: {"call": call})
+            return
+        start, stride = (0, 1) if choice == ALL else (choice.start or 0, choice.step or 1)
+        previous, first = recorder.scope, len(self.tracer.program.nodes)
+        call, count, line = start, None, user_line()
+        try:
+            while count is None or call < count:
+                recorder.scope = previous._replace(call=call)
+                yield call
+                recorder.scope = previous
+                if count is None:
+                    count = self.tracer._calls_of(self.tracer.program.nodes[first:], line)
+                call += stride
+        finally:
+            recorder.scope = previous
+
+
+def scoped_loop(recorder: Recorder, items: list[int], scope_for: Any):
+    """Yield each of ``items`` with the recorder's scope changed by ``scope_for(item)``
+    (a dict of Scope fields), restored after each and when the loop ends or breaks."""
+    previous = recorder.scope
+    try:
+        for item in items:
+            recorder.scope = previous._replace(**scope_for(item))
+            yield item
+            recorder.scope = previous
+    finally:
+        recorder.scope = previous
+
+
+class CallIndexer:
+    """``tracer.iter`` of a plain trace: indexed with an int, a slice or a list of calls."""
+
+    def __init__(self, tracer: Tracer):
+        self.tracer = tracer
+
+    def __getitem__(self, choice: Any) -> CallScope:
+        if not isinstance(choice, (int, slice, list, tuple)):
+            raise TypeError(f"tracer.iter takes an int, a slice or a list of calls, "
+                            f"not {choice!r}")
+        return CallScope(self.tracer, Steps(list(choice) if isinstance(choice, tuple)
+                                            else choice))

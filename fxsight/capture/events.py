@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import types
 from typing import Any, Callable, Iterator
 
 import torch
 
-from .._torch import forward_hook_dicts
+from .._torch import forward_hook_dicts, pytree
 from ..record.sites import INPUT, OUTPUT, Site
+from . import operations as ops
 
 # on_event(site, value) -> replacement value or None; value is (args, kwargs) for inputs.
 EventHandler = Callable[[Site, Any], Any]
@@ -23,6 +25,16 @@ def module_paths(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
     return paths
 
 
+def _replaced(before: Any, after: Any) -> list:
+    """``(original, replacement, its version)`` for each tensor leaf of ``before`` that
+    ``after`` replaces (a boundary marker's copy, a written value)."""
+    old, new = pytree.tree_leaves(before), pytree.tree_leaves(after)
+    if len(old) != len(new):
+        return []
+    return [(o, n, n._version) for o, n in zip(old, new)
+            if isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor) and o is not n]
+
+
 class ModuleEvents:
     """Calls a handler at each module's inputs and output, counting calls per module.
 
@@ -34,10 +46,15 @@ class ModuleEvents:
     """
 
     def __init__(self, model: torch.nn.Module, on_event: EventHandler,
-                 only: set[str] | None = None):
+                 only: set[str] | None = None, operations: frozenset = frozenset()):
         self.model = model
         self.on_event = on_event
         self.only = only
+        # the operations spec (see ``capture.operations``): calls inside forwards that are
+        # events too, sites ``<module>.source.<op>``; ``callees``: op path -> the function
+        # it called (the last call)
+        self.operations = operations
+        self.callees: dict[str, Any] = {}
         self.calls: dict[str, int] = {}
         self.stack: list[str] = []
         self.order: list[Site] = []
@@ -49,7 +66,18 @@ class ModuleEvents:
     @contextlib.contextmanager
     def installed(self) -> Iterator["ModuleEvents"]:
         handles = []
+        forwards = []
         try:
+            if self.operations:
+                for module, path in module_paths(self.model).items():
+                    tree = ops.tree_of(self.operations, ops.module_forward(module))
+                    if tree is None or "forward" in vars(module):
+                        continue  # (a forward of the instance's own is not instrumented)
+                    prefix = f"{path}.{ops.SOURCE}" if path else ops.SOURCE
+                    function = ops.instrumented(ops.module_forward(module),
+                                                self._dispatcher(prefix, tree))
+                    vars(module)["forward"] = types.MethodType(function, module)
+                    forwards.append(module)
             for module, path in module_paths(self.model).items():
                 if self.only is not None and path not in self.only:
                     continue
@@ -61,6 +89,64 @@ class ModuleEvents:
         finally:
             for handle in handles:
                 handle.remove()
+            for module in forwards:
+                forward = vars(module).get("forward")
+                if getattr(forward, ops.MARK, False):
+                    del vars(module)["forward"]
+
+    def _dispatcher(self, prefix: str, tree: dict) -> Any:
+        """The ``__fxsight_op__`` of a function instrumented under ``prefix``
+        (``h.0.attn.source``): each call ``fn(...)`` named ``name`` becomes the events
+        ``<prefix>.<name>`` input and output, around ``fn`` (instrumented itself where
+        ``tree`` asks for its operations)."""
+        def dispatch(fn, name):
+            if self.paused or threading.get_ident() != self.thread:
+                return fn
+            path = f"{prefix}.{name}"
+            inner = tree.get(name)
+            emit = self.only is None or path in self.only
+            if not emit and inner is None:
+                return fn
+
+            def call(*args, **kwargs):
+                target = fn
+                function = getattr(fn, "__func__", fn)
+                if isinstance(function, types.FunctionType):  # (for ``.source`` of it;
+                    self.callees[path] = function          # no tensors, no modules kept)
+                if inner is not None:
+                    target = self._instrumented_callee(fn, path, inner)
+                if not emit:
+                    return target(*args, **kwargs)
+                count = self.calls.get(path, 0)
+                self.calls[path] = count + 1
+                site = Site(path, INPUT, count)
+                self.order.append(site)
+                new = self.on_event(site, (args, kwargs))
+                moved = []
+                if new is not None:
+                    moved = _replaced((args, kwargs), new)
+                    args, kwargs = new
+                output = target(*args, **kwargs)
+                for original, given, version in moved:
+                    if given._version != version:  # changed in place by the operation:
+                        original.copy_(given)       # so is the argument it stands for
+                site = Site(path, OUTPUT, count)
+                self.order.append(site)
+                new = self.on_event(site, output)
+                return output if new is None else new
+            return call
+        return dispatch
+
+    def _instrumented_callee(self, fn: Any, path: str, tree: dict) -> Any:
+        if isinstance(fn, torch.nn.Module):
+            raise ops.SourceError(
+                f"{path} calls a module ({type(fn).__name__}): reach its operations "
+                f"through the module's own envoy (model.<its path>.source)")
+        dispatch = self._dispatcher(f"{path}.{ops.SOURCE}", tree)
+        owner = getattr(fn, "__self__", None)
+        function = ops.instrumented(getattr(fn, "__func__", fn), dispatch)
+        return types.MethodType(function, owner) if owner is not None and \
+            not isinstance(owner, types.ModuleType) else function
 
     def _pre_hook(self, path: str):
         def hook(module, args, kwargs):

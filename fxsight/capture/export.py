@@ -27,7 +27,7 @@ from .._torch import plain_codegen, pytree
 from ..locks import exclusive_export
 from ..stats import bump
 from ..errors import CaptureError
-from . import state
+from . import caches, state
 from .events import ModuleEvents
 from ..record.sites import Site
 
@@ -102,6 +102,10 @@ class Captured:
     dims: list = field(default_factory=list, repr=False)
     ranges: dict = field(default_factory=dict, repr=False)
     bindings: dict | None = None
+    # where the model takes or returns cache objects (see ``caches``): how they pass
+    caches: "CacheLayout | None" = None
+    # operation sites (``capture.operations``): op path -> the function it called
+    callees: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
@@ -158,6 +162,61 @@ class Captured:
         return view
 
 
+@dataclass
+class CacheLayout:
+    """How cache objects pass through a captured graph. The graph takes each input cache
+    as its tensors (in ``caches.flatten`` order, in place of the cache among the inputs)
+    and returns ``(leaves, finals)``: the model output's leaves but its caches, and for
+    each cache ``k`` (the input caches first, then those the forward pass made) its
+    tensors after the forward pass, laid out by ``skeletons[k]``."""
+
+    skeletons: list
+    n_inputs: int
+    model_spec: Any  # the model output's pytree layout (caches as leaves)
+    positions: dict  # leaf index in model_spec -> k
+
+    def model_value(self, graph_output: Any) -> Any:
+        """The model's output from the graph's ``(leaves, finals)``: ``CacheRef``s where
+        its caches are."""
+        rest = iter(graph_output[0])
+        leaves = [caches.CacheRef(self.positions[i], (), "the model's output")
+                  if i in self.positions else next(rest)
+                  for i in range(self.model_spec.num_leaves)]
+        return pytree.tree_unflatten(leaves, self.model_spec)
+
+
+class _CacheState:
+    """What ``_Root`` needs and learns about cache objects during one capture."""
+
+    def __init__(self, found: list, layout: Any, dynamic: bool):
+        self.found = found  # the input caches (see ``caches.expand``)
+        self.layout = layout  # the original inputs' pytree layout
+        self.dynamic = dynamic
+        self.roots: list = []
+        self.result: CacheLayout | None = None
+
+    def convert(self, output: Any) -> Any:
+        flat, spec = pytree.tree_flatten(output)
+        positions = {}
+        roots = self.roots
+        for index, leaf in enumerate(flat):
+            if caches.is_cache(leaf):
+                k = next((j for j, r in enumerate(roots) if r is leaf), None)
+                if k is None:
+                    roots.append(leaf)
+                    k = len(roots) - 1
+                positions[index] = k
+        if not roots:
+            return output
+        finals, skeletons = [], []
+        for root in roots:
+            tensors, skeleton = caches.flatten(root, symbolic_ok=not self.dynamic)
+            finals.append(tensors)
+            skeletons.append(skeleton)
+        self.result = CacheLayout(skeletons, len(self.found), spec, positions)
+        return ([leaf for i, leaf in enumerate(flat) if i not in positions], finals)
+
+
 def _concrete(sizes: Any, bindings: dict | None) -> list[int]:
     out = []
     for size in sizes:
@@ -177,7 +236,8 @@ def _to_meta(value: Any, bindings: dict | None = None) -> Any:
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
-            dynamic: bool = False, events_on: torch.nn.Module | None = None) -> Captured:
+            dynamic: bool = False, events_on: torch.nn.Module | None = None,
+            operations: frozenset = frozenset()) -> Captured:
     """Capture ``model(*args, **kwargs)`` into a GraphModule with boundary markers.
 
     ``events_on``: the module whose boundaries are marked and named (its submodule paths
@@ -187,6 +247,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     With ``dynamic``, every dimension of every input tensor is ``Dim.AUTO`` (export keeps
     it symbolic unless the model fixes it): the graph serves other batch and sequence
     lengths too (see :meth:`Captured.bind`).
+
+    ``operations``: an operations spec (:mod:`fxsight.capture.operations`): the calls
+    inside those forwards are marked too, as sites ``<module>.source.<op>``.
 
     Raises :class:`CaptureError` naming the innermost module that could not be captured;
     also, before anything runs, where the model has forward hooks or pre-hooks (a graph
@@ -216,10 +279,17 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                   for i, v in enumerate(flat)]
         return pytree.tree_unflatten(marked, spec)
 
-    events = ModuleEvents(model if events_on is None else events_on, mark)
+    events = ModuleEvents(model if events_on is None else events_on, mark,
+                          operations=operations)
     before = state.Watch(model, 0)
     changes: list[str] = []
-    root = _Root(model, before, changes)
+    layout = pytree.tree_structure((tuple(args), dict(kwargs)))
+    try:
+        args, kwargs, found = caches.expand(tuple(args), dict(kwargs))
+    except caches.Unsupported as error:
+        raise CaptureError(f"could not capture the model: {error}") from None
+    cache_state = _CacheState(found, layout, dynamic)
+    root = _Root(model, before, changes, cache_state)
     try:
         # (one export at a time: export sets process-wide flags, see fxsight.locks)
         try:
@@ -261,6 +331,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     slots = {}
     for site in events.order:
         spec, constants = layouts[site]
+        if any(caches.is_cache(c) for c in constants):
+            constants = [_cache_ref(c, cache_state.roots, site) if caches.is_cache(c) else c
+                         for c in constants]
         found = marks.get(_marker(site), {})
         nodes = [found.get(i) if constants[i] is None else None for i in range(len(constants))]
         slots[site] = SiteSlot(spec, nodes, constants)
@@ -268,10 +341,19 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     _drop_forward_hooks(module)
     bump("captures")
     captured = Captured(module, in_spec, out_spec, list(events.order), slots,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, caches=cache_state.result,
+                        callees=dict(events.callees))
     if dynamic:
         _make_dynamic(captured, exported, guards)
     return captured
+
+
+def _cache_ref(cache: Any, roots: list, site: Site) -> caches.CacheRef:
+    """What a capture keeps of a cache object at a module boundary."""
+    where = f"{site.label}"
+    found = caches.find(cache, roots)
+    return caches.CacheRef(None, (), where) if found is None else \
+        caches.CacheRef(found[0], found[1], where)
 
 
 class _Uncapturable(Exception):
@@ -298,11 +380,15 @@ class _Root(torch.nn.Module):
     :class:`_Uncapturable`, and puts in ``changes`` the plain attributes the model's
     forward changed (compared with ``watch``; export puts them back afterwards)."""
 
-    def __init__(self, model: torch.nn.Module, watch: state.Watch, changes: list[str]):
+    def __init__(self, model: torch.nn.Module, watch: state.Watch, changes: list[str],
+                 cache_state: "_CacheState"):
         super().__init__()
         self.model = model
 
         def forward(*args, **kwargs):
+            if cache_state.found:  # the input caches, built again from their tensors
+                args, kwargs, cache_state.roots = caches.rebuild(
+                    args, kwargs, cache_state.layout, cache_state.found)
             try:
                 output = self.model(*args, **kwargs)
             except Exception as error:
@@ -310,7 +396,7 @@ class _Root(torch.nn.Module):
                     raise _Uncapturable(error) from None
                 raise
             changes[:] = watch.changes(plain=True)
-            return output
+            return cache_state.convert(output)
 
         try:
             forward.__signature__ = inspect.signature(model.forward)
@@ -579,7 +665,23 @@ def flat_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
         else:
             return flat, ("flat", len(args), tuple(kwargs))
     flat, spec = pytree.tree_flatten((args, kwargs))
-    return flat, str(spec)
+    if not any(caches.is_cache(leaf) for leaf in flat):
+        return flat, str(spec)
+    # a cache object passes as its tensors (see ``caches``): its layout is in the key
+    expanded, skeletons = [], []
+    for leaf in flat:
+        if caches.is_cache(leaf):
+            try:
+                tensors, skeleton = caches.flatten(leaf)
+            except caches.Unsupported:
+                expanded.append(leaf)  # (its capture fails and says why)
+                continue
+            expanded.extend(tensors)
+            skeletons.append(skeleton)
+        else:
+            expanded.append(leaf)
+    return expanded, f"{spec} with caches {skeletons!r}"
+
 
 
 def signature(model: torch.nn.Module, args: tuple, kwargs: dict,
@@ -631,7 +733,8 @@ def _kept(error: CaptureError) -> CaptureError:
 def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                    dynamic: str = "never",
                    flat: tuple[list[Any], Any] | None = None,
-                   events_on: torch.nn.Module | None = None) -> Captured:
+                   events_on: torch.nn.Module | None = None,
+                   operations: frozenset = frozenset()) -> Captured:
     """Capture once per (model, signature); failures are remembered too (both in a
     bounded LRU, see :data:`MAX_CAPTURES`).
 
@@ -639,8 +742,14 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     dynamic-shape capture for many input shapes: ``"always"`` captures dynamically at
     once, ``"auto"`` once inputs of a second shape (same structure) are seen. Where a
     dynamic capture fails or does not fit the inputs, the exact-shape capture is used.
+
+    ``operations`` (a spec of :mod:`fxsight.capture.operations`) is part of the key: a
+    capture with operation sites is another capture (only exact shapes).
     """
     key = signature(model, args, kwargs, flat)
+    if operations:
+        key = (*key[:-1], operations, key[-1])  # (the state token stays last)
+        dynamic = "never"
     cache = _CACHE.get(model)
     if cache is None:
         cache = _CACHE[model] = _Captures()
@@ -659,7 +768,7 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         if len(shapes) < 2:
             shapes.add(key)
         try:
-            hit = capture(model, args, kwargs, events_on=events_on)
+            hit = capture(model, args, kwargs, events_on=events_on, operations=operations)
         except CaptureError as error:
             bump("capture_failures")
             kept = _kept(error)

@@ -12,6 +12,7 @@ import torch
 from .._torch import FakeTensorMode, pytree, tensor_version, unset_fake_temporarily
 
 from ..stats import bump
+from . import caches
 from .export import MAX_CAPTURES, signature
 from .state import Watch
 from .events import ModuleEvents, silenced_hooks
@@ -27,6 +28,7 @@ class ScanResult:
     devices: dict[Site, Any]
     output: Any = None
     index: dict[Site, int] = field(default_factory=dict)
+    callees: dict = field(default_factory=dict, repr=False)  # (as ``Captured.callees``)
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
@@ -45,7 +47,8 @@ def _is_meta_model(model: torch.nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def scan(model: torch.nn.Module, args: tuple, kwargs: dict) -> ScanResult:
+def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
+         operations: frozenset = frozenset()) -> ScanResult:
     """Run ``model`` without computing anything real and record every boundary's shapes.
 
     Works on models whose weights are on the meta device (not loaded yet) too.
@@ -65,7 +68,7 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict) -> ScanResult:
         devices[site] = pytree.tree_map(
             lambda v: v.device if isinstance(v, torch.Tensor) else None, value)
 
-    events = ModuleEvents(model, record)
+    events = ModuleEvents(model, record, operations=operations)
     before = Watch(model, 0)
     try:
         with silenced_hooks(model), _kept_buffers(model), \
@@ -75,7 +78,8 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict) -> ScanResult:
         if not before.unchanged():  # the forward changed the model: undone (a trace
             before.restore()        # changes it only as the plain forward does)
     bump("scans")
-    return ScanResult(list(events.order), values, devices, pytree.tree_map(_to_meta, output))
+    return ScanResult(list(events.order), values, devices, pytree.tree_map(_to_meta, output),
+                      callees=dict(events.callees))
 
 
 def _cuda_devices(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[int]:
@@ -107,17 +111,21 @@ def _run(model, args, kwargs, events, record, values, devices):
             mode = FakeTensorMode(allow_non_fake_inputs=True)
             fake_args, fake_kwargs = pytree.tree_map_only(
                 torch.Tensor, mode.from_tensor, (args, kwargs))
+            # (a cache object among the inputs: a copy, the user's is not updated)
+            fake_args, fake_kwargs = caches.copied(fake_args, fake_kwargs, mode.from_tensor)
             with events.installed(), mode:
                 output = model(*fake_args, **fake_kwargs)
         except Exception:  # noqa: BLE001 - data-dependent code: probe with real values
             values.clear()
             devices.clear()
-            events = ModuleEvents(model, record)
+            events = ModuleEvents(model, record, operations=events.operations)
             if _is_meta_model(model):
                 meta_args, meta_kwargs = pytree.tree_map(_to_meta, (args, kwargs))
+                meta_args, meta_kwargs = caches.copied(meta_args, meta_kwargs, _to_meta)
                 with events.installed():
                     output = model(*meta_args, **meta_kwargs)
             else:
+                args, kwargs = caches.copied(args, kwargs, torch.Tensor.clone)
                 with events.installed():
                     output = model(*args, **kwargs)
                 bump("real_scans")
@@ -128,16 +136,17 @@ _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = \
     weakref.WeakKeyDictionary()
 
 
-def cached_scan(model: torch.nn.Module, args: tuple, kwargs: dict) -> ScanResult:
-    """``scan`` once per (model, input signature), for the last ``MAX_CAPTURES``
-    signatures (an LRU, as the captures')."""
-    key = signature(model, args, kwargs)
+def cached_scan(model: torch.nn.Module, args: tuple, kwargs: dict,
+                operations: frozenset = frozenset()) -> ScanResult:
+    """``scan`` once per (model, input signature, operations spec), for the last
+    ``MAX_CAPTURES`` signatures (an LRU, as the captures')."""
+    key = (signature(model, args, kwargs), operations)
     per_model = _CACHE.get(model)
     if per_model is None:
         per_model = _CACHE[model] = OrderedDict()
     result = per_model.get(key)
     if result is None:
-        result = per_model[key] = scan(model, args, kwargs)
+        result = per_model[key] = scan(model, args, kwargs, operations)
         while len(per_model) > MAX_CAPTURES:
             per_model.popitem(last=False)
     else:

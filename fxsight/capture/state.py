@@ -251,7 +251,8 @@ class Watch:
                 elif not _same(now[key], old):
                     found.append(f"{where}, attribute {key!r}")
             found += [f"{where}, attribute {key!r} (added)" for key in now
-                      if key not in keys and key not in _APART]
+                      if key not in keys and key not in _APART
+                      and not _instrumented(key, now[key])]
         for (index, key), now, old in zip(self.tensor_owners, self.tensor_dicts,
                                           self.tensor_copies):
             if not plain and not _same(now, old):
@@ -290,6 +291,12 @@ class Watch:
 
 
 _MISSING = object()
+
+
+def _instrumented(key: str, value: Any) -> bool:
+    """fxsight's own instrumented ``forward`` (``capture.operations``), bound to a module
+    while events are installed."""
+    return key == "forward" and getattr(value, "__fxsight_operations__", False)
 
 
 def _getter(indices: list) -> Any:

@@ -8,16 +8,19 @@ the patched layer is skipped with the corrupted run's output: prefix reuse).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import time
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from ..api.envoy import Envoy
+from .jobs import (Experiment, Group, Refs, dataset_result, job_info, kwargs_key, pairs_of,
+                   position_in, position_labels, run_job)
 from .result import PatchingResult
-from .sweeps import (DEFAULT_MEMORY_BUDGET, Group, Layout, Sweep, Target, check_layers,
-                     check_positions, choose_batch_size, expanded, find_layout, forward_kwargs,
-                     logits_kwargs, metric_values, reference_run, row_bytes, token_ids,
-                     token_labels, trace_options)
+from .sweeps import (DEFAULT_MEMORY_BUDGET, Layout, Sweep, Target, check_layers,
+                     choose_batch_size, expanded, find_layout, forward_kwargs,
+                     forward_parameters, metric_values, reads_last_position_only,
+                     reference_run, row_bytes, stacked, token_labels, trace_options)
 
 OUTPUT_PROJECTION_NAMES = ("c_proj", "o_proj", "out_proj", "dense")
 
@@ -43,26 +46,25 @@ def head_count(model: Envoy) -> int:
     raise ValueError("the model's config does not say how many attention heads it has")
 
 
-def head_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callable,
+def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
+                  metric: Callable | Sequence[Callable] | None = None,
                   positions: Any = "all", layers: Iterable[int] | None = None,
                   batch_size: int | None = None,
                   memory_budget: int | float = DEFAULT_MEMORY_BUDGET,
                   progress: bool = True, backend: str | None = None, compile: Any = None,
+                  checkpoint: Any = None, distributed: bool | None = None,
                   **forward_kwargs_given: Any):
     """Patch each attention head's clean output into the corrupted run, at each position.
 
-    Arguments as in :func:`fxsight.patching.activation_patching`. Returns scores with
+    Arguments as in :func:`fxsight.patching.activation_patching` (datasets of pairs,
+    ``checkpoint`` and ``distributed`` included). Returns scores with
     ``dims == ("layer", "head", "position")``: the patched run's metric minus the corrupted
     run's."""
-    clean_ids = token_ids(model, clean, "clean")
-    corrupt_ids = token_ids(model, corrupted, "corrupted")
-    if clean_ids.shape != corrupt_ids.shape:
-        raise ValueError(f"the clean and corrupted prompts must have the same number of "
-                         f"tokens: {clean_ids.shape[1]} and {corrupt_ids.shape[1]}")
+    start = time.perf_counter()
+    items, dataset = pairs_of(model, clean, corrupted, metric)
     layout = find_layout(model)
     layer_list = check_layers(layers, layout.n_layers)
-    length = clean_ids.shape[1]
-    position_list = check_positions(positions, length)
+    labels = position_labels(positions, [item.length for item in items])
     heads = head_count(model)
     kwargs = forward_kwargs(model, forward_kwargs_given)
     options = trace_options(backend, compile)
@@ -71,54 +73,84 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callable,
     targets = {layer: Target(output_projection(layout, layer), "input") for layer in layer_list}
     prefixes = {layer: [Target(layout.blocks[layer - 1])] if layer > 0 else []
                 for layer in layer_list}
-    clean_run = reference_run(model, clean_ids, targets.values(), kwargs, reference_options)
-    corrupt_run = reference_run(model, corrupt_ids,
-                                [t for layer in layer_list for t in (*prefixes[layer],
-                                                                     targets[layer])],
-                                kwargs, reference_options)
-    reference = float(metric_values(metric, clean_run.logits, 1)[0])
-    baseline = float(metric_values(metric, corrupt_run.logits, 1)[0])
-    width = clean_run.outputs[targets[layer_list[0]].key].shape[-1]
-    if width % heads:
-        raise ValueError(f"the output projection's input width {width} is not a multiple of "
-                         f"{heads} heads")
-    head_dim = width // heads
+    corrupt_targets = [t for layer in layer_list for t in (*prefixes[layer], targets[layer])]
+    sweep = Sweep(model, None, None, kwargs, options, "attr", 1, progress, "head patching")
+    seen: dict = {}
 
-    run_kwargs, kept = logits_kwargs(model, kwargs, metric, clean_run.logits)
-    cells = [(h, p) for h in range(heads) for p in range(len(position_list))]
-    per_row = row_bytes(model, length, kept, width, clean_run.logits.shape[-1],
-                        clean_run.logits.dtype)
-    size = choose_batch_size(batch_size, memory_budget, per_row, len(cells))
+    def refs(item) -> Refs:
+        clean_run = reference_run(model, item.clean, targets.values(), kwargs,
+                                  reference_options)
+        corrupt_run = reference_run(model, item.corrupted, corrupt_targets, kwargs,
+                                    reference_options)
+        width = clean_run.outputs[targets[layer_list[0]].key].shape[-1]
+        if width % heads:
+            raise ValueError(f"the output projection's input width {width} is not a "
+                             f"multiple of {heads} heads")
+        sweep.output_kind = corrupt_run.output_kind
+        seen.setdefault("reference", clean_run)
+        return Refs(item.corrupted, item.metric,
+                    float(metric_values(item.metric, corrupt_run.logits, 1)[0]),
+                    float(metric_values(item.metric, clean_run.logits, 1)[0]),
+                    reads_last_position_only(item.metric, clean_run.logits),
+                    (clean_run, corrupt_run))
+
+    can_keep = "logits_to_keep" not in kwargs and \
+        "logits_to_keep" in forward_parameters(model)
+
+    def per_row(length: int, probe: Refs) -> int:
+        clean_run = probe.runs[0]
+        width = clean_run.outputs[targets[layer_list[0]].key].shape[-1]
+        kept = 1 if can_keep and probe.last_only else length
+        return row_bytes(model, length, kept, width, clean_run.logits.shape[-1],
+                         clean_run.logits.dtype)
 
     def patches(layer: int):
         target = targets[layer]
-        clean_in = clean_run.outputs[target.key]
-        corrupt_in = corrupt_run.outputs[target.key]
 
-        def replacements(rows: int, chosen: list[tuple[int, int]]):
-            patched = corrupt_in.expand(rows, *corrupt_in.shape[1:]).clone()
+        def replacements(rows: int, padded: list):
+            first = padded[0][0]
+            width = first.runs[0].outputs[target.key].shape[-1]
+            head_dim = width // heads
             row = torch.arange(rows)
-            position = torch.tensor([position_list[p] for _, p in chosen])
-            columns = torch.tensor([h * head_dim for h, _ in chosen])[:, None] + \
+            position = torch.tensor([p for _, (_, p, _) in padded])
+            columns = torch.tensor([h * head_dim for _, (h, _, _) in padded])[:, None] + \
                 torch.arange(head_dim)
-            patched[row[:, None], position[:, None], columns] = \
-                clean_in[0, position[:, None], columns]
-            pairs = [(t, expanded(corrupt_run.outputs[t.key], rows)) for t in prefixes[layer]]
+            if all(r is first for r, _ in padded):
+                clean_in = first.runs[0].outputs[target.key]
+                corrupt_in = first.runs[1].outputs[target.key]
+                patched = corrupt_in.expand(rows, *corrupt_in.shape[1:]).clone()
+                patched[row[:, None], position[:, None], columns] = \
+                    clean_in[0, position[:, None], columns]
+                pairs = [(t, expanded(first.runs[1].outputs[t.key], rows))
+                         for t in prefixes[layer]]
+            else:
+                patched = torch.cat([r.runs[1].outputs[target.key] for r, _ in padded])
+                clean_in = torch.cat([r.runs[0].outputs[target.key] for r, _ in padded])
+                patched[row[:, None], position[:, None], columns] = \
+                    clean_in[row[:, None], position[:, None], columns]
+                pairs = [(t, stacked([r.runs[1].outputs[t.key] for r, _ in padded]))
+                         for t in prefixes[layer]]
             pairs.append((target, patched))
             return pairs
 
         return replacements
 
-    groups = [Group(f"heads {layer}", list(cells), [(i, h, p) for h, p in cells],
-                    patches(layer)) for i, layer in enumerate(layer_list)]
-    sweep = Sweep(model, corrupt_ids, metric, run_kwargs, options, corrupt_run.output_kind,
-                  size, progress, "head patching")
-    values = torch.zeros(len(layer_list), heads, len(position_list))
-    sweep.run(groups, values)
-    values -= baseline
-    return PatchingResult(
-        values, ("layer", "head", "position"),
-        {"layer": layer_list, "head": list(range(heads)), "position": position_list},
-        baseline=baseline, reference=reference, tokens=token_labels(model, clean_ids),
-        method="head patching",
-        info=dict(batch_size=size, traces=sweep.traces + 2, cells=values.numel()))
+    def groups(length: int) -> list:
+        cells = [(h, p, j) for h in range(heads) for j, label in enumerate(labels)
+                 if (p := position_in(label, length)) is not None]
+        return [Group(f"heads {layer}", cells, [(i, h, j) for h, _, j in cells],
+                      patches(layer)) for i, layer in enumerate(layer_list)]
+
+    experiment = Experiment("head patching", items, (len(layer_list), heads, len(labels)),
+                            refs, groups, per_row, can_keep,
+                            [layer_list, labels, heads, kwargs_key(kwargs)])
+    job = run_job(experiment, sweep, batch_size, memory_budget, choose_batch_size, progress,
+                  checkpoint, distributed)
+    info = job_info(job, len(items), 2, sweep, seen, kwargs, start)
+    coords = {"layer": layer_list, "head": list(range(heads)), "position": labels}
+    if not dataset:
+        return PatchingResult(
+            job.scores[0], ("layer", "head", "position"), coords,
+            baseline=float(job.baselines[0]), reference=float(job.references[0]),
+            tokens=token_labels(model, items[0].clean), method="head patching", info=info)
+    return dataset_result(job, ("layer", "head", "position"), coords, "head patching", info)

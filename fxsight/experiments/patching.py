@@ -30,24 +30,30 @@ from ..api.envoy import Envoy
 from ..errors import TraceError
 from .heads import head_patching
 from .result import Cell, PatchingResult
-from .sweeps import (DEFAULT_MEMORY_BUDGET, Group, Sweep, Target, check_kinds, check_layers,
+from .jobs import (Experiment, Group as JobGroup, Item, Refs, dataset_result, is_dataset,
+                   job_info, kwargs_key, pairs_of, position_in, position_labels,
+                   prompts_of, run_job)
+from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, check_kinds, check_layers,
                      check_positions, choose_batch_size, expanded, find_layout,
-                     forward_kwargs as _forward_kwargs, hidden, metric_values,
-                     logits_kwargs, reference_run, row_bytes, token_ids,
-                     token_labels, trace_options, with_hidden)
+                     forward_kwargs as _forward_kwargs, forward_parameters, hidden,
+                     metric_values, reads_last_position_only, reference_run, row_bytes,
+                     stacked, token_labels, trace_options, with_hidden)
 
 __all__ = ["PatchingResult", "Cell", "activation_patching", "head_patching", "steering_sweep",
            "attribution", "block_envoys"]
 
 
 # --- activation patching -------------------------------------------------------------------
-def activation_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callable,
+def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
+                        metric: Callable | Sequence[Callable] | None = None,
                         sites: Sequence[str] = ("resid", "attn", "mlp"),
                         positions: Any = "all", layers: Iterable[int] | None = None,
                         batch_size: int | None = None,
                         memory_budget: int | float = DEFAULT_MEMORY_BUDGET,
                         progress: bool = True, backend: str | None = None,
-                        compile: Any = None, **forward_kwargs: Any) -> PatchingResult:
+                        compile: Any = None, checkpoint: Any = None,
+                        distributed: bool | None = None,
+                        **forward_kwargs: Any) -> PatchingResult:
     """Patch the clean run's activation into the corrupted run, one cell at a time in
     effect, for every site kind × layer × position; return the effect of each patch on
     ``metric``.
@@ -63,6 +69,16 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callab
     list. Batches are sized to ``memory_budget`` bytes of activations unless
     ``batch_size`` is given; ``progress`` shows a tqdm bar. Other keywords go to the
     model's forward.
+
+    **Datasets**: ``clean`` and ``corrupted`` may be sequences of prompts (or ``clean`` a
+    sequence of dicts with ``"clean"``, ``"corrupted"`` and optionally ``"metric"``, with
+    ``corrupted=None``), and ``metric`` one callable per pair: ``values`` is then the mean
+    over pairs, ``per_pair`` each pair's scores, ``stderr`` the standard error (pairs of
+    different lengths are grouped by length, positions counted from the end; see
+    docs/sweeps.md). Under an initialized ``torch.distributed`` process group the batches
+    are shared among the ranks and every rank returns the full result (``distributed=False``
+    to not). ``checkpoint="path"`` saves finished batches there and a repeated call resumes
+    from them.
 
     Returns scores with ``dims == ("site", "layer", "position")``: the patched run's metric
     minus the corrupted run's (``result.baseline``); ``result.reference`` is the clean
@@ -83,18 +99,10 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callab
 
     start = time.perf_counter()
     kinds = check_kinds(sites)
-    clean_ids = token_ids(model, clean, "clean")
-    corrupt_ids = token_ids(model, corrupted, "corrupted")
-    if clean_ids.shape != corrupt_ids.shape:
-        raise ValueError(
-            f"the clean and corrupted prompts must have the same number of tokens to be "
-            f"patched position by position: clean has {clean_ids.shape[1]} "
-            f"{_token_note(model, clean_ids)}, corrupted has {corrupt_ids.shape[1]} "
-            f"{_token_note(model, corrupt_ids)}")
+    items, dataset = pairs_of(model, clean, corrupted, metric)
     layout = find_layout(model)
     layer_list = check_layers(layers, layout.n_layers)
-    length = clean_ids.shape[1]
-    position_list = check_positions(positions, length)
+    labels = position_labels(positions, [item.length for item in items])
     kwargs = _forward_kwargs(model, forward_kwargs)
     options = trace_options(backend, compile)
     # the two reference runs need every activation and the full logits: plain forward
@@ -107,40 +115,59 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any, metric: Callab
              for layer in layer_list}
     clean_targets = [target for target, _ in plans.values()]
     corrupt_targets = [t for target, prefix in plans.values() for t in (*prefix, target)]
-    clean_run = reference_run(model, clean_ids, clean_targets, kwargs, reference_options)
-    corrupt_run = reference_run(model, corrupt_ids, corrupt_targets, kwargs,
-                                reference_options)
-    reference = float(metric_values(metric, clean_run.logits, 1)[0])
-    baseline = float(metric_values(metric, corrupt_run.logits, 1)[0])
+    sweep = Sweep(model, None, None, kwargs, options, "attr", 1, progress,
+                  "activation patching")
+    seen: dict = {}
 
-    run_kwargs, kept = logits_kwargs(model, kwargs, metric, clean_run.logits)
-    probe = hidden(clean_run.outputs[clean_targets[0].key])
-    per_row = row_bytes(model, length, kept, probe.shape[-1], clean_run.logits.shape[-1],
-                        probe.dtype)
-    size = choose_batch_size(batch_size, memory_budget, per_row, len(position_list))
+    def refs(item: Item) -> Refs:
+        clean_run = reference_run(model, item.clean, clean_targets, kwargs, reference_options)
+        corrupt_run = reference_run(model, item.corrupted, corrupt_targets, kwargs,
+                                    reference_options)
+        for target in clean_targets:
+            shape = hidden(clean_run.outputs[target.key]).shape
+            if shape[:2] != (1, item.length):
+                raise ValueError(f"{target.key} has shape {tuple(shape)}; patching needs "
+                                 f"(batch, tokens, ...)")
+        sweep.output_kind = corrupt_run.output_kind
+        seen.setdefault("reference", clean_run)
+        return Refs(item.corrupted, item.metric,
+                    float(metric_values(item.metric, corrupt_run.logits, 1)[0]),
+                    float(metric_values(item.metric, clean_run.logits, 1)[0]),
+                    reads_last_position_only(item.metric, clean_run.logits),
+                    (clean_run, corrupt_run))
 
-    groups = []
-    for k, kind in enumerate(kinds):
-        for l, layer in enumerate(layer_list):
-            target, prefix = plans[kind, layer]
-            groups.append(Group(
-                f"{kind} {layer}", list(position_list),
-                [(k, l, p) for p in range(len(position_list))],
-                _patches(target, prefix, clean_run.outputs, corrupt_run.outputs, length)))
-    sweep = Sweep(model, corrupt_ids, metric, run_kwargs, options, corrupt_run.output_kind,
-                  size, progress, "activation patching")
-    values = torch.zeros(len(kinds), len(layer_list), len(position_list))
-    sweep.run(groups, values)
-    values -= baseline
-    return PatchingResult(
-        values, ("site", "layer", "position"),
-        {"site": kinds, "layer": layer_list, "position": position_list},
-        baseline=baseline, reference=reference, tokens=token_labels(model, clean_ids),
-        method="activation patching",
-        info=dict(batch_size=size, traces=sweep.traces + 2, cells=values.numel(),
-                  backend=_backend(sweep, clean_run), logits_to_keep=run_kwargs.get(
-                      "logits_to_keep"), seconds=time.perf_counter() - start,
-                  graph_module=getattr(sweep.last_tracer, "graph_module", None)))
+    can_keep = "logits_to_keep" not in kwargs and \
+        "logits_to_keep" in forward_parameters(model)
+
+    def per_row(length: int, probe: Refs) -> int:
+        clean_run = probe.runs[0]
+        value = hidden(clean_run.outputs[clean_targets[0].key])
+        kept = 1 if can_keep and probe.last_only else length
+        return row_bytes(model, length, kept, value.shape[-1], clean_run.logits.shape[-1],
+                         value.dtype)
+
+    def groups(length: int) -> list[JobGroup]:
+        cells = [(j, p) for j, label in enumerate(labels)
+                 if (p := position_in(label, length)) is not None]
+        return [JobGroup(f"{kind} {layer}", cells, [(k, l, j) for j, _ in cells],
+                         _patches(*plans[kind, layer]))
+                for k, kind in enumerate(kinds) for l, layer in enumerate(layer_list)]
+
+    experiment = Experiment("activation patching", items,
+                            (len(kinds), len(layer_list), len(labels)), refs, groups,
+                            per_row, can_keep, [kinds, layer_list, labels, kwargs_key(kwargs)])
+    job = run_job(experiment, sweep, batch_size, memory_budget, choose_batch_size, progress,
+                  checkpoint, distributed)
+    info = job_info(job, len(items), 2, sweep, seen, kwargs, start)
+    coords = {"site": kinds, "layer": layer_list, "position": labels}
+    if not dataset:
+        return PatchingResult(
+            job.scores[0], ("site", "layer", "position"), coords,
+            baseline=float(job.baselines[0]), reference=float(job.references[0]),
+            tokens=token_labels(model, items[0].clean), method="activation patching",
+            info=info)
+    return dataset_result(job, ("site", "layer", "position"), coords,
+                           "activation patching", info)
 
 
 def _plan(layout, kind: str, layer: int) -> tuple[Target, list[Target]]:
@@ -166,24 +193,30 @@ def _plan(layout, kind: str, layer: int) -> tuple[Target, list[Target]]:
     return Target(layout.site(kind, layer)), prefix
 
 
-def _patches(target: Target, prefix: list[Target], clean: dict[str, Any],
-             corrupt: dict[str, Any], length: int):
+def _patches(target: Target, prefix: list[Target]):
     """The replacements of a batch of cells at ``target``: the prefix modules skipped with
     the corrupted values, the target replaced by the corrupted value in which each row's
-    position holds the clean one."""
-    clean_hidden = hidden(clean[target.key])
-    corrupt_value = corrupt[target.key]
-    corrupt_hidden = hidden(corrupt_value)
-    if clean_hidden.shape[:2] != (1, length):
-        raise ValueError(f"{target.key} has shape {tuple(clean_hidden.shape)}; patching "
-                         f"needs (batch, tokens, ...)")
+    position holds the clean one. Rows are ``(refs, (label index, position))`` of one pair
+    or of several pairs of one length."""
 
-    def replacements(rows: int, positions: list[int]) -> list[tuple[Target, Any]]:
-        index = torch.tensor(positions)
-        patched = corrupt_hidden.expand(rows, *corrupt_hidden.shape[1:]).clone()
-        patched[torch.arange(rows), index] = clean_hidden[0, index]
-        pairs = [(t, expanded(corrupt[t.key], rows)) for t in prefix]
-        pairs.append((target, with_hidden(corrupt_value, patched, rows)))
+    def replacements(rows: int, padded: list) -> list[tuple[Target, Any]]:
+        index = torch.tensor([p for _, (_, p) in padded])
+        first = padded[0][0]
+        if all(r is first for r, _ in padded):
+            clean, corrupt = first.runs[0].outputs, first.runs[1].outputs
+            corrupt_hidden = hidden(corrupt[target.key])
+            patched = corrupt_hidden.expand(rows, *corrupt_hidden.shape[1:]).clone()
+            patched[torch.arange(rows), index] = hidden(clean[target.key])[0, index]
+            pairs = [(t, expanded(corrupt[t.key], rows)) for t in prefix]
+            pairs.append((target, with_hidden(corrupt[target.key], patched, rows)))
+            return pairs
+        corrupts = [r.runs[1].outputs for r, _ in padded]
+        patched = torch.cat([hidden(c[target.key]) for c in corrupts])
+        clean_rows = torch.cat([hidden(r.runs[0].outputs[target.key]) for r, _ in padded])
+        row = torch.arange(rows)
+        patched[row, index] = clean_rows[row, index]
+        pairs = [(t, stacked([c[t.key] for c in corrupts])) for t in prefix]
+        pairs.append((target, stacked([c[target.key] for c in corrupts], patched)))
         return pairs
 
     return replacements
@@ -203,10 +236,11 @@ def _token_note(model: Envoy, ids: torch.Tensor) -> str:
 def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
                    layers: Iterable[int] | None = None,
                    scales: Sequence[float] = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0),
-                   metric: Callable | None = None, positions: Any = "all",
-                   batch_size: int | None = None,
+                   metric: Callable | Sequence[Callable] | None = None,
+                   positions: Any = "all", batch_size: int | None = None,
                    memory_budget: int | float = DEFAULT_MEMORY_BUDGET,
                    progress: bool = True, backend: str | None = None, compile: Any = None,
+                   checkpoint: Any = None, distributed: bool | None = None,
                    **forward_kwargs: Any) -> PatchingResult:
     """Add ``scale * vector`` to the residual stream (a block's output) at every
     (vector, layer, scale) cell and measure ``metric`` on the steered logits.
@@ -231,11 +265,14 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
     """
 
     start = time.perf_counter()
-    ids = token_ids(model, prompt, "prompt")
+    items, dataset = prompts_of(model, prompt, metric)
     layout = find_layout(model)
     layer_list = check_layers(layers, layout.n_layers)
-    length = ids.shape[1]
-    position_list = check_positions(positions, length)
+    lengths = [item.length for item in items]
+    if len(set(lengths)) == 1:
+        position_list = check_positions(positions, lengths[0])
+    else:  # each prompt's own positions ("all": every one; negative: from its end)
+        position_list = position_labels(positions, lengths)
     scale_list = [float(s) for s in scales]
     if not scale_list:
         raise ValueError("scales is empty")
@@ -243,55 +280,79 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
     options = trace_options(backend, compile)
     blocks = [Target(layout.site("resid", layer)) for layer in layer_list]
     reference_options = options if backend is not None else {**options, "backend": "hooks"}
-    run = reference_run(model, ids, blocks, kwargs, reference_options)
-    if metric is None:
-        token = int(run.logits[0, -1].argmax())
-
-        def metric(logits, token=token):
-            return logits[:, -1].float().log_softmax(-1)[:, token]
-    baseline = float(metric_values(metric, run.logits, 1)[0])
     named = _named_vectors(vectors, layout.n_layers)
-    size_hidden = hidden(run.outputs[blocks[0].key]).shape[-1]
-    for name, vector in named.items():
-        if vector.shape[-1] != size_hidden:
-            raise ValueError(f"vector {name!r} has size {vector.shape[-1]}; the residual "
-                             f"stream has {size_hidden}")
-
-    run_kwargs, kept = logits_kwargs(model, kwargs, metric, run.logits)
-    probe = hidden(run.outputs[blocks[0].key])
-    per_row = row_bytes(model, length, kept, size_hidden, run.logits.shape[-1], probe.dtype)
-    cells_per_layer = len(named) * len(scale_list)
-    size = choose_batch_size(batch_size, memory_budget, per_row, cells_per_layer)
-    mask = torch.zeros(length, 1, dtype=probe.dtype)
-    mask[position_list] = 1
-
-    groups = []
     names = list(named)
-    for l, (layer, block) in enumerate(zip(layer_list, blocks)):
-        output = run.outputs[block.key]
-        base = hidden(output)
-        deltas = {name: (v[layer] if v.dim() == 2 else v).to(base.dtype) * mask
-                  for name, v in named.items()}
+    sweep = Sweep(model, None, None, kwargs, options, "attr", 1, progress, "steering sweep")
+    seen: dict = {}
 
-        def skips(rows, cells, block=block, output=output, base=base, deltas=deltas):
-            steered = torch.stack([base[0] + scale * deltas[name] for name, scale in cells])
-            return [(block, with_hidden(output, steered, rows))]
+    def refs(item: Item) -> Refs:
+        run = reference_run(model, item.corrupted, blocks, kwargs, reference_options)
+        chosen = item.metric
+        if chosen is None:
+            token = int(run.logits[0, -1].argmax())
 
-        cells = [(name, scale) for name in names for scale in scale_list]
-        indices = [(v, l, s) for v in range(len(names)) for s in range(len(scale_list))]
-        groups.append(Group(f"layer {layer}", cells, indices, skips))
-    sweep = Sweep(model, ids, metric, run_kwargs, options, run.output_kind, size, progress,
-                  "steering sweep")
-    values = torch.zeros(len(names), len(layer_list), len(scale_list))
-    sweep.run(groups, values)
-    values -= baseline
-    return PatchingResult(
-        values, ("vector", "layer", "scale"),
-        {"vector": names, "layer": layer_list, "scale": scale_list},
-        baseline=baseline, tokens=token_labels(model, ids), method="steering sweep",
-        info=dict(batch_size=size, traces=sweep.traces + 1, cells=values.numel(),
-                  backend=_backend(sweep, run), seconds=time.perf_counter() - start,
-                  graph_module=getattr(sweep.last_tracer, "graph_module", None)))
+            def chosen(logits, token=token):
+                return logits[:, -1].float().log_softmax(-1)[:, token]
+        size_hidden = hidden(run.outputs[blocks[0].key]).shape[-1]
+        for name, vector in named.items():
+            if vector.shape[-1] != size_hidden:
+                raise ValueError(f"vector {name!r} has size {vector.shape[-1]}; the residual "
+                                 f"stream has {size_hidden}")
+        sweep.output_kind = run.output_kind
+        seen.setdefault("reference", run)
+        return Refs(item.corrupted, chosen, float(metric_values(chosen, run.logits, 1)[0]),
+                    None, reads_last_position_only(chosen, run.logits), run)
+
+    can_keep = "logits_to_keep" not in kwargs and \
+        "logits_to_keep" in forward_parameters(model)
+
+    def per_row(length: int, probe: Refs) -> int:
+        base = hidden(probe.runs.outputs[blocks[0].key])
+        kept = 1 if can_keep and probe.last_only else length
+        return row_bytes(model, length, kept, base.shape[-1], probe.runs.logits.shape[-1],
+                         base.dtype)
+
+    def groups(length: int) -> list[JobGroup]:
+        out = []
+        for l, (layer, block) in enumerate(zip(layer_list, blocks)):
+
+            def skips(rows, padded, block=block, layer=layer):
+                first = padded[0][0]
+                dtype = hidden(first.runs.outputs[block.key]).dtype
+                mask = torch.zeros(length, 1, dtype=dtype)
+                mask[[p for label in position_list
+                      if (p := position_in(label, length)) is not None]] = 1
+                deltas = {name: (v[layer] if v.dim() == 2 else v).to(dtype) * mask
+                          for name, v in named.items()}
+                steered = torch.stack([hidden(r.runs.outputs[block.key])[0]
+                                       + scale * deltas[name] for r, (name, scale) in padded])
+                if all(r is first for r, _ in padded):
+                    return [(block, with_hidden(first.runs.outputs[block.key], steered, rows))]
+                return [(block, stacked([r.runs.outputs[block.key] for r, _ in padded],
+                                        steered))]
+
+            cells = [(name, scale) for name in names for scale in scale_list]
+            indices = [(v, l, s) for v in range(len(names)) for s in range(len(scale_list))]
+            out.append(JobGroup(f"layer {layer}", cells, indices, skips))
+        return out
+
+    experiment = Experiment("steering sweep", items,
+                            (len(names), len(layer_list), len(scale_list)), refs, groups,
+                            per_row, can_keep,
+                            [layer_list, scale_list, position_list, kwargs_key(kwargs),
+                             {name: v.float().numpy().tobytes().hex()[:64] + str(v.shape)
+                              for name, v in named.items()}])
+    job = run_job(experiment, sweep, batch_size, memory_budget, choose_batch_size, progress,
+                  checkpoint, distributed)
+    info = job_info(job, len(items), 1, sweep, seen, kwargs, start)
+    coords = {"vector": names, "layer": layer_list, "scale": scale_list}
+    if not dataset:
+        return PatchingResult(
+            job.scores[0], ("vector", "layer", "scale"), coords,
+            baseline=float(job.baselines[0]), tokens=token_labels(model, items[0].corrupted),
+            method="steering sweep", info=info)
+    return dataset_result(job, ("vector", "layer", "scale"), coords, "steering sweep", info,
+                          has_reference=False)
 
 
 def _named_vectors(vectors: Any, n_layers: int) -> dict[str, torch.Tensor]:
@@ -323,8 +384,9 @@ def block_envoys(model: Envoy) -> list[Envoy]:
     return find_layout(model).blocks
 
 
-def attribution(model: Envoy, clean: Any, corrupted: Any,
-                metric: Callable[[Any], Any], sites: Sequence[Envoy] | Sequence[str] | None = None,
+def attribution(model: Envoy, clean: Any, corrupted: Any = None,
+                metric: Callable[[Any], Any] | Sequence[Callable] | None = None,
+                sites: Sequence[Envoy] | Sequence[str] | None = None,
                 **trace_kwargs) -> PatchingResult:
     """Attribution patching of each site's output at every position, in one trace.
 
@@ -348,6 +410,8 @@ def attribution(model: Envoy, clean: Any, corrupted: Any,
     >>> result.method, tuple(result.values.shape)
     ('attribution patching', (1, 2, 7))
     """
+    if is_dataset(clean):
+        return _attribution_dataset(model, clean, corrupted, metric, sites, trace_kwargs)
     kinds = None
     if sites is not None and not isinstance(sites, str) and \
             all(isinstance(s, str) for s in sites):
@@ -381,6 +445,26 @@ def attribution(model: Envoy, clean: Any, corrupted: Any,
     return PatchingResult(values, ("site", "position"),
                           {"site": [t.envoy.path for t in targets], "position": positions},
                           baseline=baseline_value, method="attribution patching")
+
+
+def _attribution_dataset(model, clean, corrupted, metric, sites, trace_kwargs):
+    """Attribution over a dataset of pairs: one trace per pair (no batching), the mean,
+    standard error and each pair's scores as in :func:`activation_patching`."""
+    items, _ = pairs_of(model, clean, corrupted, metric)
+    lengths = {item.length for item in items}
+    if len(lengths) > 1:
+        raise ValueError(f"attribution over a dataset needs pairs of one length (got "
+                         f"lengths {sorted(lengths)}); group them by length first")
+    results = [attribution(model, item.clean, item.corrupted, item.metric, sites,
+                           **trace_kwargs) for item in items]
+    first = results[0]
+    per_pair = torch.stack([r.values for r in results])
+    baselines = None if first.baseline is None else \
+        torch.tensor([r.baseline for r in results])
+    return PatchingResult(per_pair.mean(0), first.dims, first.coords,
+                          baseline=None if baselines is None else float(baselines.mean()),
+                          method=first.method, info={"pairs": len(items)},
+                          per_pair=per_pair, baselines=baselines)
 
 
 def _attribution_target(layout, kind: str, layer: int) -> Target:

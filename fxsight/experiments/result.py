@@ -50,6 +50,11 @@ class PatchingResult:
     tokens: list[str] | None = None  # the prompt's tokens, labels of the position axis
     method: str = "activation patching"
     info: dict = field(default_factory=dict)  # batch size, traces, backend, timing
+    # a dataset of pairs: each pair's scores (axis 0: the pair, then ``dims``), NaN where
+    # a pair has no such cell (a position its length lacks); ``values`` is their mean
+    per_pair: torch.Tensor | None = None
+    baselines: torch.Tensor | None = None  # each pair's unpatched metric
+    references: torch.Tensor | None = None  # each pair's clean metric
 
     def __post_init__(self) -> None:
         self.dims = tuple(self.dims)
@@ -78,6 +83,44 @@ class PatchingResult:
     def shape(self) -> torch.Size:
         return self.values.shape
 
+    # --- datasets ------------------------------------------------------------------------------
+    @property
+    def n_pairs(self) -> int:
+        """The number of pairs (prompts for steering) the scores are the mean of."""
+        return 1 if self.per_pair is None else self.per_pair.shape[0]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """How many pairs each cell's mean is over (fewer than ``n_pairs`` where pairs of
+        other lengths lack a position)."""
+        if self.per_pair is None:
+            return torch.ones(self.values.shape, dtype=torch.long)
+        return (~self.per_pair.isnan()).sum(0)
+
+    @property
+    def stderr(self) -> torch.Tensor:
+        """The standard error of each cell's mean over pairs (sample standard deviation
+        over the square root of the count); NaN where fewer than two pairs have the cell
+        (and for a one-pair result)."""
+        if self.per_pair is None:
+            return torch.full(self.values.shape, float("nan"))
+        present = ~self.per_pair.isnan()
+        counts = present.sum(0)
+        deviation = torch.where(present, self.per_pair - self.values, 0.0)
+        variance = (deviation ** 2).sum(0) / (counts - 1).clamp(min=1)
+        stderr = (variance / counts.clamp(min=1)).sqrt()
+        return torch.where(counts > 1, stderr, torch.tensor(float("nan")))
+
+    def pair(self, index: int) -> "PatchingResult":
+        """The scores of one pair of a dataset, as a one-pair result."""
+        if self.per_pair is None:
+            raise ValueError(f"this {self.method} result is of one pair, not a dataset")
+        return PatchingResult(
+            self.per_pair[index], self.dims, dict(self.coords),
+            None if self.baselines is None else float(self.baselines[index]),
+            None if self.references is None else float(self.references[index]),
+            None, self.method, {**self.info, "pair": index})
+
     def normalized(self) -> "PatchingResult":
         """Scores divided by ``reference - baseline`` (clean minus corrupted metric): the
         fraction of the clean behaviour a patch restores."""
@@ -87,12 +130,15 @@ class PatchingResult:
         if span == 0:
             raise ValueError("the clean and corrupted runs give the same metric: nothing "
                              "to normalize by")
-        return self._with(self.values / span)
+        # a dataset: every pair's scores by the mean span too (the mean stays the mean)
+        return self._with(self.values / span, per_pair=None if self.per_pair is None
+                          else self.per_pair / span)
 
     def sel(self, **selection: Any) -> "PatchingResult":
         """The scores at some coordinates: ``result.sel(site="resid")`` drops the site axis,
         ``result.sel(layer=[0, 1])`` keeps it with two entries."""
         values, dims, coords = self.values, list(self.dims), dict(self.coords)
+        per_pair = self.per_pair
         for dim, wanted in selection.items():
             if dim not in dims:
                 raise KeyError(f"no axis {dim!r}; the axes are {', '.join(dims)}")
@@ -105,20 +151,26 @@ class PatchingResult:
                 raise KeyError(f"{dim} {missing[0]!r} is not in this result ({labels})")
             index = torch.tensor([labels.index(k) for k in keys])
             values = values.index_select(axis, index)
+            if per_pair is not None:
+                per_pair = per_pair.index_select(axis + 1, index)
             if many:
                 coords[dim] = keys
             else:
                 values = values.squeeze(axis)
+                if per_pair is not None:
+                    per_pair = per_pair.squeeze(axis + 1)
                 dims.pop(axis)
                 del coords[dim]
-        return self._with(values, tuple(dims), coords)
+        return self._with(values, tuple(dims), coords, per_pair=per_pair)
 
     def _with(self, values: torch.Tensor, dims: tuple | None = None,
-              coords: dict | None = None) -> "PatchingResult":
+              coords: dict | None = None, per_pair: Any = "same") -> "PatchingResult":
         return PatchingResult(values, dims if dims is not None else self.dims,
                               coords if coords is not None else dict(self.coords),
                               self.baseline, self.reference, self.tokens, self.method,
-                              dict(self.info))
+                              dict(self.info),
+                              self.per_pair if isinstance(per_pair, str) else per_pair,
+                              self.baselines, self.references)
 
     # --- summaries ---------------------------------------------------------------------------
     def top_k(self, k: int = 5, **selection: Any) -> list[Cell]:
@@ -204,6 +256,8 @@ class PatchingResult:
 
     def __repr__(self) -> str:
         axes = ", ".join(f"{d}={len(self.coords[d])}" for d in self.dims)
+        if self.per_pair is not None:
+            axes += f"; mean of {self.n_pairs} pairs"
         extra = "" if self.baseline is None else f", baseline={self.baseline:.4g}"
         extra += "" if self.reference is None else f", reference={self.reference:.4g}"
         top = f"; top {self.top()!r}" if self.values.numel() else ""

@@ -12,7 +12,8 @@ from an unpatched run from one layer on. The engine runs them like this:
   residual-stream cell skips the block itself with the patched residual stream: only the
   blocks after ``l`` and the head run. (Skipping rather than writing ``block.input``: a
   write keeps the replaced value's computation alive, as the shape it is conformed to.)
-- **Batches of one structure.** The cells of one (site kind, layer) run as rows of a batch;
+- **Batches of one structure.** The cells of one (site kind, layer) run as rows of a batch
+  (of one pair, or of several pairs of one length: see :mod:`.jobs`);
   each row's patched value is built beforehand and brought into the trace as a tensor (a
   Program input), so every batch of the group has the same Program structure, the last
   batch is padded to the batch size, and the runner cache makes every batch after the first
@@ -307,6 +308,23 @@ def with_hidden(output: Any, new: torch.Tensor, rows: int) -> Any:
     return type(output)([new, *rest]) if isinstance(output, tuple) else [new, *rest]
 
 
+def stacked(outputs: list, new: torch.Tensor | None = None) -> Any:
+    """Saved one-row module outputs (one per row, of different prompts) as one output of
+    ``len(outputs)`` rows, its hidden state replaced by ``new`` when given."""
+    def cat(*ts: Any) -> Any:
+        if isinstance(ts[0], torch.Tensor) and ts[0].dim() > 0 and ts[0].shape[0] == 1:
+            return torch.cat(ts)
+        return ts[0]
+
+    first = outputs[0]
+    hidden_rows = new if new is not None else torch.cat([hidden(o) for o in outputs])
+    if isinstance(first, torch.Tensor):
+        return hidden_rows
+    rest = pytree.tree_map(cat, list(first)[1:], *[list(o)[1:] for o in outputs[1:]])
+    return type(first)([hidden_rows, *rest]) if isinstance(first, tuple) \
+        else [hidden_rows, *rest]
+
+
 def expanded(output: Any, rows: int) -> Any:
     """A saved one-row module output as ``rows`` identical rows (views, no copies)."""
     return with_hidden(output, hidden(output).expand(rows, *hidden(output).shape[1:]), rows)
@@ -341,26 +359,13 @@ def choose_batch_size(batch_size: int | None, memory_budget: int | float | None,
 
 
 @dataclass
-class Group:
-    """Cells that share one Program structure: same sites skipped, different values.
-
-    ``replacements(rows, cells)`` gives the ``(target, value)`` pairs of a batch of
-    ``rows`` rows for these cells (the padded rows repeat the last cell); each cell's
-    result goes to ``out[index]``."""
-
-    label: str
-    cells: list[Any]
-    indices: list[tuple[int, ...]]
-    replacements: Callable[[int, list[Any]], list[tuple[Target, Any]]]
-
-
-@dataclass
 class Sweep:
-    """Runs groups of cells in padded batches of one size; collects one metric per cell."""
+    """Runs the batches of a sweep (planned and scheduled by :mod:`.jobs`): one trace per
+    batch, counting traces and backends."""
 
     model: Envoy
-    ids: torch.Tensor  # (1, T): the prompt every cell runs on
-    metric: Callable
+    ids: Any  # unused (the ids are per batch); kept for compatibility
+    metric: Any  # unused (metrics are per pair)
     kwargs: dict
     trace_options: dict
     output_kind: str
@@ -371,29 +376,11 @@ class Sweep:
     traces: int = 0
     backends: set = field(default_factory=set)
 
-    def run(self, groups: list[Group], out: torch.Tensor) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
-        total = sum(len(g.cells) for g in groups)
-        size = self.batch_size
-        with torch.no_grad(), tqdm(total=total, desc=self.description, unit="cell",
-                                   disable=not self.progress, leave=False) as bar:
-            ids = self.ids.expand(size, self.ids.shape[1]).contiguous()
-            for group in groups:
-                for start in range(0, len(group.cells), size):
-                    cells = group.cells[start:start + size]
-                    padded = cells + [cells[-1]] * (size - len(cells))
-                    logits = self.run_batch(ids, group.replacements(size, padded))
-                    values = metric_values(self.metric, logits, size)
-                    for index, value in zip(group.indices[start:start + size], values):
-                        out[index] = value
-                    bar.update(len(cells))
-        return out
-
-    def run_batch(self, ids: torch.Tensor,
-                  replacements: list[tuple[Target, Any]]) -> torch.Tensor:
+    def run_batch(self, ids: torch.Tensor, replacements: list[tuple[Target, Any]],
+                  kwargs: dict | None = None) -> torch.Tensor:
         model = self.model
-        with model.trace(ids, **self.kwargs, **self.trace_options) as tracer:
+        kwargs = self.kwargs if kwargs is None else kwargs
+        with model.trace(ids, **kwargs, **self.trace_options) as tracer:
             for target, value in replacements:
                 target.replace(value)
             logits = _logits_proxy(model, self.output_kind).save()

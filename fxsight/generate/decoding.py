@@ -215,9 +215,9 @@ class GraphSteps:
         self.graph_module = runner.graph_module
         for node, value in zip(program.saves, saves):
             parent = origin[node]
-            if parent.steps is None:
+            if parent.steps is None or parent in self._needed_later:
                 self.persistent[parent] = value
-            else:
+            if parent.steps is not None:
                 self.collected[parent].append(value)
         return output
 
@@ -229,11 +229,16 @@ class GraphSteps:
         return step == 0 if steps is None else step in steps
 
     def _first_step_values_needed_later(self) -> set[Node]:
+        """Values other steps use: of the first step, and of one step of a ``for step in
+        tracer.iter[...]`` loop used at another."""
         needed = set()
         for node in self.program.nodes:
             if node.steps is not None or node in self.after:
                 needed.update(n for n in node.all_input_nodes
                               if n.steps is None and n.kind is not Kind.INPUT)
+            needed.update(n for n in node.all_input_nodes
+                          if n.steps is not None and n.steps.single
+                          and not _same_step(n, node))
         return needed
 
     def _program_for(self, step: int) -> tuple[Program, dict[Node, Node]]:
@@ -259,7 +264,7 @@ class GraphSteps:
         saved = set(parent.saves)
         origin = {}
         for node, copy in env.items():
-            if node in saved or (step == 0 and node in self._needed_later):
+            if node in saved or node in self._needed_later:
                 program.save(copy)
                 origin[copy] = node
         return program, origin
@@ -267,8 +272,25 @@ class GraphSteps:
     # --- results ---------------------------------------------------------------------------
     def result(self, node: Node) -> Any:
         if node.steps is not None:
-            return list(self.collected.get(node, []))
+            return step_result(node, self.collected.get(node, []))
         if node not in self.persistent:
             raise TraceError(at_line("this value was never computed during generation (no "
                                      "decoding step ran)", node.line))
         return self.persistent[node]
+
+
+def _same_step(node: Node, user: Node) -> bool:
+    """Whether ``user`` runs only at the one step ``node`` (of a step loop) runs at."""
+    steps = user.steps
+    return steps is not None and steps.single and steps.choice == node.steps.choice
+
+
+def step_result(node: Node, values: list) -> Any:
+    """A saved value of chosen steps: the list of its values, one per step; of one step
+    of a ``for step in tracer.iter[...]`` loop, that step's value."""
+    if node.steps.single:
+        if not values:
+            raise TraceError(at_line(f"decoding step {node.steps.choice} did not run, so "
+                                     "this value was never computed", node.line))
+        return values[0]
+    return list(values)

@@ -19,6 +19,7 @@ from ..record.program import Kind, Node
 from ..record.sites import INPUT, OUTPUT, Site, module_label
 from ..run.hooks import RealWalker
 from ..splice.rows import Rows
+from .decoding import step_result
 
 GENERATOR = Site("generator", OUTPUT, 0)  # ``lm.generator.output``: the generated ids
 
@@ -90,6 +91,8 @@ class StepInterleaver:
         for node in self.per_step:
             if node in walker.values and self.step in node.steps:
                 self.collected[node].append(walker.values[node])
+                if node.steps.single:  # (other steps may use it)
+                    self.persistent[node] = walker.values[node]
         for node in self.once:
             if node in walker.values:
                 self.persistent[node] = walker.values[node]
@@ -157,12 +160,16 @@ class StepInterleaver:
         if self.walker is None:
             self._start_step()
         self.walker.event_values[GENERATOR] = output
-        self.pending = [n for n in self.once if n not in self.persistent
+        self.pending = [n for n in self.program.nodes
+                        if (n in self.once or n in self.after) and n not in self.persistent
                         and n not in self.walker.values]
         self._pump(GENERATOR)
         for node in self.once:
             if node in self.walker.values:
                 self.persistent[node] = self.walker.values[node]
+        for node in self.after:  # (of chosen steps: computed once, from the ids)
+            if node.steps is not None and node in self.walker.values:
+                self.collected[node] = [self.walker.values[node]]
         if self.pending:
             node = self.pending[0]
             site = node.site
@@ -172,5 +179,5 @@ class StepInterleaver:
 
     def result(self, node: Node) -> Any:
         if node.steps is not None:
-            return list(self.collected.get(node, []))
+            return step_result(node, self.collected.get(node, []))
         return self.persistent[node]

@@ -24,3 +24,12 @@ def current_tracer(model: Any) -> Any:
         if tracer.model is model or getattr(tracer, "_also", None) is model:
             return tracer
     return None
+
+
+def active_sessions() -> list[Any]:
+    """This thread's stack of open ``model.session()`` blocks."""
+    try:
+        return _ACTIVE.sessions
+    except AttributeError:
+        _ACTIVE.sessions = []
+        return _ACTIVE.sessions

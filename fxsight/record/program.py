@@ -303,7 +303,11 @@ class ModuleCall:
         self.__name__ = (path or "model").replace(".", "_")
 
     def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        return self.collect(lambda: self.module(*args, **kwargs))
+
+    def collect(self, run: Callable[[], Any]) -> Any:
+        """The value of the call ``run()`` makes of the module."""
+        return run()
 
     def device(self) -> torch.device:
         first = next(itertools.chain(self.module.parameters(), self.module.buffers()), None)
@@ -314,6 +318,37 @@ class ModuleCall:
 
     def __hash__(self) -> int:
         return hash(id(self.module))
+
+
+class HookedCall(ModuleCall):
+    """``envoy(value, hook=True)``: the module applied with its submodules' boundaries
+    visible. The value is ``{"result": output, "calls": {relative path: [{"inputs":
+    (args, kwargs), "output": output}, one per call]}}`` (the module itself at ``""``);
+    forward hooks collect it during the call and are removed after it."""
+
+    def collect(self, run: Callable[[], Any]) -> Any:
+        calls: dict[str, list] = {}
+
+        def keeper(path: str) -> Callable:
+            def hook(module, args, kwargs, output):
+                calls.setdefault(path, []).append(
+                    {"inputs": (tuple(args), dict(kwargs)), "output": output})
+            return hook
+
+        handles = [module.register_forward_hook(keeper(path), with_kwargs=True)
+                   for path, module in self.module.named_modules()]
+        try:
+            result = run()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {"result": result, "calls": calls}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HookedCall) and other.module is self.module
+
+    def __hash__(self) -> int:
+        return hash((id(self.module), "hooked"))
 
 
 def _safe_name(site: Site, accessor: str) -> str:

@@ -53,6 +53,9 @@ class Recorder:
         self.refused: dict[str, str] = {}
         # saved proxies (kept alive, so their ids stay theirs) and their nodes at save time
         self.saved: dict[int, tuple[Proxy, Node]] = {}
+        # the paths of the operation sites read or written (``envoy.source``): what the
+        # capture must mark inside forwards
+        self.operations: set[str] = set()
 
     # --- creating nodes -----------------------------------------------------------------
     def create_read(self, site: Site, accessor: str) -> Proxy:

@@ -13,14 +13,18 @@ ALL = "all"
 
 
 class Steps:
-    """A choice of decoding steps: an int, a slice, a list of ints, or every step."""
+    """A choice of decoding steps: an int, a slice, a list of ints, or every step.
 
-    __slots__ = ("choice",)
+    ``single``: one step of a ``for step in tracer.iter[...]`` loop, whose body is recorded
+    once per step (a value saved there is that step's value, not a list)."""
 
-    def __init__(self, choice: Any):
+    __slots__ = ("choice", "single")
+
+    def __init__(self, choice: Any, single: bool = False):
         if isinstance(choice, slice) and (choice.step or 1) <= 0:
             raise ValueError("step slices must go forward")
         self.choice = choice
+        self.single = single
 
     def __contains__(self, step: int) -> bool:
         choice = self.choice
@@ -48,16 +52,32 @@ class Steps:
             return [start] if start >= count else []
         return [step for step in choice if step >= count]
 
+    def concrete(self, bound: Any) -> list[int]:
+        """The chosen steps as ints; ``bound()`` gives the number of steps, asked only
+        for an open-ended slice or every step."""
+        choice = self.choice
+        if isinstance(choice, int):
+            return [choice]
+        if isinstance(choice, list):
+            return list(choice)
+        if choice == ALL:
+            return list(range(bound()))
+        stop = bound() if choice.stop is None else choice.stop
+        return list(range(choice.start or 0, stop, choice.step or 1))
+
     def __repr__(self) -> str:
         return f"Steps({self.choice!r})"
 
 
 class Scope(NamedTuple):
     """The invoke (``None``: the whole batch) and decoding steps (``None``: the first step,
-    or a plain trace) that nodes recorded now belong to."""
+    or a plain trace) that nodes recorded now belong to; ``call``: in a plain trace's
+    ``for i in tracer.iter[...]`` loop, the call of each module that reads and writes
+    see (``None``: the first, or the envoy's own)."""
 
     invoke: int | None = None
     steps: Steps | None = None
+    call: int | None = None
 
 
 WHOLE_BATCH = Scope()

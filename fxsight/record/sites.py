@@ -33,3 +33,9 @@ class Site:
 def module_label(path: str) -> str:
     """A module path as users read it (``model`` for the root)."""
     return f"model.{path}" if path else "model"
+
+
+def is_operation(path: str) -> bool:
+    """Whether ``path`` is an operation's (a call inside a forward, ``envoy.source``):
+    ``<module>.source.<name>``."""
+    return path.startswith("source.") or ".source." in path

@@ -33,6 +33,7 @@ from ..splice.walker import MetaWalker
 from .eager import fast_forward
 from .sources import release_source_when_collected
 from .options import CompileOptions
+from ..capture import caches
 from ..capture.export import on_release
 
 class CountingBackend:
@@ -166,13 +167,36 @@ class Runner:
     def compiled(self) -> bool:
         return self.executable.compiled
 
-    def __call__(self, flat_inputs: list[Any]) -> tuple[Any, list[Any]]:
+    def __call__(self, flat_inputs: list[Any],
+                 user_caches: list[Any] = ()) -> tuple[Any, list[Any]]:
+        """Run; ``user_caches``: the cache objects among the model's inputs, updated in
+        place as the model's forward pass updates them."""
         executable = self.executable
         outputs = executable(flat_inputs)
-        plan = executable.spliced.model_output
-        model_output = plan.build(outputs) if plan is not None else None
-        return model_output, [outputs[b] if type(b) is int else b.build(outputs)
+        spliced = executable.spliced
+        objects = _cache_objects(spliced, outputs, user_caches) \
+            if spliced.cache_outputs else None
+        plan = spliced.model_output
+        model_output = plan.build(outputs, objects) if plan is not None else None
+        return model_output, [outputs[b] if type(b) is int else b.build(outputs, objects)
                               for b in executable.save_builders]
+
+
+def _cache_objects(spliced: Spliced, outputs: Any, user_caches: list[Any]) -> dict:
+    """The run's cache objects (k -> object): the user's input caches updated in place,
+    new ones for the caches the forward pass made."""
+    if len(user_caches) != spliced.input_caches:
+        raise RuntimeError("fxsight: the cache objects given do not match the capture")
+    objects = {}
+    for k, indices in spliced.cache_outputs.items():
+        tensors = [outputs[i] for i in indices]
+        skeleton = spliced.cache_skeletons[k]
+        if k < spliced.input_caches:
+            caches.update(user_caches[k], skeleton, tensors)
+            objects[k] = user_caches[k]
+        else:
+            objects[k] = caches.build(skeleton, tensors)
+    return objects
 
 
 _RUNNERS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = \

@@ -16,7 +16,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..capture.caches import input_caches
 from ..capture.export import CaptureError, Captured, cached_capture, flat_inputs, signature
+from ..capture.operations import spec_for
 from ..capture.scan import ScanResult, cached_scan
 from ..errors import NotOnGraph, TraceError, at_line, user_stacklevel
 from ..record.program import Kind, Node, Program
@@ -58,28 +60,32 @@ def fall_back(reason: Exception | str, options: RunOptions, warned: set, key: An
 
 
 def capture_for(module: nn.Module, args: tuple, kwargs: dict, options: RunOptions,
-                warned: set, flat: tuple | None = None) -> Captured | None:
+                warned: set, flat: tuple | None = None,
+                operations: frozenset = frozenset()) -> Captured | None:
     """The capture the fx backend runs, or ``None`` where the hooks backend runs instead
     (``backend="hooks"``, or a failed capture under ``"auto"``)."""
     if options.backend == "hooks":
         return None
     try:
-        return cached_capture(module, args, kwargs, dynamic=options.dynamic_policy, flat=flat)
+        return cached_capture(module, args, kwargs, dynamic=options.dynamic_policy, flat=flat,
+                              operations=operations)
     except CaptureError as error:
         fall_back(error, options, warned, signature(module, args, kwargs, flat))
         return None
 
 
 def metadata_source(module: nn.Module, args: tuple, kwargs: dict,
-                    options: RunOptions) -> Captured | ScanResult:
+                    options: RunOptions,
+                    operations: frozenset = frozenset()) -> Captured | ScanResult:
     """Boundary shapes for these inputs: from the capture where the fx backend will run
-    (it is needed anyway), else from a fake-tensor scan."""
+    (it is needed anyway), else from a fake-tensor scan. ``operations``: the operations
+    spec whose sites are needed too (``capture.operations.spec_for``)."""
     if options.backend != "hooks":
         try:
-            return cached_capture(module, args, kwargs)
+            return cached_capture(module, args, kwargs, operations=operations)
         except CaptureError:
             pass
-    return cached_scan(module, args, kwargs)
+    return cached_scan(module, args, kwargs, operations)
 
 
 def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
@@ -97,16 +103,18 @@ def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
     keep_output = (not options.prune or not program.saves) and not stop
     forward_saves = [n for n in program.saves if n not in backward_nodes]
     flat = flat_inputs(args, kwargs)
-    captured = capture_for(module, args, kwargs, options, warned, flat)
+    operations = spec_for(module, {site.path for site in program.sites()})
+    captured = capture_for(module, args, kwargs, options, warned, flat, operations)
     outcome = None
     if captured is not None:
         try:
             outcome = _run_fx(module, captured, program, flat[0], rows, options, keep_output,
-                              forward_saves)
+                              forward_saves, args, kwargs)
         except NotOnGraph as error:  # (raised while splicing: nothing has run)
             fall_back(error, options, warned, ("not on graph", str(error)))
     if outcome is None:
-        outcome = _run_hooks(module, program, args, kwargs, rows, stop, forward_saves)
+        outcome = _run_hooks(module, program, args, kwargs, rows, stop, forward_saves,
+                             operations)
     if backward_nodes:
         forward = {n: outcome.values[n] for n in forward_saves}
         values = BackwardPhase(program, rows, backward_nodes, forward,
@@ -117,9 +125,12 @@ def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
 
 def _run_fx(module: nn.Module, captured: Captured, program: Program, flat: list[Any],
             rows: dict[Any, Rows], options: RunOptions, keep_output: bool,
-            forward_saves: list[Node]) -> Outcome:
+            forward_saves: list[Node], args: tuple = (), kwargs: dict | None = None
+            ) -> Outcome:
     runner = runner_for(module, captured, program, rows, keep_output, options.compile)
-    output, saves = runner(flat + program.input_values)
+    user_caches = input_caches(args, kwargs or {}) if captured.caches is not None and \
+        captured.caches.n_inputs else ()
+    output, saves = runner(flat + program.input_values, user_caches)
     grad_keys = {}
     if runner.spliced.grad_keys:
         nodes = program.nodes
@@ -129,13 +140,15 @@ def _run_fx(module: nn.Module, captured: Captured, program: Program, flat: list[
 
 
 def _run_hooks(module: nn.Module, program: Program, args: tuple, kwargs: dict,
-               rows: dict[Any, Rows], stop: bool, forward_saves: list[Node]) -> Outcome:
-    source = cached_scan(module, args, kwargs)
+               rows: dict[Any, Rows], stop: bool, forward_saves: list[Node],
+               operations: frozenset = frozenset()) -> Outcome:
+    source = cached_scan(module, args, kwargs, operations)
     walker = MetaWalker(program, rows, source)
     walker.run()
     grad_keys: dict[Node, str] = {}
     output, values = run_with_hooks(module, program, rows, source.index, walker.positions,
-                                    args, kwargs, stop=stop, grad_keys=grad_keys)
+                                    args, kwargs, stop=stop, grad_keys=grad_keys,
+                                    operations=operations)
     return Outcome("hooks", output, not stop, {n: values[n] for n in forward_saves},
                    None, grad_keys)
 

@@ -52,12 +52,14 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
                    index: dict[Site, int], positions: dict[Node, int],
                    args: tuple, kwargs: dict, *,
                    stop: bool = False,
-                   grad_keys: dict[Node, str] | None = None) -> tuple[Any, dict[Node, Any]]:
+                   grad_keys: dict[Node, str] | None = None,
+                   operations: frozenset = frozenset()) -> tuple[Any, dict[Node, Any]]:
     """Run ``model(*args, **kwargs)`` with ``program`` interleaved; return the model's
     output and the value of every Program node.
 
     ``stop``: end the forward pass (output ``None``) right after the last event the
-    Program needs."""
+    Program needs. ``operations``: the operations spec of the Program's operation sites
+    (``capture.operations``)."""
     schedule: dict[int, list[Node]] = defaultdict(list)
     walker = RealWalker(program, rows, index)
     for node in program.nodes:
@@ -87,7 +89,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
             return (tuple(new[0]), dict(new[1])) if site.kind == INPUT else new
         return None
 
-    events = ModuleEvents(model, on_event, only=paths)
+    events = ModuleEvents(model, on_event, only=paths, operations=operations)
     skips = [n for n in program.nodes
              if n.skip and rows[n.invoke].whole]
     try:

@@ -17,6 +17,7 @@ from .._torch import is_unused_random, pytree, rename_node
 
 from ..errors import NotOnGraph, at_line
 from ..stats import bump
+from ..capture.caches import CacheRef
 from ..capture.export import BOUNDARY, Captured
 from ..record.program import Kind, Program
 from .rows import Rows
@@ -28,15 +29,17 @@ from .walker import BEFORE_ALL, Walker
 class OutputPlan:
     """How to rebuild a Python value from the graph's flat outputs.
 
-    ``spec`` is its pytree layout; each leaf is ``("out", k)`` (the k-th graph output) or
-    ``("const", value)``.
+    ``spec`` is its pytree layout; each leaf is ``("out", k)`` (the k-th graph output),
+    ``("const", value)`` or ``("cache", ref)`` (a :class:`CacheRef`: the run's cache
+    object, from ``caches``).
     """
 
     spec: pytree.TreeSpec
     leaves: list[tuple[str, Any]]
 
-    def build(self, outputs: list[Any]) -> Any:
-        values = [outputs[v] if kind == "out" else v for kind, v in self.leaves]
+    def build(self, outputs: list[Any], caches: dict | None = None) -> Any:
+        values = [outputs[v] if kind == "out" else v.resolve(caches) if kind == "cache"
+                  else v for kind, v in self.leaves]
         return pytree.tree_unflatten(values, self.spec)
 
 
@@ -48,6 +51,11 @@ class Spliced:
     model_output: OutputPlan | None
     saves: list[OutputPlan]
     grad_keys: dict[int, str] = field(default_factory=dict)  # Program node index -> tap
+    # cache objects (see ``capture.caches``): k -> the graph outputs of its tensors after
+    # the forward pass (every input cache, and those a plan returns), and its skeleton
+    cache_outputs: dict[int, list[int]] = field(default_factory=dict)
+    cache_skeletons: list = field(default_factory=list)
+    input_caches: int = 0
 
 
 class _SpliceWalker(Walker):
@@ -166,6 +174,16 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
                     new, delete_user_cb=lambda user: user not in walker.inserted)
 
     outputs: list[fx.Node] = []
+    old_flat = [node_map[a] if isinstance(a, fx.Node) else a
+                for a in pytree.tree_leaves(old_output.args[0])]
+    graph_output = pytree.tree_unflatten(old_flat, captured.out_spec)
+    layout = captured.caches
+    cache_outputs: dict[int, list[int]] = {}
+
+    def cache_output(k: int) -> None:
+        if k not in cache_outputs:
+            cache_outputs[k] = list(range(len(outputs), len(outputs) + len(graph_output[1][k])))
+            outputs.extend(graph_output[1][k])
 
     def plan(value: Any) -> OutputPlan:
         flat, spec = pytree.tree_flatten(value)
@@ -174,19 +192,27 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             if isinstance(leaf, fx.Node):
                 leaves.append(("out", len(outputs)))
                 outputs.append(leaf)
+            elif type(leaf) is CacheRef:
+                if leaf.k is None or layout is None:
+                    leaf.resolve({})  # (raises NotOnGraph: nothing has run)
+                cache_output(leaf.k)
+                leaves.append(("cache", leaf))
             else:
                 leaves.append(("const", leaf))
         return OutputPlan(spec, leaves)
 
+    if layout is not None:
+        for k in range(layout.n_inputs):  # the user's caches are updated in any case
+            cache_output(k)
     root = Site("", OUTPUT, 0)
     model_output = None
     if keep_output:
         if root in walker.current:
             model_output = plan(walker.current[root])
+        elif layout is not None:
+            model_output = plan(layout.model_value(graph_output))
         else:
-            old_flat = [node_map[a] if isinstance(a, fx.Node) else a
-                        for a in pytree.tree_leaves(old_output.args[0])]
-            model_output = plan(pytree.tree_unflatten(old_flat, captured.out_spec))
+            model_output = plan(graph_output)
     saves = [plan(walker.values[node]) for node in program.saves
              if node not in walker.backward_nodes]
     graph.output(tuple(outputs))
@@ -213,7 +239,9 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
     bump("splices")
     order = {node: i for i, node in enumerate(program.nodes)}
     grad_keys = {order[node]: key for node, key in walker.grad_keys.items()}
-    return Spliced(module, model_output, saves, grad_keys)
+    return Spliced(module, model_output, saves, grad_keys, cache_outputs,
+                   layout.skeletons if layout is not None else [],
+                   layout.n_inputs if layout is not None else 0)
 
 
 def _flat_attributes(root: torch.nn.Module, graph: fx.Graph) -> dict[str, Any]:

@@ -16,12 +16,12 @@ import torch
 import torch.fx as fx
 from .._torch import FakeTensorMode, pytree
 
-from ..errors import OrderError, ShapeError, ShapeIndexError, TraceError, at_line
+from ..errors import NotOnGraph, OrderError, ShapeError, ShapeIndexError, TraceError, at_line
 from ..record.program import (Kind, ModuleCall, Node, Program, execute, setitem, is_view, map_nodes, node_args, origin, replace,
                       select)
 from .rows import Rows, conform, narrow_rows, splice_rows
 from .gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
-from ..record.sites import Site, module_label
+from ..record.sites import Site, is_operation, module_label
 
 BEFORE_ALL = -1
 
@@ -90,9 +90,11 @@ class Walker:
     def position_of_site(self, node: Node, site: Site | None = None) -> int:
         site = node.site if site is None else site
         if site not in self.index:
+            why = ("its line is not reached with these inputs" if is_operation(site.path)
+                   else "the module never runs with these inputs")
             raise TraceError(at_line(
                 f"{module_label(site.path)} has no {site.kind} call #{site.call} in this "
-                f"forward pass (the module never runs with these inputs)", node.line))
+                f"forward pass ({why})", node.line))
         return self.index[site]
 
     def _current(self, site: Site) -> Any:
@@ -343,6 +345,9 @@ class MetaWalker(Walker):
             if op == "call_method" and target in _DEVICE_MOVES:
                 return _device_move_meta(target, args, kwargs)
             return execute(op, target, args, kwargs)
+        except NotOnGraph as error:  # (a cache object at a boundary: see capture.caches)
+            raise NotOnGraph(at_line(str(error), node.line if node is not None else None)) \
+                from None
         except Exception as error:  # noqa: BLE001
             if node is None or node.lenient:
                 return UNKNOWN
@@ -420,7 +425,8 @@ def _module_call_meta(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
         state = {name: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
                  for name, t in itertools.chain(module.named_parameters(),
                                                 module.named_buffers())}
-        return torch.func.functional_call(module, state, tuple(args), kwargs)
+        return call.collect(
+            lambda: torch.func.functional_call(module, state, tuple(args), kwargs))
     except Exception:  # noqa: BLE001
         return _fake_execute("call_function", call, args, kwargs, call.device())
 

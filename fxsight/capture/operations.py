@@ -1,0 +1,283 @@
+"""Operations: every call inside a module's ``forward`` as a site (nnsight's ``.source``).
+
+A function's source is parsed once; each call in its body gets nnsight's name (the called
+expression's dotted name joined by ``_``, and a counter per name: ``self_c_attn_0``,
+``split_0``, ``attention_interface_0``; inner calls are named before the calls around
+them). The *instrumented* version of the function is the same code with every call
+``f(*args)`` routed through ``__fxsight_op__(f, "name")(*args)``: a dispatcher given by
+:class:`~fxsight.capture.events.ModuleEvents` that makes the call's inputs and its return
+value boundary events, sites ``<module path>.source.<name>`` of kind ``input``/``output``.
+
+Nothing is installed anywhere by this module: the instrumented function is bound to a
+module as an instance ``forward`` only while events are installed (capture, scan, the
+hooks backend), and taken off in their ``finally``. The compiled code keeps the original
+file name and line numbers, so tracebacks and the captured graph's ``stack_trace`` point
+at the model's own lines.
+
+An *operations spec* (hashable, part of the capture and scan cache keys) says what to
+instrument: a frozenset of chains ``(forward function, op name, op name, ...)``; ``(f,)``
+instruments ``f`` in every module whose class's ``forward`` is ``f``, ``(f, "a_0")``
+also instruments the function that ``a_0`` calls, and so on.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import linecache
+import textwrap
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+SOURCE = "source"  # the path part between a module (or an operation) and an operation
+DISPATCH = "__fxsight_op__"
+MARK = "__fxsight_operations__"  # attribute of an instrumented function
+
+# calls that cannot go through a wrapper: zero-argument ``super()`` reads the caller's
+# frame, and so do ``locals()``, ``vars()``, ``globals()``
+_UNWRAPPED = frozenset({"super", "locals", "vars", "globals"})
+
+
+class SourceError(Exception):
+    """A function whose source cannot be shown or instrumented (no source, a lambda...)."""
+
+
+@dataclass
+class Parsed:
+    """A function's source with its operations."""
+
+    reference: Any  # weakref.ref to the innermost function (decorators unwrapped)
+    name: str
+    filename: str
+    first_line: int  # the ``def`` line in ``filename`` (1-based)
+    lines: list[str]  # dedented source lines, ``lines[0]`` is the first line of the source
+    def_index: int  # index in ``lines`` of the ``def`` line (after decorators)
+    operations: dict[str, int]  # name -> index in ``lines``, in naming order
+    factory: Callable  # factory(dispatch, *closure values) -> instrumented function
+    decorators: list[tuple[str, Any]]  # (source, code) of each decorator, outermost first
+
+    @property
+    def function(self) -> Callable:
+        return self.reference()
+
+    def nearest(self, name: str, n: int = 5) -> list[str]:
+        import difflib
+
+        return difflib.get_close_matches(name, list(self.operations), n=n, cutoff=0.4)
+
+
+class _Namer(ast.NodeTransformer):
+    """nnsight's naming and the rewrite of each call."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = defaultdict(int)
+        self.operations: dict[str, int] = {}
+        self.start: int | None = None
+        self.decorators: list[ast.expr] = []
+
+    @staticmethod
+    def base(func: ast.AST) -> str:
+        if isinstance(func, ast.Name):
+            return func.id
+        if isinstance(func, ast.Attribute):
+            parts = []
+            current = func
+            while isinstance(current, ast.Attribute):
+                parts.append(current.attr)
+                current = current.value
+            if isinstance(current, ast.Name):
+                parts.append(current.id)
+            return "_".join(reversed(parts))
+        return "unknown"
+
+    def visit_FunctionDef(self, node):
+        if self.start is None:
+            self.start = node.lineno
+            self.decorators = node.decorator_list
+            node.decorator_list = []
+        return self.generic_visit(node)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Call(self, node):
+        if self.start is not None and node.lineno <= self.start:
+            return self.generic_visit(node)  # (in the signature: defaults)
+        self.generic_visit(node)
+        base = self.base(node.func)
+        if isinstance(node.func, ast.Name) and node.func.id in _UNWRAPPED:
+            return node
+        index = self.counts[base]
+        self.counts[base] = index + 1
+        name = f"{base}_{index}"
+        self.operations[name] = node.lineno - 1
+        return ast.Call(
+            func=ast.Call(func=ast.Name(id=DISPATCH, ctx=ast.Load()),
+                          args=[node.func, ast.Constant(value=name)], keywords=[]),
+            args=node.args, keywords=node.keywords)
+
+
+# parsed functions, weakly by function (a class's forward lives as long as its class)
+_PARSED: "weakref.WeakKeyDictionary[Callable, Parsed]" = weakref.WeakKeyDictionary()
+
+
+def innermost(function: Any) -> Callable:
+    """The plain function under bound methods and ``functools.wraps`` decorators."""
+    function = getattr(function, "__func__", function)
+    return inspect.unwrap(function)
+
+
+def parse(function: Any) -> Parsed:
+    """The operations of ``function`` (a function, a method, a decorated function), and
+    a factory of its instrumented version. Raises :class:`SourceError`."""
+    inner = innermost(function)
+    cached = _PARSED.get(inner)
+    if cached is not None:
+        return cached
+    if not inspect.isfunction(inner):
+        raise SourceError(f"{_describe(function)} is not a Python function (no source to "
+                          f"show)")
+    if inner.__name__ == "<lambda>":
+        raise SourceError(f"{_describe(function)} is a lambda")
+    try:
+        raw, first = inspect.getsourcelines(inner)
+    except (OSError, TypeError) as error:
+        raise SourceError(f"the source of {_describe(function)} is not available "
+                          f"({error})") from None
+    text = textwrap.dedent("".join(raw))
+    tree = ast.parse(text)
+    definition = tree.body[0]
+    if not isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        raise SourceError(f"the source of {_describe(function)} is not a def statement")
+    def_index = definition.lineno - 1
+    namer = _Namer()
+    tree = namer.visit(tree)
+    definition = tree.body[0]
+    # factory(dispatch, *free variables) -> the instrumented function, its free variables
+    # (a closure, ``__class__`` for zero-argument ``super()``) as the factory's cells
+    freevars = list(inner.__code__.co_freevars)
+    factory = ast.FunctionDef(
+        name="__fxsight_factory__",
+        args=ast.arguments(posonlyargs=[], args=[ast.arg(arg=DISPATCH)] +
+                           [ast.arg(arg=v) for v in freevars],
+                           kwonlyargs=[], kw_defaults=[], defaults=[]),
+        body=[definition, ast.Return(value=ast.Name(id=definition.name, ctx=ast.Load()))],
+        decorator_list=[], returns=None)
+    module = ast.Module(body=[factory], type_ignores=[])
+    ast.fix_missing_locations(module)
+    ast.increment_lineno(module, first - 1)
+    filename = inner.__code__.co_filename
+    code = compile(module, filename, "exec")
+    namespace: dict[str, Any] = {}
+    exec(code, inner.__globals__, namespace)  # (binds the factory in ``namespace`` only)
+    lines = text.splitlines()
+    decorators = [(ast.unparse(d), compile(ast.Expression(body=d), filename, "eval"))
+                  for d in namer.decorators] if inner is not getattr(
+                      function, "__func__", function) else []
+    parsed = Parsed(weakref.ref(inner), inner.__qualname__, filename, first + def_index, lines, def_index,
+                    namer.operations, namespace["__fxsight_factory__"], decorators)
+    _PARSED[inner] = parsed
+    linecache.getlines(filename)  # (keep the file's lines for tracebacks)
+    return parsed
+
+
+# decorators that only change documentation: not applied again (they need the class)
+_DOC_ONLY = frozenset({"auto_docstring", "add_start_docstrings",
+                       "add_start_docstrings_to_model_forward", "replace_return_docstrings",
+                       "add_code_sample_docstrings"})
+
+
+def instrumented(function: Any, dispatch: Callable) -> Callable:
+    """``function``'s instrumented version calling ``dispatch(fn, name)`` for each
+    operation. Where ``function`` is decorated (``functools.wraps`` kind), its decorators
+    are evaluated again in its module and applied around the instrumented function (but
+    documentation-only ones); one that cannot be is a :class:`SourceError`."""
+    parsed = parse(function)
+    inner = parsed.function
+    cells = [c.cell_contents for c in (inner.__closure__ or ())]
+    new = parsed.factory(dispatch, *cells)
+    new.__defaults__ = inner.__defaults__
+    new.__kwdefaults__ = inner.__kwdefaults__
+    for text, code in reversed(parsed.decorators):
+        if text.split("(")[0].rsplit(".", 1)[-1] in _DOC_ONLY:
+            continue
+        try:
+            new = eval(code, inner.__globals__)(new)  # noqa: S307 - the model's own code
+        except Exception as error:  # noqa: BLE001
+            raise SourceError(f"{_describe(function)}: its decorator @{text} could not "
+                              f"be applied again to an instrumented copy ({error})") from None
+    setattr(new, MARK, True)
+    return new
+
+
+def _describe(function: Any) -> str:
+    name = getattr(function, "__qualname__", None) or getattr(function, "__name__", None)
+    return f"{name}()" if name else repr(function)
+
+
+def describe(function: Any) -> str:
+    return _describe(innermost(function))
+
+
+# --- specs -------------------------------------------------------------------------------
+def split_path(model: torch.nn.Module, path: str, modules: dict | None = None
+               ) -> tuple[str, tuple[str, ...]] | None:
+    """``(module path, (op, op, ...))`` of an operation site's path
+    (``"h.0.attn.source.attention_interface_0.source.softmax_0"`` ->
+    ``("h.0.attn", ("attention_interface_0", "softmax_0"))``), or ``None`` for a module's
+    path."""
+    parts = path.split(".") if path else []
+    if SOURCE not in parts:
+        return None
+    modules = dict(model.named_modules()) if modules is None else modules
+    for i, part in enumerate(parts):
+        if part != SOURCE:
+            continue
+        prefix = ".".join(parts[:i])
+        if prefix in modules and f"{prefix}.{SOURCE}".lstrip(".") not in modules:
+            ops = parts[i + 1:]
+            if len(ops) % 2 == 1 and all(p == SOURCE for p in ops[1::2]):
+                return prefix, tuple(ops[0::2])
+    return None
+
+
+def module_forward(module: torch.nn.Module) -> Callable:
+    """The function a module's calls run: its class's ``forward``."""
+    return type(module).forward
+
+
+def spec_for(model: torch.nn.Module, paths: Any) -> frozenset:
+    """The operations spec the sites at ``paths`` need (empty where none is an
+    operation)."""
+    chains = set()
+    modules = None
+    for path in paths:
+        if SOURCE not in path:
+            continue
+        if modules is None:
+            modules = dict(model.named_modules())
+        found = split_path(model, path, modules)
+        if found is None:
+            continue
+        module_path, ops = found
+        forward = module_forward(modules[module_path])
+        for depth in range(len(ops)):
+            chains.add((forward, *ops[:depth]))
+    return frozenset(chains)
+
+
+def tree_of(spec: frozenset, forward: Any) -> dict | None:
+    """The nested instrumentation under ``forward``: ``{op: {op: {...}}}`` (``{}``: only
+    ``forward``'s own operations), or ``None`` where ``forward`` is not instrumented."""
+    tree = None
+    for chain in spec:
+        if chain[0] is not forward:
+            continue
+        tree = {} if tree is None else tree
+        node = tree
+        for op in chain[1:]:
+            node = node.setdefault(op, {})
+    return tree

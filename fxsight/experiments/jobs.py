@@ -1,0 +1,536 @@
+"""Sweeps beyond one pair and one process: datasets of pairs, ranks, checkpoints.
+
+A sweep is a *job*: items (clean/corrupted pairs, or prompts for steering) times cells.
+The job is planned the same way in every process, whatever the number of processes:
+
+- **Buckets by length.** Items are grouped by their number of tokens (no padding: every
+  row of a batch has the real positions of its prompt). Within a bucket, items are cut in
+  *chunks* of as many items as one batch holds cells of one group.
+- **Batches.** For each chunk and each group of cells of one Program structure (a site
+  kind and layer), the rows ``(item, cell)`` are split into batches of the bucket's batch
+  size (the last one padded by repeating its last row). One pair with ``n`` cells per group
+  gives exactly the batches of a one-pair sweep.
+- **Ranks.** Under an initialized ``torch.distributed`` process group, batch ``i`` of
+  ``N`` goes to rank ``i * world // N`` (contiguous shares, so a rank needs the reference
+  runs of few items); the scores are gathered with ``all_gather_object`` and every rank
+  returns the full result. Each rank first sends whether it succeeded: a rank that failed
+  makes the others raise an error naming it instead of waiting for it.
+- **Checkpoints.** With ``checkpoint=path`` finished batches (their scores, and each item's
+  clean and corrupted metrics) are written to ``path`` (``path.rank<r>`` per rank) after
+  each batch at most every ``CHECKPOINT_SECONDS`` and when the job ends or fails; a job
+  started again with the same arguments loads them (from every rank's file, so the number of
+  processes may change) and runs only the batches that are missing. A checkpoint of another
+  job (other prompts, cells, batch size) is refused by name.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import numbers
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .result import PatchingResult
+from .sweeps import Sweep, metric_values, token_ids
+
+CHECKPOINT_SECONDS = 10.0
+
+
+# --- items ----------------------------------------------------------------------------------
+@dataclass
+class Item:
+    """One pair of a dataset (``clean`` is None for steering prompts)."""
+
+    index: int
+    clean: torch.Tensor | None
+    corrupted: torch.Tensor  # (1, T): the ids every cell of this item runs on
+    metric: Callable | None
+
+    @property
+    def length(self) -> int:
+        return self.corrupted.shape[1]
+
+
+def is_dataset(value: Any) -> bool:
+    """Whether ``value`` is many prompts (a list of strings, id lists, tensors or dicts, a
+    (N, T) tensor with N > 1, any other iterable such as a ``datasets.Dataset``) rather than
+    one prompt (a string, a list of ints, a (T,) or (1, T) tensor)."""
+    if value is None or isinstance(value, (str, bytes, dict)):
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 2 and value.shape[0] != 1
+    if isinstance(value, (list, tuple)):
+        return not value or not isinstance(value[0], numbers.Integral)
+    return hasattr(value, "__iter__") or hasattr(value, "__getitem__")
+
+
+def _listed(value: Any, what: str) -> list:
+    if isinstance(value, torch.Tensor):
+        return list(value)
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a prompt or a sequence of prompts, not "
+                        f"{type(value).__name__}") from None
+
+
+def _metrics(metric: Any, n: int) -> list:
+    if metric is None or callable(metric):
+        return [metric] * n
+    metrics = _listed(metric, "metric")
+    if len(metrics) != n or not all(callable(m) for m in metrics):
+        raise ValueError(f"metric must be one callable or one callable per pair ({n}); got "
+                         f"{len(metrics)} items")
+    return metrics
+
+
+def pairs_of(model, clean: Any, corrupted: Any, metric: Any) -> tuple[list[Item], bool]:
+    """The clean/corrupted pairs of a call and whether it is a dataset: two prompts; two
+    sequences of prompts; or one sequence of dicts with ``"clean"`` and ``"corrupted"``
+    (and optionally ``"metric"``) and ``corrupted=None``."""
+    if corrupted is None and is_dataset(clean):
+        rows = _listed(clean, "clean")
+        metrics = _metrics(metric, len(rows))
+        items = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or "clean" not in row or "corrupted" not in row:
+                raise ValueError(f"item {i} of the dataset must be a dict with 'clean' and "
+                                 f"'corrupted' (and optionally 'metric'), not "
+                                 f"{type(row).__name__}"
+                                 + (f" with keys {sorted(row)}" if isinstance(row, dict) else ""))
+            items.append(_pair(model, i, row["clean"], row["corrupted"],
+                               row.get("metric", metrics[i])))
+        return _nonempty(items), True
+    if is_dataset(clean) or is_dataset(corrupted):
+        if not (is_dataset(clean) and is_dataset(corrupted)):
+            raise ValueError("clean and corrupted must both be one prompt or both be "
+                             "sequences of prompts (one corrupted prompt per clean one)")
+        cleans, corrupts = _listed(clean, "clean"), _listed(corrupted, "corrupted")
+        if len(cleans) != len(corrupts):
+            raise ValueError(f"{len(cleans)} clean prompts but {len(corrupts)} corrupted ones")
+        metrics = _metrics(metric, len(cleans))
+        return _nonempty([_pair(model, i, c, k, m) for i, (c, k, m)
+                          in enumerate(zip(cleans, corrupts, metrics))]), True
+    if not callable(metric):
+        raise TypeError(f"metric must be a callable, not {type(metric).__name__}")
+    return [_pair(model, 0, clean, corrupted, metric, single=True)], False
+
+
+def _pair(model, i: int, clean: Any, corrupted: Any, metric: Callable,
+          single: bool = False) -> Item:
+    name = "" if single else f" of pair {i}"
+    clean_ids = token_ids(model, clean, "clean" + name)
+    corrupt_ids = token_ids(model, corrupted, "corrupted" + name)
+    if clean_ids.shape != corrupt_ids.shape:
+        from .sweeps import token_labels
+        def note(ids):
+            labels = token_labels(model, ids)
+            return f"tokens {labels}" if labels is not None else "tokens"
+        raise ValueError(
+            f"the clean and corrupted prompts{name} must have the same number of tokens to "
+            f"be patched position by position: clean has {clean_ids.shape[1]} "
+            f"{note(clean_ids)}, corrupted has {corrupt_ids.shape[1]} {note(corrupt_ids)}")
+    if not callable(metric):
+        raise TypeError(f"the metric{name} must be a callable, not {type(metric).__name__}")
+    return Item(i, clean_ids, corrupt_ids, metric)
+
+
+def prompts_of(model, prompt: Any, metric: Any) -> tuple[list[Item], bool]:
+    """Steering: one prompt, a sequence of prompts, or a sequence of dicts with
+    ``"prompt"`` (and optionally ``"metric"``)."""
+    if not is_dataset(prompt):
+        return [Item(0, None, token_ids(model, prompt, "prompt"), metric)], False
+    rows = _listed(prompt, "prompt")
+    metrics = _metrics(metric, len(rows))
+    items = []
+    for i, row in enumerate(rows):
+        m = metrics[i]
+        if isinstance(row, dict):
+            if "prompt" not in row:
+                raise ValueError(f"item {i} of the dataset must have a 'prompt' (keys: "
+                                 f"{sorted(row)})")
+            row, m = row["prompt"], row.get("metric", m)
+        items.append(Item(i, None, token_ids(model, row, f"prompt {i}"), m))
+    return _nonempty(items), True
+
+
+def _nonempty(items: list[Item]) -> list[Item]:
+    if not items:
+        raise ValueError("the dataset is empty")
+    return items
+
+
+# --- the plan -------------------------------------------------------------------------------
+@dataclass
+class Refs:
+    """An item's reference runs and what the cells need of them."""
+
+    ids: torch.Tensor  # (1, T) the ids its cells run on
+    metric: Callable
+    baseline: float  # metric of the unpatched run
+    reference: float | None  # metric of the clean run
+    last_only: bool  # the metric reads only the last position (checked on its logits)
+    runs: Any  # experiment-specific: the saved activations
+
+
+@dataclass
+class Group:
+    """Cells of one Program structure for items of one length: ``indices[c]`` is where cell
+    ``c``'s score goes in an item's scores; ``replacements(rows, [(refs, cell), ...])`` the
+    ``(target, value)`` pairs of a batch."""
+
+    label: str
+    cells: list[Any]
+    indices: list[tuple[int, ...]]
+    replacements: Callable[[int, list[tuple[Refs, Any]]], list]
+
+
+@dataclass
+class Batch:
+    id: int
+    length: int
+    group: int
+    rows: list[tuple[int, int]]  # (item position, cell index)
+    size: int  # rows run (padded)
+
+
+@dataclass
+class Experiment:
+    """What a job needs to know of its experiment."""
+
+    name: str
+    items: list[Item]
+    shape: tuple[int, ...]  # one item's scores
+    refs: Callable[[Item], Refs]
+    groups: Callable[[int], list[Group]]  # by length
+    row_bytes: Callable[[int, Refs], int]  # by length, from a probe item's refs
+    can_keep_last: bool  # the model's forward takes logits_to_keep (and it is not given)
+    key: list  # what identifies the job beyond items (sites, layers, positions, ...)
+
+
+def _plan(experiment: Experiment, probe: Refs, batch_size, memory_budget, choose) \
+        -> tuple[list[Batch], dict[int, int], dict[int, list[Group]]]:
+    buckets: dict[int, list[int]] = {}
+    for position, item in enumerate(experiment.items):
+        buckets.setdefault(item.length, []).append(position)
+    batches: list[Batch] = []
+    sizes, groups = {}, {}
+    for length in sorted(buckets):
+        members = buckets[length]
+        groups[length] = experiment.groups(length)
+        cells = max((len(g.cells) for g in groups[length]), default=0)
+        if cells == 0:
+            continue
+        size = choose(batch_size, memory_budget, experiment.row_bytes(length, probe),
+                      cells * len(members))
+        sizes[length] = size
+        per_chunk = max(1, size // cells)
+        for start in range(0, len(members), per_chunk):
+            chunk = members[start:start + per_chunk]
+            for g, group in enumerate(groups[length]):
+                rows = [(i, c) for i in chunk for c in range(len(group.cells))]
+                for s in range(0, len(rows), size):
+                    batches.append(Batch(len(batches), length, g, rows[s:s + size], size))
+    return batches, sizes, groups
+
+
+def _fingerprint(experiment: Experiment, batches: list[Batch]) -> str:
+    digest = hashlib.sha256()
+    digest.update(repr((experiment.name, experiment.shape, experiment.key)).encode())
+    for item in experiment.items:
+        for ids in (item.clean, item.corrupted):
+            digest.update(b"-" if ids is None else ids.numpy().tobytes() + b"|")
+    digest.update(repr([(b.length, b.group, b.rows, b.size) for b in batches]).encode())
+    return digest.hexdigest()
+
+
+# --- processes --------------------------------------------------------------------------------
+class Ranks:
+    """This process's place among the processes of an initialized ``torch.distributed``
+    group (the whole job in one process otherwise, or with ``distributed=False``)."""
+
+    def __init__(self, distributed: bool | None):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.on = distributed is not False and dist.is_available() and dist.is_initialized()
+        if distributed and not self.on:
+            raise RuntimeError("distributed=True but no torch.distributed process group is "
+                               "initialized (torch.distributed.init_process_group)")
+        self.rank = dist.get_rank() if self.on else 0
+        self.world = dist.get_world_size() if self.on else 1
+
+    def exchange(self, what: str, payload: Any, error: BaseException | None) -> list:
+        """Every rank's ``payload``; raises on every rank if one failed (its own error on
+        that rank, an error naming the failed ranks elsewhere)."""
+        if not self.on:
+            if error is not None:
+                raise error
+            return [payload]
+        entry = {"ok": error is None, "payload": None if error is not None else payload,
+                 "error": None if error is None else f"{type(error).__name__}: {error}"}
+        gathered: list = [None] * self.world
+        self.dist.all_gather_object(gathered, entry)
+        if error is not None:
+            raise error
+        failed = [(r, g["error"]) for r, g in enumerate(gathered) if not g["ok"]]
+        if failed:
+            names = "; ".join(f"rank {r}: {message}" for r, message in failed)
+            raise RuntimeError(f"the sweep failed on {len(failed)} of {self.world} ranks "
+                               f"while {what} ({names}); this rank (rank {self.rank}) stops "
+                               f"too")
+        return [g["payload"] for g in gathered]
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+class Checkpoint:
+    def __init__(self, path: str | os.PathLike | None, ranks: Ranks, fingerprint: str):
+        self.path = None if path is None else os.fspath(path)
+        self.fingerprint = fingerprint
+        self.own = self.path if (self.path is None or not ranks.on) \
+            else f"{self.path}.rank{ranks.rank}"
+        self.saved_at = time.monotonic()
+
+    def load(self) -> tuple[dict, dict]:
+        batches, items = {}, {}
+        if self.path is None:
+            return batches, items
+        for name in sorted({self.path, *glob.glob(glob.escape(self.path) + ".rank*")}):
+            if not os.path.exists(name) or name.endswith(".tmp"):
+                continue
+            state = torch.load(name, weights_only=True)
+            if state.get("fingerprint") != self.fingerprint:
+                raise ValueError(f"the checkpoint {name} was written by another sweep (other "
+                                 f"prompts, cells, batch size or experiment); remove it or "
+                                 f"give another checkpoint path")
+            batches.update(state["batches"])
+            items.update(state["items"])
+        return batches, items
+
+    def save(self, batches: dict, items: dict, force: bool = False) -> None:
+        if self.own is None or not (force or
+                                    time.monotonic() - self.saved_at >= CHECKPOINT_SECONDS):
+            return
+        directory = os.path.dirname(os.path.abspath(self.own))
+        os.makedirs(directory, exist_ok=True)
+        temporary = f"{self.own}.tmp"
+        torch.save({"fingerprint": self.fingerprint, "batches": batches, "items": items},
+                   temporary)
+        os.replace(temporary, self.own)
+        self.saved_at = time.monotonic()
+
+
+# --- running --------------------------------------------------------------------------------
+@dataclass
+class JobResult:
+    scores: torch.Tensor  # (items, *shape): metric minus the item's baseline; NaN: no cell
+    baselines: torch.Tensor
+    references: torch.Tensor | None
+    sizes: dict[int, int]
+    traces: int
+    batches: int
+    resumed: int  # batches loaded from a checkpoint
+    ranks: int
+    keep_last: bool
+    sweep: Sweep
+    lengths: dict[int, int] = field(default_factory=dict)
+
+
+def run_job(experiment: Experiment, sweep: Sweep, batch_size, memory_budget, choose,
+            progress: bool, checkpoint=None, distributed: bool | None = None,
+            on_batch: Callable[[Batch], None] | None = None) -> JobResult:
+    """Run every batch of ``experiment`` that this rank owns and no checkpoint holds; gather
+    the scores of all ranks."""
+    from tqdm.auto import tqdm
+
+    ranks = Ranks(distributed)
+    items = experiment.items
+    cache: dict[int, Refs] = {}
+    item_metrics: dict[int, tuple[float, float | None]] = {}
+    error = None
+    try:
+        probe = _refs(experiment, cache, 0, item_metrics)
+        batches, sizes, groups = _plan(experiment, probe, batch_size, memory_budget, choose)
+        fingerprint = _fingerprint(experiment, batches)
+    except Exception as failure:  # noqa: BLE001 - sent to the other ranks, then raised
+        error, fingerprint = failure, None
+    prints = ranks.exchange("planning", fingerprint, error)
+    if any(p != prints[0] for p in prints):
+        different = [r for r, p in enumerate(prints) if p != prints[0]]
+        raise RuntimeError(f"ranks {different} planned another sweep than rank 0 (other "
+                           f"prompts, arguments or batch size): every rank must make the "
+                           f"same call")
+    store = Checkpoint(checkpoint, ranks, fingerprint)
+    done, loaded_items = store.load()
+    resumed = len(done)
+    item_metrics.update({k: v for k, v in loaded_items.items() if k not in item_metrics})
+    n = len(batches)
+    mine = [b for b in batches if b.id * ranks.world // max(n, 1) == ranks.rank]
+    todo = [b for b in mine if b.id not in done]
+    computed: dict[int, torch.Tensor] = {}
+    keep_last = False
+    error = None
+    rows_total = sum(len(b.rows) for b in todo)
+    last_use = {i: t for t, b in enumerate(todo) for i, _ in b.rows}
+    try:
+        with torch.no_grad(), tqdm(total=rows_total, desc=sweep.description, unit="cell",
+                                   disable=not progress or ranks.rank != 0,
+                                   leave=False) as bar:
+            for t, batch in enumerate(todo):
+                group = groups[batch.length][batch.group]
+                needed = sorted({i for i, _ in batch.rows})
+                refs = {i: _refs(experiment, cache, i, item_metrics) for i in needed}
+                rows = [(refs[i], group.cells[c]) for i, c in batch.rows]
+                padded = rows + [rows[-1]] * (batch.size - len(rows))
+                if len(needed) == 1:
+                    ids = rows[0][0].ids.expand(batch.size, batch.length).contiguous()
+                else:
+                    ids = torch.cat([r.ids for r, _ in padded])
+                last = experiment.can_keep_last and all(refs[i].last_only for i in needed)
+                keep_last = keep_last or last
+                kwargs = {**sweep.kwargs, "logits_to_keep": 1} if last else sweep.kwargs
+                logits = sweep.run_batch(ids, group.replacements(batch.size, padded),
+                                         kwargs)
+                computed[batch.id] = _batch_metrics(logits, batch, refs).cpu()
+                done[batch.id] = computed[batch.id]
+                bar.update(len(batch.rows))
+                for i in needed:
+                    if last_use[i] == t:
+                        cache.pop(i, None)  # its reference runs are not needed again here
+                if on_batch is not None:
+                    on_batch(batch)
+                store.save(done, item_metrics)
+    except Exception as failure:  # noqa: BLE001 - saved, sent to the other ranks, raised
+        error = failure
+    if store.own is not None and (computed or error is None):
+        store.save(done, item_metrics, force=True)
+    payloads = ranks.exchange("running its batches",
+                              (computed, item_metrics, sweep.traces, keep_last), error)
+    for values, metrics, _, _ in payloads:
+        done.update(values)
+        item_metrics.update(metrics)
+    for position in range(len(items)):
+        if position not in item_metrics:  # no cell of its length: only its metrics
+            _refs(experiment, cache, position, item_metrics)
+            cache.pop(position, None)
+    keep_last = any(p[3] for p in payloads)
+    traces = sum(p[2] for p in payloads)
+
+    scores = torch.full((len(items), *experiment.shape), float("nan"))
+    for batch in batches:
+        group = groups[batch.length][batch.group]
+        for (i, c), value in zip(batch.rows, done[batch.id]):
+            scores[(i, *group.indices[c])] = value
+    baselines = torch.tensor([item_metrics[i][0] for i in range(len(items))])
+    references = [item_metrics[i][1] for i in range(len(items))]
+    scores -= baselines.reshape(-1, *[1] * len(experiment.shape))
+    lengths: dict[int, int] = {}
+    for item in items:
+        lengths[item.length] = lengths.get(item.length, 0) + 1
+    return JobResult(scores, baselines,
+                     None if any(r is None for r in references) else torch.tensor(references),
+                     sizes, traces, len(batches), resumed, ranks.world, keep_last, sweep,
+                     dict(sorted(lengths.items())))
+
+
+def _refs(experiment: Experiment, cache: dict, position: int, item_metrics: dict) -> Refs:
+    if position not in cache:
+        refs = experiment.refs(experiment.items[position])
+        cache[position] = refs
+        item_metrics[position] = (refs.baseline, refs.reference)
+    return cache[position]
+
+
+def _batch_metrics(logits: torch.Tensor, batch: Batch, refs: dict[int, Refs]) -> torch.Tensor:
+    """One metric value per real row: the shared metric on the whole batch, or each item's
+    metric on its rows."""
+    metrics = {id(r.metric): r.metric for r in refs.values()}
+    if len(metrics) == 1:
+        return metric_values(next(iter(metrics.values())), logits, batch.size)[:len(batch.rows)]
+    out = torch.empty(len(batch.rows))
+    for i, r in refs.items():
+        rows = torch.tensor([k for k, (j, _) in enumerate(batch.rows) if j == i])
+        out[rows] = metric_values(r.metric, logits[rows], len(rows)).to(out.device)
+    return out
+
+
+def summary(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mean over items (of those that have the cell), its standard error and the count."""
+    present = ~scores.isnan()
+    counts = present.sum(0)
+    total = torch.where(present, scores, 0.0).sum(0)
+    mean = total / counts.clamp(min=1)
+    deviation = torch.where(present, scores - mean, 0.0)
+    variance = (deviation ** 2).sum(0) / (counts - 1).clamp(min=1)
+    stderr = (variance / counts.clamp(min=1)).sqrt()
+    nan = torch.tensor(float("nan"))
+    mean = torch.where(counts > 0, mean, nan)
+    stderr = torch.where(counts > 1, stderr, nan)
+    return mean, stderr, counts
+
+
+def position_labels(positions: Any, lengths: list[int]) -> list[int]:
+    """The position axis of a sweep over prompts of ``lengths`` tokens: as for one prompt
+    when they have one length; else ``"all"`` is every position counted from the end
+    (``-longest .. -1``) and given positions are kept as given (negative: from the end)."""
+    from .sweeps import check_positions
+
+    if len(set(lengths)) == 1:
+        return check_positions(positions, lengths[0])
+    longest = max(lengths)
+    if isinstance(positions, str):
+        check_positions(positions, longest)
+        return list(range(-longest, 0))
+    labels = [positions] if isinstance(positions, int) else list(positions)
+    check_positions(labels, longest)
+    return labels
+
+
+def position_in(label: int, length: int) -> int | None:
+    """The position of a label in a prompt of ``length`` tokens, None if it has none."""
+    position = label + length if label < 0 else label
+    return position if 0 <= position < length else None
+
+
+# --- results --------------------------------------------------------------------------------
+def kwargs_key(kwargs: dict) -> list:
+    return sorted((k, repr(v)) for k, v in kwargs.items())
+
+
+def job_info(job, n_items: int, runs_per_item: int, sweep, seen: dict, kwargs: dict,
+          start: float) -> dict:
+    sizes = sorted(set(job.sizes.values()))
+    reference = seen.get("reference")
+    backends = sweep.backends or ({reference.backend} if reference is not None else set())
+    info = dict(batch_size=sizes[0] if len(sizes) == 1 else dict(job.sizes),
+                traces=job.traces + runs_per_item * n_items, cells=int(job.scores.numel()),
+                backend=",".join(sorted(str(b) for b in backends)),
+                logits_to_keep=kwargs.get("logits_to_keep", 1 if job.keep_last else None),
+                seconds=time.perf_counter() - start,
+                graph_module=getattr(sweep.last_tracer, "graph_module", None))
+    if job.ranks > 1 or job.resumed:
+        info.update(ranks=job.ranks, batches=job.batches, resumed_batches=job.resumed)
+    return info
+
+
+def dataset_result(job, dims: tuple, coords: dict, method: str, info: dict,
+                    has_reference: bool = True) -> PatchingResult:
+    mean, _, _ = summary(job.scores)
+    info = {**info, "pairs": int(job.scores.shape[0]), "lengths": job.lengths,
+            "batches": job.batches, "ranks": job.ranks, "resumed_batches": job.resumed}
+    if len(job.lengths) > 1:
+        info["different_lengths"] = (
+            "grouped by length (no padding); positions are counted from the end where "
+            "negative, from the start otherwise; a pair without a position has NaN there "
+            "and the mean is over the pairs that have it (result.counts)")
+    references = job.references if has_reference else None
+    return PatchingResult(
+        mean, dims, coords, baseline=float(job.baselines.mean()),
+        reference=None if references is None else float(references.mean()),
+        tokens=None, method=method, info=info, per_pair=job.scores,
+        baselines=job.baselines, references=references)
