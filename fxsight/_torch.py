@@ -25,7 +25,8 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "is_op_overload", "entry_point", "is_unused_random", "compile_backend",
            "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
            "global_forward_hooks", "global_hook_keys", "TreeSpec", "uncompiled", "plain_pickling",
-           "generated_source_key", "forget_generated_source", "tensor_version"]
+           "generated_source_key", "forget_generated_source", "tensor_version",
+           "forward_hook_dicts"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -107,6 +108,16 @@ def global_forward_hooks() -> tuple[tuple, tuple]:
     there is no public getter (``torch.nn.modules.module._global_forward_*``; checked 2.13)."""
     module = torch.nn.modules.module
     return tuple(module._global_forward_pre_hooks), tuple(module._global_forward_hooks)
+
+
+def forward_hook_dicts(module: torch.nn.Module | None = None) -> tuple[dict, dict]:
+    """The dicts that hold the forward pre-hooks and forward hooks of ``module`` (torch's
+    process-wide ones for ``None``): ``Module._forward_pre_hooks``/``_forward_hooks`` and
+    ``torch.nn.modules.module._global_forward_*`` have no public accessor (checked 2.13)."""
+    if module is None:
+        globals_ = torch.nn.modules.module
+        return globals_._global_forward_pre_hooks, globals_._global_forward_hooks
+    return module._forward_pre_hooks, module._forward_hooks
 
 
 def global_hook_keys() -> list[tuple]:

@@ -166,14 +166,14 @@ def test_user_hook_closures_are_never_stale():
             assert any("forward hook" in str(w.message) and "'lin'" in str(w.message)
                        for w in record)
             with pytest.raises(fxsight.CaptureError,
-                               match=r"module 'lin' has a forward hook.*changes its output"):
+                               match=r"module 'lin' has a forward hook.*runs no Python hook"):
                 with net.trace(x, backend="fx"):
                     net.output.save()
         finally:
             handle.remove()
     handle = model.post[0].register_forward_pre_hook(lambda m, args: (args[0] * factor[0],))
     try:
-        with pytest.raises(fxsight.CaptureError, match=r"'post.0'.*changes its inputs"):
+        with pytest.raises(fxsight.CaptureError, match=r"'post.0' has a forward pre-hook.*runs no Python hook"):
             with net.trace(x, backend="fx"):
                 net.output.save()
     finally:
@@ -183,19 +183,31 @@ def test_user_hook_closures_are_never_stale():
     assert tracer.backend == "fx" and torch.equal(out, model(x))
 
 
-def test_hooks_that_only_look_do_not_prevent_capture():
+@pytest.mark.parametrize("backend", ("auto", "hooks"))
+def test_hooks_that_only_look_run_on_real_values_once_per_trace(backend):
+    """A graph runs no Python hook: a model with hooks runs on the hooks backend (fx
+    refuses it by name), where each hook sees the real values once per trace, as in a
+    plain forward."""
     model = Stateful().eval()
     net = NNsight(model)
     x = _x()
     seen = []
-    handle = model.lin.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    handle = model.lin.register_forward_hook(lambda m, args, out: seen.append(out))
     try:
-        with net.trace(x, backend="fx") as tracer:
-            out = net.output.save()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(2):
+                with net.trace(x, backend=backend) as tracer:
+                    out = net.output.save()
+        with pytest.raises(fxsight.CaptureError, match=r"module 'lin' has a forward hook"):
+            with net.trace(x, backend="fx"):
+                net.output.save()
+        expected = model(x)
     finally:
         handle.remove()
-    assert tracer.backend == "fx" and torch.equal(out, model(x))
-    assert seen  # (it ran while capturing, on fake tensors)
+    assert tracer.backend == "hooks" and torch.equal(out, expected)
+    assert [type(v) for v in seen] == [torch.Tensor] * 3  # two traces, one plain forward
+    assert torch.equal(seen[0], seen[2]) and torch.equal(seen[1], seen[2])
 
 
 class Counting(torch.nn.Module):

@@ -232,26 +232,27 @@ def check_program(model, net, sites, steps, make_inputs, output_of):
         assert not module._forward_hooks and not module._forward_pre_hooks
 
 
-SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
+# At least 500 programs per ``make test`` (the MLP's are cheapest): 300 + 160 + 45.
+def _examples(n: int) -> settings:
+    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
-@SETTINGS
+@_examples(300)
 @given(steps_strategy(len(MLP_SITES)))
 def test_random_programs_mlp(steps):
     check_program(MLP, MLP_NET, MLP_SITES, steps,
                   lambda: ((MLP_X.clone(),), {}), lambda out: out)
 
 
-@SETTINGS
+@_examples(160)
 @given(steps_strategy(len(GPT2_SITES)))
 def test_random_programs_gpt2(steps):
     check_program(GPT2, GPT2_NET, GPT2_SITES, steps,
                   lambda: ((GPT2_IDS,), {"use_cache": False}), lambda out: out.logits)
 
 
-@settings(max_examples=10, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@_examples(45)
 @given(steps_strategy(len(LLAMA_SITES)))
 def test_random_programs_llama(steps):
     check_program(LLAMA, LLAMA_NET, LLAMA_SITES, steps,

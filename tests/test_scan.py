@@ -89,9 +89,17 @@ def test_scan_raises_on_a_mis_shaped_write(which):
 
 def test_scan_of_a_real_model_computes_nothing():
     module = tiny_gpt2()
-    calls = []
-    handle = module.transformer.h[0].register_forward_hook(
-        lambda m, i, o: calls.append(type(o).__name__))
+    calls, hooked = [], []
+    block = module.transformer.h[0]
+    forward = block.forward
+
+    def recorded(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        calls.append(type(output[0] if isinstance(output, tuple) else output).__name__)
+        return output
+
+    block.forward = recorded
+    handle = block.register_forward_hook(lambda m, i, o: hooked.append(o))
     try:
         model = NNsight(module)
         with model.scan(_ids(), use_cache=False) as tracer:
@@ -99,7 +107,9 @@ def test_scan_of_a_real_model_computes_nothing():
             model.transformer.h[1].output[:] = h * 2
     finally:
         handle.remove()
+        del block.forward
     assert calls == ["FakeTensor"]  # the module ran once, on fake tensors
+    assert hooked == []  # the user's hooks never see fake tensors
     assert h.is_meta and h.shape == (2, 7, 64)
     assert tracer.result.logits.shape == (2, 7, 128)
 

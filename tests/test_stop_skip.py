@@ -113,7 +113,9 @@ def test_stop_ends_the_forward_pass_after_the_last_needed_value(gpt2, backend):
     finally:
         handle.remove()
 
-    counter = _Counter(gpt2, ["transformer.h.0", "transformer.h.1", "lm_head"])
+    # (hooks on the model run it on the hooks backend: the fx graph is inspected instead)
+    counter = _Counter(gpt2, ["transformer.h.0", "transformer.h.1", "lm_head"]
+                       if backend == "hooks" else [])
     try:
         model = NNsight(gpt2)
         with torch.no_grad(), model.trace(x, use_cache=False, backend=backend,
@@ -173,7 +175,8 @@ def test_skip_replaces_a_block_which_does_not_run(gpt2, backend):
         h0_hook.remove()
         del gpt2.transformer.h[1].forward
 
-    counter = _Counter(gpt2, ["transformer.h.1.attn", "transformer.h.1.mlp"])
+    counter = _Counter(gpt2, ["transformer.h.1.attn", "transformer.h.1.mlp"]
+                       if backend == "hooks" else [])
     try:
         model = NNsight(gpt2)
         with torch.no_grad(), model.trace(x, use_cache=False, backend=backend) as tracer:
@@ -185,7 +188,8 @@ def test_skip_replaces_a_block_which_does_not_run(gpt2, backend):
         counter.remove()
     assert torch.equal(h1, saved["h0"])
     assert torch.equal(logits, expected)
-    assert counter.calls == {"transformer.h.1.attn": 0, "transformer.h.1.mlp": 0}
+    assert backend == "fx" or \
+        counter.calls == {"transformer.h.1.attn": 0, "transformer.h.1.mlp": 0}
     # the module's forward is its own again: nothing left behind
     assert "forward" not in vars(gpt2.transformer.h[1])
     if backend == "fx":

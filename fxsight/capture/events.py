@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .._torch import pytree
+from .._torch import forward_hook_dicts, pytree
 from ..record.sites import INPUT, OUTPUT, Site
 from . import operations as ops
 
@@ -173,3 +173,36 @@ class ModuleEvents:
             self.order.append(site)
             return self.on_event(site, output)
         return hook
+
+
+@contextlib.contextmanager
+def silenced_hooks(model: torch.nn.Module) -> Iterator[None]:
+    """While active, the forward hooks and pre-hooks already on ``model``'s modules (and
+    torch's global ones) do nothing for calls made in this thread: a scan runs the model
+    on fake tensors, and a user's hook must only ever see the real values of a forward.
+
+    Each hook is wrapped in place (same key, so the hook dicts keep their order and the
+    capture state sees no change) and put back in ``finally``; other threads' calls still
+    run it."""
+    thread = threading.get_ident()
+    wrapped: list[tuple[dict, Any, Any, Any]] = []
+
+    def guard(hook):
+        def guarded(*args, **kwargs):
+            if threading.get_ident() == thread:
+                return None
+            return hook(*args, **kwargs)
+        return guarded
+
+    try:
+        for hooks in (*forward_hook_dicts(None),
+                      *(d for m in module_paths(model) for d in forward_hook_dicts(m))):
+            for key, hook in list(hooks.items()):
+                new = guard(hook)
+                hooks[key] = new
+                wrapped.append((hooks, key, new, hook))
+        yield
+    finally:
+        for hooks, key, new, hook in reversed(wrapped):
+            if hooks.get(key) is new:
+                hooks[key] = hook

@@ -258,11 +258,12 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     inside those forwards are marked too, as sites ``<module>.source.<op>``.
 
     Raises :class:`CaptureError` naming the innermost module that could not be captured;
-    also where a forward hook of the model changes a module's inputs or outputs (the
-    graph would keep what it did at capture time, whatever the hook reads) and where the
-    forward changes the model's Python state (the graph would not repeat that; the change
-    is undone). Hooks that only look run during the capture, on fake tensors, and are not
-    part of the graph.
+    also, before anything runs, where the model has forward hooks or pre-hooks (a graph
+    runs no Python hook: one that changes values would keep what it did at capture time,
+    one that only looks would run once, on fake tensors, and never on the values of a
+    trace; the hooks backend runs them as a plain forward does), and where the forward
+    changes the model's Python state (the graph would not repeat that; the change is
+    undone).
 
     ``opaque`` (path -> reason) names modules that run as ``fxsight::opaque`` calls
     returning tensors shaped as in ``outputs`` (see :func:`capture_partly`).
@@ -271,8 +272,17 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     start = time.perf_counter()
     global_hooks, hooked = state.user_hooks(model)
     if global_hooks is not None:
-        raise CaptureError(f"could not capture the model: {global_hooks}, which a "
-                           f"captured graph would keep as they were at capture time")
+        error = CaptureError(f"could not capture the model: {global_hooks}, which a "
+                             f"captured graph would not run")
+        error.refused_for_hooks = True
+        raise error
+    if hooked:
+        path, _, description = hooked[0]
+        error = CaptureError(f"could not capture the model: {description}; a captured "
+                             f"graph runs no Python hook (the hooks backend runs it on the "
+                             f"real values of each trace, as a plain forward does)", path)
+        error.refused_for_hooks = True
+        raise error
     layouts: dict[Site, tuple[pytree.TreeSpec, list[Any]]] = {}
 
     def mark(site: Site, value: Any) -> Any:
@@ -295,12 +305,10 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     cache_state = _CacheState(found, layout, dynamic)
     root = _Root(model, before, changes, cache_state,
                  opaque_calls.ignored_changes(opaque))
-    hook_changes: list[tuple[str, str]] = []
     try:
         # (one export at a time: export sets process-wide flags, see fxsight.locks)
         try:
-            with exclusive_export(), _watching_hooks(hooked, hook_changes), \
-                    events.installed(), _quiet_symbolic_shapes(), \
+            with exclusive_export(), events.installed(), _quiet_symbolic_shapes(), \
                     opaque_calls.routed(model if events_on is None else events_on,
                                         opaque, outputs or {}):
                 exported = torch.export.export(
@@ -320,10 +328,6 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         where = f"module {culprit or 'model'!r}" if culprit is not None else "the model"
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         raise CaptureError(f"could not capture {where}: {reason}", culprit) from error
-    if hook_changes:
-        path, what = hook_changes[0]
-        raise CaptureError(f"could not capture the model: {what}; a captured graph would "
-                           f"keep what the hook did at capture time", path)
     if changes:
         error = CaptureError(f"could not capture the model: its forward changes "
                              f"{changes[0]}, which a captured graph would not repeat")
@@ -368,51 +372,6 @@ def _cache_ref(cache: Any, roots: list, site: Site) -> caches.CacheRef:
     found = caches.find(cache, roots)
     return caches.CacheRef(None, (), where) if found is None else \
         caches.CacheRef(found[0], found[1], where)
-
-
-@contextlib.contextmanager
-def _watching_hooks(hooked: list, changes: list):
-    """Around each hooked module's own hooks, hooks that note in ``changes`` where the
-    user's hooks changed the module's inputs or outputs (other values, or edited in
-    place): ``(path, "module 'a' has a forward hook (...) that changes its output")``."""
-    handles = []
-
-    def leaves(value):
-        return [(id(v), v._version if isinstance(v, torch.Tensor) else None)
-                for v in pytree.tree_leaves(value)]
-
-    def watch(path, module, description):
-        before = {}
-
-        def first_in(m, args, kwargs):
-            before["in"] = leaves((args, kwargs))
-
-        def last_in(m, args, kwargs):
-            if leaves((args, kwargs)) != before.pop("in", None):
-                changes.append((path, f"{description} that changes its inputs"))
-
-        def first_out(m, args, output):
-            before["out"] = leaves(output)
-
-        def last_out(m, args, output):
-            if leaves(output) != before.pop("out", None):
-                changes.append((path, f"{description} that changes its output"))
-
-        if module._forward_pre_hooks:
-            handles.append(module.register_forward_pre_hook(first_in, prepend=True,
-                                                            with_kwargs=True))
-            handles.append(module.register_forward_pre_hook(last_in, with_kwargs=True))
-        if module._forward_hooks:
-            handles.append(module.register_forward_hook(first_out, prepend=True))
-            handles.append(module.register_forward_hook(last_out))
-
-    try:
-        for path, module, description in hooked:
-            watch(path, module, description)
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class _Uncapturable(Exception):
@@ -902,7 +861,7 @@ def _is_submodule(model: torch.nn.Module, path: str) -> bool:
 
 def _hooks_error(error: CaptureError) -> bool:
     """A capture refused for the model's hooks (not a failure inside a module)."""
-    return "hook" in str(error) and "a captured graph would keep" in str(error)
+    return getattr(error, "refused_for_hooks", False)
 
 
 def _dynamic_view(model: torch.nn.Module, cache: _Captures, key: tuple, args: tuple,

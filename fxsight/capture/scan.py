@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from .._torch import FakeTensorMode, pytree, unset_fake_temporarily
+from .._torch import FakeTensorMode, pytree, tensor_version, unset_fake_temporarily
 
 from ..stats import bump
 from . import caches
 from .export import MAX_CAPTURES, signature
 from .state import Watch
-from .events import ModuleEvents
+from .events import ModuleEvents, silenced_hooks
 from ..record.sites import Site
 
 
@@ -51,6 +52,12 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     """Run ``model`` without computing anything real and record every boundary's shapes.
 
     Works on models whose weights are on the meta device (not loaded yet) too.
+
+    Leaves no trace on the model or the process (a trace's effect is a plain forward's
+    alone): the user's forward hooks do not run (they would see fake tensors), the global
+    random generators are restored, buffers the forward changes in place are put back
+    (fake mode runs an operation on real tensors for real where none of its inputs is
+    fake: ``self.num_batches_tracked += 1``), and so is the model's Python state.
     """
     values: dict[Site, Any] = {}
     devices: dict[Site, Any] = {}
@@ -64,13 +71,36 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     events = ModuleEvents(model, record, operations=operations)
     before = Watch(model, 0)
     try:
-        output, events = _run(model, args, kwargs, events, record, values, devices)
+        with silenced_hooks(model), _kept_buffers(model), \
+                torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)):
+            output, events = _run(model, args, kwargs, events, record, values, devices)
     finally:
         if not before.unchanged():  # the forward changed the model: undone (a trace
             before.restore()        # changes it only as the plain forward does)
     bump("scans")
     return ScanResult(list(events.order), values, devices, pytree.tree_map(_to_meta, output),
                       callees=dict(events.callees))
+
+
+def _cuda_devices(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[int]:
+    """The CUDA devices a forward of ``model`` on these inputs may draw random numbers on."""
+    tensors = [*model.parameters(), *model.buffers(),
+               *(v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor))]
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+@contextlib.contextmanager
+def _kept_buffers(model: torch.nn.Module):
+    """Buffers changed in place while active get their values back."""
+    saved = [(b, tensor_version(b), b.detach().clone()) for b in model.buffers()
+             if not b.is_meta]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, version, copy in saved:
+                if tensor_version(buffer) != version:
+                    buffer.copy_(copy)
 
 
 def _run(model, args, kwargs, events, record, values, devices):

@@ -371,11 +371,9 @@ def user_hooks(model: torch.nn.Module) -> tuple[str | None, list]:
     """The forward hooks on ``model``: ``(a description of torch's global forward hooks,
     or None; [(path, module, description of its first hook)] of the modules with some)``.
 
-    Export runs a hook while capturing and keeps what it did to the values then: a hook
-    whose effect depends on anything else (its closure, a global, a counter) would be
-    silently frozen into the graph. So ``capture`` refuses a model whose hooks changed a
-    module's inputs or outputs while it captured (hooks that only look run during the
-    capture, on fake tensors, and not in the captured graph's runs)."""
+    Export runs a hook while capturing, on fake tensors, and keeps what it did to the
+    values then; the captured graph never runs it again. So ``capture`` refuses a model
+    with forward hooks (the hooks backend runs them on real values, as a plain forward)."""
     global_hooks = None
     if any(global_forward_hooks()):
         global_hooks = "torch has global forward hooks (register_module_forward_hook)"

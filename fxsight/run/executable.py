@@ -98,7 +98,7 @@ class Executable:
             if dynamic is None and dynamic_capture:
                 dynamic = True  # the graph is shape-generic: keep it so under dynamo
             backend = CountingBackend(compile_options.backend, compile_options.mode,
-                                      compile_options.inductor_options(), dynamic)
+                                      _with_eager_random(compile_options, gm), dynamic)
             # Compile the GraphModule's own forward (its code object is unique to it), so
             # dynamo's per-code cache and recompile limit are per rewritten graph.
             self._fn = torch.compile(gm.forward, backend=backend, dynamic=dynamic,
@@ -130,6 +130,22 @@ class Executable:
                           f"intervention structure runs eagerly (results are unchanged)",
                           RuntimeWarning, stacklevel=user_stacklevel())
             return outputs
+
+
+def _with_eager_random(options: CompileOptions, gm: torch.fx.GraphModule) -> dict | None:
+    """The inductor options of a graph: where it draws random numbers (dropout in train
+    mode), inductor's ``fallback_random`` unless the user chose: its random ops then draw
+    what eager ones draw with the same seed, and leave the generator where a plain forward
+    does (inductor's own generator would draw other numbers; a per-compile option, no
+    global setting)."""
+    inductor = options.inductor_options()
+    if options.backend != "inductor" or (inductor and "fallback_random" in inductor):
+        return inductor
+    if not any(node.meta.get("fxsight_draw") or
+               node.meta.get("fxsight_random") in ("twinned", "kept")
+               for node in gm.graph.nodes):
+        return inductor
+    return {**(inductor or {}), "fallback_random": True}
 
 
 class Runner:

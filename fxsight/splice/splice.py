@@ -229,7 +229,9 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
                 rename_node(source, _boundary_name(node.args[1], node.args[2]))
             node.replace_all_uses_with(source)
             graph.erase_node(node)
+    twins = _twin_random_draws(graph)
     graph.eliminate_dead_code(is_impure_node=_is_impure)
+    _drop_needless_twins(graph, twins)
     graph.lint()
     root = _flat_attributes(captured.graph_module, graph) if flat_attributes \
         else captured.graph_module
@@ -269,16 +271,97 @@ def _flat_attributes(root: torch.nn.Module, graph: fx.Graph) -> dict[str, Any]:
 def _is_impure(node: fx.Node) -> bool:
     if node.op == "placeholder":
         return True
-    if node.meta.get("mutation"):
+    if node.meta.get("mutation") or node.meta.get("fxsight_draw"):
         return True
-    return not _unused_random_is_dead(node) and node.is_impure()
+    random = node.meta.get("fxsight_random")
+    if random is not None:
+        return random == "kept"
+    return _updates_running_stats(node) or node.is_impure()
 
 
-def _unused_random_is_dead(node: fx.Node) -> bool:
-    """Random ops (``dropout``, ``scaled_dot_product_attention`` with its ``dropout_p``)
-    count as impure for fx, which would keep every layer up to the head alive. Unused, they
-    may go: no value anyone reads changes (the hooks backend skips the same work)."""
-    return node.op == "call_function" and is_unused_random(node.target)
+_ATEN = torch.ops.aten
+# operators that update the running statistics they are given in training, though their
+# schemas do not say so (the index of their ``training`` argument): pruned, a trace would
+# leave BatchNorm's running mean and variance where a forward would not
+_STATISTICS = {_ATEN.batch_norm.default: 5, _ATEN.native_batch_norm.default: 5,
+               _ATEN.instance_norm.default: 5}
+
+
+def _updates_running_stats(node: fx.Node) -> bool:
+    index = _STATISTICS.get(node.target) if node.op == "call_function" else None
+    if index is None:
+        return False
+    if len(node.args) <= index:
+        return True  # (keyword arguments: not read, kept to be safe)
+    return node.args[index] is not False and \
+        (node.args[3] is not None or node.args[4] is not None)
+
+
+# random operators whose draws from the generator depend on their arguments' shapes alone
+# (not their values), and the position and name of the argument that turns drawing off
+_DROPOUTS = (_ATEN.dropout.default, _ATEN.native_dropout.default,
+             _ATEN.feature_dropout.default, _ATEN.alpha_dropout.default,
+             _ATEN.feature_alpha_dropout.default)
+_SHAPE_BLIND_RANDOM = {
+    **{op: ((1, "p"), (2, "train")) for op in _DROPOUTS},
+    _ATEN.scaled_dot_product_attention.default: ((4, "dropout_p"),),
+    _ATEN.bernoulli.p: (), _ATEN.rand_like.default: (), _ATEN.randn_like.default: (),
+}
+
+
+def _draws(node: fx.Node) -> bool:
+    """Whether a random node draws from a generator (dropout in eval mode does not)."""
+    for index, name in _SHAPE_BLIND_RANDOM.get(node.target, ()):
+        value = node.args[index] if len(node.args) > index else node.kwargs.get(name)
+        if value is False or value == 0:
+            return False
+    return True
+
+
+def _twin_random_draws(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """Before pruning: each random node that draws numbers gets a twin right before it, the
+    same operator on zeros of the same shapes, which pruning keeps: where the node itself
+    is pruned (nothing needs a later dropout), its twin draws what it would have, so the
+    generators end where a forward leaves them and later draws (another trace, a kept
+    dropout) are the forward's. Where the node stays, its twin goes
+    (:func:`_drop_needless_twins`). A random operator whose draws may depend on values,
+    or whose shapes are symbolic, is kept with everything it needs."""
+    twins: dict[fx.Node, list[fx.Node]] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not is_unused_random(node.target):
+            continue
+        if node.target in _SHAPE_BLIND_RANDOM and not _draws(node):
+            node.meta["fxsight_random"] = "none"  # draws nothing: pruned when unused
+            continue
+        inputs = [a for a in node.all_input_nodes]
+        values = [a.meta.get("val") for a in inputs]
+        if node.target not in _SHAPE_BLIND_RANDOM or not all(
+                isinstance(v, torch.Tensor) and all(type(d) is int for d in v.shape)
+                for v in values):
+            node.meta["fxsight_random"] = "kept"
+            continue
+        node.meta["fxsight_random"] = "twinned"
+        made = []
+        with graph.inserting_before(node):
+            zeros = {}
+            for a, v in zip(inputs, values):
+                zeros[a] = graph.call_function(_ATEN.zeros.default, (list(v.shape),),
+                                               {"dtype": v.dtype, "device": v.device})
+                made.append(zeros[a])
+            twin = graph.call_function(node.target,
+                                       fx.node.map_arg(node.args, zeros.__getitem__),
+                                       fx.node.map_arg(node.kwargs, zeros.__getitem__))
+        twin.meta["fxsight_draw"] = True
+        twins[node] = [twin, *made]
+    return twins
+
+
+def _drop_needless_twins(graph: fx.Graph, twins: dict[fx.Node, list[fx.Node]]) -> None:
+    alive = set(graph.nodes)
+    for node, made in twins.items():
+        if node in alive:  # it draws itself
+            for twin in made:
+                graph.erase_node(twin)
 
 
 def _boundary_name(label: str, leaf: int) -> str:
