@@ -323,9 +323,21 @@ def test_capture_cache_is_bounded_per_model():
     assert fxsight.stats()["captures"] == before
 
 
+class _RootGate(torch.nn.Module):
+    """A data-dependent branch in the root's own forward: no submodule to make opaque, so
+    capture fails outright."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 5)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h if h.sum() > 0 else -h
+
+
 def test_failed_captures_are_bounded_too():
-    from test_core_fallback import gated_mlp
-    model = gated_mlp()
+    model = _RootGate()
     net = NNsight(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -350,9 +362,30 @@ def test_a_model_whose_capture_failed_is_not_kept_alive():
     """A remembered failure keeps no traceback (whose frames hold the model)."""
     import gc
     import weakref
-    from test_core_fallback import gated_mlp
-    model = gated_mlp()
+    model = _RootGate()
     _fail_twice(model)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_partly_captured_model_is_not_kept_alive():
+    """The opaque calls of a partial capture find their module weakly."""
+    import gc
+    import weakref
+    from test_core_fallback import gated_mlp
+    def trace_twice(model):  # (in its own frame: binding reads the frame's locals)
+        net = NNsight(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(2):
+                with net.trace(_x()) as tracer:
+                    net.output.save()
+                assert tracer.backend == "fx"
+
+    model = gated_mlp()
+    trace_twice(model)
     ref = weakref.ref(model)
     del model
     gc.collect()
