@@ -288,10 +288,18 @@ def test_invokes_must_pass_the_same_structure(net):
 
 def test_invokes_of_a_language_model_must_agree_on_forward_kwargs(gpt2):
     lm, _ = gpt2
+    with pytest.raises(TraceError, match=r"invoke #1 passes other inputs than invoke #0 "
+                                         r"\(input_ids, attention_mask, use_cache vs "
+                                         r"input_ids, attention_mask\)"):
+        with lm.trace() as tracer:
+            with tracer.invoke([5, 6]):
+                pass
+            with tracer.invoke([7, 8], use_cache=True):
+                pass
     with pytest.raises(TraceError, match=r"invokes #0 and #1 disagree on .use_cache. "
                                          r"\(False vs True\)(.|\n)*use_cache=True\)"):
         with lm.trace() as tracer:
-            with tracer.invoke([5, 6]):
+            with tracer.invoke([5, 6], use_cache=False):
                 pass
             with tracer.invoke([7, 8], use_cache=True):
                 pass
