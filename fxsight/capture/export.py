@@ -274,14 +274,19 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     if global_hooks is not None:
         error = CaptureError(f"could not capture the model: {global_hooks}, which a "
                              f"captured graph would not run")
-        error.refused_for_hooks = True
+        error.whole_model = True
+        raise error
+    foreign = _foreign_forward(model)
+    if foreign is not None:
+        error = CaptureError(f"could not capture the model: {foreign[1]}", foreign[0])
+        error.whole_model = True
         raise error
     if hooked:
         path, _, description = hooked[0]
         error = CaptureError(f"could not capture the model: {description}; a captured "
                              f"graph runs no Python hook (the hooks backend runs it on the "
                              f"real values of each trace, as a plain forward does)", path)
-        error.refused_for_hooks = True
+        error.whole_model = True
         raise error
     layouts: dict[Site, tuple[pytree.TreeSpec, list[Any]]] = {}
 
@@ -859,9 +864,32 @@ def _is_submodule(model: torch.nn.Module, path: str) -> bool:
         return False
 
 
+# packages that replace the ``forward`` of every module of a model they wrap, with
+# objects torch.export cannot trace (what to tell the user)
+_FOREIGN_FORWARDS = {"nnsight": "nnsight.NNsight wrapped this model and replaced the forward "
+                                "of each of its modules; fxsight runs it with the hooks "
+                                "backend (the same numbers), or wrap a fresh copy of the model"}
+
+
+def _foreign_forward(model: torch.nn.Module) -> tuple[str, str] | None:
+    """``(path, why)`` of the first module whose ``forward`` another interpretability
+    package replaced on the instance (a package in ``_FOREIGN_FORWARDS``), else ``None``."""
+    for path, module in model.named_modules():
+        forward = module.__dict__.get("forward")
+        if forward is None:
+            continue
+        package = (getattr(type(forward), "__module__", None) or "").split(".")[0]
+        if package in _FOREIGN_FORWARDS:
+            return path, (f"module {path or 'model'!r} has its forward replaced by "
+                          f"{package} ({type(forward).__name__}): "
+                          f"{_FOREIGN_FORWARDS[package]}")
+    return None
+
+
 def _hooks_error(error: CaptureError) -> bool:
-    """A capture refused for the model's hooks (not a failure inside a module)."""
-    return getattr(error, "refused_for_hooks", False)
+    """A capture refused for the whole model (its hooks, a forward replaced by another
+    package), not a failure inside a module: no partial capture can help."""
+    return getattr(error, "whole_model", False)
 
 
 def _dynamic_view(model: torch.nn.Module, cache: _Captures, key: tuple, args: tuple,
