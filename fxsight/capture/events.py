@@ -12,6 +12,7 @@ import torch
 from .._torch import forward_hook_dicts, pytree
 from ..record.sites import INPUT, OUTPUT, Site
 from . import operations as ops
+from .state import is_traced_hook
 
 # on_event(site, value) -> replacement value or None; value is (args, kwargs) for inputs.
 EventHandler = Callable[[Site, Any], Any]
@@ -198,6 +199,8 @@ def silenced_hooks(model: torch.nn.Module) -> Iterator[None]:
         for hooks in (*forward_hook_dicts(None),
                       *(d for m in module_paths(model) for d in forward_hook_dicts(m))):
             for key, hook in list(hooks.items()):
+                if is_traced_hook(hook):  # (part of the forward's own output)
+                    continue
                 new = guard(hook)
                 hooks[key] = new
                 wrapped.append((hooks, key, new, hook))

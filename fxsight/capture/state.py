@@ -381,12 +381,26 @@ def user_hooks(model: torch.nn.Module) -> tuple[str | None, list]:
     for path, sub in model.named_modules():
         for kind, hooks in (("forward pre-hook", sub._forward_pre_hooks),
                             ("forward hook", sub._forward_hooks)):
-            if hooks:
-                hook = next(iter(hooks.values()))
+            hook = next((h for h in hooks.values() if not is_traced_hook(h)), None)
+            if hook is not None:
                 hooked.append((path, sub, f"module {path or 'model'!r} has a {kind} "
                                           f"({_describe(hook)})"))
                 break
     return global_hooks, hooked
+
+
+# Hooks a model installs on itself whose whole effect happens inside its own forward:
+# transformers' output-capturing hooks (installed once ``output_attentions`` or
+# ``output_hidden_states`` is first asked for) append a module's output to a collector
+# that the model's forward sets and turns into its own output; export traces that, so the
+# captured graph returns what a plain forward returns, for the arguments it was captured
+# with (part of the capture's key).
+_TRACED_HOOK_MODULES = frozenset({"transformers.utils.output_capturing"})
+
+
+def is_traced_hook(hook: Any) -> bool:
+    """Whether ``hook`` is one a capture may trace into the graph (see above)."""
+    return getattr(hook, "__module__", None) in _TRACED_HOOK_MODULES
 
 
 def _describe(hook: Any) -> str:
