@@ -357,3 +357,32 @@ def test_memory_stays_flat_over_500_new_shapes_and_structures_on_fx():
     grown, blocks = _grown_over(lambda i: _trace_structure(net, x, i, "fx"), 300, 500)
     assert blocks < 2_000, f"{blocks} Python memory blocks more over 500 new structures"
     assert grown < 2, f"RSS grew {grown:.1f} MB over 500 new structures (fx)"
+
+
+def test_transformers_output_capturing_hooks_are_traced_not_refused():
+    """transformers installs forward hooks on a model the first time ``output_attentions``
+    or ``output_hidden_states`` is asked for; they only fill the forward's own output, so
+    the model still captures on fx, and the traced output equals the plain forward's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50,
+                                       n_positions=16, attn_implementation="eager")).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    plain = model(ids, output_hidden_states=True, output_attentions=True)
+    assert any(m._forward_hooks for m in model.modules())  # (installed by transformers)
+    net = NNsight(model)
+    for asked in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with net.trace(ids, output_hidden_states=asked, output_attentions=asked,
+                           backend="fx") as tracer:
+                out = net.output.save()
+        assert tracer.backend == "fx"
+        assert torch.equal(out.logits, plain.logits)
+        if asked:
+            assert len(out.hidden_states) == len(plain.hidden_states) == 3
+            for got, want in zip(out.hidden_states + out.attentions,
+                                 plain.hidden_states + plain.attentions):
+                assert torch.equal(got, want)
+        else:
+            assert out.hidden_states is None and out.attentions is None
