@@ -171,3 +171,18 @@ def test_evicted_rewritten_graphs_leave_no_generated_source_behind(monkeypatch):
     grown_blocks = sys.getallocatedblocks() - blocks
     assert grown_blocks < 1_000, f"{grown_blocks} Python memory blocks more"
     assert _rss_mb() - rss < 4, f"RSS grew by {_rss_mb() - rss:.1f} MB"
+
+
+def test_a_users_tokenizer_is_left_as_it_was(tokenizer):
+    """fxsight pads token ids itself: a tokenizer the user passes is not changed (pad token,
+    padding side), while traces of text still batch with left padding."""
+    tokenizer.padding_side = "right"
+    pad_before = tokenizer.pad_token
+    lm = LanguageModel(tiny_gpt2(), tokenizer=tokenizer)
+    with lm.trace() as tracer:
+        with tracer.invoke("a b c d"):
+            long = lm.lm_head.output.save()
+        with tracer.invoke("a"):
+            short = lm.lm_head.output.save()
+    assert tokenizer.padding_side == "right" and tokenizer.pad_token == pad_before
+    assert long.shape[1] == short.shape[1]

@@ -74,6 +74,7 @@ class LanguageModel(NNsight):
                  automodel: Any = AutoModelForCausalLM, dispatch: bool = False, *,
                  backend: str = "auto", compile: Any = None,
                  rename: dict[str, str] | None = None, **kwargs: Any):
+        given_tokenizer = tokenizer
         if isinstance(model_or_path, torch.nn.Module):
             module, path = model_or_path, None
             if tokenizer is None:
@@ -85,8 +86,8 @@ class LanguageModel(NNsight):
             raise TypeError("LanguageModel wraps a torch.nn.Module or loads a local path, "
                             f"not {type(model_or_path).__name__}")
         super().__init__(module, backend=backend, compile=compile, rename=rename)
-        if tokenizer is not None:
-            _prepare_tokenizer(tokenizer)
+        if tokenizer is not None and given_tokenizer is None:
+            _prepare_tokenizer(tokenizer)  # (fxsight's own; a user's tokenizer stays as it is)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "automodel", automodel)
         object.__setattr__(self, "_load_path", path)
