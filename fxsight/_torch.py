@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
            "is_op_overload", "entry_point", "is_unused_random", "compile_backend",
            "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
-           "global_forward_hooks", "global_hook_keys", "TreeSpec", "uncompiled", "plain_pickling",
+           "global_forward_hooks", "global_hook_keys", "generated_source_keys", "TreeSpec", "uncompiled", "plain_pickling",
            "generated_source_key", "forget_generated_source", "tensor_version",
            "forward_hook_dicts"]
 
@@ -140,6 +140,11 @@ def generated_source_key(graph_module: fx.GraphModule) -> str | None:
     if key is None or key not in torch.fx.graph_module._loader.eval_cache:
         return None
     return key
+
+
+def generated_source_keys() -> set[str]:
+    """The names of every generated source fx keeps (see :func:`generated_source_key`)."""
+    return set(torch.fx.graph_module._loader.eval_cache)
 
 
 def forget_generated_source(key: str) -> None:

@@ -177,3 +177,27 @@ def test_apply_with_a_new_lambda_each_trace_keeps_memory_bounded():
             net.output.save()
     counts = _count(torch.fx.GraphModule)
     assert counts[torch.fx.GraphModule] < 20
+
+
+def test_captures_leave_no_generated_source_of_exports_intermediate_graphs():
+    """torch.export compiles several intermediate GraphModules per capture and fx keeps the
+    source of each for the life of the process: a capture keeps only its own (the graphs
+    still alive: the captured one and the rewritten one of each new shape)."""
+    import gc
+    import linecache
+
+    from fxsight._torch import generated_source_keys
+    net = fxsight.NNsight(mlp())
+    gc.collect()
+    before = generated_source_keys()
+    def generated_lines():
+        return {k for k in linecache.cache if "eval_with_key" in k}
+
+    lines_before = generated_lines()
+    for rows in range(1, 11):  # ten new input signatures: ten captures
+        with net.trace(torch.randn(rows, 5), backend="fx"):
+            net.layer2.output.save()
+    gc.collect()
+    grown = len(generated_source_keys() - before)
+    assert grown <= 2 * 10, f"{grown} generated sources kept for 10 captures"
+    assert len(generated_lines() - lines_before) <= 2 * 10

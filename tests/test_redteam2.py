@@ -339,10 +339,25 @@ def test_memory_stays_flat_over_500_new_shapes_and_structures_on_hooks():
     assert grown < 2, f"RSS grew {grown:.1f} MB over 500 new structures (hooks)"
 
 
+@pytest.fixture
+def _torch_trace_logs_not_kept():
+    """pytest's log capture keeps every record of the test, and each export logs DEBUG
+    records (``torch.__trace``) holding large structures: 440k memory blocks over 500
+    exports that a program without pytest's capture never keeps."""
+    import logging
+    logger = logging.getLogger("torch.__trace")
+    propagate, logger.propagate = logger.propagate, False
+    yield
+    logger.propagate = propagate
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="under pytest, 500 new captures grew Python memory "
-                   "by 460k blocks: likely pytest's log capture keeping torch's DEBUG "
-                   "'torch.__trace' records of each export (not yet verified)")
+@pytest.mark.xfail(strict=False, reason="500 new shapes on fx (each a new capture) leave "
+                   "~3.5k Python memory blocks (~7 per shape, measured with the capture "
+                   "LRU at 32) against the 2k allowed; fx's generated sources of export's "
+                   "intermediate graphs, which were most of it, are now dropped; the rest "
+                   "is not yet attributed (torch's symbolic-shape caches are likely)")
+@pytest.mark.usefixtures("_torch_trace_logs_not_kept")
 def test_memory_stays_flat_over_500_new_shapes_and_structures_on_fx():
     """(slow: each new shape is a new capture, ~0.1 s each.) The capture LRU (32 per model)
     and the runner LRUs (256/128) bound what is kept."""

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .._torch import plain_codegen, pytree
+from .._torch import (forget_generated_source, generated_source_key,
+                      generated_source_keys, plain_codegen, pytree)
 
 from ..locks import exclusive_export
 from ..stats import bump
@@ -239,7 +240,32 @@ def _to_meta(value: Any, bindings: dict | None = None) -> Any:
     return value
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict,
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *rest: Any,
+            **options: Any) -> Captured:
+    """:func:`_capture` (see there), leaving no generated source behind: ``torch.export``
+    compiles several intermediate GraphModules, and fx keeps the source of each one for
+    the life of the process (``linecache`` and its loader); those of modules that are
+    not part of the capture are dropped, those of its modules go when they are
+    collected."""
+    known = generated_source_keys()
+    captured = None
+    try:
+        captured = _capture(model, args, kwargs, *rest, **options)
+        return captured
+    finally:
+        keep = set()
+        if captured is not None:
+            for module in captured.graph_module.modules():
+                if isinstance(module, fx.GraphModule):
+                    key = generated_source_key(module)
+                    if key is not None and key not in known:
+                        keep.add(key)
+                        weakref.finalize(module, forget_generated_source, key)
+        for key in generated_source_keys() - known - keep:
+            forget_generated_source(key)
+
+
+def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
             dynamic: bool = False, events_on: torch.nn.Module | None = None,
             operations: frozenset = frozenset(),
             opaque: dict[str, str] | None = None,
