@@ -19,8 +19,7 @@ from .jobs import (Experiment, Group, Refs, dataset_result, job_info, kwargs_key
 from .result import PatchingResult
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Layout, Sweep, Target, check_layers,
                      choose_batch_size, expanded, find_layout, forward_kwargs,
-                     forward_parameters, metric_values, reads_last_position_only,
-                     reference_run, row_bytes, stacked, token_labels, trace_options)
+                     forward_parameters, reference_run, row_bytes, stacked, token_labels, trace_options)
 
 OUTPUT_PROJECTION_NAMES = ("c_proj", "o_proj", "out_proj", "dense")
 
@@ -88,11 +87,7 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
                              f"multiple of {heads} heads")
         sweep.output_kind = corrupt_run.output_kind
         seen.setdefault("reference", clean_run)
-        return Refs(item.corrupted, item.metric,
-                    float(metric_values(item.metric, corrupt_run.logits, 1)[0]),
-                    float(metric_values(item.metric, clean_run.logits, 1)[0]),
-                    reads_last_position_only(item.metric, clean_run.logits),
-                    (clean_run, corrupt_run))
+        return Refs.of_pair(item, clean_run, corrupt_run)
 
     can_keep = "logits_to_keep" not in kwargs and \
         "logits_to_keep" in forward_parameters(model)

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from .result import PatchingResult
-from .sweeps import Sweep, metric_values, token_ids
+from .sweeps import Sweep, metric_values, reads_last_position_only, token_ids
 
 CHECKPOINT_SECONDS = 10.0
 
@@ -176,6 +176,16 @@ class Refs:
     reference: float | None  # metric of the clean run
     last_only: bool  # the metric reads only the last position (checked on its logits)
     runs: Any  # experiment-specific: the saved activations
+
+    @classmethod
+    def of_pair(cls, item: Any, clean_run: Any, corrupt_run: Any) -> "Refs":
+        """A clean/corrupted pair's references from its two reference runs (each with
+        ``.logits``); ``runs`` holds both."""
+        return cls(item.corrupted, item.metric,
+                   float(metric_values(item.metric, corrupt_run.logits, 1)[0]),
+                   float(metric_values(item.metric, clean_run.logits, 1)[0]),
+                   reads_last_position_only(item.metric, clean_run.logits),
+                   (clean_run, corrupt_run))
 
 
 @dataclass

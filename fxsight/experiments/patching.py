@@ -130,11 +130,7 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
                                  f"(batch, tokens, ...)")
         sweep.output_kind = corrupt_run.output_kind
         seen.setdefault("reference", clean_run)
-        return Refs(item.corrupted, item.metric,
-                    float(metric_values(item.metric, corrupt_run.logits, 1)[0]),
-                    float(metric_values(item.metric, clean_run.logits, 1)[0]),
-                    reads_last_position_only(item.metric, clean_run.logits),
-                    (clean_run, corrupt_run))
+        return Refs.of_pair(item, clean_run, corrupt_run)
 
     can_keep = "logits_to_keep" not in kwargs and \
         "logits_to_keep" in forward_parameters(model)
