@@ -384,3 +384,22 @@ def test_generate_refuses_operations_clearly(gpt2):
     with pytest.raises(TraceError, match="generate"):
         with lm.generate("ab", max_new_tokens=2):
             lm.transformer.h[0].attn.source.attention_interface_0.output.save()
+
+
+def test_plot_attention_shows_the_patterns_read_through_source(gpt2, ids, tmp_path):
+    from fxsight.patching import plot_attention
+    net = NNsight(gpt2)
+    with net.trace(ids, use_cache=False):
+        pattern = net.transformer.h[0].attn.source.attention_interface_0.output[1].save()
+    path = tmp_path / "attention.png"
+    figure = plot_attention(pattern, tokens=[f"t{i}" for i in range(ids.shape[1])],
+                            heads=[1, 0], row=0, path=str(path))
+    assert path.stat().st_size > 0
+    images = [ax.images[0].get_array() for ax in figure.axes if ax.images]
+    assert len(images) == 2  # the chosen heads, in the order asked
+    assert torch.equal(torch.as_tensor(images[0].data), pattern[0, 1].float())
+    assert torch.equal(torch.as_tensor(images[1].data), pattern[0, 0].float())
+    with pytest.raises(IndexError, match="head 9 out of range"):
+        plot_attention(pattern, heads=[9])
+    with pytest.raises(ValueError, match="tokens for"):
+        plot_attention(pattern, tokens=["a"])

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .plots import new_figure
+
 
 class Cell(tuple):
     """One cell of a result: a tuple of its coordinates (``("attn", 1, 8)``) with the
@@ -286,17 +288,8 @@ class PatchingResult:
         rotate = 90 if max(len(c.split("\n")[0]) for c in columns) > 5 else 0
         size = (2.5 + 0.5 * len(columns),
                 1.2 + (1.0 if rotate else 0.3) + len(panels) * (0.45 + 0.3 * len(rows)))
-        if path is not None:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-            figure = Figure(figsize=size, layout="constrained")
-            FigureCanvasAgg(figure)
-            axes_list = figure.subplots(len(panels), 1, squeeze=False, sharex=True)[:, 0]
-        else:
-            import matplotlib.pyplot as plt
-            figure, axes_list = plt.subplots(len(panels), 1, squeeze=False, figsize=size,
-                                             sharex=True, layout="constrained")
-            axes_list = axes_list[:, 0]
+        figure, axes_list = new_figure(len(panels), 1, size, path, sharex=True)
+        axes_list = axes_list[:, 0]
         image = None
         for axes, panel, grid in zip(axes_list, panels, grids):
             image = axes.imshow(grid.numpy(), cmap=cmap, vmin=-limit, vmax=limit,
