@@ -25,7 +25,7 @@ import torch
 
 import fxsight
 from fxsight import NNsight
-from fxsight.capture import export as capture_export
+from fxsight.capture import captures as capture_cache
 
 BACKENDS = ("fx", "hooks")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +138,7 @@ def test_toggling_train_and_eval_reuses_captures(backend):
                 out = net.output.save()
             assert torch.equal(out, model(x))
     if backend == "fx":  # two states, two captures, whatever the number of toggles
-        captures = capture_export._CACHE[model]
+        captures = capture_cache._CACHE[model]
         assert len(captures) == 2
 
 
@@ -304,7 +304,7 @@ def test_user_torch_compile_does_not_recompile_because_fxsight_is_imported():
 # --- a bounded capture cache ------------------------------------------------------------
 
 def _captures_of(model) -> int:
-    per_model = capture_export._CACHE.get(model)
+    per_model = capture_cache._CACHE.get(model)
     return 0 if per_model is None else len(per_model)
 
 
@@ -317,10 +317,10 @@ def test_capture_cache_is_bounded_per_model():
         with net.trace(x, backend="fx"):
             out = net.output.save()
         assert torch.equal(out, model(x))
-        assert _captures_of(model) <= capture_export.MAX_CAPTURES
-    assert _captures_of(model) == capture_export.MAX_CAPTURES
+        assert _captures_of(model) <= capture_cache.MAX_CAPTURES
+    assert _captures_of(model) == capture_cache.MAX_CAPTURES
     # the most recent shapes are still cached: no new capture for them
-    assert capture_export._CACHE[model].get(capture_export.signature(
+    assert capture_cache._CACHE[model].get(capture_cache.signature(
         model, (torch.randn(100, 5),), {})) is not None
     before = fxsight.stats()["captures"]
     with net.trace(torch.randn(100, 5), backend="fx"):
@@ -346,11 +346,11 @@ def test_failed_captures_are_bounded_too():
     net = NNsight(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for rows in range(1, capture_export.MAX_CAPTURES + 11):
+        for rows in range(1, capture_cache.MAX_CAPTURES + 11):
             with net.trace(torch.randn(rows, 5)) as tracer:
                 net.output.save()
             assert tracer.backend == "hooks"
-    assert _captures_of(model) == capture_export.MAX_CAPTURES
+    assert _captures_of(model) == capture_cache.MAX_CAPTURES
 
 
 def _fail_twice(model):
@@ -399,8 +399,8 @@ def test_a_partly_captured_model_is_not_kept_alive():
 
 def test_dynamic_captures_are_bounded_too(monkeypatch):
     from models import mlp
-    monkeypatch.setattr(capture_export, "MAX_CAPTURES", 4)
-    monkeypatch.setattr(capture_export, "_MAX_VIEWS", 6)
+    monkeypatch.setattr(capture_cache, "MAX_CAPTURES", 4)
+    monkeypatch.setattr(capture_cache, "_MAX_VIEWS", 6)
     model = mlp()
     net = NNsight(model)
     for rank in range(2, 9):  # a new structure (general signature) each rank
@@ -409,7 +409,7 @@ def test_dynamic_captures_are_bounded_too(monkeypatch):
             with net.trace(x, backend="fx", compile={"backend": "eager"}):
                 out = net.output.save()
             assert torch.allclose(out, model(x), atol=1e-6)
-            cache = capture_export._CACHE[model]
+            cache = capture_cache._CACHE[model]
             assert len(cache) <= 4 and len(cache.views) <= 6 and len(cache.shapes) <= 6
 
 
@@ -430,7 +430,7 @@ def _clear_torch_caches():
 
 def test_memory_stays_flat_over_new_input_shapes(monkeypatch):
     from models import mlp
-    monkeypatch.setattr(capture_export, "MAX_CAPTURES", 8)
+    monkeypatch.setattr(capture_cache, "MAX_CAPTURES", 8)
     model = mlp()
     net = NNsight(model)
 

@@ -21,7 +21,8 @@ import torch
 import torch.fx as fx
 
 from .._torch import plain_pickling, pytree, pytree_codegen
-from ..capture.export import CaptureError, cached_capture, strip_export_checks
+from ..capture.captures import cached_capture
+from ..capture.export import CaptureError, strip_export_checks
 from ..errors import TraceError, at_line
 from ..locks import exclusive_export, model_lock
 from ..record.program import Kind, Node, Program

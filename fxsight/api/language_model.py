@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from ..capture import export as capture
+from ..capture import captures as capture
 from ..capture import scan
 from ..errors import TokenIndexError, TraceError, at_line, user_line
 from ..run import executable as runner

@@ -13,7 +13,7 @@ from .._torch import FakeTensorMode, pytree, tensor_version, unset_fake_temporar
 
 from ..stats import bump
 from . import caches
-from .export import MAX_CAPTURES, signature
+from .captures import MAX_CAPTURES, signature
 from .state import Watch
 from .events import ModuleEvents, silenced_hooks
 from ..record.sites import Site

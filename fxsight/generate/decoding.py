@@ -35,7 +35,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..capture.export import CaptureError, cached_capture, flat_inputs
+from ..capture.captures import cached_capture, flat_inputs
+from ..capture.export import CaptureError
 from ..errors import NotOnGraph, TraceError, at_line
 from ..record.program import Kind, Node, Program
 from ..run.executable import runner_for

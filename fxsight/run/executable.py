@@ -34,7 +34,7 @@ from .eager import fast_forward
 from .sources import release_source_when_collected
 from .options import CompileOptions
 from ..capture import caches
-from ..capture.export import on_release
+from ..capture.captures import on_release
 
 class CountingBackend:
     """A ``torch.compile`` backend that counts the graphs it compiles and delegates."""

@@ -17,7 +17,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..capture.caches import input_caches
-from ..capture.export import CaptureError, Captured, cached_capture, flat_inputs, signature
+from ..capture.captures import cached_capture, flat_inputs, signature
+from ..capture.export import CaptureError, Captured
 from ..capture.operations import spec_for
 from ..capture.scan import ScanResult, cached_scan
 from ..errors import NotOnGraph, TraceError, at_line, user_stacklevel

@@ -1,0 +1,76 @@
+"""Partial capture: where ``torch.export`` fails inside a module, capture again with that
+module as one opaque call (:mod:`fxsight.capture.opaque`), so that everything around it
+stays in the graph."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import CaptureError
+from ..stats import bump
+from . import opaque as opaque_calls
+from .export import Captured, capture
+
+
+def capture_partly(model: torch.nn.Module, args: tuple, kwargs: dict,
+                   events_on: torch.nn.Module | None = None,
+                   operations: frozenset = frozenset()) -> Captured:
+    """:func:`capture`; where it fails inside a module (the culprit of its
+    :class:`CaptureError`, or the module whose Python state the forward changes), capture
+    again with that module as one opaque call (``capture/opaque.py``), up to
+    ``opaque.MAX_OPAQUE`` modules. Raises the first error where an opaque call does not
+    help, the last one where something outside a module (the output) stops the capture."""
+    try:
+        return capture(model, args, kwargs, events_on=events_on, operations=operations)
+    except CaptureError as error:
+        first = error
+    if _hooks_error(first) or events_on is not None:  # (not for decoding steps)
+        raise first
+    top = model if events_on is None else events_on
+    reasons: dict[str, str] = {}
+    outputs = None
+    error = first
+    while True:
+        path = getattr(error, "changed_module", None) if getattr(
+            error, "changes_state", False) else error.module_path
+        if path in reasons or len(reasons) >= opaque_calls.MAX_OPAQUE:
+            raise first
+        if not path or _hooks_error(error) or not _is_submodule(top, path):
+            if error is first:
+                raise first
+            # what stops the capture once the modules before are opaque
+            last = CaptureError(f"{error} (with {', '.join(map(repr, reasons))} as opaque "
+                                f"calls)", error.module_path)
+            last.changes_state = getattr(error, "changes_state", False)
+            raise last from error
+        # (a module inside an opaque one does not run; an opaque one inside it neither)
+        reasons = {p: r for p, r in reasons.items() if not p.startswith(path + ".")}
+        reasons[path] = str(error).split(": ", 1)[-1] if ": " in str(error) else str(error)
+        if outputs is None:
+            try:
+                outputs = opaque_calls.record_outputs(model, args, kwargs, top)
+            except Exception:  # noqa: BLE001 - not even a plain forward runs: no retry
+                raise first from None
+        try:
+            captured = capture(model, args, kwargs, events_on=events_on, opaque=reasons,
+                               outputs=outputs, operations=operations)
+        except CaptureError as again:
+            error = again
+            continue
+        except Exception:  # noqa: BLE001 - the retry's own failure: the first error stands
+            raise first from None
+        bump("partial_captures")
+        return captured
+
+
+def _is_submodule(model: torch.nn.Module, path: str) -> bool:
+    try:
+        return model.get_submodule(path) is not model
+    except AttributeError:  # (the root, which state changes call 'model')
+        return False
+
+
+def _hooks_error(error: CaptureError) -> bool:
+    """A capture refused for the whole model (its hooks, a forward replaced by another
+    package), not a failure inside a module: no partial capture can help."""
+    return getattr(error, "whole_model", False)
