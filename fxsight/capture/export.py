@@ -31,7 +31,7 @@ from ..errors import CaptureError
 from . import caches, state
 from .events import ModuleEvents
 from . import opaque as opaque_calls
-from ..record.sites import Site
+from ..record.sites import Site, is_operation
 
 
 @torch.library.custom_op("fxsight::boundary", mutates_args=())
@@ -111,6 +111,9 @@ class Captured:
     # modules that run as ``fxsight::opaque`` calls (path -> why it could not be
     # captured), see ``capture/opaque.py``
     opaque: dict[str, str] = field(default_factory=dict)
+    # operation sites whose values hold symbolic sizes in a dynamic-shape capture (a
+    # call such as ``x.size(-1)``): a Program that uses one needs an exact-shape capture
+    symbolic: frozenset = frozenset()
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
@@ -530,10 +533,13 @@ def _make_dynamic(captured: Captured, exported: Any, guards: Any) -> None:
                     symbols |= expr.free_symbols
             else:
                 dims.append((index, dim, int(size)))
-    for slot in captured.slots.values():
+    symbolic = set()
+    for site, slot in captured.slots.items():
         for constant in slot.constants:
             if isinstance(constant, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-                raise ValueError("a module boundary carries a symbolic Python number")
+                if not is_operation(site.path):
+                    raise ValueError("a module boundary carries a symbolic Python number")
+                symbolic.add(site)
         for node in slot.nodes:
             value = node.meta.get("val") if node is not None else None
             if isinstance(value, torch.Tensor):
@@ -547,6 +553,7 @@ def _make_dynamic(captured: Captured, exported: Any, guards: Any) -> None:
         ranges[symbol] = (int(low) if getattr(low, "is_Integer", False) else None,
                           int(high) if getattr(high, "is_Integer", False) else None)
     captured.dynamic = bool(symbols)
+    captured.symbolic = frozenset(symbolic)
     captured.guards = guards
     captured.dims = dims
     captured.ranges = ranges
@@ -783,7 +790,8 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                    dynamic: str = "never",
                    flat: tuple[list[Any], Any] | None = None,
                    events_on: torch.nn.Module | None = None,
-                   operations: frozenset = frozenset()) -> Captured:
+                   operations: frozenset = frozenset(),
+                   dynamic_operations: bool = False) -> Captured:
     """Capture once per (model, signature); failures are remembered too (both in a
     bounded LRU, see :data:`MAX_CAPTURES`).
 
@@ -793,12 +801,14 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     dynamic capture fails or does not fit the inputs, the exact-shape capture is used.
 
     ``operations`` (a spec of :mod:`fxsight.capture.operations`) is part of the key: a
-    capture with operation sites is another capture (only exact shapes).
+    capture with operation sites is another capture, of exact shapes unless
+    ``dynamic_operations`` (the caller then checks the view's ``symbolic`` sites against
+    what it reads: their values are sizes of the capture's shapes).
     """
     key = signature(model, args, kwargs, flat)
     if operations:
         key = (*key[:-1], operations, key[-1])  # (the state token stays last)
-        dynamic = "never"
+        dynamic = dynamic if dynamic_operations else "never"
     cache = _CACHE.get(model)
     if cache is None:
         cache = _CACHE[model] = _Captures()
@@ -807,7 +817,8 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     if dynamic != "never":
         view = cache.view(key)
         if view is None:  # False: known not to have one
-            view = _dynamic_view(model, cache, key, args, kwargs, dynamic, events_on) or False
+            view = _dynamic_view(model, cache, key, args, kwargs, dynamic, events_on,
+                                 operations) or False
             cache.put_view(key, view)
         if view is not False:
             return view
@@ -920,7 +931,8 @@ def _hooks_error(error: CaptureError) -> bool:
 
 def _dynamic_view(model: torch.nn.Module, cache: _Captures, key: tuple, args: tuple,
                   kwargs: dict, dynamic: str,
-                  events_on: torch.nn.Module | None = None) -> Captured | None:
+                  events_on: torch.nn.Module | None = None,
+                  operations: frozenset = frozenset()) -> Captured | None:
     general = general_signature(key)
     flat = flat_inputs(args, kwargs)[0]
     bases_key = ("dynamic-bases", general)
@@ -939,7 +951,8 @@ def _dynamic_view(model: torch.nn.Module, cache: _Captures, key: tuple, args: tu
     if dynamic == "auto" and not (shapes - {key}):
         return None  # only one shape seen so far: the exact capture serves it
     try:
-        base = capture(model, args, kwargs, dynamic=True, events_on=events_on)
+        base = capture(model, args, kwargs, dynamic=True, events_on=events_on,
+                       operations=operations)
         bump("dynamic_captures")
     except Exception:  # noqa: BLE001 - the exact-shape capture is always a correct fallback
         bump("dynamic_capture_failures")
