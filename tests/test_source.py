@@ -377,15 +377,6 @@ def test_a_view_returned_by_an_operation_keeps_aliasing(backend):
     assert torch.equal(out, expected)
 
 
-def test_generate_refuses_operations_clearly(gpt2):
-    from models import train_tokenizer
-
-    lm = fxsight.LanguageModel(gpt2, tokenizer=train_tokenizer())
-    with pytest.raises(TraceError, match="generate"):
-        with lm.generate("ab", max_new_tokens=2):
-            lm.transformer.h[0].attn.source.attention_interface_0.output.save()
-
-
 def test_plot_attention_shows_the_patterns_read_through_source(gpt2, ids, tmp_path):
     from fxsight.patching import plot_attention
     net = NNsight(gpt2)
@@ -667,3 +658,65 @@ def test_patching_one_heads_pattern_compiled():
     assert fxsight.stats()["compilations"] == compilations + 1
     assert torch.allclose(logits, expected, atol=1e-5)
     assert not torch.allclose(logits, model(corrupted, use_cache=False).logits, atol=1e-3)
+
+
+# --- writing q/k/v and router logits -------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_key_value_writes(gpt2, ids, backend, reference_hooks):
+    """Zeroing head 2's values and halving the keys inside layer 1's attention equals a forward hook doing the same to ``c_attn``'s output."""
+    width = gpt2.config.n_embd
+    head_dim = width // gpt2.config.n_head
+
+    def edit(module, args, output):
+        output = output.clone()
+        output[..., width:2 * width] *= 0.5  # the keys
+        output[..., 2 * width + 2 * head_dim:2 * width + 3 * head_dim] = 0  # head 2's values
+        return output
+
+    with reference_hooks(gpt2, hooks={"transformer.h.1.attn.c_attn": edit}):
+        expected = gpt2(ids, use_cache=False).logits
+    plain = gpt2(ids, use_cache=False).logits
+    net = NNsight(gpt2)
+    with net.trace(ids, use_cache=False, backend=backend) as tracer:
+        source = net.transformer.h[1].attn.source
+        # value_states (batch, heads, seq, head_dim): a view of one of split's outputs, which
+        # torch lets no one change in place (a plain forward neither): a new value
+        keep = torch.ones(gpt2.config.n_head, 1, 1)
+        keep[2] = 0
+        source.transpose_3.output = source.transpose_3.output * keep
+        source.transpose_2.output = source.transpose_2.output * 0.5  # key_states
+        logits = net.output[0].save()
+    assert tracer.backend == backend
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert not torch.allclose(logits, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_router_logits_write(backend):
+    """Zeroing expert 0's router logit equals a copy of the model whose router weight row
+    for expert 0 is zero (``F.linear(h, W)[:, 0] == h @ W[0]``)."""
+    import copy
+
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    model = MixtralForCausalLM(config).eval()
+    ids = torch.randint(4, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        edited.model.layers[0].mlp.gate.weight[0] = 0
+        expected = edited(ids, use_cache=False, output_router_logits=True)
+    plain = model(ids, use_cache=False).logits
+    net = NNsight(model)
+    with net.trace(ids, use_cache=False, backend=backend):
+        router = net.model.layers[0].mlp.gate.source
+        router.F_linear_0.output[:, 0] = 0
+        probabilities = router.torch_nn_functional_softmax_0.output.save()
+        logits = net.output.logits.save()
+    assert torch.allclose(probabilities, expected.router_logits[0].float().softmax(-1))
+    assert torch.allclose(logits, expected.logits, atol=1e-5)
+    assert not torch.allclose(logits, plain, atol=1e-4)
