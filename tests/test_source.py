@@ -221,6 +221,27 @@ def test_wrong_shape_write_fails_before_running(ids):
     assert calls[-1]  # (the count sees a real one)
 
 
+def test_wrong_shape_write_in_generation_fails_before_running():
+    model = tiny_gpt2(attn_implementation="eager")
+    calls = []
+
+    class CountingLayerNorm(torch.nn.LayerNorm):
+        def forward(self, x):
+            calls.append(type(x) is torch.Tensor)
+            return super().forward(x)
+
+    model.transformer.ln_f.__class__ = CountingLayerNorm
+    net = fxsight.LanguageModel(model)
+    ids = torch.randint(4, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    for backend in BACKENDS:
+        with pytest.raises(ShapeError) as info:
+            with net.generate(ids, max_new_tokens=2, backend=backend) as tracer:
+                for step in tracer.all():
+                    net.transformer.h[0].attn.source.split_1.output = torch.zeros(3)
+        assert "test_source.py" in str(info.value) and "split_1" in str(info.value)
+    assert not any(calls)  # no real forward pass ran
+
+
 def test_sdpa_has_no_probabilities(ids):
     model = tiny_gpt2(attn_implementation="sdpa")
     net = NNsight(model)
@@ -712,11 +733,12 @@ def test_moe_router_logits_write(backend):
         expected = edited(ids, use_cache=False, output_router_logits=True)
     plain = model(ids, use_cache=False).logits
     net = NNsight(model)
-    with net.trace(ids, use_cache=False, backend=backend):
+    with net.trace(ids, use_cache=False, backend=backend) as tracer:
         router = net.model.layers[0].mlp.gate.source
         router.F_linear_0.output[:, 0] = 0
         probabilities = router.torch_nn_functional_softmax_0.output.save()
         logits = net.output.logits.save()
+    assert tracer.backend == backend
     assert torch.allclose(probabilities, expected.router_logits[0].float().softmax(-1))
     assert torch.allclose(logits, expected.logits, atol=1e-5)
     assert not torch.allclose(logits, plain, atol=1e-4)
