@@ -221,6 +221,27 @@ def test_wrong_shape_write_fails_before_running(ids):
     assert calls[-1]  # (the count sees a real one)
 
 
+def test_wrong_shape_write_in_generation_fails_before_running():
+    model = tiny_gpt2(attn_implementation="eager")
+    calls = []
+
+    class CountingLayerNorm(torch.nn.LayerNorm):
+        def forward(self, x):
+            calls.append(type(x) is torch.Tensor)
+            return super().forward(x)
+
+    model.transformer.ln_f.__class__ = CountingLayerNorm
+    net = fxsight.LanguageModel(model)
+    ids = torch.randint(4, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    for backend in BACKENDS:
+        with pytest.raises(ShapeError) as info:
+            with net.generate(ids, max_new_tokens=2, backend=backend) as tracer:
+                for step in tracer.all():
+                    net.transformer.h[0].attn.source.split_1.output = torch.zeros(3)
+        assert "test_source.py" in str(info.value) and "split_1" in str(info.value)
+    assert not any(calls)  # no real forward pass ran
+
+
 def test_sdpa_has_no_probabilities(ids):
     model = tiny_gpt2(attn_implementation="sdpa")
     net = NNsight(model)
@@ -377,15 +398,6 @@ def test_a_view_returned_by_an_operation_keeps_aliasing(backend):
     assert torch.equal(out, expected)
 
 
-def test_generate_refuses_operations_clearly(gpt2):
-    from models import train_tokenizer
-
-    lm = fxsight.LanguageModel(gpt2, tokenizer=train_tokenizer())
-    with pytest.raises(TraceError, match="generate"):
-        with lm.generate("ab", max_new_tokens=2):
-            lm.transformer.h[0].attn.source.attention_interface_0.output.save()
-
-
 def test_plot_attention_shows_the_patterns_read_through_source(gpt2, ids, tmp_path):
     from fxsight.patching import plot_attention
     net = NNsight(gpt2)
@@ -403,3 +415,330 @@ def test_plot_attention_shows_the_patterns_read_through_source(gpt2, ids, tmp_pa
         plot_attention(pattern, heads=[9])
     with pytest.raises(ValueError, match="tokens for"):
         plot_attention(pattern, tokens=["a"])
+
+
+# --- operations inside generation steps -----------------------------------------------------
+def _greedy_attentions(model, ids, steps, use_cache, layers=(0,)):
+    """Hand-written greedy decoding with transformers' ``output_attentions=True``: the
+    attention probabilities of ``layers`` at each step, and the token ids."""
+    sequence, past, attentions = ids, None, []
+    with torch.no_grad():
+        for _ in range(steps):
+            if use_cache:
+                given = sequence if past is None else sequence[:, -1:]
+                out = model(given, cache=past, use_cache=True, output_attentions=True)
+                past = out.cache
+            else:
+                out = model(sequence, use_cache=False, output_attentions=True)
+            attentions.append([out.attentions[layer] for layer in layers])
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, token], dim=1)
+    return attentions, sequence
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_reads_operations_at_every_step(gpt2, backend, use_cache):
+    """Layer 0's and layer 1's attention probabilities at each decoding step equal a
+    hand-written greedy loop's ``output_attentions``, with and without the KV cache."""
+    net = fxsight.LanguageModel(gpt2)
+    ids = torch.randint(4, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    expected, sequence = _greedy_attentions(gpt2, ids, 3, use_cache, layers=(0, 1))
+    with net.generate(ids, max_new_tokens=3, do_sample=False, use_cache=use_cache,
+                      backend=backend) as tracer:
+        first = net.transformer.h[0].attn.source.attention_interface_0.output[1].save()
+        per_step = fxsight.save(list())
+        for step in tracer.all():  # (step a real int: one line per step)
+            per_step.append([
+                net.transformer.h[layer].attn.source.attention_interface_0.output[1]
+                for layer in (0, 1)])
+        with tracer.iter[1:3]:  # (recorded once: one value per chosen step)
+            softmax = (net.transformer.h[1].attn.source.attention_interface_0.source
+                       .nn_functional_softmax_0.output.save())
+        tokens = tracer.result.save()
+    assert tracer.backend == backend
+    assert torch.equal(tokens, sequence)
+    assert len(per_step) == 3 and len(softmax) == 2
+    assert torch.allclose(first, expected[0][0], atol=1e-6)
+    for got, want in zip(per_step, expected):
+        for layer in (0, 1):
+            assert got[layer].shape == want[layer].shape
+            assert torch.allclose(got[layer], want[layer], atol=1e-6)
+    for got, want in zip(softmax, expected[1:]):
+        assert torch.allclose(got, want[1], atol=1e-6)
+    if use_cache:  # one query row per decoding step after the first
+        assert per_step[1][0].shape[-2:] == (1, 6) and per_step[2][0].shape[-2:] == (1, 7)
+
+
+def _head_zeroed_at_step(model, layer_proj, head, head_dim, step):
+    """A forward pre-hook zeroing one head's slice of the output projection's input (what
+    zeroing its probabilities computes), at decoding step ``step`` only: calls of the
+    model are counted by a forward pre-hook on the root."""
+    calls = {"n": -1}
+
+    def count(module, args, kwargs):
+        calls["n"] += 1
+
+    def zero(module, args):
+        if calls["n"] != step:
+            return None
+        x = args[0].clone()
+        x[..., head * head_dim:(head + 1) * head_dim] = 0
+        return (x, *args[1:])
+
+    return {"": count}, {layer_proj: zero}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generation_writes_an_operation_at_one_step(gpt2, backend):
+    """Zeroing head 1's attention probabilities in layer 0 at decoding step 1 only gives
+    the tokens and logits of a generation whose forward does that by hand."""
+    heads = gpt2.config.n_head
+    head_dim = gpt2.config.n_embd // heads
+    ids = torch.randint(4, 128, (1, 5), generator=torch.Generator().manual_seed(3))
+    counter, zero = _head_zeroed_at_step(gpt2, "transformer.h.0.attn.c_proj", 1, head_dim, 1)
+    handles = [gpt2.register_forward_pre_hook(counter[""], with_kwargs=True),
+               gpt2.transformer.h[0].attn.c_proj.register_forward_pre_hook(
+                   zero["transformer.h.0.attn.c_proj"])]
+    try:
+        expected = gpt2.generate(ids, max_new_tokens=3, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    plain = gpt2.generate(ids, max_new_tokens=3, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)
+    net = fxsight.LanguageModel(gpt2)
+    with net.generate(ids, max_new_tokens=3, do_sample=False, backend=backend) as tracer:
+        for step in tracer.all():
+            if step == 1:
+                inner = net.transformer.h[0].attn.source.attention_interface_0.source
+                inner.nn_functional_softmax_0.output[:, 1] = 0
+        with tracer.all():
+            logits = net.lm_head.output[:, -1].save()
+        tokens = tracer.result.save()
+    assert tracer.backend == backend
+    assert torch.equal(tokens, expected.sequences)
+    for got, want, before in zip(logits, expected.logits, plain.logits):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(logits[0], plain.logits[0], atol=1e-6)  # (step 0 untouched)
+    assert not torch.allclose(logits[1], plain.logits[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generation_reads_sizes_an_operation_is_given(gpt2, backend):
+    """Without a KV cache every step is longer: an operation given sizes
+    (``query_states.view(shape)``) sees each step's own, also where the decoding steps
+    share one dynamic-shape capture on the fx backend."""
+    net = fxsight.LanguageModel(gpt2)
+    ids = torch.randint(4, 128, (1, 5), generator=torch.Generator().manual_seed(4))
+    with net.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False,
+                      backend=backend) as tracer:
+        with tracer.all():
+            shapes = net.transformer.h[0].attn.source.query_states_view_0.inputs.save()
+            query = net.transformer.h[0].attn.source.query_states_view_0.output.save()
+    assert tracer.backend == backend
+    head_dim = gpt2.config.n_embd // gpt2.config.n_head
+    assert [tuple(args[0]) for args, _ in shapes] == [(1, n, -1, head_dim) for n in (5, 6)]
+    assert [tuple(q.shape) for q in query] == [(1, n, gpt2.config.n_head, head_dim)
+                                             for n in (5, 6)]
+
+
+# --- tracer.cache() with operations -----------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_operations_like_modules(gpt2, ids, backend):
+    """Operations listed in ``tracer.cache(modules=...)`` (envoys or path strings) are
+    cached like modules: the entry's output is the operation's output saved directly,
+    its inputs its arguments; ``tracer.cache()`` alone caches modules only."""
+    net = NNsight(gpt2)
+    softmax_path = ("model.transformer.h.1.attn.source.attention_interface_0.source"
+                    ".nn_functional_softmax_0")
+    with net.trace(ids, use_cache=False, backend=backend) as tracer:
+        operation = net.transformer.h[0].attn.source.attention_interface_0
+        cache = tracer.cache(modules=[operation, softmax_path, net.transformer.h[1]],
+                             include_inputs=True)
+        everything = tracer.cache()
+        direct = operation.output.save()
+        arguments = operation.inputs.save()
+        softmax = (net.transformer.h[1].attn.source.attention_interface_0.source
+                   .nn_functional_softmax_0.output.save())
+    assert tracer.backend == backend
+    assert set(cache) == {"model.transformer.h.0.attn.source.attention_interface_0",
+                          softmax_path, "model.transformer.h.1"}
+    entry = cache.model.transformer.h[0].attn.source.attention_interface_0
+    assert torch.equal(entry.output[0], direct[0]) and torch.equal(entry.output[1], direct[1])
+    args, kwargs = entry.inputs
+    assert args[0] is gpt2.transformer.h[0].attn and entry.input is args[0]
+    assert all(torch.equal(a, b) for a, b in zip(args[1:4], arguments[0][1:4]))
+    assert kwargs["scaling"] == arguments[1]["scaling"]
+    assert torch.equal(cache[softmax_path].output, softmax)
+    reference = gpt2(ids, use_cache=False, output_attentions=True).attentions
+    assert torch.allclose(cache[softmax_path].output, reference[1], atol=1e-6)
+    assert not any(".source." in key for key in everything)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_operations_across_generation_steps(gpt2, backend):
+    """In generate, an operation's cache entry is a list, one entry per step, equal to
+    saving its output at every step."""
+    net = fxsight.LanguageModel(gpt2)
+    ids = torch.randint(4, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    with net.generate(ids, max_new_tokens=3, do_sample=False, backend=backend) as tracer:
+        operation = net.transformer.h[0].attn.source.attention_interface_0
+        cache = tracer.cache(modules=[operation])
+        with tracer.all():
+            direct = operation.output[1].save()
+    entries = cache["model.transformer.h.0.attn.source.attention_interface_0"]
+    assert len(entries) == len(direct) == 3
+    assert all(torch.equal(e.output[1], d) for e, d in zip(entries, direct))
+    expected, _ = _greedy_attentions(gpt2, ids, 3, True)
+    assert all(torch.allclose(e.output[1], x[0], atol=1e-6) for e, x in zip(entries, expected))
+
+
+def test_cache_unknown_operation_lists_the_nearest(gpt2, ids):
+    net = NNsight(gpt2)
+    with pytest.raises(AttributeError, match="attention_interface_0"):
+        with net.trace(ids, use_cache=False) as tracer:
+            tracer.cache(modules=["model.transformer.h.0.attn.source.attention_interface"])
+
+
+# --- a pattern patched from another invoke -----------------------------------------------------
+def _patched_head_reference(model, clean, corrupted, head):
+    """Hand-written: layer 0's head ``head`` attends with the clean input's probabilities
+    while the rest of the corrupted forward is unchanged: its slice of the output
+    projection's input is the clean pattern times the corrupted values (forward hooks on
+    ``c_attn`` and ``c_proj``)."""
+    heads = model.config.n_head
+    head_dim = model.config.n_embd // heads
+    pattern = model(clean, use_cache=False, output_attentions=True).attentions[0][:, head]
+    seen = {}
+
+    def keep_values(module, args, output):
+        value = output.split(model.config.n_embd, dim=2)[2]
+        seen["v"] = value.view(*value.shape[:2], heads, head_dim).transpose(1, 2)[:, head]
+
+    def patch(module, args):
+        x = args[0].clone()
+        x[..., head * head_dim:(head + 1) * head_dim] = pattern @ seen["v"]
+        return (x, *args[1:])
+
+    attention = model.transformer.h[0].attn
+    handles = [attention.c_attn.register_forward_hook(keep_values),
+               attention.c_proj.register_forward_pre_hook(patch)]
+    try:
+        return model(corrupted, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _patch_head_from_clean(net, clean, corrupted, head, **options):
+    with net.trace(use_cache=False, **options) as tracer:
+        with tracer.invoke(clean):
+            inner = net.transformer.h[0].attn.source.attention_interface_0.source
+            pattern = inner.nn_functional_softmax_0.output[:, head]
+        with tracer.invoke(corrupted):
+            inner = net.transformer.h[0].attn.source.attention_interface_0.source
+            inner.nn_functional_softmax_0.output[:, head] = pattern
+            logits = net.output.logits.save()
+    return tracer, logits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patching_one_heads_pattern_from_another_invoke(gpt2, backend):
+    clean, corrupted = torch.randint(4, 128, (2, 1, 6),
+                                     generator=torch.Generator().manual_seed(5))
+    expected = _patched_head_reference(gpt2, clean, corrupted, head=2)
+    plain = gpt2(corrupted, use_cache=False).logits
+    tracer, logits = _patch_head_from_clean(NNsight(gpt2), clean, corrupted, 2,
+                                            backend=backend)
+    assert tracer.backend == backend
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert not torch.allclose(logits, plain, atol=1e-3)
+
+
+def test_patching_one_heads_pattern_compiled():
+    """The same patch in a compiled trace (a one-layer model: compiling on CPU is slow).
+
+    Under ``no_grad``, as patching experiments run: with gradients on, writing the softmax's
+    output in place would change a tensor its backward needs, and torch.compile refuses the
+    graph (fxsight then runs it eagerly, with a warning)."""
+    import warnings
+
+    model = tiny_gpt2(n_layer=1, n_embd=32, attn_implementation="eager")
+    clean, corrupted = torch.randint(4, 128, (2, 1, 6),
+                                     generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = _patched_head_reference(model, clean, corrupted, head=1)
+        compilations = fxsight.stats()["compilations"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # (no eager fallback)
+            tracer, logits = _patch_head_from_clean(NNsight(model), clean, corrupted, 1,
+                                                    backend="fx", compile=True)
+    assert tracer.backend == "fx"
+    assert fxsight.stats()["compilations"] == compilations + 1
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert not torch.allclose(logits, model(corrupted, use_cache=False).logits, atol=1e-3)
+
+
+# --- writing q/k/v and router logits -------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_key_value_writes(gpt2, ids, backend, reference_hooks):
+    """Zeroing head 2's values and halving the keys inside layer 1's attention equals a forward hook doing the same to ``c_attn``'s output."""
+    width = gpt2.config.n_embd
+    head_dim = width // gpt2.config.n_head
+
+    def edit(module, args, output):
+        output = output.clone()
+        output[..., width:2 * width] *= 0.5  # the keys
+        output[..., 2 * width + 2 * head_dim:2 * width + 3 * head_dim] = 0  # head 2's values
+        return output
+
+    with reference_hooks(gpt2, hooks={"transformer.h.1.attn.c_attn": edit}):
+        expected = gpt2(ids, use_cache=False).logits
+    plain = gpt2(ids, use_cache=False).logits
+    net = NNsight(gpt2)
+    with net.trace(ids, use_cache=False, backend=backend) as tracer:
+        source = net.transformer.h[1].attn.source
+        # value_states (batch, heads, seq, head_dim): a view of one of split's outputs, which
+        # torch lets no one change in place (a plain forward neither): a new value
+        keep = torch.ones(gpt2.config.n_head, 1, 1)
+        keep[2] = 0
+        source.transpose_3.output = source.transpose_3.output * keep
+        source.transpose_2.output = source.transpose_2.output * 0.5  # key_states
+        logits = net.output[0].save()
+    assert tracer.backend == backend
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert not torch.allclose(logits, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_router_logits_write(backend):
+    """Zeroing expert 0's router logit equals a copy of the model whose router weight row
+    for expert 0 is zero (``F.linear(h, W)[:, 0] == h @ W[0]``)."""
+    import copy
+
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    model = MixtralForCausalLM(config).eval()
+    ids = torch.randint(4, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        edited.model.layers[0].mlp.gate.weight[0] = 0
+        expected = edited(ids, use_cache=False, output_router_logits=True)
+    plain = model(ids, use_cache=False).logits
+    net = NNsight(model)
+    with net.trace(ids, use_cache=False, backend=backend) as tracer:
+        router = net.model.layers[0].mlp.gate.source
+        router.F_linear_0.output[:, 0] = 0
+        probabilities = router.torch_nn_functional_softmax_0.output.save()
+        logits = net.output.logits.save()
+    assert tracer.backend == backend
+    assert torch.allclose(probabilities, expected.router_logits[0].float().softmax(-1))
+    assert torch.allclose(logits, expected.logits, atol=1e-5)
+    assert not torch.allclose(logits, plain, atol=1e-4)

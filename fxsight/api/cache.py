@@ -25,7 +25,9 @@ from ..errors import TraceError, at_line, user_line
 from ..record.program import Program
 from ..record.scope import Scope
 from ..record.sites import INPUT, OUTPUT, Site, is_operation
+from ..capture.operations import split_path
 from .envoy import Envoy
+from .source import OperationEnvoy
 
 ROOT = "model"
 
@@ -270,15 +272,24 @@ class CacheRequest:
         # the wrapper's rename= names keys too (the call's own rename=/alias= on top)
         self.cache = CacheDict(rename={**getattr(model, "_rename", {}), **(rename or {})},
                                alias=alias)
-        self.nodes: list[tuple[Site, Any, Any]] = []  # (site, node, layout of the value)
+        # (site, node, layout of the value, whether it is converted after the run)
+        self.nodes: list[tuple[Site, Any, Any, bool]] = []
 
     def _resolve(self, model: Any, modules: Any) -> list[str]:
-        if isinstance(modules, (str, Envoy)):
+        if isinstance(modules, (str, Envoy, OperationEnvoy)):
             modules = [modules]
         known = {path for path, _ in model._module.named_modules()}
         paths = []
         for module in modules:
-            if isinstance(module, Envoy):
+            if isinstance(module, OperationEnvoy):
+                if module._source._root is not model:
+                    raise TraceError(at_line(
+                        f"tracer.cache(modules=...) got an operation of another model "
+                        f"({module.label})", self.line))
+                path = module.path
+            elif isinstance(module, str) and is_operation(module.strip(".")):
+                path = _operation_path(model, module, known, self.line)
+            elif isinstance(module, Envoy):
                 if module._root is not model:
                     raise TraceError(at_line(
                         f"tracer.cache(modules=...) got a module of another model "
@@ -292,8 +303,9 @@ class CacheRequest:
                         f"model (paths look like 'model.transformer.h.0' or "
                         f"'transformer.h.0')", self.line))
             else:
-                raise TypeError(f"tracer.cache(modules=...) takes envoys or path strings, "
-                                f"not {type(module).__name__}")
+                raise TypeError(f"tracer.cache(modules=...) takes envoys, operations "
+                                f"(envoy.source.<name>) or path strings, not "
+                                f"{type(module).__name__}")
             if path not in paths:
                 paths.append(path)
         return paths
@@ -307,15 +319,16 @@ class CacheRequest:
         kinds = ([INPUT] if self.include_inputs else []) + \
             ([OUTPUT] if self.include_output else [])
         wanted = None if self.paths is None else set(self.paths)
-        sites = [s for s in sorted(index, key=index.__getitem__)
-                 if s.kind in kinds and not is_operation(s.path)  # (modules only)
-                 and (wanted is None or s.path in wanted)]
+        # every module, or the modules and operations (``.source``) asked for
+        sites = [s for s in sorted(index, key=index.__getitem__) if s.kind in kinds and (
+            not is_operation(s.path) if wanted is None else s.path in wanted)]
         if wanted is not None:
             ran = {s.path for s in sites}
             missing = [p for p in self.paths if p not in ran]
             if missing and kinds:
+                what = "is never called" if is_operation(missing[0]) else "never runs"
                 raise TraceError(at_line(
-                    f"tracer.cache: {_key(missing[0])} never runs in this forward pass, so "
+                    f"tracer.cache: {_key(missing[0])} {what} in this forward pass, so "
                     f"it cannot be cached", self.line))
         skipped = _skipped_spans(program, index, rows)
         sites = [s for s in sites
@@ -325,17 +338,20 @@ class CacheRequest:
         for site in sites:
             accessor = "inputs" if site.kind == INPUT else "output"
             node = program.read(site, accessor, self.scope, self.line)
-            if needs_convert:
+            leaves, spec = pytree.tree_flatten(source.meta_value(site))
+            # a value holding objects a graph cannot take as an argument (an attention
+            # function's module argument) is converted after the run instead
+            later = not all(_graph_argument(leaf) for leaf in leaves)
+            if needs_convert and not later:
                 node = program.op("call_function", convert, (node, *convert_args), {},
                                   self.scope, self.line)
             program.save(node)
-            spec = pytree.tree_flatten(source.meta_value(site))[1]
-            self.nodes.append((site, node, spec))
+            self.nodes.append((site, node, spec, later))
 
     def fill(self, results: dict[Any, Any]) -> None:
         """Put the run's values into the CacheDict, one Entry per module call."""
         entries: dict[str, dict[Any, Entry]] = {}
-        for site, node, spec in self.nodes:
+        for site, node, spec, later in self.nodes:
             if node not in results:
                 continue
             steps = node.steps
@@ -345,6 +361,8 @@ class CacheRequest:
                 values = [((step, site.call), value)
                           for step, value in enumerate(results[node])]
             for call, value in values:
+                if later:
+                    value = convert(value, self.device, self.dtype, self.detach)
                 value = _relayout(value, spec)
                 entry = entries.setdefault(site.path, {}).setdefault(call, Entry())
                 if site.kind == INPUT:
@@ -372,6 +390,12 @@ def _skipped_spans(program: Program, index: dict[Site, int],
     return spans
 
 
+def _graph_argument(value: Any) -> bool:
+    """Whether ``value`` (a leaf of a site's value) can be an argument of a graph node."""
+    return value is None or isinstance(value, (torch.Tensor, bool, int, float, str,
+                                               torch.dtype, torch.device, torch.SymInt))
+
+
 def _relayout(value: Any, spec: pytree.TreeSpec) -> Any:
     """``value`` in the layout the module produced (a graph returns a ``ModelOutput`` as a
     plain dict: give it its class back)."""
@@ -390,3 +414,25 @@ def _module_path(name: str, known: set[str]) -> str | None:
     if name.startswith(ROOT + ".") and name[len(ROOT) + 1:] in known:
         return name[len(ROOT) + 1:]
     return name if name in known else None
+
+
+def _operation_path(model: Any, name: str, known: set[str], line: str) -> str:
+    """A user's operation path string (``"model.transformer.h.0.attn.source.split_1"``)
+    as the operation's site path, checked name by name (an unknown operation lists the
+    nearest names, as ``envoy.source.<name>`` does)."""
+    name = name.strip(".")
+    if name.startswith(ROOT + ".") and split_path(model._module, name[len(ROOT) + 1:]):
+        name = name[len(ROOT) + 1:]
+    found = split_path(model._module, name)
+    if found is None or found[0] not in known:
+        raise TraceError(at_line(
+            f"tracer.cache(modules=...): {name!r} is not an operation of this model (paths "
+            f"look like 'model.transformer.h.0.attn.source.attention_interface_0')", line))
+    module_path, ops = found
+    envoy = model
+    for part in module_path.split(".") if module_path else ():
+        envoy = envoy._child(part, envoy._module._modules[part])
+    operation = getattr(envoy.source, ops[0])
+    for op in ops[1:]:
+        operation = getattr(operation.source, op)
+    return operation.path

@@ -119,10 +119,13 @@ class Generator(Tracer):
         finally:
             recorder.scope = previous
 
-    def _metadata_source(self, args: tuple, kwargs: dict) -> Any:
+    def _metadata_source(self, args: tuple, kwargs: dict,
+                         operations: frozenset | None = None) -> Any:
         # which sites a step has, from a scan of the first step's forward (not a capture
         # of the plain forward, which generate never runs)
-        return metadata_source(self.model._module, args, kwargs, RunOptions("hooks"))
+        operations = self._operations() if operations is None else operations
+        return metadata_source(self.model._module, args, kwargs, RunOptions("hooks"),
+                               operations)
 
     def stop(self) -> None:
         """Not available inside ``generate()``: ``max_new_tokens`` ends generation."""
@@ -159,7 +162,7 @@ class Generator(Tracer):
                 torch.random.set_rng_state(rng)  # (a seeded sampling starts over alike)
                 fall_back(str(reason), self.options, self.model._fallback_warned,
                           ("generate", str(reason)), what="generate()")
-        interleaver = StepInterleaver(self.program, rows)
+        interleaver = StepInterleaver(self.program, rows, self._operations())
         with interleaver.installed(module):
             output = module.generate(**inputs, **options)
         _check_steps(self.program, interleaver.step + 1)
@@ -173,7 +176,8 @@ class Generator(Tracer):
                               rows: dict[Any, Rows]) -> None:
         """Every decoding step as a rewritten graph (:mod:`fxsight.generate.decoding`)."""
         after = needs_generated_ids(self.program)
-        steps = GraphSteps(module, self.program, rows, self.options, after)
+        steps = GraphSteps(module, self.program, rows, self.options, after,
+                           self._operations())
         original = module.__dict__.get("forward")
         module.forward = steps.forward_for(module.forward)
         try:

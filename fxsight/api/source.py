@@ -114,11 +114,6 @@ class OperationEnvoy:
             raise TraceError(at_line(
                 f"{self.label}.{what} is only available inside a trace "
                 f"(`with model.trace(...):`)", user_line()))
-        if hasattr(tracer, "_generate_kwargs"):  # (a generation: api.generation.Generator)
-            raise TraceError(at_line(
-                f"{self.label}.{what}: operations inside modules (.source) are not "
-                f"reached in generate() yet; read them in model.trace(...) (one forward "
-                f"pass)", user_line()))
         recorder = tracer.recorder
         recorder.check_open()
         recorder.operations.add(self._path)

@@ -22,7 +22,7 @@ from ..record.program import Kind, Node
 from ..record.proxy import Proxy
 from ..record.recorder import Recorder
 from ..record.scope import ALL, Scope, Steps
-from ..record.sites import OUTPUT, Site
+from ..record.sites import OUTPUT, Site, is_operation
 from ..capture.operations import spec_for
 from ..run.forward import metadata_source, run_program
 from ..run.options import RunOptions
@@ -250,6 +250,8 @@ class Tracer:
         """Cache modules' outputs (and inputs) of this trace, after interventions.
 
         Returns a ``CacheDict`` filled when the block ends (see :mod:`fxsight.api.cache`).
+        ``modules`` may list operations too (``envoy.source.<name>``, or their path
+        strings): each is cached like a module, under ``"model.<module>.source.<name>"``.
 
         >>> import torch, fxsight
         >>> net = fxsight.NNsight(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh()))
@@ -263,6 +265,8 @@ class Tracer:
         self.recorder.check_open()
         request = CacheRequest(self.model, modules, device, dtype, detach, include_output,
                                include_inputs, rename, alias, self.recorder.scope)
+        # operations asked for (``envoy.source.<name>``): their forwards are instrumented
+        self.recorder.operations.update(p for p in request.paths or () if is_operation(p))
         self._cache_requests.append(request)
         return request.cache
 
@@ -347,8 +351,7 @@ class Tracer:
             walker = self._meta_walkers.get(key)
             if walker is None:
                 args, kwargs = self._inputs_for_metadata(node.invoke)
-                source = metadata_source(self.model._module, args, kwargs, self.options,
-                                         operations)
+                source = self._metadata_source(args, kwargs, operations)
                 walker = self._meta_walkers[key] = MetaWalker(
                     self.program, _WholeRows(), source)
             walker.run(_walked_for(self.program, node.invoke))
@@ -428,9 +431,12 @@ class Tracer:
                 request.record(self.program, source, rows)
         return args, kwargs, rows
 
-    def _metadata_source(self, args: tuple, kwargs: dict) -> Any:
-        return metadata_source(self.model._module, args, kwargs, self.options,
-                               self._operations())
+    def _metadata_source(self, args: tuple, kwargs: dict,
+                         operations: frozenset | None = None) -> Any:
+        """Boundary shapes and layouts for these inputs (a capture or a scan), with the
+        sites of ``operations`` (by default, of the operations recorded so far)."""
+        operations = self._operations() if operations is None else operations
+        return metadata_source(self.model._module, args, kwargs, self.options, operations)
 
     def _operations(self) -> frozenset:
         """The operations spec of the sites recorded so far (``.source``)."""
@@ -444,8 +450,7 @@ class Tracer:
         with model_lock(self.model._module):
             args, kwargs = self._inputs_for_metadata(invoke)
             operations = spec_for(self.model._module, paths | self.recorder.operations)
-            source = metadata_source(self.model._module, args, kwargs, self.options,
-                                     operations)
+            source = self._metadata_source(args, kwargs, operations)
         return source.callees
 
     def _execute(self) -> None:
@@ -471,7 +476,8 @@ class Tracer:
                 "choose the calls (tracer.iter[0:3])", line))
         with model_lock(self.model._module):
             args, kwargs = self._inputs_for_metadata(None)
-            source = metadata_source(self.model._module, args, kwargs, self.options)
+            source = self._metadata_source(args, kwargs, spec_for(
+                self.model._module, paths | self.recorder.operations))
         return max(sum(1 for site in source.events if site.path == path
                        and site.kind == OUTPUT) for path in paths)
 

@@ -215,7 +215,8 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                    dynamic: str = "never",
                    flat: tuple[list[Any], Any] | None = None,
                    events_on: torch.nn.Module | None = None,
-                   operations: frozenset = frozenset()) -> Captured:
+                   operations: frozenset = frozenset(),
+                   dynamic_operations: bool = False) -> Captured:
     """Capture once per (model, signature); failures are remembered too (both in a
     bounded LRU, see :data:`MAX_CAPTURES`).
 
@@ -225,12 +226,14 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     dynamic capture fails or does not fit the inputs, the exact-shape capture is used.
 
     ``operations`` (a spec of :mod:`fxsight.capture.operations`) is part of the key: a
-    capture with operation sites is another capture (only exact shapes).
+    capture with operation sites is another capture, of exact shapes unless
+    ``dynamic_operations`` (the caller then checks the view's ``symbolic`` sites against
+    what it reads: their values are sizes of the capture's shapes).
     """
     key = signature(model, args, kwargs, flat)
     if operations:
         key = (*key[:-1], operations, key[-1])  # (the state token stays last)
-        dynamic = "never"
+        dynamic = dynamic if dynamic_operations else "never"
     cache = _CACHE.get(model)
     if cache is None:
         cache = _CACHE[model] = _Captures()
@@ -239,7 +242,8 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     if dynamic != "never":
         view = cache.view(key)
         if view is None:  # False: known not to have one
-            view = _dynamic_view(model, cache, key, args, kwargs, dynamic, events_on) or False
+            view = _dynamic_view(model, cache, key, args, kwargs, dynamic, events_on,
+                                 operations) or False
             cache.put_view(key, view)
         if view is not False:
             return view
@@ -266,7 +270,8 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
 
 def _dynamic_view(model: torch.nn.Module, cache: _Captures, key: tuple, args: tuple,
                   kwargs: dict, dynamic: str,
-                  events_on: torch.nn.Module | None = None) -> Captured | None:
+                  events_on: torch.nn.Module | None = None,
+                  operations: frozenset = frozenset()) -> Captured | None:
     general = general_signature(key)
     flat = flat_inputs(args, kwargs)[0]
     bases_key = ("dynamic-bases", general)
@@ -285,7 +290,8 @@ def _dynamic_view(model: torch.nn.Module, cache: _Captures, key: tuple, args: tu
     if dynamic == "auto" and not (shapes - {key}):
         return None  # only one shape seen so far: the exact capture serves it
     try:
-        base = capture(model, args, kwargs, dynamic=True, events_on=events_on)
+        base = capture(model, args, kwargs, dynamic=True, events_on=events_on,
+                       operations=operations)
         bump("dynamic_captures")
     except Exception:  # noqa: BLE001 - the exact-shape capture is always a correct fallback
         bump("dynamic_capture_failures")

@@ -30,7 +30,7 @@ from ..errors import CaptureError
 from . import caches, state
 from .events import ModuleEvents
 from . import opaque as opaque_calls
-from ..record.sites import Site
+from ..record.sites import Site, is_operation
 
 
 @torch.library.custom_op("fxsight::boundary", mutates_args=())
@@ -110,6 +110,9 @@ class Captured:
     # modules that run as ``fxsight::opaque`` calls (path -> why it could not be
     # captured), see ``capture/opaque.py``
     opaque: dict[str, str] = field(default_factory=dict)
+    # operation sites whose values hold symbolic sizes in a dynamic-shape capture (a
+    # call such as ``x.size(-1)``): a Program that uses one needs an exact-shape capture
+    symbolic: frozenset = frozenset()
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
@@ -529,10 +532,13 @@ def _make_dynamic(captured: Captured, exported: Any, guards: Any) -> None:
                     symbols |= expr.free_symbols
             else:
                 dims.append((index, dim, int(size)))
-    for slot in captured.slots.values():
+    symbolic = set()
+    for site, slot in captured.slots.items():
         for constant in slot.constants:
             if isinstance(constant, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-                raise ValueError("a module boundary carries a symbolic Python number")
+                if not is_operation(site.path):
+                    raise ValueError("a module boundary carries a symbolic Python number")
+                symbolic.add(site)
         for node in slot.nodes:
             value = node.meta.get("val") if node is not None else None
             if isinstance(value, torch.Tensor):
@@ -546,6 +552,7 @@ def _make_dynamic(captured: Captured, exported: Any, guards: Any) -> None:
         ranges[symbol] = (int(low) if getattr(low, "is_Integer", False) else None,
                           int(high) if getattr(high, "is_Integer", False) else None)
     captured.dynamic = bool(symbols)
+    captured.symbolic = frozenset(symbolic)
     captured.guards = guards
     captured.dims = dims
     captured.ranges = ranges

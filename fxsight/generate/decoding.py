@@ -118,8 +118,9 @@ class GraphSteps:
     """Runs each model call of one ``generate`` as a rewritten graph of its step."""
 
     def __init__(self, model: torch.nn.Module, program: Program, rows: dict[Any, Rows],
-                 options: RunOptions, after: set[Node]):
+                 options: RunOptions, after: set[Node], operations: frozenset = frozenset()):
         self.model = model
+        self.operations = operations  # (``.source`` sites: capture.operations' spec)
         self.wrapper = decoding_step(model)
         self.program = program
         self.rows = rows
@@ -207,7 +208,13 @@ class GraphSteps:
             try:
                 captured = cached_capture(wrapper, (), inputs, flat=flat, events_on=self.model,
                                           dynamic="always" if decoding
-                                          else self.options.dynamic_policy)
+                                          else self.options.dynamic_policy,
+                                          operations=self.operations,
+                                          dynamic_operations=True)
+                if captured.symbolic & set(program.sites()):  # (sizes read as values)
+                    captured = cached_capture(wrapper, (), inputs, flat=flat,
+                                              events_on=self.model,
+                                              operations=self.operations)
                 runner = runner_for(wrapper, captured, program, self.rows, True,
                                     self.options.compile)
             except (CaptureError, NotOnGraph) as error:

@@ -47,7 +47,7 @@ class AnySite(dict):
 class StepInterleaver:
     """Runs a Program over the model calls of one ``generate``."""
 
-    def __init__(self, program, rows: dict[Any, Rows]):
+    def __init__(self, program, rows: dict[Any, Rows], operations: frozenset = frozenset()):
         skip = next((n for n in program.nodes if n.skip), None)
         if skip is not None:
             raise TraceError(at_line(
@@ -55,6 +55,7 @@ class StepInterleaver:
                 f"the fx backend (this generation runs on hooks)", skip.line))
         self.program = program
         self.rows = rows
+        self.operations = operations  # (``.source`` sites: capture.operations' spec)
         self.after = needs_generated_ids(program)  # they run once generate is done
         self.once = [n for n in program.nodes if n.steps is None]
         self.per_step = [n for n in program.nodes if n.steps is not None]
@@ -70,7 +71,8 @@ class StepInterleaver:
     def installed(self, module):
         paths = {n.site.path for n in self.program.nodes
                  if n.kind in (Kind.READ, Kind.WRITE) and n.site != GENERATOR}
-        self.events = ModuleEvents(module, self._on_event, only=paths | {""})
+        self.events = ModuleEvents(module, self._on_event, only=paths | {""},
+                                   operations=self.operations)
         with self.events.installed():
             yield
 
