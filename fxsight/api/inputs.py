@@ -63,12 +63,17 @@ class ForwardSignature:
                                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
         self.var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
         self.typed = typed
+        # (number of positional inputs, keyword names) that passed check_keywords: the
+        # check depends on nothing else (bounded: cleared when full)
+        self.accepted: set[tuple[int, tuple]] = set()
 
     def known(self) -> frozenset[str]:
         """Every keyword name ``forward`` is known to use."""
         return frozenset(self.keywords) | (self.typed or frozenset()) | (
             _DECORATOR_KEYWORDS if self.var_keyword else frozenset())
 
+
+MAX_ACCEPTED = 64  # input layouts remembered per forward signature as accepted
 
 _SIGNATURES: "weakref.WeakKeyDictionary[Any, ForwardSignature | None]" = \
     weakref.WeakKeyDictionary()
@@ -158,6 +163,9 @@ def check_keywords(module: torch.nn.Module, args: tuple, kwargs: dict, where: st
     signature = forward_signature(module)
     if signature is None:
         return
+    layout = (len(args), tuple(kwargs))
+    if layout in signature.accepted:
+        return  # (these keyword names and this many positional inputs passed before)
     known = signature.known()
     for name in kwargs:
         if name in signature.keywords or (signature.var_keyword and name in known):
@@ -178,6 +186,9 @@ def check_keywords(module: torch.nn.Module, args: tuple, kwargs: dict, where: st
     except TypeError as error:
         raise TraceError(at_line(f"{where}: {_model_name(module)} cannot take these inputs: "
                                  f"{error}", line)) from None
+    if len(signature.accepted) >= MAX_ACCEPTED:
+        signature.accepted.clear()
+    signature.accepted.add(layout)
 
 
 def named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Any]]:

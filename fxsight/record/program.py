@@ -166,6 +166,7 @@ class Program:
         # id -> (node, value, {tensor version at a use: the first line using it})
         self._input_ids: dict[int, tuple] = {}
         self._parts: list[tuple] = []
+        self.site_paths: set[str] = set()  # the paths of the reads' and writes' sites
 
     # --- building -------------------------------------------------------------------
     def _add(self, kind: Kind, op: str, target: Any, args: tuple, kwargs: dict,
@@ -180,6 +181,8 @@ class Program:
                     site, accessor, skip, mutation, lenient)
         self.nodes.append(node)
         self._parts.append(key)
+        if site is not None and (kind is Kind.READ or kind is Kind.WRITE):
+            self.site_paths.add(site.path)
         return node
 
     def input(self, value: Any, line: Any = None) -> Node:
