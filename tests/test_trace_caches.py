@@ -81,3 +81,29 @@ def test_program_site_paths_follow_the_reads_and_writes():
     program = tracer.program
     assert program.site_paths == {site.path for site in program.sites()} == {"lin", ""}
     assert torch.equal(out, torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("first, other, message", [
+    (((torch.ones(2, 3),), {"scale": 2.0}, 2), ((torch.ones(1, 3),), {"scale": 2.0}, 1), None),
+    (((torch.ones(2, 3),), {"scale": 2.0}, 2), ((torch.ones(1, 4),), {"scale": 2.0}, 1),
+     "shapes"),
+    (((torch.ones(2, 3),), {}, 2), ((torch.ones(1, 3, dtype=torch.float64),), {}, 1),
+     "dtypes"),
+    (((torch.ones(2, 3),), {"scale": 2.0}, 2), ((torch.ones(1, 3),), {"scale": 3.0}, 1),
+     "disagree"),
+    (((torch.ones(2, 3),), {"scale": 2.0}, 2), ((torch.ones(1, 3),), {"shift": 2.0}, 1),
+     "other keyword inputs"),
+    (((torch.ones(2, 3),), {"scale": float("nan")}, 2),
+     ((torch.ones(1, 3),), {"scale": float("nan")}, 1), "disagree"),
+])
+def test_plainly_batchable_agrees_with_the_full_check(first, other, message):
+    """The shortcut for tensor invokes with plain options accepts what the full check
+    accepts, and leaves every refusal to it."""
+    if message is None:
+        assert inputs._plainly_batchable(first, other)
+        inputs._batched(first, other, 1, None)
+        inputs.check_batchable(first, other, 1, None)
+    else:
+        assert not inputs._plainly_batchable(first, other)
+        with pytest.raises(TraceError, match=message):
+            inputs.check_batchable(first, other, 1, None)

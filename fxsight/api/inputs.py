@@ -243,7 +243,32 @@ def check_batchable(first: tuple[tuple, dict, int], other: tuple[tuple, dict, in
                     index: int, line: Any) -> None:
     """Raise unless invoke ``index``'s prepared inputs can share a batch with invoke #0's
     (see the module docstring for the rule)."""
-    _batched(first, other, index, line)
+    if not _plainly_batchable(first, other):
+        _batched(first, other, index, line)
+
+
+_PLAIN_OPTIONS = frozenset({bool, int, float, str, type(None)})
+
+
+def _plainly_batchable(first: tuple[tuple, dict, int], other: tuple[tuple, dict, int]) -> bool:
+    """The common case of :func:`_batched` that passes, checked without naming leaves:
+    positional tensors of one row per example, of one dtype and the same other dimensions,
+    and the same keywords with equal plain values (``use_cache=False``). ``False``: the
+    full check decides (and says why it refuses)."""
+    args0, kwargs0, rows0 = first
+    args1, kwargs1, rows1 = other
+    if len(args0) != len(args1) or kwargs0.keys() != kwargs1.keys():
+        return False
+    for v0, v1 in zip(args0, args1):
+        if type(v0) is not torch.Tensor or type(v1) is not torch.Tensor or \
+                v0.dim() == 0 or v1.dim() == 0 or v0.shape[0] != rows0 or \
+                v1.shape[0] != rows1 or v0.shape[1:] != v1.shape[1:] or v0.dtype != v1.dtype:
+            return False
+    for key, v0 in kwargs0.items():
+        v1 = kwargs1[key]
+        if type(v0) not in _PLAIN_OPTIONS or type(v1) not in _PLAIN_OPTIONS or not v0 == v1:
+            return False
+    return True
 
 
 def batch(prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:
