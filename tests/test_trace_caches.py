@@ -107,3 +107,23 @@ def test_plainly_batchable_agrees_with_the_full_check(first, other, message):
         assert not inputs._plainly_batchable(first, other)
         with pytest.raises(TraceError, match=message):
             inputs.check_batchable(first, other, 1, None)
+
+
+@pytest.mark.parametrize("change", [
+    lambda net: net.lin.register_buffer("mask", torch.ones(3)),  # into an empty dict
+    lambda net: net.register_parameter("extra", torch.nn.Parameter(torch.ones(1))),
+    lambda net: net.lin.register_parameter("bias", None),  # a held dict's entry
+    lambda net: net.lin._parameters.pop("bias"),
+])
+def test_the_state_token_sees_tensors_added_to_any_module(change):
+    """The state check compares the tensor dicts that held tensors with their copies and
+    the empty ones by their length: a tensor added to either is a new state."""
+    from fxsight.capture import state
+
+    net = Net()
+    token = state.state_token(net)
+    assert state.state_token(net) == token
+    watch = state.current_watch(net)
+    assert watch.empty and watch.held  # (both kinds are there to check)
+    change(net)
+    assert state.state_token(net) != token
