@@ -63,12 +63,17 @@ class ForwardSignature:
                                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
         self.var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
         self.typed = typed
+        # (number of positional inputs, keyword names) that passed check_keywords: the
+        # check depends on nothing else (bounded: cleared when full)
+        self.accepted: set[tuple[int, tuple]] = set()
 
     def known(self) -> frozenset[str]:
         """Every keyword name ``forward`` is known to use."""
         return frozenset(self.keywords) | (self.typed or frozenset()) | (
             _DECORATOR_KEYWORDS if self.var_keyword else frozenset())
 
+
+MAX_ACCEPTED = 64  # input layouts remembered per forward signature as accepted
 
 _SIGNATURES: "weakref.WeakKeyDictionary[Any, ForwardSignature | None]" = \
     weakref.WeakKeyDictionary()
@@ -158,6 +163,9 @@ def check_keywords(module: torch.nn.Module, args: tuple, kwargs: dict, where: st
     signature = forward_signature(module)
     if signature is None:
         return
+    layout = (len(args), tuple(kwargs))
+    if layout in signature.accepted:
+        return  # (these keyword names and this many positional inputs passed before)
     known = signature.known()
     for name in kwargs:
         if name in signature.keywords or (signature.var_keyword and name in known):
@@ -178,6 +186,9 @@ def check_keywords(module: torch.nn.Module, args: tuple, kwargs: dict, where: st
     except TypeError as error:
         raise TraceError(at_line(f"{where}: {_model_name(module)} cannot take these inputs: "
                                  f"{error}", line)) from None
+    if len(signature.accepted) >= MAX_ACCEPTED:
+        signature.accepted.clear()
+    signature.accepted.add(layout)
 
 
 def named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
@@ -232,7 +243,32 @@ def check_batchable(first: tuple[tuple, dict, int], other: tuple[tuple, dict, in
                     index: int, line: Any) -> None:
     """Raise unless invoke ``index``'s prepared inputs can share a batch with invoke #0's
     (see the module docstring for the rule)."""
-    _batched(first, other, index, line)
+    if not _plainly_batchable(first, other):
+        _batched(first, other, index, line)
+
+
+_PLAIN_OPTIONS = frozenset({bool, int, float, str, type(None)})
+
+
+def _plainly_batchable(first: tuple[tuple, dict, int], other: tuple[tuple, dict, int]) -> bool:
+    """The common case of :func:`_batched` that passes, checked without naming leaves:
+    positional tensors of one row per example, of one dtype and the same other dimensions,
+    and the same keywords with equal plain values (``use_cache=False``). ``False``: the
+    full check decides (and says why it refuses)."""
+    args0, kwargs0, rows0 = first
+    args1, kwargs1, rows1 = other
+    if len(args0) != len(args1) or kwargs0.keys() != kwargs1.keys():
+        return False
+    for v0, v1 in zip(args0, args1):
+        if type(v0) is not torch.Tensor or type(v1) is not torch.Tensor or \
+                v0.dim() == 0 or v1.dim() == 0 or v0.shape[0] != rows0 or \
+                v1.shape[0] != rows1 or v0.shape[1:] != v1.shape[1:] or v0.dtype != v1.dtype:
+            return False
+    for key, v0 in kwargs0.items():
+        v1 = kwargs1[key]
+        if type(v0) not in _PLAIN_OPTIONS or type(v1) not in _PLAIN_OPTIONS or not v0 == v1:
+            return False
+    return True
 
 
 def batch(prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:

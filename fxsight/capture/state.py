@@ -156,6 +156,11 @@ class Watch:
         # (and the device of the first: the model's, unless it is spread over devices)
         self.device = self.first_parameters[0].device if self.first_parameters else None
         self.tensor_ids = tuple(map(id, tensors))  # a new set of tensors: old states go
+        # what :meth:`unchanged` compares: the dicts that held tensors with their copies,
+        # the others (most ``_buffers``, containers' ``_parameters``) by their length
+        self.held = [d for d in self.tensor_dicts if d]
+        self.held_copies = [c for c in self.tensor_copies if c]
+        self.empty = [d for d in self.tensor_dicts if not d]
         # hooks: by the keys of every hook dict; the global count of hook handles ever
         # made tells, while there are none, that none was added since
         self.hook_keys = _hook_keys(modules)
@@ -202,7 +207,7 @@ class Watch:
             dicts = list(map(_dict, modules))  # (a dead module: AttributeError)
             if list(map(len, dicts)) != self.lens or \
                     list(map(_call, self.getters, dicts)) != self.values or \
-                    self.tensor_dicts != self.tensor_copies or \
+                    self.held != self.held_copies or any(map(len, self.empty)) or \
                     list(map(_dtype, self.first_parameters)) != self.dtypes or \
                     (self.device is not None and
                      self.first_parameters[0].device != self.device):

@@ -166,6 +166,7 @@ class Program:
         # id -> (node, value, {tensor version at a use: the first line using it})
         self._input_ids: dict[int, tuple] = {}
         self._parts: list[tuple] = []
+        self.site_paths: set[str] = set()  # the paths of the reads' and writes' sites
 
     # --- building -------------------------------------------------------------------
     def _add(self, kind: Kind, op: str, target: Any, args: tuple, kwargs: dict,
@@ -180,6 +181,8 @@ class Program:
                     site, accessor, skip, mutation, lenient)
         self.nodes.append(node)
         self._parts.append(key)
+        if site is not None and (kind is Kind.READ or kind is Kind.WRITE):
+            self.site_paths.add(site.path)
         return node
 
     def input(self, value: Any, line: Any = None) -> Node:
@@ -370,7 +373,7 @@ def _value_key(value: Any) -> Any:
     return ("value", type(value).__name__)
 
 
-_PLAIN = (int, str, type(None), type(Ellipsis))
+_PLAIN_KINDS = frozenset({int, str, type(None), type(Ellipsis)})  # keyed by value
 
 
 def _structure(value: Any, inputs: list[Node]) -> Any:
@@ -379,13 +382,18 @@ def _structure(value: Any, inputs: list[Node]) -> Any:
     if kind is Node:
         inputs.append(value)
         return ("node", value.index)
-    if kind in _PLAIN:
+    if kind in _PLAIN_KINDS:
         return value
-    if kind is tuple or kind is list:
-        return (kind.__name__, tuple([_structure(v, inputs) for v in value]))
+    if kind is tuple or kind is list:  # (plain items inline: no call each)
+        return (kind.__name__, tuple([v if type(v) in _PLAIN_KINDS else _structure(v, inputs)
+                                      for v in value]))
     if kind is slice:
-        return ("slice", _structure(value.start, inputs), _structure(value.stop, inputs),
-                _structure(value.step, inputs))
+        start, stop, step = value.start, value.stop, value.step
+        if type(start) in _PLAIN_KINDS and type(stop) in _PLAIN_KINDS and \
+                type(step) in _PLAIN_KINDS:
+            return ("slice", start, stop, step)
+        return ("slice", _structure(start, inputs), _structure(stop, inputs),
+                _structure(step, inputs))
     if kind is bool or kind is float:
         # tagged: ``True == 1 == 1.0`` would make ``x[:, True]`` share ``x[:, 1]``'s graph
         return (kind.__name__, value)

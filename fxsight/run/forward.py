@@ -139,7 +139,7 @@ def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
     keep_output = (not options.prune or not program.saves) and not stop
     forward_saves = [n for n in program.saves if n not in backward_nodes]
     flat = flat_inputs(args, kwargs)
-    operations = spec_for(module, {site.path for site in program.sites()})
+    operations = spec_for(module, program.site_paths)
     captured = capture_for(module, args, kwargs, options, warned, flat, operations)
     outcome = None
     if captured is not None:
