@@ -1,4 +1,5 @@
-"""``python -m perf [--quick] [--only NAME] [--write] [--json PATH] [--threads N] [--device D]``.
+"""``python -m perf [--quick] [--only NAME] [--write] [--rounds N] [--json PATH] [--threads N]
+[--device D]``.
 
 fxsight's benchmark suite: every ``perf/bench_*.py`` module that exposes ``run()``, the core
 benchmark (``perf/bench_core.py``) first. ``--only NAME`` runs one benchmark; ``NAME`` is
@@ -9,7 +10,7 @@ section that ran under ``perf/results/`` and rewrites ``docs/performance.md``
 (``perf/report.py``); ``make bench`` runs everything that way.
 
 A benchmark's ``run`` is called with ``quick=...`` and, where its signature has them,
-``only``, ``threads`` and ``log``; it returns its results. Its ``table(results)`` (text or
+``only``, ``threads``, ``log`` and ``rounds``; it returns its results. Its ``table(results)`` (text or
 markdown), ``targets(results)`` and ``noise(results)`` are printed and written where it
 defines them.
 """
@@ -38,8 +39,10 @@ def benchmarks() -> list[str]:
 
 def _call(run, args, only: str | None):
     """``run`` with the keyword arguments its signature accepts."""
-    offered = dict(quick=args.quick, only=only, threads=args.threads,
+    offered = dict(quick=args.quick, only=only, threads=args.threads, rounds=args.rounds,
                    log=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.rounds is None:
+        del offered["rounds"]  # each benchmark's own default
     accepted = inspect.signature(run).parameters
     return run(**{k: v for k, v in offered.items() if k in accepted})
 
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="store the sections that ran "
                         "under perf/results/ and rewrite docs/performance.md")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--rounds", type=int, help="timed rounds, for the benchmarks whose "
+                        "run() takes rounds (core, generation); default: theirs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--device", default="cpu", help="where the core benchmark's models "
                         "run (cpu, cuda)")

@@ -437,8 +437,10 @@ def bench_model(key: str, experiments: tuple[str, ...], rounds: int, warmup: int
 
 
 def run(quick: bool = False, only: str | None = None, threads: int = 2,
-        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """The whole core suite (``only``: run the (model/experiment) names containing it)."""
+        log: Callable[[str], None] = print, rounds: int | None = None
+        ) -> list[dict[str, Any]]:
+    """The whole core suite (``only``: run the (model/experiment) names containing it;
+    ``rounds``: timed rounds per experiment instead of the defaults)."""
     from perf.child import nnsight_version
 
     torch.set_num_threads(threads)
@@ -451,9 +453,9 @@ def run(quick: bool = False, only: str | None = None, threads: int = 2,
             if not experiments:
                 continue
             small = key == "small"
-            rounds = (3 if small else 30) if quick else (8 if small else 150)
+            count = rounds or ((3 if small else 30) if quick else (8 if small else 150))
             warmup = 1 if small else 5
-            results += bench_model(key, experiments, rounds, warmup, with_nnsight, log)
+            results += bench_model(key, experiments, count, warmup, with_nnsight, log)
     return results
 
 

@@ -212,16 +212,18 @@ def _rows(name, new_tokens, times, first, same, child, reference) -> list[dict[s
     return rows
 
 
-def run(quick: bool = False, only: str | None = None) -> list[dict[str, Any]]:
+def run(quick: bool = False, only: str | None = None, rounds: int | None = None
+        ) -> list[dict[str, Any]]:
     """One dict per (model, variant): seconds per generation (median, min), tokens per
     second, ratios to the baselines of the variant's mode (``{"median", "min"}``).
-    ``only``: the model names (``tiny``, ``gpt2-small``) containing it."""
+    ``only``: the model names (``tiny``, ``gpt2-small``) containing it; ``rounds``: timed
+    rounds instead of the default."""
     import fxsight
     from fxsight import LanguageModel
 
     torch.set_grad_enabled(False)
     new_tokens = 8 if quick else 32
-    repeats = 3 if quick else 9
+    repeats = rounds or (3 if quick else 9)
     results = []
     for name in SHAPES:
         if only and only not in f"generation/{name}":
