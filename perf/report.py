@@ -31,6 +31,12 @@ def section(module: Any, results: Any, context: dict[str, str]) -> str:
              f"{context['machine']}; load average {context['load_start']} at the start, "
              f"{context['load_end']} at the end; "
              f"{getattr(module, 'ORDER', UNSHUFFLED)}.", ""]
+    busy = max(float(context["load_start"]), float(context["load_end"]))
+    if busy > (os.cpu_count() or 1):
+        lines += [f"**The machine was oversubscribed during this run** (load average up to "
+                  f"{busy:.1f} on {os.cpu_count()} cores, from other work): every call took "
+                  f"many times its quiet duration, so the ratios and the verdicts below are "
+                  f"not measurements of fxsight. Run it again on a quiet machine.", ""]
     table: Callable | None = getattr(module, "table", None)
     text = table(results) if table else "\n".join(map(str, results))
     lines += [text if text.lstrip().startswith(("|", "**")) else f"```\n{text}\n```"]
