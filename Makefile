@@ -25,8 +25,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --doctest-modules tests fxsight
 
+# Run every benchmark, store each section under perf/results/ and rewrite
+# docs/performance.md from perf/performance.md.in (nnsight, where FXSIGHT_BENCH_NNSIGHT_PATH
+# or FXSIGHT_BENCH_NNSIGHT_PYTHON names it, runs in a child process).
 bench: $(STAMP)
-	$(PY) -m perf
+	$(PY) -m perf --write
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis

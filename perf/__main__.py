@@ -1,40 +1,71 @@
-"""``python -m perf [--quick] [--only NAME] [--json PATH] [--threads N] [--device D]``.
+"""``python -m perf [--quick] [--only NAME] [--write] [--rounds N] [--json PATH] [--threads N]
+[--device D]``.
 
-fxsight's benchmark suite.
+fxsight's benchmark suite: every ``perf/bench_*.py`` module that exposes ``run()``, the core
+benchmark (``perf/bench_core.py``) first. ``--only NAME`` runs one benchmark; ``NAME`` is
+its file name without ``bench_`` (``core``, ``generation``, ``first_call``, ``patching``,
+...), optionally followed by ``/`` and a part that the benchmark's ``run(only=...)``
+selects (``core/tiny``, ``core/small/patch``, ``generation/tiny``). ``--write`` stores each
+section that ran under ``perf/results/`` and rewrites ``docs/performance.md``
+(``perf/report.py``); ``make bench`` runs everything that way.
 
-Runs the core benchmark (``perf/bench_core.py``: plain eager / compiled forward, hand-written
-hooks, fxsight eager / compiled, nnsight when importable; tiny GPT-2 and a gpt2-small shape;
-saving every block, two-invoke patching) and every other ``perf/bench_*.py`` module that
-exposes ``run(quick=...)`` (e.g. ``bench_patching``). ``--only NAME`` runs the benchmarks
-whose name contains NAME: ``core``, ``core/tiny``, ``core/small/patch``, ``patching``, ...
+A benchmark's ``run`` is called with ``quick=...`` and, where its signature has them,
+``only``, ``threads``, ``log`` and ``rounds``; it returns its results. Its ``table(results)`` (text or
+markdown), ``targets(results)`` and ``noise(results)`` are printed and written where it
+defines them.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import pkgutil
-import platform
 import sys
 import time
 
 import torch
 
 
-def _others() -> list[str]:
+def benchmarks() -> list[str]:
+    """The short names of the benchmark modules, the core one first."""
     here = os.path.dirname(__file__)
-    return sorted(m.name for m in pkgutil.iter_modules([here])
-                  if m.name.startswith("bench_") and m.name != "bench_core")
+    names = sorted(m.name.removeprefix("bench_") for m in pkgutil.iter_modules([here])
+                   if m.name.startswith("bench_"))
+    return sorted(names, key=lambda name: name != "core")
+
+
+def _call(run, args, only: str | None):
+    """``run`` with the keyword arguments its signature accepts."""
+    offered = dict(quick=args.quick, only=only, threads=args.threads, rounds=args.rounds,
+                   log=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.rounds is None:
+        del offered["rounds"]  # each benchmark's own default
+    accepted = inspect.signature(run).parameters
+    return run(**{k: v for k, v in offered.items() if k in accepted})
+
+
+def _command(argv: list[str]) -> str:
+    """The command line that reproduces this run (with nnsight's folder, if given)."""
+    prefix = "".join(f"{key}={os.environ[key]} " for key in
+                     ("FXSIGHT_BENCH_NNSIGHT_PATH", "FXSIGHT_BENCH_NNSIGHT_PYTHON")
+                     if os.environ.get(key))
+    return f"{prefix}python -m perf {' '.join(argv)}".rstrip()
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m perf", description="fxsight's benchmark suite")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
-    parser.add_argument("--only", metavar="NAME", help="run only benchmarks whose name "
-                        "contains NAME (core/tiny/save, core/small/patch, patching, ...)")
+    parser.add_argument("--only", metavar="NAME", help="run one benchmark (core, generation, "
+                        "first_call, ...), or a part of one (core/tiny, core/small/patch)")
+    parser.add_argument("--write", action="store_true", help="store the sections that ran "
+                        "under perf/results/ and rewrite docs/performance.md")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--rounds", type=int, help="timed rounds, for the benchmarks whose "
+                        "run() takes rounds (core, generation); default: theirs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--device", default="cpu", help="where the core benchmark's models "
                         "run (cpu, cuda)")
@@ -42,47 +73,45 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     os.environ["FXSIGHT_BENCH_DEVICE"] = args.device
-    from perf import bench_core
+    from perf import bench_core, report, timing
+    from perf.child import nnsight_version
     bench_core.DEVICE = args.device
-    nnsight_version = bench_core.nnsight_version() or "not importable (skipped)"
-    print(f"# fxsight benchmarks: torch {torch.__version__}, {torch.get_num_threads()} threads "
-          f"of {os.cpu_count()} cores, {platform.machine()}, python "
-          f"{platform.python_version()}, nnsight {nnsight_version}, load average "
-          f"{os.getloadavg()[0]:.1f} at start, device {args.device}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}"
-          f"; `python -m perf {' '.join(argv or sys.argv[1:])}`")
+
+    machine = timing.machine()
+    if args.device.startswith("cuda"):
+        machine += f", device {torch.cuda.get_device_name()}"
+    machine += f", nnsight {nnsight_version() or 'not importable (skipped)'}"
+    print(f"# fxsight benchmarks: {machine}; load average {timing.load():.1f}; "
+          f"`{_command(argv)}`", flush=True)
+    head = args.only.split("/")[0] if args.only else None
     everything: dict[str, object] = {}
     start = time.perf_counter()
-
-    core_names = [f"core/{m}/{e}" for m in bench_core.MODELS for e in bench_core.EXPERIMENTS]
-    if args.only is None or any(args.only in name for name in core_names):
-        print("\n## core: batch 8x32 tokens, no autograd, medians after warm-up\n", flush=True)
-        results = bench_core.run(quick=args.quick, only=args.only, threads=args.threads,
-                                 log=lambda line: print(line, file=sys.stderr, flush=True))
-        everything["core"] = results
-        print(bench_core.table(results))
-        print("\nTargets (issue 4):\n" + bench_core.targets(results), flush=True)
-
-    for name in _others():
-        short = name.removeprefix("bench_")
-        if args.only is not None and args.only not in short:
+    for name in benchmarks():
+        if head is not None and head != name:
             continue
-        module = importlib.import_module(f"perf.{name}")
+        module = importlib.import_module(f"perf.bench_{name}")
         run = getattr(module, "run", None)
         if run is None:
             continue
-        print(f"\n## {short} (perf/{name}.py)\n", flush=True)
+        print(f"\n## {name} (perf/bench_{name}.py)\n", flush=True)
+        load_start = timing.load()
         try:
-            results = run(quick=args.quick)
+            results = _call(run, args, args.only)
         except Exception as error:  # noqa: BLE001 - one broken benchmark does not stop the rest
             print(f"failed: {type(error).__name__}: {error}")
             continue
-        everything[short] = results
-        table = getattr(module, "table", None)
-        print(table(results) if table else "\n".join(map(str, results)), flush=True)
-
+        everything[name] = results
+        context = dict(command=_command(argv), date=report.now(), machine=machine,
+                       load_start=f"{load_start:.1f}", load_end=f"{timing.load():.1f}")
+        markdown = report.section(module, results, context)
+        print(markdown, flush=True)
+        if args.write:
+            report.store(name, markdown, results)
+    if args.write:
+        report.render()
+        print(f"wrote {report.PAGE}")
     print(f"\n(total {time.perf_counter() - start:.0f} s; load average "
-          f"{os.getloadavg()[0]:.1f} at the end)")
+          f"{timing.load():.1f} at the end)")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(everything, file, indent=1, default=str)

@@ -1,48 +1,61 @@
-"""The core benchmark of issue 4: what an intervention costs, side by side in one run.
+"""The core benchmark: what one trace costs, against honest baselines of its own mode.
 
-Models: a tiny GPT-2 (2 layers, 64 wide) and a gpt2-small shape (12 layers, 768 wide,
-random weights); token ids of batch 8 x 32; ``use_cache=False``; no autograd.
+Models: a tiny GPT-2 (2 layers, 64 wide, vocab 1000) and a gpt2-small shape (12 layers,
+768 wide, vocab 50257, random weights); token ids of batch 8 x 32; ``use_cache=False``; no
+autograd.
 
 Experiments:
 
 - ``save``: every block's output and the logits are kept (``.save()``);
 - ``patch``: two-invoke activation patching at the middle block: rows 0-3 (clean) are read
-  at one position, rows 4-7 (corrupted) get them written there, and their logits are kept.
+  at one position, rows 4-7 (corrupted) get them written there, and their logits are kept;
+- ``steer``: block 0's output is kept, a steering vector is added in place to block 1's
+  output (``h[1].output[:] += vec``) and the logits are kept.
 
-Variants (each experiment):
+Variants, eager:
 
-- ``plain eager``: the model's forward, no intervention (the baseline);
-- ``plain compiled``: ``torch.compile(model)``'s forward, no intervention (the floor);
-- ``hooks``: the experiment with hand-written forward hooks (registered and removed per call);
-- ``fxsight eager`` / ``fxsight compiled``: ``NNsight(model).trace(...)``, recording,
-  lookup, run and binding included in every call;
-- ``nnsight``: nnsight's ``NNsight`` with the same code, when ``import nnsight`` works.
+- ``plain eager``: the model's forward, no intervention;
+- ``hooks``: the experiment as hand-written forward hooks (registered and removed per call);
+- ``fxsight eager``: ``NNsight(model).trace(...)`` (recording, lookups, run, binding);
+- ``nnsight``: nnsight's ``NNsight`` with the same code, in its own process (importing
+  nnsight breaks ``torch.export`` in the process that does), timed against that
+  process's own plain forward.
 
-The variants take turns, one call each per round (so drift hits all alike); medians of the
-rounds after warm-up (the compiled variants' first call, which compiles, is reported apart).
-``overhead µs`` is the issue's per-trace overhead: fxsight's time minus the plain forward's
-(of the same mode, eager or compiled), paired by round, median over rounds. ``python µs`` is
-fxsight's own Python time per trace: the whole trace minus the time inside the rewritten
-graph, measured on the same calls (it includes the cost of Python running on caches the
-forward pass has just evicted, which the plain forward's own Python pays too).
+Variants, compiled (never compared with the eager ones):
+
+- ``torch.compile``: ``torch.compile(model)``, no intervention;
+- ``torch.compile + hooks``: a copy of the model with the experiment's hooks registered
+  *before* it is compiled (dynamo traces them into the graph; hooks added after the first
+  call are ignored), the hooks kept for every call;
+- ``fxsight compiled``: ``trace(..., compile=True)``.
+
+Every round runs each variant once, in a seeded random order (``perf/timing.py``); medians
+and minima of the rounds after warm-up. ``own µs`` is fxsight's own cost per trace: the
+whole trace minus the time inside the rewritten graph it runs (the call of fxsight's
+``Executable``, timed on the same calls). Every answer is compared with the eager hooks'
+(``max abs diff``; eager must be equal, compiled close).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import statistics
-import subprocess
 import time
 from typing import Any, Callable
 
 import torch
 
-from perf.child import NNSIGHT_PYTHON, run_in_child
+from perf.child import run_in_child
 from perf.models import gpt2
+from perf.timing import (SEED, SHUFFLED, compiled_graphs, estimators, ratio,
+                         shuffled_rounds, unique_compile)
+
+ORDER = SHUFFLED
 
 ROWS, TOKENS = 8, 32
 POSITION = 5
+SAVED, STEERED = 0, 1  # the steer experiment: keep block 0's output, steer block 1's
 
 
 def _gpt2(n_layer: int, n_embd: int, n_head: int, vocab_size: int) -> torch.nn.Module:
@@ -50,54 +63,109 @@ def _gpt2(n_layer: int, n_embd: int, n_head: int, vocab_size: int) -> torch.nn.M
 
 
 MODELS: dict[str, tuple[str, Callable[[], torch.nn.Module]]] = {
-    "tiny": ("tiny-gpt2 2x64", lambda: _gpt2(2, 64, 4, 128)),
+    "tiny": ("tiny-gpt2 2x64 (vocab 1000)", lambda: _gpt2(2, 64, 4, 1000)),
     "small": ("gpt2-small 12x768", lambda: _gpt2(12, 768, 12, 50257)),
 }
-EXPERIMENTS = ("save", "patch")
-VARIANTS = ("plain eager", "plain compiled", "hooks", "fxsight eager", "fxsight compiled",
-            "nnsight")
+EXPERIMENTS = ("save", "patch", "steer")
+EAGER = ("plain eager", "hooks", "fxsight eager", "nnsight")
+COMPILED = ("torch.compile", "torch.compile + hooks", "fxsight compiled")
+# each variant's baselines: (the plain forward, the hand-written hooks) of its mode
+BASELINES = {**{v: ("plain eager", "hooks") for v in EAGER},
+             **{v: ("torch.compile", "torch.compile + hooks") for v in COMPILED}}
+
+# where models run (``python -m perf --device cuda``; the child process reads it too)
+DEVICE = os.environ.get("FXSIGHT_BENCH_DEVICE", "cpu")
 
 
-# --- the experiments, once per library --------------------------------------------------
-def _plain(model: torch.nn.Module) -> Callable:
+# --- the experiments ----------------------------------------------------------------------
+def _ids(model: torch.nn.Module) -> torch.Tensor:
+    return torch.randint(4, model.config.vocab_size, (ROWS, TOKENS),
+                         generator=torch.Generator().manual_seed(0))
+
+
+def _steer(model: torch.nn.Module) -> torch.Tensor:
+    return torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(1))
+
+
+def _plain(model: Callable) -> Callable:
     def run(ids):
         return model(ids, use_cache=False).logits
     return run
 
 
-def _hooks(model: torch.nn.Module, experiment: str, layer: int) -> Callable:
-    blocks = model.transformer.h
-    half = ROWS // 2
+class _Hooks:
+    """The experiment as hand-written forward hooks on ``model``, and what they keep."""
 
-    if experiment == "save":
-        def run(ids):
-            saved = []
-            handles = [block.register_forward_hook(
-                lambda module, args, output: saved.append(output)) for block in blocks]
-            try:
-                logits = model(ids, use_cache=False).logits
-            finally:
-                for handle in handles:
-                    handle.remove()
-            return saved, logits
-        return run
+    def __init__(self, model: torch.nn.Module, experiment: str, layer: int,
+                 steer: torch.Tensor):
+        self.experiment = experiment
+        self.kept: dict[int, torch.Tensor] = {}
+        blocks = model.transformer.h
+        half = ROWS // 2
 
-    def patch(module, args, output):
-        output = output.clone()
-        output[half:, POSITION] = output[:half, POSITION]
-        return output
+        def keep(i):
+            return lambda module, args, output: self.kept.__setitem__(i, output)
+
+        def patch(module, args, output):
+            output = output.clone()
+            output[half:, POSITION] = output[:half, POSITION]
+            return output
+
+        def add(module, args, output):
+            output[:] += steer
+
+        if experiment == "save":
+            self.hooks = [(block, keep(i)) for i, block in enumerate(blocks)]
+        elif experiment == "patch":
+            self.hooks = [(blocks[layer], patch)]
+        else:
+            self.hooks = [(blocks[SAVED], keep(SAVED)), (blocks[STEERED], add)]
+
+    def register(self) -> list:
+        """Register the hooks; their handles."""
+        return [module.register_forward_hook(fn) for module, fn in self.hooks]
+
+    def answer(self, logits: torch.Tensor) -> Any:
+        """The experiment's result from the logits and the kept values (then forgotten)."""
+        kept, self.kept = self.kept, {}
+        if self.experiment == "save":
+            return [kept[i] for i in sorted(kept)], logits
+        if self.experiment == "patch":
+            return logits[ROWS // 2:]
+        return kept[SAVED], logits
+
+
+def _hooks(model: torch.nn.Module, experiment: str, layer: int, steer: torch.Tensor
+           ) -> Callable:
+    """Eager hand-written hooks, registered and removed around every forward."""
+    hooks = _Hooks(model, experiment, layer, steer)
 
     def run(ids):
-        handle = blocks[layer].register_forward_hook(patch)
+        handles = hooks.register()
         try:
             logits = model(ids, use_cache=False).logits
         finally:
-            handle.remove()
-        return logits[half:]
+            for handle in handles:
+                handle.remove()
+        return hooks.answer(logits)
     return run
 
 
-def _traced(wrapped: Any, experiment: str, layer: int, n_layer: int,
+def _compiled_hooks(model: torch.nn.Module, experiment: str, layer: int,
+                    steer: torch.Tensor, label: str) -> Callable:
+    """``torch.compile`` of a copy of ``model`` whose hooks were registered before it was
+    compiled (and stay registered)."""
+    twin = copy.deepcopy(model)
+    hooks = _Hooks(twin, experiment, layer, steer)
+    hooks.register()
+    compiled = unique_compile(twin, label)
+
+    def run(ids):
+        return hooks.answer(compiled(ids, use_cache=False).logits)
+    return run
+
+
+def _traced(wrapped: Any, experiment: str, layer: int, n_layer: int, steer: torch.Tensor,
             check: Callable[[Any], None] = lambda tracer: None, **trace_kwargs) -> Callable:
     """The experiment in nnsight's API: runs on fxsight's and on nnsight's wrappers."""
     half = ROWS // 2
@@ -111,6 +179,16 @@ def _traced(wrapped: Any, experiment: str, layer: int, n_layer: int,
                 logits = wrapped.lm_head.output.save()
             check(tracer)
             return saved, logits
+        return run
+
+    if experiment == "steer":
+        def run(ids):
+            with wrapped.trace(ids, use_cache=False, **trace_kwargs) as tracer:
+                kept = wrapped.transformer.h[SAVED].output.save()
+                wrapped.transformer.h[STEERED].output[:] += steer
+                logits = wrapped.lm_head.output.save()
+            check(tracer)
+            return kept, logits
         return run
 
     def run(ids):
@@ -133,15 +211,6 @@ def _fx_backend(tracer: Any) -> None:
         raise RuntimeError(f"fxsight ran on the {tracer.backend} backend, not fx")
 
 
-# --- nnsight, in a subprocess -------------------------------------------------------------
-# Importing nnsight changes global state that torch.export then trips over (fxsight's
-# capture fails with nnsight imported), so nnsight is timed in a child process, together
-# with the plain eager forward there; its ratios are relative to that process's own plain
-# forward. FXSIGHT_BENCH_NNSIGHT_PYTHON names an interpreter that has nnsight (default: this).
-# where models run (``python -m perf --device cuda``; the child process reads it too)
-DEVICE = os.environ.get("FXSIGHT_BENCH_DEVICE", "cpu")
-
-
 def _synced(fn: Callable) -> Callable:
     """``fn`` followed by a device synchronization (so a timing covers the kernels)."""
     if not DEVICE.startswith("cuda"):
@@ -154,6 +223,16 @@ def _synced(fn: Callable) -> Callable:
     return run
 
 
+def _max_diff(got: Any, want: Any) -> float:
+    got_leaves = torch.utils._pytree.tree_leaves(got)
+    want_leaves = torch.utils._pytree.tree_leaves(want)
+    if len(got_leaves) != len(want_leaves):
+        return float("nan")
+    return max((float((g.float() - w.float()).abs().max())
+                for g, w in zip(got_leaves, want_leaves)), default=0.0)
+
+
+# --- nnsight, in a child process ----------------------------------------------------------
 def _nnsight_wrapper(model: torch.nn.Module) -> Any:
     import nnsight
 
@@ -176,45 +255,30 @@ def _nnsight_wrapper(model: torch.nn.Module) -> Any:
     return Batched(model)
 
 
-def nnsight_version(python: str = NNSIGHT_PYTHON) -> str | None:
-    """nnsight's version in ``python`` (``None`` where it is not importable)."""
-    done = subprocess.run([python, "-c", "import nnsight; print(nnsight.__version__)"],
-                          capture_output=True, text=True)
-    return done.stdout.strip() or None if done.returncode == 0 else None
-
-
 def _nnsight_worker(key: str, experiments: list[str], rounds: int, warmup: int,
-                    threads: int = 2) -> None:
+                    threads: int = 2, seed: int = SEED) -> None:
     """(In the child process.) Print JSON: per experiment, nnsight's and the plain eager
-    forward's medians, the first call, and nnsight's max |diff| from the hooks."""
+    forward's estimators (seconds) and nnsight's max |diff| from the hooks."""
     torch.set_num_threads(threads)
     out = {}
     with torch.no_grad():
         model = MODELS[key][1]().to(DEVICE)
         n_layer = len(model.transformer.h)
-        ids = _ids(model).to(DEVICE)
+        ids, steer = _ids(model).to(DEVICE), _steer(model).to(DEVICE)
         wrapped = _nnsight_wrapper(model)
         for experiment in experiments:
             fns = {"plain eager": _plain(model),
-                   "hooks": _hooks(model, experiment, n_layer // 2),
-                   "nnsight": _traced(wrapped, experiment, n_layer // 2, n_layer)}
+                   "hooks": _hooks(model, experiment, n_layer // 2, steer),
+                   "nnsight": _traced(wrapped, experiment, n_layer // 2, n_layer, steer)}
             fns = {name: _synced(fn) for name, fn in fns.items()}
-            start = time.perf_counter()
             answer = fns["nnsight"](ids)
-            first = time.perf_counter() - start
             for fn in fns.values():
                 for _ in range(warmup):
                     fn(ids)
-            times = {v: [] for v in fns}
-            for _ in range(rounds):
-                for variant, fn in fns.items():
-                    start = time.perf_counter()
-                    fn(ids)
-                    times[variant].append(time.perf_counter() - start)
-            out[experiment] = dict(
-                nnsight=statistics.median(times["nnsight"]), min=min(times["nnsight"]),
-                eager=statistics.median(times["plain eager"]), first=first,
-                diff=_max_diff(answer, fns["hooks"](ids)))
+            times, _ = shuffled_rounds({k: (lambda f=f: f(ids)) for k, f in fns.items()},
+                                       rounds, seed)
+            out[experiment] = {name: estimators(t) for name, t in times.items()}
+            out[experiment]["diff"] = _max_diff(answer, fns["hooks"](ids))
     print(json.dumps(out))
 
 
@@ -225,45 +289,119 @@ def _nnsight_in_child(key: str, experiments: tuple[str, ...], rounds: int,
         f"{list(experiments)!r}, {rounds}, {warmup}, {torch.get_num_threads()})")
 
 
-# --- timing ------------------------------------------------------------------------------
-class _GraphClock:
-    """Time spent inside fxsight's rewritten graph (Executable.__call__)."""
+# --- fxsight's graph, timed inside the trace ----------------------------------------------
+class GraphClock:
+    """Seconds spent inside fxsight's rewritten graphs (``Executable.__call__``), summed
+    while installed (``None`` where this version of fxsight has no such call)."""
 
     def __init__(self):
-        from fxsight.run import executable as runner
-        self.runner = runner
-        self.original = runner.Executable.__call__
+        try:
+            from fxsight.run import executable as runner
+            self.cls = runner.Executable
+            self.original = self.cls.__call__
+        except (ImportError, AttributeError):
+            self.cls = None
         self.seconds = 0.0
 
-    def __enter__(self):
+    def total(self) -> float:
+        return self.seconds
+
+    def __enter__(self) -> "GraphClock":
+        if self.cls is None:
+            return self
         original, clock = self.original, self
 
-        def timed(executable, flat_inputs):
+        def timed(executable, *args, **kwargs):
             start = time.perf_counter()
             try:
-                return original(executable, flat_inputs)
+                return original(executable, *args, **kwargs)
             finally:
                 clock.seconds += time.perf_counter() - start
 
-        self.runner.Executable.__call__ = timed
+        self.cls.__call__ = timed
         return self
 
-    def __exit__(self, *exc):
-        self.runner.Executable.__call__ = self.original
+    def __exit__(self, *exc) -> None:
+        if self.cls is not None:
+            self.cls.__call__ = self.original
 
 
-def _max_diff(got: Any, want: Any) -> float:
-    got_leaves = torch.utils._pytree.tree_leaves(got)
-    want_leaves = torch.utils._pytree.tree_leaves(want)
-    if len(got_leaves) != len(want_leaves):
-        return float("nan")
-    return max((float((g.float() - w.float()).abs().max()) for g, w in zip(got_leaves, want_leaves)),
-               default=0.0)
+# --- one model ----------------------------------------------------------------------------
+def _variants(model, compiled_model, wrapper, experiment, steer, label) -> dict[str, Callable]:
+    n_layer = len(model.transformer.h)
+    layer = n_layer // 2
+    fns = {
+        "plain eager": _plain(model),
+        "hooks": _hooks(model, experiment, layer, steer),
+        "fxsight eager": _traced(wrapper, experiment, layer, n_layer, steer, _fx_backend,
+                                 compile=False),
+        "torch.compile": _plain(compiled_model),
+        "torch.compile + hooks": _compiled_hooks(model, experiment, layer, steer,
+                                                 f"{label} {experiment} hooks"),
+        "fxsight compiled": _traced(wrapper, experiment, layer, n_layer, steer, _fx_backend,
+                                    compile=True),
+    }
+    return {name: _synced(fn) for name, fn in fns.items()}
 
 
-def _ids(model: torch.nn.Module) -> torch.Tensor:
-    return torch.randint(4, model.config.vocab_size, (ROWS, TOKENS),
-                         generator=torch.Generator().manual_seed(0))
+def _warm(fns: dict[str, Callable], ids: torch.Tensor, warmup: int
+          ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every variant's first answer (compiling where it compiles), then ``warmup`` calls;
+    the answers and the variants that failed."""
+    answers, failed = {}, {}
+    for variant, fn in fns.items():
+        try:
+            answers[variant] = fn(ids)
+            for _ in range(warmup):
+                fn(ids)
+        except Exception as error:  # noqa: BLE001 - a failing variant is reported
+            failed[variant] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    return answers, failed
+
+
+def _rows(name, experiment, times, own, answers, failed, child) -> list[dict[str, Any]]:
+    """One dict per variant of one experiment."""
+    stats = {v: estimators(t) for v, t in times.items()}
+    rows = []
+    for variant in EAGER + COMPILED:
+        row = dict(model=name, experiment=experiment, variant=variant,
+                   mode="eager" if variant in EAGER else "compiled")
+        plain, hooks = BASELINES[variant]
+        if variant == "nnsight":
+            if not isinstance(child, dict):
+                row["skipped"] = child
+            else:
+                there = child[experiment]
+                row.update(median_ms=there["nnsight"]["median"] * 1e3,
+                           min_ms=there["nnsight"]["min"] * 1e3, max_abs_diff=there["diff"],
+                           vs_plain=ratio(there["nnsight"], there["plain eager"]),
+                           vs_hooks=ratio(there["nnsight"], there["hooks"]))
+        elif variant in failed:
+            row["skipped"] = failed[variant]
+        else:
+            row.update(median_ms=stats[variant]["median"] * 1e3,
+                       min_ms=stats[variant]["min"] * 1e3)
+            if plain in stats:
+                row["vs_plain"] = ratio(stats[variant], stats[plain])
+            if hooks in stats:
+                row["vs_hooks"] = ratio(stats[variant], stats[hooks])
+            if own.get(variant):
+                row["own_us"] = {k: v * 1e6 for k, v in estimators(own[variant]).items()}
+            if "hooks" in answers and variant not in ("plain eager", "torch.compile"):
+                row["max_abs_diff"] = _max_diff(answers[variant], answers["hooks"])
+            elif variant == "torch.compile" and "plain eager" in answers:
+                row["max_abs_diff"] = _max_diff(answers[variant], answers["plain eager"])
+        if "max_abs_diff" in row:
+            limit = 0.0 if row["mode"] == "eager" else 1e-4
+            row["same"] = row["max_abs_diff"] <= limit
+        rows.append(row)
+    nn = next((r for r in rows if r["variant"] == "nnsight" and "vs_plain" in r), None)
+    for row in rows:
+        if nn and row["variant"].startswith("fxsight") and "vs_plain" in row:
+            # fxsight eager ÷ plain eager, over nnsight ÷ its own process's plain eager
+            eager = ratio(stats[row["variant"]], stats["plain eager"])
+            row["vs_nnsight"] = {k: eager[k] / nn["vs_plain"][k] for k in eager}
+    return rows
 
 
 def bench_model(key: str, experiments: tuple[str, ...], rounds: int, warmup: int,
@@ -274,107 +412,37 @@ def bench_model(key: str, experiments: tuple[str, ...], rounds: int, warmup: int
 
     name, build = MODELS[key]
     model = build().to(DEVICE)
-    n_layer = len(model.transformer.h)
-    layer = n_layer // 2
-    ids = _ids(model).to(DEVICE)
-    compiled_model = torch.compile(model)
+    ids, steer = _ids(model).to(DEVICE), _steer(model).to(DEVICE)
+    compiled_model = unique_compile(model, f"{key} plain")
     wrapper = fxsight.NNsight(model)
+    child = _nnsight_in_child(key, experiments, rounds, warmup) if with_nnsight \
+        else "nnsight is not importable"
     results = []
     for experiment in experiments:
-        fns: dict[str, Callable] = {
-            "plain eager": _plain(model),
-            "plain compiled": _plain(compiled_model),
-            "hooks": _hooks(model, experiment, layer),
-            "fxsight eager": _traced(wrapper, experiment, layer, n_layer, _fx_backend,
-                                     compile=False),
-            "fxsight compiled": _traced(wrapper, experiment, layer, n_layer, _fx_backend,
-                                        compile=True),
-        }
-        fns = {name: _synced(fn) for name, fn in fns.items()}
-        first: dict[str, float] = {}
-        answers: dict[str, Any] = {}
-        failed: dict[str, str] = {}
-        for variant, fn in fns.items():
-            try:
-                start = time.perf_counter()
-                answers[variant] = fn(ids)
-                first[variant] = time.perf_counter() - start
-                for _ in range(warmup):
-                    fn(ids)
-            except Exception as error:  # noqa: BLE001 - a failing variant is reported
-                failed[variant] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
-        live = [v for v in fns if v not in failed]
-        times: dict[str, list[float]] = {v: [] for v in live}
-        python: dict[str, list[float]] = {v: [] for v in live if v.startswith("fxsight")}
-        compiles_before = fxsight.stats()["compilations"]
-        for _ in range(rounds):
-            for variant in live:
-                clock = _GraphClock() if variant in python else None
-                if clock is not None:
-                    clock.__enter__()
-                try:
-                    start = time.perf_counter()
-                    fns[variant](ids)
-                    elapsed = time.perf_counter() - start
-                finally:
-                    if clock is not None:
-                        clock.__exit__()
-                times[variant].append(elapsed)
-                if clock is not None:
-                    python[variant].append(elapsed - clock.seconds)
-        new_compiles = fxsight.stats()["compilations"] - compiles_before
-        medians = {v: statistics.median(t) for v, t in times.items()}
-        child = _nnsight_in_child(key, (experiment,), rounds, warmup) if with_nnsight \
-            else "nnsight is not importable"
-        nn_ratio = None
-        if isinstance(child, dict):
-            nn = child[experiment]
-            nn_ratio = nn["nnsight"] / nn["eager"]  # relative to its own process's forward
-        for variant in VARIANTS:
-            row = dict(model=name, experiment=experiment, variant=variant)
-            if variant == "nnsight":
-                if nn_ratio is None:
-                    row["skipped"] = child
-                else:
-                    row.update(median_ms=nn["nnsight"] * 1e3, min_ms=nn["min"] * 1e3,
-                               first_s=nn["first"],
-                               rounds=rounds, vs_eager=nn_ratio,
-                               vs_floor=nn_ratio * medians["plain eager"] /
-                               medians["plain compiled"], max_abs_diff=nn["diff"],
-                               child_eager_ms=nn["eager"] * 1e3)
-            elif variant in failed:
-                row["skipped"] = failed[variant]
-            else:
-                median = medians[variant]
-                row.update(median_ms=median * 1e3, min_ms=min(times[variant]) * 1e3,
-                           first_s=first[variant], rounds=rounds,
-                           vs_eager=median / medians["plain eager"],
-                           vs_floor=median / medians["plain compiled"])
-                if variant in python:
-                    base = "plain compiled" if variant.endswith("compiled") else "plain eager"
-                    # the issue's "fxsight minus the plain forward", paired by round (the
-                    # two calls of a round run back to back): robust to load drifting
-                    row["overhead_us"] = statistics.median(
-                        f - p for f, p in zip(times[variant], times[base])) * 1e6
-                    row["paired_ratio"] = statistics.median(
-                        f / p for f, p in zip(times[variant], times[base]))
-                    row["python_us"] = statistics.median(python[variant]) * 1e6
-                    if nn_ratio is not None:
-                        row["vs_nnsight"] = row["vs_eager"] / nn_ratio
-                if "hooks" in answers and not variant.startswith("plain"):
-                    row["max_abs_diff"] = _max_diff(answers[variant], answers["hooks"])
-            results.append(row)
-        log(f"  {name} / {experiment}: done ({rounds} rounds; compilations during the "
-            f"timed rounds: {new_compiles})")
-        if new_compiles:
+        fns = _variants(model, compiled_model, wrapper, experiment, steer, key)
+        answers, failed = _warm(fns, ids, warmup)
+        live = {v: (lambda f=fn: f(ids)) for v, fn in fns.items() if v not in failed}
+        graphs, compiles = compiled_graphs(), fxsight.stats()["compilations"]
+        with GraphClock() as clock:
+            times, own = shuffled_rounds(live, rounds, SEED, clock.total)
+        own = {v: t for v, t in own.items() if v.startswith("fxsight") and clock.cls}
+        results += _rows(name, experiment, times, own, answers, failed, child)
+        new = (compiled_graphs() - graphs, fxsight.stats()["compilations"] - compiles)
+        log(f"  {name} / {experiment}: {rounds} rounds; graphs compiled while timing: "
+            f"{new[0]} (fxsight: {new[1]})")
+        if any(new):
             results.append(dict(model=name, experiment=experiment, variant="!",
-                                skipped=f"{new_compiles} compilation(s) during timing"))
+                                skipped=f"{new[0]} compilation(s) during timing"))
     return results
 
 
 def run(quick: bool = False, only: str | None = None, threads: int = 2,
-        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """The whole core suite (``only``: run the (model/experiment) names containing it)."""
+        log: Callable[[str], None] = print, rounds: int | None = None
+        ) -> list[dict[str, Any]]:
+    """The whole core suite (``only``: run the (model/experiment) names containing it;
+    ``rounds``: timed rounds per experiment instead of the defaults)."""
+    from perf.child import nnsight_version
+
     torch.set_num_threads(threads)
     results = []
     with_nnsight = nnsight_version() is not None
@@ -385,75 +453,91 @@ def run(quick: bool = False, only: str | None = None, threads: int = 2,
             if not experiments:
                 continue
             small = key == "small"
-            rounds = (3 if small else 15) if quick else (10 if small else 60)
+            count = rounds or ((3 if small else 30) if quick else (8 if small else 150))
             warmup = 1 if small else 5
-            results += bench_model(key, experiments, rounds, warmup, with_nnsight, log)
+            results += bench_model(key, experiments, count, warmup, with_nnsight, log)
     return results
 
 
 # --- reporting ----------------------------------------------------------------------------
-def _fmt(value: Any, spec: str) -> str:
-    return "" if value is None else format(value, spec)
+def _pair(value: dict[str, float] | None, spec: str) -> str:
+    """``median / min`` of an estimator pair."""
+    if not value:
+        return ""
+    return f"{format(value['median'], spec)} / {format(value['min'], spec)}"
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """A markdown table of the results."""
-    head = ("| model | experiment | variant | median ms | min ms | × plain eager "
-            "| × compiled floor | × nnsight | overhead µs | python µs | first call s "
-            "| max abs diff |")
-    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        if "skipped" in r:
-            lines.append(f"| {r['model']} | {r['experiment']} | {r['variant']} | "
-                         f"skipped: {r['skipped']} | | | | | | | | |")
-            continue
-        lines.append(
-            f"| {r['model']} | {r['experiment']} | {r['variant']} | {r['median_ms']:.3f} | "
-            f"{r['min_ms']:.3f} | {r['vs_eager']:.2f} | {r['vs_floor']:.2f} | {_fmt(r.get('vs_nnsight'), '.2f')} | "
-            f"{_fmt(r.get('overhead_us'), '.0f')} | {_fmt(r.get('python_us'), '.0f')} | "
-            f"{r['first_s']:.2f} | {_fmt(r.get('max_abs_diff'), '.1e')} |")
-    return "\n".join(lines)
+    """Markdown tables, one per model: eager variants ÷ eager baselines, compiled variants
+    ÷ compiled baselines."""
+    out = []
+    for name in dict.fromkeys(r["model"] for r in results):
+        out += [f"**{name}**, batch {ROWS}×{TOKENS}; each cell with two numbers is "
+                f"median / min", "",
+                "| experiment | variant | median ms | min ms | ÷ plain of its mode "
+                "| ÷ hooks of its mode | ÷ nnsight | own µs per trace | max abs diff |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in (r for r in results if r["model"] == name):
+            if "skipped" in r:
+                out.append(f"| {r['experiment']} | {r['variant']} | skipped: "
+                           f"{r['skipped']} | | | | | | |")
+                continue
+            ms = (f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}")
+            note = " (own process)" if r["variant"] == "nnsight" else ""
+            diff = "" if "max_abs_diff" not in r else \
+                f"{r['max_abs_diff']:.1e}{'' if r['same'] else ' DIFFERS'}"
+            out.append(f"| {r['experiment']} | {r['variant']}{note} | {ms[0]} | {ms[1]} | "
+                       f"{_pair(r.get('vs_plain'), '.2f')} | {_pair(r.get('vs_hooks'), '.2f')} | "
+                       f"{_pair(r.get('vs_nnsight'), '.2f')} | {_pair(r.get('own_us'), '.0f')} | "
+                       f"{diff} |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def _find(results, experiment: str, variant: str, key: str = "tiny") -> dict | None:
+    name = MODELS[key][0]
+    return next((r for r in results if (r["model"], r["experiment"], r["variant"]) ==
+                 (name, experiment, variant) and "skipped" not in r), None)
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
 
 
 def targets(results: list[dict[str, Any]]) -> str:
-    """Issue 4's targets, checked against the results."""
-    def find(model_key, experiment, variant):
-        name = MODELS[model_key][0]
-        for r in results:
-            if (r["model"], r["experiment"], r["variant"]) == (name, experiment, variant) \
-                    and "skipped" not in r:
-                return r
-        return None
-
+    """Issue 17's per-trace targets on the tiny model (median, min in brackets)."""
     lines = []
     for experiment in EXPERIMENTS:
-        fxc = find("tiny", experiment, "fxsight compiled")
-        fxe = find("tiny", experiment, "fxsight eager")
-        if fxc:
-            lines.append(f"- tiny/{experiment}: fxsight compiled = {fxc['vs_eager']:.2f}× plain "
-                         f"eager forward (target ≤ 1.00): "
-                         f"{'met' if fxc['vs_eager'] <= 1 else 'NOT met'}")
-            if "vs_nnsight" in fxc:
-                lines.append(f"- tiny/{experiment}: fxsight compiled = {fxc['vs_nnsight']:.2f}× "
-                             f"nnsight (target ≤ 0.60): "
-                             f"{'met' if fxc['vs_nnsight'] <= 0.6 else 'NOT met'}")
-        for r in (fxe, fxc):
-            if r:
-                base = "compiled" if r["variant"].endswith("compiled") else "eager"
-                lines.append(f"- tiny/{experiment}: {r['variant']} per-trace overhead over the "
-                             f"plain {base} forward {r['overhead_us']:.0f} µs (target < 100): "
-                             f"{'met' if r['overhead_us'] < 100 else 'NOT met'}; fxsight's "
-                             f"own Python in that trace {r['python_us']:.0f} µs")
         for variant in ("fxsight eager", "fxsight compiled"):
-            r = find("small", experiment, variant)
-            if r:
-                base = "plain compiled" if variant.endswith("compiled") else "plain eager"
-                ratio = r["paired_ratio"]
-                forward = find("small", experiment, base)
-                share = r["python_us"] / (forward["median_ms"] * 1e3) if forward else None
-                lines.append(
-                    f"- small/{experiment}: {variant} = {100 * (ratio - 1):+.1f}% vs {base} "
-                    f"(median of per-round ratios; target < +1%: "
-                    f"{'met' if ratio < 1.01 else 'NOT met'}); fxsight's Python per trace = "
-                    f"{100 * share:.2f}% of that forward")
+            r = _find(results, experiment, variant)
+            if r and "own_us" in r:
+                own = r["own_us"]
+                lines.append(f"- tiny/{experiment}: {variant}'s own cost per trace "
+                             f"{own['median']:.0f} µs (min {own['min']:.0f}; target < 100): "
+                             f"{_verdict(own['median'] < 100)}")
+        for variant, limit in (("fxsight eager", 1.0), ("fxsight compiled", 0.6)):
+            r = _find(results, experiment, variant)
+            if r and "vs_nnsight" in r:
+                got = r["vs_nnsight"]
+                lines.append(f"- tiny/{experiment}: {variant} ÷ nnsight = "
+                             f"{got['median']:.2f} (min {got['min']:.2f}; target ≤ "
+                             f"{limit:.1f}): {_verdict(got['median'] <= limit)}")
+        for r in filter(None, (_find(results, experiment, v) for v in EAGER + COMPILED)):
+            if r.get("same") is False:
+                lines.append(f"- tiny/{experiment}: {r['variant']}'s answer DIFFERS from "
+                             f"the hooks' (max abs diff {r['max_abs_diff']:.1e})")
+    return "\n".join(lines)
+
+
+def noise(results: list[dict[str, Any]]) -> str:
+    """The spread of each model's plain eager forward: median over min, per experiment's
+    rounds (differences between variants below it are not measurements)."""
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in results):
+        spreads = [r["median_ms"] / r["min_ms"] - 1 for r in results
+                   if r["model"] == name and r["variant"] in ("plain eager", "torch.compile")
+                   and "skipped" not in r]
+        if spreads:
+            lines.append(f"- {name}: the plain forwards' median is {100 * min(spreads):.0f}–"
+                         f"{100 * max(spreads):.0f}% above their minimum")
     return "\n".join(lines)

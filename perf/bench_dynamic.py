@@ -11,7 +11,7 @@ A steering experiment on the tiny GPT-2 runs compiled for several sequence lengt
 Reported: compilations, captures, the seconds the whole sweep took (captures and
 compilations included; inductor's FX graph cache is off, so every compilation is cold), and
 the median time of one compiled trace at 8x32 afterwards (a symbolic-shape kernel against
-an exact-shape one).
+an exact-shape one; the three take turns in a seeded random order).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from perf.timing import SHUFFLED, shuffled_rounds
+
+ORDER = SHUFFLED
 LENGTHS = (16, 24, 32, 40, 48)
 
 
@@ -64,15 +67,11 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 sweep_s=sweep))
         # one compiled trace at 8x32 (a shape of the sweep): the variants take turns
         ids = torch.randint(4, 128, (8, 32), generator=torch.Generator().manual_seed(32))
-        times: dict[str, list[float]] = {name: [] for name in traces}
         for trace in traces.values():
             for _ in range(3):
                 trace(ids)
-        for _ in range(15 if quick else 60):
-            for name, trace in traces.items():
-                start = time.perf_counter()
-                trace(ids)
-                times[name].append(time.perf_counter() - start)
+        times, _ = shuffled_rounds({name: (lambda t=trace: t(ids))
+                                    for name, trace in traces.items()}, 15 if quick else 60)
     for row in results:
         row["trace_8x32_ms"] = statistics.median(times[row["dynamic"]]) * 1e3
         row["trace_8x32_min_ms"] = min(times[row["dynamic"]]) * 1e3

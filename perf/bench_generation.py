@@ -1,26 +1,38 @@
 """Generation with a steering vector added at every decoding step: tokens per second.
 
 Greedy, KV cache on, batch 1, a 16-token prompt, ``min_new_tokens = max_new_tokens``.
-Variants, timed in interleaved rounds (one call each per round; medians after warm-up):
+Variants, eager (compared with ``plain generate`` and ``hooks``):
 
-- ``plain generate``: transformers' ``generate``, no intervention (the baseline);
+- ``plain generate``: transformers' ``generate``, no intervention;
 - ``hooks``: a hand-written forward hook adding the vector at the last position;
 - ``fxsight hooks``: ``lm.generate(..., backend="hooks")`` with
   ``for _ in tracer.iter[0:n]: block.output[:, -1] += v`` (recording and binding
   included);
 - ``fxsight eager``: the same on the fx backend (every step a rewritten graph);
-- ``fxsight compiled``: the same with ``compile=True`` (the first step and the decoding
-  step compiled once each; the first call, which compiles, is reported apart);
 - ``nnsight``: the same with nnsight's ``LanguageModel``, in a child process (importing
   nnsight breaks ``torch.export`` in the process that does), timed against that process's
-  own plain ``generate``; the interpreter is ``FXSIGHT_BENCH_NNSIGHT_PYTHON``.
+  own plain ``generate``.
+
+Variants, compiled (compared with ``compiled generate`` and ``compiled + steering hook``):
+
+- ``compiled generate``: a copy of the model whose ``forward`` is compiled
+  (``model.forward = torch.compile(model.forward)``, the usual way to compile what
+  ``generate`` calls), no intervention;
+- ``compiled + steering hook``: the same on a copy whose block has the steering hook
+  registered before compilation (dynamo traces it into the graphs);
+- ``fxsight compiled``: fxsight's steered generation with ``compile=True`` (the first step
+  and the decoding step compiled once each).
+
+Each round runs every variant once, in a seeded random order; medians and minima after two
+warm-up calls (the compiled variants compile, and recompile once for dynamic lengths,
+there). Every variant's ids are compared with the hand-written hook's.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -29,6 +41,10 @@ import torch
 
 from perf.child import run_in_child
 from perf.models import gpt2
+from perf.timing import (SEED, SHUFFLED, compiled_graphs, estimators, ratio,
+                         shuffled_rounds, unique_compile)
+
+ORDER = SHUFFLED
 
 PROMPT_TOKENS = 16
 SHAPES = {"tiny (2x64)": (2, 64, 4, 128), "gpt2-small shape (12x768)": (12, 768, 12, 50257)}
@@ -58,14 +74,19 @@ def _plain(model: torch.nn.Module, inputs: dict, options: dict) -> Callable:
     return lambda: model.generate(**inputs, **options)
 
 
-def _hooks(model: torch.nn.Module, inputs: dict, steer: torch.Tensor, layer: int,
-           options: dict) -> Callable:
-    block = model.transformer.h[layer]
-
+def _adder(steer: torch.Tensor) -> Callable:
+    """A forward hook adding ``steer`` at the last position of a block's output."""
     def add(module, args, output):
         output = output.clone()
         output[:, -1] += steer
         return output
+    return add
+
+
+def _hooks(model: torch.nn.Module, inputs: dict, steer: torch.Tensor, layer: int,
+           options: dict) -> Callable:
+    block = model.transformer.h[layer]
+    add = _adder(steer)
 
     def run():
         handle = block.register_forward_hook(add)
@@ -74,6 +95,17 @@ def _hooks(model: torch.nn.Module, inputs: dict, steer: torch.Tensor, layer: int
         finally:
             handle.remove()
     return run
+
+
+def _compiled(model: torch.nn.Module, inputs: dict, options: dict, label: str,
+              steer: torch.Tensor | None = None, layer: int = 0) -> Callable:
+    """``generate`` on a copy of ``model`` whose ``forward`` is compiled; with ``steer``,
+    the copy's block ``layer`` has the steering hook, registered before compilation."""
+    twin = copy.deepcopy(model)
+    if steer is not None:
+        twin.transformer.h[layer].register_forward_hook(_adder(steer))
+    twin.forward = unique_compile(twin.forward, label)
+    return lambda: twin.generate(**inputs, **options)
 
 
 def _steered(lm: Any, inputs: dict, steer: torch.Tensor, layer: int, options: dict,
@@ -93,19 +125,9 @@ def _steered(lm: Any, inputs: dict, steer: torch.Tensor, layer: int, options: di
     return run
 
 
-def _interleaved(fns: dict[str, Callable], repeats: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def _nnsight_worker(name: str, new_tokens: int, repeats: int) -> None:
-    """(In the child process.) Print JSON: nnsight's and plain generate's medians, the
-    first call, and nnsight's generated ids."""
+    """(In the child process.) Print JSON: nnsight's, plain generate's and the hook's
+    estimators, the first call, and nnsight's generated ids."""
     import nnsight
 
     torch.set_grad_enabled(False)
@@ -113,14 +135,15 @@ def _nnsight_worker(name: str, new_tokens: int, repeats: int) -> None:
     model, inputs, steer, layer, options = _setup(name, new_tokens)
     lm = nnsight.LanguageModel(model, tokenizer=_IdsTokenizer())
     fns = {"plain generate": _plain(model, inputs, options),
+           "hooks": _hooks(model, inputs, steer, layer, options),
            "nnsight": _steered(lm, inputs, steer, layer, options)}
     start = time.perf_counter()
     tokens = fns["nnsight"]()
     first = time.perf_counter() - start
-    fns["plain generate"]()
-    times = _interleaved(fns, repeats)
-    print(json.dumps({"plain": statistics.median(times["plain generate"]),
-                      "nnsight": statistics.median(times["nnsight"]), "first": first,
+    for fn in fns.values():
+        fn()
+    times, _ = shuffled_rounds(fns, repeats, SEED)
+    print(json.dumps({**{k: estimators(t) for k, t in times.items()}, "first": first,
                       "tokens": torch.as_tensor(tokens).tolist()}))
 
 
@@ -130,77 +153,134 @@ def _nnsight_in_child(name: str, new_tokens: int, repeats: int) -> dict | str:
                         FXSIGHT_BENCH_THREADS=str(torch.get_num_threads()))
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
-    """One dict per (model, variant): seconds per generation, tokens per second, ratios."""
+EAGER = ("plain generate", "hooks", "fxsight hooks", "fxsight eager", "nnsight")
+COMPILED = ("compiled generate", "compiled + steering hook", "fxsight compiled")
+BASELINES = {**{v: ("plain generate", "hooks") for v in EAGER},
+             **{v: ("compiled generate", "compiled + steering hook") for v in COMPILED}}
+
+
+def _variants(name: str, model, lm, inputs, steer, layer, options) -> dict[str, Callable]:
+    return {
+        "plain generate": _plain(model, inputs, options),
+        "hooks": _hooks(model, inputs, steer, layer, options),
+        "fxsight hooks": _steered(lm, inputs, steer, layer, options, backend="hooks"),
+        "fxsight eager": _steered(lm, inputs, steer, layer, options, backend="fx"),
+        "compiled generate": _compiled(model, inputs, options, f"{name} generate"),
+        "compiled + steering hook": _compiled(model, inputs, options, f"{name} steered",
+                                              steer, layer),
+        "fxsight compiled": _steered(lm, inputs, steer, layer, options, backend="fx",
+                                     compile=True),
+    }
+
+
+def _first_calls(fns: dict[str, Callable], reference: torch.Tensor
+                 ) -> tuple[dict[str, float], dict[str, bool]]:
+    """Every variant's first call (seconds; it compiles where it compiles), whether its
+    ids equal ``reference``, then one more warm-up call (the compiled variants' second
+    length recompiles with dynamic shapes there)."""
+    first, same = {}, {}
+    for variant, fn in fns.items():
+        start = time.perf_counter()
+        tokens = fn()
+        first[variant] = time.perf_counter() - start
+        same[variant] = variant.endswith("generate") or torch.equal(tokens, reference)
+        fn()
+    return first, same
+
+
+def _rows(name, new_tokens, times, first, same, child, reference) -> list[dict[str, Any]]:
+    stats = {v: estimators(t) for v, t in times.items()}
+    rows = []
+    for variant in EAGER + COMPILED:
+        plain, hooks = BASELINES[variant]
+        row = {"model": name, "variant": variant}
+        if variant == "nnsight":
+            if not isinstance(child, dict):
+                rows.append({**row, "skipped": child})
+                continue
+            own = child["nnsight"]
+            row.update(vs_plain=ratio(own, child["plain generate"]),
+                       vs_hooks=ratio(own, child["hooks"]), first_s=child["first"],
+                       same_tokens_as_hooks=child["tokens"] == reference.tolist())
+        else:
+            own = stats[variant]
+            row.update(vs_plain=ratio(own, stats[plain]), vs_hooks=ratio(own, stats[hooks]),
+                       first_s=first[variant], same_tokens_as_hooks=same[variant])
+        row.update(seconds=own["median"], min_s=own["min"],
+                   tokens_per_s=new_tokens / own["median"])
+        rows.append(row)
+    return rows
+
+
+def run(quick: bool = False, only: str | None = None, rounds: int | None = None
+        ) -> list[dict[str, Any]]:
+    """One dict per (model, variant): seconds per generation (median, min), tokens per
+    second, ratios to the baselines of the variant's mode (``{"median", "min"}``).
+    ``only``: the model names (``tiny``, ``gpt2-small``) containing it; ``rounds``: timed
+    rounds instead of the default."""
     import fxsight
     from fxsight import LanguageModel
 
     torch.set_grad_enabled(False)
     new_tokens = 8 if quick else 32
-    repeats = 3 if quick else 7
+    repeats = rounds or (3 if quick else 9)
     results = []
     for name in SHAPES:
+        if only and only not in f"generation/{name}":
+            continue
         model, inputs, steer, layer, options = _setup(name, new_tokens)
         lm = LanguageModel(model, tokenizer=_IdsTokenizer())
-        fns = {
-            "plain generate": _plain(model, inputs, options),
-            "hooks": _hooks(model, inputs, steer, layer, options),
-            "fxsight hooks": _steered(lm, inputs, steer, layer, options, backend="hooks"),
-            "fxsight eager": _steered(lm, inputs, steer, layer, options, backend="fx"),
-            "fxsight compiled": _steered(lm, inputs, steer, layer, options, backend="fx",
-                                         compile=True),
-        }
+        fns = _variants(name, model, lm, inputs, steer, layer, options)
         reference = fns["hooks"]()
-        first, same = {}, {}
-        for variant, fn in fns.items():
-            before = fxsight.stats()["compilations"]
-            start = time.perf_counter()
-            tokens = fn()
-            first[variant] = (time.perf_counter() - start,
-                              fxsight.stats()["compilations"] - before)
-            same[variant] = variant == "plain generate" or torch.equal(tokens, reference)
-            fn()  # warm-up
-        compiles_before = fxsight.stats()["compilations"]
-        times = _interleaved(fns, repeats)
-        recompiles = fxsight.stats()["compilations"] - compiles_before
-        base = statistics.median(times["plain generate"])
-        for variant, samples in times.items():
-            seconds = statistics.median(samples)
-            results.append({"model": name, "variant": variant, "seconds": seconds,
-                            "tokens_per_s": new_tokens / seconds, "vs_plain": seconds / base,
-                            "first_s": first[variant][0],
-                            "compilations": first[variant][1] if variant.endswith("compiled")
-                            else None,
-                            "same_tokens_as_hooks": same[variant]})
-        if recompiles:
-            results.append({"model": name, "variant": "!",
-                            "skipped": f"{recompiles} compilation(s) during the timed rounds"})
+        first, same = _first_calls(fns, reference)
+        graphs, compiles = compiled_graphs(), fxsight.stats()["compilations"]
+        times, _ = shuffled_rounds(fns, repeats, SEED)
+        new = (compiled_graphs() - graphs, fxsight.stats()["compilations"] - compiles)
         child = _nnsight_in_child(name, new_tokens, repeats)
-        if isinstance(child, dict):
-            ratio = child["nnsight"] / child["plain"]
-            results.append({"model": name, "variant": "nnsight",
-                            "seconds": ratio * base, "tokens_per_s": new_tokens / (ratio * base),
-                            "vs_plain": ratio, "first_s": child["first"], "compilations": None,
-                            "same_tokens_as_hooks": child["tokens"] == reference.tolist(),
-                            "note": f"{child['nnsight']:.4f} s in its own process"})
-        else:
-            results.append({"model": name, "variant": "nnsight", "skipped": child})
+        results += _rows(name, new_tokens, times, first, same, child, reference)
+        if any(new):
+            results.append({"model": name, "variant": "!",
+                            "skipped": f"{new[0]} graph(s) compiled during the timed rounds"})
     return results
 
 
+def _pair(value: dict[str, float]) -> str:
+    return f"{value['median']:.2f} / {value['min']:.2f}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| model | variant | s / generation | tokens/s | time vs plain | first call s "
-             "(compilations) | same ids as hooks |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    """A markdown table; ratios are median / min, against the baselines of each variant's
+    mode (eager: plain generate, hooks; compiled: compiled generate, compiled + hook)."""
+    lines = ["| model | variant | s / generation (median) | min s | tokens/s | "
+             "÷ plain of its mode | ÷ hook of its mode | first call s | same ids as hook |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         if "skipped" in r:
             lines.append(f"| {r['model']} | {r['variant']} | skipped: {r['skipped']} "
-                         f"| | | | |")
+                         f"| | | | | | |")
             continue
-        compiles = f" ({r['compilations']})" if r.get("compilations") is not None else ""
-        lines.append(f"| {r['model']} | {r['variant']} | {r['seconds']:.4f} | "
-                     f"{r['tokens_per_s']:.1f} | {r['vs_plain']:.2f}x | "
-                     f"{r['first_s']:.2f}{compiles} | {r['same_tokens_as_hooks']} |")
+        note = " (own process)" if r["variant"] == "nnsight" else ""
+        seconds = "" if note else f"{r['seconds']:.4f}"
+        minimum = "" if note else f"{r['min_s']:.4f}"
+        tokens = "" if note else f"{r['tokens_per_s']:.1f}"
+        lines.append(f"| {r['model']} | {r['variant']}{note} | {seconds} | {minimum} | "
+                     f"{tokens} | {_pair(r['vs_plain'])} | {_pair(r['vs_hooks'])} | "
+                     f"{r['first_s']:.2f} | {r['same_tokens_as_hooks']} |")
+    return "\n".join(lines)
+
+
+def targets(results: list[dict[str, Any]]) -> str:
+    """Issue 17's generation target: fxsight compiled ≤ 1.0× the compiled model with a
+    steering hook."""
+    lines = []
+    for r in results:
+        if r["variant"] == "fxsight compiled" and "vs_hooks" in r:
+            got = r["vs_hooks"]
+            lines.append(f"- {r['model']}: fxsight compiled steering ÷ compiled + steering "
+                         f"hook = {got['median']:.2f} (min {got['min']:.2f}; target ≤ 1.0): "
+                         f"{'met' if got['median'] <= 1.0 else 'NOT met'}")
+        if r.get("same_tokens_as_hooks") is False:
+            lines.append(f"- {r['model']}: {r['variant']}'s ids DIFFER from the hook's")
     return "\n".join(lines)
 
 

@@ -14,18 +14,21 @@ random weights; token ids of batch 4 x 32; ``use_cache=False``; no autograd):
 
 ``expected`` is the share of a forward's multiply-adds in the embeddings and blocks 0..3
 (blocks: 12 d^2 per token plus attention; the head: d x vocab per token). The variants take
-turns, one call each per round; medians of the rounds after one warm-up round.
+turns, one call each per round, in a seeded random order; medians of the rounds after one
+warm-up round.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any, Callable
 
 import torch
 
 from perf.models import gpt2
+from perf.timing import SHUFFLED, shuffled_rounds
+
+ORDER = SHUFFLED
 
 LAYERS, WIDTH, HEADS, VOCAB = 12, 768, 12, 50257
 ROWS, TOKENS = 4, 32
@@ -100,15 +103,8 @@ def run(quick: bool = False, repeats: int = 7) -> list[dict[str, Any]]:
         model = _model()
         x = torch.randint(4, VOCAB, (ROWS, TOKENS), generator=torch.Generator().manual_seed(0))
         variants = _variants(model, x)
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        values: dict[str, Any] = {}
-        for round_ in range(repeats + 1):  # round 0 warms up (captures, splices)
-            for name, fn in variants.items():
-                start = time.perf_counter()
-                values[name] = fn()
-                elapsed = time.perf_counter() - start
-                if round_:
-                    times[name].append(elapsed)
+        values = {name: fn() for name, fn in variants.items()}  # warm-up: captures, splices
+        times, _ = shuffled_rounds(variants, repeats)
         nodes = _graph_facts(model, x)
     base = statistics.median(times["plain forward"])
     expected = _expected_ratio()

@@ -12,15 +12,16 @@ forward at this batch). Variants are shuffled each round; medians after one warm
 from __future__ import annotations
 
 import json
-import random
 import statistics
-import time
 from typing import Any, Callable
 
 import torch
 
 from perf.child import run_in_child
 from perf.models import gpt2
+from perf.timing import SHUFFLED, shuffled_rounds
+
+ORDER = SHUFFLED
 
 LAYERS, WIDTH, HEADS, VOCAB, TOKENS = 12, 768, 12, 50257, 32
 READ = (0, 5, 11)
@@ -38,15 +39,9 @@ def _ids() -> torch.Tensor:
 
 def _time(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
     """Median seconds per variant over ``rounds`` shuffled rounds after one warm-up."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    for round_ in range(rounds + 1):
-        random.Random(round_).shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            variants[name]()
-            if round_:
-                times[name].append(time.perf_counter() - start)
+    for fn in variants.values():
+        fn()
+    times, _ = shuffled_rounds(variants, rounds)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -115,10 +110,20 @@ def run(quick: bool = False, rounds: int = 15) -> list[dict[str, Any]]:
                          process="nnsight") for k, v in other.items()]
     else:
         results.append(dict(variant="nnsight .source", error=other, process="nnsight"))
-    for result in results:
-        print(result)
     return results
 
 
+def table(results: list[dict[str, Any]]) -> str:
+    """A markdown table: median ms and the ratio to the plain forward of its process."""
+    lines = ["| variant | process | median ms | ÷ plain forward |", "|---|---|---:|---:|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['process']} | failed: {r['error']} | |")
+        else:
+            lines.append(f"| {r['variant']} | {r['process']} | {r['median_ms']:.1f} | "
+                         f"{r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    run()
+    print(table(run()))
