@@ -201,3 +201,48 @@ def test_captures_leave_no_generated_source_of_exports_intermediate_graphs():
     grown = len(generated_source_keys() - before)
     assert grown <= 2 * 10, f"{grown} generated sources kept for 10 captures"
     assert len(generated_lines() - lines_before) <= 2 * 10
+
+
+def test_captures_leave_the_callers_context_variables_as_they_were():
+    """Each ``torch.*.config.patch()`` that ``torch.export`` enters leaves a context
+    variable of its own in the context it ran in: captured in the caller's context, every
+    new input signature would grow it for the life of the thread. The caller's context
+    has the same variables before and after ten captures (nothing is set in it either)."""
+    import contextvars
+
+    net = fxsight.NNsight(mlp())
+    with net.trace(torch.randn(1, 5), backend="fx"):  # (torch's first-use set-up)
+        net.layer2.output.save()
+    before = dict(contextvars.copy_context())
+    for rows in range(2, 12):  # ten new input signatures: ten captures
+        with net.trace(torch.randn(rows, 5), backend="fx") as tracer:
+            net.layer2.output.save()
+        assert tracer.backend == "fx"
+    after = dict(contextvars.copy_context())
+    assert set(after) == set(before), \
+        f"{len(set(after) - set(before))} context variables added by ten captures"
+    assert all(after[var] is before[var] for var in before)
+
+
+@pytest.mark.compile
+def test_compiled_structures_leave_the_callers_context_variables_as_they_were():
+    """The same for dynamo's and inductor's config patches while compiling a new
+    intervention structure under ``compile=True``."""
+    import contextvars
+
+    net = fxsight.NNsight(mlp())
+    x = torch.randn(3, 5)
+
+    def compiled_trace(column):
+        with net.trace(x, compile=True):
+            net.layer1.output[:, column] = column
+            out = net.output.save()
+        return out
+
+    start = fxsight.stats()["compilations"]
+    compiled_trace(0)
+    before = dict(contextvars.copy_context())
+    for column in (1, 2):  # two new structures: two compilations
+        compiled_trace(column)
+    assert fxsight.stats()["compilations"] - start == 3
+    assert set(dict(contextvars.copy_context())) == set(before)

@@ -9,6 +9,7 @@ them and then removes them all.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import inspect
 import logging
@@ -248,11 +249,17 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *rest: Any,
     compiles several intermediate GraphModules, and fx keeps the source of each one for
     the life of the process (``linecache`` and its loader); those of modules that are
     not part of the capture are dropped, those of its modules go when they are
-    collected."""
+    collected.
+
+    The capture runs in a copy of the caller's ``contextvars`` context: each
+    ``torch.*.config.patch()`` that ``torch.export`` enters leaves a context variable of
+    its own in the context it ran in (two per capture), which would grow the caller's
+    context without bound; nothing a capture sets is meant to outlive it."""
     known = generated_source_keys()
     captured = None
     try:
-        captured = _capture(model, args, kwargs, *rest, **options)
+        captured = contextvars.copy_context().run(_capture, model, args, kwargs, *rest,
+                                                  **options)
         return captured
     finally:
         keep = set()

@@ -16,6 +16,7 @@ over: ``fxsight.stats()["compilations"]`` counts compiles *and* recompiles.
 
 from __future__ import annotations
 
+import contextvars
 import time
 import warnings
 import weakref
@@ -118,7 +119,9 @@ class Executable:
         if fn is self._eager:
             return fn(*flat_inputs)
         try:
-            return fn(*flat_inputs)
+            # (in a copy of the caller's context: each config patch dynamo and inductor
+            # enter while compiling leaves a context variable where it ran)
+            return contextvars.copy_context().run(fn, *flat_inputs)
         except Exception as error:  # noqa: BLE001 - decide below whether compile was at fault
             # The same inputs eagerly: if that fails too, the error is the user's (raise
             # the eager error); if it works, compilation failed: run eagerly from now on.
