@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 from .._torch import global_forward_hooks, global_hook_keys
+from .dispatch import is_accelerate_hook
 
 # the bound on states remembered per model (a state seen again reuses its captures)
 MAX_STATES = 8
@@ -104,7 +105,7 @@ def _data(value: Any, depth: int = 2) -> bool:
     """A settings object (a config): attributes in a ``__dict__`` that are plain or
     settings objects themselves; held strongly, it cannot lead back to a model."""
     if isinstance(value, (type, torch.nn.Module, torch.Tensor, dict, list, tuple, set,
-                          frozenset)) or callable(value):
+                          frozenset)) or callable(value) or is_accelerate_hook(value):
         return False
     attributes = getattr(value, "__dict__", None)
     if type(attributes) is not dict or depth == 0:
