@@ -93,14 +93,13 @@ def test_trace_on_an_offloaded_model_equals_hooks_and_the_plain_model(dispatched
             source = dispatched.model.layers[1].output.save()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # (said above)
-        trace = dispatched.trace(corrupted)
-    with trace:
-        saved0 = dispatched.model.layers[0].output.save()
-        dispatched.model.layers[0].output[:, 2] = 0.5        # patch a cpu layer in place
-        dispatched.model.layers[1].output = source * 1.0      # written into the offloaded one
-        saved1 = dispatched.model.layers[1].output.save()
-        normed = dispatched.model.norm.output.save()
-        logits = dispatched.output.logits.save()
+        with dispatched.trace(corrupted):
+            saved0 = dispatched.model.layers[0].output.save()
+            dispatched.model.layers[0].output[:, 2] = 0.5  # a cpu layer, in place
+            dispatched.model.layers[1].output = source * 1.0  # into the offloaded one
+            saved1 = dispatched.model.layers[1].output.save()
+            normed = dispatched.model.norm.output.save()
+            logits = dispatched.output.logits.save()
     assert _hook_state(module) == before  # accelerate's hooks as they were
 
     # the same with plain forward hooks on the same dispatched model
@@ -277,3 +276,26 @@ def test_offload_detection_names_the_map_entries(dispatched, plain):
     path, why = dispatch.offload_reason(dispatched._module)
     assert path == "model.layers.1" and "'disk'" in why
     assert all(p.startswith("model.layers.1") for p in dispatch.offloaded(dispatched._module))
+
+
+def test_device_map_auto_with_max_memory(saved, plain):
+    """``device_map="auto"`` with a ``max_memory`` too small for the model: accelerate puts
+    the rest on disk; a trace equals the undispatched model's."""
+    path, root = saved
+    lm = LanguageModel(path, device_map="auto", max_memory={"cpu": "200KB"},
+                       offload_folder=str(root / "offload-auto"))
+    ids, _ = _ids()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with lm.trace(ids):
+            lm.model.layers[0].output[:, -1] *= 2
+            h1 = lm.model.layers[1].output.save()
+            logits = lm.output.logits.save()
+    assert "disk" in lm._module.hf_device_map.values()
+    assert any("accelerate offloads module" in str(w.message) for w in caught)
+    with plain.trace(ids):
+        plain.model.layers[0].output[:, -1] *= 2
+        plain_h1 = plain.model.layers[1].output.save()
+        plain_logits = plain.output.logits.save()
+    torch.testing.assert_close(h1, plain_h1, **ATOL)
+    torch.testing.assert_close(logits, plain_logits, **ATOL)

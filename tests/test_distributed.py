@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fxsight import NNsight
@@ -100,3 +101,36 @@ def test_a_rank_that_dies_is_named_and_the_checkpointed_sweep_resumes(tmp_path):
         torch.testing.assert_close(got["per_pair"], expected.per_pair, atol=2e-5, rtol=1e-4,
                                    equal_nan=True)
         torch.testing.assert_close(got["values"], expected.values, atol=2e-5, rtol=1e-4)
+
+
+def _ranks_on(store, rank: int, timeout: float):
+    """A ``Ranks`` of a 2-rank job on ``store``, without a process group (the waits only)."""
+    from fxsight.experiments.ranks import Ranks
+
+    ranks = Ranks(distributed=False)
+    ranks.store, ranks.rank, ranks.world, ranks.timeout = store, rank, 2, timeout
+    ranks.prefix = "test"
+    return ranks
+
+
+def test_waiting_for_a_rank_whose_heartbeat_stops_names_it():
+    """In one process, on a plain store: rank 1 beats while it works and then arrives (rank
+    0 waits for it, however long), or stops beating (rank 0 raises within the timeout)."""
+    import threading
+    import time
+
+    from fxsight.experiments.ranks import RankDied
+
+    store = torch.distributed.HashStore()
+    zero, one = _ranks_on(store, 0, 0.5), _ranks_on(store, 1, 0.5)
+    with one:  # a slow rank 1: beats for 1.2 s (longer than the timeout), then arrives
+        threading.Timer(1.2, lambda: store.set("test/arrived0/1", "1")).start()
+        start = time.monotonic()
+        zero._wait_for_all("running its batches")
+        assert time.monotonic() - start >= 1.0
+    zero.exchanges = 1  # the next exchange: rank 1's heartbeat has stopped (exited above)
+    start = time.monotonic()
+    with pytest.raises(RankDied, match=r"rank 1 of 2 stopped without an error while "
+                                       r"running its batches \(no heartbeat for 0.5 s"):
+        zero._wait_for_all("running its batches")
+    assert time.monotonic() - start < 5

@@ -66,7 +66,8 @@ class Ranks:
         self.store = default_store() if self.on and self.world > 1 else None
         self.timeout = rank_timeout()
         self.prefix = f"fxsight/sweep{next(_JOBS)}" if self.store is not None else ""
-        self.exchanges = 0
+        self.exchanges = 0  # (exchanges begun, and those whose collective completed)
+        self._gathered = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -84,6 +85,15 @@ class Ranks:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self.store is not None and self._gathered == self.exchanges:
+            # every rank is past every wait (each collective ran): this rank's keys go
+            keys = [f"{self.prefix}/beat/{self.rank}",
+                    *(f"{self.prefix}/arrived{i}/{self.rank}" for i in range(self.exchanges))]
+            for key in keys:
+                try:
+                    self.store.delete_key(key)
+                except Exception:  # noqa: BLE001 - a store without deletion: left there
+                    break
 
     def _beat_once(self, count: int) -> None:
         self.store.set(f"{self.prefix}/beat/{self.rank}", str(count))
@@ -156,6 +166,7 @@ class Ranks:
         self.exchanges += 1
         gathered: list = [None] * self.world
         self.dist.all_gather_object(gathered, entry)
+        self._gathered += 1
         if error is not None:
             raise error
         failed = [(r, g["error"]) for r, g in enumerate(gathered) if not g["ok"]]
