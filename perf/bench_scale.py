@@ -12,7 +12,8 @@ scored by a logit difference at the last position: ``PAIRS x 12 x len(POSITIONS)
 - ``fxsight, 2 processes``: ``torchrun --nproc_per_node 2`` (gloo), 1 thread each: the
   ranks share the batches and gather the scores (every rank returns the full result).
 - ``nnsight loop``: nnsight's tutorial pattern per pair, in its own interpreter
-  (``PYTHONPATH`` gets ``FXSIGHT_BENCH_NNSIGHT_PATH``, default ``/tmp/nnsight-site``): a
+  (as in ``perf/child.py``; ``PYTHONPATH`` gets ``FXSIGHT_BENCH_NNSIGHT_PATH``,
+  default ``/tmp/nnsight-site``): a
   clean trace that saves every block's output, a corrupted trace for the baseline, then
   one trace per layer with one invoke per position (each invoke patches its position and
   saves the logits); on the first ``NNSIGHT_PAIRS`` pairs only (it is slow), reported
@@ -22,7 +23,7 @@ Each fxsight run first sweeps one pair (captures and splices every layer's graph
 warm-up, reported apart as ``first pair``), then times the whole dataset; the times are
 wall clock of the sweep call on rank 0, after a barrier. Scores are compared across
 variants (``max |diff|`` from the 1-process scores, over the pairs each variant ran).
-``--quick``: 8 pairs, 2 for nnsight.
+``--quick``: 8 pairs, 2 for nnsight; ``--pairs=N``: N pairs.
 """
 
 from __future__ import annotations
@@ -156,11 +157,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
-    """One dict per variant: pairs, cells, seconds, pairs/s, cells/s, max |diff|."""
-    from perf.child import run_in_child
-
+def run(quick: bool = False, pairs_: int | None = None) -> list[dict[str, Any]]:
+    """One dict per variant: pairs, cells, seconds, pairs/s, cells/s, max |diff|
+    (``pairs_``: another number of pairs than ``PAIRS``, 8 with ``quick``)."""
     n, n_nnsight = (8, 2) if quick else (PAIRS, NNSIGHT_PAIRS)
+    n = pairs_ or n
     cells_per_pair = 12 * len(POSITIONS)
     folder = tempfile.mkdtemp(prefix="fxsight-bench-scale-")
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -171,6 +172,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), script,
           "--worker", two, str(n)], {**env, "OMP_NUM_THREADS": "1"})
+    print(f"(fxsight runs done, load average {os.getloadavg()[0]:.1f})", file=sys.stderr,
+          flush=True)
     results = []
     reference = torch.load(one, weights_only=True)
     for name, path in (("fxsight, 1 process (2 threads)", one),
@@ -186,7 +189,12 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     nnsight_path = os.environ.get("FXSIGHT_BENCH_NNSIGHT_PATH", "/tmp/nnsight-site")
     out = os.path.join(folder, "nnsight.pt")
     code = f"N = {n_nnsight}\nOUT = {out!r}\n" + NNSIGHT_CODE
-    got = run_in_child(code, PYTHONPATH=os.pathsep.join([ROOT, nnsight_path]))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              [ROOT, nnsight_path])))
+    lines = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
+    got = json.loads(lines[-1]) if done.returncode == 0 else \
+        (lines[-1][:160] if lines else f"exit status {done.returncode}")
     if isinstance(got, dict):
         scores = torch.load(out, weights_only=True)
         results.append(dict(method=f"nnsight {got['version']} loop (trace per layer, "
@@ -227,5 +235,7 @@ if __name__ == "__main__":
     else:
         torch.set_num_threads(2)
         print(f"load average {os.getloadavg()[0]:.1f}")
-        print(table(run(quick="--quick" in sys.argv)))
+        given = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--pairs=")]
+        print(table(run(quick="--quick" in sys.argv,
+                        pairs_=int(given[0]) if given else None)))
         print(f"load average {os.getloadavg()[0]:.1f}")

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fxsight import LanguageModel, patching
+from fxsight.stats import stats
 from models import saved_language_model, tiny_llama
 
 ATOL = dict(atol=1e-5, rtol=1e-5)
@@ -91,6 +92,7 @@ def test_trace_on_an_offloaded_model_equals_hooks_and_the_plain_model(dispatched
         with dispatched.trace(clean):
             # a value read in an offloaded layer (1), kept for the next trace
             source = dispatched.model.layers[1].output.save()
+    scans = stats()["scans"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # (said above)
         with dispatched.trace(corrupted):
@@ -101,6 +103,8 @@ def test_trace_on_an_offloaded_model_equals_hooks_and_the_plain_model(dispatched
             normed = dispatched.model.norm.output.save()
             logits = dispatched.output.logits.save()
     assert _hook_state(module) == before  # accelerate's hooks as they were
+    # (the weights accelerate swaps in each forward are no new model state: no new scan)
+    assert stats()["scans"] == scans
 
     # the same with plain forward hooks on the same dispatched model
     got = {}
