@@ -166,7 +166,7 @@ def default_store() -> Any:
     """The key-value store of the default ``torch.distributed`` process group (the one its
     ranks met through; a ``TCPStore`` under torchrun or ``init_method="env://"``), or
     ``None``. No public accessor (``distributed_c10d._get_default_store``; checked 2.13):
-    the sweep's rank heartbeats go through it (``experiments.jobs``)."""
+    the sweep's rank heartbeats go through it (``experiments.ranks``)."""
     from torch.distributed import distributed_c10d
 
     try:

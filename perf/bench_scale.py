@@ -109,35 +109,44 @@ torch.set_num_threads(2); torch.set_grad_enabled(False)
 import nnsight
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
-tokenizer = PreTrainedTokenizerFast(
-    tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
-    pad_token="<pad>", padding_side="left")
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    lm = nnsight.LanguageModel(b.model(), tokenizer=tokenizer)
-layers = lm.transformer.h
-scores = []
-start = time.perf_counter()
-for clean, corrupted in b.pairs(N):
-    with lm.trace(clean):
-        hidden = [layer.output.save() for layer in layers]
-    with lm.trace(corrupted):
-        base = lm.lm_head.output.save()
-    base = b.metric(getattr(base, "value", base))[0]
-    pair = torch.zeros(len(layers), len(b.POSITIONS))
-    for l in range(len(layers)):
-        saved = []
-        with lm.trace() as tracer:
-            for position in b.POSITIONS:
-                with tracer.invoke(corrupted):
-                    layers[l].output[:, position] = hidden[l][:, position]
-                    saved.append(lm.lm_head.output.save())
-        for p, logits in enumerate(saved):
-            pair[l, p] = b.metric(getattr(logits, "value", logits))[0] - base
-    scores.append(pair)
-seconds = time.perf_counter() - start
-torch.save(torch.stack(scores), OUT)
-print(json.dumps({"seconds": seconds, "version": nnsight.__version__}))
+
+
+def main():
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
+        pad_token="<pad>", padding_side="left")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = nnsight.LanguageModel(b.model(), tokenizer=tokenizer)
+    n_layers = len(lm.transformer.h)
+    scores = []
+    start = time.perf_counter()
+    for clean, corrupted in b.pairs(N):
+        hidden = []
+        with lm.trace(clean):
+            for l in range(n_layers):
+                hidden.append(lm.transformer.h[l].output.save())
+        with lm.trace(corrupted):
+            base = lm.lm_head.output.save()
+        base = b.metric(getattr(base, "value", base))[0]
+        pair = torch.zeros(n_layers, len(b.POSITIONS))
+        for l in range(n_layers):
+            clean_l = getattr(hidden[l], "value", hidden[l])
+            saved = []
+            with lm.trace() as tracer:
+                for position in b.POSITIONS:
+                    with tracer.invoke(corrupted):
+                        lm.transformer.h[l].output[:, position] = clean_l[:, position]
+                        saved.append(lm.lm_head.output.save())
+            for p, logits in enumerate(saved):
+                pair[l, p] = b.metric(getattr(logits, "value", logits))[0] - base
+        scores.append(pair)
+    seconds = time.perf_counter() - start
+    torch.save(torch.stack(scores), OUT)
+    print(json.dumps({"seconds": seconds, "version": nnsight.__version__}))
+
+
+main()
 """
 
 
@@ -186,31 +195,34 @@ def run(quick: bool = False, pairs_: int | None = None) -> list[dict[str, Any]]:
                             batch_size=got["batch_size"],
                             max_abs_diff=float((got["per_pair"] - reference["per_pair"])
                                                .abs().max())))
-    nnsight_path = os.environ.get("FXSIGHT_BENCH_NNSIGHT_PATH", "/tmp/nnsight-site")
-    out = os.path.join(folder, "nnsight.pt")
-    code = f"N = {n_nnsight}\nOUT = {out!r}\n" + NNSIGHT_CODE
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                              [ROOT, nnsight_path])))
-    lines = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
-    got = json.loads(lines[-1]) if done.returncode == 0 else \
-        (lines[-1][:160] if lines else f"exit status {done.returncode}")
-    if isinstance(got, dict):
-        scores = torch.load(out, weights_only=True)
-        results.append(dict(method=f"nnsight {got['version']} loop (trace per layer, "
-                                   f"invoke per position)", pairs=n_nnsight,
-                            cells=n_nnsight * cells_per_pair, seconds=got["seconds"],
-                            pairs_per_s=n_nnsight / got["seconds"],
-                            cells_per_s=n_nnsight * cells_per_pair / got["seconds"],
-                            max_abs_diff=float((scores - reference["per_pair"][:n_nnsight])
-                                               .abs().max())))
-    else:
-        results.append(dict(method="nnsight loop", skipped=got))
+    results.append(nnsight_row(n_nnsight, folder, reference["per_pair"], cells_per_pair))
     base = results[0]["pairs_per_s"]
     for r in results:
         if "pairs_per_s" in r:
             r["vs_1_process"] = r["pairs_per_s"] / base
     return results
+
+
+def nnsight_row(n: int, folder: str, reference: torch.Tensor, cells_per_pair: int) -> dict:
+    """The nnsight loop over the first ``n`` pairs, in its own interpreter."""
+    nnsight_path = os.environ.get("FXSIGHT_BENCH_NNSIGHT_PATH", "/tmp/nnsight-site")
+    out = os.path.join(folder, "nnsight.pt")
+    code = f"N = {n}\nOUT = {out!r}\n" + NNSIGHT_CODE
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              [ROOT, nnsight_path])))
+    lines = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
+    if done.returncode != 0:
+        return dict(method="nnsight loop",
+                    skipped=lines[-1][:160] if lines else f"exit status {done.returncode}")
+    got = json.loads(lines[-1])
+    scores = torch.load(out, weights_only=True)
+    return dict(method=f"nnsight {got['version']} loop (trace per layer, invoke per "
+                       f"position)", pairs=n, cells=n * cells_per_pair,
+                seconds=got["seconds"], pairs_per_s=n / got["seconds"],
+                cells_per_s=n * cells_per_pair / got["seconds"],
+                max_abs_diff=float((scores - reference[:n].reshape(scores.shape))
+                                   .abs().max()))
 
 
 def table(results: list[dict[str, Any]]) -> str:
