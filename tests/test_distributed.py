@@ -115,7 +115,8 @@ def _ranks_on(store, rank: int, timeout: float):
 
 def test_waiting_for_a_rank_whose_heartbeat_stops_names_it():
     """In one process, on a plain store: rank 1 beats while it works and then arrives (rank
-    0 waits for it, however long), or stops beating (rank 0 raises within the timeout)."""
+    0 waits for it, however long), or stops beating (rank 0 raises within the timeout); a
+    rank that has not begun (no heartbeat yet) is waited for."""
     import threading
     import time
 
@@ -123,12 +124,25 @@ def test_waiting_for_a_rank_whose_heartbeat_stops_names_it():
 
     store = torch.distributed.HashStore()
     zero, one = _ranks_on(store, 0, 0.5), _ranks_on(store, 1, 0.5)
+    # rank 1 begins the sweep 1 s late (longer than the timeout) and arrives at once
+    late = threading.Timer(1.0, lambda: (store.set("test/beat/1", "0"),
+                                         store.set("test/arrived0/1", "1")))
+    late.start()
+    zero._wait_for_all("planning")
+    late.join()
+    for key in ("test/beat/1", "test/arrived0/1", "test/arrived0/0"):
+        store.delete_key(key)
     with one:  # a slow rank 1: beats for 1.2 s (longer than the timeout), then arrives
         threading.Timer(1.2, lambda: store.set("test/arrived0/1", "1")).start()
         start = time.monotonic()
         zero._wait_for_all("running its batches")
         assert time.monotonic() - start >= 1.0
-    zero.exchanges = 1  # the next exchange: rank 1's heartbeat has stopped (exited above)
+    zero.exchanges = 1  # the next exchange: rank 1 beats, then dies (its thread stops)
+    one._stop.clear()
+    one.__enter__()
+    time.sleep(0.3)
+    one._stop.set()
+    one._thread.join()
     start = time.monotonic()
     with pytest.raises(RankDied, match=r"rank 1 of 2 stopped without an error while "
                                        r"running its batches \(no heartbeat for 0.5 s"):

@@ -14,7 +14,9 @@ when every rank has arrived does the collective run.
 ``timeout`` is :data:`RANK_TIMEOUT` seconds (60), or the environment variable
 ``FXSIGHT_RANK_TIMEOUT`` of each rank. A rank is only declared dead when its heartbeat
 thread stops, not when it is slow: a long batch does not stop the thread (torch releases
-the GIL while it computes).
+the GIL while it computes). A rank that has not begun the sweep yet (still loading its
+model) has no heartbeat and is waited for: one that dies before it begins is left to the
+process group's own timeout.
 """
 
 from __future__ import annotations
@@ -115,7 +117,9 @@ class Ranks:
         try:
             store.set(key + str(self.rank), "1")
             pending = [r for r in range(self.world) if r != self.rank]
-            seen = {r: (None, time.monotonic()) for r in pending}
+            # (last heartbeat value, when it last moved, whether the rank ever beat: one
+            # that has not started the sweep yet, loading its model, is waited for)
+            seen = {r: (None, time.monotonic(), False) for r in pending}
             pause = 0.01
             while pending:
                 now = time.monotonic()
@@ -126,8 +130,8 @@ class Ranks:
                     beat_key = f"{self.prefix}/beat/{r}"
                     beat = store.get(beat_key) if store.check([beat_key]) else None
                     if beat != seen[r][0]:
-                        seen[r] = (beat, now)
-                    elif now - seen[r][1] > self.timeout:
+                        seen[r] = (beat, now, seen[r][2] or beat is not None)
+                    elif seen[r][2] and now - seen[r][1] > self.timeout:
                         raise RankDied(
                             f"rank {r} of {self.world} stopped without an error while "
                             f"{what} (no heartbeat for {self.timeout:g} s: the process died, "
