@@ -26,7 +26,7 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
            "global_forward_hooks", "global_hook_keys", "generated_source_keys", "TreeSpec", "uncompiled", "plain_pickling",
            "generated_source_key", "forget_generated_source", "tensor_version",
-           "forward_hook_dicts"]
+           "forward_hook_dicts", "default_store"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -159,4 +159,17 @@ def tensor_version(tensor: torch.Tensor) -> int | None:
     try:
         return tensor._version
     except RuntimeError:
+        return None
+
+
+def default_store() -> Any:
+    """The key-value store of the default ``torch.distributed`` process group (the one its
+    ranks met through; a ``TCPStore`` under torchrun or ``init_method="env://"``), or
+    ``None``. No public accessor (``distributed_c10d._get_default_store``; checked 2.13):
+    the sweep's rank heartbeats go through it (``experiments.ranks``)."""
+    from torch.distributed import distributed_c10d
+
+    try:
+        return distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError, AttributeError):
         return None

@@ -28,7 +28,7 @@ from .._torch import (forget_generated_source, generated_source_key,
 from ..locks import exclusive_export
 from ..stats import bump
 from ..errors import CaptureError
-from . import caches, state
+from . import caches, dispatch, state
 from .events import ModuleEvents
 from . import opaque as opaque_calls
 from ..record.sites import Site, is_operation
@@ -311,7 +311,7 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                              f"captured graph would not run")
         error.whole_model = True
         raise error
-    foreign = _foreign_forward(model)
+    foreign = _foreign_forward(model) or dispatch.offload_reason(model)
     if foreign is not None:
         error = CaptureError(f"could not capture the model: {foreign[1]}", foreign[0])
         error.whole_model = True

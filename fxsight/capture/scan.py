@@ -15,6 +15,7 @@ from ..stats import bump
 from . import caches
 from .captures import MAX_CAPTURES, signature
 from .state import Watch
+from .dispatch import offloaded
 from .events import ModuleEvents, silenced_hooks
 from ..record.sites import Site
 
@@ -44,7 +45,13 @@ def _to_meta(value: Any) -> Any:
 
 
 def _is_meta_model(model: torch.nn.Module) -> bool:
-    return any(p.is_meta for p in model.parameters())
+    """Weights not loaded yet (a model that accelerate offloads holds meta parameters
+    too, but its forward loads them: it is run with real values)."""
+    return any(p.is_meta for p in model.parameters()) and not offloaded(model)
+
+
+class _RealProbe(Exception):
+    """The fake-tensor scan cannot run this model (skip to the probe)."""
 
 
 def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
@@ -106,6 +113,8 @@ def _kept_buffers(model: torch.nn.Module):
 def _run(model, args, kwargs, events, record, values, devices):
     with torch.no_grad():
         try:
+            if offloaded(model):  # weights loaded by accelerate in each forward: real
+                raise _RealProbe  # tensors only (a probe with the real values)
             # inputs made fake too: models then take their tracing paths (transformers
             # skips data-dependent checks on fake tensors), for real and meta weights alike
             mode = FakeTensorMode(allow_non_fake_inputs=True)

@@ -17,9 +17,11 @@ Not seen (documented limits): the contents of a list, dict or set attribute of m
 ``_MAX_CONTAINER`` elements changed in place; settings objects nested more than one level
 down; class attributes (and ``module.__class__ = ...``),
 globals and closures that ``forward`` reads (models whose forward hooks change values are
-not captured, see :func:`user_hooks`); ``param.data = ...`` with a new dtype on a parameter
-other than the first of its module (``.to()``, ``.half()`` and the like convert every
-parameter of a module, and are seen), or a new device on any but the model's first.
+not captured, see :func:`user_hooks`); the parameters and buffers of modules that
+accelerate offloads (its hook swaps them in every forward; such models run on hooks);
+``param.data = ...`` with a new dtype on a parameter other than the first of its module
+(``.to()``, ``.half()`` and the like convert every parameter of a module, and are seen), or
+a new device on any but the model's first.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 from .._torch import global_forward_hooks, global_hook_keys
+from .dispatch import is_accelerate_hook, offloads
 
 # the bound on states remembered per model (a state seen again reuses its captures)
 MAX_STATES = 8
@@ -104,7 +107,7 @@ def _data(value: Any, depth: int = 2) -> bool:
     """A settings object (a config): attributes in a ``__dict__`` that are plain or
     settings objects themselves; held strongly, it cannot lead back to a model."""
     if isinstance(value, (type, torch.nn.Module, torch.Tensor, dict, list, tuple, set,
-                          frozenset)) or callable(value):
+                          frozenset)) or callable(value) or is_accelerate_hook(value):
         return False
     attributes = getattr(value, "__dict__", None)
     if type(attributes) is not dict or depth == 0:
@@ -145,7 +148,10 @@ class Watch:
         tensors: list = []
         objects: set[int] = set()
         for i, d in enumerate(dicts):
-            for key in _TENSORS:
+            # (accelerate loads an offloaded module's weights in each forward and puts new
+            # meta tensors back after it: those tensors are the hook's, never captured)
+            hook_owned = "_hf_hook" in d and offloads(d["_hf_hook"])
+            for key in () if hook_owned else _TENSORS:
                 self._tensors(i, key, d[key], tensors)
             keys = tuple(k for k in d if k not in _APART or (k == "_modules" and not d[k]))
             snapshot = tuple(self._snapshot(i, k, d[k], tensors, objects) for k in keys)

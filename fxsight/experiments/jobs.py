@@ -14,7 +14,9 @@ The job is planned the same way in every process, whatever the number of process
   ``N`` goes to rank ``i * world // N`` (contiguous shares, so a rank needs the reference
   runs of few items); the scores are gathered with ``all_gather_object`` and every rank
   returns the full result. Each rank first sends whether it succeeded: a rank that failed
-  makes the others raise an error naming it instead of waiting for it.
+  makes the others raise an error naming it instead of waiting for it; a rank that died
+  without raising is named after ``FXSIGHT_RANK_TIMEOUT`` seconds (60) without its
+  heartbeat (:mod:`.ranks`).
 - **Checkpoints.** With ``checkpoint=path`` finished batches (their scores, and each item's
   clean and corrupted metrics) are written to ``path`` (``path.rank<r>`` per rank) after
   each batch at most every ``CHECKPOINT_SECONDS`` and when the job ends or fails; a job
@@ -35,6 +37,7 @@ from typing import Any, Callable
 
 import torch
 
+from .ranks import Ranks
 from .result import PatchingResult
 from .sweeps import Sweep, metric_values, reads_last_position_only, token_ids
 
@@ -259,44 +262,6 @@ def _fingerprint(experiment: Experiment, batches: list[Batch]) -> str:
     return digest.hexdigest()
 
 
-# --- processes --------------------------------------------------------------------------------
-class Ranks:
-    """This process's place among the processes of an initialized ``torch.distributed``
-    group (the whole job in one process otherwise, or with ``distributed=False``)."""
-
-    def __init__(self, distributed: bool | None):
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.on = distributed is not False and dist.is_available() and dist.is_initialized()
-        if distributed and not self.on:
-            raise RuntimeError("distributed=True but no torch.distributed process group is "
-                               "initialized (torch.distributed.init_process_group)")
-        self.rank = dist.get_rank() if self.on else 0
-        self.world = dist.get_world_size() if self.on else 1
-
-    def exchange(self, what: str, payload: Any, error: BaseException | None) -> list:
-        """Every rank's ``payload``; raises on every rank if one failed (its own error on
-        that rank, an error naming the failed ranks elsewhere)."""
-        if not self.on:
-            if error is not None:
-                raise error
-            return [payload]
-        entry = {"ok": error is None, "payload": None if error is not None else payload,
-                 "error": None if error is None else f"{type(error).__name__}: {error}"}
-        gathered: list = [None] * self.world
-        self.dist.all_gather_object(gathered, entry)
-        if error is not None:
-            raise error
-        failed = [(r, g["error"]) for r, g in enumerate(gathered) if not g["ok"]]
-        if failed:
-            names = "; ".join(f"rank {r}: {message}" for r, message in failed)
-            raise RuntimeError(f"the sweep failed on {len(failed)} of {self.world} ranks "
-                               f"while {what} ({names}); this rank (rank {self.rank}) stops "
-                               f"too")
-        return [g["payload"] for g in gathered]
-
-
 # --- checkpoints ------------------------------------------------------------------------------
 class Checkpoint:
     def __init__(self, path: str | os.PathLike | None, ranks: Ranks, fingerprint: str):
@@ -355,10 +320,16 @@ def run_job(experiment: Experiment, sweep: Sweep, batch_size, memory_budget, cho
             progress: bool, checkpoint=None, distributed: bool | None = None,
             on_batch: Callable[[Batch], None] | None = None) -> JobResult:
     """Run every batch of ``experiment`` that this rank owns and no checkpoint holds; gather
-    the scores of all ranks."""
+    the scores of all ranks (a rank that dies is noticed, see :mod:`.ranks`)."""
+    with Ranks(distributed) as ranks:
+        return _run_job(ranks, experiment, sweep, batch_size, memory_budget, choose,
+                        progress, checkpoint, on_batch)
+
+
+def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, memory_budget,
+             choose, progress: bool, checkpoint, on_batch) -> JobResult:
     from tqdm.auto import tqdm
 
-    ranks = Ranks(distributed)
     items = experiment.items
     cache: dict[int, Refs] = {}
     item_metrics: dict[int, tuple[float, float | None]] = {}

@@ -53,10 +53,13 @@ def splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any:
 
 
 def conform(value: Any, like: Any) -> Any:
-    """``value`` shaped like ``like`` (broadcast where a tensor's shape differs)."""
+    """``value`` shaped like ``like`` (broadcast where a tensor's shape differs), on its
+    device (a value read on one device and written where another one was)."""
 
     def fit(new, old):
         if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
+            if new.device != old.device:  # (read on one device, written on another)
+                new = new.to(old.device)
             return new if new.shape == old.shape else new.expand(old.shape)
         if isinstance(old, torch.Tensor) and isinstance(new, (int, float, bool)):
             return torch.full_like(old, new)

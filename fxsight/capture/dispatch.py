@@ -1,0 +1,93 @@
+"""Models dispatched by accelerate (``device_map=``, ``max_memory=``, ``offload_folder=``).
+
+``from_pretrained(..., device_map=...)`` hands the model to accelerate's ``dispatch_model``,
+which wraps the ``forward`` of many modules (``add_hook_to_module``: the instance gets a
+``forward`` of its own, ``_hf_hook`` and ``_old_forward``). Its ``AlignDevicesHook``
+moves a module's inputs to the module's execution device before the forward and, with
+``io_same_device``, the output back to the input's device after it. Those moves are plain
+``Tensor.to`` calls, which a capture records like any other operation: a model spread over
+several devices without offload is captured (and runs) with its moves in the graph.
+
+*Offloaded* modules (``"cpu"`` or ``"disk"`` in the device map, ``offload=True``) are
+another matter: their parameters live on the meta device and the hook loads the real
+weights (from CPU memory or from the offload folder) into the module before each forward
+and puts the meta tensors back after it. A captured graph cannot repeat that (it would
+hold the weights of the capture's forward, or none), so such a model runs on the hooks
+backend, where each forward is a plain forward of the dispatched model.
+
+Nothing here changes a hook: fxsight only reads ``_hf_hook``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# accelerate's hook classes whose forward loads weights onto the execution device
+_OFFLOADING = frozenset({"CpuOffload", "UserCpuOffloadHook"})
+
+
+def is_accelerate_hook(value: Any) -> bool:
+    """Whether ``value`` is one of accelerate's module hooks (``_hf_hook``). Its attributes
+    are the hook's working state, not the model's settings: ``AlignDevicesHook`` notes the
+    device of each forward's inputs (``input_device``) in every forward, so a model's state
+    holds the hook by identity (another hook is another state)."""
+    return (getattr(type(value), "__module__", "") or "").startswith("accelerate.hooks")
+
+
+def accelerate_hooks(model: torch.nn.Module) -> list[tuple[str, Any]]:
+    """``(path, hook)`` of each module of ``model`` that accelerate's
+    ``add_hook_to_module`` wrapped (``_hf_hook``), in module order."""
+    found = []
+    for path, module in model.named_modules():
+        hook = module.__dict__.get("_hf_hook")
+        if hook is not None:
+            found.append((path, hook))
+    return found
+
+
+def _hooks_in(hook: Any) -> list:
+    inner = getattr(hook, "hooks", None)  # (a SequentialHook)
+    return list(inner) if isinstance(inner, (list, tuple)) else [hook]
+
+
+def offloads(hook: Any) -> bool:
+    """Whether an accelerate hook loads the module's weights in each forward."""
+    for one in _hooks_in(hook):
+        if type(one).__name__ in _OFFLOADING or getattr(one, "offload", False) is True:
+            return True
+    return False
+
+
+def offloaded(model: torch.nn.Module) -> list[str]:
+    """The paths of the modules whose weights accelerate loads in each forward (offloaded
+    to CPU memory or disk); empty for a model that is not dispatched or not offloaded."""
+    if not any("_hf_hook" in m.__dict__ for m in model.modules()):
+        return []
+    return [path for path, hook in accelerate_hooks(model) if offloads(hook)]
+
+
+def offload_reason(model: torch.nn.Module) -> tuple[str, str] | None:
+    """``(path, why)`` where ``model`` cannot be captured because accelerate offloads some
+    of its modules, else ``None``."""
+    paths = offloaded(model)
+    if not paths:
+        return None
+    device_map = getattr(model, "hf_device_map", None)
+    devices: dict[str, Any] = {}
+    if isinstance(device_map, dict):  # (the entries of the map, not every leaf)
+        named = [(key, device) for key, device in device_map.items()
+                 if any(p == key or p.startswith(key + ".") or not key for p in paths)]
+        if named:
+            paths = [key for key, _ in named]
+            devices = dict(named)
+    shown = ", ".join(f"{p or 'model'!r}" + (f" (on {devices[p]!r})" if p in devices else "")
+                      for p in paths[:3])
+    more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+    return paths[0], (
+        f"accelerate offloads module {shown}{more} (device_map): its AlignDevicesHook loads "
+        f"the weights into the module before each forward and puts meta tensors back "
+        f"after it, which a captured graph cannot repeat; each trace runs the dispatched "
+        f"model's own forward with hooks instead (same numbers)")
+
