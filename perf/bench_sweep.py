@@ -1,34 +1,40 @@
-"""Activation-patching sweep: fxsight vs hand-written batched hooks vs an nnsight loop.
+"""Activation-patching sweep: fxsight vs the field's strongest baselines.
 
 A gpt2-small shape (12 layers x 768, 12 heads, vocabulary 50257, random weights), a clean
 and a corrupted prompt of 32 tokens (one token differs), the residual stream (block output)
 patched at every layer x position: 384 cells, each scored by a logit difference at the last
 position.
 
-- ``fxsight``: ``fxsight.patching.activation_patching(..., sites=["resid"])`` (batches of
-  32 cells; prefix reuse: a cell at layer l runs blocks l+1.. only; the head on the last
-  position only, since the metric reads nothing else).
-- ``hooks (batched)``: what one writes by hand with the same batching: the clean block
-  outputs saved once, then per layer one forward of 32 corrupted rows with a forward hook
-  that puts row r's clean position r in place; the logits as ``model(...).logits``.
-- ``hooks (batched, last logits)``: the same with ``logits_to_keep=1`` (only the head's
-  share of the saving is left out of the comparison).
-- ``nnsight loop``: the idiomatic nnsight loop, one two-invoke trace per cell (clean
-  invoke reads, a barrier, corrupted invoke writes and saves the logits), when
-  ``import nnsight`` works (skipped otherwise); on its own copy of the model, since nnsight
-  replaces the forward of the model it wraps.
+- ``fxsight``: ``activation_patching(..., sites=["resid"])``: the suffix path (each cell
+  runs only positions p.. of the blocks after l, over the corrupted run's key-value cache,
+  packed two cells a row; the head on each cell's last token and only the two vocabulary
+  entries the metric reads; see ``fxsight/experiments/suffix.py``).
+- ``fxsight (full-length)``: the same with ``suffix=False`` (prefix reuse by skipped
+  modules, full-length rows, ``logits_to_keep=1``).
+- ``hand-written prefix reuse``: plain PyTorch: the clean and corrupted runs once keeping
+  each block's output, then per layer l the 32 position-patched copies of block l's output
+  through blocks l+1.. and the final norm and head at the last position only.
+- ``hooks (batched, logits_to_keep=1)``: per layer one forward of 32 corrupted rows with a
+  forward hook putting row r's clean position r in place, ``logits_to_keep=1``.
+- ``nnsight (tutorial)``: nnsight's batched-invoke pattern, one trace per layer, one invoke
+  for the clean prompt and one per position (``logits_to_keep=1``), in its own process
+  (``PYTHONPATH`` gets ``NNSIGHT_PATH``, default ``/tmp/nnsight-site``); skipped when it
+  cannot be imported there.
 
-Every method's scores are checked against the batched hooks' (``max_abs_diff``). Methods
-alternate run by run; fxsight's first sweep (it captures the model and splices one graph per
-layer) is a warm-up, reported on its own row; the nnsight loop is timed once (hundreds of
-traces). ``fxsight x``: each method's time over fxsight's (warm) time. ``--quick``: a
-4-layer model of the same width, 16 positions, one timed run.
+Every method's scores are checked against the hand-written prefix reuse's
+(``max_abs_diff``). Rounds run every method once in a shuffled order; fxsight's first call
+(captures and splices) is a warm-up, reported on its own row. ``fxsight x``: each method's
+median time over fxsight's. ``--quick``: 4 layers, 16 positions, one round;
+``--rounds N``.
 """
 
 from __future__ import annotations
 
-import copy
+import json
+import os
+import random
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -39,6 +45,7 @@ from perf.models import gpt2
 
 TOKENS = 32
 A, B = 11, 22  # the metric: logit of token A minus logit of token B at the last position
+NNSIGHT_PATH = os.environ.get("NNSIGHT_PATH", "/tmp/nnsight-site")
 
 
 def _model(n_layer: int) -> torch.nn.Module:
@@ -57,7 +64,7 @@ def _prompts(vocab: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     return clean, corrupt
 
 
-def _fxsight(model, clean, corrupt, batch: int) -> Callable[[], torch.Tensor]:
+def _fxsight(model, clean, corrupt, batch: int, suffix: bool) -> Callable[[], torch.Tensor]:
     from fxsight import NNsight
     from fxsight.patching import activation_patching
 
@@ -65,27 +72,55 @@ def _fxsight(model, clean, corrupt, batch: int) -> Callable[[], torch.Tensor]:
 
     def sweep() -> torch.Tensor:
         result = activation_patching(net, clean, corrupt, metric, sites=["resid"],
-                                     batch_size=batch, progress=False)
+                                     batch_size=batch, progress=False, suffix=suffix)
         assert result.info["backend"] == "fx", result.info
+        assert result.info["suffix"] is True or not suffix, result.info["suffix"]
         return result.values[0] + result.baseline
 
     return sweep
 
 
-def _hooks(model, clean, corrupt, batch: int, last_only: bool) -> Callable[[], torch.Tensor]:
+def _block_outputs(model, ids) -> list[torch.Tensor]:
+    saved: dict[int, torch.Tensor] = {}
+    handles = [block.register_forward_hook(lambda m, a, o, i=i: saved.__setitem__(i, o))
+               for i, block in enumerate(model.transformer.h)]
+    try:
+        model(ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [saved[i] for i in range(len(saved))]
+
+
+def _prefix_reuse(model, clean, corrupt) -> Callable[[], torch.Tensor]:
+    """Hand-written prefix reuse in plain PyTorch (about 20 lines, as one writes it)."""
     blocks = model.transformer.h
-    kwargs = {"use_cache": False, **({"logits_to_keep": 1} if last_only else {})}
 
     def sweep() -> torch.Tensor:
         tokens = clean.shape[1]
-        saved: dict[int, torch.Tensor] = {}
-        handles = [block.register_forward_hook(
-            lambda m, a, o, i=i: saved.__setitem__(i, o)) for i, block in enumerate(blocks)]
-        try:
-            model(clean, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
+        clean_out, corrupt_out = _block_outputs(model, clean), _block_outputs(model, corrupt)
+        scores = torch.zeros(len(blocks), tokens)
+        rows = torch.arange(tokens)
+        for layer in range(len(blocks)):
+            h = corrupt_out[layer].expand(tokens, tokens, -1).clone()
+            h[rows, rows] = clean_out[layer][0, rows]  # row r: position r patched
+            for block in blocks[layer + 1:]:
+                h = block(h)
+                h = h[0] if isinstance(h, tuple) else h
+            logits = model.lm_head(model.transformer.ln_f(h[:, -1:]))
+            scores[layer] = metric(logits)
+        return scores
+
+    return sweep
+
+
+def _hooks(model, clean, corrupt, batch: int) -> Callable[[], torch.Tensor]:
+    blocks = model.transformer.h
+    kwargs = {"use_cache": False, "logits_to_keep": 1}
+
+    def sweep() -> torch.Tensor:
+        tokens = clean.shape[1]
+        saved = _block_outputs(model, clean)
         scores = torch.zeros(len(blocks), tokens)
         for layer, block in enumerate(blocks):
             for start in range(0, tokens, batch):
@@ -109,114 +144,147 @@ def _hooks(model, clean, corrupt, batch: int, last_only: bool) -> Callable[[], t
     return sweep
 
 
-def _nnsight(model, clean, corrupt) -> Callable[[], torch.Tensor] | None:
-    try:
-        import nnsight
-    except Exception:  # noqa: BLE001 - not installed (or broken): skipped
-        return None
+# --- nnsight, in its own process ---------------------------------------------------------
+def _nnsight_child(n_layer: int, tokens: int) -> None:
+    """(Run in a child process with nnsight importable.) One warm-up trace, then one timed
+    sweep in nnsight's tutorial pattern; prints JSON: seconds and scores."""
     import warnings
 
+    import nnsight
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    # nnsight batches invokes in LanguageModel (its NNsight refuses several invokes); the
-    # prompts are token ids, so a one-word stand-in tokenizer only pads
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(2)
+    model = _model(n_layer)
+    clean, corrupt = _prompts(model.config.vocab_size, tokens)
+    # LanguageModel batches invokes; the prompts are token ids: a stand-in tokenizer pads
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
         pad_token="<pad>", padding_side="left")
-    model = copy.deepcopy(model)  # nnsight replaces the forward of the model it wraps
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapped = nnsight.LanguageModel(model, tokenizer=tokenizer)
+        lm = nnsight.LanguageModel(model, tokenizer=tokenizer)
 
-    def sweep() -> torch.Tensor:
-        tokens = clean.shape[1]
-        scores = torch.zeros(len(model.transformer.h), tokens)
-        for layer in range(len(model.transformer.h)):
-            for position in range(tokens):
-                with wrapped.trace() as tracer:
-                    barrier = tracer.barrier(2)
-                    with tracer.invoke(clean):
-                        h = wrapped.transformer.h[layer].output[:, position]
-                        barrier()
-                    with tracer.invoke(corrupt):
-                        barrier()
-                        wrapped.transformer.h[layer].output[:, position] = h
-                        logits = wrapped.lm_head.output.save()
-                logits = getattr(logits, "value", logits)
-                scores[layer, position] = metric(logits)[0]
-        return scores
+    def layer_scores(layer: int, positions: range) -> torch.Tensor:
+        logits = []
+        with lm.trace(use_cache=False, logits_to_keep=1) as tracer:
+            barrier = tracer.barrier(len(positions) + 1)
+            with tracer.invoke(clean):
+                h = lm.transformer.h[layer].output
+                barrier()
+            for position in positions:
+                with tracer.invoke(corrupt):
+                    barrier()
+                    lm.transformer.h[layer].output[:, position] = h[:, position]
+                    logits.append(lm.lm_head.output.save())
+        return torch.cat([metric(getattr(x, "value", x)) for x in logits])
+
+    layer_scores(0, range(2))  # warm-up
+    start = time.perf_counter()
+    scores = torch.stack([layer_scores(layer, range(tokens)) for layer in range(n_layer)])
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "scores": scores.tolist()}))
+
+
+def _nnsight(n_layer: int, tokens: int) -> Callable[[], tuple[float, torch.Tensor]] | str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [NNSIGHT_PATH, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    check = subprocess.run([sys.executable, "-c", "import nnsight"], env=env,
+                           capture_output=True, text=True)
+    if check.returncode:
+        return f"nnsight is not importable ({check.stderr.strip().splitlines()[-1:]})"
+
+    def sweep() -> tuple[float, torch.Tensor]:
+        done = subprocess.run([sys.executable, "-m", "perf.bench_sweep", "--nnsight-child",
+                               str(n_layer), str(tokens)], env=env, capture_output=True,
+                              text=True, cwd=os.path.dirname(os.path.dirname(
+                                  os.path.abspath(__file__))))
+        if done.returncode:
+            raise RuntimeError(f"the nnsight process failed: {done.stderr[-2000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        return result["seconds"], torch.tensor(result["scores"])
 
     return sweep
 
 
-def run(quick: bool = False, repeats: int = 2) -> list[dict[str, Any]]:
-    """One dict per method: ``seconds`` (median of the timed runs), ``cells_per_s``,
-    ``speedup`` (the method's time over fxsight's) and ``max_abs_diff`` from the batched
-    hooks' scores."""
+def run(quick: bool = False, rounds: int = 2, nnsight: bool = True) -> list[dict[str, Any]]:
+    """One dict per method: ``seconds`` (median over rounds), ``cells_per_s``, ``speedup``
+    (the method's time over fxsight's) and ``max_abs_diff`` from the hand-written prefix
+    reuse's scores."""
     torch.set_grad_enabled(False)
     n_layer, tokens = (4, 16) if quick else (12, TOKENS)
-    repeats = 1 if quick else repeats
+    rounds = 1 if quick else rounds
     model = _model(n_layer)
     clean, corrupt = _prompts(model.config.vocab_size, tokens)
     batch = tokens
-    methods: dict[str, Callable | None] = {
-        "fxsight": _fxsight(model, clean, corrupt, batch),
-        "hooks (batched)": _hooks(model, clean, corrupt, batch, last_only=False),
-        "hooks (batched, last logits)": _hooks(model, clean, corrupt, batch, last_only=True),
-        "nnsight loop": _nnsight(model, clean, corrupt),
+    methods: dict[str, Any] = {
+        "fxsight": _fxsight(model, clean, corrupt, batch, suffix=True),
+        "fxsight (full-length)": _fxsight(model, clean, corrupt, batch, suffix=False),
+        "hand-written prefix reuse": _prefix_reuse(model, clean, corrupt),
+        "hooks (batched, logits_to_keep=1)": _hooks(model, clean, corrupt, batch),
+        "nnsight (tutorial)": _nnsight(n_layer, tokens) if nnsight else "not requested",
     }
     shape = f"gpt2 {n_layer}x768"
     cells = n_layer * tokens
     results: list[dict[str, Any]] = []
-    live = {name: fn for name, fn in methods.items() if fn is not None}
-    for name in [n for n, fn in methods.items() if fn is None]:
-        results.append(dict(model=shape, method=name, skipped="nnsight is not importable"))
+    live = {name: fn for name, fn in methods.items() if callable(fn)}
+    for name, why in methods.items():
+        if not callable(why):
+            results.append(dict(model=shape, method=name, skipped=why))
+    cold: dict[str, tuple[float, torch.Tensor]] = {}
+    for name in ("fxsight", "fxsight (full-length)"):  # captures and splices: warm-ups
+        start = time.perf_counter()
+        value = live[name]()
+        cold[name] = (time.perf_counter() - start, value)
     times: dict[str, list[float]] = {name: [] for name in live}
     scores: dict[str, torch.Tensor] = {}
-    slow = {"nnsight loop"}  # timed once: hundreds of traces take minutes
-    start = time.perf_counter()  # fxsight's first sweep captures and splices: a warm-up
-    cold_scores = live["fxsight"]()
-    cold = time.perf_counter() - start
-    for repeat in range(repeats):
-        for name, fn in live.items():
-            if name in slow and repeat > 0:
-                continue
+    order = list(live)
+    for _ in range(rounds):
+        random.shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            scores[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    reference = scores["hooks (batched)"]
+            value = live[name]()
+            if isinstance(value, tuple):  # the child process timed itself
+                seconds, value = value
+            else:
+                seconds = time.perf_counter() - start
+            times[name].append(seconds)
+            scores[name] = value
+    reference = scores["hand-written prefix reuse"]
     fx_time = statistics.median(times["fxsight"])
     for name in live:
         seconds = statistics.median(times[name])
         results.append(dict(model=shape, method=name, cells=cells, batch=batch,
                             repeats=len(times[name]), seconds=seconds,
-                            cells_per_s=cells / seconds,
-                            speedup=seconds / fx_time,
+                            cells_per_s=cells / seconds, speedup=seconds / fx_time,
                             max_abs_diff=float((scores[name] - reference).abs().max())))
+    seconds, value = cold["fxsight"]
     results.append(dict(model=shape, method="fxsight (first call)", cells=cells, batch=batch,
-                        repeats=1, seconds=cold, cells_per_s=cells / cold,
-                        speedup=cold / fx_time,
-                        max_abs_diff=float((cold_scores - reference).abs().max())))
-    order = ["fxsight", "fxsight (first call)", *list(methods)[1:]]
-    results.sort(key=lambda r: order.index(r["method"]))
+                        repeats=1, seconds=seconds, cells_per_s=cells / seconds,
+                        speedup=seconds / fx_time,
+                        max_abs_diff=float((value - reference).abs().max())))
+    names = ["fxsight", "fxsight (first call)", *list(methods)[1:]]
+    results.sort(key=lambda r: names.index(r["method"]))
     return results
 
 
+TARGETS = {"hand-written prefix reuse": 2.0, "nnsight (tutorial)": 4.0}
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'model':<14}{'method':<30}{'cells':>6}{'seconds':>9}{'cells/s':>9}"
+    lines = [f"{'model':<14}{'method':<36}{'cells':>6}{'seconds':>9}{'cells/s':>9}"
              f"{'fxsight x':>11}{'max |diff|':>12}"]
     for r in results:
         if "skipped" in r:
-            lines.append(f"{r['model']:<14}{r['method']:<30}  skipped: {r['skipped']}")
+            lines.append(f"{r['model']:<14}{r['method']:<36}  skipped: {r['skipped']}")
             continue
-        lines.append(f"{r['model']:<14}{r['method']:<30}{r['cells']:>6}{r['seconds']:>9.2f}"
+        lines.append(f"{r['model']:<14}{r['method']:<36}{r['cells']:>6}{r['seconds']:>9.2f}"
                      f"{r['cells_per_s']:>9.1f}{r['speedup']:>10.2f}x{r['max_abs_diff']:>12.1e}")
-    targets = {"hooks (batched)": 2.0, "nnsight loop": 3.0}
     notes = []
     for r in results:
-        if r.get("method") in targets and "speedup" in r:
-            target = targets[r["method"]]
+        if r.get("method") in TARGETS and "speedup" in r:
+            target = TARGETS[r["method"]]
             verdict = "met" if r["speedup"] >= target else "NOT met"
             notes.append(f"target fxsight >= {target:.0f}x {r['method']}: "
                          f"{r['speedup']:.2f}x ({verdict})")
@@ -225,11 +293,15 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--nnsight-child"]:
+        _nnsight_child(int(argv[1]), int(argv[2]))
+        return
     torch.set_num_threads(2)
     quick = "--quick" in argv
+    rounds = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else 2
     print(f"activation-patching sweep, residual stream, every layer x position; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")
-    print(table(run(quick=quick)))
+    print(table(run(quick=quick, rounds=rounds, nnsight="--no-nnsight" not in argv)))
 
 
 if __name__ == "__main__":

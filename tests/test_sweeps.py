@@ -178,11 +178,11 @@ def test_batches_share_one_structure_and_padding_is_dropped(gpt2):
     clean, corrupted = _prompts()
     net = NNsight(gpt2)
     whole = patching.activation_patching(net, clean, corrupted, metric, sites=["attn"],
-                                         progress=False)
+                                         progress=False, suffix=False)
     before = fxsight.stats()
     # 7 positions in batches of 3: 3 batches per layer, the last one padded
     result = patching.activation_patching(net, clean, corrupted, metric, sites=["attn"],
-                                          batch_size=3, progress=False)
+                                          batch_size=3, progress=False, suffix=False)
     after = fxsight.stats()
     assert result.info["batch_size"] == 3
     assert result.info["traces"] == 2 + 3 * 3
@@ -192,7 +192,7 @@ def test_batches_share_one_structure_and_padding_is_dropped(gpt2):
     # the same sweep again: every batch is a cache hit
     before = fxsight.stats()
     patching.activation_patching(net, clean, corrupted, metric, sites=["attn"],
-                                 batch_size=3, progress=False)
+                                 batch_size=3, progress=False, suffix=False)
     assert fxsight.stats()["splices"] == before["splices"]
 
 
@@ -200,9 +200,9 @@ def test_batch_size_comes_from_the_memory_budget(gpt2):
     clean, corrupted = _prompts()
     net = NNsight(gpt2)
     small = patching.activation_patching(net, clean, corrupted, metric, sites=["resid"],
-                                         memory_budget=1, progress=False)
+                                         memory_budget=1, progress=False, suffix=False)
     large = patching.activation_patching(net, clean, corrupted, metric, sites=["resid"],
-                                         progress=False)
+                                         progress=False, suffix=False)
     assert small.info["batch_size"] == 1
     assert large.info["batch_size"] == TOKENS  # at most one layer's cells
     torch.testing.assert_close(small.values, large.values, rtol=1e-4, atol=1e-5)

@@ -28,6 +28,7 @@ import torch
 
 from ..api.envoy import Envoy
 from ..errors import TraceError
+from . import suffix as suffix_path
 from .heads import head_patching
 from .result import Cell, PatchingResult
 from .jobs import (Experiment, Group as JobGroup, Item, Refs, dataset_result, is_dataset,
@@ -52,7 +53,7 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
                         memory_budget: int | float = DEFAULT_MEMORY_BUDGET,
                         progress: bool = True, backend: str | None = None,
                         compile: Any = None, checkpoint: Any = None,
-                        distributed: bool | None = None,
+                        distributed: bool | None = None, suffix: bool | None = None,
                         **forward_kwargs: Any) -> PatchingResult:
     """Patch the clean run's activation into the corrupted run, one cell at a time in
     effect, for every site kind × layer × position; return the effect of each patch on
@@ -79,6 +80,12 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
     are shared among the ranks and every rank returns the full result (``distributed=False``
     to not). ``checkpoint="path"`` saves finished batches there and a repeated call resumes
     from them.
+
+    **Suffix path** (``suffix=None``: where valid; ``False``: never; ``True``: required):
+    for one pair on a causal decoder that takes a key-value cache, with a metric that reads
+    only the last position, each cell runs only the positions from the patched one on, over
+    the corrupted run's cache, packed into rows (see :mod:`fxsight.experiments.suffix`);
+    ``result.info["suffix"]`` is ``True`` or says why the full-length path ran.
 
     Returns scores with ``dims == ("site", "layer", "position")``: the patched run's metric
     minus the corrupted run's (``result.baseline``); ``result.reference`` is the clean
@@ -118,6 +125,18 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
     sweep = Sweep(model, None, None, kwargs, options, "attr", 1, progress,
                   "activation patching")
     seen: dict = {}
+    if suffix is not False:
+        fast = _suffix_sweep(model, items, dataset, kinds, layer_list, labels, plans,
+                             clean_targets, corrupt_targets, kwargs, options,
+                             reference_options, backend, checkpoint, distributed,
+                             batch_size, memory_budget, progress, start)
+        if isinstance(fast, PatchingResult):
+            return fast
+        if suffix:
+            raise ValueError(f"suffix=True, but the suffix path does not apply: {fast}")
+        suffix_note = fast
+    else:
+        suffix_note = "suffix=False"
 
     def refs(item: Item) -> Refs:
         clean_run = reference_run(model, item.clean, clean_targets, kwargs, reference_options)
@@ -155,6 +174,7 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
     job = run_job(experiment, sweep, batch_size, memory_budget, choose_batch_size, progress,
                   checkpoint, distributed)
     info = job_info(job, len(items), 2, sweep, seen, kwargs, start)
+    info["suffix"] = suffix_note
     coords = {"site": kinds, "layer": layer_list, "position": labels}
     if not dataset:
         return PatchingResult(
@@ -164,6 +184,65 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
             info=info)
     return dataset_result(job, ("site", "layer", "position"), coords,
                            "activation patching", info)
+
+
+def _suffix_sweep(model, items, dataset, kinds, layer_list, labels, plans, clean_targets,
+                  corrupt_targets, kwargs, options, reference_options, backend, checkpoint,
+                  distributed, batch_size, memory_budget, progress,
+                  start) -> PatchingResult | str:
+    """The sweep on the suffix path (:mod:`.suffix`), or why it does not apply."""
+    if dataset or len(items) != 1:
+        return "a dataset of pairs runs the full-length path"
+    item = items[0]
+    given = {k: v for k, v in kwargs.items() if k != "use_cache"}
+    reason = suffix_path.why_not(model, dataset, backend, checkpoint, distributed, given, True)
+    if reason is not None:
+        return reason
+    # the reference runs: the last position's logits only (the metric must read nothing
+    # else: checked on random logits), the corrupted one with its key-value cache
+    keep = {**kwargs, "logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) \
+        else dict(kwargs)
+    with torch.no_grad():
+        clean_run = reference_run(model, item.clean, clean_targets, keep, reference_options)
+        corrupt_run = reference_run(model, item.corrupted, corrupt_targets,
+                                    {**keep, "use_cache": True}, reference_options,
+                                    keep_output=True)
+    if not suffix_path.last_only(item.metric, item.length, clean_run.logits.shape[-1]):
+        return "the metric reads positions other than the last"
+    setup = suffix_path.plan(model, item.corrupted, kwargs, corrupt_run, clean_run.logits,
+                             item.metric)
+    if isinstance(setup, str):
+        return setup
+    length = item.length
+    positions = [position_in(label, length) for label in labels]
+    baseline = float(metric_values(item.metric, corrupt_run.logits, 1)[0])
+    reference = float(metric_values(item.metric, clean_run.logits, 1)[0])
+    cells = [(kind, layer, *plans[kind, layer]) for kind in kinds for layer in layer_list]
+    if batch_size is not None:
+        per_trace = int(batch_size)
+    else:  # two cells a packed row of T + 1 tokens (and its share of the cache)
+        state = hidden(corrupt_run.outputs[cells[0][2].key])
+        layers_cache = setup.layers
+        per_row = row_bytes(model, length + 1, 0, state.shape[-1], 0, state.dtype) + \
+            sum(k[0].numel() + v[0].numel() for k, v in layers_cache) * 2 * \
+            state.element_size()
+        per_trace = min(len(positions), 2 * max(1, int(memory_budget // max(per_row, 1))))
+    with torch.no_grad():
+        scores, traces, tracer = suffix_path.run_sweep(
+            model, setup, cells, clean_run.outputs, corrupt_run.outputs, item.corrupted,
+            positions, item.metric, baseline, kwargs, options, max(1, per_trace), progress,
+            "activation patching")
+    values = scores.reshape(len(kinds), len(layer_list), len(positions))
+    info = dict(batch_size=per_trace, traces=traces + 3, cells=int(values.numel()),
+                backend=getattr(tracer, "backend", None), logits_to_keep=1,
+                seconds=time.perf_counter() - start,
+                graph_module=getattr(tracer, "graph_module", None), suffix=True,
+                vocabulary=setup.columns)
+    return PatchingResult(values, ("site", "layer", "position"),
+                          {"site": kinds, "layer": layer_list, "position": labels},
+                          baseline=baseline, reference=reference,
+                          tokens=token_labels(model, item.clean),
+                          method="activation patching", info=info)
 
 
 def _plan(layout, kind: str, layer: int) -> tuple[Target, list[Target]]:

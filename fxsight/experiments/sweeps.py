@@ -261,10 +261,11 @@ class Reference:
     logits: torch.Tensor
     output_kind: str
     backend: str | None = None
+    output: Any = None  # the model's output, where asked for (keep_output)
 
 
 def reference_run(model: Envoy, ids: torch.Tensor, targets: Iterable[Target], kwargs: dict,
-                  trace_options: dict) -> Reference:
+                  trace_options: dict, keep_output: bool = False) -> Reference:
     """One trace of ``ids`` saving every target's value and the model output."""
     saved: dict[str, Any] = {}
     with torch.no_grad(), model.trace(ids, **kwargs, **trace_options) as tracer:
@@ -275,7 +276,7 @@ def reference_run(model: Envoy, ids: torch.Tensor, targets: Iterable[Target], kw
     saved = {path: _real(value) for path, value in saved.items()}
     output = _real(output)
     return Reference(ids, saved, logits_of(output).detach(), output_kind(output),
-                     tracer.backend)
+                     tracer.backend, output if keep_output else None)
 
 
 def _real(value: Any) -> Any:

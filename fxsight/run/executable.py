@@ -318,26 +318,31 @@ def rows_key(rows: dict, exact: bool = True) -> tuple:
 
 
 def runner_for(model: torch.nn.Module, captured: Any, program: Program, rows: dict,
-               keep_output: bool, compile_options: CompileOptions | None) -> Runner:
+               keep_output: bool, compile_options: CompileOptions | None,
+               update_caches: bool = True) -> Runner:
     """The runner of ``program`` over ``captured`` for these rows and options: a cache hit,
-    or validated (and spliced and compiled where its executable is new) now."""
+    or validated (and spliced and compiled where its executable is new) now
+    (``update_caches``: see :func:`~fxsight.splice.splice.splice`)."""
     structure = program.structure_key()
     # the capture found for these exact inputs stands for their signature (cached_runner
     # checks it is the same object: ids can be reused)
-    key = (id(captured), structure, rows_key(rows), keep_output, compile_options)
+    key = (id(captured), structure, rows_key(rows), keep_output, compile_options,
+           update_caches)
     return cached_runner(model, key, captured, lambda: build_runner(
-        model, captured, program, rows, keep_output, compile_options, structure))
+        model, captured, program, rows, keep_output, compile_options, structure,
+        update_caches))
 
 
 def build_runner(model: torch.nn.Module, captured: Any, program: Program, rows: dict,
                  keep_output: bool, compile_options: CompileOptions | None,
-                 structure: tuple) -> Runner:
+                 structure: tuple, update_caches: bool = True) -> Runner:
     """Validate ``program`` for these exact inputs and find (or splice, and compile) its
     executable."""
     MetaWalker(program, rows, captured).run()
     dynamic = bool(getattr(captured, "dynamic", False))
     key = (captured.graph_module, shape_blind(structure), rows_key(rows, exact=False),
-           keep_output, compile_options)
+           keep_output, compile_options, update_caches)
     executable = cached_executable(model, key, lambda: Executable(
-        splice(captured, program, rows, keep_output), compile_options, dynamic))
+        splice(captured, program, rows, keep_output, update_caches=update_caches),
+        compile_options, dynamic))
     return Runner(executable)

@@ -150,7 +150,7 @@ def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
     if captured is not None:
         try:
             outcome = _run_fx(module, captured, program, flat[0], rows, options, keep_output,
-                              forward_saves, args, kwargs)
+                              forward_saves, args, kwargs, update_caches=not stop)
         except NotOnGraph as error:  # (raised while splicing: nothing has run)
             fall_back(error, options, warned, ("not on graph", str(error)))
     if outcome is None:
@@ -166,9 +166,12 @@ def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
 
 def _run_fx(module: nn.Module, captured: Captured, program: Program, flat: list[Any],
             rows: dict[Any, Rows], options: RunOptions, keep_output: bool,
-            forward_saves: list[Node], args: tuple = (), kwargs: dict | None = None
-            ) -> Outcome:
-    runner = runner_for(module, captured, program, rows, keep_output, options.compile)
+            forward_saves: list[Node], args: tuple = (), kwargs: dict | None = None,
+            update_caches: bool = True) -> Outcome:
+    # a stopped trace leaves a passed-in cache as it was (the forward pass did not finish):
+    # its updates are not outputs, so nothing only they need is computed
+    runner = runner_for(module, captured, program, rows, keep_output, options.compile,
+                        update_caches)
     user_caches = input_caches(args, kwargs or {}) if captured.caches is not None and \
         captured.caches.n_inputs else ()
     output, saves = runner(flat + program.input_values, user_caches)

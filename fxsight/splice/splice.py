@@ -133,11 +133,15 @@ def _static(target: Any, args: tuple) -> bool:
 
 
 def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
-           keep_output: bool, flat_attributes: bool = True) -> Spliced:
+           keep_output: bool, flat_attributes: bool = True,
+           update_caches: bool = True) -> Spliced:
     """Build the rewritten GraphModule of ``program`` over ``captured``.
 
     ``flat_attributes``: the module holds the parameters under flat names (faster to run);
-    without it, under the model's own dotted names (its ``state_dict`` keys)."""
+    without it, under the model's own dotted names (its ``state_dict`` keys).
+    ``update_caches``: the cache objects among the inputs are updated (as a plain forward
+    would); without it (a stopped trace) their updates are not outputs, so what only fed
+    them is pruned."""
     graph = fx.Graph()
     node_map: dict[fx.Node, fx.Node] = {}
     graph.graph_copy(captured.graph_module.graph, node_map)  # no output node copied
@@ -201,8 +205,8 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
                 leaves.append(("const", leaf))
         return OutputPlan(spec, leaves)
 
-    if layout is not None:
-        for k in range(layout.n_inputs):  # the user's caches are updated in any case
+    if layout is not None and update_caches:
+        for k in range(layout.n_inputs):  # the user's caches are updated (unless stopped)
             cache_output(k)
     root = Site("", OUTPUT, 0)
     model_output = None

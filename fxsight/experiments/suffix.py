@@ -1,0 +1,390 @@
+"""Suffix sweeps: patching cells of a causal decoder computed from the patched position on.
+
+Patching a site at (layer ``l``, position ``p``) of a causal decoder changes nothing at the
+positions before ``p``, in any layer: a cell only needs the layers from ``l`` on at the
+positions ``p..T-1``, whose attention reads the corrupted run's keys and values at the
+positions before ``p``. So a sweep of the sites of one layer at every position runs, per
+cell, a *suffix* of ``T - p`` tokens over a key-value cache of the corrupted run (about
+half of the tokens of the full-length rows, summed over the positions), and:
+
+- **Packing.** Suffixes of different lengths share rows: they are packed first-fit by
+  decreasing length into rows of ``T + 1`` tokens (with every position, the cells at ``p``
+  and ``T - 1 - p`` fill one row exactly). A 4-D additive mask lets each token see the
+  cache's first ``p`` positions and its own segment causally; ``position_ids`` hold each
+  token's position in the prompt. Padding tokens see only themselves; their results are
+  dropped.
+- **One graph per (site, layer).** The batch is one fxsight trace over the model's own
+  forward with the cache passed in: the modules before the patched site are skipped with
+  the corrupted run's values (packed), the site with the patched ones, the head's input is
+  saved and the trace stopped, so the cache's updates are not outputs (a stopped trace
+  leaves a passed-in cache as it was) and the rewritten graph holds only the blocks after
+  the site (asserted in ``tests/test_sweeps.py``).
+- **Only what the metric reads.** The head runs on each segment's last token only; when
+  the head is a ``Linear`` and the metric reads fixed vocabulary entries at the last
+  position (found by tracing the metric with ``torch.fx``, and checked on the clean run's
+  logits), only those rows of the head's weight are used.
+
+It is used only where it is valid: a model whose forward takes a cache object, a 4-D
+``attention_mask`` and ``position_ids``, that returns a ``DynamicCache`` of plain layers,
+and whose packed suffix run reproduces its own logits (checked once per sweep on the
+corrupted prompt), and a metric that reads only the last position. Anything else runs the
+full-length path; ``result.info["suffix"]`` says which and why.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..api.envoy import Envoy
+from .sweeps import Target, forward_parameters, hidden, logits_of, with_hidden
+
+CACHE_NAMES = ("cache", "past_key_values")
+ATOL = 1e-4  # the self-check's tolerance, relative to the logits' scale
+
+
+@dataclass
+class Packing:
+    """Cells of one prompt packed into rows: ``ids``/``position_ids``/``source`` (R, C): the
+    token, its position in the prompt; ``mask`` (R, 1, C, T + C) additive; ``segments``:
+    per cell, (row, start) of its segment; ``ends``: the (row, column) of its last token."""
+
+    ids: torch.Tensor
+    position_ids: torch.Tensor
+    mask: torch.Tensor
+    segments: list[tuple[int, int]]
+    ends: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def rows(self) -> int:
+        return self.ids.shape[0]
+
+
+def pack(ids: torch.Tensor, positions: list[int], dtype: torch.dtype) -> Packing:
+    """Pack the suffixes ``ids[0, p:]`` for each ``p`` in ``positions`` (cell order kept in
+    ``segments``) into rows of ``T + 1`` tokens."""
+    length = ids.shape[1]
+    capacity = length + 1
+    order = sorted(range(len(positions)), key=lambda i: positions[i])  # longest first
+    bins: list[list[int]] = []
+    used: list[int] = []
+    for i in order:
+        size = length - positions[i]
+        for b, fill in enumerate(used):
+            if fill + size <= capacity:
+                bins[b].append(i)
+                used[b] += size
+                break
+        else:
+            bins.append([i])
+            used.append(size)
+    rows = len(bins)
+    low = torch.finfo(dtype).min
+    tokens = torch.zeros(rows, capacity, dtype=torch.long)
+    where = torch.full((rows, capacity), length - 1, dtype=torch.long)
+    mask = torch.full((rows, 1, capacity, length + capacity), low, dtype=dtype)
+    causal = torch.triu(torch.full((capacity, capacity), low, dtype=dtype), 1)
+    segments: list[tuple[int, int]] = [(0, 0)] * len(positions)
+    for r, members in enumerate(bins):
+        start = 0
+        for i in members:
+            p = positions[i]
+            n = length - p
+            span = slice(start, start + n)
+            tokens[r, span] = ids[0, p:]
+            where[r, span] = torch.arange(p, length)
+            mask[r, 0, span, :p] = 0
+            mask[r, 0, span, length + start:length + start + n] = causal[:n, :n]
+            segments[i] = (r, start)
+            start += n
+        for j in range(start, capacity):  # padding: sees itself only
+            mask[r, 0, j, length + j] = 0
+    ends = (torch.tensor([r for r, _ in segments]),
+            torch.tensor([s + length - positions[i] - 1 for i, (_, s) in enumerate(segments)]))
+    return Packing(tokens, where, mask, segments, ends)
+
+
+# --- when it applies ---------------------------------------------------------------------
+def cache_name(model: Envoy) -> str | None:
+    parameters = forward_parameters(model)
+    if not {"attention_mask", "position_ids"} <= parameters:
+        return None
+    return next((name for name in CACHE_NAMES if name in parameters), None)
+
+
+def head_of(model: Envoy) -> Envoy | None:
+    """The envoy of the model's output embeddings (``get_output_embeddings()``)."""
+    get = getattr(model._module, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Module):
+        return None
+    for path, module in model._module.named_modules():
+        if module is head and path:
+            envoy = model
+            for part in path.split("."):
+                envoy = getattr(envoy, part)
+            return envoy
+    return None
+
+
+def last_only(metric: Callable, length: int, vocab: int) -> bool:
+    """Whether ``metric`` reads only the last position (checked on random logits)."""
+    from .sweeps import reads_last_position_only
+
+    probe = torch.randn(1, length, vocab, generator=torch.Generator().manual_seed(0))
+    try:
+        return reads_last_position_only(metric, probe)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def prefix_cache(output: Any) -> Any:
+    """The key-value cache in a model output (``(keys, values)`` per layer), or ``None``
+    where it is not a ``DynamicCache`` of plain layers."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return None
+    cache = None
+    for name in CACHE_NAMES:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            break
+    if type(cache) is not DynamicCache or \
+            not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return None
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_for(layers: list, rows: int) -> Any:
+    """A ``DynamicCache`` of ``rows`` rows holding the prefix (views of the one-row one)."""
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(k.expand(rows, *k.shape[1:]),
+                                         v.expand(rows, *v.shape[1:])) for k, v in layers])
+
+
+# --- the metric on the vocabulary entries it reads -----------------------------------------
+def vocabulary_reads(metric: Callable, logits: torch.Tensor) -> tuple[list[int], Callable] | None:
+    """The vocabulary entries ``metric`` reads at the last position and the metric on
+    logits of those entries only (shape (rows, 1, k)), when ``torch.fx`` can trace it into
+    indexing of the logits by constants; checked on ``logits`` (``None`` otherwise)."""
+    try:
+        import torch.fx as fx
+
+        traced = fx.symbolic_trace(metric)
+    except Exception:  # noqa: BLE001 - not traceable: every entry is computed
+        return None
+    graph = traced.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return None
+    columns: list[int] = []
+    uses = list(placeholders[0].users)
+    for use in uses:
+        if use.op != "call_function" or use.target is not operator.getitem or \
+                use.args[0] is not placeholders[0] or not isinstance(use.args[1], tuple):
+            return None
+        index = use.args[1]
+        if len(index) != 3 or index[0] != slice(None) or index[1] not in (-1,) or \
+                not isinstance(index[2], int) or isinstance(index[2], bool):
+            return None
+        if index[2] not in columns:
+            columns.append(index[2])
+    if not columns:
+        return None
+    for use in uses:
+        _, _, column = use.args[1]
+        use.args = (use.args[0], (slice(None), -1, columns.index(column)))
+    traced.recompile()
+    vocab = logits.shape[-1]
+    if any(not -vocab <= c < vocab for c in columns):
+        return None
+    try:
+        full = torch.as_tensor(metric(logits))
+        small = torch.as_tensor(traced(logits[:, -1:, columns]))
+    except Exception:  # noqa: BLE001
+        return None
+    if full.shape != small.shape or not torch.equal(full, small):
+        return None
+    return [c % vocab for c in columns], traced
+
+
+def head_logits(head: torch.nn.Module, inputs: torch.Tensor,
+                columns: list[int] | None) -> torch.Tensor:
+    """The head on ``inputs`` (rows, d) as logits (rows, 1, vocab or k)."""
+    if columns is not None and isinstance(head, torch.nn.Linear):
+        index = torch.tensor(columns)
+        bias = head.bias[index] if head.bias is not None else None
+        return torch.nn.functional.linear(inputs, head.weight[index], bias)[:, None]
+    return head(inputs)[:, None]
+
+
+# --- the self-check ----------------------------------------------------------------------
+def reproduces(model: Envoy, name: str, head: Envoy, ids: torch.Tensor, layers: list,
+               kwargs: dict, logits: torch.Tensor) -> str | None:
+    """Whether a packed suffix run of the unpatched prompt gives its own last-position
+    logits (and the head on its saved input gives them too): ``None``, or what differs."""
+    length = ids.shape[1]
+    positions = [p for p in (length // 3, length - 1 - length // 3) if 0 < p < length]
+    positions = sorted(set(positions)) or [0]
+    packing = pack(ids, positions, logits.dtype)
+    keep = {"logits_to_keep": packing.ends[1]} \
+        if "logits_to_keep" in forward_parameters(model) and packing.rows == 1 else {}
+    try:
+        with torch.no_grad(), model.trace(packing.ids, **{name: cache_for(layers, packing.rows)},
+                                          attention_mask=packing.mask,
+                                          position_ids=packing.position_ids, **kwargs,
+                                          **keep, backend="hooks") as tracer:
+            saved = head.input.save()
+            output = model.output.save()
+    except Exception as error:  # noqa: BLE001 - the model does not take it: full path
+        return f"the packed suffix run failed ({type(error).__name__}: {error})"
+    saved = getattr(saved, "value", saved)
+    output = getattr(output, "value", output)
+    got = logits_of(output)
+    got = got[0] if keep else got[packing.ends]
+    want = logits[0, -1].expand_as(got)
+    scale = float(want.abs().max()) + 1.0
+    if got.shape != want.shape or not torch.allclose(got, want, atol=ATOL * scale, rtol=0):
+        return "a packed suffix run over the cache does not give the model's own logits"
+    again = head._module(hidden(saved)[0] if keep else hidden(saved)[packing.ends])
+    if not torch.allclose(again, want, atol=ATOL * scale, rtol=0):
+        return "the head applied to its input does not give the model's logits"
+    del tracer
+    return None
+
+
+# --- one batch ---------------------------------------------------------------------------
+def packed_value(value: Any, packing: Packing, patched: torch.Tensor | None = None) -> Any:
+    """A saved one-row module output gathered onto the packed tokens (its hidden state
+    ``patched`` when given)."""
+    state = hidden(value)
+    rows = packing.rows
+    new = patched if patched is not None else \
+        state[0, packing.position_ids.reshape(-1)].reshape(rows, packing.ids.shape[1], -1)
+    return with_hidden(value, new, rows) if not isinstance(value, torch.Tensor) else new
+
+
+def run_layer(model: Envoy, name: str, head: Envoy, layers: list, packing: Packing,
+              target: Target, prefix: list[Target], clean: dict, corrupt: dict,
+              positions: list[int], kwargs: dict, options: dict):
+    """One trace of the packed cells of one (site, layer): returns the head's input at
+    each cell's last token, in cell order, and the tracer."""
+    state = hidden(corrupt[target.key])
+    rows, width = packing.rows, packing.ids.shape[1]
+    patched = state[0, packing.position_ids.reshape(-1)].reshape(rows, width, -1).clone()
+    clean_state = hidden(clean[target.key])
+    for (r, start), p in zip(packing.segments, positions):
+        patched[r, start] = clean_state[0, p]
+    replacements = [(t, packed_value(corrupt[t.key], packing)) for t in prefix]
+    replacements.append((target, packed_value(corrupt[target.key], packing, patched)))
+    with model.trace(packing.ids, **{name: cache_for(layers, rows)},
+                     attention_mask=packing.mask, position_ids=packing.position_ids,
+                     **kwargs, **options) as tracer:
+        for t, value in replacements:
+            t.replace(value)
+        saved = head.input.save()
+        tracer.stop()
+    saved = getattr(saved, "value", saved)
+    return hidden(saved)[packing.ends], tracer
+
+
+# --- a whole single-pair sweep -----------------------------------------------------------
+def why_not(model: Envoy, dataset: bool, backend: str | None, checkpoint: Any,
+            distributed: bool | None, kwargs: dict, last_only: bool) -> str | None:
+    """Why the suffix path does not apply to this sweep (``None``: it may; the model is
+    checked by :func:`plan`)."""
+    if dataset:
+        return "a dataset of pairs runs the full-length path"
+    if backend == "hooks":
+        return "the hooks backend runs the full-length path"
+    if checkpoint is not None:
+        return "checkpointed sweeps run the full-length path"
+    if distributed or (distributed is None and torch.distributed.is_available()
+                       and torch.distributed.is_initialized()):
+        return "distributed sweeps run the full-length path"
+    if not last_only:
+        return "the metric reads positions other than the last"
+    taken = {"attention_mask", "position_ids", "inputs_embeds", *CACHE_NAMES} & set(kwargs)
+    if taken:
+        return f"the forward is given {', '.join(sorted(taken))}"
+    if cache_name(model) is None:
+        return "the model's forward takes no cache, attention_mask and position_ids"
+    if head_of(model) is None:
+        return "the model has no output embeddings (get_output_embeddings)"
+    return None
+
+
+@dataclass
+class Plan:
+    name: str
+    head: Envoy
+    layers: list  # the corrupted prompt's cache: (keys, values) per layer
+    columns: list[int] | None
+    small_metric: Callable | None
+
+
+def plan(model: Envoy, corrupted: torch.Tensor, kwargs: dict, corrupt_run: Any,
+         clean_logits: torch.Tensor, metric: Callable) -> Plan | str:
+    """The suffix path's set-up for a pair (the prefix cache, the head, the vocabulary
+    entries the metric reads), or why it does not apply to this model. ``corrupt_run``:
+    the corrupted reference run with ``use_cache=True`` and its output kept."""
+    name = cache_name(model)
+    head = head_of(model)
+    corrupt_logits = corrupt_run.logits
+    layers = prefix_cache(corrupt_run.output)
+    if layers is None:
+        return "the model's cache is not a DynamicCache of plain layers"
+    reason = reproduces(model, name, head, corrupted, layers, kwargs, corrupt_logits)
+    if reason is not None:
+        return reason
+    reads = vocabulary_reads(metric, clean_logits)
+    columns, small = reads if reads is not None else (None, None)
+    if not isinstance(head._module, torch.nn.Linear):
+        columns, small = None, None
+    return Plan(name, head, layers, columns, small)
+
+
+def run_sweep(model: Envoy, setup: Plan, cells: list[tuple[str, int, Target, list[Target]]],
+              clean: dict, corrupt: dict, corrupted: torch.Tensor, positions: list[int],
+              metric: Callable, baseline: float, kwargs: dict, options: dict,
+              cells_per_trace: int, progress: bool, description: str):
+    """Every (site, layer) of ``cells`` at every position: scores (len(cells), positions),
+    the number of traces and the last tracer."""
+    from tqdm.auto import tqdm
+
+    chunks = [positions[i:i + cells_per_trace]
+              for i in range(0, len(positions), cells_per_trace)]
+    packings = {}
+    dtype = hidden(corrupt[cells[0][2].key]).dtype
+    scores = torch.zeros(len(cells), len(positions))
+    tracer = None
+    traces = 0
+    bar = tqdm(total=len(cells) * len(chunks), desc=description, unit="batch",
+               disable=not progress, leave=False)
+    try:
+        for c, (_, _, target, prefix) in enumerate(cells):
+            done = 0
+            for chunk in chunks:
+                key = tuple(chunk)
+                if key not in packings:
+                    packings[key] = pack(corrupted, chunk, dtype)
+                packing = packings[key]
+                inputs, tracer = run_layer(model, setup.name, setup.head, setup.layers,
+                                           packing, target, prefix, clean, corrupt, chunk,
+                                           kwargs, options)
+                traces += 1
+                with torch.no_grad():
+                    logits = head_logits(setup.head._module, inputs, setup.columns)
+                    chosen = setup.small_metric if setup.columns is not None else metric
+                    values = torch.as_tensor(chosen(logits)).reshape(-1).float()
+                scores[c, done:done + len(chunk)] = values - baseline
+                done += len(chunk)
+                bar.update(1)
+    finally:
+        bar.close()
+    return scores, traces, tracer

@@ -1,0 +1,191 @@
+"""The suffix path of activation patching (fxsight/experiments/suffix.py).
+
+- Every cell equals the full-length path and a hand-written one-cell-at-a-time hooks loop
+  (GPT-2 and Llama; resid, attn, mlp and resid_pre; every position; a subset of positions
+  in chunks with padded rows), and the path actually ran (``info["suffix"] is True``).
+- The rewritten graph of a layer-l cell holds only the blocks after l (the cache's updates
+  are not outputs of a stopped trace).
+- Packing: each cell's tokens and positions, every row filled (T + 1 tokens) with every
+  position.
+- Fallbacks say why: a metric reading other positions, a dataset, the hooks backend;
+  ``suffix=True`` where it cannot apply raises.
+- A stopped trace leaves a passed-in cache as it was.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxsight import NNsight, patching
+from fxsight.experiments.suffix import pack, vocabulary_reads
+from models import tiny_gpt2, tiny_llama
+
+TOKENS = 7
+A, B = 5, 9
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiny_gpt2(n_layer=3)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama(num_hidden_layers=3)
+
+
+def _prompts(tokens: int = TOKENS):
+    clean = torch.randint(4, 128, (1, tokens), generator=torch.Generator().manual_seed(1))
+    corrupted = clean.clone()
+    corrupted[0, 2] = (clean[0, 2] + 5) % 128
+    return clean, corrupted
+
+
+def metric(logits):
+    return logits[:, -1, A] - logits[:, -1, B]
+
+
+def _blocks(model):
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+def _hooks_loop(model, clean, corrupted, layer, position, metric):
+    """One cell by hand: the clean block output at (layer, position) in the corrupted run."""
+    saved = {}
+    block = _blocks(model)[layer]
+    handle = block.register_forward_hook(lambda m, a, o: saved.__setitem__("h", o))
+    with torch.no_grad():
+        model(clean, use_cache=False)
+        handle.remove()
+
+        def patch(module, args, output):
+            output = output.clone()
+            output[:, position] = saved["h"][:, position]
+            return output
+
+        handle = block.register_forward_hook(patch)
+        try:
+            patched = model(corrupted, use_cache=False).logits
+        finally:
+            handle.remove()
+        base = model(corrupted, use_cache=False).logits
+    return float(metric(patched)[0] - metric(base)[0])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_suffix_path_equals_full_length_path_and_hooks(name, request):
+    model = request.getfixturevalue(name)
+    net = NNsight(model)
+    clean, corrupted = _prompts()
+    sites = ["resid", "attn", "mlp", "resid_pre"]
+    fast = patching.activation_patching(net, clean, corrupted, metric, sites=sites,
+                                        progress=False)
+    full = patching.activation_patching(net, clean, corrupted, metric, sites=sites,
+                                        progress=False, suffix=False)
+    assert fast.info["suffix"] is True and full.info["suffix"] == "suffix=False"
+    assert fast.info["vocabulary"] == [A, B]  # the head computed 2 entries only
+    assert fast.values.abs().max() > 1e-3  # (cells that differ: the test can fail)
+    torch.testing.assert_close(fast.values, full.values, rtol=0, atol=1e-5)
+    assert fast.baseline == pytest.approx(full.baseline, abs=1e-5)
+    assert fast.reference == pytest.approx(full.reference, abs=1e-5)
+    for layer, position in [(0, 2), (1, 4), (2, 6), (1, 0)]:
+        expected = _hooks_loop(model, clean, corrupted, layer, position, metric)
+        assert float(fast.values[0, layer, position]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_chunks_of_a_position_subset_and_a_full_vocabulary_metric(gpt2):
+    net = NNsight(gpt2)
+    clean, corrupted = _prompts(9)
+
+    def logprob(logits):  # reads every vocabulary entry: the full head runs
+        return logits[:, -1].log_softmax(-1)[:, A]
+
+    kwargs = dict(sites=["resid", "mlp"], positions=[0, 3, 4, 8], layers=[0, 2],
+                  progress=False)
+    fast = patching.activation_patching(net, clean, corrupted, logprob, batch_size=3,
+                                        **kwargs)
+    full = patching.activation_patching(net, clean, corrupted, logprob, suffix=False,
+                                        **kwargs)
+    assert fast.info["suffix"] is True and fast.info["vocabulary"] is None
+    assert fast.info["traces"] == 2 * 2 * 2 + 3  # 2 kinds x 2 layers x 2 chunks
+    torch.testing.assert_close(fast.values, full.values, rtol=0, atol=1e-5)
+
+
+def test_a_cell_computes_only_the_blocks_after_its_layer(gpt2):
+    net = NNsight(gpt2)
+    clean, corrupted = _prompts()
+    result = patching.activation_patching(net, clean, corrupted, metric, sites=["resid"],
+                                          layers=[1], progress=False)
+    assert result.info["suffix"] is True
+    graph = result.info["graph_module"]
+    names = {id(p): n for n, p in gpt2.named_parameters()}
+    used = {names[id(getattr(graph, n.target))] for n in graph.graph.nodes
+            if n.op == "get_attr" and id(getattr(graph, n.target)) in names}
+    assert used and all(n.startswith(("transformer.h.2.", "transformer.ln_f.")) for n in used), \
+        sorted(used)
+    assert any(n.startswith("transformer.h.2.mlp") for n in used)
+
+
+def test_packing_puts_each_suffix_at_its_positions():
+    ids = torch.arange(10, 18).reshape(1, 8)
+    packing = pack(ids, list(range(8)), torch.float32)
+    assert packing.rows == 4 and packing.ids.shape == (4, 9)  # p and 7 - p share a row
+    low = torch.finfo(torch.float32).min
+    for p, (row, start) in enumerate(packing.segments):
+        n = 8 - p
+        assert packing.ids[row, start:start + n].tolist() == list(range(10 + p, 18))
+        assert packing.position_ids[row, start:start + n].tolist() == list(range(p, 8))
+        last = packing.mask[row, 0, start + n - 1]
+        assert (last[:p] == 0).all() and (last[p:8] == low).all()  # the cache before p
+        assert (last[8 + start:8 + start + n] == 0).all()  # its own segment
+        assert int(packing.ends[1][p]) == start + n - 1 and int(packing.ends[0][p]) == row
+    odd = pack(torch.arange(5).reshape(1, 5), [0, 2, 4], torch.float32)
+    assert odd.rows == 2  # lengths 5, 3, 1 in rows of 6: (5, 1) and (3 + padding)
+    row, start = odd.segments[1]
+    assert (odd.mask[row, 0, start + 3, 5 + start + 3] == 0)  # padding sees itself
+
+
+def test_vocabulary_reads_of_a_traced_metric():
+    logits = torch.randn(2, 3, 20)
+    columns, small = vocabulary_reads(metric, logits)
+    assert columns == [A, B]
+    torch.testing.assert_close(small(logits[:, -1:, columns]), metric(logits))
+    assert vocabulary_reads(lambda x: x[:, -1].softmax(-1)[:, 3], logits) is None
+
+
+def test_fallbacks_say_why(gpt2):
+    net = NNsight(gpt2)
+    clean, corrupted = _prompts()
+
+    def all_positions(logits):
+        return logits[:, :, A].sum(-1)
+
+    result = patching.activation_patching(net, clean, corrupted, all_positions,
+                                          sites=["resid"], progress=False)
+    assert result.info["suffix"] == "the metric reads positions other than the last"
+    hooks = patching.activation_patching(net, clean, corrupted, metric, sites=["resid"],
+                                         progress=False, backend="hooks")
+    assert "hooks backend" in hooks.info["suffix"]
+    pairs = patching.activation_patching(net, [clean, clean], [corrupted, corrupted],
+                                         metric, sites=["resid"], progress=False)
+    assert "dataset" in pairs.info["suffix"]
+    with pytest.raises(ValueError, match="suffix path does not apply"):
+        patching.activation_patching(net, clean, corrupted, all_positions, sites=["resid"],
+                                     progress=False, suffix=True)
+
+
+def test_a_stopped_trace_leaves_a_passed_in_cache_as_it_was(llama):
+    clean, _ = _prompts()
+    with torch.no_grad():
+        cache = llama(clean[:, :4], use_cache=True).cache
+    before = [layer.keys.clone() for layer in cache.layers]
+    net = NNsight(llama)
+    with torch.no_grad(), net.trace(clean[:, 4:], cache=cache, backend="fx") as tracer:
+        hidden = net.model.layers[1].output.save()
+        tracer.stop()
+    assert tracer.backend == "fx"
+    assert [layer.keys.shape for layer in cache.layers] == [b.shape for b in before]
+    with torch.no_grad():
+        plain = llama(clean[:, 4:], cache=cache, use_cache=True, output_hidden_states=True)
+    torch.testing.assert_close(hidden, plain.hidden_states[2], rtol=0, atol=1e-5)
