@@ -19,7 +19,7 @@ from .jobs import (Experiment, Group, Refs, dataset_result, job_info, kwargs_key
 from .result import PatchingResult
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Layout, Sweep, Target, check_layers,
                      choose_batch_size, expanded, find_layout, forward_kwargs,
-                     forward_parameters, reference_run, row_bytes, stacked, token_labels, trace_options)
+                     can_keep_last, reference_run, row_bytes, stacked, token_labels, trace_options)
 
 OUTPUT_PROJECTION_NAMES = ("c_proj", "o_proj", "out_proj", "dense")
 
@@ -89,8 +89,7 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
         seen.setdefault("reference", clean_run)
         return Refs.of_pair(item, clean_run, corrupt_run)
 
-    can_keep = "logits_to_keep" not in kwargs and \
-        "logits_to_keep" in forward_parameters(model)
+    can_keep = can_keep_last(model, kwargs)
 
     def per_row(length: int, probe: Refs) -> int:
         clean_run = probe.runs[0]

@@ -34,7 +34,7 @@ from .result import Cell, PatchingResult
 from .jobs import (Experiment, Group as JobGroup, Item, Refs, dataset_result, is_dataset,
                    job_info, kwargs_key, pairs_of, position_in, position_labels,
                    prompts_of, run_job)
-from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, check_kinds, check_layers,
+from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, can_keep_last, check_kinds, check_layers,
                      check_positions, choose_batch_size, expanded, find_layout,
                      forward_kwargs as _forward_kwargs, forward_parameters, hidden,
                      metric_values, reads_last_position_only, reference_run, row_bytes,
@@ -151,8 +151,7 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
         seen.setdefault("reference", clean_run)
         return Refs.of_pair(item, clean_run, corrupt_run)
 
-    can_keep = "logits_to_keep" not in kwargs and \
-        "logits_to_keep" in forward_parameters(model)
+    can_keep = can_keep_last(model, kwargs)
 
     def per_row(length: int, probe: Refs) -> int:
         clean_run = probe.runs[0]
@@ -378,8 +377,7 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
         return Refs(item.corrupted, chosen, float(metric_values(chosen, run.logits, 1)[0]),
                     None, reads_last_position_only(chosen, run.logits), run)
 
-    can_keep = "logits_to_keep" not in kwargs and \
-        "logits_to_keep" in forward_parameters(model)
+    can_keep = can_keep_last(model, kwargs)
 
     def per_row(length: int, probe: Refs) -> int:
         base = hidden(probe.runs.outputs[blocks[0].key])

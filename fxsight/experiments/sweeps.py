@@ -391,12 +391,17 @@ class Sweep:
         return _real(logits)
 
 
+def can_keep_last(model: Envoy, kwargs: dict) -> bool:
+    """Whether the sweep may ask the model for the last position's logits only: its
+    forward takes ``logits_to_keep`` and the user did not pass one."""
+    return "logits_to_keep" not in kwargs and "logits_to_keep" in forward_parameters(model)
+
+
 def logits_kwargs(model: Envoy, kwargs: dict, metric: Callable,
                    logits: torch.Tensor) -> tuple[dict, int]:
     """The forward kwargs of the sweep's batches and how many positions of logits they
     compute: only the last where the metric reads nothing else and the model can."""
-    if "logits_to_keep" not in kwargs and "logits_to_keep" in forward_parameters(model) \
-            and reads_last_position_only(metric, logits):
+    if can_keep_last(model, kwargs) and reads_last_position_only(metric, logits):
         return {**kwargs, "logits_to_keep": 1}, 1
     return dict(kwargs), logits.shape[1]
 
