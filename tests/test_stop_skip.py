@@ -249,3 +249,73 @@ def test_skip_in_one_invoke_leaves_the_other_rows_alone(backend):
             out_b = model.output.save()
     torch.testing.assert_close(out_a, net.layer3(torch.sigmoid(torch.zeros(2, 10))).detach())
     torch.testing.assert_close(out_b, net(b).detach())
+
+
+# a skip whose value is computed from the skipped module's own input (read in the same
+# trace), by plain ops or by calling the module itself (an envoy applied to a traced value)
+_ENDS = (torch.tensor([0, 1]), torch.tensor([6, 4]))
+_OWN_INPUT_SKIPS = {
+    "input": lambda x, mlp: x,
+    "input * 2": lambda x, mlp: x * 2,
+    "mlp(input) * 0.5": lambda x, mlp: mlp(x) * 0.5,
+    "mlp(mlp(input))": lambda x, mlp: mlp(mlp(x)),
+    # the MLP on two tokens only, scattered into zeros (nothing else of the block's MLP)
+    "index_put of mlp on two tokens": lambda x, mlp: torch.zeros_like(x).index_put(
+        _ENDS, mlp(x[_ENDS][:, None])[:, 0]),
+}
+
+
+@pytest.mark.parametrize("name", list(_OWN_INPUT_SKIPS))
+def test_skip_with_a_value_from_the_modules_own_input(gpt2, name):
+    value = _OWN_INPUT_SKIPS[name]
+    x = _ids()
+    mlp_module = gpt2.transformer.h[1].mlp
+    # hand-written: the MLP's forward replaced by the value, computed with its own forward
+    own = mlp_module.forward
+    mlp_module.forward = lambda h: value(h, own)
+    try:
+        with torch.no_grad():
+            expected = gpt2(x, use_cache=False).logits
+    finally:
+        del mlp_module.forward
+
+    model = NNsight(gpt2)
+    got = {}
+    for backend in BACKENDS:
+        with torch.no_grad(), model.trace(x, use_cache=False, backend=backend):
+            mlp = model.transformer.h[1].mlp
+            mlp.skip(value(mlp.input, mlp))
+            got[backend] = model.lm_head.output.save()
+        assert "forward" not in vars(mlp_module)
+    torch.testing.assert_close(got["fx"], expected)
+    torch.testing.assert_close(got["hooks"], got["fx"])
+    assert torch.equal(got["hooks"], expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_trace_calling_a_skipped_module_runs_the_module(gpt2, backend):
+    """A call of a skipped module by the trace itself, after the skipped call (a lens on
+    the final norm's output through the skipped MLP), runs the module, not the skip."""
+    x = _ids()
+    mlp_module = gpt2.transformer.h[1].mlp
+    saved = {}
+    mlp_module.forward = lambda h: torch.zeros_like(h)
+    hook = gpt2.transformer.ln_f.register_forward_hook(
+        lambda m, i, o: saved.setdefault("ln_f", o))
+    try:
+        with torch.no_grad():
+            expected_logits = gpt2(x, use_cache=False).logits
+    finally:
+        hook.remove()
+        del mlp_module.forward
+    with torch.no_grad():
+        expected_lens = mlp_module(saved["ln_f"])
+
+    model = NNsight(gpt2)
+    with torch.no_grad(), model.trace(x, use_cache=False, backend=backend):
+        mlp = model.transformer.h[1].mlp
+        mlp.skip(torch.zeros_like(mlp.input))
+        lens = mlp(model.transformer.ln_f.output).save()
+        logits = model.lm_head.output.save()
+    torch.testing.assert_close(logits, expected_logits)
+    torch.testing.assert_close(lens, expected_lens)

@@ -121,7 +121,9 @@ def _skipping(model: nn.Module, skips: list[Node], walker: RealWalker,
 
     A forward pre-hook cannot skip a module in torch, so the module's ``forward`` is
     replaced by an instance attribute for the run (restored in ``finally``); its hooks
-    still fire, so the skip's write and later reads happen at its output event."""
+    still fire, so the skip's write and later reads happen at its output event. Calls
+    that are no events (another thread's, or a module call of the Program itself, made
+    while ``events.paused``) run the module's own forward."""
     saved: list[tuple[nn.Module, Any]] = []
     try:
         for node in skips:
@@ -147,6 +149,8 @@ def _skipped_forward(module: nn.Module, path: str, calls: dict[int, Node],
 
     def forward(*args, **kwargs):
         if threading.get_ident() != events.thread:  # another thread's call: not skipped
+            return original(*args, **kwargs)
+        if events.paused:  # the Program's own call of the module (``blk.mlp(x)``): runs
             return original(*args, **kwargs)
         node = calls.get(events.calls.get(path, 0) - 1)
         if node is None:
