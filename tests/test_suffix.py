@@ -4,7 +4,9 @@
   (GPT-2 and Llama; resid, attn, mlp and resid_pre; every position; a subset of positions
   in chunks with padded rows), and the path actually ran (``info["suffix"] is True``).
 - The rewritten graph of a layer-l cell holds only the blocks after l (the cache's updates
-  are not outputs of a stopped trace).
+  are not outputs of a stopped trace), and the last block's MLP runs on the cells' last
+  tokens only (one row per cell); an MLP that mixes tokens fails the self-check and runs
+  whole, with the same scores as the full-length path.
 - Packing: each cell's tokens and positions, every row filled (T + 1 tokens) with every
   position.
 - Fallbacks say why: a metric reading other positions, a dataset, the hooks backend;
@@ -19,6 +21,7 @@ import torch
 
 from fxsight import NNsight, patching
 from fxsight.experiments.suffix import pack, vocabulary_reads
+from fxsight.record.program import ModuleCall
 from models import tiny_gpt2, tiny_llama
 
 TOKENS = 7
@@ -85,6 +88,7 @@ def test_suffix_path_equals_full_length_path_and_hooks(name, request):
                                         progress=False, suffix=False)
     assert fast.info["suffix"] is True and full.info["suffix"] == "suffix=False"
     assert fast.info["vocabulary"] == [A, B]  # the head computed 2 entries only
+    assert fast.info["last_mlp_on_last_tokens"] is True
     assert fast.values.abs().max() > 1e-3  # (cells that differ: the test can fail)
     torch.testing.assert_close(fast.values, full.values, rtol=0, atol=1e-5)
     assert fast.baseline == pytest.approx(full.baseline, abs=1e-5)
@@ -112,7 +116,11 @@ def test_chunks_of_a_position_subset_and_a_full_vocabulary_metric(gpt2):
     torch.testing.assert_close(fast.values, full.values, rtol=0, atol=1e-5)
 
 
-def test_a_cell_computes_only_the_blocks_after_its_layer(gpt2):
+def test_a_cell_computes_only_the_blocks_after_its_layer(gpt2, monkeypatch):
+    shapes = []  # of the values the trace's module calls are applied to
+    call = ModuleCall.__call__
+    monkeypatch.setattr(ModuleCall, "__call__", lambda self, *args: (
+        shapes.append((self.module, tuple(args[0].shape))), call(self, *args))[1])
     net = NNsight(gpt2)
     clean, corrupted = _prompts()
     result = patching.activation_patching(net, clean, corrupted, metric, sites=["resid"],
@@ -124,7 +132,32 @@ def test_a_cell_computes_only_the_blocks_after_its_layer(gpt2):
             if n.op == "get_attr" and id(getattr(graph, n.target)) in names}
     assert used and all(n.startswith(("transformer.h.2.", "transformer.ln_f.")) for n in used), \
         sorted(used)
-    assert any(n.startswith("transformer.h.2.mlp") for n in used)
+    # the last block's MLP is not in the captured part: it is called on the last tokens
+    assert not any(n.startswith("transformer.h.2.mlp") for n in used)
+    calls = [n for n in graph.graph.nodes if getattr(n.target, "module", None) is
+             gpt2.transformer.h[2].mlp]
+    assert len(calls) == 1
+    width = gpt2.config.n_embd  # every position of layer 1: one row of one token each
+    mlp = gpt2.transformer.h[2].mlp  # (the first call: the self-check's two cells)
+    assert shapes == [(mlp, (2, 1, width)), (mlp, (TOKENS, 1, width))]
+
+
+def test_an_mlp_with_a_one_token_path_runs_whole(monkeypatch):
+    """The last MLP on one-token rows would be wrong for an MLP that computes otherwise on
+    one token (a decoding fast path): the self-check sees it and the whole block runs."""
+    model = tiny_gpt2(n_layer=2)
+    mlp = model.transformer.h[1].mlp
+    plain = type(mlp).forward
+    monkeypatch.setattr(mlp, "forward",
+                        lambda h: plain(mlp, h) * (2.0 if h.shape[1] == 1 else 1.0))
+    net = NNsight(model)
+    clean, corrupted = _prompts()
+    fast = patching.activation_patching(net, clean, corrupted, metric, sites=["resid"],
+                                        progress=False)
+    full = patching.activation_patching(net, clean, corrupted, metric, sites=["resid"],
+                                        progress=False, suffix=False)
+    assert fast.info["suffix"] is True and fast.info["last_mlp_on_last_tokens"] is False
+    torch.testing.assert_close(fast.values, full.values, rtol=0, atol=1e-5)
 
 
 def test_packing_puts_each_suffix_at_its_positions():

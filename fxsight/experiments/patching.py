@@ -236,7 +236,7 @@ def _suffix_sweep(model, items, dataset, kinds, layer_list, labels, plans, clean
                 backend=getattr(tracer, "backend", None), logits_to_keep=1,
                 seconds=time.perf_counter() - start,
                 graph_module=getattr(tracer, "graph_module", None), suffix=True,
-                vocabulary=setup.columns)
+                vocabulary=setup.columns, last_mlp_on_last_tokens=setup.tail is not None)
     return PatchingResult(values, ("site", "layer", "position"),
                           {"site": kinds, "layer": layer_list, "position": labels},
                           baseline=baseline, reference=reference,

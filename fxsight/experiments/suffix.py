@@ -19,6 +19,13 @@ half of the tokens of the full-length rows, summed over the positions), and:
   saved and the trace stopped, so the cache's updates are not outputs (a stopped trace
   leaves a passed-in cache as it was) and the rewritten graph holds only the blocks after
   the site (asserted in ``tests/test_sweeps.py``).
+- **The last block's MLP on the last tokens only.** Only each segment's last token of the
+  last block's output is read, so its MLP (most of a block's work) runs on those tokens
+  only: inside the trace, the MLP's input at the segments' last tokens goes through the MLP
+  module, and the MLP is skipped with those outputs in place (zeros elsewhere, whose block
+  outputs nothing reads). Where the self-check of this on the corrupted prompt fails (an
+  MLP that is not applied token by token, a block that does not add its MLP's output), the
+  whole last block runs.
 - **Only what the metric reads.** The head runs on each segment's last token only; when
   the head is a ``Linear`` and the metric reads fixed vocabulary entries at the last
   position (found by tracing the metric with ``torch.fx``, and checked on the clean run's
@@ -44,6 +51,7 @@ from .sweeps import Target, forward_parameters, hidden, logits_of, with_hidden
 
 CACHE_NAMES = ("cache", "past_key_values")
 ATOL = 1e-4  # the self-check's tolerance, relative to the logits' scale
+CHECK_BACKEND = "hooks"  # the self-check's (its one-row shape would be a capture of its own)
 
 
 @dataclass
@@ -225,20 +233,24 @@ def head_logits(head: torch.nn.Module, inputs: torch.Tensor,
 
 # --- the self-check ----------------------------------------------------------------------
 def reproduces(model: Envoy, name: str, head: Envoy, ids: torch.Tensor, layers: list,
-               kwargs: dict, logits: torch.Tensor) -> str | None:
+               kwargs: dict, logits: torch.Tensor, tail: Envoy | None = None) -> str | None:
     """Whether a packed suffix run of the unpatched prompt gives its own last-position
-    logits (and the head on its saved input gives them too): ``None``, or what differs."""
+    logits (and the head on its saved input gives them too): ``None``, or what differs.
+    With ``tail`` (the last block's MLP), the run applies it to the segments' last tokens
+    only (:func:`tail_on_ends`)."""
     length = ids.shape[1]
     positions = [p for p in (length // 3, length - 1 - length // 3) if 0 < p < length]
     positions = sorted(set(positions)) or [0]
     packing = pack(ids, positions, logits.dtype)
-    keep = {"logits_to_keep": packing.ends[1]} \
-        if "logits_to_keep" in forward_parameters(model) and packing.rows == 1 else {}
+    keep = {"logits_to_keep": packing.ends[1]} if tail is None and packing.rows == 1 and \
+        "logits_to_keep" in forward_parameters(model) else {}
     try:
         with torch.no_grad(), model.trace(packing.ids, **{name: cache_for(layers, packing.rows)},
                                           attention_mask=packing.mask,
                                           position_ids=packing.position_ids, **kwargs,
-                                          **keep, backend="hooks") as tracer:
+                                          **keep, backend=CHECK_BACKEND) as tracer:
+            if tail is not None:
+                tail_on_ends(tail, packing.ends)
             saved = head.input.save()
             output = model.output.save()
     except Exception as error:  # noqa: BLE001 - the model does not take it: full path
@@ -259,6 +271,15 @@ def reproduces(model: Envoy, name: str, head: Envoy, ids: torch.Tensor, layers: 
 
 
 # --- one batch ---------------------------------------------------------------------------
+def tail_on_ends(mlp: Envoy, ends: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """(Inside a trace.) ``mlp`` runs on the tokens at ``ends`` (rows, columns) only: it is
+    skipped with its output on those tokens (as a batch of one-token rows) and zeros
+    elsewhere."""
+    inputs = mlp.input
+    outputs = mlp(inputs[ends][:, None])
+    mlp.skip(torch.zeros_like(inputs).index_put(ends, outputs[:, 0]))
+
+
 def packed_value(value: Any, packing: Packing, patched: torch.Tensor | None = None) -> Any:
     """A saved one-row module output gathered onto the packed tokens (its hidden state
     ``patched`` when given)."""
@@ -271,9 +292,10 @@ def packed_value(value: Any, packing: Packing, patched: torch.Tensor | None = No
 
 def run_layer(model: Envoy, name: str, head: Envoy, layers: list, packing: Packing,
               target: Target, prefix: list[Target], clean: dict, corrupt: dict,
-              positions: list[int], kwargs: dict, options: dict):
+              positions: list[int], kwargs: dict, options: dict, tail: Envoy | None = None):
     """One trace of the packed cells of one (site, layer): returns the head's input at
-    each cell's last token, in cell order, and the tracer."""
+    each cell's last token, in cell order, and the tracer. ``tail``: the last block's MLP,
+    to run on the cells' last tokens only (it must come after ``target``)."""
     state = hidden(corrupt[target.key])
     rows, width = packing.rows, packing.ids.shape[1]
     patched = state[0, packing.position_ids.reshape(-1)].reshape(rows, width, -1).clone()
@@ -287,6 +309,8 @@ def run_layer(model: Envoy, name: str, head: Envoy, layers: list, packing: Packi
                      **kwargs, **options) as tracer:
         for t, value in replacements:
             t.replace(value)
+        if tail is not None:
+            tail_on_ends(tail, packing.ends)
         saved = head.input.save()
         tracer.stop()
     saved = getattr(saved, "value", saved)
@@ -326,6 +350,7 @@ class Plan:
     layers: list  # the corrupted prompt's cache: (keys, values) per layer
     columns: list[int] | None
     small_metric: Callable | None
+    tail: Envoy | None = None  # the last block's MLP, run on the segments' last tokens only
 
 
 def plan(model: Envoy, corrupted: torch.Tensor, kwargs: dict, corrupt_run: Any,
@@ -342,11 +367,37 @@ def plan(model: Envoy, corrupted: torch.Tensor, kwargs: dict, corrupt_run: Any,
     reason = reproduces(model, name, head, corrupted, layers, kwargs, corrupt_logits)
     if reason is not None:
         return reason
+    tail = last_mlp(model)
+    if tail is not None and reproduces(model, name, head, corrupted, layers, kwargs,
+                                       corrupt_logits, tail) is not None:
+        tail = None  # (the whole last block runs)
     reads = vocabulary_reads(metric, clean_logits)
     columns, small = reads if reads is not None else (None, None)
     if not isinstance(head._module, torch.nn.Linear):
         columns, small = None, None
-    return Plan(name, head, layers, columns, small)
+    return Plan(name, head, layers, columns, small, tail)
+
+
+def last_mlp(model: Envoy) -> Envoy | None:
+    """The last block's MLP module, or ``None`` where the blocks have none."""
+    from .sweeps import find_layout
+
+    try:
+        return find_layout(model).site("mlp", -1)
+    except ValueError:
+        return None
+
+
+def tail_after(tail: Envoy | None, target: Target, prefix: list[Target]) -> Envoy | None:
+    """``tail`` where it runs after every module a cell replaces (not the MLP itself or a
+    module that contains it), else ``None``."""
+    if tail is None:
+        return None
+    for t in (target, *prefix):
+        path = t.envoy.path
+        if t.accessor == "output" and (path == tail.path or tail.path.startswith(path + ".")):
+            return None
+    return tail
 
 
 def run_sweep(model: Envoy, setup: Plan, cells: list[tuple[str, int, Target, list[Target]]],
@@ -376,7 +427,8 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[tuple[str, int, Target, lis
                 packing = packings[key]
                 inputs, tracer = run_layer(model, setup.name, setup.head, setup.layers,
                                            packing, target, prefix, clean, corrupt, chunk,
-                                           kwargs, options)
+                                           kwargs, options,
+                                           tail_after(setup.tail, target, prefix))
                 traces += 1
                 with torch.no_grad():
                     logits = head_logits(setup.head._module, inputs, setup.columns)
