@@ -1,4 +1,5 @@
-"""Per-head activation patching against a hand-written one-cell-at-a-time hooks loop."""
+"""Per-head activation patching against a hand-written one-cell-at-a-time hooks loop: on the
+suffix path (fx), the full-length path (fx, ``suffix=False``) and the hooks backend."""
 
 import pytest
 import torch
@@ -46,16 +47,22 @@ def _one_cell_at_a_time(model, projection, clean, corrupted, layers, heads, head
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-@pytest.mark.parametrize("backend", ["fx", "hooks"])
-def test_head_patching_equals_one_cell_loop(name, backend):
+@pytest.mark.parametrize("backend, suffix", [("fx", None), ("fx", False), ("hooks", None)])
+def test_head_patching_equals_one_cell_loop(name, backend, suffix):
     build, projection = MODELS[name]
     model = build()
     clean = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
     corrupted = clean.clone()
     corrupted[0, 1] = 9
     result = patching.head_patching(NNsight(model), clean, corrupted, metric, progress=False,
-                                    backend=backend, batch_size=5, use_cache=False)
+                                    backend=backend, batch_size=5, use_cache=False,
+                                    suffix=suffix)
     expected = _one_cell_at_a_time(model, projection, clean, corrupted, 2, 4, 16)
+    on_suffix = backend == "fx" and suffix is None
+    assert (result.info["suffix"] is True) == on_suffix, result.info["suffix"]
+    if on_suffix:
+        assert result.info["last_mlp_on_last_tokens"] is True
+        assert result.info["traces"] == 2 * 5 + 3  # 2 layers x 24 cells in 5-cell traces
     assert result.dims == ("layer", "head", "position")
     assert result.values.shape == (2, 4, 6)
     torch.testing.assert_close(result.values, expected, atol=1e-5, rtol=1e-4)

@@ -3,7 +3,9 @@
 A head's contribution to the residual stream is its slice of the input of the attention's
 output projection (``c_proj`` in GPT-2, ``o_proj`` in Llama): patching that slice with the
 clean run's is patching the head. Cells run in batches like every sweep (the block before
-the patched layer is skipped with the corrupted run's output: prefix reuse).
+the patched layer is skipped with the corrupted run's output: prefix reuse), on the suffix
+path where it applies (one pair, a causal decoder with a key-value cache, a metric of the
+last position: each cell runs from its position on, see :mod:`fxsight.experiments.suffix`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ..api.envoy import Envoy
+from . import suffix as suffix_path
 from .jobs import (Experiment, Group, Refs, dataset_result, job_info, kwargs_key, pairs_of,
                    position_in, position_labels, run_job)
 from .result import PatchingResult
@@ -52,11 +55,11 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
                   memory_budget: int | float = DEFAULT_MEMORY_BUDGET,
                   progress: bool = True, backend: str | None = None, compile: Any = None,
                   checkpoint: Any = None, distributed: bool | None = None,
-                  **forward_kwargs_given: Any):
+                  suffix: bool | None = None, **forward_kwargs_given: Any):
     """Patch each attention head's clean output into the corrupted run, at each position.
 
     Arguments as in :func:`fxsight.patching.activation_patching` (datasets of pairs,
-    ``checkpoint`` and ``distributed`` included). Returns scores with
+    ``checkpoint``, ``distributed`` and ``suffix`` included). Returns scores with
     ``dims == ("layer", "head", "position")``: the patched run's metric minus the corrupted
     run's."""
     start = time.perf_counter()
@@ -73,6 +76,18 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
     prefixes = {layer: [Target(layout.blocks[layer - 1])] if layer > 0 else []
                 for layer in layer_list}
     corrupt_targets = [t for layer in layer_list for t in (*prefixes[layer], targets[layer])]
+    if suffix is not False:
+        fast = _suffix_heads(model, items, dataset, layer_list, labels, heads, targets,
+                             prefixes, corrupt_targets, kwargs, options, reference_options,
+                             backend, checkpoint, distributed, batch_size, memory_budget,
+                             progress, start)
+        if isinstance(fast, PatchingResult):
+            return fast
+        if suffix:
+            raise ValueError(f"suffix=True, but the suffix path does not apply: {fast}")
+        suffix_note = fast
+    else:
+        suffix_note = "suffix=False"
     sweep = Sweep(model, None, None, kwargs, options, "attr", 1, progress, "head patching")
     seen: dict = {}
 
@@ -141,6 +156,7 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
     job = run_job(experiment, sweep, batch_size, memory_budget, choose_batch_size, progress,
                   checkpoint, distributed)
     info = job_info(job, len(items), 2, sweep, seen, kwargs, start)
+    info["suffix"] = suffix_note
     coords = {"layer": layer_list, "head": list(range(heads)), "position": labels}
     if not dataset:
         return PatchingResult(
@@ -148,3 +164,40 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
             baseline=float(job.baselines[0]), reference=float(job.references[0]),
             tokens=token_labels(model, items[0].clean), method="head patching", info=info)
     return dataset_result(job, ("layer", "head", "position"), coords, "head patching", info)
+
+
+def _suffix_heads(model, items, dataset, layer_list, labels, heads, targets, prefixes,
+                  corrupt_targets, kwargs, options, reference_options, backend, checkpoint,
+                  distributed, batch_size, memory_budget, progress,
+                  start) -> PatchingResult | str:
+    """Head patching on the suffix path, or why it does not apply."""
+    if dataset or len(items) != 1:
+        return "a dataset of pairs runs the full-length path"
+    item = items[0]
+    given = {k: v for k, v in kwargs.items() if k != "use_cache"}
+    reason = suffix_path.why_not(model, dataset, backend, checkpoint, distributed, given, True)
+    if reason is not None:
+        return reason
+    cells = [("heads", layer, targets[layer], prefixes[layer]) for layer in layer_list]
+    key = targets[layer_list[0]].key
+
+    def units(clean_run) -> list:
+        width = clean_run.outputs[key].shape[-1]
+        if width % heads:
+            raise ValueError(f"the output projection's input width {width} is not a "
+                             f"multiple of {heads} heads")
+        size = width // heads
+        return [(position_in(label, item.length), slice(h * size, (h + 1) * size))
+                for h in range(heads) for label in labels]
+
+    swept = suffix_path.sweep_pair(model, item, cells, units, list(targets.values()),
+                                   corrupt_targets, kwargs, options, reference_options,
+                                   batch_size, memory_budget, progress, "head patching")
+    if isinstance(swept, str):
+        return swept
+    values = swept.scores.reshape(len(layer_list), heads, len(labels))
+    return PatchingResult(values, ("layer", "head", "position"),
+                          {"layer": layer_list, "head": list(range(heads)), "position": labels},
+                          baseline=swept.baseline, reference=swept.reference,
+                          tokens=token_labels(model, item.clean), method="head patching",
+                          info=swept.info(start))

@@ -36,7 +36,7 @@ from .jobs import (Experiment, Group as JobGroup, Item, Refs, dataset_result, is
                    prompts_of, run_job)
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, can_keep_last, check_kinds, check_layers,
                      check_positions, choose_batch_size, expanded, find_layout,
-                     forward_kwargs as _forward_kwargs, forward_parameters, hidden,
+                     forward_kwargs as _forward_kwargs, hidden,
                      metric_values, reads_last_position_only, reference_run, row_bytes,
                      stacked, token_labels, trace_options, with_hidden)
 
@@ -197,46 +197,16 @@ def _suffix_sweep(model, items, dataset, kinds, layer_list, labels, plans, clean
     reason = suffix_path.why_not(model, dataset, backend, checkpoint, distributed, given, True)
     if reason is not None:
         return reason
-    # the reference runs: the last position's logits only (the metric must read nothing
-    # else: checked on random logits), the corrupted one with its key-value cache
-    keep = {**kwargs, "logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) \
-        else dict(kwargs)
-    with torch.no_grad():
-        clean_run = reference_run(model, item.clean, clean_targets, keep, reference_options)
-        corrupt_run = reference_run(model, item.corrupted, corrupt_targets,
-                                    {**keep, "use_cache": True}, reference_options,
-                                    keep_output=True)
-    if not suffix_path.last_only(item.metric, item.length, clean_run.logits.shape[-1]):
-        return "the metric reads positions other than the last"
-    setup = suffix_path.plan(model, item.corrupted, kwargs, corrupt_run, clean_run.logits,
-                             item.metric)
-    if isinstance(setup, str):
-        return setup
-    length = item.length
-    positions = [position_in(label, length) for label in labels]
-    baseline = float(metric_values(item.metric, corrupt_run.logits, 1)[0])
-    reference = float(metric_values(item.metric, clean_run.logits, 1)[0])
     cells = [(kind, layer, *plans[kind, layer]) for kind in kinds for layer in layer_list]
-    if batch_size is not None:
-        per_trace = int(batch_size)
-    else:  # two cells a packed row of T + 1 tokens (and its share of the cache)
-        state = hidden(corrupt_run.outputs[cells[0][2].key])
-        layers_cache = setup.layers
-        per_row = row_bytes(model, length + 1, 0, state.shape[-1], 0, state.dtype) + \
-            sum(k[0].numel() + v[0].numel() for k, v in layers_cache) * 2 * \
-            state.element_size()
-        per_trace = min(len(positions), 2 * max(1, int(memory_budget // max(per_row, 1))))
-    with torch.no_grad():
-        scores, traces, tracer = suffix_path.run_sweep(
-            model, setup, cells, clean_run.outputs, corrupt_run.outputs, item.corrupted,
-            positions, item.metric, baseline, kwargs, options, max(1, per_trace), progress,
-            "activation patching")
-    values = scores.reshape(len(kinds), len(layer_list), len(positions))
-    info = dict(batch_size=per_trace, traces=traces + 3, cells=int(values.numel()),
-                backend=getattr(tracer, "backend", None), logits_to_keep=1,
-                seconds=time.perf_counter() - start,
-                graph_module=getattr(tracer, "graph_module", None), suffix=True,
-                vocabulary=setup.columns, last_mlp_on_last_tokens=setup.tail is not None)
+    units = [(position_in(label, item.length), None) for label in labels]
+    swept = suffix_path.sweep_pair(model, item, cells, lambda clean_run: units, clean_targets,
+                                   corrupt_targets, kwargs, options, reference_options,
+                                   batch_size, memory_budget, progress, "activation patching")
+    if isinstance(swept, str):
+        return swept
+    values = swept.scores.reshape(len(kinds), len(layer_list), len(labels))
+    info = swept.info(start)
+    baseline, reference = swept.baseline, swept.reference
     return PatchingResult(values, ("site", "layer", "position"),
                           {"site": kinds, "layer": layer_list, "position": labels},
                           baseline=baseline, reference=reference,

@@ -50,6 +50,9 @@ from ..api.envoy import Envoy
 from .sweeps import Target, forward_parameters, hidden, logits_of, with_hidden
 
 CACHE_NAMES = ("cache", "past_key_values")
+# a cell of a (site, layer): the position patched, and the columns of the site's value
+# patched there (``None``: all of them; a slice: one head's)
+Unit = tuple[int, "slice | None"]
 ATOL = 1e-4  # the self-check's tolerance, relative to the logits' scale
 CHECK_BACKEND = "hooks"  # the self-check's (its one-row shape would be a capture of its own)
 
@@ -292,16 +295,20 @@ def packed_value(value: Any, packing: Packing, patched: torch.Tensor | None = No
 
 def run_layer(model: Envoy, name: str, head: Envoy, layers: list, packing: Packing,
               target: Target, prefix: list[Target], clean: dict, corrupt: dict,
-              positions: list[int], kwargs: dict, options: dict, tail: Envoy | None = None):
-    """One trace of the packed cells of one (site, layer): returns the head's input at
-    each cell's last token, in cell order, and the tracer. ``tail``: the last block's MLP,
-    to run on the cells' last tokens only (it must come after ``target``)."""
+              units: list[Unit], kwargs: dict, options: dict, tail: Envoy | None = None):
+    """One trace of the packed cells of one (site, layer), a cell per unit (its position,
+    and the columns of the site patched there: ``None`` for all): returns the head's input
+    at each cell's last token, in cell order, and the tracer. ``tail``: the last block's
+    MLP, to run on the cells' last tokens only (it must come after ``target``)."""
     state = hidden(corrupt[target.key])
     rows, width = packing.rows, packing.ids.shape[1]
     patched = state[0, packing.position_ids.reshape(-1)].reshape(rows, width, -1).clone()
     clean_state = hidden(clean[target.key])
-    for (r, start), p in zip(packing.segments, positions):
-        patched[r, start] = clean_state[0, p]
+    for (r, start), (p, columns) in zip(packing.segments, units):
+        if columns is None:
+            patched[r, start] = clean_state[0, p]
+        else:
+            patched[r, start, columns] = clean_state[0, p, columns]
     replacements = [(t, packed_value(corrupt[t.key], packing)) for t in prefix]
     replacements.append((target, packed_value(corrupt[target.key], packing, patched)))
     with model.trace(packing.ids, **{name: cache_for(layers, rows)},
@@ -401,18 +408,17 @@ def tail_after(tail: Envoy | None, target: Target, prefix: list[Target]) -> Envo
 
 
 def run_sweep(model: Envoy, setup: Plan, cells: list[tuple[str, int, Target, list[Target]]],
-              clean: dict, corrupt: dict, corrupted: torch.Tensor, positions: list[int],
+              clean: dict, corrupt: dict, corrupted: torch.Tensor, units: list[Unit],
               metric: Callable, baseline: float, kwargs: dict, options: dict,
               cells_per_trace: int, progress: bool, description: str):
-    """Every (site, layer) of ``cells`` at every position: scores (len(cells), positions),
-    the number of traces and the last tracer."""
+    """Every (site, layer) of ``cells`` at every unit: scores (len(cells), len(units)), the
+    number of traces and the last tracer."""
     from tqdm.auto import tqdm
 
-    chunks = [positions[i:i + cells_per_trace]
-              for i in range(0, len(positions), cells_per_trace)]
+    chunks = [units[i:i + cells_per_trace] for i in range(0, len(units), cells_per_trace)]
     packings = {}
     dtype = hidden(corrupt[cells[0][2].key]).dtype
-    scores = torch.zeros(len(cells), len(positions))
+    scores = torch.zeros(len(cells), len(units))
     tracer = None
     traces = 0
     bar = tqdm(total=len(cells) * len(chunks), desc=description, unit="batch",
@@ -421,9 +427,9 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[tuple[str, int, Target, lis
         for c, (_, _, target, prefix) in enumerate(cells):
             done = 0
             for chunk in chunks:
-                key = tuple(chunk)
+                key = tuple(p for p, _ in chunk)
                 if key not in packings:
-                    packings[key] = pack(corrupted, chunk, dtype)
+                    packings[key] = pack(corrupted, list(key), dtype)
                 packing = packings[key]
                 inputs, tracer = run_layer(model, setup.name, setup.head, setup.layers,
                                            packing, target, prefix, clean, corrupt, chunk,
@@ -440,3 +446,73 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[tuple[str, int, Target, lis
     finally:
         bar.close()
     return scores, traces, tracer
+
+
+@dataclass
+class Swept:
+    """A single-pair sweep on the suffix path: ``scores`` (cells, units), the corrupted and
+    clean runs' metrics, the cells per trace, the traces run (the reference runs too), the
+    last tracer and the plan."""
+
+    scores: torch.Tensor
+    baseline: float
+    reference: float
+    per_trace: int
+    traces: int
+    tracer: Any
+    setup: Plan
+
+    def info(self, start: float) -> dict:
+        """The sweep's part of ``result.info``."""
+        import time
+
+        return dict(batch_size=self.per_trace, traces=self.traces,
+                    cells=int(self.scores.numel()),
+                    backend=getattr(self.tracer, "backend", None), logits_to_keep=1,
+                    seconds=time.perf_counter() - start,
+                    graph_module=getattr(self.tracer, "graph_module", None), suffix=True,
+                    vocabulary=self.setup.columns,
+                    last_mlp_on_last_tokens=self.setup.tail is not None)
+
+
+def sweep_pair(model: Envoy, item: Any, cells: list[tuple[str, int, Target, list[Target]]],
+               units: Callable[[Any], list[Unit]], clean_targets: list[Target],
+               corrupt_targets: list[Target], kwargs: dict, options: dict,
+               reference_options: dict, batch_size: int | None,
+               memory_budget: int | float, progress: bool, description: str) -> Swept | str:
+    """The sweep of one clean/corrupted ``item`` on the suffix path, or why it does not
+    apply to this model and metric. ``cells``: (kind, layer, target, prefix) per (site,
+    layer); ``units(clean_run)``: the cells of each."""
+    from .sweeps import metric_values, reference_run, row_bytes
+
+    keep = {**kwargs, "logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) \
+        else dict(kwargs)
+    with torch.no_grad():  # the last position's logits only, the corrupted run's cache
+        clean_run = reference_run(model, item.clean, clean_targets, keep, reference_options)
+        corrupt_run = reference_run(model, item.corrupted, corrupt_targets,
+                                    {**keep, "use_cache": True}, reference_options,
+                                    keep_output=True)
+    if not last_only(item.metric, item.length, clean_run.logits.shape[-1]):
+        return "the metric reads positions other than the last"
+    setup = plan(model, item.corrupted, kwargs, corrupt_run, clean_run.logits, item.metric)
+    if isinstance(setup, str):
+        return setup
+    cell_units = units(clean_run)
+    baseline = float(metric_values(item.metric, corrupt_run.logits, 1)[0])
+    reference = float(metric_values(item.metric, clean_run.logits, 1)[0])
+    length = item.length
+    if batch_size is not None:
+        per_trace = int(batch_size)
+    else:  # two cells a packed row of T + 1 tokens (and its share of the cache)
+        state = hidden(corrupt_run.outputs[cells[0][2].key])
+        per_row = row_bytes(model, length + 1, 0, state.shape[-1], 0, state.dtype) + \
+            sum(k[0].numel() + v[0].numel() for k, v in setup.layers) * 2 * \
+            state.element_size()
+        per_trace = min(len(cell_units), 2 * max(1, int(memory_budget // max(per_row, 1))))
+    per_trace = max(1, per_trace)
+    with torch.no_grad():
+        scores, traces, tracer = run_sweep(
+            model, setup, cells, clean_run.outputs, corrupt_run.outputs, item.corrupted,
+            cell_units, item.metric, baseline, kwargs, options, per_trace, progress,
+            description)
+    return Swept(scores, baseline, reference, per_trace, traces + 3, tracer, setup)
