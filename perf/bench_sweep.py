@@ -42,6 +42,9 @@ from typing import Any, Callable
 import torch
 
 from perf.models import gpt2
+from perf.timing import SHUFFLED
+
+ORDER = SHUFFLED
 
 TOKENS = 32
 A, B = 11, 22  # the metric: logit of token A minus logit of token B at the last position
@@ -240,8 +243,8 @@ def run(quick: bool = False, rounds: int = 2, nnsight: bool = True) -> list[dict
     times: dict[str, list[float]] = {name: [] for name in live}
     scores: dict[str, torch.Tensor] = {}
     order = list(live)
-    for _ in range(rounds):
-        random.shuffle(order)
+    for r in range(rounds):
+        random.Random(17 + r).shuffle(order)
         for name in order:
             start = time.perf_counter()
             value = live[name]()

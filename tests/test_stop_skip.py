@@ -6,6 +6,8 @@
   the last event the trace needs; anything recorded after the stop is an error.
 - skip: the module does not run (its nodes are pruned on fx, its forward is not called on
   hooks) and the result equals a hand-written equivalent.
+- A write of a whole value (``.input = v``, ``.output = v``, a tensor or a number) needs
+  only its shape: on fx, what only computed the old value is pruned.
 """
 
 from __future__ import annotations
@@ -157,6 +159,29 @@ def test_stop_with_a_write_runs_the_write(backend):
         h2 = model.layer2.output.save()
         tracer.stop()
     assert torch.equal(h2, net.layer2(torch.ones(3, 10)).detach())
+
+
+@pytest.mark.parametrize("value", ["tensor", "number"])
+def test_a_whole_write_prunes_what_only_computed_the_old_value(value):
+    net = mlp()
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    new = torch.randn(3, 10, generator=torch.Generator().manual_seed(1)) \
+        if value == "tensor" else 0.25
+    model = NNsight(net)
+    results = {}
+    for backend in BACKENDS:
+        with model.trace(x, backend=backend) as tracer:
+            model.layer2.input = new
+            out = model.output.save()
+        results[backend] = out
+        if backend == "fx":
+            used = {n.target for n in tracer.graph_module.graph.nodes if n.op == "get_attr"}
+            assert used and not any("layer1" in str(t) for t in used), used
+    hidden = new if value == "tensor" else torch.full((3, 10), 0.25)
+    with torch.no_grad():
+        expected = net.layer3(net.act2(net.layer2(hidden)))
+    for backend, out in results.items():
+        assert torch.equal(out, expected), backend
 
 
 # --- skip --------------------------------------------------------------------------------

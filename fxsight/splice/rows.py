@@ -70,3 +70,16 @@ def conform(value: Any, like: Any) -> Any:
     like_leaves, spec = pytree.tree_flatten(like)
     return pytree.tree_unflatten(
         [fit(n, o) for n, o in zip(pytree.tree_leaves(value), like_leaves)], spec)
+
+
+def conform_to(value: Any, shape: tuple[int, ...], device: torch.device,
+               dtype: torch.dtype) -> Any:
+    """:func:`conform` to a tensor of a known ``shape``, ``device`` and ``dtype`` (the value
+    it replaces is then not needed: what only computes it is pruned)."""
+    if isinstance(value, torch.Tensor):
+        if value.device != device:
+            value = value.to(device)
+        return value if value.shape == shape else value.expand(shape)
+    if isinstance(value, (int, float, bool)):
+        return torch.full(shape, value, dtype=dtype, device=device)
+    return value

@@ -20,7 +20,7 @@ from ..stats import bump
 from ..capture.caches import CacheRef
 from ..capture.export import BOUNDARY, Captured
 from ..record.program import Kind, Program
-from .rows import Rows
+from .rows import Rows, conform_to
 from ..record.sites import OUTPUT, Site
 from .walker import BEFORE_ALL, Walker
 
@@ -90,6 +90,17 @@ class _SpliceWalker(Walker):
                     f"the write to {site.label} changes a Python value the model was called "
                     f"with ({old_leaf!r} -> {_shown(new_leaf)}), which the captured graph "
                     f"holds as a constant", node.line))
+
+    def conformed(self, new: Any, old: Any, position: int) -> Any:
+        """A tensor written over a captured value of static shape needs only that shape
+        and device, not the value: what only computes it is pruned."""
+        value = old.meta.get("val") if isinstance(old, fx.Node) else None
+        if isinstance(new, (fx.Node, torch.Tensor)) and isinstance(value, torch.Tensor) and \
+                all(type(size) is int for size in value.shape):
+            return self.call(None, "call_function", conform_to,
+                             (new, tuple(value.shape), value.device, value.dtype), {},
+                             position)
+        return super().conformed(new, old, position)
 
     def _anchor(self, position: int) -> fx.Node:
         if position not in self.anchors:

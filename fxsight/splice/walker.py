@@ -180,8 +180,7 @@ class Walker:
             if not self.is_value(old_leaf) or (rows.whole and node.skip):
                 replaced.append(new_leaf)  # a skipped module's value is taken as it is
             elif rows.whole:
-                replaced.append(self.call(None, "call_function", conform,
-                                          (new_leaf, old_leaf), {}, position))
+                replaced.append(self.conformed(new_leaf, old_leaf, position))
             else:
                 replaced.append(self.call(None, "call_function", splice_rows,
                                           (old_leaf, new_leaf, rows.start, rows.stop,
@@ -191,6 +190,11 @@ class Walker:
         self.current_position[site] = position
         self.positions[node] = position
         self.on_written(site)
+
+    def conformed(self, new: Any, old: Any, position: int) -> Any:
+        """``new`` written in place of the value ``old`` for every row: shaped like it and
+        on its device (:func:`~fxsight.splice.rows.conform`)."""
+        return self.call(None, "call_function", conform, (new, old), {}, position)
 
     def on_written(self, site: Site) -> None:
         """Domain hook: ``site``'s value was replaced."""
