@@ -61,6 +61,8 @@ class NNsight(Envoy):
     def _run_options(self, backend: str | None, compile: Any, prune: bool = True) -> RunOptions:
         """A trace's options: its own where given, else this wrapper's."""
         defaults = self._options
+        if backend is None and compile is None and prune == defaults.prune:
+            return defaults  # (the common case: frozen, shared)
         return RunOptions(backend or defaults.backend,
                           defaults.compile if compile is None else CompileOptions.of(compile),
                           prune)

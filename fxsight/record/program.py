@@ -33,6 +33,9 @@ class Kind(enum.Enum):
     GRAD_WRITE = "grad_write"  # ``proxy.grad = v``: replace the gradient of ``args[0]``
 
 
+INPUT_PART = Kind.INPUT.value  # an input's part of the structure key starts with it
+
+
 def READ(*_):  # noqa: N802 - sentinel target, never called
     raise RuntimeError("fxsight READ sentinel must be spliced, not run")
 
@@ -173,9 +176,12 @@ class Program:
              line: Any, scope: Scope, site: Site | None = None, accessor: str | None = None,
              skip: bool = False, mutation: bool = False, lenient: bool = False) -> Node:
         inputs: list[Node] = []
-        key = (kind, op, _target_key(target),
+        # (plain strings and tuples only: hashed and compared in C at every lookup)
+        key = (kind.value, op, _target_key(target),
                _structure(args, inputs) if args else None,
-               _structure(kwargs, inputs) if kwargs else None, site, accessor, scope.invoke)
+               _structure(kwargs, inputs) if kwargs else None,
+               (site.path, site.kind, site.call) if site is not None else None, accessor,
+               scope.invoke)
         node = Node(len(self.nodes), kind, op, target, args, kwargs,
                     list(dict.fromkeys(inputs)) if len(inputs) > 1 else inputs, line, scope,
                     site, accessor, skip, mutation, lenient)
@@ -195,7 +201,7 @@ class Program:
             node = Node(len(self.nodes), Kind.INPUT, "placeholder", f"input_{index}", (), {},
                         [], input_index=index)
             self.nodes.append(node)
-            self._parts.append((Kind.INPUT, _value_key(value)))
+            self._parts.append((INPUT_PART, _value_key(value)))
             self.input_values.append(value)
             use = self._input_ids[id(value)] = (node, value, {})
         if isinstance(value, torch.Tensor):

@@ -28,7 +28,7 @@ import torch
 from ..stats import bump
 from ..errors import user_stacklevel
 from .._torch import compile_backend, without_duck_shaping
-from ..record.program import Kind, Program
+from ..record.program import INPUT_PART, Program
 from ..splice.splice import Spliced, splice
 from ..splice.walker import MetaWalker
 from .eager import fast_forward
@@ -279,10 +279,10 @@ def shape_blind(structure: tuple) -> tuple:
     (the spliced graph never depends on them; validation runs per exact shape anyway)."""
     parts = []
     for part in structure:
-        if part and part[0] is Kind.INPUT and isinstance(part[1], tuple) and \
+        if part and part[0] == INPUT_PART and isinstance(part[1], tuple) and \
                 part[1] and part[1][0] == "tensor":
             _, shape, *rest = part[1]
-            part = (Kind.INPUT, ("tensor", len(shape), *rest))
+            part = (INPUT_PART, ("tensor", len(shape), *rest))
         parts.append(part)
     return tuple(parts)
 
