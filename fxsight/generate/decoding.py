@@ -23,7 +23,6 @@ is run again with the hooks backend.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import threading
@@ -78,14 +77,8 @@ class DecodingStep(torch.nn.Module):
         super().__init__()
         self._target = weakref.ref(model)
 
-    @contextlib.contextmanager
-    def attached(self):
-        # (not ``self.model = ...``: torch's global registration hooks need not know)
-        self._modules["model"] = self._target()
-        try:
-            yield self
-        finally:
-            del self._modules["model"]
+    def attached(self) -> "_Attached":
+        return _Attached(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None, keys: list[torch.Tensor],
@@ -104,6 +97,25 @@ class DecodingStep(torch.nn.Module):
             return out.logits, [], []
         layers = out.cache.layers
         return out.logits, [layer.keys for layer in layers], [layer.values for layer in layers]
+
+
+class _Attached:
+    """``with step.attached():`` (a class, not a generator: it is entered at every step)."""
+
+    __slots__ = ("step",)
+
+    def __init__(self, step: DecodingStep):
+        self.step = step
+
+    def __enter__(self) -> DecodingStep:
+        # (not ``step.model = ...``: torch's global registration hooks need not know)
+        step = self.step
+        step._modules["model"] = step._target()
+        return step
+
+    def __exit__(self, *exc: Any) -> bool:
+        del self.step._modules["model"]
+        return False
 
 
 # model -> its DecodingStep (kept as long as the model lives; nothing stored on the model)
@@ -146,8 +158,6 @@ class GraphSteps:
         # share one Program: step -> its class, class -> (Program, saved positions)
         self._classes = _step_classes(self._by_step, self._saved_or_needed)
         self._templates: dict[Any, tuple[Program, list[tuple[Node, int]]]] = {}
-        # (capture, Program) -> runner, for this generation (both held, so ids stay theirs)
-        self._runners: dict[tuple[int, int], tuple[Any, Program, Any]] = {}
         # the pytree layout of DecodingStep's inputs, per shape of their structure (see
         # _flat): found by flattening once, then the leaves are listed directly
         self._layouts: dict[tuple, Any] = {}
@@ -232,18 +242,12 @@ class GraphSteps:
                                           else self.options.dynamic_policy,
                                           operations=self.operations,
                                           dynamic_operations=True)
-                known = self._runners.get((id(captured), id(program)))
-                if known is not None:
-                    runner = known[2]  # (validated for this capture and Program)
-                elif captured.symbolic & set(program.sites()):  # (sizes read as values)
-                    exact = cached_capture(wrapper, (), inputs, flat=flat,
-                                           events_on=self.model, operations=self.operations)
-                    runner = runner_for(wrapper, exact, program, self.rows, True,
-                                        self.options.compile)
-                else:
-                    runner = runner_for(wrapper, captured, program, self.rows, True,
-                                        self.options.compile)
-                    self._runners[(id(captured), id(program))] = (captured, program, runner)
+                if captured.symbolic & set(program.sites()):  # (sizes read as values)
+                    captured = cached_capture(wrapper, (), inputs, flat=flat,
+                                              events_on=self.model,
+                                              operations=self.operations)
+                runner = runner_for(wrapper, captured, program, self.rows, True,
+                                    self.options.compile)
             except (CaptureError, NotOnGraph) as error:
                 raise Unsupported(str(error)) from error
         output, saves = runner(flat[0] + program.input_values)
