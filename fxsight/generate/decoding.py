@@ -436,21 +436,31 @@ def _alike(a: list[Node], b: list[Node], wanted: set[Node]) -> bool:
 
     def same(u: Any, v: Any) -> bool:
         kind = type(u)
+        if kind is Node:
+            if type(v) is not Node:
+                return False
+            i, j = where_a.get(u), where_b.get(v)
+            return i == j if i is not None or j is not None else u is v
         if kind is not type(v):
             return False
-        if kind is Node:
-            i, j = where_a.get(u), where_b.get(v)
-            return i == j if i is not None else (j is None and u is v)
         if kind is tuple or kind is list:
-            return len(u) == len(v) and all(map(same, u, v))
+            if len(u) != len(v):
+                return False
+            for p, q in zip(u, v):
+                if p is not q or type(p) is not Node and type(p) in _CONTAINERS:
+                    if not same(p, q):
+                        return False
+                elif type(p) is Node and not same(p, q):
+                    return False
+            return True
         if kind is dict:
             return list(u) == list(v) and all(map(same, u.values(), v.values()))
         if kind is slice:
             return same(u.start, v.start) and same(u.stop, v.stop) and same(u.step, v.step)
-        if kind in (int, str, bool) or u is None or u is Ellipsis:
-            return u == v
         if kind is float:  # (0.0 and -0.0 are equal, and different constants)
             return u == v and math.copysign(1.0, u) == math.copysign(1.0, v)
+        if kind in _BY_VALUE:
+            return u == v
         return u is v
 
     for x, y in zip(a, b):
@@ -462,6 +472,10 @@ def _alike(a: list[Node], b: list[Node], wanted: set[Node]) -> bool:
                 not same(x.args, y.args) or not same(x.kwargs, y.kwargs):
             return False
     return True
+
+
+_CONTAINERS = frozenset({tuple, list, dict, slice})
+_BY_VALUE = frozenset({int, str, bool, type(None), type(Ellipsis)})
 
 
 def _same_line(a: Any, b: Any) -> bool:
