@@ -262,11 +262,11 @@ class GraphSteps:
 
     def _flat(self, inputs: dict) -> tuple[list[Any], Any]:
         """``flat_inputs((), inputs)`` for DecodingStep's inputs: its pytree flattening is
-        done once per layout (which inputs are None, how many layers, the flags' types);
-        later steps of that layout list the same leaves in the same order directly."""
+        done once per layout (the type of every input and of every cache tensor); later
+        steps of that layout list the same leaves in the same order directly."""
         keys, values = inputs["keys"], inputs["values"]
-        layout = (tuple(type(v) for k, v in inputs.items() if k not in ("keys", "values")),
-                  len(keys), len(values))
+        layout = (tuple([type(v) for k, v in inputs.items() if k not in ("keys", "values")]),
+                  tuple(map(type, keys)), tuple(map(type, values)))
         known = self._layouts.get(layout)
         if known is not None:
             return [inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
@@ -307,9 +307,8 @@ class GraphSteps:
             else:
                 checked.append(node)
                 continue
-            for step in dict.fromkeys(chosen):
-                if step in steps:  # (the definition; a negative int never runs)
-                    by_step[step].append(node)
+            for step in dict.fromkeys(chosen):  # (each is in ``steps``; a negative never runs)
+                by_step[step].append(node)
         return dict(by_step), checked
 
     def _nodes_of(self, step: int) -> tuple[list[Node], Any]:
