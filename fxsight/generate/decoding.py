@@ -23,8 +23,8 @@ is run again with the hooks backend.
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import math
 import threading
 import weakref
 from collections import defaultdict
@@ -37,7 +37,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..capture.captures import cached_capture, flat_inputs
 from ..capture.export import CaptureError
-from ..errors import NotOnGraph, TraceError, at_line
+from ..errors import NotOnGraph, SourceLine, TraceError, at_line
 from ..record.program import Kind, Node, Program
 from ..run.executable import runner_for
 from ..run.options import RunOptions
@@ -47,6 +47,14 @@ from ..splice.rows import Rows
 # values that change nothing here
 _HARMLESS = {"return_dict": (True, None), "output_attentions": (False, None),
              "output_hidden_states": (False, None)}
+
+
+# DecodingStep's inputs, in the order GraphSteps passes them
+_STEP_INPUTS = ["input_ids", "attention_mask", "position_ids", "keys", "values", "use_cache",
+                "logits_to_keep"]
+# a step slice up to this long is expanded into the steps it names, once per generation
+# (longer ones, open-ended ones and ``tracer.all()`` are tested at each step)
+_EXPANDED = 4096
 
 
 class Unsupported(Exception):
@@ -69,14 +77,8 @@ class DecodingStep(torch.nn.Module):
         super().__init__()
         self._target = weakref.ref(model)
 
-    @contextlib.contextmanager
-    def attached(self):
-        # (not ``self.model = ...``: torch's global registration hooks need not know)
-        self._modules["model"] = self._target()
-        try:
-            yield self
-        finally:
-            del self._modules["model"]
+    def attached(self) -> "_Attached":
+        return _Attached(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None, keys: list[torch.Tensor],
@@ -95,6 +97,25 @@ class DecodingStep(torch.nn.Module):
             return out.logits, [], []
         layers = out.cache.layers
         return out.logits, [layer.keys for layer in layers], [layer.values for layer in layers]
+
+
+class _Attached:
+    """``with step.attached():`` (a class, not a generator: it is entered at every step)."""
+
+    __slots__ = ("step",)
+
+    def __init__(self, step: DecodingStep):
+        self.step = step
+
+    def __enter__(self) -> DecodingStep:
+        # (not ``step.model = ...``: torch's global registration hooks need not know)
+        step = self.step
+        step._modules["model"] = step._target()
+        return step
+
+    def __exit__(self, *exc: Any) -> bool:
+        del self.step._modules["model"]
+        return False
 
 
 # model -> its DecodingStep (kept as long as the model lives; nothing stored on the model)
@@ -131,6 +152,15 @@ class GraphSteps:
         self.collected: dict[Node, list[Any]] = defaultdict(list)
         self.graph_module: Any = None
         self._needed_later = self._first_step_values_needed_later()
+        self._saved_or_needed = set(program.saves) | self._needed_later
+        self._by_step, self._checked = self._step_buckets()
+        # steps whose nodes are copies of one another's (a loop's body recorded per step)
+        # share one Program: step -> its class, class -> (Program, saved positions)
+        self._classes = _step_classes(self._by_step, self._saved_or_needed)
+        self._templates: dict[Any, tuple[Program, list[tuple[Node, int]]]] = {}
+        # the pytree layout of DecodingStep's inputs, per shape of their structure (see
+        # _flat): found by flattening once, then the leaves are listed directly
+        self._layouts: dict[tuple, Any] = {}
 
     # --- installing --------------------------------------------------------------------
     def forward_for(self, original: Callable) -> Callable:
@@ -145,11 +175,12 @@ class GraphSteps:
             if args:
                 raise Unsupported("generate passed positional arguments to the model")
             # the step's own capture calls the model: with its own forward
-            replacement = self.model.__dict__.pop("forward")
+            attributes = self.model.__dict__
+            replacement = attributes.pop("forward")
             try:
                 return self(**kwargs)
             finally:
-                self.model.forward = replacement
+                attributes["forward"] = replacement  # (a function: no Module bookkeeping)
 
         return forward
 
@@ -203,7 +234,7 @@ class GraphSteps:
     def _run(self, program: Program, origin: dict[Node, Node], inputs: dict,
              decoding: bool) -> tuple[torch.Tensor, list, list]:
         wrapper = self.wrapper
-        flat = flat_inputs((), inputs)
+        flat = self._flat(inputs)
         with wrapper.attached():
             try:
                 captured = cached_capture(wrapper, (), inputs, flat=flat, events_on=self.model,
@@ -229,12 +260,71 @@ class GraphSteps:
                 self.collected[parent].append(value)
         return output
 
+    def _flat(self, inputs: dict) -> tuple[list[Any], Any]:
+        """``flat_inputs((), inputs)`` for DecodingStep's inputs: its pytree flattening is
+        done once per layout (the type of every input and of every cache tensor); later
+        steps of that layout list the same leaves in the same order directly."""
+        keys, values = inputs["keys"], inputs["values"]
+        layout = (tuple([type(v) for k, v in inputs.items() if k not in ("keys", "values")]),
+                  tuple(map(type, keys)), tuple(map(type, values)))
+        known = self._layouts.get(layout)
+        if known is not None:
+            return [inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+                    *keys, *values, inputs["use_cache"], inputs["logits_to_keep"]], known
+        flat, spec = flat_inputs((), inputs)
+        direct = [inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+                  *keys, *values, inputs["use_cache"], inputs["logits_to_keep"]]
+        if list(inputs) == _STEP_INPUTS and len(direct) == len(flat) and \
+                all(a is b for a, b in zip(direct, flat)) and \
+                all(isinstance(t, torch.Tensor) for t in (*keys, *values)):
+            self._layouts[layout] = spec
+        return flat, spec
+
     # --- the Program of a step ------------------------------------------------------------
-    def _active(self, node: Node, step: int) -> bool:
-        if node in self.after or node.kind is Kind.INPUT:
-            return False
-        steps = node.steps
-        return step == 0 if steps is None else step in steps
+    def _step_buckets(self) -> tuple[dict[int, list[Node]], list[Node]]:
+        """The nodes that run at each step, found once per generation: ``(step -> nodes
+        of fixed steps, nodes whose steps are tested per step)`` (open-ended choices,
+        long ranges), each in recording order. A node runs at ``step`` unless it is an
+        input or runs after generation (``after``): with ``steps`` None at the first step
+        only, otherwise where ``step in steps``."""
+        by_step: dict[int, list[Node]] = defaultdict(list)
+        checked: list[Node] = []
+        for node in self.program.nodes:
+            if node in self.after or node.kind is Kind.INPUT:
+                continue
+            steps = node.steps
+            if steps is None:
+                by_step[0].append(node)
+                continue
+            choice = steps.choice
+            if type(choice) is int:
+                chosen: Any = [choice]
+            elif type(choice) is list and all(type(c) is int for c in choice):
+                chosen = choice
+            elif type(choice) is slice and choice.stop is not None and \
+                    (choice.stop - (choice.start or 0)) // (choice.step or 1) <= _EXPANDED:
+                chosen = range(choice.start or 0, choice.stop, choice.step or 1)
+            else:
+                checked.append(node)
+                continue
+            for step in dict.fromkeys(chosen):  # (each is in ``steps``; a negative never runs)
+                by_step[step].append(node)
+        return dict(by_step), checked
+
+    def _nodes_of(self, step: int) -> tuple[list[Node], Any]:
+        """The nodes of ``step``, in recording order, and the key of the Program they make
+        where another step may make the same one (``None``: not known)."""
+        nodes = self._by_step.get(step, [])
+        extra = [node for node in self._checked if step in node.steps] \
+            if self._checked else ()
+        if not extra:
+            number = self._classes.get(step)
+            if number is not None:
+                return nodes, ("fixed", number)
+            return nodes, ("empty",) if not nodes else None
+        if not nodes:
+            return extra, ("checked", tuple(extra))  # (the same nodes: the same Program)
+        return sorted([*nodes, *extra], key=lambda node: node.index), None
 
     def _first_step_values_needed_later(self) -> set[Node]:
         """Values other steps use: of the first step, and of one step of a ``for step in
@@ -250,7 +340,15 @@ class GraphSteps:
         return needed
 
     def _program_for(self, step: int) -> tuple[Program, dict[Node, Node]]:
-        """The nodes of ``step``, as a Program of their own (with the map back)."""
+        """The nodes of ``step``, as a Program of their own (with the map back).
+
+        Steps whose nodes are alike (:func:`_alike`: the same operations on the same
+        values, in the same order) share the Program of the first of them."""
+        nodes, key = self._nodes_of(step)
+        template = self._templates.get(key) if key is not None else None
+        if template is not None:
+            program, saved = template
+            return program, {copy: nodes[i] for copy, i in saved}
         parent = self.program
         program = Program()
         env: dict[Node, Node] = {}
@@ -266,15 +364,18 @@ class GraphSteps:
                 f"this value is used in decoding step {step}, but what it depends on "
                 f"({node.name}) is only computed in other steps", user.line))
 
-        for node in parent.nodes:
-            if self._active(node, step):
-                env[node] = program.copy(node, lambda n, user=node: resolve(n, user))
-        saved = set(parent.saves)
+        for node in nodes:
+            env[node] = program.copy(node, lambda n, user=node: resolve(n, user))
+        wanted = self._saved_or_needed
         origin = {}
-        for node, copy in env.items():
-            if node in saved or node in self._needed_later:
+        saved = []
+        for i, (node, copy) in enumerate(env.items()):
+            if node in wanted:
                 program.save(copy)
                 origin[copy] = node
+                saved.append((copy, i))
+        if key is not None:
+            self._templates[key] = (program, saved)
         return program, origin
 
     # --- results ---------------------------------------------------------------------------
@@ -302,3 +403,84 @@ def step_result(node: Node, values: list) -> Any:
                                      "this value was never computed", node.line))
         return values[0]
     return list(values)
+
+
+def _step_classes(by_step: dict[int, list[Node]], wanted: set[Node],
+                  tried: int = 8) -> dict[int, int]:
+    """step -> a class number, equal for steps whose nodes are :func:`_alike` (each step
+    compared with the first step of up to ``tried`` classes)."""
+    firsts: list[list[Node]] = []
+    classes = {}
+    for step, nodes in by_step.items():
+        for number, first in enumerate(firsts):
+            if _alike(first, nodes, wanted):
+                classes[step] = number
+                break
+        else:
+            if len(firsts) < tried:
+                classes[step] = len(firsts)
+                firsts.append(nodes)
+    return classes
+
+
+def _alike(a: list[Node], b: list[Node], wanted: set[Node]) -> bool:
+    """Whether the nodes ``a`` and ``b`` (each a step's, in order) make the same Program:
+    node by node the same kind, operation, target, site, flags and line, saved alike, and
+    arguments equal where nodes of the step stand at the same position and any other node
+    (an input, a value of another step) is the same node."""
+    if len(a) != len(b):
+        return False
+    where_a = {node: i for i, node in enumerate(a)}
+    where_b = {node: i for i, node in enumerate(b)}
+
+    def same(u: Any, v: Any) -> bool:
+        kind = type(u)
+        if kind is Node:
+            if type(v) is not Node:
+                return False
+            i, j = where_a.get(u), where_b.get(v)
+            return i == j if i is not None or j is not None else u is v
+        if kind is not type(v):
+            return False
+        if kind is tuple or kind is list:
+            if len(u) != len(v):
+                return False
+            for p, q in zip(u, v):
+                if p is not q or type(p) is not Node and type(p) in _CONTAINERS:
+                    if not same(p, q):
+                        return False
+                elif type(p) is Node and not same(p, q):
+                    return False
+            return True
+        if kind is dict:
+            return list(u) == list(v) and all(map(same, u.values(), v.values()))
+        if kind is slice:
+            return same(u.start, v.start) and same(u.stop, v.stop) and same(u.step, v.step)
+        if kind is float:  # (0.0 and -0.0 are equal, and different constants)
+            return u == v and math.copysign(1.0, u) == math.copysign(1.0, v)
+        if kind in _BY_VALUE:
+            return u == v
+        return u is v
+
+    for x, y in zip(a, b):
+        if x.kind is not y.kind or x.op != y.op or x.target is not y.target or \
+                x.site != y.site or x.accessor != y.accessor or x.invoke != y.invoke or \
+                x.skip != y.skip or x.mutation != y.mutation or x.lenient != y.lenient or \
+                x.input_index != y.input_index or (x in wanted) != (y in wanted) or \
+                not _same_line(x.line, y.line) or \
+                not same(x.args, y.args) or not same(x.kwargs, y.kwargs):
+            return False
+    return True
+
+
+_CONTAINERS = frozenset({tuple, list, dict, slice})
+_BY_VALUE = frozenset({int, str, bool, type(None), type(Ellipsis)})
+
+
+def _same_line(a: Any, b: Any) -> bool:
+    """The same user line (a loop's body records a new ``SourceLine`` per iteration)."""
+    if a is b:
+        return True
+    if type(a) is SourceLine and type(b) is SourceLine:
+        return a.code is b.code and a.offset == b.offset
+    return type(a) is str and type(b) is str and a == b

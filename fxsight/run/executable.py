@@ -71,6 +71,31 @@ def _first_line(error: BaseException) -> str:
     return type(error).__name__
 
 
+def _plain_builder(plan: Any) -> Callable | None:
+    """A function building ``plan``'s value from the graph's outputs where it is made of
+    tuples and lists of graph outputs only (a decoding step's ``(logits, keys, values)``):
+    one generated expression instead of a pytree rebuild per run; ``None`` otherwise."""
+    if plan is None or any(kind != "out" for kind, _ in plan.leaves):
+        return None
+    indices = iter([int(index) for _, index in plan.leaves])
+
+    def expression(spec: Any) -> str:
+        if spec.is_leaf():
+            return f"outputs[{next(indices)}]"
+        items = [expression(child) for child in spec.children()]
+        if spec.type is tuple:
+            return f"({', '.join(items)}{',' if len(items) == 1 else ''})"
+        if spec.type is list:
+            return f"[{', '.join(items)}]"
+        raise TypeError(spec.type)
+
+    try:
+        code = expression(plan.spec)
+    except (TypeError, AttributeError):
+        return None
+    return eval(f"lambda outputs: {code}")  # noqa: S307 - integers and brackets only
+
+
 def _single_output(plan: Any) -> Any:
     leaves = getattr(plan, "leaves", None)
     spec = getattr(plan, "spec", None)
@@ -90,6 +115,9 @@ class Executable:
         self.failure: str | None = None
         # a save that is one graph output is read by index (no pytree rebuild per trace)
         self.save_builders = [_single_output(plan) for plan in spliced.saves]
+        # the model's output, where it needs no cache objects (see _plain_builder)
+        self.output_builder = None if spliced.cache_outputs else \
+            _plain_builder(spliced.model_output)
         gm = spliced.graph_module
         release_source_when_collected(gm)  # (evicted, its source must not stay behind)
         self._eager = fast_forward(gm)
@@ -177,6 +205,10 @@ class Runner:
         executable = self.executable
         outputs = executable(flat_inputs)
         spliced = executable.spliced
+        if executable.output_builder is not None:  # (no cache objects to rebuild)
+            model_output = executable.output_builder(outputs)
+            return model_output, [outputs[b] if type(b) is int else b.build(outputs, None)
+                                  for b in executable.save_builders]
         objects = _cache_objects(spliced, outputs, user_caches) \
             if spliced.cache_outputs else None
         plan = spliced.model_output
