@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 
+from perf.bench_sweep import _prompts, metric
 from perf.models import gpt2
 from perf.timing import SHUFFLED
 
@@ -38,20 +39,7 @@ ORDER = SHUFFLED
 
 TOKENS = 16
 LAYERS = (3, 9)
-A, B = 11, 22
 TARGETS = {"hand-written prefix reuse": 2.0}
-
-
-def metric(logits: torch.Tensor) -> torch.Tensor:
-    return logits[:, -1, A] - logits[:, -1, B]
-
-
-def _prompts(vocab: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    clean = torch.randint(4, vocab, (1, tokens), generator=generator)
-    corrupt = clean.clone()
-    corrupt[0, tokens // 3] = (clean[0, tokens // 3] + 1) % vocab
-    return clean, corrupt
 
 
 def _fxsight(model, clean, corrupt, layers, suffix: bool) -> Callable[[], torch.Tensor]:

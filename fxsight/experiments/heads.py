@@ -171,13 +171,10 @@ def _suffix_heads(model, items, dataset, layer_list, labels, heads, targets, pre
                   distributed, batch_size, memory_budget, progress,
                   start) -> PatchingResult | str:
     """Head patching on the suffix path, or why it does not apply."""
-    if dataset or len(items) != 1:
-        return "a dataset of pairs runs the full-length path"
-    item = items[0]
-    given = {k: v for k, v in kwargs.items() if k != "use_cache"}
-    reason = suffix_path.why_not(model, dataset, backend, checkpoint, distributed, given, True)
-    if reason is not None:
-        return reason
+    item = suffix_path.single_pair(model, items, dataset, backend, checkpoint, distributed,
+                                   kwargs)
+    if isinstance(item, str):
+        return item
     cells = [("heads", layer, targets[layer], prefixes[layer]) for layer in layer_list]
     key = targets[layer_list[0]].key
 
@@ -195,9 +192,6 @@ def _suffix_heads(model, items, dataset, layer_list, labels, heads, targets, pre
                                    batch_size, memory_budget, progress, "head patching")
     if isinstance(swept, str):
         return swept
-    values = swept.scores.reshape(len(layer_list), heads, len(labels))
-    return PatchingResult(values, ("layer", "head", "position"),
-                          {"layer": layer_list, "head": list(range(heads)), "position": labels},
-                          baseline=swept.baseline, reference=swept.reference,
-                          tokens=token_labels(model, item.clean), method="head patching",
-                          info=swept.info(start))
+    coords = {"layer": layer_list, "head": list(range(heads)), "position": labels}
+    return swept.result(("layer", "head", "position"), coords,
+                        token_labels(model, item.clean), "head patching", start)

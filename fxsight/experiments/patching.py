@@ -190,13 +190,10 @@ def _suffix_sweep(model, items, dataset, kinds, layer_list, labels, plans, clean
                   distributed, batch_size, memory_budget, progress,
                   start) -> PatchingResult | str:
     """The sweep on the suffix path (:mod:`.suffix`), or why it does not apply."""
-    if dataset or len(items) != 1:
-        return "a dataset of pairs runs the full-length path"
-    item = items[0]
-    given = {k: v for k, v in kwargs.items() if k != "use_cache"}
-    reason = suffix_path.why_not(model, dataset, backend, checkpoint, distributed, given, True)
-    if reason is not None:
-        return reason
+    item = suffix_path.single_pair(model, items, dataset, backend, checkpoint, distributed,
+                                   kwargs)
+    if isinstance(item, str):
+        return item
     cells = [(kind, layer, *plans[kind, layer]) for kind in kinds for layer in layer_list]
     units = [(position_in(label, item.length), None) for label in labels]
     swept = suffix_path.sweep_pair(model, item, cells, lambda clean_run: units, clean_targets,
@@ -204,14 +201,9 @@ def _suffix_sweep(model, items, dataset, kinds, layer_list, labels, plans, clean
                                    batch_size, memory_budget, progress, "activation patching")
     if isinstance(swept, str):
         return swept
-    values = swept.scores.reshape(len(kinds), len(layer_list), len(labels))
-    info = swept.info(start)
-    baseline, reference = swept.baseline, swept.reference
-    return PatchingResult(values, ("site", "layer", "position"),
-                          {"site": kinds, "layer": layer_list, "position": labels},
-                          baseline=baseline, reference=reference,
-                          tokens=token_labels(model, item.clean),
-                          method="activation patching", info=info)
+    coords = {"site": kinds, "layer": layer_list, "position": labels}
+    return swept.result(("site", "layer", "position"), coords,
+                        token_labels(model, item.clean), "activation patching", start)
 
 
 def _plan(layout, kind: str, layer: int) -> tuple[Target, list[Target]]:

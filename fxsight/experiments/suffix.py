@@ -350,6 +350,17 @@ def why_not(model: Envoy, dataset: bool, backend: str | None, checkpoint: Any,
     return None
 
 
+def single_pair(model: Envoy, items: list, dataset: bool, backend: str | None,
+                checkpoint: Any, distributed: bool | None, kwargs: dict) -> Any:
+    """The one clean/corrupted item a sweep's suffix path would run, or why it does not
+    apply (a string; the model itself is checked by :func:`plan`)."""
+    if dataset or len(items) != 1:
+        return "a dataset of pairs runs the full-length path"
+    given = {k: v for k, v in kwargs.items() if k != "use_cache"}
+    reason = why_not(model, dataset, backend, checkpoint, distributed, given, True)
+    return reason if reason is not None else items[0]
+
+
 @dataclass
 class Plan:
     name: str
@@ -461,6 +472,17 @@ class Swept:
     traces: int
     tracer: Any
     setup: Plan
+
+    def result(self, dims: tuple[str, ...], coords: dict, tokens: Any, method: str,
+               start: float) -> Any:
+        """The sweep's :class:`~fxsight.experiments.result.PatchingResult` (its scores
+        reshaped to ``coords``' lengths)."""
+        from .result import PatchingResult
+
+        values = self.scores.reshape(*[len(coords[d]) for d in dims])
+        return PatchingResult(values, dims, coords, baseline=self.baseline,
+                              reference=self.reference, tokens=tokens, method=method,
+                              info=self.info(start))
 
     def info(self, start: float) -> dict:
         """The sweep's part of ``result.info``."""
