@@ -78,6 +78,13 @@ class SourceLine:
         code = linecache.getline(filename, lineno).strip() if lineno else ""
         return f"{filename}:{lineno}: {code}"
 
+    def __eq__(self, other: object) -> bool:  # (a loop's body records one per iteration)
+        return self is other or (type(other) is SourceLine and self.code is other.code
+                                 and self.offset == other.offset)
+
+    def __hash__(self) -> int:
+        return hash((id(self.code), self.offset))
+
     def __format__(self, spec: str) -> str:
         return format(str(self), spec)
 

@@ -48,10 +48,7 @@ class _Captures:
         return len(self.entries)
 
     def get(self, key: Any) -> Any:
-        value = self.entries.get(key)
-        if value is not None:
-            self.entries.move_to_end(key)
-        return value
+        return _used(self.entries, key)
 
     def put(self, key: Any, value: Any) -> list:
         """Store ``value``; returns the values evicted."""
@@ -66,10 +63,7 @@ class _Captures:
         return evicted
 
     def view(self, key: Any) -> Any:
-        value = self.views.get(key)
-        if value is not None:
-            self.views.move_to_end(key)
-        return value
+        return _used(self.views, key)
 
     def put_view(self, key: Any, value: Any) -> None:
         self.views[key] = value
@@ -92,6 +86,14 @@ class _Captures:
             for key in [k for k in table if _token_of(k) in tokens]:
                 dropped.append(table.pop(key))
         return dropped
+
+
+def _used(table: OrderedDict, key: Any) -> Any:
+    """``table[key]`` (or ``None``), marked most recently used."""
+    value = table.get(key)
+    if value is not None:
+        table.move_to_end(key)
+    return value
 
 
 # Called as ``listener(model, graph_module)`` when a capture leaves the cache, so that

@@ -76,18 +76,12 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
     prefixes = {layer: [Target(layout.blocks[layer - 1])] if layer > 0 else []
                 for layer in layer_list}
     corrupt_targets = [t for layer in layer_list for t in (*prefixes[layer], targets[layer])]
-    if suffix is not False:
-        fast = _suffix_heads(model, items, dataset, layer_list, labels, heads, targets,
-                             prefixes, corrupt_targets, kwargs, options, reference_options,
-                             backend, checkpoint, distributed, batch_size, memory_budget,
-                             progress, start)
-        if isinstance(fast, PatchingResult):
-            return fast
-        if suffix:
-            raise ValueError(f"suffix=True, but the suffix path does not apply: {fast}")
-        suffix_note = fast
-    else:
-        suffix_note = "suffix=False"
+    fast, suffix_note = suffix_path.attempt(suffix, lambda: _suffix_heads(
+        model, items, dataset, layer_list, labels, heads, targets, prefixes, corrupt_targets,
+        kwargs, options, reference_options, backend, checkpoint, distributed, batch_size,
+        memory_budget, progress, start))
+    if fast is not None:
+        return fast
     sweep = Sweep(model, None, None, kwargs, options, "attr", 1, progress, "head patching")
     seen: dict = {}
 

@@ -125,18 +125,12 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
     sweep = Sweep(model, None, None, kwargs, options, "attr", 1, progress,
                   "activation patching")
     seen: dict = {}
-    if suffix is not False:
-        fast = _suffix_sweep(model, items, dataset, kinds, layer_list, labels, plans,
-                             clean_targets, corrupt_targets, kwargs, options,
-                             reference_options, backend, checkpoint, distributed,
-                             batch_size, memory_budget, progress, start)
-        if isinstance(fast, PatchingResult):
-            return fast
-        if suffix:
-            raise ValueError(f"suffix=True, but the suffix path does not apply: {fast}")
-        suffix_note = fast
-    else:
-        suffix_note = "suffix=False"
+    fast, suffix_note = suffix_path.attempt(suffix, lambda: _suffix_sweep(
+        model, items, dataset, kinds, layer_list, labels, plans, clean_targets,
+        corrupt_targets, kwargs, options, reference_options, backend, checkpoint,
+        distributed, batch_size, memory_budget, progress, start))
+    if fast is not None:
+        return fast
 
     def refs(item: Item) -> Refs:
         clean_run = reference_run(model, item.clean, clean_targets, kwargs, reference_options)

@@ -41,20 +41,22 @@ full-length path; ``result.info["suffix"]`` says which and why.
 from __future__ import annotations
 
 import operator
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from ..api.envoy import Envoy
-from .sweeps import Target, forward_parameters, hidden, logits_of, with_hidden
+from .result import PatchingResult
+from .sweeps import (Target, find_layout, forward_parameters, hidden, logits_of,
+                     metric_values, reference_run, row_bytes, with_hidden)
 
 CACHE_NAMES = ("cache", "past_key_values")
 # a cell of a (site, layer): the position patched, and the columns of the site's value
 # patched there (``None``: all of them; a slice: one head's)
 Unit = tuple[int, "slice | None"]
 ATOL = 1e-4  # the self-check's tolerance, relative to the logits' scale
-CHECK_BACKEND = "hooks"  # the self-check's (its one-row shape would be a capture of its own)
 
 
 @dataclass
@@ -251,7 +253,7 @@ def reproduces(model: Envoy, name: str, head: Envoy, ids: torch.Tensor, layers: 
         with torch.no_grad(), model.trace(packing.ids, **{name: cache_for(layers, packing.rows)},
                                           attention_mask=packing.mask,
                                           position_ids=packing.position_ids, **kwargs,
-                                          **keep, backend=CHECK_BACKEND) as tracer:
+                                          **keep, backend="hooks") as tracer:
             if tail is not None:
                 tail_on_ends(tail, packing.ends)
             saved = head.input.save()
@@ -350,6 +352,20 @@ def why_not(model: Envoy, dataset: bool, backend: str | None, checkpoint: Any,
     return None
 
 
+def attempt(suffix: bool | None, sweep: Callable[[], Any]) -> tuple[Any, Any]:
+    """A sweep's suffix path as ``suffix=`` asks (``None``: where it applies; ``False``:
+    never; ``True``: required, else ``ValueError``): ``(its result or None, the value of
+    result.info["suffix"])``. ``sweep()`` returns a result, or why the path does not apply."""
+    if suffix is False:
+        return None, "suffix=False"
+    fast = sweep()
+    if not isinstance(fast, str):
+        return fast, True
+    if suffix:
+        raise ValueError(f"suffix=True, but the suffix path does not apply: {fast}")
+    return None, fast
+
+
 def single_pair(model: Envoy, items: list, dataset: bool, backend: str | None,
                 checkpoint: Any, distributed: bool | None, kwargs: dict) -> Any:
     """The one clean/corrupted item a sweep's suffix path would run, or why it does not
@@ -398,8 +414,6 @@ def plan(model: Envoy, corrupted: torch.Tensor, kwargs: dict, corrupt_run: Any,
 
 def last_mlp(model: Envoy) -> Envoy | None:
     """The last block's MLP module, or ``None`` where the blocks have none."""
-    from .sweeps import find_layout
-
     try:
         return find_layout(model).site("mlp", -1)
     except ValueError:
@@ -474,11 +488,9 @@ class Swept:
     setup: Plan
 
     def result(self, dims: tuple[str, ...], coords: dict, tokens: Any, method: str,
-               start: float) -> Any:
+               start: float) -> PatchingResult:
         """The sweep's :class:`~fxsight.experiments.result.PatchingResult` (its scores
         reshaped to ``coords``' lengths)."""
-        from .result import PatchingResult
-
         values = self.scores.reshape(*[len(coords[d]) for d in dims])
         return PatchingResult(values, dims, coords, baseline=self.baseline,
                               reference=self.reference, tokens=tokens, method=method,
@@ -486,8 +498,6 @@ class Swept:
 
     def info(self, start: float) -> dict:
         """The sweep's part of ``result.info``."""
-        import time
-
         return dict(batch_size=self.per_trace, traces=self.traces,
                     cells=int(self.scores.numel()),
                     backend=getattr(self.tracer, "backend", None), logits_to_keep=1,
@@ -505,8 +515,6 @@ def sweep_pair(model: Envoy, item: Any, cells: list[tuple[str, int, Target, list
     """The sweep of one clean/corrupted ``item`` on the suffix path, or why it does not
     apply to this model and metric. ``cells``: (kind, layer, target, prefix) per (site,
     layer); ``units(clean_run)``: the cells of each."""
-    from .sweeps import metric_values, reference_run, row_bytes
-
     keep = {**kwargs, "logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) \
         else dict(kwargs)
     with torch.no_grad():  # the last position's logits only, the corrupted run's cache

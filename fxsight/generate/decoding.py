@@ -37,7 +37,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..capture.captures import cached_capture, flat_inputs
 from ..capture.export import CaptureError
-from ..errors import NotOnGraph, SourceLine, TraceError, at_line
+from ..errors import NotOnGraph, TraceError, at_line
 from ..record.program import Kind, Node, Program
 from ..run.executable import runner_for
 from ..run.options import RunOptions
@@ -267,13 +267,12 @@ class GraphSteps:
         keys, values = inputs["keys"], inputs["values"]
         layout = (tuple([type(v) for k, v in inputs.items() if k not in ("keys", "values")]),
                   tuple(map(type, keys)), tuple(map(type, values)))
-        known = self._layouts.get(layout)
-        if known is not None:
-            return [inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
-                    *keys, *values, inputs["use_cache"], inputs["logits_to_keep"]], known
-        flat, spec = flat_inputs((), inputs)
         direct = [inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
                   *keys, *values, inputs["use_cache"], inputs["logits_to_keep"]]
+        known = self._layouts.get(layout)
+        if known is not None:
+            return direct, known
+        flat, spec = flat_inputs((), inputs)
         if list(inputs) == _STEP_INPUTS and len(direct) == len(flat) and \
                 all(a is b for a, b in zip(direct, flat)) and \
                 all(isinstance(t, torch.Tensor) for t in (*keys, *values)):
@@ -445,13 +444,9 @@ def _alike(a: list[Node], b: list[Node], wanted: set[Node]) -> bool:
         if kind is tuple or kind is list:
             if len(u) != len(v):
                 return False
-            for p, q in zip(u, v):
-                if p is not q or type(p) is not Node and type(p) in _CONTAINERS:
-                    if not same(p, q):
-                        return False
-                elif type(p) is Node and not same(p, q):
-                    return False
-            return True
+            # (an item that is the same object compares equal, unless it holds step nodes)
+            return all(same(p, q) for p, q in zip(u, v)
+                       if p is not q or type(p) is Node or type(p) in _CONTAINERS)
         if kind is dict:
             return list(u) == list(v) and all(map(same, u.values(), v.values()))
         if kind is slice:
@@ -467,7 +462,7 @@ def _alike(a: list[Node], b: list[Node], wanted: set[Node]) -> bool:
                 x.site != y.site or x.accessor != y.accessor or x.invoke != y.invoke or \
                 x.skip != y.skip or x.mutation != y.mutation or x.lenient != y.lenient or \
                 x.input_index != y.input_index or (x in wanted) != (y in wanted) or \
-                not _same_line(x.line, y.line) or \
+                x.line != y.line or \
                 not same(x.args, y.args) or not same(x.kwargs, y.kwargs):
             return False
     return True
@@ -476,11 +471,3 @@ def _alike(a: list[Node], b: list[Node], wanted: set[Node]) -> bool:
 _CONTAINERS = frozenset({tuple, list, dict, slice})
 _BY_VALUE = frozenset({int, str, bool, type(None), type(Ellipsis)})
 
-
-def _same_line(a: Any, b: Any) -> bool:
-    """The same user line (a loop's body records a new ``SourceLine`` per iteration)."""
-    if a is b:
-        return True
-    if type(a) is SourceLine and type(b) is SourceLine:
-        return a.code is b.code and a.offset == b.offset
-    return type(a) is str and type(b) is str and a == b

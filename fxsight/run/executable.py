@@ -206,13 +206,13 @@ class Runner:
         outputs = executable(flat_inputs)
         spliced = executable.spliced
         if executable.output_builder is not None:  # (no cache objects to rebuild)
+            objects = None
             model_output = executable.output_builder(outputs)
-            return model_output, [outputs[b] if type(b) is int else b.build(outputs, None)
-                                  for b in executable.save_builders]
-        objects = _cache_objects(spliced, outputs, user_caches) \
-            if spliced.cache_outputs else None
-        plan = spliced.model_output
-        model_output = plan.build(outputs, objects) if plan is not None else None
+        else:
+            objects = _cache_objects(spliced, outputs, user_caches) \
+                if spliced.cache_outputs else None
+            plan = spliced.model_output
+            model_output = plan.build(outputs, objects) if plan is not None else None
         return model_output, [outputs[b] if type(b) is int else b.build(outputs, objects)
                               for b in executable.save_builders]
 

@@ -57,12 +57,8 @@ def conform(value: Any, like: Any) -> Any:
     device (a value read on one device and written where another one was)."""
 
     def fit(new, old):
-        if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
-            if new.device != old.device:  # (read on one device, written on another)
-                new = new.to(old.device)
-            return new if new.shape == old.shape else new.expand(old.shape)
-        if isinstance(old, torch.Tensor) and isinstance(new, (int, float, bool)):
-            return torch.full_like(old, new)
+        if isinstance(old, torch.Tensor):  # (read on one device, written on another: moved)
+            return conform_to(new, old.shape, old.device, old.dtype)
         return new
 
     if isinstance(like, torch.Tensor) or not isinstance(value, (tuple, list, dict)):
