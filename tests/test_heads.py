@@ -1,10 +1,16 @@
 """Per-head activation patching against a hand-written one-cell-at-a-time hooks loop: on the
-suffix path (fx), the full-length path (fx, ``suffix=False``) and the hooks backend."""
+suffix path (fx), the full-length path (fx, ``suffix=False``) and the hooks backend.
+
+On the suffix path, the rest of a head's layer (its output projection and MLP) runs on the
+patched tokens only: the graph holds none of that layer's attention or MLP, the modules are
+called on one row per cell, and an MLP that computes otherwise on one token fails the
+self-check (the layer then runs at every token) with the same scores."""
 
 import pytest
 import torch
 
 from fxsight import NNsight, patching
+from fxsight.record.program import ModuleCall
 from models import tiny_gpt2, tiny_llama
 
 MODELS = {"gpt2": (tiny_gpt2, "transformer.h.{}.attn.c_proj"),
@@ -73,3 +79,55 @@ def test_head_patching_rejects_prompts_of_different_lengths():
     with pytest.raises(ValueError, match="same number of tokens"):
         patching.head_patching(NNsight(tiny_gpt2()), torch.tensor([[1, 2, 3]]),
                                torch.tensor([[1, 2]]), metric, progress=False)
+
+
+def test_a_head_cell_runs_the_rest_of_its_layer_on_the_patched_tokens_only(monkeypatch):
+    model = tiny_gpt2(n_layer=3)
+    shapes = []  # of the values the trace's module calls are applied to
+    call = ModuleCall.__call__
+    monkeypatch.setattr(ModuleCall, "__call__", lambda self, *args: (
+        shapes.append((self.module, tuple(args[0].shape))), call(self, *args))[1])
+    clean = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    corrupted = clean.clone()
+    corrupted[0, 1] = 9
+    result = patching.head_patching(NNsight(model), clean, corrupted, metric, layers=[0],
+                                    progress=False, use_cache=False)
+    assert result.info["patched_block_on_patched_tokens"] is True
+    graph = result.info["graph_module"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    used = {names[id(getattr(graph, n.target))] for n in graph.graph.nodes
+            if n.op == "get_attr" and id(getattr(graph, n.target)) in names}
+    # layer 0: only the layer norm between the projection and the MLP; layers 1 and 2 whole
+    # (but layer 2's MLP, run on the last tokens)
+    assert {n for n in used if n.startswith("transformer.h.0.")} == \
+        {"transformer.h.0.ln_2.weight", "transformer.h.0.ln_2.bias"}, sorted(used)
+    assert "transformer.h.1.mlp.c_fc.weight" in used and "transformer.h.1.attn.c_attn.weight" \
+        in used
+    block = model.transformer.h[0]
+    cells = 4 * 6  # heads x positions, one trace
+    width = model.config.n_embd
+    assert (block.mlp, (cells, 1, width)) in shapes  # (the projection's patched input is
+    # a plain tensor: it is applied before the graph runs)
+    expected = _one_cell_at_a_time(model, MODELS["gpt2"][1], clean, corrupted, 3, 4, 16)[:1]
+    torch.testing.assert_close(result.values, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_an_mlp_with_a_one_token_path_runs_at_every_token(monkeypatch):
+    model = tiny_gpt2(n_layer=2)
+    mlp = model.transformer.h[0].mlp
+    plain = type(mlp).forward
+    monkeypatch.setattr(mlp, "forward",
+                        lambda h: plain(mlp, h) + (1.0 if h.shape[1] == 1 else 0.0))
+    clean = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    corrupted = clean.clone()
+    corrupted[0, 1] = 9
+    net = NNsight(model)
+    fast = patching.head_patching(net, clean, corrupted, metric, progress=False,
+                                  use_cache=False)
+    full = patching.head_patching(net, clean, corrupted, metric, progress=False,
+                                  use_cache=False, suffix=False)
+    assert fast.info["suffix"] is True
+    assert fast.info["patched_block_on_patched_tokens"] is False
+    assert fast.info["last_mlp_on_last_tokens"] is True
+    torch.testing.assert_close(fast.values, full.values, rtol=0, atol=1e-5)
+    assert fast.values.abs().max() > 0

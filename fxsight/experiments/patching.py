@@ -188,7 +188,7 @@ def _suffix_sweep(model, items, dataset, kinds, layer_list, labels, plans, clean
                                    kwargs)
     if isinstance(item, str):
         return item
-    cells = [(kind, layer, *plans[kind, layer]) for kind in kinds for layer in layer_list]
+    cells = [(kind, layer, *plans[kind, layer], []) for kind in kinds for layer in layer_list]
     units = [(position_in(label, item.length), None) for label in labels]
     swept = suffix_path.sweep_pair(model, item, cells, lambda clean_run: units, clean_targets,
                                    corrupt_targets, kwargs, options, reference_options,

@@ -26,6 +26,16 @@ half of the tokens of the full-length rows, summed over the positions), and:
   outputs nothing reads). Where the self-check of this on the corrupted prompt fails (an
   MLP that is not applied token by token, a block that does not add its MLP's output), the
   whole last block runs.
+- **The patched block on the patched tokens only.** A head's output at (layer ``l``,
+  position ``p``) changes nothing else in layer ``l``: the attention's output projection
+  and the MLP after it see new inputs at ``p`` only. A head cell names these modules
+  (``local``): each runs on the segments' first tokens only (one-token rows; the
+  projection's input there is the patched value) and takes the corrupted run's outputs at
+  every other token, so layer ``l`` costs two small matrix products per cell. The
+  sweep's self-check runs this too, at every swept layer at once, and compares each
+  module's one-token outputs with its outputs in the whole run; where it fails (a module
+  that mixes tokens, or computes otherwise on one token), the cells run layer ``l`` at
+  every token of their suffix.
 - **Only what the metric reads.** The head runs on each segment's last token only; when
   the head is a ``Linear`` and the metric reads fixed vocabulary entries at the last
   position (found by tracing the metric with ``torch.fx``, and checked on the clean run's
@@ -56,6 +66,11 @@ CACHE_NAMES = ("cache", "past_key_values")
 # a cell of a (site, layer): the position patched, and the columns of the site's value
 # patched there (``None``: all of them; a slice: one head's)
 Unit = tuple[int, "slice | None"]
+# a (site, layer) of a sweep: its kind, layer, the value patched, the modules before it
+# skipped with the corrupted run's values, and the modules after it in its block that run
+# on the patched tokens only (module outputs; the first may be the module whose input is
+# patched)
+Cell = tuple[str, int, Any, list, list]
 ATOL = 1e-4  # the self-check's tolerance, relative to the logits' scale
 
 
@@ -70,6 +85,13 @@ class Packing:
     mask: torch.Tensor
     segments: list[tuple[int, int]]
     ends: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def starts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (row, column) of each cell's first token (its patched position), in cell
+        order."""
+        return (torch.tensor([r for r, _ in self.segments]),
+                torch.tensor([c for _, c in self.segments]))
 
     @property
     def rows(self) -> int:
@@ -238,22 +260,28 @@ def head_logits(head: torch.nn.Module, inputs: torch.Tensor,
 
 # --- the self-check ----------------------------------------------------------------------
 def reproduces(model: Envoy, name: str, head: Envoy, ids: torch.Tensor, layers: list,
-               kwargs: dict, logits: torch.Tensor, tail: Envoy | None = None) -> str | None:
+               kwargs: dict, logits: torch.Tensor, tail: Envoy | None = None,
+               local: list | None = None, corrupt: dict | None = None) -> str | None:
     """Whether a packed suffix run of the unpatched prompt gives its own last-position
     logits (and the head on its saved input gives them too): ``None``, or what differs.
     With ``tail`` (the last block's MLP), the run applies it to the segments' last tokens
-    only (:func:`tail_on_ends`)."""
+    only (:func:`tail_on_ends`); with ``local`` (module outputs, each a ``Target``), each
+    of those modules runs on the segments' first tokens only and takes its output in the
+    unpatched run (``corrupt``, by key) elsewhere (:func:`on_tokens`)."""
     length = ids.shape[1]
     positions = [p for p in (length // 3, length - 1 - length // 3) if 0 < p < length]
     positions = sorted(set(positions)) or [0]
     packing = pack(ids, positions, logits.dtype)
-    keep = {"logits_to_keep": packing.ends[1]} if tail is None and packing.rows == 1 and \
-        "logits_to_keep" in forward_parameters(model) else {}
+    keep = {"logits_to_keep": packing.ends[1]} if tail is None and not local and \
+        packing.rows == 1 and "logits_to_keep" in forward_parameters(model) else {}
     try:
         with torch.no_grad(), model.trace(packing.ids, **{name: cache_for(layers, packing.rows)},
                                           attention_mask=packing.mask,
                                           position_ids=packing.position_ids, **kwargs,
                                           **keep, backend="hooks") as tracer:
+            computed = [(target, on_tokens(target.envoy, packing.starts,
+                                           packed_value(corrupt[target.key], packing)).save())
+                        for target in local or ()]
             if tail is not None:
                 tail_on_ends(tail, packing.ends)
             saved = head.input.save()
@@ -271,18 +299,35 @@ def reproduces(model: Envoy, name: str, head: Envoy, ids: torch.Tensor, layers: 
     again = head._module(hidden(saved)[0] if keep else hidden(saved)[packing.ends])
     if not torch.allclose(again, want, atol=ATOL * scale, rtol=0):
         return "the head applied to its input does not give the model's logits"
+    for target, value in computed:  # (each on one-token rows, against the whole run)
+        got = getattr(value, "value", value)[:, 0]
+        want = corrupt[target.key][0, positions]
+        if got.shape != want.shape or not torch.allclose(
+                got, want, atol=ATOL * (float(want.abs().max()) + 1e-6), rtol=0):
+            return f"{target.envoy.path} on one-token rows does not give its own outputs"
     del tracer
     return None
 
 
 # --- one batch ---------------------------------------------------------------------------
+def on_tokens(module: Envoy, tokens: tuple[torch.Tensor, torch.Tensor], rest: Any,
+              inputs: Any = None) -> Any:
+    """(Inside a trace.) ``module`` runs on the tokens at ``tokens`` (rows, columns) only,
+    as a batch of one-token rows whose values are ``inputs`` (its own input there, unless
+    given): it is skipped with ``rest`` holding those outputs at those tokens. Returns
+    those outputs (one-token rows)."""
+    if inputs is None:
+        inputs = module.input[tokens]
+    outputs = module(inputs[:, None])
+    module.skip(torch.index_put(rest, tokens, outputs[:, 0]))
+    return outputs
+
+
 def tail_on_ends(mlp: Envoy, ends: tuple[torch.Tensor, torch.Tensor]) -> None:
     """(Inside a trace.) ``mlp`` runs on the tokens at ``ends`` (rows, columns) only: it is
     skipped with its output on those tokens (as a batch of one-token rows) and zeros
-    elsewhere."""
-    inputs = mlp.input
-    outputs = mlp(inputs[ends][:, None])
-    mlp.skip(torch.zeros_like(inputs).index_put(ends, outputs[:, 0]))
+    elsewhere (which nothing reads)."""
+    on_tokens(mlp, ends, torch.zeros_like(mlp.input))
 
 
 def packed_value(value: Any, packing: Packing, patched: torch.Tensor | None = None) -> Any:
@@ -297,27 +342,40 @@ def packed_value(value: Any, packing: Packing, patched: torch.Tensor | None = No
 
 def run_layer(model: Envoy, name: str, head: Envoy, layers: list, packing: Packing,
               target: Target, prefix: list[Target], clean: dict, corrupt: dict,
-              units: list[Unit], kwargs: dict, options: dict, tail: Envoy | None = None):
+              units: list[Unit], kwargs: dict, options: dict, tail: Envoy | None = None,
+              local: list[Target] = ()):
     """One trace of the packed cells of one (site, layer), a cell per unit (its position,
     and the columns of the site patched there: ``None`` for all): returns the head's input
     at each cell's last token, in cell order, and the tracer. ``tail``: the last block's
-    MLP, to run on the cells' last tokens only (it must come after ``target``)."""
-    state = hidden(corrupt[target.key])
-    rows, width = packing.rows, packing.ids.shape[1]
-    patched = state[0, packing.position_ids.reshape(-1)].reshape(rows, width, -1).clone()
-    clean_state = hidden(clean[target.key])
-    for (r, start), (p, columns) in zip(packing.segments, units):
-        if columns is None:
-            patched[r, start] = clean_state[0, p]
-        else:
-            patched[r, start, columns] = clean_state[0, p, columns]
+    MLP, to run on the cells' last tokens only (it must come after ``target``). ``local``:
+    module outputs after ``target`` in its block to compute at the patched tokens only
+    (the first may be the module whose input ``target`` is: it is given the patched
+    values there), with the corrupted run's outputs elsewhere."""
+    state, clean_state = hidden(corrupt[target.key]), hidden(clean[target.key])
+    rows = packing.rows
     replacements = [(t, packed_value(corrupt[t.key], packing)) for t in prefix]
-    replacements.append((target, packed_value(corrupt[target.key], packing, patched)))
+    # the first local module is given the patched values at the patched tokens as its input
+    given = bool(local) and local[0].envoy is target.envoy and target.accessor == "input"
+    if given:
+        patched = state[0, [p for p, _ in units]].clone()
+        for i, (p, columns) in enumerate(units):
+            where = slice(None) if columns is None else columns
+            patched[i, where] = clean_state[0, p, where]
+    else:
+        width = packing.ids.shape[1]
+        patched = state[0, packing.position_ids.reshape(-1)].reshape(rows, width, -1).clone()
+        for (r, start), (p, columns) in zip(packing.segments, units):
+            where = slice(None) if columns is None else columns
+            patched[r, start, where] = clean_state[0, p, where]
+        replacements.append((target, packed_value(corrupt[target.key], packing, patched)))
     with model.trace(packing.ids, **{name: cache_for(layers, rows)},
                      attention_mask=packing.mask, position_ids=packing.position_ids,
                      **kwargs, **options) as tracer:
         for t, value in replacements:
             t.replace(value)
+        for i, t in enumerate(local):
+            on_tokens(t.envoy, packing.starts, packed_value(corrupt[t.key], packing),
+                      patched if i == 0 and given else None)
         if tail is not None:
             tail_on_ends(tail, packing.ends)
         saved = head.input.save()
@@ -385,13 +443,17 @@ class Plan:
     columns: list[int] | None
     small_metric: Callable | None
     tail: Envoy | None = None  # the last block's MLP, run on the segments' last tokens only
+    local: bool = False  # cells' local modules run on the patched tokens only
 
 
 def plan(model: Envoy, corrupted: torch.Tensor, kwargs: dict, corrupt_run: Any,
-         clean_logits: torch.Tensor, metric: Callable) -> Plan | str:
+         clean_logits: torch.Tensor, metric: Callable, local: list | None = None
+         ) -> Plan | str:
     """The suffix path's set-up for a pair (the prefix cache, the head, the vocabulary
     entries the metric reads), or why it does not apply to this model. ``corrupt_run``:
-    the corrupted reference run with ``use_cache=True`` and its output kept."""
+    the corrupted reference run with ``use_cache=True`` and its output kept (with the
+    outputs of ``local``, the cells' local modules, whose restriction to the patched
+    tokens is checked here)."""
     name = cache_name(model)
     head = head_of(model)
     corrupt_logits = corrupt_run.logits
@@ -405,11 +467,15 @@ def plan(model: Envoy, corrupted: torch.Tensor, kwargs: dict, corrupt_run: Any,
     if tail is not None and reproduces(model, name, head, corrupted, layers, kwargs,
                                        corrupt_logits, tail) is not None:
         tail = None  # (the whole last block runs)
+    on_patched = bool(local) and all(
+        isinstance(corrupt_run.outputs.get(t.key), torch.Tensor) for t in local) and \
+        reproduces(model, name, head, corrupted, layers, kwargs, corrupt_logits,
+                   local=local, corrupt=corrupt_run.outputs) is None
     reads = vocabulary_reads(metric, clean_logits)
     columns, small = reads if reads is not None else (None, None)
     if not isinstance(head._module, torch.nn.Linear):
         columns, small = None, None
-    return Plan(name, head, layers, columns, small, tail)
+    return Plan(name, head, layers, columns, small, tail, on_patched)
 
 
 def last_mlp(model: Envoy) -> Envoy | None:
@@ -420,19 +486,20 @@ def last_mlp(model: Envoy) -> Envoy | None:
         return None
 
 
-def tail_after(tail: Envoy | None, target: Target, prefix: list[Target]) -> Envoy | None:
-    """``tail`` where it runs after every module a cell replaces (not the MLP itself or a
-    module that contains it), else ``None``."""
+def tail_after(tail: Envoy | None, target: Target, prefix: list[Target],
+               local: list[Target] = ()) -> Envoy | None:
+    """``tail`` where it runs after every module a cell replaces or runs on the patched
+    tokens only (not the MLP itself or a module that contains it), else ``None``."""
     if tail is None:
         return None
-    for t in (target, *prefix):
+    for t in (target, *prefix, *local):
         path = t.envoy.path
         if t.accessor == "output" and (path == tail.path or tail.path.startswith(path + ".")):
             return None
     return tail
 
 
-def run_sweep(model: Envoy, setup: Plan, cells: list[tuple[str, int, Target, list[Target]]],
+def run_sweep(model: Envoy, setup: Plan, cells: list[Cell],
               clean: dict, corrupt: dict, corrupted: torch.Tensor, units: list[Unit],
               metric: Callable, baseline: float, kwargs: dict, options: dict,
               cells_per_trace: int, progress: bool, description: str):
@@ -449,7 +516,8 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[tuple[str, int, Target, lis
     bar = tqdm(total=len(cells) * len(chunks), desc=description, unit="batch",
                disable=not progress, leave=False)
     try:
-        for c, (_, _, target, prefix) in enumerate(cells):
+        for c, (_, _, target, prefix, local) in enumerate(cells):
+            local = local if setup.local else []
             done = 0
             for chunk in chunks:
                 key = tuple(p for p, _ in chunk)
@@ -459,7 +527,8 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[tuple[str, int, Target, lis
                 inputs, tracer = run_layer(model, setup.name, setup.head, setup.layers,
                                            packing, target, prefix, clean, corrupt, chunk,
                                            kwargs, options,
-                                           tail_after(setup.tail, target, prefix))
+                                           tail_after(setup.tail, target, prefix, local),
+                                           local)
                 traces += 1
                 with torch.no_grad():
                     logits = head_logits(setup.head._module, inputs, setup.columns)
@@ -504,17 +573,20 @@ class Swept:
                     seconds=time.perf_counter() - start,
                     graph_module=getattr(self.tracer, "graph_module", None), suffix=True,
                     vocabulary=self.setup.columns,
-                    last_mlp_on_last_tokens=self.setup.tail is not None)
+                    last_mlp_on_last_tokens=self.setup.tail is not None,
+                    patched_block_on_patched_tokens=self.setup.local)
 
 
-def sweep_pair(model: Envoy, item: Any, cells: list[tuple[str, int, Target, list[Target]]],
+def sweep_pair(model: Envoy, item: Any, cells: list[Cell],
                units: Callable[[Any], list[Unit]], clean_targets: list[Target],
                corrupt_targets: list[Target], kwargs: dict, options: dict,
                reference_options: dict, batch_size: int | None,
                memory_budget: int | float, progress: bool, description: str) -> Swept | str:
     """The sweep of one clean/corrupted ``item`` on the suffix path, or why it does not
-    apply to this model and metric. ``cells``: (kind, layer, target, prefix) per (site,
-    layer); ``units(clean_run)``: the cells of each."""
+    apply to this model and metric. ``cells``: (kind, layer, target, prefix, local) per
+    (site, layer) (``local``'s outputs must be among ``corrupt_targets``);
+    ``units(clean_run)``: the cells of each."""
+    local = [t for cell in cells for t in cell[4]]
     keep = {**kwargs, "logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) \
         else dict(kwargs)
     with torch.no_grad():  # the last position's logits only, the corrupted run's cache
@@ -524,7 +596,8 @@ def sweep_pair(model: Envoy, item: Any, cells: list[tuple[str, int, Target, list
                                     keep_output=True)
     if not last_only(item.metric, item.length, clean_run.logits.shape[-1]):
         return "the metric reads positions other than the last"
-    setup = plan(model, item.corrupted, kwargs, corrupt_run, clean_run.logits, item.metric)
+    setup = plan(model, item.corrupted, kwargs, corrupt_run, clean_run.logits, item.metric,
+                 local)
     if isinstance(setup, str):
         return setup
     cell_units = units(clean_run)
