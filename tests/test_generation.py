@@ -371,3 +371,65 @@ def test_skip_as_the_last_line_of_all_skips_the_module_at_every_step(tokenizer):
             lm.transformer.h[1].skip(lm.transformer.h[1].input)
         tokens = lm.generator.output.save()
     assert torch.equal(tokens, every_step)
+
+
+class _Negate(torch.nn.Module):
+    def forward(self, x):
+        return -x
+
+
+def _swapper(model, at_call=2):
+    """A logits processor (the caller's code between decoding steps) that replaces the
+    final layer norm of ``model`` after ``at_call`` steps (the logits change sign)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Swap(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == at_call:
+                model.transformer.ln_f = _Negate()
+            return scores
+
+    return LogitsProcessorList([Swap()])
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_model_changed_between_steps_by_the_callers_code_is_seen(tokenizer, compile):
+    import copy
+
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    twin, unchanged = copy.deepcopy(model), copy.deepcopy(model)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = _steer_vector()
+    with lm.generate(PROMPTS[0], max_new_tokens=6, do_sample=False, compile=compile,
+                     logits_processor=_swapper(model)) as tracer:
+        with tracer.all():
+            lm.transformer.h[1].output[:, -1] += steer
+        tokens = lm.generator.output.save()
+    expected = _reference(twin, tokenizer, [PROMPTS[0]], "transformer.h.1", steer,
+                          max_new_tokens=6, logits_processor=_swapper(twin))
+    without = _reference(unchanged, tokenizer, [PROMPTS[0]], "transformer.h.1", steer,
+                         max_new_tokens=6)
+    assert tracer.backend == "fx"
+    assert torch.equal(tokens, expected)
+    assert not torch.equal(tokens, without), "the swap should change the output"
+
+
+def test_steps_are_state_checked_unless_only_transformers_code_runs_between_them(tokenizer):
+    from transformers import TextStreamer
+
+    from fxsight.generate.decoding import unchanged_between_steps
+
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    assert unchanged_between_steps(model, {"max_new_tokens": 3, "do_sample": False,
+                                           "eos_token_id": [1, 2]})
+    assert not unchanged_between_steps(model, {"logits_processor": _swapper(model)})
+    assert not unchanged_between_steps(model, {"streamer": TextStreamer(tokenizer)})
+
+    class Custom(type(model)):
+        def prepare_inputs_for_generation(self, *args, **kwargs):
+            return super().prepare_inputs_for_generation(*args, **kwargs)
+
+    assert not unchanged_between_steps(Custom(model.config), {"max_new_tokens": 3})

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import TraceError, at_line, user_line
-from ..generate.decoding import GraphSteps, Unsupported
+from ..generate.decoding import GraphSteps, Unsupported, unchanged_between_steps
 from ..generate.interleave import GENERATOR, AnySite, StepInterleaver, needs_generated_ids
 from ..record.active import current_tracer
 from ..record.proxy import Proxy
@@ -177,7 +177,7 @@ class Generator(Tracer):
         """Every decoding step as a rewritten graph (:mod:`fxsight.generate.decoding`)."""
         after = needs_generated_ids(self.program)
         steps = GraphSteps(module, self.program, rows, self.options, after,
-                           self._operations())
+                           self._operations(), unchanged_between_steps(module, options))
         original = module.__dict__.get("forward")
         module.forward = steps.forward_for(module.forward)
         try:

@@ -168,12 +168,14 @@ def flat_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
 
 
 def signature(model: torch.nn.Module, args: tuple, kwargs: dict,
-              flat: tuple[list[Any], Any] | None = None) -> tuple:
+              flat: tuple[list[Any], Any] | None = None, token: int | None = None) -> tuple:
     """What a capture depends on: input shapes and types, non-tensor inputs, grad mode,
     and the model's state (a number from :func:`state.state_token`: its parameters and
     buffers, modules, training flags, plain attributes and hooks as they are now).
 
-    ``flat`` is ``flat_inputs(args, kwargs)`` where the caller has it already."""
+    ``flat`` is ``flat_inputs(args, kwargs)`` where the caller has it already; ``token``
+    the model's state token where the caller knows that no code could have changed the
+    model since it was found (the state is not compared again)."""
     flat, layout = flat if flat is not None else flat_inputs(args, kwargs)
     parts = []
     for value in flat:
@@ -185,7 +187,8 @@ def signature(model: torch.nn.Module, args: tuple, kwargs: dict,
                 parts.append(("V", value))
             except TypeError:
                 parts.append(("V", repr(value)))
-    token = state.state_token(model, _drop_states)
+    if token is None:
+        token = state.state_token(model, _drop_states)
     return (layout, tuple(parts), torch.is_grad_enabled(), token)
 
 
@@ -218,7 +221,7 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                    flat: tuple[list[Any], Any] | None = None,
                    events_on: torch.nn.Module | None = None,
                    operations: frozenset = frozenset(),
-                   dynamic_operations: bool = False) -> Captured:
+                   dynamic_operations: bool = False, token: int | None = None) -> Captured:
     """Capture once per (model, signature); failures are remembered too (both in a
     bounded LRU, see :data:`MAX_CAPTURES`).
 
@@ -231,8 +234,10 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     capture with operation sites is another capture, of exact shapes unless
     ``dynamic_operations`` (the caller then checks the view's ``symbolic`` sites against
     what it reads: their values are sizes of the capture's shapes).
+
+    ``token``: see :func:`signature`.
     """
-    key = signature(model, args, kwargs, flat)
+    key = signature(model, args, kwargs, flat, token)
     if operations:
         key = (*key[:-1], operations, key[-1])  # (the state token stays last)
         dynamic = dynamic if dynamic_operations else "never"

@@ -11,6 +11,11 @@ captured graph with that step's interventions spliced in:
 - the decoding steps (after the first) are captured once with dynamic shapes (the cache
   and the attention mask grow by one token per step), so one graph, and under
   ``compile=True`` one compilation, serves every step and every sequence length;
+- the model's state is compared with its snapshot (``capture.state``) at the first step,
+  and at every step where code other than transformers' own could have run since the
+  last: a callable or object given to ``generate`` (a streamer, a logits processor, a
+  stopping criterion...), or a generation method the model's class overrides
+  (:func:`unchanged_between_steps`);
 - each step runs the part of the trace's Program that applies to it: nodes recorded
   outside ``tracer.iter``/``tracer.all()`` at the first step, the others at their steps.
   Values a later step needs from the first are graph outputs of the first step and graph
@@ -24,6 +29,7 @@ is run again with the hooks backend.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import threading
 import weakref
@@ -36,6 +42,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..capture.captures import cached_capture, flat_inputs
+from ..capture.state import current_watch
 from ..capture.export import CaptureError
 from ..errors import NotOnGraph, TraceError, at_line
 from ..record.program import Kind, Node, Program
@@ -55,6 +62,35 @@ _STEP_INPUTS = ["input_ids", "attention_mask", "position_ids", "keys", "values",
 # a step slice up to this long is expanded into the steps it names, once per generation
 # (longer ones, open-ended ones and ``tracer.all()`` are tested at each step)
 _EXPANDED = 4096
+
+
+def unchanged_between_steps(model: torch.nn.Module, generate_kwargs: dict) -> bool:
+    """Whether only transformers' own code runs between the decoding steps of
+    ``model.generate(**generate_kwargs)``: every argument is a plain value, a tensor or a
+    ``GenerationConfig`` (no callable or other object of the caller's: a streamer, a
+    logits processor, a stopping criterion, an assistant model), and the model's class
+    overrides none of ``GenerationMixin``'s methods. Then nothing can change the model
+    between steps (but another thread of the caller's, as in a plain generate)."""
+    from transformers import GenerationConfig
+    from transformers.generation.utils import GenerationMixin
+
+    def plain(value: Any) -> bool:
+        if value is None or type(value) in (bool, int, float, str, torch.dtype,
+                                            torch.device, GenerationConfig) or \
+                isinstance(value, torch.Tensor):
+            return True
+        if type(value) in (list, tuple):
+            return all(map(plain, value))
+        if type(value) is dict:
+            return all(map(plain, value.values()))
+        return False
+
+    if not all(map(plain, generate_kwargs.values())):
+        return False
+    cls = type(model)
+    return all(inspect.getattr_static(cls, name, None) is method
+               for name, method in vars(GenerationMixin).items()
+               if callable(method) or isinstance(method, (staticmethod, classmethod)))
 
 
 class Unsupported(Exception):
@@ -139,8 +175,13 @@ class GraphSteps:
     """Runs each model call of one ``generate`` as a rewritten graph of its step."""
 
     def __init__(self, model: torch.nn.Module, program: Program, rows: dict[Any, Rows],
-                 options: RunOptions, after: set[Node], operations: frozenset = frozenset()):
+                 options: RunOptions, after: set[Node], operations: frozenset = frozenset(),
+                 unchanged: bool = False):
         self.model = model
+        # the model's state token found at the first step, where nothing can change the
+        # model between steps (``unchanged``: see :func:`unchanged_between_steps`)
+        self.unchanged = unchanged
+        self.token: int | None = None
         self.operations = operations  # (``.source`` sites: capture.operations' spec)
         self.wrapper = decoding_step(model)
         self.program = program
@@ -235,17 +276,21 @@ class GraphSteps:
              decoding: bool) -> tuple[torch.Tensor, list, list]:
         wrapper = self.wrapper
         flat = self._flat(inputs)
+        token = self.token
         with wrapper.attached():
             try:
                 captured = cached_capture(wrapper, (), inputs, flat=flat, events_on=self.model,
                                           dynamic="always" if decoding
                                           else self.options.dynamic_policy,
                                           operations=self.operations,
-                                          dynamic_operations=True)
+                                          dynamic_operations=True, token=token)
+                if token is None and self.unchanged:
+                    self.token = current_watch(wrapper).token
+                    token = self.token
                 if captured.symbolic & set(program.sites()):  # (sizes read as values)
                     captured = cached_capture(wrapper, (), inputs, flat=flat,
                                               events_on=self.model,
-                                              operations=self.operations)
+                                              operations=self.operations, token=token)
                 runner = runner_for(wrapper, captured, program, self.rows, True,
                                     self.options.compile)
             except (CaptureError, NotOnGraph) as error:
