@@ -6,7 +6,8 @@
 - The rewritten graph of a layer-l cell holds only the blocks after l (the cache's updates
   are not outputs of a stopped trace), and the last block's MLP runs on the cells' last
   tokens only (one row per cell); an MLP that mixes tokens fails the self-check and runs
-  whole, with the same scores as the full-length path.
+  whole, with the same scores as the full-length path. An attention cell's MLP runs on
+  the patched tokens only (one row per cell), with the full-length path's scores.
 - Packing: each cell's tokens and positions, every row filled (T + 1 tokens) with every
   position.
 - Fallbacks say why: a metric reading other positions, a dataset, the hooks backend;
@@ -222,3 +223,27 @@ def test_a_stopped_trace_leaves_a_passed_in_cache_as_it_was(llama):
     with torch.no_grad():
         plain = llama(clean[:, 4:], cache=cache, use_cache=True, output_hidden_states=True)
     torch.testing.assert_close(hidden, plain.hidden_states[2], rtol=0, atol=1e-5)
+
+
+def test_an_attention_cells_mlp_runs_on_the_patched_tokens_only(gpt2, monkeypatch):
+    shapes = []  # of the values the trace's module calls are applied to
+    call = ModuleCall.__call__
+    monkeypatch.setattr(ModuleCall, "__call__", lambda self, *args: (
+        shapes.append((self.module, tuple(args[0].shape))), call(self, *args))[1])
+    net = NNsight(gpt2)
+    clean, corrupted = _prompts()
+    fast = patching.activation_patching(net, clean, corrupted, metric, sites=["attn"],
+                                        layers=[0], progress=False)
+    full = patching.activation_patching(net, clean, corrupted, metric, sites=["attn"],
+                                        layers=[0], progress=False, suffix=False)
+    assert fast.info["patched_block_on_patched_tokens"] is True
+    graph = fast.info["graph_module"]
+    names = {id(p): n for n, p in gpt2.named_parameters()}
+    used = {names[id(getattr(graph, n.target))] for n in graph.graph.nodes
+            if n.op == "get_attr" and id(getattr(graph, n.target)) in names}
+    # block 0: its attention is the patched site, its MLP runs as one-token rows
+    assert {n for n in used if n.startswith("transformer.h.0.")} == \
+        {"transformer.h.0.ln_2.weight", "transformer.h.0.ln_2.bias"}, sorted(used)
+    assert (gpt2.transformer.h[0].mlp, (TOKENS, 1, gpt2.config.n_embd)) in shapes
+    torch.testing.assert_close(fast.values, full.values, rtol=0, atol=1e-5)
+    assert fast.values.abs().max() > 0

@@ -28,10 +28,11 @@ half of the tokens of the full-length rows, summed over the positions), and:
   whole last block runs.
 - **The patched block on the patched tokens only.** A head's output at (layer ``l``,
   position ``p``) changes nothing else in layer ``l``: the attention's output projection
-  and the MLP after it see new inputs at ``p`` only. A head cell names these modules
-  (``local``): each runs on the segments' first tokens only (one-token rows; the
-  projection's input there is the patched value) and takes the corrupted run's outputs at
-  every other token, so layer ``l`` costs two small matrix products per cell. The
+  and the MLP after it see new inputs at ``p`` only (so does an attention cell's MLP). A
+  cell names these modules (``local``): each runs on the segments' first tokens only
+  (one-token rows; a head's projection is given the patched value there) and takes the
+  corrupted run's outputs at every other token, so layer ``l`` costs two small matrix
+  products per head cell. The
   sweep's self-check runs this too, at every swept layer at once, and compares each
   module's one-token outputs with its outputs in the whole run; where it fails (a module
   that mixes tokens, or computes otherwise on one token), the cells run layer ``l`` at
