@@ -287,7 +287,8 @@ class GraphSteps:
                 if token is None and self.unchanged:
                     self.token = current_watch(wrapper).token
                     token = self.token
-                if captured.symbolic & set(program.sites()):  # (sizes read as values)
+                if captured.symbolic and captured.symbolic & set(program.sites()):
+                    # (sizes read as values: an exact-shape capture)
                     captured = cached_capture(wrapper, (), inputs, flat=flat,
                                               events_on=self.model,
                                               operations=self.operations, token=token)
