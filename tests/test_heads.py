@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fxsight import NNsight, patching
-from fxsight.record.program import ModuleCall
+from graphs import graph_parameters, module_call_shapes
 from models import tiny_gpt2, tiny_llama
 
 MODELS = {"gpt2": (tiny_gpt2, "transformer.h.{}.attn.c_proj"),
@@ -83,10 +83,7 @@ def test_head_patching_rejects_prompts_of_different_lengths():
 
 def test_a_head_cell_runs_the_rest_of_its_layer_on_the_patched_tokens_only(monkeypatch):
     model = tiny_gpt2(n_layer=3)
-    shapes = []  # of the values the trace's module calls are applied to
-    call = ModuleCall.__call__
-    monkeypatch.setattr(ModuleCall, "__call__", lambda self, *args: (
-        shapes.append((self.module, tuple(args[0].shape))), call(self, *args))[1])
+    shapes = module_call_shapes(monkeypatch)
     clean = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
     corrupted = clean.clone()
     corrupted[0, 1] = 9
@@ -94,9 +91,7 @@ def test_a_head_cell_runs_the_rest_of_its_layer_on_the_patched_tokens_only(monke
                                     progress=False, use_cache=False)
     assert result.info["patched_block_on_patched_tokens"] is True
     graph = result.info["graph_module"]
-    names = {id(p): n for n, p in model.named_parameters()}
-    used = {names[id(getattr(graph, n.target))] for n in graph.graph.nodes
-            if n.op == "get_attr" and id(getattr(graph, n.target)) in names}
+    used = graph_parameters(graph, model)
     # layer 0: only the layer norm between the projection and the MLP; layers 1 and 2 whole
     # (but layer 2's MLP, run on the last tokens)
     assert {n for n in used if n.startswith("transformer.h.0.")} == \

@@ -22,7 +22,7 @@ import torch
 
 from fxsight import NNsight, patching
 from fxsight.experiments.suffix import pack, vocabulary_reads
-from fxsight.record.program import ModuleCall
+from graphs import graph_parameters, module_call_shapes
 from models import tiny_gpt2, tiny_llama
 
 TOKENS = 7
@@ -118,19 +118,14 @@ def test_chunks_of_a_position_subset_and_a_full_vocabulary_metric(gpt2):
 
 
 def test_a_cell_computes_only_the_blocks_after_its_layer(gpt2, monkeypatch):
-    shapes = []  # of the values the trace's module calls are applied to
-    call = ModuleCall.__call__
-    monkeypatch.setattr(ModuleCall, "__call__", lambda self, *args: (
-        shapes.append((self.module, tuple(args[0].shape))), call(self, *args))[1])
+    shapes = module_call_shapes(monkeypatch)
     net = NNsight(gpt2)
     clean, corrupted = _prompts()
     result = patching.activation_patching(net, clean, corrupted, metric, sites=["resid"],
                                           layers=[1], progress=False)
     assert result.info["suffix"] is True
     graph = result.info["graph_module"]
-    names = {id(p): n for n, p in gpt2.named_parameters()}
-    used = {names[id(getattr(graph, n.target))] for n in graph.graph.nodes
-            if n.op == "get_attr" and id(getattr(graph, n.target)) in names}
+    used = graph_parameters(graph, gpt2)
     assert used and all(n.startswith(("transformer.h.2.", "transformer.ln_f.")) for n in used), \
         sorted(used)
     # the last block's MLP is not in the captured part: it is called on the last tokens
@@ -226,10 +221,7 @@ def test_a_stopped_trace_leaves_a_passed_in_cache_as_it_was(llama):
 
 
 def test_an_attention_cells_mlp_runs_on_the_patched_tokens_only(gpt2, monkeypatch):
-    shapes = []  # of the values the trace's module calls are applied to
-    call = ModuleCall.__call__
-    monkeypatch.setattr(ModuleCall, "__call__", lambda self, *args: (
-        shapes.append((self.module, tuple(args[0].shape))), call(self, *args))[1])
+    shapes = module_call_shapes(monkeypatch)
     net = NNsight(gpt2)
     clean, corrupted = _prompts()
     fast = patching.activation_patching(net, clean, corrupted, metric, sites=["attn"],
@@ -238,9 +230,7 @@ def test_an_attention_cells_mlp_runs_on_the_patched_tokens_only(gpt2, monkeypatc
                                         layers=[0], progress=False, suffix=False)
     assert fast.info["patched_block_on_patched_tokens"] is True
     graph = fast.info["graph_module"]
-    names = {id(p): n for n, p in gpt2.named_parameters()}
-    used = {names[id(getattr(graph, n.target))] for n in graph.graph.nodes
-            if n.op == "get_attr" and id(getattr(graph, n.target)) in names}
+    used = graph_parameters(graph, gpt2)
     # block 0: its attention is the patched site, its MLP runs as one-token rows
     assert {n for n in used if n.startswith("transformer.h.0.")} == \
         {"transformer.h.0.ln_2.weight", "transformer.h.0.ln_2.bias"}, sorted(used)
