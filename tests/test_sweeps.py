@@ -21,6 +21,7 @@ import torch
 
 import fxsight
 from fxsight import NNsight, patching
+from graphs import graph_parameters
 from models import tiny_gpt2, tiny_llama, train_tokenizer
 
 TOKENS = 7
@@ -138,20 +139,14 @@ def test_hooks_backend_gives_the_same_sweep(gpt2):
     torch.testing.assert_close(fx.values, hooks.values, rtol=1e-4, atol=1e-5)
 
 
-def _parameters(graph_module, model) -> set[str]:
-    """The model's names of the parameters a rewritten graph reads (found by identity:
-    the graph holds them under flat names of its own)."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    tensors = [getattr(graph_module, n.target) for n in graph_module.graph.nodes
-               if n.op == "get_attr"]
-    return {names[id(t)] for t in tensors if id(t) in names}
-
-
 @pytest.mark.parametrize("kind, absent, present", [
     ("resid", ["transformer.h.0.", "transformer.h.1.", "transformer.h.2."],
      ["transformer.h.3."]),
+    # (an attention cell's MLP runs on the patched tokens only: a module call, not in the
+    # graph; tests/test_suffix.py)
     ("attn", ["transformer.h.0.", "transformer.h.1.", "transformer.h.2.attn.",
-              "transformer.h.2.ln_1."], ["transformer.h.2.mlp.", "transformer.h.3."]),
+              "transformer.h.2.ln_1.", "transformer.h.2.mlp."],
+     ["transformer.h.2.ln_2.", "transformer.h.3."]),
     ("mlp", ["transformer.h.0.", "transformer.h.1.", "transformer.h.2.attn.",
              "transformer.h.2.ln_", "transformer.h.2.mlp."], ["transformer.h.3."]),
 ])
@@ -161,7 +156,7 @@ def test_cells_at_layer_l_compute_nothing_before_it(kind, absent, present):
     result = patching.activation_patching(NNsight(model), clean, corrupted, metric,
                                           sites=[kind], layers=[2], progress=False)
     graph = result.info["graph_module"]
-    used = _parameters(graph, model)
+    used = graph_parameters(graph, model)
     for prefix in absent:
         assert not any(p.startswith(prefix) for p in used), (prefix, sorted(used))
     for prefix in present:
