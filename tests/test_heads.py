@@ -68,7 +68,8 @@ def test_head_patching_equals_one_cell_loop(name, backend, suffix):
     assert (result.info["suffix"] is True) == on_suffix, result.info["suffix"]
     if on_suffix:
         assert result.info["last_mlp_on_last_tokens"] is True
-        assert result.info["traces"] == 2 * 5 + 3  # 2 layers x 24 cells in 5-cell traces
+        # 2 layers x 24 cells in 5-cell traces, 2 reference runs, 3 self-checks
+        assert result.info["traces"] == 2 * 5 + 2 + 3
     assert result.dims == ("layer", "head", "position")
     assert result.values.shape == (2, 4, 6)
     torch.testing.assert_close(result.values, expected, atol=1e-5, rtol=1e-4)

@@ -113,7 +113,8 @@ def test_chunks_of_a_position_subset_and_a_full_vocabulary_metric(gpt2):
     full = patching.activation_patching(net, clean, corrupted, logprob, suffix=False,
                                         **kwargs)
     assert fast.info["suffix"] is True and fast.info["vocabulary"] is None
-    assert fast.info["traces"] == 2 * 2 * 2 + 3  # 2 kinds x 2 layers x 2 chunks
+    # 2 kinds x 2 layers x 2 chunks, 2 reference runs, 2 self-checks (the last MLP's too)
+    assert fast.info["traces"] == 2 * 2 * 2 + 2 + 2
     torch.testing.assert_close(fast.values, full.values, rtol=0, atol=1e-5)
 
 
@@ -237,3 +238,24 @@ def test_an_attention_cells_mlp_runs_on_the_patched_tokens_only(gpt2, monkeypatc
     assert (gpt2.transformer.h[0].mlp, (TOKENS, 1, gpt2.config.n_embd)) in shapes
     torch.testing.assert_close(fast.values, full.values, rtol=0, atol=1e-5)
     assert fast.values.abs().max() > 0
+
+
+@pytest.mark.parametrize("sweep", ["activation", "heads"])
+def test_info_counts_every_trace_the_sweep_ran(gpt2, monkeypatch, sweep):
+    from fxsight.api.tracer import Tracer
+
+    entered = []
+    enter = Tracer.__enter__
+    monkeypatch.setattr(Tracer, "__enter__",
+                        lambda self: (entered.append(self), enter(self))[1])
+    net = NNsight(gpt2)
+    clean, corrupted = _prompts()
+    if sweep == "heads":
+        result = patching.head_patching(net, clean, corrupted, metric, layers=[0, 1],
+                                        batch_size=5, progress=False)
+    else:
+        result = patching.activation_patching(net, clean, corrupted, metric,
+                                              sites=["resid", "attn"], batch_size=4,
+                                              progress=False)
+    assert result.info["suffix"] is True
+    assert result.info["traces"] == len(entered)

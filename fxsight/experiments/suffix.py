@@ -445,6 +445,7 @@ class Plan:
     small_metric: Callable | None
     tail: Envoy | None = None  # the last block's MLP, run on the segments' last tokens only
     local: bool = False  # cells' local modules run on the patched tokens only
+    checks: int = 1  # the self-check traces run
 
 
 def plan(model: Envoy, corrupted: torch.Tensor, kwargs: dict, corrupt_run: Any,
@@ -464,19 +465,25 @@ def plan(model: Envoy, corrupted: torch.Tensor, kwargs: dict, corrupt_run: Any,
     reason = reproduces(model, name, head, corrupted, layers, kwargs, corrupt_logits)
     if reason is not None:
         return reason
+    checks = 1
     tail = last_mlp(model)
-    if tail is not None and reproduces(model, name, head, corrupted, layers, kwargs,
-                                       corrupt_logits, tail) is not None:
-        tail = None  # (the whole last block runs)
+    if tail is not None:
+        checks += 1
+        if reproduces(model, name, head, corrupted, layers, kwargs, corrupt_logits,
+                      tail) is not None:
+            tail = None  # (the whole last block runs)
     on_patched = bool(local) and all(
-        isinstance(corrupt_run.outputs.get(t.key), torch.Tensor) for t in local) and \
-        reproduces(model, name, head, corrupted, layers, kwargs, corrupt_logits,
-                   local=local, corrupt=corrupt_run.outputs) is None
+        isinstance(corrupt_run.outputs.get(t.key), torch.Tensor) for t in local)
+    if on_patched:
+        checks += 1
+        on_patched = reproduces(model, name, head, corrupted, layers, kwargs,
+                                corrupt_logits, local=local,
+                                corrupt=corrupt_run.outputs) is None
     reads = vocabulary_reads(metric, clean_logits)
     columns, small = reads if reads is not None else (None, None)
     if not isinstance(head._module, torch.nn.Linear):
         columns, small = None, None
-    return Plan(name, head, layers, columns, small, tail, on_patched)
+    return Plan(name, head, layers, columns, small, tail, on_patched, checks)
 
 
 def last_mlp(model: Envoy) -> Envoy | None:
@@ -619,4 +626,6 @@ def sweep_pair(model: Envoy, item: Any, cells: list[Cell],
             model, setup, cells, clean_run.outputs, corrupt_run.outputs, item.corrupted,
             cell_units, item.metric, baseline, kwargs, options, per_trace, progress,
             description)
-    return Swept(scores, baseline, reference, per_trace, traces + 3, tracer, setup)
+    # (and the two reference runs and the self-checks)
+    return Swept(scores, baseline, reference, per_trace, traces + 2 + setup.checks, tracer,
+                 setup)
