@@ -160,14 +160,6 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
     return dataset_result(job, ("layer", "head", "position"), coords, "head patching", info)
 
 
-def _mlp_target(layout: Layout, layer: int) -> list[Target]:
-    """The MLP output of ``layer`` (none where its blocks have no MLP module)."""
-    try:
-        return [Target(layout.site("mlp", layer))]
-    except ValueError:
-        return []
-
-
 def _suffix_heads(model, items, dataset, layer_list, labels, heads, targets, prefixes,
                   corrupt_targets, kwargs, options, reference_options, backend, checkpoint,
                   distributed, batch_size, memory_budget, progress,
@@ -180,10 +172,10 @@ def _suffix_heads(model, items, dataset, layer_list, labels, heads, targets, pre
     # the rest of a head's layer after its output projection: the projection and the MLP,
     # on the patched tokens only (their outputs elsewhere are the corrupted run's)
     layout = find_layout(model)
-    local = {layer: [Target(targets[layer].envoy), *_mlp_target(layout, layer)]
-             for layer in layer_list}
-    corrupt_targets = [*corrupt_targets, *(t for ts in local.values() for t in ts)]
-    cells = [("heads", layer, targets[layer], prefixes[layer], local[layer])
+    cells = [("heads", layer, targets[layer], prefixes[layer],
+              [Target(module) for module in (targets[layer].envoy,
+                                             suffix_path.mlp_of(layout, layer))
+               if module is not None])
              for layer in layer_list]
     key = targets[layer_list[0]].key
 

@@ -189,14 +189,8 @@ def _suffix_sweep(model, items, dataset, kinds, layer_list, labels, plans, clean
     if isinstance(item, str):
         return item
     layout = find_layout(model)
-    # an attention cell's MLP sees a new input at the patched position only: it runs on
-    # the patched tokens, the corrupted run's outputs elsewhere (an MLP cell's block has
-    # nothing left to compute; a residual cell's is skipped)
-    local = {(kind, layer): _local(layout, kind, layer) for kind in kinds
-             for layer in layer_list}
-    corrupt_targets = [*corrupt_targets, *(t for ts in local.values() for t in ts)]
-    cells = [(kind, layer, *plans[kind, layer], local[kind, layer]) for kind in kinds
-             for layer in layer_list]
+    cells = [(kind, layer, *plans[kind, layer], _local(layout, kind, layer))
+             for kind in kinds for layer in layer_list]
     units = [(position_in(label, item.length), None) for label in labels]
     swept = suffix_path.sweep_pair(model, item, cells, lambda clean_run: units, clean_targets,
                                    corrupt_targets, kwargs, options, reference_options,
@@ -234,13 +228,10 @@ def _plan(layout, kind: str, layer: int) -> tuple[Target, list[Target]]:
 def _local(layout, kind: str, layer: int) -> list[Target]:
     """The modules after a ``kind`` cell's site in its block whose inputs change at the
     patched position only (the suffix path runs them there only): an attention cell's
-    MLP."""
-    if kind != "attn":
-        return []
-    try:
-        return [Target(layout.site("mlp", layer))]
-    except ValueError:
-        return []
+    MLP. (An MLP cell's block has nothing left to compute; a residual cell's is
+    skipped.)"""
+    mlp = suffix_path.mlp_of(layout, layer) if kind == "attn" else None
+    return [Target(mlp)] if mlp is not None else []
 
 
 def _patches(target: Target, prefix: list[Target]):

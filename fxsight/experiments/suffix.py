@@ -79,20 +79,15 @@ ATOL = 1e-4  # the self-check's tolerance, relative to the logits' scale
 class Packing:
     """Cells of one prompt packed into rows: ``ids``/``position_ids``/``source`` (R, C): the
     token, its position in the prompt; ``mask`` (R, 1, C, T + C) additive; ``segments``:
-    per cell, (row, start) of its segment; ``ends``: the (row, column) of its last token."""
+    per cell, (row, start) of its segment; ``starts``/``ends``: the (row, column) of each
+    cell's first token (its patched position) and of its last one, in cell order."""
 
     ids: torch.Tensor
     position_ids: torch.Tensor
     mask: torch.Tensor
     segments: list[tuple[int, int]]
+    starts: tuple[torch.Tensor, torch.Tensor]
     ends: tuple[torch.Tensor, torch.Tensor]
-
-    @property
-    def starts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (row, column) of each cell's first token (its patched position), in cell
-        order."""
-        return (torch.tensor([r for r, _ in self.segments]),
-                torch.tensor([c for _, c in self.segments]))
 
     @property
     def rows(self) -> int:
@@ -138,9 +133,11 @@ def pack(ids: torch.Tensor, positions: list[int], dtype: torch.dtype) -> Packing
             start += n
         for j in range(start, capacity):  # padding: sees itself only
             mask[r, 0, j, length + j] = 0
-    ends = (torch.tensor([r for r, _ in segments]),
-            torch.tensor([s + length - positions[i] - 1 for i, (_, s) in enumerate(segments)]))
-    return Packing(tokens, where, mask, segments, ends)
+    rows_of = torch.tensor([r for r, _ in segments])
+    starts = (rows_of, torch.tensor([s for _, s in segments]))
+    ends = (rows_of, torch.tensor([s + length - positions[i] - 1
+                                   for i, (_, s) in enumerate(segments)]))
+    return Packing(tokens, where, mask, segments, starts, ends)
 
 
 # --- when it applies ---------------------------------------------------------------------
@@ -354,21 +351,20 @@ def run_layer(model: Envoy, name: str, head: Envoy, layers: list, packing: Packi
     values there), with the corrupted run's outputs elsewhere."""
     state, clean_state = hidden(corrupt[target.key]), hidden(clean[target.key])
     rows = packing.rows
+    # each cell's value at its patched token: the corrupted one with its columns clean
+    patched = state[0, [p for p, _ in units]].clone()
+    for i, (p, columns) in enumerate(units):
+        where = slice(None) if columns is None else columns
+        patched[i, where] = clean_state[0, p, where]
     replacements = [(t, packed_value(corrupt[t.key], packing)) for t in prefix]
-    # the first local module is given the patched values at the patched tokens as its input
+    # the first local module is given the patched values as its input; otherwise the
+    # target is replaced by the packed corrupted values with the patched ones in place
     given = bool(local) and local[0].envoy is target.envoy and target.accessor == "input"
-    if given:
-        patched = state[0, [p for p, _ in units]].clone()
-        for i, (p, columns) in enumerate(units):
-            where = slice(None) if columns is None else columns
-            patched[i, where] = clean_state[0, p, where]
-    else:
+    if not given:
         width = packing.ids.shape[1]
-        patched = state[0, packing.position_ids.reshape(-1)].reshape(rows, width, -1).clone()
-        for (r, start), (p, columns) in zip(packing.segments, units):
-            where = slice(None) if columns is None else columns
-            patched[r, start, where] = clean_state[0, p, where]
-        replacements.append((target, packed_value(corrupt[target.key], packing, patched)))
+        packed = state[0, packing.position_ids.reshape(-1)].reshape(rows, width, -1)
+        packed[packing.starts] = patched
+        replacements.append((target, packed_value(corrupt[target.key], packing, packed)))
     with model.trace(packing.ids, **{name: cache_for(layers, rows)},
                      attention_mask=packing.mask, position_ids=packing.position_ids,
                      **kwargs, **options) as tracer:
@@ -486,12 +482,18 @@ def plan(model: Envoy, corrupted: torch.Tensor, kwargs: dict, corrupt_run: Any,
     return Plan(name, head, layers, columns, small, tail, on_patched, checks)
 
 
-def last_mlp(model: Envoy) -> Envoy | None:
-    """The last block's MLP module, or ``None`` where the blocks have none."""
+def mlp_of(layout: Any, layer: int) -> Envoy | None:
+    """The MLP module of block ``layer`` of ``layout`` (a sweeps ``Layout``), or ``None``
+    where the blocks have none."""
     try:
-        return find_layout(model).site("mlp", -1)
+        return layout.site("mlp", layer)
     except ValueError:
         return None
+
+
+def last_mlp(model: Envoy) -> Envoy | None:
+    """The last block's MLP module, or ``None`` where the blocks have none."""
+    return mlp_of(find_layout(model), -1)
 
 
 def tail_after(tail: Envoy | None, target: Target, prefix: list[Target],
@@ -592,9 +594,10 @@ def sweep_pair(model: Envoy, item: Any, cells: list[Cell],
                memory_budget: int | float, progress: bool, description: str) -> Swept | str:
     """The sweep of one clean/corrupted ``item`` on the suffix path, or why it does not
     apply to this model and metric. ``cells``: (kind, layer, target, prefix, local) per
-    (site, layer) (``local``'s outputs must be among ``corrupt_targets``);
-    ``units(clean_run)``: the cells of each."""
+    (site, layer) (the corrupted run also keeps ``local``'s outputs); ``units(clean_run)``:
+    the cells of each."""
     local = [t for cell in cells for t in cell[4]]
+    corrupt_targets = [*corrupt_targets, *local]
     keep = {**kwargs, "logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) \
         else dict(kwargs)
     with torch.no_grad():  # the last position's logits only, the corrupted run's cache
