@@ -270,8 +270,8 @@ def reproduces(model: Envoy, name: str, head: Envoy, ids: torch.Tensor, layers: 
     positions = [p for p in (length // 3, length - 1 - length // 3) if 0 < p < length]
     positions = sorted(set(positions)) or [0]
     packing = pack(ids, positions, logits.dtype)
-    keep = {"logits_to_keep": packing.ends[1]} if tail is None and not local and \
-        packing.rows == 1 and "logits_to_keep" in forward_parameters(model) else {}
+    keep = {"logits_to_keep": packing.ends[1]} if packing.rows == 1 and \
+        "logits_to_keep" in forward_parameters(model) else {}
     try:
         with torch.no_grad(), model.trace(packing.ids, **{name: cache_for(layers, packing.rows)},
                                           attention_mask=packing.mask,
@@ -458,28 +458,49 @@ def plan(model: Envoy, corrupted: torch.Tensor, kwargs: dict, corrupt_run: Any,
     layers = prefix_cache(corrupt_run.output)
     if layers is None:
         return "the model's cache is not a DynamicCache of plain layers"
+    tail = last_mlp(model)
+    on_patched = bool(local) and all(
+        isinstance(corrupt_run.outputs.get(t.key), torch.Tensor) for t in local)
+    # One check of everything at once where the restrictions touch different modules; only
+    # where it fails (or they overlap) is each checked apart, keeping those that hold.
+    overlap = on_patched and tail is not None and any(_covers(t, tail) for t in local)
+    checks = 0
+    if not overlap:
+        checks = 1
+        reason = reproduces(model, name, head, corrupted, layers, kwargs, corrupt_logits,
+                            tail, local=local if on_patched else None,
+                            corrupt=corrupt_run.outputs)
+        if reason is None:
+            return Plan(name, head, layers, *_reads(metric, clean_logits, head), tail,
+                        on_patched, checks)
+        if tail is None and not on_patched:
+            return reason
+    checks += 1
     reason = reproduces(model, name, head, corrupted, layers, kwargs, corrupt_logits)
     if reason is not None:
         return reason
-    checks = 1
-    tail = last_mlp(model)
     if tail is not None:
         checks += 1
         if reproduces(model, name, head, corrupted, layers, kwargs, corrupt_logits,
                       tail) is not None:
             tail = None  # (the whole last block runs)
-    on_patched = bool(local) and all(
-        isinstance(corrupt_run.outputs.get(t.key), torch.Tensor) for t in local)
     if on_patched:
         checks += 1
         on_patched = reproduces(model, name, head, corrupted, layers, kwargs,
                                 corrupt_logits, local=local,
                                 corrupt=corrupt_run.outputs) is None
+    return Plan(name, head, layers, *_reads(metric, clean_logits, head), tail, on_patched,
+                checks)
+
+
+def _reads(metric: Callable, clean_logits: torch.Tensor, head: Envoy
+           ) -> tuple[list[int] | None, Callable | None]:
+    """The vocabulary entries the metric reads and the metric on those columns (where the
+    head is a ``Linear``), else ``(None, None)``."""
     reads = vocabulary_reads(metric, clean_logits)
-    columns, small = reads if reads is not None else (None, None)
-    if not isinstance(head._module, torch.nn.Linear):
-        columns, small = None, None
-    return Plan(name, head, layers, columns, small, tail, on_patched, checks)
+    if reads is None or not isinstance(head._module, torch.nn.Linear):
+        return None, None
+    return reads
 
 
 def mlp_of(layout: Any, layer: int) -> Envoy | None:
@@ -500,13 +521,16 @@ def tail_after(tail: Envoy | None, target: Target, prefix: list[Target],
                local: list[Target] = ()) -> Envoy | None:
     """``tail`` where it runs after every module a cell replaces or runs on the patched
     tokens only (not the MLP itself or a module that contains it), else ``None``."""
-    if tail is None:
+    if tail is None or any(_covers(t, tail) for t in (target, *prefix, *local)):
         return None
-    for t in (target, *prefix, *local):
-        path = t.envoy.path
-        if t.accessor == "output" and (path == tail.path or tail.path.startswith(path + ".")):
-            return None
     return tail
+
+
+def _covers(target: Target, module: Envoy) -> bool:
+    """Whether ``target`` is the output of ``module`` or of a module containing it."""
+    path = target.envoy.path
+    return target.accessor == "output" and (path == module.path
+                                            or module.path.startswith(path + "."))
 
 
 def run_sweep(model: Envoy, setup: Plan, cells: list[Cell],
