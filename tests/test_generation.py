@@ -420,6 +420,8 @@ def test_a_model_changed_between_steps_by_the_callers_code_is_seen(tokenizer, co
 def test_steps_are_state_checked_unless_only_transformers_code_runs_between_them(tokenizer):
     from transformers import TextStreamer
 
+    from transformers.generation.utils import GenerationMixin
+
     from fxsight.generate.decoding import unchanged_between_steps
 
     model = tiny_gpt2(vocab_size=len(tokenizer))
@@ -433,3 +435,35 @@ def test_steps_are_state_checked_unless_only_transformers_code_runs_between_them
             return super().prepare_inputs_for_generation(*args, **kwargs)
 
     assert not unchanged_between_steps(Custom(model.config), {"max_new_tokens": 3})
+
+    class Same(type(model)):  # the same method object again is no override
+        prepare_inputs_for_generation = GenerationMixin.prepare_inputs_for_generation
+
+    assert unchanged_between_steps(Same(model.config), {"max_new_tokens": 3})
+
+
+def test_the_override_check_agrees_with_getattr_static_over_transformers_models():
+    import inspect
+
+    import transformers
+    from transformers.generation.utils import GenerationMixin
+
+    from fxsight.generate.decoding import unchanged_between_steps
+
+    def reference(cls):  # every GenerationMixin method, as the class resolves it
+        return all(inspect.getattr_static(cls, name, None) is method
+                   for name, method in vars(GenerationMixin).items()
+                   if callable(method) or isinstance(method, (staticmethod, classmethod)))
+
+    seen = 0
+    for name in ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM",
+                 "BartForConditionalGeneration", "T5ForConditionalGeneration",
+                 "WhisperForConditionalGeneration", "MusicgenForConditionalGeneration",
+                 "RwkvForCausalLM"):
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            continue
+        model = cls.__new__(cls)  # (no weights: only the class is looked at)
+        assert unchanged_between_steps(model, {}) == reference(cls), name
+        seen += 1
+    assert seen >= 5

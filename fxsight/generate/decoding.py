@@ -29,11 +29,10 @@ is run again with the hooks backend.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import threading
 import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any, Callable
 
 import torch
@@ -87,10 +86,19 @@ def unchanged_between_steps(model: torch.nn.Module, generate_kwargs: dict) -> bo
 
     if not all(map(plain, generate_kwargs.values())):
         return False
-    cls = type(model)
-    return all(inspect.getattr_static(cls, name, None) is method
-               for name, method in vars(GenerationMixin).items()
-               if callable(method) or isinstance(method, (staticmethod, classmethod)))
+    methods = {name: method for name, method in vars(GenerationMixin).items()
+               if callable(method) or isinstance(method, (staticmethod, classmethod))}
+    # (a class before GenerationMixin in the model's MRO that defines one of its methods
+    # overrides it, unless it holds the very same object)
+    for cls in type(model).__mro__:
+        if cls is GenerationMixin:
+            return True
+        attributes = vars(cls)
+        if not methods.keys().isdisjoint(attributes) and any(
+                attributes[name] is not methods[name]
+                for name in methods.keys() & attributes.keys()):
+            return False
+    return False
 
 
 class Unsupported(Exception):
@@ -202,6 +210,7 @@ class GraphSteps:
         # the pytree layout of DecodingStep's inputs, per shape of their structure (see
         # _flat): found by flattening once, then the leaves are listed directly
         self._layouts: dict[tuple, Any] = {}
+        self._output = _StepOutput()
 
     # --- installing --------------------------------------------------------------------
     def forward_for(self, original: Callable) -> Callable:
@@ -256,7 +265,7 @@ class GraphSteps:
                 if not layer.is_initialized:
                     layer.lazy_initialization(key, value)
                 layer.keys, layer.values = key, value
-        return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
+        return self._output(logits, cache if use_cache else None)
 
     def _cache_tensors(self, cache: Any) -> tuple[list, list]:
         layers = getattr(cache, "layers", ())
@@ -431,6 +440,45 @@ class GraphSteps:
             raise TraceError(at_line("this value was never computed during generation (no "
                                      "decoding step ran)", node.line))
         return self.persistent[node]
+
+
+class _StepOutput:
+    """Makes each step's ``CausalLMOutputWithPast(logits=..., cache=...)``.
+
+    The dataclass constructor of a transformers ``ModelOutput`` costs tens of microseconds
+    (every attribute set looks the fields up again), a few percent of a small model's
+    decoding step. The first step's output is made by the constructor, and so is a second
+    object from the same values the way later steps make theirs: the object's attributes
+    and its items set directly. Where the two are alike (type, attributes, items in order)
+    later steps are made that way; otherwise (another transformers), by the constructor."""
+
+    def __init__(self) -> None:
+        self._made: Any = None  # the first step's output, whose layout later ones copy
+        self._direct = False
+
+    def __call__(self, logits: torch.Tensor, cache: Any) -> Any:
+        made = self._made
+        if made is None:
+            made = self._made = CausalLMOutputWithPast(logits=logits, cache=cache)
+            copy = self._direct_copy(logits, cache)
+            self._direct = type(copy) is type(made) and vars(copy) == vars(made) and \
+                list(copy.items()) == list(made.items()) and \
+                all(a is b for a, b in zip(copy.values(), made.values()))
+            return made
+        if not self._direct or (cache is None) != (made.cache is None):
+            return CausalLMOutputWithPast(logits=logits, cache=cache)
+        return self._direct_copy(logits, cache)
+
+    def _direct_copy(self, logits: torch.Tensor, cache: Any) -> Any:
+        made = self._made
+        output = type(made).__new__(type(made))
+        attributes = object.__getattribute__(output, "__dict__")
+        attributes.update(vars(made))
+        attributes["logits"] = logits
+        attributes["cache"] = cache
+        for key in made.keys():
+            OrderedDict.__setitem__(output, key, attributes[key])
+        return output
 
 
 def _same_step(node: Node, user: Node) -> bool:
