@@ -26,7 +26,7 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
            "global_forward_hooks", "global_hook_keys", "generated_source_keys", "TreeSpec", "uncompiled", "plain_pickling",
            "generated_source_key", "forget_generated_source", "tensor_version",
-           "forward_hook_dicts", "default_store"]
+           "forward_hook_dicts", "default_store", "dict_version_reader"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -173,3 +173,35 @@ def default_store() -> Any:
         return distributed_c10d._get_default_store()
     except (RuntimeError, ValueError, AttributeError):
         return None
+
+
+_DICT_VERSION: list = []  # [the reader, or None], found at the first call
+
+
+def dict_version_reader() -> Callable[[dict], int] | None:
+    """A function that returns a dict's version tag (CPython's PEP 509 ``ma_version_tag``:
+    every change of the dict gives it a new number, unique in the process), or ``None``
+    where this Python and torch do not give one that behaves so. dynamo guards on it and
+    exposes a reader, ``torch._C._dynamo.guards.dict_version`` (checked 2.11-2.14); it is
+    tried here on a dict of its own before being trusted."""
+    if not _DICT_VERSION:
+        reader = None
+        try:
+            from torch._C._dynamo.guards import dict_version as candidate
+
+            probe: dict = {}
+            seen = [candidate(probe)]
+            probe["a"] = 1
+            seen.append(candidate(probe))
+            probe["a"] = 2
+            seen.append(candidate(probe))
+            del probe["a"]
+            seen.append(candidate(probe))
+            other = {}
+            if len(set(seen)) == len(seen) and candidate(other) not in seen and \
+                    candidate(probe) == seen[-1]:
+                reader = candidate
+        except Exception:  # noqa: BLE001 - not there, or not a version: compare values
+            reader = None
+        _DICT_VERSION.append(reader)
+    return _DICT_VERSION[0]

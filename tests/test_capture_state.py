@@ -36,6 +36,7 @@ class Config:
 
     def __init__(self):
         self.negate = False
+        self.signs = [1.0]  # (a list: changed in place, the object's attributes are not)
 
 
 class Doubler(torch.nn.Module):
@@ -59,9 +60,12 @@ class Stateful(torch.nn.Module):
         self.scale = 2.0
         self.offset = torch.ones(5)
         self.config = Config()
+        self.factors = [1.0]
+        self.table = {"bias": 0.0}
 
     def forward(self, x):
         h = self.lin(x.to(self.lin.weight.dtype)).to(x.dtype) * self.scale + self.offset
+        h = h * self.factors[0] * self.config.signs[0] + self.table["bias"]
         if self.config.negate:
             h = -h
         h = h + getattr(self, "shift", 0.0)
@@ -91,7 +95,8 @@ CHANGES = {
     "added attribute": lambda m: setattr(m, "shift", 1.5),
     "plain tensor attribute replaced": lambda m: setattr(m, "offset", torch.full((5,), 2.0)),
     "settings object attribute": lambda m: setattr(m.config, "negate", True),
-    "settings object replaced": lambda m: setattr(m, "config", type("C", (), {"negate": True})()),
+    "settings object replaced": lambda m: setattr(m, "config", type("C", (), {"negate": True,
+                                                                                "signs": [1.0]})()),
     "submodule train()": lambda m: m.gate.train(),
     "parameter replaced": lambda m: setattr(m.lin, "weight", torch.nn.Parameter(torch.randn(5, 5))),
     "load_state_dict(assign=True)": _load_assign,
@@ -99,6 +104,12 @@ CHANGES = {
     "submodule added": lambda m: m.post.append(_new_linear()),
     "submodule removed": lambda m: m.post.__delitem__(0),
     "submodule replaced": lambda m: m.post.__setitem__(0, _new_linear()),
+    # (no dict of the model changes: the dict-version fast path must compare these)
+    "plain list attribute changed in place": lambda m: m.factors.__setitem__(0, 3.0),
+    "plain dict attribute changed in place": lambda m: m.table.__setitem__("bias", 1.0),
+    "settings object's list changed in place": lambda m: m.config.signs.__setitem__(0, -1.0),
+    "parameters' data to float64": lambda m: [setattr(p, "data", p.data.double())
+                                              for p in m.lin.parameters()],
 }
 
 
@@ -124,6 +135,37 @@ def test_a_change_between_traces_is_seen(change, backend):
         net.gate.output[:] = 0
         zeroed = net.output.save()
     assert torch.equal(zeroed, torch.zeros_like(expected))
+
+
+def test_an_unchanged_model_is_checked_by_its_dicts_versions(monkeypatch):
+    """Between traces of an unchanged model, the state check reads the dicts' version tags
+    and compares values only where no dict shows a change; after a change that leaves every
+    value equal (a number set to an equal one), it compares values once, then reads
+    versions again."""
+    from fxsight._torch import dict_version_reader
+    from fxsight.capture import state
+
+    if dict_version_reader() is None:
+        pytest.skip("this Python gives no dict version tags")
+    model = Stateful().eval()
+    net = NNsight(model)
+    x = _x()
+    for _ in range(2):  # (the capture puts the parameters back: values compared once)
+        with net.trace(x):
+            net.output.save()
+    full = []
+    original = state.Watch._unchanged_values
+    monkeypatch.setattr(state.Watch, "_unchanged_values",
+                        lambda self, *a: full.append(1) or original(self, *a))
+    for _ in range(3):
+        with net.trace(x):
+            out = net.output.save()
+    assert full == [] and torch.equal(out, model(x))
+    model.scale = float("2.0")  # (equal: the same state, by value)
+    for _ in range(3):
+        with net.trace(x):
+            out = net.output.save()
+    assert full == [1] and torch.equal(out, model(x))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

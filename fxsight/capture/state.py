@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from .._torch import global_forward_hooks, global_hook_keys
+from .._torch import dict_version_reader, global_forward_hooks, global_hook_keys
 from .dispatch import is_accelerate_hook, offloads
 
 # the bound on states remembered per model (a state seen again reuses its captures)
@@ -145,6 +145,7 @@ class Watch:
         self.tensor_dicts: list = []
         self.tensor_copies: list = []
         self.tensor_owners: list = []  # (module index, key) of each
+        self.mutables: list = []  # (module index, key, copy) of lists, dicts, sets
         tensors: list = []
         objects: set[int] = set()
         for i, d in enumerate(dicts):
@@ -155,6 +156,8 @@ class Watch:
                 self._tensors(i, key, d[key], tensors)
             keys = tuple(k for k in d if k not in _APART or (k == "_modules" and not d[k]))
             snapshot = tuple(self._snapshot(i, k, d[k], tensors, objects) for k in keys)
+            self.mutables += [(i, k, v) for k, v in zip(keys, snapshot)
+                              if k != "_modules" and _holds_mutable(v)]
             self.keys.append(keys)
             self.getters.append(operator.itemgetter(*keys))
             self.values.append(snapshot if len(keys) > 1 else snapshot[0])
@@ -172,6 +175,17 @@ class Watch:
         self.hook_keys = _hook_keys(modules)
         self.hooked = any(map(any, self.hook_keys))
         self.next_id = RemovableHandle.next_id
+        # the fast path of :meth:`unchanged`: the version tags of the dicts a change goes
+        # through (each module's ``__dict__`` and ``_modules``, every ``_parameters`` and
+        # ``_buffers``, every settings object's attributes), and what changes no dict
+        # (plain lists, dicts and sets changed in place; ``param.data = ...``; hooks)
+        self.object_mutables = [(attributes, key, value)
+                                for attributes, keys, values in self.objects
+                                for key, value in zip(keys, values) if _holds_mutable(value)]
+        self.fixed_dicts = [*self.tensor_dicts,
+                            *(attributes for attributes, _, _ in self.objects)]
+        self.read_version = dict_version_reader()
+        self.versions = self._versions(dicts) if self.read_version is not None else None
 
     def _tensors(self, index: int, key: str, value: dict, tensors: list) -> None:
         first = key == "_parameters"
@@ -206,38 +220,74 @@ class Watch:
             return value
         return _weak(value)
 
+    def _versions(self, dicts: list[dict]) -> list[int]:
+        read = self.read_version
+        return [*map(read, dicts), *map(read, map(_submodules, dicts)),
+                *map(read, self.fixed_dicts)]
+
+    def _unchanged_besides_dicts(self, dicts: list[dict]) -> bool:
+        """What a dict's version does not show: plain lists, dicts and sets changed in
+        place, the first parameters' dtype and the first's device (``param.data = ...``)."""
+        for i, key, value in self.mutables:
+            if dicts[i][key] != value:
+                return False
+        for attributes, key, value in self.object_mutables:
+            if attributes[key] != value:
+                return False
+        return list(map(_dtype, self.first_parameters)) == self.dtypes and \
+            (self.device is None or self.first_parameters[0].device == self.device)
+
+    def _hooks_unchanged(self, modules: list) -> bool:
+        """Hooks, by their handles' keys, compared where there were some or a handle was
+        made since (torch numbers every hook handle it makes)."""
+        if self.hooked or RemovableHandle.next_id != self.next_id:
+            if _hook_keys(modules) != self.hook_keys:
+                return False
+            if not self.hooked:
+                self.next_id = RemovableHandle.next_id
+        return True
+
     def unchanged(self) -> bool:
-        """Whether the model is in this state still (any doubt answers ``False``)."""
+        """Whether the model is in this state still (any doubt answers ``False``).
+
+        Where no dict the snapshot covers has changed since it was last found unchanged
+        (their version tags, a few C calls per module), only what no dict shows is
+        compared; otherwise everything, value by value."""
         try:
             modules = list(map(_call, self.refs))
             dicts = list(map(_dict, modules))  # (a dead module: AttributeError)
-            if list(map(len, dicts)) != self.lens or \
-                    list(map(_call, self.getters, dicts)) != self.values or \
-                    self.held != self.held_copies or any(map(len, self.empty)) or \
-                    list(map(_dtype, self.first_parameters)) != self.dtypes or \
-                    (self.device is not None and
-                     self.first_parameters[0].device != self.device):
+            if self.versions is not None and self._versions(dicts) == self.versions:
+                return self._unchanged_besides_dicts(dicts) and self._hooks_unchanged(modules)
+            if not self._unchanged_values(modules, dicts):
                 return False
-            modules.append(None)
-            children = itertools.chain.from_iterable(
-                map(dict.values, map(_submodules, self.parents(dicts))))
-            if tuple(children) != self.children(modules):
-                return False
-            for i, key, name, obj in self.exact:
-                found = dicts[i][key] if name is None else dicts[i][key][name]
-                if found is not obj:
-                    return False
-            for attributes, keys, values in self.objects:  # (renamed, same values: no)
-                if list(attributes.values()) != values:
-                    return False
-            if self.hooked or RemovableHandle.next_id != self.next_id:
-                if _hook_keys(modules[:-1]) != self.hook_keys:
-                    return False
-                if not self.hooked:
-                    self.next_id = RemovableHandle.next_id
+            if self.versions is not None:
+                self.versions = self._versions(dicts)
             return True
         except Exception:  # noqa: BLE001 - a dead referent, a missing key, tensors compared
             return False
+
+    def _unchanged_values(self, modules: list, dicts: list[dict]) -> bool:
+        """The whole comparison, value by value."""
+        if list(map(len, dicts)) != self.lens or \
+                list(map(_call, self.getters, dicts)) != self.values or \
+                self.held != self.held_copies or any(map(len, self.empty)) or \
+                list(map(_dtype, self.first_parameters)) != self.dtypes or \
+                (self.device is not None and
+                 self.first_parameters[0].device != self.device):
+            return False
+        modules.append(None)
+        children = itertools.chain.from_iterable(
+            map(dict.values, map(_submodules, self.parents(dicts))))
+        if tuple(children) != self.children(modules):
+            return False
+        for i, key, name, obj in self.exact:
+            found = dicts[i][key] if name is None else dicts[i][key][name]
+            if found is not obj:
+                return False
+        for attributes, keys, values in self.objects:  # (renamed, same values: no)
+            if list(attributes.values()) != values:
+                return False
+        return self._hooks_unchanged(modules[:-1])
 
     def _modules_now(self):
         for ref, keys, values in zip(self.refs, self.keys, self.values):
@@ -326,6 +376,17 @@ def _hook_keys(modules: list) -> list:
         keys.append((tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
                      tuple(m._backward_hooks), tuple(m._backward_pre_hooks)))
     return keys
+
+
+def _holds_mutable(value: Any) -> bool:
+    """Whether a snapshot's value is or holds a list, dict or set (changed in place, the
+    dict that holds it keeps its version)."""
+    kind = type(value)
+    if kind is list or kind is dict or kind is set:
+        return True
+    if kind is tuple or kind is frozenset or kind is torch.Size:
+        return any(map(_holds_mutable, value))
+    return False
 
 
 def _same(now: Any, old: Any) -> bool:
