@@ -9,9 +9,15 @@ that changes when one of them did (and comes back when the state does).
 
 Nothing is installed anywhere: each call compares a snapshot with the model in a few
 C-level passes (``map`` over the modules, tuple and dict comparisons whose elements are
-mostly the very same objects, compared by identity). The snapshot refers to the model's
-modules and to other objects that could lead back to the model only weakly, so it never
-keeps a model alive.
+mostly the very same objects, compared by identity). Where CPython's dict version tags can
+be read (PEP 509; through dynamo's reader, tried on a probe dict first), a call first reads
+the tags of the dicts every such change goes through (each module's ``__dict__`` and
+``_modules``, the ``_parameters`` and ``_buffers`` dicts, settings objects' attributes): when
+none changed since the state was last found, only what changes no dict is compared (plain
+lists, dicts and sets changed in place, the first parameters' dtype and device, hooks),
+which touches far less memory right after a forward pass. The snapshot refers to the
+model's modules and to other objects that could lead back to the model only weakly, so it
+never keeps a model alive.
 
 Not seen (documented limits): the contents of a list, dict or set attribute of more than
 ``_MAX_CONTAINER`` elements changed in place; settings objects nested more than one level
