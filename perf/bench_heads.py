@@ -16,6 +16,10 @@ position. (Two layers, not twelve: the hand-written sweep of every layer takes m
   then per layer the 12 x 16 head-position-patched copies of the corrupted projection input
   through the projection, the rest of the block (residual, ``ln_2``, MLP), the later blocks,
   and the final norm and head at the last position only.
+- ``hand-written, changed cells only``: the same, with rows only for the (head, position)
+  cells whose clean value differs from the corrupted one (the positions before the token
+  where the prompts differ patch nothing and score the corrupted run's metric): fxsight
+  skips those cells too, so this is the like-for-like baseline.
 
 Scores are checked against the hand-written sweep's (``max |diff|``). Each round runs every
 method once in a shuffled order (``random.Random(17 + round)``); fxsight's first call
@@ -39,7 +43,7 @@ ORDER = SHUFFLED
 
 TOKENS = 16
 LAYERS = (3, 9)
-TARGETS = {"hand-written prefix reuse": 2.0}
+TARGETS = {"hand-written prefix reuse": 2.0, "hand-written, changed cells only": 2.0}
 
 
 def _fxsight(model, clean, corrupt, layers, suffix: bool) -> Callable[[], torch.Tensor]:
@@ -58,8 +62,10 @@ def _fxsight(model, clean, corrupt, layers, suffix: bool) -> Callable[[], torch.
     return sweep
 
 
-def _runs(model, ids) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """The projection inputs and the block outputs of one run, by layer."""
+def _runs(model, ids) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor],
+                              torch.Tensor]:
+    """The projection inputs and the block outputs of one run, by layer, and its
+    last-position logits."""
     z: dict[int, torch.Tensor] = {}
     out: dict[int, torch.Tensor] = {}
     handles = []
@@ -69,32 +75,40 @@ def _runs(model, ids) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]
         handles.append(block.register_forward_hook(
             lambda m, a, o, i=i: out.__setitem__(i, o[0] if isinstance(o, tuple) else o)))
     try:
-        model(ids, use_cache=False, logits_to_keep=1)
+        logits = model(ids, use_cache=False, logits_to_keep=1).logits
     finally:
         for handle in handles:
             handle.remove()
-    return z, out
+    return z, out, logits
 
 
-def _prefix_reuse(model, clean, corrupt, layers) -> Callable[[], torch.Tensor]:
-    """Hand-written head patching with prefix reuse in plain PyTorch (GPT-2's block)."""
+def _prefix_reuse(model, clean, corrupt, layers, changed_only: bool = False
+                  ) -> Callable[[], torch.Tensor]:
+    """Hand-written head patching with prefix reuse in plain PyTorch (GPT-2's block).
+    ``changed_only``: rows only for the (head, position) cells where the clean projection
+    input differs from the corrupted one (the others score the corrupted run's metric)."""
     blocks = model.transformer.h
     heads = model.config.n_head
     size = model.config.n_embd // heads
 
     def sweep() -> torch.Tensor:
         tokens = clean.shape[1]
-        z_clean, _ = _runs(model, clean)
-        z_corrupt, out_corrupt = _runs(model, corrupt)
+        z_clean, _, _ = _runs(model, clean)
+        z_corrupt, out_corrupt, corrupt_logits = _runs(model, corrupt)
         embeddings = model.transformer.wte(corrupt) + model.transformer.wpe(
             torch.arange(tokens))
-        scores = torch.zeros(len(layers), heads, tokens)
-        head = torch.arange(heads).repeat_interleave(tokens)
-        position = torch.arange(tokens).repeat(heads)
-        rows = torch.arange(heads * tokens)
+        scores = metric(corrupt_logits).expand(len(layers), heads * tokens).clone()
         for i, layer in enumerate(layers):
+            head = torch.arange(heads).repeat_interleave(tokens)
+            position = torch.arange(tokens).repeat(heads)
+            if changed_only:
+                differs = (z_clean[layer][0] != z_corrupt[layer][0]).reshape(
+                    tokens, heads, size).any(-1)  # (position, head)
+                keep = differs[position, head]
+                head, position = head[keep], position[keep]
+            rows = torch.arange(len(head))
             block = blocks[layer]
-            z = z_corrupt[layer].expand(heads * tokens, tokens, -1).clone()
+            z = z_corrupt[layer].expand(len(head), tokens, -1).clone()
             columns = (head * size)[:, None] + torch.arange(size)
             z[rows[:, None], position[:, None], columns] = \
                 z_clean[layer][0, position[:, None], columns]
@@ -105,8 +119,8 @@ def _prefix_reuse(model, clean, corrupt, layers) -> Callable[[], torch.Tensor]:
                 h = later(h)
                 h = h[0] if isinstance(h, tuple) else h
             logits = model.lm_head(model.transformer.ln_f(h[:, -1:]))
-            scores[i] = metric(logits).reshape(heads, tokens)
-        return scores
+            scores[i, head * tokens + position] = metric(logits)
+        return scores.reshape(len(layers), heads, tokens)
 
     return sweep
 
@@ -122,7 +136,9 @@ def run(quick: bool = False, rounds: int = 2, log: Callable[[str], None] = print
     clean, corrupt = _prompts(model.config.vocab_size, tokens)
     methods = {"fxsight": _fxsight(model, clean, corrupt, layers, True),
                "fxsight (full-length)": _fxsight(model, clean, corrupt, layers, False),
-               "hand-written prefix reuse": _prefix_reuse(model, clean, corrupt, layers)}
+               "hand-written prefix reuse": _prefix_reuse(model, clean, corrupt, layers),
+               "hand-written, changed cells only": _prefix_reuse(model, clean, corrupt, layers,
+                                                                 True)}
     shape = f"gpt2 {n_layer}x768"
     cells = len(layers) * model.config.n_head * tokens
     first: dict[str, tuple[float, torch.Tensor]] = {}

@@ -68,8 +68,11 @@ def test_head_patching_equals_one_cell_loop(name, backend, suffix):
     assert (result.info["suffix"] is True) == on_suffix, result.info["suffix"]
     if on_suffix:
         assert result.info["last_mlp_on_last_tokens"] is True
-        # 2 layers x 24 cells in 5-cell traces, 2 reference runs, 3 self-checks
-        assert result.info["traces"] == 2 * 5 + 2 + 3
+        # 2 layers x 20 cells in 5-cell traces (position 0 comes before the prompts
+        # differ: its 4 heads' patches change nothing, they are not run), 2 reference
+        # runs, 3 self-checks
+        assert result.info["cells_not_run"] == 2 * 4
+        assert result.info["traces"] == 2 * 4 + 2 + 3
     assert result.dims == ("layer", "head", "position")
     assert result.values.shape == (2, 4, 6)
     torch.testing.assert_close(result.values, expected, atol=1e-5, rtol=1e-4)
@@ -100,7 +103,7 @@ def test_a_head_cell_runs_the_rest_of_its_layer_on_the_patched_tokens_only(monke
     assert "transformer.h.1.mlp.c_fc.weight" in used and "transformer.h.1.attn.c_attn.weight" \
         in used
     block = model.transformer.h[0]
-    cells = 4 * 6  # heads x positions, one trace
+    cells = 4 * 5  # heads x positions from the first where the prompts differ, one trace
     width = model.config.n_embd
     assert (block.mlp, (cells, 1, width)) in shapes  # (the projection's patched input is
     # a plain tensor: it is applied before the graph runs)

@@ -108,13 +108,16 @@ def test_chunks_of_a_position_subset_and_a_full_vocabulary_metric(gpt2):
 
     kwargs = dict(sites=["resid", "mlp"], positions=[0, 3, 4, 8], layers=[0, 2],
                   progress=False)
-    fast = patching.activation_patching(net, clean, corrupted, logprob, batch_size=3,
+    fast = patching.activation_patching(net, clean, corrupted, logprob, batch_size=2,
                                         **kwargs)
     full = patching.activation_patching(net, clean, corrupted, logprob, suffix=False,
                                         **kwargs)
     assert fast.info["suffix"] is True and fast.info["vocabulary"] is None
-    # 2 kinds x 2 layers x 2 chunks, 2 reference runs, 1 self-check (with the last MLP on
-    # the last tokens: it passes, so nothing is checked apart)
+    # position 0 comes before the prompts differ (at 2): those cells are not run; the
+    # other three of each (site, layer) run in 2 chunks (one padded). So: 2 kinds x 2
+    # layers x 2 chunks, 2 reference runs, 1 self-check (with the last MLP on the last
+    # tokens: it passes, so nothing is checked apart)
+    assert fast.info["cells_not_run"] == 2 * 2
     assert fast.info["traces"] == 2 * 2 * 2 + 2 + 1
     torch.testing.assert_close(fast.values, full.values, rtol=0, atol=1e-5)
 
@@ -135,9 +138,10 @@ def test_a_cell_computes_only_the_blocks_after_its_layer(gpt2, monkeypatch):
     calls = [n for n in graph.graph.nodes if getattr(n.target, "module", None) is
              gpt2.transformer.h[2].mlp]
     assert len(calls) == 1
-    width = gpt2.config.n_embd  # every position of layer 1: one row of one token each
-    mlp = gpt2.transformer.h[2].mlp  # (the first call: the self-check's two cells)
-    assert shapes == [(mlp, (2, 1, width)), (mlp, (TOKENS, 1, width))]
+    width = gpt2.config.n_embd  # every position of layer 1 from the first one where the
+    mlp = gpt2.transformer.h[2].mlp  # prompts differ (2): one row of one token each (the
+    assert shapes == [(mlp, (2, 1, width)), (mlp, (TOKENS - 2, 1, width))]  # first call:
+    # the self-check's two cells)
 
 
 def test_an_mlp_with_a_one_token_path_runs_whole(monkeypatch):
@@ -171,6 +175,10 @@ def test_packing_puts_each_suffix_at_its_positions():
         assert (last[:p] == 0).all() and (last[p:8] == low).all()  # the cache before p
         assert (last[8 + start:8 + start + n] == 0).all()  # its own segment
         assert int(packing.ends[1][p]) == start + n - 1 and int(packing.ends[0][p]) == row
+    late = pack(ids, list(range(3, 8)), torch.float32)  # rows one longer than the longest
+    assert late.ids.shape == (3, 6) and late.mask.shape == (3, 1, 6, 8 + 6)
+    for p, (row, start) in zip(range(3, 8), late.segments):
+        assert late.position_ids[row, start:start + 8 - p].tolist() == list(range(p, 8))
     odd = pack(torch.arange(5).reshape(1, 5), [0, 2, 4], torch.float32)
     assert odd.rows == 2  # lengths 5, 3, 1 in rows of 6: (5, 1) and (3 + padding)
     row, start = odd.segments[1]
@@ -236,7 +244,8 @@ def test_an_attention_cells_mlp_runs_on_the_patched_tokens_only(gpt2, monkeypatc
     # block 0: its attention is the patched site, its MLP runs as one-token rows
     assert {n for n in used if n.startswith("transformer.h.0.")} == \
         {"transformer.h.0.ln_2.weight", "transformer.h.0.ln_2.bias"}, sorted(used)
-    assert (gpt2.transformer.h[0].mlp, (TOKENS, 1, gpt2.config.n_embd)) in shapes
+    # (one row per cell that runs: positions 0 and 1, before the prompts differ, do not)
+    assert (gpt2.transformer.h[0].mlp, (TOKENS - 2, 1, gpt2.config.n_embd)) in shapes
     torch.testing.assert_close(fast.values, full.values, rtol=0, atol=1e-5)
     assert fast.values.abs().max() > 0
 
@@ -260,3 +269,39 @@ def test_info_counts_every_trace_the_sweep_ran(gpt2, monkeypatch, sweep):
                                               progress=False)
     assert result.info["suffix"] is True
     assert result.info["traces"] == len(entered)
+
+
+def test_cells_whose_patch_changes_nothing_score_zero_and_are_not_run(gpt2, monkeypatch):
+    """Before the first token where the prompts differ, a causal model's clean and corrupted
+    values are equal bit for bit: patching there gives the corrupted run itself, whose
+    effect a one-cell loop computes as 0 exactly. Those cells are not run; the others
+    equal the full-length path. With equal prompts no cell runs at all."""
+    from fxsight.api.tracer import Tracer
+
+    entered = []
+    enter = Tracer.__enter__
+    monkeypatch.setattr(Tracer, "__enter__",
+                        lambda self: (entered.append(self), enter(self))[1])
+    net = NNsight(gpt2)
+    clean, corrupted = _prompts()  # (they differ at position 2)
+    sites = ["resid", "attn", "mlp"]
+    fast = patching.activation_patching(net, clean, corrupted, metric, sites=sites,
+                                        batch_size=TOKENS, progress=False)
+    full = patching.activation_patching(net, clean, corrupted, metric, sites=sites,
+                                        progress=False, suffix=False)
+    assert fast.info["suffix"] is True
+    assert fast.info["cells_not_run"] == len(sites) * 3 * 2
+    assert torch.equal(fast.values[:, :, :2], torch.zeros(len(sites), 3, 2))
+    for layer in range(3):
+        assert _hooks_loop(gpt2, clean, corrupted, layer, 1, metric) == 0.0
+    assert (fast.values[:, :2, 2:] != 0).all()  # (the others ran: layers 0 and 1 reach
+    # the last position at every position; the last layer's only at the last one)
+    torch.testing.assert_close(fast.values, full.values, rtol=0, atol=1e-5)
+
+    entered.clear()
+    same = patching.activation_patching(net, clean, clean.clone(), metric, sites=sites,
+                                        progress=False)
+    assert same.info["cells_not_run"] == same.values.numel()
+    assert torch.equal(same.values, torch.zeros_like(same.values))
+    # the two reference runs and the self-checks only
+    assert same.info["traces"] == len(entered) <= 2 + 3

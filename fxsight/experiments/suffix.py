@@ -7,9 +7,13 @@ positions before ``p``. So a sweep of the sites of one layer at every position r
 cell, a *suffix* of ``T - p`` tokens over a key-value cache of the corrupted run (about
 half of the tokens of the full-length rows, summed over the positions), and:
 
+- **Only cells whose patch changes something.** At a position where the clean run's value
+  equals the corrupted run's bit for bit (every position before the first token where
+  the prompts differ), the patched run is the corrupted run: its score is 0 exactly, as a
+  one-cell loop computes it, and the cell is not run (``result.info["cells_not_run"]``).
 - **Packing.** Suffixes of different lengths share rows: they are packed first-fit by
-  decreasing length into rows of ``T + 1`` tokens (with every position, the cells at ``p``
-  and ``T - 1 - p`` fill one row exactly). A 4-D additive mask lets each token see the
+  decreasing length into rows one token longer than the longest (with every position from
+  ``p0`` on, the cells at ``p`` and ``T - 1 - p + p0`` fill one row exactly). A 4-D additive mask lets each token see the
   cache's first ``p`` positions and its own segment causally; ``position_ids`` hold each
   token's position in the prompt. Padding tokens see only themselves; their results are
   dropped.
@@ -96,9 +100,11 @@ class Packing:
 
 def pack(ids: torch.Tensor, positions: list[int], dtype: torch.dtype) -> Packing:
     """Pack the suffixes ``ids[0, p:]`` for each ``p`` in ``positions`` (cell order kept in
-    ``segments``) into rows of ``T + 1`` tokens."""
+    ``segments``) into rows one token longer than the longest (``T + 1`` where position 0
+    is among them: with every position from ``p0`` on, the suffixes pair up to fill the
+    rows exactly)."""
     length = ids.shape[1]
-    capacity = length + 1
+    capacity = length - min(positions) + 1
     order = sorted(range(len(positions)), key=lambda i: positions[i])  # longest first
     bins: list[list[int]] = []
     used: list[int] = []
@@ -538,22 +544,26 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[Cell],
               metric: Callable, baseline: float, kwargs: dict, options: dict,
               cells_per_trace: int, progress: bool, description: str):
     """Every (site, layer) of ``cells`` at every unit: scores (len(cells), len(units)), the
-    number of traces and the last tracer."""
+    number of traces, the last tracer and the number of cells not run (see
+    :func:`changing_units`: their scores are 0)."""
     from tqdm.auto import tqdm
 
-    chunks = [units[i:i + cells_per_trace] for i in range(0, len(units), cells_per_trace)]
+    live = [changing_units(units, hidden(corrupt[target.key]), hidden(clean[target.key]))
+            for _, _, target, _, _ in cells]
+    batches = [[which[i:i + cells_per_trace] for i in range(0, len(which), cells_per_trace)]
+               for which in live]
     packings = {}
     dtype = hidden(corrupt[cells[0][2].key]).dtype
     scores = torch.zeros(len(cells), len(units))
     tracer = None
     traces = 0
-    bar = tqdm(total=len(cells) * len(chunks), desc=description, unit="batch",
+    bar = tqdm(total=sum(map(len, batches)), desc=description, unit="batch",
                disable=not progress, leave=False)
     try:
         for c, (_, _, target, prefix, local) in enumerate(cells):
             local = local if setup.local else []
-            done = 0
-            for chunk in chunks:
+            for which in batches[c]:
+                chunk = [units[i] for i in which]
                 key = tuple(p for p, _ in chunk)
                 if key not in packings:
                     packings[key] = pack(corrupted, list(key), dtype)
@@ -568,19 +578,33 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[Cell],
                     logits = head_logits(setup.head._module, inputs, setup.columns)
                     chosen = setup.small_metric if setup.columns is not None else metric
                     values = torch.as_tensor(chosen(logits)).reshape(-1).float()
-                scores[c, done:done + len(chunk)] = values - baseline
-                done += len(chunk)
+                scores[c, which] = values - baseline
                 bar.update(1)
     finally:
         bar.close()
-    return scores, traces, tracer
+    return scores, traces, tracer, len(cells) * len(units) - sum(map(len, live))
+
+
+def changing_units(units: list[Unit], corrupted: torch.Tensor, clean: torch.Tensor
+                   ) -> list[int]:
+    """The indices of the units whose patch changes the value: where the clean run's value
+    at the unit (its position, its columns) equals the corrupted run's bit for bit (at every
+    position before the first token where the prompts differ, in a causal model), the
+    patched run is the corrupted run itself, so its score is 0 exactly, as a one-cell loop
+    computes it; such a cell is not run."""
+    changing = []
+    for i, (p, columns) in enumerate(units):
+        where = slice(None) if columns is None else columns
+        if not torch.equal(corrupted[0, p, where], clean[0, p, where]):
+            changing.append(i)
+    return changing
 
 
 @dataclass
 class Swept:
     """A single-pair sweep on the suffix path: ``scores`` (cells, units), the corrupted and
     clean runs' metrics, the cells per trace, the traces run (the reference runs too), the
-    last tracer and the plan."""
+    last tracer, the plan and the number of cells whose patch changes nothing."""
 
     scores: torch.Tensor
     baseline: float
@@ -589,6 +613,7 @@ class Swept:
     traces: int
     tracer: Any
     setup: Plan
+    unchanged: int = 0  # cells whose patch changes nothing: not run, their scores 0
 
     def result(self, dims: tuple[str, ...], coords: dict, tokens: Any, method: str,
                start: float) -> PatchingResult:
@@ -608,7 +633,8 @@ class Swept:
                     graph_module=getattr(self.tracer, "graph_module", None), suffix=True,
                     vocabulary=self.setup.columns,
                     last_mlp_on_last_tokens=self.setup.tail is not None,
-                    patched_block_on_patched_tokens=self.setup.local)
+                    patched_block_on_patched_tokens=self.setup.local,
+                    cells_not_run=self.unchanged)
 
 
 def sweep_pair(model: Envoy, item: Any, cells: list[Cell],
@@ -649,10 +675,10 @@ def sweep_pair(model: Envoy, item: Any, cells: list[Cell],
         per_trace = min(len(cell_units), 2 * max(1, int(memory_budget // max(per_row, 1))))
     per_trace = max(1, per_trace)
     with torch.no_grad():
-        scores, traces, tracer = run_sweep(
+        scores, traces, tracer, unchanged = run_sweep(
             model, setup, cells, clean_run.outputs, corrupt_run.outputs, item.corrupted,
             cell_units, item.metric, baseline, kwargs, options, per_trace, progress,
             description)
     # (and the two reference runs and the self-checks)
     return Swept(scores, baseline, reference, per_trace, traces + 2 + setup.checks, tracer,
-                 setup)
+                 setup, unchanged)
