@@ -467,3 +467,25 @@ def test_the_override_check_agrees_with_getattr_static_over_transformers_models(
         assert unchanged_between_steps(model, {}) == reference(cls), name
         seen += 1
     assert seen >= 5
+
+
+def test_later_steps_outputs_are_what_the_constructor_makes():
+    """Decoding steps after the first build their CausalLMOutputWithPast directly: the
+    object must be what the constructor makes (type, attributes, items in order)."""
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from fxsight.generate.decoding import _StepOutput
+
+    make = _StepOutput()
+    cache = DynamicCache()
+    make(torch.zeros(1, 1, 5), cache)
+    for step in range(3):
+        logits = torch.full((1, 1, 5), float(step))
+        got = make(logits, cache)
+        want = CausalLMOutputWithPast(logits=logits, cache=cache)
+        assert type(got) is type(want) and vars(got) == vars(want)
+        assert list(got.keys()) == list(want.keys()) == ["logits", "cache"]
+        assert got.logits is logits and got["cache"] is cache and got.to_tuple()[0] is logits
+    without = make(torch.zeros(1, 1, 5), None)  # (another layout: the constructor's)
+    assert list(without.keys()) == ["logits"] and without.cache is None

@@ -450,33 +450,35 @@ class _StepOutput:
     decoding step. The first step's output is made by the constructor, and so is a second
     object from the same values the way later steps make theirs: the object's attributes
     and its items set directly. Where the two are alike (type, attributes, items in order)
-    later steps are made that way; otherwise (another transformers), by the constructor."""
+    later steps are made that way; otherwise (another transformers), by the constructor.
+    Only the first output's layout is kept (its class, attribute names, item names)."""
 
     def __init__(self) -> None:
-        self._made: Any = None  # the first step's output, whose layout later ones copy
+        self._layout: tuple[type, dict, list[str], bool] | None = None
         self._direct = False
 
     def __call__(self, logits: torch.Tensor, cache: Any) -> Any:
-        made = self._made
-        if made is None:
-            made = self._made = CausalLMOutputWithPast(logits=logits, cache=cache)
+        if self._layout is None:
+            made = CausalLMOutputWithPast(logits=logits, cache=cache)
+            attributes = {key: None for key in vars(made)}
+            self._layout = (type(made), attributes, list(made.keys()), cache is None)
             copy = self._direct_copy(logits, cache)
             self._direct = type(copy) is type(made) and vars(copy) == vars(made) and \
                 list(copy.items()) == list(made.items()) and \
                 all(a is b for a, b in zip(copy.values(), made.values()))
             return made
-        if not self._direct or (cache is None) != (made.cache is None):
+        if not self._direct or (cache is None) != self._layout[3]:
             return CausalLMOutputWithPast(logits=logits, cache=cache)
         return self._direct_copy(logits, cache)
 
     def _direct_copy(self, logits: torch.Tensor, cache: Any) -> Any:
-        made = self._made
-        output = type(made).__new__(type(made))
+        kind, names, keys, _ = self._layout
+        output = kind.__new__(kind)
         attributes = object.__getattribute__(output, "__dict__")
-        attributes.update(vars(made))
+        attributes.update(names)
         attributes["logits"] = logits
         attributes["cache"] = cache
-        for key in made.keys():
+        for key in keys:
             OrderedDict.__setitem__(output, key, attributes[key])
         return output
 
