@@ -85,7 +85,10 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
     for one pair on a causal decoder that takes a key-value cache, with a metric that reads
     only the last position, each cell runs only the positions from the patched one on, over
     the corrupted run's cache, packed into rows (see :mod:`fxsight.experiments.suffix`);
-    ``result.info["suffix"]`` is ``True`` or says why the full-length path ran.
+    ``result.info["suffix"]`` is ``True`` or says why the full-length path ran. A cell whose
+    clean value equals the corrupted one (every position before the first token where the
+    prompts differ) is not run there: its score is 0 exactly
+    (``result.info["cells_not_run"]``).
 
     Returns scores with ``dims == ("site", "layer", "position")``: the patched run's metric
     minus the corrupted run's (``result.baseline``); ``result.reference`` is the clean
