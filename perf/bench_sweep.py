@@ -87,7 +87,8 @@ def _fxsight(model, clean, corrupt, batch: int, suffix: bool) -> Callable[[], to
     return sweep
 
 
-def _block_outputs(model, ids, logits: bool = False) -> Any:
+def _block_outputs(model, ids) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each block's output and the last-position logits of one plain run."""
     saved: dict[int, torch.Tensor] = {}
     handles = [block.register_forward_hook(lambda m, a, o, i=i: saved.__setitem__(i, o))
                for i, block in enumerate(model.transformer.h)]
@@ -96,8 +97,7 @@ def _block_outputs(model, ids, logits: bool = False) -> Any:
     finally:
         for handle in handles:
             handle.remove()
-    outputs = [saved[i] for i in range(len(saved))]
-    return (outputs, out.logits) if logits else outputs
+    return [saved[i] for i in range(len(saved))], out.logits
 
 
 def _prefix_reuse(model, clean, corrupt, changed_only: bool = False
@@ -109,8 +109,8 @@ def _prefix_reuse(model, clean, corrupt, changed_only: bool = False
 
     def sweep() -> torch.Tensor:
         tokens = clean.shape[1]
-        clean_out = _block_outputs(model, clean)
-        corrupt_out, corrupt_logits = _block_outputs(model, corrupt, logits=True)
+        clean_out, _ = _block_outputs(model, clean)
+        corrupt_out, corrupt_logits = _block_outputs(model, corrupt)
         scores = metric(corrupt_logits).expand(len(blocks), tokens).clone()
         for layer in range(len(blocks)):
             rows = torch.arange(tokens)
@@ -134,7 +134,7 @@ def _hooks(model, clean, corrupt, batch: int) -> Callable[[], torch.Tensor]:
 
     def sweep() -> torch.Tensor:
         tokens = clean.shape[1]
-        saved = _block_outputs(model, clean)
+        saved, _ = _block_outputs(model, clean)
         scores = torch.zeros(len(blocks), tokens)
         for layer, block in enumerate(blocks):
             for start in range(0, tokens, batch):

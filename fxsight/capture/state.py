@@ -162,8 +162,9 @@ class Watch:
                 self._tensors(i, key, d[key], tensors)
             keys = tuple(k for k in d if k not in _APART or (k == "_modules" and not d[k]))
             snapshot = tuple(self._snapshot(i, k, d[k], tensors, objects) for k in keys)
+            # (a copy: a container too large to copy is the live one, never seen changed)
             self.mutables += [(i, k, v) for k, v in zip(keys, snapshot)
-                              if k != "_modules" and _holds_mutable(v)]
+                              if k != "_modules" and v is not d[k] and _holds_mutable(v)]
             self.keys.append(keys)
             self.getters.append(operator.itemgetter(*keys))
             self.values.append(snapshot if len(keys) > 1 else snapshot[0])
@@ -187,7 +188,8 @@ class Watch:
         # (plain lists, dicts and sets changed in place; ``param.data = ...``; hooks)
         self.object_mutables = [(attributes, key, value)
                                 for attributes, keys, values in self.objects
-                                for key, value in zip(keys, values) if _holds_mutable(value)]
+                                for key, value in zip(keys, values)
+                                if value is not attributes[key] and _holds_mutable(value)]
         self.fixed_dicts = [*self.tensor_dicts,
                             *(attributes for attributes, _, _ in self.objects)]
         self.read_version = dict_version_reader()
@@ -240,6 +242,10 @@ class Watch:
         for attributes, key, value in self.object_mutables:
             if attributes[key] != value:
                 return False
+        return self._parameters_alike()
+
+    def _parameters_alike(self) -> bool:
+        """The first parameters' dtypes and the first's device as in the snapshot."""
         return list(map(_dtype, self.first_parameters)) == self.dtypes and \
             (self.device is None or self.first_parameters[0].device == self.device)
 
@@ -277,14 +283,11 @@ class Watch:
         if list(map(len, dicts)) != self.lens or \
                 list(map(_call, self.getters, dicts)) != self.values or \
                 self.held != self.held_copies or any(map(len, self.empty)) or \
-                list(map(_dtype, self.first_parameters)) != self.dtypes or \
-                (self.device is not None and
-                 self.first_parameters[0].device != self.device):
+                not self._parameters_alike():
             return False
-        modules.append(None)
         children = itertools.chain.from_iterable(
             map(dict.values, map(_submodules, self.parents(dicts))))
-        if tuple(children) != self.children(modules):
+        if tuple(children) != self.children([*modules, None]):
             return False
         for i, key, name, obj in self.exact:
             found = dicts[i][key] if name is None else dicts[i][key][name]
@@ -293,7 +296,7 @@ class Watch:
         for attributes, keys, values in self.objects:  # (renamed, same values: no)
             if list(attributes.values()) != values:
                 return False
-        return self._hooks_unchanged(modules[:-1])
+        return self._hooks_unchanged(modules)
 
     def _modules_now(self):
         for ref, keys, values in zip(self.refs, self.keys, self.values):

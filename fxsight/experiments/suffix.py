@@ -13,10 +13,10 @@ half of the tokens of the full-length rows, summed over the positions), and:
   one-cell loop computes it, and the cell is not run (``result.info["cells_not_run"]``).
 - **Packing.** Suffixes of different lengths share rows: they are packed first-fit by
   decreasing length into rows one token longer than the longest (with every position from
-  ``p0`` on, the cells at ``p`` and ``T - 1 - p + p0`` fill one row exactly). A 4-D additive mask lets each token see the
-  cache's first ``p`` positions and its own segment causally; ``position_ids`` hold each
-  token's position in the prompt. Padding tokens see only themselves; their results are
-  dropped.
+  ``p0`` on, the cells at ``p`` and ``T - 1 - p + p0`` fill one row exactly). A 4-D
+  additive mask lets each token see the cache's first ``p`` positions and its own segment
+  causally; ``position_ids`` hold each token's position in the prompt. Padding tokens see
+  only themselves; their results are dropped.
 - **One graph per (site, layer).** The batch is one fxsight trace over the model's own
   forward with the cache passed in: the modules before the patched site are skipped with
   the corrupted run's values (packed), the site with the patched ones, the head's input is
@@ -469,32 +469,29 @@ def plan(model: Envoy, corrupted: torch.Tensor, kwargs: dict, corrupt_run: Any,
         isinstance(corrupt_run.outputs.get(t.key), torch.Tensor) for t in local)
     # One check of everything at once where the restrictions touch different modules; only
     # where it fails (or they overlap) is each checked apart, keeping those that hold.
-    overlap = on_patched and tail is not None and any(_covers(t, tail) for t in local)
     checks = 0
+
+    def check(last: Envoy | None = None, restricted: list | None = None) -> str | None:
+        nonlocal checks  # (one self-check trace)
+        checks += 1
+        return reproduces(model, name, head, corrupted, layers, kwargs, corrupt_logits, last,
+                          local=restricted, corrupt=corrupt_run.outputs)
+
+    overlap = on_patched and tail is not None and any(_covers(t, tail) for t in local)
     if not overlap:
-        checks = 1
-        reason = reproduces(model, name, head, corrupted, layers, kwargs, corrupt_logits,
-                            tail, local=local if on_patched else None,
-                            corrupt=corrupt_run.outputs)
+        reason = check(tail, local if on_patched else None)
         if reason is None:
             return Plan(name, head, layers, *_reads(metric, clean_logits, head), tail,
                         on_patched, checks)
         if tail is None and not on_patched:
             return reason
-    checks += 1
-    reason = reproduces(model, name, head, corrupted, layers, kwargs, corrupt_logits)
+    reason = check()
     if reason is not None:
         return reason
-    if tail is not None:
-        checks += 1
-        if reproduces(model, name, head, corrupted, layers, kwargs, corrupt_logits,
-                      tail) is not None:
-            tail = None  # (the whole last block runs)
+    if tail is not None and check(tail) is not None:
+        tail = None  # (the whole last block runs)
     if on_patched:
-        checks += 1
-        on_patched = reproduces(model, name, head, corrupted, layers, kwargs,
-                                corrupt_logits, local=local,
-                                corrupt=corrupt_run.outputs) is None
+        on_patched = check(restricted=local) is None
     return Plan(name, head, layers, *_reads(metric, clean_logits, head), tail, on_patched,
                 checks)
 

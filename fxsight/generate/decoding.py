@@ -94,9 +94,8 @@ def unchanged_between_steps(model: torch.nn.Module, generate_kwargs: dict) -> bo
         if cls is GenerationMixin:
             return True
         attributes = vars(cls)
-        if not methods.keys().isdisjoint(attributes) and any(
-                attributes[name] is not methods[name]
-                for name in methods.keys() & attributes.keys()):
+        if any(attributes[name] is not methods[name]
+               for name in methods.keys() & attributes.keys()):
             return False
     return False
 
