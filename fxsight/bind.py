@@ -27,6 +27,16 @@ _LIBRARIES = frozenset({"builtins", "fxsight", "torch", "transformers", "tokeniz
 
 Resolve = Callable[[Proxy], "tuple[bool, Any]"]
 
+# types whose values the walk never enters (atoms, objects of libraries or without a
+# ``__dict__``), learned as it goes: one set lookup each next time (bounded)
+_LEAF_TYPES: set[type] = set()
+_MAX_LEAF_TYPES = 512
+
+
+def _leaf(kind: type) -> None:
+    if len(_LEAF_TYPES) < _MAX_LEAF_TYPES:
+        _LEAF_TYPES.add(kind)
+
 
 class _Walk:
     """One binding walk over what a frame can reach."""
@@ -38,10 +48,14 @@ class _Walk:
     def bound(self, value: Any, depth: int) -> Any:
         """``value`` with saved proxies replaced (containers changed in place where they
         can be; a tuple holding one is rebuilt and returned)."""
-        if type(value) is Proxy:
+        kind = type(value)
+        if kind is Proxy:
             ok, real = self.resolve(value)
             return real if ok else value
-        if depth == 0 or isinstance(value, _ATOMS) or id(value) in self.seen:
+        if kind in _LEAF_TYPES or depth == 0 or id(value) in self.seen:
+            return value
+        if isinstance(value, _ATOMS):
+            _leaf(kind)
             return value
         self.seen.add(id(value))
         if isinstance(value, list):
@@ -59,12 +73,14 @@ class _Walk:
             if any(new is not old for new, old in zip(items, value)):
                 return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
         elif hasattr(value, "__dict__") and \
-                type(value).__module__.partition(".")[0] not in _LIBRARIES:
+                kind.__module__.partition(".")[0] not in _LIBRARIES:
             attributes = vars(value)
             for key, item in list(attributes.items()):
                 new = self.bound(item, depth - 1)
                 if new is not item:
                     attributes[key] = new
+        else:  # (no attributes, or a library's object: never walked)
+            _leaf(kind)
         return value
 
 

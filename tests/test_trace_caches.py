@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import fxsight
@@ -127,3 +129,174 @@ def test_the_state_token_sees_tensors_added_to_any_module(change):
     assert watch.empty and watch.held  # (both kinds are there to check)
     change(net)
     assert state.state_token(net) != token
+
+
+# --- the remembered runs (run.forward.LastRun) ---------------------------------------------
+def _gpt2():
+    from tests.models import tiny_gpt2
+
+    return tiny_gpt2(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32)
+
+
+def _steer_by_hand(model, ids, vec, layer=1):
+    """The steering trace below, as forward hooks: (block 0's output, logits). (The
+    steering hook goes first: steering block 0 in place changes the value kept of it.)"""
+    kept = {}
+    handles = [model.transformer.h[layer].register_forward_hook(
+                   lambda m, a, out: out + vec),
+               model.transformer.h[0].register_forward_hook(
+                   lambda m, a, out: kept.__setitem__("h0", out.clone()))]
+    try:
+        logits = model(ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return kept["h0"], logits
+
+
+def _steer_traced(wrapped, ids, vec, layer=1, **options):
+    with wrapped.trace(ids, use_cache=False, **options):
+        h0 = wrapped.transformer.h[0].output.save()
+        wrapped.transformer.h[layer].output[:] += vec
+        logits = wrapped.lm_head.output.save()
+    return h0, logits
+
+
+def _equal(got, want):
+    return all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@torch.no_grad()
+def test_a_repeated_trace_reruns_its_runner_and_sees_every_change_between():
+    """A trace like the previous one runs the remembered runner (no capture or runner
+    lookup), and is exactly the hand-written hooks each time, also after changes to the
+    model between traces that only the state check sees."""
+    model = _gpt2()
+    wrapped = fxsight.NNsight(model)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    vec = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    assert _equal(_steer_traced(wrapped, ids, vec), _steer_by_hand(model, ids, vec))
+    assert len(wrapped._last_run) == 1
+    before = fxsight.stats()
+    for _ in range(3):
+        assert _equal(_steer_traced(wrapped, ids, vec), _steer_by_hand(model, ids, vec))
+    after = fxsight.stats()
+    assert after["runner_hits"] - before["runner_hits"] == 3
+    assert after["captures"] == before["captures"] and after["splices"] == before["splices"]
+
+    # a shape, an option, another Program of as many nodes: each its own run
+    longer = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    assert _equal(_steer_traced(wrapped, longer, vec), _steer_by_hand(model, longer, vec))
+    assert _equal(_steer_traced(wrapped, ids, vec, backend="hooks"),
+                  _steer_by_hand(model, ids, vec))
+    assert _equal(_steer_traced(wrapped, ids, vec, layer=0),
+                  _steer_by_hand(model, ids, vec, layer=0))
+    changes = [
+        lambda: setattr(model.transformer.h[1].attn, "scale_attn_weights", False),
+        lambda: model.transformer.h[0].mlp.c_fc.weight.data.mul_(2),  # (values: same graph)
+        lambda: setattr(model.transformer.h[0].mlp, "act", torch.nn.ReLU()),
+        lambda: setattr(model.transformer.ln_f, "eps", 0.5),
+    ]
+    for change in changes:
+        assert _equal(_steer_traced(wrapped, ids, vec), _steer_by_hand(model, ids, vec))
+        change()
+        assert _equal(_steer_traced(wrapped, ids, vec), _steer_by_hand(model, ids, vec))
+    model.transformer.h[1].ln_1.register_forward_hook(lambda m, a, out: out * 0.5)
+    with pytest.warns(RuntimeWarning, match="hooks backend"):
+        assert _equal(_steer_traced(wrapped, ids, vec), _steer_by_hand(model, ids, vec))
+
+
+def _block_output_by_hand(model, ids, layer):
+    kept = {}
+    handle = model.transformer.h[layer].register_forward_hook(
+        lambda m, a, out: kept.__setitem__("out", out.clone()))
+    try:
+        model(ids, use_cache=False)
+    finally:
+        handle.remove()
+    return kept["out"]
+
+
+@torch.no_grad()
+def test_remembered_runs_are_bounded_and_never_mix_programs():
+    """Programs of as many nodes and saves are told apart by their structure; at most
+    MAX_LAST_RUNS are remembered per wrapper."""
+    from fxsight.run import forward
+
+    model = _gpt2()
+    wrapped = fxsight.NNsight(model)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    plain = model(ids, use_cache=False).logits
+    for _ in range(2):
+        for n_saves in range(forward.MAX_LAST_RUNS + 2):
+            with wrapped.trace(ids, use_cache=False):
+                kept = [wrapped.transformer.h[i % 2].output.save() for i in range(n_saves)]
+                logits = wrapped.lm_head.output.save()
+            assert len(wrapped._last_run) <= forward.MAX_LAST_RUNS
+            assert torch.equal(logits, plain)
+            assert all(torch.equal(k, _block_output_by_hand(model, ids, i % 2))
+                       for i, k in enumerate(kept))
+        for layer in (0, 1, 0, 1):  # (as many nodes and saves, other sites)
+            with wrapped.trace(ids, use_cache=False):
+                out = wrapped.transformer.h[layer].output.save()
+            assert torch.equal(out, _block_output_by_hand(model, ids, layer))
+
+
+def test_trace_options_are_made_once_per_wrapper():
+    """The same ``trace(...)`` arguments give the same options object (a remembered run
+    is found by it); dict compile options are made each time."""
+    net = fxsight.NNsight(Net())
+    first = net._run_options(None, False)
+    assert net._run_options(None, False) is first
+    assert net._run_options("hooks", False) is not first
+    assert net._run_options("hooks", False).backend == "hooks"
+    assert net._run_options(None, {"mode": "default"}) is not \
+        net._run_options(None, {"mode": "default"})
+    assert net._run_options(None, {"mode": "default"}).compile.mode == "default"
+    for backend in ("auto", "fx", "hooks", None):
+        for compile in (None, False, True):
+            for prune in (False, True):
+                made = net._run_options(backend, compile, prune)
+                assert made is net._run_options(backend, compile, prune)
+                assert (made.compile is None) == (not compile) and made.prune == prune
+    from fxsight.api import nnsight as api
+
+    assert len(net._options_made) <= api._MAX_OPTIONS
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x, attention_mask=None, scale=None):
+        return self.lin(x) if scale is None else self.lin(x) * scale
+
+
+_shapes = st.lists(st.integers(0, 3), min_size=0, max_size=3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes=st.lists(_shapes, min_size=0, max_size=3),
+       keywords=st.dictionaries(st.sampled_from(["scale", "attention_mask", "shift"]),
+                                st.one_of(st.none(), st.floats(0, 2), st.booleans(),
+                                          st.just("x"), _shapes)))
+def test_the_plain_batch_size_agrees_with_the_full_checks(shapes, keywords):
+    """Where the one-pass shortcut for an invoke's inputs answers, the full checks
+    (mapping expansion, keyword check, batch size) pass and give the same rows."""
+    module = TwoInputs()
+    args = tuple(torch.zeros(shape) for shape in shapes)
+    kwargs = {k: torch.zeros(v) if isinstance(v, list) else v for k, v in keywords.items()}
+
+    def full():
+        a, k = inputs.expand_mapping(module, args, kwargs, "the input", None)
+        inputs.check_keywords(module, a, k, "the input", None)
+        return inputs.batch_size(inputs.named_inputs(module, a, k), bool(a), "the input", None)
+
+    try:
+        expected = full()  # (a layout that passes is accepted from now on)
+    except TraceError:
+        expected = None
+    size = inputs.plain_batch_size(module, args, kwargs)
+    if size is not None:
+        assert size == expected

@@ -58,6 +58,7 @@ def edited_copy(model: Any) -> Any:
     new = copy.copy(model)
     object.__setattr__(new, "_root", new)
     object.__setattr__(new, "_children", {})
+    object.__setattr__(new, "_last_run", {})
     object.__setattr__(new, "_edits", list(edits_of(model)))
     return new
 

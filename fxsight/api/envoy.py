@@ -18,6 +18,9 @@ from ..capture.operations import innermost
 from .source import source_of
 
 
+_MAX_SITES = 64  # sites an envoy keeps made (its output and inputs, for a few calls)
+
+
 class Envoy:
     """A module of the wrapped model. ``.output``, ``.input`` and ``.inputs`` read (and,
     assigned, overwrite) its activations inside a trace; other attributes fall through to
@@ -36,6 +39,7 @@ class Envoy:
         object.__setattr__(self, "_root", root if root is not None else self)
         object.__setattr__(self, "_children", {})
         object.__setattr__(self, "_call", 0)
+        object.__setattr__(self, "_sites", {})  # (kind, call) -> Site
         object.__setattr__(self, "_paths", None)  # (the root's) module -> canonical path
 
     # --- tree navigation ---------------------------------------------------------------
@@ -192,25 +196,44 @@ class Envoy:
         return cached
 
     # --- activations ---------------------------------------------------------------------
-    def _recorder(self, what: str) -> Recorder:
+    def _tracer(self, what: str) -> Any:
+        """The innermost open trace of this model (raises outside one)."""
         tracer = current_tracer(self._root)
         if tracer is None:
             raise TraceError(at_line(
                 f"{module_label(self._path)}.{what} is only available inside a trace "
                 f"(`with model.trace(...):`)", user_line()))
-        return tracer.recorder
+        return tracer
 
-    def _site(self, kind: str) -> Site:
-        tracer = current_tracer(self._root)  # (in `for i in tracer.iter[...]`: call i)
+    def _recorder(self, what: str) -> Recorder:
+        return self._tracer(what).recorder
+
+    def _site(self, kind: str, tracer: Any = None) -> Site:
+        if tracer is None:
+            tracer = current_tracer(self._root)
+        # (in `for i in tracer.iter[...]`: call i)
         call = tracer.recorder.scope.call if tracer is not None else None
-        return Site(self._path, kind, self._call if call is None else call)
+        key = (kind, self._call if call is None else call)
+        sites = self._sites
+        site = sites.get(key)
+        if site is None:  # (made once per envoy, kind and call: sites are immutable)
+            site = Site(self._path, *key)
+            if len(sites) < _MAX_SITES:
+                sites[key] = site
+        return site
 
     def _read(self, kind: str, accessor: str) -> Proxy:
-        recorder = self._recorder(accessor)
-        hooked = _hooked_call(current_tracer(self._root), self._path)
-        if hooked is not None:  # inside a module called with hook=True
-            return _from_hooked_call(recorder, hooked, self, accessor)
-        return recorder.create_read(self._site(kind), accessor)
+        tracer = self._tracer(accessor)
+        recorder = tracer.recorder
+        if getattr(tracer, "hooked_calls", None):
+            hooked = _hooked_call(tracer, self._path)
+            if hooked is not None:  # inside a module called with hook=True
+                return _from_hooked_call(recorder, hooked, self, accessor)
+        return recorder.create_read(self._site(kind, tracer), accessor)
+
+    def _write(self, kind: str, accessor: str, value: Any) -> None:
+        tracer = self._tracer(accessor)
+        tracer.recorder.create_write(self._site(kind, tracer), accessor, value)
 
     @property
     def output(self) -> Proxy:
@@ -229,7 +252,7 @@ class Envoy:
 
     @output.setter
     def output(self, value: Any) -> None:
-        self._recorder("output").create_write(self._site(OUTPUT), "output", value)
+        self._write(OUTPUT, "output", value)
 
     @property
     def inputs(self) -> Proxy:
@@ -238,7 +261,7 @@ class Envoy:
 
     @inputs.setter
     def inputs(self, value: Any) -> None:
-        self._recorder("inputs").create_write(self._site(INPUT), "inputs", value)
+        self._write(INPUT, "inputs", value)
 
     @property
     def input(self) -> Proxy:
@@ -256,7 +279,7 @@ class Envoy:
 
     @input.setter
     def input(self, value: Any) -> None:
-        self._recorder("input").create_write(self._site(INPUT), "input", value)
+        self._write(INPUT, "input", value)
 
     def skip(self, value: Any) -> None:
         """Replace this module's computation with ``value`` (shaped like its output): the

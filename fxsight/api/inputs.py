@@ -191,6 +191,34 @@ def check_keywords(module: torch.nn.Module, args: tuple, kwargs: dict, where: st
     signature.accepted.add(layout)
 
 
+_PLAIN_KEYWORDS = frozenset({bool, int, float, str, type(None)})
+
+
+def plain_batch_size(module: torch.nn.Module, args: tuple, kwargs: dict) -> int | None:
+    """The common case of an invoke's inputs, checked in one pass: tensors passed
+    positionally, all with the same first dimension (their rows), plain keyword values
+    (``use_cache=False``), in a layout ``forward`` took before. Returns the number of rows,
+    or ``None`` where the full checks decide (:func:`expand_mapping`,
+    :func:`check_keywords`, :func:`batch_size`): they would change nothing here."""
+    if not args:
+        return None
+    size = None
+    for value in args:
+        if type(value) is not torch.Tensor or value.dim() == 0:
+            return None
+        if size is None:
+            size = value.shape[0]
+        elif value.shape[0] != size:
+            return None
+    for value in kwargs.values():
+        if type(value) not in _PLAIN_KEYWORDS:
+            return None
+    signature = forward_signature(module)
+    if signature is not None and (len(args), tuple(kwargs)) not in signature.accepted:
+        return None
+    return size
+
+
 def named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
     """Each top-level input with its name: a keyword's, a positional input's parameter
     name, or ``argument i``."""

@@ -12,12 +12,15 @@ from ..run.options import CompileOptions, RunOptions
 from .edit import EditTracer, export, seed
 from .envoy import Envoy, renames
 from .inputs import (batch, batch_size, check_batchable, check_keywords, describe,
-                     expand_mapping, named_inputs)
+                     expand_mapping, named_inputs, plain_batch_size)
 from .session import Session
 from .tracer import ScanTracer, Tracer
 
 
 _PLAIN_VALUES = frozenset({bool, int, float, str, type(None)})
+# a wrapper makes the options of ``trace(backend=..., compile=True/False, prune=...)`` once
+# (the same object each time: a trace's runner is remembered for the options it ran with)
+_MAX_OPTIONS = 64
 
 
 class NNsight(Envoy):
@@ -51,6 +54,8 @@ class NNsight(Envoy):
         super().__init__(module, "")
         object.__setattr__(self, "_options", RunOptions.of(backend, compile))
         object.__setattr__(self, "_fallback_warned", set())
+        object.__setattr__(self, "_last_run", {})  # (run.forward.LastRun)
+        object.__setattr__(self, "_options_made", {})  # (see _run_options)
         object.__setattr__(self, "_edits", [])  # Programs of model.edit(), oldest first
         alias_paths, alias_names = renames(module, rename)
         object.__setattr__(self, "_alias_paths", alias_paths)
@@ -63,9 +68,16 @@ class NNsight(Envoy):
         defaults = self._options
         if backend is None and compile is None and prune == defaults.prune:
             return defaults  # (the common case: frozen, shared)
-        return RunOptions(backend or defaults.backend,
-                          defaults.compile if compile is None else CompileOptions.of(compile),
-                          prune)
+        made = self._options_made
+        key = (backend, compile, prune)
+        options = made.get(key) if type(compile) in _PLAIN_VALUES else None
+        if options is None:
+            options = RunOptions(backend or defaults.backend,
+                                 defaults.compile if compile is None else
+                                 CompileOptions.of(compile), prune)
+            if type(compile) in _PLAIN_VALUES and len(made) < _MAX_OPTIONS:
+                made[key] = options
+        return options
 
     # --- entry points ----------------------------------------------------------------------
     def trace(self, *args, trace: bool = True, backend: str | None = None,
@@ -96,7 +108,8 @@ class NNsight(Envoy):
             self._before_run()
             return self._module(*prepared[0], **prepared[1])
         tracer = Tracer(self, args, kwargs, options)
-        seed(tracer.program, self._edits)
+        if self._edits:
+            seed(tracer.program, self._edits)
         return tracer
 
     def scan(self, *args, **kwargs) -> ScanTracer:
@@ -167,8 +180,11 @@ class NNsight(Envoy):
         dict of inputs (a ``BatchEncoding``) is spread into keywords, keywords are checked
         against ``forward``, batch sizes against each other and against invoke #0's
         inputs (see :mod:`fxsight.api.inputs`)."""
-        where, line = describe(invoke), user_line()
         module = self._module
+        size = plain_batch_size(module, args, kwargs)
+        if size is not None and (invoke is None or not invoke.tracer.invokes):
+            return args, kwargs, size  # (the common case, which the checks below pass)
+        where, line = describe(invoke), user_line()
         args, kwargs = expand_mapping(module, args, kwargs, where, line)
         check_keywords(module, args, kwargs, where, line)
         size = batch_size(named_inputs(module, args, kwargs), bool(args), where, line)

@@ -47,8 +47,9 @@ class Invoke:
         recorder = self.tracer.recorder
         if recorder.scope.invoke is not None:
             raise TraceError(at_line("invokes cannot be nested", user_line()))
-        self._previous = recorder.scope
-        recorder.scope = recorder.scope._replace(invoke=self.index)
+        scope = self._previous = recorder.scope
+        # (made directly: ``_replace`` is two Python calls)
+        recorder.scope = Scope(self.index, scope.steps, scope.call)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -168,9 +169,11 @@ class Tracer:
         ``frame``, the caller's."""
         if self._implicit is not None:
             self._implicit.__exit__(None, None, None)
-        kept = [*self._kept, *(obj for s in active_sessions() for obj in s.kept)]
-        if not failed:
-            self._save_reachable(kept, frame if active_sessions() else None)
+        sessions = active_sessions()
+        kept = self._kept + [obj for s in sessions for obj in s.kept] if sessions else \
+            self._kept
+        if not failed and (kept or sessions):
+            self._save_reachable(kept, frame if sessions else None)
         self.recorder.open = False
         stack = active_tracers()
         if self in stack:
@@ -398,9 +401,14 @@ class Tracer:
                 f"the trace of {type(self.model._module).__name__} has no input: pass the "
                 f"model's inputs to trace(...), positionally or as keywords (e.g. "
                 f"input_ids=...), or add them with tracer.invoke(...)", self._line))
+        if len(self.invokes) == 1:  # (the common case)
+            invoke = self.invokes[0]
+            args, kwargs = self.model._batch_inputs([invoke.prepared])
+            whole = Rows(0, invoke.prepared[2], invoke.prepared[2])
+            return args, kwargs, {None: whole, invoke.index: whole}
         prepared = [inv.prepared for inv in self.invokes]
         args, kwargs = self.model._batch_inputs(prepared)
-        total = sum(size for _, _, size in prepared)
+        total = sum([size for _, _, size in prepared])
         rows: dict[Any, Rows] = {None: Rows(0, total, total)}
         start = 0
         for inv, (_, _, size) in zip(self.invokes, prepared):
@@ -415,7 +423,8 @@ class Tracer:
         model ready to run (a LanguageModel loads its weights)."""
         for barrier in self._barriers:
             barrier.check()
-        self.program.check_inputs()
+        if self.program.input_values:
+            self.program.check_inputs()
         args, kwargs, rows = self._batched()
         if load:
             self.model._before_run()  # may replace the module
@@ -458,12 +467,14 @@ class Tracer:
         bump("traces")
         outcome = run_program(self.model._module, self.program, args, kwargs, rows,
                               self.options, self.model._fallback_warned,
-                              stop=self._stop_line is not None)
+                              stop=self._stop_line is not None,
+                              last=getattr(self.model, "_last_run", None))
         self.backend = outcome.backend
         self.graph_module = outcome.graph_module
         self._output, self._output_kept = outcome.output, outcome.output_kept
         self._results = outcome.values
-        self._fill_caches()
+        if self._cache_requests:
+            self._fill_caches()
 
     def _calls_of(self, nodes: list[Node], line: Any) -> int:
         """How many times the modules ``nodes`` read and write are called in one forward

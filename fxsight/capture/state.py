@@ -192,6 +192,11 @@ class Watch:
                                 if value is not attributes[key] and _holds_mutable(value)]
         self.fixed_dicts = [*self.tensor_dicts,
                             *(attributes for attributes, _, _ in self.objects)]
+        # the same comparisons grouped by dict: one C-level getter per dict, one
+        # comparison of the lists (most models have a few such dicts: PreTrainedModel's
+        # plan lists, a config's label maps)
+        self.mutable_sources, self.mutable_getters, self.mutable_values = _grouped(
+            [*self.mutables, *self.object_mutables])
         self.read_version = dict_version_reader()
         self.versions = self._versions(dicts) if self.read_version is not None else None
 
@@ -236,11 +241,9 @@ class Watch:
     def _unchanged_besides_dicts(self, dicts: list[dict]) -> bool:
         """What a dict's version does not show: plain lists, dicts and sets changed in
         place, the first parameters' dtype and the first's device (``param.data = ...``)."""
-        for i, key, value in self.mutables:
-            if dicts[i][key] != value:
-                return False
-        for attributes, key, value in self.object_mutables:
-            if attributes[key] != value:
+        if self.mutable_getters:
+            sources = [dicts[i] if type(i) is int else i for i in self.mutable_sources]
+            if list(map(_call, self.mutable_getters, sources)) != self.mutable_values:
                 return False
         return self._parameters_alike()
 
@@ -370,11 +373,27 @@ def _instrumented(key: str, value: Any) -> bool:
 
 
 def _getter(indices: list) -> Any:
-    """``items -> tuple(items[i] for i in indices)``, in C."""
+    """``items -> tuple(items[i] for i in indices)`` (indices or keys), in C."""
     if len(indices) == 1:
         index = indices[0]
         return lambda items: (items[index],)
     return operator.itemgetter(*indices) if indices else lambda items: ()
+
+
+def _grouped(entries: list) -> tuple[list, list, list]:
+    """``(source, key, value)`` entries (a source: a module's index, whose ``__dict__`` is
+    found at check time, or a dict itself) grouped by source: ``(sources, getters,
+    values)`` with one C-level getter per source (``d -> (d[key], ...)``) and the tuple
+    of values it should return."""
+    groups: dict = {}
+    for source, key, value in entries:
+        group = source if type(source) is int else ("dict", id(source))
+        _, keys, values = groups.setdefault(group, (source, [], []))
+        keys.append(key)
+        values.append(value)
+    return ([source for source, _, _ in groups.values()],
+            [_getter(keys) for _, keys, _ in groups.values()],
+            [tuple(values) for _, _, values in groups.values()])
 
 
 def _hook_keys(modules: list) -> list:

@@ -34,6 +34,7 @@ class Kind(enum.Enum):
 
 
 INPUT_PART = Kind.INPUT.value  # an input's part of the structure key starts with it
+_KIND_TAGS = {kind: kind.value for kind in Kind}  # (``kind.value`` runs Python code)
 
 
 def READ(*_):  # noqa: N802 - sentinel target, never called
@@ -176,8 +177,13 @@ class Program:
              line: Any, scope: Scope, site: Site | None = None, accessor: str | None = None,
              skip: bool = False, mutation: bool = False, lenient: bool = False) -> Node:
         inputs: list[Node] = []
+        try:
+            hash(target)
+            target_key = target
+        except TypeError:
+            target_key = id(target)
         # (plain strings and tuples only: hashed and compared in C at every lookup)
-        key = (kind.value, op, _target_key(target),
+        key = (_KIND_TAGS[kind], op, target_key,
                _structure(args, inputs) if args else None,
                _structure(kwargs, inputs) if kwargs else None,
                (site.path, site.kind, site.call) if site is not None else None, accessor,
@@ -363,14 +369,6 @@ class HookedCall(ModuleCall):
 def _safe_name(site: Site, accessor: str) -> str:
     name = (site.path or "model").replace(".", "_")
     return f"{name}_{accessor}" + (f"_{site.call}" if site.call else "")
-
-
-def _target_key(target: Any) -> Any:
-    try:
-        hash(target)
-        return target
-    except TypeError:
-        return id(target)
 
 
 def _value_key(value: Any) -> Any:

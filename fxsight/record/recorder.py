@@ -60,7 +60,8 @@ class Recorder:
     # --- creating nodes -----------------------------------------------------------------
     def create_read(self, site: Site, accessor: str) -> Proxy:
         """A module's ``accessor`` (``"output"``, ``"input"``, ``"inputs"``) at ``site``."""
-        self.check_open()
+        if not self.open or self.host not in active_tracers():
+            self.check_open()
         return Proxy(self, self.program.read(site, accessor, self.scope, user_line()))
 
     def create_write(self, site: Site, accessor: str, value: Any) -> None:
@@ -118,8 +119,11 @@ class Recorder:
         if proxy._recorder is not self or not self.open:
             raise TraceError(at_line(".save() can only be called inside the trace that "
                                      f"created the value{from_where(proxy)}", user_line()))
-        self.program.save(proxy._node)
-        self.saved[id(proxy)] = (proxy, proxy._node)
+        node = proxy._node
+        saves = self.program.saves
+        if node not in saves:  # (Program.save, inline: once per saved value)
+            saves.append(node)
+        self.saved[id(proxy)] = (proxy, node)
         return proxy
 
     # --- questions about recorded values -------------------------------------------------

@@ -17,6 +17,7 @@ over: ``fxsight.stats()["compilations"]`` counts compiles *and* recompiles.
 from __future__ import annotations
 
 import contextvars
+import operator
 import time
 import warnings
 import weakref
@@ -115,6 +116,12 @@ class Executable:
         self.failure: str | None = None
         # a save that is one graph output is read by index (no pytree rebuild per trace)
         self.save_builders = [_single_output(plan) for plan in spliced.saves]
+        # where every save is one graph output: all of them in one C call
+        indices = self.save_builders
+        self.save_getter = None if not indices or \
+            any(type(i) is not int for i in indices) else \
+            operator.itemgetter(*indices) if len(indices) > 1 else \
+            (lambda outputs, i=indices[0]: (outputs[i],))
         # the model's output, where it needs no cache objects (see _plain_builder)
         self.output_builder = None if spliced.cache_outputs else \
             _plain_builder(spliced.model_output)
@@ -213,6 +220,8 @@ class Runner:
                 if spliced.cache_outputs else None
             plan = spliced.model_output
             model_output = plan.build(outputs, objects) if plan is not None else None
+        if executable.save_getter is not None:
+            return model_output, list(executable.save_getter(outputs))
         return model_output, [outputs[b] if type(b) is int else b.build(outputs, objects)
                               for b in executable.save_builders]
 

@@ -8,8 +8,8 @@ back to hooks is made in one place, :func:`fall_back`, for traces and generation
 
 from __future__ import annotations
 
+import operator
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,16 +33,24 @@ from .hooks import run_with_hooks
 from .options import RunOptions
 
 
-@dataclass
 class Outcome:
     """What a run produced: the model's output and every saved node's value."""
 
-    backend: str  # "fx" or "hooks"
-    output: Any
-    output_kept: bool
-    values: dict[Node, Any]
-    graph_module: fx.GraphModule | None = None
-    grad_keys: dict[Node, str] = field(default_factory=dict)
+    __slots__ = ("backend", "output", "output_kept", "values", "graph_module", "grad_keys",
+                 "runner", "used_caches")
+
+    def __init__(self, backend: str, output: Any, output_kept: bool, values: dict[Node, Any],
+                 graph_module: fx.GraphModule | None = None,
+                 grad_keys: dict[Node, str] | None = None, runner: Any = None,
+                 used_caches: bool = False):
+        self.backend = backend  # "fx" or "hooks"
+        self.output = output
+        self.output_kept = output_kept
+        self.values = values
+        self.graph_module = graph_module
+        self.grad_keys = {} if grad_keys is None else grad_keys
+        self.runner = runner  # the fx backend's Runner
+        self.used_caches = used_caches  # whether cache objects among the inputs were passed
 
 
 def fall_back(reason: Exception | str, options: RunOptions, warned: set, key: Any,
@@ -62,14 +70,16 @@ def fall_back(reason: Exception | str, options: RunOptions, warned: set, key: An
 
 def capture_for(module: nn.Module, args: tuple, kwargs: dict, options: RunOptions,
                 warned: set, flat: tuple | None = None,
-                operations: frozenset = frozenset()) -> Captured | None:
+                operations: frozenset = frozenset(), token: int | None = None
+                ) -> Captured | None:
     """The capture the fx backend runs, or ``None`` where the hooks backend runs instead
-    (``backend="hooks"``, or a failed capture under ``"auto"``)."""
+    (``backend="hooks"``, or a failed capture under ``"auto"``). ``token``: the model's
+    state token, where the caller has just found it (see ``captures.signature``)."""
     if options.backend == "hooks":
         return None
     try:
         captured = cached_capture(module, args, kwargs, dynamic=options.dynamic_policy,
-                                  flat=flat, operations=operations)
+                                  flat=flat, operations=operations, token=token)
     except CaptureError as error:
         fall_back(error, options, warned, signature(module, args, kwargs, flat))
         return None
@@ -124,11 +134,64 @@ def metadata_source(module: nn.Module, args: tuple, kwargs: dict,
     return cached_scan(module, args, kwargs, operations)
 
 
+class LastRun:
+    """What chose the runner of one of a wrapper's latest fx traces, and that runner: a
+    trace with the same options (the same object), Program structure, rows and signature
+    (inputs, grad mode and the model's state token, unique to the model) runs it again
+    without the capture and runner lookups, which would find it. Only plain runs are
+    remembered: no gradients, no ``stop()``, no operation sites, no cache objects among
+    the inputs. A wrapper keeps :data:`MAX_LAST_RUNS`, by options, number of nodes and
+    number of saves (a patching loop alternates a clean and a patched Program)."""
+
+    __slots__ = ("options", "parts", "saves", "rows", "signature", "runner", "keep_output")
+
+    def __init__(self, options: RunOptions, program: Program, rows: dict, signature: tuple,
+                 runner: Any, keep_output: bool):
+        self.options = options
+        self.parts = list(program._parts)
+        self.saves = list(map(_index, program.saves))
+        self.rows = dict(rows)
+        self.signature = signature
+        self.runner = runner
+        self.keep_output = keep_output
+
+    def rerun(self, module: nn.Module, program: Program, args: tuple, kwargs: dict,
+              rows: dict, options: RunOptions) -> Outcome | None:
+        """The Outcome of running the remembered runner, or ``None`` where the trace
+        differs from the remembered one (nothing has run)."""
+        if options is not self.options or program._parts != self.parts or \
+                list(map(_index, program.saves)) != self.saves or rows != self.rows:
+            return None
+        flat = flat_inputs(args, kwargs)
+        if signature(module, args, kwargs, flat) != self.signature:
+            return None
+        if program.input_values:
+            _check_inputs(program)
+        runner = self.runner
+        output, saves = runner(flat[0] + program.input_values, ())
+        bump("runner_hits")
+        return Outcome("fx", output, self.keep_output, dict(zip(program.saves, saves)),
+                       runner.graph_module)
+
+
+_index = operator.attrgetter("index")
+MAX_LAST_RUNS = 8  # runs remembered per wrapper (by options, number of nodes and saves)
+
+
 def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
                 rows: dict[Any, Rows], options: RunOptions, warned: set,
-                stop: bool = False) -> Outcome:
+                stop: bool = False, last: dict | None = None) -> Outcome:
     """Run ``module(*args, **kwargs)`` with ``program`` spliced in (``stop``: end the
-    forward pass once everything the Program needs is computed)."""
+    forward pass once everything the Program needs is computed). ``last``: the caller's
+    latest runs (a dict of :class:`LastRun`), updated here."""
+    slot = None
+    if last is not None and not stop:
+        slot = (id(options), len(program.nodes), len(program.saves))
+        remembered = last.get(slot)
+        if remembered is not None:
+            outcome = remembered.rerun(module, program, args, kwargs, rows, options)
+            if outcome is not None:
+                return outcome
     _check_inputs(program)
     backward_nodes = backward_phase(program)
     for node in forward_exports(program, backward_nodes):
@@ -140,7 +203,12 @@ def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
     forward_saves = [n for n in program.saves if n not in backward_nodes]
     flat = flat_inputs(args, kwargs)
     operations = spec_for(module, program.site_paths)
-    captured = capture_for(module, args, kwargs, options, warned, flat, operations)
+    # (a remembered run is keyed by the signature that chose its capture)
+    remember = slot is not None and not backward_nodes and not operations \
+        and options.backend != "hooks"
+    key = signature(module, args, kwargs, flat) if remember else None
+    captured = capture_for(module, args, kwargs, options, warned, flat, operations,
+                           key[-1] if remember else None)
     outcome = None
     if captured is not None:
         reason = _inside_opaque(captured, program, backward_nodes)
@@ -151,6 +219,11 @@ def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
         try:
             outcome = _run_fx(module, captured, program, flat[0], rows, options, keep_output,
                               forward_saves, args, kwargs, update_caches=not stop)
+            if remember and not outcome.used_caches:
+                last.pop(slot, None)
+                if len(last) >= MAX_LAST_RUNS:
+                    del last[next(iter(last))]  # (the oldest)
+                last[slot] = LastRun(options, program, rows, key, outcome.runner, keep_output)
         except NotOnGraph as error:  # (raised while splicing: nothing has run)
             fall_back(error, options, warned, ("not on graph", str(error)))
     if outcome is None:
@@ -180,7 +253,7 @@ def _run_fx(module: nn.Module, captured: Captured, program: Program, flat: list[
         nodes = program.nodes
         grad_keys = {nodes[i]: key for i, key in runner.spliced.grad_keys.items()}
     return Outcome("fx", output, keep_output, dict(zip(forward_saves, saves)),
-                   runner.graph_module, grad_keys)
+                   runner.graph_module, grad_keys, runner, bool(user_caches))
 
 
 def _run_hooks(module: nn.Module, program: Program, args: tuple, kwargs: dict,
