@@ -102,11 +102,11 @@ def test_plainly_batchable_agrees_with_the_full_check(first, other, message):
     """The shortcut for tensor invokes with plain options accepts what the full check
     accepts, and leaves every refusal to it."""
     if message is None:
-        assert inputs._plainly_batchable(first, other)
+        assert inputs.plainly_batchable(first, other)
         inputs._batched(first, other, 1, None)
         inputs.check_batchable(first, other, 1, None)
     else:
-        assert not inputs._plainly_batchable(first, other)
+        assert not inputs.plainly_batchable(first, other)
         with pytest.raises(TraceError, match=message):
             inputs.check_batchable(first, other, 1, None)
 
@@ -300,3 +300,30 @@ def test_the_plain_batch_size_agrees_with_the_full_checks(shapes, keywords):
     size = inputs.plain_batch_size(module, args, kwargs)
     if size is not None:
         assert size == expected
+
+
+@torch.no_grad()
+def test_remembered_runs_keep_nothing_the_runner_cache_lets_go():
+    """A remembered run holds its runner weakly: once the runner cache drops it (here:
+    all of the model's runners), the next trace looks it up again, and the old runner and
+    its graph are freed."""
+    import gc
+    import weakref
+
+    from fxsight.run import executable
+
+    model = _gpt2()
+    wrapped = fxsight.NNsight(model)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    vec = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    _steer_traced(wrapped, ids, vec)
+    (remembered,) = wrapped._last_run.values()
+    runner = weakref.ref(remembered.runner())
+    executable.forget(model)
+    gc.collect()
+    assert runner() is None and remembered.runner() is None
+    before = fxsight.stats()["runner_hits"]
+    assert _equal(_steer_traced(wrapped, ids, vec), _steer_by_hand(model, ids, vec))
+    assert fxsight.stats()["runner_hits"] == before  # (looked up and built again)
+    assert _equal(_steer_traced(wrapped, ids, vec), _steer_by_hand(model, ids, vec))
+    assert fxsight.stats()["runner_hits"] == before + 1

@@ -191,7 +191,7 @@ def check_keywords(module: torch.nn.Module, args: tuple, kwargs: dict, where: st
     signature.accepted.add(layout)
 
 
-_PLAIN_KEYWORDS = frozenset({bool, int, float, str, type(None)})
+_PLAIN_OPTIONS = frozenset({bool, int, float, str, type(None)})  # (``use_cache=False``)
 
 
 def plain_batch_size(module: torch.nn.Module, args: tuple, kwargs: dict) -> int | None:
@@ -211,7 +211,7 @@ def plain_batch_size(module: torch.nn.Module, args: tuple, kwargs: dict) -> int 
         elif value.shape[0] != size:
             return None
     for value in kwargs.values():
-        if type(value) not in _PLAIN_KEYWORDS:
+        if type(value) not in _PLAIN_OPTIONS:
             return None
     signature = forward_signature(module)
     if signature is not None and (len(args), tuple(kwargs)) not in signature.accepted:
@@ -271,14 +271,11 @@ def check_batchable(first: tuple[tuple, dict, int], other: tuple[tuple, dict, in
                     index: int, line: Any) -> None:
     """Raise unless invoke ``index``'s prepared inputs can share a batch with invoke #0's
     (see the module docstring for the rule)."""
-    if not _plainly_batchable(first, other):
+    if not plainly_batchable(first, other):
         _batched(first, other, index, line)
 
 
-_PLAIN_OPTIONS = frozenset({bool, int, float, str, type(None)})
-
-
-def _plainly_batchable(first: tuple[tuple, dict, int], other: tuple[tuple, dict, int]) -> bool:
+def plainly_batchable(first: tuple[tuple, dict, int], other: tuple[tuple, dict, int]) -> bool:
     """The common case of :func:`_batched` that passes, checked without naming leaves:
     positional tensors of one row per example, of one dtype and the same other dimensions,
     and the same keywords with equal plain values (``use_cache=False``). ``False``: the

@@ -12,7 +12,7 @@ from ..run.options import CompileOptions, RunOptions
 from .edit import EditTracer, export, seed
 from .envoy import Envoy, renames
 from .inputs import (batch, batch_size, check_batchable, check_keywords, describe,
-                     expand_mapping, named_inputs, plain_batch_size)
+                     expand_mapping, named_inputs, plain_batch_size, plainly_batchable)
 from .session import Session
 from .tracer import ScanTracer, Tracer
 
@@ -181,16 +181,18 @@ class NNsight(Envoy):
         against ``forward``, batch sizes against each other and against invoke #0's
         inputs (see :mod:`fxsight.api.inputs`)."""
         module = self._module
-        size = plain_batch_size(module, args, kwargs)
-        if size is not None and (invoke is None or not invoke.tracer.invokes):
-            return args, kwargs, size  # (the common case, which the checks below pass)
-        where, line = describe(invoke), user_line()
-        args, kwargs = expand_mapping(module, args, kwargs, where, line)
-        check_keywords(module, args, kwargs, where, line)
-        size = batch_size(named_inputs(module, args, kwargs), bool(args), where, line)
+        size = plain_batch_size(module, args, kwargs)  # (the common case, in one pass)
+        line = None
+        if size is None:
+            where, line = describe(invoke), user_line()
+            args, kwargs = expand_mapping(module, args, kwargs, where, line)
+            check_keywords(module, args, kwargs, where, line)
+            size = batch_size(named_inputs(module, args, kwargs), bool(args), where, line)
         prepared = (args, kwargs, size)
         if invoke is not None and invoke.tracer.invokes:
-            check_batchable(invoke.tracer.invokes[0].prepared, prepared, invoke.index, line)
+            first = invoke.tracer.invokes[0].prepared
+            if not plainly_batchable(first, prepared):
+                check_batchable(first, prepared, invoke.index, line or user_line())
         return prepared
 
     def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:

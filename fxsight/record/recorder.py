@@ -84,7 +84,8 @@ class Recorder:
             if live is not None:  # (used in a later trace: recorded there)
                 return live.create_op(op, target, args, kwargs, lenient)
             return execute(op, target, *self.settle((tuple(args), kwargs)))
-        self.check_open((args, kwargs))
+        if not self.open or self.host not in active_tracers():
+            self.check_open((args, kwargs))
         node = self.program.op(op, target, self.to_arg(tuple(args)),
                                self.to_arg(kwargs) if kwargs else {}, self.scope,
                                user_line(), lenient)

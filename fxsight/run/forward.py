@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -141,7 +142,9 @@ class LastRun:
     without the capture and runner lookups, which would find it. Only plain runs are
     remembered: no gradients, no ``stop()``, no operation sites, no cache objects among
     the inputs. A wrapper keeps :data:`MAX_LAST_RUNS`, by options, number of nodes and
-    number of saves (a patching loop alternates a clean and a patched Program)."""
+    number of saves (a patching loop alternates a clean and a patched Program). The runner
+    is held weakly: it lives in the runner cache, whose bounds and releases (a capture
+    let go, parameters replaced) apply as they are."""
 
     __slots__ = ("options", "parts", "saves", "rows", "signature", "runner", "keep_output")
 
@@ -152,7 +155,7 @@ class LastRun:
         self.saves = list(map(_index, program.saves))
         self.rows = dict(rows)
         self.signature = signature
-        self.runner = runner
+        self.runner = weakref.ref(runner)
         self.keep_output = keep_output
 
     def rerun(self, module: nn.Module, program: Program, args: tuple, kwargs: dict,
@@ -165,9 +168,11 @@ class LastRun:
         flat = flat_inputs(args, kwargs)
         if signature(module, args, kwargs, flat) != self.signature:
             return None
+        runner = self.runner()
+        if runner is None:  # (no longer cached)
+            return None
         if program.input_values:
             _check_inputs(program)
-        runner = self.runner
         output, saves = runner(flat[0] + program.input_values, ())
         bump("runner_hits")
         return Outcome("fx", output, self.keep_output, dict(zip(program.saves, saves)),
