@@ -34,7 +34,6 @@ class Kind(enum.Enum):
 
 
 INPUT_PART = Kind.INPUT.value  # an input's part of the structure key starts with it
-_KIND_TAGS = {kind: kind.value for kind in Kind}  # (``kind.value`` runs Python code)
 
 
 def READ(*_):  # noqa: N802 - sentinel target, never called
@@ -182,8 +181,9 @@ class Program:
             target_key = target
         except TypeError:
             target_key = id(target)
-        # (plain strings and tuples only: hashed and compared in C at every lookup)
-        key = (_KIND_TAGS[kind], op, target_key,
+        # (plain strings and tuples only: hashed and compared in C at every lookup;
+        # ``_value_``, not ``value``: the property runs Python code)
+        key = (kind._value_, op, target_key,
                _structure(args, inputs) if args else None,
                _structure(kwargs, inputs) if kwargs else None,
                (site.path, site.kind, site.call) if site is not None else None, accessor,
@@ -378,6 +378,7 @@ def _value_key(value: Any) -> Any:
 
 
 _PLAIN_KINDS = frozenset({int, str, type(None), type(Ellipsis)})  # keyed by value
+_WHOLE_SLICE = ("slice", None, None, None)  # ``:``'s key (as _structure makes it)
 
 
 def _structure(value: Any, inputs: list[Node]) -> Any:
@@ -388,9 +389,21 @@ def _structure(value: Any, inputs: list[Node]) -> Any:
         return ("node", value.index)
     if kind in _PLAIN_KINDS:
         return value
-    if kind is tuple or kind is list:  # (plain items inline: no call each)
-        return (kind.__name__, tuple([v if type(v) in _PLAIN_KINDS else _structure(v, inputs)
-                                      for v in value]))
+    if kind is tuple or kind is list:  # (plain items, nodes and `:` inline: no call each)
+        items = []
+        for item in value:
+            item_kind = type(item)
+            if item_kind in _PLAIN_KINDS:
+                items.append(item)
+            elif item_kind is Node:
+                inputs.append(item)
+                items.append(("node", item.index))
+            elif item_kind is slice and item.start is None and item.stop is None and \
+                    item.step is None:
+                items.append(_WHOLE_SLICE)
+            else:
+                items.append(_structure(item, inputs))
+        return (kind.__name__, tuple(items))
     if kind is slice:
         start, stop, step = value.start, value.stop, value.step
         if type(start) in _PLAIN_KINDS and type(stop) in _PLAIN_KINDS and \

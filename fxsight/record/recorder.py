@@ -208,8 +208,18 @@ class Recorder:
             return value._node
         if isinstance(value, torch.Tensor):
             return self.program.input(value, user_line())
-        if kind is tuple:
-            return tuple([self.to_arg(v) for v in value])
+        if kind is tuple:  # (``x[:, 3]``'s key: the common items without a call each)
+            items = []
+            for item in value:
+                item_kind = type(item)
+                if item_kind in _PLAIN_ARGS or (item_kind is slice and item.start is None
+                                                and item.stop is None and item.step is None):
+                    items.append(item)
+                elif item_kind is Proxy and item._recorder is self:
+                    items.append(item._node)
+                else:
+                    items.append(self.to_arg(item))
+            return tuple(items)
         if kind is slice:
             if value.start is None and value.stop is None and value.step is None:
                 return value  # `:`
