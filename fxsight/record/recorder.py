@@ -120,11 +120,8 @@ class Recorder:
         if proxy._recorder is not self or not self.open:
             raise TraceError(at_line(".save() can only be called inside the trace that "
                                      f"created the value{from_where(proxy)}", user_line()))
-        node = proxy._node
-        saves = self.program.saves
-        if node not in saves:  # (Program.save, inline: once per saved value)
-            saves.append(node)
-        self.saved[id(proxy)] = (proxy, node)
+        self.program.save(proxy._node)
+        self.saved[id(proxy)] = (proxy, proxy._node)
         return proxy
 
     # --- questions about recorded values -------------------------------------------------

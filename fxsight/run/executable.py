@@ -106,6 +106,17 @@ def _single_output(plan: Any) -> Any:
     return plan
 
 
+def _outputs_getter(builders: list) -> Callable | None:
+    """Where every save is one graph output (an index): ``outputs -> (the saves)`` in
+    one C call; else ``None``."""
+    if not builders or any(type(b) is not int for b in builders):
+        return None
+    if len(builders) == 1:
+        index = builders[0]
+        return lambda outputs: (outputs[index],)
+    return operator.itemgetter(*builders)
+
+
 class Executable:
     """A spliced GraphModule and the function that runs it (eager, or compiled lazily)."""
 
@@ -116,12 +127,7 @@ class Executable:
         self.failure: str | None = None
         # a save that is one graph output is read by index (no pytree rebuild per trace)
         self.save_builders = [_single_output(plan) for plan in spliced.saves]
-        # where every save is one graph output: all of them in one C call
-        indices = self.save_builders
-        self.save_getter = None if not indices or \
-            any(type(i) is not int for i in indices) else \
-            operator.itemgetter(*indices) if len(indices) > 1 else \
-            (lambda outputs, i=indices[0]: (outputs[i],))
+        self.save_getter = _outputs_getter(self.save_builders)
         # the model's output, where it needs no cache objects (see _plain_builder)
         self.output_builder = None if spliced.cache_outputs else \
             _plain_builder(spliced.model_output)

@@ -8,7 +8,6 @@ back to hooks is made in one place, :func:`fall_back`, for traces and generation
 
 from __future__ import annotations
 
-import operator
 import warnings
 import weakref
 from typing import Any
@@ -137,7 +136,7 @@ def metadata_source(module: nn.Module, args: tuple, kwargs: dict,
 
 class LastRun:
     """What chose the runner of one of a wrapper's latest fx traces, and that runner: a
-    trace with the same options (the same object), Program structure, rows and signature
+    trace with the same options (the same object), structure key, rows and signature
     (inputs, grad mode and the model's state token, unique to the model) runs it again
     without the capture and runner lookups, which would find it. Only plain runs are
     remembered: no gradients, no ``stop()``, no operation sites, no cache objects among
@@ -146,13 +145,12 @@ class LastRun:
     is held weakly: it lives in the runner cache, whose bounds and releases (a capture
     let go, parameters replaced) apply as they are."""
 
-    __slots__ = ("options", "parts", "saves", "rows", "signature", "runner", "keep_output")
+    __slots__ = ("options", "structure", "rows", "signature", "runner", "keep_output")
 
     def __init__(self, options: RunOptions, program: Program, rows: dict, signature: tuple,
                  runner: Any, keep_output: bool):
         self.options = options
-        self.parts = list(program._parts)
-        self.saves = list(map(_index, program.saves))
+        self.structure = program.structure_key()
         self.rows = dict(rows)
         self.signature = signature
         self.runner = weakref.ref(runner)
@@ -162,8 +160,8 @@ class LastRun:
               rows: dict, options: RunOptions) -> Outcome | None:
         """The Outcome of running the remembered runner, or ``None`` where the trace
         differs from the remembered one (nothing has run)."""
-        if options is not self.options or program._parts != self.parts or \
-                list(map(_index, program.saves)) != self.saves or rows != self.rows:
+        if options is not self.options or rows != self.rows or \
+                program.structure_key() != self.structure:
             return None
         flat = flat_inputs(args, kwargs)
         if signature(module, args, kwargs, flat) != self.signature:
@@ -179,7 +177,6 @@ class LastRun:
                        runner.graph_module)
 
 
-_index = operator.attrgetter("index")
 MAX_LAST_RUNS = 8  # runs remembered per wrapper (by options, number of nodes and saves)
 
 
