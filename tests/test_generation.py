@@ -489,3 +489,76 @@ def test_later_steps_outputs_are_what_the_constructor_makes():
         assert got.logits is logits and got["cache"] is cache and got.to_tuple()[0] is logits
     without = make(torch.zeros(1, 1, 5), None)  # (another layout: the constructor's)
     assert list(without.keys()) == ["logits"] and without.cache is None
+
+
+def test_remembered_decoding_steps_follow_the_model_and_the_values(tokenizer, monkeypatch):
+    """A decoding step of a later generation reruns the runner an earlier one chose for
+    the same template, inputs and model state; new values, a changed model and a released
+    runner each get what a fresh choice gets (every step's logits checked against
+    hand-written hooks)."""
+    import copy
+    import gc
+
+    from fxsight.generate import decoding
+    from fxsight.run import executable
+
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    chosen = []
+    choose = decoding.GraphSteps._choose
+    monkeypatch.setattr(decoding.GraphSteps, "_choose",
+                        lambda self, *args: chosen.append(args[-1]) or choose(self, *args))
+
+    def steered(steer, prompt):
+        chosen.clear()
+        with lm.generate(prompt, max_new_tokens=5, do_sample=False) as tracer:
+            with tracer.all():
+                lm.transformer.h[1].output[:, -1] += steer
+                logits = lm.lm_head.output.save()
+            tokens = lm.generator.output.save()
+        assert tracer.backend == "fx"
+        return tokens, torch.cat(logits, dim=1)
+
+    def reference(steer, prompt):
+        twin = copy.deepcopy(model)
+        logits = []
+        handle = twin.lm_head.register_forward_hook(lambda m, a, out: logits.append(out))
+        tokens = _reference(twin, tokenizer, [prompt], "transformer.h.1", steer,
+                            max_new_tokens=5)
+        handle.remove()
+        return tokens, torch.cat(logits, dim=1)
+
+    def check(steer, prompt=PROMPTS[0]):
+        (tokens, logits), (want_tokens, want_logits) = steered(steer, prompt), \
+            reference(steer, prompt)
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-6)
+        return logits
+
+    first, second = _steer_vector(seed=0), _steer_vector(seed=1)
+    before = check(first)
+    check(second)  # new values, the same runners
+    assert chosen == [False], "only the first step (its state check) chooses again"
+    check(first, PROMPTS[1])
+    assert chosen == [False, True, True, True, True], "new lengths: new choices"
+    with lm.generate(PROMPTS[0], max_new_tokens=5, do_sample=False) as tracer:
+        with tracer.all():  # another Program on the same inputs: its own runners
+            logits = lm.lm_head.output.save()
+    want = reference(torch.zeros_like(first), PROMPTS[0])[1]
+    torch.testing.assert_close(torch.cat(logits, dim=1), want, rtol=0, atol=1e-6)
+
+    # the model's state changed, its tensors kept (so are the captures and runners of
+    # the old state): a submodule without tensors replaced
+    model.transformer.h[0].mlp.act = torch.nn.ReLU()
+    assert not torch.allclose(check(first), before), "the change should change logits"
+    assert len(chosen) == 5, "a new state: every step chooses again"
+    with torch.no_grad():  # a parameter replaced (the old state's captures let go)
+        attention = model.transformer.h[0].attn.c_attn
+        attention.weight = torch.nn.Parameter(attention.weight * 1.5)
+    check(first)
+    assert len(chosen) == 5
+
+    executable.forget(decoding.decoding_step(model))  # the runners let go
+    gc.collect()
+    check(second)
+    assert len(chosen) == 5, "released runners are chosen again"

@@ -40,14 +40,15 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..capture.captures import cached_capture, flat_inputs
+from ..capture.captures import cached_capture, flat_inputs, signature
 from ..capture.state import current_watch
 from ..capture.export import CaptureError
 from ..errors import NotOnGraph, TraceError, at_line
 from ..record.program import Kind, Node, Program
-from ..run.executable import runner_for
+from ..run.executable import Key, rows_key, runner_for
 from ..run.options import RunOptions
 from ..splice.rows import Rows
+from ..stats import bump
 
 # what generate may pass to the model's forward beyond what DecodingStep takes, and the
 # values that change nothing here
@@ -167,6 +168,12 @@ _STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, DecodingStep]" = \
 _STEPS_GUARD = threading.Lock()
 
 
+# DecodingStep -> the runners its decoding steps ran, by what chose them (see
+# GraphSteps._remembered); kept apart from the step (a Module: its state is watched)
+_CHOSEN: "weakref.WeakKeyDictionary[DecodingStep, OrderedDict]" = weakref.WeakKeyDictionary()
+MAX_CHOSEN = 512  # runners remembered per model (a step per entry: 16 generations of 32)
+
+
 def decoding_step(model: torch.nn.Module) -> DecodingStep:
     """The (one, cached) DecodingStep of ``model``: its captures are cached with it."""
     step = _STEPS.get(model)
@@ -206,6 +213,13 @@ class GraphSteps:
         # share one Program: step -> its class, class -> (Program, saved positions)
         self._classes = _step_classes(self._by_step, self._saved_or_needed)
         self._templates: dict[Any, tuple[Program, list[tuple[Node, int]]]] = {}
+        # template Program -> what identifies its runners across generations (its
+        # structure, rows, options and operations), hashed once
+        self._template_keys: dict[int, Key] = {}
+        chosen = _CHOSEN.get(self.wrapper)
+        if chosen is None:
+            chosen = _CHOSEN[self.wrapper] = OrderedDict()
+        self._chosen = chosen
         # the pytree layout of DecodingStep's inputs, per shape of their structure (see
         # _flat): found by flattening once, then the leaves are listed directly
         self._layouts: dict[tuple, Any] = {}
@@ -285,6 +299,48 @@ class GraphSteps:
         wrapper = self.wrapper
         flat = self._flat(inputs)
         token = self.token
+        runner, remember = self._remembered(program, inputs, flat, token, decoding)
+        if runner is None:
+            runner = self._choose(program, inputs, flat, token, decoding)
+            if remember is not None:
+                chosen = self._chosen
+                if len(chosen) >= MAX_CHOSEN:
+                    chosen.popitem(last=False)  # (the oldest)
+                chosen[remember] = weakref.ref(runner)
+        output, saves = runner(flat[0] + program.input_values)
+        self.graph_module = runner.graph_module
+        for node, value in zip(program.saves, saves):
+            parent = origin[node]
+            if parent.steps is None or parent in self._needed_later:
+                self.persistent[parent] = value
+            if parent.steps is not None:
+                self.collected[parent].append(value)
+        return output
+
+    def _remembered(self, program: Program, inputs: dict, flat: tuple, token: int | None,
+                    decoding: bool) -> tuple[Any, Any]:
+        """``(the runner a step with this template Program and these inputs ran in an
+        earlier generation, or None; the key to remember the runner chosen now under, or
+        None)``. Only where the model's state token is known for the whole generation
+        (:func:`unchanged_between_steps`): it is part of the key, with the inputs'
+        signature, the template's structure, rows and options, and whether the step is a
+        decoding one. A runner chosen by those is the one :meth:`_choose` would find
+        again (the capture and runner caches are keyed by them); it is held weakly, so
+        their bounds and releases apply as they are."""
+        template = self._template_keys.get(id(program))
+        if token is None or template is None:
+            return None, None
+        key = (template, signature(self.wrapper, (), inputs, flat, token), decoding)
+        ref = self._chosen.get(key)
+        runner = ref() if ref is not None else None
+        if runner is not None:
+            bump("runner_hits")
+        return runner, key
+
+    def _choose(self, program: Program, inputs: dict, flat: tuple, token: int | None,
+                decoding: bool) -> Any:
+        """The capture of this step's inputs and the runner of ``program`` over it."""
+        wrapper = self.wrapper
         with wrapper.attached():
             try:
                 captured = cached_capture(wrapper, (), inputs, flat=flat, events_on=self.model,
@@ -304,15 +360,7 @@ class GraphSteps:
                                     self.options.compile)
             except (CaptureError, NotOnGraph) as error:
                 raise Unsupported(str(error)) from error
-        output, saves = runner(flat[0] + program.input_values)
-        self.graph_module = runner.graph_module
-        for node, value in zip(program.saves, saves):
-            parent = origin[node]
-            if parent.steps is None or parent in self._needed_later:
-                self.persistent[parent] = value
-            if parent.steps is not None:
-                self.collected[parent].append(value)
-        return output
+        return runner
 
     def _flat(self, inputs: dict) -> tuple[list[Any], Any]:
         """``flat_inputs((), inputs)`` for DecodingStep's inputs: its pytree flattening is
@@ -429,6 +477,9 @@ class GraphSteps:
                 saved.append((copy, i))
         if key is not None:
             self._templates[key] = (program, saved)
+            self._template_keys[id(program)] = Key((
+                program.structure_key(), rows_key(self.rows), self.options,
+                self.operations))
         return program, origin
 
     # --- results ---------------------------------------------------------------------------
