@@ -17,7 +17,17 @@ import torch
 
 from .record.proxy import Proxy
 
-_LOCALS_TO_FAST = getattr(ctypes.pythonapi, "PyFrame_LocalsToFast", None)
+def _locals_to_fast() -> Callable[[types.FrameType, int], None] | None:
+    """CPython's ``PyFrame_LocalsToFast`` (writes a frame's ``f_locals`` back into its
+    variables; before 3.13), as a function object of fxsight's own with its argument
+    types declared (``ctypes.pythonapi``'s shared one is left as it is)."""
+    if sys.version_info >= (3, 13) or not hasattr(ctypes.pythonapi, "PyFrame_LocalsToFast"):
+        return None
+    prototype = ctypes.PYFUNCTYPE(None, ctypes.py_object, ctypes.c_int)
+    return prototype(("PyFrame_LocalsToFast", ctypes.pythonapi))
+
+
+_LOCALS_TO_FAST = _locals_to_fast()
 _DEPTH = 4  # how deep into containers and objects the walk goes
 _ATOMS = (str, bytes, int, float, bool, type(None), torch.Tensor, torch.nn.Module, type,
           types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
@@ -96,13 +106,21 @@ def bind_frame(frame: types.FrameType | None, resolve: Resolve, saved: int) -> N
     walk = _Walk(resolve)
     changed = False
     for name, value in list(namespace.items()):
-        new = walk.bound(value, _DEPTH)
-        if new is not value:
-            namespace[name] = new
-            changed = True
-    if changed and namespace is not frame.f_globals and _LOCALS_TO_FAST is not None \
-            and sys.version_info < (3, 13):
-        _LOCALS_TO_FAST(ctypes.py_object(frame), ctypes.c_int(0))
+        kind = type(value)
+        if kind is Proxy:  # (the common cases without a call: a saved name, a leaf)
+            ok, new = resolve(value)
+            if not ok:
+                continue
+        elif kind in _LEAF_TYPES:
+            continue
+        else:
+            new = walk.bound(value, _DEPTH)
+            if new is value:
+                continue
+        namespace[name] = new
+        changed = True
+    if changed and namespace is not frame.f_globals and _LOCALS_TO_FAST is not None:
+        _LOCALS_TO_FAST(frame, 0)
 
 
 def bind_objects(objects: list, resolve: Resolve) -> None:

@@ -252,9 +252,11 @@ class GraphSteps:
                  position_ids: torch.Tensor | None = None, cache: Any = None,
                  past_key_values: Any = None, use_cache: bool | None = None,
                  logits_to_keep: int = 0, **rest: Any) -> CausalLMOutputWithPast:
-        unknown = {k for k, v in rest.items() if k not in _HARMLESS or v not in _HARMLESS[k]}
-        if unknown:
-            raise Unsupported(f"generate passed {sorted(unknown)} to the model")
+        if rest:
+            unknown = {k for k, v in rest.items()
+                       if k not in _HARMLESS or v not in _HARMLESS[k]}
+            if unknown:
+                raise Unsupported(f"generate passed {sorted(unknown)} to the model")
         cache = cache if cache is not None else past_key_values
         use_cache = bool(use_cache) and cache is not None
         keys, values = self._cache_tensors(cache) if use_cache else ([], [])
@@ -282,17 +284,28 @@ class GraphSteps:
 
     def _cache_tensors(self, cache: Any) -> tuple[list, list]:
         layers = getattr(cache, "layers", ())
-        if not isinstance(cache, DynamicCache) or \
-                any(type(layer) is not DynamicLayer for layer in layers):
-            kinds = ", ".join(sorted({type(layer).__name__ for layer in layers}))
-            raise Unsupported(f"the KV cache is a {type(cache).__name__}" +
-                              (f" of {kinds}" if kinds else ""))
-        if not cache.layers or not cache.layers[0].is_initialized:
-            return [], []
+        keys: list = []
+        values: list = []
         # contiguous: the first step leaves views (its keys are transposed projections),
         # later steps concatenations; one layout keeps one compiled decoding step
-        return ([layer.keys.contiguous() for layer in cache.layers],
-                [layer.values.contiguous() for layer in cache.layers])
+        # (one loop: this runs at every step)
+        for layer in layers if isinstance(cache, DynamicCache) else ():
+            if type(layer) is not DynamicLayer:
+                break
+            if layer.is_initialized:
+                keys.append(layer.keys.contiguous())
+                values.append(layer.values.contiguous())
+        else:
+            if isinstance(cache, DynamicCache):
+                if len(keys) == len(layers):
+                    return keys, values
+                if not keys:  # (the first step, nothing cached yet)
+                    return [], []
+                raise Unsupported("the KV cache has layers that hold nothing yet beside "
+                                  "layers that do")
+        kinds = ", ".join(sorted({type(layer).__name__ for layer in layers}))
+        raise Unsupported(f"the KV cache is a {type(cache).__name__}" +
+                          (f" of {kinds}" if kinds else ""))
 
     def _run(self, program: Program, origin: dict[Node, Node], inputs: dict,
              decoding: bool) -> tuple[torch.Tensor, list, list]:
