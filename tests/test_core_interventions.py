@@ -693,19 +693,21 @@ def test_saving_twice_and_aliases():
     _assert_same(a, model.layer1(x))
 
 
-def test_saved_temporaries_are_kept_alive_while_the_trace_lives():
-    """Saved proxies are found again by id: a temporary one that died could hand its id
-    to another proxy, which would then be re-bound to the wrong value."""
-    import gc
-    import weakref
+def test_a_dead_saved_proxy_hands_its_id_to_no_other_value():
+    """Saved proxies are held weakly and found again by identity: where a temporary saved
+    proxy dies and its id goes to another proxy, that one is not bound to its value (the
+    id reuse is made certain here by filing the dead proxy's entry under the new id)."""
     net = NNsight(mlp())
-    with net.trace(_x()) as tracer:
-        ref = weakref.ref(net.layer1.output.save())
-        gc.collect()
-        assert ref() is not None
-        unsaved = net.layer2.output
-    assert isinstance(unsaved, Proxy)
-    del tracer
+    with net.trace(_x()):
+        temporary = net.layer1.output.save()
+        saved = temporary._recorder.saved
+        entry = saved.pop(id(temporary))
+        other = net.layer2.output
+        saved[id(other)] = entry  # (as if ``other`` had been given the dead one's id)
+        del temporary
+        kept = net.layer2.output.save()
+    assert isinstance(other, Proxy), "an unsaved proxy must not be bound to a value"
+    assert isinstance(kept, torch.Tensor)
 
 
 def test_binding_of_a_closure_variable():

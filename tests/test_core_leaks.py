@@ -251,3 +251,78 @@ def test_compiled_structures_leave_the_callers_context_variables_as_they_were():
         compiled_trace(column)
     assert fxsight.stats()["compilations"] - start == 3
     assert set(dict(contextvars.copy_context())) == set(before)
+
+
+def _fxsight_objects(objects: list) -> list:
+    """The objects among ``objects`` that fxsight made (its classes' instances, its
+    functions and the cells of its closures are named by their module)."""
+    def made(obj):
+        module = getattr(obj, "__module__", None) if callable(obj) and \
+            not isinstance(obj, type) else type(obj).__module__
+        return isinstance(module, str) and module.startswith("fxsight")
+    return [obj for obj in objects if made(obj)]
+
+
+def _garbage_after(run) -> list:
+    """The fxsight objects that only the garbage collector would free after ``run()``."""
+    while gc.collect():  # (what earlier collections released: weak caches' values)
+        pass
+    gc.disable()
+    try:
+        run()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        return _fxsight_objects(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_finished_trace_is_freed_without_the_garbage_collector(backend):
+    """Once a trace has run, nothing it made refers back to it (no reference cycle): the
+    tracer, its Program, its proxies and invokes and the values it kept go as soon as the
+    caller lets go of them, not at the next collection (activations held until then would
+    raise peak memory on a GPU)."""
+    import weakref
+
+    net, x = NNsight(mlp()), torch.randn(4, 5)
+    refs = []
+
+    def run():
+        with net.trace(backend=backend) as tracer:
+            barrier = tracer.barrier(2)
+            with tracer.invoke(x[:2]):
+                h = net.layer1.output.save()
+                barrier()
+            with tracer.invoke(x[2:]):
+                barrier()
+                net.layer1.output[:] = h
+                out = net.output.save()
+        refs.extend([weakref.ref(tracer), weakref.ref(h), weakref.ref(out),
+                     weakref.ref(tracer.program)])
+
+    run()  # (the first trace captures)
+    refs.clear()
+    assert _garbage_after(run) == []
+    assert len(refs) == 4 and all(ref() is None for ref in refs), "freed when run() returned"
+
+
+def test_a_finished_generation_leaves_nothing_for_the_garbage_collector():
+    from fxsight import LanguageModel
+    from models import tiny_gpt2, train_tokenizer
+
+    tokenizer = train_tokenizer()
+    lm = LanguageModel(tiny_gpt2(vocab_size=len(tokenizer)), tokenizer=tokenizer)
+    steer = torch.randn(64)
+
+    def run():
+        with lm.generate("Hello there", max_new_tokens=4, do_sample=False) as tracer:
+            for _ in tracer.iter[0:4]:
+                lm.transformer.h[1].output[:, -1] += steer
+            tokens = lm.generator.output.save()
+        assert tracer.backend == "fx" and tokens.shape[1] > 4
+
+    run()  # (the first generation captures)
+    assert _garbage_after(run) == []

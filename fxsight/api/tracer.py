@@ -184,12 +184,21 @@ class Tracer:
         try:
             with model_lock(self.model._module):  # one trace of a model runs at a time
                 self._execute()
-            self.recorder.done = True
+            self.recorder.finish(self._results)
         finally:
             self._state = "done"
         bind_frame(frame, self._resolve, len(self.recorder.saved))
         if kept:
             bind_objects(kept, self._resolve)
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """After the run: nothing this trace made refers back to it any more (its invokes
+        and barriers did), so that the trace, its Program and the values it kept are
+        freed when the caller lets go of them, not at the next garbage collection."""
+        for invoke in self.invokes:
+            invoke.tracer = None
+        self._barriers = []
 
     def keep(self, value: Any) -> None:
         """``fxsight.save(obj)``: traced values put into ``obj`` are saved at the end."""
@@ -202,7 +211,7 @@ class Tracer:
         recorder = self.recorder
 
         def save(proxy: Proxy) -> tuple[bool, Any]:
-            if proxy._recorder is recorder and id(proxy) not in recorder.saved:
+            if proxy._recorder is recorder and not recorder.is_saved(proxy):
                 recorder.save(proxy)
             return False, None
 
@@ -507,10 +516,7 @@ class Tracer:
 
     # --- results -------------------------------------------------------------------------
     def _resolve(self, proxy: Proxy) -> tuple[bool, Any]:
-        saved = self.recorder.saved.get(id(proxy))
-        if saved is None or saved[0] is not proxy or saved[1] not in self._results:
-            return False, None
-        return True, self._results[saved[1]]
+        return self.recorder.resolve(proxy)
 
 
 class ScanTracer(Tracer):

@@ -71,21 +71,9 @@ def unchanged_between_steps(model: torch.nn.Module, generate_kwargs: dict) -> bo
     logits processor, a stopping criterion, an assistant model), and the model's class
     overrides none of ``GenerationMixin``'s methods. Then nothing can change the model
     between steps (but another thread of the caller's, as in a plain generate)."""
-    from transformers import GenerationConfig
     from transformers.generation.utils import GenerationMixin
 
-    def plain(value: Any) -> bool:
-        if value is None or type(value) in (bool, int, float, str, torch.dtype,
-                                            torch.device, GenerationConfig) or \
-                isinstance(value, torch.Tensor):
-            return True
-        if type(value) in (list, tuple):
-            return all(map(plain, value))
-        if type(value) is dict:
-            return all(map(plain, value.values()))
-        return False
-
-    if not all(map(plain, generate_kwargs.values())):
+    if not all(map(_plain_argument, generate_kwargs.values())):
         return False
     methods = {name: method for name, method in vars(GenerationMixin).items()
                if callable(method) or isinstance(method, (staticmethod, classmethod))}
@@ -98,6 +86,21 @@ def unchanged_between_steps(model: torch.nn.Module, generate_kwargs: dict) -> bo
         if any(attributes[name] is not methods[name]
                for name in methods.keys() & attributes.keys()):
             return False
+    return False
+
+
+def _plain_argument(value: Any) -> bool:
+    """A value of ``generate``'s arguments that runs no code of the caller's: a plain
+    value, a tensor, a ``GenerationConfig``, or a list, tuple or dict of those."""
+    from transformers import GenerationConfig
+
+    if value is None or type(value) in (bool, int, float, str, torch.dtype, torch.device,
+                                        GenerationConfig) or isinstance(value, torch.Tensor):
+        return True
+    if type(value) in (list, tuple):
+        return all(map(_plain_argument, value))
+    if type(value) is dict:
+        return all(map(_plain_argument, value.values()))
     return False
 
 
@@ -588,43 +591,47 @@ def _alike(a: list[Node], b: list[Node], wanted: set[Node]) -> bool:
     (an input, a value of another step) is the same node."""
     if len(a) != len(b):
         return False
-    where_a = {node: i for i, node in enumerate(a)}
-    where_b = {node: i for i, node in enumerate(b)}
-
-    def same(u: Any, v: Any) -> bool:
-        kind = type(u)
-        if kind is Node:
-            if type(v) is not Node:
-                return False
-            i, j = where_a.get(u), where_b.get(v)
-            return i == j if i is not None or j is not None else u is v
-        if kind is not type(v):
-            return False
-        if kind is tuple or kind is list:
-            if len(u) != len(v):
-                return False
-            # (an item that is the same object compares equal, unless it holds step nodes)
-            return all(same(p, q) for p, q in zip(u, v)
-                       if p is not q or type(p) is Node or type(p) in _CONTAINERS)
-        if kind is dict:
-            return list(u) == list(v) and all(map(same, u.values(), v.values()))
-        if kind is slice:
-            return same(u.start, v.start) and same(u.stop, v.stop) and same(u.step, v.step)
-        if kind is float:  # (0.0 and -0.0 are equal, and different constants)
-            return u == v and math.copysign(1.0, u) == math.copysign(1.0, v)
-        if kind in _BY_VALUE:
-            return u == v
-        return u is v
-
+    where = ({node: i for i, node in enumerate(a)}, {node: i for i, node in enumerate(b)})
     for x, y in zip(a, b):
         if x.kind is not y.kind or x.op != y.op or x.target is not y.target or \
                 x.site != y.site or x.accessor != y.accessor or x.invoke != y.invoke or \
                 x.skip != y.skip or x.mutation != y.mutation or x.lenient != y.lenient or \
                 x.input_index != y.input_index or (x in wanted) != (y in wanted) or \
                 x.line != y.line or \
-                not same(x.args, y.args) or not same(x.kwargs, y.kwargs):
+                not _same(x.args, y.args, where) or not _same(x.kwargs, y.kwargs, where):
             return False
     return True
+
+
+def _same(u: Any, v: Any, where: tuple[dict, dict]) -> bool:
+    """Whether arguments ``u`` (of a node of step a) and ``v`` (of step b) are alike:
+    ``where`` maps each step's nodes to their positions. (A module-level function: a
+    nested recursive one would be a reference cycle, freed only by the collector.)"""
+    kind = type(u)
+    if kind is Node:
+        if type(v) is not Node:
+            return False
+        i, j = where[0].get(u), where[1].get(v)
+        return i == j if i is not None or j is not None else u is v
+    if kind is not type(v):
+        return False
+    if kind is tuple or kind is list:
+        if len(u) != len(v):
+            return False
+        # (an item that is the same object compares equal, unless it holds step nodes)
+        return all(_same(p, q, where) for p, q in zip(u, v)
+                   if p is not q or type(p) is Node or type(p) in _CONTAINERS)
+    if kind is dict:
+        return list(u) == list(v) and all(_same(p, q, where)
+                                          for p, q in zip(u.values(), v.values()))
+    if kind is slice:
+        return _same(u.start, v.start, where) and _same(u.stop, v.stop, where) and \
+            _same(u.step, v.step, where)
+    if kind is float:  # (0.0 and -0.0 are equal, and different constants)
+        return u == v and math.copysign(1.0, u) == math.copysign(1.0, v)
+    if kind in _BY_VALUE:
+        return u == v
+    return u is v
 
 
 _CONTAINERS = frozenset({tuple, list, dict, slice})

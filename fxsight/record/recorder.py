@@ -9,6 +9,7 @@ positions) go to the recorder's :class:`Host`, the trace that owns it.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Protocol
 
 import torch
@@ -51,8 +52,15 @@ class Recorder:
         self.done = False  # whether the trace has run: saved proxies stand for their values
         # ``what -> why``: kinds of node this trace cannot run (gradients in generate)
         self.refused: dict[str, str] = {}
-        # saved proxies (kept alive, so their ids stay theirs) and their nodes at save time
-        self.saved: dict[int, tuple[Proxy, Node]] = {}
+        # saved proxies (held weakly: a proxy refers to its recorder; an entry counts only
+        # for the very proxy it was made for, so a reused id never matches) and their
+        # nodes at save time
+        self.saved: dict[int, tuple[weakref.ref, Node]] = {}
+        # once the trace has run (:meth:`finish`): the saved nodes' values, and the host
+        # held weakly (nothing of a finished trace refers back to it: its objects are freed
+        # as soon as the caller lets go of them, with no cycle left for the collector)
+        self._values: dict[Node, Any] | None = None
+        self._host_ref: Any = None
         # the paths of the operation sites read or written (``envoy.source``): what the
         # capture must mark inside forwards
         self.operations: set[str] = set()
@@ -101,7 +109,7 @@ class Recorder:
     def create_grad(self, proxy: Proxy) -> Proxy:
         """``proxy.grad``."""
         if self.done:  # after the trace: the saved value's own gradient
-            return self.host.value_of(proxy).grad
+            return self._value_of(proxy).grad
         self._check_allowed("grad")
         self.check_open()
         target = self.to_arg(proxy)
@@ -121,21 +129,53 @@ class Recorder:
             raise TraceError(at_line(".save() can only be called inside the trace that "
                                      f"created the value{from_where(proxy)}", user_line()))
         self.program.save(proxy._node)
-        self.saved[id(proxy)] = (proxy, proxy._node)
+        self.saved[id(proxy)] = (weakref.ref(proxy), proxy._node)
         return proxy
+
+    def is_saved(self, proxy: Proxy) -> bool:
+        """Whether ``proxy`` (this very object) was saved."""
+        entry = self.saved.get(id(proxy))
+        return entry is not None and entry[0]() is proxy
+
+    def finish(self, values: dict[Node, Any]) -> None:
+        """The trace has run: ``values`` holds the saved nodes' values. From now on saved
+        proxies stand for them, and the host is held weakly."""
+        self._values = values
+        self.done = True
+        self._host_ref = weakref.ref(self.host)
+        self.host = None
+
+    def resolve(self, proxy: Proxy) -> tuple[bool, Any]:
+        """``(True, value)`` for a saved proxy of this finished trace, else ``(False,
+        None)``."""
+        entry = self.saved.get(id(proxy))
+        values = self._values
+        if entry is None or values is None or entry[0]() is not proxy or \
+                entry[1] not in values:
+            return False, None
+        return True, values[entry[1]]
+
+    def _value_of(self, proxy: Proxy) -> Any:
+        if self._values is None:  # (not run yet: the host says why)
+            return self.host.value_of(proxy)
+        ok, value = self.resolve(proxy)
+        if not ok:
+            raise TraceError(at_line("this value was not saved: call .save() on it inside "
+                                     "the trace", user_line()))
+        return value
 
     # --- questions about recorded values -------------------------------------------------
     def meta(self, proxy: Proxy, what: str) -> Any:
         """``proxy``'s meta value, for ``.shape``, ``.dtype``, ``len()``, iteration (after
         the trace, its real value)."""
         if self.done:
-            return self.host.value_of(proxy)
+            return self._value_of(proxy)
         self.check_open()
         return self.host.meta_of(proxy._node, what)
 
     def device(self, proxy: Proxy) -> torch.device:
         if self.done:
-            return self.host.value_of(proxy).device
+            return self._value_of(proxy).device
         self.check_open()
         return self.host.device_of(proxy._node)
 
@@ -145,12 +185,12 @@ class Recorder:
         if isinstance(value, Proxy):
             if value._recorder is not self:
                 return value._recorder.settle(value)
-            if id(value) not in self.saved:
+            if not self.is_saved(value):
                 raise TraceError(at_line(
                     f"this trace has ended and this value{from_where(value)} was not saved: "
                     f"call .save() on it inside the `with ... trace(...)` block",
                     user_line()))
-            return self.host.value_of(value)
+            return self._value_of(value)
         if type(value) in (tuple, list):
             return type(value)(self.settle(v) for v in value)
         if isinstance(value, dict):
@@ -161,10 +201,14 @@ class Recorder:
         return value
 
     def value(self, proxy: Proxy) -> Any:
-        return self.host.value_of(proxy)
+        return self._value_of(proxy)
 
     def token_indexer(self, proxy: Proxy) -> Any:
-        return self.host.token_indexer(proxy)
+        host = self.host if self._host_ref is None else self._host_ref()
+        if host is None:
+            raise TraceError(at_line("`.token` needs its trace, which is gone: index the "
+                                     "saved value itself", user_line()))
+        return host.token_indexer(proxy)
 
     # --- helpers ---------------------------------------------------------------------------
     def check_open(self, used: Any = None) -> None:
@@ -196,7 +240,7 @@ class Recorder:
             return value
         if kind is Proxy:
             if value._recorder is not self and value._recorder.done and \
-                    id(value) in value._recorder.saved:
+                    value._recorder.is_saved(value):
                 return self.to_arg(value._recorder.settle(value))  # an earlier trace's value
             if value._recorder is not self:
                 raise TraceError(at_line(

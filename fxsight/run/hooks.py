@@ -97,6 +97,8 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
             output = model(*args, **kwargs)
     except _StopForward:
         output = None
+    finally:
+        events = None  # (on_event's cell: the events and their callback form no cycle)
     if grad_keys is not None:
         grad_keys.update(walker.grad_keys)
     missing = [n for n in program.nodes
