@@ -287,28 +287,21 @@ class GraphSteps:
 
     def _cache_tensors(self, cache: Any) -> tuple[list, list]:
         layers = getattr(cache, "layers", ())
-        keys: list = []
-        values: list = []
+        if not isinstance(cache, DynamicCache) or \
+                any(type(layer) is not DynamicLayer for layer in layers):
+            kinds = ", ".join(sorted({type(layer).__name__ for layer in layers}))
+            raise Unsupported(f"the KV cache is a {type(cache).__name__}" +
+                              (f" of {kinds}" if kinds else ""))
+        filled = [layer for layer in layers if layer.is_initialized]
+        if not filled:  # (the first step, nothing cached yet)
+            return [], []
+        if len(filled) != len(layers):
+            raise Unsupported("the KV cache has layers that hold nothing yet beside "
+                              "layers that do")
         # contiguous: the first step leaves views (its keys are transposed projections),
         # later steps concatenations; one layout keeps one compiled decoding step
-        # (one loop: this runs at every step)
-        for layer in layers if isinstance(cache, DynamicCache) else ():
-            if type(layer) is not DynamicLayer:
-                break
-            if layer.is_initialized:
-                keys.append(layer.keys.contiguous())
-                values.append(layer.values.contiguous())
-        else:
-            if isinstance(cache, DynamicCache):
-                if len(keys) == len(layers):
-                    return keys, values
-                if not keys:  # (the first step, nothing cached yet)
-                    return [], []
-                raise Unsupported("the KV cache has layers that hold nothing yet beside "
-                                  "layers that do")
-        kinds = ", ".join(sorted({type(layer).__name__ for layer in layers}))
-        raise Unsupported(f"the KV cache is a {type(cache).__name__}" +
-                          (f" of {kinds}" if kinds else ""))
+        return ([layer.keys.contiguous() for layer in filled],
+                [layer.values.contiguous() for layer in filled])
 
     def _run(self, program: Program, origin: dict[Node, Node], inputs: dict,
              decoding: bool) -> tuple[torch.Tensor, list, list]:
