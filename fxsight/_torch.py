@@ -26,7 +26,9 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
            "global_forward_hooks", "global_hook_keys", "generated_source_keys", "TreeSpec", "uncompiled", "plain_pickling",
            "generated_source_key", "forget_generated_source", "tensor_version",
-           "forward_hook_dicts", "default_store", "dict_version_reader"]
+           "forward_hook_dicts", "default_store", "dict_version_reader",
+           "is_operator", "ambient_state_plain", "global_state_guard", "tensor_guards",
+           "inductor_compile"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -205,3 +207,59 @@ def dict_version_reader() -> Callable[[dict], int] | None:
             reader = None
         _DICT_VERSION.append(reader)
     return _DICT_VERSION[0]
+
+
+# --- compiling a graph with inductor without dynamo (run.direct) ----------------------------
+def is_operator(target: Any) -> bool:
+    """Whether a graph node's target is an operator overload or overload packet
+    (``torch._ops``; checked 2.13)."""
+    return isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+
+
+def ambient_state_plain() -> bool:
+    """No torch function mode, saved-tensor hooks or default device is active: dynamo
+    guards on each (its ``TORCH_FUNCTION_MODE_STACK``, ``top_saved_tensors_hooks`` and
+    ``DEFAULT_DEVICE`` guards; the same private reads, checked 2.13)."""
+    return (torch._C._len_torch_function_stack() == 0
+            and torch._C._autograd._top_saved_tensors_default_hooks(True) is None
+            and torch.utils._device.CURRENT_DEVICE is None)
+
+
+def global_state_guard() -> Any:
+    """Dynamo's C++ check of the global state (grad mode, autocast, deterministic
+    algorithms, ...) as it is now: ``.check()`` tells whether it is still so
+    (``torch._C._dynamo.guards.GlobalStateGuard``; checked 2.13)."""
+    return torch._C._dynamo.guards.GlobalStateGuard()
+
+
+def tensor_guards(tensors: list[torch.Tensor], sizes: list[list], strides: list[list]) -> Any:
+    """Dynamo's C++ check of tensors' type, dispatch keys, dtype, device,
+    ``requires_grad`` and the sizes and strides given (``None``: any), as the tensors are
+    now: ``.check(*tensors)`` (``torch._C._dynamo.guards.TensorGuards``; checked 2.13)."""
+    return torch._C._dynamo.guards.TensorGuards(*tensors, dynamic_dims_sizes=sizes,
+                                                dynamic_dims_strides=strides)
+
+
+def inductor_compile(owned: fx.GraphModule, flat: list[Any],
+                     dynamic: list[list[bool] | None],
+                     options: dict | None) -> tuple[Callable, Any, list]:
+    """``(inductor's compilation of owned, its ShapeEnv, the fake inputs)``: what dynamo's
+    inductor backend does with a graph (``compile_fx``, which may change the graph it is
+    given: ``owned`` is the caller's copy), on fake inputs of a private ``ShapeEnv`` (no
+    duck shaping) where the tensor inputs' dimensions flagged in ``dynamic`` are symbolic
+    and the others fixed. (``compile_fx``, ``TracingContext``, ``StatelessSymbolicContext``;
+    checked 2.13.)"""
+    from torch._inductor.compile_fx import compile_fx
+    from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
+                                                       StatelessSymbolicContext)
+    shape_env = ShapeEnv(duck_shape=False)
+    fake_mode = FakeTensorMode(shape_env=shape_env)
+    fakes = list(flat)
+    for i, flags in enumerate(dynamic):
+        if flags is not None:
+            kinds = [DimDynamic.DYNAMIC if flag else DimDynamic.STATIC for flag in flags]
+            fakes[i] = fake_mode.from_tensor(
+                flat[i], symbolic_context=StatelessSymbolicContext(dynamic_sizes=kinds))
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+        compiled = compile_fx(owned, fakes, config_patches=options)
+    return compiled, shape_env, fakes

@@ -562,3 +562,60 @@ def test_remembered_decoding_steps_follow_the_model_and_the_values(tokenizer, mo
     gc.collect()
     check(second)
     assert len(chosen) == 5, "released runners are chosen again"
+
+
+def test_steps_that_differ_in_a_constant_slice_or_an_earlier_value_run_their_own_programs(
+        models, tokenizer):
+    """Steps of a recorded step loop share one Program where their nodes are alike: a step
+    whose index, slice bounds or use of an earlier step's value differs must run as
+    recorded. Every step's logits against a forward hook doing the same by hand (no
+    ``tracer.all()`` line: its nodes make every step's Program its own)."""
+    model, _ = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    n = 6
+
+    def change(step, hidden, first):
+        hidden = hidden.clone()
+        lo = step % 2  # a slice's bounds: 0:8, 1:9, 0:8, ...
+        hidden[:, -1, lo:lo + 8] *= 2.0
+        hidden[:, -1, step // 2 % 2] += 1.0  # an index: 0, 0, 1, 1, 0, 0
+        if step >= 4:  # a value of the first step, from step 4 on
+            hidden[:, -1] += first
+        return hidden
+
+    every = []
+    with lm.generate(PROMPTS[0], max_new_tokens=n, min_new_tokens=n,
+                     do_sample=False) as tracer:
+        first = lm.transformer.h[0].output[:, -1].clone()
+        for step in tracer.iter[0:n]:
+            hidden = lm.transformer.h[0].output
+            lo = step % 2
+            hidden[:, -1, lo:lo + 8] *= 2.0
+            hidden[:, -1, step // 2 % 2] += 1.0
+            if step >= 4:
+                hidden[:, -1] += first
+            every.append(lm.lm_head.output[:, -1].save())
+    assert tracer.backend == "fx"
+    assert len(every) == n
+
+    seen, state = [], {"step": 0, "first": None}
+
+    def hook(module, args, output):
+        if state["first"] is None:
+            state["first"] = output[:, -1].clone()
+        out = change(state["step"], output, state["first"])
+        state["step"] += 1
+        return out
+
+    handles = [model.transformer.h[0].register_forward_hook(hook),
+               model.lm_head.register_forward_hook(
+                   lambda module, args, output: seen.append(output[:, -1].clone()))]
+    try:
+        model.generate(**tokenizer([PROMPTS[0]], return_tensors="pt"), do_sample=False,
+                       max_new_tokens=n, min_new_tokens=n)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(seen) == n
+    for got, want in zip(every, seen):
+        assert torch.equal(got, want)

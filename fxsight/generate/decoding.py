@@ -407,10 +407,11 @@ class GraphSteps:
                 by_step[0].append(node)
                 continue
             choice = steps.choice
-            if type(choice) is int:
-                chosen: Any = [choice]
-            elif type(choice) is list and all(type(c) is int for c in choice):
-                chosen = choice
+            if type(choice) is int:  # (one step of a step loop: the common case)
+                by_step[choice].append(node)  # (a negative one never runs)
+                continue
+            if type(choice) is list and all(type(c) is int for c in choice):
+                chosen: Any = choice
             elif type(choice) is slice and choice.stop is not None and \
                     (choice.stop - (choice.start or 0)) // (choice.step or 1) <= _EXPANDED:
                 chosen = range(choice.start or 0, choice.stop, choice.step or 1)
@@ -440,13 +441,19 @@ class GraphSteps:
         """Values other steps use: of the first step, and of one step of a ``for step in
         tracer.iter[...]`` loop used at another."""
         needed = set()
+        after = self.after
         for node in self.program.nodes:
-            if node.steps is not None or node in self.after:
-                needed.update(n for n in node.all_input_nodes
-                              if n.steps is None and n.kind is not Kind.INPUT)
-            needed.update(n for n in node.all_input_nodes
-                          if n.steps is not None and n.steps.single
-                          and not _same_step(n, node))
+            inputs = node.all_input_nodes
+            if not inputs:
+                continue
+            stepped = node.steps is not None or node in after
+            for n in inputs:
+                steps = n.steps
+                if steps is None:
+                    if stepped and n.kind is not Kind.INPUT:
+                        needed.add(n)
+                elif steps.single and not _same_step(n, node):
+                    needed.add(n)
         return needed
 
     def _program_for(self, step: int) -> tuple[Program, dict[Node, Node]]:
@@ -563,35 +570,39 @@ def _step_classes(by_step: dict[int, list[Node]], wanted: set[Node],
                   tried: int = 8) -> dict[int, int]:
     """step -> a class number, equal for steps whose nodes are :func:`_alike` (each step
     compared with the first step of up to ``tried`` classes)."""
-    firsts: list[list[Node]] = []
+    firsts: list[tuple[list[Node], dict[Node, int]]] = []
     classes = {}
     for step, nodes in by_step.items():
-        for number, first in enumerate(firsts):
-            if _alike(first, nodes, wanted):
+        where = {node: i for i, node in enumerate(nodes)}
+        for number, (first, first_where) in enumerate(firsts):
+            if _alike(first, nodes, wanted, (first_where, where)):
                 classes[step] = number
                 break
         else:
             if len(firsts) < tried:
                 classes[step] = len(firsts)
-                firsts.append(nodes)
+                firsts.append((nodes, where))
     return classes
 
 
-def _alike(a: list[Node], b: list[Node], wanted: set[Node]) -> bool:
-    """Whether the nodes ``a`` and ``b`` (each a step's, in order) make the same Program:
-    node by node the same kind, operation, target, site, flags and line, saved alike, and
-    arguments equal where nodes of the step stand at the same position and any other node
-    (an input, a value of another step) is the same node."""
+def _alike(a: list[Node], b: list[Node], wanted: set[Node],
+           where: tuple[dict[Node, int], dict[Node, int]]) -> bool:
+    """Whether the nodes ``a`` and ``b`` (each a step's, in order; ``where`` maps each
+    step's nodes to their positions) make the same Program: node by node the same kind,
+    operation, target, site, flags and line, saved alike, and arguments equal where nodes
+    of the step stand at the same position and any other node (an input, a value of
+    another step) is the same node."""
     if len(a) != len(b):
         return False
-    where = ({node: i for i, node in enumerate(a)}, {node: i for i, node in enumerate(b)})
     for x, y in zip(a, b):
         if x.kind is not y.kind or x.op != y.op or x.target is not y.target or \
-                x.site != y.site or x.accessor != y.accessor or x.invoke != y.invoke or \
+                (x.site is not y.site and x.site != y.site) or \
+                x.accessor != y.accessor or x.invoke != y.invoke or \
                 x.skip != y.skip or x.mutation != y.mutation or x.lenient != y.lenient or \
                 x.input_index != y.input_index or (x in wanted) != (y in wanted) or \
-                x.line != y.line or \
-                not _same(x.args, y.args, where) or not _same(x.kwargs, y.kwargs, where):
+                (x.line is not y.line and x.line != y.line) or \
+                not _same(x.args, y.args, where) or \
+                (x.kwargs or y.kwargs) and not _same(x.kwargs, y.kwargs, where):
             return False
     return True
 
@@ -601,19 +612,31 @@ def _same(u: Any, v: Any, where: tuple[dict, dict]) -> bool:
     ``where`` maps each step's nodes to their positions. (A module-level function: a
     nested recursive one would be a reference cycle, freed only by the collector.)"""
     kind = type(u)
-    if kind is Node:
-        if type(v) is not Node:
-            return False
-        i, j = where[0].get(u), where[1].get(v)
-        return i == j if i is not None or j is not None else u is v
     if kind is not type(v):
         return False
+    if kind is Node:
+        i, j = where[0].get(u), where[1].get(v)
+        return i == j if i is not None or j is not None else u is v
     if kind is tuple or kind is list:
         if len(u) != len(v):
             return False
-        # (an item that is the same object compares equal, unless it holds step nodes)
-        return all(_same(p, q, where) for p, q in zip(u, v)
-                   if p is not q or type(p) is Node or type(p) in _CONTAINERS)
+        for p, q in zip(u, v):  # (the common items compared here, without a call each)
+            item = type(p)
+            if item is not type(q):
+                return False
+            if item is Node:
+                i, j = where[0].get(p), where[1].get(q)
+                if (i != j) if i is not None or j is not None else p is not q:
+                    return False
+            elif item in _BY_VALUE:
+                if p != q:
+                    return False
+            elif item is slice and p.start is None and p.stop is None and p.step is None:
+                if q.start is not None or q.stop is not None or q.step is not None:
+                    return False
+            elif (p is not q or item in _CONTAINERS) and not _same(p, q, where):
+                return False
+        return True
     if kind is dict:
         return list(u) == list(v) and all(_same(p, q, where)
                                           for p, q in zip(u.values(), v.values()))

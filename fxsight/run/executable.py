@@ -34,6 +34,7 @@ from ..splice.splice import Spliced, splice
 from ..splice.walker import MetaWalker
 from .eager import fast_forward
 from .sources import release_source_when_collected
+from .direct import compile_direct, eligible
 from .options import CompileOptions
 from ..capture import caches
 from ..capture.captures import on_release
@@ -135,12 +136,21 @@ class Executable:
         release_source_when_collected(gm)  # (evicted, its source must not stay behind)
         self._eager = fast_forward(gm)
         self._fn: Callable = self._eager
+        # the graph compiled by inductor without dynamo where fxsight can check what
+        # dynamo's guards would (run.direct): made at the first call that allows it
+        self._direct: Any = None
+        self._direct_pending = False
         if compile_options is not None:
             dynamic = compile_options.dynamic
             if dynamic is None and dynamic_capture:
                 dynamic = True  # the graph is shape-generic: keep it so under dynamo
+            inductor_options = _with_eager_random(compile_options, gm)
+            self._direct_pending = not _draws_random(gm) and \
+                eligible(gm, compile_options.backend, compile_options.mode)
+            self._direct_dynamic = bool(dynamic)
+            self._direct_options = inductor_options
             backend = CountingBackend(compile_options.backend, compile_options.mode,
-                                      _with_eager_random(compile_options, gm), dynamic)
+                                      inductor_options, dynamic)
             # Compile the GraphModule's own forward (its code object is unique to it), so
             # dynamo's per-code cache and recompile limit are per rewritten graph.
             self._fn = torch.compile(gm.forward, backend=backend, dynamic=dynamic,
@@ -159,6 +169,12 @@ class Executable:
         fn = self._fn
         if fn is self._eager:
             return fn(*flat_inputs)
+        direct = self._direct
+        if direct is None and self._direct_pending:
+            direct = self._compile_direct(flat_inputs)
+        if direct is not None and direct.accepts(flat_inputs):
+            bump("direct_runs")
+            return direct(flat_inputs)
         try:
             # (in a copy of the caller's context: each config patch dynamo and inductor
             # enter while compiling leaves a context variable where it ran)
@@ -176,6 +192,32 @@ class Executable:
             return outputs
 
 
+    def _compile_direct(self, flat_inputs: list[Any]) -> Any:
+        """Compile without dynamo (:mod:`run.direct`) at the first call without gradients
+        or modes; once."""
+        if torch.is_grad_enabled():
+            return None  # (tried again at a call without gradients)
+        start = time.perf_counter()
+        # (in a copy of the caller's context: see __call__)
+        direct = contextvars.copy_context().run(
+            compile_direct, self.spliced.graph_module, flat_inputs, self._direct_dynamic,
+            self._direct_options)
+        self._direct_pending = False
+        self._direct = direct
+        if direct is not None:
+            bump("compilations")
+            bump("compile_ms", int(1000 * (time.perf_counter() - start)))
+        return direct
+
+
+def _draws_random(gm: torch.fx.GraphModule) -> bool:
+    """Whether the graph may draw random numbers (dropout in train mode; see the twins of
+    splice.splice)."""
+    return any(node.meta.get("fxsight_draw") or
+               node.meta.get("fxsight_random") in ("twinned", "kept")
+               for node in gm.graph.nodes)
+
+
 def _with_eager_random(options: CompileOptions, gm: torch.fx.GraphModule) -> dict | None:
     """The inductor options of a graph: where it draws random numbers (dropout in train
     mode), inductor's ``fallback_random`` unless the user chose: its random ops then draw
@@ -185,9 +227,7 @@ def _with_eager_random(options: CompileOptions, gm: torch.fx.GraphModule) -> dic
     inductor = options.inductor_options()
     if options.backend != "inductor" or (inductor and "fallback_random" in inductor):
         return inductor
-    if not any(node.meta.get("fxsight_draw") or
-               node.meta.get("fxsight_random") in ("twinned", "kept")
-               for node in gm.graph.nodes):
+    if not _draws_random(gm):
         return inductor
     return {**(inductor or {}), "fallback_random": True}
 

@@ -327,7 +327,12 @@ _SHAPE_BLIND_RANDOM = {
 def _draws(node: fx.Node) -> bool:
     """Whether a random node draws from a generator (dropout in eval mode does not)."""
     for index, name in _SHAPE_BLIND_RANDOM.get(node.target, ()):
-        value = node.args[index] if len(node.args) > index else node.kwargs.get(name)
+        if len(node.args) > index:
+            value = node.args[index]
+        elif name in node.kwargs:
+            value = node.kwargs[name]
+        else:  # (left out: the operator's default, scaled_dot_product_attention's 0.0)
+            value = node.target._schema.arguments[index].default_value
         if value is False or value == 0:
             return False
     return True

@@ -1,0 +1,94 @@
+"""Compiled graphs called without dynamo (``fxsight.run.direct``): a rewritten graph of torch
+operations is compiled by inductor directly and called after fxsight's own versions of
+dynamo's guards. Each call the direct compilation cannot vouch for (gradients on, a
+parameter or input of another layout, inputs sharing storage, a mode) goes through
+``torch.compile`` as before; every answer is checked against the eager fx backend. CPU
+compiles are slow: one tiny MLP, a handful of compilations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxsight
+from fxsight import NNsight
+from models import mlp
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def _direct_runs() -> int:
+    return fxsight.stats()["direct_runs"]
+
+
+def _steered(net, x, v, **options):
+    with net.trace(x, **options):
+        net.layer1.output[:, :3] += v
+        hidden = net.act2.output.save()
+        out = net.output.save()
+    return hidden, out
+
+
+@pytest.fixture
+def net():
+    return NNsight(mlp(seed=3))
+
+
+def _check(net, x, v, expect_direct: bool):
+    before = _direct_runs()
+    got = _steered(net, x, v, compile=True)
+    ran_direct = _direct_runs() > before
+    want = _steered(net, x, v, compile=False)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)
+    assert ran_direct == expect_direct
+
+
+def test_a_compiled_trace_without_gradients_runs_its_graph_directly(net):
+    x, v = torch.randn(4, 5), torch.randn(3)
+    with torch.no_grad():
+        fxsight.reset_stats()
+        _check(net, x, v, expect_direct=True)
+        _check(net, x * 2, v + 1, expect_direct=True)  # new values: the same compilation
+        assert fxsight.stats()["compilations"] == 1
+
+
+def test_calls_the_direct_compilation_cannot_vouch_for_go_through_torch_compile(net):
+    x, v = torch.randn(4, 5), torch.randn(3)
+    with torch.no_grad():
+        _check(net, x, v, expect_direct=True)
+        # an input of another layout (same shape): its strides are guarded
+        _check(net, torch.randn(5, 4).t(), v, expect_direct=False)
+        # a parameter given another layout in place (the model's state is the same)
+        weight = net._module.layer2.weight
+        weight.data = weight.data.t().contiguous().t()
+        _check(net, x, v, expect_direct=False)
+        weight.data = weight.data.contiguous()
+        _check(net, x, v, expect_direct=True)
+        # a parameter changed in place is read as it is now
+        weight.mul_(-1)
+        _check(net, x, v, expect_direct=True)
+    # gradients on (the compilation was made without them)
+    _check(net, x, v, expect_direct=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = _direct_runs()
+        _steered(net, x, v, compile=True)
+        assert _direct_runs() == before  # (another global state)
+
+
+def test_inputs_that_share_storage_are_not_run_directly(net):
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        _check(net, x, torch.randn(3), expect_direct=True)
+        both = torch.randn(6)
+        before = _direct_runs()
+        with net.trace(x, compile=True):  # two steering values, views of one tensor
+            net.layer1.output[:, :3] += both[:3]
+            net.layer1.output[:, 3:6] += both[3:]
+            out = net.output.save()
+        assert _direct_runs() == before
+        with net.trace(x, compile=False):
+            net.layer1.output[:, :3] += both[:3]
+            net.layer1.output[:, 3:6] += both[3:]
+            want = net.output.save()
+        torch.testing.assert_close(out, want, **TOL)
