@@ -11,7 +11,9 @@ Two caches, two levels:
 
 Compilation goes through :class:`CountingBackend`, a thin wrapper around the chosen
 ``torch.compile`` backend (inductor by default) that counts every graph dynamo hands
-over: ``fxsight.stats()["compilations"]`` counts compiles *and* recompiles.
+over: ``fxsight.stats()["compilations"]`` counts compiles *and* recompiles. A graph of
+torch operations run without gradients is first compiled by inductor directly and called
+without dynamo's per-call wrapper wherever fxsight's checks pass (:mod:`.direct`).
 """
 
 from __future__ import annotations
@@ -190,7 +192,6 @@ class Executable:
                           f"intervention structure runs eagerly (results are unchanged)",
                           RuntimeWarning, stacklevel=user_stacklevel())
             return outputs
-
 
     def _compile_direct(self, flat_inputs: list[Any]) -> Any:
         """Compile without dynamo (:mod:`run.direct`) at the first call without gradients
