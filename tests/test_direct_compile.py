@@ -92,3 +92,29 @@ def test_inputs_that_share_storage_are_not_run_directly(net):
             net.layer1.output[:, 3:6] += both[3:]
             want = net.output.save()
         torch.testing.assert_close(out, want, **TOL)
+
+
+def _patched(net, x, **options):
+    with net.trace(**options) as tracer:
+        barrier = tracer.barrier(2)
+        with tracer.invoke(x[:2]):
+            clean = net.layer1.output[:, 4]
+            barrier()
+        with tracer.invoke(x[2:]):
+            barrier()
+            net.layer1.output[:, 4] = clean
+            out = net.output.save()
+    return out
+
+
+def test_two_invoke_patching_runs_directly_with_its_rows_narrowed(net):
+    """Each invoke reads its rows of the batch (fxsight's row narrowing, written as a slice
+    for inductor) and the patch writes in place (fxsight's setitem, written as
+    ``operator.setitem``): the direct compilation gives the eager answer."""
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(4, 5)
+            before = _direct_runs()
+            got = _patched(net, x, compile=True)
+            assert _direct_runs() == before + 1
+            torch.testing.assert_close(got, _patched(net, x, compile=False), **TOL)

@@ -28,6 +28,7 @@ gradients enabled always take that path.
 from __future__ import annotations
 
 import copy
+import operator
 import types
 from typing import Any
 
@@ -35,6 +36,8 @@ import torch
 
 from .._torch import (ambient_state_plain, global_state_guard, inductor_compile,
                       is_operator, tensor_guards)
+from ..record.program import setitem
+from ..splice.rows import narrow_rows
 from ..stats import bump
 from .sources import release_source_when_collected
 
@@ -66,6 +69,46 @@ def eligible(gm: torch.fx.GraphModule, backend: Any, mode: Any) -> bool:
         if node.op != "call_function" or not _plain_target(node.target):
             return False
     return True
+
+
+def _with_operators(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """``graph`` (a copy) with fxsight's helpers written as Python's operators where their
+    meaning is fixed by the graph: AOTAutograd's disk cache refuses graphs that call
+    functions it does not know, and would trace such a graph again in every new process.
+
+    - ``setitem(t, key, v)`` (an in-place write that returns ``t``) becomes
+      ``operator.setitem(t, key, v)`` at the same place, its users reading ``t``: nodes run
+      in graph order, so they see the write as before;
+    - ``narrow_rows(t, start, stop, total)`` of a tensor whose first size is known becomes
+      ``t[start:stop]`` where that size is ``total`` (and ``t`` itself otherwise)."""
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is setitem and len(node.args) == 3 and not node.kwargs:
+            target = node.args[0]
+            with graph.inserting_before(node):
+                graph.call_function(operator.setitem, tuple(node.args))
+            node.replace_all_uses_with(target)
+            graph.erase_node(node)
+        elif node.target is narrow_rows and len(node.args) == 4 and not node.kwargs:
+            value, start, stop, total = node.args
+            meta = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
+            if not isinstance(meta, torch.Tensor) or not all(
+                    type(a) is int for a in (start, stop, total)):
+                continue
+            if meta.dim() == 0 or type(meta.shape[0]) is not int:
+                continue
+            if meta.shape[0] == total:
+                with graph.inserting_before(node):
+                    narrowed = graph.call_function(operator.getitem,
+                                                   (value, slice(start, stop)))
+                narrowed.meta.update(node.meta)
+                node.replace_all_uses_with(narrowed)
+            else:
+                node.replace_all_uses_with(value)
+            graph.erase_node(node)
+    graph.lint()
+    return graph
 
 
 def _distinct_storages(tensors: list[torch.Tensor]) -> bool:
@@ -103,7 +146,7 @@ class DirectCompiled:
         self.global_state = global_state_guard()
         # (compile_fx may change the graph it is given: a copy, sharing the tensors, whose
         # generated source goes when it does)
-        owned = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        owned = torch.fx.GraphModule(gm, _with_operators(copy.deepcopy(gm.graph)))
         release_source_when_collected(owned)
         self.compiled, self.shape_env, fakes = inductor_compile(owned, flat, dynamic_dims,
                                                                 options)
