@@ -211,9 +211,9 @@ def dict_version_reader() -> Callable[[dict], int] | None:
 
 # --- compiling a graph with inductor without dynamo (run.direct) ----------------------------
 def is_operator(target: Any) -> bool:
-    """Whether a graph node's target is an operator overload or overload packet
-    (``torch._ops``; checked 2.13)."""
-    return isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+    """Whether a graph node's target is an operator overload (:func:`is_op_overload`) or
+    an overload packet (``torch._ops``; checked 2.13)."""
+    return is_op_overload(target) or isinstance(target, torch._ops.OpOverloadPacket)
 
 
 def ambient_state_plain() -> bool:

@@ -4,8 +4,8 @@ dynamo's guards would.
 ``torch.compile(gm.forward)`` runs, at every call, dynamo's frame wrapper and its guards
 (over the inputs, the graph's parameters, the globals its code reads and the global state)
 before AOTAutograd's runtime wrappers. On a small model that is a third of a compiled call
-(~200 µs of a tiny GPT-2's decoding step on a 2-vCPU machine). A rewritten graph made of
-torch operations only needs none of dynamo's tracing: it is already the graph. So it is
+(~400 µs of a tiny GPT-2's 1,150 µs decoding step on a 2-vCPU machine). A rewritten graph
+made of torch operations only needs none of dynamo's tracing: it is already the graph. So it is
 handed to inductor directly (``compile_fx``, what dynamo's inductor backend calls), on fake
 inputs of a private ``ShapeEnv`` whose symbolic dimensions are the capture's, and called
 after the checks dynamo would make:
