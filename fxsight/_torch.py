@@ -242,13 +242,16 @@ def tensor_guards(tensors: list[torch.Tensor], sizes: list[list], strides: list[
 
 def inductor_compile(owned: fx.GraphModule, flat: list[Any],
                      dynamic: list[list[bool] | None],
-                     options: dict | None) -> tuple[Callable, Any, list]:
+                     options: dict | None,
+                     symbolic_ints: list[int] = ()) -> tuple[Callable, Any, list]:
     """``(inductor's compilation of owned, its ShapeEnv, the fake inputs)``: what dynamo's
     inductor backend does with a graph (``compile_fx``, which may change the graph it is
     given: ``owned`` is the caller's copy), on fake inputs of a private ``ShapeEnv`` (no
     duck shaping) where the tensor inputs' dimensions flagged in ``dynamic`` are symbolic
-    and the others fixed. (``compile_fx``, ``TracingContext``, ``StatelessSymbolicContext``;
-    checked 2.13.)"""
+    and the others fixed, and so are the integer inputs at ``symbolic_ints`` (of any sign,
+    0 and 1 included). (``compile_fx``, ``TracingContext``, ``StatelessSymbolicContext``,
+    ``ShapeEnv.create_symbol``; checked 2.13.)"""
+    from torch._dynamo.source import ConstantSource
     from torch._inductor.compile_fx import compile_fx
     from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
                                                        StatelessSymbolicContext)
@@ -260,6 +263,11 @@ def inductor_compile(owned: fx.GraphModule, flat: list[Any],
             kinds = [DimDynamic.DYNAMIC if flag else DimDynamic.STATIC for flag in flags]
             fakes[i] = fake_mode.from_tensor(
                 flat[i], symbolic_context=StatelessSymbolicContext(dynamic_sizes=kinds))
+    for i in symbolic_ints:
+        source = ConstantSource(f"fxsight_index_{i}")
+        symbol = shape_env.create_symbol(flat[i], source, dynamic_dim=DimDynamic.DYNAMIC,
+                                         positive=None, do_not_specialize_zero_one=True)
+        fakes[i] = shape_env.create_symintnode(symbol, hint=flat[i], source=source)
     with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
         compiled = compile_fx(owned, fakes, config_patches=options)
     return compiled, shape_env, fakes

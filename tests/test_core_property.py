@@ -1,5 +1,5 @@
 """Core engine, property test: random intervention programs (module choice, reads, writes,
-arithmetic, slices, in-place edits, steering tensors) over the MLP, a tiny GPT-2 and a
+arithmetic, slices, integer indices, in-place edits, steering tensors) over the MLP, a tiny GPT-2 and a
 tiny Llama give
 identical tensors on the fx backend, the hooks backend and hand-written forward hooks.
 
@@ -74,7 +74,8 @@ def steps_strategy(n_sites: int):
         st.builds(Step, st.sampled_from(["save_scaled", "scale", "add", "iadd",
                                          "add_usable_mean", "steer"]), site, c=const,
                   a=idx),
-        st.builds(Step, st.sampled_from(["setslice", "imulslice"]), site, idx, idx, const),
+        st.builds(Step, st.sampled_from(["setslice", "imulslice", "save_row", "setcol",
+                                         "imulcol"]), site, idx, idx, const),
     )
     # sites in the order they run (stable: steps at one site keep their order)
     return st.lists(step, min_size=1, max_size=7).map(
@@ -122,6 +123,14 @@ def apply_step(step: Step, width: int, get, set_, saved: list, usable: list,
         get()[..., lo:hi] = c
     elif kind == "imulslice":
         get()[..., lo:hi] *= c
+    # integer indices (inputs of the spliced graph: fxsight.splice.indices); every site
+    # has at least two rows and two entries along dimension 1
+    elif kind == "save_row":
+        saved.append(get()[step.a % 2] * 1)
+    elif kind == "setcol":
+        get()[:, step.a % 2] = c
+    elif kind == "imulcol":
+        get()[:, -1 - step.b % 2] *= c
     else:  # pragma: no cover
         raise AssertionError(kind)
 

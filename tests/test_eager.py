@@ -26,7 +26,7 @@ def test_fast_forward_rebinds_every_aten_call_and_gives_the_same_values():
     assert code.co_filename.startswith("<fxsight rewritten forward")
     # no call in the rewritten code goes through torch.ops any more
     assert "ops" not in code.co_names and "ops" in graph_module.forward.__code__.co_names
-    inputs = [ids, False, steer]
+    inputs = [ids, False, steer, -1, -1]  # (the model's, the Program's, `-1` twice)
     expected = graph_module.forward(*inputs)
     got = fast(*inputs)
     assert all(torch.equal(a, b) for a, b in zip(expected, got))

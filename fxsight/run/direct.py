@@ -17,7 +17,9 @@ after the checks dynamo would make:
   parameter whose ``.data`` was replaced by one of another layout is seen);
 - the inputs' sizes, strides and storage offsets against the compilation's shape guards
   (its ShapeEnv's, with what inductor added), once per new layout of the inputs;
-- no two tensor inputs sharing storage; the non-tensor inputs' values.
+- no two tensor inputs sharing storage; the non-tensor inputs' values, but for the
+  integers of tensor keys (``splice.indices``): those are symbolic, and their values are
+  checked by the shape guards (once per new layout and values).
 
 A check that fails sends the call down the ``torch.compile`` path, as before (dynamo's own
 guards decide there). Graphs with anything else in them (a user's function through
@@ -37,6 +39,7 @@ import torch
 from .._torch import (ambient_state_plain, global_state_guard, inductor_compile,
                       is_operator, tensor_guards)
 from ..record.program import setitem
+from ..splice.indices import select_at, setitem_at
 from ..splice.rows import narrow_rows
 from ..stats import bump
 from .sources import release_source_when_collected
@@ -80,11 +83,16 @@ def _with_operators(graph: torch.fx.Graph) -> torch.fx.Graph:
       ``operator.setitem(t, key, v)`` at the same place, its users reading ``t``: nodes run
       in graph order, so they see the write as before;
     - ``narrow_rows(t, start, stop, total)`` of a tensor whose first size is known becomes
-      ``t[start:stop]`` where that size is ``total`` (and ``t`` itself otherwise)."""
+      ``t[start:stop]`` where that size is ``total`` (and ``t`` itself otherwise);
+    - ``select_at`` and ``setitem_at`` (integers of tensor keys as inputs) become their
+      ``torch.select`` calls, the latter then ``operator.setitem(view, ..., v)``, its
+      users reading ``t``."""
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target is setitem and len(node.args) == 3 and not node.kwargs:
+        if node.target is select_at or node.target is setitem_at:
+            _expand_selection(graph, node)
+        elif node.target is setitem and len(node.args) == 3 and not node.kwargs:
             target = node.args[0]
             with graph.inserting_before(node):
                 graph.call_function(operator.setitem, tuple(node.args))
@@ -111,6 +119,23 @@ def _with_operators(graph: torch.fx.Graph) -> torch.fx.Graph:
     return graph
 
 
+def _expand_selection(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """``select_at``/``setitem_at`` as the torch operations they run (see _with_operators)."""
+    if node.target is select_at:
+        value, dims, *indices = node.args
+    else:
+        value, dims, item, *indices = node.args
+    target = value
+    with graph.inserting_before(node):
+        for dim, index in zip(dims, indices):
+            value = graph.call_function(torch.select, (value, dim, index))
+        if node.target is setitem_at:
+            graph.call_function(operator.setitem, (value, Ellipsis, item))
+            value = target
+    node.replace_all_uses_with(value)
+    graph.erase_node(node)
+
+
 def _distinct_storages(tensors: list[torch.Tensor]) -> bool:
     return len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
 
@@ -123,7 +148,7 @@ class DirectCompiled:
     """One inductor compilation of a rewritten graph and the checks before each call."""
 
     def __init__(self, gm: torch.fx.GraphModule, flat: list[Any], dynamic: bool,
-                 options: dict | None):
+                 options: dict | None, index_inputs: int = 0):
         placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
         if len(placeholders) != len(flat):
             raise ValueError("the inputs do not match the graph's placeholders")
@@ -131,7 +156,12 @@ class DirectCompiled:
         tensors = [flat[i] for i in self.positions]
         if not _distinct_storages(tensors):
             raise ValueError("two inputs share storage")
-        self.values = [(i, v) for i, v in enumerate(flat) if not isinstance(v, torch.Tensor)]
+        # the integers of tensor keys (the last inputs): symbolic, guarded by value
+        self.indices = list(range(len(flat) - index_inputs, len(flat)))
+        if any(type(flat[i]) is not int for i in self.indices):
+            raise ValueError("an index input is not an integer")
+        self.values = [(i, v) for i, v in enumerate(flat)
+                       if not isinstance(v, torch.Tensor) and i not in self.indices]
         # what the compiled code reads besides its inputs (the very tensors: in-place
         # changes are seen; a new layout is refused by the tensor guards)
         self.held = [t for _, t in gm.named_parameters(remove_duplicate=False)] + \
@@ -149,9 +179,9 @@ class DirectCompiled:
         owned = torch.fx.GraphModule(gm, _with_operators(copy.deepcopy(gm.graph)))
         release_source_when_collected(owned)
         self.compiled, self.shape_env, fakes = inductor_compile(owned, flat, dynamic_dims,
-                                                                options)
+                                                                options, self.indices)
         self.shape_code = self.shape_env.produce_guards_expression(
-            [fakes[i] for i in self.positions], ignore_static=False)
+            [fakes[i] for i in (*self.positions, *self.indices)], ignore_static=False)
         # dtype, device, requires_grad and dispatch keys of the inputs (their sizes and
         # strides: the shape guards); everything of the held tensors
         self.tensor_guards = tensor_guards(
@@ -171,10 +201,14 @@ class DirectCompiled:
         if not self.tensor_guards.check(*tensors, *self.held) or \
                 not _distinct_storages(tensors):
             return False
+        indices = [flat[i] for i in self.indices]
+        if any(type(v) is not int for v in indices):
+            return False
         if self.shape_code is not None:
-            layout = _layout(tensors)
+            layout = (_layout(tensors), *indices)
             if layout not in self._layouts:
-                if not self.shape_env.evaluate_guards_expression(self.shape_code, tensors):
+                if not self.shape_env.evaluate_guards_expression(self.shape_code,
+                                                                 [*tensors, *indices]):
                     return False
                 if len(self._layouts) >= MAX_LAYOUTS:
                     self._layouts.clear()
@@ -186,13 +220,14 @@ class DirectCompiled:
 
 
 def compile_direct(gm: torch.fx.GraphModule, flat: list[Any], dynamic: bool,
-                   options: dict | None) -> DirectCompiled | None:
+                   options: dict | None, index_inputs: int = 0) -> DirectCompiled | None:
     """A :class:`DirectCompiled` of ``gm`` for inputs like ``flat``, or ``None`` where one
-    cannot be made here (the torch.compile path then runs, and reports its own errors)."""
+    cannot be made here (the torch.compile path then runs, and reports its own errors).
+    ``index_inputs``: how many of the last inputs are integers of tensor keys."""
     if torch.is_grad_enabled() or not ambient_state_plain():
         return None
     try:
-        return DirectCompiled(gm, flat, dynamic, options)
+        return DirectCompiled(gm, flat, dynamic, options, index_inputs)
     except Exception:  # noqa: BLE001 - any failure: the torch.compile path decides
         bump("direct_compile_failures")
         return None

@@ -32,6 +32,7 @@ from ..stats import bump
 from ..errors import user_stacklevel
 from .._torch import compile_backend, without_duck_shaping
 from ..record.program import INPUT_PART, Program
+from ..splice.indices import blind, index_values, tensor_indices
 from ..splice.splice import Spliced, splice
 from ..splice.walker import MetaWalker
 from .eager import fast_forward
@@ -202,7 +203,7 @@ class Executable:
         # (in a copy of the caller's context: see __call__)
         direct = contextvars.copy_context().run(
             compile_direct, self.spliced.graph_module, flat_inputs, self._direct_dynamic,
-            self._direct_options)
+            self._direct_options, self.spliced.index_inputs)
         self._direct_pending = False
         self._direct = direct
         if direct is not None:
@@ -236,9 +237,12 @@ def _with_eager_random(options: CompileOptions, gm: torch.fx.GraphModule) -> dic
 class Runner:
     """Executes one validated rewritten forward pass."""
 
-    def __init__(self, executable: Executable):
+    def __init__(self, executable: Executable, index_values: list[int] = ()):
         self.executable = executable
         self.captured: Any = None  # the capture this runner was validated against
+        # the integers of tensor keys its Program has, inputs of the shared graph
+        # (splice.indices); they were validated with the Program
+        self.index_values = list(index_values)
 
     @property
     def spliced(self) -> Spliced:
@@ -257,6 +261,8 @@ class Runner:
         """Run; ``user_caches``: the cache objects among the model's inputs, updated in
         place as the model's forward pass updates them."""
         executable = self.executable
+        if self.index_values:
+            flat_inputs = [*flat_inputs, *self.index_values]
         outputs = executable(flat_inputs)
         spliced = executable.spliced
         if executable.output_builder is not None:  # (no cache objects to rebuild)
@@ -426,11 +432,17 @@ def build_runner(model: torch.nn.Module, captured: Any, program: Program, rows: 
                  structure: tuple, update_caches: bool = True) -> Runner:
     """Validate ``program`` for these exact inputs and find (or splice, and compile) its
     executable."""
-    MetaWalker(program, rows, captured).run()
+    walker = MetaWalker(program, rows, captured)
+    walker.run()
+    # integers indexing tensors are inputs of the graph: a loop over positions splices
+    # (and compiles) once, each position validated here for its own runner
+    lifted = tensor_indices(program, walker.values)
     dynamic = bool(getattr(captured, "dynamic", False))
-    key = (captured.graph_module, shape_blind(structure), rows_key(rows, exact=False),
-           keep_output, compile_options, update_caches)
+    key = (captured.graph_module, shape_blind(blind(structure, lifted)),
+           rows_key(rows, exact=False), keep_output, compile_options, update_caches,
+           tuple(lifted.items()))
     executable = cached_executable(model, key, lambda: Executable(
-        splice(captured, program, rows, keep_output, update_caches=update_caches),
+        splice(captured, program, rows, keep_output, update_caches=update_caches,
+               indices=lifted),
         compile_options, dynamic))
-    return Runner(executable)
+    return Runner(executable, index_values(program, lifted))

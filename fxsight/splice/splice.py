@@ -20,6 +20,7 @@ from ..stats import bump
 from ..capture.caches import CacheRef
 from ..capture.export import BOUNDARY, Captured
 from ..record.program import Kind, Program
+from .indices import Lifted, as_selection, count
 from .rows import Rows, conform_to
 from ..record.sites import OUTPUT, Site
 from .walker import BEFORE_ALL, Walker
@@ -45,7 +46,8 @@ class OutputPlan:
 
 @dataclass
 class Spliced:
-    """A rewritten forward pass: ``graph_module(*model_inputs, *program_inputs)``."""
+    """A rewritten forward pass: ``graph_module(*model_inputs, *program_inputs,
+    *index_inputs)`` (the last: the integers of tensor keys, see :mod:`.indices`)."""
 
     graph_module: fx.GraphModule
     model_output: OutputPlan | None
@@ -56,18 +58,23 @@ class Spliced:
     cache_outputs: dict[int, list[int]] = field(default_factory=dict)
     cache_skeletons: list = field(default_factory=list)
     input_caches: int = 0
+    index_inputs: int = 0  # the last placeholders: integers of tensor keys (.indices)
 
 
 class _SpliceWalker(Walker):
     def __init__(self, program: Program, rows: dict[Any, Rows], captured: Captured,
-                 graph: fx.Graph, node_map: dict[fx.Node, fx.Node], inputs: list[fx.Node]):
+                 graph: fx.Graph, node_map: dict[fx.Node, fx.Node], inputs: list[fx.Node],
+                 indices: Lifted, index_inputs: dict[int, list[fx.Node]]):
         super().__init__(program, rows, captured.index)
         self.captured = captured
         self.graph = graph
         self.node_map = node_map
         self.inputs = inputs
-        self.anchors: dict[int, fx.Node] = {BEFORE_ALL: inputs[-1] if inputs else
-                                            captured_anchor(graph)}
+        self.indices = indices  # (see .indices: integers of tensor keys as inputs)
+        self.index_inputs = index_inputs
+        placeholders = [*inputs, *(p for made in index_inputs.values() for p in made)]
+        self.anchors: dict[int, fx.Node] = {BEFORE_ALL: placeholders[-1] if placeholders
+                                            else captured_anchor(graph)}
         self.inserted: set[fx.Node] = set()
 
     def site_value(self, site: Site) -> Any:
@@ -110,6 +117,9 @@ class _SpliceWalker(Walker):
     def call(self, node, op, target, args, kwargs, position):
         if op == "call_function" and _static(target, args):
             return target(*args, **kwargs)
+        if node is not None and node.index in self.indices:
+            target, args = as_selection(target, args, self.indices[node.index],
+                                        self.index_inputs[node.index])
         with self.graph.inserting_after(self._anchor(position)):
             new = self.graph.create_node(op, target, args, kwargs,
                                          name=node.name if node is not None else None)
@@ -145,8 +155,11 @@ def _static(target: Any, args: tuple) -> bool:
 
 def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
            keep_output: bool, flat_attributes: bool = True,
-           update_caches: bool = True) -> Spliced:
+           update_caches: bool = True, indices: Lifted | None = None) -> Spliced:
     """Build the rewritten GraphModule of ``program`` over ``captured``.
+
+    ``indices``: the integers of tensor keys that are graph inputs (see :mod:`.indices`):
+    placeholders after the Program's inputs, one per integer, in order.
 
     ``flat_attributes``: the module holds the parameters under flat names (faster to run);
     without it, under the model's own dotted names (its ``state_dict`` keys).
@@ -172,7 +185,20 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             with graph.inserting_after(anchor):
                 anchor = graph.placeholder(name)
             inputs.append(anchor)
-    walker = _SpliceWalker(program, rows, captured, graph, node_map, inputs)
+    indices = indices or {}
+    index_inputs: dict[int, list[fx.Node]] = {}
+    for index, positions in indices.items():
+        made = index_inputs[index] = []
+        for k in range(count(positions)):
+            name = f"fxsight_index_{index}_{k}"
+            while name in used:
+                name += "_"
+            used.add(name)
+            with graph.inserting_after(anchor):
+                anchor = graph.placeholder(name)
+            made.append(anchor)
+    walker = _SpliceWalker(program, rows, captured, graph, node_map, inputs, indices,
+                           index_inputs)
     walker.run()
 
     # writes: the model's own users of a boundary see the value written there
@@ -256,7 +282,8 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
     grad_keys = {order[node]: key for node, key in walker.grad_keys.items()}
     return Spliced(module, model_output, saves, grad_keys, cache_outputs,
                    layout.skeletons if layout is not None else [],
-                   layout.n_inputs if layout is not None else 0)
+                   layout.n_inputs if layout is not None else 0,
+                   sum(map(len, index_inputs.values())))
 
 
 def _flat_attributes(root: torch.nn.Module, graph: fx.Graph) -> dict[str, Any]:

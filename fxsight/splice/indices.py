@@ -1,0 +1,138 @@
+"""Integer indices of tensors as graph inputs: one spliced graph for every position.
+
+A patching loop writes ``h.output[:, pos] = clean`` for one position after another. The
+shape of ``x[:, pos]`` does not depend on ``pos``, so the spliced graph need not either:
+the integers of a tensor's ``[...]`` read or assignment (``operator.getitem``, fxsight's
+``setitem``) whose key is made of whole slices (``:``) and integers become inputs of the
+graph (placeholders after the Program's own inputs), and Programs that differ only in
+them share one Executable. Each of them still gets its own Runner, validated for its own
+integers (an index out of range raises before anything runs), which hands them to the
+graph at every call.
+
+In the graph such a read is ``torch.select`` along each integer's dimension (the view
+``x[:, pos]`` is), and an assignment writes into that view (:func:`setitem_at`): dynamo
+and inductor keep an integer given to ``select`` symbolic, where one inside an indexing
+tuple is specialized to its value (a recompilation per position).
+
+Other keys (``x[:, :k]``: the shape depends on ``k``; ``None``, ``...``, tensors), integers
+indexing a tuple, list or dict (``h.output[0]``: which value, resolved when splicing),
+``bool`` and everything that is not a plain ``int`` stay constants of the graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+
+from ..record.program import Kind, Node, Program, setitem
+
+# where the structure key of a node had an integer that is now a graph input
+INDEX = ("fxsight-index",)  # (a structure never holds this tuple: tuples are tagged)
+
+# node index -> the positions of the integers in its key (None: the key is one integer)
+Lifted = dict[int, "tuple[int, ...] | None"]
+
+
+def tensor_indices(program: Program, values: dict) -> Lifted:
+    """The integers of ``program`` that index tensors, by node (``values``: the meta
+    values of a walk over the Program, which tell tensors from containers)."""
+    lifted: Lifted = {}
+    for node in program.nodes:
+        if node.kind is not Kind.OP or node.op != "call_function" or \
+                (node.target is not operator.getitem and node.target is not setitem) or \
+                len(node.args) < 2:
+            continue
+        indexed = values.get(node.args[0]) if type(node.args[0]) is Node else node.args[0]
+        if not isinstance(indexed, torch.Tensor):
+            continue
+        key = node.args[1]
+        if type(key) is int:
+            lifted[node.index] = None
+        elif type(key) is tuple and all(type(item) is int or _whole(item) for item in key):
+            positions = tuple(i for i, item in enumerate(key) if type(item) is int)
+            if positions:
+                lifted[node.index] = positions
+    return lifted
+
+
+def _whole(item: Any) -> bool:
+    return type(item) is slice and item.start is None and item.stop is None and \
+        item.step is None
+
+
+def dimensions(key: Any, positions: "tuple[int, ...] | None") -> tuple[int, ...]:
+    """The dimension each lifted integer selects along, after the selections before it
+    (``[:, p, :, q]`` -> ``(1, 2)``)."""
+    if positions is None:
+        return (0,)
+    dims, removed = [], 0
+    for position in positions:
+        dims.append(position - removed)
+        removed += 1
+    return tuple(dims)
+
+
+def select_at(value: torch.Tensor, dims: tuple[int, ...], *indices: Any) -> torch.Tensor:
+    """``value`` selected at ``indices`` along ``dims`` in turn: the view ``value[key]``."""
+    for dim, index in zip(dims, indices):
+        value = torch.select(value, dim, index)
+    return value
+
+
+def setitem_at(target: torch.Tensor, dims: tuple[int, ...], value: Any,
+               *indices: Any) -> torch.Tensor:
+    """``target[key] = value`` in place for a key of whole slices and integers (written
+    as selections: see the module's docstring), returning ``target``."""
+    select_at(target, dims, *indices)[...] = value
+    return target
+
+
+def index_values(program: Program, lifted: Lifted) -> list[int]:
+    """The lifted integers' values, in the order of the graph's placeholders."""
+    found: list[int] = []
+    nodes = program.nodes
+    for index, positions in lifted.items():
+        key = nodes[index].args[1]
+        if positions is None:
+            found.append(key)
+        else:
+            found += [key[i] for i in positions]
+    return found
+
+
+def blind(structure: tuple, lifted: Lifted) -> tuple:
+    """A Program structure key with the lifted integers replaced by :data:`INDEX` (parts
+    and nodes are in step: part ``i`` describes node ``i``)."""
+    if not lifted:
+        return structure
+    parts = list(structure)
+    for index, positions in lifted.items():
+        part = parts[index]
+        kind, op, target, args, *rest = part
+        tag, items = args  # ("tuple", (first argument, key, ...))
+        key = items[1]
+        if positions is None:
+            key = INDEX
+        else:
+            key_tag, key_items = key
+            key = (key_tag, tuple(INDEX if i in positions else item
+                                  for i, item in enumerate(key_items)))
+        parts[index] = (kind, op, target, (tag, (items[0], key, *items[2:])), *rest)
+    return tuple(parts)
+
+
+def as_selection(target: Any, args: tuple, positions: "tuple[int, ...] | None",
+                 inputs: list[Any]) -> tuple[Any, tuple]:
+    """A lifted getitem's or setitem's target and arguments (mapped to graph values) as
+    :func:`select_at` or :func:`setitem_at` of the integers' placeholders ``inputs``."""
+    dims = dimensions(args[1], positions)
+    if target is operator.getitem:
+        return select_at, (args[0], dims, *inputs)
+    return setitem_at, (args[0], dims, args[2], *inputs)
+
+
+def count(positions: "tuple[int, ...] | None") -> int:
+    """How many integers a node's key lifts."""
+    return 1 if positions is None else len(positions)
