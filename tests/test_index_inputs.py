@@ -165,3 +165,20 @@ def test_several_integers_in_one_key_select_the_dimensions_they_name():
             hidden[:, position, feature] = 7.0
             torch.testing.assert_close(read, viewed)
             torch.testing.assert_close(out, torch.tanh(hidden))
+
+
+def test_static_compilation_keeps_integers_as_constants():
+    """``compile={"dynamic": False}``: dynamo would recompile for each new integer up to
+    its recompile limit and then run eagerly; each position keeps a graph of its own."""
+    net = NNsight(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    x = torch.randn(2, 3, 4)
+    with torch.no_grad():
+        fxsight.reset_stats()
+        for position in (0, 2):
+            with net.trace(x, compile={"dynamic": False}):
+                net[0].output[:, position] = 0
+                out = net.output.save()
+            want = net._module[0](x)
+            want[:, position] = 0
+            torch.testing.assert_close(out, torch.relu(want), **TOL)
+    assert fxsight.stats()["splices"] == 2

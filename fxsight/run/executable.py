@@ -435,8 +435,11 @@ def build_runner(model: torch.nn.Module, captured: Any, program: Program, rows: 
     walker = MetaWalker(program, rows, captured)
     walker.run()
     # integers indexing tensors are inputs of the graph: a loop over positions splices
-    # (and compiles) once, each position validated here for its own runner
-    lifted = tensor_indices(program, walker.values)
+    # (and compiles) once, each position validated here for its own runner. (Not where
+    # the user asked for static compilation: dynamo would recompile for each value up to
+    # its recompile limit, then run eagerly; a graph per value stays compiled.)
+    static = compile_options is not None and compile_options.dynamic is False
+    lifted = {} if static else tensor_indices(program, walker.values)
     dynamic = bool(getattr(captured, "dynamic", False))
     key = (captured.graph_module, shape_blind(blind(structure, lifted)),
            rows_key(rows, exact=False), keep_output, compile_options, update_caches,

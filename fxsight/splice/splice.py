@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -170,33 +170,15 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
     node_map: dict[fx.Node, fx.Node] = {}
     graph.graph_copy(captured.graph_module.graph, node_map)  # no output node copied
     old_output = next(n for n in captured.graph_module.graph.nodes if n.op == "output")
-    last_placeholder = captured_anchor(graph)
-    inputs = []
-    anchor = last_placeholder
     # a placeholder's name is its argument name in the generated code: it must clash with
     # no node name (`input_1 = input` of the model's own placeholder would shadow it)
-    used = {n.name for n in graph.nodes} | {str(n.target) for n in graph.nodes}
-    for node in program.nodes:
-        if node.kind is Kind.INPUT:
-            name = f"fxsight_{node.name}"
-            while name in used:
-                name += "_"
-            used.add(name)
-            with graph.inserting_after(anchor):
-                anchor = graph.placeholder(name)
-            inputs.append(anchor)
+    add_placeholder = _placeholder_maker(graph)
+    inputs = [add_placeholder(f"fxsight_{node.name}") for node in program.nodes
+              if node.kind is Kind.INPUT]
     indices = indices or {}
-    index_inputs: dict[int, list[fx.Node]] = {}
-    for index, positions in indices.items():
-        made = index_inputs[index] = []
-        for k in range(count(positions)):
-            name = f"fxsight_index_{index}_{k}"
-            while name in used:
-                name += "_"
-            used.add(name)
-            with graph.inserting_after(anchor):
-                anchor = graph.placeholder(name)
-            made.append(anchor)
+    index_inputs = {index: [add_placeholder(f"fxsight_index_{index}_{k}")
+                            for k in range(count(positions))]
+                    for index, positions in indices.items()}
     walker = _SpliceWalker(program, rows, captured, graph, node_map, inputs, indices,
                            index_inputs)
     walker.run()
@@ -284,6 +266,23 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
                    layout.skeletons if layout is not None else [],
                    layout.n_inputs if layout is not None else 0,
                    sum(map(len, index_inputs.values())))
+
+
+def _placeholder_maker(graph: fx.Graph) -> Callable[[str], fx.Node]:
+    """``add(name)``: a new placeholder after the graph's last one, named ``name`` (with
+    ``_`` appended until it clashes with no node's name or target)."""
+    used = {n.name for n in graph.nodes} | {str(n.target) for n in graph.nodes}
+    last = [captured_anchor(graph)]
+
+    def add(name: str) -> fx.Node:
+        while name in used:
+            name += "_"
+        used.add(name)
+        with graph.inserting_after(last[0]):
+            last[0] = graph.placeholder(name)
+        return last[0]
+
+    return add
 
 
 def _flat_attributes(root: torch.nn.Module, graph: fx.Graph) -> dict[str, Any]:
