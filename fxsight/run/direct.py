@@ -19,7 +19,9 @@ after the checks dynamo would make:
   (its ShapeEnv's, with what inductor added), once per new layout of the inputs;
 - no two tensor inputs sharing storage; the non-tensor inputs' values, but for the
   integers of tensor keys (``splice.indices``): those are symbolic, and their values are
-  checked by the shape guards (once per new layout and values).
+  checked by the shape guards (once per new layout and values). Where those guards alone
+  refuse a call (inductor specializes an index first compiled at 0), the Executable makes
+  another compilation for the new values (``executable.MAX_DIRECT`` in all).
 
 A check that fails sends the call down the ``torch.compile`` path, as before (dynamo's own
 guards decide there). Graphs with anything else in them (a user's function through
@@ -189,9 +191,14 @@ class DirectCompiled:
             [[None] * t.dim() for t in tensors] + [list(t.shape) for t in self.held],
             [[None] * t.dim() for t in tensors] + [list(t.stride()) for t in self.held])
         self._layouts: set[tuple] = set()
+        self._tensor_layouts: set[tuple] = set()  # (of accepted layouts with indices)
+        # whether the last refusal was the index integers' alone: the tensors' layout had
+        # been accepted with other values (another compilation may take these)
+        self.refused_indices = False
 
     def accepts(self, flat: list[Any]) -> bool:
         """Whether the compilation holds for these inputs (see the module's docstring)."""
+        self.refused_indices = False
         if not self.global_state.check() or not ambient_state_plain():
             return False
         for i, value in self.values:
@@ -205,14 +212,19 @@ class DirectCompiled:
         if any(type(v) is not int for v in indices):
             return False
         if self.shape_code is not None:
-            layout = (_layout(tensors), *indices)
+            tensor_layout = _layout(tensors)
+            layout = (tensor_layout, *indices)
             if layout not in self._layouts:
                 if not self.shape_env.evaluate_guards_expression(self.shape_code,
                                                                  [*tensors, *indices]):
+                    self.refused_indices = tensor_layout in self._tensor_layouts
                     return False
                 if len(self._layouts) >= MAX_LAYOUTS:
                     self._layouts.clear()
+                    self._tensor_layouts.clear()
                 self._layouts.add(layout)
+                if indices:
+                    self._tensor_layouts.add(tensor_layout)
         return True
 
     def __call__(self, flat: list[Any]) -> tuple[Any, ...]:

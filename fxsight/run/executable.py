@@ -121,6 +121,11 @@ def _outputs_getter(builders: list) -> Callable | None:
     return operator.itemgetter(*builders)
 
 
+# direct compilations tried per graph: one, and more only for index integers its guards
+# exclude (0, positive and negative positions may each need one)
+MAX_DIRECT = 3
+
+
 class Executable:
     """A spliced GraphModule and the function that runs it (eager, or compiled lazily)."""
 
@@ -143,6 +148,8 @@ class Executable:
         # dynamo's guards would (run.direct): made at the first call that allows it
         self._direct: Any = None
         self._direct_pending = False
+        self._directs: list[Any] = []  # every direct compilation made (see MAX_DIRECT)
+        self._direct_attempts = 0
         if compile_options is not None:
             dynamic = compile_options.dynamic
             if dynamic is None and dynamic_capture:
@@ -174,10 +181,14 @@ class Executable:
             return fn(*flat_inputs)
         direct = self._direct
         if direct is None and self._direct_pending:
-            direct = self._compile_direct(flat_inputs)
-        if direct is not None and direct.accepts(flat_inputs):
-            bump("direct_runs")
-            return direct(flat_inputs)
+            direct = self._direct = self._compile_direct(flat_inputs)
+        if direct is not None:
+            if not direct.accepts(flat_inputs):
+                direct = self._direct_for_indices(flat_inputs) \
+                    if direct.refused_indices else None
+            if direct is not None:
+                bump("direct_runs")
+                return direct(flat_inputs)
         try:
             # (in a copy of the caller's context: each config patch dynamo and inductor
             # enter while compiling leaves a context variable where it ran)
@@ -196,7 +207,7 @@ class Executable:
 
     def _compile_direct(self, flat_inputs: list[Any]) -> Any:
         """Compile without dynamo (:mod:`run.direct`) at the first call without gradients
-        or modes; once."""
+        or modes (and again for index integers: :meth:`_direct_for_indices`)."""
         if torch.is_grad_enabled():
             return None  # (tried again at a call without gradients)
         start = time.perf_counter()
@@ -205,11 +216,30 @@ class Executable:
             compile_direct, self.spliced.graph_module, flat_inputs, self._direct_dynamic,
             self._direct_options, self.spliced.index_inputs)
         self._direct_pending = False
-        self._direct = direct
+        self._direct_attempts += 1
         if direct is not None:
+            self._directs.append(direct)
             bump("compilations")
             bump("compile_ms", int(1000 * (time.perf_counter() - start)))
         return direct
+
+    def _direct_for_indices(self, flat_inputs: list[Any]) -> Any:
+        """A direct compilation for index integers (``splice.indices``) that the current
+        one's guards exclude, though the tensors fit it: inductor specializes some values
+        (an index first compiled at 0 stays 0). An earlier compilation that accepts them,
+        else a new one while there have been fewer than :data:`MAX_DIRECT` attempts; the
+        one found serves the next calls first."""
+        for other in self._directs:
+            if other is not self._direct and other.accepts(flat_inputs):
+                self._direct = other
+                return other
+        if self._direct_attempts >= MAX_DIRECT:
+            return None
+        made = self._compile_direct(flat_inputs)
+        if made is None or not made.accepts(flat_inputs):
+            return None
+        self._direct = made
+        return made
 
 
 def _draws_random(gm: torch.fx.GraphModule) -> bool:
@@ -448,4 +478,4 @@ def build_runner(model: torch.nn.Module, captured: Any, program: Program, rows: 
         splice(captured, program, rows, keep_output, update_caches=update_caches,
                indices=lifted),
         compile_options, dynamic))
-    return Runner(executable, index_values(program, lifted))
+    return Runner(executable, index_values(program, lifted, walker.values))

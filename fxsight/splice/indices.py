@@ -12,7 +12,10 @@ graph at every call.
 In the graph such a read is ``torch.select`` along each integer's dimension (the view
 ``x[:, pos]`` is), and an assignment writes into that view (:func:`setitem_at`): dynamo
 and inductor keep an integer given to ``select`` symbolic, where one inside an indexing
-tuple is specialized to its value (a recompilation per position).
+tuple is specialized to its value (a recompilation per position). The graph gets the
+integers counted from the start (``-1`` of a size 7 is ``6``): inductor computes
+``x[:, i] += v`` wrongly for a negative symbolic ``i`` (torch 2.13), and a negative index
+would need a compilation of its own.
 
 Other keys (``x[:, :k]``: the shape depends on ``k``; ``None``, ``...``, tensors), integers
 indexing a tuple, list or dict (``h.output[0]``: which value, resolved when splicing),
@@ -44,17 +47,36 @@ def tensor_indices(program: Program, values: dict) -> Lifted:
                 (node.target is not operator.getitem and node.target is not setitem) or \
                 len(node.args) < 2:
             continue
-        indexed = values.get(node.args[0]) if type(node.args[0]) is Node else node.args[0]
+        indexed = _indexed(node, values)
         if not isinstance(indexed, torch.Tensor):
             continue
         key = node.args[1]
         if type(key) is int:
-            lifted[node.index] = None
+            positions = None
         elif type(key) is tuple and all(type(item) is int or _whole(item) for item in key):
             positions = tuple(i for i, item in enumerate(key) if type(item) is int)
-            if positions:
-                lifted[node.index] = positions
+            if not positions:
+                continue
+        else:
+            continue
+        # (the sizes indexed must be known: negative integers are counted from them)
+        if all(type(size) is int for size in _sizes(indexed, positions)):
+            lifted[node.index] = positions
     return lifted
+
+
+def _indexed(node: Node, values: dict) -> Any:
+    """The (meta) value a getitem or setitem node indexes."""
+    first = node.args[0]
+    return values.get(first) if type(first) is Node else first
+
+
+def _sizes(indexed: torch.Tensor, positions: "tuple[int, ...] | None") -> list[Any]:
+    """The sizes the lifted integers index (each item of such a key is one dimension)."""
+    shape = indexed.shape
+    if positions is None:
+        return [shape[0]] if len(shape) else [None]
+    return [shape[p] if p < len(shape) else None for p in positions]
 
 
 def _whole(item: Any) -> bool:
@@ -89,16 +111,19 @@ def setitem_at(target: torch.Tensor, dims: tuple[int, ...], value: Any,
     return target
 
 
-def index_values(program: Program, lifted: Lifted) -> list[int]:
-    """The lifted integers' values, in the order of the graph's placeholders."""
+def index_values(program: Program, lifted: Lifted, values: dict) -> list[int]:
+    """The lifted integers' values, in the order of the graph's placeholders, counted
+    from the start (``-1`` of a size 7 is ``6``; the walk ``values`` came from checked
+    they are in range). A compiled graph never sees a negative index: inductor (torch
+    2.13) computes ``x[:, i] += v`` wrongly for a negative symbolic ``i``."""
     found: list[int] = []
     nodes = program.nodes
     for index, positions in lifted.items():
-        key = nodes[index].args[1]
-        if positions is None:
-            found.append(key)
-        else:
-            found += [key[i] for i in positions]
+        node = nodes[index]
+        key = node.args[1]
+        items = [key] if positions is None else [key[i] for i in positions]
+        sizes = _sizes(_indexed(node, values), positions)
+        found += [item + size if item < 0 else item for item, size in zip(items, sizes)]
     return found
 
 
