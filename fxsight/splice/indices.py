@@ -84,7 +84,7 @@ def _whole(item: Any) -> bool:
         item.step is None
 
 
-def dimensions(key: Any, positions: "tuple[int, ...] | None") -> tuple[int, ...]:
+def dimensions(positions: "tuple[int, ...] | None") -> tuple[int, ...]:
     """The dimension each lifted integer selects along, after the selections before it
     (``[:, p, :, q]`` -> ``(1, 2)``)."""
     if positions is None:
@@ -152,7 +152,7 @@ def as_selection(target: Any, args: tuple, positions: "tuple[int, ...] | None",
                  inputs: list[Any]) -> tuple[Any, tuple]:
     """A lifted getitem's or setitem's target and arguments (mapped to graph values) as
     :func:`select_at` or :func:`setitem_at` of the integers' placeholders ``inputs``."""
-    dims = dimensions(args[1], positions)
+    dims = dimensions(positions)
     if target is operator.getitem:
         return select_at, (args[0], dims, *inputs)
     return setitem_at, (args[0], dims, args[2], *inputs)
