@@ -169,11 +169,9 @@ def test_coefficient_sweep_keeps_memory_bounded():
     assert grown < 10, f"{grown} GraphModules more after 60 traces of one structure"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a callable given to fxsight.apply is a node target, keyed by identity: a lambda "
-    "created in each trace makes a new structure, so every trace splices and keeps a "
-    "new rewritten graph (kept up to the runner cache's LRU bound of 256)"))
 def test_apply_with_a_new_lambda_each_trace_keeps_memory_bounded():
+    """A function is keyed by its code and constants (``record.program._function_key``):
+    a lambda made anew in each trace keeps one rewritten graph."""
     net = NNsight(mlp())
     x = torch.randn(4, 5)
     for _ in range(60):
@@ -326,3 +324,22 @@ def test_a_finished_generation_leaves_nothing_for_the_garbage_collector():
 
     run()  # (the first generation captures)
     assert _garbage_after(run) == []
+
+
+def test_functions_alike_but_for_their_constants_keep_graphs_of_their_own():
+    """Lambdas from one place whose closures or defaults differ compute different things:
+    each answer is its own (``-0.0`` is not ``0.0``, ``True`` is not ``1``, a tensor in
+    the closure is another function), against the same computation by hand."""
+    net = NNsight(mlp())
+    x = torch.randn(4, 5)
+    hidden = net._module.layer1(x)
+    vectors = [torch.randn(10) for _ in range(2)]
+    cases = [(2.0, None), (3.0, None), (0.0, None), (-0.0, None), (1, None), (True, None),
+             (1.0, vectors[0]), (1.0, vectors[1])]
+    for scale, vector in cases:
+        def edit(t, scale=scale):
+            out = 1.0 / (t * 0 + scale) if type(scale) is float else t * scale
+            return out if vector is None else out + vector
+        with net.trace(x):
+            got = fxsight.apply(edit, net.layer1.output).save()
+        torch.testing.assert_close(got, edit(hidden), rtol=0, atol=0, equal_nan=True)

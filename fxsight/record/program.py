@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import itertools
 import operator
+from types import FunctionType
 from typing import Any, Callable
 
 import torch
@@ -176,11 +177,14 @@ class Program:
              line: Any, scope: Scope, site: Site | None = None, accessor: str | None = None,
              skip: bool = False, mutation: bool = False, lenient: bool = False) -> Node:
         inputs: list[Node] = []
-        try:
-            hash(target)
-            target_key = target
-        except TypeError:
-            target_key = id(target)
+        if type(target) is FunctionType:
+            target_key = _function_key(target)
+        else:
+            try:
+                hash(target)
+                target_key = target
+            except TypeError:
+                target_key = id(target)
         # (plain strings and tuples only: hashed and compared in C at every lookup;
         # ``_value_``, not ``value``: the property runs Python code)
         key = (kind._value_, op, target_key,
@@ -364,6 +368,44 @@ class HookedCall(ModuleCall):
 
     def __hash__(self) -> int:
         return hash((id(self.module), "hooked"))
+
+
+# the constants a function's defaults and closure may hold for it to be keyed by its code
+_CONSTANT_KINDS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+
+
+def _constant_key(value: Any) -> Any:
+    """``value`` as a key that only an identical constant shares (``-0.0`` is not ``0.0``,
+    ``True`` is not ``1``), or ``None`` where it is not a plain constant."""
+    kind = type(value)
+    if kind in _CONSTANT_KINDS:
+        return (kind.__name__, repr(value))
+    if kind is tuple:
+        items = [_constant_key(v) for v in value]
+        return None if any(item is None for item in items) else ("tuple", tuple(items))
+    return None
+
+
+def _function_key(fn: Any) -> Any:
+    """A Python function as a node target's key: its code, defaults and closure where
+    those hold plain constants only, so that a lambda made anew in each trace
+    (``fxsight.apply(lambda t: t * 2, h)``) keeps one graph; itself (by identity)
+    otherwise. Functions with equal keys compute the same thing: the same code over the
+    same globals, with the same constants."""
+    closure, defaults, kwdefaults = fn.__closure__, fn.__defaults__, fn.__kwdefaults__
+    if fn.__dict__:  # (attributes set on it: not keyed by its code)
+        return fn
+    if closure is None and defaults is None and kwdefaults is None:  # (most functions)
+        return ("function", fn.__code__, id(fn.__globals__))
+    try:
+        cells = tuple(cell.cell_contents for cell in closure or ())
+    except ValueError:  # (an empty cell)
+        return fn
+    constants = _constant_key((defaults or (), tuple(sorted((kwdefaults or {}).items())),
+                               cells))
+    if constants is None:
+        return fn
+    return ("function", fn.__code__, id(fn.__globals__), constants)
 
 
 def _safe_name(site: Site, accessor: str) -> str:
