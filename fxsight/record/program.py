@@ -391,7 +391,9 @@ def _function_key(fn: Any) -> Any:
     those hold plain constants only, so that a lambda made anew in each trace
     (``fxsight.apply(lambda t: t * 2, h)``) keeps one graph; itself (by identity)
     otherwise. Functions with equal keys compute the same thing: the same code over the
-    same globals, with the same constants."""
+    same globals, with the same constants, and the very same closure cells (the graph
+    calls the function it was made with: a cell of another scope could change after the
+    key was taken; lambdas made in a loop of one scope share its cells)."""
     closure, defaults, kwdefaults = fn.__closure__, fn.__defaults__, fn.__kwdefaults__
     if fn.__dict__:  # (attributes set on it: not keyed by its code)
         return fn
@@ -405,7 +407,8 @@ def _function_key(fn: Any) -> Any:
                                cells))
     if constants is None:
         return fn
-    return ("function", fn.__code__, id(fn.__globals__), constants)
+    return ("function", fn.__code__, id(fn.__globals__), constants,
+            tuple(map(id, closure or ())))
 
 
 def _safe_name(site: Site, accessor: str) -> str:
