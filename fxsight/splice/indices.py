@@ -129,7 +129,8 @@ def index_values(program: Program, lifted: Lifted, values: dict) -> list[int]:
 
 def blind(structure: tuple, lifted: Lifted) -> tuple:
     """A Program structure key with the lifted integers replaced by :data:`INDEX` (parts
-    and nodes are in step: part ``i`` describes node ``i``)."""
+    and nodes are in step: part ``i`` describes node ``i``, as ``Program._add`` builds
+    it: ``(kind, op, target, args, ...)``, ``args`` as ``("tuple", (first, key, ...))``)."""
     if not lifted:
         return structure
     parts = list(structure)

@@ -72,9 +72,8 @@ class _SpliceWalker(Walker):
         self.inputs = inputs
         self.indices = indices  # (see .indices: integers of tensor keys as inputs)
         self.index_inputs = index_inputs
-        placeholders = [*inputs, *(p for made in index_inputs.values() for p in made)]
-        self.anchors: dict[int, fx.Node] = {BEFORE_ALL: placeholders[-1] if placeholders
-                                            else captured_anchor(graph)}
+        # (nodes that depend on no boundary go after the last placeholder)
+        self.anchors: dict[int, fx.Node] = {BEFORE_ALL: captured_anchor(graph)}
         self.inserted: set[fx.Node] = set()
 
     def site_value(self, site: Site) -> Any:
