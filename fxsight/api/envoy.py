@@ -67,8 +67,12 @@ class Envoy:
             raise AttributeError(name)
         module = self._module
         submodules = module._modules
-        if name in submodules and submodules[name] is not None:
-            return self._child(name, submodules[name])
+        submodule = submodules.get(name)
+        if submodule is not None:
+            child = self._children.get(name)  # (the common case inline: no call)
+            if child is not None and child._module is submodule:
+                return child
+            return self._child(name, submodule)
         aliased = self._aliased(name)
         if aliased is not None:
             return aliased
@@ -116,7 +120,11 @@ class Envoy:
             length = len(modules)
             if -length <= key < length:
                 name = str(key % length)
-                return self._child(name, modules[name])
+                submodule = modules[name]
+                child = self._children.get(name)  # (the common case inline: no call)
+                if child is not None and child._module is submodule:
+                    return child
+                return self._child(name, submodule)
         if isinstance(module, torch.nn.ModuleDict):
             return self._child(str(key), module[key])
         if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
@@ -223,13 +231,16 @@ class Envoy:
         return site
 
     def _read(self, kind: str, accessor: str) -> Proxy:
-        tracer = self._tracer(accessor)
+        tracer = current_tracer(self._root)
+        if tracer is None:
+            tracer = self._tracer(accessor)  # (raises)
         recorder = tracer.recorder
         if getattr(tracer, "hooked_calls", None):
             hooked = _hooked_call(tracer, self._path)
             if hooked is not None:  # inside a module called with hook=True
                 return _from_hooked_call(recorder, hooked, self, accessor)
-        return recorder.create_read(self._site(kind, tracer), accessor)
+        # (the innermost open trace of this thread: the recorder need not check it is open)
+        return recorder.create_read(self._site(kind, tracer), accessor, current=True)
 
     def _write(self, kind: str, accessor: str, value: Any) -> None:
         tracer = self._tracer(accessor)

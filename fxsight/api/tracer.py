@@ -8,6 +8,7 @@ caller's names for saved values are bound to the results.
 from __future__ import annotations
 
 import sys
+from threading import get_ident
 from typing import Any
 
 import torch
@@ -154,7 +155,7 @@ class Tracer:
             except BaseException:
                 self._state = "done"
                 raise
-        self.recorder.open = True
+        self.recorder.open, self.recorder.thread = True, get_ident()
         active_tracers().append(self)
         if self._implicit is not None:
             self._implicit.__enter__()
@@ -432,13 +433,14 @@ class Tracer:
         model ready to run (a LanguageModel loads its weights)."""
         for barrier in self._barriers:
             barrier.check()
-        if self.program.input_values:
-            self.program.check_inputs()
+        program = self.recorder.program
+        if program.input_values:
+            program.check_inputs()
         args, kwargs, rows = self._batched()
         if load:
             self.model._before_run()  # may replace the module
         if self._stop_line is not None:
-            late = [n for n in self.program.nodes[self._stop_after:] if n.kind is not Kind.INPUT]
+            late = [n for n in program.nodes[self._stop_after:] if n.kind is not Kind.INPUT]
             if late:
                 raise TraceError(at_line(
                     f"this comes after tracer.stop() ({self._stop_line}), which ends the "
@@ -446,7 +448,7 @@ class Tracer:
         if self._cache_requests:
             source = self._metadata_source(args, kwargs)
             for request in self._cache_requests:
-                request.record(self.program, source, rows)
+                request.record(program, source, rows)
         return args, kwargs, rows
 
     def _metadata_source(self, args: tuple, kwargs: dict,
@@ -474,7 +476,7 @@ class Tracer:
     def _execute(self) -> None:
         args, kwargs, rows = self._prepare_run()
         bump("traces")
-        outcome = run_program(self.model._module, self.program, args, kwargs, rows,
+        outcome = run_program(self.model._module, self.recorder.program, args, kwargs, rows,
                               self.options, self.model._fallback_warned,
                               stop=self._stop_line is not None,
                               last=getattr(self.model, "_last_run", None))

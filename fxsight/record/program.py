@@ -21,6 +21,7 @@ from .scope import Scope, Steps
 from .sites import Site, module_label
 
 INPUT_ACCESSORS = ("input", "inputs")
+_INDEX = operator.attrgetter("index")
 
 
 class Kind(enum.Enum):
@@ -61,6 +62,10 @@ def setitem(target, key, value):
     """``target[key] = value`` in place, returning ``target`` (so later uses depend on it)."""
     target[key] = value
     return target
+
+
+# targets of fxsight's own, keyed by themselves in a structure key (one object each)
+_SENTINELS = frozenset({READ, WRITE, SKIP, GRAD, GRAD_WRITE, setitem})
 
 
 _INPLACE_OPERATORS = {
@@ -177,7 +182,9 @@ class Program:
              line: Any, scope: Scope, site: Site | None = None, accessor: str | None = None,
              skip: bool = False, mutation: bool = False, lenient: bool = False) -> Node:
         inputs: list[Node] = []
-        if type(target) is FunctionType:
+        if target in _SENTINELS:  # (reads and writes: their own key, no call)
+            target_key = target
+        elif type(target) is FunctionType:
             target_key = _function_key(target)
         else:
             try:
@@ -293,7 +300,7 @@ class Program:
 
     def structure_key(self) -> tuple:
         """A hashable description of the Program's structure, blind to input values."""
-        return (*self._parts, ("saves", tuple([n.index for n in self.saves])))
+        return (*self._parts, ("saves", tuple(map(_INDEX, self.saves))))
 
 
 class Named:
@@ -418,7 +425,8 @@ def _safe_name(site: Site, accessor: str) -> str:
 
 def _value_key(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), value.dtype, value.device.type, value.requires_grad)
+        # (the device itself: its ``.type`` builds a string, microseconds on a cold cache)
+        return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
     return ("value", type(value).__name__)
 
 

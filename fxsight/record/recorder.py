@@ -10,6 +10,7 @@ positions) go to the recorder's :class:`Host`, the trace that owns it.
 from __future__ import annotations
 
 import weakref
+from threading import get_ident
 from typing import Any, Protocol
 
 import torch
@@ -49,6 +50,7 @@ class Recorder:
         self.scope = Scope()
         self.token_indexing = token_indexing
         self.open = False  # whether recording is allowed (set by the trace's context)
+        self.thread: int | None = None  # the thread whose trace context opened it
         self.done = False  # whether the trace has run: saved proxies stand for their values
         # ``what -> why``: kinds of node this trace cannot run (gradients in generate)
         self.refused: dict[str, str] = {}
@@ -66,9 +68,10 @@ class Recorder:
         self.operations: set[str] = set()
 
     # --- creating nodes -----------------------------------------------------------------
-    def create_read(self, site: Site, accessor: str) -> Proxy:
-        """A module's ``accessor`` (``"output"``, ``"input"``, ``"inputs"``) at ``site``."""
-        if not self.open or self.host not in active_tracers():
+    def create_read(self, site: Site, accessor: str, current: bool = False) -> Proxy:
+        """A module's ``accessor`` (``"output"``, ``"input"``, ``"inputs"``) at ``site``
+        (``current``: the caller found this recorder's trace open in this thread)."""
+        if not current and (not self.open or self.thread != get_ident()):
             self.check_open()
         return Proxy(self, self.program.read(site, accessor, self.scope, user_line()))
 
@@ -92,7 +95,7 @@ class Recorder:
             if live is not None:  # (used in a later trace: recorded there)
                 return live.create_op(op, target, args, kwargs, lenient)
             return execute(op, target, *self.settle((tuple(args), kwargs)))
-        if not self.open or self.host not in active_tracers():
+        if not self.open or self.thread != get_ident():
             self.check_open((args, kwargs))
         node = self.program.op(op, target, self.to_arg(tuple(args)),
                                self.to_arg(kwargs) if kwargs else {}, self.scope,
