@@ -48,12 +48,45 @@ def _leaf(kind: type) -> None:
         _LEAF_TYPES.add(kind)
 
 
-class _Walk:
-    """One binding walk over what a frame can reach."""
+def _references_counted() -> bool:
+    """Whether ``sys.getrefcount`` counts references as the early stop of a binding walk
+    needs: exactly, one per container slot (CPython before 3.14, which may leave
+    references of the stack uncounted)."""
+    if sys.implementation.name != "cpython" or sys.version_info >= (3, 14):
+        return False
+    probe, holder = object(), []
+    before = sys.getrefcount(probe)
+    holder.append(probe)
+    return sys.getrefcount(probe) == before + 1
 
-    def __init__(self, resolve: Resolve):
+
+_COUNTED = _references_counted()
+
+
+class _Walk:
+    """One binding walk over what a frame can reach.
+
+    Given the trace's live saved proxies (``proxies``), the walk stops as soon as nothing
+    but the walk itself refers to any of them (``sys.getrefcount``, against a probe held
+    the same way): every reference was replaced, and the rest of what the frame reaches
+    (a list of earlier results, thousands long) cannot hold one. Containers are walked
+    from their end (what the block appended comes last)."""
+
+    def __init__(self, resolve: Resolve, proxies: list[Proxy] | None = None):
         self.resolve = resolve
         self.seen: set[int] = set()
+        # (the probe first: it is held exactly as the proxies are)
+        self.held = [object(), *proxies] if proxies and _COUNTED else None
+        self.finished = False
+
+    def done(self) -> bool:
+        """Whether no reference to a live saved proxy is left outside the walk (never,
+        where references are not counted)."""
+        if self.held is None:
+            return False
+        counts = list(map(sys.getrefcount, self.held))
+        self.finished = max(counts) <= counts[0]
+        return self.finished
 
     def bound(self, value: Any, depth: int) -> Any:
         """``value`` with saved proxies replaced (containers changed in place where they
@@ -69,57 +102,103 @@ class _Walk:
             return value
         self.seen.add(id(value))
         if isinstance(value, list):
-            for i, item in enumerate(value):
+            for i in range(len(value) - 1, -1, -1):
+                item = value[i]
                 new = self.bound(item, depth - 1)
                 if new is not item:
                     value[i] = new
+                    item = new = None  # (no reference of the walk's own left behind)
+                    if self.done():
+                        break
+                if self.finished:
+                    break
         elif isinstance(value, dict):
-            for key, item in list(value.items()):
-                new = self.bound(item, depth - 1)
-                if new is not item:
-                    value[key] = new
+            self._bound_mapping(value, depth)
         elif isinstance(value, tuple):
             items = [self.bound(item, depth - 1) for item in value]
             if any(new is not old for new, old in zip(items, value)):
                 return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
         elif hasattr(value, "__dict__") and \
                 kind.__module__.partition(".")[0] not in _LIBRARIES:
-            attributes = vars(value)
-            for key, item in list(attributes.items()):
-                new = self.bound(item, depth - 1)
-                if new is not item:
-                    attributes[key] = new
+            self._bound_mapping(vars(value), depth)
         else:  # (no attributes, or a library's object: never walked)
             _leaf(kind)
         return value
 
+    def _bound_mapping(self, mapping: dict, depth: int) -> None:
+        for key in reversed(list(mapping)):
+            item = mapping[key]
+            new = self.bound(item, depth - 1)
+            if new is not item:
+                mapping[key] = new
+                item = new = None
+                if self.done():
+                    return
+            if self.finished:
+                return
 
-def bind_frame(frame: types.FrameType | None, resolve: Resolve, saved: int) -> None:
-    """Replace the saved proxies reachable from ``frame``'s variables (``saved``: how many
-    the trace has; none, nothing to do).
 
-    ``resolve(proxy)`` returns ``(True, value)`` for a proxy to replace.
+def _write_back(frame: types.FrameType) -> None:
+    """Write ``frame.f_locals`` into its variables now, and make the dict the frame's
+    view again (CPython writes it back once per ``f_locals`` read: a later change of the
+    dict needs a write of its own)."""
+    _LOCALS_TO_FAST(frame, 0)
+    frame.f_locals  # noqa: B018 - (read for its effect)
+
+
+def bind_frame(frame: types.FrameType | None, resolve: Resolve,
+               saved: list[Proxy] | None) -> None:
+    """Replace the saved proxies reachable from ``frame``'s variables.
+
+    ``resolve(proxy)`` returns ``(True, value)`` for a proxy to replace. ``saved``: the
+    trace's saved proxies still alive (none: nothing to do), whose references the walk
+    counts to stop early; ``None`` walks everything the frame reaches.
     """
-    if frame is None or saved == 0:
+    if frame is None or (saved is not None and not saved):
         return
     namespace = frame.f_locals
-    walk = _Walk(resolve)
+    fast = namespace is not frame.f_globals and _LOCALS_TO_FAST is not None
+    walk = _Walk(resolve, saved)
+    saved = None  # (the walk holds them: counted against its probe)
     changed = False
-    for name, value in list(namespace.items()):
-        kind = type(value)
-        if kind is Proxy:  # (the common cases without a call: a saved name, a leaf)
-            ok, new = resolve(value)
-            if not ok:
-                continue
-        elif kind in _LEAF_TYPES:
+    names = list(namespace)
+    # the names bound to a proxy first (found in C; most blocks end here)
+    kinds = list(map(type, namespace.values()))
+    index = -1
+    while True:
+        try:
+            index = kinds.index(Proxy, index + 1)
+        except ValueError:
+            break
+        ok, new = resolve(namespace[names[index]])
+        if ok:
+            namespace[names[index]] = new
+            changed = True
+    new = None
+    if changed and fast:
+        _write_back(frame)  # (the variables let go of the proxies too)
+        changed = False
+    if walk.done():
+        return
+    for index in range(len(names) - 1, -1, -1):  # (from the last: the block's own names)
+        kind = kinds[index]
+        if kind is Proxy or kind in _LEAF_TYPES:
             continue
-        else:
-            new = walk.bound(value, _DEPTH)
-            if new is value:
-                continue
-        namespace[name] = new
-        changed = True
-    if changed and namespace is not frame.f_globals and _LOCALS_TO_FAST is not None:
+        name = names[index]
+        value = namespace[name]
+        new = walk.bound(value, _DEPTH)
+        if new is not value:  # (a tuple, rebuilt)
+            namespace[name] = new
+            changed = True
+            value = new = None
+            if fast:
+                _write_back(frame)
+                changed = False
+            if walk.done():
+                break
+        if walk.finished:
+            break
+    if changed and fast:
         _LOCALS_TO_FAST(frame, 0)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fxsight
+from fxsight import bind
 from fxsight import NNsight
 from models import mlp
 
@@ -85,3 +86,51 @@ def test_an_unsaved_proxy_after_the_trace_is_a_clear_error(setup):
         net.output.save()
     with pytest.raises(fxsight.TraceError, match="not saved"):
         kept[0] + 1
+
+
+class _Walked(list):
+    """A user's list that counts the reads of its items (a binding walk reads them)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.reads = 0
+
+    def __getitem__(self, index):
+        self.reads += 1
+        return super().__getitem__(index)
+
+
+class _WalkedDict(dict):
+    """A user's dict that counts the walks over its keys."""
+
+    def __init__(self, **items):
+        super().__init__(**items)
+        self.walks = 0
+
+    def __iter__(self):
+        self.walks += 1
+        return super().__iter__()
+
+
+@pytest.mark.skipif(not bind._COUNTED, reason="this Python does not count references exactly")
+def test_binding_stops_once_every_saved_proxy_is_replaced(setup):
+    """A loop that keeps its results (thousands of them) pays nothing for them per trace:
+    the walk ends once nothing but itself refers to a saved proxy."""
+    model, net, x = setup
+    hidden, out = model.layer1(x), model(x)
+    results, history = _Walked(torch.zeros(1) for _ in range(1000)), _WalkedDict(a=1, b=[2])
+    with net.trace(x):
+        h = net.layer1.output.save()
+    assert results.reads == 0 and history.walks == 0
+    assert type(h) is torch.Tensor
+    torch.testing.assert_close(h, hidden, rtol=0, atol=0)
+    # a proxy kept in a container too: the walk goes on until that one is replaced as well
+    with net.trace(x):
+        h = net.layer1.output.save()
+        history["last"] = h
+        pair = [None, net.output.save()]
+    assert history.walks >= 1
+    assert type(h) is torch.Tensor and type(history["last"]) is torch.Tensor
+    assert history["last"] is h and type(pair[1]) is torch.Tensor
+    torch.testing.assert_close(pair[1], out, rtol=0, atol=0)
+    assert results.reads == 0  # (walked last: the block's names come first, from the end)

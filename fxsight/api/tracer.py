@@ -188,7 +188,7 @@ class Tracer:
             self.recorder.finish(self._results)
         finally:
             self._state = "done"
-        bind_frame(frame, self._resolve, len(self.recorder.saved))
+        bind_frame(frame, self._resolve, self.recorder.live_saved())
         if kept:
             bind_objects(kept, self._resolve)
         self._let_go()
@@ -219,7 +219,7 @@ class Tracer:
         if kept:
             bind_objects(kept, save)
         if frame is not None:
-            bind_frame(frame, save, 1)
+            bind_frame(frame, save, None)
 
     # --- user API -----------------------------------------------------------------------
     def invoke(self, *args, **kwargs) -> Invoke | WholeBatch:

@@ -135,6 +135,11 @@ class Recorder:
         self.saved[id(proxy)] = (weakref.ref(proxy), proxy._node)
         return proxy
 
+    def live_saved(self) -> list[Proxy]:
+        """The saved proxies still alive (a saved value nobody kept is not among them)."""
+        alive = [ref() for ref, _ in self.saved.values()]
+        return [proxy for proxy in alive if proxy is not None]
+
     def is_saved(self, proxy: Proxy) -> bool:
         """Whether ``proxy`` (this very object) was saved."""
         entry = self.saved.get(id(proxy))
