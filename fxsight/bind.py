@@ -147,19 +147,22 @@ def _write_back(frame: types.FrameType) -> None:
 
 
 def bind_frame(frame: types.FrameType | None, resolve: Resolve,
-               saved: list[Proxy] | None) -> None:
+               saved: Callable[[], list[Proxy]] | None) -> None:
     """Replace the saved proxies reachable from ``frame``'s variables.
 
-    ``resolve(proxy)`` returns ``(True, value)`` for a proxy to replace. ``saved``: the
-    trace's saved proxies still alive (none: nothing to do), whose references the walk
-    counts to stop early; ``None`` walks everything the frame reaches.
+    ``resolve(proxy)`` returns ``(True, value)`` for a proxy to replace. ``saved()``
+    returns the trace's saved proxies still alive (none: nothing to do), whose references
+    the walk counts to stop early (a function, not the list: a caller's frame or a
+    wrapper holding the list would hold them too); ``None`` walks everything the frame
+    reaches.
     """
-    if frame is None or (saved is not None and not saved):
+    proxies = saved() if saved is not None else None
+    if frame is None or (proxies is not None and not proxies):
         return
     namespace = frame.f_locals
     fast = namespace is not frame.f_globals and _LOCALS_TO_FAST is not None
-    walk = _Walk(resolve, saved)
-    saved = None  # (the walk holds them: counted against its probe)
+    walk = _Walk(resolve, proxies)
+    proxies = None  # (the walk holds them: counted against its probe)
     changed = False
     names = list(namespace)
     # the names bound to a proxy first (found in C; most blocks end here)

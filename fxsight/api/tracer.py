@@ -188,7 +188,7 @@ class Tracer:
             self.recorder.finish(self._results)
         finally:
             self._state = "done"
-        bind_frame(frame, self._resolve, self.recorder.live_saved())
+        bind_frame(frame, self._resolve, self.recorder.live_saved)
         if kept:
             bind_objects(kept, self._resolve)
         self._let_go()
