@@ -179,9 +179,12 @@ def bind_frame(frame: types.FrameType | None, resolve: Resolve,
             changed = True
     new = None
     if changed and fast:
-        _write_back(frame)  # (the variables let go of the proxies too)
+        _LOCALS_TO_FAST(frame, 0)  # (the variables let go of the proxies too)
         changed = False
-    if walk.done():
+        if walk.done():
+            return
+        frame.f_locals  # noqa: B018 - (read again: see _write_back)
+    elif walk.done():
         return
     for index in range(len(names) - 1, -1, -1):  # (from the last: the block's own names)
         kind = kinds[index]
