@@ -78,6 +78,8 @@ def test_a_loop_over_positions_splices_once_and_matches_hand_written_hooks(core_
     stats = fxsight.stats()
     assert stats["splices"] == 0  # every position ran the graph spliced for position 0
     assert stats["executable_hits"] == n + 1
+    # and was validated by checking its index against the walk of position 0's Program
+    assert stats["walks_skipped"] == n + 1
 
 
 def test_positions_differ_where_the_graph_is_shared(core_gpt2, prompts):
@@ -128,6 +130,10 @@ def test_items_of_a_tuple_and_slice_bounds_stay_constants():
             with net.trace(x):
                 value = net.pair.output[item][:, :stop].save()
             torch.testing.assert_close(value, ((x + 1, x * 3)[item])[:, :stop])
+        for item in (0, 1, 0):  # (Programs that differ in that integer only)
+            with net.trace(x):
+                value = net.pair.output[item].save()
+            torch.testing.assert_close(value, (x + 1, x * 3)[item])
 
 
 def test_a_steering_loop_over_positions_compiles_a_bounded_number_of_times():

@@ -32,7 +32,7 @@ from ..stats import bump
 from ..errors import user_stacklevel
 from .._torch import compile_backend, without_duck_shaping
 from ..record.program import INPUT_PART, Program
-from ..splice.indices import blind, index_values, tensor_indices
+from ..splice.indices import Validated, blind, candidates, index_values, tensor_indices
 from ..splice.splice import Spliced, splice
 from ..splice.walker import MetaWalker
 from .eager import fast_forward
@@ -330,10 +330,15 @@ _RUNNERS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = \
     weakref.WeakKeyDictionary()
 _EXECUTABLES: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = \
     weakref.WeakKeyDictionary()
-# Both caches are LRU, bounded per model: a long session that tries many structures keeps
+# what the walk of a Program found about its integers (splice.indices.Validated), for the
+# Programs alike but for them: (capture, Validated, its executable's key)
+_VALIDATED: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = \
+    weakref.WeakKeyDictionary()
+# The caches are LRU, bounded per model: a long session that tries many structures keeps
 # the most recently used ones (a runner keeps its executable alive while it is cached).
 MAX_RUNNERS = 256
 MAX_EXECUTABLES = 128
+MAX_VALIDATED = 128
 
 
 class Key:
@@ -414,6 +419,7 @@ def shape_blind(structure: tuple) -> tuple:
 def forget(model: torch.nn.Module) -> None:
     _RUNNERS.pop(model, None)
     _EXECUTABLES.pop(model, None)
+    _VALIDATED.pop(model, None)
 
 
 def _release(model: torch.nn.Module, graph_module: torch.fx.GraphModule) -> None:
@@ -428,6 +434,11 @@ def _release(model: torch.nn.Module, graph_module: torch.fx.GraphModule) -> None
     if executables:
         for key in [k for k in executables if k.value[0] is graph_module]:
             del executables[key]
+    validated = _VALIDATED.get(model)
+    if validated:
+        for key in [k for k, (_, v) in validated.items()
+                    if getattr(v[0], "graph_module", None) is graph_module]:
+            del validated[key]
 
 
 on_release(_release)
@@ -462,20 +473,37 @@ def build_runner(model: torch.nn.Module, captured: Any, program: Program, rows: 
                  structure: tuple, update_caches: bool = True) -> Runner:
     """Validate ``program`` for these exact inputs and find (or splice, and compile) its
     executable."""
-    walker = MetaWalker(program, rows, captured)
-    walker.run()
     # integers indexing tensors are inputs of the graph: a loop over positions splices
     # (and compiles) once, each position validated here for its own runner. (Not where
     # the user asked for static compilation: dynamo would recompile for each value up to
     # its recompile limit, then run eagerly; a graph per value stays compiled.)
     static = compile_options is not None and compile_options.dynamic is False
-    lifted = {} if static else tensor_indices(program, walker.values)
     dynamic = bool(getattr(captured, "dynamic", False))
+
+    def executable_for(key: tuple, lifted: dict) -> Executable:
+        return cached_executable(model, key, lambda: Executable(
+            splice(captured, program, rows, keep_output, update_caches=update_caches,
+                   indices=lifted),
+            compile_options, dynamic))
+
+    if not static:  # a Program alike but for its indices: their checks stand for the walk
+        alike, integers = candidates(structure)
+        per_model, stored, found = _lru_get(
+            _VALIDATED, model, (id(captured), alike, rows_key(rows), keep_output,
+                                compile_options, update_caches), MAX_VALIDATED)
+        if found is not None and found[0] is captured:
+            values = found[1].index_values(integers)
+            if values is not None:
+                bump("walks_skipped")
+                return Runner(executable_for(found[2], found[1].lifted), values)
+    walker = MetaWalker(program, rows, captured)
+    walker.run()
+    lifted = {} if static else tensor_indices(program, walker.values)
     key = (captured.graph_module, shape_blind(blind(structure, lifted)),
            rows_key(rows, exact=False), keep_output, compile_options, update_caches,
            tuple(lifted.items()))
-    executable = cached_executable(model, key, lambda: Executable(
-        splice(captured, program, rows, keep_output, update_caches=update_caches,
-               indices=lifted),
-        compile_options, dynamic))
+    executable = executable_for(key, lifted)
+    if not static:
+        per_model[stored] = (stored, (captured, Validated(program, lifted, walker.values,
+                                                          integers), key))
     return Runner(executable, index_values(program, lifted, walker.values))

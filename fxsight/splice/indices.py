@@ -20,6 +20,11 @@ would need a compilation of its own.
 Other keys (``x[:, :k]``: the shape depends on ``k``; ``None``, ``...``, tensors), integers
 indexing a tuple, list or dict (``h.output[0]``: which value, resolved when splicing),
 ``bool`` and everything that is not a plain ``int`` stay constants of the graph.
+
+A new position's Program is not walked again either: :func:`candidates` leaves every
+integer that could be lifted out of its structure, and where an alike Program was walked
+(:class:`Validated`), checking the integers stands for the walk: the lifted ones in range
+of the sizes they index, the others equal.
 """
 
 from __future__ import annotations
@@ -162,3 +167,82 @@ def as_selection(target: Any, args: tuple, positions: "tuple[int, ...] | None",
 def count(positions: "tuple[int, ...] | None") -> int:
     """How many integers a node's key lifts."""
     return 1 if positions is None else len(positions)
+
+
+# --- Programs that differ from a validated one in their indices only ---------------------
+_INDEXING = (operator.getitem, setitem)  # (the structure key holds these targets themselves)
+
+
+def candidates(structure: tuple) -> tuple[tuple, dict[tuple, int]]:
+    """``structure`` with every integer that a Program could have lifted replaced by
+    :data:`INDEX` (those of a getitem's or setitem's key made of integers and whole
+    slices, whatever it indexes), and those integers by ``(node index, position)``
+    (``position`` as in :data:`Lifted`). Two Programs with equal results here differ in
+    those integers only: once one was validated, the other needs the integers checked, not
+    a walk (see :class:`Validated`)."""
+    parts = list(structure)
+    found: dict[tuple, int] = {}
+    for index, part in enumerate(parts):
+        if len(part) < 4 or part[0] != "op" or part[1] != "call_function" or \
+                part[2] not in _INDEXING or type(part[3]) is not tuple:
+            continue
+        tag, items = part[3]
+        if tag != "tuple" or len(items) < 2:
+            continue
+        key = items[1]
+        if type(key) is int:
+            found[(index, None)] = key
+            key = INDEX
+        elif type(key) is tuple and len(key) == 2 and key[0] == "tuple" and \
+                all(type(item) is int or item == _WHOLE_KEY for item in key[1]):
+            positions = [i for i, item in enumerate(key[1]) if type(item) is int]
+            if not positions:
+                continue
+            for position in positions:
+                found[(index, position)] = key[1][position]
+            key = ("tuple", tuple(INDEX if type(item) is int else item for item in key[1]))
+        else:
+            continue
+        parts[index] = (*part[:3], (tag, (items[0], key, *items[2:])), *part[4:])
+    return tuple(parts), found
+
+
+_WHOLE_KEY = ("slice", None, None, None)  # ``:`` in a structure key
+
+
+class Validated:
+    """What the walk of a Program found about its integers: which it lifted (and the sizes
+    they index), and the values of the others (constants of its graph). Another Program
+    whose :func:`candidates` structure is the same needs only its integers checked:
+    the constants equal, the lifted ones in range (the shapes of ``x[:, i]`` and of the
+    rest of the walk do not depend on ``i``)."""
+
+    __slots__ = ("lifted", "sizes", "constants")
+
+    def __init__(self, program: Program, lifted: Lifted, values: dict,
+                 integers: dict[tuple, int]):
+        self.lifted = lifted
+        nodes = program.nodes
+        self.sizes: dict[tuple, int] = {}
+        for index, positions in lifted.items():
+            sizes = _sizes(_indexed(nodes[index], values), positions)
+            for position, size in zip(positions or (None,), sizes):
+                self.sizes[(index, position)] = size
+        self.constants = {k: v for k, v in integers.items() if k not in self.sizes}
+
+    def index_values(self, integers: dict[tuple, int]) -> list[int] | None:
+        """The lifted integers of a Program alike but for its ``integers`` (from
+        :func:`candidates`), in the order of the graph's placeholders and counted from the
+        start; ``None`` where a constant differs or an index is out of range (the walk
+        decides, and says why)."""
+        for key, value in self.constants.items():
+            if integers.get(key) != value:
+                return None
+        found = []
+        for index, positions in self.lifted.items():
+            for position in positions or (None,):
+                value, size = integers.get((index, position)), self.sizes[(index, position)]
+                if value is None or not -size <= value < size:
+                    return None
+                found.append(value + size if value < 0 else value)
+        return found
