@@ -95,7 +95,7 @@ class _Walk:
         if kind is Proxy:
             ok, real = self.resolve(value)
             return real if ok else value
-        if kind in _LEAF_TYPES or depth == 0 or id(value) in self.seen:
+        if kind in _LEAF_TYPES or depth == 0 or self.finished or id(value) in self.seen:
             return value
         if isinstance(value, _ATOMS):
             _leaf(kind)

@@ -170,11 +170,9 @@ def count(positions: "tuple[int, ...] | None") -> int:
 
 
 # --- Programs that differ from a validated one in their indices only ---------------------
-_INDEXING = (operator.getitem, setitem)  # (the structure key holds these targets themselves)
-
-
 def candidates(structure: tuple) -> tuple[tuple, dict[tuple, int]]:
-    """``structure`` with every integer that a Program could have lifted replaced by
+    """``structure`` (whose parts key getitem and setitem by the functions themselves)
+    with every integer that a Program could have lifted replaced by
     :data:`INDEX` (those of a getitem's or setitem's key made of integers and whole
     slices, whatever it indexes), and those integers by ``(node index, position)``
     (``position`` as in :data:`Lifted`). Two Programs with equal results here differ in
@@ -184,7 +182,8 @@ def candidates(structure: tuple) -> tuple[tuple, dict[tuple, int]]:
     found: dict[tuple, int] = {}
     for index, part in enumerate(parts):
         if len(part) < 4 or part[0] != "op" or part[1] != "call_function" or \
-                part[2] not in _INDEXING or type(part[3]) is not tuple:
+                (part[2] is not operator.getitem and part[2] is not setitem) or \
+                type(part[3]) is not tuple:
             continue
         tag, items = part[3]
         if tag != "tuple" or len(items) < 2:
