@@ -134,3 +134,37 @@ def test_binding_stops_once_every_saved_proxy_is_replaced(setup):
     assert history["last"] is h and type(pair[1]) is torch.Tensor
     torch.testing.assert_close(pair[1], out, rtol=0, atol=0)
     assert results.reads == 0  # (walked last: the block's names come first, from the end)
+
+
+def test_saved_values_are_bound_in_every_kind_of_frame(setup):
+    """Closures' cells, generators, class bodies and exec'd code: each writes its
+    variables back its own way (the walk's reference counts must see every write)."""
+    model, net, x = setup
+    hidden = model.layer1(x)
+
+    def in_a_closure():
+        with net.trace(x):
+            h = net.layer1.output.save()
+
+        def inner():
+            return h
+        return inner()
+
+    def in_a_generator():
+        with net.trace(x):
+            h = net.layer1.output.save()
+            pair = (h, [h])
+        yield h, pair
+
+    class InAClassBody:
+        with net.trace(x):
+            h = net.layer1.output.save()
+
+    namespace = {"net": net, "x": x}
+    exec("with net.trace(x):\n    h = net.layer1.output.save()\n    d = {'k': (h,)}\n",
+         namespace)
+    h, pair = next(in_a_generator())
+    for value in (in_a_closure(), h, pair[0], pair[1][0], InAClassBody.h, namespace["h"],
+                  namespace["d"]["k"][0]):
+        assert type(value) is torch.Tensor
+        torch.testing.assert_close(value, hidden, rtol=0, atol=0)
