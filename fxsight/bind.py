@@ -72,20 +72,23 @@ class _Walk:
     (a list of earlier results, thousands long) cannot hold one. Containers are walked
     from their end (what the block appended comes last)."""
 
-    def __init__(self, resolve: Resolve, proxies: list[Proxy] | None = None):
+    def __init__(self, resolve: Resolve, proxies: list[Proxy] | None = None,
+                 until: Callable[[], bool] | None = None):
         self.resolve = resolve
         self.seen: set[int] = set()
         # (the probe first: it is held exactly as the proxies are)
         self.held = [object(), *proxies] if proxies and _COUNTED else None
+        self.until = until  # or: the walk may stop once ``until()`` (after a proxy)
         self.finished = False
 
     def done(self) -> bool:
-        """Whether no reference to a live saved proxy is left outside the walk (never,
-        where references are not counted)."""
-        if self.held is None:
-            return False
-        counts = list(map(sys.getrefcount, self.held))
-        self.finished = max(counts) <= counts[0]
+        """Whether the walk may stop: ``until()``, or no reference to a live saved proxy
+        is left outside the walk (never, where references are not counted)."""
+        if self.until is not None:
+            self.finished = self.until()
+        elif self.held is not None:
+            counts = list(map(sys.getrefcount, self.held))
+            self.finished = max(counts) <= counts[0]
         return self.finished
 
     def bound(self, value: Any, depth: int) -> Any:
@@ -94,6 +97,8 @@ class _Walk:
         kind = type(value)
         if kind is Proxy:
             ok, real = self.resolve(value)
+            if self.until is not None:
+                self.done()
             return real if ok else value
         if kind in _LEAF_TYPES or depth == 0 or self.finished or id(value) in self.seen:
             return value
@@ -147,21 +152,22 @@ def _write_back(frame: types.FrameType) -> None:
 
 
 def bind_frame(frame: types.FrameType | None, resolve: Resolve,
-               saved: Callable[[], list[Proxy]] | None) -> None:
+               saved: Callable[[], list[Proxy]] | None,
+               until: Callable[[], bool] | None = None) -> None:
     """Replace the saved proxies reachable from ``frame``'s variables.
 
     ``resolve(proxy)`` returns ``(True, value)`` for a proxy to replace. ``saved()``
     returns the trace's saved proxies still alive (none: nothing to do), whose references
     the walk counts to stop early (a function, not the list: a caller's frame or a
     wrapper holding the list would hold them too); ``None`` walks everything the frame
-    reaches.
+    reaches, or until ``until()`` is true (checked after each proxy).
     """
     proxies = saved() if saved is not None else None
     if frame is None or (proxies is not None and not proxies):
         return
     namespace = frame.f_locals
     fast = namespace is not frame.f_globals and _LOCALS_TO_FAST is not None
-    walk = _Walk(resolve, proxies)
+    walk = _Walk(resolve, proxies, until)
     proxies = None  # (the walk holds them: counted against its probe)
     changed = False
     names = list(namespace)
@@ -208,9 +214,20 @@ def bind_frame(frame: types.FrameType | None, resolve: Resolve,
         _LOCALS_TO_FAST(frame, 0)
 
 
-def bind_objects(objects: list, resolve: Resolve) -> None:
+def bind_objects(objects: list, resolve: Resolve,
+                 saved: Callable[[], list[Proxy]] | None = None,
+                 until: Callable[[], bool] | None = None) -> None:
     """Replace the saved proxies inside ``objects`` (lists, dicts, the user's objects kept
-    with ``fxsight.save(obj)``), in place."""
-    walk = _Walk(resolve)
+    with ``fxsight.save(obj)``), in place; ``saved`` and ``until`` as for
+    :func:`bind_frame`."""
+    proxies = saved() if saved is not None else None
+    if proxies is not None and not proxies:
+        return
+    walk = _Walk(resolve, proxies, until)
+    proxies = None
+    if walk.done():
+        return
     for value in objects:
         walk.bound(value, _DEPTH)
+        if walk.finished:
+            return

@@ -20,9 +20,10 @@ binding the saved names (``bind.bind_frame``). Two conditions:
 - ``back to back``: one trace after another (the graph run inside each trace replaces
   fxsight's code and data in the CPU's caches all the same).
 
-One more row times the same trace where its caller holds a list of 20,000 earlier results
-(a loop over experiments that keeps what it found): binding the saved names must not walk
-them.
+Two more rows time the same trace where its caller holds a list of 20,000 earlier results
+(a loop over experiments that keeps what it found), outside and inside a ``session()``:
+binding the saved names (and, in a session, saving what a later trace may use) must not
+walk them.
 
 Floors, timed the same ways:
 
@@ -57,6 +58,7 @@ TOTAL = "fxsight's own cost per trace (the sum)"
 HISTORY = 20_000  # earlier results a loop keeps in a list of its own
 WITH_HISTORY = (f"the same trace, the caller holding a list of {HISTORY:,} earlier results "
                 f"(whole trace minus the graph)")
+IN_SESSION = "the same, inside a `session()` (where a trace saves what a later one may use)"
 FLOORS = ("the block's statements alone (a stand-in that records nothing)",
           "the model state check alone", "hand-written hooks (hooks − plain forward)")
 
@@ -206,7 +208,7 @@ def run(quick: bool = False, threads: int = 2) -> list[dict[str, Any]]:
     ids, steer = _ids(model), _steer(model)
     wrapped = fxsight.NNsight(model)
     rows: dict[str, dict[str, Any]] = {
-        part: {"part": part} for part in (*PARTS, TOTAL, WITH_HISTORY, *FLOORS)}
+        part: {"part": part} for part in (*PARTS, TOTAL, WITH_HISTORY, IN_SESSION, *FLOORS)}
     with torch.no_grad():
         with GraphClock() as graph, _Timer(state, "state_token") as check, \
                 _Timer(tracer_module, "bind_frame") as bind:
@@ -224,6 +226,9 @@ def run(quick: bool = False, threads: int = 2) -> list[dict[str, Any]]:
             for condition in CONDITIONS:
                 rows[WITH_HISTORY][condition] = _estimators(
                     _condition(model, ids, condition == CONDITIONS[0], history, traces))
+                with wrapped.session():
+                    rows[IN_SESSION][condition] = _estimators(
+                        _condition(model, ids, condition == CONDITIONS[0], history, traces))
         block = _stand_in(model)
         hooks, token = _hooks(model, "steer", STEERED, steer), state.state_token
         for condition in CONDITIONS:

@@ -168,3 +168,27 @@ def test_saved_values_are_bound_in_every_kind_of_frame(setup):
                   namespace["d"]["k"][0]):
         assert type(value) is torch.Tensor
         torch.testing.assert_close(value, hidden, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not bind._COUNTED, reason="this Python does not count references exactly")
+def test_a_session_loop_does_not_walk_its_earlier_results(setup):
+    """In a session every trace saves what a later trace may use (its unsaved proxies the
+    caller can reach): the walk ends once each of them is found, so a loop that collects
+    thousands of results does not walk them at every trace."""
+    model, net, x = setup
+    out = model(x)
+    history = _Walked(torch.zeros(1) for _ in range(1000))
+    with net.session():
+        outs = fxsight.save(_Walked(torch.zeros(1) for _ in range(1000)))
+        with net.trace(x):
+            hidden = net.layer1.output  # no .save(): the next trace uses it
+        for _ in range(3):
+            with net.trace(x):
+                net.layer1.output = hidden
+                outs.append(net.output)  # (unsaved: saved by the session at the end)
+    assert history.reads == 0
+    assert outs.reads < 20  # (from the end: what the block appended)
+    assert len(outs) == 1003
+    for value in outs[1000:]:
+        assert type(value) is torch.Tensor
+        torch.testing.assert_close(value, out, rtol=0, atol=0)

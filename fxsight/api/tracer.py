@@ -156,6 +156,8 @@ class Tracer:
                 self._state = "done"
                 raise
         self.recorder.open, self.recorder.thread = True, get_ident()
+        if active_sessions():  # (what a later trace may use: see _save_reachable)
+            self.recorder.made = []
         active_tracers().append(self)
         if self._implicit is not None:
             self._implicit.__enter__()
@@ -190,7 +192,7 @@ class Tracer:
             self._state = "done"
         bind_frame(frame, self._resolve, self.recorder.live_saved)
         if kept:
-            bind_objects(kept, self._resolve)
+            bind_objects(kept, self._resolve, self.recorder.live_saved)
         self._let_go()
 
     def _let_go(self) -> None:
@@ -210,16 +212,23 @@ class Tracer:
         """Save this trace's proxies inside ``kept`` objects, and (in a session, where a
         later trace may use them) those the caller's ``frame`` holds."""
         recorder = self.recorder
+        # (in a session: the proxies made and not saved; found all, the walks end)
+        waiting = recorder.waiting()
+        if waiting is not None and not waiting:
+            return
 
         def save(proxy: Proxy) -> tuple[bool, Any]:
             if proxy._recorder is recorder and not recorder.is_saved(proxy):
                 recorder.save(proxy)
+            if waiting is not None:
+                waiting.pop(id(proxy), None)
             return False, None
 
-        if kept:
-            bind_objects(kept, save)
-        if frame is not None:
-            bind_frame(frame, save, None)
+        until = None if waiting is None else (lambda: not waiting)
+        if frame is not None:  # (first: the names bound to a proxy are found in C)
+            bind_frame(frame, save, None, until)
+        if kept and (waiting is None or waiting):
+            bind_objects(kept, save, until=until)
 
     # --- user API -----------------------------------------------------------------------
     def invoke(self, *args, **kwargs) -> Invoke | WholeBatch:

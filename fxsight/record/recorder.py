@@ -51,6 +51,8 @@ class Recorder:
         self.token_indexing = token_indexing
         self.open = False  # whether recording is allowed (set by the trace's context)
         self.thread: int | None = None  # the thread whose trace context opened it
+        # in a session: every proxy made, held weakly (what may wait to be saved at the end)
+        self.made: list[weakref.ref] | None = None
         self.done = False  # whether the trace has run: saved proxies stand for their values
         # ``what -> why``: kinds of node this trace cannot run (gradients in generate)
         self.refused: dict[str, str] = {}
@@ -73,7 +75,10 @@ class Recorder:
         (``current``: the caller found this recorder's trace open in this thread)."""
         if not current and (not self.open or self.thread != get_ident()):
             self.check_open()
-        return Proxy(self, self.program.read(site, accessor, self.scope, user_line()))
+        proxy = Proxy(self, self.program.read(site, accessor, self.scope, user_line()))
+        if self.made is not None:
+            self.made.append(weakref.ref(proxy))
+        return proxy
 
     def create_write(self, site: Site, accessor: str, value: Any) -> None:
         """Replace a module's ``accessor`` at ``site`` with ``value``."""
@@ -103,7 +108,10 @@ class Recorder:
         if node.mutation and args and isinstance(args[0], Proxy):
             object.__setattr__(args[0], "_node", node)
             return args[0]
-        return Proxy(self, node)
+        proxy = Proxy(self, node)
+        if self.made is not None:
+            self.made.append(weakref.ref(proxy))
+        return proxy
 
     def create_setitem(self, proxy: Proxy, key: Any, value: Any) -> None:
         """``proxy[key] = value``."""
@@ -116,7 +124,10 @@ class Recorder:
         self._check_allowed("grad")
         self.check_open()
         target = self.to_arg(proxy)
-        return Proxy(self, self.program.grad(target, self._scope_of(target), user_line()))
+        proxy = Proxy(self, self.program.grad(target, self._scope_of(target), user_line()))
+        if self.made is not None:
+            self.made.append(weakref.ref(proxy))
+        return proxy
 
     def create_grad_write(self, proxy: Proxy, value: Any) -> None:
         """``proxy.grad = value``."""
@@ -134,6 +145,14 @@ class Recorder:
         self.program.save(proxy._node)
         self.saved[id(proxy)] = (weakref.ref(proxy), proxy._node)
         return proxy
+
+    def waiting(self) -> dict[int, Proxy] | None:
+        """The proxies made and still alive but not saved, by id (``None`` where the
+        recorder does not keep track: outside a session)."""
+        if self.made is None:
+            return None
+        alive = [ref() for ref in self.made]
+        return {id(p): p for p in alive if p is not None and not self.is_saved(p)}
 
     def live_saved(self) -> list[Proxy]:
         """The saved proxies still alive (a saved value nobody kept is not among them)."""
