@@ -182,10 +182,8 @@ class Program:
              line: Any, scope: Scope, site: Site | None = None, accessor: str | None = None,
              skip: bool = False, mutation: bool = False, lenient: bool = False) -> Node:
         inputs: list[Node] = []
-        if target in _SENTINELS:  # (reads and writes: their own key, no call)
-            target_key = target
-        elif type(target) is FunctionType:
-            target_key = _function_key(target)
+        if type(target) is FunctionType:  # (reads and writes: their own key, no call)
+            target_key = target if target in _SENTINELS else _function_key(target)
         else:
             try:
                 hash(target)

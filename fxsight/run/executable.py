@@ -32,7 +32,7 @@ from ..stats import bump
 from ..errors import user_stacklevel
 from .._torch import compile_backend, without_duck_shaping
 from ..record.program import INPUT_PART, Program
-from ..splice.indices import Validated, blind, candidates, index_values, tensor_indices
+from ..splice.indices import Validated, blind, candidates, tensor_indices
 from ..splice.splice import Spliced, splice
 from ..splice.walker import MetaWalker
 from .eager import fast_forward
@@ -486,8 +486,8 @@ def build_runner(model: torch.nn.Module, captured: Any, program: Program, rows: 
                    indices=lifted),
             compile_options, dynamic))
 
+    alike, integers = candidates(structure)
     if not static:  # a Program alike but for its indices: their checks stand for the walk
-        alike, integers = candidates(structure)
         per_model, stored, found = _lru_get(
             _VALIDATED, model, (id(captured), alike, rows_key(rows), keep_output,
                                 compile_options, update_caches), MAX_VALIDATED)
@@ -503,7 +503,8 @@ def build_runner(model: torch.nn.Module, captured: Any, program: Program, rows: 
            rows_key(rows, exact=False), keep_output, compile_options, update_caches,
            tuple(lifted.items()))
     executable = executable_for(key, lifted)
+    validated = Validated(program, lifted, walker.values, integers)
     if not static:
-        per_model[stored] = (stored, (captured, Validated(program, lifted, walker.values,
-                                                          integers), key))
-    return Runner(executable, index_values(program, lifted, walker.values))
+        per_model[stored] = (stored, (captured, validated, key))
+    # (the walk checked them: in range, so never None here)
+    return Runner(executable, validated.index_values(integers))

@@ -116,22 +116,6 @@ def setitem_at(target: torch.Tensor, dims: tuple[int, ...], value: Any,
     return target
 
 
-def index_values(program: Program, lifted: Lifted, values: dict) -> list[int]:
-    """The lifted integers' values, in the order of the graph's placeholders, counted
-    from the start (``-1`` of a size 7 is ``6``; the walk ``values`` came from checked
-    they are in range). A compiled graph never sees a negative index: inductor (torch
-    2.13) computes ``x[:, i] += v`` wrongly for a negative symbolic ``i``."""
-    found: list[int] = []
-    nodes = program.nodes
-    for index, positions in lifted.items():
-        node = nodes[index]
-        key = node.args[1]
-        items = [key] if positions is None else [key[i] for i in positions]
-        sizes = _sizes(_indexed(node, values), positions)
-        found += [item + size if item < 0 else item for item, size in zip(items, sizes)]
-    return found
-
-
 def blind(structure: tuple, lifted: Lifted) -> tuple:
     """A Program structure key with the lifted integers replaced by :data:`INDEX` (parts
     and nodes are in step: part ``i`` describes node ``i``, as ``Program._add`` builds
@@ -230,10 +214,12 @@ class Validated:
         self.constants = {k: v for k, v in integers.items() if k not in self.sizes}
 
     def index_values(self, integers: dict[tuple, int]) -> list[int] | None:
-        """The lifted integers of a Program alike but for its ``integers`` (from
-        :func:`candidates`), in the order of the graph's placeholders and counted from the
-        start; ``None`` where a constant differs or an index is out of range (the walk
-        decides, and says why)."""
+        """The lifted integers of this Program, or of one alike but for its ``integers``
+        (from :func:`candidates`), in the order of the graph's placeholders and counted
+        from the start (``-1`` of a size 7 is ``6``: a compiled graph never sees a negative
+        index, as inductor (torch 2.13) computes ``x[:, i] += v`` wrongly for a negative
+        symbolic ``i``); ``None`` where a constant differs or an index is out of range
+        (the walk decides, and says why)."""
         for key, value in self.constants.items():
             if integers.get(key) != value:
                 return None
