@@ -32,12 +32,22 @@ Floors, timed the same ways:
 - ``the model state check alone``: the check above, called by itself;
 - ``hand-written hooks``: the experiment as forward hooks registered and removed around
   a forward pass, minus the plain forward pass (the two take turns; their difference is
-  at the noise level of a forward pass).
+  at the noise level of a forward pass);
+- ``a minimal replay design``: what a trace would cost if a repeated block did nothing
+  but what a replay of its last recording needs: its statements append a tuple each to a
+  list (stand-ins, no nodes, no source lines, no checks), and the end of the block compares
+  the list with the last trace's, calls the model state check, compares the input's shape,
+  calls the runner fxsight chose for this block (the graph excluded, as everywhere here)
+  and binds the two saved names in the caller's frame. Not an implementation: it records
+  nothing else, checks no misuse and has no fallback; it bounds what such a redesign
+  could reach on this machine.
 """
 
 from __future__ import annotations
 
+import operator
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -60,7 +70,10 @@ WITH_HISTORY = (f"the same trace, the caller holding a list of {HISTORY:,} earli
                 f"(whole trace minus the graph)")
 IN_SESSION = "the same, inside a `session()` (where a trace saves what a later one may use)"
 FLOORS = ("the block's statements alone (a stand-in that records nothing)",
-          "the model state check alone", "hand-written hooks (hooks − plain forward)")
+          "the model state check alone", "hand-written hooks (hooks − plain forward)",
+          "a minimal replay design (the statements append tuples; the end compares them "
+          "with the last trace's, checks the model state, calls the same runner, binds two "
+          "names)")
 
 
 class _Timer:
@@ -161,6 +174,135 @@ def _stand_in(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], 
     return block
 
 
+# --- a design's floor: a replay of the last recording, nothing else -----------------------
+class _Replay:
+    """The steps recorded by one replayed block (stand-ins), and the plan they must equal."""
+
+    active: "_Replay | None" = None
+
+    def __init__(self, ids: torch.Tensor, plan: "_Plan"):
+        self.ids, self.plan = ids, plan
+        self.steps: list[tuple] = []
+        self.inputs: list[torch.Tensor] = []
+        self.saved: list["_ReplayValue"] = []
+
+    def step(self, *step: Any) -> "_ReplayValue":
+        self.steps.append(step)
+        return _ReplayValue(len(self.steps))
+
+    def __enter__(self) -> "_Replay":
+        _Replay.active = self
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        _Replay.active = None
+        plan = self.plan
+        if self.steps != plan.steps or plan.token(plan.model) != plan.state or \
+                self.ids.shape != plan.shape:
+            raise RuntimeError("the replay floor's plan no longer holds")
+        _, saves = plan.runner([self.ids, False, *self.inputs], ())
+        values = dict(zip(map(id, self.saved), saves))
+        frame = sys._getframe(1)
+        names = frame.f_locals
+        for name, value in names.items():
+            if type(value) is _ReplayValue:
+                names[name] = values[id(value)]
+        if plan.locals_to_fast is not None:  # (before Python 3.13)
+            plan.locals_to_fast(frame, 0)
+        return False
+
+
+class _ReplayValue:
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def save(self) -> "_ReplayValue":
+        _Replay.active.saved.append(self)
+        return self
+
+    def __getitem__(self, key: Any) -> "_ReplayValue":
+        return _Replay.active.step(operator.getitem, self.index, key)
+
+    def __iadd__(self, other: Any) -> "_ReplayValue":
+        replay = _Replay.active
+        if type(other) is torch.Tensor:
+            replay.inputs.append(other)
+            other = torch.Tensor
+        replay.step(operator.iadd, self.index, other)
+        return self
+
+    def __setitem__(self, key: Any, value: "_ReplayValue") -> None:
+        _Replay.active.step(operator.setitem, self.index, key, value.index)
+
+
+class _ReplayModule:
+    def __init__(self, module: torch.nn.Module, path: str = ""):
+        self._path = path
+        for name, child in module.named_children():
+            setattr(self, name, _ReplayModule(child, f"{path}.{name}"))
+
+    def __getitem__(self, index: int) -> "_ReplayModule":
+        return getattr(self, str(index))
+
+    @property
+    def output(self) -> _ReplayValue:
+        return _Replay.active.step("output", self._path)
+
+
+class _Plan:
+    """What a replay compares with: the steps of one recording, the model's state token and
+    the input's shape then, and the runner fxsight chose for the block."""
+
+    def __init__(self, model: torch.nn.Module, ids: torch.Tensor, runner: Any,
+                 token: Callable[[torch.nn.Module], int]):
+        from fxsight import bind
+
+        self.model, self.token, self.runner, self.shape = model, token, runner, ids.shape
+        self.state = token(model)
+        self.steps: list[tuple] = []
+        self.locals_to_fast = bind._LOCALS_TO_FAST  # (how fxsight binds names)
+
+
+def _replay_floor(model: torch.nn.Module, wrapped: Any, ids: torch.Tensor,
+                  steer: torch.Tensor, graph: GraphClock) -> Callable[[], float]:
+    """The steer block against the replay stand-ins (see the module's docstring): seconds
+    per block, the graph excluded."""
+    from fxsight.capture import state
+
+    with wrapped.trace(ids, use_cache=False):  # (fxsight's runner for this block)
+        wrapped.transformer.h[SAVED].output.save()
+        wrapped.transformer.h[STEERED].output[:] += steer
+        wrapped.lm_head.output.save()
+    last = [*wrapped._last_run.values()][-1]  # (the latest run: this block's)
+    plan = _Plan(model, ids, last.runner(), state.state_token)
+    stand_in = _ReplayModule(model)
+
+    def block() -> tuple[Any, Any]:
+        with _Replay(ids, plan):
+            kept = stand_in.transformer.h[SAVED].output.save()
+            stand_in.transformer.h[STEERED].output[:] += steer
+            logits = stand_in.lm_head.output.save()
+        return kept, logits
+
+    recording = _Replay.active = _Replay(ids, plan)  # (the plan: the block's steps)
+    stand_in.transformer.h[SAVED].output.save()
+    stand_in.transformer.h[STEERED].output[:] += steer
+    stand_in.lm_head.output.save()
+    _Replay.active, plan.steps = None, recording.steps
+    for _ in range(20):
+        kept, logits = block()
+    assert isinstance(kept, torch.Tensor) and isinstance(logits, torch.Tensor)
+
+    def timed() -> float:
+        before = graph.seconds
+        start = time.perf_counter()
+        block()
+        return time.perf_counter() - start - (graph.seconds - before)
+    return timed
+
+
 # --- running -----------------------------------------------------------------------------
 def _condition(model: torch.nn.Module, ids: torch.Tensor, between: bool,
                measure: Callable[[], Any], traces: int) -> list[Any]:
@@ -238,6 +380,11 @@ def run(quick: bool = False, threads: int = 2) -> list[dict[str, Any]]:
             rows[FLOORS[1]][condition] = _estimators(
                 _condition(model, ids, between, lambda: _timed(token, model), traces))
         rows[FLOORS[2]].update(_hooks_own(model, ids, hooks, traces))
+        with GraphClock() as graph:
+            replay = _replay_floor(model, wrapped, ids, steer, graph)
+            for condition in CONDITIONS:
+                rows[FLOORS[3]][condition] = _estimators(
+                    _condition(model, ids, condition == CONDITIONS[0], replay, traces))
     return list(rows.values())
 
 
@@ -276,10 +423,13 @@ def targets(results: list[dict[str, Any]]) -> str:
     by_part = {row["part"]: row for row in results}
     own = by_part[TOTAL][CONDITIONS[0]]
     floor = sum(by_part[part][CONDITIONS[0]]["median"] for part in FLOORS[:2])
+    replay = by_part[FLOORS[3]].get(CONDITIONS[0])
+    replayed = f"; a minimal replay design: {replay['median']:.0f} µs (min " \
+        f"{replay['min']:.0f})" if replay else ""
     return (f"- fxsight's own cost per trace after a forward: {own['median']:.0f} µs (min "
             f"{own['min']:.0f}; target < 100): {'met' if own['median'] < 100 else 'NOT met'}; "
             f"the block's statements against a stand-in and the model state check alone: "
-            f"{floor:.0f} µs")
+            f"{floor:.0f} µs{replayed}")
 
 
 if __name__ == "__main__":
