@@ -28,7 +28,7 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "generated_source_key", "forget_generated_source", "tensor_version",
            "forward_hook_dicts", "default_store", "dict_version_reader",
            "is_operator", "ambient_state_plain", "global_state_guard", "tensor_guards",
-           "inductor_compile"]
+           "inductor_compile", "returns_alias"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -54,6 +54,17 @@ def is_unused_random(target: Any) -> bool:
     impure: its schema (``_schema``, checked 2.13) tells whether it mutates an argument."""
     return is_op_overload(target) and torch.Tag.nondeterministic_seeded in target.tags and \
         not target._schema.is_mutable
+
+
+def returns_alias(target: Any) -> bool:
+    """Whether an operator overload returns its first argument's memory: a view
+    (``aten.view``, ``aten.slice``, ``aten.split``, ...) or the argument changed in place
+    (``aten.relu_``): its schema's first return carries alias information (``_schema``,
+    checked 2.13)."""
+    if not is_op_overload(target):
+        return False
+    returns = target._schema.returns
+    return bool(returns) and returns[0].alias_info is not None
 
 
 def compile_backend(backend: Any, mode: str | None, options: dict | None,

@@ -197,6 +197,8 @@ class _Replay:
     def __exit__(self, *exc) -> bool:
         _Replay.active = None
         plan = self.plan
+        if plan.steps is None:  # (the first block: its steps are the plan)
+            plan.steps = self.steps
         if self.steps != plan.steps or plan.token(plan.model) != plan.state or \
                 self.ids.shape != plan.shape:
             raise RuntimeError("the replay floor's plan no longer holds")
@@ -261,7 +263,7 @@ class _Plan:
 
         self.model, self.token, self.runner, self.shape = model, token, runner, ids.shape
         self.state = token(model)
-        self.steps: list[tuple] = []
+        self.steps: list[tuple] | None = None  # (set by the first replay)
         self.locals_to_fast = bind._LOCALS_TO_FAST  # (how fxsight binds names)
 
 
@@ -286,11 +288,6 @@ def _replay_floor(model: torch.nn.Module, wrapped: Any, ids: torch.Tensor,
             logits = stand_in.lm_head.output.save()
         return kept, logits
 
-    recording = _Replay.active = _Replay(ids, plan)  # (the plan: the block's steps)
-    stand_in.transformer.h[SAVED].output.save()
-    stand_in.transformer.h[STEERED].output[:] += steer
-    stand_in.lm_head.output.save()
-    _Replay.active, plan.steps = None, recording.steps
     for _ in range(20):
         kept, logits = block()
     assert isinstance(kept, torch.Tensor) and isinstance(logits, torch.Tensor)

@@ -767,14 +767,10 @@ def test_identity_modules_alias_their_input(backend, core_gpt2, core_ids, refere
     _assert_same(logits, expected)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a node runs as early as its inputs allow (its 'position'), not where it was "
-    "recorded: `h.sum()` recorded after an in-place edit of act1.input (the same tensor "
-    "as layer1.output) still runs right after layer1, before the edit; fx and hooks "
-    "agree with each other but not with nnsight's sequential semantics. A fix needs alias "
-    "tracking between sites in the walker"))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_value_read_after_an_aliasing_in_place_edit(backend, reference_hooks):
+    """``h.sum()`` recorded after an in-place edit of act1.input (the same tensor as
+    layer1.output) sees the edit, as in eager PyTorch and nnsight."""
     model = mlp()
     x = _x()
     ref = {}

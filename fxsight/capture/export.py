@@ -30,6 +30,7 @@ from ..stats import bump
 from ..errors import CaptureError
 from . import caches, dispatch, state
 from .events import ModuleEvents
+from .memory import memory_roots
 from . import opaque as opaque_calls
 from ..record.sites import Site, is_operation
 
@@ -114,9 +115,17 @@ class Captured:
     # operation sites whose values hold symbolic sizes in a dynamic-shape capture (a
     # call such as ``x.size(-1)``): a Program that uses one needs an exact-shape capture
     symbolic: frozenset = frozenset()
+    # site -> the graph nodes whose memory its tensors are in (see ``capture.memory``)
+    aliases: dict[Site, frozenset] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
+
+    def alias_keys(self, site: Site) -> frozenset:
+        """What ``site``'s tensors share memory with, as keys: two sites whose keys meet
+        hold the same tensor or views of one (a module's output and the next module's
+        input, an identity module's input and output, a view taken inside the forward)."""
+        return self.aliases.get(site, frozenset())
 
     def anchor(self, position: int) -> fx.Node:
         """The last graph node of the boundary events up to ``position``."""
@@ -400,7 +409,9 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     bump("captures")
     captured = Captured(module, in_spec, out_spec, list(events.order), slots,
                         time.perf_counter() - start, caches=cache_state.result,
-                        callees=dict(events.callees), opaque=dict(opaque))
+                        callees=dict(events.callees), opaque=dict(opaque),
+                        aliases={site: memory_roots(slot.nodes, BOUNDARY)
+                                 for site, slot in slots.items()})
     if dynamic:
         _make_dynamic(captured, exported, guards)
     return captured

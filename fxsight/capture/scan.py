@@ -17,6 +17,7 @@ from .captures import MAX_CAPTURES, signature
 from .state import Watch
 from .dispatch import offloaded
 from .events import ModuleEvents, silenced_hooks
+from .memory import MemoryNumbers
 from ..record.sites import Site
 
 
@@ -30,12 +31,18 @@ class ScanResult:
     output: Any = None
     index: dict[Site, int] = field(default_factory=dict)
     callees: dict = field(default_factory=dict, repr=False)  # (as ``Captured.callees``)
+    # site -> keys of the memory its tensors are in (as ``Captured.alias_keys``): sites
+    # whose keys meet hold the same tensor or views of one
+    aliases: dict[Site, frozenset] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
 
     def meta_value(self, site: Site) -> Any:
         return self.values[site]
+
+    def alias_keys(self, site: Site) -> frozenset:
+        return self.aliases.get(site, frozenset())
 
 
 def _to_meta(value: Any) -> Any:
@@ -68,25 +75,30 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     """
     values: dict[Site, Any] = {}
     devices: dict[Site, Any] = {}
+    aliases: dict[Site, frozenset] = {}
+    number = MemoryNumbers()
 
     def record(site: Site, value: Any) -> None:
         with unset_fake_temporarily():  # plain meta tensors, not fakes of this scan's mode
             values[site] = pytree.tree_map(_to_meta, value)
         devices[site] = pytree.tree_map(
             lambda v: v.device if isinstance(v, torch.Tensor) else None, value)
+        aliases[site] = frozenset(number(leaf) for leaf in pytree.tree_leaves(value)
+                                  if isinstance(leaf, torch.Tensor))
 
     events = ModuleEvents(model, record, operations=operations)
     before = Watch(model, 0)
     try:
         with silenced_hooks(model), _kept_buffers(model), \
                 torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)):
-            output, events = _run(model, args, kwargs, events, record, values, devices)
+            output, events = _run(model, args, kwargs, events, record,
+                                  (values, devices, aliases))
     finally:
         if not before.unchanged():  # the forward changed the model: undone (a trace
             before.restore()        # changes it only as the plain forward does)
     bump("scans")
     return ScanResult(list(events.order), values, devices, pytree.tree_map(_to_meta, output),
-                      callees=dict(events.callees))
+                      callees=dict(events.callees), aliases=aliases)
 
 
 def _cuda_devices(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[int]:
@@ -110,7 +122,7 @@ def _kept_buffers(model: torch.nn.Module):
                     buffer.copy_(copy)
 
 
-def _run(model, args, kwargs, events, record, values, devices):
+def _run(model, args, kwargs, events, record, recorded):
     with torch.no_grad():
         try:
             if offloaded(model):  # weights loaded by accelerate in each forward: real
@@ -125,8 +137,8 @@ def _run(model, args, kwargs, events, record, values, devices):
             with events.installed(), mode:
                 output = model(*fake_args, **fake_kwargs)
         except Exception:  # noqa: BLE001 - data-dependent code: probe with real values
-            values.clear()
-            devices.clear()
+            for table in recorded:
+                table.clear()
             events = ModuleEvents(model, record, operations=events.operations)
             if _is_meta_model(model):
                 meta_args, meta_kwargs = pytree.tree_map(_to_meta, (args, kwargs))

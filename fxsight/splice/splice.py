@@ -80,6 +80,9 @@ class _SpliceWalker(Walker):
         slot = self.captured.slots[site]
         return slot.value([self.node_map[n] if n is not None else None for n in slot.nodes])
 
+    def site_aliases(self, site: Site) -> frozenset:
+        return self.captured.alias_keys(site)
+
     def input_value(self, node: fx.Node) -> Any:
         return self.inputs[node.input_index]
 

@@ -4,6 +4,13 @@ A walker evaluates the Program's nodes in order in some value domain (meta tenso
 validation, graph nodes for splicing, real tensors for the hooks backend) and gives every
 node a *position*: the index of the latest boundary event it depends on (-1 for none).
 A node can run as soon as the forward pass reaches its position.
+
+One exception keeps the order the block was written in: a module's tensors are shared with
+other boundaries (a module's output is the next module's input; a view taken inside the
+forward), so an in-place change of one read changes the others. An operation recorded
+after such a change, on a value read at an earlier boundary that shares memory with the
+changed one, runs no earlier than the change (it sees it, as in eager PyTorch and nnsight).
+Which boundaries share memory the walker's source says (``site_aliases``).
 """
 
 from __future__ import annotations
@@ -42,8 +49,16 @@ class Walker:
         self.grad_nodes = [n for n in self.backward_nodes
                            if n.kind in (Kind.GRAD, Kind.GRAD_WRITE)]
         self.grad_keys: dict[Node, str] = {}
+        # the memory of reads changed in place so far (``site_aliases`` keys) -> the
+        # latest position of such a change
+        self.changed: dict[Any, int] = {}
 
     # --- domain hooks -------------------------------------------------------------------
+    def site_aliases(self, site: Site) -> frozenset:
+        """Keys of the memory ``site``'s tensors are in: sites whose keys meet share a
+        tensor (none known: nothing is ordered by it)."""
+        return frozenset()
+
     def call(self, node: Node | None, op: str, target: Any, args: tuple, kwargs: dict,
              position: int) -> Any:
         raise NotImplementedError
@@ -230,10 +245,28 @@ class Walker:
         position = max(self._arg_position(node.args), self._arg_position(node.kwargs))
         if node.mutation:
             self._check_mutation_order(node, position)
+        if self.changed:
+            position = max(position, self._changed_before(node))
         args = map_nodes(node.args, self.values.__getitem__)
         kwargs = map_nodes(node.kwargs, self.values.__getitem__)
         self.values[node] = self.call(node, node.op, node.target, args, kwargs, position)
         self.positions[node] = position
+        if node.mutation:
+            root = _read_root(node.args[0])
+            if root is not None:
+                for key in self.site_aliases(root.site):
+                    self.changed[key] = max(self.changed.get(key, BEFORE_ALL), position)
+
+    def _changed_before(self, node: Node) -> int:
+        """The latest position of an in-place change, recorded before ``node``, of memory
+        that a read among ``node``'s arguments (or what they view) shares."""
+        latest = BEFORE_ALL
+        for arg in node_args((node.args, node.kwargs)):
+            root = _read_root(arg)
+            if root is not None:
+                for key in self.site_aliases(root.site):
+                    latest = max(latest, self.changed.get(key, BEFORE_ALL))
+        return latest
 
     def is_value(self, leaf: Any) -> bool:
         """Whether a leaf of a site's value is a runtime value (not a Python constant)."""
@@ -250,11 +283,8 @@ class Walker:
         """Domain hook: reject a value that cannot replace ``old`` at ``site``."""
 
     def _check_mutation_order(self, node: Node, position: int) -> None:
-        root = node.args[0]
-        while isinstance(root, Node) and root.kind is Kind.OP and (
-                is_view(root) or root.mutation):
-            root = root.args[0]
-        if not isinstance(root, Node) or root.kind is not Kind.READ:
+        root = _read_root(node.args[0])
+        if root is None:
             return
         site_position = self.positions[root]
         if position > site_position:
@@ -281,6 +311,15 @@ class UnknownMeta:
 UNKNOWN = UnknownMeta()
 
 
+def _read_root(value: Any) -> Node | None:
+    """The read whose memory ``value`` is: back through views and in-place changes
+    (``None`` where it is not a read's)."""
+    while isinstance(value, Node) and value.kind is Kind.OP and (
+            is_view(value) or value.mutation):
+        value = value.args[0]
+    return value if isinstance(value, Node) and value.kind is Kind.READ else None
+
+
 class MetaWalker(Walker):
     """Evaluates a Program on meta tensors: shapes, dtypes, positions, and every check
     that must happen before anything runs."""
@@ -293,6 +332,10 @@ class MetaWalker(Walker):
 
     def site_value(self, site: Site) -> Any:
         return self.source.meta_value(site)
+
+    def site_aliases(self, site: Site) -> frozenset:
+        aliases = getattr(self.source, "alias_keys", None)
+        return aliases(site) if aliases is not None else frozenset()
 
     def run(self, nodes=None) -> None:
         self._check_inside_skips()

@@ -1,0 +1,223 @@
+"""Boundaries that share memory: a module's output is the next module's input (the same
+tensor), so an in-place edit at one changes the other. A line recorded after such an edit
+sees it, a line recorded before does not, as in eager PyTorch (forward hooks written here,
+run in the block's order) and nnsight; on the fx and hooks backends alike."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxsight import NNsight
+from fxsight.capture.captures import cached_capture
+from fxsight.capture.scan import scan
+from models import mlp
+
+BACKENDS = ("fx", "hooks")
+# (the earlier boundary, the later one that holds the same tensor) in the toy MLP
+SHARED = [(("layer1", "output"), ("act1", "input")),
+          (("act1", "output"), ("layer2", "input")),
+          (("layer2", "output"), ("act2", "input")),
+          (("act2", "output"), ("layer3", "input"))]
+
+
+def _x(rows: int = 4) -> torch.Tensor:
+    return torch.randn(rows, 5, generator=torch.Generator().manual_seed(1))
+
+
+def _value(output, inputs):
+    return output if output is not None else inputs[0]
+
+
+def _reference(model, x, read, edit, column, fill):
+    """Sums of the value read at ``read``, before and after the edit at ``edit`` (the
+    same tensor), and the model's output, by hand: forward hooks that run the block's
+    lines where eager PyTorch reaches them."""
+    kept = {}
+
+    def keep(module, args, output=None):
+        kept["value"] = _value(output, args)
+        kept["before"] = kept["value"].sum()
+
+    def change(module, args, output=None):
+        _value(output, args)[:, column] = fill
+
+    def after(module, args, output):
+        kept["after"] = kept["value"].sum()
+
+    handles = []
+    for (path, accessor), fn in ((read, keep), (edit, change)):
+        module = model.get_submodule(path)
+        handles.append(module.register_forward_hook(fn) if accessor == "output"
+                       else module.register_forward_pre_hook(fn))
+    handles.append(model.layer3.register_forward_hook(after))
+    try:
+        with torch.no_grad():
+            output = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return kept["before"], kept["after"], output
+
+
+def _traced(net, x, backend, read, edit, column, fill):
+    with torch.no_grad(), net.trace(x, backend=backend) as tracer:
+        value = getattr(getattr(net, read[0]), read[1])
+        before = value.sum().save()
+        getattr(getattr(net, edit[0]), edit[1])[:, column] = fill
+        after = value.sum().save()
+        output = net.output.save()
+    assert tracer.backend == backend
+    return before, after, output
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("read, edit", SHARED)
+def test_a_line_after_an_edit_of_the_same_tensor_sees_it(backend, read, edit):
+    model = mlp()
+    expected = _reference(model, _x(), read, edit, 0, 100.0)
+    got = _traced(NNsight(model), _x(), backend, read, edit, 0, 100.0)
+    for a, e in zip(got, expected):
+        assert torch.equal(a, e), (a, e)
+    assert not torch.equal(got[0], got[1])  # (the edit changed the value read)
+
+
+@settings(max_examples=25, deadline=None)
+@given(pair=st.sampled_from(SHARED), order=st.sampled_from(["earlier read", "later read",
+                                                           "one boundary"]),
+       column=st.integers(0, 9), fill=st.floats(-5, 5, width=32),
+       backend=st.sampled_from(BACKENDS))
+def test_reads_and_edits_of_one_tensor_at_either_boundary(pair, order, column, fill,
+                                                          backend):
+    """The value read at one of two boundaries holding one tensor and edited at the
+    other (or at the same one): the sums recorded before and after the edit are those of
+    hooks where the model reaches each boundary (an edit at the earlier boundary is in
+    place before a read at the later one, whatever the block's order)."""
+    earlier, later = pair
+    read, edit = {"earlier read": (earlier, later), "later read": (later, earlier),
+                  "one boundary": (later, later)}[order]
+    model = mlp()
+    expected = _reference(model, _x(), read, edit, column, fill)
+    got = _traced(NNsight(model), _x(), backend, read, edit, column, fill)
+    for a, e in zip(got, expected):
+        assert torch.equal(a, e), (a, e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_edits_of_one_tensor_apply_in_the_blocks_order(backend):
+    """An edit at act1.input, then one of the same column at layer1.output (the same
+    tensor): the later line wins, as where hooks run the lines in order."""
+    model = mlp()
+
+    def both(module, args):
+        args[0][:, 0] = 100.0
+        args[0][:, 0] = 5.0
+
+    handle = model.act1.register_forward_pre_hook(both)
+    try:
+        with torch.no_grad():
+            expected = model(_x())
+    finally:
+        handle.remove()
+    net = NNsight(model)
+    with torch.no_grad(), net.trace(_x(), backend=backend):
+        net.act1.input[:, 0] = 100.0
+        net.layer1.output[:, 0] = 5.0
+        out = net.output.save()
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_edit_of_other_memory_orders_nothing(backend, reference_hooks):
+    """layer2's input is ReLU's output, a new tensor: editing it in place does not hold
+    back a value computed from layer1's output, which may still be written at layer1."""
+    model = mlp()
+
+    def edit(module, args, kwargs):
+        args[0][:, 0] = 100.0
+
+    with reference_hooks(model, hooks={"layer1": lambda m, i, o: o * 2},
+                         pre_hooks={"layer2": edit}), torch.no_grad():
+        expected = model(_x())
+    net = NNsight(model)
+    with torch.no_grad(), net.trace(_x(), backend=backend):
+        h = net.layer1.output
+        net.layer2.input[:, 0] = 100.0
+        net.layer1.output = h * 2
+        out = net.output.save()
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_residual_stream_read_before_an_edit_of_the_next_blocks_input(
+        backend, core_gpt2, core_ids, reference_hooks):
+    """GPT-2: block 0's output is block 1's input. A sum of block 0's output recorded
+    after an in-place edit of block 1's input sees the edit."""
+    kept = {}
+
+    def keep(module, args, output):
+        kept["h"] = output
+
+    def edit(module, args, kwargs):
+        args[0][:, 0] = 0.0
+
+    def after(module, args, output):
+        kept["sum"] = (kept["h"] * 2).sum()
+
+    with reference_hooks(core_gpt2, hooks={"transformer.h.0": keep, "transformer.h.1": after},
+                         pre_hooks={"transformer.h.1": edit}), torch.no_grad():
+        expected = core_gpt2(core_ids, use_cache=False).logits
+    net = NNsight(core_gpt2)
+    with torch.no_grad(), net.trace(core_ids, use_cache=False, backend=backend):
+        h = net.transformer.h[0].output
+        net.transformer.h[1].input[:, 0] = 0.0
+        total = (h * 2).sum().save()
+        logits = net.lm_head.output.save()
+    assert torch.equal(total, kept["sum"])
+    assert torch.equal(logits, expected)
+
+
+def test_a_capture_and_a_scan_agree_on_which_boundaries_share_memory(core_gpt2, core_ids):
+    """What orders the lines is the same on both backends: the capture (graph nodes back
+    through markers, views and dropout in eval) and the scan (storages of the tensors the
+    forward passed) pair the same boundaries of GPT-2, among them dropout's input and
+    output (eval: the same tensor) and a block's output and the next block's input."""
+    kwargs = {"use_cache": False}
+    with torch.no_grad():
+        scanned = scan(core_gpt2, (core_ids,), kwargs)
+        captured = cached_capture(core_gpt2, (core_ids,), kwargs)
+    sites = [site for site in scanned.events if site in captured.index]
+
+    def pairs(source):
+        return {(a, b) for a, b in itertools.combinations(sites, 2)
+                if source.alias_keys(a) & source.alias_keys(b)}
+
+    found = pairs(scanned)
+    assert found == pairs(captured)
+    labels = {(a.path, a.kind, b.path, b.kind) for a, b in found}
+    assert ("transformer.drop", "input", "transformer.drop", "output") in labels
+    assert ("transformer.h.0", "output", "transformer.h.1", "input") in labels
+    assert ("transformer.h.0", "output", "transformer.h.1.attn", "input") not in labels
+
+
+@pytest.mark.compile
+def test_compiled_a_line_after_an_edit_of_the_same_tensor_sees_it():
+    """The same order under ``compile=True`` (inductor keeps the rewritten graph's in-place
+    semantics; its sums may round differently)."""
+    model = mlp()
+    read, edit = SHARED[0]
+    expected = _reference(model, _x(), read, edit, 0, 100.0)
+    net = NNsight(model)
+    with torch.no_grad(), net.trace(_x(), compile=True):
+        value = net.layer1.output
+        before = value.sum().save()
+        net.act1.input[:, 0] = 100.0
+        after = value.sum().save()
+        output = net.output.save()
+    for a, e in zip((before, after, output), expected):
+        assert torch.allclose(a, e, rtol=1e-5, atol=1e-4), (a, e)
+    assert after > before + 100
