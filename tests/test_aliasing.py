@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxsight import NNsight
+from fxsight.errors import OrderError
 from fxsight.capture.captures import cached_capture
 from fxsight.capture.scan import scan
 from models import mlp
@@ -221,3 +222,23 @@ def test_compiled_a_line_after_an_edit_of_the_same_tensor_sees_it():
     for a, e in zip((before, after, output), expected):
         assert torch.allclose(a, e, rtol=1e-5, atol=1e-4), (a, e)
     assert after > before + 100
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_write_held_back_by_an_edit_of_its_memory_says_so(backend):
+    """A value computed after an in-place edit of the tensor it reads comes after the edit:
+    written at the earlier module, the OrderError names the edit and its line (not only
+    the later module)."""
+    net = NNsight(mlp())
+    with pytest.raises(OrderError) as caught:
+        with net.trace(_x(), backend=backend):
+            h = net.layer1.output
+            net.act1.input[:, 0] = 100.0  # the edit
+            net.layer1.output = h * 2
+    message = str(caught.value)
+    assert "in-place change of act1.input" in message
+    assert "# the edit" in message  # (its line, with its source)
+    with pytest.raises(OrderError) as caught:  # a value that depends on a later module
+        with net.trace(_x(), backend=backend):
+            net.layer1.output = net.layer2.output[:, :10] * 0
+    assert "in-place change" not in str(caught.value)

@@ -50,8 +50,10 @@ class Walker:
                            if n.kind in (Kind.GRAD, Kind.GRAD_WRITE)]
         self.grad_keys: dict[Node, str] = {}
         # the memory of reads changed in place so far (``site_aliases`` keys) -> the
-        # latest position of such a change
-        self.changed: dict[Any, int] = {}
+        # latest such change: (its position, its node)
+        self.changed: dict[Any, tuple[int, Node]] = {}
+        # operations held back by such a change -> the change (for error messages)
+        self.held_back: dict[Node, Node] = {}
 
     # --- domain hooks -------------------------------------------------------------------
     def site_aliases(self, site: Site) -> frozenset:
@@ -167,18 +169,20 @@ class Walker:
         if node.skip:
             self._check_skip_value(node, value_position)
         value = map_nodes(node.args[0], self.values.__getitem__)
-        self._write_at(node, node.site, node.accessor, value, value_position)
+        self._write_at(node, node.site, node.accessor, value, value_position, node.args[0])
         self.values[node] = None
 
     def _write_at(self, node: Node, site: Site, accessor: str, value: Any,
-                  value_position: int) -> None:
-        """Replace ``accessor`` of ``site`` with ``value`` (for ``node``, the user's line)."""
+                  value_position: int, recorded: Any = None) -> None:
+        """Replace ``accessor`` of ``site`` with ``value`` (for ``node``, the user's line;
+        ``recorded``: the value as the Program has it)."""
         position = self.position_of_site(node, site)
         if value_position > position:
             later = self._site_at(value_position)
             raise OrderError(at_line(
                 f"the write to {site.label} depends on {later.label}, which is only "
-                f"computed after {module_label(site.path)} has run", node.line))
+                f"computed after {module_label(site.path)} has run"
+                f"{self._held_back_note(recorded, value_position)}", node.line))
         full = self._current(site)
         old = select(full, accessor)
         rows = self._rows(node)
@@ -222,7 +226,7 @@ class Walker:
         value_position = max(self._arg_position(item), self._arg_position(key))
         new = _with_item(self.values[read], map_nodes(key, self.values.__getitem__),
                          map_nodes(item, self.values.__getitem__))
-        self._write_at(node, read.site, read.accessor, new, value_position)
+        self._write_at(node, read.site, read.accessor, new, value_position, (key, item))
         self.values[node] = new
 
     def _check_skip_value(self, node: Node, value_position: int) -> None:
@@ -234,7 +238,8 @@ class Walker:
             raise OrderError(at_line(
                 f"the value given to {module_label(site.path)}.skip(...) depends on "
                 f"{inner.label}, which is computed inside {module_label(site.path)}; a "
-                f"skipped module does not run", node.line))
+                f"skipped module does not run"
+                f"{self._held_back_note(node.args[0], value_position)}", node.line))
 
     def _op(self, node: Node) -> None:
         if node.target is setitem and type(node.args[0]) is Node and \
@@ -246,7 +251,10 @@ class Walker:
         if node.mutation:
             self._check_mutation_order(node, position)
         if self.changed:
-            position = max(position, self._changed_before(node))
+            change = self._change_before(node)
+            if change is not None and change[0] > position:
+                position = change[0]
+                self.held_back[node] = change[1]
         args = map_nodes(node.args, self.values.__getitem__)
         kwargs = map_nodes(node.kwargs, self.values.__getitem__)
         self.values[node] = self.call(node, node.op, node.target, args, kwargs, position)
@@ -255,18 +263,40 @@ class Walker:
             root = _read_root(node.args[0])
             if root is not None:
                 for key in self.site_aliases(root.site):
-                    self.changed[key] = max(self.changed.get(key, BEFORE_ALL), position)
+                    if position >= self.changed.get(key, (BEFORE_ALL,))[0]:
+                        self.changed[key] = (position, node)
 
-    def _changed_before(self, node: Node) -> int:
-        """The latest position of an in-place change, recorded before ``node``, of memory
-        that a read among ``node``'s arguments (or what they view) shares."""
-        latest = BEFORE_ALL
+    def _change_before(self, node: Node) -> tuple[int, Node] | None:
+        """The latest in-place change, recorded before ``node``, of memory that a read
+        among ``node``'s arguments (or what they view) shares: (its position, its node)."""
+        latest = None
         for arg in node_args((node.args, node.kwargs)):
             root = _read_root(arg)
             if root is not None:
                 for key in self.site_aliases(root.site):
-                    latest = max(latest, self.changed.get(key, BEFORE_ALL))
+                    change = self.changed.get(key)
+                    if change is not None and (latest is None or change[0] > latest[0]):
+                        latest = change
         return latest
+
+    def _held_back_note(self, value: Any, position: int) -> str:
+        """Why ``value`` comes at ``position`` where an in-place change of shared memory
+        holds back an operation it depends on (else nothing)."""
+        pending, seen = node_args(value), set()
+        while pending:
+            node = pending.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            change = self.held_back.get(node)
+            if change is not None and self.positions.get(node) == position:
+                root = _read_root(change.args[0])
+                return (f": the value is computed after the in-place change of "
+                        f"{root.site.label} ({change.line}), which changes the same tensor "
+                        f"as a read it uses, and a line sees the changes recorded before "
+                        f"it; compute it before that change")
+            pending.extend(node.all_input_nodes)
+        return ""
 
     def is_value(self, leaf: Any) -> bool:
         """Whether a leaf of a site's value is a runtime value (not a Python constant)."""
@@ -292,7 +322,8 @@ class Walker:
             raise OrderError(at_line(
                 f"this in-place change of {root.site.label} depends on "
                 f"{later.label}, which is only computed after "
-                f"{module_label(root.site.path)} has run", node.line))
+                f"{module_label(root.site.path)} has run"
+                f"{self._held_back_note(node.args, position)}", node.line))
 
     def _site_at(self, position: int) -> Site:
         for site, index in self.index.items():
