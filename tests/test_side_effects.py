@@ -156,11 +156,12 @@ def test_evicted_rewritten_graphs_leave_no_generated_source_behind(monkeypatch):
     monkeypatch.setattr(executable, "MAX_EXECUTABLES", 16)
     net = NNsight(mlp())
     x = torch.randn(4, 5)
-    for i in range(100):  # warm-up: caches full and evicting, allocator at its plateau
+    for i in range(200):  # warm-up: every bounded cache full (the largest, validated
+        # Programs, holds 128 per model) and evicting, the allocator at its plateau
         _new_structure(net, x, i)
     gc.collect()
     lines, rss, blocks = len(linecache.cache), _rss_mb(), sys.getallocatedblocks()
-    for i in range(100, 600):
+    for i in range(200, 700):
         _new_structure(net, x, i)
         if i % 50 == 0:
             gc.collect()  # (evicted graphs are cyclic garbage: RSS should not wait for it)
@@ -186,3 +187,84 @@ def test_a_users_tokenizer_is_left_as_it_was(tokenizer):
             short = lm.lm_head.output.save()
     assert tokenizer.padding_side == "right" and tokenizer.pad_token == pad_before
     assert long.shape[1] == short.shape[1]
+
+
+class _AddsInPlace(torch.nn.Module):
+    """``h = layer(x); h += x``: the forward changes the layer's output in place after the
+    layer returned it (as transformers' ResNet and Falcon do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 4)
+        self.out = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.layer(x)
+        h += x
+        return self.out(h)
+
+
+def _written_then(model, x, write, backend, edit=None):
+    """The output of a trace that writes ``write`` as ``model.layer``'s whole output
+    (then runs ``edit(net)``), and whether ``write`` is unchanged after it."""
+    kept = write.clone()
+    net = NNsight(model)
+    with torch.no_grad(), net.trace(x, backend=backend):
+        net.layer.output = write
+        if edit is not None:
+            edit(net)
+        out = net.output.save()
+    return out, torch.equal(write, kept)
+
+
+def _by_hand(model, x, write, edit=None):
+    """The same by hand: a hook returns a copy of the written value (a hook returning the
+    caller's tensor itself would let the forward change it)."""
+    def hook(module, args, output):
+        value = write.expand(output.shape).clone()
+        if edit is not None:
+            edit(value)
+        return value
+
+    handle = model.layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_written_tensor_is_not_changed_by_the_models_in_place_ops(backend):
+    """A tensor written as a module's output is the caller's: the forward's own ``+=``
+    on that output changes a copy. Two traces writing it give the same output."""
+    torch.manual_seed(0)
+    model, x = _AddsInPlace().eval(), torch.randn(3, 4)
+    write = torch.ones(3, 4)
+    first, unchanged = _written_then(model, x, write, backend)
+    assert unchanged
+    second, _ = _written_then(model, x, write, backend)
+    assert torch.equal(first, second)
+    assert torch.equal(first, _by_hand(model, x, write))
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+@pytest.mark.parametrize("shape", [(3, 4), (4,)], ids=["whole", "broadcast"])
+def test_a_written_tensor_is_not_changed_by_a_later_edit(backend, shape):
+    """``layer.output = v`` then ``layer.output[:, 0] = 0``: the edit changes the module's
+    value, not ``v`` (a value saved by an earlier trace, a steering vector); a broadcast
+    ``v`` becomes a tensor of its own rather than an expanded view that torch cannot edit
+    in place."""
+    torch.manual_seed(0)
+    model, x = _AddsInPlace().eval(), torch.randn(3, 4)
+    write = torch.arange(4.0).expand(shape).clone()
+
+    def edit(net):
+        net.layer.output[:, 0] = 0
+
+    def edit_by_hand(value):
+        value[:, 0] = 0
+
+    out, unchanged = _written_then(model, x, write, backend, edit)
+    assert unchanged
+    assert torch.equal(out, _by_hand(model, x, write, edit_by_hand))

@@ -195,20 +195,49 @@ class Walker:
                 f"{site.label} holds {_describe(old)}; the written value is {_describe(value)}",
                 node.line))
         replaced = []
-        for old_leaf, new_leaf in zip(old_leaves, new_leaves):
-            if not self.is_value(old_leaf) or (rows.whole and node.skip):
-                replaced.append(new_leaf)  # a skipped module's value is taken as it is
+        brought_in = self._brought_in(recorded, len(new_leaves))
+        for old_leaf, new_leaf, caller_s in zip(old_leaves, new_leaves, brought_in):
+            if not self.is_value(old_leaf):
+                replaced.append(new_leaf)
+                continue
+            if rows.whole and node.skip:
+                leaf = new_leaf  # a skipped module's value is taken as it is
             elif rows.whole:
-                replaced.append(self.conformed(new_leaf, old_leaf, position))
-            else:
+                leaf = self.conformed(new_leaf, old_leaf, position)
+            else:  # (a new tensor: the invoke's rows spliced into the batch)
                 replaced.append(self.call(None, "call_function", splice_rows,
                                           (old_leaf, new_leaf, rows.start, rows.stop,
                                            rows.total), {}, position))
+                continue
+            if caller_s:  # (the run's in-place changes after the write go to a copy; a
+                # broadcast value becomes a tensor of its own: an in-place change of an
+                # expanded view is an error in torch)
+                leaf = self.call(None, "call_function", torch.clone, (leaf,),
+                                 {"memory_format": torch.contiguous_format}, position)
+            replaced.append(leaf)
         new = pytree.tree_unflatten(replaced, spec)
         self.current[site] = replace(full, accessor, new)
         self.current_position[site] = position
         self.positions[node] = position
         self.on_written(site)
+
+    def _brought_in(self, recorded: Any, count: int) -> list[bool]:
+        """For each of the ``count`` leaves of a written value (``recorded``: as the Program
+        has it), whether it is the memory of a tensor the caller brought into the block:
+        the model's and the block's later in-place changes of the site would change the
+        caller's tensor (a steering vector, a value saved by an earlier trace, written
+        again by the next trace)."""
+        def caller_s(value: Any) -> bool:
+            memory = _memory_of(value)
+            return isinstance(memory, Node) and memory.kind is Kind.INPUT and isinstance(
+                self.program.input_values[memory.input_index], torch.Tensor)
+
+        if isinstance(recorded, Node):
+            return [caller_s(recorded)] * count
+        leaves = pytree.tree_leaves(recorded) if recorded is not None else []
+        if len(leaves) == count:
+            return [caller_s(leaf) for leaf in leaves]
+        return [any(map(caller_s, node_args(recorded)))] * count
 
     def conformed(self, new: Any, old: Any, position: int) -> Any:
         """``new`` written in place of the value ``old`` for every row: shaped like it and
@@ -342,12 +371,17 @@ class UnknownMeta:
 UNKNOWN = UnknownMeta()
 
 
-def _read_root(value: Any) -> Node | None:
-    """The read whose memory ``value`` is: back through views and in-place changes
-    (``None`` where it is not a read's)."""
+def _memory_of(value: Any) -> Any:
+    """The node whose memory ``value`` is: back through views and in-place changes."""
     while isinstance(value, Node) and value.kind is Kind.OP and (
             is_view(value) or value.mutation):
         value = value.args[0]
+    return value
+
+
+def _read_root(value: Any) -> Node | None:
+    """The read whose memory ``value`` is (``None`` where it is not a read's)."""
+    value = _memory_of(value)
     return value if isinstance(value, Node) and value.kind is Kind.READ else None
 
 
