@@ -242,3 +242,41 @@ def test_a_write_held_back_by_an_edit_of_its_memory_says_so(backend):
         with net.trace(_x(), backend=backend):
             net.layer1.output = net.layer2.output[:, :10] * 0
     assert "in-place change" not in str(caught.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_site_written_with_another_sites_read_shares_its_memory(backend):
+    """``layer3.input = a`` (a = act1.output) makes layer3's input act1's tensor, as a hook
+    returning it does: an in-place edit of layer3's input is an edit of ``a``, and a sum
+    of ``a`` recorded after it sees it."""
+    model = mlp()
+    kept = {}
+
+    def keep(module, args, output):
+        kept["a"] = output
+
+    def write_and_edit(module, args):
+        kept["a"][:, 0] = 100.0
+        return (kept["a"],)
+
+    def after(module, args, output):
+        kept["sum"] = kept["a"].sum()
+
+    handles = [model.act1.register_forward_hook(keep),
+               model.layer3.register_forward_pre_hook(write_and_edit),
+               model.layer3.register_forward_hook(after)]
+    try:
+        with torch.no_grad():
+            expected = model(_x())
+    finally:
+        for handle in handles:
+            handle.remove()
+    net = NNsight(model)
+    with torch.no_grad(), net.trace(_x(), backend=backend):
+        a = net.act1.output
+        net.layer3.input = a
+        net.layer3.input[:, 0] = 100.0
+        total = a.sum().save()
+        out = net.output.save()
+    assert torch.equal(total, kept["sum"])
+    assert torch.equal(out, expected)

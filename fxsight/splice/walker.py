@@ -54,6 +54,9 @@ class Walker:
         self.changed: dict[Any, tuple[int, Node]] = {}
         # operations held back by such a change -> the change (for error messages)
         self.held_back: dict[Node, Node] = {}
+        # sites written with another site's read (``b.output = a.output``): the memory of
+        # that read, which the site's value now is too
+        self.written_memory: dict[Site, frozenset] = {}
 
     # --- domain hooks -------------------------------------------------------------------
     def site_aliases(self, site: Site) -> frozenset:
@@ -216,6 +219,10 @@ class Walker:
                                  {"memory_format": torch.contiguous_format}, position)
             replaced.append(leaf)
         new = pytree.tree_unflatten(replaced, spec)
+        reads = {root for root in map(_read_root, node_args(recorded)) if root is not None}
+        if reads:  # (the site's value is now memory of those reads too)
+            self.written_memory[site] = self.written_memory.get(site, frozenset()).union(
+                *(self._memory(root.site) for root in reads))
         self.current[site] = replace(full, accessor, new)
         self.current_position[site] = position
         self.positions[node] = position
@@ -291,9 +298,15 @@ class Walker:
         if node.mutation:
             root = _read_root(node.args[0])
             if root is not None:
-                for key in self.site_aliases(root.site):
+                for key in self._memory(root.site):
                     if position >= self.changed.get(key, (BEFORE_ALL,))[0]:
                         self.changed[key] = (position, node)
+
+    def _memory(self, site: Site) -> frozenset:
+        """The memory keys of ``site``'s value: its own, and those of a read written there."""
+        written = self.written_memory.get(site)
+        return self.site_aliases(site) if written is None else \
+            self.site_aliases(site) | written
 
     def _change_before(self, node: Node) -> tuple[int, Node] | None:
         """The latest in-place change, recorded before ``node``, of memory that a read
@@ -302,7 +315,7 @@ class Walker:
         for arg in node_args((node.args, node.kwargs)):
             root = _read_root(arg)
             if root is not None:
-                for key in self.site_aliases(root.site):
+                for key in self._memory(root.site):
                     change = self.changed.get(key)
                     if change is not None and (latest is None or change[0] > latest[0]):
                         latest = change
