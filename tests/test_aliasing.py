@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fxsight import NNsight
@@ -280,3 +280,137 @@ def test_a_site_written_with_another_sites_read_shares_its_memory(backend):
         out = net.output.save()
     assert torch.equal(total, kept["sum"])
     assert torch.equal(out, expected)
+
+
+# --- random blocks written in the model's order, against hooks that run each line where
+# the block has reached (nnsight's order) -------------------------------------------------
+_SITES = [("layer1", "output"), ("act1", "input"), ("act1", "output"), ("layer2", "input"),
+          ("layer2", "output"), ("act2", "input"), ("act2", "output"), ("layer3", "input")]
+
+
+@st.composite
+def _blocks(draw):
+    """Lines reading, editing in place and writing the toy MLP's 10-wide boundaries in
+    the order the model reaches them, and sums of what was read."""
+    lines, reached, reads = [], 0, []
+    for _ in range(draw(st.integers(1, 7))):
+        kind = draw(st.sampled_from(["read", "edit", "write", "sum"]))
+        if kind in ("write", "sum") and not reads:
+            kind = "read"
+        if kind == "sum":
+            lines.append(("sum", draw(st.integers(0, len(reads) - 1))))
+            continue
+        reached = draw(st.integers(reached, min(reached + 2, len(_SITES) - 1)))
+        if kind == "read":
+            reads.append(reached)
+            lines.append(("read", reached))
+        elif kind == "edit":
+            lines.append(("edit", reached, draw(st.integers(0, 9)),
+                          draw(st.sampled_from([0.0, 7.0, -3.0]))))
+        else:
+            lines.append(("write", reached, draw(st.integers(0, len(reads) - 1)),
+                          draw(st.sampled_from([None, 2.0]))))
+    return lines
+
+
+def _run_line(line, value, reads, sums):
+    """One line where the forward is at its boundary (``value``: the boundary's value
+    there); returns the boundary's value after it."""
+    kind = line[0]
+    if kind == "read":
+        reads.append(value)
+    elif kind == "edit":
+        value[:, line[2]] = line[3]
+    elif kind == "write":
+        read, scale = reads[line[2]], line[3]
+        value = read if scale is None else read * scale
+    else:
+        sums.append(reads[line[1]].sum())
+    return value
+
+
+def _block_by_hand(model, x, lines):
+    """Each line runs in a hook at the boundary the block has reached by then."""
+    at: dict[int, list] = {}
+    reached = 0
+    for line in lines:
+        if line[0] != "sum":
+            reached = line[1]
+        at.setdefault(reached, []).append(line)
+    reads, sums = [], []
+
+    def at_output(index):
+        def hook(module, args, output):
+            for line in at[index]:
+                output = _run_line(line, output, reads, sums)
+            return output
+        return hook
+
+    def at_input(index):
+        def hook(module, args):
+            value = args[0]
+            for line in at[index]:
+                value = _run_line(line, value, reads, sums)
+            return (value, *args[1:])
+        return hook
+
+    handles = []
+    for index in at:
+        path, accessor = _SITES[index]
+        module = model.get_submodule(path)
+        handles.append(module.register_forward_hook(at_output(index)) if accessor == "output"
+                       else module.register_forward_pre_hook(at_input(index)))
+    try:
+        with torch.no_grad():
+            output = model(_x())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums, output
+
+
+def _block_traced(model, lines, backend):
+    net = NNsight(model)
+    reads, sums = [], []
+    with torch.no_grad(), net.trace(_x(), backend=backend):
+        for line in lines:
+            kind = line[0]
+            if kind == "sum":
+                sums.append(reads[line[1]].sum().save())
+                continue
+            path, accessor = _SITES[line[1]]
+            envoy = getattr(net, path)
+            if kind == "read":
+                reads.append(getattr(envoy, accessor))
+            elif kind == "edit":
+                getattr(envoy, accessor)[:, line[2]] = line[3]
+            else:
+                read, scale = reads[line[2]], line[3]
+                setattr(envoy, accessor, read if scale is None else read * scale)
+        output = net.output.save()
+    return sums, output
+
+
+@settings(max_examples=60, deadline=None)
+@given(lines=_blocks(), backend=st.sampled_from(BACKENDS))
+# (the shapes that order lines: a sum after an edit at the next boundary, of the same
+# tensor; a read written raw at a later boundary and edited there; two edits of one tensor)
+@example(lines=[("read", 0), ("edit", 1, 0, 7.0), ("sum", 0)], backend="fx")
+@example(lines=[("read", 2), ("write", 7, 0, None), ("edit", 7, 3, 0.0), ("sum", 0)],
+         backend="hooks")
+@example(lines=[("read", 4), ("edit", 5, 1, 7.0), ("edit", 5, 1, -3.0), ("sum", 0)],
+         backend="fx")
+def test_random_blocks_in_the_models_order_match_hooks_run_where_the_block_is(lines,
+                                                                            backend):
+    """Reads, in-place edits, writes (of a read itself or of a new value) and sums,
+    written in the order the model reaches the boundaries: the same sums and output as
+    hooks that run each line at the boundary the block has reached (nnsight's order);
+    boundaries share tensors (a module's output is the next one's input) and a written
+    read is the site's value itself."""
+    model = mlp()
+    expected_sums, expected = _block_by_hand(model, _x(), lines)
+    sums, output = _block_traced(model, lines, backend)
+    assert len(sums) == len(expected_sums)
+    for got, want in zip(sums, expected_sums):
+        assert torch.equal(got, want), (lines, got, want)
+    assert torch.equal(output, expected), lines

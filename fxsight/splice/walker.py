@@ -54,9 +54,10 @@ class Walker:
         self.changed: dict[Any, tuple[int, Node]] = {}
         # operations held back by such a change -> the change (for error messages)
         self.held_back: dict[Node, Node] = {}
-        # sites written with another site's read (``b.output = a.output``): the memory of
-        # that read, which the site's value now is too
-        self.written_memory: dict[Site, frozenset] = {}
+        # memory keys of sites written with another site's read (``b.output = a.output``)
+        # -> the memory of that read, which the value at those sites now is too (and at
+        # every site sharing theirs: the next module's input)
+        self.written_memory: dict[Any, frozenset] = {}
 
     # --- domain hooks -------------------------------------------------------------------
     def site_aliases(self, site: Site) -> frozenset:
@@ -221,8 +222,9 @@ class Walker:
         new = pytree.tree_unflatten(replaced, spec)
         reads = {root for root in map(_read_root, node_args(recorded)) if root is not None}
         if reads:  # (the site's value is now memory of those reads too)
-            self.written_memory[site] = self.written_memory.get(site, frozenset()).union(
-                *(self._memory(root.site) for root in reads))
+            memory = frozenset().union(*(self._memory(root.site) for root in reads))
+            for key in self.site_aliases(site):
+                self.written_memory[key] = self.written_memory.get(key, frozenset()) | memory
         self.current[site] = replace(full, accessor, new)
         self.current_position[site] = position
         self.positions[node] = position
@@ -303,10 +305,12 @@ class Walker:
                         self.changed[key] = (position, node)
 
     def _memory(self, site: Site) -> frozenset:
-        """The memory keys of ``site``'s value: its own, and those of a read written there."""
-        written = self.written_memory.get(site)
-        return self.site_aliases(site) if written is None else \
-            self.site_aliases(site) | written
+        """The memory keys of ``site``'s value: its own, and those of reads written at a
+        site that shares it."""
+        own = self.site_aliases(site)
+        if not self.written_memory:
+            return own
+        return own.union(*(self.written_memory.get(key, ()) for key in own))
 
     def _change_before(self, node: Node) -> tuple[int, Node] | None:
         """The latest in-place change, recorded before ``node``, of memory that a read
