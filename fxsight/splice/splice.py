@@ -65,7 +65,7 @@ class _SpliceWalker(Walker):
     def __init__(self, program: Program, rows: dict[Any, Rows], captured: Captured,
                  graph: fx.Graph, node_map: dict[fx.Node, fx.Node], inputs: list[fx.Node],
                  indices: Lifted, index_inputs: dict[int, list[fx.Node]]):
-        super().__init__(program, rows, captured.index)
+        super().__init__(program, rows, captured.index, captured.alias_keys)
         self.captured = captured
         self.graph = graph
         self.node_map = node_map
@@ -79,9 +79,6 @@ class _SpliceWalker(Walker):
     def site_value(self, site: Site) -> Any:
         slot = self.captured.slots[site]
         return slot.value([self.node_map[n] if n is not None else None for n in slot.nodes])
-
-    def site_aliases(self, site: Site) -> frozenset:
-        return self.captured.alias_keys(site)
 
     def input_value(self, node: fx.Node) -> Any:
         return self.inputs[node.input_index]

@@ -5,28 +5,27 @@ validation, graph nodes for splicing, real tensors for the hooks backend) and gi
 node a *position*: the index of the latest boundary event it depends on (-1 for none).
 A node can run as soon as the forward pass reaches its position.
 
-One exception keeps the order the block was written in: a module's tensors are shared with
-other boundaries (a module's output is the next module's input; a view taken inside the
-forward), so an in-place change of one read changes the others. An operation recorded
-after such a change, on a value read at an earlier boundary that shares memory with the
-changed one, runs no earlier than the change (it sees it, as in eager PyTorch and nnsight).
-Which boundaries share memory the walker's source says (``site_aliases``).
+One exception keeps the order the block was written in: an operation recorded after an
+in-place change of memory one of its reads shares runs no earlier than the change (see
+:mod:`.shared_memory`; which boundaries share memory the walker's source says,
+``site_aliases``).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 from .._torch import FakeTensorMode, pytree
 
 from ..errors import NotOnGraph, OrderError, ShapeError, ShapeIndexError, TraceError, at_line
-from ..record.program import (Kind, ModuleCall, Node, Program, execute, setitem, is_view, map_nodes, node_args, origin, replace,
+from ..record.program import (Kind, ModuleCall, Node, Program, execute, setitem, map_nodes, node_args, origin, replace,
                       select)
 from .rows import Rows, conform, narrow_rows, splice_rows
+from .shared_memory import SharedMemory, memory_of, read_root
 from .gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
 from ..record.sites import Site, is_operation, module_label
 
@@ -36,7 +35,11 @@ BEFORE_ALL = -1
 class Walker:
     """Evaluates Program nodes; subclasses choose the value domain via :meth:`call`."""
 
-    def __init__(self, program: Program, rows: dict[Any, Rows], index: dict[Site, int]):
+    def __init__(self, program: Program, rows: dict[Any, Rows], index: dict[Site, int],
+                 site_aliases: Callable[[Site], frozenset] | None = None):
+        """``site_aliases(site)``: keys of the memory a site's tensors are in, from the
+        walk's source (sites whose keys meet share a tensor; none known: nothing is
+        ordered by shared memory)."""
         self.program = program
         self.rows = rows
         self.index = index
@@ -49,21 +52,10 @@ class Walker:
         self.grad_nodes = [n for n in self.backward_nodes
                            if n.kind in (Kind.GRAD, Kind.GRAD_WRITE)]
         self.grad_keys: dict[Node, str] = {}
-        # the memory of reads changed in place so far (``site_aliases`` keys) -> the
-        # latest such change: (its position, its node)
-        self.changed: dict[Any, tuple[int, Node]] = {}
-        # operations held back by such a change -> the change (for error messages)
-        self.held_back: dict[Node, Node] = {}
-        # memory keys of sites written with another site's read (``b.output = a.output``)
-        # -> the memory of that read, which the value at those sites now is too (and at
-        # every site sharing theirs: the next module's input)
-        self.written_memory: dict[Any, frozenset] = {}
+        # in-place changes and raw writes (held apart from the walker: no reference cycle)
+        self.shared = SharedMemory(site_aliases or _no_aliases)
 
     # --- domain hooks -------------------------------------------------------------------
-    def site_aliases(self, site: Site) -> frozenset:
-        """Keys of the memory ``site``'s tensors are in: sites whose keys meet share a
-        tensor (none known: nothing is ordered by it)."""
-        return frozenset()
 
     def call(self, node: Node | None, op: str, target: Any, args: tuple, kwargs: dict,
              position: int) -> Any:
@@ -186,7 +178,8 @@ class Walker:
             raise OrderError(at_line(
                 f"the write to {site.label} depends on {later.label}, which is only "
                 f"computed after {module_label(site.path)} has run"
-                f"{self._held_back_note(recorded, value_position)}", node.line))
+                f"{self.shared.why_late(recorded, value_position, self.positions)}",
+                node.line))
         full = self._current(site)
         old = select(full, accessor)
         rows = self._rows(node)
@@ -220,11 +213,7 @@ class Walker:
                                  {"memory_format": torch.contiguous_format}, position)
             replaced.append(leaf)
         new = pytree.tree_unflatten(replaced, spec)
-        reads = {root for root in map(_read_root, node_args(recorded)) if root is not None}
-        if reads:  # (the site's value is now memory of those reads too)
-            memory = frozenset().union(*(self._memory(root.site) for root in reads))
-            for key in self.site_aliases(site):
-                self.written_memory[key] = self.written_memory.get(key, frozenset()) | memory
+        self.shared.note_write(site, recorded)
         self.current[site] = replace(full, accessor, new)
         self.current_position[site] = position
         self.positions[node] = position
@@ -237,7 +226,7 @@ class Walker:
         caller's tensor (a steering vector, a value saved by an earlier trace, written
         again by the next trace)."""
         def caller_s(value: Any) -> bool:
-            memory = _memory_of(value)
+            memory = memory_of(value)
             return isinstance(memory, Node) and memory.kind is Kind.INPUT and isinstance(
                 self.program.input_values[memory.input_index], torch.Tensor)
 
@@ -277,7 +266,8 @@ class Walker:
                 f"the value given to {module_label(site.path)}.skip(...) depends on "
                 f"{inner.label}, which is computed inside {module_label(site.path)}; a "
                 f"skipped module does not run"
-                f"{self._held_back_note(node.args[0], value_position)}", node.line))
+                f"{self.shared.why_late(node.args[0], value_position, self.positions)}",
+                node.line))
 
     def _op(self, node: Node) -> None:
         if node.target is setitem and type(node.args[0]) is Node and \
@@ -288,61 +278,13 @@ class Walker:
         position = max(self._arg_position(node.args), self._arg_position(node.kwargs))
         if node.mutation:
             self._check_mutation_order(node, position)
-        if self.changed:
-            change = self._change_before(node)
-            if change is not None and change[0] > position:
-                position = change[0]
-                self.held_back[node] = change[1]
+        position = self.shared.earliest(node, position)
         args = map_nodes(node.args, self.values.__getitem__)
         kwargs = map_nodes(node.kwargs, self.values.__getitem__)
         self.values[node] = self.call(node, node.op, node.target, args, kwargs, position)
         self.positions[node] = position
         if node.mutation:
-            root = _read_root(node.args[0])
-            if root is not None:
-                for key in self._memory(root.site):
-                    if position >= self.changed.get(key, (BEFORE_ALL,))[0]:
-                        self.changed[key] = (position, node)
-
-    def _memory(self, site: Site) -> frozenset:
-        """The memory keys of ``site``'s value: its own, and those of reads written at a
-        site that shares it."""
-        own = self.site_aliases(site)
-        if not self.written_memory:
-            return own
-        return own.union(*(self.written_memory.get(key, ()) for key in own))
-
-    def _change_before(self, node: Node) -> tuple[int, Node] | None:
-        """The latest in-place change, recorded before ``node``, of memory that a read
-        among ``node``'s arguments (or what they view) shares: (its position, its node)."""
-        latest = None
-        for arg in node_args((node.args, node.kwargs)):
-            root = _read_root(arg)
-            if root is not None:
-                for key in self._memory(root.site):
-                    change = self.changed.get(key)
-                    if change is not None and (latest is None or change[0] > latest[0]):
-                        latest = change
-        return latest
-
-    def _held_back_note(self, value: Any, position: int) -> str:
-        """Why ``value`` comes at ``position`` where an in-place change of shared memory
-        holds back an operation it depends on (else nothing)."""
-        pending, seen = node_args(value), set()
-        while pending:
-            node = pending.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            change = self.held_back.get(node)
-            if change is not None and self.positions.get(node) == position:
-                root = _read_root(change.args[0])
-                return (f": the value is computed after the in-place change of "
-                        f"{root.site.label} ({change.line}), which changes the same tensor "
-                        f"as a read it uses, and a line sees the changes recorded before "
-                        f"it; compute it before that change")
-            pending.extend(node.all_input_nodes)
-        return ""
+            self.shared.note_change(node, position)
 
     def is_value(self, leaf: Any) -> bool:
         """Whether a leaf of a site's value is a runtime value (not a Python constant)."""
@@ -359,7 +301,7 @@ class Walker:
         """Domain hook: reject a value that cannot replace ``old`` at ``site``."""
 
     def _check_mutation_order(self, node: Node, position: int) -> None:
-        root = _read_root(node.args[0])
+        root = read_root(node.args[0])
         if root is None:
             return
         site_position = self.positions[root]
@@ -369,7 +311,8 @@ class Walker:
                 f"this in-place change of {root.site.label} depends on "
                 f"{later.label}, which is only computed after "
                 f"{module_label(root.site.path)} has run"
-                f"{self._held_back_note(node.args, position)}", node.line))
+                f"{self.shared.why_late(node.args, position, self.positions)}",
+                node.line))
 
     def _site_at(self, position: int) -> Site:
         for site, index in self.index.items():
@@ -388,18 +331,8 @@ class UnknownMeta:
 UNKNOWN = UnknownMeta()
 
 
-def _memory_of(value: Any) -> Any:
-    """The node whose memory ``value`` is: back through views and in-place changes."""
-    while isinstance(value, Node) and value.kind is Kind.OP and (
-            is_view(value) or value.mutation):
-        value = value.args[0]
-    return value
-
-
-def _read_root(value: Any) -> Node | None:
-    """The read whose memory ``value`` is (``None`` where it is not a read's)."""
-    value = _memory_of(value)
-    return value if isinstance(value, Node) and value.kind is Kind.READ else None
+def _no_aliases(site: Site) -> frozenset:
+    return frozenset()
 
 
 class MetaWalker(Walker):
@@ -409,15 +342,11 @@ class MetaWalker(Walker):
     taps_gradients = False
 
     def __init__(self, program: Program, rows: dict[Any, Rows], source: Any):
-        super().__init__(program, rows, source.index)
+        super().__init__(program, rows, source.index, getattr(source, "alias_keys", None))
         self.source = source
 
     def site_value(self, site: Site) -> Any:
         return self.source.meta_value(site)
-
-    def site_aliases(self, site: Site) -> frozenset:
-        aliases = getattr(self.source, "alias_keys", None)
-        return aliases(site) if aliases is not None else frozenset()
 
     def run(self, nodes=None) -> None:
         self._check_inside_skips()
