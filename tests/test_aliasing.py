@@ -34,6 +34,22 @@ def _value(output, inputs):
     return output if output is not None else inputs[0]
 
 
+def _forward_hooked(model, hooks, x=None):
+    """``model(x)`` (by default ``_x()``) by hand, with ``hooks``: ``(path, accessor, fn)``, a forward hook at
+    an output, a pre-hook at an input (in the order given), removed afterwards."""
+    handles = []
+    try:
+        for path, accessor, fn in hooks:
+            module = model.get_submodule(path)
+            handles.append(module.register_forward_hook(fn) if accessor == "output"
+                           else module.register_forward_pre_hook(fn))
+        with torch.no_grad():
+            return model(_x() if x is None else x)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _reference(model, x, read, edit, column, fill):
     """Sums of the value read at ``read``, before and after the edit at ``edit`` (the
     same tensor), and the model's output, by hand: forward hooks that run the block's
@@ -50,18 +66,8 @@ def _reference(model, x, read, edit, column, fill):
     def after(module, args, output):
         kept["after"] = kept["value"].sum()
 
-    handles = []
-    for (path, accessor), fn in ((read, keep), (edit, change)):
-        module = model.get_submodule(path)
-        handles.append(module.register_forward_hook(fn) if accessor == "output"
-                       else module.register_forward_pre_hook(fn))
-    handles.append(model.layer3.register_forward_hook(after))
-    try:
-        with torch.no_grad():
-            output = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    output = _forward_hooked(model, [(*read, keep), (*edit, change),
+                                     ("layer3", "output", after)], x)
     return kept["before"], kept["after"], output
 
 
@@ -118,12 +124,7 @@ def test_two_edits_of_one_tensor_apply_in_the_blocks_order(backend):
         args[0][:, 0] = 100.0
         args[0][:, 0] = 5.0
 
-    handle = model.act1.register_forward_pre_hook(both)
-    try:
-        with torch.no_grad():
-            expected = model(_x())
-    finally:
-        handle.remove()
+    expected = _forward_hooked(model, [("act1", "input", both)])
     net = NNsight(model)
     with torch.no_grad(), net.trace(_x(), backend=backend):
         net.act1.input[:, 0] = 100.0
@@ -262,15 +263,9 @@ def test_a_site_written_with_another_sites_read_shares_its_memory(backend):
     def after(module, args, output):
         kept["sum"] = kept["a"].sum()
 
-    handles = [model.act1.register_forward_hook(keep),
-               model.layer3.register_forward_pre_hook(write_and_edit),
-               model.layer3.register_forward_hook(after)]
-    try:
-        with torch.no_grad():
-            expected = model(_x())
-    finally:
-        for handle in handles:
-            handle.remove()
+    expected = _forward_hooked(model, [("act1", "output", keep),
+                                       ("layer3", "input", write_and_edit),
+                                       ("layer3", "output", after)])
     net = NNsight(model)
     with torch.no_grad(), net.trace(_x(), backend=backend):
         a = net.act1.output
@@ -354,18 +349,9 @@ def _block_by_hand(model, x, lines):
             return (value, *args[1:])
         return hook
 
-    handles = []
-    for index in at:
-        path, accessor = _SITES[index]
-        module = model.get_submodule(path)
-        handles.append(module.register_forward_hook(at_output(index)) if accessor == "output"
-                       else module.register_forward_pre_hook(at_input(index)))
-    try:
-        with torch.no_grad():
-            output = model(_x())
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [(*_SITES[index], at_output(index) if _SITES[index][1] == "output"
+              else at_input(index)) for index in at]
+    output = _forward_hooked(model, hooks, x)
     return sums, output
 
 
