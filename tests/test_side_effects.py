@@ -268,3 +268,55 @@ def test_a_written_tensor_is_not_changed_by_a_later_edit(backend, shape):
     out, unchanged = _written_then(model, x, write, backend, edit)
     assert unchanged
     assert torch.equal(out, _by_hand(model, x, write, edit_by_hand))
+
+
+class _Items(torch.nn.Module):
+    """A module whose output is a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return {"a": h, "b": h * 2}
+
+
+class _ChangesAnItem(torch.nn.Module):
+    """The forward changes an item of a module's dict output in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.items = _Items()
+        self.out = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        items = self.items(x)
+        first = items["a"]
+        first += 1
+        return self.out(first + items["b"])
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_tensor_written_as_an_item_of_a_dict_output_is_not_changed(backend):
+    """``module.output["a"] = v`` on a dict output is a write of that item: the forward's
+    own ``+=`` on it changes a copy, not ``v``; the other item stays the model's."""
+    torch.manual_seed(0)
+    model, x, write = _ChangesAnItem().eval(), torch.randn(3, 4), torch.ones(3, 4)
+    kept = write.clone()
+
+    def hook(module, args, output):
+        return {**output, "a": write.clone()}
+
+    handle = model.items.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            expected = model(x)
+    finally:
+        handle.remove()
+    net = NNsight(model)
+    with torch.no_grad(), net.trace(x, backend=backend):
+        net.items.output["a"] = write
+        out = net.output.save()
+    assert torch.equal(write, kept)
+    assert torch.equal(out, expected)

@@ -5,7 +5,8 @@ its input, a module may return a view of what it was given: an in-place change a
 these boundaries changes the others. A scan numbers the storage of every tensor it sees at
 a boundary (:class:`MemoryNumbers`); a capture follows each boundary's graph node back to
 the node whose memory it is (:func:`memory_roots`). Boundaries whose keys meet share memory
-(see ``splice.walker``: an operation recorded after an in-place change runs after it).
+(see ``splice.shared_memory``: an operation recorded after an in-place change runs after
+it).
 """
 
 from __future__ import annotations

@@ -169,9 +169,9 @@ class Walker:
         self.values[node] = None
 
     def _write_at(self, node: Node, site: Site, accessor: str, value: Any,
-                  value_position: int, recorded: Any = None) -> None:
+                  value_position: int, recorded: Any = None, leafwise: bool = True) -> None:
         """Replace ``accessor`` of ``site`` with ``value`` (for ``node``, the user's line;
-        ``recorded``: the value as the Program has it)."""
+        ``recorded``: the value as the Program has it, leaf for leaf where ``leafwise``)."""
         position = self.position_of_site(node, site)
         if value_position > position:
             later = self._site_at(value_position)
@@ -192,7 +192,7 @@ class Walker:
                 f"{site.label} holds {_describe(old)}; the written value is {_describe(value)}",
                 node.line))
         replaced = []
-        brought_in = self._brought_in(recorded, len(new_leaves))
+        brought_in = self._brought_in(recorded if leafwise else None, len(new_leaves))
         for old_leaf, new_leaf, caller_s in zip(old_leaves, new_leaves, brought_in):
             if not self.is_value(old_leaf):
                 replaced.append(new_leaf)
@@ -206,18 +206,20 @@ class Walker:
                                           (old_leaf, new_leaf, rows.start, rows.stop,
                                            rows.total), {}, position))
                 continue
-            if caller_s:  # (the run's in-place changes after the write go to a copy; a
-                # broadcast value becomes a tensor of its own: an in-place change of an
-                # expanded view is an error in torch)
-                leaf = self.call(None, "call_function", torch.clone, (leaf,),
-                                 {"memory_format": torch.contiguous_format}, position)
-            replaced.append(leaf)
+            replaced.append(self._copy(leaf, position) if caller_s else leaf)
         new = pytree.tree_unflatten(replaced, spec)
         self.shared.note_write(site, recorded)
         self.current[site] = replace(full, accessor, new)
         self.current_position[site] = position
         self.positions[node] = position
         self.on_written(site)
+
+    def _copy(self, value: Any, position: int) -> Any:
+        """A dense copy of a tensor the caller brought in, written as a site's value: the
+        run's in-place changes after the write go to the copy, and a broadcast value is a
+        tensor of its own (an in-place change of an expanded view is an error in torch)."""
+        return self.call(None, "call_function", torch.clone, (value,),
+                         {"memory_format": torch.contiguous_format}, position)
 
     def _brought_in(self, recorded: Any, count: int) -> list[bool]:
         """For each of the ``count`` leaves of a written value (``recorded``: as the Program
@@ -251,9 +253,12 @@ class Walker:
         later modules see it on every backend."""
         read, key, item = node.args
         value_position = max(self._arg_position(item), self._arg_position(key))
-        new = _with_item(self.values[read], map_nodes(key, self.values.__getitem__),
-                         map_nodes(item, self.values.__getitem__))
-        self._write_at(node, read.site, read.accessor, new, value_position, (key, item))
+        value = map_nodes(item, self.values.__getitem__)
+        if isinstance(item, Node) and self._brought_in(item, 1)[0]:
+            value = self._copy(value, value_position)  # (as a whole write's: see there)
+        new = _with_item(self.values[read], map_nodes(key, self.values.__getitem__), value)
+        self._write_at(node, read.site, read.accessor, new, value_position, (key, item),
+                       leafwise=False)
         self.values[node] = new
 
     def _check_skip_value(self, node: Node, value_position: int) -> None:
