@@ -217,7 +217,7 @@ def _written_then(model, x, write, backend, edit=None):
     return out, torch.equal(write, kept)
 
 
-def _by_hand(model, x, write, edit=None):
+def _by_hand(reference_hooks, model, x, write, edit=None):
     """The same by hand: a hook returns a copy of the written value (a hook returning the
     caller's tensor itself would let the forward change it)."""
     def hook(module, args, output):
@@ -226,16 +226,12 @@ def _by_hand(model, x, write, edit=None):
             edit(value)
         return value
 
-    handle = model.layer.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        handle.remove()
+    with reference_hooks(model, hooks={"layer": hook}), torch.no_grad():
+        return model(x)
 
 
 @pytest.mark.parametrize("backend", ["fx", "hooks"])
-def test_a_written_tensor_is_not_changed_by_the_models_in_place_ops(backend):
+def test_a_written_tensor_is_not_changed_by_the_models_in_place_ops(backend, reference_hooks):
     """A tensor written as a module's output is the caller's: the forward's own ``+=``
     on that output changes a copy. Two traces writing it give the same output."""
     torch.manual_seed(0)
@@ -245,12 +241,12 @@ def test_a_written_tensor_is_not_changed_by_the_models_in_place_ops(backend):
     assert unchanged
     second, _ = _written_then(model, x, write, backend)
     assert torch.equal(first, second)
-    assert torch.equal(first, _by_hand(model, x, write))
+    assert torch.equal(first, _by_hand(reference_hooks, model, x, write))
 
 
 @pytest.mark.parametrize("backend", ["fx", "hooks"])
 @pytest.mark.parametrize("shape", [(3, 4), (4,)], ids=["whole", "broadcast"])
-def test_a_written_tensor_is_not_changed_by_a_later_edit(backend, shape):
+def test_a_written_tensor_is_not_changed_by_a_later_edit(backend, shape, reference_hooks):
     """``layer.output = v`` then ``layer.output[:, 0] = 0``: the edit changes the module's
     value, not ``v`` (a value saved by an earlier trace, a steering vector); a broadcast
     ``v`` becomes a tensor of its own rather than an expanded view that torch cannot edit
@@ -267,7 +263,7 @@ def test_a_written_tensor_is_not_changed_by_a_later_edit(backend, shape):
 
     out, unchanged = _written_then(model, x, write, backend, edit)
     assert unchanged
-    assert torch.equal(out, _by_hand(model, x, write, edit_by_hand))
+    assert torch.equal(out, _by_hand(reference_hooks, model, x, write, edit_by_hand))
 
 
 class _Items(torch.nn.Module):
@@ -298,7 +294,8 @@ class _ChangesAnItem(torch.nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["fx", "hooks"])
-def test_a_tensor_written_as_an_item_of_a_dict_output_is_not_changed(backend):
+def test_a_tensor_written_as_an_item_of_a_dict_output_is_not_changed(backend,
+                                                                     reference_hooks):
     """``module.output["a"] = v`` on a dict output is a write of that item: the forward's
     own ``+=`` on it changes a copy, not ``v``; the other item stays the model's."""
     torch.manual_seed(0)
@@ -308,12 +305,8 @@ def test_a_tensor_written_as_an_item_of_a_dict_output_is_not_changed(backend):
     def hook(module, args, output):
         return {**output, "a": write.clone()}
 
-    handle = model.items.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            expected = model(x)
-    finally:
-        handle.remove()
+    with reference_hooks(model, hooks={"items": hook}), torch.no_grad():
+        expected = model(x)
     net = NNsight(model)
     with torch.no_grad(), net.trace(x, backend=backend):
         net.items.output["a"] = write
