@@ -28,7 +28,7 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "generated_source_key", "forget_generated_source", "tensor_version",
            "forward_hook_dicts", "default_store", "dict_version_reader",
            "is_operator", "ambient_state_plain", "global_state_guard", "tensor_guards",
-           "inductor_compile", "returns_alias"]
+           "inductor_compile", "returns_alias", "inductor_mode_options"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -75,6 +75,15 @@ def compile_backend(backend: Any, mode: str | None, options: dict | None,
     if backend == "inductor":
         return torch._TorchCompileInductorWrapper(mode, options, dynamic)
     return torch._TorchCompileWrapper(backend, mode, options, dynamic)
+
+
+def inductor_mode_options(mode: str | None) -> dict:
+    """The inductor options a ``torch.compile`` mode stands for (``"reduce-overhead"``:
+    ``{"triton.cudagraphs": True}``); ``torch._inductor.list_mode_options`` is what
+    ``torch.compile`` reads (checked 2.11-2.14)."""
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(mode)) if mode else {}
 
 
 def without_duck_shaping(fn: Callable) -> Callable:

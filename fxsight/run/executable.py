@@ -30,7 +30,7 @@ import torch
 
 from ..stats import bump
 from ..errors import user_stacklevel
-from .._torch import compile_backend, without_duck_shaping
+from .._torch import compile_backend, pytree, without_duck_shaping
 from ..record.program import INPUT_PART, Program
 from ..splice.indices import Validated, blind, candidates, tensor_indices
 from ..splice.splice import Spliced, splice
@@ -150,6 +150,9 @@ class Executable:
         self._direct_pending = False
         self._directs: list[Any] = []  # every direct compilation made (see MAX_DIRECT)
         self._direct_attempts = 0
+        # CUDA graphs replay into the same output memory: what a run returns is copied
+        # before it is handed on (saves, the model's output, the KV cache of a step)
+        self.copies_outputs = compile_options is not None and compile_options.reuses_outputs
         if compile_options is not None:
             dynamic = compile_options.dynamic
             if dynamic is None and dynamic_capture:
@@ -192,7 +195,7 @@ class Executable:
         try:
             # (in a copy of the caller's context: each config patch dynamo and inductor
             # enter while compiling leaves a context variable where it ran)
-            return contextvars.copy_context().run(fn, *flat_inputs)
+            outputs = contextvars.copy_context().run(fn, *flat_inputs)
         except Exception as error:  # noqa: BLE001 - decide below whether compile was at fault
             # The same inputs eagerly: if that fails too, the error is the user's (raise
             # the eager error); if it works, compilation failed: run eagerly from now on.
@@ -204,6 +207,7 @@ class Executable:
                           f"intervention structure runs eagerly (results are unchanged)",
                           RuntimeWarning, stacklevel=user_stacklevel())
             return outputs
+        return _owned(outputs, flat_inputs) if self.copies_outputs else outputs
 
     def _compile_direct(self, flat_inputs: list[Any]) -> Any:
         """Compile without dynamo (:mod:`run.direct`) at the first call without gradients
@@ -240,6 +244,25 @@ class Executable:
             return None
         self._direct = made
         return made
+
+
+def _owned(outputs: Any, flat_inputs: list[Any]) -> Any:
+    """``outputs`` with each tensor that is not in an input's memory copied out of the
+    memory a CUDA-graph replay hands out, which the next replay of that graph overwrites
+    (PyTorch reports reading it then as "accessing tensor output of CUDAGraphs that has
+    been overwritten by a subsequent run"). A saved value, the model's output and the KV
+    cache a decoding step returns are the caller's to keep. Outputs in an input's memory
+    (an input changed in place, a view of a parameter) are the input's, as eagerly."""
+    inputs = {t.untyped_storage().data_ptr() for t in flat_inputs
+              if isinstance(t, torch.Tensor)}
+
+    def own(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and \
+                value.untyped_storage().data_ptr() not in inputs:
+            return value.clone()
+        return value
+
+    return pytree.tree_map(own, outputs)
 
 
 def _draws_random(gm: torch.fx.GraphModule) -> bool:

@@ -12,9 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .._torch import inductor_mode_options
+
 BACKENDS = ("auto", "fx", "hooks")
 # torch.compile options fxsight passes through; anything else is an error (as in torch)
 COMPILE_KEYS = ("backend", "mode", "options", "dynamic", "fullgraph")
+# modes that ask a backend for CUDA graphs (inductor's, and a custom backend's by name)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def _frozen(value: Any) -> Any:
@@ -63,6 +67,20 @@ class CompileOptions:
     def inductor_options(self) -> dict | None:
         """``options`` as the dict torch.compile takes."""
         return None if self.options is None else dict(self.options)
+
+    @property
+    def reuses_outputs(self) -> bool:
+        """Whether the compiled graph may hand out memory that its next run overwrites:
+        CUDA graphs (inductor's ``mode="reduce-overhead"`` or ``"max-autotune"``, its
+        ``triton.cudagraphs`` option, dynamo's ``"cudagraphs"`` backend, or a custom
+        backend given one of those modes) replay into the same static output buffers.
+        Such outputs are copied before fxsight hands them on (``run.executable``)."""
+        if self.backend == "cudagraphs":
+            return True
+        if self.backend != "inductor":
+            return self.mode in CUDA_GRAPH_MODES
+        chosen = {**inductor_mode_options(self.mode), **(self.inductor_options() or {})}
+        return bool(chosen.get("triton.cudagraphs"))
 
     @property
     def dynamic_policy(self) -> str:

@@ -1,0 +1,165 @@
+"""Compiled runs whose outputs live in memory the next run overwrites (CUDA graphs).
+
+A graph compiled with CUDA graphs (``compile={"mode": "reduce-overhead"}``) replays into
+the same output buffers every time: a tensor a run returned is overwritten by the next
+run of that graph. fxsight copies what a run returns before handing it on (saves, the
+model's output, the KV cache a decoding step passes to the next), so a saved value keeps
+its value and a generation reads each step's real cache.
+
+CPU has no CUDA graphs: ``reusing_backend`` below does what they do to outputs (copies
+them into buffers kept per graph and returns those), so the buffer handling is tested
+here; the same tests against the unchanged code (``copies_outputs`` off) show the
+overwriting they would suffer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxsight import LanguageModel, NNsight
+from fxsight.run import executable
+from fxsight.run.options import CompileOptions
+from models import mlp, tiny_gpt2, train_tokenizer
+
+PROMPT = "The Eiffel Tower is in"
+
+
+def reusing_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
+    """A torch.compile backend that runs ``gm`` eagerly and returns each output tensor
+    (but those in an input's memory) in a buffer of its own that every later run with
+    that output's shape overwrites, as a CUDA-graph replay does."""
+    buffers: dict[int, torch.Tensor] = {}
+
+    def run(*args):
+        outputs = gm(*args)
+        flat, spec = torch.utils._pytree.tree_flatten(outputs)
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        returned = []
+        for position, value in enumerate(flat):
+            if isinstance(value, torch.Tensor) and \
+                    value.untyped_storage().data_ptr() not in inputs:
+                buffer = buffers.get(position)
+                if buffer is None or buffer.shape != value.shape or \
+                        buffer.stride() != value.stride() or buffer.dtype != value.dtype:
+                    buffer = buffers[position] = torch.empty_strided(
+                        value.shape, value.stride(), dtype=value.dtype, device=value.device)
+                with torch.no_grad():
+                    buffer.copy_(value)
+                value = buffer
+            returned.append(value)
+        return torch.utils._pytree.tree_unflatten(returned, spec)
+
+    return run
+
+
+REUSING = {"backend": reusing_backend, "mode": "reduce-overhead"}
+
+
+@pytest.fixture
+def without_copies(monkeypatch):
+    """fxsight as it was: compiled outputs handed on as they are."""
+    monkeypatch.setattr(CompileOptions, "reuses_outputs", property(lambda self: False))
+
+
+@pytest.mark.parametrize("value, reuses", [
+    (True, False),
+    ({"mode": "reduce-overhead"}, True),
+    ({"mode": "max-autotune"}, True),
+    ({"mode": "max-autotune-no-cudagraphs"}, False),
+    ({"options": {"triton.cudagraphs": True}}, True),
+    ({"backend": "cudagraphs"}, True),
+    ({"backend": "aot_eager"}, False),
+    ({"backend": "aot_eager", "mode": "reduce-overhead"}, True),
+])
+def test_which_compile_options_reuse_their_outputs(value, reuses):
+    assert CompileOptions.of(value).reuses_outputs is reuses
+
+
+def _two_traces(net, compile):
+    first_x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    second_x = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
+    values = []
+    for x in (first_x, second_x):
+        with net.trace(x, compile=compile, backend="fx"):
+            hidden = net.layer1.output.save()
+            out = net.output.save()
+        values.append((hidden, out))
+    return (first_x, second_x), values
+
+
+def _mlp_reference(model, x):
+    seen = {}
+    handle = model.layer1.register_forward_hook(
+        lambda module, args, output: seen.__setitem__("hidden", output.clone()))
+    try:
+        out = model(x)
+    finally:
+        handle.remove()
+    return seen["hidden"], out
+
+
+def test_saves_of_earlier_traces_keep_their_values():
+    model = mlp()
+    net = NNsight(model)
+    inputs, values = _two_traces(net, REUSING)
+    for x, (hidden, out) in zip(inputs, values):
+        want_hidden, want_out = _mlp_reference(model, x)
+        assert torch.equal(hidden, want_hidden)
+        assert torch.equal(out, want_out)
+
+
+def test_the_stand_in_backend_overwrites_outputs_fxsight_does_not_copy(without_copies):
+    model = mlp()
+    net = NNsight(model)
+    inputs, values = _two_traces(net, REUSING)
+    (first_hidden, _), (second_hidden, _) = values
+    assert first_hidden.data_ptr() == second_hidden.data_ptr()  # one buffer, overwritten
+    assert not torch.equal(first_hidden, _mlp_reference(model, inputs[0])[0])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer()
+
+
+def _generate(lm, steer, compile):
+    with lm.generate(PROMPT, max_new_tokens=6, do_sample=False, compile=compile,
+                     backend="fx") as tracer:
+        with tracer.all():
+            each = lm.transformer.h[0].output[:, -1].save()
+            lm.transformer.h[1].output[:, -1] += steer
+        tokens = tracer.result.save()
+    return tokens, each
+
+
+def test_generation_reads_each_steps_cache_and_keeps_each_steps_saves(tokenizer):
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 4
+    eager_tokens, eager_each = _generate(lm, steer, None)
+    tokens, each = _generate(lm, steer, REUSING)
+    assert torch.equal(tokens, eager_tokens)
+    assert len(each) == len(eager_each) == 6
+    for got, want in zip(each, eager_each):
+        assert torch.equal(got, want)
+    assert len({value.data_ptr() for value in each}) == len(each)
+
+
+def test_generation_without_the_copies_goes_wrong(tokenizer, without_copies):
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 4
+    eager_tokens, eager_each = _generate(lm, steer, None)
+    tokens, each = _generate(lm, steer, REUSING)
+    assert not all(torch.equal(got, want) for got, want in zip(each, eager_each))
+
+
+def test_outputs_in_an_input_are_not_copied():
+    x = torch.randn(3)
+    kept = x.view(3)
+    fresh = x * 2
+    owned = executable._owned((kept, [fresh, 7]), [x])
+    assert owned[0] is kept
+    assert owned[1][0] is not fresh and torch.equal(owned[1][0], fresh)
+    assert owned[1][1] == 7
