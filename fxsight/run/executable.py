@@ -33,6 +33,7 @@ from ..errors import user_stacklevel
 from .._torch import compile_backend, pytree, without_duck_shaping
 from ..record.program import INPUT_PART, Program
 from ..splice.indices import Validated, blind, candidates, tensor_indices
+from ..splice.attention_masks import elide_model_masks
 from ..splice.splice import Spliced, splice
 from ..splice.walker import MetaWalker
 from .eager import fast_forward
@@ -141,6 +142,9 @@ class Executable:
         self.output_builder = None if spliced.cache_outputs else \
             _plain_builder(spliced.model_output)
         gm = spliced.graph_module
+        # attention as the eager forward runs it, without the mask export builds (the
+        # check whether the padding masks are all ones only in eager graphs)
+        elide_model_masks(gm, runtime_check=compile_options is None)
         release_source_when_collected(gm)  # (evicted, its source must not stay behind)
         self._eager = fast_forward(gm)
         self._fn: Callable = self._eager
