@@ -224,3 +224,40 @@ def test_random_padding_fx_matches_hooks_and_eager_calls(lengths, name, seed):
 
 
 _MODELS_BY_NAME = {"gpt2": tiny_gpt2(), "llama": tiny_llama()}
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts reads of a tensor's value into Python (``bool(t)``, ``int(t)``, ``.item()``:
+    each waits for a GPU's queue to drain)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("invokes", [1, 2])
+def test_a_trace_reads_values_no_more_often_than_the_eager_forward(invokes, tokenizer):
+    """The checks of an invoke's tokens read the device once, as one ``tolist`` (not
+    counted here); the rest of a trace reads no more values than the eager forward."""
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    ids = torch.randint(3, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(3))
+    with ScalarReads() as plain, torch.no_grad():
+        model(ids, use_cache=False)
+
+    def trace():
+        with lm.trace(backend="fx") as tracer:
+            for _ in range(invokes):
+                with tracer.invoke(ids, use_cache=False):
+                    lm.transformer.h[0].output.save()
+        return tracer
+
+    trace()
+    with ScalarReads() as seen:
+        assert trace().backend == "fx"
+    assert seen.reads <= plain.reads, (seen.reads, plain.reads)

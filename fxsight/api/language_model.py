@@ -37,7 +37,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -195,8 +195,8 @@ class LanguageModel(NNsight):
             raise TraceError(at_line(
                 f"{where}: a language model takes one input (a string, a list of strings, "
                 f"token ids or a dict of tensors), got {len(args)} positional inputs", line))
-        ids, mask, extras = self._encode(args[0], where, line)
-        self._check_ids(ids, where, line)
+        ids, mask, extras, facts = self._encode(args[0], where, line)
+        self._check_ids(ids, facts, where, line)
         prepared: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         prepared.update(extras)
         for key, value in kwargs.items():
@@ -206,7 +206,8 @@ class LanguageModel(NNsight):
             prepared[key] = value
         given = {k: v for k, v in prepared.items() if k != "attention_mask"}  # (always ours)
         check_keywords(self._module, (), given, where, line)
-        prepared = self._with_positions(prepared, [(prepared, ids.shape[1])])
+        prepared = self._with_positions(prepared, [(prepared, ids.shape[1])],
+                                        padded=not facts.ones)
         if invoke is not None and invoke.tracer.invokes:
             _check_batchable(invoke.tracer.invokes[0].prepared, prepared, ids.shape[0],
                              invoke.index, line)
@@ -228,11 +229,21 @@ class LanguageModel(NNsight):
                 batched[key] = torch.cat(column)
             else:
                 batched[key] = column[0]
-        batched = self._with_positions(batched, [(kw, length) for kw in invokes])
+        # (an invoke of a model taking position_ids has them where a row is padded: where
+        # none has and all are as long, no row of the batch is padded)
+        unpadded = self._accepts("position_ids") and \
+            all("position_ids" not in kw and kw["input_ids"].shape[1] == length
+                for kw in invokes)
+        batched = self._with_positions(batched, [(kw, length) for kw in invokes],
+                                       padded=False if unpadded else None)
         return (), batched
 
-    def _with_positions(self, batched: dict, invokes: list[tuple[dict, int]]) -> dict:
-        """``batched`` with ``position_ids`` that count real tokens only, where needed."""
+    def _with_positions(self, batched: dict, invokes: list[tuple[dict, int]],
+                        padded: bool | None = None) -> dict:
+        """``batched`` with ``position_ids`` that count real tokens only, where needed
+        (``padded``: whether a row of its mask is padded, where known)."""
+        if padded is False and all(kw.get("position_ids") is None for kw, _ in invokes):
+            return {k: v for k, v in batched.items() if k != "position_ids"}
         parts, explicit = [], False
         for kw, length in invokes:
             mask = kw["attention_mask"]
@@ -243,7 +254,8 @@ class LanguageModel(NNsight):
                 auto = given
             parts.append(_left_pad(auto, length, _PAD_VALUES["position_ids"]))
         out = {k: v for k, v in batched.items() if k != "position_ids"}
-        padded = not bool(batched["attention_mask"].all())
+        if padded is None:
+            padded = not bool(batched["attention_mask"].all())
         if (explicit or padded) and (self._accepts("position_ids") or explicit):
             positions = torch.cat(parts).to(batched["input_ids"].device)
             ordered = {}
@@ -345,35 +357,36 @@ class LanguageModel(NNsight):
             ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], dtype=torch.long)
             mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows],
                                 dtype=torch.long)
-            return ids, mask, extras  # left-padded by construction
+            return ids, mask, extras, _token_facts(ids, mask)[0]  # left-padded already
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise TraceError(at_line(f"{where}: the input holds no tokens (shape "
                                      f"{tuple(ids.shape)})", line))
         if mask is None:
             mask = torch.ones_like(ids)
         mask = mask.to(ids.device).long()
-        if not bool(((mask == 0) | (mask == 1)).all()):
+        facts, trailing = _token_facts(ids, mask)
+        if not facts.binary:
             raise TraceError(at_line(f"{where}: attention_mask must hold 0s and 1s", line))
-        empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
-        if empty:
+        if facts.empty:
+            empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
             raise TraceError(at_line(f"{where}: prompt {empty[0]} has no tokens (its "
                                      f"attention_mask is all zeros)", line))
-        trailing = (mask.flip(-1).cumsum(-1) == 0).sum(-1)  # pads after the last real token
-        if bool(trailing.any()):  # right-padded rows: roll their real tokens to the end
+        if facts.trailing:  # right-padded rows: roll their real tokens to the end
             shifts = trailing.tolist()
             ids, mask = _roll_rows(ids, shifts), _roll_rows(mask, shifts)
             extras = {k: _roll_rows(v, shifts) if _token_aligned(v, {"input_ids": ids}) else v
                       for k, v in extras.items()}
-        return ids, mask, extras
+        return ids, mask, extras, facts
 
-    def _check_ids(self, ids: torch.Tensor, where: str, line: str) -> None:
+    def _check_ids(self, ids: torch.Tensor, facts: "_TokenFacts", where: str,
+                   line: str) -> None:
         embeddings = None
         try:
             embeddings = self._module.get_input_embeddings()
         except (AttributeError, NotImplementedError):
             pass
         size = getattr(embeddings, "num_embeddings", None)
-        low, high = int(ids.min()), int(ids.max())
+        low, high = facts.low, facts.high
         if low < 0 or (size is not None and high >= size):
             bad = low if low < 0 else high
             raise TraceError(at_line(f"{where}: token id {bad} is outside the model's "
@@ -545,6 +558,29 @@ def _static_key(negative: Any) -> Any:
 
 def _show(key: slice) -> str:
     return ":".join("" if v is None else str(v) for v in (key.start, key.stop, key.step))
+
+
+class _TokenFacts(NamedTuple):
+    """What the checks of an invoke's tokens need to know, read from the device at once."""
+
+    low: int  # the smallest token id
+    high: int  # the largest
+    binary: bool  # the mask holds only 0s and 1s
+    empty: bool  # a row's mask is all zeros
+    trailing: bool  # a row has padding after its last real token
+    ones: bool  # the mask is all ones (no row padded)
+
+
+def _token_facts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[_TokenFacts, torch.Tensor]:
+    """The facts of ``ids`` and ``mask`` in one read from the device (a GPU waits for its
+    queue once, not once per check), and each row's count of trailing pads."""
+    trailing = (mask.flip(-1).cumsum(-1) == 0).sum(-1)  # pads after the last real token
+    values = torch.stack([
+        ids.min(), ids.max(), ((mask == 0) | (mask == 1)).all().long(),
+        (mask.sum(-1) == 0).any().long(), (trailing > 0).any().long(),
+        (mask == 1).all().long()]).tolist()
+    low, high, binary, empty, right, ones = values
+    return _TokenFacts(low, high, bool(binary), bool(empty), bool(right), bool(ones)), trailing
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
