@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fxsight
 from fxsight import LanguageModel, NNsight
 from fxsight.run import executable
 from fxsight.run.options import CompileOptions
@@ -123,13 +124,14 @@ def tokenizer():
     return train_tokenizer()
 
 
-def _generate(lm, steer, compile):
-    with lm.generate(PROMPT, max_new_tokens=6, do_sample=False, compile=compile,
-                     backend="fx") as tracer:
+def _generate(lm, steer, compile, backend="fx", new_tokens=6, **options):
+    with lm.generate(PROMPT, max_new_tokens=new_tokens, do_sample=False, compile=compile,
+                     backend=backend, **options) as tracer:
         with tracer.all():
             each = lm.transformer.h[0].output[:, -1].save()
             lm.transformer.h[1].output[:, -1] += steer
         tokens = tracer.result.save()
+    assert tracer.backend == backend
     return tokens, each
 
 
@@ -138,7 +140,8 @@ def test_generation_reads_each_steps_cache_and_keeps_each_steps_saves(tokenizer)
     lm = LanguageModel(model, tokenizer=tokenizer)
     steer = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 4
     eager_tokens, eager_each = _generate(lm, steer, None)
-    tokens, each = _generate(lm, steer, REUSING)
+    # (a cache that grows: each step's cache tensors are outputs the next step reads)
+    tokens, each = _generate(lm, steer, REUSING, cache_implementation="dynamic")
     assert torch.equal(tokens, eager_tokens)
     assert len(each) == len(eager_each) == 6
     for got, want in zip(each, eager_each):
@@ -151,7 +154,7 @@ def test_generation_without_the_copies_goes_wrong(tokenizer, without_copies):
     lm = LanguageModel(model, tokenizer=tokenizer)
     steer = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 4
     eager_tokens, eager_each = _generate(lm, steer, None)
-    tokens, each = _generate(lm, steer, REUSING)
+    tokens, each = _generate(lm, steer, REUSING, cache_implementation="dynamic")
     assert not all(torch.equal(got, want) for got, want in zip(each, eager_each))
 
 
@@ -163,3 +166,73 @@ def test_outputs_in_an_input_are_not_copied():
     assert owned[0] is kept
     assert owned[1][0] is not fresh and torch.equal(owned[1][0], fresh)
     assert owned[1][1] == 7
+
+
+# --- generation with a static cache: every decoding step one graph ---------------------
+def _stats(*names):
+    counts = fxsight.stats()
+    return {name: counts.get(name, 0) for name in names}
+
+
+def _grown(before):
+    after = _stats(*before)
+    return {name: after[name] - before[name] for name in before}
+
+
+def _same_steps(each, expected):
+    """Per-step values alike: bit-equal at the decoding steps; at the first, within float
+    rounding (eagerly, transformers attends to the first step's keys only, a slice of the
+    static cache whose length it reads from the cache; the graph, which cannot read it,
+    attends to the whole cache with a mask)."""
+    assert len(each) == len(expected)
+    torch.testing.assert_close(each[0], expected[0], rtol=0, atol=1e-6)
+    for got, want in zip(each[1:], expected[1:]):
+        assert torch.equal(got, want)
+
+
+def test_static_cache_generation_matches_hooks_and_shares_one_graph(tokenizer):
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 4
+    hooks_tokens, hooks_each = _generate(lm, steer, None, backend="hooks",
+                                         cache_implementation="static")
+    before = _stats("captures", "splices")
+    tokens, each = _generate(lm, steer, None, cache_implementation="static")
+    assert torch.equal(tokens, hooks_tokens)
+    _same_steps(each, hooks_each)
+    # the first step and the decoding steps: two graphs for six steps
+    assert _grown(before) == {"captures": 2, "splices": 2}
+    before = _stats("captures", "splices")
+    again, _ = _generate(lm, steer, None, cache_implementation="static")
+    assert torch.equal(again, tokens)
+    assert _grown(before) == {"captures": 0, "splices": 0}
+
+
+def test_cuda_graph_generation_uses_a_static_cache_and_compiles_two_graphs(tokenizer):
+    """Under a CUDA-graph compile, generation takes transformers' static cache (the call
+    chose none): two compiled graphs for every step, the tokens of eager fxsight, and each
+    step's saves its own."""
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 4
+    eager_tokens, eager_each = _generate(lm, steer, None)
+    static_tokens, static_each = _generate(lm, steer, None, cache_implementation="static")
+    before = _stats("compilations")
+    tokens, each = _generate(lm, steer, REUSING, new_tokens=6)
+    assert _grown(before) == {"compilations": 2}
+    assert torch.equal(tokens, eager_tokens) and torch.equal(tokens, static_tokens)
+    _same_steps(each, static_each)
+    assert len({value.data_ptr() for value in each}) == len(each)
+
+
+def test_a_chosen_cache_is_kept_under_cuda_graphs(tokenizer):
+    from fxsight.api.generation import _with_static_cache
+    from fxsight.run.options import RunOptions
+
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    graphs = RunOptions.of(compile={"mode": "reduce-overhead"})
+    assert _with_static_cache(model, {}, {}, graphs) == {"cache_implementation": "static"}
+    for options in ({"cache_implementation": "dynamic"}, {"use_cache": False}):
+        assert _with_static_cache(model, {}, options, graphs) == options
+    assert _with_static_cache(model, {"past_key_values": object()}, {}, graphs) == {}
+    assert _with_static_cache(model, {}, {}, RunOptions.of(compile=True)) == {}

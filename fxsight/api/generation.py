@@ -176,6 +176,7 @@ class Generator(Tracer):
                               rows: dict[Any, Rows]) -> None:
         """Every decoding step as a rewritten graph (:mod:`fxsight.generate.decoding`)."""
         after = needs_generated_ids(self.program)
+        options = _with_static_cache(module, inputs, options, self.options)
         steps = GraphSteps(module, self.program, rows, self.options, after,
                            self._operations(), unchanged_between_steps(module, options))
         original = module.__dict__.get("forward")
@@ -203,6 +204,27 @@ class Generator(Tracer):
         self._output, self._output_kept = output, True
         self._results = {node: values[node] if node in after else steps.result(node)
                          for node in self.program.saves}
+
+
+def _with_static_cache(module: torch.nn.Module, inputs: dict, options: dict,
+                       run_options: RunOptions) -> dict:
+    """``generate``'s options, with transformers' static cache where the decoding steps
+    run under CUDA graphs (a compile mode such as ``"reduce-overhead"``) and the call
+    chooses no cache: its tensors are as large as the whole generation from the first
+    step, so every decoding step has the same shapes and replays one recorded graph
+    (with a cache that grows, each step would record a graph of its own)."""
+    compile = run_options.compile
+    if compile is None or not compile.reuses_outputs:
+        return options
+    chosen = {"cache_implementation", "cache", "past_key_values"}
+    if chosen & (options.keys() | inputs.keys()) or options.get("use_cache") is False:
+        return options
+    config = getattr(module, "generation_config", None)
+    if getattr(config, "cache_implementation", None) is not None or \
+            getattr(config, "use_cache", True) is False or \
+            not getattr(module, "_can_compile_fullgraph", False):
+        return options
+    return {**options, "cache_implementation": "static"}
 
 
 def _check_steps(program: Any, count: int) -> None:

@@ -21,6 +21,12 @@ captured graph with that step's interventions spliced in:
   Values a later step needs from the first are graph outputs of the first step and graph
   inputs of the later ones.
 
+A static cache (``generate(..., cache_implementation="static")``, transformers'
+``StaticCache``) passes through the graph as a cache object instead (:class:`CacheStep`):
+its tensors are as large as the whole generation from the start, so every decoding step
+has the same shapes, is one exact-shape graph, and under CUDA graphs
+(``compile={"mode": "reduce-overhead"}``) replays one recorded graph.
+
 Where a step cannot run this way (a cache of another kind, a batch that changes size,
 arguments the wrapper does not know), :class:`Unsupported` is raised and the generation
 is run again with the hooks backend.
@@ -36,8 +42,8 @@ from collections import OrderedDict, defaultdict
 from typing import Any, Callable
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..capture.captures import cached_capture, flat_inputs, signature
@@ -146,15 +152,38 @@ class DecodingStep(torch.nn.Module):
         return out.logits, [layer.keys for layer in layers], [layer.values for layer in layers]
 
 
+class CacheStep(torch.nn.Module):
+    """The model's forward for one step with a cache object of fixed size (a
+    ``StaticCache``): ``forward(input_ids, attention_mask, position_ids, cache)`` returns
+    the logits; the cache passes through the graph as its tensors and is updated from
+    the graph's outputs (``capture.caches``), as the forward updates it. Held like
+    :class:`DecodingStep`."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self._target = weakref.ref(model)
+
+    def attached(self) -> "_Attached":
+        return _Attached(self)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None, cache: Any, use_cache: bool = True,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, cache=cache, use_cache=use_cache,
+                          **extra).logits
+
+
 class _Attached:
     """``with step.attached():`` (a class, not a generator: it is entered at every step)."""
 
     __slots__ = ("step",)
 
-    def __init__(self, step: DecodingStep):
+    def __init__(self, step: "DecodingStep | CacheStep"):
         self.step = step
 
-    def __enter__(self) -> DecodingStep:
+    def __enter__(self) -> "DecodingStep | CacheStep":
         # (not ``step.model = ...``: torch's global registration hooks need not know)
         step = self.step
         step._modules["model"] = step._target()
@@ -165,8 +194,11 @@ class _Attached:
         return False
 
 
-# model -> its DecodingStep (kept as long as the model lives; nothing stored on the model)
+# model -> its DecodingStep and its CacheStep (kept as long as the model lives; nothing
+# stored on the model)
 _STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, DecodingStep]" = \
+    weakref.WeakKeyDictionary()
+_CACHE_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, CacheStep]" = \
     weakref.WeakKeyDictionary()
 _STEPS_GUARD = threading.Lock()
 
@@ -179,13 +211,29 @@ MAX_CHOSEN = 512  # runners remembered per model (a step per entry: 16 generatio
 
 def decoding_step(model: torch.nn.Module) -> DecodingStep:
     """The (one, cached) DecodingStep of ``model``: its captures are cached with it."""
-    step = _STEPS.get(model)
+    return _step_of(model, _STEPS, DecodingStep)
+
+
+def cache_step(model: torch.nn.Module) -> CacheStep:
+    """The (one, cached) CacheStep of ``model``."""
+    return _step_of(model, _CACHE_STEPS, CacheStep)
+
+
+def _step_of(model: torch.nn.Module, steps: weakref.WeakKeyDictionary, kind: type) -> Any:
+    step = steps.get(model)
     if step is None:
         with _STEPS_GUARD:
-            step = _STEPS.get(model)
+            step = steps.get(model)
             if step is None:
-                step = _STEPS[model] = DecodingStep(model)
+                step = steps[model] = kind(model)
     return step
+
+
+def is_static_cache(cache: Any) -> bool:
+    """Whether ``cache`` is transformers' ``StaticCache`` of plain full-attention layers
+    (the cache a :class:`CacheStep` takes)."""
+    return type(cache) is StaticCache and bool(cache.layers) and \
+        all(type(layer) is StaticLayer for layer in cache.layers)
 
 
 class GraphSteps:
@@ -201,6 +249,8 @@ class GraphSteps:
         self.token: int | None = None
         self.operations = operations  # (``.source`` sites: capture.operations' spec)
         self.wrapper = decoding_step(model)
+        self.cache_wrapper: CacheStep | None = None  # (made at a step with a static cache)
+        self._cache_chosen: OrderedDict = OrderedDict()
         self.program = program
         self.rows = rows
         self.options = options
@@ -262,10 +312,13 @@ class GraphSteps:
                 raise Unsupported(f"generate passed {sorted(unknown)} to the model")
         cache = cache if cache is not None else past_key_values
         use_cache = bool(use_cache) and cache is not None
-        keys, values = self._cache_tensors(cache) if use_cache else ([], [])
         if input_ids.shape[0] != self.rows[None].total:
             raise Unsupported(f"the batch has {input_ids.shape[0]} rows during generation, "
                               f"not {self.rows[None].total}")
+        if use_cache and is_static_cache(cache):
+            return self._cache_object_step(input_ids, attention_mask, position_ids, cache,
+                                           logits_to_keep)
+        keys, values = self._cache_tensors(cache) if use_cache else ([], [])
         if attention_mask is None:
             past = keys[0].shape[-2] if keys else 0
             attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1],
@@ -276,14 +329,37 @@ class GraphSteps:
         step = self.step
         self.step += 1
         program, origin = self._program_for(step)
-        logits, new_keys, new_values = self._run(program, origin, inputs,
-                                                 decoding=step > 0)
+        logits, new_keys, new_values = self._run(
+            program, origin, inputs, self._flat(inputs), self.wrapper, self._chosen,
+            decoding=step > 0)
         if use_cache:
             for layer, key, value in zip(cache.layers, new_keys, new_values):
                 if not layer.is_initialized:
                     layer.lazy_initialization(key, value)
                 layer.keys, layer.values = key, value
         return self._output(logits, cache if use_cache else None)
+
+    def _cache_object_step(self, input_ids: torch.Tensor, attention_mask: Any,
+                           position_ids: Any, cache: Any, logits_to_keep: int
+                           ) -> CausalLMOutputWithPast:
+        """One step with a cache of fixed size (:class:`CacheStep`): every step but the
+        first has the same shapes, so one exact-shape graph serves them all."""
+        if self.cache_wrapper is None:
+            self.cache_wrapper = cache_step(self.model)
+            chosen = _CHOSEN.get(self.cache_wrapper)
+            if chosen is None:
+                chosen = _CHOSEN[self.cache_wrapper] = OrderedDict()
+            self._cache_chosen = chosen
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids, cache=cache, use_cache=True,
+                      logits_to_keep=logits_to_keep)
+        step = self.step
+        self.step += 1
+        program, origin = self._program_for(step)
+        logits = self._run(program, origin, inputs, flat_inputs((), inputs),
+                           self.cache_wrapper, self._cache_chosen, decoding=step > 0,
+                           caches=[cache], dynamic="never")
+        return self._output(logits, cache)
 
     def _cache_tensors(self, cache: Any) -> tuple[list, list]:
         layers = getattr(cache, "layers", ())
@@ -304,19 +380,20 @@ class GraphSteps:
                 [layer.values.contiguous() for layer in filled])
 
     def _run(self, program: Program, origin: dict[Node, Node], inputs: dict,
-             decoding: bool) -> tuple[torch.Tensor, list, list]:
-        wrapper = self.wrapper
-        flat = self._flat(inputs)
+             flat: tuple[list[Any], Any], wrapper: torch.nn.Module, chosen: OrderedDict,
+             decoding: bool, caches: list[Any] = (), dynamic: str | None = None) -> Any:
+        """Run ``program`` for one step of ``wrapper`` (``caches``: the cache objects
+        among ``inputs``, updated as the forward updates them); the wrapper's output."""
         token = self.token
-        runner, remember = self._remembered(program, inputs, flat, token, decoding)
+        runner, remember = self._remembered(program, inputs, flat, token, decoding,
+                                            wrapper, chosen)
         if runner is None:
-            runner = self._choose(program, inputs, flat, token, decoding)
+            runner = self._choose(program, inputs, flat, token, decoding, wrapper, dynamic)
             if remember is not None:
-                chosen = self._chosen
                 if len(chosen) >= MAX_CHOSEN:
                     chosen.popitem(last=False)  # (the oldest)
                 chosen[remember] = weakref.ref(runner)
-        output, saves = runner(flat[0] + program.input_values)
+        output, saves = runner(flat[0] + program.input_values, caches)
         self.graph_module = runner.graph_module
         for node, value in zip(program.saves, saves):
             parent = origin[node]
@@ -327,7 +404,8 @@ class GraphSteps:
         return output
 
     def _remembered(self, program: Program, inputs: dict, flat: tuple, token: int | None,
-                    decoding: bool) -> tuple[Any, Any]:
+                    decoding: bool, wrapper: torch.nn.Module,
+                    chosen: OrderedDict) -> tuple[Any, Any]:
         """``(the runner a step with this template Program and these inputs ran in an
         earlier generation, or None; the key to remember the runner chosen now under, or
         None)``. Only where the model's state token is known for the whole generation
@@ -339,22 +417,24 @@ class GraphSteps:
         template = self._template_keys.get(id(program))
         if token is None or template is None:
             return None, None
-        key = (template, signature(self.wrapper, (), inputs, flat, token), decoding)
-        ref = self._chosen.get(key)
+        key = (template, signature(wrapper, (), inputs, flat, token), decoding)
+        ref = chosen.get(key)
         runner = ref() if ref is not None else None
         if runner is not None:
             bump("runner_hits")
         return runner, key
 
     def _choose(self, program: Program, inputs: dict, flat: tuple, token: int | None,
-                decoding: bool) -> Any:
-        """The capture of this step's inputs and the runner of ``program`` over it."""
-        wrapper = self.wrapper
+                decoding: bool, wrapper: torch.nn.Module, dynamic: str | None = None) -> Any:
+        """The capture of this step's inputs and the runner of ``program`` over it
+        (``dynamic``: the capture's shape policy; by default, dynamic shapes for the
+        decoding steps, the options' policy for the first)."""
+        if dynamic is None:
+            dynamic = "always" if decoding else self.options.dynamic_policy
         with wrapper.attached():
             try:
                 captured = cached_capture(wrapper, (), inputs, flat=flat, events_on=self.model,
-                                          dynamic="always" if decoding
-                                          else self.options.dynamic_policy,
+                                          dynamic=dynamic,
                                           operations=self.operations,
                                           dynamic_operations=True, token=token)
                 if token is None and self.unchanged:

@@ -165,7 +165,7 @@ def _only_read(group: _Group, cone: list[fx.Node]) -> bool:
 
 def _kind(group: _Group, cone: list[fx.Node], inputs: list[fx.Node]) -> str | None:
     """``"causal"`` where the mask, for inputs of all ones, is the causal mask of as many
-    queries as keys (more than one), ``"full"`` where it is all true, else None."""
+    queries as keys, ``"full"`` where it is all true, else None."""
     mask = _evaluate(cone, inputs)
     if not isinstance(mask, torch.Tensor) or mask.dtype is not torch.bool or mask.dim() < 2:
         return None
@@ -176,6 +176,8 @@ def _kind(group: _Group, cone: list[fx.Node], inputs: list[fx.Node]) -> str | No
             return None
     if bool(mask.all()):
         return "full"
+    # (as many queries as keys, as where transformers takes ``is_causal=True`` eagerly;
+    # it keeps the mask of a first step into a larger static cache)
     causal = torch.ones(queries, keys, dtype=torch.bool, device=mask.device).tril()
     if queries == keys and bool((mask == causal).all()):
         return "causal"
