@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench bench-gpu clean
 
 # Create the virtualenv and install pinned deps + fxsight (editable) once;
 # re-run only when requirements.txt or pyproject.toml change.
@@ -30,6 +30,11 @@ test: $(STAMP)
 # or FXSIGHT_BENCH_NNSIGHT_PYTHON names it, runs in a child process).
 bench: $(STAMP)
 	$(PY) -m perf --write
+
+# On a machine with a CUDA device: the GPU benchmark only (perf/bench_gpu.py; its docstring
+# gives the whole command for a GPU lease, with nnsight and the timeout it needs).
+bench-gpu:
+	$(PYTHON) -m perf --device cuda --write
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis

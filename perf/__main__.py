@@ -12,7 +12,11 @@ section that ran under ``perf/results/`` and rewrites ``docs/performance.md``
 A benchmark's ``run`` is called with ``quick=...`` and, where its signature has them,
 ``only``, ``threads``, ``log`` and ``rounds``; it returns its results. Its ``table(results)`` (text or
 markdown), ``targets(results)`` and ``noise(results)`` are printed and written where it
-defines them.
+defines them. A module's ``DEVICES`` (default ``("cpu",)``) names the devices it is made
+for: without ``--only``, ``--device D`` runs the benchmarks made for ``D`` (``--device
+cuda``: the GPU benchmark, ``perf/bench_gpu.py``), and ``--write`` stores the section of a
+module that names its ``DEVICES`` only from a run on one of them (a smoke run of the GPU
+benchmark on a CPU is printed, not stored).
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ def benchmarks() -> list[str]:
     names = sorted(m.name.removeprefix("bench_") for m in pkgutil.iter_modules([here])
                    if m.name.startswith("bench_"))
     return sorted(names, key=lambda name: name != "core")
+
+
+def _made_for(module, device: str) -> bool:
+    """Whether ``module``'s benchmark is made for ``device`` (``cuda:1`` counts as
+    ``cuda``)."""
+    return device.split(":")[0] in getattr(module, "DEVICES", ("cpu",))
 
 
 def _call(run, args, only: str | None):
@@ -67,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="timed rounds, for the benchmarks whose "
                         "run() takes rounds (core, generation); default: theirs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--device", default="cpu", help="where the core benchmark's models "
-                        "run (cpu, cuda)")
+    parser.add_argument("--device", default="cpu", help="where the models of the core and "
+                        "the GPU benchmark run (cpu, cuda); without --only, --device cuda "
+                        "runs the GPU benchmark only")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -91,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         module = importlib.import_module(f"perf.bench_{name}")
         run = getattr(module, "run", None)
-        if run is None:
+        if run is None or (head is None and not _made_for(module, args.device)):
             continue
         print(f"\n## {name} (perf/bench_{name}.py)\n", flush=True)
         load_start = timing.load()
@@ -105,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                        load_start=f"{load_start:.1f}", load_end=f"{timing.load():.1f}")
         markdown = report.section(module, results, context)
         print(markdown, flush=True)
-        if args.write:
+        if args.write and (not hasattr(module, "DEVICES") or _made_for(module, args.device)):
             report.store(name, markdown, results)
+        elif args.write:
+            print(f"(not stored: perf/bench_{name}.py's section is written from a run on "
+                  f"{' or '.join(module.DEVICES)} only)")
     if args.write:
         report.render()
         print(f"wrote {report.PAGE}")

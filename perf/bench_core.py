@@ -47,9 +47,9 @@ from typing import Any, Callable
 import torch
 
 from perf.child import run_in_child
-from perf.models import gpt2
+from perf.models import blocks, gpt2
 from perf.timing import (SEED, SHUFFLED, compiled_graphs, estimators, ratio,
-                         shuffled_rounds, unique_compile)
+                         shuffled_rounds, synced, unique_compile, warm)
 
 ORDER = SHUFFLED
 
@@ -78,13 +78,13 @@ DEVICE = os.environ.get("FXSIGHT_BENCH_DEVICE", "cpu")
 
 
 # --- the experiments ----------------------------------------------------------------------
-def _ids(model: torch.nn.Module) -> torch.Tensor:
-    return torch.randint(4, model.config.vocab_size, (ROWS, TOKENS),
+def _ids(model: torch.nn.Module, rows: int = ROWS, tokens: int = TOKENS) -> torch.Tensor:
+    return torch.randint(4, model.config.vocab_size, (rows, tokens),
                          generator=torch.Generator().manual_seed(0))
 
 
 def _steer(model: torch.nn.Module) -> torch.Tensor:
-    return torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(1))
+    return torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
 
 
 def _plain(model: Callable) -> Callable:
@@ -100,13 +100,13 @@ class _Hooks:
                  steer: torch.Tensor):
         self.experiment = experiment
         self.kept: dict[int, torch.Tensor] = {}
-        blocks = model.transformer.h
-        half = ROWS // 2
+        layers = blocks(model)
 
         def keep(i):
             return lambda module, args, output: self.kept.__setitem__(i, output)
 
         def patch(module, args, output):
+            half = len(output) // 2
             output = output.clone()
             output[half:, POSITION] = output[:half, POSITION]
             return output
@@ -115,11 +115,11 @@ class _Hooks:
             output[:] += steer
 
         if experiment == "save":
-            self.hooks = [(block, keep(i)) for i, block in enumerate(blocks)]
+            self.hooks = [(block, keep(i)) for i, block in enumerate(layers)]
         elif experiment == "patch":
-            self.hooks = [(blocks[layer], patch)]
+            self.hooks = [(layers[layer], patch)]
         else:
-            self.hooks = [(blocks[SAVED], keep(SAVED)), (blocks[STEERED], add)]
+            self.hooks = [(layers[SAVED], keep(SAVED)), (layers[STEERED], add)]
 
     def register(self) -> list:
         """Register the hooks; their handles."""
@@ -131,7 +131,7 @@ class _Hooks:
         if self.experiment == "save":
             return [kept[i] for i in sorted(kept)], logits
         if self.experiment == "patch":
-            return logits[ROWS // 2:]
+            return logits[len(logits) // 2:]
         return kept[SAVED], logits
 
 
@@ -167,15 +167,16 @@ def _compiled_hooks(model: torch.nn.Module, experiment: str, layer: int,
 
 def _traced(wrapped: Any, experiment: str, layer: int, n_layer: int, steer: torch.Tensor,
             check: Callable[[Any], None] = lambda tracer: None, **trace_kwargs) -> Callable:
-    """The experiment in nnsight's API: runs on fxsight's and on nnsight's wrappers."""
-    half = ROWS // 2
+    """The experiment in nnsight's API: runs on fxsight's and on nnsight's wrappers (of a
+    GPT-2 or a Llama model; ``patch`` reads the first half of the rows, writes the second)."""
+    layers = blocks(wrapped)
 
     if experiment == "save":
         def run(ids):
             saved = []
             with wrapped.trace(ids, use_cache=False, **trace_kwargs) as tracer:
                 for i in range(n_layer):
-                    saved.append(wrapped.transformer.h[i].output.save())
+                    saved.append(layers[i].output.save())
                 logits = wrapped.lm_head.output.save()
             check(tracer)
             return saved, logits
@@ -184,22 +185,23 @@ def _traced(wrapped: Any, experiment: str, layer: int, n_layer: int, steer: torc
     if experiment == "steer":
         def run(ids):
             with wrapped.trace(ids, use_cache=False, **trace_kwargs) as tracer:
-                kept = wrapped.transformer.h[SAVED].output.save()
-                wrapped.transformer.h[STEERED].output[:] += steer
+                kept = layers[SAVED].output.save()
+                layers[STEERED].output[:] += steer
                 logits = wrapped.lm_head.output.save()
             check(tracer)
             return kept, logits
         return run
 
     def run(ids):
+        half = len(ids) // 2
         with wrapped.trace(**trace_kwargs) as tracer:
             barrier = tracer.barrier(2)  # nnsight runs invokes as threads: share through it
             with tracer.invoke(ids[:half], use_cache=False):
-                clean = wrapped.transformer.h[layer].output[:, POSITION]
+                clean = layers[layer].output[:, POSITION]
                 barrier()
             with tracer.invoke(ids[half:], use_cache=False):
                 barrier()
-                wrapped.transformer.h[layer].output[:, POSITION] = clean
+                layers[layer].output[:, POSITION] = clean
                 logits = wrapped.lm_head.output.save()
         check(tracer)
         return logits
@@ -209,18 +211,6 @@ def _traced(wrapped: Any, experiment: str, layer: int, n_layer: int, steer: torc
 def _fx_backend(tracer: Any) -> None:
     if tracer.backend != "fx":
         raise RuntimeError(f"fxsight ran on the {tracer.backend} backend, not fx")
-
-
-def _synced(fn: Callable) -> Callable:
-    """``fn`` followed by a device synchronization (so a timing covers the kernels)."""
-    if not DEVICE.startswith("cuda"):
-        return fn
-
-    def run(ids):
-        result = fn(ids)
-        torch.cuda.synchronize()
-        return result
-    return run
 
 
 def _max_diff(got: Any, want: Any) -> float:
@@ -256,21 +246,22 @@ def _nnsight_wrapper(model: torch.nn.Module) -> Any:
 
 
 def _nnsight_worker(key: str, experiments: list[str], rounds: int, warmup: int,
-                    threads: int = 2, seed: int = SEED) -> None:
+                    threads: int = 2, seed: int = SEED, dtype: str = "float32") -> None:
     """(In the child process.) Print JSON: per experiment, nnsight's and the plain eager
     forward's estimators (seconds) and nnsight's max |diff| from the hooks."""
     torch.set_num_threads(threads)
     out = {}
     with torch.no_grad():
-        model = MODELS[key][1]().to(DEVICE)
+        model = MODELS[key][1]().to(DEVICE, getattr(torch, dtype))
         n_layer = len(model.transformer.h)
-        ids, steer = _ids(model).to(DEVICE), _steer(model).to(DEVICE)
+        ids = _ids(model).to(DEVICE)
+        steer = _steer(model).to(DEVICE, getattr(torch, dtype))
         wrapped = _nnsight_wrapper(model)
         for experiment in experiments:
             fns = {"plain eager": _plain(model),
                    "hooks": _hooks(model, experiment, n_layer // 2, steer),
                    "nnsight": _traced(wrapped, experiment, n_layer // 2, n_layer, steer)}
-            fns = {name: _synced(fn) for name, fn in fns.items()}
+            fns = {name: synced(fn, DEVICE) for name, fn in fns.items()}
             answer = fns["nnsight"](ids)
             for fn in fns.values():
                 for _ in range(warmup):
@@ -283,10 +274,11 @@ def _nnsight_worker(key: str, experiments: list[str], rounds: int, warmup: int,
 
 
 def _nnsight_in_child(key: str, experiments: tuple[str, ...], rounds: int,
-                      warmup: int) -> dict | str:
+                      warmup: int, dtype: str = "float32") -> dict | str:
     return run_in_child(
         f"from perf.bench_core import _nnsight_worker; _nnsight_worker({key!r}, "
-        f"{list(experiments)!r}, {rounds}, {warmup}, {torch.get_num_threads()})")
+        f"{list(experiments)!r}, {rounds}, {warmup}, {torch.get_num_threads()}, "
+        f"dtype={dtype!r})")
 
 
 # --- fxsight's graph, timed inside the trace ----------------------------------------------
@@ -341,22 +333,7 @@ def _variants(model, compiled_model, wrapper, experiment, steer, label) -> dict[
         "fxsight compiled": _traced(wrapper, experiment, layer, n_layer, steer, _fx_backend,
                                     compile=True),
     }
-    return {name: _synced(fn) for name, fn in fns.items()}
-
-
-def _warm(fns: dict[str, Callable], ids: torch.Tensor, warmup: int
-          ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Every variant's first answer (compiling where it compiles), then ``warmup`` calls;
-    the answers and the variants that failed."""
-    answers, failed = {}, {}
-    for variant, fn in fns.items():
-        try:
-            answers[variant] = fn(ids)
-            for _ in range(warmup):
-                fn(ids)
-        except Exception as error:  # noqa: BLE001 - a failing variant is reported
-            failed[variant] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
-    return answers, failed
+    return {name: synced(fn, DEVICE) for name, fn in fns.items()}
 
 
 def _rows(name, experiment, times, own, answers, failed, child) -> list[dict[str, Any]]:
@@ -420,7 +397,7 @@ def bench_model(key: str, experiments: tuple[str, ...], rounds: int, warmup: int
     results = []
     for experiment in experiments:
         fns = _variants(model, compiled_model, wrapper, experiment, steer, key)
-        answers, failed = _warm(fns, ids, warmup)
+        answers, failed, _ = warm(fns, warmup, ids)
         live = {v: (lambda f=fn: f(ids)) for v, fn in fns.items() if v not in failed}
         graphs, compiles = compiled_graphs(), fxsight.stats()["compilations"]
         with GraphClock() as clock:

@@ -40,9 +40,9 @@ from typing import Any, Callable
 import torch
 
 from perf.child import run_in_child
-from perf.models import gpt2
+from perf.models import blocks, gpt2, llama
 from perf.timing import (SEED, SHUFFLED, compiled_graphs, estimators, ratio,
-                         shuffled_rounds, unique_compile)
+                         shuffled_rounds, synced, unique_compile)
 
 ORDER = SHUFFLED
 
@@ -59,15 +59,24 @@ class _IdsTokenizer:
     pad_token = "<pad>"
 
 
-def _setup(name: str, new_tokens: int) -> tuple[torch.nn.Module, dict, torch.Tensor, int, dict]:
-    layers, width, heads, vocab = SHAPES[name]
-    model = gpt2(layers, width, heads, vocab, n_positions=1024)
-    ids = torch.randint(1, vocab, (1, PROMPT_TOKENS),
-                        generator=torch.Generator().manual_seed(0))
+def _setup(name: str, new_tokens: int, device: str = "cpu", dtype: str = "float32"
+           ) -> tuple[torch.nn.Module, dict, torch.Tensor, int, dict]:
+    """The model ``name`` (a GPT-2 of ``SHAPES`` or a Llama of ``perf.models.LLAMA``) on
+    ``device`` in ``dtype``, the prompt, the steering vector, the steered layer and the
+    options of ``generate``."""
+    if name in SHAPES:
+        model = gpt2(*SHAPES[name], n_positions=1024)
+    else:
+        model = llama(name, device)
+    model = model.to(device, getattr(torch, dtype))
+    config = model.config
+    ids = torch.randint(1, config.vocab_size, (1, PROMPT_TOKENS),
+                        generator=torch.Generator().manual_seed(0)).to(device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    steer = torch.randn(width, generator=torch.Generator().manual_seed(1))
+    steer = torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(1))
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return model, inputs, steer, layers // 2, options
+    return (model, inputs, steer.to(device, model.dtype), config.num_hidden_layers // 2,
+            options)
 
 
 def _plain(model: torch.nn.Module, inputs: dict, options: dict) -> Callable:
@@ -85,7 +94,7 @@ def _adder(steer: torch.Tensor) -> Callable:
 
 def _hooks(model: torch.nn.Module, inputs: dict, steer: torch.Tensor, layer: int,
            options: dict) -> Callable:
-    block = model.transformer.h[layer]
+    block = blocks(model)[layer]
     add = _adder(steer)
 
     def run():
@@ -103,7 +112,7 @@ def _compiled(model: torch.nn.Module, inputs: dict, options: dict, label: str,
     the copy's block ``layer`` has the steering hook, registered before compilation."""
     twin = copy.deepcopy(model)
     if steer is not None:
-        twin.transformer.h[layer].register_forward_hook(_adder(steer))
+        blocks(twin)[layer].register_forward_hook(_adder(steer))
     twin.forward = unique_compile(twin.forward, label)
     return lambda: twin.generate(**inputs, **options)
 
@@ -119,24 +128,26 @@ def _steered(lm: Any, inputs: dict, steer: torch.Tensor, layer: int, options: di
     def run():
         with lm.generate(dict(inputs), **options, **generate_kwargs) as tracer:
             for _ in tracer.iter[0:steps]:
-                lm.transformer.h[layer].output[:, -1] += steer
+                blocks(lm)[layer].output[:, -1] += steer
             tokens = tracer.result.save()
         return tokens
     return run
 
 
-def _nnsight_worker(name: str, new_tokens: int, repeats: int) -> None:
+def _nnsight_worker(name: str, new_tokens: int, repeats: int, device: str = "cpu",
+                    dtype: str = "float32") -> None:
     """(In the child process.) Print JSON: nnsight's, plain generate's and the hook's
     estimators, the first call, and nnsight's generated ids."""
     import nnsight
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(int(os.environ.get("FXSIGHT_BENCH_THREADS", "2")))
-    model, inputs, steer, layer, options = _setup(name, new_tokens)
+    model, inputs, steer, layer, options = _setup(name, new_tokens, device, dtype)
     lm = nnsight.LanguageModel(model, tokenizer=_IdsTokenizer())
     fns = {"plain generate": _plain(model, inputs, options),
            "hooks": _hooks(model, inputs, steer, layer, options),
            "nnsight": _steered(lm, inputs, steer, layer, options)}
+    fns = {variant: synced(fn, device) for variant, fn in fns.items()}
     start = time.perf_counter()
     tokens = fns["nnsight"]()
     first = time.perf_counter() - start
@@ -147,9 +158,11 @@ def _nnsight_worker(name: str, new_tokens: int, repeats: int) -> None:
                       "tokens": torch.as_tensor(tokens).tolist()}))
 
 
-def _nnsight_in_child(name: str, new_tokens: int, repeats: int) -> dict | str:
+def _nnsight_in_child(name: str, new_tokens: int, repeats: int, device: str = "cpu",
+                      dtype: str = "float32") -> dict | str:
     return run_in_child(f"from perf.bench_generation import _nnsight_worker; "
-                        f"_nnsight_worker({name!r}, {new_tokens}, {repeats})",
+                        f"_nnsight_worker({name!r}, {new_tokens}, {repeats}, {device!r}, "
+                        f"{dtype!r})",
                         FXSIGHT_BENCH_THREADS=str(torch.get_num_threads()))
 
 

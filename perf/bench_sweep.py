@@ -45,18 +45,19 @@ from typing import Any, Callable
 
 import torch
 
+from perf import child
 from perf.models import gpt2
-from perf.timing import SHUFFLED
+from perf.timing import SHUFFLED, synced
 
 ORDER = SHUFFLED
 
 TOKENS = 32
 A, B = 11, 22  # the metric: logit of token A minus logit of token B at the last position
-NNSIGHT_PATH = os.environ.get("NNSIGHT_PATH", "/tmp/nnsight-site")
+NNSIGHT_PATH = os.environ.get("NNSIGHT_PATH") or child.NNSIGHT_PATH or "/tmp/nnsight-site"
 
 
-def _model(n_layer: int) -> torch.nn.Module:
-    return gpt2(n_layer, 768, 12, 50257)
+def _model(n_layer: int, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
+    return gpt2(n_layer, 768, 12, 50257).to(device, getattr(torch, dtype))
 
 
 def metric(logits: torch.Tensor) -> torch.Tensor:
@@ -113,11 +114,12 @@ def _prefix_reuse(model, clean, corrupt, changed_only: bool = False
         corrupt_out, corrupt_logits = _block_outputs(model, corrupt)
         scores = metric(corrupt_logits).expand(len(blocks), tokens).clone()
         for layer in range(len(blocks)):
-            rows = torch.arange(tokens)
+            rows = torch.arange(tokens, device=clean.device)
             if changed_only:
                 rows = rows[(clean_out[layer][0] != corrupt_out[layer][0]).any(-1)]
             h = corrupt_out[layer].expand(len(rows), tokens, -1).clone()
-            h[torch.arange(len(rows)), rows] = clean_out[layer][0, rows]  # position patched
+            h[torch.arange(len(rows), device=clean.device), rows] = \
+                clean_out[layer][0, rows]  # position patched
             for block in blocks[layer + 1:]:
                 h = block(h)
                 h = h[0] if isinstance(h, tuple) else h
@@ -135,11 +137,12 @@ def _hooks(model, clean, corrupt, batch: int) -> Callable[[], torch.Tensor]:
     def sweep() -> torch.Tensor:
         tokens = clean.shape[1]
         saved, _ = _block_outputs(model, clean)
-        scores = torch.zeros(len(blocks), tokens)
+        scores = torch.zeros(len(blocks), tokens, device=clean.device)
         for layer, block in enumerate(blocks):
             for start in range(0, tokens, batch):
-                positions = torch.arange(start, start + batch).clamp(max=tokens - 1)
-                rows = torch.arange(batch)
+                positions = torch.arange(start, start + batch,
+                                         device=clean.device).clamp(max=tokens - 1)
+                rows = torch.arange(batch, device=clean.device)
 
                 def patch(module, args, output, positions=positions, layer=layer):
                     output = output.clone()
@@ -159,7 +162,8 @@ def _hooks(model, clean, corrupt, batch: int) -> Callable[[], torch.Tensor]:
 
 
 # --- nnsight, in its own process ---------------------------------------------------------
-def _nnsight_child(n_layer: int, tokens: int) -> None:
+def _nnsight_child(n_layer: int, tokens: int, device: str = "cpu",
+                   dtype: str = "float32") -> None:
     """(Run in a child process with nnsight importable.) One warm-up trace, then one timed
     sweep in nnsight's tutorial pattern; prints JSON: seconds and scores."""
     import warnings
@@ -170,8 +174,8 @@ def _nnsight_child(n_layer: int, tokens: int) -> None:
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(2)
-    model = _model(n_layer)
-    clean, corrupt = _prompts(model.config.vocab_size, tokens)
+    model = _model(n_layer, device, dtype)
+    clean, corrupt = (p.to(device) for p in _prompts(model.config.vocab_size, tokens))
     # LanguageModel batches invokes; the prompts are token ids: a stand-in tokenizer pads
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")),
@@ -196,12 +200,14 @@ def _nnsight_child(n_layer: int, tokens: int) -> None:
 
     layer_scores(0, range(2))  # warm-up
     start = time.perf_counter()
-    scores = torch.stack([layer_scores(layer, range(tokens)) for layer in range(n_layer)])
+    scores = torch.stack([layer_scores(layer, range(tokens))
+                          for layer in range(n_layer)]).float().cpu()
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "scores": scores.tolist()}))
 
 
-def _nnsight(n_layer: int, tokens: int) -> Callable[[], tuple[float, torch.Tensor]] | str:
+def _nnsight(n_layer: int, tokens: int, device: str = "cpu", dtype: str = "float32"
+             ) -> Callable[[], tuple[float, torch.Tensor]] | str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [NNSIGHT_PATH, *filter(None, [os.environ.get("PYTHONPATH")])])}
     check = subprocess.run([sys.executable, "-c", "import nnsight"], env=env,
@@ -211,9 +217,9 @@ def _nnsight(n_layer: int, tokens: int) -> Callable[[], tuple[float, torch.Tenso
 
     def sweep() -> tuple[float, torch.Tensor]:
         done = subprocess.run([sys.executable, "-m", "perf.bench_sweep", "--nnsight-child",
-                               str(n_layer), str(tokens)], env=env, capture_output=True,
-                              text=True, cwd=os.path.dirname(os.path.dirname(
-                                  os.path.abspath(__file__))))
+                               str(n_layer), str(tokens), device, dtype], env=env,
+                              capture_output=True, text=True, cwd=os.path.dirname(
+                                  os.path.dirname(os.path.abspath(__file__))))
         if done.returncode:
             raise RuntimeError(f"the nnsight process failed: {done.stderr[-2000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -222,15 +228,17 @@ def _nnsight(n_layer: int, tokens: int) -> Callable[[], tuple[float, torch.Tenso
     return sweep
 
 
-def run(quick: bool = False, rounds: int = 2, nnsight: bool = True) -> list[dict[str, Any]]:
+def run(quick: bool = False, rounds: int = 2, nnsight: bool = True, device: str = "cpu",
+        dtype: str = "float32", size: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     """One dict per method: ``seconds`` (median over rounds), ``cells_per_s``, ``speedup``
     (the method's time over fxsight's) and ``max_abs_diff`` from the hand-written prefix
-    reuse's scores."""
+    reuse's scores. ``device`` and ``dtype``: where the model runs, in what (the nnsight
+    process too); ``size``: (layers, tokens) instead of the defaults."""
     torch.set_grad_enabled(False)
-    n_layer, tokens = (4, 16) if quick else (12, TOKENS)
+    n_layer, tokens = size or ((4, 16) if quick else (12, TOKENS))
     rounds = 1 if quick else rounds
-    model = _model(n_layer)
-    clean, corrupt = _prompts(model.config.vocab_size, tokens)
+    model = _model(n_layer, device, dtype)
+    clean, corrupt = (p.to(device) for p in _prompts(model.config.vocab_size, tokens))
     batch = tokens
     methods: dict[str, Any] = {
         "fxsight": _fxsight(model, clean, corrupt, batch, suffix=True),
@@ -238,12 +246,13 @@ def run(quick: bool = False, rounds: int = 2, nnsight: bool = True) -> list[dict
         "hand-written prefix reuse": _prefix_reuse(model, clean, corrupt),
         "hand-written, changed positions only": _prefix_reuse(model, clean, corrupt, True),
         "hooks (batched, logits_to_keep=1)": _hooks(model, clean, corrupt, batch),
-        "nnsight (tutorial)": _nnsight(n_layer, tokens) if nnsight else "not requested",
+        "nnsight (tutorial)": _nnsight(n_layer, tokens, device, dtype) if nnsight
+        else "not requested",
     }
     shape = f"gpt2 {n_layer}x768"
     cells = n_layer * tokens
     results: list[dict[str, Any]] = []
-    live = {name: fn for name, fn in methods.items() if callable(fn)}
+    live = {name: synced(fn, device) for name, fn in methods.items() if callable(fn)}
     for name, why in methods.items():
         if not callable(why):
             results.append(dict(model=shape, method=name, skipped=why))
@@ -251,7 +260,7 @@ def run(quick: bool = False, rounds: int = 2, nnsight: bool = True) -> list[dict
     for name in ("fxsight", "fxsight (full-length)"):  # captures and splices: warm-ups
         start = time.perf_counter()
         value = live[name]()
-        cold[name] = (time.perf_counter() - start, value)
+        cold[name] = (time.perf_counter() - start, value.float().cpu())
     times: dict[str, list[float]] = {name: [] for name in live}
     scores: dict[str, torch.Tensor] = {}
     order = list(live)
@@ -265,7 +274,7 @@ def run(quick: bool = False, rounds: int = 2, nnsight: bool = True) -> list[dict
             else:
                 seconds = time.perf_counter() - start
             times[name].append(seconds)
-            scores[name] = value
+            scores[name] = value.float().cpu()
     reference = scores["hand-written prefix reuse"]
     fx_time = statistics.median(times["fxsight"])
     for name in live:
@@ -310,7 +319,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--nnsight-child"]:
-        _nnsight_child(int(argv[1]), int(argv[2]))
+        _nnsight_child(int(argv[1]), int(argv[2]), *argv[3:5])
         return
     torch.set_num_threads(2)
     quick = "--quick" in argv

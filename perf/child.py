@@ -4,6 +4,7 @@ fresh process of this interpreter (first calls with an empty compile cache)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -32,7 +33,9 @@ def run_in_child(code: str, python: str = NNSIGHT_PYTHON, nnsight: bool = True,
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@functools.cache
 def nnsight_version() -> str | None:
-    """nnsight's version where the child process can import it (``None`` otherwise)."""
+    """nnsight's version where the child process can import it (``None`` otherwise; asked
+    once per process)."""
     found = run_in_child("import json, nnsight; print(json.dumps(nnsight.__version__))")
     return found if isinstance(found, str) and found[:1].isdigit() else None

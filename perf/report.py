@@ -57,11 +57,17 @@ def store(name: str, markdown: str, results: Any) -> None:
         json.dump(results, file, indent=1, default=str)
 
 
+# what a section says before its first stored run, where the default does not fit
+NOT_RUN = {"gpu": "Not yet run on a GPU: `python -m perf --device cuda --write` on a machine "
+                  "with a CUDA device writes this section (the whole command, with nnsight "
+                  "and the timeout it needs, is in `perf/bench_gpu.py`'s docstring).\n"}
+
+
 def _stored(name: str) -> str:
     path = os.path.join(RESULTS, f"{name}.md")
     if not os.path.exists(path):
-        return (f"Not measured yet: `python -m perf --only {name} --write` writes this "
-                f"section.\n")
+        return NOT_RUN.get(name, f"Not measured yet: `python -m perf --only {name} --write` "
+                                 f"writes this section.\n")
     with open(path) as file:
         return file.read()
 

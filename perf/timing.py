@@ -100,3 +100,49 @@ def compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process so far (baselines and fxsight alike)."""
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
+
+
+def synced(fn: Callable, device: str) -> Callable:
+    """``fn`` followed by a synchronization of ``device`` where it is a GPU, so that a
+    timing covers the kernels the call launched (and the next call starts on an idle
+    device); ``fn`` itself elsewhere."""
+    if not str(device).startswith("cuda"):
+        return fn
+
+    def run(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return result
+    return run
+
+
+def first_line(error: BaseException) -> str:
+    """An error as one short line: its class and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:100] if lines else ''}".rstrip(": ")
+
+
+def kept(value: Any) -> Any:
+    """``value`` with every tensor in it cloned: an answer that a later call cannot
+    overwrite (CUDA graphs reuse their output memory on the next replay)."""
+    return torch.utils._pytree.tree_map(
+        lambda leaf: leaf.clone() if isinstance(leaf, torch.Tensor) else leaf, value)
+
+
+def warm(fns: dict[str, Callable], warmup: int, *args: Any
+         ) -> tuple[dict[str, Any], dict[str, str], dict[str, float]]:
+    """Every variant's first call with ``args`` (compiling where it compiles), then
+    ``warmup`` more; the first answers (cloned), the variants that raised (their error's
+    first line) and each first call's seconds."""
+    answers, failed, first = {}, {}, {}
+    for variant, fn in fns.items():
+        try:
+            start = time.perf_counter()
+            answers[variant] = kept(fn(*args))
+            first[variant] = time.perf_counter() - start
+            for _ in range(warmup):
+                fn(*args)
+        except Exception as error:  # noqa: BLE001 - a failing variant is reported
+            failed[variant] = first_line(error)
+            answers.pop(variant, None)
+    return answers, failed, first
