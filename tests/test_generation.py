@@ -507,7 +507,9 @@ def test_remembered_decoding_steps_follow_the_model_and_the_values(tokenizer, mo
     chosen = []
     choose = decoding.GraphSteps._choose
     monkeypatch.setattr(decoding.GraphSteps, "_choose",
-                        lambda self, *args: chosen.append(args[-1]) or choose(self, *args))
+                        lambda self, program, inputs, flat, token, decoding, *rest:
+                        chosen.append(decoding) or
+                        choose(self, program, inputs, flat, token, decoding, *rest))
 
     def steered(steer, prompt):
         chosen.clear()
