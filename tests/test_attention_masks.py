@@ -173,25 +173,36 @@ def test_a_mask_edited_in_place_is_honoured(tokenizer):
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
 
 
-def test_compiled_traces_with_a_padding_mask_keep_it(tokenizer):
-    """The check whether the padding masks are all ones reads their values, which a
-    compiled graph cannot: compiled graphs keep the mask there (and compile whole)."""
+def test_compiled_traces_attend_unmasked_where_no_row_is_padded(tokenizer):
+    """A compiled graph cannot read the padding masks' values: it keeps the mask, and a
+    twin compiled without it runs where the padding masks are all ones (each compiled
+    at its first use; results as the eager graphs')."""
     import warnings
+
+    compiled_code = []
+
+    def recording_backend(gm, example_inputs, **kwargs):
+        compiled_code.append(gm.code)
+        return gm.forward
 
     model = tiny_gpt2(vocab_size=len(tokenizer))
     lm = LanguageModel(model, tokenizer=tokenizer)
-    prompt = "The Eiffel Tower is in"
-    eager, eager_calls, eager_tracer = _traced(lm, prompt, backend="fx")
-    assert "all_ones" in eager_tracer.graph_module.code
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # (a compile failure would warn and run eagerly)
-        for _ in range(2):  # (no dispatch mode: it stops torch.compile)
-            with lm.trace(prompt, use_cache=False, backend="fx",
-                          compile={"backend": "eager"}) as tracer:
-                compiled = lm.output.logits.save()
-    assert "all_ones" not in tracer.graph_module.code
-    assert "scaled_dot_product_attention" in tracer.graph_module.code
-    assert torch.equal(compiled, eager)
+    for prompts, unmasked in ((["The Eiffel Tower is in"], True),
+                              (["The Eiffel Tower is in the city of", "Hi"], False)):
+        eager, _, _ = _traced(lm, prompts, backend="fx")
+        compiled_code.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (a compile failure would warn and run eagerly)
+            for _ in range(2):  # (no dispatch mode: it stops torch.compile)
+                with lm.trace(prompts, use_cache=False, backend="fx",
+                              compile={"backend": recording_backend}) as tracer:
+                    compiled = lm.output.logits.save()
+        assert torch.equal(compiled, eager)
+        assert len(compiled_code) == 1
+        attention = [line for line in compiled_code[0].splitlines()
+                     if "= torch.ops.aten.scaled_dot_product_attention" in line]
+        assert len(attention) == model.config.n_layer
+        assert all(("is_causal = True" in line) is unmasked for line in attention), attention
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

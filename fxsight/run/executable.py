@@ -19,6 +19,7 @@ without dynamo's per-call wrapper wherever fxsight's checks pass (:mod:`.direct`
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import operator
 import time
 import warnings
@@ -33,7 +34,8 @@ from ..errors import user_stacklevel
 from .._torch import compile_backend, pytree, without_duck_shaping
 from ..record.program import INPUT_PART, Program
 from ..splice.indices import Validated, blind, candidates, tensor_indices
-from ..splice.attention_masks import elide_model_masks
+from ..splice.attention_masks import ASSUME_UNPADDED, CHECK, KEEP, all_ones, \
+    elide_model_masks
 from ..splice.splice import Spliced, splice
 from ..splice.walker import MetaWalker
 from .eager import fast_forward
@@ -142,9 +144,15 @@ class Executable:
         self.output_builder = None if spliced.cache_outputs else \
             _plain_builder(spliced.model_output)
         gm = spliced.graph_module
-        # attention as the eager forward runs it, without the mask export builds (the
-        # check whether the padding masks are all ones only in eager graphs)
-        elide_model_masks(gm, runtime_check=compile_options is None)
+        # attention as the eager forward runs it, without the mask export builds: eager
+        # graphs check whether the padding masks are all ones; a compiled graph keeps
+        # the mask, and a twin compiled without it runs where they are (_unpadded)
+        deciding = elide_model_masks(gm, CHECK if compile_options is None else KEEP)
+        self._unpadded: Executable | None = None
+        self._padding_at: list[int] = []
+        if compile_options is not None and deciding:
+            self._unpadded, self._padding_at = _unpadded_twin(
+                spliced, deciding, compile_options, dynamic_capture)
         release_source_when_collected(gm)  # (evicted, its source must not stay behind)
         self._eager = fast_forward(gm)
         self._fn: Callable = self._eager
@@ -186,6 +194,9 @@ class Executable:
         fn = self._fn
         if fn is self._eager:
             return fn(*flat_inputs)
+        if self._unpadded is not None and self._unpadded.failure is None and \
+                all_ones(*[flat_inputs[i] for i in self._padding_at]):
+            return self._unpadded(flat_inputs)
         direct = self._direct
         if direct is None and self._direct_pending:
             direct = self._direct = self._compile_direct(flat_inputs)
@@ -248,6 +259,24 @@ class Executable:
             return None
         self._direct = made
         return made
+
+
+def _unpadded_twin(spliced: Spliced, padding: list[str], compile_options: CompileOptions,
+                   dynamic_capture: bool) -> tuple["Executable | None", list[int]]:
+    """The Executable of a copy of ``spliced``'s graph whose attention calls take no mask
+    where the padding masks named ``padding`` are all ones, and their positions among
+    the graph's inputs; ``(None, [])`` where they are not all plain inputs."""
+    gm = spliced.graph_module
+    names = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
+    if not all(name in names for name in padding):
+        return None, []
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))  # (node metadata shared, not copied)
+    twin = torch.fx.GraphModule(gm, graph, class_name="RewrittenForward")
+    elide_model_masks(twin, ASSUME_UNPADDED)
+    return (Executable(dataclasses.replace(spliced, graph_module=twin), compile_options,
+                       dynamic_capture),
+            [names.index(name) for name in padding])
 
 
 def _owned(outputs: Any, flat_inputs: list[Any]) -> Any:

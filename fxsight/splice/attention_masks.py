@@ -17,8 +17,10 @@ Whether they are is one check per run (as transformers' own ``padding_mask.all()
 the mask is computed only when they are not. A mask with no graph inputs at all (the
 caller passed none) needs no check: those calls are rewritten outright.
 
-Only graphs of static shapes are rewritten (the mask is evaluated for its sizes), and the
-run-time check only in eager graphs (a compiled graph would break on it).
+Only graphs of static shapes are rewritten (the mask is evaluated for its sizes). A
+compiled graph cannot read the padding masks' values: it keeps the mask
+(:data:`KEEP`), and its Executable compiles a second graph made with
+:data:`ASSUME_UNPADDED`, which it runs where it finds the padding masks all ones.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from .._torch import is_op_overload, returns_alias
 from ..stats import bump
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
-# the graph inputs a mask may be computed from (the models' own name for the padding mask)
+# the graph inputs a mask may be computed from (the models' own name for the padding mask,
+# a 2-D tensor of integers or booleans)
 MASK_INPUTS = ("attention_mask",)
 
 
@@ -46,9 +49,18 @@ class _Group:
     calls: list[fx.Node]
 
 
-def elide_model_masks(gm: fx.GraphModule, runtime_check: bool) -> int:
-    """Rewrite ``gm``'s attention calls as described in the module docstring; the number
-    of calls rewritten (``gm`` is recompiled where it is not 0)."""
+# what to do where the mask is computed from padding masks (graph inputs)
+CHECK = "check"  # check at each run whether they are all ones (eager graphs)
+KEEP = "keep"  # keep the mask (a compiled graph cannot read the values)
+ASSUME_UNPADDED = "assume-unpadded"  # the caller runs this graph only where they are ones
+
+
+def elide_model_masks(gm: fx.GraphModule, padded: str = CHECK) -> list[str]:
+    """Rewrite ``gm``'s attention calls as described in the module docstring (``gm`` is
+    recompiled where one is); ``padded`` says what to do where the mask depends on padding
+    masks (:data:`CHECK`, :data:`KEEP`, :data:`ASSUME_UNPADDED`). The names of the padding
+    masks that decide whether the mask is needed: those checked, or those assumed all
+    ones, or, with :data:`KEEP`, those that would have been."""
     graph = gm.graph
     groups: dict[fx.Node, _Group] = {}
     for node in graph.nodes:
@@ -56,24 +68,26 @@ def elide_model_masks(gm: fx.GraphModule, runtime_check: bool) -> int:
             mask = _plain_mask(node)
             if mask is not None:
                 groups.setdefault(mask, _Group(mask, [])).calls.append(node)
-    rewritten = 0
+    rewritten, deciding = 0, {}
     for group in groups.values():
         cone = _cone(group.mask)
         if cone is None:
             continue
         inputs = [n for n in cone if n.op == "placeholder"]
-        if inputs and not runtime_check:
-            continue
         kind = _kind(group, cone, inputs)
         if kind is None or not _only_read(group, cone):
             continue
-        rewritten += _rewrite(graph, group, cone, inputs, kind == "causal")
+        deciding.update((node.name, None) for node in inputs)
+        if inputs and padded == KEEP:
+            continue
+        rewritten += _rewrite(graph, group, cone, inputs if padded == CHECK else [],
+                              kind == "causal")
         _erase_unused(cone)
     if rewritten:
         graph.lint()
         gm.recompile()
         bump("masks_elided", rewritten)
-    return rewritten
+    return list(deciding)
 
 
 def _erase_unused(cone: list[fx.Node]) -> None:
@@ -110,7 +124,8 @@ def _cone(mask: fx.Node) -> list[fx.Node] | None:
         if node.meta.get("fxsight") or not _static(node):
             return None
         if node.op == "placeholder":
-            if node.target not in MASK_INPUTS and node.name not in MASK_INPUTS:
+            if (node.target not in MASK_INPUTS and node.name not in MASK_INPUTS) or \
+                    not _padding_mask(node.meta.get("val")):
                 return None
             continue
         if node.op != "call_function" or not _pure(node.target):
@@ -118,6 +133,12 @@ def _cone(mask: fx.Node) -> list[fx.Node] | None:
         stack.extend(node.all_input_nodes)
     order = {node: i for i, node in enumerate(mask.graph.nodes)}
     return sorted(seen, key=order.__getitem__)
+
+
+def _padding_mask(value: Any) -> bool:
+    """A 2-D mask of 0s and 1s (the tokenizer's kind; not a 4-D mask a caller built)."""
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and \
+        (value.dtype is torch.bool or not value.dtype.is_floating_point)
 
 
 def _static(node: fx.Node) -> bool:
