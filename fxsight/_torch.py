@@ -9,6 +9,7 @@ needed and since which torch version it has been checked (fxsight runs on torch 
 
 from __future__ import annotations
 
+import contextlib
 import linecache
 from typing import Any, Callable
 
@@ -28,9 +29,50 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "generated_source_key", "forget_generated_source", "tensor_version",
            "forward_hook_dicts", "default_store", "dict_version_reader",
            "is_operator", "ambient_state_plain", "global_state_guard", "tensor_guards",
-           "inductor_compile", "returns_alias", "inductor_mode_options"]
+           "inductor_compile", "returns_alias", "inductor_mode_options",
+           "fake_embedding_takes_meta_weights", "export_leaves_no_buffer_hook"]
 
 TreeSpec = pytree.TreeSpec
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    """Whether the running torch is ``major.minor`` or newer (pre-releases of a version
+    count as that version; local tags such as ``+cu130`` are ignored)."""
+    release = torch.__version__.split("+")[0].split(".")
+    return (int(release[0]), int(release[1])) >= (major, minor)
+
+
+# the torch version differences fxsight works around (versions before 2.13: checked 2.11)
+_TORCH_2_13 = _torch_at_least(2, 13)
+
+
+def fake_embedding_takes_meta_weights() -> bool:
+    """Whether fake tensors run ``aten.embedding`` on meta weights with indices on another
+    device (the result is on meta): torch 2.13 gives ``aten.embedding`` a fake rule that
+    allows it (``torch._subclasses.fake_impls``); torch 2.11 raises a device mismatch, so
+    a model whose weights are on meta needs fake inputs on meta too."""
+    return _TORCH_2_13
+
+
+@contextlib.contextmanager
+def export_leaves_no_buffer_hook():
+    """``torch.export`` (non-strict) registers a process-wide buffer registration hook
+    that holds the module it exports (``register_buffer_assignment_hook``); before torch
+    2.13 it is not removed when tracing raises, and the module (and its model) would live
+    as long as the process. Such a hook that the block adds and leaves is removed here
+    (``torch.nn.modules.module._global_buffer_registration_hooks``; checked 2.11; torch
+    2.13 removes it itself, and nothing is done there)."""
+    if _TORCH_2_13:
+        yield
+        return
+    hooks = torch.nn.modules.module._global_buffer_registration_hooks
+    before = set(hooks)
+    try:
+        yield
+    finally:
+        for key in [key for key in hooks if key not in before]:
+            if getattr(hooks[key], "__name__", None) == "_map_assigned_buffer_to_proxy":
+                del hooks[key]
 
 
 def is_op_overload(target: Any) -> bool:

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .._torch import (forget_generated_source, generated_source_key,
-                      generated_source_keys, plain_codegen, pytree)
+from .._torch import (export_leaves_no_buffer_hook, forget_generated_source,
+                      generated_source_key, generated_source_keys, plain_codegen, pytree)
 
 from ..locks import exclusive_export
 from ..stats import bump
@@ -358,6 +358,7 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         # (one export at a time: export sets process-wide flags, see fxsight.locks)
         try:
             with exclusive_export(), events.installed(), _quiet_symbolic_shapes(), \
+                    export_leaves_no_buffer_hook(), \
                     opaque_calls.routed(model if events_on is None else events_on,
                                         opaque, outputs or {}):
                 exported = torch.export.export(

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from .._torch import FakeTensorMode, pytree, tensor_version, unset_fake_temporarily
+from .._torch import (FakeTensorMode, fake_embedding_takes_meta_weights, pytree,
+                      tensor_version, unset_fake_temporarily)
 
 from ..stats import bump
 from . import caches
@@ -130,10 +131,13 @@ def _run(model, args, kwargs, events, record, recorded):
             # inputs made fake too: models then take their tracing paths (transformers
             # skips data-dependent checks on fake tensors), for real and meta weights alike
             mode = FakeTensorMode(allow_non_fake_inputs=True)
-            fake_args, fake_kwargs = pytree.tree_map_only(
-                torch.Tensor, mode.from_tensor, (args, kwargs))
+            fake = mode.from_tensor
+            if _is_meta_model(model) and not fake_embedding_takes_meta_weights():
+                def fake(tensor):  # (torch before 2.13: meta weights take meta inputs only)
+                    return mode.from_tensor(tensor.to("meta"))
+            fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, fake, (args, kwargs))
             # (a cache object among the inputs: a copy, the user's is not updated)
-            fake_args, fake_kwargs = caches.copied(fake_args, fake_kwargs, mode.from_tensor)
+            fake_args, fake_kwargs = caches.copied(fake_args, fake_kwargs, fake)
             with events.installed(), mode:
                 output = model(*fake_args, **fake_kwargs)
         except Exception:  # noqa: BLE001 - data-dependent code: probe with real values
