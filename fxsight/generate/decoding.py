@@ -62,6 +62,11 @@ _HARMLESS = {"return_dict": (True, None), "output_attentions": (False, None),
              "output_hidden_states": (False, None)}
 
 
+# the name of the KV cache in a model's keywords and outputs: ``cache`` since transformers
+# 5.2x (``past_key_values`` still accepted, deprecated), ``past_key_values`` before
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ \
+    else "past_key_values"
+
 # DecodingStep's inputs, in the order GraphSteps passes them
 _STEP_INPUTS = ["input_ids", "attention_mask", "position_ids", "keys", "values", "use_cache",
                 "logits_to_keep"]
@@ -145,10 +150,11 @@ class DecodingStep(torch.nn.Module):
                 layer.keys, layer.values = key, value
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, cache=cache, use_cache=use_cache, **extra)
+                         position_ids=position_ids, use_cache=use_cache,
+                         **{CACHE: cache}, **extra)
         if not use_cache:
             return out.logits, [], []
-        layers = out.cache.layers
+        layers = getattr(out, CACHE).layers
         return out.logits, [layer.keys for layer in layers], [layer.values for layer in layers]
 
 
@@ -171,8 +177,8 @@ class CacheStep(torch.nn.Module):
                 logits_to_keep: int = 0) -> torch.Tensor:
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, cache=cache, use_cache=use_cache,
-                          **extra).logits
+                          position_ids=position_ids, use_cache=use_cache,
+                          **{CACHE: cache}, **extra).logits
 
 
 class _Attached:
@@ -605,7 +611,7 @@ class _StepOutput:
 
     def __call__(self, logits: torch.Tensor, cache: Any) -> Any:
         if self._layout is None:
-            made = CausalLMOutputWithPast(logits=logits, cache=cache)
+            made = CausalLMOutputWithPast(logits=logits, **{CACHE: cache})
             attributes = {key: None for key in vars(made)}
             self._layout = (type(made), attributes, list(made.keys()), cache is None)
             copy = self._direct_copy(logits, cache)
@@ -614,7 +620,7 @@ class _StepOutput:
                 all(a is b for a, b in zip(copy.values(), made.values()))
             return made
         if not self._direct or (cache is None) != self._layout[3]:
-            return CausalLMOutputWithPast(logits=logits, cache=cache)
+            return CausalLMOutputWithPast(logits=logits, **{CACHE: cache})
         return self._direct_copy(logits, cache)
 
     def _direct_copy(self, logits: torch.Tensor, cache: Any) -> Any:
@@ -623,7 +629,7 @@ class _StepOutput:
         attributes = object.__getattribute__(output, "__dict__")
         attributes.update(names)
         attributes["logits"] = logits
-        attributes["cache"] = cache
+        attributes[CACHE] = cache
         for key in keys:
             OrderedDict.__setitem__(output, key, attributes[key])
         return output
