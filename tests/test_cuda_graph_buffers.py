@@ -236,3 +236,32 @@ def test_a_chosen_cache_is_kept_under_cuda_graphs(tokenizer):
         assert _with_static_cache(model, {}, options, graphs) == options
     assert _with_static_cache(model, {"past_key_values": object()}, {}, graphs) == {}
     assert _with_static_cache(model, {}, {}, RunOptions.of(compile=True)) == {}
+
+
+def test_a_static_caches_inputs_are_listed_as_the_generic_flattening_lists_them():
+    """Later decoding steps list a static cache's tensors directly (its layout known from
+    the step before): the leaves and layout key of the generic flattening, and the
+    generic flattening again where the cache is laid out otherwise."""
+    from transformers import StaticCache
+
+    from fxsight.capture.captures import flat_inputs
+    from fxsight.generate.decoding import _CacheObjectLayout
+
+    model = tiny_gpt2()
+    cache = StaticCache(config=model.config, max_cache_len=12)
+    with torch.no_grad():
+        model(torch.randint(3, 100, (1, 5)), cache=cache)
+    inputs = dict(input_ids=torch.zeros(1, 1, dtype=torch.long), attention_mask=None,
+                  position_ids=None, cache=cache, use_cache=True, logits_to_keep=0)
+    layout = _CacheObjectLayout()
+    for _ in range(2):
+        flat, spec = layout.flat(inputs)
+        want, want_spec = flat_inputs((), inputs)
+        assert layout.plan is not None
+        assert spec == want_spec and len(flat) == len(want)
+        assert all(a is b for a, b in zip(flat, want))
+    assert layout._listed(inputs) is not None
+    cache.layers[1].max_cache_len = 13  # (a plain value of the layout changed)
+    assert layout._listed(inputs) is None
+    flat, spec = layout.flat(inputs)
+    assert spec == flat_inputs((), inputs)[1] != want_spec

@@ -257,6 +257,7 @@ class GraphSteps:
         self.wrapper = decoding_step(model)
         self.cache_wrapper: CacheStep | None = None  # (made at a step with a static cache)
         self._cache_chosen: OrderedDict = OrderedDict()
+        self._cache_layout = _CacheObjectLayout()
         self.program = program
         self.rows = rows
         self.options = options
@@ -362,7 +363,7 @@ class GraphSteps:
         step = self.step
         self.step += 1
         program, origin = self._program_for(step)
-        logits = self._run(program, origin, inputs, flat_inputs((), inputs),
+        logits = self._run(program, origin, inputs, self._cache_layout.flat(inputs),
                            self.cache_wrapper, self._cache_chosen, decoding=step > 0,
                            caches=[cache], dynamic="never")
         return self._output(logits, cache)
@@ -592,6 +593,95 @@ class GraphSteps:
             raise TraceError(at_line("this value was never computed during generation (no "
                                      "decoding step ran)", node.line))
         return self.persistent[node]
+
+
+class _CacheObjectLayout:
+    """``flat_inputs((), inputs)`` for :class:`CacheStep`'s inputs with a static cache: the
+    generic flattening walks the cache and formats its layout at every step (a large part
+    of a small model's step); once it has run, later steps list the same leaves directly
+    where the cache is laid out as it was (its class, its layers' classes, their attribute
+    names and plain values alike: what the layout's key says), and the generic one runs
+    again otherwise."""
+
+    _PLAIN = (type(None), bool, int, float, str, torch.device, torch.dtype)
+
+    def __init__(self) -> None:
+        self.plan: tuple | None = None
+        self.spec: Any = None
+
+    def flat(self, inputs: dict) -> tuple[list[Any], Any]:
+        if self.plan is not None:
+            leaves = self._listed(inputs)
+            if leaves is not None:
+                return leaves, self.spec
+        flat, spec = flat_inputs((), inputs)
+        self.plan, self.spec = self._learnt(inputs, flat), spec
+        return flat, spec
+
+    def _state(self, obj: Any, skip: str | None = None) -> tuple | None:
+        """``(class, attribute names, plain values, tensor names)`` of a cache object, or
+        None where it holds anything else (but ``skip``)."""
+        attributes = vars(obj)
+        plain, tensors = [], []
+        for name, value in attributes.items():
+            if name == skip:
+                continue
+            if isinstance(value, torch.Tensor):
+                tensors.append(name)
+            elif type(value) in self._PLAIN:
+                plain.append((name, value))
+            else:
+                return None
+        return type(obj), tuple(attributes), tuple(plain), tuple(tensors)
+
+    def _learnt(self, inputs: dict, flat: list[Any]) -> tuple | None:
+        cache = inputs.get("cache")
+        top = self._state(cache, skip="layers")
+        layers = [self._state(layer) for layer in getattr(cache, "layers", ())]
+        if top is None or top[3] or not layers or any(state is None for state in layers) \
+                or type(cache.layers) is not list:
+            return None
+        plan = (tuple(inputs), top, tuple(layers))
+        listed = self._listed(inputs, plan)
+        if listed is None or len(listed) != len(flat) or \
+                not all(a is b for a, b in zip(listed, flat)):
+            return None
+        return plan
+
+    def _listed(self, inputs: dict, plan: tuple | None = None) -> list[Any] | None:
+        keys, top, layers = plan if plan is not None else self.plan
+        if tuple(inputs) != keys:
+            return None
+        cache = inputs["cache"]
+        if type(cache) is not top[0] or tuple(vars(cache)) != top[1] or \
+                any(getattr(cache, name) != value for name, value in top[2]) or \
+                type(cache.layers) is not list or len(cache.layers) != len(layers):
+            return None
+        tensors = []
+        for layer, (kind, names, plain, tensor_names) in zip(cache.layers, layers):
+            attributes = vars(layer)
+            if type(layer) is not kind or tuple(attributes) != names:
+                return None
+            for name, value in plain:
+                got = attributes[name]
+                if type(got) is not type(value) or got != value:
+                    return None
+            for name in tensor_names:
+                value = attributes[name]
+                if not isinstance(value, torch.Tensor):
+                    return None
+                tensors.append(value)
+        leaves: list[Any] = []
+        for key in keys:
+            value = inputs[key]
+            if key == "cache":
+                leaves.extend(tensors)
+            elif value is None or isinstance(value, torch.Tensor) or \
+                    type(value) in self._PLAIN:
+                leaves.append(value)
+            else:
+                return None
+        return leaves
 
 
 class _StepOutput:
