@@ -123,21 +123,27 @@ def _custom_mask(length: int) -> torch.Tensor:
     return mask[None, None]
 
 
+def _with_mask_at_block_1(model, ids, mask):
+    """The logits of a plain forward whose block 1 is called with ``mask`` (a pre-hook)."""
+
+    def pre_hook(module, args):
+        return (args[0], args[1], mask, *args[3:])
+
+    handle = model.transformer.h[1].register_forward_pre_hook(pre_hook)
+    try:
+        with torch.no_grad():
+            return model(ids, use_cache=False).logits
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("backend", ["fx", "hooks"])
 def test_a_mask_written_at_a_block_is_the_one_its_attention_uses(backend, tokenizer):
     model = tiny_gpt2(vocab_size=len(tokenizer))
     ids = torch.randint(3, len(tokenizer), (2, 6), generator=torch.Generator().manual_seed(1))
     custom = _custom_mask(6).expand(2, 1, 6, 6)
 
-    def pre_hook(module, args):
-        return (args[0], args[1], custom, *args[3:])
-
-    handle = model.transformer.h[1].register_forward_pre_hook(pre_hook)
-    try:
-        with torch.no_grad():
-            expected = model(ids, use_cache=False).logits
-    finally:
-        handle.remove()
+    expected = _with_mask_at_block_1(model, ids, custom)
     net = NNsight(model)
     with net.trace(ids, use_cache=False, backend=backend) as tracer:
         args, kwargs = net.transformer.h[1].inputs
@@ -155,15 +161,7 @@ def test_a_mask_edited_in_place_is_honoured(tokenizer):
     ids = torch.randint(3, len(tokenizer), (2, 6), generator=torch.Generator().manual_seed(2))
     custom = _custom_mask(6).expand(2, 1, 6, 6)
 
-    def pre_hook(module, args):
-        return (args[0], args[1], custom, *args[3:])
-
-    handle = model.transformer.h[1].register_forward_pre_hook(pre_hook)
-    try:
-        with torch.no_grad():
-            expected = model(ids, use_cache=False).logits
-    finally:
-        handle.remove()
+    expected = _with_mask_at_block_1(model, ids, custom)
     net = NNsight(model)
     with net.trace(ids, use_cache=False, backend="fx") as tracer:
         mask = net.transformer.h[1].inputs[0][2]
