@@ -305,3 +305,23 @@ def test_cells_whose_patch_changes_nothing_score_zero_and_are_not_run(gpt2, monk
     assert torch.equal(same.values, torch.zeros_like(same.values))
     # the two reference runs and the self-checks only
     assert same.info["traces"] == len(entered) <= 2 + 3
+
+
+def test_a_language_model_takes_the_suffix_path(gpt2):
+    """A ``LanguageModel``'s sweep runs its packed traces with the packing's own 4-D
+    attention mask passed to the model as it is (it was refused as an attention mask
+    'given twice', and every ``LanguageModel`` sweep took the full-length path)."""
+    from fxsight import LanguageModel
+    from models import train_tokenizer
+
+    lm = LanguageModel(gpt2, tokenizer=train_tokenizer())
+    clean, corrupted = _prompts()
+    fast = patching.activation_patching(lm, clean, corrupted, metric, progress=False)
+    full = patching.activation_patching(lm, clean, corrupted, metric, progress=False,
+                                        suffix=False)
+    assert fast.info["suffix"] is True, fast.info["suffix"]
+    assert fast.values.abs().max() > 1e-3
+    torch.testing.assert_close(fast.values, full.values, rtol=0, atol=1e-5)
+    net_values = patching.activation_patching(NNsight(gpt2), clean, corrupted, metric,
+                                              progress=False).values
+    torch.testing.assert_close(fast.values, net_values, rtol=0, atol=1e-5)

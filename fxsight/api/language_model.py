@@ -195,6 +195,13 @@ class LanguageModel(NNsight):
             raise TraceError(at_line(
                 f"{where}: a language model takes one input (a string, a list of strings, "
                 f"token ids or a dict of tensors), got {len(args)} positional inputs", line))
+        # a mask of the caller's own that is no padding mask (a 4-D one: which key each
+        # query sees) goes to the model as it is; the tokens are checked with ours
+        own_mask = kwargs.get("attention_mask")
+        if isinstance(own_mask, torch.Tensor) and own_mask.dim() != 2:
+            kwargs.pop("attention_mask")
+        else:
+            own_mask = None
         ids, mask, extras, facts = self._encode(args[0], where, line)
         self._check_ids(ids, facts, where, line)
         prepared: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
@@ -208,6 +215,8 @@ class LanguageModel(NNsight):
         check_keywords(self._module, (), given, where, line)
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])],
                                         padded=not facts.ones)
+        if own_mask is not None:
+            prepared["attention_mask"] = own_mask
         if invoke is not None and invoke.tracer.invokes:
             _check_batchable(invoke.tracer.invokes[0].prepared, prepared, ids.shape[0],
                              invoke.index, line)
@@ -247,15 +256,21 @@ class LanguageModel(NNsight):
         parts, explicit = [], False
         for kw, length in invokes:
             mask = kw["attention_mask"]
-            auto = _positions(mask)
             given = kw.get("position_ids")
+            if mask.dim() != 2:  # (the caller's own mask: positions only where given)
+                if given is None:
+                    return {k: v for k, v in batched.items() if k != "position_ids"}
+                explicit = True
+                parts.append(_left_pad(given, length, _PAD_VALUES["position_ids"]))
+                continue
+            auto = _positions(mask)
             if given is not None and not torch.equal(given.to(auto.device), auto):
                 explicit = True
                 auto = given
             parts.append(_left_pad(auto, length, _PAD_VALUES["position_ids"]))
         out = {k: v for k, v in batched.items() if k != "position_ids"}
         if padded is None:
-            padded = not bool(batched["attention_mask"].all())
+            padded = explicit or not bool(batched["attention_mask"].all())
         if (explicit or padded) and (self._accepts("position_ids") or explicit):
             positions = torch.cat(parts).to(batched["input_ids"].device)
             ordered = {}
