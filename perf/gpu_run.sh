@@ -6,7 +6,9 @@
 # (the GPU image's is older) and nnsight with what it needs there (Python 3.12).
 # On the GPU machine, `bash perf/gpu_run.sh` installs them into /tmp, runs
 # `python3 -m perf --device cuda --write` (perf/bench_gpu.py: about 7 minutes, stopping
-# itself at 480 s) and copies its results and log to $OUT.
+# itself at 480 s) and copies its results and log to $OUT. Arguments after the script's
+# name go to `python3 -m perf` (`--quick`, `--only gpu/forward`); FXSIGHT_GPU_RUN_DEVICE=cpu
+# runs it all on a CPU, a smoke test of the script (its section is then not stored).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,9 +36,10 @@ if compgen -G ".whl/nnsight-*.whl" > /dev/null; then
         $(ls .whl/*.whl | grep -v transformers-) && \
         export FXSIGHT_BENCH_NNSIGHT_PATH=/tmp/nnsight-site
 fi
+DEVICE=${FXSIGHT_GPU_RUN_DEVICE:-cuda}
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
-transformers.__version__, 'device', torch.cuda.get_device_name())" 2>&1 | tee "$OUT/gpu.log"
-python3 -m perf --device cuda --write 2>&1 | tee -a "$OUT/gpu.log"
+transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee "$OUT/gpu.log"
+python3 -m perf --device "$DEVICE" --write "$@" 2>&1 | tee -a "$OUT/gpu.log"
 status=$?
 cp perf/results/gpu.md perf/results/gpu.json docs/performance.md "$OUT"/ 2>/dev/null
 exit $status

@@ -166,6 +166,8 @@ def test_outputs_in_an_input_are_not_copied():
     assert owned[0] is kept
     assert owned[1][0] is not fresh and torch.equal(owned[1][0], fresh)
     assert owned[1][1] == 7
+    # (inductor records CUDA graphs of CUDA tensors only: others are left as they are)
+    assert executable._owned((fresh,), [x], "cuda")[0] is fresh
 
 
 # --- generation with a static cache: every decoding step one graph ---------------------

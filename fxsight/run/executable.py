@@ -165,6 +165,10 @@ class Executable:
         # CUDA graphs replay into the same output memory: what a run returns is copied
         # before it is handed on (saves, the model's output, the KV cache of a step)
         self.copies_outputs = compile_options is not None and compile_options.reuses_outputs
+        # (inductor records CUDA graphs of CUDA tensors only; another backend may reuse
+        # any output)
+        self._reused_on = "cuda" if compile_options is not None and \
+            compile_options.backend == "inductor" else None
         if compile_options is not None:
             dynamic = compile_options.dynamic
             if dynamic is None and dynamic_capture:
@@ -222,7 +226,8 @@ class Executable:
                           f"intervention structure runs eagerly (results are unchanged)",
                           RuntimeWarning, stacklevel=user_stacklevel())
             return outputs
-        return _owned(outputs, flat_inputs) if self.copies_outputs else outputs
+        return _owned(outputs, flat_inputs, self._reused_on) if self.copies_outputs \
+            else outputs
 
     def _compile_direct(self, flat_inputs: list[Any]) -> Any:
         """Compile without dynamo (:mod:`run.direct`) at the first call without gradients
@@ -279,18 +284,20 @@ def _unpadded_twin(spliced: Spliced, padding: list[str], compile_options: Compil
             [names.index(name) for name in padding])
 
 
-def _owned(outputs: Any, flat_inputs: list[Any]) -> Any:
+def _owned(outputs: Any, flat_inputs: list[Any], device_type: str | None = None) -> Any:
     """``outputs`` with each tensor that is not in an input's memory copied out of the
     memory a CUDA-graph replay hands out, which the next replay of that graph overwrites
     (PyTorch reports reading it then as "accessing tensor output of CUDAGraphs that has
     been overwritten by a subsequent run"). A saved value, the model's output and the KV
     cache a decoding step returns are the caller's to keep. Outputs in an input's memory
-    (an input changed in place, a view of a parameter) are the input's, as eagerly."""
+    (an input changed in place, a view of a parameter) are the input's, as eagerly.
+    ``device_type``: only outputs on devices of that type are copied (``None``: all)."""
     inputs = {t.untyped_storage().data_ptr() for t in flat_inputs
               if isinstance(t, torch.Tensor)}
 
     def own(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and \
+                (device_type is None or value.device.type == device_type) and \
                 value.untyped_storage().data_ptr() not in inputs:
             return value.clone()
         return value
