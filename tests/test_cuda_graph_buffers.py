@@ -267,3 +267,22 @@ def test_a_static_caches_inputs_are_listed_as_the_generic_flattening_lists_them(
     assert layout._listed(inputs) is None
     flat, spec = layout.flat(inputs)
     assert spec == flat_inputs((), inputs)[1] != want_spec
+
+
+def test_transformers_does_not_compile_fxsights_step_runner(tokenizer):
+    """For a static cache on a GPU, transformers' ``generate`` compiles the model's forward
+    itself (and keeps it as ``model._compiled_call``); on the fx backend that forward is
+    fxsight's step runner, whose graphs fxsight compiles (``compile=``): transformers'
+    compile is off there. (On a CPU it is asked for with ``_compile_all_devices``.)"""
+    from transformers import CompileConfig
+
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 4
+    expected, _ = _generate(lm, steer, None, cache_implementation="static")
+    config = CompileConfig(backend="eager")
+    config._compile_all_devices = True
+    tokens, _ = _generate(lm, steer, None, cache_implementation="static",
+                          compile_config=config)
+    assert torch.equal(tokens, expected)
+    assert "_compiled_call" not in vars(model)

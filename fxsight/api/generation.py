@@ -177,6 +177,10 @@ class Generator(Tracer):
         """Every decoding step as a rewritten graph (:mod:`fxsight.generate.decoding`)."""
         after = needs_generated_ids(self.program)
         options = _with_static_cache(module, inputs, options, self.options)
+        # transformers compiles the model's forward itself for a static cache on a GPU:
+        # here that forward is fxsight's step runner, which compiles its graphs itself
+        # (``compile=``), and dynamo would trace fxsight's own Python
+        options = {**options, "disable_compile": True}
         steps = GraphSteps(module, self.program, rows, self.options, after,
                            self._operations(), unchanged_between_steps(module, options))
         original = module.__dict__.get("forward")
