@@ -35,7 +35,9 @@ would not finish within the budget is skipped, and reported so):
 - ``generation``: bench_generation's experiment (greedy, batch 1, a 16-token prompt, 64 new
   tokens, the vector added at the last position of the middle block at every step): plain
   ``generate``, the hand-written hook, the model's ``forward`` compiled with the hook
-  registered before compiling (inside ``generate``), fxsight eager, ``compile=True``,
+  registered before compiling (inside ``generate``), ``generate`` with transformers' static
+  cache and the hook (on a GPU transformers compiles the forward itself, with CUDA graphs:
+  the baseline of fxsight's reduce-overhead row), fxsight eager, ``compile=True``,
   ``compile={"mode": "reduce-overhead"}``, nnsight (own process); ms per new token. On a
   GPU also fxsight eager and the hook in fp32 (ids must be equal);
 - ``llama-forward``: a 1B Llama shape (16x2048, 32 heads, 8 key-value heads, MLP 8192,
@@ -398,10 +400,12 @@ def _generation(run: Run, part: str, name: str, eager: bool) -> list[dict[str, A
                                                       run.dtype)
     lm = LanguageModel(model, tokenizer=gen._IdsTokenizer())
     steered = "compiled forward + steering hook"
+    static = "static cache + steering hook (transformers compiles the forward)"
     fns = {"plain generate": gen._plain(model, inputs, options),
            HOOKS: gen._hooks(model, inputs, steer, layer, options),
            steered: gen._compiled(model, inputs, options, f"gpu {part} steered", steer,
-                                  layer)}
+                                  layer),
+           static: _static_steered(model, inputs, options, steer, layer)}
     if eager:
         fns["fxsight eager"] = gen._steered(lm, inputs, steer, layer, options, backend="fx")
     fns["fxsight compile=True"] = gen._steered(lm, inputs, steer, layer, options,
@@ -413,8 +417,8 @@ def _generation(run: Run, part: str, name: str, eager: bool) -> list[dict[str, A
     checks = {v: _ids_check(answers[v], reference) for v in answers
               if v != "plain generate" and v != HOOKS and reference is not None}
     baselines = {HOOKS: "plain generate", steered: "plain generate",
-                 "fxsight eager": "plain generate", "fxsight compile=True": steered,
-                 "fxsight reduce-overhead": steered}
+                 static: "plain generate", "fxsight eager": "plain generate",
+                 "fxsight compile=True": steered, "fxsight reduce-overhead": static}
     unit = f"ms/token ({run.new_tokens} new)"
     rows = _rows(part, f"{name}, batch 1", stats, failed, first, baselines, checks,
                  scale=1e3 / run.new_tokens, unit=unit, order=list(fns))
@@ -423,6 +427,16 @@ def _generation(run: Run, part: str, name: str, eager: bool) -> list[dict[str, A
     rows.append(_nnsight_generation(run, part, name, reference, unit))
     run.log(f"  {part}: {len(stats)} variants timed, {len(failed)} failed")
     return rows
+
+
+def _static_steered(model: torch.nn.Module, inputs: dict, options: dict,
+                    steer: torch.Tensor, layer: int) -> Callable:
+    """``generate`` with transformers' static cache on a copy of ``model`` with the
+    steering hook: on a GPU transformers compiles the forward itself (CUDA graphs, its
+    default compile config), the fastest steered generation a user gets from it."""
+    twin = copy.deepcopy(model)
+    gen.blocks(twin)[layer].register_forward_hook(gen._adder(steer))
+    return lambda: twin.generate(**inputs, **options, cache_implementation="static")
 
 
 def _fp32_check(run: Run, part: str, name: str, model, inputs, steer, layer, options
