@@ -98,11 +98,20 @@ def _erase_unused(cone: list[fx.Node]) -> None:
             node.graph.erase_node(node)
 
 
+# scaled_dot_product_attention's arguments, in order
+_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
+def _arguments(call: fx.Node) -> dict[str, Any]:
+    """An attention call's arguments by name."""
+    given = dict(zip(_PARAMETERS, call.args))
+    given.update(call.kwargs)
+    return given
+
+
 def _plain_mask(call: fx.Node) -> fx.Node | None:
     """The mask node of an attention call without dropout or ``is_causal``, or None."""
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-    given = dict(zip(names, call.args))
-    given.update(call.kwargs)
+    given = _arguments(call)
     mask = given.get("attn_mask")
     if not isinstance(mask, fx.Node) or given.get("dropout_p", 0.0) != 0.0 or \
             given.get("is_causal", False):
@@ -266,20 +275,17 @@ def _feeds_only(cone: list[fx.Node], group: _Group) -> bool:
 
 
 def _unmasked(call: fx.Node, causal: bool) -> None:
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-    given = dict(zip(names, call.args))
-    given.update(call.kwargs)
+    """Make an attention call unmasked, ``is_causal=causal``."""
+    given = _arguments(call)
     given["attn_mask"] = None
     given["is_causal"] = causal
-    call.args = tuple(given.pop(name) for name in names[:3])
+    call.args = tuple(given.pop(name) for name in _PARAMETERS[:3])
     call.kwargs = given
 
 
 def _attention_args(call: fx.Node, mask: fx.Node) -> tuple:
     """``(query, key, value, mask, scale, enable_gqa)`` of an attention call."""
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-    given = dict(zip(names, call.args))
-    given.update(call.kwargs)
+    given = _arguments(call)
     return (given["query"], given["key"], given["value"], mask, given.get("scale"),
             given.get("enable_gqa", False))
 
