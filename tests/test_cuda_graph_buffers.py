@@ -286,3 +286,29 @@ def test_transformers_does_not_compile_fxsights_step_runner(tokenizer):
                           compile_config=config)
     assert torch.equal(tokens, expected)
     assert "_compiled_call" not in vars(model)
+
+
+@pytest.mark.parametrize("suffix", [True, False])
+def test_a_sweep_under_reused_outputs_scores_as_eagerly(suffix):
+    """A patching sweep under a compile that reuses its outputs scores as eagerly: what a
+    batch's run returns lives only until the next batch's run, so a sweep that kept a
+    batch's outputs to score later would score other batches' values."""
+    from fxsight import patching
+
+    model = tiny_gpt2()
+    net = NNsight(model)
+    clean = torch.randint(4, 128, (1, 7), generator=torch.Generator().manual_seed(1))
+    corrupted = clean.clone()
+    corrupted[0, 2] = (clean[0, 2] + 5) % 128
+
+    def metric(logits):
+        return logits[:, -1, 5] - logits[:, -1, 7]
+
+    def sweep(**options):
+        return patching.activation_patching(net, clean, corrupted, metric, progress=False,
+                                            suffix=suffix, batch_size=4, **options)
+
+    eager = sweep()
+    reused = sweep(compile=REUSING)
+    assert eager.values.abs().max() > 1e-3
+    torch.testing.assert_close(reused.values, eager.values, rtol=0, atol=1e-6)
