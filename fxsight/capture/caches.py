@@ -140,8 +140,15 @@ def update(target: Any, skeleton: Skeleton, tensors: list[Any]) -> None:
         for name in [n for n in state if n not in s.names]:
             del state[name]
         for name, child in zip(s.names, s.children):
+            kind = child.kind
+            if kind == "tensor":  # (the common leaves, without building through make)
+                state[name] = next(it)
+                continue
+            if kind == "const":
+                state[name] = child.value
+                continue
             old = state.get(name)
-            if child.kind == "object" and type(old) is child.value:
+            if kind == "object" and type(old) is child.value:
                 into(old, child)
             elif child.kind == "list" and type(old) is list and len(old) == len(child.children):
                 for index, item in enumerate(child.children):
