@@ -7,8 +7,9 @@
 # On the GPU machine, `bash perf/gpu_run.sh` installs them into /tmp, runs
 # `python3 -m perf --device cuda --write` (perf/bench_gpu.py: about 7 minutes, stopping
 # itself at 480 s) and copies its results and log to $OUT. Arguments after the script's
-# name go to `python3 -m perf` (`--quick`, `--only gpu/forward`); FXSIGHT_GPU_RUN_DEVICE=cpu
-# runs it all on a CPU, a smoke test of the script (its section is then not stored).
+# name go to `python3 -m perf` (`--quick`, `--only gpu/forward`; without `--only`, the GPU
+# benchmark's parts all run); FXSIGHT_GPU_RUN_DEVICE=cpu runs them on a CPU, a smoke test
+# of the script that stores nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,9 +38,13 @@ if compgen -G ".whl/nnsight-*.whl" > /dev/null; then
         export FXSIGHT_BENCH_NNSIGHT_PATH=/tmp/nnsight-site
 fi
 DEVICE=${FXSIGHT_GPU_RUN_DEVICE:-cuda}
+ARGS=("$@")
+[[ " $* " == *" --only "* ]] || ARGS+=(--only gpu)  # (the GPU benchmark only, anywhere)
+WRITE=(--write)
+[[ "$DEVICE" == cuda* ]] || WRITE=()  # (a smoke run on a CPU stores nothing)
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee "$OUT/gpu.log"
-python3 -m perf --device "$DEVICE" --write "$@" 2>&1 | tee -a "$OUT/gpu.log"
+python3 -m perf --device "$DEVICE" "${WRITE[@]}" "${ARGS[@]}" 2>&1 | tee -a "$OUT/gpu.log"
 status=$?
 cp perf/results/gpu.md perf/results/gpu.json docs/performance.md "$OUT"/ 2>/dev/null
 exit $status
