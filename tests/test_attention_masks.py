@@ -61,11 +61,10 @@ def _plain(model, tokenizer, prompts):
 def _traced(lm, prompts, **options):
     """The trace's logits, attention calls and tracer; the calls of a second run (a first
     one also captures the model, whose tracing reaches the recorder)."""
-    with lm.trace(prompts, use_cache=False, **options):
-        pass
-    with AttentionCalls() as seen:
-        with lm.trace(prompts, use_cache=False, **options) as tracer:
-            logits = lm.output.logits.save()
+    for _ in range(2):
+        with AttentionCalls() as seen:
+            with lm.trace(prompts, use_cache=False, **options) as tracer:
+                logits = lm.output.logits.save()
     return logits, seen.calls, tracer
 
 

@@ -247,7 +247,7 @@ def test_a_static_caches_inputs_are_listed_as_the_generic_flattening_lists_them(
     from transformers import StaticCache
 
     from fxsight.capture.captures import flat_inputs
-    from fxsight.generate.decoding import _CacheObjectLayout
+    from fxsight.generate.step_io import CacheObjectLayout
 
     model = tiny_gpt2()
     cache = StaticCache(config=model.config, max_cache_len=12)
@@ -255,7 +255,7 @@ def test_a_static_caches_inputs_are_listed_as_the_generic_flattening_lists_them(
         model(torch.randint(3, 100, (1, 5)), cache=cache)
     inputs = dict(input_ids=torch.zeros(1, 1, dtype=torch.long), attention_mask=None,
                   position_ids=None, cache=cache, use_cache=True, logits_to_keep=0)
-    layout = _CacheObjectLayout()
+    layout = CacheObjectLayout()
     for _ in range(2):
         flat, spec = layout.flat(inputs)
         want, want_spec = flat_inputs((), inputs)

@@ -475,9 +475,9 @@ def test_later_steps_outputs_are_what_the_constructor_makes():
     from transformers import DynamicCache
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from fxsight.generate.decoding import _StepOutput
+    from fxsight.generate.step_io import StepOutput
 
-    make = _StepOutput()
+    make = StepOutput()
     cache = DynamicCache()
     make(torch.zeros(1, 1, 5), cache)
     for step in range(3):

@@ -37,18 +37,21 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from ..capture import captures as capture
 from ..capture import scan
-from ..errors import TokenIndexError, TraceError, at_line, user_line
+from ..errors import TraceError, at_line, user_line
 from ..run import executable as runner
 from .generation import Generator, GeneratorEnvoy
 from .inputs import BATCH_KEYWORDS, check_keywords, describe
 from .nnsight import NNsight
+from .token_index import TokenIndexer
+from .token_rows import (TokenFacts, left_pad, real_positions, roll_rows,
+                         token_aligned, token_facts)
 
 # keys of a dict input that are not forwarded as they come but re-laid out with the rows
 _PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 1}
@@ -231,9 +234,9 @@ class LanguageModel(NNsight):
         batched: dict[str, Any] = {}
         for key in [k for k in invokes[0] if k != "position_ids"]:
             column = [kw[key] for kw in invokes]
-            if all(_token_aligned(v, kw) for v, kw in zip(column, invokes)):
+            if all(token_aligned(v, kw) for v, kw in zip(column, invokes)):
                 pad = self._pad_id() if key == "input_ids" else _PAD_VALUES.get(key, 0)
-                batched[key] = torch.cat([_left_pad(v, length, pad) for v in column])
+                batched[key] = torch.cat([left_pad(v, length, pad) for v in column])
             elif all(_batch_sized(v, n) for v, (_, _, n) in zip(column, prepared)):
                 batched[key] = torch.cat(column)
             else:
@@ -261,13 +264,13 @@ class LanguageModel(NNsight):
                 if given is None:
                     return {k: v for k, v in batched.items() if k != "position_ids"}
                 explicit = True
-                parts.append(_left_pad(given, length, _PAD_VALUES["position_ids"]))
+                parts.append(left_pad(given, length, _PAD_VALUES["position_ids"]))
                 continue
-            auto = _positions(mask)
+            auto = real_positions(mask)
             if given is not None and not torch.equal(given.to(auto.device), auto):
                 explicit = True
                 auto = given
-            parts.append(_left_pad(auto, length, _PAD_VALUES["position_ids"]))
+            parts.append(left_pad(auto, length, _PAD_VALUES["position_ids"]))
         out = {k: v for k, v in batched.items() if k != "position_ids"}
         if padded is None:
             padded = explicit or not bool(batched["attention_mask"].all())
@@ -372,14 +375,14 @@ class LanguageModel(NNsight):
             ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], dtype=torch.long)
             mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows],
                                 dtype=torch.long)
-            return ids, mask, extras, _token_facts(ids, mask)[0]  # left-padded already
+            return ids, mask, extras, token_facts(ids, mask)[0]  # left-padded already
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise TraceError(at_line(f"{where}: the input holds no tokens (shape "
                                      f"{tuple(ids.shape)})", line))
         if mask is None:
             mask = torch.ones_like(ids)
         mask = mask.to(ids.device).long()
-        facts, trailing = _token_facts(ids, mask)
+        facts, trailing = token_facts(ids, mask)
         if not facts.binary:
             raise TraceError(at_line(f"{where}: attention_mask must hold 0s and 1s", line))
         if facts.empty:
@@ -388,12 +391,12 @@ class LanguageModel(NNsight):
                                      f"attention_mask is all zeros)", line))
         if facts.trailing:  # right-padded rows: roll their real tokens to the end
             shifts = trailing.tolist()
-            ids, mask = _roll_rows(ids, shifts), _roll_rows(mask, shifts)
-            extras = {k: _roll_rows(v, shifts) if _token_aligned(v, {"input_ids": ids}) else v
+            ids, mask = roll_rows(ids, shifts), roll_rows(mask, shifts)
+            extras = {k: roll_rows(v, shifts) if token_aligned(v, {"input_ids": ids}) else v
                       for k, v in extras.items()}
         return ids, mask, extras, facts
 
-    def _check_ids(self, ids: torch.Tensor, facts: "_TokenFacts", where: str,
+    def _check_ids(self, ids: torch.Tensor, facts: "TokenFacts", where: str,
                    line: str) -> None:
         embeddings = None
         try:
@@ -438,83 +441,6 @@ class LanguageModel(NNsight):
         return TokenIndexer(tracer, proxy)
 
 
-class TokenIndexer:
-    """``proxy.token[key]``: index dimension 1 counting from each prompt's first real token
-    (``proxy.token[0]`` is the first real token of every row, ``[-1]`` the last)."""
-
-    def __init__(self, tracer, proxy):
-        self.tracer = tracer
-        self.proxy = proxy
-
-    def __getitem__(self, key: Any):
-        return self.proxy[self._key(key, user_line())]
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.proxy[self._key(key, user_line())] = value
-
-    def _spans(self, line: str) -> tuple[str, list[int], bool]:
-        """``(where, spans, whole)``: each row's count of positions from its first real
-        token to the end, for the rows the proxy holds."""
-        tracer = self.tracer
-        node = self.proxy._node
-        invoke = node.invoke
-        invokes = tracer.invokes if invoke is None else [tracer.invokes[invoke]]
-        if not invokes:
-            raise TraceError(at_line("token indexing needs an input: the trace has none yet",
-                                     line))
-        spans: list[int] = []
-        for inv in invokes:
-            mask = inv.prepared[1]["attention_mask"]
-            first_real = mask.argmax(-1)  # the first 1 of each row
-            spans.extend((mask.shape[1] - first_real).tolist())
-        where = "the whole batch" if invoke is None else f"invoke #{invoke}"
-        return where, spans, invoke is None
-
-    def _key(self, key: Any, line: str) -> Any:
-        where, spans, whole = self._spans(line)
-        if isinstance(key, slice):
-            rows = [list(range(span))[key] for span in spans]
-            if len({len(r) for r in rows}) > 1:
-                raise TraceError(at_line(
-                    f"token slice {_show(key)} selects a different number of tokens in the "
-                    f"prompts of {where} ({', '.join(str(len(r)) for r in rows)}); use an "
-                    f"index each prompt has", line))
-            negative = [[p - span for p in r] for r, span in zip(rows, spans)]
-        else:
-            try:
-                index = int(key.__index__())
-            except (AttributeError, TypeError):
-                raise TypeError(f"token indexing takes an int or a slice, not "
-                                f"{type(key).__name__}") from None
-            for r, span in enumerate(spans):
-                if not -span <= index < span:
-                    side = "past the end" if index >= 0 else "before the start"
-                    raise TokenIndexError(at_line(
-                        f"token index {index} is {side} of prompt {r} of {where}, "
-                        f"which has {span} tokens", line))
-            negative = [index % span - span for span in spans]
-        if whole:
-            self.tracer.recorder.create_op("call_function", check_token_rows,
-                                (self.proxy, len(spans)), {})
-        if all(n == negative[0] for n in negative):  # every row at the same place: a view
-            return (slice(None), _static_key(negative[0]))
-        count = len(spans)
-        positions = torch.tensor(negative, dtype=torch.long)
-        rows = torch.arange(count)
-        if isinstance(key, slice):
-            rows = rows.reshape(count, 1)
-        return (rows, positions)
-
-
-def check_token_rows(value: Any, rows: int) -> None:
-    """Raises where a token index recorded for ``rows`` rows meets a value with others."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] != rows:
-        raise ValueError(
-            f"token indexing over the whole batch was written when the batch had {rows} "
-            f"rows, but it has {value.shape[0]}: put `tracer.invoke()` (no input) after "
-            f"every invoke that adds prompts")
-
-
 # --- helpers ---------------------------------------------------------------------------------
 def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
                      line: str | None) -> None:
@@ -528,7 +454,7 @@ def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
             f"{', '.join(keys)}); the invokes of a trace run in one batch", line))
     for key in keys:
         mine, theirs = kwargs[key], base[key]
-        if _token_aligned(mine, kwargs) and _token_aligned(theirs, base):
+        if token_aligned(mine, kwargs) and token_aligned(theirs, base):
             continue
         if _batch_sized(mine, rows) and _batch_sized(theirs, base_rows) and \
                 mine.shape[1:] == theirs.shape[1:]:
@@ -557,71 +483,6 @@ def _brief(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return repr(value)
-
-
-def _static_key(negative: Any) -> Any:
-    if isinstance(negative, int):
-        return negative
-    if not negative:
-        return slice(0, 0)
-    step = negative[1] - negative[0] if len(negative) > 1 else 1
-    if step > 0 and all(b - a == step for a, b in zip(negative, negative[1:])):
-        stop = negative[-1] + step
-        return slice(negative[0], None if stop >= 0 else stop, step)
-    return torch.tensor(negative, dtype=torch.long)  # not a plain slice: index by a list
-
-
-def _show(key: slice) -> str:
-    return ":".join("" if v is None else str(v) for v in (key.start, key.stop, key.step))
-
-
-class _TokenFacts(NamedTuple):
-    """What the checks of an invoke's tokens need to know, read from the device at once."""
-
-    low: int  # the smallest token id
-    high: int  # the largest
-    binary: bool  # the mask holds only 0s and 1s
-    empty: bool  # a row's mask is all zeros
-    trailing: bool  # a row has padding after its last real token
-    ones: bool  # the mask is all ones (no row padded)
-
-
-def _token_facts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[_TokenFacts, torch.Tensor]:
-    """The facts of ``ids`` and ``mask`` in one read from the device (a GPU waits for its
-    queue once, not once per check), and each row's count of trailing pads."""
-    trailing = (mask.flip(-1).cumsum(-1) == 0).sum(-1)  # pads after the last real token
-    values = torch.stack([
-        ids.min(), ids.max(), ((mask == 0) | (mask == 1)).all().long(),
-        (mask.sum(-1) == 0).any().long(), (trailing > 0).any().long(),
-        (mask == 1).all().long()]).tolist()
-    low, high, binary, empty, right, ones = values
-    return _TokenFacts(low, high, bool(binary), bool(empty), bool(right), bool(ones)), trailing
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count real tokens only (transformers' ``generate`` convention)."""
-    positions = mask.long().cumsum(-1) - 1
-    return positions.masked_fill(mask == 0, 1)
-
-
-def _left_pad(value: torch.Tensor, length: int, pad: Any) -> torch.Tensor:
-    missing = length - value.shape[1]
-    if missing == 0:
-        return value
-    filler = torch.full((value.shape[0], missing, *value.shape[2:]), pad, dtype=value.dtype,
-                        device=value.device)
-    return torch.cat([filler, value], dim=1)
-
-
-def _roll_rows(value: torch.Tensor, shifts: list[int]) -> torch.Tensor:
-    return torch.stack([torch.roll(row, s, dims=0) if s else row
-                        for row, s in zip(value, shifts)])
-
-
-def _token_aligned(value: Any, kwargs: dict) -> bool:
-    ids = kwargs["input_ids"]
-    return isinstance(value, torch.Tensor) and value.dim() >= 2 and \
-        tuple(value.shape[:2]) == tuple(ids.shape)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -26,7 +26,7 @@ from .._torch import pytree
 from ..errors import NotOnGraph
 
 # Python values a cache may hold (besides tensors and containers)
-_PLAIN = (type(None), bool, int, float, str, torch.device, torch.dtype)
+PLAIN_VALUES = (type(None), bool, int, float, str, torch.device, torch.dtype)
 
 
 class Unsupported(Exception):
@@ -83,14 +83,14 @@ def flatten(value: Any, symbolic_ok: bool = True) -> tuple[list[torch.Tensor], S
             if not symbolic_ok:
                 raise Unsupported("a cache holds a symbolic size")
             v = v.node.hint
-        if type(v) in _PLAIN or (isinstance(v, type) and not isinstance(v, torch.Tensor)):
+        if type(v) in PLAIN_VALUES or (isinstance(v, type) and not isinstance(v, torch.Tensor)):
             return Skeleton("const", v)
         if type(v) in (list, tuple):
             return Skeleton(type(v).__name__, None, (),
                             tuple(walk(item, depth + 1) for item in v))
         if type(v) is dict:
             keys = tuple(v)
-            if any(type(k) not in _PLAIN for k in keys):
+            if any(type(k) not in PLAIN_VALUES for k in keys):
                 raise Unsupported("a cache holds a dict with unusual keys")
             return Skeleton("dict", keys, (), tuple(walk(v[k], depth + 1) for k in keys))
         if _is_state_object(v):

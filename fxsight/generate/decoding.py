@@ -35,15 +35,14 @@ is run again with the hooks backend.
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import weakref
 from collections import OrderedDict, defaultdict
 from typing import Any, Callable
 
 import torch
-from transformers import DynamicCache, StaticCache
-from transformers.cache_utils import DynamicLayer, StaticLayer
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..capture.captures import cached_capture, flat_inputs, signature
@@ -55,17 +54,15 @@ from ..run.executable import Key, rows_key, runner_for
 from ..run.options import RunOptions
 from ..splice.rows import Rows
 from ..stats import bump
+from .step_io import CacheObjectLayout, StepOutput
+from .steps import CacheStep, DecodingStep, cache_step, decoding_step, is_static_cache
+from .templates import step_classes
 
 # what generate may pass to the model's forward beyond what DecodingStep takes, and the
 # values that change nothing here
 _HARMLESS = {"return_dict": (True, None), "output_attentions": (False, None),
              "output_hidden_states": (False, None)}
 
-
-# the name of the KV cache in a model's keywords and outputs: ``cache`` since transformers
-# 5.2x (``past_key_values`` still accepted, deprecated), ``past_key_values`` before
-CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ \
-    else "past_key_values"
 
 # DecodingStep's inputs, in the order GraphSteps passes them
 _STEP_INPUTS = ["input_ids", "attention_mask", "position_ids", "keys", "values", "use_cache",
@@ -119,127 +116,10 @@ class Unsupported(Exception):
     """A decoding step that the graph path cannot run (the hooks backend takes over)."""
 
 
-class DecodingStep(torch.nn.Module):
-    """The model's forward for one decoding step, with the KV cache as tensors.
-
-    ``forward(input_ids, attention_mask, position_ids, keys, values)`` returns the logits
-    and the keys and values of every layer after this step (empty lists without a cache).
-
-    The model is its submodule ``model`` only while attached (``with step.attached():``,
-    around each capture and cache lookup, so that its parameters and hooks are part of
-    the capture's signature); otherwise the step holds it weakly, and the step, kept per
-    model in a weak dictionary, does not keep the model alive.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self._target = weakref.ref(model)
-
-    def attached(self) -> "_Attached":
-        return _Attached(self)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None, keys: list[torch.Tensor],
-                values: list[torch.Tensor], use_cache: bool = True,
-                logits_to_keep: int = 0) -> tuple[torch.Tensor, list, list]:
-        cache = None
-        if use_cache:
-            cache = DynamicCache(config=self.model.config)
-            for layer, key, value in zip(cache.layers, keys, values):
-                layer.lazy_initialization(key, value)
-                layer.keys, layer.values = key, value
-        extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, use_cache=use_cache,
-                         **{CACHE: cache}, **extra)
-        if not use_cache:
-            return out.logits, [], []
-        layers = getattr(out, CACHE).layers
-        return out.logits, [layer.keys for layer in layers], [layer.values for layer in layers]
-
-
-class CacheStep(torch.nn.Module):
-    """The model's forward for one step with a cache object of fixed size (a
-    ``StaticCache``): ``forward(input_ids, attention_mask, position_ids, cache)`` returns
-    the logits; the cache passes through the graph as its tensors and is updated from
-    the graph's outputs (``capture.caches``), as the forward updates it. Held like
-    :class:`DecodingStep`."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self._target = weakref.ref(model)
-
-    def attached(self) -> "_Attached":
-        return _Attached(self)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                position_ids: torch.Tensor | None, cache: Any, use_cache: bool = True,
-                logits_to_keep: int = 0) -> torch.Tensor:
-        extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, use_cache=use_cache,
-                          **{CACHE: cache}, **extra).logits
-
-
-class _Attached:
-    """``with step.attached():`` (a class, not a generator: it is entered at every step)."""
-
-    __slots__ = ("step",)
-
-    def __init__(self, step: "DecodingStep | CacheStep"):
-        self.step = step
-
-    def __enter__(self) -> "DecodingStep | CacheStep":
-        # (not ``step.model = ...``: torch's global registration hooks need not know)
-        step = self.step
-        step._modules["model"] = step._target()
-        return step
-
-    def __exit__(self, *exc: Any) -> bool:
-        del self.step._modules["model"]
-        return False
-
-
-# model -> its DecodingStep and its CacheStep (kept as long as the model lives; nothing
-# stored on the model)
-_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, DecodingStep]" = \
-    weakref.WeakKeyDictionary()
-_CACHE_STEPS: "weakref.WeakKeyDictionary[torch.nn.Module, CacheStep]" = \
-    weakref.WeakKeyDictionary()
-_STEPS_GUARD = threading.Lock()
-
-
 # DecodingStep -> the runners its decoding steps ran, by what chose them (see
 # GraphSteps._remembered); kept apart from the step (a Module: its state is watched)
 _CHOSEN: "weakref.WeakKeyDictionary[DecodingStep, OrderedDict]" = weakref.WeakKeyDictionary()
 MAX_CHOSEN = 512  # runners remembered per model (a step per entry: 16 generations of 32)
-
-
-def decoding_step(model: torch.nn.Module) -> DecodingStep:
-    """The (one, cached) DecodingStep of ``model``: its captures are cached with it."""
-    return _step_of(model, _STEPS, DecodingStep)
-
-
-def cache_step(model: torch.nn.Module) -> CacheStep:
-    """The (one, cached) CacheStep of ``model``."""
-    return _step_of(model, _CACHE_STEPS, CacheStep)
-
-
-def _step_of(model: torch.nn.Module, steps: weakref.WeakKeyDictionary, kind: type) -> Any:
-    step = steps.get(model)
-    if step is None:
-        with _STEPS_GUARD:
-            step = steps.get(model)
-            if step is None:
-                step = steps[model] = kind(model)
-    return step
-
-
-def is_static_cache(cache: Any) -> bool:
-    """Whether ``cache`` is transformers' ``StaticCache`` of plain full-attention layers
-    (the cache a :class:`CacheStep` takes)."""
-    return type(cache) is StaticCache and bool(cache.layers) and \
-        all(type(layer) is StaticLayer for layer in cache.layers)
 
 
 class GraphSteps:
@@ -257,7 +137,7 @@ class GraphSteps:
         self.wrapper = decoding_step(model)
         self.cache_wrapper: CacheStep | None = None  # (made at a step with a static cache)
         self._cache_chosen: OrderedDict = OrderedDict()
-        self._cache_layout = _CacheObjectLayout()
+        self._cache_layout = CacheObjectLayout()
         self.program = program
         self.rows = rows
         self.options = options
@@ -271,7 +151,7 @@ class GraphSteps:
         self._by_step, self._checked = self._step_buckets()
         # steps whose nodes are copies of one another's (a loop's body recorded per step)
         # share one Program: step -> its class, class -> (Program, saved positions)
-        self._classes = _step_classes(self._by_step, self._saved_or_needed)
+        self._classes = step_classes(self._by_step, self._saved_or_needed)
         self._templates: dict[Any, tuple[Program, list[tuple[Node, int]]]] = {}
         # template Program -> what identifies its runners across generations (its
         # structure, rows, options and operations), hashed once
@@ -283,7 +163,7 @@ class GraphSteps:
         # the pytree layout of DecodingStep's inputs, per shape of their structure (see
         # _flat): found by flattening once, then the leaves are listed directly
         self._layouts: dict[tuple, Any] = {}
-        self._output = _StepOutput()
+        self._output = StepOutput()
 
     # --- installing --------------------------------------------------------------------
     def forward_for(self, original: Callable) -> Callable:
@@ -595,136 +475,6 @@ class GraphSteps:
         return self.persistent[node]
 
 
-class _CacheObjectLayout:
-    """``flat_inputs((), inputs)`` for :class:`CacheStep`'s inputs with a static cache: the
-    generic flattening walks the cache and formats its layout at every step (a large part
-    of a small model's step); once it has run, later steps list the same leaves directly
-    where the cache is laid out as it was (its class, its layers' classes, their attribute
-    names and plain values alike: what the layout's key says), and the generic one runs
-    again otherwise."""
-
-    _PLAIN = (type(None), bool, int, float, str, torch.device, torch.dtype)
-
-    def __init__(self) -> None:
-        self.plan: tuple | None = None
-        self.spec: Any = None
-
-    def flat(self, inputs: dict) -> tuple[list[Any], Any]:
-        if self.plan is not None:
-            leaves = self._listed(inputs)
-            if leaves is not None:
-                return leaves, self.spec
-        flat, spec = flat_inputs((), inputs)
-        self.plan, self.spec = self._learnt(inputs, flat), spec
-        return flat, spec
-
-    def _state(self, obj: Any, skip: str | None = None) -> tuple | None:
-        """``(class, attribute names, plain values, tensor names)`` of a cache object, or
-        None where it holds anything else (but ``skip``)."""
-        attributes = vars(obj)
-        plain, tensors = [], []
-        for name, value in attributes.items():
-            if name == skip:
-                continue
-            if isinstance(value, torch.Tensor):
-                tensors.append(name)
-            elif type(value) in self._PLAIN:
-                plain.append((name, value))
-            else:
-                return None
-        return type(obj), tuple(attributes), tuple(plain), tuple(tensors)
-
-    def _learnt(self, inputs: dict, flat: list[Any]) -> tuple | None:
-        cache = inputs.get("cache")
-        top = self._state(cache, skip="layers")
-        layers = [self._state(layer) for layer in getattr(cache, "layers", ())]
-        if top is None or top[3] or not layers or any(state is None for state in layers) \
-                or type(cache.layers) is not list:
-            return None
-        plan = (tuple(inputs), top, tuple(layers))
-        listed = self._listed(inputs, plan)
-        if listed is None or len(listed) != len(flat) or \
-                not all(a is b for a, b in zip(listed, flat)):
-            return None
-        return plan
-
-    def _listed(self, inputs: dict, plan: tuple | None = None) -> list[Any] | None:
-        keys, top, layers = plan if plan is not None else self.plan
-        if tuple(inputs) != keys:
-            return None
-        cache = inputs["cache"]
-        if type(cache) is not top[0] or tuple(vars(cache)) != top[1] or \
-                any(getattr(cache, name) != value for name, value in top[2]) or \
-                type(cache.layers) is not list or len(cache.layers) != len(layers):
-            return None
-        tensors = []
-        for layer, (kind, names, plain, tensor_names) in zip(cache.layers, layers):
-            attributes = vars(layer)
-            if type(layer) is not kind or tuple(attributes) != names:
-                return None
-            for name, value in plain:
-                got = attributes[name]
-                if type(got) is not type(value) or got != value:
-                    return None
-            for name in tensor_names:
-                value = attributes[name]
-                if not isinstance(value, torch.Tensor):
-                    return None
-                tensors.append(value)
-        leaves: list[Any] = []
-        for key in keys:
-            value = inputs[key]
-            if key == "cache":
-                leaves.extend(tensors)
-            elif value is None or isinstance(value, torch.Tensor) or \
-                    type(value) in self._PLAIN:
-                leaves.append(value)
-            else:
-                return None
-        return leaves
-
-
-class _StepOutput:
-    """Makes each step's ``CausalLMOutputWithPast(logits=..., cache=...)``.
-
-    The dataclass constructor of a transformers ``ModelOutput`` costs tens of microseconds
-    (every attribute set looks the fields up again), a few percent of a small model's
-    decoding step. The first step's output is made by the constructor, and so is a second
-    object from the same values the way later steps make theirs: the object's attributes
-    and its items set directly. Where the two are alike (type, attributes, items in order)
-    later steps are made that way; otherwise (another transformers), by the constructor.
-    Only the first output's layout is kept (its class, attribute names, item names)."""
-
-    def __init__(self) -> None:
-        self._layout: tuple[type, dict, list[str], bool] | None = None
-        self._direct = False
-
-    def __call__(self, logits: torch.Tensor, cache: Any) -> Any:
-        if self._layout is None:
-            made = CausalLMOutputWithPast(logits=logits, **{CACHE: cache})
-            attributes = {key: None for key in vars(made)}
-            self._layout = (type(made), attributes, list(made.keys()), cache is None)
-            copy = self._direct_copy(logits, cache)
-            self._direct = type(copy) is type(made) and vars(copy) == vars(made) and \
-                list(copy.items()) == list(made.items()) and \
-                all(a is b for a, b in zip(copy.values(), made.values()))
-            return made
-        if not self._direct or (cache is None) != self._layout[3]:
-            return CausalLMOutputWithPast(logits=logits, **{CACHE: cache})
-        return self._direct_copy(logits, cache)
-
-    def _direct_copy(self, logits: torch.Tensor, cache: Any) -> Any:
-        kind, names, keys, _ = self._layout
-        output = kind.__new__(kind)
-        attributes = object.__getattribute__(output, "__dict__")
-        attributes.update(names)
-        attributes["logits"] = logits
-        attributes[CACHE] = cache
-        for key in keys:
-            OrderedDict.__setitem__(output, key, attributes[key])
-        return output
-
-
 def _same_step(node: Node, user: Node) -> bool:
     """Whether ``user`` runs only at the one step ``node`` (of a step loop) runs at."""
     steps = user.steps
@@ -741,91 +491,4 @@ def step_result(node: Node, values: list) -> Any:
         return values[0]
     return list(values)
 
-
-def _step_classes(by_step: dict[int, list[Node]], wanted: set[Node],
-                  tried: int = 8) -> dict[int, int]:
-    """step -> a class number, equal for steps whose nodes are :func:`_alike` (each step
-    compared with the first step of up to ``tried`` classes)."""
-    firsts: list[tuple[list[Node], dict[Node, int]]] = []
-    classes = {}
-    for step, nodes in by_step.items():
-        where = {node: i for i, node in enumerate(nodes)}
-        for number, (first, first_where) in enumerate(firsts):
-            if _alike(first, nodes, wanted, (first_where, where)):
-                classes[step] = number
-                break
-        else:
-            if len(firsts) < tried:
-                classes[step] = len(firsts)
-                firsts.append((nodes, where))
-    return classes
-
-
-def _alike(a: list[Node], b: list[Node], wanted: set[Node],
-           where: tuple[dict[Node, int], dict[Node, int]]) -> bool:
-    """Whether the nodes ``a`` and ``b`` (each a step's, in order; ``where`` maps each
-    step's nodes to their positions) make the same Program: node by node the same kind,
-    operation, target, site, flags and line, saved alike, and arguments equal where nodes
-    of the step stand at the same position and any other node (an input, a value of
-    another step) is the same node."""
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if x.kind is not y.kind or x.op != y.op or x.target is not y.target or \
-                (x.site is not y.site and x.site != y.site) or \
-                x.accessor != y.accessor or x.invoke != y.invoke or \
-                x.skip != y.skip or x.mutation != y.mutation or x.lenient != y.lenient or \
-                x.input_index != y.input_index or (x in wanted) != (y in wanted) or \
-                (x.line is not y.line and x.line != y.line) or \
-                not _same(x.args, y.args, where) or \
-                (x.kwargs or y.kwargs) and not _same(x.kwargs, y.kwargs, where):
-            return False
-    return True
-
-
-def _same(u: Any, v: Any, where: tuple[dict, dict]) -> bool:
-    """Whether arguments ``u`` (of a node of step a) and ``v`` (of step b) are alike:
-    ``where`` maps each step's nodes to their positions. (A module-level function: a
-    nested recursive one would be a reference cycle, freed only by the collector.)"""
-    kind = type(u)
-    if kind is not type(v):
-        return False
-    if kind is Node:
-        i, j = where[0].get(u), where[1].get(v)
-        return i == j if i is not None or j is not None else u is v
-    if kind is tuple or kind is list:
-        if len(u) != len(v):
-            return False
-        for p, q in zip(u, v):  # (the common items compared here, without a call each)
-            item = type(p)
-            if item is not type(q):
-                return False
-            if item is Node:
-                i, j = where[0].get(p), where[1].get(q)
-                if (i != j) if i is not None or j is not None else p is not q:
-                    return False
-            elif item in _BY_VALUE:
-                if p != q:
-                    return False
-            elif item is slice and p.start is None and p.stop is None and p.step is None:
-                if q.start is not None or q.stop is not None or q.step is not None:
-                    return False
-            elif (p is not q or item in _CONTAINERS) and not _same(p, q, where):
-                return False
-        return True
-    if kind is dict:
-        return list(u) == list(v) and all(_same(p, q, where)
-                                          for p, q in zip(u.values(), v.values()))
-    if kind is slice:
-        return _same(u.start, v.start, where) and _same(u.stop, v.stop, where) and \
-            _same(u.step, v.step, where)
-    if kind is float:  # (0.0 and -0.0 are equal, and different constants)
-        return u == v and math.copysign(1.0, u) == math.copysign(1.0, v)
-    if kind in _BY_VALUE:
-        return u == v
-    return u is v
-
-
-_CONTAINERS = frozenset({tuple, list, dict, slice})
-_BY_VALUE = frozenset({int, str, bool, type(None), type(Ellipsis)})
 

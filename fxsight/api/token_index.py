@@ -1,0 +1,103 @@
+"""``proxy.token[key]``: a language model's positions counted from each prompt's first
+real token (prompts are left-padded to one length)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import TokenIndexError, TraceError, at_line, user_line
+
+
+class TokenIndexer:
+    """``proxy.token[key]``: index dimension 1 counting from each prompt's first real token
+    (``proxy.token[0]`` is the first real token of every row, ``[-1]`` the last)."""
+
+    def __init__(self, tracer, proxy):
+        self.tracer = tracer
+        self.proxy = proxy
+
+    def __getitem__(self, key: Any):
+        return self.proxy[self._key(key, user_line())]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.proxy[self._key(key, user_line())] = value
+
+    def _spans(self, line: str) -> tuple[str, list[int], bool]:
+        """``(where, spans, whole)``: each row's count of positions from its first real
+        token to the end, for the rows the proxy holds."""
+        tracer = self.tracer
+        node = self.proxy._node
+        invoke = node.invoke
+        invokes = tracer.invokes if invoke is None else [tracer.invokes[invoke]]
+        if not invokes:
+            raise TraceError(at_line("token indexing needs an input: the trace has none yet",
+                                     line))
+        spans: list[int] = []
+        for inv in invokes:
+            mask = inv.prepared[1]["attention_mask"]
+            first_real = mask.argmax(-1)  # the first 1 of each row
+            spans.extend((mask.shape[1] - first_real).tolist())
+        where = "the whole batch" if invoke is None else f"invoke #{invoke}"
+        return where, spans, invoke is None
+
+    def _key(self, key: Any, line: str) -> Any:
+        where, spans, whole = self._spans(line)
+        if isinstance(key, slice):
+            rows = [list(range(span))[key] for span in spans]
+            if len({len(r) for r in rows}) > 1:
+                raise TraceError(at_line(
+                    f"token slice {_show(key)} selects a different number of tokens in the "
+                    f"prompts of {where} ({', '.join(str(len(r)) for r in rows)}); use an "
+                    f"index each prompt has", line))
+            negative = [[p - span for p in r] for r, span in zip(rows, spans)]
+        else:
+            try:
+                index = int(key.__index__())
+            except (AttributeError, TypeError):
+                raise TypeError(f"token indexing takes an int or a slice, not "
+                                f"{type(key).__name__}") from None
+            for r, span in enumerate(spans):
+                if not -span <= index < span:
+                    side = "past the end" if index >= 0 else "before the start"
+                    raise TokenIndexError(at_line(
+                        f"token index {index} is {side} of prompt {r} of {where}, "
+                        f"which has {span} tokens", line))
+            negative = [index % span - span for span in spans]
+        if whole:
+            self.tracer.recorder.create_op("call_function", check_token_rows,
+                                (self.proxy, len(spans)), {})
+        if all(n == negative[0] for n in negative):  # every row at the same place: a view
+            return (slice(None), _static_key(negative[0]))
+        count = len(spans)
+        positions = torch.tensor(negative, dtype=torch.long)
+        rows = torch.arange(count)
+        if isinstance(key, slice):
+            rows = rows.reshape(count, 1)
+        return (rows, positions)
+
+
+def check_token_rows(value: Any, rows: int) -> None:
+    """Raises where a token index recorded for ``rows`` rows meets a value with others."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] != rows:
+        raise ValueError(
+            f"token indexing over the whole batch was written when the batch had {rows} "
+            f"rows, but it has {value.shape[0]}: put `tracer.invoke()` (no input) after "
+            f"every invoke that adds prompts")
+
+
+def _static_key(negative: Any) -> Any:
+    if isinstance(negative, int):
+        return negative
+    if not negative:
+        return slice(0, 0)
+    step = negative[1] - negative[0] if len(negative) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in zip(negative, negative[1:])):
+        stop = negative[-1] + step
+        return slice(negative[0], None if stop >= 0 else stop, step)
+    return torch.tensor(negative, dtype=torch.long)  # not a plain slice: index by a list
+
+
+def _show(key: slice) -> str:
+    return ":".join("" if v is None else str(v) for v in (key.start, key.stop, key.step))

@@ -1,0 +1,58 @@
+"""Token rows of a language model's invokes: the facts its checks read from the device at
+once, position ids that count real tokens, left padding and the rolling of right-padded
+rows."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+
+class TokenFacts(NamedTuple):
+    """What the checks of an invoke's tokens need to know, read from the device at once."""
+
+    low: int  # the smallest token id
+    high: int  # the largest
+    binary: bool  # the mask holds only 0s and 1s
+    empty: bool  # a row's mask is all zeros
+    trailing: bool  # a row has padding after its last real token
+    ones: bool  # the mask is all ones (no row padded)
+
+
+def token_facts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[TokenFacts, torch.Tensor]:
+    """The facts of ``ids`` and ``mask`` in one read from the device (a GPU waits for its
+    queue once, not once per check), and each row's count of trailing pads."""
+    trailing = (mask.flip(-1).cumsum(-1) == 0).sum(-1)  # pads after the last real token
+    values = torch.stack([
+        ids.min(), ids.max(), ((mask == 0) | (mask == 1)).all().long(),
+        (mask.sum(-1) == 0).any().long(), (trailing > 0).any().long(),
+        (mask == 1).all().long()]).tolist()
+    low, high, binary, empty, right, ones = values
+    return TokenFacts(low, high, bool(binary), bool(empty), bool(right), bool(ones)), trailing
+
+
+def real_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only (transformers' ``generate`` convention)."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 1)
+
+
+def left_pad(value: torch.Tensor, length: int, pad: Any) -> torch.Tensor:
+    missing = length - value.shape[1]
+    if missing == 0:
+        return value
+    filler = torch.full((value.shape[0], missing, *value.shape[2:]), pad, dtype=value.dtype,
+                        device=value.device)
+    return torch.cat([filler, value], dim=1)
+
+
+def roll_rows(value: torch.Tensor, shifts: list[int]) -> torch.Tensor:
+    return torch.stack([torch.roll(row, s, dims=0) if s else row
+                        for row, s in zip(value, shifts)])
+
+
+def token_aligned(value: Any, kwargs: dict) -> bool:
+    ids = kwargs["input_ids"]
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and \
+        tuple(value.shape[:2]) == tuple(ids.shape)
