@@ -22,7 +22,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 # fake tensors: shapes of a forward pass without computing it; no public API (checked 2.13)
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-__all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
+__all__ = ["pytree", "mark_static_address", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
            "is_op_overload", "entry_point", "is_unused_random", "compile_backend",
            "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
            "global_forward_hooks", "global_hook_keys", "generated_source_keys", "TreeSpec", "uncompiled", "plain_pickling",
@@ -215,6 +215,13 @@ def forget_generated_source(key: str) -> None:
     """Drop the source fx registered under ``key`` (see :func:`generated_source_key`)."""
     torch.fx.graph_module._loader.eval_cache.pop(key, None)
     linecache.cache.pop(key, None)
+
+
+def mark_static_address(tensor: torch.Tensor) -> None:
+    """Mark ``tensor`` as having a static address for compiled code, as transformers'
+    static cache layers do with theirs (``torch._dynamo.mark_static_address`` with its
+    default guard, the call transformers makes; checked 2.11-2.13)."""
+    torch._dynamo.mark_static_address(tensor)
 
 
 def tensor_version(tensor: torch.Tensor) -> int | None:

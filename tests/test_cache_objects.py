@@ -161,6 +161,38 @@ def test_the_trace_leaves_a_passed_in_cache_as_one_plain_forward_would(llama, id
     assert cache.get_seq_length() == ids.shape[1] + more_ids.shape[1]
 
 
+def _static_types(cache):
+    """How compiled code would take each tensor of a static cache's layers (transformers
+    marks them as static addresses when it allocates them outside compiled code)."""
+    return [tuple(getattr(tensor, "_dynamo_static_input_type", None)
+                  for tensor in (layer.keys, layer.values, layer.cumulative_length))
+            for layer in cache.layers]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_fresh_static_cache_is_left_as_the_plain_forward_leaves_it(llama, ids, backend):
+    """The forward pass allocates a fresh ``StaticCache``'s tensors: the trace leaves
+    them with the plain forward's values and marked as it marks them (on the fx backend
+    the graph allocates them, where transformers does not mark them)."""
+    from transformers import StaticCache
+
+    plain_cache = StaticCache(config=llama.config, max_cache_len=10)
+    with torch.no_grad():
+        expected = llama(ids, cache=plain_cache).logits
+    assert all(kind is not None for layer in _static_types(plain_cache) for kind in layer)
+    cache = StaticCache(config=llama.config, max_cache_len=10)
+    wrapped = NNsight(llama)
+    with torch.no_grad(), wrapped.trace(ids, cache=cache, backend=backend) as tracer:
+        logits = wrapped.output.logits.save()
+    assert tracer.backend == backend
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+    assert _static_types(cache) == _static_types(plain_cache)
+    for (k, v), (k0, v0) in zip(_layers(cache), _layers(plain_cache)):
+        torch.testing.assert_close(k, k0, atol=ATOL, rtol=0)
+        torch.testing.assert_close(v, v0, atol=ATOL, rtol=0)
+    assert int(cache.layers[0].cumulative_length) == ids.shape[1]
+
+
 def test_using_a_cache_object_inside_the_trace_is_refused_on_fx(gpt2, ids):
     wrapped = NNsight(gpt2)
     with pytest.raises(NotOnGraph, match="cache object"):

@@ -26,14 +26,34 @@ from models import mlp, tiny_gpt2, train_tokenizer
 PROMPT = "The Eiffel Tower is in"
 
 
+# every graph the stand-in backend compiled: how often it ran, and what it saw that would
+# keep CUDA graphs from being used
+GRAPHS: list[dict] = []
+
+
 def reusing_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     """A torch.compile backend that runs ``gm`` eagerly and returns each output tensor
     (but those in an input's memory) in a buffer of its own that every later run with
-    that output's shape overwrites, as a CUDA-graph replay does."""
+    that output's shape overwrites, as a CUDA-graph replay does.
+
+    It also notes (``GRAPHS``) a run that changes an input in place that dynamo did not
+    take as a static address (``torch._dynamo.mark_static_address``, as transformers'
+    static cache marks its tensors): inductor's CUDA graphs copy every other input into a
+    buffer of their own, and skip the graph for such a run (they would change the copy)."""
     buffers: dict[int, torch.Tensor] = {}
+    # (how aot_autograd finds a dynamo graph's static inputs; checked torch 2.11-2.13)
+    static = [bool(node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type"))
+              for node in gm.graph.find_nodes(op="placeholder")]
+    seen = {"runs": 0, "skipped": []}
+    GRAPHS.append(seen)
 
     def run(*args):
+        versions = [a._version if isinstance(a, torch.Tensor) else None for a in args]
         outputs = gm(*args)
+        seen["runs"] += 1
+        for position, (arg, version) in enumerate(zip(args, versions)):
+            if version is not None and arg._version != version and not static[position]:
+                seen["skipped"].append(f"input {position} changed in place, not static")
         flat, spec = torch.utils._pytree.tree_flatten(outputs)
         inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
         returned = []
@@ -225,6 +245,52 @@ def test_cuda_graph_generation_uses_a_static_cache_and_compiles_two_graphs(token
     assert torch.equal(tokens, eager_tokens) and torch.equal(tokens, static_tokens)
     _same_steps(each, static_each)
     assert len({value.data_ptr() for value in each}) == len(each)
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_a_static_caches_tensors_are_static_addresses_as_in_a_plain_forward(
+        tokenizer, monkeypatch, marked):
+    """transformers marks the tensors of a static cache's layers as static addresses when
+    it allocates them outside compiled code, so that CUDA graphs update them in place; on
+    the fx backend the first step's graph allocates them, and fxsight marks them as the
+    plain forward does: they are marked alike after a plain ``generate`` and fxsight's,
+    and the decoding steps' graph (which updates them in place) keeps its CUDA graphs.
+    Without the marks (``marked=False``: the code before) they are skipped."""
+    from transformers import StaticCache
+
+    from fxsight.capture import caches
+    from fxsight.generate.steps import CACHE
+
+    if not marked:
+        monkeypatch.setattr(caches, "mark_static_address", lambda tensor: None)
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 4
+
+    def static_types(cache):
+        return [(getattr(layer.keys, "_dynamo_static_input_type", None),
+                 getattr(layer.values, "_dynamo_static_input_type", None),
+                 getattr(layer.cumulative_length, "_dynamo_static_input_type", None))
+                for layer in cache.layers]
+
+    plain_cache = StaticCache(config=model.config, max_cache_len=32)
+    ids = lm.tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        model.generate(**ids, max_new_tokens=2, do_sample=False, **{CACHE: plain_cache})
+    assert all(kind is not None for layer in static_types(plain_cache) for kind in layer)
+    expected, _ = _generate(lm, steer, None, cache_implementation="static")
+    del GRAPHS[:]
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    tokens, _ = _generate(lm, steer, REUSING, **{CACHE: cache})
+    assert torch.equal(tokens, expected)
+    # (the first step's graph and the decoding steps' one, run five times)
+    assert sorted(graph["runs"] for graph in GRAPHS) == [1, 5]
+    decoding = max(GRAPHS, key=lambda graph: graph["runs"])
+    if marked:
+        assert static_types(cache) == static_types(plain_cache)
+        assert decoding["skipped"] == []
+    else:
+        assert decoding["skipped"]
 
 
 def test_a_chosen_cache_is_kept_under_cuda_graphs(tokenizer):

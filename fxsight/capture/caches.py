@@ -16,13 +16,14 @@ hook would see, in the state a saved object has after the forward pass).
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .._torch import pytree
+from .._torch import mark_static_address, pytree
 from ..errors import NotOnGraph
 
 # Python values a cache may hold (besides tensors and containers)
@@ -139,10 +140,14 @@ def update(target: Any, skeleton: Skeleton, tensors: list[Any]) -> None:
         state = obj.__dict__
         for name in [n for n in state if n not in s.names]:
             del state[name]
+        static = _static_addresses(type(obj))
         for name, child in zip(s.names, s.children):
             kind = child.kind
             if kind == "tensor":  # (the common leaves, without building through make)
-                state[name] = next(it)
+                tensor = next(it)
+                if name in static and state.get(name) is not tensor:
+                    initialized.append((obj, static))
+                state[name] = tensor
                 continue
             if kind == "const":
                 state[name] = child.value
@@ -162,7 +167,38 @@ def update(target: Any, skeleton: Skeleton, tensors: list[Any]) -> None:
             else:
                 state[name] = make(child)
 
+    initialized: list[tuple[Any, frozenset[str]]] = []
     into(target, skeleton)
+    if initialized and not torch.compiler.is_compiling():
+        for obj, names in initialized:
+            for name in names:
+                value = obj.__dict__.get(name)
+                if isinstance(value, torch.Tensor):
+                    mark_static_address(value)
+
+
+# transformers' static cache layers allocate their tensors once and update them in place;
+# initializing outside a compiled region, they mark them as having a static address
+# (``mark_static_address``), so that compiled code (CUDA graphs above all) takes them as
+# they are and may update them in place. Initialized in a captured graph, a layer skips
+# that (it is compiling): where :func:`update` gives such a layer new tensors, it marks
+# them (all of the layer's marked attributes), as the plain forward pass would have. (class in ``transformers.cache_utils`` ->
+# the attributes its initialization marks; checked transformers 5.17-5.24)
+_MARKED_BY_TRANSFORMERS = {
+    "StaticLayer": ("keys", "values", "cumulative_length"),
+    "StaticIndexedLayer": ("indexer_keys", "indexer_cumulative_length"),
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _static_addresses(kind: type) -> frozenset[str]:
+    """The attributes of a cache object of class ``kind`` that a plain forward pass gives
+    a static address (see ``_MARKED_BY_TRANSFORMERS``)."""
+    names: set[str] = set()
+    for base in kind.__mro__:
+        if base.__module__ == "transformers.cache_utils":
+            names.update(_MARKED_BY_TRANSFORMERS.get(base.__name__, ()))
+    return frozenset(names)
 
 
 # --- inputs ----------------------------------------------------------------------------
