@@ -17,6 +17,7 @@ from transformers import BartConfig, BartForConditionalGeneration, DynamicCache,
 
 from fxsight import NNsight
 from fxsight.errors import NotOnGraph
+from fxsight.generate.steps import CACHE
 from models import tiny_gpt2, tiny_llama
 
 ATOL = 1e-5
@@ -92,9 +93,9 @@ def test_default_call_runs_on_fx_and_returns_the_cache(kind, request, ids):
     assert tracer.backend == "fx"
     assert type(output) is type(expected)
     torch.testing.assert_close(output.logits, expected.logits, atol=ATOL, rtol=0)
-    assert_same_cache(output.cache, expected.cache)
+    assert_same_cache(getattr(output, CACHE), getattr(expected, CACHE))
     expected_class = EncoderDecoderCache if kind == "bart" else DynamicCache
-    assert type(output.cache) is expected_class
+    assert type(getattr(output, CACHE)) is expected_class
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -122,26 +123,26 @@ def test_block_save_and_patch_equal_hand_written_hooks(gpt2, ids, backend, refer
     torch.testing.assert_close(h1, saved["h1"], atol=ATOL, rtol=0)
     torch.testing.assert_close(output.logits, expected.logits, atol=ATOL, rtol=0)
     # the cache holds the keys and values the patched forward pass computed
-    assert_same_cache(output.cache, expected.cache)
+    assert_same_cache(getattr(output, CACHE), getattr(expected, CACHE))
     # a module output holding the cache is readable: the cache as the forward pass ends
-    assert_same_cache(decoder.cache, expected.cache)
-    assert decoder.cache is output.cache
+    assert_same_cache(getattr(decoder, CACHE), getattr(expected, CACHE))
+    assert getattr(decoder, CACHE) is getattr(output, CACHE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_passed_in_cache_is_updated_like_the_plain_forward(llama, ids, more_ids, backend):
     with torch.no_grad():
-        prefix = llama(ids).cache
+        prefix = getattr(llama(ids), CACHE)
         plain_cache = _cache_copy(prefix)
-        expected = llama(more_ids, cache=plain_cache)
+        expected = llama(more_ids, **{CACHE: plain_cache})
     cache = _cache_copy(prefix)
     layers = list(cache.layers)
     wrapped = NNsight(llama)
-    with torch.no_grad(), wrapped.trace(more_ids, cache=cache, backend=backend) as tracer:
+    with torch.no_grad(), wrapped.trace(more_ids, **{CACHE: cache}, backend=backend) as tracer:
         output = wrapped.output.save()
         attention = wrapped.model.layers[0].self_attn.output.save()
     assert tracer.backend == backend
-    assert output.cache is cache  # the user's object, as the plain forward returns it
+    assert getattr(output, CACHE) is cache  # the user's object, as the plain forward returns it
     assert [id(x) for x in cache.layers] == [id(x) for x in layers]  # updated in place
     assert_same_cache(cache, plain_cache)
     assert cache.get_seq_length() == ids.shape[1] + more_ids.shape[1]
@@ -153,10 +154,10 @@ def test_the_trace_leaves_a_passed_in_cache_as_one_plain_forward_would(llama, id
     """Capture (export) and validation run the model too: the user's cache is updated
     exactly once, by the run itself."""
     with torch.no_grad():
-        prefix = llama(ids).cache
+        prefix = getattr(llama(ids), CACHE)
     cache = _cache_copy(prefix)
     wrapped = NNsight(llama)
-    with torch.no_grad(), wrapped.trace(more_ids, cache=cache, backend="fx"):
+    with torch.no_grad(), wrapped.trace(more_ids, **{CACHE: cache}, backend="fx"):
         pass
     assert cache.get_seq_length() == ids.shape[1] + more_ids.shape[1]
 
@@ -178,11 +179,11 @@ def test_a_fresh_static_cache_is_left_as_the_plain_forward_leaves_it(llama, ids,
 
     plain_cache = StaticCache(config=llama.config, max_cache_len=10)
     with torch.no_grad():
-        expected = llama(ids, cache=plain_cache).logits
+        expected = llama(ids, **{CACHE: plain_cache}).logits
     assert all(kind is not None for layer in _static_types(plain_cache) for kind in layer)
     cache = StaticCache(config=llama.config, max_cache_len=10)
     wrapped = NNsight(llama)
-    with torch.no_grad(), wrapped.trace(ids, cache=cache, backend=backend) as tracer:
+    with torch.no_grad(), wrapped.trace(ids, **{CACHE: cache}, backend=backend) as tracer:
         logits = wrapped.output.logits.save()
     assert tracer.backend == backend
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
@@ -197,11 +198,11 @@ def test_using_a_cache_object_inside_the_trace_is_refused_on_fx(gpt2, ids):
     wrapped = NNsight(gpt2)
     with pytest.raises(NotOnGraph, match="cache object"):
         with torch.no_grad(), wrapped.trace(ids, backend="fx"):
-            wrapped.output.cache.get_seq_length().save()
+            getattr(wrapped.output, CACHE).get_seq_length().save()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad(), wrapped.trace(ids) as tracer:
-            length = wrapped.output.cache.get_seq_length().save()
+            length = getattr(wrapped.output, CACHE).get_seq_length().save()
     assert tracer.backend == "hooks" and length == ids.shape[1]
     assert any("hooks backend" in str(w.message) for w in caught)
 
@@ -217,8 +218,8 @@ def test_language_model_output_holds_the_cache(gpt2, ids):
         output = lm.output.save()
     assert tracer.backend == "fx"
     torch.testing.assert_close(output.logits, expected.logits, atol=ATOL, rtol=0)
-    assert output.cache is not None
-    assert_same_cache(output.cache, expected.cache)
+    assert getattr(output, CACHE) is not None
+    assert_same_cache(getattr(output, CACHE), getattr(expected, CACHE))
 
 
 def test_a_write_that_replaces_a_cache_object_is_refused_on_fx(gpt2, ids):
@@ -226,7 +227,7 @@ def test_a_write_that_replaces_a_cache_object_is_refused_on_fx(gpt2, ids):
     with pytest.raises(NotOnGraph, match=r"transformer\.h\.0\.attn\.input.*cache object") as error:
         with torch.no_grad(), wrapped.trace(ids, backend="fx"):
             args, kwargs = wrapped.transformer.h[0].attn.inputs
-            wrapped.transformer.h[0].attn.inputs = (args, {**kwargs, "cache": None})
+            wrapped.transformer.h[0].attn.inputs = (args, {**kwargs, CACHE: None})
     assert "test_cache_objects.py" in str(error.value)  # the user's line
 
 
@@ -260,22 +261,26 @@ def test_state_space_and_sliding_window_caches(kind, ids, more_ids):
             num_key_value_heads=2, head_dim=8, vocab_size=128, sliding_window=4,
             pad_token_id=0, bos_token_id=1, eos_token_id=2))
     model.eval()
+    # the cache's keyword and attribute: Mamba's was ``cache_params`` where the others'
+    # was ``past_key_values`` (transformers before 5.2x); ``cache`` for all since
+    name = "cache_params" if kind == "mamba" and CACHE == "past_key_values" else CACHE
     wrapped = NNsight(model)
     with torch.no_grad():
         expected = model(ids)
-        plain_cache = copy.deepcopy(expected.cache)
-        expected_next = model(more_ids, cache=plain_cache)
+        plain_cache = copy.deepcopy(getattr(expected, name))
+        expected_next = model(more_ids, **{name: plain_cache})
     with torch.no_grad(), wrapped.trace(ids, backend="fx"):
         output = wrapped.output.save()
     torch.testing.assert_close(output.logits, expected.logits, atol=ATOL, rtol=0)
-    got, want = _state_tensors(output.cache), _state_tensors(expected.cache)
-    assert type(output.cache) is type(expected.cache) and len(got) == len(want) > 0
+    got, want = _state_tensors(getattr(output, name)), _state_tensors(getattr(expected, name))
+    assert type(getattr(output, name)) is type(getattr(expected, name))
+    assert len(got) == len(want) > 0
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
-    cache = output.cache
-    with torch.no_grad(), wrapped.trace(more_ids, cache=cache, backend="fx"):
+    cache = getattr(output, name)
+    with torch.no_grad(), wrapped.trace(more_ids, **{name: cache}, backend="fx"):
         following = wrapped.output.save()
-    assert following.cache is cache
+    assert getattr(following, name) is cache
     torch.testing.assert_close(following.logits, expected_next.logits, atol=ATOL, rtol=0)
     for a, b in zip(_state_tensors(cache), _state_tensors(plain_cache), strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)

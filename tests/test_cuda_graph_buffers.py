@@ -314,11 +314,12 @@ def test_a_static_caches_inputs_are_listed_as_the_generic_flattening_lists_them(
 
     from fxsight.capture.captures import flat_inputs
     from fxsight.generate.step_io import CacheObjectLayout
+    from fxsight.generate.steps import CACHE
 
     model = tiny_gpt2()
     cache = StaticCache(config=model.config, max_cache_len=12)
     with torch.no_grad():
-        model(torch.randint(3, 100, (1, 5)), cache=cache)
+        model(torch.randint(3, 100, (1, 5)), **{CACHE: cache})
     inputs = dict(input_ids=torch.zeros(1, 1, dtype=torch.long), attention_mask=None,
                   position_ids=None, cache=cache, use_cache=True, logits_to_keep=0)
     layout = CacheObjectLayout()

@@ -476,6 +476,7 @@ def test_later_steps_outputs_are_what_the_constructor_makes():
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     from fxsight.generate.step_io import StepOutput
+    from fxsight.generate.steps import CACHE
 
     make = StepOutput()
     cache = DynamicCache()
@@ -483,12 +484,12 @@ def test_later_steps_outputs_are_what_the_constructor_makes():
     for step in range(3):
         logits = torch.full((1, 1, 5), float(step))
         got = make(logits, cache)
-        want = CausalLMOutputWithPast(logits=logits, cache=cache)
+        want = CausalLMOutputWithPast(logits=logits, **{CACHE: cache})
         assert type(got) is type(want) and vars(got) == vars(want)
-        assert list(got.keys()) == list(want.keys()) == ["logits", "cache"]
-        assert got.logits is logits and got["cache"] is cache and got.to_tuple()[0] is logits
+        assert list(got.keys()) == list(want.keys()) == ["logits", CACHE]
+        assert got.logits is logits and got[CACHE] is cache and got.to_tuple()[0] is logits
     without = make(torch.zeros(1, 1, 5), None)  # (another layout: the constructor's)
-    assert list(without.keys()) == ["logits"] and without.cache is None
+    assert list(without.keys()) == ["logits"] and getattr(without, CACHE) is None
 
 
 def test_remembered_decoding_steps_follow_the_model_and_the_values(tokenizer, monkeypatch):

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 import fxsight
 from fxsight import LanguageModel, ShapeError, TraceError
+from fxsight.generate.steps import CACHE
 from models import saved_language_model, tiny_gpt2, tiny_llama, train_tokenizer
 
 ATOL = 1e-5
@@ -124,8 +125,8 @@ def test_result_and_model_output(models, tokenizer):
     torch.testing.assert_close(tracer.result.logits[0], logits, atol=ATOL, rtol=0)
     # transformers' default call: the output holds the cache, as the plain model's does
     with torch.no_grad():
-        expected = model(torch.tensor([_ids(tokenizer, PROMPT_A)])).cache
-    cache = tracer.result.cache
+        expected = getattr(model(torch.tensor([_ids(tokenizer, PROMPT_A)])), CACHE)
+    cache = getattr(tracer.result, CACHE)
     assert type(cache) is type(expected) and cache.get_seq_length() == expected.get_seq_length()
     for got, want in zip(cache.layers, expected.layers, strict=True):
         torch.testing.assert_close(got.keys, want.keys, atol=ATOL, rtol=0)

@@ -10,6 +10,7 @@ import torch
 import fxsight
 from fxsight import NNsight
 from fxsight.errors import ShapeError, TraceError
+from fxsight.generate.steps import CACHE
 
 from models import tiny_gpt2, tiny_llama
 
@@ -426,8 +427,8 @@ def _greedy_attentions(model, ids, steps, use_cache, layers=(0,)):
         for _ in range(steps):
             if use_cache:
                 given = sequence if past is None else sequence[:, -1:]
-                out = model(given, cache=past, use_cache=True, output_attentions=True)
-                past = out.cache
+                out = model(given, **{CACHE: past}, use_cache=True, output_attentions=True)
+                past = getattr(out, CACHE)
             else:
                 out = model(sequence, use_cache=False, output_attentions=True)
             attentions.append([out.attentions[layer] for layer in layers])

@@ -22,6 +22,7 @@ import torch
 
 from fxsight import NNsight, patching
 from fxsight.experiments.suffix import pack, vocabulary_reads
+from fxsight.generate.steps import CACHE
 from graphs import graph_parameters, module_call_shapes
 from models import tiny_gpt2, tiny_llama
 
@@ -217,16 +218,17 @@ def test_fallbacks_say_why(gpt2):
 def test_a_stopped_trace_leaves_a_passed_in_cache_as_it_was(llama):
     clean, _ = _prompts()
     with torch.no_grad():
-        cache = llama(clean[:, :4], use_cache=True).cache
+        cache = getattr(llama(clean[:, :4], use_cache=True), CACHE)
     before = [layer.keys.clone() for layer in cache.layers]
     net = NNsight(llama)
-    with torch.no_grad(), net.trace(clean[:, 4:], cache=cache, backend="fx") as tracer:
+    with torch.no_grad(), net.trace(clean[:, 4:], **{CACHE: cache}, backend="fx") as tracer:
         hidden = net.model.layers[1].output.save()
         tracer.stop()
     assert tracer.backend == "fx"
     assert [layer.keys.shape for layer in cache.layers] == [b.shape for b in before]
     with torch.no_grad():
-        plain = llama(clean[:, 4:], cache=cache, use_cache=True, output_hidden_states=True)
+        plain = llama(clean[:, 4:], **{CACHE: cache}, use_cache=True,
+                      output_hidden_states=True)
     torch.testing.assert_close(hidden, plain.hidden_states[2], rtol=0, atol=1e-5)
 
 

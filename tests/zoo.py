@@ -136,7 +136,7 @@ ZOO: list[Arch] = [
     _a("vit", "vision", "base", "pixels", **_VIT), _a("deit", "vision", "base", "pixels", **_VIT),
     _a("beit", "vision", "base", "pixels", **_VIT),
     _a("dinov2", "vision", "base", "pixels", **_VIT),
-    _a("convnext", "vision", "base", "pixels", **_STAGES),
+    _a("convnext", "vision", "base", "pixels", num_stages=2, **_STAGES),
     _a("resnet", "vision", "base", "pixels", embedding_size=16, **_STAGES),
     _a("regnet", "vision", "base", "pixels", embedding_size=16, **_STAGES),
     _a("swin", "vision", "base", "pixels", image_size=32, patch_size=4, embed_dim=16,
