@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import linecache
+import types
 from typing import Any, Callable
 
 import torch
@@ -22,7 +23,8 @@ from torch._dynamo.eval_frame import OptimizedModule
 # fake tensors: shapes of a forward pass without computing it; no public API (checked 2.13)
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-__all__ = ["pytree", "mark_static_address", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
+__all__ = ["pytree", "mark_static_address", "python_binding", "dispatched",
+           "torch_function_modes_active", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
            "is_op_overload", "entry_point", "is_unused_random", "compile_backend",
            "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
            "global_forward_hooks", "global_hook_keys", "generated_source_keys", "TreeSpec", "uncompiled", "plain_pickling",
@@ -89,6 +91,50 @@ def entry_point(target: Any) -> Callable | None:
     if type(target) is not overload or type(target).__call__ is not overload.__call__:
         return None
     return target._op
+
+
+def python_binding(target: Any) -> Callable | None:
+    """torch's generated Python binding of an ATen operator's name: the function of
+    ``torch`` (``torch._C._VariableFunctions``), of ``torch.nn.functional``'s C module
+    (``torch._C._nn``) or the C method of ``Tensor`` (``torch._C.TensorBase``), or
+    ``None``. It parses its arguments with a parser made for them (about half the cost
+    of an ``OpOverload``'s generic one) and picks the overload by their types, which may
+    be another than ``target``: :func:`dispatched` tells (checked 2.11-2.14)."""
+    if type(target) is not torch._ops.OpOverload or target.namespace != "aten":
+        return None
+    name = target._schema.name.partition("::")[2]
+    for holder in (torch._C._VariableFunctions, torch._C._nn):
+        function = getattr(holder, name, None)
+        if isinstance(function, types.BuiltinFunctionType):
+            return function
+    method = getattr(torch._C.TensorBase, name, None)
+    return method if isinstance(method, types.MethodDescriptorType) else None
+
+
+def dispatched(fn: Callable, args: tuple, kwargs: dict) -> tuple[list[tuple], Any]:
+    """``(the calls fn(*args, **kwargs) makes below autograd, in order, each
+    (operator, args, kwargs); its result)``, recorded by a ``TorchDispatchMode``
+    (``torch.utils._python_dispatch``, checked 2.11-2.14)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[Any] = []
+
+        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+            self.calls.append((func, args, kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    with _Recorder() as recorder:
+        result = fn(*args, **kwargs)
+    return recorder.calls, result
+
+
+def torch_function_modes_active() -> bool:
+    """Whether a torch function mode is active (``torch.device(...)`` as a context, a
+    user's ``TorchFunctionMode``; ``torch._C._len_torch_function_stack``, checked 2.13)."""
+    return torch._C._len_torch_function_stack() != 0
 
 
 def is_unused_random(target: Any) -> bool:

@@ -31,3 +31,132 @@ def test_fast_forward_rebinds_every_aten_call_and_gives_the_same_values():
     got = fast(*inputs)
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     torch.testing.assert_close(got[0], hidden)
+
+
+# --- torch's own bindings of the ATen calls (run.eager.bound_forward) ----------------------
+def _steered_trace(wrapper, ids, steer):
+    with wrapper.trace(ids, use_cache=False) as tracer:
+        wrapper.transformer.h[0].output[:, -1] += steer
+        hidden = wrapper.transformer.h[1].output.save()
+        logits = wrapper.output.logits.save()
+    return tracer, hidden, logits
+
+
+def _reference(model, ids, steer):
+    """The same steering by a hand-written forward hook."""
+    seen = {}
+
+    def add(module, args, output):
+        output = output.clone()
+        output[:, -1] += steer
+        return output
+
+    handles = [model.transformer.h[0].register_forward_hook(add),
+               model.transformer.h[1].register_forward_hook(
+                   lambda module, args, output: seen.__setitem__("hidden", output))]
+    try:
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen["hidden"], logits
+
+
+def test_bound_forward_binds_the_models_operators_and_gives_the_same_values():
+    from fxsight.run.eager import bound_forward
+
+    model = tiny_gpt2()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7),
+                        generator=torch.Generator().manual_seed(0))
+    steer = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    tracer, hidden, logits = _steered_trace(NNsight(model), ids, steer)
+    want_hidden, want_logits = _reference(model, ids, steer)
+    assert torch.equal(hidden, want_hidden) and torch.equal(logits, want_logits)
+    bound = bound_forward(tracer.graph_module)
+    assert bound is not None
+    names = bound.__func__.__globals__
+    bindings = {name: value for name, value in names.items() if name.startswith("_aten_")}
+    # torch's bindings for the model's common operators
+    assert bindings["_aten_aten_addmm_default"] is torch.addmm
+    assert bindings["_aten_aten_view_default"] is torch.Tensor.view
+    assert bindings["_aten_aten_layer_norm_default"] is torch.layer_norm
+    assert bindings["_aten_aten_add_Tensor"] is torch.add
+    assert bindings["_aten_aten_transpose_int"] is torch.transpose
+    assert bindings["_aten_aten_scaled_dot_product_attention_default"] is \
+        torch.nn.functional.scaled_dot_product_attention
+    # the rest keep the entry points; none goes through torch.ops
+    assert "ops" not in bound.__func__.__code__.co_names
+    inputs = [ids, False, steer, -1, -1]  # (the model's, the Program's, `-1` twice)
+    expected = tracer.graph_module.forward(*inputs)
+    got = bound(*inputs)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+def test_a_binding_that_makes_other_calls_than_the_overload_is_not_used():
+    from fxsight.run import eager
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(3, 4)
+    added = graph.call_function(torch.ops.aten.add.Tensor, (x, x))
+    graph.output(added)
+    module = torch.fx.GraphModule(torch.nn.Module(), graph)
+    node = added
+    assert eager._same_calls(torch.ops.aten.add.Tensor, torch.add, node)
+    assert not eager._same_calls(torch.ops.aten.add.Tensor, torch.sub, node)
+    assert not eager._same_calls(torch.ops.aten.add.Tensor, torch.mul, node)
+    # (a binding whose arguments do not parse is refused, not raised)
+    assert not eager._same_calls(torch.ops.aten.add.Tensor, torch.Tensor.view, node)
+    assert eager.bound_forward(module) is not None
+
+
+def test_bound_forward_is_not_used_under_a_torch_function_mode_or_for_subclasses():
+    """A binding answers to ``__torch_function__``, an ``OpOverload`` call does not: with
+    a torch function mode active (or a tensor subclass among the inputs) the run takes
+    the entry points, and a mode sees what it saw before the bindings."""
+    from torch.overrides import TorchFunctionMode
+
+    from fxsight.run import executable
+    from fxsight.run.eager import plainly_bindable
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    class Marked(torch.Tensor):
+        pass
+
+    x = torch.randn(2)
+    assert plainly_bindable([x, 3, None])
+    assert not plainly_bindable([x.as_subclass(Marked)])
+    with Seen():
+        assert not plainly_bindable([x])
+
+    model = tiny_gpt2()
+    wrapper = NNsight(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7),
+                        generator=torch.Generator().manual_seed(0))
+    steer = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    seen = {}
+    original = executable.bound_forward
+    for bindings in (False, True):
+        executable.forget(model)
+        if not bindings:
+            executable.bound_forward = lambda gm: None
+        try:
+            tracer, _, _ = _steered_trace(wrapper, ids, steer)  # (made and cached)
+            with Seen() as mode:
+                _, hidden, logits = _steered_trace(wrapper, ids, steer)
+        finally:
+            executable.bound_forward = original
+        seen[bindings] = sorted(set(mode.names))
+        want_hidden, want_logits = _reference(model, ids, steer)
+        assert torch.equal(hidden, want_hidden) and torch.equal(logits, want_logits)
+    assert seen[True] == seen[False]
+    assert "addmm" not in seen[True]

@@ -50,8 +50,9 @@ from .sources import release_source_when_collected
 MAX_LAYOUTS = 256
 
 
-def _plain_target(target: Any) -> bool:
-    """A call_function target that inductor traces as torch operations."""
+def plain_target(target: Any) -> bool:
+    """A call_function target that inductor traces as torch operations (ATen operators,
+    torch's and Python's operators, fxsight's helpers)."""
     if is_operator(target):
         return True
     if isinstance(target, types.BuiltinFunctionType):
@@ -71,7 +72,7 @@ def eligible(gm: torch.fx.GraphModule, backend: Any, mode: Any) -> bool:
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr", "output", "call_method"):
             continue
-        if node.op != "call_function" or not _plain_target(node.target):
+        if node.op != "call_function" or not plain_target(node.target):
             return False
     return True
 

@@ -38,7 +38,7 @@ from ..splice.attention_masks import ASSUME_UNPADDED, CHECK, KEEP, all_ones, \
     elide_model_masks
 from ..splice.splice import Spliced, splice
 from ..splice.walker import MetaWalker
-from .eager import fast_forward
+from .eager import bound_forward, fast_forward, plainly_bindable
 from .sources import release_source_when_collected
 from .direct import compile_direct, eligible
 from .options import CompileOptions
@@ -156,6 +156,9 @@ class Executable:
         release_source_when_collected(gm)  # (evicted, its source must not stay behind)
         self._eager = fast_forward(gm)
         self._fn: Callable = self._eager
+        # eagerly, where the graph allows: the ATen calls through torch's own bindings
+        # (run.eager), taken at each run with plain inputs and no torch function mode
+        self._bound = bound_forward(gm) if compile_options is None else None
         # the graph compiled by inductor without dynamo where fxsight can check what
         # dynamo's guards would (run.direct): made at the first call that allows it
         self._direct: Any = None
@@ -197,6 +200,9 @@ class Executable:
     def __call__(self, flat_inputs: list[Any]) -> tuple[Any, ...]:
         fn = self._fn
         if fn is self._eager:
+            bound = self._bound
+            if bound is not None and plainly_bindable(flat_inputs):
+                return bound(*flat_inputs)
             return fn(*flat_inputs)
         if self._unpadded is not None and self._unpadded.failure is None and \
                 all_ones(*[flat_inputs[i] for i in self._padding_at]):
