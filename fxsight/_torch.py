@@ -24,7 +24,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 __all__ = ["pytree", "mark_static_address", "python_binding", "dispatched",
-           "torch_function_modes_active", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
+           "torch_function_modes_active", "dispatch_modes_active", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
            "is_op_overload", "entry_point", "is_unused_random", "compile_backend",
            "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
            "global_forward_hooks", "global_hook_keys", "generated_source_keys", "TreeSpec", "uncompiled", "plain_pickling",
@@ -129,6 +129,12 @@ def dispatched(fn: Callable, args: tuple, kwargs: dict) -> tuple[list[tuple], An
     with _Recorder() as recorder:
         result = fn(*args, **kwargs)
     return recorder.calls, result
+
+
+def dispatch_modes_active() -> bool:
+    """Whether a ``TorchDispatchMode`` is active (a fake tensor mode, a user's mode;
+    ``torch._C._len_torch_dispatch_stack``, checked 2.11-2.14)."""
+    return torch._C._len_torch_dispatch_stack() != 0
 
 
 def torch_function_modes_active() -> bool:

@@ -160,3 +160,31 @@ def test_bound_forward_is_not_used_under_a_torch_function_mode_or_for_subclasses
         assert torch.equal(hidden, want_hidden) and torch.equal(logits, want_logits)
     assert seen[True] == seen[False]
     assert "addmm" not in seen[True]
+
+
+def test_no_binding_is_checked_under_a_users_dispatch_mode():
+    """Checking a binding runs it on fake tensors: under a user's dispatch mode, which would
+    see those calls, nothing is checked (the entry points run)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fxsight.run import eager
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(3, 4)
+    graph.output(graph.call_function(torch.ops.aten.mul.Tensor, (x, x)))
+    module = torch.fx.GraphModule(torch.nn.Module(), graph)
+    eager._CHECKED.clear()
+    with Seen() as mode:
+        assert eager.bound_forward(module) is None
+    assert mode.calls == [] and not eager._CHECKED
+    assert eager.bound_forward(module) is not None

@@ -33,8 +33,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .._torch import (FakeTensorMode, dispatched, entry_point, python_binding, pytree,
-                      torch_function_modes_active)
+from .._torch import (FakeTensorMode, dispatch_modes_active, dispatched, entry_point,
+                      python_binding, pytree, torch_function_modes_active)
 from .direct import plain_target
 
 _CALL = re.compile(r"\btorch\.ops\.(\w+)\.(\w+)\.(\w+)\(")
@@ -89,10 +89,10 @@ def bound_forward(graph_module: fx.GraphModule) -> Callable | None:
     """``graph_module.forward`` with ATen calls bound to torch's Python bindings where
     each is the same call (:func:`fast_forward`'s entry points elsewhere), or ``None``
     where the graph is not one of ATen operators and fxsight's helpers over plain
-    parameters, or no call could be bound."""
+    parameters, a dispatch mode is active, or no call could be bound."""
     tensors = [*graph_module.parameters(), *graph_module.buffers()]
-    if any(type(t) not in _PLAIN_TENSORS for t in tensors):
-        return None
+    if any(type(t) not in _PLAIN_TENSORS for t in tensors) or dispatch_modes_active():
+        return None  # (a mode active now would see the checks' calls on fake tensors)
     calls: dict[Any, list[fx.Node]] = {}
     for node in graph_module.graph.nodes:
         if node.op in ("placeholder", "get_attr", "output"):
