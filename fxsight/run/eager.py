@@ -209,9 +209,10 @@ def _same_calls(target: Any, binding: Callable, node: fx.Node) -> bool:
 
 
 def _recorded(fn: Callable, args: tuple, kwargs: dict) -> tuple:
-    """The calls ``fn`` makes below autograd (with their non-tensor arguments) and its
-    result's layout."""
+    """The calls ``fn`` makes below autograd (with their non-tensor arguments), and its
+    result's structure and layout."""
     calls, result = dispatched(fn, args, kwargs)
+    leaves, structure = pytree.tree_flatten(result)  # (a list and a tuple differ)
     layout = [(tuple(t.shape), t.stride(), t.dtype, t.device) if isinstance(t, torch.Tensor)
-              else t for t in pytree.tree_leaves(result)]
-    return tuple(_shown(*call) for call in calls), layout
+              else t for t in leaves]
+    return tuple(_shown(*call) for call in calls), structure, layout
