@@ -58,7 +58,19 @@ class StepInterleaver:
         self.operations = operations  # (``.source`` sites: capture.operations' spec)
         self.after = needs_generated_ids(program)  # they run once generate is done
         self.once = [n for n in program.nodes if n.steps is None]
+        self._once = set(self.once)
         self.per_step = [n for n in program.nodes if n.steps is not None]
+        # the per-step nodes of one step each (a ``tracer.iter`` loop's body, recorded
+        # once per step) found by their step; the others asked at every step
+        self._at_step: dict[int, list[Node]] = defaultdict(list)
+        self._any_steps: list[Node] = []
+        for node in self.per_step:
+            if type(node.steps.choice) is int:
+                self._at_step[node.steps.choice].append(node)
+            else:
+                self._any_steps.append(node)
+        self._order = {node: index for index, node in enumerate(program.nodes)}
+        self.active: list[Node] = []  # the per-step nodes of the step under way
         self.persistent: dict[Node, Any] = {}
         self.collected: dict[Node, list[Any]] = defaultdict(list)
         self.step = -1
@@ -82,16 +94,23 @@ class StepInterleaver:
         self.walker = RealWalker(self.program, self.rows, AnySite())
         self.walker.values.update(self.persistent)
         self.walker.positions.update((node, 0) for node in self.persistent)
-        active = [n for n in self.per_step if self.step in n.steps]
-        self.pending = [n for n in self.program.nodes
-                        if (n in active or n in self.once) and n not in self.persistent]
+        step = self.step
+        active = self._at_step.get(step, []) + \
+            [n for n in self._any_steps if step in n.steps]
+        active.sort(key=self._order.__getitem__)
+        self.active = active
+        persistent = self.persistent
+        pending = [n for n in active if n not in persistent] + \
+            [n for n in self.once if n not in persistent]
+        pending.sort(key=self._order.__getitem__)  # (in the Program's order)
+        self.pending = pending
 
     def _end_step(self) -> None:
         walker = self.walker
         if walker is None:
             return
-        for node in self.per_step:
-            if node in walker.values and self.step in node.steps:
+        for node in self.active:
+            if node in walker.values:
                 self.collected[node].append(walker.values[node])
                 if node.steps.single:  # (other steps may use it)
                     self.persistent[node] = walker.values[node]
@@ -137,7 +156,7 @@ class StepInterleaver:
             site = node.site
             if site == GENERATOR:
                 return site == firing
-            return site in walker.event_values and (self.step == 0 or node not in self.once)
+            return site in walker.event_values and (self.step == 0 or node not in self._once)
         if kind is Kind.WRITE:
             return node.site == firing
         return True
@@ -163,7 +182,7 @@ class StepInterleaver:
             self._start_step()
         self.walker.event_values[GENERATOR] = output
         self.pending = [n for n in self.program.nodes
-                        if (n in self.once or n in self.after) and n not in self.persistent
+                        if (n in self._once or n in self.after) and n not in self.persistent
                         and n not in self.walker.values]
         self._pump(GENERATOR)
         for node in self.once:
