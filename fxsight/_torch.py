@@ -23,8 +23,9 @@ from torch._dynamo.eval_frame import OptimizedModule
 # fake tensors: shapes of a forward pass without computing it; no public API (checked 2.13)
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-__all__ = ["pytree", "mark_static_address", "python_binding", "dispatched",
-           "torch_function_modes_active", "dispatch_modes_active", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
+__all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
+           "mark_static_address", "python_binding", "dispatched",
+           "torch_function_modes_active", "dispatch_modes_active",
            "is_op_overload", "entry_point", "is_unused_random", "compile_backend",
            "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
            "global_forward_hooks", "global_hook_keys", "generated_source_keys", "TreeSpec", "uncompiled", "plain_pickling",

@@ -141,12 +141,12 @@ def update(target: Any, skeleton: Skeleton, tensors: list[Any]) -> None:
         for name in [n for n in state if n not in s.names]:
             del state[name]
         static = _static_addresses(type(obj))
+        renewed = False  # (a tensor of static address replaced: the layer was initialized)
         for name, child in zip(s.names, s.children):
             kind = child.kind
             if kind == "tensor":  # (the common leaves, without building through make)
                 tensor = next(it)
-                if name in static and state.get(name) is not tensor:
-                    initialized.append((obj, static))
+                renewed = renewed or (name in static and state.get(name) is not tensor)
                 state[name] = tensor
                 continue
             if kind == "const":
@@ -166,6 +166,8 @@ def update(target: Any, skeleton: Skeleton, tensors: list[Any]) -> None:
                     old[key] = make(item)
             else:
                 state[name] = make(child)
+        if renewed:
+            initialized.append((obj, static))
 
     initialized: list[tuple[Any, frozenset[str]]] = []
     into(target, skeleton)
@@ -182,8 +184,9 @@ def update(target: Any, skeleton: Skeleton, tensors: list[Any]) -> None:
 # (``mark_static_address``), so that compiled code (CUDA graphs above all) takes them as
 # they are and may update them in place. Initialized in a captured graph, a layer skips
 # that (it is compiling): where :func:`update` gives such a layer new tensors, it marks
-# them (all of the layer's marked attributes), as the plain forward pass would have. (class in ``transformers.cache_utils`` ->
-# the attributes its initialization marks; checked transformers 5.17-5.24)
+# them (all of the layer's marked attributes), as the plain forward pass would have.
+# (class in ``transformers.cache_utils`` -> the attributes its initialization marks;
+# checked transformers 5.17-5.24)
 _MARKED_BY_TRANSFORMERS = {
     "StaticLayer": ("keys", "values", "cumulative_length"),
     "StaticIndexedLayer": ("indexer_keys", "indexer_cumulative_length"),

@@ -2,8 +2,8 @@
 
 fx's generated code calls every ATen operator as ``torch.ops.aten.add.Tensor(...)``: four
 attribute lookups, ``OpOverload.__call__`` (a Python frame that only forwards to the
-operator's C++ entry point), and the entry point's generic argument parser. For a small
-model that is a fifth of the eager forward. Two rewrites of the same code (the graph, its
+operator's C++ entry point), and the entry point's generic argument parser: on a small
+model, a large share of the eager forward. Two rewrites of the same code (the graph, its
 values and its order unchanged):
 
 - :func:`fast_forward` binds each such call to the operator's C++ entry point directly;
