@@ -17,6 +17,14 @@ def tokenizer():
     return train_tokenizer()
 
 
+# torch 2.11 and 2.12's inductor emits C++ that does not compile for the dynamic decoding
+# step's padding-mask bounds check on CPU (fxsight warns and runs the step eagerly; setup.cfg
+# turns that warning into an error, so these tests would not notice a silent fallback)
+_INDUCTOR_CPU_DECODE_BUG = pytest.mark.xfail(
+    tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13),
+    reason="inductor C++ codegen bug on torch < 2.13 CPU", strict=True, raises=RuntimeWarning)
+
+
 def _models(tokenizer):
     vocab = len(tokenizer)
     return {"gpt2": (tiny_gpt2(vocab_size=vocab), "transformer.h"),
@@ -248,6 +256,7 @@ def test_unsupported_step_falls_back_to_hooks_once_with_the_reason(tokenizer):
         run("fx")
 
 
+@_INDUCTOR_CPU_DECODE_BUG
 def test_compiled_generation_compiles_once_for_every_length(tokenizer):
     """compile=True: the first step and the decoding step compile once each; more steps
     (longer sequences) and a second generation compile nothing more."""
@@ -395,7 +404,7 @@ def _swapper(model, at_call=2):
     return LogitsProcessorList([Swap()])
 
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=_INDUCTOR_CPU_DECODE_BUG)])
 def test_a_model_changed_between_steps_by_the_callers_code_is_seen(tokenizer, compile):
     import copy
 
