@@ -212,3 +212,62 @@ def test_grad_read_inside_backward_block(backend):
     reference = _mlp_reference_grad(model, x)
     torch.testing.assert_close(g, reference)
     torch.testing.assert_close(doubled, reference * 2)
+
+
+def _two_loss_reference(model, x, scale_layer2=None):
+    """Gradients of two losses (output columns 0 and 1) w.r.t. layer1's output, by hand;
+    ``scale_layer2``: the second loss's gradient through layer2's output is scaled."""
+    acts = {}
+    handles = [model.layer1.register_forward_hook(lambda m, a, o: acts.__setitem__("h", o)),
+               model.layer2.register_forward_hook(lambda m, a, o: acts.__setitem__("h2", o))]
+    try:
+        out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    first = torch.autograd.grad(out[:, 0].sum(), acts["h"], retain_graph=True)[0]
+    if scale_layer2 is not None:
+        acts["h2"].register_hook(lambda g: g * scale_layer2)
+    second = torch.autograd.grad(out[:, 1].sum(), acts["h"])[0]
+    return first, second
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["calls", "blocks"])
+def test_two_backward_calls_give_each_its_own_gradients(backend, form):
+    """A gradient read belongs to its ``with loss.backward():`` block, or to the next
+    backward() call after it: the second call's reads see the second loss's gradient."""
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(4))
+    with net.trace(x, backend=backend):
+        if form == "calls":
+            first = net.layer1.output.grad.save()
+            net.output[:, 0].sum().backward(retain_graph=True)
+            second = net.layer1.output.grad.save()
+            net.output[:, 1].sum().backward()
+        else:
+            with net.output[:, 0].sum().backward(retain_graph=True):
+                first = net.layer1.output.grad.save()
+            with net.output[:, 1].sum().backward():
+                second = net.layer1.output.grad.save()
+    expected_first, expected_second = _two_loss_reference(model, x)
+    assert not torch.allclose(expected_first, expected_second)
+    torch.testing.assert_close(first, expected_first)
+    torch.testing.assert_close(second, expected_second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_write_applies_to_its_own_backward_call(backend):
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(5))
+    with net.trace(x, backend=backend):
+        with net.output[:, 0].sum().backward(retain_graph=True):
+            first = net.layer1.output.grad.save()
+        with net.output[:, 1].sum().backward():
+            net.layer2.output.grad = net.layer2.output.grad * 10
+            second = net.layer1.output.grad.save()
+    expected_first, expected_second = _two_loss_reference(model, x, scale_layer2=10)
+    torch.testing.assert_close(first, expected_first)
+    torch.testing.assert_close(second, expected_second)

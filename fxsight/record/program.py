@@ -172,6 +172,9 @@ class Program:
         self.input_values: list[Any] = []
         self.saves: list[Node] = []
         self.uses_gradients = False  # set by .grad, .grad = v and backward()
+        # gradient reads and writes recorded inside a ``with loss.backward():`` block: that
+        # backward() call (the others belong to the next backward() after them)
+        self.backward_blocks: dict[Node, Node] = {}
         # id -> (node, value, {tensor version at a use: the first line using it})
         self._input_ids: dict[int, tuple] = {}
         self._parts: list[tuple] = []

@@ -10,7 +10,7 @@ import torch
 
 from .._torch import pytree
 from ..errors import ControlFlowError, TraceError, at_line, user_line
-from .program import origin
+from .program import is_backward, origin
 
 _CONTROL_FLOW_HINT = (
     "Python control flow on a traced value cannot be recorded: the value does not exist "
@@ -172,10 +172,15 @@ class Proxy:
         return self._no_control_flow("Using as an index / int", operator.index)
 
     def __enter__(self) -> "Proxy":
-        """``with loss.backward():`` (nnsight 0.5's form): the block is part of the trace."""
+        """``with loss.backward():`` (nnsight 0.5's form): the block is part of the trace,
+        and the gradients read or written inside it are those of this backward() call."""
+        if is_backward(self._node):
+            self._recorder.enter_backward(self._node)
         return self
 
     def __exit__(self, *exc) -> bool:
+        if is_backward(self._node):
+            self._recorder.exit_backward(self._node)
         return False
 
     def __repr__(self) -> str:

@@ -56,6 +56,8 @@ class Recorder:
         self.done = False  # whether the trace has run: saved proxies stand for their values
         # ``what -> why``: kinds of node this trace cannot run (gradients in generate)
         self.refused: dict[str, str] = {}
+        # the ``with loss.backward():`` blocks open now, innermost last
+        self.backward_blocks: list[Node] = []
         # saved proxies (held weakly: a proxy refers to its recorder; an entry counts only
         # for the very proxy it was made for, so a reused id never matches) and their
         # nodes at save time
@@ -124,7 +126,9 @@ class Recorder:
         self._check_allowed("grad")
         self.check_open()
         target = self.to_arg(proxy)
-        proxy = Proxy(self, self.program.grad(target, self._scope_of(target), user_line()))
+        node = self.program.grad(target, self._scope_of(target), user_line())
+        self._note_backward_block(node)
+        proxy = Proxy(self, node)
         if self.made is not None:
             self.made.append(weakref.ref(proxy))
         return proxy
@@ -134,8 +138,20 @@ class Recorder:
         self._check_allowed("grad")
         self.check_open()
         target = self.to_arg(proxy)
-        self.program.grad_write(target, self.to_arg(value), self._scope_of(target),
-                                user_line())
+        self._note_backward_block(self.program.grad_write(
+            target, self.to_arg(value), self._scope_of(target), user_line()))
+
+    def enter_backward(self, node: Node) -> None:
+        """``with loss.backward():`` opens: the gradients used inside are this call's."""
+        self.backward_blocks.append(node)
+
+    def exit_backward(self, node: Node) -> None:
+        if self.backward_blocks and self.backward_blocks[-1] is node:
+            self.backward_blocks.pop()
+
+    def _note_backward_block(self, node: Node) -> None:
+        if self.backward_blocks:
+            self.program.backward_blocks[node] = self.backward_blocks[-1]
 
     def save(self, proxy: Proxy) -> Proxy:
         """Keep ``proxy``'s value after the trace."""

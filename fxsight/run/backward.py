@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import TraceError, at_line
-from ..record.program import Kind, Node, Program, execute, map_nodes
+from ..record.program import Kind, Node, Program, execute, is_backward, map_nodes
 from ..splice.gradients import grad_target, set_active_sink
 from ..splice.rows import Rows, conform, narrow_rows, splice_rows
 
@@ -28,8 +28,11 @@ class BackwardPhase:
         self.pending = [n for n in program.nodes if n in nodes]
         self.values = dict(values)
         self.keys = keys
-        self.grads: dict[str, torch.Tensor] = {}
+        self.owners = _backward_owners(program)
+        # (the backward() call, the tap's key) -> the gradient that call gave the tap
+        self.grads: dict[tuple[Node, str], torch.Tensor] = {}
         self.firing: str | None = None
+        self.running: Node | None = None  # the backward() call running now
 
     # --- driving -----------------------------------------------------------------------
     def run(self) -> dict[Node, Any]:
@@ -47,18 +50,20 @@ class BackwardPhase:
         return self.values
 
     def on_grad(self, key: str, grad: torch.Tensor) -> torch.Tensor:
-        self.grads[key] = grad.clone()
+        slot = (self.running, key)
+        self.grads[slot] = grad.clone()
         previous, self.firing = self.firing, key
         try:
             self._pump(top_level=False)
         finally:
             self.firing = previous
         for node in self.pending:
-            if node.kind is Kind.GRAD_WRITE and self.keys[node] == key:
+            if node.kind is Kind.GRAD_WRITE and self.keys[node] == key and \
+                    self.owners.get(node) is self.running:
                 raise TraceError(at_line(
                     "this gradient write depends on a value that is only known later in "
                     "the backward pass", node.line))
-        return self.grads[key]
+        return self.grads[slot]
 
     def _pump(self, top_level: bool) -> None:
         progress = True
@@ -77,9 +82,9 @@ class BackwardPhase:
             return False
         kind = node.kind
         if kind is Kind.GRAD:
-            return self.keys[node] in self.grads
+            return (self.owners.get(node), self.keys[node]) in self.grads
         if kind is Kind.GRAD_WRITE:
-            return self.firing == self.keys[node]
+            return self.firing == self.keys[node] and self.owners.get(node) is self.running
         if node.op == "call_method" and node.target == "backward":
             return top_level
         return True
@@ -88,14 +93,14 @@ class BackwardPhase:
         kind = node.kind
         rows = self.rows[node.invoke]
         if kind is Kind.GRAD:
-            grad = self.grads[self.keys[node]]
+            grad = self.grads[self.owners.get(node), self.keys[node]]
             self.values[node] = grad if rows.whole else narrow_rows(
                 grad, rows.start, rows.stop, rows.total)
         elif kind is Kind.GRAD_WRITE:
-            key = self.keys[node]
+            slot = (self.running, self.keys[node])
             value = map_nodes(node.args[1], self.values.__getitem__)
-            old = self.grads[key]
-            self.grads[key] = conform(value, old) if rows.whole else splice_rows(
+            old = self.grads[slot]
+            self.grads[slot] = conform(value, old) if rows.whole else splice_rows(
                 old, value, rows.start, rows.stop, rows.total)
             self.values[node] = None
         elif kind in (Kind.READ, Kind.WRITE):
@@ -105,7 +110,14 @@ class BackwardPhase:
         else:
             args = map_nodes(node.args, self.values.__getitem__)
             kwargs = map_nodes(node.kwargs, self.values.__getitem__)
-            self.values[node] = execute(node.op, node.target, args, kwargs)
+            if is_backward(node):
+                self.running = node
+                try:
+                    self.values[node] = execute(node.op, node.target, args, kwargs)
+                finally:
+                    self.running = None
+            else:
+                self.values[node] = execute(node.op, node.target, args, kwargs)
 
     def _explain(self, node: Node) -> None:
         backwards = [n for n in self.program.nodes
@@ -120,6 +132,28 @@ class BackwardPhase:
             f"the gradient of {where or 'this value'} was never computed: the loss passed "
             f"to backward() does not depend on it (or it does not require grad)",
             node.line))
+
+
+def _backward_owners(program: Program) -> dict[Node, Node]:
+    """The ``backward()`` call each gradient read and write belongs to: the one whose
+    ``with`` block it is in; otherwise the next call after it in the trace, or (after the
+    last call) the last one. Two ``backward()`` calls give two gradients of one value."""
+    owners: dict[Node, Node] = {}
+    waiting: list[Node] = []
+    last = None
+    for node in program.nodes:
+        if is_backward(node):
+            owners.update((grad, node) for grad in waiting)
+            waiting.clear()
+            last = node
+        elif node.kind is Kind.GRAD or node.kind is Kind.GRAD_WRITE:
+            block = program.backward_blocks.get(node)
+            if block is not None:
+                owners[node] = block
+            else:
+                waiting.append(node)
+    owners.update((grad, last) for grad in waiting)
+    return owners
 
 
 def forward_exports(program: Program, phase: set[Node]) -> list[Node]:
