@@ -631,3 +631,51 @@ def test_steps_that_differ_in_a_constant_slice_or_an_earlier_value_run_their_own
     assert len(seen) == n
     for got, want in zip(every, seen):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("choice, steps", [(-1, {3}), (slice(-2, None), {2, 3}),
+                                           ([0, -1], {0, 3}), (slice(1, -1), {1, 2})])
+def test_negative_steps_count_back_from_max_new_tokens(models, tokenizer, backend, choice,
+                                                       steps):
+    model, blocks = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = _steer_vector(seed=6)
+    with lm.generate(PROMPTS[0], max_new_tokens=4, do_sample=False, backend=backend) as tracer:
+        with tracer.iter[choice]:
+            _block(lm, blocks)[1].output[:, -1] += steer
+        tokens = tracer.result.save()
+    expected = _reference(model, tokenizer, [PROMPTS[0]], f"{blocks}.1", steer, steps=steps,
+                          max_new_tokens=4)
+    assert torch.equal(tokens, expected)
+    looped = []
+    with lm.generate(PROMPTS[0], max_new_tokens=4, do_sample=False, backend=backend) as tracer:
+        for step in tracer.iter[choice]:
+            looped.append(step)
+    assert looped == sorted(steps)
+
+
+@pytest.mark.parametrize("choice, message", [
+    (-1, "needs max_new_tokens"), (slice(0, 0), "chooses no steps"),
+    (slice(5, 2), "chooses no steps"), ([], "chooses no steps"),
+    (slice(0, 2, -1), "must go forward"), ("2", "int, a slice or a list")])
+def test_step_choices_that_cannot_be_honoured_raise_before_running(tokenizer, choice,
+                                                                     message):
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with pytest.raises((fxsight.TraceError, TypeError), match=message) as caught:
+        with lm.generate(PROMPTS[0], do_sample=False) as tracer:
+            with tracer.iter[choice]:
+                lm.transformer.h[0].output[:] = 0
+    if isinstance(caught.value, fxsight.TraceError):
+        assert "test_generation.py" in str(caught.value)
+
+
+@pytest.mark.parametrize("choice", [-1, slice(-2, None), slice(0, 0)])
+def test_plain_trace_call_choices_that_cannot_be_honoured_raise(choice):
+    model = tiny_gpt2()
+    net = fxsight.NNsight(model)
+    with pytest.raises(fxsight.TraceError, match="counted from 0|chooses no calls"):
+        with net.trace(torch.tensor([[1, 2, 3]])) as tracer:
+            for _ in tracer.iter[choice]:
+                net.transformer.h[0].output[:] = 0

@@ -25,7 +25,7 @@ from ..generate.decoding import GraphSteps, Unsupported, unchanged_between_steps
 from ..generate.interleave import GENERATOR, AnySite, StepInterleaver, needs_generated_ids
 from ..record.active import current_tracer
 from ..record.proxy import Proxy
-from ..record.scope import ALL, Scope, Steps
+from ..record.scope import ALL, Scope, Steps, resolve_choice
 from ..run.forward import fall_back, metadata_source
 from ..run.hooks import RealWalker
 from ..run.options import RunOptions
@@ -74,8 +74,8 @@ class StepIndexer:
         if not isinstance(choice, (int, slice, list, tuple)):
             raise TypeError(f"tracer.iter takes an int, a slice or a list of steps, "
                             f"not {choice!r}")
-        return StepScope(self.tracer, Steps(list(choice) if isinstance(choice, tuple)
-                                            else choice))
+        return StepScope(self.tracer, Steps(resolve_choice(
+            choice, "step", self.tracer._counted_steps)))
 
 
 class Generator(Tracer):
@@ -144,6 +144,16 @@ class Generator(Tracer):
                 "`for step in tracer.all()` (or an open-ended tracer.iter[...] slice) needs "
                 "to know how many steps run: pass max_new_tokens=... to generate(), or "
                 "choose the steps (tracer.iter[0:5])", user_line()))
+        return count
+
+    def _counted_steps(self) -> int:
+        """``max_new_tokens``, for a negative step (counted from the end)."""
+        count = self._generate_kwargs.get("max_new_tokens")
+        if not isinstance(count, int):
+            raise TraceError(at_line(
+                "a negative step in tracer.iter[...] counts from the end, which needs "
+                "max_new_tokens=... passed to generate(); or choose the steps from 0",
+                user_line()))
         return count
 
     # --- running ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from ..record.active import active_sessions, active_tracers
 from ..record.program import Kind, Node
 from ..record.proxy import Proxy
 from ..record.recorder import Recorder
-from ..record.scope import ALL, Scope, Steps
+from ..record.scope import ALL, Scope, Steps, resolve_choice
 from ..record.sites import OUTPUT, Site, is_operation
 from ..capture.operations import spec_for
 from ..run.forward import metadata_source, run_program
@@ -656,5 +656,4 @@ class CallIndexer:
         if not isinstance(choice, (int, slice, list, tuple)):
             raise TypeError(f"tracer.iter takes an int, a slice or a list of calls, "
                             f"not {choice!r}")
-        return CallScope(self.tracer, Steps(list(choice) if isinstance(choice, tuple)
-                                            else choice))
+        return CallScope(self.tracer, Steps(resolve_choice(choice, "call", None)))

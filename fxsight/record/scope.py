@@ -7,7 +7,9 @@ at (``None``: the first step only).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
+
+from ..errors import TraceError, at_line, user_line
 
 ALL = "all"
 
@@ -67,6 +69,50 @@ class Steps:
 
     def __repr__(self) -> str:
         return f"Steps({self.choice!r})"
+
+
+def resolve_choice(choice: Any, what: str, count: Callable[[], int] | None) -> Any:
+    """A ``tracer.iter[choice]`` checked and with negative indices resolved: ``what``
+    names the unit ("step" or "call"); ``count()`` gives how many there are (``None``:
+    unknown before the model runs, so a negative index is refused). An index or slice that
+    chooses nothing is refused: it would silently do nothing."""
+    choice = list(choice) if isinstance(choice, tuple) else choice
+    shown = f"tracer.iter[{_shown(choice)}]"
+    items = choice if isinstance(choice, list) else [choice] if isinstance(choice, int) \
+        else [i for i in (choice.start, choice.stop) if i is not None]
+    if any(not isinstance(i, int) or isinstance(i, bool) for i in items):
+        raise TraceError(at_line(f"{shown}: {what}s are chosen with ints", user_line()))
+    if isinstance(choice, slice) and (choice.step or 1) <= 0:
+        raise TraceError(at_line(f"{shown}: {what} slices must go forward (a positive "
+                                 "step)", user_line()))
+    if any(i < 0 for i in items):
+        if count is None:
+            raise TraceError(at_line(
+                f"{shown}: {what}s are counted from 0 here (how many {what}s there are is "
+                f"known only once the model has run, so a negative {what} cannot be "
+                f"resolved)", user_line()))
+        total = count()
+        chosen = range(total)
+        if isinstance(choice, slice):
+            resolved = list(chosen[choice])
+        else:
+            resolved = [i + total if i < 0 else i for i in items]
+            if any(i < 0 for i in resolved):
+                raise TraceError(at_line(f"{shown}: only {total} {what}s run", user_line()))
+        choice = resolved[0] if isinstance(choice, int) else resolved
+    empty = choice == [] or (isinstance(choice, slice) and choice.stop is not None
+                             and choice.stop <= (choice.start or 0))
+    if empty:
+        raise TraceError(at_line(f"{shown} chooses no {what}s: nothing inside it would run",
+                                 user_line()))
+    return choice
+
+
+def _shown(choice: Any) -> str:
+    if isinstance(choice, slice):
+        parts = ["" if i is None else str(i) for i in (choice.start, choice.stop)]
+        return ":".join(parts + ([str(choice.step)] if choice.step is not None else []))
+    return repr(choice)
 
 
 class Scope(NamedTuple):
