@@ -33,7 +33,8 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "forward_hook_dicts", "default_store", "dict_version_reader",
            "is_operator", "ambient_state_plain", "global_state_guard", "tensor_guards",
            "inductor_compile", "returns_alias", "inductor_mode_options",
-           "fake_embedding_takes_meta_weights", "export_leaves_no_buffer_hook"]
+           "fake_embedding_takes_meta_weights", "export_leaves_no_buffer_hook",
+           "autocast_cache_off"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -55,6 +56,26 @@ def fake_embedding_takes_meta_weights() -> bool:
     allows it (``torch._subclasses.fake_impls``); torch 2.11 raises a device mismatch, so
     a model whose weights are on meta needs fake inputs on meta too."""
     return _TORCH_2_13
+
+
+@contextlib.contextmanager
+def autocast_cache_off():
+    """While active, autocast neither reads nor fills its cache of weight casts; the flag
+    is put back as it was. Under ``torch.autocast`` with its cache on (the default),
+    torch keeps the cast of every leaf tensor that requires grad (a parameter) until the
+    outermost autocast block ends, keyed by that tensor, and reuses it for any later cast
+    of it: a cast made in one of fxsight's fake-tensor forwards would be a fake tensor
+    that the user's real forwards then compute with. ``torch.is_autocast_cache_enabled``
+    and ``torch.set_autocast_cache_enabled`` are undocumented (the thread-local flag
+    ``torch.autocast(cache_enabled=)`` sets; ``torch.fx`` tracing turns it off so too;
+    checked 2.11-2.14). Entering ``torch.autocast`` instead would clear the user's cache
+    on leaving where no autocast block is open."""
+    previous = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(previous)
 
 
 @contextlib.contextmanager

@@ -171,3 +171,23 @@ def test_a_forward_that_changes_its_state_is_opaque_there():
     assert any("module '1' runs as one opaque call" in m for m in messages), messages
     assert torch.equal(out, model[0](x) * 3)
     assert model[1].calls >= 1 and "forward" not in vars(model[1])
+
+
+def test_partial_capture_under_autocast():
+    """Inside ``torch.autocast`` the outputs that an opaque call's fake implementation
+    returns are recorded with autocast's cache of weight casts off: the capture succeeds
+    and the trace equals plain PyTorch in the same kind of block, as does a plain forward
+    after it in the same block."""
+    model = _net()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_b = model.b(model.routed(model.a(x)))
+        expected = model(x)
+    net = fxsight.NNsight(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tracer, (b, out), _ = _trace(net, x, lambda: (net.b.output.save(),
+                                                      net.output.save()), backend="fx")
+        after = model(x)
+    assert opaque_modules(tracer.graph_module) == ["routed"]
+    assert torch.equal(b, expected_b) and torch.equal(out, expected)
+    assert type(after) is torch.Tensor and torch.equal(after, expected)

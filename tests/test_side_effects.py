@@ -313,3 +313,113 @@ def test_a_tensor_written_as_an_item_of_a_dict_output_is_not_changed(backend,
         out = net.output.save()
     assert torch.equal(write, kept)
     assert torch.equal(out, expected)
+
+
+# --- autocast: fxsight's fake-tensor forwards leave the user's autocast cache alone ------
+
+def _autocast_state() -> tuple:
+    """Whether CPU autocast is on, its dtype, and whether its cache of weight casts is."""
+    return (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+            torch.is_autocast_cache_enabled())
+
+
+def _bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _zero_first_column(module, args, output):
+    output = output.clone()
+    output[:, 0] = 0
+    return output
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_saves_under_autocast_are_real_and_equal_hooks(backend, reference_hooks):
+    """Inside ``torch.autocast`` (its cache on, the default), a trace's saves are real
+    tensors equal to what forward hooks see in the same kind of autocast block: the scan
+    that learns shapes on fake tensors leaves no fake weight cast in autocast's cache for
+    the real forward to compute with."""
+    model, x = mlp(), torch.randn(4, 5)
+    with _bf16(), reference_hooks(model, hooks={"layer1": _zero_first_column}):
+        seen = {}
+        with reference_hooks(model, hooks={"layer2": lambda m, a, o: seen.update(h=o)}):
+            expected = model(x)
+    net = NNsight(model)
+    with _bf16():
+        with net.trace(x, backend=backend) as tracer:
+            net.layer1.output[:, 0] = 0
+            hidden = net.layer2.output.save()
+            out = net.output.save()
+    assert tracer.backend == backend
+    for value in (hidden, out):
+        assert type(value) is torch.Tensor and value.dtype == torch.bfloat16
+    assert torch.equal(hidden, seen["h"])
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("run", ["fx", "hooks", "scan"])
+def test_a_plain_forward_after_a_trace_in_the_same_autocast_block_is_plain(run):
+    """A plain ``model(x)`` after a trace or ``model.scan`` in the same autocast block is
+    a real tensor equal to a plain forward's (autocast reuses a weight's cast until the
+    outermost block ends: a fake cast left by fxsight would make it fake), and the trace
+    leaves autocast's state (on, dtype, cache flag) as it was."""
+    model, x = mlp(), torch.randn(4, 5)
+    with _bf16():
+        expected = model(x)
+    net = NNsight(model)
+    with _bf16():
+        state = _autocast_state()
+        if run == "scan":
+            with net.scan(x):
+                assert net.layer1.output.dtype == torch.bfloat16
+        else:
+            with net.trace(x, backend=run):
+                net.output.save()
+        assert _autocast_state() == state
+        after = model(x)
+    assert type(after) is torch.Tensor
+    assert torch.equal(after, expected)
+
+
+class _MovesToCpu(torch.nn.Module):
+    """A head whose forward calls ``.cpu()``: it cannot run on meta tensors, so the shape
+    walk runs it on fake tensors with its real weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2)
+
+    def forward(self, h):
+        return self.lin(h).cpu()
+
+
+class _WithHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 4)
+        self.head = _MovesToCpu()
+
+    def forward(self, x):
+        return self.head(self.layer(x))
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_module_called_in_a_trace_under_autocast_leaves_no_fake_cast(backend):
+    """A trace that calls a module itself (``net.head(h)``, a logit lens) checks that call
+    on fake tensors with the module's real weights: under autocast the call's result and a
+    later plain forward are real and equal to plain PyTorch's."""
+    torch.manual_seed(0)
+    model, x = _WithHead().eval(), torch.randn(3, 4)
+    with _bf16():
+        expected_lens = model.head(model.layer(x) * 2)
+        expected = model(x)
+    net = NNsight(model)
+    with _bf16():
+        state = _autocast_state()
+        with net.trace(x, backend=backend) as tracer:
+            lens = net.head(net.layer.output * 2).save()
+        assert _autocast_state() == state
+        after = model(x)
+    assert tracer.backend == backend
+    assert type(lens) is torch.Tensor and torch.equal(lens, expected_lens)
+    assert type(after) is torch.Tensor and torch.equal(after, expected)

@@ -24,11 +24,11 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-from .._torch import FakeTensorMode, pytree, unset_fake_temporarily
+from .._torch import FakeTensorMode, autocast_cache_off, pytree, unset_fake_temporarily
 from ..record.sites import OUTPUT, Site
 from .events import ModuleEvents
 from .state import Watch
@@ -143,7 +143,8 @@ def record_outputs(model: torch.nn.Module, args: tuple, kwargs: dict,
                    events_on: torch.nn.Module) -> dict[Site, Any]:
     """Every module's output (meta tensors, device in ``_device``) in a forward of these
     inputs: on fake tensors, or for real (without gradients) where the model's code
-    depends on data. The model's Python state is put back afterwards."""
+    depends on data. The model's Python state is put back afterwards, and autocast's cache
+    of weight casts is neither filled nor read (``autocast_cache_off``)."""
     outputs: dict[Site, Any] = {}
 
     def record(site: Site, value: Any) -> None:
@@ -153,19 +154,28 @@ def record_outputs(model: torch.nn.Module, args: tuple, kwargs: dict,
 
     before = Watch(model, 0)
     try:
-        try:
-            mode = FakeTensorMode(allow_non_fake_inputs=True)
-            fake = pytree.tree_map_only(torch.Tensor, mode.from_tensor, (args, kwargs))
-            with torch.no_grad(), ModuleEvents(events_on, record).installed(), mode:
-                model(*fake[0], **fake[1])
-        except Exception:  # noqa: BLE001 - data-dependent code: record with real values
-            outputs.clear()
-            with torch.no_grad(), ModuleEvents(events_on, record).installed():
-                model(*args, **kwargs)
+        with autocast_cache_off():
+            _forward_recording(model, args, kwargs, events_on, record, outputs)
     finally:
         if not before.unchanged():
             before.restore()
     return outputs
+
+
+def _forward_recording(model: torch.nn.Module, args: tuple, kwargs: dict,
+                       events_on: torch.nn.Module, record: Callable[[Site, Any], None],
+                       outputs: dict[Site, Any]) -> None:
+    """A forward of ``model`` with ``record`` called at every event of ``events_on``'s
+    modules: on fake tensors, or for real where the model's code depends on data."""
+    try:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake = pytree.tree_map_only(torch.Tensor, mode.from_tensor, (args, kwargs))
+        with torch.no_grad(), ModuleEvents(events_on, record).installed(), mode:
+            model(*fake[0], **fake[1])
+    except Exception:  # noqa: BLE001 - data-dependent code: record with real values
+        outputs.clear()
+        with torch.no_grad(), ModuleEvents(events_on, record).installed():
+            model(*args, **kwargs)
 
 
 class _Meta:

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from .._torch import (FakeTensorMode, fake_embedding_takes_meta_weights, pytree,
-                      tensor_version, unset_fake_temporarily)
+from .._torch import (FakeTensorMode, autocast_cache_off, fake_embedding_takes_meta_weights,
+                      pytree, tensor_version, unset_fake_temporarily)
 
 from ..stats import bump
 from . import caches
@@ -72,7 +72,9 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     alone): the user's forward hooks do not run (they would see fake tensors), the global
     random generators are restored, buffers the forward changes in place are put back
     (fake mode runs an operation on real tensors for real where none of its inputs is
-    fake: ``self.num_batches_tracked += 1``), and so is the model's Python state.
+    fake: ``self.num_batches_tracked += 1``), and so is the model's Python state. Under
+    ``torch.autocast`` it runs with autocast's cache of weight casts off, so it neither
+    fills the user's cache with fake casts nor reads it.
     """
     values: dict[Site, Any] = {}
     devices: dict[Site, Any] = {}
@@ -90,7 +92,7 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     events = ModuleEvents(model, record, operations=operations)
     before = Watch(model, 0)
     try:
-        with silenced_hooks(model), _kept_buffers(model), \
+        with silenced_hooks(model), _kept_buffers(model), autocast_cache_off(), \
                 torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)):
             output, events = _run(model, args, kwargs, events, record,
                                   (values, devices, aliases))

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-from .._torch import FakeTensorMode, pytree
+from .._torch import FakeTensorMode, autocast_cache_off, pytree
 
 from ..errors import NotOnGraph, OrderError, ShapeError, ShapeIndexError, TraceError, at_line
 from ..record.program import (Kind, ModuleCall, Node, Program, execute, setitem, map_nodes, node_args, origin, replace,
@@ -497,11 +497,12 @@ def _module_call_meta(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
 def _fake_execute(op: str, target: Any, args: tuple, kwargs: dict,
                   device: torch.device) -> Any:
     """Run an operation that touches real tensors (a module's weights) on fake tensors made
-    from the meta ones, on ``device``; the result is given back as meta tensors."""
+    from the meta ones, on ``device``; the result is given back as meta tensors. Autocast's
+    cache of weight casts is off meanwhile: a fake cast of a weight would stay in it."""
     def to_meta(t: torch.Tensor) -> torch.Tensor:
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with autocast_cache_off(), FakeTensorMode(allow_non_fake_inputs=True):
         args, kwargs = pytree.tree_map_only(
             torch.Tensor, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
                                                         device=device) if t.is_meta else t,
