@@ -327,3 +327,30 @@ def test_remembered_runs_keep_nothing_the_runner_cache_lets_go():
     assert fxsight.stats()["runner_hits"] == before  # (looked up and built again)
     assert _equal(_steer_traced(wrapped, ids, vec), _steer_by_hand(model, ids, vec))
     assert fxsight.stats()["runner_hits"] == before + 1
+
+
+@pytest.mark.parametrize("run", ["fx", "hooks", "scan"])
+@pytest.mark.parametrize("first_in_autocast", [False, True], ids=["plain-first",
+                                                                   "autocast-first"])
+def test_shapes_and_dtypes_follow_the_autocast_state(run, first_in_autocast):
+    """The same inputs in and out of ``torch.autocast``: a site's ``.dtype`` in a trace or
+    scan is the dtype its forward computes in now (autocast is part of the capture and
+    scan keys: their meta values were recorded in one state), and the saves equal a plain
+    forward's in that state."""
+    from models import mlp
+
+    model, x = mlp(), torch.randn(4, 5)
+    net = fxsight.NNsight(model)
+    for in_autocast in (first_in_autocast, not first_in_autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=in_autocast):
+            expected = model.layer1(x)
+            if run == "scan":
+                with net.scan(x):
+                    dtype = net.layer1.output.dtype
+                saved = expected
+            else:
+                with net.trace(x, backend=run):
+                    dtype = net.layer1.output.dtype
+                    saved = net.layer1.output.save()
+        assert dtype == expected.dtype == (torch.bfloat16 if in_autocast else torch.float32)
+        assert torch.equal(saved, expected)

@@ -170,7 +170,7 @@ def flat_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
 def signature(model: torch.nn.Module, args: tuple, kwargs: dict,
               flat: tuple[list[Any], Any] | None = None, token: int | None = None) -> tuple:
     """What a capture depends on: input shapes and types, non-tensor inputs, grad mode,
-    and the model's state (a number from :func:`state.state_token`: its parameters and
+    autocast (:func:`autocast_key`), and the model's state (a number from :func:`state.state_token`: its parameters and
     buffers, modules, training flags, plain attributes and hooks as they are now).
 
     ``flat`` is ``flat_inputs(args, kwargs)`` where the caller has it already; ``token``
@@ -178,9 +178,11 @@ def signature(model: torch.nn.Module, args: tuple, kwargs: dict,
     model since it was found (the state is not compared again)."""
     flat, layout = flat if flat is not None else flat_inputs(args, kwargs)
     parts = []
+    device_types = set(_AUTOCAST_DEVICE_TYPES)
     for value in flat:
         if isinstance(value, torch.Tensor):
             parts.append(("T", tuple(value.shape), value.dtype, value.device))
+            device_types.add(value.device.type)
         else:
             try:
                 hash(value)
@@ -189,7 +191,19 @@ def signature(model: torch.nn.Module, args: tuple, kwargs: dict,
                 parts.append(("V", repr(value)))
     if token is None:
         token = state.state_token(model, _drop_states)
-    return (layout, tuple(parts), torch.is_grad_enabled(), token)
+    return (layout, tuple(parts), torch.is_grad_enabled(), autocast_key(device_types),
+            token)  # (the state token stays last: ``_token_of``)
+
+
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # looked at always (a model may move its inputs)
+
+
+def autocast_key(device_types: set[str]) -> tuple:
+    """``(device type, autocast dtype)`` for each of ``device_types`` where autocast is on:
+    the dtypes a forward computes in, so the meta values a capture or scan recorded
+    (``.dtype`` in a trace, the checks of writes) hold only in the same autocast state."""
+    return tuple((kind, torch.get_autocast_dtype(kind)) for kind in sorted(device_types)
+                 if kind != "meta" and torch.is_autocast_enabled(kind))
 
 
 def _drop_states(model: torch.nn.Module, tokens: set) -> None:
