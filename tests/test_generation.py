@@ -40,8 +40,11 @@ def _steer_vector(width=64, seed=0):
     return torch.randn(width, generator=torch.Generator().manual_seed(seed)) * 4
 
 
-def _reference(model, tokenizer, prompts, block, steer, steps=None, rows=None, **kwargs):
-    """Hand-written: a forward hook adding ``steer`` at the last position of ``rows``."""
+def _reference(model, tokenizer, prompts, block, steer, steps=None, rows=None, seen=None,
+               **kwargs):
+    """Hand-written: a forward hook adding ``steer`` at the last position of ``rows``
+    (``seen``: a list that gets the last position of every row after each step's
+    change)."""
     calls = {"n": 0}
 
     def hook(module, args, output):
@@ -53,6 +56,8 @@ def _reference(model, tokenizer, prompts, block, steer, steps=None, rows=None, *
         hidden = hidden.clone()
         selected = slice(None) if rows is None else rows
         hidden[selected, -1] += steer
+        if seen is not None:
+            seen.append(hidden[:, -1].clone())
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     handle = model.get_submodule(block).register_forward_hook(hook)
@@ -114,6 +119,49 @@ def test_chosen_steps_and_several_prompts(models, tokenizer, name, backend):
                           rows=slice(0, 1), max_new_tokens=5)
     assert tracer.backend == backend
     assert torch.equal(tokens, expected)
+
+
+EXPANDED = {"beams": dict(num_beams=2, do_sample=False),
+            "sequences": dict(do_sample=True, top_k=20, num_return_sequences=2)}
+
+
+@pytest.mark.parametrize("expansion", list(EXPANDED))
+def test_invokes_steer_and_save_their_prompts_rows_of_beams_and_sequences(
+        models, tokenizer, expansion):
+    """generate runs each prompt row as 2 consecutive rows (beams, or sequences): an
+    invoke's write changes its prompt's 2 rows only, its saves hold those rows, and its
+    generated ids are its prompt's; both backends as a hand-written hook on those rows."""
+    model, blocks = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = _steer_vector(seed=3)
+    options = dict(max_new_tokens=3, **EXPANDED[expansion])
+    seen = []
+    torch.manual_seed(0)
+    expected = _reference(model, tokenizer, PROMPTS, f"{blocks}.1", steer, rows=slice(0, 2),
+                          seen=seen, **options)
+    per_prompt = expected.shape[0] // len(PROMPTS)  # (1 with beams, 2 sequences)
+    for backend in ("hooks", "fx"):
+        torch.manual_seed(0)
+        with lm.generate(backend=backend, **options) as tracer:
+            with tracer.invoke(PROMPTS[0]):
+                with tracer.all():
+                    _block(lm, blocks)[1].output[:, -1] += steer
+                    first = _block(lm, blocks)[1].output[:, -1].save()
+                first_ids = tracer.result.save()
+            with tracer.invoke(PROMPTS[1]):
+                with tracer.all():
+                    second = _block(lm, blocks)[1].output[:, -1].save()
+                second_ids = tracer.result.save()
+            tokens = tracer.result.save()
+        assert tracer.backend == backend
+        assert torch.equal(tokens, expected)
+        assert torch.equal(first_ids, expected[:per_prompt])
+        assert torch.equal(second_ids, expected[per_prompt:])
+        assert len(first) == len(second) == len(seen) == 3
+        for step, want in enumerate(seen):
+            assert first[step].shape == second[step].shape == (2, 64)
+            torch.testing.assert_close(first[step], want[:2], rtol=0, atol=0)
+            torch.testing.assert_close(second[step], want[2:], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -230,12 +278,12 @@ def test_a_value_from_another_step_is_an_error_naming_the_line(models, tokenizer
 
 
 def test_unsupported_step_falls_back_to_hooks_once_with_the_reason(tokenizer):
-    """Several sequences per prompt change the batch during generation: the graph path
-    refuses it; auto warns (once) and runs on hooks with the same result, fx raises."""
+    """Hidden states asked of every step are arguments the graph path does not take: it
+    refuses them; auto warns (once) and runs on hooks with the same result, fx raises."""
     model = tiny_gpt2(vocab_size=len(tokenizer))
     lm = LanguageModel(model, tokenizer=tokenizer)
     steer = _steer_vector(seed=2)
-    options = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    options = dict(max_new_tokens=3, do_sample=False, output_hidden_states=True)
 
     def run(backend):
         with lm.generate(PROMPTS[0], backend=backend, **options) as tracer:
@@ -244,7 +292,7 @@ def test_unsupported_step_falls_back_to_hooks_once_with_the_reason(tokenizer):
             tokens = lm.generator.output.save()
         return tracer, tokens
 
-    with pytest.warns(RuntimeWarning, match="hooks backend: the batch has 2 rows"):
+    with pytest.warns(RuntimeWarning, match="hooks backend: generate passes"):
         tracer, tokens = run("auto")
     assert tracer.backend == "hooks"
     assert torch.equal(tokens, run("hooks")[1])
@@ -254,6 +302,142 @@ def test_unsupported_step_falls_back_to_hooks_once_with_the_reason(tokenizer):
         run("auto")  # warned once per reason
     with pytest.raises(fxsight.TraceError, match="cannot run on the fx backend"):
         run("fx")
+
+
+class _Streamer:
+    """A streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.puts, self.ends = [], 0
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ends += 1
+
+
+def _callers_objects():
+    """A streamer, a logits processor and a stopping criterion that count their calls."""
+    from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria,
+                              StoppingCriteriaList)
+
+    class Processor(LogitsProcessor):
+        calls = 0
+
+        def __call__(self, ids, scores):
+            self.calls += 1
+            return scores
+
+    class Criterion(StoppingCriteria):
+        calls = 0
+
+        def __call__(self, ids, scores, **kwargs):
+            self.calls += 1
+            return torch.zeros(ids.shape[0], dtype=torch.bool)
+
+    streamer, processor, criterion = _Streamer(), Processor(), Criterion()
+    arguments = dict(streamer=streamer, logits_processor=LogitsProcessorList([processor]),
+                     stopping_criteria=StoppingCriteriaList([criterion]))
+    return arguments, (streamer, processor, criterion)
+
+
+def _failing_steps(monkeypatch, decoding):
+    """Make the graph path fail at its first step, or at its first decoding step."""
+    from fxsight.generate.decoding import GraphSteps, Unsupported
+
+    choose = GraphSteps._choose
+
+    def failing(self, program, inputs, flat, token, is_decoding, *args, **kwargs):
+        if is_decoding == decoding:
+            raise Unsupported("a step that cannot be captured (test)")
+        return choose(self, program, inputs, flat, token, is_decoding, *args, **kwargs)
+
+    monkeypatch.setattr(GraphSteps, "_choose", failing)
+
+
+@pytest.mark.parametrize("failure", ["options", "first step"])
+def test_a_fallback_in_generate_shows_the_callers_objects_one_generation(
+        models, tokenizer, failure, monkeypatch):
+    """auto, where the graphs cannot run the generation (hidden states asked of each
+    step, known before it runs; or a first step that cannot be captured): the caller's
+    streamer, logits processor and stopping criterion see what a plain generate shows
+    them (the prompt put once), and the result is the hand-written hook's."""
+    model, blocks = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = _steer_vector(seed=6)
+    options = dict(max_new_tokens=3, do_sample=False)
+    if failure == "options":
+        options["output_hidden_states"] = True
+    else:
+        _failing_steps(monkeypatch, decoding=False)
+    arguments, (streamer, processor, criterion) = _callers_objects()
+    with pytest.warns(RuntimeWarning, match="hooks backend"):
+        with lm.generate(PROMPTS[0], backend="auto", **options, **arguments) as tracer:
+            with tracer.all():
+                _block(lm, blocks)[1].output[:, -1] += steer
+            tokens = lm.generator.output.save()
+    plain_arguments, (plain_streamer, plain_processor, plain_criterion) = _callers_objects()
+    expected = _reference(model, tokenizer, [PROMPTS[0]], f"{blocks}.1", steer,
+                          **options, **plain_arguments)
+    assert tracer.backend == "hooks"
+    assert torch.equal(tokens, expected)
+    assert len(streamer.puts) == len(plain_streamer.puts) == 4  # (the prompt, 3 tokens)
+    assert all(map(torch.equal, streamer.puts, plain_streamer.puts))
+    assert streamer.ends == plain_streamer.ends == 1
+    assert processor.calls == plain_processor.calls == 3
+    assert criterion.calls == plain_criterion.calls == 3
+    assert "forward" not in model.__dict__
+
+
+def test_a_streamer_gets_the_prompt_once_the_first_step_ran_on_graphs(models, tokenizer):
+    """On the fx backend the prompt reaches the streamer after the first step has run
+    (held back until then): the same values, in the same order, as a plain generate."""
+    model, _ = models["llama"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    arguments, (streamer, processor, criterion) = _callers_objects()
+    with lm.generate(PROMPTS, max_new_tokens=3, do_sample=False, backend="fx",
+                     **arguments) as tracer:
+        tokens = lm.generator.output.save()
+    plain_arguments, (plain_streamer, plain_processor, _) = _callers_objects()
+    expected = model.generate(**tokenizer(PROMPTS, return_tensors="pt", padding=True),
+                              max_new_tokens=3, do_sample=False, **plain_arguments)
+    assert tracer.backend == "fx"
+    assert torch.equal(tokens, expected)
+    assert len(streamer.puts) == len(plain_streamer.puts) == 4
+    assert all(map(torch.equal, streamer.puts, plain_streamer.puts))
+    assert streamer.ends == plain_streamer.ends == 1
+    assert processor.calls == plain_processor.calls == 3
+
+
+def test_a_generation_stopped_on_graphs_after_the_callers_code_ran_is_not_run_again(
+        models, tokenizer, monkeypatch):
+    """A decoding step that cannot be captured, after the caller's logits processor has
+    seen the first step: a TraceError (run again on hooks, it would see the generation
+    twice), at the line of the generate. Without objects of the caller's among
+    generate's arguments, running it again is invisible: it falls back to hooks."""
+    model, blocks = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = _steer_vector(seed=7)
+    _failing_steps(monkeypatch, decoding=True)
+    arguments, (streamer, processor, _) = _callers_objects()
+    with pytest.raises(fxsight.TraceError, match="not run again") as caught:
+        with lm.generate(PROMPTS[0], max_new_tokens=3, do_sample=False,  # the generate
+                         backend="auto", **arguments) as tracer:
+            with tracer.all():
+                _block(lm, blocks)[1].output[:, -1] += steer
+    assert "the generate" in str(caught.value) and "backend=\"hooks\"" in str(caught.value)
+    assert processor.calls == 1 and streamer.ends == 0
+    assert "forward" not in model.__dict__
+    with pytest.warns(RuntimeWarning, match="cannot be captured"):
+        with lm.generate(PROMPTS[0], max_new_tokens=3, do_sample=False,
+                         backend="auto") as tracer:
+            with tracer.all():
+                _block(lm, blocks)[1].output[:, -1] += steer
+            tokens = lm.generator.output.save()
+    assert tracer.backend == "hooks"
+    assert torch.equal(tokens, _reference(model, tokenizer, [PROMPTS[0]], f"{blocks}.1",
+                                          steer, max_new_tokens=3))
 
 
 @_INDUCTOR_CPU_DECODE_BUG

@@ -21,13 +21,15 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import TraceError, at_line, user_line
-from ..generate.decoding import GraphSteps, Unsupported, unchanged_between_steps
-from ..generate.interleave import GENERATOR, AnySite, StepInterleaver, needs_generated_ids
+from ..generate.decoding import (GraphSteps, HeldStreamer, Unsupported, callers_code_ran,
+                                 callers_objects, unchanged_between_steps,
+                                 unsupported_options)
+from ..generate.interleave import (GENERATOR, StepInterleaver, StepWalker,
+                                   needs_generated_ids)
 from ..record.active import current_tracer
 from ..record.proxy import Proxy
 from ..record.scope import ALL, Scope, Steps, resolve_choice
 from ..run.forward import fall_back, metadata_source
-from ..run.hooks import RealWalker
 from ..run.options import RunOptions
 from ..splice.rows import Rows
 from .tracer import Tracer, scoped_loop
@@ -163,15 +165,18 @@ class Generator(Tracer):
         inputs = {k: v for k, v in kwargs.items() if k not in ("position_ids", "use_cache")}
         options = dict(self._generate_kwargs)
         if self.options.backend != "hooks":
-            rng = torch.random.get_rng_state()
-            try:
-                self._generate_with_graphs(module, inputs, options, rows)
-                self._fill_caches()
-                return
-            except Unsupported as reason:
-                torch.random.set_rng_state(rng)  # (a seeded sampling starts over alike)
-                fall_back(str(reason), self.options, self.model._fallback_warned,
-                          ("generate", str(reason)), what="generate()")
+            reason = unsupported_options(module, options)
+            if reason is None:
+                rng = torch.random.get_rng_state()
+                try:
+                    self._generate_with_graphs(module, inputs, options, rows)
+                    self._fill_caches()
+                    return
+                except Unsupported as error:
+                    torch.random.set_rng_state(rng)  # (a seeded sampling starts over alike)
+                    reason = str(error)
+            fall_back(reason, self.options, self.model._fallback_warned,
+                      ("generate", reason), what="generate()")
         interleaver = StepInterleaver(self.program, rows, self._operations())
         with interleaver.installed(module):
             output = module.generate(**inputs, **options)
@@ -193,10 +198,16 @@ class Generator(Tracer):
         options = {**options, "disable_compile": True}
         steps = GraphSteps(module, self.program, rows, self.options, after,
                            self._operations(), unchanged_between_steps(module, options))
+        if options.get("streamer") is not None:
+            options["streamer"] = HeldStreamer(options["streamer"], steps)
         original = module.__dict__.get("forward")
         module.forward = steps.forward_for(module.forward)
         try:
             output = module.generate(**inputs, **options)
+        except Unsupported as reason:
+            if self.options.backend != "fx" and callers_code_ran(self._generate_kwargs, steps):
+                raise self._not_run_again(reason, steps) from reason
+            raise
         finally:
             if original is None:
                 del module.forward
@@ -205,7 +216,7 @@ class Generator(Tracer):
         _check_steps(self.program, steps.step)
         values = dict(steps.persistent)
         if after:
-            walker = RealWalker(self.program, rows, AnySite())
+            walker = StepWalker(self.program, steps.rows, rows)
             walker.values.update(values)
             walker.positions.update((node, 0) for node in values)  # (all "now")
             walker.event_values[GENERATOR] = output
@@ -218,6 +229,17 @@ class Generator(Tracer):
         self._output, self._output_kept = output, True
         self._results = {node: values[node] if node in after else steps.result(node)
                          for node in self.program.saves}
+
+    def _not_run_again(self, reason: Unsupported, steps: GraphSteps) -> TraceError:
+        """The error of a generation that stopped on graphs after calling the caller's
+        objects: running it again on hooks would call them again."""
+        objects = ", ".join(callers_objects(self._generate_kwargs))
+        return TraceError(at_line(
+            f"generate() cannot go on with the fx backend at decoding step "
+            f"{steps.completed} ({reason}), and is not run again with the hooks backend: "
+            f"it has already called what was given to it ({objects}), which would see "
+            f"the generation twice. Pass backend=\"hooks\" to lm.generate(...)",
+            self._line))
 
 
 def _with_static_cache(module: torch.nn.Module, inputs: dict, options: dict,

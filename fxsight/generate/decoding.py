@@ -27,9 +27,13 @@ its tensors are as large as the whole generation from the start, so every decodi
 has the same shapes, is one exact-shape graph, and under CUDA graphs
 (``compile={"mode": "reduce-overhead"}``) replays one recorded graph.
 
+``generate`` may run each prompt row as several consecutive rows (``num_beams``,
+``num_return_sequences``): an invoke's rows are then its prompts' groups of rows
+(:func:`expanded_step_rows`), on this backend and on hooks alike.
+
 Where a step cannot run this way (a cache of another kind, a batch that changes size,
 arguments the wrapper does not know), :class:`Unsupported` is raised and the generation
-is run again with the hooks backend.
+is run again with the hooks backend (``api.generation`` decides whether it may be).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from ..errors import NotOnGraph, TraceError, at_line
 from ..record.program import Kind, Node, Program
 from ..run.executable import Key, rows_key, runner_for
 from ..run.options import RunOptions
-from ..splice.rows import Rows
+from ..splice.rows import Rows, expand_rows
 from ..stats import bump
 from .step_io import CacheObjectLayout, StepOutput
 from .steps import CacheStep, DecodingStep, cache_step, decoding_step, is_static_cache
@@ -112,8 +116,94 @@ def _plain_argument(value: Any) -> bool:
     return False
 
 
+def expanded_step_rows(rows: dict[Any, Rows], batch: int) -> dict[Any, Rows]:
+    """The invokes' ``rows`` in a decoding step of ``batch`` rows: ``generate`` repeats
+    each prompt row as consecutive rows (``num_beams`` or ``num_return_sequences`` of
+    them, ``repeat_interleave``), so an invoke's rows are its prompts' groups of rows. A
+    batch of other rows cannot be divided among the invokes: an error."""
+    expanded = expand_rows(rows, batch)
+    if expanded is None:
+        raise TraceError(
+            f"generate() called the model with a batch of {batch} rows, which does not "
+            f"repeat each of the {rows[None].total} prompt rows of the invokes alike, so "
+            "which rows are each invoke's is unknown: generate each invoke's prompts in "
+            "a generate() of their own")
+    return expanded
+
+
 class Unsupported(Exception):
     """A decoding step that the graph path cannot run (the hooks backend takes over)."""
+
+
+# generation options that make generate pass arguments to the model's forward which the
+# decoding steps do not take (see GraphSteps.__call__)
+_STEP_OUTPUTS = ("output_attentions", "output_hidden_states")
+
+
+def unsupported_options(model: torch.nn.Module, generate_kwargs: dict) -> str | None:
+    """Why the decoding steps of ``model.generate(**generate_kwargs)`` cannot run as
+    graphs, where its options say so before it runs (``None``: they do not), so that
+    the hooks backend takes over before ``generate`` calls anything of the caller's."""
+    config = generate_kwargs.get("generation_config")
+    if config is None:
+        config = getattr(model, "generation_config", None)
+    asked = [name for name in _STEP_OUTPUTS
+             if generate_kwargs.get(name, getattr(config, name, None))]
+    if asked:
+        return f"generate passes {asked} to the model"
+    return None
+
+
+# the arguments of generate's whose objects it calls only once the model's first call
+# has returned (a streamer: its first value is held back until then, see HeldStreamer),
+# or only reads (a tokenizer of stop strings)
+_CALLED_AFTER_FIRST_STEP = frozenset({"streamer", "logits_processor", "stopping_criteria",
+                                      "prefix_allowed_tokens_fn", "tokenizer"})
+
+
+def callers_objects(generate_kwargs: dict) -> list[str]:
+    """The arguments of ``generate`` that hold objects of the caller's (a streamer, a
+    logits processor, an assistant model...): anything but plain values and tensors."""
+    return [name for name, value in generate_kwargs.items() if not _plain_argument(value)]
+
+
+def callers_code_ran(generate_kwargs: dict, steps: "GraphSteps") -> bool:
+    """Whether a generation of ``steps`` that stopped (an :class:`Unsupported` step) has
+    called an object of the caller's: it has, where one is given and a step has run, or
+    where one is given that ``generate`` may call before the model's first call. Then
+    running the generation again (on hooks) would call it again."""
+    objects = callers_objects(generate_kwargs)
+    return bool(objects) and (steps.completed > 0 or
+                              any(name not in _CALLED_AFTER_FIRST_STEP for name in objects))
+
+
+class HeldStreamer:
+    """The caller's streamer, as ``generate`` on graphs gets it: what ``generate`` puts
+    before its first decoding step has run (the prompt) is handed on once the step has
+    run, so a generation whose first step cannot run as a graph (and runs again on
+    hooks) has put nothing into it. Afterwards every value goes through as it comes."""
+
+    def __init__(self, streamer: Any, steps: "GraphSteps"):
+        self.streamer = streamer
+        self._steps = steps
+        self._held: list[Any] | None = []
+
+    def put(self, value: Any) -> None:
+        if self._held is not None:
+            if not self._steps.completed:
+                self._held.append(value)
+                return
+            self._release()
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        self._release()
+        self.streamer.end()
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        for value in held or ():
+            self.streamer.put(value)
 
 
 # DecodingStep -> the runners its decoding steps ran, by what chose them (see
@@ -139,7 +229,12 @@ class GraphSteps:
         self._cache_chosen: OrderedDict = OrderedDict()
         self._cache_layout = CacheObjectLayout()
         self.program = program
+        # the invokes' rows of the prompts, and of the steps (each prompt row repeated
+        # for beams or sequences: known at the first step)
+        self.prompt_rows = rows
         self.rows = rows
+        self.batch: int | None = None
+        self.completed = 0  # decoding steps run to their end
         self.options = options
         self.after = after  # nodes that need the generated ids: they run after generate
         self.step = 0
@@ -199,12 +294,12 @@ class GraphSteps:
                 raise Unsupported(f"generate passed {sorted(unknown)} to the model")
         cache = cache if cache is not None else past_key_values
         use_cache = bool(use_cache) and cache is not None
-        if input_ids.shape[0] != self.rows[None].total:
-            raise Unsupported(f"the batch has {input_ids.shape[0]} rows during generation, "
-                              f"not {self.rows[None].total}")
+        self._step_batch(input_ids.shape[0])
         if use_cache and is_static_cache(cache):
-            return self._cache_object_step(input_ids, attention_mask, position_ids, cache,
-                                           logits_to_keep)
+            output = self._cache_object_step(input_ids, attention_mask, position_ids, cache,
+                                             logits_to_keep)
+            self.completed += 1
+            return output
         keys, values = self._cache_tensors(cache) if use_cache else ([], [])
         if attention_mask is None:
             past = keys[0].shape[-2] if keys else 0
@@ -224,7 +319,18 @@ class GraphSteps:
                 if not layer.is_initialized:
                     layer.lazy_initialization(key, value)
                 layer.keys, layer.values = key, value
+        self.completed += 1
         return self._output(logits, cache if use_cache else None)
+
+    def _step_batch(self, batch: int) -> None:
+        """The rows of a step of ``batch`` rows: at the first step, the invokes' rows in
+        it (:func:`expanded_step_rows`); a later step of another batch is not run."""
+        if self.batch is None:
+            self.rows = expanded_step_rows(self.prompt_rows, batch)
+            self.batch = batch
+        elif batch != self.batch:
+            raise Unsupported(f"the batch has {batch} rows at decoding step {self.step}, "
+                              f"{self.batch} at the first")
 
     def _cache_object_step(self, input_ids: torch.Tensor, attention_mask: Any,
                            position_ids: Any, cache: Any, logits_to_keep: int

@@ -13,13 +13,15 @@ import contextlib
 from collections import defaultdict
 from typing import Any
 
+import torch
+
 from ..capture.events import ModuleEvents
 from ..errors import TraceError, at_line
 from ..record.program import Kind, Node
 from ..record.sites import INPUT, OUTPUT, Site, module_label
 from ..run.hooks import RealWalker
-from ..splice.rows import Rows
-from .decoding import step_result
+from ..splice.rows import Rows, narrow_row_groups, narrow_rows
+from .decoding import expanded_step_rows, step_result
 
 GENERATOR = Site("generator", OUTPUT, 0)  # ``lm.generator.output``: the generated ids
 
@@ -42,6 +44,41 @@ class AnySite(dict):
 
     def __missing__(self, site: Site) -> int:
         return 0
+
+
+class StepWalker(RealWalker):
+    """The walker of one decoding step. Its ``rows`` are the step's: ``generate`` runs
+    each prompt row as consecutive rows (its beams, or its sequences), so an invoke's
+    rows are its prompts' groups of rows. The generated ids (``lm.generator.output``)
+    have a group per prompt of a size of their own (``num_return_sequences`` rows of a
+    beam search of more beams): an invoke reads its prompts' groups of each of their
+    tensors (``prompt_rows``: the invokes' rows of the prompts)."""
+
+    def __init__(self, program, rows: dict[Any, Rows], prompt_rows: dict[Any, Rows]):
+        super().__init__(program, rows, AnySite())
+        self.prompt_rows = prompt_rows
+
+    def _rows(self, node: Node) -> Rows:
+        if node.site == GENERATOR:
+            return self.prompt_rows[node.invoke]
+        return self.rows[node.invoke]
+
+    def narrowing(self, site: Site):
+        return narrow_row_groups if site == GENERATOR else narrow_rows
+
+
+def _batch_size(inputs: tuple[tuple, dict]) -> int | None:
+    """The batch of a model call's ``(args, kwargs)``: the rows of its token ids (or of
+    its input embeddings, or of its first batched tensor)."""
+    args, kwargs = inputs
+    for name in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
 
 
 class StepInterleaver:
@@ -88,10 +125,13 @@ class StepInterleaver:
         with self.events.installed():
             yield
 
-    def _start_step(self) -> None:
+    def _start_step(self, batch: int | None = None) -> None:
+        """A new decoding step, of a model call of ``batch`` rows (``None``: unknown,
+        the invokes' own)."""
         self._end_step()
         self.step += 1
-        self.walker = RealWalker(self.program, self.rows, AnySite())
+        rows = self.rows if batch is None else expanded_step_rows(self.rows, batch)
+        self.walker = StepWalker(self.program, rows, self.rows)
         self.walker.values.update(self.persistent)
         self.walker.positions.update((node, 0) for node in self.persistent)
         step = self.step
@@ -133,7 +173,7 @@ class StepInterleaver:
     def _on_event(self, site: Site, value: Any) -> Any:
         events = self.events
         if site.path == "" and site.kind == INPUT:
-            self._start_step()
+            self._start_step(_batch_size(value))
             self.base = dict(events.calls)
             self.base[""] = events.calls[""] - 1
         local = Site(site.path, site.kind, site.call - self.base.get(site.path, 0))

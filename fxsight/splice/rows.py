@@ -19,6 +19,24 @@ class Rows(NamedTuple):
     def whole(self) -> bool:
         return self.start == 0 and self.stop == self.total
 
+    def expanded(self, factor: int) -> "Rows":
+        """These rows once every row of the batch became ``factor`` consecutive rows (as
+        transformers' ``generate`` expands each prompt for beams or several sequences)."""
+        return Rows(self.start * factor, self.stop * factor, self.total * factor)
+
+
+def expand_rows(rows: dict[Any, Rows], batch: int) -> dict[Any, Rows] | None:
+    """The invokes' ``rows`` in a batch of ``batch`` rows that repeats each of their rows
+    as consecutive rows (``repeat_interleave``); ``None`` where ``batch`` is no multiple
+    of their batch. Rows that are the whole batch stay as they are."""
+    total = rows[None].total
+    if batch == total or all(part.whole for part in rows.values()):
+        return rows
+    if total == 0 or batch % total:
+        return None
+    factor = batch // total
+    return {invoke: part.expanded(factor) for invoke, part in rows.items()}
+
 
 def _batched(value: Any, rows: Rows) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows.total
@@ -30,6 +48,18 @@ def narrow_rows(value: Any, start: int, stop: int, total: int) -> Any:
         return value[start:stop] if value.dim() > 0 and value.shape[0] == total else value
     rows = Rows(start, stop, total)
     return pytree.tree_map(lambda t: t[start:stop] if _batched(t, rows) else t, value)
+
+
+def narrow_row_groups(value: Any, start: int, stop: int, total: int) -> Any:
+    """The rows ``start:stop`` of a tensor whose every row of a batch of ``total`` is a
+    group of consecutive rows, as many per row as its length is a multiple of ``total``
+    (``generate``'s output: a row per prompt, or several beams or sequences per prompt);
+    any other value is returned as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 0 and \
+            value.shape[0] % total == 0:
+        factor = value.shape[0] // total
+        return value[start * factor:stop * factor]
+    return value
 
 
 def splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any:

@@ -145,14 +145,20 @@ class Walker:
     def _rows(self, node: Node) -> Rows:
         return self.rows[node.invoke]
 
+    def narrowing(self, site: Site) -> Callable:
+        """Domain hook: the function that takes an invoke's rows of a leaf read at
+        ``site``, called as ``(leaf, start, stop, total)``."""
+        return narrow_rows
+
     def _read(self, node: Node) -> None:
         site = node.site
         position = max(self.position_of_site(node), self.current_position.get(site, BEFORE_ALL))
         value = select(self._current(site), node.accessor)
         rows = self._rows(node)
         if not rows.whole:
+            narrow = self.narrowing(site)
             value = self._leafwise(value, lambda leaf: self.call(
-                None, "call_function", narrow_rows,
+                None, "call_function", narrow,
                 (leaf, rows.start, rows.stop, rows.total), {}, position))
         self.values[node] = value
         self.positions[node] = position
