@@ -12,14 +12,16 @@ from typing import Any
 
 from .api.functions import apply, save, trace
 from .api.nnsight import NNsight
-from .errors import (CaptureError, ControlFlowError, FxsightError, OrderError, ShapeError,
-                     ShapeIndexError, TokenIndexError, TraceError)
+from .errors import (CaptureError, ControlFlowError, DataDependentError, FxsightError,
+                     ItemAssignmentError, OrderError, ShapeError, ShapeIndexError,
+                     TokenIndexError, TraceError)
 from .record.proxy import Proxy
 from .stats import reset_stats, stats
 
 __all__ = ["NNsight", "LanguageModel", "trace", "save", "apply", "stats", "reset_stats",
            "Proxy", "FxsightError", "TraceError", "OrderError", "ShapeError",
-           "ControlFlowError", "CaptureError", "ShapeIndexError", "TokenIndexError"]
+           "ControlFlowError", "CaptureError", "ShapeIndexError", "TokenIndexError",
+           "DataDependentError", "ItemAssignmentError"]
 
 __version__ = "0.1.0"
 

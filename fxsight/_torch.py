@@ -22,8 +22,13 @@ import torch.utils._pytree as pytree
 from torch._dynamo.eval_frame import OptimizedModule
 # fake tensors: shapes of a forward pass without computing it; no public API (checked 2.13)
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+# what fake tensors raise for an operation whose output shape (nonzero, a boolean mask) or
+# a number it reads (.item()) depends on the data; no public names (checked 2.13)
+from torch._subclasses.fake_tensor import (DataDependentOutputException,
+                                           DynamicOutputShapeException)
 
 __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
+           "DynamicOutputShapeException", "DataDependentOutputException",
            "mark_static_address", "python_binding", "dispatched",
            "torch_function_modes_active", "dispatch_modes_active",
            "is_op_overload", "entry_point", "is_unused_random", "compile_backend",

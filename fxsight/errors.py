@@ -40,6 +40,17 @@ class ControlFlowError(TraceError):
     """Python control flow on a traced value, which cannot be recorded."""
 
 
+class DataDependentError(TraceError):
+    """An operation whose result's shape (or a number it needs) depends on the values of a
+    traced tensor (``h[h > 0]``, ``nonzero``, ``masked_select``): unknown while the block
+    is recorded, so nothing after it could be checked or placed in the graph."""
+
+
+class ItemAssignmentError(TraceError, TypeError):
+    """An item assigned into a traced value that cannot take one (a tuple output): Python
+    raises TypeError."""
+
+
 class NotOnGraph(TraceError):
     """An intervention the fx backend cannot honour on a captured graph (the hooks backend
     can): under ``backend="auto"`` the trace runs on hooks, with a warning."""

@@ -370,3 +370,78 @@ def test_a_smaller_batch_is_not_stretched_over_the_batch(net, backend):
         with net.trace(x_in(), backend=backend):
             net.layer2.output = net.layer2.output[:1]
     check(error, "(1, 10)", "(3, 10)", "net.layer2.output[:1]")
+
+
+# --- values that do not exist while recording, and what cannot be recorded --------------
+_DATA_DEPENDENT = {  # (the user's line of each is the lambda's)
+    "mask": (lambda h: h[h > 0], "lambda h: h[h > 0]"),
+    "nonzero": (lambda h: h.nonzero(), "lambda h: h.nonzero()"),
+    "masked_select": (lambda h: torch.masked_select(h, h > 0), "torch.masked_select(h"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_DATA_DEPENDENT))
+def test_a_result_whose_shape_depends_on_the_data(net, backend, case):
+    fn, shown = _DATA_DEPENDENT[case]
+    with pytest.raises(fxsight.DataDependentError) as error:
+        with net.trace(x_in(), backend=backend):
+            fn(net.layer1.output).save()
+    check(error, "shape depends on the values of model.layer1.output", "torch.where",
+          "fxsight.apply(", shown)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("convert", ["item", "tolist", "numpy"])
+def test_python_values_of_a_proxy_while_recording(net, backend, convert):
+    with pytest.raises(fxsight.ControlFlowError) as error:
+        with net.trace(x_in(), backend=backend):
+            getattr(net.layer2.output, convert)()
+    check(error, f"`.{convert}()`", "model.layer2.output", "after the block",
+          "getattr(net.layer2.output, convert)()")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_conversion_of_a_proxy_while_recording(net, backend):
+    np = pytest.importorskip("numpy")
+    with pytest.raises(fxsight.ControlFlowError) as error:
+        with net.trace(x_in(), backend=backend):
+            np.asarray(net.layer2.output)
+    check(error, "np.asarray", "model.layer2.output", "np.asarray(net.layer2.output)")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_operator_with_a_numpy_array_that_numpy_would_promote_otherwise(net, backend):
+    np = pytest.importorskip("numpy")
+    with pytest.raises(fxsight.TraceError) as error:
+        with net.trace(x_in(), backend=backend):
+            (net.layer1.output.argmax(-1) + np.ones(3, dtype=np.float32)).save()
+    check(error, "NumPy gives float64", "torch would give float32", "torch.as_tensor",
+          "net.layer1.output.argmax(-1) + np.ones(3")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_traced_value_moved_to_the_meta_device(net, backend):
+    with pytest.raises(fxsight.TraceError) as error:
+        with net.trace(x_in(), backend=backend):
+            net.layer2.output = net.layer2.output.to("meta")
+    check(error, "meta device", "no data", 'net.layer2.output.to("meta")')
+
+
+class _Pair(torch.nn.Module):
+    def forward(self, x):
+        return x, x * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_item_assignment_into_a_tuple_output(backend):
+    net = NNsight(torch.nn.Sequential(OrderedDict(pair=_Pair(), head=torch.nn.Identity())))
+    with pytest.raises(fxsight.ItemAssignmentError) as error:
+        with net.trace(torch.ones(2, 3), backend=backend):
+            net.pair.output[0] = torch.zeros(2, 3)
+    assert isinstance(error.value, TypeError)  # (as Python's own)
+    message = str(error.value)
+    for fragment in ("'tuple' object does not support item assignment",
+                     "model.pair.output = (new, *rest)", "model.pair.output[0][:] = new",
+                     THIS_FILE, "net.pair.output[0] = torch.zeros(2, 3)"):
+        assert fragment in message, (fragment, message)

@@ -818,3 +818,144 @@ def test_logit_lens_on_a_module_that_is_also_a_site(backend, core_gpt2, core_ids
     _assert_same(lens, expected_lens)
     _assert_same(ln_f, ref["ln_f"] * 2)
     _assert_same(logits, expected)
+
+
+# --- values as eager torch reads them: NumPy, 0-d index tensors, masks, named tuples ------
+def _layer1_and_output(model, x, edit=None):
+    """layer1's output and the model's output of a plain forward, with ``edit(h)`` applied
+    to layer1's output in place by a forward hook."""
+    ref = {}
+
+    def hook(module, args, output):
+        if edit is not None:
+            edit(output)
+        ref["h1"] = output
+
+    handle = model.layer1.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        handle.remove()
+    return ref["h1"], out
+
+
+# (eager torch hands `tensor + array` to NumPy, whose wrapping back warns under NumPy 2)
+@pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalars_and_arrays_as_eager_torch_reads_them(backend):
+    np = pytest.importorskip("numpy")
+    model, x = mlp(), _x()
+    h1, _ = _layer1_and_output(model, x)
+    _, written = _layer1_and_output(model, x, edit=lambda o: o.__setitem__((slice(None), 2),
+                                                                            0.5))
+    expected = {
+        "f32": h1 * np.float32(0.1), "f64": h1 * np.float64(2.0),
+        "reflected": np.float32(3.0) * h1, "int_times_f32": h1.argmax(-1) * np.float32(0.5),
+        "bool_scalar": (h1 > 0) * np.bool_(True),  # (torch reads np.bool_ as a float)
+        "index_int": h1[:, np.int64(3)], "index_array": h1[:, np.arange(2)],
+        "index_0d_array": h1[:, np.array(4)], "slice": h1[:, np.int64(1):np.int64(3)],
+        "narrow": h1.narrow(1, np.int64(1), 2), "array": h1 + np.ones(10, dtype=np.float32),
+        "apply": h1 * 2.0,
+    }
+
+    def takes_numpy(t, scale):
+        assert isinstance(scale, np.float32)  # (fxsight.apply gets NumPy values as they are)
+        return t * float(scale)
+
+    net = NNsight(model)
+    with torch.no_grad(), net.trace(x, backend=backend):
+        a = net.layer1.output
+        got = {
+            "f32": a * np.float32(0.1), "f64": a * np.float64(2.0),
+            "reflected": np.float32(3.0) * a, "int_times_f32": a.argmax(-1) * np.float32(0.5),
+            "bool_scalar": (a > 0) * np.bool_(True),
+            "index_int": a[:, np.int64(3)], "index_array": a[:, np.arange(2)],
+            "index_0d_array": a[:, np.array(4)], "slice": a[:, np.int64(1):np.int64(3)],
+            "narrow": a.narrow(1, np.int64(1), 2), "array": a + np.ones(10, dtype=np.float32),
+            "apply": fxsight.apply(takes_numpy, a, np.float32(2.0)),
+        }
+        for value in got.values():
+            value.save()
+    for key in expected:
+        _assert_same(got[key], expected[key])
+    with torch.no_grad(), net.trace(x, backend=backend):
+        net.layer1.output[:, np.int64(2)] = np.float64(0.5)
+        out = net.output.save()
+    _assert_same(out, written)
+
+
+@pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_operator_with_a_numpy_array_is_a_new_value_as_in_eager(backend):
+    np = pytest.importorskip("numpy")
+    model, x = mlp(), _x()
+    h1, out_plain = _layer1_and_output(model, x)
+    net = NNsight(model)
+    with torch.no_grad(), net.trace(x, backend=backend):
+        h = net.layer1.output
+        h += np.ones(10, dtype=np.float32)  # eager: `h = h + array`, layer1 unchanged
+        shifted = h.save()
+        out = net.output.save()
+    _assert_same(shifted, h1 + np.ones(10, dtype=np.float32))
+    _assert_same(out, out_plain)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_index_tensors_of_the_caller_and_0d_traced_indices(backend):
+    model, x = mlp(), _x()
+    pos, rows = torch.tensor(3), torch.tensor([True, False, True, True])
+    cells = torch.rand(4, 10, generator=torch.Generator().manual_seed(2)) > 0.5
+    h1, _ = _layer1_and_output(model, x)
+    _, zeroed = _layer1_and_output(model, x, edit=lambda o: o.__setitem__((slice(None), pos), 0))
+    _, through_view = _layer1_and_output(model, x, edit=lambda o: o[:, pos].mul_(3))
+    expected = {"pos": h1[:, pos], "traced_0d": h1[0, h1[0].argmax()],
+                "flat_0d": h1.flatten()[h1.argmax()], "rows": h1[rows], "cells": h1[cells],
+                "apply_mask": h1[h1 > 0]}
+    net = NNsight(model)
+    with torch.no_grad(), net.trace(x, backend=backend):
+        a = net.layer1.output
+        got = {"pos": a[:, pos], "traced_0d": a[0, a[0].argmax()],
+               "flat_0d": a.flatten()[a.argmax()], "rows": a[rows], "cells": a[cells],
+               "apply_mask": fxsight.apply(lambda h: h[h > 0], a)}
+        for value in got.values():
+            value.save()
+    for key in expected:
+        _assert_same(got[key], expected[key])
+    with torch.no_grad(), net.trace(x, backend=backend):
+        net.layer1.output[:, pos] = 0
+        out = net.output.save()
+    _assert_same(out, zeroed)
+    with torch.no_grad(), net.trace(x, backend=backend):
+        net.layer1.output[:, pos].mul_(3)  # (a view, as torch's select at pos.item())
+        out = net.output.save()
+    _assert_same(out, through_view)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fields_of_torch_named_tuples(backend):
+    model, x = mlp(), _x()
+    h1, _ = _layer1_and_output(model, x)
+    expected = {"topk_values": h1.topk(3, dim=-1).values,
+                "topk_indices": h1.topk(3, dim=-1).indices,
+                "topk_item": h1.topk(3, dim=-1)[1], "max_values": h1.max(dim=-1).values,
+                "max_indices": h1.max(-1).indices, "min_item": h1.min(-1)[0],
+                "sort": torch.sort(h1, dim=-1).values, "kthvalue": h1.kthvalue(2, -1).indices,
+                "aminmax_max": torch.aminmax(h1, dim=0).max,
+                "aminmax_min": torch.aminmax(h1, dim=0).min,
+                "method_max": h1.max(), "method_values_chain": h1.sort(-1).values * 2}
+    net = NNsight(model)
+    with torch.no_grad(), net.trace(x, backend=backend):
+        a = net.layer1.output
+        got = {"topk_values": a.topk(3, dim=-1).values,
+               "topk_indices": a.topk(3, dim=-1).indices,
+               "topk_item": a.topk(3, dim=-1)[1], "max_values": a.max(dim=-1).values,
+               "max_indices": a.max(-1).indices, "min_item": a.min(-1)[0],
+               "sort": torch.sort(a, dim=-1).values, "kthvalue": a.kthvalue(2, -1).indices,
+               "aminmax_max": torch.aminmax(a, dim=0).max,
+               "aminmax_min": torch.aminmax(a, dim=0).min,
+               "method_max": a.max(), "method_values_chain": a.sort(-1).values * 2}
+        for value in got.values():
+            value.save()
+    for key in expected:
+        _assert_same(got[key], expected[key])

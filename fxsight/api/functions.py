@@ -56,7 +56,17 @@ def keep(value: Any) -> None:
 
 
 def apply(fn: Callable, *args, **kwargs) -> Any:
-    """Record a call of any Python callable on traced values (run with the real values).
+    """Record a call of any Python callable on traced values.
+
+    ``fn`` runs on the real values when the model runs, as soon as its arguments exist.
+    Before that, while the block is checked, fxsight also calls it on meta tensors (the
+    arguments' shapes and dtypes, no data) to learn the shape of its result: on the hooks
+    backend once per trace, on the fx backend when a graph is made for the block. So
+    ``fn`` must not have side effects that expect real values (appending its argument to
+    a list, writing a file): do those with saved values after the block. Where the call on
+    meta tensors raises (``fn`` reads a number out of a value, say), the result's shape is
+    unknown inside the block: checks of what is computed from it wait for the run. NumPy
+    values among the arguments reach ``fn`` as they are.
 
     >>> import torch, fxsight
     >>> net = fxsight.NNsight(torch.nn.Linear(3, 3))

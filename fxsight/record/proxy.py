@@ -10,13 +10,30 @@ import torch
 
 from .._torch import pytree
 from ..errors import ControlFlowError, TraceError, at_line, user_line
-from .program import is_backward, origin
+from . import numpy_values
+from .program import Kind, is_backward, origin
 
 _CONTROL_FLOW_HINT = (
     "Python control flow on a traced value cannot be recorded: the value does not exist "
     "until the model runs. Use tensor operations instead, e.g. torch.where(cond, a, b) "
     "in place of `if`, or fxsight.apply(fn, ...) to run arbitrary Python on the real value."
 )
+_NO_VALUE_HINT = (
+    "The value does not exist until the model runs: save it and convert the saved value "
+    "after the block, or use fxsight.apply(fn, ...) to run Python on the real value inside "
+    "the block."
+)
+
+# torch's named tuples (``torch.return_types``: what topk, sort, max(dim) ... return), the
+# names of the functions returning them, and their fields that are Tensor attributes too
+_RETURN_TYPES = [t for t in vars(torch.return_types).values()
+                 if isinstance(t, type) and issubclass(t, tuple)]
+_NAMED_TUPLE_OPS = frozenset(t.__name__ for t in _RETURN_TYPES)
+_SHADOWED_FIELDS = frozenset(name for t in _RETURN_TYPES
+                             for name in getattr(t, "__match_args__", ())
+                             if hasattr(torch.Tensor, name))
+# (fields rarely read as a Tensor method: a value's meta is asked for whatever made it)
+_COMMON_FIELDS = frozenset({"values", "indices"})
 
 
 class Proxy:
@@ -38,6 +55,8 @@ class Proxy:
     """
 
     __slots__ = ("_recorder", "_node", "__weakref__")
+    # NumPy gives way to the proxy in ``np.float32(2) * value`` (as to a tensor)
+    __array_ufunc__ = None
 
     def __init__(self, recorder: Any, node: Any):
         # recorder: the fxsight.record.recorder.Recorder that created it (which imports
@@ -98,6 +117,8 @@ class Proxy:
             return self._recorder.token_indexer(self)
         if name == "grad":
             return self._recorder.create_grad(self)
+        if name in _SHADOWED_FIELDS and (name in _COMMON_FIELDS or _makes_named_tuple(self)):
+            return self._field_or_method(name)
         attr = getattr(torch.Tensor, name, None)
         if callable(attr):
             return _MethodRecorder(self, name)
@@ -115,10 +136,11 @@ class Proxy:
         return self._recorder.create_op("call_function", _call_value, (self, *args), kwargs)
 
     def __getitem__(self, key):
-        return self._recorder.create_op("call_function", operator.getitem, (self, key), {})
+        return self._recorder.create_op("call_function", operator.getitem,
+                                        (self, index_key(key, getting=True)), {})
 
     def __setitem__(self, key, value):
-        self._recorder.create_setitem(self, key, value)
+        self._recorder.create_setitem(self, index_key(key, getting=False), value)
 
     def __iter__(self) -> Iterator["Proxy"]:
         meta = self._recorder.meta(self, "iteration")
@@ -139,11 +161,26 @@ class Proxy:
     def items(self) -> list[tuple[Any, "Proxy"]]:
         return [(key, self[key]) for key in self._mapping("items()").keys()]
 
+    @property
     def values(self) -> Any:
-        meta = self._recorder.meta(self, "values()")
-        if isinstance(meta, Mapping):
-            return [self[key] for key in meta.keys()]
-        return self._recorder.create_op("call_method", "values", (self,), {})  # (sparse)
+        """The ``values`` field of a named tuple (``value.topk(k).values``); on a dict
+        value, its ``values()`` method; on a tensor, ``Tensor.values`` (sparse)."""
+        return self._field_or_method("values")
+
+    def _field_or_method(self, name: str) -> Any:
+        """``self.<name>`` where ``name`` is both a field of torch's named tuples and an
+        attribute of Tensor (``values``, ``indices``, ``max``): the field where the value
+        is a named tuple with it (as on torch's return types), else the method."""
+        try:
+            meta = self._recorder.meta(self, f".{name}")
+        except TraceError:  # (known only when it runs, e.g. fxsight.apply's result)
+            return self._recorder.create_op("call_function", getattr, (self, name), {})
+        fields = _fields(meta)
+        if name in fields:
+            return self[fields.index(name)]
+        if name == "values" and isinstance(meta, Mapping):
+            return lambda: [self[key] for key in meta.keys()]
+        return _MethodRecorder(self, name)
 
     def _mapping(self, what: str) -> Mapping:
         meta = self._recorder.meta(self, what)
@@ -153,11 +190,11 @@ class Proxy:
         return meta
 
     # --- Python control flow is not recordable ----------------------------------------
-    def _no_control_flow(self, what: str, convert: Any) -> Any:
+    def _no_control_flow(self, what: str, convert: Any, hint: str = _CONTROL_FLOW_HINT) -> Any:
         if self._recorder.done:  # after the trace: a saved value stands for itself
             return convert(self._recorder.value(self))
-        raise ControlFlowError(at_line(f"{what} of a traced value{from_where(self)}. "
-                                       f"{_CONTROL_FLOW_HINT}", user_line()))
+        raise ControlFlowError(at_line(f"{what} of a traced value{from_where(self)}. {hint}",
+                                       user_line()))
 
     def __bool__(self):
         return self._no_control_flow("bool()", bool)
@@ -170,6 +207,27 @@ class Proxy:
 
     def __index__(self):
         return self._no_control_flow("Using as an index / int", operator.index)
+
+    # --- Python (and NumPy) values of a tensor do not exist while recording -------------
+    def item(self) -> Any:
+        """A ``ControlFlowError`` inside the block (the number does not exist yet); after
+        it, the saved value's ``item()``."""
+        return self._no_control_flow("`.item()`", lambda value: value.item(), _NO_VALUE_HINT)
+
+    def tolist(self) -> Any:
+        """A ``ControlFlowError`` inside the block; after it, the saved value's list."""
+        return self._no_control_flow("`.tolist()`", lambda value: value.tolist(),
+                                     _NO_VALUE_HINT)
+
+    def numpy(self, *args, **kwargs) -> Any:
+        """A ``ControlFlowError`` inside the block; after it, the saved value's array."""
+        return self._no_control_flow("`.numpy()`", lambda value: value.numpy(*args, **kwargs),
+                                     _NO_VALUE_HINT)
+
+    def __array__(self, *args, **kwargs) -> Any:
+        return self._no_control_flow("A NumPy array (`np.asarray(...)`)",
+                                     lambda value: value.__array__(*args, **kwargs),
+                                     _NO_VALUE_HINT)
 
     def __enter__(self) -> "Proxy":
         """``with loss.backward():`` (nnsight 0.5's form): the block is part of the trace,
@@ -211,6 +269,62 @@ def _call_value(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
+def _fields(value: Any) -> tuple:
+    """The field names of a named tuple (torch's return types, ``collections.namedtuple``);
+    ``()`` for anything else."""
+    if not isinstance(value, tuple):
+        return ()
+    kind = type(value)
+    return tuple(getattr(kind, "_fields", None) or getattr(kind, "__match_args__", ()))
+
+
+def _makes_named_tuple(proxy: Proxy) -> bool:
+    """Whether ``proxy`` is the result of an operation named as one of torch's return types
+    (``torch.aminmax(h).max`` is its field, ``h.max`` a method)."""
+    node = proxy._node
+    if node.kind is not Kind.OP:
+        return False
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name in _NAMED_TUPLE_OPS or f"linalg_{name}" in _NAMED_TUPLE_OPS
+
+
+# the types of index items taken as they are (the common case)
+_PLAIN_INDEX = frozenset({int, slice, type(None), type(Ellipsis), Proxy, bool})
+
+
+def index_key(key: Any, getting: bool) -> Any:
+    """An index key as eager torch reads it, where the line is recorded: a 0-d integer
+    tensor of the caller's is the integer it holds (torch selects at ``.item()``, a view),
+    a boolean mask of the caller's in a read is the index tensors of its true elements
+    (what torch turns it into), NumPy values are torch's (:mod:`.numpy_values`)."""
+    if type(key) is tuple:
+        if all(type(item) in _PLAIN_INDEX for item in key):
+            return key
+        items: list[Any] = []
+        for item in key:
+            items.extend(_index_items(item, getting))
+        return tuple(items)
+    if type(key) in _PLAIN_INDEX:
+        return key
+    items = _index_items(key, getting)
+    return items[0] if len(items) == 1 else tuple(items)
+
+
+def _index_items(item: Any, getting: bool) -> list[Any]:
+    """The items one index item stands for (a boolean mask of k dimensions: k)."""
+    if numpy_values.is_numpy(item):
+        item = numpy_values.as_torch(item)
+    if type(item) is Proxy or not isinstance(item, torch.Tensor) or item.is_meta:
+        return [item]
+    if item.dim() == 0 and not item.dtype.is_floating_point and \
+            not item.dtype.is_complex and item.dtype not in (torch.bool, torch.uint8):
+        return [int(item)]
+    if getting and item.dim() > 0 and item.dtype in (torch.bool, torch.uint8):
+        return list(item.nonzero(as_tuple=True))
+    return [item]
+
+
 class _MethodRecorder:
     __slots__ = ("proxy", "name")
 
@@ -233,16 +347,33 @@ def find_recorder(args: Any, kwargs: Any) -> Any:
 
 def _binary(op):
     def forward(self, other):
+        if numpy_values.is_array(other):
+            other = _array_operand(op, self, other, reverse=False)
         return self._recorder.create_op("call_function", op, (self, other), {})
 
     def reverse(self, other):
+        if numpy_values.is_array(other):
+            other = _array_operand(op, self, other, reverse=True)
         return self._recorder.create_op("call_function", op, (other, self), {})
 
     return forward, reverse
 
 
+def _array_operand(op, proxy: Proxy, array: Any, reverse: bool) -> torch.Tensor:
+    """A NumPy array operand of a Python operator as the tensor it is computed with."""
+    try:
+        meta = proxy._recorder.meta(proxy, "value")
+    except TraceError:  # (unknown until it runs: Python's rules then, as in eager)
+        meta = None
+    return numpy_values.operand(op, meta, array, reverse)
+
+
 def _inplace(op):
     def method(self, other):
+        if numpy_values.is_array(other):
+            # (eager: ``Tensor.__iadd__`` refuses an array and Python falls back to
+            # ``value = value + array``, a new tensor: the traced value is not changed)
+            return NotImplemented
         return self._recorder.create_op("call_function", op, (self, other), {})
 
     return method

@@ -9,13 +9,16 @@ positions) go to the recorder's :class:`Host`, the trace that owns it.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from threading import get_ident
 from typing import Any, Protocol
 
 import torch
 
+from .._torch import pytree
 from ..errors import TraceError, at_line, user_line
+from . import numpy_values
 from .active import active_tracers
 from .program import Node, Program, execute, setitem
 from .proxy import Proxy, from_where
@@ -104,6 +107,13 @@ class Recorder:
             return execute(op, target, *self.settle((tuple(args), kwargs)))
         if not self.open or self.thread != get_ident():
             self.check_open((args, kwargs))
+        if (kwargs and "device" in kwargs) or (op == "call_method" and target == "to"):
+            _refuse_meta_device(args[1:] if op == "call_method" else (), kwargs)
+        if lenient and sys.modules.get("numpy") is not None:
+            # (the callable gets NumPy values as they are, as inputs of the graph)
+            args, kwargs = pytree.tree_map_only(
+                lambda value: numpy_values.is_numpy(value), self.program.input,
+                (tuple(args), kwargs))
         node = self.program.op(op, target, self.to_arg(tuple(args)),
                                self.to_arg(kwargs) if kwargs else {}, self.scope,
                                user_line(), lenient)
@@ -316,7 +326,30 @@ class Recorder:
         if getattr(kind, "_is_envoy", False):
             raise TraceError(at_line("a module was passed where a value was expected; "
                                      "use its .output or .input", user_line()))
+        if kind is Node:  # (an input made already: fxsight.apply's NumPy values)
+            return value
+        if getattr(kind, "__module__", None) == "numpy":  # (np.float64 is a float, too)
+            converted = numpy_values.as_torch(value)
+            if converted is not value:
+                return self.to_arg(converted)
         return value
+
+
+def _refuse_meta_device(args: tuple, kwargs: dict) -> None:
+    """A traced value moved to (or made on) the meta device would have no data: the run
+    could not use it (``Cannot copy out of meta tensor``), so the line is refused."""
+    devices = [kwargs.get("device"), *(a for a in args if isinstance(a, (str, torch.device)))]
+    for device in devices:
+        try:
+            meta = device is not None and torch.device(device).type == "meta"
+        except (RuntimeError, TypeError):  # (a dtype's name, say: not a device)
+            continue
+        if meta:
+            raise TraceError(at_line(
+                "a traced value on the meta device (shapes only, no data) cannot be "
+                "written into the model or computed with; keep it on the model's device "
+                "(a traced value's .shape and .dtype are known inside the block)",
+                user_line()))
 
 
 def _proxies_in(value: Any):

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import copy
 import itertools
+import operator
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-from .._torch import FakeTensorMode, autocast_cache_off, pytree
+from .._torch import (DataDependentOutputException, DynamicOutputShapeException,
+                      FakeTensorMode, autocast_cache_off, pytree)
 
-from ..errors import NotOnGraph, OrderError, ShapeError, ShapeIndexError, TraceError, at_line
+from ..errors import (DataDependentError, ItemAssignmentError, NotOnGraph, OrderError,
+                      ShapeError, ShapeIndexError, TraceError, at_line)
 from ..record.program import (Kind, ModuleCall, Node, Program, execute, setitem, map_nodes, node_args, origin, replace,
                       select)
 from .rows import Rows, conform, narrow_rows, splice_rows
@@ -413,6 +416,8 @@ class MetaWalker(Walker):
                 return _module_call_meta(target, args, kwargs)
             if op == "call_method" and target in _DEVICE_MOVES:
                 return _device_move_meta(target, args, kwargs)
+            if target is operator.getitem or target is setitem:
+                args = _meta_index(args)
             return execute(op, target, args, kwargs)
         except NotOnGraph as error:  # (a cache object at a boundary: see capture.caches)
             raise NotOnGraph(at_line(str(error), node.line if node is not None else None)) \
@@ -423,6 +428,15 @@ class MetaWalker(Walker):
             name = target if isinstance(target, str) else getattr(target, "__name__", target)
             where = origin(node)
             where = f" (on values from {where})" if where else ""
+            if target is setitem and isinstance(args[0], tuple):
+                raise ItemAssignmentError(at_line(_tuple_item_message(node), node.line)) \
+                    from None
+            needs = _needs_data(error, op, target, args, kwargs)
+            if needs is not None:
+                source = origin(node)
+                of = f" of {source}" if source else ""
+                raise DataDependentError(at_line(
+                    f"`{name}` {needs.format(of=of)}{_DATA_HINT}", node.line)) from None
             kind = ShapeIndexError if isinstance(error, IndexError) else ShapeError
             raise kind(at_line(f"{name} fails on these shapes{where}: {error}",
                                node.line)) from None
@@ -468,6 +482,65 @@ class MetaWalker(Walker):
 
 
 _DEVICE_MOVES = ("cpu", "cuda", "to")
+_DATA_HINT = (
+    ", which are not known while the block is recorded (the graph, and every check of "
+    "what comes after, need the shape before anything runs). Keep the shape instead, e.g. "
+    "`torch.where(h > 0, h, 0)` or `h * (h > 0)` in place of `h[h > 0]`, or run it on the "
+    "real values with fxsight.apply(fn, ...), e.g. `fxsight.apply(lambda h: h[h > 0], h)`"
+)
+
+
+def _is_index_scalar(value: Any) -> bool:
+    """A 0-d integer tensor: as an index, torch selects at the integer it holds."""
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and \
+        not value.dtype.is_floating_point and not value.dtype.is_complex and \
+        value.dtype not in (torch.bool, torch.uint8)
+
+
+def _meta_index(args: tuple) -> tuple:
+    """``getitem``/``setitem`` arguments on meta values with a 0-d integer tensor in the
+    key at 0: torch reads such an index with ``.item()`` (no data on meta); any integer
+    gives the result's shape."""
+    key = args[1]
+    if type(key) is tuple and any(map(_is_index_scalar, key)):
+        key = tuple(0 if _is_index_scalar(item) else item for item in key)
+    elif _is_index_scalar(key):
+        key = 0
+    else:
+        return args
+    return (args[0], key, *args[2:])
+
+
+def _needs_data(error: Exception, op: str, target: Any, args: tuple,
+                kwargs: dict) -> str | None:
+    """Why an operation that failed on meta values with ``error`` needs the data (its
+    result's shape, or a number it reads, depends on the values), asked of fake tensors;
+    ``None`` where it does not (the shapes do not fit)."""
+    if not isinstance(error, NotImplementedError) and not (
+            isinstance(error, RuntimeError) and "meta" in str(error)):
+        return None  # (what meta kernels raise for data they lack; fake tensors log others)
+    try:
+        _fake_execute(op, target, args, kwargs, torch.device("cpu"))
+    except DynamicOutputShapeException:
+        return "gives a result whose shape depends on the values{of}"
+    except DataDependentOutputException:
+        return ("needs a number read out of the values{of} (`.item()`, a tensor used as a "
+                "size)")
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+def _tuple_item_message(node: Node) -> str:
+    """Why ``value[i] = v`` fails on a tuple, and what to write instead."""
+    target = node.args[0]
+    if type(target) is Node and target.kind is Kind.READ:
+        label = f"{module_label(target.site.path)}.{target.accessor}"
+        return (f"'tuple' object does not support item assignment: {label} is a tuple. "
+                f"Assign the whole value instead (`{label} = (new, *rest)`), or change a "
+                f"tensor in it in place (`{label}[0][:] = new`)")
+    return ("'tuple' object does not support item assignment: build a new tuple instead "
+            "(`(new, *value[1:])`), or change a tensor in it in place (`value[0][:] = new`)")
 
 
 def _device_move_meta(target: str, args: tuple, kwargs: dict) -> Any:
