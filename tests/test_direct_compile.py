@@ -70,10 +70,29 @@ def test_calls_the_direct_compilation_cannot_vouch_for_go_through_torch_compile(
         _check(net, x, v, expect_direct=True)
     # gradients on (the compilation was made without them)
     _check(net, x, v, expect_direct=False)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        before = _direct_runs()
-        _steered(net, x, v, compile=True)
-        assert _direct_runs() == before  # (another global state)
+    # another global state (not part of the capture's key): dynamo's guards decide
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with torch.no_grad():
+            _check(net, x, v, expect_direct=False)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def test_autocast_has_its_own_capture_and_direct_compilation(net):
+    """Autocast is part of the capture's key: a trace under it is captured and compiled in
+    that state, and the compilation made without it never runs under it (or the reverse)."""
+    x, v = torch.randn(4, 5), torch.randn(3)
+    with torch.no_grad():
+        _check(net, x, v, expect_direct=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = _steered(net, x, v, compile=True)
+            want = _steered(net, x, v, compile=False)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype == torch.bfloat16
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+        _check(net, x, v, expect_direct=True)  # (float32 again: the first compilation)
 
 
 def test_inputs_that_share_storage_are_not_run_directly(net):
