@@ -341,8 +341,9 @@ def test_cache_inside_generate_has_an_entry_per_step(gpt2, tokenizer, backend):
 
 
 # --- 5. lm.generator.streamer ----------------------------------------------------------------
+@pytest.mark.parametrize("as_dict", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_streamer_output_is_the_token_of_each_step(gpt2, tokenizer, backend):
+def test_streamer_output_is_the_token_of_each_step(gpt2, tokenizer, backend, as_dict):
     from transformers.generation.streamers import BaseStreamer
 
     class Collect(BaseStreamer):
@@ -356,7 +357,9 @@ def test_streamer_output_is_the_token_of_each_step(gpt2, tokenizer, backend):
             pass
 
     lm = LanguageModel(gpt2, tokenizer=tokenizer)
-    with lm.generate(PROMPT, max_new_tokens=3, do_sample=False, backend=backend) as tracer:
+    # return_dict_in_generate: generate returns an output object; the tokens are the same
+    with lm.generate(PROMPT, max_new_tokens=3, do_sample=False, backend=backend,
+                     return_dict_in_generate=as_dict) as tracer:
         tokens = fxsight.save(list())
         for step in tracer.all():
             tokens.append(lm.generator.streamer.output)

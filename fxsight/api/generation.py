@@ -329,4 +329,13 @@ class StreamerEnvoy:
         step = 0 if steps is None else steps.choice
         _, kwargs, _ = tracer._batched()
         prompt = kwargs["input_ids"].shape[1]
-        return tracer.recorder.create_read(GENERATOR, "output")[:, prompt + step]
+        generated = tracer.recorder.create_read(GENERATOR, "output")
+        return tracer.recorder.create_op("call_function", _tokens_at, (generated, prompt + step),
+                                         {}, lenient=True)
+
+
+def _tokens_at(generated: Any, position: int) -> torch.Tensor:
+    """The token ids at ``position`` of each row of what ``generate`` returned: its ids,
+    or the ``sequences`` of its output object (``return_dict_in_generate=True``)."""
+    ids = getattr(generated, "sequences", generated)
+    return ids[:, position]
