@@ -932,30 +932,28 @@ def test_index_tensors_of_the_caller_and_0d_traced_indices(backend):
     _assert_same(out, through_view)
 
 
+def _named_tuple_fields(h):
+    """The fields of torch's named-tuple results read from ``h`` (a tensor, or a traced value:
+    the same code is the reference and the recording)."""
+    return {"topk_values": h.topk(3, dim=-1).values, "topk_indices": h.topk(3, dim=-1).indices,
+            "topk_item": h.topk(3, dim=-1)[1], "max_values": h.max(dim=-1).values,
+            "max_indices": h.max(-1).indices, "min_item": h.min(-1)[0],
+            "sort": torch.sort(h, dim=-1).values, "kthvalue": h.kthvalue(2, -1).indices,
+            "aminmax_max": torch.aminmax(h, dim=0).max,
+            "aminmax_min": torch.aminmax(h, dim=0).min,
+            "method_max": h.max(), "method_values_chain": h.sort(-1).values * 2}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fields_of_torch_named_tuples(backend):
     model, x = mlp(), _x()
     h1, _ = _layer1_and_output(model, x)
-    expected = {"topk_values": h1.topk(3, dim=-1).values,
-                "topk_indices": h1.topk(3, dim=-1).indices,
-                "topk_item": h1.topk(3, dim=-1)[1], "max_values": h1.max(dim=-1).values,
-                "max_indices": h1.max(-1).indices, "min_item": h1.min(-1)[0],
-                "sort": torch.sort(h1, dim=-1).values, "kthvalue": h1.kthvalue(2, -1).indices,
-                "aminmax_max": torch.aminmax(h1, dim=0).max,
-                "aminmax_min": torch.aminmax(h1, dim=0).min,
-                "method_max": h1.max(), "method_values_chain": h1.sort(-1).values * 2}
+    expected = _named_tuple_fields(h1)
     net = NNsight(model)
     with torch.no_grad(), net.trace(x, backend=backend):
-        a = net.layer1.output
-        got = {"topk_values": a.topk(3, dim=-1).values,
-               "topk_indices": a.topk(3, dim=-1).indices,
-               "topk_item": a.topk(3, dim=-1)[1], "max_values": a.max(dim=-1).values,
-               "max_indices": a.max(-1).indices, "min_item": a.min(-1)[0],
-               "sort": torch.sort(a, dim=-1).values, "kthvalue": a.kthvalue(2, -1).indices,
-               "aminmax_max": torch.aminmax(a, dim=0).max,
-               "aminmax_min": torch.aminmax(a, dim=0).min,
-               "method_max": a.max(), "method_values_chain": a.sort(-1).values * 2}
+        got = _named_tuple_fields(net.layer1.output)
         for value in got.values():
             value.save()
+    assert got.keys() == expected.keys()
     for key in expected:
         _assert_same(got[key], expected[key])
