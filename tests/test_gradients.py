@@ -271,3 +271,59 @@ def test_a_gradient_write_applies_to_its_own_backward_call(backend):
     expected_first, expected_second = _two_loss_reference(model, x, scale_layer2=10)
     torch.testing.assert_close(first, expected_first)
     torch.testing.assert_close(second, expected_second)
+
+
+def _written_output_reference(model, x, scale):
+    """Gradients of ``model(x).sum()`` w.r.t. layer1's output as the model computed it and
+    w.r.t. the value a forward hook wrote over it (``scale`` times it), by hand."""
+    acts = {}
+
+    def write(module, args, output):
+        acts["computed"], acts["written"] = output, output * scale
+        return acts["written"]
+
+    handle = model.layer1.register_forward_hook(write)
+    try:
+        out = model(x)
+    finally:
+        handle.remove()
+    return torch.autograd.grad(out.sum(), [acts["computed"], acts["written"]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_of_a_read_after_a_write_is_the_written_value_s(backend):
+    """``.output`` read after ``.output = v`` is ``v``, and so is its ``.grad``: the
+    gradient of the written value (was: the gradient of the value the module computed,
+    which the write's own computation scales)."""
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(6))
+    with net.trace(x, backend=backend):
+        before = net.layer1.output.grad.save()
+        net.layer1.output = net.layer1.output * 3
+        written = net.layer1.output.save()
+        after = net.layer1.output.grad.save()
+        net.output.sum().backward()
+    d_computed, d_written = _written_output_reference(model, x, 3)
+    assert not torch.allclose(d_computed, d_written)
+    torch.testing.assert_close(written, model.layer1(x) * 3)
+    torch.testing.assert_close(before, d_computed)
+    torch.testing.assert_close(after, d_written)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_write_after_a_write_changes_the_written_value_s_gradient(backend):
+    """A gradient written after ``.output = v`` is ``v``'s: it flows back through the
+    write's computation to the module's own output."""
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(7))
+    with net.trace(x, backend=backend):
+        computed = net.layer1.output
+        net.layer1.output = computed * 3
+        written = net.layer1.output
+        written.grad = written.grad + 1
+        g = computed.grad.save()
+        net.output.sum().backward()
+    _, d_written = _written_output_reference(model, x, 3)
+    torch.testing.assert_close(g, (d_written + 1) * 3)

@@ -105,5 +105,7 @@ def leaf_index(structure: Any, accessor: str, keys: list[Any]) -> int | None:
     return picked if isinstance(picked, int) else None
 
 
-def tap_key(site: Site, leaf: int) -> str:
-    return f"{site.label}/{leaf}"
+def tap_key(site: Site, leaf: int, version: int = 0) -> str:
+    """The key a grad tap reports under: the site's leaf, and after ``version`` whole
+    writes of the site, that version of its value."""
+    return f"{site.label}/{leaf}" + (f"@{version}" if version else "")

@@ -55,6 +55,9 @@ class Walker:
         self.grad_nodes = [n for n in self.backward_nodes
                            if n.kind in (Kind.GRAD, Kind.GRAD_WRITE)]
         self.grad_keys: dict[Node, str] = {}
+        # how many whole writes each site has had: a gradient read after a write is the
+        # gradient of the written value (a tap of its own), as it is of a tensor in torch
+        self.tap_versions: dict[Site, int] = {}
         # in-place changes and raw writes (held apart from the walker: no reference cycle)
         self.shared = SharedMemory(site_aliases or _no_aliases)
 
@@ -118,19 +121,26 @@ class Walker:
             self.current[site] = self._tapped(site, self.site_value(site))
         return self.current[site]
 
-    def _tapped(self, site: Site, value: Any) -> Any:
-        """``value`` with a grad tap on every leaf whose gradient the trace uses."""
+    def _tapped(self, site: Site, value: Any, leaves: set[int] | None = None) -> Any:
+        """``value`` with a grad tap on every leaf whose gradient the trace uses.
+
+        Only gradient reads not walked yet are tapped here (those walked saw an earlier
+        value of the site); ``leaves``: only these leaves are new values (after a write),
+        the others keep their taps."""
         taps: dict[int, str] = {}
+        version = self.tap_versions.get(site, 0)
         for node in self.grad_nodes:
             read, keys = grad_target(node)
-            if read.site != site:
+            if read.site != site or read in self.values:
                 continue
             leaf = leaf_index(value, read.accessor, keys)
             if leaf is None:
                 raise TraceError(at_line(
                     f".grad needs a single tensor of {site.label}; use an item of it "
                     f"(e.g. `.output[0]`)", node.line))
-            key = self.grad_keys[node] = tap_key(site, leaf)
+            if leaves is not None and leaf not in leaves:
+                continue
+            key = self.grad_keys[node] = tap_key(site, leaf, version)
             taps[leaf] = key
         if not taps or not self.taps_gradients:
             return value
@@ -141,6 +151,17 @@ class Walker:
                                    position)
         self.on_tapped(site)
         return pytree.tree_unflatten(flat, spec)
+
+    def _retapped(self, site: Site, old: Any, new: Any) -> Any:
+        """``new``, the value a write gives ``site`` (``old`` before it), with a tap of
+        its own on each new leaf whose gradient a later read uses."""
+        if not self.grad_nodes:
+            return new
+        self.tap_versions[site] = self.tap_versions.get(site, 0) + 1
+        old_leaves, new_leaves = pytree.tree_leaves(old), pytree.tree_leaves(new)
+        changed = {i for i, leaf in enumerate(new_leaves)
+                   if i >= len(old_leaves) or leaf is not old_leaves[i]}
+        return self._tapped(site, new, changed)
 
     def on_tapped(self, site: Site) -> None:
         """Domain hook: ``site``'s value now carries a grad tap."""
@@ -218,7 +239,7 @@ class Walker:
             replaced.append(self._copy(leaf, position) if caller_s else leaf)
         new = pytree.tree_unflatten(replaced, spec)
         self.shared.note_write(site, recorded)
-        self.current[site] = replace(full, accessor, new)
+        self.current[site] = self._retapped(site, full, replace(full, accessor, new))
         self.current_position[site] = position
         self.positions[node] = position
         self.on_written(site)
