@@ -327,3 +327,40 @@ def test_grad_write_after_a_write_changes_the_written_value_s_gradient(backend):
         net.output.sum().backward()
     _, d_written = _written_output_reference(model, x, 3)
     torch.testing.assert_close(g, (d_written + 1) * 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_of_a_frozen_model_names_the_line(backend):
+    """A frozen model (``requires_grad_(False)``) on plain inputs gives a loss that needs
+    no grad: a TraceError at the backward() line says so (was: torch's bare RuntimeError,
+    naming no line); writing a value that requires grad at a module makes it work."""
+    model = mlp().requires_grad_(False)
+    net = NNsight(model)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(8))
+    with pytest.raises(fxsight.TraceError, match=r"does not require grad(.|\n)*"
+                                                 r"at .*test_gradients.py.*backward\(\)"):
+        with net.trace(x, backend=backend):
+            net.layer1.output.grad.save()
+            net.output.sum().backward()
+    with net.trace(x, backend=backend):
+        net.layer1.output = net.layer1.output.detach().requires_grad_()
+        g = net.layer1.output.grad.save()
+        net.output.sum().backward()
+    model.requires_grad_(True)
+    torch.testing.assert_close(g, _mlp_reference_grad(model, x))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failing_backward_names_the_line(backend):
+    """torch's error from backward() (a second call without retain_graph) keeps its type
+    and carries the user's line as a note."""
+    net = NNsight(mlp())
+    x = torch.randn(3, 5)
+    with pytest.raises(RuntimeError, match="second time") as caught:
+        with net.trace(x, backend=backend):
+            loss = net.output.sum()
+            loss.backward()
+            loss.backward()
+    assert any("test_gradients.py" in note and "loss.backward()" in note
+               for note in caught.value.__notes__)

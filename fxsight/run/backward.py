@@ -111,13 +111,14 @@ class BackwardPhase:
             args = map_nodes(node.args, self.values.__getitem__)
             kwargs = map_nodes(node.kwargs, self.values.__getitem__)
             if is_backward(node):
+                _check_loss(node, args[0])
                 self.running = node
                 try:
-                    self.values[node] = execute(node.op, node.target, args, kwargs)
+                    self.values[node] = _execute_at_line(node, args, kwargs)
                 finally:
                     self.running = None
             else:
-                self.values[node] = execute(node.op, node.target, args, kwargs)
+                self.values[node] = _execute_at_line(node, args, kwargs)
 
     def _explain(self, node: Node) -> None:
         backwards = [n for n in self.program.nodes
@@ -132,6 +133,29 @@ class BackwardPhase:
             f"the gradient of {where or 'this value'} was never computed: the loss passed "
             f"to backward() does not depend on it (or it does not require grad)",
             node.line))
+
+
+def _execute_at_line(node: Node, args: tuple, kwargs: dict) -> Any:
+    """Run an operation of the backward phase; an error torch raises there names the
+    user's line (a note: its type is torch's, as in eager code)."""
+    try:
+        return execute(node.op, node.target, args, kwargs)
+    except Exception as error:
+        if not isinstance(error, TraceError):
+            error.add_note(f"  at {node.line}")
+        raise
+
+
+def _check_loss(node: Node, loss: Any) -> None:
+    """``loss.backward()`` needs a tensor that requires grad: say so at the user's line,
+    and why it may not (torch's own error names neither)."""
+    if isinstance(loss, torch.Tensor) and not loss.requires_grad:
+        raise TraceError(at_line(
+            "backward() was called on a value that does not require grad: nothing it is "
+            "computed from requires grad (are the model's parameters frozen, "
+            "`requires_grad_(False)`, and its inputs plain tensors?). Make the input "
+            "require grad, or a module's value: `m.output = m.output.detach()"
+            ".requires_grad_()` (its `.grad` is then read after that line)", node.line))
 
 
 def _backward_owners(program: Program) -> dict[Node, Node]:
