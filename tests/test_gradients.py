@@ -364,3 +364,66 @@ def test_a_failing_backward_names_the_line(backend):
             loss.backward()
     assert any("test_gradients.py" in note and "loss.backward()" in note
                for note in caught.value.__notes__)
+
+
+def _attribution_by_hand(model, clean, corrupted, metric):
+    """Attribution of every site kind of every layer, by forward hooks and
+    torch.autograd.grad on the plain model: ``(kinds, layers, positions)``."""
+    blocks = model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    acts, handles = {}, []
+
+    def keep(key):
+        return lambda m, a, o: acts.__setitem__(key, o if torch.is_tensor(o) else o[0])
+
+    for i, block in enumerate(blocks):
+        attn = block.attn if hasattr(block, "attn") else block.self_attn
+        handles += [block.register_forward_hook(keep(("resid", i))),
+                    attn.register_forward_hook(keep(("attn", i))),
+                    block.mlp.register_forward_hook(keep(("mlp", i))),
+                    block.register_forward_pre_hook(
+                        lambda m, a, i=i: acts.__setitem__(("resid_pre", i), a[0]))]
+    try:
+        with torch.no_grad():
+            model(clean, use_cache=False)
+        clean_acts = dict(acts)
+        with torch.enable_grad():
+            out = model(corrupted, use_cache=False)
+            keys = [(kind, i) for kind in ["resid", "attn", "mlp", "resid_pre"]
+                    for i in range(len(blocks))]
+            grads = torch.autograd.grad(metric(out.logits).sum(), [acts[k] for k in keys])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([((clean_acts[k] - acts[k].detach()) * g).sum(-1).sum(0)
+                        for k, g in zip(keys, grads)]).reshape(4, len(blocks), -1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("frozen", [False, True])
+def test_attribution_leaves_no_parameter_grads_and_works_frozen(backend, frozen):
+    """``patching.attribution`` gives the hand-computed scores of every site kind, leaves
+    the parameters' ``.grad`` as they were (was: the backward pass accumulated into them,
+    changing a caller's gradients) and works on a frozen model (was: a RuntimeError)."""
+    from models import tiny_llama
+    model = tiny_llama()
+    clean = torch.randint(4, 128, (1, 7), generator=torch.Generator().manual_seed(9))
+    corrupted = clean.clone()
+    corrupted[0, 3] = (clean[0, 3] + 1) % 128
+
+    def metric(logits):
+        return logits[:, -1, 5] - logits[:, -1, 6]
+
+    expected = _attribution_by_hand(model, clean, corrupted, metric)
+    own = {name: torch.full_like(p, 0.5) for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.grad = own[name].clone()
+    if frozen:
+        model.requires_grad_(False)
+    result = patching.attribution(NNsight(model), clean, corrupted, metric,
+                                  sites=["resid", "attn", "mlp", "resid_pre"],
+                                  use_cache=False, backend=backend)
+    torch.testing.assert_close(result.values, expected, rtol=1e-5, atol=1e-6)
+    assert result.values.abs().sum() > 0
+    for name, p in model.named_parameters():
+        assert p.requires_grad is not frozen
+        torch.testing.assert_close(p.grad, own[name])

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ..api.envoy import Envoy
+from ..api.functions import apply
 from ..errors import TraceError
 from . import suffix as suffix_path
 from .heads import head_patching
@@ -469,11 +470,13 @@ def attribution(model: Envoy, clean: Any, corrupted: Any = None,
         with tracer.invoke(clean):
             clean_acts = [_hidden(t.read()).detach().save() for t in targets]
         with tracer.invoke(corrupted):
+            differentiated = [_differentiable(t) for t in targets]
             corrupt_acts = [_hidden(t.read()).detach().save() for t in targets]
             grads = [_hidden(t.read()).grad.save() for t in targets]
             score = metric(_logits(model.output)).sum()
             baseline = [score.detach().save()]
-            score.backward()
+            # only the sites' gradients: none for the parameters (nothing left in .grad)
+            score.backward(inputs=differentiated)
     values = torch.stack([((c - k) * g).sum(-1).sum(0) for c, k, g
                           in zip(clean_acts, corrupt_acts, grads)]).detach()
     positions = list(range(values.shape[1]))
@@ -508,6 +511,28 @@ def _attribution_dataset(model, clean, corrupted, metric, sites, trace_kwargs):
                           baseline=None if baselines is None else float(baselines.mean()),
                           method=first.method, info={"pairs": len(items)},
                           per_pair=per_pair, baselines=baselines)
+
+
+@torch.compiler.disable
+def _requiring_grad(value: torch.Tensor) -> torch.Tensor:
+    """``value`` if it requires grad, else a leaf of its values that does (a frozen
+    model's activations require none)."""
+    return value if value.requires_grad else value.detach().requires_grad_()
+
+
+def _differentiable(target: Target) -> Any:
+    """Inside a trace: the target's hidden state written back as a tensor that requires
+    grad (the value itself where it does), so that gradients reach it on a frozen model
+    too; returns the written hidden state, what ``backward(inputs=...)`` differentiates."""
+    value = target.read()
+    whole = _hidden(value) is value  # (a tensor, not a tuple whose item 0 it is)
+    hidden = apply(_requiring_grad, _hidden(value))
+    written = hidden if whole else (hidden, *value[1:])
+    if target.accessor == "input":
+        target.envoy.input = written
+    else:
+        target.envoy.output = written
+    return hidden
 
 
 def _attribution_target(layout, kind: str, layer: int) -> Target:
