@@ -327,3 +327,22 @@ def test_a_language_model_takes_the_suffix_path(gpt2):
     net_values = patching.activation_patching(NNsight(gpt2), clean, corrupted, metric,
                                               progress=False).values
     torch.testing.assert_close(fast.values, net_values, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduce", [lambda v: v.sum(), lambda v: v.mean(),
+                                    lambda v: float(v[0])], ids=["sum", "mean", "row0"])
+def test_a_metric_of_one_number_for_all_rows_is_refused(gpt2, reduce):
+    """A metric that reduces over the rows (``.sum()``, ``.mean()``, row 0) gives one number
+    for a batch of cells: on the suffix path it is a ValueError before any cell runs, as on
+    the full-length path (was: that number silently became every cell's score of the
+    batch)."""
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+
+    def reducing(logits):
+        return reduce(logits[:, -1, A] - logits[:, -1, B])
+
+    for suffix in (True, False):
+        with pytest.raises(ValueError, match="one number per row"):
+            patching.activation_patching(net, clean, corrupted, reducing, sites=["resid"],
+                                         suffix=suffix, progress=False)

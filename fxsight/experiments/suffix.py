@@ -574,7 +574,7 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[Cell],
                 with torch.no_grad():
                     logits = head_logits(setup.head._module, inputs, setup.columns)
                     chosen = setup.small_metric if setup.columns is not None else metric
-                    values = torch.as_tensor(chosen(logits)).reshape(-1).float()
+                    values = metric_values(chosen, logits, len(which))
                 scores[c, which] = values - baseline
                 bar.update(1)
     finally:
@@ -661,6 +661,9 @@ def sweep_pair(model: Envoy, item: Any, cells: list[Cell],
     cell_units = units(clean_run)
     baseline = float(metric_values(item.metric, corrupt_run.logits, 1)[0])
     reference = float(metric_values(item.metric, clean_run.logits, 1)[0])
+    # one number per row, as every batch of cells needs (a metric that sums or takes the
+    # mean over the rows gives one number for one row too): checked before any cell runs
+    metric_values(item.metric, torch.cat([clean_run.logits, corrupt_run.logits]), 2)
     length = item.length
     if batch_size is not None:
         per_trace = int(batch_size)
