@@ -427,3 +427,31 @@ def test_attribution_leaves_no_parameter_grads_and_works_frozen(backend, frozen)
     for name, p in model.named_parameters():
         assert p.requires_grad is not frozen
         torch.testing.assert_close(p.grad, own[name])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_of_a_model_output_field(gpt2, backend):
+    """``.grad`` of a field of a transformers output read as an attribute
+    (``.output.logits``, ``.output.last_hidden_state``), as nnsight takes it (was: a
+    TraceError calling it a computed value; ``.output["logits"]`` worked)."""
+    net = NNsight(gpt2)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(10))
+    with net.trace(ids, use_cache=False, backend=backend):
+        hidden = net.transformer.output.last_hidden_state.grad.save()
+        logits = net.output.logits.grad.save()
+        (net.output.logits[:, -1] ** 2).sum().backward()
+    acts = {}
+    handle = gpt2.transformer.register_forward_hook(
+        lambda m, a, o: acts.__setitem__("h", o.last_hidden_state))
+    try:
+        out = gpt2(ids, use_cache=False)
+    finally:
+        handle.remove()
+    expected = torch.autograd.grad((out.logits[:, -1] ** 2).sum(),
+                                   [acts["h"], out.logits])
+    torch.testing.assert_close(hidden, expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, expected[1])
+    with pytest.raises(fxsight.TraceError, match="not on computed values"):
+        with net.trace(ids, use_cache=False, backend=backend):
+            net.output.logits.mT.grad.save()
+            net.output.logits.sum().backward()

@@ -79,17 +79,26 @@ def backward_phase(program: Program) -> set[Node]:
     return phase
 
 
+class Field(str):
+    """A key on the way from a module read to a gradient that is an attribute (the
+    ``.logits`` of a model output), not an item."""
+
+
 def grad_target(node: Node) -> tuple[Node, list[Any]]:
-    """The module read whose gradient a grad node means, and the item keys on the way."""
+    """The module read whose gradient a grad node means, and the item keys (and
+    :class:`Field` attribute names) on the way."""
     read, keys = node.args[0], []
-    while read.kind is Kind.OP and read.target is operator.getitem and \
-            not node_args(read.args[1]):
-        keys.insert(0, read.args[1])
+    while read.kind is Kind.OP and (
+            (read.target is operator.getitem and not node_args(read.args[1])) or
+            (read.target is getattr and type(read.args[1]) is str and
+             not hasattr(torch.Tensor, read.args[1]))):  # (`.T`, `.real`: computed)
+        key = read.args[1]
+        keys.insert(0, Field(key) if read.target is getattr else key)
         read = read.args[0]
     if read.kind is not Kind.READ:
         raise TraceError(at_line(
             ".grad is available on a module's inputs and outputs (and items of them, like "
-            "`.output[0]`), not on computed values", node.line))
+            "`.output[0]` or `.output.logits`), not on computed values", node.line))
     return read, keys
 
 
@@ -99,8 +108,8 @@ def leaf_index(structure: Any, accessor: str, keys: list[Any]) -> int | None:
     try:
         picked = select(pytree.tree_unflatten(list(range(len(flat))), spec), accessor)
         for key in keys:
-            picked = picked[key]
-    except (TypeError, IndexError, KeyError):
+            picked = getattr(picked, key) if type(key) is Field else picked[key]
+    except (TypeError, IndexError, KeyError, AttributeError):
         return None
     return picked if isinstance(picked, int) else None
 
