@@ -455,3 +455,29 @@ def test_grad_of_a_model_output_field(gpt2, backend):
         with net.trace(ids, use_cache=False, backend=backend):
             net.output.logits.mT.grad.save()
             net.output.logits.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_backward_and_autograd_grad(backend):
+    """``torch.autograd.backward(out, g)`` in a trace is ``out.backward(g)`` (was: a
+    ShapeError "backward fails on these shapes"); ``torch.autograd.grad`` on traced values
+    is a TraceError at its line that says how to read gradients (was: the same misleading
+    ShapeError)."""
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(11))
+    weights = torch.randn(3, 2, generator=torch.Generator().manual_seed(12))
+    with net.trace(x, backend=backend):
+        g = net.layer1.output.grad.save()
+        torch.autograd.backward(net.output, weights)
+    acts = {}
+    handle = model.layer1.register_forward_hook(lambda m, a, o: acts.__setitem__("h", o))
+    try:
+        out = model(x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(g, torch.autograd.grad(out, acts["h"], weights)[0])
+    with pytest.raises(fxsight.TraceError, match=r"torch.autograd.grad(.|\n)*\.grad"
+                                                 r"(.|\n)*at .*test_gradients.py"):
+        with net.trace(x, backend=backend):
+            torch.autograd.grad(net.output.sum(), net.layer1.output)[0].save()

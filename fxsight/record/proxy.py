@@ -36,6 +36,26 @@ _SHADOWED_FIELDS = frozenset(name for t in _RETURN_TYPES
 _COMMON_FIELDS = frozenset({"values", "indices"})
 
 
+
+def _autograd_backward(tensors: Any, grad_tensors: Any = None, retain_graph: Any = None,
+                       create_graph: bool = False, inputs: Any = None) -> Any:
+    """``torch.autograd.backward(loss, ...)`` on a traced value: ``loss.backward(...)``."""
+    if isinstance(tensors, (tuple, list)):
+        if len(tensors) != 1:
+            raise TraceError(at_line(
+                "torch.autograd.backward of several traced values cannot be recorded; call "
+                "backward() on their sum (`(a * ga).sum() + (b * gb).sum()`)", user_line()))
+        tensors = tensors[0]
+        if isinstance(grad_tensors, (tuple, list)):
+            grad_tensors = grad_tensors[0] if grad_tensors else None
+    if not isinstance(tensors, Proxy):
+        raise TraceError(at_line("torch.autograd.backward in a trace takes the traced loss "
+                                 "as its first argument", user_line()))
+    kwargs = {"retain_graph": retain_graph, "create_graph": create_graph}
+    if inputs is not None:
+        kwargs["inputs"] = inputs
+    return tensors.backward(grad_tensors, **kwargs)
+
 class Proxy:
     """A value of the running model seen from inside a ``trace`` block.
 
@@ -105,6 +125,14 @@ class Proxy:
     # --- recording ---------------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.autograd.backward:
+            return _autograd_backward(*args, **(kwargs or {}))
+        if func is torch.autograd.grad:
+            raise TraceError(at_line(
+                "torch.autograd.grad cannot be recorded in a trace (its gradients are needed "
+                "as values when the line runs); read a module value's gradient with `.grad` "
+                "and call backward(): `g = h.grad.save()` and `loss.backward()` (or "
+                "`with loss.backward(): g = h.grad.save()`)", user_line()))
         recorder = find_recorder(args, kwargs or {})
         return recorder.create_op("call_function", func, args, kwargs or {})
 
