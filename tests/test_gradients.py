@@ -481,3 +481,90 @@ def test_functional_backward_and_autograd_grad(backend):
                                                  r"(.|\n)*at .*test_gradients.py"):
         with net.trace(x, backend=backend):
             torch.autograd.grad(net.output.sum(), net.layer1.output)[0].save()
+
+
+def _ln_input_reference(model, ids, edit=False):
+    """The gradients of ``logits[:, -1, 3].sum()`` w.r.t. block 0's ``ln_1`` and ``ln_2``
+    inputs (each also the residual its block adds back), by torch.autograd.grad; with
+    ``edit``, ``ln_2``'s input is zeroed at position 0 in place, as a pre-hook would, and
+    its gradient is the one a tensor hook registered before the edit sees."""
+    acts = {}
+
+    def keep(name):
+        def hook(module, args):
+            acts[name] = args[0]
+            if edit and name == "ln_2":
+                args[0].register_hook(lambda g: acts.__setitem__("before edit", g))
+                args[0][:, 0] = 0
+        return hook
+
+    block = model.transformer.h[0]
+    handles = [block.ln_1.register_forward_pre_hook(keep("ln_1")),
+               block.ln_2.register_forward_pre_hook(keep("ln_2"))]
+    try:
+        out = model(ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    grads = torch.autograd.grad(out.logits[:, -1, 3].sum(), [acts["ln_1"], acts["ln_2"]])
+    if edit:
+        grads = (grads[0], acts["before edit"])
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_of_an_input_is_the_tensor_s_from_all_its_uses(gpt2, backend):
+    """``ln_2.input.grad`` is the gradient of the tensor ``ln_2`` gets, which the block
+    also adds back as its residual, as torch (and nnsight's tensor hooks) give it (was: the
+    gradient through ``ln_2`` only, missing the residual's)."""
+    net = NNsight(gpt2)
+    ids = torch.randint(4, 128, (2, 6), generator=torch.Generator().manual_seed(13))
+    with net.trace(ids, use_cache=False, backend=backend):
+        first = net.transformer.h[0].ln_1.input.grad.save()
+        second = net.transformer.h[0].ln_2.input.grad.save()
+        block = net.transformer.h[0].input.grad.save()
+        net.lm_head.output[:, -1, 3].sum().backward()
+    _, (expected_first, expected_second) = _ln_input_reference(gpt2, ids)
+    torch.testing.assert_close(first, expected_first, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second, expected_second, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(block, expected_first, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_read_changes_no_forward_value(gpt2, backend):
+    """An in-place edit of ``ln_2``'s input changes the residual too (the same tensor), with
+    or without a ``.grad`` read of it (was: reading its gradient made the edit reach
+    ``ln_2`` only: a copy was edited)."""
+    net = NNsight(gpt2)
+    ids = torch.randint(4, 128, (2, 6), generator=torch.Generator().manual_seed(14))
+    with net.trace(ids, use_cache=False, backend=backend):
+        net.transformer.h[0].ln_2.input[:, 0] = 0
+        plain = net.lm_head.output.save()
+    with net.trace(ids, use_cache=False, backend=backend):
+        g = net.transformer.h[0].ln_2.input.grad.save()
+        net.transformer.h[0].ln_2.input[:, 0] = 0
+        read = net.lm_head.output.save()
+        net.lm_head.output[:, -1, 3].sum().backward()
+    expected, (_, expected_grad) = _ln_input_reference(gpt2, ids, edit=True)
+    torch.testing.assert_close(plain, expected)
+    torch.testing.assert_close(read, expected)
+    torch.testing.assert_close(g, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_of_an_input_that_requires_grad_leave_no_hook(backend):
+    """A gradient written at the model's input (a tensor of the caller's that requires
+    grad) applies once per trace, and no hook stays on the tensor after the trace."""
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(15)).requires_grad_()
+    expected = torch.autograd.grad(model(x).sum(), x)[0]
+    for _ in range(2):
+        x.grad = None
+        with net.trace(x, backend=backend):
+            g = net.layer1.input.grad.save()
+            net.layer1.input.grad = net.layer1.input.grad * 2
+            net.output.sum().backward()
+        torch.testing.assert_close(g, expected)
+        torch.testing.assert_close(x.grad, expected * 2)
+        assert not x._backward_hooks

@@ -23,7 +23,7 @@ from ..capture.operations import spec_for
 from ..capture.scan import ScanResult, cached_scan
 from ..errors import NotOnGraph, TraceError, at_line, user_stacklevel
 from ..record.program import Kind, Node, Program
-from ..splice.gradients import backward_phase
+from ..splice.gradients import TapHooks, backward_phase
 from ..splice.rows import Rows
 from ..splice.walker import MetaWalker
 from ..stats import bump
@@ -196,6 +196,21 @@ def run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
                 return outcome
     _check_inputs(program)
     backward_nodes = backward_phase(program)
+    if backward_nodes:
+        with TapHooks():  # (the grad taps' tensor hooks live until the backward phase ends)
+            return _run_program(module, program, args, kwargs, rows, options, warned, stop,
+                                last, backward_nodes)
+    return _run_program(module, program, args, kwargs, rows, options, warned, stop, last,
+                        backward_nodes)
+
+
+def _run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
+                 rows: dict[Any, Rows], options: RunOptions, warned: set, stop: bool,
+                 last: dict | None, backward_nodes: set[Node]) -> Outcome:
+    """:func:`run_program` once no remembered run applies: the forward pass, then the
+    backward phase where the trace uses gradients."""
+    slot = (id(options), len(program.nodes), len(program.saves)) \
+        if last is not None and not stop else None
     for node in forward_exports(program, backward_nodes):
         program.save(node)  # forward values the backward phase needs
     if backward_nodes:

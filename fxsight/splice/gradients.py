@@ -1,15 +1,18 @@
 """Gradients inside a trace: ``proxy.grad`` (read and assign) and ``loss.backward()``.
 
 The forward pass runs as usual (fx or hooks backend) with one addition: every module value
-whose gradient the trace touches passes through a *grad tap*, an identity autograd function
-whose backward hands the gradient to the trace. Everything that depends on a gradient or on
-``backward()`` forms the trace's *backward phase*: it runs after the forward pass, in
-program order, each node as soon as its values exist (a gradient exists once its tap has
-fired during ``backward()``). Gradient writes return a new gradient from the tap.
+whose gradient the trace touches passes through a *grad tap*, which registers a tensor hook
+on it (the value itself flows on, no copy) that hands the tensor's gradient, from all its
+uses, to the trace, as a hook registered in torch (or by nnsight) sees it. Everything that
+depends on a gradient or on ``backward()`` forms the trace's *backward phase*: it runs after
+the forward pass, in program order, each node as soon as its values exist (a gradient
+exists once its tap has fired during ``backward()``). Gradient writes return a new gradient
+from the tap. The hooks are removed when the backward phase ends.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 import threading
 from typing import Any, Protocol
@@ -40,28 +43,45 @@ def set_active_sink(sink: GradientSink | None) -> None:
     _STATE.phase = sink
 
 
-class _GradTap(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, value: torch.Tensor, key: str) -> torch.Tensor:
-        ctx.key = key
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        phase = active_sink()
-        if phase is None:
-            return grad, None
-        return phase.on_grad(ctx.key, grad), None
+def _report(key: str, grad: torch.Tensor) -> torch.Tensor | None:
+    """A grad tap's tensor hook: the running backward phase takes the gradient (and may
+    return another); outside one, the gradient passes unchanged."""
+    phase = active_sink()
+    if phase is None:
+        return None
+    return phase.on_grad(key, grad)
 
 
 @torch.compiler.disable
 def grad_tap(value: Any, key: str) -> Any:
-    """Identity in the forward pass; in ``backward()``, reports the gradient under ``key``.
+    """``value`` itself; in ``backward()``, its gradient is reported under ``key``.
 
-    Compiled graphs break around it (its backward must call back into the trace)."""
+    The gradient is the tensor's, from all its uses, as a hook registered on it in torch
+    sees it (a block's input is also the residual the block adds back): a tensor hook,
+    removed when the trace's backward phase ends (:class:`TapHooks`). Compiled graphs
+    break around it (it must run on the real tensor)."""
     if isinstance(value, torch.Tensor) and value.requires_grad:
-        return _GradTap.apply(value, key)
+        handle = value.register_hook(functools.partial(_report, key))
+        hooks = getattr(_STATE, "hooks", None)
+        if hooks is not None:
+            hooks.append(handle)
     return value
+
+
+class TapHooks:
+    """``with TapHooks():`` around a run that taps gradients: the tensor hooks its grad
+    taps register are removed when it ends (no hook is left on a tensor the caller
+    keeps, such as an input that requires grad)."""
+
+    def __enter__(self) -> "TapHooks":
+        self.previous = getattr(_STATE, "hooks", None)
+        _STATE.hooks = []
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in _STATE.hooks:
+            handle.remove()
+        _STATE.hooks = self.previous
 
 
 def is_backward_root(node: Node) -> bool:
