@@ -487,7 +487,8 @@ def _ln_input_reference(model, ids, edit=False):
     """The gradients of ``logits[:, -1, 3].sum()`` w.r.t. block 0's ``ln_1`` and ``ln_2``
     inputs (each also the residual its block adds back), by torch.autograd.grad; with
     ``edit``, ``ln_2``'s input is zeroed at position 0 in place, as a pre-hook would, and
-    its gradient is the one a tensor hook registered before the edit sees."""
+    the two are the gradients of ``ln_2``'s input before the edit (what a tensor hook
+    registered before it sees) and after it."""
     acts = {}
 
     def keep(name):
@@ -507,8 +508,8 @@ def _ln_input_reference(model, ids, edit=False):
         for handle in handles:
             handle.remove()
     grads = torch.autograd.grad(out.logits[:, -1, 3].sum(), [acts["ln_1"], acts["ln_2"]])
-    if edit:
-        grads = (grads[0], acts["before edit"])
+    if edit:  # (torch.autograd.grad: w.r.t. the edited value)
+        grads = (acts["before edit"], grads[1])
     return out.logits.detach(), grads
 
 
@@ -534,21 +535,26 @@ def test_grad_of_an_input_is_the_tensor_s_from_all_its_uses(gpt2, backend):
 def test_a_gradient_read_changes_no_forward_value(gpt2, backend):
     """An in-place edit of ``ln_2``'s input changes the residual too (the same tensor), with
     or without a ``.grad`` read of it (was: reading its gradient made the edit reach
-    ``ln_2`` only: a copy was edited)."""
+    ``ln_2`` only: a copy was edited). A gradient read recorded before the edit is of the
+    value before it, one recorded after the edit of the edited value, as tensor hooks
+    registered where the lines run see them (was: both before)."""
     net = NNsight(gpt2)
     ids = torch.randint(4, 128, (2, 6), generator=torch.Generator().manual_seed(14))
     with net.trace(ids, use_cache=False, backend=backend):
         net.transformer.h[0].ln_2.input[:, 0] = 0
         plain = net.lm_head.output.save()
     with net.trace(ids, use_cache=False, backend=backend):
-        g = net.transformer.h[0].ln_2.input.grad.save()
+        before = net.transformer.h[0].ln_2.input.grad.save()
         net.transformer.h[0].ln_2.input[:, 0] = 0
+        after = net.transformer.h[0].ln_2.input.grad.save()
         read = net.lm_head.output.save()
         net.lm_head.output[:, -1, 3].sum().backward()
-    expected, (_, expected_grad) = _ln_input_reference(gpt2, ids, edit=True)
+    expected, (expected_before, expected_after) = _ln_input_reference(gpt2, ids, edit=True)
+    assert not torch.allclose(expected_before, expected_after)
     torch.testing.assert_close(plain, expected)
     torch.testing.assert_close(read, expected)
-    torch.testing.assert_close(g, expected_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(before, expected_before, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after, expected_after, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

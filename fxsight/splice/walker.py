@@ -58,6 +58,7 @@ class Walker:
         # how many whole writes each site has had: a gradient read after a write is the
         # gradient of the written value (a tap of its own), as it is of a tensor in torch
         self.tap_versions: dict[Site, int] = {}
+        self.read_versions: dict[Node, int] = {}  # the version each read saw
         # in-place changes and raw writes (held apart from the walker: no reference cycle)
         self.shared = SharedMemory(site_aliases or _no_aliases)
 
@@ -121,12 +122,14 @@ class Walker:
             self.current[site] = self._tapped(site, self.site_value(site))
         return self.current[site]
 
-    def _tapped(self, site: Site, value: Any, leaves: set[int] | None = None) -> Any:
+    def _tapped(self, site: Site, value: Any, leaves: set[int] | None = None,
+                position: int | None = None) -> Any:
         """``value`` with a grad tap on every leaf whose gradient the trace uses.
 
         Only gradient reads not walked yet are tapped here (those walked saw an earlier
         value of the site); ``leaves``: only these leaves are new values (after a write),
-        the others keep their taps."""
+        the others keep their taps. ``position``: where the taps go (the site's, unless
+        they follow a later change)."""
         taps: dict[int, str] = {}
         version = self.tap_versions.get(site, 0)
         for node in self.grad_nodes:
@@ -145,7 +148,7 @@ class Walker:
         if not taps or not self.taps_gradients:
             return value
         flat, spec = pytree.tree_flatten(value)
-        position = self.index[site]
+        position = self.index[site] if position is None else position
         for leaf, key in taps.items():
             flat[leaf] = self.call(None, "call_function", grad_tap, (flat[leaf], key), {},
                                    position)
@@ -162,6 +165,21 @@ class Walker:
         changed = {i for i, leaf in enumerate(new_leaves)
                    if i >= len(old_leaves) or leaf is not old_leaves[i]}
         return self._tapped(site, new, changed)
+
+    def _retapped_after_change(self, node: Node, position: int) -> None:
+        """After ``node`` changed the memory of a read in place: gradient reads recorded
+        after it are of the changed value, from taps registered after the change (as a
+        tensor hook registered after an in-place change sees it; those before see the
+        gradient of the value before the change)."""
+        root = read_root(node.args[0]) if node.args else None
+        if root is None:
+            return
+        site = root.site
+        if site not in self.current or \
+                self.read_versions.get(root) != self.tap_versions.get(site, 0):
+            return  # (a value the site no longer holds)
+        self.tap_versions[site] = self.tap_versions.get(site, 0) + 1
+        self.current[site] = self._tapped(site, self.current[site], position=position)
 
     def on_tapped(self, site: Site) -> None:
         """Domain hook: ``site``'s value now carries a grad tap."""
@@ -186,6 +204,7 @@ class Walker:
                 (leaf, rows.start, rows.stop, rows.total), {}, position))
         self.values[node] = value
         self.positions[node] = position
+        self.read_versions[node] = self.tap_versions.get(site, 0)
 
     def _arg_position(self, value: Any) -> int:
         return max([self.positions[n] for n in node_args(value)], default=BEFORE_ALL)
@@ -320,6 +339,8 @@ class Walker:
         self.positions[node] = position
         if node.mutation:
             self.shared.note_change(node, position)
+            if self.grad_nodes:
+                self._retapped_after_change(node, position)
 
     def is_value(self, leaf: Any) -> bool:
         """Whether a leaf of a site's value is a runtime value (not a Python constant)."""
