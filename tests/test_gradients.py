@@ -574,3 +574,36 @@ def test_gradients_of_an_input_that_requires_grad_leave_no_hook(backend):
         torch.testing.assert_close(g, expected)
         torch.testing.assert_close(x.grad, expected * 2)
         assert not x._backward_hooks
+
+
+def test_grad_taps_report_from_autograd_s_other_threads():
+    """A CUDA backward calls tensor hooks on its device thread, not the one that called
+    backward(): a grad tap reports to its own run's backward phase from any thread (was:
+    a thread-local lookup, which found no phase there, so the gradient was never
+    computed). Simulated on CPU by calling the tap's hook from another thread."""
+    import threading
+
+    from fxsight.splice.gradients import TapHooks, grad_tap, set_active_sink
+
+    class Sink:
+        def __init__(self):
+            self.seen = []
+
+        def on_grad(self, key, grad):
+            self.seen.append((key, threading.get_ident()))
+            return grad * 2
+
+    value = torch.ones(3, requires_grad=True) * 1
+    sink = Sink()
+    with TapHooks():
+        assert grad_tap(value, "site/0") is value
+        set_active_sink(sink)
+        (hook,) = value._backward_hooks.values()
+        returned = []
+        worker = threading.Thread(target=lambda: returned.append(hook(torch.ones(3))))
+        worker.start()
+        worker.join()
+    assert [key for key, _ in sink.seen] == ["site/0"]
+    assert sink.seen[0][1] != threading.get_ident()
+    torch.testing.assert_close(returned[0], torch.full((3,), 2.0))
+    assert not value._backward_hooks  # (removed when the run's taps end)

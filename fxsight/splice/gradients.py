@@ -34,22 +34,47 @@ class GradientSink(Protocol):
         """Take the gradient reported under ``key``; return the gradient to pass on."""
 
 
-def active_sink() -> GradientSink | None:
-    """This thread's running backward phase, if any."""
-    return getattr(_STATE, "phase", None)
+class TapHooks:
+    """One run's grad taps: ``with TapHooks():`` around a run that taps gradients. The
+    tensor hooks its taps register report to its ``sink`` (the run's backward phase, once
+    it runs) from whichever thread autograd calls them on (a CUDA backward calls them on
+    its device thread, where this thread's state is not seen), and are removed when it
+    ends (no hook is left on a tensor the caller keeps, such as an input that requires
+    grad)."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+        self.sink: GradientSink | None = None
+        self.previous: TapHooks | None = None
+
+    def __enter__(self) -> "TapHooks":
+        self.previous = getattr(_STATE, "taps", None)
+        _STATE.taps = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.sink = None
+        _STATE.taps = self.previous
 
 
 def set_active_sink(sink: GradientSink | None) -> None:
-    _STATE.phase = sink
+    """Make ``sink`` (or nothing) the receiver of the running taps' gradients: those of
+    the innermost ``TapHooks`` open in this thread."""
+    taps = getattr(_STATE, "taps", None)
+    if taps is not None:
+        taps.sink = sink
 
 
-def _report(key: str, grad: torch.Tensor) -> torch.Tensor | None:
-    """A grad tap's tensor hook: the running backward phase takes the gradient (and may
-    return another); outside one, the gradient passes unchanged."""
-    phase = active_sink()
-    if phase is None:
+def _report(taps: TapHooks | None, key: str, grad: torch.Tensor) -> torch.Tensor | None:
+    """A grad tap's tensor hook: the run's backward phase takes the gradient (and may
+    return another); outside it, the gradient passes unchanged."""
+    sink = taps.sink if taps is not None else None
+    if sink is None:
         return None
-    return phase.on_grad(key, grad)
+    return sink.on_grad(key, grad)
 
 
 @torch.compiler.disable
@@ -57,31 +82,15 @@ def grad_tap(value: Any, key: str) -> Any:
     """``value`` itself; in ``backward()``, its gradient is reported under ``key``.
 
     The gradient is the tensor's, from all its uses, as a hook registered on it in torch
-    sees it (a block's input is also the residual the block adds back): a tensor hook,
-    removed when the trace's backward phase ends (:class:`TapHooks`). Compiled graphs
-    break around it (it must run on the real tensor)."""
+    sees it (a block's input is also the residual the block adds back): a tensor hook of
+    the run's :class:`TapHooks`, removed when the trace's backward phase ends. Compiled
+    graphs break around it (it must run on the real tensor)."""
     if isinstance(value, torch.Tensor) and value.requires_grad:
-        handle = value.register_hook(functools.partial(_report, key))
-        hooks = getattr(_STATE, "hooks", None)
-        if hooks is not None:
-            hooks.append(handle)
+        taps = getattr(_STATE, "taps", None)
+        handle = value.register_hook(functools.partial(_report, taps, key))
+        if taps is not None:
+            taps.handles.append(handle)
     return value
-
-
-class TapHooks:
-    """``with TapHooks():`` around a run that taps gradients: the tensor hooks its grad
-    taps register are removed when it ends (no hook is left on a tensor the caller
-    keeps, such as an input that requires grad)."""
-
-    def __enter__(self) -> "TapHooks":
-        self.previous = getattr(_STATE, "hooks", None)
-        _STATE.hooks = []
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for handle in _STATE.hooks:
-            handle.remove()
-        _STATE.hooks = self.previous
 
 
 def is_backward_root(node: Node) -> bool:
