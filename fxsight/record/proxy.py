@@ -36,7 +36,6 @@ _SHADOWED_FIELDS = frozenset(name for t in _RETURN_TYPES
 _COMMON_FIELDS = frozenset({"values", "indices"})
 
 
-
 def _autograd_backward(tensors: Any, grad_tensors: Any = None, retain_graph: Any = None,
                        create_graph: bool = False, inputs: Any = None) -> Any:
     """``torch.autograd.backward(loss, ...)`` on a traced value: ``loss.backward(...)``."""
@@ -55,6 +54,7 @@ def _autograd_backward(tensors: Any, grad_tensors: Any = None, retain_graph: Any
     if inputs is not None:
         kwargs["inputs"] = inputs
     return tensors.backward(grad_tensors, **kwargs)
+
 
 class Proxy:
     """A value of the running model seen from inside a ``trace`` block.

@@ -144,6 +144,6 @@ def leaf_index(structure: Any, accessor: str, keys: list[Any]) -> int | None:
 
 
 def tap_key(site: Site, leaf: int, version: int = 0) -> str:
-    """The key a grad tap reports under: the site's leaf, and after ``version`` whole
-    writes of the site, that version of its value."""
+    """The key a grad tap reports under: the site's leaf, and after ``version`` changes
+    of the site's value (whole writes, in-place changes), that version of it."""
     return f"{site.label}/{leaf}" + (f"@{version}" if version else "")

@@ -55,8 +55,9 @@ class Walker:
         self.grad_nodes = [n for n in self.backward_nodes
                            if n.kind in (Kind.GRAD, Kind.GRAD_WRITE)]
         self.grad_keys: dict[Node, str] = {}
-        # how many whole writes each site has had: a gradient read after a write is the
-        # gradient of the written value (a tap of its own), as it is of a tensor in torch
+        # how many times each site's value has changed (whole writes, in-place changes): a
+        # gradient read after a change is the changed value's (a tap of its own), as a
+        # tensor hook registered after it sees it in torch
         self.tap_versions: dict[Site, int] = {}
         self.read_versions: dict[Node, int] = {}  # the version each read saw
         # in-place changes and raw writes (held apart from the walker: no reference cycle)
