@@ -399,6 +399,48 @@ def test_a_view_returned_by_an_operation_keeps_aliasing(backend):
     assert torch.equal(out, expected)
 
 
+class _Loop(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        for _ in range(3):  # one operation, three calls
+            x = torch.tanh(self.fc(x))
+        return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_operation_called_several_times_in_tracer_iter(backend):
+    """``for i in tracer.iter[...]`` reads and writes an operation's i-th call, as a
+    module's (was: every pass read and wrote the first call)."""
+    torch.manual_seed(0)
+    module = _Loop()
+    net = NNsight(module)
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        calls, h = [], x
+        for _ in range(3):
+            h = torch.tanh(module.fc(h))
+            calls.append(h)
+        # by hand: the second call's output zeroed in column 0
+        h = torch.tanh(module.fc(torch.tanh(module.fc(x))))
+        h[:, 0] = 0
+        expected = torch.tanh(module.fc(h))
+        with net.trace(x, backend=backend) as tracer:
+            outs = fxsight.save(list())
+            for i in tracer.iter[:]:
+                outs.append(net.source.torch_tanh_0.output)
+        with net.trace(x, backend=backend) as tracer:
+            with tracer.iter[1]:
+                net.source.torch_tanh_0.output[:, 0] = 0
+            out = net.output.save()
+    assert len(outs) == 3
+    for got, want in zip(outs, calls):
+        assert torch.equal(got, want)
+    assert torch.equal(out, expected)
+
+
 def test_plot_attention_shows_the_patterns_read_through_source(gpt2, ids, tmp_path):
     from fxsight.patching import plot_attention
     net = NNsight(gpt2)

@@ -120,7 +120,11 @@ class OperationEnvoy:
         return recorder
 
     def _site(self, kind: str) -> Site:
-        return Site(self._path, kind, self._call)
+        """The site of this operation's ``kind`` values: its ``call``-th call inside
+        ``for call in tracer.iter[...]`` (as a module's), else its first."""
+        tracer = current_tracer(self._source._root)
+        call = tracer.recorder.scope.call if tracer is not None else None
+        return Site(self._path, kind, self._call if call is None else call)
 
     @property
     def output(self) -> Proxy:
