@@ -193,3 +193,47 @@ def test_exported_model_keeps_the_models_parameter_names():
     tuned = {k: v + 1 for k, v in net.state_dict().items() if k in exported.state_dict()}
     exported.load_state_dict(tuned)
     assert torch.equal(exported.state_dict()["layer1.weight"], tuned["layer1.weight"])
+
+
+# --- edits of operations inside a forward (.source) -------------------------------------
+class _Relu(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.out = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return self.out(h * 2)
+
+
+def test_an_edit_of_an_operation_applies_in_scans_later_edits_and_export():
+    """An edit written on ``.source`` (was: a scan of the edited model, an edit of it with
+    inputs and its export all raised that the operation's line is not reached: their
+    forward was not instrumented for the edit's operations)."""
+    torch.manual_seed(0)
+    module = _Relu()
+    x = torch.randn(4, 3)
+    with torch.no_grad():  # by hand: the relu's column 0 set to 5
+        h = torch.relu(module.fc(x))
+        h[:, 0] = 5.0
+        expected = module.out(h * 2)
+    model = NNsight(module)
+    with model.edit() as edited:
+        model.source.torch_relu_0.output[:, 0] = 5.0
+    for backend in BACKENDS:
+        with torch.no_grad(), edited.trace(x, backend=backend):
+            out = edited.output.save()
+        assert torch.equal(out, expected)
+    with edited.scan(x):
+        shape = edited.output.shape
+    assert shape == (4, 2)
+    with edited.edit(x) as second:  # (inputs: checked against the first edit too)
+        edited.out.output[:] = edited.out.output + 1
+    with torch.no_grad(), second.trace(x):
+        out = second.output.save()
+    assert torch.equal(out, expected + 1)
+    exported = edited.export(x)
+    with torch.no_grad():
+        assert torch.equal(exported(x), expected)
+
