@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+import fxsight
 from fxsight import NNsight, ShapeError, TraceError
 from models import mlp, tiny_gpt2
 
@@ -237,3 +238,41 @@ def test_an_edit_of_an_operation_applies_in_scans_later_edits_and_export():
     with torch.no_grad():
         assert torch.equal(exported(x), expected)
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edits_apply_in_generate_at_the_first_step(gpt2, backend):
+    """``edited.generate(...)`` runs the edits as nnsight runs an edit's interventions: as
+    lines written outside ``tracer.iter``, at the first step (was: generate ignored the
+    edits, silently)."""
+    from fxsight import LanguageModel
+
+    x, steer = _ids(4)[:, :5], _steer() * 3
+
+    def first_call_only(module, args, output, calls=[]):
+        calls.append(1)
+        return output + steer if len(calls) == 1 else output
+
+    handle = gpt2.transformer.h[0].register_forward_hook(first_call_only)
+    try:
+        with torch.no_grad():
+            expected = gpt2.generate(x, max_new_tokens=3, do_sample=False,
+                                     output_scores=True, return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    model = LanguageModel(gpt2)
+    with model.edit() as edited:
+        model.transformer.h[0].output = model.transformer.h[0].output + steer
+    with torch.no_grad(), edited.generate(x, max_new_tokens=3, do_sample=False,
+                                          backend=backend) as tracer:
+        scores = fxsight.save(list())
+        for _ in tracer.all():
+            scores.append(edited.lm_head.output[:, -1])
+        tokens = tracer.result.save()
+    assert torch.equal(tokens, expected.sequences)
+    assert len(scores) == 3
+    for got, want in zip(scores, expected.scores):
+        assert torch.allclose(got, want, atol=1e-5)
+    with torch.no_grad(), model.generate(x, max_new_tokens=1, do_sample=False,
+                                         backend=backend):
+        plain = model.lm_head.output[:, -1].save()  # the unedited wrapper: no edit
+    assert not torch.allclose(plain, expected.scores[0], atol=1e-3)
