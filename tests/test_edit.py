@@ -276,3 +276,23 @@ def test_edits_apply_in_generate_at_the_first_step(gpt2, backend):
                                          backend=backend):
         plain = model.lm_head.output[:, -1].save()  # the unedited wrapper: no edit
     assert not torch.allclose(plain, expected.scores[0], atol=1e-3)
+
+
+def test_an_edit_inside_a_session():
+    """An edit in a session whose block holds a traced value in a variable (was: the
+    session saved it, and the edit failed with "an edit cannot save values")."""
+    net = mlp()
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    model = NNsight(net)
+    with model.session():
+        with model.edit() as edited:
+            hidden = model.layer1.output
+            model.layer1.output = hidden * 0
+        with edited.trace(x):
+            out = edited.output.save()
+    with torch.no_grad():
+        expected = net.layer3(net.act2(net.layer2(net.act1(net.layer1(x) * 0))))
+    assert torch.equal(out, expected)
+    with pytest.raises(TraceError, match="an edit cannot save"):  # saving is still refused
+        with model.session(), model.edit():
+            fxsight.save(list()).append(model.layer1.output)

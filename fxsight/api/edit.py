@@ -81,6 +81,14 @@ class EditTracer(Tracer):
         super().__enter__()
         return self.edited
 
+    def _save_reachable(self, kept: list, frame: Any) -> None:
+        """Only what the block itself asked to save (``fxsight.save(obj)`` on an object of
+        its own, an error at the end): inside a session, the proxies an edit leaves in the
+        caller's variables or the session's objects are no values a later trace can use,
+        and are not saved."""
+        if self._kept:
+            super()._save_reachable(self._kept, None)
+
     def _execute(self) -> None:
         program = self.program
         if program.saves:
