@@ -262,6 +262,49 @@ def test_source_outside_a_trace_needs_one(gpt2):
         net.transformer.h[0].attn.source.attention_interface_0.source  # noqa: B018
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nested_source_in_an_edit_without_inputs(ids, backend):
+    """``op.source`` in ``model.edit()`` without inputs is the function the last trace
+    that looked found, as outside a trace (was: "shapes are unknown before the trace has
+    an input"); where no trace looked, an error saying to give the edit its inputs."""
+    model = tiny_gpt2(attn_implementation="eager")
+    net = NNsight(model)
+    with pytest.raises(TraceError, match=r"no inputs: give it the model's inputs"):
+        with net.edit():
+            net.transformer.h[0].attn.source.attention_interface_0.source  # noqa: B018
+    assert net._edits == []
+    with net.trace(ids, use_cache=False):
+        net.transformer.h[0].attn.source.attention_interface_0.source  # noqa: B018
+    with net.edit() as edited:
+        inner = net.transformer.h[0].attn.source.attention_interface_0.source
+        inner.nn_functional_softmax_0.output[:, 1] = 0
+    with torch.no_grad(), edited.trace(ids, use_cache=False, backend=backend):
+        logits = edited.output.logits.save()
+
+    def zero_head(module, args, kwargs, output):  # by hand: head 1's probabilities zeroed
+        hidden = args[0]
+        batch, length, _ = hidden.shape
+        heads, size = module.num_heads, module.head_dim
+        q, k, v = module.c_attn(hidden).split(module.split_size, dim=2)
+        q, k, v = (t.view(batch, length, heads, size).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / size ** 0.5
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        probabilities = scores.masked_fill(~causal, torch.finfo(scores.dtype).min).softmax(-1)
+        probabilities[:, 1] = 0
+        mixed = (probabilities @ v).transpose(1, 2).reshape(batch, length, heads * size)
+        return module.c_proj(mixed), output[1]
+
+    handle = model.transformer.h[0].attn.register_forward_hook(zero_head, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            expected = model(ids, use_cache=False).logits
+    finally:
+        handle.remove()
+    assert torch.allclose(logits, expected, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, use_cache=False).logits, expected, atol=1e-3)
+
+
 def test_operation_not_reached(gpt2, ids):
     net = NNsight(gpt2)
     with pytest.raises(TraceError, match="self_q_attn_0"):

@@ -159,16 +159,22 @@ class OperationEnvoy:
         pass: inside a trace, of its inputs; outside, of the last trace that looked)."""
         root = self._source._root
         tracer = current_tracer(root)
-        if tracer is not None:
+        if tracer is not None and tracer.invokes:
             callees = tracer.callees({self._path}, tracer.recorder.scope.invoke)
             _CALLEES.setdefault(root, {}).update(callees)
-        else:
+        else:  # (outside a trace, or in one without inputs: an edit's, as the last trace)
             callees = _CALLEES.get(root, {})
         if self._path not in callees:
             if tracer is None:
                 raise TraceError(at_line(
                     f"{self.label} calls a function known only once the model runs: use "
                     f".source of it inside a trace (`with model.trace(...):`)",
+                    user_line()))
+            if not tracer.invokes:
+                raise TraceError(at_line(
+                    f"{self.label} calls a function known only once the model runs, and "
+                    f"this block has no inputs: give it the model's inputs "
+                    f"(`model.edit(inputs)`), or use .source of it in a trace first",
                     user_line()))
             raise TraceError(at_line(
                 f"{self.label} is not called in this forward pass (its line is not "
