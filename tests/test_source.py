@@ -442,6 +442,40 @@ def test_a_view_returned_by_an_operation_keeps_aliasing(backend):
     assert torch.equal(out, expected)
 
 
+class _Text(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        note = """
+a line at column 0 (a method whose source cannot be dedented as a whole)
+"""
+        assert note
+        return torch.relu(self.fc(x)) * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_forward_with_a_string_at_column_0(backend):
+    """A forward holding a multi-line string with lines left of its ``def`` has its
+    operations (was: ``.source`` raised IndentationError)."""
+    torch.manual_seed(0)
+    module = _Text()
+    net = NNsight(module)
+    assert net.source.operations == ["self_fc_0", "torch_relu_0"]
+    assert "column 0" in str(net.source) and "def forward(self, x):" in str(net.source)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        with net.trace(x, backend=backend):
+            relu = net.source.torch_relu_0.output.save()
+            net.source.torch_relu_0.output[:, 0] = 1.0
+            out = net.output.save()
+        expected = torch.relu(module.fc(x))
+        expected[:, 0] = 1.0  # (the saved tensor is the one edited in place)
+        assert torch.equal(relu, expected)
+        assert torch.equal(out, expected * 2)
+
+
 class _Loop(torch.nn.Module):
     def __init__(self):
         super().__init__()
