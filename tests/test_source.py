@@ -379,6 +379,42 @@ def test_an_operation_changing_its_argument_in_place(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_replaced_argument_of_an_operation_changing_it_in_place(backend):
+    """``F.relu(h, inplace=True)`` given a written value changes that value, not ``h``,
+    as calling it on the value by hand does (was: the change was copied into ``h``, on fx
+    and hooks); an in-place edit of the argument still edits ``h`` itself."""
+    torch.manual_seed(0)
+    module = _InPlace()
+    net = NNsight(module)
+    x = torch.randn(4, 3)
+    value = torch.full((4, 3), -1.0)
+    value[:, 0] = 3.0
+    with torch.no_grad():
+        h = module.fc(x)
+        edited = h.clone()
+        edited[:, 1] = 2.0
+        with net.trace(x, backend=backend):  # the argument replaced: h is as it was
+            net.source.torch_nn_functional_relu_0.input = value
+            relu = net.source.torch_nn_functional_relu_0.output.save()
+            replaced = net.output.save()
+        with net.trace(backend=backend) as tracer:  # invoke 1's rows replaced
+            with tracer.invoke(x[:2]):
+                pass
+            with tracer.invoke(x[2:]):
+                net.source.torch_nn_functional_relu_0.input = value[2:]
+            with tracer.invoke():
+                rows = net.output.save()
+        with net.trace(x, backend=backend):  # edited in place: h itself changes
+            net.source.torch_nn_functional_relu_0.input[:, 1] = 2.0
+            in_place = net.output.save()
+    assert torch.equal(relu, torch.relu(value))
+    assert torch.equal(value[0], torch.tensor([3.0, -1.0, -1.0]))  # (the caller's: as it was)
+    assert torch.equal(replaced, h * 2)
+    assert torch.equal(rows, h * 2)
+    assert torch.equal(in_place, torch.relu(edited) * 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_moe_router_logits(backend):
     from transformers import MixtralConfig, MixtralForCausalLM
 

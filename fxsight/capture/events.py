@@ -47,10 +47,15 @@ class ModuleEvents:
     """
 
     def __init__(self, model: torch.nn.Module, on_event: EventHandler,
-                 only: set[str] | None = None, operations: frozenset = frozenset()):
+                 only: set[str] | None = None, operations: frozenset = frozenset(),
+                 copy_back: bool = False):
         self.model = model
         self.on_event = on_event
         self.only = only
+        # ``on_event`` gives operations copies of their arguments (boundary markers): what
+        # an operation changes in place in one is copied back to the argument. Otherwise
+        # a value it gives is a written one, and the model's argument stays as it is.
+        self.copy_back = copy_back
         # the operations spec (see ``capture.operations``): calls inside forwards that are
         # events too, sites ``<module>.source.<op>``; ``callees``: op path -> the function
         # it called (the last call)
@@ -125,7 +130,7 @@ class ModuleEvents:
                 new = self.on_event(site, (args, kwargs))
                 moved = []
                 if new is not None:
-                    moved = _replaced((args, kwargs), new)
+                    moved = _replaced((args, kwargs), new) if self.copy_back else []
                     args, kwargs = new
                 output = target(*args, **kwargs)
                 for original, given, version in moved:
