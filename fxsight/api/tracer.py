@@ -477,6 +477,8 @@ class Tracer:
     def _operation_paths(self) -> set[str]:
         """The paths of the operation sites (``.source``) of this trace: those recorded
         in it, and those of the edits seeded into its Program (``model.edit()``)."""
+        if not getattr(self.model, "_edits", None):  # (the common case: no edits)
+            return self.recorder.operations
         edited = {path for path in self.program.site_paths
                   if f".{SOURCE}." in f".{path}."}
         return self.recorder.operations | edited if edited else self.recorder.operations
