@@ -24,7 +24,7 @@ from ..record.proxy import Proxy
 from ..record.recorder import Recorder
 from ..record.scope import ALL, Scope, Steps, resolve_choice
 from ..record.sites import OUTPUT, Site, is_operation
-from ..capture.operations import SOURCE, spec_for
+from ..capture.operations import spec_for
 from ..run.forward import metadata_source, run_program
 from ..run.options import RunOptions
 from ..splice.rows import Rows
@@ -479,8 +479,7 @@ class Tracer:
         in it, and those of the edits seeded into its Program (``model.edit()``)."""
         if not getattr(self.model, "_edits", None):  # (the common case: no edits)
             return self.recorder.operations
-        edited = {path for path in self.program.site_paths
-                  if f".{SOURCE}." in f".{path}."}
+        edited = {path for path in self.program.site_paths if is_operation(path)}
         return self.recorder.operations | edited if edited else self.recorder.operations
 
     def callees(self, paths: set[str], invoke: int | None) -> dict:
