@@ -305,6 +305,48 @@ def test_nested_source_in_an_edit_without_inputs(ids, backend):
         assert not torch.allclose(model(ids, use_cache=False).logits, expected, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_module_dispatched_by_accelerate(ids, backend):
+    """A module accelerate dispatched (``add_hook_to_module``: a ``forward`` of the
+    instance's own around ``_old_forward``) has its forward's operations, as in nnsight
+    (was: "the module has a forward of its own"); its attributes are as they were."""
+    import copy
+
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_gpt2(attn_implementation="eager")
+    plain = copy.deepcopy(model)
+    for layer in model.transformer.h:
+        add_hook_to_module(layer.attn, AlignDevicesHook(execution_device="cpu",
+                                                        io_same_device=True))
+    slots = ("forward", "_old_forward", "_hf_hook")
+    before = {name: {key: vars(module)[key] for key in slots if key in vars(module)}
+              for name, module in model.named_modules()}
+    expected = plain(ids, use_cache=False, output_attentions=True).attentions
+    results = {}
+    for name, which in (("dispatched", model), ("plain", plain)):
+        net = NNsight(which)
+        with torch.no_grad(), net.trace(ids, use_cache=False, backend=backend):
+            first = net.transformer.h[0].attn.source.attention_interface_0
+            pattern = first.source.nn_functional_softmax_0.output.save()
+            second = net.transformer.h[1].attn.source.attention_interface_0
+            second.source.nn_functional_softmax_0.output[:, 2] = 0
+            zeroed = second.output[1].save()
+            logits = net.output.logits.save()
+        results[name] = logits
+    assert torch.allclose(pattern, expected[0], atol=1e-6)
+    assert torch.equal(zeroed[:, 2], torch.zeros_like(zeroed[:, 2]))
+    assert torch.allclose(zeroed[:, 3], expected[1][:, 3], atol=1e-6)
+    assert torch.allclose(results["dispatched"], results["plain"], atol=1e-6)
+    after = {name: {key: vars(module)[key] for key in slots if key in vars(module)}
+             for name, module in model.named_modules()}
+    assert before.keys() == after.keys()
+    for name, attributes in before.items():  # (accelerate's forward and _old_forward)
+        assert attributes.keys() == after[name].keys()
+        assert all(after[name][key] is value for key, value in attributes.items())
+    assert any(attributes for attributes in before.values())
+
+
 def test_operation_not_reached(gpt2, ids):
     net = NNsight(gpt2)
     with pytest.raises(TraceError, match="self_q_attn_0"):

@@ -18,7 +18,7 @@ import difflib
 import weakref
 from typing import Any, Callable
 
-from ..capture.operations import SOURCE, Parsed, SourceError, describe, parse
+from ..capture.operations import SOURCE, Parsed, SourceError, describe, forward_slot, parse
 from ..errors import TraceError, at_line, user_line
 from ..record.active import current_tracer
 from ..record.proxy import Proxy
@@ -245,7 +245,7 @@ def source_of(envoy: Any) -> SourceEnvoy:
     """``envoy.source``: the operations of the module's ``forward``."""
     module = envoy._module
     label = module_label(envoy._path)
-    if "forward" in vars(module):
+    if forward_slot(module) is None:
         raise TraceError(at_line(
             f"{label}.source: the module has a forward of its own (an instance attribute); "
             f"only its class's forward can be instrumented", user_line()))

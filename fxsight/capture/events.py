@@ -36,6 +36,9 @@ def _replaced(before: Any, after: Any) -> list:
             if isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor) and o is not n]
 
 
+_ABSENT = object()  # (an instance attribute that was not there)
+
+
 class ModuleEvents:
     """Calls a handler at each module's inputs and output, counting calls per module.
 
@@ -77,13 +80,14 @@ class ModuleEvents:
             if self.operations:
                 for module, path in module_paths(self.model).items():
                     tree = ops.tree_of(self.operations, ops.module_forward(module))
-                    if tree is None or "forward" in vars(module):
+                    slot = ops.forward_slot(module)
+                    if tree is None or slot is None:
                         continue  # (a forward of the instance's own is not instrumented)
                     prefix = f"{path}.{ops.SOURCE}" if path else ops.SOURCE
                     function = ops.instrumented(ops.module_forward(module),
                                                 self._dispatcher(prefix, tree))
-                    vars(module)["forward"] = types.MethodType(function, module)
-                    forwards.append(module)
+                    forwards.append((module, slot, vars(module).get(slot, _ABSENT)))
+                    vars(module)[slot] = types.MethodType(function, module)
             for module, path in module_paths(self.model).items():
                 if self.only is not None and path not in self.only:
                     continue
@@ -95,10 +99,12 @@ class ModuleEvents:
         finally:
             for handle in handles:
                 handle.remove()
-            for module in forwards:
-                forward = vars(module).get("forward")
-                if getattr(forward, ops.MARK, False):
-                    del vars(module)["forward"]
+            for module, slot, before in forwards:
+                if getattr(vars(module).get(slot), ops.MARK, False):
+                    if before is _ABSENT:
+                        del vars(module)[slot]
+                    else:  # (accelerate's ``_old_forward``, put back)
+                        vars(module)[slot] = before
 
     def _dispatcher(self, prefix: str, tree: dict) -> Any:
         """The ``__fxsight_op__`` of a function instrumented under ``prefix``

@@ -273,6 +273,22 @@ def module_forward(module: torch.nn.Module) -> Callable:
     return type(module).forward
 
 
+def forward_slot(module: torch.nn.Module) -> str | None:
+    """The instance attribute an instrumented forward is bound to while events are
+    installed: ``"forward"``; ``"_old_forward"`` for a module accelerate dispatched
+    (``add_hook_to_module`` gives the instance a ``forward`` of its own, which runs its
+    hook around ``module._old_forward``, the class's ``forward`` bound); ``None`` for any
+    other ``forward`` of the instance's own (not instrumented)."""
+    attributes = vars(module)
+    if "forward" not in attributes:
+        return "forward"
+    old = attributes.get("_old_forward")
+    if "_hf_hook" in attributes and getattr(old, "__func__", None) is type(module).forward \
+            and getattr(old, "__self__", None) is module:
+        return "_old_forward"
+    return None
+
+
 def spec_for(model: torch.nn.Module, paths: Any) -> frozenset:
     """The operations spec the sites at ``paths`` need (empty where none is an
     operation)."""
