@@ -347,6 +347,46 @@ def test_a_module_dispatched_by_accelerate(ids, backend):
     assert any(attributes for attributes in before.values())
 
 
+class _Sae(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(3, 6)
+        self.dec = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+class _WithSae(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.sae = _Sae()
+
+    def forward(self, x):
+        return self.sae(self.fc(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_operation_inside_a_call_with_hook_true(backend):
+    """After ``net.sae(h, hook=True)``, ``net.sae.source.<op>`` is refused, naming that
+    call, as the module's envoys are where the forward also runs it (was: it read the
+    forward's call, silently); before it, it is the forward's call."""
+    torch.manual_seed(0)
+    module = _WithSae()
+    net = NNsight(module)
+    x = torch.randn(2, 3)
+    with torch.no_grad(), net.trace(x, backend=backend):
+        before = net.sae.source.torch_relu_0.output.save()
+        net.sae(net.fc.output * 2, hook=True)
+    with torch.no_grad():
+        assert torch.equal(before, torch.relu(module.sae.enc(module.fc(x))))
+    with pytest.raises(TraceError, match=r"model.sae was called with hook=True"):
+        with torch.no_grad(), net.trace(x, backend=backend):
+            net.sae(net.fc.output * 2, hook=True)
+            net.sae.source.torch_relu_0.output.save()
+
+
 def test_operation_not_reached(gpt2, ids):
     net = NNsight(gpt2)
     with pytest.raises(TraceError, match="self_q_attn_0"):

@@ -114,6 +114,14 @@ class OperationEnvoy:
             raise TraceError(at_line(
                 f"{self.label}.{what} is only available inside a trace "
                 f"(`with model.trace(...):`)", user_line()))
+        hooked = _hooked_call_around(tracer, self._path)
+        if hooked is not None:
+            prefix, line = hooked
+            raise TraceError(at_line(
+                f"{self.label}.{what}: {module_label(prefix)} was called with hook=True "
+                f"({line}), and the operations inside it are not sites of that call (only "
+                f"its modules' .output/.input/.inputs are); use the value the call returns "
+                f"or its modules' envoys", user_line()))
         recorder = tracer.recorder
         recorder.check_open()
         recorder.operations.add(self._path)
@@ -200,6 +208,19 @@ class OperationEnvoy:
             marker = "-->" if i == index else "   "
             out.append(f" {marker} {parsed.first_line + i - parsed.def_index:5d}  {lines[i]}")
         return "\n".join(out)
+
+
+def _hooked_call_around(tracer: Any, path: str) -> tuple[str, Any] | None:
+    """``(module path, line)`` of this trace's ``envoy(..., hook=True)`` call that the
+    operation at ``path`` (``<module>.source.<name>...``) is inside, else ``None``."""
+    calls = getattr(tracer, "hooked_calls", None)
+    if not calls:
+        return None
+    module = "" if path.startswith(f"{SOURCE}.") else path.split(f".{SOURCE}.")[0]
+    for prefix, (_, line) in calls.items():
+        if not prefix or module == prefix or module.startswith(prefix + "."):
+            return prefix, line
+    return None
 
 
 def render(parsed: Parsed, title: str) -> str:
