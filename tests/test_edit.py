@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+import fxsight
 from fxsight import NNsight, ShapeError, TraceError
 from models import mlp, tiny_gpt2
 
@@ -193,3 +194,105 @@ def test_exported_model_keeps_the_models_parameter_names():
     tuned = {k: v + 1 for k, v in net.state_dict().items() if k in exported.state_dict()}
     exported.load_state_dict(tuned)
     assert torch.equal(exported.state_dict()["layer1.weight"], tuned["layer1.weight"])
+
+
+# --- edits of operations inside a forward (.source) -------------------------------------
+class _Relu(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.out = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return self.out(h * 2)
+
+
+def test_an_edit_of_an_operation_applies_in_scans_later_edits_and_export():
+    """An edit written on ``.source`` (was: a scan of the edited model, an edit of it with
+    inputs and its export all raised that the operation's line is not reached: their
+    forward was not instrumented for the edit's operations)."""
+    torch.manual_seed(0)
+    module = _Relu()
+    x = torch.randn(4, 3)
+    with torch.no_grad():  # by hand: the relu's column 0 set to 5
+        h = torch.relu(module.fc(x))
+        h[:, 0] = 5.0
+        expected = module.out(h * 2)
+    model = NNsight(module)
+    with model.edit() as edited:
+        model.source.torch_relu_0.output[:, 0] = 5.0
+    for backend in BACKENDS:
+        with torch.no_grad(), edited.trace(x, backend=backend):
+            out = edited.output.save()
+        assert torch.equal(out, expected)
+    with edited.scan(x):
+        shape = edited.output.shape
+    assert shape == (4, 2)
+    with edited.edit(x) as second:  # (inputs: checked against the first edit too)
+        edited.out.output[:] = edited.out.output + 1
+    with torch.no_grad(), second.trace(x):
+        out = second.output.save()
+    assert torch.equal(out, expected + 1)
+    exported = edited.export(x)
+    with torch.no_grad():
+        assert torch.equal(exported(x), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edits_apply_in_generate_at_the_first_step(gpt2, backend):
+    """``edited.generate(...)`` runs the edits as nnsight runs an edit's interventions: as
+    lines written outside ``tracer.iter``, at the first step (was: generate ignored the
+    edits, silently)."""
+    from fxsight import LanguageModel
+
+    x, steer = _ids(4)[:, :5], _steer() * 3
+
+    def first_call_only(module, args, output, calls=[]):
+        calls.append(1)
+        return output + steer if len(calls) == 1 else output
+
+    handle = gpt2.transformer.h[0].register_forward_hook(first_call_only)
+    try:
+        with torch.no_grad():
+            expected = gpt2.generate(x, max_new_tokens=3, do_sample=False,
+                                     output_scores=True, return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    model = LanguageModel(gpt2)
+    with model.edit() as edited:
+        model.transformer.h[0].output = model.transformer.h[0].output + steer
+    with torch.no_grad(), edited.generate(x, max_new_tokens=3, do_sample=False,
+                                          backend=backend) as tracer:
+        scores = fxsight.save(list())
+        for _ in tracer.all():
+            scores.append(edited.lm_head.output[:, -1])
+        tokens = tracer.result.save()
+    assert torch.equal(tokens, expected.sequences)
+    assert len(scores) == 3
+    for got, want in zip(scores, expected.scores):
+        assert torch.allclose(got, want, atol=1e-5)
+    with torch.no_grad(), model.generate(x, max_new_tokens=1, do_sample=False,
+                                         backend=backend):
+        plain = model.lm_head.output[:, -1].save()  # the unedited wrapper: no edit
+    assert not torch.allclose(plain, expected.scores[0], atol=1e-3)
+
+
+def test_an_edit_inside_a_session():
+    """An edit in a session whose block holds a traced value in a variable (was: the
+    session saved it, and the edit failed with "an edit cannot save values")."""
+    net = mlp()
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    model = NNsight(net)
+    with model.session():
+        with model.edit() as edited:
+            hidden = model.layer1.output
+            model.layer1.output = hidden * 0
+        with edited.trace(x):
+            out = edited.output.save()
+    with torch.no_grad():
+        expected = net.layer3(net.act2(net.layer2(net.act1(net.layer1(x) * 0))))
+    assert torch.equal(out, expected)
+    with pytest.raises(TraceError, match="an edit cannot save"):  # saving is still refused
+        with model.session(), model.edit():
+            fxsight.save(list()).append(model.layer1.output)

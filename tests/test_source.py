@@ -262,6 +262,131 @@ def test_source_outside_a_trace_needs_one(gpt2):
         net.transformer.h[0].attn.source.attention_interface_0.source  # noqa: B018
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nested_source_in_an_edit_without_inputs(ids, backend):
+    """``op.source`` in ``model.edit()`` without inputs is the function the last trace
+    that looked found, as outside a trace (was: "shapes are unknown before the trace has
+    an input"); where no trace looked, an error saying to give the edit its inputs."""
+    model = tiny_gpt2(attn_implementation="eager")
+    net = NNsight(model)
+    with pytest.raises(TraceError, match=r"no inputs: give it the model's inputs"):
+        with net.edit():
+            net.transformer.h[0].attn.source.attention_interface_0.source  # noqa: B018
+    assert net._edits == []
+    with net.trace(ids, use_cache=False):
+        net.transformer.h[0].attn.source.attention_interface_0.source  # noqa: B018
+    with net.edit() as edited:
+        inner = net.transformer.h[0].attn.source.attention_interface_0.source
+        inner.nn_functional_softmax_0.output[:, 1] = 0
+    with torch.no_grad(), edited.trace(ids, use_cache=False, backend=backend):
+        logits = edited.output.logits.save()
+
+    def zero_head(module, args, kwargs, output):  # by hand: head 1's probabilities zeroed
+        hidden = args[0]
+        batch, length, _ = hidden.shape
+        heads, size = module.num_heads, module.head_dim
+        q, k, v = module.c_attn(hidden).split(module.split_size, dim=2)
+        q, k, v = (t.view(batch, length, heads, size).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / size ** 0.5
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        probabilities = scores.masked_fill(~causal, torch.finfo(scores.dtype).min).softmax(-1)
+        probabilities[:, 1] = 0
+        mixed = (probabilities @ v).transpose(1, 2).reshape(batch, length, heads * size)
+        return module.c_proj(mixed), output[1]
+
+    handle = model.transformer.h[0].attn.register_forward_hook(zero_head, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            expected = model(ids, use_cache=False).logits
+    finally:
+        handle.remove()
+    assert torch.allclose(logits, expected, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, use_cache=False).logits, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_module_dispatched_by_accelerate(ids, backend):
+    """A module accelerate dispatched (``add_hook_to_module``: a ``forward`` of the
+    instance's own around ``_old_forward``) has its forward's operations, as in nnsight
+    (was: "the module has a forward of its own"); its attributes are as they were."""
+    import copy
+
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_gpt2(attn_implementation="eager")
+    plain = copy.deepcopy(model)
+    for layer in model.transformer.h:
+        add_hook_to_module(layer.attn, AlignDevicesHook(execution_device="cpu",
+                                                        io_same_device=True))
+    slots = ("forward", "_old_forward", "_hf_hook")
+    before = {name: {key: vars(module)[key] for key in slots if key in vars(module)}
+              for name, module in model.named_modules()}
+    expected = plain(ids, use_cache=False, output_attentions=True).attentions
+    results = {}
+    for name, which in (("dispatched", model), ("plain", plain)):
+        net = NNsight(which)
+        with torch.no_grad(), net.trace(ids, use_cache=False, backend=backend):
+            first = net.transformer.h[0].attn.source.attention_interface_0
+            pattern = first.source.nn_functional_softmax_0.output.save()
+            second = net.transformer.h[1].attn.source.attention_interface_0
+            second.source.nn_functional_softmax_0.output[:, 2] = 0
+            zeroed = second.output[1].save()
+            logits = net.output.logits.save()
+        results[name] = logits
+    assert torch.allclose(pattern, expected[0], atol=1e-6)
+    assert torch.equal(zeroed[:, 2], torch.zeros_like(zeroed[:, 2]))
+    assert torch.allclose(zeroed[:, 3], expected[1][:, 3], atol=1e-6)
+    assert torch.allclose(results["dispatched"], results["plain"], atol=1e-6)
+    after = {name: {key: vars(module)[key] for key in slots if key in vars(module)}
+             for name, module in model.named_modules()}
+    assert before.keys() == after.keys()
+    for name, attributes in before.items():  # (accelerate's forward and _old_forward)
+        assert attributes.keys() == after[name].keys()
+        assert all(after[name][key] is value for key, value in attributes.items())
+    assert any(attributes for attributes in before.values())
+
+
+class _Sae(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(3, 6)
+        self.dec = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+class _WithSae(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.sae = _Sae()
+
+    def forward(self, x):
+        return self.sae(self.fc(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_operation_inside_a_call_with_hook_true(backend):
+    """After ``net.sae(h, hook=True)``, ``net.sae.source.<op>`` is refused, naming that
+    call, as the module's envoys are where the forward also runs it (was: it read the
+    forward's call, silently); before it, it is the forward's call."""
+    torch.manual_seed(0)
+    module = _WithSae()
+    net = NNsight(module)
+    x = torch.randn(2, 3)
+    with torch.no_grad(), net.trace(x, backend=backend):
+        before = net.sae.source.torch_relu_0.output.save()
+        net.sae(net.fc.output * 2, hook=True)
+    with torch.no_grad():
+        assert torch.equal(before, torch.relu(module.sae.enc(module.fc(x))))
+    with pytest.raises(TraceError, match=r"model.sae was called with hook=True"):
+        with torch.no_grad(), net.trace(x, backend=backend):
+            net.sae(net.fc.output * 2, hook=True)
+            net.sae.source.torch_relu_0.output.save()
+
+
 def test_operation_not_reached(gpt2, ids):
     net = NNsight(gpt2)
     with pytest.raises(TraceError, match="self_q_attn_0"):
@@ -336,6 +461,42 @@ def test_an_operation_changing_its_argument_in_place(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_replaced_argument_of_an_operation_changing_it_in_place(backend):
+    """``F.relu(h, inplace=True)`` given a written value changes that value, not ``h``,
+    as calling it on the value by hand does (was: the change was copied into ``h``, on fx
+    and hooks); an in-place edit of the argument still edits ``h`` itself."""
+    torch.manual_seed(0)
+    module = _InPlace()
+    net = NNsight(module)
+    x = torch.randn(4, 3)
+    value = torch.full((4, 3), -1.0)
+    value[:, 0] = 3.0
+    with torch.no_grad():
+        h = module.fc(x)
+        edited = h.clone()
+        edited[:, 1] = 2.0
+        with net.trace(x, backend=backend):  # the argument replaced: h is as it was
+            net.source.torch_nn_functional_relu_0.input = value
+            relu = net.source.torch_nn_functional_relu_0.output.save()
+            replaced = net.output.save()
+        with net.trace(backend=backend) as tracer:  # invoke 1's rows replaced
+            with tracer.invoke(x[:2]):
+                pass
+            with tracer.invoke(x[2:]):
+                net.source.torch_nn_functional_relu_0.input = value[2:]
+            with tracer.invoke():
+                rows = net.output.save()
+        with net.trace(x, backend=backend):  # edited in place: h itself changes
+            net.source.torch_nn_functional_relu_0.input[:, 1] = 2.0
+            in_place = net.output.save()
+    assert torch.equal(relu, torch.relu(value))
+    assert torch.equal(value[0], torch.tensor([3.0, -1.0, -1.0]))  # (the caller's: as it was)
+    assert torch.equal(replaced, h * 2)
+    assert torch.equal(rows, h * 2)
+    assert torch.equal(in_place, torch.relu(edited) * 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_moe_router_logits(backend):
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -396,6 +557,82 @@ def test_a_view_returned_by_an_operation_keeps_aliasing(backend):
         with net.trace(x, backend=backend):
             net.source.h_view_0.output.save()
             out = net.output.save()
+    assert torch.equal(out, expected)
+
+
+class _Text(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        note = """
+a line at column 0 (a method whose source cannot be dedented as a whole)
+"""
+        assert note
+        return torch.relu(self.fc(x)) * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_forward_with_a_string_at_column_0(backend):
+    """A forward holding a multi-line string with lines left of its ``def`` has its
+    operations (was: ``.source`` raised IndentationError)."""
+    torch.manual_seed(0)
+    module = _Text()
+    net = NNsight(module)
+    assert net.source.operations == ["self_fc_0", "torch_relu_0"]
+    assert "column 0" in str(net.source) and "def forward(self, x):" in str(net.source)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        with net.trace(x, backend=backend):
+            relu = net.source.torch_relu_0.output.save()
+            net.source.torch_relu_0.output[:, 0] = 1.0
+            out = net.output.save()
+        expected = torch.relu(module.fc(x))
+        expected[:, 0] = 1.0  # (the saved tensor is the one edited in place)
+        assert torch.equal(relu, expected)
+        assert torch.equal(out, expected * 2)
+
+
+class _Loop(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        for _ in range(3):  # one operation, three calls
+            x = torch.tanh(self.fc(x))
+        return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_operation_called_several_times_in_tracer_iter(backend):
+    """``for i in tracer.iter[...]`` reads and writes an operation's i-th call, as a
+    module's (was: every pass read and wrote the first call)."""
+    torch.manual_seed(0)
+    module = _Loop()
+    net = NNsight(module)
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        calls, h = [], x
+        for _ in range(3):
+            h = torch.tanh(module.fc(h))
+            calls.append(h)
+        # by hand: the second call's output zeroed in column 0
+        h = torch.tanh(module.fc(torch.tanh(module.fc(x))))
+        h[:, 0] = 0
+        expected = torch.tanh(module.fc(h))
+        with net.trace(x, backend=backend) as tracer:
+            outs = fxsight.save(list())
+            for i in tracer.iter[:]:
+                outs.append(net.source.torch_tanh_0.output)
+        with net.trace(x, backend=backend) as tracer:
+            with tracer.iter[1]:
+                net.source.torch_tanh_0.output[:, 0] = 0
+            out = net.output.save()
+    assert len(outs) == 3
+    for got, want in zip(outs, calls):
+        assert torch.equal(got, want)
     assert torch.equal(out, expected)
 
 

@@ -23,6 +23,7 @@ import torch.fx as fx
 from .._torch import plain_pickling, pytree, pytree_codegen
 from ..capture.captures import cached_capture
 from ..capture.export import CaptureError, strip_export_checks
+from ..capture.operations import spec_for
 from ..errors import TraceError, at_line
 from ..locks import exclusive_export, model_lock
 from ..record.program import Kind, Node, Program
@@ -80,6 +81,14 @@ class EditTracer(Tracer):
         super().__enter__()
         return self.edited
 
+    def _save_reachable(self, kept: list, frame: Any) -> None:
+        """Only what the block itself asked to save (``fxsight.save(obj)`` on an object of
+        its own, an error at the end): inside a session, the proxies an edit leaves in the
+        caller's variables or the session's objects are no values a later trace can use,
+        and are not saved."""
+        if self._kept:
+            super()._save_reachable(self._kept, None)
+
     def _execute(self) -> None:
         program = self.program
         if program.saves:
@@ -100,7 +109,8 @@ class EditTracer(Tracer):
             args, kwargs, rows = self._batched()
             whole = Program()
             seed(whole, [*edits_of(self.model), edit])
-            MetaWalker(whole, rows, self._metadata_source(args, kwargs)).run()
+            operations = spec_for(self.model._module, whole.site_paths)
+            MetaWalker(whole, rows, self._metadata_source(args, kwargs, operations)).run()
         if not edit.is_empty():
             edits_of(self.edited).append(edit)
         self.backend = "edit"
@@ -119,7 +129,11 @@ def export(model: Any, args: tuple, kwargs: dict) -> fx.GraphModule:
 
 def _export(model: Any, module: torch.nn.Module, args: tuple, kwargs: dict,
             size: int) -> fx.GraphModule:
-    captured = cached_capture(module, args, kwargs)
+    program = Program()
+    seed(program, edits_of(model))
+    # (edits of operations inside a forward, ``.source``: a capture with them marked)
+    operations = spec_for(module, program.site_paths)
+    captured = cached_capture(module, args, kwargs, operations=operations)
     if captured.caches is not None:
         # an exported GraphModule returns tensors: no cache objects (transformers' default
         # call returns one); the cache is left out where the model lets it
@@ -129,13 +143,11 @@ def _export(model: Any, module: torch.nn.Module, args: tuple, kwargs: dict,
                              "which a self-contained graph cannot; call it with "
                              "use_cache=False")
         kwargs = {**kwargs, "use_cache": False}
-        captured = cached_capture(module, args, kwargs)
+        captured = cached_capture(module, args, kwargs, operations=operations)
     if captured.opaque:  # (the graph would call back into fxsight and the module)
         path, reason = next(iter(captured.opaque.items()))
         raise CaptureError(f"model.export needs the whole model captured: module {path!r} "
                            f"runs as an opaque call ({reason})", path)
-    program = Program()
-    seed(program, edits_of(model))
     rows = {None: Rows(0, size, size)}
     MetaWalker(program, rows, captured).run()
     spliced = splice(captured, program, rows, keep_output=True, flat_attributes=False)

@@ -46,6 +46,7 @@ from ..capture import captures as capture
 from ..capture import scan
 from ..errors import TraceError, at_line, user_line
 from ..run import executable as runner
+from .edit import seed
 from .generation import Generator, GeneratorEnvoy
 from .inputs import BATCH_KEYWORDS, check_keywords, describe
 from .nnsight import NNsight
@@ -158,8 +159,11 @@ class LanguageModel(NNsight):
         if not inputs:  # lm.generate(**tokenizer(...), max_new_tokens=n)
             inputs, kwargs = _keyword_input(kwargs)
         self.dispatch_model()
-        return Generator(self, inputs, kwargs,
-                         self._run_options(backend, compile, prune=False))
+        tracer = Generator(self, inputs, kwargs,
+                           self._run_options(backend, compile, prune=False))
+        if self._edits:  # (as nnsight: an edit applies like a line outside tracer.iter)
+            seed(tracer.program, self._edits)
+        return tracer
 
     @property
     def generator(self):

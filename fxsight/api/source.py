@@ -18,7 +18,7 @@ import difflib
 import weakref
 from typing import Any, Callable
 
-from ..capture.operations import SOURCE, Parsed, SourceError, describe, parse
+from ..capture.operations import SOURCE, Parsed, SourceError, describe, forward_slot, parse
 from ..errors import TraceError, at_line, user_line
 from ..record.active import current_tracer
 from ..record.proxy import Proxy
@@ -114,13 +114,25 @@ class OperationEnvoy:
             raise TraceError(at_line(
                 f"{self.label}.{what} is only available inside a trace "
                 f"(`with model.trace(...):`)", user_line()))
+        hooked = _hooked_call_around(tracer, self._path)
+        if hooked is not None:
+            prefix, line = hooked
+            raise TraceError(at_line(
+                f"{self.label}.{what}: {module_label(prefix)} was called with hook=True "
+                f"({line}), and the operations inside it are not sites of that call (only "
+                f"its modules' .output/.input/.inputs are); use the value the call returns "
+                f"or its modules' envoys", user_line()))
         recorder = tracer.recorder
         recorder.check_open()
         recorder.operations.add(self._path)
         return recorder
 
     def _site(self, kind: str) -> Site:
-        return Site(self._path, kind, self._call)
+        """The site of this operation's ``kind`` values: its ``call``-th call inside
+        ``for call in tracer.iter[...]`` (as a module's), else its first."""
+        tracer = current_tracer(self._source._root)
+        call = tracer.recorder.scope.call if tracer is not None else None
+        return Site(self._path, kind, self._call if call is None else call)
 
     @property
     def output(self) -> Proxy:
@@ -155,16 +167,22 @@ class OperationEnvoy:
         pass: inside a trace, of its inputs; outside, of the last trace that looked)."""
         root = self._source._root
         tracer = current_tracer(root)
-        if tracer is not None:
+        if tracer is not None and tracer.invokes:
             callees = tracer.callees({self._path}, tracer.recorder.scope.invoke)
             _CALLEES.setdefault(root, {}).update(callees)
-        else:
+        else:  # (outside a trace, or in one without inputs: an edit's, as the last trace)
             callees = _CALLEES.get(root, {})
         if self._path not in callees:
             if tracer is None:
                 raise TraceError(at_line(
                     f"{self.label} calls a function known only once the model runs: use "
                     f".source of it inside a trace (`with model.trace(...):`)",
+                    user_line()))
+            if not tracer.invokes:
+                raise TraceError(at_line(
+                    f"{self.label} calls a function known only once the model runs, and "
+                    f"this block has no inputs: give it the model's inputs "
+                    f"(`model.edit(inputs)`), or use .source of it in a trace first",
                     user_line()))
             raise TraceError(at_line(
                 f"{self.label} is not called in this forward pass (its line is not "
@@ -190,6 +208,19 @@ class OperationEnvoy:
             marker = "-->" if i == index else "   "
             out.append(f" {marker} {parsed.first_line + i - parsed.def_index:5d}  {lines[i]}")
         return "\n".join(out)
+
+
+def _hooked_call_around(tracer: Any, path: str) -> tuple[str, Any] | None:
+    """``(module path, line)`` of this trace's ``envoy(..., hook=True)`` call that the
+    operation at ``path`` (``<module>.source.<name>...``) is inside, else ``None``."""
+    calls = getattr(tracer, "hooked_calls", None)
+    if not calls:
+        return None
+    module = "" if path.startswith(f"{SOURCE}.") else path.split(f".{SOURCE}.")[0]
+    for prefix, (_, line) in calls.items():
+        if not prefix or module == prefix or module.startswith(prefix + "."):
+            return prefix, line
+    return None
 
 
 def render(parsed: Parsed, title: str) -> str:
@@ -235,7 +266,7 @@ def source_of(envoy: Any) -> SourceEnvoy:
     """``envoy.source``: the operations of the module's ``forward``."""
     module = envoy._module
     label = module_label(envoy._path)
-    if "forward" in vars(module):
+    if forward_slot(module) is None:
         raise TraceError(at_line(
             f"{label}.source: the module has a forward of its own (an instance attribute); "
             f"only its class's forward can be instrumented", user_line()))

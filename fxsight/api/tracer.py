@@ -469,16 +469,25 @@ class Tracer:
 
     def _operations(self) -> frozenset:
         """The operations spec of the sites recorded so far (``.source``)."""
-        if not self.recorder.operations:
+        paths = self._operation_paths()
+        if not paths:
             return frozenset()
-        return spec_for(self.model._module, self.recorder.operations)
+        return spec_for(self.model._module, paths)
+
+    def _operation_paths(self) -> set[str]:
+        """The paths of the operation sites (``.source``) of this trace: those recorded
+        in it, and those of the edits seeded into its Program (``model.edit()``)."""
+        if not getattr(self.model, "_edits", None):  # (the common case: no edits)
+            return self.recorder.operations
+        edited = {path for path in self.program.site_paths if is_operation(path)}
+        return self.recorder.operations | edited if edited else self.recorder.operations
 
     def callees(self, paths: set[str], invoke: int | None) -> dict:
         """The functions operations called (op path -> function) in a forward pass of
         this trace's inputs instrumented for ``paths`` (operation sites' paths)."""
         with model_lock(self.model._module):
             args, kwargs = self._inputs_for_metadata(invoke)
-            operations = spec_for(self.model._module, paths | self.recorder.operations)
+            operations = spec_for(self.model._module, paths | self._operation_paths())
             source = self._metadata_source(args, kwargs, operations)
         return source.callees
 
@@ -508,7 +517,7 @@ class Tracer:
         with model_lock(self.model._module):
             args, kwargs = self._inputs_for_metadata(None)
             source = self._metadata_source(args, kwargs, spec_for(
-                self.model._module, paths | self.recorder.operations))
+                self.model._module, paths | self._operation_paths()))
         return max(sum(1 for site in source.events if site.path == path
                        and site.kind == OUTPUT) for path in paths)
 

@@ -36,6 +36,9 @@ def _replaced(before: Any, after: Any) -> list:
             if isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor) and o is not n]
 
 
+_ABSENT = object()  # (an instance attribute that was not there)
+
+
 class ModuleEvents:
     """Calls a handler at each module's inputs and output, counting calls per module.
 
@@ -47,10 +50,15 @@ class ModuleEvents:
     """
 
     def __init__(self, model: torch.nn.Module, on_event: EventHandler,
-                 only: set[str] | None = None, operations: frozenset = frozenset()):
+                 only: set[str] | None = None, operations: frozenset = frozenset(),
+                 copy_back: bool = False):
         self.model = model
         self.on_event = on_event
         self.only = only
+        # ``on_event`` gives operations copies of their arguments (boundary markers): what
+        # an operation changes in place in one is copied back to the argument. Otherwise
+        # a value it gives is a written one, and the model's argument stays as it is.
+        self.copy_back = copy_back
         # the operations spec (see ``capture.operations``): calls inside forwards that are
         # events too, sites ``<module>.source.<op>``; ``callees``: op path -> the function
         # it called (the last call)
@@ -72,13 +80,14 @@ class ModuleEvents:
             if self.operations:
                 for module, path in module_paths(self.model).items():
                     tree = ops.tree_of(self.operations, ops.module_forward(module))
-                    if tree is None or "forward" in vars(module):
+                    slot = ops.forward_slot(module)
+                    if tree is None or slot is None:
                         continue  # (a forward of the instance's own is not instrumented)
                     prefix = f"{path}.{ops.SOURCE}" if path else ops.SOURCE
                     function = ops.instrumented(ops.module_forward(module),
                                                 self._dispatcher(prefix, tree))
-                    vars(module)["forward"] = types.MethodType(function, module)
-                    forwards.append(module)
+                    forwards.append((module, slot, vars(module).get(slot, _ABSENT)))
+                    vars(module)[slot] = types.MethodType(function, module)
             for module, path in module_paths(self.model).items():
                 if self.only is not None and path not in self.only:
                     continue
@@ -90,10 +99,12 @@ class ModuleEvents:
         finally:
             for handle in handles:
                 handle.remove()
-            for module in forwards:
-                forward = vars(module).get("forward")
-                if getattr(forward, ops.MARK, False):
-                    del vars(module)["forward"]
+            for module, slot, before in forwards:
+                if getattr(vars(module).get(slot), ops.MARK, False):
+                    if before is _ABSENT:
+                        del vars(module)[slot]
+                    else:  # (accelerate's ``_old_forward``, put back)
+                        vars(module)[slot] = before
 
     def _dispatcher(self, prefix: str, tree: dict) -> Any:
         """The ``__fxsight_op__`` of a function instrumented under ``prefix``
@@ -125,7 +136,7 @@ class ModuleEvents:
                 new = self.on_event(site, (args, kwargs))
                 moved = []
                 if new is not None:
-                    moved = _replaced((args, kwargs), new)
+                    moved = _replaced((args, kwargs), new) if self.copy_back else []
                     args, kwargs = new
                 output = target(*args, **kwargs)
                 for original, given, version in moved:

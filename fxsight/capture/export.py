@@ -343,7 +343,7 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         return pytree.tree_unflatten(marked, spec)
 
     events = ModuleEvents(model if events_on is None else events_on, mark,
-                          operations=operations)
+                          operations=operations, copy_back=True)
     before = state.Watch(model, 0)
     changes: list[str] = []
     layout = pytree.tree_structure((tuple(args), dict(kwargs)))

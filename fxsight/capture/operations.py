@@ -147,8 +147,7 @@ def parse(function: Any) -> Parsed:
     except (OSError, TypeError) as error:
         raise SourceError(f"the source of {_describe(function)} is not available "
                           f"({error})") from None
-    text = textwrap.dedent("".join(raw))
-    tree = ast.parse(text)
+    lines, tree = _parsed_lines(raw, function)
     definition = tree.body[0]
     if not isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)):
         raise SourceError(f"the source of {_describe(function)} is not a def statement")
@@ -173,7 +172,6 @@ def parse(function: Any) -> Parsed:
     code = compile(module, filename, "exec")
     namespace: dict[str, Any] = {}
     exec(code, inner.__globals__, namespace)  # (binds the factory in ``namespace`` only)
-    lines = text.splitlines()
     decorators = [(ast.unparse(d), compile(ast.Expression(body=d), filename, "eval"))
                   for d in namer.decorators] if inner is not getattr(
                       function, "__func__", function) else []
@@ -182,6 +180,32 @@ def parse(function: Any) -> Parsed:
     _PARSED[inner] = parsed
     linecache.getlines(filename)  # (keep the file's lines for tracebacks)
     return parsed
+
+
+def _parsed_lines(raw: list[str], function: Any) -> tuple[list[str], ast.Module]:
+    """The dedented lines of a function's source and their syntax tree (line 1: its first
+    line). A method whose body holds a string with lines at a smaller indent than its
+    ``def`` (a multi-line string literal) cannot be dedented as a whole: it is parsed as
+    the body of an ``if`` block, its lines shown without the ``def``'s indent."""
+    text = textwrap.dedent("".join(raw))
+    try:
+        return text.splitlines(), ast.parse(text)
+    except SyntaxError:
+        pass
+    first = raw[0]
+    indent = first[:len(first) - len(first.lstrip())]
+    try:
+        if not indent:
+            raise SyntaxError("not an indentation problem")
+        block = ast.parse("if True:\n" + "".join(raw))
+    except SyntaxError as error:
+        raise SourceError(f"the source of {_describe(function)} could not be parsed "
+                          f"({error})") from None
+    tree = ast.Module(body=block.body[0].body, type_ignores=[])
+    ast.increment_lineno(tree, -1)
+    lines = [line[len(indent):] if line.startswith(indent) else line
+             for line in "".join(raw).splitlines()]
+    return lines, tree
 
 
 # decorators that only change documentation: not applied again (they need the class)
@@ -247,6 +271,22 @@ def split_path(model: torch.nn.Module, path: str, modules: dict | None = None
 def module_forward(module: torch.nn.Module) -> Callable:
     """The function a module's calls run: its class's ``forward``."""
     return type(module).forward
+
+
+def forward_slot(module: torch.nn.Module) -> str | None:
+    """The instance attribute an instrumented forward is bound to while events are
+    installed: ``"forward"``; ``"_old_forward"`` for a module accelerate dispatched
+    (``add_hook_to_module`` gives the instance a ``forward`` of its own, which runs its
+    hook around ``module._old_forward``, the class's ``forward`` bound); ``None`` for any
+    other ``forward`` of the instance's own (not instrumented)."""
+    attributes = vars(module)
+    if "forward" not in attributes:
+        return "forward"
+    old = attributes.get("_old_forward")
+    if "_hf_hook" in attributes and getattr(old, "__func__", None) is type(module).forward \
+            and getattr(old, "__self__", None) is module:
+        return "_old_forward"
+    return None
 
 
 def spec_for(model: torch.nn.Module, paths: Any) -> frozenset:

@@ -22,7 +22,7 @@ from ..capture.export import BOUNDARY, Captured
 from ..record.program import Kind, Program
 from .indices import Lifted, as_selection, count
 from .rows import Rows, conform_to
-from ..record.sites import OUTPUT, Site
+from ..record.sites import OUTPUT, Site, is_operation
 from .walker import BEFORE_ALL, Walker
 
 
@@ -192,8 +192,13 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             if len(new_leaves) == len(old_nodes) else new_leaves
         for old, new in zip(tensor_old, new_nodes):
             if isinstance(new, fx.Node) and new is not old:
+                dropped = _copies_back(old) \
+                    if site.kind != OUTPUT and is_operation(site.path) else []
                 old.replace_all_uses_with(
                     new, delete_user_cb=lambda user: user not in walker.inserted)
+                for copy in dropped:  # (the argument is replaced: the model's is unchanged)
+                    copy.replace_all_uses_with(copy.args[0])
+                    graph.erase_node(copy)
 
     outputs: list[fx.Node] = []
     old_flat = [node_map[a] if isinstance(a, fx.Node) else a
@@ -265,6 +270,39 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
                    layout.skeletons if layout is not None else [],
                    layout.n_inputs if layout is not None else 0,
                    sum(map(len, index_inputs.values())))
+
+
+_COPY = torch.ops.aten.copy_.default
+
+
+def _copies_back(marker: fx.Node) -> list[fx.Node]:
+    """The copies into the model's tensor of what an operation did in place to the
+    boundary marker's copy of its argument at ``marker`` (``capture.events`` makes them
+    while capturing: ``F.relu(h, inplace=True)`` changes ``h``). Where the argument is
+    replaced by a written value, the operation changes that value, not the model's tensor,
+    so these copies go."""
+    source = marker.args[0] if marker.args else None
+    if not isinstance(source, fx.Node):
+        return []
+    return [user for user in source.users
+            if user.op == "call_function" and user.target is _COPY and
+            user.args[0] is source and _made_from(user.args[1], marker)]
+
+
+def _made_from(node: Any, marker: fx.Node, steps: int = 8) -> bool:
+    """Whether ``node`` is ``marker`` or what the operation did to it (first arguments
+    back, through the input markers of modules it calls), not a value the operation
+    returned (which passes its output marker first: the model's own code)."""
+    for _ in range(steps):
+        if node is marker:
+            return True
+        if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+            return False
+        if node.target is BOUNDARY and \
+                str(node.args[1]).split("#")[0].endswith(f".{OUTPUT}"):
+            return False
+        node = node.args[0]
+    return False
 
 
 def _placeholder_maker(graph: fx.Graph) -> Callable[[str], fx.Node]:
