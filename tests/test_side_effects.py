@@ -66,6 +66,38 @@ def _module_attributes(model):
     return {name: set(vars(module)) for name, module in model.named_modules()}
 
 
+def _attribute_objects(model):
+    return {(name, key): value for name, module in model.named_modules()
+            for key, value in vars(module).items()}
+
+
+def _replaced(model, before):
+    now = _attribute_objects(model)
+    return sorted(k for k, v in before.items() if now.get(k, v) is not v)
+
+
+@pytest.mark.parametrize("backend", ("fx", "hooks", "scan"))
+def test_a_trace_leaves_every_module_attribute_the_same_object(backend):
+    """A reference the caller holds to a module's attribute (transformers' ``_tp_plan``
+    dict, a LayerNorm's ``normalized_shape``) stays the model's, as after a plain forward
+    (torch.export puts back equal copies of containers and tuples)."""
+    model = tiny_gpt2()
+    ids = torch.randint(4, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    before = _attribute_objects(model)
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    assert _replaced(model, before) == []  # (the reference: a plain forward)
+    net = NNsight(model)
+    with torch.no_grad():
+        if backend == "scan":
+            net.scan(ids, use_cache=False)
+        else:
+            with net.trace(ids, use_cache=False, backend=backend):
+                net.transformer.h[0].output[0][:] = 0
+                net.output.save()
+    assert _replaced(model, before) == []
+
+
 @pytest.mark.parametrize("backend", ("fx", "hooks"))
 def test_accessor_typo_inside_a_trace_raises_and_leaves_the_module_untouched(backend):
     model = mlp()

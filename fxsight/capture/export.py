@@ -358,7 +358,7 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         # (one export at a time: export sets process-wide flags, see fxsight.locks)
         try:
             with exclusive_export(), events.installed(), _quiet_symbolic_shapes(), \
-                    export_leaves_no_buffer_hook(), \
+                    export_leaves_no_buffer_hook(), state.KeptAttributes(model), \
                     opaque_calls.routed(model if events_on is None else events_on,
                                         opaque, outputs or {}):
                 exported = torch.export.export(

@@ -426,6 +426,31 @@ def _same(now: Any, old: Any) -> bool:
         return False
 
 
+class KeptAttributes:
+    """``with KeptAttributes(model):`` around ``torch.export``: each module attribute that
+    export put back as an equal copy (it does so with containers and tuples:
+    transformers' ``_tp_plan`` dicts, a LayerNorm's ``normalized_shape``) is the model's
+    own object again, so a reference the caller holds to it stays the model's. An
+    attribute whose value changed is left as it is (:class:`Watch` decides about it)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.entries = [(d, key, value) for d in map(vars, model.modules())
+                        for key, value in d.items()
+                        if key not in _APART and type(value) in _CONTAINERS]
+
+    def __enter__(self) -> "KeptAttributes":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for attributes, key, value in self.entries:
+            now = attributes.get(key, value)
+            if now is not value and _same(now, value):
+                attributes[key] = value
+
+
+_CONTAINERS = frozenset({dict, list, tuple, set, frozenset, torch.Size})
+
+
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, list[Watch]]" = \
     weakref.WeakKeyDictionary()
 
