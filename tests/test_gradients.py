@@ -139,8 +139,12 @@ def test_grad_errors(gpt2):
         with net.trace(x):
             (net.layer1.output * 2).grad.save()
             net.output.sum().backward()
-    with pytest.raises(fxsight.TraceError, match="no_grad"):
+    with pytest.raises(fxsight.TraceError, match=r"under torch\.no_grad\(\)"):
         with torch.no_grad(), net.trace(x):
+            net.layer1.output.grad.save()
+            net.output.sum().backward()
+    with pytest.raises(fxsight.TraceError, match=r"under torch\.inference_mode\(\)"):
+        with torch.inference_mode(), net.trace(x):
             net.layer1.output.grad.save()
             net.output.sum().backward()
     with pytest.raises(fxsight.ShapeError, match="gradient"):

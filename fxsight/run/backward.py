@@ -38,8 +38,10 @@ class BackwardPhase:
     def run(self) -> dict[Node, Any]:
         if not torch.is_grad_enabled():
             node = self.pending[0]
-            raise TraceError(at_line("gradients need autograd, but this trace runs under "
-                                     "torch.no_grad()", node.line))
+            mode = "torch.inference_mode()" if torch.is_inference_mode_enabled() \
+                else "torch.no_grad()"
+            raise TraceError(at_line(f"gradients need autograd, but this trace runs under "
+                                     f"{mode}", node.line))
         set_active_sink(self)
         try:
             self._pump(top_level=True)
