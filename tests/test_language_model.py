@@ -527,3 +527,63 @@ def test_any_padding_keeps_rows_equal_to_their_prompts_alone(models, invokes, in
             expected, _ = alone(model, ids)
             torch.testing.assert_close(saved[k][row, -len(ids):], expected, atol=ATOL, rtol=0)
             torch.testing.assert_close(saved[k, "t"][row], expected[index], atol=ATOL, rtol=0)
+
+
+# --- a cache passed in: the input continues the cache's past tokens ------------------------------
+def _continued(model, past_ids: list[int], ids: list[int]) -> torch.Tensor:
+    """Plain PyTorch: the logits of ``ids`` after ``past_ids``, the whole sequence at once."""
+    with torch.no_grad():
+        return model(torch.tensor([past_ids + ids]), use_cache=False).logits[0, len(past_ids):]
+
+
+def _past(model, past_ids: list[int], rows: int = 1):
+    with torch.no_grad():
+        return getattr(model(torch.tensor([past_ids] * rows), use_cache=True), CACHE)
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_cache_passed_in_is_the_past_of_the_input(models, tokenizer, kind, backend):
+    """The mask LanguageModel makes covers the cache's tokens, as transformers needs (was:
+    a mask of the input's tokens only, so the first tokens attended to too few keys: logits
+    off by 0.1 on both backends, as a plain forward given that mask)."""
+    lm, model = models[kind]
+    past_ids, ids = _ids(tokenizer, PROMPT_A), _ids(tokenizer, " Paris")
+    expected = _continued(model, past_ids, ids)
+    with torch.no_grad():  # the plain forward given the cache and no mask
+        plain = model(torch.tensor([ids]), **{CACHE: _past(model, past_ids)}).logits[0]
+    torch.testing.assert_close(plain, expected, atol=ATOL, rtol=0)
+    with torch.no_grad(), lm.trace(ids, **{CACHE: _past(model, past_ids)},
+                                   backend=backend) as tracer:
+        logits = lm.lm_head.output.save()
+        first = lm.lm_head.output.token[0].save()
+    assert tracer.backend == backend
+    torch.testing.assert_close(logits[0], expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(first[0], expected[0], atol=ATOL, rtol=0)
+    # a mask of the past and the input's tokens in a dict, as transformers takes it
+    mask = torch.ones(1, len(past_ids) + len(ids), dtype=torch.long)
+    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": mask}
+    with torch.no_grad(), lm.trace(inputs, **{CACHE: _past(model, past_ids)}, backend=backend):
+        logits = lm.lm_head.output.save()
+    torch.testing.assert_close(logits[0], expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_invokes_of_different_lengths_continue_one_cache(models, tokenizer, backend):
+    """Each invoke's rows are padded between the cache's tokens and their own, with
+    positions that go on from the cache's."""
+    lm, model = models["llama"]
+    past_ids = _ids(tokenizer, PROMPT_A)
+    long, short = _ids(tokenizer, " Paris is a city"), _ids(tokenizer, " Rome")
+    assert len(long) > len(short)
+    with torch.no_grad(), lm.trace(**{CACHE: _past(model, past_ids, rows=2)},
+                                   backend=backend) as tracer:
+        with tracer.invoke(long):
+            a = lm.lm_head.output.save()
+        with tracer.invoke(short):
+            b = lm.lm_head.output.save()
+            b_first = lm.lm_head.output.token[0].save()
+    torch.testing.assert_close(a[0], _continued(model, past_ids, long), atol=ATOL, rtol=0)
+    expected = _continued(model, past_ids, short)
+    torch.testing.assert_close(b[0, -len(short):], expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(b_first[0], expected[0], atol=ATOL, rtol=0)

@@ -58,6 +58,8 @@ _PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 1}
 # keywords that are part of the input whatever their type (a tokenizer's lists)
 _TOKEN_KEYWORDS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids",
                              "labels"})
+# the keywords of a cache passed in to a forward pass
+_CACHE_KEYWORDS = ("cache", "past_key_values")
 _CONFIG_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only",
                   "subfolder")
 _FROM_CONFIG_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
@@ -205,8 +207,13 @@ class LanguageModel(NNsight):
             kwargs.pop("attention_mask")
         else:
             own_mask = None
-        ids, mask, extras, facts = self._encode(args[0], where, line)
+        # a cache passed in to a forward pass: the mask covers its past tokens too
+        past = 0 if _generating(invoke) else _past_length(kwargs, args[0])
+        value, past_mask = _split_past_mask(args[0], past, where, line)
+        ids, mask, extras, facts = self._encode(value, where, line)
         self._check_ids(ids, facts, where, line)
+        if past:
+            mask = _with_past_mask(mask, past_mask, past)
         prepared: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         prepared.update(extras)
         for key, value in kwargs.items():
@@ -237,6 +244,12 @@ class LanguageModel(NNsight):
             if all(token_aligned(v, kw) for v, kw in zip(column, invokes)):
                 pad = self._pad_id() if key == "input_ids" else _PAD_VALUES.get(key, 0)
                 batched[key] = torch.cat([left_pad(v, length, pad) for v in column])
+            elif key == "attention_mask" and _past_width(column[0], invokes[0]):
+                # masks that cover a cache's past tokens: padded between past and input
+                past = _past_width(column[0], invokes[0])
+                batched[key] = torch.cat([torch.cat([v[:, :past], left_pad(v[:, past:],
+                                                                           length, 0)], 1)
+                                          for v in column])
             elif all(_batch_sized(v, n) for v, (_, _, n) in zip(column, prepared)):
                 batched[key] = torch.cat(column)
             else:
@@ -266,7 +279,9 @@ class LanguageModel(NNsight):
                 explicit = True
                 parts.append(left_pad(given, length, _PAD_VALUES["position_ids"]))
                 continue
-            auto = real_positions(mask)
+            # (the positions of the input's own tokens: a mask that covers a cache's past
+            # tokens too counts them)
+            auto = real_positions(mask)[:, mask.shape[1] - kw["input_ids"].shape[1]:]
             if given is not None and not torch.equal(given.to(auto.device), auto):
                 explicit = True
                 auto = given
@@ -456,6 +471,8 @@ def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
         mine, theirs = kwargs[key], base[key]
         if token_aligned(mine, kwargs) and token_aligned(theirs, base):
             continue
+        if key == "attention_mask" and _past_width(mine, kwargs) == _past_width(theirs, base):
+            continue  # (masks that cover the same cache's past tokens)
         if _batch_sized(mine, rows) and _batch_sized(theirs, base_rows) and \
                 mine.shape[1:] == theirs.shape[1:]:
             continue
@@ -463,6 +480,68 @@ def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
             raise TraceError(at_line(
                 f"invokes #0 and #{index} disagree on {key!r} ({_brief(theirs)} vs "
                 f"{_brief(mine)}); the invokes of a trace run in one batch", line))
+
+
+def _past_width(mask: Any, kwargs: dict) -> int | None:
+    """How many columns of a 2-D ``mask`` precede the input's own tokens (a cache's past
+    tokens): ``None`` for a mask that is not of the input's rows."""
+    ids = kwargs["input_ids"]
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or \
+            mask.shape[0] != ids.shape[0] or mask.shape[1] < ids.shape[1]:
+        return None
+    return mask.shape[1] - ids.shape[1]
+
+
+def _generating(invoke: Any) -> bool:
+    """Whether ``invoke`` belongs to ``lm.generate`` (whose input ids include the tokens of a
+    cache passed in: transformers' ``generate`` takes the full sequence and its mask)."""
+    return invoke is not None and isinstance(getattr(invoke, "tracer", None), Generator)
+
+
+def _past_length(kwargs: Mapping, value: Any) -> int:
+    """How many tokens a cache passed in (``cache=`` / ``past_key_values=``, as a keyword or
+    in a dict input) holds already: 0 where none is passed."""
+    sources = [kwargs]
+    if isinstance(value, Mapping) or _is_batch_encoding(value):
+        sources.append(value)
+    for source in sources:
+        for name in _CACHE_KEYWORDS:
+            cache = source.get(name)
+            length = getattr(cache, "get_seq_length", None)
+            if callable(length):
+                return int(length())
+    return 0
+
+
+def _split_past_mask(value: Any, past: int, where: str,
+                     line: str) -> tuple[Any, torch.Tensor | None]:
+    """A dict input whose ``attention_mask`` covers a cache's ``past`` tokens and its own
+    ``input_ids`` (as transformers takes it) as the dict with the mask of its own tokens,
+    and the mask's past columns (``None`` where the mask has only the input's columns)."""
+    if not past or not (isinstance(value, Mapping) or _is_batch_encoding(value)):
+        return value, None
+    mask, ids = value.get("attention_mask"), value.get("input_ids")
+    if mask is None or ids is None:
+        return value, None
+    mask, ids = torch.as_tensor(mask), torch.as_tensor(ids)
+    if mask.dim() != 2 or ids.dim() != 2 or mask.shape[1] != past + ids.shape[1]:
+        return value, None
+    if mask.shape[0] != ids.shape[0]:
+        raise TraceError(at_line(f"{where}: attention_mask has {mask.shape[0]} rows, "
+                                 f"input_ids {ids.shape[0]}", line))
+    rest = dict(value.items())
+    rest["attention_mask"] = mask[:, past:]
+    return rest, mask[:, :past]
+
+
+def _with_past_mask(mask: torch.Tensor, past_mask: torch.Tensor | None,
+                    past: int) -> torch.Tensor:
+    """``mask`` (the input's own tokens) after the mask of a cache's ``past`` tokens: the
+    caller's where given, else ones (every past token real, as a plain forward without a
+    mask takes them)."""
+    if past_mask is None:
+        past_mask = torch.ones(mask.shape[0], past, dtype=mask.dtype, device=mask.device)
+    return torch.cat([past_mask.to(device=mask.device, dtype=mask.dtype), mask], dim=1)
 
 
 def _keyword_input(kwargs: dict) -> tuple[tuple, dict]:

@@ -36,7 +36,9 @@ class TokenIndexer:
                                      line))
         spans: list[int] = []
         for inv in invokes:
-            mask = inv.prepared[1]["attention_mask"]
+            kwargs = inv.prepared[1]
+            # the mask of the input's own tokens (a mask may cover a cache's tokens first)
+            mask = kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:]
             first_real = mask.argmax(-1)  # the first 1 of each row
             spans.extend((mask.shape[1] - first_real).tolist())
         where = "the whole batch" if invoke is None else f"invoke #{invoke}"
