@@ -354,6 +354,33 @@ def test_language_model_right_padded_keywords_move_together(bert, tokenizer):
         torch.testing.assert_close(hidden[row, -n:], alone, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_language_model_token_keywords_beside_the_input_move_with_its_rows(gpt2, backend):
+    """Token keywords given beside ids or a dict (``lm.trace(enc, position_ids=p)``,
+    nnsight's ``lm.trace(ids, attention_mask=m)``) are re-laid out with the input's rows
+    (was: a right-padded dict's rows were rolled to the left and the keywords' were not,
+    so a row's positions were another token's, silently; a 2-D mask beside ids was
+    refused as given twice)."""
+    lm = fxsight.LanguageModel(gpt2)
+    ids = _ids(2, 6, seed=3)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])  # row 1: 3 tokens
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 6, 7, 0, 0, 0]])  # row 1 from 5
+    with lm.trace({"input_ids": ids, "attention_mask": mask}, position_ids=positions,
+                  backend=backend):
+        logits = lm.output.logits.save()
+    with lm.trace(ids, attention_mask=mask, position_ids=positions, backend=backend):
+        beside_ids = lm.output.logits.save()
+    with torch.no_grad():
+        expected = gpt2(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    for row, n in ((0, 6), (1, 3)):
+        torch.testing.assert_close(logits[row, -n:], expected[row, :n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(beside_ids[row, -n:], expected[row, :n], rtol=1e-4,
+                                   atol=1e-5)
+    with _raises(gpt2, r"'attention_mask' is given twice"):
+        with lm.trace({"input_ids": ids, "attention_mask": mask}, attention_mask=mask):
+            pass
+
+
 def test_language_model_generate_scan_and_plain_run_take_keywords(gpt2, tokenizer, encoded):
     lm = fxsight.LanguageModel(gpt2, tokenizer=tokenizer)
     with lm.generate(TEXTS, max_new_tokens=2, do_sample=False, backend="hooks"):

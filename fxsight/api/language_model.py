@@ -207,9 +207,12 @@ class LanguageModel(NNsight):
             kwargs.pop("attention_mask")
         else:
             own_mask = None
+        # token-aligned keywords (labels=, position_ids=, a 2-D attention_mask=) join the
+        # ids they belong to: re-laid out with them (a right-padded row rolled to the left)
+        value, kwargs = _with_token_keywords(args[0], kwargs, where, line)
         # a cache passed in to a forward pass: the mask covers its past tokens too
-        past = 0 if _generating(invoke) else _past_length(kwargs, args[0])
-        value, past_mask = _split_past_mask(args[0], past, where, line)
+        past = 0 if _generating(invoke) else _past_length(kwargs, value)
+        value, past_mask = _split_past_mask(value, past, where, line)
         ids, mask, extras, facts = self._encode(value, where, line)
         self._check_ids(ids, facts, where, line)
         if past:
@@ -480,6 +483,37 @@ def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
             raise TraceError(at_line(
                 f"invokes #0 and #{index} disagree on {key!r} ({_brief(theirs)} vs "
                 f"{_brief(mine)}); the invokes of a trace run in one batch", line))
+
+
+def _with_token_keywords(value: Any, kwargs: dict, where: str,
+                         line: str) -> tuple[Any, dict]:
+    """An invoke's input as a dict that holds the token keywords given beside token ids or a
+    dict (``lm.trace(ids, attention_mask=m, labels=l)``), and the other keywords. Text and
+    ragged id lists keep theirs as keywords (their rows are laid out by ``LanguageModel``)."""
+    moved = {k: v for k, v in kwargs.items() if k in _TOKEN_KEYWORDS and k != "input_ids"}
+    if not moved:
+        return value, kwargs
+    if isinstance(value, Mapping) or _is_batch_encoding(value):
+        data = dict(value.items())
+    elif isinstance(value, torch.Tensor) or _rectangular_ids(value):
+        data = {"input_ids": value}
+    else:
+        return value, kwargs
+    for key in moved:
+        if key in data:
+            raise TraceError(at_line(f"{where}: {key!r} is given twice (in the input and "
+                                     f"as a keyword)", line))
+    data.update(moved)
+    return data, {k: v for k, v in kwargs.items() if k not in moved}
+
+
+def _rectangular_ids(value: Any) -> bool:
+    """Whether ``value`` is a list of token ids or of equally long rows of them."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return False
+    if all(_is_int(v) for v in value):
+        return True
+    return all(_is_id_row(v) for v in value) and len({len(v) for v in value}) == 1
 
 
 def _past_width(mask: Any, kwargs: dict) -> int | None:
