@@ -587,3 +587,44 @@ def test_invokes_of_different_lengths_continue_one_cache(models, tokenizer, back
     expected = _continued(model, past_ids, short)
     torch.testing.assert_close(b[0, -len(short):], expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(b_first[0], expected[0], atol=ATOL, rtol=0)
+
+
+# --- labels: the loss of the pairs each prompt has alone ------------------------------------------
+def _loss_alone(model, rows: list[list[int]]) -> torch.Tensor:
+    """Plain PyTorch: a causal LM's mean loss over every (position, next token) pair of each
+    prompt run alone."""
+    logits, targets = [], []
+    for ids in rows:
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), use_cache=False).logits[0]
+        logits.append(out[:-1])
+        targets.append(torch.tensor(ids[1:]))
+    return torch.nn.functional.cross_entropy(torch.cat(logits), torch.cat(targets))
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_labels_give_the_loss_of_each_prompts_own_pairs(models, tokenizer, kind, backend):
+    """Padding that LanguageModel puts before a row (re-packing a right-padded row to the
+    left, batching invokes of different lengths) adds no (pad, first token) pair to the
+    loss (was: the label of a row's first token was predicted from the pad before it: a
+    right-padded batch's loss differed from the plain forward's given the same labels)."""
+    lm, model = models[kind]
+    prompts = [PROMPT_A, PROMPT_B, PROMPT_C]
+    rows = [_ids(tokenizer, p) for p in prompts]
+    expected = _loss_alone(model, rows)
+    right = train_tokenizer()
+    right.padding_side = "right"
+    encoded = right(prompts, return_tensors="pt", padding=True)
+    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        plain = model(**encoded, labels=labels, use_cache=False).loss
+    torch.testing.assert_close(plain, expected, atol=ATOL, rtol=0)
+    with torch.no_grad(), lm.trace(dict(encoded, labels=labels), backend=backend) as tracer:
+        pass
+    torch.testing.assert_close(tracer.result.loss, expected, atol=ATOL, rtol=0)
+    with torch.no_grad(), lm.trace(backend=backend) as tracer:
+        for ids in rows:
+            with tracer.invoke({"input_ids": [ids], "labels": [ids]}):
+                pass
+    torch.testing.assert_close(tracer.result.loss, expected, atol=ATOL, rtol=0)

@@ -51,7 +51,7 @@ from .inputs import BATCH_KEYWORDS, check_keywords, describe
 from .nnsight import NNsight
 from .token_index import TokenIndexer
 from .token_rows import (TokenFacts, left_pad, real_positions, roll_rows,
-                         token_aligned, token_facts)
+                         token_aligned, token_facts, unpredicted_first)
 
 # keys of a dict input that are not forwarded as they come but re-laid out with the rows
 _PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 1}
@@ -185,6 +185,17 @@ class LanguageModel(NNsight):
             object.__setattr__(self, "_forward_params", params)
         return name in params
 
+    def _shifts_labels(self) -> bool:
+        """Whether the model's loss predicts each token's label from the position before
+        it (a causal LM: the label of a row's first column is never predicted)."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = type(self._module).__name__
+        names = set()
+        for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            names.update(value if isinstance(value, (list, tuple)) else [value])
+        return name in names or name.endswith(("ForCausalLM", "LMHeadModel"))
+
     def _prepare_invoke(self, args: tuple, kwargs: dict, invoke: Any) -> tuple[tuple, dict, int]:
         where, line = describe(invoke), user_line()
         kwargs = dict(kwargs)
@@ -246,6 +257,8 @@ class LanguageModel(NNsight):
             column = [kw[key] for kw in invokes]
             if all(token_aligned(v, kw) for v, kw in zip(column, invokes)):
                 pad = self._pad_id() if key == "input_ids" else _PAD_VALUES.get(key, 0)
+                if key == "labels" and self._shifts_labels():
+                    column = [unpredicted_first(v, v.shape[1] < length) for v in column]
                 batched[key] = torch.cat([left_pad(v, length, pad) for v in column])
             elif key == "attention_mask" and _past_width(column[0], invokes[0]):
                 # masks that cover a cache's past tokens: padded between past and input
@@ -410,6 +423,8 @@ class LanguageModel(NNsight):
         if facts.trailing:  # right-padded rows: roll their real tokens to the end
             shifts = trailing.tolist()
             ids, mask = roll_rows(ids, shifts), roll_rows(mask, shifts)
+            if self._shifts_labels() and token_aligned(extras.get("labels"), {"input_ids": ids}):
+                extras["labels"] = unpredicted_first(extras["labels"], trailing > 0)
             extras = {k: roll_rows(v, shifts) if token_aligned(v, {"input_ids": ids}) else v
                       for k, v in extras.items()}
         return ids, mask, extras, facts
