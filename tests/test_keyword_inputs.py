@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertModel,
-                          ViTConfig, ViTModel)
+                          T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel)
 
 import fxsight
 from fxsight.errors import TraceError
@@ -379,6 +379,32 @@ def test_language_model_token_keywords_beside_the_input_move_with_its_rows(gpt2,
     with _raises(gpt2, r"'attention_mask' is given twice"):
         with lm.trace({"input_ids": ids, "attention_mask": mask}, attention_mask=mask):
             pass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_language_model_encoder_decoder_keeps_its_decoder_tokens(backend):
+    """An encoder-decoder's decoder inputs (``decoder_input_ids``, ``labels``) as long as
+    its input are the decoder's tokens: a right-padded input's rows are re-packed, the
+    decoder's are not (was: they were rolled with the input's rows, silently: logits off
+    by 0.6, another loss). T5: its relative positions make re-packing exact."""
+    t5 = _seeded(lambda: T5ForConditionalGeneration(T5Config(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0)))
+    lm = fxsight.LanguageModel(t5, automodel=type(t5))
+    ids = _ids(2, 6, seed=4)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])  # row 1 right-padded
+    decoder_ids, labels = _ids(2, 6, seed=5), _ids(2, 6, seed=6)
+    labels[1, -2:] = -100
+    inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+    with torch.no_grad():
+        expected = t5(**inputs, labels=labels, use_cache=False)
+    with torch.no_grad(), lm.trace(dict(inputs, labels=labels), use_cache=False,
+                                   backend=backend) as tracer:
+        logits = lm.output.logits.save()
+        loss = lm.output.loss.save()
+    assert tracer.backend == backend
+    torch.testing.assert_close(logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=1e-5)
 
 
 def test_language_model_generate_scan_and_plain_run_take_keywords(gpt2, tokenizer, encoded):

@@ -185,6 +185,16 @@ class LanguageModel(NNsight):
             object.__setattr__(self, "_forward_params", params)
         return name in params
 
+    def _encoder_decoder(self) -> bool:
+        """Whether the model is an encoder-decoder (T5, BART): its ``labels`` and
+        ``decoder_*`` inputs are the decoder's tokens, not the input's."""
+        return bool(getattr(getattr(self._module, "config", None), "is_encoder_decoder",
+                            False))
+
+    def _aligned(self, key: str, value: Any, kwargs: dict) -> bool:
+        """Whether input ``key`` holds a value per token of the input's rows."""
+        return _aligned(key, value, kwargs, self._encoder_decoder())
+
     def _shifts_labels(self) -> bool:
         """Whether the model's loss predicts each token's label from the position before
         it (a causal LM: the label of a row's first column is never predicted)."""
@@ -243,19 +253,19 @@ class LanguageModel(NNsight):
             prepared["attention_mask"] = own_mask
         if invoke is not None and invoke.tracer.invokes:
             _check_batchable(invoke.tracer.invokes[0].prepared, prepared, ids.shape[0],
-                             invoke.index, line)
+                             invoke.index, line, self._encoder_decoder())
         return (), self._to_device(prepared), ids.shape[0]
 
     def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:
         """Left-pad every invoke's token-aligned tensors to the longest, concatenate rows."""
         for i, (_, kw, n) in enumerate(prepared[1:], 1):
-            _check_batchable(prepared[0], kw, n, i, None)
+            _check_batchable(prepared[0], kw, n, i, None, self._encoder_decoder())
         invokes = [kw for _, kw, _ in prepared]
         length = max(kw["input_ids"].shape[1] for kw in invokes)
         batched: dict[str, Any] = {}
         for key in [k for k in invokes[0] if k != "position_ids"]:
             column = [kw[key] for kw in invokes]
-            if all(token_aligned(v, kw) for v, kw in zip(column, invokes)):
+            if all(self._aligned(key, v, kw) for v, kw in zip(column, invokes)):
                 pad = self._pad_id() if key == "input_ids" else _PAD_VALUES.get(key, 0)
                 if key == "labels" and self._shifts_labels():
                     column = [unpredicted_first(v, v.shape[1] < length) for v in column]
@@ -423,9 +433,10 @@ class LanguageModel(NNsight):
         if facts.trailing:  # right-padded rows: roll their real tokens to the end
             shifts = trailing.tolist()
             ids, mask = roll_rows(ids, shifts), roll_rows(mask, shifts)
-            if self._shifts_labels() and token_aligned(extras.get("labels"), {"input_ids": ids}):
+            rolled = {"input_ids": ids}
+            if self._shifts_labels() and self._aligned("labels", extras.get("labels"), rolled):
                 extras["labels"] = unpredicted_first(extras["labels"], trailing > 0)
-            extras = {k: roll_rows(v, shifts) if token_aligned(v, {"input_ids": ids}) else v
+            extras = {k: roll_rows(v, shifts) if self._aligned(k, v, rolled) else v
                       for k, v in extras.items()}
         return ids, mask, extras, facts
 
@@ -476,7 +487,7 @@ class LanguageModel(NNsight):
 
 # --- helpers ---------------------------------------------------------------------------------
 def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
-                     line: str | None) -> None:
+                     line: str | None, encoder_decoder: bool) -> None:
     """Raise unless an invoke's prepared inputs can share a batch with invoke #0's."""
     _, base, base_rows = first
     keys = [k for k in base if k != "position_ids"]
@@ -487,7 +498,8 @@ def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
             f"{', '.join(keys)}); the invokes of a trace run in one batch", line))
     for key in keys:
         mine, theirs = kwargs[key], base[key]
-        if token_aligned(mine, kwargs) and token_aligned(theirs, base):
+        if _aligned(key, mine, kwargs, encoder_decoder) and \
+                _aligned(key, theirs, base, encoder_decoder):
             continue
         if key == "attention_mask" and _past_width(mine, kwargs) == _past_width(theirs, base):
             continue  # (masks that cover the same cache's past tokens)
@@ -529,6 +541,15 @@ def _rectangular_ids(value: Any) -> bool:
     if all(_is_int(v) for v in value):
         return True
     return all(_is_id_row(v) for v in value) and len({len(v) for v in value}) == 1
+
+
+def _aligned(key: str, value: Any, kwargs: dict, encoder_decoder: bool) -> bool:
+    """Whether input ``key`` holds a value per token of the input's rows: a tensor of their
+    shape, unless it is an encoder-decoder's decoder input (``labels``, ``decoder_*``), whose
+    tokens are others even where as many."""
+    if encoder_decoder and (key == "labels" or key.startswith("decoder_")):
+        return False
+    return token_aligned(value, kwargs)
 
 
 def _past_width(mask: Any, kwargs: dict) -> int | None:
