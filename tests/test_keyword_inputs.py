@@ -407,6 +407,31 @@ def test_language_model_encoder_decoder_keeps_its_decoder_tokens(backend):
     torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_language_model_encoder_decoder_keeps_a_right_padded_input(bart, backend):
+    """An encoder-decoder's right-padded input stays as it is: BART's encoder places tokens
+    by index (learned positions, no position_ids), so rows re-packed to the left would
+    compute others (was: logits off by 1e-3, silently). ``.token`` counts each row's
+    real tokens wherever its padding is."""
+    lm = fxsight.LanguageModel(bart, automodel=type(bart))
+    ids = _ids(2, 6, seed=7)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])  # row 1: 3 tokens
+    inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=_ids(2, 4, seed=8))
+    with torch.no_grad():
+        expected = bart(**inputs, use_cache=False)
+    with torch.no_grad(), lm.trace(inputs, use_cache=False, backend=backend) as tracer:
+        logits = lm.output.logits.save()
+        encoded = lm.model.encoder.output.last_hidden_state
+        first, last = encoded.token[0].save(), encoded.token[-1].save()
+        firsts = encoded.token[:2].save()
+    assert tracer.backend == backend
+    torch.testing.assert_close(logits, expected.logits, rtol=1e-5, atol=1e-5)
+    states = expected.encoder_last_hidden_state
+    torch.testing.assert_close(first, states[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(firsts, states[:, :2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, states[[0, 1], [5, 2]], rtol=1e-5, atol=1e-5)
+
+
 def test_language_model_generate_scan_and_plain_run_take_keywords(gpt2, tokenizer, encoded):
     lm = fxsight.LanguageModel(gpt2, tokenizer=tokenizer)
     with lm.generate(TEXTS, max_new_tokens=2, do_sample=False, backend="hooks"):

@@ -430,7 +430,9 @@ class LanguageModel(NNsight):
             empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
             raise TraceError(at_line(f"{where}: prompt {empty[0]} has no tokens (its "
                                      f"attention_mask is all zeros)", line))
-        if facts.trailing:  # right-padded rows: roll their real tokens to the end
+        # right-padded rows: roll their real tokens to the end; an encoder-decoder's input
+        # keeps its padding (its encoder may place tokens by index: BART's learned positions)
+        if facts.trailing and not self._encoder_decoder():
             shifts = trailing.tolist()
             ids, mask = roll_rows(ids, shifts), roll_rows(mask, shifts)
             rolled = {"input_ids": ids}
