@@ -235,7 +235,7 @@ class LanguageModel(NNsight):
         past = 0 if _generating(invoke) else _past_length(kwargs, value)
         value, past_mask = _split_past_mask(value, past, where, line)
         ids, mask, extras, facts = self._encode(value, where, line)
-        self._check_ids(ids, facts, where, line)
+        self._check_ids(ids, facts, where, line, past)
         if past:
             mask = _with_past_mask(mask, past_mask, past)
         prepared: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
@@ -443,7 +443,9 @@ class LanguageModel(NNsight):
         return ids, mask, extras, facts
 
     def _check_ids(self, ids: torch.Tensor, facts: "TokenFacts", where: str,
-                   line: str) -> None:
+                   line: str, past: int = 0) -> None:
+        """Raise where a token id is outside the vocabulary, or the input (after a cache's
+        ``past`` tokens) goes beyond a learned position embedding."""
         embeddings = None
         try:
             embeddings = self._module.get_input_embeddings()
@@ -458,12 +460,15 @@ class LanguageModel(NNsight):
         config = getattr(self._module, "config", None)
         limit = getattr(config, "n_positions", None) or \
             getattr(config, "max_position_embeddings", None)
-        if isinstance(limit, int) and ids.shape[1] > limit and any(
+        if isinstance(limit, int) and past + ids.shape[1] > limit and any(
                 isinstance(m, torch.nn.Embedding) and m is not embeddings and
                 m.num_embeddings == limit for m in self._module.modules()):
             # a learned position embedding of `limit` rows (rotary ones have no limit)
-            raise TraceError(at_line(f"{where}: the input is {ids.shape[1]} tokens long, "
-                                     f"longer than the model's {limit} positions", line))
+            length = f"the input is {ids.shape[1]} tokens long" if not past else \
+                f"the cache's {past} tokens and the input's {ids.shape[1]} are " \
+                f"{past + ids.shape[1]} tokens"
+            raise TraceError(at_line(f"{where}: {length}, longer than the model's {limit} "
+                                     f"positions", line))
 
     def _pad_id(self) -> int:
         for source in (self.tokenizer, getattr(self._module, "config", None)):
