@@ -451,6 +451,29 @@ def test_language_model_generate_scan_and_plain_run_take_keywords(gpt2, tokenize
                                rtol=0, atol=0)
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_language_model_generate_takes_a_mask_beside_the_ids(gpt2, tokenizer, encoded,
+                                                              backend):
+    """nnsight's ``lm.generate(ids, attention_mask=mask, ...)``: the mask is the ids' (was:
+    a TypeError from transformers' generate, given the mask twice); a right-padded one is
+    re-packed to the left with its ids."""
+    lm = fxsight.LanguageModel(gpt2, tokenizer=tokenizer)
+    with torch.no_grad():
+        expected = gpt2.generate(**encoded, max_new_tokens=2, do_sample=False)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    with lm.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                     backend=backend):
+        given = lm.generator.output.save()
+    assert torch.equal(given, expected)
+    shifts = [int(n) for n in (mask == 0).sum(-1)]  # the same rows, right-padded
+    right_ids = torch.stack([row.roll(-n) for row, n in zip(ids, shifts)])
+    right_mask = torch.stack([row.roll(-n) for row, n in zip(mask, shifts)])
+    with lm.generate(right_ids, attention_mask=right_mask, max_new_tokens=2, do_sample=False,
+                     backend=backend):
+        repacked = lm.generator.output.save()
+    assert torch.equal(repacked, expected)
+
 # --- non-tensor keywords ----------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_tensor_keywords_pass_through_invokes(vit, backend, reference_hooks):

@@ -159,6 +159,10 @@ class LanguageModel(NNsight):
         """
         if not inputs:  # lm.generate(**tokenizer(...), max_new_tokens=n)
             inputs, kwargs = _keyword_input(kwargs)
+        elif len(inputs) == 1:  # lm.generate(ids, attention_mask=mask, max_new_tokens=n)
+            value, kwargs = _with_token_keywords(inputs[0], kwargs, "lm.generate(...)",
+                                                 user_line())
+            inputs = (value,)
         self.dispatch_model()
         return Generator(self, inputs, kwargs,
                          self._run_options(backend, compile, prune=False))
