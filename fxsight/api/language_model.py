@@ -58,6 +58,8 @@ _PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 1}
 # keywords that are part of the input whatever their type (a tokenizer's lists)
 _TOKEN_KEYWORDS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids",
                              "labels"})
+# the token keywords beside an input of lm.generate that join it
+_GENERATE_TOKEN_KEYWORDS = frozenset({"attention_mask", "token_type_ids"})
 # the keywords of a cache passed in to a forward pass
 _CACHE_KEYWORDS = ("cache", "past_key_values")
 _CONFIG_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only",
@@ -160,8 +162,9 @@ class LanguageModel(NNsight):
         if not inputs:  # lm.generate(**tokenizer(...), max_new_tokens=n)
             inputs, kwargs = _keyword_input(kwargs)
         elif len(inputs) == 1:  # lm.generate(ids, attention_mask=mask, max_new_tokens=n)
+            # (the mask and token types; position_ids and labels go to generate as given)
             value, kwargs = _with_token_keywords(inputs[0], kwargs, "lm.generate(...)",
-                                                 user_line())
+                                                 user_line(), _GENERATE_TOKEN_KEYWORDS)
             inputs = (value,)
         self.dispatch_model()
         return Generator(self, inputs, kwargs,
@@ -523,12 +526,14 @@ def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
                 f"{_brief(mine)}); the invokes of a trace run in one batch", line))
 
 
-def _with_token_keywords(value: Any, kwargs: dict, where: str,
-                         line: str) -> tuple[Any, dict]:
+def _with_token_keywords(value: Any, kwargs: dict, where: str, line: str,
+                         names: frozenset = frozenset()) -> tuple[Any, dict]:
     """An invoke's input as a dict that holds the token keywords given beside token ids or a
     dict (``lm.trace(ids, attention_mask=m, labels=l)``), and the other keywords. Text and
-    ragged id lists keep theirs as keywords (their rows are laid out by ``LanguageModel``)."""
-    moved = {k: v for k, v in kwargs.items() if k in _TOKEN_KEYWORDS and k != "input_ids"}
+    ragged id lists keep theirs as keywords (their rows are laid out by ``LanguageModel``).
+    ``names``: the keywords that join the input (by default every token keyword)."""
+    names = names or _TOKEN_KEYWORDS - {"input_ids"}
+    moved = {k: v for k, v in kwargs.items() if k in names}
     if not moved:
         return value, kwargs
     if isinstance(value, Mapping) or _is_batch_encoding(value):
