@@ -628,3 +628,29 @@ def test_labels_give_the_loss_of_each_prompts_own_pairs(models, tokenizer, kind,
             with tracer.invoke({"input_ids": [ids], "labels": [ids]}):
                 pass
     torch.testing.assert_close(tracer.result.loss, expected, atol=ATOL, rtol=0)
+
+
+# --- position_ids as transformers takes them ---------------------------------------------------
+def test_position_ids_of_one_row_or_one_dimension(models, tokenizer):
+    """``position_ids`` beside a prompt as a 1-D tensor, or as one row for every row of an
+    input, are taken as transformers takes them (was: an IndexError naming no line for
+    the 1-D form beside text); a shape that fits no row is a TraceError at the line."""
+    lm, model = models["gpt2"]
+    ids = _ids(tokenizer, PROMPT_C)
+    positions = torch.arange(3, 3 + len(ids))
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]), position_ids=positions, use_cache=False).logits
+    for backend in ("fx", "hooks"):
+        with torch.no_grad(), lm.trace(PROMPT_C, position_ids=positions, backend=backend):
+            logits = lm.output.logits.save()
+        torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+    rows = torch.tensor([ids, ids[::-1]])
+    with torch.no_grad():
+        expected = model(rows, position_ids=positions[None], use_cache=False).logits
+        with lm.trace(rows, position_ids=positions[None]):
+            logits = lm.output.logits.save()
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+    with pytest.raises(TraceError, match=r"position_ids has shape \(3,\)") as info:
+        with lm.trace(PROMPT_C, position_ids=torch.arange(3)):  # the line named
+            lm.output.save()
+    assert "the line named" in str(info.value)

@@ -251,9 +251,10 @@ class LanguageModel(NNsight):
             if key in prepared:
                 raise TraceError(at_line(f"{where}: {key!r} is given twice (in the input and "
                                          f"as a keyword)", line))
-            prepared[key] = value
+            prepared[key] = _as_row(value, ids) if key in _TOKEN_KEYWORDS else value
         given = {k: v for k, v in prepared.items() if k != "attention_mask"}  # (always ours)
         check_keywords(self._module, (), given, where, line)
+        _check_positions(prepared, where, line)
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])],
                                         padded=not facts.ones)
         if own_mask is not None:
@@ -396,9 +397,10 @@ class LanguageModel(NNsight):
         for key, extra in data.items():
             if key in BATCH_KEYWORDS and isinstance(extra, (list, tuple)):
                 extra = torch.as_tensor(extra)  # (a tokenizer's lists)
-            if isinstance(extra, torch.Tensor) and extra.dim() == 1 and \
-                    extra.shape[0] == ids.shape[1] and ids.shape[0] == 1:
-                extra = extra.reshape(1, -1)
+            extra = _as_row(extra, ids)
+            if key == "position_ids" and isinstance(extra, torch.Tensor) and \
+                    extra.dim() == 2 and extra.shape[0] == 1:
+                extra = extra.expand(ids.shape[0], -1)  # (one row for all, as transformers)
             if key in BATCH_KEYWORDS and isinstance(extra, torch.Tensor) and \
                     extra.dim() > 0 and extra.shape[0] != ids.shape[0]:
                 raise TraceError(at_line(
@@ -566,6 +568,30 @@ def _aligned(key: str, value: Any, kwargs: dict, encoder_decoder: bool) -> bool:
     if encoder_decoder and (key == "labels" or key.startswith("decoder_")):
         return False
     return token_aligned(value, kwargs)
+
+
+def _check_positions(prepared: dict, where: str, line: str) -> None:
+    """Raise unless the ``position_ids`` given (if any) hold a position per token of the
+    input's rows (one row for all of them, or one per row); one row is spread over all."""
+    positions, ids = prepared.get("position_ids"), prepared["input_ids"]
+    if not isinstance(positions, torch.Tensor):
+        return
+    if positions.dim() != 2 or positions.shape[1] != ids.shape[1] or \
+            positions.shape[0] not in (1, ids.shape[0]):
+        raise TraceError(at_line(
+            f"{where}: position_ids has shape {tuple(positions.shape)}, input_ids "
+            f"{tuple(ids.shape)}: give a position per token of each row (or of one row, "
+            f"for every row)", line))
+    prepared["position_ids"] = positions.expand(ids.shape[0], -1)
+
+
+def _as_row(value: Any, ids: torch.Tensor) -> Any:
+    """A 1-D tensor with a value per token of a single row of ``ids`` as that row
+    (``position_ids=torch.arange(n)`` beside one prompt); any other value as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and ids.shape[0] == 1 and \
+            value.shape[0] == ids.shape[1]:
+        return value.reshape(1, -1)
+    return value
 
 
 def _past_width(mask: Any, kwargs: dict) -> int | None:
