@@ -43,8 +43,9 @@ class TokenIndexer:
             mask = kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:]
             first_real = mask.argmax(-1)  # the first 1 of each row
             after = (mask.flip(-1).cumsum(-1) == 0).sum(-1)  # pads after the last 1
-            spans.extend((mask.shape[1] - first_real - after).tolist())
-            gaps.extend(after.tolist())
+            both = torch.stack([mask.shape[1] - first_real - after, after]).tolist()
+            spans.extend(both[0])  # (one read from the device for both)
+            gaps.extend(both[1])
         where = "the whole batch" if invoke is None else f"invoke #{invoke}"
         return where, spans, gaps, invoke is None
 
