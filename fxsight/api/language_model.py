@@ -255,8 +255,9 @@ class LanguageModel(NNsight):
         given = {k: v for k, v in prepared.items() if k != "attention_mask"}  # (always ours)
         check_keywords(self._module, (), given, where, line)
         _check_positions(prepared, where, line)
-        prepared = self._with_positions(prepared, [(prepared, ids.shape[1])],
-                                        padded=not facts.ones)
+        # (a row padded in the cache's tokens counts its real tokens too)
+        padded = not facts.ones or (past_mask is not None and not bool(past_mask.all()))
+        prepared = self._with_positions(prepared, [(prepared, ids.shape[1])], padded=padded)
         if own_mask is not None:
             prepared["attention_mask"] = own_mask
         if invoke is not None and invoke.tracer.invokes:
