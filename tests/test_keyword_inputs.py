@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertModel,
-                          ViTConfig, ViTModel)
+                          T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel)
 
 import fxsight
 from fxsight.errors import TraceError
@@ -354,6 +354,84 @@ def test_language_model_right_padded_keywords_move_together(bert, tokenizer):
         torch.testing.assert_close(hidden[row, -n:], alone, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_language_model_token_keywords_beside_the_input_move_with_its_rows(gpt2, backend):
+    """Token keywords given beside ids or a dict (``lm.trace(enc, position_ids=p)``,
+    nnsight's ``lm.trace(ids, attention_mask=m)``) are re-laid out with the input's rows
+    (was: a right-padded dict's rows were rolled to the left and the keywords' were not,
+    so a row's positions were another token's, silently; a 2-D mask beside ids was
+    refused as given twice)."""
+    lm = fxsight.LanguageModel(gpt2)
+    ids = _ids(2, 6, seed=3)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])  # row 1: 3 tokens
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 6, 7, 0, 0, 0]])  # row 1 from 5
+    with lm.trace({"input_ids": ids, "attention_mask": mask}, position_ids=positions,
+                  backend=backend):
+        logits = lm.output.logits.save()
+    with lm.trace(ids, attention_mask=mask, position_ids=positions, backend=backend):
+        beside_ids = lm.output.logits.save()
+    with torch.no_grad():
+        expected = gpt2(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    for row, n in ((0, 6), (1, 3)):
+        torch.testing.assert_close(logits[row, -n:], expected[row, :n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(beside_ids[row, -n:], expected[row, :n], rtol=1e-4,
+                                   atol=1e-5)
+    with _raises(gpt2, r"'attention_mask' is given twice"):
+        with lm.trace({"input_ids": ids, "attention_mask": mask}, attention_mask=mask):
+            pass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_language_model_encoder_decoder_keeps_its_decoder_tokens(backend):
+    """An encoder-decoder's decoder inputs (``decoder_input_ids``, ``labels``) as long as
+    its input are the decoder's tokens: a right-padded input's rows are re-packed, the
+    decoder's are not (was: they were rolled with the input's rows, silently: logits off
+    by 0.6, another loss). T5: its relative positions make re-packing exact."""
+    t5 = _seeded(lambda: T5ForConditionalGeneration(T5Config(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0)))
+    lm = fxsight.LanguageModel(t5, automodel=type(t5))
+    ids = _ids(2, 6, seed=4)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])  # row 1 right-padded
+    decoder_ids, labels = _ids(2, 6, seed=5), _ids(2, 6, seed=6)
+    labels[1, -2:] = -100
+    inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+    with torch.no_grad():
+        expected = t5(**inputs, labels=labels, use_cache=False)
+    with torch.no_grad(), lm.trace(dict(inputs, labels=labels), use_cache=False,
+                                   backend=backend) as tracer:
+        logits = lm.output.logits.save()
+        loss = lm.output.loss.save()
+    assert tracer.backend == backend
+    torch.testing.assert_close(logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_language_model_encoder_decoder_keeps_a_right_padded_input(bart, backend):
+    """An encoder-decoder's right-padded input stays as it is: BART's encoder places tokens
+    by index (learned positions, no position_ids), so rows re-packed to the left would
+    compute others (was: logits off by 1e-3, silently). ``.token`` counts each row's
+    real tokens wherever its padding is."""
+    lm = fxsight.LanguageModel(bart, automodel=type(bart))
+    ids = _ids(2, 6, seed=7)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])  # row 1: 3 tokens
+    inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=_ids(2, 4, seed=8))
+    with torch.no_grad():
+        expected = bart(**inputs, use_cache=False)
+    with torch.no_grad(), lm.trace(inputs, use_cache=False, backend=backend) as tracer:
+        logits = lm.output.logits.save()
+        encoded = lm.model.encoder.output.last_hidden_state
+        first, last = encoded.token[0].save(), encoded.token[-1].save()
+        firsts = encoded.token[:2].save()
+    assert tracer.backend == backend
+    torch.testing.assert_close(logits, expected.logits, rtol=1e-5, atol=1e-5)
+    states = expected.encoder_last_hidden_state
+    torch.testing.assert_close(first, states[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(firsts, states[:, :2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, states[[0, 1], [5, 2]], rtol=1e-5, atol=1e-5)
+
+
 def test_language_model_generate_scan_and_plain_run_take_keywords(gpt2, tokenizer, encoded):
     lm = fxsight.LanguageModel(gpt2, tokenizer=tokenizer)
     with lm.generate(TEXTS, max_new_tokens=2, do_sample=False, backend="hooks"):
@@ -372,6 +450,29 @@ def test_language_model_generate_scan_and_plain_run_take_keywords(gpt2, tokenize
     torch.testing.assert_close(plain.logits, gpt2(**encoded, use_cache=False).logits,
                                rtol=0, atol=0)
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_language_model_generate_takes_a_mask_beside_the_ids(gpt2, tokenizer, encoded,
+                                                              backend):
+    """nnsight's ``lm.generate(ids, attention_mask=mask, ...)``: the mask is the ids' (was:
+    a TypeError from transformers' generate, given the mask twice); a right-padded one is
+    re-packed to the left with its ids."""
+    lm = fxsight.LanguageModel(gpt2, tokenizer=tokenizer)
+    with torch.no_grad():
+        expected = gpt2.generate(**encoded, max_new_tokens=2, do_sample=False)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    with lm.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                     backend=backend):
+        given = lm.generator.output.save()
+    assert torch.equal(given, expected)
+    shifts = [int(n) for n in (mask == 0).sum(-1)]  # the same rows, right-padded
+    right_ids = torch.stack([row.roll(-n) for row, n in zip(ids, shifts)])
+    right_mask = torch.stack([row.roll(-n) for row, n in zip(mask, shifts)])
+    with lm.generate(right_ids, attention_mask=right_mask, max_new_tokens=2, do_sample=False,
+                     backend=backend):
+        repacked = lm.generator.output.save()
+    assert torch.equal(repacked, expected)
 
 # --- non-tensor keywords ----------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -129,6 +129,23 @@ def test_a_prompt_longer_than_the_positions_is_an_error_at_the_invoke(tokenizer)
     assert out.shape[1] == limit
 
 
+
+def test_a_cache_and_an_input_longer_than_the_positions_is_an_error_at_the_line(tokenizer):
+    """The check counts a cache's tokens too (was: torch's bare "index out of range in
+    self" from inside the position embedding, on fx and hooks)."""
+    from fxsight import LanguageModel
+    from models import tiny_gpt2
+    model = tiny_gpt2(vocab_size=len(tokenizer), n_positions=16)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with torch.no_grad():
+        cache = model(torch.randint(4, 100, (1, 12)), use_cache=True).past_key_values
+    with pytest.raises(TraceError, match=r"cache's 12 tokens and the input's 6 are 18 tokens"
+                                         r", longer than the model's 16 positions") as info:
+        with lm.trace(torch.randint(4, 100, (1, 6)), past_key_values=cache):  # the line
+            lm.output.save()
+    assert "past_key_values=cache):  # the line" in str(info.value)
+    assert cache.get_seq_length() == 12  # (nothing ran)
+
 # --- U3: a module registered under two names ---------------------------------------------
 class _Shared(torch.nn.Module):
     def __init__(self):

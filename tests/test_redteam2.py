@@ -381,6 +381,52 @@ def test_memory_stays_flat_over_500_new_shapes_and_structures_on_fx():
     assert grown_structures < 2, f"RSS grew {grown_structures:.1f} MB over 500 new structures (fx)"
 
 
+def _capturing_state(model):
+    """transformers' output-capturing hooks on each module, and the flag it marks them by."""
+    hooks = [(path, len(sub._forward_hooks), len(sub._forward_pre_hooks))
+             for path, sub in model.named_modules()]
+    flags = [path for path, sub in model.named_modules()
+             if "_output_capturing_hooks_installed" in vars(sub)]
+    return hooks, flags
+
+
+@pytest.mark.parametrize("first", ["output_attentions", "output_hidden_states"])
+def test_a_first_trace_asking_for_transformers_outputs_captures_and_leaves_a_plain_state(
+        first):
+    """The first forward that asks for ``output_attentions`` / ``output_hidden_states``
+    installs transformers' output-capturing hooks and a flag: a trace on fx that is that
+    first forward captures, and leaves the hooks and the flag as the plain forward does
+    (was: a CaptureError, the flag removed and the hooks left, so the model was refused on
+    fx for good and every later forward installed the hooks again: a plain forward's
+    hidden_states then held each layer twice)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def build():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50,
+                                          n_positions=16)).eval()
+
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    plain_model, model = build(), build()
+    with torch.no_grad():
+        plain = plain_model(ids, **{first: True})
+    net = NNsight(model)
+    with torch.no_grad(), net.trace(ids, **{first: True}, backend="fx") as tracer:
+        out = net.output.save()
+    assert tracer.backend == "fx"
+    assert _capturing_state(model) == _capturing_state(plain_model)
+    name = first[len("output_"):]
+    assert len(getattr(out, name)) == len(getattr(plain, name))
+    for got, want in zip(getattr(out, name), getattr(plain, name)):
+        assert torch.equal(got, want)
+    with torch.no_grad(), net.trace(ids, backend="fx") as tracer:  # (not refused since)
+        logits = net.output.logits.save()
+    assert tracer.backend == "fx" and torch.equal(logits, plain.logits)
+    with torch.no_grad():
+        again, plain_again = model(ids, **{first: True}), plain_model(ids, **{first: True})
+    assert len(getattr(again, name)) == len(getattr(plain_again, name))
+
+
 def test_transformers_output_capturing_hooks_are_traced_not_refused():
     """transformers installs forward hooks on a model the first time ``output_attentions``
     or ``output_hidden_states`` is asked for; they only fill the forward's own output, so

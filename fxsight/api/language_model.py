@@ -52,13 +52,17 @@ from .inputs import BATCH_KEYWORDS, check_keywords, describe
 from .nnsight import NNsight
 from .token_index import TokenIndexer
 from .token_rows import (TokenFacts, left_pad, real_positions, roll_rows,
-                         token_aligned, token_facts)
+                         token_aligned, token_facts, unpredicted_first)
 
 # keys of a dict input that are not forwarded as they come but re-laid out with the rows
 _PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 1}
 # keywords that are part of the input whatever their type (a tokenizer's lists)
 _TOKEN_KEYWORDS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids",
                              "labels"})
+# the token keywords beside an input of lm.generate that join it
+_GENERATE_TOKEN_KEYWORDS = frozenset({"attention_mask", "token_type_ids"})
+# the keywords of a cache passed in to a forward pass
+_CACHE_KEYWORDS = ("cache", "past_key_values")
 _CONFIG_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only",
                   "subfolder")
 _FROM_CONFIG_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
@@ -158,6 +162,11 @@ class LanguageModel(NNsight):
         """
         if not inputs:  # lm.generate(**tokenizer(...), max_new_tokens=n)
             inputs, kwargs = _keyword_input(kwargs)
+        elif len(inputs) == 1:  # lm.generate(ids, attention_mask=mask, max_new_tokens=n)
+            # (the mask and token types; position_ids and labels go to generate as given)
+            value, kwargs = _with_token_keywords(inputs[0], kwargs, "lm.generate(...)",
+                                                 user_line(), _GENERATE_TOKEN_KEYWORDS)
+            inputs = (value,)
         self.dispatch_model()
         tracer = Generator(self, inputs, kwargs,
                            self._run_options(backend, compile, prune=False))
@@ -187,6 +196,27 @@ class LanguageModel(NNsight):
             object.__setattr__(self, "_forward_params", params)
         return name in params
 
+    def _encoder_decoder(self) -> bool:
+        """Whether the model is an encoder-decoder (T5, BART): its ``labels`` and
+        ``decoder_*`` inputs are the decoder's tokens, not the input's."""
+        return bool(getattr(getattr(self._module, "config", None), "is_encoder_decoder",
+                            False))
+
+    def _aligned(self, key: str, value: Any, kwargs: dict) -> bool:
+        """Whether input ``key`` holds a value per token of the input's rows."""
+        return _aligned(key, value, kwargs, self._encoder_decoder())
+
+    def _shifts_labels(self) -> bool:
+        """Whether the model's loss predicts each token's label from the position before
+        it (a causal LM: the label of a row's first column is never predicted)."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = type(self._module).__name__
+        names = set()
+        for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            names.update(value if isinstance(value, (list, tuple)) else [value])
+        return name in names or name.endswith(("ForCausalLM", "LMHeadModel"))
+
     def _prepare_invoke(self, args: tuple, kwargs: dict, invoke: Any) -> tuple[tuple, dict, int]:
         where, line = describe(invoke), user_line()
         kwargs = dict(kwargs)
@@ -209,38 +239,56 @@ class LanguageModel(NNsight):
             kwargs.pop("attention_mask")
         else:
             own_mask = None
-        ids, mask, extras, facts = self._encode(args[0], where, line)
-        self._check_ids(ids, facts, where, line)
+        # token-aligned keywords (labels=, position_ids=, a 2-D attention_mask=) join the
+        # ids they belong to: re-laid out with them (a right-padded row rolled to the left)
+        value, kwargs = _with_token_keywords(args[0], kwargs, where, line)
+        # a cache passed in to a forward pass: the mask covers its past tokens too
+        past = 0 if _generating(invoke) else _past_length(kwargs, value)
+        value, past_mask = _split_past_mask(value, past, where, line)
+        ids, mask, extras, facts = self._encode(value, where, line)
+        self._check_ids(ids, facts, where, line, past)
+        if past:
+            mask = _with_past_mask(mask, past_mask, past)
         prepared: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         prepared.update(extras)
         for key, value in kwargs.items():
             if key in prepared:
                 raise TraceError(at_line(f"{where}: {key!r} is given twice (in the input and "
                                          f"as a keyword)", line))
-            prepared[key] = value
+            prepared[key] = _as_row(value, ids) if key in _TOKEN_KEYWORDS else value
         given = {k: v for k, v in prepared.items() if k != "attention_mask"}  # (always ours)
         check_keywords(self._module, (), given, where, line)
-        prepared = self._with_positions(prepared, [(prepared, ids.shape[1])],
-                                        padded=not facts.ones)
+        _check_positions(prepared, where, line)
+        # (a row padded in the cache's tokens counts its real tokens too)
+        padded = not facts.ones or (past_mask is not None and not bool(past_mask.all()))
+        prepared = self._with_positions(prepared, [(prepared, ids.shape[1])], padded=padded)
         if own_mask is not None:
             prepared["attention_mask"] = own_mask
         if invoke is not None and invoke.tracer.invokes:
             _check_batchable(invoke.tracer.invokes[0].prepared, prepared, ids.shape[0],
-                             invoke.index, line)
+                             invoke.index, line, self._encoder_decoder())
         return (), self._to_device(prepared), ids.shape[0]
 
     def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:
         """Left-pad every invoke's token-aligned tensors to the longest, concatenate rows."""
         for i, (_, kw, n) in enumerate(prepared[1:], 1):
-            _check_batchable(prepared[0], kw, n, i, None)
+            _check_batchable(prepared[0], kw, n, i, None, self._encoder_decoder())
         invokes = [kw for _, kw, _ in prepared]
         length = max(kw["input_ids"].shape[1] for kw in invokes)
         batched: dict[str, Any] = {}
         for key in [k for k in invokes[0] if k != "position_ids"]:
             column = [kw[key] for kw in invokes]
-            if all(token_aligned(v, kw) for v, kw in zip(column, invokes)):
+            if all(self._aligned(key, v, kw) for v, kw in zip(column, invokes)):
                 pad = self._pad_id() if key == "input_ids" else _PAD_VALUES.get(key, 0)
+                if key == "labels" and self._shifts_labels():
+                    column = [unpredicted_first(v, v.shape[1] < length) for v in column]
                 batched[key] = torch.cat([left_pad(v, length, pad) for v in column])
+            elif key == "attention_mask" and _past_width(column[0], invokes[0]):
+                # masks that cover a cache's past tokens: padded between past and input
+                past = _past_width(column[0], invokes[0])
+                batched[key] = torch.cat([torch.cat([v[:, :past], left_pad(v[:, past:],
+                                                                           length, 0)], 1)
+                                          for v in column])
             elif all(_batch_sized(v, n) for v, (_, _, n) in zip(column, prepared)):
                 batched[key] = torch.cat(column)
             else:
@@ -270,7 +318,9 @@ class LanguageModel(NNsight):
                 explicit = True
                 parts.append(left_pad(given, length, _PAD_VALUES["position_ids"]))
                 continue
-            auto = real_positions(mask)
+            # (the positions of the input's own tokens: a mask that covers a cache's past
+            # tokens too counts them)
+            auto = real_positions(mask)[:, mask.shape[1] - kw["input_ids"].shape[1]:]
             if given is not None and not torch.equal(given.to(auto.device), auto):
                 explicit = True
                 auto = given
@@ -352,9 +402,10 @@ class LanguageModel(NNsight):
         for key, extra in data.items():
             if key in BATCH_KEYWORDS and isinstance(extra, (list, tuple)):
                 extra = torch.as_tensor(extra)  # (a tokenizer's lists)
-            if isinstance(extra, torch.Tensor) and extra.dim() == 1 and \
-                    extra.shape[0] == ids.shape[1] and ids.shape[0] == 1:
-                extra = extra.reshape(1, -1)
+            extra = _as_row(extra, ids)
+            if key == "position_ids" and isinstance(extra, torch.Tensor) and \
+                    extra.dim() == 2 and extra.shape[0] == 1:
+                extra = extra.expand(ids.shape[0], -1)  # (one row for all, as transformers)
             if key in BATCH_KEYWORDS and isinstance(extra, torch.Tensor) and \
                     extra.dim() > 0 and extra.shape[0] != ids.shape[0]:
                 raise TraceError(at_line(
@@ -393,15 +444,22 @@ class LanguageModel(NNsight):
             empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
             raise TraceError(at_line(f"{where}: prompt {empty[0]} has no tokens (its "
                                      f"attention_mask is all zeros)", line))
-        if facts.trailing:  # right-padded rows: roll their real tokens to the end
+        # right-padded rows: roll their real tokens to the end; an encoder-decoder's input
+        # keeps its padding (its encoder may place tokens by index: BART's learned positions)
+        if facts.trailing and not self._encoder_decoder():
             shifts = trailing.tolist()
             ids, mask = roll_rows(ids, shifts), roll_rows(mask, shifts)
-            extras = {k: roll_rows(v, shifts) if token_aligned(v, {"input_ids": ids}) else v
+            rolled = {"input_ids": ids}
+            if self._shifts_labels() and self._aligned("labels", extras.get("labels"), rolled):
+                extras["labels"] = unpredicted_first(extras["labels"], trailing > 0)
+            extras = {k: roll_rows(v, shifts) if self._aligned(k, v, rolled) else v
                       for k, v in extras.items()}
         return ids, mask, extras, facts
 
     def _check_ids(self, ids: torch.Tensor, facts: "TokenFacts", where: str,
-                   line: str) -> None:
+                   line: str, past: int = 0) -> None:
+        """Raise where a token id is outside the vocabulary, or the input (after a cache's
+        ``past`` tokens) goes beyond a learned position embedding."""
         embeddings = None
         try:
             embeddings = self._module.get_input_embeddings()
@@ -416,12 +474,15 @@ class LanguageModel(NNsight):
         config = getattr(self._module, "config", None)
         limit = getattr(config, "n_positions", None) or \
             getattr(config, "max_position_embeddings", None)
-        if isinstance(limit, int) and ids.shape[1] > limit and any(
+        if isinstance(limit, int) and past + ids.shape[1] > limit and any(
                 isinstance(m, torch.nn.Embedding) and m is not embeddings and
                 m.num_embeddings == limit for m in self._module.modules()):
             # a learned position embedding of `limit` rows (rotary ones have no limit)
-            raise TraceError(at_line(f"{where}: the input is {ids.shape[1]} tokens long, "
-                                     f"longer than the model's {limit} positions", line))
+            length = f"the input is {ids.shape[1]} tokens long" if not past else \
+                f"the cache's {past} tokens and the input's {ids.shape[1]} are " \
+                f"{past + ids.shape[1]} tokens"
+            raise TraceError(at_line(f"{where}: {length}, longer than the model's {limit} "
+                                     f"positions", line))
 
     def _pad_id(self) -> int:
         for source in (self.tokenizer, getattr(self._module, "config", None)):
@@ -447,7 +508,7 @@ class LanguageModel(NNsight):
 
 # --- helpers ---------------------------------------------------------------------------------
 def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
-                     line: str | None) -> None:
+                     line: str | None, encoder_decoder: bool) -> None:
     """Raise unless an invoke's prepared inputs can share a batch with invoke #0's."""
     _, base, base_rows = first
     keys = [k for k in base if k != "position_ids"]
@@ -458,8 +519,11 @@ def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
             f"{', '.join(keys)}); the invokes of a trace run in one batch", line))
     for key in keys:
         mine, theirs = kwargs[key], base[key]
-        if token_aligned(mine, kwargs) and token_aligned(theirs, base):
+        if _aligned(key, mine, kwargs, encoder_decoder) and \
+                _aligned(key, theirs, base, encoder_decoder):
             continue
+        if key == "attention_mask" and _past_width(mine, kwargs) == _past_width(theirs, base):
+            continue  # (masks that cover the same cache's past tokens)
         if _batch_sized(mine, rows) and _batch_sized(theirs, base_rows) and \
                 mine.shape[1:] == theirs.shape[1:]:
             continue
@@ -467,6 +531,134 @@ def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
             raise TraceError(at_line(
                 f"invokes #0 and #{index} disagree on {key!r} ({_brief(theirs)} vs "
                 f"{_brief(mine)}); the invokes of a trace run in one batch", line))
+
+
+def _with_token_keywords(value: Any, kwargs: dict, where: str, line: str,
+                         names: frozenset = frozenset()) -> tuple[Any, dict]:
+    """An invoke's input as a dict that holds the token keywords given beside token ids or a
+    dict (``lm.trace(ids, attention_mask=m, labels=l)``), and the other keywords. Text and
+    ragged id lists keep theirs as keywords (their rows are laid out by ``LanguageModel``).
+    ``names``: the keywords that join the input (by default every token keyword)."""
+    names = names or _TOKEN_KEYWORDS - {"input_ids"}
+    moved = {k: v for k, v in kwargs.items() if k in names}
+    if not moved:
+        return value, kwargs
+    if isinstance(value, Mapping) or _is_batch_encoding(value):
+        data = dict(value.items())
+    elif isinstance(value, torch.Tensor) or _rectangular_ids(value):
+        data = {"input_ids": value}
+    else:
+        return value, kwargs
+    for key in moved:
+        if key in data:
+            raise TraceError(at_line(f"{where}: {key!r} is given twice (in the input and "
+                                     f"as a keyword)", line))
+    data.update(moved)
+    return data, {k: v for k, v in kwargs.items() if k not in moved}
+
+
+def _rectangular_ids(value: Any) -> bool:
+    """Whether ``value`` is a list of token ids or of equally long rows of them."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return False
+    if all(_is_int(v) for v in value):
+        return True
+    return all(_is_id_row(v) for v in value) and len({len(v) for v in value}) == 1
+
+
+def _aligned(key: str, value: Any, kwargs: dict, encoder_decoder: bool) -> bool:
+    """Whether input ``key`` holds a value per token of the input's rows: a tensor of their
+    shape, unless it is an encoder-decoder's decoder input (``labels``, ``decoder_*``), whose
+    tokens are others even where as many."""
+    if encoder_decoder and (key == "labels" or key.startswith("decoder_")):
+        return False
+    return token_aligned(value, kwargs)
+
+
+def _check_positions(prepared: dict, where: str, line: str) -> None:
+    """Raise unless the ``position_ids`` given (if any) hold a position per token of the
+    input's rows (one row for all of them, or one per row); one row is spread over all."""
+    positions, ids = prepared.get("position_ids"), prepared["input_ids"]
+    if not isinstance(positions, torch.Tensor):
+        return
+    if positions.dim() != 2 or positions.shape[1] != ids.shape[1] or \
+            positions.shape[0] not in (1, ids.shape[0]):
+        raise TraceError(at_line(
+            f"{where}: position_ids has shape {tuple(positions.shape)}, input_ids "
+            f"{tuple(ids.shape)}: give a position per token of each row (or of one row, "
+            f"for every row)", line))
+    prepared["position_ids"] = positions.expand(ids.shape[0], -1)
+
+
+def _as_row(value: Any, ids: torch.Tensor) -> Any:
+    """A 1-D tensor with a value per token of a single row of ``ids`` as that row
+    (``position_ids=torch.arange(n)`` beside one prompt); any other value as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and ids.shape[0] == 1 and \
+            value.shape[0] == ids.shape[1]:
+        return value.reshape(1, -1)
+    return value
+
+
+def _past_width(mask: Any, kwargs: dict) -> int | None:
+    """How many columns of a 2-D ``mask`` precede the input's own tokens (a cache's past
+    tokens): ``None`` for a mask that is not of the input's rows."""
+    ids = kwargs["input_ids"]
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or \
+            mask.shape[0] != ids.shape[0] or mask.shape[1] < ids.shape[1]:
+        return None
+    return mask.shape[1] - ids.shape[1]
+
+
+def _generating(invoke: Any) -> bool:
+    """Whether ``invoke`` belongs to ``lm.generate`` (whose input ids include the tokens of a
+    cache passed in: transformers' ``generate`` takes the full sequence and its mask)."""
+    return invoke is not None and isinstance(getattr(invoke, "tracer", None), Generator)
+
+
+def _past_length(kwargs: Mapping, value: Any) -> int:
+    """How many tokens a cache passed in (``cache=`` / ``past_key_values=``, as a keyword or
+    in a dict input) holds already: 0 where none is passed."""
+    sources = [kwargs]
+    if isinstance(value, Mapping) or _is_batch_encoding(value):
+        sources.append(value)
+    for source in sources:
+        for name in _CACHE_KEYWORDS:
+            cache = source.get(name)
+            length = getattr(cache, "get_seq_length", None)
+            if callable(length):
+                return int(length())
+    return 0
+
+
+def _split_past_mask(value: Any, past: int, where: str,
+                     line: str) -> tuple[Any, torch.Tensor | None]:
+    """A dict input whose ``attention_mask`` covers a cache's ``past`` tokens and its own
+    ``input_ids`` (as transformers takes it) as the dict with the mask of its own tokens,
+    and the mask's past columns (``None`` where the mask has only the input's columns)."""
+    if not past or not (isinstance(value, Mapping) or _is_batch_encoding(value)):
+        return value, None
+    mask, ids = value.get("attention_mask"), value.get("input_ids")
+    if mask is None or ids is None:
+        return value, None
+    mask, ids = torch.as_tensor(mask), torch.as_tensor(ids)
+    if mask.dim() != 2 or ids.dim() != 2 or mask.shape[1] != past + ids.shape[1]:
+        return value, None
+    if mask.shape[0] != ids.shape[0]:
+        raise TraceError(at_line(f"{where}: attention_mask has {mask.shape[0]} rows, "
+                                 f"input_ids {ids.shape[0]}", line))
+    rest = dict(value.items())
+    rest["attention_mask"] = mask[:, past:]
+    return rest, mask[:, :past]
+
+
+def _with_past_mask(mask: torch.Tensor, past_mask: torch.Tensor | None,
+                    past: int) -> torch.Tensor:
+    """``mask`` (the input's own tokens) after the mask of a cache's ``past`` tokens: the
+    caller's where given, else ones (every past token real, as a plain forward without a
+    mask takes them)."""
+    if past_mask is None:
+        past_mask = torch.ones(mask.shape[0], past, dtype=mask.dtype, device=mask.device)
+    return torch.cat([past_mask.to(device=mask.device, dtype=mask.dtype), mask], dim=1)
 
 
 def _keyword_input(kwargs: dict) -> tuple[tuple, dict]:

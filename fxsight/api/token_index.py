@@ -24,9 +24,10 @@ class TokenIndexer:
     def __setitem__(self, key: Any, value: Any) -> None:
         self.proxy[self._key(key, user_line())] = value
 
-    def _spans(self, line: str) -> tuple[str, list[int], bool]:
-        """``(where, spans, whole)``: each row's count of positions from its first real
-        token to the end, for the rows the proxy holds."""
+    def _spans(self, line: str) -> tuple[str, list[int], list[int], bool]:
+        """``(where, spans, gaps, whole)``: each row's count of positions from its first
+        real token to its last, and of pads after its last (an encoder-decoder's input
+        keeps its right padding), for the rows the proxy holds."""
         tracer = self.tracer
         node = self.proxy._node
         invoke = node.invoke
@@ -35,15 +36,21 @@ class TokenIndexer:
             raise TraceError(at_line("token indexing needs an input: the trace has none yet",
                                      line))
         spans: list[int] = []
+        gaps: list[int] = []
         for inv in invokes:
-            mask = inv.prepared[1]["attention_mask"]
+            kwargs = inv.prepared[1]
+            # the mask of the input's own tokens (a mask may cover a cache's tokens first)
+            mask = kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:]
             first_real = mask.argmax(-1)  # the first 1 of each row
-            spans.extend((mask.shape[1] - first_real).tolist())
+            after = (mask.flip(-1).cumsum(-1) == 0).sum(-1)  # pads after the last 1
+            both = torch.stack([mask.shape[1] - first_real - after, after]).tolist()
+            spans.extend(both[0])  # (one read from the device for both)
+            gaps.extend(both[1])
         where = "the whole batch" if invoke is None else f"invoke #{invoke}"
-        return where, spans, invoke is None
+        return where, spans, gaps, invoke is None
 
     def _key(self, key: Any, line: str) -> Any:
-        where, spans, whole = self._spans(line)
+        where, spans, gaps, whole = self._spans(line)
         if isinstance(key, slice):
             rows = [list(range(span))[key] for span in spans]
             if len({len(r) for r in rows}) > 1:
@@ -51,7 +58,7 @@ class TokenIndexer:
                     f"token slice {_show(key)} selects a different number of tokens in the "
                     f"prompts of {where} ({', '.join(str(len(r)) for r in rows)}); use an "
                     f"index each prompt has", line))
-            negative = [[p - span for p in r] for r, span in zip(rows, spans)]
+            negative = [[p - span - gap for p in r] for r, span, gap in zip(rows, spans, gaps)]
         else:
             try:
                 index = int(key.__index__())
@@ -64,7 +71,7 @@ class TokenIndexer:
                     raise TokenIndexError(at_line(
                         f"token index {index} is {side} of prompt {r} of {where}, "
                         f"which has {span} tokens", line))
-            negative = [index % span - span for span in spans]
+            negative = [index % span - span - gap for span, gap in zip(spans, gaps)]
         if whole:
             self.tracer.recorder.create_op("call_function", check_token_rows,
                                 (self.proxy, len(spans)), {})

@@ -56,3 +56,15 @@ def token_aligned(value: Any, kwargs: dict) -> bool:
     ids = kwargs["input_ids"]
     return isinstance(value, torch.Tensor) and value.dim() >= 2 and \
         tuple(value.shape[:2]) == tuple(ids.shape)
+
+
+def unpredicted_first(labels: torch.Tensor, rows: Any) -> torch.Tensor:
+    """``labels`` with the first column of ``rows`` (a bool, or a bool per row) ignored
+    (-100): a causal LM's loss never predicts a row's first label, but once padding is put
+    before it, the position before it (a pad) would. The other labels are as they were."""
+    if isinstance(rows, bool):
+        if not rows:
+            return labels
+        rows = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+    first = labels[:, :1].masked_fill(rows.reshape(-1, 1).to(labels.device), -100)
+    return torch.cat([first, labels[:, 1:]], dim=1)

@@ -368,7 +368,9 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         finally:
             # (export puts back the modules' own attributes after tracing; not the
             # attributes of the objects they hold)
-            if not before.unchanged():
+            # (transformers' output-capturing hooks, installed on first use, are kept
+            # as a plain forward keeps them: the graph traced them)
+            if not before.unchanged() and (changes or not before.only_traced_hooks_added()):
                 changes = changes or before.changes() or ["its state"]
                 before.restore()
     except Exception as error:  # noqa: BLE001 - any failure means: fall back to hooks

@@ -325,6 +325,7 @@ class Watch:
                     found.append(f"{where}, attribute {key!r}")
             found += [f"{where}, attribute {key!r} (added)" for key in now
                       if key not in keys and key not in _APART
+                      and key not in TRACED_HOOK_FLAGS
                       and not _instrumented(key, now[key])]
         for (index, key), now, old in zip(self.tensor_owners, self.tensor_dicts,
                                           self.tensor_copies):
@@ -339,6 +340,30 @@ class Watch:
                       if not _same(now.get(key, _MISSING), old.get(key, _MISSING))]
         return found
 
+    def only_traced_hooks_added(self) -> bool:
+        """Whether the model differs from the snapshot only by hooks it installed on
+        itself that a capture traces, with the attribute that marks them installed
+        (transformers' output-capturing hooks, on the first forward that asks for
+        ``output_attentions`` or ``output_hidden_states``): a plain forward installs them
+        once and keeps them, so a capture keeps them too."""
+        try:
+            modules = list(map(_call, self.refs))
+            dicts = list(map(_dict, modules))
+        except AttributeError:  # (a dead module)
+            return False
+        flags = [sum(1 for k in TRACED_HOOK_FLAGS if k in d and k not in keys)
+                 for d, keys in zip(dicts, self.keys)]
+        if not any(flags) or \
+                list(map(len, dicts)) != [n + f for n, f in zip(self.lens, flags)] or \
+                not self._parameters_alike() or self.changes():
+            return False
+        now = _hook_keys(modules)
+        shared = len(now) - len(modules)  # (torch's global hook dicts come first)
+        if len(now) != len(self.hook_keys) or now[:shared] != self.hook_keys[:shared]:
+            return False
+        return all(_only_traced_added(m, old, new) for m, old, new
+                   in zip(modules, self.hook_keys[shared:], now[shared:]))
+
     def restore(self) -> None:
         """Put back what the snapshot holds (plain attributes, tensors, parameters and
         buffers) where it changed, and remove plain attributes added since: after a
@@ -351,7 +376,8 @@ class Watch:
                         (_plain(old) or isinstance(old, torch.Tensor) or _data(old)) \
                         and not _same(current, old):
                     now[key] = _copy(old)
-            for key in [k for k in now if k not in keys and k not in _APART]:
+            for key in [k for k in now if k not in keys and k not in _APART
+                        and k not in TRACED_HOOK_FLAGS]:  # (a flag stays with its hooks)
                 del now[key]
         for now, old in zip(self.tensor_dicts, self.tensor_copies):
             if not _same(now, old):
@@ -364,6 +390,20 @@ class Watch:
 
 
 _MISSING = object()
+
+
+def _only_traced_added(module: torch.nn.Module, old: tuple, new: tuple) -> bool:
+    """Whether ``module``'s hook keys went from ``old`` to ``new`` by adding forward hooks
+    or pre-hooks that a capture traces, and nothing else."""
+    for i, (before, now) in enumerate(zip(old, new)):
+        if before == now:
+            continue
+        if i > 1 or now[:len(before)] != before:
+            return False
+        hooks = module._forward_hooks if i == 0 else module._forward_pre_hooks
+        if not all(is_traced_hook(hooks[key]) for key in now[len(before):]):
+            return False
+    return True
 
 
 def _instrumented(key: str, value: Any) -> bool:
@@ -521,6 +561,9 @@ def user_hooks(model: torch.nn.Module) -> tuple[str | None, list]:
 # captured graph returns what a plain forward returns, for the arguments it was captured
 # with (part of the capture's key).
 _TRACED_HOOK_MODULES = frozenset({"transformers.utils.output_capturing"})
+# the attributes by which a model marks such hooks installed (set with them, on the first
+# forward that asks for them): never a change of state, never removed (its hooks stay)
+TRACED_HOOK_FLAGS = frozenset({"_output_capturing_hooks_installed"})
 
 
 def is_traced_hook(hook: Any) -> bool:
