@@ -243,6 +243,20 @@ def tiny_llama(
     return model.eval()
 
 
+class ReluNet(torch.nn.Module):
+    """A forward of plain calls for ``.source``: ``out(relu(fc(x)) * 2)``, Linear(3, 3) then
+    Linear(3, 2) (default initialization: seed it where values matter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.out = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return self.out(h * 2)
+
+
 def mlp(seed: int = 0) -> torch.nn.Sequential:
     """Build the 5 -> 10 -> 10 -> 2 toy MLP (named layers) in eval mode.
 

@@ -14,7 +14,7 @@ import torch
 
 import fxsight
 from fxsight import NNsight, ShapeError, TraceError
-from models import mlp, tiny_gpt2
+from models import ReluNet, mlp, tiny_gpt2
 
 BACKENDS = ("fx", "hooks")
 
@@ -197,23 +197,12 @@ def test_exported_model_keeps_the_models_parameter_names():
 
 
 # --- edits of operations inside a forward (.source) -------------------------------------
-class _Relu(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(3, 3)
-        self.out = torch.nn.Linear(3, 2)
-
-    def forward(self, x):
-        h = torch.relu(self.fc(x))
-        return self.out(h * 2)
-
-
 def test_an_edit_of_an_operation_applies_in_scans_later_edits_and_export():
     """An edit written on ``.source`` (was: a scan of the edited model, an edit of it with
     inputs and its export all raised that the operation's line is not reached: their
     forward was not instrumented for the edit's operations)."""
     torch.manual_seed(0)
-    module = _Relu()
+    module = ReluNet()
     x = torch.randn(4, 3)
     with torch.no_grad():  # by hand: the relu's column 0 set to 5
         h = torch.relu(module.fc(x))

@@ -180,15 +180,18 @@ def test_attribution_patching_matches_manual_computation(gpt2):
     assert result.values.shape == (2, 8)
 
 
-def _mlp_reference_grad(model, x):
-    """d(model(x).sum()) / d(layer1 output), by torch.autograd.grad on a plain forward."""
+def _mlp_reference_grad(model, x, weights=None):
+    """d(model(x).sum()) / d(layer1 output) (with ``weights``: the vector-Jacobian product
+    of model(x) with them), by torch.autograd.grad on a plain forward."""
     acts = {}
     handle = model.layer1.register_forward_hook(lambda m, a, o: acts.__setitem__("h", o))
     try:
         out = model(x)
     finally:
         handle.remove()
-    return torch.autograd.grad(out.sum(), acts["h"])[0]
+    if weights is None:
+        return torch.autograd.grad(out.sum(), acts["h"])[0]
+    return torch.autograd.grad(out, acts["h"], weights)[0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -474,13 +477,7 @@ def test_functional_backward_and_autograd_grad(backend):
     with net.trace(x, backend=backend):
         g = net.layer1.output.grad.save()
         torch.autograd.backward(net.output, weights)
-    acts = {}
-    handle = model.layer1.register_forward_hook(lambda m, a, o: acts.__setitem__("h", o))
-    try:
-        out = model(x)
-    finally:
-        handle.remove()
-    torch.testing.assert_close(g, torch.autograd.grad(out, acts["h"], weights)[0])
+    torch.testing.assert_close(g, _mlp_reference_grad(model, x, weights))
     with pytest.raises(fxsight.TraceError, match=r"torch.autograd.grad(.|\n)*\.grad"
                                                  r"(.|\n)*at .*test_gradients.py"):
         with net.trace(x, backend=backend):

@@ -12,20 +12,9 @@ from fxsight import NNsight
 from fxsight.errors import ShapeError, TraceError
 from fxsight.generate.steps import CACHE
 
-from models import tiny_gpt2, tiny_llama
+from models import ReluNet, tiny_gpt2, tiny_llama
 
 BACKENDS = ("fx", "hooks")
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(3, 3)
-        self.out = torch.nn.Linear(3, 2)
-
-    def forward(self, x):
-        h = torch.relu(self.fc(x))
-        return self.out(h * 2)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +68,7 @@ def test_nested_source_inside_a_trace(gpt2, ids):
 
 def test_small_module_read_and_write():
     torch.manual_seed(0)
-    net = NNsight(Net())
+    net = NNsight(ReluNet())
     x = torch.randn(4, 3)
     assert net.source.operations == ["self_fc_0", "torch_relu_0", "self_out_0"]
     for backend in BACKENDS:
@@ -396,7 +385,7 @@ def test_operation_not_reached(gpt2, ids):
 
 def test_nothing_left_on_the_model(ids):
     torch.manual_seed(0)
-    module = Net()
+    module = ReluNet()
     net = NNsight(module)
     before = dict(vars(module))
     for backend in BACKENDS:
@@ -407,7 +396,7 @@ def test_nothing_left_on_the_model(ids):
 
 def test_compiled(ids):
     torch.manual_seed(0)
-    net = NNsight(Net())
+    net = NNsight(ReluNet())
     x = torch.randn(2, 3)
     with net.trace(x, compile=True, backend="fx"):
         net.source.torch_relu_0.output = torch.ones(2, 3)
@@ -522,7 +511,7 @@ def test_caches_keep_no_model_alive():
     import weakref
 
     def run():
-        module = Net()
+        module = ReluNet()
         net = NNsight(module)
         for backend in BACKENDS:
             with net.trace(torch.ones(1, 3), backend=backend):
