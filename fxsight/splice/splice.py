@@ -18,6 +18,7 @@ from .._torch import is_unused_random, pytree, rename_node
 from ..errors import NotOnGraph, at_line
 from ..stats import bump
 from ..capture.caches import CacheRef
+from ..capture.hidden import HiddenTensors
 from ..capture.export import BOUNDARY, Captured
 from ..record.program import Kind, Program
 from .indices import Lifted, as_selection, count
@@ -115,7 +116,11 @@ class _SpliceWalker(Walker):
 
     def call(self, node, op, target, args, kwargs, position):
         if op == "call_function" and _static(target, args):
-            return target(*args, **kwargs)
+            try:
+                return target(*args, **kwargs)
+            except NotOnGraph as error:  # (an object of hidden tensors: see capture.hidden)
+                raise NotOnGraph(at_line(str(error), node.line if node is not None else None)) \
+                    from None
         if node is not None and node.index in self.indices:
             target, args = as_selection(target, args, self.indices[node.index],
                                         self.index_inputs[node.index])
@@ -212,7 +217,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             cache_outputs[k] = list(range(len(outputs), len(outputs) + len(graph_output[1][k])))
             outputs.extend(graph_output[1][k])
 
-    def plan(value: Any) -> OutputPlan:
+    def plan(value: Any, line: Any = None) -> OutputPlan:
         flat, spec = pytree.tree_flatten(value)
         leaves = []
         for leaf in flat:
@@ -224,6 +229,8 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
                     leaf.resolve({})  # (raises NotOnGraph: nothing has run)
                 cache_output(leaf.k)
                 leaves.append(("cache", leaf))
+            elif type(leaf) is HiddenTensors:
+                raise NotOnGraph(at_line(leaf.reason(), line))
             else:
                 leaves.append(("const", leaf))
         return OutputPlan(spec, leaves)
@@ -240,7 +247,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             model_output = plan(layout.model_value(graph_output))
         else:
             model_output = plan(graph_output)
-    saves = [plan(walker.values[node]) for node in program.saves
+    saves = [plan(walker.values[node], node.line) for node in program.saves
              if node not in walker.backward_nodes]
     graph.output(tuple(outputs))
 
