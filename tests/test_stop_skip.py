@@ -161,6 +161,63 @@ def test_stop_with_a_write_runs_the_write(backend):
     assert torch.equal(h2, net.layer2(torch.ones(3, 10)).detach())
 
 
+class _TrainingTail(torch.nn.Module):
+    """In training, after its first layer: a BatchNorm, dropouts, a counter buffer and the
+    input changed in place: what a forward leaves behind besides its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.drop = torch.nn.Dropout(0.5)
+        self.head = torch.nn.Linear(4, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        h = self.first(x)
+        h = self.drop(self.norm(h)) + torch.randn_like(h)
+        self.calls += 1
+        x.mul_(2)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prune", [True, False])
+def test_a_stopped_forward_leaves_what_the_forward_up_to_the_stop_leaves(backend, prune):
+    """(was: on fx the statistics, the counter, the input and the random generator were
+    left as the whole forward leaves them, since pruning keeps side effects; the hooks
+    backend and nnsight stop the model there)"""
+    torch.manual_seed(0)
+    reference, model = _TrainingTail().train(), _TrainingTail().train()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(6, 4)
+    torch.manual_seed(1)
+    expected = reference.first(x)  # the forward up to the stop
+    generator_state = torch.get_rng_state()
+    net = NNsight(model)
+    given = x.clone()
+    torch.manual_seed(1)
+    with net.trace(given, backend=backend, prune=prune) as tracer:
+        first = net.first.output.save()
+        tracer.stop()
+    assert tracer.backend == backend
+    assert torch.equal(first, expected)
+    assert torch.equal(torch.get_rng_state(), generator_state)
+    assert torch.equal(given, x)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    # a trace that is not stopped leaves what the whole forward leaves
+    torch.manual_seed(1)
+    reference(x.clone())
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(1)
+    with net.trace(x.clone(), backend=backend, prune=prune):
+        net.first.output.save()
+    assert torch.equal(torch.get_rng_state(), generator_state)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
 @pytest.mark.parametrize("value", ["tensor", "number"])
 def test_a_whole_write_prunes_what_only_computed_the_old_value(value):
     net = mlp()

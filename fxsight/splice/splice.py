@@ -159,7 +159,8 @@ def _static(target: Any, args: tuple) -> bool:
 
 def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
            keep_output: bool, flat_attributes: bool = True,
-           update_caches: bool = True, indices: Lifted | None = None) -> Spliced:
+           update_caches: bool = True, indices: Lifted | None = None,
+           stopped: bool = False) -> Spliced:
     """Build the rewritten GraphModule of ``program`` over ``captured``.
 
     ``indices``: the integers of tensor keys that are graph inputs (see :mod:`.indices`):
@@ -169,7 +170,11 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
     without it, under the model's own dotted names (its ``state_dict`` keys).
     ``update_caches``: the cache objects among the inputs are updated (as a plain forward
     would); without it (a stopped trace) their updates are not outputs, so what only fed
-    them is pruned."""
+    them is pruned.
+    ``stopped``: ``tracer.stop()`` ended the forward pass after the last event the Program
+    uses, as the hooks backend stops the model there: nothing after it runs, not even what
+    a pruned forward keeps for its side effects (running statistics, random draws, a
+    buffer or an input changed in place)."""
     graph = fx.Graph()
     node_map: dict[fx.Node, fx.Node] = {}
     graph.graph_copy(captured.graph_module.graph, node_map)  # no output node copied
@@ -186,6 +191,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
     walker = _SpliceWalker(program, rows, captured, graph, node_map, inputs, indices,
                            index_inputs)
     walker.run()
+    late = _after_stop(graph, walker, program) if stopped else set()
 
     # writes: the model's own users of a boundary see the value written there
     for site, value in walker.current.items():
@@ -264,7 +270,9 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             node.replace_all_uses_with(source)
             graph.erase_node(node)
     twins = _twin_random_draws(graph)
-    graph.eliminate_dead_code(is_impure_node=_is_impure)
+    late.update(twin for node, made in twins.items() if node in late for twin in made)
+    graph.eliminate_dead_code(
+        is_impure_node=lambda node: node not in late and _is_impure(node))
     _drop_needless_twins(graph, twins)
     graph.lint()
     root = _flat_attributes(captured.graph_module, graph) if flat_attributes \
@@ -280,6 +288,21 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
 
 
 _COPY = torch.ops.aten.copy_.default
+
+
+def _after_stop(graph: fx.Graph, walker: _SpliceWalker, program: Program) -> set[fx.Node]:
+    """The nodes of the model's forward after the last event ``program`` uses (graph order
+    is the forward's order): where ``tracer.stop()`` ends the forward pass."""
+    last = max((walker.positions[node] for node in program.nodes
+                if node in walker.positions and node not in walker.backward_nodes),
+               default=BEFORE_ALL)
+    ends = {walker._anchor(last), *walker.inserted}
+    late: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        if node in ends:
+            break
+        late.add(node)
+    return late
 
 
 def _copies_back(marker: fx.Node) -> list[fx.Node]:
