@@ -244,3 +244,40 @@ def test_a_traced_value_inside_a_dataclass_is_refused_at_its_line(backend, refer
                 lambda v: _Fields(v * 0, {"pair": (v, v)}), h)
             result = net.output.save()
     torch.testing.assert_close(result, expected, rtol=0, atol=0)
+
+
+class _Slotted:
+    __slots__ = ("hidden",)
+
+    def __init__(self, hidden):
+        self.hidden = hidden
+
+
+class _SlottedLayer(torch.nn.Module):
+    def forward(self, x):
+        return _Slotted(x * 3)
+
+
+class _SlottedOutput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.slotted = _SlottedLayer()
+
+    def forward(self, x):
+        return self.slotted(x).hidden + 1
+
+
+def test_an_object_with_slots_holding_tensors_runs_on_hooks_under_auto():
+    """(was: on fx the read gave the capture's FakeTensor)"""
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    net = NNsight(_SlottedOutput())
+    with pytest.raises(fxsight.TraceError, match="_Slotted object at slotted.output"):
+        with net.trace(x, backend="fx"):
+            net.slotted.output.hidden.save()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with net.trace(x) as tracer:
+            hidden = net.slotted.output.hidden.save()
+    assert tracer.backend == "hooks"
+    assert type(hidden) is torch.Tensor
+    torch.testing.assert_close(hidden, x * 3, rtol=0, atol=0)

@@ -70,11 +70,22 @@ def hides_tensors(value: Any, depth: int = _DEPTH) -> bool:
         items = list(value.values())
     elif isinstance(value, (tuple, list, set, frozenset)):
         items = list(value)
-    elif hasattr(value, "__dict__") and not callable(value):
-        items = list(vars(value).values())
-    else:
+    elif callable(value):
         return False
+    else:
+        items = _attributes(value)
     return any(hides_tensors(item, depth - 1) for item in items)
+
+
+def _attributes(value: Any) -> list[Any]:
+    """The values of an object's attributes: its ``__dict__`` and its ``__slots__``."""
+    items = list(vars(value).values()) if hasattr(value, "__dict__") else []
+    for kind in type(value).__mro__:
+        slots = kind.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__"):
+                items.append(getattr(value, name, None))
+    return items
 
 
 def kept_constant(value: Any, where: str) -> Any:
