@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-from .._torch import is_unused_random, pytree, rename_node
+from .._torch import changes_first_argument, is_unused_random, pytree, rename_node
 
 from ..errors import NotOnGraph, at_line
 from ..stats import bump
@@ -23,7 +23,7 @@ from ..capture.export import BOUNDARY, Captured
 from ..record.program import Kind, Program
 from .indices import Lifted, as_selection, count
 from .rows import Rows, conform_to
-from ..record.sites import OUTPUT, Site, is_operation
+from ..record.sites import INPUT, OUTPUT, Site, is_operation
 from .walker import BEFORE_ALL, Walker
 
 
@@ -135,6 +135,45 @@ class _SpliceWalker(Walker):
         self.inserted.add(new)
         return new
 
+    def after_stop(self) -> set[fx.Node]:
+        """The nodes of the model's forward after the last event the Program uses (graph
+        order is the forward's order): where ``tracer.stop()`` ends the forward pass."""
+        last = max((self.positions[node] for node in self.program.nodes
+                    if node in self.positions and node not in self.backward_nodes),
+                   default=BEFORE_ALL)
+        ends = {self._anchor(last), *self.inserted}
+        late: set[fx.Node] = set()
+        for node in reversed(self.graph.nodes):
+            if node in ends:
+                break
+            late.add(node)
+        return late
+
+    def inside_skips(self) -> set[fx.Node]:
+        """The model's nodes computed inside a module call skipped for the whole batch
+        (``.skip(v)``): between the call's input and output events in graph order (the
+        forward's order), in that module (its ``nn_module_stack``)."""
+        inside: set[fx.Node] = set()
+        for node in self.program.nodes:
+            if not (node.skip and self._rows(node).whole):
+                continue
+            site = node.site
+            start = self.captured.index.get(Site(site.path, INPUT, site.call))
+            end = self.captured.index.get(site)
+            if start is None or end is None:
+                continue
+            first = self.node_map[self.captured.anchor(start)]
+            last = self.node_map[self.captured.anchor(end)]
+            between = False
+            for model_node in self.graph.nodes:
+                if model_node is last:
+                    break
+                if between and model_node not in self.inserted and \
+                        _computed_in(model_node, site.path):
+                    inside.add(model_node)
+                between = between or model_node is first
+        return inside
+
 
 def _same_constant(old: Any, new: Any) -> bool:
     try:
@@ -191,7 +230,10 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
     walker = _SpliceWalker(program, rows, captured, graph, node_map, inputs, indices,
                            index_inputs)
     walker.run()
-    late = _after_stop(graph, walker, program) if stopped else set()
+    # the model's nodes that do not run: after a stop, inside a skipped module (pruned
+    # even where a forward would keep them for their side effects)
+    idle = walker.after_stop() if stopped else set()
+    idle |= walker.inside_skips()
 
     # writes: the model's own users of a boundary see the value written there
     for site, value in walker.current.items():
@@ -270,9 +312,10 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             node.replace_all_uses_with(source)
             graph.erase_node(node)
     twins = _twin_random_draws(graph)
-    late.update(twin for node, made in twins.items() if node in late for twin in made)
+    idle.update(twin for node, made in twins.items() if node in idle for twin in made)
+    _unchain_idle_changes(graph, idle)
     graph.eliminate_dead_code(
-        is_impure_node=lambda node: node not in late and _is_impure(node))
+        is_impure_node=lambda node: node not in idle and _is_impure(node))
     _drop_needless_twins(graph, twins)
     graph.lint()
     root = _flat_attributes(captured.graph_module, graph) if flat_attributes \
@@ -290,19 +333,20 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
 _COPY = torch.ops.aten.copy_.default
 
 
-def _after_stop(graph: fx.Graph, walker: _SpliceWalker, program: Program) -> set[fx.Node]:
-    """The nodes of the model's forward after the last event ``program`` uses (graph order
-    is the forward's order): where ``tracer.stop()`` ends the forward pass."""
-    last = max((walker.positions[node] for node in program.nodes
-                if node in walker.positions and node not in walker.backward_nodes),
-               default=BEFORE_ALL)
-    ends = {walker._anchor(last), *walker.inserted}
-    late: set[fx.Node] = set()
-    for node in reversed(graph.nodes):
-        if node in ends:
-            break
-        late.add(node)
-    return late
+def _unchain_idle_changes(graph: fx.Graph, idle: set[fx.Node]) -> None:
+    """An in-place change that does not run (``num_batches_tracked += 1`` in a skipped
+    BatchNorm) leaves its tensor as it was: its users (the next call's change, which the
+    captured graph chains to it) read its first argument instead, so it can be pruned."""
+    for node in graph.nodes:
+        if node in idle and node.op == "call_function" and \
+                changes_first_argument(node.target) and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+
+
+def _computed_in(node: fx.Node, path: str) -> bool:
+    """Whether the model computes ``node`` in the module at ``path`` (or one inside it)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(entry[0] == path for entry in stack.values())
 
 
 def _copies_back(marker: fx.Node) -> list[fx.Node]:
