@@ -188,6 +188,25 @@ def returns_alias(target: Any) -> bool:
     return bool(returns) and returns[0].alias_info is not None
 
 
+def unflatten_unchecked(leaves: list[Any], spec: Any) -> Any:
+    """``pytree.tree_unflatten(leaves, spec)``, with the named tuples in it made without
+    calling their ``__new__`` (``PackedSequence`` refuses a ``batch_sizes`` off the CPU:
+    its meta stand-in); the other nodes by their registered ``unflatten_fn``
+    (``SUPPORTED_NODES``, ``TreeSpec.children()``, checked 2.13)."""
+    items = iter(leaves)
+
+    def build(node: Any) -> Any:
+        if node.is_leaf():
+            return next(items)
+        children = [build(child) for child in node.children()]
+        kind = node.context  # (a named tuple's node: the type is its context)
+        if isinstance(kind, type) and issubclass(kind, tuple) and hasattr(kind, "_fields"):
+            return tuple.__new__(kind, children)
+        return pytree.SUPPORTED_NODES[node.type].unflatten_fn(children, node.context)
+
+    return build(spec)
+
+
 def changes_first_argument(target: Any) -> bool:
     """Whether an operator overload changes its first argument in place and returns it
     (``aten.add_``, ``aten.copy_``): the first argument and the first return share a

@@ -281,3 +281,49 @@ def test_an_object_with_slots_holding_tensors_runs_on_hooks_under_auto():
     assert tracer.backend == "hooks"
     assert type(hidden) is torch.Tensor
     torch.testing.assert_close(hidden, x * 3, rtol=0, atol=0)
+
+
+# --- PackedSequence (a named tuple that checks its fields) ---------------------------------
+class _PackedLSTM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.lstm = torch.nn.LSTM(4, 3, batch_first=True)
+        self.head = torch.nn.Linear(3, 2)
+
+    def forward(self, ids, lengths):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            self.embed(ids), lengths, batch_first=True, enforce_sorted=False)
+        out, (h, c) = self.lstm(packed)
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        return self.head(out + h[-1].unsqueeze(1))
+
+
+@pytest.mark.parametrize("backend", ("auto", "hooks"))
+def test_a_packed_sequence_through_a_module_reads_and_writes_like_a_hook(backend,
+                                                                         reference_hooks):
+    """(was: ``ValueError: batch_sizes should always be on CPU`` from the scan that learns
+    shapes, which remade the PackedSequence of meta tensors: no trace of such a model ran)"""
+    torch.manual_seed(0)
+    model = _PackedLSTM()
+    ids, lengths = torch.randint(0, 10, (3, 5)), torch.tensor([5, 3, 2])
+    seen = {}
+
+    def hook(module, args, output):
+        seen["data"] = output[0].data.clone()
+        output[1][0][:] = 0
+
+    with reference_hooks(model, hooks={"lstm": hook}):
+        expected = model(ids, lengths)
+    net = NNsight(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with net.trace(ids, lengths, backend=backend) as tracer:
+            packed = net.lstm.inputs[0][0].save()
+            data = net.lstm.output[0].data.save()
+            net.lstm.output[1][0][:] = 0
+            out = net.output.save()
+    assert tracer.backend == "hooks"
+    assert type(packed) is torch.nn.utils.rnn.PackedSequence
+    torch.testing.assert_close(data, seen["data"], rtol=0, atol=0)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
