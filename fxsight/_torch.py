@@ -188,6 +188,39 @@ def returns_alias(target: Any) -> bool:
     return bool(returns) and returns[0].alias_info is not None
 
 
+def unflatten_unchecked(leaves: list[Any], spec: Any) -> Any:
+    """``pytree.tree_unflatten(leaves, spec)``, with the named tuples in it made without
+    calling their ``__new__`` (``PackedSequence`` refuses a ``batch_sizes`` off the CPU:
+    its meta stand-in); the other nodes by their registered ``unflatten_fn``
+    (``SUPPORTED_NODES``, ``TreeSpec.children()``, checked 2.13)."""
+    items = iter(leaves)
+
+    def build(node: Any) -> Any:
+        if node.is_leaf():
+            return next(items)
+        children = [build(child) for child in node.children()]
+        kind = node.context  # (a named tuple's node: the type is its context)
+        if isinstance(kind, type) and issubclass(kind, tuple) and hasattr(kind, "_fields"):
+            return tuple.__new__(kind, children)
+        return pytree.SUPPORTED_NODES[node.type].unflatten_fn(children, node.context)
+
+    return build(spec)
+
+
+def changes_first_argument(target: Any) -> bool:
+    """Whether an operator overload changes its first argument in place and returns it
+    (``aten.add_``, ``aten.copy_``): the first argument and the first return share a
+    written alias set in its schema (``_schema``, checked 2.13)."""
+    if not is_op_overload(target):
+        return False
+    schema = target._schema
+    if not schema.arguments or not schema.returns:
+        return False
+    argument, result = schema.arguments[0].alias_info, schema.returns[0].alias_info
+    return argument is not None and result is not None and argument.is_write and \
+        set(argument.before_set) == set(result.before_set)
+
+
 def compile_backend(backend: Any, mode: str | None, options: dict | None,
                     dynamic: bool | None) -> Callable:
     """The backend callable ``torch.compile(backend=..., mode=..., options=...)`` builds:

@@ -161,6 +161,151 @@ def test_stop_with_a_write_runs_the_write(backend):
     assert torch.equal(h2, net.layer2(torch.ones(3, 10)).detach())
 
 
+class _TrainingTail(torch.nn.Module):
+    """In training, after its first layer: a BatchNorm, dropouts, a counter buffer and the
+    input changed in place: what a forward leaves behind besides its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.drop = torch.nn.Dropout(0.5)
+        self.head = torch.nn.Linear(4, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        h = self.first(x)
+        h = self.drop(self.norm(h)) + torch.randn_like(h)
+        self.calls += 1
+        x.mul_(2)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prune", [True, False])
+def test_a_stopped_forward_leaves_what_the_forward_up_to_the_stop_leaves(backend, prune):
+    """(was: on fx the statistics, the counter, the input and the random generator were
+    left as the whole forward leaves them, since pruning keeps side effects; the hooks
+    backend and nnsight stop the model there)"""
+    torch.manual_seed(0)
+    reference, model = _TrainingTail().train(), _TrainingTail().train()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(6, 4)
+    torch.manual_seed(1)
+    expected = reference.first(x)  # the forward up to the stop
+    generator_state = torch.get_rng_state()
+    net = NNsight(model)
+    given = x.clone()
+    torch.manual_seed(1)
+    with net.trace(given, backend=backend, prune=prune) as tracer:
+        first = net.first.output.save()
+        tracer.stop()
+    assert tracer.backend == backend
+    assert torch.equal(first, expected)
+    assert torch.equal(torch.get_rng_state(), generator_state)
+    assert torch.equal(given, x)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    # a trace that is not stopped leaves what the whole forward leaves
+    torch.manual_seed(1)
+    reference(x.clone())
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(1)
+    with net.trace(x.clone(), backend=backend, prune=prune):
+        net.first.output.save()
+    assert torch.equal(torch.get_rng_state(), generator_state)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+class _LoopedBlock(torch.nn.Module):
+    """A block with a BatchNorm and a dropout, called three times, then a dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4),
+                                         torch.nn.Dropout(0.5))
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = self.block(x)
+        return self.drop(x)
+
+
+def _generator_state() -> torch.Tensor:
+    return torch.get_rng_state().clone()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prune", [True, False])
+@pytest.mark.parametrize("skipped", ["block.1", "block.2"])
+def test_a_skipped_module_draws_nothing_and_updates_no_statistics(backend, prune, skipped):
+    """In training, skipping a BatchNorm or a dropout (every call) equals the forward with
+    it replaced (was: on fx the skipped dropout still drew its numbers, so the next one
+    drew others: a different output; a skipped BatchNorm updated its statistics)."""
+    torch.manual_seed(0)
+    model = _LoopedBlock().train()
+    reference = _LoopedBlock().train()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(6, 4)
+    reference.block[int(skipped[-1])] = torch.nn.Identity()
+    torch.manual_seed(1)
+    expected = reference(x)
+    generator_state = _generator_state()
+    net = NNsight(model)
+    torch.manual_seed(1)
+    with net.trace(x, backend=backend, prune=prune) as tracer:
+        for _ in tracer.iter[0:3]:
+            module = net.block[int(skipped[-1])]
+            module.skip(module.input)
+        out = net.output.save()
+    assert torch.equal(out, expected)
+    assert torch.equal(_generator_state(), generator_state)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_skipped_batch_norm_keeps_its_statistics(backend):
+    torch.manual_seed(0)
+    model = _TrainingTail().train()
+    statistics = {k: v.clone() for k, v in model.norm.state_dict().items()}
+    net = NNsight(model)
+    with net.trace(torch.randn(6, 4), backend=backend):
+        net.norm.skip(net.norm.input)
+        net.output.save()
+    for name, value in statistics.items():
+        assert torch.equal(model.norm.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skipping_one_call_of_a_block_leaves_what_the_other_calls_leave(backend):
+    """(was: on fx the skipped call's ``num_batches_tracked += 1`` still ran: the graph
+    chains each call's change to the last one's)"""
+    torch.manual_seed(0)
+    model = _LoopedBlock().train()
+    reference = _LoopedBlock().train()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(6, 4)
+    torch.manual_seed(1)
+    h = x
+    for call in range(3):
+        h = h * 2 if call == 1 else reference.block(h)
+    expected = reference.drop(h)
+    generator_state = _generator_state()
+    net = NNsight(model)
+    torch.manual_seed(1)
+    with net.trace(x, backend=backend) as tracer:
+        with tracer.iter[1]:
+            net.block.skip(net.block.input * 2)
+        out = net.output.save()
+    assert torch.equal(out, expected)
+    assert torch.equal(_generator_state(), generator_state)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
 @pytest.mark.parametrize("value", ["tensor", "number"])
 def test_a_whole_write_prunes_what_only_computed_the_old_value(value):
     net = mlp()

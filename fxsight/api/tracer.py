@@ -296,8 +296,9 @@ class Tracer:
         """End the forward pass as soon as everything recorded so far is computed; nothing
         may be recorded after it.
 
-        (The fx backend prunes what no saved value needs anyway; the hooks backend stops
-        the model after the last needed module event.)
+        The forward pass ends after the last module event the trace uses, on every
+        backend: nothing after it runs, not even for its side effects (a BatchNorm's
+        statistics, a dropout's draws from the generator), as in a forward stopped there.
 
         >>> import torch, fxsight
         >>> net = fxsight.NNsight(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))

@@ -30,6 +30,7 @@ from ..stats import bump
 from ..errors import CaptureError
 from . import caches, dispatch, state
 from .events import ModuleEvents
+from .hidden import kept_constant
 from .memory import memory_roots
 from . import opaque as opaque_calls
 from ..record.sites import Site, is_operation
@@ -401,9 +402,8 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     slots = {}
     for site in events.order:
         spec, constants = layouts[site]
-        if any(caches.is_cache(c) for c in constants):
-            constants = [_cache_ref(c, cache_state.roots, site) if caches.is_cache(c) else c
-                         for c in constants]
+        constants = [_cache_ref(c, cache_state.roots, site) if caches.is_cache(c)
+                     else kept_constant(c, site.label) for c in constants]
         found = marks.get(_marker(site), {})
         nodes = [found.get(i) if constants[i] is None else None for i in range(len(constants))]
         slots[site] = SiteSlot(spec, nodes, constants)

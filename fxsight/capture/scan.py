@@ -6,11 +6,12 @@ import contextlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from .._torch import (FakeTensorMode, autocast_cache_off, fake_embedding_takes_meta_weights,
-                      pytree, tensor_version, unset_fake_temporarily)
+                      pytree, tensor_version, unflatten_unchecked,
+                      unset_fake_temporarily)
 
 from ..stats import bump
 from . import caches
@@ -52,6 +53,18 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
+def _tree_map(fn: Callable[[Any], Any], value: Any) -> Any:
+    """``pytree.tree_map(fn, value)``, where a named tuple that checks its fields when
+    made (``PackedSequence``: ``batch_sizes`` a tensor on the CPU) is made without its
+    checks: it holds the scan's stand-ins (meta tensors, devices)."""
+    leaves, spec = pytree.tree_flatten(value)
+    mapped = [fn(leaf) for leaf in leaves]
+    try:
+        return pytree.tree_unflatten(mapped, spec)
+    except (ValueError, TypeError, RuntimeError, AttributeError):
+        return unflatten_unchecked(mapped, spec)
+
+
 def _is_meta_model(model: torch.nn.Module) -> bool:
     """Weights not loaded yet (a model that accelerate offloads holds meta parameters
     too, but its forward loads them: it is run with real values)."""
@@ -83,8 +96,8 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
 
     def record(site: Site, value: Any) -> None:
         with unset_fake_temporarily():  # plain meta tensors, not fakes of this scan's mode
-            values[site] = pytree.tree_map(_to_meta, value)
-        devices[site] = pytree.tree_map(
+            values[site] = _tree_map(_to_meta, value)
+        devices[site] = _tree_map(
             lambda v: v.device if isinstance(v, torch.Tensor) else None, value)
         aliases[site] = frozenset(number(leaf) for leaf in pytree.tree_leaves(value)
                                   if isinstance(leaf, torch.Tensor))
@@ -100,7 +113,7 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
         if not before.unchanged():  # the forward changed the model: undone (a trace
             before.restore()        # changes it only as the plain forward does)
     bump("scans")
-    return ScanResult(list(events.order), values, devices, pytree.tree_map(_to_meta, output),
+    return ScanResult(list(events.order), values, devices, _tree_map(_to_meta, output),
                       callees=dict(events.callees), aliases=aliases)
 
 

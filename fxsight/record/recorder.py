@@ -320,7 +320,7 @@ class Recorder:
             return slice(self.to_arg(value.start), self.to_arg(value.stop),
                          self.to_arg(value.step))
         if isinstance(value, (tuple, list)):
-            return type(value)(self.to_arg(v) for v in value)
+            return _rebuilt(value, [self.to_arg(v) for v in value])
         if isinstance(value, dict):
             return {k: self.to_arg(v) for k, v in value.items()}
         if getattr(kind, "_is_envoy", False):
@@ -332,6 +332,13 @@ class Recorder:
             converted = numpy_values.as_torch(value)
             if converted is not value:
                 return self.to_arg(converted)
+        if _holds_proxy(value):
+            name = kind.__name__
+            raise TraceError(at_line(
+                f"a traced value inside a {name} object: fxsight sees traced values in "
+                f"tuples, lists and dicts only, so the model would get the {name} holding "
+                f"the traced value itself; build it when the model runs: "
+                f"fxsight.apply({name}, ...)", user_line()))
         return value
 
 
@@ -361,3 +368,29 @@ def _proxies_in(value: Any):
     elif isinstance(value, dict):
         for item in value.values():
             yield from _proxies_in(item)
+
+
+def _rebuilt(value: tuple | list, items: list) -> tuple | list:
+    """A tuple or list of ``value``'s type holding ``items``: a named tuple (the model's own
+    output type, ``collections.namedtuple``) takes its fields as arguments."""
+    if isinstance(value, tuple) and hasattr(type(value), "_fields"):
+        return type(value)(*items)
+    return type(value)(items)
+
+
+def _holds_proxy(value: Any, depth: int = 3) -> bool:
+    """Whether an object that ``to_arg`` passes on as it is (a dataclass, an object of
+    the user's class) holds a traced value in its fields or attributes."""
+    if isinstance(value, Proxy):
+        return True
+    if depth == 0 or isinstance(value, (type, torch.nn.Module)):
+        return False
+    if isinstance(value, (tuple, list, set, frozenset)):
+        items = list(value)
+    elif isinstance(value, dict):
+        items = list(value.values())
+    elif hasattr(value, "__dict__") and not callable(value):
+        items = list(vars(value).values())
+    else:
+        return False
+    return any(_holds_proxy(item, depth - 1) for item in items)

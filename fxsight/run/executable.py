@@ -552,7 +552,7 @@ def build_runner(model: torch.nn.Module, captured: Any, program: Program, rows: 
     def executable_for(key: tuple, lifted: dict) -> Executable:
         return cached_executable(model, key, lambda: Executable(
             splice(captured, program, rows, keep_output, update_caches=update_caches,
-                   indices=lifted),
+                   indices=lifted, stopped=not update_caches),  # (only a stop keeps them)
             compile_options, dynamic))
 
     alike, integers = candidates(structure)

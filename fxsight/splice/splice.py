@@ -13,16 +13,17 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-from .._torch import is_unused_random, pytree, rename_node
+from .._torch import changes_first_argument, is_unused_random, pytree, rename_node
 
 from ..errors import NotOnGraph, at_line
 from ..stats import bump
 from ..capture.caches import CacheRef
+from ..capture.hidden import HiddenTensors
 from ..capture.export import BOUNDARY, Captured
 from ..record.program import Kind, Program
 from .indices import Lifted, as_selection, count
 from .rows import Rows, conform_to
-from ..record.sites import OUTPUT, Site, is_operation
+from ..record.sites import INPUT, OUTPUT, Site, is_operation
 from .walker import BEFORE_ALL, Walker
 
 
@@ -115,7 +116,11 @@ class _SpliceWalker(Walker):
 
     def call(self, node, op, target, args, kwargs, position):
         if op == "call_function" and _static(target, args):
-            return target(*args, **kwargs)
+            try:
+                return target(*args, **kwargs)
+            except NotOnGraph as error:  # (an object of hidden tensors: see capture.hidden)
+                raise NotOnGraph(at_line(str(error), node.line if node is not None else None)) \
+                    from None
         if node is not None and node.index in self.indices:
             target, args = as_selection(target, args, self.indices[node.index],
                                         self.index_inputs[node.index])
@@ -129,6 +134,45 @@ class _SpliceWalker(Walker):
         self.anchors[position] = new
         self.inserted.add(new)
         return new
+
+    def after_stop(self) -> set[fx.Node]:
+        """The nodes of the model's forward after the last event the Program uses (graph
+        order is the forward's order): where ``tracer.stop()`` ends the forward pass."""
+        last = max((self.positions[node] for node in self.program.nodes
+                    if node in self.positions and node not in self.backward_nodes),
+                   default=BEFORE_ALL)
+        ends = {self._anchor(last), *self.inserted}
+        late: set[fx.Node] = set()
+        for node in reversed(self.graph.nodes):
+            if node in ends:
+                break
+            late.add(node)
+        return late
+
+    def inside_skips(self) -> set[fx.Node]:
+        """The model's nodes computed inside a module call skipped for the whole batch
+        (``.skip(v)``): between the call's input and output events in graph order (the
+        forward's order), in that module (its ``nn_module_stack``)."""
+        inside: set[fx.Node] = set()
+        for node in self.program.nodes:
+            if not (node.skip and self._rows(node).whole):
+                continue
+            site = node.site
+            start = self.captured.index.get(Site(site.path, INPUT, site.call))
+            end = self.captured.index.get(site)
+            if start is None or end is None:
+                continue
+            first = self.node_map[self.captured.anchor(start)]
+            last = self.node_map[self.captured.anchor(end)]
+            between = False
+            for model_node in self.graph.nodes:
+                if model_node is last:
+                    break
+                if between and model_node not in self.inserted and \
+                        _computed_in(model_node, site.path):
+                    inside.add(model_node)
+                between = between or model_node is first
+        return inside
 
 
 def _same_constant(old: Any, new: Any) -> bool:
@@ -154,7 +198,8 @@ def _static(target: Any, args: tuple) -> bool:
 
 def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
            keep_output: bool, flat_attributes: bool = True,
-           update_caches: bool = True, indices: Lifted | None = None) -> Spliced:
+           update_caches: bool = True, indices: Lifted | None = None,
+           stopped: bool = False) -> Spliced:
     """Build the rewritten GraphModule of ``program`` over ``captured``.
 
     ``indices``: the integers of tensor keys that are graph inputs (see :mod:`.indices`):
@@ -164,7 +209,11 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
     without it, under the model's own dotted names (its ``state_dict`` keys).
     ``update_caches``: the cache objects among the inputs are updated (as a plain forward
     would); without it (a stopped trace) their updates are not outputs, so what only fed
-    them is pruned."""
+    them is pruned.
+    ``stopped``: ``tracer.stop()`` ended the forward pass after the last event the Program
+    uses, as the hooks backend stops the model there: nothing after it runs, not even what
+    a pruned forward keeps for its side effects (running statistics, random draws, a
+    buffer or an input changed in place)."""
     graph = fx.Graph()
     node_map: dict[fx.Node, fx.Node] = {}
     graph.graph_copy(captured.graph_module.graph, node_map)  # no output node copied
@@ -181,6 +230,10 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
     walker = _SpliceWalker(program, rows, captured, graph, node_map, inputs, indices,
                            index_inputs)
     walker.run()
+    # the model's nodes that do not run: after a stop, inside a skipped module (pruned
+    # even where a forward would keep them for their side effects)
+    idle = walker.after_stop() if stopped else set()
+    idle |= walker.inside_skips()
 
     # writes: the model's own users of a boundary see the value written there
     for site, value in walker.current.items():
@@ -212,7 +265,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             cache_outputs[k] = list(range(len(outputs), len(outputs) + len(graph_output[1][k])))
             outputs.extend(graph_output[1][k])
 
-    def plan(value: Any) -> OutputPlan:
+    def plan(value: Any, line: Any = None) -> OutputPlan:
         flat, spec = pytree.tree_flatten(value)
         leaves = []
         for leaf in flat:
@@ -224,6 +277,8 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
                     leaf.resolve({})  # (raises NotOnGraph: nothing has run)
                 cache_output(leaf.k)
                 leaves.append(("cache", leaf))
+            elif type(leaf) is HiddenTensors:
+                raise NotOnGraph(at_line(leaf.reason(), line))
             else:
                 leaves.append(("const", leaf))
         return OutputPlan(spec, leaves)
@@ -240,7 +295,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             model_output = plan(layout.model_value(graph_output))
         else:
             model_output = plan(graph_output)
-    saves = [plan(walker.values[node]) for node in program.saves
+    saves = [plan(walker.values[node], node.line) for node in program.saves
              if node not in walker.backward_nodes]
     graph.output(tuple(outputs))
 
@@ -257,7 +312,10 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             node.replace_all_uses_with(source)
             graph.erase_node(node)
     twins = _twin_random_draws(graph)
-    graph.eliminate_dead_code(is_impure_node=_is_impure)
+    idle.update(twin for node, made in twins.items() if node in idle for twin in made)
+    _unchain_idle_changes(graph, idle)
+    graph.eliminate_dead_code(
+        is_impure_node=lambda node: node not in idle and _is_impure(node))
     _drop_needless_twins(graph, twins)
     graph.lint()
     root = _flat_attributes(captured.graph_module, graph) if flat_attributes \
@@ -273,6 +331,22 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
 
 
 _COPY = torch.ops.aten.copy_.default
+
+
+def _unchain_idle_changes(graph: fx.Graph, idle: set[fx.Node]) -> None:
+    """An in-place change that does not run (``num_batches_tracked += 1`` in a skipped
+    BatchNorm) leaves its tensor as it was: its users (the next call's change, which the
+    captured graph chains to it) read its first argument instead, so it can be pruned."""
+    for node in graph.nodes:
+        if node in idle and node.op == "call_function" and \
+                changes_first_argument(node.target) and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+
+
+def _computed_in(node: fx.Node, path: str) -> bool:
+    """Whether the model computes ``node`` in the module at ``path`` (or one inside it)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(entry[0] == path for entry in stack.values())
 
 
 def _copies_back(marker: fx.Node) -> list[fx.Node]:
