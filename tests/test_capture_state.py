@@ -137,6 +137,30 @@ def test_a_change_between_traces_is_seen(change, backend):
     assert torch.equal(zeroed, torch.zeros_like(expected))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_config_with_large_containers_is_watched(backend):
+    """A config holding a container of more than 64 plain values (an ImageNet classifier's
+    ``id2label``, the ``layer_types`` of an 80-layer Qwen2) is still a settings object: an
+    attribute the forward reads (``use_cache``), changed between traces, is seen."""
+    from models import tiny_gpt2
+
+    model = tiny_gpt2(id2label={i: f"label {i}" for i in range(100)})
+    net = NNsight(model)
+    ids = torch.arange(6).unsqueeze(0)
+    with net.trace(ids, backend=backend):
+        out = net.output.save()
+    assert out.past_key_values is not None
+    labels = model.config.id2label
+    model.config.use_cache = False
+    expected = model(ids)
+    assert expected.past_key_values is None
+    with net.trace(ids, backend=backend) as tracer:
+        out = net.output.save()
+    assert tracer.backend == backend
+    assert out.past_key_values is None and torch.equal(out.logits, expected.logits)
+    assert model.config.id2label is labels  # (held as it is, never replaced)
+
+
 def test_an_unchanged_model_is_checked_by_its_dicts_versions(monkeypatch):
     """Between traces of an unchanged model, the state check reads the dicts' version tags
     and compares values only where no dict shows a change; after a change that leaves every

@@ -19,8 +19,8 @@ which touches far less memory right after a forward pass. The snapshot refers to
 model's modules and to other objects that could lead back to the model only weakly, so it
 never keeps a model alive.
 
-Not seen (documented limits): the contents of a list, dict or set attribute of more than
-``_MAX_CONTAINER`` elements changed in place; settings objects nested more than one level
+Not seen (documented limits): the contents of a list, dict or set attribute (of a module
+or of a settings object) of more than ``_MAX_CONTAINER`` elements changed in place; settings objects nested more than one level
 down; class attributes (and ``module.__class__ = ...``),
 globals and closures that ``forward`` reads (models whose forward hooks change values are
 not captured, see :func:`user_hooks`); the parameters and buffers of modules that
@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 import itertools
 import operator
+import sys
 import weakref
 from typing import Any
 
@@ -49,6 +50,7 @@ MAX_STATES = 8
 _SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype,
                       torch.device, torch.layout, torch.memory_format})
 _MAX_CONTAINER = 64  # elements of a plain list, dict or set compared by value each trace
+_CONTAINERS = frozenset({dict, list, tuple, set, frozenset, torch.Size})
 
 # internal dicts of nn.Module that no capture depends on
 _IGNORED = frozenset({
@@ -109,16 +111,25 @@ def _weak(value: Any) -> Any:
         return value
 
 
+def _plain_any_size(value: Any) -> bool:
+    """A container of plain values of any size (a config's ``id2label`` of 1000 labels, its
+    ``layer_types`` of 80 layers): a settings object holds it, compared by identity (its
+    contents changed in place are not seen, as a module's large containers)."""
+    return type(value) in _CONTAINERS and _plain(value, [sys.maxsize])
+
+
 def _data(value: Any, depth: int = 2) -> bool:
-    """A settings object (a config): attributes in a ``__dict__`` that are plain or
-    settings objects themselves; held strongly, it cannot lead back to a model."""
+    """A settings object (a config): attributes in a ``__dict__`` that are plain (small
+    containers of plain values compared by value, larger ones by identity) or settings
+    objects themselves; held strongly, it cannot lead back to a model."""
     if isinstance(value, (type, torch.nn.Module, torch.Tensor, dict, list, tuple, set,
                           frozenset)) or callable(value) or is_accelerate_hook(value):
         return False
     attributes = getattr(value, "__dict__", None)
     if type(attributes) is not dict or depth == 0:
         return False
-    return all(_plain(v) or _data(v, depth - 1) for v in attributes.values())
+    return all(_plain(v) or _plain_any_size(v) or _data(v, depth - 1)
+               for v in attributes.values())
 
 
 class Watch:
@@ -386,7 +397,8 @@ class Watch:
         for now, keys, values in self.objects:
             if list(now.values()) != values or list(now) != keys:
                 now.clear()
-                now.update({k: _copy(v) for k, v in zip(keys, values)})
+                # (a container too large to copy was held as it is: put back as it is)
+                now.update({k: _copy(v) if _plain(v) else v for k, v in zip(keys, values)})
 
 
 _MISSING = object()
@@ -486,9 +498,6 @@ class KeptAttributes:
             now = attributes.get(key, value)
             if now is not value and _same(now, value):
                 attributes[key] = value
-
-
-_CONTAINERS = frozenset({dict, list, tuple, set, frozenset, torch.Size})
 
 
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, list[Watch]]" = \
