@@ -31,12 +31,20 @@ BACKENDS = ("fx", "hooks")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class Inner:
+    """A settings object inside a settings object (a config's ``text_config``)."""
+
+    def __init__(self):
+        self.sign = 1.0
+
+
 class Config:
     """A plain settings object, as transformers' configs are (read in forward)."""
 
     def __init__(self):
         self.negate = False
         self.signs = [1.0]  # (a list: changed in place, the object's attributes are not)
+        self.inner = Inner()
 
 
 class Doubler(torch.nn.Module):
@@ -65,7 +73,8 @@ class Stateful(torch.nn.Module):
 
     def forward(self, x):
         h = self.lin(x.to(self.lin.weight.dtype)).to(x.dtype) * self.scale + self.offset
-        h = h * self.factors[0] * self.config.signs[0] + self.table["bias"]
+        h = h * self.factors[0] * self.config.signs[0] * self.config.inner.sign + \
+            self.table["bias"]
         if self.config.negate:
             h = -h
         h = h + getattr(self, "shift", 0.0)
@@ -95,8 +104,9 @@ CHANGES = {
     "added attribute": lambda m: setattr(m, "shift", 1.5),
     "plain tensor attribute replaced": lambda m: setattr(m, "offset", torch.full((5,), 2.0)),
     "settings object attribute": lambda m: setattr(m.config, "negate", True),
-    "settings object replaced": lambda m: setattr(m, "config", type("C", (), {"negate": True,
-                                                                                "signs": [1.0]})()),
+    "settings object replaced": lambda m: setattr(m, "config", type("C", (), {
+        "negate": True, "signs": [1.0], "inner": Inner()})()),
+    "nested settings object's attribute": lambda m: setattr(m.config.inner, "sign", -1.0),
     "submodule train()": lambda m: m.gate.train(),
     "parameter replaced": lambda m: setattr(m.lin, "weight", torch.nn.Parameter(torch.randn(5, 5))),
     "load_state_dict(assign=True)": _load_assign,

@@ -234,15 +234,23 @@ class Watch:
             self.exact.append((index, key, None, value))
             return value
         if _data(value):
-            if id(value) not in objects:
-                objects.add(id(value))
-                # (its ``__dict__`` is held: a config's ``__getattribute__`` is slow)
-                attributes = object.__getattribute__(value, "__dict__")
-                self.objects.append((attributes, list(attributes),
-                                     [_copy(v) if _plain(v) else v
-                                      for v in attributes.values()]))
+            self._settings(value, objects)
             return value
         return _weak(value)
+
+    def _settings(self, value: Any, objects: set[int]) -> None:
+        """Watch a settings object's attributes, and those of the settings objects it holds
+        (a config's ``text_config``): each is compared by value, as the model's own."""
+        if id(value) in objects:
+            return
+        objects.add(id(value))
+        # (its ``__dict__`` is held: a config's ``__getattribute__`` is slow)
+        attributes = object.__getattribute__(value, "__dict__")
+        self.objects.append((attributes, list(attributes),
+                             [_copy(v) if _plain(v) else v for v in attributes.values()]))
+        for nested in attributes.values():
+            if not _plain(nested) and not _plain_any_size(nested):
+                self._settings(nested, objects)  # (a settings object: ``_data`` said so)
 
     def _versions(self, dicts: list[dict]) -> list[int]:
         read = self.read_version
