@@ -13,6 +13,7 @@ reassigns the process-wide ``sys.stderr``.
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
@@ -169,6 +170,50 @@ def test_a_config_with_large_containers_is_watched(backend):
     assert tracer.backend == backend
     assert out.past_key_values is None and torch.equal(out.logits, expected.logits)
     assert model.config.id2label is labels  # (held as it is, never replaced)
+
+
+class Scaled(torch.nn.Module):
+    """A linear layer scaled by ``settings[0]`` or ``settings["scale"]``."""
+
+    def __init__(self, settings):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(5, 5)
+        self.settings = settings
+
+    def forward(self, x):
+        key = 0 if isinstance(self.settings, collections.deque) else "scale"
+        return self.lin(x) * self.settings[key]
+
+
+SETTINGS = {
+    "OrderedDict": lambda: collections.OrderedDict(scale=2.0),
+    "defaultdict": lambda: collections.defaultdict(float, scale=2.0),
+    "deque": lambda: collections.deque([2.0]),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(SETTINGS))
+def test_containers_of_other_kinds_stay_the_models_and_are_watched(kind, backend):
+    """An OrderedDict, defaultdict or deque attribute stays the model's own object after a
+    capture (export puts back copies of every container it knows), so the caller's
+    reference to it still changes the model; changed in place, it is seen."""
+    model = Scaled(SETTINGS[kind]()).eval()
+    held = model.settings
+    net = NNsight(model)
+    x = _x()
+    with net.trace(x, backend=backend) as tracer:
+        out = net.output.save()
+    assert tracer.backend == backend and torch.equal(out, model(x))
+    assert model.settings is held
+    held[0 if kind == "deque" else "scale"] = 5.0
+    expected = model(x)
+    with net.trace(x, backend=backend) as tracer:
+        out = net.output.save()
+    assert tracer.backend == backend and torch.equal(out, expected)
+    assert not torch.equal(expected, model.lin(x) * 2.0)
 
 
 def test_an_unchanged_model_is_checked_by_its_dicts_versions(monkeypatch):

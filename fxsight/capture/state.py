@@ -32,6 +32,7 @@ a new device on any but the model's first.
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import operator
@@ -50,7 +51,11 @@ MAX_STATES = 8
 _SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype,
                       torch.device, torch.layout, torch.memory_format})
 _MAX_CONTAINER = 64  # elements of a plain list, dict or set compared by value each trace
-_CONTAINERS = frozenset({dict, list, tuple, set, frozenset, torch.Size})
+# containers of plain values compared by value (a snapshot holds a copy of the mutable ones)
+_SEQUENCES = frozenset({tuple, list, set, frozenset, torch.Size, collections.deque})
+_MAPPINGS = frozenset({dict, collections.OrderedDict, collections.defaultdict})
+_CONTAINERS = _SEQUENCES | _MAPPINGS
+_MUTABLE = frozenset({list, set, collections.deque, *_MAPPINGS})
 
 # internal dicts of nn.Module that no capture depends on
 _IGNORED = frozenset({
@@ -78,10 +83,13 @@ def _plain(value: Any, budget: list[int] | None = None) -> bool:
         return True
     if budget is None:
         budget = [_MAX_CONTAINER]
-    if kind in (tuple, list, set, frozenset, torch.Size):
+    if kind in _SEQUENCES:
         budget[0] -= len(value)
         return budget[0] >= 0 and all(_plain(v, budget) for v in value)
-    if kind is dict:
+    if kind in _MAPPINGS:
+        if kind is collections.defaultdict and not (
+                value.default_factory is None or isinstance(value.default_factory, type)):
+            return False  # (a factory function could lead back to the model)
         budget[0] -= len(value)
         return budget[0] >= 0 and all(_plain(k, budget) and _plain(v, budget)
                                       for k, v in value.items())
@@ -93,10 +101,15 @@ def _copy(value: Any) -> Any:
     kind = type(value)
     if kind is list:
         return [_copy(v) for v in value]
-    if kind is dict:
-        return {k: _copy(v) for k, v in value.items()}
+    if kind in _MAPPINGS:
+        items = {k: _copy(v) for k, v in value.items()}
+        if kind is collections.defaultdict:
+            return collections.defaultdict(value.default_factory, items)
+        return items if kind is dict else kind(items)
     if kind is set:
         return set(value)
+    if kind is collections.deque:
+        return collections.deque(map(_copy, value), value.maxlen)
     return value
 
 
@@ -467,10 +480,10 @@ def _hook_keys(modules: list) -> list:
 
 
 def _holds_mutable(value: Any) -> bool:
-    """Whether a snapshot's value is or holds a list, dict or set (changed in place, the
-    dict that holds it keeps its version)."""
+    """Whether a snapshot's value is or holds a list, dict, set or deque (changed in
+    place, the dict that holds it keeps its version)."""
     kind = type(value)
-    if kind is list or kind is dict or kind is set:
+    if kind in _MUTABLE:
         return True
     if kind is tuple or kind is frozenset or kind is torch.Size:
         return any(map(_holds_mutable, value))
@@ -488,15 +501,18 @@ def _same(now: Any, old: Any) -> bool:
 
 class KeptAttributes:
     """``with KeptAttributes(model):`` around ``torch.export``: each module attribute that
-    export put back as an equal copy (it does so with containers and tuples:
-    transformers' ``_tp_plan`` dicts, a LayerNorm's ``normalized_shape``) is the model's
-    own object again, so a reference the caller holds to it stays the model's. An
-    attribute whose value changed is left as it is (:class:`Watch` decides about it)."""
+    export put back as an equal copy (it does so with every container its pytree knows:
+    transformers' ``_tp_plan`` dicts, a LayerNorm's ``normalized_shape``, OrderedDicts,
+    defaultdicts, deques, named tuples) is the model's own object again, so a reference
+    the caller holds to it stays the model's. An attribute whose value changed is left as
+    it is (:class:`Watch` decides about it)."""
 
     def __init__(self, model: torch.nn.Module):
         self.entries = [(d, key, value) for d in map(vars, model.modules())
                         for key, value in d.items()
-                        if key not in _APART and type(value) in _CONTAINERS]
+                        if key not in _APART and value is not None and
+                        type(value) not in _SCALARS and
+                        not isinstance(value, (torch.Tensor, torch.nn.Module))]
 
     def __enter__(self) -> "KeptAttributes":
         return self
