@@ -304,6 +304,48 @@ def test_user_hook_closures_are_never_stale():
     assert tracer.backend == "fx" and torch.equal(out, model(x))
 
 
+BACKWARD_HOOKS = {
+    "full backward hook": lambda m, seen: m.lin.register_full_backward_hook(
+        lambda module, grad_in, grad_out: (seen.append(1), (grad_in[0] * 10,))[1]),
+    "full backward pre-hook": lambda m, seen: m.post[0].register_full_backward_pre_hook(
+        lambda module, grad_out: (seen.append(1), (grad_out[0] * 10,))[1]),
+    "global full backward hook": lambda m, seen:
+        torch.nn.modules.module.register_module_full_backward_hook(
+            lambda module, grad_in, grad_out: seen.append(1)),
+}
+
+
+@pytest.mark.parametrize("kind", list(BACKWARD_HOOKS))
+def test_backward_hooks_run_as_in_a_plain_backward(kind):
+    """A graph calls no module, so a module's backward hook (or torch's global one) would
+    never run on fx and the gradients would not be the plain backward's: such a model runs
+    on the hooks backend (``auto``), and ``fx`` refuses it by name."""
+    model = Stateful().eval()
+    net = NNsight(model)
+    with net.trace(_x(), backend="fx"):  # (captured before the hook: a new state after)
+        net.output.sum().backward()
+    seen: list = []
+    handle = BACKWARD_HOOKS[kind](model, seen)
+    try:
+        x = _x().requires_grad_()
+        model(x).sum().backward()
+        expected, calls = x.grad, len(seen)
+        assert calls
+        seen.clear()
+        x = _x().requires_grad_()
+        with pytest.warns(RuntimeWarning, match="backward"):
+            with net.trace(x) as tracer:
+                net.output.sum().backward()
+        assert tracer.backend == "hooks" and torch.equal(x.grad, expected)
+        assert seen
+        with pytest.raises(fxsight.CaptureError, match="backward (pre-)?hook"):
+            with net.trace(_x(), backend="fx"):
+                net.output.save()
+    finally:
+        handle.remove()
+        model.zero_grad()
+
+
 @pytest.mark.parametrize("backend", ("auto", "hooks"))
 def test_hooks_that_only_look_run_on_real_values_once_per_trace(backend):
     """A graph runs no Python hook: a model with hooks runs on the hooks backend (fx

@@ -20,10 +20,10 @@ model's modules and to other objects that could lead back to the model only weak
 never keeps a model alive.
 
 Not seen (documented limits): the contents of a list, dict or set attribute (of a module
-or of a settings object) of more than ``_MAX_CONTAINER`` elements changed in place; settings objects nested more than one level
-down; class attributes (and ``module.__class__ = ...``),
-globals and closures that ``forward`` reads (models whose forward hooks change values are
-not captured, see :func:`user_hooks`); the parameters and buffers of modules that
+or of a settings object) of more than ``_MAX_CONTAINER`` elements changed in place;
+settings objects nested more than one level down; class attributes (and
+``module.__class__ = ...``), globals and closures that ``forward`` reads (models with
+forward or backward hooks of the user's are not captured, see :func:`user_hooks`); the parameters and buffers of modules that
 accelerate offloads (its hook swaps them in every forward; such models run on hooks);
 ``param.data = ...`` with a new dtype on a parameter other than the first of its module
 (``.to()``, ``.half()`` and the like convert every parameter of a module, and are seen), or
@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from .._torch import dict_version_reader, global_forward_hooks, global_hook_keys
+from .._torch import dict_version_reader, global_hook_keys
 from .dispatch import is_accelerate_hook, offloads
 
 # the bound on states remembered per model (a state seen again reuses its captures)
@@ -566,19 +566,29 @@ def forget(model: torch.nn.Module) -> None:
 
 
 def user_hooks(model: torch.nn.Module) -> tuple[str | None, list]:
-    """The forward hooks on ``model``: ``(a description of torch's global forward hooks,
-    or None; [(path, module, description of its first hook)] of the modules with some)``.
+    """The forward and backward hooks on ``model``: ``(a description of torch's global
+    module hooks, or None; [(path, module, description of its first hook)] of the
+    modules with some)``.
 
-    Export runs a hook while capturing, on fake tensors, and keeps what it did to the
-    values then; the captured graph never runs it again. So ``capture`` refuses a model
-    with forward hooks (the hooks backend runs them on real values, as a plain forward)."""
+    Export runs a forward hook while capturing, on fake tensors, and keeps what it did to
+    the values then; the captured graph never runs it again, and it calls no module, so a
+    module's backward hook (``register_full_backward_hook``, ``..._pre_hook``,
+    ``register_backward_hook``) never runs either and the gradients are not the plain
+    backward's. So ``capture`` refuses a model with such hooks (the hooks backend runs
+    them on real values, as a plain forward and backward do)."""
+    forward, forward_pre, backward, backward_pre = global_hook_keys()
     global_hooks = None
-    if any(global_forward_hooks()):
+    if forward or forward_pre:
         global_hooks = "torch has global forward hooks (register_module_forward_hook)"
+    elif backward or backward_pre:
+        global_hooks = ("torch has global backward hooks "
+                        "(register_module_full_backward_hook)")
     hooked = []
     for path, sub in model.named_modules():
         for kind, hooks in (("forward pre-hook", sub._forward_pre_hooks),
-                            ("forward hook", sub._forward_hooks)):
+                            ("forward hook", sub._forward_hooks),
+                            ("backward pre-hook", sub._backward_pre_hooks),
+                            ("backward hook", sub._backward_hooks)):
             hook = next((h for h in hooks.values() if not is_traced_hook(h)), None)
             if hook is not None:
                 hooked.append((path, sub, f"module {path or 'model'!r} has a {kind} "
