@@ -71,6 +71,8 @@ class Stateful(torch.nn.Module):
         self.config = Config()
         self.factors = [1.0]
         self.table = {"bias": 0.0}
+        self.vectors = {"shift": torch.zeros(5)}  # (tensors in plain containers, as a
+        self.extras = [torch.zeros(5)]            # steering module keeps its vectors)
 
     def forward(self, x):
         h = self.lin(x.to(self.lin.weight.dtype)).to(x.dtype) * self.scale + self.offset
@@ -78,7 +80,7 @@ class Stateful(torch.nn.Module):
             self.table["bias"]
         if self.config.negate:
             h = -h
-        h = h + getattr(self, "shift", 0.0)
+        h = h + getattr(self, "shift", 0.0) + self.vectors["shift"] + sum(self.extras)
         for layer in self.post:
             h = layer(h)
         return self.gate(h)
@@ -119,6 +121,8 @@ CHANGES = {
     "plain list attribute changed in place": lambda m: m.factors.__setitem__(0, 3.0),
     "plain dict attribute changed in place": lambda m: m.table.__setitem__("bias", 1.0),
     "settings object's list changed in place": lambda m: m.config.signs.__setitem__(0, -1.0),
+    "tensor in a plain dict replaced": lambda m: m.vectors.__setitem__("shift", torch.ones(5)),
+    "tensor appended to a plain list": lambda m: m.extras.append(torch.ones(5)),
     "parameters' data to float64": lambda m: [setattr(p, "data", p.data.double())
                                               for p in m.lin.parameters()],
 }

@@ -2,7 +2,8 @@
 
 A captured graph holds the parameter and buffer objects it read, their dtypes, the module
 tree as it was, every module's ``training`` flag, the plain Python attributes (numbers,
-strings, tuples, settings objects such as transformers' configs) the forward read, and
+strings, tuples, small containers of those and of tensors, settings objects such as
+transformers' configs) the forward read, and
 what the hooks that ran did. A change to any of these between traces must
 lead to a new capture: :func:`state_token` names the model's current state with a number
 that changes when one of them did (and comes back when the state does).
@@ -76,22 +77,26 @@ _submodules = operator.itemgetter("_modules")
 _TOKENS = itertools.count(1)
 
 
-def _plain(value: Any, budget: list[int] | None = None) -> bool:
-    """A value compared by equality: scalars, enums and small containers of those."""
+def _plain(value: Any, budget: list[int] | None = None, inner: bool = False) -> bool:
+    """A value compared by equality: scalars, enums and small containers of those, whose
+    elements may be tensors too (``inner``: a steering module's dict of vectors; a
+    container's copy holds the same tensors, so replacing one shows, by identity or, for
+    one element, by value; a tensor changed in place is the one the graph reads)."""
     kind = type(value)
-    if kind in _SCALARS or isinstance(value, enum.Enum):
+    if kind in _SCALARS or isinstance(value, enum.Enum) or \
+            (inner and isinstance(value, torch.Tensor)):
         return True
     if budget is None:
         budget = [_MAX_CONTAINER]
     if kind in _SEQUENCES:
         budget[0] -= len(value)
-        return budget[0] >= 0 and all(_plain(v, budget) for v in value)
+        return budget[0] >= 0 and all(_plain(v, budget, True) for v in value)
     if kind in _MAPPINGS:
         if kind is collections.defaultdict and not (
                 value.default_factory is None or isinstance(value.default_factory, type)):
             return False  # (a factory function could lead back to the model)
         budget[0] -= len(value)
-        return budget[0] >= 0 and all(_plain(k, budget) and _plain(v, budget)
+        return budget[0] >= 0 and all(_plain(k, budget) and _plain(v, budget, True)
                                       for k, v in value.items())
     return False
 
