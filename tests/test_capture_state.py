@@ -14,6 +14,7 @@ reassigns the process-wide ``sys.stderr``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import subprocess
 import sys
@@ -48,6 +49,14 @@ class Config:
         self.inner = Inner()
 
 
+@dataclasses.dataclass(slots=True)
+class Options:
+    """A settings object without a ``__dict__`` (its attributes in slots)."""
+
+    gain: float = 1.0
+    signs: list = dataclasses.field(default_factory=lambda: [1.0])
+
+
 class Doubler(torch.nn.Module):
     """Doubles its input in training mode only (a deterministic stand-in for dropout)."""
 
@@ -73,6 +82,7 @@ class Stateful(torch.nn.Module):
         self.table = {"bias": 0.0}
         self.vectors = {"shift": torch.zeros(5)}  # (tensors in plain containers, as a
         self.extras = [torch.zeros(5)]            # steering module keeps its vectors)
+        self.options = Options()
 
     def forward(self, x):
         h = self.lin(x.to(self.lin.weight.dtype)).to(x.dtype) * self.scale + self.offset
@@ -81,6 +91,7 @@ class Stateful(torch.nn.Module):
         if self.config.negate:
             h = -h
         h = h + getattr(self, "shift", 0.0) + self.vectors["shift"] + sum(self.extras)
+        h = h * self.options.gain * self.options.signs[0]
         for layer in self.post:
             h = layer(h)
         return self.gate(h)
@@ -123,6 +134,9 @@ CHANGES = {
     "settings object's list changed in place": lambda m: m.config.signs.__setitem__(0, -1.0),
     "tensor in a plain dict replaced": lambda m: m.vectors.__setitem__("shift", torch.ones(5)),
     "tensor appended to a plain list": lambda m: m.extras.append(torch.ones(5)),
+    "slotted settings object's attribute": lambda m: setattr(m.options, "gain", 3.0),
+    "slotted settings object's list changed in place":
+        lambda m: m.options.signs.__setitem__(0, -1.0),
     "parameters' data to float64": lambda m: [setattr(p, "data", p.data.double())
                                               for p in m.lin.parameters()],
 }

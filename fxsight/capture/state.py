@@ -3,7 +3,7 @@
 A captured graph holds the parameter and buffer objects it read, their dtypes, the module
 tree as it was, every module's ``training`` flag, the plain Python attributes (numbers,
 strings, tuples, small containers of those and of tensors, settings objects such as
-transformers' configs) the forward read, and
+transformers' configs, with a ``__dict__`` or slots) the forward read, and
 what the hooks that ran did. A change to any of these between traces must
 lead to a new capture: :func:`state_token` names the model's current state with a number
 that changes when one of them did (and comes back when the state does).
@@ -150,6 +150,33 @@ def _data(value: Any, depth: int = 2) -> bool:
                for v in attributes.values())
 
 
+def _slots(value: Any) -> tuple[str, ...] | None:
+    """The attribute names of a settings object without a ``__dict__`` (a dataclass made
+    with ``slots=True``) whose attributes are all set and plain, else ``None``."""
+    kind = type(value)
+    if kind in _SCALARS or kind in _CONTAINERS or "__slots__" not in kind.__dict__ or \
+            isinstance(value, (type, torch.nn.Module, torch.Tensor)) or callable(value):
+        return None
+    try:
+        if hasattr(value, "__dict__"):
+            return None
+        names = []
+        for base in kind.__mro__:
+            declared = base.__dict__.get("__slots__", ())
+            names += [declared] if isinstance(declared, str) else list(declared)
+        names = tuple(n for n in dict.fromkeys(names) if n not in ("__weakref__", "__dict__"))
+        plain = names and all(_plain(v) or _plain_any_size(v)
+                              for v in (getattr(value, n) for n in names))
+    except Exception:  # noqa: BLE001 - a slot never set, an object's own __getattr__
+        return None
+    return names if plain else None
+
+
+def _slot_values(value: Any, names: tuple[str, ...]) -> tuple:
+    """The values of ``value``'s slots ``names``."""
+    return tuple(getattr(value, n) for n in names)
+
+
 class Watch:
     """A snapshot of one model's state; :meth:`unchanged` compares it with the model now."""
 
@@ -175,6 +202,9 @@ class Watch:
         self.exact: list = []     # (module index, key, name or None, object): by identity
         self.first_parameters: list = []  # (the dtype of each module's first parameter)
         self.objects: list = []   # (settings object, a copy of its attributes)
+        # (settings object without a ``__dict__``, its slots' names, a copy of their
+        # values): no dict version shows a change, so compared on every check
+        self.slotted: list = []
         # every ``_parameters`` and ``_buffers`` dict (held: tensors lead to no module)
         # and a copy of each
         self.tensor_dicts: list = []
@@ -254,7 +284,20 @@ class Watch:
         if _data(value):
             self._settings(value, objects)
             return value
+        names = _slots(value)
+        if names is not None:
+            if id(value) not in objects:
+                objects.add(id(value))
+                # (small containers copied, larger ones held: as a ``__dict__``'s)
+                self.slotted.append((value, names, tuple(
+                    _copy(v) if _plain(v) else v for v in _slot_values(value, names))))
+            return value
         return _weak(value)
+
+    def _slots_unchanged(self) -> bool:
+        """The slotted settings objects' attributes as in the snapshot."""
+        return all(_slot_values(value, names) == values
+                   for value, names, values in self.slotted)
 
     def _settings(self, value: Any, objects: set[int]) -> None:
         """Watch a settings object's attributes, and those of the settings objects it holds
@@ -282,7 +325,7 @@ class Watch:
             sources = [dicts[i] if type(i) is int else i for i in self.mutable_sources]
             if list(map(_call, self.mutable_getters, sources)) != self.mutable_values:
                 return False
-        return self._parameters_alike()
+        return self._parameters_alike() and (not self.slotted or self._slots_unchanged())
 
     def _parameters_alike(self) -> bool:
         """The first parameters' dtypes and the first's device as in the snapshot."""
@@ -336,6 +379,8 @@ class Watch:
         for attributes, keys, values in self.objects:  # (renamed, same values: no)
             if list(attributes.values()) != values:
                 return False
+        if self.slotted and not self._slots_unchanged():
+            return False
         return self._hooks_unchanged(modules)
 
     def _modules_now(self):
@@ -375,6 +420,9 @@ class Watch:
             found += [f"a settings object's attribute {key!r}"
                       for key in {*now, *old}
                       if not _same(now.get(key, _MISSING), old.get(key, _MISSING))]
+        for value, names, values in self.slotted:
+            found += [f"a settings object's attribute {name!r}" for name, old
+                      in zip(names, values) if not _same(getattr(value, name), old)]
         return found
 
     def only_traced_hooks_added(self) -> bool:
@@ -425,6 +473,10 @@ class Watch:
                 now.clear()
                 # (a container too large to copy was held as it is: put back as it is)
                 now.update({k: _copy(v) if _plain(v) else v for k, v in zip(keys, values)})
+        for value, names, values in self.slotted:
+            for name, old in zip(names, values):
+                if not _same(getattr(value, name), old):
+                    object.__setattr__(value, name, _copy(old))  # (a frozen one too)
 
 
 _MISSING = object()
