@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import types
 import warnings
 
 import pytest
@@ -232,6 +233,44 @@ def test_containers_of_other_kinds_stay_the_models_and_are_watched(kind, backend
         out = net.output.save()
     assert tracer.backend == backend and torch.equal(out, expected)
     assert not torch.equal(expected, model.lin(x) * 2.0)
+
+
+def _doubled(x):
+    return x * 2
+
+
+class Activated(torch.nn.Module):
+    """A linear layer whose settings object holds its activation function."""
+
+    def __init__(self, act):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(5, 5)
+        self.cfg = types.SimpleNamespace(act=act, scale=1.0)
+
+    def forward(self, x):
+        return self.cfg.act(self.lin(x)) * self.cfg.scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", [torch.tanh, _doubled, torch.nn.functional.gelu])
+def test_a_settings_object_holding_a_function_is_watched(act, backend):
+    """A settings object may hold a function (an activation) besides plain values: its
+    plain attributes changed between traces are seen (the function by identity)."""
+    model = Activated(act)
+    net = NNsight(model)
+    x = _x()
+    with net.trace(x, backend=backend):
+        net.output.save()
+    model.cfg.scale = 3.0
+    with net.trace(x, backend=backend) as tracer:
+        out = net.output.save()
+    assert tracer.backend == backend and torch.equal(out, model(x))
+    model.cfg.act = torch.sigmoid
+    with net.trace(x, backend=backend) as tracer:
+        out = net.output.save()
+    assert torch.equal(out, model(x))
 
 
 def test_an_unchanged_model_is_checked_by_its_dicts_versions(monkeypatch):

@@ -38,6 +38,7 @@ import enum
 import itertools
 import operator
 import sys
+import types
 import weakref
 from typing import Any
 
@@ -136,18 +137,34 @@ def _plain_any_size(value: Any) -> bool:
     return type(value) in _CONTAINERS and _plain(value, [sys.maxsize])
 
 
+def _named_function(value: Any) -> bool:
+    """A function or class a settings object may hold (its ``act_fn``), compared by
+    identity: a class, a builtin function of a module or class (``torch.relu``), or a
+    Python function with no closure and plain defaults (a module's ``def``); none of
+    them leads back to a model."""
+    kind = type(value)
+    if isinstance(value, type):
+        return True
+    if kind is types.BuiltinFunctionType:
+        owner = getattr(value, "__self__", None)
+        return owner is None or isinstance(owner, (types.ModuleType, type))
+    return kind is types.FunctionType and value.__closure__ is None and \
+        _plain(value.__defaults__ or ()) and _plain(value.__kwdefaults__ or {})
+
+
 def _data(value: Any, depth: int = 2) -> bool:
     """A settings object (a config): attributes in a ``__dict__`` that are plain (small
-    containers of plain values compared by value, larger ones by identity) or settings
-    objects themselves; held strongly, it cannot lead back to a model."""
+    containers of plain values compared by value, larger ones by identity), functions
+    (:func:`_named_function`, by identity) or settings objects themselves; held strongly,
+    it cannot lead back to a model."""
     if isinstance(value, (type, torch.nn.Module, torch.Tensor, dict, list, tuple, set,
                           frozenset)) or callable(value) or is_accelerate_hook(value):
         return False
     attributes = getattr(value, "__dict__", None)
     if type(attributes) is not dict or depth == 0:
         return False
-    return all(_plain(v) or _plain_any_size(v) or _data(v, depth - 1)
-               for v in attributes.values())
+    return all(_plain(v) or _plain_any_size(v) or _named_function(v) or
+               _data(v, depth - 1) for v in attributes.values())
 
 
 def _slots(value: Any) -> tuple[str, ...] | None:
@@ -165,7 +182,7 @@ def _slots(value: Any) -> tuple[str, ...] | None:
             declared = base.__dict__.get("__slots__", ())
             names += [declared] if isinstance(declared, str) else list(declared)
         names = tuple(n for n in dict.fromkeys(names) if n not in ("__weakref__", "__dict__"))
-        plain = names and all(_plain(v) or _plain_any_size(v)
+        plain = names and all(_plain(v) or _plain_any_size(v) or _named_function(v)
                               for v in (getattr(value, n) for n in names))
     except Exception:  # noqa: BLE001 - a slot never set, an object's own __getattr__
         return None
@@ -310,7 +327,7 @@ class Watch:
         self.objects.append((attributes, list(attributes),
                              [_copy(v) if _plain(v) else v for v in attributes.values()]))
         for nested in attributes.values():
-            if not _plain(nested) and not _plain_any_size(nested):
+            if not (_plain(nested) or _plain_any_size(nested) or _named_function(nested)):
                 self._settings(nested, objects)  # (a settings object: ``_data`` said so)
 
     def _versions(self, dicts: list[dict]) -> list[int]:
