@@ -58,6 +58,14 @@ class Options:
     signs: list = dataclasses.field(default_factory=lambda: [1.0])
 
 
+class Helper:
+    """A settings object holding a tensor (a steering helper's vector) and a number."""
+
+    def __init__(self):
+        self.vector = torch.zeros(5)
+        self.alpha = 1.0
+
+
 class Doubler(torch.nn.Module):
     """Doubles its input in training mode only (a deterministic stand-in for dropout)."""
 
@@ -84,6 +92,7 @@ class Stateful(torch.nn.Module):
         self.vectors = {"shift": torch.zeros(5)}  # (tensors in plain containers, as a
         self.extras = [torch.zeros(5)]            # steering module keeps its vectors)
         self.options = Options()
+        self.helper = Helper()
 
     def forward(self, x):
         h = self.lin(x.to(self.lin.weight.dtype)).to(x.dtype) * self.scale + self.offset
@@ -92,7 +101,8 @@ class Stateful(torch.nn.Module):
         if self.config.negate:
             h = -h
         h = h + getattr(self, "shift", 0.0) + self.vectors["shift"] + sum(self.extras)
-        h = h * self.options.gain * self.options.signs[0]
+        h = h * self.options.gain * self.options.signs[0] + \
+            self.helper.vector * self.helper.alpha
         for layer in self.post:
             h = layer(h)
         return self.gate(h)
@@ -135,6 +145,9 @@ CHANGES = {
     "settings object's list changed in place": lambda m: m.config.signs.__setitem__(0, -1.0),
     "tensor in a plain dict replaced": lambda m: m.vectors.__setitem__("shift", torch.ones(5)),
     "tensor appended to a plain list": lambda m: m.extras.append(torch.ones(5)),
+    "helper object's tensor replaced": lambda m: setattr(m.helper, "vector", torch.ones(5)),
+    "helper object's number": lambda m: (setattr(m.helper, "vector", torch.ones(5)),
+                                         setattr(m.helper, "alpha", 3.0)),
     "slotted settings object's attribute": lambda m: setattr(m.options, "gain", 3.0),
     "slotted settings object's list changed in place":
         lambda m: m.options.signs.__setitem__(0, -1.0),

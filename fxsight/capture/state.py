@@ -22,7 +22,9 @@ never keeps a model alive.
 
 Not seen (documented limits): the contents of a list, dict or set attribute (of a module
 or of a settings object) of more than ``_MAX_CONTAINER`` elements changed in place;
-settings objects nested more than one level down; class attributes (and
+settings objects nested more than one level down, and the attributes of other objects
+(compared by identity: one that holds a module, a bound method, a closure); class
+attributes (and
 ``module.__class__ = ...``), globals and closures that ``forward`` reads (models with
 forward or backward hooks of the user's are not captured, see :func:`user_hooks`); the parameters and buffers of modules that
 accelerate offloads (its hook swaps them in every forward; such models run on hooks);
@@ -153,17 +155,17 @@ def _named_function(value: Any) -> bool:
 
 
 def _data(value: Any, depth: int = 2) -> bool:
-    """A settings object (a config): attributes in a ``__dict__`` that are plain (small
-    containers of plain values compared by value, larger ones by identity), functions
-    (:func:`_named_function`, by identity) or settings objects themselves; held strongly,
-    it cannot lead back to a model."""
+    """A settings object (a config, a steering helper): attributes in a ``__dict__`` that
+    are plain (small containers of plain values compared by value, larger ones by
+    identity), tensors (by identity), functions (:func:`_named_function`, by identity) or
+    settings objects themselves; held strongly, it cannot lead back to a model."""
     if isinstance(value, (type, torch.nn.Module, torch.Tensor, dict, list, tuple, set,
                           frozenset)) or callable(value) or is_accelerate_hook(value):
         return False
     attributes = getattr(value, "__dict__", None)
     if type(attributes) is not dict or depth == 0:
         return False
-    return all(_plain(v) or _plain_any_size(v) or _named_function(v) or
+    return all(_plain(v, None, True) or _plain_any_size(v) or _named_function(v) or
                _data(v, depth - 1) for v in attributes.values())
 
 
@@ -327,8 +329,8 @@ class Watch:
         self.objects.append((attributes, list(attributes),
                              [_copy(v) if _plain(v) else v for v in attributes.values()]))
         for nested in attributes.values():
-            if not (_plain(nested) or _plain_any_size(nested) or _named_function(nested)):
-                self._settings(nested, objects)  # (a settings object: ``_data`` said so)
+            if _data(nested, 1):
+                self._settings(nested, objects)
 
     def _versions(self, dicts: list[dict]) -> list[int]:
         read = self.read_version
