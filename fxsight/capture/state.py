@@ -24,13 +24,13 @@ Not seen (documented limits): the contents of a list, dict or set attribute (of 
 or of a settings object) of more than ``_MAX_CONTAINER`` elements changed in place;
 settings objects nested more than one level down, and the attributes of other objects
 (compared by identity: one that holds a module, a bound method, a closure); class
-attributes (and
-``module.__class__ = ...``), globals and closures that ``forward`` reads (models with
-forward or backward hooks of the user's are not captured, see :func:`user_hooks`); the parameters and buffers of modules that
-accelerate offloads (its hook swaps them in every forward; such models run on hooks);
-``param.data = ...`` with a new dtype on a parameter other than the first of its module
-(``.to()``, ``.half()`` and the like convert every parameter of a module, and are seen), or
-a new device on any but the model's first.
+attributes (and ``module.__class__ = ...``), globals and closures that ``forward`` reads
+(models with forward or backward hooks of the user's are not captured, see
+:func:`user_hooks`); the parameters and buffers of modules that accelerate offloads (its
+hook swaps them in every forward; such models run on hooks); ``param.data = ...`` with a
+new dtype on a parameter other than the first of its module (``.to()``, ``.half()`` and
+the like convert every parameter of a module, and are seen), or a new device on any but
+the model's first.
 """
 
 from __future__ import annotations
