@@ -13,11 +13,14 @@ reassigns the process-wide ``sys.stderr``.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+import types
 import warnings
 
 import pytest
@@ -31,12 +34,36 @@ BACKENDS = ("fx", "hooks")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class Inner:
+    """A settings object inside a settings object (a config's ``text_config``)."""
+
+    def __init__(self):
+        self.sign = 1.0
+
+
 class Config:
     """A plain settings object, as transformers' configs are (read in forward)."""
 
     def __init__(self):
         self.negate = False
         self.signs = [1.0]  # (a list: changed in place, the object's attributes are not)
+        self.inner = Inner()
+
+
+@dataclasses.dataclass(slots=True)
+class Options:
+    """A settings object without a ``__dict__`` (its attributes in slots)."""
+
+    gain: float = 1.0
+    signs: list = dataclasses.field(default_factory=lambda: [1.0])
+
+
+class Helper:
+    """A settings object holding a tensor (a steering helper's vector) and a number."""
+
+    def __init__(self):
+        self.vector = torch.zeros(5)
+        self.alpha = 1.0
 
 
 class Doubler(torch.nn.Module):
@@ -62,13 +89,20 @@ class Stateful(torch.nn.Module):
         self.config = Config()
         self.factors = [1.0]
         self.table = {"bias": 0.0}
+        self.vectors = {"shift": torch.zeros(5)}  # (tensors in plain containers, as a
+        self.extras = [torch.zeros(5)]            # steering module keeps its vectors)
+        self.options = Options()
+        self.helper = Helper()
 
     def forward(self, x):
         h = self.lin(x.to(self.lin.weight.dtype)).to(x.dtype) * self.scale + self.offset
-        h = h * self.factors[0] * self.config.signs[0] + self.table["bias"]
+        h = h * self.factors[0] * self.config.signs[0] * self.config.inner.sign + \
+            self.table["bias"]
         if self.config.negate:
             h = -h
-        h = h + getattr(self, "shift", 0.0)
+        h = h + getattr(self, "shift", 0.0) + self.vectors["shift"] + sum(self.extras)
+        h = h * self.options.gain * self.options.signs[0] + \
+            self.helper.vector * self.helper.alpha
         for layer in self.post:
             h = layer(h)
         return self.gate(h)
@@ -95,8 +129,9 @@ CHANGES = {
     "added attribute": lambda m: setattr(m, "shift", 1.5),
     "plain tensor attribute replaced": lambda m: setattr(m, "offset", torch.full((5,), 2.0)),
     "settings object attribute": lambda m: setattr(m.config, "negate", True),
-    "settings object replaced": lambda m: setattr(m, "config", type("C", (), {"negate": True,
-                                                                                "signs": [1.0]})()),
+    "settings object replaced": lambda m: setattr(m, "config", type("C", (), {
+        "negate": True, "signs": [1.0], "inner": Inner()})()),
+    "nested settings object's attribute": lambda m: setattr(m.config.inner, "sign", -1.0),
     "submodule train()": lambda m: m.gate.train(),
     "parameter replaced": lambda m: setattr(m.lin, "weight", torch.nn.Parameter(torch.randn(5, 5))),
     "load_state_dict(assign=True)": _load_assign,
@@ -108,6 +143,14 @@ CHANGES = {
     "plain list attribute changed in place": lambda m: m.factors.__setitem__(0, 3.0),
     "plain dict attribute changed in place": lambda m: m.table.__setitem__("bias", 1.0),
     "settings object's list changed in place": lambda m: m.config.signs.__setitem__(0, -1.0),
+    "tensor in a plain dict replaced": lambda m: m.vectors.__setitem__("shift", torch.ones(5)),
+    "tensor appended to a plain list": lambda m: m.extras.append(torch.ones(5)),
+    "helper object's tensor replaced": lambda m: setattr(m.helper, "vector", torch.ones(5)),
+    "helper object's number": lambda m: (setattr(m.helper, "vector", torch.ones(5)),
+                                         setattr(m.helper, "alpha", 3.0)),
+    "slotted settings object's attribute": lambda m: setattr(m.options, "gain", 3.0),
+    "slotted settings object's list changed in place":
+        lambda m: m.options.signs.__setitem__(0, -1.0),
     "parameters' data to float64": lambda m: [setattr(p, "data", p.data.double())
                                               for p in m.lin.parameters()],
 }
@@ -135,6 +178,112 @@ def test_a_change_between_traces_is_seen(change, backend):
         net.gate.output[:] = 0
         zeroed = net.output.save()
     assert torch.equal(zeroed, torch.zeros_like(expected))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_config_with_large_containers_is_watched(backend):
+    """A config holding a container of more than 64 plain values (an ImageNet classifier's
+    ``id2label``, the ``layer_types`` of an 80-layer Qwen2) is still a settings object: an
+    attribute the forward reads (``use_cache``), changed between traces, is seen."""
+    from models import tiny_gpt2
+
+    model = tiny_gpt2(id2label={i: f"label {i}" for i in range(100)})
+    net = NNsight(model)
+    ids = torch.arange(6).unsqueeze(0)
+    with net.trace(ids, backend=backend):
+        out = net.output.save()
+    assert out.past_key_values is not None
+    labels = model.config.id2label
+    model.config.use_cache = False
+    expected = model(ids)
+    assert expected.past_key_values is None
+    with net.trace(ids, backend=backend) as tracer:
+        out = net.output.save()
+    assert tracer.backend == backend
+    assert out.past_key_values is None and torch.equal(out.logits, expected.logits)
+    assert model.config.id2label is labels  # (held as it is, never replaced)
+
+
+class Scaled(torch.nn.Module):
+    """A linear layer scaled by ``settings[0]`` or ``settings["scale"]``."""
+
+    def __init__(self, settings):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(5, 5)
+        self.settings = settings
+
+    def forward(self, x):
+        key = 0 if isinstance(self.settings, collections.deque) else "scale"
+        return self.lin(x) * self.settings[key]
+
+
+SETTINGS = {
+    "OrderedDict": lambda: collections.OrderedDict(scale=2.0),
+    "defaultdict": lambda: collections.defaultdict(float, scale=2.0),
+    "deque": lambda: collections.deque([2.0]),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(SETTINGS))
+def test_containers_of_other_kinds_stay_the_models_and_are_watched(kind, backend):
+    """An OrderedDict, defaultdict or deque attribute stays the model's own object after a
+    capture (export puts back copies of every container it knows), so the caller's
+    reference to it still changes the model; changed in place, it is seen."""
+    model = Scaled(SETTINGS[kind]()).eval()
+    held = model.settings
+    net = NNsight(model)
+    x = _x()
+    with net.trace(x, backend=backend) as tracer:
+        out = net.output.save()
+    assert tracer.backend == backend and torch.equal(out, model(x))
+    assert model.settings is held
+    held[0 if kind == "deque" else "scale"] = 5.0
+    expected = model(x)
+    with net.trace(x, backend=backend) as tracer:
+        out = net.output.save()
+    assert tracer.backend == backend and torch.equal(out, expected)
+    assert not torch.equal(expected, model.lin(x) * 2.0)
+
+
+def _doubled(x):
+    return x * 2
+
+
+class Activated(torch.nn.Module):
+    """A linear layer whose settings object holds its activation function."""
+
+    def __init__(self, act):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(5, 5)
+        self.cfg = types.SimpleNamespace(act=act, scale=1.0)
+
+    def forward(self, x):
+        return self.cfg.act(self.lin(x)) * self.cfg.scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", [torch.tanh, _doubled, torch.nn.functional.gelu])
+def test_a_settings_object_holding_a_function_is_watched(act, backend):
+    """A settings object may hold a function (an activation) besides plain values: its
+    plain attributes changed between traces are seen (the function by identity)."""
+    model = Activated(act)
+    net = NNsight(model)
+    x = _x()
+    with net.trace(x, backend=backend):
+        net.output.save()
+    model.cfg.scale = 3.0
+    with net.trace(x, backend=backend) as tracer:
+        out = net.output.save()
+    assert tracer.backend == backend and torch.equal(out, model(x))
+    model.cfg.act = torch.sigmoid
+    with net.trace(x, backend=backend) as tracer:
+        out = net.output.save()
+    assert torch.equal(out, model(x))
 
 
 def test_an_unchanged_model_is_checked_by_its_dicts_versions(monkeypatch):
@@ -223,6 +372,48 @@ def test_user_hook_closures_are_never_stale():
     with net.trace(x) as tracer:  # the hooks gone, the graph is back
         out = net.output.save()
     assert tracer.backend == "fx" and torch.equal(out, model(x))
+
+
+BACKWARD_HOOKS = {
+    "full backward hook": lambda m, seen: m.lin.register_full_backward_hook(
+        lambda module, grad_in, grad_out: (seen.append(1), (grad_in[0] * 10,))[1]),
+    "full backward pre-hook": lambda m, seen: m.post[0].register_full_backward_pre_hook(
+        lambda module, grad_out: (seen.append(1), (grad_out[0] * 10,))[1]),
+    "global full backward hook": lambda m, seen:
+        torch.nn.modules.module.register_module_full_backward_hook(
+            lambda module, grad_in, grad_out: seen.append(1)),
+}
+
+
+@pytest.mark.parametrize("kind", list(BACKWARD_HOOKS))
+def test_backward_hooks_run_as_in_a_plain_backward(kind):
+    """A graph calls no module, so a module's backward hook (or torch's global one) would
+    never run on fx and the gradients would not be the plain backward's: such a model runs
+    on the hooks backend (``auto``), and ``fx`` refuses it by name."""
+    model = Stateful().eval()
+    net = NNsight(model)
+    with net.trace(_x(), backend="fx"):  # (captured before the hook: a new state after)
+        net.output.sum().backward()
+    seen: list = []
+    handle = BACKWARD_HOOKS[kind](model, seen)
+    try:
+        x = _x().requires_grad_()
+        model(x).sum().backward()
+        expected, calls = x.grad, len(seen)
+        assert calls
+        seen.clear()
+        x = _x().requires_grad_()
+        with pytest.warns(RuntimeWarning, match="backward"):
+            with net.trace(x) as tracer:
+                net.output.sum().backward()
+        assert tracer.backend == "hooks" and torch.equal(x.grad, expected)
+        assert seen
+        with pytest.raises(fxsight.CaptureError, match="backward (pre-)?hook"):
+            with net.trace(_x(), backend="fx"):
+                net.output.save()
+    finally:
+        handle.remove()
+        model.zero_grad()
 
 
 @pytest.mark.parametrize("backend", ("auto", "hooks"))

@@ -2,7 +2,8 @@
 
 A captured graph holds the parameter and buffer objects it read, their dtypes, the module
 tree as it was, every module's ``training`` flag, the plain Python attributes (numbers,
-strings, tuples, settings objects such as transformers' configs) the forward read, and
+strings, tuples, small containers of those and of tensors, settings objects such as
+transformers' configs, with a ``__dict__`` or slots) the forward read, and
 what the hooks that ran did. A change to any of these between traces must
 lead to a new capture: :func:`state_token` names the model's current state with a number
 that changes when one of them did (and comes back when the state does).
@@ -19,28 +20,33 @@ which touches far less memory right after a forward pass. The snapshot refers to
 model's modules and to other objects that could lead back to the model only weakly, so it
 never keeps a model alive.
 
-Not seen (documented limits): the contents of a list, dict or set attribute of more than
-``_MAX_CONTAINER`` elements changed in place; settings objects nested more than one level
-down; class attributes (and ``module.__class__ = ...``),
-globals and closures that ``forward`` reads (models whose forward hooks change values are
-not captured, see :func:`user_hooks`); the parameters and buffers of modules that
-accelerate offloads (its hook swaps them in every forward; such models run on hooks);
-``param.data = ...`` with a new dtype on a parameter other than the first of its module
-(``.to()``, ``.half()`` and the like convert every parameter of a module, and are seen), or
-a new device on any but the model's first.
+Not seen (documented limits): the contents of a list, dict or set attribute (of a module
+or of a settings object) of more than ``_MAX_CONTAINER`` elements changed in place;
+settings objects nested more than one level down, and the attributes of other objects
+(compared by identity: one that holds a module, a bound method, a closure); class
+attributes (and ``module.__class__ = ...``), globals and closures that ``forward`` reads
+(models with forward or backward hooks of the user's are not captured, see
+:func:`user_hooks`); the parameters and buffers of modules that accelerate offloads (its
+hook swaps them in every forward; such models run on hooks); ``param.data = ...`` with a
+new dtype on a parameter other than the first of its module (``.to()``, ``.half()`` and
+the like convert every parameter of a module, and are seen), or a new device on any but
+the model's first.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import operator
+import sys
+import types
 import weakref
 from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from .._torch import dict_version_reader, global_forward_hooks, global_hook_keys
+from .._torch import dict_version_reader, global_hook_keys
 from .dispatch import is_accelerate_hook, offloads
 
 # the bound on states remembered per model (a state seen again reuses its captures)
@@ -49,6 +55,11 @@ MAX_STATES = 8
 _SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype,
                       torch.device, torch.layout, torch.memory_format})
 _MAX_CONTAINER = 64  # elements of a plain list, dict or set compared by value each trace
+# containers of plain values compared by value (a snapshot holds a copy of the mutable ones)
+_SEQUENCES = frozenset({tuple, list, set, frozenset, torch.Size, collections.deque})
+_MAPPINGS = frozenset({dict, collections.OrderedDict, collections.defaultdict})
+_CONTAINERS = _SEQUENCES | _MAPPINGS
+_MUTABLE = frozenset({list, set, collections.deque, *_MAPPINGS})
 
 # internal dicts of nn.Module that no capture depends on
 _IGNORED = frozenset({
@@ -69,19 +80,26 @@ _submodules = operator.itemgetter("_modules")
 _TOKENS = itertools.count(1)
 
 
-def _plain(value: Any, budget: list[int] | None = None) -> bool:
-    """A value compared by equality: scalars, enums and small containers of those."""
+def _plain(value: Any, budget: list[int] | None = None, inner: bool = False) -> bool:
+    """A value compared by equality: scalars, enums and small containers of those, whose
+    elements may be tensors too (``inner``: a steering module's dict of vectors; a
+    container's copy holds the same tensors, so replacing one shows, by identity or, for
+    one element, by value; a tensor changed in place is the one the graph reads)."""
     kind = type(value)
-    if kind in _SCALARS or isinstance(value, enum.Enum):
+    if kind in _SCALARS or isinstance(value, enum.Enum) or \
+            (inner and isinstance(value, torch.Tensor)):
         return True
     if budget is None:
         budget = [_MAX_CONTAINER]
-    if kind in (tuple, list, set, frozenset, torch.Size):
+    if kind in _SEQUENCES:
         budget[0] -= len(value)
-        return budget[0] >= 0 and all(_plain(v, budget) for v in value)
-    if kind is dict:
+        return budget[0] >= 0 and all(_plain(v, budget, True) for v in value)
+    if kind in _MAPPINGS:
+        if kind is collections.defaultdict and not (
+                value.default_factory is None or isinstance(value.default_factory, type)):
+            return False  # (a factory function could lead back to the model)
         budget[0] -= len(value)
-        return budget[0] >= 0 and all(_plain(k, budget) and _plain(v, budget)
+        return budget[0] >= 0 and all(_plain(k, budget) and _plain(v, budget, True)
                                       for k, v in value.items())
     return False
 
@@ -91,10 +109,15 @@ def _copy(value: Any) -> Any:
     kind = type(value)
     if kind is list:
         return [_copy(v) for v in value]
-    if kind is dict:
-        return {k: _copy(v) for k, v in value.items()}
+    if kind in _MAPPINGS:
+        items = {k: _copy(v) for k, v in value.items()}
+        if kind is collections.defaultdict:
+            return collections.defaultdict(value.default_factory, items)
+        return items if kind is dict else kind(items)
     if kind is set:
         return set(value)
+    if kind is collections.deque:
+        return collections.deque(map(_copy, value), value.maxlen)
     return value
 
 
@@ -109,8 +132,32 @@ def _weak(value: Any) -> Any:
         return value
 
 
+def _plain_any_size(value: Any) -> bool:
+    """A container of plain values of any size (a config's ``id2label`` of 1000 labels, its
+    ``layer_types`` of 80 layers): a settings object holds it, compared by identity (its
+    contents changed in place are not seen, as a module's large containers)."""
+    return type(value) in _CONTAINERS and _plain(value, [sys.maxsize])
+
+
+def _named_function(value: Any) -> bool:
+    """A function or class a settings object may hold (its ``act_fn``), compared by
+    identity: a class, a builtin function of a module or class (``torch.relu``), or a
+    Python function with no closure and plain defaults (a module's ``def``); none of
+    them leads back to a model."""
+    kind = type(value)
+    if isinstance(value, type):
+        return True
+    if kind is types.BuiltinFunctionType:
+        owner = getattr(value, "__self__", None)
+        return owner is None or isinstance(owner, (types.ModuleType, type))
+    return kind is types.FunctionType and value.__closure__ is None and \
+        _plain(value.__defaults__ or ()) and _plain(value.__kwdefaults__ or {})
+
+
 def _data(value: Any, depth: int = 2) -> bool:
-    """A settings object (a config): attributes in a ``__dict__`` that are plain or
+    """A settings object (a config, a steering helper): attributes in a ``__dict__`` that
+    are plain (small containers of plain values compared by value, larger ones by
+    identity), tensors (by identity), functions (:func:`_named_function`, by identity) or
     settings objects themselves; held strongly, it cannot lead back to a model."""
     if isinstance(value, (type, torch.nn.Module, torch.Tensor, dict, list, tuple, set,
                           frozenset)) or callable(value) or is_accelerate_hook(value):
@@ -118,7 +165,35 @@ def _data(value: Any, depth: int = 2) -> bool:
     attributes = getattr(value, "__dict__", None)
     if type(attributes) is not dict or depth == 0:
         return False
-    return all(_plain(v) or _data(v, depth - 1) for v in attributes.values())
+    return all(_plain(v, None, True) or _plain_any_size(v) or _named_function(v) or
+               _data(v, depth - 1) for v in attributes.values())
+
+
+def _slots(value: Any) -> tuple[str, ...] | None:
+    """The attribute names of a settings object without a ``__dict__`` (a dataclass made
+    with ``slots=True``) whose attributes are all set and plain, else ``None``."""
+    kind = type(value)
+    if kind in _SCALARS or kind in _CONTAINERS or "__slots__" not in kind.__dict__ or \
+            isinstance(value, (type, torch.nn.Module, torch.Tensor)) or callable(value):
+        return None
+    try:
+        if hasattr(value, "__dict__"):
+            return None
+        names = []
+        for base in kind.__mro__:
+            declared = base.__dict__.get("__slots__", ())
+            names += [declared] if isinstance(declared, str) else list(declared)
+        names = tuple(n for n in dict.fromkeys(names) if n not in ("__weakref__", "__dict__"))
+        plain = names and all(_plain(v) or _plain_any_size(v) or _named_function(v)
+                              for v in (getattr(value, n) for n in names))
+    except Exception:  # noqa: BLE001 - a slot never set, an object's own __getattr__
+        return None
+    return names if plain else None
+
+
+def _slot_values(value: Any, names: tuple[str, ...]) -> tuple:
+    """The values of ``value``'s slots ``names``."""
+    return tuple(getattr(value, n) for n in names)
 
 
 class Watch:
@@ -146,6 +221,9 @@ class Watch:
         self.exact: list = []     # (module index, key, name or None, object): by identity
         self.first_parameters: list = []  # (the dtype of each module's first parameter)
         self.objects: list = []   # (settings object, a copy of its attributes)
+        # (settings object without a ``__dict__``, its slots' names, a copy of their
+        # values): no dict version shows a change, so compared on every check
+        self.slotted: list = []
         # every ``_parameters`` and ``_buffers`` dict (held: tensors lead to no module)
         # and a copy of each
         self.tensor_dicts: list = []
@@ -223,15 +301,36 @@ class Watch:
             self.exact.append((index, key, None, value))
             return value
         if _data(value):
+            self._settings(value, objects)
+            return value
+        names = _slots(value)
+        if names is not None:
             if id(value) not in objects:
                 objects.add(id(value))
-                # (its ``__dict__`` is held: a config's ``__getattribute__`` is slow)
-                attributes = object.__getattribute__(value, "__dict__")
-                self.objects.append((attributes, list(attributes),
-                                     [_copy(v) if _plain(v) else v
-                                      for v in attributes.values()]))
+                # (small containers copied, larger ones held: as a ``__dict__``'s)
+                self.slotted.append((value, names, tuple(
+                    _copy(v) if _plain(v) else v for v in _slot_values(value, names))))
             return value
         return _weak(value)
+
+    def _slots_unchanged(self) -> bool:
+        """The slotted settings objects' attributes as in the snapshot."""
+        return all(_slot_values(value, names) == values
+                   for value, names, values in self.slotted)
+
+    def _settings(self, value: Any, objects: set[int]) -> None:
+        """Watch a settings object's attributes, and those of the settings objects it holds
+        (a config's ``text_config``): each is compared by value, as the model's own."""
+        if id(value) in objects:
+            return
+        objects.add(id(value))
+        # (its ``__dict__`` is held: a config's ``__getattribute__`` is slow)
+        attributes = object.__getattribute__(value, "__dict__")
+        self.objects.append((attributes, list(attributes),
+                             [_copy(v) if _plain(v) else v for v in attributes.values()]))
+        for nested in attributes.values():
+            if _data(nested, 1):
+                self._settings(nested, objects)
 
     def _versions(self, dicts: list[dict]) -> list[int]:
         read = self.read_version
@@ -245,7 +344,7 @@ class Watch:
             sources = [dicts[i] if type(i) is int else i for i in self.mutable_sources]
             if list(map(_call, self.mutable_getters, sources)) != self.mutable_values:
                 return False
-        return self._parameters_alike()
+        return self._parameters_alike() and (not self.slotted or self._slots_unchanged())
 
     def _parameters_alike(self) -> bool:
         """The first parameters' dtypes and the first's device as in the snapshot."""
@@ -299,6 +398,8 @@ class Watch:
         for attributes, keys, values in self.objects:  # (renamed, same values: no)
             if list(attributes.values()) != values:
                 return False
+        if self.slotted and not self._slots_unchanged():
+            return False
         return self._hooks_unchanged(modules)
 
     def _modules_now(self):
@@ -338,6 +439,9 @@ class Watch:
             found += [f"a settings object's attribute {key!r}"
                       for key in {*now, *old}
                       if not _same(now.get(key, _MISSING), old.get(key, _MISSING))]
+        for value, names, values in self.slotted:
+            found += [f"a settings object's attribute {name!r}" for name, old
+                      in zip(names, values) if not _same(getattr(value, name), old)]
         return found
 
     def only_traced_hooks_added(self) -> bool:
@@ -386,7 +490,12 @@ class Watch:
         for now, keys, values in self.objects:
             if list(now.values()) != values or list(now) != keys:
                 now.clear()
-                now.update({k: _copy(v) for k, v in zip(keys, values)})
+                # (a container too large to copy was held as it is: put back as it is)
+                now.update({k: _copy(v) if _plain(v) else v for k, v in zip(keys, values)})
+        for value, names, values in self.slotted:
+            for name, old in zip(names, values):
+                if not _same(getattr(value, name), old):
+                    object.__setattr__(value, name, _copy(old))  # (a frozen one too)
 
 
 _MISSING = object()
@@ -447,10 +556,10 @@ def _hook_keys(modules: list) -> list:
 
 
 def _holds_mutable(value: Any) -> bool:
-    """Whether a snapshot's value is or holds a list, dict or set (changed in place, the
-    dict that holds it keeps its version)."""
+    """Whether a snapshot's value is or holds a list, dict, set or deque (changed in
+    place, the dict that holds it keeps its version)."""
     kind = type(value)
-    if kind is list or kind is dict or kind is set:
+    if kind in _MUTABLE:
         return True
     if kind is tuple or kind is frozenset or kind is torch.Size:
         return any(map(_holds_mutable, value))
@@ -468,15 +577,18 @@ def _same(now: Any, old: Any) -> bool:
 
 class KeptAttributes:
     """``with KeptAttributes(model):`` around ``torch.export``: each module attribute that
-    export put back as an equal copy (it does so with containers and tuples:
-    transformers' ``_tp_plan`` dicts, a LayerNorm's ``normalized_shape``) is the model's
-    own object again, so a reference the caller holds to it stays the model's. An
-    attribute whose value changed is left as it is (:class:`Watch` decides about it)."""
+    export put back as an equal copy (it does so with every container its pytree knows:
+    transformers' ``_tp_plan`` dicts, a LayerNorm's ``normalized_shape``, OrderedDicts,
+    defaultdicts, deques, named tuples) is the model's own object again, so a reference
+    the caller holds to it stays the model's. An attribute whose value changed is left as
+    it is (:class:`Watch` decides about it)."""
 
     def __init__(self, model: torch.nn.Module):
         self.entries = [(d, key, value) for d in map(vars, model.modules())
                         for key, value in d.items()
-                        if key not in _APART and type(value) in _CONTAINERS]
+                        if key not in _APART and value is not None and
+                        type(value) not in _SCALARS and
+                        not isinstance(value, (torch.Tensor, torch.nn.Module))]
 
     def __enter__(self) -> "KeptAttributes":
         return self
@@ -486,9 +598,6 @@ class KeptAttributes:
             now = attributes.get(key, value)
             if now is not value and _same(now, value):
                 attributes[key] = value
-
-
-_CONTAINERS = frozenset({dict, list, tuple, set, frozenset, torch.Size})
 
 
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, list[Watch]]" = \
@@ -533,19 +642,29 @@ def forget(model: torch.nn.Module) -> None:
 
 
 def user_hooks(model: torch.nn.Module) -> tuple[str | None, list]:
-    """The forward hooks on ``model``: ``(a description of torch's global forward hooks,
-    or None; [(path, module, description of its first hook)] of the modules with some)``.
+    """The forward and backward hooks on ``model``: ``(a description of torch's global
+    module hooks, or None; [(path, module, description of its first hook)] of the
+    modules with some)``.
 
-    Export runs a hook while capturing, on fake tensors, and keeps what it did to the
-    values then; the captured graph never runs it again. So ``capture`` refuses a model
-    with forward hooks (the hooks backend runs them on real values, as a plain forward)."""
+    Export runs a forward hook while capturing, on fake tensors, and keeps what it did to
+    the values then; the captured graph never runs it again, and it calls no module, so a
+    module's backward hook (``register_full_backward_hook``, ``..._pre_hook``,
+    ``register_backward_hook``) never runs either and the gradients are not the plain
+    backward's. So ``capture`` refuses a model with such hooks (the hooks backend runs
+    them on real values, as a plain forward and backward do)."""
+    forward, forward_pre, backward, backward_pre = global_hook_keys()
     global_hooks = None
-    if any(global_forward_hooks()):
+    if forward or forward_pre:
         global_hooks = "torch has global forward hooks (register_module_forward_hook)"
+    elif backward or backward_pre:
+        global_hooks = ("torch has global backward hooks "
+                        "(register_module_full_backward_hook)")
     hooked = []
     for path, sub in model.named_modules():
         for kind, hooks in (("forward pre-hook", sub._forward_pre_hooks),
-                            ("forward hook", sub._forward_hooks)):
+                            ("forward hook", sub._forward_hooks),
+                            ("backward pre-hook", sub._backward_pre_hooks),
+                            ("backward hook", sub._backward_hooks)):
             hook = next((h for h in hooks.values() if not is_traced_hook(h)), None)
             if hook is not None:
                 hooked.append((path, sub, f"module {path or 'model'!r} has a {kind} "
