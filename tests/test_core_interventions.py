@@ -840,6 +840,20 @@ def _layer1_and_output(model, x, edit=None):
     return ref["h1"], out
 
 
+def _numpy_reads(np, h, apply):
+    """NumPy scalars and arrays used with ``h`` (a tensor, or a traced value: the same code
+    is the reference and the recording); ``apply(h)`` the last entry."""
+    return {
+        "f32": h * np.float32(0.1), "f64": h * np.float64(2.0),
+        "reflected": np.float32(3.0) * h, "int_times_f32": h.argmax(-1) * np.float32(0.5),
+        "bool_scalar": (h > 0) * np.bool_(True),  # (torch reads np.bool_ as a float)
+        "index_int": h[:, np.int64(3)], "index_array": h[:, np.arange(2)],
+        "index_0d_array": h[:, np.array(4)], "slice": h[:, np.int64(1):np.int64(3)],
+        "narrow": h.narrow(1, np.int64(1), 2), "array": h + np.ones(10, dtype=np.float32),
+        "apply": apply(h),
+    }
+
+
 # (eager torch hands `tensor + array` to NumPy, whose wrapping back warns under NumPy 2)
 @pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -849,15 +863,7 @@ def test_numpy_scalars_and_arrays_as_eager_torch_reads_them(backend):
     h1, _ = _layer1_and_output(model, x)
     _, written = _layer1_and_output(model, x, edit=lambda o: o.__setitem__((slice(None), 2),
                                                                             0.5))
-    expected = {
-        "f32": h1 * np.float32(0.1), "f64": h1 * np.float64(2.0),
-        "reflected": np.float32(3.0) * h1, "int_times_f32": h1.argmax(-1) * np.float32(0.5),
-        "bool_scalar": (h1 > 0) * np.bool_(True),  # (torch reads np.bool_ as a float)
-        "index_int": h1[:, np.int64(3)], "index_array": h1[:, np.arange(2)],
-        "index_0d_array": h1[:, np.array(4)], "slice": h1[:, np.int64(1):np.int64(3)],
-        "narrow": h1.narrow(1, np.int64(1), 2), "array": h1 + np.ones(10, dtype=np.float32),
-        "apply": h1 * 2.0,
-    }
+    expected = _numpy_reads(np, h1, apply=lambda h: h * 2.0)
 
     def takes_numpy(t, scale):
         assert isinstance(scale, np.float32)  # (fxsight.apply gets NumPy values as they are)
@@ -866,15 +872,8 @@ def test_numpy_scalars_and_arrays_as_eager_torch_reads_them(backend):
     net = NNsight(model)
     with torch.no_grad(), net.trace(x, backend=backend):
         a = net.layer1.output
-        got = {
-            "f32": a * np.float32(0.1), "f64": a * np.float64(2.0),
-            "reflected": np.float32(3.0) * a, "int_times_f32": a.argmax(-1) * np.float32(0.5),
-            "bool_scalar": (a > 0) * np.bool_(True),
-            "index_int": a[:, np.int64(3)], "index_array": a[:, np.arange(2)],
-            "index_0d_array": a[:, np.array(4)], "slice": a[:, np.int64(1):np.int64(3)],
-            "narrow": a.narrow(1, np.int64(1), 2), "array": a + np.ones(10, dtype=np.float32),
-            "apply": fxsight.apply(takes_numpy, a, np.float32(2.0)),
-        }
+        got = _numpy_reads(np, a,
+                           apply=lambda h: fxsight.apply(takes_numpy, h, np.float32(2.0)))
         for value in got.values():
             value.save()
     for key in expected:
