@@ -51,18 +51,17 @@ from .generation import Generator, GeneratorEnvoy
 from .inputs import BATCH_KEYWORDS, check_keywords, describe
 from .nnsight import NNsight
 from .token_index import TokenIndexer
-from .token_rows import (TokenFacts, left_pad, real_positions, roll_rows,
-                         token_aligned, token_facts, unpredicted_first)
+from .token_inputs import (TOKEN_KEYWORDS, aligned, as_id_tensor, as_row, batch_sized,
+                           check_batchable, check_positions, integer, is_batch_encoding,
+                           is_id_row, is_int, keyword_input, past_length, past_width,
+                           split_past_mask, with_past_mask, with_token_keywords)
+from .token_rows import (TokenFacts, left_pad, real_positions, roll_rows, token_facts,
+                         unpredicted_first)
 
 # keys of a dict input that are not forwarded as they come but re-laid out with the rows
 _PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 1}
-# keywords that are part of the input whatever their type (a tokenizer's lists)
-_TOKEN_KEYWORDS = frozenset({"input_ids", "attention_mask", "token_type_ids", "position_ids",
-                             "labels"})
 # the token keywords beside an input of lm.generate that join it
-_GENERATE_TOKEN_KEYWORDS = frozenset({"attention_mask", "token_type_ids"})
-# the keywords of a cache passed in to a forward pass
-_CACHE_KEYWORDS = ("cache", "past_key_values")
+_GENERATETOKEN_KEYWORDS = frozenset({"attention_mask", "token_type_ids"})
 _CONFIG_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only",
                   "subfolder")
 _FROM_CONFIG_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
@@ -134,7 +133,7 @@ class LanguageModel(NNsight):
         the weights first if they are not loaded yet (so that modules applied inside the
         block, e.g. a logit lens, are the real ones)."""
         if not inputs:
-            inputs, kwargs = _keyword_input(kwargs)
+            inputs, kwargs = keyword_input(kwargs)
         self.dispatch_model()
         return super().trace(*inputs, **kwargs)
 
@@ -161,11 +160,11 @@ class LanguageModel(NNsight):
         (3, 3)
         """
         if not inputs:  # lm.generate(**tokenizer(...), max_new_tokens=n)
-            inputs, kwargs = _keyword_input(kwargs)
+            inputs, kwargs = keyword_input(kwargs)
         elif len(inputs) == 1:  # lm.generate(ids, attention_mask=mask, max_new_tokens=n)
             # (the mask and token types; position_ids and labels go to generate as given)
-            value, kwargs = _with_token_keywords(inputs[0], kwargs, "lm.generate(...)",
-                                                 user_line(), _GENERATE_TOKEN_KEYWORDS)
+            value, kwargs = with_token_keywords(inputs[0], kwargs, "lm.generate(...)",
+                                                 user_line(), _GENERATETOKEN_KEYWORDS)
             inputs = (value,)
         self.dispatch_model()
         tracer = Generator(self, inputs, kwargs,
@@ -204,7 +203,7 @@ class LanguageModel(NNsight):
 
     def _aligned(self, key: str, value: Any, kwargs: dict) -> bool:
         """Whether input ``key`` holds a value per token of the input's rows."""
-        return _aligned(key, value, kwargs, self._encoder_decoder())
+        return aligned(key, value, kwargs, self._encoder_decoder())
 
     def _shifts_labels(self) -> bool:
         """Whether the model's loss predicts each token's label from the position before
@@ -221,7 +220,7 @@ class LanguageModel(NNsight):
         where, line = describe(invoke), user_line()
         kwargs = dict(kwargs)
         if not args:
-            args, kwargs = _keyword_input(kwargs)
+            args, kwargs = keyword_input(kwargs)
         if not args:
             among = f" among its keywords ({', '.join(kwargs)})" if kwargs else ""
             raise TraceError(at_line(
@@ -241,38 +240,38 @@ class LanguageModel(NNsight):
             own_mask = None
         # token-aligned keywords (labels=, position_ids=, a 2-D attention_mask=) join the
         # ids they belong to: re-laid out with them (a right-padded row rolled to the left)
-        value, kwargs = _with_token_keywords(args[0], kwargs, where, line)
+        value, kwargs = with_token_keywords(args[0], kwargs, where, line)
         # a cache passed in to a forward pass: the mask covers its past tokens too
-        past = 0 if _generating(invoke) else _past_length(kwargs, value)
-        value, past_mask = _split_past_mask(value, past, where, line)
+        past = 0 if _generating(invoke) else past_length(kwargs, value)
+        value, past_mask = split_past_mask(value, past, where, line)
         ids, mask, extras, facts = self._encode(value, where, line)
         self._check_ids(ids, facts, where, line, past)
         if past:
-            mask = _with_past_mask(mask, past_mask, past)
+            mask = with_past_mask(mask, past_mask, past)
         prepared: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         prepared.update(extras)
         for key, value in kwargs.items():
             if key in prepared:
                 raise TraceError(at_line(f"{where}: {key!r} is given twice (in the input and "
                                          f"as a keyword)", line))
-            prepared[key] = _as_row(value, ids) if key in _TOKEN_KEYWORDS else value
+            prepared[key] = as_row(value, ids) if key in TOKEN_KEYWORDS else value
         given = {k: v for k, v in prepared.items() if k != "attention_mask"}  # (always ours)
         check_keywords(self._module, (), given, where, line)
-        _check_positions(prepared, where, line)
+        check_positions(prepared, where, line)
         # (a row padded in the cache's tokens counts its real tokens too)
         padded = not facts.ones or (past_mask is not None and not bool(past_mask.all()))
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])], padded=padded)
         if own_mask is not None:
             prepared["attention_mask"] = own_mask
         if invoke is not None and invoke.tracer.invokes:
-            _check_batchable(invoke.tracer.invokes[0].prepared, prepared, ids.shape[0],
+            check_batchable(invoke.tracer.invokes[0].prepared, prepared, ids.shape[0],
                              invoke.index, line, self._encoder_decoder())
         return (), self._to_device(prepared), ids.shape[0]
 
     def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:
         """Left-pad every invoke's token-aligned tensors to the longest, concatenate rows."""
         for i, (_, kw, n) in enumerate(prepared[1:], 1):
-            _check_batchable(prepared[0], kw, n, i, None, self._encoder_decoder())
+            check_batchable(prepared[0], kw, n, i, None, self._encoder_decoder())
         invokes = [kw for _, kw, _ in prepared]
         length = max(kw["input_ids"].shape[1] for kw in invokes)
         batched: dict[str, Any] = {}
@@ -283,13 +282,13 @@ class LanguageModel(NNsight):
                 if key == "labels" and self._shifts_labels():
                     column = [unpredicted_first(v, v.shape[1] < length) for v in column]
                 batched[key] = torch.cat([left_pad(v, length, pad) for v in column])
-            elif key == "attention_mask" and _past_width(column[0], invokes[0]):
+            elif key == "attention_mask" and past_width(column[0], invokes[0]):
                 # masks that cover a cache's past tokens: padded between past and input
-                past = _past_width(column[0], invokes[0])
+                past = past_width(column[0], invokes[0])
                 batched[key] = torch.cat([torch.cat([v[:, :past], left_pad(v[:, past:],
                                                                            length, 0)], 1)
                                           for v in column])
-            elif all(_batch_sized(v, n) for v, (_, _, n) in zip(column, prepared)):
+            elif all(batch_sized(v, n) for v, (_, _, n) in zip(column, prepared)):
                 batched[key] = torch.cat(column)
             else:
                 batched[key] = column[0]
@@ -342,10 +341,10 @@ class LanguageModel(NNsight):
         """Token rows of one invoke's input: ``(input_ids, attention_mask, extras)``."""
         if isinstance(value, str):
             return self._from_rows(self._tokenize([value], where, line), None, {}, where, line)
-        if isinstance(value, Mapping) or _is_batch_encoding(value):
+        if isinstance(value, Mapping) or is_batch_encoding(value):
             return self._from_mapping(value, where, line)
         if isinstance(value, torch.Tensor):
-            if not _integer(value) or value.dim() not in (1, 2):
+            if not integer(value) or value.dim() not in (1, 2):
                 raise TraceError(at_line(
                     f"{where}: token ids must be an integer tensor of 1 or 2 dimensions, got "
                     f"{value.dtype} of shape {tuple(value.shape)}", line))
@@ -357,9 +356,9 @@ class LanguageModel(NNsight):
             if all(isinstance(v, str) for v in value):
                 return self._from_rows(self._tokenize(list(value), where, line), None, {},
                                        where, line)
-            if all(_is_int(v) for v in value):
+            if all(is_int(v) for v in value):
                 return self._from_rows([[int(v) for v in value]], None, {}, where, line)
-            if all(_is_id_row(v) for v in value):
+            if all(is_id_row(v) for v in value):
                 rows = [[int(t) for t in (v.tolist() if isinstance(v, torch.Tensor) else v)]
                         for v in value]
                 return self._from_rows(rows, None, {}, where, line)
@@ -389,7 +388,7 @@ class LanguageModel(NNsight):
                                      f"{sorted(data)})", line))
         ids = data.pop("input_ids")
         mask = data.pop("attention_mask", None)
-        ids = _as_id_tensor(ids, where, line)
+        ids = as_id_tensor(ids, where, line)
         if mask is not None:
             mask = torch.as_tensor(mask)
             if mask.dim() == 1:
@@ -402,7 +401,7 @@ class LanguageModel(NNsight):
         for key, extra in data.items():
             if key in BATCH_KEYWORDS and isinstance(extra, (list, tuple)):
                 extra = torch.as_tensor(extra)  # (a tokenizer's lists)
-            extra = _as_row(extra, ids)
+            extra = as_row(extra, ids)
             if key == "position_ids" and isinstance(extra, torch.Tensor) and \
                     extra.dim() == 2 and extra.shape[0] == 1:
                 extra = extra.expand(ids.shape[0], -1)  # (one row for all, as transformers)
@@ -507,223 +506,10 @@ class LanguageModel(NNsight):
 
 
 # --- helpers ---------------------------------------------------------------------------------
-def _check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
-                     line: str | None, encoder_decoder: bool) -> None:
-    """Raise unless an invoke's prepared inputs can share a batch with invoke #0's."""
-    _, base, base_rows = first
-    keys = [k for k in base if k != "position_ids"]
-    other = [k for k in kwargs if k != "position_ids"]
-    if other != keys:
-        raise TraceError(at_line(
-            f"invoke #{index} passes other inputs than invoke #0 ({', '.join(other)} vs "
-            f"{', '.join(keys)}); the invokes of a trace run in one batch", line))
-    for key in keys:
-        mine, theirs = kwargs[key], base[key]
-        if _aligned(key, mine, kwargs, encoder_decoder) and \
-                _aligned(key, theirs, base, encoder_decoder):
-            continue
-        if key == "attention_mask" and _past_width(mine, kwargs) == _past_width(theirs, base):
-            continue  # (masks that cover the same cache's past tokens)
-        if _batch_sized(mine, rows) and _batch_sized(theirs, base_rows) and \
-                mine.shape[1:] == theirs.shape[1:]:
-            continue
-        if not _same(mine, theirs):
-            raise TraceError(at_line(
-                f"invokes #0 and #{index} disagree on {key!r} ({_brief(theirs)} vs "
-                f"{_brief(mine)}); the invokes of a trace run in one batch", line))
-
-
-def _with_token_keywords(value: Any, kwargs: dict, where: str, line: str,
-                         names: frozenset = frozenset()) -> tuple[Any, dict]:
-    """An invoke's input as a dict that holds the token keywords given beside token ids or a
-    dict (``lm.trace(ids, attention_mask=m, labels=l)``), and the other keywords. Text and
-    ragged id lists keep theirs as keywords (their rows are laid out by ``LanguageModel``).
-    ``names``: the keywords that join the input (by default every token keyword)."""
-    names = names or _TOKEN_KEYWORDS - {"input_ids"}
-    moved = {k: v for k, v in kwargs.items() if k in names}
-    if not moved:
-        return value, kwargs
-    if isinstance(value, Mapping) or _is_batch_encoding(value):
-        data = dict(value.items())
-    elif isinstance(value, torch.Tensor) or _rectangular_ids(value):
-        data = {"input_ids": value}
-    else:
-        return value, kwargs
-    for key in moved:
-        if key in data:
-            raise TraceError(at_line(f"{where}: {key!r} is given twice (in the input and "
-                                     f"as a keyword)", line))
-    data.update(moved)
-    return data, {k: v for k, v in kwargs.items() if k not in moved}
-
-
-def _rectangular_ids(value: Any) -> bool:
-    """Whether ``value`` is a list of token ids or of equally long rows of them."""
-    if not isinstance(value, (list, tuple)) or not value:
-        return False
-    if all(_is_int(v) for v in value):
-        return True
-    return all(_is_id_row(v) for v in value) and len({len(v) for v in value}) == 1
-
-
-def _aligned(key: str, value: Any, kwargs: dict, encoder_decoder: bool) -> bool:
-    """Whether input ``key`` holds a value per token of the input's rows: a tensor of their
-    shape, unless it is an encoder-decoder's decoder input (``labels``, ``decoder_*``), whose
-    tokens are others even where as many."""
-    if encoder_decoder and (key == "labels" or key.startswith("decoder_")):
-        return False
-    return token_aligned(value, kwargs)
-
-
-def _check_positions(prepared: dict, where: str, line: str) -> None:
-    """Raise unless the ``position_ids`` given (if any) hold a position per token of the
-    input's rows (one row for all of them, or one per row); one row is spread over all."""
-    positions, ids = prepared.get("position_ids"), prepared["input_ids"]
-    if not isinstance(positions, torch.Tensor):
-        return
-    if positions.dim() != 2 or positions.shape[1] != ids.shape[1] or \
-            positions.shape[0] not in (1, ids.shape[0]):
-        raise TraceError(at_line(
-            f"{where}: position_ids has shape {tuple(positions.shape)}, input_ids "
-            f"{tuple(ids.shape)}: give a position per token of each row (or of one row, "
-            f"for every row)", line))
-    prepared["position_ids"] = positions.expand(ids.shape[0], -1)
-
-
-def _as_row(value: Any, ids: torch.Tensor) -> Any:
-    """A 1-D tensor with a value per token of a single row of ``ids`` as that row
-    (``position_ids=torch.arange(n)`` beside one prompt); any other value as it is."""
-    if isinstance(value, torch.Tensor) and value.dim() == 1 and ids.shape[0] == 1 and \
-            value.shape[0] == ids.shape[1]:
-        return value.reshape(1, -1)
-    return value
-
-
-def _past_width(mask: Any, kwargs: dict) -> int | None:
-    """How many columns of a 2-D ``mask`` precede the input's own tokens (a cache's past
-    tokens): ``None`` for a mask that is not of the input's rows."""
-    ids = kwargs["input_ids"]
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or \
-            mask.shape[0] != ids.shape[0] or mask.shape[1] < ids.shape[1]:
-        return None
-    return mask.shape[1] - ids.shape[1]
-
-
 def _generating(invoke: Any) -> bool:
     """Whether ``invoke`` belongs to ``lm.generate`` (whose input ids include the tokens of a
     cache passed in: transformers' ``generate`` takes the full sequence and its mask)."""
     return invoke is not None and isinstance(getattr(invoke, "tracer", None), Generator)
-
-
-def _past_length(kwargs: Mapping, value: Any) -> int:
-    """How many tokens a cache passed in (``cache=`` / ``past_key_values=``, as a keyword or
-    in a dict input) holds already: 0 where none is passed."""
-    sources = [kwargs]
-    if isinstance(value, Mapping) or _is_batch_encoding(value):
-        sources.append(value)
-    for source in sources:
-        for name in _CACHE_KEYWORDS:
-            cache = source.get(name)
-            length = getattr(cache, "get_seq_length", None)
-            if callable(length):
-                return int(length())
-    return 0
-
-
-def _split_past_mask(value: Any, past: int, where: str,
-                     line: str) -> tuple[Any, torch.Tensor | None]:
-    """A dict input whose ``attention_mask`` covers a cache's ``past`` tokens and its own
-    ``input_ids`` (as transformers takes it) as the dict with the mask of its own tokens,
-    and the mask's past columns (``None`` where the mask has only the input's columns)."""
-    if not past or not (isinstance(value, Mapping) or _is_batch_encoding(value)):
-        return value, None
-    mask, ids = value.get("attention_mask"), value.get("input_ids")
-    if mask is None or ids is None:
-        return value, None
-    mask, ids = torch.as_tensor(mask), torch.as_tensor(ids)
-    if mask.dim() != 2 or ids.dim() != 2 or mask.shape[1] != past + ids.shape[1]:
-        return value, None
-    if mask.shape[0] != ids.shape[0]:
-        raise TraceError(at_line(f"{where}: attention_mask has {mask.shape[0]} rows, "
-                                 f"input_ids {ids.shape[0]}", line))
-    rest = dict(value.items())
-    rest["attention_mask"] = mask[:, past:]
-    return rest, mask[:, :past]
-
-
-def _with_past_mask(mask: torch.Tensor, past_mask: torch.Tensor | None,
-                    past: int) -> torch.Tensor:
-    """``mask`` (the input's own tokens) after the mask of a cache's ``past`` tokens: the
-    caller's where given, else ones (every past token real, as a plain forward without a
-    mask takes them)."""
-    if past_mask is None:
-        past_mask = torch.ones(mask.shape[0], past, dtype=mask.dtype, device=mask.device)
-    return torch.cat([past_mask.to(device=mask.device, dtype=mask.dtype), mask], dim=1)
-
-
-def _keyword_input(kwargs: dict) -> tuple[tuple, dict]:
-    """``input_ids=...`` and the other token inputs given as keywords (``**enc``) as one
-    dict input, the rest (``use_cache=False``, trace options) as keywords."""
-    if "input_ids" not in kwargs:
-        return (), kwargs
-    moved = {k: v for k, v in kwargs.items()
-             if k in _TOKEN_KEYWORDS or isinstance(v, torch.Tensor)}
-    return (moved,), {k: v for k, v in kwargs.items() if k not in moved}
-
-
-def _batch_sized(value: Any, rows: int) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows
-
-
-def _brief(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return repr(value)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
-            a.shape == b.shape and bool((a == b).all())
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001
-        return a is b
-
-
-def _is_int(value: Any) -> bool:
-    return (isinstance(value, int) and not isinstance(value, bool)) or (
-        isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point())
-
-
-def _is_id_row(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.dim() == 1 and not value.is_floating_point() and value.dtype != torch.bool
-    return isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
-
-
-def _integer(tensor: torch.Tensor) -> bool:
-    return not tensor.dtype.is_floating_point and not tensor.dtype.is_complex and \
-        tensor.dtype != torch.bool
-
-
-def _is_batch_encoding(value: Any) -> bool:
-    return type(value).__name__ == "BatchEncoding" and hasattr(value, "items")
-
-
-def _as_id_tensor(ids: Any, where: str, line: str) -> torch.Tensor:
-    if isinstance(ids, torch.Tensor):
-        tensor = ids
-    else:
-        try:
-            tensor = torch.as_tensor(ids)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise TraceError(at_line(f"{where}: input_ids must be a rectangular tensor or list "
-                                     f"of token ids ({error})", line)) from None
-    if not _integer(tensor) or tensor.dim() not in (1, 2):
-        raise TraceError(at_line(f"{where}: input_ids must be integers of 1 or 2 dimensions, "
-                                 f"got {tensor.dtype} of shape {tuple(tensor.shape)}", line))
-    return tensor.reshape(1, -1).long() if tensor.dim() == 1 else tensor.long()
 
 
 def _prepare_tokenizer(tokenizer: Any) -> None:
