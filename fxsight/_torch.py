@@ -33,7 +33,8 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "torch_function_modes_active", "dispatch_modes_active",
            "is_op_overload", "entry_point", "is_unused_random", "compile_backend",
            "without_duck_shaping", "plain_codegen", "pytree_codegen", "rename_node",
-           "global_forward_hooks", "global_hook_keys", "generated_source_keys", "TreeSpec", "uncompiled", "plain_pickling",
+           "global_forward_hooks", "global_hook_keys", "holds_size", "unflatten_keeping_sizes",
+           "generated_source_keys", "TreeSpec", "uncompiled", "plain_pickling",
            "generated_source_key", "forget_generated_source", "tensor_version",
            "forward_hook_dicts", "default_store", "dict_version_reader",
            "is_operator", "ambient_state_plain", "global_state_guard", "tensor_guards",
@@ -202,9 +203,26 @@ def unflatten_unchecked(leaves: list[Any], spec: Any) -> Any:
         kind = node.context  # (a named tuple's node: the type is its context)
         if isinstance(kind, type) and issubclass(kind, tuple) and hasattr(kind, "_fields"):
             return tuple.__new__(kind, children)
+        if node.type is torch.Size and all(type(c) is int for c in children):
+            return torch.Size(children)
         return pytree.SUPPORTED_NODES[node.type].unflatten_fn(children, node.context)
 
     return build(spec)
+
+
+def holds_size(spec: Any) -> bool:
+    """Whether a pytree layout has a ``torch.Size`` in it: torch's ``tree_unflatten``
+    rebuilds every ``torch.Size`` as a plain tuple (its ``unflatten_fn`` is ``tuple``,
+    checked 2.13), so such a layout is rebuilt by :func:`unflatten_keeping_sizes`."""
+    return spec.type is torch.Size or any(holds_size(child) for child in spec.children())
+
+
+def unflatten_keeping_sizes(leaves: list[Any], spec: Any) -> Any:
+    """``pytree.tree_unflatten(leaves, spec)``, with each ``torch.Size`` of integers
+    rebuilt as a ``torch.Size`` (as the value it was flattened from), not a tuple."""
+    if not holds_size(spec):
+        return pytree.tree_unflatten(leaves, spec)
+    return unflatten_unchecked(leaves, spec)
 
 
 def changes_first_argument(target: Any) -> bool:

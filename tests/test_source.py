@@ -969,3 +969,30 @@ def test_moe_router_logits_write(backend):
     assert torch.allclose(probabilities, expected.router_logits[0].float().softmax(-1))
     assert torch.allclose(logits, expected.logits, atol=1e-5)
     assert not torch.allclose(logits, plain, atol=1e-4)
+
+
+class _Sized(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        size = x.size()
+        return self.fc(x).reshape(size)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_size_an_operation_returns_stays_a_size(backend):
+    """``x.size()`` read through ``.source`` is a ``torch.Size`` on both backends, and its
+    methods work in the trace (fx: was a plain tuple, and ``.numel()`` failed)."""
+    net = NNsight(_Sized())
+    for length in (3, 5):  # (the second trace: another shape)
+        x = torch.randn(2, length, 4)
+        with net.trace(x, backend=backend):
+            size = net.source.x_size_0.output
+            saved = size.save()
+            count = size.numel().save()
+            tail = size[1:].save()
+        assert type(saved) is torch.Size and saved == x.size()
+        assert count == x.numel()
+        assert type(tail) is torch.Size and tail == x.size()[1:]

@@ -23,7 +23,8 @@ import torch
 import torch.fx as fx
 
 from .._torch import (export_leaves_no_buffer_hook, forget_generated_source,
-                      generated_source_key, generated_source_keys, plain_codegen, pytree)
+                      generated_source_key, generated_source_keys, plain_codegen, pytree,
+                      unflatten_keeping_sizes)
 
 from ..locks import exclusive_export
 from ..stats import bump
@@ -84,7 +85,7 @@ class SiteSlot:
     def value(self, leaf_values: list[Any] | None = None) -> Any:
         values = leaf_values if leaf_values is not None else self.nodes
         merged = [v if n is not None else c for v, n, c in zip(values, self.nodes, self.constants)]
-        return pytree.tree_unflatten(merged, self.spec)
+        return unflatten_keeping_sizes(merged, self.spec)
 
 
 @dataclass

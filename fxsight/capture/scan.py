@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 from .._torch import (FakeTensorMode, autocast_cache_off, fake_embedding_takes_meta_weights,
-                      pytree, tensor_version, unflatten_unchecked,
+                      pytree, tensor_version, unflatten_keeping_sizes, unflatten_unchecked,
                       unset_fake_temporarily)
 
 from ..stats import bump
@@ -60,7 +60,7 @@ def _tree_map(fn: Callable[[Any], Any], value: Any) -> Any:
     leaves, spec = pytree.tree_flatten(value)
     mapped = [fn(leaf) for leaf in leaves]
     try:
-        return pytree.tree_unflatten(mapped, spec)
+        return unflatten_keeping_sizes(mapped, spec)
     except (ValueError, TypeError, RuntimeError, AttributeError):
         return unflatten_unchecked(mapped, spec)
 

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-from .._torch import changes_first_argument, is_unused_random, pytree, rename_node
+from .._torch import (changes_first_argument, holds_size, is_unused_random, pytree, rename_node,
+                      unflatten_keeping_sizes)
 
 from ..errors import NotOnGraph, at_line
 from ..stats import bump
@@ -38,10 +39,13 @@ class OutputPlan:
 
     spec: pytree.TreeSpec
     leaves: list[tuple[str, Any]]
+    sized: bool = False  # the layout holds a torch.Size (rebuilt as one, not a tuple)
 
     def build(self, outputs: list[Any], caches: dict | None = None) -> Any:
         values = [outputs[v] if kind == "out" else v.resolve(caches) if kind == "cache"
                   else v for kind, v in self.leaves]
+        if self.sized:
+            return unflatten_keeping_sizes(values, self.spec)
         return pytree.tree_unflatten(values, self.spec)
 
 
@@ -115,7 +119,10 @@ class _SpliceWalker(Walker):
         return self.anchors[position]
 
     def call(self, node, op, target, args, kwargs, position):
-        if op == "call_function" and _static(target, args):
+        if op == "call_function" and _static(target, args) or _size_method(op, args, kwargs):
+            if op == "call_method":
+                target = getattr(args[0], target)
+                args = args[1:]
             try:
                 return target(*args, **kwargs)
             except NotOnGraph as error:  # (an object of hidden tensors: see capture.hidden)
@@ -194,6 +201,14 @@ def _static(target: Any, args: tuple) -> bool:
     """getitem/getattr on a Python container of graph values resolves now, not at run time."""
     return target in (operator.getitem, getattr) and not isinstance(args[0], fx.Node) and \
         not isinstance(args[0], torch.Tensor)
+
+
+def _size_method(op: str, args: tuple, kwargs: dict) -> bool:
+    """A method of a ``torch.Size`` the capture holds as a constant (``numel``, ``index``)
+    resolves now: a graph node would see it as a plain tuple (fx keeps no ``torch.Size``
+    in a node's arguments)."""
+    return op == "call_method" and type(args[0]) is torch.Size and \
+        not any(isinstance(v, (fx.Node, torch.Tensor)) for v in pytree.tree_leaves((args, kwargs)))
 
 
 def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
@@ -281,7 +296,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
                 raise NotOnGraph(at_line(leaf.reason(), line))
             else:
                 leaves.append(("const", leaf))
-        return OutputPlan(spec, leaves)
+        return OutputPlan(spec, leaves, holds_size(spec))
 
     if layout is not None and update_caches:
         for k in range(layout.n_inputs):  # the user's caches are updated (unless stopped)

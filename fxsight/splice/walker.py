@@ -21,7 +21,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from .._torch import (DataDependentOutputException, DynamicOutputShapeException,
-                      FakeTensorMode, autocast_cache_off, pytree)
+                      FakeTensorMode, autocast_cache_off, pytree,
+                      unflatten_keeping_sizes)
 
 from ..errors import (DataDependentError, ItemAssignmentError, NotOnGraph, OrderError,
                       ShapeError, ShapeIndexError, TraceError, at_line)
@@ -154,7 +155,7 @@ class Walker:
             flat[leaf] = self.call(None, "call_function", grad_tap, (flat[leaf], key), {},
                                    position)
         self.on_tapped(site)
-        return pytree.tree_unflatten(flat, spec)
+        return unflatten_keeping_sizes(flat, spec)
 
     def _retapped(self, site: Site, old: Any, new: Any) -> Any:
         """``new``, the value a write gives ``site`` (``old`` before it), with a tap of
@@ -257,7 +258,7 @@ class Walker:
                                            rows.total), {}, position))
                 continue
             replaced.append(self._copy(leaf, position) if caller_s else leaf)
-        new = pytree.tree_unflatten(replaced, spec)
+        new = unflatten_keeping_sizes(replaced, spec)
         self.shared.note_write(site, recorded)
         self.current[site] = self._retapped(site, full, replace(full, accessor, new))
         self.current_position[site] = position
@@ -349,7 +350,7 @@ class Walker:
 
     def _leafwise(self, value: Any, fn) -> Any:
         flat, spec = pytree.tree_flatten(value)
-        return pytree.tree_unflatten([fn(v) if self.is_value(v) else v for v in flat], spec)
+        return unflatten_keeping_sizes([fn(v) if self.is_value(v) else v for v in flat], spec)
 
     def check_grad_write(self, node, site, old, value, rows) -> None:
         """Domain hook: reject a gradient that cannot replace ``old``'s."""
