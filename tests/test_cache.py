@@ -290,3 +290,45 @@ def test_root_paths_and_model_prefixed_strings(llama):
     assert cache.model.model.layers[0].output.shape == (2, 7, 64)
     assert cache.model.output.logits.shape == (2, 7, 128)
     assert fxsight.stats()["traces"] >= 1
+
+
+class _Repeated(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.out = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        for _ in range(3):  # fc: three calls
+            x = torch.tanh(self.fc(x))
+        return self.out(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_inside_tracer_iter_holds_that_call(backend):
+    """``tracer.cache()`` in ``tracer.iter[i]`` of a plain trace caches the modules' call
+    ``i`` (was: every call); a module asked for without a call ``i`` is a clear error."""
+    torch.manual_seed(0)
+    module = _Repeated()
+    x = torch.randn(2, 3)
+    calls = []
+    handle = module.fc.register_forward_hook(lambda m, i, o: calls.append(o.detach()))
+    with torch.no_grad():
+        module(x)
+    handle.remove()
+    net = NNsight(module)
+    with net.trace(x, backend=backend) as tracer:
+        caches = fxsight.save(list())
+        for _ in tracer.iter[0:3]:
+            caches.append(tracer.cache(modules=[net.fc]))
+        with tracer.iter[1]:
+            everything = tracer.cache()
+    for call, cache in enumerate(caches):
+        assert isinstance(cache["model.fc"], Entry)
+        assert torch.equal(cache["model.fc"].output, calls[call])
+    assert sorted(everything.keys()) == ["model.fc"]  # (the others run once)
+    assert torch.equal(everything["model.fc"].output, calls[1])
+    with pytest.raises(TraceError, match=r"model\.out has no call 1"):
+        with net.trace(x, backend=backend) as tracer:
+            with tracer.iter[1]:
+                tracer.cache(modules=[net.fc, net.out])

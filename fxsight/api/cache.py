@@ -320,13 +320,17 @@ class CacheRequest:
             ([OUTPUT] if self.include_output else [])
         wanted = None if self.paths is None else set(self.paths)
         # every module, or the modules and operations (``.source``) asked for
+        call = self.scope.call  # (in `tracer.iter[i]` of a plain trace: call i only)
         sites = [s for s in sorted(index, key=index.__getitem__) if s.kind in kinds and (
-            not is_operation(s.path) if wanted is None else s.path in wanted)]
+            not is_operation(s.path) if wanted is None else s.path in wanted) and (
+            call is None or s.call == call)]
         if wanted is not None:
             ran = {s.path for s in sites}
             missing = [p for p in self.paths if p not in ran]
             if missing and kinds:
                 what = "is never called" if is_operation(missing[0]) else "never runs"
+                if call is not None and any(s.path == missing[0] for s in index):
+                    what = f"has no call {call} (tracer.iter[{call}])"
                 raise TraceError(at_line(
                     f"tracer.cache: {_key(missing[0])} {what} in this forward pass, so "
                     f"it cannot be cached", self.line))
