@@ -98,9 +98,20 @@ class _SpliceWalker(Walker):
                 continue
             if isinstance(new_leaf, fx.Node) or not _same_constant(old_leaf, new_leaf):
                 raise NotOnGraph(at_line(
-                    f"the write to {site.label} changes a Python value the model was called "
-                    f"with ({old_leaf!r} -> {_shown(new_leaf)}), which the captured graph "
-                    f"holds as a constant", node.line))
+                    f"the write to {site.label} sets a Python value the model was called "
+                    f"with ({old_leaf!r} -> {self._shown(new_leaf)}), which the captured "
+                    f"graph holds as a constant: the fx backend cannot set it (the hooks "
+                    f"backend can)", node.line))
+
+    def _shown(self, value: Any) -> str:
+        """A written leaf as the message shows it: a Python value given in the trace is an
+        input of the rewritten graph (its value shown), others are computed in it."""
+        if isinstance(value, fx.Node):
+            given = [k for k, placeholder in enumerate(self.inputs) if placeholder is value]
+            if given and not isinstance(self.program.input_values[given[0]], torch.Tensor):
+                return repr(self.program.input_values[given[0]])
+            return "a value computed in the trace"
+        return repr(value)
 
     def conformed(self, new: Any, old: Any, position: int) -> Any:
         """A tensor written over a captured value of static shape needs only that shape
@@ -187,10 +198,6 @@ def _same_constant(old: Any, new: Any) -> bool:
         return type(old) is type(new) and bool(old == new)
     except Exception:  # noqa: BLE001 - not comparable: not the same
         return False
-
-
-def _shown(value: Any) -> str:
-    return "a value computed in the trace" if isinstance(value, fx.Node) else repr(value)
 
 
 def captured_anchor(graph: fx.Graph) -> fx.Node:
