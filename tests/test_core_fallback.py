@@ -11,7 +11,6 @@ import torch
 
 import fxsight
 from fxsight import NNsight
-from fxsight.errors import NotOnGraph
 
 
 class SignGate(torch.nn.Module):
@@ -176,42 +175,3 @@ def test_failed_capture_prints_nothing_but_the_warning(capfd):
     assert "def forward" not in captured.err and "def forward" not in captured.out
     assert torch.equal(tracer.result, model(_x()))
 
-
-class _Scaled(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(3, 3)
-
-    def forward(self, x, scale=2.0):
-        return self.fc(x) * scale
-
-
-class _CallsScaled(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inner = _Scaled()
-
-    def forward(self, x):
-        return self.inner(x, scale=2.0)
-
-
-@pytest.mark.parametrize("scale", [2.0, 3.0])
-def test_a_written_python_input_is_named_with_its_value(scale):
-    """A Python value written into ``.inputs`` is a constant of the captured graph: fx
-    refuses it naming both values (was: "a value computed in the trace" for a literal),
-    and auto runs it on hooks with the written value."""
-    torch.manual_seed(0)
-    model = _CallsScaled()
-    x = torch.randn(2, 3)
-    net = NNsight(model)
-    with pytest.raises(NotOnGraph, match=rf"\(2\.0 -> {scale}\)"):
-        with net.trace(x, backend="fx"):
-            args, _ = net.inner.inputs
-            net.inner.inputs = (args, {"scale": scale})
-    with pytest.warns(RuntimeWarning, match="hooks backend"):
-        with net.trace(x):
-            args, _ = net.inner.inputs
-            net.inner.inputs = (args, {"scale": scale})
-            out = net.output.save()
-    with torch.no_grad():
-        assert torch.equal(out, model.inner.fc(x) * scale)

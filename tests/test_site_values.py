@@ -92,11 +92,13 @@ def test_changing_a_python_input_is_refused_on_fx_and_honoured_on_hooks(referenc
     model, x = _Outer(), torch.randn(2, 3)
     expected = _reference_with_scale(model, x, reference_hooks, 5.0)
     net = NNsight(model)
-    with pytest.raises(fxsight.TraceError, match="constant") as error:
-        with net.trace(x, backend="fx"):
-            args, kwargs = net.sub.inputs
-            net.sub.inputs = (args, {"scale": 5.0})
-    assert "test_site_values.py" in str(error.value)
+    for scale in (5.0, 2.0):  # (the message names both values: was "a value computed")
+        with pytest.raises(fxsight.TraceError, match=rf"\(2\.0 -> {scale}\).*constant") \
+                as error:
+            with net.trace(x, backend="fx"):
+                args, kwargs = net.sub.inputs
+                net.sub.inputs = (args, {"scale": scale})
+        assert "test_site_values.py" in str(error.value)
     with net.trace(x, backend="hooks"):
         args, kwargs = net.sub.inputs
         net.sub.inputs = (args, {"scale": 5.0})
@@ -327,3 +329,72 @@ def test_a_packed_sequence_through_a_module_reads_and_writes_like_a_hook(backend
     assert type(packed) is torch.nn.utils.rnn.PackedSequence
     torch.testing.assert_close(data, seen["data"], rtol=0, atol=0)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+# --- attributes of an output object set in the trace -------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_setting_an_attribute_of_a_model_output_equals_a_hook(gpt2, backend,
+                                                              reference_hooks):
+    """``out.last_hidden_state = v`` on a ``ModelOutput`` is a write of that item, as
+    ``out["last_hidden_state"] = v`` (was: a TraceError)."""
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    zeros = torch.zeros(2, 5, 64)
+
+    def hook(module, args, output):
+        output.last_hidden_state = zeros
+        return output
+
+    with reference_hooks(gpt2, hooks={"transformer": hook}):
+        expected = gpt2(ids, use_cache=False).logits
+    net = NNsight(gpt2)
+    with net.trace(ids, use_cache=False, backend=backend) as tracer:
+        out = net.transformer.output
+        out.last_hidden_state = zeros
+        hidden = out.last_hidden_state.save()
+        item = net.transformer.output["last_hidden_state"].save()
+        logits = net.output.logits.save()
+    assert tracer.backend == backend
+    assert torch.equal(hidden, zeros) and torch.equal(item, zeros)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+def test_setting_a_field_of_a_dataclass_output_equals_a_hook(reference_hooks):
+    """On a dataclass output (hooks: fx does not see its tensors, so auto runs on hooks)
+    a set field is what the later modules see."""
+    model, x = _structured()
+    fives = torch.full((2, 4), 5.0)
+
+    def hook(module, args, output):
+        return dataclasses.replace(output, scaled=fives)
+
+    with reference_hooks(model, hooks={"fields": hook}):
+        expected = model(x)
+    for backend in ("hooks", "auto"):
+        net = NNsight(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (auto: the fallback's warning)
+            with net.trace(x, backend=backend) as tracer:
+                net.fields.output.scaled = fives
+                result = net.output.save()
+        assert tracer.backend == "hooks"
+        torch.testing.assert_close(result, expected, rtol=0, atol=0)
+    net = NNsight(model)
+    with pytest.raises(fxsight.TraceError, match="fields.output") as error:
+        with net.trace(x, backend="fx"):
+            net.fields.output.scaled = fives
+    assert "test_site_values.py" in str(error.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attributes_that_cannot_be_set_are_clear_errors(backend):
+    """A named tuple's field and a tensor's attribute cannot be set: the error names the
+    site or the line, before anything runs."""
+    model, x = _structured()
+    net = NNsight(model)
+    with pytest.raises(fxsight.TraceError, match=r"'first' on pair\.output") as error:
+        with net.trace(x, backend=backend):
+            net.pair.output.first = torch.zeros(2, 4)
+    assert "test_site_values.py" in str(error.value)
+    with pytest.raises(fxsight.TraceError, match="cannot set attribute 'data'"):
+        with net.trace(x, backend=backend):
+            net.pair.output.first.data = torch.zeros(2, 4)

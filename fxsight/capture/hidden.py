@@ -56,6 +56,11 @@ class HiddenTensors:
     def __getitem__(self, key: Any) -> Any:
         raise NotOnGraph(self.reason())
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in HiddenTensors.__slots__:
+            raise NotOnGraph(self.reason())
+        object.__setattr__(self, name, value)
+
 
 def hides_tensors(value: Any, depth: int = _DEPTH) -> bool:
     """Whether ``value``, a non-tensor pytree leaf, holds tensors in its fields or

@@ -7,6 +7,7 @@ set when it is recorded and never change afterwards.
 
 from __future__ import annotations
 
+import copy
 import enum
 import itertools
 import operator
@@ -64,14 +65,23 @@ def setitem(target, key, value):
     return target
 
 
+def set_attribute(target, name, value):
+    """``target.name = value`` on a module's output or inputs object (a dataclass, a
+    ``ModelOutput``): a copy of it with that attribute set (the walkers write it back to
+    the site, as ``setitem`` on a dict value)."""
+    new = copy.copy(target)
+    setattr(new, name, value)
+    return new
+
+
 # targets of fxsight's own, keyed by themselves in a structure key (one object each)
-_SENTINELS = frozenset({READ, WRITE, SKIP, GRAD, GRAD_WRITE, setitem})
+_SENTINELS = frozenset({READ, WRITE, SKIP, GRAD, GRAD_WRITE, setitem, set_attribute})
 
 
 _INPLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
     operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
-    operator.ixor, operator.ilshift, operator.irshift, setitem,
+    operator.ixor, operator.ilshift, operator.irshift, setitem, set_attribute,
 }
 
 # Ops that return a view of their first argument: an in-place change through their result

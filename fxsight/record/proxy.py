@@ -11,7 +11,7 @@ import torch
 from .._torch import pytree
 from ..errors import ControlFlowError, TraceError, at_line, user_line
 from . import numpy_values
-from .program import Kind, is_backward, origin
+from .program import Kind, is_backward, origin, set_attribute
 
 _CONTROL_FLOW_HINT = (
     "Python control flow on a traced value cannot be recorded: the value does not exist "
@@ -156,9 +156,14 @@ class Proxy:
         if name == "grad":
             self._recorder.create_grad_write(self, value)
             return
-        raise TraceError(
-            at_line(f"cannot set attribute {name!r} on a traced value", user_line())
-        )
+        if self._node.kind is Kind.READ and not isinstance(self._recorder.meta(
+                self, f"setting .{name}"), torch.Tensor):
+            self._recorder.create_op("call_function", set_attribute, (self, name, value), {})
+            return
+        raise TraceError(at_line(
+            f"cannot set attribute {name!r} on a traced value; an attribute of a module's "
+            f"output object is set on it directly (`model.layer.output.{name} = value`)",
+            user_line()))
 
     def __call__(self, *args, **kwargs):
         return self._recorder.create_op("call_function", _call_value, (self, *args), kwargs)

@@ -14,6 +14,7 @@ in-place change of memory one of its reads shares runs no earlier than the chang
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import operator
 from typing import Any, Callable
@@ -26,8 +27,8 @@ from .._torch import (DataDependentOutputException, DynamicOutputShapeException,
 
 from ..errors import (DataDependentError, ItemAssignmentError, NotOnGraph, OrderError,
                       ShapeError, ShapeIndexError, TraceError, at_line)
-from ..record.program import (Kind, ModuleCall, Node, Program, execute, setitem, map_nodes, node_args, origin, replace,
-                      select)
+from ..record.program import (Kind, ModuleCall, Node, Program, execute, map_nodes, node_args,
+                              origin, replace, select, set_attribute, setitem)
 from .rows import Rows, conform, narrow_rows, splice_rows
 from .shared_memory import SharedMemory, memory_of, read_root
 from .gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
@@ -312,6 +313,27 @@ class Walker:
                        leafwise=False)
         self.values[node] = new
 
+    def _set_attribute_of_read(self, node: Node) -> None:
+        """``value.name = v`` where ``value`` is a module's output or inputs object (a
+        dataclass, a ``ModelOutput``): a write of the site with a copy of it holding that
+        attribute, so the model's later modules see it on every backend."""
+        read, name, item = node.args
+        value_position = self._arg_position(item)
+        value = map_nodes(item, self.values.__getitem__)
+        if isinstance(item, Node) and self._brought_in(item, 1)[0]:
+            value = self._copy(value, value_position)  # (as a whole write's: see there)
+        try:
+            new = set_attribute(self.values[read], name, value)
+        except NotOnGraph as error:  # (an object of hidden tensors: see capture.hidden)
+            raise NotOnGraph(at_line(str(error), node.line)) from None
+        except (AttributeError, TypeError, dataclasses.FrozenInstanceError) as error:
+            raise TraceError(at_line(f"cannot set attribute {name!r} on {read.site.label} "
+                                     f"({type(self.values[read]).__name__}): {error}",
+                                     node.line)) from None
+        self._write_at(node, read.site, read.accessor, new, value_position, (name, item),
+                       leafwise=False)
+        self.values[node] = new
+
     def _check_skip_value(self, node: Node, value_position: int) -> None:
         """A skipped module does not run: its value may not come from inside it."""
         site: Site = node.site
@@ -326,6 +348,9 @@ class Walker:
                 node.line))
 
     def _op(self, node: Node) -> None:
+        if node.target is set_attribute:
+            self._set_attribute_of_read(node)
+            return
         if node.target is setitem and type(node.args[0]) is Node and \
                 node.args[0].kind is Kind.READ and \
                 isinstance(self.values[node.args[0]], (dict, list)):
