@@ -608,3 +608,57 @@ def test_grad_taps_report_from_autograd_s_other_threads():
     assert sink.seen[0][1] != threading.get_ident()
     torch.testing.assert_close(returned[0], torch.full((3,), 2.0))
     assert not value._backward_hooks  # (removed when the run's taps end)
+
+
+
+def _hooked_backward(model, run):
+    """The gradients the full backward hooks of ``model[0]`` and ``model[2]`` see while
+    ``run()`` runs (in the order they fire)."""
+    seen = []
+    handles = [model[i].register_full_backward_hook(
+        lambda module, grad_in, grad_out, i=i: seen.append((i, grad_out[0].clone())))
+        for i in (0, 2)]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    model.zero_grad()
+    return seen
+
+
+def _write_then_backward(net):
+    net[1].input = net[0].output * 2
+    net.output.sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
+def test_a_full_backward_hook_sees_the_traces_backward_or_it_is_refused():
+    """A module's full backward hook runs on the gradient of a loss from a later output,
+    as in the plain backward; a loss from (or a write computed from) the hooked module's
+    own ``.output`` would skip it (torch wraps the output after forward hooks), so it is
+    refused before running (was: the hook silently did not run)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3))
+    x = torch.randn(2, 3)
+    net = NNsight(model)
+    expected = _hooked_backward(model, lambda: (model(x) ** 2).sum().backward())
+
+    def traced():
+        with net.trace(x) as tracer:  # (auto: the hooks backend, as the hooks need)
+            (net.output ** 2).sum().backward()
+        assert tracer.backend == "hooks"
+
+    seen = _hooked_backward(model, traced)
+    assert [i for i, _ in seen] == [i for i, _ in expected] == [2, 0]
+    for (_, got), (_, want) in zip(seen, expected):
+        assert torch.equal(got, want)
+    for program in (lambda: net[0].output.sum().backward(), lambda: _write_then_backward(net)):
+        def refused():
+            with pytest.raises(fxsight.TraceError, match=r"0\.output.*full backward hook") \
+                    as error:
+                with net.trace(x, backend="hooks"):
+                    program()
+            assert "test_gradients.py" in str(error.value)
+
+        assert _hooked_backward(model, refused) == []  # (nothing ran)

@@ -668,7 +668,7 @@ def user_hooks(model: torch.nn.Module) -> tuple[str | None, list]:
             hook = next((h for h in hooks.values() if not is_traced_hook(h)), None)
             if hook is not None:
                 hooked.append((path, sub, f"module {path or 'model'!r} has a {kind} "
-                                          f"({_describe(hook)})"))
+                                          f"({describe_hook(hook)})"))
                 break
     return global_hooks, hooked
 
@@ -690,7 +690,8 @@ def is_traced_hook(hook: Any) -> bool:
     return getattr(hook, "__module__", None) in _TRACED_HOOK_MODULES
 
 
-def _describe(hook: Any) -> str:
+def describe_hook(hook: Any) -> str:
+    """A hook as messages name it: its qualified name and where it is defined."""
     code = getattr(hook, "__code__", None)
     name = getattr(hook, "__qualname__", None) or type(hook).__name__
     if code is not None:

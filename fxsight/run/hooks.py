@@ -16,9 +16,10 @@ import torch.nn as nn
 
 from ..errors import TraceError, at_line
 from ..capture.events import ModuleEvents
-from ..record.program import Node, Program, execute, map_nodes
+from ..capture.state import describe_hook
+from ..record.program import Kind, Node, Program, execute, is_backward, map_nodes
 from ..splice.rows import Rows
-from ..record.sites import INPUT, Site, module_label
+from ..record.sites import INPUT, OUTPUT, Site, is_operation, module_label
 from ..splice.walker import BEFORE_ALL, Walker
 
 
@@ -60,6 +61,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
     ``stop``: end the forward pass (output ``None``) right after the last event the
     Program needs. ``operations``: the operations spec of the Program's operation sites
     (``capture.operations``)."""
+    _check_backward_hooks(model, program)
     schedule: dict[int, list[Node]] = defaultdict(list)
     walker = RealWalker(program, rows, index)
     for node in program.nodes:
@@ -111,6 +113,52 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
         raise TraceError(at_line(f"{where} never ran during the forward pass, so this "
                                  f"intervention could not be applied", node.line))
     return output, walker.values
+
+
+def _check_backward_hooks(model: nn.Module, program: Program) -> None:
+    """Refuse a gradient path from the ``.output`` of a module with a full backward hook
+    (or backward pre-hook): torch wraps a module's output for those hooks after its
+    forward hooks have run, so the value a forward hook reads is the one before the wrap.
+    A ``backward()`` from it, or from a write of a value computed from it, would skip the
+    user's hook (and what it changes in the gradients upstream), unlike a plain backward."""
+    if not any(is_backward(node) for node in program.nodes):
+        return
+    for node in program.nodes:
+        if not is_backward(node) and node.kind is not Kind.WRITE:
+            continue
+        site = _hooked_output_read(model, node)
+        if site is None:
+            continue
+        module = model.get_submodule(site.path)
+        hook = next(iter({**module._backward_pre_hooks, **module._backward_hooks}.values()))
+        use = f"this backward() starts from {site.label}" if is_backward(node) else \
+            f"this write uses {site.label} and the trace calls backward()"
+        raise TraceError(at_line(
+            f"{use}, and {module_label(site.path)} has a full backward hook "
+            f"({describe_hook(hook)}): torch passes a module's output through its backward "
+            f"hooks only after forward hooks have read it, so the hook would not see this "
+            f"gradient; use a later module's output, or remove the hook for the trace",
+            node.line))
+
+
+def _hooked_output_read(model: nn.Module, node: Node) -> Site | None:
+    """The output site of a module with full backward hooks that ``node``'s value is
+    computed from (in the Program), if any."""
+    stack, seen = list(node.all_input_nodes), set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        stack.extend(current.all_input_nodes)
+        site = current.site
+        if current.kind is not Kind.READ or site.kind != OUTPUT or is_operation(site.path):
+            continue
+        module = model.get_submodule(site.path)
+        if module._backward_pre_hooks or (module._is_full_backward_hook and
+                                          module._backward_hooks):
+            return site
+    return None
 
 
 _NO_FORWARD = object()
