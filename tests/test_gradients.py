@@ -467,9 +467,8 @@ def test_grad_of_a_model_output_field(gpt2, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_functional_backward_and_autograd_grad(backend):
     """``torch.autograd.backward(out, g)`` in a trace is ``out.backward(g)`` (was: a
-    ShapeError "backward fails on these shapes"); ``torch.autograd.grad`` on traced values
-    is a TraceError at its line that says how to read gradients (was: the same misleading
-    ShapeError)."""
+    ShapeError "backward fails on these shapes"); ``torch.autograd.grad(out, h, g)`` on
+    traced values gives the gradients as a tuple, as on a plain forward (was: refused)."""
     model = mlp()
     net = NNsight(model)
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(11))
@@ -478,10 +477,84 @@ def test_functional_backward_and_autograd_grad(backend):
         g = net.layer1.output.grad.save()
         torch.autograd.backward(net.output, weights)
     torch.testing.assert_close(g, _mlp_reference_grad(model, x, weights))
-    with pytest.raises(fxsight.TraceError, match=r"torch.autograd.grad(.|\n)*\.grad"
-                                                 r"(.|\n)*at .*test_gradients.py"):
+    model.zero_grad(set_to_none=True)
+    with net.trace(x, backend=backend):
+        grads = torch.autograd.grad(net.output, net.layer1.output, weights)
+        first = grads[0].save()
+    assert isinstance(grads, tuple) and len(grads) == 1
+    torch.testing.assert_close(first, _mlp_reference_grad(model, x, weights), rtol=0, atol=0)
+    assert all(p.grad is None for p in model.parameters())  # (nothing accumulated)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autograd_grad_equals_plain_pytorch(gpt2, backend):
+    """``torch.autograd.grad(loss, [h0, h1])`` in a trace equals it on a plain forward
+    (forward hooks), in an invoke too (its rows), and accumulates into no parameter."""
+    gpt2.zero_grad(set_to_none=True)  # (an earlier test's backward() filled them)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    paths = ["transformer.h.0", "transformer.h.1"]
+    expected = _reference_grads(gpt2, ids, paths, lambda out: out.logits[:, -1, 5].sum())
+    net = NNsight(gpt2)
+    with net.trace(ids, use_cache=False, backend=backend):
+        blocks = [net.transformer.h[0].output, net.transformer.h[1].output]
+        loss = net.output.logits[:, -1, 5].sum()
+        grads = [g.save() for g in torch.autograd.grad(loss, blocks)]
+    for grad, path in zip(grads, paths):
+        torch.testing.assert_close(grad, expected[path], rtol=0, atol=0)
+    with net.trace(use_cache=False, backend=backend) as tracer:
+        with tracer.invoke(ids[1:]):
+            loss = net.output.logits[:, -1, 5].sum()
+            (row,) = torch.autograd.grad(loss, net.transformer.h[0].output)
+            row = row.save()
+        with tracer.invoke(ids[:1]):
+            pass
+    torch.testing.assert_close(row, expected[paths[0]][1:], rtol=0, atol=0)
+    assert all(p.grad is None for p in gpt2.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autograd_grad_options_as_in_torch(backend):
+    """``retain_graph`` then ``backward()`` (the parameters' gradients as on a plain
+    forward), ``create_graph`` (a gradient penalty's backward), ``allow_unused`` (None
+    for an input the loss does not reach; without it, a TraceError naming the value)."""
+    model = mlp()
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(21))
+
+    def plain(create_graph):
+        hidden = model.layer1(x)
+        rest = model.layer3(model.act2(model.layer2(model.act1(hidden))))
+        loss = (rest ** 2).sum()
+        (grad,) = torch.autograd.grad(loss, hidden, retain_graph=True,
+                                      create_graph=create_graph)
+        ((grad ** 2).sum() if create_graph else loss).backward()
+        params = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return grad.detach(), params
+
+    net = NNsight(model)
+    for create_graph in (False, True):
+        expected, expected_params = plain(create_graph)
         with net.trace(x, backend=backend):
-            torch.autograd.grad(net.output.sum(), net.layer1.output)[0].save()
+            hidden = net.layer1.output
+            loss = (net.output ** 2).sum()
+            (grad,) = torch.autograd.grad(loss, hidden, retain_graph=True,
+                                          create_graph=create_graph)
+            grad = grad.save()
+            ((grad ** 2).sum() if create_graph else loss).backward()
+        params = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        torch.testing.assert_close(grad.detach(), expected, rtol=0, atol=0)
+        for got, want in zip(params, expected_params):
+            torch.testing.assert_close(got, want)
+    with net.trace(x, backend=backend):
+        loss = net.layer1.output.sum()
+        used, unused = torch.autograd.grad(loss, [net.layer1.output, net.output],
+                                           allow_unused=True)
+        used, unused = used.save(), fxsight.save(unused)
+    assert unused is None and torch.equal(used, torch.ones(3, 10))
+    with pytest.raises(fxsight.TraceError, match=r"gradient of model\.output.*autograd\.grad"):
+        with net.trace(x, backend=backend):
+            torch.autograd.grad(net.layer1.output.sum(), net.output)[0].save()
 
 
 def _ln_input_reference(model, ids, edit=False):

@@ -59,6 +59,12 @@ def GRAD_WRITE(*_):  # noqa: N802 - sentinel target of ``proxy.grad = v``, never
     raise RuntimeError("fxsight GRAD_WRITE sentinel must not run")
 
 
+def AUTOGRAD_GRAD(*_):  # noqa: N802 - ``torch.autograd.grad(loss, inputs)``, never called
+    """Sentinel target of a recorded ``torch.autograd.grad``: a ``backward()`` that puts
+    the gradients into its inputs' grad reads only (the backward phase runs it)."""
+    raise RuntimeError("fxsight AUTOGRAD_GRAD sentinel must not run")
+
+
 def setitem(target, key, value):
     """``target[key] = value`` in place, returning ``target`` (so later uses depend on it)."""
     target[key] = value
@@ -75,7 +81,8 @@ def set_attribute(target, name, value):
 
 
 # targets of fxsight's own, keyed by themselves in a structure key (one object each)
-_SENTINELS = frozenset({READ, WRITE, SKIP, GRAD, GRAD_WRITE, setitem, set_attribute})
+_SENTINELS = frozenset({READ, WRITE, SKIP, GRAD, GRAD_WRITE, AUTOGRAD_GRAD, setitem,
+                        set_attribute})
 
 
 _INPLACE_OPERATORS = {
@@ -113,8 +120,10 @@ def is_view(node: "Node") -> bool:
 
 
 def is_backward(node: "Node") -> bool:
-    """Whether ``node`` is a ``loss.backward()`` call."""
-    return node.kind is Kind.OP and node.op == "call_method" and node.target == "backward"
+    """Whether ``node`` is a ``loss.backward()`` call (or a ``torch.autograd.grad``)."""
+    return node.kind is Kind.OP and (
+        node.op == "call_method" and node.target == "backward" or
+        node.target is AUTOGRAD_GRAD)
 
 
 class Node:
@@ -271,7 +280,7 @@ class Program:
         ``"call_method"``, as in torch.fx)."""
         if op == "call_function" and not hasattr(target, "__name__"):
             target = Named(target)  # fx names nodes and code globals after __name__
-        if op == "call_method" and target == "backward":
+        if op == "call_method" and target == "backward" or target is AUTOGRAD_GRAD:
             self.uses_gradients = True
         return self._add(Kind.OP, op, target, args, kwargs, line, scope,
                          mutation=is_mutation(op, target), lenient=lenient)

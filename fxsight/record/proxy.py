@@ -56,6 +56,37 @@ def _autograd_backward(tensors: Any, grad_tensors: Any = None, retain_graph: Any
     return tensors.backward(grad_tensors, **kwargs)
 
 
+def _autograd_grad(outputs: Any, inputs: Any, grad_outputs: Any = None,
+                   retain_graph: Any = None, create_graph: bool = False,
+                   only_inputs: bool = True, allow_unused: Any = None,
+                   is_grads_batched: bool = False, materialize_grads: bool = False) -> Any:
+    """``torch.autograd.grad(loss, inputs, ...)`` on traced values: the gradients of the
+    loss with respect to module values (or items of them), as a tuple; nothing is
+    accumulated into the parameters' ``.grad``."""
+    line = user_line()
+    if isinstance(outputs, (tuple, list)):
+        if len(outputs) != 1:
+            raise TraceError(at_line(
+                "torch.autograd.grad of several traced outputs cannot be recorded; take the "
+                "gradient of their sum (`(a * ga).sum() + (b * gb).sum()`)", line))
+        outputs = outputs[0]
+        if isinstance(grad_outputs, (tuple, list)):
+            grad_outputs = grad_outputs[0] if grad_outputs else None
+    single = isinstance(inputs, Proxy)
+    inputs = [inputs] if single else list(inputs) if isinstance(inputs, (tuple, list)) \
+        else None
+    if not isinstance(outputs, Proxy) or not inputs or \
+            not all(isinstance(i, Proxy) for i in inputs):
+        raise TraceError(at_line("torch.autograd.grad in a trace takes a traced loss and "
+                                 "traced inputs (module values, or items of them)", line))
+    if is_grads_batched or materialize_grads:
+        raise TraceError(at_line("torch.autograd.grad in a trace takes neither "
+                                 "is_grads_batched nor materialize_grads", line))
+    return outputs._recorder.create_autograd_grad(outputs, inputs, grad_outputs,
+                                                  retain_graph, bool(create_graph),
+                                                  bool(allow_unused))
+
+
 class Proxy:
     """A value of the running model seen from inside a ``trace`` block.
 
@@ -128,11 +159,7 @@ class Proxy:
         if func is torch.autograd.backward:
             return _autograd_backward(*args, **(kwargs or {}))
         if func is torch.autograd.grad:
-            raise TraceError(at_line(
-                "torch.autograd.grad cannot be recorded in a trace (its gradients are needed "
-                "as values when the line runs); read a module value's gradient with `.grad` "
-                "and call backward(): `g = h.grad.save()` and `loss.backward()` (or "
-                "`with loss.backward(): g = h.grad.save()`)", user_line()))
+            return _autograd_grad(*args, **(kwargs or {}))
         recorder = find_recorder(args, kwargs or {})
         return recorder.create_op("call_function", func, args, kwargs or {})
 

@@ -20,7 +20,7 @@ from .._torch import pytree
 from ..errors import TraceError, at_line, user_line
 from . import numpy_values
 from .active import active_tracers
-from .program import Node, Program, execute, setitem
+from .program import AUTOGRAD_GRAD, Node, Program, execute, setitem
 from .proxy import Proxy, from_where
 from .scope import Scope
 from .sites import Site
@@ -142,6 +142,19 @@ class Recorder:
         if self.made is not None:
             self.made.append(weakref.ref(proxy))
         return proxy
+
+    def create_autograd_grad(self, loss: Proxy, inputs: list[Proxy], grad_outputs: Any,
+                             retain_graph: Any, create_graph: bool,
+                             allow_unused: bool) -> tuple[Proxy, ...]:
+        """``torch.autograd.grad(loss, inputs, ...)``: a grad read of each input, owned by
+        a backward call that accumulates into no parameter (see ``run.backward``)."""
+        grads = [self.create_grad(proxy) for proxy in inputs]
+        call = self.create_op("call_function", AUTOGRAD_GRAD, (loss, grad_outputs),
+                              {"retain_graph": retain_graph, "create_graph": create_graph,
+                               "allow_unused": allow_unused})
+        for grad in grads:
+            self.program.backward_blocks[grad._node] = call._node
+        return tuple(grads)
 
     def create_grad_write(self, proxy: Proxy, value: Any) -> None:
         """``proxy.grad = value``."""

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from ..errors import TraceError, at_line
-from ..record.program import Kind, Node, Program, execute, is_backward, map_nodes
-from ..splice.gradients import grad_target, set_active_sink
+from ..record.program import (AUTOGRAD_GRAD, Kind, Node, Program, execute, is_backward,
+                              map_nodes)
+from ..splice.gradients import grad_target, set_active_sink, tapped_tensor
 from ..splice.rows import Rows, conform, narrow_rows, splice_rows
 
 
@@ -87,7 +88,7 @@ class BackwardPhase:
             return (self.owners.get(node), self.keys[node]) in self.grads
         if kind is Kind.GRAD_WRITE:
             return self.firing == self.keys[node] and self.owners.get(node) is self.running
-        if node.op == "call_method" and node.target == "backward":
+        if is_backward(node):
             return top_level
         return True
 
@@ -96,7 +97,7 @@ class BackwardPhase:
         rows = self.rows[node.invoke]
         if kind is Kind.GRAD:
             grad = self.grads[self.owners.get(node), self.keys[node]]
-            self.values[node] = grad if rows.whole else narrow_rows(
+            self.values[node] = grad if rows.whole or grad is None else narrow_rows(
                 grad, rows.start, rows.stop, rows.total)
         elif kind is Kind.GRAD_WRITE:
             slot = (self.running, self.keys[node])
@@ -116,25 +117,51 @@ class BackwardPhase:
                 _check_loss(node, args[0])
                 self.running = node
                 try:
-                    self.values[node] = _execute_at_line(node, args, kwargs)
+                    if node.target is AUTOGRAD_GRAD:
+                        self.values[node] = self._autograd_grad(node, args, kwargs)
+                    else:
+                        self.values[node] = _execute_at_line(node, args, kwargs)
                 finally:
                     self.running = None
             else:
                 self.values[node] = _execute_at_line(node, args, kwargs)
 
+    def _autograd_grad(self, node: Node, args: tuple, kwargs: dict) -> None:
+        """``torch.autograd.grad(loss, inputs)``: a backward pass from ``loss`` to the
+        tapped tensors of its inputs' grad reads only (nothing is accumulated into a
+        parameter's ``.grad``); their taps report the gradients, as in ``backward()``. An
+        input it does not reach is ``None`` where the call allows unused inputs."""
+        loss, grad_outputs = args
+        reads = [g for g in self.program.nodes if self.owners.get(g) is node]
+        tensors = {self.keys[g]: tapped_tensor(self.keys[g]) for g in reads}
+        reached = [t for t in tensors.values() if t is not None]
+        if reached:
+            try:
+                torch.autograd.grad(loss, reached, grad_outputs=grad_outputs,
+                                    retain_graph=kwargs["retain_graph"],
+                                    create_graph=kwargs["create_graph"], allow_unused=True)
+            except Exception as error:
+                if not isinstance(error, TraceError):
+                    error.add_note(f"  at {node.line}")
+                raise
+        if kwargs["allow_unused"]:
+            for key in tensors:
+                self.grads.setdefault((node, key), None)
+
     def _explain(self, node: Node) -> None:
-        backwards = [n for n in self.program.nodes
-                     if n.op == "call_method" and n.target == "backward"]
+        backwards = [n for n in self.program.nodes if is_backward(n)]
         if not backwards:
             raise TraceError(at_line("this gradient is read, but the trace never calls "
                                      "backward()", node.line))
         grad = next((n for n in [node, *node.all_input_nodes] if n.kind is Kind.GRAD),
                     node)
         where = grad_target(grad)[0].site.label if grad.kind is Kind.GRAD else None
+        owner = self.owners.get(grad)
+        call = "torch.autograd.grad (allow_unused=True makes it None)" \
+            if owner is not None and owner.target is AUTOGRAD_GRAD else "backward()"
         raise TraceError(at_line(
             f"the gradient of {where or 'this value'} was never computed: the loss passed "
-            f"to backward() does not depend on it (or it does not require grad)",
-            node.line))
+            f"to {call} does not depend on it (or it does not require grad)", node.line))
 
 
 def _execute_at_line(node: Node, args: tuple, kwargs: dict) -> Any:
@@ -168,7 +195,7 @@ def _backward_owners(program: Program) -> dict[Node, Node]:
     waiting: list[Node] = []
     last = None
     for node in program.nodes:
-        if is_backward(node):
+        if is_backward(node) and node.target is not AUTOGRAD_GRAD:
             owners.update((grad, node) for grad in waiting)
             waiting.clear()
             last = node

@@ -44,6 +44,7 @@ class TapHooks:
 
     def __init__(self) -> None:
         self.handles: list[Any] = []
+        self.tensors: dict[str, torch.Tensor] = {}  # key -> the tapped tensor
         self.sink: GradientSink | None = None
         self.previous: TapHooks | None = None
 
@@ -56,6 +57,7 @@ class TapHooks:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.tensors.clear()
         self.sink = None
         _STATE.taps = self.previous
 
@@ -90,7 +92,15 @@ def grad_tap(value: Any, key: str) -> Any:
         handle = value.register_hook(functools.partial(_report, taps, key))
         if taps is not None:
             taps.handles.append(handle)
+            taps.tensors[key] = value
     return value
+
+
+def tapped_tensor(key: str) -> torch.Tensor | None:
+    """The tensor the running taps tapped under ``key`` (``None``: not tapped, as a
+    tensor that does not require grad is not)."""
+    taps = getattr(_STATE, "taps", None)
+    return None if taps is None else taps.tensors.get(key)
 
 
 def is_backward_root(node: Node) -> bool:

@@ -27,8 +27,9 @@ from .._torch import (DataDependentOutputException, DynamicOutputShapeException,
 
 from ..errors import (DataDependentError, ItemAssignmentError, NotOnGraph, OrderError,
                       ShapeError, ShapeIndexError, TraceError, at_line)
-from ..record.program import (Kind, ModuleCall, Node, Program, execute, map_nodes, node_args,
-                              origin, replace, select, set_attribute, setitem)
+from ..record.program import (AUTOGRAD_GRAD, Kind, ModuleCall, Node, Program, execute,
+                              map_nodes, node_args, origin, replace, select, set_attribute,
+                              setitem)
 from .rows import Rows, conform, narrow_rows, splice_rows
 from .shared_memory import SharedMemory, memory_of, read_root
 from .gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
@@ -478,7 +479,7 @@ class MetaWalker(Walker):
     def call(self, node, op, target, args, kwargs, position):
         if any(isinstance(v, UnknownMeta) for v in pytree.tree_leaves((args, kwargs))):
             return UNKNOWN
-        if op == "call_method" and target == "backward":
+        if op == "call_method" and target == "backward" or target is AUTOGRAD_GRAD:
             return None
         try:
             if isinstance(target, ModuleCall):  # real weights: run it on meta copies
