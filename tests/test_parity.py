@@ -192,3 +192,21 @@ def test_submodule_named_output_is_reached_by_item(tiny_bert, reference_hooks, b
     torch.testing.assert_close(last, expected)
     with pytest.raises(KeyError, match=r"has no submodule .*outptu"):
         layer["outptu"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_models_modules_through_the_tracer_as_nnsights_docs_write_them(backend):
+    """``with NNsight(model).trace(x) as model: model.layer2.input.save()`` (nnsight's
+    models page) reads the wrapped model's modules through the tracer; a name neither
+    has is an AttributeError naming both (was: AttributeError on the tracer)."""
+    model = mlp()
+    x = torch.randn(2, 5, generator=torch.Generator().manual_seed(5))
+    with NNsight(model).trace(x, backend=backend) as traced:
+        hidden = traced.layer1.output.save()
+        output = traced.output.save()
+    assert torch.equal(hidden, _layer1_output(model, x))
+    with torch.no_grad():
+        assert torch.equal(output, model(x))
+    with pytest.raises(AttributeError, match="'Tracer' object has no attribute 'layer9'"):
+        with NNsight(model).trace(x, backend=backend) as traced:
+            traced.layer9.output.save()

@@ -157,6 +157,11 @@ def is_batch_encoding(value: Any) -> bool:
     return type(value).__name__ == "BatchEncoding" and hasattr(value, "items")
 
 
+# options of nnsight's trace() before 0.5 that fxsight has no use for (a model's forward
+# that takes a keyword of that name gets it, as in a plain call)
+_NNSIGHT_TRACE_OPTIONS = frozenset({"scan", "validate"})
+
+
 def check_keywords(module: torch.nn.Module, args: tuple, kwargs: dict, where: str,
                    line: Any) -> None:
     """Raise unless ``module.forward`` takes these inputs (see the module docstring)."""
@@ -177,6 +182,9 @@ def check_keywords(module: torch.nn.Module, args: tuple, kwargs: dict, where: st
         hint = f"; did you mean {_or(close)}?" if close else \
             f"; it takes {_and(signature.keywords)}" if signature.keywords else \
             "; it takes no keyword inputs"
+        if name in _NNSIGHT_TRACE_OPTIONS and not close:
+            hint += (f" (nnsight's {name}= option, before 0.5, is not needed: every trace's "
+                     f"shapes are checked before it runs; leave it out)")
         kind = " (it would go to forward's **kwargs, where a misspelled name is ignored)" \
             if signature.var_keyword else ""
         raise TraceError(at_line(f"{where}: {name!r} is not a parameter of "

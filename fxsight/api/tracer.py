@@ -139,6 +139,17 @@ class Tracer:
         self.hooked_calls: dict[str, tuple[Proxy, Any]] = {}
         self._paths_run: set[str] | None = None
 
+    def __getattr__(self, name: str) -> Any:
+        """The model's modules through the tracer, as nnsight's docs write them:
+        ``with NNsight(model).trace(x) as model: model.layer2.output.save()``."""
+        if name.startswith("_") or name in ("model", "recorder", "options"):
+            raise AttributeError(name)
+        try:
+            return getattr(self.model, name)
+        except AttributeError:
+            raise AttributeError(f"'Tracer' object has no attribute {name!r}, and the model "
+                                 f"has none either") from None
+
     @property
     def program(self):
         """The recorded Program (see :mod:`fxsight.record.program`)."""
