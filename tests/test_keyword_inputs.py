@@ -534,6 +534,9 @@ def test_unknown_keyword_names_keyword_class_and_close_matches():
     with _raises(model, r"'weights' is not a parameter of _Net\.forward; it takes mask, x"):
         with net.trace(torch.ones(2, 3), weights=torch.ones(2, 3)):
             net.output.save()
+    with _raises(model, r"'validate' is not a parameter.*nnsight's validate= option"):
+        with net.trace(torch.ones(2, 3), validate=False):  # (nnsight before 0.5)
+            net.output.save()
 
 
 def test_misspelled_keyword_into_var_kwargs_is_refused(gpt2, tokenizer):
