@@ -207,6 +207,7 @@ def test_the_models_modules_through_the_tracer_as_nnsights_docs_write_them(backe
     assert torch.equal(hidden, _layer1_output(model, x))
     with torch.no_grad():
         assert torch.equal(output, model(x))
+    assert NNsight(model)._model is model  # (nnsight's name for the wrapped module)
     with pytest.raises(AttributeError, match="'Tracer' object has no attribute 'layer9'"):
         with NNsight(model).trace(x, backend=backend) as traced:
             traced.layer9.output.save()

@@ -63,6 +63,11 @@ class NNsight(Envoy):
         object.__setattr__(self, "_rename", {real: alias for alias, real in
                                              (*alias_paths.items(), *alias_names.items())})
 
+    @property
+    def _model(self) -> torch.nn.Module:
+        """The wrapped ``torch.nn.Module``, under nnsight's name for it (``model._model``)."""
+        return self._module
+
     def _run_options(self, backend: str | None, compile: Any, prune: bool = True) -> RunOptions:
         """A trace's options: its own where given, else this wrapper's."""
         defaults = self._options
