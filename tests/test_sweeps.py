@@ -379,3 +379,20 @@ def test_plot_writes_a_png(tmp_path):
     figure = _result().plot(str(path), title="test", normalized=True)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(figure.axes) == 3  # a panel per site kind and the colour bar
+
+
+def test_top_cells_and_plot_skip_the_cells_a_pair_lacks(tmp_path):
+    # a pair of a dataset of several lengths has NaN at the positions it lacks: such a
+    # cell is not a score, never the top cell, and does not make the colour scale NaN
+    values = torch.tensor([[float("nan"), 1.0, -3.0], [0.5, float("nan"), 0.25]])
+    result = patching.PatchingResult(values, ("layer", "position"),
+                                     {"layer": [0, 1], "position": [-3, -2, -1]})
+    assert result.top() == (0, -1) and result.top().value == -3.0
+    assert [tuple(c) for c in result.top_k(10)] == [(0, -1), (0, -2), (1, -3), (1, -1)]
+    assert "value=-3" in repr(result)
+    figure = result.plot(str(tmp_path / "nan.png"))
+    assert figure.axes[0].images[0].get_clim() == (-3.0, 3.0)
+    empty = patching.PatchingResult(torch.full((1, 2), float("nan")), ("layer", "position"),
+                                    {"layer": [0], "position": [0, 1]})
+    with pytest.raises(ValueError, match="no cell"):
+        empty.top()
