@@ -248,6 +248,43 @@ def test_language_model_takes_strings_of_equal_length():
                                      metric, progress=False)
 
 
+
+def test_attribution_refuses_prompts_of_different_lengths():
+    # both prompts run in one trace: a LanguageModel pads the shorter one, so position p of
+    # the clean run would be compared with another token of the corrupted run
+    from fxsight import LanguageModel
+
+    tokenizer = train_tokenizer()
+    model = tiny_gpt2(n_layer=1, n_embd=32, vocab_size=len(tokenizer))
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    for backend in ("fx", "hooks"):
+        with pytest.raises(ValueError, match="same number of tokens"):
+            patching.attribution(lm, "the cat sat on", "the dog sat on the mat", metric,
+                                 backend=backend)
+    clean, corrupted = "The capital of Italy is", "The capital of Spain is"
+    clean_ids = tokenizer(clean, return_tensors="pt")["input_ids"]
+    corrupted_ids = tokenizer(corrupted, return_tensors="pt")["input_ids"]
+    result = patching.attribution(lm, clean, corrupted, metric)
+    assert result.tokens == tokenizer.convert_ids_to_tokens(clean_ids[0].tolist())
+    # the plain-PyTorch estimate: (clean - corrupted) . d metric / d block output
+    block = model.transformer.h[0]
+    store = {}
+    handle = block.register_forward_hook(lambda m, a, o: store.__setitem__("clean", _first(o)))
+    with torch.no_grad():
+        model(clean_ids)
+    handle.remove()
+
+    def leaf(module, args, output):
+        store["corrupted"] = _first(output).detach().requires_grad_()
+        return (store["corrupted"], *output[1:]) if isinstance(output, tuple) \
+            else store["corrupted"]
+    handle = block.register_forward_hook(leaf)
+    score = metric(model(corrupted_ids).logits).sum()
+    handle.remove()
+    grad, = torch.autograd.grad(score, store["corrupted"])
+    expected = ((store["clean"] - store["corrupted"].detach()) * grad).sum(-1)
+    torch.testing.assert_close(result.values, expected, rtol=1e-4, atol=1e-6)
+
 def test_bad_arguments_are_reported(gpt2):
     clean, corrupted = _prompts()
     net = NNsight(gpt2)

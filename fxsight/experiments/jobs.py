@@ -129,18 +129,27 @@ def _pair(model, i: int, clean: Any, corrupted: Any, metric: Callable,
     name = "" if single else f" of pair {i}"
     clean_ids = token_ids(model, clean, "clean" + name)
     corrupt_ids = token_ids(model, corrupted, "corrupted" + name)
-    if clean_ids.shape != corrupt_ids.shape:
-        from .sweeps import token_labels
-        def note(ids):
-            labels = token_labels(model, ids)
-            return f"tokens {labels}" if labels is not None else "tokens"
-        raise ValueError(
-            f"the clean and corrupted prompts{name} must have the same number of tokens to "
-            f"be patched position by position: clean has {clean_ids.shape[1]} "
-            f"{note(clean_ids)}, corrupted has {corrupt_ids.shape[1]} {note(corrupt_ids)}")
+    check_same_length(model, clean_ids, corrupt_ids, name)
     if not callable(metric):
         raise TypeError(f"the metric{name} must be a callable, not {type(metric).__name__}")
     return Item(i, clean_ids, corrupt_ids, metric)
+
+
+def check_same_length(model, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor,
+                      name: str = "") -> None:
+    """Raise where a pair's token ids (each ``(1, T)``) differ in length: its positions
+    would not correspond (``name``: which pair, as `` of pair i``)."""
+    if clean_ids.shape == corrupt_ids.shape:
+        return
+    from .sweeps import token_labels
+
+    def note(ids):
+        labels = token_labels(model, ids)
+        return f"tokens {labels}" if labels is not None else "tokens"
+    raise ValueError(
+        f"the clean and corrupted prompts{name} must have the same number of tokens to "
+        f"be patched position by position: clean has {clean_ids.shape[1]} "
+        f"{note(clean_ids)}, corrupted has {corrupt_ids.shape[1]} {note(corrupt_ids)}")
 
 
 def prompts_of(model, prompt: Any, metric: Any) -> tuple[list[Item], bool]:

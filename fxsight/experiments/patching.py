@@ -32,14 +32,15 @@ from ..errors import TraceError
 from . import suffix as suffix_path
 from .heads import head_patching
 from .result import Cell, PatchingResult
-from .jobs import (Experiment, Group as JobGroup, Item, Refs, dataset_result, is_dataset,
+from .jobs import (Experiment, Group as JobGroup, Item, Refs, check_same_length,
+                   dataset_result, is_dataset,
                    job_info, kwargs_key, pairs_of, position_in, position_labels,
                    prompts_of, run_job)
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, can_keep_last, check_kinds, check_layers,
                      check_positions, choose_batch_size, expanded, find_layout,
                      forward_kwargs as _forward_kwargs, hidden,
                      metric_values, reads_last_position_only, reference_run, row_bytes,
-                     stacked, token_labels, trace_options, with_hidden)
+                     stacked, token_ids, token_labels, trace_options, with_hidden)
 
 __all__ = ["PatchingResult", "Cell", "activation_patching", "head_patching", "steering_sweep",
            "attribution", "block_envoys"]
@@ -456,6 +457,9 @@ def attribution(model: Envoy, clean: Any, corrupted: Any = None,
     """
     if is_dataset(clean):
         return _attribution_dataset(model, clean, corrupted, metric, sites, trace_kwargs)
+    # both prompts in one trace: a LanguageModel would pad prompts of different lengths to
+    # one, and the positions would no longer correspond
+    ids = _pair_ids(model, clean, corrupted)
     kinds = None
     if sites is not None and not isinstance(sites, str) and \
             all(isinstance(s, str) for s in sites):
@@ -481,16 +485,31 @@ def attribution(model: Envoy, clean: Any, corrupted: Any = None,
                           in zip(clean_acts, corrupt_acts, grads)]).detach()
     positions = list(range(values.shape[1]))
     baseline_value = float(baseline[0]) if isinstance(baseline[0], torch.Tensor) else None
+    tokens = None if ids is None else token_labels(model, ids[0])
     if kinds is not None:
         n_layers = len(targets) // len(kinds)
         values = values.reshape(len(kinds), n_layers, -1)
         return PatchingResult(values, ("site", "layer", "position"),
                               {"site": kinds, "layer": list(range(n_layers)),
                                "position": positions},
-                              baseline=baseline_value, method="attribution patching")
+                              baseline=baseline_value, tokens=tokens,
+                              method="attribution patching")
     return PatchingResult(values, ("site", "position"),
                           {"site": [t.envoy.path for t in targets], "position": positions},
-                          baseline=baseline_value, method="attribution patching")
+                          baseline=baseline_value, tokens=tokens,
+                          method="attribution patching")
+
+
+def _pair_ids(model: Envoy, clean: Any, corrupted: Any
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The token ids of a pair of prompts (strings, id lists, tensors), checked to be of
+    one length; ``None`` for other input forms (given to the trace as they are)."""
+    try:
+        ids = token_ids(model, clean, "clean"), token_ids(model, corrupted, "corrupted")
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    check_same_length(model, *ids)
+    return ids
 
 
 def _attribution_dataset(model, clean, corrupted, metric, sites, trace_kwargs):
