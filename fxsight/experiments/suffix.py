@@ -403,7 +403,9 @@ def why_not(model: Envoy, dataset: bool, backend: str | None, checkpoint: Any,
         return "distributed sweeps run the full-length path"
     if not last_only:
         return "the metric reads positions other than the last"
-    taken = {"attention_mask", "position_ids", "inputs_embeds", *CACHE_NAMES} & set(kwargs)
+    # (the suffix path sets these itself: a packed run's logits_to_keep is its own)
+    taken = {"attention_mask", "position_ids", "inputs_embeds", "logits_to_keep",
+             *CACHE_NAMES} & set(kwargs)
     if taken:
         return f"the forward is given {', '.join(sorted(taken))}"
     if cache_name(model) is None:
