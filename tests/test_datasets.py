@@ -160,6 +160,42 @@ def test_checkpoint_resumes_without_redoing_batches(model, tmp_path):
                                      sites=["resid"], batch_size=4, progress=False)
 
 
+
+def test_a_checkpoint_of_another_metric_is_refused(model, tmp_path):
+    # the fingerprint holds prompts, cells and batch size, not the metric: resuming with a
+    # corrected metric read the old metric's scores and subtracted the new baseline
+    clean, corrupted = _pair(0)
+    path = tmp_path / "sweep.ckpt"
+    arguments = dict(sites=["resid"], progress=False, checkpoint=path)
+    patching.activation_patching(model, clean, corrupted, metric, **arguments)
+
+    def corrected(logits):
+        return logits[:, -1, 7] - logits[:, -1, 6]
+    with pytest.raises(ValueError, match="another metric or model"):
+        patching.activation_patching(model, clean, corrupted, corrected, **arguments)
+    again = patching.activation_patching(model, clean, corrupted, metric, **arguments)
+    assert again.info["resumed_batches"] == again.info["batches"]
+    path.unlink()  # without the checkpoint: the corrected metric's one-cell scores
+    fresh = patching.activation_patching(model, clean, corrupted, corrected, **arguments)
+    net = model._module
+    block = net.transformer.h[1]
+    saved = {}
+    handle = block.register_forward_hook(lambda m, a, o: saved.__setitem__("h", o))
+    with torch.no_grad():
+        net(clean)
+        handle.remove()
+
+        def patch(module, args, output):
+            output = output.clone()
+            output[:, 3] = saved["h"][:, 3]
+            return output
+        base = corrected(net(corrupted).logits)[0]
+        handle = block.register_forward_hook(patch)
+        expected = corrected(net(corrupted).logits)[0] - base
+        handle.remove()
+    torch.testing.assert_close(fresh.sel(site="resid", layer=1, position=3).values,
+                               expected, **ATOL)
+
 def test_attribution_dataset_is_the_mean_of_one_pair_attributions(model):
     pairs = [_pair(seed) for seed in range(2)]
     result = patching.attribution(model, [c for c, _ in pairs], [k for _, k in pairs],

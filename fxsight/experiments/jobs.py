@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import numbers
 import os
 import time
@@ -357,6 +358,7 @@ def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, mem
                            f"same call")
     store = Checkpoint(checkpoint, ranks, fingerprint)
     done, loaded_items = store.load()
+    _check_resumed(store, item_metrics, loaded_items)
     resumed = len(done)
     item_metrics.update({k: v for k, v in loaded_items.items() if k not in item_metrics})
     n = len(batches)
@@ -426,6 +428,25 @@ def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, mem
                      None if any(r is None for r in references) else torch.tensor(references),
                      sizes, traces, len(batches), resumed, ranks.world, keep_last, sweep,
                      dict(sorted(lengths.items())))
+
+
+def _check_resumed(store: Checkpoint, computed: dict, loaded: dict) -> None:
+    """Refuse a checkpoint whose items' metrics differ from those just computed (the
+    probe's): its scores are of another metric or model, which the fingerprint (prompts,
+    cells, batch size) cannot tell."""
+    for position, metrics in computed.items():
+        if position not in loaded:
+            continue
+        for now, then in zip(metrics, loaded[position]):
+            if now is None and then is None:
+                continue
+            if now is None or then is None or not (
+                    math.isclose(now, then, rel_tol=1e-4, abs_tol=1e-5)
+                    or (math.isnan(now) and math.isnan(then))):
+                raise ValueError(
+                    f"the checkpoint {store.path} was written with another metric or model: "
+                    f"pair {position}'s metrics were {loaded[position]}, they are now "
+                    f"{metrics}; remove it or give another checkpoint path")
 
 
 def _refs(experiment: Experiment, cache: dict, position: int, item_metrics: dict) -> Refs:
