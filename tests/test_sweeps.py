@@ -368,6 +368,23 @@ def test_attribution_returns_the_same_result_type(gpt2):
     assert torch.equal(result.values[large].sign(), exact.values[large].sign())
 
 
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_attribution_refuses_a_metric_of_many_numbers_per_row(gpt2, backend):
+    # the score is the metric's sum: a metric giving a row of logits was summed, its
+    # gradient silently that of the sum of the whole vocabulary
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    with pytest.raises(ValueError, match="one number per row"):
+        patching.attribution(net, clean, corrupted, lambda logits: logits[:, -1],
+                             backend=backend)
+    assert all(p.grad is None for p in gpt2.parameters())
+    column = patching.attribution(net, clean, corrupted, lambda logits: logits[:, -1, 5:6],
+                                  backend=backend)
+    scalar = patching.attribution(net, clean, corrupted, lambda logits: logits[0, -1, 5],
+                                  backend=backend)
+    torch.testing.assert_close(column.values, scalar.values)
+
 # --- the result object ---------------------------------------------------------------------------
 def _result() -> patching.PatchingResult:
     values = torch.tensor([[[0.0, 1.0, -3.0], [0.5, 0.0, 0.0]],

@@ -21,6 +21,7 @@ unpatched run (``result.baseline``); ``result.normalized()`` divides activation 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -477,10 +478,16 @@ def attribution(model: Envoy, clean: Any, corrupted: Any = None,
             differentiated = [_differentiable(t) for t in targets]
             corrupt_acts = [_hidden(t.read()).detach().save() for t in targets]
             grads = [_hidden(t.read()).grad.save() for t in targets]
-            score = metric(_logits(model.output)).sum()
+            measured = metric(_logits(model.output))
+            score = measured.sum()
             baseline = [score.detach().save()]
+            shape = tuple(measured.shape)  # one row: one number (checked below)
             # only the sites' gradients: none for the parameters (nothing left in .grad)
             score.backward(inputs=differentiated)
+    if math.prod(shape) != 1:
+        raise ValueError(f"the metric must give one number per row of the logits (one for "
+                         f"the corrupted prompt's row); it gave shape {shape}, which "
+                         f"attribution would have summed")
     values = torch.stack([((c - k) * g).sum(-1).sum(0) for c, k, g
                           in zip(clean_acts, corrupt_acts, grads)]).detach()
     positions = list(range(values.shape[1]))
