@@ -299,6 +299,29 @@ def test_bad_arguments_are_reported(gpt2):
         patching.activation_patching(net, clean, corrupted, metric, layers=[3])
 
 
+
+def test_positions_and_layers_as_arrays_and_empty_layers(gpt2):
+    # NumPy / tensor positions were refused as "position tensor(0) is out of range", and
+    # layers=[] failed with an IndexError
+    import numpy as np
+
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    arguments = dict(sites=["resid"], progress=False, suffix=False)
+    plain = patching.activation_patching(net, clean, corrupted, metric, positions=[2, 6],
+                                         layers=[1], **arguments)
+    for positions, layers in ((np.array([2, -1]), np.array([1])),
+                              (torch.tensor([2, 6]), torch.tensor(1))):
+        result = patching.activation_patching(net, clean, corrupted, metric,
+                                              positions=positions, layers=layers, **arguments)
+        assert result.coords == plain.coords and type(result.positions[0]) is int
+        assert torch.equal(result.values, plain.values)
+    with pytest.raises(ValueError, match="layers is empty"):
+        patching.activation_patching(net, clean, corrupted, metric, layers=[], **arguments)
+    with pytest.raises(ValueError, match="position True is not an integer"):
+        patching.activation_patching(net, clean, corrupted, metric, positions=[True],
+                                     **arguments)
+
 # --- steering --------------------------------------------------------------------------------
 def test_steering_sweep_equals_hand_written_hooks(gpt2):
     prompt = _prompts()[0]

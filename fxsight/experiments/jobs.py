@@ -489,7 +489,7 @@ def position_labels(positions: Any, lengths: list[int]) -> list[int]:
     """The position axis of a sweep over prompts of ``lengths`` tokens: as for one prompt
     when they have one length; else ``"all"`` is every position counted from the end
     (``-longest .. -1``) and given positions are kept as given (negative: from the end)."""
-    from .sweeps import check_positions
+    from .sweeps import check_positions, integers
 
     if len(set(lengths)) == 1:
         return check_positions(positions, lengths[0])
@@ -497,7 +497,7 @@ def position_labels(positions: Any, lengths: list[int]) -> list[int]:
     if isinstance(positions, str):
         check_positions(positions, longest)
         return list(range(-longest, 0))
-    labels = [positions] if isinstance(positions, int) else list(positions)
+    labels = integers(positions, "position")
     check_positions(labels, longest)
     return labels
 

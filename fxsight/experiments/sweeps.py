@@ -31,6 +31,7 @@ Nothing here is specific to GPT-2 or Llama beyond :data:`ATTENTION_NAMES` and
 from __future__ import annotations
 
 import inspect
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -121,10 +122,36 @@ def check_kinds(kinds: Sequence[str] | str) -> list[str]:
     return kinds
 
 
+def integers(values: Any, what: str) -> list[int]:
+    """One integer or an iterable of them (Python, NumPy or integer tensor elements) as
+    a list of ints; anything else (a bool, a float) is a ``ValueError`` naming it."""
+    try:
+        values = [values] if not isinstance(values, (str, bytes)) and \
+            operator.index(values) is not None else values
+    except TypeError:
+        pass
+    try:
+        items = list(values)
+    except TypeError:
+        raise ValueError(f"{what}s must be an integer or a list of integers, not "
+                         f"{values!r}") from None
+    out = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise TypeError
+            out.append(operator.index(item))
+        except TypeError:
+            raise ValueError(f"{what} {item!r} is not an integer") from None
+    return out
+
+
 def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
     if layers is None:
         return list(range(n_layers))
-    layers = [layers] if isinstance(layers, int) else list(layers)
+    layers = integers(layers, "layer")
+    if not layers:
+        raise ValueError("layers is empty: give at least one layer (None: all of them)")
     for layer in layers:
         if not -n_layers <= layer < n_layers:
             raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers")
@@ -138,9 +165,9 @@ def check_positions(positions: Any, length: int) -> list[int]:
             raise ValueError(f"positions must be 'all' or a list of token positions, "
                              f"not {positions!r}")
         return list(range(length))
-    positions = [positions] if isinstance(positions, int) else list(positions)
+    positions = integers(positions, "position")
     for p in positions:
-        if not isinstance(p, int) or not -length <= p < length:
+        if not -length <= p < length:
             raise ValueError(f"position {p!r} is out of range for {length} tokens")
     return [p % length for p in positions]
 
