@@ -436,6 +436,16 @@ def test_result_axes_selection_and_top_cells():
         result.sel(head=0)
 
 
+
+def test_cells_copy_and_pickle():
+    import copy
+    import pickle
+
+    cell = _result().top()
+    for again in (copy.copy(cell), copy.deepcopy(cell), pickle.loads(pickle.dumps(cell))):
+        assert again == ("resid", 0, 2) and again.value == -3.0 and again.layer == 0
+        assert repr(again) == repr(cell)
+
 def test_to_dataframe_needs_pandas(monkeypatch):
     result = _result()
     try:

@@ -21,6 +21,11 @@ class Cell(tuple):
         cell.value = value
         return cell
 
+    def __getnewargs__(self) -> tuple[dict[str, Any], float]:
+        # (copy and pickle build a tuple subclass from these: a Cell needs its coordinates
+        # by name and its value, not the bare tuple)
+        return self.coords, self.value
+
     def __getattr__(self, name: str) -> Any:
         try:
             return self.__dict__["coords"][name]
