@@ -408,6 +408,17 @@ def test_attribution_refuses_a_metric_of_many_numbers_per_row(gpt2, backend):
                                   backend=backend)
     torch.testing.assert_close(column.values, scalar.values)
 
+
+def test_attribution_under_inference_mode_says_so(gpt2):
+    # the backward's error blamed frozen parameters and plain inputs
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        patching.attribution(net, clean, corrupted, metric)
+    with torch.no_grad():
+        patching.attribution(net, clean, corrupted, metric)
+        assert not torch.is_grad_enabled()
+
 # --- the result object ---------------------------------------------------------------------------
 def _result() -> patching.PatchingResult:
     values = torch.tensor([[[0.0, 1.0, -3.0], [0.5, 0.0, 0.0]],

@@ -456,6 +456,10 @@ def attribution(model: Envoy, clean: Any, corrupted: Any = None,
     >>> result.method, tuple(result.values.shape)
     ('attribution patching', (1, 2, 7))
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("attribution differentiates the metric: it cannot run under "
+                           "torch.inference_mode() (no tensor made there records gradients); "
+                           "call it outside, or under torch.no_grad() (it enables them)")
     if is_dataset(clean):
         return _attribution_dataset(model, clean, corrupted, metric, sites, trace_kwargs)
     # both prompts in one trace: a LanguageModel would pad prompts of different lengths to
