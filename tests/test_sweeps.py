@@ -419,6 +419,19 @@ def test_attribution_under_inference_mode_says_so(gpt2):
         patching.attribution(net, clean, corrupted, metric)
         assert not torch.is_grad_enabled()
 
+
+def test_attribution_takes_one_site_kind_as_a_string(gpt2):
+    # sites="resid" was split into the modules 'r', 'e', ... (AttributeError on 'str')
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    one = patching.attribution(net, clean, corrupted, metric, sites="resid")
+    listed = patching.attribution(net, clean, corrupted, metric, sites=["resid"])
+    assert one.dims == ("site", "layer", "position") and one.coords == listed.coords
+    torch.testing.assert_close(one.values, listed.values)
+    with pytest.raises(TypeError, match="not both"):
+        patching.attribution(net, clean, corrupted, metric,
+                             sites=["resid", net.transformer.h[0]])
+
 # --- the result object ---------------------------------------------------------------------------
 def _result() -> patching.PatchingResult:
     values = torch.tensor([[[0.0, 1.0, -3.0], [0.5, 0.0, 0.0]],

@@ -466,8 +466,12 @@ def attribution(model: Envoy, clean: Any, corrupted: Any = None,
     # one, and the positions would no longer correspond
     ids = _pair_ids(model, clean, corrupted)
     kinds = None
-    if sites is not None and not isinstance(sites, str) and \
-            all(isinstance(s, str) for s in sites):
+    if isinstance(sites, str):
+        sites = [sites]  # one site kind, as in activation_patching
+    if sites is not None and any(isinstance(s, str) for s in sites):
+        if not all(isinstance(s, str) for s in sites):
+            raise TypeError(f"sites must be site kinds (strings) or modules (envoys), not "
+                            f"both: {list(sites)!r}")
         kinds = check_kinds(sites)
         layout = find_layout(model)
         targets = [_attribution_target(layout, kind, layer) for kind in kinds
