@@ -363,3 +363,16 @@ def test_a_given_logits_to_keep_runs_the_full_length_path(gpt2):
     heads = patching.head_patching(net, clean, corrupted, metric, layers=[1], positions=[2],
                                    progress=False, logits_to_keep=1)
     assert heads.info["suffix"] == "the forward is given logits_to_keep"
+
+
+
+@pytest.mark.parametrize("suffix", [None, False])
+def test_a_batch_size_below_one_is_refused_on_both_paths(gpt2, suffix):
+    # the suffix path took batch_size=0 (or -1) as 1 without a word
+    net = NNsight(gpt2)
+    clean, corrupted = _prompts()
+    for size in (0, -1):
+        with pytest.raises(ValueError, match="batch_size must be at least 1"):
+            patching.activation_patching(net, clean, corrupted, metric, sites=["resid"],
+                                         layers=[2], progress=False, batch_size=size,
+                                         suffix=suffix)

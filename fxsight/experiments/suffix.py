@@ -64,7 +64,7 @@ import torch
 
 from ..api.envoy import Envoy
 from .result import PatchingResult
-from .sweeps import (Target, find_layout, forward_parameters, hidden, logits_of,
+from .sweeps import (Target, choose_batch_size, find_layout, forward_parameters, hidden, logits_of,
                      metric_values, reference_run, row_bytes, with_hidden)
 
 CACHE_NAMES = ("cache", "past_key_values")
@@ -668,7 +668,7 @@ def sweep_pair(model: Envoy, item: Any, cells: list[Cell],
     metric_values(item.metric, torch.cat([clean_run.logits, corrupt_run.logits]), 2)
     length = item.length
     if batch_size is not None:
-        per_trace = int(batch_size)
+        per_trace = choose_batch_size(batch_size, None, 1, 1)  # (at least 1, or raises)
     else:  # two cells a packed row of T + 1 tokens (and its share of the cache)
         state = hidden(corrupt_run.outputs[cells[0][2].key])
         per_row = row_bytes(model, length + 1, 0, state.shape[-1], 0, state.dtype) + \
