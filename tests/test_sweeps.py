@@ -322,6 +322,24 @@ def test_positions_and_layers_as_arrays_and_empty_layers(gpt2):
         patching.activation_patching(net, clean, corrupted, metric, positions=[True],
                                      **arguments)
 
+
+@pytest.mark.parametrize("options", [dict(), dict(suffix=False), dict(backend="hooks")])
+def test_a_metric_that_mixes_the_rows_is_refused(gpt2, options):
+    # one number per row, but not the row's own: a batch of cells gave every cell the
+    # value of row 0's corrupted logit (a one-cell loop gives each its own), no error
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    mixes = [lambda logits: logits[:, -1, 5] - logits[0, -1, 6],
+             lambda logits: logits[:, -1, 5] - logits[:, -1, 5].mean(),
+             lambda logits: logits[:, -1, 5].softmax(0)]
+    for mixed in mixes:
+        with pytest.raises(ValueError, match="mixes the rows"):
+            patching.activation_patching(net, clean, corrupted, mixed, sites=["resid"],
+                                         layers=[1], progress=False, **options)
+        with pytest.raises(ValueError, match="mixes the rows"):
+            patching.head_patching(net, clean, corrupted, mixed, layers=[1],
+                                   progress=False, **options)
+
 # --- steering --------------------------------------------------------------------------------
 def test_steering_sweep_equals_hand_written_hooks(gpt2):
     prompt = _prompts()[0]

@@ -40,7 +40,8 @@ import torch
 
 from .ranks import Ranks
 from .result import PatchingResult
-from .sweeps import Sweep, metric_values, reads_last_position_only, token_ids
+from .sweeps import (Sweep, check_rows_apart, metric_values, reads_last_position_only,
+                     token_ids)
 
 CHECKPOINT_SECONDS = 10.0
 
@@ -194,9 +195,11 @@ class Refs:
     def of_pair(cls, item: Any, clean_run: Any, corrupt_run: Any) -> "Refs":
         """A clean/corrupted pair's references from its two reference runs (each with
         ``.logits``); ``runs`` holds both."""
-        return cls(item.corrupted, item.metric,
-                   float(metric_values(item.metric, corrupt_run.logits, 1)[0]),
-                   float(metric_values(item.metric, clean_run.logits, 1)[0]),
+        baseline = float(metric_values(item.metric, corrupt_run.logits, 1)[0])
+        reference = float(metric_values(item.metric, clean_run.logits, 1)[0])
+        check_rows_apart(item.metric, clean_run.logits, corrupt_run.logits, reference,
+                         baseline)
+        return cls(item.corrupted, item.metric, baseline, reference,
                    reads_last_position_only(item.metric, clean_run.logits),
                    (clean_run, corrupt_run))
 

@@ -64,7 +64,7 @@ import torch
 
 from ..api.envoy import Envoy
 from .result import PatchingResult
-from .sweeps import (Target, choose_batch_size, find_layout, forward_parameters, hidden, logits_of,
+from .sweeps import (Target, check_rows_apart, choose_batch_size, find_layout, forward_parameters, hidden, logits_of,
                      metric_values, reference_run, row_bytes, with_hidden)
 
 CACHE_NAMES = ("cache", "past_key_values")
@@ -663,9 +663,10 @@ def sweep_pair(model: Envoy, item: Any, cells: list[Cell],
     cell_units = units(clean_run)
     baseline = float(metric_values(item.metric, corrupt_run.logits, 1)[0])
     reference = float(metric_values(item.metric, clean_run.logits, 1)[0])
-    # one number per row, as every batch of cells needs (a metric that sums or takes the
-    # mean over the rows gives one number for one row too): checked before any cell runs
-    metric_values(item.metric, torch.cat([clean_run.logits, corrupt_run.logits]), 2)
+    # one number per row, each row's own, as every batch of cells needs (a metric that sums
+    # or takes the mean over the rows gives one number for one row too): checked before
+    # any cell runs
+    check_rows_apart(item.metric, clean_run.logits, corrupt_run.logits, reference, baseline)
     length = item.length
     if batch_size is not None:
         per_trace = choose_batch_size(batch_size, None, 1, 1)  # (at least 1, or raises)

@@ -260,6 +260,25 @@ def metric_values(metric: Callable, logits: torch.Tensor, rows: int) -> torch.Te
     return value.detach().float()
 
 
+def check_rows_apart(metric: Callable, clean_logits: torch.Tensor,
+                     corrupt_logits: torch.Tensor, reference: float, baseline: float) -> None:
+    """Raise unless ``metric`` gives each row of a batch what it gives that row alone:
+    on the clean and corrupted logits together, their metrics (``reference``,
+    ``baseline``). A batch of cells is many rows: a metric that sums or averages over the
+    rows gives one number for them all, and one that mixes them (``logits[0, ...]``,
+    ``.softmax(0)``, minus the batch mean) gives one number per row that is not the
+    row's."""
+    both = metric_values(metric, torch.cat([clean_logits, corrupt_logits]), 2)
+    alone = torch.tensor([reference, baseline], dtype=both.dtype)
+    if not torch.allclose(both, alone, rtol=1e-4, atol=1e-6, equal_nan=True):
+        raise ValueError(
+            f"the metric gives a row of the logits another value in a batch of rows than "
+            f"alone (the clean and corrupted runs' logits together: {both.tolist()}; each "
+            f"alone: {alone.tolist()}): it mixes the rows (e.g. logits[0, ...] instead of "
+            f"logits[:, ...], a softmax or mean over dim 0), but a sweep runs many cells "
+            f"as the rows of one batch")
+
+
 def reads_last_position_only(metric: Callable, logits: torch.Tensor) -> bool:
     """Whether ``metric`` gives the same on ``logits[:, -1:]`` as on the full logits and
     does not look at the other positions (they are set to NaN to check)."""
