@@ -133,9 +133,9 @@ def test_checkpoint_resumes_without_redoing_batches(model, tmp_path):
     full = patching.activation_patching(model, cleans, corrupts, metric, **arguments)
     calls = {"n": 0}
 
-    def failing(logits):  # 5 calls for a pair's reference runs, then one call a batch
+    def failing(logits):  # 6 calls for a pair's reference runs, then one call a batch
         calls["n"] += 1
-        if calls["n"] > 5 + 3:  # the first pair's reference runs, 3 batches, then it fails
+        if calls["n"] > 6 + 3:  # the first pair's reference runs, 3 batches, then it fails
             raise RuntimeError("interrupted")
         return metric(logits)
 
@@ -149,7 +149,7 @@ def test_checkpoint_resumes_without_redoing_batches(model, tmp_path):
                                            **arguments)
     total = resumed.info["batches"]
     assert resumed.info["resumed_batches"] >= 2 and total == full.info["batches"]
-    batch_calls = calls["n"] + 10 ** 9 - 2 * 5  # minus the reference runs' calls
+    batch_calls = calls["n"] + 10 ** 9 - 2 * 6  # minus the reference runs' calls
     assert resumed.info["resumed_batches"] == 3
     assert batch_calls == total - 3  # the 3 finished batches are not run again
     torch.testing.assert_close(resumed.per_pair, full.per_pair, **ATOL)
