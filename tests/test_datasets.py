@@ -133,9 +133,9 @@ def test_checkpoint_resumes_without_redoing_batches(model, tmp_path):
     full = patching.activation_patching(model, cleans, corrupts, metric, **arguments)
     calls = {"n": 0}
 
-    def failing(logits):  # 5 calls for a pair's reference runs, then one call a batch
+    def failing(logits):  # 6 calls for a pair's reference runs, then one call a batch
         calls["n"] += 1
-        if calls["n"] > 5 + 3:  # the first pair's reference runs, 3 batches, then it fails
+        if calls["n"] > 6 + 3:  # the first pair's reference runs, 3 batches, then it fails
             raise RuntimeError("interrupted")
         return metric(logits)
 
@@ -149,7 +149,7 @@ def test_checkpoint_resumes_without_redoing_batches(model, tmp_path):
                                            **arguments)
     total = resumed.info["batches"]
     assert resumed.info["resumed_batches"] >= 2 and total == full.info["batches"]
-    batch_calls = calls["n"] + 10 ** 9 - 2 * 5  # minus the reference runs' calls
+    batch_calls = calls["n"] + 10 ** 9 - 2 * 6  # minus the reference runs' calls
     assert resumed.info["resumed_batches"] == 3
     assert batch_calls == total - 3  # the 3 finished batches are not run again
     torch.testing.assert_close(resumed.per_pair, full.per_pair, **ATOL)
@@ -159,6 +159,42 @@ def test_checkpoint_resumes_without_redoing_batches(model, tmp_path):
         patching.activation_patching(model, cleans, corrupts, metric, checkpoint=path,
                                      sites=["resid"], batch_size=4, progress=False)
 
+
+
+def test_a_checkpoint_of_another_metric_is_refused(model, tmp_path):
+    # the fingerprint holds prompts, cells and batch size, not the metric: resuming with a
+    # corrected metric read the old metric's scores and subtracted the new baseline
+    clean, corrupted = _pair(0)
+    path = tmp_path / "sweep.ckpt"
+    arguments = dict(sites=["resid"], progress=False, checkpoint=path)
+    patching.activation_patching(model, clean, corrupted, metric, **arguments)
+
+    def corrected(logits):
+        return logits[:, -1, 7] - logits[:, -1, 6]
+    with pytest.raises(ValueError, match="another metric or model"):
+        patching.activation_patching(model, clean, corrupted, corrected, **arguments)
+    again = patching.activation_patching(model, clean, corrupted, metric, **arguments)
+    assert again.info["resumed_batches"] == again.info["batches"]
+    path.unlink()  # without the checkpoint: the corrected metric's one-cell scores
+    fresh = patching.activation_patching(model, clean, corrupted, corrected, **arguments)
+    net = model._module
+    block = net.transformer.h[1]
+    saved = {}
+    handle = block.register_forward_hook(lambda m, a, o: saved.__setitem__("h", o))
+    with torch.no_grad():
+        net(clean)
+        handle.remove()
+
+        def patch(module, args, output):
+            output = output.clone()
+            output[:, 3] = saved["h"][:, 3]
+            return output
+        base = corrected(net(corrupted).logits)[0]
+        handle = block.register_forward_hook(patch)
+        expected = corrected(net(corrupted).logits)[0] - base
+        handle.remove()
+    torch.testing.assert_close(fresh.sel(site="resid", layer=1, position=3).values,
+                               expected, **ATOL)
 
 def test_attribution_dataset_is_the_mean_of_one_pair_attributions(model):
     pairs = [_pair(seed) for seed in range(2)]

@@ -346,3 +346,33 @@ def test_a_metric_of_one_number_for_all_rows_is_refused(gpt2, reduce):
         with pytest.raises(ValueError, match="one number per row"):
             patching.activation_patching(net, clean, corrupted, reducing, sites=["resid"],
                                          suffix=suffix, progress=False)
+
+
+def test_a_given_logits_to_keep_runs_the_full_length_path(gpt2):
+    # the packed runs set logits_to_keep themselves; the caller's (here 1: every row's last
+    # packed token only) made the self-check index past the kept logits (IndexError)
+    net = NNsight(gpt2)
+    clean, corrupted = _prompts()
+    result = patching.activation_patching(net, clean, corrupted, metric, sites=["resid"],
+                                          layers=[1], positions=[2, 5], progress=False,
+                                          logits_to_keep=1)
+    assert result.info["suffix"] == "the forward is given logits_to_keep"
+    expected = torch.tensor([[[_hooks_loop(gpt2, clean, corrupted, 1, p, metric)
+                               for p in (2, 5)]]])
+    torch.testing.assert_close(result.values, expected, rtol=1e-4, atol=1e-5)
+    heads = patching.head_patching(net, clean, corrupted, metric, layers=[1], positions=[2],
+                                   progress=False, logits_to_keep=1)
+    assert heads.info["suffix"] == "the forward is given logits_to_keep"
+
+
+
+@pytest.mark.parametrize("suffix", [None, False])
+def test_a_batch_size_below_one_is_refused_on_both_paths(gpt2, suffix):
+    # the suffix path took batch_size=0 (or -1) as 1 without a word
+    net = NNsight(gpt2)
+    clean, corrupted = _prompts()
+    for size in (0, -1):
+        with pytest.raises(ValueError, match="batch_size must be at least 1"):
+            patching.activation_patching(net, clean, corrupted, metric, sites=["resid"],
+                                         layers=[2], progress=False, batch_size=size,
+                                         suffix=suffix)

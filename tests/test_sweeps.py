@@ -248,6 +248,43 @@ def test_language_model_takes_strings_of_equal_length():
                                      metric, progress=False)
 
 
+
+def test_attribution_refuses_prompts_of_different_lengths():
+    # both prompts run in one trace: a LanguageModel pads the shorter one, so position p of
+    # the clean run would be compared with another token of the corrupted run
+    from fxsight import LanguageModel
+
+    tokenizer = train_tokenizer()
+    model = tiny_gpt2(n_layer=1, n_embd=32, vocab_size=len(tokenizer))
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    for backend in ("fx", "hooks"):
+        with pytest.raises(ValueError, match="same number of tokens"):
+            patching.attribution(lm, "the cat sat on", "the dog sat on the mat", metric,
+                                 backend=backend)
+    clean, corrupted = "The capital of Italy is", "The capital of Spain is"
+    clean_ids = tokenizer(clean, return_tensors="pt")["input_ids"]
+    corrupted_ids = tokenizer(corrupted, return_tensors="pt")["input_ids"]
+    result = patching.attribution(lm, clean, corrupted, metric)
+    assert result.tokens == tokenizer.convert_ids_to_tokens(clean_ids[0].tolist())
+    # the plain-PyTorch estimate: (clean - corrupted) . d metric / d block output
+    block = model.transformer.h[0]
+    store = {}
+    handle = block.register_forward_hook(lambda m, a, o: store.__setitem__("clean", _first(o)))
+    with torch.no_grad():
+        model(clean_ids)
+    handle.remove()
+
+    def leaf(module, args, output):
+        store["corrupted"] = _first(output).detach().requires_grad_()
+        return (store["corrupted"], *output[1:]) if isinstance(output, tuple) \
+            else store["corrupted"]
+    handle = block.register_forward_hook(leaf)
+    score = metric(model(corrupted_ids).logits).sum()
+    handle.remove()
+    grad, = torch.autograd.grad(score, store["corrupted"])
+    expected = ((store["clean"] - store["corrupted"].detach()) * grad).sum(-1)
+    torch.testing.assert_close(result.values, expected, rtol=1e-4, atol=1e-6)
+
 def test_bad_arguments_are_reported(gpt2):
     clean, corrupted = _prompts()
     net = NNsight(gpt2)
@@ -261,6 +298,47 @@ def test_bad_arguments_are_reported(gpt2):
     with pytest.raises(ValueError, match="out of range"):
         patching.activation_patching(net, clean, corrupted, metric, layers=[3])
 
+
+
+def test_positions_and_layers_as_arrays_and_empty_layers(gpt2):
+    # NumPy / tensor positions were refused as "position tensor(0) is out of range", and
+    # layers=[] failed with an IndexError
+    import numpy as np
+
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    arguments = dict(sites=["resid"], progress=False, suffix=False)
+    plain = patching.activation_patching(net, clean, corrupted, metric, positions=[2, 6],
+                                         layers=[1], **arguments)
+    for positions, layers in ((np.array([2, -1]), np.array([1])),
+                              (torch.tensor([2, 6]), torch.tensor(1))):
+        result = patching.activation_patching(net, clean, corrupted, metric,
+                                              positions=positions, layers=layers, **arguments)
+        assert result.coords == plain.coords and type(result.positions[0]) is int
+        assert torch.equal(result.values, plain.values)
+    with pytest.raises(ValueError, match="layers is empty"):
+        patching.activation_patching(net, clean, corrupted, metric, layers=[], **arguments)
+    with pytest.raises(ValueError, match="position True is not an integer"):
+        patching.activation_patching(net, clean, corrupted, metric, positions=[True],
+                                     **arguments)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(suffix=False), dict(backend="hooks")])
+def test_a_metric_that_mixes_the_rows_is_refused(gpt2, options):
+    # one number per row, but not the row's own: a batch of cells gave every cell the
+    # value of row 0's corrupted logit (a one-cell loop gives each its own), no error
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    mixes = [lambda logits: logits[:, -1, 5] - logits[0, -1, 6],
+             lambda logits: logits[:, -1, 5] - logits[:, -1, 5].mean(),
+             lambda logits: logits[:, -1, 5].softmax(0)]
+    for mixed in mixes:
+        with pytest.raises(ValueError, match="mixes the rows"):
+            patching.activation_patching(net, clean, corrupted, mixed, sites=["resid"],
+                                         layers=[1], progress=False, **options)
+        with pytest.raises(ValueError, match="mixes the rows"):
+            patching.head_patching(net, clean, corrupted, mixed, layers=[1],
+                                   progress=False, **options)
 
 # --- steering --------------------------------------------------------------------------------
 def test_steering_sweep_equals_hand_written_hooks(gpt2):
@@ -331,6 +409,47 @@ def test_attribution_returns_the_same_result_type(gpt2):
     assert torch.equal(result.values[large].sign(), exact.values[large].sign())
 
 
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_attribution_refuses_a_metric_of_many_numbers_per_row(gpt2, backend):
+    # the score is the metric's sum: a metric giving a row of logits was summed, its
+    # gradient silently that of the sum of the whole vocabulary
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    with pytest.raises(ValueError, match="one number per row"):
+        patching.attribution(net, clean, corrupted, lambda logits: logits[:, -1],
+                             backend=backend)
+    assert all(p.grad is None for p in gpt2.parameters())
+    column = patching.attribution(net, clean, corrupted, lambda logits: logits[:, -1, 5:6],
+                                  backend=backend)
+    scalar = patching.attribution(net, clean, corrupted, lambda logits: logits[0, -1, 5],
+                                  backend=backend)
+    torch.testing.assert_close(column.values, scalar.values)
+
+
+def test_attribution_under_inference_mode_says_so(gpt2):
+    # the backward's error blamed frozen parameters and plain inputs
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        patching.attribution(net, clean, corrupted, metric)
+    with torch.no_grad():
+        patching.attribution(net, clean, corrupted, metric)
+        assert not torch.is_grad_enabled()
+
+
+def test_attribution_takes_one_site_kind_as_a_string(gpt2):
+    # sites="resid" was split into the modules 'r', 'e', ... (AttributeError on 'str')
+    clean, corrupted = _prompts()
+    net = NNsight(gpt2)
+    one = patching.attribution(net, clean, corrupted, metric, sites="resid")
+    listed = patching.attribution(net, clean, corrupted, metric, sites=["resid"])
+    assert one.dims == ("site", "layer", "position") and one.coords == listed.coords
+    torch.testing.assert_close(one.values, listed.values)
+    with pytest.raises(TypeError, match="not both"):
+        patching.attribution(net, clean, corrupted, metric,
+                             sites=["resid", net.transformer.h[0]])
+
 # --- the result object ---------------------------------------------------------------------------
 def _result() -> patching.PatchingResult:
     values = torch.tensor([[[0.0, 1.0, -3.0], [0.5, 0.0, 0.0]],
@@ -359,6 +478,16 @@ def test_result_axes_selection_and_top_cells():
         result.sel(head=0)
 
 
+
+def test_cells_copy_and_pickle():
+    import copy
+    import pickle
+
+    cell = _result().top()
+    for again in (copy.copy(cell), copy.deepcopy(cell), pickle.loads(pickle.dumps(cell))):
+        assert again == ("resid", 0, 2) and again.value == -3.0 and again.layer == 0
+        assert repr(again) == repr(cell)
+
 def test_to_dataframe_needs_pandas(monkeypatch):
     result = _result()
     try:
@@ -379,3 +508,20 @@ def test_plot_writes_a_png(tmp_path):
     figure = _result().plot(str(path), title="test", normalized=True)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(figure.axes) == 3  # a panel per site kind and the colour bar
+
+
+def test_top_cells_and_plot_skip_the_cells_a_pair_lacks(tmp_path):
+    # a pair of a dataset of several lengths has NaN at the positions it lacks: such a
+    # cell is not a score, never the top cell, and does not make the colour scale NaN
+    values = torch.tensor([[float("nan"), 1.0, -3.0], [0.5, float("nan"), 0.25]])
+    result = patching.PatchingResult(values, ("layer", "position"),
+                                     {"layer": [0, 1], "position": [-3, -2, -1]})
+    assert result.top() == (0, -1) and result.top().value == -3.0
+    assert [tuple(c) for c in result.top_k(10)] == [(0, -1), (0, -2), (1, -3), (1, -1)]
+    assert "value=-3" in repr(result)
+    figure = result.plot(str(tmp_path / "nan.png"))
+    assert figure.axes[0].images[0].get_clim() == (-3.0, 3.0)
+    empty = patching.PatchingResult(torch.full((1, 2), float("nan")), ("layer", "position"),
+                                    {"layer": [0], "position": [0, 1]})
+    with pytest.raises(ValueError, match="no cell"):
+        empty.top()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import numbers
 import os
 import time
@@ -39,7 +40,8 @@ import torch
 
 from .ranks import Ranks
 from .result import PatchingResult
-from .sweeps import Sweep, metric_values, reads_last_position_only, token_ids
+from .sweeps import (Sweep, check_rows_apart, metric_values, reads_last_position_only,
+                     token_ids)
 
 CHECKPOINT_SECONDS = 10.0
 
@@ -129,18 +131,27 @@ def _pair(model, i: int, clean: Any, corrupted: Any, metric: Callable,
     name = "" if single else f" of pair {i}"
     clean_ids = token_ids(model, clean, "clean" + name)
     corrupt_ids = token_ids(model, corrupted, "corrupted" + name)
-    if clean_ids.shape != corrupt_ids.shape:
-        from .sweeps import token_labels
-        def note(ids):
-            labels = token_labels(model, ids)
-            return f"tokens {labels}" if labels is not None else "tokens"
-        raise ValueError(
-            f"the clean and corrupted prompts{name} must have the same number of tokens to "
-            f"be patched position by position: clean has {clean_ids.shape[1]} "
-            f"{note(clean_ids)}, corrupted has {corrupt_ids.shape[1]} {note(corrupt_ids)}")
+    check_same_length(model, clean_ids, corrupt_ids, name)
     if not callable(metric):
         raise TypeError(f"the metric{name} must be a callable, not {type(metric).__name__}")
     return Item(i, clean_ids, corrupt_ids, metric)
+
+
+def check_same_length(model, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor,
+                      name: str = "") -> None:
+    """Raise where a pair's token ids (each ``(1, T)``) differ in length: its positions
+    would not correspond (``name``: which pair, as `` of pair i``)."""
+    if clean_ids.shape == corrupt_ids.shape:
+        return
+    from .sweeps import token_labels
+
+    def note(ids):
+        labels = token_labels(model, ids)
+        return f"tokens {labels}" if labels is not None else "tokens"
+    raise ValueError(
+        f"the clean and corrupted prompts{name} must have the same number of tokens to "
+        f"be patched position by position: clean has {clean_ids.shape[1]} "
+        f"{note(clean_ids)}, corrupted has {corrupt_ids.shape[1]} {note(corrupt_ids)}")
 
 
 def prompts_of(model, prompt: Any, metric: Any) -> tuple[list[Item], bool]:
@@ -184,9 +195,11 @@ class Refs:
     def of_pair(cls, item: Any, clean_run: Any, corrupt_run: Any) -> "Refs":
         """A clean/corrupted pair's references from its two reference runs (each with
         ``.logits``); ``runs`` holds both."""
-        return cls(item.corrupted, item.metric,
-                   float(metric_values(item.metric, corrupt_run.logits, 1)[0]),
-                   float(metric_values(item.metric, clean_run.logits, 1)[0]),
+        baseline = float(metric_values(item.metric, corrupt_run.logits, 1)[0])
+        reference = float(metric_values(item.metric, clean_run.logits, 1)[0])
+        check_rows_apart(item.metric, clean_run.logits, corrupt_run.logits, reference,
+                         baseline)
+        return cls(item.corrupted, item.metric, baseline, reference,
                    reads_last_position_only(item.metric, clean_run.logits),
                    (clean_run, corrupt_run))
 
@@ -348,6 +361,7 @@ def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, mem
                            f"same call")
     store = Checkpoint(checkpoint, ranks, fingerprint)
     done, loaded_items = store.load()
+    _check_resumed(store, item_metrics, loaded_items)
     resumed = len(done)
     item_metrics.update({k: v for k, v in loaded_items.items() if k not in item_metrics})
     n = len(batches)
@@ -419,6 +433,26 @@ def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, mem
                      dict(sorted(lengths.items())))
 
 
+def _check_resumed(store: Checkpoint, computed: dict, loaded: dict) -> None:
+    """Refuse a checkpoint whose items' metrics differ from those just computed (the
+    probe's): its scores are of another metric or model, which the fingerprint (prompts,
+    cells, batch size) cannot tell. (A tolerance, not bit equality: a job may be resumed on
+    other hardware.)"""
+    for position, metrics in computed.items():
+        if position not in loaded:
+            continue
+        for now, then in zip(metrics, loaded[position]):
+            if now is None and then is None:
+                continue
+            if now is None or then is None or not (
+                    math.isclose(now, then, rel_tol=1e-3, abs_tol=1e-4)
+                    or (math.isnan(now) and math.isnan(then))):
+                raise ValueError(
+                    f"the checkpoint {store.path} was written with another metric or model: "
+                    f"pair {position}'s metrics were {loaded[position]}, they are now "
+                    f"{metrics}; remove it or give another checkpoint path")
+
+
 def _refs(experiment: Experiment, cache: dict, position: int, item_metrics: dict) -> Refs:
     if position not in cache:
         refs = experiment.refs(experiment.items[position])
@@ -459,7 +493,7 @@ def position_labels(positions: Any, lengths: list[int]) -> list[int]:
     """The position axis of a sweep over prompts of ``lengths`` tokens: as for one prompt
     when they have one length; else ``"all"`` is every position counted from the end
     (``-longest .. -1``) and given positions are kept as given (negative: from the end)."""
-    from .sweeps import check_positions
+    from .sweeps import check_positions, integers
 
     if len(set(lengths)) == 1:
         return check_positions(positions, lengths[0])
@@ -467,7 +501,7 @@ def position_labels(positions: Any, lengths: list[int]) -> list[int]:
     if isinstance(positions, str):
         check_positions(positions, longest)
         return list(range(-longest, 0))
-    labels = [positions] if isinstance(positions, int) else list(positions)
+    labels = integers(positions, "position")
     check_positions(labels, longest)
     return labels
 

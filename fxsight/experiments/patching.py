@@ -21,6 +21,7 @@ unpatched run (``result.baseline``); ``result.normalized()`` divides activation 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -32,14 +33,15 @@ from ..errors import TraceError
 from . import suffix as suffix_path
 from .heads import head_patching
 from .result import Cell, PatchingResult
-from .jobs import (Experiment, Group as JobGroup, Item, Refs, dataset_result, is_dataset,
+from .jobs import (Experiment, Group as JobGroup, Item, Refs, check_same_length,
+                   dataset_result, is_dataset,
                    job_info, kwargs_key, pairs_of, position_in, position_labels,
                    prompts_of, run_job)
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, can_keep_last, check_kinds, check_layers,
                      check_positions, choose_batch_size, expanded, find_layout,
                      forward_kwargs as _forward_kwargs, hidden,
                      metric_values, reads_last_position_only, reference_run, row_bytes,
-                     stacked, token_labels, trace_options, with_hidden)
+                     stacked, token_ids, token_labels, trace_options, with_hidden)
 
 __all__ = ["PatchingResult", "Cell", "activation_patching", "head_patching", "steering_sweep",
            "attribution", "block_envoys"]
@@ -454,11 +456,22 @@ def attribution(model: Envoy, clean: Any, corrupted: Any = None,
     >>> result.method, tuple(result.values.shape)
     ('attribution patching', (1, 2, 7))
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("attribution differentiates the metric: it cannot run under "
+                           "torch.inference_mode() (no tensor made there records gradients); "
+                           "call it outside, or under torch.no_grad() (it enables them)")
     if is_dataset(clean):
         return _attribution_dataset(model, clean, corrupted, metric, sites, trace_kwargs)
+    # both prompts in one trace: a LanguageModel would pad prompts of different lengths to
+    # one, and the positions would no longer correspond
+    ids = _pair_ids(model, clean, corrupted)
     kinds = None
-    if sites is not None and not isinstance(sites, str) and \
-            all(isinstance(s, str) for s in sites):
+    if isinstance(sites, str):
+        sites = [sites]  # one site kind, as in activation_patching
+    if sites is not None and any(isinstance(s, str) for s in sites):
+        if not all(isinstance(s, str) for s in sites):
+            raise TypeError(f"sites must be site kinds (strings) or modules (envoys), not "
+                            f"both: {list(sites)!r}")
         kinds = check_kinds(sites)
         layout = find_layout(model)
         targets = [_attribution_target(layout, kind, layer) for kind in kinds
@@ -473,24 +486,45 @@ def attribution(model: Envoy, clean: Any, corrupted: Any = None,
             differentiated = [_differentiable(t) for t in targets]
             corrupt_acts = [_hidden(t.read()).detach().save() for t in targets]
             grads = [_hidden(t.read()).grad.save() for t in targets]
-            score = metric(_logits(model.output)).sum()
+            measured = metric(_logits(model.output))
+            score = measured.sum()
             baseline = [score.detach().save()]
+            shape = tuple(measured.shape)  # one row: one number (checked below)
             # only the sites' gradients: none for the parameters (nothing left in .grad)
             score.backward(inputs=differentiated)
+    if math.prod(shape) != 1:
+        raise ValueError(f"the metric must give one number per row of the logits (one for "
+                         f"the corrupted prompt's row); it gave shape {shape}, which "
+                         f"attribution would have summed")
     values = torch.stack([((c - k) * g).sum(-1).sum(0) for c, k, g
                           in zip(clean_acts, corrupt_acts, grads)]).detach()
     positions = list(range(values.shape[1]))
     baseline_value = float(baseline[0]) if isinstance(baseline[0], torch.Tensor) else None
+    tokens = None if ids is None else token_labels(model, ids[0])
     if kinds is not None:
         n_layers = len(targets) // len(kinds)
         values = values.reshape(len(kinds), n_layers, -1)
         return PatchingResult(values, ("site", "layer", "position"),
                               {"site": kinds, "layer": list(range(n_layers)),
                                "position": positions},
-                              baseline=baseline_value, method="attribution patching")
+                              baseline=baseline_value, tokens=tokens,
+                              method="attribution patching")
     return PatchingResult(values, ("site", "position"),
                           {"site": [t.envoy.path for t in targets], "position": positions},
-                          baseline=baseline_value, method="attribution patching")
+                          baseline=baseline_value, tokens=tokens,
+                          method="attribution patching")
+
+
+def _pair_ids(model: Envoy, clean: Any, corrupted: Any
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The token ids of a pair of prompts (strings, id lists, tensors), checked to be of
+    one length; ``None`` for other input forms (given to the trace as they are)."""
+    try:
+        ids = token_ids(model, clean, "clean"), token_ids(model, corrupted, "corrupted")
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    check_same_length(model, *ids)
+    return ids
 
 
 def _attribution_dataset(model, clean, corrupted, metric, sites, trace_kwargs):

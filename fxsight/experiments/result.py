@@ -21,6 +21,11 @@ class Cell(tuple):
         cell.value = value
         return cell
 
+    def __getnewargs__(self) -> tuple[dict[str, Any], float]:
+        # (copy and pickle build a tuple subclass from these: a Cell needs its coordinates
+        # by name and its value, not the bare tuple)
+        return self.coords, self.value
+
     def __getattr__(self, name: str) -> Any:
         try:
             return self.__dict__["coords"][name]
@@ -180,7 +185,10 @@ class PatchingResult:
         ``result.top_k(3, site="attn")``)."""
         result = self.sel(**selection) if selection else self
         flat = result.values.reshape(-1)
-        order = flat.abs().argsort(descending=True, stable=True)[:k]
+        # NaN marks a cell that does not exist (a position a pair's length lacks): never
+        # a top cell (argsort would put it first)
+        present = (~flat.isnan()).nonzero().flatten()
+        order = present[flat[present].abs().argsort(descending=True, stable=True)][:k]
         cells = []
         for index in order.tolist():
             coords = {dim: v for dim, v in selection.items()
@@ -198,7 +206,12 @@ class PatchingResult:
     def top(self, **selection: Any) -> Cell:
         """The cell with the largest absolute score: ``("attn", 1, 8)`` for
         ``(site, layer, position)`` (a :class:`Cell`, with ``.value``)."""
-        return self.top_k(1, **selection)[0]
+        cells = self.top_k(1, **selection)
+        if not cells:
+            raise ValueError(f"this {self.method} result has no cell"
+                             + (f" at {selection}" if selection else "")
+                             + " (every score is NaN, or there are none)")
+        return cells[0]
 
     def to_records(self) -> list[dict]:
         """One dict per cell: its coordinates, ``value`` and, where known, ``token``."""
@@ -262,7 +275,7 @@ class PatchingResult:
             axes += f"; mean of {self.n_pairs} pairs"
         extra = "" if self.baseline is None else f", baseline={self.baseline:.4g}"
         extra += "" if self.reference is None else f", reference={self.reference:.4g}"
-        top = f"; top {self.top()!r}" if self.values.numel() else ""
+        top = f"; top {self.top()!r}" if (~self.values.isnan()).any() else ""
         return f"PatchingResult({self.method}: {axes}{extra}{top})"
 
     # --- plotting ----------------------------------------------------------------------------
@@ -284,7 +297,9 @@ class PatchingResult:
         columns = [str(c) for c in result.coords[column_dim]]
         if column_dim == "position" and self.tokens is not None:
             columns = [f"{self.tokens[int(c)]}\n{c}" for c in columns]
-        limit = float(values.abs().max()) or 1.0
+        present = values[~values.isnan()]  # (NaN: a cell a pair lacks, left blank)
+        limit = float(present.abs().max()) if present.numel() else 0.0
+        limit = limit or 1.0
         rotate = 90 if max(len(c.split("\n")[0]) for c in columns) > 5 else 0
         size = (2.5 + 0.5 * len(columns),
                 1.2 + (1.0 if rotate else 0.3) + len(panels) * (0.45 + 0.3 * len(rows)))

@@ -64,7 +64,7 @@ import torch
 
 from ..api.envoy import Envoy
 from .result import PatchingResult
-from .sweeps import (Target, find_layout, forward_parameters, hidden, logits_of,
+from .sweeps import (Target, check_rows_apart, choose_batch_size, find_layout, forward_parameters, hidden, logits_of,
                      metric_values, reference_run, row_bytes, with_hidden)
 
 CACHE_NAMES = ("cache", "past_key_values")
@@ -403,7 +403,9 @@ def why_not(model: Envoy, dataset: bool, backend: str | None, checkpoint: Any,
         return "distributed sweeps run the full-length path"
     if not last_only:
         return "the metric reads positions other than the last"
-    taken = {"attention_mask", "position_ids", "inputs_embeds", *CACHE_NAMES} & set(kwargs)
+    # (the suffix path sets these itself: a packed run's logits_to_keep is its own)
+    taken = {"attention_mask", "position_ids", "inputs_embeds", "logits_to_keep",
+             *CACHE_NAMES} & set(kwargs)
     if taken:
         return f"the forward is given {', '.join(sorted(taken))}"
     if cache_name(model) is None:
@@ -661,12 +663,13 @@ def sweep_pair(model: Envoy, item: Any, cells: list[Cell],
     cell_units = units(clean_run)
     baseline = float(metric_values(item.metric, corrupt_run.logits, 1)[0])
     reference = float(metric_values(item.metric, clean_run.logits, 1)[0])
-    # one number per row, as every batch of cells needs (a metric that sums or takes the
-    # mean over the rows gives one number for one row too): checked before any cell runs
-    metric_values(item.metric, torch.cat([clean_run.logits, corrupt_run.logits]), 2)
+    # one number per row, each row's own, as every batch of cells needs (a metric that sums
+    # or takes the mean over the rows gives one number for one row too): checked before
+    # any cell runs
+    check_rows_apart(item.metric, clean_run.logits, corrupt_run.logits, reference, baseline)
     length = item.length
     if batch_size is not None:
-        per_trace = int(batch_size)
+        per_trace = choose_batch_size(batch_size, None, 1, 1)  # (at least 1, or raises)
     else:  # two cells a packed row of T + 1 tokens (and its share of the cache)
         state = hidden(corrupt_run.outputs[cells[0][2].key])
         per_row = row_bytes(model, length + 1, 0, state.shape[-1], 0, state.dtype) + \

@@ -31,6 +31,7 @@ Nothing here is specific to GPT-2 or Llama beyond :data:`ATTENTION_NAMES` and
 from __future__ import annotations
 
 import inspect
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -121,10 +122,36 @@ def check_kinds(kinds: Sequence[str] | str) -> list[str]:
     return kinds
 
 
+def integers(values: Any, what: str) -> list[int]:
+    """One integer or an iterable of them (Python, NumPy or integer tensor elements) as
+    a list of ints; anything else (a bool, a float) is a ``ValueError`` naming it."""
+    try:
+        values = [values] if not isinstance(values, (str, bytes)) and \
+            operator.index(values) is not None else values
+    except TypeError:
+        pass
+    try:
+        items = list(values)
+    except TypeError:
+        raise ValueError(f"{what}s must be an integer or a list of integers, not "
+                         f"{values!r}") from None
+    out = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise TypeError
+            out.append(operator.index(item))
+        except TypeError:
+            raise ValueError(f"{what} {item!r} is not an integer") from None
+    return out
+
+
 def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
     if layers is None:
         return list(range(n_layers))
-    layers = [layers] if isinstance(layers, int) else list(layers)
+    layers = integers(layers, "layer")
+    if not layers:
+        raise ValueError("layers is empty: give at least one layer (None: all of them)")
     for layer in layers:
         if not -n_layers <= layer < n_layers:
             raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers")
@@ -138,9 +165,9 @@ def check_positions(positions: Any, length: int) -> list[int]:
             raise ValueError(f"positions must be 'all' or a list of token positions, "
                              f"not {positions!r}")
         return list(range(length))
-    positions = [positions] if isinstance(positions, int) else list(positions)
+    positions = integers(positions, "position")
     for p in positions:
-        if not isinstance(p, int) or not -length <= p < length:
+        if not -length <= p < length:
             raise ValueError(f"position {p!r} is out of range for {length} tokens")
     return [p % length for p in positions]
 
@@ -231,6 +258,25 @@ def metric_values(metric: Callable, logits: torch.Tensor, rows: int) -> torch.Te
                          f"({rows},) for logits of shape {tuple(logits.shape)}); it gave "
                          f"shape {tuple(value.shape)}")
     return value.detach().float()
+
+
+def check_rows_apart(metric: Callable, clean_logits: torch.Tensor,
+                     corrupt_logits: torch.Tensor, reference: float, baseline: float) -> None:
+    """Raise unless ``metric`` gives each row of a batch what it gives that row alone:
+    on the clean and corrupted logits together, their metrics (``reference``,
+    ``baseline``). A batch of cells is many rows: a metric that sums or averages over the
+    rows gives one number for them all, and one that mixes them (``logits[0, ...]``,
+    ``.softmax(0)``, minus the batch mean) gives one number per row that is not the
+    row's."""
+    both = metric_values(metric, torch.cat([clean_logits, corrupt_logits]), 2)
+    alone = torch.tensor([reference, baseline], dtype=both.dtype)
+    if not torch.allclose(both, alone, rtol=1e-4, atol=1e-6, equal_nan=True):
+        raise ValueError(
+            f"the metric gives a row of the logits another value in a batch of rows than "
+            f"alone (the clean and corrupted runs' logits together: {both.tolist()}; each "
+            f"alone: {alone.tolist()}): it mixes the rows (e.g. logits[0, ...] instead of "
+            f"logits[:, ...], a softmax or mean over dim 0), but a sweep runs many cells "
+            f"as the rows of one batch")
 
 
 def reads_last_position_only(metric: Callable, logits: torch.Tensor) -> bool:
