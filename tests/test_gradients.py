@@ -608,3 +608,28 @@ def test_grad_taps_report_from_autograd_s_other_threads():
     assert sink.seen[0][1] != threading.get_ident()
     torch.testing.assert_close(returned[0], torch.full((3,), 2.0))
     assert not value._backward_hooks  # (removed when the run's taps end)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_requires_grad_on_a_read_leaves_later_traces_alone(gpt2, backend):
+    """``env.output.requires_grad_()`` in one trace changes nothing the next trace sees
+    (was, on hooks: the scan's cached meta value of the output was made a leaf that
+    requires grad, and an in-place edit of that output in any later trace raised
+    "a view of a leaf Variable that requires grad is being used in an in-place
+    operation")."""
+    net = NNsight(gpt2)
+    ids = torch.randint(4, 128, (2, 6), generator=torch.Generator().manual_seed(22))
+    with net.trace(ids, use_cache=False, backend=backend):
+        net.transformer.h[0].output.requires_grad_()
+        net.lm_head.output.save()
+    with net.trace(ids, use_cache=False, backend=backend):
+        net.transformer.h[0].output[:, 0] = 0
+        logits = net.lm_head.output.save()
+    handle = gpt2.transformer.h[0].register_forward_hook(
+        lambda m, a, o: torch.cat([torch.zeros_like(o[:, :1]), o[:, 1:]], 1))
+    try:
+        with torch.no_grad():
+            expected = gpt2(ids, use_cache=False).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits, expected)
