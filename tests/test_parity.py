@@ -192,3 +192,22 @@ def test_submodule_named_output_is_reached_by_item(tiny_bert, reference_hooks, b
     torch.testing.assert_close(last, expected)
     with pytest.raises(KeyError, match=r"has no submodule .*outptu"):
         layer["outptu"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tracer_log_prints_real_values_after_the_run(capsys, backend):
+    """nnsight's ``tracer.log(...)`` prints its values once they exist: traced values as
+    the real tensors (was: AttributeError, 'Tracer' object has no attribute 'log')."""
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    with net.trace(x, backend=backend) as tracer:
+        h = net.layer1.output
+        tracer.log("first", h.shape, h[0, :2])
+        tracer.log([h.sum()])
+        out = net.output.save()
+    expected = model.layer1(x)  # (with autograd on, as in the trace: grad_fn shown)
+    assert capsys.readouterr().out == \
+        f"first {expected.shape} {expected[0, :2]}\n{[expected.sum()]}\n"
+    torch.testing.assert_close(out, model(x))
+

@@ -135,6 +135,7 @@ class Tracer:
         self._stop_line: Any = None  # tracer.stop(): where, and how many Program nodes
         self._stop_after = 0  # were recorded before it
         self._kept: list[Any] = []  # fxsight.save(obj) on lists, dicts, user objects
+        self._logs: list[tuple] = []  # the values of each tracer.log(...) call
         # envoy(value, hook=True) calls: module path -> (node's proxy, line), the latest
         self.hooked_calls: dict[str, tuple[Proxy, Any]] = {}
         self._paths_run: set[str] | None = None
@@ -190,10 +191,16 @@ class Tracer:
             self.recorder.finish(self._results)
         finally:
             self._state = "done"
+        self._print_logs()
         bind_frame(frame, self._resolve, self.recorder.live_saved)
         if kept:
             bind_objects(kept, self._resolve, self.recorder.live_saved)
         self._let_go()
+
+    def _print_logs(self) -> None:
+        logs, self._logs = self._logs, []
+        for values in logs:
+            print(*self.recorder.settle(values))
 
     def _let_go(self) -> None:
         """After the run: nothing this trace made refers back to it any more (its invokes
@@ -312,6 +319,24 @@ class Tracer:
         if self._stop_line is None:
             self._stop_line = user_line()
             self._stop_after = len(self.program.nodes)
+
+    def log(self, *values: Any) -> None:
+        """nnsight's ``tracer.log(...)``: print ``values`` once the trace has run, traced
+        values as their real values (several calls print in the order they were written).
+
+        >>> import torch, fxsight
+        >>> net = fxsight.NNsight(torch.nn.Linear(2, 2, bias=False))
+        >>> with torch.no_grad():
+        ...     _ = net.weight.fill_(1.0)
+        >>> with net.trace(torch.ones(1, 2)) as tracer:
+        ...     tracer.log("sum:", net.output.detach().sum())
+        sum: tensor(4.)
+        """
+        self.recorder.check_open()
+        for leaf in pytree.tree_leaves(values):
+            if isinstance(leaf, Proxy):
+                leaf.save()
+        self._logs.append(values)
 
     @property
     def iter(self) -> "CallIndexer":
