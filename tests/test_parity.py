@@ -211,3 +211,15 @@ def test_tracer_log_prints_real_values_after_the_run(capsys, backend):
         f"first {expected.shape} {expected[0, :2]}\n{[expected.sum()]}\n"
     torch.testing.assert_close(out, model(x))
 
+
+
+@pytest.mark.parametrize("method", ["next", "all"])
+def test_nnsight_envoy_step_methods_say_the_rewrite(method):
+    """nnsight 0.4's ``envoy.next()`` / ``envoy.all()`` raise an AttributeError naming the
+    tracer form to use and the user's line (was: "has no submodule or attribute 'next';
+    its submodules are: (none)")."""
+    net = NNsight(mlp())
+    with pytest.raises(AttributeError, match=rf"envoy.{method}\(\)(.|\n)*tracer\."
+                                             rf"(.|\n)*test_parity.py"):
+        with net.trace(torch.ones(1, 5)):
+            getattr(net.layer1, method)().output.save()
