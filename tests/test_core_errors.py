@@ -445,3 +445,17 @@ def test_item_assignment_into_a_tuple_output(backend):
                      "model.pair.output = (new, *rest)", "model.pair.output[0][:] = new",
                      THIS_FILE, "net.pair.output[0] = torch.zeros(2, 3)"):
         assert fragment in message, (fragment, message)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_written_with_too_few_arguments_names_where(core_gpt2, core_ids, backend):
+    """``.inputs = ((h,), kwargs)`` for a block called with four positional arguments
+    says the arguments' tuple is the one that differs (was: "holds a tuple of 2; the
+    written value is a tuple of 2", the outer pair, which looks like a match)."""
+    net = NNsight(core_gpt2)
+    with pytest.raises(fxsight.ShapeError,
+                       match=rf"at \[0\]: a tuple of 1 where it holds a tuple of 4"
+                             rf"(.|\n)*{THIS_FILE}"):
+        with net.trace(core_ids, backend=backend):
+            args, kwargs = net.transformer.h[1].inputs
+            net.transformer.h[1].inputs = ((args[0] * 0.5,), kwargs)

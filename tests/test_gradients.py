@@ -735,3 +735,62 @@ def test_a_full_backward_hook_sees_the_traces_backward_or_it_is_refused():
             assert "test_gradients.py" in str(error.value)
 
         assert _hooked_backward(model, refused) == []  # (nothing ran)
+
+
+def _block_output_reference_grad(model, ids):
+    """The gradient of ``logits[:, -1, 3].sum()`` w.r.t. block 0's output, by a forward
+    hook and torch.autograd.grad."""
+    acts = {}
+    handle = model.transformer.h[0].register_forward_hook(
+        lambda m, a, o: acts.__setitem__("h0", o))
+    try:
+        out = model(ids, use_cache=False)
+    finally:
+        handle.remove()
+    return torch.autograd.grad(out.logits[:, -1, 3].sum(), acts["h0"])[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change", ["requires_grad_", "mul_", "setitem"])
+def test_grad_of_a_read_changed_in_place_through_its_variable(gpt2, backend, change):
+    """``h = env.output; h.requires_grad_(); h.grad`` (or after ``h.mul_(1.0)``,
+    ``h[:, 0] = h[:, 0]``) is the gradient of the module's output, as with
+    ``env.output.grad`` read again after the change (was: a TraceError saying `.grad` is
+    not available on computed values)."""
+    net = NNsight(gpt2)
+    ids = torch.randint(4, 128, (2, 6), generator=torch.Generator().manual_seed(21))
+    with net.trace(ids, use_cache=False, backend=backend):
+        h = net.transformer.h[0].output
+        if change == "setitem":
+            h[:, 0] = h[:, 0]
+        else:
+            getattr(h, change)(*([1.0] if change == "mul_" else []))
+        grad = h.grad.save()
+        net.lm_head.output[:, -1, 3].sum().backward()
+    torch.testing.assert_close(grad, _block_output_reference_grad(gpt2, ids),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_requires_grad_on_a_read_leaves_later_traces_alone(gpt2, backend):
+    """``env.output.requires_grad_()`` in one trace changes nothing the next trace sees
+    (was, on hooks: the scan's cached meta value of the output was made a leaf that
+    requires grad, and an in-place edit of that output in any later trace raised
+    "a view of a leaf Variable that requires grad is being used in an in-place
+    operation")."""
+    net = NNsight(gpt2)
+    ids = torch.randint(4, 128, (2, 6), generator=torch.Generator().manual_seed(22))
+    with net.trace(ids, use_cache=False, backend=backend):
+        net.transformer.h[0].output.requires_grad_()
+        net.lm_head.output.save()
+    with net.trace(ids, use_cache=False, backend=backend):
+        net.transformer.h[0].output[:, 0] = 0
+        logits = net.lm_head.output.save()
+    handle = gpt2.transformer.h[0].register_forward_hook(
+        lambda m, a, o: torch.cat([torch.zeros_like(o[:, :1]), o[:, 1:]], 1))
+    try:
+        with torch.no_grad():
+            expected = gpt2(ids, use_cache=False).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits, expected)

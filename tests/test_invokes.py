@@ -315,3 +315,45 @@ def test_barrier_reached_by_too_few(net):
                 with tracer.invoke(_x(1, seed)):
                     if seed < 2:
                         barrier()
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_shape_read_in_an_invoke_that_the_batch_pads_is_refused(gpt2, backend):
+    """``h.shape`` inside an invoke is its prompt's alone; in the batch its rows are
+    left-padded to the longest invoke, so ``h[:, h.shape[1] - 1]`` picked another token
+    than the last, silently (was: the 9th real token of a 14-token prompt padded to 18).
+    Now a TraceError names the line that read the shape; dimensions padding does not
+    change (``h.size(-1)``, ``len(h)``) and invokes of one length are not refused."""
+    lm, module = gpt2
+    short, long = "The capital of France is", "The Eiffel Tower is in the city of"
+    with pytest.raises(TraceError, match=r"left-padded(.|\n)*test_invokes.py"):
+        with lm.trace(backend=backend) as tracer:
+            with tracer.invoke(long):
+                pass
+            with tracer.invoke(short):
+                h = lm.transformer.h[0].output
+                h[:, h.shape[1] - 1].save()
+    with lm.trace(backend=backend) as tracer:
+        with tracer.invoke(long):
+            pass
+        with tracer.invoke(short):
+            h = lm.transformer.h[0].output
+            half = h[:, -1, : h.size(-1) // 2].save()
+            rows = len(h)
+        with tracer.invoke(long):
+            h = lm.transformer.h[0].output
+            last = h[:, h.shape[1] - 1].save()
+    encoded = lm.tokenizer([long, short, long], return_tensors="pt", padding=True)
+    mask = encoded["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0).masked_fill(mask == 0, 1)
+    got = {}
+    handle = module.transformer.h[0].register_forward_hook(
+        lambda m, a, o: got.__setitem__("h", o))
+    try:
+        with torch.no_grad():
+            module(**encoded, position_ids=positions)
+    finally:
+        handle.remove()
+    assert rows == 1
+    torch.testing.assert_close(half, got["h"][1:2, -1, :32])
+    torch.testing.assert_close(last, got["h"][2:, -1])

@@ -211,3 +211,33 @@ def test_the_models_modules_through_the_tracer_as_nnsights_docs_write_them(backe
     with pytest.raises(AttributeError, match="'Tracer' object has no attribute 'layer9'"):
         with NNsight(model).trace(x, backend=backend) as traced:
             traced.layer9.output.save()
+
+
+def test_tracer_log_prints_real_values_after_the_run(capsys, backend):
+    """nnsight's ``tracer.log(...)`` prints its values once they exist: traced values as
+    the real tensors (was: AttributeError, 'Tracer' object has no attribute 'log')."""
+    model = mlp()
+    net = NNsight(model)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    with net.trace(x, backend=backend) as tracer:
+        h = net.layer1.output
+        tracer.log("first", h.shape, h[0, :2])
+        tracer.log([h.sum()])
+        out = net.output.save()
+    expected = model.layer1(x)  # (with autograd on, as in the trace: grad_fn shown)
+    assert capsys.readouterr().out == \
+        f"first {expected.shape} {expected[0, :2]}\n{[expected.sum()]}\n"
+    torch.testing.assert_close(out, model(x))
+
+
+
+@pytest.mark.parametrize("method", ["next", "all"])
+def test_nnsight_envoy_step_methods_say_the_rewrite(method):
+    """nnsight 0.4's ``envoy.next()`` / ``envoy.all()`` raise an AttributeError naming the
+    tracer form to use and the user's line (was: "has no submodule or attribute 'next';
+    its submodules are: (none)")."""
+    net = NNsight(mlp())
+    with pytest.raises(AttributeError, match=rf"envoy.{method}\(\)(.|\n)*tracer\."
+                                             rf"(.|\n)*test_parity.py"):
+        with net.trace(torch.ones(1, 5)):
+            getattr(net.layer1, method)().output.save()

@@ -79,10 +79,12 @@ class Envoy:
         try:
             return getattr(module, name)
         except AttributeError:
+            hint = _NNSIGHT_ENVOY_METHODS.get(name)
+            hint = f"; {hint}" if hint else \
+                f"; its submodules are: {', '.join(submodules) or '(none)'}"
             raise AttributeError(at_line(
                 f"{module_label(self._path)} ({type(module).__name__}) has no submodule or "
-                f"attribute {name!r}; its submodules are: "
-                f"{', '.join(submodules) or '(none)'}", user_line())) from None
+                f"attribute {name!r}{hint}", user_line())) from None
 
     def _aliased(self, name: str) -> "Envoy | None":
         """The envoy a ``rename=`` alias stands for here (its real path), or None."""
@@ -370,6 +372,20 @@ _ACCESSORS = ("output", "input", "inputs")
 _SHADOWING = frozenset(
     {*_ACCESSORS, "source", "skip", "path", "trace", "scan", "edit", "export", "to",
      "generate", "cache", "save"})
+
+
+# envoy methods of older nnsight versions that fxsight spells another way: the rewrite
+_NNSIGHT_ENVOY_METHODS = {
+    "next": "nnsight's `envoy.next()` (the module's next call or decoding step) is written "
+            "with the tracer: `with tracer.iter[1]: h = envoy.output` (or `for step in "
+            "tracer.iter[0:3]:`), in generate and in a trace over a module called several "
+            "times",
+    "all": "nnsight's `envoy.all()` (every call or decoding step) is written with the "
+           "tracer: `with tracer.all(): envoy.output[:] = 0` (or `for step in "
+           "tracer.all():`)",
+    "iter": "nnsight's `envoy.iter[...]` is written with the tracer: `with "
+            "tracer.iter[1:3]: ...` (or `for step in tracer.iter[1:3]:`)",
+}
 
 
 def _unknown_attribute(envoy: Envoy, name: str) -> str:

@@ -135,6 +135,10 @@ class Tracer:
         self._stop_line: Any = None  # tracer.stop(): where, and how many Program nodes
         self._stop_after = 0  # were recorded before it
         self._kept: list[Any] = []  # fxsight.save(obj) on lists, dicts, user objects
+        self._logs: list[tuple] = []  # the values of each tracer.log(...) call
+        # shapes read while recording: (node, the dimensions read or None for all, the
+        # shape seen, line), checked against the batch's before the run
+        self._shapes_read: list[tuple[Node, tuple | None, tuple, Any]] = []
         # envoy(value, hook=True) calls: module path -> (node's proxy, line), the latest
         self.hooked_calls: dict[str, tuple[Proxy, Any]] = {}
         self._paths_run: set[str] | None = None
@@ -201,10 +205,16 @@ class Tracer:
             self.recorder.finish(self._results)
         finally:
             self._state = "done"
+        self._print_logs()
         bind_frame(frame, self._resolve, self.recorder.live_saved)
         if kept:
             bind_objects(kept, self._resolve, self.recorder.live_saved)
         self._let_go()
+
+    def _print_logs(self) -> None:
+        logs, self._logs = self._logs, []
+        for values in logs:
+            print(*self.recorder.settle(values))
 
     def _let_go(self) -> None:
         """After the run: nothing this trace made refers back to it any more (its invokes
@@ -213,6 +223,7 @@ class Tracer:
         for invoke in self.invokes:
             invoke.tracer = None
         self._barriers = []
+        self._shapes_read = []
 
     def keep(self, value: Any) -> None:
         """``fxsight.save(obj)``: traced values put into ``obj`` are saved at the end."""
@@ -324,6 +335,24 @@ class Tracer:
             self._stop_line = user_line()
             self._stop_after = len(self.program.nodes)
 
+    def log(self, *values: Any) -> None:
+        """nnsight's ``tracer.log(...)``: print ``values`` once the trace has run, traced
+        values as their real values (several calls print in the order they were written).
+
+        >>> import torch, fxsight
+        >>> net = fxsight.NNsight(torch.nn.Linear(2, 2, bias=False))
+        >>> with torch.no_grad():
+        ...     _ = net.weight.fill_(1.0)
+        >>> with net.trace(torch.ones(1, 2)) as tracer:
+        ...     tracer.log("sum:", net.output.detach().sum())
+        sum: tensor(4.)
+        """
+        self.recorder.check_open()
+        for leaf in pytree.tree_leaves(values):
+            if isinstance(leaf, Proxy):
+                leaf.save()
+        self._logs.append(values)
+
     @property
     def iter(self) -> "CallIndexer":
         """``for i in tracer.iter[0:3]:`` over a module called several times in one forward
@@ -393,9 +422,14 @@ class Tracer:
         if isinstance(meta, UnknownMeta):
             raise TraceError(at_line(f"the {what} of this value depends on real data "
                                      f"(fxsight.apply on an opaque function)", user_line()))
-        if what in ("shape", "dtype") and not isinstance(meta, torch.Tensor):
+        if (what in ("shape", "dtype") or what.startswith("size(")) and \
+                not isinstance(meta, torch.Tensor):
             raise TraceError(at_line(f"this value is a {type(meta).__name__}, not a tensor; "
                                      f"it has no {what}", user_line()))
+        dims = _DIMS_READ.get(what, ()) if not what.startswith("size(") \
+            else (int(what[5:-1]),)
+        if dims != () and isinstance(meta, torch.Tensor):
+            self._shapes_read.append((node, dims, tuple(meta.shape), user_line()))
         return meta
 
     def device_of(self, node: Node) -> torch.device:
@@ -505,6 +539,7 @@ class Tracer:
 
     def _execute(self) -> None:
         args, kwargs, rows = self._prepare_run()
+        self._check_shapes_read(args, kwargs, rows)
         bump("traces")
         outcome = run_program(self.model._module, self.recorder.program, args, kwargs, rows,
                               self.options, self.model._fallback_warned,
@@ -516,6 +551,35 @@ class Tracer:
         self._results = outcome.values
         if self._cache_requests:
             self._fill_caches()
+
+    def _check_shapes_read(self, args: tuple, kwargs: dict, rows: dict[Any, Rows]) -> None:
+        """A shape read while recording is of an invoke's input alone (or of the invokes
+        so far); in the batch the value can be longer (prompts left-padded to the longest
+        invoke's length). A number taken from such a shape (``h[:, h.shape[1] - 1]``)
+        would silently pick another token: refused, naming the line that read it."""
+        if len(self.invokes) < 2 or not self._shapes_read:
+            return
+        needed = {node for node, *_ in self._shapes_read}
+        for node in reversed(self.program.nodes):
+            if node in needed:
+                needed.update(node.all_input_nodes)
+        with model_lock(self.model._module):
+            walker = MetaWalker(self.program, rows, self._metadata_source(args, kwargs))
+            walker.run([node for node in self.program.nodes if node in needed])
+        for node, dims, seen, line in self._shapes_read:
+            meta = walker.values.get(node)
+            if not isinstance(meta, torch.Tensor):
+                continue
+            batched = tuple(meta.shape)
+            dims = range(len(seen)) if dims is None else dims
+            if len(batched) != len(seen) or any(seen[d] != batched[d] for d in dims):
+                raise TraceError(at_line(
+                    f"this shape was read as {seen} while the block was recorded (the "
+                    f"invoke's input alone, or the invokes recorded so far), but in the batch the "
+                    f"value is {batched}: the invokes' prompts are left-padded to the "
+                    f"longest. Count tokens from the end (`h[:, -1]`) or use "
+                    f"`h.token[i]`; read a dimension padding does not change with "
+                    f"`h.size(-1)`", line))
 
     def _calls_of(self, nodes: list[Node], line: Any) -> int:
         """How many times the modules ``nodes`` read and write are called in one forward
@@ -583,6 +647,11 @@ def _holds_tensor(kwargs: dict) -> bool:
         if any(isinstance(leaf, torch.Tensor) and leaf.dim() > 0 for leaf in value):
             return True
     return False
+
+
+# the dimensions of a value a metadata question reads (``None``: all of them); a question
+# not listed reads none (``size(d)`` reads ``d``)
+_DIMS_READ = {"shape": None, "len()": (0,), "iteration": (0,)}
 
 
 def _walked_for(program: Any, invoke: int | None) -> list[Node]:

@@ -41,7 +41,9 @@ class ScanResult:
         self.index = {site: i for i, site in enumerate(self.events)}
 
     def meta_value(self, site: Site) -> Any:
-        return self.values[site]
+        """``site``'s value, as meta tensors of its own: a walk may change them in place
+        (``h.requires_grad_()``, ``h[:, 0] = 0``) and must not change this scan's."""
+        return _tree_map(_fresh_meta, self.values[site])
 
     def alias_keys(self, site: Site) -> frozenset:
         return self.aliases.get(site, frozenset())
@@ -50,6 +52,13 @@ class ScanResult:
 def _to_meta(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return value
+
+
+def _fresh_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                   device="meta")
     return value
 
 

@@ -131,8 +131,9 @@ class Proxy:
         return self._recorder.meta(self, "shape").shape
 
     def size(self, dim: int | None = None):
-        shape = self.shape
-        return shape if dim is None else shape[dim]
+        if dim is None:
+            return self.shape
+        return self._recorder.meta(self, f"size({operator.index(dim)})").shape[dim]
 
     @property
     def dtype(self) -> torch.dtype:

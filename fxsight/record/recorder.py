@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from operator import getitem
 from threading import get_ident
 from typing import Any, Protocol
 
@@ -20,7 +21,7 @@ from .._torch import pytree
 from ..errors import TraceError, at_line, user_line
 from . import numpy_values
 from .active import active_tracers
-from .program import AUTOGRAD_GRAD, Node, Program, execute, setitem
+from .program import AUTOGRAD_GRAD, Kind, Node, Program, execute, setitem
 from .proxy import Proxy, from_where
 from .scope import Scope
 from .sites import Site
@@ -135,7 +136,7 @@ class Recorder:
             return self._value_of(proxy).grad
         self._check_allowed("grad")
         self.check_open()
-        target = self.to_arg(proxy)
+        target = self._after_changes(self.to_arg(proxy))
         node = self.program.grad(target, self._scope_of(target), user_line())
         self._note_backward_block(node)
         proxy = Proxy(self, node)
@@ -160,7 +161,7 @@ class Recorder:
         """``proxy.grad = value``."""
         self._check_allowed("grad")
         self.check_open()
-        target = self.to_arg(proxy)
+        target = self._after_changes(self.to_arg(proxy))
         self._note_backward_block(self.program.grad_write(
             target, self.to_arg(value), self._scope_of(target), user_line()))
 
@@ -291,6 +292,30 @@ class Recorder:
         why = self.refused.get(what)
         if why is not None:
             raise TraceError(at_line(why, user_line()))
+
+    def _after_changes(self, target: Any) -> Any:
+        """A gradient's ``target``; where in-place changes moved the proxy off a module's
+        value (``h[:, 0] = 0``, ``h.requires_grad_()`` on ``h = env.output``, or an item
+        of it), that value read again after them: the same tensor, whose gradient is
+        then the changed value's, as a tensor hook registered at this line sees it."""
+        if not isinstance(target, Node) or not target.mutation:
+            return target
+        base = target
+        while isinstance(base, Node) and base.kind is Kind.OP and base.mutation:
+            base = base.args[0]
+        chain = []  # (the items and attributes from the read to the changed tensor)
+        while isinstance(base, Node) and base.kind is Kind.OP and \
+                base.target in (getitem, getattr) and not base.all_input_nodes[1:]:
+            chain.insert(0, base)
+            base = base.args[0]
+        if not isinstance(base, Node) or base.kind is not Kind.READ:
+            return target
+        line, scope = user_line(), Scope(base.invoke, self.scope.steps)
+        value = self.program.read(base.site, base.accessor, scope, line)
+        for step in chain:
+            value = self.program.op("call_function", step.target, (value, step.args[1]), {},
+                                    scope, line)
+        return value
 
     def _scope_of(self, target: Node) -> Scope:
         """A gradient's scope: the rows of the value it is the gradient of."""

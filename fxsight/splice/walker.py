@@ -241,9 +241,7 @@ class Walker:
         new_leaves = pytree.tree_leaves(value) if isinstance(value, (tuple, list, dict)) \
             else [value]
         if len(new_leaves) != len(old_leaves):
-            raise ShapeError(at_line(
-                f"{site.label} holds {_describe(old)}; the written value is {_describe(value)}",
-                node.line))
+            raise ShapeError(at_line(_structure_mismatch(site, old, value), node.line))
         replaced = []
         brought_in = self._brought_in(recorded if leafwise else None, len(new_leaves))
         for old_leaf, new_leaf, caller_s in zip(old_leaves, new_leaves, brought_in):
@@ -517,9 +515,7 @@ class MetaWalker(Walker):
         old_leaves = pytree.tree_leaves(old)
         new_leaves = [value] if isinstance(value, torch.Tensor) else pytree.tree_leaves(value)
         if len(old_leaves) != len(new_leaves):
-            raise ShapeError(at_line(
-                f"{site.label} holds {_describe(old)}; the written value is {_describe(value)}",
-                node.line))
+            raise ShapeError(at_line(_structure_mismatch(site, old, value), node.line))
         for old_leaf, new_leaf in zip(old_leaves, new_leaves):
             if not isinstance(old_leaf, torch.Tensor) or isinstance(new_leaf, UnknownMeta):
                 continue
@@ -694,7 +690,32 @@ def _with_item(container: Any, key: Any, item: Any) -> Any:
     return new
 
 
+def _leaf_count(value: Any) -> int:
+    return 1 if isinstance(value, torch.Tensor) else len(pytree.tree_leaves(value))
+
+
+def _structure_mismatch(site: Site, old: Any, new: Any) -> str:
+    """Why ``new`` cannot be written where ``site`` holds ``old``: where their structures
+    first differ (``.inputs = ((h,), kwargs)`` for a module called with four arguments:
+    the arguments' tuple, not the outer pair)."""
+    path = ""
+    while (isinstance(old, dict) and isinstance(new, dict) and old.keys() == new.keys()) \
+            or (isinstance(old, (tuple, list)) and isinstance(new, (tuple, list)) and
+                len(new) == len(old)):
+        keys = list(old) if isinstance(old, dict) else range(len(old))
+        key = next((k for k in keys if _leaf_count(old[k]) != _leaf_count(new[k])), None)
+        if key is None:
+            break
+        path, old, new = f"{path}[{key!r}]", old[key], new[key]
+    if not path:
+        return f"{site.label} holds {_describe(old)}; the written value is {_describe(new)}"
+    return (f"the written value does not fit {site.label} at {path}: {_describe(new)} "
+            f"where it holds {_describe(old)}")
+
+
 def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return f"a {type(value).__name__} with keys {sorted(map(str, value))}"
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     if isinstance(value, (tuple, list)):
