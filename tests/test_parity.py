@@ -213,6 +213,7 @@ def test_the_models_modules_through_the_tracer_as_nnsights_docs_write_them(backe
             traced.layer9.output.save()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_tracer_log_prints_real_values_after_the_run(capsys, backend):
     """nnsight's ``tracer.log(...)`` prints its values once they exist: traced values as
     the real tensors (was: AttributeError, 'Tracer' object has no attribute 'log')."""
@@ -228,7 +229,6 @@ def test_tracer_log_prints_real_values_after_the_run(capsys, backend):
     assert capsys.readouterr().out == \
         f"first {expected.shape} {expected[0, :2]}\n{[expected.sum()]}\n"
     torch.testing.assert_close(out, model(x))
-
 
 
 @pytest.mark.parametrize("method", ["next", "all"])
