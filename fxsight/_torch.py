@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+# the default device torch.set_default_device sets (no public read without an allocation)
+import torch.utils._device
 # pytree: torch has no public pytree module yet (torch.utils._pytree since 1.x; checked 2.13)
 import torch.utils._pytree as pytree
 # an OptimizedModule is what torch.compile(module) returns; no public name (checked 2.13)
@@ -39,7 +41,7 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "is_operator", "ambient_state_plain", "global_state_guard", "tensor_guards",
            "inductor_compile", "returns_alias", "inductor_mode_options",
            "fake_embedding_takes_meta_weights", "export_leaves_no_buffer_hook",
-           "autocast_cache_off"]
+           "autocast_cache_off", "default_device_set"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -395,6 +397,19 @@ def is_operator(target: Any) -> bool:
     """Whether a graph node's target is an operator overload (:func:`is_op_overload`) or
     an overload packet (``torch._ops``; checked 2.13)."""
     return is_op_overload(target) or isinstance(target, torch._ops.OpOverloadPacket)
+
+
+def default_device_set() -> Any:
+    """The default device set by ``torch.set_default_device`` or a ``with torch.device(...)``
+    block, or ``None`` where none is: what ``torch.get_default_device()`` reads, without
+    the tensor it allocates on every call where no device is set
+    (``torch.utils._device.CURRENT_DEVICE``, ``torch._C._len_torch_function_stack``; a
+    ``with torch.device`` block is a torch function mode; checked 2.13)."""
+    if torch.utils._device.CURRENT_DEVICE is not None:
+        return torch.utils._device.CURRENT_DEVICE
+    if torch._C._len_torch_function_stack():
+        return torch.get_default_device()
+    return None
 
 
 def ambient_state_plain() -> bool:

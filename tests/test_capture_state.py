@@ -14,6 +14,7 @@ reassigns the process-wide ``sys.stderr``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -178,6 +179,72 @@ def test_a_change_between_traces_is_seen(change, backend):
         net.gate.output[:] = 0
         zeroed = net.output.save()
     assert torch.equal(zeroed, torch.zeros_like(expected))
+
+
+class ReadsTorchSettings(torch.nn.Module):
+    """A forward whose result depends on torch's process-wide settings: the default dtype
+    (read in Python, as transformers' sinusoidal embeddings'
+    ``emb.to(torch.get_default_dtype())``), and branches on inference mode and
+    deterministic algorithms."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(5, 5)
+
+    def forward(self, x):
+        h = (self.lin(x) + torch.arange(5) / 3).to(torch.get_default_dtype())
+        if torch.is_inference_mode_enabled():
+            h = h * 2
+        if torch.are_deterministic_algorithms_enabled():
+            h = h - 1
+        return h
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextlib.contextmanager
+def _deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+TORCH_SETTINGS = {
+    "default dtype": lambda: _default_dtype(torch.float64),
+    "inference mode": torch.inference_mode,
+    "deterministic algorithms": _deterministic,
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("setting", list(TORCH_SETTINGS))
+def test_a_torch_setting_changed_between_traces_is_seen(setting, backend):
+    """A graph captured under torch's settings of one trace is not reused under others
+    (the fx backend used to give the first trace's dtype and branches, silently)."""
+    model = ReadsTorchSettings()
+    net = NNsight(model)
+    x = _x()
+    for changed in (False, True, False):
+        with torch.no_grad(), (TORCH_SETTINGS[setting]() if changed else
+                               contextlib.nullcontext()):
+            expected = model(x)
+            with net.trace(x, backend=backend) as tracer:
+                out = net.output.save()
+        assert tracer.backend == backend
+        assert out.dtype == expected.dtype and torch.equal(out, expected), (setting, changed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
