@@ -697,6 +697,29 @@ def test_a_partly_captured_model_is_not_kept_alive():
     assert ref() is None
 
 
+def test_opaque_calls_of_evicted_captures_are_let_go(monkeypatch):
+    """A partly captured model traced with many input shapes: the registry of its opaque
+    calls stays as bounded as the capture cache (it used to keep one entry per capture
+    for as long as the model lived), and the kept captures still run."""
+    import gc
+    from fxsight.capture import opaque
+    from test_core_fallback import gated_mlp
+    monkeypatch.setattr(capture_cache, "MAX_CAPTURES", 3)
+    model = gated_mlp()
+    net = NNsight(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rows in [*range(1, 9), 6, 7, 8]:
+            x = torch.randn(rows, 5)
+            with net.trace(x, backend="fx"):
+                out = net.output.save()
+            assert torch.equal(out, model(x))
+    gc.collect()
+    assert _captures_of(model) == 3
+    calls = [call for call in opaque._CALLS.values() if call.module() is model.gate]
+    assert len(calls) == 3
+
+
 def test_dynamic_captures_are_bounded_too(monkeypatch):
     from models import mlp
     monkeypatch.setattr(capture_cache, "MAX_CAPTURES", 4)

@@ -355,13 +355,14 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     cache_state = _CacheState(found, layout, dynamic)
     root = _Root(model, before, changes, cache_state,
                  opaque_calls.ignored_changes(opaque))
+    opaque_kept: list = []  # (the opaque calls' registry entries, until the graph holds them)
     try:
         # (one export at a time: export sets process-wide flags, see fxsight.locks)
         try:
             with exclusive_export(), events.installed(), _quiet_symbolic_shapes(), \
                     export_leaves_no_buffer_hook(), state.KeptAttributes(model), \
                     opaque_calls.routed(model if events_on is None else events_on,
-                                        opaque, outputs or {}):
+                                        opaque, outputs or {}, opaque_kept):
                 exported = torch.export.export(
                     root, tuple(args), dict(kwargs), strict=False,
                     dynamic_shapes=_auto_dynamic_shapes(model, args, kwargs)
@@ -394,6 +395,7 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     graph = gm.graph
     in_spec, out_spec = exported.call_spec
     plain_codegen(graph)
+    opaque_calls.hold_calls(graph)
     owner = _unwrap(gm, graph)
     marks: dict[str, dict[int, fx.Node]] = {}
     for node in graph.nodes:
