@@ -33,7 +33,7 @@ import torch
 from .._torch import FakeTensorMode, autocast_cache_off, pytree, unset_fake_temporarily
 from ..record.sites import OUTPUT, Site
 from .events import ModuleEvents
-from .state import Watch
+from .state import Watch, kept_forward_effects
 
 MAX_OPAQUE = 8  # modules made opaque in one capture, at most
 
@@ -156,8 +156,9 @@ def record_outputs(model: torch.nn.Module, args: tuple, kwargs: dict,
                    events_on: torch.nn.Module) -> dict[Site, Any]:
     """Every module's output (meta tensors, device in ``_device``) in a forward of these
     inputs: on fake tensors, or for real (without gradients) where the model's code
-    depends on data. The model's Python state is put back afterwards, and autocast's cache
-    of weight casts is neither filled nor read (``autocast_cache_off``)."""
+    depends on data. The model's Python state, its buffers and the random generators are
+    put back afterwards (a trace changes them only as the plain forward does), and
+    autocast's cache of weight casts is neither filled nor read (``autocast_cache_off``)."""
     outputs: dict[Site, Any] = {}
 
     def record(site: Site, value: Any) -> None:
@@ -167,7 +168,7 @@ def record_outputs(model: torch.nn.Module, args: tuple, kwargs: dict,
 
     before = Watch(model, 0)
     try:
-        with autocast_cache_off():
+        with autocast_cache_off(), kept_forward_effects(model, args, kwargs):
             _forward_recording(model, args, kwargs, events_on, record, outputs)
     finally:
         if not before.unchanged():
