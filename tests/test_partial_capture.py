@@ -97,12 +97,16 @@ def test_writes_around_an_opaque_module_equal_hooks():
     assert torch.equal(out, expected)
 
 
-def test_opaque_call_is_pruned():
+def test_an_opaque_call_is_kept_for_what_it_may_change():
+    """What a module that could not be captured changes is unknown (its running
+    statistics, random draws, Python state): its call runs, as in a plain forward, though
+    no saved value needs it (it used to be pruned)."""
     model = _net()
     x = torch.randn(3, 8)
     net = fxsight.NNsight(model)
     tracer, saved, _ = _trace(net, x, lambda: net.a.output.save())
-    assert tracer.backend == "fx" and opaque_modules(tracer.graph_module) == []
+    assert tracer.backend == "fx" and opaque_modules(tracer.graph_module) == ["routed"]
+    assert torch.equal(saved, model.a(x))
 
 
 def _statistics_model() -> torch.nn.Sequential:
@@ -116,7 +120,7 @@ def _statistics_model() -> torch.nn.Sequential:
 
 
 @pytest.mark.parametrize("backend", ["fx", "hooks"])
-@pytest.mark.parametrize("read", ["output"])
+@pytest.mark.parametrize("read", ["output", "first layer"])
 def test_a_trace_changes_statistics_and_generators_as_a_plain_forward(backend, read):
     """The running statistics, the dropout mask and the generator after a trace are the
     plain forward's: learning the shapes by a real forward (when fake tensors cannot run
