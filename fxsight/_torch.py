@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 # the default device torch.set_default_device sets (no public read without an allocation)
 import torch.utils._device
+import torch.nn.utils.parametrize
 # pytree: torch has no public pytree module yet (torch.utils._pytree since 1.x; checked 2.13)
 import torch.utils._pytree as pytree
 # an OptimizedModule is what torch.compile(module) returns; no public name (checked 2.13)
@@ -41,7 +42,8 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "is_operator", "ambient_state_plain", "global_state_guard", "tensor_guards",
            "inductor_compile", "returns_alias", "inductor_mode_options",
            "fake_embedding_takes_meta_weights", "export_leaves_no_buffer_hook",
-           "autocast_cache_off", "default_device_set"]
+           "autocast_cache_off", "default_device_set", "parametrization_cache_on",
+           "kept_parametrization_cache"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -410,6 +412,28 @@ def default_device_set() -> Any:
     if torch._C._len_torch_function_stack():
         return torch.get_default_device()
     return None
+
+
+def parametrization_cache_on() -> bool:
+    """Whether a ``torch.nn.utils.parametrize.cached()`` block is open: parametrized
+    tensors are then computed once and kept until it ends (the module's flag
+    ``_cache_enabled`` has no public read; checked 2.13)."""
+    return bool(torch.nn.utils.parametrize._cache_enabled)
+
+
+@contextlib.contextmanager
+def kept_parametrization_cache():
+    """While active, what a forward puts into ``parametrize.cached()``'s cache is taken out
+    again when the block ends (a forward on fake tensors would leave fake parametrized
+    tensors there for the rest of the user's block; the module's ``_cache`` dict has no
+    public API; checked 2.13)."""
+    cache = torch.nn.utils.parametrize._cache
+    saved = dict(cache)
+    try:
+        yield
+    finally:
+        cache.clear()
+        cache.update(saved)
 
 
 def ambient_state_plain() -> bool:

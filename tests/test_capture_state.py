@@ -816,3 +816,61 @@ def test_a_capture_never_reassigns_sys_stderr(fail, capfd):
     # every forward (the capture's and, after a failed capture, the hooks backend's) wrote
     assert err.count("from another thread") == len(seen)
     assert "def forward" not in err
+
+
+# --- parametrize.cached() ------------------------------------------------------------------
+
+class _Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return weight * 2
+
+
+def _parametrized():
+    from models import mlp
+    import torch.nn.utils.parametrize as parametrize
+    model = mlp()
+    parametrize.register_parametrization(model.layer2, "weight", _Doubled())
+    return model
+
+
+def test_a_parametrize_cached_block_is_never_baked_into_a_graph():
+    """Inside ``parametrize.cached()`` a capture would keep the block's cached weight as a
+    constant for later blocks (after the weight changed: the old value, silently): fx
+    refuses by name, auto runs on hooks, which use the block's cache as a plain forward."""
+    import torch.nn.utils.parametrize as parametrize
+    model = _parametrized()
+    net = NNsight(model)
+    x = _x()
+    for _ in range(2):
+        with parametrize.cached():
+            expected = model(x)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with net.trace(x) as tracer:
+                    out = net.output.save()
+            assert tracer.backend == "hooks" and torch.equal(out, expected)
+            with pytest.raises(fxsight.CaptureError,
+                               match=r"'layer2' has parametrized.*parametrize.cached"):
+                with net.trace(x, backend="fx"):
+                    net.output.save()
+        with torch.no_grad():
+            model.layer2.parametrizations.weight.original.mul_(1.5)
+        with net.trace(x) as tracer:  # (outside the block: the graph)
+            out = net.output.save()
+        assert tracer.backend == "fx" and torch.equal(out, model(x))
+
+
+def test_learning_shapes_leaves_no_fake_tensor_in_the_parametrize_cache():
+    """The hooks backend learns shapes by a forward on fake tensors: in a
+    ``parametrize.cached()`` block whose cache is empty, that forward used to leave fake
+    weights in the cache, and the real forward (and the user's after) then failed."""
+    import torch.nn.utils.parametrize as parametrize
+    model = _parametrized()
+    net = NNsight(model)
+    x = _x()
+    expected = model(x)
+    with parametrize.cached():
+        with net.trace(x, backend="hooks"):
+            out = net.output.save()
+        after = model(x)
+    assert torch.equal(out, expected) and torch.equal(after, expected)

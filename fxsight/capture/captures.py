@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._torch import default_device_set, pytree
+from .._torch import default_device_set, parametrization_cache_on, pytree
 from ..errors import CaptureError
 from ..stats import bump
 from . import caches, state
@@ -200,11 +200,13 @@ def _torch_settings() -> tuple:
     """The process-wide torch settings a forward can read and a capture bakes in: the
     default dtype and device (of the tensors a forward creates: ``torch.arange(n) / d``,
     transformers' ``emb.to(torch.get_default_dtype())``), inference mode and deterministic
-    algorithms (a forward may branch on them). A capture made under other settings is
-    another capture, as a plain forward would see the change."""
+    algorithms (a forward may branch on them), and whether parametrized tensors are cached
+    (``parametrize.cached()``: a capture would bake the cached tensor in, see
+    ``export``). A capture made under other settings is another capture, as a plain
+    forward would see the change."""
     return (torch.get_default_dtype(), default_device_set(),
             torch.is_inference_mode_enabled(), torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled())
+            torch.is_deterministic_algorithms_warn_only_enabled(), parametrization_cache_on())
 
 
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # looked at always (a model may move its inputs)

@@ -23,7 +23,8 @@ import torch
 import torch.fx as fx
 
 from .._torch import (export_leaves_no_buffer_hook, forget_generated_source,
-                      generated_source_key, generated_source_keys, plain_codegen, pytree)
+                      generated_source_key, generated_source_keys, parametrization_cache_on,
+                      plain_codegen, pytree)
 
 from ..locks import exclusive_export
 from ..stats import bump
@@ -326,6 +327,15 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         error = CaptureError(f"could not capture the model: {foreign[1]}", foreign[0])
         error.whole_model = True
         raise error
+    cached = _cached_parametrization(model)
+    if cached is not None:
+        error = CaptureError(f"could not capture the model: module {cached or 'model'!r} has "
+                             f"parametrized tensors and a parametrize.cached() block is "
+                             f"open; a captured graph would keep the cached tensor for later "
+                             f"blocks too (the hooks backend uses the block's cache, as a "
+                             f"plain forward does)", cached)
+        error.whole_model = True
+        raise error
     if hooked:
         path, _, description = hooked[0]
         error = CaptureError(f"could not capture the model: {description}; a captured "
@@ -612,6 +622,16 @@ def _marker(site: Site) -> str:
     """A site's name in its boundary markers: its label, except the root's, which would be
     the label of a top-level submodule called ``model`` (Llama's) too."""
     return site.label if site.path else f".{site.label}"
+
+
+def _cached_parametrization(model: torch.nn.Module) -> str | None:
+    """The path of the first parametrized module where ``parametrize.cached()`` is on."""
+    if not parametrization_cache_on():
+        return None
+    for path, module in model.named_modules():
+        if torch.nn.utils.parametrize.is_parametrized(module):
+            return path
+    return None
 
 
 def _drop_forward_hooks(module: torch.nn.Module) -> None:

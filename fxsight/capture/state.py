@@ -47,7 +47,8 @@ from typing import Any, Iterator
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from .._torch import dict_version_reader, global_hook_keys, pytree, tensor_version
+from .._torch import (dict_version_reader, global_hook_keys, kept_parametrization_cache,
+                      pytree, tensor_version)
 from .dispatch import is_accelerate_hook, offloads
 
 # the bound on states remembered per model (a state seen again reuses its captures)
@@ -606,14 +607,16 @@ def kept_forward_effects(model: torch.nn.Module, args: tuple, kwargs: dict
                          ) -> Iterator[None]:
     """What a forward of ``model`` run only to learn shapes (on fake or real tensors)
     changes is put back when the block ends: buffers changed in place get their values
-    back, and the random generators (the CPU's, and those of the CUDA devices the model or
-    the inputs are on) their states. A buffer is compared by value too: BatchNorm's
+    back, the random generators (the CPU's, and those of the CUDA devices the model or
+    the inputs are on) their states, and ``parametrize.cached()``'s cache its tensors
+    (not those the forward computed, fake ones included). A buffer is compared by value too: BatchNorm's
     kernel updates its running statistics in place without bumping their version
     counter (a buffer holding NaN is put back whatever happened: the same values)."""
     saved = [(b, tensor_version(b), b.detach().clone()) for b in model.buffers()
              if not b.is_meta]
     try:
-        with torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)):
+        with torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)), \
+                kept_parametrization_cache():
             yield
     finally:
         with torch.no_grad():
