@@ -198,8 +198,8 @@ def signature(model: torch.nn.Module, args: tuple, kwargs: dict,
 
 def _torch_settings() -> tuple:
     """The process-wide torch settings a forward can read and a capture bakes in: the
-    default dtype and device (of the tensors a forward creates: ``torch.arange(n) / d``,
-    transformers' ``emb.to(torch.get_default_dtype())``), inference mode and deterministic
+    default dtype and device (read in Python they are constants of the graph: transformers'
+    ``emb.to(torch.get_default_dtype())``), inference mode and deterministic
     algorithms (a forward may branch on them), and whether parametrized tensors are cached
     (``parametrize.cached()``: a capture would bake the cached tensor in, see
     ``export``). A capture made under other settings is another capture, as a plain
