@@ -428,12 +428,13 @@ def kept_parametrization_cache():
     tensors there for the rest of the user's block; the module's ``_cache`` dict has no
     public API; checked 2.13)."""
     cache = torch.nn.utils.parametrize._cache
-    saved = dict(cache)
+    saved = dict(cache) if parametrization_cache_on() else None  # (off: nothing is cached)
     try:
         yield
     finally:
-        cache.clear()
-        cache.update(saved)
+        if saved is not None:
+            cache.clear()
+            cache.update(saved)
 
 
 def ambient_state_plain() -> bool:
