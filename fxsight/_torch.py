@@ -16,6 +16,9 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+# the default device torch.set_default_device sets (no public read without an allocation)
+import torch.utils._device
+import torch.nn.utils.parametrize
 # pytree: torch has no public pytree module yet (torch.utils._pytree since 1.x; checked 2.13)
 import torch.utils._pytree as pytree
 # an OptimizedModule is what torch.compile(module) returns; no public name (checked 2.13)
@@ -40,7 +43,8 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "is_operator", "ambient_state_plain", "global_state_guard", "tensor_guards",
            "inductor_compile", "returns_alias", "inductor_mode_options",
            "fake_embedding_takes_meta_weights", "export_leaves_no_buffer_hook",
-           "autocast_cache_off"]
+           "autocast_cache_off", "default_device_set", "parametrization_cache_on",
+           "kept_parametrization_cache"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -413,6 +417,42 @@ def is_operator(target: Any) -> bool:
     """Whether a graph node's target is an operator overload (:func:`is_op_overload`) or
     an overload packet (``torch._ops``; checked 2.13)."""
     return is_op_overload(target) or isinstance(target, torch._ops.OpOverloadPacket)
+
+
+def default_device_set() -> Any:
+    """The default device set by ``torch.set_default_device`` or a ``with torch.device(...)``
+    block, or ``None`` where none is: what ``torch.get_default_device()`` reads, without
+    the tensor it allocates on every call where no device is set
+    (``torch.utils._device.CURRENT_DEVICE``, ``torch._C._len_torch_function_stack``; a
+    ``with torch.device`` block is a torch function mode; checked 2.13)."""
+    if torch.utils._device.CURRENT_DEVICE is not None:
+        return torch.utils._device.CURRENT_DEVICE
+    if torch._C._len_torch_function_stack():
+        return torch.get_default_device()
+    return None
+
+
+def parametrization_cache_on() -> bool:
+    """Whether a ``torch.nn.utils.parametrize.cached()`` block is open: parametrized
+    tensors are then computed once and kept until it ends (the module's flag
+    ``_cache_enabled`` has no public read; checked 2.13)."""
+    return bool(torch.nn.utils.parametrize._cache_enabled)
+
+
+@contextlib.contextmanager
+def kept_parametrization_cache():
+    """While active, what a forward puts into ``parametrize.cached()``'s cache is taken out
+    again when the block ends (a forward on fake tensors would leave fake parametrized
+    tensors there for the rest of the user's block; the module's ``_cache`` dict has no
+    public API; checked 2.13)."""
+    cache = torch.nn.utils.parametrize._cache
+    saved = dict(cache) if parametrization_cache_on() else None  # (off: nothing is cached)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            cache.clear()
+            cache.update(saved)
 
 
 def ambient_state_plain() -> bool:

@@ -104,15 +104,21 @@ class SourceLine:
 
 
 # code object -> whether its frames are fxsight's (or torch's), one table per
-# ``skip_torch``: asked for every recorded node, so the answer is remembered
+# ``skip_torch``: asked for every recorded node, so the answer is remembered (for up to
+# ``_MAX_INSIDE`` code objects: a notebook makes new ones at every run of a cell, and the
+# table would keep each alive)
 _INSIDE: dict[bool, dict[CodeType, bool]] = {True: {}, False: {}}
+_MAX_INSIDE = 4096
 
 
 def _inside(code: CodeType, skip_torch: bool) -> bool:
     filename = code.co_filename
     inside = filename.startswith(_PACKAGE_DIR) or (
         skip_torch and f"{os.sep}torch{os.sep}" in filename)
-    _INSIDE[skip_torch][code] = inside
+    table = _INSIDE[skip_torch]
+    if len(table) >= _MAX_INSIDE:
+        table.clear()
+    table[code] = inside
     return inside
 
 

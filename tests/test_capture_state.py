@@ -14,6 +14,7 @@ reassigns the process-wide ``sys.stderr``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -178,6 +179,72 @@ def test_a_change_between_traces_is_seen(change, backend):
         net.gate.output[:] = 0
         zeroed = net.output.save()
     assert torch.equal(zeroed, torch.zeros_like(expected))
+
+
+class ReadsTorchSettings(torch.nn.Module):
+    """A forward whose result depends on torch's process-wide settings: the default dtype
+    (read in Python, as transformers' sinusoidal embeddings'
+    ``emb.to(torch.get_default_dtype())``), and branches on inference mode and
+    deterministic algorithms."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(5, 5)
+
+    def forward(self, x):
+        h = (self.lin(x) + torch.arange(5) / 3).to(torch.get_default_dtype())
+        if torch.is_inference_mode_enabled():
+            h = h * 2
+        if torch.are_deterministic_algorithms_enabled():
+            h = h - 1
+        return h
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextlib.contextmanager
+def _deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+TORCH_SETTINGS = {
+    "default dtype": lambda: _default_dtype(torch.float64),
+    "inference mode": torch.inference_mode,
+    "deterministic algorithms": _deterministic,
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("setting", list(TORCH_SETTINGS))
+def test_a_torch_setting_changed_between_traces_is_seen(setting, backend):
+    """A graph captured under torch's settings of one trace is not reused under others
+    (the fx backend used to give the first trace's dtype and branches, silently)."""
+    model = ReadsTorchSettings()
+    net = NNsight(model)
+    x = _x()
+    for changed in (False, True, False):
+        with torch.no_grad(), (TORCH_SETTINGS[setting]() if changed else
+                               contextlib.nullcontext()):
+            expected = model(x)
+            with net.trace(x, backend=backend) as tracer:
+                out = net.output.save()
+        assert tracer.backend == backend
+        assert out.dtype == expected.dtype and torch.equal(out, expected), (setting, changed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -630,6 +697,29 @@ def test_a_partly_captured_model_is_not_kept_alive():
     assert ref() is None
 
 
+def test_opaque_calls_of_evicted_captures_are_let_go(monkeypatch):
+    """A partly captured model traced with many input shapes: the registry of its opaque
+    calls stays as bounded as the capture cache (it used to keep one entry per capture
+    for as long as the model lived), and the kept captures still run."""
+    import gc
+    from fxsight.capture import opaque
+    from test_core_fallback import gated_mlp
+    monkeypatch.setattr(capture_cache, "MAX_CAPTURES", 3)
+    model = gated_mlp()
+    net = NNsight(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rows in [*range(1, 9), 6, 7, 8]:
+            x = torch.randn(rows, 5)
+            with net.trace(x, backend="fx"):
+                out = net.output.save()
+            assert torch.equal(out, model(x))
+    gc.collect()
+    assert _captures_of(model) == 3
+    calls = [call for call in opaque._CALLS.values() if call.module() is model.gate]
+    assert len(calls) == 3
+
+
 def test_dynamic_captures_are_bounded_too(monkeypatch):
     from models import mlp
     monkeypatch.setattr(capture_cache, "MAX_CAPTURES", 4)
@@ -726,3 +816,61 @@ def test_a_capture_never_reassigns_sys_stderr(fail, capfd):
     # every forward (the capture's and, after a failed capture, the hooks backend's) wrote
     assert err.count("from another thread") == len(seen)
     assert "def forward" not in err
+
+
+# --- parametrize.cached() ------------------------------------------------------------------
+
+class _Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return weight * 2
+
+
+def _parametrized():
+    from models import mlp
+    import torch.nn.utils.parametrize as parametrize
+    model = mlp()
+    parametrize.register_parametrization(model.layer2, "weight", _Doubled())
+    return model
+
+
+def test_a_parametrize_cached_block_is_never_baked_into_a_graph():
+    """Inside ``parametrize.cached()`` a capture would keep the block's cached weight as a
+    constant for later blocks (after the weight changed: the old value, silently): fx
+    refuses by name, auto runs on hooks, which use the block's cache as a plain forward."""
+    import torch.nn.utils.parametrize as parametrize
+    model = _parametrized()
+    net = NNsight(model)
+    x = _x()
+    for _ in range(2):
+        with parametrize.cached():
+            expected = model(x)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with net.trace(x) as tracer:
+                    out = net.output.save()
+            assert tracer.backend == "hooks" and torch.equal(out, expected)
+            with pytest.raises(fxsight.CaptureError,
+                               match=r"'layer2' has parametrized.*parametrize.cached"):
+                with net.trace(x, backend="fx"):
+                    net.output.save()
+        with torch.no_grad():
+            model.layer2.parametrizations.weight.original.mul_(1.5)
+        with net.trace(x) as tracer:  # (outside the block: the graph)
+            out = net.output.save()
+        assert tracer.backend == "fx" and torch.equal(out, model(x))
+
+
+def test_learning_shapes_leaves_no_fake_tensor_in_the_parametrize_cache():
+    """The hooks backend learns shapes by a forward on fake tensors: in a
+    ``parametrize.cached()`` block whose cache is empty, that forward used to leave fake
+    weights in the cache, and the real forward (and the user's after) then failed."""
+    import torch.nn.utils.parametrize as parametrize
+    model = _parametrized()
+    net = NNsight(model)
+    x = _x()
+    expected = model(x)
+    with parametrize.cached():
+        with net.trace(x, backend="hooks"):
+            out = net.output.save()
+        after = model(x)
+    assert torch.equal(out, expected) and torch.equal(after, expected)

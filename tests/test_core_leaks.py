@@ -345,3 +345,19 @@ def test_functions_alike_but_for_their_constants_keep_graphs_of_their_own():
         with net.trace(x):
             got = fxsight.apply(edit, net.layer1.output).save()
         torch.testing.assert_close(got, edit(hidden), rtol=0, atol=0, equal_nan=True)
+
+
+def test_traces_recorded_from_new_code_keep_the_line_table_bounded(monkeypatch):
+    """Each run of a notebook cell is new code: the table that remembers which code is
+    fxsight's keeps at most ``_MAX_INSIDE`` of them (it used to keep every one alive)."""
+    from fxsight import errors
+    monkeypatch.setattr(errors, "_MAX_INSIDE", 20, raising=False)
+    net = NNsight(mlp())
+    x = torch.randn(4, 5)
+    for cell in range(60):
+        namespace = {"net": net, "x": x}
+        exec(compile("with net.trace(x, backend='hooks'):\n"
+                     f"    h = (net.layer1.output * {cell}).save()\n", f"<cell {cell}>",
+                     "exec"), namespace)  # (code objects of other constants: not equal)
+        assert torch.equal(namespace["h"], net._module.layer1(x) * cell)
+        assert all(len(table) <= 20 for table in errors._INSIDE.values())

@@ -97,12 +97,55 @@ def test_writes_around_an_opaque_module_equal_hooks():
     assert torch.equal(out, expected)
 
 
-def test_opaque_call_is_pruned():
+def test_an_opaque_call_is_kept_for_what_it_may_change():
+    """What a module that could not be captured changes is unknown (its running
+    statistics, random draws, Python state): its call runs, as in a plain forward, though
+    no saved value needs it (it used to be pruned)."""
     model = _net()
     x = torch.randn(3, 8)
     net = fxsight.NNsight(model)
     tracer, saved, _ = _trace(net, x, lambda: net.a.output.save())
-    assert tracer.backend == "fx" and opaque_modules(tracer.graph_module) == []
+    assert tracer.backend == "fx" and opaque_modules(tracer.graph_module) == ["routed"]
+    assert torch.equal(saved, model.a(x))
+
+
+def _statistics_model() -> torch.nn.Sequential:
+    """A BatchNorm, then one keeping a cumulative average (``momentum=None``: its forward
+    reads its counter as a Python number, so it is not captured: an opaque call, and the
+    shapes are learnt by a real forward), and a dropout after it, in training mode."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                               torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8, momentum=None),
+                               torch.nn.Dropout(0.3), torch.nn.Linear(8, 2)).train()
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+@pytest.mark.parametrize("read", ["output", "first layer"])
+def test_a_trace_changes_statistics_and_generators_as_a_plain_forward(backend, read):
+    """The running statistics, the dropout mask and the generator after a trace are the
+    plain forward's: learning the shapes by a real forward (when fake tensors cannot run
+    the model) leaves no update of BatchNorm's statistics behind (its kernel updates them
+    without bumping their version counter), and an opaque BatchNorm runs though no saved
+    value needs it."""
+    model, reference = _statistics_model(), _statistics_model()
+    net = fxsight.NNsight(model)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in range(2):
+            torch.manual_seed(seed)
+            expected = reference(x)
+            generator = torch.random.get_rng_state()
+            torch.manual_seed(seed)
+            with net.trace(x, backend=backend) as tracer:
+                saved = (net.output if read == "output" else net[0].output).save()
+            assert tracer.backend == backend
+            assert torch.equal(torch.random.get_rng_state(), generator)
+            if read == "output":
+                assert torch.equal(saved, expected)
+            for (name, value), plain in zip(model.state_dict().items(),
+                                            reference.state_dict().values()):
+                assert torch.equal(value, plain), name
 
 
 def test_sites_inside_an_opaque_module_run_on_hooks():

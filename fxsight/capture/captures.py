@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._torch import pytree
+from .._torch import default_device_set, parametrization_cache_on, pytree
 from ..errors import CaptureError
 from ..stats import bump
 from . import caches, state
@@ -170,7 +170,8 @@ def flat_inputs(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
 def signature(model: torch.nn.Module, args: tuple, kwargs: dict,
               flat: tuple[list[Any], Any] | None = None, token: int | None = None) -> tuple:
     """What a capture depends on: input shapes and types, non-tensor inputs, grad mode,
-    autocast (:func:`autocast_key`), and the model's state (a number from :func:`state.state_token`: its parameters and
+    autocast (:func:`autocast_key`), the torch settings a forward may read
+    (:func:`_torch_settings`), and the model's state (a number from :func:`state.state_token`: its parameters and
     buffers, modules, training flags, plain attributes and hooks as they are now).
 
     ``flat`` is ``flat_inputs(args, kwargs)`` where the caller has it already; ``token``
@@ -192,7 +193,20 @@ def signature(model: torch.nn.Module, args: tuple, kwargs: dict,
     if token is None:
         token = state.state_token(model, _drop_states)
     return (layout, tuple(parts), torch.is_grad_enabled(), autocast_key(device_types),
-            token)  # (the state token stays last: ``_token_of``)
+            _torch_settings(), token)  # (the state token stays last: ``_token_of``)
+
+
+def _torch_settings() -> tuple:
+    """The process-wide torch settings a forward can read and a capture bakes in: the
+    default dtype and device (read in Python they are constants of the graph: transformers'
+    ``emb.to(torch.get_default_dtype())``), inference mode and deterministic
+    algorithms (a forward may branch on them), and whether parametrized tensors are cached
+    (``parametrize.cached()``: a capture would bake the cached tensor in, see
+    ``export``). A capture made under other settings is another capture, as a plain
+    forward would see the change."""
+    return (torch.get_default_dtype(), default_device_set(),
+            torch.is_inference_mode_enabled(), torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), parametrization_cache_on())
 
 
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # looked at always (a model may move its inputs)

@@ -23,8 +23,8 @@ import torch
 import torch.fx as fx
 
 from .._torch import (export_leaves_no_buffer_hook, forget_generated_source,
-                      generated_source_key, generated_source_keys, plain_codegen, pytree,
-                      unflatten_keeping_sizes)
+                      generated_source_key, generated_source_keys, parametrization_cache_on,
+                      plain_codegen, pytree, unflatten_keeping_sizes)
 
 from ..locks import exclusive_export
 from ..stats import bump
@@ -327,6 +327,15 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         error = CaptureError(f"could not capture the model: {foreign[1]}", foreign[0])
         error.whole_model = True
         raise error
+    cached = _cached_parametrization(model)
+    if cached is not None:
+        error = CaptureError(f"could not capture the model: module {cached or 'model'!r} has "
+                             f"parametrized tensors and a parametrize.cached() block is "
+                             f"open; a captured graph would keep the cached tensor for later "
+                             f"blocks too (the hooks backend uses the block's cache, as a "
+                             f"plain forward does)", cached)
+        error.whole_model = True
+        raise error
     if hooked:
         path, _, description = hooked[0]
         error = CaptureError(f"could not capture the model: {description}; a captured "
@@ -356,13 +365,14 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     cache_state = _CacheState(found, layout, dynamic)
     root = _Root(model, before, changes, cache_state,
                  opaque_calls.ignored_changes(opaque))
+    opaque_kept: list = []  # (the opaque calls' registry entries, until the graph holds them)
     try:
         # (one export at a time: export sets process-wide flags, see fxsight.locks)
         try:
             with exclusive_export(), events.installed(), _quiet_symbolic_shapes(), \
                     export_leaves_no_buffer_hook(), state.KeptAttributes(model), \
                     opaque_calls.routed(model if events_on is None else events_on,
-                                        opaque, outputs or {}):
+                                        opaque, outputs or {}, opaque_kept):
                 exported = torch.export.export(
                     root, tuple(args), dict(kwargs), strict=False,
                     dynamic_shapes=_auto_dynamic_shapes(model, args, kwargs)
@@ -395,6 +405,7 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     graph = gm.graph
     in_spec, out_spec = exported.call_spec
     plain_codegen(graph)
+    opaque_calls.hold_calls(graph)
     owner = _unwrap(gm, graph)
     marks: dict[str, dict[int, fx.Node]] = {}
     for node in graph.nodes:
@@ -611,6 +622,16 @@ def _marker(site: Site) -> str:
     """A site's name in its boundary markers: its label, except the root's, which would be
     the label of a top-level submodule called ``model`` (Llama's) too."""
     return site.label if site.path else f".{site.label}"
+
+
+def _cached_parametrization(model: torch.nn.Module) -> str | None:
+    """The path of the first parametrized module where ``parametrize.cached()`` is on."""
+    if not parametrization_cache_on():
+        return None
+    for path, module in model.named_modules():
+        if torch.nn.utils.parametrize.is_parametrized(module):
+            return path
+    return None
 
 
 def _drop_forward_hooks(module: torch.nn.Module) -> None:

@@ -13,7 +13,9 @@ and compiled as usual.
 
 Nothing is left on the user's model: X's ``forward`` is an instance attribute only while
 ``torch.export`` traces (in this thread); the operator finds X through a registry entry
-that holds X weakly and goes when X goes.
+that holds X weakly. The entry lives as long as a graph calls it: the graph's
+``fxsight::opaque`` nodes hold it (``node.meta``, which copies of the graph share), so
+captures that leave the capture cache take their entries with them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from .._torch import FakeTensorMode, autocast_cache_off, pytree, unset_fake_temporarily
 from ..record.sites import OUTPUT, Site
 from .events import ModuleEvents
-from .state import Watch
+from .state import Watch, kept_forward_effects
 
 MAX_OPAQUE = 8  # modules made opaque in one capture, at most
 
@@ -57,17 +59,28 @@ class _Call:
 
 TENSOR = object()  # where a tensor goes among a call's constants
 
-_CALLS: dict[str, _Call] = {}
+_CALLS: "weakref.WeakValueDictionary[str, _Call]" = weakref.WeakValueDictionary()
 _KEYS = itertools.count()
 _LOCK = threading.Lock()
+_HELD = "fxsight_opaque_call"  # the node.meta key of the _Call an opaque node calls
 
 
-def _register(call: _Call, module: torch.nn.Module) -> str:
+def _register(call: _Call, kept: list[_Call]) -> str:
+    """The key of ``call``, held by ``kept`` until :func:`hold_calls` hands it to the
+    graph's node."""
     with _LOCK:
         key = f"opaque{next(_KEYS)}"
         _CALLS[key] = call
-    weakref.finalize(module, _CALLS.pop, key, None)
+    kept.append(call)
     return key
+
+
+def hold_calls(graph: torch.fx.Graph) -> None:
+    """Make each ``fxsight::opaque`` node of ``graph`` hold the registry entry it calls:
+    the entry then lives as long as a graph (or a copy of it) calls it."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is OPAQUE:
+            node.meta[_HELD] = _CALLS[node.args[1]]
 
 
 @torch.library.custom_op("fxsight::opaque", mutates_args=())
@@ -143,8 +156,9 @@ def record_outputs(model: torch.nn.Module, args: tuple, kwargs: dict,
                    events_on: torch.nn.Module) -> dict[Site, Any]:
     """Every module's output (meta tensors, device in ``_device``) in a forward of these
     inputs: on fake tensors, or for real (without gradients) where the model's code
-    depends on data. The model's Python state is put back afterwards, and autocast's cache
-    of weight casts is neither filled nor read (``autocast_cache_off``)."""
+    depends on data. The model's Python state, its buffers and the random generators are
+    put back afterwards (a trace changes them only as the plain forward does), and
+    autocast's cache of weight casts is neither filled nor read (``autocast_cache_off``)."""
     outputs: dict[Site, Any] = {}
 
     def record(site: Site, value: Any) -> None:
@@ -154,7 +168,7 @@ def record_outputs(model: torch.nn.Module, args: tuple, kwargs: dict,
 
     before = Watch(model, 0)
     try:
-        with autocast_cache_off():
+        with autocast_cache_off(), kept_forward_effects(model, args, kwargs):
             _forward_recording(model, args, kwargs, events_on, record, outputs)
     finally:
         if not before.unchanged():
@@ -199,16 +213,17 @@ class Unroutable(Exception):
 
 @contextlib.contextmanager
 def routed(events_on: torch.nn.Module, reasons: dict[str, str],
-           outputs: dict[Site, Any]) -> Iterator[None]:
+           outputs: dict[Site, Any], kept: list) -> Iterator[None]:
     """While ``torch.export`` traces (in this thread), the modules at ``reasons``' paths
-    run as ``fxsight::opaque`` calls returning what ``outputs`` recorded."""
+    run as ``fxsight::opaque`` calls returning what ``outputs`` recorded; ``kept`` holds
+    the registry entries of the calls made (until :func:`hold_calls`)."""
     thread = threading.get_ident()
     installed = []
     try:
         for path, reason in reasons.items():
             module = events_on.get_submodule(path)
             previous = vars(module).get("forward", _MISSING)
-            vars(module)["forward"] = _router(module, path, reason, outputs, thread)
+            vars(module)["forward"] = _router(module, path, reason, outputs, thread, kept)
             installed.append((module, previous))
         yield
     finally:
@@ -223,7 +238,7 @@ _MISSING = object()
 
 
 def _router(module: torch.nn.Module, path: str, reason: str, outputs: dict[Site, Any],
-            thread: int) -> Any:
+            thread: int, kept: list) -> Any:
     original = module.forward  # (the class's, or the instance's own)
     calls = itertools.count()
     ref = weakref.ref(module)
@@ -249,7 +264,7 @@ def _router(module: torch.nn.Module, path: str, reason: str, outputs: dict[Site,
                               len(tensors), out_spec,
                               [TENSOR if isinstance(v, _Meta) else v for v in out_flat],
                               [(m.shape, m.dtype, m.device) for m in out_flat
-                               if isinstance(m, _Meta)], reason), module)
+                               if isinstance(m, _Meta)], reason), kept)
         parameters = [p for p in module.parameters()]
         results = iter(opaque(tensors + parameters, key))
         leaves = [next(results) if c is TENSOR else c

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -10,13 +9,13 @@ from typing import Any, Callable
 
 import torch
 from .._torch import (FakeTensorMode, autocast_cache_off, fake_embedding_takes_meta_weights,
-                      pytree, tensor_version, unflatten_keeping_sizes, unflatten_unchecked,
+                      pytree, unflatten_keeping_sizes, unflatten_unchecked,
                       unset_fake_temporarily)
 
 from ..stats import bump
 from . import caches
 from .captures import MAX_CAPTURES, signature
-from .state import Watch
+from .state import Watch, kept_forward_effects
 from .dispatch import offloaded
 from .events import ModuleEvents, silenced_hooks
 from .memory import MemoryNumbers
@@ -114,8 +113,8 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     events = ModuleEvents(model, record, operations=operations)
     before = Watch(model, 0)
     try:
-        with silenced_hooks(model), _kept_buffers(model), autocast_cache_off(), \
-                torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)):
+        with silenced_hooks(model), kept_forward_effects(model, args, kwargs), \
+                autocast_cache_off():
             output, events = _run(model, args, kwargs, events, record,
                                   (values, devices, aliases))
     finally:
@@ -124,27 +123,6 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     bump("scans")
     return ScanResult(list(events.order), values, devices, _tree_map(_to_meta, output),
                       callees=dict(events.callees), aliases=aliases)
-
-
-def _cuda_devices(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[int]:
-    """The CUDA devices a forward of ``model`` on these inputs may draw random numbers on."""
-    tensors = [*model.parameters(), *model.buffers(),
-               *(v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor))]
-    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-
-
-@contextlib.contextmanager
-def _kept_buffers(model: torch.nn.Module):
-    """Buffers changed in place while active get their values back."""
-    saved = [(b, tensor_version(b), b.detach().clone()) for b in model.buffers()
-             if not b.is_meta]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, version, copy in saved:
-                if tensor_version(buffer) != version:
-                    buffer.copy_(copy)
 
 
 def _run(model, args, kwargs, events, record, recorded):

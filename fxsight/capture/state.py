@@ -36,17 +36,19 @@ the model's first.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import itertools
 import operator
 import sys
 import types
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from .._torch import dict_version_reader, global_hook_keys
+from .._torch import (dict_version_reader, global_hook_keys, kept_parametrization_cache,
+                      pytree, tensor_version)
 from .dispatch import is_accelerate_hook, offloads
 
 # the bound on states remembered per model (a state seen again reuses its captures)
@@ -598,6 +600,36 @@ class KeptAttributes:
             now = attributes.get(key, value)
             if now is not value and _same(now, value):
                 attributes[key] = value
+
+
+@contextlib.contextmanager
+def kept_forward_effects(model: torch.nn.Module, args: tuple, kwargs: dict
+                         ) -> Iterator[None]:
+    """What a forward of ``model`` run only to learn shapes (on fake or real tensors)
+    changes is put back when the block ends: buffers changed in place get their values
+    back, the random generators (the CPU's, and those of the CUDA devices the model or
+    the inputs are on) their states, and ``parametrize.cached()``'s cache its tensors
+    (not those the forward computed, fake ones included). A buffer is compared by value too: BatchNorm's
+    kernel updates its running statistics in place without bumping their version
+    counter (a buffer holding NaN is put back whatever happened: the same values)."""
+    saved = [(b, tensor_version(b), b.detach().clone()) for b in model.buffers()
+             if not b.is_meta]
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)), \
+                kept_parametrization_cache():
+            yield
+    finally:
+        with torch.no_grad():
+            for buffer, version, copy in saved:
+                if tensor_version(buffer) != version or not torch.equal(buffer, copy):
+                    buffer.copy_(copy)
+
+
+def _cuda_devices(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[int]:
+    """The CUDA devices a forward of ``model`` on these inputs may draw random numbers on."""
+    tensors = [*model.parameters(), *model.buffers(),
+               *(v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor))]
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, list[Watch]]" = \

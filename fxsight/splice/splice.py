@@ -21,6 +21,7 @@ from ..stats import bump
 from ..capture.caches import CacheRef
 from ..capture.hidden import HiddenTensors
 from ..capture.export import BOUNDARY, Captured
+from ..capture.opaque import OPAQUE
 from ..record.program import Kind, Program
 from .indices import Lifted, as_selection, count
 from .rows import Rows, conform_to
@@ -445,6 +446,9 @@ def _flat_attributes(root: torch.nn.Module, graph: fx.Graph) -> dict[str, Any]:
 def _is_impure(node: fx.Node) -> bool:
     if node.op == "placeholder":
         return True
+    if node.op == "call_function" and node.target is OPAQUE:
+        return True  # (what a module that could not be captured changes is unknown: its
+        # running statistics, random draws, Python state; it runs as in a plain forward)
     if node.meta.get("mutation") or node.meta.get("fxsight_draw"):
         return True
     random = node.meta.get("fxsight_random")
