@@ -304,6 +304,49 @@ def test_unsupported_step_falls_back_to_hooks_once_with_the_reason(tokenizer):
         run("fx")
 
 
+def test_an_encoder_decoder_generation_runs_on_hooks_not_a_crash(tokenizer):
+    """T5's generate calls the model with decoder ids and the encoder's outputs, which the
+    decoding steps do not take: auto warns and runs on hooks (a TypeError before), as a
+    hand-written hook on the decoder's block does; fx raises a TraceError."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                      num_heads=4, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = T5ForConditionalGeneration(config).eval()
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = _steer_vector(width=32, seed=4)
+    options = dict(max_new_tokens=3, do_sample=False)
+
+    def hook(module, args, output):
+        hidden = output[0].clone()
+        hidden[:, -1] += steer
+        return (hidden, *output[1:])
+
+    handle = model.decoder.block[1].register_forward_hook(hook)
+    try:
+        expected = model.generate(**tokenizer(PROMPTS, return_tensors="pt", padding=True),
+                                  **options)
+    finally:
+        handle.remove()
+
+    def run(backend):
+        with lm.generate(PROMPTS, backend=backend, **options) as tracer:
+            with tracer.all():
+                lm.decoder.block[1].output[0][:, -1] += steer
+            tokens = tracer.result.save()
+        return tracer, tokens
+
+    with pytest.warns(RuntimeWarning, match="hooks backend: the decoding steps of an "
+                                            "encoder-decoder"):
+        tracer, tokens = run("auto")
+    assert tracer.backend == "hooks" and torch.equal(tokens, expected)
+    with pytest.raises(fxsight.TraceError, match="encoder-decoder"):
+        run("fx")
+    assert "forward" not in model.__dict__
+
+
 class _Streamer:
     """A streamer that keeps what it is given."""
 
