@@ -304,17 +304,21 @@ def test_unsupported_step_falls_back_to_hooks_once_with_the_reason(tokenizer):
         run("fx")
 
 
-def test_an_encoder_decoder_generation_runs_on_hooks_not_a_crash(tokenizer):
-    """T5's generate calls the model with decoder ids and the encoder's outputs, which the
-    decoding steps do not take: auto warns and runs on hooks (a TypeError before), as a
-    hand-written hook on the decoder's block does; fx raises a TraceError."""
+def _tiny_t5(tokenizer):
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
                       num_heads=4, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = T5ForConditionalGeneration(config).eval()
+        return T5ForConditionalGeneration(config).eval()
+
+
+def test_an_encoder_decoder_generation_runs_on_hooks_not_a_crash(tokenizer):
+    """T5's generate calls the model with decoder ids and the encoder's outputs, which the
+    decoding steps do not take: auto warns and runs on hooks (a TypeError before), as a
+    hand-written hook on the decoder's block does; fx raises a TraceError."""
+    model = _tiny_t5(tokenizer)
     lm = LanguageModel(model, tokenizer=tokenizer)
     steer = _steer_vector(width=32, seed=4)
     options = dict(max_new_tokens=3, do_sample=False)
@@ -358,6 +362,26 @@ class _Streamer:
 
     def end(self):
         self.ends += 1
+
+
+def test_streamer_output_of_an_encoder_decoder_is_the_steps_token(tokenizer):
+    """An encoder-decoder's generated ids start with the decoder's start token, not the
+    prompt: ``lm.generator.streamer.output`` at step k is what a streamer receives at step
+    k (it read the token of step k + prompt length - 1 before, silently, or ran out)."""
+    model = _tiny_t5(tokenizer)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    options = dict(max_new_tokens=4, do_sample=False, no_repeat_ngram_size=1)
+    streamer = _Streamer()
+    model.generate(**tokenizer([PROMPTS[1]], return_tensors="pt"), streamer=streamer,
+                   **options)
+    with pytest.warns(RuntimeWarning, match="encoder-decoder"):
+        with lm.generate(PROMPTS[1], **options) as tracer:
+            first = lm.generator.streamer.output.save()
+            tokens = [lm.generator.streamer.output.save() for _ in tracer.all()]
+    assert len(tokens) == len(streamer.puts) - 1 == 4  # (the first put: the start token)
+    assert torch.equal(first, streamer.puts[1])
+    for got, want in zip(tokens, streamer.puts[1:]):
+        assert torch.equal(got, want)
 
 
 def _callers_objects():

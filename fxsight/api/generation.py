@@ -327,11 +327,25 @@ class StreamerEnvoy:
                 "lm.generator.streamer.output is one step's tokens: read it in a step loop "
                 "(`for step in tracer.all():`), not in `with tracer.all():`", line))
         step = 0 if steps is None else steps.choice
-        _, kwargs, _ = tracer._batched()
-        prompt = kwargs["input_ids"].shape[1]
+        prompt = _prompt_length(tracer, line)
         generated = tracer.recorder.create_read(GENERATOR, "output")
         return tracer.recorder.create_op("call_function", _tokens_at, (generated, prompt + step),
                                          {}, lenient=True)
+
+
+def _prompt_length(tracer: Generator, line: Any) -> int:
+    """How many tokens precede the first generated one in what ``generate`` returns: the
+    prompt's, or for an encoder-decoder model the decoder's start token (the prompt goes
+    to the encoder)."""
+    _, kwargs, _ = tracer._batched()
+    config = getattr(tracer.model._module, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return kwargs["input_ids"].shape[1]
+    if "decoder_input_ids" in kwargs or "decoder_input_ids" in tracer._generate_kwargs:
+        raise TraceError(at_line(
+            "lm.generator.streamer.output with decoder_input_ids is not supported: read "
+            "the step's token from lm.generator.output", line))
+    return 1
 
 
 def _tokens_at(generated: Any, position: int) -> torch.Tensor:
