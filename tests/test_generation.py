@@ -351,6 +351,48 @@ def test_an_encoder_decoder_generation_runs_on_hooks_not_a_crash(tokenizer):
     assert "forward" not in model.__dict__
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_generation_config_given_to_generate_sets_the_steps_and_adds_no_warning(
+        models, tokenizer, backend):
+    """``generate(generation_config=GenerationConfig(max_new_tokens=3))``: a step loop has
+    its 3 steps (a TraceError before: as if max_new_tokens were unknown), each the value a
+    forward hook sees; and transformers logs no "generation_config together with
+    arguments" warning that the plain call does not (fx passed ``disable_compile=``)."""
+    import logging
+
+    from transformers import GenerationConfig
+
+    model, blocks = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    config = GenerationConfig(max_new_tokens=3, do_sample=False)
+    seen = []
+    handle = model.transformer.h[0].register_forward_hook(
+        lambda module, args, output: seen.append(output[:, -1].clone()))
+    try:
+        expected = model.generate(**tokenizer([PROMPTS[0]], return_tensors="pt"),
+                                  generation_config=config)
+    finally:
+        handle.remove()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.generation.utils")
+    logger.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # (transformers logs it once per process)
+    try:
+        with lm.generate(PROMPTS[0], generation_config=config, backend=backend) as tracer:
+            each = [lm.transformer.h[0].output[:, -1].save() for _ in tracer.all()]
+            tokens = tracer.result.save()
+    finally:
+        logger.removeHandler(handler)
+    assert torch.equal(tokens, expected)
+    assert len(each) == len(seen) == 3
+    for got, want in zip(each, seen):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not [r for r in records if "generation_config" in r.getMessage()]
+    assert config.disable_compile is None  # (the caller's config untouched)
+
+
 class _Streamer:
     """A streamer that keeps what it is given."""
 

@@ -16,6 +16,7 @@ hooks (:class:`StepInterleaver`).
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterator
 
 import torch
@@ -135,12 +136,23 @@ class Generator(Tracer):
                                  "max_new_tokens (or an eos token) ends generation",
                                  user_line()))
 
+    def _max_new_tokens(self) -> Any:
+        """``max_new_tokens`` as ``generate`` takes it: its keyword, else the
+        ``generation_config`` given to it, else the model's (``None`` where
+        ``max_length`` is given instead)."""
+        kwargs = self._generate_kwargs
+        if kwargs.get("max_new_tokens") is not None or "max_length" in kwargs:
+            return kwargs.get("max_new_tokens")
+        for config in (kwargs.get("generation_config"),
+                       getattr(self.model._module, "generation_config", None)):
+            count = getattr(config, "max_new_tokens", None)
+            if count is not None:
+                return count
+        return None
+
     def _step_count(self) -> int:
         """How many decoding steps run at most (``max_new_tokens``), for a step loop."""
-        count = self._generate_kwargs.get("max_new_tokens")
-        if count is None and "max_length" not in self._generate_kwargs:
-            config = getattr(self.model._module, "generation_config", None)
-            count = getattr(config, "max_new_tokens", None)
+        count = self._max_new_tokens()
         if not isinstance(count, int):
             raise TraceError(at_line(
                 "`for step in tracer.all()` (or an open-ended tracer.iter[...] slice) needs "
@@ -150,7 +162,7 @@ class Generator(Tracer):
 
     def _counted_steps(self) -> int:
         """``max_new_tokens``, for a negative step (counted from the end)."""
-        count = self._generate_kwargs.get("max_new_tokens")
+        count = self._max_new_tokens()
         if not isinstance(count, int):
             raise TraceError(at_line(
                 "a negative step in tracer.iter[...] counts from the end, which needs "
@@ -195,7 +207,7 @@ class Generator(Tracer):
         # transformers compiles the model's forward itself for a static cache on a GPU:
         # here that forward is fxsight's step runner, which compiles its graphs itself
         # (``compile=``), and dynamo would trace fxsight's own Python
-        options = {**options, "disable_compile": True}
+        options = _without_compile(options)
         steps = GraphSteps(module, self.program, rows, self.options, after,
                            self._operations(), unchanged_between_steps(module, options))
         if options.get("streamer") is not None:
@@ -261,6 +273,18 @@ def _with_static_cache(module: torch.nn.Module, inputs: dict, options: dict,
             not getattr(module, "_can_compile_fullgraph", False):
         return options
     return {**options, "cache_implementation": "static"}
+
+
+def _without_compile(options: dict) -> dict:
+    """``generate``'s options with ``disable_compile``: on the ``generation_config`` given
+    (a copy), where one is (transformers warns of a config passed with keywords),
+    otherwise as a keyword."""
+    config = options.get("generation_config")
+    if config is None:
+        return {**options, "disable_compile": True}
+    config = copy.deepcopy(config)
+    config.disable_compile = True
+    return {**options, "generation_config": config}
 
 
 def _check_steps(program: Any, count: int) -> None:
