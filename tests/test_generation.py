@@ -393,6 +393,19 @@ def test_a_generation_config_given_to_generate_sets_the_steps_and_adds_no_warnin
     assert config.disable_compile is None  # (the caller's config untouched)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_with_trace_false_returns_the_generated_ids(models, tokenizer, backend):
+    """``lm.generate(prompts, trace=False)`` generates at once, as nnsight's does, and
+    returns ``generate``'s ids (before: an unentered tracer, and nothing generated)."""
+    model, _ = models["llama"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    options = dict(max_new_tokens=3, do_sample=False)
+    expected = model.generate(**tokenizer(PROMPTS, return_tensors="pt", padding=True),
+                              **options)
+    tokens = lm.generate(PROMPTS, trace=False, backend=backend, **options)
+    assert isinstance(tokens, torch.Tensor) and torch.equal(tokens, expected)
+
+
 class _Streamer:
     """A streamer that keeps what it is given."""
 
