@@ -406,6 +406,41 @@ def test_generate_with_trace_false_returns_the_generated_ids(models, tokenizer, 
     assert isinstance(tokens, torch.Tensor) and torch.equal(tokens, expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["first step", "all", "loop"])
+def test_steering_with_the_generated_ids_is_an_error_at_the_line(models, tokenizer, backend,
+                                                                 form):
+    """A change of a module's value computed from ``lm.generator.output`` (known only once
+    generation has ended) cannot steer it: a TraceError naming the line, before running
+    (before: silently no change, or a KeyError on fx). A copy changed with the ids, and the
+    ids changed, are the user's values: they work."""
+    model, _ = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with pytest.raises(fxsight.TraceError, match="generated ids") as caught:
+        with lm.generate(PROMPTS, max_new_tokens=3, do_sample=False,
+                         backend=backend) as tracer:
+            if form == "first step":
+                lm.transformer.h[0].output[:, -1] += lm.generator.output.float().mean()  # here
+            elif form == "all":
+                with tracer.all():
+                    lm.transformer.h[0].output = lm.generator.output.float().mean()  # here
+            else:
+                for _ in tracer.all():
+                    lm.transformer.h[0].output[:, -1].mul_(  # here
+                        lm.generator.streamer.output.float().mean())
+    assert "# here" in str(caught.value)
+    with lm.generate(PROMPTS, max_new_tokens=3, do_sample=False, backend=backend) as tracer:
+        copy = lm.transformer.h[0].output[:, -1].clone()
+        copy += lm.generator.output.float().mean()
+        copy = copy.save()
+        ids = lm.generator.output.clone()
+        ids[:, 0] = 5
+        ids, last, tokens = ids.save(), lm.transformer.h[0].output[:, -1].save(), \
+            tracer.result.save()
+    torch.testing.assert_close(copy, last + tokens.float().mean())
+    assert (ids[:, 0] == 5).all() and torch.equal(ids[:, 1:], tokens[:, 1:])
+
+
 class _Streamer:
     """A streamer that keeps what it is given."""
 

@@ -28,6 +28,7 @@ from ..generate.decoding import (GraphSteps, HeldStreamer, Unsupported, callers_
 from ..generate.interleave import (GENERATOR, StepInterleaver, StepWalker,
                                    needs_generated_ids)
 from ..record.active import current_tracer
+from ..record.program import Kind, Node, is_view
 from ..record.proxy import Proxy
 from ..record.scope import ALL, Scope, Steps, resolve_choice
 from ..run.forward import fall_back, metadata_source
@@ -172,6 +173,7 @@ class Generator(Tracer):
 
     # --- running ------------------------------------------------------------------------
     def _execute(self) -> None:
+        _check_nothing_changed_after(self.program)
         args, kwargs, rows = self._prepare_run()
         module = self.model._module
         inputs = {k: v for k, v in kwargs.items() if k not in ("position_ids", "use_cache")}
@@ -273,6 +275,31 @@ def _with_static_cache(module: torch.nn.Module, inputs: dict, options: dict,
             not getattr(module, "_can_compile_fullgraph", False):
         return options
     return {**options, "cache_implementation": "static"}
+
+
+def _check_nothing_changed_after(program: Any) -> None:
+    """Before generation: a write, a skip or an in-place change of a model's value that
+    uses the generated ids (``lm.generator.output``, ``lm.generator.streamer.output``)
+    would run once generation has ended, changing nothing: an error at its line."""
+    after = needs_generated_ids(program)
+    for node in program.nodes:
+        if node in after and (node.kind is Kind.WRITE or node.skip or
+                              (node.mutation and _changes_a_model_value(node))):
+            raise TraceError(at_line(
+                "this changes the model's run with the generated ids (lm.generator.output "
+                "or lm.generator.streamer.output), which are known only once generation "
+                "has ended: they can be saved, not used to steer", node.line))
+
+
+def _changes_a_model_value(mutation: Node) -> bool:
+    """Whether an in-place ``mutation`` changes a module's value (its first argument is
+    one, or a view of one), not a value of the user's own (a copy)."""
+    changed = mutation.args[0]
+    while isinstance(changed, Node) and changed.kind is Kind.OP and \
+            (is_view(changed) or changed.mutation) and changed.args:
+        changed = changed.args[0]
+    return isinstance(changed, Node) and changed.kind is Kind.READ and \
+        changed.site != GENERATOR
 
 
 def _without_compile(options: dict) -> dict:
