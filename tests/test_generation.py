@@ -441,6 +441,48 @@ def test_steering_with_the_generated_ids_is_an_error_at_the_line(models, tokeniz
     assert (ids[:, 0] == 5).all() and torch.equal(ids[:, 1:], tokens[:, 1:])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_indexing_counts_the_prompt_at_step_0_and_is_an_error_later(models, tokenizer,
+                                                                         backend):
+    """``.t[i]`` counts each prompt's tokens from its first real one: at step 0 it is the
+    hand-computed position past the left padding. A later step holds other positions
+    (without a cache, the prompt and the tokens so far: ``.t[0]`` read token s at step s,
+    silently): a TraceError at the line."""
+    model, _ = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    pads = (encoded["attention_mask"] == 0).sum(1).tolist()
+    seen = []
+    handle = model.transformer.h[0].register_forward_hook(
+        lambda module, args, output: seen.append(output.clone()))
+    try:
+        model.generate(**encoded, max_new_tokens=3, do_sample=False, use_cache=False)
+    finally:
+        handle.remove()
+    with lm.generate(max_new_tokens=3, do_sample=False, use_cache=False,
+                     backend=backend) as tracer:
+        firsts = []
+        for prompt in PROMPTS:
+            with tracer.invoke(prompt):
+                firsts.append(lm.transformer.h[0].output.t[0].save())
+    for row, (first, pad) in enumerate(zip(firsts, pads)):
+        torch.testing.assert_close(first, seen[0][row:row + 1, pad], rtol=0, atol=0)
+    for scope in ("all", "loop", "iter"):
+        with pytest.raises(fxsight.TraceError, match="token indexing") as caught:
+            with lm.generate(PROMPTS, max_new_tokens=3, do_sample=False, use_cache=False,
+                             backend=backend) as tracer:
+                if scope == "all":
+                    with tracer.all():
+                        lm.transformer.h[0].output.t[0].save()  # here
+                elif scope == "loop":
+                    for _ in tracer.all():
+                        lm.transformer.h[0].output.t[0].save()  # here
+                else:
+                    with tracer.iter[1]:
+                        lm.transformer.h[0].output.t[0].save()  # here
+        assert "# here" in str(caught.value)
+
+
 class _Streamer:
     """A streamer that keeps what it is given."""
 

@@ -131,6 +131,17 @@ class Generator(Tracer):
         return metadata_source(self.model._module, args, kwargs, RunOptions("hooks"),
                                operations)
 
+    def _check_token_index(self, line: str) -> None:
+        """Token indexing counts the prompts' tokens, which only the first decoding step
+        holds: a later step holds the new token (with a cache) or the prompt and the
+        tokens generated so far, so ``.token[i]`` there is an error, not a wrong token."""
+        steps = self.recorder.scope.steps
+        if steps is not None and steps.concrete(lambda: 2) != [0]:
+            raise TraceError(at_line(
+                "token indexing (.token[...] / .t[...]) counts the prompt's tokens, which "
+                "only decoding step 0 holds: at later steps index the step's positions "
+                "directly (e.g. [:, -1], the newest token)", line))
+
     def stop(self) -> None:
         """Not available inside ``generate()``: ``max_new_tokens`` ends generation."""
         raise TraceError(at_line("tracer.stop() is not available inside generate(); "
