@@ -304,6 +304,185 @@ def test_unsupported_step_falls_back_to_hooks_once_with_the_reason(tokenizer):
         run("fx")
 
 
+def _tiny_t5(tokenizer):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                      num_heads=4, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return T5ForConditionalGeneration(config).eval()
+
+
+def test_an_encoder_decoder_generation_runs_on_hooks_not_a_crash(tokenizer):
+    """T5's generate calls the model with decoder ids and the encoder's outputs, which the
+    decoding steps do not take: auto warns and runs on hooks (a TypeError before), as a
+    hand-written hook on the decoder's block does; fx raises a TraceError."""
+    model = _tiny_t5(tokenizer)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    steer = _steer_vector(width=32, seed=4)
+    options = dict(max_new_tokens=3, do_sample=False)
+
+    def hook(module, args, output):
+        hidden = output[0].clone()
+        hidden[:, -1] += steer
+        return (hidden, *output[1:])
+
+    handle = model.decoder.block[1].register_forward_hook(hook)
+    try:
+        expected = model.generate(**tokenizer(PROMPTS, return_tensors="pt", padding=True),
+                                  **options)
+    finally:
+        handle.remove()
+
+    def run(backend):
+        with lm.generate(PROMPTS, backend=backend, **options) as tracer:
+            with tracer.all():
+                lm.decoder.block[1].output[0][:, -1] += steer
+            tokens = tracer.result.save()
+        return tracer, tokens
+
+    with pytest.warns(RuntimeWarning, match="hooks backend: the decoding steps of an "
+                                            "encoder-decoder"):
+        tracer, tokens = run("auto")
+    assert tracer.backend == "hooks" and torch.equal(tokens, expected)
+    with pytest.raises(fxsight.TraceError, match="encoder-decoder"):
+        run("fx")
+    assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_generation_config_given_to_generate_sets_the_steps_and_adds_no_warning(
+        models, tokenizer, backend):
+    """``generate(generation_config=GenerationConfig(max_new_tokens=3))``: a step loop has
+    its 3 steps (a TraceError before: as if max_new_tokens were unknown), each the value a
+    forward hook sees; and transformers logs no "generation_config together with
+    arguments" warning that the plain call does not (fx passed ``disable_compile=``)."""
+    import logging
+
+    from transformers import GenerationConfig
+
+    model, blocks = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    config = GenerationConfig(max_new_tokens=3, do_sample=False)
+    seen = []
+    handle = model.transformer.h[0].register_forward_hook(
+        lambda module, args, output: seen.append(output[:, -1].clone()))
+    try:
+        expected = model.generate(**tokenizer([PROMPTS[0]], return_tensors="pt"),
+                                  generation_config=config)
+    finally:
+        handle.remove()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.generation.utils")
+    logger.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # (transformers logs it once per process)
+    try:
+        with lm.generate(PROMPTS[0], generation_config=config, backend=backend) as tracer:
+            each = [lm.transformer.h[0].output[:, -1].save() for _ in tracer.all()]
+            tokens = tracer.result.save()
+    finally:
+        logger.removeHandler(handler)
+    assert torch.equal(tokens, expected)
+    assert len(each) == len(seen) == 3
+    for got, want in zip(each, seen):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not [r for r in records if "generation_config" in r.getMessage()]
+    assert config.disable_compile is None  # (the caller's config untouched)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_with_trace_false_returns_the_generated_ids(models, tokenizer, backend):
+    """``lm.generate(prompts, trace=False)`` generates at once, as nnsight's does, and
+    returns ``generate``'s ids (before: an unentered tracer, and nothing generated)."""
+    model, _ = models["llama"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    options = dict(max_new_tokens=3, do_sample=False)
+    expected = model.generate(**tokenizer(PROMPTS, return_tensors="pt", padding=True),
+                              **options)
+    tokens = lm.generate(PROMPTS, trace=False, backend=backend, **options)
+    assert isinstance(tokens, torch.Tensor) and torch.equal(tokens, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["first step", "all", "loop"])
+def test_steering_with_the_generated_ids_is_an_error_at_the_line(models, tokenizer, backend,
+                                                                 form):
+    """A change of a module's value computed from ``lm.generator.output`` (known only once
+    generation has ended) cannot steer it: a TraceError naming the line, before running
+    (before: silently no change, or a KeyError on fx). A copy changed with the ids, and the
+    ids changed, are the user's values: they work."""
+    model, _ = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with pytest.raises(fxsight.TraceError, match="generated ids") as caught:
+        with lm.generate(PROMPTS, max_new_tokens=3, do_sample=False,
+                         backend=backend) as tracer:
+            if form == "first step":
+                lm.transformer.h[0].output[:, -1] += lm.generator.output.float().mean()  # here
+            elif form == "all":
+                with tracer.all():
+                    lm.transformer.h[0].output = lm.generator.output.float().mean()  # here
+            else:
+                for _ in tracer.all():
+                    lm.transformer.h[0].output[:, -1].mul_(  # here
+                        lm.generator.streamer.output.float().mean())
+    assert "# here" in str(caught.value)
+    with lm.generate(PROMPTS, max_new_tokens=3, do_sample=False, backend=backend) as tracer:
+        copy = lm.transformer.h[0].output[:, -1].clone()
+        copy += lm.generator.output.float().mean()
+        copy = copy.save()
+        ids = lm.generator.output.clone()
+        ids[:, 0] = 5
+        ids, last, tokens = ids.save(), lm.transformer.h[0].output[:, -1].save(), \
+            tracer.result.save()
+    torch.testing.assert_close(copy, last + tokens.float().mean())
+    assert (ids[:, 0] == 5).all() and torch.equal(ids[:, 1:], tokens[:, 1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_indexing_counts_the_prompt_at_step_0_and_is_an_error_later(models, tokenizer,
+                                                                         backend):
+    """``.t[i]`` counts each prompt's tokens from its first real one: at step 0 it is the
+    hand-computed position past the left padding. A later step holds other positions
+    (without a cache, the prompt and the tokens so far: ``.t[0]`` read token s at step s,
+    silently): a TraceError at the line."""
+    model, _ = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    pads = (encoded["attention_mask"] == 0).sum(1).tolist()
+    seen = []
+    handle = model.transformer.h[0].register_forward_hook(
+        lambda module, args, output: seen.append(output.clone()))
+    try:
+        model.generate(**encoded, max_new_tokens=3, do_sample=False, use_cache=False)
+    finally:
+        handle.remove()
+    with lm.generate(max_new_tokens=3, do_sample=False, use_cache=False,
+                     backend=backend) as tracer:
+        firsts = []
+        for prompt in PROMPTS:
+            with tracer.invoke(prompt):
+                firsts.append(lm.transformer.h[0].output.t[0].save())
+    for row, (first, pad) in enumerate(zip(firsts, pads)):
+        torch.testing.assert_close(first, seen[0][row:row + 1, pad], rtol=0, atol=0)
+    for scope in ("all", "loop", "iter"):
+        with pytest.raises(fxsight.TraceError, match="token indexing") as caught:
+            with lm.generate(PROMPTS, max_new_tokens=3, do_sample=False, use_cache=False,
+                             backend=backend) as tracer:
+                if scope == "all":
+                    with tracer.all():
+                        lm.transformer.h[0].output.t[0].save()  # here
+                elif scope == "loop":
+                    for _ in tracer.all():
+                        lm.transformer.h[0].output.t[0].save()  # here
+                else:
+                    with tracer.iter[1]:
+                        lm.transformer.h[0].output.t[0].save()  # here
+        assert "# here" in str(caught.value)
+
+
 class _Streamer:
     """A streamer that keeps what it is given."""
 
@@ -315,6 +494,26 @@ class _Streamer:
 
     def end(self):
         self.ends += 1
+
+
+def test_streamer_output_of_an_encoder_decoder_is_the_steps_token(tokenizer):
+    """An encoder-decoder's generated ids start with the decoder's start token, not the
+    prompt: ``lm.generator.streamer.output`` at step k is what a streamer receives at step
+    k (it read the token of step k + prompt length - 1 before, silently, or ran out)."""
+    model = _tiny_t5(tokenizer)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    options = dict(max_new_tokens=4, do_sample=False, no_repeat_ngram_size=1)
+    streamer = _Streamer()
+    model.generate(**tokenizer([PROMPTS[1]], return_tensors="pt"), streamer=streamer,
+                   **options)
+    with pytest.warns(RuntimeWarning, match="encoder-decoder"):
+        with lm.generate(PROMPTS[1], **options) as tracer:
+            first = lm.generator.streamer.output.save()
+            tokens = [lm.generator.streamer.output.save() for _ in tracer.all()]
+    assert len(tokens) == len(streamer.puts) - 1 == 4  # (the first put: the start token)
+    assert torch.equal(first, streamer.puts[1])
+    for got, want in zip(tokens, streamer.puts[1:]):
+        assert torch.equal(got, want)
 
 
 def _callers_objects():

@@ -16,6 +16,7 @@ hooks (:class:`StepInterleaver`).
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterator
 
 import torch
@@ -27,6 +28,7 @@ from ..generate.decoding import (GraphSteps, HeldStreamer, Unsupported, callers_
 from ..generate.interleave import (GENERATOR, StepInterleaver, StepWalker,
                                    needs_generated_ids)
 from ..record.active import current_tracer
+from ..record.program import Kind, Node, is_view
 from ..record.proxy import Proxy
 from ..record.scope import ALL, Scope, Steps, resolve_choice
 from ..run.forward import fall_back, metadata_source
@@ -129,18 +131,40 @@ class Generator(Tracer):
         return metadata_source(self.model._module, args, kwargs, RunOptions("hooks"),
                                operations)
 
+    def _check_token_index(self, line: str) -> None:
+        """Token indexing counts the prompts' tokens, which only the first decoding step
+        holds: a later step holds the new token (with a cache) or the prompt and the
+        tokens generated so far, so ``.token[i]`` there is an error, not a wrong token."""
+        steps = self.recorder.scope.steps
+        if steps is not None and steps.concrete(lambda: 2) != [0]:
+            raise TraceError(at_line(
+                "token indexing (.token[...] / .t[...]) counts the prompt's tokens, which "
+                "only decoding step 0 holds: at later steps index the step's positions "
+                "directly (e.g. [:, -1], the newest token)", line))
+
     def stop(self) -> None:
         """Not available inside ``generate()``: ``max_new_tokens`` ends generation."""
         raise TraceError(at_line("tracer.stop() is not available inside generate(); "
                                  "max_new_tokens (or an eos token) ends generation",
                                  user_line()))
 
+    def _max_new_tokens(self) -> Any:
+        """``max_new_tokens`` as ``generate`` takes it: its keyword, else the
+        ``generation_config`` given to it, else the model's (``None`` where
+        ``max_length`` is given instead)."""
+        kwargs = self._generate_kwargs
+        if kwargs.get("max_new_tokens") is not None or "max_length" in kwargs:
+            return kwargs.get("max_new_tokens")
+        for config in (kwargs.get("generation_config"),
+                       getattr(self.model._module, "generation_config", None)):
+            count = getattr(config, "max_new_tokens", None)
+            if count is not None:
+                return count
+        return None
+
     def _step_count(self) -> int:
         """How many decoding steps run at most (``max_new_tokens``), for a step loop."""
-        count = self._generate_kwargs.get("max_new_tokens")
-        if count is None and "max_length" not in self._generate_kwargs:
-            config = getattr(self.model._module, "generation_config", None)
-            count = getattr(config, "max_new_tokens", None)
+        count = self._max_new_tokens()
         if not isinstance(count, int):
             raise TraceError(at_line(
                 "`for step in tracer.all()` (or an open-ended tracer.iter[...] slice) needs "
@@ -150,7 +174,7 @@ class Generator(Tracer):
 
     def _counted_steps(self) -> int:
         """``max_new_tokens``, for a negative step (counted from the end)."""
-        count = self._generate_kwargs.get("max_new_tokens")
+        count = self._max_new_tokens()
         if not isinstance(count, int):
             raise TraceError(at_line(
                 "a negative step in tracer.iter[...] counts from the end, which needs "
@@ -160,6 +184,7 @@ class Generator(Tracer):
 
     # --- running ------------------------------------------------------------------------
     def _execute(self) -> None:
+        _check_nothing_changed_after(self.program)
         args, kwargs, rows = self._prepare_run()
         module = self.model._module
         inputs = {k: v for k, v in kwargs.items() if k not in ("position_ids", "use_cache")}
@@ -195,7 +220,7 @@ class Generator(Tracer):
         # transformers compiles the model's forward itself for a static cache on a GPU:
         # here that forward is fxsight's step runner, which compiles its graphs itself
         # (``compile=``), and dynamo would trace fxsight's own Python
-        options = {**options, "disable_compile": True}
+        options = _without_compile(options)
         steps = GraphSteps(module, self.program, rows, self.options, after,
                            self._operations(), unchanged_between_steps(module, options))
         if options.get("streamer") is not None:
@@ -263,6 +288,43 @@ def _with_static_cache(module: torch.nn.Module, inputs: dict, options: dict,
     return {**options, "cache_implementation": "static"}
 
 
+def _check_nothing_changed_after(program: Any) -> None:
+    """Before generation: a write, a skip or an in-place change of a model's value that
+    uses the generated ids (``lm.generator.output``, ``lm.generator.streamer.output``)
+    would run once generation has ended, changing nothing: an error at its line."""
+    after = needs_generated_ids(program)
+    for node in program.nodes:
+        if node in after and (node.kind is Kind.WRITE or node.skip or
+                              (node.mutation and _changes_a_model_value(node))):
+            raise TraceError(at_line(
+                "this changes the model's run with the generated ids (lm.generator.output "
+                "or lm.generator.streamer.output), which are known only once generation "
+                "has ended: they can be saved, not used to steer", node.line))
+
+
+def _changes_a_model_value(mutation: Node) -> bool:
+    """Whether an in-place ``mutation`` changes a module's value (its first argument is
+    one, or a view of one), not a value of the user's own (a copy)."""
+    changed = mutation.args[0]
+    while isinstance(changed, Node) and changed.kind is Kind.OP and \
+            (is_view(changed) or changed.mutation) and changed.args:
+        changed = changed.args[0]
+    return isinstance(changed, Node) and changed.kind is Kind.READ and \
+        changed.site != GENERATOR
+
+
+def _without_compile(options: dict) -> dict:
+    """``generate``'s options with ``disable_compile``: on the ``generation_config`` given
+    (a copy), where one is (transformers warns of a config passed with keywords),
+    otherwise as a keyword."""
+    config = options.get("generation_config")
+    if config is None:
+        return {**options, "disable_compile": True}
+    config = copy.deepcopy(config)
+    config.disable_compile = True
+    return {**options, "generation_config": config}
+
+
 def _check_steps(program: Any, count: int) -> None:
     """After generation: a node chosen for a step that never happened is an error (it
     would save nothing and write nothing)."""
@@ -327,11 +389,25 @@ class StreamerEnvoy:
                 "lm.generator.streamer.output is one step's tokens: read it in a step loop "
                 "(`for step in tracer.all():`), not in `with tracer.all():`", line))
         step = 0 if steps is None else steps.choice
-        _, kwargs, _ = tracer._batched()
-        prompt = kwargs["input_ids"].shape[1]
+        prompt = _prompt_length(tracer, line)
         generated = tracer.recorder.create_read(GENERATOR, "output")
         return tracer.recorder.create_op("call_function", _tokens_at, (generated, prompt + step),
                                          {}, lenient=True)
+
+
+def _prompt_length(tracer: Generator, line: Any) -> int:
+    """How many tokens precede the first generated one in what ``generate`` returns: the
+    prompt's, or for an encoder-decoder model the decoder's start token (the prompt goes
+    to the encoder)."""
+    _, kwargs, _ = tracer._batched()
+    config = getattr(tracer.model._module, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return kwargs["input_ids"].shape[1]
+    if "decoder_input_ids" in kwargs or "decoder_input_ids" in tracer._generate_kwargs:
+        raise TraceError(at_line(
+            "lm.generator.streamer.output with decoder_input_ids is not supported: read "
+            "the step's token from lm.generator.output", line))
+    return 1
 
 
 def _tokens_at(generated: Any, position: int) -> torch.Tensor:

@@ -137,12 +137,13 @@ class LanguageModel(NNsight):
         self.dispatch_model()
         return super().trace(*inputs, **kwargs)
 
-    def generate(self, *inputs: Any, backend: str | None = None, compile: Any = None,
-                 **kwargs: Any):
+    def generate(self, *inputs: Any, trace: bool = True, backend: str | None = None,
+                 compile: Any = None, **kwargs: Any):
         """``with lm.generate(prompt, max_new_tokens=n) as tracer:``: interventions across
         decoding steps (``tracer.iter[...]``, ``tracer.all()``); ``kwargs`` go to
         transformers' ``generate`` (the input may be given as keywords, as in ``trace``).
-        ``lm.generator.output`` is the generated ids.
+        ``lm.generator.output`` is the generated ids. With ``trace=False``, generates at
+        once and returns what ``generate`` returns (with the model's edits, if any).
 
         On the fx backend every step runs as a rewritten graph; ``compile=True`` (or a
         dict of ``torch.compile`` options) compiles the first step and the decoding step
@@ -171,6 +172,10 @@ class LanguageModel(NNsight):
                            self._run_options(backend, compile, prune=False))
         if self._edits:  # (as nnsight: an edit applies like a line outside tracer.iter)
             seed(tracer.program, self._edits)
+        if not trace:
+            with tracer:
+                pass
+            return tracer.result
         return tracer
 
     @property

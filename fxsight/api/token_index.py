@@ -50,6 +50,7 @@ class TokenIndexer:
         return where, spans, gaps, invoke is None
 
     def _key(self, key: Any, line: str) -> Any:
+        self.tracer._check_token_index(line)
         where, spans, gaps, whole = self._spans(line)
         if isinstance(key, slice):
             rows = [list(range(span))[key] for span in spans]

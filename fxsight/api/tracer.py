@@ -506,6 +506,10 @@ class Tracer:
                 request.record(program, source, rows)
         return args, kwargs, rows
 
+    def _check_token_index(self, line: str) -> None:
+        """Raises where ``proxy.token[...]`` recorded now could not count the prompts'
+        tokens (see :class:`~fxsight.api.generation.Generator`)."""
+
     def _metadata_source(self, args: tuple, kwargs: dict,
                          operations: frozenset | None = None) -> Any:
         """Boundary shapes and layouts for these inputs (a capture or a scan), with the

@@ -144,6 +144,10 @@ def unsupported_options(model: torch.nn.Module, generate_kwargs: dict) -> str | 
     """Why the decoding steps of ``model.generate(**generate_kwargs)`` cannot run as
     graphs, where its options say so before it runs (``None``: they do not), so that
     the hooks backend takes over before ``generate`` calls anything of the caller's."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        # (generate calls such a model with the encoder's outputs and decoder ids, which
+        # the decoding steps do not take)
+        return "the decoding steps of an encoder-decoder model are not captured"
     config = generate_kwargs.get("generation_config")
     if config is None:
         config = getattr(model, "generation_config", None)
@@ -283,10 +287,13 @@ class GraphSteps:
         return forward
 
     # --- one step ----------------------------------------------------------------------
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def __call__(self, input_ids: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, cache: Any = None,
                  past_key_values: Any = None, use_cache: bool | None = None,
                  logits_to_keep: int = 0, **rest: Any) -> CausalLMOutputWithPast:
+        if input_ids is None:
+            raise Unsupported("generate called the model without input_ids")
         if rest:
             unknown = {k for k, v in rest.items()
                        if k not in _HARMLESS or v not in _HARMLESS[k]}
