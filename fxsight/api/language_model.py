@@ -48,7 +48,7 @@ from ..errors import TraceError, at_line, user_line
 from ..run import executable as runner
 from .edit import seed
 from .generation import Generator, GeneratorEnvoy
-from .inputs import BATCH_KEYWORDS, check_keywords, describe
+from .inputs import BATCH_KEYWORDS, check_keywords, describe, forward_signature
 from .nnsight import NNsight
 from .token_index import TokenIndexer
 from .token_inputs import (TOKEN_KEYWORDS, aligned, as_id_tensor, as_row, batch_sized,
@@ -65,6 +65,10 @@ _GENERATETOKEN_KEYWORDS = frozenset({"attention_mask", "token_type_ids"})
 _CONFIG_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only",
                   "subfolder")
 _FROM_CONFIG_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
+# transformers model types whose forward takes an attention_mask and ignores it: a recurrent
+# model that reads every token of a row in order (RWKV's forward logs "`attention_mask` was
+# passed, but it is unused in this model"), so padding changes the rows it pads
+_MASK_IGNORING_TYPES = frozenset({"rwkv"})
 
 
 class LanguageModel(NNsight):
@@ -260,6 +264,7 @@ class LanguageModel(NNsight):
         check_positions(prepared, where, line)
         # (a row padded in the cache's tokens counts its real tokens too)
         padded = not facts.ones or (past_mask is not None and not bool(past_mask.all()))
+        self._check_padding(ids, padded, invoke, where, line)
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])], padded=padded)
         if own_mask is not None:
             prepared["attention_mask"] = own_mask
@@ -299,7 +304,50 @@ class LanguageModel(NNsight):
                 for kw in invokes)
         batched = self._with_positions(batched, [(kw, length) for kw in invokes],
                                        padded=False if unpadded else None)
+        if self._mask_ignored() is not None and not self._takes_mask():
+            batched.pop("attention_mask")  # (all ones: _check_padding saw to it)
         return (), batched
+
+    def _takes_mask(self) -> bool:
+        """Whether the model's ``forward`` can be passed an ``attention_mask``."""
+        signature = forward_signature(self._module)
+        return signature is None or signature.var_keyword or \
+            "attention_mask" in signature.keywords
+
+    def _mask_ignored(self) -> str | None:
+        """Why the model would not honour an attention mask (so that a padded row would
+        compute other values than the prompt alone), or ``None`` where it does."""
+        name = type(self._module).__name__
+        if not self._takes_mask():
+            return f"{name}.forward takes no attention_mask"
+        model_type = getattr(getattr(self._module, "config", None), "model_type", None)
+        if model_type in _MASK_IGNORING_TYPES:
+            return f"{name} ignores the attention_mask it is given (a recurrent model: " \
+                   f"every token, padding included, changes its state)"
+        return None
+
+    def _check_padding(self, ids: torch.Tensor, padded: bool, invoke: Any, where: str,
+                       line: str) -> None:
+        """Raise where this invoke's rows, or the batch it joins, would be padded for a
+        model that ignores the attention mask: its padded rows would be silently wrong."""
+        reason = self._mask_ignored()
+        if reason is None:
+            return
+        if padded:
+            what = f"{where}: its rows are padded (prompts of different lengths, or an " \
+                   f"attention_mask with zeros)"
+        elif invoke is not None and invoke.tracer.invokes:
+            first = invoke.tracer.invokes[0].prepared[1]["input_ids"].shape[1]
+            if first == ids.shape[1]:
+                return
+            what = f"{where} is {ids.shape[1]} tokens long and invoke #0 {first}: the " \
+                   f"shorter rows would be left-padded to share the batch"
+        else:
+            return
+        raise TraceError(at_line(
+            f"{what}, but {reason}: the padding would change the values of the rows it pads. "
+            f"Run prompts of different lengths in separate traces (or invokes of equal "
+            f"lengths)", line))
 
     def _with_positions(self, batched: dict, invokes: list[tuple[dict, int]],
                         padded: bool | None = None) -> dict:

@@ -1,0 +1,79 @@
+"""Models as people call them, architecture by architecture: tiny random-init transformers
+models traced with their usual inputs, against plain forwards and forward hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import RwkvConfig, RwkvForCausalLM
+
+from fxsight import LanguageModel, TraceError
+
+
+@pytest.fixture(scope="module")
+def rwkv():
+    torch.manual_seed(0)
+    config = RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                        attention_hidden_size=32, intermediate_size=64, context_length=32)
+    return RwkvForCausalLM(config).eval()
+
+
+class _NoMask(torch.nn.Module):
+    """A causal LM whose forward takes token ids only (no attention_mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+        self.head = torch.nn.Linear(8, 50)
+
+    def forward(self, input_ids):
+        return self.head(self.embed(input_ids).cumsum(1))  # (each token sees the earlier)
+
+
+# --- models that ignore the attention mask ---------------------------------------------------
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_rwkv_refuses_invokes_that_would_be_padded(rwkv, backend):
+    # RWKV takes attention_mask and ignores it: a left-padded row reads the pads
+    lm = LanguageModel(rwkv)
+    with pytest.raises(TraceError, match=r"(?s)invoke #1 is 3 tokens.*ignores the "
+                       r"attention_mask.*test_architectures.py"):
+        with lm.trace(backend=backend) as tracer:
+            with tracer.invoke([5, 6, 7, 8, 9]):
+                lm.output.logits.save()
+            with tracer.invoke([10, 11, 12]):
+                lm.output.logits.save()
+    with pytest.raises(TraceError, match="invoke #0: its rows are padded"):
+        with lm.trace([[5, 6, 7, 8, 9], [10, 11, 12]], backend=backend):
+            lm.output.logits.save()
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_rwkv_invokes_of_equal_lengths_equal_each_prompt_alone(rwkv, backend):
+    lm = LanguageModel(rwkv)
+    a, b = [5, 6, 7, 8], [10, 11, 12, 13]
+    with torch.no_grad(), lm.trace(backend=backend) as tracer:
+        with tracer.invoke(a):
+            la = lm.output.logits.save()
+        with tracer.invoke(b):
+            lb = lm.output.logits.save()
+    with torch.no_grad():
+        ra, rb = (rwkv(torch.tensor([ids])).logits for ids in (a, b))
+    torch.testing.assert_close(la, ra)
+    torch.testing.assert_close(lb, rb)
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_forward_without_attention_mask(backend):
+    # it is not passed a mask (a plain call with one would be a TypeError); padding refused
+    torch.manual_seed(0)
+    model = _NoMask().eval()
+    lm = LanguageModel(model)
+    with torch.no_grad(), lm.trace([[1, 2, 3], [4, 5, 6]], backend=backend):
+        out = lm.output.save()
+    torch.testing.assert_close(out, model(torch.tensor([[1, 2, 3], [4, 5, 6]])))
+    with pytest.raises(TraceError, match="_NoMask.forward takes no attention_mask"):
+        with lm.trace(backend=backend) as tracer:
+            with tracer.invoke([1, 2, 3]):
+                lm.output.save()
+            with tracer.invoke([4, 5]):
+                lm.output.save()
