@@ -77,3 +77,29 @@ def test_a_forward_without_attention_mask(backend):
                 lm.output.save()
             with tracer.invoke([4, 5]):
                 lm.output.save()
+
+
+@pytest.mark.parametrize("backend", ["auto", "hooks"])
+def test_rwkv_first_trace_rescales_its_weights_once(backend):
+    # RWKV's first forward in eval mode divides its weights in place (rescale_every);
+    # the shape-learning forwards used to divide them again (silently wrong values)
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    config = RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                        attention_hidden_size=32, intermediate_size=64, context_length=32,
+                        rescale_every=1)
+    model = RwkvForCausalLM(config).eval()
+    reference = copy.deepcopy(model)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        expected = reference(ids).logits
+    lm = LanguageModel(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (auto: an opaque call, said)
+        with torch.no_grad(), lm.trace(ids, backend=backend):
+            logits = lm.output.logits.save()
+    torch.testing.assert_close(logits, expected)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, msg=name)

@@ -31,7 +31,7 @@ import torch
 from .._torch import FakeTensorMode, autocast_cache_off, pytree, unset_fake_temporarily
 from ..record.sites import OUTPUT, Site
 from .events import ModuleEvents
-from .state import Watch
+from .state import Watch, kept_tensors
 
 MAX_OPAQUE = 8  # modules made opaque in one capture, at most
 
@@ -154,7 +154,7 @@ def record_outputs(model: torch.nn.Module, args: tuple, kwargs: dict,
 
     before = Watch(model, 0)
     try:
-        with autocast_cache_off():
+        with autocast_cache_off(), kept_tensors():
             _forward_recording(model, args, kwargs, events_on, record, outputs)
     finally:
         if not before.unchanged():

@@ -16,7 +16,7 @@ from .._torch import (FakeTensorMode, autocast_cache_off, fake_embedding_takes_m
 from ..stats import bump
 from . import caches
 from .captures import MAX_CAPTURES, signature
-from .state import Watch
+from .state import Watch, kept_tensors
 from .dispatch import offloaded
 from .events import ModuleEvents, silenced_hooks
 from .memory import MemoryNumbers
@@ -105,7 +105,8 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     events = ModuleEvents(model, record, operations=operations)
     before = Watch(model, 0)
     try:
-        with silenced_hooks(model), _kept_buffers(model), autocast_cache_off(), \
+        with silenced_hooks(model), _kept_buffers(model), kept_tensors(), \
+                autocast_cache_off(), \
                 torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)):
             output, events = _run(model, args, kwargs, events, record,
                                   (values, devices, aliases))

@@ -36,6 +36,7 @@ the model's first.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import itertools
 import operator
@@ -46,7 +47,7 @@ from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from .._torch import dict_version_reader, global_hook_keys
+from .._torch import dict_version_reader, global_hook_keys, real_writes
 from .dispatch import is_accelerate_hook, offloads
 
 # the bound on states remembered per model (a state seen again reuses its captures)
@@ -194,6 +195,22 @@ def _slots(value: Any) -> tuple[str, ...] | None:
 def _slot_values(value: Any, names: tuple[str, ...]) -> tuple:
     """The values of ``value``'s slots ``names``."""
     return tuple(getattr(value, n) for n in names)
+
+
+@contextlib.contextmanager
+def kept_tensors():
+    """Real tensors written in place while active get their values back: parameters,
+    buffers and tensor attributes. For the forwards fxsight runs to learn shapes: fake mode
+    runs an operation whose inputs are all real for real (RWKV's first forward in eval mode
+    divides its weights in place), and a probe with real values runs every one."""
+    written: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with real_writes(written):
+            yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in written:
+                tensor.copy_(value)
 
 
 class Watch:
