@@ -103,3 +103,39 @@ def test_rwkv_first_trace_rescales_its_weights_once(backend):
     torch.testing.assert_close(logits, expected)
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, msg=name)
+
+
+# --- positions a model counts itself -----------------------------------------------------------
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_roberta_invokes_of_different_lengths_equal_each_prompt_alone(backend):
+    # RoBERTa's learned positions count from padding_idx + 1 (pads at padding_idx): the
+    # position_ids given with a padded batch used to count from 0 (every row silently wrong)
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=64, pad_token_id=1,
+                           max_position_embeddings=34)
+    model = RobertaForMaskedLM(config).eval()
+    lm = LanguageModel(model, automodel=RobertaForMaskedLM)
+    a, b = [5, 6, 7, 8, 9, 10], [12, 13, 14]
+    with torch.no_grad(), lm.trace(backend=backend) as tracer:
+        with tracer.invoke(a):
+            la = lm.output.logits.save()
+        with tracer.invoke(b):
+            lb = lm.output.logits.save()
+            hb = lm.roberta.encoder.layer[0].output.save()
+    seen = {}
+    with torch.no_grad():
+        ra = model(torch.tensor([a])).logits
+        hook = model.roberta.encoder.layer[0].register_forward_hook(
+            lambda m, i, o: seen.setdefault("h", o))
+        rb = model(torch.tensor([b])).logits
+    hook.remove()
+    torch.testing.assert_close(la, ra)
+    torch.testing.assert_close(lb[:, -3:], rb)
+    torch.testing.assert_close(hb[:, -3:], seen["h"])
+    # (the longest input the positions allow: 34 rows from position 2)
+    with pytest.raises(TraceError, match="longer than the model's 32 positions"):
+        with lm.trace(list(range(4, 37)), backend=backend):
+            lm.output.save()

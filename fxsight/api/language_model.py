@@ -356,6 +356,7 @@ class LanguageModel(NNsight):
         if padded is False and all(kw.get("position_ids") is None for kw, _ in invokes):
             return {k: v for k, v in batched.items() if k != "position_ids"}
         parts, explicit = [], False
+        first, pad = self._position_layout()
         for kw, length in invokes:
             mask = kw["attention_mask"]
             given = kw.get("position_ids")
@@ -363,15 +364,16 @@ class LanguageModel(NNsight):
                 if given is None:
                     return {k: v for k, v in batched.items() if k != "position_ids"}
                 explicit = True
-                parts.append(left_pad(given, length, _PAD_VALUES["position_ids"]))
+                parts.append(left_pad(given, length, pad))
                 continue
             # (the positions of the input's own tokens: a mask that covers a cache's past
             # tokens too counts them)
-            auto = real_positions(mask)[:, mask.shape[1] - kw["input_ids"].shape[1]:]
+            auto = real_positions(mask, first, pad)[:, mask.shape[1] -
+                                                     kw["input_ids"].shape[1]:]
             if given is not None and not torch.equal(given.to(auto.device), auto):
                 explicit = True
                 auto = given
-            parts.append(left_pad(auto, length, _PAD_VALUES["position_ids"]))
+            parts.append(left_pad(auto, length, pad))
         out = {k: v for k, v in batched.items() if k != "position_ids"}
         if padded is None:
             padded = explicit or not bool(batched["attention_mask"].all())
@@ -384,6 +386,32 @@ class LanguageModel(NNsight):
                     ordered["position_ids"] = positions
             out = ordered
         return out
+
+    def _position_embedding(self) -> torch.nn.Embedding | None:
+        """The model's learned position embedding (an ``nn.Embedding`` of
+        ``max_position_embeddings`` rows besides the input embeddings), or ``None``."""
+        config = getattr(self._module, "config", None)
+        limit = getattr(config, "n_positions", None) or \
+            getattr(config, "max_position_embeddings", None)
+        if not isinstance(limit, int):
+            return None
+        try:
+            embeddings = self._module.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            embeddings = None
+        return next((m for m in self._module.modules() if isinstance(m, torch.nn.Embedding)
+                     and m is not embeddings and m.num_embeddings == limit), None)
+
+    def _position_layout(self) -> tuple[int, int]:
+        """``(first position, position of a pad)`` the model's own positions take: a
+        learned position embedding with a ``padding_idx`` (RoBERTa's, XLM-R's) counts real
+        tokens from ``padding_idx + 1`` and puts pads at ``padding_idx``; otherwise
+        transformers' ``generate`` convention (from 0, pads at 1)."""
+        positions = self._position_embedding()
+        padding = getattr(positions, "padding_idx", None)
+        if isinstance(padding, int) and padding >= 0:
+            return padding + 1, padding
+        return 0, _PAD_VALUES["position_ids"]
 
     def _encode(self, value: Any, where: str, line: str):
         """Token rows of one invoke's input: ``(input_ids, attention_mask, extras)``."""
@@ -518,13 +546,12 @@ class LanguageModel(NNsight):
             bad = low if low < 0 else high
             raise TraceError(at_line(f"{where}: token id {bad} is outside the model's "
                                      f"vocabulary of {size} tokens", line))
-        config = getattr(self._module, "config", None)
-        limit = getattr(config, "n_positions", None) or \
-            getattr(config, "max_position_embeddings", None)
-        if isinstance(limit, int) and past + ids.shape[1] > limit and any(
-                isinstance(m, torch.nn.Embedding) and m is not embeddings and
-                m.num_embeddings == limit for m in self._module.modules()):
-            # a learned position embedding of `limit` rows (rotary ones have no limit)
+        positions = self._position_embedding()
+        # a learned position embedding of `limit` rows, from the first position the model
+        # counts from (rotary ones have no limit)
+        limit = None if positions is None else \
+            positions.num_embeddings - self._position_layout()[0]
+        if limit is not None and past + ids.shape[1] > limit:
             length = f"the input is {ids.shape[1]} tokens long" if not past else \
                 f"the cache's {past} tokens and the input's {ids.shape[1]} are " \
                 f"{past + ids.shape[1]} tokens"
