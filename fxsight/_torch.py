@@ -159,9 +159,10 @@ def dispatched(fn: Callable, args: tuple, kwargs: dict) -> tuple[list[tuple], An
 
 
 @contextlib.contextmanager
-def real_writes(written: list):
+def real_writes(written: list, storages: set[int]):
     """Appends to ``written`` ``(tensor, copy of its value)`` for each real tensor (not
-    fake, not meta) an operator run while active first writes in place: a
+    fake, not meta) in one of ``storages`` (``untyped_storage().data_ptr()``) that an
+    operator run while active first writes in place: a
     ``TorchDispatchMode`` (``torch.utils._python_dispatch``) reading which arguments an
     operator writes from its schema (``_schema``, ``alias_info.is_write``; checked 2.13).
     Entered outside a ``FakeTensorMode``, it sees the operators that mode runs for real
@@ -182,7 +183,8 @@ def real_writes(written: list):
                     for tensor in value if isinstance(value, (list, tuple)) else (value,):
                         if isinstance(tensor, torch.Tensor) and \
                                 not isinstance(tensor, FakeTensor) and not tensor.is_meta \
-                                and id(tensor) not in seen:
+                                and id(tensor) not in seen and \
+                                tensor.untyped_storage().data_ptr() in storages:
                             seen.add(id(tensor))
                             with unset_fake_temporarily():  # (a real copy)
                                 written.append((tensor, tensor.detach().clone()))

@@ -154,7 +154,7 @@ def record_outputs(model: torch.nn.Module, args: tuple, kwargs: dict,
 
     before = Watch(model, 0)
     try:
-        with autocast_cache_off(), kept_tensors():
+        with autocast_cache_off(), kept_tensors(model):
             _forward_recording(model, args, kwargs, events_on, record, outputs)
     finally:
         if not before.unchanged():

@@ -105,7 +105,7 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     events = ModuleEvents(model, record, operations=operations)
     before = Watch(model, 0)
     try:
-        with silenced_hooks(model), _kept_buffers(model), kept_tensors(), \
+        with silenced_hooks(model), _kept_buffers(model), kept_tensors(model), \
                 autocast_cache_off(), \
                 torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)):
             output, events = _run(model, args, kwargs, events, record,

@@ -198,14 +198,17 @@ def _slot_values(value: Any, names: tuple[str, ...]) -> tuple:
 
 
 @contextlib.contextmanager
-def kept_tensors():
-    """Real tensors written in place while active get their values back: parameters,
-    buffers and tensor attributes. For the forwards fxsight runs to learn shapes: fake mode
-    runs an operation whose inputs are all real for real (RWKV's first forward in eval mode
-    divides its weights in place), and a probe with real values runs every one."""
+def kept_tensors(model: torch.nn.Module):
+    """``model``'s parameters and buffers written in place while active get their values
+    back. For the forwards fxsight runs to learn shapes: fake mode runs an operation whose
+    inputs are all real for real (RWKV's first forward in eval mode divides its weights in
+    place), and a probe with real values runs every one. (Only the model's own memory is
+    copied: not the activations a probe changes in place.)"""
+    storages = {t.untyped_storage().data_ptr()
+                for t in itertools.chain(model.parameters(), model.buffers()) if not t.is_meta}
     written: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
-        with real_writes(written):
+        with real_writes(written, storages):
             yield
     finally:
         with torch.no_grad():
