@@ -44,7 +44,7 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "inductor_compile", "returns_alias", "inductor_mode_options",
            "fake_embedding_takes_meta_weights", "export_leaves_no_buffer_hook",
            "autocast_cache_off", "default_device_set", "parametrization_cache_on",
-           "kept_parametrization_cache"]
+           "kept_parametrization_cache", "real_writes"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -161,6 +161,42 @@ def dispatched(fn: Callable, args: tuple, kwargs: dict) -> tuple[list[tuple], An
     with _Recorder() as recorder:
         result = fn(*args, **kwargs)
     return recorder.calls, result
+
+
+@contextlib.contextmanager
+def real_writes(written: list, storages: set[int]):
+    """Appends to ``written`` ``(tensor, copy of its value)`` for each real tensor (not
+    fake, not meta) in one of ``storages`` (``untyped_storage().data_ptr()``) that an
+    operator run while active first writes in place: a
+    ``TorchDispatchMode`` (``torch.utils._python_dispatch``) reading which arguments an
+    operator writes from its schema (``_schema``, ``alias_info.is_write``; checked 2.13).
+    Entered outside a ``FakeTensorMode``, it sees the operators that mode runs for real
+    (those whose inputs are all real)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[int] = set()
+
+    class _Writes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func._schema.is_mutable:
+                for i, argument in enumerate(func._schema.arguments):
+                    if argument.alias_info is None or not argument.alias_info.is_write:
+                        continue
+                    value = args[i] if i < len(args) else kwargs.get(argument.name)
+                    for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                        if isinstance(tensor, torch.Tensor) and \
+                                not isinstance(tensor, FakeTensor) and not tensor.is_meta \
+                                and id(tensor) not in seen and \
+                                tensor.untyped_storage().data_ptr() in storages:
+                            seen.add(id(tensor))
+                            with unset_fake_temporarily():  # (a real copy)
+                                written.append((tensor, tensor.detach().clone()))
+            return func(*args, **kwargs)
+
+    with _Writes():
+        yield
 
 
 def dispatch_modes_active() -> bool:

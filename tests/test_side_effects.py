@@ -455,3 +455,43 @@ def test_a_module_called_in_a_trace_under_autocast_leaves_no_fake_cast(backend):
     assert tracer.backend == backend
     assert type(lens) is torch.Tensor and torch.equal(lens, expected_lens)
     assert type(after) is torch.Tensor and torch.equal(after, expected)
+
+
+class _RescalesOnce(torch.nn.Module):
+    """Its first forward divides a weight in place (RWKV's in eval mode), then a flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(4, 4)
+        self.outer = torch.nn.Linear(4, 4)
+        self.rescaled = False
+
+    def forward(self, x):
+        if not self.rescaled:
+            with torch.no_grad():
+                self.outer.weight.div_(2)
+            self.rescaled = True
+        return self.outer(self.inner(x))
+
+
+@pytest.mark.parametrize("backend", ("auto", "hooks"))
+def test_weights_changed_in_place_by_the_forward_change_once(backend):
+    # the forwards run to learn shapes (on fake tensors, which run an operation on real
+    # tensors alone for real) used to halve the weight too: a quarter, silently
+    import copy
+
+    torch.manual_seed(0)
+    model = _RescalesOnce()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 4)
+    expected = reference(x)
+    net = NNsight(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (auto: the flag's change)
+        with torch.no_grad(), net.trace(x, backend=backend):
+            hidden = net.inner.output.save()
+            out = net.output.save()
+    torch.testing.assert_close(hidden, reference.inner(x))
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(model.outer.weight, reference.outer.weight)
+    assert model.rescaled

@@ -48,7 +48,7 @@ from ..errors import TraceError, at_line, user_line
 from ..run import executable as runner
 from .edit import seed
 from .generation import Generator, GeneratorEnvoy
-from .inputs import BATCH_KEYWORDS, check_keywords, describe
+from .inputs import BATCH_KEYWORDS, check_keywords, describe, forward_signature
 from .nnsight import NNsight
 from .token_index import TokenIndexer
 from .token_inputs import (TOKEN_KEYWORDS, aligned, as_id_tensor, as_row, batch_sized,
@@ -65,6 +65,10 @@ _GENERATETOKEN_KEYWORDS = frozenset({"attention_mask", "token_type_ids"})
 _CONFIG_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only",
                   "subfolder")
 _FROM_CONFIG_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
+# transformers model types whose forward takes an attention_mask and ignores it: a recurrent
+# model that reads every token of a row in order (RWKV's forward logs "`attention_mask` was
+# passed, but it is unused in this model"), so padding changes the rows it pads
+_MASK_IGNORING_TYPES = frozenset({"rwkv"})
 
 
 class LanguageModel(NNsight):
@@ -265,6 +269,7 @@ class LanguageModel(NNsight):
         check_positions(prepared, where, line)
         # (a row padded in the cache's tokens counts its real tokens too)
         padded = not facts.ones or (past_mask is not None and not bool(past_mask.all()))
+        self._check_padding(ids, padded, invoke, where, line)
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])], padded=padded)
         if own_mask is not None:
             prepared["attention_mask"] = own_mask
@@ -304,7 +309,50 @@ class LanguageModel(NNsight):
                 for kw in invokes)
         batched = self._with_positions(batched, [(kw, length) for kw in invokes],
                                        padded=False if unpadded else None)
+        if self._mask_ignored() is not None and not self._takes_mask():
+            batched.pop("attention_mask")  # (all ones: _check_padding saw to it)
         return (), batched
+
+    def _takes_mask(self) -> bool:
+        """Whether the model's ``forward`` can be passed an ``attention_mask``."""
+        signature = forward_signature(self._module)
+        return signature is None or signature.var_keyword or \
+            "attention_mask" in signature.keywords
+
+    def _mask_ignored(self) -> str | None:
+        """Why the model would not honour an attention mask (so that a padded row would
+        compute other values than the prompt alone), or ``None`` where it does."""
+        name = type(self._module).__name__
+        if not self._takes_mask():
+            return f"{name}.forward takes no attention_mask"
+        model_type = getattr(getattr(self._module, "config", None), "model_type", None)
+        if model_type in _MASK_IGNORING_TYPES:
+            return f"{name} ignores the attention_mask it is given (a recurrent model: " \
+                   f"every token, padding included, changes its state)"
+        return None
+
+    def _check_padding(self, ids: torch.Tensor, padded: bool, invoke: Any, where: str,
+                       line: str) -> None:
+        """Raise where this invoke's rows, or the batch it joins, would be padded for a
+        model that ignores the attention mask: its padded rows would be silently wrong."""
+        reason = self._mask_ignored()
+        if reason is None:
+            return
+        if padded:
+            what = f"{where}: its rows are padded (prompts of different lengths, or an " \
+                   f"attention_mask with zeros)"
+        elif invoke is not None and invoke.tracer.invokes:
+            first = invoke.tracer.invokes[0].prepared[1]["input_ids"].shape[1]
+            if first == ids.shape[1]:
+                return
+            what = f"{where} is {ids.shape[1]} tokens long and invoke #0 {first}: the " \
+                   f"shorter rows would be left-padded to share the batch"
+        else:
+            return
+        raise TraceError(at_line(
+            f"{what}, but {reason}: the padding would change the values of the rows it pads. "
+            f"Run prompts of different lengths in separate traces (or invokes of equal "
+            f"lengths)", line))
 
     def _with_positions(self, batched: dict, invokes: list[tuple[dict, int]],
                         padded: bool | None = None) -> dict:
@@ -313,6 +361,7 @@ class LanguageModel(NNsight):
         if padded is False and all(kw.get("position_ids") is None for kw, _ in invokes):
             return {k: v for k, v in batched.items() if k != "position_ids"}
         parts, explicit = [], False
+        first, pad = self._position_layout()
         for kw, length in invokes:
             mask = kw["attention_mask"]
             given = kw.get("position_ids")
@@ -320,15 +369,16 @@ class LanguageModel(NNsight):
                 if given is None:
                     return {k: v for k, v in batched.items() if k != "position_ids"}
                 explicit = True
-                parts.append(left_pad(given, length, _PAD_VALUES["position_ids"]))
+                parts.append(left_pad(given, length, pad))
                 continue
             # (the positions of the input's own tokens: a mask that covers a cache's past
             # tokens too counts them)
-            auto = real_positions(mask)[:, mask.shape[1] - kw["input_ids"].shape[1]:]
+            auto = real_positions(mask, first, pad)[:, mask.shape[1] -
+                                                     kw["input_ids"].shape[1]:]
             if given is not None and not torch.equal(given.to(auto.device), auto):
                 explicit = True
                 auto = given
-            parts.append(left_pad(auto, length, _PAD_VALUES["position_ids"]))
+            parts.append(left_pad(auto, length, pad))
         out = {k: v for k, v in batched.items() if k != "position_ids"}
         if padded is None:
             padded = explicit or not bool(batched["attention_mask"].all())
@@ -341,6 +391,32 @@ class LanguageModel(NNsight):
                     ordered["position_ids"] = positions
             out = ordered
         return out
+
+    def _position_embedding(self) -> torch.nn.Embedding | None:
+        """The model's learned position embedding (an ``nn.Embedding`` of
+        ``max_position_embeddings`` rows besides the input embeddings), or ``None``."""
+        config = getattr(self._module, "config", None)
+        limit = getattr(config, "n_positions", None) or \
+            getattr(config, "max_position_embeddings", None)
+        if not isinstance(limit, int):
+            return None
+        try:
+            embeddings = self._module.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            embeddings = None
+        return next((m for m in self._module.modules() if isinstance(m, torch.nn.Embedding)
+                     and m is not embeddings and m.num_embeddings == limit), None)
+
+    def _position_layout(self) -> tuple[int, int]:
+        """``(first position, position of a pad)`` the model's own positions take: a
+        learned position embedding with a ``padding_idx`` (RoBERTa's, XLM-R's) counts real
+        tokens from ``padding_idx + 1`` and puts pads at ``padding_idx``; otherwise
+        transformers' ``generate`` convention (from 0, pads at 1)."""
+        positions = self._position_embedding()
+        padding = getattr(positions, "padding_idx", None)
+        if isinstance(padding, int) and padding >= 0:
+            return padding + 1, padding
+        return 0, _PAD_VALUES["position_ids"]
 
     def _encode(self, value: Any, where: str, line: str):
         """Token rows of one invoke's input: ``(input_ids, attention_mask, extras)``."""
@@ -475,13 +551,12 @@ class LanguageModel(NNsight):
             bad = low if low < 0 else high
             raise TraceError(at_line(f"{where}: token id {bad} is outside the model's "
                                      f"vocabulary of {size} tokens", line))
-        config = getattr(self._module, "config", None)
-        limit = getattr(config, "n_positions", None) or \
-            getattr(config, "max_position_embeddings", None)
-        if isinstance(limit, int) and past + ids.shape[1] > limit and any(
-                isinstance(m, torch.nn.Embedding) and m is not embeddings and
-                m.num_embeddings == limit for m in self._module.modules()):
-            # a learned position embedding of `limit` rows (rotary ones have no limit)
+        positions = self._position_embedding()
+        # a learned position embedding of `limit` rows, from the first position the model
+        # counts from (rotary ones have no limit)
+        limit = None if positions is None else \
+            positions.num_embeddings - self._position_layout()[0]
+        if limit is not None and past + ids.shape[1] > limit:
             length = f"the input is {ids.shape[1]} tokens long" if not past else \
                 f"the cache's {past} tokens and the input's {ids.shape[1]} are " \
                 f"{past + ids.shape[1]} tokens"

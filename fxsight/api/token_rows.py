@@ -32,10 +32,11 @@ def token_facts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[TokenFacts, torc
     return TokenFacts(low, high, bool(binary), bool(empty), bool(right), bool(ones)), trailing
 
 
-def real_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count real tokens only (transformers' ``generate`` convention)."""
-    positions = mask.long().cumsum(-1) - 1
-    return positions.masked_fill(mask == 0, 1)
+def real_positions(mask: torch.Tensor, first: int = 0, pad: int = 1) -> torch.Tensor:
+    """Position ids that count real tokens only, from ``first``, and ``pad`` at the pads
+    (by default transformers' ``generate`` convention: from 0, pads at 1)."""
+    positions = mask.long().cumsum(-1) - 1 + first
+    return positions.masked_fill(mask == 0, pad)
 
 
 def left_pad(value: torch.Tensor, length: int, pad: Any) -> torch.Tensor:

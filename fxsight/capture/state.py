@@ -48,7 +48,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.hooks import RemovableHandle
 from .._torch import (dict_version_reader, global_hook_keys, kept_parametrization_cache,
-                      pytree, tensor_version)
+                      pytree, real_writes, tensor_version)
 from .dispatch import is_accelerate_hook, offloads
 
 # the bound on states remembered per model (a state seen again reuses its captures)
@@ -196,6 +196,25 @@ def _slots(value: Any) -> tuple[str, ...] | None:
 def _slot_values(value: Any, names: tuple[str, ...]) -> tuple:
     """The values of ``value``'s slots ``names``."""
     return tuple(getattr(value, n) for n in names)
+
+
+@contextlib.contextmanager
+def kept_tensors(model: torch.nn.Module):
+    """``model``'s parameters and buffers written in place while active get their values
+    back. For the forwards fxsight runs to learn shapes: fake mode runs an operation whose
+    inputs are all real for real (RWKV's first forward in eval mode divides its weights in
+    place), and a probe with real values runs every one. (Only the model's own memory is
+    copied: not the activations a probe changes in place.)"""
+    storages = {t.untyped_storage().data_ptr()
+                for t in itertools.chain(model.parameters(), model.buffers()) if not t.is_meta}
+    written: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with real_writes(written, storages):
+            yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in written:
+                tensor.copy_(value)
 
 
 class Watch:
@@ -609,14 +628,15 @@ def kept_forward_effects(model: torch.nn.Module, args: tuple, kwargs: dict
     changes is put back when the block ends: buffers changed in place get their values
     back, the random generators (the CPU's, and those of the CUDA devices the model or
     the inputs are on) their states, and ``parametrize.cached()``'s cache its tensors
-    (not those the forward computed, fake ones included). A buffer is compared by value too: BatchNorm's
+    (not those the forward computed, fake ones included), and parameters written in place
+    their values (:func:`kept_tensors`). A buffer is compared by value too: BatchNorm's
     kernel updates its running statistics in place without bumping their version
     counter (a buffer holding NaN is put back whatever happened: the same values)."""
     saved = [(b, tensor_version(b), b.detach().clone()) for b in model.buffers()
              if not b.is_meta]
     try:
         with torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)), \
-                kept_parametrization_cache():
+                kept_parametrization_cache(), kept_tensors(model):
             yield
     finally:
         with torch.no_grad():
