@@ -1062,3 +1062,28 @@ def test_plain_trace_call_choices_that_cannot_be_honoured_raise(choice):
         with net.trace(torch.tensor([[1, 2, 3]])) as tracer:
             for _ in tracer.iter[choice]:
                 net.transformer.h[0].output[:] = 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_shape_read_for_a_later_step_is_refused(models, tokenizer, backend):
+    """A shape read while recording is the prompt's forward pass: read for a later
+    decoding step (where the token dimension is 1 with a cache) it would be silently the
+    prompt's, so branching on it (``h.shape[1] > 1``) is refused, naming the line; a
+    dimension decoding does not change, and shapes at step 0, are read as before."""
+    model, blocks = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with pytest.raises(fxsight.TraceError, match=r"prompt's forward pass(.|\n)*"
+                                                 r"test_generation\.py"):
+        with lm.generate(PROMPTS[0], max_new_tokens=2, backend=backend) as tracer:
+            kinds = fxsight.save(list())
+            for _ in tracer.all():
+                hidden = _block(lm, blocks)[0].output
+                kinds.append("prompt" if hidden.shape[1] > 1 else "decoding")
+    length = len(tokenizer(PROMPTS[0])["input_ids"])
+    with lm.generate(PROMPTS[0], max_new_tokens=3, backend=backend) as tracer:
+        widths = fxsight.save(list())
+        for _ in tracer.all():
+            widths.append(_block(lm, blocks)[0].output.size(-1))
+        prompt = _block(lm, blocks)[0].output.shape
+    assert widths == [model.config.hidden_size] * 3
+    assert tuple(prompt) == (1, length, model.config.hidden_size)

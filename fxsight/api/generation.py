@@ -186,6 +186,8 @@ class Generator(Tracer):
     def _execute(self) -> None:
         _check_nothing_changed_after(self.program)
         args, kwargs, rows = self._prepare_run()
+        self._check_shapes_read(args, kwargs, rows)
+        self._check_step_shapes_read(kwargs)
         module = self.model._module
         inputs = {k: v for k, v in kwargs.items() if k not in ("position_ids", "use_cache")}
         options = dict(self._generate_kwargs)
@@ -211,6 +213,29 @@ class Generator(Tracer):
         self._output, self._output_kept = output, True
         self._results = {node: interleaver.result(node) for node in self.program.saves}
         self._fill_caches()
+
+    def _check_step_shapes_read(self, kwargs: dict) -> None:
+        """A shape read while recording is of the prompt's forward pass (step 0); at a
+        later decoding step the token dimension is another length (one new token with a
+        cache, one more each step without). A shape read for such a step would silently
+        be the prompt's (``h.shape[1] > 1`` always true): refused where it reads a
+        dimension as long as the prompt, naming the line."""
+        ids = kwargs.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.dim() == 0:
+            return
+        length = ids.shape[-1]
+        for node, dims, seen, line in self._shapes_read:
+            if not _after_the_prompt(node.steps):
+                continue
+            dims = range(len(seen)) if dims is None else dims
+            if any(-len(seen) <= d < len(seen) and seen[d] == length for d in dims):
+                raise TraceError(at_line(
+                    f"this shape, {seen}, is the prompt's forward pass (step 0), read for a "
+                    f"later decoding step, where the token dimension ({length} in the "
+                    f"prompt) has another length: it would silently be the prompt's. Branch "
+                    f"on the step instead (`for step in tracer.iter[:]: if step == 0: "
+                    f"...`), or read a dimension decoding does not change (`h.size(-1)`)",
+                    line))
 
     def _generate_with_graphs(self, module: torch.nn.Module, inputs: dict, options: dict,
                               rows: dict[Any, Rows]) -> None:
@@ -344,6 +369,22 @@ def _check_steps(program: Any, count: int) -> None:
                     f"{count} step(s) (0 to {count - 1}): set max_new_tokens high enough, "
                     "or choose steps that exist (an open-ended slice or tracer.all() takes "
                     "whatever steps run)", node.line))
+
+
+def _after_the_prompt(steps: Steps | None) -> bool:
+    """Whether ``steps`` (a node's decoding steps; ``None``: the first only) include a
+    step after the prompt's forward pass."""
+    if steps is None:
+        return False
+    choice = steps.choice
+    if choice == ALL:
+        return True
+    if isinstance(choice, int):
+        return choice != 0
+    if isinstance(choice, slice):
+        start, stride = choice.start or 0, choice.step or 1
+        return choice.stop is None or any(s != 0 for s in range(start, choice.stop, stride))
+    return any(step != 0 for step in choice)
 
 
 class GeneratorEnvoy:
