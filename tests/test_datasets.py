@@ -107,6 +107,15 @@ def test_head_patching_and_steering_datasets(model):
                                          progress=False)
         torch.testing.assert_close(steered.per_pair[i], single.values, **ATOL)
     assert steered.references is None and steered.n_pairs == 2
+    # a position the shorter prompt lacks: its scores are NaN and out of the mean, as when
+    # patching (was: left unsteered, scored 0 and averaged in)
+    at_4 = patching.steering_sweep(model, prompts, vectors, scales=[2.0], positions=[4],
+                                   progress=False)
+    alone = patching.steering_sweep(model, prompts[0], vectors, scales=[2.0], positions=[4],
+                                    progress=False)
+    assert at_4.per_pair[1].isnan().all()
+    torch.testing.assert_close(at_4.per_pair[0], alone.values, **ATOL)
+    torch.testing.assert_close(at_4.values, alone.values, **ATOL)
 
 
 def test_bad_datasets_are_named(model):

@@ -295,7 +295,8 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
     ``vectors``: one tensor of shape (hidden,), a (k, hidden) stack of k vectors, a list of
     vectors, or a dict name -> vector; a vector of shape (n_layers, hidden) gives one
     vector per layer (row ``l`` at layer ``l``). ``positions``: where the vector is added
-    (``"all"`` or a list). ``metric(logits)`` gives one number per row; by default the
+    (``"all"`` or a list; over a dataset, a pair lacking one of them has NaN scores, left
+    out of the mean, as in activation patching). ``metric(logits)`` gives one number per row; by default the
     log-probability of the unsteered run's prediction at the last position.
 
     Returns scores with ``dims == ("vector", "layer", "scale")``: the steered metric minus
@@ -359,6 +360,9 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
                          base.dtype)
 
     def groups(length: int) -> list[JobGroup]:
+        if not isinstance(positions, str) and \
+                any(position_in(label, length) is None for label in position_list):
+            return []  # (a prompt without one of the positions: NaN, as when patching)
         out = []
         for l, (layer, block) in enumerate(zip(layer_list, blocks)):
 
