@@ -115,6 +115,20 @@ def test_backend_fx_raises_capture_error():
             net.gate.inner.output.save()
 
 
+def test_backend_fx_names_the_trace_where_the_whole_model_is_not_captured():
+    """A model that capture refuses as a whole (a forward hook of the user's) under
+    ``backend="fx"``: the CaptureError names the trace's line (was: no line)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    handle = model[0].register_forward_hook(lambda module, args, output: None)
+    try:
+        with pytest.raises(fxsight.CaptureError, match=r"forward hook(.|\n)*"
+                                                       r"at .*test_core_fallback\.py"):
+            with NNsight(model).trace(torch.ones(1, 3), backend="fx"):
+                pass
+    finally:
+        handle.remove()
+
+
 def test_fallback_shapes_known_while_recording():
     model = gated_mlp()
     net = NNsight(model)

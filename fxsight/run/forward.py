@@ -21,7 +21,7 @@ from ..capture.captures import cached_capture, flat_inputs, signature
 from ..capture.export import CaptureError, Captured
 from ..capture.operations import spec_for
 from ..capture.scan import ScanResult, cached_scan
-from ..errors import NotOnGraph, TraceError, at_line, user_stacklevel
+from ..errors import NotOnGraph, TraceError, at_line, user_line, user_stacklevel
 from ..record.program import Kind, Node, Program
 from ..splice.gradients import TapHooks, backward_phase
 from ..splice.rows import Rows
@@ -58,9 +58,12 @@ def fall_back(reason: Exception | str, options: RunOptions, warned: set, key: An
     """The fx path cannot run ``what``: raise under ``backend="fx"``, else warn (once per
     ``key``) that the hooks backend takes over."""
     if options.backend == "fx":
-        if isinstance(reason, Exception):
-            raise reason
-        raise TraceError(f"{what} cannot run on the fx backend: {reason}")
+        error = reason if isinstance(reason, Exception) else \
+            TraceError(f"{what} cannot run on the fx backend: {reason}")
+        message = error.args[0] if error.args else None
+        if isinstance(message, str) and "\n  at " not in message:
+            error.args = (at_line(message, user_line()), *error.args[1:])  # (the trace's)
+        raise error
     bump("fallbacks")
     if key not in warned:
         warned.add(key)
