@@ -1087,3 +1087,18 @@ def test_a_shape_read_for_a_later_step_is_refused(models, tokenizer, backend):
         prompt = _block(lm, blocks)[0].output.shape
     assert widths == [model.config.hidden_size] * 3
     assert tuple(prompt) == (1, length, model.config.hidden_size)
+
+
+def test_inputs_embeds_given_to_a_language_model_is_named(models, tokenizer):
+    """``inputs_embeds`` without token ids is named with what to do instead (was: "has no
+    input: pass ... as keywords (e.g. input_ids=...)", though a keyword was given)."""
+    model, _ = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    embeds = torch.zeros(1, 3, model.config.hidden_size)
+    with pytest.raises(fxsight.TraceError, match=r"inputs_embeds(.|\n)*test_generation\.py"):
+        with lm.generate(inputs_embeds=embeds, max_new_tokens=2):
+            pass
+    with pytest.raises(fxsight.TraceError, match=r"for inputs_embeds, wrap the model in "
+                                                 r"NNsight"):
+        with lm.trace(inputs_embeds=embeds):
+            pass

@@ -166,6 +166,11 @@ class LanguageModel(NNsight):
         """
         if not inputs:  # lm.generate(**tokenizer(...), max_new_tokens=n)
             inputs, kwargs = keyword_input(kwargs)
+            if not inputs and "inputs_embeds" in kwargs:
+                raise TraceError(at_line(
+                    "lm.generate(inputs_embeds=...): a language model's inputs are tokens "
+                    "(a string, a list of strings, token ids); give the prompt's ids, or "
+                    "call the model's own generate for embeddings", user_line()))
         elif len(inputs) == 1:  # lm.generate(ids, attention_mask=mask, max_new_tokens=n)
             # (the mask and token types; position_ids and labels go to generate as given)
             value, kwargs = with_token_keywords(inputs[0], kwargs, "lm.generate(...)",
@@ -232,10 +237,13 @@ class LanguageModel(NNsight):
             args, kwargs = keyword_input(kwargs)
         if not args:
             among = f" among its keywords ({', '.join(kwargs)})" if kwargs else ""
+            embeds = "; a language model's inputs are tokens: for inputs_embeds, wrap the " \
+                "model in NNsight(model) and trace it with inputs_embeds=..." \
+                if "inputs_embeds" in kwargs else ""
             raise TraceError(at_line(
                 f"{where} has no input: no input_ids{among}. Give a string, a list of "
                 f"strings, token ids or a dict with 'input_ids' (or input_ids=... as a "
-                f"keyword)", line))
+                f"keyword){embeds}", line))
         if len(args) != 1:
             raise TraceError(at_line(
                 f"{where}: a language model takes one input (a string, a list of strings, "
