@@ -460,11 +460,16 @@ def default_device_set() -> Any:
     block, or ``None`` where none is: what ``torch.get_default_device()`` reads, without
     the tensor it allocates on every call where no device is set
     (``torch.utils._device.CURRENT_DEVICE``, ``torch._C._len_torch_function_stack``; a
-    ``with torch.device`` block is a torch function mode; checked 2.13)."""
+    ``with torch.device`` block is a ``DeviceContext`` torch function mode, found on
+    ``torch.overrides._get_current_function_mode_stack()``; a user's own mode is none;
+    checked 2.13)."""
     if torch.utils._device.CURRENT_DEVICE is not None:
         return torch.utils._device.CURRENT_DEVICE
-    if torch._C._len_torch_function_stack():
-        return torch.get_default_device()
+    if torch._C._len_torch_function_stack():  # (another mode, a user's, is no device)
+        from torch.overrides import _get_current_function_mode_stack
+        for mode in reversed(_get_current_function_mode_stack()):
+            if isinstance(mode, torch.utils._device.DeviceContext):
+                return mode.device
     return None
 
 
