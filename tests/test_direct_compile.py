@@ -70,14 +70,18 @@ def test_calls_the_direct_compilation_cannot_vouch_for_go_through_torch_compile(
         _check(net, x, v, expect_direct=True)
     # gradients on (the compilation was made without them)
     _check(net, x, v, expect_direct=False)
-    # another global state (not part of the capture's key): dynamo's guards decide
+    # deterministic algorithms: part of the capture's key (its own capture, compiled and
+    # run directly in that state)
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
         with torch.no_grad():
-            _check(net, x, v, expect_direct=False)
+            _check(net, x, v, expect_direct=True)
     finally:
         torch.use_deterministic_algorithms(deterministic)
+    # an ambient state that is not part of the key (saved-tensor hooks): dynamo decides
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.no_grad():
+        _check(net, x, v, expect_direct=False)
 
 
 def test_autocast_has_its_own_capture_and_direct_compilation(net):
