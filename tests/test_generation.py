@@ -1102,3 +1102,28 @@ def test_inputs_embeds_given_to_a_language_model_is_named(models, tokenizer):
                                                  r"NNsight"):
         with lm.trace(inputs_embeds=embeds):
             pass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_shape_read_in_a_padded_invoke_of_generate_is_refused(models, tokenizer, backend):
+    """As in a trace: in ``generate``, a shorter invoke's prompt is left-padded to the
+    longest, so a shape read while recording (its own length) would pick another token."""
+    model, blocks = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with pytest.raises(fxsight.TraceError, match=r"left-padded(.|\n)*test_generation\.py"):
+        with lm.generate(max_new_tokens=2, backend=backend) as tracer:
+            with tracer.invoke(PROMPTS[0]):
+                pass
+            with tracer.invoke(PROMPTS[1]):
+                hidden = _block(lm, blocks)[0].output
+                hidden[:, hidden.shape[1] - 1].save()
+
+
+def test_saved_generators_put_the_random_state_back():
+    """(generate's fallback starts a seeded sampling over with them: the CPU's generator
+    here, and on a GPU those of the model's CUDA devices too)"""
+    from fxsight.capture.state import saved_generators
+    restore = saved_generators(torch.nn.Linear(2, 2), (torch.ones(1, 2),), {})
+    first = torch.rand(4)
+    restore()
+    assert torch.equal(torch.rand(4), first)

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..capture.state import saved_generators
 from ..errors import TraceError, at_line, user_line
 from ..generate.decoding import (GraphSteps, HeldStreamer, Unsupported, callers_code_ran,
                                  callers_objects, unchanged_between_steps,
@@ -194,13 +195,13 @@ class Generator(Tracer):
         if self.options.backend != "hooks":
             reason = unsupported_options(module, options)
             if reason is None:
-                rng = torch.random.get_rng_state()
+                restore_generators = saved_generators(module, (), inputs)
                 try:
                     self._generate_with_graphs(module, inputs, options, rows)
                     self._fill_caches()
                     return
                 except Unsupported as error:
-                    torch.random.set_rng_state(rng)  # (a seeded sampling starts over alike)
+                    restore_generators()  # (a seeded sampling starts over alike, CUDA too)
                     reason = str(error)
             fall_back(reason, self.options, self.model._fallback_warned,
                       ("generate", reason), what="generate()")

@@ -43,7 +43,7 @@ import operator
 import sys
 import types
 import weakref
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -643,6 +643,22 @@ def kept_forward_effects(model: torch.nn.Module, args: tuple, kwargs: dict
             for buffer, version, copy in saved:
                 if tensor_version(buffer) != version or not torch.equal(buffer, copy):
                     buffer.copy_(copy)
+
+
+def saved_generators(model: torch.nn.Module, args: tuple, kwargs: dict
+                     ) -> Callable[[], None]:
+    """The states of the random generators a forward of ``model`` on these inputs draws
+    from (the CPU's, and those of the CUDA devices the model or the inputs are on), saved
+    now; the function returned puts them back (a run started over draws alike)."""
+    devices = _cuda_devices(model, args, kwargs)
+    cpu = torch.random.get_rng_state()
+    cuda = [(device, torch.cuda.get_rng_state(device)) for device in devices]
+
+    def restore() -> None:
+        torch.random.set_rng_state(cpu)
+        for device, generator_state in cuda:
+            torch.cuda.set_rng_state(generator_state, device)
+    return restore
 
 
 def _cuda_devices(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[int]:
