@@ -459,3 +459,15 @@ def test_inputs_written_with_too_few_arguments_names_where(core_gpt2, core_ids, 
         with net.trace(core_ids, backend=backend):
             args, kwargs = net.transformer.h[1].inputs
             net.transformer.h[1].inputs = ((args[0] * 0.5,), kwargs)
+
+
+def test_a_value_of_the_enclosing_trace_in_a_nested_one_says_so():
+    """(was: "a value from another (earlier) trace", though the enclosing trace is not
+    earlier: it has not run yet)"""
+    net = NNsight(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+    with pytest.raises(fxsight.TraceError, match=r"enclosing trace, which has not run yet(.|\n)*"
+                                         r"test_core_errors\.py"):
+        with net.trace(torch.ones(1, 3)):
+            outer = net[0].output
+            with net.trace(torch.ones(1, 3)):
+                net[0].output[:] = outer

@@ -334,9 +334,15 @@ class Recorder:
                     value._recorder.is_saved(value):
                 return self.to_arg(value._recorder.settle(value))  # an earlier trace's value
             if value._recorder is not self:
-                raise TraceError(at_line(
-                    f"a value from another (earlier) trace{from_where(value)} was used here; "
-                    "save it in its own trace and pass the real tensor instead", user_line()))
+                if value._recorder.open:
+                    what = ("the enclosing trace, which has not run yet, was used in this "
+                            "nested trace; save it there and use it in a trace after that "
+                            "block ends")
+                else:
+                    what = ("an earlier trace was used here; save it in its own trace "
+                            "and pass the real tensor instead")
+                raise TraceError(at_line(f"a value{from_where(value)} from {what}",
+                                         user_line()))
             return value._node
         if isinstance(value, torch.Tensor):
             return self.program.input(value, user_line())
