@@ -525,3 +525,31 @@ def test_top_cells_and_plot_skip_the_cells_a_pair_lacks(tmp_path):
                                     {"layer": [0], "position": [0, 1]})
     with pytest.raises(ValueError, match="no cell"):
         empty.top()
+
+
+class _ExpertBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(8))
+
+    def forward(self, x):
+        return x + sum(expert(x) for expert in self.experts)
+
+
+class _ExpertModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_ExpertBlock() for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_the_blocks_are_the_outermost_module_list():
+    """A block's own ModuleList (8 experts) longer than the stack of blocks (2) is not
+    taken for the blocks (was: the longest ModuleList, silently the experts)."""
+    from fxsight.experiments.sweeps import find_layout
+    layout = find_layout(NNsight(_ExpertModel()))
+    assert [block.path for block in layout.blocks] == ["layers.0", "layers.1"]

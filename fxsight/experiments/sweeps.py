@@ -77,11 +77,15 @@ class Layout:
 
 
 def find_layout(model: Envoy) -> Layout:
-    """The blocks of ``model``: its longest ``ModuleList`` (``transformer.h`` of GPT-2,
-    ``model.layers`` of Llama)."""
+    """The blocks of ``model``: its longest ``ModuleList`` that is not inside another's
+    items (``transformer.h`` of GPT-2, ``model.layers`` of Llama; not the experts of a
+    block, however many)."""
+    lists = [(path, module) for path, module in model._module.named_modules()
+             if isinstance(module, torch.nn.ModuleList)]
     best: tuple[int, str] | None = None
-    for path, module in model._module.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and (best is None or len(module) > best[0]):
+    for path, module in lists:
+        nested = any(path.startswith(f"{outer}.") for outer, _ in lists if outer != path)
+        if not nested and (best is None or len(module) > best[0]):
             best = (len(module), path)
     if best is None:
         raise ValueError("the model has no ModuleList of blocks to sweep over")
