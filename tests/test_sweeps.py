@@ -553,3 +553,14 @@ def test_the_blocks_are_the_outermost_module_list():
     from fxsight.experiments.sweeps import find_layout
     layout = find_layout(NNsight(_ExpertModel()))
     assert [block.path for block in layout.blocks] == ["layers.0", "layers.1"]
+
+
+def test_a_forward_keyword_of_one_prompts_row_is_named(gpt2):
+    """(was: "inputs disagree on the batch size (input_ids has 3, attention_mask has 1
+    rows)", which did not say that a sweep's cells are the rows of one batch)"""
+    clean, corrupted = _prompts()
+    mask = torch.ones(1, clean.shape[-1], dtype=torch.long)
+    with pytest.raises(ValueError, match=r"attention_mask= of shape \(1, \d+\): a sweep "
+                                         r"runs its cells as the rows of one batch"):
+        patching.activation_patching(NNsight(gpt2), clean, corrupted, metric,
+                                     sites=["resid"], progress=False, attention_mask=mask)

@@ -214,6 +214,13 @@ def forward_parameters(model: Envoy) -> set[str]:
 def forward_kwargs(model: Envoy, given: dict) -> dict:
     """The keyword arguments of every forward pass: ``use_cache=False`` where the model
     takes it (a sweep never decodes), then the caller's."""
+    for name, value in given.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 1:
+            raise ValueError(
+                f"{name}= of shape {tuple(value.shape)}: a sweep runs its cells as the rows "
+                f"of one batch, so a forward keyword cannot hold one prompt's row; each "
+                f"prompt runs unpadded (no attention_mask is needed), and its positions "
+                f"are its own")
     kwargs = {}
     if "use_cache" in forward_parameters(model):
         kwargs["use_cache"] = False
