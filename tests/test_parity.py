@@ -211,6 +211,9 @@ def test_the_models_modules_through_the_tracer_as_nnsights_docs_write_them(backe
     with pytest.raises(AttributeError, match="'Tracer' object has no attribute 'layer9'"):
         with NNsight(model).trace(x, backend=backend) as traced:
             traced.layer9.output.save()
+    with pytest.raises(AttributeError, match=r"tracer\.next\(\) is `with tracer\.iter"):
+        with NNsight(model).trace(x, backend=backend) as traced:
+            traced.next()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

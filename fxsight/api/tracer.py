@@ -151,8 +151,11 @@ class Tracer:
         try:
             return getattr(self.model, name)
         except AttributeError:
-            raise AttributeError(f"'Tracer' object has no attribute {name!r}, and the model "
-                                 f"has none either") from None
+            hint = "; nnsight 0.4's tracer.next() is `with tracer.iter[i]:` (or `for step " \
+                "in tracer.iter[...]:`) here" if name == "next" else ""
+            raise AttributeError(at_line(
+                f"'{type(self).__name__}' object has no attribute {name!r}, and the model "
+                f"has none either{hint}", user_line())) from None
 
     @property
     def program(self):
