@@ -35,7 +35,8 @@ from ..record.scope import ALL, Scope, Steps, resolve_choice
 from ..run.forward import fall_back, metadata_source
 from ..run.options import RunOptions
 from ..splice.rows import Rows
-from .tracer import Tracer, scoped_loop
+from .calls import scoped_loop
+from .tracer import Tracer
 
 
 class StepScope:

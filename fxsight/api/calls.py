@@ -1,0 +1,88 @@
+"""``tracer.iter`` and ``tracer.all()`` in a plain trace: the body recorded once per call of
+the modules it reads and writes (a module called several times in one forward pass)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import TraceError, at_line, user_line
+from ..record.recorder import Recorder
+from ..record.scope import ALL, Scope, Steps, resolve_choice
+
+if TYPE_CHECKING:
+    from .tracer import Tracer
+
+
+class CallScope:
+    """``for i in tracer.iter[...]`` in a plain trace: the body recorded once per call
+    ``i`` of the modules it reads and writes. An open-ended slice (or ``tracer.all()``)
+    runs to the number of calls of the modules the first pass of the body uses."""
+
+    def __init__(self, tracer: "Tracer", steps: Steps):
+        self.tracer = tracer
+        self.steps = steps
+        self._previous: Scope | None = None
+
+    def __enter__(self) -> int:
+        if not isinstance(self.steps.choice, int):
+            raise TraceError(at_line("in a trace, `with tracer.iter[...]` takes one call "
+                                     "(an int); loop over several: `for i in "
+                                     "tracer.iter[0:3]:`", user_line()))
+        recorder = self.tracer.recorder
+        self._previous = recorder.scope
+        recorder.scope = recorder.scope._replace(call=self.steps.choice)
+        return self.steps.choice
+
+    def __exit__(self, *exc) -> bool:
+        self.tracer.recorder.scope = self._previous
+        return False
+
+    def __iter__(self):
+        choice = self.steps.choice
+        recorder = self.tracer.recorder
+        if not (choice == ALL or (isinstance(choice, slice) and choice.stop is None)):
+            calls = self.steps.concrete(None)
+            if any(not isinstance(c, int) or c < 0 for c in calls):
+                raise TraceError(at_line(f"tracer.iter[{choice!r}]: calls are counted "
+                                         "from 0", user_line()))
+            yield from scoped_loop(recorder, calls, lambda call: {"call": call})
+            return
+        start, stride = (0, 1) if choice == ALL else (choice.start or 0, choice.step or 1)
+        previous, first = recorder.scope, len(self.tracer.program.nodes)
+        call, count, line = start, None, user_line()
+        try:
+            while count is None or call < count:
+                recorder.scope = previous._replace(call=call)
+                yield call
+                recorder.scope = previous
+                if count is None:
+                    count = self.tracer._calls_of(self.tracer.program.nodes[first:], line)
+                call += stride
+        finally:
+            recorder.scope = previous
+
+
+def scoped_loop(recorder: Recorder, items: list[int], scope_for: Any):
+    """Yield each of ``items`` with the recorder's scope changed by ``scope_for(item)``
+    (a dict of Scope fields), restored after each and when the loop ends or breaks."""
+    previous = recorder.scope
+    try:
+        for item in items:
+            recorder.scope = previous._replace(**scope_for(item))
+            yield item
+            recorder.scope = previous
+    finally:
+        recorder.scope = previous
+
+
+class CallIndexer:
+    """``tracer.iter`` of a plain trace: indexed with an int, a slice or a list of calls."""
+
+    def __init__(self, tracer: "Tracer"):
+        self.tracer = tracer
+
+    def __getitem__(self, choice: Any) -> CallScope:
+        if not isinstance(choice, (int, slice, list, tuple)):
+            raise TypeError(f"tracer.iter takes an int, a slice or a list of calls, "
+                            f"not {choice!r}")
+        return CallScope(self.tracer, Steps(resolve_choice(choice, "call", None)))
