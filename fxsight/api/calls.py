@@ -3,14 +3,11 @@ the modules it reads and writes (a module called several times in one forward pa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import TraceError, at_line, user_line
 from ..record.recorder import Recorder
 from ..record.scope import ALL, Scope, Steps, resolve_choice
-
-if TYPE_CHECKING:
-    from .tracer import Tracer
 
 
 class CallScope:
@@ -18,7 +15,7 @@ class CallScope:
     ``i`` of the modules it reads and writes. An open-ended slice (or ``tracer.all()``)
     runs to the number of calls of the modules the first pass of the body uses."""
 
-    def __init__(self, tracer: "Tracer", steps: Steps):
+    def __init__(self, tracer: Any, steps: Steps):  # (an api.tracer.Tracer)
         self.tracer = tracer
         self.steps = steps
         self._previous: Scope | None = None
@@ -78,7 +75,7 @@ def scoped_loop(recorder: Recorder, items: list[int], scope_for: Any):
 class CallIndexer:
     """``tracer.iter`` of a plain trace: indexed with an int, a slice or a list of calls."""
 
-    def __init__(self, tracer: "Tracer"):
+    def __init__(self, tracer: Any):  # (an api.tracer.Tracer)
         self.tracer = tracer
 
     def __getitem__(self, choice: Any) -> CallScope:
