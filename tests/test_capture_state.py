@@ -184,8 +184,8 @@ def test_a_change_between_traces_is_seen(change, backend):
 class ReadsTorchSettings(torch.nn.Module):
     """A forward whose result depends on torch's process-wide settings: the default dtype
     (read in Python, as transformers' sinusoidal embeddings'
-    ``emb.to(torch.get_default_dtype())``), and branches on inference mode and
-    deterministic algorithms."""
+    ``emb.to(torch.get_default_dtype())``), and branches on inference mode, deterministic
+    algorithms and the float32 matmul precision."""
 
     def __init__(self):
         super().__init__()
@@ -199,6 +199,8 @@ class ReadsTorchSettings(torch.nn.Module):
             h = h * 2
         if torch.are_deterministic_algorithms_enabled():
             h = h - 1
+        if torch.get_float32_matmul_precision() != "highest":
+            h = h + 10
         return h
 
 
@@ -222,10 +224,22 @@ def _deterministic():
         torch.use_deterministic_algorithms(previous)
 
 
+@contextlib.contextmanager
+def _matmul_precision(precision):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 TORCH_SETTINGS = {
     "default dtype": lambda: _default_dtype(torch.float64),
     "inference mode": torch.inference_mode,
     "deterministic algorithms": _deterministic,
+    "float32 matmul precision": lambda: _matmul_precision(
+        "high" if torch.get_float32_matmul_precision() == "highest" else "highest"),
 }
 
 

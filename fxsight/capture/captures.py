@@ -199,14 +199,15 @@ def signature(model: torch.nn.Module, args: tuple, kwargs: dict,
 def _torch_settings() -> tuple:
     """The process-wide torch settings a forward can read and a capture bakes in: the
     default dtype and device (read in Python they are constants of the graph: transformers'
-    ``emb.to(torch.get_default_dtype())``), inference mode and deterministic
-    algorithms (a forward may branch on them), and whether parametrized tensors are cached
-    (``parametrize.cached()``: a capture would bake the cached tensor in, see
-    ``export``). A capture made under other settings is another capture, as a plain
-    forward would see the change."""
+    ``emb.to(torch.get_default_dtype())``), inference mode, deterministic algorithms and
+    the float32 matmul precision (a forward may branch on them), and whether parametrized
+    tensors are cached (``parametrize.cached()``: a capture would bake the cached tensor
+    in, see ``export``). A capture made under other settings is another capture, as a
+    plain forward would see the change."""
     return (torch.get_default_dtype(), default_device_set(),
             torch.is_inference_mode_enabled(), torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled(), parametrization_cache_on())
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.get_float32_matmul_precision(), parametrization_cache_on())
 
 
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # looked at always (a model may move its inputs)
