@@ -1122,7 +1122,7 @@ def test_a_shape_read_in_a_padded_invoke_of_generate_is_refused(models, tokenize
 def test_saved_generators_put_the_random_state_back():
     """(generate's fallback starts a seeded sampling over with them: the CPU's generator
     here, and on a GPU those of the model's CUDA devices too)"""
-    from fxsight.capture.state import saved_generators
+    from fxsight.capture.effects import saved_generators
     restore = saved_generators(torch.nn.Linear(2, 2), (torch.ones(1, 2),), {})
     first = torch.rand(4)
     restore()

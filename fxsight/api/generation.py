@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..capture.state import saved_generators
+from ..capture.effects import saved_generators
 from ..errors import TraceError, at_line, user_line
 from ..generate.decoding import (GraphSteps, HeldStreamer, Unsupported, callers_code_ran,
                                  callers_objects, unchanged_between_steps,

@@ -33,7 +33,8 @@ import torch
 from .._torch import FakeTensorMode, autocast_cache_off, pytree, unset_fake_temporarily
 from ..record.sites import OUTPUT, Site
 from .events import ModuleEvents
-from .state import Watch, kept_forward_effects
+from .effects import kept_forward_effects
+from .state import Watch
 
 MAX_OPAQUE = 8  # modules made opaque in one capture, at most
 

@@ -15,7 +15,8 @@ from .._torch import (FakeTensorMode, autocast_cache_off, fake_embedding_takes_m
 from ..stats import bump
 from . import caches
 from .captures import MAX_CAPTURES, signature
-from .state import Watch, kept_forward_effects
+from .effects import kept_forward_effects
+from .state import Watch
 from .dispatch import offloaded
 from .events import ModuleEvents, silenced_hooks
 from .memory import MemoryNumbers

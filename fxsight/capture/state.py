@@ -36,19 +36,17 @@ the model's first.
 from __future__ import annotations
 
 import collections
-import contextlib
 import enum
 import itertools
 import operator
 import sys
 import types
 import weakref
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from .._torch import (dict_version_reader, global_hook_keys, kept_parametrization_cache,
-                      pytree, real_writes, tensor_version)
+from .._torch import dict_version_reader, global_hook_keys
 from .dispatch import is_accelerate_hook, offloads
 
 # the bound on states remembered per model (a state seen again reuses its captures)
@@ -196,25 +194,6 @@ def _slots(value: Any) -> tuple[str, ...] | None:
 def _slot_values(value: Any, names: tuple[str, ...]) -> tuple:
     """The values of ``value``'s slots ``names``."""
     return tuple(getattr(value, n) for n in names)
-
-
-@contextlib.contextmanager
-def kept_tensors(model: torch.nn.Module):
-    """``model``'s parameters and buffers written in place while active get their values
-    back. For the forwards fxsight runs to learn shapes: fake mode runs an operation whose
-    inputs are all real for real (RWKV's first forward in eval mode divides its weights in
-    place), and a probe with real values runs every one. (Only the model's own memory is
-    copied: not the activations a probe changes in place.)"""
-    storages = {t.untyped_storage().data_ptr()
-                for t in itertools.chain(model.parameters(), model.buffers()) if not t.is_meta}
-    written: list[tuple[torch.Tensor, torch.Tensor]] = []
-    try:
-        with real_writes(written, storages):
-            yield
-    finally:
-        with torch.no_grad():
-            for tensor, value in written:
-                tensor.copy_(value)
 
 
 class Watch:
@@ -619,53 +598,6 @@ class KeptAttributes:
             now = attributes.get(key, value)
             if now is not value and _same(now, value):
                 attributes[key] = value
-
-
-@contextlib.contextmanager
-def kept_forward_effects(model: torch.nn.Module, args: tuple, kwargs: dict
-                         ) -> Iterator[None]:
-    """What a forward of ``model`` run only to learn shapes (on fake or real tensors)
-    changes is put back when the block ends: buffers changed in place get their values
-    back, the random generators (the CPU's, and those of the CUDA devices the model or
-    the inputs are on) their states, and ``parametrize.cached()``'s cache its tensors
-    (not those the forward computed, fake ones included), and parameters written in place
-    their values (:func:`kept_tensors`). A buffer is compared by value too: BatchNorm's
-    kernel updates its running statistics in place without bumping their version
-    counter (a buffer holding NaN is put back whatever happened: the same values)."""
-    saved = [(b, tensor_version(b), b.detach().clone()) for b in model.buffers()
-             if not b.is_meta]
-    try:
-        with torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)), \
-                kept_parametrization_cache(), kept_tensors(model):
-            yield
-    finally:
-        with torch.no_grad():
-            for buffer, version, copy in saved:
-                if tensor_version(buffer) != version or not torch.equal(buffer, copy):
-                    buffer.copy_(copy)
-
-
-def saved_generators(model: torch.nn.Module, args: tuple, kwargs: dict
-                     ) -> Callable[[], None]:
-    """The states of the random generators a forward of ``model`` on these inputs draws
-    from (the CPU's, and those of the CUDA devices the model or the inputs are on), saved
-    now; the function returned puts them back (a run started over draws alike)."""
-    devices = _cuda_devices(model, args, kwargs)
-    cpu = torch.random.get_rng_state()
-    cuda = [(device, torch.cuda.get_rng_state(device)) for device in devices]
-
-    def restore() -> None:
-        torch.random.set_rng_state(cpu)
-        for device, generator_state in cuda:
-            torch.cuda.set_rng_state(generator_state, device)
-    return restore
-
-
-def _cuda_devices(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[int]:
-    """The CUDA devices a forward of ``model`` on these inputs may draw random numbers on."""
-    tensors = [*model.parameters(), *model.buffers(),
-               *(v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor))]
-    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, list[Watch]]" = \

@@ -36,17 +36,25 @@ _SHADOWED_FIELDS = frozenset(name for t in _RETURN_TYPES
 _COMMON_FIELDS = frozenset({"values", "indices"})
 
 
+def _one_loss(call: str, losses: Any, grads: Any, line: Any) -> tuple[Any, Any]:
+    """The one loss (and its gradient) of ``torch.autograd.backward`` or ``.grad`` called
+    on traced values, given alone or as a sequence of one."""
+    if not isinstance(losses, (tuple, list)):
+        return losses, grads
+    if len(losses) != 1:
+        raise TraceError(at_line(
+            f"{call} of several traced values cannot be recorded; take it of their sum "
+            f"(`(a * ga).sum() + (b * gb).sum()`)", line))
+    if isinstance(grads, (tuple, list)):
+        grads = grads[0] if grads else None
+    return losses[0], grads
+
+
 def _autograd_backward(tensors: Any, grad_tensors: Any = None, retain_graph: Any = None,
                        create_graph: bool = False, inputs: Any = None) -> Any:
     """``torch.autograd.backward(loss, ...)`` on a traced value: ``loss.backward(...)``."""
-    if isinstance(tensors, (tuple, list)):
-        if len(tensors) != 1:
-            raise TraceError(at_line(
-                "torch.autograd.backward of several traced values cannot be recorded; call "
-                "backward() on their sum (`(a * ga).sum() + (b * gb).sum()`)", user_line()))
-        tensors = tensors[0]
-        if isinstance(grad_tensors, (tuple, list)):
-            grad_tensors = grad_tensors[0] if grad_tensors else None
+    tensors, grad_tensors = _one_loss("torch.autograd.backward", tensors, grad_tensors,
+                                      user_line())
     if not isinstance(tensors, Proxy):
         raise TraceError(at_line("torch.autograd.backward in a trace takes the traced loss "
                                  "as its first argument", user_line()))
@@ -64,17 +72,9 @@ def _autograd_grad(outputs: Any, inputs: Any, grad_outputs: Any = None,
     loss with respect to module values (or items of them), as a tuple; nothing is
     accumulated into the parameters' ``.grad``."""
     line = user_line()
-    if isinstance(outputs, (tuple, list)):
-        if len(outputs) != 1:
-            raise TraceError(at_line(
-                "torch.autograd.grad of several traced outputs cannot be recorded; take the "
-                "gradient of their sum (`(a * ga).sum() + (b * gb).sum()`)", line))
-        outputs = outputs[0]
-        if isinstance(grad_outputs, (tuple, list)):
-            grad_outputs = grad_outputs[0] if grad_outputs else None
-    single = isinstance(inputs, Proxy)
-    inputs = [inputs] if single else list(inputs) if isinstance(inputs, (tuple, list)) \
-        else None
+    outputs, grad_outputs = _one_loss("torch.autograd.grad", outputs, grad_outputs, line)
+    inputs = [inputs] if isinstance(inputs, Proxy) else \
+        list(inputs) if isinstance(inputs, (tuple, list)) else None
     if not isinstance(outputs, Proxy) or not inputs or \
             not all(isinstance(i, Proxy) for i in inputs):
         raise TraceError(at_line("torch.autograd.grad in a trace takes a traced loss and "

@@ -1,0 +1,80 @@
+"""What a forward that fxsight runs only to learn shapes (a scan on fake tensors, an opaque
+call's recording on real ones) changes is put back: the model's parameters and buffers
+written in place, the random generators and ``parametrize.cached()``'s cache, so that a
+trace changes the model and the process only as its plain forward does."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Callable, Iterator
+
+import torch
+
+from .._torch import kept_parametrization_cache, pytree, real_writes, tensor_version
+
+
+@contextlib.contextmanager
+def kept_tensors(model: torch.nn.Module):
+    """``model``'s parameters and buffers written in place while active get their values
+    back. For the forwards fxsight runs to learn shapes: fake mode runs an operation whose
+    inputs are all real for real (RWKV's first forward in eval mode divides its weights in
+    place), and a probe with real values runs every one. (Only the model's own memory is
+    copied: not the activations a probe changes in place.)"""
+    storages = {t.untyped_storage().data_ptr()
+                for t in itertools.chain(model.parameters(), model.buffers()) if not t.is_meta}
+    written: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with real_writes(written, storages):
+            yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in written:
+                tensor.copy_(value)
+
+
+@contextlib.contextmanager
+def kept_forward_effects(model: torch.nn.Module, args: tuple, kwargs: dict
+                         ) -> Iterator[None]:
+    """What a forward of ``model`` run only to learn shapes (on fake or real tensors)
+    changes is put back when the block ends: buffers and parameters changed in place get
+    their values back (:func:`kept_tensors`), the random generators (the CPU's, and those
+    of the CUDA devices the model or the inputs are on) their states, and
+    ``parametrize.cached()``'s cache its tensors (not those the forward computed, fake
+    ones included). A buffer is compared by value too: BatchNorm's kernel updates its
+    running statistics in place without bumping their version counter (a buffer holding
+    NaN is put back whatever happened: the same values)."""
+    saved = [(b, tensor_version(b), b.detach().clone()) for b in model.buffers()
+             if not b.is_meta]
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)), \
+                kept_parametrization_cache(), kept_tensors(model):
+            yield
+    finally:
+        with torch.no_grad():
+            for buffer, version, copy in saved:
+                if tensor_version(buffer) != version or not torch.equal(buffer, copy):
+                    buffer.copy_(copy)
+
+
+def saved_generators(model: torch.nn.Module, args: tuple, kwargs: dict
+                     ) -> Callable[[], None]:
+    """The states of the random generators a forward of ``model`` on these inputs draws
+    from (the CPU's, and those of the CUDA devices the model or the inputs are on), saved
+    now; the function returned puts them back (a run started over draws alike)."""
+    devices = _cuda_devices(model, args, kwargs)
+    cpu = torch.random.get_rng_state()
+    cuda = [(device, torch.cuda.get_rng_state(device)) for device in devices]
+
+    def restore() -> None:
+        torch.random.set_rng_state(cpu)
+        for device, generator_state in cuda:
+            torch.cuda.set_rng_state(generator_state, device)
+    return restore
+
+
+def _cuda_devices(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[int]:
+    """The CUDA devices a forward of ``model`` on these inputs may draw random numbers on."""
+    tensors = [*model.parameters(), *model.buffers(),
+               *(v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor))]
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
