@@ -996,3 +996,70 @@ def test_a_size_an_operation_returns_stays_a_size(backend):
         assert type(saved) is torch.Size and saved == x.size()
         assert count == x.numel()
         assert type(tail) is torch.Size and tail == x.size()[1:]
+
+
+# --- names: one-line forwards, signatures -----------------------------------------------------
+class _OneLine(torch.nn.Module):
+    def forward(self, x): return torch.relu(x) * 2  # noqa: E704
+
+
+class _CallInDefault(torch.nn.Module):
+    def forward(self, x,
+                scale=float("2.0")):
+        return torch.relu(x) * scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_forward_on_the_def_line_has_its_operations(backend):
+    """A forward whose body is on its ``def`` line names its calls (was: none, since every
+    call on the ``def`` line was taken for one in the signature)."""
+    net = NNsight(_OneLine())
+    assert net.source.operations == ["torch_relu_0"]
+    x = torch.randn(2, 3)
+    with net.trace(x, backend=backend):
+        before = net.source.torch_relu_0.output.save()
+        net.source.torch_relu_0.output = torch.ones(2, 3)
+        out = net.output.save()
+    assert torch.equal(before, torch.relu(x))
+    assert torch.equal(out, torch.full((2, 3), 2.0))
+
+
+def test_a_call_in_the_signature_is_not_an_operation():
+    """A default computed by a call (``scale=float("2.0")``) runs once, when the function
+    is defined, not in the forward pass: it is not an operation (was: ``float_0``, listed
+    on the signature's line, with a value from binding the instrumented forward)."""
+    net = NNsight(_CallInDefault())
+    assert net.source.operations == ["torch_relu_0"]
+    listing = str(net.source)
+    assert not any("->" in line and "scale=" in line for line in listing.splitlines())
+    x = torch.randn(2, 3)
+    for backend in BACKENDS:
+        with net.trace(x, backend=backend):
+            out = net.output.save()
+        assert torch.equal(out, torch.relu(x) * 2.0)
+
+
+# --- errors -----------------------------------------------------------------------------------
+def test_source_of_an_operation_calling_a_module_or_a_builtin_says_so():
+    """``.source`` of an operation that calls a module points to the module's envoy, of
+    one that calls a builtin says it has no Python source (was: both "not called in this
+    forward pass (its line is not reached)")."""
+    net = NNsight(ReluNet())
+    x = torch.randn(2, 3)
+    with pytest.raises(TraceError, match=r"self_fc_0 calls a module \(Linear\).*model\.fc\.source"):
+        with net.trace(x):
+            net.source.self_fc_0.source
+    with pytest.raises(TraceError, match=r"torch_relu_0 calls relu\(\), which is not a Python "
+                                         r"function"):
+        with net.trace(x):
+            net.source.torch_relu_0.source
+    # outside a trace, from the last trace that looked
+    with pytest.raises(TraceError, match=r"torch_relu_0 calls relu\(\)"):
+        net.source.torch_relu_0.source
+
+
+def test_nnsight_call_methods_of_an_operation_name_the_tracer_spelling():
+    net = NNsight(_Loop())
+    with pytest.raises(AttributeError, match=r"tracer\.iter\[1\]"):
+        with net.trace(torch.randn(2, 3)):
+            net.source.torch_tanh_0.next()

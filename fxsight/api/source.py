@@ -18,7 +18,8 @@ import difflib
 import weakref
 from typing import Any, Callable
 
-from ..capture.operations import SOURCE, Parsed, SourceError, describe, forward_slot, parse
+from ..capture.operations import (SOURCE, Opaque, Parsed, SourceError, describe, forward_slot,
+                                  parse)
 from ..errors import TraceError, at_line, user_line
 from ..record.active import current_tracer
 from ..record.proxy import Proxy
@@ -187,7 +188,19 @@ class OperationEnvoy:
             raise TraceError(at_line(
                 f"{self.label} is not called in this forward pass (its line is not "
                 f"reached with these inputs)", user_line()))
-        return SourceEnvoy(root, callees[self._path], f"{self._path}.{SOURCE}", self.label)
+        called = callees[self._path]
+        if isinstance(called, Opaque):
+            raise TraceError(at_line(_no_source(self.label, called, root), user_line()))
+        return SourceEnvoy(root, called, f"{self._path}.{SOURCE}", self.label)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        hint = _NNSIGHT_METHODS.get(name)
+        hint = f"; {hint}" if hint else ""
+        raise AttributeError(at_line(
+            f"{self.label} has no attribute {name!r} (an operation has .output, .input, "
+            f".inputs and .source){hint}", user_line()))
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("output", "input", "inputs"):
@@ -208,6 +221,30 @@ class OperationEnvoy:
             marker = "-->" if i == index else "   "
             out.append(f" {marker} {parsed.first_line + i - parsed.def_index:5d}  {lines[i]}")
         return "\n".join(out)
+
+
+# envoy methods of older nnsight versions that fxsight spells with the tracer
+_NNSIGHT_METHODS = {
+    "next": "nnsight's `op.next()` (the operation's next call) is written with the tracer: "
+            "`with tracer.iter[1]: h = op.output` (or `for i in tracer.iter[0:3]:`)",
+    "all": "nnsight's `op.all()` (every call) is written with the tracer: `with "
+           "tracer.all(): op.output[:] = 0` (or `for i in tracer.all():`)",
+    "iter": "nnsight's `op.iter[...]` is written with the tracer: `with tracer.iter[1:3]: "
+            "...` (or `for i in tracer.iter[1:3]:`)",
+}
+
+
+def _no_source(label: str, called: Opaque, root: Any) -> str:
+    """Why an operation calling ``called`` (a module, a builtin) has no ``.source``."""
+    module = called.module() if called.module is not None else None
+    if module is None:
+        return (f"{label} calls {called.name}, which is not a Python function: it has no "
+                f"source to show or instrument")
+    path = next((p for p, m in root._module.named_modules() if m is module), None)
+    where = f"model.{path}.source" if path else ("model.source" if path == "" else
+                                                  "the module's envoy's .source")
+    return (f"{label} calls a module ({called.name}): an operation that calls a module "
+            f"has no .source of its own; the module's operations are {where}")
 
 
 def _hooked_call_around(tracer: Any, path: str) -> tuple[str, Any] | None:

@@ -61,7 +61,7 @@ class ModuleEvents:
         self.copy_back = copy_back
         # the operations spec (see ``capture.operations``): calls inside forwards that are
         # events too, sites ``<module>.source.<op>``; ``callees``: op path -> the function
-        # it called (the last call)
+        # it called (the last call), or an ``ops.Opaque`` (a module, a builtin)
         self.operations = operations
         self.callees: dict[str, Any] = {}
         self.calls: dict[str, int] = {}
@@ -122,9 +122,7 @@ class ModuleEvents:
 
             def call(*args, **kwargs):
                 target = fn
-                function = getattr(fn, "__func__", fn)
-                if isinstance(function, types.FunctionType):  # (for ``.source`` of it;
-                    self.callees[path] = function          # no tensors, no modules kept)
+                self.callees[path] = ops.callee(fn)  # (for ``.source`` of it)
                 if inner is not None:
                     target = self._instrumented_callee(fn, path, inner)
                 if not emit:

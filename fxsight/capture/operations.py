@@ -95,17 +95,20 @@ class _Namer(ast.NodeTransformer):
         return "unknown"
 
     def visit_FunctionDef(self, node):
-        if self.start is None:
-            self.start = node.lineno
-            self.decorators = node.decorator_list
-            node.decorator_list = []
-        return self.generic_visit(node)
+        if self.start is not None:
+            return self.generic_visit(node)  # (a function defined inside the forward)
+        # the function itself: only its body runs in a call. Its decorators, defaults and
+        # annotations are evaluated when it is defined: not operations, not rewritten
+        self.start = node.lineno
+        self.decorators = node.decorator_list
+        node.decorator_list = []
+        body = ast.Module(body=node.body, type_ignores=[])
+        node.body = self.visit(body).body
+        return node
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
     def visit_Call(self, node):
-        if self.start is not None and node.lineno <= self.start:
-            return self.generic_visit(node)  # (in the signature: defaults)
         self.generic_visit(node)
         base = self.base(node.func)
         if isinstance(node.func, ast.Name) and node.func.id in _UNWRAPPED:
@@ -244,6 +247,27 @@ def _describe(function: Any) -> str:
 
 def describe(function: Any) -> str:
     return _describe(innermost(function))
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """What an operation called that has no Python source of its own (a callee of
+    ``ModuleEvents.callees`` that is not a function): a module, weakly, or a builtin."""
+
+    name: str  # the builtin's name (``relu()``), or the module's class name
+    module: Any = None  # weakref.ref to the module called, else None
+
+
+def callee(fn: Any) -> Any:
+    """What ``.source`` of an operation calling ``fn`` shows: its plain function, else an
+    :class:`Opaque` (keeps no module, no tensor alive)."""
+    function = getattr(fn, "__func__", fn)
+    if inspect.isfunction(function):
+        return function
+    if isinstance(fn, torch.nn.Module):
+        return Opaque(type(fn).__name__, weakref.ref(fn))
+    name = getattr(fn, "__name__", None)
+    return Opaque(f"{name}()" if isinstance(name, str) else f"a {type(fn).__name__} object")
 
 
 # --- specs -------------------------------------------------------------------------------
