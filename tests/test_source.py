@@ -1063,3 +1063,35 @@ def test_nnsight_call_methods_of_an_operation_name_the_tracer_spelling():
     with pytest.raises(AttributeError, match=r"tracer\.iter\[1\]"):
         with net.trace(torch.randn(2, 3)):
             net.source.torch_tanh_0.next()
+
+
+class _WithClosure(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        scale = 3.0
+
+        def inner(t):  # (a closure of the forward: of its instrumented copy when traced)
+            return torch.tanh(t) * scale
+        return inner(self.fc(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_source_of_a_function_defined_inside_the_forward(backend):
+    """``.source`` of an operation calling a closure the forward defines reads and writes
+    its calls (was: a SyntaxError, the closure's dispatcher taken for a variable of its
+    own)."""
+    torch.manual_seed(0)
+    module = _WithClosure()
+    net = NNsight(module)
+    x = torch.randn(2, 3)
+    with net.trace(x, backend=backend):
+        inner = net.source.inner_0.source
+        tanh = inner.torch_tanh_0.output.save()
+        inner.torch_tanh_0.output = tanh * 0 + 1
+        out = net.output.save()
+    assert inner.operations == ["torch_tanh_0"]
+    assert torch.equal(tanh, torch.tanh(module.fc(x)))
+    assert torch.equal(out, torch.full((2, 3), 3.0))

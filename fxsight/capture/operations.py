@@ -160,7 +160,7 @@ def parse(function: Any) -> Parsed:
     definition = tree.body[0]
     # factory(dispatch, *free variables) -> the instrumented function, its free variables
     # (a closure, ``__class__`` for zero-argument ``super()``) as the factory's cells
-    freevars = list(inner.__code__.co_freevars)
+    freevars = _free_variables(inner)
     factory = ast.FunctionDef(
         name="__fxsight_factory__",
         args=ast.arguments(posonlyargs=[], args=[ast.arg(arg=DISPATCH)] +
@@ -183,6 +183,13 @@ def parse(function: Any) -> Parsed:
     _PARSED[inner] = parsed
     linecache.getlines(filename)  # (keep the file's lines for tracebacks)
     return parsed
+
+
+def _free_variables(function: Callable) -> list[str]:
+    """The free variables of ``function`` that its instrumented copy is given. A function
+    defined inside an instrumented one (a closure of a traced forward) has the outer one's
+    dispatcher among them: its copy has a dispatcher of its own instead."""
+    return [name for name in function.__code__.co_freevars if name != DISPATCH]
 
 
 def _parsed_lines(raw: list[str], function: Any) -> tuple[list[str], ast.Module]:
@@ -224,7 +231,9 @@ def instrumented(function: Any, dispatch: Callable) -> Callable:
     documentation-only ones); one that cannot be is a :class:`SourceError`."""
     parsed = parse(function)
     inner = parsed.function
-    cells = [c.cell_contents for c in (inner.__closure__ or ())]
+    names = inner.__code__.co_freevars
+    cells = [cell.cell_contents for name, cell in zip(names, inner.__closure__ or ())
+             if name != DISPATCH]
     new = parsed.factory(dispatch, *cells)
     new.__defaults__ = inner.__defaults__
     new.__kwdefaults__ = inner.__kwdefaults__
