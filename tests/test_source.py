@@ -1095,3 +1095,26 @@ def test_source_of_a_function_defined_inside_the_forward(backend):
     assert inner.operations == ["torch_tanh_0"]
     assert torch.equal(tanh, torch.tanh(module.fc(x)))
     assert torch.equal(out, torch.full((2, 3), 3.0))
+
+
+def test_an_operation_calling_a_closure_keeps_nothing_alive():
+    """What ``.source`` shows of a closure the forward defines is its code: the caches keep
+    neither its variables (the trace's tensors) nor, through the instrumented forward's
+    dispatcher, the model (was: the model was never collected)."""
+    import gc
+    import weakref
+
+    def run(backend, nested):
+        module = _WithClosure()
+        net = NNsight(module)
+        x = torch.randn(4, 3)
+        with net.trace(x, backend=backend):
+            operation = net.source.inner_0
+            (operation.source.torch_tanh_0 if nested else operation).output.save()
+        return weakref.ref(module), weakref.ref(net)
+
+    for backend in BACKENDS:
+        for nested in (False, True):
+            module, net = run(backend, nested)
+            gc.collect()
+            assert module() is None and net() is None, (backend, nested)

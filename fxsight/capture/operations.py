@@ -26,6 +26,7 @@ import ast
 import inspect
 import linecache
 import textwrap
+import types
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -272,11 +273,24 @@ def callee(fn: Any) -> Any:
     :class:`Opaque` (keeps no module, no tensor alive)."""
     function = getattr(fn, "__func__", fn)
     if inspect.isfunction(function):
-        return function
+        return _without_variables(innermost(function))
     if isinstance(fn, torch.nn.Module):
         return Opaque(type(fn).__name__, weakref.ref(fn))
     name = getattr(fn, "__name__", None)
     return Opaque(f"{name}()" if isinstance(name, str) else f"a {type(fn).__name__} object")
+
+
+def _without_variables(function: Callable) -> Callable:
+    """``function``, or where it is a closure a call made (a function defined inside
+    another one, the forward), a copy of it with empty cells: its source and names are its
+    code's, and the caches keep neither that call's variables (its tensors) nor the
+    instrumented forward's dispatcher (and through it the model)."""
+    if not function.__closure__ or "<locals>" not in function.__qualname__:
+        return function
+    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__,
+                              None, tuple(types.CellType() for _ in function.__closure__))
+    copy.__qualname__ = function.__qualname__
+    return copy
 
 
 # --- specs -------------------------------------------------------------------------------
