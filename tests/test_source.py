@@ -1118,3 +1118,64 @@ def test_an_operation_calling_a_closure_keeps_nothing_alive():
             module, net = run(backend, nested)
             gc.collect()
             assert module() is None and net() is None, (backend, nested)
+
+
+class _Private(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.__scale = 3.0
+
+    def forward(self, x):
+        return torch.relu(x) * self.__scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_forward_reading_a_private_attribute(backend):
+    """``self.__scale`` in a method of ``_Private`` is ``self._Private__scale``, also in the
+    instrumented forward (was: AttributeError ``'_Private' object has no attribute
+    '__scale'``, the copy compiled outside the class body)."""
+    module = _Private()
+    net = NNsight(module)
+    x = torch.randn(2, 3)
+    with net.trace(x, backend=backend):
+        net.source.torch_relu_0.output[:, 0] = 1.0
+        out = net.output.save()
+    expected = torch.relu(x)
+    expected[:, 0] = 1.0
+    assert torch.equal(out, expected * 3.0)
+
+
+_EDITED = '''
+import torch
+
+
+class Edited(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+'''
+
+
+def test_a_model_file_edited_after_import_is_refused(tmp_path):
+    """The source file of a loaded model edited on disk (in a notebook, before reloading
+    the module) is not the code that runs: ``.source`` refuses it (was: the trace ran the
+    edited file's forward, silently other numbers than the model's)."""
+    import importlib.util
+    path = tmp_path / "edited_model_for_source.py"
+    path.write_text(_EDITED)
+    spec = importlib.util.spec_from_file_location("edited_model_for_source", path)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    module = loaded.Edited()
+    path.write_text(_EDITED.replace("torch.relu(self.fc(x))", "torch.relu(self.fc(x)) * 100"))
+    net = NNsight(module)
+    x = torch.randn(2, 3)
+    for backend in BACKENDS:
+        with pytest.raises(TraceError, match="not the code that runs"):
+            with net.trace(x, backend=backend):
+                net.source.torch_relu_0.output.save()
+                out = net.output.save()
+            assert torch.equal(out, module(x))  # (what it got before: the edited forward's)

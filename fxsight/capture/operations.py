@@ -22,7 +22,10 @@ also instruments the function that ``a_0`` calls, and so on.
 
 from __future__ import annotations
 
+import __future__
 import ast
+import copy
+import importlib.machinery
 import inspect
 import linecache
 import textwrap
@@ -30,6 +33,7 @@ import types
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any, Callable
 
 import torch
@@ -156,24 +160,22 @@ def parse(function: Any) -> Parsed:
     if not isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)):
         raise SourceError(f"the source of {_describe(function)} is not a def statement")
     def_index = definition.lineno - 1
-    namer = _Namer()
-    tree = namer.visit(tree)
-    definition = tree.body[0]
-    # factory(dispatch, *free variables) -> the instrumented function, its free variables
-    # (a closure, ``__class__`` for zero-argument ``super()``) as the factory's cells
+    owner = _defining_class(inner)
     freevars = _free_variables(inner)
-    factory = ast.FunctionDef(
-        name="__fxsight_factory__",
-        args=ast.arguments(posonlyargs=[], args=[ast.arg(arg=DISPATCH)] +
-                           [ast.arg(arg=v) for v in freevars],
-                           kwonlyargs=[], kw_defaults=[], defaults=[]),
-        body=[definition, ast.Return(value=ast.Name(id=definition.name, ctx=ast.Load()))],
-        decorator_list=[], returns=None)
-    module = ast.Module(body=[factory], type_ignores=[])
-    ast.fix_missing_locations(module)
-    ast.increment_lineno(module, first - 1)
     filename = inner.__code__.co_filename
-    code = compile(module, filename, "exec")
+    flags = inner.__code__.co_flags & _FUTURE_FLAGS
+    if _compiled_from_its_file(inner):  # (see there: what can be compared)
+        _check_unchanged(function, inner, _Mangler(owner).visit(copy.deepcopy(tree)),
+                         freevars, filename, flags)
+    namer = _Namer()
+    # (named as written; ``self.__x`` in a method of ``Cls`` is then ``self._Cls__x``)
+    tree = _Mangler(owner).visit(namer.visit(tree))
+    definition = tree.body[0]
+    module = _factory(definition, freevars)
+    ast.increment_lineno(module, first - 1)
+    # (its annotations are kept as strings: binding the copy evaluates none)
+    code = compile(module, filename, "exec", dont_inherit=True,
+                   flags=flags | __future__.annotations.compiler_flag)
     namespace: dict[str, Any] = {}
     exec(code, inner.__globals__, namespace)  # (binds the factory in ``namespace`` only)
     decorators = [(ast.unparse(d), compile(ast.Expression(body=d), filename, "eval"))
@@ -184,6 +186,144 @@ def parse(function: Any) -> Parsed:
     _PARSED[inner] = parsed
     linecache.getlines(filename)  # (keep the file's lines for tracebacks)
     return parsed
+
+
+def _factory(definition: ast.AST, freevars: list[str]) -> ast.Module:
+    """``def __fxsight_factory__(dispatch, *free variables)`` returning the function
+    ``definition`` defines: its free variables (a closure's, ``__class__`` for
+    zero-argument ``super()``) are the factory's cells."""
+    factory = ast.FunctionDef(
+        name="__fxsight_factory__",
+        args=ast.arguments(posonlyargs=[], args=[ast.arg(arg=DISPATCH)] +
+                           [ast.arg(arg=v) for v in freevars],
+                           kwonlyargs=[], kw_defaults=[], defaults=[]),
+        body=[definition, ast.Return(value=ast.Name(id=definition.name, ctx=ast.Load()))],
+        decorator_list=[], returns=None)
+    module = ast.Module(body=[factory], type_ignores=[])
+    ast.fix_missing_locations(module)
+    return module
+
+
+# the compiler flags of ``from __future__ import ...`` (a function's copy keeps its own)
+_FUTURE_FLAGS = 0
+for _feature in __future__.all_feature_names:
+    _FUTURE_FLAGS |= getattr(__future__, _feature).compiler_flag
+
+
+def _check_unchanged(function: Any, inner: Callable, tree: ast.Module, freevars: list[str],
+                     filename: str, flags: int) -> None:
+    """Raises :class:`SourceError` where the source text no longer compiles to the code
+    that runs (the file was edited after the module was imported): an instrumented copy
+    of it would run other code than the model's."""
+    definition = tree.body[0]
+    definition.decorator_list = []
+    module = _factory(definition, freevars)
+    try:
+        code = compile(module, filename, "exec", flags=flags, dont_inherit=True)
+    except SyntaxError:
+        code = None
+    factory = next((c for c in (code.co_consts if code else ()) if isinstance(c, CodeType)),
+                   None)
+    compiled = next((c for c in (factory.co_consts if factory else ())
+                     if isinstance(c, CodeType) and c.co_name == definition.name), None)
+    if compiled is None or not _same_code(compiled, inner.__code__):
+        raise SourceError(
+            f"the source of {_describe(function)} in {filename} is not the code that runs "
+            f"(the file changed after it was imported): reload the module "
+            f"(importlib.reload) or restart, then build the model again")
+
+
+def _compiled_from_its_file(function: Callable) -> bool:
+    """Whether ``function``'s module was compiled from its file as it was (Python's own
+    loader), so that its code can be compared with the file's text: not where an import
+    hook rewrote it (pytest's asserts), nor where compiled by hand from a string (the
+    instrumented copy of a closure defined in a traced forward, a notebook's cell)."""
+    if DISPATCH in function.__code__.co_freevars:
+        return False
+    loader = function.__globals__.get("__loader__")
+    return type(loader) is importlib.machinery.SourceFileLoader
+
+
+def _same_code(a: CodeType, b: CodeType) -> bool:
+    """Whether two code objects are, as far as can be told apart, the same code: the same
+    local variables, the same names read (globals, attributes, free variables) and the same
+    numbers, here and in the functions they define. What else the compiler chooses depends
+    on the rest of the module (a method call's opcodes, whether a recursive function finds
+    itself as a global or a free variable, how a long call is built): not compared. An
+    edit that changes only an operator or a string is not seen."""
+    if a.co_varnames != b.co_varnames or \
+            set(a.co_names + a.co_freevars) != set(b.co_names + b.co_freevars) or \
+            sorted(map(repr, _numbers(a))) != sorted(map(repr, _numbers(b))):
+        return False
+    inner_a = [c for c in a.co_consts if isinstance(c, CodeType)]
+    inner_b = [c for c in b.co_consts if isinstance(c, CodeType)]
+    return len(inner_a) == len(inner_b) and \
+        all(_same_code(x, y) for x, y in zip(inner_a, inner_b))
+
+
+def _numbers(code: CodeType) -> list:
+    return [c for c in code.co_consts
+            if type(c) in (int, float, complex) and not isinstance(c, bool)]
+
+
+def _defining_class(function: Callable) -> str | None:
+    """The class whose body defines ``function`` (its private names are mangled), else
+    ``None``."""
+    parts = function.__qualname__.split(".")
+    if len(parts) < 2 or parts[-2] == "<locals>":
+        return None
+    return parts[-2]
+
+
+class _Mangler(ast.NodeTransformer):
+    """Python's private-name mangling of a method of class ``owner``: ``__x`` (not ending
+    in ``__``) is ``_owner__x`` in names, attributes, parameters and imports (not in
+    keyword arguments of calls, as the compiler does)."""
+
+    def __init__(self, owner: str | None):
+        self.prefix = "_" + (owner or "").lstrip("_")
+        self.active = bool((owner or "").lstrip("_"))
+        self.top = True
+
+    def mangled(self, name: str) -> str:
+        if self.active and name.startswith("__") and not name.endswith("__") \
+                and "." not in name:
+            return self.prefix + name
+        return name
+
+    def visit_Name(self, node):
+        node.id = self.mangled(node.id)
+        return node
+
+    def visit_Attribute(self, node):
+        node.attr = self.mangled(node.attr)
+        return self.generic_visit(node)
+
+    def visit_arg(self, node):
+        node.arg = self.mangled(node.arg)
+        return self.generic_visit(node)
+
+    def visit_alias(self, node):
+        if node.asname:
+            node.asname = self.mangled(node.asname)
+        return node
+
+    def visit_Global(self, node):
+        node.names = [self.mangled(n) for n in node.names]
+        return node
+
+    visit_Nonlocal = visit_Global
+
+    def visit_FunctionDef(self, node):
+        if not self.top:
+            node.name = self.mangled(node.name)
+        self.top = False
+        return self.generic_visit(node)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_ClassDef(self, node):
+        return node  # (a class defined inside: its own mangling, rare; left as written)
 
 
 def _free_variables(function: Callable) -> list[str]:
