@@ -31,6 +31,8 @@ from ..record.program import (AUTOGRAD_GRAD, Kind, ModuleCall, Node, Program, ex
                               map_nodes, node_args, origin, replace, select, set_attribute,
                               setitem)
 from .rows import Rows, conform, narrow_rows, splice_rows
+from ..capture.dispatch import execution_device, loads_weights
+from ..capture.effects import kept_forward_effects
 from .shared_memory import SharedMemory, memory_of, read_root
 from .gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
 from ..record.sites import Site, is_operation, module_label
@@ -629,6 +631,8 @@ def _module_call_meta(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
     """A module applied to meta values: with meta copies of its weights (fast), else, for
     modules that need real devices or data, on fake tensors."""
     module = call.module
+    if loads_weights(module):
+        return _probe_offloaded(call, args, kwargs)
     try:
         state = {name: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
                  for name, t in itertools.chain(module.named_parameters(),
@@ -637,6 +641,23 @@ def _module_call_meta(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
             lambda: torch.func.functional_call(module, state, tuple(args), kwargs))
     except Exception:  # noqa: BLE001
         return _fake_execute("call_function", call, args, kwargs, call.device())
+
+
+def _probe_offloaded(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
+    """A module whose weights accelerate loads in each call (offloaded to CPU memory or
+    disk), applied to zeros of the meta values' shapes on its execution device: its hooks
+    load real weights, which neither meta copies nor fake mode can stand in for (fake mode
+    would leave fake tensors as its parameters). What the call changes (buffers, the random
+    generators) is put back; the result is given back as meta tensors."""
+    device = execution_device(call.module)
+    args, kwargs = pytree.tree_map_only(
+        torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device)
+        if t.is_meta else t, (args, kwargs))
+    with torch.no_grad(), kept_forward_effects(call.module, args, kwargs):
+        result = call(*args, **kwargs)
+    return pytree.tree_map_only(
+        torch.Tensor, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                                    device="meta"), result)
 
 
 def _fake_execute(op: str, target: Any, args: tuple, kwargs: dict,
