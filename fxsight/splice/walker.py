@@ -33,6 +33,7 @@ from ..record.program import (AUTOGRAD_GRAD, Kind, ModuleCall, Node, Program, ex
 from .rows import Rows, conform, narrow_rows, splice_rows
 from ..capture.dispatch import execution_device, loads_weights
 from ..capture.effects import kept_forward_effects
+from ..capture.events import silenced_hooks
 from .shared_memory import SharedMemory, memory_of, read_root
 from .gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
 from ..record.sites import Site, is_operation, module_label
@@ -629,7 +630,13 @@ def _device_move_meta(target: str, args: tuple, kwargs: dict) -> Any:
 
 def _module_call_meta(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
     """A module applied to meta values: with meta copies of its weights (fast), else, for
-    modules that need real devices or data, on fake tensors."""
+    modules that need real devices or data, on fake tensors. The hooks already on its
+    modules (the user's, torch's global ones) do not run: they see the real call only."""
+    with silenced_hooks(call.module):
+        return _module_call_shapes(call, args, kwargs)
+
+
+def _module_call_shapes(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
     module = call.module
     if loads_weights(module):
         return _probe_offloaded(call, args, kwargs)
