@@ -27,7 +27,8 @@ from .._torch import (DataDependentOutputException, DynamicOutputShapeException,
 
 from ..errors import (DataDependentError, ItemAssignmentError, NotOnGraph, OrderError,
                       ShapeError, ShapeIndexError, TraceError, at_line)
-from ..record.program import (AUTOGRAD_GRAD, Kind, ModuleCall, Node, Program, execute,
+from ..record.program import (AUTOGRAD_GRAD, Kind, ModuleCall, Node, Program, draws_random,
+                              execute,
                               map_nodes, node_args, origin, replace, select, set_attribute,
                               setitem)
 from .rows import Rows, conform, narrow_rows, splice_rows
@@ -68,6 +69,11 @@ class Walker:
         self.read_versions: dict[Node, int] = {}  # the version each read saw
         # in-place changes and raw writes (held apart from the walker: no reference cycle)
         self.shared = SharedMemory(site_aliases or _no_aliases)
+        # where each invoke's block has reached (the latest position of its nodes so far):
+        # a random draw runs no earlier, so draws keep the block's order (as nnsight runs
+        # each line where the forward is); the draws held back, with the read they follow
+        self.reached: dict[int | None, int] = {}
+        self.held_draws: dict[Node, int] = {}
 
     # --- domain hooks -------------------------------------------------------------------
 
@@ -113,6 +119,9 @@ class Walker:
             self._write(node)
         else:
             self._op(node)
+        position = self.positions.get(node, BEFORE_ALL)
+        if position > self.reached.get(node.invoke, BEFORE_ALL):
+            self.reached[node.invoke] = position
 
     def position_of_site(self, node: Node, site: Site | None = None) -> int:
         site = node.site if site is None else site
@@ -234,7 +243,7 @@ class Walker:
             raise OrderError(at_line(
                 f"the write to {site.label} depends on {later.label}, which is only "
                 f"computed after {module_label(site.path)} has run"
-                f"{self.shared.why_late(recorded, value_position, self.positions)}",
+                f"{self._why_late(recorded, value_position, self.positions)}",
                 node.line))
         full = self._current(site)
         old = select(full, accessor)
@@ -346,7 +355,7 @@ class Walker:
                 f"the value given to {module_label(site.path)}.skip(...) depends on "
                 f"{inner.label}, which is computed inside {module_label(site.path)}; a "
                 f"skipped module does not run"
-                f"{self.shared.why_late(node.args[0], value_position, self.positions)}",
+                f"{self._why_late(node.args[0], value_position, self.positions)}",
                 node.line))
 
     def _op(self, node: Node) -> None:
@@ -359,6 +368,10 @@ class Walker:
             self._set_item_of_read(node)
             return
         position = max(self._arg_position(node.args), self._arg_position(node.kwargs))
+        reached = self.reached.get(node.invoke, BEFORE_ALL)
+        if reached > position and draws_random(node):
+            self.held_draws[node] = reached
+            position = reached
         if node.mutation:
             self._check_mutation_order(node, position)
         position = self.shared.earliest(node, position)
@@ -396,8 +409,29 @@ class Walker:
                 f"this in-place change of {root.site.label} depends on "
                 f"{later.label}, which is only computed after "
                 f"{module_label(root.site.path)} has run"
-                f"{self.shared.why_late(node.args, position, self.positions)}",
+                f"{self._why_late(node.args, position, self.positions)}",
                 node.line))
+
+    def _why_late(self, value: Any, position: int, positions: dict[Node, int]) -> str:
+        """Why ``value`` comes at ``position`` (the end of an ``OrderError``'s message): a
+        change of shared memory holds back an operation it depends on, or a random draw
+        runs where the block had reached."""
+        why = self.shared.why_late(value, position, positions)
+        if why:
+            return why
+        pending, seen = node_args(value), set()
+        while pending:
+            node = pending.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if self.held_draws.get(node) == position and positions.get(node) == position:
+                return (f": the value draws random numbers ({node.line}) after the block "
+                        f"has read {self._site_at(position).label}, and random numbers "
+                        f"are drawn in the order the block is written, where the forward "
+                        f"pass has reached it; draw them before that read")
+            pending.extend(node.all_input_nodes)
+        return ""
 
     def _site_at(self, position: int) -> Site:
         for site, index in self.index.items():
