@@ -81,6 +81,7 @@ class _SpliceWalker(Walker):
         # (nodes that depend on no boundary go after the last placeholder)
         self.anchors: dict[int, fx.Node] = {BEFORE_ALL: captured_anchor(graph)}
         self.inserted: set[fx.Node] = set()
+        self._visiting: Node | None = None  # (the node whose line an error names)
 
     def visit(self, node: Node) -> None:
         self._visiting = node
@@ -90,7 +91,7 @@ class _SpliceWalker(Walker):
         slot = self.captured.slots[site]
         for constant in slot.constants:
             if type(constant) is NestedTensor:
-                node = getattr(self, "_visiting", None)
+                node = self._visiting
                 raise NotOnGraph(at_line(constant.reason(), node.line if node else None))
         return slot.value([self.node_map[n] if n is not None else None for n in slot.nodes])
 
