@@ -189,3 +189,68 @@ def test_failed_capture_prints_nothing_but_the_warning(capfd):
     assert "def forward" not in captured.err and "def forward" not in captured.out
     assert torch.equal(tracer.result, model(_x()))
 
+
+
+class FrozenFeatures(torch.nn.Module):
+    """A frozen part of the forward: ``backbone`` runs in a ``torch.no_grad()`` block
+    (torch.export captures the block as a nested subgraph, holding the backbone's
+    boundary markers), ``head`` after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            features = self.backbone(x)
+        return self.head(features)
+
+
+def _frozen_features() -> tuple[torch.nn.Module, torch.Tensor]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), FrozenFeatures()).eval(), \
+            torch.randn(3, 4)
+
+
+@pytest.mark.parametrize("grad", (True, False))
+def test_a_module_called_in_a_no_grad_block_of_a_forward(grad, reference_hooks):
+    """A module called inside a ``torch.no_grad()`` block of its parent's forward: its
+    output is read and written as with plain hooks. With gradients on, export puts the
+    block in a nested subgraph, out of the splice's reach: the trace runs on hooks (one
+    warning; ``backend="fx"`` raises naming the site and the line). The read used to be
+    ``None`` on fx, without a word. Under ``torch.no_grad()`` the block is the ambient
+    mode: it is captured on fx."""
+    model, x = _frozen_features()
+    got = {}
+
+    def edit(module, args, output):
+        got["features"] = output.clone()
+        return output * 2
+
+    with torch.set_grad_enabled(grad), reference_hooks(model, hooks={"1.backbone": edit}):
+        expected = model(x)
+    net = NNsight(model)
+    with torch.set_grad_enabled(grad), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with net.trace(x):  # (a read alone)
+            read = net[1].backbone.output.save()
+    assert type(read) is torch.Tensor and torch.equal(read, got["features"])
+    net = NNsight(model)
+    with torch.set_grad_enabled(grad), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with net.trace(x) as tracer:
+            features = net[1].backbone.output.save()
+            net[1].backbone.output = net[1].backbone.output * 2
+            output = net.output.save()
+    assert tracer.backend == ("hooks" if grad else "fx")
+    assert len([w for w in caught if "nested" in str(w.message)]) == (1 if grad else 0)
+    assert type(features) is torch.Tensor and torch.equal(features, got["features"])
+    assert torch.equal(output, expected)
+    assert output.requires_grad == expected.requires_grad
+    if grad:
+        with pytest.raises(fxsight.errors.NotOnGraph,
+                           match=r"(?s)1\.backbone\.output.*no_grad.*test_core_fallback"):
+            with net.trace(x, backend="fx"):
+                net[1].backbone.output.save()

@@ -303,3 +303,37 @@ def test_device_map_auto_with_max_memory(saved, plain):
         plain_logits = plain.output.logits.save()
     torch.testing.assert_close(h1, plain_h1, **ATOL)
     torch.testing.assert_close(logits, plain_logits, **ATOL)
+
+
+@pytest.mark.parametrize("backend", ["auto", "hooks"])
+def test_logit_lens_on_offloaded_modules(backend):
+    """Calling offloaded modules on a traced value (the logit lens; a whole offloaded MLP):
+    the values equal the plain calls after a hooked forward, and the model is left as it
+    was: meta parameters (no fake tensor left on a module), accelerate's hooks, the
+    random generator. Shapes used to be learnt by running accelerate's weight loading in
+    fake mode, which failed and left fake tensors as the model's parameters."""
+    import accelerate
+
+    from fxsight import NNsight
+
+    model = accelerate.cpu_offload(tiny_llama(), execution_device="cpu")
+    ids, _ = _ids()
+    got = {}
+    _with_hooks(model, [(model.model.layers[0], lambda m, i, o: got.setdefault("h0", o))],
+                lambda: model(ids))
+    with torch.no_grad():
+        lens_ref = model.lm_head(model.model.norm(got["h0"]))
+        mlp_ref = model.model.layers[1].mlp(got["h0"])
+    before = _hook_state(model)
+    rng = torch.get_rng_state()
+    wrapped = NNsight(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (offloaded: the hooks backend, with a warning)
+        with wrapped.trace(ids, backend=backend):
+            h0 = wrapped.model.layers[0].output
+            lens = wrapped.lm_head(wrapped.model.norm(h0)).save()
+            mlp = wrapped.model.layers[1].mlp(h0).save()
+    assert torch.equal(lens, lens_ref) and torch.equal(mlp, mlp_ref)
+    assert _hook_state(model) == before
+    assert all(type(p) is torch.nn.Parameter and p.is_meta for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)

@@ -495,3 +495,42 @@ def test_weights_changed_in_place_by_the_forward_change_once(backend):
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(model.outer.weight, reference.outer.weight)
     assert model.rescaled
+
+
+@pytest.mark.parametrize("backend", ("auto", "hooks"))
+def test_a_users_hooks_see_a_module_called_in_a_trace_once_with_real_values(backend):
+    """A module called on a traced value (the logit lens) with the user's forward hook and
+    pre-hook on it, and a global module hook: each hook runs as often as in the plain
+    forward followed by the plain call, always on real tensors. The call's shape check
+    used to run them once more on meta tensors (an activation recorder got a meta
+    tensor)."""
+    model = tiny_gpt2()
+    ids = torch.tensor([[5, 17, 9, 33], [8, 21, 4, 6]])
+    seen: list = []
+    handles = [
+        model.lm_head.register_forward_hook(lambda m, a, o: seen.append(("lm_head", o))),
+        model.transformer.ln_f.register_forward_pre_hook(
+            lambda m, a: seen.append(("ln_f pre", a[0]))),
+        torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, o: seen.append(("global", o)) if m is model.lm_head else None)]
+    try:
+        with torch.no_grad():
+            got = {}
+            handle = model.transformer.h[0].register_forward_hook(
+                lambda m, a, o: got.setdefault("h0", o))
+            model(ids)
+            handle.remove()
+            expected_lens = model.lm_head(model.transformer.ln_f(got["h0"]))
+        expected = [(name, value.device.type) for name, value in seen]
+        seen.clear()
+        net = NNsight(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (hooked: the hooks backend, with a warning)
+            with net.trace(ids, backend=backend):
+                lens = net.lm_head(net.transformer.ln_f(net.transformer.h[0].output)).save()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [(name, value.device.type) for name, value in seen] == expected
+    assert all(type(value) is torch.Tensor for _, value in seen)
+    assert torch.equal(lens, expected_lens)

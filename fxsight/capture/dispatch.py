@@ -91,3 +91,23 @@ def offload_reason(model: torch.nn.Module) -> tuple[str, str] | None:
         f"after it, which a captured graph cannot repeat; each trace runs the dispatched "
         f"model's own forward with hooks instead (same numbers)")
 
+
+
+def loads_weights(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs an accelerate hook that loads weights (its own or a
+    submodule's): such a call can only run on real tensors (in fake mode the hook would
+    leave fake tensors as the module's parameters)."""
+    return any(offloads(hook) for hook in
+               (m.__dict__.get("_hf_hook") for m in module.modules()) if hook is not None)
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """The device accelerate runs ``module`` on (its hook's ``execution_device``; the
+    first one found in the module tree), else the CPU."""
+    for sub in module.modules():
+        hook = sub.__dict__.get("_hf_hook")
+        for one in _hooks_in(hook) if hook is not None else []:
+            device = getattr(one, "execution_device", None)
+            if device is not None:
+                return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return torch.device("cpu")

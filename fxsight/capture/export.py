@@ -28,10 +28,10 @@ from .._torch import (export_leaves_no_buffer_hook, forget_generated_source,
 
 from ..locks import exclusive_export
 from ..stats import bump
-from ..errors import CaptureError
+from ..errors import CaptureError, NotOnGraph
 from . import caches, dispatch, state
 from .events import ModuleEvents
-from .hidden import kept_constant
+from .hidden import NestedTensor, kept_constant
 from .memory import memory_roots
 from . import opaque as opaque_calls
 from ..record.sites import Site, is_operation
@@ -139,9 +139,10 @@ class Captured:
 
     def meta_value(self, site: Site) -> Any:
         slot = self.slots[site]
-        metas = [_to_meta(n.meta.get("val"), self.bindings) if n is not None else None
-                 for n in slot.nodes]
-        return slot.value(metas)
+        metas = [_to_meta(n.meta.get("val"), self.bindings) if n is not None else
+                 _nested_meta(c, self.bindings) if type(c) is NestedTensor else c
+                 for n, c in zip(slot.nodes, slot.constants)]
+        return unflatten_keeping_sizes(metas, slot.spec)
 
     def bind(self, flat_inputs: list[Any]) -> "Captured | None":
         """A view of this dynamic-shape capture for these (flat) inputs, or ``None`` where
@@ -246,6 +247,14 @@ def _concrete(sizes: Any, bindings: dict | None) -> list[int]:
     return out
 
 
+def _nested_meta(nested: NestedTensor, bindings: dict | None) -> Any:
+    """The meta value of a tensor in a nested graph, for the checks of a trace (its use
+    on the fx backend raises :class:`NotOnGraph` when it is spliced)."""
+    if not isinstance(nested.meta, torch.Tensor):
+        raise NotOnGraph(nested.reason())
+    return _to_meta(nested.meta, bindings)
+
+
 def _to_meta(value: Any, bindings: dict | None = None) -> Any:
     if isinstance(value, torch.Tensor):
         return torch.empty_strided(_concrete(value.shape, bindings),
@@ -344,10 +353,13 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         error.whole_model = True
         raise error
     layouts: dict[Site, tuple[pytree.TreeSpec, list[Any]]] = {}
+    tensor_leaves: dict[Site, frozenset[int]] = {}  # (a constant None is a leaf too)
 
     def mark(site: Site, value: Any) -> Any:
         flat, spec = pytree.tree_flatten(value)
         layouts[site] = (spec, [None if isinstance(v, torch.Tensor) else v for v in flat])
+        tensor_leaves[site] = frozenset(
+            i for i, v in enumerate(flat) if isinstance(v, torch.Tensor))
         label = _marker(site)
         marked = [boundary(v, label, i) if isinstance(v, torch.Tensor) else v
                   for i, v in enumerate(flat)]
@@ -411,6 +423,7 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     for node in graph.nodes:
         if node.op == "call_function" and node.target is BOUNDARY:
             marks.setdefault(node.args[1], {})[node.args[2]] = node
+    nested = _nested_marks(gm, graph)
     slots = {}
     for site in events.order:
         spec, constants = layouts[site]
@@ -418,6 +431,12 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                      else kept_constant(c, site.label) for c in constants]
         found = marks.get(_marker(site), {})
         nodes = [found.get(i) if constants[i] is None else None for i in range(len(constants))]
+        # a tensor whose marker is not in the top-level graph: inside a nested graph
+        inner = nested.get(_marker(site), {})
+        tensors = tensor_leaves[site]
+        constants = [NestedTensor(site.label, _nested_value(inner.get(i)))
+                     if i in tensors and n is None else c
+                     for i, (c, n) in enumerate(zip(constants, nodes))]
         slots[site] = SiteSlot(spec, nodes, constants)
     module = fx.GraphModule(owner, graph, class_name="CapturedForward")
     _drop_forward_hooks(module)
@@ -430,6 +449,23 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     if dynamic:
         _make_dynamic(captured, exported, guards)
     return captured
+
+
+def _nested_marks(gm: fx.GraphModule, graph: fx.Graph) -> dict[str, dict[int, fx.Node]]:
+    """The boundary markers inside nested graphs (the subgraphs of higher-order ops such
+    as ``wrap_with_set_grad_enabled``, which torch.export makes of a ``torch.no_grad()``
+    block in a forward): marker -> leaf index -> node, as the top-level ``marks``."""
+    found: dict[str, dict[int, fx.Node]] = {}
+    for sub in gm.modules():
+        if isinstance(sub, fx.GraphModule) and sub.graph is not graph:
+            for node in sub.graph.nodes:
+                if node.op == "call_function" and node.target is BOUNDARY:
+                    found.setdefault(node.args[1], {})[node.args[2]] = node
+    return found
+
+
+def _nested_value(node: fx.Node | None) -> Any:
+    return node.meta.get("val") if node is not None else None
 
 
 def _cache_ref(cache: Any, roots: list, site: Site) -> caches.CacheRef:

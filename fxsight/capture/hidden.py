@@ -98,3 +98,35 @@ def kept_constant(value: Any, where: str) -> Any:
     if isinstance(value, torch.Tensor) or not hides_tensors(value):
         return value
     return HiddenTensors(type(value).__name__, where)
+
+
+class NestedTensor:
+    """Stands for a tensor at a module boundary that ``torch.export`` put inside a nested
+    graph: a module called in a ``torch.no_grad()``/``torch.enable_grad()`` or autocast
+    block of another module's forward (a higher-order op such as
+    ``wrap_with_set_grad_enabled`` whose subgraph holds the boundary's markers). The
+    captured graph has no node for it at its top level, so the fx backend can neither read
+    nor write it: any use raises :class:`NotOnGraph` (the hooks backend runs the trace)."""
+
+    __slots__ = ("where", "meta")
+
+    def __init__(self, where: str, meta: Any = None):
+        self.where = where
+        self.meta = meta  # (the nested marker's value: shapes for the checks, or None)
+
+    def __repr__(self) -> str:
+        return f"<nested tensor at {self.where}>"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is NestedTensor and self.where == other.where
+
+    def __hash__(self) -> int:
+        return hash(("nested", self.where))
+
+    def reason(self) -> str:
+        """Why the fx backend cannot use the tensor (the message of its error)."""
+        return (f"{self.where} is computed inside a nested region of the captured graph "
+                f"(its module is called inside a `torch.no_grad()`, `torch.enable_grad()` "
+                f"or autocast block of a forward, which torch.export captures as a "
+                f"subgraph): the fx backend cannot read or write it; the hooks backend "
+                f"can (backend=\"hooks\")")

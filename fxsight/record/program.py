@@ -119,6 +119,32 @@ def is_view(node: "Node") -> bool:
     return node.target in _VIEW_FUNCTIONS
 
 
+# operations that draw from the random generators (the block's draws run in its order)
+_RANDOM_METHODS = {"normal_", "uniform_", "bernoulli_", "bernoulli", "random_",
+                   "exponential_", "cauchy_", "log_normal_", "geometric_", "multinomial"}
+_RANDOM_FUNCTIONS = {torch.rand_like, torch.randn_like, torch.randint_like, torch.bernoulli,
+                     torch.normal, torch.multinomial, torch.poisson, torch.dropout,
+                     torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout,
+                     torch.rrelu, torch.nn.functional.dropout, torch.nn.functional.dropout1d,
+                     torch.nn.functional.dropout2d, torch.nn.functional.dropout3d,
+                     torch.nn.functional.alpha_dropout,
+                     torch.nn.functional.feature_alpha_dropout, torch.nn.functional.rrelu,
+                     torch.nn.functional.gumbel_softmax}
+
+
+def draws_random(node: "Node") -> bool:
+    """Whether a recorded operation may draw from the random generators: a random
+    function or method, or a module in training mode called on traced values."""
+    if node.op == "call_method":
+        return node.target in _RANDOM_METHODS
+    if isinstance(node.target, ModuleCall):
+        return any(module.training for module in node.target.module.modules())
+    try:
+        return node.target in _RANDOM_FUNCTIONS
+    except TypeError:  # (an unhashable target)
+        return False
+
+
 def is_backward(node: "Node") -> bool:
     """Whether ``node`` is a ``loss.backward()`` call (or a ``torch.autograd.grad``)."""
     return node.kind is Kind.OP and (

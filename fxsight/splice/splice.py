@@ -19,10 +19,10 @@ from .._torch import (changes_first_argument, holds_size, is_unused_random, pytr
 from ..errors import NotOnGraph, at_line
 from ..stats import bump
 from ..capture.caches import CacheRef
-from ..capture.hidden import HiddenTensors
+from ..capture.hidden import HiddenTensors, NestedTensor
 from ..capture.export import BOUNDARY, Captured
 from ..capture.opaque import OPAQUE
-from ..record.program import Kind, Program
+from ..record.program import Kind, Node, Program
 from .indices import Lifted, as_selection, count
 from .rows import Rows, conform_to
 from ..record.sites import INPUT, OUTPUT, Site, is_operation
@@ -81,9 +81,18 @@ class _SpliceWalker(Walker):
         # (nodes that depend on no boundary go after the last placeholder)
         self.anchors: dict[int, fx.Node] = {BEFORE_ALL: captured_anchor(graph)}
         self.inserted: set[fx.Node] = set()
+        self._visiting: Node | None = None  # (the node whose line an error names)
+
+    def visit(self, node: Node) -> None:
+        self._visiting = node
+        super().visit(node)
 
     def site_value(self, site: Site) -> Any:
         slot = self.captured.slots[site]
+        for constant in slot.constants:
+            if type(constant) is NestedTensor:
+                node = self._visiting
+                raise NotOnGraph(at_line(constant.reason(), node.line if node else None))
         return slot.value([self.node_map[n] if n is not None else None for n in slot.nodes])
 
     def input_value(self, node: fx.Node) -> Any:

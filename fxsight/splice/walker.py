@@ -27,10 +27,14 @@ from .._torch import (DataDependentOutputException, DynamicOutputShapeException,
 
 from ..errors import (DataDependentError, ItemAssignmentError, NotOnGraph, OrderError,
                       ShapeError, ShapeIndexError, TraceError, at_line)
-from ..record.program import (AUTOGRAD_GRAD, Kind, ModuleCall, Node, Program, execute,
+from ..record.program import (AUTOGRAD_GRAD, Kind, ModuleCall, Node, Program, draws_random,
+                              execute,
                               map_nodes, node_args, origin, replace, select, set_attribute,
                               setitem)
 from .rows import Rows, conform, narrow_rows, splice_rows
+from ..capture.dispatch import execution_device, loads_weights
+from ..capture.effects import kept_forward_effects
+from ..capture.events import silenced_hooks
 from .shared_memory import SharedMemory, memory_of, read_root
 from .gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
 from ..record.sites import Site, is_operation, module_label
@@ -65,6 +69,11 @@ class Walker:
         self.read_versions: dict[Node, int] = {}  # the version each read saw
         # in-place changes and raw writes (held apart from the walker: no reference cycle)
         self.shared = SharedMemory(site_aliases or _no_aliases)
+        # where each invoke's block has reached (the latest position of its nodes so far):
+        # a random draw runs no earlier, so draws keep the block's order (as nnsight runs
+        # each line where the forward is); the draws held back, with the read they follow
+        self.reached: dict[int | None, int] = {}
+        self.held_draws: dict[Node, int] = {}
 
     # --- domain hooks -------------------------------------------------------------------
 
@@ -110,6 +119,9 @@ class Walker:
             self._write(node)
         else:
             self._op(node)
+        position = self.positions.get(node, BEFORE_ALL)
+        if position > self.reached.get(node.invoke, BEFORE_ALL):
+            self.reached[node.invoke] = position
 
     def position_of_site(self, node: Node, site: Site | None = None) -> int:
         site = node.site if site is None else site
@@ -231,7 +243,7 @@ class Walker:
             raise OrderError(at_line(
                 f"the write to {site.label} depends on {later.label}, which is only "
                 f"computed after {module_label(site.path)} has run"
-                f"{self.shared.why_late(recorded, value_position, self.positions)}",
+                f"{self._why_late(recorded, value_position, self.positions)}",
                 node.line))
         full = self._current(site)
         old = select(full, accessor)
@@ -343,7 +355,7 @@ class Walker:
                 f"the value given to {module_label(site.path)}.skip(...) depends on "
                 f"{inner.label}, which is computed inside {module_label(site.path)}; a "
                 f"skipped module does not run"
-                f"{self.shared.why_late(node.args[0], value_position, self.positions)}",
+                f"{self._why_late(node.args[0], value_position, self.positions)}",
                 node.line))
 
     def _op(self, node: Node) -> None:
@@ -356,6 +368,10 @@ class Walker:
             self._set_item_of_read(node)
             return
         position = max(self._arg_position(node.args), self._arg_position(node.kwargs))
+        reached = self.reached.get(node.invoke, BEFORE_ALL)
+        if reached > position and draws_random(node):
+            self.held_draws[node] = reached
+            position = reached
         if node.mutation:
             self._check_mutation_order(node, position)
         position = self.shared.earliest(node, position)
@@ -393,8 +409,29 @@ class Walker:
                 f"this in-place change of {root.site.label} depends on "
                 f"{later.label}, which is only computed after "
                 f"{module_label(root.site.path)} has run"
-                f"{self.shared.why_late(node.args, position, self.positions)}",
+                f"{self._why_late(node.args, position, self.positions)}",
                 node.line))
+
+    def _why_late(self, value: Any, position: int, positions: dict[Node, int]) -> str:
+        """Why ``value`` comes at ``position`` (the end of an ``OrderError``'s message): a
+        change of shared memory holds back an operation it depends on, or a random draw
+        runs where the block had reached."""
+        why = self.shared.why_late(value, position, positions)
+        if why:
+            return why
+        pending, seen = node_args(value), set()
+        while pending:
+            node = pending.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if self.held_draws.get(node) == position and positions.get(node) == position:
+                return (f": the value draws random numbers ({node.line}) after the block "
+                        f"has read {self._site_at(position).label}, and random numbers "
+                        f"are drawn in the order the block is written, where the forward "
+                        f"pass has reached it; draw them before that read")
+            pending.extend(node.all_input_nodes)
+        return ""
 
     def _site_at(self, position: int) -> Site:
         for site, index in self.index.items():
@@ -627,8 +664,16 @@ def _device_move_meta(target: str, args: tuple, kwargs: dict) -> Any:
 
 def _module_call_meta(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
     """A module applied to meta values: with meta copies of its weights (fast), else, for
-    modules that need real devices or data, on fake tensors."""
+    modules that need real devices or data, on fake tensors. The hooks already on its
+    modules (the user's, torch's global ones) do not run: they see the real call only."""
+    with silenced_hooks(call.module):
+        return _module_call_shapes(call, args, kwargs)
+
+
+def _module_call_shapes(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
     module = call.module
+    if loads_weights(module):
+        return _probe_offloaded(call, args, kwargs)
     try:
         state = {name: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
                  for name, t in itertools.chain(module.named_parameters(),
@@ -637,6 +682,23 @@ def _module_call_meta(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
             lambda: torch.func.functional_call(module, state, tuple(args), kwargs))
     except Exception:  # noqa: BLE001
         return _fake_execute("call_function", call, args, kwargs, call.device())
+
+
+def _probe_offloaded(call: ModuleCall, args: tuple, kwargs: dict) -> Any:
+    """A module whose weights accelerate loads in each call (offloaded to CPU memory or
+    disk), applied to zeros of the meta values' shapes on its execution device: its hooks
+    load real weights, which neither meta copies nor fake mode can stand in for (fake mode
+    would leave fake tensors as its parameters). What the call changes (buffers, the random
+    generators) is put back; the result is given back as meta tensors."""
+    device = execution_device(call.module)
+    args, kwargs = pytree.tree_map_only(
+        torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device)
+        if t.is_meta else t, (args, kwargs))
+    with torch.no_grad(), kept_forward_effects(call.module, args, kwargs):
+        result = call(*args, **kwargs)
+    return pytree.tree_map_only(
+        torch.Tensor, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                                    device="meta"), result)
 
 
 def _fake_execute(op: str, target: Any, args: tuple, kwargs: dict,

@@ -1,0 +1,84 @@
+"""Random numbers drawn in a block (``torch.randn_like(h)``, ``F.dropout``, ``x.normal_()``)
+are drawn where the block has reached, in the order it is written, as nnsight and forward
+hooks written in that order draw them: a draw recorded after a read of a later module runs
+no earlier than that module, so the model's own dropouts and the block's draws take the
+same numbers from the generator as in the plain forward with hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxsight import NNsight
+from fxsight.errors import OrderError
+from models import mlp, tiny_gpt2
+
+BACKENDS = ("fx", "hooks")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_from_an_earlier_read_is_drawn_after_the_later_dropouts(backend, core_ids,
+                                                                        reference_hooks):
+    """Train mode (dropout draws): noise shaped as block 0's output, added to block 1's,
+    is drawn after block 1's dropouts (the block reached block 1 first); it used to be
+    drawn right after block 0, shifting the numbers of block 1's dropouts."""
+    model = tiny_gpt2().train()
+    kept = {}
+
+    def keep(module, args, output):
+        kept["h0"] = output
+
+    def add_noise(module, args, output):
+        return output + torch.randn_like(kept["h0"])
+
+    torch.manual_seed(0)
+    with torch.no_grad(), reference_hooks(model, hooks={"transformer.h.0": keep,
+                                                        "transformer.h.1": add_noise}):
+        expected = model(core_ids).logits
+    expected_rng = torch.get_rng_state()
+    net = NNsight(model)
+    torch.manual_seed(0)
+    with net.trace(core_ids, backend=backend) as tracer:
+        h0 = net.transformer.h[0].output
+        net.transformer.h[1].output = net.transformer.h[1].output + torch.randn_like(h0)
+        logits = net.output.logits.save()
+    assert tracer.backend == backend
+    assert torch.equal(logits, expected)
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_draws_keep_the_blocks_order(backend, reference_hooks):
+    """Two draws written after a read of ``layer2``, the second from ``layer1``'s value:
+    drawn in the written order (it used to draw the second one first, at ``layer1``)."""
+    model, x = mlp(), torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    got = {}
+
+    def keep(module, args, output):
+        got["layer1"] = output
+
+    def draw(module, args, output):
+        got["a"] = torch.randn_like(output)
+        got["b"] = torch.rand_like(got["layer1"])
+        got["c"] = torch.nn.functional.dropout(got["layer1"], 0.5)
+
+    torch.manual_seed(0)
+    with torch.no_grad(), reference_hooks(model, hooks={"layer1": keep, "layer2": draw}):
+        model(x)
+    net = NNsight(model)
+    torch.manual_seed(0)
+    with net.trace(x, backend=backend):
+        a = torch.randn_like(net.layer2.output).save()
+        b = torch.rand_like(net.layer1.output).save()
+        c = torch.nn.functional.dropout(net.layer1.output, 0.5).save()
+    assert torch.equal(a, got["a"]) and torch.equal(b, got["b"]) and torch.equal(c, got["c"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_draw_written_into_a_module_the_block_has_passed_says_why(backend):
+    model, x = mlp(), torch.randn(3, 5)
+    net = NNsight(model)
+    with pytest.raises(OrderError, match=r"(?s)draws random numbers.*layer2.*test_random"):
+        with net.trace(x, backend=backend):
+            later = net.layer2.output.save()
+            net.layer1.output = net.layer1.output + torch.randn_like(net.layer1.output)
