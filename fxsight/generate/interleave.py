@@ -10,6 +10,7 @@ runs at its module's boundary. Nodes that read the generated ids run after ``gen
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import defaultdict
 from typing import Any
 
@@ -65,6 +66,27 @@ class StepWalker(RealWalker):
 
     def narrowing(self, site: Site):
         return narrow_row_groups if site == GENERATOR else narrow_rows
+
+    def _read(self, node: Node) -> None:
+        super()._read(node)
+        if node.site == GENERATOR:
+            rows = self._rows(node)
+            if not rows.whole:
+                self.values[node] = _own_beam_indices(
+                    self.values[node], rows.start * self.rows[None].total // rows.total)
+
+
+def _own_beam_indices(value: Any, offset: int) -> Any:
+    """An invoke's rows of ``generate``'s output with their ``beam_indices`` counted from
+    the invoke's first beam, as a ``generate`` of its prompts alone counts them (a beam
+    search's indices number the beams of the whole batch: ``offset`` = the beams before
+    the invoke's; ``-1``, no beam, stays)."""
+    indices = getattr(value, "beam_indices", None)
+    if not isinstance(indices, torch.Tensor) or offset == 0:
+        return value
+    value = copy.copy(value)  # (generate's own object is the whole batch's)
+    value.beam_indices = torch.where(indices >= 0, indices - offset, indices)
+    return value
 
 
 def _batch_size(inputs: tuple[tuple, dict]) -> int | None:
