@@ -210,3 +210,65 @@ def test_an_invokes_beam_search_output_is_its_prompts_alone(model, tokenizer, ba
         for a, b in zip(mine.scores, theirs.scores):
             torch.testing.assert_close(a, b)
     assert torch.equal(whole.beam_indices, together.beam_indices)  # (the whole: unchanged)
+
+
+def _tiny_encoder_decoder(kind, tokenizer):
+    from transformers import (BartConfig, BartForConditionalGeneration, T5Config,
+                              T5ForConditionalGeneration)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if kind == "t5":
+            config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64,
+                              num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=2,
+                              decoder_start_token_id=0)
+            return T5ForConditionalGeneration(config).eval(), "decoder.block"
+        config = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=2,
+                            decoder_layers=2, encoder_attention_heads=4,
+                            decoder_attention_heads=4, encoder_ffn_dim=64,
+                            decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0,
+                            bos_token_id=1, eos_token_id=2, decoder_start_token_id=2,
+                            forced_eos_token_id=None)
+        return BartForConditionalGeneration(config).eval(), "model.decoder.layers"
+
+
+def _envoy(lm, path):
+    for part in path.split("."):
+        lm = getattr(lm, part)
+    return lm
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_an_encoder_decoders_decoder_shapes_are_step_0s_or_refused_later(
+        tokenizer, kind, use_cache):
+    """A shape read of a decoder value in an encoder-decoder generate is of decoding
+    step 0 (the decoder's start token: the read crashed in transformers, the scan gave
+    the decoder no ids); read for later steps, where the decoder's token dimension (its
+    keys' with a cache) grows from it, it is refused at its line."""
+    model, blocks = _tiny_encoder_decoder(kind, tokenizer)
+    seen = []
+    handle = model.get_submodule(blocks)[1].register_forward_hook(
+        lambda m, a, output: seen.append(output[0] if isinstance(output, tuple) else output))
+    try:
+        expected = model.generate(**tokenizer(PROMPTS, return_tensors="pt", padding=True),
+                                  max_new_tokens=3, do_sample=False, use_cache=use_cache)
+    finally:
+        handle.remove()
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    options = dict(max_new_tokens=3, use_cache=use_cache, backend="hooks")
+    with lm.generate(PROMPTS, **options) as tracer:
+        hidden = _envoy(lm, blocks)[1].output
+        hidden = hidden[0] if kind == "t5" else hidden
+        length = hidden.shape[1]
+        last = hidden[:, length - 1].save()
+        tokens = tracer.result.save()
+    assert length == 1 and torch.equal(tokens, expected)
+    assert torch.equal(last, seen[0][:, -1])
+    with pytest.raises(fxsight.TraceError, match="token dimension") as error:
+        with lm.generate(PROMPTS, **options) as tracer:
+            with tracer.all():
+                hidden = _envoy(lm, blocks)[1].output
+                hidden = hidden[0] if kind == "t5" else hidden
+                hidden[:, hidden.shape[1] - 1].save()  # the refused line
+    assert "the refused line" in str(error.value)
