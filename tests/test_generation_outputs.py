@@ -183,18 +183,21 @@ def test_the_models_inputs_run_on_hooks_as_generate_passes_them(model, tokenizer
             lm.inputs.save()
 
 
+@pytest.mark.parametrize("beams", [2, 1])
 @pytest.mark.parametrize("backend", ["fx", "hooks"])
-def test_an_invokes_beam_search_output_is_its_prompts_alone(model, tokenizer, backend):
-    """With num_beams > 1 and return_dict_in_generate, an invoke's tracer.result is what
-    transformers' generate gives for its prompt alone: its sequences, scores and
+def test_an_invokes_generate_output_is_its_prompts_alone(model, tokenizer, backend, beams):
+    """With return_dict_in_generate (a beam search or not), an invoke's tracer.result is
+    what transformers' generate gives for its prompt alone: its sequences, scores,
     beam_indices counted from its own first beam (they were the whole batch's numbers:
-    2 and 3 for the second prompt's beams, 0 and 1 alone)."""
-    options = dict(max_new_tokens=3, num_beams=2, do_sample=False,
+    2 and 3 for the second prompt's beams, 0 and 1 alone), and a cache of its rows (it
+    was the whole batch's cache object)."""
+    options = dict(max_new_tokens=3, num_beams=beams, do_sample=False,
                    return_dict_in_generate=True, output_scores=True)
     alone = [model.generate(**tokenizer([prompt], return_tensors="pt"), **options)
              for prompt in SAME_LENGTH]
     together = model.generate(**tokenizer(SAME_LENGTH, return_tensors="pt"), **options)
-    assert together.beam_indices[1].max() >= 2  # (the batch's numbering)
+    if beams > 1:
+        assert together.beam_indices[1].max() >= 2  # (the batch's numbering)
     lm = LanguageModel(model, tokenizer=tokenizer)
     with lm.generate(backend=backend, **options) as tracer:
         results = []
@@ -204,12 +207,19 @@ def test_an_invokes_beam_search_output_is_its_prompts_alone(model, tokenizer, ba
         whole = tracer.result.save()
     assert tracer.backend == backend
     for mine, theirs in zip(results, alone):
+        assert type(mine) is type(theirs) and list(mine.keys()) == list(theirs.keys())
         assert torch.equal(mine.sequences, theirs.sequences)
-        assert torch.equal(mine.beam_indices, theirs.beam_indices)
-        torch.testing.assert_close(mine.sequences_scores, theirs.sequences_scores)
+        if beams > 1:
+            assert torch.equal(mine.beam_indices, theirs.beam_indices)
+            torch.testing.assert_close(mine.sequences_scores, theirs.sequences_scores)
         for a, b in zip(mine.scores, theirs.scores):
             torch.testing.assert_close(a, b)
-    assert torch.equal(whole.beam_indices, together.beam_indices)  # (the whole: unchanged)
+        for a, b in zip(mine.cache.layers, theirs.cache.layers):
+            torch.testing.assert_close(a.keys, b.keys)
+            torch.testing.assert_close(a.values, b.values)
+    if beams > 1:  # (the whole: unchanged)
+        assert torch.equal(whole.beam_indices, together.beam_indices)
+    assert whole.cache.layers[0].keys.shape[0] == together.cache.layers[0].keys.shape[0]
 
 
 def _tiny_encoder_decoder(kind, tokenizer):

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..capture.caches import Unsupported as CacheUnsupported
+from ..capture.caches import build, flatten, is_cache
 from ..capture.events import ModuleEvents
 from ..errors import TraceError, at_line
 from ..record.program import Kind, Node
@@ -72,20 +74,35 @@ class StepWalker(RealWalker):
         if node.site == GENERATOR:
             rows = self._rows(node)
             if not rows.whole:
-                self.values[node] = _own_beam_indices(
-                    self.values[node], rows.start * self.rows[None].total // rows.total)
+                self.values[node] = _invokes_own_output(
+                    self.values[node], rows,
+                    rows.start * self.rows[None].total // rows.total, node.line)
 
 
-def _own_beam_indices(value: Any, offset: int) -> Any:
-    """An invoke's rows of ``generate``'s output with their ``beam_indices`` counted from
-    the invoke's first beam, as a ``generate`` of its prompts alone counts them (a beam
-    search's indices number the beams of the whole batch: ``offset`` = the beams before
-    the invoke's; ``-1``, no beam, stays)."""
-    indices = getattr(value, "beam_indices", None)
-    if not isinstance(indices, torch.Tensor) or offset == 0:
+def _invokes_own_output(value: Any, rows: Rows, offset: int, line: Any = None) -> Any:
+    """An invoke's rows of ``generate``'s output object (its tensors' rows are taken
+    leaf by leaf), as a ``generate`` of its prompts alone returns it: ``beam_indices``
+    counted from the invoke's first beam (a beam search numbers the beams of the whole
+    batch: ``offset`` = the beams before the invoke's; ``-1``, no beam, stays), and the
+    cache object holding the invoke's rows (a new one: generate's is the batch's)."""
+    if not hasattr(value, "keys") or not hasattr(value, "beam_indices") and \
+            not any(is_cache(item) for item in value.values()):
         return value
     value = copy.copy(value)  # (generate's own object is the whole batch's)
-    value.beam_indices = torch.where(indices >= 0, indices - offset, indices)
+    indices = getattr(value, "beam_indices", None)
+    if isinstance(indices, torch.Tensor) and offset:
+        value.beam_indices = torch.where(indices >= 0, indices - offset, indices)
+    for name, item in list(value.items()):
+        if is_cache(item):
+            try:
+                tensors, skeleton = flatten(item)
+            except CacheUnsupported as error:
+                raise TraceError(at_line(
+                    f"an invoke's rows of generate's {name} ({type(item).__name__}) cannot "
+                    f"be taken ({error}): read generate's output outside the invokes "
+                    f"(tracer.result after the block)", line)) from None
+            setattr(value, name, build(skeleton, [
+                narrow_row_groups(t, rows.start, rows.stop, rows.total) for t in tensors]))
     return value
 
 
