@@ -282,3 +282,28 @@ def test_an_encoder_decoders_decoder_shapes_are_step_0s_or_refused_later(
                 hidden = hidden[0] if kind == "t5" else hidden
                 hidden[:, hidden.shape[1] - 1].save()  # the refused line
     assert "the refused line" in str(error.value)
+
+
+def test_a_cache_given_to_generate_keeps_its_own_attributes_on_fx(model, tokenizer):
+    """The decoding steps' cache state is written into the cache object generate holds:
+    its layers take the step's state, its own attributes (what generate set on it, one
+    of the caller's) stay, as after a plain generate."""
+    from transformers import DynamicCache
+
+    from fxsight.generate.steps import CACHE
+
+    theirs = DynamicCache(config=model.config)
+    theirs.note = "the caller's"
+    expected = model.generate(**tokenizer(PROMPTS[:1], return_tensors="pt"),
+                              max_new_tokens=3, do_sample=False, **{CACHE: theirs})
+    mine = DynamicCache(config=model.config)
+    mine.note = "the caller's"
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with lm.generate(PROMPTS[:1], max_new_tokens=3, backend="fx", **{CACHE: mine}) as tracer:
+        tokens = tracer.result.save()
+    assert torch.equal(tokens, expected)
+    assert vars(mine).keys() == vars(theirs).keys()
+    for name, value in vars(theirs).items():
+        if name != "layers":
+            assert getattr(mine, name) == value, name
+    assert _same_cache(mine, theirs)

@@ -397,7 +397,7 @@ def _cache_objects(spliced: Spliced, outputs: Any, user_caches: list[Any],
             objects[k] = user_caches[k]
         elif k - spliced.input_caches < len(made_into):
             target = made_into[k - spliced.input_caches]
-            caches.update(target, skeleton, tensors)
+            caches.update(target, skeleton, tensors, own_values=True)
             objects[k] = target
         else:
             objects[k] = caches.build(skeleton, tensors)
