@@ -307,3 +307,32 @@ def test_a_cache_given_to_generate_keeps_its_own_attributes_on_fx(model, tokeniz
         if name != "layers":
             assert getattr(mine, name) == value, name
     assert _same_cache(mine, theirs)
+
+
+def test_decoder_ids_given_to_generate_set_the_decoders_shapes_in_each_invoke(tokenizer):
+    """decoder_input_ids given to an encoder-decoder generate (for the whole batch) are
+    the decoder's ids at step 0 in every invoke's shape reads: an invoke's read is of
+    its rows at their length (it was a refused shape of the whole batch's rows)."""
+    model, _ = _tiny_encoder_decoder("t5", tokenizer)
+    decoder_ids = torch.tensor([[0, 5, 6], [0, 7, 8]])
+    seen = []
+    handle = model.decoder.block[1].register_forward_hook(
+        lambda m, a, output: seen.append(output[0]))
+    try:
+        expected = model.generate(**tokenizer(PROMPTS, return_tensors="pt", padding=True),
+                                  decoder_input_ids=decoder_ids, max_new_tokens=2,
+                                  do_sample=False)
+    finally:
+        handle.remove()
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with lm.generate(max_new_tokens=2, decoder_input_ids=decoder_ids,
+                     backend="hooks") as tracer:
+        with tracer.invoke(PROMPTS[0]):
+            pass
+        with tracer.invoke(PROMPTS[1]):
+            hidden = lm.decoder.block[1].output[0]
+            length = hidden.shape[1]
+            last = hidden[:, length - 1].save()
+        tokens = tracer.result.save()
+    assert length == 3 and torch.equal(tokens, expected)
+    assert torch.equal(last, seen[0][1:, -1])

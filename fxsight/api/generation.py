@@ -144,12 +144,15 @@ class Generator(Tracer):
         if not getattr(getattr(module, "config", None), "is_encoder_decoder", False) or \
                 "decoder_input_ids" in kwargs or "decoder_inputs_embeds" in kwargs:
             return None
-        given = self._generate_kwargs.get("decoder_input_ids")
-        if isinstance(given, torch.Tensor):
-            return given
         ids = kwargs.get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             return None
+        given = self._generate_kwargs.get("decoder_input_ids")
+        if isinstance(given, torch.Tensor):
+            # (given for the whole batch; an invoke's scan has its own rows: the shapes
+            # it learns are alike, as generate's decoder ids are one length)
+            return given if given.dim() != 2 or given.shape[0] == ids.shape[0] else \
+                given[:1].expand(ids.shape[0], -1)
         start = None
         for config in (self._generate_kwargs.get("generation_config"),
                        getattr(module, "generation_config", None), module.config):
