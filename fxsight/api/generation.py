@@ -130,8 +130,38 @@ class Generator(Tracer):
         # which sites a step has, from a scan of the first step's forward (not a capture
         # of the plain forward, which generate never runs)
         operations = self._operations() if operations is None else operations
+        decoder_ids = self._first_decoder_ids(kwargs)
+        if decoder_ids is not None:
+            kwargs = {**kwargs, "decoder_input_ids": decoder_ids}
         return metadata_source(self.model._module, args, kwargs, RunOptions("hooks"),
                                operations)
+
+    def _first_decoder_ids(self, kwargs: dict) -> torch.Tensor | None:
+        """For an encoder-decoder model, the decoder's ids at the first decoding step
+        where the inputs give none: those given to ``generate``, else its start token
+        per row (``None``: not an encoder-decoder model, or no start token known)."""
+        module = self.model._module
+        if not getattr(getattr(module, "config", None), "is_encoder_decoder", False) or \
+                "decoder_input_ids" in kwargs or "decoder_inputs_embeds" in kwargs:
+            return None
+        ids = kwargs.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            return None
+        given = self._generate_kwargs.get("decoder_input_ids")
+        if isinstance(given, torch.Tensor):
+            # (given for the whole batch; an invoke's scan has its own rows: the shapes
+            # it learns are alike, as generate's decoder ids are one length)
+            return given if given.dim() != 2 or given.shape[0] == ids.shape[0] else \
+                given[:1].expand(ids.shape[0], -1)
+        start = None
+        for config in (self._generate_kwargs.get("generation_config"),
+                       getattr(module, "generation_config", None), module.config):
+            start = getattr(config, "decoder_start_token_id", None)
+            if start is not None:
+                break
+        if not isinstance(start, int):
+            return None
+        return torch.full((ids.shape[0], 1), start, dtype=torch.long, device=ids.device)
 
     def _check_token_index(self, line: str) -> None:
         """Token indexing counts the prompts' tokens, which only the first decoding step
@@ -225,16 +255,23 @@ class Generator(Tracer):
         ids = kwargs.get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() == 0:
             return
-        length = ids.shape[-1]
+        # (an encoder-decoder model's decoder starts from its own ids: its token
+        # dimension grows from their length, or keys of a cache from it)
+        lengths = {ids.shape[-1]}
+        decoder_ids = self._first_decoder_ids(kwargs)
+        if decoder_ids is not None:
+            lengths.add(decoder_ids.shape[-1])
         for node, dims, seen, line in self._shapes_read:
             if not _after_the_prompt(node.steps):
                 continue
             dims = range(len(seen)) if dims is None else dims
-            if any(-len(seen) <= d < len(seen) and seen[d] == length for d in dims):
+            length = next((seen[d] for d in dims
+                           if -len(seen) <= d < len(seen) and seen[d] in lengths), None)
+            if length is not None:
                 raise TraceError(at_line(
                     f"this shape, {seen}, is the prompt's forward pass (step 0), read for a "
-                    f"later decoding step, where the token dimension ({length} in the "
-                    f"prompt) has another length: it would silently be the prompt's. Branch "
+                    f"later decoding step, where the token dimension ({length} at step 0) "
+                    f"has another length: it would silently be the prompt's. Branch "
                     f"on the step instead (`for step in tracer.iter[:]: if step == 0: "
                     f"...`), or read a dimension decoding does not change (`h.size(-1)`)",
                     line))

@@ -127,18 +127,23 @@ def build(skeleton: Skeleton, tensors: list[Any]) -> Any:
     return make(skeleton)
 
 
-def update(target: Any, skeleton: Skeleton, tensors: list[Any]) -> None:
+def update(target: Any, skeleton: Skeleton, tensors: list[Any],
+           own_values: bool = False) -> None:
     """Give ``target`` (an object of a cache class) the state ``skeleton`` + ``tensors``
     describe, in place: its layer objects are kept where their classes match (as a
-    forward pass updates them), replaced where not."""
+    forward pass updates them), replaced where not. ``own_values``: ``target`` is another
+    object than the one ``skeleton`` was taken from (a cache made inside a graph, whose
+    state goes into the one the caller holds): its own Python values at its top level
+    (its options, attributes the other lacks) are kept; its layers take the new state."""
     it = iter(tensors)
 
     def make(s: Skeleton) -> Any:
         return build(s, [next(it) for _ in range(s.count())])
 
-    def into(obj: Any, s: Skeleton) -> None:
+    def into(obj: Any, s: Skeleton, top: bool = False) -> None:
         state = obj.__dict__
-        for name in [n for n in state if n not in s.names]:
+        keep = top and own_values
+        for name in [n for n in state if n not in s.names and not keep]:
             del state[name]
         static = _static_addresses(type(obj))
         renewed = False  # (a tensor of static address replaced: the layer was initialized)
@@ -150,7 +155,8 @@ def update(target: Any, skeleton: Skeleton, tensors: list[Any]) -> None:
                 state[name] = tensor
                 continue
             if kind == "const":
-                state[name] = child.value
+                if not keep:
+                    state[name] = child.value
                 continue
             old = state.get(name)
             if kind == "object" and type(old) is child.value:
@@ -170,7 +176,7 @@ def update(target: Any, skeleton: Skeleton, tensors: list[Any]) -> None:
             initialized.append((obj, static))
 
     initialized: list[tuple[Any, frozenset[str]]] = []
-    into(target, skeleton)
+    into(target, skeleton, top=True)
     if initialized and not torch.compiler.is_compiling():
         for obj, names in initialized:
             for name in names:

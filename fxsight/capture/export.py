@@ -119,6 +119,9 @@ class Captured:
     symbolic: frozenset = frozenset()
     # site -> the graph nodes whose memory its tensors are in (see ``capture.memory``)
     aliases: dict[Site, frozenset] = field(default_factory=dict, repr=False)
+    # the boundary events are a submodule's (``capture(..., events_on=...)``: a decoding
+    # step's model): the root site's output is that module's, not the captured forward's
+    events_inside: bool = False
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
@@ -445,7 +448,8 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                         time.perf_counter() - start, caches=cache_state.result,
                         callees=dict(events.callees), opaque=dict(opaque),
                         aliases={site: memory_roots(slot.nodes, BOUNDARY)
-                                 for site, slot in slots.items()})
+                                 for site, slot in slots.items()},
+                        events_inside=events_on is not None and events_on is not model)
     if dynamic:
         _make_dynamic(captured, exported, guards)
     return captured

@@ -54,6 +54,7 @@ from ..capture.state import current_watch
 from ..capture.export import CaptureError
 from ..errors import NotOnGraph, TraceError, at_line
 from ..record.program import Kind, Node, Program
+from ..record.sites import INPUT
 from ..run.executable import Key, rows_key, runner_for
 from ..run.options import RunOptions
 from ..splice.rows import Rows, expand_rows
@@ -233,6 +234,7 @@ class GraphSteps:
         self._cache_chosen: OrderedDict = OrderedDict()
         self._cache_layout = CacheObjectLayout()
         self.program = program
+        _refuse_model_inputs(program)
         # the invokes' rows of the prompts, and of the steps (each prompt row repeated
         # for beams or sequences: known at the first step)
         self.prompt_rows = rows
@@ -318,14 +320,10 @@ class GraphSteps:
         step = self.step
         self.step += 1
         program, origin = self._program_for(step)
-        logits, new_keys, new_values = self._run(
-            program, origin, inputs, self._flat(inputs), self.wrapper, self._chosen,
-            decoding=step > 0)
-        if use_cache:
-            for layer, key, value in zip(cache.layers, new_keys, new_values):
-                if not layer.is_initialized:
-                    layer.lazy_initialization(key, value)
-                layer.keys, layer.values = key, value
+        # (the step's cache, made inside the graph, is written into generate's object)
+        logits, _ = self._run(program, origin, inputs, self._flat(inputs), self.wrapper,
+                              self._chosen, decoding=step > 0,
+                              made_into=[cache] if use_cache else [])
         self.completed += 1
         return self._output(logits, cache if use_cache else None)
 
@@ -381,9 +379,11 @@ class GraphSteps:
 
     def _run(self, program: Program, origin: dict[Node, Node], inputs: dict,
              flat: tuple[list[Any], Any], wrapper: torch.nn.Module, chosen: OrderedDict,
-             decoding: bool, caches: list[Any] = (), dynamic: str | None = None) -> Any:
+             decoding: bool, caches: list[Any] = (), dynamic: str | None = None,
+             made_into: list[Any] = ()) -> Any:
         """Run ``program`` for one step of ``wrapper`` (``caches``: the cache objects
-        among ``inputs``, updated as the forward updates them); the wrapper's output."""
+        among ``inputs``, updated as the forward updates them; ``made_into``: the objects
+        that take the state of the caches the forward makes); the wrapper's output."""
         token = self.token
         runner, remember = self._remembered(program, inputs, flat, token, decoding,
                                             wrapper, chosen)
@@ -393,7 +393,7 @@ class GraphSteps:
                 if len(chosen) >= MAX_CHOSEN:
                     chosen.popitem(last=False)  # (the oldest)
                 chosen[remember] = weakref.ref(runner)
-        output, saves = runner(flat[0] + program.input_values, caches)
+        output, saves = runner(flat[0] + program.input_values, caches, made_into)
         self.graph_module = runner.graph_module
         for node, value in zip(program.saves, saves):
             parent = origin[node]
@@ -586,6 +586,19 @@ class GraphSteps:
             raise TraceError(at_line("this value was never computed during generation (no "
                                      "decoding step ran)", node.line))
         return self.persistent[node]
+
+
+def _refuse_model_inputs(program: Program) -> None:
+    """The model's own inputs (``lm.inputs``, a whole-model ``tracer.cache()`` with
+    inputs) at a decoding step are the keywords ``generate`` passes to the model (in its
+    order, with ``return_dict``, without an attention mask where it passes none): the
+    decoding step's graph calls the model with its own, so they run on hooks
+    (:class:`Unsupported`, before ``generate`` is called)."""
+    if any(node.kind in (Kind.READ, Kind.WRITE) and node.site.path == "" and
+           node.site.kind == INPUT for node in program.nodes):
+        raise Unsupported("the model's inputs (lm.inputs) at a decoding step are "
+                          "generate's keywords to the model, which the fx decoding step "
+                          "does not pass alike")
 
 
 def _same_step(node: Node, user: Node) -> bool:

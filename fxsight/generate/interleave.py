@@ -10,11 +10,14 @@ runs at its module's boundary. Nodes that read the generated ids run after ``gen
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import defaultdict
 from typing import Any
 
 import torch
 
+from ..capture.caches import Unsupported as CacheUnsupported
+from ..capture.caches import build, flatten, is_cache
 from ..capture.events import ModuleEvents
 from ..errors import TraceError, at_line
 from ..record.program import Kind, Node
@@ -65,6 +68,42 @@ class StepWalker(RealWalker):
 
     def narrowing(self, site: Site):
         return narrow_row_groups if site == GENERATOR else narrow_rows
+
+    def _read(self, node: Node) -> None:
+        super()._read(node)
+        if node.site == GENERATOR:
+            rows = self._rows(node)
+            if not rows.whole:
+                self.values[node] = _invokes_own_output(
+                    self.values[node], rows,
+                    rows.start * self.rows[None].total // rows.total, node.line)
+
+
+def _invokes_own_output(value: Any, rows: Rows, offset: int, line: Any = None) -> Any:
+    """An invoke's rows of ``generate``'s output object (its tensors' rows are taken
+    leaf by leaf), as a ``generate`` of its prompts alone returns it: ``beam_indices``
+    counted from the invoke's first beam (a beam search numbers the beams of the whole
+    batch: ``offset`` = the beams before the invoke's; ``-1``, no beam, stays), and the
+    cache object holding the invoke's rows (a new one: generate's is the batch's)."""
+    if not hasattr(value, "keys") or not hasattr(value, "beam_indices") and \
+            not any(is_cache(item) for item in value.values()):
+        return value
+    value = copy.copy(value)  # (generate's own object is the whole batch's)
+    indices = getattr(value, "beam_indices", None)
+    if isinstance(indices, torch.Tensor) and offset:
+        value.beam_indices = torch.where(indices >= 0, indices - offset, indices)
+    for name, item in list(value.items()):
+        if is_cache(item):
+            try:
+                tensors, skeleton = flatten(item)
+            except CacheUnsupported as error:
+                raise TraceError(at_line(
+                    f"an invoke's rows of generate's {name} ({type(item).__name__}) cannot "
+                    f"be taken ({error}): read generate's output outside the invokes "
+                    f"(tracer.result after the block)", line)) from None
+            setattr(value, name, build(skeleton, [
+                narrow_row_groups(t, rows.start, rows.stop, rows.total) for t in tensors]))
+    return value
 
 
 def _batch_size(inputs: tuple[tuple, dict]) -> int | None:

@@ -39,13 +39,17 @@ class DecodingStep(_ModelStep):
     """The model's forward for one decoding step, with the KV cache as tensors.
 
     ``forward(input_ids, attention_mask, position_ids, keys, values)`` returns the logits
-    and the keys and values of every layer after this step (empty lists without a cache).
+    and the cache the forward pass leaves (``None`` without a cache): built inside the
+    graph from ``keys`` and ``values``, it is a cache the capture's forward pass makes,
+    whose state a run writes into the cache object ``generate`` holds (see
+    ``GraphSteps``), so that the model's output (and a cache object read at a module
+    boundary) is that object, as in a plain ``generate``.
     """
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None, keys: list[torch.Tensor],
                 values: list[torch.Tensor], use_cache: bool = True,
-                logits_to_keep: int = 0) -> tuple[torch.Tensor, list, list]:
+                logits_to_keep: int = 0) -> tuple[torch.Tensor, Any]:
         cache = None
         if use_cache:
             cache = DynamicCache(config=self.model.config)
@@ -56,10 +60,7 @@ class DecodingStep(_ModelStep):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, use_cache=use_cache,
                          **{CACHE: cache}, **extra)
-        if not use_cache:
-            return out.logits, [], []
-        layers = getattr(out, CACHE).layers
-        return out.logits, [layer.keys for layer in layers], [layer.values for layer in layers]
+        return out.logits, (getattr(out, CACHE) if use_cache else None)
 
 
 class CacheStep(_ModelStep):

@@ -355,10 +355,13 @@ class Runner:
     def compiled(self) -> bool:
         return self.executable.compiled
 
-    def __call__(self, flat_inputs: list[Any],
-                 user_caches: list[Any] = ()) -> tuple[Any, list[Any]]:
+    def __call__(self, flat_inputs: list[Any], user_caches: list[Any] = (),
+                 made_into: list[Any] = ()) -> tuple[Any, list[Any]]:
         """Run; ``user_caches``: the cache objects among the model's inputs, updated in
-        place as the model's forward pass updates them."""
+        place as the model's forward pass updates them; ``made_into``: objects that take,
+        in place and in order, the state of the caches the forward pass made (instead of
+        new objects: a decoding step's cache, built inside the graph from its tensors, is
+        the one ``generate`` holds)."""
         executable = self.executable
         if self.index_values:
             flat_inputs = [*flat_inputs, *self.index_values]
@@ -368,7 +371,7 @@ class Runner:
             objects = None
             model_output = executable.output_builder(outputs)
         else:
-            objects = _cache_objects(spliced, outputs, user_caches) \
+            objects = _cache_objects(spliced, outputs, user_caches, made_into) \
                 if spliced.cache_outputs else None
             plan = spliced.model_output
             model_output = plan.build(outputs, objects) if plan is not None else None
@@ -378,9 +381,11 @@ class Runner:
                               for b in executable.save_builders]
 
 
-def _cache_objects(spliced: Spliced, outputs: Any, user_caches: list[Any]) -> dict:
+def _cache_objects(spliced: Spliced, outputs: Any, user_caches: list[Any],
+                   made_into: list[Any] = ()) -> dict:
     """The run's cache objects (k -> object): the user's input caches updated in place,
-    new ones for the caches the forward pass made."""
+    for the caches the forward pass made the objects of ``made_into`` updated in place
+    (by order), else new ones."""
     if len(user_caches) != spliced.input_caches:
         raise RuntimeError("fxsight: the cache objects given do not match the capture")
     objects = {}
@@ -390,6 +395,10 @@ def _cache_objects(spliced: Spliced, outputs: Any, user_caches: list[Any]) -> di
         if k < spliced.input_caches:
             caches.update(user_caches[k], skeleton, tensors)
             objects[k] = user_caches[k]
+        elif k - spliced.input_caches < len(made_into):
+            target = made_into[k - spliced.input_caches]
+            caches.update(target, skeleton, tensors, own_values=True)
+            objects[k] = target
         else:
             objects[k] = caches.build(skeleton, tensors)
     return objects

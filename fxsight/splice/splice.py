@@ -268,6 +268,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
     idle |= walker.inside_skips()
 
     # writes: the model's own users of a boundary see the value written there
+    written: dict[fx.Node, Any] = {}  # (the graph's output is no user: see below)
     for site, value in walker.current.items():
         slot = captured.slots[site]
         new_leaves = pytree.tree_leaves(value) if not isinstance(value, fx.Node) else [value]
@@ -277,6 +278,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
             if len(new_leaves) == len(old_nodes) else new_leaves
         for old, new in zip(tensor_old, new_nodes):
             if isinstance(new, fx.Node) and new is not old:
+                written[old] = new
                 dropped = _copies_back(old) \
                     if site.kind != OUTPUT and is_operation(site.path) else []
                 old.replace_all_uses_with(
@@ -286,7 +288,9 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
                     graph.erase_node(copy)
 
     outputs: list[fx.Node] = []
-    old_flat = [node_map[a] if isinstance(a, fx.Node) else a
+    # (a forward's output that is a boundary's value written over is the value written:
+    # a decoding step's model output, whose boundary events are the model's, inside)
+    old_flat = [written.get(node_map[a], node_map[a]) if isinstance(a, fx.Node) else a
                 for a in pytree.tree_leaves(old_output.args[0])]
     graph_output = pytree.tree_unflatten(old_flat, captured.out_spec)
     layout = captured.caches
@@ -321,7 +325,8 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
     root = Site("", OUTPUT, 0)
     model_output = None
     if keep_output:
-        if root in walker.current:
+        # (a written model output is the forward's, unless the events are a submodule's)
+        if root in walker.current and not captured.events_inside:
             model_output = plan(walker.current[root])
         elif layout is not None:
             model_output = plan(layout.model_value(graph_output))
