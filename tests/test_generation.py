@@ -1089,6 +1089,39 @@ def test_a_shape_read_for_a_later_step_is_refused(models, tokenizer, backend):
     assert tuple(prompt) == (1, length, model.config.hidden_size)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_shape_read_for_steps_that_are_all_the_prompts_is_read(models, tokenizer,
+                                                                   backend):
+    """With one new token, ``tracer.all()`` and ``tracer.iter[-1]`` are the prompt's step:
+    a shape read there is the prompt's and is read (was refused as a later step); a
+    slice ending before the last step (``iter[0:-1]``) still reaches later steps."""
+    model, blocks = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    length = len(tokenizer(PROMPTS[0])["input_ids"])
+    for choose in (lambda tracer: tracer.all(), lambda tracer: tracer.iter[-1]):
+        with lm.generate(PROMPTS[0], max_new_tokens=1, backend=backend) as tracer:
+            widths = fxsight.save(list())
+            for _ in choose(tracer):
+                hidden = _block(lm, blocks)[0].output
+                widths.append(hidden[:, hidden.shape[1] - 1].clone())
+        reference = []
+        handle = _block(lm, blocks)[0].register_forward_hook(
+            lambda module, args, output: reference.append(
+                (output[0] if isinstance(output, tuple) else output)[:, -1].clone()))
+        try:
+            model.generate(**tokenizer(PROMPTS[0], return_tensors="pt"), max_new_tokens=1,
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        finally:
+            handle.remove()
+        assert len(widths) == 1 and torch.equal(widths[0], reference[0])
+        assert reference[0].shape[0] == 1 and length > 1
+    with pytest.raises(fxsight.TraceError, match=r"prompt's forward pass"):
+        with lm.generate(PROMPTS[0], max_new_tokens=3, backend=backend) as tracer:
+            for _ in tracer.iter[0:-1]:
+                hidden = _block(lm, blocks)[0].output
+                hidden[:, hidden.shape[1] - 1].save()
+
+
 def test_inputs_embeds_given_to_a_language_model_is_named(models, tokenizer):
     """``inputs_embeds`` without token ids is named with what to do instead (was: "has no
     input: pass ... as keywords (e.g. input_ids=...)", though a keyword was given)."""
