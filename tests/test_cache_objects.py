@@ -284,3 +284,21 @@ def test_state_space_and_sliding_window_caches(kind, ids, more_ids):
     torch.testing.assert_close(following.logits, expected_next.logits, atol=ATOL, rtol=0)
     for a, b in zip(_state_tensors(cache), _state_tensors(plain_cache), strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_invokes_model_output_holds_its_own_rows_of_the_cache(gpt2, ids, backend):
+    """The model's output read in an invoke holds a cache object of the invoke's rows, as
+    the forward pass of its inputs alone returns it (it held the whole batch's object,
+    while the output's tensors were the invoke's rows); the batch's object is untouched."""
+    model = NNsight(gpt2)
+    with model.trace(backend=backend) as tracer:
+        with tracer.invoke(ids[:1]):
+            first = model.output.save()
+        with tracer.invoke(ids[1:]):
+            second = model.output.save()
+        whole = model.output.save()
+    for rows, saved in ((slice(0, 1), first), (slice(1, 2), second)):
+        assert_same_cache(saved.past_key_values, gpt2(ids[rows]).past_key_values)
+        torch.testing.assert_close(saved.logits, gpt2(ids[rows]).logits, atol=ATOL, rtol=0)
+    assert_same_cache(whole.past_key_values, gpt2(ids).past_key_values)

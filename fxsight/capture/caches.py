@@ -276,18 +276,25 @@ class CacheRef:
     through ``path`` (attribute names and indices). A run resolves it to that object as
     the forward pass leaves it; anything else done with it in a trace is refused."""
 
-    __slots__ = ("k", "path", "where")
+    __slots__ = ("k", "path", "where", "rows")
 
-    def __init__(self, k: int | None, path: tuple = (), where: str = ""):
+    def __init__(self, k: int | None, path: tuple = (), where: str = "",
+                 rows: tuple[int, int, int] | None = None):
         self.k = k
         self.path = path
         self.where = where
+        self.rows = rows  # (an invoke's rows ``(start, stop, total)`` of the object)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is CacheRef and (self.k, self.path) == (other.k, other.path)
+        return type(other) is CacheRef and \
+            (self.k, self.path, self.rows) == (other.k, other.path, other.rows)
 
     def __hash__(self) -> int:
-        return hash((self.k, self.path))
+        return hash((self.k, self.path, self.rows))
+
+    def of_rows(self, start: int, stop: int, total: int) -> "CacheRef":
+        """This reference, resolved to a new object holding rows ``start:stop`` only."""
+        return CacheRef(self.k, self.path, self.where, (start, stop, total))
 
     def __repr__(self) -> str:
         return f"<cache object at {self.where}>" if self.where else "<cache object>"
@@ -308,7 +315,20 @@ class CacheRef:
         value = caches[self.k]
         for how, step in self.path:
             value = getattr(value, step) if how == "attr" else value[step]
-        return value
+        return value if self.rows is None else rows_of(value, *self.rows, self.where)
+
+
+def rows_of(cache: Any, start: int, stop: int, total: int, where: str = "") -> Any:
+    """A new cache object of ``cache``'s kind holding its rows ``start:stop`` of ``total``
+    (an invoke's cache, as a forward pass of its prompts alone returns it)."""
+    try:
+        tensors, skeleton = flatten(cache)
+    except Unsupported as error:
+        raise NotOnGraph(f"an invoke's rows of the {type(cache).__name__} at "
+                         f"{where or 'a module'} cannot be taken ({error}): read it "
+                         f"outside the invokes") from None
+    return build(skeleton, [t[start:stop] if t.dim() > 0 and t.shape[0] == total else t
+                            for t in tensors])
 
 
 def find(obj: Any, roots: list[Any]) -> tuple[int, tuple] | None:

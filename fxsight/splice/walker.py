@@ -32,6 +32,7 @@ from ..record.program import (AUTOGRAD_GRAD, Kind, ModuleCall, Node, Program, dr
                               map_nodes, node_args, origin, replace, select, set_attribute,
                               setitem)
 from .rows import Rows, conform, narrow_rows, splice_rows
+from ..capture.caches import CacheRef, is_cache, rows_of
 from ..capture.dispatch import execution_device, loads_weights
 from ..capture.effects import kept_forward_effects
 from ..capture.events import silenced_hooks
@@ -218,6 +219,7 @@ class Walker:
             value = self._leafwise(value, lambda leaf: self.call(
                 None, "call_function", narrow,
                 (leaf, rows.start, rows.stop, rows.total), {}, position))
+            value = _caches_of_rows(value, rows)
         self.values[node] = value
         self.positions[node] = position
         self.read_versions[node] = self.tap_versions.get(site, 0)
@@ -783,3 +785,14 @@ def _describe(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of {len(value)}"
     return type(value).__name__
+
+
+def _caches_of_rows(value: Any, rows: Rows) -> Any:
+    """``value`` with each cache object in it (the object, or its fx reference) holding
+    ``rows`` only: a cache read in an invoke is the invoke's own."""
+    flat, spec = pytree.tree_flatten(value, is_leaf=is_cache)
+    if not any(type(leaf) is CacheRef or is_cache(leaf) for leaf in flat):
+        return value
+    return unflatten_keeping_sizes([
+        leaf.of_rows(*rows) if type(leaf) is CacheRef
+        else rows_of(leaf, *rows) if is_cache(leaf) else leaf for leaf in flat], spec)
