@@ -416,19 +416,24 @@ def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, mem
     keep_last = any(p[3] for p in payloads)
     traces = sum(p[2] for p in payloads)
 
-    scores = torch.full((len(items), *experiment.shape), float("nan"))
+    # the scores keep the metric's dtype (float64 for a float64 model), at least float32
+    dtype = torch.float32
+    for values in done.values():
+        dtype = torch.promote_types(dtype, values.dtype)
+    scores = torch.full((len(items), *experiment.shape), float("nan"), dtype=dtype)
     for batch in batches:
         group = groups[batch.length][batch.group]
         for (i, c), value in zip(batch.rows, done[batch.id]):
             scores[(i, *group.indices[c])] = value
-    baselines = torch.tensor([item_metrics[i][0] for i in range(len(items))])
+    baselines = torch.tensor([item_metrics[i][0] for i in range(len(items))], dtype=dtype)
     references = [item_metrics[i][1] for i in range(len(items))]
     scores -= baselines.reshape(-1, *[1] * len(experiment.shape))
     lengths: dict[int, int] = {}
     for item in items:
         lengths[item.length] = lengths.get(item.length, 0) + 1
     return JobResult(scores, baselines,
-                     None if any(r is None for r in references) else torch.tensor(references),
+                     None if any(r is None for r in references)
+                     else torch.tensor(references, dtype=dtype),
                      sizes, traces, len(batches), resumed, ranks.world, keep_last, sweep,
                      dict(sorted(lengths.items())))
 
@@ -467,10 +472,16 @@ def _batch_metrics(logits: torch.Tensor, batch: Batch, refs: dict[int, Refs]) ->
     metrics = {id(r.metric): r.metric for r in refs.values()}
     if len(metrics) == 1:
         return metric_values(next(iter(metrics.values())), logits, batch.size)[:len(batch.rows)]
-    out = torch.empty(len(batch.rows))
+    parts = []
     for i, r in refs.items():
         rows = torch.tensor([k for k, (j, _) in enumerate(batch.rows) if j == i])
-        out[rows] = metric_values(r.metric, logits[rows], len(rows)).to(out.device)
+        parts.append((rows, metric_values(r.metric, logits[rows], len(rows)).cpu()))
+    dtype = parts[0][1].dtype
+    for _, values in parts:
+        dtype = torch.promote_types(dtype, values.dtype)
+    out = torch.empty(len(batch.rows), dtype=dtype)
+    for rows, values in parts:
+        out[rows] = values.to(dtype)
     return out
 
 

@@ -41,7 +41,8 @@ from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, can_keep_last, check_
                      check_positions, choose_batch_size, expanded, find_layout,
                      forward_kwargs as _forward_kwargs, hidden,
                      metric_values, reads_last_position_only, reference_run, row_bytes,
-                     stacked, token_ids, token_labels, trace_options, with_hidden)
+                     score_dtype, stacked, token_ids, token_labels, trace_options,
+                     with_hidden)
 
 __all__ = ["PatchingResult", "Cell", "activation_patching", "head_patching", "steering_sweep",
            "attribution", "block_envoys"]
@@ -340,7 +341,7 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
             token = int(run.logits[0, -1].argmax())
 
             def chosen(logits, token=token):
-                return logits[:, -1].float().log_softmax(-1)[:, token]
+                return logits[:, -1].to(score_dtype(logits.dtype)).log_softmax(-1)[:, token]
         size_hidden = hidden(run.outputs[blocks[0].key]).shape[-1]
         for name, vector in named.items():
             if vector.shape[-1] != size_hidden:

@@ -65,7 +65,8 @@ import torch
 from ..api.envoy import Envoy
 from .result import PatchingResult
 from .sweeps import (Target, check_rows_apart, choose_batch_size, find_layout, forward_parameters, hidden, logits_of,
-                     metric_values, reference_run, row_bytes, with_hidden)
+                     metric_values, reference_run, row_bytes, score_dtype,
+                     with_hidden)
 
 CACHE_NAMES = ("cache", "past_key_values")
 # a cell of a (site, layer): the position patched, and the columns of the site's value
@@ -553,7 +554,7 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[Cell],
                for which in live]
     packings = {}
     dtype = hidden(corrupt[cells[0][2].key]).dtype
-    scores = torch.zeros(len(cells), len(units))
+    scores = None  # in the metric's dtype (see metric_values), once the first cell ran
     tracer = None
     traces = 0
     bar = tqdm(total=sum(map(len, batches)), desc=description, unit="batch",
@@ -577,10 +578,14 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[Cell],
                     logits = head_logits(setup.head._module, inputs, setup.columns)
                     chosen = setup.small_metric if setup.columns is not None else metric
                     values = metric_values(chosen, logits, len(which))
-                scores[c, which] = values - baseline
+                if scores is None:
+                    scores = torch.zeros(len(cells), len(units), dtype=values.dtype)
+                scores[c, which] = (values - baseline).to(scores.dtype)
                 bar.update(1)
     finally:
         bar.close()
+    if scores is None:  # no cell changes anything: every score is 0
+        scores = torch.zeros(len(cells), len(units), dtype=score_dtype(dtype))
     return scores, traces, tracer, len(cells) * len(units) - sum(map(len, live))
 
 

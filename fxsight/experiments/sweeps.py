@@ -256,10 +256,23 @@ def output_kind(output: Any) -> str:
     return "tensor" if isinstance(output, torch.Tensor) else "item"
 
 
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores of a metric of ``dtype`` are kept in: the metric's own, at least
+    float32 (a float64 model's scores stay float64; a half-precision or integer metric's
+    differences are taken in float32, which holds them without rounding them again)."""
+    if not dtype.is_floating_point:
+        return torch.float32
+    return torch.promote_types(dtype, torch.float32)
+
+
 def metric_values(metric: Callable, logits: torch.Tensor, rows: int) -> torch.Tensor:
-    """``metric(logits)`` as one float per row."""
+    """``metric(logits)`` as one number per row, in :func:`score_dtype` of its dtype."""
     value = metric(logits)
-    value = torch.as_tensor(value)
+    if not isinstance(value, torch.Tensor):  # Python numbers: double precision
+        try:
+            value = torch.as_tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            value = torch.as_tensor(value)
     if value.dim() > 1 and value.shape[1:].numel() == 1:
         value = value.reshape(value.shape[0])
     if value.dim() == 0 and rows == 1:
@@ -268,7 +281,7 @@ def metric_values(metric: Callable, logits: torch.Tensor, rows: int) -> torch.Te
         raise ValueError(f"the metric must give one number per row of the logits (shape "
                          f"({rows},) for logits of shape {tuple(logits.shape)}); it gave "
                          f"shape {tuple(value.shape)}")
-    return value.detach().float()
+    return value.detach().to(score_dtype(value.dtype))
 
 
 def check_rows_apart(metric: Callable, clean_logits: torch.Tensor,

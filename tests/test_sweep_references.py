@@ -1,0 +1,174 @@
+"""Every sweep entry point against a hand-written plain-PyTorch loop (forward hooks, one
+cell at a time): dtypes (float64 kept, half precision on CPU), prompts of different lengths,
+positions counted from the end, batch sizes that do not divide the cells, several metrics,
+models with tuple or tensor outputs, heads, and checkpoint/resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxsight import NNsight, patching
+from models import tiny_gpt2, tiny_llama
+
+KINDS = ["resid", "attn", "mlp", "resid_pre"]
+
+
+# --- the plain-PyTorch references ------------------------------------------------------------
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _logits(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    return output.logits if hasattr(output, "logits") else output[0]
+
+
+def _blocks(model):
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+def _site(model, kind: str, layer: int):
+    block = _blocks(model)[layer]
+    if kind in ("resid", "resid_pre"):
+        return block
+    if kind == "attn":
+        return block.attn if hasattr(block, "attn") else block.self_attn
+    return block.mlp
+
+
+def _forward(model, ids, module=None, pre=False, change=None, store=None):
+    """One forward of ``ids``; ``change`` rewrites the module's hidden state (output, or
+    first input with ``pre``), ``store`` keeps a copy of it."""
+    handle = None
+    if module is not None:
+        if pre:
+            def hook(m, args):
+                if store is not None:
+                    store.append(args[0].detach().clone())
+                return None if change is None else (change(args[0]), *args[1:])
+            handle = module.register_forward_pre_hook(hook)
+        else:
+            def hook(m, args, output):
+                if store is not None:
+                    store.append(_first(output).detach().clone())
+                if change is None:
+                    return None
+                new = change(_first(output))
+                return (new, *output[1:]) if isinstance(output, tuple) else new
+            handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return _logits(model(ids))
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def patching_loop(model, clean, corrupted, metric, kinds, layers, positions):
+    """(kinds, layers, positions) scores: metric of the corrupted run with the clean value at
+    one (site, layer, position), minus the corrupted run's metric. Positions may be negative
+    (from the end); one missing from the prompt is NaN."""
+    length = clean.shape[1]
+    baseline = metric(_forward(model, corrupted))[0]
+    out = torch.full((len(kinds), len(layers), len(positions)), float("nan"),
+                     dtype=baseline.dtype)
+    for k, kind in enumerate(kinds):
+        for l, layer in enumerate(layers):
+            module, pre = _site(model, kind, layer), kind == "resid_pre"
+            store: list = []
+            _forward(model, clean, module, pre, store=store)
+            for i, position in enumerate(positions):
+                if not -length <= position < length:
+                    continue
+
+                def change(h, p=position, value=store[0]):
+                    h = h.clone()
+                    h[:, p] = value[:, p]
+                    return h
+                out[k, l, i] = metric(_forward(model, corrupted, module, pre, change))[0] \
+                    - baseline
+    return out
+
+
+def head_loop(model, clean, corrupted, metric, layers, positions, heads):
+    """(layers, heads, positions): the clean run's head columns of the attention output
+    projection's input patched at one position."""
+    baseline = metric(_forward(model, corrupted))[0]
+    out = torch.zeros(len(layers), heads, len(positions), dtype=baseline.dtype)
+    for l, layer in enumerate(layers):
+        attention = _site(model, "attn", layer)
+        projection = attention.c_proj if hasattr(attention, "c_proj") else attention.o_proj
+        store: list = []
+        _forward(model, clean, projection, True, store=store)
+        size = store[0].shape[-1] // heads
+        for h in range(heads):
+            for i, position in enumerate(positions):
+                def change(x, p=position, h=h, value=store[0]):
+                    x = x.clone()
+                    x[:, p, h * size:(h + 1) * size] = value[:, p, h * size:(h + 1) * size]
+                    return x
+                out[l, h, i] = metric(_forward(model, corrupted, projection, True,
+                                               change))[0] - baseline
+    return out
+
+
+def steering_loop(model, prompt, vectors, layers, scales, metric, positions):
+    baseline = metric(_forward(model, prompt))[0]
+    out = torch.zeros(len(vectors), len(layers), len(scales), dtype=baseline.dtype)
+    for v, vector in enumerate(vectors):
+        for l, layer in enumerate(layers):
+            for s, scale in enumerate(scales):
+                def change(h, vector=vector, scale=scale):
+                    h = h.clone()
+                    h[:, positions] += scale * vector.to(h.dtype)
+                    return h
+                out[v, l, s] = metric(_forward(model, prompt, _blocks(model)[layer], False,
+                                               change))[0] - baseline
+    return out
+
+
+def _pair(length: int, seed: int = 1, position: int = 1, vocab: int = 128):
+    clean = torch.randint(4, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+    corrupted = clean.clone()
+    corrupted[0, position] = (clean[0, position] + 1) % vocab
+    return clean, corrupted
+
+
+def metric(logits):
+    return logits[:, -1, 5] - logits[:, -1, 6]
+
+
+def metric_all_positions(logits):  # reads every position: the full-length path
+    return logits[:, :, 7].mean(-1) - logits[:, -1, 6]
+
+
+@pytest.fixture(scope="module")
+def gpt2_64():
+    return tiny_gpt2(n_layer=2).double()
+
+
+@pytest.fixture(scope="module")
+def llama_64():
+    return tiny_llama(num_hidden_layers=2).double()
+
+
+# --- float64 is kept ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gpt2_64", "llama_64"])
+def test_float64_model_gives_float64_scores_equal_to_a_float64_hooks_loop(name, request):
+    model = request.getfixturevalue(name)
+    clean, corrupted = _pair(6)
+    expected = patching_loop(model, clean, corrupted, metric, KINDS, [0, 1], range(6))
+    assert expected.dtype == torch.float64
+    # one cell a batch, full length: the very computation of the loop, bit for bit
+    exact = patching.activation_patching(NNsight(model), clean, corrupted, metric, sites=KINDS,
+                                         suffix=False, batch_size=1, progress=False)
+    assert exact.values.dtype == torch.float64
+    assert torch.equal(exact.values, expected)
+    assert exact.baseline == float(metric(_forward(model, corrupted))[0])
+    for options in ({}, {"suffix": False}, {"backend": "hooks"}):
+        result = patching.activation_patching(NNsight(model), clean, corrupted, metric,
+                                              sites=KINDS, progress=False, **options)
+        assert result.values.dtype == torch.float64, options
+        torch.testing.assert_close(result.values, expected, rtol=0, atol=1e-12)
