@@ -172,3 +172,67 @@ def test_float64_model_gives_float64_scores_equal_to_a_float64_hooks_loop(name, 
                                               sites=KINDS, progress=False, **options)
         assert result.values.dtype == torch.float64, options
         torch.testing.assert_close(result.values, expected, rtol=0, atol=1e-12)
+
+
+# --- which blocks --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+    config = BartConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=3,
+                        encoder_attention_heads=2, decoder_attention_heads=2,
+                        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=2, forced_eos_token_id=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return BartForConditionalGeneration(config).eval()
+
+
+def _bart_loop(model, blocks, clean, corrupted, positions):
+    baseline = metric(_forward(model, corrupted))[0]
+    out = torch.zeros(len(blocks), len(positions))
+    for layer, block in enumerate(blocks):
+        store: list = []
+        _forward(model, clean, block, store=store)
+        for i, position in enumerate(positions):
+            def change(h, p=position, value=store[0]):
+                h = h.clone()
+                h[:, p] = value[:, p]
+                return h
+            out[layer, i] = metric(_forward(model, corrupted, block, False, change))[0] - \
+                baseline
+    return out
+
+
+def test_an_encoder_decoder_model_must_say_which_blocks(bart):
+    """(was: the longest outermost ModuleList, silently the decoder's 3 blocks here, or
+    the first of equal ones, the encoder's)"""
+    clean, corrupted = _pair(5)
+    for sweep in (lambda: patching.activation_patching(NNsight(bart), clean, corrupted, metric,
+                                                       sites=["resid"], progress=False),
+                  lambda: patching.steering_sweep(NNsight(bart), clean, torch.ones(32),
+                                                  progress=False),
+                  lambda: patching.attribution(NNsight(bart), clean, corrupted, metric,
+                                               sites=["resid"]),
+                  lambda: patching.block_envoys(NNsight(bart))):
+        with pytest.raises(ValueError, match=r"several stacks of blocks: "
+                                             r"'model.encoder.layers' \(2 x BartEncoderLayer\), "
+                                             r"'model.decoder.layers' \(3 x BartDecoderLayer\); "
+                                             r"say which one to sweep over with blocks="):
+            sweep()
+    for path in ("model.encoder.layers", "model.decoder.layers"):
+        result = patching.activation_patching(NNsight(bart), clean, corrupted, metric,
+                                              sites=["resid"], blocks=path, progress=False)
+        blocks = bart.get_submodule(path)
+        expected = _bart_loop(bart, blocks, clean, corrupted, range(5))
+        assert result.layers == list(range(len(blocks)))
+        torch.testing.assert_close(result.values[0], expected, rtol=1e-4, atol=1e-5)
+        assert result.values.abs().max() > 1e-4
+    nn = NNsight(bart)
+    assert [b.path for b in patching.block_envoys(nn, nn.model.decoder.layers)] == \
+        [f"model.decoder.layers.{i}" for i in range(3)]
+    with pytest.raises(ValueError, match=r"blocks='model.decoder' is a BartDecoder, not a "
+                                         r"non-empty ModuleList"):
+        patching.block_envoys(nn, "model.decoder")
+    with pytest.raises(ValueError, match=r"no module 'model.decoderz.layers'"):
+        patching.block_envoys(nn, "model.decoderz.layers")
