@@ -236,3 +236,49 @@ def test_an_encoder_decoder_model_must_say_which_blocks(bart):
         patching.block_envoys(nn, "model.decoder")
     with pytest.raises(ValueError, match=r"no module 'model.decoderz.layers'"):
         patching.block_envoys(nn, "model.decoderz.layers")
+
+
+# --- attribution ---------------------------------------------------------------------------
+def attribution_loop(model, clean, corrupted, metric, kinds, layers):
+    """(kinds, layers, positions): (clean - corrupted) . d metric / d site, each site's
+    gradient from its own backward pass through a leaf put in by a hook; and the
+    corrupted run's metric."""
+    out = []
+    for kind in kinds:
+        rows = []
+        for layer in layers:
+            module, pre = _site(model, kind, layer), kind == "resid_pre"
+            store: list = []
+            _forward(model, clean, module, pre, store=store)
+            leaf: list = []
+
+            def change(h):
+                leaf.append(h.detach().requires_grad_())
+                return leaf[0]
+            handle = module.register_forward_pre_hook(lambda m, a: (change(a[0]), *a[1:])) \
+                if pre else module.register_forward_hook(
+                    lambda m, a, o: (change(o[0]), *o[1:]) if isinstance(o, tuple)
+                    else change(o))
+            try:
+                with torch.enable_grad():
+                    measured = metric(_logits(model(corrupted))).sum()
+                    grad, = torch.autograd.grad(measured, leaf[0])
+            finally:
+                handle.remove()
+            rows.append(((store[0] - leaf[0].detach()) * grad).sum(-1)[0])
+        out.append(torch.stack(rows))
+    return torch.stack(out), measured.detach()
+
+
+def test_attribution_equals_a_hand_written_gradient_loop_in_float64(gpt2_64):
+    """(was: over a dataset, ``baselines`` were float32 for a float64 model)"""
+    pairs = [_pair(6, 1, 2), _pair(6, 3, 4)]
+    result = patching.attribution(NNsight(gpt2_64), [c for c, _ in pairs],
+                                  [k for _, k in pairs], metric, sites=KINDS)
+    assert result.per_pair.dtype == result.baselines.dtype == torch.float64
+    for i, (clean, corrupted) in enumerate(pairs):
+        expected, baseline = attribution_loop(gpt2_64, clean, corrupted, metric, KINDS, [0, 1])
+        torch.testing.assert_close(result.per_pair[i], expected, rtol=0, atol=1e-12)
+        assert result.baselines[i].item() == pytest.approx(baseline.item(), rel=0, abs=1e-12)
+    one = patching.attribution(NNsight(gpt2_64), *pairs[0], metric, sites=KINDS)
+    torch.testing.assert_close(one.values, result.per_pair[0], rtol=0, atol=0)

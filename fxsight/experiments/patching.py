@@ -550,7 +550,7 @@ def _attribution_dataset(model, clean, corrupted, metric, sites, blocks, trace_k
     first = results[0]
     per_pair = torch.stack([r.values for r in results])
     baselines = None if first.baseline is None else \
-        torch.tensor([r.baseline for r in results])
+        torch.tensor([r.baseline for r in results], dtype=score_dtype(per_pair.dtype))
     return PatchingResult(per_pair.mean(0), first.dims, first.coords,
                           baseline=None if baselines is None else float(baselines.mean()),
                           method=first.method, info={"pairs": len(items)},
