@@ -282,3 +282,85 @@ def test_attribution_equals_a_hand_written_gradient_loop_in_float64(gpt2_64):
         assert result.baselines[i].item() == pytest.approx(baseline.item(), rel=0, abs=1e-12)
     one = patching.attribution(NNsight(gpt2_64), *pairs[0], metric, sites=KINDS)
     torch.testing.assert_close(one.values, result.per_pair[0], rtol=0, atol=0)
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+class _Interrupted(Exception):
+    pass
+
+
+def _failing_after(calls: int):
+    """``metric`` that raises after ``calls`` calls: the job is interrupted mid-way."""
+    count = [0]
+
+    def failing(logits):
+        count[0] += 1
+        if count[0] > calls:
+            raise _Interrupted
+        return metric(logits)
+    return failing
+
+
+def test_an_interrupted_job_resumes_to_the_uninterrupted_result(gpt2_64, tmp_path,
+                                                                monkeypatch):
+    from fxsight.experiments import jobs
+    monkeypatch.setattr(jobs, "CHECKPOINT_SECONDS", 0.0)
+    nn = NNsight(gpt2_64)
+    pairs = [_pair(5, 1, 1), _pair(7, 2, 3), _pair(5, 3, 0)]
+    clean, corrupted = [c for c, _ in pairs], [k for _, k in pairs]
+
+    def sweep(chosen, **options):
+        return patching.activation_patching(nn, clean, corrupted, chosen, sites=KINDS,
+                                            positions=[-1, -2, 0], batch_size=3,
+                                            progress=False, **options)
+    whole = sweep(metric)
+    for i, (c, k) in enumerate(pairs):
+        expected = patching_loop(gpt2_64, c, k, metric, KINDS, [0, 1], [-1, -2, 0])
+        torch.testing.assert_close(whole.per_pair[i], expected, rtol=0, atol=1e-12,
+                                   equal_nan=True)
+    path = tmp_path / "job.pt"
+    with pytest.raises(_Interrupted):
+        sweep(_failing_after(12), checkpoint=path)
+    resumed = sweep(metric, checkpoint=path)
+    assert 0 < resumed.info["resumed_batches"] < resumed.info["batches"]
+    assert resumed.per_pair.dtype == torch.float64
+    assert torch.equal(resumed.per_pair.nan_to_num(7.0), whole.per_pair.nan_to_num(7.0))
+
+
+def test_a_checkpoint_of_other_steering_vectors_is_refused(gpt2_64, tmp_path):
+    """(was: the job's key held the first 32 bytes of each vector, as float32: vectors that
+    differ after their 8th entry, or below float32 precision, reused the other's scores)"""
+    nn = NNsight(gpt2_64)
+    prompt, _ = _pair(5)
+    first = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    later = first.clone()
+    later[40] += 3.0
+    tiny = first.clone()
+    tiny[0] += 1e-12
+    path = tmp_path / "steer.pt"
+    patching.steering_sweep(nn, prompt, first, scales=[4.0], metric=metric, checkpoint=path,
+                            progress=False)
+    for other in (later, tiny):
+        with pytest.raises(ValueError, match="written by another sweep"):
+            patching.steering_sweep(nn, prompt, other, scales=[4.0], metric=metric,
+                                    checkpoint=path, progress=False)
+    expected = steering_loop(gpt2_64, prompt, [later], [0, 1], [4.0], metric, list(range(5)))
+    fresh = patching.steering_sweep(nn, prompt, later, scales=[4.0], metric=metric,
+                                    checkpoint=tmp_path / "other.pt", progress=False)
+    torch.testing.assert_close(fresh.values, expected, rtol=0, atol=1e-12)
+
+
+def test_a_checkpoint_of_other_blocks_is_refused(bart, tmp_path):
+    """The encoder's and the decoder's blocks are two jobs, not one (same cells, same
+    prompts, same unpatched metrics)."""
+    clean, corrupted = _pair(5)
+    path = tmp_path / "job.pt"
+    bart2 = bart  # (2 encoder and 3 decoder layers: layer 1 of each)
+    patching.activation_patching(NNsight(bart2), [clean], [corrupted], metric, sites=["resid"],
+                                 layers=[1], blocks="model.encoder.layers", checkpoint=path,
+                                 progress=False)
+    with pytest.raises(ValueError, match="written by another sweep"):
+        patching.activation_patching(NNsight(bart2), [clean], [corrupted], metric,
+                                     sites=["resid"], layers=[1],
+                                     blocks="model.decoder.layers", checkpoint=path,
+                                     progress=False)

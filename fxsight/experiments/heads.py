@@ -147,7 +147,8 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
 
     experiment = Experiment("head patching", items, (len(layer_list), heads, len(labels)),
                             refs, groups, per_row, can_keep,
-                            [layer_list, labels, heads, kwargs_key(kwargs)])
+                            [layer_list, labels, heads, kwargs_key(kwargs),
+                             [t.key for t in targets.values()]])
     job = run_job(experiment, sweep, batch_size, memory_budget, choose_batch_size, progress,
                   checkpoint, distributed)
     info = job_info(job, len(items), 2, sweep, seen, kwargs, start)

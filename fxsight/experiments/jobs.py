@@ -524,8 +524,24 @@ def position_in(label: int, length: int) -> int | None:
 
 
 # --- results --------------------------------------------------------------------------------
+def value_key(value: Any) -> Any:
+    """What identifies ``value`` in a job's key: a tensor by its dtype, shape and a hash of
+    all its bytes (its ``repr`` elides entries and rounds them), containers item by item,
+    anything else by its ``repr``."""
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().reshape(-1)
+        digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
+        return f"tensor({value.dtype}, {tuple(value.shape)}, sha256={digest})"
+    if isinstance(value, dict):
+        return sorted((repr(k), value_key(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return [type(value).__name__, *[value_key(v) for v in value]]
+    return repr(value)
+
+
 def kwargs_key(kwargs: dict) -> list:
-    return sorted((k, repr(v)) for k, v in kwargs.items())
+    """The forward keywords in a job's key (see :func:`value_key`)."""
+    return sorted((k, value_key(v)) for k, v in kwargs.items())
 
 
 def job_info(job, n_items: int, runs_per_item: int, sweep, seen: dict, kwargs: dict,

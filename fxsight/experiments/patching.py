@@ -35,7 +35,7 @@ from .heads import head_patching
 from .result import Cell, PatchingResult
 from .jobs import (Experiment, Group as JobGroup, Item, Refs, check_same_length,
                    dataset_result, is_dataset,
-                   job_info, kwargs_key, pairs_of, position_in, position_labels,
+                   job_info, kwargs_key, value_key, pairs_of, position_in, position_labels,
                    prompts_of, run_job)
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, can_keep_last, check_kinds, check_layers,
                      check_positions, choose_batch_size, expanded, find_layout,
@@ -172,7 +172,8 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
 
     experiment = Experiment("activation patching", items,
                             (len(kinds), len(layer_list), len(labels)), refs, groups,
-                            per_row, can_keep, [kinds, layer_list, labels, kwargs_key(kwargs)])
+                            per_row, can_keep, [kinds, layer_list, labels, kwargs_key(kwargs),
+                                                [b.path for b in layout.blocks]])
     job = run_job(experiment, sweep, batch_size, memory_budget, choose_batch_size, progress,
                   checkpoint, distributed)
     info = job_info(job, len(items), 2, sweep, seen, kwargs, start)
@@ -393,8 +394,7 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
                             (len(names), len(layer_list), len(scale_list)), refs, groups,
                             per_row, can_keep,
                             [layer_list, scale_list, position_list, kwargs_key(kwargs),
-                             {name: v.float().numpy().tobytes().hex()[:64] + str(v.shape)
-                              for name, v in named.items()}])
+                             value_key(named), [b.path for b in layout.blocks]])
     job = run_job(experiment, sweep, batch_size, memory_budget, choose_batch_size, progress,
                   checkpoint, distributed)
     info = job_info(job, len(items), 1, sweep, seen, kwargs, start)
