@@ -364,3 +364,19 @@ def test_a_checkpoint_of_other_blocks_is_refused(bart, tmp_path):
                                      sites=["resid"], layers=[1],
                                      blocks="model.decoder.layers", checkpoint=path,
                                      progress=False)
+
+
+def test_a_checkpoint_of_another_precision_is_refused(tmp_path):
+    """(was: a float32 model's checkpoint resumed by its float64 copy: the unpatched
+    metrics agree to the checkpoint's tolerance, so the float32 scores came back as the
+    float64 job's)"""
+    model = tiny_gpt2(n_layer=2)
+    clean, corrupted = _pair(5)
+    path = tmp_path / "job.pt"
+    patching.activation_patching(NNsight(model), clean, corrupted, metric, sites=["resid"],
+                                 suffix=False, checkpoint=path, progress=False)
+    double = tiny_gpt2(n_layer=2).double()
+    with pytest.raises(ValueError, match="written by another sweep"):
+        patching.activation_patching(NNsight(double), clean, corrupted, metric,
+                                     sites=["resid"], suffix=False, checkpoint=path,
+                                     progress=False)

@@ -190,18 +190,20 @@ class Refs:
     reference: float | None  # metric of the clean run
     last_only: bool  # the metric reads only the last position (checked on its logits)
     runs: Any  # experiment-specific: the saved activations
+    dtype: torch.dtype = torch.float32  # the metric's (its scores'), see score_dtype
 
     @classmethod
     def of_pair(cls, item: Any, clean_run: Any, corrupt_run: Any) -> "Refs":
         """A clean/corrupted pair's references from its two reference runs (each with
         ``.logits``); ``runs`` holds both."""
-        baseline = float(metric_values(item.metric, corrupt_run.logits, 1)[0])
+        measured = metric_values(item.metric, corrupt_run.logits, 1)
+        baseline = float(measured[0])
         reference = float(metric_values(item.metric, clean_run.logits, 1)[0])
         check_rows_apart(item.metric, clean_run.logits, corrupt_run.logits, reference,
                          baseline)
         return cls(item.corrupted, item.metric, baseline, reference,
                    reads_last_position_only(item.metric, clean_run.logits),
-                   (clean_run, corrupt_run))
+                   (clean_run, corrupt_run), measured.dtype)
 
 
 @dataclass
@@ -265,9 +267,12 @@ def _plan(experiment: Experiment, probe: Refs, batch_size, memory_budget, choose
     return batches, sizes, groups
 
 
-def _fingerprint(experiment: Experiment, batches: list[Batch]) -> str:
+def _fingerprint(experiment: Experiment, batches: list[Batch], probe: Refs) -> str:
+    """What identifies a job (its checkpoint): the experiment, its key, the prompts, the
+    batches and the scores' dtype (a float32 job's scores are not a float64 one's)."""
     digest = hashlib.sha256()
-    digest.update(repr((experiment.name, experiment.shape, experiment.key)).encode())
+    digest.update(repr((experiment.name, experiment.shape, experiment.key,
+                        str(probe.dtype))).encode())
     for item in experiment.items:
         for ids in (item.clean, item.corrupted):
             digest.update(b"-" if ids is None else ids.numpy().tobytes() + b"|")
@@ -350,7 +355,7 @@ def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, mem
     try:
         probe = _refs(experiment, cache, 0, item_metrics)
         batches, sizes, groups = _plan(experiment, probe, batch_size, memory_budget, choose)
-        fingerprint = _fingerprint(experiment, batches)
+        fingerprint = _fingerprint(experiment, batches, probe)
     except Exception as failure:  # noqa: BLE001 - sent to the other ranks, then raised
         error, fingerprint = failure, None
     prints = ranks.exchange("planning", fingerprint, error)

@@ -352,8 +352,9 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
                                  f"stream has {size_hidden}")
         sweep.output_kind = run.output_kind
         seen.setdefault("reference", run)
-        return Refs(item.corrupted, chosen, float(metric_values(chosen, run.logits, 1)[0]),
-                    None, reads_last_position_only(chosen, run.logits), run)
+        measured = metric_values(chosen, run.logits, 1)
+        return Refs(item.corrupted, chosen, float(measured[0]), None,
+                    reads_last_position_only(chosen, run.logits), run, measured.dtype)
 
     can_keep = can_keep_last(model, kwargs)
 
