@@ -26,7 +26,9 @@ def _logits(output):
 
 
 def _blocks(model):
-    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    if hasattr(model, "transformer"):
+        return model.transformer.h
+    return model.model.layers if hasattr(model, "model") else model.layers
 
 
 def _site(model, kind: str, layer: int):
@@ -99,7 +101,8 @@ def head_loop(model, clean, corrupted, metric, layers, positions, heads):
     out = torch.zeros(len(layers), heads, len(positions), dtype=baseline.dtype)
     for l, layer in enumerate(layers):
         attention = _site(model, "attn", layer)
-        projection = attention.c_proj if hasattr(attention, "c_proj") else attention.o_proj
+        projection = next(getattr(attention, name) for name in ("c_proj", "o_proj", "out_proj")
+                          if hasattr(attention, name))
         store: list = []
         _forward(model, clean, projection, True, store=store)
         size = store[0].shape[-1] // heads
@@ -380,3 +383,94 @@ def test_a_checkpoint_of_another_precision_is_refused(tmp_path):
         patching.activation_patching(NNsight(double), clean, corrupted, metric,
                                      sites=["resid"], suffix=False, checkpoint=path,
                                      progress=False)
+
+
+# --- other model shapes, other dtypes ---------------------------------------------------------
+class _Attention(torch.nn.Module):
+    """Causal self-attention with 2 heads; returns ``(output, per-head values)`` or the
+    output alone."""
+
+    def __init__(self, width: int, returns_tuple: bool):
+        super().__init__()
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.out_proj = torch.nn.Linear(width, width)
+        self.returns_tuple = returns_tuple
+
+    def forward(self, x):
+        rows, tokens, width = x.shape
+        q, k, v = (t.view(rows, tokens, 2, width // 2).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, -1))
+        heads = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = self.out_proj(heads.transpose(1, 2).reshape(rows, tokens, width))
+        return (out, heads) if self.returns_tuple else out
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, width: int, returns_tuple: bool):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.attn = _Attention(width, returns_tuple)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(2 * width, width))
+        self.returns_tuple = returns_tuple
+
+    def forward(self, x):
+        x = x + _first(self.attn(self.norm(x)))
+        x = x + self.mlp(x)
+        return (x, x.mean()) if self.returns_tuple else x
+
+
+class _Net(torch.nn.Module):
+    """Blocks and a model that return tuples or tensors (the logits first)."""
+
+    def __init__(self, returns_tuple: bool, width: int = 16, vocab: int = 32):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.layers = torch.nn.ModuleList(_Block(width, returns_tuple) for _ in range(2))
+        self.head = torch.nn.Linear(width, vocab)
+        self.returns_tuple = returns_tuple
+        self.config = type("Config", (), {"num_attention_heads": 2})()
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = _first(layer(x))
+        logits = self.head(x)
+        return (logits, x) if self.returns_tuple else logits
+
+
+@pytest.mark.parametrize("returns_tuple", [False, True])
+def test_tuple_and_tensor_outputs_equal_a_hooks_loop_in_float64(returns_tuple):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _Net(returns_tuple).double().eval()
+    clean, corrupted = _pair(6, vocab=32)
+    for chosen in (metric, metric_all_positions):
+        expected = patching_loop(model, clean, corrupted, chosen, KINDS, [0, 1], range(6))
+        for options in ({}, {"backend": "hooks"}):
+            result = patching.activation_patching(NNsight(model), clean, corrupted, chosen,
+                                                  sites=KINDS, batch_size=5, progress=False,
+                                                  **options)
+            assert result.values.dtype == torch.float64
+            torch.testing.assert_close(result.values, expected, rtol=0, atol=1e-12)
+    heads = patching.head_patching(NNsight(model), clean, corrupted, metric, batch_size=5,
+                                   progress=False)
+    torch.testing.assert_close(heads.values, head_loop(model, clean, corrupted, metric, [0, 1],
+                                                       range(6), 2), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_scores_are_the_metrics_differences_in_float32(dtype):
+    """On CPU in half precision: the metric's values are the loop's bit for bit, their
+    differences taken in float32 (a guard: this held before)."""
+    model = tiny_llama(num_hidden_layers=2).to(dtype)
+    clean, corrupted = _pair(6)
+
+    def in_float32(logits):  # the loop subtracts in float32 too
+        return metric(logits).float()
+    expected = patching_loop(model, clean, corrupted, in_float32, KINDS, [0, 1], range(6))
+    for options in ({}, {"suffix": False}):
+        result = patching.activation_patching(NNsight(model), clean, corrupted, metric,
+                                              sites=KINDS, progress=False, **options)
+        assert result.values.dtype == torch.float32
+        assert torch.equal(result.values, expected), options
