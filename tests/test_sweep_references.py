@@ -234,6 +234,11 @@ def test_an_encoder_decoder_model_must_say_which_blocks(bart):
     nn = NNsight(bart)
     assert [b.path for b in patching.block_envoys(nn, nn.model.decoder.layers)] == \
         [f"model.decoder.layers.{i}" for i in range(3)]
+    assert [b.path for b in patching.block_envoys(nn, NNsight(bart).model.decoder.layers)] == \
+        [f"model.decoder.layers.{i}" for i in range(3)]  # (another wrapper's envoy)
+    with pytest.raises(ValueError, match=r"blocks='transformer.h' \(ModuleList\) is not a "
+                                         r"module of the model swept over"):
+        patching.block_envoys(nn, NNsight(tiny_gpt2()).transformer.h)
     with pytest.raises(ValueError, match=r"blocks='model.decoder' is a BartDecoder, not a "
                                          r"non-empty ModuleList"):
         patching.block_envoys(nn, "model.decoder")

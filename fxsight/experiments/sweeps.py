@@ -110,9 +110,14 @@ def find_layout(model: Envoy, blocks: Any = None) -> Layout:
 
 def _module_list(model: Envoy, blocks: Any) -> Envoy:
     """The envoy of the ``ModuleList`` ``blocks`` names (a path or an envoy), checked."""
-    if isinstance(blocks, Envoy):
-        envoy = blocks
-    elif isinstance(blocks, str):
+    if isinstance(blocks, Envoy):  # (the model's own envoy of that module)
+        paths = [path for path, module in model._module.named_modules()
+                 if module is blocks._module]
+        if not paths:
+            raise ValueError(f"blocks={blocks.path!r} ({type(blocks._module).__name__}) is not "
+                             f"a module of the model swept over")
+        blocks = paths[0]
+    if isinstance(blocks, str):
         envoy = model
         for part in blocks.split("."):
             if part not in dict(envoy._module.named_children()):
@@ -123,7 +128,7 @@ def _module_list(model: Envoy, blocks: Any) -> Envoy:
         raise TypeError(f"blocks must be the path of a ModuleList (a string) or its envoy, "
                         f"not {type(blocks).__name__}")
     if not isinstance(envoy._module, torch.nn.ModuleList) or not len(envoy._module):
-        raise ValueError(f"blocks={blocks if isinstance(blocks, str) else envoy.path!r} is a "
+        raise ValueError(f"blocks={blocks!r} is a "
                          f"{type(envoy._module).__name__}, not a non-empty ModuleList of "
                          f"blocks")
     return envoy
