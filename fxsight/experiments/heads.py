@@ -55,16 +55,17 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
                   memory_budget: int | float = DEFAULT_MEMORY_BUDGET,
                   progress: bool = True, backend: str | None = None, compile: Any = None,
                   checkpoint: Any = None, distributed: bool | None = None,
-                  suffix: bool | None = None, **forward_kwargs_given: Any):
+                  suffix: bool | None = None, blocks: Any = None,
+                  **forward_kwargs_given: Any):
     """Patch each attention head's clean output into the corrupted run, at each position.
 
     Arguments as in :func:`fxsight.patching.activation_patching` (datasets of pairs,
-    ``checkpoint``, ``distributed`` and ``suffix`` included). Returns scores with
+    ``checkpoint``, ``distributed``, ``suffix`` and ``blocks`` included). Returns scores with
     ``dims == ("layer", "head", "position")``: the patched run's metric minus the corrupted
     run's."""
     start = time.perf_counter()
     items, dataset = pairs_of(model, clean, corrupted, metric)
-    layout = find_layout(model)
+    layout = find_layout(model, blocks)
     layer_list = check_layers(layers, layout.n_layers)
     labels = position_labels(positions, [item.length for item in items])
     heads = head_count(model)
@@ -77,7 +78,7 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
                 for layer in layer_list}
     corrupt_targets = [t for layer in layer_list for t in (*prefixes[layer], targets[layer])]
     fast, suffix_note = suffix_path.attempt(suffix, lambda: _suffix_heads(
-        model, items, dataset, layer_list, labels, heads, targets, prefixes, corrupt_targets,
+        model, layout, items, dataset, layer_list, labels, heads, targets, prefixes, corrupt_targets,
         kwargs, options, reference_options, backend, checkpoint, distributed, batch_size,
         memory_budget, progress, start))
     if fast is not None:
@@ -146,7 +147,8 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
 
     experiment = Experiment("head patching", items, (len(layer_list), heads, len(labels)),
                             refs, groups, per_row, can_keep,
-                            [layer_list, labels, heads, kwargs_key(kwargs)])
+                            [layer_list, labels, heads, kwargs_key(kwargs),
+                             [t.key for t in targets.values()]])
     job = run_job(experiment, sweep, batch_size, memory_budget, choose_batch_size, progress,
                   checkpoint, distributed)
     info = job_info(job, len(items), 2, sweep, seen, kwargs, start)
@@ -160,7 +162,7 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
     return dataset_result(job, ("layer", "head", "position"), coords, "head patching", info)
 
 
-def _suffix_heads(model, items, dataset, layer_list, labels, heads, targets, prefixes,
+def _suffix_heads(model, layout, items, dataset, layer_list, labels, heads, targets, prefixes,
                   corrupt_targets, kwargs, options, reference_options, backend, checkpoint,
                   distributed, batch_size, memory_budget, progress,
                   start) -> PatchingResult | str:
@@ -171,7 +173,6 @@ def _suffix_heads(model, items, dataset, layer_list, labels, heads, targets, pre
         return item
     # the rest of a head's layer after its output projection: the projection and the MLP,
     # on the patched tokens only (their outputs elsewhere are the corrupted run's)
-    layout = find_layout(model)
     cells = [("heads", layer, targets[layer], prefixes[layer],
               [Target(module) for module in (targets[layer].envoy,
                                              suffix_path.mlp_of(layout, layer))
@@ -190,7 +191,8 @@ def _suffix_heads(model, items, dataset, layer_list, labels, heads, targets, pre
 
     swept = suffix_path.sweep_pair(model, item, cells, units, list(targets.values()),
                                    corrupt_targets, kwargs, options, reference_options,
-                                   batch_size, memory_budget, progress, "head patching")
+                                   batch_size, memory_budget, progress, "head patching",
+                                   layout)
     if isinstance(swept, str):
         return swept
     coords = {"layer": layer_list, "head": list(range(heads)), "position": labels}

@@ -190,18 +190,20 @@ class Refs:
     reference: float | None  # metric of the clean run
     last_only: bool  # the metric reads only the last position (checked on its logits)
     runs: Any  # experiment-specific: the saved activations
+    dtype: torch.dtype = torch.float32  # the metric's (its scores'), see score_dtype
 
     @classmethod
     def of_pair(cls, item: Any, clean_run: Any, corrupt_run: Any) -> "Refs":
         """A clean/corrupted pair's references from its two reference runs (each with
         ``.logits``); ``runs`` holds both."""
-        baseline = float(metric_values(item.metric, corrupt_run.logits, 1)[0])
+        measured = metric_values(item.metric, corrupt_run.logits, 1)
+        baseline = float(measured[0])
         reference = float(metric_values(item.metric, clean_run.logits, 1)[0])
         check_rows_apart(item.metric, clean_run.logits, corrupt_run.logits, reference,
                          baseline)
         return cls(item.corrupted, item.metric, baseline, reference,
                    reads_last_position_only(item.metric, clean_run.logits),
-                   (clean_run, corrupt_run))
+                   (clean_run, corrupt_run), measured.dtype)
 
 
 @dataclass
@@ -265,9 +267,12 @@ def _plan(experiment: Experiment, probe: Refs, batch_size, memory_budget, choose
     return batches, sizes, groups
 
 
-def _fingerprint(experiment: Experiment, batches: list[Batch]) -> str:
+def _fingerprint(experiment: Experiment, batches: list[Batch], probe: Refs) -> str:
+    """What identifies a job (its checkpoint): the experiment, its key, the prompts, the
+    batches and the scores' dtype (a float32 job's scores are not a float64 one's)."""
     digest = hashlib.sha256()
-    digest.update(repr((experiment.name, experiment.shape, experiment.key)).encode())
+    digest.update(repr((experiment.name, experiment.shape, experiment.key,
+                        str(probe.dtype))).encode())
     for item in experiment.items:
         for ids in (item.clean, item.corrupted):
             digest.update(b"-" if ids is None else ids.numpy().tobytes() + b"|")
@@ -350,7 +355,7 @@ def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, mem
     try:
         probe = _refs(experiment, cache, 0, item_metrics)
         batches, sizes, groups = _plan(experiment, probe, batch_size, memory_budget, choose)
-        fingerprint = _fingerprint(experiment, batches)
+        fingerprint = _fingerprint(experiment, batches, probe)
     except Exception as failure:  # noqa: BLE001 - sent to the other ranks, then raised
         error, fingerprint = failure, None
     prints = ranks.exchange("planning", fingerprint, error)
@@ -416,19 +421,24 @@ def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, mem
     keep_last = any(p[3] for p in payloads)
     traces = sum(p[2] for p in payloads)
 
-    scores = torch.full((len(items), *experiment.shape), float("nan"))
+    # the scores keep the metric's dtype (float64 for a float64 model), at least float32
+    dtype = torch.float32
+    for values in done.values():
+        dtype = torch.promote_types(dtype, values.dtype)
+    scores = torch.full((len(items), *experiment.shape), float("nan"), dtype=dtype)
     for batch in batches:
         group = groups[batch.length][batch.group]
         for (i, c), value in zip(batch.rows, done[batch.id]):
             scores[(i, *group.indices[c])] = value
-    baselines = torch.tensor([item_metrics[i][0] for i in range(len(items))])
+    baselines = torch.tensor([item_metrics[i][0] for i in range(len(items))], dtype=dtype)
     references = [item_metrics[i][1] for i in range(len(items))]
     scores -= baselines.reshape(-1, *[1] * len(experiment.shape))
     lengths: dict[int, int] = {}
     for item in items:
         lengths[item.length] = lengths.get(item.length, 0) + 1
     return JobResult(scores, baselines,
-                     None if any(r is None for r in references) else torch.tensor(references),
+                     None if any(r is None for r in references)
+                     else torch.tensor(references, dtype=dtype),
                      sizes, traces, len(batches), resumed, ranks.world, keep_last, sweep,
                      dict(sorted(lengths.items())))
 
@@ -467,10 +477,16 @@ def _batch_metrics(logits: torch.Tensor, batch: Batch, refs: dict[int, Refs]) ->
     metrics = {id(r.metric): r.metric for r in refs.values()}
     if len(metrics) == 1:
         return metric_values(next(iter(metrics.values())), logits, batch.size)[:len(batch.rows)]
-    out = torch.empty(len(batch.rows))
+    parts = []
     for i, r in refs.items():
         rows = torch.tensor([k for k, (j, _) in enumerate(batch.rows) if j == i])
-        out[rows] = metric_values(r.metric, logits[rows], len(rows)).to(out.device)
+        parts.append((rows, metric_values(r.metric, logits[rows], len(rows)).cpu()))
+    dtype = parts[0][1].dtype
+    for _, values in parts:
+        dtype = torch.promote_types(dtype, values.dtype)
+    out = torch.empty(len(batch.rows), dtype=dtype)
+    for rows, values in parts:
+        out[rows] = values.to(dtype)
     return out
 
 
@@ -513,8 +529,24 @@ def position_in(label: int, length: int) -> int | None:
 
 
 # --- results --------------------------------------------------------------------------------
+def value_key(value: Any) -> Any:
+    """What identifies ``value`` in a job's key: a tensor by its dtype, shape and a hash of
+    all its bytes (its ``repr`` elides entries and rounds them), containers item by item,
+    anything else by its ``repr``."""
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().reshape(-1)
+        digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
+        return f"tensor({value.dtype}, {tuple(value.shape)}, sha256={digest})"
+    if isinstance(value, dict):
+        return sorted((repr(k), value_key(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return [type(value).__name__, *[value_key(v) for v in value]]
+    return repr(value)
+
+
 def kwargs_key(kwargs: dict) -> list:
-    return sorted((k, repr(v)) for k, v in kwargs.items())
+    """The forward keywords in a job's key (see :func:`value_key`)."""
+    return sorted((k, value_key(v)) for k, v in kwargs.items())
 
 
 def job_info(job, n_items: int, runs_per_item: int, sweep, seen: dict, kwargs: dict,

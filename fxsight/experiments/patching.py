@@ -35,13 +35,14 @@ from .heads import head_patching
 from .result import Cell, PatchingResult
 from .jobs import (Experiment, Group as JobGroup, Item, Refs, check_same_length,
                    dataset_result, is_dataset,
-                   job_info, kwargs_key, pairs_of, position_in, position_labels,
+                   job_info, kwargs_key, value_key, pairs_of, position_in, position_labels,
                    prompts_of, run_job)
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, can_keep_last, check_kinds, check_layers,
                      check_positions, choose_batch_size, expanded, find_layout,
                      forward_kwargs as _forward_kwargs, hidden,
                      metric_values, reads_last_position_only, reference_run, row_bytes,
-                     stacked, token_ids, token_labels, trace_options, with_hidden)
+                     score_dtype, stacked, token_ids, token_labels, trace_options,
+                     with_hidden)
 
 __all__ = ["PatchingResult", "Cell", "activation_patching", "head_patching", "steering_sweep",
            "attribution", "block_envoys"]
@@ -57,7 +58,7 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
                         progress: bool = True, backend: str | None = None,
                         compile: Any = None, checkpoint: Any = None,
                         distributed: bool | None = None, suffix: bool | None = None,
-                        **forward_kwargs: Any) -> PatchingResult:
+                        blocks: Any = None, **forward_kwargs: Any) -> PatchingResult:
     """Patch the clean run's activation into the corrupted run, one cell at a time in
     effect, for every site kind × layer × position; return the effect of each patch on
     ``metric``.
@@ -71,8 +72,10 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
     (the block's attention output, item 0 if it returns a tuple), ``"mlp"`` (its MLP's
     output), ``"resid_pre"`` (a block's input; layer 0: the embeddings). ``positions``: ``"all"`` or a list of token positions; ``layers``: all or a
     list. Batches are sized to ``memory_budget`` bytes of activations unless
-    ``batch_size`` is given; ``progress`` shows a tqdm bar. Other keywords go to the
-    model's forward.
+    ``batch_size`` is given; ``progress`` shows a tqdm bar. ``blocks``: the ``ModuleList``
+    of blocks (its path, e.g. ``"model.decoder.layers"``, or its envoy), needed where the
+    model has several (an encoder-decoder); by default its one stack of blocks. Other
+    keywords go to the model's forward.
 
     **Datasets**: ``clean`` and ``corrupted`` may be sequences of prompts (or ``clean`` a
     sequence of dicts with ``"clean"``, ``"corrupted"`` and optionally ``"metric"``, with
@@ -113,7 +116,7 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
     start = time.perf_counter()
     kinds = check_kinds(sites)
     items, dataset = pairs_of(model, clean, corrupted, metric)
-    layout = find_layout(model)
+    layout = find_layout(model, blocks)
     layer_list = check_layers(layers, layout.n_layers)
     labels = position_labels(positions, [item.length for item in items])
     kwargs = _forward_kwargs(model, forward_kwargs)
@@ -132,7 +135,7 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
                   "activation patching")
     seen: dict = {}
     fast, suffix_note = suffix_path.attempt(suffix, lambda: _suffix_sweep(
-        model, items, dataset, kinds, layer_list, labels, plans, clean_targets,
+        model, layout, items, dataset, kinds, layer_list, labels, plans, clean_targets,
         corrupt_targets, kwargs, options, reference_options, backend, checkpoint,
         distributed, batch_size, memory_budget, progress, start))
     if fast is not None:
@@ -169,7 +172,8 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
 
     experiment = Experiment("activation patching", items,
                             (len(kinds), len(layer_list), len(labels)), refs, groups,
-                            per_row, can_keep, [kinds, layer_list, labels, kwargs_key(kwargs)])
+                            per_row, can_keep, [kinds, layer_list, labels, kwargs_key(kwargs),
+                                                [b.path for b in layout.blocks]])
     job = run_job(experiment, sweep, batch_size, memory_budget, choose_batch_size, progress,
                   checkpoint, distributed)
     info = job_info(job, len(items), 2, sweep, seen, kwargs, start)
@@ -185,7 +189,7 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
                            "activation patching", info)
 
 
-def _suffix_sweep(model, items, dataset, kinds, layer_list, labels, plans, clean_targets,
+def _suffix_sweep(model, layout, items, dataset, kinds, layer_list, labels, plans, clean_targets,
                   corrupt_targets, kwargs, options, reference_options, backend, checkpoint,
                   distributed, batch_size, memory_budget, progress,
                   start) -> PatchingResult | str:
@@ -194,13 +198,13 @@ def _suffix_sweep(model, items, dataset, kinds, layer_list, labels, plans, clean
                                    kwargs)
     if isinstance(item, str):
         return item
-    layout = find_layout(model)
     cells = [(kind, layer, *plans[kind, layer], _local(layout, kind, layer))
              for kind in kinds for layer in layer_list]
     units = [(position_in(label, item.length), None) for label in labels]
     swept = suffix_path.sweep_pair(model, item, cells, lambda clean_run: units, clean_targets,
                                    corrupt_targets, kwargs, options, reference_options,
-                                   batch_size, memory_budget, progress, "activation patching")
+                                   batch_size, memory_budget, progress, "activation patching",
+                                   layout)
     if isinstance(swept, str):
         return swept
     coords = {"site": kinds, "layer": layer_list, "position": labels}
@@ -288,7 +292,7 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
                    memory_budget: int | float = DEFAULT_MEMORY_BUDGET,
                    progress: bool = True, backend: str | None = None, compile: Any = None,
                    checkpoint: Any = None, distributed: bool | None = None,
-                   **forward_kwargs: Any) -> PatchingResult:
+                   blocks: Any = None, **forward_kwargs: Any) -> PatchingResult:
     """Add ``scale * vector`` to the residual stream (a block's output) at every
     (vector, layer, scale) cell and measure ``metric`` on the steered logits.
 
@@ -314,7 +318,7 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
 
     start = time.perf_counter()
     items, dataset = prompts_of(model, prompt, metric)
-    layout = find_layout(model)
+    layout = find_layout(model, blocks)
     layer_list = check_layers(layers, layout.n_layers)
     lengths = [item.length for item in items]
     if len(set(lengths)) == 1:
@@ -340,7 +344,7 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
             token = int(run.logits[0, -1].argmax())
 
             def chosen(logits, token=token):
-                return logits[:, -1].float().log_softmax(-1)[:, token]
+                return logits[:, -1].to(score_dtype(logits.dtype)).log_softmax(-1)[:, token]
         size_hidden = hidden(run.outputs[blocks[0].key]).shape[-1]
         for name, vector in named.items():
             if vector.shape[-1] != size_hidden:
@@ -348,8 +352,9 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
                                  f"stream has {size_hidden}")
         sweep.output_kind = run.output_kind
         seen.setdefault("reference", run)
-        return Refs(item.corrupted, chosen, float(metric_values(chosen, run.logits, 1)[0]),
-                    None, reads_last_position_only(chosen, run.logits), run)
+        measured = metric_values(chosen, run.logits, 1)
+        return Refs(item.corrupted, chosen, float(measured[0]), None,
+                    reads_last_position_only(chosen, run.logits), run, measured.dtype)
 
     can_keep = can_keep_last(model, kwargs)
 
@@ -390,8 +395,7 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
                             (len(names), len(layer_list), len(scale_list)), refs, groups,
                             per_row, can_keep,
                             [layer_list, scale_list, position_list, kwargs_key(kwargs),
-                             {name: v.float().numpy().tobytes().hex()[:64] + str(v.shape)
-                              for name, v in named.items()}])
+                             value_key(named), [b.path for b in layout.blocks]])
     job = run_job(experiment, sweep, batch_size, memory_budget, choose_batch_size, progress,
                   checkpoint, distributed)
     info = job_info(job, len(items), 1, sweep, seen, kwargs, start)
@@ -429,15 +433,17 @@ def _named_vectors(vectors: Any, n_layers: int) -> dict[str, torch.Tensor]:
 
 
 # --- attribution patching ------------------------------------------------------------------
-def block_envoys(model: Envoy) -> list[Envoy]:
-    """The model's main stack of blocks: the longest ModuleList in it."""
-    return find_layout(model).blocks
+def block_envoys(model: Envoy, blocks: Any = None) -> list[Envoy]:
+    """The model's stack of blocks: its one outermost ``ModuleList`` of blocks, or
+    ``blocks`` (a path or an envoy) where it has several (see
+    :func:`~fxsight.experiments.sweeps.find_layout`)."""
+    return find_layout(model, blocks).blocks
 
 
 def attribution(model: Envoy, clean: Any, corrupted: Any = None,
                 metric: Callable[[Any], Any] | Sequence[Callable] | None = None,
                 sites: Sequence[Envoy] | Sequence[str] | None = None,
-                **trace_kwargs) -> PatchingResult:
+                blocks: Any = None, **trace_kwargs) -> PatchingResult:
     """Attribution patching of each site's output at every position, in one trace.
 
     ``metric`` receives the corrupted run's logits (as a traced value; the model's output
@@ -465,7 +471,8 @@ def attribution(model: Envoy, clean: Any, corrupted: Any = None,
                            "torch.inference_mode() (no tensor made there records gradients); "
                            "call it outside, or under torch.no_grad() (it enables them)")
     if is_dataset(clean):
-        return _attribution_dataset(model, clean, corrupted, metric, sites, trace_kwargs)
+        return _attribution_dataset(model, clean, corrupted, metric, sites, blocks,
+                                    trace_kwargs)
     # both prompts in one trace: a LanguageModel would pad prompts of different lengths to
     # one, and the positions would no longer correspond
     ids = _pair_ids(model, clean, corrupted)
@@ -477,12 +484,12 @@ def attribution(model: Envoy, clean: Any, corrupted: Any = None,
             raise TypeError(f"sites must be site kinds (strings) or modules (envoys), not "
                             f"both: {list(sites)!r}")
         kinds = check_kinds(sites)
-        layout = find_layout(model)
+        layout = find_layout(model, blocks)
         targets = [_attribution_target(layout, kind, layer) for kind in kinds
                    for layer in range(layout.n_layers)]
     else:
         targets = [Target(site) for site in
-                   (list(sites) if sites is not None else block_envoys(model))]
+                   (list(sites) if sites is not None else block_envoys(model, blocks))]
     with torch.enable_grad(), model.trace(**trace_kwargs) as tracer:
         with tracer.invoke(clean):
             clean_acts = [_hidden(t.read()).detach().save() for t in targets]
@@ -531,7 +538,7 @@ def _pair_ids(model: Envoy, clean: Any, corrupted: Any
     return ids
 
 
-def _attribution_dataset(model, clean, corrupted, metric, sites, trace_kwargs):
+def _attribution_dataset(model, clean, corrupted, metric, sites, blocks, trace_kwargs):
     """Attribution over a dataset of pairs: one trace per pair (no batching), the mean,
     standard error and each pair's scores as in :func:`activation_patching`."""
     items, _ = pairs_of(model, clean, corrupted, metric)
@@ -539,12 +546,12 @@ def _attribution_dataset(model, clean, corrupted, metric, sites, trace_kwargs):
     if len(lengths) > 1:
         raise ValueError(f"attribution over a dataset needs pairs of one length (got "
                          f"lengths {sorted(lengths)}); group them by length first")
-    results = [attribution(model, item.clean, item.corrupted, item.metric, sites,
+    results = [attribution(model, item.clean, item.corrupted, item.metric, sites, blocks,
                            **trace_kwargs) for item in items]
     first = results[0]
     per_pair = torch.stack([r.values for r in results])
     baselines = None if first.baseline is None else \
-        torch.tensor([r.baseline for r in results])
+        torch.tensor([r.baseline for r in results], dtype=score_dtype(per_pair.dtype))
     return PatchingResult(per_pair.mean(0), first.dims, first.coords,
                           baseline=None if baselines is None else float(baselines.mean()),
                           method=first.method, info={"pairs": len(items)},

@@ -110,7 +110,7 @@ class PatchingResult:
         over the square root of the count); NaN where fewer than two pairs have the cell
         (and for a one-pair result)."""
         if self.per_pair is None:
-            return torch.full(self.values.shape, float("nan"))
+            return torch.full(self.values.shape, float("nan"), dtype=self.values.dtype)
         present = ~self.per_pair.isnan()
         counts = present.sum(0)
         deviation = torch.where(present, self.per_pair - self.values, 0.0)

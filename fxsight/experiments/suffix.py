@@ -64,8 +64,10 @@ import torch
 
 from ..api.envoy import Envoy
 from .result import PatchingResult
-from .sweeps import (Target, check_rows_apart, choose_batch_size, find_layout, forward_parameters, hidden, logits_of,
-                     metric_values, reference_run, row_bytes, with_hidden)
+from .sweeps import (Layout, Target, check_rows_apart, choose_batch_size, find_layout,
+                     forward_parameters, hidden, logits_of,
+                     metric_values, reference_run, row_bytes, score_dtype,
+                     with_hidden)
 
 CACHE_NAMES = ("cache", "past_key_values")
 # a cell of a (site, layer): the position patched, and the columns of the site's value
@@ -453,8 +455,8 @@ class Plan:
 
 
 def plan(model: Envoy, corrupted: torch.Tensor, kwargs: dict, corrupt_run: Any,
-         clean_logits: torch.Tensor, metric: Callable, local: list | None = None
-         ) -> Plan | str:
+         clean_logits: torch.Tensor, metric: Callable, local: list | None = None,
+         layout: Layout | None = None) -> Plan | str:
     """The suffix path's set-up for a pair (the prefix cache, the head, the vocabulary
     entries the metric reads), or why it does not apply to this model. ``corrupt_run``:
     the corrupted reference run with ``use_cache=True`` and its output kept (with the
@@ -466,7 +468,7 @@ def plan(model: Envoy, corrupted: torch.Tensor, kwargs: dict, corrupt_run: Any,
     layers = prefix_cache(corrupt_run.output)
     if layers is None:
         return "the model's cache is not a DynamicCache of plain layers"
-    tail = last_mlp(model)
+    tail = mlp_of(layout if layout is not None else find_layout(model), -1)
     on_patched = bool(local) and all(
         isinstance(corrupt_run.outputs.get(t.key), torch.Tensor) for t in local)
     # One check of everything at once where the restrictions touch different modules; only
@@ -517,11 +519,6 @@ def mlp_of(layout: Any, layer: int) -> Envoy | None:
         return None
 
 
-def last_mlp(model: Envoy) -> Envoy | None:
-    """The last block's MLP module, or ``None`` where the blocks have none."""
-    return mlp_of(find_layout(model), -1)
-
-
 def tail_after(tail: Envoy | None, target: Target, prefix: list[Target],
                local: list[Target] = ()) -> Envoy | None:
     """``tail`` where it runs after every module a cell replaces or runs on the patched
@@ -553,7 +550,7 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[Cell],
                for which in live]
     packings = {}
     dtype = hidden(corrupt[cells[0][2].key]).dtype
-    scores = torch.zeros(len(cells), len(units))
+    scores = None  # in the metric's dtype (see metric_values), once the first cell ran
     tracer = None
     traces = 0
     bar = tqdm(total=sum(map(len, batches)), desc=description, unit="batch",
@@ -577,10 +574,14 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[Cell],
                     logits = head_logits(setup.head._module, inputs, setup.columns)
                     chosen = setup.small_metric if setup.columns is not None else metric
                     values = metric_values(chosen, logits, len(which))
-                scores[c, which] = values - baseline
+                if scores is None:
+                    scores = torch.zeros(len(cells), len(units), dtype=values.dtype)
+                scores[c, which] = (values - baseline).to(scores.dtype)
                 bar.update(1)
     finally:
         bar.close()
+    if scores is None:  # no cell changes anything: every score is 0
+        scores = torch.zeros(len(cells), len(units), dtype=score_dtype(dtype))
     return scores, traces, tracer, len(cells) * len(units) - sum(map(len, live))
 
 
@@ -640,11 +641,12 @@ def sweep_pair(model: Envoy, item: Any, cells: list[Cell],
                units: Callable[[Any], list[Unit]], clean_targets: list[Target],
                corrupt_targets: list[Target], kwargs: dict, options: dict,
                reference_options: dict, batch_size: int | None,
-               memory_budget: int | float, progress: bool, description: str) -> Swept | str:
+               memory_budget: int | float, progress: bool, description: str,
+               layout: Layout | None = None) -> Swept | str:
     """The sweep of one clean/corrupted ``item`` on the suffix path, or why it does not
     apply to this model and metric. ``cells``: (kind, layer, target, prefix, local) per
     (site, layer) (the corrupted run also keeps ``local``'s outputs); ``units(clean_run)``:
-    the cells of each."""
+    the cells of each; ``layout``: the blocks swept over (default: :func:`find_layout`)."""
     local = [t for cell in cells for t in cell[4]]
     corrupt_targets = [*corrupt_targets, *local]
     keep = {**kwargs, "logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) \
@@ -657,7 +659,7 @@ def sweep_pair(model: Envoy, item: Any, cells: list[Cell],
     if not last_only(item.metric, item.length, clean_run.logits.shape[-1]):
         return "the metric reads positions other than the last"
     setup = plan(model, item.corrupted, kwargs, corrupt_run, clean_run.logits, item.metric,
-                 local)
+                 local, layout)
     if isinstance(setup, str):
         return setup
     cell_units = units(clean_run)

@@ -76,23 +76,62 @@ class Layout:
                          f"(looked for {', '.join(names)}; it has {', '.join(children)})")
 
 
-def find_layout(model: Envoy) -> Layout:
-    """The blocks of ``model``: its longest ``ModuleList`` that is not inside another's
-    items (``transformer.h`` of GPT-2, ``model.layers`` of Llama; not the experts of a
-    block, however many)."""
+def find_layout(model: Envoy, blocks: Any = None) -> Layout:
+    """The blocks of ``model``: ``blocks`` where given (the path of a ``ModuleList``, such
+    as ``"model.decoder.layers"``, or its envoy), else its one outermost ``ModuleList`` of
+    blocks (``transformer.h`` of GPT-2, ``model.layers`` of Llama; not the experts of a
+    block, however many).
+
+    The candidates are the ``ModuleList`` modules not inside another's items whose items have
+    submodules (blocks; where none has, every outermost ``ModuleList``). Where there are
+    several (an encoder-decoder model's encoder and decoder blocks), which one is meant
+    cannot be told: a ``ValueError`` lists them and asks for ``blocks=``."""
+    if blocks is not None:
+        return Layout(list(_module_list(model, blocks)))
     lists = [(path, module) for path, module in model._module.named_modules()
              if isinstance(module, torch.nn.ModuleList)]
-    best: tuple[int, str] | None = None
-    for path, module in lists:
-        nested = any(path.startswith(f"{outer}.") for outer, _ in lists if outer != path)
-        if not nested and (best is None or len(module) > best[0]):
-            best = (len(module), path)
-    if best is None:
+    outermost = [(path, module) for path, module in lists
+                 if not any(path.startswith(f"{outer}.") for outer, _ in lists
+                            if outer != path)]
+    stacks = [(path, module) for path, module in outermost
+              if len(module) and all(next(item.children(), None) is not None
+                                     for item in module)]
+    candidates = stacks or outermost
+    if not candidates:
         raise ValueError("the model has no ModuleList of blocks to sweep over")
-    envoy = model
-    for part in best[1].split("."):
-        envoy = getattr(envoy, part)
-    return Layout(list(envoy))
+    if len(candidates) > 1:
+        listed = ", ".join(f"{path!r} ({len(module)} x {type(module[0]).__name__})"
+                           if len(module) else f"{path!r} (empty)"
+                           for path, module in candidates)
+        raise ValueError(f"the model has several stacks of blocks: {listed}; say which one "
+                         f"to sweep over with blocks= (e.g. blocks={candidates[0][0]!r})")
+    return Layout(list(_module_list(model, candidates[0][0])))
+
+
+def _module_list(model: Envoy, blocks: Any) -> Envoy:
+    """The envoy of the ``ModuleList`` ``blocks`` names (a path or an envoy), checked."""
+    if isinstance(blocks, Envoy):  # (the model's own envoy of that module)
+        paths = [path for path, module in model._module.named_modules()
+                 if module is blocks._module]
+        if not paths:
+            raise ValueError(f"blocks={blocks.path!r} ({type(blocks._module).__name__}) is not "
+                             f"a module of the model swept over")
+        blocks = paths[0]
+    if isinstance(blocks, str):
+        envoy = model
+        for part in blocks.split("."):
+            if part not in dict(envoy._module.named_children()):
+                raise ValueError(f"blocks={blocks!r}: the model has no module {blocks!r} "
+                                 f"({type(envoy._module).__name__} has no {part!r})")
+            envoy = getattr(envoy, part)
+    else:
+        raise TypeError(f"blocks must be the path of a ModuleList (a string) or its envoy, "
+                        f"not {type(blocks).__name__}")
+    if not isinstance(envoy._module, torch.nn.ModuleList) or not len(envoy._module):
+        raise ValueError(f"blocks={blocks!r} is a "
+                         f"{type(envoy._module).__name__}, not a non-empty ModuleList of "
+                         f"blocks")
+    return envoy
 
 
 @dataclass(frozen=True)
@@ -256,10 +295,23 @@ def output_kind(output: Any) -> str:
     return "tensor" if isinstance(output, torch.Tensor) else "item"
 
 
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores of a metric of ``dtype`` are kept in: the metric's own, at least
+    float32 (a float64 model's scores stay float64; a half-precision or integer metric's
+    differences are taken in float32, which holds them without rounding them again)."""
+    if not dtype.is_floating_point:
+        return torch.float32
+    return torch.promote_types(dtype, torch.float32)
+
+
 def metric_values(metric: Callable, logits: torch.Tensor, rows: int) -> torch.Tensor:
-    """``metric(logits)`` as one float per row."""
+    """``metric(logits)`` as one number per row, in :func:`score_dtype` of its dtype."""
     value = metric(logits)
-    value = torch.as_tensor(value)
+    if not isinstance(value, torch.Tensor):  # Python numbers: double precision
+        try:
+            value = torch.as_tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            value = torch.as_tensor(value)
     if value.dim() > 1 and value.shape[1:].numel() == 1:
         value = value.reshape(value.shape[0])
     if value.dim() == 0 and rows == 1:
@@ -268,7 +320,7 @@ def metric_values(metric: Callable, logits: torch.Tensor, rows: int) -> torch.Te
         raise ValueError(f"the metric must give one number per row of the logits (shape "
                          f"({rows},) for logits of shape {tuple(logits.shape)}); it gave "
                          f"shape {tuple(value.shape)}")
-    return value.detach().float()
+    return value.detach().to(score_dtype(value.dtype))
 
 
 def check_rows_apart(metric: Callable, clean_logits: torch.Tensor,

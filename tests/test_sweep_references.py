@@ -1,0 +1,481 @@
+"""Every sweep entry point against a hand-written plain-PyTorch loop (forward hooks, one
+cell at a time): dtypes (float64 kept, half precision on CPU), prompts of different lengths,
+positions counted from the end, batch sizes that do not divide the cells, several metrics,
+models with tuple or tensor outputs, heads, and checkpoint/resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxsight import NNsight, patching
+from models import tiny_gpt2, tiny_llama
+
+KINDS = ["resid", "attn", "mlp", "resid_pre"]
+
+
+# --- the plain-PyTorch references ------------------------------------------------------------
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _logits(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    return output.logits if hasattr(output, "logits") else output[0]
+
+
+def _blocks(model):
+    if hasattr(model, "transformer"):
+        return model.transformer.h
+    return model.model.layers if hasattr(model, "model") else model.layers
+
+
+def _site(model, kind: str, layer: int):
+    block = _blocks(model)[layer]
+    if kind in ("resid", "resid_pre"):
+        return block
+    if kind == "attn":
+        return block.attn if hasattr(block, "attn") else block.self_attn
+    return block.mlp
+
+
+def _forward(model, ids, module=None, pre=False, change=None, store=None):
+    """One forward of ``ids``; ``change`` rewrites the module's hidden state (output, or
+    first input with ``pre``), ``store`` keeps a copy of it."""
+    handle = None
+    if module is not None:
+        if pre:
+            def hook(m, args):
+                if store is not None:
+                    store.append(args[0].detach().clone())
+                return None if change is None else (change(args[0]), *args[1:])
+            handle = module.register_forward_pre_hook(hook)
+        else:
+            def hook(m, args, output):
+                if store is not None:
+                    store.append(_first(output).detach().clone())
+                if change is None:
+                    return None
+                new = change(_first(output))
+                return (new, *output[1:]) if isinstance(output, tuple) else new
+            handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return _logits(model(ids))
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def patching_loop(model, clean, corrupted, metric, kinds, layers, positions):
+    """(kinds, layers, positions) scores: metric of the corrupted run with the clean value at
+    one (site, layer, position), minus the corrupted run's metric. Positions may be negative
+    (from the end); one missing from the prompt is NaN."""
+    length = clean.shape[1]
+    baseline = metric(_forward(model, corrupted))[0]
+    out = torch.full((len(kinds), len(layers), len(positions)), float("nan"),
+                     dtype=baseline.dtype)
+    for k, kind in enumerate(kinds):
+        for l, layer in enumerate(layers):
+            module, pre = _site(model, kind, layer), kind == "resid_pre"
+            store: list = []
+            _forward(model, clean, module, pre, store=store)
+            for i, position in enumerate(positions):
+                if not -length <= position < length:
+                    continue
+
+                def change(h, p=position, value=store[0]):
+                    h = h.clone()
+                    h[:, p] = value[:, p]
+                    return h
+                out[k, l, i] = metric(_forward(model, corrupted, module, pre, change))[0] \
+                    - baseline
+    return out
+
+
+def head_loop(model, clean, corrupted, metric, layers, positions, heads):
+    """(layers, heads, positions): the clean run's head columns of the attention output
+    projection's input patched at one position."""
+    baseline = metric(_forward(model, corrupted))[0]
+    out = torch.zeros(len(layers), heads, len(positions), dtype=baseline.dtype)
+    for l, layer in enumerate(layers):
+        attention = _site(model, "attn", layer)
+        projection = next(getattr(attention, name) for name in ("c_proj", "o_proj", "out_proj")
+                          if hasattr(attention, name))
+        store: list = []
+        _forward(model, clean, projection, True, store=store)
+        size = store[0].shape[-1] // heads
+        for h in range(heads):
+            for i, position in enumerate(positions):
+                def change(x, p=position, h=h, value=store[0]):
+                    x = x.clone()
+                    x[:, p, h * size:(h + 1) * size] = value[:, p, h * size:(h + 1) * size]
+                    return x
+                out[l, h, i] = metric(_forward(model, corrupted, projection, True,
+                                               change))[0] - baseline
+    return out
+
+
+def steering_loop(model, prompt, vectors, layers, scales, metric, positions):
+    baseline = metric(_forward(model, prompt))[0]
+    out = torch.zeros(len(vectors), len(layers), len(scales), dtype=baseline.dtype)
+    for v, vector in enumerate(vectors):
+        for l, layer in enumerate(layers):
+            for s, scale in enumerate(scales):
+                def change(h, vector=vector, scale=scale):
+                    h = h.clone()
+                    h[:, positions] += scale * vector.to(h.dtype)
+                    return h
+                out[v, l, s] = metric(_forward(model, prompt, _blocks(model)[layer], False,
+                                               change))[0] - baseline
+    return out
+
+
+def _pair(length: int, seed: int = 1, position: int = 1, vocab: int = 128):
+    clean = torch.randint(4, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+    corrupted = clean.clone()
+    corrupted[0, position] = (clean[0, position] + 1) % vocab
+    return clean, corrupted
+
+
+def metric(logits):
+    return logits[:, -1, 5] - logits[:, -1, 6]
+
+
+def metric_all_positions(logits):  # reads every position: the full-length path
+    return logits[:, :, 7].mean(-1) - logits[:, -1, 6]
+
+
+@pytest.fixture(scope="module")
+def gpt2_64():
+    return tiny_gpt2(n_layer=2).double()
+
+
+@pytest.fixture(scope="module")
+def llama_64():
+    return tiny_llama(num_hidden_layers=2).double()
+
+
+# --- float64 is kept ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gpt2_64", "llama_64"])
+def test_float64_model_gives_float64_scores_equal_to_a_float64_hooks_loop(name, request):
+    model = request.getfixturevalue(name)
+    clean, corrupted = _pair(6)
+    expected = patching_loop(model, clean, corrupted, metric, KINDS, [0, 1], range(6))
+    assert expected.dtype == torch.float64
+    # one cell a batch, full length: the very computation of the loop, bit for bit
+    exact = patching.activation_patching(NNsight(model), clean, corrupted, metric, sites=KINDS,
+                                         suffix=False, batch_size=1, progress=False)
+    assert exact.values.dtype == torch.float64
+    assert torch.equal(exact.values, expected)
+    assert exact.baseline == float(metric(_forward(model, corrupted))[0])
+    for options in ({}, {"suffix": False}, {"backend": "hooks"}):
+        result = patching.activation_patching(NNsight(model), clean, corrupted, metric,
+                                              sites=KINDS, progress=False, **options)
+        assert result.values.dtype == torch.float64, options
+        torch.testing.assert_close(result.values, expected, rtol=0, atol=1e-12)
+
+
+# --- which blocks --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+    config = BartConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=3,
+                        encoder_attention_heads=2, decoder_attention_heads=2,
+                        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=2, forced_eos_token_id=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return BartForConditionalGeneration(config).eval()
+
+
+def _bart_loop(model, blocks, clean, corrupted, positions):
+    baseline = metric(_forward(model, corrupted))[0]
+    out = torch.zeros(len(blocks), len(positions))
+    for layer, block in enumerate(blocks):
+        store: list = []
+        _forward(model, clean, block, store=store)
+        for i, position in enumerate(positions):
+            def change(h, p=position, value=store[0]):
+                h = h.clone()
+                h[:, p] = value[:, p]
+                return h
+            out[layer, i] = metric(_forward(model, corrupted, block, False, change))[0] - \
+                baseline
+    return out
+
+
+def test_an_encoder_decoder_model_must_say_which_blocks(bart):
+    """(was: the longest outermost ModuleList, silently the decoder's 3 blocks here, or
+    the first of equal ones, the encoder's)"""
+    clean, corrupted = _pair(5)
+    for sweep in (lambda: patching.activation_patching(NNsight(bart), clean, corrupted, metric,
+                                                       sites=["resid"], progress=False),
+                  lambda: patching.steering_sweep(NNsight(bart), clean, torch.ones(32),
+                                                  progress=False),
+                  lambda: patching.attribution(NNsight(bart), clean, corrupted, metric,
+                                               sites=["resid"]),
+                  lambda: patching.block_envoys(NNsight(bart))):
+        with pytest.raises(ValueError, match=r"several stacks of blocks: "
+                                             r"'model.encoder.layers' \(2 x BartEncoderLayer\), "
+                                             r"'model.decoder.layers' \(3 x BartDecoderLayer\); "
+                                             r"say which one to sweep over with blocks="):
+            sweep()
+    for path in ("model.encoder.layers", "model.decoder.layers"):
+        result = patching.activation_patching(NNsight(bart), clean, corrupted, metric,
+                                              sites=["resid"], blocks=path, progress=False)
+        blocks = bart.get_submodule(path)
+        expected = _bart_loop(bart, blocks, clean, corrupted, range(5))
+        assert result.layers == list(range(len(blocks)))
+        torch.testing.assert_close(result.values[0], expected, rtol=1e-4, atol=1e-5)
+        assert result.values.abs().max() > 1e-4
+    nn = NNsight(bart)
+    assert [b.path for b in patching.block_envoys(nn, nn.model.decoder.layers)] == \
+        [f"model.decoder.layers.{i}" for i in range(3)]
+    assert [b.path for b in patching.block_envoys(nn, NNsight(bart).model.decoder.layers)] == \
+        [f"model.decoder.layers.{i}" for i in range(3)]  # (another wrapper's envoy)
+    with pytest.raises(ValueError, match=r"blocks='transformer.h' \(ModuleList\) is not a "
+                                         r"module of the model swept over"):
+        patching.block_envoys(nn, NNsight(tiny_gpt2()).transformer.h)
+    with pytest.raises(ValueError, match=r"blocks='model.decoder' is a BartDecoder, not a "
+                                         r"non-empty ModuleList"):
+        patching.block_envoys(nn, "model.decoder")
+    with pytest.raises(ValueError, match=r"no module 'model.decoderz.layers'"):
+        patching.block_envoys(nn, "model.decoderz.layers")
+
+
+# --- attribution ---------------------------------------------------------------------------
+def attribution_loop(model, clean, corrupted, metric, kinds, layers):
+    """(kinds, layers, positions): (clean - corrupted) . d metric / d site, each site's
+    gradient from its own backward pass through a leaf put in by a hook; and the
+    corrupted run's metric."""
+    out = []
+    for kind in kinds:
+        rows = []
+        for layer in layers:
+            module, pre = _site(model, kind, layer), kind == "resid_pre"
+            store: list = []
+            _forward(model, clean, module, pre, store=store)
+            leaf: list = []
+
+            def change(h):
+                leaf.append(h.detach().requires_grad_())
+                return leaf[0]
+            handle = module.register_forward_pre_hook(lambda m, a: (change(a[0]), *a[1:])) \
+                if pre else module.register_forward_hook(
+                    lambda m, a, o: (change(o[0]), *o[1:]) if isinstance(o, tuple)
+                    else change(o))
+            try:
+                with torch.enable_grad():
+                    measured = metric(_logits(model(corrupted))).sum()
+                    grad, = torch.autograd.grad(measured, leaf[0])
+            finally:
+                handle.remove()
+            rows.append(((store[0] - leaf[0].detach()) * grad).sum(-1)[0])
+        out.append(torch.stack(rows))
+    return torch.stack(out), measured.detach()
+
+
+def test_attribution_equals_a_hand_written_gradient_loop_in_float64(gpt2_64):
+    """(was: over a dataset, ``baselines`` were float32 for a float64 model)"""
+    pairs = [_pair(6, 1, 2), _pair(6, 3, 4)]
+    result = patching.attribution(NNsight(gpt2_64), [c for c, _ in pairs],
+                                  [k for _, k in pairs], metric, sites=KINDS)
+    assert result.per_pair.dtype == result.baselines.dtype == torch.float64
+    for i, (clean, corrupted) in enumerate(pairs):
+        expected, baseline = attribution_loop(gpt2_64, clean, corrupted, metric, KINDS, [0, 1])
+        torch.testing.assert_close(result.per_pair[i], expected, rtol=0, atol=1e-12)
+        assert result.baselines[i].item() == pytest.approx(baseline.item(), rel=0, abs=1e-12)
+    one = patching.attribution(NNsight(gpt2_64), *pairs[0], metric, sites=KINDS)
+    torch.testing.assert_close(one.values, result.per_pair[0], rtol=0, atol=0)
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+class _Interrupted(Exception):
+    pass
+
+
+def _failing_after(calls: int):
+    """``metric`` that raises after ``calls`` calls: the job is interrupted mid-way."""
+    count = [0]
+
+    def failing(logits):
+        count[0] += 1
+        if count[0] > calls:
+            raise _Interrupted
+        return metric(logits)
+    return failing
+
+
+def test_an_interrupted_job_resumes_to_the_uninterrupted_result(gpt2_64, tmp_path,
+                                                                monkeypatch):
+    from fxsight.experiments import jobs
+    monkeypatch.setattr(jobs, "CHECKPOINT_SECONDS", 0.0)
+    nn = NNsight(gpt2_64)
+    pairs = [_pair(5, 1, 1), _pair(7, 2, 3), _pair(5, 3, 0)]
+    clean, corrupted = [c for c, _ in pairs], [k for _, k in pairs]
+
+    def sweep(chosen, **options):
+        return patching.activation_patching(nn, clean, corrupted, chosen, sites=KINDS,
+                                            positions=[-1, -2, 0], batch_size=3,
+                                            progress=False, **options)
+    whole = sweep(metric)
+    for i, (c, k) in enumerate(pairs):
+        expected = patching_loop(gpt2_64, c, k, metric, KINDS, [0, 1], [-1, -2, 0])
+        torch.testing.assert_close(whole.per_pair[i], expected, rtol=0, atol=1e-12,
+                                   equal_nan=True)
+    path = tmp_path / "job.pt"
+    with pytest.raises(_Interrupted):
+        sweep(_failing_after(12), checkpoint=path)
+    resumed = sweep(metric, checkpoint=path)
+    assert 0 < resumed.info["resumed_batches"] < resumed.info["batches"]
+    assert resumed.per_pair.dtype == torch.float64
+    assert torch.equal(resumed.per_pair.nan_to_num(7.0), whole.per_pair.nan_to_num(7.0))
+
+
+def test_a_checkpoint_of_other_steering_vectors_is_refused(gpt2_64, tmp_path):
+    """(was: the job's key held the first 32 bytes of each vector, as float32: vectors that
+    differ after their 8th entry, or below float32 precision, reused the other's scores)"""
+    nn = NNsight(gpt2_64)
+    prompt, _ = _pair(5)
+    first = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    later = first.clone()
+    later[40] += 3.0
+    tiny = first.clone()
+    tiny[0] += 1e-12
+    path = tmp_path / "steer.pt"
+    patching.steering_sweep(nn, prompt, first, scales=[4.0], metric=metric, checkpoint=path,
+                            progress=False)
+    for other in (later, tiny):
+        with pytest.raises(ValueError, match="written by another sweep"):
+            patching.steering_sweep(nn, prompt, other, scales=[4.0], metric=metric,
+                                    checkpoint=path, progress=False)
+    expected = steering_loop(gpt2_64, prompt, [later], [0, 1], [4.0], metric, list(range(5)))
+    fresh = patching.steering_sweep(nn, prompt, later, scales=[4.0], metric=metric,
+                                    checkpoint=tmp_path / "other.pt", progress=False)
+    torch.testing.assert_close(fresh.values, expected, rtol=0, atol=1e-12)
+
+
+def test_a_checkpoint_of_other_blocks_is_refused(bart, tmp_path):
+    """The encoder's and the decoder's blocks are two jobs, not one (same cells, same
+    prompts, same unpatched metrics)."""
+    clean, corrupted = _pair(5)
+    path = tmp_path / "job.pt"
+    bart2 = bart  # (2 encoder and 3 decoder layers: layer 1 of each)
+    patching.activation_patching(NNsight(bart2), [clean], [corrupted], metric, sites=["resid"],
+                                 layers=[1], blocks="model.encoder.layers", checkpoint=path,
+                                 progress=False)
+    with pytest.raises(ValueError, match="written by another sweep"):
+        patching.activation_patching(NNsight(bart2), [clean], [corrupted], metric,
+                                     sites=["resid"], layers=[1],
+                                     blocks="model.decoder.layers", checkpoint=path,
+                                     progress=False)
+
+
+def test_a_checkpoint_of_another_precision_is_refused(tmp_path):
+    """(was: a float32 model's checkpoint resumed by its float64 copy: the unpatched
+    metrics agree to the checkpoint's tolerance, so the float32 scores came back as the
+    float64 job's)"""
+    model = tiny_gpt2(n_layer=2)
+    clean, corrupted = _pair(5)
+    path = tmp_path / "job.pt"
+    patching.activation_patching(NNsight(model), clean, corrupted, metric, sites=["resid"],
+                                 suffix=False, checkpoint=path, progress=False)
+    double = tiny_gpt2(n_layer=2).double()
+    with pytest.raises(ValueError, match="written by another sweep"):
+        patching.activation_patching(NNsight(double), clean, corrupted, metric,
+                                     sites=["resid"], suffix=False, checkpoint=path,
+                                     progress=False)
+
+
+# --- other model shapes, other dtypes ---------------------------------------------------------
+class _Attention(torch.nn.Module):
+    """Causal self-attention with 2 heads; returns ``(output, per-head values)`` or the
+    output alone."""
+
+    def __init__(self, width: int, returns_tuple: bool):
+        super().__init__()
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.out_proj = torch.nn.Linear(width, width)
+        self.returns_tuple = returns_tuple
+
+    def forward(self, x):
+        rows, tokens, width = x.shape
+        q, k, v = (t.view(rows, tokens, 2, width // 2).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, -1))
+        heads = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = self.out_proj(heads.transpose(1, 2).reshape(rows, tokens, width))
+        return (out, heads) if self.returns_tuple else out
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, width: int, returns_tuple: bool):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.attn = _Attention(width, returns_tuple)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(2 * width, width))
+        self.returns_tuple = returns_tuple
+
+    def forward(self, x):
+        x = x + _first(self.attn(self.norm(x)))
+        x = x + self.mlp(x)
+        return (x, x.mean()) if self.returns_tuple else x
+
+
+class _Net(torch.nn.Module):
+    """Blocks and a model that return tuples or tensors (the logits first)."""
+
+    def __init__(self, returns_tuple: bool, width: int = 16, vocab: int = 32):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.layers = torch.nn.ModuleList(_Block(width, returns_tuple) for _ in range(2))
+        self.head = torch.nn.Linear(width, vocab)
+        self.returns_tuple = returns_tuple
+        self.config = type("Config", (), {"num_attention_heads": 2})()
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = _first(layer(x))
+        logits = self.head(x)
+        return (logits, x) if self.returns_tuple else logits
+
+
+@pytest.mark.parametrize("returns_tuple", [False, True])
+def test_tuple_and_tensor_outputs_equal_a_hooks_loop_in_float64(returns_tuple):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _Net(returns_tuple).double().eval()
+    clean, corrupted = _pair(6, vocab=32)
+    for chosen in (metric, metric_all_positions):
+        expected = patching_loop(model, clean, corrupted, chosen, KINDS, [0, 1], range(6))
+        for options in ({}, {"backend": "hooks"}):
+            result = patching.activation_patching(NNsight(model), clean, corrupted, chosen,
+                                                  sites=KINDS, batch_size=5, progress=False,
+                                                  **options)
+            assert result.values.dtype == torch.float64
+            torch.testing.assert_close(result.values, expected, rtol=0, atol=1e-12)
+    heads = patching.head_patching(NNsight(model), clean, corrupted, metric, batch_size=5,
+                                   progress=False)
+    torch.testing.assert_close(heads.values, head_loop(model, clean, corrupted, metric, [0, 1],
+                                                       range(6), 2), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_scores_are_the_metrics_differences_in_float32(dtype):
+    """On CPU in half precision: the metric's values are the loop's bit for bit, their
+    differences taken in float32 (a guard: this held before)."""
+    model = tiny_llama(num_hidden_layers=2).to(dtype)
+    clean, corrupted = _pair(6)
+
+    def in_float32(logits):  # the loop subtracts in float32 too
+        return metric(logits).float()
+    expected = patching_loop(model, clean, corrupted, in_float32, KINDS, [0, 1], range(6))
+    for options in ({}, {"suffix": False}):
+        result = patching.activation_patching(NNsight(model), clean, corrupted, metric,
+                                              sites=KINDS, progress=False, **options)
+        assert result.values.dtype == torch.float32
+        assert torch.equal(result.values, expected), options
