@@ -28,7 +28,7 @@ from ..capture.operations import spec_for
 from ..run.forward import metadata_source, run_program
 from ..run.options import RunOptions
 from ..splice.rows import Rows
-from ..splice.walker import MetaWalker, UnknownMeta
+from ..splice.meta_walker import MetaWalker, UnknownMeta
 from ..stats import bump
 from .cache import CacheRequest
 from .calls import CallIndexer, CallScope
