@@ -29,7 +29,7 @@ from .._torch import (export_leaves_no_buffer_hook, forget_generated_source,
 from ..locks import exclusive_export
 from ..stats import bump
 from ..errors import CaptureError
-from . import caches, dispatch, state
+from . import caches, dispatch, model_hooks, state
 from .events import ModuleEvents
 from .hidden import kept_constant
 from .memory import memory_roots
@@ -316,7 +316,7 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     """
     opaque = opaque or {}
     start = time.perf_counter()
-    global_hooks, hooked = state.user_hooks(model)
+    global_hooks, hooked = model_hooks.user_hooks(model)
     if global_hooks is not None:
         error = CaptureError(f"could not capture the model: {global_hooks}, which a "
                              f"captured graph would not run")
