@@ -31,7 +31,7 @@ from ..record.scope import Scope
 from ..run.options import RunOptions
 from ..splice.rows import Rows
 from ..splice.splice import splice
-from ..splice.walker import MetaWalker
+from ..splice.meta_walker import MetaWalker
 from .tracer import Tracer
 
 # (``model`` below is an NNsight wrapper: fxsight.api.nnsight imports this module)

@@ -36,42 +36,36 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from ..capture import captures as capture
-from ..capture import scan
 from ..errors import TraceError, at_line, user_line
-from ..run import executable as runner
 from .edit import seed
 from .generation import Generator, GeneratorEnvoy
-from .inputs import BATCH_KEYWORDS, check_keywords, describe, forward_signature
+from .inputs import check_keywords, describe, forward_signature
+from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
+                            _tokenizer_beside)
 from .nnsight import NNsight
+from .text_encoding import TokenEncoding
 from .token_index import TokenIndexer
-from .token_inputs import (TOKEN_KEYWORDS, aligned, as_id_tensor, as_row, batch_sized,
-                           check_batchable, check_positions, integer, is_batch_encoding,
-                           is_id_row, is_int, keyword_input, past_length, past_width,
+from .token_inputs import (TOKEN_KEYWORDS, aligned, as_row, batch_sized, check_batchable,
+                           check_positions, keyword_input, past_length, past_width,
                            split_past_mask, with_past_mask, with_token_keywords)
-from .token_rows import (TokenFacts, left_pad, real_positions, roll_rows, token_facts,
-                         unpredicted_first)
+from .token_rows import TokenFacts, left_pad, real_positions, unpredicted_first
 
 # keys of a dict input that are not forwarded as they come but re-laid out with the rows
 _PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 1}
 # the token keywords beside an input of lm.generate that join it
 _GENERATETOKEN_KEYWORDS = frozenset({"attention_mask", "token_type_ids"})
-_CONFIG_KWARGS = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only",
-                  "subfolder")
-_FROM_CONFIG_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
 # transformers model types whose forward takes an attention_mask and ignores it: a recurrent
 # model that reads every token of a row in order (RWKV's forward logs "`attention_mask` was
 # passed, but it is unused in this model"), so padding changes the rows it pads
 _MASK_IGNORING_TYPES = frozenset({"rwkv"})
 
 
-class LanguageModel(NNsight):
+class LanguageModel(TokenEncoding, NNsight):
     """A transformers language model wrapped for tracing, with text inputs.
 
     ``LanguageModel(path_or_module, tokenizer=None, automodel=AutoModelForCausalLM,
@@ -426,124 +420,6 @@ class LanguageModel(NNsight):
             return padding + 1, padding
         return 0, _PAD_VALUES["position_ids"]
 
-    def _encode(self, value: Any, where: str, line: str):
-        """Token rows of one invoke's input: ``(input_ids, attention_mask, extras)``."""
-        if isinstance(value, str):
-            return self._from_rows(self._tokenize([value], where, line), None, {}, where, line)
-        if isinstance(value, Mapping) or is_batch_encoding(value):
-            return self._from_mapping(value, where, line)
-        if isinstance(value, torch.Tensor):
-            if not integer(value) or value.dim() not in (1, 2):
-                raise TraceError(at_line(
-                    f"{where}: token ids must be an integer tensor of 1 or 2 dimensions, got "
-                    f"{value.dtype} of shape {tuple(value.shape)}", line))
-            ids = value.reshape(1, -1) if value.dim() == 1 else value
-            return self._from_rows(ids, None, {}, where, line)
-        if isinstance(value, (list, tuple)):
-            if len(value) == 0:
-                raise TraceError(at_line(f"{where}: the prompt list is empty", line))
-            if all(isinstance(v, str) for v in value):
-                return self._from_rows(self._tokenize(list(value), where, line), None, {},
-                                       where, line)
-            if all(is_int(v) for v in value):
-                return self._from_rows([[int(v) for v in value]], None, {}, where, line)
-            if all(is_id_row(v) for v in value):
-                rows = [[int(t) for t in (v.tolist() if isinstance(v, torch.Tensor) else v)]
-                        for v in value]
-                return self._from_rows(rows, None, {}, where, line)
-            kinds = sorted({type(v).__name__ for v in value})
-            raise TraceError(at_line(
-                f"{where}: a list input must hold strings, token ids (ints) or lists of "
-                f"token ids, not a mix of {', '.join(kinds)}", line))
-        raise TraceError(at_line(
-            f"{where}: cannot use a {type(value).__name__} as a language model input (give a "
-            f"string, a list of strings, token ids or a dict with 'input_ids')", line))
-
-    def _tokenize(self, prompts: list[str], where: str, line: str) -> list[list[int]]:
-        if self.tokenizer is None:
-            raise TraceError(at_line(f"{where}: text input needs a tokenizer; pass "
-                                     f"LanguageModel(model, tokenizer=...)", line))
-        try:
-            encoded = self.tokenizer(prompts, padding=False, truncation=False)
-        except Exception as error:  # noqa: BLE001 - the tokenizer's reason, with the line
-            raise TraceError(at_line(f"{where}: the tokenizer rejected this input "
-                                     f"({type(error).__name__}: {error})", line)) from None
-        return [list(map(int, ids)) for ids in encoded["input_ids"]]
-
-    def _from_mapping(self, value: Any, where: str, line: str):
-        data = dict(value.items())
-        if "input_ids" not in data:
-            raise TraceError(at_line(f"{where}: a dict input needs 'input_ids' (it has "
-                                     f"{sorted(data)})", line))
-        ids = data.pop("input_ids")
-        mask = data.pop("attention_mask", None)
-        ids = as_id_tensor(ids, where, line)
-        if mask is not None:
-            mask = torch.as_tensor(mask)
-            if mask.dim() == 1:
-                mask = mask.reshape(1, -1)
-            if mask.shape != ids.shape:
-                raise TraceError(at_line(f"{where}: attention_mask has shape "
-                                         f"{tuple(mask.shape)}, input_ids {tuple(ids.shape)}",
-                                         line))
-        extras = {}
-        for key, extra in data.items():
-            if key in BATCH_KEYWORDS and isinstance(extra, (list, tuple)):
-                extra = torch.as_tensor(extra)  # (a tokenizer's lists)
-            extra = as_row(extra, ids)
-            if key == "position_ids" and isinstance(extra, torch.Tensor) and \
-                    extra.dim() == 2 and extra.shape[0] == 1:
-                extra = extra.expand(ids.shape[0], -1)  # (one row for all, as transformers)
-            if key in BATCH_KEYWORDS and isinstance(extra, torch.Tensor) and \
-                    extra.dim() > 0 and extra.shape[0] != ids.shape[0]:
-                raise TraceError(at_line(
-                    f"{where}: the inputs disagree on the batch size (input_ids has "
-                    f"{ids.shape[0]}, {key} has {extra.shape[0]} rows); every input of an "
-                    f"invoke holds its rows", line))
-            extras[key] = extra
-        return self._from_rows(ids, mask, extras, where, line)
-
-    def _from_rows(self, rows: Any, mask: torch.Tensor | None, extras: dict, where: str,
-                   line: str):
-        """Left-padded ``(input_ids, attention_mask, extras)`` from ragged rows or a tensor
-        (with an optional mask, re-packed to the left where it is right-padded)."""
-        if isinstance(rows, torch.Tensor):
-            ids = rows.long()
-        else:
-            if any(len(r) == 0 for r in rows):
-                empty = next(i for i, r in enumerate(rows) if len(r) == 0)
-                raise TraceError(at_line(f"{where}: prompt {empty} has no tokens", line))
-            length = max(len(r) for r in rows)
-            pad = self._pad_id()
-            ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], dtype=torch.long)
-            mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows],
-                                dtype=torch.long)
-            return ids, mask, extras, token_facts(ids, mask)[0]  # left-padded already
-        if ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise TraceError(at_line(f"{where}: the input holds no tokens (shape "
-                                     f"{tuple(ids.shape)})", line))
-        if mask is None:
-            mask = torch.ones_like(ids)
-        mask = mask.to(ids.device).long()
-        facts, trailing = token_facts(ids, mask)
-        if not facts.binary:
-            raise TraceError(at_line(f"{where}: attention_mask must hold 0s and 1s", line))
-        if facts.empty:
-            empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
-            raise TraceError(at_line(f"{where}: prompt {empty[0]} has no tokens (its "
-                                     f"attention_mask is all zeros)", line))
-        # right-padded rows: roll their real tokens to the end; an encoder-decoder's input
-        # keeps its padding (its encoder may place tokens by index: BART's learned positions)
-        if facts.trailing and not self._encoder_decoder():
-            shifts = trailing.tolist()
-            ids, mask = roll_rows(ids, shifts), roll_rows(mask, shifts)
-            rolled = {"input_ids": ids}
-            if self._shifts_labels() and self._aligned("labels", extras.get("labels"), rolled):
-                extras["labels"] = unpredicted_first(extras["labels"], trailing > 0)
-            extras = {k: roll_rows(v, shifts) if self._aligned(k, v, rolled) else v
-                      for k, v in extras.items()}
-        return ids, mask, extras, facts
-
     def _check_ids(self, ids: torch.Tensor, facts: "TokenFacts", where: str,
                    line: str, past: int = 0) -> None:
         """Raise where a token id is outside the vocabulary, or the input (after a cache's
@@ -571,16 +447,6 @@ class LanguageModel(NNsight):
             raise TraceError(at_line(f"{where}: {length}, longer than the model's {limit} "
                                      f"positions", line))
 
-    def _pad_id(self) -> int:
-        for source in (self.tokenizer, getattr(self._module, "config", None)):
-            for name in ("pad_token_id", "eos_token_id"):
-                value = getattr(source, name, None) if source is not None else None
-                if isinstance(value, (list, tuple)):
-                    value = value[0] if value else None
-                if isinstance(value, int):
-                    return value
-        return 0
-
     def _to_device(self, kwargs: dict) -> dict:
         device = self._device()
         if device.type == "meta":
@@ -598,58 +464,3 @@ def _generating(invoke: Any) -> bool:
     """Whether ``invoke`` belongs to ``lm.generate`` (whose input ids include the tokens of a
     cache passed in: transformers' ``generate`` takes the full sequence and its mask)."""
     return invoke is not None and isinstance(getattr(invoke, "tracer", None), Generator)
-
-
-def _prepare_tokenizer(tokenizer: Any) -> None:
-    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None):
-        tokenizer.pad_token = tokenizer.eos_token
-    if hasattr(tokenizer, "padding_side"):
-        tokenizer.padding_side = "left"
-
-
-def _tokenizer_beside(module: torch.nn.Module) -> Any:
-    """The tokenizer saved beside a loaded model's weights, if its path is a local folder."""
-    name = getattr(getattr(module, "config", None), "_name_or_path", None)
-    if not name or not os.path.isdir(name):
-        return None
-    try:
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(name)
-    except Exception:  # noqa: BLE001 - no tokenizer there: token ids still work
-        return None
-
-
-def _load_meta(path: str, tokenizer: Any, automodel: Any, kwargs: dict):
-    """The model of ``path`` on the meta device (structure only) and its tokenizer."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoTokenizer
-
-    config_kwargs = {k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs}
-    config = AutoConfig.from_pretrained(path, **config_kwargs)
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path, **config_kwargs)
-    build_kwargs = {k: kwargs[k] for k in _FROM_CONFIG_KWARGS if k in kwargs
-                    and kwargs[k] != "auto"}
-    with init_empty_weights(include_buffers=False):
-        module = automodel.from_config(config, **build_kwargs)
-    return module.eval(), tokenizer
-
-
-def _refresh_envoys(envoy: Any, root: torch.nn.Module) -> None:
-    """Point every cached envoy below ``envoy`` at the module of its path in ``root``."""
-    children = envoy._children
-    for name, child in list(children.items()):
-        try:
-            module = root.get_submodule(child._path)
-        except AttributeError:
-            del children[name]
-            continue
-        object.__setattr__(child, "_module", module)
-        _refresh_envoys(child, root)
-
-
-def _forget(module: torch.nn.Module) -> None:
-    """Drop the engine's caches of a module that has been replaced."""
-    capture.forget(module)
-    runner.forget(module)
-    getattr(scan, "_CACHE", {}).pop(module, None)

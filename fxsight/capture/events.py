@@ -12,7 +12,7 @@ import torch
 from .._torch import forward_hook_dicts, pytree
 from ..record.sites import INPUT, OUTPUT, Site
 from . import operations as ops
-from .state import is_traced_hook
+from .model_hooks import is_traced_hook
 
 # on_event(site, value) -> replacement value or None; value is (args, kwargs) for inputs.
 EventHandler = Callable[[Site, Any], Any]

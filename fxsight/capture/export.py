@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import copy
 import inspect
 import logging
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,17 +22,19 @@ import torch.fx as fx
 
 from .._torch import (export_leaves_no_buffer_hook, forget_generated_source,
                       generated_source_key, generated_source_keys, parametrization_cache_on,
-                      plain_codegen, pytree, unflatten_keeping_sizes)
+                      plain_codegen, pytree)
 
 from ..locks import exclusive_export
 from ..stats import bump
-from ..errors import CaptureError, NotOnGraph
-from . import caches, dispatch, state
+from ..errors import CaptureError
+from . import caches, dispatch, model_hooks, state
+from .captured_forward import CacheLayout, Captured, SiteSlot
+from .dynamic_shapes import _auto_dynamic_shapes, _make_dynamic
 from .events import ModuleEvents
 from .hidden import NestedTensor, kept_constant
 from .memory import memory_roots
 from . import opaque as opaque_calls
-from ..record.sites import Site, is_operation
+from ..record.sites import Site
 
 
 @torch.library.custom_op("fxsight::boundary", mutates_args=())
@@ -73,141 +73,6 @@ def strip_export_checks(gm: fx.GraphModule) -> Any:
     return guards
 
 
-@dataclass
-class SiteSlot:
-    """What a capture knows about one site: its pytree layout and the graph nodes of its
-    tensors (``None`` at non-tensor leaves, whose values are kept in ``constants``)."""
-
-    spec: pytree.TreeSpec
-    nodes: list[fx.Node | None]
-    constants: list[Any]
-
-    def value(self, leaf_values: list[Any] | None = None) -> Any:
-        values = leaf_values if leaf_values is not None else self.nodes
-        merged = [v if n is not None else c for v, n, c in zip(values, self.nodes, self.constants)]
-        return unflatten_keeping_sizes(merged, self.spec)
-
-
-@dataclass
-class Captured:
-    """A captured forward pass (boundary markers still in place)."""
-
-    graph_module: fx.GraphModule
-    in_spec: pytree.TreeSpec
-    out_spec: pytree.TreeSpec
-    events: list[Site]
-    slots: dict[Site, SiteSlot]
-    seconds: float
-    index: dict[Site, int] = field(default_factory=dict)
-    # dynamic-shape captures (see ``capture(..., dynamic=True)``): the graph holds symbolic
-    # sizes; ``bind`` gives a view for concrete inputs whose ``bindings`` (symbol -> size)
-    # make ``meta_value`` concrete
-    dynamic: bool = False
-    guards: Any = None
-    dims: list = field(default_factory=list, repr=False)
-    ranges: dict = field(default_factory=dict, repr=False)
-    bindings: dict | None = None
-    # where the model takes or returns cache objects (see ``caches``): how they pass
-    caches: "CacheLayout | None" = None
-    # operation sites (``capture.operations``): op path -> the function it called
-    callees: dict = field(default_factory=dict, repr=False)
-    # modules that run as ``fxsight::opaque`` calls (path -> why it could not be
-    # captured), see ``capture/opaque.py``
-    opaque: dict[str, str] = field(default_factory=dict)
-    # operation sites whose values hold symbolic sizes in a dynamic-shape capture (a
-    # call such as ``x.size(-1)``): a Program that uses one needs an exact-shape capture
-    symbolic: frozenset = frozenset()
-    # site -> the graph nodes whose memory its tensors are in (see ``capture.memory``)
-    aliases: dict[Site, frozenset] = field(default_factory=dict, repr=False)
-    # the boundary events are a submodule's (``capture(..., events_on=...)``: a decoding
-    # step's model): the root site's output is that module's, not the captured forward's
-    events_inside: bool = False
-
-    def __post_init__(self) -> None:
-        self.index = {site: i for i, site in enumerate(self.events)}
-
-    def alias_keys(self, site: Site) -> frozenset:
-        """What ``site``'s tensors share memory with, as keys: two sites whose keys meet
-        hold the same tensor or views of one (a module's output and the next module's
-        input, an identity module's input and output, a view taken inside the forward)."""
-        return self.aliases.get(site, frozenset())
-
-    def anchor(self, position: int) -> fx.Node:
-        """The last graph node of the boundary events up to ``position``."""
-        for site in reversed(self.events[: position + 1]):
-            nodes = [n for n in self.slots[site].nodes if n is not None]
-            if nodes:
-                return nodes[-1]
-        return [n for n in self.graph_module.graph.nodes if n.op == "placeholder"][-1]
-
-    def meta_value(self, site: Site) -> Any:
-        slot = self.slots[site]
-        metas = [_to_meta(n.meta.get("val"), self.bindings) if n is not None else
-                 _nested_meta(c, self.bindings) if type(c) is NestedTensor else c
-                 for n, c in zip(slot.nodes, slot.constants)]
-        return unflatten_keeping_sizes(metas, slot.spec)
-
-    def bind(self, flat_inputs: list[Any]) -> "Captured | None":
-        """A view of this dynamic-shape capture for these (flat) inputs, or ``None`` where
-        the captured graph is not valid for their shapes."""
-        bindings: dict = {}
-        derived = []
-        for index, dim, expr in self.dims:
-            value = flat_inputs[index]
-            if not isinstance(value, torch.Tensor):
-                return None
-            if dim is None:  # the rank
-                if value.dim() != expr:
-                    return None
-                continue
-            size = value.shape[dim]
-            if isinstance(expr, int):
-                if size != expr:
-                    return None
-            elif expr.is_Symbol:
-                if bindings.setdefault(expr, size) != size:
-                    return None
-                low, high = self.ranges.get(expr, (None, None))
-                if (low is not None and size < low) or (high is not None and size > high):
-                    return None
-            else:
-                derived.append((expr, size))
-        for expr, size in derived:
-            if int(expr.xreplace(bindings)) != size:
-                return None
-        if self.guards is not None:
-            try:
-                self.guards(*flat_inputs)
-            except Exception:  # noqa: BLE001 - a failed guard: not valid for these inputs
-                return None
-        view = copy.copy(self)
-        view.bindings = bindings
-        return view
-
-
-@dataclass
-class CacheLayout:
-    """How cache objects pass through a captured graph. The graph takes each input cache
-    as its tensors (in ``caches.flatten`` order, in place of the cache among the inputs)
-    and returns ``(leaves, finals)``: the model output's leaves but its caches, and for
-    each cache ``k`` (the input caches first, then those the forward pass made) its
-    tensors after the forward pass, laid out by ``skeletons[k]``."""
-
-    skeletons: list
-    n_inputs: int
-    model_spec: Any  # the model output's pytree layout (caches as leaves)
-    positions: dict  # leaf index in model_spec -> k
-
-    def model_value(self, graph_output: Any) -> Any:
-        """The model's output from the graph's ``(leaves, finals)``: ``CacheRef``s where
-        its caches are."""
-        rest = iter(graph_output[0])
-        leaves = [caches.CacheRef(self.positions[i], (), "the model's output")
-                  if i in self.positions else next(rest)
-                  for i in range(self.model_spec.num_leaves)]
-        return pytree.tree_unflatten(leaves, self.model_spec)
-
-
 class _CacheState:
     """What ``_Root`` needs and learns about cache objects during one capture."""
 
@@ -238,32 +103,6 @@ class _CacheState:
             skeletons.append(skeleton)
         self.result = CacheLayout(skeletons, len(self.found), spec, positions)
         return ([leaf for i, leaf in enumerate(flat) if i not in positions], finals)
-
-
-def _concrete(sizes: Any, bindings: dict | None) -> list[int]:
-    out = []
-    for size in sizes:
-        if isinstance(size, torch.SymInt):
-            expr = size.node.expr
-            size = int(expr.xreplace(bindings)) if bindings is not None else size.node.hint
-        out.append(int(size))
-    return out
-
-
-def _nested_meta(nested: NestedTensor, bindings: dict | None) -> Any:
-    """The meta value of a tensor in a nested graph, for the checks of a trace (its use
-    on the fx backend raises :class:`NotOnGraph` when it is spliced)."""
-    if not isinstance(nested.meta, torch.Tensor):
-        raise NotOnGraph(nested.reason())
-    return _to_meta(nested.meta, bindings)
-
-
-def _to_meta(value: Any, bindings: dict | None = None) -> Any:
-    if isinstance(value, torch.Tensor):
-        return torch.empty_strided(_concrete(value.shape, bindings),
-                                   _concrete(value.stride(), bindings),
-                                   dtype=value.dtype, device="meta")
-    return value
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *rest: Any,
@@ -328,7 +167,7 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     """
     opaque = opaque or {}
     start = time.perf_counter()
-    global_hooks, hooked = state.user_hooks(model)
+    global_hooks, hooked = model_hooks.user_hooks(model)
     if global_hooks is not None:
         error = CaptureError(f"could not capture the model: {global_hooks}, which a "
                              f"captured graph would not run")
@@ -568,67 +407,6 @@ def _unwrap(gm: torch.nn.Module, graph: fx.Graph) -> torch.nn.Module:
             setattr(owner, name, value)
         node.target = name
     return owner
-
-
-def _auto_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """``dynamic_shapes`` for export: every dimension of every input tensor ``Dim.AUTO``
-    (but sizes 0 and 1, which export would specialize anyway, with a warning)."""
-    import inspect
-
-    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-    auto = torch.export.Dim.AUTO
-    return {name: pytree.tree_map(
-        lambda v: {d: auto for d in range(v.dim()) if v.shape[d] > 1}
-        if isinstance(v, torch.Tensor) else None, value) for name, value in bound.items()}
-
-
-def _make_dynamic(captured: Captured, exported: Any, guards: Any) -> None:
-    """Record how a dynamic capture's symbolic sizes bind to its inputs; refuse (raise
-    ``ValueError``) a capture whose sites hold sizes that no input size determines."""
-    placeholders = [n for n in captured.graph_module.graph.nodes if n.op == "placeholder"]
-    dims = []
-    symbols = set()
-    for index, node in enumerate(placeholders):
-        value = node.meta.get("val")
-        if not isinstance(value, torch.Tensor):
-            if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-                raise ValueError("a non-tensor input became symbolic")
-            continue
-        dims.append((index, None, value.dim()))
-        for dim, size in enumerate(value.shape):
-            if isinstance(size, torch.SymInt):
-                expr = size.node.expr
-                if expr.is_number:
-                    dims.append((index, dim, int(expr)))
-                else:
-                    dims.append((index, dim, expr))
-                    symbols |= expr.free_symbols
-            else:
-                dims.append((index, dim, int(size)))
-    symbolic = set()
-    for site, slot in captured.slots.items():
-        for constant in slot.constants:
-            if isinstance(constant, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-                if not is_operation(site.path):
-                    raise ValueError("a module boundary carries a symbolic Python number")
-                symbolic.add(site)
-        for node in slot.nodes:
-            value = node.meta.get("val") if node is not None else None
-            if isinstance(value, torch.Tensor):
-                for size in (*value.shape, *value.stride()):
-                    if isinstance(size, torch.SymInt) and \
-                            not size.node.expr.free_symbols <= symbols:
-                        raise ValueError("a boundary size depends on data")
-    ranges = {}
-    for symbol, bounds in exported.range_constraints.items():
-        low, high = bounds.lower, bounds.upper
-        ranges[symbol] = (int(low) if getattr(low, "is_Integer", False) else None,
-                          int(high) if getattr(high, "is_Integer", False) else None)
-    captured.dynamic = bool(symbols)
-    captured.symbolic = frozenset(symbolic)
-    captured.guards = guards
-    captured.dims = dims
-    captured.ranges = ranges
 
 
 class _OtherThreadsOrErrors(logging.Filter):

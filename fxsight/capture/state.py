@@ -26,40 +26,30 @@ settings objects nested more than one level down, and the attributes of other ob
 (compared by identity: one that holds a module, a bound method, a closure); class
 attributes (and ``module.__class__ = ...``), globals and closures that ``forward`` reads
 (models with forward or backward hooks of the user's are not captured, see
-:func:`user_hooks`); the parameters and buffers of modules that accelerate offloads (its
-hook swaps them in every forward; such models run on hooks); ``param.data = ...`` with a
-new dtype on a parameter other than the first of its module (``.to()``, ``.half()`` and
-the like convert every parameter of a module, and are seen), or a new device on any but
-the model's first.
+:func:`~.model_hooks.user_hooks`); the parameters and buffers of modules that accelerate
+offloads (its hook swaps them in every forward; such models run on hooks);
+``param.data = ...`` with a new dtype on a parameter other than the first of its module
+(``.to()``, ``.half()`` and the like convert every parameter of a module, and are seen),
+or a new device on any but the model's first.
 """
 
 from __future__ import annotations
 
-import collections
-import enum
 import itertools
 import operator
-import sys
-import types
 import weakref
 from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from .._torch import dict_version_reader, global_hook_keys
-from .dispatch import is_accelerate_hook, offloads
+from .._torch import dict_version_reader
+from .dispatch import offloads
+from .model_hooks import TRACED_HOOK_FLAGS, _hook_keys, _only_traced_added
+from .plain_values import (_SCALARS, _copy, _data, _holds_mutable, _plain, _same,
+                           _slot_values, _slots, _weak)
 
 # the bound on states remembered per model (a state seen again reuses its captures)
 MAX_STATES = 8
-
-_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype,
-                      torch.device, torch.layout, torch.memory_format})
-_MAX_CONTAINER = 64  # elements of a plain list, dict or set compared by value each trace
-# containers of plain values compared by value (a snapshot holds a copy of the mutable ones)
-_SEQUENCES = frozenset({tuple, list, set, frozenset, torch.Size, collections.deque})
-_MAPPINGS = frozenset({dict, collections.OrderedDict, collections.defaultdict})
-_CONTAINERS = _SEQUENCES | _MAPPINGS
-_MUTABLE = frozenset({list, set, collections.deque, *_MAPPINGS})
 
 # internal dicts of nn.Module that no capture depends on
 _IGNORED = frozenset({
@@ -78,122 +68,6 @@ _dtype = operator.attrgetter("dtype")
 _dict = operator.attrgetter("__dict__")  # (faster than ``vars``)
 _submodules = operator.itemgetter("_modules")
 _TOKENS = itertools.count(1)
-
-
-def _plain(value: Any, budget: list[int] | None = None, inner: bool = False) -> bool:
-    """A value compared by equality: scalars, enums and small containers of those, whose
-    elements may be tensors too (``inner``: a steering module's dict of vectors; a
-    container's copy holds the same tensors, so replacing one shows, by identity or, for
-    one element, by value; a tensor changed in place is the one the graph reads)."""
-    kind = type(value)
-    if kind in _SCALARS or isinstance(value, enum.Enum) or \
-            (inner and isinstance(value, torch.Tensor)):
-        return True
-    if budget is None:
-        budget = [_MAX_CONTAINER]
-    if kind in _SEQUENCES:
-        budget[0] -= len(value)
-        return budget[0] >= 0 and all(_plain(v, budget, True) for v in value)
-    if kind in _MAPPINGS:
-        if kind is collections.defaultdict and not (
-                value.default_factory is None or isinstance(value.default_factory, type)):
-            return False  # (a factory function could lead back to the model)
-        budget[0] -= len(value)
-        return budget[0] >= 0 and all(_plain(k, budget) and _plain(v, budget, True)
-                                      for k, v in value.items())
-    return False
-
-
-def _copy(value: Any) -> Any:
-    """A plain value as it is now (mutable containers copied: an in-place change shows)."""
-    kind = type(value)
-    if kind is list:
-        return [_copy(v) for v in value]
-    if kind in _MAPPINGS:
-        items = {k: _copy(v) for k, v in value.items()}
-        if kind is collections.defaultdict:
-            return collections.defaultdict(value.default_factory, items)
-        return items if kind is dict else kind(items)
-    if kind is set:
-        return set(value)
-    if kind is collections.deque:
-        return collections.deque(map(_copy, value), value.maxlen)
-    return value
-
-
-def _weak(value: Any) -> Any:
-    """A weak proxy of ``value`` where it can be: it compares equal to its referent alone
-    (through the referent's own comparison) and keeps nothing alive."""
-    if value is None or type(value) in _SCALARS:
-        return value
-    try:
-        return weakref.proxy(value)
-    except TypeError:
-        return value
-
-
-def _plain_any_size(value: Any) -> bool:
-    """A container of plain values of any size (a config's ``id2label`` of 1000 labels, its
-    ``layer_types`` of 80 layers): a settings object holds it, compared by identity (its
-    contents changed in place are not seen, as a module's large containers)."""
-    return type(value) in _CONTAINERS and _plain(value, [sys.maxsize])
-
-
-def _named_function(value: Any) -> bool:
-    """A function or class a settings object may hold (its ``act_fn``), compared by
-    identity: a class, a builtin function of a module or class (``torch.relu``), or a
-    Python function with no closure and plain defaults (a module's ``def``); none of
-    them leads back to a model."""
-    kind = type(value)
-    if isinstance(value, type):
-        return True
-    if kind is types.BuiltinFunctionType:
-        owner = getattr(value, "__self__", None)
-        return owner is None or isinstance(owner, (types.ModuleType, type))
-    return kind is types.FunctionType and value.__closure__ is None and \
-        _plain(value.__defaults__ or ()) and _plain(value.__kwdefaults__ or {})
-
-
-def _data(value: Any, depth: int = 2) -> bool:
-    """A settings object (a config, a steering helper): attributes in a ``__dict__`` that
-    are plain (small containers of plain values compared by value, larger ones by
-    identity), tensors (by identity), functions (:func:`_named_function`, by identity) or
-    settings objects themselves; held strongly, it cannot lead back to a model."""
-    if isinstance(value, (type, torch.nn.Module, torch.Tensor, dict, list, tuple, set,
-                          frozenset)) or callable(value) or is_accelerate_hook(value):
-        return False
-    attributes = getattr(value, "__dict__", None)
-    if type(attributes) is not dict or depth == 0:
-        return False
-    return all(_plain(v, None, True) or _plain_any_size(v) or _named_function(v) or
-               _data(v, depth - 1) for v in attributes.values())
-
-
-def _slots(value: Any) -> tuple[str, ...] | None:
-    """The attribute names of a settings object without a ``__dict__`` (a dataclass made
-    with ``slots=True``) whose attributes are all set and plain, else ``None``."""
-    kind = type(value)
-    if kind in _SCALARS or kind in _CONTAINERS or "__slots__" not in kind.__dict__ or \
-            isinstance(value, (type, torch.nn.Module, torch.Tensor)) or callable(value):
-        return None
-    try:
-        if hasattr(value, "__dict__"):
-            return None
-        names = []
-        for base in kind.__mro__:
-            declared = base.__dict__.get("__slots__", ())
-            names += [declared] if isinstance(declared, str) else list(declared)
-        names = tuple(n for n in dict.fromkeys(names) if n not in ("__weakref__", "__dict__"))
-        plain = names and all(_plain(v) or _plain_any_size(v) or _named_function(v)
-                              for v in (getattr(value, n) for n in names))
-    except Exception:  # noqa: BLE001 - a slot never set, an object's own __getattr__
-        return None
-    return names if plain else None
-
-
-def _slot_values(value: Any, names: tuple[str, ...]) -> tuple:
-    """The values of ``value``'s slots ``names``."""
-    return tuple(getattr(value, n) for n in names)
 
 
 class Watch:
@@ -501,20 +375,6 @@ class Watch:
 _MISSING = object()
 
 
-def _only_traced_added(module: torch.nn.Module, old: tuple, new: tuple) -> bool:
-    """Whether ``module``'s hook keys went from ``old`` to ``new`` by adding forward hooks
-    or pre-hooks that a capture traces, and nothing else."""
-    for i, (before, now) in enumerate(zip(old, new)):
-        if before == now:
-            continue
-        if i > 1 or now[:len(before)] != before:
-            return False
-        hooks = module._forward_hooks if i == 0 else module._forward_pre_hooks
-        if not all(is_traced_hook(hooks[key]) for key in now[len(before):]):
-            return False
-    return True
-
-
 def _instrumented(key: str, value: Any) -> bool:
     """fxsight's own instrumented ``forward`` (``capture.operations``), bound to a module
     while events are installed."""
@@ -543,36 +403,6 @@ def _grouped(entries: list) -> tuple[list, list, list]:
     return ([source for source, _, _ in groups.values()],
             [_getter(keys) for _, keys, _ in groups.values()],
             [tuple(values) for _, _, values in groups.values()])
-
-
-def _hook_keys(modules: list) -> list:
-    """The keys (unique handle ids) of every hook dict of ``modules`` and torch's global
-    ones."""
-    keys = global_hook_keys()
-    for m in modules:
-        keys.append((tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
-                     tuple(m._backward_hooks), tuple(m._backward_pre_hooks)))
-    return keys
-
-
-def _holds_mutable(value: Any) -> bool:
-    """Whether a snapshot's value is or holds a list, dict, set or deque (changed in
-    place, the dict that holds it keeps its version)."""
-    kind = type(value)
-    if kind in _MUTABLE:
-        return True
-    if kind is tuple or kind is frozenset or kind is torch.Size:
-        return any(map(_holds_mutable, value))
-    return False
-
-
-def _same(now: Any, old: Any) -> bool:
-    if now is old:
-        return True
-    try:
-        return type(now) is old.__class__ and bool(now == old)
-    except Exception:  # noqa: BLE001 - tensors compared, a dead proxy
-        return False
 
 
 class KeptAttributes:
@@ -639,61 +469,3 @@ def current_watch(model: torch.nn.Module) -> Watch | None:
 
 def forget(model: torch.nn.Module) -> None:
     _STATES.pop(model, None)
-
-
-def user_hooks(model: torch.nn.Module) -> tuple[str | None, list]:
-    """The forward and backward hooks on ``model``: ``(a description of torch's global
-    module hooks, or None; [(path, module, description of its first hook)] of the
-    modules with some)``.
-
-    Export runs a forward hook while capturing, on fake tensors, and keeps what it did to
-    the values then; the captured graph never runs it again, and it calls no module, so a
-    module's backward hook (``register_full_backward_hook``, ``..._pre_hook``,
-    ``register_backward_hook``) never runs either and the gradients are not the plain
-    backward's. So ``capture`` refuses a model with such hooks (the hooks backend runs
-    them on real values, as a plain forward and backward do)."""
-    forward, forward_pre, backward, backward_pre = global_hook_keys()
-    global_hooks = None
-    if forward or forward_pre:
-        global_hooks = "torch has global forward hooks (register_module_forward_hook)"
-    elif backward or backward_pre:
-        global_hooks = ("torch has global backward hooks "
-                        "(register_module_full_backward_hook)")
-    hooked = []
-    for path, sub in model.named_modules():
-        for kind, hooks in (("forward pre-hook", sub._forward_pre_hooks),
-                            ("forward hook", sub._forward_hooks),
-                            ("backward pre-hook", sub._backward_pre_hooks),
-                            ("backward hook", sub._backward_hooks)):
-            hook = next((h for h in hooks.values() if not is_traced_hook(h)), None)
-            if hook is not None:
-                hooked.append((path, sub, f"module {path or 'model'!r} has a {kind} "
-                                          f"({describe_hook(hook)})"))
-                break
-    return global_hooks, hooked
-
-
-# Hooks a model installs on itself whose whole effect happens inside its own forward:
-# transformers' output-capturing hooks (installed once ``output_attentions`` or
-# ``output_hidden_states`` is first asked for) append a module's output to a collector
-# that the model's forward sets and turns into its own output; export traces that, so the
-# captured graph returns what a plain forward returns, for the arguments it was captured
-# with (part of the capture's key).
-_TRACED_HOOK_MODULES = frozenset({"transformers.utils.output_capturing"})
-# the attributes by which a model marks such hooks installed (set with them, on the first
-# forward that asks for them): never a change of state, never removed (its hooks stay)
-TRACED_HOOK_FLAGS = frozenset({"_output_capturing_hooks_installed"})
-
-
-def is_traced_hook(hook: Any) -> bool:
-    """Whether ``hook`` is one a capture may trace into the graph (see above)."""
-    return getattr(hook, "__module__", None) in _TRACED_HOOK_MODULES
-
-
-def describe_hook(hook: Any) -> str:
-    """A hook as messages name it: its qualified name and where it is defined."""
-    code = getattr(hook, "__code__", None)
-    name = getattr(hook, "__qualname__", None) or type(hook).__name__
-    if code is not None:
-        return f"{name} at {code.co_filename}:{code.co_firstlineno}"
-    return name

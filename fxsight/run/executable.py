@@ -37,7 +37,7 @@ from ..splice.indices import Validated, blind, candidates, tensor_indices
 from ..splice.attention_masks import ASSUME_UNPADDED, CHECK, KEEP, all_ones, \
     elide_model_masks
 from ..splice.splice import Spliced, splice
-from ..splice.walker import MetaWalker
+from ..splice.meta_walker import MetaWalker
 from .eager import bound_forward, fast_forward, plainly_bindable
 from .sources import release_source_when_collected
 from .direct import compile_direct, eligible

@@ -25,7 +25,7 @@ from ..errors import NotOnGraph, TraceError, at_line, user_line, user_stacklevel
 from ..record.program import Kind, Node, Program
 from ..splice.gradients import TapHooks, backward_phase
 from ..splice.rows import Rows
-from ..splice.walker import MetaWalker
+from ..splice.meta_walker import MetaWalker
 from ..stats import bump
 from .backward import BackwardPhase, forward_exports
 from .executable import runner_for

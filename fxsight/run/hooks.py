@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..errors import TraceError, at_line
 from ..capture.events import ModuleEvents
-from ..capture.state import describe_hook
+from ..capture.model_hooks import describe_hook
 from ..record.program import Kind, Node, Program, execute, is_backward, map_nodes
 from ..splice.rows import Rows
 from ..record.sites import INPUT, OUTPUT, Site, is_operation, module_label

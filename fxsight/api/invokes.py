@@ -1,0 +1,76 @@
+"""The blocks inside a trace that choose rows: ``tracer.invoke(...)`` (one input of the
+batch: :class:`Invoke`; no input: the whole batch, :class:`WholeBatch`) and nnsight's
+``tracer.barrier(n)`` (:class:`Barrier`)."""
+
+from __future__ import annotations
+
+from ..errors import TraceError, at_line, user_line
+from ..record.scope import Scope
+
+
+class Invoke:
+    """One input of a batched trace: inside its block, reads and writes see its rows."""
+
+    def __init__(self, tracer: "Tracer", index: int, args: tuple, kwargs: dict):
+        self.tracer = tracer
+        self.index = index
+        self.args = args
+        self.kwargs = kwargs
+        self.prepared: tuple[tuple, dict, int] | None = None
+        self._previous: Scope | None = None
+
+    def __enter__(self) -> "Invoke":
+        recorder = self.tracer.recorder
+        if recorder.scope.invoke is not None:
+            raise TraceError(at_line("invokes cannot be nested", user_line()))
+        scope = self._previous = recorder.scope
+        # (made directly: ``_replace`` is two Python calls)
+        recorder.scope = Scope(self.index, scope.steps, scope.call)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.tracer.recorder.scope = self._previous
+        return False
+
+
+class WholeBatch:
+    """``tracer.invoke()`` with no input: the block sees the whole batch."""
+
+    def __init__(self, tracer: "Tracer"):
+        self.tracer = tracer
+        self._previous: Scope | None = None
+
+    def __enter__(self) -> "WholeBatch":
+        recorder = self.tracer.recorder
+        self._previous = recorder.scope
+        recorder.scope = recorder.scope._replace(invoke=None)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.tracer.recorder.scope = self._previous
+        return False
+
+
+class Barrier:
+    """nnsight's barrier: all ``n`` invokes reach it before any goes on.
+
+    fxsight runs every invoke in one dependency-ordered pass, so values flow between
+    invokes without it; calling it is accepted and checked (``n`` distinct invokes)."""
+
+    def __init__(self, tracer: "Tracer", participants: int):
+        self.tracer = tracer
+        self.participants = participants
+        self.arrived: set[int | None] = set()
+        self.line = user_line()
+
+    def __call__(self) -> None:
+        self.arrived.add(self.tracer.recorder.scope.invoke)
+
+    def check(self) -> None:
+        if self.arrived and len(self.arrived) != self.participants:
+            reached = ", ".join("the whole batch" if i is None else f"#{i}"
+                                for i in sorted(self.arrived, key=lambda i: (i is None, i)))
+            raise TraceError(at_line(
+                f"barrier({self.participants}) was reached by {len(self.arrived)} invoke(s) "
+                f"({reached}); each of the {self.participants} participating invokes must "
+                f"call it", self.line))

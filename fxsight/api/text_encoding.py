@@ -1,0 +1,149 @@
+"""One invoke's input as token rows: a string, strings, token ids or a dict of tensors
+encoded as left-padded ``(input_ids, attention_mask, extras)`` (a right-padded mask's rows
+rolled to the left), for :class:`~fxsight.api.language_model.LanguageModel`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import TraceError, at_line
+from .inputs import BATCH_KEYWORDS
+from .token_inputs import as_id_tensor, as_row, integer, is_batch_encoding, is_id_row, is_int
+from .token_rows import roll_rows, token_facts, unpredicted_first
+
+
+class TokenEncoding:
+    """The input-encoding half of ``LanguageModel`` (its base): reads the wrapper's
+    ``tokenizer``, ``_module``, ``_encoder_decoder()``, ``_shifts_labels()`` and
+    ``_aligned()``."""
+
+    def _encode(self, value: Any, where: str, line: str):
+        """Token rows of one invoke's input: ``(input_ids, attention_mask, extras)``."""
+        if isinstance(value, str):
+            return self._from_rows(self._tokenize([value], where, line), None, {}, where, line)
+        if isinstance(value, Mapping) or is_batch_encoding(value):
+            return self._from_mapping(value, where, line)
+        if isinstance(value, torch.Tensor):
+            if not integer(value) or value.dim() not in (1, 2):
+                raise TraceError(at_line(
+                    f"{where}: token ids must be an integer tensor of 1 or 2 dimensions, got "
+                    f"{value.dtype} of shape {tuple(value.shape)}", line))
+            ids = value.reshape(1, -1) if value.dim() == 1 else value
+            return self._from_rows(ids, None, {}, where, line)
+        if isinstance(value, (list, tuple)):
+            if len(value) == 0:
+                raise TraceError(at_line(f"{where}: the prompt list is empty", line))
+            if all(isinstance(v, str) for v in value):
+                return self._from_rows(self._tokenize(list(value), where, line), None, {},
+                                       where, line)
+            if all(is_int(v) for v in value):
+                return self._from_rows([[int(v) for v in value]], None, {}, where, line)
+            if all(is_id_row(v) for v in value):
+                rows = [[int(t) for t in (v.tolist() if isinstance(v, torch.Tensor) else v)]
+                        for v in value]
+                return self._from_rows(rows, None, {}, where, line)
+            kinds = sorted({type(v).__name__ for v in value})
+            raise TraceError(at_line(
+                f"{where}: a list input must hold strings, token ids (ints) or lists of "
+                f"token ids, not a mix of {', '.join(kinds)}", line))
+        raise TraceError(at_line(
+            f"{where}: cannot use a {type(value).__name__} as a language model input (give a "
+            f"string, a list of strings, token ids or a dict with 'input_ids')", line))
+
+    def _tokenize(self, prompts: list[str], where: str, line: str) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise TraceError(at_line(f"{where}: text input needs a tokenizer; pass "
+                                     f"LanguageModel(model, tokenizer=...)", line))
+        try:
+            encoded = self.tokenizer(prompts, padding=False, truncation=False)
+        except Exception as error:  # noqa: BLE001 - the tokenizer's reason, with the line
+            raise TraceError(at_line(f"{where}: the tokenizer rejected this input "
+                                     f"({type(error).__name__}: {error})", line)) from None
+        return [list(map(int, ids)) for ids in encoded["input_ids"]]
+
+    def _from_mapping(self, value: Any, where: str, line: str):
+        data = dict(value.items())
+        if "input_ids" not in data:
+            raise TraceError(at_line(f"{where}: a dict input needs 'input_ids' (it has "
+                                     f"{sorted(data)})", line))
+        ids = data.pop("input_ids")
+        mask = data.pop("attention_mask", None)
+        ids = as_id_tensor(ids, where, line)
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            if mask.dim() == 1:
+                mask = mask.reshape(1, -1)
+            if mask.shape != ids.shape:
+                raise TraceError(at_line(f"{where}: attention_mask has shape "
+                                         f"{tuple(mask.shape)}, input_ids {tuple(ids.shape)}",
+                                         line))
+        extras = {}
+        for key, extra in data.items():
+            if key in BATCH_KEYWORDS and isinstance(extra, (list, tuple)):
+                extra = torch.as_tensor(extra)  # (a tokenizer's lists)
+            extra = as_row(extra, ids)
+            if key == "position_ids" and isinstance(extra, torch.Tensor) and \
+                    extra.dim() == 2 and extra.shape[0] == 1:
+                extra = extra.expand(ids.shape[0], -1)  # (one row for all, as transformers)
+            if key in BATCH_KEYWORDS and isinstance(extra, torch.Tensor) and \
+                    extra.dim() > 0 and extra.shape[0] != ids.shape[0]:
+                raise TraceError(at_line(
+                    f"{where}: the inputs disagree on the batch size (input_ids has "
+                    f"{ids.shape[0]}, {key} has {extra.shape[0]} rows); every input of an "
+                    f"invoke holds its rows", line))
+            extras[key] = extra
+        return self._from_rows(ids, mask, extras, where, line)
+
+    def _from_rows(self, rows: Any, mask: torch.Tensor | None, extras: dict, where: str,
+                   line: str):
+        """Left-padded ``(input_ids, attention_mask, extras)`` from ragged rows or a tensor
+        (with an optional mask, re-packed to the left where it is right-padded)."""
+        if isinstance(rows, torch.Tensor):
+            ids = rows.long()
+        else:
+            if any(len(r) == 0 for r in rows):
+                empty = next(i for i, r in enumerate(rows) if len(r) == 0)
+                raise TraceError(at_line(f"{where}: prompt {empty} has no tokens", line))
+            length = max(len(r) for r in rows)
+            pad = self._pad_id()
+            ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], dtype=torch.long)
+            mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows],
+                                dtype=torch.long)
+            return ids, mask, extras, token_facts(ids, mask)[0]  # left-padded already
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise TraceError(at_line(f"{where}: the input holds no tokens (shape "
+                                     f"{tuple(ids.shape)})", line))
+        if mask is None:
+            mask = torch.ones_like(ids)
+        mask = mask.to(ids.device).long()
+        facts, trailing = token_facts(ids, mask)
+        if not facts.binary:
+            raise TraceError(at_line(f"{where}: attention_mask must hold 0s and 1s", line))
+        if facts.empty:
+            empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
+            raise TraceError(at_line(f"{where}: prompt {empty[0]} has no tokens (its "
+                                     f"attention_mask is all zeros)", line))
+        # right-padded rows: roll their real tokens to the end; an encoder-decoder's input
+        # keeps its padding (its encoder may place tokens by index: BART's learned positions)
+        if facts.trailing and not self._encoder_decoder():
+            shifts = trailing.tolist()
+            ids, mask = roll_rows(ids, shifts), roll_rows(mask, shifts)
+            rolled = {"input_ids": ids}
+            if self._shifts_labels() and self._aligned("labels", extras.get("labels"), rolled):
+                extras["labels"] = unpredicted_first(extras["labels"], trailing > 0)
+            extras = {k: roll_rows(v, shifts) if self._aligned(k, v, rolled) else v
+                      for k, v in extras.items()}
+        return ids, mask, extras, facts
+
+    def _pad_id(self) -> int:
+        for source in (self.tokenizer, getattr(self._module, "config", None)):
+            for name in ("pad_token_id", "eos_token_id"):
+                value = getattr(source, name, None) if source is not None else None
+                if isinstance(value, (list, tuple)):
+                    value = value[0] if value else None
+                if isinstance(value, int):
+                    return value
+        return 0
