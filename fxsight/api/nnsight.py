@@ -212,6 +212,10 @@ class NNsight(Envoy):
     def _before_run(self) -> None:
         """Last preparations before the model runs (LanguageModel dispatches weights)."""
 
+    def _check_batch(self, tracer: Any, args: tuple, kwargs: dict) -> None:
+        """Raise before the run where the batched inputs cannot give each invoke its own
+        values (LanguageModel: padded rows of a model that ignores the attention mask)."""
+
     def _device(self) -> torch.device:
         first = next(self._module.parameters(), None)
         return first.device if first is not None else torch.device("cpu")

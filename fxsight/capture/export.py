@@ -32,6 +32,7 @@ from ..errors import CaptureError
 from . import caches, dispatch, state
 from .events import ModuleEvents
 from .hidden import kept_constant
+from .input_flow import unread_placeholders
 from .memory import memory_roots
 from . import opaque as opaque_calls
 from ..record.sites import Site, is_operation
@@ -122,6 +123,16 @@ class Captured:
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
+
+    @property
+    def unread_inputs(self) -> frozenset[int]:
+        """The inputs (indices in ``captures.flat_inputs``, the graph's placeholders) that
+        no output of the captured forward is computed from (see ``input_flow``)."""
+        unread = self.graph_module.meta.get("fxsight_unread_inputs")
+        if unread is None:
+            unread = self.graph_module.meta["fxsight_unread_inputs"] = \
+                unread_placeholders(self.graph_module.graph, BOUNDARY)
+        return unread
 
     def alias_keys(self, site: Site) -> frozenset:
         """What ``site``'s tensors share memory with, as keys: two sites whose keys meet
