@@ -377,7 +377,13 @@ class LanguageModel(NNsight):
             return  # (no row is padded)
         flat = flat_inputs(args, kwargs)[0]
         index = next((i for i, value in enumerate(flat) if value is mask), None)
-        if index is None or index not in tracer._metadata_source(args, kwargs).unread_inputs:
+        if index is None:
+            return
+        try:
+            unread = tracer._metadata_source(args, kwargs).unread_inputs
+        except Exception:  # noqa: BLE001 - a forward these inputs alone cannot run (an
+            return         # encoder-decoder's, whose decoder generate feeds): not known
+        if index not in unread:
             return
         if len(set(lengths)) > 1:
             longest = max(range(len(lengths)), key=lengths.__getitem__)
