@@ -81,6 +81,8 @@ def test_invokes_of_different_lengths_are_refused(cls, backend):
     with pytest.raises(TraceError, match="the batch's rows are padded"):
         with lm.trace([[1, 2, 3, 4], [5, 6]], backend=backend):
             lm.output.save()
+    with pytest.raises(TraceError, match=rf"the batch's rows are padded.*{cls.__name__}"):
+        lm.trace([[1, 2, 3, 4], [5, 6]], trace=False)  # (a plain run)
 
 
 @pytest.mark.parametrize("backend", ["fx", "hooks"])

@@ -368,11 +368,13 @@ class LanguageModel(NNsight):
         nothing from the attention mask it is given: its captured graph (or, on the hooks
         backend and in ``generate``, a forward pass on fake tensors) has no output that
         depends on the mask, so the pads would change the rows they pad. A model known to
-        ignore its mask was refused as its invoke was added (``_check_padding``)."""
+        ignore its mask was refused as its invoke was added (``_check_padding``).
+        ``tracer``: ``None`` for a plain run (``trace=False``) of ``kwargs``."""
         mask = kwargs.get("attention_mask")
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             return
-        lengths = [invoke.prepared[1]["input_ids"].shape[1] for invoke in tracer.invokes]
+        lengths = [invoke.prepared[1]["input_ids"].shape[1] for invoke in tracer.invokes] \
+            if tracer is not None else [kwargs["input_ids"].shape[1]]
         if len(set(lengths)) == 1 and bool(mask.all()):
             return  # (no row is padded)
         flat = flat_inputs(args, kwargs)[0]
@@ -380,7 +382,9 @@ class LanguageModel(NNsight):
         if index is None:
             return
         try:
-            unread = tracer._metadata_source(args, kwargs).unread_inputs
+            source = tracer._metadata_source(args, kwargs) if tracer is not None else \
+                scan.cached_scan(self._module, args, kwargs)
+            unread = source.unread_inputs
         except Exception:  # noqa: BLE001 - a forward these inputs alone cannot run (an
             return         # encoder-decoder's, whose decoder generate feeds): not known
         if index not in unread:
@@ -399,7 +403,7 @@ class LanguageModel(NNsight):
             f"{what}, but {name} ignores the attention_mask it is given (no output of its "
             f"forward is computed from it): the padding would change the values of the "
             f"rows it pads. Run prompts of different lengths in separate traces (or "
-            f"invokes of equal lengths)", tracer._line))
+            f"invokes of equal lengths)", tracer._line if tracer is not None else user_line()))
 
     def _with_positions(self, batched: dict, invokes: list[tuple[dict, int]],
                         padded: bool | None = None) -> dict:
