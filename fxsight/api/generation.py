@@ -133,6 +133,10 @@ class Generator(Tracer):
         return metadata_source(self.model._module, args, kwargs, RunOptions("hooks"),
                                operations)
 
+    def _run_source(self, args: tuple, kwargs: dict) -> Any:
+        # (the decoding steps are captured apart: the prompt's forward from a scan)
+        return self._metadata_source(args, kwargs)
+
     def _check_token_index(self, line: str) -> None:
         """Token indexing counts the prompts' tokens, which only the first decoding step
         holds: a later step holds the new token (with a cache) or the prompt and the

@@ -382,7 +382,7 @@ class LanguageModel(NNsight):
         if index is None:
             return
         try:
-            source = tracer._metadata_source(args, kwargs) if tracer is not None else \
+            source = tracer._run_source(args, kwargs) if tracer is not None else \
                 scan.cached_scan(self._module, args, kwargs)
             unread = source.unread_inputs
         except Exception:  # noqa: BLE001 - a forward these inputs alone cannot run (an

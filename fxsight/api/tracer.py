@@ -25,7 +25,7 @@ from ..record.recorder import Recorder
 from ..record.scope import ALL, Scope, Steps
 from ..record.sites import OUTPUT, Site, is_operation
 from ..capture.operations import spec_for
-from ..run.forward import metadata_source, run_program
+from ..run.forward import metadata_source, run_program, run_source
 from ..run.options import RunOptions
 from ..splice.rows import Rows
 from ..splice.walker import MetaWalker, UnknownMeta
@@ -521,6 +521,11 @@ class Tracer:
         sites of ``operations`` (by default, of the operations recorded so far)."""
         operations = self._operations() if operations is None else operations
         return metadata_source(self.model._module, args, kwargs, self.options, operations)
+
+    def _run_source(self, args: tuple, kwargs: dict) -> Any:
+        """The capture (or scan) the run of this trace's Program will use."""
+        return run_source(self.model._module, self.recorder.program, args, kwargs,
+                          self.options)
 
     def _operations(self) -> frozenset:
         """The operations spec of the sites recorded so far (``.source``)."""
