@@ -44,7 +44,8 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "inductor_compile", "returns_alias", "inductor_mode_options",
            "fake_embedding_takes_meta_weights", "export_leaves_no_buffer_hook",
            "autocast_cache_off", "default_device_set", "parametrization_cache_on",
-           "kept_parametrization_cache", "real_writes"]
+           "kept_parametrization_cache", "real_writes", "after_each_operator",
+           "storage_key", "written_arguments"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -199,6 +200,35 @@ def real_writes(written: list, storages: set[int]):
         yield
 
 
+@contextlib.contextmanager
+def after_each_operator(callback: Callable[[Any, tuple, dict, Any], None]):
+    """Calls ``callback(operator, args, kwargs, result)`` after each operator run while
+    active (below autograd; inside a ``FakeTensorMode`` entered before it, on its fake
+    tensors): a ``TorchDispatchMode`` (``torch.utils._python_dispatch``, checked 2.13)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _After(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            result = func(*args, **kwargs)
+            callback(func, args, kwargs, result)
+            return result
+
+    with _After():
+        yield
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """A number naming ``tensor``'s storage, the same for its views (fake and meta tensors
+    included; ``untyped_storage()._cdata``, checked 2.13): valid while the storage lives.
+    A tensor without a storage (a sparse or nested tensor, a subclass) is named by its
+    ``id``."""
+    try:
+        return tensor.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+        return id(tensor)
+
+
 def dispatch_modes_active() -> bool:
     """Whether a ``TorchDispatchMode`` is active (a fake tensor mode, a user's mode;
     ``torch._C._len_torch_dispatch_stack``, checked 2.11-2.14)."""
@@ -277,6 +307,16 @@ def changes_first_argument(target: Any) -> bool:
     argument, result = schema.arguments[0].alias_info, schema.returns[0].alias_info
     return argument is not None and result is not None and argument.is_write and \
         set(argument.before_set) == set(result.before_set)
+
+
+def written_arguments(target: Any) -> tuple[tuple[int, str], ...]:
+    """``(position, name)`` of each argument an operator overload writes in place
+    (``aten.copy_``'s ``self``, an ``out=`` argument): its schema's alias information says
+    so (``_schema``, checked 2.13). None for anything else."""
+    if not is_op_overload(target) or not target._schema.is_mutable:
+        return ()
+    return tuple((i, a.name) for i, a in enumerate(target._schema.arguments)
+                 if a.alias_info is not None and a.alias_info.is_write)
 
 
 def compile_backend(backend: Any, mode: str | None, options: dict | None,

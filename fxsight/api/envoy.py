@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import Any, Iterator
 
 import torch
 
 from ..capture.events import module_paths
-from ..errors import TraceError, at_line, user_line
+from ..errors import TraceError, at_line, user_line, user_stacklevel
 from ..record.active import current_tracer
 from ..record.program import HookedCall, ModuleCall
 from ..record.proxy import Proxy
@@ -33,9 +34,15 @@ class Envoy:
     _alias_paths: dict[str, str] = {}
     _alias_names: dict[str, str] = {}
 
-    def __init__(self, module: torch.nn.Module, path: str, root: "Envoy | None" = None):
+    def __init__(self, module: torch.nn.Module, path: str, root: "Envoy | None" = None,
+                 natural: str | None = None):
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
+        # the path the user reached it by, where sites use another (a module registered
+        # at several paths: ``self.b = self.a``, one block twice in a ModuleList); None
+        # where they are the same
+        object.__setattr__(self, "_natural", natural if natural != path else None)
+        object.__setattr__(self, "_said_shared", False)
         object.__setattr__(self, "_root", root if root is not None else self)
         object.__setattr__(self, "_children", {})
         object.__setattr__(self, "_call", 0)
@@ -45,10 +52,17 @@ class Envoy:
     # --- tree navigation ---------------------------------------------------------------
     def _child(self, name: str, module: torch.nn.Module) -> "Envoy":
         children = self._children
-        if name not in children or children[name]._module is not module:  # replaced?
-            path = f"{self._path}.{name}" if self._path else name
-            children[name] = Envoy(module, self._root._canonical(module, path), self._root)
-        return children[name]
+        base = self._natural or self._path
+        natural = f"{base}.{name}" if base else name
+        child = children.get(name)
+        # (a child reached by another path than its sites': that path may name another
+        # module since, after ``model.a = new`` with ``model.b`` the old ``a``)
+        if child is None or child._module is not module or (  # replaced?
+                child._natural is not None and
+                self._root._canonical(module, natural) != child._path):
+            child = children[name] = Envoy(module, self._root._canonical(module, natural),
+                                           self._root, natural)
+        return child
 
     def _canonical(self, module: torch.nn.Module, path: str) -> str:
         """The path sites use for ``module``: a module registered under several names
@@ -70,7 +84,7 @@ class Envoy:
         submodule = submodules.get(name)
         if submodule is not None:
             child = self._children.get(name)  # (the common case inline: no call)
-            if child is not None and child._module is submodule:
+            if child is not None and child._module is submodule and child._natural is None:
                 return child
             return self._child(name, submodule)
         aliased = self._aliased(name)
@@ -124,7 +138,8 @@ class Envoy:
                 name = str(key % length)
                 submodule = modules[name]
                 child = self._children.get(name)  # (the common case inline: no call)
-                if child is not None and child._module is submodule:
+                if child is not None and child._module is submodule and \
+                        child._natural is None:
                     return child
                 return self._child(name, submodule)
         if isinstance(module, torch.nn.ModuleDict):
@@ -223,6 +238,8 @@ class Envoy:
             tracer = current_tracer(self._root)
         # (in `for i in tracer.iter[...]`: call i)
         call = tracer.recorder.scope.call if tracer is not None else None
+        if call is None and self._natural is not None:
+            self._warn_shared()
         key = (kind, self._call if call is None else call)
         sites = self._sites
         site = sites.get(key)
@@ -231,6 +248,21 @@ class Envoy:
             if len(sites) < _MAX_SITES:
                 sites[key] = site
         return site
+
+    def _warn_shared(self) -> None:
+        """Say (once per envoy) that a module reached by a path other than the first of
+        its module object counts the calls made through every path."""
+        if self._said_shared:
+            return
+        object.__setattr__(self, "_said_shared", True)
+        natural, path = module_label(self._natural), module_label(self._path)
+        warnings.warn(
+            f"fxsight: {natural} is the module object registered first as {path}: its "
+            f"calls are counted over every path it is registered at (as a forward hook "
+            f"on it sees them), so {natural}.output and .input are its first call, "
+            f"wherever it is made from; choose a later call with `with tracer.iter[i]:` "
+            f"or `for i in tracer.iter[...]:`", RuntimeWarning,
+            stacklevel=user_stacklevel())
 
     def _read(self, kind: str, accessor: str) -> Proxy:
         tracer = current_tracer(self._root)

@@ -163,6 +163,10 @@ class Generator(Tracer):
             return None
         return torch.full((ids.shape[0], 1), start, dtype=torch.long, device=ids.device)
 
+    def _run_source(self, args: tuple, kwargs: dict) -> Any:
+        # (the decoding steps are captured apart: the prompt's forward from a scan)
+        return self._metadata_source(args, kwargs)
+
     def _check_token_index(self, line: str) -> None:
         """Token indexing counts the prompts' tokens, which only the first decoding step
         holds: a later step holds the new token (with a cache) or the prompt and the

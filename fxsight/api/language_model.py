@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
+from ..capture.captures import flat_inputs
+from ..capture import scan
 from ..errors import TraceError, at_line, user_line
 from .edit import seed
 from .generation import Generator, GeneratorEnvoy
@@ -355,6 +357,48 @@ class LanguageModel(TokenEncoding, NNsight):
             f"{what}, but {reason}: the padding would change the values of the rows it pads. "
             f"Run prompts of different lengths in separate traces (or invokes of equal "
             f"lengths)", line))
+
+    def _check_batch(self, tracer: Any, args: tuple, kwargs: dict) -> None:
+        """Raise before the run where the batch's rows are padded but the model computes
+        nothing from the attention mask it is given: its captured graph (or, on the hooks
+        backend and in ``generate``, a forward pass on fake tensors) has no output that
+        depends on the mask, so the pads would change the rows they pad. A model known to
+        ignore its mask was refused as its invoke was added (``_check_padding``).
+        ``tracer``: ``None`` for a plain run (``trace=False``) of ``kwargs``."""
+        mask = kwargs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return
+        lengths = [invoke.prepared[1]["input_ids"].shape[1] for invoke in tracer.invokes] \
+            if tracer is not None else [kwargs["input_ids"].shape[1]]
+        if len(set(lengths)) == 1 and bool(mask.all()):
+            return  # (no row is padded)
+        flat = flat_inputs(args, kwargs)[0]
+        index = next((i for i, value in enumerate(flat) if value is mask), None)
+        if index is None:
+            return
+        try:
+            source = tracer._run_source(args, kwargs) if tracer is not None else \
+                scan.cached_scan(self._module, args, kwargs)
+            unread = source.unread_inputs
+        except Exception:  # noqa: BLE001 - a forward these inputs alone cannot run (an
+            return         # encoder-decoder's, whose decoder generate feeds): not known
+        if index not in unread:
+            return
+        if len(set(lengths)) > 1:
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
+            shorter = next(i for i, n in enumerate(lengths) if n < lengths[longest])
+            what = f"invoke #{shorter} is {lengths[shorter]} tokens long and invoke " \
+                   f"#{longest} {lengths[longest]}: the shorter rows would be left-padded " \
+                   f"to share the batch"
+        else:
+            what = "the batch's rows are padded (prompts of different lengths, or an " \
+                   "attention_mask with zeros)"
+        name = type(self._module).__name__
+        raise TraceError(at_line(
+            f"{what}, but {name} ignores the attention_mask it is given (no output of its "
+            f"forward is computed from it): the padding would change the values of the "
+            f"rows it pads. Run prompts of different lengths in separate traces (or "
+            f"invokes of equal lengths)", tracer._line if tracer is not None else user_line()))
 
     def _with_positions(self, batched: dict, invokes: list[tuple[dict, int]],
                         padded: bool | None = None) -> dict:

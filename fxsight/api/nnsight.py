@@ -111,6 +111,7 @@ class NNsight(Envoy):
                 return tracer.result
             prepared = self._prepare_invoke(args, kwargs, None)
             self._before_run()
+            self._check_batch(None, prepared[0], prepared[1])
             return self._module(*prepared[0], **prepared[1])
         tracer = Tracer(self, args, kwargs, options)
         if self._edits:
@@ -211,6 +212,11 @@ class NNsight(Envoy):
 
     def _before_run(self) -> None:
         """Last preparations before the model runs (LanguageModel dispatches weights)."""
+
+    def _check_batch(self, tracer: Any, args: tuple, kwargs: dict) -> None:
+        """Raise before the run where the batched inputs cannot give each invoke its own
+        values (LanguageModel: padded rows of a model that ignores the attention mask).
+        ``tracer``: ``None`` for a plain run (``trace=False``)."""
 
     def _device(self) -> torch.device:
         first = next(self._module.parameters(), None)

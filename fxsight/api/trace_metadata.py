@@ -18,7 +18,7 @@ from ..locks import model_lock
 from ..record.program import Node
 from ..record.sites import OUTPUT, is_operation
 from ..capture.operations import spec_for
-from ..run.forward import metadata_source
+from ..run.forward import metadata_source, run_source
 from ..splice.rows import Rows
 from ..splice.meta_walker import MetaWalker, UnknownMeta
 
@@ -75,6 +75,11 @@ class TraceMetadata:
         sites of ``operations`` (by default, of the operations recorded so far)."""
         operations = self._operations() if operations is None else operations
         return metadata_source(self.model._module, args, kwargs, self.options, operations)
+
+    def _run_source(self, args: tuple, kwargs: dict) -> Any:
+        """The capture (or scan) the run of this trace's Program will use."""
+        return run_source(self.model._module, self.recorder.program, args, kwargs,
+                          self.options)
 
     def _operations(self) -> frozenset:
         """The operations spec of the sites recorded so far (``.source``)."""

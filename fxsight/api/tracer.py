@@ -392,6 +392,7 @@ class Tracer(TraceMetadata):
         args, kwargs, rows = self._batched()
         if load:
             self.model._before_run()  # may replace the module
+            self.model._check_batch(self, args, kwargs)
         if self._stop_line is not None:
             late = [n for n in program.nodes[self._stop_after:] if n.kind is not Kind.INPUT]
             if late:

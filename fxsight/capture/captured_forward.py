@@ -16,6 +16,7 @@ from .._torch import pytree, unflatten_keeping_sizes
 from ..errors import NotOnGraph
 from . import caches
 from .hidden import NestedTensor
+from .input_flow import unread_placeholders
 from ..record.sites import Site
 
 
@@ -71,6 +72,17 @@ class Captured:
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
+
+    @property
+    def unread_inputs(self) -> frozenset[int]:
+        """The inputs (indices in ``captures.flat_inputs``, the graph's placeholders) that
+        no output of the captured forward is computed from (see ``input_flow``)."""
+        unread = self.graph_module.meta.get("fxsight_unread_inputs")
+        if unread is None:
+            unread = self.graph_module.meta["fxsight_unread_inputs"] = \
+                unread_placeholders(self.graph_module.graph,
+                                    torch.ops.fxsight.boundary.default)
+        return unread
 
     def alias_keys(self, site: Site) -> frozenset:
         """What ``site``'s tensors share memory with, as keys: two sites whose keys meet

@@ -14,11 +14,12 @@ from .._torch import (FakeTensorMode, autocast_cache_off, fake_embedding_takes_m
 
 from ..stats import bump
 from . import caches
-from .captures import MAX_CAPTURES, signature
+from .captures import MAX_CAPTURES, flat_inputs, signature
 from .effects import kept_forward_effects
 from .state import Watch
 from .dispatch import offloaded
 from .events import ModuleEvents, silenced_hooks
+from .input_flow import InputFlow
 from .memory import MemoryNumbers
 from ..record.sites import Site
 
@@ -36,6 +37,9 @@ class ScanResult:
     # site -> keys of the memory its tensors are in (as ``Captured.alias_keys``): sites
     # whose keys meet hold the same tensor or views of one
     aliases: dict[Site, frozenset] = field(default_factory=dict, repr=False)
+    # the tensor inputs (indices in ``captures.flat_inputs``) no output is computed from
+    # (see ``input_flow``; a cache object's tensors are not followed)
+    unread_inputs: frozenset = frozenset()
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
@@ -116,14 +120,14 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     try:
         with silenced_hooks(model), kept_forward_effects(model, args, kwargs), \
                 autocast_cache_off():
-            output, events = _run(model, args, kwargs, events, record,
-                                  (values, devices, aliases))
+            output, events, unread = _run(model, args, kwargs, events, record,
+                                          (values, devices, aliases))
     finally:
         if not before.unchanged():  # the forward changed the model: undone (a trace
             before.restore()        # changes it only as the plain forward does)
     bump("scans")
     return ScanResult(list(events.order), values, devices, _tree_map(_to_meta, output),
-                      callees=dict(events.callees), aliases=aliases)
+                      callees=dict(events.callees), aliases=aliases, unread_inputs=unread)
 
 
 def _run(model, args, kwargs, events, record, recorded):
@@ -139,9 +143,10 @@ def _run(model, args, kwargs, events, record, recorded):
                 def fake(tensor):  # (torch before 2.13: meta weights take meta inputs only)
                     return mode.from_tensor(tensor.to("meta"))
             fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, fake, (args, kwargs))
+            flow = InputFlow(_followed(args, kwargs, (fake_args, fake_kwargs)))
             # (a cache object among the inputs: a copy, the user's is not updated)
             fake_args, fake_kwargs = caches.copied(fake_args, fake_kwargs, fake)
-            with events.installed(), mode:
+            with events.installed(), mode, flow:
                 output = model(*fake_args, **fake_kwargs)
         except Exception:  # noqa: BLE001 - data-dependent code: probe with real values
             for table in recorded:
@@ -149,15 +154,28 @@ def _run(model, args, kwargs, events, record, recorded):
             events = ModuleEvents(model, record, operations=events.operations)
             if _is_meta_model(model):
                 meta_args, meta_kwargs = pytree.tree_map(_to_meta, (args, kwargs))
+                flow = InputFlow(_followed(args, kwargs, (meta_args, meta_kwargs)))
                 meta_args, meta_kwargs = caches.copied(meta_args, meta_kwargs, _to_meta)
-                with events.installed():
+                with events.installed(), flow:
                     output = model(*meta_args, **meta_kwargs)
             else:
+                flow = InputFlow(_followed(args, kwargs, (args, kwargs)))
                 args, kwargs = caches.copied(args, kwargs, torch.Tensor.clone)
-                with events.installed():
+                with events.installed(), flow:
                     output = model(*args, **kwargs)
                 bump("real_scans")
-    return output, events
+    return output, events, flow.unread(output)
+
+
+def _followed(args: tuple, kwargs: dict, given: tuple) -> list[Any]:
+    """The tensors the forward is given (``given``: ``(args, kwargs)`` as it gets them,
+    with the same layout) for each of ``flat_inputs(args, kwargs)``, ``None`` where none
+    is followed (not a tensor; a cache object's tensors, which it gets as a copy)."""
+    real = pytree.tree_leaves((args, kwargs))
+    passed = pytree.tree_leaves(given)
+    by_id = {id(r): p for r, p in zip(real, passed) if isinstance(r, torch.Tensor)}
+    return [by_id.get(id(value)) if isinstance(value, torch.Tensor) else None
+            for value in flat_inputs(args, kwargs)[0]]
 
 
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = \

@@ -137,6 +137,21 @@ def metadata_source(module: nn.Module, args: tuple, kwargs: dict,
     return cached_scan(module, args, kwargs, operations)
 
 
+def run_source(module: nn.Module, program: Program, args: tuple, kwargs: dict,
+               options: RunOptions) -> Captured | ScanResult:
+    """What :func:`run_program` will run ``program`` from, without running it: the capture
+    of the fx backend (the same one: operations and dynamic shapes as the run asks), or
+    the scan of the hooks backend where it will not capture."""
+    operations = spec_for(module, program.site_paths)
+    if options.backend != "hooks":
+        try:
+            return cached_capture(module, args, kwargs, dynamic=options.dynamic_policy,
+                                  operations=operations)
+        except CaptureError:
+            pass
+    return cached_scan(module, args, kwargs, operations)
+
+
 class LastRun:
     """What chose the runner of one of a wrapper's latest fx traces, and that runner: a
     trace with the same options (the same object), structure key, rows and signature

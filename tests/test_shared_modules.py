@@ -1,0 +1,127 @@
+"""One module object registered at several paths (``self.b = self.a``, one block twice in a
+ModuleList): its sites are its calls, counted over every path, as a forward hook on the
+module object sees them (and as nnsight's envoys, aliases of one another, read them). A read
+through a path other than the first says so once; an envoy reached by such a path follows
+the model when the first path is given another module."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from fxsight import NNsight
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.proj(x))
+
+
+class _Shared(torch.nn.Module):
+    """``a`` and ``b`` are one Linear; ``h`` holds one block twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = self.a
+        block = _Inner()
+        self.h = torch.nn.ModuleList([block, block])
+
+    def forward(self, x):
+        x = self.b(torch.relu(self.a(x)))
+        for layer in self.h:
+            x = layer(x)
+        return x
+
+
+def _model():
+    torch.manual_seed(0)
+    return _Shared().eval()
+
+
+def _with_hook(model, module, call, change, x):
+    """``model(x)`` with ``change`` applied to ``module``'s output at its call ``call``,
+    and every output ``module`` gave (a plain forward hook on the module object)."""
+    seen = []
+
+    def hook(mod, args, output):
+        seen.append(output)
+        return change(output) if len(seen) - 1 == call else None
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model(x), seen
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+@pytest.mark.parametrize("path", ["a", "b", "h.0", "h.1", "h.1.proj"])
+@pytest.mark.parametrize("call", [0, 1])
+def test_every_path_reads_and_writes_the_calls_a_forward_hook_sees(backend, path, call):
+    model = _model()
+    nm = NNsight(model)
+    x = torch.randn(2, 4)
+    envoy = nm
+    for part in path.split("."):
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (said: another test)
+        with torch.no_grad(), nm.trace(x, backend=backend) as tracer:
+            with tracer.iter[call]:
+                read = envoy.output.save()
+                envoy.output = envoy.output * 2
+            out = nm.output.save()
+    expected, seen = _with_hook(model, model.get_submodule(path), call, lambda o: o * 2, x)
+    torch.testing.assert_close(read, seen[call])
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_read_through_a_later_path_says_which_call_it_is(backend):
+    nm = NNsight(_model())
+    x = torch.randn(2, 4)
+    with pytest.warns(RuntimeWarning, match=r"model\.h\.1 is the module object registered "
+                      r"first as model\.h\.0.*first call.*tracer\.iter"):
+        with torch.no_grad(), nm.trace(x, backend=backend):
+            nm.h[1].output.save()
+    with pytest.warns(RuntimeWarning, match=r"model\.h\.1\.proj is the module object "
+                      r"registered first as model\.h\.0\.proj"):
+        with torch.no_grad(), nm.trace(x, backend=backend):
+            nm.h[1].proj.output.save()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (once per envoy; the first path says nothing)
+        with torch.no_grad(), nm.trace(x, backend=backend) as tracer:
+            nm.h[1].output.save()
+            nm.h[0].output.save()
+            with tracer.iter[1]:
+                nm.b.output.save()
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_path_follows_the_model_when_the_first_path_gets_another_module(backend):
+    # model.b's envoy read the sites of model.a (the first path of their module); after
+    # model.a = new, model.b used to read the new module's output (silently)
+    model = _model()
+    nm = NNsight(model)
+    x = torch.randn(2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with torch.no_grad(), nm.trace(x, backend=backend):
+            nm.b.output.save()
+    torch.manual_seed(1)
+    model.a = torch.nn.Linear(4, 4)
+    with torch.no_grad(), nm.trace(x, backend=backend):
+        read_b = nm.b.output.save()
+        read_a = nm.a.output.save()
+    _, seen_b = _with_hook(model, model.b, None, None, x)
+    _, seen_a = _with_hook(model, model.a, None, None, x)
+    torch.testing.assert_close(read_b, seen_b[0])
+    torch.testing.assert_close(read_a, seen_a[0])
