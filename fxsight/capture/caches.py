@@ -176,7 +176,10 @@ def update(target: Any, skeleton: Skeleton, tensors: list[Any],
             initialized.append((obj, static))
 
     initialized: list[tuple[Any, frozenset[str]]] = []
-    into(target, skeleton, top=True)
+    try:
+        into(target, skeleton, top=True)
+    finally:
+        del into  # (a recursive closure refers to itself: garbage for the collector)
     if initialized and not torch.compiler.is_compiling():
         for obj, names in initialized:
             for name in names:
