@@ -1,0 +1,293 @@
+"""Property tests over random intervention programs that use what researchers write beyond
+plain reads and writes: ``.inputs`` writes of positional and keyword arguments, ``.source``
+operations, a module called several times (``tracer.iter``), ``.skip()``, ``tracer.stop()``,
+``tracer.cache()``, ``.grad`` reads and writes, reads of one module used in a write at another
+(order errors), and compiled traces.
+
+The reference is plain PyTorch: the model's forward written out by hand, with a hook point
+``at(site, value)`` wherever a site's value exists, running the same steps on real tensors
+(and tensor hooks for gradients). The fx and hooks backends must agree with it bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxsight
+from fxsight import NNsight
+from test_core_property import CONSTANTS, Step, apply_step, steer_tensor
+
+BACKENDS = ("fx", "hooks")
+WIDTH = 6
+
+
+# --- the model: keyword arguments, a module called three times, ops inside a module ------------
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x, scale, shift=None):
+        h = self.lin(x) * scale
+        if shift is not None:
+            h = h + shift
+        return torch.relu(h)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, WIDTH)
+        self.block = Block()
+        self.shared = nn.Linear(WIDTH, WIDTH)
+        self.out = nn.Linear(WIDTH, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = self.block(h, 2.0, shift=torch.ones(WIDTH))
+        for _ in range(3):
+            h = self.shared(h)
+        return self.out(h)
+
+
+torch.manual_seed(0)
+MODEL = Net().eval()
+NET = NNsight(MODEL)
+X = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a value is: ``path`` an envoy path (``block.source.self_lin_0`` an operation),
+    ``accessor`` ``output``/``input`` or ``shift`` (the keyword argument of ``.inputs``),
+    ``call`` the module's call (``tracer.iter[call]``), ``width`` the last dimension."""
+    path: str
+    accessor: str
+    call: int | None = None
+    width: int = WIDTH
+    in_block: bool = False
+
+
+SITES = [  # in the order they run
+    Site("inp", "output"),
+    Site("block", "input"),
+    Site("block", "shift"),
+    Site("block.source.self_lin_0", "input", in_block=True),
+    Site("block.source.self_lin_0", "output", in_block=True),
+    Site("block.source.torch_relu_0", "input", in_block=True),
+    Site("block.source.torch_relu_0", "output", in_block=True),
+    Site("block", "output"),
+    Site("shared", "input", 0),
+    Site("shared", "output", 0),
+    Site("shared", "input", 1),
+    Site("shared", "output", 1),
+    Site("shared", "output", 2),
+    Site("out", "input"),
+    Site("out", "output", width=3),
+]
+INDEX = {site: i for i, site in enumerate(SITES)}
+
+
+def reference_forward(model: Net, x: torch.Tensor, at) -> torch.Tensor:
+    """``Net.forward`` by hand; ``at(site_index, value)`` returns the value to go on with."""
+    def site(path, accessor, call=None):
+        return INDEX[next(s for s in SITES if (s.path, s.accessor, s.call) ==
+                          (path, accessor, call))]
+
+    h = at(site("inp", "output"), model.inp(x))
+    h = at(site("block", "input"), h)
+    shift = at(site("block", "shift"), torch.ones(WIDTH))
+    lin_in = at(site("block.source.self_lin_0", "input"), h)
+    lin = at(site("block.source.self_lin_0", "output"), model.block.lin(lin_in))
+    pre = lin * 2.0 + shift
+    pre = at(site("block.source.torch_relu_0", "input"), pre)
+    h = at(site("block.source.torch_relu_0", "output"), torch.relu(pre))
+    h = at(site("block", "output"), h)
+    for call in range(3):
+        if any((s.path, s.accessor, s.call) == ("shared", "input", call) for s in SITES):
+            h = at(site("shared", "input", call), h)
+        h = model.shared(h)
+        if any((s.path, s.accessor, s.call) == ("shared", "output", call) for s in SITES):
+            h = at(site("shared", "output", call), h)
+    h = at(site("out", "input"), h)
+    return at(site("out", "output"), model.out(h))
+
+
+def _envoy(net, path: str):
+    envoy = net
+    for part in path.split("."):
+        envoy = getattr(envoy, part)
+    return envoy
+
+
+def _accessors(net, site: Site):
+    envoy = _envoy(net, site.path)
+    if site.accessor == "shift":
+        def get():
+            return envoy.inputs[1]["shift"]
+
+        def set_(value):
+            args, kwargs = envoy.inputs
+            envoy.inputs = (args, {**kwargs, "shift": value})
+    else:
+        def get():
+            return getattr(envoy, site.accessor)
+
+        def set_(value):
+            setattr(envoy, site.accessor, value)
+    return get, set_
+
+
+class _Scope:
+    """``tracer.iter[call]`` for a site of a module's ``call``-th call, else nothing."""
+
+    def __init__(self, tracer, site: Site) -> None:
+        self.inner = tracer.iter[site.call] if site.call is not None else None
+
+    def __enter__(self):
+        if self.inner is not None:
+            self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        if self.inner is not None:
+            return self.inner.__exit__(*exc)
+        return False
+
+
+def _steers(steps) -> dict:
+    return {(s.a, SITES[s.site].width): steer_tensor(s.a, SITES[s.site].width)
+            for s in steps if s.kind == "steer"}
+
+
+def _examples(n: int) -> settings:
+    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def _steps(kinds_plain=("save_raw", "save_sum", "relu", "where"),
+           kinds_const=("save_scaled", "scale", "add", "iadd", "add_usable_mean", "steer"),
+           kinds_index=("setslice", "imulslice", "save_row", "setcol", "imulcol"),
+           sites=None, max_size=6):
+    site = st.sampled_from(sites) if sites is not None else st.integers(0, len(SITES) - 1)
+    const = st.sampled_from(CONSTANTS)
+    idx = st.integers(0, 64)
+    step = st.one_of(
+        st.builds(Step, st.sampled_from(kinds_plain), site),
+        st.builds(Step, st.sampled_from(kinds_const), site, c=const, a=idx),
+        st.builds(Step, st.sampled_from(kinds_index), site, idx, idx, const),
+    )
+    return st.lists(step, min_size=1, max_size=max_size).map(
+        lambda steps: sorted(steps, key=lambda s: s.site))
+
+
+# --- 1. reads and writes at inputs, keyword arguments, operations and repeated calls ----------
+BLOCK_OUTPUT = INDEX[Site("block", "output")]
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_reference(steps, x, *, skip: float | None = None, stop: bool = False):
+    """The steps on real tensors in ``reference_forward``; ``skip``: the block's output is its
+    input times ``skip`` (its forward's values are not used); ``stop``: the forward ends after
+    the last step's site."""
+    steers = _steers(steps)
+    saved, usable, block_input = [], [], []
+
+    def at(index, value):
+        box = {"v": value}
+        if skip is not None and index == BLOCK_OUTPUT:
+            box["v"] = block_input[0] * skip
+        for step in steps:
+            if step.site == index:
+                apply_step(step, SITES[index].width, lambda: box["v"],
+                           lambda v: box.__setitem__("v", v), saved, usable, steers)
+        if index == INDEX[Site("block", "input")]:
+            block_input.append(box["v"])
+        if stop and index == steps[-1].site:
+            raise _Stop
+        return box["v"]
+
+    try:
+        out = reference_forward(MODEL, x, at)
+    except _Stop:
+        out = None
+    return saved, out
+
+
+def run_fxsight(steps, x, backend, *, skip: float | None = None, stop: bool = False,
+                compile: bool = False):
+    steers = _steers(steps)
+    with NET.trace(x, backend=backend, compile=compile) as tracer:
+        saved, usable = [], []
+        skipped = skip is None
+        for step in steps:
+            site = SITES[step.site]
+            if not skipped and step.site >= BLOCK_OUTPUT:
+                NET.block.skip(NET.block.input * skip)
+                skipped = True
+            get, set_ = _accessors(NET, site)
+            with _Scope(tracer, site):
+                apply_step(step, site.width, get, set_, saved, usable, steers)
+        if not skipped:
+            NET.block.skip(NET.block.input * skip)
+        for value in saved:
+            value.save()
+        if stop:
+            tracer.stop()
+        out = None if stop else NET.output.save()
+    assert tracer.backend == backend
+    return saved, out
+
+
+def assert_identical(actual, expected, what):
+    assert len(actual[0]) == len(expected[0]), what
+    for i, (a, e) in enumerate(zip(actual[0], expected[0])):
+        assert type(a) is torch.Tensor, (what, i, type(a))
+        assert a.shape == e.shape, (what, i, a.shape, e.shape)
+        assert torch.equal(a, e), (what, i, (a - e).abs().max())
+    if expected[1] is not None:
+        assert torch.equal(actual[1], expected[1]), (what, "output")
+
+
+@_examples(120)
+@given(_steps())
+def test_random_programs_at_inputs_keywords_operations_and_calls(steps):
+    with torch.no_grad():
+        expected = run_reference(steps, X.clone())
+    for backend in BACKENDS:
+        with torch.no_grad():
+            actual = run_fxsight(steps, X.clone(), backend)
+        assert_identical(actual, expected, backend)
+
+
+OUTSIDE_BLOCK = [i for i, site in enumerate(SITES) if not site.in_block]
+
+
+@_examples(60)
+@given(_steps(sites=OUTSIDE_BLOCK), st.sampled_from(CONSTANTS))
+def test_random_programs_with_the_block_skipped(steps, skip):
+    with torch.no_grad():
+        expected = run_reference(steps, X.clone(), skip=skip)
+    for backend in BACKENDS:
+        with torch.no_grad():
+            actual = run_fxsight(steps, X.clone(), backend, skip=skip)
+        assert_identical(actual, expected, backend)
+
+
+@_examples(60)
+@given(_steps())
+def test_random_programs_stopped_after_their_last_site(steps):
+    with torch.no_grad():
+        expected = run_reference(steps, X.clone(), stop=True)
+    for backend in BACKENDS:
+        with torch.no_grad():
+            actual = run_fxsight(steps, X.clone(), backend, stop=True)
+        assert_identical(actual, expected, backend)
