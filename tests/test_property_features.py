@@ -50,7 +50,7 @@ class Net(nn.Module):
 
     def forward(self, x):
         h = self.inp(x)
-        h = self.block(h, 2.0, shift=torch.ones(WIDTH))
+        h = self.block(h, 2.0, shift=torch.ones(x.shape[0], WIDTH))
         for _ in range(3):
             h = self.shared(h)
         return self.out(h)
@@ -102,7 +102,7 @@ def reference_forward(model: Net, x: torch.Tensor, at) -> torch.Tensor:
 
     h = at(site("inp", "output"), model.inp(x))
     h = at(site("block", "input"), h)
-    shift = at(site("block", "shift"), torch.ones(WIDTH))
+    shift = at(site("block", "shift"), torch.ones(x.shape[0], WIDTH))
     lin_in = at(site("block.source.self_lin_0", "input"), h)
     lin = at(site("block.source.self_lin_0", "output"), model.block.lin(lin_in))
     pre = lin * 2.0 + shift
@@ -291,3 +291,141 @@ def test_random_programs_stopped_after_their_last_site(steps):
         with torch.no_grad():
             actual = run_fxsight(steps, X.clone(), backend, stop=True)
         assert_identical(actual, expected, backend)
+
+
+# --- 2. a read at one site used in a write at another: in order it runs, else an OrderError ---
+SAME_EVENT = {frozenset({INDEX[Site("block", "input")], INDEX[Site("block", "shift")]})}
+
+
+@_examples(80)
+@given(read=st.integers(0, len(SITES) - 1), write=st.integers(0, len(SITES) - 1),
+       form=st.sampled_from(["add_usable_mean", "iaddslice_usable"]),
+       lo=st.integers(0, 6), hi=st.integers(0, 6))
+def test_a_read_used_in_a_write_elsewhere_runs_in_order_or_raises(read, write, form, lo, hi):
+    steps = [Step("save_sum", read), Step(form, write, a=lo, b=hi)]
+    later = read > write and frozenset({read, write}) not in SAME_EVENT
+    if not later:
+        with torch.no_grad():
+            expected = run_reference(steps, X.clone())
+    for backend in BACKENDS:
+        if later:
+            with pytest.raises(fxsight.OrderError, match="only computed after"):
+                with torch.no_grad():
+                    run_fxsight(steps, X.clone(), backend)
+        else:
+            with torch.no_grad():
+                actual = run_fxsight(steps, X.clone(), backend)
+            assert_identical(actual, expected, backend)
+
+
+# --- 3. gradients: .grad read and written at random sites, against tensor hooks ---------------
+GRAD_SITES = [i for i, s in enumerate(SITES) if s.accessor != "shift"]
+
+
+@dataclass(frozen=True)
+class GradStep:
+    site: int
+    kind: str  # "read", "scale" (h.grad = h.grad * c), "add" (h.grad = h.grad + c)
+    c: float
+
+
+def _grad_steps():
+    step = st.builds(GradStep, st.sampled_from(GRAD_SITES),
+                     st.sampled_from(["read", "scale", "add"]), st.sampled_from(CONSTANTS))
+    # one step per site; a site's gradient arrives before the gradients of earlier sites
+    return st.lists(step, min_size=1, max_size=5, unique_by=lambda s: s.site)
+
+
+def grad_reference(steps, x):
+    saved = {}
+
+    def at(index, value):
+        for step in steps:
+            if step.site != index:
+                continue
+            if not value.requires_grad:
+                return value
+            if step.kind == "read":
+                value.register_hook(lambda g, index=index: saved.__setitem__(index, g))
+            elif step.kind == "scale":
+                value.register_hook(lambda g, c=step.c: g * c)
+            else:
+                value.register_hook(lambda g, c=step.c: g + c)
+        return value
+
+    out = reference_forward(MODEL, x, at)
+    out[:, 1].sum().backward()
+    return [saved.get(s.site) for s in steps if s.kind == "read"]
+
+
+def grad_fxsight(steps, x, backend):
+    with NET.trace(x, backend=backend) as tracer:
+        grads = []
+        for step in steps:
+            site = SITES[step.site]
+            get, _ = _accessors(NET, site)
+            with _Scope(tracer, site):
+                value = get()
+                if step.kind == "read":
+                    grads.append(value.grad.save())
+                elif step.kind == "scale":
+                    value.grad = value.grad * step.c
+                else:
+                    value.grad = value.grad + step.c
+        NET.output[:, 1].sum().backward()
+    return grads
+
+
+@_examples(60)
+@given(_grad_steps())
+def test_random_gradient_reads_and_writes(steps):
+    expected = grad_reference(steps, X.clone())
+    for backend in BACKENDS:
+        MODEL.zero_grad(set_to_none=True)
+        actual = grad_fxsight(steps, X.clone(), backend)
+        assert len(actual) == len(expected)
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert type(a) is torch.Tensor, (backend, i, steps)
+            assert torch.equal(a, e), (backend, i, steps, (a - e).abs().max())
+    MODEL.zero_grad(set_to_none=True)
+
+
+# --- 4. tracer.cache() of random modules with random writes: the values after the writes --------
+CACHE_MODULES = ["inp", "block", "block.lin", "out"]
+
+
+@_examples(40)
+@given(_steps(sites=[i for i, s in enumerate(SITES) if s.call is None]),
+       st.lists(st.sampled_from(CACHE_MODULES), min_size=1, max_size=4, unique=True),
+       st.booleans())
+def test_cache_of_random_modules_holds_the_values_after_random_writes(steps, modules,
+                                                                      inputs):
+    # the model's output against the hand-written forward; each cached entry against the
+    # trace's own reads of the module after the steps
+    with torch.no_grad():
+        _, expected_out = run_reference(steps, X.clone())
+    for backend in BACKENDS:
+        with torch.no_grad(), NET.trace(X.clone(), backend=backend) as tracer:
+            cache = tracer.cache(modules=[_envoy(NET, m) for m in modules],
+                                 include_inputs=inputs)
+            steers = _steers(steps)
+            saved, usable = [], []
+            for step in steps:
+                get, set_ = _accessors(NET, SITES[step.site])
+                apply_step(step, SITES[step.site].width, get, set_, saved, usable, steers)
+            block_out = NET.block.output.save()
+            block_in = NET.block.input.save()
+            lin_out = NET.block.lin.output.save()  # the module's own output: before a
+            # write at the operation that calls it (block.source.self_lin_0.output)
+            inp_out = NET.inp.output.save()
+            out_in = NET.out.input.save()
+            out = NET.output.save()
+        assert torch.equal(out, expected_out), backend
+        expect = {"inp": (None, inp_out), "block": (block_in, block_out),
+                  "block.lin": (None, lin_out), "out": (out_in, out)}
+        assert sorted(cache.keys()) == sorted(f"model.{m}" for m in modules)
+        for m in modules:
+            entry = cache[f"model.{m}"]
+            assert torch.equal(entry.output, expect[m][1]), (backend, m)
+            if inputs and expect[m][0] is not None:
+                assert torch.equal(entry.input, expect[m][0]), (backend, m)
