@@ -144,6 +144,8 @@ def apply_step(step: Step, width: int, get, set_, saved: list, usable: list,
             get()[..., lo:hi] += usable[step.a % len(usable)].mean()
     elif kind == "copyrow":
         get()[-1] = get()[0]
+    elif kind == "setcol_abs":  # (for references written by hand: ``a`` is the index)
+        get()[:, step.a] = c
     else:  # pragma: no cover
         raise AssertionError(kind)
 

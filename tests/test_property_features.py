@@ -429,3 +429,20 @@ def test_cache_of_random_modules_holds_the_values_after_random_writes(steps, mod
             assert torch.equal(entry.output, expect[m][1]), (backend, m)
             if inputs and expect[m][0] is not None:
                 assert torch.equal(entry.input, expect[m][0]), (backend, m)
+
+
+# --- 5. compiled traces: a handful of random programs, compiled, against the reference --------
+@pytest.mark.compile
+@settings(max_examples=3, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(_steps(max_size=4))
+def test_random_programs_compiled(steps):
+    """(inductor fuses reductions: the last bits of a sum may differ from eager's)"""
+    with torch.no_grad():
+        expected = run_reference(steps, X.clone())
+        actual = run_fxsight(steps, X.clone(), "fx", compile=True)
+    assert len(actual[0]) == len(expected[0])
+    for a, e in zip(actual[0], expected[0]):
+        assert type(a) is torch.Tensor
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(actual[1], expected[1], rtol=1e-5, atol=1e-6)
