@@ -446,3 +446,87 @@ def test_random_programs_compiled(steps):
         assert type(a) is torch.Tensor
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(actual[1], expected[1], rtol=1e-5, atol=1e-6)
+
+
+# --- 6. gradients after forward writes at the same and other sites -----------------------------
+DIFFERENTIABLE = ("scale", "add", "iadd", "steer", "relu", "where", "setslice", "imulslice",
+                  "iaddindex", "setlast", "copyrow", "save_sum", "add_usable_mean")
+
+
+def grad_after_writes_reference(writes, grads, x):
+    steers = _steers(writes)
+    saved, usable, got = [], [], {}
+
+    def at(index, value):
+        box = {"v": value}
+        for step in writes:
+            if step.site == index:
+                apply_step(step, SITES[index].width, lambda: box["v"],
+                           lambda v: box.__setitem__("v", v), saved, usable, steers)
+        value = box["v"]
+        for step in grads:
+            if step.site == index and value.requires_grad:
+                if step.kind == "read":
+                    value.register_hook(lambda g, index=index: got.__setitem__(index, g))
+                elif step.kind == "scale":
+                    value.register_hook(lambda g, c=step.c: g * c)
+                else:
+                    value.register_hook(lambda g, c=step.c: g + c)
+        return value
+
+    out = reference_forward(MODEL, x, at)
+    out[:, 1].sum().backward()
+    return [got.get(s.site) for s in grads if s.kind == "read"], out.detach()
+
+
+def grad_after_writes_fxsight(writes, grads, x, backend):
+    steers = _steers(writes)
+    with NET.trace(x, backend=backend) as tracer:
+        saved, usable, got = [], [], {}
+        for index in sorted({s.site for s in writes} | {s.site for s in grads}):
+            site = SITES[index]
+            get, set_ = _accessors(NET, site)
+            with _Scope(tracer, site):
+                for step in writes:
+                    if step.site == index:
+                        apply_step(step, site.width, get, set_, saved, usable, steers)
+                for step in grads:
+                    if step.site == index:
+                        if step.kind == "read":
+                            got[index] = get().grad.save()
+                        elif step.kind == "scale":
+                            get().grad = get().grad * step.c
+                        else:
+                            get().grad = get().grad + step.c
+        out = NET.output.save()
+        NET.output[:, 1].sum().backward()
+    return [got[s.site] for s in grads if s.kind == "read"], out.detach()
+
+
+@_examples(60)
+@given(_steps(kinds_plain=("relu", "where", "save_sum"),
+              kinds_const=("scale", "add", "iadd", "steer", "add_usable_mean"),
+              kinds_index=("setslice", "imulslice", "iaddindex", "setlast", "copyrow"),
+              sites=GRAD_SITES, max_size=4),
+       _grad_steps())
+def test_random_gradients_after_random_forward_writes(writes, grads):
+    try:
+        expected, expected_out = grad_after_writes_reference(writes, grads, X.clone())
+    except RuntimeError as error:  # an in-place edit of a value autograd saved
+        assert "modified by an inplace operation" in str(error)
+        for backend in BACKENDS:
+            MODEL.zero_grad(set_to_none=True)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                grad_after_writes_fxsight(writes, grads, X.clone(), backend)
+        MODEL.zero_grad(set_to_none=True)
+        return
+    MODEL.zero_grad(set_to_none=True)
+    for backend in BACKENDS:
+        actual, out = grad_after_writes_fxsight(writes, grads, X.clone(), backend)
+        MODEL.zero_grad(set_to_none=True)
+        assert torch.equal(out, expected_out), backend
+        assert len(actual) == len(expected)
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert type(a) is type(e), (backend, i, type(a), type(e))
+            if e is not None:
+                assert torch.equal(a, e), (backend, i, (a - e).abs().max())
