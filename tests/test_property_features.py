@@ -40,12 +40,21 @@ class Block(nn.Module):
         return torch.relu(h)
 
 
+class Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)) + x
+
+
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.inp = nn.Linear(5, WIDTH)
         self.block = Block()
-        self.shared = nn.Linear(WIDTH, WIDTH)
+        self.shared = Shared()
         self.out = nn.Linear(WIDTH, 3)
 
     def forward(self, x):
@@ -84,9 +93,13 @@ SITES = [  # in the order they run
     Site("block.source.torch_relu_0", "output", in_block=True),
     Site("block", "output"),
     Site("shared", "input", 0),
+    Site("shared.source.torch_tanh_0", "output", 0),
     Site("shared", "output", 0),
     Site("shared", "input", 1),
+    Site("shared.lin", "output", 1),
     Site("shared", "output", 1),
+    Site("shared.source.self_lin_0", "input", 2),
+    Site("shared.source.torch_tanh_0", "output", 2),
     Site("shared", "output", 2),
     Site("out", "input"),
     Site("out", "output", width=3),
@@ -109,12 +122,18 @@ def reference_forward(model: Net, x: torch.Tensor, at) -> torch.Tensor:
     pre = at(site("block.source.torch_relu_0", "input"), pre)
     h = at(site("block.source.torch_relu_0", "output"), torch.relu(pre))
     h = at(site("block", "output"), h)
+    def maybe(path, accessor, call, value):
+        if any((s.path, s.accessor, s.call) == (path, accessor, call) for s in SITES):
+            return at(site(path, accessor, call), value)
+        return value
+
     for call in range(3):
-        if any((s.path, s.accessor, s.call) == ("shared", "input", call) for s in SITES):
-            h = at(site("shared", "input", call), h)
-        h = model.shared(h)
-        if any((s.path, s.accessor, s.call) == ("shared", "output", call) for s in SITES):
-            h = at(site("shared", "output", call), h)
+        h = maybe("shared", "input", call, h)
+        lin_in = maybe("shared.source.self_lin_0", "input", call, h)
+        lin = maybe("shared.lin", "output", call, model.shared.lin(lin_in))
+        lin = maybe("shared.source.self_lin_0", "output", call, lin)
+        tanh = maybe("shared.source.torch_tanh_0", "output", call, torch.tanh(lin))
+        h = maybe("shared", "output", call, tanh + h)
     h = at(site("out", "input"), h)
     return at(site("out", "output"), model.out(h))
 
