@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fxsight import LanguageModel
+from fxsight import LanguageModel, OrderError
 from models import tiny_gpt2, tiny_llama, train_tokenizer
 from test_core_property import (CONSTANTS, GPT2_SITES, LLAMA_SITES, Step, apply_step,
                                 make_steers, run_reference)
@@ -136,3 +136,78 @@ def test_invokes_of_different_lengths_gpt2(invokes):
 @given(invoke_programs("llama"))
 def test_invokes_of_different_lengths_llama(invokes):
     check("llama", invokes)
+
+
+# --- activation patching across invokes: a read in one invoke written in another ------------
+def _hook_site(model, site, edit):
+    """A plain forward (pre-)hook that runs ``edit`` on the site's tensor."""
+    path, accessor, _ = site
+    module = model.get_submodule(path)
+    if accessor == "input":
+        return module.register_forward_pre_hook(lambda m, a: (edit(a[0]), *a[1:]))
+    if accessor == "output0":
+        return module.register_forward_hook(lambda m, a, o: (edit(o[0]), *o[1:]))
+    return module.register_forward_hook(lambda m, a, o: edit(o))
+
+
+def _patch_reference(kind, source_ids, target_ids, read, write, position):
+    """Plain PyTorch: the source prompt alone gives the read's value at ``position``; the
+    target prompt alone runs with it written there."""
+    model, sites = MODELS[kind], SITES[kind]
+    got = []
+    handle = _hook_site(model, sites[read],
+                        lambda v: got.append(v[:, position].clone()) or v)
+    try:
+        with torch.no_grad():
+            model(torch.tensor([source_ids]), use_cache=False)
+    finally:
+        handle.remove()
+
+    def patch(value):
+        value[:, position] = got[0]
+        return value
+
+    handle = _hook_site(model, sites[write], patch)
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([target_ids]), use_cache=False).logits
+    finally:
+        handle.remove()
+
+
+def _patched(kind, source_ids, target_ids, read, write, position, backend):
+    lm, sites = LMS[kind], SITES[kind]
+    with torch.no_grad(), lm.trace(backend=backend) as tracer:
+        with tracer.invoke([source_ids]):
+            value = _accessors(lm, *sites[read][:2])[0]()[:, position]
+        with tracer.invoke([target_ids]):
+            _accessors(lm, *sites[write][:2])[0]()[:, position] = value
+            logits = lm.lm_head.output.save()
+    assert tracer.backend == backend
+    return logits
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["gpt2", "llama"]), read=st.integers(0, 11),
+       write=st.integers(0, 11), position=st.integers(-4, 3),
+       prompts=st.lists(st.lists(st.integers(4, 100), min_size=4, max_size=4), min_size=2,
+                        max_size=2))
+def test_patching_across_invokes(kind, read, write, position, prompts):
+    """``h = site_r[:, p]`` in one invoke, ``site_w[:, p] = h`` in the next (prompts of one
+    length): the prompts alone patched by hand where site r runs no later than site w, an
+    OrderError on both backends where it runs later."""
+    sites = SITES[kind]
+    if sites[read][2] != sites[write][2]:
+        return
+    source, target = prompts
+    if read > write:
+        for backend in ("fx", "hooks"):
+            with pytest.raises(OrderError, match="only computed after"):
+                _patched(kind, source, target, read, write, position, backend)
+        return
+    fx = _patched(kind, source, target, read, write, position, "fx")
+    hooks = _patched(kind, source, target, read, write, position, "hooks")
+    assert torch.equal(fx, hooks), (fx - hooks).abs().max()
+    expected = _patch_reference(kind, source, target, read, write, position)
+    torch.testing.assert_close(fx[0], expected[0], atol=ATOL, rtol=0)
