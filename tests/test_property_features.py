@@ -549,3 +549,49 @@ def test_random_gradients_after_random_forward_writes(writes, grads):
             assert type(a) is type(e), (backend, i, type(a), type(e))
             if e is not None:
                 assert torch.equal(a, e), (backend, i, (a - e).abs().max())
+
+
+# --- 7. tracer.cache() with tracer.stop(): the modules that ran before the stop ----------------
+def _modules_run_before_stop(steps) -> dict[str, int]:
+    """Plain PyTorch: ``{cache key: calls}`` of the modules whose forward returned before the
+    forward pass was stopped after the last step's site."""
+    calls: dict[str, int] = {}
+    handles = [module.register_forward_hook(
+        lambda m, a, o, key="model" + (f".{path}" if path else ""):
+        calls.__setitem__(key, calls.get(key, 0) + 1))
+        for path, module in MODEL.named_modules()]
+    try:
+        with torch.no_grad():
+            run_reference(steps, X.clone(), stop=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # the hand-written forward calls the submodules of the block and of the shared module,
+    # not the two modules themselves: they have returned where their output's site is passed
+    last = steps[-1].site
+    if last >= BLOCK_OUTPUT:
+        calls["model.block"] = 1
+    if last >= INDEX[Site("out", "input")]:
+        calls["model.shared"] = 3
+    return calls
+
+
+@_examples(40)
+@given(_steps(sites=[i for i, s in enumerate(SITES) if s.call is None], max_size=3))
+def test_a_cache_in_a_stopped_trace_holds_the_modules_that_ran_before_the_stop(steps):
+    """(was: the cache made the forward pass run to its end, every module and its side
+    effects, whatever the stop's place)"""
+    steps = [*steps, Step("save_raw", steps[-1].site)]  # (the last site is used)
+    expected = _modules_run_before_stop(steps)
+    for backend in BACKENDS:
+        with torch.no_grad(), NET.trace(X.clone(), backend=backend) as tracer:
+            cache = tracer.cache()
+            steers = _steers(steps)
+            saved, usable = [], []
+            for step in steps:
+                get, set_ = _accessors(NET, SITES[step.site])
+                apply_step(step, SITES[step.site].width, get, set_, saved, usable, steers)
+            tracer.stop()
+        got = {key: len(entry) if isinstance(entry, list) else 1
+               for key, entry in cache.items()}
+        assert got == expected, (backend, steps)
