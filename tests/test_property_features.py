@@ -276,7 +276,7 @@ def assert_identical(actual, expected, what):
         assert torch.equal(actual[1], expected[1]), (what, "output")
 
 
-@_examples(120)
+@_examples(80)
 @given(_steps())
 def test_random_programs_at_inputs_keywords_operations_and_calls(steps):
     with torch.no_grad():
@@ -595,3 +595,30 @@ def test_a_cache_in_a_stopped_trace_holds_the_modules_that_ran_before_the_stop(s
         got = {key: len(entry) if isinstance(entry, list) else 1
                for key, entry in cache.items()}
         assert got == expected, (backend, steps)
+
+
+@pytest.mark.compile
+@settings(max_examples=2, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(_grad_steps())
+def test_random_gradient_reads_and_writes_compiled(steps):
+    expected = grad_reference(steps, X.clone())
+    MODEL.zero_grad(set_to_none=True)
+    with NET.trace(X.clone(), compile=True) as tracer:
+        grads = []
+        for step in steps:
+            site = SITES[step.site]
+            get, _ = _accessors(NET, site)
+            with _Scope(tracer, site):
+                value = get()
+                if step.kind == "read":
+                    grads.append(value.grad.save())
+                elif step.kind == "scale":
+                    value.grad = value.grad * step.c
+                else:
+                    value.grad = value.grad + step.c
+        NET.output[:, 1].sum().backward()
+    MODEL.zero_grad(set_to_none=True)
+    assert len(grads) == len(expected)
+    for a, e in zip(grads, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)

@@ -124,14 +124,14 @@ def check(kind, invokes):
             torch.testing.assert_close(a[:, -n:], e, atol=ATOL, rtol=0, msg=lambda m: f"{k} {i} {m}")
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+@settings(max_examples=12, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(invoke_programs("gpt2"))
 def test_invokes_of_different_lengths_gpt2(invokes):
     check("gpt2", invokes)
 
 
-@settings(max_examples=10, deadline=None, derandomize=True, database=None,
+@settings(max_examples=6, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(invoke_programs("llama"))
 def test_invokes_of_different_lengths_llama(invokes):
@@ -187,7 +187,7 @@ def _patched(kind, source_ids, target_ids, read, write, position, backend):
     return logits
 
 
-@settings(max_examples=20, deadline=None, derandomize=True, database=None,
+@settings(max_examples=12, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(["gpt2", "llama"]), read=st.integers(0, 11),
        write=st.integers(0, 11), position=st.integers(-4, 3),
