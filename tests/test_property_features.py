@@ -622,3 +622,57 @@ def test_random_gradient_reads_and_writes_compiled(steps):
     assert len(grads) == len(expected)
     for a, e in zip(grads, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+# --- 8. one call of the module called three times skipped; reads of its other calls ---------
+def _skipped_call_reference(skipped: int, scale: float, x: torch.Tensor):
+    """Plain PyTorch: the shared module's call ``skipped`` gives its input times ``scale``;
+    the outputs of every call and of its ``lin`` in the calls that run."""
+    outputs, lins = {}, {}
+    h = MODEL.inp(x)
+    h = MODEL.block(h, 2.0, shift=torch.ones(x.shape[0], WIDTH))
+    for call in range(3):
+        if call == skipped:
+            h = h * scale
+        else:
+            lins[call] = MODEL.shared.lin(h)
+            h = torch.tanh(lins[call]) + h
+        outputs[call] = h
+    return outputs, lins, MODEL.out(h)
+
+
+@_examples(20)
+@given(skipped=st.integers(0, 2), scale=st.sampled_from(CONSTANTS),
+       reads=st.lists(st.tuples(st.sampled_from(["shared", "shared.lin", "op"]),
+                                st.integers(0, 2)), min_size=1, max_size=4))
+def test_a_skipped_call_keeps_the_other_calls_numbers(skipped, scale, reads):
+    """``with tracer.iter[s]: shared.skip(...)``, then reads of the module, its submodule and
+    its operation in the other calls, counted as in the forward: on both backends the values
+    of those calls (was: on hooks a submodule's later call "never ran": the skipped call's
+    inner calls were not counted); a read inside the skipped call is a TraceError."""
+    with torch.no_grad():
+        outputs, lins, expected_out = _skipped_call_reference(skipped, scale, X.clone())
+    for backend in BACKENDS:
+        inside = [(what, call) for what, call in reads if what != "shared" and call == skipped]
+        with torch.no_grad():
+            def run():
+                with NET.trace(X.clone(), backend=backend) as tracer:
+                    with tracer.iter[skipped]:
+                        NET.shared.skip(NET.shared.input * scale)
+                    got = []
+                    for what, call in reads:
+                        with tracer.iter[call]:
+                            envoy = {"shared": NET.shared, "shared.lin": NET.shared.lin,
+                                     "op": NET.shared.source.self_lin_0}[what]
+                            got.append(envoy.output.save())
+                    out = NET.output.save()
+                return got, out
+            if inside:
+                with pytest.raises(fxsight.TraceError, match="skipped"):
+                    run()
+                continue
+            got, out = run()
+        assert torch.equal(out, expected_out), backend
+        for (what, call), value in zip(reads, got):
+            expected = outputs[call] if what == "shared" else lins[call]
+            assert torch.equal(value, expected), (backend, what, call)
