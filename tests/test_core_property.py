@@ -75,7 +75,9 @@ def steps_strategy(n_sites: int):
                                          "add_usable_mean", "steer"]), site, c=const,
                   a=idx),
         st.builds(Step, st.sampled_from(["setslice", "imulslice", "save_row", "setcol",
-                                         "imulcol"]), site, idx, idx, const),
+                                         "imulcol", "iaddindex", "setlast",
+                                         "iaddslice_usable", "copyrow"]),
+                  site, idx, idx, const),
     )
     # sites in the order they run (stable: steps at one site keep their order)
     return st.lists(step, min_size=1, max_size=7).map(
@@ -131,6 +133,19 @@ def apply_step(step: Step, width: int, get, set_, saved: list, usable: list,
         get()[:, step.a % 2] = c
     elif kind == "imulcol":
         get()[:, -1 - step.b % 2] *= c
+    # the forms researchers write: ``out[..., idx] += v``, ``out[:, -1, :] = ...`` from
+    # another position, a slice raised by an earlier read, a row copied from another
+    elif kind == "iaddindex":
+        get()[..., step.a % width] += c
+    elif kind == "setlast":
+        get()[:, -1, ...] = get()[:, 0, ...] * c
+    elif kind == "iaddslice_usable":
+        if usable:
+            get()[..., lo:hi] += usable[step.a % len(usable)].mean()
+    elif kind == "copyrow":
+        get()[-1] = get()[0]
+    elif kind == "setcol_abs":  # (for references written by hand: ``a`` is the index)
+        get()[:, step.a] = c
     else:  # pragma: no cover
         raise AssertionError(kind)
 
@@ -271,7 +286,8 @@ def test_random_programs_llama(steps):
 def test_interpreter_covers_every_step_kind():
     """The reference interpreter itself: every step kind changes or saves something."""
     kinds = ["save_raw", "save_sum", "save_scaled", "scale", "add", "iadd",
-             "add_usable_mean", "steer", "relu", "where", "setslice", "imulslice"]
+             "add_usable_mean", "steer", "relu", "where", "setslice", "imulslice",
+             "iaddindex", "setlast", "iaddslice_usable", "copyrow"]
     plain = MLP(MLP_X)
     for kind in kinds:
         steps = [Step("save_sum", 1), Step(kind, 5, a=1, b=7, c=3.0)]

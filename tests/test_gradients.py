@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fxsight
-from fxsight import NNsight, patching
+from fxsight import NNsight, TraceError, patching
 from models import mlp, tiny_gpt2
 
 BACKENDS = ["fx", "hooks"]
@@ -794,3 +794,20 @@ def test_requires_grad_on_a_read_leaves_later_traces_alone(gpt2, backend):
     finally:
         handle.remove()
     torch.testing.assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_of_a_row_of_a_tensor_output_says_to_index_the_gradient(backend):
+    """``h[0].grad`` where ``h`` is a module's tensor output: a TraceError that says to
+    index the whole tensor's gradient (was: "use an item of it (e.g. `.output[0]`)", the
+    very line the user wrote)."""
+    net = NNsight(mlp())
+    x = torch.randn(4, 5)
+    with pytest.raises(TraceError, match=r"index it \(`h.grad\[0\]`"):
+        with net.trace(x, backend=backend):
+            net.layer1.output[0].grad.save()
+            net.output.sum().backward()
+    with net.trace(x, backend=backend):  # the rewrite
+        row = net.layer1.output.grad[0].save()
+        net.output.sum().backward()
+    assert row.shape == (10,)

@@ -489,3 +489,37 @@ def test_the_trace_calling_a_skipped_module_runs_the_module(gpt2, backend):
         logits = model.lm_head.output.save()
     torch.testing.assert_close(logits, expected_logits)
     torch.testing.assert_close(lens, expected_lens)
+
+
+class _CountingBlock(torch.nn.Module):
+    """Counts its calls in a buffer (an in-place side effect of the forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(3, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cache_does_not_carry_a_stopped_forward_past_the_stop(backend):
+    """``tracer.cache()`` then ``tracer.stop()`` after a read of the first module: the later
+    module does not run (its buffer is as before, as in the forward stopped there) and the
+    cache holds the first module only (was: the cache's reads of every module made the
+    forward pass run to its end)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), _CountingBlock())
+    x = torch.randn(2, 3)
+    expected = model[0](x)
+    net = NNsight(model)
+    with torch.no_grad(), net.trace(x, backend=backend) as tracer:
+        cache = tracer.cache()
+        first = net[0].output.save()
+        tracer.stop()
+    assert model[1].calls.item() == 0
+    assert sorted(cache.keys()) == ["model.0"]
+    assert torch.equal(cache["model.0"].output, expected.detach())
+    assert torch.equal(first, expected.detach())

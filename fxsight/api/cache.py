@@ -310,11 +310,14 @@ class CacheRequest:
                 paths.append(path)
         return paths
 
-    def record(self, program: Program, source: Any, rows: dict[Any, Any]) -> None:
+    def record(self, program: Program, source: Any, rows: dict[Any, Any],
+               before_stop: list | None = None) -> None:
         """Add a read + conversion + save per cached site (in forward order). ``source``
         (a capture or a scan) says which sites run and how their values are laid out;
         ``rows``: the invokes' rows (a module skipped for the whole batch does not run:
-        the modules inside it have no entries)."""
+        the modules inside it have no entries); ``before_stop``: in a trace with
+        ``tracer.stop()``, the nodes recorded before it (the forward pass ends after the
+        last event they use: later sites do not run and have no entries)."""
         index = source.index
         kinds = ([INPUT] if self.include_inputs else []) + \
             ([OUTPUT] if self.include_output else [])
@@ -334,6 +337,10 @@ class CacheRequest:
                 raise TraceError(at_line(
                     f"tracer.cache: {_key(missing[0])} {what} in this forward pass, so "
                     f"it cannot be cached", self.line))
+        if before_stop is not None:
+            last = max((index[n.site] for n in before_stop
+                        if n.site is not None and n.site in index), default=-1)
+            sites = [s for s in sites if index[s] <= last]
         skipped = _skipped_spans(program, index, rows)
         sites = [s for s in sites
                  if not any(start < index[s] < end for start, end in skipped)]

@@ -401,8 +401,12 @@ class Tracer(TraceMetadata):
                     f"forward pass: it would never run", late[0].line))
         if self._cache_requests:
             source = self._metadata_source(args, kwargs)
+            # a stop ends the forward pass where the lines before it are done: a cache
+            # holds what ran by then, and does not make the forward pass go on
+            before_stop = program.nodes[:self._stop_after] \
+                if self._stop_line is not None else None
             for request in self._cache_requests:
-                request.record(program, source, rows)
+                request.record(program, source, rows, before_stop)
         return args, kwargs, rows
 
     def _check_token_index(self, line: str) -> None:

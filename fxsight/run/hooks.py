@@ -95,7 +95,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
     skips = [n for n in program.nodes
              if n.skip and rows[n.invoke].whole]
     try:
-        with events.installed(), _skipping(model, skips, walker, events):
+        with events.installed(), _skipping(model, skips, walker, events, index):
             output = model(*args, **kwargs)
     except _StopForward:
         output = None
@@ -166,14 +166,16 @@ _NO_FORWARD = object()
 
 @contextlib.contextmanager
 def _skipping(model: nn.Module, skips: list[Node], walker: RealWalker,
-              events: ModuleEvents):
+              events: ModuleEvents, index: dict[Site, int]):
     """While active, each skipped module call returns its skip value instead of running.
 
     A forward pre-hook cannot skip a module in torch, so the module's ``forward`` is
     replaced by an instance attribute for the run (restored in ``finally``); its hooks
     still fire, so the skip's write and later reads happen at its output event. Calls
     that are no events (another thread's, or a module call of the Program itself, made
-    while ``events.paused``) run the module's own forward."""
+    while ``events.paused``) run the module's own forward. The calls a skipped call
+    would have made inside it are counted as made (``index``: the forward's events), so
+    that a later call of a submodule has the number it has in the forward, as on fx."""
     saved: list[tuple[nn.Module, Any]] = []
     try:
         for node in skips:
@@ -183,7 +185,8 @@ def _skipping(model: nn.Module, skips: list[Node], walker: RealWalker,
                 continue
             calls = {n.site.call: n for n in skips if n.site.path == site.path}
             saved.append((module, module.__dict__.get("forward", _NO_FORWARD)))
-            module.forward = _skipped_forward(module, site.path, calls, walker, events)
+            module.forward = _skipped_forward(module, site.path, calls, walker, events,
+                                              index)
         yield
     finally:
         for module, previous in reversed(saved):
@@ -194,7 +197,7 @@ def _skipping(model: nn.Module, skips: list[Node], walker: RealWalker,
 
 
 def _skipped_forward(module: nn.Module, path: str, calls: dict[int, Node],
-                     walker: RealWalker, events: ModuleEvents):
+                     walker: RealWalker, events: ModuleEvents, index: dict[Site, int]):
     original = module.forward
 
     def forward(*args, **kwargs):
@@ -202,9 +205,25 @@ def _skipped_forward(module: nn.Module, path: str, calls: dict[int, Node],
             return original(*args, **kwargs)
         if events.paused:  # the Program's own call of the module (``blk.mlp(x)``): runs
             return original(*args, **kwargs)
-        node = calls.get(events.calls.get(path, 0) - 1)
+        call = events.calls.get(path, 0) - 1
+        node = calls.get(call)
         if node is None:
             return original(*args, **kwargs)
+        _count_calls_inside(events, index, path, call)
         return map_nodes(node.args[0], walker.values.__getitem__)
 
     return forward
+
+
+def _count_calls_inside(events: ModuleEvents, index: dict[Site, int], path: str,
+                        call: int) -> None:
+    """Count the calls of submodules and operations that call ``call`` of the module at
+    ``path`` makes in the forward (between its input and output events), as made."""
+    start = index.get(Site(path, INPUT, call))
+    end = index.get(Site(path, OUTPUT, call))
+    if start is None or end is None:
+        return
+    prefix = f"{path}." if path else ""
+    for site, position in index.items():
+        if start < position < end and site.kind == INPUT and site.path.startswith(prefix):
+            events.calls[site.path] = events.calls.get(site.path, 0) + 1

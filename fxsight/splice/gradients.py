@@ -153,6 +153,21 @@ def leaf_index(structure: Any, accessor: str, keys: list[Any]) -> int | None:
     return picked if isinstance(picked, int) else None
 
 
+def picks_inside_a_tensor(structure: Any, accessor: str, keys: list[Any]) -> bool:
+    """Whether ``select(accessor)`` then ``[k1][k2]...`` indexes into one of the site's
+    tensors (a row, a slice) rather than picking a whole tensor of its value."""
+    flat, spec = pytree.tree_flatten(structure)
+    try:
+        picked = select(pytree.tree_unflatten(list(range(len(flat))), spec), accessor)
+        for key in keys:
+            if isinstance(picked, int):
+                return True
+            picked = getattr(picked, key) if type(key) is Field else picked[key]
+    except (TypeError, IndexError, KeyError, AttributeError):
+        return False
+    return False
+
+
 def tap_key(site: Site, leaf: int, version: int = 0) -> str:
     """The key a grad tap reports under: the site's leaf, and after ``version`` changes
     of the site's value (whole writes, in-place changes), that version of it."""

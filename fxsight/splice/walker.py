@@ -27,7 +27,8 @@ from ..record.program import (Kind, Node, Program, draws_random, map_nodes, node
 from .rows import Rows, conform, narrow_rows, splice_rows
 from ..capture.caches import CacheRef, is_cache, rows_of
 from .shared_memory import SharedMemory, memory_of, read_root
-from .gradients import backward_phase, grad_tap, grad_target, leaf_index, tap_key
+from .gradients import (backward_phase, grad_tap, grad_target, leaf_index,
+                        picks_inside_a_tensor, tap_key)
 from ..record.sites import Site, is_operation, module_label
 
 BEFORE_ALL = -1
@@ -144,6 +145,11 @@ class Walker:
             if read.site != site or read in self.values:
                 continue
             leaf = leaf_index(value, read.accessor, keys)
+            if leaf is None and picks_inside_a_tensor(value, read.accessor, keys):
+                raise TraceError(at_line(
+                    f".grad of a part of a tensor of {site.label} (an index or a slice "
+                    f"of it) is not supported: take the gradient of the whole tensor and "
+                    f"index it (`h.grad[0]` for `h[0].grad`)", node.line))
             if leaf is None:
                 raise TraceError(at_line(
                     f".grad needs a single tensor of {site.label}; use an item of it "
