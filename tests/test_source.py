@@ -1179,3 +1179,49 @@ def test_a_model_file_edited_after_import_is_refused(tmp_path):
                 net.source.torch_relu_0.output.save()
                 out = net.output.save()
             assert torch.equal(out, module(x))  # (what it got before: the edited forward's)
+
+
+def _relu_of(x):
+    return torch.relu(x)
+
+
+def _tanh_of(x):
+    return torch.tanh(x)
+
+
+class _TwoFunctions(torch.nn.Module):
+    def forward(self, x):
+        for f in (_relu_of, _tanh_of):
+            x = f(x)
+        return x
+
+
+class _OneFunctionTwice(torch.nn.Module):
+    def forward(self, x):
+        for f in (_tanh_of, _tanh_of):
+            x = f(x)
+        return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_source_of_an_operation_calling_different_functions(backend):
+    """An operation whose calls call different functions has no one ``.source``: an error
+    naming both (was: it listed the last call's function, ``_tanh_of``'s operations, while
+    call 0, the default, ran ``_relu_of``)."""
+    net = NNsight(_TwoFunctions())
+    x = torch.randn(2, 3)
+    with pytest.raises(TraceError, match=r"_relu_of\(\) and _tanh_of\(\)"):
+        with net.trace(x, backend=backend):
+            net.source.f_0.source
+    with pytest.raises(TraceError, match=r"_relu_of\(\) and _tanh_of\(\)"):
+        net.source.f_0.source  # (outside a trace: the last trace's)
+    # the same function at every call: its operations, read at each call
+    net = NNsight(_OneFunctionTwice())
+    with net.trace(x, backend=backend) as tracer:
+        inner = net.source.f_0.source
+        first = inner.torch_tanh_0.output.save()
+        with tracer.iter[1]:
+            second = inner.torch_tanh_0.output.save()
+    assert inner.operations == ["torch_tanh_0"]
+    assert torch.equal(first, torch.tanh(x))
+    assert torch.equal(second, torch.tanh(torch.tanh(x)))

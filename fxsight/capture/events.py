@@ -61,7 +61,8 @@ class ModuleEvents:
         self.copy_back = copy_back
         # the operations spec (see ``capture.operations``): calls inside forwards that are
         # events too, sites ``<module>.source.<op>``; ``callees``: op path -> the function
-        # it called (the last call), or an ``ops.Opaque`` (a module, a builtin)
+        # it called, an ``ops.Opaque`` (a module, a builtin), or an ``ops.Differing`` where
+        # its calls called different functions
         self.operations = operations
         self.callees: dict[str, Any] = {}
         self.calls: dict[str, int] = {}
@@ -122,7 +123,8 @@ class ModuleEvents:
 
             def call(*args, **kwargs):
                 target = fn
-                self.callees[path] = ops.callee(fn)  # (for ``.source`` of it)
+                self.callees[path] = ops.merged_callee(  # (for ``.source`` of it)
+                    self.callees.get(path), ops.callee(fn))
                 if inner is not None:
                     target = self._instrumented_callee(fn, path, inner)
                 if not emit:

@@ -408,6 +408,32 @@ class Opaque:
     module: Any = None  # weakref.ref to the module called, else None
 
 
+@dataclass(frozen=True)
+class Differing:
+    """What ``.source`` of an operation shows where its calls called different functions
+    (``for f in (a, b): x = f(x)``): nothing, an error naming both (``first`` and
+    ``other``, as :func:`callee` gives them)."""
+
+    first: Any
+    other: Any
+
+
+def same_callee(a: Any, b: Any) -> bool:
+    """Whether two :func:`callee` values are the same function (a closure's copies, made
+    per call, by their code)."""
+    if inspect.isfunction(a) and inspect.isfunction(b):
+        return a is b or a.__code__ is b.__code__
+    return a == b
+
+
+def merged_callee(known: Any, called: Any) -> Any:
+    """What an operation that called ``known`` before and ``called`` now shows: ``known``
+    where they are the same function, else a :class:`Differing`."""
+    if known is None or isinstance(known, Differing) or same_callee(known, called):
+        return called if known is None else known
+    return Differing(known, called)
+
+
 def callee(fn: Any) -> Any:
     """What ``.source`` of an operation calling ``fn`` shows: its plain function, else an
     :class:`Opaque` (keeps no module, no tensor alive)."""
