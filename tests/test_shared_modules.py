@@ -125,3 +125,38 @@ def test_a_path_follows_the_model_when_the_first_path_gets_another_module(backen
     _, seen_a = _with_hook(model, model.a, None, None, x)
     torch.testing.assert_close(read_b, seen_b[0])
     torch.testing.assert_close(read_a, seen_a[0])
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_an_envoy_follows_its_module_registered_at_an_earlier_path_since(backend):
+    """``model.b``'s envoy, reached while ``b`` was its module's only path, reads the module's
+    calls after ``model.a = model.b`` (its first path now ``a``), as a forward hook on it
+    sees them (was: "model.b has no output call #0 ... the module never runs", the envoy
+    keeping the path ``b`` the events no longer use)."""
+    torch.manual_seed(0)
+    model = _TwoLinears().eval()
+    nm = NNsight(model)
+    x = torch.randn(2, 4)
+    with torch.no_grad(), nm.trace(x, backend=backend):
+        nm.b.output.save()
+    model.a = model.b
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (said: another test)
+        with torch.no_grad(), nm.trace(x, backend=backend) as tracer:
+            first = nm.b.output.save()
+            with tracer.iter[1]:
+                nm.b.output = nm.b.output * 2
+            out = nm.output.save()
+    expected, seen = _with_hook(model, model.b, 1, lambda o: o * 2, x)
+    torch.testing.assert_close(first, seen[0])
+    torch.testing.assert_close(out, expected)
