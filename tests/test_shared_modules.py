@@ -160,3 +160,27 @@ def test_an_envoy_follows_its_module_registered_at_an_earlier_path_since(backend
     expected, seen = _with_hook(model, model.b, 1, lambda o: o * 2, x)
     torch.testing.assert_close(first, seen[0])
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_the_cache_is_reachable_by_every_path(backend):
+    """``tracer.cache()`` holds a shared module's calls under its first path, reachable by
+    every path, by key and by attribute (was: ``cache["model.b"]`` a KeyError,
+    ``cache.model.h[1]`` an IndexError)."""
+    model = _model()
+    nm = NNsight(model)
+    x = torch.randn(2, 4)
+    with torch.no_grad(), nm.trace(x, backend=backend) as tracer:
+        cache = tracer.cache()
+    for path in ("a", "b", "h.0", "h.1", "h.0.proj", "h.1.proj"):
+        _, seen = _with_hook(model, model.get_submodule(path), None, None, x)
+        by_key = [entry.output for entry in cache[f"model.{path}"]]
+        view = cache.model
+        for part in path.split("."):
+            view = view[int(part)] if part.isdigit() else getattr(view, part)
+        assert len(by_key) == len(seen) == 2, path
+        for got, expected, also in zip(by_key, seen, view.output):
+            torch.testing.assert_close(got, expected)
+            torch.testing.assert_close(also, expected)
+    assert sorted(cache.keys()) == ["model", "model.a", "model.h.0", "model.h.0.proj"]
+    assert {"model.b", "model.h.1", "model.h.1.proj"} <= set(cache.keys(alias=True))
