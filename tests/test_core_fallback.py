@@ -254,3 +254,59 @@ def test_a_module_called_in_a_no_grad_block_of_a_forward(grad, reference_hooks):
                            match=r"(?s)1\.backbone\.output.*no_grad.*test_core_fallback"):
             with net.trace(x, backend="fx"):
                 net[1].backbone.output.save()
+
+
+class _Scaled(torch.nn.Module):
+    def forward(self, x, scale):
+        return x * scale
+
+
+class _CallsWithPythonValues(torch.nn.Module):
+    """``torch.pow(x, 2.0)`` and ``self.scaled(x, 3.0)``: Python values the captured graph
+    holds as constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.scaled = _Scaled()
+
+    def forward(self, x):
+        return self.scaled(torch.pow(x, 2.0) + 1, 3.0)
+
+
+@pytest.mark.parametrize("site", ["operation", "module"])
+def test_an_inputs_write_keeping_a_python_value(site):
+    """Writing ``.inputs`` with the Python value the model passes runs on the fx backend,
+    as on hooks (was: ``NotOnGraph (2.0 -> 2.0)``, naming ``.input``). The graph holds the
+    value as a constant: a later trace of the same lines writing another value is refused
+    on the fx backend (its cached graph would keep the old one) and runs on hooks under
+    ``"auto"``, with the value written."""
+    torch.manual_seed(0)
+    net = NNsight(_CallsWithPythonValues())
+    x = torch.randn(2, 3)
+    kept = 2.0 if site == "operation" else 3.0
+
+    def run(value, backend):
+        with net.trace(x, backend=backend) as tracer:
+            envoy = net.source.torch_pow_0 if site == "operation" else net.scaled
+            t = envoy.inputs[0][0]
+            envoy.inputs = ((t * 2, value), {})
+            out = net.output.save()
+        return out, tracer.backend
+
+    def expected(value):
+        if site == "operation":
+            return (torch.pow(2 * x, value) + 1) * 3.0
+        return (torch.pow(x, 2.0) + 1) * 2 * value
+
+    for backend in ("fx", "hooks"):
+        out, used = run(kept, backend)
+        assert used == backend and torch.equal(out, expected(kept))
+    label = "model.source.torch_pow_0" if site == "operation" else "model.scaled"
+    with pytest.raises(fxsight.errors.NotOnGraph,
+                       match=rf"{label}\.inputs sets a Python value .*\({kept!r} -> 5\.0\)"):
+        run(5.0, "fx")
+    with pytest.warns(RuntimeWarning, match="hooks backend"):
+        out, used = run(5.0, None)
+    assert used == "hooks" and torch.equal(out, expected(5.0))
+    out, used = run(kept, None)  # (the same value again: the fx graph)
+    assert used == "fx" and torch.equal(out, expected(kept))

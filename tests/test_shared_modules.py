@@ -125,3 +125,62 @@ def test_a_path_follows_the_model_when_the_first_path_gets_another_module(backen
     _, seen_a = _with_hook(model, model.a, None, None, x)
     torch.testing.assert_close(read_b, seen_b[0])
     torch.testing.assert_close(read_a, seen_a[0])
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_an_envoy_follows_its_module_registered_at_an_earlier_path_since(backend):
+    """``model.b``'s envoy, reached while ``b`` was its module's only path, reads the module's
+    calls after ``model.a = model.b`` (its first path now ``a``), as a forward hook on it
+    sees them (was: "model.b has no output call #0 ... the module never runs", the envoy
+    keeping the path ``b`` the events no longer use)."""
+    torch.manual_seed(0)
+    model = _TwoLinears().eval()
+    nm = NNsight(model)
+    x = torch.randn(2, 4)
+    with torch.no_grad(), nm.trace(x, backend=backend):
+        nm.b.output.save()
+    model.a = model.b
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (said: another test)
+        with torch.no_grad(), nm.trace(x, backend=backend) as tracer:
+            first = nm.b.output.save()
+            with tracer.iter[1]:
+                nm.b.output = nm.b.output * 2
+            out = nm.output.save()
+    expected, seen = _with_hook(model, model.b, 1, lambda o: o * 2, x)
+    torch.testing.assert_close(first, seen[0])
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_the_cache_is_reachable_by_every_path(backend):
+    """``tracer.cache()`` holds a shared module's calls under its first path, reachable by
+    every path, by key and by attribute (was: ``cache["model.b"]`` a KeyError,
+    ``cache.model.h[1]`` an IndexError)."""
+    model = _model()
+    nm = NNsight(model)
+    x = torch.randn(2, 4)
+    with torch.no_grad(), nm.trace(x, backend=backend) as tracer:
+        cache = tracer.cache()
+    for path in ("a", "b", "h.0", "h.1", "h.0.proj", "h.1.proj"):
+        _, seen = _with_hook(model, model.get_submodule(path), None, None, x)
+        by_key = [entry.output for entry in cache[f"model.{path}"]]
+        view = cache.model
+        for part in path.split("."):
+            view = view[int(part)] if part.isdigit() else getattr(view, part)
+        assert len(by_key) == len(seen) == 2, path
+        for got, expected, also in zip(by_key, seen, view.output):
+            torch.testing.assert_close(got, expected)
+            torch.testing.assert_close(also, expected)
+    assert sorted(cache.keys()) == ["model", "model.a", "model.h.0", "model.h.0.proj"]
+    assert {"model.b", "model.h.1", "model.h.1.proj"} <= set(cache.keys(alias=True))

@@ -1097,6 +1097,53 @@ def test_source_of_a_function_defined_inside_the_forward(backend):
     assert torch.equal(out, torch.full((2, 3), 3.0))
 
 
+class _WithClosureAfterACall(torch.nn.Module):
+    def forward(self, x):
+        x = torch.tanh(x)
+
+        def inner(t):  # (its torch_tanh_0 is the forward's torch_tanh_1)
+            return torch.tanh(t) + 1
+        return inner(x) * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_closures_operation_read_by_both_names(backend):
+    """A call in a function the forward defines is an operation of both, read by either
+    name in one trace (was: reading the forward's name beside the closure's raised "has no
+    output call #0", the closure's instrumented copy no longer calling the forward's
+    dispatcher)."""
+    torch.manual_seed(0)
+    module = _WithClosure()
+    net = NNsight(module)
+    x = torch.randn(2, 3)
+    with net.trace(x, backend=backend):
+        outer = net.source.torch_tanh_0.output.save()
+        inner = net.source.inner_0.source.torch_tanh_0.output.save()
+        out = net.output.save()
+    expected = torch.tanh(module.fc(x))
+    assert torch.equal(outer, expected) and torch.equal(inner, expected)
+    assert torch.equal(out, expected * 3.0)
+    with net.trace(x, backend=backend):
+        outer = net.source.torch_tanh_0.output.save()
+        net.source.inner_0.source.torch_tanh_0.output = outer * 0 + 1
+        out = net.output.save()
+    assert torch.equal(out, torch.full((2, 3), 3.0))
+    # names that differ: the closure's torch_tanh_0 is the forward's torch_tanh_1
+    net = NNsight(_WithClosureAfterACall())
+    with net.trace(x, backend=backend):
+        first = net.source.torch_tanh_0.output.save()
+        second = net.source.torch_tanh_1.output.save()
+        inner = net.source.inner_0.source.torch_tanh_0.output.save()
+        net.source.torch_tanh_1.output = second * 0
+        out = net.output.save()
+    assert torch.equal(first, torch.tanh(x))
+    assert torch.equal(second, torch.tanh(torch.tanh(x)))
+    # (the closure's name is the outer of the two: its output is the call's after the
+    # forward's name's write)
+    assert torch.equal(inner, torch.zeros_like(second))
+    assert torch.equal(out, torch.full((2, 3), 2.0))
+
+
 def test_an_operation_calling_a_closure_keeps_nothing_alive():
     """What ``.source`` shows of a closure the forward defines is its code: the caches keep
     neither its variables (the trace's tensors) nor, through the instrumented forward's
@@ -1179,3 +1226,49 @@ def test_a_model_file_edited_after_import_is_refused(tmp_path):
                 net.source.torch_relu_0.output.save()
                 out = net.output.save()
             assert torch.equal(out, module(x))  # (what it got before: the edited forward's)
+
+
+def _relu_of(x):
+    return torch.relu(x)
+
+
+def _tanh_of(x):
+    return torch.tanh(x)
+
+
+class _TwoFunctions(torch.nn.Module):
+    def forward(self, x):
+        for f in (_relu_of, _tanh_of):
+            x = f(x)
+        return x
+
+
+class _OneFunctionTwice(torch.nn.Module):
+    def forward(self, x):
+        for f in (_tanh_of, _tanh_of):
+            x = f(x)
+        return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_source_of_an_operation_calling_different_functions(backend):
+    """An operation whose calls call different functions has no one ``.source``: an error
+    naming both (was: it listed the last call's function, ``_tanh_of``'s operations, while
+    call 0, the default, ran ``_relu_of``)."""
+    net = NNsight(_TwoFunctions())
+    x = torch.randn(2, 3)
+    with pytest.raises(TraceError, match=r"_relu_of\(\) and _tanh_of\(\)"):
+        with net.trace(x, backend=backend):
+            net.source.f_0.source
+    with pytest.raises(TraceError, match=r"_relu_of\(\) and _tanh_of\(\)"):
+        net.source.f_0.source  # (outside a trace: the last trace's)
+    # the same function at every call: its operations, read at each call
+    net = NNsight(_OneFunctionTwice())
+    with net.trace(x, backend=backend) as tracer:
+        inner = net.source.f_0.source
+        first = inner.torch_tanh_0.output.save()
+        with tracer.iter[1]:
+            second = inner.torch_tanh_0.output.save()
+    assert inner.operations == ["torch_tanh_0"]
+    assert torch.equal(first, torch.tanh(x))
+    assert torch.equal(second, torch.tanh(torch.tanh(x)))

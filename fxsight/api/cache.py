@@ -25,6 +25,7 @@ from ..errors import TraceError, at_line, user_line
 from ..record.program import Program
 from ..record.scope import Scope
 from ..record.sites import INPUT, OUTPUT, Site, is_operation
+from ..capture.events import module_paths
 from ..capture.operations import split_path
 from .envoy import Envoy
 from .source import OperationEnvoy
@@ -76,8 +77,9 @@ class CacheDict(dict):
     ``cache.model.transformer.h[0].output`` (also ``.inputs``, ``.input``).
 
     A navigated value (``cache.model.transformer.h``) is a CacheDict too, holding the
-    entries under that path. Keys are real module paths; ``keys(alias=True)`` lists the
-    renamed ones.
+    entries under that path. Keys are real module paths (a module registered at several
+    paths under its first); ``keys(alias=True)`` lists the other names they are reachable
+    by: the renamed ones, and the other paths of such a module.
     """
 
     def __init__(self, data: Any = (), path: str = "", alias: dict[str, str] | None = None,
@@ -101,6 +103,22 @@ class CacheDict(dict):
     def _add(self, key: str, entry: Any) -> None:
         dict.__setitem__(self, key, entry)
         self._add_alias_path(key)
+
+    def _add_shared_paths(self, first_paths: dict[str, str]) -> None:
+        """Make the entries of a module registered at several paths (``self.b = self.a``)
+        reachable by each of them: ``first_paths`` maps each other path (``h.1``) to the
+        module's first path (``h.0``), whose keys hold its calls; the entries under it
+        (its submodules, its operations) are reachable under the other path too."""
+        for other, first in first_paths.items():
+            first_key, other_key = _key(first), _key(other)
+            for key in list(dict.keys(self)):
+                if key == first_key or key.startswith(first_key + "."):
+                    shared = other_key + key[len(first_key):]
+                    if not dict.__contains__(self, shared):
+                        self._alias_paths.setdefault(shared, key)
+                        aliased = _apply_renames(shared, self._rename)
+                        if aliased != shared:
+                            self._alias_paths.setdefault(aliased, key)
 
     # --- lookup ---------------------------------------------------------------------------
     def _real(self, name: str) -> str | None:
@@ -272,6 +290,7 @@ class CacheRequest:
         # the wrapper's rename= names keys too (the call's own rename=/alias= on top)
         self.cache = CacheDict(rename={**getattr(model, "_rename", {}), **(rename or {})},
                                alias=alias)
+        self.module = model._module  # (its other paths of shared modules, after the run)
         # (site, node, layout of the value, whether it is converted after the run)
         self.nodes: list[tuple[Site, Any, Any, bool]] = []
 
@@ -384,6 +403,16 @@ class CacheRequest:
         for path, calls in entries.items():
             ordered = [calls[c] for c in sorted(calls)]
             self.cache._add(_key(path), ordered[0] if len(ordered) == 1 else ordered)
+        self.cache._add_shared_paths(_other_paths(self.module))
+
+
+def _other_paths(model: torch.nn.Module) -> dict[str, str]:
+    """Each path of a module registered at several paths but its first -> its first path
+    (the one its events, and so its cache entries, use)."""
+    first = module_paths(model)
+    return {path: first[module]
+            for path, module in model.named_modules(remove_duplicate=False)
+            if first[module] != path}
 
 
 def _skipped_spans(program: Program, index: dict[Site, int],

@@ -55,14 +55,18 @@ class Envoy:
         base = self._natural or self._path
         natural = f"{base}.{name}" if base else name
         child = children.get(name)
-        # (a child reached by another path than its sites': that path may name another
-        # module since, after ``model.a = new`` with ``model.b`` the old ``a``)
-        if child is None or child._module is not module or (  # replaced?
-                child._natural is not None and
-                self._root._canonical(module, natural) != child._path):
+        # (the path its sites use may have changed since: ``model.a = new`` with
+        # ``model.b`` the old ``a``, or ``model.a = model.b`` registering it earlier)
+        if child is None or child._module is not module or \
+                self._root._canonical(module, natural) != child._path:
             child = children[name] = Envoy(module, self._root._canonical(module, natural),
                                            self._root, natural)
         return child
+
+    def _forget_paths(self) -> None:
+        """Have the next envoy reached find its module's first path anew (at a trace's
+        start: the model's modules may have been registered elsewhere since)."""
+        object.__setattr__(self, "_paths", None)
 
     def _canonical(self, module: torch.nn.Module, path: str) -> str:
         """The path sites use for ``module``: a module registered under several names
@@ -85,7 +89,9 @@ class Envoy:
         if submodule is not None:
             child = self._children.get(name)  # (the common case inline: no call)
             if child is not None and child._module is submodule and child._natural is None:
-                return child
+                paths = self._root._paths
+                if paths is not None and paths.get(submodule) == child._path:
+                    return child
             return self._child(name, submodule)
         aliased = self._aliased(name)
         if aliased is not None:

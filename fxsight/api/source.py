@@ -18,8 +18,8 @@ import difflib
 import weakref
 from typing import Any, Callable
 
-from ..capture.operations import (SOURCE, Opaque, Parsed, SourceError, describe, forward_slot,
-                                  parse)
+from ..capture.operations import (SOURCE, Differing, Opaque, Parsed, SourceError, describe,
+                                  forward_slot, parse)
 from ..errors import TraceError, at_line, user_line
 from ..record.active import current_tracer
 from ..record.proxy import Proxy
@@ -189,6 +189,13 @@ class OperationEnvoy:
                 f"{self.label} is not called in this forward pass (its line is not "
                 f"reached with these inputs)", user_line()))
         called = callees[self._path]
+        if isinstance(called, Differing):
+            raise TraceError(at_line(
+                f"{self.label} calls different functions in different calls "
+                f"({_name_of(called.first)} and {_name_of(called.other)} in one forward "
+                f"pass): its .source cannot show one function for all of its calls; read "
+                f"the operations of each function where it is called on a line of its own, "
+                f"or read {self.label}.output", user_line()))
         if isinstance(called, Opaque):
             raise TraceError(at_line(_no_source(self.label, called, root), user_line()))
         return SourceEnvoy(root, called, f"{self._path}.{SOURCE}", self.label)
@@ -232,6 +239,11 @@ _NNSIGHT_METHODS = {
     "iter": "nnsight's `op.iter[...]` is written with the tracer: `with tracer.iter[1:3]: "
             "...` (or `for i in tracer.iter[1:3]:`)",
 }
+
+
+def _name_of(called: Any) -> str:
+    """A callee as users read it (``a()``, ``Linear``, ``relu()``)."""
+    return called.name if isinstance(called, Opaque) else describe(called)
 
 
 def _no_source(label: str, called: Opaque, root: Any) -> str:

@@ -101,6 +101,7 @@ class Tracer(TraceMetadata):
         if self._state != "new":
             raise TraceError("a tracer can be entered once")
         self._state = "recording"
+        self.model._forget_paths()  # (modules registered elsewhere since the last trace)
         if self._args or _holds_tensor(self._kwargs):
             try:  # (bad input raises here, before the tracer is open)
                 self._implicit = self._add_invoke(self._args, dict(self._kwargs))

@@ -37,6 +37,18 @@ def _replaced(before: Any, after: Any) -> list:
 
 
 _ABSENT = object()  # (an instance attribute that was not there)
+_CALLED = "__fxsight_called__"  # (attribute of a dispatcher's wrapper: the function it calls)
+
+
+def _within(enclosing: Any, dispatch: Any, names: dict[str, str]) -> Any:
+    """The dispatcher of a function defined inside an instrumented one: each call is an
+    operation of both (``inner_0.source.torch_tanh_0`` and the enclosing function's
+    ``torch_tanh_0``), ``dispatch``'s events around ``enclosing``'s."""
+    def both(fn, name):
+        outer = names.get(name)
+        return dispatch(fn if outer is None else enclosing(fn, outer), name)
+    both.instrumenting = dispatch.instrumenting
+    return both
 
 
 class ModuleEvents:
@@ -61,7 +73,8 @@ class ModuleEvents:
         self.copy_back = copy_back
         # the operations spec (see ``capture.operations``): calls inside forwards that are
         # events too, sites ``<module>.source.<op>``; ``callees``: op path -> the function
-        # it called (the last call), or an ``ops.Opaque`` (a module, a builtin)
+        # it called, an ``ops.Opaque`` (a module, a builtin), or an ``ops.Differing`` where
+        # its calls called different functions
         self.operations = operations
         self.callees: dict[str, Any] = {}
         self.calls: dict[str, int] = {}
@@ -84,8 +97,9 @@ class ModuleEvents:
                     if tree is None or slot is None:
                         continue  # (a forward of the instance's own is not instrumented)
                     prefix = f"{path}.{ops.SOURCE}" if path else ops.SOURCE
-                    function = ops.instrumented(ops.module_forward(module),
-                                                self._dispatcher(prefix, tree))
+                    forward = ops.module_forward(module)
+                    function = ops.instrumented(forward,
+                                                self._dispatcher(prefix, tree, forward))
                     forwards.append((module, slot, vars(module).get(slot, _ABSENT)))
                     vars(module)[slot] = types.MethodType(function, module)
             for module, path in module_paths(self.model).items():
@@ -106,14 +120,15 @@ class ModuleEvents:
                     else:  # (accelerate's ``_old_forward``, put back)
                         vars(module)[slot] = before
 
-    def _dispatcher(self, prefix: str, tree: dict) -> Any:
-        """The ``__fxsight_op__`` of a function instrumented under ``prefix``
+    def _dispatcher(self, prefix: str, tree: dict, function: Any) -> Any:
+        """The ``__fxsight_op__`` of ``function`` instrumented under ``prefix``
         (``h.0.attn.source``): each call ``fn(...)`` named ``name`` becomes the events
         ``<prefix>.<name>`` input and output, around ``fn`` (instrumented itself where
         ``tree`` asks for its operations)."""
         def dispatch(fn, name):
             if self.paused or threading.get_ident() != self.thread:
                 return fn
+            called = getattr(fn, _CALLED, fn)  # (an enclosing function's op wraps it)
             path = f"{prefix}.{name}"
             inner = tree.get(name)
             emit = self.only is None or path in self.only
@@ -122,8 +137,14 @@ class ModuleEvents:
 
             def call(*args, **kwargs):
                 target = fn
-                self.callees[path] = ops.callee(fn)  # (for ``.source`` of it)
+                self.callees[path] = ops.merged_callee(  # (for ``.source`` of it)
+                    self.callees.get(path), ops.callee(called))
                 if inner is not None:
+                    if called is not fn:
+                        raise ops.SourceError(
+                            f"{path} is also an operation of the function that defines "
+                            f"its function, read there in this trace too: the operations "
+                            f"of what it calls can be read through one of them only")
                     target = self._instrumented_callee(fn, path, inner)
                 if not emit:
                     return target(*args, **kwargs)
@@ -144,7 +165,9 @@ class ModuleEvents:
                 self.order.append(site)
                 new = self.on_event(site, output)
                 return output if new is None else new
+            setattr(call, _CALLED, called)
             return call
+        dispatch.instrumenting = ops.innermost(function)
         return dispatch
 
     def _instrumented_callee(self, fn: Any, path: str, tree: dict) -> Any:
@@ -152,7 +175,11 @@ class ModuleEvents:
             raise ops.SourceError(
                 f"{path} calls a module ({type(fn).__name__}): reach its operations "
                 f"through the module's own envoy (model.<its path>.source)")
-        dispatch = self._dispatcher(f"{path}.{ops.SOURCE}", tree)
+        dispatch = self._dispatcher(f"{path}.{ops.SOURCE}", tree, fn)
+        enclosing = ops.enclosing_dispatch(fn)
+        if enclosing is not None:  # (its calls are sites of the enclosing function's too)
+            dispatch = _within(enclosing, dispatch, ops.enclosing_names(
+                enclosing.instrumenting, fn))
         owner = getattr(fn, "__self__", None)
         function = ops.instrumented(getattr(fn, "__func__", fn), dispatch)
         return types.MethodType(function, owner) if owner is not None and \

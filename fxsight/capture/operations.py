@@ -64,6 +64,9 @@ class Parsed:
     operations: dict[str, int]  # name -> index in ``lines``, in naming order
     factory: Callable  # factory(dispatch, *closure values) -> instrumented function
     decorators: list[tuple[str, Any]]  # (source, code) of each decorator, outermost first
+    # name -> (line, column) of the call in its file: the same call of a function defined
+    # inside another one has a name in each (see :func:`enclosing_names`)
+    positions: dict[str, tuple[int, int]] = None
 
     @property
     def function(self) -> Callable:
@@ -81,6 +84,7 @@ class _Namer(ast.NodeTransformer):
     def __init__(self):
         self.counts: dict[str, int] = defaultdict(int)
         self.operations: dict[str, int] = {}
+        self.positions: dict[str, tuple[int, int]] = {}  # (line, column in the parsed text)
         self.start: int | None = None
         self.decorators: list[ast.expr] = []
 
@@ -122,6 +126,7 @@ class _Namer(ast.NodeTransformer):
         self.counts[base] = index + 1
         name = f"{base}_{index}"
         self.operations[name] = node.lineno - 1
+        self.positions[name] = (node.lineno, node.col_offset)
         return ast.Call(
             func=ast.Call(func=ast.Name(id=DISPATCH, ctx=ast.Load()),
                           args=[node.func, ast.Constant(value=name)], keywords=[]),
@@ -155,7 +160,7 @@ def parse(function: Any) -> Parsed:
     except (OSError, TypeError) as error:
         raise SourceError(f"the source of {_describe(function)} is not available "
                           f"({error})") from None
-    lines, tree = _parsed_lines(raw, function)
+    lines, tree, margin = _parsed_lines(raw, function)
     definition = tree.body[0]
     if not isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)):
         raise SourceError(f"the source of {_describe(function)} is not a def statement")
@@ -182,7 +187,9 @@ def parse(function: Any) -> Parsed:
                   for d in namer.decorators] if inner is not getattr(
                       function, "__func__", function) else []
     parsed = Parsed(weakref.ref(inner), inner.__qualname__, filename, first + def_index, lines, def_index,
-                    namer.operations, namespace["__fxsight_factory__"], decorators)
+                    namer.operations, namespace["__fxsight_factory__"], decorators,
+                    {name: (first - 1 + line, margin + column)
+                     for name, (line, column) in namer.positions.items()})
     _PARSED[inner] = parsed
     linecache.getlines(filename)  # (keep the file's lines for tracebacks)
     return parsed
@@ -333,14 +340,17 @@ def _free_variables(function: Callable) -> list[str]:
     return [name for name in function.__code__.co_freevars if name != DISPATCH]
 
 
-def _parsed_lines(raw: list[str], function: Any) -> tuple[list[str], ast.Module]:
+def _parsed_lines(raw: list[str], function: Any) -> tuple[list[str], ast.Module, int]:
     """The dedented lines of a function's source and their syntax tree (line 1: its first
     line). A method whose body holds a string with lines at a smaller indent than its
     ``def`` (a multi-line string literal) cannot be dedented as a whole: it is parsed as
-    the body of an ``if`` block, its lines shown without the ``def``'s indent."""
+    the body of an ``if`` block, its lines shown without the ``def``'s indent. The third
+    value is the columns the parsed text lacks at the left of the file's lines."""
     text = textwrap.dedent("".join(raw))
+    first, dedented = raw[0], text.splitlines()[0] if text else ""
+    margin = (len(first) - len(first.lstrip())) - (len(dedented) - len(dedented.lstrip()))
     try:
-        return text.splitlines(), ast.parse(text)
+        return text.splitlines(), ast.parse(text), margin
     except SyntaxError:
         pass
     first = raw[0]
@@ -356,7 +366,7 @@ def _parsed_lines(raw: list[str], function: Any) -> tuple[list[str], ast.Module]
     ast.increment_lineno(tree, -1)
     lines = [line[len(indent):] if line.startswith(indent) else line
              for line in "".join(raw).splitlines()]
-    return lines, tree
+    return lines, tree, 0
 
 
 # decorators that only change documentation: not applied again (they need the class)
@@ -406,6 +416,52 @@ class Opaque:
 
     name: str  # the builtin's name (``relu()``), or the module's class name
     module: Any = None  # weakref.ref to the module called, else None
+
+
+def enclosing_dispatch(function: Any) -> Any:
+    """The dispatcher of the instrumented function that defined ``function`` (a function
+    defined inside an instrumented forward: its calls are operations of that forward
+    too), else ``None``."""
+    inner = getattr(function, "__func__", function)
+    names = getattr(getattr(inner, "__code__", None), "co_freevars", ())
+    if DISPATCH not in names:
+        return None
+    return inner.__closure__[names.index(DISPATCH)].cell_contents
+
+
+def enclosing_names(outer: Any, inner: Any) -> dict[str, str]:
+    """``inner``'s operation names -> the names the same calls have in ``outer``'s source,
+    the function whose body defines ``inner`` (``torch_tanh_0`` of a closure can be
+    ``torch_tanh_1`` of the forward that defines it)."""
+    outer_names = {position: name for name, position in parse(outer).positions.items()}
+    return {name: outer_names[position] for name, position in parse(inner).positions.items()
+            if position in outer_names}
+
+
+@dataclass(frozen=True)
+class Differing:
+    """What ``.source`` of an operation shows where its calls called different functions
+    (``for f in (a, b): x = f(x)``): nothing, an error naming both (``first`` and
+    ``other``, as :func:`callee` gives them)."""
+
+    first: Any
+    other: Any
+
+
+def same_callee(a: Any, b: Any) -> bool:
+    """Whether two :func:`callee` values are the same function (a closure's copies, made
+    per call, by their code)."""
+    if inspect.isfunction(a) and inspect.isfunction(b):
+        return a is b or a.__code__ is b.__code__
+    return a == b
+
+
+def merged_callee(known: Any, called: Any) -> Any:
+    """What an operation that called ``known`` before and ``called`` now shows: ``known``
+    where they are the same function, else a :class:`Differing`."""
+    if known is None or isinstance(known, Differing) or same_callee(known, called):
+        return called if known is None else known
+    return Differing(known, called)
 
 
 def callee(fn: Any) -> Any:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from ..stats import bump
-from ..errors import user_stacklevel
+from ..errors import NotOnGraph, user_stacklevel
 from .._torch import compile_backend, pytree, without_duck_shaping
 from ..record.program import INPUT_PART, Program
 from ..splice.indices import Validated, blind, candidates, tensor_indices
@@ -363,6 +363,10 @@ class Runner:
         new objects: a decoding step's cache, built inside the graph from its tensors, is
         the one ``generate`` holds)."""
         executable = self.executable
+        refused = executable.spliced.refused(flat_inputs) if executable.spliced.pinned \
+            else None
+        if refused is not None:  # (nothing has run)
+            raise NotOnGraph(refused)
         if self.index_values:
             flat_inputs = [*flat_inputs, *self.index_values]
         outputs = executable(flat_inputs)

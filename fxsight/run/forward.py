@@ -187,6 +187,9 @@ class LastRun:
         runner = self.runner()
         if runner is None:  # (no longer cached)
             return None
+        if runner.spliced.pinned and \
+                runner.spliced.refused(flat[0] + program.input_values) is not None:
+            return None  # (refused by the run below, with the fall back it decides)
         if program.input_values:
             _check_inputs(program)
         output, saves = runner(flat[0] + program.input_values, ())

@@ -25,7 +25,7 @@ from ..capture.opaque import OPAQUE
 from ..record.program import Kind, Node, Program
 from .indices import Lifted, as_selection, count
 from .rows import Rows, conform_to
-from ..record.sites import INPUT, OUTPUT, Site, is_operation
+from ..record.sites import INPUT, OUTPUT, Site, is_operation, module_label
 from .walker import BEFORE_ALL, Walker
 
 
@@ -65,6 +65,21 @@ class Spliced:
     cache_skeletons: list = field(default_factory=list)
     input_caches: int = 0
     index_inputs: int = 0  # the last placeholders: integers of tensor keys (.indices)
+    # Python values the model was called with that writes set to the same value (a no-op
+    # the graph, which holds them as constants, honours): (position of the Program input
+    # from the end of the Program's inputs, the constant, what wrote it, its line). A later
+    # Program of the same structure runs this graph only where its value is the same
+    pinned: list[tuple[int, Any, str, Any]] = field(default_factory=list)
+
+    def refused(self, flat_inputs: list[Any]) -> str | None:
+        """Why this graph cannot run these inputs (the model's, then the Program's): a
+        write of a Python value the graph holds as a constant to another value; else
+        ``None``."""
+        for position, constant, written, line in self.pinned:
+            value = flat_inputs[position]
+            if not _same_constant(constant, value):
+                return at_line(_constant_message(written, constant, repr(value)), line)
+        return None
 
 
 class _SpliceWalker(Walker):
@@ -82,6 +97,7 @@ class _SpliceWalker(Walker):
         self.anchors: dict[int, fx.Node] = {BEFORE_ALL: captured_anchor(graph)}
         self.inserted: set[fx.Node] = set()
         self._visiting: Node | None = None  # (the node whose line an error names)
+        self.pinned: list[tuple[int, Any, str, Any]] = []  # (see Spliced.pinned)
 
     def visit(self, node: Node) -> None:
         self._visiting = node
@@ -106,12 +122,26 @@ class _SpliceWalker(Walker):
         for old_leaf, new_leaf in zip(pytree.tree_leaves(old), new_leaves):
             if isinstance(old_leaf, fx.Node):
                 continue
+            given = self._given(new_leaf)
+            if given is not None and _same_constant(old_leaf, given[1]):
+                # (a value given in the trace is an input of the graph: a later trace of
+                # this structure may give another one, refused then, see Spliced.refused)
+                self.pinned.append((given[0] - len(self.inputs), old_leaf,
+                                    _written(node, site), node.line))
+                continue
             if isinstance(new_leaf, fx.Node) or not _same_constant(old_leaf, new_leaf):
-                raise NotOnGraph(at_line(
-                    f"the write to {site.label} sets a Python value the model was called "
-                    f"with ({old_leaf!r} -> {self._shown(new_leaf)}), which the captured "
-                    f"graph holds as a constant: the fx backend cannot set it (the hooks "
-                    f"backend can)", node.line))
+                raise NotOnGraph(at_line(_constant_message(
+                    _written(node, site), old_leaf, self._shown(new_leaf)), node.line))
+
+    def _given(self, leaf: Any) -> tuple[int, Any] | None:
+        """``(its index, its value)`` where a written leaf is a Python value given in the
+        trace (an input of the rewritten graph), else ``None``."""
+        if not isinstance(leaf, fx.Node):
+            return None
+        given = [k for k, placeholder in enumerate(self.inputs) if placeholder is leaf]
+        if not given or isinstance(self.program.input_values[given[0]], torch.Tensor):
+            return None
+        return given[0], self.program.input_values[given[0]]
 
     def _shown(self, value: Any) -> str:
         """A written leaf as the message shows it: a Python value given in the trace is an
@@ -201,6 +231,18 @@ class _SpliceWalker(Walker):
                     inside.add(model_node)
                 between = between or model_node is first
         return inside
+
+
+def _constant_message(written: str, old: Any, new: str) -> str:
+    return (f"the write to {written} sets a Python value the model was called with "
+            f"({old!r} -> {new}), which the captured graph holds as a constant: the fx "
+            f"backend cannot set it (the hooks backend can)")
+
+
+def _written(node: Node, site: Site) -> str:
+    """What a write set, as the user wrote it: ``model.source.torch_pow_0.inputs``."""
+    call = f" (call {site.call})" if site.call else ""
+    return f"{module_label(site.path)}.{node.accessor or site.kind}{call}"
 
 
 def _same_constant(old: Any, new: Any) -> bool:
@@ -364,7 +406,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
     return Spliced(module, model_output, saves, grad_keys, cache_outputs,
                    layout.skeletons if layout is not None else [],
                    layout.n_inputs if layout is not None else 0,
-                   sum(map(len, index_inputs.values())))
+                   sum(map(len, index_inputs.values())), walker.pinned)
 
 
 _COPY = torch.ops.aten.copy_.default
