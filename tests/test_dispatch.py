@@ -337,3 +337,98 @@ def test_logit_lens_on_offloaded_modules(backend):
     assert _hook_state(model) == before
     assert all(type(p) is torch.nn.Parameter and p.is_meta for p in model.parameters())
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def _offload_hook_state(hook) -> dict:
+    return {k: v for k, v in vars(hook).items()}
+
+
+def test_cpu_offload_with_hook_on_its_execution_device_is_captured():
+    """``cpu_offload_with_hook`` (a ``CpuOffload`` hook: it loads no weights, it moves the
+    model to its execution device where its call finds it elsewhere): where the model is
+    on that device already, its call is the plain forward, so the model is captured on fx
+    (it used to run on hooks, the warning saying an AlignDevicesHook loads its weights).
+    fx, hooks and plain forward hooks give the same numbers; the model, its hook and its
+    tensors are left as they were; a weight changed between traces is seen."""
+    import accelerate
+
+    from fxsight import NNsight
+
+    model, user_hook = accelerate.cpu_offload_with_hook(tiny_llama(),
+                                                        execution_device=torch.device("cpu"))
+    ids, _ = _ids()
+    try:
+        def patch(m, i, o):
+            h = _hidden(o).clone()
+            h[:, 1] = 0.0
+            return _replace_hidden(o, h)
+
+        got = {}
+        ref = _with_hooks(model, [(model.model.layers[0], patch),
+                                  (model.model.layers[1],
+                                   lambda m, i, o: got.setdefault("h1", _hidden(o).clone()))],
+                          lambda: model(ids).logits)
+        before = _hook_state(model)
+        hook_before = _offload_hook_state(model._hf_hook)
+        wrapped = NNsight(model)
+        values = {}
+        for backend in ("fx", "hooks"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # (no fallback warning)
+                with wrapped.trace(ids, backend=backend) as tracer:
+                    wrapped.model.layers[0].output[:, 1] = 0.0
+                    h1 = wrapped.model.layers[1].output.save()
+                    logits = wrapped.output.logits.save()
+            assert tracer.backend == backend
+            torch.testing.assert_close(h1, got["h1"], **ATOL)
+            torch.testing.assert_close(logits, ref, **ATOL)
+            values[backend] = logits
+            assert _hook_state(model) == before
+            assert _offload_hook_state(model._hf_hook) == hook_before
+        assert torch.equal(values["fx"], values["hooks"])
+        with torch.no_grad():  # (the model's own tensors: a new one is seen)
+            model.model.norm.weight.data = model.model.norm.weight.data * 2.0
+            expected = model(ids).logits
+        with wrapped.trace(ids, backend="fx"):
+            logits = wrapped.output.logits.save()
+        torch.testing.assert_close(logits, expected, **ATOL)
+    finally:
+        user_hook.remove()
+
+
+def test_cpu_offload_with_hook_that_moves_says_what_it_does():
+    """A ``CpuOffload`` hook that moves something at its call runs on the hooks backend
+    (same numbers as the plain call), with a reason that says what the hook does (it
+    used to say that an AlignDevicesHook loads the weights, from a device map)."""
+    import accelerate
+
+    from fxsight import CaptureError, NNsight
+
+    ids, _ = _ids()
+    first, first_hook = accelerate.cpu_offload_with_hook(tiny_llama(), execution_device="cpu")
+    second, second_hook = accelerate.cpu_offload_with_hook(
+        tiny_llama(), execution_device=torch.device("cpu"), prev_module_hook=first_hook)
+    try:
+        for model, says in ((first, r"moves the module and the call's inputs to its "
+                                    r"execution device \('cpu'"),
+                            (second, r"offloads the previous model of its pipeline "
+                                     r"\(prev_module_hook\)")):
+            with torch.no_grad():
+                expected = model(ids).logits
+            before = _hook_state(model)
+            wrapped = NNsight(model)
+            with pytest.raises(CaptureError, match=says) as error:
+                with wrapped.trace(ids, backend="fx"):
+                    wrapped.output.logits.save()
+            assert "AlignDevicesHook" not in str(error.value)
+            assert "CpuOffload hook (cpu_offload_with_hook) on module 'model'" in \
+                str(error.value)
+            with pytest.warns(RuntimeWarning, match=says):
+                with wrapped.trace(ids) as tracer:
+                    logits = wrapped.output.logits.save()
+            assert tracer.backend == "hooks"
+            torch.testing.assert_close(logits, expected, **ATOL)
+            assert _hook_state(model) == before
+    finally:
+        second_hook.remove()
+        first_hook.remove()

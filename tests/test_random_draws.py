@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fxsight
 from fxsight import NNsight
 from fxsight.errors import OrderError
 from models import mlp, tiny_gpt2
@@ -82,3 +83,106 @@ def test_a_draw_written_into_a_module_the_block_has_passed_says_why(backend):
         with net.trace(x, backend=backend):
             later = net.layer2.output.save()
             net.layer1.output = net.layer1.output + torch.randn_like(net.layer1.output)
+
+
+def _noisy(t: torch.Tensor) -> torch.Tensor:
+    return t + torch.rand_like(t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_applied_function_runs_where_the_block_has_reached(backend, reference_hooks):
+    """``fxsight.apply(fn, ...)`` of a function that draws random numbers, written after a
+    draw at ``layer2``, draws after it, as a plain hook at ``layer2`` written in that order
+    does; fxsight cannot see inside ``fn``, so every applied function runs no earlier than
+    the block has reached (it used to run as soon as ``layer1``'s output existed, taking
+    the numbers before ``a``'s)."""
+    model, x = mlp(), torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    got = {}
+
+    def keep(module, args, output):
+        got["layer1"] = output
+
+    def draw(module, args, output):
+        got["a"] = torch.randn_like(output)
+        got["b"] = _noisy(got["layer1"])
+        got["c"] = got["layer1"] * 2
+
+    torch.manual_seed(0)
+    with torch.no_grad(), reference_hooks(model, hooks={"layer1": keep, "layer2": draw}):
+        expected = model(x)
+    expected_rng = torch.get_rng_state()
+    net = NNsight(model)
+    torch.manual_seed(0)
+    with net.trace(x, backend=backend) as tracer:
+        a = torch.randn_like(net.layer2.output).save()
+        b = fxsight.apply(_noisy, net.layer1.output).save()
+        c = fxsight.apply(lambda t: t * 2, net.layer1.output).save()
+        out = net.output.save()
+    assert tracer.backend == backend
+    assert torch.equal(a, got["a"]) and torch.equal(b, got["b"])
+    assert torch.equal(c, got["c"]) and torch.equal(out, expected)
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_applied_function_in_train_mode_draws_after_the_dropouts_before_it(
+        backend, core_ids, reference_hooks):
+    """Train mode: noise applied to block 0's output and written into block 1's output is
+    drawn after block 1's dropouts, as a plain hook at block 1 draws it."""
+    model = tiny_gpt2().train()
+    kept = {}
+
+    def keep(module, args, output):
+        kept["h0"] = output
+
+    def add_noise(module, args, output):
+        return output + _noisy(kept["h0"])
+
+    torch.manual_seed(0)
+    with torch.no_grad(), reference_hooks(model, hooks={"transformer.h.0": keep,
+                                                        "transformer.h.1": add_noise}):
+        expected = model(core_ids).logits
+    expected_rng = torch.get_rng_state()
+    net = NNsight(model)
+    torch.manual_seed(0)
+    with torch.no_grad(), net.trace(core_ids, backend=backend) as tracer:
+        h0 = net.transformer.h[0].output
+        h1 = net.transformer.h[1].output
+        net.transformer.h[1].output = h1 + fxsight.apply(_noisy, h0)
+        logits = net.output.logits.save()
+    assert tracer.backend == backend
+    assert torch.equal(logits, expected)
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_applied_function_written_into_a_module_the_block_has_passed_says_why(backend):
+    model, x = mlp(), torch.randn(3, 5)
+    net = NNsight(model)
+    with pytest.raises(OrderError, match=r"(?s)fxsight.apply.*layer2.*test_random"):
+        with net.trace(x, backend=backend):
+            later = net.layer2.output.save()
+            net.layer1.output = fxsight.apply(_noisy, net.layer1.output)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_applied_function_whose_value_is_not_used_still_runs(backend, reference_hooks):
+    """(was: on fx an applied function whose result nothing used was pruned, so its draws
+    were missing and the generator ended elsewhere than after a plain hook calling it)"""
+    model, x = mlp(), torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+
+    def draw(module, args, output):
+        _noisy(output)
+
+    torch.manual_seed(0)
+    with torch.no_grad(), reference_hooks(model, hooks={"layer1": draw}):
+        expected = model.layer2(model.act1(model.layer1(x)))
+    expected_rng = torch.get_rng_state()
+    net = NNsight(model)
+    torch.manual_seed(0)
+    with net.trace(x, backend=backend) as tracer:
+        fxsight.apply(_noisy, net.layer1.output)
+        h2 = net.layer2.output.save()
+    assert tracer.backend == backend
+    assert torch.equal(h2, expected)
+    assert torch.equal(torch.get_rng_state(), expected_rng)

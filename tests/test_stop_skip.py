@@ -17,7 +17,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
 
-from fxsight import NNsight, OrderError, ShapeError, TraceError
+from fxsight import CaptureError, NNsight, OrderError, ShapeError, TraceError
 from models import mlp, tiny_gpt2
 
 BACKENDS = ("fx", "hooks")
@@ -159,6 +159,84 @@ def test_stop_with_a_write_runs_the_write(backend):
         h2 = model.layer2.output.save()
         tracer.stop()
     assert torch.equal(h2, net.layer2(torch.ones(3, 10)).detach())
+
+
+def test_a_stop_calls_no_always_call_hook_of_a_module_still_running(gpt2):
+    """(was: the hooks backend stopped the forward with an ``Exception``, so torch called
+    the ``always_call=True`` hooks of every module still running, here ``transformer``'s,
+    with the output ``None``: a call a plain forward up to the stop never makes)"""
+    x = _ids()
+    with torch.no_grad():
+        reference = gpt2.transformer.h[0](gpt2.transformer.drop(
+            gpt2.transformer.wte(x) + gpt2.transformer.wpe(torch.arange(x.shape[1]))))
+    seen: dict[str, list] = {"transformer": [], "h0": [], "global": []}
+
+    def observer(name):
+        return lambda module, args, output: seen[name].append(output)
+
+    handles = [gpt2.transformer.register_forward_hook(observer("transformer"),
+                                                      always_call=True),
+               gpt2.transformer.h[0].register_forward_hook(observer("h0"),
+                                                           always_call=True),
+               torch.nn.modules.module.register_module_forward_hook(
+                   lambda m, a, o: seen["global"].append(o) if m is gpt2.transformer
+                   else None, always_call=True)]
+    try:
+        model = NNsight(gpt2)
+        with torch.no_grad(), model.trace(x, use_cache=False, backend="hooks") as tracer:
+            h0 = model.transformer.h[0].output.save()
+            tracer.stop()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(h0[0], reference[0])
+    assert seen["transformer"] == [] and seen["global"] == []  # (still running at the stop)
+    assert len(seen["h0"]) == 1 and torch.equal(seen["h0"][0][0], reference[0])
+    assert not any(module._forward_hooks or module._forward_pre_hooks
+                   for module in gpt2.modules())
+    # on fx the hooked model is refused, naming the hook
+    handle = gpt2.transformer.register_forward_hook(observer("transformer"),
+                                                    always_call=True)
+    try:
+        with pytest.raises(CaptureError, match="forward hook"):
+            with model.trace(x, use_cache=False, backend="fx") as tracer:
+                model.transformer.h[0].output.save()
+                tracer.stop()
+    finally:
+        handle.remove()
+    assert seen["transformer"] == []
+
+
+class _Fallback(torch.nn.Module):
+    """A forward that falls back to another path when its first one raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.fast = torch.nn.Linear(4, 4)
+        self.slow = torch.nn.Linear(4, 4)
+        self.register_buffer("fallbacks", torch.zeros(()))
+
+    def forward(self, x):
+        try:
+            return self.fast(x)
+        except Exception:
+            self.fallbacks += 1
+            return self.slow(x)
+
+
+def test_a_stop_is_no_error_that_the_forward_handles():
+    """(was: the forward's ``except Exception:`` caught the stop and ran its fallback path,
+    which a plain forward never runs; the trace then ran on past the stop)"""
+    net = _Fallback()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    model = NNsight(net)
+    with model.trace(x, backend="hooks") as tracer:
+        fast = model.fast.output.save()
+        tracer.stop()
+    assert torch.equal(fast, net.fast(x).detach())
+    assert net.fallbacks.item() == 0
+    with pytest.raises(TraceError, match="tracer.stop"):
+        tracer.result  # noqa: B018
 
 
 class _TrainingTail(torch.nn.Module):

@@ -58,7 +58,12 @@ def keep(value: Any) -> None:
 def apply(fn: Callable, *args, **kwargs) -> Any:
     """Record a call of any Python callable on traced values.
 
-    ``fn`` runs on the real values when the model runs, as soon as its arguments exist.
+    ``fn`` runs on the real values when the model runs, where the block has reached, in
+    the order the block is written (as a forward hook written in that order would call
+    it), whether or not its result is used: what ``fn`` does (draw random numbers from
+    the generator the model's dropouts share) is unknown before it runs. So a value it
+    computes cannot be written into a module the block has already read past (an
+    ``OrderError``): apply it before that read.
     Before that, while the block is checked, fxsight also calls it on meta tensors (the
     arguments' shapes and dtypes, no data) to learn the shape of its result: on the hooks
     backend once per trace, on the fx backend when a graph is made for the block. So

@@ -15,6 +15,12 @@ and puts the meta tensors back after it. A captured graph cannot repeat that (it
 hold the weights of the capture's forward, or none), so such a model runs on the hooks
 backend, where each forward is a plain forward of the dispatched model.
 
+``cpu_offload_with_hook`` adds a ``CpuOffload`` hook instead: it loads no weights, but
+moves the whole model to its execution device when a call finds it elsewhere (and first
+offloads the previous model of its pipeline, ``prev_module_hook``, to the CPU). Where
+the model is already on that device and no previous model is named, its call is the
+plain forward and the model is captured; otherwise it runs on the hooks backend.
+
 Nothing here changes a hook: fxsight only reads ``_hf_hook``.
 """
 
@@ -24,8 +30,9 @@ from typing import Any
 
 import torch
 
-# accelerate's hook classes whose forward loads weights onto the execution device
-_OFFLOADING = frozenset({"CpuOffload", "UserCpuOffloadHook"})
+# accelerate's hook class that moves a whole model to its execution device at its call
+# (``cpu_offload_with_hook``)
+_MOVING = "CpuOffload"
 
 
 def is_accelerate_hook(value: Any) -> bool:
@@ -52,28 +59,55 @@ def _hooks_in(hook: Any) -> list:
     return list(inner) if isinstance(inner, (list, tuple)) else [hook]
 
 
-def offloads(hook: Any) -> bool:
-    """Whether an accelerate hook loads the module's weights in each forward."""
-    for one in _hooks_in(hook):
-        if type(one).__name__ in _OFFLOADING or getattr(one, "offload", False) is True:
-            return True
-    return False
+def swaps_weights(hook: Any) -> bool:
+    """Whether an accelerate hook loads the module's weights in each forward and puts meta
+    tensors back after it (``AlignDevicesHook`` with ``offload=True``): the module's
+    tensors are the hook's."""
+    return any(getattr(one, "offload", False) is True for one in _hooks_in(hook))
+
+
+def _moves(one: Any, module: torch.nn.Module) -> bool:
+    """Whether a ``CpuOffload`` hook's next call of ``module`` changes a model: it offloads
+    a previous model (``prev_module_hook``: whether it does depends on where that other
+    model is then), or its own check (the device of the module's first parameter equals
+    ``execution_device``) fails, so it moves the module and the call's inputs to its
+    execution device (a move to the device they are on changes nothing, but a captured
+    graph cannot trace ``module.to``)."""
+    if type(one).__name__ != _MOVING:
+        return False
+    if getattr(one, "prev_module_hook", None) is not None:
+        return True
+    first = next(module.parameters(), None)
+    return first is None or not bool(first.device == one.execution_device)
+
+
+def offloads(hook: Any, module: torch.nn.Module) -> bool:
+    """Whether an accelerate hook changes the model's tensors when ``module`` is called:
+    it loads the weights in each forward (:func:`swaps_weights`), or moves the model to
+    its execution device (a ``CpuOffload`` hook, see :func:`_moves`)."""
+    return swaps_weights(hook) or any(_moves(one, module) for one in _hooks_in(hook))
 
 
 def offloaded(model: torch.nn.Module) -> list[str]:
-    """The paths of the modules whose weights accelerate loads in each forward (offloaded
-    to CPU memory or disk); empty for a model that is not dispatched or not offloaded."""
+    """The paths of the modules whose weights accelerate loads or moves in each forward
+    (offloaded to CPU memory or disk, or moved by ``cpu_offload_with_hook``); empty for a
+    model that is not dispatched or not offloaded."""
     if not any("_hf_hook" in m.__dict__ for m in model.modules()):
         return []
-    return [path for path, hook in accelerate_hooks(model) if offloads(hook)]
+    return [path for path, hook in accelerate_hooks(model)
+            if offloads(hook, model.get_submodule(path))]
 
 
 def offload_reason(model: torch.nn.Module) -> tuple[str, str] | None:
     """``(path, why)`` where ``model`` cannot be captured because accelerate offloads some
-    of its modules, else ``None``."""
+    of its modules or moves them at their call, else ``None``."""
     paths = offloaded(model)
     if not paths:
         return None
+    hooks = dict(accelerate_hooks(model))
+    moving = next((p for p in paths if not swaps_weights(hooks[p])), None)
+    if moving is not None:
+        return moving, _moving_reason(moving, model.get_submodule(moving), hooks[moving])
     device_map = getattr(model, "hf_device_map", None)
     devices: dict[str, Any] = {}
     if isinstance(device_map, dict):  # (the entries of the map, not every leaf)
@@ -93,12 +127,31 @@ def offload_reason(model: torch.nn.Module) -> tuple[str, str] | None:
 
 
 
+def _moving_reason(path: str, module: torch.nn.Module, hook: Any) -> str:
+    one = next(o for o in _hooks_in(hook) if _moves(o, module))
+    device = getattr(one, "execution_device", None)
+    if getattr(one, "prev_module_hook", None) is not None:
+        what = (f"offloads the previous model of its pipeline (prev_module_hook) to the "
+                f"CPU when that model is elsewhere, and moves the module to its execution "
+                f"device ({device!r}) where it is not there yet,")
+    else:
+        first = next(module.parameters(), None)
+        found = "has no parameter" if first is None else f"is on {str(first.device)!r}"
+        what = (f"moves the module and the call's inputs to its execution device "
+                f"({device!r}; the module's first parameter {found}, which accelerate "
+                f"does not find equal to it: a device given as a string never is)")
+    return (f"accelerate's CpuOffload hook (cpu_offload_with_hook) on module "
+            f"{path or 'model'!r} {what} at each call, which a captured graph cannot "
+            f"repeat; each trace runs the model's own forward with hooks instead (same "
+            f"numbers)")
+
+
 def loads_weights(module: torch.nn.Module) -> bool:
-    """Whether calling ``module`` runs an accelerate hook that loads weights (its own or a
-    submodule's): such a call can only run on real tensors (in fake mode the hook would
-    leave fake tensors as the module's parameters)."""
-    return any(offloads(hook) for hook in
-               (m.__dict__.get("_hf_hook") for m in module.modules()) if hook is not None)
+    """Whether calling ``module`` runs an accelerate hook that loads or moves weights (its
+    own or a submodule's): such a call can only run on real tensors (in fake mode the hook
+    would leave fake tensors as the module's parameters)."""
+    return any(offloads(m.__dict__["_hf_hook"], m) for m in module.modules()
+               if m.__dict__.get("_hf_hook") is not None)
 
 
 def execution_device(module: torch.nn.Module) -> torch.device:

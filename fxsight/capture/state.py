@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 from .._torch import dict_version_reader
-from .dispatch import offloads
+from .dispatch import swaps_weights
 from .model_hooks import TRACED_HOOK_FLAGS, _hook_keys, _only_traced_added
 from .plain_values import (_SCALARS, _copy, _data, _holds_mutable, _plain, _same,
                            _slot_values, _slots, _weak)
@@ -109,7 +109,7 @@ class Watch:
         for i, d in enumerate(dicts):
             # (accelerate loads an offloaded module's weights in each forward and puts new
             # meta tensors back after it: those tensors are the hook's, never captured)
-            hook_owned = "_hf_hook" in d and offloads(d["_hf_hook"])
+            hook_owned = "_hf_hook" in d and swaps_weights(d["_hf_hook"])
             for key in () if hook_owned else _TENSORS:
                 self._tensors(i, key, d[key], tensors)
             keys = tuple(k for k in d if k not in _APART or (k == "_modules" and not d[k]))

@@ -134,7 +134,11 @@ _RANDOM_FUNCTIONS = {torch.rand_like, torch.randn_like, torch.randint_like, torc
 
 def draws_random(node: "Node") -> bool:
     """Whether a recorded operation may draw from the random generators: a random
-    function or method, or a module in training mode called on traced values."""
+    function or method, a module in training mode called on traced values, or a function
+    of the user's (``fxsight.apply(fn, ...)``: what ``fn`` draws is unknown before it runs,
+    and whether it draws may depend on the values it gets)."""
+    if node.lenient:  # (an applied function: see ``fxsight.apply``)
+        return True
     if node.op == "call_method":
         return node.target in _RANDOM_METHODS
     if isinstance(node.target, ModuleCall):

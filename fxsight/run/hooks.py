@@ -45,8 +45,15 @@ class RealWalker(Walker):
         self.written.add(site)
 
 
-class _StopForward(Exception):
-    """Raised by a hook once everything a stopped trace needs is computed."""
+class _StopForward(BaseException):
+    """Raised by a hook once everything a stopped trace needs is computed.
+
+    A ``BaseException`` (as ``KeyboardInterrupt`` is), not an ``Exception``: a plain
+    forward up to the stop raises nothing, so nothing in the model may react to the stop
+    as to an error. torch calls a forward hook registered with ``always_call=True`` when
+    its module's forward raises an ``Exception`` (with the output ``None`` for a module
+    still running), and a forward's own ``except Exception:`` (a fallback path) would run
+    code a plain forward never runs; both let a ``BaseException`` pass."""
 
 
 def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],

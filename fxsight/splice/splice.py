@@ -189,6 +189,9 @@ class _SpliceWalker(Walker):
         if node is not None:
             new.line = node.line
             new.meta["mutation"] = node.mutation
+            if node.lenient:  # (a function of the user's, ``fxsight.apply``: it may draw
+                # random numbers, so it runs, used or not, as a forward hook's call would)
+                new.meta["fxsight_draw"] = True
         self.anchors[position] = new
         self.inserted.add(new)
         return new

@@ -424,6 +424,13 @@ class Walker:
                 continue
             seen.add(node)
             if self.held_draws.get(node) == position and positions.get(node) == position:
+                if node.lenient:
+                    return (f": the value is computed by fxsight.apply ({node.line}) after "
+                            f"the block has read {self._site_at(position).label}; an "
+                            f"applied function runs where the forward pass has reached the "
+                            f"block, in the order it is written (it may draw random "
+                            f"numbers, which are drawn in that order); apply it before "
+                            f"that read")
                 return (f": the value draws random numbers ({node.line}) after the block "
                         f"has read {self._site_at(position).label}, and random numbers "
                         f"are drawn in the order the block is written, where the forward "
