@@ -92,13 +92,18 @@ def test_changing_a_python_input_is_refused_on_fx_and_honoured_on_hooks(referenc
     model, x = _Outer(), torch.randn(2, 3)
     expected = _reference_with_scale(model, x, reference_hooks, 5.0)
     net = NNsight(model)
-    for scale in (5.0, 2.0):  # (the message names both values: was "a value computed")
-        with pytest.raises(fxsight.TraceError, match=rf"\(2\.0 -> {scale}\).*constant") \
-                as error:
-            with net.trace(x, backend="fx"):
-                args, kwargs = net.sub.inputs
-                net.sub.inputs = (args, {"scale": scale})
-        assert "test_site_values.py" in str(error.value)
+    # (the message names both values: was "a value computed")
+    with pytest.raises(fxsight.TraceError, match=r"\(2\.0 -> 5\.0\).*constant") as error:
+        with net.trace(x, backend="fx"):
+            args, kwargs = net.sub.inputs
+            net.sub.inputs = (args, {"scale": 5.0})
+    assert "test_site_values.py" in str(error.value)
+    # the value the forward passes, written back, is kept on fx (pinned in the graph)
+    with net.trace(x, backend="fx"):
+        args, kwargs = net.sub.inputs
+        net.sub.inputs = (args, {"scale": 2.0})
+        same = net.output.save()
+    torch.testing.assert_close(same, model(x), rtol=0, atol=0)
     with net.trace(x, backend="hooks"):
         args, kwargs = net.sub.inputs
         net.sub.inputs = (args, {"scale": 5.0})
