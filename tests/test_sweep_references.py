@@ -390,6 +390,76 @@ def test_a_checkpoint_of_another_precision_is_refused(tmp_path):
                                      progress=False)
 
 
+def test_a_checkpoint_of_other_weights_is_refused_and_equal_weights_resume(tmp_path):
+    """(was: the only check that a checkpoint was this model's was the unpatched metrics,
+    to 1e-3: a model changed by a factor 1.0005 in one weight resumed every batch with the
+    old model's scores, 2.3e-05 off). The same weights loaded again into a new object
+    resume."""
+    from transformers import GPT2LMHeadModel
+    model = tiny_gpt2().double()
+    clean, corrupted = _pair(5)
+    path = tmp_path / "job.pt"
+
+    def sweep(chosen):
+        return patching.activation_patching(NNsight(chosen), clean, corrupted, metric,
+                                            sites=["resid"], suffix=False, checkpoint=path,
+                                            progress=False)
+    first = sweep(model)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "saved", dtype=torch.float64).eval()
+    assert loaded is not model
+    again = sweep(loaded)
+    assert again.info["resumed_batches"] == again.info["batches"] > 0
+    # (the loaded model's attention implementation may differ: baselines to float64 rounding)
+    torch.testing.assert_close(again.values, first.values, rtol=0, atol=1e-12)
+
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight.mul_(1.0005)
+    with pytest.raises(ValueError, match="other weights") as refused:
+        sweep(model)
+    assert str(path) in str(refused.value)
+    expected = patching_loop(model, clean, corrupted, metric, ["resid"], [0, 1], range(5))
+    fresh = patching.activation_patching(NNsight(model), clean, corrupted, metric,
+                                         sites=["resid"], suffix=False, progress=False)
+    torch.testing.assert_close(fresh.values, expected, rtol=0, atol=1e-12)
+    assert not torch.allclose(fresh.values, first.values, rtol=0, atol=1e-6)
+
+
+def test_the_weights_digest_reads_values_not_storage():
+    """Equal weights give one digest whatever their strides, and an accelerate-offloaded
+    copy (meta parameters, values in the hook's weights_map) the plain model's; a meta
+    parameter with no values anywhere is refused by name; a change of one entry, of a
+    dtype or of a name is another digest."""
+    import copy
+
+    import accelerate
+    from fxsight.experiments.weights import weights_digest
+    model = tiny_llama(num_hidden_layers=2)
+    digest = weights_digest(model)
+
+    strided = copy.deepcopy(model)
+    with torch.no_grad():
+        weight = strided.model.layers[0].mlp.up_proj.weight
+        weight.data = weight.data.t().contiguous().t()  # same values, other strides
+    assert not weight.is_contiguous()
+    assert weights_digest(strided) == digest
+
+    offloaded = accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu")
+    assert offloaded.model.layers[1].mlp.up_proj.weight.is_meta
+    assert weights_digest(offloaded) == digest
+
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.model.layers[1].mlp.down_proj.weight[3, 4] += 1e-7
+    assert weights_digest(changed) != digest
+    assert weights_digest(copy.deepcopy(model).double()) != digest
+
+    bare = copy.deepcopy(model)
+    bare.model.norm.weight = torch.nn.Parameter(torch.empty(64, device="meta"))
+    with pytest.raises(ValueError, match="'model.norm.weight' of the model is on the meta"):
+        weights_digest(bare)
+
+
 # --- other model shapes, other dtypes ---------------------------------------------------------
 class _Attention(torch.nn.Module):
     """Causal self-attention with 2 heads; returns ``(output, per-head values)`` or the
