@@ -134,10 +134,13 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
     sweep = Sweep(model, None, None, kwargs, options, "attr", 1, progress,
                   "activation patching")
     seen: dict = {}
-    fast, suffix_note = suffix_path.attempt(suffix, lambda: _suffix_sweep(
-        model, layout, items, dataset, kinds, layer_list, labels, plans, clean_targets,
-        corrupt_targets, kwargs, options, reference_options, backend, checkpoint,
-        distributed, batch_size, memory_budget, progress, start))
+    coords = {"site": kinds, "layer": layer_list, "position": labels}
+    settings = suffix_path.Settings(backend, checkpoint, distributed, kwargs, options,
+                                    reference_options, batch_size, memory_budget, progress,
+                                    start)
+    fast, suffix_note = suffix_path.attempt(suffix, lambda: suffix_path.run_pair(
+        model, items, dataset, *_suffix_cells(layout, kinds, layer_list, labels, plans),
+        clean_targets, corrupt_targets, coords, "activation patching", layout, settings))
     if fast is not None:
         return fast
 
@@ -178,7 +181,6 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
                   checkpoint, distributed)
     info = job_info(job, len(items), 2, sweep, seen, kwargs, start)
     info["suffix"] = suffix_note
-    coords = {"site": kinds, "layer": layer_list, "position": labels}
     if not dataset:
         return PatchingResult(
             job.scores[0], ("site", "layer", "position"), coords,
@@ -189,27 +191,16 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
                            "activation patching", info)
 
 
-def _suffix_sweep(model, layout, items, dataset, kinds, layer_list, labels, plans, clean_targets,
-                  corrupt_targets, kwargs, options, reference_options, backend, checkpoint,
-                  distributed, batch_size, memory_budget, progress,
-                  start) -> PatchingResult | str:
-    """The sweep on the suffix path (:mod:`.suffix`), or why it does not apply."""
-    item = suffix_path.single_pair(model, items, dataset, backend, checkpoint, distributed,
-                                   kwargs)
-    if isinstance(item, str):
-        return item
+def _suffix_cells(layout, kinds: list[str], layer_list: list[int], labels: list[int],
+                  plans: dict) -> tuple[list[suffix_path.Cell], Callable]:
+    """Activation patching's cells on the suffix path (one per site kind and layer, see
+    :func:`suffix.sweep_pair`) and their units: the pair's position of each label."""
     cells = [(kind, layer, *plans[kind, layer], _local(layout, kind, layer))
              for kind in kinds for layer in layer_list]
-    units = [(position_in(label, item.length), None) for label in labels]
-    swept = suffix_path.sweep_pair(model, item, cells, lambda clean_run: units, clean_targets,
-                                   corrupt_targets, kwargs, options, reference_options,
-                                   batch_size, memory_budget, progress, "activation patching",
-                                   layout)
-    if isinstance(swept, str):
-        return swept
-    coords = {"site": kinds, "layer": layer_list, "position": labels}
-    return swept.result(("site", "layer", "position"), coords,
-                        token_labels(model, item.clean), "activation patching", start)
+
+    def units(item: Item, clean_run: Any) -> list:
+        return [(position_in(label, item.length), None) for label in labels]
+    return cells, units
 
 
 def _plan(layout, kind: str, layer: int) -> tuple[Target, list[Target]]:
