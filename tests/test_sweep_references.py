@@ -292,6 +292,32 @@ def test_attribution_equals_a_hand_written_gradient_loop_in_float64(gpt2_64):
     torch.testing.assert_close(one.values, result.per_pair[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["gpt2_64", "llama_64"])
+def test_attribution_over_pairs_of_different_lengths_counts_positions_from_the_end(
+        name, request):
+    """(was: a ValueError, "group them by length first", where activation patching takes
+    the same dataset) Each pair's scores sit at its last positions (NaN before), the mean
+    is over the pairs that have the position, as activation patching's."""
+    model = request.getfixturevalue(name)
+    pairs = [_pair(5, 1, 1), _pair(7, 2, 3), _pair(6, 3, 0)]
+    result = patching.attribution(NNsight(model), [c for c, _ in pairs],
+                                  [k for _, k in pairs], metric, sites=KINDS)
+    assert result.positions == list(range(-7, 0))
+    assert result.per_pair.shape == (3, len(KINDS), 2, 7)
+    expected = torch.full((3, len(KINDS), 2, 7), float("nan"), dtype=torch.float64)
+    for i, (clean, corrupted) in enumerate(pairs):
+        scores, baseline = attribution_loop(model, clean, corrupted, metric, KINDS, [0, 1])
+        expected[i, ..., 7 - clean.shape[1]:] = scores
+        assert result.baselines[i].item() == pytest.approx(baseline.item(), rel=0, abs=1e-12)
+    torch.testing.assert_close(result.per_pair, expected, rtol=0, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(result.values, expected.nanmean(0), rtol=0, atol=1e-12)
+    assert result.counts[0, 0].tolist() == [1, 2, 3, 3, 3, 3, 3]
+    swept = patching.activation_patching(NNsight(model), [c for c, _ in pairs],
+                                         [k for _, k in pairs], metric, sites=KINDS,
+                                         progress=False)
+    assert swept.positions == result.positions and swept.dims == result.dims
+
+
 # --- checkpoints ---------------------------------------------------------------------------
 class _Interrupted(Exception):
     pass

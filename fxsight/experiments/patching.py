@@ -36,7 +36,7 @@ from .result import Cell, PatchingResult
 from .jobs import (Experiment, Group as JobGroup, Item, Refs, check_same_length,
                    dataset_result, is_dataset,
                    job_info, kwargs_key, value_key, pairs_of, position_in, position_labels,
-                   prompts_of, run_job)
+                   prompts_of, run_job, summary)
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, can_keep_last, check_kinds, check_layers,
                      check_positions, choose_batch_size, expanded, find_layout,
                      forward_kwargs as _forward_kwargs, hidden,
@@ -448,6 +448,10 @@ def attribution(model: Envoy, clean: Any, corrupted: Any = None,
     stream), as modules. Module outputs must be tensors or tuples whose first item is the
     hidden state.
 
+    **Datasets** as in :func:`activation_patching` (one trace per pair): ``values`` is the
+    mean over pairs, ``per_pair`` each pair's scores; pairs of different lengths are aligned
+    at their ends (positions ``-longest .. -1``, NaN where a pair is shorter).
+
     >>> from fxsight.experiments import demo
     >>> lm = demo.load()
     >>> vocab = lm.tokenizer.get_vocab()
@@ -531,21 +535,38 @@ def _pair_ids(model: Envoy, clean: Any, corrupted: Any
 
 def _attribution_dataset(model, clean, corrupted, metric, sites, blocks, trace_kwargs):
     """Attribution over a dataset of pairs: one trace per pair (no batching), the mean,
-    standard error and each pair's scores as in :func:`activation_patching`."""
+    standard error and each pair's scores as in :func:`activation_patching`. Pairs of
+    different lengths are aligned at their ends: positions ``-longest .. -1``, NaN where a
+    pair is shorter, the mean over the pairs that have the position."""
     items, _ = pairs_of(model, clean, corrupted, metric)
-    lengths = {item.length for item in items}
-    if len(lengths) > 1:
-        raise ValueError(f"attribution over a dataset needs pairs of one length (got "
-                         f"lengths {sorted(lengths)}); group them by length first")
     results = [attribution(model, item.clean, item.corrupted, item.metric, sites, blocks,
                            **trace_kwargs) for item in items]
     first = results[0]
-    per_pair = torch.stack([r.values for r in results])
+    lengths = [item.length for item in items]
+    coords, info = first.coords, {"pairs": len(items)}
+    if len(set(lengths)) == 1:
+        per_pair = torch.stack([r.values for r in results])
+        mean = per_pair.mean(0)
+    else:
+        longest = max(lengths)
+        per_pair = torch.full((len(results), *first.values.shape[:-1], longest), float("nan"),
+                              dtype=first.values.dtype)
+        for i, (r, length) in enumerate(zip(results, lengths)):
+            per_pair[i, ..., longest - length:] = r.values
+        mean = summary(per_pair)[0].to(per_pair.dtype)
+        coords = {**coords, "position": list(range(-longest, 0))}
+        counted: dict[int, int] = {}
+        for length in lengths:
+            counted[length] = counted.get(length, 0) + 1
+        info.update(lengths=dict(sorted(counted.items())), different_lengths=(
+            "aligned at their ends: positions are counted from the end; a pair without a "
+            "position has NaN there and the mean is over the pairs that have it "
+            "(result.counts)"))
     baselines = None if first.baseline is None else \
         torch.tensor([r.baseline for r in results], dtype=score_dtype(per_pair.dtype))
-    return PatchingResult(per_pair.mean(0), first.dims, first.coords,
+    return PatchingResult(mean, first.dims, coords,
                           baseline=None if baselines is None else float(baselines.mean()),
-                          method=first.method, info={"pairs": len(items)},
+                          method=first.method, info=info,
                           per_pair=per_pair, baselines=baselines)
 
 
