@@ -337,3 +337,13 @@ def test_logit_lens_on_offloaded_modules(backend):
     assert _hook_state(model) == before
     assert all(type(p) is torch.nn.Parameter and p.is_meta for p in model.parameters())
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_the_weights_digest_of_a_disk_offloaded_model_is_the_plain_models(dispatched, plain):
+    """A checkpoint's weights digest reads an offloaded layer's values from accelerate's
+    weights_map (the offload folder), as its forward loads them: the same model dispatched
+    with a disk offload and loaded whole has one digest, and a checkpoint of one resumes
+    with the other."""
+    from fxsight.experiments.weights import weights_digest
+    assert dispatched._module.model.layers[1].mlp.up_proj.weight.is_meta
+    assert weights_digest(dispatched._module) == weights_digest(plain._module)
