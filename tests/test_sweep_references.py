@@ -450,6 +450,12 @@ def test_a_checkpoint_of_other_weights_is_refused_and_equal_weights_resume(tmp_p
     torch.testing.assert_close(fresh.values, expected, rtol=0, atol=1e-12)
     assert not torch.allclose(fresh.values, first.values, rtol=0, atol=1e-6)
 
+    state = torch.load(path, weights_only=True)  # as an earlier fxsight wrote it
+    del state["weights"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="holds no digest of the weights"):
+        sweep(loaded)
+
 
 def test_the_weights_digest_reads_values_not_storage():
     """Equal weights give one digest whatever their strides, and an accelerate-offloaded

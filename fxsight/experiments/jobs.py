@@ -309,13 +309,18 @@ class Checkpoint:
                 raise ValueError(f"the checkpoint {name} was written by another sweep (other "
                                  f"prompts, cells, batch size or experiment); remove it or "
                                  f"give another checkpoint path")
-            if state.get("weights") != self.weights:
+            written = state.get("weights")
+            if written is None:
+                raise ValueError(
+                    f"the checkpoint {name} holds no digest of the weights that wrote it (an "
+                    f"earlier fxsight wrote it): it cannot be told to be this model's; remove "
+                    f"it or give another checkpoint path")
+            if written != self.weights:
                 raise ValueError(
                     f"the checkpoint {name} was written by a model with other weights "
-                    f"(the SHA-256 of its parameters and buffers was "
-                    f"{str(state.get('weights'))[:12]}..., this model's is "
-                    f"{str(self.weights)[:12]}...): its scores are not this model's; remove "
-                    f"it or give another checkpoint path")
+                    f"(the SHA-256 of its parameters and buffers was {written[:12]}..., this "
+                    f"model's is {self.weights[:12]}...): its scores are not this model's; "
+                    f"remove it or give another checkpoint path")
             batches.update(state["batches"])
             items.update(state["items"])
         return batches, items
