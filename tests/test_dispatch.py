@@ -432,3 +432,13 @@ def test_cpu_offload_with_hook_that_moves_says_what_it_does():
     finally:
         second_hook.remove()
         first_hook.remove()
+
+
+def test_the_weights_digest_of_a_disk_offloaded_model_is_the_plain_models(dispatched, plain):
+    """A checkpoint's weights digest reads an offloaded layer's values from accelerate's
+    weights_map (the offload folder), as its forward loads them: the same model dispatched
+    with a disk offload and loaded whole has one digest, and a checkpoint of one resumes
+    with the other."""
+    from fxsight.experiments.weights import weights_digest
+    assert dispatched._module.model.layers[1].mlp.up_proj.weight.is_meta
+    assert weights_digest(dispatched._module) == weights_digest(plain._module)

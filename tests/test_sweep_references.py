@@ -292,6 +292,32 @@ def test_attribution_equals_a_hand_written_gradient_loop_in_float64(gpt2_64):
     torch.testing.assert_close(one.values, result.per_pair[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["gpt2_64", "llama_64"])
+def test_attribution_over_pairs_of_different_lengths_counts_positions_from_the_end(
+        name, request):
+    """(was: a ValueError, "group them by length first", where activation patching takes
+    the same dataset) Each pair's scores sit at its last positions (NaN before), the mean
+    is over the pairs that have the position, as activation patching's."""
+    model = request.getfixturevalue(name)
+    pairs = [_pair(5, 1, 1), _pair(7, 2, 3), _pair(6, 3, 0)]
+    result = patching.attribution(NNsight(model), [c for c, _ in pairs],
+                                  [k for _, k in pairs], metric, sites=KINDS)
+    assert result.positions == list(range(-7, 0))
+    assert result.per_pair.shape == (3, len(KINDS), 2, 7)
+    expected = torch.full((3, len(KINDS), 2, 7), float("nan"), dtype=torch.float64)
+    for i, (clean, corrupted) in enumerate(pairs):
+        scores, baseline = attribution_loop(model, clean, corrupted, metric, KINDS, [0, 1])
+        expected[i, ..., 7 - clean.shape[1]:] = scores
+        assert result.baselines[i].item() == pytest.approx(baseline.item(), rel=0, abs=1e-12)
+    torch.testing.assert_close(result.per_pair, expected, rtol=0, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(result.values, expected.nanmean(0), rtol=0, atol=1e-12)
+    assert result.counts[0, 0].tolist() == [1, 2, 3, 3, 3, 3, 3]
+    swept = patching.activation_patching(NNsight(model), [c for c, _ in pairs],
+                                         [k for _, k in pairs], metric, sites=KINDS,
+                                         progress=False)
+    assert swept.positions == result.positions and swept.dims == result.dims
+
+
 # --- checkpoints ---------------------------------------------------------------------------
 class _Interrupted(Exception):
     pass
@@ -388,6 +414,82 @@ def test_a_checkpoint_of_another_precision_is_refused(tmp_path):
         patching.activation_patching(NNsight(double), clean, corrupted, metric,
                                      sites=["resid"], suffix=False, checkpoint=path,
                                      progress=False)
+
+
+def test_a_checkpoint_of_other_weights_is_refused_and_equal_weights_resume(tmp_path):
+    """(was: the only check that a checkpoint was this model's was the unpatched metrics,
+    to 1e-3: a model changed by a factor 1.0005 in one weight resumed every batch with the
+    old model's scores, 2.3e-05 off). The same weights loaded again into a new object
+    resume."""
+    from transformers import GPT2LMHeadModel
+    model = tiny_gpt2().double()
+    clean, corrupted = _pair(5)
+    path = tmp_path / "job.pt"
+
+    def sweep(chosen):
+        return patching.activation_patching(NNsight(chosen), clean, corrupted, metric,
+                                            sites=["resid"], suffix=False, checkpoint=path,
+                                            progress=False)
+    first = sweep(model)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "saved", dtype=torch.float64).eval()
+    assert loaded is not model
+    again = sweep(loaded)
+    assert again.info["resumed_batches"] == again.info["batches"] > 0
+    # (the loaded model's attention implementation may differ: baselines to float64 rounding)
+    torch.testing.assert_close(again.values, first.values, rtol=0, atol=1e-12)
+
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight.mul_(1.0005)
+    with pytest.raises(ValueError, match="other weights") as refused:
+        sweep(model)
+    assert str(path) in str(refused.value)
+    expected = patching_loop(model, clean, corrupted, metric, ["resid"], [0, 1], range(5))
+    fresh = patching.activation_patching(NNsight(model), clean, corrupted, metric,
+                                         sites=["resid"], suffix=False, progress=False)
+    torch.testing.assert_close(fresh.values, expected, rtol=0, atol=1e-12)
+    assert not torch.allclose(fresh.values, first.values, rtol=0, atol=1e-6)
+
+    state = torch.load(path, weights_only=True)  # as an earlier fxsight wrote it
+    del state["weights"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="holds no digest of the weights"):
+        sweep(loaded)
+
+
+def test_the_weights_digest_reads_values_not_storage():
+    """Equal weights give one digest whatever their strides, and an accelerate-offloaded
+    copy (meta parameters, values in the hook's weights_map) the plain model's; a meta
+    parameter with no values anywhere is refused by name; a change of one entry, of a
+    dtype or of a name is another digest."""
+    import copy
+
+    import accelerate
+    from fxsight.experiments.weights import weights_digest
+    model = tiny_llama(num_hidden_layers=2)
+    digest = weights_digest(model)
+
+    strided = copy.deepcopy(model)
+    with torch.no_grad():
+        weight = strided.model.layers[0].mlp.up_proj.weight
+        weight.data = weight.data.t().contiguous().t()  # same values, other strides
+    assert not weight.is_contiguous()
+    assert weights_digest(strided) == digest
+
+    offloaded = accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu")
+    assert offloaded.model.layers[1].mlp.up_proj.weight.is_meta
+    assert weights_digest(offloaded) == digest
+
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.model.layers[1].mlp.down_proj.weight[3, 4] += 1e-7
+    assert weights_digest(changed) != digest
+    assert weights_digest(copy.deepcopy(model).double()) != digest
+
+    bare = copy.deepcopy(model)
+    bare.model.norm.weight = torch.nn.Parameter(torch.empty(64, device="meta"))
+    with pytest.raises(ValueError, match="'model.norm.weight' of the model is on the meta"):
+        weights_digest(bare)
 
 
 # --- other model shapes, other dtypes ---------------------------------------------------------

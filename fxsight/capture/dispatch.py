@@ -164,3 +164,27 @@ def execution_device(module: torch.nn.Module) -> torch.device:
             if device is not None:
                 return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
     return torch.device("cpu")
+
+
+def offloaded_value(model: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The values accelerate loads into the tensor ``name`` (a parameter's or buffer's path
+    in ``model``) of an offloaded module before each forward: its entry in the
+    ``weights_map`` of the closest module above it whose hook offloads (CPU memory or the
+    offload folder); ``None`` where no hook holds it."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        try:
+            owner = model.get_submodule(".".join(parts[:cut]))
+        except AttributeError:
+            continue
+        hook = owner.__dict__.get("_hf_hook")
+        for one in _hooks_in(hook) if hook is not None else []:
+            weights = getattr(one, "weights_map", None)
+            if weights is None or not offloads(one):
+                continue
+            relative = ".".join(parts[cut:])
+            try:
+                return weights[relative]
+            except KeyError:
+                continue
+    return None

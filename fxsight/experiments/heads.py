@@ -77,10 +77,14 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
     prefixes = {layer: [Target(layout.blocks[layer - 1])] if layer > 0 else []
                 for layer in layer_list}
     corrupt_targets = [t for layer in layer_list for t in (*prefixes[layer], targets[layer])]
-    fast, suffix_note = suffix_path.attempt(suffix, lambda: _suffix_heads(
-        model, layout, items, dataset, layer_list, labels, heads, targets, prefixes, corrupt_targets,
-        kwargs, options, reference_options, backend, checkpoint, distributed, batch_size,
-        memory_budget, progress, start))
+    coords = {"layer": layer_list, "head": list(range(heads)), "position": labels}
+    settings = suffix_path.Settings(backend, checkpoint, distributed, kwargs, options,
+                                    reference_options, batch_size, memory_budget, progress,
+                                    start)
+    fast, suffix_note = suffix_path.attempt(suffix, lambda: suffix_path.run_pair(
+        model, items, dataset, *_suffix_cells(layout, layer_list, labels, heads, targets,
+                                              prefixes),
+        list(targets.values()), corrupt_targets, coords, "head patching", layout, settings))
     if fast is not None:
         return fast
     sweep = Sweep(model, None, None, kwargs, options, "attr", 1, progress, "head patching")
@@ -153,7 +157,6 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
                   checkpoint, distributed)
     info = job_info(job, len(items), 2, sweep, seen, kwargs, start)
     info["suffix"] = suffix_note
-    coords = {"layer": layer_list, "head": list(range(heads)), "position": labels}
     if not dataset:
         return PatchingResult(
             job.scores[0], ("layer", "head", "position"), coords,
@@ -162,15 +165,10 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
     return dataset_result(job, ("layer", "head", "position"), coords, "head patching", info)
 
 
-def _suffix_heads(model, layout, items, dataset, layer_list, labels, heads, targets, prefixes,
-                  corrupt_targets, kwargs, options, reference_options, backend, checkpoint,
-                  distributed, batch_size, memory_budget, progress,
-                  start) -> PatchingResult | str:
-    """Head patching on the suffix path, or why it does not apply."""
-    item = suffix_path.single_pair(model, items, dataset, backend, checkpoint, distributed,
-                                   kwargs)
-    if isinstance(item, str):
-        return item
+def _suffix_cells(layout: Layout, layer_list: list[int], labels: list[int], heads: int,
+                  targets: dict, prefixes: dict) -> tuple[list[suffix_path.Cell], Callable]:
+    """Head patching's cells on the suffix path (one per layer, see
+    :func:`suffix.sweep_pair`) and their units: each head's columns at each position."""
     # the rest of a head's layer after its output projection: the projection and the MLP,
     # on the patched tokens only (their outputs elsewhere are the corrupted run's)
     cells = [("heads", layer, targets[layer], prefixes[layer],
@@ -180,7 +178,7 @@ def _suffix_heads(model, layout, items, dataset, layer_list, labels, heads, targ
              for layer in layer_list]
     key = targets[layer_list[0]].key
 
-    def units(clean_run) -> list:
+    def units(item: Any, clean_run: Any) -> list:
         width = clean_run.outputs[key].shape[-1]
         if width % heads:
             raise ValueError(f"the output projection's input width {width} is not a "
@@ -188,13 +186,4 @@ def _suffix_heads(model, layout, items, dataset, layer_list, labels, heads, targ
         size = width // heads
         return [(position_in(label, item.length), slice(h * size, (h + 1) * size))
                 for h in range(heads) for label in labels]
-
-    swept = suffix_path.sweep_pair(model, item, cells, units, list(targets.values()),
-                                   corrupt_targets, kwargs, options, reference_options,
-                                   batch_size, memory_budget, progress, "head patching",
-                                   layout)
-    if isinstance(swept, str):
-        return swept
-    coords = {"layer": layer_list, "head": list(range(heads)), "position": labels}
-    return swept.result(("layer", "head", "position"), coords,
-                        token_labels(model, item.clean), "head patching", start)
+    return cells, units

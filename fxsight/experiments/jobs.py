@@ -22,7 +22,9 @@ The job is planned the same way in every process, whatever the number of process
   each batch at most every ``CHECKPOINT_SECONDS`` and when the job ends or fails; a job
   started again with the same arguments loads them (from every rank's file, so the number of
   processes may change) and runs only the batches that are missing. A checkpoint of another
-  job (other prompts, cells, batch size) is refused by name.
+  job (other prompts, cells, batch size) is refused by name, and so is one of other weights
+  (a digest of the model's parameters and buffers, :mod:`.weights`, computed once per job
+  with a checkpoint).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from .ranks import Ranks
 from .result import PatchingResult
 from .sweeps import (Sweep, check_rows_apart, metric_values, reads_last_position_only,
                      token_ids)
+from .weights import weights_digest
 
 CHECKPOINT_SECONDS = 10.0
 
@@ -282,9 +285,14 @@ def _fingerprint(experiment: Experiment, batches: list[Batch], probe: Refs) -> s
 
 # --- checkpoints ------------------------------------------------------------------------------
 class Checkpoint:
-    def __init__(self, path: str | os.PathLike | None, ranks: Ranks, fingerprint: str):
+    """A job's checkpoint file(s): its finished batches and items' metrics, with the job's
+    fingerprint and the digest of the model's weights that wrote them."""
+
+    def __init__(self, path: str | os.PathLike | None, ranks: Ranks, fingerprint: str,
+                 weights: str | None = None):
         self.path = None if path is None else os.fspath(path)
         self.fingerprint = fingerprint
+        self.weights = weights
         self.own = self.path if (self.path is None or not ranks.on) \
             else f"{self.path}.rank{ranks.rank}"
         self.saved_at = time.monotonic()
@@ -301,6 +309,18 @@ class Checkpoint:
                 raise ValueError(f"the checkpoint {name} was written by another sweep (other "
                                  f"prompts, cells, batch size or experiment); remove it or "
                                  f"give another checkpoint path")
+            written = state.get("weights")
+            if written is None:
+                raise ValueError(
+                    f"the checkpoint {name} holds no digest of the weights that wrote it (an "
+                    f"earlier fxsight wrote it): it cannot be told to be this model's; remove "
+                    f"it or give another checkpoint path")
+            if written != self.weights:
+                raise ValueError(
+                    f"the checkpoint {name} was written by a model with other weights "
+                    f"(the SHA-256 of its parameters and buffers was {written[:12]}..., this "
+                    f"model's is {self.weights[:12]}...): its scores are not this model's; "
+                    f"remove it or give another checkpoint path")
             batches.update(state["batches"])
             items.update(state["items"])
         return batches, items
@@ -312,8 +332,8 @@ class Checkpoint:
         directory = os.path.dirname(os.path.abspath(self.own))
         os.makedirs(directory, exist_ok=True)
         temporary = f"{self.own}.tmp"
-        torch.save({"fingerprint": self.fingerprint, "batches": batches, "items": items},
-                   temporary)
+        torch.save({"fingerprint": self.fingerprint, "weights": self.weights,
+                    "batches": batches, "items": items}, temporary)
         os.replace(temporary, self.own)
         self.saved_at = time.monotonic()
 
@@ -356,15 +376,17 @@ def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, mem
         probe = _refs(experiment, cache, 0, item_metrics)
         batches, sizes, groups = _plan(experiment, probe, batch_size, memory_budget, choose)
         fingerprint = _fingerprint(experiment, batches, probe)
+        # (once per job, and only with a checkpoint: every byte of the model is read)
+        weights = None if checkpoint is None else weights_digest(sweep.model._module)
     except Exception as failure:  # noqa: BLE001 - sent to the other ranks, then raised
-        error, fingerprint = failure, None
+        error, fingerprint, weights = failure, None, None
     prints = ranks.exchange("planning", fingerprint, error)
     if any(p != prints[0] for p in prints):
         different = [r for r, p in enumerate(prints) if p != prints[0]]
         raise RuntimeError(f"ranks {different} planned another sweep than rank 0 (other "
                            f"prompts, arguments or batch size): every rank must make the "
                            f"same call")
-    store = Checkpoint(checkpoint, ranks, fingerprint)
+    store = Checkpoint(checkpoint, ranks, fingerprint, weights)
     done, loaded_items = store.load()
     _check_resumed(store, item_metrics, loaded_items)
     resumed = len(done)
@@ -445,9 +467,9 @@ def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, mem
 
 def _check_resumed(store: Checkpoint, computed: dict, loaded: dict) -> None:
     """Refuse a checkpoint whose items' metrics differ from those just computed (the
-    probe's): its scores are of another metric or model, which the fingerprint (prompts,
-    cells, batch size) cannot tell. (A tolerance, not bit equality: a job may be resumed on
-    other hardware.)"""
+    probe's): its scores are of another metric, which the fingerprint (prompts, cells,
+    batch size) and the weights' digest cannot tell. (A tolerance, not bit equality: a job
+    may be resumed on other hardware.)"""
     for position, metrics in computed.items():
         if position not in loaded:
             continue

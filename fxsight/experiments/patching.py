@@ -36,7 +36,7 @@ from .result import Cell, PatchingResult
 from .jobs import (Experiment, Group as JobGroup, Item, Refs, check_same_length,
                    dataset_result, is_dataset,
                    job_info, kwargs_key, value_key, pairs_of, position_in, position_labels,
-                   prompts_of, run_job)
+                   prompts_of, run_job, summary)
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, can_keep_last, check_kinds, check_layers,
                      check_positions, choose_batch_size, expanded, find_layout,
                      forward_kwargs as _forward_kwargs, hidden,
@@ -134,10 +134,13 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
     sweep = Sweep(model, None, None, kwargs, options, "attr", 1, progress,
                   "activation patching")
     seen: dict = {}
-    fast, suffix_note = suffix_path.attempt(suffix, lambda: _suffix_sweep(
-        model, layout, items, dataset, kinds, layer_list, labels, plans, clean_targets,
-        corrupt_targets, kwargs, options, reference_options, backend, checkpoint,
-        distributed, batch_size, memory_budget, progress, start))
+    coords = {"site": kinds, "layer": layer_list, "position": labels}
+    settings = suffix_path.Settings(backend, checkpoint, distributed, kwargs, options,
+                                    reference_options, batch_size, memory_budget, progress,
+                                    start)
+    fast, suffix_note = suffix_path.attempt(suffix, lambda: suffix_path.run_pair(
+        model, items, dataset, *_suffix_cells(layout, kinds, layer_list, labels, plans),
+        clean_targets, corrupt_targets, coords, "activation patching", layout, settings))
     if fast is not None:
         return fast
 
@@ -178,7 +181,6 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
                   checkpoint, distributed)
     info = job_info(job, len(items), 2, sweep, seen, kwargs, start)
     info["suffix"] = suffix_note
-    coords = {"site": kinds, "layer": layer_list, "position": labels}
     if not dataset:
         return PatchingResult(
             job.scores[0], ("site", "layer", "position"), coords,
@@ -189,27 +191,16 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
                            "activation patching", info)
 
 
-def _suffix_sweep(model, layout, items, dataset, kinds, layer_list, labels, plans, clean_targets,
-                  corrupt_targets, kwargs, options, reference_options, backend, checkpoint,
-                  distributed, batch_size, memory_budget, progress,
-                  start) -> PatchingResult | str:
-    """The sweep on the suffix path (:mod:`.suffix`), or why it does not apply."""
-    item = suffix_path.single_pair(model, items, dataset, backend, checkpoint, distributed,
-                                   kwargs)
-    if isinstance(item, str):
-        return item
+def _suffix_cells(layout, kinds: list[str], layer_list: list[int], labels: list[int],
+                  plans: dict) -> tuple[list[suffix_path.Cell], Callable]:
+    """Activation patching's cells on the suffix path (one per site kind and layer, see
+    :func:`suffix.sweep_pair`) and their units: the pair's position of each label."""
     cells = [(kind, layer, *plans[kind, layer], _local(layout, kind, layer))
              for kind in kinds for layer in layer_list]
-    units = [(position_in(label, item.length), None) for label in labels]
-    swept = suffix_path.sweep_pair(model, item, cells, lambda clean_run: units, clean_targets,
-                                   corrupt_targets, kwargs, options, reference_options,
-                                   batch_size, memory_budget, progress, "activation patching",
-                                   layout)
-    if isinstance(swept, str):
-        return swept
-    coords = {"site": kinds, "layer": layer_list, "position": labels}
-    return swept.result(("site", "layer", "position"), coords,
-                        token_labels(model, item.clean), "activation patching", start)
+
+    def units(item: Item, clean_run: Any) -> list:
+        return [(position_in(label, item.length), None) for label in labels]
+    return cells, units
 
 
 def _plan(layout, kind: str, layer: int) -> tuple[Target, list[Target]]:
@@ -457,6 +448,10 @@ def attribution(model: Envoy, clean: Any, corrupted: Any = None,
     stream), as modules. Module outputs must be tensors or tuples whose first item is the
     hidden state.
 
+    **Datasets** as in :func:`activation_patching` (one trace per pair): ``values`` is the
+    mean over pairs, ``per_pair`` each pair's scores; pairs of different lengths are aligned
+    at their ends (positions ``-longest .. -1``, NaN where a pair is shorter).
+
     >>> from fxsight.experiments import demo
     >>> lm = demo.load()
     >>> vocab = lm.tokenizer.get_vocab()
@@ -540,21 +535,38 @@ def _pair_ids(model: Envoy, clean: Any, corrupted: Any
 
 def _attribution_dataset(model, clean, corrupted, metric, sites, blocks, trace_kwargs):
     """Attribution over a dataset of pairs: one trace per pair (no batching), the mean,
-    standard error and each pair's scores as in :func:`activation_patching`."""
+    standard error and each pair's scores as in :func:`activation_patching`. Pairs of
+    different lengths are aligned at their ends: positions ``-longest .. -1``, NaN where a
+    pair is shorter, the mean over the pairs that have the position."""
     items, _ = pairs_of(model, clean, corrupted, metric)
-    lengths = {item.length for item in items}
-    if len(lengths) > 1:
-        raise ValueError(f"attribution over a dataset needs pairs of one length (got "
-                         f"lengths {sorted(lengths)}); group them by length first")
     results = [attribution(model, item.clean, item.corrupted, item.metric, sites, blocks,
                            **trace_kwargs) for item in items]
     first = results[0]
-    per_pair = torch.stack([r.values for r in results])
+    lengths = [item.length for item in items]
+    coords, info = first.coords, {"pairs": len(items)}
+    if len(set(lengths)) == 1:
+        per_pair = torch.stack([r.values for r in results])
+        mean = per_pair.mean(0)
+    else:
+        longest = max(lengths)
+        per_pair = torch.full((len(results), *first.values.shape[:-1], longest), float("nan"),
+                              dtype=first.values.dtype)
+        for i, (r, length) in enumerate(zip(results, lengths)):
+            per_pair[i, ..., longest - length:] = r.values
+        mean = summary(per_pair)[0].to(per_pair.dtype)
+        coords = {**coords, "position": list(range(-longest, 0))}
+        counted: dict[int, int] = {}
+        for length in lengths:
+            counted[length] = counted.get(length, 0) + 1
+        info.update(lengths=dict(sorted(counted.items())), different_lengths=(
+            "aligned at their ends: positions are counted from the end; a pair without a "
+            "position has NaN there and the mean is over the pairs that have it "
+            "(result.counts)"))
     baselines = None if first.baseline is None else \
         torch.tensor([r.baseline for r in results], dtype=score_dtype(per_pair.dtype))
-    return PatchingResult(per_pair.mean(0), first.dims, first.coords,
+    return PatchingResult(mean, first.dims, coords,
                           baseline=None if baselines is None else float(baselines.mean()),
-                          method=first.method, info={"pairs": len(items)},
+                          method=first.method, info=info,
                           per_pair=per_pair, baselines=baselines)
 
 

@@ -67,7 +67,7 @@ from .suffix_batch import Unit, pack, reproduces, run_layer
 from .suffix_vocabulary import head_logits, vocabulary_reads
 from .sweeps import (Layout, Target, check_rows_apart, choose_batch_size, find_layout,
                      forward_parameters, hidden, metric_values, reference_run, row_bytes,
-                     score_dtype)
+                     score_dtype, token_labels)
 
 CACHE_NAMES = ("cache", "past_key_values")
 # a (site, layer) of a sweep: its kind, layer, the value patched, the modules before it
@@ -169,6 +169,44 @@ def attempt(suffix: bool | None, sweep: Callable[[], Any]) -> tuple[Any, Any]:
     if suffix:
         raise ValueError(f"suffix=True, but the suffix path does not apply: {fast}")
     return None, fast
+
+
+@dataclass
+class Settings:
+    """The arguments of a sweep call (activation or head patching) that its suffix path
+    takes as they are."""
+
+    backend: str | None
+    checkpoint: Any
+    distributed: bool | None
+    kwargs: dict  # the model's forward keywords
+    options: dict  # every trace's (backend, compile)
+    reference_options: dict  # the reference runs'
+    batch_size: int | None
+    memory_budget: int | float
+    progress: bool
+    start: float  # time.perf_counter() when the call began (result.info["seconds"])
+
+
+def run_pair(model: Envoy, items: list, dataset: bool, cells: list[Cell],
+             units: Callable[[Any, Any], list[Unit]], clean_targets: list[Target],
+             corrupt_targets: list[Target], coords: dict, method: str,
+             layout: Layout, settings: Settings) -> PatchingResult | str:
+    """A sweep call's one pair on the suffix path, as its result (``dims``: ``coords``'
+    keys), or why the path does not apply. ``units(item, clean_run)``: the cells of each
+    of ``cells`` (see :func:`sweep_pair`)."""
+    item = single_pair(model, items, dataset, settings.backend, settings.checkpoint,
+                       settings.distributed, settings.kwargs)
+    if isinstance(item, str):
+        return item
+    swept = sweep_pair(model, item, cells, lambda clean_run: units(item, clean_run),
+                       clean_targets, corrupt_targets, settings.kwargs, settings.options,
+                       settings.reference_options, settings.batch_size,
+                       settings.memory_budget, settings.progress, method, layout)
+    if isinstance(swept, str):
+        return swept
+    return swept.result(tuple(coords), coords, token_labels(model, item.clean), method,
+                        settings.start)
 
 
 def single_pair(model: Envoy, items: list, dataset: bool, backend: str | None,
