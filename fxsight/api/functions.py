@@ -84,6 +84,13 @@ def apply(fn: Callable, *args, **kwargs) -> Any:
                                                  lenient=True)
 
 
+def apply_pure(fn: Callable, *args, **kwargs) -> Any:
+    """fxsight's own :func:`apply` of a function it knows: one that draws no random
+    numbers and whose result's shape a call on meta tensors gives, so it runs as soon as
+    its arguments exist (not held to where the block has reached)."""
+    return find_recorder(args, kwargs).create_op("call_function", fn, args, kwargs)
+
+
 class trace:  # noqa: N801 - nnsight's spelling
     """``with fxsight.trace(module, inputs) as model:`` wraps ``module`` and traces it.
 

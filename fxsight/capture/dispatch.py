@@ -180,7 +180,7 @@ def offloaded_value(model: torch.nn.Module, name: str) -> torch.Tensor | None:
         hook = owner.__dict__.get("_hf_hook")
         for one in _hooks_in(hook) if hook is not None else []:
             weights = getattr(one, "weights_map", None)
-            if weights is None or not offloads(one):
+            if weights is None or not swaps_weights(one):
                 continue
             relative = ".".join(parts[cut:])
             try:

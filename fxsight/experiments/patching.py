@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ..api.envoy import Envoy
-from ..api.functions import apply
+from ..api.functions import apply_pure
 from ..errors import TraceError
 from . import suffix as suffix_path
 from .heads import head_patching
@@ -583,7 +583,7 @@ def _differentiable(target: Target) -> Any:
     too; returns the written hidden state, what ``backward(inputs=...)`` differentiates."""
     value = target.read()
     whole = _hidden(value) is value  # (a tensor, not a tuple whose item 0 it is)
-    hidden = apply(_requiring_grad, _hidden(value))
+    hidden = apply_pure(_requiring_grad, _hidden(value))
     written = hidden if whole else (hidden, *value[1:])
     if target.accessor == "input":
         target.envoy.input = written
