@@ -15,7 +15,7 @@ share memory the walk's source says (``Captured.alias_keys``, ``ScanResult.alias
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..record.program import Kind, Node, is_view, node_args
 from ..record.sites import Site
@@ -100,12 +100,7 @@ class SharedMemory:
         """Why ``value`` (as the Program has it) comes at ``position``, where a change of
         shared memory holds back an operation it depends on (else nothing): the end of an
         ``OrderError``'s message."""
-        pending, seen = node_args(value), set()
-        while pending:
-            node = pending.pop()
-            if node in seen:
-                continue
-            seen.add(node)
+        for node in upstream(value):
             change = self.held_back.get(node)
             if change is not None and positions.get(node) == position:
                 root = read_root(change.args[0])
@@ -113,5 +108,17 @@ class SharedMemory:
                         f"{root.site.label} ({change.line}), which changes the same tensor "
                         f"as a read it uses, and a line sees the changes recorded before "
                         f"it; compute it before that change")
-            pending.extend(node.all_input_nodes)
         return ""
+
+
+def upstream(value: Any) -> Iterator[Node]:
+    """The nodes ``value`` (as the Program has it) is computed from, each once, nearest
+    first."""
+    pending, seen = node_args(value), set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        yield node
+        pending.extend(node.all_input_nodes)

@@ -26,7 +26,7 @@ from ..record.program import (Kind, Node, Program, draws_random, map_nodes, node
                               replace, select, set_attribute, setitem)
 from .rows import Rows, conform, narrow_rows, splice_rows
 from ..capture.caches import CacheRef, is_cache, rows_of
-from .shared_memory import SharedMemory, memory_of, read_root
+from .shared_memory import SharedMemory, memory_of, read_root, upstream
 from .gradients import (backward_phase, grad_tap, grad_target, leaf_index,
                         picks_inside_a_tensor, tap_key)
 from ..record.sites import Site, is_operation, module_label
@@ -417,12 +417,7 @@ class Walker:
         why = self.shared.why_late(value, position, positions)
         if why:
             return why
-        pending, seen = node_args(value), set()
-        while pending:
-            node = pending.pop()
-            if node in seen:
-                continue
-            seen.add(node)
+        for node in upstream(value):
             if self.held_draws.get(node) == position and positions.get(node) == position:
                 if node.lenient:
                     return (f": the value is computed by fxsight.apply ({node.line}) after "
@@ -435,7 +430,6 @@ class Walker:
                         f"has read {self._site_at(position).label}, and random numbers "
                         f"are drawn in the order the block is written, where the forward "
                         f"pass has reached it; draw them before that read")
-            pending.extend(node.all_input_nodes)
         return ""
 
     def _site_at(self, position: int) -> Site:
