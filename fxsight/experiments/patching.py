@@ -288,11 +288,14 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
     (vector, layer, scale) cell and measure ``metric`` on the steered logits.
 
     ``vectors``: one tensor of shape (hidden,), a (k, hidden) stack of k vectors, a list of
-    vectors, or a dict name -> vector; a vector of shape (n_layers, hidden) gives one
-    vector per layer (row ``l`` at layer ``l``). ``positions``: where the vector is added
-    (``"all"`` or a list; over a dataset, a pair lacking one of them has NaN scores, left
-    out of the mean, as in activation patching). ``metric(logits)`` gives one number per row; by default the
-    log-probability of the unsteered run's prediction at the last position.
+    vectors, or a dict name -> vector. An item of a list or dict of shape (n_layers,
+    hidden) is one vector per layer (row ``l`` at layer ``l``); a bare 2-D tensor is
+    always a stack (each row added at every layer), whatever its length: pass
+    ``[per_layer]`` or ``{"name": per_layer}`` for one per-layer vector. ``positions``:
+    where the vector is added (``"all"`` or a list; over a dataset, a pair lacking one of
+    them has NaN scores, left out of the mean, as in activation patching).
+    ``metric(logits)`` gives one number per row; by default the log-probability of the
+    unsteered run's prediction at the last position.
 
     Returns scores with ``dims == ("vector", "layer", "scale")``: the steered metric minus
     the unsteered one (``result.baseline``).
