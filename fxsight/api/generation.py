@@ -4,7 +4,8 @@
 trace. A node recorded outside ``tracer.iter[...]`` / ``tracer.all()`` applies to the first
 step; inside them, to the chosen steps, once per step (a saved value becomes a list with one
 entry per step). ``for step in tracer.iter[...]`` / ``for step in tracer.all()`` record the
-loop's body once per step instead, ``step`` a real int (a saved value is that step's). Every model call ``generate`` makes is one step; its boundary events drive
+loop's body once per step instead, ``step`` a real int (a saved value is that step's).
+Every model call ``generate`` makes is one step; its boundary events drive
 the Program as in the hooks backend: each node runs as soon as its values exist in the
 current step, and a write runs at its module's boundary.
 

@@ -179,7 +179,7 @@ def update(target: Any, skeleton: Skeleton, tensors: list[Any],
     try:
         into(target, skeleton, top=True)
     finally:
-        del into  # (a recursive closure refers to itself: garbage for the collector)
+        into = None  # (a recursive closure refers to itself: garbage for the collector)
     if initialized and not torch.compiler.is_compiling():
         for obj, names in initialized:
             for name in names:

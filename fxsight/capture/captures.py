@@ -171,8 +171,9 @@ def signature(model: torch.nn.Module, args: tuple, kwargs: dict,
               flat: tuple[list[Any], Any] | None = None, token: int | None = None) -> tuple:
     """What a capture depends on: input shapes and types, non-tensor inputs, grad mode,
     autocast (:func:`autocast_key`), the torch settings a forward may read
-    (:func:`_torch_settings`), and the model's state (a number from :func:`state.state_token`: its parameters and
-    buffers, modules, training flags, plain attributes and hooks as they are now).
+    (:func:`_torch_settings`), and the model's state (a number from
+    :func:`state.state_token`: its parameters and buffers, modules, training flags, plain
+    attributes and hooks as they are now).
 
     ``flat`` is ``flat_inputs(args, kwargs)`` where the caller has it already; ``token``
     the model's state token where the caller knows that no code could have changed the

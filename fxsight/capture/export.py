@@ -244,7 +244,8 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
             error = error.error
         culprit = events.stack[-1] if events.stack else None
         where = f"module {culprit or 'model'!r}" if culprit is not None else "the model"
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        text = str(error).strip()
+        reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
         raise CaptureError(f"could not capture {where}: {reason}", culprit) from error
     if changes:
         error = CaptureError(f"could not capture the model: its forward changes "

@@ -186,7 +186,8 @@ def parse(function: Any) -> Parsed:
     decorators = [(ast.unparse(d), compile(ast.Expression(body=d), filename, "eval"))
                   for d in namer.decorators] if inner is not getattr(
                       function, "__func__", function) else []
-    parsed = Parsed(weakref.ref(inner), inner.__qualname__, filename, first + def_index, lines, def_index,
+    parsed = Parsed(weakref.ref(inner), inner.__qualname__, filename, first + def_index, lines,
+                    def_index,
                     namer.operations, namespace["__fxsight_factory__"], decorators,
                     {name: (first - 1 + line, margin + column)
                      for name, (line, column) in namer.positions.items()})

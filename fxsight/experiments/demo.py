@@ -1,5 +1,5 @@
-"""``python -m fxsight.experiments.demo``: where does a small transformer keep the answer? An activation
-patching sweep on fxsight's built-in demo model finds it.
+"""``python -m fxsight.experiments.demo``: where does a small transformer keep the answer?
+An activation patching sweep on fxsight's built-in demo model finds it.
 
 The built-in model (``fxsight/data/demo_model``: a 2-layer GPT-2, 64 wide, ~0.3 MB) was
 trained on key-value recall: a prompt lists pairs written as one token each (``a3`` is key

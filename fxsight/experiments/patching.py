@@ -5,8 +5,8 @@ All three return a :class:`PatchingResult`: a tensor of scores with named axes.
 - :func:`activation_patching` patches the clean run's activation into the corrupted run at
   every (site kind, layer, position) cell and measures ``metric`` on the patched logits.
   The cells run in large batches with the corrupted run's computation before the patched
-  layer reused (see :mod:`fxsight.experiments.sweeps`); the numbers are those of a one-cell-at-a-time
-  loop.
+  layer reused (see :mod:`fxsight.experiments.sweeps`); the numbers are those of a
+  one-cell-at-a-time loop.
 - :func:`steering_sweep` adds ``scale * vector`` to the residual stream at every (vector,
   layer, scale) cell, with the same machinery.
 - :func:`attribution` estimates activation patching's scores from one forward and one
@@ -70,12 +70,13 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
 
     ``sites``: ``"resid"`` (a block's output: the residual stream after it), ``"attn"``
     (the block's attention output, item 0 if it returns a tuple), ``"mlp"`` (its MLP's
-    output), ``"resid_pre"`` (a block's input; layer 0: the embeddings). ``positions``: ``"all"`` or a list of token positions; ``layers``: all or a
-    list. Batches are sized to ``memory_budget`` bytes of activations unless
-    ``batch_size`` is given; ``progress`` shows a tqdm bar. ``blocks``: the ``ModuleList``
-    of blocks (its path, e.g. ``"model.decoder.layers"``, or its envoy), needed where the
-    model has several (an encoder-decoder); by default its one stack of blocks. Other
-    keywords go to the model's forward.
+    output), ``"resid_pre"`` (a block's input; layer 0: the embeddings). ``positions``:
+    ``"all"`` or a list of token positions; ``layers``: all or a list. Batches are sized
+    to ``memory_budget`` bytes of activations unless ``batch_size`` is given; ``progress``
+    shows a tqdm bar. ``blocks``: the ``ModuleList`` of blocks (its path, e.g.
+    ``"model.decoder.layers"``, or its envoy), needed where the model has several (an
+    encoder-decoder); by default its one stack of blocks. Other keywords go to the model's
+    forward.
 
     **Datasets**: ``clean`` and ``corrupted`` may be sequences of prompts (or ``clean`` a
     sequence of dicts with ``"clean"``, ``"corrupted"`` and optionally ``"metric"``, with
