@@ -1177,6 +1177,24 @@ def test_the_operations_of_a_call_read_through_both_of_its_names(backend):
         out = net.output.save()
     assert torch.equal(inner, torch.full((2, 3), 3.0))
     assert torch.equal(out, torch.full((2, 3), 9.0))
+    # three names of one call: a closure inside a closure
+    net = NNsight(_ClosureInAClosureCallingAFunction())
+    with net.trace(x, backend=backend):
+        names = [net.source._tanh_of_0, net.source.mid_0.source._tanh_of_0,
+                 net.source.mid_0.source.inner_0.source._tanh_of_0]
+        saved = [name.source.torch_tanh_0.output.save() for name in names]
+        out = net.output.save()
+    assert all(torch.equal(value, torch.tanh(x)) for value in saved)
+    assert torch.equal(out, torch.tanh(x) * 2 + 1)
+
+
+class _ClosureInAClosureCallingAFunction(torch.nn.Module):
+    def forward(self, x):
+        def mid(t):
+            def inner(u):
+                return _tanh_of(u) * 2
+            return inner(t) + 1
+        return mid(x)
 
 
 def test_an_operation_calling_a_closure_keeps_nothing_alive():
