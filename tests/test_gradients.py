@@ -811,3 +811,27 @@ def test_grad_of_a_row_of_a_tensor_output_says_to_index_the_gradient(backend):
         row = net.layer1.output.grad[0].save()
         net.output.sum().backward()
     assert row.shape == (10,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_error_names_the_first_offending_line(gpt2, backend):
+    """Several invokes with the same unsupported ``.grad`` (of an item inside a tensor):
+    the error names the first one in the block's order, on both backends."""
+    net = NNsight(gpt2)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(TraceError) as caught:
+        with net.trace(backend=backend, use_cache=False) as tracer:
+            with tracer.invoke(ids):
+                first_line = _line_after()
+                net.transformer.h[0].output[0][0].grad.save()
+            for _ in range(5):
+                with tracer.invoke(ids):
+                    net.transformer.h[0].output[0][0].grad.save()
+    assert ".grad of a part of a tensor" in str(caught.value)
+    assert f":{first_line}:" in str(caught.value)
+
+
+def _line_after() -> int:
+    """The line number after the caller's line."""
+    import inspect
+    return inspect.currentframe().f_back.f_lineno + 1

@@ -6,6 +6,8 @@ same numbers from the generator as in the plain forward with hooks."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -186,3 +188,46 @@ def test_an_applied_function_whose_value_is_not_used_still_runs(backend, referen
     assert tracer.backend == backend
     assert torch.equal(h2, expected)
     assert torch.equal(torch.get_rng_state(), expected_rng)
+
+
+def _dropout_mlp() -> torch.nn.Sequential:
+    """A tiny MLP with dropouts, in train mode (each dropout draws)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(OrderedDict(
+            fc1=torch.nn.Linear(5, 8), drop1=torch.nn.Dropout(0.5),
+            fc2=torch.nn.Linear(8, 8), drop2=torch.nn.Dropout(0.5),
+            fc3=torch.nn.Linear(8, 2)))
+    return model.train()
+
+
+@pytest.mark.compile
+def test_an_applied_draw_in_a_compiled_trace_takes_the_eager_numbers(reference_hooks):
+    """``compile=True``: an applied function drawing ``torch.rand_like``, written into
+    ``fc2``'s output, draws after ``drop1`` and before ``drop2`` with the same numbers as
+    the eager trace and a plain hook at ``fc2`` (inductor keeps the fallback generator for
+    it), and leaves the generator where they leave it."""
+    model = _dropout_mlp()
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    kept = {}
+
+    def keep(module, args, output):
+        kept["drop1"] = output
+
+    def add_noise(module, args, output):
+        return output + _noisy(kept["drop1"])[:, :8]
+
+    torch.manual_seed(0)
+    with torch.no_grad(), reference_hooks(model, hooks={"drop1": keep, "fc2": add_noise}):
+        expected = model(x)
+    expected_rng = torch.get_rng_state()
+    net = NNsight(model)
+    for compile in (False, True):
+        torch.manual_seed(0)
+        with torch.no_grad(), net.trace(x, backend="fx", compile=compile) as tracer:
+            h = net.drop1.output
+            net.fc2.output = net.fc2.output + fxsight.apply(_noisy, h)[:, :8]
+            out = net.output.save()
+        assert tracer.backend == "fx"
+        assert torch.equal(out, expected), f"compile={compile}"
+        assert torch.equal(torch.get_rng_state(), expected_rng), f"compile={compile}"

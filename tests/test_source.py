@@ -1144,6 +1144,59 @@ def test_a_closures_operation_read_by_both_names(backend):
     assert torch.equal(out, torch.full((2, 3), 2.0))
 
 
+def _tanh_of(t):
+    return torch.tanh(t)
+
+
+class _ClosureCallingAFunction(torch.nn.Module):
+    def forward(self, x):
+        def inner(t):  # (its _tanh_of_0 is the forward's _tanh_of_0: one call, two names)
+            return _tanh_of(t) * 2
+        return inner(x) + 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_operations_of_a_call_read_through_both_of_its_names(backend):
+    """``.source`` of one call reached by both its names (the forward's ``_tanh_of_0`` and
+    the closure's ``inner_0.source._tanh_of_0``) in one trace: its operations are sites
+    under both (was: a raw SourceError while running, a CaptureError on fx, naming no
+    line). As one level up, the closure's name is the outer of the two."""
+    net = NNsight(_ClosureCallingAFunction())
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    with net.trace(x, backend=backend):
+        outer = net.source._tanh_of_0.source.torch_tanh_0.output.save()
+        inner = net.source.inner_0.source._tanh_of_0.source.torch_tanh_0.output.save()
+        out = net.output.save()
+    assert torch.equal(outer, torch.tanh(x)) and torch.equal(inner, torch.tanh(x))
+    assert torch.equal(out, torch.tanh(x) * 2 + 1)
+    with net.trace(x, backend=backend):
+        outer = net.source._tanh_of_0.source.torch_tanh_0.output
+        net.source._tanh_of_0.source.torch_tanh_0.output = outer * 0 + 3
+        inner = net.source.inner_0.source._tanh_of_0.source.torch_tanh_0.output.save()
+        net.source.inner_0.source._tanh_of_0.source.torch_tanh_0.output = inner + 1
+        out = net.output.save()
+    assert torch.equal(inner, torch.full((2, 3), 3.0))
+    assert torch.equal(out, torch.full((2, 3), 9.0))
+    # three names of one call: a closure inside a closure
+    net = NNsight(_ClosureInAClosureCallingAFunction())
+    with net.trace(x, backend=backend):
+        names = [net.source._tanh_of_0, net.source.mid_0.source._tanh_of_0,
+                 net.source.mid_0.source.inner_0.source._tanh_of_0]
+        saved = [name.source.torch_tanh_0.output.save() for name in names]
+        out = net.output.save()
+    assert all(torch.equal(value, torch.tanh(x)) for value in saved)
+    assert torch.equal(out, torch.tanh(x) * 2 + 1)
+
+
+class _ClosureInAClosureCallingAFunction(torch.nn.Module):
+    def forward(self, x):
+        def mid(t):
+            def inner(u):
+                return _tanh_of(u) * 2
+            return inner(t) + 1
+        return mid(x)
+
+
 def test_an_operation_calling_a_closure_keeps_nothing_alive():
     """What ``.source`` shows of a closure the forward defines is its code: the caches keep
     neither its variables (the trace's tensors) nor, through the instrumented forward's

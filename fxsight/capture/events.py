@@ -38,6 +38,20 @@ def _replaced(before: Any, after: Any) -> list:
 
 _ABSENT = object()  # (an instance attribute that was not there)
 _CALLED = "__fxsight_called__"  # (attribute of a dispatcher's wrapper: the function it calls)
+# (attribute of an enclosing function's wrapper, set by a nested function's dispatcher for
+# the one call it wraps: ``((path, tree), ...)``, the nested functions' names for the same
+# call, whose operations the callee's calls are too)
+_ALSO = "__fxsight_also__"
+
+
+def _wrapper_also(wrapper: Any, names: tuple[tuple[str, dict], ...]) -> Any:
+    """``wrapper`` (an enclosing function's operation wrapping a call) told that the call
+    is the operations ``names`` too (``(path, tree)``: ``tree`` instruments the callee's
+    operations under ``path``)."""
+    def call(*args, **kwargs):
+        setattr(wrapper, _ALSO, names)
+        return wrapper(*args, **kwargs)
+    return call
 
 
 def _within(enclosing: Any, dispatch: Any, names: dict[str, str]) -> Any:
@@ -139,13 +153,14 @@ class ModuleEvents:
                 target = fn
                 self.callees[path] = ops.merged_callee(  # (for ``.source`` of it)
                     self.callees.get(path), ops.callee(called))
-                if inner is not None:
-                    if called is not fn:
-                        raise ops.SourceError(
-                            f"{path} is also an operation of the function that defines "
-                            f"its function, read there in this trace too: the operations "
-                            f"of what it calls can be read through one of them only")
-                    target = self._instrumented_callee(fn, path, inner)
+                names = ((path, inner),) if inner is not None else ()
+                names += getattr(call, _ALSO, ())  # (nested functions' names of the call)
+                if names and called is not fn:
+                    # (the enclosing function's name for this call instruments the callee:
+                    # its calls are these names' operations too)
+                    target = _wrapper_also(fn, names)
+                elif names:
+                    target = self._instrumented_callee(fn, *names[0], names[1:])
                 if not emit:
                     return target(*args, **kwargs)
                 count = self.calls.get(path, 0)
@@ -170,12 +185,22 @@ class ModuleEvents:
         dispatch.instrumenting = ops.innermost(function)
         return dispatch
 
-    def _instrumented_callee(self, fn: Any, path: str, tree: dict) -> Any:
+    def _instrumented_callee(self, fn: Any, path: str, tree: dict,
+                             also: tuple[tuple[str, dict], ...] = ()) -> Any:
+        """``fn`` instrumented under ``<path>.source`` (``tree``: its calls' own
+        instrumentation); ``also``: ``(path, tree)`` of other names of the same call (a
+        nested function's, ``inner_0.source.g_0``, of the enclosing ``g_0``, innermost
+        last): each call inside is an operation under all, a nested name's events around
+        its enclosing one's."""
         if isinstance(fn, torch.nn.Module):
             raise ops.SourceError(
                 f"{path} calls a module ({type(fn).__name__}): reach its operations "
                 f"through the module's own envoy (model.<its path>.source)")
         dispatch = self._dispatcher(f"{path}.{ops.SOURCE}", tree, fn)
+        for other_path, other_tree in also:
+            other = self._dispatcher(f"{other_path}.{ops.SOURCE}", other_tree, fn)
+            dispatch = _within(dispatch, other, {name: name for name in
+                                                 ops.parse(ops.innermost(fn)).operations})
         enclosing = ops.enclosing_dispatch(fn)
         if enclosing is not None:  # (its calls are sites of the enclosing function's too)
             dispatch = _within(enclosing, dispatch, ops.enclosing_names(

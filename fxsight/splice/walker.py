@@ -51,8 +51,9 @@ class Walker:
         self.current_position: dict[Site, int] = {}
         # gradients: nodes that run after the forward pass, and the grad taps of sites
         self.backward_nodes = backward_phase(program)
-        self.grad_nodes = [n for n in self.backward_nodes
-                           if n.kind in (Kind.GRAD, Kind.GRAD_WRITE)]
+        # (in the block's order: the first offending line is the one an error names)
+        self.grad_nodes = [n for n in program.nodes if n in self.backward_nodes
+                           and n.kind in (Kind.GRAD, Kind.GRAD_WRITE)]
         self.grad_keys: dict[Node, str] = {}
         # how many times each site's value has changed (whole writes, in-place changes): a
         # gradient read after a change is the changed value's (a tap of its own), as a
