@@ -487,6 +487,8 @@ def _describe(value: Any) -> str:
 def _caches_of_rows(value: Any, rows: Rows) -> Any:
     """``value`` with each cache object in it (the object, or its fx reference) holding
     ``rows`` only: a cache read in an invoke is the invoke's own."""
+    if isinstance(value, (torch.Tensor, fx.Node)):  # (the common read: nothing to do)
+        return value
     flat, spec = pytree.tree_flatten(value, is_leaf=is_cache)
     if not any(type(leaf) is CacheRef or is_cache(leaf) for leaf in flat):
         return value
