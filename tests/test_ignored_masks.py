@@ -1,5 +1,6 @@
-"""Padded batches of a model that takes an attention_mask and ignores it are refused before
-anything runs (the pads would change the rows they pad), whatever the model: found from
+"""Padded batches of a model that takes an attention_mask and ignores it (or reads it only
+as token positions, or only in a loss) are refused before anything runs (the pads would
+change the rows they pad), whatever the model: found from
 its captured graph on the fx backend, from a forward pass on fake tensors on the hooks
 backend and in ``generate``. Models that honour the mask are not refused, and each
 invoke's values equal its prompt run alone (plain forward, forward hooks)."""
@@ -9,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from models import tiny_gpt2, tiny_llama
-from transformers import GPT2LMHeadModel
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
+from transformers.modeling_outputs import CausalLMOutput
 
 from fxsight import LanguageModel, TraceError
 
@@ -60,6 +62,51 @@ class _GPT2IgnoresMask(GPT2LMHeadModel):
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
         return super().forward(input_ids=input_ids, **kwargs)
+
+
+class _PositionsFromMask(_IgnoresMask):
+    """Reads the mask only for its tokens' positions (the rows of a position embedding);
+    every token reads the ones before it, pads included."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions = torch.nn.Embedding(16, 8)
+
+    def forward(self, input_ids, attention_mask=None):
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return self.head(self.body(self.embed(input_ids) + self.positions(positions)))
+
+
+class _LossFromMask(_IgnoresMask):
+    """Reads the mask only in a loss over its real tokens; its logits read the pads."""
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.head(self.body(self.embed(input_ids)))
+        loss = (logits.logsumexp(-1) * attention_mask).sum() / attention_mask.sum()
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+def _positions_from_mask(mask):
+    """transformers' generate's positions of left-padded rows."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+class _GPT2PositionsFromMask(GPT2LMHeadModel):
+    """GPT-2 whose forward takes the mask's positions (its learned position embedding's
+    rows) and attends to every token, pads included."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return super().forward(input_ids=input_ids, position_ids=_positions_from_mask(
+            attention_mask), **kwargs)
+
+
+class _LlamaPositionsFromMask(LlamaForCausalLM):
+    """Llama whose forward takes the mask's positions (rotary angles) and attends to
+    every token, pads included."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return super().forward(input_ids=input_ids, position_ids=_positions_from_mask(
+            attention_mask), **kwargs)
 
 
 def _model(cls):
@@ -160,3 +207,60 @@ def test_models_that_honour_the_mask_are_not_refused(make, backend):
     torch.testing.assert_close(la, ra)
     torch.testing.assert_close(lb[:, -3:], rb)
     torch.testing.assert_close(hb[:, -3:], h)
+
+
+def _logits(output):
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def _padded_rows_differ(model, a, b, **kwargs):
+    """The reference: the plain model's padded row of ``b`` is not ``b`` alone."""
+    ids = torch.tensor([a, [0] * (len(a) - len(b)) + b])
+    mask = torch.tensor([[1] * len(a), [0] * (len(a) - len(b)) + [1] * len(b)])
+    with torch.no_grad():
+        batched = _logits(model(ids, attention_mask=mask, **kwargs))
+        alone = _logits(model(torch.tensor([b]), attention_mask=torch.ones(
+            1, len(b), dtype=torch.long), **kwargs))
+    n = alone.shape[1]
+    return not torch.allclose(batched[1:, -n:], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _model(_PositionsFromMask), lambda: _model(_LossFromMask),
+    lambda: _GPT2PositionsFromMask(tiny_gpt2().config).eval(),
+    lambda: _LlamaPositionsFromMask(tiny_llama().config).eval()],
+    ids=["positions", "loss", "gpt2-positions", "llama-rotary"])
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_mask_read_only_for_positions_or_a_loss_is_refused(make, backend):
+    """A mask that reaches the logits only as token positions (an embedding's rows,
+    rotary angles), or reaches only a loss, does not keep the rows from the pads: the
+    plain model's padded row differs from the prompt alone, so fxsight refuses the
+    padded batch before running (was run: the mask reached an output)."""
+    model = make()
+    a, b = [5, 6, 7, 8, 9, 10], [12, 13, 14]
+    assert _padded_rows_differ(model, a, b)
+    name = type(model).__name__
+    lm = LanguageModel(model)
+    why = r"(token positions|logits is not computed from it, only its loss)"
+    with pytest.raises(TraceError, match=rf"(?s)invoke #1 is 3 tokens long.*{name} ignores "
+                                         rf"the attention_mask.*{why}.*test_ignored_masks"):
+        with lm.trace(backend=backend) as tracer:
+            with tracer.invoke(a):
+                lm.output.save()
+            with tracer.invoke(b):
+                lm.output.save()
+    if isinstance(model, GPT2LMHeadModel):
+        with pytest.raises(TraceError, match=rf"{name} ignores the attention_mask.*{why}"):
+            with lm.generate([a, b], max_new_tokens=2, do_sample=False, backend=backend):
+                lm.generator.output.save()
+    with torch.no_grad(), lm.trace(backend=backend) as tracer:  # (equal lengths: no pads)
+        with tracer.invoke(a):
+            la = lm.output.save()
+        with tracer.invoke(b[:2] + a[2:]):
+            lb = lm.output.save()
+    with torch.no_grad():
+        ones = torch.ones(1, len(a), dtype=torch.long)
+        torch.testing.assert_close(_logits(la), _logits(model(torch.tensor([a]),
+                                                              attention_mask=ones)))
+        torch.testing.assert_close(_logits(lb), _logits(model(torch.tensor([b[:2] + a[2:]]),
+                                                              attention_mask=ones)))

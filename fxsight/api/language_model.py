@@ -359,11 +359,14 @@ class LanguageModel(TokenEncoding, NNsight):
             f"lengths)", line))
 
     def _check_batch(self, tracer: Any, args: tuple, kwargs: dict) -> None:
-        """Raise before the run where the batch's rows are padded but the model computes
-        nothing from the attention mask it is given: its captured graph (or, on the hooks
-        backend and in ``generate``, a forward pass on fake tensors) has no output that
-        depends on the mask, so the pads would change the rows they pad. A model known to
-        ignore its mask was refused as its invoke was added (``_check_padding``).
+        """Raise before the run where the batch's rows are padded but the model does not
+        keep them from the pads: the outputs the rows are read from (its logits; an
+        encoder-decoder's encoder hidden states too) are not computed from the attention
+        mask's values in its captured graph (or, on the hooks backend and in ``generate``,
+        in a forward pass on fake tensors): the mask is ignored, or read only as token
+        positions (``mask.cumsum(-1)`` as an index or as angles) or only by a loss, so the
+        pads would change the rows they pad. A model known to ignore its mask was
+        refused as its invoke was added (``_check_padding``).
         ``tracer``: ``None`` for a plain run (``trace=False``) of ``kwargs``."""
         mask = kwargs.get("attention_mask")
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
@@ -379,10 +382,10 @@ class LanguageModel(TokenEncoding, NNsight):
         try:
             source = tracer._run_source(args, kwargs) if tracer is not None else \
                 scan.cached_scan(self._module, args, kwargs)
-            unread = source.unread_inputs
+            reason = source.input_reads.rows_unread(index)
         except Exception:  # noqa: BLE001 - a forward these inputs alone cannot run (an
             return         # encoder-decoder's, whose decoder generate feeds): not known
-        if index not in unread:
+        if reason is None:
             return
         if len(set(lengths)) > 1:
             longest = max(range(len(lengths)), key=lengths.__getitem__)
@@ -395,10 +398,10 @@ class LanguageModel(TokenEncoding, NNsight):
                    "attention_mask with zeros)"
         name = type(self._module).__name__
         raise TraceError(at_line(
-            f"{what}, but {name} ignores the attention_mask it is given (no output of its "
-            f"forward is computed from it): the padding would change the values of the "
-            f"rows it pads. Run prompts of different lengths in separate traces (or "
-            f"invokes of equal lengths)", tracer._line if tracer is not None else user_line()))
+            f"{what}, but {name} ignores the attention_mask it is given ({reason}): the "
+            f"padding would change the values of the rows it pads. Run prompts of "
+            f"different lengths in separate traces (or invokes of equal lengths)",
+            tracer._line if tracer is not None else user_line()))
 
     def _with_positions(self, batched: dict, invokes: list[tuple[dict, int]],
                         padded: bool | None = None) -> dict:

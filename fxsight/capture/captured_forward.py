@@ -16,7 +16,7 @@ from .._torch import pytree, unflatten_keeping_sizes
 from ..errors import NotOnGraph
 from . import caches
 from .hidden import NestedTensor
-from .input_flow import unread_placeholders
+from .input_flow import InputReads, input_reads, output_flows
 from ..record.sites import Site
 
 
@@ -74,15 +74,31 @@ class Captured:
         self.index = {site: i for i, site in enumerate(self.events)}
 
     @property
+    def input_reads(self) -> InputReads:
+        """What the captured forward's outputs carry of each input (indices in
+        ``captures.flat_inputs``, the graph's placeholders; see ``input_flow``): an
+        output's entries by name (``logits``), a cache object's tensors aside."""
+        reads = self.graph_module.meta.get("fxsight_input_reads")
+        if reads is None:
+            leaves, flows, inputs = output_flows(self.graph_module.graph,
+                                                 torch.ops.fxsight.boundary.default)
+            output = pytree.tree_unflatten(leaves, self.out_spec)
+            if self.caches is not None:  # (the graph's (leaves, finals): caches aside)
+                layout, rest = self.caches, iter(output[0])
+                output = pytree.tree_unflatten(
+                    [None if i in layout.positions else next(rest)
+                     for i in range(layout.model_spec.num_leaves)], layout.model_spec)
+            reads = self.graph_module.meta["fxsight_input_reads"] = input_reads(
+                output, lambda leaf: flows.get(leaf, (0, 0)) if isinstance(leaf, fx.Node)
+                else (0, 0),
+                lambda leaf: leaf.meta.get("val") if isinstance(leaf, fx.Node) else None,
+                inputs)
+        return reads
+
+    @property
     def unread_inputs(self) -> frozenset[int]:
-        """The inputs (indices in ``captures.flat_inputs``, the graph's placeholders) that
-        no output of the captured forward is computed from (see ``input_flow``)."""
-        unread = self.graph_module.meta.get("fxsight_unread_inputs")
-        if unread is None:
-            unread = self.graph_module.meta["fxsight_unread_inputs"] = \
-                unread_placeholders(self.graph_module.graph,
-                                    torch.ops.fxsight.boundary.default)
-        return unread
+        """The inputs that no output of the captured forward is computed from."""
+        return self.input_reads.unread()
 
     def alias_keys(self, site: Site) -> frozenset:
         """What ``site``'s tensors share memory with, as keys: two sites whose keys meet

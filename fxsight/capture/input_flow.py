@@ -1,22 +1,31 @@
-"""Which inputs of a forward pass its output is computed from.
+"""Which inputs of a forward pass its output is computed from, and how.
 
 A model can take an input and ignore it: a causal LM whose ``forward`` accepts an
 ``attention_mask`` and never reads it (a recurrent model, a model of the user's own). Its
 left-padded rows then read the pads, so a batch of prompts of different lengths is silently
-wrong for the shorter ones. What the output is computed from is known two ways:
+wrong for the shorter ones. A mask can also be read and still not keep the rows from the
+pads: read for the token positions only (``mask.cumsum(-1)`` as the rows of a position
+embedding, or as rotary angles), or only in a loss. What the output is computed from is
+known two ways:
 
-- from a captured graph: a placeholder from which no path of users reaches the output
-  (:func:`unread_placeholders`);
+- from a captured graph: each node carries the placeholders its inputs carry
+  (:func:`output_flows`);
 - from a forward pass run on fake tensors (the scan): each tensor an operator makes from an
   input's tensors (or writes into their memory) carries that input on (:class:`InputFlow`).
 
 Both skip operators whose result depends on their input's shape and dtype only
 (``torch.ones_like(mask)``, ``mask.new_zeros(n)``): an output made that way does not read
-the input.
+the input. Both tell an input's *values* from its use as *positions*: what flows through
+an integer index (the rows an embedding looks up, the elements a gather takes) or an
+angle (``sin``, ``cos``: rotary and sinusoidal positions) only places or selects values,
+so from there on it carries the input as a position. :class:`InputReads` says, for each
+input, whether the outputs the rows are read from (the logits, the hidden states)
+carry its values.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,91 +44,220 @@ _SHAPE_ONLY = frozenset({
     _aten.new_full, _aten.sym_size, _aten.sym_stride, _aten.sym_numel,
     _aten.sym_storage_offset, _aten.size, _aten.stride, _aten.dim, _aten.numel,
 })
+# operators' index arguments (position, name): an integer tensor there selects or places
+# the values of the others (a bool one masks them: its values are read as values)
+_INDEX_ARGUMENTS = {
+    _aten.embedding: (1, "indices"), _aten.embedding_bag: (1, "indices"),
+    _aten.index: (1, "indices"), _aten._unsafe_index: (1, "indices"),
+    _aten.index_put: (1, "indices"), _aten.index_put_: (1, "indices"),
+    _aten._unsafe_index_put: (1, "indices"), _aten._index_put_impl_: (1, "indices"),
+    _aten.gather: (2, "index"), _aten.index_select: (2, "index"),
+    _aten.take: (1, "index"), _aten.take_along_dim: (1, "indices"),
+    _aten.scatter: (2, "index"), _aten.scatter_: (2, "index"),
+    _aten.scatter_add: (2, "index"), _aten.scatter_add_: (2, "index"),
+    _aten.scatter_reduce: (2, "index"), _aten.scatter_reduce_: (2, "index"),
+    _aten.index_add: (2, "index"), _aten.index_add_: (2, "index"),
+    _aten.index_copy: (2, "index"), _aten.index_copy_: (2, "index"),
+    _aten.index_fill: (2, "index"), _aten.index_fill_: (2, "index"),
+}
+# operators that make angles into values: positions through them stay positions
+_ANGLES = frozenset({_aten.sin, _aten.sin_, _aten.cos, _aten.cos_, _aten.polar})
+# the entries of a transformers output that hold the rows (one value per token); where an
+# output has none of them, every tensor of two or more dimensions is taken instead
+_ROW_OUTPUTS = ("logits", "last_hidden_state", "encoder_last_hidden_state")
+
+Flow = tuple[int, int]  # (inputs whose values it carries, inputs it carries as positions)
+_NONE: Flow = (0, 0)
+
+
+def _packet(target: Any) -> Any:
+    return getattr(target, "overloadpacket", None)
 
 
 def _shape_only(target: Any) -> bool:
-    return getattr(target, "overloadpacket", None) in _SHAPE_ONLY
+    return _packet(target) in _SHAPE_ONLY
 
 
-def unread_placeholders(graph: fx.Graph, marker: Any) -> frozenset[int]:
-    """The indices (in placeholder order) of the tensor placeholders of ``graph`` that no
-    output is computed from. Each node carries the placeholders its inputs carry, and so
-    does the memory an operator writes in place (``copy_`` into a slice of a tensor of the
-    forward's own): a later node reading that memory, through any view, carries them too
-    (``marker``: the boundary marker, an identity)."""
+def _or(a: Flow, b: Flow) -> Flow:
+    return a[0] | b[0], a[1] | b[1]
+
+
+def _as_positions(flow: Flow) -> Flow:
+    return 0, flow[0] | flow[1]
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and not value.dtype.is_floating_point and \
+        not value.dtype.is_complex and value.dtype is not torch.bool
+
+
+def _operator_flow(target: Any, args: tuple, kwargs: dict, flow_of: Any,
+                   tensor_of: Any) -> Flow:
+    """What an operator's result carries: its arguments' flows (``flow_of(leaf)``), an
+    integer index argument's (``tensor_of(leaf)``: its tensor, for the dtype) and an
+    angle's as positions."""
+    packet = _packet(target)
+    index = _INDEX_ARGUMENTS.get(packet)
+    index_arg = None
+    if index is not None:
+        position, name = index
+        index_arg = args[position] if position < len(args) else kwargs.get(name)
+    flow = _NONE
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        carried = flow_of(leaf)
+        if carried != _NONE and index_arg is not None and _integer(tensor_of(leaf)) and \
+                any(leaf is x for x in pytree.tree_leaves(index_arg)):
+            carried = _as_positions(carried)
+        flow = _or(flow, carried)
+    return _as_positions(flow) if packet in _ANGLES else flow
+
+
+@dataclass(frozen=True)
+class InputReads:
+    """What the outputs of a forward pass carry of each of its tensor inputs (indices in
+    ``captures.flat_inputs``): ``outputs`` holds, for each tensor leaf of the output, its
+    entry's name (``""`` where it has none), whether the rows are read from it, and its
+    :data:`Flow`; ``inputs`` the bits of the inputs followed."""
+
+    outputs: tuple[tuple[str, bool, Flow], ...]
+    inputs: int
+
+    def unread(self) -> frozenset[int]:
+        """The inputs no output carries at all."""
+        reached = 0
+        for _, _, (values, positions) in self.outputs:
+            reached |= values | positions
+        missing = self.inputs & ~reached
+        return frozenset(i for i in range(missing.bit_length()) if missing >> i & 1)
+
+    def rows_unread(self, index: int) -> str | None:
+        """Why the rows' outputs (the logits, the hidden states) are not computed from
+        input ``index``'s values, or ``None`` where each of them is."""
+        bit = 1 << index
+        if not self.inputs & bit:
+            return None
+        rows = [(name or "output", flow) for name, row, flow in self.outputs if row]
+        missing = [(name, flow) for name, flow in rows if not flow[0] & bit]
+        if rows and not missing:
+            return None
+        if not any((flow[0] | flow[1]) & bit for _, _, flow in self.outputs):
+            return "no output of its forward is computed from it"
+        if not rows:
+            return "no output of its forward that holds a value per token is computed " \
+                   "from it"
+        names = ", ".join(dict.fromkeys(name for name, _ in missing))
+        if any(flow[1] & bit for _, flow in missing):
+            return f"its {names} read it only as token positions (an index into a table, " \
+                   f"or angles), not in which tokens each token reads"
+        others = ", ".join(dict.fromkeys(name or "output" for name, _, flow in self.outputs
+                                         if (flow[0] | flow[1]) & bit))
+        return f"its {names} is not computed from it, only its {others}"
+
+
+def input_reads(output: Any, flow_of: Any, tensor_of: Any, inputs: int) -> InputReads:
+    """The :class:`InputReads` of ``output`` (a forward's output, its leaves whatever
+    ``flow_of`` and ``tensor_of`` take: tensors, graph nodes)."""
+    pairs = pytree.tree_flatten_with_path(output)[0]
+    entries = []
+    for path, leaf in pairs:
+        tensor = tensor_of(leaf)
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        first = path[0] if path else None
+        name = getattr(first, "key", getattr(first, "name", ""))
+        entries.append((name if isinstance(name, str) else "", tensor, flow_of(leaf)))
+    named = any(name in _ROW_OUTPUTS for name, _, _ in entries)
+    return InputReads(tuple(
+        (name, name in _ROW_OUTPUTS if named else
+         tensor.dim() >= 2 and "loss" not in name, flow)
+        for name, tensor, flow in entries), inputs)
+
+
+def output_flows(graph: fx.Graph, marker: Any) -> tuple[list[Any], dict[Any, Flow], int]:
+    """The leaves of ``graph``'s output (graph nodes, constants), each node's
+    :data:`Flow` of the placeholders (in placeholder order) and the bits of its tensor
+    placeholders. The memory an operator writes in place (``copy_`` into a slice of a
+    tensor of the forward's own) carries what it writes: a later node reading that
+    memory, through any view, carries it too (``marker``: the boundary marker, an
+    identity)."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    carried: dict[fx.Node, int] = {node: 1 << i for i, node in enumerate(placeholders)}
-    in_memory: dict[fx.Node, int] = {}  # root node -> what was written into its memory
+    carried: dict[fx.Node, Flow] = {node: (1 << i, 0) for i, node in enumerate(placeholders)}
+    in_memory: dict[fx.Node, Flow] = {}  # root node -> what was written into its memory
 
-    def carries(node: fx.Node) -> int:
-        bits = carried.get(node, 0)
+    def carries(node: Any) -> Flow:
+        if not isinstance(node, fx.Node):
+            return _NONE
+        flow = carried.get(node, _NONE)
         for root in memory_roots([node], marker):
-            bits |= in_memory.get(root, 0)
-        return bits
+            flow = _or(flow, in_memory.get(root, _NONE))
+        return flow
 
-    reached = 0
+    def tensor_of(node: Any) -> Any:
+        return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+    leaves: list[Any] = []
     for node in graph.nodes:
         if node.op == "placeholder" or _shape_only(node.target):
             continue
-        bits = 0
-        for given in node.all_input_nodes:
-            bits |= carries(given)
         if node.op == "output":
-            reached |= bits
+            leaves = pytree.tree_leaves(node.args[0])
             continue
-        carried[node] = bits
-        if bits:
+        flow = _operator_flow(node.target, node.args, node.kwargs, carries, tensor_of)
+        carried[node] = flow
+        if flow != _NONE:
             for position, name in written_arguments(node.target):
                 written = node.args[position] if position < len(node.args) else \
                     node.kwargs.get(name)
                 for tensor in written if isinstance(written, (list, tuple)) else (written,):
                     if isinstance(tensor, fx.Node):
                         for root in memory_roots([tensor], marker):
-                            in_memory[root] = in_memory.get(root, 0) | bits
-    return frozenset(i for i, node in enumerate(placeholders) if not reached >> i & 1
-                     and isinstance(node.meta.get("val"), torch.Tensor))
+                            in_memory[root] = _or(in_memory.get(root, _NONE), flow)
+    tensors = 0
+    for i, node in enumerate(placeholders):
+        if isinstance(node.meta.get("val"), torch.Tensor):
+            tensors |= 1 << i
+    return leaves, {node: carries(node) for node in leaves if isinstance(node, fx.Node)}, \
+        tensors
 
 
 class InputFlow:
     """While active (``with flow:``), follows the tensors of ``inputs`` (a flat list, as
     ``captures.flat_inputs`` makes it; only its tensors are followed) through every
     operator run: a result, and the memory of every tensor it shares storage with, carries
-    the inputs its arguments carry. :meth:`unread` then names the inputs an output does
-    not carry. Enter it inside the fake tensor mode, with the tensors the forward is given."""
+    the inputs its arguments carry. :meth:`reads` then says what an output carries. Enter
+    it inside the fake tensor mode, with the tensors the forward is given."""
 
     def __init__(self, inputs: list[Any]):
-        self._carried: dict[int, int] = {}  # storage key -> bit set of inputs
+        self._carried: dict[int, Flow] = {}  # storage key -> flow
         self._kept: list[torch.Tensor] = []  # (storage keys are valid while these live)
         self._followed = 0
         for index, value in enumerate(inputs):
             if isinstance(value, torch.Tensor):
-                self._mark(value, 1 << index)
+                self._mark(value, (1 << index, 0))
                 self._followed |= 1 << index
         self._active = None
 
-    def _mark(self, tensor: torch.Tensor, bits: int) -> None:
+    def _mark(self, tensor: torch.Tensor, flow: Flow) -> None:
         key = storage_key(tensor)
-        self._carried[key] = self._carried.get(key, 0) | bits
+        self._carried[key] = _or(self._carried.get(key, _NONE), flow)
         self._kept.append(tensor)
 
-    def _carries(self, value: Any) -> int:
-        bits = 0
-        for leaf in pytree.tree_leaves(value):
-            if isinstance(leaf, torch.Tensor):
-                bits |= self._carried.get(storage_key(leaf), 0)
-        return bits
+    def _flow_of(self, leaf: Any) -> Flow:
+        if isinstance(leaf, torch.Tensor):
+            return self._carried.get(storage_key(leaf), _NONE)
+        return _NONE
 
     def _after(self, operator: Any, args: tuple, kwargs: dict, result: Any) -> None:
         if _shape_only(operator):
             return
-        bits = self._carries((args, kwargs))
-        if not bits:
+        flow = _operator_flow(operator, args, kwargs, self._flow_of, lambda leaf: leaf)
+        if flow == _NONE:
             return
         written = [args[i] if i < len(args) else kwargs.get(name)
                    for i, name in written_arguments(operator)]
         for leaf in pytree.tree_leaves((result, written)):
             if isinstance(leaf, torch.Tensor):
-                self._mark(leaf, bits)
+                self._mark(leaf, flow)
 
     def __enter__(self) -> "InputFlow":
         self._active = after_each_operator(self._after)
@@ -130,9 +268,9 @@ class InputFlow:
         active, self._active = self._active, None
         return bool(active.__exit__(*exc))
 
-    def unread(self, output: Any) -> frozenset[int]:
-        """The followed inputs ``output`` (any pytree of tensors) carries none of."""
-        missing = self._followed & ~self._carries(output)
+    def reads(self, output: Any) -> InputReads:
+        """What ``output`` (the forward's output: any pytree of tensors) carries."""
+        reads = input_reads(output, self._flow_of, lambda leaf: leaf, self._followed)
         self._kept.clear()
         self._carried.clear()
-        return frozenset(i for i in range(missing.bit_length()) if missing >> i & 1)
+        return reads

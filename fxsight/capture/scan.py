@@ -19,7 +19,7 @@ from .effects import kept_forward_effects
 from .state import Watch
 from .dispatch import offloaded
 from .events import ModuleEvents, silenced_hooks
-from .input_flow import InputFlow
+from .input_flow import InputFlow, InputReads
 from .memory import MemoryNumbers
 from ..record.sites import Site
 
@@ -37,9 +37,9 @@ class ScanResult:
     # site -> keys of the memory its tensors are in (as ``Captured.alias_keys``): sites
     # whose keys meet hold the same tensor or views of one
     aliases: dict[Site, frozenset] = field(default_factory=dict, repr=False)
-    # the tensor inputs (indices in ``captures.flat_inputs``) no output is computed from
-    # (see ``input_flow``; a cache object's tensors are not followed)
-    unread_inputs: frozenset = frozenset()
+    # what the outputs carry of each tensor input (indices in ``captures.flat_inputs``; see
+    # ``input_flow``; a cache object's tensors are not followed)
+    input_reads: InputReads = InputReads((), 0)
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
@@ -51,6 +51,11 @@ class ScanResult:
 
     def alias_keys(self, site: Site) -> frozenset:
         return self.aliases.get(site, frozenset())
+
+    @property
+    def unread_inputs(self) -> frozenset[int]:
+        """The tensor inputs no output is computed from."""
+        return self.input_reads.unread()
 
 
 def _to_meta(value: Any) -> Any:
@@ -120,14 +125,14 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     try:
         with silenced_hooks(model), kept_forward_effects(model, args, kwargs), \
                 autocast_cache_off():
-            output, events, unread = _run(model, args, kwargs, events, record,
+            output, events, reads = _run(model, args, kwargs, events, record,
                                           (values, devices, aliases))
     finally:
         if not before.unchanged():  # the forward changed the model: undone (a trace
             before.restore()        # changes it only as the plain forward does)
     bump("scans")
     return ScanResult(list(events.order), values, devices, _tree_map(_to_meta, output),
-                      callees=dict(events.callees), aliases=aliases, unread_inputs=unread)
+                      callees=dict(events.callees), aliases=aliases, input_reads=reads)
 
 
 def _run(model, args, kwargs, events, record, recorded):
@@ -164,7 +169,7 @@ def _run(model, args, kwargs, events, record, recorded):
                 with events.installed(), flow:
                     output = model(*args, **kwargs)
                 bump("real_scans")
-    return output, events, flow.unread(output)
+    return output, events, flow.reads(output)
 
 
 def _followed(args: tuple, kwargs: dict, given: tuple) -> list[Any]:
