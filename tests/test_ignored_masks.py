@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 from models import tiny_gpt2, tiny_llama
-from transformers import GPT2LMHeadModel, LlamaForCausalLM
+from transformers import (GPT2LMHeadModel, LlamaForCausalLM, T5Config,
+                          T5ForConditionalGeneration)
 from transformers.modeling_outputs import CausalLMOutput
+from transformers.models.t5.modeling_t5 import T5Stack
 
 from fxsight import LanguageModel, TraceError
 
@@ -264,3 +266,61 @@ def test_a_mask_read_only_for_positions_or_a_loss_is_refused(make, backend):
                                                               attention_mask=ones)))
         torch.testing.assert_close(_logits(lb), _logits(model(torch.tensor([b[:2] + a[2:]]),
                                                               attention_mask=ones)))
+
+
+class _StackIgnoresMask(T5Stack):
+    """T5's encoder with a forward that takes an attention_mask and drops it (the
+    decoder's cross-attention still reads the mask)."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return super().forward(input_ids=input_ids, **kwargs)
+
+
+def _t5(ignoring: bool):
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      pad_token_id=0, eos_token_id=2, decoder_start_token_id=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = T5ForConditionalGeneration(config).eval()
+        with torch.no_grad():  # (larger weights: the greedy tokens vary)
+            for parameter in model.parameters():
+                parameter.normal_(0, 0.3)
+    if ignoring:
+        model.encoder.__class__ = _StackIgnoresMask
+    return model
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_an_encoder_decoder_whose_encoder_ignores_the_mask_is_refused(backend):
+    """An encoder-decoder's rows are its encoder's hidden states too: where its encoder
+    ignores the mask (its decoder reads it), ``generate`` and a trace of prompts of
+    different lengths are refused (were run: the padded row's tokens differ from
+    transformers' generate of the prompt alone); a T5 that honours it gives each
+    prompt's tokens. (Its start token is given to ``generate`` only: the check's forward
+    pass starts the decoder with it, as generate does.)"""
+    a, b = [5, 6, 7, 8, 9, 10], [12, 13, 14]
+    options = dict(max_new_tokens=4, do_sample=False, decoder_start_token_id=0)
+    for ignoring in (True, False):
+        model = _t5(ignoring)
+        lm = LanguageModel(model)
+        with torch.no_grad():
+            alone = [model.generate(torch.tensor([ids]), **options)[0] for ids in (a, b)]
+        if ignoring:
+            with torch.no_grad():
+                batched = model.generate(torch.tensor([a, [0] * 3 + b]), attention_mask=
+                                         torch.tensor([[1] * 6, [0] * 3 + [1] * 3]), **options)
+            assert not torch.equal(batched[1], alone[1])  # (the reference: refuse it)
+            with pytest.raises(TraceError, match=r"(?s)T5ForConditionalGeneration ignores "
+                                                 r"the attention_mask.*encoder_last_hidden_"
+                                                 r"state is not computed.*test_ignored"):
+                with lm.generate([a, b], backend=backend, **options):
+                    lm.generator.output.save()
+            with pytest.raises(TraceError, match="encoder_last_hidden_state"):
+                with lm.trace([a, b], decoder_input_ids=torch.tensor([[0, 5], [0, 5]]),
+                              backend=backend):
+                    lm.output.logits.save()
+            continue
+        generate_backend = "hooks" if backend == "fx" else backend  # (fx: not captured)
+        with torch.no_grad(), lm.generate([a, b], backend=generate_backend, **options):
+            tokens = lm.generator.output.save()
+        assert torch.equal(tokens[0], alone[0]) and torch.equal(tokens[1], alone[1])

@@ -140,7 +140,8 @@ class Generator(Tracer):
     def _first_decoder_ids(self, kwargs: dict) -> torch.Tensor | None:
         """For an encoder-decoder model, the decoder's ids at the first decoding step
         where the inputs give none: those given to ``generate``, else its start token
-        per row (``None``: not an encoder-decoder model, or no start token known)."""
+        per row, as ``generate`` chooses it (``None``: not an encoder-decoder model, or
+        no start token known)."""
         module = self.model._module
         if not getattr(getattr(module, "config", None), "is_encoder_decoder", False) or \
                 "decoder_input_ids" in kwargs or "decoder_inputs_embeds" in kwargs:
@@ -154,12 +155,14 @@ class Generator(Tracer):
             # it learns are alike, as generate's decoder ids are one length)
             return given if given.dim() != 2 or given.shape[0] == ids.shape[0] else \
                 given[:1].expand(ids.shape[0], -1)
-        start = None
-        for config in (self._generate_kwargs.get("generation_config"),
-                       getattr(module, "generation_config", None), module.config):
-            start = getattr(config, "decoder_start_token_id", None)
-            if start is not None:
-                break
+        # (as generate chooses it: its keyword, else a config's, else the bos token)
+        start = self._generate_kwargs.get("decoder_start_token_id")
+        configs = (self._generate_kwargs.get("generation_config"),
+                   getattr(module, "generation_config", None), module.config)
+        for name in ("decoder_start_token_id", "bos_token_id"):
+            for config in configs:
+                if start is None:
+                    start = getattr(config, name, None)
         if not isinstance(start, int):
             return None
         return torch.full((ids.shape[0], 1), start, dtype=torch.long, device=ids.device)
