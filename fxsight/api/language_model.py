@@ -274,6 +274,8 @@ class LanguageModel(TokenEncoding, NNsight):
         # (a row padded in the cache's tokens counts its real tokens too)
         padded = not facts.ones or (past_mask is not None and not bool(past_mask.all()))
         self._check_padding(ids, padded, invoke, where, line)
+        if invoke is not None and own_mask is None:
+            invoke.padded = padded  # (the batch's check reads it, not the device)
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])], padded=padded)
         if own_mask is not None:
             prepared["attention_mask"] = own_mask
@@ -370,7 +372,7 @@ class LanguageModel(TokenEncoding, NNsight):
             return
         lengths = [invoke.prepared[1]["input_ids"].shape[1] for invoke in tracer.invokes] \
             if tracer is not None else [kwargs["input_ids"].shape[1]]
-        if len(set(lengths)) == 1 and bool(mask.all()):
+        if len(set(lengths)) == 1 and not _padded(tracer, mask):
             return  # (no row is padded)
         flat = flat_inputs(args, kwargs)[0]
         index = next((i for i, value in enumerate(flat) if value is mask), None)
@@ -504,6 +506,16 @@ class LanguageModel(TokenEncoding, NNsight):
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _padded(tracer: Any, mask: torch.Tensor) -> bool:
+    """Whether a row of the batch's ``mask`` has a zero, where its invokes are all as long:
+    from what each invoke's preparation found on the host where every one knows (a GPU
+    does not wait for its queue once per trace for it), else read from ``mask``."""
+    known = [invoke.padded for invoke in tracer.invokes] if tracer is not None else [None]
+    if None not in known:
+        return any(known)
+    return not bool(mask.all())
+
+
 def _generating(invoke: Any) -> bool:
     """Whether ``invoke`` belongs to ``lm.generate`` (whose input ids include the tokens of a
     cache passed in: transformers' ``generate`` takes the full sequence and its mask)."""
