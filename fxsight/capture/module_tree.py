@@ -10,6 +10,7 @@ from .._torch import dict_version_reader
 
 _dict = operator.attrgetter("__dict__")
 _submodules = operator.itemgetter("_modules")
+_WALK, _MODULES = torch.nn.Module.named_modules, torch.nn.Module.modules
 
 
 class ModuleTree:
@@ -35,8 +36,8 @@ class ModuleTree:
         """The tree of the ``modules`` a walk met now (the root first), or ``None`` where no
         version tags can be read."""
         read = dict_version_reader()
-        walk = torch.nn.Module.named_modules
-        if read is None or any(type(m).named_modules is not walk for m in modules):
+        if read is None or any(type(m).named_modules is not _WALK or
+                               type(m).modules is not _MODULES for m in modules):
             return None  # (a walk of a class's own may read more than these dicts)
         return cls(modules, read)
 
