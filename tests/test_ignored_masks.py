@@ -7,6 +7,8 @@ invoke's values equal its prompt run alone (plain forward, forward hooks)."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from models import tiny_gpt2, tiny_llama
@@ -316,3 +318,79 @@ def test_an_encoder_decoder_whose_encoder_ignores_the_mask_is_refused(backend):
         with torch.no_grad(), lm.generate([a, b], backend=backend, **options):
             tokens = lm.generator.output.save()
         assert torch.equal(tokens[0], alone[0]) and torch.equal(tokens[1], alone[1])
+
+
+# --- the check reads no device value where the invokes' padding is known -------------------
+_READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
+          torch.Tensor.__float__, torch.Tensor.__index__, torch.equal, torch.Tensor.equal,
+          torch.is_nonzero}
+
+
+def _fxsight_code(frame) -> bool:
+    path = frame.f_code.co_filename.replace("\\", "/")
+    return "/fxsight/" in path or path.startswith("<fxsight")
+
+
+class _CountReads(torch.overrides.TorchFunctionMode):
+    """Every read of a tensor's values into Python (on a GPU: a wait for its queue) that
+    fxsight's code makes (not the model's own), with the fxsight functions it was read in
+    (innermost first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[list[str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _READS and _fxsight_code(sys._getframe(1)):
+            frame, names = sys._getframe(1), []
+            while frame is not None:
+                path = frame.f_code.co_filename.replace("\\", "/")
+                if "/fxsight/" in path or path.startswith("<fxsight"):
+                    names.append(f"{path.rsplit('/fxsight/', 1)[-1]}:{frame.f_code.co_name}")
+                frame = frame.f_back
+            self.reads.append(names)
+        return func(*args, **(kwargs or {}))
+
+
+def _outside_invokes_and_graph(reads: list[list[str]]) -> list[list[str]]:
+    """The reads made neither while an invoke's input was prepared (its token ids checked)
+    nor inside the rewritten graph (the eager forward's own all-ones check of the mask)."""
+    return [names for names in reads
+            if not any(n.endswith(":_prepare_invoke") or n.startswith("<fxsight") or
+                       n == "run/executable.py:__call__" for n in names)]
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_batch_of_unpadded_invokes_reads_no_device_value_to_check_its_mask(backend):
+    """Whether a batch is padded was read from its mask on the device at every trace
+    (``bool(mask.all())``: on a GPU a wait for its queue, once per trace of a loop); the
+    invokes' own preparation knows it on the host. The end of the block now reads no value
+    outside the graph, and a padded invoke still leads to the check (refused below)."""
+    lm = LanguageModel(tiny_gpt2())
+    a, b = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11, 12]])
+    for _ in range(2):  # (the second: captured, as in a loop)
+        with torch.no_grad(), _CountReads() as counted:
+            with lm.trace(backend=backend) as tracer:
+                with tracer.invoke(a):
+                    value = lm.transformer.h[0].output.save()
+                with tracer.invoke(b):
+                    lm.transformer.h[0].output = value
+                    logits = lm.output.logits.save()
+            with lm.trace(a, backend=backend) as tracer:
+                cache = tracer.cache()
+    assert _outside_invokes_and_graph(counted.reads) == []
+    assert logits.shape == (1, 4, lm.config.vocab_size) and len(cache) > 0
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_an_invoke_padded_by_its_own_mask_beside_an_unpadded_one_is_refused(backend):
+    """Invokes of equal lengths, the second's mask with a zero: its padding, known as it was
+    prepared, leads to the check, which refuses a model that ignores the mask."""
+    lm = LanguageModel(_model(_IgnoresMask))
+    with pytest.raises(TraceError, match=r"the batch's rows are padded.*_IgnoresMask"):
+        with lm.trace(backend=backend) as tracer:
+            with tracer.invoke([1, 2, 3, 4]):
+                lm.output.save()
+            with tracer.invoke({"input_ids": [[5, 6, 7, 8]],
+                                "attention_mask": [[0, 1, 1, 1]]}):
+                lm.output.save()

@@ -676,3 +676,20 @@ def test_continuing_the_cache_of_a_padded_batch(models, tokenizer, kind, backend
         logits = lm.output.logits.save()
     for row, ids in enumerate([a, b]):
         torch.testing.assert_close(logits[row], _continued(model, ids, new), atol=ATOL, rtol=0)
+
+
+def test_the_facts_of_rows_and_of_unpadded_ids_are_those_of_their_tensors():
+    """The token facts found without tensors (rows of Python ids, ragged or not: read from
+    the lists) or without reading a mask (ids under a mask of ones the wrapper made) are
+    those read from the ids and mask tensors the wrapper builds (was: a ragged list's rows
+    taken as unpadded, their position ids not counting real tokens)."""
+    from fxsight.api.token_rows import row_facts, token_facts, unpadded_facts
+
+    for rows, pad in (([[5, 6, 7]], 0), ([[5, 6, 7], [9]], 0), ([[5, 6], [3, 4]], 0),
+                      ([[5, 6, 7], [9]], 11), ([[7]], 2)):
+        length = max(map(len, rows))
+        ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+        assert row_facts(rows, pad) == token_facts(ids, mask)[0], (rows, pad)
+    for ids in (torch.tensor([[5, 6, 7]]), torch.tensor([[0, 9], [3, 1]])):
+        assert unpadded_facts(ids) == token_facts(ids, torch.ones_like(ids))[0]

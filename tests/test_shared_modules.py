@@ -184,3 +184,81 @@ def test_the_cache_is_reachable_by_every_path(backend):
             torch.testing.assert_close(also, expected)
     assert sorted(cache.keys()) == ["model", "model.a", "model.h.0", "model.h.0.proj"]
     assert {"model.b", "model.h.1", "model.h.1.proj"} <= set(cache.keys(alias=True))
+
+
+class _Outer(torch.nn.Module):
+    """Two Linears below the root: ``outer.a`` then ``outer.b``."""
+
+    def __init__(self):
+        super().__init__()
+        self.outer = _TwoLinears()
+
+    def forward(self, x):
+        return self.outer(x)
+
+
+def _walks(monkeypatch) -> list:
+    """Every walk of the model's modules that envoys make to find first paths."""
+    from fxsight.api import envoy
+
+    walks = []
+    original = envoy.module_paths
+    monkeypatch.setattr(envoy, "module_paths", lambda model: walks.append(model) or
+                        original(model))
+    return walks
+
+
+def test_a_trace_of_an_unchanged_model_finds_its_paths_without_a_walk(monkeypatch):
+    """A trace's first envoy lookup walked every module of the model to find first paths
+    (a loop of small traces paid for it every trace); while no module's submodules changed
+    since the last walk, the paths found then are used."""
+    model = _model()
+    nm = NNsight(model)
+    x = torch.randn(2, 4)
+    walks = _walks(monkeypatch)
+    for _ in range(3):
+        with torch.no_grad(), nm.trace(x):
+            nm.h[0].proj.output.save()
+    assert len(walks) == 1
+    model.h[1] = _Inner()  # (a change: walked again)
+    with torch.no_grad(), nm.trace(x):
+        nm.h[1].proj.output.save()
+    assert len(walks) == 2
+
+
+def _by_attribute(outer):
+    outer.a = outer.b
+
+
+def _by_item(outer):
+    outer._modules["a"] = outer.b
+
+
+def _by_new_dict(outer):
+    outer._modules = {"a": outer.b, "b": outer.b}
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+@pytest.mark.parametrize("change", [_by_attribute, _by_item, _by_new_dict])
+def test_a_path_follows_a_change_below_the_root_between_traces(backend, change):
+    """``outer.b``'s envoy, reached while ``outer.b`` was its module's first path, reads the
+    module's calls after the module is registered at ``outer.a`` too (by attribute, by the
+    ``_modules`` item, or in a new ``_modules`` dict), as a forward hook on it sees them: the
+    paths found before are not kept for a tree that changed below the root."""
+    torch.manual_seed(0)
+    model = _Outer().eval()
+    nm = NNsight(model)
+    x = torch.randn(2, 4)
+    with torch.no_grad(), nm.trace(x, backend=backend):
+        nm.outer.b.output.save()
+    change(model.outer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (a read through a later path)
+        with torch.no_grad(), nm.trace(x, backend=backend) as tracer:
+            first = nm.outer.b.output.save()
+            with tracer.iter[1]:
+                nm.outer.b.output = nm.outer.b.output * 2
+            out = nm.output.save()
+    expected, seen = _with_hook(model, model.outer.b, 1, lambda o: o * 2, x)
+    torch.testing.assert_close(first, seen[0])
+    torch.testing.assert_close(out, expected)

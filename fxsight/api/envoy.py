@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import torch
 
 from ..capture.events import module_paths
+from ..capture.module_tree import ModuleTree
 from ..errors import TraceError, at_line, user_line, user_stacklevel
 from ..record.active import current_tracer
 from ..record.program import HookedCall, ModuleCall
@@ -48,6 +49,7 @@ class Envoy:
         object.__setattr__(self, "_call", 0)
         object.__setattr__(self, "_sites", {})  # (kind, call) -> Site
         object.__setattr__(self, "_paths", None)  # (the root's) module -> canonical path
+        object.__setattr__(self, "_tree", None)  # (the root's) the tree ``_paths`` is of
 
     # --- tree navigation ---------------------------------------------------------------
     def _child(self, name: str, module: torch.nn.Module) -> "Envoy":
@@ -64,8 +66,13 @@ class Envoy:
         return child
 
     def _forget_paths(self) -> None:
-        """Have the next envoy reached find its module's first path anew (at a trace's
-        start: the model's modules may have been registered elsewhere since)."""
+        """Have the next envoy reached find its module's first path anew where the module
+        tree changed since the paths were found (at a trace's start: the model's modules
+        may have been registered elsewhere since)."""
+        tree = self._tree
+        if self._paths is not None and tree is not None and \
+                tree.unchanged(self._module):
+            return  # (the same tree: the same first paths; no walk per trace)
         object.__setattr__(self, "_paths", None)
 
     def _canonical(self, module: torch.nn.Module, path: str) -> str:
@@ -77,6 +84,7 @@ class Envoy:
         if known is None or not _resolves(self._module, known, module):  # changed model
             paths = module_paths(self._module)
             object.__setattr__(self, "_paths", paths)
+            object.__setattr__(self, "_tree", ModuleTree.of(list(paths)))
             known = paths.get(module)
         return path if known is None else known
 

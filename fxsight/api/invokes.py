@@ -17,6 +17,9 @@ class Invoke:
         self.args = args
         self.kwargs = kwargs
         self.prepared: tuple[tuple, dict, int] | None = None
+        # whether its attention mask has a zero, where the wrapper knows it without reading
+        # the device (LanguageModel: from the tokens' facts); None where not known
+        self.padded: bool | None = None
         self._previous: Scope | None = None
 
     def __enter__(self) -> "Invoke":

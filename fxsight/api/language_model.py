@@ -57,6 +57,7 @@ from .token_inputs import (TOKEN_KEYWORDS, aligned, as_row, batch_sized, check_b
                            split_past_mask, with_past_mask, with_token_keywords)
 from .token_rows import TokenFacts, left_pad, real_positions, unpredicted_first
 
+_UNKNOWN = object()  # (an argument not given)
 # keys of a dict input that are not forwarded as they come but re-laid out with the rows
 _PAD_VALUES = {"attention_mask": 0, "labels": -100, "position_ids": 1}
 # the token keywords beside an input of lm.generate that join it
@@ -274,6 +275,8 @@ class LanguageModel(TokenEncoding, NNsight):
         # (a row padded in the cache's tokens counts its real tokens too)
         padded = not facts.ones or (past_mask is not None and not bool(past_mask.all()))
         self._check_padding(ids, padded, invoke, where, line)
+        if invoke is not None and own_mask is None:
+            invoke.padded = padded  # (the batch's check reads it, not the device)
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])], padded=padded)
         if own_mask is not None:
             prepared["attention_mask"] = own_mask
@@ -284,14 +287,15 @@ class LanguageModel(TokenEncoding, NNsight):
 
     def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:
         """Left-pad every invoke's token-aligned tensors to the longest, concatenate rows."""
+        encoder_decoder = self._encoder_decoder()  # (a config's attribute: read once)
         for i, (_, kw, n) in enumerate(prepared[1:], 1):
-            check_batchable(prepared[0], kw, n, i, None, self._encoder_decoder())
+            check_batchable(prepared[0], kw, n, i, None, encoder_decoder)
         invokes = [kw for _, kw, _ in prepared]
         length = max(kw["input_ids"].shape[1] for kw in invokes)
         batched: dict[str, Any] = {}
         for key in [k for k in invokes[0] if k != "position_ids"]:
             column = [kw[key] for kw in invokes]
-            if all(self._aligned(key, v, kw) for v, kw in zip(column, invokes)):
+            if all(aligned(key, v, kw, encoder_decoder) for v, kw in zip(column, invokes)):
                 pad = self._pad_id() if key == "input_ids" else _PAD_VALUES.get(key, 0)
                 if key == "labels" and self._shifts_labels():
                     column = [unpredicted_first(v, v.shape[1] < length) for v in column]
@@ -373,7 +377,7 @@ class LanguageModel(TokenEncoding, NNsight):
             return
         lengths = [invoke.prepared[1]["input_ids"].shape[1] for invoke in tracer.invokes] \
             if tracer is not None else [kwargs["input_ids"].shape[1]]
-        if len(set(lengths)) == 1 and bool(mask.all()):
+        if len(set(lengths)) == 1 and not _padded(tracer, mask):
             return  # (no row is padded)
         flat = flat_inputs(args, kwargs)[0]
         index = next((i for i, value in enumerate(flat) if value is mask), None)
@@ -441,27 +445,35 @@ class LanguageModel(TokenEncoding, NNsight):
             out = ordered
         return out
 
-    def _position_embedding(self) -> torch.nn.Embedding | None:
+    def _input_embeddings(self) -> Any:
+        """The model's ``get_input_embeddings()``, or ``None`` where it has none."""
+        try:
+            return self._module.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            return None
+
+    def _position_embedding(self, embeddings: Any = _UNKNOWN) -> torch.nn.Embedding | None:
         """The model's learned position embedding (an ``nn.Embedding`` of
-        ``max_position_embeddings`` rows besides the input embeddings), or ``None``."""
+        ``max_position_embeddings`` rows besides the input ``embeddings``, found where not
+        given), or ``None``."""
         config = getattr(self._module, "config", None)
         limit = getattr(config, "n_positions", None) or \
             getattr(config, "max_position_embeddings", None)
         if not isinstance(limit, int):
             return None
-        try:
-            embeddings = self._module.get_input_embeddings()
-        except (AttributeError, NotImplementedError):
-            embeddings = None
-        return next((m for m in self._module.modules() if isinstance(m, torch.nn.Embedding)
+        if embeddings is _UNKNOWN:
+            embeddings = self._input_embeddings()
+        return next((m for m in self._all_modules() if isinstance(m, torch.nn.Embedding)
                      and m is not embeddings and m.num_embeddings == limit), None)
 
-    def _position_layout(self) -> tuple[int, int]:
+    def _position_layout(self, positions: Any = _UNKNOWN) -> tuple[int, int]:
         """``(first position, position of a pad)`` the model's own positions take: a
-        learned position embedding with a ``padding_idx`` (RoBERTa's, XLM-R's) counts real
-        tokens from ``padding_idx + 1`` and puts pads at ``padding_idx``; otherwise
-        transformers' ``generate`` convention (from 0, pads at 1)."""
-        positions = self._position_embedding()
+        learned position embedding (``positions``, found where not given) with a
+        ``padding_idx`` (RoBERTa's, XLM-R's) counts real tokens from ``padding_idx + 1`` and
+        puts pads at ``padding_idx``; otherwise transformers' ``generate`` convention (from
+        0, pads at 1)."""
+        if positions is _UNKNOWN:
+            positions = self._position_embedding()
         padding = getattr(positions, "padding_idx", None)
         if isinstance(padding, int) and padding >= 0:
             return padding + 1, padding
@@ -471,22 +483,18 @@ class LanguageModel(TokenEncoding, NNsight):
                    line: str, past: int = 0) -> None:
         """Raise where a token id is outside the vocabulary, or the input (after a cache's
         ``past`` tokens) goes beyond a learned position embedding."""
-        embeddings = None
-        try:
-            embeddings = self._module.get_input_embeddings()
-        except (AttributeError, NotImplementedError):
-            pass
+        embeddings = self._input_embeddings()
         size = getattr(embeddings, "num_embeddings", None)
         low, high = facts.low, facts.high
         if low < 0 or (size is not None and high >= size):
             bad = low if low < 0 else high
             raise TraceError(at_line(f"{where}: token id {bad} is outside the model's "
                                      f"vocabulary of {size} tokens", line))
-        positions = self._position_embedding()
+        positions = self._position_embedding(embeddings)
         # a learned position embedding of `limit` rows, from the first position the model
         # counts from (rotary ones have no limit)
         limit = None if positions is None else \
-            positions.num_embeddings - self._position_layout()[0]
+            positions.num_embeddings - self._position_layout(positions)[0]
         if limit is not None and past + ids.shape[1] > limit:
             length = f"the input is {ids.shape[1]} tokens long" if not past else \
                 f"the cache's {past} tokens and the input's {ids.shape[1]} are " \
@@ -507,6 +515,16 @@ class LanguageModel(TokenEncoding, NNsight):
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _padded(tracer: Any, mask: torch.Tensor) -> bool:
+    """Whether a row of the batch's ``mask`` has a zero, where its invokes are all as long:
+    from what each invoke's preparation found on the host where every one knows (a GPU
+    does not wait for its queue once per trace for it), else read from ``mask``."""
+    known = [invoke.padded for invoke in tracer.invokes] if tracer is not None else [None]
+    if None not in known:
+        return any(known)
+    return not bool(mask.all())
+
+
 def _generating(invoke: Any) -> bool:
     """Whether ``invoke`` belongs to ``lm.generate`` (whose input ids include the tokens of a
     cache passed in: transformers' ``generate`` takes the full sequence and its mask)."""

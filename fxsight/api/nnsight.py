@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .._torch import OptimizedModule, uncompiled
+from ..capture.module_tree import ModuleTree
 from ..errors import user_line
 from ..run.options import CompileOptions, RunOptions
 from .edit import EditTracer, export, seed
@@ -43,6 +44,8 @@ class NNsight(Envoy):
     >>> out.abs().sum().item()  # ...so the ReLU gives zeros
     0.0
     """
+
+    _modules_tree: ModuleTree | None = None  # (the model's modules, as last walked)
 
     _token_indexing = False
 
@@ -219,11 +222,34 @@ class NNsight(Envoy):
         ``tracer``: ``None`` for a plain run (``trace=False``)."""
 
     def _device(self) -> torch.device:
-        first = next(self._module.parameters(), None)
+        """The device of the model's first parameter (the CPU where it has none)."""
+        module = self._module
+        if type(module).parameters is _PARAMETERS and \
+                type(module).named_parameters is _NAMED_PARAMETERS:
+            # (``parameters()``'s first without its walk of the modules: the first
+            # parameter, not None, of the first module that has one)
+            first = next((p for m in self._all_modules() for p in m._parameters.values()
+                          if p is not None), None)
+        else:
+            first = next(module.parameters(), None)
         return first.device if first is not None else torch.device("cpu")
+
+    def _all_modules(self) -> list[torch.nn.Module]:
+        """``list(self._module.modules())``, walked again only where the module tree
+        changed since the last walk (:class:`~fxsight.capture.module_tree.ModuleTree`)."""
+        tree = self._modules_tree
+        if tree is not None and tree.unchanged(self._module):
+            return tree.modules
+        modules = list(self._module.modules())
+        object.__setattr__(self, "_modules_tree", ModuleTree.of(modules))
+        return modules
 
     def _token_indexer(self, tracer, proxy):
         raise AttributeError("token indexing is available on LanguageModel")
+
+
+_PARAMETERS = torch.nn.Module.parameters
+_NAMED_PARAMETERS = torch.nn.Module.named_parameters
 
 
 def _uncompiled(module: torch.nn.Module, compile: Any) -> tuple[torch.nn.Module, Any]:

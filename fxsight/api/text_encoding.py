@@ -12,7 +12,8 @@ import torch
 from ..errors import TraceError, at_line
 from .inputs import BATCH_KEYWORDS
 from .token_inputs import as_id_tensor, as_row, integer, is_batch_encoding, is_id_row, is_int
-from .token_rows import roll_rows, token_facts, unpredicted_first
+from .token_rows import (roll_rows, row_facts, token_facts, unpadded_facts,
+                         unpredicted_first)
 
 
 class TokenEncoding:
@@ -112,12 +113,12 @@ class TokenEncoding:
             ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], dtype=torch.long)
             mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows],
                                 dtype=torch.long)
-            return ids, mask, extras, token_facts(ids, mask)[0]  # left-padded already
+            return ids, mask, extras, row_facts(rows, pad)  # left-padded already
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise TraceError(at_line(f"{where}: the input holds no tokens (shape "
                                      f"{tuple(ids.shape)})", line))
-        if mask is None:
-            mask = torch.ones_like(ids)
+        if mask is None:  # (ours, of ones: only the ids are read)
+            return ids, torch.ones_like(ids), extras, unpadded_facts(ids)
         mask = mask.to(ids.device).long()
         facts, trailing = token_facts(ids, mask)
         if not facts.binary:

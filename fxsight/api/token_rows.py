@@ -32,6 +32,25 @@ def token_facts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[TokenFacts, torc
     return TokenFacts(low, high, bool(binary), bool(empty), bool(right), bool(ones)), trailing
 
 
+def unpadded_facts(ids: torch.Tensor) -> TokenFacts:
+    """The facts of ``ids`` under a mask of ones (one the wrapper made: its facts are known,
+    only the ids' range is read from the device)."""
+    low, high = torch.stack([ids.min(), ids.max()]).tolist()
+    return TokenFacts(low, high, True, False, False, True)
+
+
+def row_facts(rows: list[list[int]], pad: int) -> TokenFacts:
+    """The facts of rows of ids that are Python lists (none empty), left-padded with
+    ``pad`` to the longest, under their mask (ones but for the pads): read from the lists,
+    no tensor is made."""
+    ragged = len({len(row) for row in rows}) > 1
+    low = min(min(row) for row in rows)
+    high = max(max(row) for row in rows)
+    if ragged:  # (the pads are ids of the rows too)
+        low, high = min(low, pad), max(high, pad)
+    return TokenFacts(low, high, True, False, False, not ragged)
+
+
 def real_positions(mask: torch.Tensor, first: int = 0, pad: int = 1) -> torch.Tensor:
     """Position ids that count real tokens only, from ``first``, and ``pad`` at the pads
     (by default transformers' ``generate`` convention: from 0, pads at 1)."""
