@@ -436,7 +436,7 @@ def test_a_checkpoint_of_other_weights_is_refused_and_equal_weights_resume(tmp_p
     assert loaded is not model
     again = sweep(loaded)
     assert again.info["resumed_batches"] == again.info["batches"] > 0
-    # (the loaded model's attention implementation may differ: baselines to float64 rounding)
+    # (its attention implementation is the model's: another one refuses the checkpoint)
     torch.testing.assert_close(again.values, first.values, rtol=0, atol=1e-12)
 
     with torch.no_grad():
@@ -455,6 +455,83 @@ def test_a_checkpoint_of_other_weights_is_refused_and_equal_weights_resume(tmp_p
     torch.save(state, path)
     with pytest.raises(ValueError, match="holds no digest of the weights"):
         sweep(loaded)
+
+
+def test_a_checkpoint_of_another_configuration_is_refused_and_the_same_model_resumes(
+        tmp_path):
+    """(was: a checkpoint was checked against the weights only: the same weights with
+    another layer-norm epsilon, or eager attention instead of sdpa, resumed every batch with
+    the first model's scores, the unpatched metrics within the tolerance.) The same model
+    built again resumes; a checkpoint without the configuration (an earlier fxsight's) is
+    refused, as one without the weights' digest."""
+    from fxsight.experiments.weights import weights_digest
+    clean, corrupted = _pair(5)
+    path = tmp_path / "job.pt"
+
+    def sweep(chosen, checkpoint=path):
+        return patching.activation_patching(NNsight(chosen), clean, corrupted, metric,
+                                            sites=["resid"], suffix=False,
+                                            checkpoint=checkpoint, progress=False)
+    model = tiny_gpt2().double()
+    first = sweep(model)
+    again = sweep(tiny_gpt2().double())  # the same model, another object
+    assert again.info["resumed_batches"] == again.info["batches"] > 0
+    assert torch.equal(again.values, first.values)
+
+    epsilon = tiny_gpt2(layer_norm_epsilon=1.1e-5).double()
+    eager = tiny_gpt2().double()
+    eager.set_attn_implementation("eager")
+    for other, named in ((epsilon, "layer_norm_epsilon: 1e-05 then, 1.1e-05 now"),
+                         (eager, "_attn_implementation_internal: 'sdpa' then, 'eager' now")):
+        assert weights_digest(other) == weights_digest(model)
+        with pytest.raises(ValueError, match="written by a model with another "
+                                             "configuration") as refused:
+            sweep(other)
+        assert str(path) in str(refused.value) and named in str(refused.value)
+        fresh = sweep(other, checkpoint=None)
+        expected = patching_loop(other, clean, corrupted, metric, ["resid"], [0, 1], range(5))
+        torch.testing.assert_close(fresh.values, expected, rtol=0, atol=1e-12)
+        assert not torch.equal(fresh.values, first.values)  # another model's scores
+
+    state = torch.load(path, weights_only=True)  # as an earlier fxsight wrote it
+    del state["configuration"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="holds no record of the configuration"):
+        sweep(model)
+
+
+def test_the_configuration_is_the_same_model_s_wherever_it_is_built_or_loaded(tmp_path):
+    """The description a checkpoint keeps beside the weights' digest: equal for the same
+    model built again, deep-copied, saved and loaded again (in the same dtype), offloaded
+    by accelerate or cast to another dtype (the digest has the dtypes); another config
+    field, attention implementation, module attribute or mode is named."""
+    import copy
+
+    import accelerate
+    from transformers import LlamaForCausalLM
+
+    from fxsight.experiments.configuration import differences, model_configuration
+    model = tiny_llama(num_hidden_layers=2)
+    described = model_configuration(model)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    offloaded = accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu")
+    for same in (tiny_llama(num_hidden_layers=2), copy.deepcopy(model), loaded, offloaded,
+                 copy.deepcopy(model).double()):
+        assert model_configuration(same) == described, differences(
+            described, model_configuration(same))
+
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    norm = copy.deepcopy(model)
+    norm.model.layers[1].post_attention_layernorm.variance_epsilon = 1e-3
+    trained = copy.deepcopy(model).train()
+    for other, named in (
+            (tiny_llama(num_hidden_layers=2, rms_norm_eps=1e-3), "config.rms_norm_eps"),
+            (eager, "config._attn_implementation_internal"),
+            (norm, "module model.layers.1.post_attention_layernorm.variance_epsilon"),
+            (trained, "module (model).training")):
+        assert named in differences(described, model_configuration(other))
 
 
 def test_the_weights_digest_reads_values_not_storage():
@@ -544,6 +621,41 @@ class _Net(torch.nn.Module):
             x = _first(layer(x))
         logits = self.head(x)
         return (logits, x) if self.returns_tuple else logits
+
+
+def test_a_checkpoint_of_a_plain_module_with_other_settings_is_refused(tmp_path):
+    """A plain nn.Module's forward settings are its modules' attributes (a LayerNorm's
+    eps, a GELU's approximation): another value refuses the checkpoint by name (was:
+    resumed with the first model's scores); a deep copy resumes."""
+    import copy
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _Net(False).double().eval()
+    clean, corrupted = _pair(6, vocab=32)
+    path = tmp_path / "job.pt"
+
+    def sweep(chosen, checkpoint=path):
+        return patching.activation_patching(NNsight(chosen), clean, corrupted, metric,
+                                            sites=["resid"], batch_size=5,
+                                            checkpoint=checkpoint, progress=False)
+    first = sweep(model)
+    again = sweep(copy.deepcopy(model))
+    assert again.info["resumed_batches"] == again.info["batches"] > 0
+    assert torch.equal(again.values, first.values)
+
+    norm = copy.deepcopy(model)
+    norm.layers[1].norm.eps = 1e-3
+    gelu = copy.deepcopy(model)
+    gelu.layers[0].mlp[1].approximate = "tanh"
+    for other, named in ((norm, "module layers.1.norm.eps: 1e-05 then, 0.001 now"),
+                         (gelu, "module layers.0.mlp.1.approximate: 'none' then, 'tanh' now")):
+        with pytest.raises(ValueError, match="another configuration") as refused:
+            sweep(other)
+        assert named in str(refused.value)
+        fresh = sweep(other, checkpoint=None)
+        expected = patching_loop(other, clean, corrupted, metric, ["resid"], [0, 1], range(6))
+        torch.testing.assert_close(fresh.values, expected, rtol=0, atol=1e-12)
+        assert not torch.equal(fresh.values, first.values)
 
 
 @pytest.mark.parametrize("returns_tuple", [False, True])
