@@ -438,7 +438,11 @@ def test_the_weights_digest_of_a_disk_offloaded_model_is_the_plain_models(dispat
     """A checkpoint's weights digest reads an offloaded layer's values from accelerate's
     weights_map (the offload folder), as its forward loads them: the same model dispatched
     with a disk offload and loaded whole has one digest, and a checkpoint of one resumes
-    with the other."""
+    with the other (its configuration, what else decides the forward, is the plain
+    model's too: the device map is where the model is, not how it computes)."""
+    from fxsight.experiments.configuration import differences, model_configuration
     from fxsight.experiments.weights import weights_digest
     assert dispatched._module.model.layers[1].mlp.up_proj.weight.is_meta
     assert weights_digest(dispatched._module) == weights_digest(plain._module)
+    offloaded, whole = (model_configuration(m._module) for m in (dispatched, plain))
+    assert offloaded == whole, differences(whole, offloaded)

@@ -21,7 +21,7 @@ from torch import nn
 
 import fxsight
 from fxsight import NNsight
-from test_core_property import CONSTANTS, Step, apply_step, steer_tensor
+from test_core_property import CONSTANTS, Step, apply_step, assert_identical, steer_tensor
 
 BACKENDS = ("fx", "hooks")
 WIDTH = 6
@@ -266,16 +266,6 @@ def run_fxsight(steps, x, backend, *, skip: float | None = None, stop: bool = Fa
     return saved, out
 
 
-def assert_identical(actual, expected, what):
-    assert len(actual[0]) == len(expected[0]), what
-    for i, (a, e) in enumerate(zip(actual[0], expected[0])):
-        assert type(a) is torch.Tensor, (what, i, type(a))
-        assert a.shape == e.shape, (what, i, a.shape, e.shape)
-        assert torch.equal(a, e), (what, i, (a - e).abs().max())
-    if expected[1] is not None:
-        assert torch.equal(actual[1], expected[1]), (what, "output")
-
-
 @_examples(80)
 @given(_steps())
 def test_random_programs_at_inputs_keywords_operations_and_calls(steps):
@@ -309,7 +299,7 @@ def test_random_programs_stopped_after_their_last_site(steps):
     for backend in BACKENDS:
         with torch.no_grad():
             actual = run_fxsight(steps, X.clone(), backend, stop=True)
-        assert_identical(actual, expected, backend)
+        assert_identical(actual, expected, backend, output=expected[1] is not None)
 
 
 # --- 2. a read at one site used in a write at another: in order it runs, else an OrderError ---
@@ -355,6 +345,17 @@ def _grad_steps():
     return st.lists(step, min_size=1, max_size=5, unique_by=lambda s: s.site)
 
 
+def _hook_gradient(value: torch.Tensor, step: GradStep, index: int, got: dict) -> None:
+    """Plain PyTorch: ``step`` on ``value``'s gradient (read into ``got[index]``, scaled or
+    shifted by ``step.c``)."""
+    if step.kind == "read":
+        value.register_hook(lambda g: got.__setitem__(index, g))
+    elif step.kind == "scale":
+        value.register_hook(lambda g, c=step.c: g * c)
+    else:
+        value.register_hook(lambda g, c=step.c: g + c)
+
+
 def grad_reference(steps, x):
     saved = {}
 
@@ -364,12 +365,7 @@ def grad_reference(steps, x):
                 continue
             if not value.requires_grad:
                 return value
-            if step.kind == "read":
-                value.register_hook(lambda g, index=index: saved.__setitem__(index, g))
-            elif step.kind == "scale":
-                value.register_hook(lambda g, c=step.c: g * c)
-            else:
-                value.register_hook(lambda g, c=step.c: g + c)
+            _hook_gradient(value, step, index, saved)
         return value
 
     out = reference_forward(MODEL, x, at)
@@ -377,8 +373,8 @@ def grad_reference(steps, x):
     return [saved.get(s.site) for s in steps if s.kind == "read"]
 
 
-def grad_fxsight(steps, x, backend):
-    with NET.trace(x, backend=backend) as tracer:
+def grad_fxsight(steps, x, backend, *, compile: bool = False):
+    with NET.trace(x, backend=backend, compile=compile) as tracer:
         grads = []
         for step in steps:
             site = SITES[step.site]
@@ -485,12 +481,7 @@ def grad_after_writes_reference(writes, grads, x):
         value = box["v"]
         for step in grads:
             if step.site == index and value.requires_grad:
-                if step.kind == "read":
-                    value.register_hook(lambda g, index=index: got.__setitem__(index, g))
-                elif step.kind == "scale":
-                    value.register_hook(lambda g, c=step.c: g * c)
-                else:
-                    value.register_hook(lambda g, c=step.c: g + c)
+                _hook_gradient(value, step, index, got)
         return value
 
     out = reference_forward(MODEL, x, at)
@@ -604,20 +595,7 @@ def test_a_cache_in_a_stopped_trace_holds_the_modules_that_ran_before_the_stop(s
 def test_random_gradient_reads_and_writes_compiled(steps):
     expected = grad_reference(steps, X.clone())
     MODEL.zero_grad(set_to_none=True)
-    with NET.trace(X.clone(), compile=True) as tracer:
-        grads = []
-        for step in steps:
-            site = SITES[step.site]
-            get, _ = _accessors(NET, site)
-            with _Scope(tracer, site):
-                value = get()
-                if step.kind == "read":
-                    grads.append(value.grad.save())
-                elif step.kind == "scale":
-                    value.grad = value.grad * step.c
-                else:
-                    value.grad = value.grad + step.c
-        NET.output[:, 1].sum().backward()
+    grads = grad_fxsight(steps, X.clone(), None, compile=True)  # (the default backend)
     MODEL.zero_grad(set_to_none=True)
     assert len(grads) == len(expected)
     for a, e in zip(grads, expected):

@@ -19,6 +19,22 @@ from models import mlp, tiny_gpt2
 BACKENDS = ("fx", "hooks")
 
 
+def _keeper(kept: dict, name: str):
+    """A plain forward hook that keeps its module's output in ``kept[name]``."""
+    def keep(module, args, output):
+        kept[name] = output
+    return keep
+
+
+def _seeded_reference(reference_hooks, model, hooks: dict, run):
+    """``run()`` from seed 0, without gradients, with plain forward ``hooks`` on ``model``:
+    its value and the generator's state after it."""
+    torch.manual_seed(0)
+    with torch.no_grad(), reference_hooks(model, hooks=hooks):
+        value = run()
+    return value, torch.get_rng_state()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_noise_from_an_earlier_read_is_drawn_after_the_later_dropouts(backend, core_ids,
                                                                         reference_hooks):
@@ -28,17 +44,13 @@ def test_noise_from_an_earlier_read_is_drawn_after_the_later_dropouts(backend, c
     model = tiny_gpt2().train()
     kept = {}
 
-    def keep(module, args, output):
-        kept["h0"] = output
-
     def add_noise(module, args, output):
         return output + torch.randn_like(kept["h0"])
 
-    torch.manual_seed(0)
-    with torch.no_grad(), reference_hooks(model, hooks={"transformer.h.0": keep,
-                                                        "transformer.h.1": add_noise}):
-        expected = model(core_ids).logits
-    expected_rng = torch.get_rng_state()
+    expected, expected_rng = _seeded_reference(
+        reference_hooks, model, {"transformer.h.0": _keeper(kept, "h0"),
+                                 "transformer.h.1": add_noise},
+        lambda: model(core_ids).logits)
     net = NNsight(model)
     torch.manual_seed(0)
     with net.trace(core_ids, backend=backend) as tracer:
@@ -57,17 +69,13 @@ def test_draws_keep_the_blocks_order(backend, reference_hooks):
     model, x = mlp(), torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
     got = {}
 
-    def keep(module, args, output):
-        got["layer1"] = output
-
     def draw(module, args, output):
         got["a"] = torch.randn_like(output)
         got["b"] = torch.rand_like(got["layer1"])
         got["c"] = torch.nn.functional.dropout(got["layer1"], 0.5)
 
-    torch.manual_seed(0)
-    with torch.no_grad(), reference_hooks(model, hooks={"layer1": keep, "layer2": draw}):
-        model(x)
+    _seeded_reference(reference_hooks, model,
+                      {"layer1": _keeper(got, "layer1"), "layer2": draw}, lambda: model(x))
     net = NNsight(model)
     torch.manual_seed(0)
     with net.trace(x, backend=backend):
@@ -101,18 +109,14 @@ def test_an_applied_function_runs_where_the_block_has_reached(backend, reference
     model, x = mlp(), torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
     got = {}
 
-    def keep(module, args, output):
-        got["layer1"] = output
-
     def draw(module, args, output):
         got["a"] = torch.randn_like(output)
         got["b"] = _noisy(got["layer1"])
         got["c"] = got["layer1"] * 2
 
-    torch.manual_seed(0)
-    with torch.no_grad(), reference_hooks(model, hooks={"layer1": keep, "layer2": draw}):
-        expected = model(x)
-    expected_rng = torch.get_rng_state()
+    expected, expected_rng = _seeded_reference(
+        reference_hooks, model, {"layer1": _keeper(got, "layer1"), "layer2": draw},
+        lambda: model(x))
     net = NNsight(model)
     torch.manual_seed(0)
     with net.trace(x, backend=backend) as tracer:
@@ -134,17 +138,13 @@ def test_an_applied_function_in_train_mode_draws_after_the_dropouts_before_it(
     model = tiny_gpt2().train()
     kept = {}
 
-    def keep(module, args, output):
-        kept["h0"] = output
-
     def add_noise(module, args, output):
         return output + _noisy(kept["h0"])
 
-    torch.manual_seed(0)
-    with torch.no_grad(), reference_hooks(model, hooks={"transformer.h.0": keep,
-                                                        "transformer.h.1": add_noise}):
-        expected = model(core_ids).logits
-    expected_rng = torch.get_rng_state()
+    expected, expected_rng = _seeded_reference(
+        reference_hooks, model, {"transformer.h.0": _keeper(kept, "h0"),
+                                 "transformer.h.1": add_noise},
+        lambda: model(core_ids).logits)
     net = NNsight(model)
     torch.manual_seed(0)
     with torch.no_grad(), net.trace(core_ids, backend=backend) as tracer:
@@ -176,10 +176,9 @@ def test_an_applied_function_whose_value_is_not_used_still_runs(backend, referen
     def draw(module, args, output):
         _noisy(output)
 
-    torch.manual_seed(0)
-    with torch.no_grad(), reference_hooks(model, hooks={"layer1": draw}):
-        expected = model.layer2(model.act1(model.layer1(x)))
-    expected_rng = torch.get_rng_state()
+    expected, expected_rng = _seeded_reference(
+        reference_hooks, model, {"layer1": draw},
+        lambda: model.layer2(model.act1(model.layer1(x))))
     net = NNsight(model)
     torch.manual_seed(0)
     with net.trace(x, backend=backend) as tracer:
@@ -211,16 +210,12 @@ def test_an_applied_draw_in_a_compiled_trace_takes_the_eager_numbers(reference_h
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
     kept = {}
 
-    def keep(module, args, output):
-        kept["drop1"] = output
-
     def add_noise(module, args, output):
         return output + _noisy(kept["drop1"])[:, :8]
 
-    torch.manual_seed(0)
-    with torch.no_grad(), reference_hooks(model, hooks={"drop1": keep, "fc2": add_noise}):
-        expected = model(x)
-    expected_rng = torch.get_rng_state()
+    expected, expected_rng = _seeded_reference(
+        reference_hooks, model, {"drop1": _keeper(kept, "drop1"), "fc2": add_noise},
+        lambda: model(x))
     net = NNsight(model)
     for compile in (False, True):
         torch.manual_seed(0)

@@ -25,6 +25,7 @@ from fxsight.experiments.suffix import pack, vocabulary_reads
 from fxsight.generate.steps import CACHE
 from graphs import graph_parameters, module_call_shapes
 from models import tiny_gpt2, tiny_llama
+from patching_loops import blocks, pair
 
 TOKENS = 7
 A, B = 5, 9
@@ -41,24 +42,17 @@ def llama():
 
 
 def _prompts(tokens: int = TOKENS):
-    clean = torch.randint(4, 128, (1, tokens), generator=torch.Generator().manual_seed(1))
-    corrupted = clean.clone()
-    corrupted[0, 2] = (clean[0, 2] + 5) % 128
-    return clean, corrupted
+    return pair(tokens, position=2, shift=5)
 
 
 def metric(logits):
     return logits[:, -1, A] - logits[:, -1, B]
 
 
-def _blocks(model):
-    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
-
-
 def _hooks_loop(model, clean, corrupted, layer, position, metric):
     """One cell by hand: the clean block output at (layer, position) in the corrupted run."""
     saved = {}
-    block = _blocks(model)[layer]
+    block = blocks(model)[layer]
     handle = block.register_forward_hook(lambda m, a, o: saved.__setitem__("h", o))
     with torch.no_grad():
         model(clean, use_cache=False)

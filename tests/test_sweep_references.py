@@ -1,5 +1,5 @@
 """Every sweep entry point against a hand-written plain-PyTorch loop (forward hooks, one
-cell at a time): dtypes (float64 kept, half precision on CPU), prompts of different lengths,
+cell at a time; ``patching_loops.py``): dtypes (float64 kept, half precision on CPU), prompts of different lengths,
 positions counted from the end, batch sizes that do not divide the cells, several metrics,
 models with tuple or tensor outputs, heads, and checkpoint/resume."""
 
@@ -10,141 +10,10 @@ import torch
 
 from fxsight import NNsight, patching
 from models import tiny_gpt2, tiny_llama
+from patching_loops import (first, forward_with, head_loop, logits_of, metric,
+                             metric_all_positions, pair, patching_loop, site, steering_loop)
 
 KINDS = ["resid", "attn", "mlp", "resid_pre"]
-
-
-# --- the plain-PyTorch references ------------------------------------------------------------
-def _first(value):
-    return value[0] if isinstance(value, tuple) else value
-
-
-def _logits(output):
-    if isinstance(output, torch.Tensor):
-        return output
-    return output.logits if hasattr(output, "logits") else output[0]
-
-
-def _blocks(model):
-    if hasattr(model, "transformer"):
-        return model.transformer.h
-    return model.model.layers if hasattr(model, "model") else model.layers
-
-
-def _site(model, kind: str, layer: int):
-    block = _blocks(model)[layer]
-    if kind in ("resid", "resid_pre"):
-        return block
-    if kind == "attn":
-        return block.attn if hasattr(block, "attn") else block.self_attn
-    return block.mlp
-
-
-def _forward(model, ids, module=None, pre=False, change=None, store=None):
-    """One forward of ``ids``; ``change`` rewrites the module's hidden state (output, or
-    first input with ``pre``), ``store`` keeps a copy of it."""
-    handle = None
-    if module is not None:
-        if pre:
-            def hook(m, args):
-                if store is not None:
-                    store.append(args[0].detach().clone())
-                return None if change is None else (change(args[0]), *args[1:])
-            handle = module.register_forward_pre_hook(hook)
-        else:
-            def hook(m, args, output):
-                if store is not None:
-                    store.append(_first(output).detach().clone())
-                if change is None:
-                    return None
-                new = change(_first(output))
-                return (new, *output[1:]) if isinstance(output, tuple) else new
-            handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            return _logits(model(ids))
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
-def patching_loop(model, clean, corrupted, metric, kinds, layers, positions):
-    """(kinds, layers, positions) scores: metric of the corrupted run with the clean value at
-    one (site, layer, position), minus the corrupted run's metric. Positions may be negative
-    (from the end); one missing from the prompt is NaN."""
-    length = clean.shape[1]
-    baseline = metric(_forward(model, corrupted))[0]
-    out = torch.full((len(kinds), len(layers), len(positions)), float("nan"),
-                     dtype=baseline.dtype)
-    for k, kind in enumerate(kinds):
-        for l, layer in enumerate(layers):
-            module, pre = _site(model, kind, layer), kind == "resid_pre"
-            store: list = []
-            _forward(model, clean, module, pre, store=store)
-            for i, position in enumerate(positions):
-                if not -length <= position < length:
-                    continue
-
-                def change(h, p=position, value=store[0]):
-                    h = h.clone()
-                    h[:, p] = value[:, p]
-                    return h
-                out[k, l, i] = metric(_forward(model, corrupted, module, pre, change))[0] \
-                    - baseline
-    return out
-
-
-def head_loop(model, clean, corrupted, metric, layers, positions, heads):
-    """(layers, heads, positions): the clean run's head columns of the attention output
-    projection's input patched at one position."""
-    baseline = metric(_forward(model, corrupted))[0]
-    out = torch.zeros(len(layers), heads, len(positions), dtype=baseline.dtype)
-    for l, layer in enumerate(layers):
-        attention = _site(model, "attn", layer)
-        projection = next(getattr(attention, name) for name in ("c_proj", "o_proj", "out_proj")
-                          if hasattr(attention, name))
-        store: list = []
-        _forward(model, clean, projection, True, store=store)
-        size = store[0].shape[-1] // heads
-        for h in range(heads):
-            for i, position in enumerate(positions):
-                def change(x, p=position, h=h, value=store[0]):
-                    x = x.clone()
-                    x[:, p, h * size:(h + 1) * size] = value[:, p, h * size:(h + 1) * size]
-                    return x
-                out[l, h, i] = metric(_forward(model, corrupted, projection, True,
-                                               change))[0] - baseline
-    return out
-
-
-def steering_loop(model, prompt, vectors, layers, scales, metric, positions):
-    baseline = metric(_forward(model, prompt))[0]
-    out = torch.zeros(len(vectors), len(layers), len(scales), dtype=baseline.dtype)
-    for v, vector in enumerate(vectors):
-        for l, layer in enumerate(layers):
-            for s, scale in enumerate(scales):
-                def change(h, vector=vector, scale=scale):
-                    h = h.clone()
-                    h[:, positions] += scale * vector.to(h.dtype)
-                    return h
-                out[v, l, s] = metric(_forward(model, prompt, _blocks(model)[layer], False,
-                                               change))[0] - baseline
-    return out
-
-
-def _pair(length: int, seed: int = 1, position: int = 1, vocab: int = 128):
-    clean = torch.randint(4, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
-    corrupted = clean.clone()
-    corrupted[0, position] = (clean[0, position] + 1) % vocab
-    return clean, corrupted
-
-
-def metric(logits):
-    return logits[:, -1, 5] - logits[:, -1, 6]
-
-
-def metric_all_positions(logits):  # reads every position: the full-length path
-    return logits[:, :, 7].mean(-1) - logits[:, -1, 6]
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +30,7 @@ def llama_64():
 @pytest.mark.parametrize("name", ["gpt2_64", "llama_64"])
 def test_float64_model_gives_float64_scores_equal_to_a_float64_hooks_loop(name, request):
     model = request.getfixturevalue(name)
-    clean, corrupted = _pair(6)
+    clean, corrupted = pair(6)
     expected = patching_loop(model, clean, corrupted, metric, KINDS, [0, 1], range(6))
     assert expected.dtype == torch.float64
     # one cell a batch, full length: the very computation of the loop, bit for bit
@@ -169,7 +38,7 @@ def test_float64_model_gives_float64_scores_equal_to_a_float64_hooks_loop(name, 
                                          suffix=False, batch_size=1, progress=False)
     assert exact.values.dtype == torch.float64
     assert torch.equal(exact.values, expected)
-    assert exact.baseline == float(metric(_forward(model, corrupted))[0])
+    assert exact.baseline == float(metric(forward_with(model, corrupted))[0])
     for options in ({}, {"suffix": False}, {"backend": "hooks"}):
         result = patching.activation_patching(NNsight(model), clean, corrupted, metric,
                                               sites=KINDS, progress=False, **options)
@@ -192,17 +61,17 @@ def bart():
 
 
 def _bart_loop(model, blocks, clean, corrupted, positions):
-    baseline = metric(_forward(model, corrupted))[0]
+    baseline = metric(forward_with(model, corrupted))[0]
     out = torch.zeros(len(blocks), len(positions))
     for layer, block in enumerate(blocks):
         store: list = []
-        _forward(model, clean, block, store=store)
+        forward_with(model, clean, block, store=store)
         for i, position in enumerate(positions):
             def change(h, p=position, value=store[0]):
                 h = h.clone()
                 h[:, p] = value[:, p]
                 return h
-            out[layer, i] = metric(_forward(model, corrupted, block, False, change))[0] - \
+            out[layer, i] = metric(forward_with(model, corrupted, block, False, change))[0] - \
                 baseline
     return out
 
@@ -210,7 +79,7 @@ def _bart_loop(model, blocks, clean, corrupted, positions):
 def test_an_encoder_decoder_model_must_say_which_blocks(bart):
     """(was: the longest outermost ModuleList, silently the decoder's 3 blocks here, or
     the first of equal ones, the encoder's)"""
-    clean, corrupted = _pair(5)
+    clean, corrupted = pair(5)
     for sweep in (lambda: patching.activation_patching(NNsight(bart), clean, corrupted, metric,
                                                        sites=["resid"], progress=False),
                   lambda: patching.steering_sweep(NNsight(bart), clean, torch.ones(32),
@@ -255,9 +124,9 @@ def attribution_loop(model, clean, corrupted, metric, kinds, layers):
     for kind in kinds:
         rows = []
         for layer in layers:
-            module, pre = _site(model, kind, layer), kind == "resid_pre"
+            module, pre = site(model, kind, layer), kind == "resid_pre"
             store: list = []
-            _forward(model, clean, module, pre, store=store)
+            forward_with(model, clean, module, pre, store=store)
             leaf: list = []
 
             def change(h):
@@ -269,7 +138,7 @@ def attribution_loop(model, clean, corrupted, metric, kinds, layers):
                     else change(o))
             try:
                 with torch.enable_grad():
-                    measured = metric(_logits(model(corrupted))).sum()
+                    measured = metric(logits_of(model(corrupted))).sum()
                     grad, = torch.autograd.grad(measured, leaf[0])
             finally:
                 handle.remove()
@@ -280,7 +149,7 @@ def attribution_loop(model, clean, corrupted, metric, kinds, layers):
 
 def test_attribution_equals_a_hand_written_gradient_loop_in_float64(gpt2_64):
     """(was: over a dataset, ``baselines`` were float32 for a float64 model)"""
-    pairs = [_pair(6, 1, 2), _pair(6, 3, 4)]
+    pairs = [pair(6, 1, 2), pair(6, 3, 4)]
     result = patching.attribution(NNsight(gpt2_64), [c for c, _ in pairs],
                                   [k for _, k in pairs], metric, sites=KINDS)
     assert result.per_pair.dtype == result.baselines.dtype == torch.float64
@@ -299,7 +168,7 @@ def test_attribution_over_pairs_of_different_lengths_counts_positions_from_the_e
     the same dataset) Each pair's scores sit at its last positions (NaN before), the mean
     is over the pairs that have the position, as activation patching's."""
     model = request.getfixturevalue(name)
-    pairs = [_pair(5, 1, 1), _pair(7, 2, 3), _pair(6, 3, 0)]
+    pairs = [pair(5, 1, 1), pair(7, 2, 3), pair(6, 3, 0)]
     result = patching.attribution(NNsight(model), [c for c, _ in pairs],
                                   [k for _, k in pairs], metric, sites=KINDS)
     assert result.positions == list(range(-7, 0))
@@ -340,7 +209,7 @@ def test_an_interrupted_job_resumes_to_the_uninterrupted_result(gpt2_64, tmp_pat
     from fxsight.experiments import jobs
     monkeypatch.setattr(jobs, "CHECKPOINT_SECONDS", 0.0)
     nn = NNsight(gpt2_64)
-    pairs = [_pair(5, 1, 1), _pair(7, 2, 3), _pair(5, 3, 0)]
+    pairs = [pair(5, 1, 1), pair(7, 2, 3), pair(5, 3, 0)]
     clean, corrupted = [c for c, _ in pairs], [k for _, k in pairs]
 
     def sweep(chosen, **options):
@@ -365,7 +234,7 @@ def test_a_checkpoint_of_other_steering_vectors_is_refused(gpt2_64, tmp_path):
     """(was: the job's key held the first 32 bytes of each vector, as float32: vectors that
     differ after their 8th entry, or below float32 precision, reused the other's scores)"""
     nn = NNsight(gpt2_64)
-    prompt, _ = _pair(5)
+    prompt, _ = pair(5)
     first = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     later = first.clone()
     later[40] += 3.0
@@ -387,7 +256,7 @@ def test_a_checkpoint_of_other_steering_vectors_is_refused(gpt2_64, tmp_path):
 def test_a_checkpoint_of_other_blocks_is_refused(bart, tmp_path):
     """The encoder's and the decoder's blocks are two jobs, not one (same cells, same
     prompts, same unpatched metrics)."""
-    clean, corrupted = _pair(5)
+    clean, corrupted = pair(5)
     path = tmp_path / "job.pt"
     bart2 = bart  # (2 encoder and 3 decoder layers: layer 1 of each)
     patching.activation_patching(NNsight(bart2), [clean], [corrupted], metric, sites=["resid"],
@@ -405,7 +274,7 @@ def test_a_checkpoint_of_another_precision_is_refused(tmp_path):
     metrics agree to the checkpoint's tolerance, so the float32 scores came back as the
     float64 job's)"""
     model = tiny_gpt2(n_layer=2)
-    clean, corrupted = _pair(5)
+    clean, corrupted = pair(5)
     path = tmp_path / "job.pt"
     patching.activation_patching(NNsight(model), clean, corrupted, metric, sites=["resid"],
                                  suffix=False, checkpoint=path, progress=False)
@@ -423,7 +292,7 @@ def test_a_checkpoint_of_other_weights_is_refused_and_equal_weights_resume(tmp_p
     resume."""
     from transformers import GPT2LMHeadModel
     model = tiny_gpt2().double()
-    clean, corrupted = _pair(5)
+    clean, corrupted = pair(5)
     path = tmp_path / "job.pt"
 
     def sweep(chosen):
@@ -436,7 +305,7 @@ def test_a_checkpoint_of_other_weights_is_refused_and_equal_weights_resume(tmp_p
     assert loaded is not model
     again = sweep(loaded)
     assert again.info["resumed_batches"] == again.info["batches"] > 0
-    # (the loaded model's attention implementation may differ: baselines to float64 rounding)
+    # (its attention implementation is the model's: another one refuses the checkpoint)
     torch.testing.assert_close(again.values, first.values, rtol=0, atol=1e-12)
 
     with torch.no_grad():
@@ -455,6 +324,83 @@ def test_a_checkpoint_of_other_weights_is_refused_and_equal_weights_resume(tmp_p
     torch.save(state, path)
     with pytest.raises(ValueError, match="holds no digest of the weights"):
         sweep(loaded)
+
+
+def test_a_checkpoint_of_another_configuration_is_refused_and_the_same_model_resumes(
+        tmp_path):
+    """(was: a checkpoint was checked against the weights only: the same weights with
+    another layer-norm epsilon, or eager attention instead of sdpa, resumed every batch with
+    the first model's scores, the unpatched metrics within the tolerance.) The same model
+    built again resumes; a checkpoint without the configuration (an earlier fxsight's) is
+    refused, as one without the weights' digest."""
+    from fxsight.experiments.weights import weights_digest
+    clean, corrupted = pair(5)
+    path = tmp_path / "job.pt"
+
+    def sweep(chosen, checkpoint=path):
+        return patching.activation_patching(NNsight(chosen), clean, corrupted, metric,
+                                            sites=["resid"], suffix=False,
+                                            checkpoint=checkpoint, progress=False)
+    model = tiny_gpt2().double()
+    first = sweep(model)
+    again = sweep(tiny_gpt2().double())  # the same model, another object
+    assert again.info["resumed_batches"] == again.info["batches"] > 0
+    assert torch.equal(again.values, first.values)
+
+    epsilon = tiny_gpt2(layer_norm_epsilon=1.1e-5).double()
+    eager = tiny_gpt2().double()
+    eager.set_attn_implementation("eager")
+    for other, named in ((epsilon, "layer_norm_epsilon: 1e-05 then, 1.1e-05 now"),
+                         (eager, "_attn_implementation_internal: 'sdpa' then, 'eager' now")):
+        assert weights_digest(other) == weights_digest(model)
+        with pytest.raises(ValueError, match="written by a model with another "
+                                             "configuration") as refused:
+            sweep(other)
+        assert str(path) in str(refused.value) and named in str(refused.value)
+        fresh = sweep(other, checkpoint=None)
+        expected = patching_loop(other, clean, corrupted, metric, ["resid"], [0, 1], range(5))
+        torch.testing.assert_close(fresh.values, expected, rtol=0, atol=1e-12)
+        assert not torch.equal(fresh.values, first.values)  # another model's scores
+
+    state = torch.load(path, weights_only=True)  # as an earlier fxsight wrote it
+    del state["configuration"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="holds no record of the configuration"):
+        sweep(model)
+
+
+def test_the_configuration_is_the_same_model_s_wherever_it_is_built_or_loaded(tmp_path):
+    """The description a checkpoint keeps beside the weights' digest: equal for the same
+    model built again, deep-copied, saved and loaded again (in the same dtype), offloaded
+    by accelerate or cast to another dtype (the digest has the dtypes); another config
+    field, attention implementation, module attribute or mode is named."""
+    import copy
+
+    import accelerate
+    from transformers import LlamaForCausalLM
+
+    from fxsight.experiments.configuration import differences, model_configuration
+    model = tiny_llama(num_hidden_layers=2)
+    described = model_configuration(model)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    offloaded = accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu")
+    for same in (tiny_llama(num_hidden_layers=2), copy.deepcopy(model), loaded, offloaded,
+                 copy.deepcopy(model).double()):
+        assert model_configuration(same) == described, differences(
+            described, model_configuration(same))
+
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    norm = copy.deepcopy(model)
+    norm.model.layers[1].post_attention_layernorm.variance_epsilon = 1e-3
+    trained = copy.deepcopy(model).train()
+    for other, named in (
+            (tiny_llama(num_hidden_layers=2, rms_norm_eps=1e-3), "config.rms_norm_eps"),
+            (eager, "config._attn_implementation_internal"),
+            (norm, "module model.layers.1.post_attention_layernorm.variance_epsilon"),
+            (trained, "module (model).training")):
+        assert named in differences(described, model_configuration(other))
 
 
 def test_the_weights_digest_reads_values_not_storage():
@@ -522,7 +468,7 @@ class _Block(torch.nn.Module):
         self.returns_tuple = returns_tuple
 
     def forward(self, x):
-        x = x + _first(self.attn(self.norm(x)))
+        x = x + first(self.attn(self.norm(x)))
         x = x + self.mlp(x)
         return (x, x.mean()) if self.returns_tuple else x
 
@@ -541,9 +487,44 @@ class _Net(torch.nn.Module):
     def forward(self, ids):
         x = self.embed(ids)
         for layer in self.layers:
-            x = _first(layer(x))
+            x = first(layer(x))
         logits = self.head(x)
         return (logits, x) if self.returns_tuple else logits
+
+
+def test_a_checkpoint_of_a_plain_module_with_other_settings_is_refused(tmp_path):
+    """A plain nn.Module's forward settings are its modules' attributes (a LayerNorm's
+    eps, a GELU's approximation): another value refuses the checkpoint by name (was:
+    resumed with the first model's scores); a deep copy resumes."""
+    import copy
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _Net(False).double().eval()
+    clean, corrupted = pair(6, vocab=32)
+    path = tmp_path / "job.pt"
+
+    def sweep(chosen, checkpoint=path):
+        return patching.activation_patching(NNsight(chosen), clean, corrupted, metric,
+                                            sites=["resid"], batch_size=5,
+                                            checkpoint=checkpoint, progress=False)
+    first = sweep(model)
+    again = sweep(copy.deepcopy(model))
+    assert again.info["resumed_batches"] == again.info["batches"] > 0
+    assert torch.equal(again.values, first.values)
+
+    norm = copy.deepcopy(model)
+    norm.layers[1].norm.eps = 1e-3
+    gelu = copy.deepcopy(model)
+    gelu.layers[0].mlp[1].approximate = "tanh"
+    for other, named in ((norm, "module layers.1.norm.eps: 1e-05 then, 0.001 now"),
+                         (gelu, "module layers.0.mlp.1.approximate: 'none' then, 'tanh' now")):
+        with pytest.raises(ValueError, match="another configuration") as refused:
+            sweep(other)
+        assert named in str(refused.value)
+        fresh = sweep(other, checkpoint=None)
+        expected = patching_loop(other, clean, corrupted, metric, ["resid"], [0, 1], range(6))
+        torch.testing.assert_close(fresh.values, expected, rtol=0, atol=1e-12)
+        assert not torch.equal(fresh.values, first.values)
 
 
 @pytest.mark.parametrize("returns_tuple", [False, True])
@@ -551,7 +532,7 @@ def test_tuple_and_tensor_outputs_equal_a_hooks_loop_in_float64(returns_tuple):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = _Net(returns_tuple).double().eval()
-    clean, corrupted = _pair(6, vocab=32)
+    clean, corrupted = pair(6, vocab=32)
     for chosen in (metric, metric_all_positions):
         expected = patching_loop(model, clean, corrupted, chosen, KINDS, [0, 1], range(6))
         for options in ({}, {"backend": "hooks"}):
@@ -571,7 +552,7 @@ def test_half_precision_scores_are_the_metrics_differences_in_float32(dtype):
     """On CPU in half precision: the metric's values are the loop's bit for bit, their
     differences taken in float32 (a guard: this held before)."""
     model = tiny_llama(num_hidden_layers=2).to(dtype)
-    clean, corrupted = _pair(6)
+    clean, corrupted = pair(6)
 
     def in_float32(logits):  # the loop subtracts in float32 too
         return metric(logits).float()

@@ -23,6 +23,7 @@ import fxsight
 from fxsight import NNsight, patching
 from graphs import graph_parameters
 from models import tiny_gpt2, tiny_llama, train_tokenizer
+from patching_loops import blocks, first, metric, pair, patching_loop
 
 TOKENS = 7
 
@@ -38,75 +39,16 @@ def llama():
 
 
 def _prompts(vocab: int = 128, position: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    clean = torch.randint(4, vocab, (1, TOKENS), generator=torch.Generator().manual_seed(1))
-    corrupted = clean.clone()
-    corrupted[0, position] = (clean[0, position] + 1) % vocab
-    return clean, corrupted
-
-
-def metric(logits: torch.Tensor) -> torch.Tensor:
-    return logits[:, -1, 5] - logits[:, -1, 6]
-
-
-def _blocks(model):
-    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
-
-
-def _module(model, kind: str, layer: int):
-    block = _blocks(model)[layer]
-    if kind in ("resid", "resid_pre"):
-        return block
-    if kind == "attn":
-        return block.attn if hasattr(block, "attn") else block.self_attn
-    return block.mlp
-
-
-def _first(value):
-    return value[0] if isinstance(value, tuple) else value
+    return pair(TOKENS, position=position, vocab=vocab)
 
 
 def hooks_loop(model, clean, corrupted, metric, kinds, positions=None):
-    """The reference: for each cell, one clean forward saving the site and one corrupted
-    forward whose hook puts the clean value at that position (hand-written hooks)."""
-    layers = len(_blocks(model))
+    """The reference: for each cell of every layer, one clean forward saving the site and one
+    corrupted forward whose hook puts the clean value at that position (hand-written
+    hooks, :func:`patching_loops.patching_loop`)."""
     positions = list(range(clean.shape[1])) if positions is None else positions
-    out = torch.zeros(len(kinds), layers, len(positions))
-    with torch.no_grad():
-        baseline = metric(model(corrupted, use_cache=False).logits)[0]
-        for k, kind in enumerate(kinds):
-            for layer in range(layers):
-                module = _module(model, kind, layer)
-                for i, position in enumerate(positions):
-                    store = {}
-                    if kind == "resid_pre":
-                        handle = module.register_forward_pre_hook(
-                            lambda m, args: store.__setitem__("h", args[0]))
-                    else:
-                        handle = module.register_forward_hook(
-                            lambda m, args, output: store.__setitem__("h", _first(output)))
-                    model(clean, use_cache=False)
-                    handle.remove()
-                    clean_value = store["h"]
-
-                    if kind == "resid_pre":
-                        def patch(m, args, position=position, clean_value=clean_value):
-                            hidden = args[0].clone()
-                            hidden[:, position] = clean_value[:, position]
-                            return (hidden, *args[1:])
-                        handle = module.register_forward_pre_hook(patch)
-                    else:
-                        def patch(m, args, output, position=position, clean_value=clean_value):
-                            hidden = _first(output).clone()
-                            hidden[:, position] = clean_value[:, position]
-                            return (hidden, *output[1:]) if isinstance(output, tuple) \
-                                else hidden
-                        handle = module.register_forward_hook(patch)
-                    try:
-                        logits = model(corrupted, use_cache=False).logits
-                    finally:
-                        handle.remove()
-                    out[k, layer, i] = metric(logits)[0] - baseline
-    return out
+    return patching_loop(model, clean, corrupted, metric, kinds, range(len(blocks(model))),
+                         positions)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
@@ -269,13 +211,13 @@ def test_attribution_refuses_prompts_of_different_lengths():
     # the plain-PyTorch estimate: (clean - corrupted) . d metric / d block output
     block = model.transformer.h[0]
     store = {}
-    handle = block.register_forward_hook(lambda m, a, o: store.__setitem__("clean", _first(o)))
+    handle = block.register_forward_hook(lambda m, a, o: store.__setitem__("clean", first(o)))
     with torch.no_grad():
         model(clean_ids)
     handle.remove()
 
     def leaf(module, args, output):
-        store["corrupted"] = _first(output).detach().requires_grad_()
+        store["corrupted"] = first(output).detach().requires_grad_()
         return (store["corrupted"], *output[1:]) if isinstance(output, tuple) \
             else store["corrupted"]
     handle = block.register_forward_hook(leaf)

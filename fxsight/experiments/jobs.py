@@ -24,7 +24,8 @@ The job is planned the same way in every process, whatever the number of process
   processes may change) and runs only the batches that are missing. A checkpoint of another
   job (other prompts, cells, batch size) is refused by name, and so is one of other weights
   (a digest of the model's parameters and buffers, :mod:`.weights`, computed once per job
-  with a checkpoint).
+  with a checkpoint) and one of another configuration (what else decides the forward: the
+  modules' settings and the transformers config, :mod:`.configuration`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .ranks import Ranks
 from .result import PatchingResult
 from .sweeps import (Sweep, check_rows_apart, metric_values, reads_last_position_only,
                      token_ids)
+from .configuration import differences, model_configuration
 from .weights import weights_digest
 
 CHECKPOINT_SECONDS = 10.0
@@ -286,13 +288,15 @@ def _fingerprint(experiment: Experiment, batches: list[Batch], probe: Refs) -> s
 # --- checkpoints ------------------------------------------------------------------------------
 class Checkpoint:
     """A job's checkpoint file(s): its finished batches and items' metrics, with the job's
-    fingerprint and the digest of the model's weights that wrote them."""
+    fingerprint, the digest of the model's weights and the model's configuration (what
+    else decides its forward) that wrote them."""
 
     def __init__(self, path: str | os.PathLike | None, ranks: Ranks, fingerprint: str,
-                 weights: str | None = None):
+                 weights: str | None = None, configuration: dict[str, str] | None = None):
         self.path = None if path is None else os.fspath(path)
         self.fingerprint = fingerprint
         self.weights = weights
+        self.configuration = configuration
         self.own = self.path if (self.path is None or not ranks.on) \
             else f"{self.path}.rank{ranks.rank}"
         self.saved_at = time.monotonic()
@@ -321,9 +325,23 @@ class Checkpoint:
                     f"(the SHA-256 of its parameters and buffers was {written[:12]}..., this "
                     f"model's is {self.weights[:12]}...): its scores are not this model's; "
                     f"remove it or give another checkpoint path")
+            self._check_configuration(name, state.get("configuration"))
             batches.update(state["batches"])
             items.update(state["items"])
         return batches, items
+
+    def _check_configuration(self, name: str, written: dict[str, str] | None) -> None:
+        if written is None:
+            raise ValueError(
+                f"the checkpoint {name} holds no record of the configuration of the model "
+                f"that wrote it (an earlier fxsight wrote it): it cannot be told to be this "
+                f"model's; remove it or give another checkpoint path")
+        if written != self.configuration:
+            raise ValueError(
+                f"the checkpoint {name} was written by a model with another configuration "
+                f"(same weights, another forward: "
+                f"{differences(written, self.configuration or {})}): its scores are not "
+                f"this model's; remove it or give another checkpoint path")
 
     def save(self, batches: dict, items: dict, force: bool = False) -> None:
         if self.own is None or not (force or
@@ -333,7 +351,8 @@ class Checkpoint:
         os.makedirs(directory, exist_ok=True)
         temporary = f"{self.own}.tmp"
         torch.save({"fingerprint": self.fingerprint, "weights": self.weights,
-                    "batches": batches, "items": items}, temporary)
+                    "configuration": self.configuration, "batches": batches,
+                    "items": items}, temporary)
         os.replace(temporary, self.own)
         self.saved_at = time.monotonic()
 
@@ -378,15 +397,17 @@ def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, mem
         fingerprint = _fingerprint(experiment, batches, probe)
         # (once per job, and only with a checkpoint: every byte of the model is read)
         weights = None if checkpoint is None else weights_digest(sweep.model._module)
+        configuration = None if checkpoint is None \
+            else model_configuration(sweep.model._module)
     except Exception as failure:  # noqa: BLE001 - sent to the other ranks, then raised
-        error, fingerprint, weights = failure, None, None
+        error, fingerprint, weights, configuration = failure, None, None, None
     prints = ranks.exchange("planning", fingerprint, error)
     if any(p != prints[0] for p in prints):
         different = [r for r, p in enumerate(prints) if p != prints[0]]
         raise RuntimeError(f"ranks {different} planned another sweep than rank 0 (other "
                            f"prompts, arguments or batch size): every rank must make the "
                            f"same call")
-    store = Checkpoint(checkpoint, ranks, fingerprint, weights)
+    store = Checkpoint(checkpoint, ranks, fingerprint, weights, configuration)
     done, loaded_items = store.load()
     _check_resumed(store, item_metrics, loaded_items)
     resumed = len(done)
