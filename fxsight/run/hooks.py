@@ -18,6 +18,7 @@ from ..errors import TraceError, at_line
 from ..capture.events import ModuleEvents
 from ..capture.model_hooks import describe_hook
 from ..record.program import Kind, Node, Program, execute, is_backward, map_nodes
+from .checkpointing import check_checkpointed_writes
 from ..splice.rows import Rows
 from ..record.sites import INPUT, OUTPUT, Site, is_operation, module_label
 from ..splice.walker import BEFORE_ALL, Walker
@@ -69,6 +70,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
     Program needs. ``operations``: the operations spec of the Program's operation sites
     (``capture.operations``)."""
     _check_backward_hooks(model, program)
+    check_checkpointed_writes(model, program)
     schedule: dict[int, list[Node]] = defaultdict(list)
     walker = RealWalker(program, rows, index)
     for node in program.nodes:

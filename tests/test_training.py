@@ -1,0 +1,88 @@
+"""Models in training configurations: gradient checkpointing, scripted submodules.
+
+Each behaviour is checked against the same intervention done by hand in plain PyTorch
+(forward hooks, a plain backward)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from fxsight import NNsight, TraceError
+from models import tiny_gpt2
+
+IDS = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+def _checkpointed_gpt2():
+    model = tiny_gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (renamed in transformers 6)
+        model.gradient_checkpointing_enable()
+    return model.train()
+
+
+def _plain_grads(model, path, factor):
+    """Parameter gradients of ``logits.sum()`` with ``path``'s output scaled by a hook."""
+    handle = model.get_submodule(path).register_forward_hook(lambda m, a, o: o * factor)
+    try:
+        torch.manual_seed(0)
+        model(IDS, use_cache=False).logits.sum().backward()
+    finally:
+        handle.remove()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def _writing(net, envoy, backward=True):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fallback to hooks: transformers' input hook)
+        with net.trace(IDS, use_cache=False) as tracer:
+            envoy.output = envoy.output * 2
+            if backward:
+                net.output.logits.sum().backward()
+    return tracer
+
+
+def test_a_write_inside_a_checkpointed_layer_is_refused_before_running():
+    """The backward pass reruns a checkpointed layer's forward, where a plain hook writes
+    its value again and fxsight's hooks did not: the parameter gradients were those of the
+    unwritten values (off by ~40), silently."""
+    model = _checkpointed_gpt2()
+    net = NNsight(model)
+    with pytest.raises(TraceError, match=r"(?s)transformer\.h\.0\.ln_1\.output, inside "
+                       r"model\.transformer\.h\.0.*checkpointed.*test_training\.py"):
+        _writing(net, net.transformer.h[0].ln_1)
+    assert all(p.grad is None for p in model.parameters())  # (nothing ran)
+    with pytest.raises(TraceError, match="checkpointed"):  # (a backward after the trace)
+        _writing(net, net.transformer.h[1].mlp, backward=False)
+
+
+def test_a_write_of_a_checkpointed_layers_output_gives_the_plain_gradients():
+    """The layer's own hooks run outside its checkpoint: a write there is made once, as a
+    plain hook's is, and the gradients are the plain ones (also without checkpointing)."""
+    net = NNsight(_checkpointed_gpt2())
+    _writing(net, net.transformer.h[0])
+    reference = _plain_grads(tiny_gpt2().train(), "transformer.h.0", 2)
+    for name, param in net._model.named_parameters():
+        torch.testing.assert_close(param.grad, reference[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_write_inside_a_checkpointed_layer_runs_where_nothing_is_checkpointed():
+    """Without gradients (or in eval mode) the layer is not checkpointed: the write runs."""
+    net = NNsight(_checkpointed_gpt2())
+    plain = tiny_gpt2().train()
+    handle = plain.transformer.h[0].ln_1.register_forward_hook(lambda m, a, o: o * 2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = plain(IDS, use_cache=False).logits
+    handle.remove()
+    torch.manual_seed(0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fallback to hooks)
+        with net.trace(IDS, use_cache=False):
+            net.transformer.h[0].ln_1.output = net.transformer.h[0].ln_1.output * 2
+            logits = net.output.logits.save()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
