@@ -86,3 +86,27 @@ def test_a_write_inside_a_checkpointed_layer_runs_where_nothing_is_checkpointed(
             net.transformer.h[0].ln_1.output = net.transformer.h[0].ln_1.output * 2
             logits = net.output.logits.save()
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x))
+
+
+@pytest.mark.parametrize("path", ["1", ""])
+def test_a_scripted_module_is_refused_when_wrapped_naming_it(path):
+    """A ``torch.jit.script``ed module runs in TorchScript: torch refuses forward hooks on
+    it ("not supported on ScriptModules") and no capture sees its calls. Every trace of a
+    model holding one failed with a bare RuntimeError of fxsight's state check
+    ("dict_version expects a dict"), naming nothing."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.jit.script(_Block()))
+    with pytest.raises(RuntimeError, match="not supported on ScriptModules"):
+        model[1].register_forward_hook(lambda m, a, o: None)  # (the plain reference)
+    model = model if path else torch.jit.script(model)
+    label = "model.1" if path else "model"
+    with pytest.raises(TypeError, match=rf"{label} is a TorchScript module"):
+        NNsight(model)
