@@ -110,3 +110,41 @@ def test_a_scripted_module_is_refused_when_wrapped_naming_it(path):
     label = "model.1" if path else "model"
     with pytest.raises(TypeError, match=rf"{label} is a TorchScript module"):
         NNsight(model)
+
+
+class _CheckpointedNet(torch.nn.Module):
+    """A forward that checkpoints a block itself (``torch.utils.checkpoint``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _Block()
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+
+
+def test_a_write_inside_torch_checkpoint_is_refused_on_hooks_and_right_on_fx():
+    """The hooks backend's write inside a block the forward checkpoints was missing from the
+    backward's rerun of the block: parameter gradients off by ~1, silently. The fx graph holds
+    the block's operations once (no rerun): its gradients are the plain hook's."""
+    torch.manual_seed(0)
+    model = _CheckpointedNet()
+    x = torch.randn(4, 8)
+    reference = _CheckpointedNet()
+    reference.load_state_dict(model.state_dict())
+    handle = reference.block.lin.register_forward_hook(lambda m, a, o: o * 2)
+    reference(x).sum().backward()
+    handle.remove()
+    net = NNsight(model)
+    with net.trace(x, backend="fx"):
+        net.block.lin.output = net.block.lin.output * 2
+        net.output.sum().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, dict(reference.named_parameters())[name].grad)
+    with pytest.raises(TraceError, match=r"(?s)block\.lin\.output.*checkpoint.*test_training"):
+        with net.trace(x, backend="hooks"):
+            net.block.lin.output = net.block.lin.output * 2
+            net.output.sum().backward()
+    with torch.no_grad(), net.trace(x, backend="hooks"):  # (nothing checkpointed)
+        net.block.lin.output = net.block.lin.output * 2

@@ -8,6 +8,9 @@ inside it fire again in the rerun, where a plain forward hook writes its value a
 hooks backend's writes are made in the first forward only (and a ``backward()`` after the
 trace reruns the forward without any hook): the gradients would be those of the values
 before the write, silently. So such a write is refused before the forward runs.
+
+A forward may checkpoint a block itself (``torch.utils.checkpoint.checkpoint(block, x)``):
+that is only seen as it runs, at the write (:func:`check_write_outside_checkpoint`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 import torch
 import torch.nn as nn
 
+from .._torch import inside_activation_checkpoint
 from ..errors import TraceError, at_line
 from ..record.program import Kind, Node, Program
 from ..record.sites import Site, module_label
@@ -67,3 +71,19 @@ def _written_site(node: Node) -> Site | None:
         root = read_root(node.args[0]) if node.args else None
         return root.site if root is not None else None
     return None
+
+
+def check_write_outside_checkpoint(site: Site, nodes: list[Node]) -> None:
+    """Raise, before ``site``'s written value is given to the forward, where the forward
+    runs it inside ``torch.utils.checkpoint`` (``nodes``: those that ran at the event)."""
+    writes = [node for node in nodes if _written_site(node) == site]
+    if not writes or not torch.is_grad_enabled() or not inside_activation_checkpoint():
+        return  # (a gradient tap alone is no write: the rerun's values are the same)
+    line = writes[-1].line
+    raise TraceError(at_line(
+        f"this line writes {site.label}, which the forward computes inside "
+        f"torch.utils.checkpoint: the backward pass reruns that code, and the rerun would "
+        f"not make this write, so the gradients would not be those of the written value "
+        f"(raised as the forward reached {module_label(site.path)}). The fx backend runs "
+        f"such a write once, with the right gradients (backend=\"fx\"); or write a value "
+        f"outside the checkpointed block, or trace under torch.no_grad()", line))

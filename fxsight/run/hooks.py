@@ -18,7 +18,7 @@ from ..errors import TraceError, at_line
 from ..capture.events import ModuleEvents
 from ..capture.model_hooks import describe_hook
 from ..record.program import Kind, Node, Program, execute, is_backward, map_nodes
-from .checkpointing import check_checkpointed_writes
+from .checkpointing import check_checkpointed_writes, check_write_outside_checkpoint
 from ..splice.rows import Rows
 from ..record.sites import INPUT, OUTPUT, Site, is_operation, module_label
 from ..splice.walker import BEFORE_ALL, Walker
@@ -96,6 +96,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
         if stop and position == last:
             raise _StopForward
         if site in walker.written:
+            check_write_outside_checkpoint(site, schedule[position])
             new = walker.current[site]
             return (tuple(new[0]), dict(new[1])) if site.kind == INPUT else new
         return None
