@@ -148,3 +148,25 @@ def test_a_write_inside_torch_checkpoint_is_refused_on_hooks_and_right_on_fx():
             net.output.sum().backward()
     with torch.no_grad(), net.trace(x, backend="hooks"):  # (nothing checkpointed)
         net.block.lin.output = net.block.lin.output * 2
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_gradient_of_another_dtype_is_refused_before_running(backend):
+    """torch refuses a tensor hook that changes a gradient's dtype, in the backward pass
+    ("has changed the type of value"); fxsight raised the same bare RuntimeError there,
+    naming a hook '<unknown>' and no line."""
+    model = tiny_gpt2().to(torch.bfloat16)
+    handle = model.transformer.h[0].ln_1.register_forward_hook(
+        lambda m, a, o: o.register_hook(lambda g: g.float()) and None)
+    with pytest.raises(RuntimeError, match="changed the type"):  # (the plain reference)
+        model(IDS, use_cache=False).logits.float().sum().backward()
+    handle.remove()
+    model.zero_grad(set_to_none=True)
+    net = NNsight(model)
+    with pytest.raises(TraceError, match=r"(?s)float32 gradient cannot replace the "
+                       r"gradient of transformer\.h\.0\.ln_1\.output.*bfloat16.*test_train"):
+        with net.trace(IDS, use_cache=False, backend=backend):
+            out = net.transformer.h[0].ln_1.output
+            out.grad = out.grad.float()
+            net.output.logits.float().sum().backward()
+    assert all(p.grad is None for p in model.parameters())  # (nothing ran)
