@@ -170,3 +170,27 @@ def test_a_gradient_of_another_dtype_is_refused_before_running(backend):
             out.grad = out.grad.float()
             net.output.logits.float().sum().backward()
     assert all(p.grad is None for p in model.parameters())  # (nothing ran)
+
+
+class _ReentrantNet(_CheckpointedNet):
+    def forward(self, x):
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=True))
+
+
+def test_a_write_inside_a_reentrant_checkpoint_is_refused():
+    """A reentrant checkpoint runs the block without gradients and reruns it in backward:
+    the fx backend cannot reach inside it, so ``backend="auto"`` ran the write on hooks,
+    which the rerun missed (parameter gradients off by ~1.8), silently."""
+    torch.manual_seed(0)
+    net = NNsight(_ReentrantNet())
+    x = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(TraceError, match=r"(?s)block\.lin\.output.*checkpoint.*test_training"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the fallback to hooks)
+            with net.trace(x):
+                net.block.lin.output = net.block.lin.output * 2
+                net.output.sum().backward()
+    with torch.no_grad(), warnings.catch_warnings():  # (nothing to rerun)
+        warnings.simplefilter("ignore")
+        with net.trace(x, backend="hooks"):
+            net.block.lin.output = net.block.lin.output * 2

@@ -9,8 +9,9 @@ hooks backend's writes are made in the first forward only (and a ``backward()`` 
 trace reruns the forward without any hook): the gradients would be those of the values
 before the write, silently. So such a write is refused before the forward runs.
 
-A forward may checkpoint a block itself (``torch.utils.checkpoint.checkpoint(block, x)``):
-that is only seen as it runs, at the write (:func:`check_write_outside_checkpoint`).
+A forward may checkpoint a block itself (``torch.utils.checkpoint.checkpoint(block, x)``,
+reentrant or not): that is only seen as it runs, at the write
+(:func:`check_write_outside_checkpoint`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from .._torch import inside_activation_checkpoint
 from ..errors import TraceError, at_line
@@ -73,12 +75,18 @@ def _written_site(node: Node) -> Site | None:
     return None
 
 
-def check_write_outside_checkpoint(site: Site, nodes: list[Node]) -> None:
+def check_write_outside_checkpoint(site: Site, nodes: list[Node], grad: bool) -> None:
     """Raise, before ``site``'s written value is given to the forward, where the forward
-    runs it inside ``torch.utils.checkpoint`` (``nodes``: those that ran at the event)."""
+    runs it inside ``torch.utils.checkpoint`` (``nodes``: those that ran at the event;
+    ``grad``: whether the trace runs with gradients on)."""
     writes = [node for node in nodes if _written_site(node) == site]
-    if not writes or not torch.is_grad_enabled() or not inside_activation_checkpoint():
+    if not writes or not grad:
         return  # (a gradient tap alone is no write: the rerun's values are the same)
+    if torch.is_grad_enabled():
+        if not inside_activation_checkpoint():
+            return
+    elif not _inside_reentrant_checkpoint():  # (which runs its block without gradients)
+        return
     line = writes[-1].line
     raise TraceError(at_line(
         f"this line writes {site.label}, which the forward computes inside "
@@ -87,3 +95,15 @@ def check_write_outside_checkpoint(site: Site, nodes: list[Node]) -> None:
         f"(raised as the forward reached {module_label(site.path)}). The fx backend runs "
         f"such a write once, with the right gradients (backend=\"fx\"); or write a value "
         f"outside the checkpointed block, or trace under torch.no_grad()", line))
+
+
+def _inside_reentrant_checkpoint() -> bool:
+    """Whether a reentrant ``torch.utils.checkpoint`` (``use_reentrant=True``) runs its
+    function now: its ``CheckpointFunction.forward`` is a frame of the stack."""
+    code = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False

@@ -12,6 +12,7 @@ import threading
 from collections import defaultdict
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..errors import TraceError, at_line
@@ -71,6 +72,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
     (``capture.operations``)."""
     _check_backward_hooks(model, program)
     check_checkpointed_writes(model, program)
+    grad = torch.is_grad_enabled()
     schedule: dict[int, list[Node]] = defaultdict(list)
     walker = RealWalker(program, rows, index)
     for node in program.nodes:
@@ -96,7 +98,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
         if stop and position == last:
             raise _StopForward
         if site in walker.written:
-            check_write_outside_checkpoint(site, schedule[position])
+            check_write_outside_checkpoint(site, schedule[position], grad)
             new = walker.current[site]
             return (tuple(new[0]), dict(new[1])) if site.kind == INPUT else new
         return None
