@@ -194,3 +194,37 @@ def test_a_write_inside_a_reentrant_checkpoint_is_refused():
         warnings.simplefilter("ignore")
         with net.trace(x, backend="hooks"):
             net.block.lin.output = net.block.lin.output * 2
+
+
+def _grad_free_write(m, a, o):
+    with torch.no_grad():
+        return o * 2
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_line_under_no_grad_or_autocast_inside_the_block_is_refused(backend):
+    """A ``with torch.no_grad():`` (or autocast) block inside the trace was silently not
+    applied: the lines run when the trace ends, in the trace's modes, so a value written
+    from it carried gradients a plain hook's does not (``layer0.weight.grad`` set where
+    the plain backward leaves it ``None``), and autocast's dtypes were not used."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    x = torch.randn(5, 6)
+    handle = model[1].register_forward_hook(_grad_free_write)
+    model(x).sum().backward()
+    handle.remove()
+    assert model[0].weight.grad is None  # (the plain reference)
+    model.zero_grad(set_to_none=True)
+    net = NNsight(model)
+    with pytest.raises(TraceError, match=r"(?s)grad.*detach.*test_training"):
+        with net.trace(x, backend=backend):
+            with torch.no_grad():
+                net[1].output = net[1].output * 2
+            net.output.sum().backward()
+    with pytest.raises(TraceError, match=r"(?s)autocast.*test_training"):
+        with net.trace(x, backend=backend):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                net[1].output = (net[1].output @ torch.eye(8)).float()
+    assert all(p.grad is None for p in model.parameters())  # (nothing ran)
+    with torch.no_grad(), net.trace(x, backend=backend):  # (the trace's own mode: fine)
+        net[1].output = net[1].output * 2
