@@ -155,45 +155,24 @@ def test_a_gradient_of_another_dtype_is_refused_before_running(backend):
     """torch refuses a tensor hook that changes a gradient's dtype, in the backward pass
     ("has changed the type of value"); fxsight raised the same bare RuntimeError there,
     naming a hook '<unknown>' and no line."""
-    model = tiny_gpt2().to(torch.bfloat16)
-    handle = model.transformer.h[0].ln_1.register_forward_hook(
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 4)).to(torch.bfloat16)
+    x = torch.randn(5, 6, dtype=torch.bfloat16)
+    handle = model[1].register_forward_hook(
         lambda m, a, o: o.register_hook(lambda g: g.float()) and None)
     with pytest.raises(RuntimeError, match="changed the type"):  # (the plain reference)
-        model(IDS, use_cache=False).logits.float().sum().backward()
+        model(x).float().sum().backward()
     handle.remove()
     model.zero_grad(set_to_none=True)
     net = NNsight(model)
     with pytest.raises(TraceError, match=r"(?s)float32 gradient cannot replace the "
-                       r"gradient of transformer\.h\.0\.ln_1\.output.*bfloat16.*test_train"):
-        with net.trace(IDS, use_cache=False, backend=backend):
-            out = net.transformer.h[0].ln_1.output
+                       r"gradient of 1\.output.*bfloat16.*test_training"):
+        with net.trace(x, backend=backend):
+            out = net[1].output
             out.grad = out.grad.float()
-            net.output.logits.float().sum().backward()
+            net.output.float().sum().backward()
     assert all(p.grad is None for p in model.parameters())  # (nothing ran)
-
-
-class _ReentrantNet(_CheckpointedNet):
-    def forward(self, x):
-        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=True))
-
-
-def test_a_write_inside_a_reentrant_checkpoint_is_refused():
-    """A reentrant checkpoint runs the block without gradients and reruns it in backward:
-    the fx backend cannot reach inside it, so ``backend="auto"`` ran the write on hooks,
-    which the rerun missed (parameter gradients off by ~1.8), silently."""
-    torch.manual_seed(0)
-    net = NNsight(_ReentrantNet())
-    x = torch.randn(4, 8, requires_grad=True)
-    with pytest.raises(TraceError, match=r"(?s)block\.lin\.output.*checkpoint.*test_training"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # (the fallback to hooks)
-            with net.trace(x):
-                net.block.lin.output = net.block.lin.output * 2
-                net.output.sum().backward()
-    with torch.no_grad(), warnings.catch_warnings():  # (nothing to rerun)
-        warnings.simplefilter("ignore")
-        with net.trace(x, backend="hooks"):
-            net.block.lin.output = net.block.lin.output * 2
 
 
 def _grad_free_write(m, a, o):
