@@ -45,7 +45,7 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "fake_embedding_takes_meta_weights", "export_leaves_no_buffer_hook",
            "autocast_cache_off", "default_device_set", "parametrization_cache_on",
            "kept_parametrization_cache", "real_writes", "after_each_operator",
-           "storage_key", "written_arguments"]
+           "storage_key", "written_arguments", "inside_activation_checkpoint"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -591,3 +591,14 @@ def inductor_compile(owned: fx.GraphModule, flat: list[Any],
     with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
         compiled = compile_fx(owned, fakes, config_patches=options)
     return compiled, shape_env, fakes
+
+
+def inside_activation_checkpoint() -> bool:
+    """Whether the code running now is the first forward of a non-reentrant
+    ``torch.utils.checkpoint`` (whose backward reruns it): the innermost saved-tensors hooks
+    are checkpoint's own (``torch.utils.checkpoint._checkpoint_hook``, checked 2.11-2.13;
+    there is no public query of the hooks in force)."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if not hooks:
+        return False
+    return getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")

@@ -256,11 +256,19 @@ def _uncompiled(module: torch.nn.Module, compile: Any) -> tuple[torch.nn.Module,
     """A ``torch.compile``d module is unwrapped (and traced with ``compile=True`` unless
     told otherwise): hooks added to a compiled module are silently ignored, and fxsight
     compiles the rewritten graph itself. A compiled *submodule* cannot be unwrapped
-    without changing the user's model: it is refused."""
+    without changing the user's model: it is refused, as is a TorchScript module (no hook
+    or capture sees inside it)."""
     if isinstance(module, OptimizedModule):
         module = uncompiled(module)
         compile = True if compile is None else compile
     for path, sub in module.named_modules():
+        if isinstance(sub, torch.jit.ScriptModule):
+            raise TypeError(
+                f"{'model.' + path if path else 'model'} is a TorchScript module "
+                f"(torch.jit.script or torch.jit.trace): its forward runs outside Python, "
+                f"where no forward hook can be added (torch: 'register_forward_hook is not "
+                f"supported on ScriptModules') and no capture sees its calls. Wrap the "
+                f"Python module it was made from.")
         if isinstance(sub, OptimizedModule):
             raise TypeError(
                 f"model.{path} is a torch.compile'd module: forward hooks added after "

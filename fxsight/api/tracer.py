@@ -21,7 +21,7 @@ from ..locks import model_lock
 from ..record.active import active_sessions, active_tracers
 from ..record.program import Kind, Node
 from ..record.proxy import Proxy
-from ..record.recorder import Recorder
+from ..record.recorder import Recorder, ambient_modes
 from ..record.scope import ALL, Steps
 from ..record.sites import OUTPUT, Site, is_operation
 from ..run.forward import run_program
@@ -109,6 +109,7 @@ class Tracer(TraceMetadata):
                 self._state = "done"
                 raise
         self.recorder.open, self.recorder.thread = True, get_ident()
+        self.recorder.modes = ambient_modes()
         if active_sessions():  # (what a later trace may use: see _save_reachable)
             self.recorder.made = []
         active_tracers().append(self)

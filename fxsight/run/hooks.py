@@ -12,12 +12,14 @@ import threading
 from collections import defaultdict
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..errors import TraceError, at_line
 from ..capture.events import ModuleEvents
 from ..capture.model_hooks import describe_hook
 from ..record.program import Kind, Node, Program, execute, is_backward, map_nodes
+from .checkpointing import check_checkpointed_writes, check_write_outside_checkpoint
 from ..splice.rows import Rows
 from ..record.sites import INPUT, OUTPUT, Site, is_operation, module_label
 from ..splice.walker import BEFORE_ALL, Walker
@@ -69,6 +71,8 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
     Program needs. ``operations``: the operations spec of the Program's operation sites
     (``capture.operations``)."""
     _check_backward_hooks(model, program)
+    check_checkpointed_writes(model, program)
+    grad = torch.is_grad_enabled()
     schedule: dict[int, list[Node]] = defaultdict(list)
     walker = RealWalker(program, rows, index)
     for node in program.nodes:
@@ -94,6 +98,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
         if stop and position == last:
             raise _StopForward
         if site in walker.written:
+            check_write_outside_checkpoint(site, schedule[position], grad)
             new = walker.current[site]
             return (tuple(new[0]), dict(new[1])) if site.kind == INPUT else new
         return None

@@ -68,6 +68,11 @@ class MetaWalker(Walker):
             raise ShapeError(at_line(f"a gradient of shape {tuple(new_shape)} cannot replace "
                                      f"the gradient of {site.label}, of shape {tuple(shape)}",
                                      node.line))
+        if isinstance(value, torch.Tensor) and value.dtype != old.dtype:
+            # (torch refuses a tensor hook that changes a gradient's dtype, in backward())
+            raise ShapeError(at_line(
+                f"a {_dtype(value)} gradient cannot replace the gradient of {site.label}, "
+                f"which is {_dtype(old)}: convert it first (`.to({old.dtype})`)", node.line))
 
     def _check_inside_skips(self) -> None:
         """Nothing may be read or written inside a module skipped for the whole batch."""
