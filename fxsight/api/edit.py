@@ -14,7 +14,9 @@ without fxsight.
 from __future__ import annotations
 
 import copy
+import dis
 import inspect
+import sys
 from typing import Any
 
 import torch
@@ -26,7 +28,8 @@ from ..capture.export import CaptureError, strip_export_checks
 from ..capture.operations import spec_for
 from ..errors import TraceError, at_line
 from ..locks import exclusive_export, model_lock
-from ..record.program import Kind, Node, Program
+from ..record.program import HookedCall, Kind, Node, Program
+from ..record.proxy import Proxy
 from ..record.scope import Scope
 from ..run.options import RunOptions
 from ..splice.rows import Rows
@@ -54,6 +57,18 @@ def seed(program: Program, edits: list[Program], scope: Scope | None = None) -> 
                 env[node] = program.copy(node, env.__getitem__, scope)
 
 
+def seed_tracer(tracer: Any, edits: list[Program]) -> None:
+    """:func:`seed` a trace's Program with ``edits``; a module an edit calls with
+    ``hook=True`` (an SAE attached to the model) is read in the trace as in the edit: its
+    submodules' ``.output`` / ``.input`` are that call's (``sae.encoder.output``)."""
+    program = tracer.program
+    first = len(program.nodes)
+    seed(program, edits)
+    for node in program.nodes[first:]:
+        if isinstance(node.target, HookedCall):
+            tracer.hooked_calls[node.target.path] = (Proxy(tracer.recorder, node), node.line)
+
+
 def edited_copy(model: Any) -> Any:
     """A new wrapper around the same module, with a copy of ``model``'s edit list."""
     new = copy.copy(model)
@@ -65,7 +80,8 @@ def edited_copy(model: Any) -> Any:
 
 
 class EditTracer(Tracer):
-    """``with model.edit(*inputs, inplace=False) as edited:`` -- records, runs nothing.
+    """``with model.edit(*inputs, inplace=False) as edited:`` -- records, runs nothing
+    (``as (tracer, edited)``, as nnsight >= 0.5 writes it, binds the tracer too).
 
     Inside the block, interventions are written on ``model`` (nnsight's idiom) or on
     ``edited``. With inputs, shapes are known inside the block and the edit is validated
@@ -79,6 +95,8 @@ class EditTracer(Tracer):
 
     def __enter__(self) -> Any:
         super().__enter__()
+        if _binds_a_pair(sys._getframe(1)):  # nnsight >= 0.5: `as (tracer, edited)`
+            return self, self.edited
         return self.edited
 
     def _save_reachable(self, kept: list, frame: Any) -> None:
@@ -114,6 +132,19 @@ class EditTracer(Tracer):
         if not edit.is_empty():
             edits_of(self.edited).append(edit)
         self.backend = "edit"
+
+
+def _binds_a_pair(frame: Any) -> bool:
+    """Whether the ``with`` statement calling ``__enter__`` in ``frame`` binds its value to
+    two names (``with model.edit() as (tracer, edited):``, nnsight's form since 0.5): the
+    instruction after the call unpacks two values. (Unpacking the edited model itself would
+    bind two of its submodules.)"""
+    after = False
+    for instruction in dis.get_instructions(frame.f_code):
+        if after:
+            return instruction.opname == "UNPACK_SEQUENCE" and instruction.arg == 2
+        after = instruction.offset == frame.f_lasti
+    return False
 
 
 def export(model: Any, args: tuple, kwargs: dict) -> fx.GraphModule:

@@ -11,7 +11,7 @@ import torch
 from ..capture.events import module_paths
 from ..errors import TraceError, at_line, user_line, user_stacklevel
 from ..record.active import current_tracer
-from ..record.program import HookedCall, ModuleCall
+from ..record.program import HookedCall, ModuleCall, own_rows
 from ..record.proxy import Proxy
 from ..record.recorder import Recorder
 from ..record.sites import INPUT, OUTPUT, Site, module_label
@@ -393,11 +393,15 @@ def _from_hooked_call(recorder: Recorder, hooked: tuple, envoy: "Envoy",
     call = recorder.scope.call or 0
     record = node["calls"][relative][call]
     if accessor == "output":
-        return record["output"]
-    inputs = record["inputs"]
-    if accessor == "inputs":
-        return inputs
-    return recorder.create_op("call_function", _first_input, (inputs,), {})
+        value = record["output"]
+    elif accessor == "inputs":
+        value = record["inputs"]
+    else:
+        value = recorder.create_op("call_function", _first_input, (record["inputs"],), {})
+    if node._node.invoke is None and recorder.scope.invoke is not None:
+        # a call for every row (an edit's), read in an invoke: the invoke's rows of it
+        value = recorder.create_op("call_function", own_rows, (value,), {})
+    return value
 
 
 def _first_input(inputs: tuple) -> Any:

@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM
 from ..capture.captures import flat_inputs
 from ..capture import scan
 from ..errors import TraceError, at_line, user_line
-from .edit import seed
+from .edit import seed_tracer
 from .generation import Generator, GeneratorEnvoy
 from .inputs import check_keywords, describe, forward_signature
 from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
@@ -176,7 +176,7 @@ class LanguageModel(TokenEncoding, NNsight):
         tracer = Generator(self, inputs, kwargs,
                            self._run_options(backend, compile, prune=False))
         if self._edits:  # (as nnsight: an edit applies like a line outside tracer.iter)
-            seed(tracer.program, self._edits)
+            seed_tracer(tracer, self._edits)
         if not trace:
             with tracer:
                 pass

@@ -9,7 +9,7 @@ import torch
 from .._torch import OptimizedModule, uncompiled
 from ..errors import user_line
 from ..run.options import CompileOptions, RunOptions
-from .edit import EditTracer, export, seed
+from .edit import EditTracer, export, seed_tracer
 from .envoy import Envoy, renames
 from .inputs import (batch, batch_size, check_batchable, check_keywords, describe,
                      expand_mapping, named_inputs, plain_batch_size, plainly_batchable)
@@ -107,7 +107,7 @@ class NNsight(Envoy):
         if not trace:
             if self._edits:  # an edited model runs with its edits
                 with Tracer(self, args, kwargs, options) as tracer:
-                    seed(tracer.program, self._edits)
+                    seed_tracer(tracer, self._edits)
                 return tracer.result
             prepared = self._prepare_invoke(args, kwargs, None)
             self._before_run()
@@ -115,7 +115,7 @@ class NNsight(Envoy):
             return self._module(*prepared[0], **prepared[1])
         tracer = Tracer(self, args, kwargs, options)
         if self._edits:
-            seed(tracer.program, self._edits)
+            seed_tracer(tracer, self._edits)
         return tracer
 
     def scan(self, *args, **kwargs) -> ScanTracer:
@@ -131,7 +131,7 @@ class NNsight(Envoy):
         torch.Size([7, 5])
         """
         tracer = ScanTracer(self, args, kwargs)
-        seed(tracer.program, self._edits)
+        seed_tracer(tracer, self._edits)
         return tracer
 
     def edit(self, *args, inplace: bool = False, **kwargs) -> EditTracer:

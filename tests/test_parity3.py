@@ -1,0 +1,151 @@
+"""nnsight parity, part 3: examples of nnsight's own documentation (usage pages and
+patterns) ported by changing the import, against hand-written hooks: a tuple output
+rebuilt from its items, ``model.edit() as (tracer, edited)``, an SAE attached to the model
+and routed through it in an edit, the cache's views, ``envoy.modules()``."""
+
+import copy
+
+import pytest
+import torch
+
+import fxsight
+from fxsight import LanguageModel, NNsight
+from models import tiny_gpt2, train_tokenizer
+
+BACKENDS = ["fx", "hooks"]
+PROMPT = "The Eiffel Tower is in the city of"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def gpt2(tokenizer):
+    return tiny_gpt2(vocab_size=len(tokenizer))
+
+
+def _ids(tokenizer, prompt=PROMPT):
+    return tokenizer([prompt], return_tensors="pt")["input_ids"]
+
+
+# --- access-and-modify.md: a tuple output replaced by a tuple built from its items --------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tuple_output_rebuilt_from_its_items(gpt2, tokenizer, reference_hooks, backend):
+    """``attn.output = (torch.zeros_like(attn_out),) + attn.output[1:]`` (was, on fx: a
+    ShapeError "holds a tuple of 2; the written value is Node": the tuple's ``+`` was a
+    graph node, not the tuple it makes)."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with lm.trace(PROMPT, backend=backend):
+        attn_out = lm.transformer.h[0].attn.output[0]
+        lm.transformer.h[0].attn.output = \
+            (torch.zeros_like(attn_out),) + lm.transformer.h[0].attn.output[1:]
+        doubled = lm.transformer.h[1].attn.output[:1] * 2  # a tuple repeated
+        pair = fxsight.save(list(doubled))
+        logits = lm.output.logits.save()
+    kept = {}
+
+    def zero(module, args, output):
+        return (torch.zeros_like(output[0]), *output[1:])
+
+    hooks = {"transformer.h.0.attn": zero,
+             "transformer.h.1.attn": lambda m, a, o: kept.__setitem__("attn", o[0])}
+    with reference_hooks(gpt2, hooks=hooks), torch.no_grad():
+        expected = gpt2(_ids(tokenizer)).logits
+    torch.testing.assert_close(logits, expected)
+    assert len(pair) == 2
+    torch.testing.assert_close(pair[0], kept["attn"])
+    torch.testing.assert_close(pair[1], kept["attn"])
+
+
+# --- edit.md: `with model.edit() as (tracer, edited):` (nnsight >= 0.5) --------------------
+def _two_layers():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+
+
+def test_edit_binds_the_tracer_and_the_edited_model():
+    """``as (tracer, edited)`` binds the tracer and the edited copy (was: the edited
+    model's two submodules, unpacked from it: the edit went to its second layer's output,
+    silently, where the line says the model's)."""
+    net = _two_layers()
+    model = NNsight(net)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    with model.edit() as (tracer, edited):
+        edited.output[:] = 0
+        # (the nnsight form binds the same tracer the block records in)
+        assert tracer.result is not None
+    assert isinstance(edited, NNsight) and edited is not model
+    with edited.trace(x):
+        out = edited.output.save()
+        first = edited[0].output.save()
+    with model.trace(x):
+        plain = model.output.save()
+    assert torch.equal(out, torch.zeros(3, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(first, net[0](x))
+        torch.testing.assert_close(plain, net(x))
+    with model.edit() as edited:  # the fxsight (and nnsight 0.4) form is unchanged
+        edited[1].output[:] = 1
+    assert isinstance(edited, NNsight)
+    with edited.trace(x):
+        ones = edited.output.save()
+    assert torch.equal(ones, torch.ones(3, 2))
+
+
+# --- sae-and-auxiliary-modules.md, pattern B: an SAE attached and routed in an edit -------
+class _SAE(torch.nn.Module):
+    def __init__(self, d_model, d_dict):
+        super().__init__()
+        self.encoder = torch.nn.Linear(d_model, d_dict)
+        self.decoder = torch.nn.Linear(d_dict, d_model)
+
+    def forward(self, x):
+        return self.decoder(torch.relu(self.encoder(x)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attached_sae_routed_in_an_edit_is_read_in_later_traces(gpt2, tokenizer,
+                                                                 reference_hooks, backend):
+    """``h.sae = sae``; ``with model.edit(inplace=True): h.output = h.sae(h.output,
+    hook=True)``; then ``h.sae.encoder.output`` in a trace reads that call, each invoke
+    its own rows (was: TraceError "has no output call #0")."""
+    model = copy.deepcopy(gpt2)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    torch.manual_seed(3)
+    lm.transformer.h[1].sae = _SAE(64, 256)
+    sae = model.transformer.h[1].sae
+    with lm.edit(inplace=True):
+        acts = lm.transformer.h[1].output
+        lm.transformer.h[1].output = lm.transformer.h[1].sae(acts, hook=True)
+    with lm.trace(PROMPT, backend=backend):
+        features = lm.transformer.h[1].sae.encoder.output.save()
+        decoder_input = lm.transformer.h[1].sae.decoder.input.save()
+        logits = lm.output.logits.save()
+    kept = {}
+
+    def through_sae(module, args, output):
+        kept["features"] = sae.encoder(output)
+        return sae(output)
+
+    def expected_for(prompt):
+        with reference_hooks(model, hooks={"transformer.h.1": through_sae}), \
+                torch.no_grad():
+            return model(_ids(tokenizer, prompt)).logits
+
+    torch.testing.assert_close(logits, expected_for(PROMPT))
+    torch.testing.assert_close(features, kept["features"])
+    torch.testing.assert_close(decoder_input, torch.relu(kept["features"]))
+    short, long = "The Colosseum is in", "The Brandenburg Gate is in the city of"
+    with lm.trace(backend=backend) as tracer:
+        with tracer.invoke(long):
+            long_features = lm.transformer.h[1].sae.encoder.output.save()
+        with tracer.invoke(short):
+            short_features = lm.transformer.h[1].sae.encoder.output.save()
+    expected_for(short)
+    assert short_features.shape[0] == 1 and long_features.shape[0] == 1
+    torch.testing.assert_close(short_features[:, -1], kept["features"][:, -1])
+    expected_for(long)
+    torch.testing.assert_close(long_features, kept["features"])
+    assert not any(m._forward_hooks for m in model.modules()), "no hook left behind"
