@@ -149,3 +149,80 @@ def test_attached_sae_routed_in_an_edit_is_read_in_later_traces(gpt2, tokenizer,
     expected_for(long)
     torch.testing.assert_close(long_features, kept["features"])
     assert not any(m._forward_hooks for m in model.modules()), "no hook left behind"
+
+
+# --- cache.md --------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_views_as_nnsights_docs_write_them(gpt2, tokenizer, reference_hooks, backend):
+    """``cache.transformer.h[0].output`` (no ``model.``), ``cache[path].output`` of a module
+    run at every decoding step (a list, one per step; was: AttributeError on the list of
+    entries), ``non_blocking=`` (was: TypeError)."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with lm.trace(PROMPT, backend=backend) as tracer:
+        cache = tracer.cache(modules=[lm.transformer.h[0]], non_blocking=False)
+    kept = {}
+    with reference_hooks(gpt2, hooks={"transformer.h.0": lambda m, a, o: kept.setdefault(
+            "h", o)}), torch.no_grad():
+        gpt2(_ids(tokenizer))
+    torch.testing.assert_close(cache.transformer.h[0].output, kept["h"])
+    torch.testing.assert_close(cache.model.transformer.h[0].output, kept["h"])
+    with pytest.raises(IndexError, match=r"'model.transformer.h'\[7\] was not cached"):
+        cache.transformer.h[7]
+    with pytest.raises(AttributeError, match="'transformerr' was never cached"):
+        cache.transformerr
+    with lm.generate(PROMPT, max_new_tokens=3, do_sample=False, backend=backend) as tracer:
+        steps = tracer.cache(modules=[lm.transformer.h[-1]], include_inputs=True)
+    seen = []
+    with reference_hooks(gpt2, hooks={"transformer.h.1": lambda m, a, o: seen.append(
+            (a[0], o))}), torch.no_grad():
+        gpt2.generate(**tokenizer([PROMPT], return_tensors="pt"), max_new_tokens=3,
+                      do_sample=False)
+    entries = steps["model.transformer.h.1"]
+    assert len(entries) == 3 and len(entries.output) == 3 and len(entries.input) == 3
+    for step, (inputs, output) in enumerate(seen):
+        torch.testing.assert_close(entries.output[step], output)
+        torch.testing.assert_close(entries[step].output, output)
+        torch.testing.assert_close(entries.input[step], inputs)
+        torch.testing.assert_close(entries.inputs[step][0][0], inputs)
+
+
+class _Adapter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return x + self.inner(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_holds_a_module_called_with_hook_true(gpt2, tokenizer, reference_hooks,
+                                                    backend):
+    """A whole-model cache holds an attached module called with ``hook=True`` and its
+    submodules (was: left out, silently); one asked for by name is cached too."""
+    model = copy.deepcopy(gpt2)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    torch.manual_seed(4)
+    lm.transformer.h[1].adapter = _Adapter()
+    adapter = model.transformer.h[1].adapter
+    with lm.trace(PROMPT, backend=backend) as tracer:
+        cache = tracer.cache(include_inputs=True)
+        named = tracer.cache(modules=["model.transformer.h.1.adapter.inner"])
+        acts = lm.transformer.h[1].output
+        lm.transformer.h[1].output = lm.transformer.h[1].adapter(acts, hook=True)
+    kept = {}
+
+    def through(module, args, output):
+        kept["h"], kept["inner"] = output, adapter.inner(output)
+        return adapter(output)
+
+    with reference_hooks(model, hooks={"transformer.h.1": through}), torch.no_grad():
+        model(_ids(tokenizer))
+    assert "model.transformer.h.1.adapter" in cache.keys()
+    torch.testing.assert_close(cache["model.transformer.h.1.adapter"].output,
+                               kept["h"] + kept["inner"])
+    torch.testing.assert_close(cache["model.transformer.h.1.adapter"].input, kept["h"])
+    torch.testing.assert_close(cache.transformer.h[1].adapter.inner.output, kept["inner"])
+    assert list(named.keys()) == ["model.transformer.h.1.adapter.inner"]
+    torch.testing.assert_close(named["model.transformer.h.1.adapter.inner"].output,
+                               kept["inner"])
