@@ -226,3 +226,29 @@ def test_cache_holds_a_module_called_with_hook_true(gpt2, tokenizer, reference_h
     assert list(named.keys()) == ["model.transformer.h.1.adapter.inner"]
     torch.testing.assert_close(named["model.transformer.h.1.adapter.inner"].output,
                                kept["inner"])
+
+
+# --- save.md / envoy.md: envoy.modules() ----------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modules_lists_envoys(gpt2, tokenizer, reference_hooks, backend):
+    """``model.modules()`` / ``named_modules()`` are envoys, as nnsight's (was: the torch
+    modules, so ``m.path`` and ``m.output`` were AttributeErrors)."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with lm.scan(PROMPT):
+        paths = fxsight.save([m.path for m in lm.modules()])
+    assert sorted(paths) == sorted(path for path, _ in gpt2.named_modules())
+    assert paths[-1] == "" and paths.index("transformer.h.0.mlp") < \
+        paths.index("transformer.h.0")  # (a module's tree before it, as nnsight's)
+    named = lm.named_modules(include_fn=lambda e: isinstance(e._module, torch.nn.LayerNorm))
+    assert [path for path, _ in named] == \
+        [path for path, m in gpt2.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    with lm.trace(PROMPT, backend=backend):
+        norms = fxsight.save({path: envoy.output for path, envoy in named})
+    kept = {}
+    hooks = {path: (lambda path: lambda m, a, o: kept.__setitem__(path, o))(path)
+             for path, _ in named}
+    with reference_hooks(gpt2, hooks=hooks), torch.no_grad():
+        gpt2(_ids(tokenizer))
+    assert sorted(norms) == sorted(kept)
+    for path, value in kept.items():
+        torch.testing.assert_close(norms[path], value)

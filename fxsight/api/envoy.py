@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -168,6 +168,23 @@ class Envoy:
 
     def __len__(self) -> int:
         return len(self._module)
+
+    def modules(self, include_fn: Callable[["Envoy"], bool] | None = None,
+                names: bool = False) -> list:
+        """The envoys of this module's tree, as nnsight lists them: each submodule's (its
+        own tree first), then this one's; only those ``include_fn(envoy)`` accepts; with
+        ``names=True``, ``(path, envoy)`` pairs. (``envoy._module.modules()`` gives the
+        torch modules.)"""
+        found: list = []
+        for child in self:
+            found.extend(child.modules(include_fn=include_fn, names=names))
+        if include_fn is None or include_fn(self):
+            found.append((self._path, self) if names else self)
+        return found
+
+    def named_modules(self, include_fn: Callable[["Envoy"], bool] | None = None) -> list:
+        """``(path, envoy)`` of each envoy of this module's tree (see :meth:`modules`)."""
+        return self.modules(include_fn=include_fn, names=True)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _ACCESSORS:
