@@ -252,3 +252,31 @@ def test_modules_lists_envoys(gpt2, tokenizer, reference_hooks, backend):
     assert sorted(norms) == sorted(kept)
     for path, value in kept.items():
         torch.testing.assert_close(norms[path], value)
+
+
+# --- invoke-and-batching.md: the tokenizer's keywords on an invoke ----------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tokenizer_keywords_of_an_invoke_apply_to_its_tokenization(gpt2, tokenizer, backend):
+    """``tracer.invoke("word " * 50, truncation=True, max_length=4)`` tokenizes with them
+    (was: passed to the model's ``**kwargs`` and ignored, silently: 201 tokens ran)."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    text = "word " * 50
+    with lm.trace(text, truncation=True, max_length=4, backend=backend):
+        alone = lm.output.logits.save()
+    ids = tokenizer([text], truncation=True, max_length=4, return_tensors="pt")["input_ids"]
+    assert ids.shape == (1, 4)
+    with torch.no_grad():
+        expected = gpt2(ids).logits
+    torch.testing.assert_close(alone, expected)
+    with lm.trace(backend=backend) as tracer:
+        with tracer.invoke(text, truncation=True, max_length=4):
+            short = lm.output.logits.save()
+        with tracer.invoke("The Eiffel Tower", add_special_tokens=False):
+            other = lm.output.logits.save()
+    torch.testing.assert_close(short[:, -4:], expected)
+    with torch.no_grad():
+        torch.testing.assert_close(other[:, -1], gpt2(_ids(tokenizer, "The Eiffel Tower"))
+                                   .logits[:, -1])
+    with pytest.raises(fxsight.TraceError, match="truncation= is a keyword of the tokenizer"):
+        with lm.trace(ids, truncation=True, backend=backend):
+            pass

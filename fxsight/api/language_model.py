@@ -50,7 +50,7 @@ from .inputs import check_keywords, describe, forward_signature
 from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
                             _tokenizer_beside)
 from .nnsight import NNsight
-from .text_encoding import TokenEncoding
+from .text_encoding import TOKENIZER_KEYWORDS, TokenEncoding
 from .token_index import TokenIndexer
 from .token_inputs import (TOKEN_KEYWORDS, aligned, as_row, batch_sized, check_batchable,
                            check_positions, keyword_input, past_length, past_width,
@@ -257,7 +257,8 @@ class LanguageModel(TokenEncoding, NNsight):
         # a cache passed in to a forward pass: the mask covers its past tokens too
         past = 0 if _generating(invoke) else past_length(kwargs, value)
         value, past_mask = split_past_mask(value, past, where, line)
-        ids, mask, extras, facts = self._encode(value, where, line)
+        ids, mask, extras, facts = self._encode(value, where, line,
+                                                self._tokenizer_options(kwargs))
         self._check_ids(ids, facts, where, line, past)
         if past:
             mask = with_past_mask(mask, past_mask, past)
@@ -316,6 +317,18 @@ class LanguageModel(TokenEncoding, NNsight):
         if self._mask_ignored() is not None and not self._takes_mask():
             batched.pop("attention_mask")  # (all ones: _check_padding saw to it)
         return (), batched
+
+    def _tokenizer_options(self, kwargs: dict) -> dict:
+        """The tokenizer's keywords among an invoke's (``truncation=True, max_length=4``),
+        taken out of ``kwargs``: they apply to the tokenization, as nnsight applies them,
+        where the model's ``forward`` does not take them (its ``**kwargs`` would ignore
+        them)."""
+        signature = forward_signature(self._module)
+        if signature is None:
+            return {}
+        known = signature.known()
+        return {name: kwargs.pop(name) for name in TOKENIZER_KEYWORDS
+                if name in kwargs and name not in known}
 
     def _takes_mask(self) -> bool:
         """Whether the model's ``forward`` can be passed an ``attention_mask``."""
