@@ -280,3 +280,15 @@ def test_tokenizer_keywords_of_an_invoke_apply_to_its_tokenization(gpt2, tokeniz
     with pytest.raises(fxsight.TraceError, match="truncation= is a keyword of the tokenizer"):
         with lm.trace(ids, truncation=True, backend=backend):
             pass
+
+
+def test_an_edit_for_every_step_says_the_rewrite(gpt2, tokenizer):
+    """``with model.edit() as (tracer, edited): for _ in tracer.iter[:]:`` (nnsight: the
+    edit at every call or decoding step) is a TraceError saying what to write (was: "shapes
+    are unknown before the trace has an input")."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with pytest.raises(fxsight.TraceError, match=r"in an edit(.|\n)*write the loop in each "
+                                                 r"trace(.|\n)*test_parity3.py"):
+        with lm.edit() as (tracer, edited):
+            for _ in tracer.iter[:]:
+                edited.transformer.h[0].output[:, -1] = 0

@@ -99,6 +99,16 @@ class EditTracer(Tracer):
             return self, self.edited
         return self.edited
 
+    def _calls_of(self, nodes: list, line: Any) -> int:
+        if not self.invokes:  # (the bound of an open-ended loop needs the inputs)
+            raise TraceError(at_line(
+                "an open-ended `for _ in tracer.iter[...]` (or tracer.all()) in an edit: "
+                "fxsight records an edit's lines once, and they apply where a trace's "
+                "lines outside tracer.iter do (a module's first call, generate's first "
+                "step), not at every call or decoding step; write the loop in each trace "
+                "(`for step in tracer.all():` in lm.generate)", line))
+        return super()._calls_of(nodes, line)
+
     def _save_reachable(self, kept: list, frame: Any) -> None:
         """Only what the block itself asked to save (``fxsight.save(obj)`` on an object of
         its own, an error at the end): inside a session, the proxies an edit leaves in the
