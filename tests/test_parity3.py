@@ -292,3 +292,18 @@ def test_an_edit_for_every_step_says_the_rewrite(gpt2, tokenizer):
         with lm.edit() as (tracer, edited):
             for _ in tracer.iter[:]:
                 edited.transformer.h[0].output[:, -1] = 0
+
+
+# --- rename-modules.md: an alias that a name would shadow -------------------------------------
+def test_rename_alias_that_a_name_would_shadow_is_refused(gpt2, tokenizer):
+    """``rename={"lm_head": "output"}`` / ``{"lm_head": "config"}`` / ``{"mlp": "attn"}``
+    raise at construction, as nnsight's (was: accepted; ``model.output`` stayed the model's
+    output and ``model.config`` became the lm_head envoy, silently)."""
+    for rename, match in [({"lm_head": "output"}, "name of the wrapper itself"),
+                          ({"transformer.h": "config"}, "an attribute of that name"),
+                          ({"mlp": "attn"}, "a submodule of that name")]:
+        with pytest.raises(ValueError, match=match):
+            LanguageModel(gpt2, tokenizer=tokenizer, rename=rename)
+    lm = LanguageModel(gpt2, tokenizer=tokenizer, rename={"attn": "attn", "mlp": "ffn"})
+    assert lm.transformer.h[0].ffn is lm.transformer.h[0].mlp
+    assert lm.config is gpt2.config

@@ -461,11 +461,13 @@ def _unknown_attribute(envoy: Envoy, name: str) -> str:
             f"and .inputs)")
 
 
-def renames(module: torch.nn.Module, rename: dict[str, str] | None
-            ) -> tuple[dict[str, str], dict[str, str]]:
+def renames(module: torch.nn.Module, rename: dict[str, str] | None,
+            wrapper: type = Envoy) -> tuple[dict[str, str], dict[str, str]]:
     """``(alias -> real path from the root, alias -> real submodule name)`` of a wrapper's
     ``rename={real: alias}``: a dotted key is a module path (``"transformer.h"``, also
-    written ``"model.transformer.h"``), a plain key a submodule name wherever it occurs."""
+    written ``"model.transformer.h"``), a plain key a submodule name wherever it occurs.
+    An alias that a name of the ``wrapper`` class or of a module it is reached from would
+    shadow (``output``, ``config``, a sibling module) is refused."""
     paths: dict[str, str] = {}
     names: dict[str, str] = {}
     known = dict(module.named_modules())
@@ -476,16 +478,38 @@ def renames(module: torch.nn.Module, rename: dict[str, str] | None
                              f"and the attribute name to reach it by")
         real = real.strip(".")
         if "." not in real:
-            if not any(path.rsplit(".", 1)[-1] == real for path in known if path):
+            owners = [(path, parent) for path, parent in known.items()
+                      if real in parent._modules]
+            if not owners:
                 raise ValueError(f"rename: the model has no submodule named {real!r}")
+            _check_alias(real, alias, owners, wrapper)
             names[alias] = real
             continue
         if real not in known and real.startswith("model.") and real[6:] in known:
             real = real[6:]
         if real not in known:
             raise ValueError(f"rename: {real!r} is not a module path of the model")
+        _check_alias(real, alias, [("", module)], wrapper)
         paths[alias] = real
     return paths, names
+
+
+def _check_alias(real: str, alias: str, owners: list[tuple[str, torch.nn.Module]],
+                 wrapper: type) -> None:
+    """Refuse an alias that an attribute would shadow where it is bound (the envoy's
+    ``output``, a module's ``config`` or a sibling module): reading it would give that
+    attribute, not the module renamed."""
+    if alias == real:
+        return  # (``{"attn": "attn"}``: nothing renamed)
+    if hasattr(wrapper, alias):
+        raise ValueError(f"rename: the alias {alias!r} for {real!r} is a name of the "
+                         f"wrapper itself (model.{alias}); choose another name")
+    for path, owner in owners:
+        if alias in owner._modules or hasattr(owner, alias):
+            what = "a submodule" if alias in owner._modules else "an attribute"
+            raise ValueError(f"rename: the alias {alias!r} for {real!r} would shadow "
+                             f"{what} of that name of {module_label(path)} "
+                             f"({type(owner).__name__}); choose another name")
 
 
 def _source_function(module: torch.nn.Module) -> Any:

@@ -57,7 +57,7 @@ class NNsight(Envoy):
         object.__setattr__(self, "_last_run", {})  # (run.forward.LastRun)
         object.__setattr__(self, "_options_made", {})  # (see _run_options)
         object.__setattr__(self, "_edits", [])  # Programs of model.edit(), oldest first
-        alias_paths, alias_names = renames(module, rename)
+        alias_paths, alias_names = renames(module, rename, type(self))
         object.__setattr__(self, "_alias_paths", alias_paths)
         object.__setattr__(self, "_alias_names", alias_names)
         object.__setattr__(self, "_rename", {real: alias for alias, real in
