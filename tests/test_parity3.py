@@ -307,3 +307,31 @@ def test_rename_alias_that_a_name_would_shadow_is_refused(gpt2, tokenizer):
     lm = LanguageModel(gpt2, tokenizer=tokenizer, rename={"attn": "attn", "mlp": "ffn"})
     assert lm.transformer.h[0].ffn is lm.transformer.h[0].mlp
     assert lm.config is gpt2.config
+
+
+# --- generate.md: called without a `with` ----------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_called_without_with_returns_the_ids(gpt2, tokenizer, backend):
+    """``ids = lm.generate("Hello", max_new_tokens=3)`` generates at once and returns the
+    ids, as nnsight's (was: the tracer object, which nothing ran); in a ``with`` it is the
+    tracer as before."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    ids = lm.generate("Hello", max_new_tokens=3, do_sample=False, backend=backend)
+    with torch.no_grad():
+        expected = gpt2.generate(**tokenizer(["Hello"], return_tensors="pt"),
+                                 max_new_tokens=3, do_sample=False)
+    assert type(ids) is torch.Tensor and torch.equal(ids, expected)
+    with lm.generate("Hello", max_new_tokens=3, do_sample=False, backend=backend) as tracer:
+        tokens = tracer.result.save()
+    assert torch.equal(tokens, expected)
+
+
+def test_loading_options_with_a_loaded_module_are_refused(gpt2, tokenizer):
+    """``LanguageModel(module, torch_dtype=...)`` / ``envoys=...``: loading options (and
+    nnsight's custom envoys) for a module already loaded are a TypeError saying so (were
+    ignored, silently: the model kept its dtype)."""
+    with pytest.raises(TypeError, match="'torch_dtype' is a loading option(.|\n)*module.to"):
+        LanguageModel(gpt2, tokenizer=tokenizer, torch_dtype=torch.float16)
+    with pytest.raises(TypeError, match="envoys= .*no fxsight form"):
+        LanguageModel(gpt2, tokenizer=tokenizer, envoys={"transformer.h.0": object})
+    assert next(gpt2.parameters()).dtype == torch.float32

@@ -14,7 +14,6 @@ without fxsight.
 from __future__ import annotations
 
 import copy
-import dis
 import inspect
 import sys
 from typing import Any
@@ -35,6 +34,7 @@ from ..run.options import RunOptions
 from ..splice.rows import Rows
 from ..splice.splice import splice
 from ..splice.meta_walker import MetaWalker
+from .call_site import unpacks_two
 from .tracer import Tracer
 
 # (``model`` below is an NNsight wrapper: fxsight.api.nnsight imports this module)
@@ -95,7 +95,8 @@ class EditTracer(Tracer):
 
     def __enter__(self) -> Any:
         super().__enter__()
-        if _binds_a_pair(sys._getframe(1)):  # nnsight >= 0.5: `as (tracer, edited)`
+        if unpacks_two(sys._getframe(1)):  # nnsight >= 0.5: `as (tracer, edited)`
+            # (unpacking the edited model itself would bind two of its submodules)
             return self, self.edited
         return self.edited
 
@@ -142,19 +143,6 @@ class EditTracer(Tracer):
         if not edit.is_empty():
             edits_of(self.edited).append(edit)
         self.backend = "edit"
-
-
-def _binds_a_pair(frame: Any) -> bool:
-    """Whether the ``with`` statement calling ``__enter__`` in ``frame`` binds its value to
-    two names (``with model.edit() as (tracer, edited):``, nnsight's form since 0.5): the
-    instruction after the call unpacks two values. (Unpacking the edited model itself would
-    bind two of its submodules.)"""
-    after = False
-    for instruction in dis.get_instructions(frame.f_code):
-        if after:
-            return instruction.opname == "UNPACK_SEQUENCE" and instruction.arg == 2
-        after = instruction.offset == frame.f_lasti
-    return False
 
 
 def export(model: Any, args: tuple, kwargs: dict) -> fx.GraphModule:

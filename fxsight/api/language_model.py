@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from typing import Any
 
 import torch
@@ -50,6 +51,7 @@ from .inputs import check_keywords, describe, forward_signature
 from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
                             _tokenizer_beside)
 from .nnsight import NNsight
+from .call_site import entered_by_with
 from .text_encoding import TOKENIZER_KEYWORDS, TokenEncoding
 from .token_index import TokenIndexer
 from .token_inputs import (TOKEN_KEYWORDS, aligned, as_row, batch_sized, check_batchable,
@@ -65,6 +67,10 @@ _GENERATETOKEN_KEYWORDS = frozenset({"attention_mask", "token_type_ids"})
 # model that reads every token of a row in order (RWKV's forward logs "`attention_mask` was
 # passed, but it is unused in this model"), so padding changes the rows it pads
 _MASK_IGNORING_TYPES = frozenset({"rwkv"})
+
+
+_ENVOYS_HINT = ("; nnsight's envoys= (Envoy subclasses with views of their own) has no "
+                "fxsight form: compute the view from `.output` in the trace")
 
 
 class LanguageModel(TokenEncoding, NNsight):
@@ -84,6 +90,13 @@ class LanguageModel(TokenEncoding, NNsight):
         given_tokenizer = tokenizer
         if isinstance(model_or_path, torch.nn.Module):
             module, path = model_or_path, None
+            if kwargs:  # (they are loading options: a module is loaded already)
+                hint = _ENVOYS_HINT if "envoys" in kwargs else ""
+                raise TypeError(
+                    f"LanguageModel(module, ...): {', '.join(map(repr, kwargs))} "
+                    f"{'is a' if len(kwargs) == 1 else 'are'} loading option(s), for a path; "
+                    f"a module given is used as it is (convert it yourself: "
+                    f"module.to(dtype), module.to(device)){hint}")
             if tokenizer is None:
                 tokenizer = _tokenizer_beside(module)
         elif isinstance(model_or_path, (str, os.PathLike)):
@@ -137,13 +150,14 @@ class LanguageModel(TokenEncoding, NNsight):
         self.dispatch_model()
         return super().trace(*inputs, **kwargs)
 
-    def generate(self, *inputs: Any, trace: bool = True, backend: str | None = None,
+    def generate(self, *inputs: Any, trace: bool | None = None, backend: str | None = None,
                  compile: Any = None, **kwargs: Any):
         """``with lm.generate(prompt, max_new_tokens=n) as tracer:``: interventions across
         decoding steps (``tracer.iter[...]``, ``tracer.all()``); ``kwargs`` go to
         transformers' ``generate`` (the input may be given as keywords, as in ``trace``).
         ``lm.generator.output`` is the generated ids. With ``trace=False``, generates at
-        once and returns what ``generate`` returns (with the model's edits, if any).
+        once and returns what ``generate`` returns (with the model's edits, if any), as a
+        call that no ``with`` statement enters does (``ids = lm.generate(prompt, ...)``).
 
         On the fx backend every step runs as a rewritten graph; ``compile=True`` (or a
         dict of ``torch.compile`` options) compiles the first step and the decoding step
@@ -160,6 +174,8 @@ class LanguageModel(TokenEncoding, NNsight):
         >>> len(last), tokens.shape[1] - len(lm.tokenizer("a3 f8 c")["input_ids"])
         (3, 3)
         """
+        if trace is None:  # (nnsight: called without a `with`, it generates at once)
+            trace = entered_by_with(sys._getframe(1))
         if not inputs:  # lm.generate(**tokenizer(...), max_new_tokens=n)
             inputs, kwargs = keyword_input(kwargs)
             if not inputs and "inputs_embeds" in kwargs:
