@@ -330,8 +330,21 @@ def test_loading_options_with_a_loaded_module_are_refused(gpt2, tokenizer):
     """``LanguageModel(module, torch_dtype=...)`` / ``envoys=...``: loading options (and
     nnsight's custom envoys) for a module already loaded are a TypeError saying so (were
     ignored, silently: the model kept its dtype)."""
-    with pytest.raises(TypeError, match="'torch_dtype' is a loading option(.|\n)*module.to"):
+    with pytest.raises(TypeError, match="'torch_dtype' applies to loading a path(.|\n)*module.to"):
         LanguageModel(gpt2, tokenizer=tokenizer, torch_dtype=torch.float16)
     with pytest.raises(TypeError, match="envoys= .*no fxsight form"):
         LanguageModel(gpt2, tokenizer=tokenizer, envoys={"transformer.h.0": object})
     assert next(gpt2.parameters()).dtype == torch.float32
+
+
+def test_get_fetches_an_envoy_or_a_value_by_path(gpt2, tokenizer, reference_hooks):
+    """nnsight's ``model.get("transformer.h.0.mlp")`` (was: AttributeError)."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    assert lm.get("transformer.h.0.mlp") is lm.transformer.h[0].mlp
+    with lm.trace(PROMPT):
+        value = lm.get("transformer.h.0.mlp.output").save()
+    kept = {}
+    with reference_hooks(gpt2, hooks={"transformer.h.0.mlp": lambda m, a, o: kept.setdefault(
+            "mlp", o)}), torch.no_grad():
+        gpt2(_ids(tokenizer))
+    torch.testing.assert_close(value, kept["mlp"])

@@ -182,6 +182,15 @@ class Envoy:
             found.append((self._path, self) if names else self)
         return found
 
+    def get(self, path: str) -> Any:
+        """nnsight's ``model.get("transformer.h.0.mlp")``: the envoy at a dotted path from
+        this one; inside a trace, a path ending in an accessor (``"...mlp.output"``) is
+        that value."""
+        value: Any = self
+        for part in path.split("."):
+            value = getattr(value, part)
+        return value
+
     def named_modules(self, include_fn: Callable[["Envoy"], bool] | None = None) -> list:
         """``(path, envoy)`` of each envoy of this module's tree (see :meth:`modules`)."""
         return self.modules(include_fn=include_fn, names=True)
@@ -430,7 +439,7 @@ _ACCESSORS = ("output", "input", "inputs")
 # names a submodule may have that an envoy attribute shadows (reach it by item)
 _SHADOWING = frozenset(
     {*_ACCESSORS, "source", "skip", "path", "trace", "scan", "edit", "export", "to",
-     "generate", "cache", "save"})
+     "generate", "cache", "save", "get"})
 
 
 # envoy methods of older nnsight versions that fxsight spells another way: the rewrite

@@ -94,7 +94,7 @@ class LanguageModel(TokenEncoding, NNsight):
                 hint = _ENVOYS_HINT if "envoys" in kwargs else ""
                 raise TypeError(
                     f"LanguageModel(module, ...): {', '.join(map(repr, kwargs))} "
-                    f"{'is a' if len(kwargs) == 1 else 'are'} loading option(s), for a path; "
+                    f"{'applies' if len(kwargs) == 1 else 'apply'} to loading a path; "
                     f"a module given is used as it is (convert it yourself: "
                     f"module.to(dtype), module.to(device)){hint}")
             if tokenizer is None:
