@@ -22,7 +22,7 @@ import torch
 
 from .._torch import pytree
 from ..errors import TraceError, at_line, user_line
-from ..record.program import Program
+from ..record.program import Program, own_rows
 from ..record.scope import Scope
 from ..record.sites import INPUT, OUTPUT, Site, is_operation
 from ..capture.events import module_paths
@@ -65,6 +65,28 @@ class Entry:
         args, kwargs = self.inputs
         values = [*args, *kwargs.values()]
         return values[0] if values else None
+
+
+class Entries(list):
+    """The entries of a module called several times (each decoding step of ``generate``, or
+    a module a forward calls more than once), one per call in order; ``.output``,
+    ``.inputs`` and ``.input`` are lists of the calls' values, as nnsight's entry holds them
+    (``cache["model.transformer.h.0"].output[2]`` is step 2's output)."""
+
+    @property
+    def output(self) -> list:
+        """The output of each call."""
+        return [entry.output for entry in self]
+
+    @property
+    def inputs(self) -> list:
+        """The inputs ``(args, kwargs)`` of each call."""
+        return [entry.inputs for entry in self]
+
+    @property
+    def input(self) -> list:
+        """The first input of each call."""
+        return [entry.input for entry in self]
 
 
 def _key(path: str) -> str:
@@ -223,6 +245,10 @@ class CacheDict(dict):
         path = f"{self._path}.{name}" if self._path else name
         if self._has_prefix(path):
             return self._view(path)
+        if not self._path and self._has_prefix(f"{ROOT}.{name}"):
+            # (``cache.transformer.h[0]``, as nnsight's newer docs write it, is
+            # ``cache.model.transformer.h[0]``)
+            return self._view(f"{ROOT}.{name}")
         raise AttributeError(f"module path {path!r} was never cached")
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -293,6 +319,8 @@ class CacheRequest:
         self.module = model._module  # (its other paths of shared modules, after the run)
         # (site, node, layout of the value, whether it is converted after the run)
         self.nodes: list[tuple[Site, Any, Any, bool]] = []
+        # (path, kind, node): the calls of a module inside a call made with hook=True
+        self.hooked: list[tuple[str, str, Any]] = []
 
     def _resolve(self, model: Any, modules: Any) -> list[str]:
         if isinstance(modules, (str, Envoy, OperationEnvoy)):
@@ -330,7 +358,7 @@ class CacheRequest:
         return paths
 
     def record(self, program: Program, source: Any, rows: dict[Any, Any],
-               before_stop: list | None = None) -> None:
+               before_stop: list | None = None, hooked: dict | None = None) -> None:
         """Add a read + conversion + save per cached site (in forward order). ``source``
         (a capture or a scan) says which sites run and how their values are laid out;
         ``rows``: the invokes' rows (a module skipped for the whole batch does not run:
@@ -346,9 +374,11 @@ class CacheRequest:
         sites = [s for s in sorted(index, key=index.__getitem__) if s.kind in kinds and (
             not is_operation(s.path) if wanted is None else s.path in wanted) and (
             call is None or s.call == call)]
+        hooked = {prefix: proxy._node for prefix, (proxy, _) in (hooked or {}).items()}
         if wanted is not None:
             ran = {s.path for s in sites}
-            missing = [p for p in self.paths if p not in ran]
+            missing = [p for p in self.paths if p not in ran and _hooked_call_of(p, hooked)
+                       is None]
             if missing and kinds:
                 what = "is never called" if is_operation(missing[0]) else "never runs"
                 if call is not None and any(s.path == missing[0] for s in index):
@@ -377,6 +407,29 @@ class CacheRequest:
                                   self.scope, self.line)
             program.save(node)
             self.nodes.append((site, node, spec, later))
+        convert_args = convert_args if needs_convert else None
+        for prefix, call in hooked.items():
+            self._record_hooked(program, prefix, call, wanted, kinds, convert_args)
+
+    def _record_hooked(self, program: Program, prefix: str, call: Any, wanted: Any,
+                       kinds: list[str], convert_args: tuple | None) -> None:
+        """The module called with ``hook=True`` at ``prefix`` (an SAE attached to the model)
+        and its submodules: their calls in that call, as a forward's modules are cached."""
+        for relative, _ in call.target.module.named_modules():
+            path = ".".join(p for p in (prefix, relative) if p)
+            if wanted is not None and path not in wanted:
+                continue
+            for kind in kinds:
+                node = program.op("call_function", _hooked_values, (call, relative, kind),
+                                  {}, self.scope, self.line)
+                if call.invoke is None and self.scope.invoke is not None:  # (an edit's)
+                    node = program.op("call_function", own_rows, (node,), {}, self.scope,
+                                      self.line)
+                if convert_args is not None:
+                    node = program.op("call_function", convert, (node, *convert_args), {},
+                                      self.scope, self.line)
+                program.save(node)
+                self.hooked.append((path, kind, node))
 
     def fill(self, results: dict[Any, Any]) -> None:
         """Put the run's values into the CacheDict, one Entry per module call."""
@@ -400,10 +453,33 @@ class CacheRequest:
                     entry.inputs = (tuple(args), dict(kwargs))
                 else:
                     entry.output = value
+        for path, kind, node in self.hooked:
+            for call, value in enumerate(results.get(node, ())):
+                entry = entries.setdefault(path, {}).setdefault((0, call), Entry())
+                if kind == INPUT:
+                    args, kwargs = value
+                    entry.inputs = (tuple(args), dict(kwargs))
+                else:
+                    entry.output = value
         for path, calls in entries.items():
             ordered = [calls[c] for c in sorted(calls)]
-            self.cache._add(_key(path), ordered[0] if len(ordered) == 1 else ordered)
+            self.cache._add(_key(path), ordered[0] if len(ordered) == 1 else Entries(ordered))
         self.cache._add_shared_paths(_other_paths(self.module))
+
+
+def _hooked_values(value: dict, relative: str, kind: str) -> list:
+    """The inputs (or outputs) of each call of the submodule at ``relative`` in the value of
+    a call made with ``hook=True`` (see :class:`~fxsight.record.program.HookedCall`)."""
+    return [call["inputs" if kind == INPUT else "output"]
+            for call in value["calls"].get(relative, ())]
+
+
+def _hooked_call_of(path: str, hooked: dict) -> Any:
+    """The call made with ``hook=True`` that the module at ``path`` is inside, or None."""
+    for prefix, call in hooked.items():
+        if not prefix or path == prefix or path.startswith(prefix + "."):
+            return call
+    return None
 
 
 def _other_paths(model: torch.nn.Module) -> dict[str, str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from typing import Any
 
 import torch
@@ -26,12 +27,14 @@ from ..capture.export import CaptureError, strip_export_checks
 from ..capture.operations import spec_for
 from ..errors import TraceError, at_line
 from ..locks import exclusive_export, model_lock
-from ..record.program import Kind, Node, Program
+from ..record.program import HookedCall, Kind, Node, Program
+from ..record.proxy import Proxy
 from ..record.scope import Scope
 from ..run.options import RunOptions
 from ..splice.rows import Rows
 from ..splice.splice import splice
 from ..splice.meta_walker import MetaWalker
+from .call_site import unpacks_two
 from .tracer import Tracer
 
 # (``model`` below is an NNsight wrapper: fxsight.api.nnsight imports this module)
@@ -54,6 +57,18 @@ def seed(program: Program, edits: list[Program], scope: Scope | None = None) -> 
                 env[node] = program.copy(node, env.__getitem__, scope)
 
 
+def seed_tracer(tracer: Any, edits: list[Program]) -> None:
+    """:func:`seed` a trace's Program with ``edits``; a module an edit calls with
+    ``hook=True`` (an SAE attached to the model) is read in the trace as in the edit: its
+    submodules' ``.output`` / ``.input`` are that call's (``sae.encoder.output``)."""
+    program = tracer.program
+    first = len(program.nodes)
+    seed(program, edits)
+    for node in program.nodes[first:]:
+        if isinstance(node.target, HookedCall):
+            tracer.hooked_calls[node.target.path] = (Proxy(tracer.recorder, node), node.line)
+
+
 def edited_copy(model: Any) -> Any:
     """A new wrapper around the same module, with a copy of ``model``'s edit list."""
     new = copy.copy(model)
@@ -65,7 +80,8 @@ def edited_copy(model: Any) -> Any:
 
 
 class EditTracer(Tracer):
-    """``with model.edit(*inputs, inplace=False) as edited:`` -- records, runs nothing.
+    """``with model.edit(*inputs, inplace=False) as edited:`` -- records, runs nothing
+    (``as (tracer, edited)``, as nnsight >= 0.5 writes it, binds the tracer too).
 
     Inside the block, interventions are written on ``model`` (nnsight's idiom) or on
     ``edited``. With inputs, shapes are known inside the block and the edit is validated
@@ -79,7 +95,20 @@ class EditTracer(Tracer):
 
     def __enter__(self) -> Any:
         super().__enter__()
+        if unpacks_two(sys._getframe(1)):  # nnsight >= 0.5: `as (tracer, edited)`
+            # (unpacking the edited model itself would bind two of its submodules)
+            return self, self.edited
         return self.edited
+
+    def _calls_of(self, nodes: list, line: Any) -> int:
+        if not self.invokes:  # (the bound of an open-ended loop needs the inputs)
+            raise TraceError(at_line(
+                "an open-ended `for _ in tracer.iter[...]` (or tracer.all()) in an edit: "
+                "fxsight records an edit's lines once, and they apply where a trace's "
+                "lines outside tracer.iter do (a module's first call, generate's first "
+                "step), not at every call or decoding step; write the loop in each trace "
+                "(`for step in tracer.all():` in lm.generate)", line))
+        return super()._calls_of(nodes, line)
 
     def _save_reachable(self, kept: list, frame: Any) -> None:
         """Only what the block itself asked to save (``fxsight.save(obj)`` on an object of

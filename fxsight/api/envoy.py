@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -12,7 +12,7 @@ from ..capture.events import module_paths
 from ..capture.module_tree import ModuleTree
 from ..errors import TraceError, at_line, user_line, user_stacklevel
 from ..record.active import current_tracer
-from ..record.program import HookedCall, ModuleCall
+from ..record.program import HookedCall, ModuleCall, own_rows
 from ..record.proxy import Proxy
 from ..record.recorder import Recorder
 from ..record.sites import INPUT, OUTPUT, Site, module_label
@@ -176,6 +176,32 @@ class Envoy:
 
     def __len__(self) -> int:
         return len(self._module)
+
+    def modules(self, include_fn: Callable[["Envoy"], bool] | None = None,
+                names: bool = False) -> list:
+        """The envoys of this module's tree, as nnsight lists them: each submodule's (its
+        own tree first), then this one's; only those ``include_fn(envoy)`` accepts; with
+        ``names=True``, ``(path, envoy)`` pairs. (``envoy._module.modules()`` gives the
+        torch modules.)"""
+        found: list = []
+        for child in self:
+            found.extend(child.modules(include_fn=include_fn, names=names))
+        if include_fn is None or include_fn(self):
+            found.append((self._path, self) if names else self)
+        return found
+
+    def get(self, path: str) -> Any:
+        """nnsight's ``model.get("transformer.h.0.mlp")``: the envoy at a dotted path from
+        this one; inside a trace, a path ending in an accessor (``"...mlp.output"``) is
+        that value."""
+        value: Any = self
+        for part in path.split("."):
+            value = getattr(value, part)
+        return value
+
+    def named_modules(self, include_fn: Callable[["Envoy"], bool] | None = None) -> list:
+        """``(path, envoy)`` of each envoy of this module's tree (see :meth:`modules`)."""
+        return self.modules(include_fn=include_fn, names=True)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _ACCESSORS:
@@ -401,11 +427,15 @@ def _from_hooked_call(recorder: Recorder, hooked: tuple, envoy: "Envoy",
     call = recorder.scope.call or 0
     record = node["calls"][relative][call]
     if accessor == "output":
-        return record["output"]
-    inputs = record["inputs"]
-    if accessor == "inputs":
-        return inputs
-    return recorder.create_op("call_function", _first_input, (inputs,), {})
+        value = record["output"]
+    elif accessor == "inputs":
+        value = record["inputs"]
+    else:
+        value = recorder.create_op("call_function", _first_input, (record["inputs"],), {})
+    if node._node.invoke is None and recorder.scope.invoke is not None:
+        # a call for every row (an edit's), read in an invoke: the invoke's rows of it
+        value = recorder.create_op("call_function", own_rows, (value,), {})
+    return value
 
 
 def _first_input(inputs: tuple) -> Any:
@@ -417,7 +447,7 @@ _ACCESSORS = ("output", "input", "inputs")
 # names a submodule may have that an envoy attribute shadows (reach it by item)
 _SHADOWING = frozenset(
     {*_ACCESSORS, "source", "skip", "path", "trace", "scan", "edit", "export", "to",
-     "generate", "cache", "save"})
+     "generate", "cache", "save", "get"})
 
 
 # envoy methods of older nnsight versions that fxsight spells another way: the rewrite
@@ -448,11 +478,13 @@ def _unknown_attribute(envoy: Envoy, name: str) -> str:
             f"and .inputs)")
 
 
-def renames(module: torch.nn.Module, rename: dict[str, str] | None
-            ) -> tuple[dict[str, str], dict[str, str]]:
+def renames(module: torch.nn.Module, rename: dict[str, str] | None,
+            wrapper: type = Envoy) -> tuple[dict[str, str], dict[str, str]]:
     """``(alias -> real path from the root, alias -> real submodule name)`` of a wrapper's
     ``rename={real: alias}``: a dotted key is a module path (``"transformer.h"``, also
-    written ``"model.transformer.h"``), a plain key a submodule name wherever it occurs."""
+    written ``"model.transformer.h"``), a plain key a submodule name wherever it occurs.
+    An alias that a name of the ``wrapper`` class or of a module it is reached from would
+    shadow (``output``, ``config``, a sibling module) is refused."""
     paths: dict[str, str] = {}
     names: dict[str, str] = {}
     known = dict(module.named_modules())
@@ -463,16 +495,38 @@ def renames(module: torch.nn.Module, rename: dict[str, str] | None
                              f"and the attribute name to reach it by")
         real = real.strip(".")
         if "." not in real:
-            if not any(path.rsplit(".", 1)[-1] == real for path in known if path):
+            owners = [(path, parent) for path, parent in known.items()
+                      if real in parent._modules]
+            if not owners:
                 raise ValueError(f"rename: the model has no submodule named {real!r}")
+            _check_alias(real, alias, owners, wrapper)
             names[alias] = real
             continue
         if real not in known and real.startswith("model.") and real[6:] in known:
             real = real[6:]
         if real not in known:
             raise ValueError(f"rename: {real!r} is not a module path of the model")
+        _check_alias(real, alias, [("", module)], wrapper)
         paths[alias] = real
     return paths, names
+
+
+def _check_alias(real: str, alias: str, owners: list[tuple[str, torch.nn.Module]],
+                 wrapper: type) -> None:
+    """Refuse an alias that an attribute would shadow where it is bound (the envoy's
+    ``output``, a module's ``config`` or a sibling module): reading it would give that
+    attribute, not the module renamed."""
+    if alias == real:
+        return  # (``{"attn": "attn"}``: nothing renamed)
+    if hasattr(wrapper, alias):
+        raise ValueError(f"rename: the alias {alias!r} for {real!r} is a name of the "
+                         f"wrapper itself (model.{alias}); choose another name")
+    for path, owner in owners:
+        if alias in owner._modules or hasattr(owner, alias):
+            what = "a submodule" if alias in owner._modules else "an attribute"
+            raise ValueError(f"rename: the alias {alias!r} for {real!r} would shadow "
+                             f"{what} of that name of {module_label(path)} "
+                             f"({type(owner).__name__}); choose another name")
 
 
 def _source_function(module: torch.nn.Module) -> Any:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from typing import Any
 
 import torch
@@ -44,13 +45,14 @@ from transformers import AutoModelForCausalLM
 from ..capture.captures import flat_inputs
 from ..capture import scan
 from ..errors import TraceError, at_line, user_line
-from .edit import seed
+from .edit import seed_tracer
 from .generation import Generator, GeneratorEnvoy
 from .inputs import check_keywords, describe, forward_signature
 from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
                             _tokenizer_beside)
 from .nnsight import NNsight
-from .text_encoding import TokenEncoding
+from .call_site import entered_by_with
+from .text_encoding import TOKENIZER_KEYWORDS, TokenEncoding
 from .token_index import TokenIndexer
 from .token_inputs import (TOKEN_KEYWORDS, aligned, as_row, batch_sized, check_batchable,
                            check_positions, keyword_input, past_length, past_width,
@@ -66,6 +68,10 @@ _GENERATETOKEN_KEYWORDS = frozenset({"attention_mask", "token_type_ids"})
 # model that reads every token of a row in order (RWKV's forward logs "`attention_mask` was
 # passed, but it is unused in this model"), so padding changes the rows it pads
 _MASK_IGNORING_TYPES = frozenset({"rwkv"})
+
+
+_ENVOYS_HINT = ("; nnsight's envoys= (Envoy subclasses with views of their own) has no "
+                "fxsight form: compute the view from `.output` in the trace")
 
 
 class LanguageModel(TokenEncoding, NNsight):
@@ -85,6 +91,13 @@ class LanguageModel(TokenEncoding, NNsight):
         given_tokenizer = tokenizer
         if isinstance(model_or_path, torch.nn.Module):
             module, path = model_or_path, None
+            if kwargs:  # (they are loading options: a module is loaded already)
+                hint = _ENVOYS_HINT if "envoys" in kwargs else ""
+                raise TypeError(
+                    f"LanguageModel(module, ...): {', '.join(map(repr, kwargs))} "
+                    f"{'applies' if len(kwargs) == 1 else 'apply'} to loading a path; "
+                    f"a module given is used as it is (convert it yourself: "
+                    f"module.to(dtype), module.to(device)){hint}")
             if tokenizer is None:
                 tokenizer = _tokenizer_beside(module)
         elif isinstance(model_or_path, (str, os.PathLike)):
@@ -138,13 +151,14 @@ class LanguageModel(TokenEncoding, NNsight):
         self.dispatch_model()
         return super().trace(*inputs, **kwargs)
 
-    def generate(self, *inputs: Any, trace: bool = True, backend: str | None = None,
+    def generate(self, *inputs: Any, trace: bool | None = None, backend: str | None = None,
                  compile: Any = None, **kwargs: Any):
         """``with lm.generate(prompt, max_new_tokens=n) as tracer:``: interventions across
         decoding steps (``tracer.iter[...]``, ``tracer.all()``); ``kwargs`` go to
         transformers' ``generate`` (the input may be given as keywords, as in ``trace``).
         ``lm.generator.output`` is the generated ids. With ``trace=False``, generates at
-        once and returns what ``generate`` returns (with the model's edits, if any).
+        once and returns what ``generate`` returns (with the model's edits, if any), as a
+        call that no ``with`` statement enters does (``ids = lm.generate(prompt, ...)``).
 
         On the fx backend every step runs as a rewritten graph; ``compile=True`` (or a
         dict of ``torch.compile`` options) compiles the first step and the decoding step
@@ -161,6 +175,8 @@ class LanguageModel(TokenEncoding, NNsight):
         >>> len(last), tokens.shape[1] - len(lm.tokenizer("a3 f8 c")["input_ids"])
         (3, 3)
         """
+        if trace is None:  # (nnsight: called without a `with`, it generates at once)
+            trace = entered_by_with(sys._getframe(1))
         if not inputs:  # lm.generate(**tokenizer(...), max_new_tokens=n)
             inputs, kwargs = keyword_input(kwargs)
             if not inputs and "inputs_embeds" in kwargs:
@@ -177,7 +193,7 @@ class LanguageModel(TokenEncoding, NNsight):
         tracer = Generator(self, inputs, kwargs,
                            self._run_options(backend, compile, prune=False))
         if self._edits:  # (as nnsight: an edit applies like a line outside tracer.iter)
-            seed(tracer.program, self._edits)
+            seed_tracer(tracer, self._edits)
         if not trace:
             with tracer:
                 pass
@@ -258,7 +274,8 @@ class LanguageModel(TokenEncoding, NNsight):
         # a cache passed in to a forward pass: the mask covers its past tokens too
         past = 0 if _generating(invoke) else past_length(kwargs, value)
         value, past_mask = split_past_mask(value, past, where, line)
-        ids, mask, extras, facts = self._encode(value, where, line)
+        ids, mask, extras, facts = self._encode(value, where, line,
+                                                self._tokenizer_options(kwargs))
         self._check_ids(ids, facts, where, line, past)
         if past:
             mask = with_past_mask(mask, past_mask, past)
@@ -320,6 +337,18 @@ class LanguageModel(TokenEncoding, NNsight):
         if self._mask_ignored() is not None and not self._takes_mask():
             batched.pop("attention_mask")  # (all ones: _check_padding saw to it)
         return (), batched
+
+    def _tokenizer_options(self, kwargs: dict) -> dict:
+        """The tokenizer's keywords among an invoke's (``truncation=True, max_length=4``),
+        taken out of ``kwargs``: they apply to the tokenization, as nnsight applies them,
+        where the model's ``forward`` does not take them (its ``**kwargs`` would ignore
+        them)."""
+        signature = forward_signature(self._module)
+        if signature is None:
+            return {}
+        known = signature.known()
+        return {name: kwargs.pop(name) for name in TOKENIZER_KEYWORDS
+                if name in kwargs and name not in known}
 
     def _takes_mask(self) -> bool:
         """Whether the model's ``forward`` can be passed an ``attention_mask``."""

@@ -10,7 +10,7 @@ from .._torch import OptimizedModule, uncompiled
 from ..capture.module_tree import ModuleTree
 from ..errors import user_line
 from ..run.options import CompileOptions, RunOptions
-from .edit import EditTracer, export, seed
+from .edit import EditTracer, export, seed_tracer
 from .envoy import Envoy, renames
 from .inputs import (batch, batch_size, check_batchable, check_keywords, describe,
                      expand_mapping, named_inputs, plain_batch_size, plainly_batchable)
@@ -60,7 +60,7 @@ class NNsight(Envoy):
         object.__setattr__(self, "_last_run", {})  # (run.forward.LastRun)
         object.__setattr__(self, "_options_made", {})  # (see _run_options)
         object.__setattr__(self, "_edits", [])  # Programs of model.edit(), oldest first
-        alias_paths, alias_names = renames(module, rename)
+        alias_paths, alias_names = renames(module, rename, type(self))
         object.__setattr__(self, "_alias_paths", alias_paths)
         object.__setattr__(self, "_alias_names", alias_names)
         object.__setattr__(self, "_rename", {real: alias for alias, real in
@@ -110,7 +110,7 @@ class NNsight(Envoy):
         if not trace:
             if self._edits:  # an edited model runs with its edits
                 with Tracer(self, args, kwargs, options) as tracer:
-                    seed(tracer.program, self._edits)
+                    seed_tracer(tracer, self._edits)
                 return tracer.result
             prepared = self._prepare_invoke(args, kwargs, None)
             self._before_run()
@@ -118,7 +118,7 @@ class NNsight(Envoy):
             return self._module(*prepared[0], **prepared[1])
         tracer = Tracer(self, args, kwargs, options)
         if self._edits:
-            seed(tracer.program, self._edits)
+            seed_tracer(tracer, self._edits)
         return tracer
 
     def scan(self, *args, **kwargs) -> ScanTracer:
@@ -134,7 +134,7 @@ class NNsight(Envoy):
         torch.Size([7, 5])
         """
         tracer = ScanTracer(self, args, kwargs)
-        seed(tracer.program, self._edits)
+        seed_tracer(tracer, self._edits)
         return tracer
 
     def edit(self, *args, inplace: bool = False, **kwargs) -> EditTracer:

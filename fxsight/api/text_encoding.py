@@ -21,10 +21,20 @@ class TokenEncoding:
     ``tokenizer``, ``_module``, ``_encoder_decoder()``, ``_shifts_labels()`` and
     ``_aligned()``."""
 
-    def _encode(self, value: Any, where: str, line: str):
-        """Token rows of one invoke's input: ``(input_ids, attention_mask, extras)``."""
+    def _encode(self, value: Any, where: str, line: str, options: dict | None = None):
+        """Token rows of one invoke's input: ``(input_ids, attention_mask, extras)``;
+        ``options``: the tokenizer's keywords given with it (``truncation=True,
+        max_length=4``), for text only."""
+        options = options or {}
+        if options and not _is_text(value):
+            name = next(iter(options))
+            raise TraceError(at_line(
+                f"{where}: {name}= is a keyword of the tokenizer, which this input (not "
+                f"text) does not go through; tokenize the text with it yourself, or give "
+                f"the tokens as you want them", line))
         if isinstance(value, str):
-            return self._from_rows(self._tokenize([value], where, line), None, {}, where, line)
+            return self._from_rows(self._tokenize([value], where, line, options), None, {},
+                                   where, line)
         if isinstance(value, Mapping) or is_batch_encoding(value):
             return self._from_mapping(value, where, line)
         if isinstance(value, torch.Tensor):
@@ -38,8 +48,8 @@ class TokenEncoding:
             if len(value) == 0:
                 raise TraceError(at_line(f"{where}: the prompt list is empty", line))
             if all(isinstance(v, str) for v in value):
-                return self._from_rows(self._tokenize(list(value), where, line), None, {},
-                                       where, line)
+                rows = self._tokenize(list(value), where, line, options)
+                return self._from_rows(rows, None, {}, where, line)
             if all(is_int(v) for v in value):
                 return self._from_rows([[int(v) for v in value]], None, {}, where, line)
             if all(is_id_row(v) for v in value):
@@ -54,12 +64,14 @@ class TokenEncoding:
             f"{where}: cannot use a {type(value).__name__} as a language model input (give a "
             f"string, a list of strings, token ids or a dict with 'input_ids')", line))
 
-    def _tokenize(self, prompts: list[str], where: str, line: str) -> list[list[int]]:
+    def _tokenize(self, prompts: list[str], where: str, line: str,
+                  options: dict | None = None) -> list[list[int]]:
         if self.tokenizer is None:
             raise TraceError(at_line(f"{where}: text input needs a tokenizer; pass "
                                      f"LanguageModel(model, tokenizer=...)", line))
         try:
-            encoded = self.tokenizer(prompts, padding=False, truncation=False)
+            encoded = self.tokenizer(prompts, **{"padding": False, "truncation": False,
+                                                 **(options or {})})
         except Exception as error:  # noqa: BLE001 - the tokenizer's reason, with the line
             raise TraceError(at_line(f"{where}: the tokenizer rejected this input "
                                      f"({type(error).__name__}: {error})", line)) from None
@@ -148,3 +160,13 @@ class TokenEncoding:
                 if isinstance(value, int):
                     return value
         return 0
+
+
+# keywords of an invoke that are the tokenizer's (as nnsight passes them), where the model's
+# forward does not take them: it would swallow them in its **kwargs and ignore them
+TOKENIZER_KEYWORDS = ("add_special_tokens", "truncation", "max_length")
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value) and
+                                      all(isinstance(v, str) for v in value))

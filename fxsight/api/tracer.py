@@ -229,12 +229,15 @@ class Tracer(TraceMetadata):
 
     def cache(self, modules: Any = None, device: Any = torch.device("cpu"), dtype: Any = None,
               detach: bool = True, include_output: bool = True, include_inputs: bool = False,
-              rename: dict | None = None, alias: dict | None = None):
+              rename: dict | None = None, alias: dict | None = None,
+              non_blocking: bool = False):
         """Cache modules' outputs (and inputs) of this trace, after interventions.
 
         Returns a ``CacheDict`` filled when the block ends (see :mod:`fxsight.api.cache`).
         ``modules`` may list operations too (``envoy.source.<name>``, or their path
         strings): each is cached like a module, under ``"model.<module>.source.<name>"``.
+        ``non_blocking`` (nnsight's) is accepted: the copies to ``device`` are complete when
+        the block ends either way (an asynchronous copy could be read before it lands).
 
         >>> import torch, fxsight
         >>> net = fxsight.NNsight(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh()))
@@ -408,7 +411,7 @@ class Tracer(TraceMetadata):
             before_stop = program.nodes[:self._stop_after] \
                 if self._stop_line is not None else None
             for request in self._cache_requests:
-                request.record(program, source, rows, before_stop)
+                request.record(program, source, rows, before_stop, self.hooked_calls)
         return args, kwargs, rows
 
     def _check_token_index(self, line: str) -> None:

@@ -371,11 +371,19 @@ class Named:
         return hash(id(self.fn))
 
 
+def own_rows(value: Any) -> Any:
+    """A node target: ``value``, computed for every row of the batch, narrowed to the rows of
+    the invoke the node is recorded in (the walkers narrow it; outside an invoke, and run
+    directly, it is ``value``)."""
+    return value
+
+
 class ModuleCall:
     """A module of the model applied to recorded values (the logit lens), as a node target."""
 
     def __init__(self, module: torch.nn.Module, path: str):
         self.module = module
+        self.path = path
         self.__name__ = (path or "model").replace(".", "_")
 
     def __call__(self, *args, **kwargs):

@@ -260,7 +260,11 @@ def captured_anchor(graph: fx.Graph) -> fx.Node:
 
 
 def _static(target: Any, args: tuple) -> bool:
-    """getitem/getattr on a Python container of graph values resolves now, not at run time."""
+    """getitem/getattr on a Python container of graph values resolves now, not at run time;
+    so does joining or repeating such containers (``(v,) + out[1:]``, ``out[:1] * 2``)."""
+    if target in (operator.add, operator.mul) and len(args) == 2:
+        return all(isinstance(a, (tuple, list, int)) and not isinstance(a, bool)
+                   for a in args) and any(isinstance(a, (tuple, list)) for a in args)
     return target in (operator.getitem, getattr) and not isinstance(args[0], fx.Node) and \
         not isinstance(args[0], torch.Tensor)
 

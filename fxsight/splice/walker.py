@@ -23,7 +23,7 @@ from .._torch import pytree, unflatten_keeping_sizes
 
 from ..errors import NotOnGraph, OrderError, ShapeError, TraceError, at_line
 from ..record.program import (Kind, Node, Program, draws_random, map_nodes, node_args,
-                              replace, select, set_attribute, setitem)
+                              own_rows, replace, select, set_attribute, setitem)
 from .rows import Rows, conform, narrow_rows, splice_rows
 from ..capture.caches import CacheRef, is_cache, rows_of
 from .shared_memory import SharedMemory, memory_of, read_root, upstream
@@ -221,6 +221,19 @@ class Walker:
         self.positions[node] = position
         self.read_versions[node] = self.tap_versions.get(site, 0)
 
+    def _own_rows(self, node: Node) -> None:
+        """A value computed for the whole batch, narrowed to the rows of ``node``'s invoke
+        (as a read of a module's value is)."""
+        position = self._arg_position(node.args)
+        value = self.values[node.args[0]] if type(node.args[0]) is Node else node.args[0]
+        rows = self._rows(node)
+        if not rows.whole:
+            value = self._leafwise(value, lambda leaf: self.call(
+                None, "call_function", narrow_rows,
+                (leaf, rows.start, rows.stop, rows.total), {}, position))
+        self.values[node] = value
+        self.positions[node] = position
+
     def _arg_position(self, value: Any) -> int:
         return max([self.positions[n] for n in node_args(value)], default=BEFORE_ALL)
 
@@ -360,6 +373,9 @@ class Walker:
     def _op(self, node: Node) -> None:
         if node.target is set_attribute:
             self._set_attribute_of_read(node)
+            return
+        if node.target is own_rows:
+            self._own_rows(node)
             return
         if node.target is setitem and type(node.args[0]) is Node and \
                 node.args[0].kind is Kind.READ and \

@@ -1,0 +1,36 @@
+"""What the caller does with the value a call returns, read from its bytecode: nnsight's
+forms that differ only there (``with model.edit() as (tracer, edited):``, and
+``ids = lm.generate(...)`` without a ``with``)."""
+
+from __future__ import annotations
+
+import dis
+from types import FrameType
+
+# the instruction a ``with`` statement runs on its context manager's value (3.11 - 3.13;
+# from 3.14 ``LOAD_SPECIAL``, after a ``COPY`` of the value)
+_WITH = frozenset({"BEFORE_WITH", "BEFORE_ASYNC_WITH", "LOAD_SPECIAL", "COPY"})
+
+
+def next_instruction(frame: FrameType) -> dis.Instruction | None:
+    """The instruction ``frame`` runs after the one running now (a call's; ``f_lasti`` may
+    be at the call's inline cache entries, which ``dis`` does not list)."""
+    for instruction in dis.get_instructions(frame.f_code):
+        if instruction.offset > frame.f_lasti:
+            return instruction
+    return None
+
+
+def unpacks_two(frame: FrameType) -> bool:
+    """Whether the value of the running call is unpacked into two names (``with x as
+    (a, b):``, ``a, b = x``)."""
+    instruction = next_instruction(frame)
+    return instruction is not None and instruction.opname == "UNPACK_SEQUENCE" and \
+        instruction.arg == 2
+
+
+def entered_by_with(frame: FrameType) -> bool:
+    """Whether the value of the running call is a ``with`` statement's context manager
+    (``with lm.generate(...) as tracer:``); where the bytecode cannot tell, True."""
+    instruction = next_instruction(frame)
+    return instruction is None or instruction.opname in _WITH
