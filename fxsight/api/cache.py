@@ -373,8 +373,10 @@ class CacheRequest:
             # function's module argument) is converted after the run instead
             later = not all(_graph_argument(leaf) for leaf in leaves)
             if needs_convert and not later:
+                # (converted where the module returns, as a cache hook would: an
+                # in-place edit at a later module's boundary is not in a copy)
                 node = program.op("call_function", convert, (node, *convert_args), {},
-                                  self.scope, self.line)
+                                  self.scope, self.line, at_read=True)
             program.save(node)
             self.nodes.append((site, node, spec, later))
 
