@@ -4,6 +4,9 @@
 block ends, the requested reads are added to the Program (after every intervention the user
 recorded, so cached values are the values *after* interventions), each followed by one
 conversion node (detach / device / dtype) and saved; after the run the dictionary is filled.
+A conversion is taken where its module returns, as a cache hook there would take it: an
+in-place edit at a later boundary sharing the tensor (the next module's input) is not in a
+copy (``dtype``, a ``device`` off the model's), and is in an unconverted entry (the tensor).
 
 Keys follow nnsight: ``"model"`` is the root, ``"model.transformer.h.0"`` a block. Values are
 :class:`Entry` objects (``.output``, ``.inputs`` = ``(args, kwargs)``, ``.input``), or a list
