@@ -246,6 +246,39 @@ def test_a_write_held_back_by_an_edit_of_its_memory_says_so(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_an_edit_in_one_invokes_rows_holds_back_no_line_of_another_invoke(backend):
+    """Invoke A edits act1's input (layer1's output) in place, invoke B then writes layer1's
+    output from its own read: B's rows are not A's, so B's line is not held back by A's edit
+    (was: an OrderError, the write said to depend on act1's input); the numbers are a
+    batch's with hooks doing each invoke's lines on its rows. A line on the whole batch
+    still sees an invoke's edit."""
+    model = mlp()
+
+    def scale_b(module, args, output):
+        return torch.cat([output[:2], output[2:] * 2])
+
+    def edit_a(module, args):
+        args[0][:2, 0] = 100.0
+
+    expected = _forward_hooked(model, [("layer1", "output", scale_b),
+                                       ("act1", "input", edit_a)])
+    net = NNsight(model)
+    with torch.no_grad(), net.trace(backend=backend) as tracer:
+        with tracer.invoke(_x()[:2]):
+            net.act1.input[:, 0] = 100.0
+        with tracer.invoke(_x()[2:]):
+            net.layer1.output = net.layer1.output * 2
+        out = net.output.save()
+    assert torch.equal(out, expected)
+    with pytest.raises(OrderError, match="in-place change of act1.input"):
+        with torch.no_grad(), net.trace(backend=backend) as tracer:
+            with tracer.invoke(_x()[:2]):
+                net.act1.input[:, 0] = 100.0
+            with tracer.invoke():  # the whole batch: A's rows too
+                net.layer1.output = net.layer1.output * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_site_written_with_another_sites_read_shares_its_memory(backend):
     """``layer3.input = a`` (a = act1.output) makes layer3's input act1's tensor, as a hook
     returning it does: an in-place edit of layer3's input is an edit of ``a``, and a sum

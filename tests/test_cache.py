@@ -163,6 +163,38 @@ def test_cached_values_are_after_interventions(gpt2, backend):
     assert torch.equal(cache.model.transformer.h[1].input, ref_inputs["transformer.h.1"][0][0])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_converted_entry_is_taken_where_its_module_returns(backend):
+    """An in-place edit at the next module's input (the same tensor as layer1's output):
+    a cache converting layer1's output (a copy: ``dtype``, or ``device`` off the model's)
+    holds it as layer1 returned it, as a cache hook there does (was: the edit, recorded
+    before the cache's read at the block's end, was in the copy); an unconverted entry is
+    the tensor itself, which the edit changes, as a hook's ``output.detach()`` is."""
+    model = mlp()
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    kept = {}
+    handles = [model.layer1.register_forward_hook(lambda m, a, o: kept.update(
+                   copy=o.detach().to(torch.float64), alias=o.detach())),
+               model.act1.register_forward_pre_hook(
+                   lambda m, a: a[0].__setitem__((slice(None), 0), 100.0))]
+    try:
+        with torch.no_grad():
+            expected = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    net = NNsight(model)
+    with torch.no_grad(), net.trace(x, backend=backend) as tracer:
+        copied = tracer.cache(modules=["layer1"], dtype=torch.float64)
+        aliased = tracer.cache(modules=["layer1"])
+        net.act1.input[:, 0] = 100.0
+        out = net.output.save()
+    assert torch.equal(out, expected)
+    assert torch.equal(copied["model.layer1"].output, kept["copy"])
+    assert torch.equal(aliased["model.layer1"].output, kept["alias"])
+    assert (kept["alias"][:, 0] == 100).all() and not (kept["copy"][:, 0] == 100).any()
+
+
 # --- conversions ---------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dtype_device_detach_honoured(gpt2, backend):

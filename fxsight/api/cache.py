@@ -4,6 +4,9 @@
 block ends, the requested reads are added to the Program (after every intervention the user
 recorded, so cached values are the values *after* interventions), each followed by one
 conversion node (detach / device / dtype) and saved; after the run the dictionary is filled.
+A conversion is taken where its module returns, as a cache hook there would take it: an
+in-place edit at a later boundary sharing the tensor (the next module's input) is not in a
+copy (``dtype``, a ``device`` off the model's), and is in an unconverted entry (the tensor).
 
 Keys follow nnsight: ``"model"`` is the root, ``"model.transformer.h.0"`` a block. Values are
 :class:`Entry` objects (``.output``, ``.inputs`` = ``(args, kwargs)``, ``.input``), or a list
@@ -403,8 +406,10 @@ class CacheRequest:
             # function's module argument) is converted after the run instead
             later = not all(_graph_argument(leaf) for leaf in leaves)
             if needs_convert and not later:
+                # (converted where the module returns, as a cache hook would: an
+                # in-place edit at a later module's boundary is not in a copy)
                 node = program.op("call_function", convert, (node, *convert_args), {},
-                                  self.scope, self.line)
+                                  self.scope, self.line, at_read=True)
             program.save(node)
             self.nodes.append((site, node, spec, later))
         convert_args = convert_args if needs_convert else None

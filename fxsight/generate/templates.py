@@ -43,6 +43,7 @@ def _alike(a: list[Node], b: list[Node], wanted: set[Node],
                 (x.site is not y.site and x.site != y.site) or \
                 x.accessor != y.accessor or x.invoke != y.invoke or \
                 x.skip != y.skip or x.mutation != y.mutation or x.lenient != y.lenient or \
+                x.at_read != y.at_read or \
                 x.input_index != y.input_index or (x in wanted) != (y in wanted) or \
                 (x.line is not y.line and x.line != y.line) or \
                 not _same(x.args, y.args, where) or \

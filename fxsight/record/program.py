@@ -166,13 +166,14 @@ class Node:
 
     __slots__ = ("index", "kind", "op", "target", "args", "kwargs", "all_input_nodes",
                  "line", "invoke", "steps", "site", "accessor", "skip", "mutation",
-                 "lenient", "input_index", "__weakref__")
+                 "lenient", "at_read", "input_index", "__weakref__")
 
     def __init__(self, index: int, kind: Kind, op: str, target: Any, args: tuple,
                  kwargs: dict, inputs: list["Node"], line: Any = None,
                  scope: Scope = Scope(), site: Site | None = None,
                  accessor: str | None = None, skip: bool = False, mutation: bool = False,
-                 lenient: bool = False, input_index: int | None = None):
+                 lenient: bool = False, input_index: int | None = None,
+                 at_read: bool = False):
         self.index = index
         self.kind = kind
         self.op = op
@@ -188,6 +189,10 @@ class Node:
         self.skip = skip  # a write that replaces the module's computation (env.skip)
         self.mutation = mutation  # an op that changes its first argument in place
         self.lenient = lenient  # an op whose shapes may be unknowable (fxsight.apply)
+        # an op taken where its arguments' reads are, as a hook there would take it (a
+        # cache's conversion): in-place changes recorded before it at later events of
+        # memory it shares do not hold it back
+        self.at_read = at_read
         self.input_index = input_index  # inputs: the index in Program.input_values
 
     @property
@@ -232,7 +237,8 @@ class Program:
     # --- building -------------------------------------------------------------------
     def _add(self, kind: Kind, op: str, target: Any, args: tuple, kwargs: dict,
              line: Any, scope: Scope, site: Site | None = None, accessor: str | None = None,
-             skip: bool = False, mutation: bool = False, lenient: bool = False) -> Node:
+             skip: bool = False, mutation: bool = False, lenient: bool = False,
+             at_read: bool = False) -> Node:
         inputs: list[Node] = []
         if type(target) is FunctionType:  # (reads and writes: their own key, no call)
             target_key = target if target in _SENTINELS else _function_key(target)
@@ -251,7 +257,7 @@ class Program:
                scope.invoke)
         node = Node(len(self.nodes), kind, op, target, args, kwargs,
                     list(dict.fromkeys(inputs)) if len(inputs) > 1 else inputs, line, scope,
-                    site, accessor, skip, mutation, lenient)
+                    site, accessor, skip, mutation, lenient, at_read=at_read)
         self.nodes.append(node)
         self._parts.append(key)
         if site is not None and (kind is Kind.READ or kind is Kind.WRITE):
@@ -305,15 +311,16 @@ class Program:
                          "output", skip=True)
 
     def op(self, op: str, target: Any, args: tuple, kwargs: dict, scope: Scope, line: Any,
-           lenient: bool = False) -> Node:
+           lenient: bool = False, at_read: bool = False) -> Node:
         """Any operation on recorded values (``op`` is ``"call_function"`` or
-        ``"call_method"``, as in torch.fx)."""
+        ``"call_method"``, as in torch.fx); ``at_read``: see ``Node.at_read``."""
         if op == "call_function" and not hasattr(target, "__name__"):
             target = Named(target)  # fx names nodes and code globals after __name__
         if op == "call_method" and target == "backward" or target is AUTOGRAD_GRAD:
             self.uses_gradients = True
         return self._add(Kind.OP, op, target, args, kwargs, line, scope,
-                         mutation=is_mutation(op, target), lenient=lenient)
+                         mutation=is_mutation(op, target), lenient=lenient,
+                         at_read=at_read)
 
     def grad(self, target: Node, scope: Scope, line: Any) -> Node:
         """``target.grad``: the gradient of the ``backward()`` loss with respect to it."""
@@ -335,7 +342,7 @@ class Program:
         return self._add(node.kind, node.op, node.target, map_nodes(node.args, resolve),
                          map_nodes(node.kwargs, resolve), node.line,
                          node.scope if scope is None else scope, node.site, node.accessor,
-                         node.skip, node.mutation, node.lenient)
+                         node.skip, node.mutation, node.lenient, node.at_read)
 
     def save(self, node: Node) -> None:
         if node not in self.saves:

@@ -6,7 +6,8 @@ as another site's value (``b.input = a``) is that site's value from then on. So 
 in-place change of one read changes the others. An operation recorded after such a change,
 on a value whose memory it shares, runs no earlier than the change: it sees it, as in eager
 PyTorch and nnsight. A line recorded before the change does not, and nothing is ordered by
-memory that is not shared.
+memory that is not shared: the rows of two invokes are apart (a change in one invoke's rows
+holds back no line on another's; a line on the whole batch shares every invoke's rows).
 
 :class:`SharedMemory` keeps what one walk of a Program has seen of this; the walker asks
 it how early an operation may run and tells it of in-place changes and writes. Which sites
@@ -41,8 +42,9 @@ class SharedMemory:
 
     def __init__(self, site_aliases: Callable[[Site], frozenset]):
         self.site_aliases = site_aliases
-        # memory key -> the latest in-place change of it: (its position, its node)
-        self.changed: dict[Any, tuple[int, Node]] = {}
+        # memory key -> invoke whose rows were changed (None: every row) -> the latest
+        # in-place change of them: (its position, its node)
+        self.changed: dict[Any, dict[int | None, tuple[int, Node]]] = {}
         # operations held back by such a change -> the change (for error messages)
         self.held_back: dict[Node, Node] = {}
         # memory keys of sites written with a read -> that read's memory, which the value
@@ -60,7 +62,7 @@ class SharedMemory:
     def earliest(self, node: Node, position: int) -> int:
         """The position of operation ``node``: ``position`` (what its arguments need), or
         that of a later in-place change, recorded before it, of memory one of its reads
-        shares."""
+        shares (in rows it reads)."""
         if not self.changed:
             return position
         latest = None
@@ -69,9 +71,10 @@ class SharedMemory:
             if root is None:
                 continue
             for key in self.keys(root.site):
-                change = self.changed.get(key)
-                if change is not None and (latest is None or change[0] > latest[0]):
-                    latest = change
+                for invoke, change in self.changed.get(key, {}).items():
+                    if _rows_meet(invoke, root.invoke) and (
+                            latest is None or change[0] > latest[0]):
+                        latest = change
         if latest is None or latest[0] <= position:
             return position
         self.held_back[node] = latest[1]
@@ -83,8 +86,9 @@ class SharedMemory:
         if root is None:
             return
         for key in self.keys(root.site):
-            if position >= self.changed.get(key, (position,))[0]:
-                self.changed[key] = (position, node)
+            changes = self.changed.setdefault(key, {})
+            if position >= changes.get(root.invoke, (position,))[0]:
+                changes[root.invoke] = (position, node)
 
     def note_write(self, site: Site, recorded: Any) -> None:
         """``site`` is written with ``recorded`` (as the Program has it): the reads it is
@@ -109,6 +113,11 @@ class SharedMemory:
                         f"as a read it uses, and a line sees the changes recorded before "
                         f"it; compute it before that change")
         return ""
+
+
+def _rows_meet(invoke: int | None, other: int | None) -> bool:
+    """Whether the rows of two invokes (``None``: the whole batch) share any."""
+    return invoke is None or other is None or invoke == other
 
 
 def upstream(value: Any) -> Iterator[Node]:

@@ -389,7 +389,8 @@ class Walker:
             position = reached
         if node.mutation:
             self._check_mutation_order(node, position)
-        position = self.shared.earliest(node, position)
+        if not node.at_read:
+            position = self.shared.earliest(node, position)
         args = map_nodes(node.args, self.values.__getitem__)
         kwargs = map_nodes(node.kwargs, self.values.__getitem__)
         self.values[node] = self.call(node, node.op, node.target, args, kwargs, position)
