@@ -325,6 +325,12 @@ def test_generate_called_without_with_returns_the_ids(gpt2, tokenizer, backend):
         tokens = tracer.result.save()
     assert torch.equal(tokens, expected)
 
+    def start(prompt):  # (a helper returning the tracer its caller enters: not run here)
+        return lm.generate(prompt, max_new_tokens=3, do_sample=False, backend=backend)
+    with start("Hello") as tracer:
+        tokens = tracer.result.save()
+    assert torch.equal(tokens, expected)
+
 
 def test_loading_options_with_a_loaded_module_are_refused(gpt2, tokenizer):
     """``LanguageModel(module, torch_dtype=...)`` / ``envoys=...``: loading options (and

@@ -10,6 +10,9 @@ from types import FrameType
 # the instruction a ``with`` statement runs on its context manager's value (3.11 - 3.13;
 # from 3.14 ``LOAD_SPECIAL``, after a ``COPY`` of the value)
 _WITH = frozenset({"BEFORE_WITH", "BEFORE_ASYNC_WITH", "LOAD_SPECIAL", "COPY"})
+# instructions that hand the value out of the frame (a helper returning the context manager
+# its caller enters): what is done with it is not known here
+_HANDED_OUT = frozenset({"RETURN_VALUE", "YIELD_VALUE"})
 
 
 def next_instruction(frame: FrameType) -> dis.Instruction | None:
@@ -31,6 +34,7 @@ def unpacks_two(frame: FrameType) -> bool:
 
 def entered_by_with(frame: FrameType) -> bool:
     """Whether the value of the running call is a ``with`` statement's context manager
-    (``with lm.generate(...) as tracer:``); where the bytecode cannot tell, True."""
+    (``with lm.generate(...) as tracer:``); where the bytecode cannot tell (the value is
+    returned or yielded to a caller), True."""
     instruction = next_instruction(frame)
-    return instruction is None or instruction.opname in _WITH
+    return instruction is None or instruction.opname in _WITH | _HANDED_OUT
