@@ -31,7 +31,7 @@ import torch
 
 from perf.bench_core import GraphClock
 from perf.models import gpt2
-from perf.timing import (SEED, SHUFFLED, estimators, kept, ratio, shuffled_rounds, synced,
+from perf.timing import (SEED, SHUFFLED, estimators, ratio, shuffled_rounds, synced,
                          warm)
 
 ORDER = SHUFFLED

@@ -1285,10 +1285,6 @@ def _relu_of(x):
     return torch.relu(x)
 
 
-def _tanh_of(x):
-    return torch.tanh(x)
-
-
 class _TwoFunctions(torch.nn.Module):
     def forward(self, x):
         for f in (_relu_of, _tanh_of):
