@@ -45,7 +45,8 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "fake_embedding_takes_meta_weights", "export_leaves_no_buffer_hook",
            "autocast_cache_off", "default_device_set", "parametrization_cache_on",
            "kept_parametrization_cache", "real_writes", "after_each_operator",
-           "storage_key", "written_arguments", "inside_activation_checkpoint"]
+           "storage_key", "written_arguments", "inside_activation_checkpoint",
+           "enclosing_checkpoint"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -602,3 +603,31 @@ def inside_activation_checkpoint() -> bool:
     if not hooks:
         return False
     return getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
+
+
+def _checkpoint_codes() -> tuple[Any, Any]:
+    """The code of ``torch.utils.checkpoint.checkpoint`` itself (under its
+    ``torch._disable_dynamo`` wrapper, which keeps it as ``__wrapped__``) and of the
+    reentrant variant's ``CheckpointFunction.forward`` (checked 2.11-2.13)."""
+    import torch.utils.checkpoint as checkpoint
+    function = getattr(checkpoint.checkpoint, "__wrapped__", checkpoint.checkpoint)
+    return function.__code__, checkpoint.CheckpointFunction.forward.__code__
+
+
+def enclosing_checkpoint(frame: types.FrameType | None) -> str | None:
+    """Whether ``frame`` (and the code that called it) runs inside a call of
+    ``torch.utils.checkpoint.checkpoint`` (also as ``checkpoint_sequential`` or
+    transformers' ``_gradient_checkpointing_func`` call it): ``"reentrant"`` where one of
+    the enclosing calls is reentrant (``use_reentrant=True``), ``"non-reentrant"`` where
+    all are, ``None`` outside. Seen from the stack, so in any grad mode (a checkpoint with
+    gradients off runs its function as it is, but is still called)."""
+    function, reentrant = _checkpoint_codes()
+    found = None
+    while frame is not None:
+        code = frame.f_code
+        if code is reentrant:
+            return "reentrant"
+        if code is function:
+            found = "non-reentrant"
+        frame = frame.f_back
+    return found

@@ -207,3 +207,131 @@ def test_a_line_under_no_grad_or_autocast_inside_the_block_is_refused(backend):
     assert all(p.grad is None for p in model.parameters())  # (nothing ran)
     with torch.no_grad(), net.trace(x, backend=backend):  # (the trace's own mode: fine)
         net[1].output = net[1].output * 2
+
+
+class _NormedCheckpointNet(torch.nn.Module):
+    """A BatchNorm (its running statistics change in train mode), then a block the forward
+    checkpoints itself."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(8)
+        self.block = _Block()
+        self.head = torch.nn.Linear(8, 2)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self.block, self.norm(x),
+                                              use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("path", ["block.lin", "block"])
+def test_a_write_inside_torch_checkpoint_is_refused_before_the_forward_runs(reentrant, path):
+    """The refusal came as the forward reached the write: the BatchNorm before the block
+    had already updated its running statistics and the user's hooks had run. The scan sees
+    which boundaries the forward reaches inside the checkpoint: nothing runs now. (The
+    block's own output is inside too: its hooks run within the checkpointed call.)"""
+    torch.manual_seed(0)
+    model = _NormedCheckpointNet(reentrant).train()
+    calls = []
+    model.norm.register_forward_hook(lambda m, a, o: calls.append(1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    net = NNsight(model)
+    envoy = net.block.lin if path == "block.lin" else net.block
+    with pytest.raises(TraceError, match=rf"(?s){path}\.output.*checkpoint.*test_training"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with net.trace(torch.randn(4, 8), backend="hooks"):
+                envoy.output = envoy.output * 2
+                net.output.sum().backward()
+    assert calls == []  # (the user's hook never ran)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _checkpointed_gpt2_reentrant(reentrant: bool):
+    model = tiny_gpt2(n_embd=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    return model.train()
+
+
+def test_a_gradient_inside_a_reentrant_checkpointed_layer_is_refused_naming_it():
+    """A reentrant checkpoint runs the layer without gradients (and the backward reruns it
+    on fresh tensors): the gradient of a value inside it is never computed. The error said
+    only "the loss does not depend on it", after the forward and backward had run."""
+    net = NNsight(_checkpointed_gpt2_reentrant(True))
+    with pytest.raises(TraceError, match=r"(?s)gradient of transformer\.h\.0\.mlp\.output, "
+                       r"inside model\.transformer\.h\.0.*use_reentrant=True.*reentrant "
+                       r"checkpoint computes that code without gradients.*test_training"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with net.trace(IDS, use_cache=False):
+                grad = net.transformer.h[0].mlp.output.grad.save()
+                net.output.logits.sum().backward()
+    assert all(p.grad is None for p in net._model.parameters())  # (nothing ran)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_the_gradient_of_a_checkpointed_layers_output_is_the_plain_one(reentrant):
+    """The layer's own output is outside its checkpoint: its gradient is right with either
+    kind of checkpoint (checked against a plain backward without checkpointing)."""
+    plain = tiny_gpt2(n_embd=32).train()
+    kept = []
+    plain.transformer.h[0].register_forward_hook(lambda m, a, o: (o.retain_grad(),
+                                                                  kept.append(o)) and None)
+    torch.manual_seed(0)
+    plain(IDS, use_cache=False).logits.sum().backward()
+    net = NNsight(_checkpointed_gpt2_reentrant(reentrant))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with net.trace(IDS, use_cache=False):
+            grad = net.transformer.h[0].output.grad.save()
+            net.output.logits.sum().backward()
+    torch.testing.assert_close(grad, kept[0].grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_reentrant_checkpoint_in_the_forward_refuses_a_gradient_inside_it():
+    """The same with a forward that checkpoints a block itself (use_reentrant=True)."""
+    net = NNsight(_NormedCheckpointNet(True).train())
+    with pytest.raises(TraceError, match=r"(?s)gradient of block\.lin\.output.*"
+                       r"use_reentrant=True.*test_training"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with net.trace(torch.randn(4, 8), backend="hooks"):
+                grad = net.block.lin.output.grad.save()
+                net.output.sum().backward()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_an_in_place_write_of_a_checkpointed_layers_output_gives_the_plain_gradients(
+        reentrant):
+    """``layer.output[0][:] = ...`` (GPT2Block returns a tensor: its first row) is made
+    after the checkpointed forward returns (transformers checkpoints ``forward``, not the
+    hooks): the parameter gradients are those of a plain hook without checkpointing."""
+    plain = tiny_gpt2(n_embd=32).train()
+
+    def hook(module, args, output):
+        output = output.clone()
+        output[0][:] = output[0] * 5
+        return output
+    plain.transformer.h[0].register_forward_hook(hook)
+    torch.manual_seed(0)
+    plain(IDS, use_cache=False).logits.sum().backward()
+    model = _checkpointed_gpt2_reentrant(reentrant)
+    net = NNsight(model)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with net.trace(IDS, use_cache=False):
+            net.transformer.h[0].output[0][:] = net.transformer.h[0].output[0] * 5
+            net.output.logits.sum().backward()
+    reference = dict(plain.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, reference[name].grad, rtol=1e-5, atol=1e-6)

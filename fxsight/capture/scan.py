@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from .._torch import (FakeTensorMode, autocast_cache_off, fake_embedding_takes_meta_weights,
-                      pytree, unflatten_keeping_sizes, unflatten_unchecked,
-                      unset_fake_temporarily)
+from .._torch import (FakeTensorMode, autocast_cache_off, enclosing_checkpoint,
+                      fake_embedding_takes_meta_weights, pytree, unflatten_keeping_sizes,
+                      unflatten_unchecked, unset_fake_temporarily)
 
 from ..stats import bump
 from . import caches
@@ -40,6 +41,9 @@ class ScanResult:
     # what the outputs carry of each tensor input (indices in ``captures.flat_inputs``; see
     # ``input_flow``; a cache object's tensors are not followed)
     input_reads: InputReads = InputReads((), 0)
+    # the sites whose event the forward reaches inside ``torch.utils.checkpoint`` (in any
+    # grad mode): "reentrant" or "non-reentrant" (see ``_torch.enclosing_checkpoint``)
+    checkpointed: dict[Site, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
@@ -110,6 +114,7 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     values: dict[Site, Any] = {}
     devices: dict[Site, Any] = {}
     aliases: dict[Site, frozenset] = {}
+    checkpointed: dict[Site, str] = {}
     number = MemoryNumbers()
 
     def record(site: Site, value: Any) -> None:
@@ -119,6 +124,9 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
             lambda v: v.device if isinstance(v, torch.Tensor) else None, value)
         aliases[site] = frozenset(number(leaf) for leaf in pytree.tree_leaves(value)
                                   if isinstance(leaf, torch.Tensor))
+        checkpoint = enclosing_checkpoint(sys._getframe(1))
+        if checkpoint is not None:
+            checkpointed[site] = checkpoint
 
     events = ModuleEvents(model, record, operations=operations)
     before = Watch(model, 0)
@@ -126,13 +134,14 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
         with silenced_hooks(model), kept_forward_effects(model, args, kwargs), \
                 autocast_cache_off():
             output, events, reads = _run(model, args, kwargs, events, record,
-                                          (values, devices, aliases))
+                                          (values, devices, aliases, checkpointed))
     finally:
         if not before.unchanged():  # the forward changed the model: undone (a trace
             before.restore()        # changes it only as the plain forward does)
     bump("scans")
     return ScanResult(list(events.order), values, devices, _tree_map(_to_meta, output),
-                      callees=dict(events.callees), aliases=aliases, input_reads=reads)
+                      callees=dict(events.callees), aliases=aliases, input_reads=reads,
+                      checkpointed=checkpointed)
 
 
 def _run(model, args, kwargs, events, record, recorded):

@@ -10,40 +10,51 @@ trace reruns the forward without any hook): the gradients would be those of the 
 before the write, silently. So such a write is refused before the forward runs.
 
 A forward may checkpoint a block itself (``torch.utils.checkpoint.checkpoint(block, x)``,
-reentrant or not): that is only seen as it runs, at the write
-(:func:`check_write_outside_checkpoint`).
+reentrant or not): the scan sees which module boundaries it reaches inside such a call
+(``ScanResult.checkpointed``), and :func:`check_checkpoint_sites` refuses a write there
+before the forward runs. A forward that calls the checkpoint only with gradients on (the
+scan runs without) is seen only as it runs, at the write
+(:func:`check_write_outside_checkpoint`): the model's buffers, random generators and
+Python state are then put back as they were (:func:`undone_on_refusal`).
+
+A reentrant checkpoint (``use_reentrant=True``) runs its block without gradients and
+rebuilds them in the backward pass from fresh tensors: the values a forward hook sees
+inside the block carry no gradient, so reading or replacing their ``.grad`` is refused
+before the forward runs too.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from .._torch import inside_activation_checkpoint
+from .._torch import enclosing_checkpoint, inside_activation_checkpoint
 from ..errors import TraceError, at_line
 from ..record.program import Kind, Node, Program
 from ..record.sites import Site, module_label
+from ..splice.gradients import grad_target
 from ..splice.shared_memory import read_root
 
 
 def check_checkpointed_writes(model: nn.Module, program: Program) -> None:
     """Raise where ``program`` writes (or changes in place, or skips) a module's value
-    inside a layer whose forward is gradient-checkpointed in this run."""
+    inside a layer whose forward is gradient-checkpointed in this run, or reads (or
+    replaces) the gradient of one inside a layer checkpointed with ``use_reentrant=True``."""
     if not torch.is_grad_enabled():
         return  # (a checkpointed layer runs as it is without gradients)
     layers = _checkpointed_layers(model)
     if not layers:
         return
     for node in program.nodes:
-        site = _written_site(node)
-        if site is None:
-            continue
-        for path in layers:
+        site, grad = _written_site(node), _grad_site(node)
+        for path, reentrant in layers.items():
             prefix = f"{path}." if path else ""
-            if site.path != path and site.path.startswith(prefix):
+            if site is not None and site.path != path and site.path.startswith(prefix):
                 raise TraceError(at_line(
                     f"this line writes {site.label}, inside {module_label(path)}, whose "
                     f"forward is gradient-checkpointed (gradient_checkpointing_enable() "
@@ -52,17 +63,81 @@ def check_checkpointed_writes(model: nn.Module, program: Program) -> None:
                     f"the written value. Write {module_label(path)}'s own output or input "
                     f"instead, or call gradient_checkpointing_disable() for the trace "
                     f"(or trace in eval mode, or under torch.no_grad())", node.line))
+            if reentrant and grad is not None and grad.path != path and \
+                    grad.path.startswith(prefix):
+                raise TraceError(at_line(_reentrant_grad_message(
+                    grad, path, "gradient_checkpointing_enable() with use_reentrant=True, in "
+                    "train mode", "gradient_checkpointing_enable(gradient_checkpointing_kwargs"
+                    "={'use_reentrant': False})"), node.line))
 
 
-def _checkpointed_layers(model: nn.Module) -> list[str]:
-    """The paths of the modules whose forward runs under a checkpoint now."""
+def check_checkpoint_sites(program: Program, checkpointed: Mapping[Site, str]) -> None:
+    """Raise, before the forward runs, where ``program`` writes a value that the forward
+    computes inside ``torch.utils.checkpoint`` (``checkpointed``: the scan's sites and
+    their checkpoint's kind, ``ScanResult.checkpointed``), or reads or replaces the
+    gradient of one that a reentrant checkpoint computes."""
+    if not checkpointed or not torch.is_grad_enabled():
+        return
+    for node in program.nodes:
+        site = _written_site(node)
+        if site is not None and site in checkpointed:
+            raise TraceError(at_line(_inside_message(site), node.line))
+        site = _grad_site(node)
+        if site is not None and checkpointed.get(site) == "reentrant":
+            raise TraceError(at_line(_reentrant_grad_message(
+                site, site.path, "torch.utils.checkpoint(..., use_reentrant=True)",
+                "use_reentrant=False"), node.line))
+
+
+def _inside_message(site: Site) -> str:
+    return (f"this line writes {site.label}, which the forward computes inside "
+            f"torch.utils.checkpoint: the backward pass reruns that code, and the rerun "
+            f"would not make this write, so the gradients would not be those of the written "
+            f"value. The fx backend runs such a write once, with the right gradients "
+            f"(backend=\"fx\"); or write a value outside the checkpointed block, or trace "
+            f"under torch.no_grad()")
+
+
+def _reentrant_grad_message(site: Site, path: str, how: str, instead: str) -> str:
+    within = f"inside {module_label(path)}, whose forward" if path != site.path else \
+        "which the forward"
+    return (f"this line uses the gradient of {site.label}, {within} runs under {how}: a "
+            f"reentrant checkpoint computes that code without gradients and rebuilds it "
+            f"from fresh tensors in the backward pass, so the value fxsight sees there has "
+            f"no gradient. Use {instead}, or the gradient of a value outside the "
+            f"checkpointed block, or disable the checkpointing for the trace")
+
+
+def _checkpointed_layers(model: nn.Module) -> dict[str, bool]:
+    """The paths of the modules whose forward runs under a checkpoint now, each with
+    whether that checkpoint is reentrant (transformers' ``_gradient_checkpointing_func``
+    is ``partial(torch.utils.checkpoint.checkpoint, use_reentrant=...)``; torch takes
+    ``None`` as ``True``; ``False`` where it is another function)."""
     layers = sys.modules.get("transformers.modeling_layers")  # (never imported here)
     layer_class = getattr(layers, "GradientCheckpointingLayer", None)
     if layer_class is None:
-        return []
-    return [path for path, module in model.named_modules()
+        return {}
+    return {path: _is_reentrant(getattr(module, "_gradient_checkpointing_func", None))
+            for path, module in model.named_modules()
             if isinstance(module, layer_class) and module.training
-            and getattr(module, "gradient_checkpointing", False)]
+            and getattr(module, "gradient_checkpointing", False)}
+
+
+def _is_reentrant(function: Any) -> bool:
+    if not isinstance(function, functools.partial) or \
+            function.func is not torch.utils.checkpoint.checkpoint:
+        return False
+    return function.keywords.get("use_reentrant") in (True, None)
+
+
+def _grad_site(node: Node) -> Site | None:
+    """The module site whose gradient ``node`` reads or replaces (``.grad``), if any."""
+    if node.kind not in (Kind.GRAD, Kind.GRAD_WRITE):
+        return None
+    try:
+        return grad_target(node)[0].site
+    except TraceError:  # (a computed value: refused where the gradient is tapped)
+        return None
 
 
 def _written_site(node: Node) -> Site | None:
@@ -87,23 +162,12 @@ def check_write_outside_checkpoint(site: Site, nodes: list[Node], grad: bool) ->
             return
     elif not _inside_reentrant_checkpoint():  # (which runs its block without gradients)
         return
-    line = writes[-1].line
     raise TraceError(at_line(
-        f"this line writes {site.label}, which the forward computes inside "
-        f"torch.utils.checkpoint: the backward pass reruns that code, and the rerun would "
-        f"not make this write, so the gradients would not be those of the written value "
-        f"(raised as the forward reached {module_label(site.path)}). The fx backend runs "
-        f"such a write once, with the right gradients (backend=\"fx\"); or write a value "
-        f"outside the checkpointed block, or trace under torch.no_grad()", line))
+        f"{_inside_message(site)} (raised as the forward reached "
+        f"{module_label(site.path)})", writes[-1].line))
 
 
 def _inside_reentrant_checkpoint() -> bool:
     """Whether a reentrant ``torch.utils.checkpoint`` (``use_reentrant=True``) runs its
     function now: its ``CheckpointFunction.forward`` is a frame of the stack."""
-    code = torch.utils.checkpoint.CheckpointFunction.forward.__code__
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
+    return enclosing_checkpoint(sys._getframe(1)) == "reentrant"

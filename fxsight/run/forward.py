@@ -303,7 +303,7 @@ def _run_hooks(module: nn.Module, program: Program, args: tuple, kwargs: dict,
     grad_keys: dict[Node, str] = {}
     output, values = run_with_hooks(module, program, rows, source.index, walker.positions,
                                     args, kwargs, stop=stop, grad_keys=grad_keys,
-                                    operations=operations)
+                                    operations=operations, checkpointed=source.checkpointed)
     return Outcome("hooks", output, not stop, {n: values[n] for n in forward_saves},
                    None, grad_keys)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import defaultdict
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,8 @@ from ..errors import TraceError, at_line
 from ..capture.events import ModuleEvents
 from ..capture.model_hooks import describe_hook
 from ..record.program import Kind, Node, Program, execute, is_backward, map_nodes
-from .checkpointing import check_checkpointed_writes, check_write_outside_checkpoint
+from .checkpointing import (check_checkpoint_sites, check_checkpointed_writes,
+                            check_write_outside_checkpoint)
 from ..splice.rows import Rows
 from ..record.sites import INPUT, OUTPUT, Site, is_operation, module_label
 from ..splice.walker import BEFORE_ALL, Walker
@@ -63,15 +64,19 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
                    args: tuple, kwargs: dict, *,
                    stop: bool = False,
                    grad_keys: dict[Node, str] | None = None,
-                   operations: frozenset = frozenset()) -> tuple[Any, dict[Node, Any]]:
+                   operations: frozenset = frozenset(),
+                   checkpointed: Mapping[Site, str] | None = None
+                   ) -> tuple[Any, dict[Node, Any]]:
     """Run ``model(*args, **kwargs)`` with ``program`` interleaved; return the model's
     output and the value of every Program node.
 
     ``stop``: end the forward pass (output ``None``) right after the last event the
     Program needs. ``operations``: the operations spec of the Program's operation sites
-    (``capture.operations``)."""
+    (``capture.operations``). ``checkpointed``: the sites the forward reaches inside
+    ``torch.utils.checkpoint`` (``ScanResult.checkpointed``)."""
     _check_backward_hooks(model, program)
     check_checkpointed_writes(model, program)
+    check_checkpoint_sites(program, checkpointed or {})
     grad = torch.is_grad_enabled()
     schedule: dict[int, list[Node]] = defaultdict(list)
     walker = RealWalker(program, rows, index)
