@@ -335,3 +335,40 @@ def test_an_in_place_write_of_a_checkpointed_layers_output_gives_the_plain_gradi
     reference = dict(plain.named_parameters())
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, reference[name].grad, rtol=1e-5, atol=1e-6)
+
+
+class _GradOnlyCheckpointNet(_NormedCheckpointNet):
+    """Checkpoints its block only with gradients on, as transformers' layers do: the scan
+    (run without gradients) does not see the checkpoint."""
+
+    def forward(self, x):
+        h = self.norm(torch.nn.functional.dropout(x, 0.5, self.training))
+        if torch.is_grad_enabled():
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.reentrant)
+        else:
+            h = self.block(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_write_refused_as_the_forward_reaches_it_leaves_the_model_as_it_was(reentrant):
+    """A checkpoint the scan cannot see is refused as the forward reaches the write: the
+    BatchNorm's running statistics had changed and the dropout had drawn from the global
+    generator. Both are put back as they were."""
+    torch.manual_seed(0)
+    model = _GradOnlyCheckpointNet(reentrant).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 8)
+    net = NNsight(model)
+    generator = torch.random.get_rng_state()
+    with pytest.raises(TraceError, match=r"(?s)block\.lin\.output.*checkpoint.*forward "
+                       r"reached.*test_training"):
+        with net.trace(x, backend="hooks"):
+            net.block.lin.output = net.block.lin.output * 2
+            net.output.sum().backward()
+    assert torch.equal(torch.random.get_rng_state(), generator)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.is_grad_enabled()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

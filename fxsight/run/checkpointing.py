@@ -25,15 +25,17 @@ before the forward runs too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
 from .._torch import enclosing_checkpoint, inside_activation_checkpoint
+from ..capture.effects import saved_generators
 from ..errors import TraceError, at_line
 from ..record.program import Kind, Node, Program
 from ..record.sites import Site, module_label
@@ -162,7 +164,7 @@ def check_write_outside_checkpoint(site: Site, nodes: list[Node], grad: bool) ->
             return
     elif not _inside_reentrant_checkpoint():  # (which runs its block without gradients)
         return
-    raise TraceError(at_line(
+    raise _Refused(at_line(
         f"{_inside_message(site)} (raised as the forward reached "
         f"{module_label(site.path)})", writes[-1].line))
 
@@ -171,3 +173,32 @@ def _inside_reentrant_checkpoint() -> bool:
     """Whether a reentrant ``torch.utils.checkpoint`` (``use_reentrant=True``) runs its
     function now: its ``CheckpointFunction.forward`` is a frame of the stack."""
     return enclosing_checkpoint(sys._getframe(1)) == "reentrant"
+
+
+class _Refused(TraceError):
+    """:func:`check_write_outside_checkpoint`'s refusal, raised mid-forward (a
+    ``TraceError`` to the user: :func:`undone_on_refusal` turns it into one)."""
+
+
+@contextlib.contextmanager
+def undone_on_refusal(model: nn.Module, program: Program, args: tuple, kwargs: dict
+                      ) -> Iterator[None]:
+    """Around a hooks-backend forward: where :func:`check_write_outside_checkpoint` refuses
+    a write as the forward reaches it, the model's buffers (BatchNorm's running
+    statistics: changed in place without a version bump, so compared by value) and the
+    random generators (dropout) are put back as they were before the forward. Snapshots
+    are taken only where that refusal can come: gradients on and a write in ``program``."""
+    if not torch.is_grad_enabled() or not any(_written_site(n) for n in program.nodes):
+        yield
+        return
+    buffers = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]
+    generators = saved_generators(model, args, kwargs)
+    try:
+        yield
+    except _Refused as refused:
+        with torch.no_grad():
+            for buffer, copy in buffers:
+                if not torch.equal(buffer, copy):
+                    buffer.copy_(copy)
+        generators()
+        raise TraceError(*refused.args) from None

@@ -20,7 +20,7 @@ from ..capture.events import ModuleEvents
 from ..capture.model_hooks import describe_hook
 from ..record.program import Kind, Node, Program, execute, is_backward, map_nodes
 from .checkpointing import (check_checkpoint_sites, check_checkpointed_writes,
-                            check_write_outside_checkpoint)
+                            check_write_outside_checkpoint, undone_on_refusal)
 from ..splice.rows import Rows
 from ..record.sites import INPUT, OUTPUT, Site, is_operation, module_label
 from ..splice.walker import BEFORE_ALL, Walker
@@ -112,7 +112,8 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
     skips = [n for n in program.nodes
              if n.skip and rows[n.invoke].whole]
     try:
-        with events.installed(), _skipping(model, skips, walker, events, index):
+        with undone_on_refusal(model, program, args, kwargs), events.installed(), \
+                _skipping(model, skips, walker, events, index):
             output = model(*args, **kwargs)
     except _StopForward:
         output = None
