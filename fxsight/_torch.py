@@ -46,7 +46,7 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "autocast_cache_off", "default_device_set", "parametrization_cache_on",
            "kept_parametrization_cache", "real_writes", "after_each_operator",
            "storage_key", "written_arguments", "inside_activation_checkpoint",
-           "enclosing_checkpoint"]
+           "enclosing_checkpoint", "backend_flag_readers", "mha_fastpath_enabled"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -631,3 +631,29 @@ def enclosing_checkpoint(frame: types.FrameType | None) -> str | None:
             found = "non-reentrant"
         frame = frame.f_back
     return found
+
+
+def backend_flag_readers() -> tuple[Callable[[], Any], ...]:
+    """Readers of cuDNN's ``enabled``, ``benchmark``, ``deterministic`` and ``allow_tf32``
+    and oneDNN's ``enabled`` (what ``torch.backends.cudnn.flags()`` and
+    ``torch.backends.mkldnn.flags()`` set), read for every recorded operation. Through the
+    modules' attributes each costs a module ``__getattr__`` (~0.6 us); the class's
+    ``ContextProp`` descriptors hold their C getters (``.getter``, checked 2.11-2.13;
+    otherwise the attribute is read)."""
+    readers = []
+    for module, name in [(torch.backends.cudnn, "enabled"), (torch.backends.cudnn, "benchmark"),
+                         (torch.backends.cudnn, "deterministic"),
+                         (torch.backends.cudnn, "allow_tf32"),
+                         (torch.backends.mkldnn, "enabled")]:
+        getter = getattr(vars(type(module)).get(name), "getter", None)
+        readers.append(getter if callable(getter) else
+                       lambda module=module, name=name: getattr(module, name))
+    return tuple(readers)
+
+
+def mha_fastpath_enabled() -> bool:
+    """``torch.backends.mha.get_fastpath_enabled()`` without its check of TorchScript
+    scripting (~0.6 us, read for every recorded operation): the module's flag (checked
+    2.11-2.13; otherwise the public function)."""
+    flag = getattr(torch.backends.mha, "_is_fastpath_enabled", None)
+    return flag if isinstance(flag, bool) else torch.backends.mha.get_fastpath_enabled()

@@ -372,3 +372,59 @@ def test_a_write_refused_as_the_forward_reaches_it_leaves_the_model_as_it_was(re
     assert all(p.grad is None for p in model.parameters())
     assert torch.is_grad_enabled()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class _DefaultDouble:
+    """``torch.set_default_dtype(torch.float64)`` around a block."""
+
+    def __enter__(self):
+        self.before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.before)
+
+
+_IGNORED_MODES = {
+    "sdpa_kernel": (lambda: torch.nn.attention.sdpa_kernel(
+        torch.nn.attention.SDPBackend.MATH), "attention kernels"),
+    "detect_anomaly": (lambda: torch.autograd.set_detect_anomaly(True), "anomaly detection"),
+    "default_dtype": (_DefaultDouble, "default dtype"),
+    "cudnn": (lambda: torch.backends.cudnn.flags(enabled=False), "cuDNN settings"),
+    "mkldnn": (lambda: torch.backends.mkldnn.flags(enabled=False), "oneDNN settings"),
+}
+
+
+def _modes():
+    return (torch.get_default_dtype(), torch.is_anomaly_enabled(),
+            torch.backends.cuda.flash_sdp_enabled(), torch.backends.cudnn.enabled,
+            torch.backends.mkldnn.enabled)
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+@pytest.mark.parametrize("mode", sorted(_IGNORED_MODES))
+def test_a_line_under_another_torch_mode_inside_the_block_is_refused(backend, mode):
+    """``sdpa_kernel``, ``set_detect_anomaly``, a default dtype, cuDNN or oneDNN flags set
+    around lines inside the trace were silently not applied: the lines run when the trace
+    ends, after the mode has ended (an int tensor times 0.5 was float32, float64 in a
+    plain hook under a float64 default). The reference: a plain hook runs in the mode."""
+    make, words = _IGNORED_MODES[mode]
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    x = torch.randn(5, 6)
+
+    def hook(module, args, output):
+        with make():
+            seen.append(_modes())
+    handle = model[1].register_forward_hook(hook)
+    model(x)
+    handle.remove()
+    assert seen[0] != _modes()  # (the mode is in force in the plain hook)
+    net = NNsight(model)
+    with pytest.raises(TraceError, match=rf"(?s){words}.*test_training"):
+        with net.trace(x, backend=backend):
+            with make():
+                net[1].output = net[1].output * ((net[1].output > 0).long() * 0.5).sum()
+    with net.trace(backend=backend) as tracer:  # (fxsight's own with-forms are no mode)
+        with tracer.invoke(x):
+            net[1].output = net[1].output * 2

@@ -21,7 +21,8 @@ from ..locks import model_lock
 from ..record.active import active_sessions, active_tracers
 from ..record.program import Kind, Node
 from ..record.proxy import Proxy
-from ..record.recorder import Recorder, ambient_modes
+from ..record.modes import ambient_modes
+from ..record.recorder import Recorder
 from ..record.scope import ALL, Steps
 from ..record.sites import OUTPUT, Site, is_operation
 from ..run.forward import run_program

@@ -20,6 +20,7 @@ import torch
 from .._torch import pytree
 from ..errors import TraceError, at_line, user_line
 from . import numpy_values
+from .modes import ambient_modes, refuse_mode_change
 from .active import active_tracers
 from .program import AUTOGRAD_GRAD, Kind, Node, Program, execute, setitem
 from .proxy import Proxy, from_where
@@ -54,7 +55,7 @@ class Recorder:
         self.scope = Scope()
         self.token_indexing = token_indexing
         self.open = False  # whether recording is allowed (set by the trace's context)
-        # the grad and autocast modes the trace's context was entered in (see ``ambient``)
+        # the modes the trace's context was entered in (``modes.ambient_modes``)
         self.modes: tuple | None = None
         self.thread: int | None = None  # the thread whose trace context opened it
         # in a session: every proxy made, held weakly (what may wait to be saved at the end)
@@ -111,7 +112,7 @@ class Recorder:
         if not self.open or self.thread != get_ident():
             self.check_open((args, kwargs))
         if self.modes is not None and ambient_modes() != self.modes:
-            _refuse_mode_change(self.modes)
+            refuse_mode_change(self.modes)
         if (kwargs and "device" in kwargs) or (op == "call_method" and target == "to"):
             _refuse_meta_device(args[1:] if op == "call_method" else (), kwargs)
         if lenient and sys.modules.get("numpy") is not None:
@@ -442,29 +443,3 @@ def _holds_proxy(value: Any, depth: int = 3) -> bool:
     else:
         return False
     return any(_holds_proxy(item, depth - 1) for item in items)
-
-
-def ambient_modes() -> tuple:
-    """The modes in force that change what an operation computes: gradients (also off in
-    ``torch.inference_mode()``) and autocast (CPU and CUDA: on, and its dtype)."""
-    return (torch.is_grad_enabled(),
-            torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
-            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-
-
-def _refuse_mode_change(entered: tuple) -> None:
-    """Refuse an operation recorded in other grad or autocast modes than the trace's: the
-    block's lines run when the trace ends, in the trace's modes."""
-    if ambient_modes()[0] != entered[0]:
-        what = "gradients off (torch.no_grad(), inference_mode())" if entered[0] else \
-            "gradients on (torch.enable_grad())"
-        instead = "`.detach()` the value that should carry no gradient" if entered[0] else \
-            "enter the trace with gradients on"
-    else:
-        what = "another autocast mode than the trace's (torch.autocast)"
-        instead = "convert with `.to(dtype)` where the dtype should change"
-    raise TraceError(at_line(
-        f"this line runs with {what}: fxsight runs the block's lines when the trace ends, "
-        f"in the modes the trace was entered in, so that mode would not apply to it; "
-        f"{instead}, set the mode around the whole trace, or run the line's Python on the "
-        f"real values with the mode inside: fxsight.apply(fn, ...)", user_line()))
