@@ -425,6 +425,10 @@ def test_a_line_under_another_torch_mode_inside_the_block_is_refused(backend, mo
         with net.trace(x, backend=backend):
             with make():
                 net[1].output = net[1].output * ((net[1].output > 0).long() * 0.5).sum()
+    with pytest.raises(TraceError, match=rf"(?s){words}.*test_training"):
+        with net.trace(x, backend=backend):  # (a read alone: the forward runs at the end)
+            with make():
+                net.output.save()
     with net.trace(backend=backend) as tracer:  # (fxsight's own with-forms are no mode)
         with tracer.invoke(x):
             net[1].output = net[1].output * 2

@@ -86,6 +86,18 @@ def refuse_mode_change(entered: tuple) -> None:
         f"real values with the mode inside: fxsight.apply(fn, ...)", user_line()))
 
 
+def refuse_forward_mode_change(entered: tuple) -> None:
+    """Refuse a read or write of a module recorded in other modes than ``entered``, other
+    than gradients and autocast (a read under ``torch.no_grad()`` is the same read): the
+    forward runs when the trace ends, so an attention kernel, a backend flag or a default
+    dtype set around the line would not apply to it."""
+    if ambient_modes()[_FORWARD:] != entered[_FORWARD:]:
+        refuse_mode_change(entered)
+
+
+_FORWARD = 5  # the first entry of ``ambient_modes`` after gradients and autocast
+
+
 def _grad_words(entered: bool) -> tuple[str, str]:
     if entered:
         return ("gradients off (torch.no_grad(), inference_mode())",

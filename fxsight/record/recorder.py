@@ -20,7 +20,7 @@ import torch
 from .._torch import pytree
 from ..errors import TraceError, at_line, user_line
 from . import numpy_values
-from .modes import ambient_modes, refuse_mode_change
+from .modes import ambient_modes, refuse_forward_mode_change, refuse_mode_change
 from .active import active_tracers
 from .program import AUTOGRAD_GRAD, Kind, Node, Program, execute, setitem
 from .proxy import Proxy, from_where
@@ -84,6 +84,8 @@ class Recorder:
         (``current``: the caller found this recorder's trace open in this thread)."""
         if not current and (not self.open or self.thread != get_ident()):
             self.check_open()
+        if self.modes is not None:
+            refuse_forward_mode_change(self.modes)
         proxy = Proxy(self, self.program.read(site, accessor, self.scope, user_line()))
         if self.made is not None:
             self.made.append(weakref.ref(proxy))
@@ -92,6 +94,8 @@ class Recorder:
     def create_write(self, site: Site, accessor: str, value: Any) -> None:
         """Replace a module's ``accessor`` at ``site`` with ``value``."""
         self.check_open()
+        if self.modes is not None:
+            refuse_forward_mode_change(self.modes)
         self.program.write(site, accessor, self.to_arg(value), self.scope, user_line())
 
     def create_skip(self, site: Site, value: Any) -> None:
