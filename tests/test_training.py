@@ -432,3 +432,24 @@ def test_a_line_under_another_torch_mode_inside_the_block_is_refused(backend, mo
     with net.trace(backend=backend) as tracer:  # (fxsight's own with-forms are no mode)
         with tracer.invoke(x):
             net[1].output = net[1].output * 2
+
+
+def test_a_gradient_inside_a_reentrant_checkpoint_the_scan_cannot_see_is_refused():
+    """A reentrant checkpoint called only with gradients on: the gradient read inside it
+    said only "the loss does not depend on it", after the forward and backward had run
+    (the BatchNorm statistics and the generator changed). Now refused as the forward
+    reaches it, naming why, with both put back."""
+    torch.manual_seed(0)
+    model = _GradOnlyCheckpointNet(True).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    net, x = NNsight(model), torch.randn(4, 8)
+    generator = torch.random.get_rng_state()
+    with pytest.raises(TraceError, match=r"(?s)gradient of block\.lin\.output.*"
+                       r"use_reentrant=True.*forward reached.*test_training"):
+        with net.trace(x, backend="hooks"):
+            grad = net.block.lin.output.grad.save()
+            net.output.sum().backward()
+    assert torch.equal(torch.random.get_rng_state(), generator)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert all(p.grad is None for p in model.parameters())

@@ -169,6 +169,31 @@ def check_write_outside_checkpoint(site: Site, nodes: list[Node], grad: bool) ->
         f"{module_label(site.path)})", writes[-1].line))
 
 
+def check_gradient_outside_reentrant(site: Site, reads: Mapping[Site, Node],
+                                     grad: bool) -> None:
+    """Raise, as the forward reaches ``site`` (whose gradient ``reads[site]`` reads, if
+    any), where a reentrant ``torch.utils.checkpoint`` runs it: that value has no gradient
+    (the scan did not see the checkpoint: one the forward calls only with gradients on)."""
+    node = reads.get(site)
+    if node is None or not grad or not _inside_reentrant_checkpoint():
+        return
+    raise _Refused(at_line(_reentrant_grad_message(
+        site, site.path, "torch.utils.checkpoint(..., use_reentrant=True)",
+        "use_reentrant=False") + f" (raised as the forward reached {module_label(site.path)})",
+        node.line))
+
+
+def gradient_reads(program: Program) -> dict[Site, Node]:
+    """The module sites whose gradient ``program`` reads or replaces, each with its first
+    such node."""
+    reads: dict[Site, Node] = {}
+    for node in program.nodes:
+        site = _grad_site(node)
+        if site is not None:
+            reads.setdefault(site, node)
+    return reads
+
+
 def _inside_reentrant_checkpoint() -> bool:
     """Whether a reentrant ``torch.utils.checkpoint`` (``use_reentrant=True``) runs its
     function now: its ``CheckpointFunction.forward`` is a frame of the stack."""
@@ -186,9 +211,11 @@ def undone_on_refusal(model: nn.Module, program: Program, args: tuple, kwargs: d
     """Around a hooks-backend forward: where :func:`check_write_outside_checkpoint` refuses
     a write as the forward reaches it, the model's buffers (BatchNorm's running
     statistics: changed in place without a version bump, so compared by value) and the
-    random generators (dropout) are put back as they were before the forward. Snapshots
-    are taken only where that refusal can come: gradients on and a write in ``program``."""
-    if not torch.is_grad_enabled() or not any(_written_site(n) for n in program.nodes):
+    random generators (dropout) are put back as they were before the forward (also where
+    :func:`check_gradient_outside_reentrant` refuses a gradient). Snapshots are taken only
+    where a refusal can come: gradients on and a write or a gradient in ``program``."""
+    if not torch.is_grad_enabled() or not any(
+            _written_site(n) or _grad_site(n) for n in program.nodes):
         yield
         return
     buffers = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]

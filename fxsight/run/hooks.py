@@ -20,7 +20,8 @@ from ..capture.events import ModuleEvents
 from ..capture.model_hooks import describe_hook
 from ..record.program import Kind, Node, Program, execute, is_backward, map_nodes
 from .checkpointing import (check_checkpoint_sites, check_checkpointed_writes,
-                            check_write_outside_checkpoint, undone_on_refusal)
+                            check_gradient_outside_reentrant, check_write_outside_checkpoint,
+                            gradient_reads, undone_on_refusal)
 from ..splice.rows import Rows
 from ..record.sites import INPUT, OUTPUT, Site, is_operation, module_label
 from ..splice.walker import BEFORE_ALL, Walker
@@ -78,6 +79,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
     check_checkpointed_writes(model, program)
     check_checkpoint_sites(program, checkpointed or {})
     grad = torch.is_grad_enabled()
+    grad_reads = gradient_reads(program)
     schedule: dict[int, list[Node]] = defaultdict(list)
     walker = RealWalker(program, rows, index)
     for node in program.nodes:
@@ -104,6 +106,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
             raise _StopForward
         if site in walker.written:
             check_write_outside_checkpoint(site, schedule[position], grad)
+            check_gradient_outside_reentrant(site, grad_reads, grad)
             new = walker.current[site]
             return (tuple(new[0]), dict(new[1])) if site.kind == INPUT else new
         return None
