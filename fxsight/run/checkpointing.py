@@ -14,8 +14,9 @@ reentrant or not): the scan sees which module boundaries it reaches inside such 
 (``ScanResult.checkpointed``), and :func:`check_checkpoint_sites` refuses a write there
 before the forward runs. A forward that calls the checkpoint only with gradients on (the
 scan runs without) is seen only as it runs, at the write
-(:func:`check_write_outside_checkpoint`): the model's buffers, random generators and
-Python state are then put back as they were (:func:`undone_on_refusal`).
+(:func:`check_write_outside_checkpoint`): the model's buffers and the random generators
+are then put back as they were (:func:`undone_on_refusal`; the user's hooks up to there
+have run, as they would in a plain forward up to an error).
 
 A reentrant checkpoint (``use_reentrant=True``) runs its block without gradients and
 rebuilds them in the backward pass from fresh tensors: the values a forward hook sees
