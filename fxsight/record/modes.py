@@ -27,14 +27,19 @@ _CUDNN_ENABLED, _CUDNN_BENCHMARK, _CUDNN_DETERMINISTIC, _CUDNN_TF32, _MKLDNN_ENA
 
 def ambient_modes() -> tuple:
     """The modes in force that change what an operation computes or how: gradients (off
-    in ``torch.inference_mode()`` too), autocast (CPU and CUDA: on, and its dtype), the
-    default dtype, anomaly detection, the attention kernels, cuDNN and oneDNN settings,
-    deterministic algorithms, the float32 matmul precision, the attention fast path. (One
-    flat tuple: it is read for every recorded operation.)"""
+    in ``torch.inference_mode()`` too), autocast (CPU and CUDA: on, and its dtype), then
+    :func:`_forward_modes`. (One flat tuple: it is read for every recorded operation.)"""
     return (torch.is_grad_enabled(),
             torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
             torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-            torch.get_default_dtype(),
+            *_forward_modes())
+
+
+def _forward_modes() -> tuple:
+    """The modes that change how a forward runs, beyond gradients and autocast: the
+    default dtype, anomaly detection, the attention kernels, cuDNN and oneDNN settings,
+    deterministic algorithms, the float32 matmul precision, the attention fast path."""
+    return (torch.get_default_dtype(),
             torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled(),
             _CUDA.flash_sdp_enabled(), _CUDA.mem_efficient_sdp_enabled(),
             _CUDA.math_sdp_enabled(), _CUDA.cudnn_sdp_enabled(),
@@ -91,7 +96,7 @@ def refuse_forward_mode_change(entered: tuple) -> None:
     than gradients and autocast (a read under ``torch.no_grad()`` is the same read): the
     forward runs when the trace ends, so an attention kernel, a backend flag or a default
     dtype set around the line would not apply to it."""
-    if ambient_modes()[_FORWARD:] != entered[_FORWARD:]:
+    if _forward_modes() != entered[_FORWARD:]:
         refuse_mode_change(entered)
 
 
