@@ -61,3 +61,80 @@ def test_an_edits_later_call_under_generate_says_what_is_wrong(gpt2, tokenizer, 
     finally:
         handle.remove()
     assert torch.equal(ids, want)
+
+
+# --- rename= as nnsight documents it ------------------------------------------------------------
+def _hooked_run(model, ids, hooks):
+    """A plain forward with hand-written forward hooks ``{path: fn(output)}`` (a return
+    value replaces the output); returns the logits."""
+    handles = [model.get_submodule(path).register_forward_hook(
+        lambda m, a, o, fn=fn: fn(o)) for path, fn in hooks.items()]
+    try:
+        with torch.no_grad():
+            return model(ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rename_with_a_list_of_aliases(gpt2, tokenizer, backend):
+    """nnsight's ``{".transformer": ["model", "mdl"]}``: every alias reaches the module
+    (was: a ValueError for a list value)."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer,
+                       rename={".transformer": ["model", "mdl"], "mlp": ["ffn", "mlp_"]})
+    assert lm.model.h[0] is lm.mdl.h[0] is lm.transformer.h[0]
+    assert lm.mdl.h[1].ffn is lm.model.h[1].mlp_ is lm.transformer.h[1].mlp
+    ids = tokenizer([PROMPT], return_tensors="pt").input_ids
+    with lm.trace(ids, use_cache=False, backend=backend) as tracer:
+        read = lm.model.h[0].ffn.output.save()
+        lm.mdl.h[1].mlp_.output = lm.mdl.h[1].mlp_.output * 0
+        out = lm.output.logits.save()
+        cache = tracer.cache(modules=[lm.model.h[0].ffn])
+    got = {}
+    want = _hooked_run(gpt2, ids, {"transformer.h.0.mlp": lambda o: got.setdefault("mlp", o),
+                                   "transformer.h.1.mlp": lambda o: o * 0})
+    torch.testing.assert_close(read, got["mlp"])
+    torch.testing.assert_close(out, want)
+    for key in ("model.model.h.0.ffn", "model.mdl.h.0.mlp_", "model.transformer.h.0.mlp"):
+        torch.testing.assert_close(cache[key].output, got["mlp"])
+    torch.testing.assert_close(cache.model.mdl.h[0].ffn.output, got["mlp"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rename_keys_relative_to_any_module_with_stars_and_classes(gpt2, tokenizer, backend):
+    """A key is a path relative to every module, bound where it resolves: ``"*.h"`` (``*``
+    any one submodule) mounts the layers on the model, ``"attn.c_proj"`` binds on each
+    block, a module class names the one child of that class (was: a ValueError for each)."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+    lm = LanguageModel(gpt2, tokenizer=tokenizer,
+                       rename={"*.h": "layers", "attn.c_proj": "attn_out", GPT2MLP: "ffn"})
+    assert lm.layers[1] is lm.transformer.h[1]
+    assert lm.layers[0].attn_out is lm.transformer.h[0].attn.c_proj
+    assert lm.layers[0].ffn is lm.transformer.h[0].mlp
+    ids = tokenizer([PROMPT], return_tensors="pt").input_ids
+    steer = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    with lm.trace(ids, use_cache=False, backend=backend) as tracer:
+        lm.layers[0].attn_out.output = lm.layers[0].attn_out.output + steer
+        read = lm.layers[1].ffn.output.save()
+        out = lm.output.logits.save()
+        cache = tracer.cache(modules=[lm.layers[1].ffn])
+    got = {}
+    want = _hooked_run(gpt2, ids, {"transformer.h.0.attn.c_proj": lambda o: o + steer,
+                                   "transformer.h.1.mlp": lambda o: got.setdefault("mlp", o)})
+    torch.testing.assert_close(read, got["mlp"])
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(cache["model.layers.1.ffn"].output, got["mlp"])
+    with pytest.raises(ValueError, match="names 2 modules"):  # an alias names one module
+        LanguageModel(gpt2, tokenizer=tokenizer, rename={"h.*": "block"})
+
+
+def test_rename_key_naming_no_module_is_skipped(gpt2, tokenizer):
+    """As nnsight: a key that resolves from no module is skipped, so one rename serves
+    models that spell a module differently (was: a ValueError); its alias, read, is an
+    AttributeError that says no key of it names a module there."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer,
+                       rename={"self_attn": "att", "attn": "att", "model.layers": "layers"})
+    assert lm.transformer.h[0].att is lm.transformer.h[0].attn
+    with pytest.raises(AttributeError, match="rename= alias"):
+        lm.layers

@@ -87,7 +87,7 @@ class LanguageModel(TokenEncoding, NNsight):
     def __init__(self, model_or_path: Any, tokenizer: Any = None,
                  automodel: Any = AutoModelForCausalLM, dispatch: bool = False, *,
                  backend: str = "auto", compile: Any = None,
-                 rename: dict[str, str] | None = None, **kwargs: Any):
+                 rename: dict | None = None, **kwargs: Any):
         given_tokenizer = tokenizer
         if isinstance(model_or_path, torch.nn.Module):
             module, path = model_or_path, None

@@ -11,7 +11,8 @@ from ..capture.module_tree import ModuleTree
 from ..errors import user_line
 from ..run.options import CompileOptions, RunOptions
 from .edit import EditTracer, export, seed_tracer
-from .envoy import Envoy, renames
+from .aliases import check, normalize
+from .envoy import Envoy
 from .inputs import (batch, batch_size, check_batchable, check_keywords, describe,
                      expand_mapping, named_inputs, plain_batch_size, plainly_batchable)
 from .session import Session
@@ -29,9 +30,9 @@ class NNsight(Envoy):
 
     ``backend`` (``"auto"``, ``"fx"`` or ``"hooks"``) and ``compile`` set the defaults of
     every trace of this wrapper. ``rename={"transformer.h": "layers", "mlp": "ffn"}``
-    adds aliases (``model.layers[0].ffn``, also in ``tracer.cache()`` keys); a dotted key
-    is a module path (its alias an attribute of the wrapper), a plain one a submodule
-    name wherever it occurs. Printing it shows the module tree; attributes fall through
+    adds aliases (``model.layers[0].ffn``, also in ``tracer.cache()`` keys): each key is
+    a module path relative to any module, bound where it resolves (a value may list
+    several aliases; ``*`` stands for any submodule; see :mod:`fxsight.api.aliases`). Printing it shows the module tree; attributes fall through
     to the module; ``model.layers[3]`` indexes module lists.
 
     >>> import torch, fxsight
@@ -50,7 +51,7 @@ class NNsight(Envoy):
     _token_indexing = False
 
     def __init__(self, module: torch.nn.Module, *, backend: str = "auto",
-                 compile: Any = None, rename: dict[str, str] | None = None):
+                 compile: Any = None, rename: dict | None = None):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, not {type(module).__name__}")
         module, compile = _uncompiled(module, compile)
@@ -60,11 +61,11 @@ class NNsight(Envoy):
         object.__setattr__(self, "_last_run", {})  # (run.forward.LastRun)
         object.__setattr__(self, "_options_made", {})  # (see _run_options)
         object.__setattr__(self, "_edits", [])  # Programs of model.edit(), oldest first
-        alias_paths, alias_names = renames(module, rename, type(self))
-        object.__setattr__(self, "_alias_paths", alias_paths)
-        object.__setattr__(self, "_alias_names", alias_names)
-        object.__setattr__(self, "_rename", {real: alias for alias, real in
-                                             (*alias_paths.items(), *alias_names.items())})
+        rules = normalize(rename)
+        check(module, rules, type(self), Envoy)
+        object.__setattr__(self, "_rules", rules)
+        object.__setattr__(self, "_alias_names",
+                           frozenset(alias for _, aliases in rules for alias in aliases))
 
     @property
     def _model(self) -> torch.nn.Module:
