@@ -138,3 +138,51 @@ def test_rename_key_naming_no_module_is_skipped(gpt2, tokenizer):
     assert lm.transformer.h[0].att is lm.transformer.h[0].attn
     with pytest.raises(AttributeError, match="rename= alias"):
         lm.layers
+
+
+# --- envoys= as nnsight documents it ------------------------------------------------------------
+class NormEnvoy(fxsight.Envoy):
+    """An envoy class with a view of its own (nnsight's use of ``envoys=``)."""
+
+    @property
+    def output_norm(self):
+        return self.output.norm(dim=-1)
+
+
+class ScaledEnvoy(fxsight.Envoy):
+    def scale_output(self, factor):
+        self.output = self.output * factor
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_envoys_choose_the_class_of_each_modules_envoy(gpt2, tokenizer, backend):
+    """``envoys=`` (an Envoy subclass for every submodule, or a dict by module class or
+    path suffix, class keys first, a single-name rename alias matching too): its views and
+    methods read and write as a forward hook does (was: a TypeError, "no fxsight form")."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+    lm = LanguageModel(gpt2, tokenizer=tokenizer, rename={"attn": "att"},
+                       envoys={GPT2MLP: NormEnvoy, "att.c_proj": ScaledEnvoy,
+                               "c_proj": NormEnvoy})
+    assert type(lm.transformer.h[0].mlp) is NormEnvoy
+    assert type(lm.transformer.h[1].attn.c_proj) is ScaledEnvoy
+    assert type(lm.transformer.h[1].mlp.c_proj) is NormEnvoy  # (the path key)
+    assert type(lm.transformer.h[0].ln_1) is fxsight.Envoy and type(lm) is LanguageModel
+    ids = tokenizer([PROMPT], return_tensors="pt").input_ids
+    with lm.trace(ids, use_cache=False, backend=backend):
+        lm.transformer.h[0].attn.c_proj.scale_output(3.0)
+        norm = lm.transformer.h[1].mlp.output_norm.save()
+        out = lm.output.logits.save()
+    got = {}
+    want = _hooked_run(gpt2, ids, {"transformer.h.0.attn.c_proj": lambda o: o * 3.0,
+                                   "transformer.h.1.mlp": lambda o: got.setdefault("mlp", o)})
+    torch.testing.assert_close(norm, got["mlp"].norm(dim=-1))
+    torch.testing.assert_close(out, want)
+    every = NNsight(gpt2, envoys=NormEnvoy)
+    assert type(every.transformer.h[1]) is NormEnvoy and type(every) is NNsight
+
+    class Wrapper(NNsight):  # a class default, as nnsight's subclasses set it
+        envoys = {torch.nn.LayerNorm: NormEnvoy}
+    assert type(Wrapper(gpt2).transformer.ln_f) is NormEnvoy
+    assert type(Wrapper(gpt2, envoys=None).transformer.ln_f) is fxsight.Envoy
+    with pytest.raises(TypeError, match="not a subclass of fxsight's Envoy"):
+        NNsight(gpt2, envoys={"mlp": object})

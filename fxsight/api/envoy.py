@@ -18,6 +18,7 @@ from ..record.recorder import Recorder
 from ..record.sites import INPUT, OUTPUT, Site, module_label
 from ..capture.operations import innermost
 from .aliases import resolve
+from .envoy_classes import class_for
 from .source import source_of
 
 
@@ -34,6 +35,10 @@ class Envoy:
     # alias they name
     _rules: tuple = ()
     _alias_names: frozenset[str] = frozenset()
+    # ``envoys=`` of the wrapper (set on the root; ``api.envoy_classes``): the classes of
+    # its submodules' envoys, and each module name's single-name ``rename=`` aliases
+    _envoy_spec: Any = None
+    _single_names: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, module: torch.nn.Module, path: str, root: "Envoy | None" = None,
                  natural: str | None = None):
@@ -61,8 +66,11 @@ class Envoy:
         # ``model.b`` the old ``a``, or ``model.a = model.b`` registering it earlier)
         if child is None or child._module is not module or \
                 self._root._canonical(module, natural) != child._path:
-            child = children[name] = Envoy(module, self._root._canonical(module, natural),
-                                           self._root, natural)
+            root = self._root
+            kind = Envoy if root._envoy_spec is None else \
+                class_for(root._envoy_spec, module, natural, root._single_names, Envoy)
+            child = children[name] = kind(module, root._canonical(module, natural), root,
+                                          natural)
         return child
 
     def _forget_paths(self) -> None:

@@ -13,12 +13,14 @@ from ..run.options import CompileOptions, RunOptions
 from .edit import EditTracer, export, seed_tracer
 from .aliases import check, normalize
 from .envoy import Envoy
+from .envoy_classes import normalize as envoy_classes
 from .inputs import (batch, batch_size, check_batchable, check_keywords, describe,
                      expand_mapping, named_inputs, plain_batch_size, plainly_batchable)
 from .session import Session
 from .tracer import ScanTracer, Tracer
 
 
+CLASS_ENVOYS: Any = object()  # (``envoys=`` not given: the class's ``envoys``)
 _PLAIN_VALUES = frozenset({bool, int, float, str, type(None)})
 # a wrapper makes the options of ``trace(backend=..., compile=True/False, prune=...)`` once
 # (the same object each time: a trace's runner is remembered for the options it ran with)
@@ -50,8 +52,12 @@ class NNsight(Envoy):
 
     _token_indexing = False
 
+    # nnsight's class default of ``envoys=`` (a subclass may set it; see __init__)
+    envoys: Any = None
+
     def __init__(self, module: torch.nn.Module, *, backend: str = "auto",
-                 compile: Any = None, rename: dict | None = None):
+                 compile: Any = None, rename: dict | None = None,
+                 envoys: Any = CLASS_ENVOYS):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, not {type(module).__name__}")
         module, compile = _uncompiled(module, compile)
@@ -66,6 +72,12 @@ class NNsight(Envoy):
         object.__setattr__(self, "_rules", rules)
         object.__setattr__(self, "_alias_names",
                            frozenset(alias for _, aliases in rules for alias in aliases))
+        if envoys is CLASS_ENVOYS:
+            envoys = type(self).envoys
+        object.__setattr__(self, "_envoy_spec", envoy_classes(envoys, Envoy))
+        object.__setattr__(self, "_single_names", {
+            key[0]: aliases for key, aliases in rules
+            if isinstance(key, tuple) and len(key) == 1 and key[0] != "*"})
 
     @property
     def _model(self) -> torch.nn.Module:
