@@ -186,3 +186,37 @@ def test_envoys_choose_the_class_of_each_modules_envoy(gpt2, tokenizer, backend)
     assert type(Wrapper(gpt2, envoys=None).transformer.ln_f) is fxsight.Envoy
     with pytest.raises(TypeError, match="not a subclass of fxsight's Envoy"):
         NNsight(gpt2, envoys={"mlp": object})
+
+
+# --- nnsight.models reference page: trace(..., invoker_args=...), NNsight(..., dispatch=) ------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trace_invoker_args_reach_the_tokenization(gpt2, tokenizer, backend):
+    """``trace(prompt, invoker_args={"truncation": True, "max_length": 3})`` tokenizes the
+    prompt with them, as nnsight's invoker does (was: handed to the model's ``**kwargs``
+    and ignored, silently: the whole prompt ran)."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with lm.trace(PROMPT, invoker_args={"truncation": True, "max_length": 3},
+                  backend=backend):
+        logits = lm.lm_head.output.save()
+    ids = tokenizer([PROMPT], truncation=True, max_length=3, return_tensors="pt").input_ids
+    assert ids.shape[1] == 3
+    with torch.no_grad():
+        torch.testing.assert_close(logits, gpt2(ids).logits)
+    with pytest.raises(fxsight.TraceError, match="invoker_args"):  # generate's max_length
+        with lm.generate(PROMPT, max_new_tokens=2, invoker_args={"max_length": 3}):
+            pass
+    with pytest.raises(TypeError, match="given both"):
+        lm.trace(PROMPT, max_length=3, invoker_args={"max_length": 3})
+
+
+def test_nnsight_takes_dispatch_as_nnsight_does():
+    """``NNsight(module, dispatch=True)`` (the reference page's signature): the module is
+    loaded already, so there is nothing to dispatch (was: a TypeError)."""
+    from models import mlp
+    module = mlp()
+    net = NNsight(module, dispatch=True)
+    x = torch.randn(2, module[0].in_features)
+    with net.trace(x):
+        out = net.output.save()
+    with torch.no_grad():
+        torch.testing.assert_close(out, module(x))

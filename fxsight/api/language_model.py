@@ -50,7 +50,7 @@ from .generation import Generator, GeneratorEnvoy
 from .inputs import check_keywords, describe, forward_signature
 from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
                             _tokenizer_beside)
-from .nnsight import CLASS_ENVOYS, NNsight
+from .nnsight import CLASS_ENVOYS, NNsight, with_invoker_args
 from .call_site import entered_by_with
 from .text_encoding import TOKENIZER_KEYWORDS, TokenEncoding
 from .token_index import TokenIndexer
@@ -143,6 +143,7 @@ class LanguageModel(TokenEncoding, NNsight):
         (``input_ids=``, ``attention_mask=``, other tensors: ``**tokenizer(...)``). Loads
         the weights first if they are not loaded yet (so that modules applied inside the
         block, e.g. a logit lens, are the real ones)."""
+        kwargs = with_invoker_args(kwargs)
         if not inputs:
             inputs, kwargs = keyword_input(kwargs)
         self.dispatch_model()
@@ -174,6 +175,12 @@ class LanguageModel(TokenEncoding, NNsight):
         """
         if trace is None:  # (nnsight: called without a `with`, it generates at once)
             trace = entered_by_with(sys._getframe(1))
+        if "invoker_args" in kwargs:  # (generate's keywords share names with them)
+            raise TraceError(at_line(
+                "lm.generate(..., invoker_args=...): keywords for the prompt's tokenization "
+                "would meet generate's own (max_length=); give the prompt tokenized: "
+                "lm.generate(lm.tokenizer(text, truncation=True, max_length=n, "
+                "return_tensors='pt'), ...)", user_line()))
         if not inputs:  # lm.generate(**tokenizer(...), max_new_tokens=n)
             inputs, kwargs = keyword_input(kwargs)
             if not inputs and "inputs_embeds" in kwargs:

@@ -30,6 +30,7 @@ _MAX_OPTIONS = 64
 class NNsight(Envoy):
     """Wrap ``module`` for tracing: ``with NNsight(module).trace(x) as tracer: ...``.
 
+    ``dispatch`` is accepted as nnsight's (a module given is loaded already).
     ``backend`` (``"auto"``, ``"fx"`` or ``"hooks"``) and ``compile`` set the defaults of
     every trace of this wrapper. ``rename={"transformer.h": "layers", "mlp": "ffn"}``
     adds aliases (``model.layers[0].ffn``, also in ``tracer.cache()`` keys): each key is
@@ -57,7 +58,7 @@ class NNsight(Envoy):
 
     def __init__(self, module: torch.nn.Module, *, backend: str = "auto",
                  compile: Any = None, rename: dict | None = None,
-                 envoys: Any = CLASS_ENVOYS):
+                 envoys: Any = CLASS_ENVOYS, dispatch: bool = False):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, not {type(module).__name__}")
         module, compile = _uncompiled(module, compile)
@@ -119,6 +120,7 @@ class NNsight(Envoy):
         >>> net.trace(torch.ones(1, 2), trace=False).shape  # a plain forward
         torch.Size([1, 2])
         """
+        kwargs = with_invoker_args(kwargs)
         options = self._run_options(backend, compile, prune)
         if not trace:
             if self._edits:  # an edited model runs with its edits
@@ -263,6 +265,23 @@ class NNsight(Envoy):
 
 _PARAMETERS = torch.nn.Module.parameters
 _NAMED_PARAMETERS = torch.nn.Module.named_parameters
+
+
+def with_invoker_args(kwargs: dict) -> dict:
+    """``trace(x, invoker_args={...})`` (nnsight's keywords of the input's invoke: the
+    tokenizer's ``truncation=``, ``max_length=`` for a ``LanguageModel``) as keywords of the
+    trace, which go to the invoke as nnsight's do; one given both ways is an error."""
+    if "invoker_args" not in kwargs:
+        return kwargs
+    kwargs = dict(kwargs)
+    given = kwargs.pop("invoker_args") or {}
+    if not isinstance(given, dict):
+        raise TypeError(f"invoker_args= takes a dict of keywords, not {type(given).__name__}")
+    twice = sorted(set(given) & set(kwargs))
+    if twice:
+        raise TypeError(f"{', '.join(map(repr, twice))} given both in invoker_args= and as "
+                        f"a keyword of trace()")
+    return {**kwargs, **given}
 
 
 def _uncompiled(module: torch.nn.Module, compile: Any) -> tuple[torch.nn.Module, Any]:
