@@ -91,6 +91,7 @@ def test_rename_with_a_list_of_aliases(gpt2, tokenizer, backend):
         lm.mdl.h[1].mlp_.output = lm.mdl.h[1].mlp_.output * 0
         out = lm.output.logits.save()
         cache = tracer.cache(modules=[lm.model.h[0].ffn])
+        by_name = tracer.cache(modules=["model.mdl.h.0.ffn"])  # a path spelled with aliases
     got = {}
     want = _hooked_run(gpt2, ids, {"transformer.h.0.mlp": lambda o: got.setdefault("mlp", o),
                                    "transformer.h.1.mlp": lambda o: o * 0})
@@ -99,6 +100,8 @@ def test_rename_with_a_list_of_aliases(gpt2, tokenizer, backend):
     for key in ("model.model.h.0.ffn", "model.mdl.h.0.mlp_", "model.transformer.h.0.mlp"):
         torch.testing.assert_close(cache[key].output, got["mlp"])
     torch.testing.assert_close(cache.model.mdl.h[0].ffn.output, got["mlp"])
+    assert list(by_name.keys()) == ["model.transformer.h.0.mlp"]
+    torch.testing.assert_close(by_name["model.model.h.0.ffn"].output, got["mlp"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

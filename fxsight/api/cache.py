@@ -359,6 +359,8 @@ class CacheRequest:
                 path = module._path
             elif isinstance(module, str):
                 path = _module_path(module, known)
+                if path is None and getattr(model, "_rules", ()):
+                    path = _renamed_path(model, module)
                 if path is None:
                     raise TraceError(at_line(
                         f"tracer.cache(modules=...): {module!r} is not a module of this "
@@ -547,6 +549,22 @@ def _module_path(name: str, known: set[str]) -> str | None:
     if name.startswith(ROOT + ".") and name[len(ROOT) + 1:] in known:
         return name[len(ROOT) + 1:]
     return name if name in known else None
+
+
+def _renamed_path(model: Any, name: str) -> str | None:
+    """The real path of a module path string spelled with the wrapper's ``rename=``
+    aliases (``"model.layers.0"``), or None."""
+    name = name.strip(".")
+    for path in (name[len(ROOT) + 1:] if name.startswith(ROOT + ".") else None, name):
+        if not path:
+            continue
+        try:
+            envoy = model.get(path)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            continue
+        if isinstance(envoy, Envoy):
+            return envoy._path
+    return None
 
 
 def _operation_path(model: Any, name: str, known: set[str], line: str) -> str:
