@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .api.envoy import Envoy
 from .api.functions import apply, save, trace
 from .api.nnsight import NNsight
 from .errors import (CaptureError, ControlFlowError, DataDependentError, FxsightError,
@@ -18,7 +19,7 @@ from .errors import (CaptureError, ControlFlowError, DataDependentError, Fxsight
 from .record.proxy import Proxy
 from .stats import reset_stats, stats
 
-__all__ = ["NNsight", "LanguageModel", "trace", "save", "apply", "stats", "reset_stats",
+__all__ = ["NNsight", "LanguageModel", "Envoy", "trace", "save", "apply", "stats", "reset_stats",
            "Proxy", "FxsightError", "TraceError", "OrderError", "ShapeError",
            "ControlFlowError", "CaptureError", "ShapeIndexError", "TokenIndexError",
            "DataDependentError", "ItemAssignmentError"]

@@ -148,6 +148,16 @@ def user_stacklevel() -> int:
     return level
 
 
+# said where a line of a ``model.edit()`` chose a module's later call (``for i in
+# tracer.iter[...]`` in the edit) that a forward pass does not make
+EDIT_CALL_HINT = (
+    "; this line is a model.edit()'s: `tracer.iter` in an edit counts a module's calls "
+    "within one forward pass, and lm.generate runs one forward pass per decoding step, so "
+    "an edit's calls do not choose decoding steps (nnsight counts them over the steps); "
+    "write the step loop in the `with lm.generate(...)` block (`for step in "
+    "tracer.iter[...]:`)")
+
+
 def at_line(message: str, line: str | None) -> str:
     """Append the user's source line to an error message."""
     return f"{message}\n  at {line}" if line else message

@@ -496,10 +496,11 @@ class _Streamer:
         self.ends += 1
 
 
-def test_streamer_output_of_an_encoder_decoder_is_the_steps_token(tokenizer):
+def test_streamer_output_of_an_encoder_decoder_is_what_the_streamer_receives(tokenizer):
     """An encoder-decoder's generated ids start with the decoder's start token, not the
-    prompt: ``lm.generator.streamer.output`` at step k is what a streamer receives at step
-    k (it read the token of step k + prompt length - 1 before, silently, or ran out)."""
+    prompt: ``lm.generator.streamer.output`` at step k is transformers' k-th ``put`` (the
+    start token at step 0, as nnsight's streamer module sees it; it read the token of step
+    k + prompt length - 1 before, silently, or ran out)."""
     model = _tiny_t5(tokenizer)
     lm = LanguageModel(model, tokenizer=tokenizer)
     options = dict(max_new_tokens=4, do_sample=False, no_repeat_ngram_size=1)
@@ -511,8 +512,8 @@ def test_streamer_output_of_an_encoder_decoder_is_the_steps_token(tokenizer):
             first = lm.generator.streamer.output.save()
             tokens = [lm.generator.streamer.output.save() for _ in tracer.all()]
     assert len(tokens) == len(streamer.puts) - 1 == 4  # (the first put: the start token)
-    assert torch.equal(first, streamer.puts[1])
-    for got, want in zip(tokens, streamer.puts[1:]):
+    assert torch.equal(first, streamer.puts[0])
+    for got, want in zip(tokens, streamer.puts):
         assert torch.equal(got, want)
 
 

@@ -142,16 +142,12 @@ def test_rename_aliases_envoys_and_cache_keys(core_gpt2, core_ids, reference_hoo
     torch.testing.assert_close(ffn, got["ffn"])
     torch.testing.assert_close(out, expected)
     assert sorted(cache.keys()) == ["model.transformer.h.0.mlp", "model.transformer.h.1.mlp"]
-    assert sorted(cache.keys(alias=True)) == ["model.layers.0.ffn", "model.layers.1.ffn"]
+    # every other spelling of each key (aliases compose through ancestors)
+    assert sorted(cache.keys(alias=True)) == sorted(
+        f"model.{head}.{i}.{tail}" for i in (0, 1) for head, tail in
+        [("layers", "ffn"), ("layers", "mlp"), ("transformer.h", "ffn")])
     torch.testing.assert_close(cache["model.layers.0.ffn"].output, got["ffn"])
     torch.testing.assert_close(cache.model.layers[0].ffn.output, got["ffn"])
-
-
-def test_rename_of_a_missing_module_is_refused():
-    with pytest.raises(ValueError, match="no submodule named 'mpl'"):
-        NNsight(mlp(), rename={"mpl": "ffn"})
-    with pytest.raises(ValueError, match="'transformer.x' is not a module path"):
-        NNsight(mlp(), rename={"transformer.x": "layers"})
 
 
 # --- a submodule named like an envoy attribute (BERT's BertLayer.output) ----------------------

@@ -343,7 +343,11 @@ def test_cache_inside_generate_has_an_entry_per_step(gpt2, tokenizer, backend):
 # --- 5. lm.generator.streamer ----------------------------------------------------------------
 @pytest.mark.parametrize("as_dict", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_streamer_output_is_the_token_of_each_step(gpt2, tokenizer, backend, as_dict):
+def test_streamer_output_is_what_transformers_puts_at_each_step(gpt2, tokenizer, backend,
+                                                                 as_dict):
+    """nnsight's streamer is a module transformers' generate calls with each ``put``: the
+    prompt's ids first, then each step's token; its call #step is decoding step ``step``'s
+    value (was: the token chosen at the step, one call late, and never the prompt)."""
     from transformers.generation.streamers import BaseStreamer
 
     class Collect(BaseStreamer):
@@ -368,10 +372,11 @@ def test_streamer_output_is_the_token_of_each_step(gpt2, tokenizer, backend, as_
     with torch.no_grad():
         gpt2.generate(**tokenizer([PROMPT], return_tensors="pt"), do_sample=False,
                       max_new_tokens=3, streamer=streamer)
-    assert len(tokens) == 3  # transformers puts the prompt first, then each step's token
-    for got, want in zip(tokens, streamer.puts[1:]):
+    assert len(tokens) == 3 and len(streamer.puts) == 4  # the prompt, then 3 tokens
+    for got, want in zip(tokens, streamer.puts):
+        assert got.device == want.device and got.shape == want.shape
         assert torch.equal(got, want)
-    assert torch.equal(first, streamer.puts[1])
+    assert torch.equal(first, streamer.puts[0])
     with pytest.raises(fxsight.TraceError, match="step loop"):
         with lm.generate(PROMPT, max_new_tokens=2, backend=backend) as tracer:
             with tracer.all():

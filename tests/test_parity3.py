@@ -333,12 +333,12 @@ def test_generate_called_without_with_returns_the_ids(gpt2, tokenizer, backend):
 
 
 def test_loading_options_with_a_loaded_module_are_refused(gpt2, tokenizer):
-    """``LanguageModel(module, torch_dtype=...)`` / ``envoys=...``: loading options (and
-    nnsight's custom envoys) for a module already loaded are a TypeError saying so (were
-    ignored, silently: the model kept its dtype)."""
+    """``LanguageModel(module, torch_dtype=...)``: loading options for a module already
+    loaded are a TypeError saying so (were ignored, silently: the model kept its dtype);
+    ``envoys=`` of a class that is not fxsight's ``Envoy`` too (see test_parity4)."""
     with pytest.raises(TypeError, match="'torch_dtype' applies to loading a path(.|\n)*module.to"):
         LanguageModel(gpt2, tokenizer=tokenizer, torch_dtype=torch.float16)
-    with pytest.raises(TypeError, match="envoys= .*no fxsight form"):
+    with pytest.raises(TypeError, match="not a subclass of fxsight's Envoy"):
         LanguageModel(gpt2, tokenizer=tokenizer, envoys={"transformer.h.0": object})
     assert next(gpt2.parameters()).dtype == torch.float32
 

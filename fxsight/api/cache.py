@@ -30,6 +30,7 @@ from ..record.scope import Scope
 from ..record.sites import INPUT, OUTPUT, Site, is_operation
 from ..capture.events import module_paths
 from ..capture.operations import split_path
+from .aliases import spellings
 from .envoy import Envoy
 from .source import OperationEnvoy
 
@@ -109,20 +110,30 @@ class CacheDict(dict):
 
     def __init__(self, data: Any = (), path: str = "", alias: dict[str, str] | None = None,
                  rename: dict[str, str] | None = None,
-                 alias_paths: dict[str, str] | None = None):
+                 alias_paths: dict[str, str] | None = None,
+                 spellings: dict[str, list[str]] | None = None):
         super().__init__(data)
         object.__setattr__(self, "_path", path)
         renames = _normalize_renames(rename, alias)
         object.__setattr__(self, "_rename", renames)
+        # the wrapper's rename=: module path -> its other spellings (``api.aliases``)
+        object.__setattr__(self, "_spellings", spellings or {})
         object.__setattr__(self, "_alias_paths", dict(alias_paths or {}))
         if alias_paths is None:
             for key in self:
                 self._add_alias_path(key)
 
     # --- building ---------------------------------------------------------------------
+    def _aliases_of(self, key: str) -> list[str]:
+        """The other names of the key (or other path) ``key``: its spellings under the
+        wrapper's ``rename=``, each also under the cache's own ``rename`` / ``alias``."""
+        path = key[len(ROOT) + 1:] if key.startswith(ROOT + ".") else None
+        spelled = [_key(other) for other in self._spellings.get(path, ())] if path else []
+        found = [_apply_renames(name, self._rename) for name in (key, *spelled)]
+        return [name for name in dict.fromkeys([*spelled, *found]) if name != key]
+
     def _add_alias_path(self, key: str) -> None:
-        aliased = _apply_renames(key, self._rename)
-        if aliased != key:
+        for aliased in self._aliases_of(key):
             self._alias_paths[aliased] = key
 
     def _add(self, key: str, entry: Any) -> None:
@@ -141,8 +152,7 @@ class CacheDict(dict):
                     shared = other_key + key[len(first_key):]
                     if not dict.__contains__(self, shared):
                         self._alias_paths.setdefault(shared, key)
-                        aliased = _apply_renames(shared, self._rename)
-                        if aliased != shared:
+                        for aliased in self._aliases_of(shared):
                             self._alias_paths.setdefault(aliased, key)
 
     # --- lookup ---------------------------------------------------------------------------
@@ -165,7 +175,8 @@ class CacheDict(dict):
         real = {self._real(n) for n in self._names() if n == path or n.startswith(prefix)}
         data = {k: dict.__getitem__(self, k) for k in dict.keys(self) if k in real}
         aliases = {a: r for a, r in self._alias_paths.items() if r in data}
-        return CacheDict(data, path, rename=self._rename, alias_paths=aliases)
+        return CacheDict(data, path, rename=self._rename, alias_paths=aliases,
+                         spellings=self._spellings)
 
     def _entry(self, what: str) -> Any:
         path = self._path
@@ -317,8 +328,9 @@ class CacheRequest:
         self.include_inputs = include_inputs
         self.scope = scope
         # the wrapper's rename= names keys too (the call's own rename=/alias= on top)
-        self.cache = CacheDict(rename={**getattr(model, "_rename", {}), **(rename or {})},
-                               alias=alias)
+        rules = getattr(model, "_rules", ())
+        self.cache = CacheDict(rename=rename, alias=alias,
+                               spellings=spellings(model._module, rules) if rules else None)
         self.module = model._module  # (its other paths of shared modules, after the run)
         # (site, node, layout of the value, whether it is converted after the run)
         self.nodes: list[tuple[Site, Any, Any, bool]] = []
@@ -347,6 +359,8 @@ class CacheRequest:
                 path = module._path
             elif isinstance(module, str):
                 path = _module_path(module, known)
+                if path is None and getattr(model, "_rules", ()):
+                    path = _renamed_path(model, module)
                 if path is None:
                     raise TraceError(at_line(
                         f"tracer.cache(modules=...): {module!r} is not a module of this "
@@ -535,6 +549,22 @@ def _module_path(name: str, known: set[str]) -> str | None:
     if name.startswith(ROOT + ".") and name[len(ROOT) + 1:] in known:
         return name[len(ROOT) + 1:]
     return name if name in known else None
+
+
+def _renamed_path(model: Any, name: str) -> str | None:
+    """The real path of a module path string spelled with the wrapper's ``rename=``
+    aliases (``"model.layers.0"``), or None."""
+    name = name.strip(".")
+    for path in (name[len(ROOT) + 1:] if name.startswith(ROOT + ".") else None, name):
+        if not path:
+            continue
+        try:
+            envoy = model.get(path)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            continue
+        if isinstance(envoy, Envoy):
+            return envoy._path
+    return None
 
 
 def _operation_path(model: Any, name: str, known: set[str], line: str) -> str:

@@ -55,6 +55,7 @@ def seed(program: Program, edits: list[Program], scope: Scope | None = None) -> 
                 env[node] = program.input(edit.input_values[node.input_index])
             else:
                 env[node] = program.copy(node, env.__getitem__, scope)
+                program.from_edits.add(env[node])
 
 
 def seed_tracer(tracer: Any, edits: list[Program]) -> None:

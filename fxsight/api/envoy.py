@@ -17,6 +17,8 @@ from ..record.proxy import Proxy
 from ..record.recorder import Recorder
 from ..record.sites import INPUT, OUTPUT, Site, module_label
 from ..capture.operations import innermost
+from .aliases import resolve
+from .envoy_classes import class_for
 from .source import source_of
 
 
@@ -29,11 +31,14 @@ class Envoy:
     the real module; submodules are envoys too."""
 
     _is_envoy = True  # (recorders refuse an envoy where a value is expected)
-    # ``rename=`` of the wrapper (set on the root): alias -> real path, from the root
-    # (``{"transformer.h": "layers"}``), and alias -> real name of any submodule
-    # (``{"mlp": "ffn"}``: every ``.mlp`` is also ``.ffn``)
-    _alias_paths: dict[str, str] = {}
-    _alias_names: dict[str, str] = {}
+    # ``rename=`` of the wrapper (set on the root): its rules (``api.aliases``) and every
+    # alias they name
+    _rules: tuple = ()
+    _alias_names: frozenset[str] = frozenset()
+    # ``envoys=`` of the wrapper (set on the root; ``api.envoy_classes``): the classes of
+    # its submodules' envoys, and each module name's single-name ``rename=`` aliases
+    _envoy_spec: Any = None
+    _single_names: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, module: torch.nn.Module, path: str, root: "Envoy | None" = None,
                  natural: str | None = None):
@@ -61,8 +66,11 @@ class Envoy:
         # ``model.b`` the old ``a``, or ``model.a = model.b`` registering it earlier)
         if child is None or child._module is not module or \
                 self._root._canonical(module, natural) != child._path:
-            child = children[name] = Envoy(module, self._root._canonical(module, natural),
-                                           self._root, natural)
+            root = self._root
+            kind = Envoy if root._envoy_spec is None else \
+                class_for(root._envoy_spec, module, natural, root._single_names, Envoy)
+            child = children[name] = kind(module, root._canonical(module, natural), root,
+                                          natural)
         return child
 
     def _forget_paths(self) -> None:
@@ -110,6 +118,9 @@ class Envoy:
             hint = _NNSIGHT_ENVOY_METHODS.get(name)
             hint = f"; {hint}" if hint else \
                 f"; its submodules are: {', '.join(submodules) or '(none)'}"
+            if name in self._root._alias_names:
+                hint += (f" ({name!r} is a rename= alias, but no key of it names a module "
+                         f"from here)")
             raise AttributeError(at_line(
                 f"{module_label(self._path)} ({type(module).__name__}) has no submodule or "
                 f"attribute {name!r}{hint}", user_line())) from None
@@ -117,14 +128,13 @@ class Envoy:
     def _aliased(self, name: str) -> "Envoy | None":
         """The envoy a ``rename=`` alias stands for here (its real path), or None."""
         root = self._root
-        real = root._alias_names.get(name)
-        if real is not None and self._module._modules.get(real) is not None:
-            return self._child(real, self._module._modules[real])
-        path = root._alias_paths.get(name) if self is root else None
-        if path is None:
+        if name not in root._alias_names:
+            return None
+        relative = resolve(self._module, name, root._rules, self is root)
+        if relative is None:
             return None
         envoy = self
-        for part in path.split("."):
+        for part in relative.split("."):
             envoy = envoy._child(part, envoy._module._modules[part])
         return envoy
 
@@ -476,57 +486,6 @@ def _unknown_attribute(envoy: Envoy, name: str) -> str:
             f"{name!r}; inside a trace, setting it would add it to the real module, so "
             f"it is refused ({hint}a module's activations are set with .output, .input "
             f"and .inputs)")
-
-
-def renames(module: torch.nn.Module, rename: dict[str, str] | None,
-            wrapper: type = Envoy) -> tuple[dict[str, str], dict[str, str]]:
-    """``(alias -> real path from the root, alias -> real submodule name)`` of a wrapper's
-    ``rename={real: alias}``: a dotted key is a module path (``"transformer.h"``, also
-    written ``"model.transformer.h"``), a plain key a submodule name wherever it occurs.
-    An alias that a name of the ``wrapper`` class or of a module it is reached from would
-    shadow (``output``, ``config``, a sibling module) is refused."""
-    paths: dict[str, str] = {}
-    names: dict[str, str] = {}
-    known = dict(module.named_modules())
-    for real, alias in (rename or {}).items():
-        if not isinstance(real, str) or not isinstance(alias, str) \
-                or not alias.isidentifier():
-            raise ValueError(f"rename={{{real!r}: {alias!r}}}: give a module path or name "
-                             f"and the attribute name to reach it by")
-        real = real.strip(".")
-        if "." not in real:
-            owners = [(path, parent) for path, parent in known.items()
-                      if real in parent._modules]
-            if not owners:
-                raise ValueError(f"rename: the model has no submodule named {real!r}")
-            _check_alias(real, alias, owners, wrapper)
-            names[alias] = real
-            continue
-        if real not in known and real.startswith("model.") and real[6:] in known:
-            real = real[6:]
-        if real not in known:
-            raise ValueError(f"rename: {real!r} is not a module path of the model")
-        _check_alias(real, alias, [("", module)], wrapper)
-        paths[alias] = real
-    return paths, names
-
-
-def _check_alias(real: str, alias: str, owners: list[tuple[str, torch.nn.Module]],
-                 wrapper: type) -> None:
-    """Refuse an alias that an attribute would shadow where it is bound (the envoy's
-    ``output``, a module's ``config`` or a sibling module): reading it would give that
-    attribute, not the module renamed."""
-    if alias == real:
-        return  # (``{"attn": "attn"}``: nothing renamed)
-    if hasattr(wrapper, alias):
-        raise ValueError(f"rename: the alias {alias!r} for {real!r} is a name of the "
-                         f"wrapper itself (model.{alias}); choose another name")
-    for path, owner in owners:
-        if alias in owner._modules or hasattr(owner, alias):
-            what = "a submodule" if alias in owner._modules else "an attribute"
-            raise ValueError(f"rename: the alias {alias!r} for {real!r} would shadow "
-                             f"{what} of that name of {module_label(path)} "
-                             f"({type(owner).__name__}); choose another name")
 
 
 def _source_function(module: torch.nn.Module) -> Any:

@@ -455,11 +455,13 @@ class GeneratorEnvoy:
 
 
 class StreamerEnvoy:
-    """``lm.generator.streamer.output``: the token ids generate chose at the decoding step
-    (one per row, shape ``(batch,)``, as transformers' streamers receive them): at the
-    first step outside a step loop, at ``step`` in ``for step in tracer.iter[...]``. It is
-    read from the generated ids, so it is known once generation has ended (save it; it
-    cannot steer a later step)."""
+    """``lm.generator.streamer.output``: what transformers' ``generate`` puts into its
+    streamer at the decoding step, as nnsight's streamer module sees its calls (a CPU
+    tensor, as ``streamer.put`` receives it): at step 0 the prompt's ids (shape ``(batch,
+    prompt length)``; an encoder-decoder's decoder start ids), at step ``s`` the token ids
+    chosen at step ``s - 1`` (shape ``(batch,)``); at step 0 outside a step loop, at
+    ``step`` in ``for step in tracer.iter[...]``. It is read from the generated ids, so it
+    is known once generation has ended (save it; it cannot steer a later step)."""
 
     def __init__(self, model):
         self._model = model
@@ -479,7 +481,7 @@ class StreamerEnvoy:
         step = 0 if steps is None else steps.choice
         prompt = _prompt_length(tracer, line)
         generated = tracer.recorder.create_read(GENERATOR, "output")
-        return tracer.recorder.create_op("call_function", _tokens_at, (generated, prompt + step),
+        return tracer.recorder.create_op("call_function", _streamed_at, (generated, prompt, step),
                                          {}, lenient=True)
 
 
@@ -498,8 +500,12 @@ def _prompt_length(tracer: Generator, line: Any) -> int:
     return 1
 
 
-def _tokens_at(generated: Any, position: int) -> torch.Tensor:
-    """The token ids at ``position`` of each row of what ``generate`` returned: its ids,
-    or the ``sequences`` of its output object (``return_dict_in_generate=True``)."""
+def _streamed_at(generated: Any, prompt: int, step: int) -> torch.Tensor:
+    """What ``generate`` put into its streamer at decoding step ``step`` (``streamer.put``
+    call #step), from what it returned (its ids, or the ``sequences`` of its output
+    object with ``return_dict_in_generate=True``): the ``prompt`` ids before the first
+    step, then the token chosen at each step; on the CPU, as transformers puts them."""
     ids = getattr(generated, "sequences", generated)
-    return ids[:, position]
+    if step == 0:
+        return ids[:, :prompt].cpu()
+    return ids[:, prompt + step - 1].cpu()

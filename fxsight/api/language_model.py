@@ -50,7 +50,7 @@ from .generation import Generator, GeneratorEnvoy
 from .inputs import check_keywords, describe, forward_signature
 from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
                             _tokenizer_beside)
-from .nnsight import NNsight
+from .nnsight import CLASS_ENVOYS, NNsight, with_invoker_args
 from .call_site import entered_by_with
 from .text_encoding import TOKENIZER_KEYWORDS, TokenEncoding
 from .token_index import TokenIndexer
@@ -70,9 +70,6 @@ _GENERATETOKEN_KEYWORDS = frozenset({"attention_mask", "token_type_ids"})
 _MASK_IGNORING_TYPES = frozenset({"rwkv"})
 
 
-_ENVOYS_HINT = ("; nnsight's envoys= (Envoy subclasses with views of their own) has no "
-                "fxsight form: compute the view from `.output` in the trace")
-
 
 class LanguageModel(TokenEncoding, NNsight):
     """A transformers language model wrapped for tracing, with text inputs.
@@ -87,17 +84,16 @@ class LanguageModel(TokenEncoding, NNsight):
     def __init__(self, model_or_path: Any, tokenizer: Any = None,
                  automodel: Any = AutoModelForCausalLM, dispatch: bool = False, *,
                  backend: str = "auto", compile: Any = None,
-                 rename: dict[str, str] | None = None, **kwargs: Any):
+                 rename: dict | None = None, envoys: Any = CLASS_ENVOYS, **kwargs: Any):
         given_tokenizer = tokenizer
         if isinstance(model_or_path, torch.nn.Module):
             module, path = model_or_path, None
             if kwargs:  # (they are loading options: a module is loaded already)
-                hint = _ENVOYS_HINT if "envoys" in kwargs else ""
                 raise TypeError(
                     f"LanguageModel(module, ...): {', '.join(map(repr, kwargs))} "
                     f"{'applies' if len(kwargs) == 1 else 'apply'} to loading a path; "
                     f"a module given is used as it is (convert it yourself: "
-                    f"module.to(dtype), module.to(device)){hint}")
+                    f"module.to(dtype), module.to(device))")
             if tokenizer is None:
                 tokenizer = _tokenizer_beside(module)
         elif isinstance(model_or_path, (str, os.PathLike)):
@@ -106,7 +102,8 @@ class LanguageModel(TokenEncoding, NNsight):
         else:
             raise TypeError("LanguageModel wraps a torch.nn.Module or loads a local path, "
                             f"not {type(model_or_path).__name__}")
-        super().__init__(module, backend=backend, compile=compile, rename=rename)
+        super().__init__(module, backend=backend, compile=compile, rename=rename,
+                         envoys=envoys)
         if tokenizer is not None and given_tokenizer is None:
             _prepare_tokenizer(tokenizer)  # (fxsight's own; a user's tokenizer stays as it is)
         object.__setattr__(self, "tokenizer", tokenizer)
@@ -146,6 +143,7 @@ class LanguageModel(TokenEncoding, NNsight):
         (``input_ids=``, ``attention_mask=``, other tensors: ``**tokenizer(...)``). Loads
         the weights first if they are not loaded yet (so that modules applied inside the
         block, e.g. a logit lens, are the real ones)."""
+        kwargs = with_invoker_args(kwargs)
         if not inputs:
             inputs, kwargs = keyword_input(kwargs)
         self.dispatch_model()
@@ -177,6 +175,12 @@ class LanguageModel(TokenEncoding, NNsight):
         """
         if trace is None:  # (nnsight: called without a `with`, it generates at once)
             trace = entered_by_with(sys._getframe(1))
+        if "invoker_args" in kwargs:  # (generate's keywords share names with them)
+            raise TraceError(at_line(
+                "lm.generate(..., invoker_args=...): keywords for the prompt's tokenization "
+                "would meet generate's own (max_length=); give the prompt tokenized: "
+                "lm.generate(lm.tokenizer(text, truncation=True, max_length=n, "
+                "return_tensors='pt'), ...)", user_line()))
         if not inputs:  # lm.generate(**tokenizer(...), max_new_tokens=n)
             inputs, kwargs = keyword_input(kwargs)
             if not inputs and "inputs_embeds" in kwargs:

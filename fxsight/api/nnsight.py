@@ -11,13 +11,16 @@ from ..capture.module_tree import ModuleTree
 from ..errors import user_line
 from ..run.options import CompileOptions, RunOptions
 from .edit import EditTracer, export, seed_tracer
-from .envoy import Envoy, renames
+from .aliases import check, normalize
+from .envoy import Envoy
+from .envoy_classes import normalize as envoy_classes
 from .inputs import (batch, batch_size, check_batchable, check_keywords, describe,
                      expand_mapping, named_inputs, plain_batch_size, plainly_batchable)
 from .session import Session
 from .tracer import ScanTracer, Tracer
 
 
+CLASS_ENVOYS: Any = object()  # (``envoys=`` not given: the class's ``envoys``)
 _PLAIN_VALUES = frozenset({bool, int, float, str, type(None)})
 # a wrapper makes the options of ``trace(backend=..., compile=True/False, prune=...)`` once
 # (the same object each time: a trace's runner is remembered for the options it ran with)
@@ -27,11 +30,12 @@ _MAX_OPTIONS = 64
 class NNsight(Envoy):
     """Wrap ``module`` for tracing: ``with NNsight(module).trace(x) as tracer: ...``.
 
+    ``dispatch`` is accepted as nnsight's (a module given is loaded already).
     ``backend`` (``"auto"``, ``"fx"`` or ``"hooks"``) and ``compile`` set the defaults of
     every trace of this wrapper. ``rename={"transformer.h": "layers", "mlp": "ffn"}``
-    adds aliases (``model.layers[0].ffn``, also in ``tracer.cache()`` keys); a dotted key
-    is a module path (its alias an attribute of the wrapper), a plain one a submodule
-    name wherever it occurs. Printing it shows the module tree; attributes fall through
+    adds aliases (``model.layers[0].ffn``, also in ``tracer.cache()`` keys): each key is
+    a module path relative to any module, bound where it resolves (a value may list
+    several aliases; ``*`` stands for any submodule; see :mod:`fxsight.api.aliases`). Printing it shows the module tree; attributes fall through
     to the module; ``model.layers[3]`` indexes module lists.
 
     >>> import torch, fxsight
@@ -49,8 +53,12 @@ class NNsight(Envoy):
 
     _token_indexing = False
 
+    # nnsight's class default of ``envoys=`` (a subclass may set it; see __init__)
+    envoys: Any = None
+
     def __init__(self, module: torch.nn.Module, *, backend: str = "auto",
-                 compile: Any = None, rename: dict[str, str] | None = None):
+                 compile: Any = None, rename: dict | None = None,
+                 envoys: Any = CLASS_ENVOYS, dispatch: bool = False):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, not {type(module).__name__}")
         module, compile = _uncompiled(module, compile)
@@ -60,11 +68,17 @@ class NNsight(Envoy):
         object.__setattr__(self, "_last_run", {})  # (run.forward.LastRun)
         object.__setattr__(self, "_options_made", {})  # (see _run_options)
         object.__setattr__(self, "_edits", [])  # Programs of model.edit(), oldest first
-        alias_paths, alias_names = renames(module, rename, type(self))
-        object.__setattr__(self, "_alias_paths", alias_paths)
-        object.__setattr__(self, "_alias_names", alias_names)
-        object.__setattr__(self, "_rename", {real: alias for alias, real in
-                                             (*alias_paths.items(), *alias_names.items())})
+        rules = normalize(rename)
+        check(module, rules, type(self), Envoy)
+        object.__setattr__(self, "_rules", rules)
+        object.__setattr__(self, "_alias_names",
+                           frozenset(alias for _, aliases in rules for alias in aliases))
+        if envoys is CLASS_ENVOYS:
+            envoys = type(self).envoys
+        object.__setattr__(self, "_envoy_spec", envoy_classes(envoys, Envoy))
+        object.__setattr__(self, "_single_names", {
+            key[0]: aliases for key, aliases in rules
+            if isinstance(key, tuple) and len(key) == 1 and key[0] != "*"})
 
     @property
     def _model(self) -> torch.nn.Module:
@@ -106,6 +120,7 @@ class NNsight(Envoy):
         >>> net.trace(torch.ones(1, 2), trace=False).shape  # a plain forward
         torch.Size([1, 2])
         """
+        kwargs = with_invoker_args(kwargs)
         options = self._run_options(backend, compile, prune)
         if not trace:
             if self._edits:  # an edited model runs with its edits
@@ -250,6 +265,23 @@ class NNsight(Envoy):
 
 _PARAMETERS = torch.nn.Module.parameters
 _NAMED_PARAMETERS = torch.nn.Module.named_parameters
+
+
+def with_invoker_args(kwargs: dict) -> dict:
+    """``trace(x, invoker_args={...})`` (nnsight's keywords of the input's invoke: the
+    tokenizer's ``truncation=``, ``max_length=`` for a ``LanguageModel``) as keywords of the
+    trace, which go to the invoke as nnsight's do; one given both ways is an error."""
+    if "invoker_args" not in kwargs:
+        return kwargs
+    kwargs = dict(kwargs)
+    given = kwargs.pop("invoker_args") or {}
+    if not isinstance(given, dict):
+        raise TypeError(f"invoker_args= takes a dict of keywords, not {type(given).__name__}")
+    twice = sorted(set(given) & set(kwargs))
+    if twice:
+        raise TypeError(f"{', '.join(map(repr, twice))} given both in invoker_args= and as "
+                        f"a keyword of trace()")
+    return {**kwargs, **given}
 
 
 def _uncompiled(module: torch.nn.Module, compile: Any) -> tuple[torch.nn.Module, Any]:

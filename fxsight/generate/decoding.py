@@ -563,6 +563,8 @@ class GraphSteps:
 
         for node in nodes:
             env[node] = program.copy(node, lambda n, user=node: resolve(n, user))
+            if node in parent.from_edits:
+                program.from_edits.add(env[node])
         wanted = self._saved_or_needed
         origin = {}
         saved = []

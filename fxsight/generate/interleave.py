@@ -19,7 +19,7 @@ import torch
 from ..capture.caches import Unsupported as CacheUnsupported
 from ..capture.caches import build, flatten, is_cache
 from ..capture.events import ModuleEvents
-from ..errors import TraceError, at_line
+from ..errors import EDIT_CALL_HINT, TraceError, at_line
 from ..record.program import Kind, Node
 from ..record.sites import INPUT, OUTPUT, Site, module_label
 from ..run.hooks import RealWalker
@@ -204,6 +204,8 @@ class StepInterleaver:
             if node.site is not None:
                 message = (f"{node.site.label} was not reached in decoding step "
                            f"{self.step} (or this write depends on a later value)")
+                if node in self.program.from_edits and node.site.call:
+                    message += EDIT_CALL_HINT
             else:
                 message = (f"this was not computed in decoding step {self.step}: a value it "
                            f"needs is only computed in other steps, or its module did not run")

@@ -233,6 +233,9 @@ class Program:
         self._input_ids: dict[int, tuple] = {}
         self._parts: list[tuple] = []
         self.site_paths: set[str] = set()  # the paths of the reads' and writes' sites
+        # the nodes copied from a ``model.edit()`` (``api.edit.seed``): an error at one
+        # says the line is an edit's
+        self.from_edits: set[Node] = set()
 
     # --- building -------------------------------------------------------------------
     def _add(self, kind: Kind, op: str, target: Any, args: tuple, kwargs: dict,

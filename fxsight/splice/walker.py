@@ -21,7 +21,8 @@ import torch
 import torch.fx as fx
 from .._torch import pytree, unflatten_keeping_sizes
 
-from ..errors import NotOnGraph, OrderError, ShapeError, TraceError, at_line
+from ..errors import (EDIT_CALL_HINT, NotOnGraph, OrderError, ShapeError, TraceError,
+                      at_line)
 from ..record.program import (Kind, Node, Program, draws_random, map_nodes, node_args,
                               own_rows, replace, select, set_attribute, setitem)
 from .rows import Rows, conform, narrow_rows, splice_rows
@@ -119,11 +120,17 @@ class Walker:
     def position_of_site(self, node: Node, site: Site | None = None) -> int:
         site = node.site if site is None else site
         if site not in self.index:
-            why = ("its line is not reached with these inputs" if is_operation(site.path)
-                   else "the module never runs with these inputs")
+            calls = sum(1 for s in self.index if s.path == site.path and s.kind == site.kind)
+            if calls:
+                times = "once" if calls == 1 else f"{calls} times"
+                why = f"it runs {times} in it, from call #0"
+            else:
+                why = ("its line is not reached with these inputs" if is_operation(site.path)
+                       else "the module never runs with these inputs")
+            hint = EDIT_CALL_HINT if node in self.program.from_edits and site.call else ""
             raise TraceError(at_line(
                 f"{module_label(site.path)} has no {site.kind} call #{site.call} in this "
-                f"forward pass ({why})", node.line))
+                f"forward pass ({why}){hint}", node.line))
         return self.index[site]
 
     def _current(self, site: Site) -> Any:
