@@ -214,3 +214,41 @@ def test_source(saved_models, tmp_path, monkeypatch):
                                       "docs/architecture.md"])
 def test_documents_without_runnable_examples(document, saved_models):
     run_document(document, saved_models)
+
+
+def test_nnsight_wrapper_generate_in_a_with_raises_before_generating(saved_models):
+    """nnsight traces ``with NNsight(model).generate(...)`` (any method of the model in a
+    with); fxsight traces generation with a LanguageModel. The wrapper's ``generate`` in a
+    with statement is refused before anything is generated, saying what to write; called
+    without a with, it is the model's own ``generate``, as before."""
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    from fxsight import NNsight, TraceError
+
+    class Counting(BaseStreamer):
+        def __init__(self):
+            self.calls = 0
+
+        def put(self, value):
+            self.calls += 1
+
+        def end(self):
+            pass
+
+    hf = AutoModelForCausalLM.from_pretrained(saved_models["two"]).eval()
+    net = NNsight(hf)
+    ids = torch.tensor([[5, 6, 7]])
+    streamer = Counting()
+    with pytest.raises(TraceError, match=r"LanguageModel\(model, tokenizer="):
+        with net.generate(ids, max_new_tokens=2, do_sample=False, streamer=streamer):
+            pass
+    assert streamer.calls == 0  # nothing generated
+    plain = net.generate(ids, max_new_tokens=2, do_sample=False)
+    assert torch.equal(plain, hf.generate(ids, max_new_tokens=2, do_sample=False))
+
+    def helper():
+        return net.generate(ids, max_new_tokens=2, do_sample=False)
+
+    assert torch.equal(helper(), plain)  # returned by a helper: the plain call
+    assert not hasattr(NNsight(mlp()), "generate")
