@@ -47,7 +47,7 @@ _NOT_RUN = re.compile(r"<!--\s*not-run\b.*?-->\s*\Z", re.S)
 
 # Words of the examples, added as whole tokens so that they split as GPT-2 splits them.
 _GPT2_PIECES = ["The", " E", "iff", "el", " Tower", " is", " in", " Col", "os", "se", "um",
-                " Paris", " Rome"]
+                " Paris", " Rome", "Once", " upon", " a", " time"]
 
 
 def python_blocks(text: str) -> list[tuple[str, bool]]:
