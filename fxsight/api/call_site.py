@@ -38,3 +38,16 @@ def entered_by_with(frame: FrameType) -> bool:
     returned or yielded to a caller), True."""
     instruction = next_instruction(frame)
     return instruction is None or instruction.opname in _WITH | _HANDED_OUT
+
+
+def is_with_statement(frame: FrameType) -> bool:
+    """Whether the value of the running call is, for certain, a ``with`` statement's context
+    manager (a value handed out of the frame is not)."""
+    instructions = dis.get_instructions(frame.f_code)
+    for instruction in instructions:
+        if instruction.offset > frame.f_lasti:
+            if instruction.opname == "COPY":  # 3.14: COPY, then LOAD_SPECIAL (__enter__)
+                following = next(instructions, None)
+                return following is not None and following.opname == "LOAD_SPECIAL"
+            return instruction.opname in _WITH
+    return False

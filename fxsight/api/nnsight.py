@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Any
 
 import torch
 
 from .._torch import OptimizedModule, uncompiled
 from ..capture.module_tree import ModuleTree
-from ..errors import user_line
+from ..errors import TraceError, at_line, user_line
 from ..run.options import CompileOptions, RunOptions
+from .call_site import is_with_statement
 from .edit import EditTracer, export, seed_tracer
 from .aliases import check, normalize
 from .envoy import Envoy
@@ -50,6 +53,29 @@ class NNsight(Envoy):
     """
 
     _modules_tree: ModuleTree | None = None  # (the model's modules, as last walked)
+
+    @property
+    def generate(self) -> Any:
+        """The model's own ``generate`` (attributes fall through to the model). In a ``with``
+        statement it is a ``TraceError`` before anything runs: nnsight traces any method of
+        the model called there, fxsight traces generation with a ``LanguageModel``."""
+        if "generate" in self._module._modules:  # a submodule of that name: its envoy
+            return Envoy.__getattr__(self, "generate")
+        method = getattr(self._module, "generate")  # (AttributeError: the envoy's message)
+        module_type = type(self._module).__name__
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            if is_with_statement(sys._getframe(1)):
+                raise TraceError(at_line(
+                    f"`with NNsight(model).generate(...)`: nnsight traces a method of the "
+                    f"model called in a with statement, fxsight traces generation with a "
+                    f"LanguageModel: `lm = LanguageModel(model, tokenizer=tokenizer)`, then "
+                    f"`with lm.generate(...) as tracer:` (without a with, "
+                    f"`NNsight(model).generate(...)` is {module_type}.generate)",
+                    user_line()))
+            return method(*args, **kwargs)
+
+        return functools.wraps(method)(generate)
 
     _token_indexing = False
 
