@@ -394,3 +394,22 @@ def test_an_invoke_padded_by_its_own_mask_beside_an_unpadded_one_is_refused(back
             with tracer.invoke({"input_ids": [[5, 6, 7, 8]],
                                 "attention_mask": [[0, 1, 1, 1]]}):
                 lm.output.save()
+
+
+def test_a_plain_run_of_an_unpadded_input_reads_no_device_value_to_check_its_mask():
+    """``trace=False`` read the mask it had just made (``bool(mask.all())``: on a GPU a
+    wait for its queue) to decide whether to check the batch; its preparation knows. It now
+    reads nothing outside the model (whose own reads are the plain forward's), gives the
+    plain forward's logits, and a padded input of a model ignoring its mask is still
+    refused (its refusal is tested above)."""
+    model = tiny_gpt2()
+    lm = LanguageModel(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), _CountReads() as counted:
+        out = lm.trace(ids, trace=False)
+    assert _outside_invokes_and_graph(counted.reads) == []
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(ids).logits, rtol=0, atol=0)
+    with pytest.raises(TraceError, match=r"the batch's rows are padded.*_IgnoresMask"):
+        LanguageModel(_model(_IgnoresMask)).trace(
+            {"input_ids": [[1, 2, 3, 4]], "attention_mask": [[0, 1, 1, 1]]}, trace=False)

@@ -36,6 +36,18 @@ class Invoke:
         return False
 
 
+class Alone:
+    """The one input of a run without a trace (``trace=False``): no tracer, no other
+    invokes. Its preparation notes here what an :class:`Invoke`'s notes on it
+    (``padded``), for the check before the run."""
+
+    tracer = None
+    index = None
+
+    def __init__(self):
+        self.padded: bool | None = None
+
+
 class WholeBatch:
     """``tracer.invoke()`` with no input: the block sees the whole batch."""
 

@@ -47,7 +47,7 @@ from ..capture import scan
 from ..errors import TraceError, at_line, user_line
 from .edit import seed_tracer
 from .generation import Generator, GeneratorEnvoy
-from .inputs import check_keywords, describe, forward_signature
+from .inputs import check_keywords, describe, earlier_invokes, forward_signature
 from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
                             _tokenizer_beside)
 from .nnsight import NNsight
@@ -297,8 +297,8 @@ class LanguageModel(TokenEncoding, NNsight):
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])], padded=padded)
         if own_mask is not None:
             prepared["attention_mask"] = own_mask
-        if invoke is not None and invoke.tracer.invokes:
-            check_batchable(invoke.tracer.invokes[0].prepared, prepared, ids.shape[0],
+        if earlier_invokes(invoke):
+            check_batchable(earlier_invokes(invoke)[0].prepared, prepared, ids.shape[0],
                              invoke.index, line, self._encoder_decoder())
         return (), self._to_device(prepared), ids.shape[0]
 
@@ -378,8 +378,8 @@ class LanguageModel(TokenEncoding, NNsight):
         if padded:
             what = f"{where}: its rows are padded (prompts of different lengths, or an " \
                    f"attention_mask with zeros)"
-        elif invoke is not None and invoke.tracer.invokes:
-            first = invoke.tracer.invokes[0].prepared[1]["input_ids"].shape[1]
+        elif earlier_invokes(invoke):
+            first = earlier_invokes(invoke)[0].prepared[1]["input_ids"].shape[1]
             if first == ids.shape[1]:
                 return
             what = f"{where} is {ids.shape[1]} tokens long and invoke #0 {first}: the " \
@@ -391,7 +391,8 @@ class LanguageModel(TokenEncoding, NNsight):
             f"Run prompts of different lengths in separate traces (or invokes of equal "
             f"lengths)", line))
 
-    def _check_batch(self, tracer: Any, args: tuple, kwargs: dict) -> None:
+    def _check_batch(self, tracer: Any, args: tuple, kwargs: dict,
+                     padded: bool | None = None) -> None:
         """Raise before the run where the batch's rows are padded but the model does not
         keep them from the pads: the outputs the rows are read from (its logits; an
         encoder-decoder's encoder hidden states too) are not computed from the attention
@@ -400,13 +401,14 @@ class LanguageModel(TokenEncoding, NNsight):
         positions (``mask.cumsum(-1)`` as an index or as angles) or only by a loss, so the
         pads would change the rows they pad. A model known to ignore its mask was
         refused as its invoke was added (``_check_padding``).
-        ``tracer``: ``None`` for a plain run (``trace=False``) of ``kwargs``."""
+        ``tracer``: ``None`` for a plain run (``trace=False``) of ``kwargs``, whose
+        ``padded`` says whether its rows are padded, where its preparation knew."""
         mask = kwargs.get("attention_mask")
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             return
         lengths = [invoke.prepared[1]["input_ids"].shape[1] for invoke in tracer.invokes] \
             if tracer is not None else [kwargs["input_ids"].shape[1]]
-        if len(set(lengths)) == 1 and not _padded(tracer, mask):
+        if len(set(lengths)) == 1 and not _padded(tracer, mask, padded):
             return  # (no row is padded)
         flat = flat_inputs(args, kwargs)[0]
         index = next((i for i, value in enumerate(flat) if value is mask), None)
@@ -544,11 +546,12 @@ class LanguageModel(TokenEncoding, NNsight):
 
 
 # --- helpers ---------------------------------------------------------------------------------
-def _padded(tracer: Any, mask: torch.Tensor) -> bool:
+def _padded(tracer: Any, mask: torch.Tensor, alone: bool | None = None) -> bool:
     """Whether a row of the batch's ``mask`` has a zero, where its invokes are all as long:
     from what each invoke's preparation found on the host where every one knows (a GPU
-    does not wait for its queue once per trace for it), else read from ``mask``."""
-    known = [invoke.padded for invoke in tracer.invokes] if tracer is not None else [None]
+    does not wait for its queue once per trace for it), else read from ``mask``.
+    ``alone``: a plain run's (no ``tracer``) knowledge of its one input."""
+    known = [invoke.padded for invoke in tracer.invokes] if tracer is not None else [alone]
     if None not in known:
         return any(known)
     return not bool(mask.all())

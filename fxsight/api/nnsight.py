@@ -13,7 +13,9 @@ from ..run.options import CompileOptions, RunOptions
 from .edit import EditTracer, export, seed_tracer
 from .envoy import Envoy, renames
 from .inputs import (batch, batch_size, check_batchable, check_keywords, describe,
-                     expand_mapping, named_inputs, plain_batch_size, plainly_batchable)
+                     earlier_invokes, expand_mapping, named_inputs, plain_batch_size,
+                     plainly_batchable)
+from .invokes import Alone
 from .session import Session
 from .tracer import ScanTracer, Tracer
 
@@ -112,9 +114,10 @@ class NNsight(Envoy):
                 with Tracer(self, args, kwargs, options) as tracer:
                     seed_tracer(tracer, self._edits)
                 return tracer.result
-            prepared = self._prepare_invoke(args, kwargs, None)
+            alone = Alone()  # (what its preparation knows: no device read to check it)
+            prepared = self._prepare_invoke(args, kwargs, alone)
             self._before_run()
-            self._check_batch(None, prepared[0], prepared[1])
+            self._check_batch(None, prepared[0], prepared[1], alone.padded)
             return self._module(*prepared[0], **prepared[1])
         tracer = Tracer(self, args, kwargs, options)
         if self._edits:
@@ -198,8 +201,8 @@ class NNsight(Envoy):
             check_keywords(module, args, kwargs, where, line)
             size = batch_size(named_inputs(module, args, kwargs), bool(args), where, line)
         prepared = (args, kwargs, size)
-        if invoke is not None and invoke.tracer.invokes:
-            first = invoke.tracer.invokes[0].prepared
+        if earlier_invokes(invoke):
+            first = earlier_invokes(invoke)[0].prepared
             if not plainly_batchable(first, prepared):
                 check_batchable(first, prepared, invoke.index, line or user_line())
         return prepared
@@ -216,10 +219,12 @@ class NNsight(Envoy):
     def _before_run(self) -> None:
         """Last preparations before the model runs (LanguageModel dispatches weights)."""
 
-    def _check_batch(self, tracer: Any, args: tuple, kwargs: dict) -> None:
+    def _check_batch(self, tracer: Any, args: tuple, kwargs: dict,
+                     padded: bool | None = None) -> None:
         """Raise before the run where the batched inputs cannot give each invoke its own
         values (LanguageModel: padded rows of a model that ignores the attention mask).
-        ``tracer``: ``None`` for a plain run (``trace=False``)."""
+        ``tracer``: ``None`` for a plain run (``trace=False``), whose ``padded`` says
+        whether its rows are padded, where its preparation knew (``None``: not known)."""
 
     def _device(self) -> torch.device:
         """The device of the model's first parameter (the CPU where it has none)."""
