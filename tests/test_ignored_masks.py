@@ -413,3 +413,36 @@ def test_a_plain_run_of_an_unpadded_input_reads_no_device_value_to_check_its_mas
     with pytest.raises(TraceError, match=r"the batch's rows are padded.*_IgnoresMask"):
         LanguageModel(_model(_IgnoresMask)).trace(
             {"input_ids": [[1, 2, 3, 4]], "attention_mask": [[0, 1, 1, 1]]}, trace=False)
+
+
+def test_unpadded_invokes_run_their_graph_without_reading_the_mask():
+    """The rewritten graph checked at every run that the batch's mask is all ones
+    (``attention_masks.all_ones``: a read, on a GPU a wait for its queue, per trace); the
+    invokes' preparation knows it on the host. An fx trace of unpadded invokes now reads
+    nothing but its invokes' token checks, with the plain forward's logits; a padded
+    batch, and a caller's mask with a zero written into it after its invoke, still run
+    masked, as their preparation found them."""
+    model = tiny_gpt2()
+    lm = LanguageModel(model)
+    a, b = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11, 12]])
+    for _ in range(2):  # (the second: captured, as in a loop)
+        with torch.no_grad(), _CountReads() as counted:
+            with lm.trace(backend="fx") as tracer:
+                with tracer.invoke(a):
+                    first = lm.output.logits.save()
+                with tracer.invoke(b):
+                    second = lm.output.logits.save()
+    assert tracer.backend == "fx"
+    assert [n for n in counted.reads if not any(x.endswith(":_prepare_invoke")
+                                                for x in n)] == []
+    with torch.no_grad():
+        expected = model(torch.cat([a, b])).logits
+        torch.testing.assert_close(torch.cat([first, second]), expected)
+        mask = torch.ones(1, 4, dtype=torch.long)
+        with lm.trace({"input_ids": b, "attention_mask": mask}, backend="fx"):
+            mask[0, 0] = 0  # (after its invoke: the input is as it was given)
+            kept = lm.output.logits.save()
+        torch.testing.assert_close(kept, model(b).logits)
+        with lm.trace([[5, 6, 7, 8], [9, 10]], backend="fx"):
+            padded = lm.output.logits.save()
+        torch.testing.assert_close(padded[1, 2:], model(torch.tensor([[9, 10]])).logits[0])

@@ -226,6 +226,11 @@ class NNsight(Envoy):
         ``tracer``: ``None`` for a plain run (``trace=False``), whose ``padded`` says
         whether its rows are padded, where its preparation knew (``None``: not known)."""
 
+    def _unpadded_masks(self, tracer: Any, kwargs: dict) -> tuple:
+        """The padding masks among the batched ``kwargs`` known all ones without reading
+        them (LanguageModel: from its invokes' preparation); none here."""
+        return ()
+
     def _device(self) -> torch.device:
         """The device of the model's first parameter (the CPU where it has none)."""
         module = self._module

@@ -8,6 +8,7 @@ caller's names for saved values are bound to the results.
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from threading import get_ident
 from typing import Any
 
@@ -26,6 +27,7 @@ from ..record.scope import ALL, Steps
 from ..record.sites import OUTPUT, Site, is_operation
 from ..run.forward import run_program
 from ..run.options import RunOptions
+from ..splice.attention_masks import known_ones
 from ..splice.rows import Rows
 from ..splice.meta_walker import MetaWalker
 from ..stats import bump
@@ -422,10 +424,12 @@ class Tracer(TraceMetadata):
         args, kwargs, rows = self._prepare_run()
         self._check_shapes_read(args, kwargs, rows)
         bump("traces")
-        outcome = run_program(self.model._module, self.recorder.program, args, kwargs, rows,
-                              self.options, self.model._fallback_warned,
-                              stop=self._stop_line is not None,
-                              last=getattr(self.model, "_last_run", None))
+        known = self.model._unpadded_masks(self, kwargs)
+        with known_ones(known) if known else nullcontext():
+            outcome = run_program(self.model._module, self.recorder.program, args, kwargs,
+                                  rows, self.options, self.model._fallback_warned,
+                                  stop=self._stop_line is not None,
+                                  last=getattr(self.model, "_last_run", None))
         self.backend = outcome.backend
         self.graph_module = outcome.graph_module
         self._output, self._output_kept = outcome.output, outcome.output_kept
