@@ -48,6 +48,8 @@ class NNsight(Envoy):
     """
 
     _modules_tree: ModuleTree | None = None  # (the model's modules, as last walked)
+    # (the tree of the latest walk of ``_other_paths`` and what it found)
+    _shared_walk: tuple[ModuleTree, dict[str, str]] | None = None
 
     _token_indexing = False
 
@@ -253,6 +255,23 @@ class NNsight(Envoy):
         modules = list(self._module.modules())
         object.__setattr__(self, "_modules_tree", ModuleTree.of(modules))
         return modules
+
+    def _other_paths(self) -> dict[str, str]:
+        """Each path of a module registered at several paths (``self.b = self.a``) but its
+        first -> its first path, walked again only where the module tree changed since
+        the last walk (the dict is the caller's to read, not to change)."""
+        module = self._module
+        walk = self._shared_walk
+        if walk is not None and walk[0].unchanged(module):
+            return walk[1]
+        first: dict[torch.nn.Module, str] = {}
+        others = {}
+        for path, child in module.named_modules(remove_duplicate=False):
+            if first.setdefault(child, path) != path:
+                others[path] = first[child]
+        tree = ModuleTree.of(list(first))
+        object.__setattr__(self, "_shared_walk", (tree, others) if tree is not None else None)
+        return others
 
     def _token_indexer(self, tracer, proxy):
         raise AttributeError("token indexing is available on LanguageModel")
