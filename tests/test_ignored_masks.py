@@ -353,10 +353,12 @@ class _CountReads(torch.overrides.TorchFunctionMode):
 
 
 def _outside_invokes_and_graph(reads: list[list[str]]) -> list[list[str]]:
-    """The reads made neither while an invoke's input was prepared (its token ids checked)
-    nor inside the rewritten graph (the eager forward's own all-ones check of the mask)."""
+    """The reads made neither by the checks of the invokes' token ids (as an input is
+    prepared, or for all its trace's invokes at once) nor inside the rewritten graph (the
+    eager forward's own all-ones check of the mask)."""
     return [names for names in reads
-            if not any(n.endswith(":_prepare_invoke") or n.startswith("<fxsight") or
+            if not any(n.endswith(":_prepare_invoke") or n.endswith(":_check_invokes") or
+                       n.startswith("<fxsight") or
                        n == "run/executable.py:__call__" for n in names)]
 
 
@@ -433,7 +435,8 @@ def test_unpadded_invokes_run_their_graph_without_reading_the_mask():
                 with tracer.invoke(b):
                     second = lm.output.logits.save()
     assert tracer.backend == "fx"
-    assert [n for n in counted.reads if not any(x.endswith(":_prepare_invoke")
+    assert [n for n in counted.reads if not any(x.endswith((":_prepare_invoke",
+                                                           ":_check_invokes"))
                                                 for x in n)] == []
     with torch.no_grad():
         expected = model(torch.cat([a, b])).logits

@@ -20,6 +20,9 @@ class Invoke:
         # whether its attention mask has a zero, where the wrapper knows it without reading
         # the device (LanguageModel: from the tokens' facts); None where not known
         self.padded: bool | None = None
+        # a check its preparation left to be made with the other invokes' before the run
+        # (LanguageModel: ``(extremes of its token ids, where, line)``, read at once)
+        self.unchecked: tuple | None = None
         self._previous: Scope | None = None
 
     def __enter__(self) -> "Invoke":

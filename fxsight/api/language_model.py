@@ -57,7 +57,7 @@ from .token_index import TokenIndexer
 from .token_inputs import (TOKEN_KEYWORDS, aligned, as_row, batch_sized, check_batchable,
                            check_positions, keyword_input, past_length, past_width,
                            split_past_mask, with_past_mask, with_token_keywords)
-from .token_rows import TokenFacts, left_pad, real_positions, unpredicted_first
+from .token_rows import TokenFacts, id_ranges, left_pad, real_positions, unpredicted_first
 
 _UNKNOWN = object()  # (an argument not given)
 # keys of a dict input that are not forwarded as they come but re-laid out with the rows
@@ -276,7 +276,7 @@ class LanguageModel(TokenEncoding, NNsight):
         value, past_mask = split_past_mask(value, past, where, line)
         ids, mask, extras, facts = self._encode(value, where, line,
                                                 self._tokenizer_options(kwargs))
-        self._check_ids(ids, facts, where, line, past)
+        self._check_ids(ids, facts, where, line, past, invoke)
         if past:
             mask = with_past_mask(mask, past_mask, past)
         prepared: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
@@ -524,16 +524,22 @@ class LanguageModel(TokenEncoding, NNsight):
         return 0, _PAD_VALUES["position_ids"]
 
     def _check_ids(self, ids: torch.Tensor, facts: "TokenFacts", where: str,
-                   line: str, past: int = 0) -> None:
+                   line: str, past: int = 0, invoke: Any = None) -> None:
         """Raise where a token id is outside the vocabulary, or the input (after a cache's
-        ``past`` tokens) goes beyond a learned position embedding."""
+        ``past`` tokens) goes beyond a learned position embedding. Ids whose range is not
+        known yet (``facts.low`` None) are checked with the trace's other invokes' before
+        the run (``_check_invokes``: one device read), or now where ``invoke`` has no
+        tracer."""
         embeddings = self._input_embeddings()
-        size = getattr(embeddings, "num_embeddings", None)
-        low, high = facts.low, facts.high
-        if low < 0 or (size is not None and high >= size):
-            bad = low if low < 0 else high
-            raise TraceError(at_line(f"{where}: token id {bad} is outside the model's "
-                                     f"vocabulary of {size} tokens", line))
+        if facts.low is None:
+            extremes = torch.stack([ids.min(), ids.max()])
+            if getattr(invoke, "tracer", None) is None:
+                (low, high), = id_ranges([extremes])
+                self._check_range(low, high, where, line, embeddings)
+            else:
+                invoke.unchecked = (extremes, where, line)
+        else:
+            self._check_range(facts.low, facts.high, where, line, embeddings)
         positions = self._position_embedding(embeddings)
         # a learned position embedding of `limit` rows, from the first position the model
         # counts from (rotary ones have no limit)
@@ -545,6 +551,32 @@ class LanguageModel(TokenEncoding, NNsight):
                 f"{past + ids.shape[1]} tokens"
             raise TraceError(at_line(f"{where}: {length}, longer than the model's {limit} "
                                      f"positions", line))
+
+    def _check_range(self, low: int, high: int, where: str, line: str,
+                     embeddings: Any = _UNKNOWN) -> None:
+        """Raise where ``low``..``high`` (an input's token ids) leaves the vocabulary (the
+        rows of the input ``embeddings``, found where not given)."""
+        if embeddings is _UNKNOWN:
+            embeddings = self._input_embeddings()
+        size = getattr(embeddings, "num_embeddings", None)
+        if low < 0 or (size is not None and high >= size):
+            bad = low if low < 0 else high
+            raise TraceError(at_line(f"{where}: token id {bad} is outside the model's "
+                                     f"vocabulary of {size} tokens", line))
+
+    def _check_invokes(self, invokes: list) -> None:
+        """The range checks of the invokes' token ids left by their preparation, in one
+        device read for all (in invoke order: the first that fails raises)."""
+        unchecked = [invoke for invoke in invokes if invoke.unchecked is not None]
+        if not unchecked:
+            return
+        ranges = id_ranges([invoke.unchecked[0] for invoke in unchecked])
+        embeddings = self._input_embeddings()
+        for invoke, (low, high) in zip(unchecked, ranges):
+            _, where, line = invoke.unchecked
+            self._check_range(low, high, where, line, embeddings)
+        for invoke in unchecked:
+            invoke.unchecked = None
 
     def _to_device(self, kwargs: dict) -> dict:
         device = self._device()

@@ -228,6 +228,11 @@ class NNsight(Envoy):
         ``tracer``: ``None`` for a plain run (``trace=False``), whose ``padded`` says
         whether its rows are padded, where its preparation knew (``None``: not known)."""
 
+    def _check_invokes(self, invokes: list) -> None:
+        """Make the checks the invokes' preparation left to be made together (one device
+        read for all: LanguageModel's token ids), raising for the first that fails; none
+        here."""
+
     def _unpadded_masks(self, tracer: Any, kwargs: dict) -> tuple:
         """The padding masks among the batched ``kwargs`` known all ones without reading
         them (LanguageModel: from its invokes' preparation); none here."""

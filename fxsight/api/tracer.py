@@ -371,6 +371,7 @@ class Tracer(TraceMetadata):
                 f"the trace of {type(self.model._module).__name__} has no input: pass the "
                 f"model's inputs to trace(...), positionally or as keywords (e.g. "
                 f"input_ids=...), or add them with tracer.invoke(...)", self._line))
+        self.model._check_invokes(self.invokes)  # (what their preparation left, at once)
         if len(self.invokes) == 1:  # (the common case)
             invoke = self.invokes[0]
             args, kwargs = self.model._batch_inputs([invoke.prepared])
