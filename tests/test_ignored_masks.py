@@ -449,3 +449,30 @@ def test_unpadded_invokes_run_their_graph_without_reading_the_mask():
         with lm.trace([[5, 6, 7, 8], [9, 10]], backend="fx"):
             padded = lm.output.logits.save()
         torch.testing.assert_close(padded[1, 2:], model(torch.tensor([[9, 10]])).logits[0])
+
+
+def test_a_padded_batch_runs_its_graph_without_reading_the_mask():
+    """The rewritten graph read the mask of a batch that its invokes' preparation knew
+    padded (prompts of different lengths, a mask of the caller's with a zero) to find it
+    not all ones; it now reads nothing inside the graph, and each row is its prompt's
+    alone (the plain forward's)."""
+    model = tiny_gpt2()
+    lm = LanguageModel(model)
+    for _ in range(2):  # (the second: captured, as in a loop)
+        with torch.no_grad(), _CountReads() as counted:
+            with lm.trace(backend="fx") as tracer:
+                with tracer.invoke([5, 6, 7, 8]):
+                    long = lm.output.logits.save()
+                with tracer.invoke([9, 10]):
+                    short = lm.output.logits.save()
+                with tracer.invoke({"input_ids": [[1, 11, 12, 13]],
+                                    "attention_mask": [[0, 1, 1, 1]]}):
+                    masked = lm.output.logits.save()
+    assert tracer.backend == "fx"
+    assert [n for n in counted.reads if any(x.startswith("<fxsight") or
+                                            x == "run/executable.py:__call__"
+                                            for x in n)] == []
+    with torch.no_grad():
+        torch.testing.assert_close(long, model(torch.tensor([[5, 6, 7, 8]])).logits)
+        torch.testing.assert_close(short[:, 2:], model(torch.tensor([[9, 10]])).logits)
+        torch.testing.assert_close(masked[:, 1:], model(torch.tensor([[11, 12, 13]])).logits)

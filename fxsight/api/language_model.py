@@ -438,18 +438,19 @@ class LanguageModel(TokenEncoding, NNsight):
             f"different lengths in separate traces (or invokes of equal lengths)",
             tracer._line if tracer is not None else user_line()))
 
-    def _unpadded_masks(self, tracer: Any, kwargs: dict) -> tuple:
-        """The batch's ``attention_mask`` where every invoke's preparation found its rows
-        unpadded and all are as long (the rewritten graph's check that it is all ones then
-        reads nothing: on a GPU, no wait for its queue at each run); else none."""
+    def _known_masks(self, tracer: Any, kwargs: dict) -> tuple:
+        """``((attention_mask, whether it is all ones),)`` for the batch where every
+        invoke's preparation knew whether its rows are padded (invokes of other lengths
+        are padded to the longest): the rewritten graph's check of it then reads nothing
+        (on a GPU, no wait for its queue at each run); else none."""
         mask = kwargs.get("attention_mask")
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not tracer.invokes:
             return ()
-        length = mask.shape[1]
-        if all(invoke.padded is False and invoke.prepared[1]["attention_mask"].shape[1] ==
-               length for invoke in tracer.invokes):
-            return (mask,)
-        return ()
+        known = [invoke.padded for invoke in tracer.invokes]
+        if None in known:
+            return ()
+        lengths = {invoke.prepared[1]["attention_mask"].shape[1] for invoke in tracer.invokes}
+        return ((mask, not any(known) and len(lengths) == 1),)
 
     def _with_positions(self, batched: dict, invokes: list[tuple[dict, int]],
                         padded: bool | None = None) -> dict:

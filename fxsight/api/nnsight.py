@@ -233,9 +233,10 @@ class NNsight(Envoy):
         read for all: LanguageModel's token ids), raising for the first that fails; none
         here."""
 
-    def _unpadded_masks(self, tracer: Any, kwargs: dict) -> tuple:
-        """The padding masks among the batched ``kwargs`` known all ones without reading
-        them (LanguageModel: from its invokes' preparation); none here."""
+    def _known_masks(self, tracer: Any, kwargs: dict) -> tuple:
+        """``(mask, whether it is all ones)`` of the padding masks among the batched
+        ``kwargs`` known without reading them (LanguageModel: from its invokes'
+        preparation); none here."""
         return ()
 
     def _device(self) -> torch.device:

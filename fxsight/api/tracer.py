@@ -27,7 +27,7 @@ from ..record.scope import ALL, Steps
 from ..record.sites import OUTPUT, Site, is_operation
 from ..run.forward import run_program
 from ..run.options import RunOptions
-from ..splice.attention_masks import known_ones
+from ..splice.attention_masks import known_masks
 from ..splice.rows import Rows
 from ..splice.meta_walker import MetaWalker
 from ..stats import bump
@@ -425,8 +425,8 @@ class Tracer(TraceMetadata):
         args, kwargs, rows = self._prepare_run()
         self._check_shapes_read(args, kwargs, rows)
         bump("traces")
-        known = self.model._unpadded_masks(self, kwargs)
-        with known_ones(known) if known else nullcontext():
+        known = self.model._known_masks(self, kwargs)
+        with known_masks(known) if known else nullcontext():
             outcome = run_program(self.model._module, self.recorder.program, args, kwargs,
                                   rows, self.options, self.model._fallback_warned,
                                   stop=self._stop_line is not None,
