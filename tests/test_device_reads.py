@@ -104,3 +104,26 @@ def test_an_id_outside_the_vocabulary_is_refused_before_the_run(backend):
     finally:
         handle.remove()
     assert calls == []
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_batch_of_prompts_of_different_lengths_reads_nothing(backend):
+    """Prompts given as lists of ids (as a tokenizer gives them) are checked and padded on
+    the host; the batch still compared each invoke's position ids, which fxsight had made
+    from its mask, with those made again (``torch.equal``), and read the batch's mask to
+    find it padded (``mask.all()``): two waits per trace on a GPU. fxsight now reads
+    nothing, and each row is its prompt's alone (the plain forward's)."""
+    model = tiny_gpt2()
+    lm = LanguageModel(model)
+    for _ in range(2):  # (the second: captured, as in a loop)
+        with torch.no_grad(), _CountReads() as counted:
+            with lm.trace(backend=backend) as tracer:
+                with tracer.invoke([5, 6, 7, 8]):
+                    long = lm.output.logits.save()
+                with tracer.invoke([[9, 10], [11, 12, 13]]):
+                    short = lm.output.logits.save()
+    assert counted.reads == []
+    with torch.no_grad():
+        torch.testing.assert_close(long, model(torch.tensor([[5, 6, 7, 8]])).logits)
+        torch.testing.assert_close(short[:1, 2:], model(torch.tensor([[9, 10]])).logits)
+        torch.testing.assert_close(short[1:, 1:], model(torch.tensor([[11, 12, 13]])).logits)

@@ -23,6 +23,9 @@ class Invoke:
         # a check its preparation left to be made with the other invokes' before the run
         # (LanguageModel: ``(extremes of its token ids, where, line)``, read at once)
         self.unchecked: tuple | None = None
+        # its position ids are the wrapper's own (LanguageModel: real-token positions of its
+        # mask), not the caller's: the batch does not compare them again
+        self.positions_made = False
         self._previous: Scope | None = None
 
     def __enter__(self) -> "Invoke":

@@ -294,7 +294,10 @@ class LanguageModel(TokenEncoding, NNsight):
         self._check_padding(ids, padded, invoke, where, line)
         if invoke is not None and own_mask is None:
             invoke.padded = padded  # (the batch's check reads it, not the device)
+        own_positions = prepared.get("position_ids") is None
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])], padded=padded)
+        if invoke is not None and own_positions and "position_ids" in prepared:
+            invoke.positions_made = True  # (the batch's positions need not compare them)
         if own_mask is not None:
             prepared["attention_mask"] = own_mask
         if earlier_invokes(invoke):
@@ -302,12 +305,15 @@ class LanguageModel(TokenEncoding, NNsight):
                              invoke.index, line, self._encoder_decoder())
         return (), self._to_device(prepared), ids.shape[0]
 
-    def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:
-        """Left-pad every invoke's token-aligned tensors to the longest, concatenate rows."""
+    def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]],
+                      invokes: list | None = None) -> tuple[tuple, dict]:
+        """Left-pad every invoke's token-aligned tensors to the longest, concatenate rows
+        (``invokes``: those they were prepared for, where known: what their preparation
+        found is not read from the device again)."""
         encoder_decoder = self._encoder_decoder()  # (a config's attribute: read once)
         for i, (_, kw, n) in enumerate(prepared[1:], 1):
             check_batchable(prepared[0], kw, n, i, None, encoder_decoder)
-        invokes = [kw for _, kw, _ in prepared]
+        known, invokes = invokes, [kw for _, kw, _ in prepared]
         length = max(kw["input_ids"].shape[1] for kw in invokes)
         batched: dict[str, Any] = {}
         for key in [k for k in invokes[0] if k != "position_ids"]:
@@ -333,7 +339,9 @@ class LanguageModel(TokenEncoding, NNsight):
             all("position_ids" not in kw and kw["input_ids"].shape[1] == length
                 for kw in invokes)
         batched = self._with_positions(batched, [(kw, length) for kw in invokes],
-                                       padded=False if unpadded else None)
+                                       padded=False if unpadded else
+                                       _known_padding(known, invokes, length),
+                                       made=[i.positions_made for i in known or ()])
         if self._mask_ignored() is not None and not self._takes_mask():
             batched.pop("attention_mask")  # (all ones: _check_padding saw to it)
         return (), batched
@@ -453,14 +461,15 @@ class LanguageModel(TokenEncoding, NNsight):
         return ((mask, not any(known) and len(lengths) == 1),)
 
     def _with_positions(self, batched: dict, invokes: list[tuple[dict, int]],
-                        padded: bool | None = None) -> dict:
+                        padded: bool | None = None, made: list[bool] | None = None) -> dict:
         """``batched`` with ``position_ids`` that count real tokens only, where needed
-        (``padded``: whether a row of its mask is padded, where known)."""
+        (``padded``: whether a row of its mask is padded, where known; ``made``: for each
+        invoke, whether its ``position_ids`` are these already, where known)."""
         if padded is False and all(kw.get("position_ids") is None for kw, _ in invokes):
             return {k: v for k, v in batched.items() if k != "position_ids"}
         parts, explicit = [], False
         first, pad = self._position_layout()
-        for kw, length in invokes:
+        for i, (kw, length) in enumerate(invokes):
             mask = kw["attention_mask"]
             given = kw.get("position_ids")
             if mask.dim() != 2:  # (the caller's own mask: positions only where given)
@@ -473,7 +482,8 @@ class LanguageModel(TokenEncoding, NNsight):
             # tokens too counts them)
             auto = real_positions(mask, first, pad)[:, mask.shape[1] -
                                                      kw["input_ids"].shape[1]:]
-            if given is not None and not torch.equal(given.to(auto.device), auto):
+            if given is not None and not (made and made[i]) and \
+                    not torch.equal(given.to(auto.device), auto):
                 explicit = True
                 auto = given
             parts.append(left_pad(auto, length, pad))
@@ -601,6 +611,17 @@ def _padded(tracer: Any, mask: torch.Tensor, alone: bool | None = None) -> bool:
     if None not in known:
         return any(known)
     return not bool(mask.all())
+
+
+def _known_padding(invokes: list | None, prepared: list[dict], length: int) -> bool | None:
+    """Whether a row of the batch of ``prepared`` inputs (left-padded to ``length``) is
+    padded, from what its ``invokes``' preparation found (``None`` where one did not
+    know, or the invokes are not known)."""
+    if not invokes or len(invokes) != len(prepared) or \
+            any(invoke.padded is None for invoke in invokes):
+        return None
+    return any(invoke.padded for invoke in invokes) or \
+        any(kw["input_ids"].shape[1] != length for kw in prepared)
 
 
 def _generating(invoke: Any) -> bool:

@@ -209,8 +209,10 @@ class NNsight(Envoy):
                 check_batchable(first, prepared, invoke.index, line or user_line())
         return prepared
 
-    def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:
-        """Concatenate several invokes' inputs along the batch dimension."""
+    def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]],
+                      invokes: list | None = None) -> tuple[tuple, dict]:
+        """Concatenate several invokes' inputs along the batch dimension (``invokes``: the
+        invokes they were prepared for, where known)."""
         if len(prepared) == 1:
             return prepared[0][0], prepared[0][1]
         if _tensors_and_same_options(prepared):

@@ -374,11 +374,11 @@ class Tracer(TraceMetadata):
         self.model._check_invokes(self.invokes)  # (what their preparation left, at once)
         if len(self.invokes) == 1:  # (the common case)
             invoke = self.invokes[0]
-            args, kwargs = self.model._batch_inputs([invoke.prepared])
+            args, kwargs = self.model._batch_inputs([invoke.prepared], self.invokes)
             whole = Rows(0, invoke.prepared[2], invoke.prepared[2])
             return args, kwargs, {None: whole, invoke.index: whole}
         prepared = [inv.prepared for inv in self.invokes]
-        args, kwargs = self.model._batch_inputs(prepared)
+        args, kwargs = self.model._batch_inputs(prepared, self.invokes)
         total = sum([size for _, _, size in prepared])
         rows: dict[Any, Rows] = {None: Rows(0, total, total)}
         start = 0
