@@ -364,3 +364,46 @@ def test_cache_inside_tracer_iter_holds_that_call(backend):
         with net.trace(x, backend=backend) as tracer:
             with tracer.iter[1]:
                 tracer.cache(modules=[net.fc, net.out])
+
+
+def _calls(function, run) -> int:
+    """How many times ``run`` calls the plain Python ``function``, seen by a profile
+    function (nothing is patched)."""
+    import sys
+
+    code, count = function.__code__, [0]
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code is code:
+            count[0] += 1
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(previous)
+    return count[0]
+
+
+def test_a_cache_trace_in_a_loop_lays_out_its_sites_once(gpt2):
+    """``tracer.cache()`` made every site's meta value at every trace (meta tensors, a
+    ModelOutput rebuilt) only for its layout, which the capture fixes: it is made once per
+    capture. Each trace's values, at lengths a dynamic-shape capture may share, are still
+    the forward hooks' (and their layouts the modules')."""
+    from fxsight.capture.captured_forward import Captured
+
+    model = NNsight(gpt2)
+    for length in (5, 7, 5, 9, 9):
+        x = _ids()[:, :length]
+        _, expected = _hook_capture(gpt2, x)
+        holder = []
+
+        def trace():
+            with torch.no_grad(), model.trace(x, use_cache=False, backend="fx") as tracer:
+                holder.append(tracer.cache())
+
+        made = _calls(Captured.meta_value, trace)
+        for path, output in expected.items():
+            _assert_same(holder[0][_key(path)].output, output)
+    assert made == 0

@@ -353,10 +353,12 @@ class _CountReads(torch.overrides.TorchFunctionMode):
 
 
 def _outside_invokes_and_graph(reads: list[list[str]]) -> list[list[str]]:
-    """The reads made neither while an invoke's input was prepared (its token ids checked)
-    nor inside the rewritten graph (the eager forward's own all-ones check of the mask)."""
+    """The reads made neither by the checks of the invokes' token ids (as an input is
+    prepared, or for all its trace's invokes at once) nor inside the rewritten graph (the
+    eager forward's own all-ones check of the mask)."""
     return [names for names in reads
-            if not any(n.endswith(":_prepare_invoke") or n.startswith("<fxsight") or
+            if not any(n.endswith(":_prepare_invoke") or n.endswith(":_check_invokes") or
+                       n.startswith("<fxsight") or
                        n == "run/executable.py:__call__" for n in names)]
 
 
@@ -394,3 +396,83 @@ def test_an_invoke_padded_by_its_own_mask_beside_an_unpadded_one_is_refused(back
             with tracer.invoke({"input_ids": [[5, 6, 7, 8]],
                                 "attention_mask": [[0, 1, 1, 1]]}):
                 lm.output.save()
+
+
+def test_a_plain_run_of_an_unpadded_input_reads_no_device_value_to_check_its_mask():
+    """``trace=False`` read the mask it had just made (``bool(mask.all())``: on a GPU a
+    wait for its queue) to decide whether to check the batch; its preparation knows. It now
+    reads nothing outside the model (whose own reads are the plain forward's), gives the
+    plain forward's logits, and a padded input of a model ignoring its mask is still
+    refused (its refusal is tested above)."""
+    model = tiny_gpt2()
+    lm = LanguageModel(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), _CountReads() as counted:
+        out = lm.trace(ids, trace=False)
+    assert _outside_invokes_and_graph(counted.reads) == []
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(ids).logits, rtol=0, atol=0)
+    with pytest.raises(TraceError, match=r"the batch's rows are padded.*_IgnoresMask"):
+        LanguageModel(_model(_IgnoresMask)).trace(
+            {"input_ids": [[1, 2, 3, 4]], "attention_mask": [[0, 1, 1, 1]]}, trace=False)
+
+
+def test_unpadded_invokes_run_their_graph_without_reading_the_mask():
+    """The rewritten graph checked at every run that the batch's mask is all ones
+    (``attention_masks.all_ones``: a read, on a GPU a wait for its queue, per trace); the
+    invokes' preparation knows it on the host. An fx trace of unpadded invokes now reads
+    nothing but its invokes' token checks, with the plain forward's logits; a padded
+    batch, and a caller's mask with a zero written into it after its invoke, still run
+    masked, as their preparation found them."""
+    model = tiny_gpt2()
+    lm = LanguageModel(model)
+    a, b = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11, 12]])
+    for _ in range(2):  # (the second: captured, as in a loop)
+        with torch.no_grad(), _CountReads() as counted:
+            with lm.trace(backend="fx") as tracer:
+                with tracer.invoke(a):
+                    first = lm.output.logits.save()
+                with tracer.invoke(b):
+                    second = lm.output.logits.save()
+    assert tracer.backend == "fx"
+    assert [n for n in counted.reads if not any(x.endswith((":_prepare_invoke",
+                                                           ":_check_invokes"))
+                                                for x in n)] == []
+    with torch.no_grad():
+        expected = model(torch.cat([a, b])).logits
+        torch.testing.assert_close(torch.cat([first, second]), expected)
+        mask = torch.ones(1, 4, dtype=torch.long)
+        with lm.trace({"input_ids": b, "attention_mask": mask}, backend="fx"):
+            mask[0, 0] = 0  # (after its invoke: the input is as it was given)
+            kept = lm.output.logits.save()
+        torch.testing.assert_close(kept, model(b).logits)
+        with lm.trace([[5, 6, 7, 8], [9, 10]], backend="fx"):
+            padded = lm.output.logits.save()
+        torch.testing.assert_close(padded[1, 2:], model(torch.tensor([[9, 10]])).logits[0])
+
+
+def test_a_padded_batch_runs_its_graph_without_reading_the_mask():
+    """The rewritten graph read the mask of a batch that its invokes' preparation knew
+    padded (prompts of different lengths, a mask of the caller's with a zero) to find it
+    not all ones; it now reads nothing inside the graph, and each row is its prompt's
+    alone (the plain forward's)."""
+    model = tiny_gpt2()
+    lm = LanguageModel(model)
+    for _ in range(2):  # (the second: captured, as in a loop)
+        with torch.no_grad(), _CountReads() as counted:
+            with lm.trace(backend="fx") as tracer:
+                with tracer.invoke([5, 6, 7, 8]):
+                    long = lm.output.logits.save()
+                with tracer.invoke([9, 10]):
+                    short = lm.output.logits.save()
+                with tracer.invoke({"input_ids": [[1, 11, 12, 13]],
+                                    "attention_mask": [[0, 1, 1, 1]]}):
+                    masked = lm.output.logits.save()
+    assert tracer.backend == "fx"
+    assert [n for n in counted.reads if any(x.startswith("<fxsight") or
+                                            x == "run/executable.py:__call__"
+                                            for x in n)] == []
+    with torch.no_grad():
+        torch.testing.assert_close(long, model(torch.tensor([[5, 6, 7, 8]])).logits)
+        torch.testing.assert_close(short[:, 2:], model(torch.tensor([[9, 10]])).logits)
+        torch.testing.assert_close(masked[:, 1:], model(torch.tensor([[11, 12, 13]])).logits)

@@ -682,8 +682,9 @@ def test_the_facts_of_rows_and_of_unpadded_ids_are_those_of_their_tensors():
     """The token facts found without tensors (rows of Python ids, ragged or not: read from
     the lists) or without reading a mask (ids under a mask of ones the wrapper made) are
     those read from the ids and mask tensors the wrapper builds (was: a ragged list's rows
-    taken as unpadded, their position ids not counting real tokens)."""
-    from fxsight.api.token_rows import row_facts, token_facts, unpadded_facts
+    taken as unpadded, their position ids not counting real tokens). Unpadded ids leave
+    their range to be read with the other invokes' (``id_ranges``), which finds it too."""
+    from fxsight.api.token_rows import id_ranges, row_facts, token_facts, unpadded_facts
 
     for rows, pad in (([[5, 6, 7]], 0), ([[5, 6, 7], [9]], 0), ([[5, 6], [3, 4]], 0),
                       ([[5, 6, 7], [9]], 11), ([[7]], 2)):
@@ -691,5 +692,10 @@ def test_the_facts_of_rows_and_of_unpadded_ids_are_those_of_their_tensors():
         ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
         assert row_facts(rows, pad) == token_facts(ids, mask)[0], (rows, pad)
+    pairs = []
     for ids in (torch.tensor([[5, 6, 7]]), torch.tensor([[0, 9], [3, 1]])):
-        assert unpadded_facts(ids) == token_facts(ids, torch.ones_like(ids))[0]
+        facts, read = unpadded_facts(ids), token_facts(ids, torch.ones_like(ids))[0]
+        assert facts.low is facts.high is None
+        assert facts._replace(low=read.low, high=read.high) == read
+        pairs.append((torch.stack([ids.min(), ids.max()]), (read.low, read.high)))
+    assert id_ranges([extremes for extremes, _ in pairs]) == [found for _, found in pairs]

@@ -262,3 +262,53 @@ def test_a_path_follows_a_change_below_the_root_between_traces(backend, change):
     expected, seen = _with_hook(model, model.outer.b, 1, lambda o: o * 2, x)
     torch.testing.assert_close(first, seen[0])
     torch.testing.assert_close(out, expected)
+
+
+def _top_level_walks(run) -> int:
+    """How many walks of a module tree (``named_modules`` calls not made by another) ``run``
+    makes, seen by a profile function (no class is patched)."""
+    import sys
+
+    code, frames = torch.nn.Module.named_modules.__code__, []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code is code and \
+                (frame.f_back is None or frame.f_back.f_code is not code):
+            frames.append(frame)  # (kept: a generator's resumes are one frame)
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(previous)
+    return len({id(frame) for frame in frames})
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_cache_of_an_unchanged_model_finds_the_other_paths_without_a_walk(backend):
+    """Filling ``tracer.cache()`` walked every module twice per trace to find the other
+    paths of shared modules (a loop of cache traces paid for it every trace); while no
+    module's submodules changed since, the paths found then are used, and a module
+    registered at one more path since is reachable by it."""
+    model = _model()
+    nm = NNsight(model)
+    x = torch.randn(2, 4)
+
+    def trace(cached=True):
+        with torch.no_grad(), nm.trace(x, backend=backend) as tracer:
+            cache = tracer.cache() if cached else nm.output.save()
+        return cache
+
+    trace(), trace(cached=False)
+    found = []
+    # (the hooks backend walks the modules it hooks: as many walks as a trace that saves)
+    assert _top_level_walks(lambda: found.append(trace())) == \
+        _top_level_walks(lambda: trace(cached=False)) == (0 if backend == "fx" else 1)
+    assert {"model.b", "model.h.1"} <= set(found[0].keys(alias=True))
+    model.c = model.a  # (one more path: walked again)
+    cache = trace()
+    _, seen = _with_hook(model, model.a, None, None, x)
+    assert [e.output for e in cache["model.c"]] == [e.output for e in cache["model.a"]]
+    for got, expected in zip(cache["model.c"], seen):
+        torch.testing.assert_close(got.output, expected)

@@ -51,6 +51,8 @@ def convert(value: Any, device: torch.device | None, dtype: torch.dtype | None,
             tensor = tensor.to(dtype)
         return tensor
 
+    if isinstance(value, torch.Tensor):  # (most sites: without the pytree walk)
+        return one(value)
     return pytree.tree_map_only(torch.Tensor, one, value)
 
 
@@ -331,7 +333,9 @@ class CacheRequest:
         rules = getattr(model, "_rules", ())
         self.cache = CacheDict(rename=rename, alias=alias,
                                spellings=spellings(model._module, rules) if rules else None)
-        self.module = model._module  # (its other paths of shared modules, after the run)
+        # (its other paths of shared modules, after the run: the wrapper's, walked again
+        # only where its module tree changed)
+        self.other_paths = getattr(model, "_other_paths", lambda: _other_paths(model._module))
         # (site, node, layout of the value, whether it is converted after the run)
         self.nodes: list[tuple[Site, Any, Any, bool]] = []
         # (path, kind, node): the calls of a module inside a call made with hook=True
@@ -415,7 +419,7 @@ class CacheRequest:
         for site in sites:
             accessor = "inputs" if site.kind == INPUT else "output"
             node = program.read(site, accessor, self.scope, self.line)
-            leaves, spec = pytree.tree_flatten(source.meta_value(site))
+            leaves, spec = _layout(source, site)
             # a value holding objects a graph cannot take as an argument (an attention
             # function's module argument) is converted after the run instead
             later = not all(_graph_argument(leaf) for leaf in leaves)
@@ -483,7 +487,7 @@ class CacheRequest:
         for path, calls in entries.items():
             ordered = [calls[c] for c in sorted(calls)]
             self.cache._add(_key(path), ordered[0] if len(ordered) == 1 else Entries(ordered))
-        self.cache._add_shared_paths(_other_paths(self.module))
+        self.cache._add_shared_paths(self.other_paths())
 
 
 def _hooked_values(value: dict, relative: str, kind: str) -> list:
@@ -525,6 +529,15 @@ def _skipped_spans(program: Program, index: dict[Site, int],
     return spans
 
 
+def _layout(source: Any, site: Site) -> tuple[list[Any], pytree.TreeSpec]:
+    """The leaves of ``site``'s value (tensors may be left out) and its pytree layout: a
+    capture's, made once per site; a scan's, from its meta value."""
+    layout = getattr(source, "value_layout", None)
+    if layout is not None:
+        return layout(site)
+    return pytree.tree_flatten(source.meta_value(site))
+
+
 def _graph_argument(value: Any) -> bool:
     """Whether ``value`` (a leaf of a site's value) can be an argument of a graph node."""
     return value is None or isinstance(value, (torch.Tensor, bool, int, float, str,
@@ -534,6 +547,8 @@ def _graph_argument(value: Any) -> bool:
 def _relayout(value: Any, spec: pytree.TreeSpec) -> Any:
     """``value`` in the layout the module produced (a graph returns a ``ModelOutput`` as a
     plain dict: give it its class back)."""
+    if type(value) is torch.Tensor and spec.is_leaf():
+        return value  # (a module's tensor: as it is)
     leaves = pytree.tree_leaves(value)
     if len(leaves) != spec.num_leaves:
         return value

@@ -121,8 +121,17 @@ def _typed_keywords(forward: Any, signature: inspect.Signature) -> frozenset[str
 
 
 def describe(invoke: Any) -> str:
-    """How an error names the invoke: ``invoke #i`` (``trace(inputs)``'s is #0)."""
-    return "the input" if invoke is None else f"invoke #{invoke.index}"
+    """How an error names the invoke: ``invoke #i`` (``trace(inputs)``'s is #0); the input
+    of a run without a trace (``None``, or an ``Alone``): ``the input``."""
+    index = getattr(invoke, "index", None)
+    return "the input" if index is None else f"invoke #{index}"
+
+
+def earlier_invokes(invoke: Any) -> list:
+    """The invokes recorded before ``invoke`` in its trace (none where it has no tracer:
+    ``None``, or the input of a run without a trace)."""
+    tracer = getattr(invoke, "tracer", None)
+    return tracer.invokes if tracer is not None else []
 
 
 def _model_name(module: torch.nn.Module) -> str:

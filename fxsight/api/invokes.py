@@ -20,6 +20,12 @@ class Invoke:
         # whether its attention mask has a zero, where the wrapper knows it without reading
         # the device (LanguageModel: from the tokens' facts); None where not known
         self.padded: bool | None = None
+        # a check its preparation left to be made with the other invokes' before the run
+        # (LanguageModel: ``(extremes of its token ids, where, line)``, read at once)
+        self.unchecked: tuple | None = None
+        # its position ids are the wrapper's own (LanguageModel: real-token positions of its
+        # mask), not the caller's: the batch does not compare them again
+        self.positions_made = False
         self._previous: Scope | None = None
 
     def __enter__(self) -> "Invoke":
@@ -34,6 +40,18 @@ class Invoke:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.tracer.recorder.scope = self._previous
         return False
+
+
+class Alone:
+    """The one input of a run without a trace (``trace=False``): no tracer, no other
+    invokes. Its preparation notes here what an :class:`Invoke`'s notes on it
+    (``padded``), for the check before the run."""
+
+    tracer = None
+    index = None
+
+    def __init__(self):
+        self.padded: bool | None = None
 
 
 class WholeBatch:

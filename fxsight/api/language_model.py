@@ -47,7 +47,7 @@ from ..capture import scan
 from ..errors import TraceError, at_line, user_line
 from .edit import seed_tracer
 from .generation import Generator, GeneratorEnvoy
-from .inputs import check_keywords, describe, forward_signature
+from .inputs import check_keywords, describe, earlier_invokes, forward_signature
 from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
                             _tokenizer_beside)
 from .nnsight import CLASS_ENVOYS, NNsight, with_invoker_args
@@ -57,7 +57,7 @@ from .token_index import TokenIndexer
 from .token_inputs import (TOKEN_KEYWORDS, aligned, as_row, batch_sized, check_batchable,
                            check_positions, keyword_input, past_length, past_width,
                            split_past_mask, with_past_mask, with_token_keywords)
-from .token_rows import TokenFacts, left_pad, real_positions, unpredicted_first
+from .token_rows import TokenFacts, id_ranges, left_pad, real_positions, unpredicted_first
 
 _UNKNOWN = object()  # (an argument not given)
 # keys of a dict input that are not forwarded as they come but re-laid out with the rows
@@ -280,7 +280,7 @@ class LanguageModel(TokenEncoding, NNsight):
         value, past_mask = split_past_mask(value, past, where, line)
         ids, mask, extras, facts = self._encode(value, where, line,
                                                 self._tokenizer_options(kwargs))
-        self._check_ids(ids, facts, where, line, past)
+        self._check_ids(ids, facts, where, line, past, invoke)
         if past:
             mask = with_past_mask(mask, past_mask, past)
         prepared: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
@@ -298,20 +298,26 @@ class LanguageModel(TokenEncoding, NNsight):
         self._check_padding(ids, padded, invoke, where, line)
         if invoke is not None and own_mask is None:
             invoke.padded = padded  # (the batch's check reads it, not the device)
+        own_positions = prepared.get("position_ids") is None
         prepared = self._with_positions(prepared, [(prepared, ids.shape[1])], padded=padded)
+        if invoke is not None and own_positions and "position_ids" in prepared:
+            invoke.positions_made = True  # (the batch's positions need not compare them)
         if own_mask is not None:
             prepared["attention_mask"] = own_mask
-        if invoke is not None and invoke.tracer.invokes:
-            check_batchable(invoke.tracer.invokes[0].prepared, prepared, ids.shape[0],
+        if earlier_invokes(invoke):
+            check_batchable(earlier_invokes(invoke)[0].prepared, prepared, ids.shape[0],
                              invoke.index, line, self._encoder_decoder())
         return (), self._to_device(prepared), ids.shape[0]
 
-    def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:
-        """Left-pad every invoke's token-aligned tensors to the longest, concatenate rows."""
+    def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]],
+                      invokes: list | None = None) -> tuple[tuple, dict]:
+        """Left-pad every invoke's token-aligned tensors to the longest, concatenate rows
+        (``invokes``: those they were prepared for, where known: what their preparation
+        found is not read from the device again)."""
         encoder_decoder = self._encoder_decoder()  # (a config's attribute: read once)
         for i, (_, kw, n) in enumerate(prepared[1:], 1):
             check_batchable(prepared[0], kw, n, i, None, encoder_decoder)
-        invokes = [kw for _, kw, _ in prepared]
+        known, invokes = invokes, [kw for _, kw, _ in prepared]
         length = max(kw["input_ids"].shape[1] for kw in invokes)
         batched: dict[str, Any] = {}
         for key in [k for k in invokes[0] if k != "position_ids"]:
@@ -337,7 +343,9 @@ class LanguageModel(TokenEncoding, NNsight):
             all("position_ids" not in kw and kw["input_ids"].shape[1] == length
                 for kw in invokes)
         batched = self._with_positions(batched, [(kw, length) for kw in invokes],
-                                       padded=False if unpadded else None)
+                                       padded=False if unpadded else
+                                       _known_padding(known, invokes, length),
+                                       made=[i.positions_made for i in known or ()])
         if self._mask_ignored() is not None and not self._takes_mask():
             batched.pop("attention_mask")  # (all ones: _check_padding saw to it)
         return (), batched
@@ -382,8 +390,8 @@ class LanguageModel(TokenEncoding, NNsight):
         if padded:
             what = f"{where}: its rows are padded (prompts of different lengths, or an " \
                    f"attention_mask with zeros)"
-        elif invoke is not None and invoke.tracer.invokes:
-            first = invoke.tracer.invokes[0].prepared[1]["input_ids"].shape[1]
+        elif earlier_invokes(invoke):
+            first = earlier_invokes(invoke)[0].prepared[1]["input_ids"].shape[1]
             if first == ids.shape[1]:
                 return
             what = f"{where} is {ids.shape[1]} tokens long and invoke #0 {first}: the " \
@@ -395,7 +403,8 @@ class LanguageModel(TokenEncoding, NNsight):
             f"Run prompts of different lengths in separate traces (or invokes of equal "
             f"lengths)", line))
 
-    def _check_batch(self, tracer: Any, args: tuple, kwargs: dict) -> None:
+    def _check_batch(self, tracer: Any, args: tuple, kwargs: dict,
+                     padded: bool | None = None) -> None:
         """Raise before the run where the batch's rows are padded but the model does not
         keep them from the pads: the outputs the rows are read from (its logits; an
         encoder-decoder's encoder hidden states too) are not computed from the attention
@@ -404,13 +413,14 @@ class LanguageModel(TokenEncoding, NNsight):
         positions (``mask.cumsum(-1)`` as an index or as angles) or only by a loss, so the
         pads would change the rows they pad. A model known to ignore its mask was
         refused as its invoke was added (``_check_padding``).
-        ``tracer``: ``None`` for a plain run (``trace=False``) of ``kwargs``."""
+        ``tracer``: ``None`` for a plain run (``trace=False``) of ``kwargs``, whose
+        ``padded`` says whether its rows are padded, where its preparation knew."""
         mask = kwargs.get("attention_mask")
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             return
         lengths = [invoke.prepared[1]["input_ids"].shape[1] for invoke in tracer.invokes] \
             if tracer is not None else [kwargs["input_ids"].shape[1]]
-        if len(set(lengths)) == 1 and not _padded(tracer, mask):
+        if len(set(lengths)) == 1 and not _padded(tracer, mask, padded):
             return  # (no row is padded)
         flat = flat_inputs(args, kwargs)[0]
         index = next((i for i, value in enumerate(flat) if value is mask), None)
@@ -440,15 +450,30 @@ class LanguageModel(TokenEncoding, NNsight):
             f"different lengths in separate traces (or invokes of equal lengths)",
             tracer._line if tracer is not None else user_line()))
 
+    def _known_masks(self, tracer: Any, kwargs: dict) -> tuple:
+        """``((attention_mask, whether it is all ones),)`` for the batch where every
+        invoke's preparation knew whether its rows are padded (invokes of other lengths
+        are padded to the longest): the rewritten graph's check of it then reads nothing
+        (on a GPU, no wait for its queue at each run); else none."""
+        mask = kwargs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not tracer.invokes:
+            return ()
+        known = [invoke.padded for invoke in tracer.invokes]
+        if None in known:
+            return ()
+        lengths = {invoke.prepared[1]["attention_mask"].shape[1] for invoke in tracer.invokes}
+        return ((mask, not any(known) and len(lengths) == 1),)
+
     def _with_positions(self, batched: dict, invokes: list[tuple[dict, int]],
-                        padded: bool | None = None) -> dict:
+                        padded: bool | None = None, made: list[bool] | None = None) -> dict:
         """``batched`` with ``position_ids`` that count real tokens only, where needed
-        (``padded``: whether a row of its mask is padded, where known)."""
+        (``padded``: whether a row of its mask is padded, where known; ``made``: for each
+        invoke, whether its ``position_ids`` are these already, where known)."""
         if padded is False and all(kw.get("position_ids") is None for kw, _ in invokes):
             return {k: v for k, v in batched.items() if k != "position_ids"}
         parts, explicit = [], False
         first, pad = self._position_layout()
-        for kw, length in invokes:
+        for i, (kw, length) in enumerate(invokes):
             mask = kw["attention_mask"]
             given = kw.get("position_ids")
             if mask.dim() != 2:  # (the caller's own mask: positions only where given)
@@ -461,7 +486,8 @@ class LanguageModel(TokenEncoding, NNsight):
             # tokens too counts them)
             auto = real_positions(mask, first, pad)[:, mask.shape[1] -
                                                      kw["input_ids"].shape[1]:]
-            if given is not None and not torch.equal(given.to(auto.device), auto):
+            if given is not None and not (made and made[i]) and \
+                    not torch.equal(given.to(auto.device), auto):
                 explicit = True
                 auto = given
             parts.append(left_pad(auto, length, pad))
@@ -513,16 +539,22 @@ class LanguageModel(TokenEncoding, NNsight):
         return 0, _PAD_VALUES["position_ids"]
 
     def _check_ids(self, ids: torch.Tensor, facts: "TokenFacts", where: str,
-                   line: str, past: int = 0) -> None:
+                   line: str, past: int = 0, invoke: Any = None) -> None:
         """Raise where a token id is outside the vocabulary, or the input (after a cache's
-        ``past`` tokens) goes beyond a learned position embedding."""
+        ``past`` tokens) goes beyond a learned position embedding. Ids whose range is not
+        known yet (``facts.low`` None) are checked with the trace's other invokes' before
+        the run (``_check_invokes``: one device read), or now where ``invoke`` has no
+        tracer."""
         embeddings = self._input_embeddings()
-        size = getattr(embeddings, "num_embeddings", None)
-        low, high = facts.low, facts.high
-        if low < 0 or (size is not None and high >= size):
-            bad = low if low < 0 else high
-            raise TraceError(at_line(f"{where}: token id {bad} is outside the model's "
-                                     f"vocabulary of {size} tokens", line))
+        if facts.low is None:
+            extremes = torch.stack([ids.min(), ids.max()])
+            if getattr(invoke, "tracer", None) is None:
+                (low, high), = id_ranges([extremes])
+                self._check_range(low, high, where, line, embeddings)
+            else:
+                invoke.unchecked = (extremes, where, line)
+        else:
+            self._check_range(facts.low, facts.high, where, line, embeddings)
         positions = self._position_embedding(embeddings)
         # a learned position embedding of `limit` rows, from the first position the model
         # counts from (rotary ones have no limit)
@@ -534,6 +566,32 @@ class LanguageModel(TokenEncoding, NNsight):
                 f"{past + ids.shape[1]} tokens"
             raise TraceError(at_line(f"{where}: {length}, longer than the model's {limit} "
                                      f"positions", line))
+
+    def _check_range(self, low: int, high: int, where: str, line: str,
+                     embeddings: Any = _UNKNOWN) -> None:
+        """Raise where ``low``..``high`` (an input's token ids) leaves the vocabulary (the
+        rows of the input ``embeddings``, found where not given)."""
+        if embeddings is _UNKNOWN:
+            embeddings = self._input_embeddings()
+        size = getattr(embeddings, "num_embeddings", None)
+        if low < 0 or (size is not None and high >= size):
+            bad = low if low < 0 else high
+            raise TraceError(at_line(f"{where}: token id {bad} is outside the model's "
+                                     f"vocabulary of {size} tokens", line))
+
+    def _check_invokes(self, invokes: list) -> None:
+        """The range checks of the invokes' token ids left by their preparation, in one
+        device read for all (in invoke order: the first that fails raises)."""
+        unchecked = [invoke for invoke in invokes if invoke.unchecked is not None]
+        if not unchecked:
+            return
+        ranges = id_ranges([invoke.unchecked[0] for invoke in unchecked])
+        embeddings = self._input_embeddings()
+        for invoke, (low, high) in zip(unchecked, ranges):
+            _, where, line = invoke.unchecked
+            self._check_range(low, high, where, line, embeddings)
+        for invoke in unchecked:
+            invoke.unchecked = None
 
     def _to_device(self, kwargs: dict) -> dict:
         device = self._device()
@@ -548,14 +606,26 @@ class LanguageModel(TokenEncoding, NNsight):
 
 
 # --- helpers ---------------------------------------------------------------------------------
-def _padded(tracer: Any, mask: torch.Tensor) -> bool:
+def _padded(tracer: Any, mask: torch.Tensor, alone: bool | None = None) -> bool:
     """Whether a row of the batch's ``mask`` has a zero, where its invokes are all as long:
     from what each invoke's preparation found on the host where every one knows (a GPU
-    does not wait for its queue once per trace for it), else read from ``mask``."""
-    known = [invoke.padded for invoke in tracer.invokes] if tracer is not None else [None]
+    does not wait for its queue once per trace for it), else read from ``mask``.
+    ``alone``: a plain run's (no ``tracer``) knowledge of its one input."""
+    known = [invoke.padded for invoke in tracer.invokes] if tracer is not None else [alone]
     if None not in known:
         return any(known)
     return not bool(mask.all())
+
+
+def _known_padding(invokes: list | None, prepared: list[dict], length: int) -> bool | None:
+    """Whether a row of the batch of ``prepared`` inputs (left-padded to ``length``) is
+    padded, from what its ``invokes``' preparation found (``None`` where one did not
+    know, or the invokes are not known)."""
+    if not invokes or len(invokes) != len(prepared) or \
+            any(invoke.padded is None for invoke in invokes):
+        return None
+    return any(invoke.padded for invoke in invokes) or \
+        any(kw["input_ids"].shape[1] != length for kw in prepared)
 
 
 def _generating(invoke: Any) -> bool:

@@ -18,7 +18,9 @@ from .aliases import check, normalize
 from .envoy import Envoy
 from .envoy_classes import normalize as envoy_classes
 from .inputs import (batch, batch_size, check_batchable, check_keywords, describe,
-                     expand_mapping, named_inputs, plain_batch_size, plainly_batchable)
+                     earlier_invokes, expand_mapping, named_inputs, plain_batch_size,
+                     plainly_batchable)
+from .invokes import Alone
 from .session import Session
 from .tracer import ScanTracer, Tracer
 
@@ -53,6 +55,8 @@ class NNsight(Envoy):
     """
 
     _modules_tree: ModuleTree | None = None  # (the model's modules, as last walked)
+    # (the tree of the latest walk of ``_other_paths`` and what it found)
+    _shared_walk: tuple[ModuleTree, dict[str, str]] | None = None
 
     @property
     def generate(self) -> Any:
@@ -153,9 +157,10 @@ class NNsight(Envoy):
                 with Tracer(self, args, kwargs, options) as tracer:
                     seed_tracer(tracer, self._edits)
                 return tracer.result
-            prepared = self._prepare_invoke(args, kwargs, None)
+            alone = Alone()  # (what its preparation knows: no device read to check it)
+            prepared = self._prepare_invoke(args, kwargs, alone)
             self._before_run()
-            self._check_batch(None, prepared[0], prepared[1])
+            self._check_batch(None, prepared[0], prepared[1], alone.padded)
             return self._module(*prepared[0], **prepared[1])
         tracer = Tracer(self, args, kwargs, options)
         if self._edits:
@@ -239,14 +244,16 @@ class NNsight(Envoy):
             check_keywords(module, args, kwargs, where, line)
             size = batch_size(named_inputs(module, args, kwargs), bool(args), where, line)
         prepared = (args, kwargs, size)
-        if invoke is not None and invoke.tracer.invokes:
-            first = invoke.tracer.invokes[0].prepared
+        if earlier_invokes(invoke):
+            first = earlier_invokes(invoke)[0].prepared
             if not plainly_batchable(first, prepared):
                 check_batchable(first, prepared, invoke.index, line or user_line())
         return prepared
 
-    def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]]) -> tuple[tuple, dict]:
-        """Concatenate several invokes' inputs along the batch dimension."""
+    def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]],
+                      invokes: list | None = None) -> tuple[tuple, dict]:
+        """Concatenate several invokes' inputs along the batch dimension (``invokes``: the
+        invokes they were prepared for, where known)."""
         if len(prepared) == 1:
             return prepared[0][0], prepared[0][1]
         if _tensors_and_same_options(prepared):
@@ -257,10 +264,23 @@ class NNsight(Envoy):
     def _before_run(self) -> None:
         """Last preparations before the model runs (LanguageModel dispatches weights)."""
 
-    def _check_batch(self, tracer: Any, args: tuple, kwargs: dict) -> None:
+    def _check_batch(self, tracer: Any, args: tuple, kwargs: dict,
+                     padded: bool | None = None) -> None:
         """Raise before the run where the batched inputs cannot give each invoke its own
         values (LanguageModel: padded rows of a model that ignores the attention mask).
-        ``tracer``: ``None`` for a plain run (``trace=False``)."""
+        ``tracer``: ``None`` for a plain run (``trace=False``), whose ``padded`` says
+        whether its rows are padded, where its preparation knew (``None``: not known)."""
+
+    def _check_invokes(self, invokes: list) -> None:
+        """Make the checks the invokes' preparation left to be made together (one device
+        read for all: LanguageModel's token ids), raising for the first that fails; none
+        here."""
+
+    def _known_masks(self, tracer: Any, kwargs: dict) -> tuple:
+        """``(mask, whether it is all ones)`` of the padding masks among the batched
+        ``kwargs`` known without reading them (LanguageModel: from its invokes'
+        preparation); none here."""
+        return ()
 
     def _device(self) -> torch.device:
         """The device of the model's first parameter (the CPU where it has none)."""
@@ -284,6 +304,23 @@ class NNsight(Envoy):
         modules = list(self._module.modules())
         object.__setattr__(self, "_modules_tree", ModuleTree.of(modules))
         return modules
+
+    def _other_paths(self) -> dict[str, str]:
+        """Each path of a module registered at several paths (``self.b = self.a``) but its
+        first -> its first path, walked again only where the module tree changed since
+        the last walk (the dict is the caller's to read, not to change)."""
+        module = self._module
+        walk = self._shared_walk
+        if walk is not None and walk[0].unchanged(module):
+            return walk[1]
+        first: dict[torch.nn.Module, str] = {}
+        others = {}
+        for path, child in module.named_modules(remove_duplicate=False):
+            if first.setdefault(child, path) != path:
+                others[path] = first[child]
+        tree = ModuleTree.of(list(first))
+        object.__setattr__(self, "_shared_walk", (tree, others) if tree is not None else None)
+        return others
 
     def _token_indexer(self, tracer, proxy):
         raise AttributeError("token indexing is available on LanguageModel")

@@ -131,7 +131,9 @@ class TokenEncoding:
                                      f"{tuple(ids.shape)})", line))
         if mask is None:  # (ours, of ones: only the ids are read)
             return ids, torch.ones_like(ids), extras, unpadded_facts(ids)
-        mask = mask.to(ids.device).long()
+        given, mask = mask, mask.to(ids.device).long()
+        if mask is given:  # (the caller's own tensor: what the facts say of it must hold at
+            mask = mask.clone()  # the run, whatever the caller writes into theirs)
         facts, trailing = token_facts(ids, mask)
         if not facts.binary:
             raise TraceError(at_line(f"{where}: attention_mask must hold 0s and 1s", line))

@@ -12,8 +12,8 @@ import torch
 class TokenFacts(NamedTuple):
     """What the checks of an invoke's tokens need to know, read from the device at once."""
 
-    low: int  # the smallest token id
-    high: int  # the largest
+    low: int | None  # the smallest token id (None: not read yet, see ``unpadded_facts``)
+    high: int | None  # the largest
     binary: bool  # the mask holds only 0s and 1s
     empty: bool  # a row's mask is all zeros
     trailing: bool  # a row has padding after its last real token
@@ -33,10 +33,22 @@ def token_facts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[TokenFacts, torc
 
 
 def unpadded_facts(ids: torch.Tensor) -> TokenFacts:
-    """The facts of ``ids`` under a mask of ones (one the wrapper made: its facts are known,
-    only the ids' range is read from the device)."""
-    low, high = torch.stack([ids.min(), ids.max()]).tolist()
-    return TokenFacts(low, high, True, False, False, True)
+    """The facts of ``ids`` under a mask of ones (one the wrapper made: its facts are known
+    but the ids' range, which is left to be read with other invokes': ``id_ranges``)."""
+    return TokenFacts(None, None, True, False, False, True)
+
+
+def id_ranges(extremes: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Each ``torch.stack([ids.min(), ids.max()])`` of ``extremes`` as ``(low, high)``, read
+    in one read per device (a GPU waits for its queue once, not once per invoke)."""
+    found: dict[int, tuple[int, int]] = {}
+    devices: dict[torch.device, list[int]] = {}
+    for i, pair in enumerate(extremes):
+        devices.setdefault(pair.device, []).append(i)
+    for indices in devices.values():
+        values = torch.stack([extremes[i] for i in indices]).tolist()
+        found.update(zip(indices, map(tuple, values)))
+    return [found[i] for i in range(len(extremes))]
 
 
 def row_facts(rows: list[list[int]], pad: int) -> TokenFacts:

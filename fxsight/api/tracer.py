@@ -8,6 +8,7 @@ caller's names for saved values are bound to the results.
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from threading import get_ident
 from typing import Any
 
@@ -27,6 +28,7 @@ from ..record.scope import ALL, Steps
 from ..record.sites import OUTPUT, Site, is_operation
 from ..run.forward import run_program
 from ..run.options import RunOptions
+from ..splice.attention_masks import known_masks
 from ..splice.rows import Rows
 from ..splice.meta_walker import MetaWalker
 from ..stats import bump
@@ -370,13 +372,14 @@ class Tracer(TraceMetadata):
                 f"the trace of {type(self.model._module).__name__} has no input: pass the "
                 f"model's inputs to trace(...), positionally or as keywords (e.g. "
                 f"input_ids=...), or add them with tracer.invoke(...)", self._line))
+        self.model._check_invokes(self.invokes)  # (what their preparation left, at once)
         if len(self.invokes) == 1:  # (the common case)
             invoke = self.invokes[0]
-            args, kwargs = self.model._batch_inputs([invoke.prepared])
+            args, kwargs = self.model._batch_inputs([invoke.prepared], self.invokes)
             whole = Rows(0, invoke.prepared[2], invoke.prepared[2])
             return args, kwargs, {None: whole, invoke.index: whole}
         prepared = [inv.prepared for inv in self.invokes]
-        args, kwargs = self.model._batch_inputs(prepared)
+        args, kwargs = self.model._batch_inputs(prepared, self.invokes)
         total = sum([size for _, _, size in prepared])
         rows: dict[Any, Rows] = {None: Rows(0, total, total)}
         start = 0
@@ -423,10 +426,12 @@ class Tracer(TraceMetadata):
         args, kwargs, rows = self._prepare_run()
         self._check_shapes_read(args, kwargs, rows)
         bump("traces")
-        outcome = run_program(self.model._module, self.recorder.program, args, kwargs, rows,
-                              self.options, self.model._fallback_warned,
-                              stop=self._stop_line is not None,
-                              last=getattr(self.model, "_last_run", None))
+        known = self.model._known_masks(self, kwargs)
+        with known_masks(known) if known else nullcontext():
+            outcome = run_program(self.model._module, self.recorder.program, args, kwargs,
+                                  rows, self.options, self.model._fallback_warned,
+                                  stop=self._stop_line is not None,
+                                  last=getattr(self.model, "_last_run", None))
         self.backend = outcome.backend
         self.graph_module = outcome.graph_module
         self._output, self._output_kept = outcome.output, outcome.output_kept

@@ -69,6 +69,8 @@ class Captured:
     # the boundary events are a submodule's (``capture(..., events_on=...)``: a decoding
     # step's model): the root site's output is that module's, not the captured forward's
     events_inside: bool = False
+    # site -> ``value_layout(site)``, made at its first use (a view shares it)
+    layouts: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
@@ -120,6 +122,17 @@ class Captured:
                  _nested_meta(c, self.bindings) if type(c) is NestedTensor else c
                  for n, c in zip(slot.nodes, slot.constants)]
         return unflatten_keeping_sizes(metas, slot.spec)
+
+    def value_layout(self, site: Site) -> tuple[list[Any], pytree.TreeSpec]:
+        """``pytree.tree_flatten(self.meta_value(site))`` but its tensor leaves: the leaves
+        that are not tensors, and the layout. Neither depends on the sizes a dynamic-shape
+        capture is bound to: made once per site (a value that has none raises each time)."""
+        found = self.layouts.get(site)
+        if found is None:
+            leaves, spec = pytree.tree_flatten(self.meta_value(site))
+            found = self.layouts[site] = (
+                [leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)], spec)
+        return found
 
     def bind(self, flat_inputs: list[Any]) -> "Captured | None":
         """A view of this dynamic-shape capture for these (flat) inputs, or ``None`` where

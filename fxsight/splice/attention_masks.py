@@ -13,8 +13,9 @@ edited it, nothing it depends on is a parameter or a random draw) and whose only
 are ``attention_mask`` graph inputs, it evaluates the mask once with those inputs all
 ones; where that mask is the causal one (or all true), the call becomes
 ``is_causal=True`` (or unmasked) whenever the inputs are all ones, as in the eager forward.
-Whether they are is one check per run (as transformers' own ``padding_mask.all()``), and
-the mask is computed only when they are not. A mask with no graph inputs at all (the
+Whether they are is one check per run (as transformers' own ``padding_mask.all()``; none
+where the inputs' maker knows on the host whether they are: :func:`known_masks`), and the mask
+is computed only when they are not. A mask with no graph inputs at all (the
 caller passed none) needs no check: those calls are rewritten outright.
 
 Only graphs of static shapes are rewritten (the mask is evaluated for its sizes). A
@@ -26,6 +27,8 @@ compiled graph cannot read the padding masks' values: it keeps the mask
 from __future__ import annotations
 
 import operator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -290,10 +293,34 @@ def _attention_args(call: fx.Node, mask: fx.Node) -> tuple:
             given.get("enable_gqa", False))
 
 
+# padding masks whose maker knows on the host whether they are all ones (a LanguageModel's
+# batch of invokes it prepared), for the run in progress in this context (:func:`known_masks`)
+_KNOWN: ContextVar[tuple] = ContextVar("fxsight_known_masks", default=())
+
+
+@contextmanager
+def known_masks(masks: tuple):
+    """Inside: :func:`all_ones` takes each ``(tensor, ones)`` of ``masks`` (that very
+    tensor) as all ones or not, as ``ones`` says, without reading it (on a GPU, a wait for
+    its queue at every run)."""
+    token = _KNOWN.set(masks)
+    try:
+        yield
+    finally:
+        _KNOWN.reset(token)
+
+
 def all_ones(*inputs: torch.Tensor) -> bool:
-    """Whether every padding mask is all ones (one reduction and one read per mask, as the
-    eager forward's own check)."""
-    return all(bool((mask == 1).all()) for mask in inputs)
+    """Whether every padding mask is all ones: as its maker said (:func:`known_masks`),
+    else one reduction and one read per mask, as the eager forward's own check."""
+    known = _KNOWN.get()
+    for mask in inputs:
+        ones = next((said for tensor, said in known if tensor is mask), None)
+        if ones is None:
+            ones = bool((mask == 1).all())
+        if not ones:
+            return False
+    return True
 
 
 def either_attention(causal: bool) -> Callable:

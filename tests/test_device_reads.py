@@ -1,0 +1,129 @@
+"""Reads of device values into Python per trace (on a GPU each waits for its queue to
+drain): the checks of a trace's invokes read their token ids once for the trace, not once
+per invoke, and still refuse an id outside the vocabulary before anything runs, naming
+the invoke and its line. Values are the plain forward's."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from models import tiny_gpt2
+
+from fxsight import LanguageModel, TraceError
+
+_READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
+          torch.Tensor.__float__, torch.Tensor.__index__, torch.equal, torch.Tensor.equal,
+          torch.is_nonzero}
+
+
+class _CountReads(torch.overrides.TorchFunctionMode):
+    """Each read of a tensor's values into Python that fxsight's code makes (its
+    rewritten graphs' included; not the model's own), as the fxsight functions it was made
+    in, innermost first."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[list[str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _READS:
+            frame, names = sys._getframe(1), []
+            while frame is not None:
+                path = frame.f_code.co_filename.replace("\\", "/")
+                if "/fxsight/" in path or path.startswith("<fxsight"):
+                    names.append(f"{path.rsplit('/fxsight/', 1)[-1]}:{frame.f_code.co_name}")
+                frame = frame.f_back
+            if names and (names[0].startswith("<fxsight") or
+                          _fxsight(sys._getframe(1).f_code.co_filename)):
+                self.reads.append(names)
+        return func(*args, **(kwargs or {}))
+
+
+def _fxsight(path: str) -> bool:
+    path = path.replace("\\", "/")
+    return "/fxsight/" in path or path.startswith("<fxsight")
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_the_token_ids_of_several_invokes_are_read_once_per_trace(backend):
+    """Each invoke of token ids read their range from the device as it was added (three
+    invokes: three waits); the reads are now made together before the run: one for the
+    trace, and on the fx backend the only read fxsight makes."""
+    model = tiny_gpt2()
+    lm = LanguageModel(model)
+    rows = [torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11, 12]]),
+            torch.tensor([[13, 14, 15, 16]])]
+    for _ in range(2):  # (the second: captured, as in a loop)
+        with torch.no_grad(), _CountReads() as counted:
+            with lm.trace(backend=backend) as tracer:
+                saved = []
+                for ids in rows:
+                    with tracer.invoke(ids):
+                        saved.append(lm.output.logits.save())
+    # (outside the rewritten graph; the hooks backend's model reads its own mask)
+    outside = [names for names in counted.reads if not any(
+        n.startswith("<fxsight") or n == "run/executable.py:__call__" for n in names)]
+    assert len(outside) == 1, counted.reads
+    assert "api/token_rows.py:id_ranges" in outside[0]
+    if backend == "fx":
+        assert counted.reads == outside
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(saved), model(torch.cat(rows)).logits)
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_an_id_outside_the_vocabulary_is_refused_before_the_run(backend):
+    """Read with the other invokes' before the run, an id outside the vocabulary is still
+    refused before anything runs, naming the first invoke (in order) that has one and its
+    line; the ids of a trace's own input too."""
+    model = tiny_gpt2()
+    lm = LanguageModel(model)
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    size = model.config.vocab_size
+    try:
+        with pytest.raises(TraceError, match=rf"(?s)invoke #1: token id {size} is outside "
+                                             rf"the model's vocabulary of {size}.*"
+                                             rf"tracer\.invoke\(late\)"):
+            late = torch.tensor([[5, size]])
+            with lm.trace(backend=backend) as tracer:
+                with tracer.invoke(torch.tensor([[5, 6]])):
+                    lm.output.save()
+                with tracer.invoke(late):
+                    lm.output.save()
+                with tracer.invoke(torch.tensor([[-1, 6]])):
+                    lm.output.save()
+        with pytest.raises(TraceError, match=r"(?s)invoke #0: token id -1 is outside.*"
+                                             r"lm\.trace\(torch\.tensor\(\[\[-1"):
+            with lm.trace(torch.tensor([[-1, 6]]), backend=backend):
+                lm.output.save()
+        with pytest.raises(TraceError, match=r"the input: token id -1 is outside"):
+            lm.trace(torch.tensor([[-1, 6]]), trace=False)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_batch_of_prompts_of_different_lengths_reads_nothing(backend):
+    """Prompts given as lists of ids (as a tokenizer gives them) are checked and padded on
+    the host; the batch still compared each invoke's position ids, which fxsight had made
+    from its mask, with those made again (``torch.equal``), and read the batch's mask to
+    find it padded (``mask.all()``): two waits per trace on a GPU. fxsight now reads
+    nothing, and each row is its prompt's alone (the plain forward's)."""
+    model = tiny_gpt2()
+    lm = LanguageModel(model)
+    for _ in range(2):  # (the second: captured, as in a loop)
+        with torch.no_grad(), _CountReads() as counted:
+            with lm.trace(backend=backend) as tracer:
+                with tracer.invoke([5, 6, 7, 8]):
+                    long = lm.output.logits.save()
+                with tracer.invoke([[9, 10], [11, 12, 13]]):
+                    short = lm.output.logits.save()
+    assert counted.reads == []
+    with torch.no_grad():
+        torch.testing.assert_close(long, model(torch.tensor([[5, 6, 7, 8]])).logits)
+        torch.testing.assert_close(short[:1, 2:], model(torch.tensor([[9, 10]])).logits)
+        torch.testing.assert_close(short[1:, 1:], model(torch.tensor([[11, 12, 13]])).logits)
