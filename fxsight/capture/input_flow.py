@@ -16,7 +16,8 @@ known two ways:
 Both skip operators whose result depends on their input's shape and dtype only
 (``torch.ones_like(mask)``, ``mask.new_zeros(n)``): an output made that way does not read
 the input. Both tell an input's *values* from its use as *positions*: what flows through
-an integer index (the rows an embedding looks up, the elements a gather takes) or an
+an integer index (the rows an embedding looks up, the elements a gather takes), a running
+count (``mask.cumsum(-1)``: the tokens' positions, as ALiBi's bias is built from them) or an
 angle (``sin``, ``cos``: rotary and sinusoidal positions) only places or selects values,
 so from there on it carries the input as a position. :class:`InputReads` says, for each
 input, whether the outputs the rows are read from (the logits, the hidden states)
@@ -62,6 +63,10 @@ _INDEX_ARGUMENTS = {
 }
 # operators that make angles into values: positions through them stay positions
 _ANGLES = frozenset({_aten.sin, _aten.sin_, _aten.cos, _aten.cos_, _aten.polar})
+# running sums: of flags or of a value per token (``mask.cumsum(-1)``) they count the
+# tokens, each one's position among the real ones (ALiBi's bias is made of them; it masks
+# no key); of hidden states (three or more dimensions, floating) they are values
+_RUNNING_SUMS = frozenset({_aten.cumsum, _aten.cumsum_})
 # the entries of a transformers output that hold the rows (one value per token); where an
 # output has none of them, every tensor of two or more dimensions is taken instead
 _ROW_OUTPUTS = ("logits", "last_hidden_state", "encoder_last_hidden_state")
@@ -94,8 +99,8 @@ def _integer(value: Any) -> bool:
 def _operator_flow(target: Any, args: tuple, kwargs: dict, flow_of: Any,
                    tensor_of: Any) -> Flow:
     """What an operator's result carries: its arguments' flows (``flow_of(leaf)``), an
-    integer index argument's (``tensor_of(leaf)``: its tensor, for the dtype) and an
-    angle's as positions."""
+    integer index argument's (``tensor_of(leaf)``: its tensor, for the dtype), a running
+    count's and an angle's as positions."""
     packet = _packet(target)
     index = _INDEX_ARGUMENTS.get(packet)
     index_arg = None
@@ -109,7 +114,15 @@ def _operator_flow(target: Any, args: tuple, kwargs: dict, flow_of: Any,
                 any(leaf is x for x in pytree.tree_leaves(index_arg)):
             carried = _as_positions(carried)
         flow = _or(flow, carried)
-    return _as_positions(flow) if packet in _ANGLES else flow
+    if packet in _ANGLES or (packet in _RUNNING_SUMS and args and _count(tensor_of(args[0]))):
+        return _as_positions(flow)
+    return flow
+
+
+def _count(summed: Any) -> bool:
+    """Whether a running sum of ``summed`` counts tokens (flags, or a value per token)."""
+    return isinstance(summed, torch.Tensor) and (
+        not summed.dtype.is_floating_point or summed.dim() <= 2)
 
 
 @dataclass(frozen=True)
@@ -130,13 +143,15 @@ class InputReads:
         missing = self.inputs & ~reached
         return frozenset(i for i in range(missing.bit_length()) if missing >> i & 1)
 
-    def rows_unread(self, index: int) -> str | None:
-        """Why the rows' outputs (the logits, the hidden states) are not computed from
-        input ``index``'s values, or ``None`` where each of them is."""
+    def rows_unread(self, index: int, ignoring: tuple[str, ...] = ()) -> str | None:
+        """Why the rows' outputs (the logits, the hidden states; those named in
+        ``ignoring`` aside) are not computed from input ``index``'s values, or ``None``
+        where each of them is."""
         bit = 1 << index
         if not self.inputs & bit:
             return None
-        rows = [(name or "output", flow) for name, row, flow in self.outputs if row]
+        rows = [(name or "output", flow) for name, row, flow in self.outputs
+                if row and name not in ignoring]
         missing = [(name, flow) for name, flow in rows if not flow[0] & bit]
         if rows and not missing:
             return None
@@ -147,8 +162,8 @@ class InputReads:
                    "from it"
         names = ", ".join(dict.fromkeys(name for name, _ in missing))
         if any(flow[1] & bit for _, flow in missing):
-            return f"its {names} read it only as token positions (an index into a table, " \
-                   f"or angles), not in which tokens each token reads"
+            return f"its {names} read it only as token positions (an index into a table, a " \
+                   f"running count, or angles), not in which tokens each token reads"
         others = ", ".join(dict.fromkeys(name or "output" for name, _, flow in self.outputs
                                          if (flow[0] | flow[1]) & bit))
         return f"its {names} is not computed from it, only its {others}"
