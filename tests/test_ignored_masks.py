@@ -110,6 +110,19 @@ class _AlibiFromMask(_IgnoresMask):
         return self.head(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v)
 
 
+class _BloomAlibiFromMask(_AlibiFromMask):
+    """ALiBi's bias as Bloom builds it, its positions zeroed at the pads by the mask
+    (``(mask.cumsum(-1) - 1) * mask``), and no key masked."""
+
+    def forward(self, input_ids, attention_mask=None):
+        q, k, v = self.qkv(self.embed(input_ids)).chunk(3, -1)
+        n = input_ids.shape[1]
+        alibi = 0.5 * ((attention_mask.cumsum(-1) - 1) * attention_mask)
+        scores = q @ k.transpose(-1, -2) / 8 ** 0.5 + alibi[:, None, :]
+        causal = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril()
+        return self.head(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v)
+
+
 def _positions_from_mask(mask):
     """transformers' generate's positions of left-padded rows."""
     return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
@@ -251,10 +264,10 @@ def _padded_rows_differ(model, a, b, **kwargs):
 
 @pytest.mark.parametrize("make", [
     lambda: _model(_PositionsFromMask), lambda: _model(_LossFromMask),
-    lambda: _model(_AlibiFromMask),
+    lambda: _model(_AlibiFromMask), lambda: _model(_BloomAlibiFromMask),
     lambda: _GPT2PositionsFromMask(tiny_gpt2().config).eval(),
     lambda: _LlamaPositionsFromMask(tiny_llama().config).eval()],
-    ids=["positions", "loss", "alibi", "gpt2-positions", "llama-rotary"])
+    ids=["positions", "loss", "alibi", "bloom-alibi", "gpt2-positions", "llama-rotary"])
 @pytest.mark.parametrize("backend", ["fx", "hooks"])
 def test_a_mask_read_only_for_positions_or_a_loss_is_refused(make, backend):
     """A mask that reaches the logits only as token positions (an embedding's rows,
@@ -592,5 +605,6 @@ def test_an_encoder_decoder_whose_decoder_cannot_be_checked_is_refused():
     model.__class__ = _TakesNoEncoderOutputs
     lm = LanguageModel(model)
     with pytest.raises(TraceError, match=r"(?s)whether _TakesNoEncoderOutputs keeps them .*"
-                                         r"cannot be run apart from its encoder.*test_ignored_masks"):
+                                         r"cannot be run apart from its encoder.*"
+                                         r"test_ignored_masks"):
         _invokes(lm, "hooks")
