@@ -12,8 +12,10 @@ import sys
 import pytest
 import torch
 from models import tiny_gpt2, tiny_llama
-from transformers import (GPT2LMHeadModel, LlamaForCausalLM, T5Config,
-                          T5ForConditionalGeneration)
+from transformers import (AutoConfig, AutoModelForCausalLM, BartConfig,
+                          BartForConditionalGeneration, GPT2LMHeadModel, LlamaForCausalLM,
+                          T5Config, T5ForConditionalGeneration)
+from transformers.models.bart.modeling_bart import BartDecoder
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.models.t5.modeling_t5 import T5Stack
 
@@ -88,6 +90,37 @@ class _LossFromMask(_IgnoresMask):
         logits = self.head(self.body(self.embed(input_ids)))
         loss = (logits.logsumexp(-1) * attention_mask).sum() / attention_mask.sum()
         return CausalLMOutput(loss=loss, logits=logits)
+
+
+class _AlibiFromMask(_IgnoresMask):
+    """Attention with ALiBi's bias built from the mask's running count (as Bloom builds it)
+    and a causal mask of its own: no key is masked, so every token reads the pads before
+    it."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, input_ids, attention_mask=None):
+        q, k, v = self.qkv(self.embed(input_ids)).chunk(3, -1)
+        n = input_ids.shape[1]
+        alibi = 0.5 * (attention_mask.cumsum(-1) - 1)  # (the keys' positions, no masking)
+        scores = q @ k.transpose(-1, -2) / 8 ** 0.5 + alibi[:, None, :]
+        causal = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril()
+        return self.head(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v)
+
+
+class _BloomAlibiFromMask(_AlibiFromMask):
+    """ALiBi's bias as Bloom builds it, its positions zeroed at the pads by the mask
+    (``(mask.cumsum(-1) - 1) * mask``), and no key masked."""
+
+    def forward(self, input_ids, attention_mask=None):
+        q, k, v = self.qkv(self.embed(input_ids)).chunk(3, -1)
+        n = input_ids.shape[1]
+        alibi = 0.5 * ((attention_mask.cumsum(-1) - 1) * attention_mask)
+        scores = q @ k.transpose(-1, -2) / 8 ** 0.5 + alibi[:, None, :]
+        causal = torch.ones(n, n, dtype=torch.bool, device=scores.device).tril()
+        return self.head(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v)
 
 
 def _positions_from_mask(mask):
@@ -231,13 +264,15 @@ def _padded_rows_differ(model, a, b, **kwargs):
 
 @pytest.mark.parametrize("make", [
     lambda: _model(_PositionsFromMask), lambda: _model(_LossFromMask),
+    lambda: _model(_AlibiFromMask), lambda: _model(_BloomAlibiFromMask),
     lambda: _GPT2PositionsFromMask(tiny_gpt2().config).eval(),
     lambda: _LlamaPositionsFromMask(tiny_llama().config).eval()],
-    ids=["positions", "loss", "gpt2-positions", "llama-rotary"])
+    ids=["positions", "loss", "alibi", "bloom-alibi", "gpt2-positions", "llama-rotary"])
 @pytest.mark.parametrize("backend", ["fx", "hooks"])
 def test_a_mask_read_only_for_positions_or_a_loss_is_refused(make, backend):
     """A mask that reaches the logits only as token positions (an embedding's rows,
-    rotary angles), or reaches only a loss, does not keep the rows from the pads: the
+    rotary angles, ALiBi's bias from its running count), or reaches only a loss, does
+    not keep the rows from the pads: the
     plain model's padded row differs from the prompt alone, so fxsight refuses the
     padded batch before running (was run: the mask reached an output). (Prompts of one
     length run: ``test_invokes_of_equal_lengths_equal_each_prompt_alone``.)"""
@@ -258,6 +293,36 @@ def test_a_mask_read_only_for_positions_or_a_loss_is_refused(make, backend):
         with pytest.raises(TraceError, match=rf"{name} ignores the attention_mask.*{why}"):
             with lm.generate([a, b], max_new_tokens=2, do_sample=False, backend=backend):
                 lm.generator.output.save()
+
+
+def _alibi_model(name: str):
+    config = dict(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, num_hidden_layers=2,
+                  num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if name == "falcon":
+        config.update(alibi=True, new_decoder_architecture=False, multi_query=True)
+    config = AutoConfig.for_model(name, **config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("name", ["bloom", "falcon"])
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_alibi_models_that_mask_the_pads_are_not_refused(name, backend):
+    """Bloom and Falcon build ALiBi's bias from the mask's running count and mask the pads
+    too: a padded invoke's rows equal its prompt run alone (a plain forward)."""
+    model = _alibi_model(name)
+    lm = LanguageModel(model)
+    a, b = [5, 6, 7, 8, 9, 10], [12, 13, 14]
+    with torch.no_grad(), lm.trace(backend=backend) as tracer:
+        with tracer.invoke(a):
+            la = lm.output.logits.save()
+        with tracer.invoke(b):
+            lb = lm.output.logits.save()
+    with torch.no_grad():
+        ra, rb = (model(torch.tensor([ids])).logits for ids in (a, b))
+    torch.testing.assert_close(la, ra)
+    torch.testing.assert_close(lb[:, -3:], rb)
 
 
 class _StackIgnoresMask(T5Stack):
@@ -476,3 +541,152 @@ def test_a_padded_batch_runs_its_graph_without_reading_the_mask():
         torch.testing.assert_close(long, model(torch.tensor([[5, 6, 7, 8]])).logits)
         torch.testing.assert_close(short[:, 2:], model(torch.tensor([[9, 10]])).logits)
         torch.testing.assert_close(masked[:, 1:], model(torch.tensor([[11, 12, 13]])).logits)
+
+
+class _DecoderDropsEncoderMask(BartDecoder):
+    """BART's decoder with a forward that drops the encoder's attention_mask: its
+    cross-attention reads every position of the encoder's hidden states, pads included
+    (the encoder still honours the mask)."""
+
+    def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                               encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+
+def _bart(dropping: bool):
+    config = BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=4, decoder_attention_heads=4,
+                        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                        pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                        decoder_start_token_id=2, forced_eos_token_id=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BartForConditionalGeneration(config).eval()
+        with torch.no_grad():  # (larger weights: the greedy tokens vary)
+            for parameter in model.parameters():
+                parameter.normal_(0, 0.3)
+    if dropping:
+        model.model.decoder.__class__ = _DecoderDropsEncoderMask
+    return model
+
+
+def _seq2seq(name: str, dropping: bool = False):
+    return _bart(dropping) if name == "bart" else _t5(False)
+
+
+_A, _B, _DECODER = [5, 6, 7, 8, 9, 10], [12, 13, 14], [[2, 5, 7]]
+_GENERATE = dict(max_new_tokens=4, do_sample=False, decoder_start_token_id=2)
+
+
+def _invokes(lm, backend):
+    """The logits of two invokes of different lengths (the second left-padded)."""
+    with torch.no_grad(), lm.trace(backend=backend) as tracer:
+        with tracer.invoke(_A, decoder_input_ids=torch.tensor(_DECODER)):
+            la = lm.output.logits.save()
+        with tracer.invoke(_B, decoder_input_ids=torch.tensor(_DECODER)):
+            lb = lm.output.logits.save()
+    return la, lb
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_an_encoder_decoder_whose_decoder_drops_the_encoder_mask_is_refused(backend):
+    """An encoder-decoder whose encoder honours the mask and whose decoder's
+    cross-attention drops it: its logits are computed from the mask (through the encoder's
+    hidden states), yet the padded row's decoder reads the pads' states, so its logits and
+    tokens differ from the prompt alone (the reference: the plain model, transformers'
+    generate). A trace of prompts of different lengths and ``generate`` are refused (were
+    run: the padded invoke's logits differed from the prompt alone, without error)."""
+    model = _bart(dropping=True)
+    decoder = torch.tensor(_DECODER * 2)
+    with torch.no_grad():
+        batched = model(torch.tensor([_A, [1] * 3 + _B]), decoder_input_ids=decoder,
+                        attention_mask=torch.tensor([[1] * 6, [0] * 3 + [1] * 3])).logits
+        alone = model(torch.tensor([_B]), decoder_input_ids=decoder[:1]).logits
+    assert not torch.allclose(batched[1:], alone, atol=1e-4)  # (the reference: refuse it)
+    lm = LanguageModel(model)
+    why = r"(?s)BartForConditionalGeneration ignores the attention_mask.*decoder's " \
+          r"cross-attention.*test_ignored_masks"
+    with pytest.raises(TraceError, match=rf"(?s)invoke #1 is 3 tokens long.*{why[4:]}"):
+        _invokes(lm, backend)
+    with pytest.raises(TraceError, match=why):
+        with lm.generate([_A, _B], backend=backend, **_GENERATE):
+            lm.generator.output.save()
+
+
+@pytest.mark.parametrize("name", ["bart", "t5"])
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_encoder_decoders_that_honour_the_mask_are_not_refused(name, backend):
+    """Real BART and T5 (the decoder's cross-attention reads the mask) are not refused.
+    T5's positions are relative: each invoke's logits, and each prompt's generated tokens,
+    equal the prompt run alone (a plain forward; transformers' generate). BART's learned
+    positions count the left pads too, so its padded row is the plain forward's of the same
+    left-padded batch (not the prompt alone's: see docs/porting.md)."""
+    model = _seq2seq(name)
+    lm = LanguageModel(model)
+    decoder = torch.tensor(_DECODER)
+    la, lb = _invokes(lm, backend)
+    pad = model.config.pad_token_id
+    with torch.no_grad():
+        ra = model(torch.tensor([_A]), decoder_input_ids=decoder).logits
+        rb = model(torch.tensor([_B]), decoder_input_ids=decoder).logits
+        if name == "bart":
+            rb = model(torch.tensor([_A, [pad] * 3 + _B]), decoder_input_ids=decoder.repeat(
+                2, 1), attention_mask=torch.tensor([[1] * 6, [0] * 3 + [1] * 3])).logits[1:]
+    torch.testing.assert_close(la, ra)
+    torch.testing.assert_close(lb, rb)
+    if name == "bart" or backend == "fx":
+        return  # (an encoder-decoder's generate runs on hooks)
+    options = {**_GENERATE, "decoder_start_token_id": 0}
+    with torch.no_grad():
+        alone = [model.generate(torch.tensor([ids]), **options)[0] for ids in (_A, _B)]
+    with torch.no_grad(), lm.generate([_A, _B], backend=backend, **options):
+        tokens = lm.generator.output.save()
+    assert torch.equal(tokens[0], alone[0]) and torch.equal(tokens[1], alone[1])
+
+
+class _FailsOnPads(_IgnoresMask):
+    """A model whose forward cannot run a padded batch (as the zoo's tiny DeepSeek-V3
+    cannot: a shape error in its attention)."""
+
+    def forward(self, input_ids, attention_mask=None):
+        if not bool(attention_mask.all()):
+            raise ValueError("left padding is not supported")
+        return self.head(self.body(self.embed(input_ids) * attention_mask[..., None]))
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_check_whose_forward_cannot_run_refuses_naming_the_model(backend):
+    """Where the check's own forward pass fails, the padded batch is refused naming the
+    model and the failure (was skipped: the check passed and the model's own error came
+    from the run)."""
+    lm = LanguageModel(_model(_FailsOnPads))
+    with pytest.raises(TraceError, match=r"(?s)whether _FailsOnPads keeps them from the pads "
+                                         r"cannot be told.*ValueError: left padding is not "
+                                         r"supported.*test_ignored_masks"):
+        with lm.trace(backend=backend) as tracer:
+            with tracer.invoke([1, 2, 3, 4]):
+                lm.output.save()
+            with tracer.invoke([5, 6]):
+                lm.output.save()
+
+
+class _TakesNoEncoderOutputs(BartForConditionalGeneration):
+    """An encoder-decoder whose forward cannot be given the encoder's hidden states: its
+    decoder cannot be run apart to see that it reads the mask."""
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                               decoder_input_ids=decoder_input_ids)
+
+
+def test_an_encoder_decoder_whose_decoder_cannot_be_checked_is_refused():
+    """Its decoder could drop the mask (as ``_DecoderDropsEncoderMask`` does) unseen: a
+    padded batch is refused, naming why (was run unchecked)."""
+    model = _bart(dropping=True)
+    model.__class__ = _TakesNoEncoderOutputs
+    lm = LanguageModel(model)
+    with pytest.raises(TraceError, match=r"(?s)whether _TakesNoEncoderOutputs keeps them .*"
+                                         r"cannot be run apart from its encoder.*"
+                                         r"test_ignored_masks"):
+        _invokes(lm, "hooks")

@@ -48,6 +48,7 @@ from ..errors import TraceError, at_line, user_line
 from .edit import seed_tracer
 from .generation import Generator, GeneratorEnvoy
 from .inputs import check_keywords, describe, earlier_invokes, forward_signature
+from .mask_reads import UnknownReads, mask_unread
 from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
                             _tokenizer_beside)
 from .nnsight import CLASS_ENVOYS, NNsight, with_invoker_args
@@ -410,9 +411,12 @@ class LanguageModel(TokenEncoding, NNsight):
         encoder-decoder's encoder hidden states too) are not computed from the attention
         mask's values in its captured graph (or, on the hooks backend and in ``generate``,
         in a forward pass on fake tensors): the mask is ignored, or read only as token
-        positions (``mask.cumsum(-1)`` as an index or as angles) or only by a loss, so the
-        pads would change the rows they pad. A model known to ignore its mask was
-        refused as its invoke was added (``_check_padding``).
+        positions (``mask.cumsum(-1)`` as an index, as angles or as ALiBi's bias) or only
+        by a loss, or an encoder-decoder's decoder reads the encoder's hidden states
+        without it (``mask_reads``), so the pads would change the rows they pad. Where
+        the check's own forward pass cannot run, the batch is refused too, naming the
+        failure. A model known to ignore its mask was refused as its invoke was added
+        (``_check_padding``).
         ``tracer``: ``None`` for a plain run (``trace=False``) of ``kwargs``, whose
         ``padded`` says whether its rows are padded, where its preparation knew."""
         mask = kwargs.get("attention_mask")
@@ -422,16 +426,25 @@ class LanguageModel(TokenEncoding, NNsight):
             if tracer is not None else [kwargs["input_ids"].shape[1]]
         if len(set(lengths)) == 1 and not _padded(tracer, mask, padded):
             return  # (no row is padded)
-        flat = flat_inputs(args, kwargs)[0]
-        index = next((i for i, value in enumerate(flat) if value is mask), None)
-        if index is None:
+        if not any(value is mask for value in flat_inputs(args, kwargs)[0]):
             return
+        name = type(self._module).__name__
+        line = tracer._line if tracer is not None else user_line()
         try:
+            if isinstance(tracer, Generator):  # (the first step's decoder ids, as generate's)
+                kwargs = _with_first_decoder_ids(tracer, kwargs, self._encoder_decoder())
             source = tracer._run_source(args, kwargs) if tracer is not None else \
                 scan.cached_scan(self._module, args, kwargs)
-            reason = source.input_reads.rows_unread(index)
-        except Exception:  # noqa: BLE001 - a forward these inputs alone cannot run (an
-            return         # encoder-decoder's, whose decoder generate feeds): not known
+            reason = mask_unread(self._module, source, args, kwargs, mask)
+        except TraceError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the check's forward cannot run
+            why = str(error) if isinstance(error, UnknownReads) else \
+                f"a forward pass of the batch failed: {type(error).__name__}: {error}"
+            raise TraceError(at_line(
+                f"the batch's rows are padded, and whether {name} keeps them from the pads "
+                f"cannot be told ({why}). Run prompts of different lengths in separate "
+                f"traces (or invokes of equal lengths)", line)) from error
         if reason is None:
             return
         if len(set(lengths)) > 1:
@@ -443,12 +456,10 @@ class LanguageModel(TokenEncoding, NNsight):
         else:
             what = "the batch's rows are padded (prompts of different lengths, or an " \
                    "attention_mask with zeros)"
-        name = type(self._module).__name__
         raise TraceError(at_line(
             f"{what}, but {name} ignores the attention_mask it is given ({reason}): the "
             f"padding would change the values of the rows it pads. Run prompts of "
-            f"different lengths in separate traces (or invokes of equal lengths)",
-            tracer._line if tracer is not None else user_line()))
+            f"different lengths in separate traces (or invokes of equal lengths)", line))
 
     def _known_masks(self, tracer: Any, kwargs: dict) -> tuple:
         """``((attention_mask, whether it is all ones),)`` for the batch where every
@@ -606,6 +617,18 @@ class LanguageModel(TokenEncoding, NNsight):
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _with_first_decoder_ids(tracer: Generator, kwargs: dict, encoder_decoder: bool) -> dict:
+    """``kwargs`` with the decoder's ids of generate's first step, where it needs them."""
+    ids = tracer._first_decoder_ids(kwargs)
+    if ids is not None:
+        return {**kwargs, "decoder_input_ids": ids}
+    if encoder_decoder and "decoder_input_ids" not in kwargs and \
+            "decoder_inputs_embeds" not in kwargs:
+        raise UnknownReads("its decoder's first token is unknown: no decoder_start_token_id "
+                           "or bos_token_id is given to generate or set in its configs")
+    return kwargs
+
+
 def _padded(tracer: Any, mask: torch.Tensor, alone: bool | None = None) -> bool:
     """Whether a row of the batch's ``mask`` has a zero, where its invokes are all as long:
     from what each invoke's preparation found on the host where every one knows (a GPU

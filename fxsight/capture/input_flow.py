@@ -16,7 +16,9 @@ known two ways:
 Both skip operators whose result depends on their input's shape and dtype only
 (``torch.ones_like(mask)``, ``mask.new_zeros(n)``): an output made that way does not read
 the input. Both tell an input's *values* from its use as *positions*: what flows through
-an integer index (the rows an embedding looks up, the elements a gather takes) or an
+an integer index (the rows an embedding looks up, the elements a gather takes), a running
+count (``mask.cumsum(-1)``: the tokens' positions, as ALiBi's bias is built from them, also
+scaled per token by the mask, ``(mask.cumsum(-1) - 1) * mask`` as Bloom has it) or an
 angle (``sin``, ``cos``: rotary and sinusoidal positions) only places or selects values,
 so from there on it carries the input as a position. :class:`InputReads` says, for each
 input, whether the outputs the rows are read from (the logits, the hidden states)
@@ -62,6 +64,12 @@ _INDEX_ARGUMENTS = {
 }
 # operators that make angles into values: positions through them stay positions
 _ANGLES = frozenset({_aten.sin, _aten.sin_, _aten.cos, _aten.cos_, _aten.polar})
+# running sums: of flags or of a value per token (``mask.cumsum(-1)``) they count the
+# tokens, each one's position among the real ones (ALiBi's bias is made of them; it masks
+# no key); of hidden states (three or more dimensions, floating) they are values
+_RUNNING_SUMS = frozenset({_aten.cumsum, _aten.cumsum_})
+# products: a position per token times a value per token (the mask) is still a position
+_PRODUCTS = frozenset({_aten.mul, _aten.mul_})
 # the entries of a transformers output that hold the rows (one value per token); where an
 # output has none of them, every tensor of two or more dimensions is taken instead
 _ROW_OUTPUTS = ("logits", "last_hidden_state", "encoder_last_hidden_state")
@@ -94,22 +102,41 @@ def _integer(value: Any) -> bool:
 def _operator_flow(target: Any, args: tuple, kwargs: dict, flow_of: Any,
                    tensor_of: Any) -> Flow:
     """What an operator's result carries: its arguments' flows (``flow_of(leaf)``), an
-    integer index argument's (``tensor_of(leaf)``: its tensor, for the dtype) and an
-    angle's as positions."""
+    integer index argument's (``tensor_of(leaf)``: its tensor, for the dtype), a running
+    count's and an angle's as positions."""
     packet = _packet(target)
     index = _INDEX_ARGUMENTS.get(packet)
     index_arg = None
     if index is not None:
         position, name = index
         index_arg = args[position] if position < len(args) else kwargs.get(name)
-    flow = _NONE
+    flow, positions_only = _NONE, 0
     for leaf in pytree.tree_leaves((args, kwargs)):
         carried = flow_of(leaf)
         if carried != _NONE and index_arg is not None and _integer(tensor_of(leaf)) and \
                 any(leaf is x for x in pytree.tree_leaves(index_arg)):
             carried = _as_positions(carried)
         flow = _or(flow, carried)
-    return _as_positions(flow) if packet in _ANGLES else flow
+        positions_only |= carried[1] & ~carried[0]
+    if packet in _ANGLES or (packet in _RUNNING_SUMS and args and _count(tensor_of(args[0]))):
+        return _as_positions(flow)
+    if positions_only and packet in _PRODUCTS and _per_token(args, tensor_of):
+        # (a position per token scaled per token, ``(mask.cumsum(-1) - 1) * mask`` as
+        # Bloom's ALiBi has it, is still a position)
+        return flow[0] & ~positions_only, flow[1] | positions_only
+    return flow
+
+
+def _per_token(args: tuple, tensor_of: Any) -> bool:
+    """Whether every tensor argument holds at most a value per token (two dimensions)."""
+    tensors = [tensor_of(leaf) for leaf in args]
+    return all(t.dim() <= 2 for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _count(summed: Any) -> bool:
+    """Whether a running sum of ``summed`` counts tokens (flags, or a value per token)."""
+    return isinstance(summed, torch.Tensor) and (
+        not summed.dtype.is_floating_point or summed.dim() <= 2)
 
 
 @dataclass(frozen=True)
@@ -130,13 +157,15 @@ class InputReads:
         missing = self.inputs & ~reached
         return frozenset(i for i in range(missing.bit_length()) if missing >> i & 1)
 
-    def rows_unread(self, index: int) -> str | None:
-        """Why the rows' outputs (the logits, the hidden states) are not computed from
-        input ``index``'s values, or ``None`` where each of them is."""
+    def rows_unread(self, index: int, ignoring: tuple[str, ...] = ()) -> str | None:
+        """Why the rows' outputs (the logits, the hidden states; those named in
+        ``ignoring`` aside) are not computed from input ``index``'s values, or ``None``
+        where each of them is."""
         bit = 1 << index
         if not self.inputs & bit:
             return None
-        rows = [(name or "output", flow) for name, row, flow in self.outputs if row]
+        rows = [(name or "output", flow) for name, row, flow in self.outputs
+                if row and name not in ignoring]
         missing = [(name, flow) for name, flow in rows if not flow[0] & bit]
         if rows and not missing:
             return None
@@ -147,8 +176,8 @@ class InputReads:
                    "from it"
         names = ", ".join(dict.fromkeys(name for name, _ in missing))
         if any(flow[1] & bit for _, flow in missing):
-            return f"its {names} read it only as token positions (an index into a table, " \
-                   f"or angles), not in which tokens each token reads"
+            return f"its {names} read it only as token positions (an index into a table, a " \
+                   f"running count, or angles), not in which tokens each token reads"
         others = ", ".join(dict.fromkeys(name or "output" for name, _, flow in self.outputs
                                          if (flow[0] | flow[1]) & bit))
         return f"its {names} is not computed from it, only its {others}"
