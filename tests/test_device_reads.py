@@ -5,45 +5,12 @@ the invoke and its line. Values are the plain forward's."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
+from device_reads import CountReads
 from models import tiny_gpt2
 
 from fxsight import LanguageModel, TraceError
-
-_READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
-          torch.Tensor.__float__, torch.Tensor.__index__, torch.equal, torch.Tensor.equal,
-          torch.is_nonzero}
-
-
-class _CountReads(torch.overrides.TorchFunctionMode):
-    """Each read of a tensor's values into Python that fxsight's code makes (its
-    rewritten graphs' included; not the model's own), as the fxsight functions it was made
-    in, innermost first."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads: list[list[str]] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _READS:
-            frame, names = sys._getframe(1), []
-            while frame is not None:
-                path = frame.f_code.co_filename.replace("\\", "/")
-                if "/fxsight/" in path or path.startswith("<fxsight"):
-                    names.append(f"{path.rsplit('/fxsight/', 1)[-1]}:{frame.f_code.co_name}")
-                frame = frame.f_back
-            if names and (names[0].startswith("<fxsight") or
-                          _fxsight(sys._getframe(1).f_code.co_filename)):
-                self.reads.append(names)
-        return func(*args, **(kwargs or {}))
-
-
-def _fxsight(path: str) -> bool:
-    path = path.replace("\\", "/")
-    return "/fxsight/" in path or path.startswith("<fxsight")
 
 
 @pytest.mark.parametrize("backend", ["fx", "hooks"])
@@ -56,7 +23,7 @@ def test_the_token_ids_of_several_invokes_are_read_once_per_trace(backend):
     rows = [torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11, 12]]),
             torch.tensor([[13, 14, 15, 16]])]
     for _ in range(2):  # (the second: captured, as in a loop)
-        with torch.no_grad(), _CountReads() as counted:
+        with torch.no_grad(), CountReads() as counted:
             with lm.trace(backend=backend) as tracer:
                 saved = []
                 for ids in rows:
@@ -116,7 +83,7 @@ def test_a_batch_of_prompts_of_different_lengths_reads_nothing(backend):
     model = tiny_gpt2()
     lm = LanguageModel(model)
     for _ in range(2):  # (the second: captured, as in a loop)
-        with torch.no_grad(), _CountReads() as counted:
+        with torch.no_grad(), CountReads() as counted:
             with lm.trace(backend=backend) as tracer:
                 with tracer.invoke([5, 6, 7, 8]):
                     long = lm.output.logits.save()

@@ -7,10 +7,10 @@ invoke's values equal its prompt run alone (plain forward, forward hooks)."""
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
+from device_reads import CountReads
 from models import tiny_gpt2, tiny_llama
 from transformers import (AutoConfig, AutoModelForCausalLM, BartConfig,
                           BartForConditionalGeneration, GPT2LMHeadModel, LlamaForCausalLM,
@@ -386,37 +386,6 @@ def test_an_encoder_decoder_whose_encoder_ignores_the_mask_is_refused(backend):
 
 
 # --- the check reads no device value where the invokes' padding is known -------------------
-_READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
-          torch.Tensor.__float__, torch.Tensor.__index__, torch.equal, torch.Tensor.equal,
-          torch.is_nonzero}
-
-
-def _fxsight_code(frame) -> bool:
-    path = frame.f_code.co_filename.replace("\\", "/")
-    return "/fxsight/" in path or path.startswith("<fxsight")
-
-
-class _CountReads(torch.overrides.TorchFunctionMode):
-    """Every read of a tensor's values into Python (on a GPU: a wait for its queue) that
-    fxsight's code makes (not the model's own), with the fxsight functions it was read in
-    (innermost first)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads: list[list[str]] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _READS and _fxsight_code(sys._getframe(1)):
-            frame, names = sys._getframe(1), []
-            while frame is not None:
-                path = frame.f_code.co_filename.replace("\\", "/")
-                if "/fxsight/" in path or path.startswith("<fxsight"):
-                    names.append(f"{path.rsplit('/fxsight/', 1)[-1]}:{frame.f_code.co_name}")
-                frame = frame.f_back
-            self.reads.append(names)
-        return func(*args, **(kwargs or {}))
-
-
 def _outside_invokes_and_graph(reads: list[list[str]]) -> list[list[str]]:
     """The reads made neither by the checks of the invokes' token ids (as an input is
     prepared, or for all its trace's invokes at once) nor inside the rewritten graph (the
@@ -436,7 +405,7 @@ def test_a_batch_of_unpadded_invokes_reads_no_device_value_to_check_its_mask(bac
     lm = LanguageModel(tiny_gpt2())
     a, b = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11, 12]])
     for _ in range(2):  # (the second: captured, as in a loop)
-        with torch.no_grad(), _CountReads() as counted:
+        with torch.no_grad(), CountReads() as counted:
             with lm.trace(backend=backend) as tracer:
                 with tracer.invoke(a):
                     value = lm.transformer.h[0].output.save()
@@ -472,7 +441,7 @@ def test_a_plain_run_of_an_unpadded_input_reads_no_device_value_to_check_its_mas
     model = tiny_gpt2()
     lm = LanguageModel(model)
     ids = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad(), _CountReads() as counted:
+    with torch.no_grad(), CountReads() as counted:
         out = lm.trace(ids, trace=False)
     assert _outside_invokes_and_graph(counted.reads) == []
     with torch.no_grad():
@@ -493,7 +462,7 @@ def test_unpadded_invokes_run_their_graph_without_reading_the_mask():
     lm = LanguageModel(model)
     a, b = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11, 12]])
     for _ in range(2):  # (the second: captured, as in a loop)
-        with torch.no_grad(), _CountReads() as counted:
+        with torch.no_grad(), CountReads() as counted:
             with lm.trace(backend="fx") as tracer:
                 with tracer.invoke(a):
                     first = lm.output.logits.save()
@@ -524,7 +493,7 @@ def test_a_padded_batch_runs_its_graph_without_reading_the_mask():
     model = tiny_gpt2()
     lm = LanguageModel(model)
     for _ in range(2):  # (the second: captured, as in a loop)
-        with torch.no_grad(), _CountReads() as counted:
+        with torch.no_grad(), CountReads() as counted:
             with lm.trace(backend="fx") as tracer:
                 with tracer.invoke([5, 6, 7, 8]):
                     long = lm.output.logits.save()
