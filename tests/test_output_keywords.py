@@ -1,0 +1,85 @@
+"""A model's own keyword outputs (``output_hidden_states``, ``output_attentions``) beside an
+intervention, in ``trace`` and ``generate``, on both backends.
+
+The reference is plain PyTorch: the same write done by a forward hook on a fresh copy of the
+model (its hook registered before transformers installs the hooks that collect those outputs,
+so the collected value is the written one, as in transformers' own per-layer loop).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fxsight import LanguageModel
+from models import tiny_gpt2, tiny_llama, train_tokenizer
+
+BACKENDS = ["fx", "hooks"]
+PROMPT = "The Eiffel Tower is in"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer()
+
+
+def _build(kind: str, tokenizer) -> torch.nn.Module:
+    build = tiny_gpt2 if kind == "gpt2" else tiny_llama
+    model = build(vocab_size=len(tokenizer), n_embd=32, n_head=2) if kind == "gpt2" else \
+        build(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64)
+    model.config._attn_implementation = "eager"  # (sdpa gives no attentions)
+    return model
+
+
+def _blocks(module):
+    return module.transformer.h if hasattr(module, "transformer") else module.model.layers
+
+
+def _doubled(module, args, output):
+    return (output[0] * 2, *output[1:]) if isinstance(output, tuple) else output * 2
+
+
+def _plain_doubled(model, **kwargs):
+    """Plain PyTorch on a fresh copy: block 0's output doubled by a forward hook."""
+    fresh = copy.deepcopy(model)
+    handle = _blocks(fresh)[0].register_forward_hook(_doubled)
+    try:
+        with torch.no_grad():
+            return fresh(**kwargs)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hidden_states_of_a_written_block_are_the_written_ones(tokenizer, kind, backend):
+    """(was: once transformers had installed its collecting hooks, by any earlier forward
+    asking for hidden states, ``output.hidden_states[1]`` was block 0's output before the
+    write, on both backends, while every later layer saw the written one)"""
+    model = _build(kind, tokenizer)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    expected = _plain_doubled(model, input_ids=ids, output_hidden_states=True,
+                              output_attentions=True)
+    with torch.no_grad():  # transformers installs its collecting hooks on this model now
+        model(ids, output_hidden_states=True, output_attentions=True)
+    order = [list(m._forward_hooks) for m in model.modules()]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with torch.no_grad(), lm.trace(ids, output_hidden_states=True, output_attentions=True,
+                                   backend=backend) as tracer:
+        block = _blocks(lm)[0]
+        block.output = block.output * 2
+        hidden = lm.output.hidden_states.save()
+        attentions = lm.output.attentions.save()
+        logits = lm.output.logits.save()
+    assert tracer.backend == backend
+    torch.testing.assert_close(logits, expected.logits, atol=1e-5, rtol=0)
+    assert len(hidden) == len(expected.hidden_states) == 3
+    for got, want in zip(hidden, expected.hidden_states):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert len(attentions) == len(expected.attentions) == 2
+    for got, want in zip(attentions, expected.attentions):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # the model's hooks are as they were, in their order
+    assert [list(m._forward_hooks) for m in model.modules()] == order
