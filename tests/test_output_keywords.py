@@ -83,3 +83,34 @@ def test_hidden_states_of_a_written_block_are_the_written_ones(tokenizer, kind, 
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     # the model's hooks are as they were, in their order
     assert [list(m._forward_hooks) for m in model.modules()] == order
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_generate_hidden_states_of_a_written_block_are_the_written_ones(tokenizer, kind):
+    """As in a trace, at every step of ``generate`` (``output_hidden_states`` makes generate
+    run on the hooks backend: ``auto`` falls back, ``fx`` refuses it)."""
+    model = _build(kind, tokenizer)
+    encoded = tokenizer([PROMPT, "Hello"], return_tensors="pt", padding=True)
+    options = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                   output_hidden_states=True, output_scores=True)
+    fresh = copy.deepcopy(model)
+    handle = _blocks(fresh)[0].register_forward_hook(_doubled)
+    try:
+        with torch.no_grad():
+            expected = fresh.generate(**encoded, **options)
+    finally:
+        handle.remove()
+    with torch.no_grad():  # transformers installs its collecting hooks on this model now
+        model(encoded["input_ids"], output_hidden_states=True)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with torch.no_grad(), lm.generate(dict(encoded), backend="hooks", **options) as tracer:
+        with tracer.all():
+            block = _blocks(lm)[0]
+            block.output = block.output * 2
+        output = lm.generator.output.save()
+    assert torch.equal(output.sequences, expected.sequences)
+    for got, want in zip(output.scores, expected.scores, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for got_step, want_step in zip(output.hidden_states, expected.hidden_states, strict=True):
+        for got, want in zip(got_step, want_step, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
