@@ -114,3 +114,31 @@ def test_generate_hidden_states_of_a_written_block_are_the_written_ones(tokenize
     for got_step, want_step in zip(output.hidden_states, expected.hidden_states, strict=True):
         for got, want in zip(got_step, want_step, strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_index_of_logits_kept_short_is_refused_at_the_line(tokenizer, backend):
+    """``logits_to_keep`` makes the logits hold the last positions only: ``.token[0]`` of
+    them is a TokenIndexError naming the line, before the run (was: an IndexError from
+    inside the run, naming no line); an index the kept positions hold is the plain
+    forward's."""
+    from fxsight import TokenIndexError
+    model = _build("llama", tokenizer)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    prompts = [PROMPT, "Hi"]
+    before = fxsight_traces()
+    with pytest.raises(TokenIndexError, match=r"dimension 1 has only 2(.|\n)*the line named"):
+        with torch.no_grad(), lm.trace(prompts, logits_to_keep=2, backend=backend):
+            lm.lm_head.output.token[0].save()  # the line named
+    assert fxsight_traces() == before
+    with torch.no_grad(), lm.trace(prompts, logits_to_keep=2, backend=backend):
+        last = lm.lm_head.output.token[-1].save()
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            alone = model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1]
+        torch.testing.assert_close(last[row], alone, atol=1e-5, rtol=0)
+
+
+def fxsight_traces() -> int:
+    import fxsight
+    return fxsight.stats()["traces"]
