@@ -142,3 +142,32 @@ def test_token_index_of_logits_kept_short_is_refused_at_the_line(tokenizer, back
 def fxsight_traces() -> int:
     import fxsight
     return fxsight.stats()["traces"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attentions_of_written_attention_weights_are_the_written_ones(tokenizer, backend):
+    """``output.attentions`` collects each attention module's weights (its output[1]): a
+    write of them comes back written, as from a plain hook (was: the weights before the
+    write, once transformers had installed its collecting hooks)."""
+    model = _build("llama", tokenizer)
+    encoded = tokenizer([PROMPT, "Hi there"], return_tensors="pt", padding=True)
+    fresh = copy.deepcopy(model)
+    handle = fresh.model.layers[0].self_attn.register_forward_hook(
+        lambda module, args, output: (output[0], output[1] * 0.5))
+    try:
+        with torch.no_grad():
+            expected = fresh(**encoded, output_attentions=True)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        model(**encoded, output_attentions=True)
+    from fxsight import NNsight
+    wrapped = NNsight(model)
+    with torch.no_grad(), wrapped.trace(**encoded, output_attentions=True,
+                                        backend=backend) as tracer:
+        attention = wrapped.model.layers[0].self_attn
+        attention.output = (attention.output[0], attention.output[1] * 0.5)
+        attentions = wrapped.output.attentions.save()
+    assert tracer.backend == backend
+    for got, want in zip(attentions, expected.attentions, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
