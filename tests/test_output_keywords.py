@@ -171,3 +171,36 @@ def test_attentions_of_written_attention_weights_are_the_written_ones(tokenizer,
     assert tracer.backend == backend
     for got, want in zip(attentions, expected.attentions, strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_a_users_hook_still_runs_before_a_trace_reads_the_output(tokenizer):
+    """Only transformers' collecting hooks move after fxsight's: a user's own forward hook
+    (registered after them) still changes the output before the trace reads it, and the
+    hidden states hold the value after both (was, with every hook after the first
+    collecting one moved: the trace read the output before the user's hook)."""
+    from fxsight import NNsight
+    model = _build("gpt2", tokenizer)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        model(ids, output_hidden_states=True)  # transformers' collecting hooks: first
+    block = model.transformer.h[0]
+    handle = block.register_forward_hook(lambda module, args, output: output + 1)
+    recorded = {}
+    recorder = block.register_forward_hook(  # (after the user's hook: what it gave)
+        lambda module, args, output: recorded.setdefault("output", output.clone()))
+    with torch.no_grad():
+        model(ids)
+    recorder.remove()
+    order = list(block._forward_hooks)
+    try:
+        wrapped = NNsight(model)
+        with torch.no_grad(), wrapped.trace(ids, output_hidden_states=True) as tracer:
+            seen = wrapped.transformer.h[0].output.save()
+            wrapped.transformer.h[0].output = wrapped.transformer.h[0].output * 2
+            hidden = wrapped.output.hidden_states.save()
+        assert tracer.backend == "hooks"  # (a model with a user's hook is not captured)
+        assert list(block._forward_hooks) == order
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen, recorded["output"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(hidden[1], recorded["output"] * 2, atol=1e-6, rtol=0)

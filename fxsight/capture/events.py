@@ -37,18 +37,19 @@ def _replaced(before: Any, after: Any) -> list:
 
 
 def _run_before_traced_hooks(hooks: dict, key: int) -> list | None:
-    """Move the forward hook ``key`` (the last of ``hooks``) before the first hook that a
-    capture traces (transformers' output-capturing hooks, installed on the first forward
-    asking ``output_hidden_states``/``output_attentions``): they collect the module's
-    output into the model's, so they must see the value an intervention gives, as every
-    other user of the output does (was: a written block's output came back unwritten in
-    ``output.hidden_states`` once those hooks were installed, on both backends). Returns
-    the keys' order before (for :func:`_put_back_order`), or None where nothing moved."""
+    """Move the hooks that a capture traces (transformers' output-capturing hooks,
+    installed on the first forward asking ``output_hidden_states``/``output_attentions``)
+    after the forward hook ``key`` (the last of ``hooks``), the others keeping their order:
+    they only collect the module's output into the model's, so they must see the value an
+    intervention gives, as every other user of the output does (was: a written block's
+    output came back unwritten in ``output.hidden_states`` once those hooks were
+    installed, on both backends). Returns the keys' order before (for
+    :func:`_put_back_order`), or None where nothing moved."""
     keys = list(hooks)
-    first = next((i for i, k in enumerate(keys) if is_traced_hook(hooks[k])), None)
-    if first is None or keys[-1] != key:
+    traced = [k for k in keys[:-1] if is_traced_hook(hooks[k])]
+    if not traced or keys[-1] != key:
         return None
-    for later in keys[first:-1]:
+    for later in traced:
         hooks.move_to_end(later)
     return keys[:-1]
 
