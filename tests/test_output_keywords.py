@@ -204,3 +204,46 @@ def test_a_users_hook_still_runs_before_a_trace_reads_the_output(tokenizer):
         handle.remove()
     torch.testing.assert_close(seen, recorded["output"], atol=1e-6, rtol=0)
     torch.testing.assert_close(hidden[1], recorded["output"] * 2, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_with_a_cache_and_prompts_of_different_lengths_is_refused(tokenizer,
+                                                                           backend):
+    """``generate`` takes the whole sequence; a cache given to it holds its first tokens.
+    Left padding for prompts of different lengths went before the cache's tokens: the
+    shorter prompt's last cached tokens were fed again and real ones masked, its tokens
+    other than transformers' own ``generate`` gives it (silently, on both backends). Now
+    refused before running, naming the line; one prompt with a cache is transformers'."""
+    from fxsight import TraceError
+    model = _build("llama", tokenizer)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    past = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    short = torch.cat([past, tokenizer(" Paris", return_tensors="pt")["input_ids"]], 1)
+    long = torch.cat([past, tokenizer(" Rome is a", return_tensors="pt")["input_ids"]], 1)
+    assert long.shape[1] > short.shape[1]
+
+    def cache(rows):
+        with torch.no_grad():
+            return model(past.repeat(rows, 1), use_cache=True).past_key_values
+
+    with torch.no_grad():
+        expected = model.generate(short, past_key_values=cache(1), max_new_tokens=3,
+                                  do_sample=False)
+    with torch.no_grad(), lm.generate(short, past_key_values=cache(1), max_new_tokens=3,
+                                      backend=backend):
+        alone = lm.generator.output.save()
+    assert torch.equal(alone, expected)
+    before = fxsight_traces()
+    options = dict(max_new_tokens=3, backend=backend)
+    with pytest.raises(TraceError, match=r"cache(.|\n)*different lengths(.|\n)*the line"):
+        with lm.generate(past_key_values=cache(2), **options) as tracer:  # the line
+            with tracer.invoke(short):
+                lm.generator.output.save()
+            with tracer.invoke(long):
+                lm.generator.output.save()
+    with pytest.raises(TraceError, match=r"cache(.|\n)*different lengths"):
+        with torch.no_grad(), lm.generate([short[0].tolist(), long[0].tolist()],
+                                          past_key_values=cache(2), max_new_tokens=3,
+                                          backend=backend):
+            lm.generator.output.save()
+    assert fxsight_traces() == before
