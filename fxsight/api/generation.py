@@ -37,6 +37,7 @@ from ..run.forward import fall_back, metadata_source
 from ..run.options import RunOptions
 from ..splice.rows import Rows
 from .calls import scoped_loop
+from .token_inputs import past_length
 from .tracer import Tracer
 
 
@@ -226,6 +227,7 @@ class Generator(Tracer):
     def _execute(self) -> None:
         _check_nothing_changed_after(self.program)
         args, kwargs, rows = self._prepare_run()
+        self._check_cache_padding(kwargs)
         self._check_shapes_read(args, kwargs, rows)
         self._check_step_shapes_read(kwargs)
         module = self.model._module
@@ -326,6 +328,25 @@ class Generator(Tracer):
         self._output, self._output_kept = output, True
         self._results = {node: values[node] if node in after else steps.result(node)
                          for node in self.program.saves}
+
+    def _check_cache_padding(self, kwargs: dict) -> None:
+        """``generate`` takes the whole sequence, a cache given to it holding its first
+        tokens: rows of different lengths (invokes, ragged prompts) are left-padded before
+        the cache's tokens, so the cache's tokens no longer line up with the ids (the last
+        cached tokens were fed again and real ones masked: other tokens than transformers'
+        own ``generate`` of each prompt, silently). Refused before running until the
+        padding goes between the cache's tokens and the new ones."""
+        past = past_length({**self._generate_kwargs, **kwargs}, None)
+        if not past:
+            return
+        lengths = {inv.prepared[1]["input_ids"].shape[1] for inv in self.invokes}
+        if len(lengths) < 2 and not any(getattr(inv, "padded", False) for inv in self.invokes):
+            return
+        raise TraceError(at_line(
+            f"lm.generate(...) with a cache of {past} tokens (past_key_values=/cache=) and "
+            f"prompts of different lengths is not supported: their left padding would go "
+            f"before the cache's tokens. Generate each prompt in its own lm.generate, or "
+            f"give prompts of one length", self._line))
 
     def _not_run_again(self, reason: Unsupported, steps: GraphSteps) -> TraceError:
         """The error of a generation that stopped on graphs after calling the caller's

@@ -73,6 +73,9 @@ class TokenIndexer:
                         f"token index {index} is {side} of prompt {r} of {where}, "
                         f"which has {span} tokens", line))
             negative = [index % span - span - gap for span, gap in zip(spans, gaps)]
+        reach = -min((n for row in negative for n in (row if isinstance(row, list)
+                                                      else [row])), default=0)
+        self.tracer._token_reads.append((self.proxy._node, reach, line))
         if whole:
             self.tracer.recorder.create_op("call_function", check_token_rows,
                                 (self.proxy, len(spans)), {})

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import TraceError, at_line, user_line
+from ..errors import TokenIndexError, TraceError, at_line, user_line
 from ..locks import model_lock
 from ..record.program import Node
 from ..record.sites import OUTPUT, is_operation
@@ -110,16 +110,18 @@ class TraceMetadata:
         so far); in the batch the value can be longer (prompts left-padded to the longest
         invoke's length). A number taken from such a shape (``h[:, h.shape[1] - 1]``)
         would silently pick another token: refused, naming the line that read it."""
-        if len(self.invokes) < 2 or not self._shapes_read:
+        shapes_read = self._shapes_read if len(self.invokes) > 1 else []
+        if not shapes_read and not self._token_reads:
             return
-        needed = {node for node, *_ in self._shapes_read}
+        needed = {node for node, *_ in (*shapes_read, *self._token_reads)}
         for node in reversed(self.program.nodes):
             if node in needed:
                 needed.update(node.all_input_nodes)
         with model_lock(self.model._module):
             walker = MetaWalker(self.program, rows, self._metadata_source(args, kwargs))
             walker.run([node for node in self.program.nodes if node in needed])
-        for node, dims, seen, line in self._shapes_read:
+        _check_token_reads(walker.values, self._token_reads)
+        for node, dims, seen, line in shapes_read:
             meta = walker.values.get(node)
             if not isinstance(meta, torch.Tensor):
                 continue
@@ -162,6 +164,22 @@ class TraceMetadata:
 
 # the dimensions of a value a metadata question reads (``None``: all of them); a question
 # not listed reads none (``size(d)`` reads ``d``)
+def _check_token_reads(values: dict, reads: list[tuple[Node, int, Any]]) -> None:
+    """``value.token[i]`` indexes dimension 1 from its end, as far back as the prompts'
+    padded length: a value whose dimension 1 is shorter (the logits of a forward given
+    ``logits_to_keep``) holds no such position. Refused before the run, naming the line
+    (was: an IndexError from inside the run, naming no line)."""
+    for node, extent, line in reads:
+        meta = values.get(node)
+        if not isinstance(meta, torch.Tensor) or meta.dim() < 2 or meta.shape[1] >= extent:
+            continue
+        raise TokenIndexError(at_line(
+            f"token indexing counts positions of dimension 1 from each prompt's first "
+            f"token, {extent} from the end here, but this value's dimension 1 has only "
+            f"{meta.shape[1]} (shape {tuple(meta.shape)}; a forward given `logits_to_keep` "
+            f"returns the last positions only): index it directly (e.g. [:, -1])", line))
+
+
 _DIMS_READ = {"shape": None, "len()": (0,), "iteration": (0,)}
 
 

@@ -76,6 +76,9 @@ class Tracer(TraceMetadata):
         # shapes read while recording: (node, the dimensions read or None for all, the
         # shape seen, line), checked against the batch's before the run
         self._shapes_read: list[tuple[Node, tuple | None, tuple, Any]] = []
+        # token indexes recorded: (node indexed, positions from the end it reaches, line),
+        # checked against the value's dimension 1 in the batch before the run
+        self._token_reads: list[tuple[Node, int, Any]] = []
         # envoy(value, hook=True) calls: module path -> (node's proxy, line), the latest
         self.hooked_calls: dict[str, tuple[Proxy, Any]] = {}
         self._paths_run: set[str] | None = None
@@ -166,6 +169,7 @@ class Tracer(TraceMetadata):
             invoke.tracer = None
         self._barriers = []
         self._shapes_read = []
+        self._token_reads = []
 
     def keep(self, value: Any) -> None:
         """``fxsight.save(obj)``: traced values put into ``obj`` are saved at the end."""

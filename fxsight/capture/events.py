@@ -36,6 +36,33 @@ def _replaced(before: Any, after: Any) -> list:
             if isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor) and o is not n]
 
 
+def _run_before_traced_hooks(hooks: dict, key: int) -> list | None:
+    """Move the hooks that a capture traces (transformers' output-capturing hooks,
+    installed on the first forward asking ``output_hidden_states``/``output_attentions``)
+    after the forward hook ``key`` (the last of ``hooks``), the others keeping their order:
+    they only collect the module's output into the model's, so they must see the value an
+    intervention gives, as every other user of the output does (was: a written block's
+    output came back unwritten in ``output.hidden_states`` once those hooks were
+    installed, on both backends). Returns the keys' order before (for
+    :func:`_put_back_order`), or None where nothing moved."""
+    keys = list(hooks)
+    traced = [k for k in keys[:-1] if is_traced_hook(hooks[k])]
+    if not traced or keys[-1] != key:
+        return None
+    for later in traced:
+        hooks.move_to_end(later)
+    return keys[:-1]
+
+
+def _put_back_order(hooks: dict, order: list) -> None:
+    """Put ``hooks`` back in ``order`` (keys added since go after them, in their order)."""
+    known = set(order)
+    added = [k for k in hooks if k not in known]
+    for key in (*order, *added):
+        if key in hooks:
+            hooks.move_to_end(key)
+
+
 _ABSENT = object()  # (an instance attribute that was not there)
 _CALLED = "__fxsight_called__"  # (attribute of a dispatcher's wrapper: the function it calls)
 # (attribute of an enclosing function's wrapper, set by a nested function's dispatcher for
@@ -103,6 +130,7 @@ class ModuleEvents:
     def installed(self) -> Iterator["ModuleEvents"]:
         handles = []
         forwards = []
+        reordered: list[tuple[dict, list]] = []
         try:
             if self.operations:
                 for module, path in module_paths(self.model).items():
@@ -121,12 +149,17 @@ class ModuleEvents:
                     continue
                 handles.append(module.register_forward_pre_hook(
                     self._pre_hook(path), with_kwargs=True))
-                handles.append(module.register_forward_hook(
-                    self._post_hook(path)))
+                handle = module.register_forward_hook(self._post_hook(path))
+                handles.append(handle)
+                order = _run_before_traced_hooks(forward_hook_dicts(module)[1], handle.id)
+                if order is not None:
+                    reordered.append((forward_hook_dicts(module)[1], order))
             yield self
         finally:
             for handle in handles:
                 handle.remove()
+            for hooks, order in reordered:
+                _put_back_order(hooks, order)
             for module, slot, before in forwards:
                 if getattr(vars(module).get(slot), ops.MARK, False):
                     if before is _ABSENT:
