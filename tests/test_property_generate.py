@@ -1,8 +1,8 @@
 """Property test: random intervention programs across the decoding steps of ``lm.generate``:
-several invokes (prompts of different lengths, left padding), reads, saves and writes at
-random sites, each inside ``tracer.iter[int | slice | list]`` (a ``with`` block or a ``for``
-loop whose body uses the step's number), ``tracer.all()``, or outside any (the first step),
-a value read at the first step used in the chosen steps.
+several invokes of one or two prompts each (of different lengths, left padding), reads,
+saves and writes at random sites, each inside ``tracer.iter[int | slice | list]`` (a
+``with`` block or a ``for`` loop whose body uses the step's number), ``tracer.all()``, or
+outside any (the first step), a value read at the first step used in the chosen steps.
 
 The reference is plain transformers: ``model.generate`` on the same left-padded batch (its
 attention mask), greedy, with forward hooks that count the model's calls (one per decoding
@@ -85,7 +85,8 @@ PROMPT = st.integers(2, 5).flatmap(
 
 
 def programs(kind: str):
-    return st.tuples(st.lists(st.tuples(PROMPT, _actions(kind)), min_size=1, max_size=3),
+    prompts = st.lists(PROMPT, min_size=1, max_size=2).map(tuple)  # an invoke's prompts
+    return st.tuples(st.lists(st.tuples(prompts, _actions(kind)), min_size=1, max_size=3),
                      st.booleans())
 
 
@@ -153,8 +154,8 @@ def run_fxsight(kind: str, invokes, use_cache: bool, backend: str):
     with torch.no_grad(), lm.generate(max_new_tokens=NEW, min_new_tokens=NEW,
                                       do_sample=False, use_cache=use_cache,
                                       backend=backend) as tracer:
-        for ids, actions in invokes:
-            with tracer.invoke([list(ids)]):
+        for prompts, actions in invokes:
+            with tracer.invoke([list(ids) for ids in prompts]):
                 # the first step's value of the last position at the first site an import
                 # reads from (read before any line of the program)
                 imports = [a for a in actions if a.kind == "import"]
@@ -211,19 +212,23 @@ def _flatten(results, every):
 # --- the reference: transformers' generate with forward hooks --------------------------------
 def run_reference(kind: str, invokes, use_cache: bool):
     model, sites = MODELS[kind], SITES[kind]
-    length = max(len(ids) for ids, _ in invokes)
-    ids = torch.tensor([[PAD_ID] * (length - len(p)) + list(p) for p, _ in invokes])
-    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p, _ in invokes])
+    prompts = [p for ps, _ in invokes for p in ps]
+    length = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD_ID] * (length - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+    bounds = [0]
+    for ps, _ in invokes:
+        bounds.append(bounds[-1] + len(ps))
     state = {"step": -1}
     firsts: dict[int, torch.Tensor] = {}
     saves: list[list] = [[[] for _ in actions] for _, actions in invokes]
 
     def on_site(index: int, output: torch.Tensor) -> torch.Tensor | None:
-        # each invoke's row, a view of the output: in-place steps edit it (and the views
+        # each invoke's rows, a view of the output: in-place steps edit it (and the views
         # saved of it before, as in PyTorch); a step that replaces it leaves those alone
         step, rows, replaced = state["step"], [], False
-        for row, (_, actions) in enumerate(invokes):
-            h = view = output[row:row + 1]
+        for row, (_, actions) in enumerate(invokes):  # (row: an invoke, its rows)
+            h = view = output[bounds[row]:bounds[row + 1]]
             imports = [a for a in actions if a.kind == "import"]
             if step == 0 and imports and imports[0].site == index:
                 firsts[row] = h[:, -1].clone()
@@ -262,8 +267,11 @@ def check(kind: str, program) -> None:
             for backend in ("fx", "hooks")}
     for backend, (results, every, tokens) in runs.items():
         assert torch.equal(tokens, expected_tokens), (backend, tokens, expected_tokens)
-        for row, (_, ids_out) in enumerate(results):
-            assert torch.equal(ids_out, expected_tokens[row:row + 1]), (backend, row)
+        start = 0
+        for row, ((prompts, _), (_, ids_out)) in enumerate(zip(invokes, results)):
+            rows = expected_tokens[start:start + len(prompts)]
+            assert torch.equal(ids_out, rows), (backend, row)
+            start += len(prompts)
         saves = _flatten(results, every)
         assert len(saves) == len(expected_saves), (backend, len(saves), len(expected_saves))
         for i, (got, want) in enumerate(zip(saves, expected_saves)):
