@@ -581,7 +581,7 @@ def check(kind, program):
             runs[backend] = run_fxsight(kind, invokes, options, backend)
         finally:
             MODELS[kind].zero_grad(set_to_none=True)
-    (fx, fx_cache), (hooks, hooks_cache) = runs["fx"], runs["hooks"]
+    fx, hooks = runs["fx"][0], runs["hooks"][0]
     _equal([r[:2] for r in fx], [r[:2] for r in hooks], "fx vs hooks")
     try:
         _compare(kind, invokes, options, runs, expected, expected_caches, None)
