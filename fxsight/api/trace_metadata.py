@@ -107,8 +107,8 @@ class TraceMetadata:
 
     def _check_shapes_read(self, args: tuple, kwargs: dict, rows: dict[Any, Rows]) -> None:
         """A shape read while recording is of an invoke's input alone (or of the invokes
-        so far); in the batch the value can be longer (prompts left-padded to the longest
-        invoke's length). A number taken from such a shape (``h[:, h.shape[1] - 1]``)
+        so far); in the batch the value can be longer (prompts padded to the longest
+        invoke's length: on the left, an encoder-decoder's on the right). A number taken from such a shape (``h[:, h.shape[1] - 1]``)
         would silently pick another token: refused, naming the line that read it."""
         if len(self.invokes) < 2 or not self._shapes_read:
             return
@@ -126,11 +126,14 @@ class TraceMetadata:
             batched = tuple(meta.shape)
             dims = range(len(seen)) if dims is None else dims
             if len(batched) != len(seen) or any(seen[d] != batched[d] for d in dims):
+                right = getattr(self.model, "_pads_right", lambda: False)()
+                how = "right-padded to the longest (an encoder-decoder's input). Use" \
+                    if right else "left-padded to the longest. Count tokens from the end " \
+                    "(`h[:, -1]`) or use"
                 raise TraceError(at_line(
                     f"this shape was read as {seen} while the block was recorded (the "
                     f"invoke's input alone, or the invokes recorded so far), but in the batch the "
-                    f"value is {batched}: the invokes' prompts are left-padded to the "
-                    f"longest. Count tokens from the end (`h[:, -1]`) or use "
+                    f"value is {batched}: the invokes' prompts are {how} "
                     f"`h.token[i]`; read a dimension padding does not change with "
                     f"`h.size(-1)`", line))
 
