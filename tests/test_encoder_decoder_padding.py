@@ -149,3 +149,22 @@ def test_generate_of_invokes_of_different_lengths_equals_each_prompt_alone(name)
         with tracer.invoke(_A):
             long = lm.generator.output.save()
     assert torch.equal(long[0], alone[0]) and torch.equal(short[0], alone[1])
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_token_of_a_decoder_value_counts_from_the_end(backend):
+    """The decoder's ids are not padded: ``logits.token[-1]`` is the decoder's last token
+    in every invoke, where the decoder is longer than the encoder's input too (was, with
+    the encoder's input counted from its start: the encoder's last position, silently)."""
+    model = _model("bart")
+    lm = LanguageModel(model)
+    decoder = torch.tensor([[2, 5, 7, 9, 11, 13, 15, 17]])  # longer than both prompts
+    with torch.no_grad(), lm.trace(backend=backend, use_cache=False) as tracer:
+        lasts = []
+        for ids in (_B, _A):
+            with tracer.invoke(ids, decoder_input_ids=decoder):
+                lasts.append(lm.output.logits.token[-1].save())
+    for ids, last in zip((_B, _A), lasts):
+        with torch.no_grad():
+            expected = model(torch.tensor([ids]), decoder_input_ids=decoder).logits[:, -1]
+        torch.testing.assert_close(last, expected, rtol=1e-5, atol=1e-5)

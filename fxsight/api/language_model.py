@@ -56,7 +56,7 @@ from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_en
 from .nnsight import CLASS_ENVOYS, NNsight, with_invoker_args
 from .call_site import entered_by_with
 from .text_encoding import TOKENIZER_KEYWORDS, TokenEncoding
-from .token_index import TokenIndexer
+from .token_index import TokenIndexer, reads_under
 from .token_inputs import (TOKEN_KEYWORDS, aligned, as_row, batch_sized, check_batchable,
                            check_positions, keyword_input, past_length, past_width,
                            split_past_mask, with_past_mask, with_token_keywords)
@@ -617,7 +617,21 @@ class LanguageModel(TokenEncoding, NNsight):
 
     # --- token indexing -----------------------------------------------------------------
     def _token_indexer(self, tracer, proxy) -> "TokenIndexer":
-        return TokenIndexer(tracer, proxy, from_start=self._pads_right())
+        # (an encoder's values are right-padded, counted from the start; a decoder's ids
+        # are not padded by the wrapper: counted from the end, as before)
+        encoder = self._encoder_path() if self._pads_right() else None
+        return TokenIndexer(tracer, proxy, from_start=encoder is not None and
+                            reads_under(proxy._node, encoder))
+
+    def _encoder_path(self) -> str | None:
+        """The dotted path of an encoder-decoder's encoder (``get_encoder()``), or
+        ``None`` where it has none found."""
+        try:
+            encoder = self._module.get_encoder()
+        except (AttributeError, NotImplementedError, TypeError):
+            return None
+        return next((name for name, module in self._module.named_modules()
+                     if module is encoder and name), None)
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import TokenIndexError, TraceError, at_line, user_line
+from ..record.program import Kind
 
 
 class TokenIndexer:
@@ -99,6 +100,24 @@ class TokenIndexer:
         counted from the end, where padding of the batch goes before the row, else from
         the start."""
         return first + offset if self.from_start else offset - span - gap
+
+
+def reads_under(node: Any, prefix: str) -> bool:
+    """Whether recorded ``node`` is computed from a module read at or under the dotted
+    path ``prefix`` (an encoder's values: its input's tokens, rather than the decoder's)."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        site = getattr(current, "site", None)
+        if getattr(current, "kind", None) is Kind.READ and site is not None:
+            if site.path == prefix or site.path.startswith(prefix + "."):
+                return True
+            continue
+        stack.extend(getattr(current, "all_input_nodes", ()))
+    return False
 
 
 def check_token_rows(value: Any, rows: int) -> None:
