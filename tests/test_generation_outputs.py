@@ -261,7 +261,9 @@ def test_an_encoder_decoders_decoder_shapes_are_step_0s_or_refused_later(
     handle = model.get_submodule(blocks)[1].register_forward_hook(
         lambda m, a, output: seen.append(output[0] if isinstance(output, tuple) else output))
     try:
-        expected = model.generate(**tokenizer(PROMPTS, return_tensors="pt", padding=True),
+        # (an encoder-decoder's prompts are right-padded: BART's positions are by index)
+        expected = model.generate(**tokenizer(PROMPTS, return_tensors="pt", padding=True,
+                                              padding_side="right"),
                                   max_new_tokens=3, do_sample=False, use_cache=use_cache)
     finally:
         handle.remove()

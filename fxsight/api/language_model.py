@@ -13,7 +13,9 @@ are checked against the model's ``forward`` (:mod:`fxsight.api.inputs`). Every p
 left-padded: the invokes of a trace are padded to a common length, with the attention mask
 and explicit ``position_ids`` (attention mask cumulative sum, as transformers' ``generate``
 does), so each row computes what it computes alone. A right-padded ``attention_mask`` is
-re-packed to the left (its rows are rolled so that the last real token is last).
+re-packed to the left (its rows are rolled so that the last real token is last). An
+encoder-decoder's input is right-padded instead, and keeps a mask's padding: its encoder
+may place tokens by index (BART's learned positions take no ``position_ids``).
 
 Token indexing: ``proxy.token[i]`` / ``proxy.t[i]`` index dimension 1 counting from each
 prompt's first real token. Because padding is on the left, a prompt's tokens are always the
@@ -54,7 +56,7 @@ from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_en
 from .nnsight import CLASS_ENVOYS, NNsight, with_invoker_args
 from .call_site import entered_by_with
 from .text_encoding import TOKENIZER_KEYWORDS, TokenEncoding
-from .token_index import TokenIndexer
+from .token_index import TokenIndexer, reads_under
 from .token_inputs import (TOKEN_KEYWORDS, aligned, as_row, batch_sized, check_batchable,
                            check_positions, keyword_input, past_length, past_width,
                            split_past_mask, with_past_mask, with_token_keywords)
@@ -312,7 +314,8 @@ class LanguageModel(TokenEncoding, NNsight):
 
     def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]],
                       invokes: list | None = None) -> tuple[tuple, dict]:
-        """Left-pad every invoke's token-aligned tensors to the longest, concatenate rows
+        """Left-pad every invoke's token-aligned tensors to the longest (right-pad an
+        encoder-decoder's: ``_pads_right``), concatenate rows
         (``invokes``: those they were prepared for, where known: what their preparation
         found is not read from the device again)."""
         encoder_decoder = self._encoder_decoder()  # (a config's attribute: read once)
@@ -320,6 +323,7 @@ class LanguageModel(TokenEncoding, NNsight):
             check_batchable(prepared[0], kw, n, i, None, encoder_decoder)
         known, invokes = invokes, [kw for _, kw, _ in prepared]
         length = max(kw["input_ids"].shape[1] for kw in invokes)
+        right = self._pads_right()  # (an encoder-decoder's rows: padded on the right)
         batched: dict[str, Any] = {}
         for key in [k for k in invokes[0] if k != "position_ids"]:
             column = [kw[key] for kw in invokes]
@@ -327,13 +331,12 @@ class LanguageModel(TokenEncoding, NNsight):
                 pad = self._pad_id() if key == "input_ids" else _PAD_VALUES.get(key, 0)
                 if key == "labels" and self._shifts_labels():
                     column = [unpredicted_first(v, v.shape[1] < length) for v in column]
-                batched[key] = torch.cat([left_pad(v, length, pad) for v in column])
+                batched[key] = torch.cat([left_pad(v, length, pad, right) for v in column])
             elif key == "attention_mask" and past_width(column[0], invokes[0]):
                 # masks that cover a cache's past tokens: padded between past and input
                 past = past_width(column[0], invokes[0])
-                batched[key] = torch.cat([torch.cat([v[:, :past], left_pad(v[:, past:],
-                                                                           length, 0)], 1)
-                                          for v in column])
+                batched[key] = torch.cat([torch.cat([v[:, :past], left_pad(
+                    v[:, past:], length, 0, right)], 1) for v in column])
             elif all(batch_sized(v, n) for v, (_, _, n) in zip(column, prepared)):
                 batched[key] = torch.cat(column)
             else:
@@ -396,7 +399,7 @@ class LanguageModel(TokenEncoding, NNsight):
             if first == ids.shape[1]:
                 return
             what = f"{where} is {ids.shape[1]} tokens long and invoke #0 {first}: the " \
-                   f"shorter rows would be left-padded to share the batch"
+                   f"shorter rows would be padded to share the batch"
         else:
             return
         raise TraceError(at_line(
@@ -451,7 +454,7 @@ class LanguageModel(TokenEncoding, NNsight):
             longest = max(range(len(lengths)), key=lengths.__getitem__)
             shorter = next(i for i, n in enumerate(lengths) if n < lengths[longest])
             what = f"invoke #{shorter} is {lengths[shorter]} tokens long and invoke " \
-                   f"#{longest} {lengths[longest]}: the shorter rows would be left-padded " \
+                   f"#{longest} {lengths[longest]}: the shorter rows would be padded " \
                    f"to share the batch"
         else:
             what = "the batch's rows are padded (prompts of different lengths, or an " \
@@ -484,6 +487,7 @@ class LanguageModel(TokenEncoding, NNsight):
             return {k: v for k, v in batched.items() if k != "position_ids"}
         parts, explicit = [], False
         first, pad = self._position_layout()
+        right = self._pads_right()
         for i, (kw, length) in enumerate(invokes):
             mask = kw["attention_mask"]
             given = kw.get("position_ids")
@@ -491,7 +495,7 @@ class LanguageModel(TokenEncoding, NNsight):
                 if given is None:
                     return {k: v for k, v in batched.items() if k != "position_ids"}
                 explicit = True
-                parts.append(left_pad(given, length, pad))
+                parts.append(left_pad(given, length, pad, right))
                 continue
             # (the positions of the input's own tokens: a mask that covers a cache's past
             # tokens too counts them)
@@ -501,7 +505,7 @@ class LanguageModel(TokenEncoding, NNsight):
                     not torch.equal(given.to(auto.device), auto):
                 explicit = True
                 auto = given
-            parts.append(left_pad(auto, length, pad))
+            parts.append(left_pad(auto, length, pad, right))
         out = {k: v for k, v in batched.items() if k != "position_ids"}
         if padded is None:
             padded = explicit or not bool(batched["attention_mask"].all())
@@ -613,7 +617,21 @@ class LanguageModel(TokenEncoding, NNsight):
 
     # --- token indexing -----------------------------------------------------------------
     def _token_indexer(self, tracer, proxy) -> "TokenIndexer":
-        return TokenIndexer(tracer, proxy)
+        # (an encoder's values are right-padded, counted from the start; a decoder's ids
+        # are not padded by the wrapper: counted from the end, as before)
+        encoder = self._encoder_path() if self._pads_right() else None
+        return TokenIndexer(tracer, proxy, from_start=encoder is not None and
+                            reads_under(proxy._node, encoder))
+
+    def _encoder_path(self) -> str | None:
+        """The dotted path of an encoder-decoder's encoder (``get_encoder()``), or
+        ``None`` where it has none found."""
+        try:
+            encoder = self._module.get_encoder()
+        except (AttributeError, NotImplementedError, TypeError):
+            return None
+        return next((name for name, module in self._module.named_modules()
+                     if module is encoder and name), None)
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -113,7 +113,8 @@ class TokenEncoding:
     def _from_rows(self, rows: Any, mask: torch.Tensor | None, extras: dict, where: str,
                    line: str):
         """Left-padded ``(input_ids, attention_mask, extras)`` from ragged rows or a tensor
-        (with an optional mask, re-packed to the left where it is right-padded)."""
+        (with an optional mask, re-packed to the left where it is right-padded); an
+        encoder-decoder's rows are right-padded, and a mask given keeps its padding."""
         if isinstance(rows, torch.Tensor):
             ids = rows.long()
         else:
@@ -122,10 +123,14 @@ class TokenEncoding:
                 raise TraceError(at_line(f"{where}: prompt {empty} has no tokens", line))
             length = max(len(r) for r in rows)
             pad = self._pad_id()
-            ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], dtype=torch.long)
-            mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows],
+            # (an encoder-decoder's input is padded on the right: see _pads_right)
+            right = self._pads_right()
+            ids = torch.tensor([r + [pad] * (length - len(r)) if right else
+                                [pad] * (length - len(r)) + r for r in rows], dtype=torch.long)
+            mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) if right else
+                                 [0] * (length - len(r)) + [1] * len(r) for r in rows],
                                 dtype=torch.long)
-            return ids, mask, extras, row_facts(rows, pad)  # left-padded already
+            return ids, mask, extras, row_facts(rows, pad)  # padded already
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise TraceError(at_line(f"{where}: the input holds no tokens (shape "
                                      f"{tuple(ids.shape)})", line))
@@ -152,6 +157,13 @@ class TokenEncoding:
             extras = {k: roll_rows(v, shifts) if self._aligned(k, v, rolled) else v
                       for k, v in extras.items()}
         return ids, mask, extras, facts
+
+    def _pads_right(self) -> bool:
+        """Whether the input's rows are padded on the right: an encoder-decoder's (its
+        encoder is bidirectional and masked, so right padding moves no real token, where
+        left padding would move them to other positions in an encoder that places tokens
+        by index and takes no ``position_ids``: BART's, Marian's, Pegasus's)."""
+        return self._encoder_decoder()
 
     def _pad_id(self) -> int:
         for source in (self.tokenizer, getattr(self._module, "config", None)):

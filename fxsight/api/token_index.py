@@ -1,5 +1,6 @@
 """``proxy.token[key]``: a language model's positions counted from each prompt's first
-real token (prompts are left-padded to one length)."""
+real token (prompts are left-padded to one length: a position is taken from the end, which
+later invokes do not move; an encoder-decoder's are right-padded: from the start)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ from typing import Any
 import torch
 
 from ..errors import TokenIndexError, TraceError, at_line, user_line
+from ..record.program import Kind
 
 
 class TokenIndexer:
     """``proxy.token[key]``: index dimension 1 counting from each prompt's first real token
     (``proxy.token[0]`` is the first real token of every row, ``[-1]`` the last)."""
 
-    def __init__(self, tracer, proxy):
+    def __init__(self, tracer, proxy, from_start: bool = False):
         self.tracer = tracer
         self.proxy = proxy
+        self.from_start = from_start  # (the batch pads rows on the right)
 
     def __getitem__(self, key: Any):
         return self.proxy[self._key(key, user_line())]
@@ -24,10 +27,11 @@ class TokenIndexer:
     def __setitem__(self, key: Any, value: Any) -> None:
         self.proxy[self._key(key, user_line())] = value
 
-    def _spans(self, line: str) -> tuple[str, list[int], list[int], bool]:
-        """``(where, spans, gaps, whole)``: each row's count of positions from its first
-        real token to its last, and of pads after its last (an encoder-decoder's input
-        keeps its right padding), for the rows the proxy holds."""
+    def _spans(self, line: str) -> tuple[str, list[int], list[int], list[int], bool]:
+        """``(where, spans, gaps, firsts, whole)``: each row's count of positions from its
+        first real token to its last, of pads after its last (an encoder-decoder's input
+        keeps its right padding) and its first real token's position, for the rows the
+        proxy holds."""
         tracer = self.tracer
         node = self.proxy._node
         invoke = node.invoke
@@ -37,21 +41,24 @@ class TokenIndexer:
                                      line))
         spans: list[int] = []
         gaps: list[int] = []
+        firsts: list[int] = []
         for inv in invokes:
             kwargs = inv.prepared[1]
             # the mask of the input's own tokens (a mask may cover a cache's tokens first)
             mask = kwargs["attention_mask"][:, -kwargs["input_ids"].shape[1]:]
             first_real = mask.argmax(-1)  # the first 1 of each row
             after = (mask.flip(-1).cumsum(-1) == 0).sum(-1)  # pads after the last 1
-            both = torch.stack([mask.shape[1] - first_real - after, after]).tolist()
-            spans.extend(both[0])  # (one read from the device for both)
-            gaps.extend(both[1])
+            read = torch.stack([mask.shape[1] - first_real - after, after,
+                                first_real]).tolist()
+            spans.extend(read[0])  # (one read from the device for all three)
+            gaps.extend(read[1])
+            firsts.extend(read[2])
         where = "the whole batch" if invoke is None else f"invoke #{invoke}"
-        return where, spans, gaps, invoke is None
+        return where, spans, gaps, firsts, invoke is None
 
     def _key(self, key: Any, line: str) -> Any:
         self.tracer._check_token_index(line)
-        where, spans, gaps, whole = self._spans(line)
+        where, spans, gaps, firsts, whole = self._spans(line)
         if isinstance(key, slice):
             rows = [list(range(span))[key] for span in spans]
             if len({len(r) for r in rows}) > 1:
@@ -59,7 +66,8 @@ class TokenIndexer:
                     f"token slice {_show(key)} selects a different number of tokens in the "
                     f"prompts of {where} ({', '.join(str(len(r)) for r in rows)}); use an "
                     f"index each prompt has", line))
-            negative = [[p - span - gap for p in r] for r, span, gap in zip(rows, spans, gaps)]
+            negative = [[self._place(p, span, gap, first) for p in r]
+                        for r, span, gap, first in zip(rows, spans, gaps, firsts)]
         else:
             try:
                 index = int(key.__index__())
@@ -72,21 +80,49 @@ class TokenIndexer:
                     raise TokenIndexError(at_line(
                         f"token index {index} is {side} of prompt {r} of {where}, "
                         f"which has {span} tokens", line))
-            negative = [index % span - span - gap for span, gap in zip(spans, gaps)]
-        reach = -min((n for row in negative for n in (row if isinstance(row, list)
-                                                      else [row])), default=0)
+            negative = [self._place(index % span, span, gap, first)
+                        for span, gap, first in zip(spans, gaps, firsts)]
+        flat = [n for row in negative for n in (row if isinstance(row, list) else [row])]
+        # (how many positions of dimension 1 the index needs: from the start where rows
+        # are right-padded, else from the end)
+        reach = max(flat, default=-1) + 1 if self.from_start else -min(flat, default=0)
         self.tracer._token_reads.append((self.proxy._node, reach, line))
         if whole:
             self.tracer.recorder.create_op("call_function", check_token_rows,
                                 (self.proxy, len(spans)), {})
         if all(n == negative[0] for n in negative):  # every row at the same place: a view
-            return (slice(None), _static_key(negative[0]))
+            return (slice(None), _static_key(negative[0], self.from_start))
         count = len(spans)
         positions = torch.tensor(negative, dtype=torch.long)
         rows = torch.arange(count)
         if isinstance(key, slice):
             rows = rows.reshape(count, 1)
         return (rows, positions)
+
+
+    def _place(self, offset: int, span: int, gap: int, first: int) -> int:
+        """The position in the batch of a row's real token ``offset`` (from its first):
+        counted from the end, where padding of the batch goes before the row, else from
+        the start."""
+        return first + offset if self.from_start else offset - span - gap
+
+
+def reads_under(node: Any, prefix: str) -> bool:
+    """Whether recorded ``node`` is computed from a module read at or under the dotted
+    path ``prefix`` (an encoder's values: its input's tokens, rather than the decoder's)."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        site = getattr(current, "site", None)
+        if getattr(current, "kind", None) is Kind.READ and site is not None:
+            if site.path == prefix or site.path.startswith(prefix + "."):
+                return True
+            continue
+        stack.extend(getattr(current, "all_input_nodes", ()))
+    return False
 
 
 def check_token_rows(value: Any, rows: int) -> None:
@@ -98,7 +134,9 @@ def check_token_rows(value: Any, rows: int) -> None:
             f"every invoke that adds prompts")
 
 
-def _static_key(negative: Any) -> Any:
+def _static_key(negative: Any, from_start: bool = False) -> Any:
+    """The index of dimension 1 that picks positions ``negative`` (counted from the end,
+    or from the start where ``from_start``)."""
     if isinstance(negative, int):
         return negative
     if not negative:
@@ -106,7 +144,7 @@ def _static_key(negative: Any) -> Any:
     step = negative[1] - negative[0] if len(negative) > 1 else 1
     if step > 0 and all(b - a == step for a, b in zip(negative, negative[1:])):
         stop = negative[-1] + step
-        return slice(negative[0], None if stop >= 0 else stop, step)
+        return slice(negative[0], None if stop >= 0 and not from_start else stop, step)
     return torch.tensor(negative, dtype=torch.long)  # not a plain slice: index by a list
 
 

@@ -70,13 +70,15 @@ def real_positions(mask: torch.Tensor, first: int = 0, pad: int = 1) -> torch.Te
     return positions.masked_fill(mask == 0, pad)
 
 
-def left_pad(value: torch.Tensor, length: int, pad: Any) -> torch.Tensor:
+def left_pad(value: torch.Tensor, length: int, pad: Any, right: bool = False) -> torch.Tensor:
+    """``value`` with ``pad`` put before its columns (after them where ``right``) up to
+    ``length`` columns."""
     missing = length - value.shape[1]
     if missing == 0:
         return value
     filler = torch.full((value.shape[0], missing, *value.shape[2:]), pad, dtype=value.dtype,
                         device=value.device)
-    return torch.cat([filler, value], dim=1)
+    return torch.cat([value, filler] if right else [filler, value], dim=1)
 
 
 def roll_rows(value: torch.Tensor, shifts: list[int]) -> torch.Tensor:

@@ -107,8 +107,8 @@ class TraceMetadata:
 
     def _check_shapes_read(self, args: tuple, kwargs: dict, rows: dict[Any, Rows]) -> None:
         """A shape read while recording is of an invoke's input alone (or of the invokes
-        so far); in the batch the value can be longer (prompts left-padded to the longest
-        invoke's length). A number taken from such a shape (``h[:, h.shape[1] - 1]``)
+        so far); in the batch the value can be longer (prompts padded to the longest
+        invoke's length: on the left, an encoder-decoder's on the right). A number taken from such a shape (``h[:, h.shape[1] - 1]``)
         would silently pick another token: refused, naming the line that read it."""
         shapes_read = self._shapes_read if len(self.invokes) > 1 else []
         if not shapes_read and not self._token_reads:
@@ -128,11 +128,14 @@ class TraceMetadata:
             batched = tuple(meta.shape)
             dims = range(len(seen)) if dims is None else dims
             if len(batched) != len(seen) or any(seen[d] != batched[d] for d in dims):
+                right = getattr(self.model, "_pads_right", lambda: False)()
+                how = "right-padded to the longest (an encoder-decoder's input). Use" \
+                    if right else "left-padded to the longest. Count tokens from the end " \
+                    "(`h[:, -1]`) or use"
                 raise TraceError(at_line(
                     f"this shape was read as {seen} while the block was recorded (the "
                     f"invoke's input alone, or the invokes recorded so far), but in the batch the "
-                    f"value is {batched}: the invokes' prompts are left-padded to the "
-                    f"longest. Count tokens from the end (`h[:, -1]`) or use "
+                    f"value is {batched}: the invokes' prompts are {how} "
                     f"`h.token[i]`; read a dimension padding does not change with "
                     f"`h.size(-1)`", line))
 
@@ -165,8 +168,9 @@ class TraceMetadata:
 # the dimensions of a value a metadata question reads (``None``: all of them); a question
 # not listed reads none (``size(d)`` reads ``d``)
 def _check_token_reads(values: dict, reads: list[tuple[Node, int, Any]]) -> None:
-    """``value.token[i]`` indexes dimension 1 from its end, as far back as the prompts'
-    padded length: a value whose dimension 1 is shorter (the logits of a forward given
+    """``value.token[i]`` indexes dimension 1 from its end (from its start where the
+    rows are right-padded), as far as the prompts' padded length: a value whose
+    dimension 1 is shorter (the logits of a forward given
     ``logits_to_keep``) holds no such position. Refused before the run, naming the line
     (was: an IndexError from inside the run, naming no line)."""
     for node, extent, line in reads:
@@ -175,7 +179,7 @@ def _check_token_reads(values: dict, reads: list[tuple[Node, int, Any]]) -> None
             continue
         raise TokenIndexError(at_line(
             f"token indexing counts positions of dimension 1 from each prompt's first "
-            f"token, {extent} from the end here, but this value's dimension 1 has only "
+            f"token and needs {extent} of them here, but this value's dimension 1 has only "
             f"{meta.shape[1]} (shape {tuple(meta.shape)}; a forward given `logits_to_keep` "
             f"returns the last positions only): index it directly (e.g. [:, -1])", line))
 

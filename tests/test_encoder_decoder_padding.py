@@ -1,0 +1,170 @@
+"""Encoder-decoders (BART, T5) in a ``LanguageModel`` with prompts of different lengths:
+each prompt's values equal the prompt run alone through plain transformers. BART's encoder
+places tokens by index (learned positions, no ``position_ids``), so its input is padded
+on the right, where padding moves no real token; T5 (relative positions) is the control."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (BartConfig, BartForConditionalGeneration, T5Config,
+                          T5ForConditionalGeneration)
+
+from fxsight import LanguageModel
+
+_A, _B = [5, 6, 7, 8, 9, 10], [12, 13, 14]  # 6 and 3 tokens
+_DECODER = [[2, 5, 7]]
+_GENERATE = dict(max_new_tokens=4, do_sample=False, decoder_start_token_id=2)
+
+
+def _seeded(build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build().eval()
+        with torch.no_grad():  # (larger weights: positions and greedy tokens matter)
+            for parameter in model.parameters():
+                parameter.normal_(0, 0.3)
+    return model
+
+
+def _model(name: str):
+    if name == "bart":
+        return _seeded(lambda: BartForConditionalGeneration(BartConfig(
+            vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+            decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+            eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)))
+    return _seeded(lambda: T5ForConditionalGeneration(T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=2)))
+
+
+def _encoder(model):
+    return model.model.encoder if isinstance(model, BartForConditionalGeneration) \
+        else model.encoder
+
+
+def _written(model):
+    """The module whose output the tests write (its encoder's last normalization)."""
+    encoder = _encoder(model)
+    return encoder.final_layer_norm if hasattr(encoder, "final_layer_norm") else \
+        encoder.layernorm_embedding
+
+
+def _envoy(lm, model, module):
+    path = next(name for name, m in model.named_modules() if m is module)
+    envoy = lm
+    for part in path.split("."):
+        envoy = getattr(envoy, part)
+    return envoy
+
+
+def _alone(model, ids, write: bool = False):
+    """(logits, encoder hidden states) of the prompt run alone, the last token of the
+    written module's output zeroed where ``write``."""
+    def zero_last(module, args, output):
+        output = output.clone()
+        output[:, -1] = 0
+        return output
+    handle = _written(model).register_forward_hook(zero_last) if write else None
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), decoder_input_ids=torch.tensor(_DECODER),
+                        use_cache=False)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return out.logits, out.encoder_last_hidden_state
+
+
+@pytest.mark.parametrize("order", ["long_first", "short_first"])
+@pytest.mark.parametrize("name", ["bart", "t5"])
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_invokes_of_different_lengths_equal_each_prompt_alone(name, backend, order):
+    """Each invoke's logits, encoder hidden states (``.token`` reads included) and a write
+    at its last token equal its prompt alone (was BART: the shorter invoke, left-padded,
+    had its tokens at other learned positions: logits off, silently)."""
+    model = _model(name)
+    lm = LanguageModel(model)
+    prompts = [_A, _B] if order == "long_first" else [_B, _A]
+    encoder = _envoy(lm, model, _encoder(model))
+    written = _envoy(lm, model, _written(model))
+    saved = []
+    with torch.no_grad(), lm.trace(backend=backend, use_cache=False) as tracer:
+        for ids in prompts:
+            with tracer.invoke(ids, decoder_input_ids=torch.tensor(_DECODER)):
+                states = encoder.output.last_hidden_state
+                saved.append((lm.output.logits.save(), states.token[:].save(),
+                              states.token[-1].save(), states.token[0:2].save()))
+        with tracer.invoke():  # (the whole batch: each row's last token)
+            lasts = encoder.output.last_hidden_state.token[-1].save()
+    assert tracer.backend == backend
+    for row, ids in enumerate(prompts):
+        torch.testing.assert_close(lasts[row], _alone(model, ids)[1][0, -1], rtol=1e-5,
+                                   atol=1e-5)
+    for ids, (logits, states, last, first_two) in zip(prompts, saved):
+        ref_logits, ref_states = _alone(model, ids)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(states, ref_states, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(last, ref_states[:, -1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(first_two, ref_states[:, :2], rtol=1e-5, atol=1e-5)
+    # a write at each invoke's last token (.token[-1]) of the encoder's last norm
+    with torch.no_grad(), lm.trace(backend=backend, use_cache=False) as tracer:
+        logits = []
+        for ids in prompts:
+            with tracer.invoke(ids, decoder_input_ids=torch.tensor(_DECODER)):
+                written.output.token[-1] = torch.zeros(32)
+                logits.append(lm.output.logits.save())
+    for ids, value in zip(prompts, logits):
+        torch.testing.assert_close(value, _alone(model, ids, write=True)[0], rtol=1e-5,
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bart", "t5"])
+def test_a_list_of_prompts_of_different_lengths_equals_each_alone(name):
+    """One invoke of prompts of different lengths: each row's logits are the prompt's
+    alone (was BART: the shorter row left-padded, its positions moved)."""
+    model = _model(name)
+    lm = LanguageModel(model)
+    with torch.no_grad(), lm.trace([_A, _B], decoder_input_ids=torch.tensor(_DECODER * 2),
+                                   use_cache=False, backend="hooks"):
+        logits = lm.output.logits.save()
+    for row, ids in enumerate((_A, _B)):
+        torch.testing.assert_close(logits[row:row + 1], _alone(model, ids)[0], rtol=1e-5,
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bart", "t5"])
+def test_generate_of_invokes_of_different_lengths_equals_each_prompt_alone(name):
+    """``lm.generate`` with two invokes of different lengths: each invoke's tokens are
+    transformers' generate of its prompt alone (an encoder-decoder's generate runs on
+    hooks)."""
+    model = _model(name)
+    lm = LanguageModel(model)
+    with torch.no_grad():
+        alone = [model.generate(torch.tensor([ids]), **_GENERATE)[0] for ids in (_A, _B)]
+    with torch.no_grad(), lm.generate(**_GENERATE) as tracer:
+        with tracer.invoke(_B):
+            short = lm.generator.output.save()
+        with tracer.invoke(_A):
+            long = lm.generator.output.save()
+    assert torch.equal(long[0], alone[0]) and torch.equal(short[0], alone[1])
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_token_of_a_decoder_value_counts_from_the_end(backend):
+    """The decoder's ids are not padded: ``logits.token[-1]`` is the decoder's last token
+    in every invoke, where the decoder is longer than the encoder's input too (was, with
+    the encoder's input counted from its start: the encoder's last position, silently)."""
+    model = _model("bart")
+    lm = LanguageModel(model)
+    decoder = torch.tensor([[2, 5, 7, 9, 11, 13, 15, 17]])  # longer than both prompts
+    with torch.no_grad(), lm.trace(backend=backend, use_cache=False) as tracer:
+        lasts = []
+        for ids in (_B, _A):
+            with tracer.invoke(ids, decoder_input_ids=decoder):
+                lasts.append(lm.output.logits.token[-1].save())
+    for ids, last in zip((_B, _A), lasts):
+        with torch.no_grad():
+            expected = model(torch.tensor([ids]), decoder_input_ids=decoder).logits[:, -1]
+        torch.testing.assert_close(last, expected, rtol=1e-5, atol=1e-5)
