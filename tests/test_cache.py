@@ -12,6 +12,7 @@ import fxsight
 from fxsight import NNsight, TraceError
 from fxsight.api.cache import CacheDict, Entry
 from models import mlp, tiny_gpt2, tiny_llama
+from profiled import run_profiled
 
 BACKENDS = ("fx", "hooks")
 
@@ -369,20 +370,13 @@ def test_cache_inside_tracer_iter_holds_that_call(backend):
 def _calls(function, run) -> int:
     """How many times ``run`` calls the plain Python ``function``, seen by a profile
     function (nothing is patched)."""
-    import sys
-
     code, count = function.__code__, [0]
 
     def profile(frame, event, arg):
         if event == "call" and frame.f_code is code:
             count[0] += 1
 
-    previous = sys.getprofile()
-    sys.setprofile(profile)
-    try:
-        run()
-    finally:
-        sys.setprofile(previous)
+    run_profiled(run, profile)
     return count[0]
 
 

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from profiled import run_profiled
 
 from fxsight import NNsight
 
@@ -267,8 +268,6 @@ def test_a_path_follows_a_change_below_the_root_between_traces(backend, change):
 def _top_level_walks(run) -> int:
     """How many walks of a module tree (``named_modules`` calls not made by another) ``run``
     makes, seen by a profile function (no class is patched)."""
-    import sys
-
     code, frames = torch.nn.Module.named_modules.__code__, []
 
     def profile(frame, event, arg):
@@ -276,12 +275,7 @@ def _top_level_walks(run) -> int:
                 (frame.f_back is None or frame.f_back.f_code is not code):
             frames.append(frame)  # (kept: a generator's resumes are one frame)
 
-    previous = sys.getprofile()
-    sys.setprofile(profile)
-    try:
-        run()
-    finally:
-        sys.setprofile(previous)
+    run_profiled(run, profile)
     return len({id(frame) for frame in frames})
 
 
