@@ -120,7 +120,7 @@ class TraceMetadata:
         with model_lock(self.model._module):
             walker = MetaWalker(self.program, rows, self._metadata_source(args, kwargs))
             walker.run([node for node in self.program.nodes if node in needed])
-        _check_token_reads(walker.values, self._token_reads)
+        _check_token_reads(walker.values, self._token_reads, kwargs)
         for node, dims, seen, line in shapes_read:
             meta = walker.values.get(node)
             if not isinstance(meta, torch.Tensor):
@@ -162,24 +162,53 @@ class TraceMetadata:
         return self._paths_run
 
 
-# the dimensions of a value a metadata question reads (``None``: all of them); a question
-# not listed reads none (``size(d)`` reads ``d``)
-def _check_token_reads(values: dict, reads: list[tuple[Node, int, Any]]) -> None:
-    """``value.token[i]`` indexes dimension 1 from its end, as far back as the prompts'
-    padded length: a value whose dimension 1 is shorter (the logits of a forward given
-    ``logits_to_keep``) holds no such position. Refused before the run, naming the line
-    (was: an IndexError from inside the run, naming no line)."""
+def _check_token_reads(values: dict, reads: list[tuple[Node, int, Any]],
+                       kwargs: dict) -> None:
+    """``value.token[i]`` indexes dimension 1 as the prompts' token dimension, from its end,
+    as far back as the prompts' padded length. Refused before the run, naming the line:
+    a value whose dimension 1 is not as long as the input's tokens (attention weights
+    ``(batch, heads, q, k)``, a transposed or pooled value), which would pick along that
+    dimension wherever the index is in range; and the logits of a forward given
+    ``logits_to_keep``, which hold the last positions only, indexed further back (was: an
+    IndexError from inside the run, naming no line)."""
+    ids = kwargs.get("input_ids")
+    length = ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() > 0 else None
+    kept = _kept_logits(kwargs, length)
     for node, extent, line in reads:
         meta = values.get(node)
-        if not isinstance(meta, torch.Tensor) or meta.dim() < 2 or meta.shape[1] >= extent:
+        if not isinstance(meta, torch.Tensor):
+            continue
+        shape = tuple(meta.shape)
+        if length is not None and (meta.dim() < 2 or shape[1] not in (length, kept)):
+            found = f"has {shape[1]}" if meta.dim() >= 2 else "does not exist"
+            raise TokenIndexError(at_line(
+                f"token indexing indexes dimension 1 as the prompts' token dimension, but "
+                f"this value's shape is {shape}: its dimension 1 {found}, not the input's "
+                f"{length} tokens (attention weights are (batch, heads, query, key); a "
+                f"transposed or pooled value has no token dimension 1). Index the dimension "
+                f"meant directly (e.g. weights[:, :, -1])", line))
+        if meta.dim() < 2 or shape[1] >= extent:
             continue
         raise TokenIndexError(at_line(
             f"token indexing counts positions of dimension 1 from each prompt's first "
             f"token, {extent} from the end here, but this value's dimension 1 has only "
-            f"{meta.shape[1]} (shape {tuple(meta.shape)}; a forward given `logits_to_keep` "
+            f"{shape[1]} (shape {shape}; a forward given `logits_to_keep` "
             f"returns the last positions only): index it directly (e.g. [:, -1])", line))
 
 
+def _kept_logits(kwargs: dict, length: int | None) -> int | None:
+    """How many last positions the logits hold where the forward is given
+    ``logits_to_keep`` (an int, fewer than the input's tokens), else ``None``."""
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        keep = kwargs.get(name)
+        if isinstance(keep, int) and not isinstance(keep, bool) and keep > 0 and \
+                (length is None or keep < length):
+            return keep
+    return None
+
+
+# the dimensions of a value a metadata question reads (``None``: all of them); a question
+# not listed reads none (``size(d)`` reads ``d``)
 _DIMS_READ = {"shape": None, "len()": (0,), "iteration": (0,)}
 
 
