@@ -96,3 +96,40 @@ def test_token_index_of_token_values_is_the_hooked_forward(model, tokenizer, bac
         torch.testing.assert_close(given[row], want["input"][0, -1], atol=1e-5, rtol=0)
         torch.testing.assert_close(attended[row], want["attn"][0][0, 1], atol=1e-5, rtol=0)
         torch.testing.assert_close(logits[row], want["logits"][0, -1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_index_of_as_many_heads_as_tokens_is_refused(tokenizer, backend):
+    """Attention weights of 4 heads over 4 tokens, ``(2, 4, 4, 4)``: dimension 1 is as long
+    as the tokens without being them; it does not grow with the input, and is refused
+    (was: ``.token[-1]`` picked the last head)"""
+    torch.manual_seed(0)
+    model = tiny_gpt2(vocab_size=len(tokenizer), n_embd=32, n_head=4, n_layer=1)
+    model.config._attn_implementation = "eager"
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    prompts = ["Hi there", "Hi"]
+    assert len(tokenizer(prompts[0])["input_ids"]) == 4
+    with pytest.raises(TokenIndexError, match=r"\(2, 4, 4, 4\)(.|\n)*does not grow"):
+        with torch.no_grad(), lm.trace(prompts, output_attentions=True, backend=backend):
+            lm.transformer.h[0].attn.output[1].token[-1].save()
+    # a value of two dimensions that are the rows and the tokens (the ids an embedding
+    # takes) grows with the input: indexed as tokens, as a hook sees them
+    with torch.no_grad(), lm.trace(prompts, output_attentions=True, backend=backend):
+        ids = lm.transformer.wte.input.token[0].save()
+        weights = lm.transformer.h[0].attn.output[1][:, :, -1].save()  # (the last query)
+    for row, prompt in enumerate(prompts):
+        got = {}
+        handles = [model.transformer.wte.register_forward_pre_hook(
+                       lambda m, a: got.__setitem__("ids", a[0])),
+                   model.transformer.h[0].attn.register_forward_hook(
+                       lambda m, a, o: got.__setitem__("weights", o[1]))]
+        try:
+            with torch.no_grad():
+                model(**tokenizer(prompt, return_tensors="pt"), output_attentions=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert ids[row].item() == got["ids"][0, 0].item()
+        if row == 0:  # (the longest prompt: no padding among its keys)
+            torch.testing.assert_close(weights[row], got["weights"][0, :, -1], atol=1e-5,
+                                       rtol=0)
