@@ -40,8 +40,9 @@ class NNsight(Envoy):
     every trace of this wrapper. ``rename={"transformer.h": "layers", "mlp": "ffn"}``
     adds aliases (``model.layers[0].ffn``, also in ``tracer.cache()`` keys): each key is
     a module path relative to any module, bound where it resolves (a value may list
-    several aliases; ``*`` stands for any submodule; see :mod:`fxsight.api.aliases`). Printing it shows the module tree; attributes fall through
-    to the module; ``model.layers[3]`` indexes module lists.
+    several aliases; ``*`` stands for any submodule; see :mod:`fxsight.api.aliases`).
+    Printing it shows the module tree; attributes fall through to the module;
+    ``model.layers[3]`` indexes module lists.
 
     >>> import torch, fxsight
     >>> net = fxsight.NNsight(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
