@@ -168,3 +168,42 @@ def test_token_of_a_decoder_value_counts_from_the_end(backend):
         with torch.no_grad():
             expected = model(torch.tensor([ids]), decoder_input_ids=decoder).logits[:, -1]
         torch.testing.assert_close(last, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_token_of_a_decoder_value_counts_the_decoders_own_tokens(backend):
+    """``.token`` on a decoder value counts the decoder's tokens: those given to each
+    invoke are not padded, so ``.token[i]`` is position ``i`` of every row, whatever the
+    input's padding (was: counted with the encoder input's padding, so position 0 was
+    another token, and a decoder as long as the padded input read past its end); those
+    made from the input shifted are right-padded as it is. Checked against each prompt
+    alone through plain transformers."""
+    model = _model("bart")
+    lm = LanguageModel(model)
+    for decoder in ([[2, 5, 7, 9, 11, 13, 15, 17]], [[2, 5, 7, 9, 11, 13]], [[2, 5]]):
+        given = torch.tensor(decoder)
+        n = given.shape[1]
+        with torch.no_grad(), lm.trace(backend=backend, use_cache=False) as tracer:
+            saved = []
+            for ids in (_B, _A):
+                with tracer.invoke(ids, decoder_input_ids=given):
+                    logits = lm.output.logits
+                    saved.append((logits.token[0].save(), logits.token[-1].save(),
+                                  logits.token[n - 1].save(), logits.token[:].save()))
+        for ids, (first, last, again, whole) in zip((_B, _A), saved):
+            with torch.no_grad():
+                expected = model(torch.tensor([ids]), decoder_input_ids=given).logits
+            for got, want in ((first, expected[:, 0]), (last, expected[:, -1]),
+                              (again, expected[:, -1]), (whole, expected)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), lm.trace(backend=backend, use_cache=False) as tracer:
+        shifted = []
+        for ids in (_B, _A):
+            with tracer.invoke(ids):
+                logits = lm.output.logits
+                shifted.append((logits.token[-1].save(), logits.token[0].save()))
+    for ids, (last, first) in zip((_B, _A), shifted):
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits
+        torch.testing.assert_close(last, expected[:, -1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(first, expected[:, 0], rtol=1e-5, atol=1e-5)

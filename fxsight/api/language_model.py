@@ -617,11 +617,18 @@ class LanguageModel(TokenEncoding, NNsight):
 
     # --- token indexing -----------------------------------------------------------------
     def _token_indexer(self, tracer, proxy) -> "TokenIndexer":
-        # (an encoder's values are right-padded, counted from the start; a decoder's ids
-        # are not padded by the wrapper: counted from the end, as before)
+        # (an encoder's values are right-padded, counted from the start; so is a decoder's
+        # made from the input shifted; a decoder's ids given to each invoke are not
+        # padded: every row has all of them)
         encoder = self._encoder_path() if self._pads_right() else None
-        return TokenIndexer(tracer, proxy, from_start=encoder is not None and
-                            reads_under(proxy._node, encoder))
+        if encoder is None:
+            return TokenIndexer(tracer, proxy)
+        if reads_under(proxy._node, encoder):
+            return TokenIndexer(tracer, proxy, from_start=True)
+        if isinstance(tracer, Generator):  # (a decoding step's: counted from the end)
+            return TokenIndexer(tracer, proxy)
+        length = _decoder_length(tracer, proxy._node.invoke)
+        return TokenIndexer(tracer, proxy, from_start=length is None, decoder_length=length)
 
     def _encoder_path(self) -> str | None:
         """The dotted path of an encoder-decoder's encoder (``get_encoder()``), or
@@ -635,6 +642,20 @@ class LanguageModel(TokenEncoding, NNsight):
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _decoder_length(tracer: Any, invoke: int | None) -> int | None:
+    """The length of the decoder's tokens given to the invokes (``decoder_input_ids``,
+    ``decoder_inputs_embeds``, or ``labels`` it is made from), the same in every invoke;
+    ``None`` where they give none (the decoder's ids are then the input's, shifted)."""
+    invokes = tracer.invokes if invoke is None else [tracer.invokes[invoke]]
+    for inv in invokes:
+        kwargs = inv.prepared[1]
+        for name in ("decoder_input_ids", "decoder_inputs_embeds", "labels"):
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.dim() >= 2:
+                return value.shape[1]
+    return None
+
+
 def _with_first_decoder_ids(tracer: Generator, kwargs: dict, encoder_decoder: bool) -> dict:
     """``kwargs`` with the decoder's ids of generate's first step, where it needs them."""
     ids = tracer._first_decoder_ids(kwargs)

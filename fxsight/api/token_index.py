@@ -16,10 +16,14 @@ class TokenIndexer:
     """``proxy.token[key]``: index dimension 1 counting from each prompt's first real token
     (``proxy.token[0]`` is the first real token of every row, ``[-1]`` the last)."""
 
-    def __init__(self, tracer, proxy, from_start: bool = False):
+    def __init__(self, tracer, proxy, from_start: bool = False,
+                 decoder_length: int | None = None):
         self.tracer = tracer
         self.proxy = proxy
-        self.from_start = from_start  # (the batch pads rows on the right)
+        # (the batch pads rows on the right; or the value is an encoder-decoder's
+        # decoder's, of ``decoder_length`` tokens given per invoke and never padded)
+        self.from_start = from_start or decoder_length is not None
+        self.decoder_length = decoder_length
 
     def __getitem__(self, key: Any):
         return self.proxy[self._key(key, user_line())]
@@ -39,6 +43,11 @@ class TokenIndexer:
         if not invokes:
             raise TraceError(at_line("token indexing needs an input: the trace has none yet",
                                      line))
+        where = "the whole batch" if invoke is None else f"invoke #{invoke}"
+        if self.decoder_length is not None:  # (every row all of the decoder's tokens)
+            rows = sum(inv.prepared[1]["input_ids"].shape[0] for inv in invokes)
+            return where, [self.decoder_length] * rows, [0] * rows, [0] * rows, \
+                invoke is None
         spans: list[int] = []
         gaps: list[int] = []
         firsts: list[int] = []
@@ -53,7 +62,6 @@ class TokenIndexer:
             spans.extend(read[0])  # (one read from the device for all three)
             gaps.extend(read[1])
             firsts.extend(read[2])
-        where = "the whole batch" if invoke is None else f"invoke #{invoke}"
         return where, spans, gaps, firsts, invoke is None
 
     def _key(self, key: Any, line: str) -> Any:
@@ -86,7 +94,8 @@ class TokenIndexer:
         # (how many positions of dimension 1 the index needs: from the start where rows
         # are right-padded, else from the end)
         reach = max(flat, default=-1) + 1 if self.from_start else -min(flat, default=0)
-        self.tracer._token_reads.append((self.proxy._node, reach, line))
+        if self.decoder_length is None:  # (a decoder's: checked against its ids above)
+            self.tracer._token_reads.append((self.proxy._node, reach, line))
         if whole:
             self.tracer.recorder.create_op("call_function", check_token_rows,
                                 (self.proxy, len(spans)), {})
