@@ -338,9 +338,11 @@ def test_language_model_spread_batch_encoding(gpt2, tokenizer, encoded, backend)
         torch.testing.assert_close(invoked[-n:], alone, rtol=1e-4, atol=1e-5)
 
 
-def test_language_model_right_padded_keywords_move_together(bert, tokenizer):
-    """Right-padded keyword inputs are re-packed to the left, token_type_ids with the ids:
-    each row computes what it computes alone."""
+def test_language_model_right_padded_keywords_keep_their_layout(bert, tokenizer):
+    """Right-padded keyword inputs keep their layout in a trace (was: re-packed to the
+    left, so the user's right-padded index read another token), token_type_ids with the
+    ids: the values are the plain forward's on the same batch with positions from the mask,
+    and each row's what it computes alone."""
     lm = fxsight.LanguageModel(bert, tokenizer=tokenizer)
     ids = _ids(2, 6)
     token_types = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0]])
@@ -348,17 +350,61 @@ def test_language_model_right_padded_keywords_move_together(bert, tokenizer):
     with lm.trace(input_ids=ids, attention_mask=mask, token_type_ids=token_types,
                   backend="hooks"):
         hidden = lm.output.last_hidden_state.save()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        expected = bert(input_ids=ids, attention_mask=mask, token_type_ids=token_types,
+                        position_ids=positions).last_hidden_state
     for row, n in ((0, 6), (1, 4)):
         alone = bert(input_ids=ids[row:row + 1, :n],
                      token_type_ids=token_types[row:row + 1, :n]).last_hidden_state[0]
-        torch.testing.assert_close(hidden[row, -n:], alone, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(hidden[row, :n], alone, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(hidden[row, :n], expected[row, :n], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_language_model_right_padded_last_token_lookup(gpt2, backend):
+    """The usual right-padding lookup ``logits[i, lengths[i] - 1]`` on a right-padded
+    batch given to a trace reads each prompt's last token, as each prompt alone gives it,
+    and ``.token[-1]`` the same (was: the rows were re-packed to the left, so the lookup
+    read another position, silently)."""
+    lm = fxsight.LanguageModel(gpt2)
+    ids = _ids(3, 6, seed=7)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    lengths = mask.sum(1)
+    with lm.trace(input_ids=ids, attention_mask=mask, backend=backend):
+        logits = lm.output.logits.save()
+        last = lm.output.logits.token[-1].save()
+    with lm.trace({"input_ids": ids, "attention_mask": mask}, backend=backend):
+        from_dict = lm.output.logits.save()
+    looked_up = logits[torch.arange(3), lengths - 1]
+    with torch.no_grad():
+        alone = torch.stack([gpt2(input_ids=ids[i:i + 1, :n]).logits[0, -1]
+                             for i, n in enumerate(lengths.tolist())])
+    torch.testing.assert_close(looked_up, alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(from_dict[torch.arange(3), lengths - 1], alone, rtol=1e-4,
+                               atol=1e-5)
+    torch.testing.assert_close(last, alone, rtol=1e-4, atol=1e-5)
+    # beside a longer invoke, the right-padded one gets left pads before its own layout
+    longer = _ids(1, 8, seed=8)
+    with lm.trace(backend=backend) as tracer:
+        with tracer.invoke(input_ids=ids, attention_mask=mask):
+            last = lm.output.logits.token[-1].save()
+            first = lm.output.logits.token[0].save()
+        with tracer.invoke(longer):
+            other = lm.output.logits.save()
+    with torch.no_grad():
+        firsts = torch.stack([gpt2(input_ids=ids[i:i + 1, :1]).logits[0, 0] for i in range(3)])
+        expected = gpt2(input_ids=longer).logits
+    torch.testing.assert_close(last, alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first, firsts, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(other, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_language_model_token_keywords_beside_the_input_move_with_its_rows(gpt2, backend):
     """Token keywords given beside ids or a dict (``lm.trace(enc, position_ids=p)``,
-    nnsight's ``lm.trace(ids, attention_mask=m)``) are re-laid out with the input's rows
-    (was: a right-padded dict's rows were rolled to the left and the keywords' were not,
+    nnsight's ``lm.trace(ids, attention_mask=m)``) stay with the input's rows (was: a
+    right-padded dict's rows were rolled to the left and the keywords' were not,
     so a row's positions were another token's, silently; a 2-D mask beside ids was
     refused as given twice)."""
     lm = fxsight.LanguageModel(gpt2)
@@ -372,9 +418,9 @@ def test_language_model_token_keywords_beside_the_input_move_with_its_rows(gpt2,
         beside_ids = lm.output.logits.save()
     with torch.no_grad():
         expected = gpt2(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    for row, n in ((0, 6), (1, 3)):
-        torch.testing.assert_close(logits[row, -n:], expected[row, :n], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(beside_ids[row, -n:], expected[row, :n], rtol=1e-4,
+    for row, n in ((0, 6), (1, 3)):  # (a right-padded input keeps its layout in a trace)
+        torch.testing.assert_close(logits[row, :n], expected[row, :n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(beside_ids[row, :n], expected[row, :n], rtol=1e-4,
                                    atol=1e-5)
     with _raises(gpt2, r"'attention_mask' is given twice"):
         with lm.trace({"input_ids": ids, "attention_mask": mask}, attention_mask=mask):

@@ -290,7 +290,7 @@ def test_wraps_a_loaded_module(models, tokenizer):
 # --- inputs ---------------------------------------------------------------------------------------
 def _input_forms(tokenizer):
     a, b = _ids(tokenizer, PROMPT_A), _ids(tokenizer, PROMPT_B)
-    right = torch.tensor([b + [0] * (len(a) - len(b))])  # right-padded: re-packed to the left
+    right = torch.tensor([b + [0] * (len(a) - len(b))])  # right-padded: kept so in a trace
     right_mask = torch.tensor([[1] * len(b) + [0] * (len(a) - len(b))])
     return [
         ("str", PROMPT_A, [a]),
@@ -300,7 +300,8 @@ def _input_forms(tokenizer):
         ("1-D tensor", torch.tensor(a), [a]),
         ("2-D tensor", torch.tensor([a, a]), [a, a]),
         ("dict", {"input_ids": torch.tensor([a])}, [a]),
-        ("dict, right padded", {"input_ids": right, "attention_mask": right_mask}, [b]),
+        ("dict, right padded", {"input_ids": right, "attention_mask": right_mask}, [b],
+         True),
         ("BatchEncoding", tokenizer([PROMPT_A, PROMPT_B], return_tensors="pt", padding=True),
          [a, b]),
     ]
@@ -308,15 +309,16 @@ def _input_forms(tokenizer):
 
 def test_input_forms(models, tokenizer):
     lm, model = models["gpt2"]
-    for name, value, rows in _input_forms(tokenizer):
+    for name, value, rows, *right in _input_forms(tokenizer):
         with torch.no_grad(), lm.trace(value, backend="hooks"):
             logits = lm.lm_head.output.save()
             first = lm.lm_head.output.t[0].save()
         assert logits.shape[0] == len(rows), name
         for row, ids in enumerate(rows):
             expected, _ = alone(model, ids)
-            torch.testing.assert_close(logits[row, -len(ids):], expected, atol=ATOL, rtol=0,
-                                       msg=name)
+            # (a right-padded input keeps its layout: its tokens first, then its pads)
+            own = logits[row, :len(ids)] if right else logits[row, -len(ids):]
+            torch.testing.assert_close(own, expected, atol=ATOL, rtol=0, msg=name)
             torch.testing.assert_close(first[row], expected[0], atol=ATOL, rtol=0, msg=name)
 
 

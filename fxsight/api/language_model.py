@@ -12,15 +12,19 @@ keywords (``trace(input_ids=..., attention_mask=...)``, ``invoke(**tokenizer(...
 are checked against the model's ``forward`` (:mod:`fxsight.api.inputs`). Every prompt is
 left-padded: the invokes of a trace are padded to a common length, with the attention mask
 and explicit ``position_ids`` (attention mask cumulative sum, as transformers' ``generate``
-does), so each row computes what it computes alone. A right-padded ``attention_mask`` is
-re-packed to the left (its rows are rolled so that the last real token is last). An
+does), so each row computes what it computes alone. An input given with its own
+``attention_mask`` keeps its layout in a trace (a right-padded row stays right-padded, its
+positions counted from the mask, so ``logits[i, lengths[i] - 1]`` is row ``i``'s last
+token); shorter invokes get left pads before it. In ``generate`` a right-padded mask is
+re-packed to the left (its rows rolled so that the last real token is last). An
 encoder-decoder's input is right-padded instead, and keeps a mask's padding: its encoder
 may place tokens by index (BART's learned positions take no ``position_ids``).
 
 Token indexing: ``proxy.token[i]`` / ``proxy.t[i]`` index dimension 1 counting from each
-prompt's first real token. Because padding is on the left, a prompt's tokens are always the
-last ``n`` positions of the batch, whatever the other invokes pad to, so indices are taken
-from the end and do not depend on later invokes. When the rows of one invoke (a list of
+prompt's first real token. Because the batch pads on the left, a prompt's tokens are always
+the same positions counted from the end (before its own right pads, if any), whatever the
+other invokes pad to, so indices are taken from the end and do not depend on later
+invokes. When the rows of one invoke (a list of
 prompts of different lengths) start at different positions, each row is gathered at its own
 position (an advanced index, ``value[rows, positions]``); when they agree it is a plain
 slice (a view). Reading ``.token`` of a value that spans the whole batch
@@ -276,13 +280,15 @@ class LanguageModel(TokenEncoding, NNsight):
         else:
             own_mask = None
         # token-aligned keywords (labels=, position_ids=, a 2-D attention_mask=) join the
-        # ids they belong to: re-laid out with them (a right-padded row rolled to the left)
+        # ids they belong to: re-laid out with them (in generate, a right-padded row rolled
+        # to the left)
         value, kwargs = with_token_keywords(args[0], kwargs, where, line)
         # a cache passed in to a forward pass: the mask covers its past tokens too
         past = 0 if _generating(invoke) else past_length(kwargs, value)
         value, past_mask = split_past_mask(value, past, where, line)
         ids, mask, extras, facts = self._encode(value, where, line,
-                                                self._tokenizer_options(kwargs))
+                                                self._tokenizer_options(kwargs),
+                                                pack_left=_generating(invoke))
         self._check_ids(ids, facts, where, line, past, invoke)
         if past:
             mask = with_past_mask(mask, past_mask, past)

@@ -1,6 +1,7 @@
 """One invoke's input as token rows: a string, strings, token ids or a dict of tensors
-encoded as left-padded ``(input_ids, attention_mask, extras)`` (a right-padded mask's rows
-rolled to the left), for :class:`~fxsight.api.language_model.LanguageModel`."""
+encoded as left-padded ``(input_ids, attention_mask, extras)`` (a mask given keeps its
+padding; in ``generate`` a right-padded mask's rows are rolled to the left), for
+:class:`~fxsight.api.language_model.LanguageModel`."""
 
 from __future__ import annotations
 
@@ -21,10 +22,13 @@ class TokenEncoding:
     ``tokenizer``, ``_module``, ``_encoder_decoder()``, ``_shifts_labels()`` and
     ``_aligned()``."""
 
-    def _encode(self, value: Any, where: str, line: str, options: dict | None = None):
+    def _encode(self, value: Any, where: str, line: str, options: dict | None = None,
+                pack_left: bool = False):
         """Token rows of one invoke's input: ``(input_ids, attention_mask, extras)``;
         ``options``: the tokenizer's keywords given with it (``truncation=True,
-        max_length=4``), for text only."""
+        max_length=4``), for text only; ``pack_left``: roll a right-padded mask's rows
+        to the left (a decoder-only ``generate`` appends tokens after the last column),
+        else a mask given keeps its layout."""
         options = options or {}
         if options and not _is_text(value):
             name = next(iter(options))
@@ -36,7 +40,7 @@ class TokenEncoding:
             return self._from_rows(self._tokenize([value], where, line, options), None, {},
                                    where, line)
         if isinstance(value, Mapping) or is_batch_encoding(value):
-            return self._from_mapping(value, where, line)
+            return self._from_mapping(value, where, line, pack_left)
         if isinstance(value, torch.Tensor):
             if not integer(value) or value.dim() not in (1, 2):
                 raise TraceError(at_line(
@@ -77,7 +81,7 @@ class TokenEncoding:
                                      f"({type(error).__name__}: {error})", line)) from None
         return [list(map(int, ids)) for ids in encoded["input_ids"]]
 
-    def _from_mapping(self, value: Any, where: str, line: str):
+    def _from_mapping(self, value: Any, where: str, line: str, pack_left: bool = False):
         data = dict(value.items())
         if "input_ids" not in data:
             raise TraceError(at_line(f"{where}: a dict input needs 'input_ids' (it has "
@@ -108,12 +112,13 @@ class TokenEncoding:
                     f"{ids.shape[0]}, {key} has {extra.shape[0]} rows); every input of an "
                     f"invoke holds its rows", line))
             extras[key] = extra
-        return self._from_rows(ids, mask, extras, where, line)
+        return self._from_rows(ids, mask, extras, where, line, pack_left)
 
     def _from_rows(self, rows: Any, mask: torch.Tensor | None, extras: dict, where: str,
-                   line: str):
+                   line: str, pack_left: bool = False):
         """Left-padded ``(input_ids, attention_mask, extras)`` from ragged rows or a tensor
-        (with an optional mask, re-packed to the left where it is right-padded); an
+        (with an optional mask, which keeps its padding: a right-padded row stays so, its
+        positions counted from the mask; re-packed to the left where ``pack_left``); an
         encoder-decoder's rows are right-padded, and a mask given keeps its padding."""
         if isinstance(rows, torch.Tensor):
             ids = rows.long()
@@ -146,9 +151,10 @@ class TokenEncoding:
             empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
             raise TraceError(at_line(f"{where}: prompt {empty[0]} has no tokens (its "
                                      f"attention_mask is all zeros)", line))
-        # right-padded rows: roll their real tokens to the end; an encoder-decoder's input
-        # keeps its padding (its encoder may place tokens by index: BART's learned positions)
-        if facts.trailing and not self._encoder_decoder():
+        # right-padded rows of a decoder-only generate: roll their real tokens to the end
+        # (new tokens go after the last column); a trace keeps the caller's layout, and an
+        # encoder-decoder's input its padding (its encoder may place tokens by index)
+        if facts.trailing and pack_left and not self._encoder_decoder():
             shifts = trailing.tolist()
             ids, mask = roll_rows(ids, shifts), roll_rows(mask, shifts)
             rolled = {"input_ids": ids}
