@@ -30,7 +30,6 @@ from ..record.scope import Scope
 from ..record.sites import INPUT, OUTPUT, Site, is_operation
 from ..capture.events import module_paths
 from ..capture.operations import split_path
-from .aliases import spellings
 from .envoy import Envoy
 from .source import OperationEnvoy
 
@@ -330,9 +329,9 @@ class CacheRequest:
         self.include_inputs = include_inputs
         self.scope = scope
         # the wrapper's rename= names keys too (the call's own rename=/alias= on top)
-        rules = getattr(model, "_rules", ())
-        self.cache = CacheDict(rename=rename, alias=alias,
-                               spellings=spellings(model._module, rules) if rules else None)
+        # (the wrapper's rename= spellings, made again only where its module tree changed)
+        self.cache = CacheDict(rename=rename, alias=alias, spellings=getattr(
+            model, "_alias_spellings", dict)())
         # (its other paths of shared modules, after the run: the wrapper's, walked again
         # only where its module tree changed)
         self.other_paths = getattr(model, "_other_paths", lambda: _other_paths(model._module))

@@ -14,7 +14,7 @@ from ..errors import TraceError, at_line, user_line
 from ..run.options import CompileOptions, RunOptions
 from .call_site import is_with_statement
 from .edit import EditTracer, export, seed_tracer
-from .aliases import check, normalize
+from .aliases import check, normalize, spellings
 from .envoy import Envoy
 from .envoy_classes import normalize as envoy_classes
 from .inputs import (batch, batch_size, check_batchable, check_keywords, describe,
@@ -58,6 +58,8 @@ class NNsight(Envoy):
     _modules_tree: ModuleTree | None = None  # (the model's modules, as last walked)
     # (the tree of the latest walk of ``_other_paths`` and what it found)
     _shared_walk: tuple[ModuleTree, dict[str, str]] | None = None
+    # (the tree of the latest ``_alias_spellings`` and what it found)
+    _spellings_walk: tuple[ModuleTree, dict[str, list[str]]] | None = None
 
     @property
     def generate(self) -> Any:
@@ -305,6 +307,20 @@ class NNsight(Envoy):
         modules = list(self._module.modules())
         object.__setattr__(self, "_modules_tree", ModuleTree.of(modules))
         return modules
+
+    def _alias_spellings(self) -> dict[str, list[str]]:
+        """Each module path with the other spellings ``rename=`` gives it
+        (:func:`~fxsight.api.aliases.spellings`), made again only where the module tree
+        changed since (the dict is the caller's to read, not to change)."""
+        if not self._rules:
+            return {}
+        walk = self._spellings_walk
+        if walk is not None and walk[0].unchanged(self._module):
+            return walk[1]
+        found = spellings(self._module, self._rules)
+        tree = ModuleTree.of(list(self._module.modules()))
+        object.__setattr__(self, "_spellings_walk", (tree, found) if tree is not None else None)
+        return found
 
     def _other_paths(self) -> dict[str, str]:
         """Each path of a module registered at several paths (``self.b = self.a``) but its

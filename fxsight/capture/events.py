@@ -151,9 +151,10 @@ class ModuleEvents:
                     self._pre_hook(path), with_kwargs=True))
                 handle = module.register_forward_hook(self._post_hook(path))
                 handles.append(handle)
-                order = _run_before_traced_hooks(forward_hook_dicts(module)[1], handle.id)
+                hooks = forward_hook_dicts(module)[1]
+                order = _run_before_traced_hooks(hooks, handle.id)
                 if order is not None:
-                    reordered.append((forward_hook_dicts(module)[1], order))
+                    reordered.append((hooks, order))
             yield self
         finally:
             for handle in handles:
