@@ -46,7 +46,10 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "autocast_cache_off", "default_device_set", "parametrization_cache_on",
            "kept_parametrization_cache", "real_writes", "after_each_operator",
            "storage_key", "written_arguments", "inside_activation_checkpoint",
-           "enclosing_checkpoint", "backend_flag_readers", "mha_fastpath_enabled"]
+           "enclosing_checkpoint", "backend_flag_readers", "mha_fastpath_enabled",
+           "function_mode_depth", "function_modes", "is_device_context", "dispatch_mode_depth",
+           "dispatch_modes", "saved_tensors_hooks_top", "profiler_enabled",
+           "user_modes_suspended"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -657,3 +660,78 @@ def mha_fastpath_enabled() -> bool:
     2.11-2.13; otherwise the public function)."""
     flag = getattr(torch.backends.mha, "_is_fastpath_enabled", None)
     return flag if isinstance(flag, bool) else torch.backends.mha.get_fastpath_enabled()
+
+
+# the depth of the torch function mode stack (a ``with torch.device(...)`` block, a user's
+# ``TorchFunctionMode``) and of the dispatch mode stack (``FlopCounterMode``, a user's
+# ``TorchDispatchMode``): read for every recorded operation (``torch._C``, checked 2.13)
+function_mode_depth: Callable[[], int] = torch._C._len_torch_function_stack
+dispatch_mode_depth: Callable[[], int] = torch._C._len_torch_dispatch_stack
+
+
+def function_modes() -> list:
+    """The torch function modes in force, innermost last
+    (``torch.overrides._get_current_function_mode_stack``, checked 2.13)."""
+    from torch.overrides import _get_current_function_mode_stack
+    return _get_current_function_mode_stack()
+
+
+def is_device_context(mode: Any) -> bool:
+    """Whether a torch function mode is a ``with torch.device(...)`` block's
+    (``torch.utils._device.DeviceContext``, checked 2.13)."""
+    return isinstance(mode, torch.utils._device.DeviceContext)
+
+
+def dispatch_modes() -> list:
+    """The dispatch modes in force, innermost last
+    (``torch.utils._python_dispatch._get_current_dispatch_mode_stack``, checked 2.13)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    return _get_current_dispatch_mode_stack()
+
+
+def saved_tensors_hooks_top() -> Any:
+    """The innermost ``(pack, unpack)`` of ``torch.autograd.graph.saved_tensors_hooks``
+    (``save_on_cpu``, a non-reentrant checkpoint's) in force, or ``None``: read for every
+    recorded operation; no public query (``torch._C._autograd``, checked 2.13)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(True)
+
+
+# whether the autograd profiler (``torch.profiler.profile``, ``torch.autograd.profiler``)
+# is on: read for every recorded operation (``torch._C._autograd``, checked 2.13)
+profiler_enabled: Callable[[], bool] = torch._C._autograd._profiler_enabled
+
+
+@contextlib.contextmanager
+def user_modes_suspended():
+    """While active, the caller's dispatch modes, saved-tensor hooks and torch function
+    modes other than ``with torch.device(...)`` blocks are put aside (restored after):
+    fxsight's own passes on fake tensors (the capture, the shape scan) are no forward a
+    user's ``FlopCounterMode`` or pack hook should see. The device context stays: it
+    decides where the forward's own factories put their tensors. Enter it before fxsight's
+    own modes (``real_writes``, ``after_each_operator``): it puts aside every mode in force.
+    (``torch.utils._python_dispatch._disable_current_modes``,
+    ``torch._C._pop_torch_function_stack`` / ``_push_on_torch_function_stack``,
+    ``torch._C._autograd._pop_saved_tensors_default_hooks`` / ``_push_...``; checked 2.13.)"""
+    if not (function_mode_depth() or dispatch_mode_depth() or saved_tensors_hooks_top()):
+        yield
+        return
+    from torch.utils._python_dispatch import _disable_current_modes
+    autograd = torch._C._autograd
+    hooks = []
+    while autograd._top_saved_tensors_default_hooks(True) is not None:
+        hooks.append(autograd._top_saved_tensors_default_hooks(True))
+        autograd._pop_saved_tensors_default_hooks()
+    functions = [torch._C._pop_torch_function_stack() for _ in range(function_mode_depth())]
+    try:
+        for mode in reversed(functions):
+            if is_device_context(mode):
+                torch._C._push_on_torch_function_stack(mode)
+        with _disable_current_modes():
+            yield
+    finally:
+        while function_mode_depth():
+            torch._C._pop_torch_function_stack()
+        for mode in reversed(functions):
+            torch._C._push_on_torch_function_stack(mode)
+        for pack, unpack in reversed(hooks):
+            autograd._push_saved_tensors_default_hooks(pack, unpack)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import linecache
 import os
 import sys
-from types import CodeType
+from types import CodeType, FrameType
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -113,8 +113,10 @@ _MAX_INSIDE = 4096
 
 def _inside(code: CodeType, skip_torch: bool) -> bool:
     filename = code.co_filename
+    # (a torch function mode's handler, a user's too, hands the user's line on to fxsight)
     inside = filename.startswith(_PACKAGE_DIR) or (
-        skip_torch and f"{os.sep}torch{os.sep}" in filename)
+        skip_torch and (f"{os.sep}torch{os.sep}" in filename
+                        or code.co_name == "__torch_function__"))
     table = _INSIDE[skip_torch]
     if len(table) >= _MAX_INSIDE:
         table.clear()
@@ -123,7 +125,8 @@ def _inside(code: CodeType, skip_torch: bool) -> bool:
 
 
 def user_line(skip_torch: bool = True) -> SourceLine | str:
-    """The ``"file:line: code"`` of the innermost frame outside fxsight (and torch)."""
+    """The ``"file:line: code"`` of the innermost frame outside fxsight (and torch, and
+    ``__torch_function__`` handlers)."""
     frame = sys._getframe(1)
     known = _INSIDE[skip_torch]
     while frame is not None:
@@ -135,6 +138,14 @@ def user_line(skip_torch: bool = True) -> SourceLine | str:
             return SourceLine(code, frame.f_lasti)
         frame = frame.f_back
     return "<unknown line>"
+
+
+def user_frame() -> FrameType | None:
+    """The innermost frame outside fxsight (torch's frames count as the user's)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+    return frame
 
 
 def user_stacklevel() -> int:

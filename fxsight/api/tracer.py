@@ -22,7 +22,7 @@ from ..locks import model_lock
 from ..record.active import active_sessions, active_tracers
 from ..record.program import Kind, Node
 from ..record.proxy import Proxy
-from ..record.modes import ambient_modes
+from ..record.modes import ambient_modes, entry_frame
 from ..record.recorder import Recorder
 from ..record.scope import ALL, Steps
 from ..record.sites import OUTPUT, Site, is_operation
@@ -115,7 +115,7 @@ class Tracer(TraceMetadata):
                 self._state = "done"
                 raise
         self.recorder.open, self.recorder.thread = True, get_ident()
-        self.recorder.modes = ambient_modes()
+        self.recorder.modes, self.recorder.entry = ambient_modes(), entry_frame()
         if active_sessions():  # (what a later trace may use: see _save_reachable)
             self.recorder.made = []
         active_tracers().append(self)

@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from .._torch import (export_leaves_no_buffer_hook, forget_generated_source,
                       generated_source_key, generated_source_keys, parametrization_cache_on,
-                      plain_codegen, pytree)
+                      plain_codegen, pytree, user_modes_suspended)
 
 from ..locks import exclusive_export
 from ..stats import bump
@@ -120,8 +120,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *rest: Any,
     known = generated_source_keys()
     captured = None
     try:
-        captured = contextvars.copy_context().run(_capture, model, args, kwargs, *rest,
-                                                  **options)
+        with user_modes_suspended():  # (a user's dispatch mode sees no fake forward)
+            captured = contextvars.copy_context().run(_capture, model, args, kwargs, *rest,
+                                                      **options)
         return captured
     finally:
         keep = set()

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from .._torch import (FakeTensorMode, autocast_cache_off, enclosing_checkpoint,
                       fake_embedding_takes_meta_weights, pytree, unflatten_keeping_sizes,
-                      unflatten_unchecked, unset_fake_temporarily)
+                      unflatten_unchecked, unset_fake_temporarily, user_modes_suspended)
 
 from ..stats import bump
 from . import caches
@@ -131,8 +131,10 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     events = ModuleEvents(model, record, operations=operations)
     before = Watch(model, 0)
     try:
-        with silenced_hooks(model), kept_forward_effects(model, args, kwargs), \
-                autocast_cache_off():
+        # (a user's dispatch mode or saved-tensor hooks around the trace see its forward
+        # only; fxsight's own modes, entered after, stay)
+        with user_modes_suspended(), silenced_hooks(model), \
+                kept_forward_effects(model, args, kwargs), autocast_cache_off():
             output, events, reads = _run(model, args, kwargs, events, record,
                                           (values, devices, aliases, checkpointed))
     finally:

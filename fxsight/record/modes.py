@@ -5,19 +5,33 @@ fxsight runs a block's lines when the trace ends (the forward, and every recorde
 operation at its place in it), in the modes in force as the trace was entered: a
 ``with torch.no_grad():``, ``torch.autocast``, ``sdpa_kernel(...)`` or
 ``torch.backends.cudnn.flags(...)`` opened inside the block has ended by then, so it would
-not apply. An operation recorded under such a mode is refused at the user's line.
+not apply. So would a torch function mode (``with torch.device(...)``, a user's
+``TorchFunctionMode``), a dispatch mode (``FlopCounterMode``, a user's
+``TorchDispatchMode``), saved-tensor hooks (``saved_tensors_hooks``, ``save_on_cpu``) and
+the profiler (``torch.profiler.profile``) opened inside the block. An operation (or a read
+or write of a module) recorded under such a mode is refused at the user's line; a mode
+opened and closed around lines that record nothing is no concern.
+
+A torch function such as ``torch.relu(h)`` reaches the proxy through the function modes in
+force, each of them taken off the stack while it handles the call: those are counted from
+their ``__torch_function__`` frames between the user's line and the recorder.
 
 Modes that no query reveals are not seen: ``torch.random.fork_rng()`` (its saved state
-lives in a suspended generator) and a device context (``with torch.device(...)``: an
-operation on traced values takes its device from them).
+lives in a suspended generator; entering it changes no generator state) and
+``torch.autograd.profiler.record_function`` (a range of the profiler's, with no query).
 """
 
 from __future__ import annotations
 
-import torch
+from types import FrameType
 
-from .._torch import backend_flag_readers, mha_fastpath_enabled
-from ..errors import TraceError, at_line, user_line
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .._torch import (backend_flag_readers, dispatch_mode_depth, dispatch_modes,
+                      function_mode_depth, function_modes, is_device_context,
+                      mha_fastpath_enabled, profiler_enabled, saved_tensors_hooks_top)
+from ..errors import TraceError, at_line, user_frame, user_line
 
 
 _CUDA = torch.backends.cuda
@@ -25,20 +39,23 @@ _CUDNN_ENABLED, _CUDNN_BENCHMARK, _CUDNN_DETERMINISTIC, _CUDNN_TF32, _MKLDNN_ENA
     backend_flag_readers()
 
 
-def ambient_modes() -> tuple:
+def ambient_modes(through: int = 0) -> tuple:
     """The modes in force that change what an operation computes or how: gradients (off
     in ``torch.inference_mode()`` too), autocast (CPU and CUDA: on, and its dtype), then
-    :func:`_forward_modes`. (One flat tuple: it is read for every recorded operation.)"""
+    :func:`_forward_modes`. (One flat tuple: it is read for every recorded operation.)
+    ``through``: the torch function modes that handed the operation on (off the stack
+    while they do, see :func:`modes_passed`)."""
     return (torch.is_grad_enabled(),
             torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
             torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-            *_forward_modes())
+            *_forward_modes(through))
 
 
-def _forward_modes() -> tuple:
+def _forward_modes(through: int = 0) -> tuple:
     """The modes that change how a forward runs, beyond gradients and autocast: the
     default dtype, anomaly detection, the attention kernels, cuDNN and oneDNN settings,
-    deterministic algorithms, the float32 matmul precision, the attention fast path."""
+    deterministic algorithms, the float32 matmul precision, the attention fast path, the
+    torch function modes, dispatch modes, saved-tensor hooks and the profiler."""
     return (torch.get_default_dtype(),
             torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled(),
             _CUDA.flash_sdp_enabled(), _CUDA.mem_efficient_sdp_enabled(),
@@ -48,7 +65,31 @@ def _forward_modes() -> tuple:
             torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled(),
             torch.get_float32_matmul_precision(),
-            mha_fastpath_enabled())
+            mha_fastpath_enabled(),
+            function_mode_depth() + through, dispatch_mode_depth(),
+            saved_tensors_hooks_top(), profiler_enabled())
+
+
+def entry_frame() -> int | None:
+    """The ``id`` of the innermost frame outside fxsight: the frame a trace block is in
+    (alive, so its ``id`` is its own, while the block runs)."""
+    frame = user_frame()
+    return None if frame is None else id(frame)
+
+
+def modes_passed(frame: FrameType | None, entry: int | None) -> list:
+    """The torch function modes whose ``__torch_function__`` frames lie between ``frame``
+    and the trace block's frame ``entry``, as they lay on the mode stack (the innermost
+    frame is the outermost mode's: it hands the call on last). Torch takes each off the
+    stack while it handles the call."""
+    passed = []
+    while frame is not None and id(frame) != entry:
+        if frame.f_code.co_name == "__torch_function__":
+            mode = frame.f_locals.get("self")
+            if isinstance(mode, TorchFunctionMode):
+                passed.append(mode)
+        frame = frame.f_back
+    return passed
 
 
 # (the number of ``ambient_modes`` entries each mode takes, what it is, what to do instead)
@@ -69,20 +110,29 @@ _MODES: tuple[tuple[int, str, str], ...] = (
         "(torch.set_float32_matmul_precision, torch.backends.cuda.matmul.allow_tf32)", ""),
     (1, "the attention fast path set otherwise than in the trace "
         "(torch.backends.mha.set_fastpath_enabled)", ""),
+    (1, "", ""),  # torch function modes (named: see ``_mode_words``)
+    (1, "", ""),  # dispatch modes
+    (1, "other saved-tensor hooks than the trace's (torch.autograd.graph.saved_tensors_hooks, "
+        "save_on_cpu)", ""),
+    (1, "the profiler set otherwise than in the trace (torch.profiler.profile)", ""),
 )
+_FUNCTION_MODES = sum(size for size, _, _ in _MODES[:-4])
 
 
-def refuse_mode_change(entered: tuple) -> None:
+def refuse_mode_change(entered: tuple, passed: list = ()) -> None:
     """Refuse an operation recorded in other modes than ``entered`` (the trace's, from
-    :func:`ambient_modes`): the block's lines run when the trace ends, in the trace's
+    :func:`ambient_modes`; ``passed``: the torch function modes that handed it on, from
+    :func:`modes_passed`): the block's lines run when the trace ends, in the trace's
     modes."""
-    now, start = ambient_modes(), 0
+    now, start = ambient_modes(len(passed)), 0
     for size, what, instead in _MODES:
         if now[start:start + size] != entered[start:start + size]:
             break
         start += size
     if start == 0:
         what, instead = _grad_words(entered[0])
+    elif start in (_FUNCTION_MODES, _FUNCTION_MODES + 1):
+        what, instead = _mode_words(entered[start], passed, start == _FUNCTION_MODES)
     instead = f"{instead}, " if instead else ""
     raise TraceError(at_line(
         f"this line runs with {what}: fxsight runs the block's lines when the trace ends, "
@@ -100,6 +150,19 @@ def refuse_forward_mode_change(entered: tuple) -> None:
         refuse_mode_change(entered)
 
 
+def _mode_words(depth: int, passed: list, function: bool) -> tuple[str, str]:
+    """What a torch function (``function``) or dispatch mode stack beyond the trace's
+    ``depth`` modes holds, and what to do instead."""
+    if function:
+        stack = function_modes() + list(passed)
+        kind = "a torch function mode"
+    else:
+        stack, kind = dispatch_modes(), "a dispatch mode"
+    names = ", ".join(_mode_name(mode) for mode in stack[depth:]) or "none"
+    changed = "entered" if len(stack) > depth else "left"
+    return f"{kind} {changed} inside the block ({names})", ""
+
+
 _FORWARD = 5  # the first entry of ``ambient_modes`` after gradients and autocast
 
 
@@ -108,3 +171,12 @@ def _grad_words(entered: bool) -> tuple[str, str]:
         return ("gradients off (torch.no_grad(), inference_mode())",
                 "`.detach()` the value that should carry no gradient")
     return "gradients on (torch.enable_grad())", "enter the trace with gradients on"
+
+
+def _mode_name(mode: object) -> str:
+    """A mode's name: a user's class's own, torch's without a leading ``_`` (the
+    ``_FlopCounterMode`` that ``FlopCounterMode`` enters)."""
+    if is_device_context(mode):
+        return "torch.device(...)"
+    name = type(mode).__qualname__
+    return name.lstrip("_") if type(mode).__module__.startswith("torch.") else name

@@ -162,7 +162,7 @@ class Proxy:
         if func is torch.autograd.grad:
             return _autograd_grad(*args, **(kwargs or {}))
         recorder = find_recorder(args, kwargs or {})
-        return recorder.create_op("call_function", func, args, kwargs or {})
+        return recorder.create_op("call_function", func, args, kwargs or {}, handed=True)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):

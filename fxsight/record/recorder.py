@@ -20,7 +20,7 @@ import torch
 from .._torch import pytree
 from ..errors import TraceError, at_line, user_line
 from . import numpy_values
-from .modes import ambient_modes, refuse_forward_mode_change, refuse_mode_change
+from .modes import ambient_modes, modes_passed, refuse_forward_mode_change, refuse_mode_change
 from .active import active_tracers
 from .program import AUTOGRAD_GRAD, Kind, Node, Program, execute, setitem
 from .proxy import Proxy, from_where
@@ -57,6 +57,8 @@ class Recorder:
         self.open = False  # whether recording is allowed (set by the trace's context)
         # the modes the trace's context was entered in (``modes.ambient_modes``)
         self.modes: tuple | None = None
+        # the ``id`` of the frame the trace's block is in (``modes.entry_frame``)
+        self.entry: int | None = None
         self.thread: int | None = None  # the thread whose trace context opened it
         # in a session: every proxy made, held weakly (what may wait to be saved at the end)
         self.made: list[weakref.ref] | None = None
@@ -104,9 +106,11 @@ class Recorder:
         self.program.skip(site, self.to_arg(value), self.scope, user_line())
 
     def create_op(self, op: str, target: Any, args: tuple, kwargs: dict,
-                  lenient: bool = False) -> Proxy:
+                  lenient: bool = False, handed: bool = False) -> Proxy:
         """Any operation on recorded values. An in-place one (``h += v``, ``h[k] = v``)
-        moves its first argument's proxy to the new node and returns that proxy."""
+        moves its first argument's proxy to the new node and returns that proxy.
+        ``handed``: a torch function, handed on by the torch function modes in force (the
+        caller is ``Proxy.__torch_function__``)."""
         if self.done:  # a saved proxy used after its trace: the operation on its value
             live = next((p._recorder for p in _proxies_in((args, kwargs))
                          if not p._recorder.done), None)
@@ -115,8 +119,9 @@ class Recorder:
             return execute(op, target, *self.settle((tuple(args), kwargs)))
         if not self.open or self.thread != get_ident():
             self.check_open((args, kwargs))
-        if self.modes is not None and ambient_modes() != self.modes:
-            refuse_mode_change(self.modes)
+        passed = modes_passed(sys._getframe(2), self.entry) if handed else []
+        if self.modes is not None and ambient_modes(len(passed)) != self.modes:
+            refuse_mode_change(self.modes, passed)
         if (kwargs and "device" in kwargs) or (op == "call_method" and target == "to"):
             _refuse_meta_device(args[1:] if op == "call_method" else (), kwargs)
         if lenient and sys.modules.get("numpy") is not None:

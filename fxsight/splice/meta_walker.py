@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from .._torch import (DataDependentOutputException, DynamicOutputShapeException,
-                      FakeTensorMode, autocast_cache_off, pytree)
+                      FakeTensorMode, autocast_cache_off, pytree, user_modes_suspended)
 
 from ..errors import (DataDependentError, ItemAssignmentError, NotOnGraph, ShapeError,
                       ShapeIndexError, TraceError, at_line)
@@ -53,7 +53,8 @@ class MetaWalker(Walker):
 
     def run(self, nodes=None) -> None:
         self._check_inside_skips()
-        super().run(list(self.program.nodes) if nodes is None else nodes)
+        with user_modes_suspended():  # (no forward a user's mode or hook should see)
+            super().run(list(self.program.nodes) if nodes is None else nodes)
 
     def check_grad_write(self, node, site, old, value, rows) -> None:
         if not isinstance(old, torch.Tensor) or isinstance(value, UnknownMeta):
