@@ -35,10 +35,21 @@ def mask_unread(module: torch.nn.Module, source: Any, args: tuple, kwargs: dict,
     ``mask`` (its ``attention_mask``), ``None`` where they are. ``source``: the capture or
     scan of that forward (its ``input_reads``). Raises :class:`UnknownReads` where a forward
     pass the check needs cannot run."""
-    reason = source.input_reads.rows_unread(_index(args, kwargs, mask))
-    if reason is not None or not _encoder_decoder(module) or "encoder_outputs" in kwargs:
+    reads, index = source.input_reads, _index(args, kwargs, mask)
+    reason = reads.rows_unread(index)
+    if reason is None and _encoder_decoder(module) and "encoder_outputs" not in kwargs:
+        reason = _decoder_unread(module, args, kwargs, mask)
+    if reason is not None:
         return reason
-    return _decoder_unread(module, args, kwargs, mask)
+    tokens, keys = _tokens(args, kwargs), mask.shape[-1]
+    reason = reads.keys_unmasked(index, tokens, keys)
+    if reason is None or not _encoder_decoder(module):
+        return reason
+    # (an encoder-decoder's decoder self-attention needs no mask: it is causal, over its
+    # input right-padded, or over tokens of its own; its encoder's attentions are checked,
+    # its cross-attention was above)
+    within = _encoder_path(module)
+    return None if within is False else reads.keys_unmasked(index, tokens, keys, within)
 
 
 def _decoder_unread(module: torch.nn.Module, args: tuple, kwargs: dict,
@@ -71,6 +82,21 @@ def _decoder_unread(module: torch.nn.Module, args: tuple, kwargs: dict,
 def _index(args: tuple, kwargs: dict, mask: torch.Tensor) -> int:
     flat = flat_inputs(args, kwargs)[0]
     return next(i for i, value in enumerate(flat) if value is mask)
+
+
+def _tokens(args: tuple, kwargs: dict) -> int:
+    """The bits (in ``flat_inputs``) of the inputs the mask pads: the token ids or
+    embeddings (given by keyword, or first)."""
+    padded = [kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]]
+    return sum(1 << i for i, value in enumerate(flat_inputs(args, kwargs)[0])
+               if isinstance(value, torch.Tensor) and any(value is p for p in padded))
+
+
+def _encoder_path(module: torch.nn.Module) -> str | bool:
+    """The path of an encoder-decoder's encoder, ``False`` where it is not found."""
+    get_encoder = getattr(module, "get_encoder", None)
+    encoder = get_encoder() if callable(get_encoder) else None
+    return next((path for path, inner in module.named_modules() if inner is encoder), False)
 
 
 def _encoder_decoder(module: torch.nn.Module) -> bool:

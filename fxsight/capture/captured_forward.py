@@ -14,9 +14,10 @@ import torch.fx as fx
 
 from .._torch import pytree, unflatten_keeping_sizes
 from ..errors import NotOnGraph
+from ..stats import bump
 from . import caches
 from .hidden import NestedTensor
-from .input_flow import InputReads, input_reads, output_flows
+from .input_flow import NO_FLOW, InputReads, input_reads, output_flows
 from ..record.sites import Site
 
 
@@ -82,19 +83,20 @@ class Captured:
         output's entries by name (``logits``), a cache object's tensors aside."""
         reads = self.graph_module.meta.get("fxsight_input_reads")
         if reads is None:
-            leaves, flows, inputs = output_flows(self.graph_module.graph,
-                                                 torch.ops.fxsight.boundary.default)
+            leaves, flows, inputs, attentions = output_flows(
+                self.graph_module.graph, torch.ops.fxsight.boundary.default)
             output = pytree.tree_unflatten(leaves, self.out_spec)
             if self.caches is not None:  # (the graph's (leaves, finals): caches aside)
                 layout, rest = self.caches, iter(output[0])
                 output = pytree.tree_unflatten(
                     [None if i in layout.positions else next(rest)
                      for i in range(layout.model_spec.num_leaves)], layout.model_spec)
+            bump("input_flows")
             reads = self.graph_module.meta["fxsight_input_reads"] = input_reads(
-                output, lambda leaf: flows.get(leaf, (0, 0)) if isinstance(leaf, fx.Node)
-                else (0, 0),
+                output, lambda leaf: flows.get(leaf, NO_FLOW) if isinstance(leaf, fx.Node)
+                else NO_FLOW,
                 lambda leaf: leaf.meta.get("val") if isinstance(leaf, fx.Node) else None,
-                inputs)
+                inputs, attentions)
         return reads
 
     @property

@@ -23,6 +23,20 @@ angle (``sin``, ``cos``: rotary and sinusoidal positions) only places or selects
 so from there on it carries the input as a position. :class:`InputReads` says, for each
 input, whether the outputs the rows are read from (the logits, the hidden states)
 carry its values.
+
+A mask that reaches the logits through one layer's attention says nothing of another's:
+a layer whose attention drops it reads every key, pads included. So each attention
+(``scaled_dot_product_attention`` and its kernels, a softmax over the last dimension of
+scores of four dimensions) is recorded with what its arguments carry *near*: not
+through an earlier attention (an attention's result, and its probabilities times the
+values, carry what they carry only as far). An attention reads the mask where it
+reaches it near (its key mask, its scores masked); it attends over the padded tokens
+where its keys are as many as the mask's and it reads the padded inputs near (an
+encoder-decoder's decoder self-attention reads the padded tokens only through its
+cross-attention). A product of positions and the mask (``mask.cumsum(-1) * mask``)
+keeps the mask's values aside (*gated*): compared with a constant (``> 0``) it is a key
+mask again, while ALiBi's bias made of it, and the positions compared with each other (a
+causal mask of them), still carry the mask as positions only.
 """
 
 from __future__ import annotations
@@ -70,12 +84,29 @@ _ANGLES = frozenset({_aten.sin, _aten.sin_, _aten.cos, _aten.cos_, _aten.polar})
 _RUNNING_SUMS = frozenset({_aten.cumsum, _aten.cumsum_})
 # products: a position per token times a value per token (the mask) is still a position
 _PRODUCTS = frozenset({_aten.mul, _aten.mul_})
+# attention kernels (their key: argument 1), and softmaxes (of scores, four dimensions)
+_ATTENTIONS = frozenset(getattr(_aten, name) for name in (
+    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math",
+    "_scaled_dot_product_fused_attention_overrideable") if hasattr(_aten, name))
+_SOFTMAXES = frozenset(getattr(_aten, name) for name in ("softmax", "_softmax", "_safe_softmax")
+                       if hasattr(_aten, name))
+# products of matrices: attention probabilities times the values carry the values only
+# through the attention
+_MATMULS = frozenset({_aten.bmm, _aten.mm, _aten.matmul, _aten.einsum})
+# comparisons: gated positions compared with a constant mask by the values they kept aside
+_COMPARISONS = frozenset({_aten.gt, _aten.ge, _aten.lt, _aten.le, _aten.eq, _aten.ne})
 # the entries of a transformers output that hold the rows (one value per token); where an
 # output has none of them, every tensor of two or more dimensions is taken instead
 _ROW_OUTPUTS = ("logits", "last_hidden_state", "encoder_last_hidden_state")
 
-Flow = tuple[int, int]  # (inputs whose values it carries, inputs it carries as positions)
-_NONE: Flow = (0, 0)
+# (inputs whose values it carries, inputs it carries as positions; of each, those it
+# carries near: not through an attention; inputs whose values a product with positions
+# kept aside: gated)
+Flow = tuple[int, int, int, int, int]
+_NONE: Flow = (0, 0, 0, 0, 0)
+NO_FLOW = _NONE  # (what a leaf that is no graph node carries)
 
 
 def _packet(target: Any) -> Any:
@@ -87,11 +118,16 @@ def _shape_only(target: Any) -> bool:
 
 
 def _or(a: Flow, b: Flow) -> Flow:
-    return a[0] | b[0], a[1] | b[1]
+    return a[0] | b[0], a[1] | b[1], a[2] | b[2], a[3] | b[3], a[4] | b[4]
 
 
 def _as_positions(flow: Flow) -> Flow:
-    return 0, flow[0] | flow[1]
+    return 0, flow[0] | flow[1], 0, flow[2] | flow[3], 0
+
+
+def _attended(flow: Flow) -> Flow:
+    """What an attention's result carries: its arguments' flow, none of it near."""
+    return flow[0], flow[1], 0, 0, flow[4]
 
 
 def _integer(value: Any) -> bool:
@@ -100,31 +136,70 @@ def _integer(value: Any) -> bool:
 
 
 def _operator_flow(target: Any, args: tuple, kwargs: dict, flow_of: Any,
-                   tensor_of: Any) -> Flow:
+                   tensor_of: Any) -> tuple[Flow, tuple[int, Flow] | None]:
     """What an operator's result carries: its arguments' flows (``flow_of(leaf)``), an
     integer index argument's (``tensor_of(leaf)``: its tensor, for the dtype), a running
-    count's and an angle's as positions."""
+    count's and an angle's as positions, an attention's not near; and, where the
+    operator is an attention, its keys' number and what its arguments carry (else
+    ``None``)."""
     packet = _packet(target)
     index = _INDEX_ARGUMENTS.get(packet)
     index_arg = None
     if index is not None:
         position, name = index
         index_arg = args[position] if position < len(args) else kwargs.get(name)
-    flow, positions_only = _NONE, 0
+    flow, positions_only, flowing, attended = _NONE, 0, 0, False
     for leaf in pytree.tree_leaves((args, kwargs)):
         carried = flow_of(leaf)
-        if carried != _NONE and index_arg is not None and _integer(tensor_of(leaf)) and \
+        if carried == _NONE:
+            continue
+        if index_arg is not None and _integer(tensor_of(leaf)) and \
                 any(leaf is x for x in pytree.tree_leaves(index_arg)):
             carried = _as_positions(carried)
         flow = _or(flow, carried)
         positions_only |= carried[1] & ~carried[0]
+        flowing += 1
+        attended |= not (carried[2] | carried[3])  # (an attention's result)
     if packet in _ANGLES or (packet in _RUNNING_SUMS and args and _count(tensor_of(args[0]))):
-        return _as_positions(flow)
+        return _as_positions(flow), None
+    keys = _attention_keys(packet, args, tensor_of)
+    if keys is not None:
+        return _attended(flow), (keys, flow)
+    if attended and packet in _MATMULS:
+        return _attended(flow), None
     if positions_only and packet in _PRODUCTS and _per_token(args, tensor_of):
         # (a position per token scaled per token, ``(mask.cumsum(-1) - 1) * mask`` as
-        # Bloom's ALiBi has it, is still a position)
-        return flow[0] & ~positions_only, flow[1] | positions_only
-    return flow
+        # Bloom's ALiBi has it, is still a position; the values are kept aside, gated)
+        return (flow[0] & ~positions_only, flow[1] | positions_only,
+                flow[2] & ~positions_only, flow[3] | positions_only & flow[2],
+                flow[4] | positions_only & flow[0]), None
+    if flow[4] and flowing == 1 and packet in _COMPARISONS:
+        # (gated positions compared with a constant, ``mask.cumsum(-1) * mask > 0``:
+        # which tokens are pads, a key mask)
+        return (flow[0] | flow[4], flow[1], flow[2] | flow[4] & flow[3], flow[3], 0), None
+    return flow, None
+
+
+def _attention_keys(packet: Any, args: tuple, tensor_of: Any) -> int | None:
+    """The number of keys of an attention (a kernel, or a softmax over the last dimension
+    of scores of four dimensions), ``None`` for another operator."""
+    if packet in _ATTENTIONS and len(args) > 1:
+        key = tensor_of(args[1])
+        if isinstance(key, torch.Tensor) and key.dim() >= 2:
+            return _size(key.shape[-2])
+    if packet in _SOFTMAXES and len(args) > 1:
+        scores = tensor_of(args[0])
+        if isinstance(scores, torch.Tensor) and scores.dim() == 4 and args[1] in (-1, 3):
+            return _size(scores.shape[-1])
+    return None
+
+
+def _size(size: Any) -> int:
+    """A size as an int, -1 where it is symbolic without a value."""
+    try:
+        return int(size)
+    except (TypeError, ValueError, RuntimeError):
+        return -1
 
 
 def _per_token(args: tuple, tensor_of: Any) -> bool:
@@ -148,12 +223,15 @@ class InputReads:
 
     outputs: tuple[tuple[str, bool, Flow], ...]
     inputs: int
+    # each attention of the forward, in order: (the path of the module it runs in, its
+    # keys' number, what its arguments carry)
+    attentions: tuple[tuple[str, int, Flow], ...] = ()
 
     def unread(self) -> frozenset[int]:
         """The inputs no output carries at all."""
         reached = 0
-        for _, _, (values, positions) in self.outputs:
-            reached |= values | positions
+        for _, _, flow in self.outputs:
+            reached |= flow[0] | flow[1]
         missing = self.inputs & ~reached
         return frozenset(i for i in range(missing.bit_length()) if missing >> i & 1)
 
@@ -182,10 +260,33 @@ class InputReads:
                                          if (flow[0] | flow[1]) & bit))
         return f"its {names} is not computed from it, only its {others}"
 
+    def keys_unmasked(self, index: int, tokens: int, keys: int,
+                      within: str | None = None) -> str | None:
+        """Why an attention over the padded tokens reads their pads where another masks
+        them: an attention of ``keys`` keys (the mask's length) whose arguments carry the
+        inputs ``tokens`` (bits: the token ids or embeddings the mask pads) near, not
+        through an earlier attention, reads input ``index`` (the mask) near, or ``None``
+        where each does, or none does (the mask is then read elsewhere, or not at all:
+        :meth:`rows_unread` says). ``within``: only the attentions of the module of that
+        path (an encoder-decoder's encoder)."""
+        bit = 1 << index
+        prefix = None if within is None else f"{within}." if within else ""
+        over = [(path or "the model's forward", flow) for path, n, flow in self.attentions
+                if n == keys and (flow[2] | flow[3]) & tokens and
+                (prefix is None or path.startswith(prefix))]
+        masked = [path for path, flow in over if flow[2] & bit]
+        unmasked = [path for path, flow in over if not flow[2] & bit]
+        if not masked or not unmasked:
+            return None
+        return f"the attention in {', '.join(dict.fromkeys(unmasked))} reads every key, " \
+               f"pads included, where the one in {masked[0]} masks them by it"
 
-def input_reads(output: Any, flow_of: Any, tensor_of: Any, inputs: int) -> InputReads:
+
+def input_reads(output: Any, flow_of: Any, tensor_of: Any, inputs: int,
+                attentions: tuple = ()) -> InputReads:
     """The :class:`InputReads` of ``output`` (a forward's output, its leaves whatever
-    ``flow_of`` and ``tensor_of`` take: tensors, graph nodes)."""
+    ``flow_of`` and ``tensor_of`` take: tensors, graph nodes) and ``attentions`` (see
+    ``InputReads.attentions``)."""
     pairs = pytree.tree_flatten_with_path(output)[0]
     entries = []
     for path, leaf in pairs:
@@ -199,18 +300,20 @@ def input_reads(output: Any, flow_of: Any, tensor_of: Any, inputs: int) -> Input
     return InputReads(tuple(
         (name, name in _ROW_OUTPUTS if named else
          tensor.dim() >= 2 and "loss" not in name, flow)
-        for name, tensor, flow in entries), inputs)
+        for name, tensor, flow in entries), inputs, tuple(attentions))
 
 
-def output_flows(graph: fx.Graph, marker: Any) -> tuple[list[Any], dict[Any, Flow], int]:
+def output_flows(graph: fx.Graph, marker: Any) -> tuple[list[Any], dict[Any, Flow], int,
+                                                      tuple]:
     """The leaves of ``graph``'s output (graph nodes, constants), each node's
-    :data:`Flow` of the placeholders (in placeholder order) and the bits of its tensor
-    placeholders. The memory an operator writes in place (``copy_`` into a slice of a
-    tensor of the forward's own) carries what it writes: a later node reading that
-    memory, through any view, carries it too (``marker``: the boundary marker, an
+    :data:`Flow` of the placeholders (in placeholder order), the bits of its tensor
+    placeholders and its attentions (as ``InputReads.attentions``). The memory an
+    operator writes in place (``copy_`` into a slice of a tensor of the forward's own)
+    carries what it writes: a later node reading that memory, through any view, carries it too (``marker``: the boundary marker, an
     identity)."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    carried: dict[fx.Node, Flow] = {node: (1 << i, 0) for i, node in enumerate(placeholders)}
+    carried: dict[fx.Node, Flow] = {node: (1 << i, 0, 1 << i, 0, 0)
+                                    for i, node in enumerate(placeholders)}
     in_memory: dict[fx.Node, Flow] = {}  # root node -> what was written into its memory
 
     def carries(node: Any) -> Flow:
@@ -225,13 +328,17 @@ def output_flows(graph: fx.Graph, marker: Any) -> tuple[list[Any], dict[Any, Flo
         return node.meta.get("val") if isinstance(node, fx.Node) else None
 
     leaves: list[Any] = []
+    attentions: list[tuple[str, int, Flow]] = []
     for node in graph.nodes:
         if node.op == "placeholder" or _shape_only(node.target):
             continue
         if node.op == "output":
             leaves = pytree.tree_leaves(node.args[0])
             continue
-        flow = _operator_flow(node.target, node.args, node.kwargs, carries, tensor_of)
+        flow, attention = _operator_flow(node.target, node.args, node.kwargs, carries,
+                                         tensor_of)
+        if attention is not None:
+            attentions.append((_module_path(node), *attention))
         carried[node] = flow
         if flow != _NONE:
             for position, name in written_arguments(node.target):
@@ -246,7 +353,15 @@ def output_flows(graph: fx.Graph, marker: Any) -> tuple[list[Any], dict[Any, Flo
         if isinstance(node.meta.get("val"), torch.Tensor):
             tensors |= 1 << i
     return leaves, {node: carries(node) for node in leaves if isinstance(node, fx.Node)}, \
-        tensors
+        tensors, tuple(attentions)
+
+
+def _module_path(node: fx.Node) -> str:
+    """The path of the innermost module ``node`` was traced in (``""``: the root's)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _ in reversed(list(stack.values())):
+        return path
+    return ""
 
 
 class InputFlow:
@@ -254,15 +369,18 @@ class InputFlow:
     ``captures.flat_inputs`` makes it; only its tensors are followed) through every
     operator run: a result, and the memory of every tensor it shares storage with, carries
     the inputs its arguments carry. :meth:`reads` then says what an output carries. Enter
-    it inside the fake tensor mode, with the tensors the forward is given."""
+    it inside the fake tensor mode, with the tensors the forward is given. ``where()``:
+    the path of the module running now (naming the attentions)."""
 
-    def __init__(self, inputs: list[Any]):
+    def __init__(self, inputs: list[Any], where: Any = lambda: ""):
         self._carried: dict[int, Flow] = {}  # storage key -> flow
         self._kept: list[torch.Tensor] = []  # (storage keys are valid while these live)
+        self._attentions: list[tuple[str, int, Flow]] = []
+        self._where = where
         self._followed = 0
         for index, value in enumerate(inputs):
             if isinstance(value, torch.Tensor):
-                self._mark(value, (1 << index, 0))
+                self._mark(value, (1 << index, 0, 1 << index, 0, 0))
                 self._followed |= 1 << index
         self._active = None
 
@@ -279,7 +397,10 @@ class InputFlow:
     def _after(self, operator: Any, args: tuple, kwargs: dict, result: Any) -> None:
         if _shape_only(operator):
             return
-        flow = _operator_flow(operator, args, kwargs, self._flow_of, lambda leaf: leaf)
+        flow, attention = _operator_flow(operator, args, kwargs, self._flow_of,
+                                         lambda leaf: leaf)
+        if attention is not None:
+            self._attentions.append((self._where(), *attention))
         if flow == _NONE:
             return
         written = [args[i] if i < len(args) else kwargs.get(name)
@@ -299,7 +420,9 @@ class InputFlow:
 
     def reads(self, output: Any) -> InputReads:
         """What ``output`` (the forward's output: any pytree of tensors) carries."""
-        reads = input_reads(output, self._flow_of, lambda leaf: leaf, self._followed)
+        reads = input_reads(output, self._flow_of, lambda leaf: leaf, self._followed,
+                            self._attentions)
         self._kept.clear()
         self._carried.clear()
+        self._attentions = []
         return reads

@@ -147,6 +147,9 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
 
 
 def _run(model, args, kwargs, events, record, recorded):
+    def where() -> str:  # (the module running now: names an attention)
+        return events.stack[-1] if events.stack else ""
+
     with torch.no_grad():
         try:
             if offloaded(model):  # weights loaded by accelerate in each forward: real
@@ -159,7 +162,7 @@ def _run(model, args, kwargs, events, record, recorded):
                 def fake(tensor):  # (torch before 2.13: meta weights take meta inputs only)
                     return mode.from_tensor(tensor.to("meta"))
             fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, fake, (args, kwargs))
-            flow = InputFlow(_followed(args, kwargs, (fake_args, fake_kwargs)))
+            flow = InputFlow(_followed(args, kwargs, (fake_args, fake_kwargs)), where)
             # (a cache object among the inputs: a copy, the user's is not updated)
             fake_args, fake_kwargs = caches.copied(fake_args, fake_kwargs, fake)
             with events.installed(), mode, flow:
@@ -170,12 +173,12 @@ def _run(model, args, kwargs, events, record, recorded):
             events = ModuleEvents(model, record, operations=events.operations)
             if _is_meta_model(model):
                 meta_args, meta_kwargs = pytree.tree_map(_to_meta, (args, kwargs))
-                flow = InputFlow(_followed(args, kwargs, (meta_args, meta_kwargs)))
+                flow = InputFlow(_followed(args, kwargs, (meta_args, meta_kwargs)), where)
                 meta_args, meta_kwargs = caches.copied(meta_args, meta_kwargs, _to_meta)
                 with events.installed(), flow:
                     output = model(*meta_args, **meta_kwargs)
             else:
-                flow = InputFlow(_followed(args, kwargs, (args, kwargs)))
+                flow = InputFlow(_followed(args, kwargs, (args, kwargs)), where)
                 args, kwargs = caches.copied(args, kwargs, torch.Tensor.clone)
                 with events.installed(), flow:
                     output = model(*args, **kwargs)
