@@ -115,3 +115,99 @@ def test_an_edits_later_call_under_generate_is_refused_before_anything_runs(
     assert "the edit's line" in str(caught.value)
     assert "no output call #1" in str(caught.value)
     assert calls == [] and torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_0_with_a_cache_is_the_tokens_after_the_caches(models, tokenizer, backend):
+    """``generate(ids, past_key_values=cache)`` takes the whole sequence; its step 0
+    computes the tokens after the cache's. A shape read there is that step's (was the
+    whole sequence's, 4 tokens longer, silently), ``.token[i]`` counts the prompt's tokens
+    (``.token[4]`` is the first after a cache of 4, as transformers' own step 0 has it),
+    and ``.token[0]``, held in the cache, is a TokenIndexError before anything runs (was
+    an IndexError from inside the run)."""
+    from transformers import DynamicCache
+    model = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    ids = tokenizer(["The Eiffel Tower is in the city of"], return_tensors="pt")["input_ids"]
+
+    def cache():
+        made = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids[:, :4], past_key_values=made, use_cache=True)
+        return made
+
+    given = cache()
+    seen = []
+    handle = model.transformer.h[0].register_forward_hook(
+        lambda module, args, output: seen.append(output.clone()))
+    try:
+        with torch.no_grad():
+            want = model.generate(ids, past_key_values=given, max_new_tokens=2,
+                                  do_sample=False)
+    finally:
+        handle.remove()
+    with lm.generate(ids, past_key_values=cache(), max_new_tokens=2, do_sample=False,
+                     backend=backend) as tracer:
+        hidden = lm.transformer.h[0].output
+        shape = tuple(hidden.shape)
+        first = hidden.token[4].save()
+        last = hidden.token[-1].save()
+        got = tracer.result.save()
+    assert shape == tuple(seen[0].shape) == (1, ids.shape[1] - 4, model.config.n_embd)
+    torch.testing.assert_close(first, seen[0][:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(last, seen[0][:, -1], rtol=0, atol=0)
+    assert torch.equal(got, want)
+    calls, given = [], cache()
+    handle = model.transformer.h[1].register_forward_hook(lambda *args: calls.append(1)) \
+        if backend == "hooks" else None
+    try:
+        with pytest.raises(fxsight.TokenIndexError, match="cache") as caught:
+            with lm.generate(ids, past_key_values=given, max_new_tokens=2,
+                             do_sample=False, backend=backend):
+                lm.transformer.h[0].output.token[0].save()  # a cached token
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert "# a cached token" in str(caught.value) and calls == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_invokes_step_0_with_a_cache_is_its_rows_after_the_caches(models, tokenizer,
+                                                                     backend):
+    """Invokes of one length continuing a cache of two rows: a shape read inside an
+    invoke is its first step's, with its rows of the cache (was the whole sequence's),
+    and its saves are its rows of transformers' own batched generate."""
+    from transformers import DynamicCache
+    model = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    past = tokenizer("The Eiffel Tower is in", return_tensors="pt")["input_ids"]
+    ids = torch.cat([torch.cat([past, tokenizer(word, return_tensors="pt")["input_ids"]], 1)
+                     for word in (" Paris", " Rome")])
+
+    def cache():
+        made = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(past.repeat(2, 1), past_key_values=made, use_cache=True)
+        return made
+
+    given = cache()
+    seen = []
+    handle = model.transformer.h[0].register_forward_hook(
+        lambda module, args, output: seen.append(output.clone()))
+    try:
+        with torch.no_grad():
+            want = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                  past_key_values=given, max_new_tokens=2, do_sample=False)
+    finally:
+        handle.remove()
+    with lm.generate(past_key_values=cache(), max_new_tokens=2, do_sample=False,
+                     backend=backend) as tracer:
+        with tracer.invoke(ids[:1]):
+            pass
+        with tracer.invoke(ids[1:]):
+            shape = tuple(lm.transformer.h[0].output.shape)
+            last = lm.transformer.h[0].output.token[-1].save()
+        got = tracer.result.save()
+    assert shape == (1, ids.shape[1] - past.shape[1], model.config.n_embd)
+    torch.testing.assert_close(last, seen[0][1:, -1], rtol=0, atol=0)
+    assert torch.equal(got, want)

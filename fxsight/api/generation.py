@@ -23,8 +23,10 @@ from typing import Any, Iterator
 
 import torch
 
+from ..capture.caches import Unsupported as CacheUnsupported
+from ..capture.caches import flatten, rows_of
 from ..capture.effects import saved_generators
-from ..errors import TraceError, at_line, user_line
+from ..errors import NotOnGraph, TraceError, at_line, user_line
 from ..locks import model_lock
 from ..generate.decoding import (GraphSteps, HeldStreamer, Unsupported, callers_code_ran,
                                  callers_objects, unchanged_between_steps,
@@ -41,7 +43,7 @@ from ..run.options import RunOptions
 from ..splice.rows import Rows
 from ..splice.walker import Walker
 from .calls import scoped_loop
-from .token_inputs import past_length
+from .token_inputs import CACHE_KEYWORDS, past_length
 from .tracer import Tracer
 
 
@@ -151,7 +153,29 @@ class Generator(Tracer):
         keep = self._generate_kwargs.get("logits_to_keep", 1)
         if "logits_to_keep" not in kwargs and _takes_logits_to_keep(self.model._module):
             kwargs = {**kwargs, "logits_to_keep": keep}
-        return kwargs
+        config = getattr(self.model._module, "config", None)
+        if getattr(config, "is_encoder_decoder", False):  # (a cache of the decoder's)
+            return kwargs
+        return _after_the_cache(kwargs, self._generate_kwargs)
+
+    def _inputs_for_metadata(self, invoke: int | None) -> tuple[tuple, dict]:
+        # (an invoke alone, where a cache is given to generate: the cache's rows of its
+        # prompts, as its first step sees them; a cache whose rows cannot be taken:
+        # none, the invoke's whole sequence)
+        args, kwargs = super()._inputs_for_metadata(invoke)
+        given = {**self._generate_kwargs, **kwargs}
+        name = next((name for name in CACHE_KEYWORDS if name in given), None)
+        if invoke is None or name is None or not past_length(given, None):
+            return args, kwargs
+        start = sum(inv.prepared[2] for inv in self.invokes[:invoke])
+        stop = start + self.invokes[invoke].prepared[2]
+        cache = given[name]
+        try:
+            total = next(t.shape[0] for t in flatten(cache)[0] if t.dim() > 0)
+            rows = rows_of(cache, start, stop, total) if total >= stop else cache
+        except (CacheUnsupported, NotOnGraph, StopIteration):
+            rows = None
+        return args, {**kwargs, name: rows}
 
     def _first_decoder_ids(self, kwargs: dict) -> torch.Tensor | None:
         """For an encoder-decoder model, the decoder's ids at the first decoding step
@@ -308,6 +332,9 @@ class Generator(Tracer):
         # (an encoder-decoder model's decoder starts from its own ids: its token
         # dimension grows from their length, or keys of a cache from it)
         lengths = {ids.shape[-1]}
+        past = past_length({**self._generate_kwargs, **kwargs}, None)
+        if 0 < past < ids.shape[-1]:  # (step 0 computes the tokens after a cache's)
+            lengths.add(ids.shape[-1] - past)
         decoder_ids = self._first_decoder_ids(kwargs)
         if decoder_ids is not None:
             lengths.add(decoder_ids.shape[-1])
@@ -398,6 +425,30 @@ class Generator(Tracer):
             f"it has already called what was given to it ({objects}), which would see "
             f"the generation twice. Pass backend=\"hooks\" to lm.generate(...)",
             self._line))
+
+
+def _after_the_cache(kwargs: dict, generate_kwargs: dict) -> dict:
+    """A decoder-only model's first-step ``kwargs`` where a cache is given to ``generate``
+    (``past_key_values=`` / ``cache=``, holding the first ``past`` tokens of the ids it
+    takes): the cache, and the ids (and their positions, token types) after its tokens, as
+    ``generate`` gives them; the mask covers both. Without it, step 0 would be taken for a
+    forward pass of the whole sequence (a shape read ``past`` tokens longer, silently)."""
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return kwargs
+    given = {**generate_kwargs, **kwargs}
+    past = past_length(given, None)
+    mask = kwargs.get("attention_mask")
+    if not 0 < past < ids.shape[1] or (isinstance(mask, torch.Tensor) and
+                                       mask.shape[-1] != ids.shape[1]):
+        return kwargs  # (no cache, or these are the ids after it already)
+    name = next(name for name in CACHE_KEYWORDS if name in given)
+    kwargs = {**kwargs, name: given[name]}
+    for key, value in kwargs.items():
+        if key != "attention_mask" and isinstance(value, torch.Tensor) and \
+                value.dim() == 2 and value.shape == ids.shape:
+            kwargs[key] = value[:, past:]
+    return kwargs
 
 
 def _takes_logits_to_keep(module: torch.nn.Module) -> bool:

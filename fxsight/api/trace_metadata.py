@@ -239,7 +239,8 @@ def _check_token_reads(values: dict, reads: list[tuple[Node, int, Any]],
             f"token and needs {extent} of them here, but this value's dimension 1 has only "
             f"{shape[1]} (shape {shape}; a forward given `logits_to_keep` returns the "
             f"last positions only, as lm.generate's steps are given 1: one position per "
-            f"step): index it directly (e.g. [:, -1])", line))
+            f"step; in lm.generate with a cache, step 0 holds the tokens after the "
+            f"cache's): index it directly (e.g. [:, -1])", line))
 
 
 def _doubtful(meta: Any, length: int) -> bool:
