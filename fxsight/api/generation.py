@@ -18,12 +18,16 @@ hooks (:class:`StepInterleaver`).
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Iterator
 
 import torch
 
+from ..capture.caches import Unsupported as CacheUnsupported
+from ..capture.caches import flatten, rows_of
 from ..capture.effects import saved_generators
-from ..errors import TraceError, at_line, user_line
+from ..errors import NotOnGraph, TraceError, at_line, user_line
+from ..locks import model_lock
 from ..generate.decoding import (GraphSteps, HeldStreamer, Unsupported, callers_code_ran,
                                  callers_objects, unchanged_between_steps,
                                  unsupported_options)
@@ -33,11 +37,13 @@ from ..record.active import current_tracer
 from ..record.program import Kind, Node, is_view
 from ..record.proxy import Proxy
 from ..record.scope import ALL, Scope, Steps, resolve_choice
+from ..record.sites import is_operation
 from ..run.forward import fall_back, metadata_source
 from ..run.options import RunOptions
 from ..splice.rows import Rows
+from ..splice.walker import Walker
 from .calls import scoped_loop
-from .token_inputs import past_length
+from .token_inputs import CACHE_KEYWORDS, past_length
 from .tracer import Tracer
 
 
@@ -132,11 +138,44 @@ class Generator(Tracer):
         # which sites a step has, from a scan of the first step's forward (not a capture
         # of the plain forward, which generate never runs)
         operations = self._operations() if operations is None else operations
+        kwargs = self._first_step_inputs(kwargs)
+        return metadata_source(self.model._module, args, kwargs, RunOptions("hooks"),
+                               operations)
+
+    def _first_step_inputs(self, kwargs: dict) -> dict:
+        """``kwargs`` as ``generate`` gives them to the model at the first decoding step:
+        an encoder-decoder's decoder ids (:meth:`_first_decoder_ids`), and
+        ``logits_to_keep`` where the model's forward takes it (``generate`` passes 1,
+        unless given one: the logits hold the prompts' last position only)."""
         decoder_ids = self._first_decoder_ids(kwargs)
         if decoder_ids is not None:
             kwargs = {**kwargs, "decoder_input_ids": decoder_ids}
-        return metadata_source(self.model._module, args, kwargs, RunOptions("hooks"),
-                               operations)
+        keep = self._generate_kwargs.get("logits_to_keep", 1)
+        if "logits_to_keep" not in kwargs and _takes_logits_to_keep(self.model._module):
+            kwargs = {**kwargs, "logits_to_keep": keep}
+        config = getattr(self.model._module, "config", None)
+        if getattr(config, "is_encoder_decoder", False):  # (a cache of the decoder's)
+            return kwargs
+        return _after_the_cache(kwargs, self._generate_kwargs)
+
+    def _inputs_for_metadata(self, invoke: int | None) -> tuple[tuple, dict]:
+        # (an invoke alone, where a cache is given to generate: the cache's rows of its
+        # prompts, as its first step sees them; a cache whose rows cannot be taken:
+        # none, the invoke's whole sequence)
+        args, kwargs = super()._inputs_for_metadata(invoke)
+        given = {**self._generate_kwargs, **kwargs}
+        name = next((name for name in CACHE_KEYWORDS if name in given), None)
+        if invoke is None or name is None or not past_length(given, None):
+            return args, kwargs
+        start = sum(inv.prepared[2] for inv in self.invokes[:invoke])
+        stop = start + self.invokes[invoke].prepared[2]
+        cache = given[name]
+        try:
+            total = next(t.shape[0] for t in flatten(cache)[0] if t.dim() > 0)
+            rows = rows_of(cache, start, stop, total) if total >= stop else cache
+        except (CacheUnsupported, NotOnGraph, StopIteration):
+            rows = None
+        return args, {**kwargs, name: rows}
 
     def _first_decoder_ids(self, kwargs: dict) -> torch.Tensor | None:
         """For an encoder-decoder model, the decoder's ids at the first decoding step
@@ -228,7 +267,8 @@ class Generator(Tracer):
         _check_nothing_changed_after(self.program)
         args, kwargs, rows = self._prepare_run()
         self._check_cache_padding(kwargs)
-        self._check_shapes_read(args, kwargs, rows)
+        # (shapes as the first decoding step has them: logits of the last position only)
+        self._check_shapes_read(args, self._first_step_inputs(kwargs), rows)
         self._check_step_shapes_read(kwargs)
         module = self.model._module
         inputs = {k: v for k, v in kwargs.items() if k not in ("position_ids", "use_cache")}
@@ -246,6 +286,7 @@ class Generator(Tracer):
                     reason = str(error)
             fall_back(reason, self.options, self.model._fallback_warned,
                       ("generate", reason), what="generate()")
+        self._check_first_step_calls(args, kwargs, rows)
         interleaver = StepInterleaver(self.program, rows, self._operations())
         with interleaver.installed(module):
             output = module.generate(**inputs, **options)
@@ -255,6 +296,29 @@ class Generator(Tracer):
         self._output, self._output_kept = output, True
         self._results = {node: interleaver.result(node) for node in self.program.saves}
         self._fill_caches()
+
+    def _check_first_step_calls(self, args: tuple, kwargs: dict,
+                                rows: dict[Any, Rows]) -> None:
+        """On the hooks backend a step's lines run at its module events as they come: a
+        line of the first step at a module call that a decoding step does not make (an
+        edit's ``tracer.iter[:2]`` loop at call #1: a step is one forward pass) was found
+        missing only once step 0 had run, the model called and a token sampled. Checked
+        before ``generate`` against a scan of the first step's forward pass, as the fx
+        backend's splice checks it, with its error. (Modules only: an operation's call
+        may depend on the cache ``generate`` gives, which the scan does not have.)"""
+        nodes = [node for node in self.program.nodes
+                 if node.kind in (Kind.READ, Kind.WRITE) and node.site != GENERATOR and
+                 not is_operation(node.site.path) and not _after_the_prompt(node.steps)]
+        if not nodes:
+            return
+        try:  # (a model the scan fails on: its lines are checked as they run, as before)
+            with model_lock(self.model._module):
+                index = self._metadata_source(args, kwargs).index
+        except Exception:  # noqa: BLE001
+            return
+        walker = Walker(self.program, rows, index)
+        for node in nodes:
+            walker.position_of_site(node)
 
     def _check_step_shapes_read(self, kwargs: dict) -> None:
         """A shape read while recording is of the prompt's forward pass (step 0); at a
@@ -268,6 +332,9 @@ class Generator(Tracer):
         # (an encoder-decoder model's decoder starts from its own ids: its token
         # dimension grows from their length, or keys of a cache from it)
         lengths = {ids.shape[-1]}
+        past = past_length({**self._generate_kwargs, **kwargs}, None)
+        if 0 < past < ids.shape[-1]:  # (step 0 computes the tokens after a cache's)
+            lengths.add(ids.shape[-1] - past)
         decoder_ids = self._first_decoder_ids(kwargs)
         if decoder_ids is not None:
             lengths.add(decoder_ids.shape[-1])
@@ -358,6 +425,39 @@ class Generator(Tracer):
             f"it has already called what was given to it ({objects}), which would see "
             f"the generation twice. Pass backend=\"hooks\" to lm.generate(...)",
             self._line))
+
+
+def _after_the_cache(kwargs: dict, generate_kwargs: dict) -> dict:
+    """A decoder-only model's first-step ``kwargs`` where a cache is given to ``generate``
+    (``past_key_values=`` / ``cache=``, holding the first ``past`` tokens of the ids it
+    takes): the cache, and the ids (and their positions, token types) after its tokens, as
+    ``generate`` gives them; the mask covers both. Without it, step 0 would be taken for a
+    forward pass of the whole sequence (a shape read ``past`` tokens longer, silently)."""
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return kwargs
+    given = {**generate_kwargs, **kwargs}
+    past = past_length(given, None)
+    mask = kwargs.get("attention_mask")
+    if not 0 < past < ids.shape[1] or (isinstance(mask, torch.Tensor) and
+                                       mask.shape[-1] != ids.shape[1]):
+        return kwargs  # (no cache, or these are the ids after it already)
+    name = next(name for name in CACHE_KEYWORDS if name in given)
+    kwargs = {**kwargs, name: given[name]}
+    for key, value in kwargs.items():
+        if key != "attention_mask" and isinstance(value, torch.Tensor) and \
+                value.dim() == 2 and value.shape == ids.shape:
+            kwargs[key] = value[:, past:]
+    return kwargs
+
+
+def _takes_logits_to_keep(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward takes ``logits_to_keep`` (as transformers' ``generate``
+    asks, to pass it)."""
+    try:
+        return "logits_to_keep" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _with_static_cache(module: torch.nn.Module, inputs: dict, options: dict,

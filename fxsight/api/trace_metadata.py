@@ -237,8 +237,10 @@ def _check_token_reads(values: dict, reads: list[tuple[Node, int, Any]],
         raise TokenIndexError(at_line(
             f"token indexing counts positions of dimension 1 from each prompt's first "
             f"token and needs {extent} of them here, but this value's dimension 1 has only "
-            f"{shape[1]} (shape {shape}; a forward given `logits_to_keep` "
-            f"returns the last positions only): index it directly (e.g. [:, -1])", line))
+            f"{shape[1]} (shape {shape}; a forward given `logits_to_keep` returns the "
+            f"last positions only, as lm.generate's steps are given 1: one position per "
+            f"step; in lm.generate with a cache, step 0 holds the tokens after the "
+            f"cache's): index it directly (e.g. [:, -1])", line))
 
 
 def _doubtful(meta: Any, length: int) -> bool:
