@@ -28,7 +28,7 @@ _VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = \
 
 def check_tokens_follow(tracer: Any, args: tuple, kwargs: dict, rows: dict[Any, Rows],
                         values: dict, needed: set[Node], source: Any) -> None:
-    """(Called holding the model's lock.) A value indexed by ``.token`` whose dimension 1 is as long as the input's tokens
+    """A value indexed by ``.token`` whose dimension 1 is as long as the input's tokens
     may still hold something else there: attention weights ``(batch, heads, q, k)`` or a
     ``(batch, heads, head_dim)`` value with as many heads as tokens, a pooled
     ``(batch, hidden)``. Its shapes are walked again for an input one token longer (a
@@ -37,7 +37,7 @@ def check_tokens_follow(tracer: Any, args: tuple, kwargs: dict, rows: dict[Any, 
     neither walk runs (the model fails on another length, the recorded lines fit this
     one alone), naming why. The verdicts are kept per (``source``: the shapes of these
     inputs, the Program's structure, its rows and reads), so a trace that repeats
-    another walks nothing more."""
+    another walks nothing more. Called holding the model's lock (``fxsight.locks``)."""
     ids = kwargs.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         return
