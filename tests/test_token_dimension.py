@@ -2,8 +2,11 @@
 each prompt's first real token). On a value whose dimension 1 is something else (attention
 weights ``(batch, heads, q, k)``, a transposed hidden state ``(batch, hidden, t)``, a pooled
 ``(batch, hidden)``) it would pick along that dimension wherever the index is in range: it is
-refused before the run, naming the line and the shape. The legitimate cases (hidden states,
-a module's input, logits) give what plain forward hooks on the same model give.
+refused before the run, naming the line and the shape; so is one whose dimension 1 is as
+long as the tokens without following the input's length (as many heads as tokens), found by
+walking the shapes of an input one token longer or shorter, and one where neither walk runs.
+The legitimate cases (hidden states, a module's input, logits) give what plain forward hooks
+on the same model give.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxsight import LanguageModel, TokenIndexError
+from fxsight import LanguageModel, TokenIndexError, TraceError
 from models import tiny_gpt2, train_tokenizer
 
 BACKENDS = ["fx", "hooks"]
@@ -133,3 +136,137 @@ def test_token_index_of_as_many_heads_as_tokens_is_refused(tokenizer, backend):
         if row == 0:  # (the longest prompt: no padding among its keys)
             torch.testing.assert_close(weights[row], got["weights"][0, :, -1], atol=1e-5,
                                        rtol=0)
+
+
+def _heads_as_tokens(tokenizer):
+    """A GPT-2 of 4 heads (head size 8) and the prompts it is given, the longest 4 tokens."""
+    torch.manual_seed(0)
+    model = tiny_gpt2(vocab_size=len(tokenizer), n_embd=32, n_head=4, n_layer=1)
+    model.config._attn_implementation = "eager"
+    prompts = ["Hi there", "Hi"]
+    assert len(tokenizer(prompts[0])["input_ids"]) == 4
+    return model, prompts
+
+
+def _per_head(lm, form):
+    """A ``(batch, heads, head_dim)`` value of 4 heads, as long as the prompts' 4 tokens."""
+    block = lm.transformer.h[0]
+    if form == "pooled":  # pooled over the tokens, then split into heads
+        return block.output.mean(1).unflatten(-1, (4, 8))
+    return block.attn.output[0][:, -1].unflatten(-1, (4, 8))  # the last token's, per head
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["pooled", "last token"])
+@pytest.mark.parametrize("key", ["[-1]", "[0]", "[-2:]", "[0] = 0"])
+def test_token_index_of_a_value_per_head_is_refused(tokenizer, backend, form, key):
+    """(was: ``.token[-1]`` of a ``(2, 4, 8)`` value, 4 heads of 8 for prompts of 4 tokens,
+    picked the last head, silently: dimension 1 was taken for the tokens because no other
+    dimension was as long)"""
+    model, prompts = _heads_as_tokens(tokenizer)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    before = _traces()
+    with pytest.raises(TokenIndexError, match=r"\(2, 4, 8\)(.|\n)*does not grow"):
+        with torch.no_grad(), lm.trace(prompts, backend=backend):
+            value = _per_head(lm, form)
+            if key == "[0] = 0":
+                value.token[0] = 0
+            else:
+                {"[-1]": lambda: value.token[-1], "[0]": lambda: value.token[0],
+                 "[-2:]": lambda: value.token[-2:]}[key]().save()
+    assert _traces() == before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_index_where_no_other_length_runs_is_refused(tokenizer, backend):
+    """Lines that fit the prompts' length alone (a bias of 4 x 4 added to the weights): the
+    shapes of another length cannot be walked, so whether dimension 1 is the tokens is not
+    known (was: the attention weights plus the bias, ``(2, 4, 4, 4)``, indexed as tokens:
+    ``.token[-1]`` the last head)"""
+    model, prompts = _heads_as_tokens(tokenizer)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    before = _traces()
+    with pytest.raises(TokenIndexError, match=r"\(2, 4, 4, 4\)(.|\n)*cannot tell(.|\n)*"
+                                              r"one token longer(.|\n)*the line named"):
+        with torch.no_grad(), lm.trace(prompts, output_attentions=True, backend=backend):
+            weights = lm.transformer.h[0].attn.output[1] + torch.zeros(4, 4)
+            weights.token[-1].save()  # the line named
+    assert _traces() == before
+
+
+def _bert(tokenizer, positions: int):
+    from transformers import BertConfig, BertModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertModel(BertConfig(
+            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+            num_attention_heads=4, intermediate_size=64, max_position_embeddings=positions,
+            pad_token_id=0))
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_index_where_a_longer_input_cannot_run(tokenizer, backend):
+    """A BERT with as many positions as the prompts' 4 tokens: its forward fails on an input
+    one token longer (its position ids are a buffer of 4), so that scan cannot tell the 4
+    heads from the tokens; one token shorter does (was: the attention weights
+    ``(2, 4, 4, 4)`` indexed as tokens, ``.token[-1]`` the last head, silently)"""
+    model = _bert(tokenizer, 4)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    prompts = ["Hi there", "Hi there"]
+    assert len(tokenizer(prompts[0])["input_ids"]) == 4
+    before = _traces()
+    with pytest.raises(TokenIndexError, match=r"\(2, 4, 4, 4\)(.|\n)*does not grow"):
+        with torch.no_grad(), lm.trace(prompts, output_attentions=True, backend=backend):
+            lm.encoder.layer[0].attention.self.output[1].token[-1].save()
+    assert _traces() == before
+    # its hidden states are the tokens: as forward hooks see them, each prompt alone
+    with torch.no_grad(), lm.trace(prompts, backend=backend):
+        last = lm.encoder.layer[0].output.token[-1].save()
+        first = lm.encoder.layer[0].output.token[0].save()
+    got = {}
+    handle = model.encoder.layer[0].register_forward_hook(
+        lambda m, a, o: got.__setitem__("out", o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            model(**tokenizer(prompts[0], return_tensors="pt"))
+    finally:
+        handle.remove()
+    for row in range(2):
+        torch.testing.assert_close(last[row], got["out"][0, -1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(first[row], got["out"][0, 0], atol=1e-5, rtol=0)
+
+
+def test_token_slice_of_different_counts_names_the_slice(model, tokenizer):
+    """(was: named ``1:3:``, a slice with an empty step)"""
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with pytest.raises(TraceError, match=r"token slice 1:3 selects a different number of "
+                                         r"tokens(.|\n)*\(2, 1\)"):
+        with torch.no_grad(), lm.trace(["Hi there", "Hi"]):
+            lm.transformer.h[0].output.token[1:3].save()
+    with pytest.raises(TraceError, match=r"token slice ::2 selects"):
+        with torch.no_grad(), lm.trace(["Hi there", "Hi"]):
+            lm.transformer.h[0].output.token[::2].save()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_repeated_trace_walks_no_other_length(tokenizer, backend, monkeypatch):
+    """Whether dimension 1 follows the input's length is walked once per input layout and
+    Program: a trace that repeats another (the same lines, inputs of the same shapes) scans
+    and walks no other length again, and gives what hooks give"""
+    import fxsight.api.token_dimension as token_dimension
+    scans = []
+    real = token_dimension.cached_scan
+    monkeypatch.setattr(token_dimension, "cached_scan",
+                        lambda *args: scans.append(args) or real(*args))
+    torch.manual_seed(0)
+    model = tiny_gpt2(vocab_size=len(tokenizer), n_embd=32, n_head=2, n_layer=1).eval()
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    for _ in range(3):
+        with torch.no_grad(), lm.trace(PROMPTS, backend=backend):
+            last = lm.transformer.h[0].output.token[-1].save()
+    assert len(scans) == 1
+    for row, prompt in enumerate(PROMPTS):
+        want = _hooked(model, tokenizer, prompt)["block"]
+        torch.testing.assert_close(last[row], want[0, -1], atol=1e-5, rtol=0)

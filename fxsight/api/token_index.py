@@ -158,4 +158,6 @@ def _static_key(negative: Any, from_start: bool = False) -> Any:
 
 
 def _show(key: slice) -> str:
-    return ":".join("" if v is None else str(v) for v in (key.start, key.stop, key.step))
+    """A slice as it is written (``1:3``, ``::2``)."""
+    parts = (key.start, key.stop) if key.step is None else (key.start, key.stop, key.step)
+    return ":".join("" if v is None else str(v) for v in parts)

@@ -13,15 +13,15 @@ from typing import Any
 
 import torch
 
-from ..errors import TokenIndexError, TraceError, at_line, user_line
+from ..errors import TraceError, at_line, user_line
 from ..locks import model_lock
 from ..record.program import Node
 from ..record.sites import OUTPUT, is_operation
 from ..capture.operations import spec_for
-from ..capture.scan import cached_scan
 from ..run.forward import metadata_source, run_source
 from ..splice.rows import Rows
 from ..splice.meta_walker import MetaWalker, UnknownMeta
+from .token_dimension import check_token_reads, check_tokens_follow
 
 
 class TraceMetadata:
@@ -122,8 +122,9 @@ class TraceMetadata:
         with model_lock(self.model._module):
             walker = MetaWalker(self.program, rows, self._metadata_source(args, kwargs))
             walker.run([node for node in self.program.nodes if node in needed])
-        _check_token_reads(walker.values, self._token_reads, kwargs)
-        self._check_tokens_follow(args, kwargs, rows, walker.values, needed)
+            check_token_reads(walker.values, self._token_reads, kwargs)
+            check_tokens_follow(self, args, kwargs, rows, walker.values, needed,
+                                walker.source)
         for node, dims, seen, line in shapes_read:
             meta = walker.values.get(node)
             if not isinstance(meta, torch.Tensor):
@@ -141,44 +142,6 @@ class TraceMetadata:
                     f"value is {batched}: the invokes' prompts are {how} "
                     f"`h.token[i]`; read a dimension padding does not change with "
                     f"`h.size(-1)`", line))
-
-    def _check_tokens_follow(self, args: tuple, kwargs: dict, rows: dict[Any, Rows],
-                             values: dict, needed: set[Node]) -> None:
-        """A value indexed by ``.token`` whose dimension 1 is as long as the input's tokens
-        and so is another of its dimensions (attention weights ``(batch, heads, q, k)``
-        with as many heads as tokens; a transposed ``(batch, hidden, t)``), or which has
-        two dimensions (``(batch, hidden)`` pooled), may hold the tokens elsewhere: its
-        shapes are walked again for an input one token longer (a fake-tensor scan), and
-        where its dimension 1 does not grow with it, refused naming the line. Where that
-        scan cannot run, the value is taken as it is (see docs/porting.md)."""
-        ids = kwargs.get("input_ids")
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-            return
-        length = ids.shape[1]
-        doubtful = [(node, line) for node, _, line in self._token_reads
-                    if _doubtful(values.get(node), length)]
-        if not doubtful:
-            return
-        longer = _one_token_longer(kwargs, ids)
-        try:  # (a Program the longer input does not fit, a model it fails: can't tell)
-            with model_lock(self.model._module):
-                source = cached_scan(self.model._module, args, longer, self._operations())
-                walker = MetaWalker(self.program, rows, source)
-                walker.run([node for node in self.program.nodes if node in needed])
-        except Exception:  # noqa: BLE001 (a value not checked is as before: documented)
-            return
-        for node, line in doubtful:
-            meta = walker.values.get(node)
-            if isinstance(meta, torch.Tensor) and meta.dim() >= 2 and \
-                    meta.shape[1] == length + 1:
-                continue
-            shape = tuple(values[node].shape)
-            raise TokenIndexError(at_line(
-                f"token indexing indexes dimension 1 as the prompts' token dimension, but "
-                f"this value's shape is {shape}: its dimension 1 is as long as the input's "
-                f"{length} tokens without being them (it does not grow with the input; "
-                f"attention weights are (batch, heads, query, key)). Index the dimension "
-                f"meant directly (e.g. weights[:, :, -1])", line))
 
     def _calls_of(self, nodes: list[Node], line: Any) -> int:
         """How many times the modules ``nodes`` read and write are called in one forward
@@ -204,80 +167,6 @@ class TraceMetadata:
                 source = self._metadata_source(args, kwargs)
             self._paths_run = {site.path for site in source.events}
         return self._paths_run
-
-
-def _check_token_reads(values: dict, reads: list[tuple[Node, int, Any]],
-                       kwargs: dict) -> None:
-    """``value.token[i]`` indexes dimension 1 as the prompts' token dimension, from its end
-    (from its start where the rows are right-padded), as far as the prompts' padded
-    length. Refused before the run, naming the line:
-    a value whose dimension 1 is not as long as the input's tokens (attention weights
-    ``(batch, heads, q, k)``, a transposed or pooled value), which would pick along that
-    dimension wherever the index is in range; and the logits of a forward given
-    ``logits_to_keep``, which hold the last positions only, indexed further back (was: an
-    IndexError from inside the run, naming no line)."""
-    ids = kwargs.get("input_ids")
-    length = ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() > 0 else None
-    kept = _kept_logits(kwargs, length)
-    for node, extent, line in reads:
-        meta = values.get(node)
-        if not isinstance(meta, torch.Tensor):
-            continue
-        shape = tuple(meta.shape)
-        if length is not None and (meta.dim() < 2 or shape[1] not in (length, kept)):
-            found = f"has {shape[1]}" if meta.dim() >= 2 else "does not exist"
-            raise TokenIndexError(at_line(
-                f"token indexing indexes dimension 1 as the prompts' token dimension, but "
-                f"this value's shape is {shape}: its dimension 1 {found}, not the input's "
-                f"{length} tokens (attention weights are (batch, heads, query, key); a "
-                f"transposed or pooled value has no token dimension 1). Index the dimension "
-                f"meant directly (e.g. weights[:, :, -1])", line))
-        if meta.dim() < 2 or shape[1] >= extent:
-            continue
-        raise TokenIndexError(at_line(
-            f"token indexing counts positions of dimension 1 from each prompt's first "
-            f"token and needs {extent} of them here, but this value's dimension 1 has only "
-            f"{shape[1]} (shape {shape}; a forward given `logits_to_keep` returns the "
-            f"last positions only, as lm.generate's steps are given 1: one position per "
-            f"step; in lm.generate with a cache, step 0 holds the tokens after the "
-            f"cache's): index it directly (e.g. [:, -1])", line))
-
-
-def _doubtful(meta: Any, length: int) -> bool:
-    """Whether a value whose dimension 1 is as long as the tokens may hold them elsewhere:
-    another of its dimensions is as long, or it has only two."""
-    return isinstance(meta, torch.Tensor) and meta.dim() >= 2 and meta.shape[1] == length \
-        and (meta.dim() == 2 or length in tuple(meta.shape[2:]))
-
-
-def _one_token_longer(kwargs: dict, ids: torch.Tensor) -> dict:
-    """``kwargs`` with one more token: every tensor of the input's rows and tokens (ids,
-    a 2-D mask, also one that covers a cache's tokens first, positions, labels) repeats
-    its last column, ``cache_position`` goes on by one; a decoder's own tokens are left as
-    they are."""
-    longer = dict(kwargs)
-    positions = kwargs.get("cache_position")
-    if isinstance(positions, torch.Tensor) and positions.dim() == 1 and \
-            positions.shape[0] == ids.shape[1]:
-        longer["cache_position"] = torch.cat([positions, positions[-1:] + 1])
-    for key, value in kwargs.items():
-        if not isinstance(value, torch.Tensor) or value.dim() < 2 or \
-                key.startswith("decoder_") or value.shape[0] != ids.shape[0]:
-            continue
-        if value.shape[1] == ids.shape[1] or (key == "attention_mask" and value.dim() == 2):
-            longer[key] = torch.cat([value, value[:, -1:]], dim=1)
-    return longer
-
-
-def _kept_logits(kwargs: dict, length: int | None) -> int | None:
-    """How many last positions the logits hold where the forward is given
-    ``logits_to_keep`` (an int, fewer than the input's tokens), else ``None``."""
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        keep = kwargs.get(name)
-        if isinstance(keep, int) and not isinstance(keep, bool) and keep > 0 and \
-                (length is None or keep < length):
-            return keep
-    return None
 
 
 # the dimensions of a value a metadata question reads (``None``: all of them); a question
