@@ -277,8 +277,10 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         # ids they belong to: re-laid out with them (in generate, a right-padded row rolled
         # to the left)
         value, kwargs = with_token_keywords(args[0], kwargs, where, line)
-        # a cache passed in to a forward pass: the mask covers its past tokens too
-        past = 0 if _generating(invoke) else past_length(kwargs, value)
+        # a cache passed in to a forward pass: the mask covers its past tokens too (an
+        # encoder-decoder's cache holds its decoder's tokens: the mask is the encoder's)
+        past = 0 if _generating(invoke) or self._encoder_decoder() else \
+            past_length(kwargs, value)
         value, past_mask = split_past_mask(value, past, where, line)
         ids, mask, extras, facts = self._encode(value, where, line,
                                                 self._tokenizer_options(kwargs),

@@ -35,8 +35,13 @@ def mask_unread(module: torch.nn.Module, source: Any, args: tuple, kwargs: dict,
     ``mask`` (its ``attention_mask``), ``None`` where they are. ``source``: the capture or
     scan of that forward (its ``input_reads``). Raises :class:`UnknownReads` where a forward
     pass the check needs cannot run."""
+    if _encoder_decoder(module) and kwargs.get("encoder_outputs") is not None:
+        # (the encoder's states given are returned as they are: the caller's, not computed
+        # from the mask; the decoder's values must be)
+        return source.input_reads.rows_unread(_index(args, kwargs, mask),
+                                              ignoring=(_ENCODER_STATES,))
     reason = source.input_reads.rows_unread(_index(args, kwargs, mask))
-    if reason is not None or not _encoder_decoder(module) or "encoder_outputs" in kwargs:
+    if reason is not None or not _encoder_decoder(module):
         return reason
     return _decoder_unread(module, args, kwargs, mask)
 
