@@ -10,7 +10,7 @@ import torch
 from transformers import (BartConfig, BartForConditionalGeneration, T5Config,
                           T5ForConditionalGeneration)
 
-from fxsight import LanguageModel
+from fxsight import LanguageModel, TraceError
 
 _A, _B = [5, 6, 7, 8, 9, 10], [12, 13, 14]  # 6 and 3 tokens
 _DECODER = [[2, 5, 7]]
@@ -207,3 +207,105 @@ def test_token_of_a_decoder_value_counts_the_decoders_own_tokens(backend):
             expected = model(torch.tensor([ids])).logits
         torch.testing.assert_close(last, expected[:, -1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(first, expected[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def _right_padded_batch(model):
+    """``(input_ids, attention_mask)`` of ``_A`` and ``_B`` right-padded to one width."""
+    pad = model.config.pad_token_id
+    ids = torch.tensor([_A, _B + [pad] * (len(_A) - len(_B))])
+    mask = torch.tensor([[1] * len(_A), [1] * len(_B) + [0] * (len(_A) - len(_B))])
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", ["bart", "t5"])
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_cache_passed_in_holds_the_decoders_tokens(name, backend):
+    """A cache passed in (``past_key_values=``, from a forward of the decoder's first
+    tokens) continues the decoder: the input's mask stays the encoder's, right-padded or
+    not, with the encoder's outputs given too and in invokes of different lengths; each
+    row's logits are the plain forward's of the whole decoder on the same batch and its
+    prompt's alone (was: the mask got the cache's decoder tokens as columns before the
+    encoder's input: the fx capture failed, a padded batch was refused as unknown)."""
+    model = _model(name)
+    lm = LanguageModel(model)
+    decoder, following = torch.tensor(_DECODER * 2), torch.tensor([[3], [4]])
+    whole = torch.cat([decoder, following], 1)
+    for ids, mask in (_right_padded_batch(model), (torch.tensor([_A, _A[::-1]]), None)):
+        inputs = {"input_ids": ids} if mask is None else {"input_ids": ids,
+                                                          "attention_mask": mask}
+
+        def cache():
+            with torch.no_grad():
+                return model(**inputs, decoder_input_ids=decoder,
+                             use_cache=True).past_key_values
+        with torch.no_grad():
+            expected = model(**inputs, decoder_input_ids=whole).logits[:, -1:]
+            encoded = model.get_encoder()(**inputs)
+        for extra in ({}, {"encoder_outputs": encoded}):
+            with torch.no_grad(), lm.trace(**inputs, decoder_input_ids=following,
+                                           past_key_values=cache(), backend=backend,
+                                           **extra):
+                logits = lm.output.logits.save()
+                last = lm.output.logits.token[-1].save()
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(last, expected[:, -1], rtol=1e-5, atol=1e-5)
+    ids, mask = _right_padded_batch(model)
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder,
+                      use_cache=True).past_key_values
+    with torch.no_grad(), lm.trace(past_key_values=cache, backend=backend) as tracer:
+        saved = []
+        for row, prompt in enumerate((_A, _B)):
+            with tracer.invoke(prompt, decoder_input_ids=following[row:row + 1]):
+                saved.append(lm.output.logits.save())
+    for row, prompt in enumerate((_A, _B)):
+        with torch.no_grad():
+            alone = model(torch.tensor([prompt]), decoder_input_ids=whole[row:row + 1]).logits
+        torch.testing.assert_close(saved[row], alone[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bart", "t5"])
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_encoder_outputs_given_beside_a_right_padded_input(name, backend):
+    """The encoder's outputs given (``encoder_outputs=``) beside a right-padded input and
+    its mask: the logits (and ``.token[-1]``) are the plain forward's on the same batch,
+    each row its prompt's alone (was: refused, the given encoder states taken for ones
+    the model computes without the mask)."""
+    model = _model(name)
+    lm = LanguageModel(model)
+    ids, mask = _right_padded_batch(model)
+    decoder = torch.tensor(_DECODER * 2)
+    with torch.no_grad():
+        encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
+        plain = model(attention_mask=mask, encoder_outputs=encoded,
+                      decoder_input_ids=decoder).logits
+    with torch.no_grad(), lm.trace(input_ids=ids, attention_mask=mask, encoder_outputs=encoded,
+                                   decoder_input_ids=decoder, backend=backend):
+        logits, last = lm.output.logits.save(), lm.output.logits.token[-1].save()
+    torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, plain[:, -1], rtol=1e-5, atol=1e-5)
+    for row, prompt in enumerate((_A, _B)):
+        torch.testing.assert_close(logits[row:row + 1], _alone(model, prompt)[0], rtol=1e-5,
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("given", ["decoder_input_ids", "labels", "encoder_outputs"])
+def test_invokes_of_other_decoder_lengths_are_refused(given):
+    """Invokes whose decoder's tokens (``decoder_input_ids``, ``labels``) or encoder's
+    outputs differ in length are refused before the run, naming the keyword and the line
+    (their rows are not padded); the message shows shapes, not the tensors' values."""
+    model = _model("bart")
+    lm = LanguageModel(model)
+
+    def value(prompt, decoder):
+        if given != "encoder_outputs":
+            return torch.tensor([decoder])
+        with torch.no_grad():
+            return model.get_encoder()(input_ids=torch.tensor([prompt]))
+    with pytest.raises(TraceError, match=rf"disagree on '{given}'") as info:
+        with lm.trace() as tracer:
+            with tracer.invoke(_A, **{given: value(_A, [5, 7, 9])}):
+                pass
+            with tracer.invoke(_B, **{given: value(_B, [5, 7])}):  # the line
+                lm.output.save()
+    assert "# the line" in str(info.value) and "tensor(" not in str(info.value)

@@ -15,7 +15,8 @@ and explicit ``position_ids`` (attention mask cumulative sum, as transformers' `
 does), so each row computes what it computes alone. An input given with its own
 ``attention_mask`` keeps its layout in a trace (a right-padded row stays right-padded, its
 positions counted from the mask, so ``logits[i, lengths[i] - 1]`` is row ``i``'s last
-token); shorter invokes get left pads before it. In ``generate`` a right-padded mask is
+token, and its pads' positions going on as the plain forward's do); shorter invokes get
+left pads before it. In ``generate`` a right-padded mask is
 re-packed to the left (its rows rolled so that the last real token is last). An
 encoder-decoder's input is right-padded instead, and keeps a mask's padding: its encoder
 may place tokens by index (BART's learned positions take no ``position_ids``).
@@ -276,8 +277,10 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         # ids they belong to: re-laid out with them (in generate, a right-padded row rolled
         # to the left)
         value, kwargs = with_token_keywords(args[0], kwargs, where, line)
-        # a cache passed in to a forward pass: the mask covers its past tokens too
-        past = 0 if _generating(invoke) else past_length(kwargs, value)
+        # a cache passed in to a forward pass: the mask covers its past tokens too (an
+        # encoder-decoder's cache holds its decoder's tokens: the mask is the encoder's)
+        past = 0 if _generating(invoke) or self._encoder_decoder() else \
+            past_length(kwargs, value)
         value, past_mask = split_past_mask(value, past, where, line)
         ids, mask, extras, facts = self._encode(value, where, line,
                                                 self._tokenizer_options(kwargs),
@@ -374,6 +377,9 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
             return {k: v for k, v in batched.items() if k != "position_ids"}
         parts, explicit = [], False
         first, pad = self._position_layout()
+        # (a right-padded row's pads go on counting where the model's own positions count
+        # columns: transformers' default; a padding_idx's model puts its pads there)
+        trailing = (first, pad) == (0, _PAD_VALUES["position_ids"])
         right = self._pads_right()
         for i, (kw, length) in enumerate(invokes):
             mask = kw["attention_mask"]
@@ -386,8 +392,8 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
                 continue
             # (the positions of the input's own tokens: a mask that covers a cache's past
             # tokens too counts them)
-            auto = real_positions(mask, first, pad)[:, mask.shape[1] -
-                                                     kw["input_ids"].shape[1]:]
+            auto = real_positions(mask, first, pad, trailing)[:, mask.shape[1] -
+                                                               kw["input_ids"].shape[1]:]
             if given is not None and not (made and made[i]) and \
                     not torch.equal(given.to(auto.device), auto):
                 explicit = True

@@ -36,8 +36,12 @@ def mask_unread(module: torch.nn.Module, source: Any, args: tuple, kwargs: dict,
     scan of that forward (its ``input_reads``). Raises :class:`UnknownReads` where a forward
     pass the check needs cannot run."""
     reads, index = source.input_reads, _index(args, kwargs, mask)
+    if _encoder_decoder(module) and kwargs.get("encoder_outputs") is not None:
+        # (the encoder's states given are returned as they are: the caller's, not computed
+        # from the mask; the decoder's values must be)
+        return reads.rows_unread(index, ignoring=(_ENCODER_STATES,))
     reason = reads.rows_unread(index)
-    if reason is None and _encoder_decoder(module) and "encoder_outputs" not in kwargs:
+    if reason is None and _encoder_decoder(module):
         reason = _decoder_unread(module, args, kwargs, mask)
     if reason is not None:
         return reason

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .._torch import pytree
 from ..errors import TraceError, at_line
 from .token_rows import token_aligned
 
@@ -40,9 +41,13 @@ def check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
                 mine.shape[1:] == theirs.shape[1:]:
             continue
         if not same(mine, theirs):
+            decoder = "; an encoder-decoder's decoder tokens and encoder outputs given " \
+                "are not padded: give every invoke as many, or run them in separate " \
+                "traces" if encoder_decoder and (key in ("labels", "encoder_outputs") or
+                                                 key.startswith("decoder_")) else ""
             raise TraceError(at_line(
                 f"invokes #0 and #{index} disagree on {key!r} ({brief(theirs)} vs "
-                f"{brief(mine)}); the invokes of a trace run in one batch", line))
+                f"{brief(mine)}); the invokes of a trace run in one batch{decoder}", line))
 
 
 def with_token_keywords(value: Any, kwargs: dict, where: str, line: str,
@@ -182,8 +187,14 @@ def batch_sized(value: Any, rows: int) -> bool:
 
 
 def brief(value: Any) -> str:
+    """``value`` in a message: a tensor by its shape, a structure of tensors (a model's
+    output given back, ``encoder_outputs=``) by its type and their shapes."""
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
+    leaves = [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+    if leaves:
+        shapes = ", ".join(str(tuple(leaf.shape)) for leaf in leaves)
+        return f"a {type(value).__name__} of tensors of shapes {shapes}"
     return repr(value)
 
 

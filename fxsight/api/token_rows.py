@@ -63,11 +63,19 @@ def row_facts(rows: list[list[int]], pad: int) -> TokenFacts:
     return TokenFacts(low, high, True, False, False, not ragged)
 
 
-def real_positions(mask: torch.Tensor, first: int = 0, pad: int = 1) -> torch.Tensor:
+def real_positions(mask: torch.Tensor, first: int = 0, pad: int = 1,
+                   trailing: bool = False) -> torch.Tensor:
     """Position ids that count real tokens only, from ``first``, and ``pad`` at the pads
-    (by default transformers' ``generate`` convention: from 0, pads at 1)."""
+    (by default transformers' ``generate`` convention: from 0, pads at 1). ``trailing``:
+    the pads after a row's last real token go on counting (as a plain forward's positions
+    of a right-padded row count its columns: its pads' values, and a loss over labels
+    there, are then the plain forward's)."""
     positions = mask.long().cumsum(-1) - 1 + first
-    return positions.masked_fill(mask == 0, pad)
+    counted = positions.masked_fill(mask == 0, pad)
+    if not trailing:
+        return counted
+    after = (mask.flip(-1).cumsum(-1) == 0).flip(-1)  # the pads after the last real token
+    return torch.where(after, positions + after.long().cumsum(-1), counted)
 
 
 def left_pad(value: torch.Tensor, length: int, pad: Any, right: bool = False) -> torch.Tensor:
