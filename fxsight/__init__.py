@@ -14,7 +14,7 @@ from .api.envoy import Envoy
 from .api.functions import apply, save, trace
 from .api.nnsight import NNsight
 from .errors import (CaptureError, ControlFlowError, DataDependentError, FxsightError,
-                     ItemAssignmentError, OrderError, ShapeError, ShapeIndexError,
+                     ItemAssignmentError, InputError, OrderError, ShapeError, ShapeIndexError,
                      TokenIndexError, TraceError)
 from .record.proxy import Proxy
 from .stats import reset_stats, stats
@@ -22,7 +22,7 @@ from .stats import reset_stats, stats
 __all__ = ["NNsight", "LanguageModel", "Envoy", "trace", "save", "apply", "stats", "reset_stats",
            "Proxy", "FxsightError", "TraceError", "OrderError", "ShapeError",
            "ControlFlowError", "CaptureError", "ShapeIndexError", "TokenIndexError",
-           "DataDependentError", "ItemAssignmentError"]
+           "DataDependentError", "ItemAssignmentError", "InputError"]
 
 __version__ = "0.1.0"
 
