@@ -295,3 +295,38 @@ def test_a_trace_leaves_the_model_and_the_envoys_as_they_were(gpt2, tokenizer, b
         assert _envoy_state(lm) == envoys_before, how
         with pytest.raises(TraceError, match="only available inside a trace.*save"):
             lm.transformer.h[0].output  # noqa: B018 - nothing of the trace is left
+
+
+# --- 5. nnsight's module-level helpers -------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nnsights_list_dict_and_log_helpers(gpt2, tokenizer, reference_hooks, backend,
+                                            capsys):
+    """nnsight 0.4's ``nnsight.list().save()``, ``nnsight.dict().save()`` and
+    ``nnsight.log(...)`` (were ``AttributeError: list`` / ``dict`` / ``log``): the
+    containers hold the real values after the block, as plain hooks see them; ``log``
+    prints the real value once the trace has run, as ``tracer.log`` does."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with lm.trace(PROMPT, backend=backend):
+        outs = fxsight.list().save()
+        by_layer = fxsight.dict(first=lm.transformer.h[0].output).save()
+        for layer in lm.transformer.h:
+            outs.append(layer.output)
+        by_layer["last"] = lm.transformer.h[-1].output
+        fxsight.log("logits sum", lm.output.logits.sum())
+    kept = {}
+    hooks = {f"transformer.h.{i}": (lambda i: lambda m, a, o: kept.__setitem__(i, o))(i)
+             for i in range(2)}
+    with reference_hooks(gpt2, hooks=hooks), torch.no_grad():
+        logits = gpt2(tokenizer([PROMPT], return_tensors="pt")["input_ids"]).logits
+    assert isinstance(outs, list) and len(outs) == 2
+    for i in range(2):
+        torch.testing.assert_close(outs[i], kept[i], rtol=0, atol=0)
+    assert set(by_layer) == {"first", "last"} and isinstance(by_layer, dict)
+    torch.testing.assert_close(by_layer["first"], kept[0], rtol=0, atol=0)
+    torch.testing.assert_close(by_layer["last"], kept[1], rtol=0, atol=0)
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith("logits sum tensor(")
+    assert float(printed.split("tensor(")[1].split(")")[0].split(",")[0]) == \
+        pytest.approx(logits.sum().item(), rel=1e-5)
+    with pytest.raises(TraceError, match="inside a trace"):
+        fxsight.list().save()
