@@ -11,18 +11,18 @@ from __future__ import annotations
 from typing import Any
 
 from .api.envoy import Envoy
-from .api.functions import apply, save, trace
+from .api.functions import SavableDict, SavableList, apply, log, save, trace
 from .api.nnsight import NNsight
 from .errors import (CaptureError, ControlFlowError, DataDependentError, FxsightError,
-                     ItemAssignmentError, OrderError, ShapeError, ShapeIndexError,
+                     ItemAssignmentError, InputError, OrderError, ShapeError, ShapeIndexError,
                      TokenIndexError, TraceError)
 from .record.proxy import Proxy
 from .stats import reset_stats, stats
 
-__all__ = ["NNsight", "LanguageModel", "Envoy", "trace", "save", "apply", "stats", "reset_stats",
-           "Proxy", "FxsightError", "TraceError", "OrderError", "ShapeError",
+__all__ = ["NNsight", "LanguageModel", "Envoy", "trace", "save", "apply", "log", "stats",
+           "reset_stats", "Proxy", "FxsightError", "TraceError", "OrderError", "ShapeError",
            "ControlFlowError", "CaptureError", "ShapeIndexError", "TokenIndexError",
-           "DataDependentError", "ItemAssignmentError"]
+           "DataDependentError", "ItemAssignmentError", "InputError"]
 
 __version__ = "0.1.0"
 
@@ -32,4 +32,10 @@ def __getattr__(name: str) -> Any:
     if name == "LanguageModel":
         from .api.language_model import LanguageModel
         return LanguageModel
+    # nnsight 0.4's ``nnsight.list()`` / ``nnsight.dict()`` (not module globals: they would
+    # shadow the builtins in this module)
+    if name == "list":
+        return SavableList
+    if name == "dict":
+        return SavableDict
     raise AttributeError(name)

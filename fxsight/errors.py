@@ -46,6 +46,12 @@ class DataDependentError(TraceError):
     is recorded, so nothing after it could be checked or placed in the graph."""
 
 
+class InputError(TraceError, ValueError):
+    """A run with nothing to run on (``model.trace(trace=False)`` without inputs, a trace
+    with no invoke), or an input that cannot be read as the model's (a list of word lists
+    without ``is_split_into_words=True``): nnsight raises ValueError."""
+
+
 class ItemAssignmentError(TraceError, TypeError):
     """An item assigned into a traced value that cannot take one (a tuple output): Python
     raises TypeError."""
@@ -167,6 +173,16 @@ EDIT_CALL_HINT = (
     "an edit's calls do not choose decoding steps (nnsight counts them over the steps); "
     "write the step loop in the `with lm.generate(...)` block (`for step in "
     "tracer.iter[...]:`)")
+
+
+def outside_a_trace(label: str, what: str) -> str:
+    """The message of ``label.what`` (``model.transformer.h.0.output``) used outside a
+    trace: where it is read, how to keep it for after the block (nothing of a trace is
+    left on the model or its envoys)."""
+    keep = (f"; to use it after the block, save it inside: `value = {label}.{what}.save()` "
+            f"(a tensor once the block ends)") if what in ("output", "input", "inputs") \
+        else ""
+    return f"{label}.{what} is only available inside a trace (`with model.trace(...):`){keep}"
 
 
 def at_line(message: str, line: str | None) -> str:

@@ -1,11 +1,17 @@
 """What the caller does with the value a call returns, read from its bytecode: nnsight's
 forms that differ only there (``with model.edit() as (tracer, edited):``, and
-``ids = lm.generate(...)`` without a ``with``)."""
+``ids = lm.generate(...)`` without a ``with``), and calls that are no context managers
+refused in a ``with`` before they run."""
 
 from __future__ import annotations
 
 import dis
+import os
 from types import FrameType
+
+from ..errors import TraceError, at_line, user_line
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # the instruction a ``with`` statement runs on its context manager's value (3.11 - 3.13;
 # from 3.14 ``LOAD_SPECIAL``, after a ``COPY`` of the value)
@@ -51,3 +57,14 @@ def is_with_statement(frame: FrameType) -> bool:
                 return following is not None and following.opname == "LOAD_SPECIAL"
             return instruction.opname in _WITH
     return False
+
+
+def refuse_in_with(frame: FrameType, call: str, what: str, instead: str) -> None:
+    """Raise a ``TraceError`` before ``call`` runs where its value is, for certain, the
+    context manager of a ``with`` statement in ``frame`` (the caller's; fxsight's own calls
+    are not checked): ``what`` it returns is no context manager, so the statement would
+    fail only after the call ran (the model, a move). ``instead``: what to write."""
+    if not frame.f_code.co_filename.startswith(_PACKAGE_DIR) and is_with_statement(frame):
+        raise TraceError(at_line(
+            f"`with {call}`: {call} is no context manager to use in a with statement (it "
+            f"returns {what}, after running); {instead}", user_line()))

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
+import sys
 import warnings
+from types import MethodType
 from typing import Any, Callable, Iterator
 
 import torch
 
 from ..capture.events import module_paths
 from ..capture.module_tree import ModuleTree
-from ..errors import TraceError, at_line, user_line, user_stacklevel
+from ..errors import TraceError, at_line, outside_a_trace, user_line, user_stacklevel
 from ..record.active import current_tracer
 from ..record.program import HookedCall, ModuleCall, own_rows
 from ..record.proxy import Proxy
@@ -18,6 +22,7 @@ from ..record.recorder import Recorder
 from ..record.sites import INPUT, OUTPUT, Site, module_label
 from ..capture.operations import innermost
 from .aliases import resolve
+from .call_site import refuse_in_with
 from .envoy_classes import class_for
 from .source import source_of
 
@@ -113,7 +118,7 @@ class Envoy:
         if aliased is not None:
             return aliased
         try:
-            return getattr(module, name)
+            value = getattr(module, name)
         except AttributeError:
             hint = _NNSIGHT_ENVOY_METHODS.get(name)
             hint = f"; {hint}" if hint else \
@@ -124,6 +129,10 @@ class Envoy:
             raise AttributeError(at_line(
                 f"{module_label(self._path)} ({type(module).__name__}) has no submodule or "
                 f"attribute {name!r}{hint}", user_line())) from None
+        if type(value) is MethodType and value.__self__ is module and \
+                not _gives_context(value.__func__):
+            return _refused_in_with(value, f"{module_label(self._path)}.{name}")
+        return value
 
     def _aliased(self, name: str) -> "Envoy | None":
         """The envoy a ``rename=`` alias stands for here (its real path), or None."""
@@ -193,6 +202,8 @@ class Envoy:
         own tree first), then this one's; only those ``include_fn(envoy)`` accepts; with
         ``names=True``, ``(path, envoy)`` pairs. (``envoy._module.modules()`` gives the
         torch modules.)"""
+        refuse_in_with(sys._getframe(1), "model.modules()", "a list",
+                       "call it without a with")
         found: list = []
         for child in self:
             found.extend(child.modules(include_fn=include_fn, names=names))
@@ -204,6 +215,8 @@ class Envoy:
         """nnsight's ``model.get("transformer.h.0.mlp")``: the envoy at a dotted path from
         this one; inside a trace, a path ending in an accessor (``"...mlp.output"``) is
         that value."""
+        refuse_in_with(sys._getframe(1), "model.get(...)", "an envoy or a value",
+                       "call it without a with")
         value: Any = self
         for part in path.split("."):
             value = getattr(value, part)
@@ -211,6 +224,8 @@ class Envoy:
 
     def named_modules(self, include_fn: Callable[["Envoy"], bool] | None = None) -> list:
         """``(path, envoy)`` of each envoy of this module's tree (see :meth:`modules`)."""
+        refuse_in_with(sys._getframe(1), "model.named_modules()", "a list",
+                       "call it without a with")
         return self.modules(include_fn=include_fn, names=True)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -275,9 +290,8 @@ class Envoy:
         """The innermost open trace of this model (raises outside one)."""
         tracer = current_tracer(self._root)
         if tracer is None:
-            raise TraceError(at_line(
-                f"{module_label(self._path)}.{what} is only available inside a trace "
-                f"(`with model.trace(...):`)", user_line()))
+            raise TraceError(at_line(outside_a_trace(module_label(self._path), what),
+                                     user_line()))
         return tracer
 
     def _recorder(self, what: str) -> Recorder:
@@ -399,6 +413,9 @@ class Envoy:
         tracer = current_tracer(self._root)
         traced = any(isinstance(a, Proxy) for a in (*args, *kwargs.values()))
         if tracer is None or not traced:
+            if tracer is None:
+                refuse_in_with(sys._getframe(1), f"{module_label(self._path)}(...)",
+                               "the module's output", _TRACE_INSTEAD)
             return self._module(*args, **kwargs)
         if hook:
             node = tracer.recorder.create_op("call_function",
@@ -408,6 +425,37 @@ class Envoy:
             return node["result"]
         return tracer.recorder.create_op("call_function", ModuleCall(self._module, self._path),
                                          args, kwargs)
+
+
+# what a call refused in a with statement says to write instead
+_TRACE_INSTEAD = ("nnsight traces a method of the model called in a with statement, fxsight "
+                  "traces the model's forward: `with model.trace(inputs):` (or call it "
+                  "without a with)")
+
+
+def _gives_context(function: Any) -> bool:
+    """Whether a method may return a context manager: a generator function (behind
+    ``contextlib.contextmanager``), or one annotated to return a context manager."""
+    function = inspect.unwrap(function)
+    if inspect.isgeneratorfunction(function):
+        return True
+    annotation = getattr(function, "__annotations__", {}).get("return")
+    return annotation is not None and any(
+        word in str(annotation) for word in ("Context", "Generator", "Iterator"))
+
+
+def _refused_in_with(method: MethodType, label: str) -> Callable:
+    """``method`` (of the module, reached through its envoy) that raises a TraceError
+    before it runs where its call is a with statement's context manager."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        refuse_in_with(sys._getframe(1), f"{label}(...)", "what the method returns",
+                       _TRACE_INSTEAD)
+        return method(*args, **kwargs)
+
+    call = functools.wraps(method)(call)
+    call.__self__, call.__func__ = method.__self__, method.__func__  # type: ignore[attr-defined]
+    return call
 
 
 def _hooked_call(tracer: Any, path: str) -> Any:

@@ -1,4 +1,5 @@
-"""nnsight's module-level functions: ``fxsight.trace``, ``fxsight.save``, ``fxsight.apply``."""
+"""nnsight's module-level functions: ``fxsight.trace``, ``fxsight.save``, ``fxsight.apply``,
+``fxsight.log``, ``fxsight.list()`` / ``fxsight.dict()``."""
 
 from __future__ import annotations
 
@@ -53,6 +54,35 @@ def keep(value: Any) -> None:
         raise TraceError(at_line(
             f"fxsight.save() on a {type(value).__name__} keeps it for the traced values put "
             "into it, so it must be called inside a trace or a session", user_line()))
+
+
+class SavableList(list):
+    """nnsight 0.4's ``nnsight.list()`` (``fxsight.list()``): a list with ``.save()``,
+    which is :func:`save` of it (traced values put into it later are real values in it
+    after the block); otherwise a plain list."""
+
+    def save(self) -> "SavableList":
+        """Keep this list with the innermost trace or session (see :func:`save`)."""
+        return save(self)
+
+
+class SavableDict(dict):
+    """nnsight 0.4's ``nnsight.dict()`` (``fxsight.dict()``): a dict with ``.save()``
+    (see :class:`SavableList`)."""
+
+    def save(self) -> "SavableDict":
+        """Keep this dict with the innermost trace or session (see :func:`save`)."""
+        return save(self)
+
+
+def log(*values: Any) -> None:
+    """nnsight's ``nnsight.log(...)``: inside a trace, its ``tracer.log(...)`` (printed
+    once the trace has run, traced values as their real values); outside, ``print``."""
+    tracers = active_tracers()
+    if tracers:
+        tracers[-1].log(*values)
+    else:
+        print(*values)
 
 
 def apply(fn: Callable, *args, **kwargs) -> Any:

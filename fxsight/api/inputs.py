@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .._torch import pytree
-from ..errors import TraceError, at_line
+from ..errors import InputError, TraceError, at_line
 
 # keyword inputs that hold one row per example whenever they are tensors
 BATCH_KEYWORDS = frozenset({
@@ -269,7 +269,7 @@ def batch_size(named: list[tuple[str, Any]], first_positional: bool, where: str,
     given = ", ".join(name for name, _ in named)
     what = f"its inputs ({given}) hold no tensor with a batch dimension" if given else \
         "it passes no input"
-    raise TraceError(at_line(
+    raise InputError(at_line(
         f"{where} has no input: {what}. Pass the model's inputs (positionally or as "
         f"keywords, e.g. input_ids=...); `tracer.invoke()` with nothing in it is a block "
         f"over the whole batch", line))

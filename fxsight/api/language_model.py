@@ -49,15 +49,15 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from ..errors import TraceError, at_line, user_line
+from ..errors import InputError, TraceError, at_line, user_line
 from .edit import seed_tracer
 from .generation import Generator, GeneratorEnvoy
 from .inputs import check_keywords, describe, earlier_invokes, forward_signature
 from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
                             _tokenizer_beside)
-from .nnsight import CLASS_ENVOYS, NNsight, with_invoker_args
+from .nnsight import CLASS_ENVOYS, NNsight, plain_run_in_with, with_invoker_args
 from .padding_checks import PaddingChecks
-from .call_site import entered_by_with
+from .call_site import entered_by_with, refuse_in_with
 from .text_encoding import TOKENIZER_KEYWORDS, TokenEncoding
 from .token_index import TokenIndexer, reads_under
 from .token_inputs import (TOKEN_KEYWORDS, aligned, as_row, batch_sized, check_batchable,
@@ -144,6 +144,8 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         (``input_ids=``, ``attention_mask=``, other tensors: ``**tokenizer(...)``). Loads
         the weights first if they are not loaded yet (so that modules applied inside the
         block, e.g. a logit lens, are the real ones)."""
+        if not kwargs.get("trace", True):
+            plain_run_in_with("trace", sys._getframe(1))  # (before the weights load)
         kwargs = with_invoker_args(kwargs)
         if not inputs:
             inputs, kwargs = keyword_input(kwargs)
@@ -176,6 +178,8 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         """
         if trace is None:  # (nnsight: called without a `with`, it generates at once)
             trace = entered_by_with(sys._getframe(1))
+        elif not trace:
+            plain_run_in_with("generate", sys._getframe(1))
         if "invoker_args" in kwargs:  # (generate's keywords share names with them)
             raise TraceError(at_line(
                 "lm.generate(..., invoker_args=...): keywords for the prompt's tokenization "
@@ -190,8 +194,11 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
                     "(a string, a list of strings, token ids); give the prompt's ids, or "
                     "call the model's own generate for embeddings", user_line()))
         elif len(inputs) == 1:  # lm.generate(ids, attention_mask=mask, max_new_tokens=n)
+            value = inputs[0]
+            if kwargs.pop("is_split_into_words", False):  # (the tokenizer's keyword)
+                value = self._split_words(value, "lm.generate(...)", user_line())
             # (the mask and token types; position_ids and labels go to generate as given)
-            value, kwargs = with_token_keywords(inputs[0], kwargs, "lm.generate(...)",
+            value, kwargs = with_token_keywords(value, kwargs, "lm.generate(...)",
                                                  user_line(), _GENERATETOKEN_KEYWORDS)
             inputs = (value,)
         self.dispatch_model()
@@ -212,6 +219,8 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
 
     def to(self, *args, **kwargs) -> "LanguageModel":
         """Move the model (loading its weights first if needed); returns the wrapper."""
+        refuse_in_with(sys._getframe(1), "model.to(...)",
+                       "the wrapper, after moving the model", "call it on a line of its own")
         self.dispatch_model()
         self._module.to(*args, **kwargs)
         return self
@@ -258,7 +267,7 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
             embeds = "; a language model's inputs are tokens: for inputs_embeds, wrap the " \
                 "model in NNsight(model) and trace it with inputs_embeds=..." \
                 if "inputs_embeds" in kwargs else ""
-            raise TraceError(at_line(
+            raise InputError(at_line(
                 f"{where} has no input: no input_ids{among}. Give a string, a list of "
                 f"strings, token ids or a dict with 'input_ids' (or input_ids=... as a "
                 f"keyword){embeds}", line))

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import functools
 import sys
+from types import FrameType
 from typing import Any
 
 import torch
 
 from .._torch import OptimizedModule, uncompiled
 from ..capture.module_tree import ModuleTree
-from ..errors import TraceError, at_line, user_line
+from ..errors import InputError, TraceError, at_line, user_line
 from ..run.options import CompileOptions, RunOptions
-from .call_site import is_with_statement
+from .call_site import is_with_statement, refuse_in_with
 from .edit import EditTracer, export, seed_tracer
 from .aliases import check, normalize, spellings
 from .envoy import Envoy
@@ -153,6 +154,13 @@ class NNsight(Envoy):
         >>> net.trace(torch.ones(1, 2), trace=False).shape  # a plain forward
         torch.Size([1, 2])
         """
+        if not trace:
+            plain_run_in_with("trace", sys._getframe(1))
+            if not args and not kwargs:
+                raise InputError(at_line(
+                    "model.trace(trace=False) has no input: without a trace it runs the "
+                    "model at once, on the inputs given to it (`model.trace(x, "
+                    "trace=False)`)", user_line()))
         kwargs = with_invoker_args(kwargs)
         options = self._run_options(backend, compile, prune)
         if not trace:
@@ -210,6 +218,8 @@ class NNsight(Envoy):
 
     def clear_edits(self) -> None:
         """Forget every edit of this wrapper (``model.edit(inplace=True)``)."""
+        refuse_in_with(sys._getframe(1), "model.clear_edits()", "None",
+                       "call it on a line of its own")
         object.__setattr__(self, "_edits", [])
 
     def export(self, *args, **kwargs) -> torch.nn.Module:
@@ -225,10 +235,14 @@ class NNsight(Envoy):
         >>> type(plain).__name__, plain(torch.zeros(3, 2)).tolist()
         ('EditedModel', [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
         """
+        refuse_in_with(sys._getframe(1), "model.export(...)", "a plain module",
+                       "call it without a with: `plain = model.export(x)`")
         return export(self, args, kwargs)
 
     def to(self, *args, **kwargs) -> "NNsight":
         """Move the wrapped module; returns the wrapper."""
+        refuse_in_with(sys._getframe(1), "model.to(...)",
+                       "the wrapper, after moving the model", "call it on a line of its own")
         self._module.to(*args, **kwargs)
         return self
 
@@ -362,6 +376,13 @@ def with_invoker_args(kwargs: dict) -> dict:
         raise TypeError(f"{', '.join(map(repr, twice))} given both in invoker_args= and as "
                         f"a keyword of trace()")
     return {**kwargs, **given}
+
+
+def plain_run_in_with(method: str, frame: FrameType) -> None:
+    """Refuse ``with model.<method>(..., trace=False):`` in ``frame`` before it runs."""
+    refuse_in_with(frame, f"model.{method}(..., trace=False)", "the model's output",
+                   f"drop trace=False to trace (`with model.{method}(...):`), or call it "
+                   f"without a with")
 
 
 def _uncompiled(module: torch.nn.Module, compile: Any) -> tuple[torch.nn.Module, Any]:

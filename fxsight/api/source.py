@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ..capture.operations import (SOURCE, Differing, Opaque, Parsed, SourceError, describe,
                                   forward_slot, parse)
-from ..errors import TraceError, at_line, user_line
+from ..errors import TraceError, at_line, outside_a_trace, user_line
 from ..record.active import current_tracer
 from ..record.proxy import Proxy
 from ..record.recorder import Recorder
@@ -112,9 +112,7 @@ class OperationEnvoy:
     def _recorder(self, what: str) -> Recorder:
         tracer = current_tracer(self._source._root)
         if tracer is None:
-            raise TraceError(at_line(
-                f"{self.label}.{what} is only available inside a trace "
-                f"(`with model.trace(...):`)", user_line()))
+            raise TraceError(at_line(outside_a_trace(self.label, what), user_line()))
         hooked = _hooked_call_around(tracer, self._path)
         if hooked is not None:
             prefix, line = hooked

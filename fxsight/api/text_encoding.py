@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..errors import TraceError, at_line
+from ..errors import InputError, TraceError, at_line
 from .inputs import BATCH_KEYWORDS
 from .token_inputs import as_id_tensor, as_row, integer, is_batch_encoding, is_id_row, is_int
 from .token_rows import (roll_rows, row_facts, token_facts, unpadded_facts,
@@ -30,6 +30,12 @@ class TokenEncoding:
         to the left (a decoder-only ``generate`` appends tokens after the last column),
         else a mask given keeps its layout."""
         options = options or {}
+        if options.get("is_split_into_words"):  # words split already: one list a prompt
+            options = {k: v for k, v in options.items() if k != "is_split_into_words"}
+            return self._from_rows(self._tokenize(word_lists(value, where, line), where,
+                                                  line, {**options,
+                                                         "is_split_into_words": True}),
+                                   None, {}, where, line)
         if options and not _is_text(value):
             name = next(iter(options))
             raise TraceError(at_line(
@@ -60,6 +66,14 @@ class TokenEncoding:
                 rows = [[int(t) for t in (v.tolist() if isinstance(v, torch.Tensor) else v)]
                         for v in value]
                 return self._from_rows(rows, None, {}, where, line)
+            if all(isinstance(v, (list, tuple)) and v and all(isinstance(w, str) for w in v)
+                   for v in value):
+                raise InputError(at_line(
+                    f"{where}: a list of lists of strings is a batch of prompts split into "
+                    f"words only with is_split_into_words=True (the tokenizer's keyword: "
+                    f"`trace(words, is_split_into_words=True)`; without it transformers "
+                    f"reads two strings as a pair of texts, and nnsight's tokenizer.pad "
+                    f"refuses strings); or join each list into a string", line))
             kinds = sorted({type(v).__name__ for v in value})
             raise TraceError(at_line(
                 f"{where}: a list input must hold strings, token ids (ints) or lists of "
@@ -67,6 +81,12 @@ class TokenEncoding:
         raise TraceError(at_line(
             f"{where}: cannot use a {type(value).__name__} as a language model input (give a "
             f"string, a list of strings, token ids or a dict with 'input_ids')", line))
+
+    def _split_words(self, value: Any, where: str, line: str) -> list[list[int]]:
+        """The token ids of prompts split into words (``is_split_into_words=True``): a list
+        of words, or a list of such lists; one list of ids a prompt, unpadded."""
+        return self._tokenize(word_lists(value, where, line), where, line,
+                              {"is_split_into_words": True})
 
     def _tokenize(self, prompts: list[str], where: str, line: str,
                   options: dict | None = None) -> list[list[int]]:
@@ -184,7 +204,22 @@ class TokenEncoding:
 
 # keywords of an invoke that are the tokenizer's (as nnsight passes them), where the model's
 # forward does not take them: it would swallow them in its **kwargs and ignore them
-TOKENIZER_KEYWORDS = ("add_special_tokens", "truncation", "max_length")
+TOKENIZER_KEYWORDS = ("add_special_tokens", "truncation", "max_length", "is_split_into_words")
+
+
+def word_lists(value: Any, where: str, line: str) -> list[list[str]]:
+    """``value`` (with ``is_split_into_words=True``) as a list of prompts, each a list of
+    words: a list of words is one prompt."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(w, str) for w in value):
+        return [list(value)]
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (list, tuple)) and v and all(isinstance(w, str) for w in v)
+            for v in value):
+        return [list(v) for v in value]
+    raise InputError(at_line(
+        f"{where}: is_split_into_words=True takes a prompt split into words (a list of "
+        f"strings) or a batch of them (a list of such lists), not a "
+        f"{type(value).__name__}", line))
 
 
 def _is_text(value: Any) -> bool:

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from .._torch import pytree
 from ..bind import bind_frame, bind_objects
-from ..errors import TraceError, at_line, user_line
+from ..errors import InputError, TraceError, at_line, user_line
 from ..locks import model_lock
 from ..record.active import active_sessions, active_tracers
 from ..record.program import Kind, Node
@@ -372,7 +372,7 @@ class Tracer(TraceMetadata):
     # --- execution ---------------------------------------------------------------------
     def _batched(self) -> tuple[tuple, dict, dict[Any, Rows]]:
         if not self.invokes:
-            raise TraceError(at_line(
+            raise InputError(at_line(
                 f"the trace of {type(self.model._module).__name__} has no input: pass the "
                 f"model's inputs to trace(...), positionally or as keywords (e.g. "
                 f"input_ids=...), or add them with tracer.invoke(...)", self._line))
