@@ -94,3 +94,56 @@ def test_a_batch_of_prompts_of_different_lengths_reads_nothing(backend):
         torch.testing.assert_close(long, model(torch.tensor([[5, 6, 7, 8]])).logits)
         torch.testing.assert_close(short[:1, 2:], model(torch.tensor([[9, 10]])).logits)
         torch.testing.assert_close(short[1:, 1:], model(torch.tensor([[11, 12, 13]])).logits)
+
+
+def _exact_shape_steps(monkeypatch) -> None:
+    """Decoding steps captured for their exact shapes, as where a model's dynamic-shape
+    capture fails: each step is then a graph whose attention mask check runs."""
+    from fxsight.generate import decoding
+
+    captured = decoding.cached_capture
+
+    def exact(*args, **kwargs):
+        return captured(*args, **{**kwargs, "dynamic": "never"})
+
+    monkeypatch.setattr(decoding, "cached_capture", exact)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_generate_reads_no_mask_at_its_steps(exact, monkeypatch):
+    """Each step's graph checked whether the mask is all ones by reading it (on a GPU, a
+    wait per step: the first step's, and every step's where the steps are exact-shape
+    graphs), though the answer is known: a mask of ones fxsight made itself (transformers
+    passes none where no row is padded), or the prompts' mask known padded, which every
+    step's mask extends. Now nothing is read; each row generates what its prompt
+    generates alone, and the fx backend's per-step logits are the hooks backend's."""
+    if exact:
+        _exact_shape_steps(monkeypatch)
+    model = tiny_gpt2()
+    lm = LanguageModel(model)
+    for prompts in ([[5, 6, 7], [8, 9]], [[5, 6, 7], [8, 9, 10]]):
+        results = {}
+        for backend in ("fx", "hooks"):
+            for _ in range(2):  # (the second: captured, as in a loop)
+                with torch.no_grad(), CountReads() as counted:
+                    with lm.generate(prompts, max_new_tokens=4, do_sample=False,
+                                     backend=backend) as tracer:
+                        with tracer.all():
+                            logits = lm.lm_head.output.save()
+                        ids = lm.generator.output.save()
+            assert tracer.backend == backend
+            if backend == "fx":
+                assert counted.reads == [], counted.reads
+            results[backend] = ids, logits
+        (ids, logits), (hooks_ids, hooks_logits) = results["fx"], results["hooks"]
+        assert torch.equal(ids, hooks_ids)
+        assert len(logits) == len(hooks_logits) == 4
+        for fx_step, hooks_step in zip(logits, hooks_logits):
+            torch.testing.assert_close(fx_step, hooks_step, rtol=1e-5, atol=1e-6)
+        width = max(map(len, prompts))
+        for row, prompt in enumerate(prompts):
+            with torch.no_grad():
+                alone = model.generate(torch.tensor([prompt]), max_new_tokens=4,
+                                       do_sample=False)
+            assert torch.equal(ids[row, width - len(prompt):], alone[0]), (prompts, row)
+
