@@ -147,3 +147,34 @@ def test_generate_reads_no_mask_at_its_steps(exact, monkeypatch):
                                        do_sample=False)
             assert torch.equal(ids[row, width - len(prompt):], alone[0]), (prompts, row)
 
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_callers_position_ids_are_not_compared_with_the_masks(backend):
+    """An invoke's own ``position_ids`` were compared with those its mask counts
+    (``torch.equal``, one read per invoke) only to drop them where they are the same:
+    the model then counted the same positions itself. They now go to the model as given,
+    unread; each row is the plain forward's with its positions, a shorter invoke's left
+    pads before them."""
+    model = tiny_gpt2()
+    lm = LanguageModel(model)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    counted_from_zero = torch.arange(4).expand(2, 4)
+    shifted = torch.arange(3, 7).expand(2, 4)
+    short = torch.tensor([[13, 14]])
+    for _ in range(2):  # (the second: captured, as in a loop)
+        with torch.no_grad(), CountReads() as counted:
+            with lm.trace(backend=backend) as tracer:
+                with tracer.invoke({"input_ids": ids, "position_ids": counted_from_zero}):
+                    first = lm.output.logits.save()
+                with tracer.invoke({"input_ids": ids, "position_ids": shifted}):
+                    second = lm.output.logits.save()
+                with tracer.invoke(short, position_ids=torch.tensor([[0, 1]])):
+                    third = lm.output.logits.save()
+    outside = [names for names in counted.reads if not any(
+        n.startswith("<fxsight") or n == "run/executable.py:__call__" for n in names)]
+    assert len(outside) == 1 and "api/token_rows.py:id_ranges" in outside[0], counted.reads
+    with torch.no_grad():
+        torch.testing.assert_close(first, model(ids).logits)
+        torch.testing.assert_close(second, model(ids, position_ids=shifted).logits)
+        torch.testing.assert_close(third[:, 2:], model(short).logits)
+

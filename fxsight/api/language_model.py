@@ -384,15 +384,16 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
                 explicit = True
                 parts.append(left_pad(given, length, pad, right))
                 continue
-            # (the positions of the input's own tokens: a mask that covers a cache's past
-            # tokens too counts them)
-            auto = real_positions(mask, first, pad)[:, mask.shape[1] -
-                                                     kw["input_ids"].shape[1]:]
-            if given is not None and not (made and made[i]) and \
-                    not torch.equal(given.to(auto.device), auto):
-                explicit = True
-                auto = given
-            parts.append(left_pad(auto, length, pad, right))
+            if given is not None and (made and made[i]):
+                positions = given  # (counted from the mask already)
+            elif given is not None:
+                # (a caller's own go to the model as given, also where they are the ones
+                # counted from the mask: the same values, and no read to compare them)
+                explicit, positions = True, given
+            else:  # (the input's own tokens: a mask that covers a cache's past counts it)
+                positions = real_positions(mask, first, pad)[:, mask.shape[1] -
+                                                              kw["input_ids"].shape[1]:]
+            parts.append(left_pad(positions, length, pad, right))
         out = {k: v for k, v in batched.items() if k != "position_ids"}
         if padded is None:
             padded = explicit or not bool(batched["attention_mask"].all())
