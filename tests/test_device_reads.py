@@ -1,7 +1,9 @@
 """Reads of device values into Python per trace (on a GPU each waits for its queue to
-drain): the checks of a trace's invokes read their token ids once for the trace, not once
-per invoke, and still refuse an id outside the vocabulary before anything runs, naming
-the invoke and its line. Values are the plain forward's."""
+drain): the checks of a trace's invokes read their token ids, and the masks they give,
+once for the trace, not once per invoke, and still refuse an id outside the vocabulary
+(or a mask that is no padding mask) before anything runs, naming the invoke and its line;
+a caller's position ids are not read; generate's steps read no mask whose answer is
+known. Values are the plain forward's."""
 
 from __future__ import annotations
 
@@ -178,3 +180,58 @@ def test_a_callers_position_ids_are_not_compared_with_the_masks(backend):
         torch.testing.assert_close(second, model(ids, position_ids=shifted).logits)
         torch.testing.assert_close(third[:, 2:], model(short).logits)
 
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_the_masks_of_several_invokes_are_read_once_per_trace(backend):
+    """Each invoke of a dict with an attention mask read the mask's facts (0s and 1s, no
+    empty row, padded or not) with its ids' range as it was added: one wait per invoke.
+    They are now read with the other invokes' before the run: one read for the trace,
+    and on the fx backend the only read fxsight makes. Each row is its prompt's alone,
+    left- or right-padded as given."""
+    model = tiny_gpt2()
+    lm = LanguageModel(model)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    inputs = [torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), torch.ones(2, 4, dtype=torch.long),
+              torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])]
+    for _ in range(2):  # (the second: captured, as in a loop)
+        with torch.no_grad(), CountReads() as counted:
+            with lm.trace(backend=backend) as tracer:
+                saved = []
+                for mask in inputs:
+                    with tracer.invoke({"input_ids": ids, "attention_mask": mask}):
+                        saved.append(lm.output.logits.save())
+    outside = [names for names in counted.reads if not any(
+        n.startswith("<fxsight") or n == "run/executable.py:__call__" for n in names)]
+    assert len(outside) == 1 and "api/token_rows.py:id_ranges" in outside[0], counted.reads
+    if backend == "fx":
+        assert counted.reads == outside
+    with torch.no_grad():
+        torch.testing.assert_close(saved[0][0, 1:], model(ids[:1, 1:]).logits[0])
+        torch.testing.assert_close(saved[1], model(ids).logits)
+        torch.testing.assert_close(saved[2][0, :3], model(ids[:1, :3]).logits[0])
+        for padded in (0, 2):
+            torch.testing.assert_close(saved[padded][1], model(ids[1:]).logits[0])
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_a_mask_read_before_the_run_is_still_refused_before_it(backend):
+    """A mask that is no padding mask (a 2, a row of zeros), read with the other invokes'
+    before the run, is still refused before anything runs, naming its invoke and line."""
+    model = tiny_gpt2()
+    lm = LanguageModel(model)
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    ids = torch.tensor([[5, 6], [7, 8]])
+    try:
+        for mask, error in ((torch.tensor([[1, 2], [1, 1]]), "attention_mask must hold 0s"),
+                            (torch.tensor([[1, 1], [0, 0]]), "prompt 1 has no tokens")):
+            with pytest.raises(TraceError, match=rf"(?s)invoke #1: {error}.*"
+                                                 r"tracer\.invoke\(\{.input_ids"):
+                with lm.trace(backend=backend) as tracer:
+                    with tracer.invoke(ids):
+                        lm.output.save()
+                    with tracer.invoke({"input_ids": ids, "attention_mask": mask}):
+                        lm.output.save()
+    finally:
+        handle.remove()
+    assert calls == []
