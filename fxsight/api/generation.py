@@ -362,8 +362,12 @@ class Generator(Tracer):
         # here that forward is fxsight's step runner, which compiles its graphs itself
         # (``compile=``), and dynamo would trace fxsight's own Python
         options = _without_compile(options)
+        # (the prompts' padding as the invokes' preparation found it: the steps' checks of
+        # the mask read it from the device only where it is not known)
+        known = self.model._known_masks(self, inputs)
         steps = GraphSteps(module, self.program, rows, self.options, after,
-                           self._operations(), unchanged_between_steps(module, options))
+                           self._operations(), unchanged_between_steps(module, options),
+                           prompt_padded=not known[0][1] if known else None)
         if options.get("streamer") is not None:
             options["streamer"] = HeldStreamer(options["streamer"], steps)
         original = module.__dict__.get("forward")

@@ -21,7 +21,8 @@ class Invoke:
         # the device (LanguageModel: from the tokens' facts); None where not known
         self.padded: bool | None = None
         # a check its preparation left to be made with the other invokes' before the run
-        # (LanguageModel: ``(extremes of its token ids, where, line)``, read at once)
+        # (LanguageModel: ``(extremes of its token ids, or the facts of its tokens and of
+        # the mask given, where, line, that mask or None)``, read at once)
         self.unchecked: tuple | None = None
         # its position ids are the wrapper's own (LanguageModel: real-token positions of its
         # mask), not the caller's: the batch does not compare them again

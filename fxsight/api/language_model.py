@@ -63,7 +63,8 @@ from .token_index import TokenIndexer, reads_under
 from .token_inputs import (TOKEN_KEYWORDS, aligned, as_row, batch_sized, check_batchable,
                            check_positions, keyword_input, past_length, past_width,
                            split_past_mask, with_past_mask, with_token_keywords)
-from .token_rows import TokenFacts, id_ranges, left_pad, real_positions, unpredicted_first
+from .token_rows import (TokenFacts, id_ranges, left_pad, read_facts, real_positions,
+                         unpredicted_first)
 
 _UNKNOWN = object()  # (an argument not given)
 # keys of a dict input that are not forwarded as they come but re-laid out with the rows
@@ -291,10 +292,14 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         past = 0 if _generating(invoke) or self._encoder_decoder() else \
             past_length(kwargs, value)
         value, past_mask = split_past_mask(value, past, where, line)
+        # (a mask given is read with the other invokes' checks before the run, where its
+        # facts are needed no sooner: not to re-pack it, nor to refuse its padding now)
+        defer = getattr(invoke, "tracer", None) is not None and not _generating(invoke) \
+            and not past and self._mask_ignored() is None
         ids, mask, extras, facts = self._encode(value, where, line,
                                                 self._tokenizer_options(kwargs),
-                                                pack_left=_generating(invoke))
-        self._check_ids(ids, facts, where, line, past, invoke)
+                                                pack_left=_generating(invoke), defer=defer)
+        self._check_ids(ids, facts, where, line, past, invoke, mask)
         if past:
             mask = with_past_mask(mask, past_mask, past)
         prepared: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
@@ -308,12 +313,16 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         check_keywords(self._module, (), given, where, line)
         check_positions(prepared, where, line)
         # (a row padded in the cache's tokens counts its real tokens too)
-        padded = not facts.ones or (past_mask is not None and not bool(past_mask.all()))
+        padded = None if facts.ones is None else \
+            not facts.ones or (past_mask is not None and not bool(past_mask.all()))
         self._check_padding(ids, padded, invoke, where, line)
         if invoke is not None and own_mask is None:
             invoke.padded = padded  # (the batch's check reads it, not the device)
         own_positions = prepared.get("position_ids") is None
-        prepared = self._with_positions(prepared, [(prepared, ids.shape[1])], padded=padded)
+        # (where not known yet, positions counted from the mask: the batch drops them
+        # where no row turns out padded)
+        prepared = self._with_positions(prepared, [(prepared, ids.shape[1])],
+                                        padded=True if padded is None else padded)
         if invoke is not None and own_positions and "position_ids" in prepared:
             invoke.positions_made = True  # (the batch's positions need not compare them)
         if own_mask is not None:
@@ -399,15 +408,16 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
                 explicit = True
                 parts.append(left_pad(given, length, pad, right))
                 continue
-            # (the positions of the input's own tokens: a mask that covers a cache's past
-            # tokens too counts them)
-            auto = real_positions(mask, first, pad, trailing)[:, mask.shape[1] -
-                                                               kw["input_ids"].shape[1]:]
-            if given is not None and not (made and made[i]) and \
-                    not torch.equal(given.to(auto.device), auto):
-                explicit = True
-                auto = given
-            parts.append(left_pad(auto, length, pad, right))
+            if given is not None and (made and made[i]):
+                positions = given  # (counted from the mask already)
+            elif given is not None:
+                # (a caller's own go to the model as given, also where they are the ones
+                # counted from the mask: the same values, and no read to compare them)
+                explicit, positions = True, given
+            else:  # (the input's own tokens: a mask that covers a cache's past counts it)
+                positions = real_positions(mask, first, pad, trailing)[
+                    :, mask.shape[1] - kw["input_ids"].shape[1]:]
+            parts.append(left_pad(positions, length, pad, right))
         out = {k: v for k, v in batched.items() if k != "position_ids"}
         if padded is None:
             padded = explicit or not bool(batched["attention_mask"].all())
@@ -456,20 +466,23 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         return 0, _PAD_VALUES["position_ids"]
 
     def _check_ids(self, ids: torch.Tensor, facts: "TokenFacts", where: str,
-                   line: str, past: int = 0, invoke: Any = None) -> None:
+                   line: str, past: int = 0, invoke: Any = None,
+                   mask: torch.Tensor | None = None) -> None:
         """Raise where a token id is outside the vocabulary, or the input (after a cache's
         ``past`` tokens) goes beyond a learned position embedding. Ids whose range is not
         known yet (``facts.low`` None) are checked with the trace's other invokes' before
         the run (``_check_invokes``: one device read), or now where ``invoke`` has no
-        tracer."""
+        tracer; so are those of ``mask``, the mask given, where unread (``facts.unread``)."""
         embeddings = self._input_embeddings()
-        if facts.low is None:
+        if facts.unread is not None:  # (with the mask's facts: ``_check_invokes``)
+            invoke.unchecked = (facts.unread, where, line, mask)
+        elif facts.low is None:
             extremes = torch.stack([ids.min(), ids.max()])
             if getattr(invoke, "tracer", None) is None:
                 (low, high), = id_ranges([extremes])
                 self._check_range(low, high, where, line, embeddings)
             else:
-                invoke.unchecked = (extremes, where, line)
+                invoke.unchecked = (extremes, where, line, None)
         else:
             self._check_range(facts.low, facts.high, where, line, embeddings)
         positions = self._position_embedding(embeddings)
@@ -504,9 +517,13 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
             return
         ranges = id_ranges([invoke.unchecked[0] for invoke in unchecked])
         embeddings = self._input_embeddings()
-        for invoke, (low, high) in zip(unchecked, ranges):
-            _, where, line = invoke.unchecked
-            self._check_range(low, high, where, line, embeddings)
+        for invoke, values in zip(unchecked, ranges):
+            _, where, line, mask = invoke.unchecked
+            if mask is not None:  # (a mask given: its facts too, as its preparation's)
+                facts = read_facts(values)
+                self._check_mask(facts, mask, where, line)
+                invoke.padded = not facts.ones
+            self._check_range(values[0], values[1], where, line, embeddings)
         for invoke in unchecked:
             invoke.unchecked = None
 

@@ -13,8 +13,8 @@ import torch
 from ..errors import InputError, TraceError, at_line
 from .inputs import BATCH_KEYWORDS
 from .token_inputs import as_id_tensor, as_row, integer, is_batch_encoding, is_id_row, is_int
-from .token_rows import (roll_rows, row_facts, token_facts, unpadded_facts,
-                         unpredicted_first)
+from .token_rows import (TokenFacts, roll_rows, row_facts, token_facts, unpadded_facts,
+                         unread_facts, unpredicted_first)
 
 
 class TokenEncoding:
@@ -23,12 +23,14 @@ class TokenEncoding:
     ``_aligned()``."""
 
     def _encode(self, value: Any, where: str, line: str, options: dict | None = None,
-                pack_left: bool = False):
-        """Token rows of one invoke's input: ``(input_ids, attention_mask, extras)``;
+                pack_left: bool = False, defer: bool = False):
+        """Token rows of one invoke's input: ``(input_ids, attention_mask, extras, facts)``;
         ``options``: the tokenizer's keywords given with it (``truncation=True,
         max_length=4``), for text only; ``pack_left``: roll a right-padded mask's rows
         to the left (a decoder-only ``generate`` appends tokens after the last column),
-        else a mask given keeps its layout."""
+        else a mask given keeps its layout; ``defer`` (not with ``pack_left``): the facts
+        of a mask given are left unread (``facts.unread``), to be read with the other
+        invokes' (and checked: :meth:`_check_mask`) before the run."""
         options = options or {}
         if options.get("is_split_into_words"):  # words split already: one list a prompt
             options = {k: v for k, v in options.items() if k != "is_split_into_words"}
@@ -46,7 +48,7 @@ class TokenEncoding:
             return self._from_rows(self._tokenize([value], where, line, options), None, {},
                                    where, line)
         if isinstance(value, Mapping) or is_batch_encoding(value):
-            return self._from_mapping(value, where, line, pack_left)
+            return self._from_mapping(value, where, line, pack_left, defer)
         if isinstance(value, torch.Tensor):
             if not integer(value) or value.dim() not in (1, 2):
                 raise TraceError(at_line(
@@ -101,7 +103,8 @@ class TokenEncoding:
                                      f"({type(error).__name__}: {error})", line)) from None
         return [list(map(int, ids)) for ids in encoded["input_ids"]]
 
-    def _from_mapping(self, value: Any, where: str, line: str, pack_left: bool = False):
+    def _from_mapping(self, value: Any, where: str, line: str, pack_left: bool = False,
+                      defer: bool = False):
         data = dict(value.items())
         if "input_ids" not in data:
             raise TraceError(at_line(f"{where}: a dict input needs 'input_ids' (it has "
@@ -132,10 +135,10 @@ class TokenEncoding:
                     f"{ids.shape[0]}, {key} has {extra.shape[0]} rows); every input of an "
                     f"invoke holds its rows", line))
             extras[key] = extra
-        return self._from_rows(ids, mask, extras, where, line, pack_left)
+        return self._from_rows(ids, mask, extras, where, line, pack_left, defer)
 
     def _from_rows(self, rows: Any, mask: torch.Tensor | None, extras: dict, where: str,
-                   line: str, pack_left: bool = False):
+                   line: str, pack_left: bool = False, defer: bool = False):
         """Left-padded ``(input_ids, attention_mask, extras)`` from ragged rows or a tensor
         (with an optional mask, which keeps its padding: a right-padded row stays so, its
         positions counted from the mask; re-packed to the left where ``pack_left``); an
@@ -164,13 +167,11 @@ class TokenEncoding:
         given, mask = mask, mask.to(ids.device).long()
         if mask is given:  # (the caller's own tensor: what the facts say of it must hold at
             mask = mask.clone()  # the run, whatever the caller writes into theirs)
+        if defer and not pack_left:
+            unread, _ = unread_facts(ids, mask)
+            return ids, mask, extras, TokenFacts(None, None, None, None, None, None, unread)
         facts, trailing = token_facts(ids, mask)
-        if not facts.binary:
-            raise TraceError(at_line(f"{where}: attention_mask must hold 0s and 1s", line))
-        if facts.empty:
-            empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
-            raise TraceError(at_line(f"{where}: prompt {empty[0]} has no tokens (its "
-                                     f"attention_mask is all zeros)", line))
+        self._check_mask(facts, mask, where, line)
         # right-padded rows of a decoder-only generate: roll their real tokens to the end
         # (new tokens go after the last column); a trace keeps the caller's layout, and an
         # encoder-decoder's input its padding (its encoder may place tokens by index)
@@ -183,6 +184,16 @@ class TokenEncoding:
             extras = {k: roll_rows(v, shifts) if self._aligned(k, v, rolled) else v
                       for k, v in extras.items()}
         return ids, mask, extras, facts
+
+    @staticmethod
+    def _check_mask(facts: TokenFacts, mask: torch.Tensor, where: str, line: str) -> None:
+        """Raise where a mask given (whose ``facts`` are read) is no padding mask."""
+        if not facts.binary:
+            raise TraceError(at_line(f"{where}: attention_mask must hold 0s and 1s", line))
+        if facts.empty:
+            empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
+            raise TraceError(at_line(f"{where}: prompt {empty[0]} has no tokens (its "
+                                     f"attention_mask is all zeros)", line))
 
     def _pads_right(self) -> bool:
         """Whether the input's rows are padded on the right: an encoder-decoder's (its

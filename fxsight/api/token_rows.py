@@ -14,22 +14,35 @@ class TokenFacts(NamedTuple):
 
     low: int | None  # the smallest token id (None: not read yet, see ``unpadded_facts``)
     high: int | None  # the largest
-    binary: bool  # the mask holds only 0s and 1s
-    empty: bool  # a row's mask is all zeros
-    trailing: bool  # a row has padding after its last real token
-    ones: bool  # the mask is all ones (no row padded)
+    binary: bool | None  # the mask holds only 0s and 1s (None: not read yet, see ``unread``)
+    empty: bool | None  # a row's mask is all zeros
+    trailing: bool | None  # a row has padding after its last real token
+    ones: bool | None  # the mask is all ones (no row padded)
+    # all of them, not read yet (:func:`unread_facts`; read with other invokes' checks)
+    unread: torch.Tensor | None = None
 
 
 def token_facts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[TokenFacts, torch.Tensor]:
     """The facts of ``ids`` and ``mask`` in one read from the device (a GPU waits for its
     queue once, not once per check), and each row's count of trailing pads."""
+    values, trailing = unread_facts(ids, mask)
+    return read_facts(values.tolist()), trailing
+
+
+def unread_facts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The facts of ``ids`` and ``mask`` as one tensor, not read yet (see
+    :func:`read_facts`, :func:`id_ranges`), and each row's count of trailing pads."""
     trailing = (mask.flip(-1).cumsum(-1) == 0).sum(-1)  # pads after the last real token
-    values = torch.stack([
+    return torch.stack([
         ids.min(), ids.max(), ((mask == 0) | (mask == 1)).all().long(),
         (mask.sum(-1) == 0).any().long(), (trailing > 0).any().long(),
-        (mask == 1).all().long()]).tolist()
+        (mask == 1).all().long()]), trailing
+
+
+def read_facts(values: tuple | list) -> TokenFacts:
+    """:func:`unread_facts`' values, read, as facts."""
     low, high, binary, empty, right, ones = values
-    return TokenFacts(low, high, bool(binary), bool(empty), bool(right), bool(ones)), trailing
+    return TokenFacts(low, high, bool(binary), bool(empty), bool(right), bool(ones))
 
 
 def unpadded_facts(ids: torch.Tensor) -> TokenFacts:
@@ -38,16 +51,21 @@ def unpadded_facts(ids: torch.Tensor) -> TokenFacts:
     return TokenFacts(None, None, True, False, False, True)
 
 
-def id_ranges(extremes: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """Each ``torch.stack([ids.min(), ids.max()])`` of ``extremes`` as ``(low, high)``, read
-    in one read per device (a GPU waits for its queue once, not once per invoke)."""
-    found: dict[int, tuple[int, int]] = {}
+def id_ranges(extremes: list[torch.Tensor]) -> list[tuple[int, ...]]:
+    """Each ``torch.stack([ids.min(), ids.max()])`` of ``extremes`` as ``(low, high)`` (or
+    each 1-D integer tensor as the tuple of its values: :func:`unread_facts`' too), read in
+    one read per device (a GPU waits for its queue once, not once per invoke)."""
+    found: dict[int, tuple[int, ...]] = {}
     devices: dict[torch.device, list[int]] = {}
-    for i, pair in enumerate(extremes):
-        devices.setdefault(pair.device, []).append(i)
+    for i, values in enumerate(extremes):
+        devices.setdefault(values.device, []).append(i)
     for indices in devices.values():
-        values = torch.stack([extremes[i] for i in indices]).tolist()
-        found.update(zip(indices, map(tuple, values)))
+        values = torch.cat([extremes[i].long() for i in indices]).tolist()
+        start = 0
+        for i in indices:
+            end = start + extremes[i].numel()
+            found[i] = tuple(values[start:end])
+            start = end
     return [found[i] for i in range(len(extremes))]
 
 

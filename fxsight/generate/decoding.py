@@ -42,6 +42,7 @@ import functools
 import threading
 import weakref
 from collections import OrderedDict, defaultdict
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -57,6 +58,7 @@ from ..record.program import Kind, Node, Program
 from ..record.sites import INPUT
 from ..run.executable import Key, rows_key, runner_for
 from ..run.options import RunOptions
+from ..splice.attention_masks import known_masks
 from ..splice.rows import Rows, expand_rows
 from ..stats import bump
 from .step_io import CacheObjectLayout, StepOutput
@@ -222,8 +224,11 @@ class GraphSteps:
 
     def __init__(self, model: torch.nn.Module, program: Program, rows: dict[Any, Rows],
                  options: RunOptions, after: set[Node], operations: frozenset = frozenset(),
-                 unchanged: bool = False):
+                 unchanged: bool = False, prompt_padded: bool | None = None):
         self.model = model
+        # whether a row of the prompts' mask is padded, as the invokes' preparation found
+        # it (``None``: not known), for the steps' masks (see :meth:`_mask_known`)
+        self.prompt_padded = prompt_padded
         # the model's state token found at the first step, where nothing can change the
         # model between steps (``unchanged``: see :func:`unchanged_between_steps`)
         self.unchanged = unchanged
@@ -310,10 +315,12 @@ class GraphSteps:
             self.completed += 1
             return output
         keys, values = self._cache_tensors(cache) if use_cache else ([], [])
+        ones = self._mask_known(attention_mask)
         if attention_mask is None:
             past = keys[0].shape[-2] if keys else 0
             attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1],
                                         dtype=torch.long, device=input_ids.device)
+            ones = True  # (ours: the graph's check need not read it)
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids, keys=keys, values=values,
                       use_cache=use_cache, logits_to_keep=logits_to_keep)
@@ -321,11 +328,25 @@ class GraphSteps:
         self.step += 1
         program, origin = self._program_for(step)
         # (the step's cache, made inside the graph, is written into generate's object)
-        logits, _ = self._run(program, origin, inputs, self._flat(inputs), self.wrapper,
-                              self._chosen, decoding=step > 0,
-                              made_into=[cache] if use_cache else [])
+        with known_masks(((attention_mask, ones),)) if ones is not None else nullcontext():
+            logits, _ = self._run(program, origin, inputs, self._flat(inputs), self.wrapper,
+                                  self._chosen, decoding=step > 0,
+                                  made_into=[cache] if use_cache else [])
         self.completed += 1
         return self._output(logits, cache if use_cache else None)
+
+    def _mask_known(self, mask: Any) -> bool | None:
+        """Whether the 2-D ``mask`` ``generate`` passes to a step is all ones, where that is
+        known without reading it (on a GPU, a wait for its queue at every step): ``False``
+        where the prompts' mask is known padded and only transformers' own code runs
+        between the steps (``unchanged``): ``generate`` passes the prompts' mask (its rows
+        repeated for beams) with a column of ones appended per step, so the prompts'
+        zeros stay in it. Otherwise ``None`` (read by the graph's check). A mask is never
+        said to be all ones here: only one this class makes itself (:meth:`__call__`)."""
+        if self.prompt_padded and self.unchanged and isinstance(mask, torch.Tensor) and \
+                mask.dim() == 2:
+            return False
+        return None
 
     def _step_batch(self, batch: int) -> None:
         """The rows of a step of ``batch`` rows: at the first step, the invokes' rows in
