@@ -309,8 +309,8 @@ def output_flows(graph: fx.Graph, marker: Any) -> tuple[list[Any], dict[Any, Flo
     :data:`Flow` of the placeholders (in placeholder order), the bits of its tensor
     placeholders and its attentions (as ``InputReads.attentions``). The memory an
     operator writes in place (``copy_`` into a slice of a tensor of the forward's own)
-    carries what it writes: a later node reading that memory, through any view, carries it too (``marker``: the boundary marker, an
-    identity)."""
+    carries what it writes: a later node reading that memory, through any view, carries it
+    too (``marker``: the boundary marker, an identity)."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     carried: dict[fx.Node, Flow] = {node: (1 << i, 0, 1 << i, 0, 0)
                                     for i, node in enumerate(placeholders)}
