@@ -1,0 +1,141 @@
+"""nnsight parity, part 6: `.token[[0, 2]]` (a list of positions) and `.token[::-1]` (a
+negative step) counted from each prompt's first real token; nnsight 0.4's spellings
+(`model.all()`, `envoy.next()`, a saved proxy's `.value`); a model's context-manager methods
+in a `with` inside a trace; `model.scan(...)` and dispatch called inside an open trace.
+
+Every expected value comes from plain PyTorch: forward hooks written here, each prompt run
+alone, or transformers' own `generate`."""
+
+import contextlib
+
+import pytest
+import torch
+
+from fxsight import LanguageModel
+from fxsight.errors import TokenIndexError, TraceError
+from models import tiny_gpt2, train_tokenizer
+
+BACKENDS = ["fx", "hooks"]
+ATOL = 1e-5
+LONG = "The Eiffel Tower is in the city of"
+SHORT = "Big Ben"
+MIDDLE = "The capital of France"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def gpt2(tokenizer):
+    return tiny_gpt2(vocab_size=len(tokenizer), n_embd=32)
+
+
+def _ids(tokenizer, prompt):
+    return tokenizer(prompt)["input_ids"]
+
+
+def _alone(model, ids, module, edit=None):
+    """``module``'s output and the logits of ``ids`` run alone (no padding), with
+    ``edit(output)`` (in place) by a forward hook where given."""
+    seen = []
+
+    def hook(_, args, output):
+        if edit is not None:
+            edit(output)
+        seen.append(output.detach().clone())
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), use_cache=False).logits
+    finally:
+        handle.remove()
+    return seen[0][0], logits[0]
+
+
+# --- 4. token indexing with a list, and with a negative step ---------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_list_of_token_positions_is_each_prompts_own(gpt2, tokenizer, backend):
+    """``h.token[[0, 2]]`` in invokes of different lengths (one of two prompts of different
+    lengths, left-padded) is, for every row, that prompt's ``h[:, [0, 2]]`` run alone; the
+    order of the list is kept (``[-1, 0]``), a 1-D tensor of ints is a list too."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    invokes = [LONG, [SHORT, MIDDLE]]
+    keys = {"list": [0, 2], "backwards": [-1, 0], "tensor": torch.tensor([1, -2, 1])}
+    saved = {}
+    with torch.no_grad(), lm.trace(backend=backend) as tracer:
+        for k, prompt in enumerate(invokes):
+            with tracer.invoke(prompt):
+                for name, key in keys.items():
+                    saved[k, name] = lm.transformer.ln_f.output.token[key].save()
+    assert tracer.backend == backend
+    for k, row, prompt in [(0, 0, LONG), (1, 0, SHORT), (1, 1, MIDDLE)]:
+        hidden, _ = _alone(gpt2, _ids(tokenizer, prompt), gpt2.transformer.ln_f)
+        for name, key in keys.items():
+            torch.testing.assert_close(saved[k, name][row], hidden[key], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writing_a_list_of_token_positions(gpt2, tokenizer, backend):
+    """``h.token[[0, 2]] = 0`` in a batch of two left-padded prompts: each row's logits are
+    its prompt's alone with ``h[:, [0, 2]] = 0`` written by a forward hook."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with torch.no_grad(), lm.trace([SHORT, LONG], backend=backend):
+        lm.transformer.h[0].mlp.output.token[[0, 2]] = 0
+        logits = lm.lm_head.output.save()
+
+    def zero(output):
+        output[:, [0, 2]] = 0
+
+    for row, prompt in enumerate([SHORT, LONG]):
+        ids = _ids(tokenizer, prompt)
+        _, expected = _alone(gpt2, ids, gpt2.transformer.h[0].mlp, zero)
+        torch.testing.assert_close(logits[row, -len(ids):], expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_negative_step_picks_each_prompts_tokens_backwards(gpt2, tokenizer, backend):
+    """``h.token[::-1]`` and ``h.token[-1:-4:-1]`` per invoke of its own length: the
+    prompt's tokens alone, backwards (torch's slices take no negative step: the reference
+    indexes with the positions listed). Prompts of different lengths in one invoke select
+    different numbers of tokens: a TokenIndexError naming the line, before anything runs."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with torch.no_grad(), lm.trace(backend=backend) as tracer:
+        with tracer.invoke(LONG):
+            long_all = lm.transformer.ln_f.output.token[::-1].save()
+        with tracer.invoke(SHORT):
+            short_all = lm.transformer.ln_f.output.token[::-1].save()
+            short_three = lm.transformer.ln_f.output.token[-1:-4:-1].save()
+    for saved, prompt, key in [(long_all, LONG, slice(None, None, -1)),
+                               (short_all, SHORT, slice(None, None, -1)),
+                               (short_three, SHORT, slice(-1, -4, -1))]:
+        ids = _ids(tokenizer, prompt)
+        hidden, _ = _alone(gpt2, ids, gpt2.transformer.ln_f)
+        positions = list(range(len(ids)))[key]
+        torch.testing.assert_close(saved[0], hidden[positions], atol=ATOL, rtol=0)
+    calls = []
+    handle = gpt2.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(TokenIndexError, match="different number of tokens") as raised:
+            with lm.trace([SHORT, LONG], backend=backend):
+                lm.transformer.ln_f.output.token[::-1].save()  # the line
+    finally:
+        handle.remove()
+    assert "# the line" in str(raised.value) and calls == []
+
+
+@pytest.mark.parametrize("key", [[True, False], [[0, 1]], [0.5], torch.tensor([[0, 1]]),
+                                 1.5])
+def test_token_indices_that_are_no_positions_are_refused_at_the_line(gpt2, tokenizer, key):
+    """A list of bools (a mask to torch), a nested list, floats: a TokenIndexError (an
+    IndexError, as torch's for such an index) naming the line, before anything runs."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with pytest.raises(TokenIndexError) as raised:
+        with lm.trace(LONG):
+            lm.transformer.ln_f.output.token[key].save()  # the line
+    assert isinstance(raised.value, IndexError) and "# the line" in str(raised.value)
+    with pytest.raises(TokenIndexError, match="(?s)past the end.*# the line"):
+        with lm.trace(LONG):
+            lm.transformer.ln_f.output.token[[0, 99]].save()  # the line
