@@ -139,3 +139,89 @@ def test_token_indices_that_are_no_positions_are_refused_at_the_line(gpt2, token
     with pytest.raises(TokenIndexError, match="(?s)past the end.*# the line"):
         with lm.trace(LONG):
             lm.transformer.ln_f.output.token[[0, 99]].save()  # the line
+
+
+# --- 2. a model's context-manager methods in a with statement --------------------------------
+class _Scaler:
+    """What a method that is no generator function returns: a context manager object."""
+
+    def __init__(self, module, scale):
+        self.module, self.scale, self.old = module, scale, None
+
+    def __enter__(self):
+        self.old, self.module.scale = self.module.scale, self.scale
+        return self.module
+
+    def __exit__(self, *exc):
+        self.module.scale = self.old
+        return False
+
+
+class _Scaled(torch.nn.Module):
+    """A model whose methods set its ``scale`` for the length of a with statement."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.scale = 1.0
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+    @contextlib.contextmanager
+    def scaled(self, scale):  # a generator function
+        old, self.scale = self.scale, scale
+        try:
+            yield self
+        finally:
+            self.scale = old
+
+    def scaled_object(self, scale):  # returns an object with __enter__ / __exit__
+        return _Scaler(self, scale)
+
+    def scaled_annotated(self, scale) -> contextlib.AbstractContextManager:
+        return _Scaler(self, scale)
+
+
+@pytest.mark.parametrize("method", ["scaled", "scaled_object", "scaled_annotated"])
+def test_a_models_context_manager_inside_a_trace_is_refused_at_the_line(method):
+    """Entered inside a trace, it would open and close while the block is recorded: the
+    forward pass runs when the trace ends, without what it sets. Refused before it runs
+    (the model's attribute untouched), naming the line and how to enter it instead."""
+    from fxsight import NNsight
+    model = _Scaled()
+    net = NNsight(model)
+    for backend in BACKENDS:
+        with pytest.raises(TraceError, match="(?s)inside a trace.*around the trace") as raised:
+            with net.trace(torch.ones(1, 3), backend=backend):
+                with getattr(net, method)(3.0):  # the line
+                    net.output.save()
+        assert "# the line" in str(raised.value) and model.scale == 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_models_context_manager_around_a_trace_works_as_a_plain_call(backend):
+    """Around the trace (and outside any trace) a generator method and an annotated one are
+    the model's own context managers: the trace sees what they set, as a plain forward in
+    the same with statement does. One fxsight cannot tell gives a context manager without
+    calling it is refused before it runs, saying how to enter it (`cm = ...; with cm:`)."""
+    from fxsight import NNsight
+    model = _Scaled()
+    net = NNsight(model)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        expected = model.fc(x) * 3.0
+        for method in ("scaled", "scaled_annotated"):
+            with getattr(net, method)(3.0):
+                with net.trace(x, backend=backend):
+                    out = net.output.save()
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+            assert model.scale == 1.0
+        with pytest.raises(TraceError, match="(?s)cm = .*with cm:") as raised:
+            with net.scaled_object(3.0):  # the line
+                pass
+        assert "# the line" in str(raised.value) and model.scale == 1.0
+        cm = net.scaled_object(3.0)
+        with cm, net.trace(x, backend=backend):
+            out = net.output.save()
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)

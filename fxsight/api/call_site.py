@@ -64,7 +64,13 @@ def refuse_in_with(frame: FrameType, call: str, what: str, instead: str) -> None
     context manager of a ``with`` statement in ``frame`` (the caller's; fxsight's own calls
     are not checked): ``what`` it returns is no context manager, so the statement would
     fail only after the call ran (the model, a move). ``instead``: what to write."""
+    refuse_with(frame, f"`with {call}`: {call} is no context manager to use in a with "
+                       f"statement (it returns {what}, after running); {instead}")
+
+
+def refuse_with(frame: FrameType, message: str) -> None:
+    """Raise a ``TraceError`` saying ``message`` at the user's line where the value of the
+    running call is, for certain, the context manager of a ``with`` statement in ``frame``
+    (the caller's; fxsight's own calls are not checked)."""
     if not frame.f_code.co_filename.startswith(_PACKAGE_DIR) and is_with_statement(frame):
-        raise TraceError(at_line(
-            f"`with {call}`: {call} is no context manager to use in a with statement (it "
-            f"returns {what}, after running); {instead}", user_line()))
+        raise TraceError(at_line(message, user_line()))
