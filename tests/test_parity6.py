@@ -225,3 +225,110 @@ def test_a_models_context_manager_around_a_trace_works_as_a_plain_call(backend):
         with cm, net.trace(x, backend=backend):
             out = net.output.save()
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+# --- 3. scan, trace and dispatch inside an open trace ---------------------------------------
+def _counting(model):
+    calls = []
+    return calls, model.register_forward_pre_hook(lambda *a: calls.append(1))
+
+
+def test_a_context_call_alone_on_a_line_is_refused(gpt2, tokenizer):
+    """``lm.scan(x)``, ``lm.trace(x)``, ``lm.edit()``, ``lm.session()`` alone on a line
+    (also inside an open trace) would do nothing, silently: a TraceError naming the line,
+    and the enclosing trace does not run."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    calls, handle = _counting(gpt2)
+    try:
+        with pytest.raises(TraceError, match=r"(?s)model.scan\(...\)` alone.*# the line"):
+            lm.scan(SHORT)  # the line
+        with pytest.raises(TraceError, match=r"(?s)model.trace\(...\)` alone.*# the line"):
+            lm.trace(SHORT)  # the line
+        with pytest.raises(TraceError, match=r"(?s)model.edit\(...\)` alone.*# the line"):
+            lm.edit()  # the line
+        with pytest.raises(TraceError, match=r"(?s)model.session\(\)` alone.*# the line"):
+            lm.session()  # the line
+        with pytest.raises(TraceError, match=r"(?s)model.scan\(...\)` alone.*# the line"):
+            with lm.trace(LONG):
+                lm.output.save()
+                lm.scan(SHORT)  # the line
+        tracer = lm.scan(SHORT)  # (kept: entered later, as a with statement may)
+        with tracer:
+            shape = lm.transformer.ln_f.output.shape
+    finally:
+        handle.remove()
+    assert calls == [] and shape == (1, len(_ids(tokenizer, SHORT)), 32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_scan_inside_an_open_trace_is_a_scan_of_its_own(gpt2, tokenizer, backend):
+    """``with lm.scan(other):`` inside a trace (nnsight runs a nested context as its own):
+    its shapes are its input's, its saved values meta tensors (nothing ran); the
+    enclosing trace's values are the plain forward's (a forward hook's, written by hand)."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with torch.no_grad(), lm.trace(LONG, backend=backend) as tracer:
+        lm.transformer.h[0].mlp.output[:, -1] = 0
+        with lm.scan(SHORT):
+            shape = lm.transformer.ln_f.output.shape
+            scanned = lm.transformer.ln_f.output.save()
+        hidden = lm.transformer.ln_f.output.save()
+    assert tracer.backend == backend
+    assert shape == (1, len(_ids(tokenizer, SHORT)), 32) and scanned.device.type == "meta"
+
+    def zero(output):
+        output[:, -1] = 0
+
+    handle = gpt2.transformer.h[0].mlp.register_forward_hook(lambda m, a, o: zero(o))
+    try:
+        expected, _ = _alone(gpt2, _ids(tokenizer, LONG), gpt2.transformer.ln_f)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(hidden[0], expected, atol=ATOL, rtol=0)
+
+
+DEVICE_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+              "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+
+
+@pytest.mark.parametrize("backend", ["auto", "hooks"])
+def test_dispatching_inside_an_open_trace_runs_the_dispatched_model(tokenizer, tmp_path,
+                                                                   backend):
+    """``accelerate.dispatch_model(model, device_map=..., offload_dir=...)`` inside an open
+    trace (a layer offloaded to disk): the trace runs the model as it is when the block
+    ends, as nnsight does, on the hooks backend (with the warning that says why): the same
+    values as the plain model with the same write made by a forward hook. ``backend="fx"``
+    refuses it before running, naming the offloaded module, as for a model dispatched
+    before the trace. ``lm.dispatch()`` (nnsight's name) inside an open trace changes
+    nothing: the trace loaded the weights already."""
+    import warnings
+
+    import accelerate
+
+    from fxsight.errors import CaptureError
+    from models import tiny_llama
+    plain = tiny_llama(vocab_size=len(tokenizer))
+    ids = _ids(tokenizer, LONG)
+
+    def double(output):
+        output[:] = output * 2
+
+    _, expected = _alone(plain, ids, plain.model.layers[0], double)
+    model = tiny_llama(vocab_size=len(tokenizer))
+    model.load_state_dict(plain.state_dict())
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with lm.trace(LONG, backend=backend):
+            lm.model.layers[0].output[:] = lm.model.layers[0].output * 2
+            lm.dispatch()
+            assert lm._module is model
+            accelerate.dispatch_model(model, device_map=DEVICE_MAP,
+                                      offload_dir=str(tmp_path / "offload"))
+            logits = lm.lm_head.output.save()
+    assert hasattr(model.model.layers[1], "_hf_hook")
+    if backend == "auto":
+        assert any("offload" in str(w.message) for w in caught)
+    torch.testing.assert_close(logits[0], expected, atol=ATOL, rtol=0)
+    with pytest.raises(CaptureError, match="model.layers.1"):
+        with torch.no_grad(), lm.trace(LONG, backend="fx"):
+            lm.lm_head.output.save()
