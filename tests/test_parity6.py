@@ -332,3 +332,117 @@ def test_dispatching_inside_an_open_trace_runs_the_dispatched_model(tokenizer, t
     with pytest.raises(CaptureError, match="model.layers.1"):
         with torch.no_grad(), lm.trace(LONG, backend="fx"):
             lm.lm_head.output.save()
+
+
+# --- 1. nnsight 0.4's spellings: envoy.all(), envoy.next(), saved.value ----------------------
+STEPS = 3
+
+
+def _steered_generate(model, tokenizer, vector, steps):
+    """transformers' own ``generate`` with block 0's MLP output set to ``vector`` by a
+    forward hook at the decoding ``steps`` (its calls), and lm_head's last position at
+    each step."""
+    calls, heads = [], []
+
+    def steer(module, args, output):
+        if len(calls) in steps:
+            output[:] = vector
+        calls.append(1)
+
+    handles = [model.transformer.h[0].mlp.register_forward_hook(steer),
+               model.lm_head.register_forward_hook(
+                   lambda m, a, o: heads.append(o[:, -1].detach().clone()))]
+    try:
+        encoded = tokenizer([LONG], return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**encoded, max_new_tokens=STEPS, do_sample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ids, heads
+
+
+@pytest.fixture(scope="module")
+def vector():
+    return torch.randn(32, generator=torch.Generator().manual_seed(0)) * 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["tracer", "model", "module"])
+def test_all_of_a_module_applies_at_every_step(gpt2, tokenizer, vector, backend, form):
+    """nnsight 0.4's ``with lm.all():`` and ``with lm.transformer.h[0].all():`` (lines of
+    that module) are ``with tracer.all():``: the write at every decoding step, a value
+    saved there one per step; as transformers' ``generate`` with the write made by a
+    forward hook at every step."""
+    expected_ids, heads = _steered_generate(gpt2, tokenizer, vector, range(STEPS))
+    _, unsteered = _steered_generate(gpt2, tokenizer, vector, ())
+    assert not torch.allclose(heads[1], unsteered[1])  # (the write shows at step 1)
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with torch.no_grad(), lm.generate(LONG, max_new_tokens=STEPS, do_sample=False,
+                                      backend=backend) as tracer:
+        scope = {"tracer": tracer.all, "model": lm.all,
+                 "module": lm.transformer.h[0].all}[form]
+        with scope():
+            lm.transformer.h[0].mlp.output[:] = vector
+            mlp = lm.transformer.h[0].mlp.output.save()
+            if form != "module":
+                head = lm.lm_head.output[:, -1].save()
+        ids = lm.generator.output.save()
+    assert torch.equal(ids, expected_ids)
+    assert len(mlp) == STEPS and all(torch.equal(m, torch.zeros_like(m) + vector)
+                                     for m in mlp)
+    if form != "module":
+        assert len(head) == STEPS
+        for got, want in zip(head, heads, strict=True):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_all_of_a_module_refuses_what_it_would_change_in_meaning(gpt2, tokenizer, vector):
+    """Where nnsight 0.4's ``.all()`` does not map onto ``tracer.all()`` a TraceError names
+    the line and the spelling to use, before anything runs: another module's line inside
+    ``with lm.transformer.h[0].all():`` (0.4: at the first step only), ``.all()`` on a line
+    of its own or used as a value (0.4: that module's later lines at every step, which
+    here would take every line after it to its block's end, ``lm.generator.output`` too),
+    and ``.all()`` in a plain trace (``for i in tracer.all():`` there)."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    calls, handle = _counting(gpt2)
+    try:
+        with pytest.raises(TraceError, match=r"(?s)model.lm_head inside.*tracer.all\(\)"
+                                             r".*# the line"):
+            with lm.generate(LONG, max_new_tokens=STEPS):
+                with lm.transformer.h[0].all():
+                    lm.transformer.h[0].mlp.output[:] = vector
+                    lm.lm_head.output.save()  # the line
+        with pytest.raises(TraceError, match=r"(?s)line of its own.*with tracer.all\(\)"
+                                             r".*# the line"):
+            with lm.generate(LONG, max_new_tokens=STEPS):
+                lm.transformer.h[0].all()  # the line
+        with pytest.raises(TraceError, match=r"(?s)line of its own.*with tracer.all\(\)"
+                                             r".*# the line"):
+            with lm.generate(LONG, max_new_tokens=STEPS):
+                lm.all()  # the line
+        with pytest.raises(TraceError, match=r"(?s)used as a value.*# the line"):
+            with lm.generate(LONG, max_new_tokens=STEPS):
+                lm.transformer.h[0].all().output.save()  # the line
+        with pytest.raises(TraceError, match=r"(?s)for i in tracer.all\(\).*# the line"):
+            with lm.trace(LONG):
+                lm.all()  # the line
+        with pytest.raises(TraceError, match="only available inside a trace"):
+            lm.all()
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_next_of_a_module_names_the_tracers_spelling(gpt2, tokenizer):
+    """nnsight 0.4's ``envoy.next()`` moves that module's later reads to its next step;
+    steps are chosen with the tracer here (a module's own step would not carry to the
+    lines computed from its value): an AttributeError that names ``tracer.iter`` and the
+    line, before anything runs."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with pytest.raises(AttributeError, match=r"(?s)tracer.iter\[1\].*# the line"):
+        with lm.generate(LONG, max_new_tokens=STEPS):
+            lm.transformer.h[0].next().output.save()  # the line
+    with pytest.raises(AttributeError, match=r"(?s)tracer.iter.*# the line"):
+        with lm.generate(LONG, max_new_tokens=STEPS) as tracer:
+            tracer.next()  # the line

@@ -24,6 +24,7 @@ from ..capture.operations import innermost
 from .aliases import resolve
 from .call_site import refuse_in_with, refuse_with
 from .envoy_classes import class_for
+from .legacy_steps import envoy_all
 from .source import source_of
 
 
@@ -403,6 +404,13 @@ class Envoy:
         """
         self._recorder("skip").create_skip(self._site(OUTPUT), value)
 
+    def all(self) -> Any:
+        """nnsight 0.4's ``envoy.all()`` inside ``lm.generate``: ``with
+        lm.transformer.h[0].all():`` is ``with tracer.all():`` for lines of that module (and
+        its submodules), ``with lm.all():`` for every module's; elsewhere a TraceError
+        (see :mod:`fxsight.api.legacy_steps`)."""
+        return envoy_all(self, self._tracer("all()"), sys._getframe(1))
+
     def __call__(self, *args, hook: bool = False, **kwargs) -> Any:
         """Inside a trace, apply this module to traced values (e.g. the logit lens);
         outside, call the module. With ``hook=True`` the call's inner boundaries are
@@ -520,7 +528,7 @@ _ACCESSORS = ("output", "input", "inputs")
 # names a submodule may have that an envoy attribute shadows (reach it by item)
 _SHADOWING = frozenset(
     {*_ACCESSORS, "source", "skip", "path", "trace", "scan", "edit", "export", "to",
-     "generate", "cache", "save", "get"})
+     "generate", "cache", "save", "get", "all"})
 
 
 # envoy methods of older nnsight versions that fxsight spells another way: the rewrite
@@ -529,9 +537,6 @@ _NNSIGHT_ENVOY_METHODS = {
             "with the tracer: `with tracer.iter[1]: h = envoy.output` (or `for step in "
             "tracer.iter[0:3]:`), in generate and in a trace over a module called several "
             "times",
-    "all": "nnsight's `envoy.all()` (every call or decoding step) is written with the "
-           "tracer: `with tracer.all(): envoy.output[:] = 0` (or `for step in "
-           "tracer.all():`)",
     "iter": "nnsight's `envoy.iter[...]` is written with the tracer: `with "
             "tracer.iter[1:3]: ...` (or `for step in tracer.iter[1:3]:`)",
 }
