@@ -446,3 +446,45 @@ def test_next_of_a_module_names_the_tracers_spelling(gpt2, tokenizer):
     with pytest.raises(AttributeError, match=r"(?s)tracer.iter.*# the line"):
         with lm.generate(LONG, max_new_tokens=STEPS) as tracer:
             tracer.next()  # the line
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_of_a_saved_proxy_after_the_block(gpt2, tokenizer, backend):
+    """nnsight 0.4's ``h = x.save()`` then ``h.value`` after the block (its reference
+    pages: ``print(logits.value)``): a name whose ``.value`` is read after the block stays
+    the saved proxy, its ``.value`` the real value (a forward hook's); other names are the
+    values themselves (nnsight >= 0.5); in a loop, each trace's own value."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    with torch.no_grad(), lm.trace(LONG, backend=backend):
+        hidden = lm.transformer.ln_f.output.save()
+        logits = lm.lm_head.output.save()
+        plain = lm.lm_head.output.save()
+    expected_hidden, expected_logits = _alone(gpt2, _ids(tokenizer, LONG),
+                                              gpt2.transformer.ln_f)
+    torch.testing.assert_close(hidden.value[0], expected_hidden, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits.value[0], expected_logits, atol=ATOL, rtol=0)
+    assert type(plain) is torch.Tensor and torch.equal(plain, logits.value)
+    results = []
+    for prompt in (SHORT, MIDDLE):
+        with torch.no_grad(), lm.trace(prompt, backend=backend):
+            last = lm.lm_head.output[:, -1].save()
+        results.append(last.value)
+    for prompt, got in zip((SHORT, MIDDLE), results, strict=True):
+        _, expected = _alone(gpt2, _ids(tokenizer, prompt), gpt2.transformer.ln_f)
+        assert type(got) is torch.Tensor
+        torch.testing.assert_close(got[0], expected[-1], atol=ATOL, rtol=0)
+
+
+def test_value_of_a_saved_proxy_in_a_script(gpt2, tokenizer):
+    """The same at a script's top level (its variables are its globals)."""
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    script = ("with torch.no_grad(), lm.trace(prompt):\n"
+              "    logits = lm.lm_head.output.save()\n"
+              "    plain = lm.lm_head.output.save()\n"
+              "found = logits.value\n")
+    namespace = {"torch": torch, "lm": lm, "prompt": LONG}
+    exec(compile(script, "<script>", "exec"), namespace)  # noqa: S102 - a script's top level
+    _, expected = _alone(gpt2, _ids(tokenizer, LONG), gpt2.transformer.ln_f)
+    assert type(namespace["found"]) is torch.Tensor
+    torch.testing.assert_close(namespace["found"][0], expected, atol=ATOL, rtol=0)
+    assert type(namespace["plain"]) is torch.Tensor
