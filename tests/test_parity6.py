@@ -126,7 +126,8 @@ def test_a_negative_step_picks_each_prompts_tokens_backwards(gpt2, tokenizer, ba
     assert "# the line" in str(raised.value) and calls == []
 
 
-@pytest.mark.parametrize("key", [[True, False], [[0, 1]], [0.5], torch.tensor([[0, 1]]),
+@pytest.mark.parametrize("key", [[True, False], [[0, 1]], [0.5], [torch.tensor(0.5)],
+                                 torch.tensor([[0, 1]]), torch.tensor([0.0, 1.0]),
                                  1.5])
 def test_token_indices_that_are_no_positions_are_refused_at_the_line(gpt2, tokenizer, key):
     """A list of bools (a mask to torch), a nested list, floats: a TokenIndexError (an

@@ -132,12 +132,14 @@ def _index_list(key: Any, line: str) -> list[int]:
                 f"token indexing takes a 1-D tensor of ints, not one of shape "
                 f"{tuple(key.shape)} and dtype {key.dtype}", line))
         return [int(i) for i in key.tolist()]
-    if any(isinstance(i, bool) or not hasattr(i, "__index__") or isinstance(i, torch.Tensor)
-           and i.dim() != 0 for i in key):
+    try:
+        if any(isinstance(i, bool) for i in key):
+            raise TypeError("bools")  # (a mask to torch)
+        return [int(i.__index__()) for i in key]
+    except (AttributeError, TypeError, RuntimeError):
         raise TokenIndexError(at_line(
             f"token indexing with a list takes ints (positions, as `h[:, [0, 2]]`), not "
-            f"{key!r}", line))
-    return [int(i.__index__()) for i in key]
+            f"{key!r}", line)) from None
 
 
 def _check_range(index: int, spans: list[int], where: str, line: str) -> None:
