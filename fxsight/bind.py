@@ -4,11 +4,16 @@ Saved proxies are replaced wherever the caller's frame can reach them: its varia
 inside the lists, dicts, tuples and the user's own objects those hold (nested, a few levels
 deep; objects of torch, transformers and other libraries are not walked). A saved proxy
 kept somewhere else still stands for its value (see :mod:`fxsight.record.recorder`).
+
+nnsight 0.4's ``h.value`` after the block: a variable whose ``.value`` the caller's code
+reads after the line the trace ended at (``print(h.value)``) stays the saved proxy, whose
+``.value`` is the real value (it stands for its value in operations too).
 """
 
 from __future__ import annotations
 
 import ctypes
+import dis
 import sys
 import types
 from typing import Any, Callable
@@ -143,6 +148,37 @@ class _Walk:
                 return
 
 
+# the instructions that load a variable (3.11 - 3.14)
+_LOADS = frozenset({"LOAD_FAST", "LOAD_NAME", "LOAD_GLOBAL", "LOAD_DEREF", "LOAD_FAST_CHECK",
+                    "LOAD_FAST_BORROW"})
+# (code, offset) -> the names ``value_reads`` found; bounded
+_VALUE_READS: dict[tuple[types.CodeType, int], frozenset[str]] = {}
+_MAX_VALUE_READS = 256
+
+
+def value_reads(frame: types.FrameType) -> frozenset[str]:
+    """The variables whose ``.value`` the code of ``frame`` reads after the instruction it
+    runs now (``print(h.value)`` after a trace's block: nnsight 0.4's spelling)."""
+    key = (frame.f_code, frame.f_lasti)
+    found = _VALUE_READS.get(key)
+    if found is None:
+        names = set()
+        previous = None
+        for instruction in dis.get_instructions(frame.f_code):
+            if instruction.opname == "EXTENDED_ARG":
+                continue
+            if instruction.offset > frame.f_lasti and instruction.opname == "LOAD_ATTR" \
+                    and instruction.argval == "value" and previous is not None and \
+                    previous.opname in _LOADS:
+                names.add(previous.argval)
+            previous = instruction
+        found = frozenset(names)
+        if len(_VALUE_READS) >= _MAX_VALUE_READS:
+            _VALUE_READS.clear()
+        _VALUE_READS[key] = found
+    return found
+
+
 def _write_back(frame: types.FrameType) -> None:
     """Write ``frame.f_locals`` into its variables now, and make the dict the frame's
     view again (CPython writes it back once per ``f_locals`` read: a later change of the
@@ -166,6 +202,13 @@ def bind_frame(frame: types.FrameType | None, resolve: Resolve,
     if frame is None or (proxies is not None and not proxies):
         return
     namespace = frame.f_locals
+    # (names read as ``name.value`` later stay proxies: nnsight 0.4's spelling)
+    kept = [namespace[name] for name in value_reads(frame)
+            if type(namespace.get(name)) is Proxy and resolve(namespace[name])[0]]
+    if kept and proxies is not None:
+        proxies = [p for p in proxies if not any(p is k for k in kept)]
+        if not proxies:
+            return
     fast = namespace is not frame.f_globals and _LOCALS_TO_FAST is not None
     walk = _Walk(resolve, proxies, until)
     proxies = None  # (the walk holds them: counted against its probe)
@@ -179,6 +222,8 @@ def bind_frame(frame: types.FrameType | None, resolve: Resolve,
             index = kinds.index(Proxy, index + 1)
         except ValueError:
             break
+        if kept and any(namespace[names[index]] is k for k in kept):
+            continue
         ok, new = resolve(namespace[names[index]])
         if ok:
             namespace[names[index]] = new

@@ -89,12 +89,12 @@ def test_a_trace_leaves_every_module_attribute_the_same_object(backend):
     assert _replaced(model, before) == []  # (the reference: a plain forward)
     net = NNsight(model)
     with torch.no_grad():
-        if backend == "scan":
-            net.scan(ids, use_cache=False)
-        else:
-            with net.trace(ids, use_cache=False, backend=backend):
-                net.transformer.h[0].output[0][:] = 0
-                net.output.save()
+        # (a scan entered: `net.scan(ids)` alone on a line scanned nothing, silently)
+        context = net.scan(ids, use_cache=False) if backend == "scan" else \
+            net.trace(ids, use_cache=False, backend=backend)
+        with context:
+            net.transformer.h[0].output[0][:] = 0
+            net.output.save()
     assert _replaced(model, before) == []
 
 

@@ -64,7 +64,28 @@ def refuse_in_with(frame: FrameType, call: str, what: str, instead: str) -> None
     context manager of a ``with`` statement in ``frame`` (the caller's; fxsight's own calls
     are not checked): ``what`` it returns is no context manager, so the statement would
     fail only after the call ran (the model, a move). ``instead``: what to write."""
+    refuse_with(frame, f"`with {call}`: {call} is no context manager to use in a with "
+                       f"statement (it returns {what}, after running); {instead}")
+
+
+def refuse_with(frame: FrameType, message: str) -> None:
+    """Raise a ``TraceError`` saying ``message`` at the user's line where the value of the
+    running call is, for certain, the context manager of a ``with`` statement in ``frame``
+    (the caller's; fxsight's own calls are not checked)."""
     if not frame.f_code.co_filename.startswith(_PACKAGE_DIR) and is_with_statement(frame):
+        raise TraceError(at_line(message, user_line()))
+
+
+def refuse_discarded(frame: FrameType, call: str) -> None:
+    """Raise a ``TraceError`` where the value of the running call, a context to enter in a
+    ``with`` statement (a trace, a scan, an edit, a session), is dropped (the call alone on
+    a line: nothing would be traced or run, silently). ``frame``: the caller's; fxsight's
+    own calls are not checked."""
+    if frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        return
+    instruction = next_instruction(frame)
+    if instruction is not None and instruction.opname == "POP_TOP":
         raise TraceError(at_line(
-            f"`with {call}`: {call} is no context manager to use in a with statement (it "
-            f"returns {what}, after running); {instead}", user_line()))
+            f"`{call}` alone on a line does nothing: it gives a context to enter, "
+            f"`with {call}:` (the lines inside it are traced when the with statement "
+            f"ends)", user_line()))

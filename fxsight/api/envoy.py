@@ -22,8 +22,9 @@ from ..record.recorder import Recorder
 from ..record.sites import INPUT, OUTPUT, Site, module_label
 from ..capture.operations import innermost
 from .aliases import resolve
-from .call_site import refuse_in_with
+from .call_site import refuse_in_with, refuse_with
 from .envoy_classes import class_for
+from .legacy_steps import envoy_all
 from .source import source_of
 
 
@@ -129,9 +130,8 @@ class Envoy:
             raise AttributeError(at_line(
                 f"{module_label(self._path)} ({type(module).__name__}) has no submodule or "
                 f"attribute {name!r}{hint}", user_line())) from None
-        if type(value) is MethodType and value.__self__ is module and \
-                not _gives_context(value.__func__):
-            return _refused_in_with(value, f"{module_label(self._path)}.{name}")
+        if type(value) is MethodType and value.__self__ is module:
+            return _refused_in_with(value, f"{module_label(self._path)}.{name}", self._root)
         return value
 
     def _aliased(self, name: str) -> "Envoy | None":
@@ -404,6 +404,13 @@ class Envoy:
         """
         self._recorder("skip").create_skip(self._site(OUTPUT), value)
 
+    def all(self) -> Any:
+        """nnsight 0.4's ``envoy.all()`` inside ``lm.generate``: ``with
+        lm.transformer.h[0].all():`` is ``with tracer.all():`` for lines of that module (and
+        its submodules), ``with lm.all():`` for every module's; elsewhere a TraceError
+        (see :mod:`fxsight.api.legacy_steps`)."""
+        return envoy_all(self, self._tracer("all()"), sys._getframe(1))
+
     def __call__(self, *args, hook: bool = False, **kwargs) -> Any:
         """Inside a trace, apply this module to traced values (e.g. the logit lens);
         outside, call the module. With ``hook=True`` the call's inner boundaries are
@@ -444,13 +451,29 @@ def _gives_context(function: Any) -> bool:
         word in str(annotation) for word in ("Context", "Generator", "Iterator"))
 
 
-def _refused_in_with(method: MethodType, label: str) -> Callable:
+def _refused_in_with(method: MethodType, label: str, root: "Envoy") -> Callable:
     """``method`` (of the module, reached through its envoy) that raises a TraceError
-    before it runs where its call is a with statement's context manager."""
+    before it runs where its call is a with statement's context manager: inside a trace of
+    the model always (the with statement would end before the model runs), outside one
+    where it is not known to give a context manager."""
+    gives_context = _gives_context(method.__func__)
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        refuse_in_with(sys._getframe(1), f"{label}(...)", "what the method returns",
-                       _TRACE_INSTEAD)
+        frame = sys._getframe(1)
+        if current_tracer(root) is not None:
+            refuse_with(frame, f"`with {label}(...)` inside a trace: the trace records its "
+                               f"block and runs the model when the trace ends, after this "
+                               f"with statement has exited, so what the context manager "
+                               f"sets (or undoes) would not apply to that forward pass; "
+                               f"enter it around the trace: `with {label}(...):`, then "
+                               f"`with model.trace(...):` inside it")
+        elif not gives_context:
+            refuse_with(frame, f"`with {label}(...)`: {_TRACE_INSTEAD}. fxsight enters a "
+                               f"method's context manager where it can tell one is returned "
+                               f"without calling it (a generator function, as behind "
+                               f"@contextlib.contextmanager, or a method annotated to return "
+                               f"one: `-> contextlib.AbstractContextManager`); or call it "
+                               f"first: `cm = {label}(...)`, then `with cm:`")
         return method(*args, **kwargs)
 
     call = functools.wraps(method)(call)
@@ -505,7 +528,7 @@ _ACCESSORS = ("output", "input", "inputs")
 # names a submodule may have that an envoy attribute shadows (reach it by item)
 _SHADOWING = frozenset(
     {*_ACCESSORS, "source", "skip", "path", "trace", "scan", "edit", "export", "to",
-     "generate", "cache", "save", "get"})
+     "generate", "cache", "save", "get", "all"})
 
 
 # envoy methods of older nnsight versions that fxsight spells another way: the rewrite
@@ -514,9 +537,6 @@ _NNSIGHT_ENVOY_METHODS = {
             "with the tracer: `with tracer.iter[1]: h = envoy.output` (or `for step in "
             "tracer.iter[0:3]:`), in generate and in a trace over a module called several "
             "times",
-    "all": "nnsight's `envoy.all()` (every call or decoding step) is written with the "
-           "tracer: `with tracer.all(): envoy.output[:] = 0` (or `for step in "
-           "tracer.all():`)",
     "iter": "nnsight's `envoy.iter[...]` is written with the tracer: `with "
             "tracer.iter[1:3]: ...` (or `for step in tracer.iter[1:3]:`)",
 }

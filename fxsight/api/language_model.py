@@ -57,7 +57,7 @@ from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_en
                             _tokenizer_beside)
 from .nnsight import CLASS_ENVOYS, NNsight, plain_run_in_with, with_invoker_args
 from .padding_checks import PaddingChecks
-from .call_site import entered_by_with, refuse_in_with
+from .call_site import entered_by_with, refuse_discarded, refuse_in_with
 from .text_encoding import TOKENIZER_KEYWORDS, TokenEncoding
 from .token_index import TokenIndexer, reads_under
 from .token_inputs import (TOKEN_KEYWORDS, aligned, as_row, batch_sized, check_batchable,
@@ -136,6 +136,12 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         _refresh_envoys(self, new)
         _forget(old)
 
+    def dispatch(self) -> None:
+        """nnsight's name (≥ 0.5) of :meth:`dispatch_model`: load the real weights now (a
+        model already loaded stays as it is, also inside an open trace, which loaded
+        them)."""
+        self.dispatch_model()
+
     def _before_run(self) -> None:
         self.dispatch_model()
 
@@ -150,6 +156,8 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         kwargs = with_invoker_args(kwargs)
         if not inputs:
             inputs, kwargs = keyword_input(kwargs)
+        if kwargs.get("trace", True):
+            refuse_discarded(sys._getframe(1), "model.trace(...)")  # (before the weights load)
         self.dispatch_model()
         return super().trace(*inputs, **kwargs)
 

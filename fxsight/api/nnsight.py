@@ -13,7 +13,7 @@ from .._torch import OptimizedModule, uncompiled
 from ..capture.module_tree import ModuleTree
 from ..errors import InputError, TraceError, at_line, user_line
 from ..run.options import CompileOptions, RunOptions
-from .call_site import is_with_statement, refuse_in_with
+from .call_site import is_with_statement, refuse_discarded, refuse_in_with
 from .edit import EditTracer, export, seed_tracer
 from .aliases import check, normalize, spellings
 from .envoy import Envoy
@@ -176,6 +176,7 @@ class NNsight(Envoy):
         tracer = Tracer(self, args, kwargs, options)
         if self._edits:
             seed_tracer(tracer, self._edits)
+        refuse_discarded(sys._getframe(1), "model.trace(...)")
         return tracer
 
     def scan(self, *args, **kwargs) -> ScanTracer:
@@ -192,6 +193,7 @@ class NNsight(Envoy):
         """
         tracer = ScanTracer(self, args, kwargs)
         seed_tracer(tracer, self._edits)
+        refuse_discarded(sys._getframe(1), "model.scan(...)")
         return tracer
 
     def edit(self, *args, inplace: bool = False, **kwargs) -> EditTracer:
@@ -209,11 +211,14 @@ class NNsight(Envoy):
         >>> net.trace(torch.ones(1, 2), trace=False).abs().sum().item() > 0  # unchanged
         True
         """
-        return EditTracer(self, args, kwargs, self._run_options(None, None), inplace=inplace)
+        tracer = EditTracer(self, args, kwargs, self._run_options(None, None), inplace=inplace)
+        refuse_discarded(sys._getframe(1), "model.edit(...)")
+        return tracer
 
     def session(self) -> Session:
         """``with model.session():`` several traces as one unit: a value of an earlier
         trace is used in a later one without ``.save()`` (see :mod:`fxsight.api.session`)."""
+        refuse_discarded(sys._getframe(1), "model.session()")
         return Session(self)
 
     def clear_edits(self) -> None:

@@ -70,24 +70,26 @@ class TokenIndexer:
         if isinstance(key, slice):
             rows = [list(range(span))[key] for span in spans]
             if len({len(r) for r in rows}) > 1:
-                raise TraceError(at_line(
+                raise TokenIndexError(at_line(
                     f"token slice {_show(key)} selects a different number of tokens in the "
                     f"prompts of {where} ({', '.join(str(len(r)) for r in rows)}); use an "
                     f"index each prompt has", line))
             negative = [[self._place(p, span, gap, first) for p in r]
                         for r, span, gap, first in zip(rows, spans, gaps, firsts)]
+        elif isinstance(key, (list, torch.Tensor)) and not _scalar(key):
+            indices = _index_list(key, line)  # (as torch's ``h[:, [0, 2]]``: in that order)
+            for index in indices:
+                _check_range(index, spans, where, line)
+            negative = [[self._place(i % span, span, gap, first) for i in indices]
+                        for span, gap, first in zip(spans, gaps, firsts)]
         else:
             try:
                 index = int(key.__index__())
             except (AttributeError, TypeError):
-                raise TypeError(f"token indexing takes an int or a slice, not "
-                                f"{type(key).__name__}") from None
-            for r, span in enumerate(spans):
-                if not -span <= index < span:
-                    side = "past the end" if index >= 0 else "before the start"
-                    raise TokenIndexError(at_line(
-                        f"token index {index} is {side} of prompt {r} of {where}, "
-                        f"which has {span} tokens", line))
+                raise TokenIndexError(at_line(
+                    f"token indexing takes an int, a slice or a list of ints (as "
+                    f"`h[:, [0, 2]]` picks tokens), not {type(key).__name__}", line)) from None
+            _check_range(index, spans, where, line)
             negative = [self._place(index % span, span, gap, first)
                         for span, gap, first in zip(spans, gaps, firsts)]
         flat = [n for row in negative for n in (row if isinstance(row, list) else [row])]
@@ -104,7 +106,7 @@ class TokenIndexer:
         count = len(spans)
         positions = torch.tensor(negative, dtype=torch.long)
         rows = torch.arange(count)
-        if isinstance(key, slice):
+        if not isinstance(negative[0], int):  # (a slice or a list: one row of positions)
             rows = rows.reshape(count, 1)
         return (rows, positions)
 
@@ -114,6 +116,40 @@ class TokenIndexer:
         counted from the end, where padding of the batch goes before the row, else from
         the start."""
         return first + offset if self.from_start else offset - span - gap
+
+
+def _scalar(key: Any) -> bool:
+    """Whether ``key`` is one index (a 0-d tensor), not a list of them."""
+    return isinstance(key, torch.Tensor) and key.dim() == 0
+
+
+def _index_list(key: Any, line: str) -> list[int]:
+    """The ints of a list index (``[0, 2]``, a 1-D integer tensor); a list of bools (a
+    mask to torch), of lists, or of anything but ints is a ``TokenIndexError``."""
+    if isinstance(key, torch.Tensor):
+        if key.dim() != 1 or key.dtype.is_floating_point or key.dtype == torch.bool:
+            raise TokenIndexError(at_line(
+                f"token indexing takes a 1-D tensor of ints, not one of shape "
+                f"{tuple(key.shape)} and dtype {key.dtype}", line))
+        return [int(i) for i in key.tolist()]
+    try:
+        if any(isinstance(i, bool) for i in key):
+            raise TypeError("bools")  # (a mask to torch)
+        return [int(i.__index__()) for i in key]
+    except (AttributeError, TypeError, RuntimeError):
+        raise TokenIndexError(at_line(
+            f"token indexing with a list takes ints (positions, as `h[:, [0, 2]]`), not "
+            f"{key!r}", line)) from None
+
+
+def _check_range(index: int, spans: list[int], where: str, line: str) -> None:
+    """Raises where position ``index`` is out of a prompt's range."""
+    for r, span in enumerate(spans):
+        if not -span <= index < span:
+            side = "past the end" if index >= 0 else "before the start"
+            raise TokenIndexError(at_line(
+                f"token index {index} is {side} of prompt {r} of {where}, "
+                f"which has {span} tokens", line))
 
 
 def reads_under(node: Any, prefix: str) -> bool:
