@@ -74,7 +74,18 @@ def saved_generators(model: torch.nn.Module, args: tuple, kwargs: dict
 
 
 def _cuda_devices(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[int]:
-    """The CUDA devices a forward of ``model`` on these inputs may draw random numbers on."""
-    tensors = [*model.parameters(), *model.buffers(),
-               *(v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor))]
-    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    """The CUDA devices a forward of ``model`` on these inputs may draw random numbers on:
+    none where CUDA is not initialised in this process (no tensor can be on a CUDA device
+    then: nothing is walked); else those of the parameters, buffers and inputs, walked
+    until every device is found."""
+    if not torch.cuda.is_initialized():
+        return []
+    count = torch.cuda.device_count()
+    found: set[int] = set()
+    inputs = (v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor))
+    for tensor in itertools.chain(model.parameters(), model.buffers(), inputs):
+        if tensor.device.type == "cuda":
+            found.add(tensor.device.index or 0)
+            if len(found) >= count:
+                break
+    return sorted(found)
