@@ -49,9 +49,13 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "enclosing_checkpoint", "backend_flag_readers", "mha_fastpath_enabled",
            "function_mode_depth", "function_modes", "is_device_context", "dispatch_mode_depth",
            "dispatch_modes", "saved_tensors_hooks_top", "profiler_enabled",
-           "user_modes_suspended"]
+           "user_modes_suspended", "FAKE_TENSOR_LOGGER"]
 
 TreeSpec = pytree.TreeSpec
+
+# the logger of fake tensors' dispatch (it logs a meta kernel's failure with its traceback
+# before raising it; checked 2.11-2.13)
+FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"
 
 
 def _torch_at_least(major: int, minor: int) -> bool:
