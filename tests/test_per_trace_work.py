@@ -30,7 +30,8 @@ def test_a_trace_without_cuda_walks_no_parameters_for_random_generators():
     """Without CUDA initialised in the process no tensor can be on a CUDA device: the
     trace does not walk every parameter to find the CUDA generators to save (was: all
     24 parameters per hooks trace that writes with gradients on)."""
-    assert not torch.cuda.is_initialized()
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA is initialised in this process")
     model = _Counted()
     x = torch.randn(2, 4)
     reference = model(x).detach()

@@ -10,61 +10,71 @@ from typing import Any
 
 import torch
 
-from .._torch import (after_each_operator, pytree, returns_alias, storage_key,
-                      unmarked_writes, writes_unmarked, written_arguments)
+from .._torch import (pytree, returns_alias, storage_key, unmarked_writes, writes_unmarked,
+                      written_arguments)
 
 
 class BufferWrites:
-    """While active (``with writes:``, entered inside a scan's fake tensor mode, or around
-    a forward on real tensors), notes in :attr:`names` the names of ``model``'s buffers
-    that an operator writes in place: an argument its schema marks written (through the
-    buffer itself, a view of it or ``.data``: any tensor of its memory), or the running
-    statistics a batch norm kernel updates in training. Writes that no operator makes (to
-    a NumPy array sharing the memory) are not seen."""
+    """Notes in :attr:`names` the names of ``model``'s buffers that an operator writes in
+    place, given each operator run (:meth:`observe`, called after it by a dispatch mode:
+    inside a scan's fake tensor mode, or in a forward on real tensors): an argument its
+    schema marks written (through the buffer itself, a view of it or ``.data``: any
+    tensor of its memory, fake views of it included), or the running statistics a batch
+    norm kernel updates in training. Writes that no operator makes (to a NumPy array
+    sharing the memory) are not seen. :meth:`forget_views` ends a forward."""
 
     def __init__(self, model: torch.nn.Module):
-        self._names: dict[int, list[str]] = {}
+        self._buffer_keys: dict[int, list[str]] = {}  # storage key -> names
+        self._buffer_ids: dict[int, list[str]] = {}  # id -> names
         for name, buffer in model.named_buffers(remove_duplicate=False):
             if isinstance(buffer, torch.Tensor) and not buffer.is_meta:
-                self._names.setdefault(storage_key(buffer), []).append(name)
+                self._buffer_keys.setdefault(storage_key(buffer), []).append(name)
+                self._buffer_ids.setdefault(id(buffer), []).append(name)
         self.names: set[str] = set()
-        self._kept: list[torch.Tensor] = []
-        self._active: Any = None
+        self._keys = dict(self._buffer_keys)  # (with the views' of this forward)
+        self._ids = dict(self._buffer_ids)
+        self._kept: list[torch.Tensor] = []  # (their ids and keys stay theirs meanwhile)
 
-    def _after(self, operator: Any, args: tuple, kwargs: dict, result: Any) -> None:
+    @property
+    def watched(self) -> bool:
+        """Whether the model has buffers to watch (else nothing need observe)."""
+        return bool(self._buffer_keys)
+
+    def observe(self, operator: Any, args: tuple, kwargs: dict, result: Any) -> None:
+        """Note what ``operator`` (run on ``args``, giving ``result``) writes."""
         aliases, written, unmarked = _kind(operator)
         if aliases and args and isinstance(args[0], torch.Tensor):
-            names = self._names.get(storage_key(args[0]))
+            names = self._ids.get(id(args[0]))
+            if names is None and type(args[0]) is torch.Tensor:  # (a real tensor)
+                names = self._keys.get(storage_key(args[0]))
             if names is not None:  # (a view of a buffer: a fake one in a fake mode)
-                for leaf in pytree.tree_leaves(result):
-                    key = storage_key(leaf) if isinstance(leaf, torch.Tensor) else None
-                    if key is not None and key not in self._names:
-                        self._names[key] = names
-                        self._kept.append(leaf)  # (its key stays its own while it lives)
+                self._viewed(result, names)
         if written:
-            values = [args[i] if i < len(args) else kwargs.get(name) for i, name in written]
-            self._note(values)
+            self._note([args[i] if i < len(args) else kwargs.get(name)
+                        for i, name in written])
         if unmarked:
             self._note(list(unmarked_writes(operator, args)))
+
+    def forget_views(self) -> None:
+        """Drop the views of buffers this forward made (their keys are not theirs once
+        they are freed)."""
+        self._keys = dict(self._buffer_keys)
+        self._ids = dict(self._buffer_ids)
+        self._kept.clear()
+
+    def _viewed(self, result: Any, names: list[str]) -> None:
+        for leaf in pytree.tree_leaves(result):
+            if isinstance(leaf, torch.Tensor) and id(leaf) not in self._ids:
+                self._ids[id(leaf)] = names
+                self._keys.setdefault(storage_key(leaf), names)
+                self._kept.append(leaf)
 
     def _note(self, values: list[Any]) -> None:
         for leaf in pytree.tree_leaves(values):
             if isinstance(leaf, torch.Tensor):
-                names = self._names.get(storage_key(leaf))
+                names = self._keys.get(storage_key(leaf))
                 if names is not None:
                     self.names.update(names)
-
-    def __enter__(self) -> "BufferWrites":
-        if self._names:
-            self._active = after_each_operator(self._after)
-            self._active.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> bool:
-        active, self._active = self._active, None
-        self._kept.clear()
-        return bool(active.__exit__(*exc)) if active is not None else False
-
 
 
 @functools.lru_cache(maxsize=4096)

@@ -159,6 +159,8 @@ def _run(model, args, kwargs, events, record, recorded, writes):
     def where() -> str:  # (the module running now: names an attention)
         return events.stack[-1] if events.stack else ""
 
+    observe = writes.observe if writes.watched else None  # (the buffers written)
+
     with torch.no_grad():
         try:
             if offloaded(model):  # weights loaded by accelerate in each forward: real
@@ -171,12 +173,14 @@ def _run(model, args, kwargs, events, record, recorded, writes):
                 def fake(tensor):  # (torch before 2.13: meta weights take meta inputs only)
                     return mode.from_tensor(tensor.to("meta"))
             fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, fake, (args, kwargs))
-            flow = InputFlow(_followed(args, kwargs, (fake_args, fake_kwargs)), where)
+            flow = InputFlow(_followed(args, kwargs, (fake_args, fake_kwargs)), where,
+                             observe)
             # (a cache object among the inputs: a copy, the user's is not updated)
             fake_args, fake_kwargs = caches.copied(fake_args, fake_kwargs, fake)
-            with events.installed(), mode, flow, writes:
+            with events.installed(), mode, flow:
                 output = model(*fake_args, **fake_kwargs)
         except Exception:  # noqa: BLE001 - data-dependent code: probe with real values
+            writes.forget_views()
             for table in recorded:
                 table.clear()
             events = ModuleEvents(model, record, operations=events.operations)
@@ -187,11 +191,12 @@ def _run(model, args, kwargs, events, record, recorded, writes):
                 with events.installed(), flow:
                     output = model(*meta_args, **meta_kwargs)
             else:
-                flow = InputFlow(_followed(args, kwargs, (args, kwargs)), where)
+                flow = InputFlow(_followed(args, kwargs, (args, kwargs)), where, observe)
                 args, kwargs = caches.copied(args, kwargs, torch.Tensor.clone)
-                with events.installed(), flow, writes:
+                with events.installed(), flow:
                     output = model(*args, **kwargs)
                 bump("real_scans")
+    writes.forget_views()
     return output, events, flow.reads(output)
 
 
