@@ -49,9 +49,14 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "enclosing_checkpoint", "backend_flag_readers", "mha_fastpath_enabled",
            "function_mode_depth", "function_modes", "is_device_context", "dispatch_mode_depth",
            "dispatch_modes", "saved_tensors_hooks_top", "profiler_enabled",
-           "user_modes_suspended"]
+           "user_modes_suspended", "FAKE_TENSOR_LOGGER", "unmarked_writes",
+           "writes_unmarked"]
 
 TreeSpec = pytree.TreeSpec
+
+# the logger of fake tensors' dispatch (it logs a meta kernel's failure with its traceback
+# before raising it; checked 2.11-2.13)
+FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"
 
 
 def _torch_at_least(major: int, minor: int) -> bool:
@@ -321,6 +326,29 @@ def written_arguments(target: Any) -> tuple[tuple[int, str], ...]:
         return ()
     return tuple((i, a.name) for i, a in enumerate(target._schema.arguments)
                  if a.alias_info is not None and a.alias_info.is_write)
+
+
+# the batch norm kernels that update the running statistics they are given (arguments 3
+# and 4) in training (argument 5) although their schemas mark no write (checked 2.13)
+_STATISTICS_WRITERS = frozenset({"aten::native_batch_norm", "aten::cudnn_batch_norm",
+                                 "aten::miopen_batch_norm"})
+
+
+def writes_unmarked(target: Any) -> bool:
+    """Whether an operator overload writes in place what its schema does not say it
+    writes: a batch norm kernel (``native_batch_norm``, the cuDNN and MIOpen ones) updates
+    the running statistics it is given in training (their version counters are not bumped
+    either). :func:`unmarked_writes` says what."""
+    return is_op_overload(target) and target._schema.name in _STATISTICS_WRITERS
+
+
+def unmarked_writes(target: Any, args: tuple) -> tuple[Any, ...]:
+    """What an operator overload writes in place although its schema does not say so
+    (see :func:`writes_unmarked`): a batch norm kernel's running statistics, in
+    training."""
+    if not writes_unmarked(target) or len(args) < 6 or not args[5]:
+        return ()
+    return args[3], args[4]
 
 
 def compile_backend(backend: Any, mode: str | None, options: dict | None,

@@ -270,3 +270,36 @@ def test_a_repeated_trace_walks_no_other_length(tokenizer, backend, monkeypatch)
     for row, prompt in enumerate(PROMPTS):
         want = _hooked(model, tokenizer, prompt)["block"]
         torch.testing.assert_close(last[row], want[0, -1], atol=1e-5, rtol=0)
+
+
+def _logger_state(logger):
+    return (logger.level, list(logger.handlers), logger.propagate, list(logger.filters),
+            logger.disabled)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_walk_of_another_length_logs_nothing(tokenizer, backend, caplog):
+    """The walk of an input one token longer fails on this BERT (its position ids are a
+    buffer of 4): torch's fake-tensor logger logged the failure with its traceback (to
+    stderr: "failed while attempting to run meta for aten.expand.default"), although
+    fxsight handles it. Quiet during fxsight's own walk only: the logger's level,
+    handlers, propagation and filters are as before after the trace, refused or not, and
+    a record of the user's own is logged as before."""
+    import logging
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    before = _logger_state(logger)
+    model = _bert(tokenizer, 4)
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    prompts = ["Hi there", "Hi there"]
+    with pytest.raises(TokenIndexError, match=r"does not grow"):
+        with torch.no_grad(), lm.trace(prompts, output_attentions=True, backend=backend):
+            lm.encoder.layer[0].attention.self.output[1].token[-1].save()
+    assert _logger_state(logger) == before
+    with torch.no_grad(), lm.trace(prompts, backend=backend):
+        lm.encoder.layer[0].output.token[-1].save()
+    assert _logger_state(logger) == before
+    logged = [r.getMessage() for r in caplog.records if r.name == logger.name]
+    assert logged == [], logged
+    logger.error("the user's own record")
+    assert [r.getMessage() for r in caplog.records if r.name == logger.name] == [
+        "the user's own record"]

@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
+from .._torch import FAKE_TENSOR_LOGGER
 from ..capture.captures import MAX_CAPTURES
+from ..capture.quiet_logs import quiet_logger
 from ..capture.scan import cached_scan
 from ..errors import TokenIndexError, at_line
 from ..record.program import Node
@@ -83,9 +85,12 @@ def _token_verdicts(tracer: Any, args: tuple, kwargs: dict, rows: dict[Any, Rows
         walker = None
         try:  # (the model may fail on another length, or the lines recorded)
             other = _tokens_changed(kwargs, ids, step)
-            scanned = cached_scan(tracer.model._module, args, other, tracer._operations())
-            walker = MetaWalker(tracer.program, rows, scanned)
-            walker.run([node for node in tracer.program.nodes if node in needed])
+            # (a failure is reported below, if at all: not by torch's fake-tensor logger)
+            with quiet_logger(FAKE_TENSOR_LOGGER, errors_too=True):
+                scanned = cached_scan(tracer.model._module, args, other,
+                                      tracer._operations())
+                walker = MetaWalker(tracer.program, rows, scanned)
+                walker.run([node for node in tracer.program.nodes if node in needed])
         except Exception as error:  # noqa: BLE001 (refused below, naming it)
             failures.append(f"one token {'longer' if step > 0 else 'shorter'}: "
                             f"{_first_line(error)}")

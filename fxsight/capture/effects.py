@@ -34,8 +34,8 @@ def kept_tensors(model: torch.nn.Module):
 
 
 @contextlib.contextmanager
-def kept_forward_effects(model: torch.nn.Module, args: tuple, kwargs: dict
-                         ) -> Iterator[None]:
+def kept_forward_effects(model: torch.nn.Module, args: tuple, kwargs: dict,
+                         changed: list[torch.Tensor] | None = None) -> Iterator[None]:
     """What a forward of ``model`` run only to learn shapes (on fake or real tensors)
     changes is put back when the block ends: buffers and parameters changed in place get
     their values back (:func:`kept_tensors`), the random generators (the CPU's, and those
@@ -43,7 +43,8 @@ def kept_forward_effects(model: torch.nn.Module, args: tuple, kwargs: dict
     ``parametrize.cached()``'s cache its tensors (not those the forward computed, fake
     ones included). A buffer is compared by value too: BatchNorm's kernel updates its
     running statistics in place without bumping their version counter (a buffer holding
-    NaN is put back whatever happened: the same values)."""
+    NaN is put back whatever happened: the same values). ``changed``, if given, gets the
+    buffers so put back."""
     saved = [(b, tensor_version(b), b.detach().clone()) for b in model.buffers()
              if not b.is_meta]
     try:
@@ -55,6 +56,8 @@ def kept_forward_effects(model: torch.nn.Module, args: tuple, kwargs: dict
             for buffer, version, copy in saved:
                 if tensor_version(buffer) != version or not torch.equal(buffer, copy):
                     buffer.copy_(copy)
+                    if changed is not None:
+                        changed.append(buffer)
 
 
 def saved_generators(model: torch.nn.Module, args: tuple, kwargs: dict
@@ -74,7 +77,18 @@ def saved_generators(model: torch.nn.Module, args: tuple, kwargs: dict
 
 
 def _cuda_devices(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[int]:
-    """The CUDA devices a forward of ``model`` on these inputs may draw random numbers on."""
-    tensors = [*model.parameters(), *model.buffers(),
-               *(v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor))]
-    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    """The CUDA devices a forward of ``model`` on these inputs may draw random numbers on:
+    none where CUDA is not initialised in this process (no tensor can be on a CUDA device
+    then: nothing is walked); else those of the parameters, buffers and inputs, walked
+    until every device is found."""
+    if not torch.cuda.is_initialized():
+        return []
+    count = torch.cuda.device_count()
+    found: set[int] = set()
+    inputs = (v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor))
+    for tensor in itertools.chain(model.parameters(), model.buffers(), inputs):
+        if tensor.device.type == "cuda":
+            found.add(tensor.device.index or 0)
+            if len(found) >= count:
+                break
+    return sorted(found)

@@ -8,14 +8,11 @@ them and then removes them all.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import inspect
-import logging
-import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 import torch.fx as fx
@@ -33,6 +30,7 @@ from .dynamic_shapes import _auto_dynamic_shapes, _make_dynamic
 from .events import ModuleEvents
 from .hidden import NestedTensor, kept_constant
 from .memory import memory_roots
+from .quiet_logs import quiet_logger
 from . import opaque as opaque_calls
 from ..record.sites import Site
 
@@ -411,31 +409,13 @@ def _unwrap(gm: torch.nn.Module, graph: fx.Graph) -> torch.nn.Module:
     return owner
 
 
-class _OtherThreadsOrErrors(logging.Filter):
-    """Lets through the records of other threads, and errors."""
-
-    def __init__(self):
-        super().__init__()
-        self.thread = threading.get_ident()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread != self.thread or record.levelno >= logging.ERROR
-
-
-@contextlib.contextmanager
-def _quiet_symbolic_shapes():
+def _quiet_symbolic_shapes() -> ContextManager[None]:
     """A failed capture is reported once, by the fallback warning: keep torch's shape
     solver from also logging warnings about it ("Unable to find user code ...") for this
     thread. Nothing process-wide is swapped (``sys.stderr`` is never touched; the partial
     graph export would print is avoided by :class:`_Root`), and other threads log as
     usual."""
-    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    quiet = _OtherThreadsOrErrors()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
+    return quiet_logger("torch.fx.experimental.symbolic_shapes")
 
 
 def _marker(site: Site) -> str:

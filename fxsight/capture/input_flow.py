@@ -42,7 +42,7 @@ causal mask of them), still carry the mask as positions only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -370,13 +370,16 @@ class InputFlow:
     operator run: a result, and the memory of every tensor it shares storage with, carries
     the inputs its arguments carry. :meth:`reads` then says what an output carries. Enter
     it inside the fake tensor mode, with the tensors the forward is given. ``where()``:
-    the path of the module running now (naming the attentions)."""
+    the path of the module running now (naming the attentions). ``observe``: called
+    after each operator too, as ``after_each_operator``'s callback (in the same mode)."""
 
-    def __init__(self, inputs: list[Any], where: Any = lambda: ""):
+    def __init__(self, inputs: list[Any], where: Any = lambda: "",
+                 observe: Callable[[Any, tuple, dict, Any], None] | None = None):
         self._carried: dict[int, Flow] = {}  # storage key -> flow
         self._kept: list[torch.Tensor] = []  # (storage keys are valid while these live)
         self._attentions: list[tuple[str, int, Flow]] = []
         self._where = where
+        self._observe = observe
         self._followed = 0
         for index, value in enumerate(inputs):
             if isinstance(value, torch.Tensor):
@@ -395,6 +398,8 @@ class InputFlow:
         return _NONE
 
     def _after(self, operator: Any, args: tuple, kwargs: dict, result: Any) -> None:
+        if self._observe is not None:
+            self._observe(operator, args, kwargs, result)
         if _shape_only(operator):
             return
         flow, attention = _operator_flow(operator, args, kwargs, self._flow_of,

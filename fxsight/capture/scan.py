@@ -16,6 +16,7 @@ from .._torch import (FakeTensorMode, autocast_cache_off, enclosing_checkpoint,
 from ..stats import bump
 from . import caches
 from .captures import MAX_CAPTURES, flat_inputs, signature
+from .buffer_writes import BufferWrites
 from .effects import kept_forward_effects
 from .state import Watch
 from .dispatch import offloaded
@@ -44,6 +45,9 @@ class ScanResult:
     # the sites whose event the forward reaches inside ``torch.utils.checkpoint`` (in any
     # grad mode): "reentrant" or "non-reentrant" (see ``_torch.enclosing_checkpoint``)
     checkpointed: dict[Site, str] = field(default_factory=dict, repr=False)
+    # the names of the model's buffers the forward writes in place (see ``buffer_writes``;
+    # with those the scan's forward was seen to change, by value)
+    written_buffers: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self.index = {site: i for i, site in enumerate(self.events)}
@@ -129,26 +133,33 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
             checkpointed[site] = checkpoint
 
     events = ModuleEvents(model, record, operations=operations)
+    writes = BufferWrites(model)
+    changed: list[torch.Tensor] = []
     before = Watch(model, 0)
     try:
         # (a user's dispatch mode or saved-tensor hooks around the trace see its forward
         # only; fxsight's own modes, entered after, stay)
         with user_modes_suspended(), silenced_hooks(model), \
-                kept_forward_effects(model, args, kwargs), autocast_cache_off():
+                kept_forward_effects(model, args, kwargs, changed), autocast_cache_off():
             output, events, reads = _run(model, args, kwargs, events, record,
-                                          (values, devices, aliases, checkpointed))
+                                          (values, devices, aliases, checkpointed), writes)
     finally:
         if not before.unchanged():  # the forward changed the model: undone (a trace
             before.restore()        # changes it only as the plain forward does)
     bump("scans")
+    changed_ids = {id(t) for t in changed}
+    written = writes.names | {name for name, b in model.named_buffers(remove_duplicate=False)
+                              if id(b) in changed_ids}
     return ScanResult(list(events.order), values, devices, _tree_map(_to_meta, output),
                       callees=dict(events.callees), aliases=aliases, input_reads=reads,
-                      checkpointed=checkpointed)
+                      checkpointed=checkpointed, written_buffers=frozenset(written))
 
 
-def _run(model, args, kwargs, events, record, recorded):
+def _run(model, args, kwargs, events, record, recorded, writes):
     def where() -> str:  # (the module running now: names an attention)
         return events.stack[-1] if events.stack else ""
+
+    observe = writes.observe if writes.watched else None  # (the buffers written)
 
     with torch.no_grad():
         try:
@@ -162,12 +173,14 @@ def _run(model, args, kwargs, events, record, recorded):
                 def fake(tensor):  # (torch before 2.13: meta weights take meta inputs only)
                     return mode.from_tensor(tensor.to("meta"))
             fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, fake, (args, kwargs))
-            flow = InputFlow(_followed(args, kwargs, (fake_args, fake_kwargs)), where)
+            flow = InputFlow(_followed(args, kwargs, (fake_args, fake_kwargs)), where,
+                             observe)
             # (a cache object among the inputs: a copy, the user's is not updated)
             fake_args, fake_kwargs = caches.copied(fake_args, fake_kwargs, fake)
             with events.installed(), mode, flow:
                 output = model(*fake_args, **fake_kwargs)
         except Exception:  # noqa: BLE001 - data-dependent code: probe with real values
+            writes.forget_views()
             for table in recorded:
                 table.clear()
             events = ModuleEvents(model, record, operations=events.operations)
@@ -178,11 +191,12 @@ def _run(model, args, kwargs, events, record, recorded):
                 with events.installed(), flow:
                     output = model(*meta_args, **meta_kwargs)
             else:
-                flow = InputFlow(_followed(args, kwargs, (args, kwargs)), where)
+                flow = InputFlow(_followed(args, kwargs, (args, kwargs)), where, observe)
                 args, kwargs = caches.copied(args, kwargs, torch.Tensor.clone)
                 with events.installed(), flow:
                     output = model(*args, **kwargs)
                 bump("real_scans")
+    writes.forget_views()
     return output, events, flow.reads(output)
 
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from .._torch import enclosing_checkpoint, inside_activation_checkpoint
+from .._torch import enclosing_checkpoint, inside_activation_checkpoint, tensor_version
 from ..capture.effects import saved_generators
 from ..errors import TraceError, at_line
 from ..record.program import Kind, Node, Program
@@ -207,19 +207,30 @@ class _Refused(TraceError):
 
 
 @contextlib.contextmanager
-def undone_on_refusal(model: nn.Module, program: Program, args: tuple, kwargs: dict
-                      ) -> Iterator[None]:
+def undone_on_refusal(model: nn.Module, program: Program, args: tuple, kwargs: dict,
+                      written: frozenset[str] | None = None) -> Iterator[None]:
     """Around a hooks-backend forward: where :func:`check_write_outside_checkpoint` refuses
     a write as the forward reaches it, the model's buffers (BatchNorm's running
     statistics: changed in place without a version bump, so compared by value) and the
     random generators (dropout) are put back as they were before the forward (also where
     :func:`check_gradient_outside_reentrant` refuses a gradient). Snapshots are taken only
-    where a refusal can come: gradients on and a write or a gradient in ``program``."""
+    where a refusal can come: gradients on and a write or a gradient in ``program``; and
+    of the buffers the forward writes alone (``written``: their names, as the scan of
+    these inputs saw them, ``ScanResult.written_buffers``; ``None``: not known, all),
+    not of those it only reads.
+    Any other buffer written before the refusal (on a path the scan did not take: one run
+    only with gradients on) cannot be put back: the refusal names it where its version
+    counter moved (BatchNorm's kernel and a write through ``.data`` move none)."""
     if not torch.is_grad_enabled() or not any(
             _written_site(n) or _grad_site(n) for n in program.nodes):
         yield
         return
-    buffers = [(b, b.detach().clone()) for b in model.buffers() if not b.is_meta]
+    kept = [b for b in model.buffers() if not b.is_meta] if written is None \
+        else _named_buffers(model, written)
+    buffers = [(b, b.detach().clone()) for b in kept]
+    ids = {id(b) for b in kept}
+    versions = [(name, b, tensor_version(b)) for name, b in model.named_buffers()
+                if id(b) not in ids and not b.is_meta]
     generators = saved_generators(model, args, kwargs)
     try:
         yield
@@ -229,4 +240,24 @@ def undone_on_refusal(model: nn.Module, program: Program, args: tuple, kwargs: d
                 if not torch.equal(buffer, copy):
                     buffer.copy_(copy)
         generators()
-        raise TraceError(*refused.args) from None
+        moved = [name for name, b, version in versions if tensor_version(b) != version]
+        message = refused.args[0]
+        if moved:
+            message += (f"\n(before that, the forward had changed the buffers "
+                        f"{', '.join(moved)} in place, on a path the scan of these inputs "
+                        f"did not take: they are left as it changed them)")
+        raise TraceError(message, *refused.args[1:]) from None
+
+
+def _named_buffers(model: nn.Module, names: frozenset[str]) -> list[torch.Tensor]:
+    """The buffers of ``model`` with these names (each once; meta ones and names that no
+    longer name a buffer left out)."""
+    found: dict[int, torch.Tensor] = {}
+    for name in sorted(names):
+        try:
+            buffer = model.get_buffer(name)
+        except AttributeError:
+            continue
+        if isinstance(buffer, torch.Tensor) and not buffer.is_meta:
+            found.setdefault(id(buffer), buffer)
+    return list(found.values())

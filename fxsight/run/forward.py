@@ -303,7 +303,8 @@ def _run_hooks(module: nn.Module, program: Program, args: tuple, kwargs: dict,
     grad_keys: dict[Node, str] = {}
     output, values = run_with_hooks(module, program, rows, source.index, walker.positions,
                                     args, kwargs, stop=stop, grad_keys=grad_keys,
-                                    operations=operations, checkpointed=source.checkpointed)
+                                    operations=operations, checkpointed=source.checkpointed,
+                                    written_buffers=source.written_buffers)
     return Outcome("hooks", output, not stop, {n: values[n] for n in forward_saves},
                    None, grad_keys)
 

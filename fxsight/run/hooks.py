@@ -66,7 +66,8 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
                    stop: bool = False,
                    grad_keys: dict[Node, str] | None = None,
                    operations: frozenset = frozenset(),
-                   checkpointed: Mapping[Site, str] | None = None
+                   checkpointed: Mapping[Site, str] | None = None,
+                   written_buffers: frozenset[str] | None = None
                    ) -> tuple[Any, dict[Node, Any]]:
     """Run ``model(*args, **kwargs)`` with ``program`` interleaved; return the model's
     output and the value of every Program node.
@@ -74,7 +75,10 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
     ``stop``: end the forward pass (output ``None``) right after the last event the
     Program needs. ``operations``: the operations spec of the Program's operation sites
     (``capture.operations``). ``checkpointed``: the sites the forward reaches inside
-    ``torch.utils.checkpoint`` (``ScanResult.checkpointed``)."""
+    ``torch.utils.checkpoint`` (``ScanResult.checkpointed``). ``written_buffers``: the
+    names of the buffers the forward writes in place (``ScanResult.written_buffers``;
+    ``None``: not known, every buffer is kept to be put back should the forward be
+    refused mid-way)."""
     _check_backward_hooks(model, program)
     check_checkpointed_writes(model, program)
     check_checkpoint_sites(program, checkpointed or {})
@@ -115,7 +119,8 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
     skips = [n for n in program.nodes
              if n.skip and rows[n.invoke].whole]
     try:
-        with undone_on_refusal(model, program, args, kwargs), events.installed(), \
+        with undone_on_refusal(model, program, args, kwargs, written_buffers), \
+                events.installed(), \
                 _skipping(model, skips, walker, events, index):
             output = model(*args, **kwargs)
     except _StopForward:

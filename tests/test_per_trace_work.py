@@ -1,0 +1,234 @@
+"""Work a trace does per run, counted: what it walks or copies of the model must not grow
+with the model's size where the model gives it no reason to (no CUDA in the process, no
+buffer the forward writes)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fxsight import NNsight, TraceError
+
+
+class _Counted(torch.nn.Sequential):
+    """A stack of linear layers whose ``parameters()`` counts the parameters it yields."""
+
+    def __init__(self, layers: int = 12):
+        super().__init__(*(torch.nn.Linear(4, 4) for _ in range(layers)))
+        self.visited = 0
+
+    def parameters(self, recurse: bool = True):
+        for parameter in super().parameters(recurse):
+            self.visited += 1
+            yield parameter
+
+
+def test_a_trace_without_cuda_walks_no_parameters_for_random_generators():
+    """Without CUDA initialised in the process no tensor can be on a CUDA device: the
+    trace does not walk every parameter to find the CUDA generators to save (was: all
+    24 parameters per hooks trace that writes with gradients on)."""
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA is initialised in this process")
+    model = _Counted()
+    x = torch.randn(2, 4)
+    reference = model(x).detach()
+    net = NNsight(model)
+    for backend in ("hooks", "fx"):
+        with net.trace(x, backend=backend):  # (first: captures and scans)
+            net[3].output = net[3].output * 2
+            out = net.output.save()
+        model.visited = 0
+        with net.trace(x, backend=backend):
+            net[3].output = net[3].output * 2
+            out = net.output.save()
+        assert model.visited <= 1, (backend, model.visited)  # (the first one's dtype)
+        handle = model[3].register_forward_hook(lambda m, a, o: o * 2)
+        try:
+            torch.testing.assert_close(out, model(x))
+        finally:
+            handle.remove()
+    torch.testing.assert_close(model(x), reference)
+
+
+class _Buffered(torch.nn.Module):
+    """A large table the forward only reads, a step counter and BatchNorm statistics it
+    updates in place (the statistics without a version bump)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.register_buffer("table", torch.randn(1 << 16))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.steps += 1
+        return self.norm(self.lin(x)) + self.table[:4]
+
+
+class _Copies(TorchDispatchMode):
+    """Counts the copies made of each watched tensor's memory (a clone of it or of a view,
+    a ``copy_`` from it)."""
+
+    def __init__(self, watched: dict[str, torch.Tensor]):
+        super().__init__()
+        self.keys = {t.untyped_storage().data_ptr(): name for name, t in watched.items()}
+        self.copies: dict[str, int] = {name: 0 for name in watched}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        source = None
+        if func in (torch.ops.aten.clone.default, torch.ops.aten._to_copy.default):
+            source = args[0]
+        elif func is torch.ops.aten.copy_.default:
+            source = args[1]
+        if isinstance(source, torch.Tensor) and not source.is_meta:
+            name = self.keys.get(source.untyped_storage().data_ptr())
+            if name is not None:
+                self.copies[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_hooks_trace_that_writes_copies_no_buffer_the_forward_does_not_write():
+    """A hooks trace that writes with gradients on keeps what it needs to put the buffers
+    back should the forward be refused mid-way (a write inside a checkpoint): it copies the
+    buffers the forward writes (the step counter, BatchNorm's statistics), not the table
+    it only reads (was: every buffer, every trace: 4 x 4 MB took 173 ms a trace). The
+    outputs, gradients and buffers after are those of plain PyTorch with a forward hook."""
+    torch.manual_seed(0)
+    model = _Buffered().train()
+    plain = copy.deepcopy(model)
+    x = torch.randn(3, 4)
+    net = NNsight(model)
+    handle = plain.lin.register_forward_hook(lambda m, a, o: o * 2)
+    for trace in range(2):
+        copies = _Copies(dict(model.named_buffers()))
+        with copies:
+            with net.trace(x, backend="hooks"):
+                net.lin.output = net.lin.output * 2
+                out = net.output.save()
+                net.output.sum().backward()
+        if trace:  # (the first scans the model, and its scan puts back what it changed)
+            assert copies.copies["table"] == 0, copies.copies
+        want = plain(x)
+        want.sum().backward()
+        torch.testing.assert_close(out, want)
+        for name, value in plain.named_buffers():
+            assert torch.equal(model.get_buffer(name), value), name
+        for name, param in plain.named_parameters():
+            torch.testing.assert_close(model.get_parameter(name).grad, param.grad)
+    handle.remove()
+
+
+class _Writer(torch.nn.Module):
+    """Writes its buffers in place every way a forward may: a KV-style cache through views
+    and an indexed assignment, a counter, ``.data``, a view of a view, BatchNorm's
+    statistics; reads a table it never writes. ``branch``: data-dependent control flow
+    (the scan runs it on real values)."""
+
+    def __init__(self, branch: bool = False):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.register_buffer("cache", torch.zeros(2, 8, 4))
+        self.register_buffer("table", torch.randn(10))
+        self.register_buffer("position", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ema", torch.zeros(4))
+        self.register_buffer("halved", torch.ones(4))
+        self.register_buffer("unused", torch.ones(3))
+        self.branch = branch
+
+    def forward(self, x):
+        h = self.norm(self.lin(x))
+        if self.branch and bool(h.sum() > 1e9):
+            h = h * 2
+        self.cache[:, 1].copy_(h[:2])
+        self.cache[0, 2:4] = h[:2]
+        self.position += 1
+        self.ema.data.mul_(0.5).add_(h.detach().mean(0))
+        self.halved.view(2, 2)[0].mul_(0.5)
+        return h + self.table[:4].sum()
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["fake", "real"])
+def test_the_scan_names_the_buffers_a_plain_forward_changes(branch):
+    """The buffers the scan finds written are those a plain forward changes (on a copy of
+    the model), whether the scan runs on fake tensors or, for data-dependent code, on
+    real ones; and the scan leaves every buffer as it was."""
+    from fxsight.capture.scan import scan
+    torch.manual_seed(0)
+    model = _Writer(branch).train()
+    x = torch.randn(3, 4)
+    plain = copy.deepcopy(model)
+    before = {name: b.clone() for name, b in plain.named_buffers()}
+    plain(x)
+    changed = {name for name, b in plain.named_buffers() if not torch.equal(b, before[name])}
+    assert changed == {"cache", "position", "ema", "halved", "norm.running_mean",
+                       "norm.running_var", "norm.num_batches_tracked"}
+    result = scan(model, (x,), {})
+    assert result.written_buffers == changed
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), name
+
+
+class _CheckpointedWriter(_Writer):
+    """``_Writer``'s writes, then a block it checkpoints only with gradients on (the scan,
+    run without, does not see the checkpoint: a write there is refused mid-forward).
+    ``grad_only_write``: with gradients on, it also counts its calls in ``unused``."""
+
+    def __init__(self, grad_only_write: bool = False):
+        super().__init__()
+        self.block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
+        self.grad_only_write = grad_only_write
+
+    def forward(self, x):
+        h = super().forward(x)
+        if torch.is_grad_enabled():
+            if self.grad_only_write:
+                self.unused += 1
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=False)
+        else:
+            h = self.block(h)
+        return h
+
+
+def test_a_write_refused_mid_forward_puts_back_every_buffer_the_forward_wrote():
+    """Refused as the forward reaches a write inside a checkpoint: the KV-style cache, the
+    counter, the ``.data`` and view writes, BatchNorm's statistics, all written before the
+    refusal, are put back as they were (copied alone, not the table it only reads)."""
+    torch.manual_seed(0)
+    model = _CheckpointedWriter().train()
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    net, x = NNsight(model), torch.randn(3, 4)
+    for attempt in range(2):
+        copies = _Copies(dict(model.named_buffers()))
+        with copies, pytest.raises(TraceError, match=r"(?s)block\.0\.output.*checkpoint"):
+            with net.trace(x, backend="hooks"):
+                net.block[0].output = net.block[0].output * 2
+                net.output.sum().backward()
+        for name, b in model.named_buffers():
+            assert torch.equal(b, before[name]), name
+        if attempt:
+            assert copies.copies["table"] == 0 and copies.copies["unused"] == 0, copies.copies
+
+
+def test_a_buffer_written_on_a_path_the_scan_did_not_take_is_named_by_the_refusal():
+    """A buffer the forward writes only with gradients on (the scan runs without) is not
+    copied beforehand: where the forward is then refused mid-way, the refusal says it was
+    changed and is left so (the others are put back); without a refusal the trace leaves it
+    as a plain forward does."""
+    torch.manual_seed(0)
+    model = _CheckpointedWriter(grad_only_write=True).train()
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    net, x = NNsight(model), torch.randn(3, 4)
+    with pytest.raises(TraceError, match=r"(?s)block\.0\.output.*checkpoint.*buffers unused "
+                                         r"in place.*left as it changed them"):
+        with net.trace(x, backend="hooks"):
+            net.block[0].output = net.block[0].output * 2
+            net.output.sum().backward()
+    for name, b in model.named_buffers():
+        if name != "unused":
+            assert torch.equal(b, before[name]), name
+    assert torch.equal(model.unused, before["unused"] + 1)
