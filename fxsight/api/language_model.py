@@ -313,16 +313,23 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         check_keywords(self._module, (), given, where, line)
         check_positions(prepared, where, line)
         # (a row padded in the cache's tokens counts its real tokens too)
-        padded = None if facts.ones is None else \
-            not facts.ones or (past_mask is not None and not bool(past_mask.all()))
+        past_padded = past_mask is not None and not bool(past_mask.all())
+        padded = None if facts.ones is None else not facts.ones or past_padded
         self._check_padding(ids, padded, invoke, where, line)
         if invoke is not None and own_mask is None:
             invoke.padded = padded  # (the batch's check reads it, not the device)
         own_positions = prepared.get("position_ids") is None
-        # (where not known yet, positions counted from the mask: the batch drops them
-        # where no row turns out padded)
-        prepared = self._with_positions(prepared, [(prepared, ids.shape[1])],
-                                        padded=True if padded is None else padded)
+        if past_padded and own_positions:
+            # the positions the cache's padded rows were computed at are not known (a plain
+            # forward counts columns, generate real tokens): the model places the input's
+            # tokens, as in the plain call (_batch_inputs refuses where it cannot)
+            if invoke is not None:
+                invoke.model_positions = (where, line)
+        else:
+            # (where not known yet, positions counted from the mask: the batch drops them
+            # where no row turns out padded)
+            prepared = self._with_positions(prepared, [(prepared, ids.shape[1])],
+                                            padded=True if padded is None else padded)
         if invoke is not None and own_positions and "position_ids" in prepared:
             invoke.positions_made = True  # (the batch's positions need not compare them)
         if own_mask is not None:
@@ -366,10 +373,14 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         unpadded = self._accepts("position_ids") and \
             all("position_ids" not in kw and kw["input_ids"].shape[1] == length
                 for kw in invokes)
-        batched = self._with_positions(batched, [(kw, length) for kw in invokes],
-                                       padded=False if unpadded else
-                                       _known_padding(known, invokes, length),
-                                       made=[i.positions_made for i in known or ()])
+        if any(_model_positions(known, invokes)):
+            _check_model_positions(known, invokes, length)
+            batched.pop("position_ids", None)  # (the plain call's: the model's own)
+        else:
+            batched = self._with_positions(batched, [(kw, length) for kw in invokes],
+                                           padded=False if unpadded else
+                                           _known_padding(known, invokes, length),
+                                           made=[i.positions_made for i in known or ()])
         if self._mask_ignored() is not None and not self._takes_mask():
             batched.pop("attention_mask")  # (all ones: _check_padding saw to it)
         return (), batched
@@ -584,6 +595,47 @@ def _known_padding(invokes: list | None, prepared: list[dict], length: int) -> b
         return None
     return any(invoke.padded for invoke in invokes) or \
         any(kw["input_ids"].shape[1] != length for kw in prepared)
+
+
+def _model_positions(invokes: list | None, prepared: list[dict]) -> list[bool]:
+    """For each of the ``prepared`` inputs, whether it continues a cache whose rows are
+    padded and has no position ids (the model's own positions: the plain call's), from its
+    invoke's preparation where ``invokes`` are known, else read from its mask."""
+    if invokes and len(invokes) == len(prepared):
+        return [invoke.model_positions is not None for invoke in invokes]
+    found = []
+    for kw in prepared:
+        mask, past = kw.get("attention_mask"), past_width(kw.get("attention_mask"), kw)
+        found.append(bool(past) and "position_ids" not in kw and
+                     not bool(mask[:, :past].all()))
+    return found
+
+
+def _check_model_positions(invokes: list | None, prepared: list[dict], length: int) -> None:
+    """Raise before the run where an input continuing a cache of padded rows without
+    position ids (its positions the model's own) shares the batch with an input whose
+    position ids the batch passes, or is padded to the batch's ``length``: its tokens'
+    positions, which the model counts by columns or from the mask, would move."""
+    own = _model_positions(invokes, prepared)
+    known = invokes if invokes and len(invokes) == len(prepared) else None
+    where, line = known[own.index(True)].model_positions if known else ("the input", None)
+    for i, (kw, mine) in enumerate(zip(prepared, own)):
+        shorter = kw["input_ids"].shape[1] < length
+        passed = not mine and "position_ids" in kw and \
+            (known is None or known[i].padded or not known[i].positions_made)
+        if not (shorter or passed):
+            continue
+        reason = f"invoke #{i} is shorter than the batch's {length} tokens (left pads would " \
+            f"go between the cache's tokens and its own)" if shorter else \
+            f"invoke #{i} has position ids the batch passes"
+        raise TraceError(at_line(
+            f"{where} continues a cache whose rows are padded (zeros in the attention "
+            f"mask's columns of the cache) and gives no position_ids: the model places its "
+            f"tokens as the plain call does, which the batch cannot keep: {reason}. Pass "
+            f"position_ids= as the cache's were made (counted from the mask: "
+            f"(mask.cumsum(-1) - 1).clamp(min=0)[:, -n:], where generate made it; "
+            f"past + torch.arange(n), where a plain forward without them did), or give the "
+            f"invokes inputs of one length", line))
 
 
 def _generating(invoke: Any) -> bool:
