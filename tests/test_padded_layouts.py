@@ -296,3 +296,70 @@ def test_a_padded_cache_without_positions_is_not_padded_again(wrapped, backend):
     message = str(info.value)
     assert "invoke #0 continues a cache whose rows are padded" in message
     assert "invoke #1 is shorter" in message and "# the line" in message
+
+
+def _tiny_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                       num_attention_heads=4, max_position_embeddings=64,
+                       word_embed_proj_dim=32, pad_token_id=1, dropout=0.0)
+    return OPTForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def opt():
+    module = _tiny_opt()
+    return LanguageModel(module), module
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opt_padded_rows_are_their_prompts_alone_and_pads_the_plain_forwards(opt, backend):
+    """OPT places tokens by the mask's count (offset 2; pads at -1): prompts of different
+    lengths (invokes, a list) are each prompt alone; a padded batch given (left and right)
+    has each row's real tokens its prompt alone and every column, pads included, and a
+    loss over labels the plain forward's on the same batch (was: pads at 1, or counting
+    on after a right-padded row: pad logits 0.53 / 0.60 off, a left-padded loss 0.011);
+    a left-padded cache continued without position_ids is the plain call, and alone. An
+    input longer than its positions (the embedding holds 2 more rows, its offset) is a
+    ``TraceError`` before running (was an IndexError in the run)."""
+    lm, model = opt
+    with pytest.raises(TraceError, match="65 tokens long, longer than the model's 64"):
+        with lm.trace(torch.randint(4, 100, (1, 65)), backend=backend):
+            pass
+    rows = _rows(6, 3)
+    alone = [_alone(model, r) for r in rows]
+    with torch.no_grad(), lm.trace(backend=backend) as tracer:
+        with tracer.invoke([rows[0]]):
+            first = lm.output.logits.save()
+        with tracer.invoke([rows[1]]):
+            second, last = lm.output.logits.save(), lm.output.logits.token[-1].save()
+    torch.testing.assert_close(first[0], alone[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(second[0, -3:], alone[1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(last[0], alone[1][-1], atol=ATOL, rtol=0)
+    for layout in (_left_padded, _right_padded):
+        ids, mask = layout(rows, pad=1)
+        labels = ids.masked_fill(mask == 0, -100)
+        with torch.no_grad():
+            plain = model(input_ids=ids, attention_mask=mask, labels=labels)
+        with torch.no_grad(), lm.trace(input_ids=ids, attention_mask=mask, labels=labels,
+                                       backend=backend):
+            logits, loss = lm.output.logits.save(), lm.output.loss.save()
+        torch.testing.assert_close(logits, plain.logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(loss, plain.loss, atol=ATOL, rtol=0)
+        real = slice(3, None) if layout is _left_padded else slice(0, 3)
+        torch.testing.assert_close(logits[1, real], alone[1], atol=ATOL, rtol=0)
+    past_ids, past_mask = _left_padded(rows, pad=1)
+    new = torch.tensor(_rows(2, 2, seed=5))
+    mask = torch.cat([past_mask, torch.ones(2, 2, dtype=torch.long)], 1)
+    with torch.no_grad():
+        plain = model(new, attention_mask=mask,
+                      **{CACHE: _cache(model, past_ids, past_mask, False)}).logits
+    with torch.no_grad(), lm.trace(new, attention_mask=mask, backend=backend,
+                                   **{CACHE: _cache(model, past_ids, past_mask, False)}):
+        logits = lm.output.logits.save()
+    torch.testing.assert_close(logits, plain, atol=ATOL, rtol=0)
+    for row, past in enumerate(rows):
+        torch.testing.assert_close(logits[row], _alone(model, past + new[row].tolist(),
+                                                       len(past)), atol=ATOL, rtol=0)

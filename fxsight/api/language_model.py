@@ -53,6 +53,7 @@ from ..errors import InputError, TraceError, at_line, user_line
 from .edit import seed_tracer
 from .generation import Generator, GeneratorEnvoy
 from .inputs import check_keywords, describe, earlier_invokes, forward_signature
+from .mask_reads import places_by_mask
 from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
                             _tokenizer_beside)
 from .nnsight import CLASS_ENVOYS, NNsight, plain_run_in_with, with_invoker_args
@@ -114,6 +115,7 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         object.__setattr__(self, "_load_kwargs", dict(kwargs))
         object.__setattr__(self, "_dispatched", path is None)
         object.__setattr__(self, "_forward_params", None)
+        object.__setattr__(self, "_mask_positions", None)  # (places_by_mask, once)
         if dispatch:
             self.dispatch_model()
 
@@ -133,6 +135,7 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         object.__setattr__(self, "_module", new)
         object.__setattr__(self, "_dispatched", True)
         object.__setattr__(self, "_forward_params", None)
+        object.__setattr__(self, "_mask_positions", None)
         _refresh_envoys(self, new)
         _forget(old)
 
@@ -404,6 +407,11 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         invoke, whether its ``position_ids`` are these already, where known)."""
         if padded is False and all(kw.get("position_ids") is None for kw, _ in invokes):
             return {k: v for k, v in batched.items() if k != "position_ids"}
+        if all(kw.get("position_ids") is None or (made and made[i])
+               for i, (kw, _) in enumerate(invokes)) and self._places_by_mask():
+            # (the model counts real tokens from the mask itself, pads where it puts them:
+            # its own positions are the plain forward's, every row's its prompt's alone)
+            return {k: v for k, v in batched.items() if k != "position_ids"}
         parts, explicit = [], False
         first, pad = self._position_layout()
         # (a right-padded row's pads go on counting where the model's own positions count
@@ -442,6 +450,16 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
             out = ordered
         return out
 
+    def _places_by_mask(self) -> bool:
+        """Whether the model, given no ``position_ids``, places its tokens by counting the
+        attention mask's real tokens itself (OPT): read once per model, where it takes
+        ``position_ids`` (``mask_reads.places_by_mask``)."""
+        if self._mask_positions is None:
+            found = self._accepts("position_ids") and \
+                places_by_mask(self._module, self._device())
+            object.__setattr__(self, "_mask_positions", found)
+        return self._mask_positions
+
     def _input_embeddings(self) -> Any:
         """The model's ``get_input_embeddings()``, or ``None`` where it has none."""
         try:
@@ -451,8 +469,8 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
 
     def _position_embedding(self, embeddings: Any = _UNKNOWN) -> torch.nn.Embedding | None:
         """The model's learned position embedding (an ``nn.Embedding`` of
-        ``max_position_embeddings`` rows besides the input ``embeddings``, found where not
-        given), or ``None``."""
+        ``max_position_embeddings`` rows, and its ``offset`` where it has one (OPT's), besides
+        the input ``embeddings``, found where not given), or ``None``."""
         config = getattr(self._module, "config", None)
         limit = getattr(config, "n_positions", None) or \
             getattr(config, "max_position_embeddings", None)
@@ -461,7 +479,7 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         if embeddings is _UNKNOWN:
             embeddings = self._input_embeddings()
         return next((m for m in self._all_modules() if isinstance(m, torch.nn.Embedding)
-                     and m is not embeddings and m.num_embeddings == limit), None)
+                     and m is not embeddings and m.num_embeddings == limit + _offset(m)), None)
 
     def _position_layout(self, positions: Any = _UNKNOWN) -> tuple[int, int]:
         """``(first position, position of a pad)`` the model's own positions take: a
@@ -499,8 +517,8 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         positions = self._position_embedding(embeddings)
         # a learned position embedding of `limit` rows, from the first position the model
         # counts from (rotary ones have no limit)
-        limit = None if positions is None else \
-            positions.num_embeddings - self._position_layout(positions)[0]
+        limit = None if positions is None else positions.num_embeddings - \
+            _offset(positions) - self._position_layout(positions)[0]
         if limit is not None and past + ids.shape[1] > limit:
             length = f"the input is {ids.shape[1]} tokens long" if not past else \
                 f"the cache's {past} tokens and the input's {ids.shape[1]} are " \
@@ -636,6 +654,13 @@ def _check_model_positions(invokes: list | None, prepared: list[dict], length: i
             f"(mask.cumsum(-1) - 1).clamp(min=0)[:, -n:], where generate made it; "
             f"past + torch.arange(n), where a plain forward without them did), or give the "
             f"invokes inputs of one length", line))
+
+
+def _offset(positions: Any) -> int:
+    """The ``offset`` a learned position embedding adds to the positions it is given
+    (OPT's: 2), 0 where it has none."""
+    offset = getattr(positions, "offset", 0)
+    return offset if isinstance(offset, int) and not isinstance(offset, bool) else 0
 
 
 def _generating(invoke: Any) -> bool:
