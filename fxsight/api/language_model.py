@@ -61,7 +61,8 @@ from .padding_checks import PaddingChecks
 from .call_site import entered_by_with, refuse_in_with
 from .text_encoding import TOKENIZER_KEYWORDS, TokenEncoding
 from .token_index import TokenIndexer, reads_under
-from .token_inputs import (TOKEN_KEYWORDS, aligned, as_row, batch_sized, check_batchable,
+from .token_inputs import (DECODER_PADS, TOKEN_KEYWORDS, aligned, as_row, batch_sized,
+                           check_batchable,
                            check_positions, keyword_input, past_length, past_width,
                            split_past_mask, with_past_mask, with_token_keywords)
 from .token_rows import (TokenFacts, id_ranges, left_pad, read_facts, real_positions,
@@ -339,7 +340,8 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
             prepared["attention_mask"] = own_mask
         if earlier_invokes(invoke):
             check_batchable(earlier_invokes(invoke)[0].prepared, prepared, ids.shape[0],
-                             invoke.index, line, self._encoder_decoder())
+                             invoke.index, line, self._encoder_decoder(),
+                             self._encoder_decoder() and not _generating(invoke))
         return (), self._to_device(prepared), ids.shape[0]
 
     def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]],
@@ -349,8 +351,10 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         (``invokes``: those they were prepared for, where known: what their preparation
         found is not read from the device again)."""
         encoder_decoder = self._encoder_decoder()  # (a config's attribute: read once)
+        # (a trace right-pads an encoder-decoder's decoder tokens; generate cannot)
+        pad_decoder = encoder_decoder and not _generating(invokes[0] if invokes else None)
         for i, (_, kw, n) in enumerate(prepared[1:], 1):
-            check_batchable(prepared[0], kw, n, i, None, encoder_decoder)
+            check_batchable(prepared[0], kw, n, i, None, encoder_decoder, pad_decoder)
         known, invokes = invokes, [kw for _, kw, _ in prepared]
         length = max(kw["input_ids"].shape[1] for kw in invokes)
         right = self._pads_right()  # (an encoder-decoder's rows: padded on the right)
@@ -367,10 +371,15 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
                 past = past_width(column[0], invokes[0])
                 batched[key] = torch.cat([torch.cat([v[:, :past], left_pad(
                     v[:, past:], length, 0, right)], 1) for v in column])
+            elif pad_decoder and key in DECODER_PADS and \
+                    len({v.shape[1:] for v in column}) > 1:
+                batched[key] = self._decoder_padded(key, column)
             elif all(batch_sized(v, n) for v, (_, _, n) in zip(column, prepared)):
                 batched[key] = torch.cat(column)
             else:
                 batched[key] = column[0]
+        if pad_decoder:
+            batched = self._with_decoder_mask(batched, invokes)
         # (an invoke of a model taking position_ids has them where a row is padded: where
         # none has and all are as long, no row of the batch is padded)
         unpadded = self._accepts("position_ids") and \
@@ -387,6 +396,39 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         if self._mask_ignored() is not None and not self._takes_mask():
             batched.pop("attention_mask")  # (all ones: _check_padding saw to it)
         return (), batched
+
+    def _decoder_padded(self, key: str, column: list[torch.Tensor]) -> torch.Tensor:
+        """An encoder-decoder's decoder tokens ``key`` of the invokes (``column``), of
+        other lengths, right-padded to the longest: its decoder is causal, so a real token
+        reads no pad after it, each at its own position."""
+        width = max(value.shape[1] for value in column)
+        pad = DECODER_PADS[key]
+        pad = self._decoder_pad_id() if pad is None else pad
+        return torch.cat([left_pad(value, width, pad, right=True) for value in column])
+
+    def _decoder_pad_id(self) -> int:
+        """The id a decoder's tokens are padded with (the config's ``pad_token_id``, which
+        transformers' shift of labels puts at their -100s), else the tokenizer's."""
+        value = getattr(getattr(self._module, "config", None), "pad_token_id", None)
+        return value if isinstance(value, int) else self._pad_id()
+
+    def _with_decoder_mask(self, batched: dict, invokes: list[dict]) -> dict:
+        """``batched`` with a ``decoder_attention_mask`` over the decoder tokens the
+        invokes gave (ones, zeros at the pads of the shorter), where they were padded, no
+        invoke gave one and the model takes it."""
+        name = next((k for k in ("decoder_input_ids", "labels") if k in batched), None)
+        if name is None or "decoder_attention_mask" in batched or \
+                not self._accepts("decoder_attention_mask"):
+            return batched
+        widths = [kw[name].shape[1] for kw in invokes]
+        width = batched[name].shape[1]
+        if all(w == width for w in widths):
+            return batched
+        device = batched[name].device
+        mask = torch.cat([left_pad(torch.ones(kw[name].shape[:2], dtype=torch.long,
+                                              device=device), width, 0, right=True)
+                          for kw in invokes])
+        return {**batched, "decoder_attention_mask": mask}
 
     def _tokenizer_options(self, kwargs: dict) -> dict:
         """The tokenizer's keywords among an invoke's (``truncation=True, max_length=4``),
@@ -575,8 +617,9 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
             return TokenIndexer(tracer, proxy, from_start=True)
         if isinstance(tracer, Generator):  # (a decoding step's: counted from the end)
             return TokenIndexer(tracer, proxy)
-        length = _decoder_length(tracer, proxy._node.invoke)
-        return TokenIndexer(tracer, proxy, from_start=length is None, decoder_length=length)
+        lengths = _decoder_lengths(tracer, proxy._node.invoke)
+        return TokenIndexer(tracer, proxy, from_start=lengths is None,
+                            decoder_lengths=lengths)
 
     def _encoder_path(self) -> str | None:
         """The dotted path of an encoder-decoder's encoder (``get_encoder()``), or
@@ -590,18 +633,23 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
 
 
 # --- helpers ---------------------------------------------------------------------------------
-def _decoder_length(tracer: Any, invoke: int | None) -> int | None:
-    """The length of the decoder's tokens given to the invokes (``decoder_input_ids``,
-    ``decoder_inputs_embeds``, or ``labels`` it is made from), the same in every invoke;
-    ``None`` where they give none (the decoder's ids are then the input's, shifted)."""
+def _decoder_lengths(tracer: Any, invoke: int | None) -> list[int] | None:
+    """For each row of ``invoke`` (of the whole batch where ``None``), the length of the
+    decoder's tokens its invoke gave (``decoder_input_ids``, ``decoder_inputs_embeds``, or
+    ``labels`` they are made from; a trace right-pads the shorter); ``None`` where they
+    give none (the decoder's ids are then the input's, shifted)."""
     invokes = tracer.invokes if invoke is None else [tracer.invokes[invoke]]
+    lengths: list[int] = []
     for inv in invokes:
         kwargs = inv.prepared[1]
-        for name in ("decoder_input_ids", "decoder_inputs_embeds", "labels"):
-            value = kwargs.get(name)
-            if isinstance(value, torch.Tensor) and value.dim() >= 2:
-                return value.shape[1]
-    return None
+        value = next((kwargs[name] for name in ("decoder_input_ids", "decoder_inputs_embeds",
+                                                "labels")
+                      if isinstance(kwargs.get(name), torch.Tensor) and
+                      kwargs[name].dim() >= 2), None)
+        if value is None:
+            return None
+        lengths.extend([value.shape[1]] * inv.prepared[2])
+    return lengths
 
 
 def _known_padding(invokes: list | None, prepared: list[dict], length: int) -> bool | None:
