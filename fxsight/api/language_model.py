@@ -50,6 +50,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ..errors import InputError, TraceError, at_line, user_line
+from ..locks import model_lock
 from .edit import seed_tracer
 from .generation import Generator, GeneratorEnvoy
 from .inputs import check_keywords, describe, earlier_invokes, forward_signature
@@ -497,8 +498,10 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         attention mask's real tokens itself (OPT): read once per model, where it takes
         ``position_ids`` (``mask_reads.places_by_mask``)."""
         if self._mask_positions is None:
-            found = self._accepts("position_ids") and \
-                places_by_mask(self._module, self._device())
+            module = self._module
+            with model_lock(module):  # (its scan, as a trace's)
+                found = self._accepts("position_ids") and \
+                    places_by_mask(module, self._device())
             object.__setattr__(self, "_mask_positions", found)
         return self._mask_positions
 
