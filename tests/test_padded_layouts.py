@@ -363,3 +363,16 @@ def test_opt_padded_rows_are_their_prompts_alone_and_pads_the_plain_forwards(opt
     for row, past in enumerate(rows):
         torch.testing.assert_close(logits[row], _alone(model, past + new[row].tolist(),
                                                        len(past)), atol=ATOL, rtol=0)
+    # invokes of other lengths on that cache: left pads between its tokens and the shorter
+    # invoke's, which OPT's count of the mask skips (no refusal, unlike a model counting
+    # columns): each row its whole sequence alone
+    with torch.no_grad(), lm.trace(backend=backend, **{
+            CACHE: _cache(model, past_ids, past_mask, False)}) as tracer:
+        saved = []
+        for row, more in enumerate(([7, 8, 9], [10])):
+            with tracer.invoke(input_ids=torch.tensor([more]), attention_mask=torch.cat(
+                    [past_mask[row:row + 1], torch.ones(1, len(more), dtype=int)], 1)):
+                saved.append(lm.output.logits.token[:].save())
+    for row, (past, more) in enumerate(zip(rows, ([7, 8, 9], [10]))):
+        torch.testing.assert_close(saved[row][0], _alone(model, past + more, len(past)),
+                                   atol=ATOL, rtol=0)

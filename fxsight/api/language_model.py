@@ -387,7 +387,7 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
             all("position_ids" not in kw and kw["input_ids"].shape[1] == length
                 for kw in invokes)
         if any(_model_positions(known, invokes)):
-            _check_model_positions(known, invokes, length)
+            _check_model_positions(known, invokes, length, self._places_by_mask())
             batched.pop("position_ids", None)  # (the plain call's: the model's own)
         else:
             batched = self._with_positions(batched, [(kw, length) for kw in invokes],
@@ -680,18 +680,22 @@ def _model_positions(invokes: list | None, prepared: list[dict]) -> list[bool]:
     return found
 
 
-def _check_model_positions(invokes: list | None, prepared: list[dict], length: int) -> None:
+def _check_model_positions(invokes: list | None, prepared: list[dict], length: int,
+                           by_mask: bool) -> None:
     """Raise before the run where an input continuing a cache of padded rows without
     position ids (its positions the model's own) shares the batch with an input whose
     position ids the batch passes, or is padded to the batch's ``length``: its tokens'
-    positions, which the model counts by columns or from the mask, would move."""
+    positions, which the model counts by columns, would move (``by_mask``: the model
+    counts the mask's real tokens itself, which pads do not move; the batch passes only
+    a caller's position ids)."""
     own = _model_positions(invokes, prepared)
     known = invokes if invokes and len(invokes) == len(prepared) else None
     where, line = known[own.index(True)].model_positions if known else ("the input", None)
     for i, (kw, mine) in enumerate(zip(prepared, own)):
-        shorter = kw["input_ids"].shape[1] < length
+        shorter = not by_mask and kw["input_ids"].shape[1] < length
         passed = not mine and "position_ids" in kw and \
-            (known is None or known[i].padded or not known[i].positions_made)
+            (known is None or (known[i].padded and not by_mask) or
+             not known[i].positions_made)
         if not (shorter or passed):
             continue
         reason = f"invoke #{i} is shorter than the batch's {length} tokens (left pads would " \
