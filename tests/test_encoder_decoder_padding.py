@@ -289,23 +289,107 @@ def test_encoder_outputs_given_beside_a_right_padded_input(name, backend):
                                    atol=1e-5)
 
 
-@pytest.mark.parametrize("given", ["decoder_input_ids", "labels", "encoder_outputs"])
-def test_invokes_of_other_decoder_lengths_are_refused(given):
-    """Invokes whose decoder's tokens (``decoder_input_ids``, ``labels``) or encoder's
-    outputs differ in length are refused before the run, naming the keyword and the line
-    (their rows are not padded); the message shows shapes, not the tensors' values."""
+def _decoder_block(model):
+    """The decoder's last layer (its output is written by the tests)."""
+    decoder = model.model.decoder if isinstance(model, BartForConditionalGeneration) \
+        else model.decoder
+    return (decoder.layers if hasattr(decoder, "layers") else decoder.block)[-1]
+
+
+@pytest.mark.parametrize("name", ["bart", "t5"])
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_invokes_of_other_decoder_lengths_are_right_padded(name, backend):
+    """Invokes whose decoder tokens differ in length (``decoder_input_ids``, ``labels``)
+    are right-padded with a ``decoder_attention_mask`` (was: a TraceError before running):
+    each invoke's logits at its decoder tokens, ``.token[-1]`` (of an invoke and of the
+    whole batch) and a ``.token[-1]`` write of the decoder's last layer are its prompt
+    alone; the logits are the plain forward of the batch so padded; the loss over labels
+    is that of each prompt's own pairs."""
+    model = _model(name)
+    lm = LanguageModel(model)
+    decoders = [[2, 5, 7, 9], [2, 11]]
+    block = _envoy(lm, model, _decoder_block(model))
+
+    def alone(prompt, decoder, write=False, **extra):
+        def zero_last(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden.clone()
+            hidden[:, -1] = 0
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        handle = _decoder_block(model).register_forward_hook(zero_last) if write else None
+        try:
+            with torch.no_grad():
+                return model(torch.tensor([prompt]), decoder_input_ids=torch.tensor([decoder]),
+                             use_cache=False, **extra).logits[0]
+        finally:
+            if handle is not None:
+                handle.remove()
+    with torch.no_grad(), lm.trace(backend=backend, use_cache=False) as tracer:
+        saved = []
+        for prompt, decoder in zip((_A, _B), decoders):
+            with tracer.invoke(prompt, decoder_input_ids=torch.tensor([decoder])):
+                saved.append((lm.output.logits.save(), lm.output.logits.token[-1].save()))
+        with tracer.invoke():
+            lasts = lm.output.logits.token[-1].save()
+            whole = lm.output.logits.save()
+    pad = model.config.pad_token_id
+    with torch.no_grad():
+        plain = model(torch.tensor([_A, _B + [pad] * 3]),
+                      attention_mask=torch.tensor([[1] * 6, [1] * 3 + [0] * 3]),
+                      decoder_input_ids=torch.tensor([decoders[0], decoders[1] + [pad] * 2]),
+                      decoder_attention_mask=torch.tensor([[1] * 4, [1, 1, 0, 0]]),
+                      use_cache=False).logits
+    torch.testing.assert_close(whole, plain, rtol=1e-5, atol=1e-5)
+    for row, (prompt, decoder) in enumerate(zip((_A, _B), decoders)):
+        expected, n = alone(prompt, decoder), len(decoder)
+        logits, last = saved[row]
+        torch.testing.assert_close(logits[0, :n], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(last[0], expected[-1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lasts[row], expected[-1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), lm.trace(backend=backend, use_cache=False) as tracer:
+        written = []
+        for prompt, decoder in zip((_A, _B), decoders):
+            with tracer.invoke(prompt, decoder_input_ids=torch.tensor([decoder])):
+                hidden = block.output if name == "bart" else block.output[0]  # (T5: a tuple)
+                hidden.token[-1] = 0
+                written.append(lm.output.logits.save())
+    for row, (prompt, decoder) in enumerate(zip((_A, _B), decoders)):
+        torch.testing.assert_close(written[row][0, :len(decoder)],
+                                   alone(prompt, decoder, write=True), rtol=1e-5, atol=1e-5)
+    labels = [[5, 7, 9, 2], [11, 2]]
+    with torch.no_grad(), lm.trace(backend=backend, use_cache=False) as tracer:
+        for prompt, label in zip((_A, _B), labels):
+            with tracer.invoke(prompt, labels=torch.tensor([label])):
+                pass
+    with torch.no_grad():
+        pairs = [(model(torch.tensor([p]), labels=torch.tensor([label]),
+                        use_cache=False).logits[0], torch.tensor(label))
+                 for p, label in zip((_A, _B), labels)]
+    expected = torch.nn.functional.cross_entropy(torch.cat([p[0] for p in pairs]),
+                                                 torch.cat([p[1] for p in pairs]))
+    torch.testing.assert_close(tracer.result.loss, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_other_decoder_lengths_in_generate_and_encoder_outputs_are_refused():
+    """Invokes whose encoder outputs differ in length, or whose decoder tokens do in
+    ``lm.generate`` (its new tokens go after the last column: not padded), are refused
+    before the run, naming the keyword and the line; the message shows shapes, not the
+    tensors' values."""
     model = _model("bart")
     lm = LanguageModel(model)
-
-    def value(prompt, decoder):
-        if given != "encoder_outputs":
-            return torch.tensor([decoder])
-        with torch.no_grad():
-            return model.get_encoder()(input_ids=torch.tensor([prompt]))
-    with pytest.raises(TraceError, match=rf"disagree on '{given}'") as info:
+    with torch.no_grad():
+        encoded = [model.get_encoder()(input_ids=torch.tensor([p])) for p in (_A, _B)]
+    with pytest.raises(TraceError, match="disagree on 'encoder_outputs'") as info:
         with lm.trace() as tracer:
-            with tracer.invoke(_A, **{given: value(_A, [5, 7, 9])}):
+            with tracer.invoke(_A, encoder_outputs=encoded[0]):
                 pass
-            with tracer.invoke(_B, **{given: value(_B, [5, 7])}):  # the line
+            with tracer.invoke(_B, encoder_outputs=encoded[1]):  # the line
                 lm.output.save()
     assert "# the line" in str(info.value) and "tensor(" not in str(info.value)
+    with pytest.raises(TraceError, match="disagree on 'decoder_input_ids'") as info:
+        with lm.generate(**_GENERATE) as tracer:
+            with tracer.invoke(_A, decoder_input_ids=torch.tensor([[2, 5, 7]])):
+                pass
+            with tracer.invoke(_B, decoder_input_ids=torch.tensor([[2, 5]])):  # the line
+                pass
+    assert "# the line" in str(info.value) and "lm.generate" in str(info.value)

@@ -7,6 +7,7 @@ hand, the model run on one prompt at a time), never from fxsight itself.
 
 from __future__ import annotations
 
+import copy
 import socket
 
 import pytest
@@ -661,23 +662,33 @@ def test_position_ids_of_one_row_or_one_dimension(models, tokenizer):
 @pytest.mark.parametrize("backend", ["fx", "hooks"])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_continuing_the_cache_of_a_padded_batch(models, tokenizer, kind, backend):
-    """The cache of prompts of different lengths, continued with the mask of its tokens and
-    the new ones: each row goes on from its own real tokens, as the whole sequence run
-    alone (was: positions counted from the cache's length, a padded row's off by its
-    padding: logits off by 0.56 on GPT-2)."""
+    """The cache of prompts of different lengths (its rows' positions counting their real
+    tokens), continued with the mask of its tokens and the new ones and positions counted
+    from it: each row goes on from its own real tokens, as the whole sequence run alone.
+    Without position_ids the trace is the plain call on the same inputs (the positions
+    the cache's tokens were computed at are not known to it)."""
     lm, model = models[kind]
     a, b = _ids(tokenizer, PROMPT_A), _ids(tokenizer, PROMPT_B)
-    with torch.no_grad(), lm.trace([a, b], use_cache=True, backend=backend):
-        cache = getattr(lm.output, CACHE).save()
-    width = cache.get_seq_length()
+    caches = []
+    for _ in range(2):
+        with torch.no_grad(), lm.trace([a, b], use_cache=True, backend=backend):
+            caches.append(getattr(lm.output, CACHE).save())
+    width = caches[0].get_seq_length()
     new = _ids(tokenizer, " Paris")
     mask = torch.tensor([[1] * (width + len(new)),
                          [0] * (width - len(b)) + [1] * (len(b) + len(new))])
     inputs = {"input_ids": torch.tensor([new, new]), "attention_mask": mask}
-    with torch.no_grad(), lm.trace(inputs, **{CACHE: cache}, backend=backend):
+    positions = (mask.cumsum(-1) - 1)[:, -len(new):]
+    with torch.no_grad(), lm.trace(inputs, position_ids=positions, **{CACHE: caches[0]},
+                                   backend=backend):
         logits = lm.output.logits.save()
     for row, ids in enumerate([a, b]):
         torch.testing.assert_close(logits[row], _continued(model, ids, new), atol=ATOL, rtol=0)
+    with torch.no_grad():
+        plain = model(**inputs, **{CACHE: copy.deepcopy(caches[1])}).logits
+    with torch.no_grad(), lm.trace(inputs, **{CACHE: caches[1]}, backend=backend):
+        logits = lm.output.logits.save()
+    torch.testing.assert_close(logits, plain, atol=ATOL, rtol=0)
 
 
 def test_the_facts_of_rows_and_of_unpadded_ids_are_those_of_their_tensors():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fxsight import LanguageModel
+from fxsight.errors import TraceError
 from fxsight.generate.steps import CACHE
 from models import tiny_gpt2, tiny_llama
 
@@ -61,11 +62,13 @@ def _alone(model, ids: list[int], skip: int = 0, zero_last: bool = False) -> tor
             handle.remove()
 
 
-def _cache(model, ids: torch.Tensor, mask: torch.Tensor | None = None):
+def _cache(model, ids: torch.Tensor, mask: torch.Tensor | None = None, counted: bool = True):
     """The cache of a plain forward of ``ids`` (positions counting real tokens, as
-    ``generate`` counts them, where ``mask`` pads a row)."""
-    extra = {} if mask is None else {
-        "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)}
+    ``generate`` counts them, where ``mask`` pads a row; the model's own, its columns, where
+    not ``counted``)."""
+    extra = {} if mask is None else {"attention_mask": mask}
+    if mask is not None and counted:
+        extra["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     with torch.no_grad():
         return getattr(model(ids, use_cache=True, **extra), CACHE)
 
@@ -114,16 +117,25 @@ def test_a_right_padded_input_continues_a_cache(wrapped, kind, backend):
     for row, n in enumerate((4, 2)):
         torch.testing.assert_close(padded[row, 2:2 + n], alone[row], atol=ATOL, rtol=0)
         torch.testing.assert_close(lasts[row], alone[row][-1], atol=ATOL, rtol=0)
-    # after a left-padded cache (its row 1 of 3 real tokens)
+    # after a left-padded cache (its row 1 of 3 real tokens) made with positions counting
+    # real tokens, given those positions (without them: the plain call's, its columns)
     past_mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
     mask = torch.cat([past_mask, own], 1)
     with torch.no_grad(), lm.trace(input_ids=ids, attention_mask=mask, backend=backend,
+                                   position_ids=_counted(mask, 4),
                                    **{CACHE: _cache(model, torch.tensor(past[:2]), past_mask)}):
         logits, last = lm.output.logits.save(), lm.output.logits.token[-1].save()
     expected = [alone[0], _alone(model, past[1][2:] + short, 3)]
     for row, n in enumerate((4, 2)):
         torch.testing.assert_close(logits[row, :n], expected[row], atol=ATOL, rtol=0)
         torch.testing.assert_close(last[row], expected[row][-1], atol=ATOL, rtol=0)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask,
+                      **{CACHE: _cache(model, torch.tensor(past[:2]), past_mask)}).logits
+    with torch.no_grad(), lm.trace(input_ids=ids, attention_mask=mask, backend=backend,
+                                   **{CACHE: _cache(model, torch.tensor(past[:2]), past_mask)}):
+        logits = lm.output.logits.save()
+    torch.testing.assert_close(logits, plain, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -181,6 +193,8 @@ def test_left_padded_invokes_with_and_without_a_cache(wrapped, kind, backend):
         torch.testing.assert_close(logits[i % 2, -len(ids):], alone, atol=ATOL, rtol=0)
         torch.testing.assert_close(head[i % 2], alone[0], atol=ATOL, rtol=0)
         torch.testing.assert_close(tail[i % 2], alone[-1], atol=ATOL, rtol=0)
+    # (a cache made with positions counting real tokens, continued with them given: the
+    # positions of its padded rows are not known to the trace)
     past_ids, past_mask = _left_padded(rows)
     new = _rows(2, 1, 1, 3, seed=3)
     with torch.no_grad(), lm.trace(backend=backend,
@@ -188,8 +202,9 @@ def test_left_padded_invokes_with_and_without_a_cache(wrapped, kind, backend):
         saved = []
         for part in (slice(0, 2), slice(2, 4)):
             ids, mask = _left_padded(new[part])
-            with tracer.invoke(input_ids=ids, attention_mask=torch.cat([past_mask[part], mask],
-                                                                       1)):
+            mask = torch.cat([past_mask[part], mask], 1)
+            with tracer.invoke(input_ids=ids, attention_mask=mask,
+                               position_ids=_counted(mask, ids.shape[1])):
                 saved.append((lm.output.logits.save(), lm.output.logits.token[-1].save()))
     for i, (ids, more) in enumerate(zip(rows, new)):
         logits, tail = saved[i // 2]
@@ -203,3 +218,161 @@ def _left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, tor
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
+
+
+def _counted(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The positions of a mask's last ``n`` columns counting real tokens, as ``generate``
+    counts them (pads at 1)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -n:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_padded_cache_continued_without_positions_is_the_plain_forward(wrapped, kind,
+                                                                         backend):
+    """A left-padded cache from a plain forward (no ``position_ids``: its tokens at their
+    columns) continued with a mask over its tokens and the input's and no ``position_ids``:
+    the trace is the plain forward of the same call (was: positions counted from the mask,
+    unlike the cache's, GPT-2 0.48 off, Llama 0.0026), in each spelling of the input; on
+    Llama (rotary: only distances count) each row is also its prompt alone. With
+    ``position_ids`` counted from the mask and a cache made with them, each row is its
+    prompt alone."""
+    lm, model = wrapped[kind]
+    past, new = _rows(5, 3), _rows(2, 2, seed=4)
+    past_ids, past_mask = _left_padded(past)
+    ids = torch.tensor(new)
+    mask = torch.cat([past_mask, torch.ones(2, 2, dtype=torch.long)], 1)
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask,
+                      **{CACHE: _cache(model, past_ids, past_mask, False)}).logits
+    spellings = [((ids,), {"attention_mask": mask}),
+                 (({"input_ids": ids, "attention_mask": mask},), {}),
+                 ((), {"input_ids": ids, "attention_mask": mask})]
+    for args, kwargs in spellings:
+        kwargs = {**kwargs, CACHE: _cache(model, past_ids, past_mask, False)}
+        with torch.no_grad(), lm.trace(*args, backend=backend, **kwargs):
+            logits, last = lm.output.logits.save(), lm.output.logits.token[-1].save()
+        torch.testing.assert_close(logits, plain, atol=ATOL, rtol=0)
+        torch.testing.assert_close(last, plain[:, -1], atol=ATOL, rtol=0)
+    if kind == "llama":
+        for row, (p, r) in enumerate(zip(past, new)):
+            torch.testing.assert_close(plain[row], _alone(model, p + r, len(p)), atol=ATOL,
+                                       rtol=0)
+    with torch.no_grad(), lm.trace(ids, attention_mask=mask, position_ids=_counted(mask, 2),
+                                   backend=backend,
+                                   **{CACHE: _cache(model, past_ids, past_mask)}):
+        logits = lm.output.logits.save()
+    for row, (p, r) in enumerate(zip(past, new)):
+        torch.testing.assert_close(logits[row], _alone(model, p + r, len(p)), atol=ATOL,
+                                   rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_padded_cache_without_positions_is_not_padded_again(wrapped, backend):
+    """Invokes of other lengths continuing a cache whose rows are padded, without
+    ``position_ids``: the shorter one's tokens would be placed after left pads the plain
+    call does not have (positions by column moved, as the trace cannot know the cache's
+    positions): a ``TraceError`` before the model runs, naming the line; given
+    ``position_ids``, each row is its prompt alone."""
+    lm, model = wrapped["gpt2"]
+    past_ids, past_mask = _left_padded(_rows(3, 5))  # (row 0 padded)
+    cache = _cache(model, past_ids, past_mask, False)
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(TraceError) as info, torch.no_grad():
+            with lm.trace(backend=backend, **{CACHE: cache}) as tracer:
+                with tracer.invoke(input_ids=torch.tensor([[5, 6]]),  # the line
+                                   attention_mask=torch.cat([past_mask[:1],
+                                                             torch.ones(1, 2, dtype=int)], 1)):
+                    pass
+                with tracer.invoke(input_ids=torch.tensor([[7]]),
+                                   attention_mask=torch.cat([past_mask[1:],
+                                                             torch.ones(1, 1, dtype=int)], 1)):
+                    pass
+    finally:
+        handle.remove()
+    assert not calls
+    message = str(info.value)
+    assert "invoke #0 continues a cache whose rows are padded" in message
+    assert "invoke #1 is shorter" in message and "# the line" in message
+
+
+def _tiny_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                       num_attention_heads=4, max_position_embeddings=64,
+                       word_embed_proj_dim=32, pad_token_id=1, dropout=0.0)
+    return OPTForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def opt():
+    module = _tiny_opt()
+    return LanguageModel(module), module
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opt_padded_rows_are_their_prompts_alone_and_pads_the_plain_forwards(opt, backend):
+    """OPT places tokens by the mask's count (offset 2; pads at -1): prompts of different
+    lengths (invokes, a list) are each prompt alone; a padded batch given (left and right)
+    has each row's real tokens its prompt alone and every column, pads included, and a
+    loss over labels the plain forward's on the same batch (was: pads at 1, or counting
+    on after a right-padded row: pad logits 0.53 / 0.60 off, a left-padded loss 0.011);
+    a left-padded cache continued without position_ids is the plain call, and alone. An
+    input longer than its positions (the embedding holds 2 more rows, its offset) is a
+    ``TraceError`` before running (was an IndexError in the run)."""
+    lm, model = opt
+    with pytest.raises(TraceError, match="65 tokens long, longer than the model's 64"):
+        with lm.trace(torch.randint(4, 100, (1, 65)), backend=backend):
+            pass
+    rows = _rows(6, 3)
+    alone = [_alone(model, r) for r in rows]
+    with torch.no_grad(), lm.trace(backend=backend) as tracer:
+        with tracer.invoke([rows[0]]):
+            first = lm.output.logits.save()
+        with tracer.invoke([rows[1]]):
+            second, last = lm.output.logits.save(), lm.output.logits.token[-1].save()
+    torch.testing.assert_close(first[0], alone[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(second[0, -3:], alone[1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(last[0], alone[1][-1], atol=ATOL, rtol=0)
+    for layout in (_left_padded, _right_padded):
+        ids, mask = layout(rows, pad=1)
+        labels = ids.masked_fill(mask == 0, -100)
+        with torch.no_grad():
+            plain = model(input_ids=ids, attention_mask=mask, labels=labels)
+        with torch.no_grad(), lm.trace(input_ids=ids, attention_mask=mask, labels=labels,
+                                       backend=backend):
+            logits, loss = lm.output.logits.save(), lm.output.loss.save()
+        torch.testing.assert_close(logits, plain.logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(loss, plain.loss, atol=ATOL, rtol=0)
+        real = slice(3, None) if layout is _left_padded else slice(0, 3)
+        torch.testing.assert_close(logits[1, real], alone[1], atol=ATOL, rtol=0)
+    past_ids, past_mask = _left_padded(rows, pad=1)
+    new = torch.tensor(_rows(2, 2, seed=5))
+    mask = torch.cat([past_mask, torch.ones(2, 2, dtype=torch.long)], 1)
+    with torch.no_grad():
+        plain = model(new, attention_mask=mask,
+                      **{CACHE: _cache(model, past_ids, past_mask, False)}).logits
+    with torch.no_grad(), lm.trace(new, attention_mask=mask, backend=backend,
+                                   **{CACHE: _cache(model, past_ids, past_mask, False)}):
+        logits = lm.output.logits.save()
+    torch.testing.assert_close(logits, plain, atol=ATOL, rtol=0)
+    for row, past in enumerate(rows):
+        torch.testing.assert_close(logits[row], _alone(model, past + new[row].tolist(),
+                                                       len(past)), atol=ATOL, rtol=0)
+    # invokes of other lengths on that cache: left pads between its tokens and the shorter
+    # invoke's, which OPT's count of the mask skips (no refusal, unlike a model counting
+    # columns): each row its whole sequence alone
+    with torch.no_grad(), lm.trace(backend=backend, **{
+            CACHE: _cache(model, past_ids, past_mask, False)}) as tracer:
+        saved = []
+        for row, more in enumerate(([7, 8, 9], [10])):
+            with tracer.invoke(input_ids=torch.tensor([more]), attention_mask=torch.cat(
+                    [past_mask[row:row + 1], torch.ones(1, len(more), dtype=int)], 1)):
+                saved.append(lm.output.logits.token[:].save())
+    for row, (past, more) in enumerate(zip(rows, ([7, 8, 9], [10]))):
+        torch.testing.assert_close(saved[row][0], _alone(model, past + more, len(past)),
+                                   atol=ATOL, rtol=0)

@@ -27,6 +27,9 @@ class Invoke:
         # its position ids are the wrapper's own (LanguageModel: real-token positions of its
         # mask), not the caller's: the batch does not compare them again
         self.positions_made = False
+        # (LanguageModel: ``(where, line)`` where its input continues a cache whose rows are
+        # padded and gives no position ids: the model places its tokens, as the plain call)
+        self.model_positions: tuple[str, str] | None = None
         self._previous: Scope | None = None
 
     def __enter__(self) -> "Invoke":
@@ -53,6 +56,7 @@ class Alone:
 
     def __init__(self):
         self.padded: bool | None = None
+        self.model_positions: tuple[str, str] | None = None
 
 
 class WholeBatch:

@@ -50,9 +50,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ..errors import InputError, TraceError, at_line, user_line
+from ..locks import model_lock
 from .edit import seed_tracer
 from .generation import Generator, GeneratorEnvoy
 from .inputs import check_keywords, describe, earlier_invokes, forward_signature
+from .mask_reads import places_by_mask
 from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
                             _tokenizer_beside)
 from .nnsight import CLASS_ENVOYS, NNsight, plain_run_in_with, with_invoker_args
@@ -60,7 +62,8 @@ from .padding_checks import PaddingChecks
 from .call_site import entered_by_with, refuse_discarded, refuse_in_with
 from .text_encoding import TOKENIZER_KEYWORDS, TokenEncoding
 from .token_index import TokenIndexer, reads_under
-from .token_inputs import (TOKEN_KEYWORDS, aligned, as_row, batch_sized, check_batchable,
+from .token_inputs import (DECODER_PADS, TOKEN_KEYWORDS, aligned, as_row, batch_sized,
+                           check_batchable,
                            check_positions, keyword_input, past_length, past_width,
                            split_past_mask, with_past_mask, with_token_keywords)
 from .token_rows import (TokenFacts, id_ranges, left_pad, read_facts, real_positions,
@@ -114,6 +117,7 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         object.__setattr__(self, "_load_kwargs", dict(kwargs))
         object.__setattr__(self, "_dispatched", path is None)
         object.__setattr__(self, "_forward_params", None)
+        object.__setattr__(self, "_mask_positions", None)  # (places_by_mask, once)
         if dispatch:
             self.dispatch_model()
 
@@ -133,6 +137,7 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         object.__setattr__(self, "_module", new)
         object.__setattr__(self, "_dispatched", True)
         object.__setattr__(self, "_forward_params", None)
+        object.__setattr__(self, "_mask_positions", None)
         _refresh_envoys(self, new)
         _forget(old)
 
@@ -321,23 +326,31 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         check_keywords(self._module, (), given, where, line)
         check_positions(prepared, where, line)
         # (a row padded in the cache's tokens counts its real tokens too)
-        padded = None if facts.ones is None else \
-            not facts.ones or (past_mask is not None and not bool(past_mask.all()))
+        past_padded = past_mask is not None and not bool(past_mask.all())
+        padded = None if facts.ones is None else not facts.ones or past_padded
         self._check_padding(ids, padded, invoke, where, line)
         if invoke is not None and own_mask is None:
             invoke.padded = padded  # (the batch's check reads it, not the device)
         own_positions = prepared.get("position_ids") is None
-        # (where not known yet, positions counted from the mask: the batch drops them
-        # where no row turns out padded)
-        prepared = self._with_positions(prepared, [(prepared, ids.shape[1])],
-                                        padded=True if padded is None else padded)
+        if past_padded and own_positions:
+            # the positions the cache's padded rows were computed at are not known (a plain
+            # forward counts columns, generate real tokens): the model places the input's
+            # tokens, as in the plain call (_batch_inputs refuses where it cannot)
+            if invoke is not None:
+                invoke.model_positions = (where, line)
+        else:
+            # (where not known yet, positions counted from the mask: the batch drops them
+            # where no row turns out padded)
+            prepared = self._with_positions(prepared, [(prepared, ids.shape[1])],
+                                            padded=True if padded is None else padded)
         if invoke is not None and own_positions and "position_ids" in prepared:
             invoke.positions_made = True  # (the batch's positions need not compare them)
         if own_mask is not None:
             prepared["attention_mask"] = own_mask
         if earlier_invokes(invoke):
             check_batchable(earlier_invokes(invoke)[0].prepared, prepared, ids.shape[0],
-                             invoke.index, line, self._encoder_decoder())
+                             invoke.index, line, self._encoder_decoder(),
+                             self._encoder_decoder() and not _generating(invoke))
         return (), self._to_device(prepared), ids.shape[0]
 
     def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]],
@@ -347,8 +360,10 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         (``invokes``: those they were prepared for, where known: what their preparation
         found is not read from the device again)."""
         encoder_decoder = self._encoder_decoder()  # (a config's attribute: read once)
+        # (a trace right-pads an encoder-decoder's decoder tokens; generate cannot)
+        pad_decoder = encoder_decoder and not _generating(invokes[0] if invokes else None)
         for i, (_, kw, n) in enumerate(prepared[1:], 1):
-            check_batchable(prepared[0], kw, n, i, None, encoder_decoder)
+            check_batchable(prepared[0], kw, n, i, None, encoder_decoder, pad_decoder)
         known, invokes = invokes, [kw for _, kw, _ in prepared]
         length = max(kw["input_ids"].shape[1] for kw in invokes)
         right = self._pads_right()  # (an encoder-decoder's rows: padded on the right)
@@ -365,22 +380,64 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
                 past = past_width(column[0], invokes[0])
                 batched[key] = torch.cat([torch.cat([v[:, :past], left_pad(
                     v[:, past:], length, 0, right)], 1) for v in column])
+            elif pad_decoder and key in DECODER_PADS and \
+                    len({v.shape[1:] for v in column}) > 1:
+                batched[key] = self._decoder_padded(key, column)
             elif all(batch_sized(v, n) for v, (_, _, n) in zip(column, prepared)):
                 batched[key] = torch.cat(column)
             else:
                 batched[key] = column[0]
+        if pad_decoder:
+            batched = self._with_decoder_mask(batched, invokes)
         # (an invoke of a model taking position_ids has them where a row is padded: where
         # none has and all are as long, no row of the batch is padded)
         unpadded = self._accepts("position_ids") and \
             all("position_ids" not in kw and kw["input_ids"].shape[1] == length
                 for kw in invokes)
-        batched = self._with_positions(batched, [(kw, length) for kw in invokes],
-                                       padded=False if unpadded else
-                                       _known_padding(known, invokes, length),
-                                       made=[i.positions_made for i in known or ()])
+        if any(_model_positions(known, invokes)):
+            _check_model_positions(known, invokes, length, self._places_by_mask())
+            batched.pop("position_ids", None)  # (the plain call's: the model's own)
+        else:
+            batched = self._with_positions(batched, [(kw, length) for kw in invokes],
+                                           padded=False if unpadded else
+                                           _known_padding(known, invokes, length),
+                                           made=[i.positions_made for i in known or ()])
         if self._mask_ignored() is not None and not self._takes_mask():
             batched.pop("attention_mask")  # (all ones: _check_padding saw to it)
         return (), batched
+
+    def _decoder_padded(self, key: str, column: list[torch.Tensor]) -> torch.Tensor:
+        """An encoder-decoder's decoder tokens ``key`` of the invokes (``column``), of
+        other lengths, right-padded to the longest: its decoder is causal, so a real token
+        reads no pad after it, each at its own position."""
+        width = max(value.shape[1] for value in column)
+        pad = DECODER_PADS[key]
+        pad = self._decoder_pad_id() if pad is None else pad
+        return torch.cat([left_pad(value, width, pad, right=True) for value in column])
+
+    def _decoder_pad_id(self) -> int:
+        """The id a decoder's tokens are padded with (the config's ``pad_token_id``, which
+        transformers' shift of labels puts at their -100s), else the tokenizer's."""
+        value = getattr(getattr(self._module, "config", None), "pad_token_id", None)
+        return value if isinstance(value, int) else self._pad_id()
+
+    def _with_decoder_mask(self, batched: dict, invokes: list[dict]) -> dict:
+        """``batched`` with a ``decoder_attention_mask`` over the decoder tokens the
+        invokes gave (ones, zeros at the pads of the shorter), where they were padded, no
+        invoke gave one and the model takes it."""
+        name = next((k for k in ("decoder_input_ids", "labels") if k in batched), None)
+        if name is None or "decoder_attention_mask" in batched or \
+                not self._accepts("decoder_attention_mask"):
+            return batched
+        widths = [kw[name].shape[1] for kw in invokes]
+        width = batched[name].shape[1]
+        if all(w == width for w in widths):
+            return batched
+        device = batched[name].device
+        mask = torch.cat([left_pad(torch.ones(kw[name].shape[:2], dtype=torch.long,
+                                              device=device), width, 0, right=True)
+                          for kw in invokes])
+        return {**batched, "decoder_attention_mask": mask}
 
     def _tokenizer_options(self, kwargs: dict) -> dict:
         """The tokenizer's keywords among an invoke's (``truncation=True, max_length=4``),
@@ -400,6 +457,11 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         (``padded``: whether a row of its mask is padded, where known; ``made``: for each
         invoke, whether its ``position_ids`` are these already, where known)."""
         if padded is False and all(kw.get("position_ids") is None for kw, _ in invokes):
+            return {k: v for k, v in batched.items() if k != "position_ids"}
+        if all(kw.get("position_ids") is None or (made and made[i])
+               for i, (kw, _) in enumerate(invokes)) and self._places_by_mask():
+            # (the model counts real tokens from the mask itself, pads where it puts them:
+            # its own positions are the plain forward's, every row's its prompt's alone)
             return {k: v for k, v in batched.items() if k != "position_ids"}
         parts, explicit = [], False
         first, pad = self._position_layout()
@@ -439,6 +501,18 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
             out = ordered
         return out
 
+    def _places_by_mask(self) -> bool:
+        """Whether the model, given no ``position_ids``, places its tokens by counting the
+        attention mask's real tokens itself (OPT): read once per model, where it takes
+        ``position_ids`` (``mask_reads.places_by_mask``)."""
+        if self._mask_positions is None:
+            module = self._module
+            with model_lock(module):  # (its scan, as a trace's)
+                found = self._accepts("position_ids") and \
+                    places_by_mask(module, self._device())
+            object.__setattr__(self, "_mask_positions", found)
+        return self._mask_positions
+
     def _input_embeddings(self) -> Any:
         """The model's ``get_input_embeddings()``, or ``None`` where it has none."""
         try:
@@ -448,8 +522,8 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
 
     def _position_embedding(self, embeddings: Any = _UNKNOWN) -> torch.nn.Embedding | None:
         """The model's learned position embedding (an ``nn.Embedding`` of
-        ``max_position_embeddings`` rows besides the input ``embeddings``, found where not
-        given), or ``None``."""
+        ``max_position_embeddings`` rows, and its ``offset`` where it has one (OPT's), besides
+        the input ``embeddings``, found where not given), or ``None``."""
         config = getattr(self._module, "config", None)
         limit = getattr(config, "n_positions", None) or \
             getattr(config, "max_position_embeddings", None)
@@ -458,7 +532,7 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         if embeddings is _UNKNOWN:
             embeddings = self._input_embeddings()
         return next((m for m in self._all_modules() if isinstance(m, torch.nn.Embedding)
-                     and m is not embeddings and m.num_embeddings == limit), None)
+                     and m is not embeddings and m.num_embeddings == limit + _offset(m)), None)
 
     def _position_layout(self, positions: Any = _UNKNOWN) -> tuple[int, int]:
         """``(first position, position of a pad)`` the model's own positions take: a
@@ -496,8 +570,8 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         positions = self._position_embedding(embeddings)
         # a learned position embedding of `limit` rows, from the first position the model
         # counts from (rotary ones have no limit)
-        limit = None if positions is None else \
-            positions.num_embeddings - self._position_layout(positions)[0]
+        limit = None if positions is None else positions.num_embeddings - \
+            _offset(positions) - self._position_layout(positions)[0]
         if limit is not None and past + ids.shape[1] > limit:
             length = f"the input is {ids.shape[1]} tokens long" if not past else \
                 f"the cache's {past} tokens and the input's {ids.shape[1]} are " \
@@ -554,8 +628,9 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
             return TokenIndexer(tracer, proxy, from_start=True)
         if isinstance(tracer, Generator):  # (a decoding step's: counted from the end)
             return TokenIndexer(tracer, proxy)
-        length = _decoder_length(tracer, proxy._node.invoke)
-        return TokenIndexer(tracer, proxy, from_start=length is None, decoder_length=length)
+        lengths = _decoder_lengths(tracer, proxy._node.invoke)
+        return TokenIndexer(tracer, proxy, from_start=lengths is None,
+                            decoder_lengths=lengths)
 
     def _encoder_path(self) -> str | None:
         """The dotted path of an encoder-decoder's encoder (``get_encoder()``), or
@@ -569,18 +644,23 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
 
 
 # --- helpers ---------------------------------------------------------------------------------
-def _decoder_length(tracer: Any, invoke: int | None) -> int | None:
-    """The length of the decoder's tokens given to the invokes (``decoder_input_ids``,
-    ``decoder_inputs_embeds``, or ``labels`` it is made from), the same in every invoke;
-    ``None`` where they give none (the decoder's ids are then the input's, shifted)."""
+def _decoder_lengths(tracer: Any, invoke: int | None) -> list[int] | None:
+    """For each row of ``invoke`` (of the whole batch where ``None``), the length of the
+    decoder's tokens its invoke gave (``decoder_input_ids``, ``decoder_inputs_embeds``, or
+    ``labels`` they are made from; a trace right-pads the shorter); ``None`` where they
+    give none (the decoder's ids are then the input's, shifted)."""
     invokes = tracer.invokes if invoke is None else [tracer.invokes[invoke]]
+    lengths: list[int] = []
     for inv in invokes:
         kwargs = inv.prepared[1]
-        for name in ("decoder_input_ids", "decoder_inputs_embeds", "labels"):
-            value = kwargs.get(name)
-            if isinstance(value, torch.Tensor) and value.dim() >= 2:
-                return value.shape[1]
-    return None
+        value = next((kwargs[name] for name in ("decoder_input_ids", "decoder_inputs_embeds",
+                                                "labels")
+                      if isinstance(kwargs.get(name), torch.Tensor) and
+                      kwargs[name].dim() >= 2), None)
+        if value is None:
+            return None
+        lengths.extend([value.shape[1]] * inv.prepared[2])
+    return lengths
 
 
 def _known_padding(invokes: list | None, prepared: list[dict], length: int) -> bool | None:
@@ -592,6 +672,58 @@ def _known_padding(invokes: list | None, prepared: list[dict], length: int) -> b
         return None
     return any(invoke.padded for invoke in invokes) or \
         any(kw["input_ids"].shape[1] != length for kw in prepared)
+
+
+def _model_positions(invokes: list | None, prepared: list[dict]) -> list[bool]:
+    """For each of the ``prepared`` inputs, whether it continues a cache whose rows are
+    padded and has no position ids (the model's own positions: the plain call's), from its
+    invoke's preparation where ``invokes`` are known, else read from its mask."""
+    if invokes and len(invokes) == len(prepared):
+        return [invoke.model_positions is not None for invoke in invokes]
+    found = []
+    for kw in prepared:
+        mask, past = kw.get("attention_mask"), past_width(kw.get("attention_mask"), kw)
+        found.append(bool(past) and "position_ids" not in kw and
+                     not bool(mask[:, :past].all()))
+    return found
+
+
+def _check_model_positions(invokes: list | None, prepared: list[dict], length: int,
+                           by_mask: bool) -> None:
+    """Raise before the run where an input continuing a cache of padded rows without
+    position ids (its positions the model's own) shares the batch with an input whose
+    position ids the batch passes, or is padded to the batch's ``length``: its tokens'
+    positions, which the model counts by columns, would move (``by_mask``: the model
+    counts the mask's real tokens itself, which pads do not move; the batch passes only
+    a caller's position ids)."""
+    own = _model_positions(invokes, prepared)
+    known = invokes if invokes and len(invokes) == len(prepared) else None
+    where, line = known[own.index(True)].model_positions if known else ("the input", None)
+    for i, (kw, mine) in enumerate(zip(prepared, own)):
+        shorter = not by_mask and kw["input_ids"].shape[1] < length
+        passed = not mine and "position_ids" in kw and \
+            (known is None or (known[i].padded and not by_mask) or
+             not known[i].positions_made)
+        if not (shorter or passed):
+            continue
+        reason = f"invoke #{i} is shorter than the batch's {length} tokens (left pads would " \
+            f"go between the cache's tokens and its own)" if shorter else \
+            f"invoke #{i} has position ids the batch passes"
+        raise TraceError(at_line(
+            f"{where} continues a cache whose rows are padded (zeros in the attention "
+            f"mask's columns of the cache) and gives no position_ids: the model places its "
+            f"tokens as the plain call does, which the batch cannot keep: {reason}. Pass "
+            f"position_ids= as the cache's were made (counted from the mask: "
+            f"(mask.cumsum(-1) - 1).clamp(min=0)[:, -n:], where generate made it; "
+            f"past + torch.arange(n), where a plain forward without them did), or give the "
+            f"invokes inputs of one length", line))
+
+
+def _offset(positions: Any) -> int:
+    """The ``offset`` a learned position embedding adds to the positions it is given
+    (OPT's: 2), 0 where it has none."""
+    offset = getattr(positions, "offset", 0)
+    return offset if isinstance(offset, int) and not isinstance(offset, bool) else 0
 
 
 def _generating(invoke: Any) -> bool:

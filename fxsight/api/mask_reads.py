@@ -56,6 +56,24 @@ def mask_unread(module: torch.nn.Module, source: Any, args: tuple, kwargs: dict,
     return None if within is False else reads.keys_unmasked(index, tokens, keys, within)
 
 
+def places_by_mask(module: torch.nn.Module, device: Any) -> bool:
+    """Whether ``module``'s forward, given token ids and an attention mask and no position
+    ids, places its tokens by the mask: its rows' outputs carry the mask as token positions
+    near, not only through an attention (OPT's position embedding indexed by the count of
+    the mask's real tokens; an index made from hidden states, a mixture of experts' routing,
+    is not), so its own positions count real tokens and put the pads where it puts them.
+    Read from a forward pass on fake tensors of two tokens (``False`` where it cannot
+    run)."""
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    try:
+        reads = scan.cached_scan(module, (), kwargs).input_reads
+    except Exception:  # (a forward that cannot run so: positions as without the check)
+        return False
+    bit = 1 << _index((), kwargs, kwargs["attention_mask"])
+    return any(row and flow[3] & bit for _, row, flow in reads.outputs)
+
+
 def _decoder_unread(module: torch.nn.Module, args: tuple, kwargs: dict,
                     mask: torch.Tensor) -> str | None:
     """Why an encoder-decoder's decoder does not keep its rows from the pads of the

@@ -17,13 +17,13 @@ class TokenIndexer:
     (``proxy.token[0]`` is the first real token of every row, ``[-1]`` the last)."""
 
     def __init__(self, tracer, proxy, from_start: bool = False,
-                 decoder_length: int | None = None):
+                 decoder_lengths: list[int] | None = None):
         self.tracer = tracer
         self.proxy = proxy
         # (the batch pads rows on the right; or the value is an encoder-decoder's
-        # decoder's, of ``decoder_length`` tokens given per invoke and never padded)
-        self.from_start = from_start or decoder_length is not None
-        self.decoder_length = decoder_length
+        # decoder's, of ``decoder_lengths`` tokens given per row, right-padded)
+        self.from_start = from_start or decoder_lengths is not None
+        self.decoder_lengths = decoder_lengths
 
     def __getitem__(self, key: Any):
         return self.proxy[self._key(key, user_line())]
@@ -44,10 +44,9 @@ class TokenIndexer:
             raise TraceError(at_line("token indexing needs an input: the trace has none yet",
                                      line))
         where = "the whole batch" if invoke is None else f"invoke #{invoke}"
-        if self.decoder_length is not None:  # (every row all of the decoder's tokens)
-            rows = sum(inv.prepared[1]["input_ids"].shape[0] for inv in invokes)
-            return where, [self.decoder_length] * rows, [0] * rows, [0] * rows, \
-                invoke is None
+        if self.decoder_lengths is not None:  # (each row its decoder's tokens first)
+            rows = len(self.decoder_lengths)
+            return where, list(self.decoder_lengths), [0] * rows, [0] * rows, invoke is None
         spans: list[int] = []
         gaps: list[int] = []
         firsts: list[int] = []
@@ -96,7 +95,7 @@ class TokenIndexer:
         # (how many positions of dimension 1 the index needs: from the start where rows
         # are right-padded, else from the end)
         reach = max(flat, default=-1) + 1 if self.from_start else -min(flat, default=0)
-        if self.decoder_length is None:  # (a decoder's: checked against its ids above)
+        if self.decoder_lengths is None:  # (a decoder's: checked against its ids above)
             self.tracer._token_reads.append((self.proxy._node, reach, line))
         if whole:
             self.tracer.recorder.create_op("call_function", check_token_rows,

@@ -18,11 +18,16 @@ TOKEN_KEYWORDS = frozenset({"input_ids", "attention_mask", "token_type_ids", "po
                             "labels"})
 # the keywords of a cache passed in to a forward pass
 CACHE_KEYWORDS = ("cache", "past_key_values")
+# an encoder-decoder's decoder tokens that a trace's batch right-pads (with their pad value)
+DECODER_PADS = {"decoder_input_ids": None, "decoder_attention_mask": 0, "labels": -100}
 
 
 def check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
-                     line: str | None, encoder_decoder: bool) -> None:
-    """Raise unless an invoke's prepared inputs can share a batch with invoke #0's."""
+                     line: str | None, encoder_decoder: bool,
+                     pad_decoder: bool = False) -> None:
+    """Raise unless an invoke's prepared inputs can share a batch with invoke #0's
+    (``pad_decoder``: an encoder-decoder's decoder tokens of other lengths are right-padded,
+    as a trace's batch pads them)."""
     _, base, base_rows = first
     keys = [k for k in base if k != "position_ids"]
     other = [k for k in kwargs if k != "position_ids"]
@@ -40,11 +45,18 @@ def check_batchable(first: tuple, kwargs: dict, rows: int, index: int,
         if batch_sized(mine, rows) and batch_sized(theirs, base_rows) and \
                 mine.shape[1:] == theirs.shape[1:]:
             continue
+        if pad_decoder and key in DECODER_PADS and batch_sized(mine, rows) and \
+                batch_sized(theirs, base_rows) and mine.dim() == theirs.dim() == 2 and \
+                mine.dtype == theirs.dtype:
+            continue  # (right-padded to the longest by the batch)
         if not same(mine, theirs):
-            decoder = "; an encoder-decoder's decoder tokens and encoder outputs given " \
-                "are not padded: give every invoke as many, or run them in separate " \
-                "traces" if encoder_decoder and (key in ("labels", "encoder_outputs") or
-                                                 key.startswith("decoder_")) else ""
+            what = "decoder tokens of lm.generate (its new tokens go after the last " \
+                "column)" if key in DECODER_PADS and not pad_decoder else \
+                "decoder tokens and encoder outputs given"
+            decoder = f"; an encoder-decoder's {what} are not padded: give every invoke " \
+                "as many, or run them in separate traces" \
+                if encoder_decoder and (key in ("labels", "encoder_outputs") or
+                                        key.startswith("decoder_")) else ""
             raise TraceError(at_line(
                 f"invokes #0 and #{index} disagree on {key!r} ({brief(theirs)} vs "
                 f"{brief(mine)}); the invokes of a trace run in one batch{decoder}", line))
