@@ -254,3 +254,78 @@ def test_gpt_oss_sinks(backend):
     la, lb = _traced(model, backend)
     torch.testing.assert_close(la, _alone(model, _A))
     torch.testing.assert_close(lb[:, -len(_B):], _alone(model, _B))
+
+
+class _FlexLayer(torch.nn.Module):
+    """``flex_attention`` with a block mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(_WIDTH, 3 * _WIDTH)
+
+    def forward(self, h, block):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        q, k, v = (z.unflatten(-1, (_HEADS, -1)).transpose(1, 2)
+                   for z in self.qkv(h).chunk(3, -1))
+        return h + flex_attention(q, k, v, block_mask=block).transpose(1, 2).flatten(-2)
+
+
+class _FlexModel(torch.nn.Module):
+    """Two ``flex_attention`` layers whose block mask keeps the pads out (the layer
+    ``dropping``: causal only)."""
+
+    def __init__(self, dropping: int | None = None):
+        super().__init__()
+        self.dropping = dropping
+        self.embed = torch.nn.Embedding(32, _WIDTH)
+        self.layers = torch.nn.ModuleList(_FlexLayer() for _ in range(2))
+        self.head = torch.nn.Linear(_WIDTH, 32)
+
+    def forward(self, input_ids, attention_mask=None):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        h, (b, t) = self.embed(input_ids), input_ids.shape
+        keep = attention_mask.bool()
+
+        def causal(batch, head, query, key):
+            return key <= query
+
+        def padded(batch, head, query, key):
+            return (key <= query) & (keep[batch, key] | (key == query))
+
+        for i, layer in enumerate(self.layers):
+            h = layer(h, create_block_mask(causal if i == self.dropping else padded, b, None,
+                                           t, t, device=h.device))
+        return self.head(h)
+
+
+@pytest.mark.slow  # (9 s: flex_attention compiles its score function)
+def test_flex_attention_is_an_attention_in_a_captured_graph():
+    """``flex_attention`` (its higher-order operator in the captured graph) is an
+    attention: a layer whose block mask drops the pads' mask is found, the masked model
+    passes the check (was passed: no attention recorded). A padded trace runs neither
+    (the captured graph fails at its run; the hooks backend's scan cannot run
+    ``flex_attention``'s inner ``torch.compile`` under its dispatch mode, so the batch
+    is refused as one the check cannot tell): never silently wrong. (Run last: after
+    ``flex_attention`` ran under a dispatch mode, torch's dynamo fails on later plain
+    calls of it in the process, a torch 2.13 bug a plain ``TorchDispatchMode`` shows.)"""
+    from fxsight.api.mask_reads import mask_unread
+    from fxsight.capture.captures import cached_capture
+
+    masked, dropping = _model(_FlexModel), _model(_FlexModel, 1)
+    assert not torch.allclose(_padded(dropping), _alone(dropping, _B), atol=1e-3)
+    ids, mask = torch.tensor([_A, [0, 0, 0] + _B]), torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    reasons = []
+    for model in (masked, dropping):
+        with torch.no_grad():
+            capture = cached_capture(model, (), kwargs)
+        reasons.append(mask_unread(model, capture, (), kwargs, mask))
+    assert reasons[0] is None
+    assert reasons[1] is not None and "attention in layers.1 reads every key" in reasons[1]
+    for model in (masked, dropping):
+        with pytest.raises(Exception):  # noqa: B017 - (not run: any error, no value)
+            _traced(model, "fx")
+        with pytest.raises(TraceError, match="cannot be told"):
+            _traced(model, "hooks")
