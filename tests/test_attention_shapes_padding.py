@@ -1,7 +1,8 @@
 """The padding check per attention, for attentions whose scores are not four-dimensional
 SDPA's: a softmax over scores of three dimensions (batch * heads, queries, keys:
 ``torch.bmm`` attention as XGLM had it, ``nn.MultiheadAttention`` with ``need_weights``;
-its fused fast path in eval, which the hooks backend's scan runs), and a softmax over the
+its fused fast path in eval, which the hooks backend's scan runs, also in
+``nn.TransformerEncoderLayer``), and a softmax over the
 keys and a learned sink logit (GPT-OSS) whose sink column is dropped before the values
 are weighed. A model whose every layer masks the pads runs, each invoke's logits its
 prompt's alone; one layer dropping the mask is refused before running, naming that layer
@@ -96,6 +97,18 @@ class _Multihead(torch.nn.Module):
         return x + self.attention(x, x, x, need_weights=self.need_weights, **masks)[0]
 
 
+class _EncoderLayer(torch.nn.Module):
+    """``nn.TransformerEncoderLayer`` given the pads as ``src_key_padding_mask``."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.TransformerEncoderLayer(_WIDTH, _HEADS, 2 * _WIDTH, dropout=0.0,
+                                                      batch_first=True)
+
+    def forward(self, x, keep, mask):
+        return self.layer(x, src_key_padding_mask=None if keep is None else ~mask.bool())
+
+
 class _Model(torch.nn.Module):
     """Two attention layers of ``kind``; the layer ``dropping`` (if any) attends to every
     key, pads included (its attention drops the mask)."""
@@ -109,11 +122,11 @@ class _Model(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         h = self.embed(input_ids)
-        causal = not self.kind.startswith("mha")
+        causal = self.kind in ("bmm", "sink")
         keep = _keep(attention_mask, causal)
         unmasked = _keep(torch.ones_like(attention_mask), causal)
         for i, layer in enumerate(self.layers):
-            dropped = None if self.kind.startswith("mha") else unmasked
+            dropped = unmasked if causal else None
             h = layer(h, dropped if i == self.dropping else keep, attention_mask)
         return self.head(h)
 
@@ -123,12 +136,14 @@ def _layer(kind: str) -> torch.nn.Module:
         return _BmmAttention()
     if kind == "sink":
         return _SinkAttention()
+    if kind == "encoder_layer":
+        return _EncoderLayer()
     _, weights, mask = kind.split("-")
     return _Multihead(weights == "weights", mask == "attn_mask")
 
 
 _KINDS = ["bmm", "sink", "mha-weights-key_padding_mask", "mha-noweights-key_padding_mask",
-          "mha-weights-attn_mask", "mha-noweights-attn_mask"]
+          "mha-weights-attn_mask", "mha-noweights-attn_mask", "encoder_layer"]
 
 
 def _model(cls, *args):
@@ -181,8 +196,9 @@ def test_a_layer_dropping_the_mask_is_refused(kind, backend):
     """Layer 1 reads the pads: the padded row differs from the prompt alone (by 0.08 to
     1.1), and the batch is refused before running, naming that layer and the user's line
     (was run, silently wrong: the three-dimensional softmax was no attention to the
-    check, nor the fused ``MultiheadAttention`` the scan runs, and the sink's softmax
-    had one column more than the mask)."""
+    check, nor the fused ``MultiheadAttention`` the scan runs, also in a
+    ``TransformerEncoderLayer``, and the sink's softmax had one column more than the
+    mask)."""
     model = _model(_Model, kind, 1)
     assert not torch.allclose(_padded(model), _alone(model, _B), atol=1e-3)
     with pytest.raises(TraceError, match=r"(?s)invoke #1 is 3 tokens long.*ignores the "
