@@ -60,7 +60,12 @@ def kernel_keys(target: Any, args: tuple, tensor_of: Callable) -> int | None:
     if position is None or len(args) <= position:
         return None
     key = tensor_of(args[position])
-    return _size(key.shape[-2]) if isinstance(key, torch.Tensor) and key.dim() >= 2 else None
+    if not isinstance(key, torch.Tensor) or key.dim() < 2:
+        return None
+    try:
+        return _size(key.shape[-2])
+    except (RuntimeError, ValueError):  # (a nested tensor's ragged tokens)
+        return -1
 
 
 def softmax_keys(target: Any, args: tuple, tensor_of: Callable) -> tuple[int, bool] | None:
