@@ -27,7 +27,7 @@ carry its values.
 A mask that reaches the logits through one layer's attention says nothing of another's:
 a layer whose attention drops it reads every key, pads included. So each attention
 (``scaled_dot_product_attention`` and its kernels, a softmax over the last dimension of
-scores of four dimensions) is recorded with what its arguments carry *near*: not
+scores: see :mod:`.attention_ops`) is recorded with what its arguments carry *near*: not
 through an earlier attention (an attention's result, and its probabilities times the
 values, carry what they carry only as far). An attention reads the mask where it
 reaches it near (its key mask, its scores masked); it attends over the padded tokens
@@ -48,6 +48,7 @@ import torch
 import torch.fx as fx
 
 from .._torch import after_each_operator, pytree, storage_key, written_arguments
+from .attention_ops import Attentions, kernel_keys, softmax_keys
 from .memory import memory_roots
 
 _aten = torch.ops.aten
@@ -84,14 +85,6 @@ _ANGLES = frozenset({_aten.sin, _aten.sin_, _aten.cos, _aten.cos_, _aten.polar})
 _RUNNING_SUMS = frozenset({_aten.cumsum, _aten.cumsum_})
 # products: a position per token times a value per token (the mask) is still a position
 _PRODUCTS = frozenset({_aten.mul, _aten.mul_})
-# attention kernels (their key: argument 1), and softmaxes (of scores, four dimensions)
-_ATTENTIONS = frozenset(getattr(_aten, name) for name in (
-    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math",
-    "_scaled_dot_product_fused_attention_overrideable") if hasattr(_aten, name))
-_SOFTMAXES = frozenset(getattr(_aten, name) for name in ("softmax", "_softmax", "_safe_softmax")
-                       if hasattr(_aten, name))
 # products of matrices: attention probabilities times the values carry the values only
 # through the attention
 _MATMULS = frozenset({_aten.bmm, _aten.mm, _aten.matmul, _aten.einsum})
@@ -136,12 +129,11 @@ def _integer(value: Any) -> bool:
 
 
 def _operator_flow(target: Any, args: tuple, kwargs: dict, flow_of: Any,
-                   tensor_of: Any) -> tuple[Flow, tuple[int, Flow] | None]:
+                   tensor_of: Any) -> tuple[Flow, Flow]:
     """What an operator's result carries: its arguments' flows (``flow_of(leaf)``), an
     integer index argument's (``tensor_of(leaf)``: its tensor, for the dtype), a running
-    count's and an angle's as positions, an attention's not near; and, where the
-    operator is an attention, its keys' number and what its arguments carry (else
-    ``None``)."""
+    count's and an angle's as positions, an attention's not near; and what its arguments
+    carry (an attention's record)."""
     packet = _packet(target)
     index = _INDEX_ARGUMENTS.get(packet)
     index_arg = None
@@ -161,45 +153,23 @@ def _operator_flow(target: Any, args: tuple, kwargs: dict, flow_of: Any,
         flowing += 1
         attended |= not (carried[2] | carried[3])  # (an attention's result)
     if packet in _ANGLES or (packet in _RUNNING_SUMS and args and _count(tensor_of(args[0]))):
-        return _as_positions(flow), None
-    keys = _attention_keys(packet, args, tensor_of)
-    if keys is not None:
-        return _attended(flow), (keys, flow)
+        return _as_positions(flow), flow
+    if kernel_keys(target, args, tensor_of) is not None or \
+            softmax_keys(target, args, tensor_of) is not None:
+        return _attended(flow), flow
     if attended and packet in _MATMULS:
-        return _attended(flow), None
+        return _attended(flow), flow
     if positions_only and packet in _PRODUCTS and _per_token(args, tensor_of):
         # (a position per token scaled per token, ``(mask.cumsum(-1) - 1) * mask`` as
         # Bloom's ALiBi has it, is still a position; the values are kept aside, gated)
         return (flow[0] & ~positions_only, flow[1] | positions_only,
                 flow[2] & ~positions_only, flow[3] | positions_only & flow[2],
-                flow[4] | positions_only & flow[0]), None
+                flow[4] | positions_only & flow[0]), flow
     if flow[4] and flowing == 1 and packet in _COMPARISONS:
         # (gated positions compared with a constant, ``mask.cumsum(-1) * mask > 0``:
         # which tokens are pads, a key mask)
-        return (flow[0] | flow[4], flow[1], flow[2] | flow[4] & flow[3], flow[3], 0), None
-    return flow, None
-
-
-def _attention_keys(packet: Any, args: tuple, tensor_of: Any) -> int | None:
-    """The number of keys of an attention (a kernel, or a softmax over the last dimension
-    of scores of four dimensions), ``None`` for another operator."""
-    if packet in _ATTENTIONS and len(args) > 1:
-        key = tensor_of(args[1])
-        if isinstance(key, torch.Tensor) and key.dim() >= 2:
-            return _size(key.shape[-2])
-    if packet in _SOFTMAXES and len(args) > 1:
-        scores = tensor_of(args[0])
-        if isinstance(scores, torch.Tensor) and scores.dim() == 4 and args[1] in (-1, 3):
-            return _size(scores.shape[-1])
-    return None
-
-
-def _size(size: Any) -> int:
-    """A size as an int, -1 where it is symbolic without a value."""
-    try:
-        return int(size)
-    except (TypeError, ValueError, RuntimeError):
-        return -1
+        return (flow[0] | flow[4], flow[1], flow[2] | flow[4] & flow[3], flow[3], 0), flow
+    return flow, flow
 
 
 def _per_token(args: tuple, tensor_of: Any) -> bool:
@@ -328,17 +298,18 @@ def output_flows(graph: fx.Graph, marker: Any) -> tuple[list[Any], dict[Any, Flo
         return node.meta.get("val") if isinstance(node, fx.Node) else None
 
     leaves: list[Any] = []
-    attentions: list[tuple[str, int, Flow]] = []
+    attentions = Attentions(lambda node: node if isinstance(node, fx.Node) else None,
+                            tensor_of, carries)
     for node in graph.nodes:
         if node.op == "placeholder" or _shape_only(node.target):
             continue
         if node.op == "output":
             leaves = pytree.tree_leaves(node.args[0])
             continue
-        flow, attention = _operator_flow(node.target, node.args, node.kwargs, carries,
+        flow, arguments = _operator_flow(node.target, node.args, node.kwargs, carries,
                                          tensor_of)
-        if attention is not None:
-            attentions.append((_module_path(node), *attention))
+        attentions.after(node.target, node.args, [node], arguments,
+                         lambda: _module_path(node))
         carried[node] = flow
         if flow != _NONE:
             for position, name in written_arguments(node.target):
@@ -353,7 +324,7 @@ def output_flows(graph: fx.Graph, marker: Any) -> tuple[list[Any], dict[Any, Flo
         if isinstance(node.meta.get("val"), torch.Tensor):
             tensors |= 1 << i
     return leaves, {node: carries(node) for node in leaves if isinstance(node, fx.Node)}, \
-        tensors, tuple(attentions)
+        tensors, attentions.found()
 
 
 def _module_path(node: fx.Node) -> str:
@@ -377,7 +348,7 @@ class InputFlow:
                  observe: Callable[[Any, tuple, dict, Any], None] | None = None):
         self._carried: dict[int, Flow] = {}  # storage key -> flow
         self._kept: list[torch.Tensor] = []  # (storage keys are valid while these live)
-        self._attentions: list[tuple[str, int, Flow]] = []
+        self._attentions = Attentions(self._storage, lambda leaf: leaf, self._flow_of)
         self._where = where
         self._observe = observe
         self._followed = 0
@@ -392,6 +363,10 @@ class InputFlow:
         self._carried[key] = _or(self._carried.get(key, _NONE), flow)
         self._kept.append(tensor)
 
+    @staticmethod
+    def _storage(leaf: Any) -> int | None:
+        return storage_key(leaf) if isinstance(leaf, torch.Tensor) else None
+
     def _flow_of(self, leaf: Any) -> Flow:
         if isinstance(leaf, torch.Tensor):
             return self._carried.get(storage_key(leaf), _NONE)
@@ -402,10 +377,10 @@ class InputFlow:
             self._observe(operator, args, kwargs, result)
         if _shape_only(operator):
             return
-        flow, attention = _operator_flow(operator, args, kwargs, self._flow_of,
+        flow, arguments = _operator_flow(operator, args, kwargs, self._flow_of,
                                          lambda leaf: leaf)
-        if attention is not None:
-            self._attentions.append((self._where(), *attention))
+        self._attentions.after(operator, args, pytree.tree_leaves(result), arguments,
+                               self._where)
         if flow == _NONE:
             return
         written = [args[i] if i < len(args) else kwargs.get(name)
@@ -426,8 +401,8 @@ class InputFlow:
     def reads(self, output: Any) -> InputReads:
         """What ``output`` (the forward's output: any pytree of tensors) carries."""
         reads = input_reads(output, self._flow_of, lambda leaf: leaf, self._followed,
-                            self._attentions)
+                            self._attentions.found())
         self._kept.clear()
         self._carried.clear()
-        self._attentions = []
+        self._attentions = Attentions(self._storage, lambda leaf: leaf, self._flow_of)
         return reads
