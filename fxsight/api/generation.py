@@ -42,6 +42,7 @@ from ..run.forward import fall_back, metadata_source
 from ..run.options import RunOptions
 from ..splice.rows import Rows
 from ..splice.walker import Walker
+from .cache_layout import pads_after_cache, refusal
 from .calls import scoped_loop
 from .token_inputs import CACHE_KEYWORDS, past_length
 from .tracer import Tracer
@@ -167,6 +168,7 @@ class Generator(Tracer):
         name = next((name for name in CACHE_KEYWORDS if name in given), None)
         if invoke is None or name is None or not past_length(given, None):
             return args, kwargs
+        kwargs = self._after_cache_layout(kwargs, [self.invokes[invoke]])
         start = sum(inv.prepared[2] for inv in self.invokes[:invoke])
         stop = start + self.invokes[invoke].prepared[2]
         cache = given[name]
@@ -176,6 +178,27 @@ class Generator(Tracer):
         except (CacheUnsupported, NotOnGraph, StopIteration):
             rows = None
         return args, {**kwargs, name: rows}
+
+    def _batched(self) -> tuple[tuple, dict, dict[Any, Rows]]:
+        # (prompts of different lengths continuing a cache: padded after its tokens)
+        args, kwargs, rows = super()._batched()
+        return args, self._after_cache_layout(kwargs, self.invokes), rows
+
+    def _after_cache_layout(self, kwargs: dict, invokes: list) -> dict:
+        """``kwargs`` (the rows of ``invokes``, left-padded) laid out after a cache given
+        to ``generate`` where a row is padded (:mod:`fxsight.api.cache_layout`)."""
+        past = self._cached_tokens(kwargs)
+        if not past or not _padded_rows(invokes):
+            return kwargs
+        return pads_after_cache(kwargs, past)
+
+    def _cached_tokens(self, kwargs: dict | None = None) -> int:
+        """How many of the prompts' first tokens a cache given to ``generate`` holds (a
+        decoder-only model's: step 0 computes the tokens after them); else 0."""
+        config = getattr(self.model._module, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            return 0
+        return past_length({**self._generate_kwargs, **(kwargs or {})}, None)
 
     def _first_decoder_ids(self, kwargs: dict) -> torch.Tensor | None:
         """For an encoder-decoder model, the decoder's ids at the first decoding step
@@ -402,22 +425,21 @@ class Generator(Tracer):
 
     def _check_cache_padding(self, kwargs: dict) -> None:
         """``generate`` takes the whole sequence, a cache given to it holding its first
-        tokens: rows of different lengths (invokes, ragged prompts) are left-padded before
-        the cache's tokens, so the cache's tokens no longer line up with the ids (the last
-        cached tokens were fed again and real ones masked: other tokens than transformers'
-        own ``generate`` of each prompt, silently). Refused before running until the
-        padding goes between the cache's tokens and the new ones."""
+        tokens: rows of different lengths (invokes, ragged prompts) are padded between
+        the cache's tokens and their own (:mod:`fxsight.api.cache_layout`). Where that
+        cannot be exact (no ``position_ids`` to give, a prompt no longer than the cache,
+        an encoder-decoder's cache), refused before running."""
         past = past_length({**self._generate_kwargs, **kwargs}, None)
-        if not past:
+        if not past or not _padded_rows(self.invokes):
             return
-        lengths = {inv.prepared[1]["input_ids"].shape[1] for inv in self.invokes}
-        if len(lengths) < 2 and not any(getattr(inv, "padded", False) for inv in self.invokes):
+        reason = refusal(self.model._module, kwargs, self._generate_kwargs, past)
+        if reason is None:
             return
         raise TraceError(at_line(
             f"lm.generate(...) with a cache of {past} tokens (past_key_values=/cache=) and "
-            f"prompts of different lengths is not supported: their left padding would go "
-            f"before the cache's tokens. Generate each prompt in its own lm.generate, or "
-            f"give prompts of one length", self._line))
+            f"prompts of different lengths (or padded) is not supported here: {reason}. "
+            f"Generate each prompt in its own lm.generate, or give prompts of one length",
+            self._line))
 
     def _not_run_again(self, reason: Unsupported, steps: GraphSteps) -> TraceError:
         """The error of a generation that stopped on graphs after calling the caller's
@@ -429,6 +451,14 @@ class Generator(Tracer):
             f"it has already called what was given to it ({objects}), which would see "
             f"the generation twice. Pass backend=\"hooks\" to lm.generate(...)",
             self._line))
+
+
+def _padded_rows(invokes: list) -> bool:
+    """Whether a row of ``invokes`` is padded: invokes of different lengths, or one whose
+    preparation found a pad (``padded``)."""
+    lengths = {ids.shape[1] for ids in (inv.prepared[1].get("input_ids") for inv in invokes)
+               if isinstance(ids, torch.Tensor) and ids.dim() == 2}
+    return len(lengths) > 1 or any(getattr(inv, "padded", False) for inv in invokes)
 
 
 def _after_the_cache(kwargs: dict, generate_kwargs: dict) -> dict:
