@@ -108,3 +108,11 @@ def check_cache_columns(value: Any, past: int, where: str, line: str) -> None:
         f"cache's, then its own) unpadded, as a list of strings or of token-id lists, or "
         f"right-padded with their mask, with the cache of the shared prefix; or generate "
         f"each prompt in its own lm.generate with its own cache", line))
+
+
+def padded_rows(invokes: list) -> bool:
+    """Whether a row of ``invokes`` is padded: invokes of different lengths, or one whose
+    preparation found a pad (``padded``)."""
+    lengths = {ids.shape[1] for ids in (inv.prepared[1].get("input_ids") for inv in invokes)
+               if isinstance(ids, torch.Tensor) and ids.dim() == 2}
+    return len(lengths) > 1 or any(getattr(inv, "padded", False) for inv in invokes)

@@ -31,6 +31,7 @@ from ..locks import model_lock
 from ..generate.decoding import (GraphSteps, HeldStreamer, Unsupported, callers_code_ran,
                                  callers_objects, unchanged_between_steps,
                                  unsupported_options)
+from ..generate.first_step import first_step_nodes, repeats_rows
 from ..generate.interleave import (GENERATOR, StepInterleaver, StepWalker,
                                    needs_generated_ids)
 from ..record.active import current_tracer
@@ -41,8 +42,9 @@ from ..record.sites import is_operation
 from ..run.forward import fall_back, metadata_source
 from ..run.options import RunOptions
 from ..splice.rows import Rows
+from ..splice.meta_walker import MetaWalker
 from ..splice.walker import Walker
-from .cache_layout import pads_after_cache, refusal
+from .cache_layout import padded_rows, pads_after_cache, refusal
 from .calls import scoped_loop
 from .token_inputs import CACHE_KEYWORDS, past_length
 from .tracer import Tracer
@@ -188,7 +190,7 @@ class Generator(Tracer):
         """``kwargs`` (the rows of ``invokes``, left-padded) laid out after a cache given
         to ``generate`` where a row is padded (:mod:`fxsight.api.cache_layout`)."""
         past = self._cached_tokens(kwargs)
-        if not past or not _padded_rows(invokes):
+        if not past or not padded_rows(invokes):
             return kwargs
         return pads_after_cache(kwargs, past)
 
@@ -309,7 +311,7 @@ class Generator(Tracer):
                     reason = str(error)
             fall_back(reason, self.options, self.model._fallback_warned,
                       ("generate", reason), what="generate()")
-        self._check_first_step_calls(args, kwargs, rows)
+        self._check_first_step(args, kwargs, rows)
         interleaver = StepInterleaver(self.program, rows, self._operations())
         with interleaver.installed(module):
             output = module.generate(**inputs, **options)
@@ -320,28 +322,36 @@ class Generator(Tracer):
         self._results = {node: interleaver.result(node) for node in self.program.saves}
         self._fill_caches()
 
-    def _check_first_step_calls(self, args: tuple, kwargs: dict,
-                                rows: dict[Any, Rows]) -> None:
+    def _check_first_step(self, args: tuple, kwargs: dict, rows: dict[Any, Rows]) -> None:
         """On the hooks backend a step's lines run at its module events as they come: a
         line of the first step at a module call that a decoding step does not make (an
-        edit's ``tracer.iter[:2]`` loop at call #1: a step is one forward pass) was found
-        missing only once step 0 had run, the model called and a token sampled. Checked
-        before ``generate`` against a scan of the first step's forward pass, as the fx
-        backend's splice checks it, with its error. (Modules only: an operation's call
-        may depend on the cache ``generate`` gives, which the scan does not have.)"""
+        edit's ``tracer.iter[:2]`` loop at call #1: a step is one forward pass), or whose
+        values do not fit its operation (an index out of range: ``h[:, 9]`` of 3 tokens)
+        was found only once step 0 had run, the model called and a token sampled (torch's
+        error, no line named). Checked before ``generate`` against a scan of the first
+        step's forward pass, as the fx backend's splice of step 0 checks it, with its
+        errors (a missing call's, ``ShapeIndexError``, ``ShapeError``). (Modules only: an
+        operation's call may depend on the cache ``generate`` gives, which the scan does
+        not have.)"""
         nodes = [node for node in self.program.nodes
                  if node.kind in (Kind.READ, Kind.WRITE) and node.site != GENERATOR and
                  not is_operation(node.site.path) and not _after_the_prompt(node.steps)]
-        if not nodes:
+        # (a batch generate repeats each prompt row of: its values are another batch's)
+        walked = first_step_nodes(self.program) \
+            if not repeats_rows(self.model._module, self._generate_kwargs) else []
+        if not nodes and not walked:
             return
         try:  # (a model the scan fails on: its lines are checked as they run, as before)
             with model_lock(self.model._module):
-                index = self._metadata_source(args, kwargs).index
+                source = self._metadata_source(args, kwargs)
         except Exception:  # noqa: BLE001
             return
-        walker = Walker(self.program, rows, index)
+        walker = Walker(self.program, rows, source.index)
         for node in nodes:
             walker.position_of_site(node)
+        if walked:
+            with model_lock(self.model._module):
+                MetaWalker(self.program, rows, source).run(walked)
 
     def _check_step_shapes_read(self, kwargs: dict) -> None:
         """A shape read while recording is of the prompt's forward pass (step 0); at a
@@ -430,7 +440,7 @@ class Generator(Tracer):
         cannot be exact (no ``position_ids`` to give, a prompt no longer than the cache,
         an encoder-decoder's cache), refused before running."""
         past = past_length({**self._generate_kwargs, **kwargs}, None)
-        if not past or not _padded_rows(self.invokes):
+        if not past or not padded_rows(self.invokes):
             return
         reason = refusal(self.model._module, kwargs, self._generate_kwargs, past)
         if reason is None:
@@ -451,14 +461,6 @@ class Generator(Tracer):
             f"it has already called what was given to it ({objects}), which would see "
             f"the generation twice. Pass backend=\"hooks\" to lm.generate(...)",
             self._line))
-
-
-def _padded_rows(invokes: list) -> bool:
-    """Whether a row of ``invokes`` is padded: invokes of different lengths, or one whose
-    preparation found a pad (``padded``)."""
-    lengths = {ids.shape[1] for ids in (inv.prepared[1].get("input_ids") for inv in invokes)
-               if isinstance(ids, torch.Tensor) and ids.dim() == 2}
-    return len(lengths) > 1 or any(getattr(inv, "padded", False) for inv in invokes)
 
 
 def _after_the_cache(kwargs: dict, generate_kwargs: dict) -> dict:
