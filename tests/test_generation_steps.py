@@ -211,3 +211,43 @@ def test_an_invokes_step_0_with_a_cache_is_its_rows_after_the_caches(models, tok
     assert shape == (1, ids.shape[1] - past.shape[1], model.config.n_embd)
     torch.testing.assert_close(last, seen[0][1:, -1], rtol=0, atol=0)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("read", ["token", "column", "tuple", "all steps", "write"])
+def test_an_index_out_of_range_at_step_0_is_refused_before_running(models, tokenizer,
+                                                                  backend, read):
+    """An index past the first step's values (``.token[7]`` of a 3-token prompt,
+    ``[:, 9]`` of 3 positions, in ``tracer.all()`` too, or a write there) is the same
+    error on both backends, naming the line, before the model runs: on hooks it was
+    torch's IndexError from inside step 0 (the model called, the line unnamed), as the
+    fx backend's splice of step 0 raises it (ShapeIndexError / TokenIndexError)."""
+    model = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    ids = torch.tensor([[5, 6, 7]])
+    calls = []
+    handle = model.transformer.wte.register_forward_hook(lambda *args: calls.append(1)) \
+        if backend == "hooks" else None  # (fx would run it as a model it cannot capture)
+    state = torch.get_rng_state()
+    kind = fxsight.TokenIndexError if read == "token" else fxsight.ShapeIndexError
+    try:
+        with pytest.raises(kind) as caught:
+            with lm.generate(ids, max_new_tokens=3, do_sample=True,
+                             backend=backend) as tracer:
+                block = lm.transformer.h[0]
+                if read == "token":
+                    block.output.token[7].save()  # out of range
+                elif read == "column":
+                    block.output[:, 9].save()  # out of range
+                elif read == "tuple":
+                    block.attn.output[0][:, 9].save()  # out of range
+                elif read == "all steps":
+                    with tracer.all():
+                        block.output[:, 9].save()  # out of range
+                else:
+                    block.output[:, 9] = 0  # out of range
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert isinstance(caught.value, IndexError) and "# out of range" in str(caught.value)
+    assert calls == [] and torch.equal(torch.get_rng_state(), state)

@@ -31,6 +31,7 @@ from ..locks import model_lock
 from ..generate.decoding import (GraphSteps, HeldStreamer, Unsupported, callers_code_ran,
                                  callers_objects, unchanged_between_steps,
                                  unsupported_options)
+from ..generate.first_step import first_step_nodes, repeats_rows
 from ..generate.interleave import (GENERATOR, StepInterleaver, StepWalker,
                                    needs_generated_ids)
 from ..record.active import current_tracer
@@ -41,7 +42,9 @@ from ..record.sites import is_operation
 from ..run.forward import fall_back, metadata_source
 from ..run.options import RunOptions
 from ..splice.rows import Rows
+from ..splice.meta_walker import MetaWalker
 from ..splice.walker import Walker
+from .cache_layout import padded_rows, pads_after_cache, refusal
 from .calls import scoped_loop
 from .token_inputs import CACHE_KEYWORDS, past_length
 from .tracer import Tracer
@@ -167,6 +170,7 @@ class Generator(Tracer):
         name = next((name for name in CACHE_KEYWORDS if name in given), None)
         if invoke is None or name is None or not past_length(given, None):
             return args, kwargs
+        kwargs = self._after_cache_layout(kwargs, [self.invokes[invoke]])
         start = sum(inv.prepared[2] for inv in self.invokes[:invoke])
         stop = start + self.invokes[invoke].prepared[2]
         cache = given[name]
@@ -176,6 +180,27 @@ class Generator(Tracer):
         except (CacheUnsupported, NotOnGraph, StopIteration):
             rows = None
         return args, {**kwargs, name: rows}
+
+    def _batched(self) -> tuple[tuple, dict, dict[Any, Rows]]:
+        # (prompts of different lengths continuing a cache: padded after its tokens)
+        args, kwargs, rows = super()._batched()
+        return args, self._after_cache_layout(kwargs, self.invokes), rows
+
+    def _after_cache_layout(self, kwargs: dict, invokes: list) -> dict:
+        """``kwargs`` (the rows of ``invokes``, left-padded) laid out after a cache given
+        to ``generate`` where a row is padded (:mod:`fxsight.api.cache_layout`)."""
+        past = self._cached_tokens(kwargs)
+        if not past or not padded_rows(invokes):
+            return kwargs
+        return pads_after_cache(kwargs, past)
+
+    def _cached_tokens(self, kwargs: dict | None = None) -> int:
+        """How many of the prompts' first tokens a cache given to ``generate`` holds (a
+        decoder-only model's: step 0 computes the tokens after them); else 0."""
+        config = getattr(self.model._module, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            return 0
+        return past_length({**self._generate_kwargs, **(kwargs or {})}, None)
 
     def _first_decoder_ids(self, kwargs: dict) -> torch.Tensor | None:
         """For an encoder-decoder model, the decoder's ids at the first decoding step
@@ -286,7 +311,7 @@ class Generator(Tracer):
                     reason = str(error)
             fall_back(reason, self.options, self.model._fallback_warned,
                       ("generate", reason), what="generate()")
-        self._check_first_step_calls(args, kwargs, rows)
+        self._check_first_step(args, kwargs, rows)
         interleaver = StepInterleaver(self.program, rows, self._operations())
         with interleaver.installed(module):
             output = module.generate(**inputs, **options)
@@ -297,28 +322,36 @@ class Generator(Tracer):
         self._results = {node: interleaver.result(node) for node in self.program.saves}
         self._fill_caches()
 
-    def _check_first_step_calls(self, args: tuple, kwargs: dict,
-                                rows: dict[Any, Rows]) -> None:
+    def _check_first_step(self, args: tuple, kwargs: dict, rows: dict[Any, Rows]) -> None:
         """On the hooks backend a step's lines run at its module events as they come: a
         line of the first step at a module call that a decoding step does not make (an
-        edit's ``tracer.iter[:2]`` loop at call #1: a step is one forward pass) was found
-        missing only once step 0 had run, the model called and a token sampled. Checked
-        before ``generate`` against a scan of the first step's forward pass, as the fx
-        backend's splice checks it, with its error. (Modules only: an operation's call
-        may depend on the cache ``generate`` gives, which the scan does not have.)"""
+        edit's ``tracer.iter[:2]`` loop at call #1: a step is one forward pass), or whose
+        values do not fit its operation (an index out of range: ``h[:, 9]`` of 3 tokens)
+        was found only once step 0 had run, the model called and a token sampled (torch's
+        error, no line named). Checked before ``generate`` against a scan of the first
+        step's forward pass, as the fx backend's splice of step 0 checks it, with its
+        errors (a missing call's, ``ShapeIndexError``, ``ShapeError``). (Modules only: an
+        operation's call may depend on the cache ``generate`` gives, which the scan does
+        not have.)"""
         nodes = [node for node in self.program.nodes
                  if node.kind in (Kind.READ, Kind.WRITE) and node.site != GENERATOR and
                  not is_operation(node.site.path) and not _after_the_prompt(node.steps)]
-        if not nodes:
+        # (a batch generate repeats each prompt row of: its values are another batch's)
+        walked = first_step_nodes(self.program) \
+            if not repeats_rows(self.model._module, self._generate_kwargs) else []
+        if not nodes and not walked:
             return
         try:  # (a model the scan fails on: its lines are checked as they run, as before)
             with model_lock(self.model._module):
-                index = self._metadata_source(args, kwargs).index
+                source = self._metadata_source(args, kwargs)
         except Exception:  # noqa: BLE001
             return
-        walker = Walker(self.program, rows, index)
+        walker = Walker(self.program, rows, source.index)
         for node in nodes:
             walker.position_of_site(node)
+        if walked:
+            with model_lock(self.model._module):
+                MetaWalker(self.program, rows, source).run(walked)
 
     def _check_step_shapes_read(self, kwargs: dict) -> None:
         """A shape read while recording is of the prompt's forward pass (step 0); at a
@@ -402,22 +435,21 @@ class Generator(Tracer):
 
     def _check_cache_padding(self, kwargs: dict) -> None:
         """``generate`` takes the whole sequence, a cache given to it holding its first
-        tokens: rows of different lengths (invokes, ragged prompts) are left-padded before
-        the cache's tokens, so the cache's tokens no longer line up with the ids (the last
-        cached tokens were fed again and real ones masked: other tokens than transformers'
-        own ``generate`` of each prompt, silently). Refused before running until the
-        padding goes between the cache's tokens and the new ones."""
+        tokens: rows of different lengths (invokes, ragged prompts) are padded between
+        the cache's tokens and their own (:mod:`fxsight.api.cache_layout`). Where that
+        cannot be exact (no ``position_ids`` to give, a prompt no longer than the cache,
+        an encoder-decoder's cache), refused before running."""
         past = past_length({**self._generate_kwargs, **kwargs}, None)
-        if not past:
+        if not past or not padded_rows(self.invokes):
             return
-        lengths = {inv.prepared[1]["input_ids"].shape[1] for inv in self.invokes}
-        if len(lengths) < 2 and not any(getattr(inv, "padded", False) for inv in self.invokes):
+        reason = refusal(self.model._module, kwargs, self._generate_kwargs, past)
+        if reason is None:
             return
         raise TraceError(at_line(
             f"lm.generate(...) with a cache of {past} tokens (past_key_values=/cache=) and "
-            f"prompts of different lengths is not supported: their left padding would go "
-            f"before the cache's tokens. Generate each prompt in its own lm.generate, or "
-            f"give prompts of one length", self._line))
+            f"prompts of different lengths (or padded) is not supported here: {reason}. "
+            f"Generate each prompt in its own lm.generate, or give prompts of one length",
+            self._line))
 
     def _not_run_again(self, reason: Unsupported, steps: GraphSteps) -> TraceError:
         """The error of a generation that stopped on graphs after calling the caller's

@@ -59,6 +59,7 @@ from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_en
                             _tokenizer_beside)
 from .nnsight import CLASS_ENVOYS, NNsight, plain_run_in_with, with_invoker_args
 from .padding_checks import PaddingChecks
+from .cache_layout import check_cache_columns
 from .call_site import entered_by_with, refuse_discarded, refuse_in_with
 from .text_encoding import TOKENIZER_KEYWORDS, TokenEncoding
 from .token_index import TokenIndexer, reads_under
@@ -300,6 +301,8 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         # ids they belong to: re-laid out with them (in generate, a right-padded row rolled
         # to the left)
         value, kwargs = with_token_keywords(args[0], kwargs, where, line)
+        if _generating(invoke):  # (a mask given must not pad the cache's columns)
+            check_cache_columns(value, invoke.tracer._cached_tokens(kwargs), where, line)
         # a cache passed in to a forward pass: the mask covers its past tokens too (an
         # encoder-decoder's cache holds its decoder's tokens: the mask is the encoder's)
         past = 0 if _generating(invoke) or self._encoder_decoder() else \

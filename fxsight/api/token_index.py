@@ -91,6 +91,7 @@ class TokenIndexer:
             _check_range(index, spans, where, line)
             negative = [self._place(index % span, span, gap, first)
                         for span, gap, first in zip(spans, gaps, firsts)]
+        self._check_uncached(key, spans, where, line)
         flat = [n for row in negative for n in (row if isinstance(row, list) else [row])]
         # (how many positions of dimension 1 the index needs: from the start where rows
         # are right-padded, else from the end)
@@ -109,6 +110,22 @@ class TokenIndexer:
             rows = rows.reshape(count, 1)
         return (rows, positions)
 
+    def _check_uncached(self, key: Any, spans: list[int], where: str, line: str) -> None:
+        """Raise where ``key`` picks a token a cache given to ``generate`` holds: its step
+        0 computes the tokens after the cache's only (with prompts of different lengths,
+        a shorter row's cached token would be a pad's position of the batch)."""
+        cached = self.tracer._cached_tokens()
+        if not cached or self.from_start:
+            return
+        for row, span in enumerate(spans):
+            picked = list(range(span))[key] if isinstance(key, slice) else [key % span]
+            if picked and min(picked) < cached:
+                shown = _show(key) if isinstance(key, slice) else key
+                raise TokenIndexError(at_line(
+                    f"token index {shown} picks token {min(picked)} of prompt {row} of "
+                    f"{where}, one of the {cached} tokens the cache given to lm.generate "
+                    f"holds: step 0 computes the tokens after the cache's only. Index "
+                    f"those (.token[{cached}] on, or [:, -1])", line))
 
     def _place(self, offset: int, span: int, gap: int, first: int) -> int:
         """The position in the batch of a row's real token ``offset`` (from its first):

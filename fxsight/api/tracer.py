@@ -426,6 +426,11 @@ class Tracer(TraceMetadata):
         """Raises where ``proxy.token[...]`` recorded now could not count the prompts'
         tokens (see :class:`~fxsight.api.generation.Generator`)."""
 
+    def _cached_tokens(self, kwargs: dict | None = None) -> int:
+        """How many of each prompt's first tokens no forward of the trace computes (those
+        a cache given to ``generate`` holds): a token index below it is refused."""
+        return 0
+
     def _execute(self) -> None:
         args, kwargs, rows = self._prepare_run()
         self._check_shapes_read(args, kwargs, rows)
