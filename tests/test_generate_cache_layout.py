@@ -5,8 +5,6 @@ transformers' own ``generate`` gives that prompt alone with a copy of the cache;
 it (ids equal, step logits close), on the fx and hooks backends, GPT-2 and a tiny Llama
 (rotary positions). What cannot be laid out so is refused before anything runs."""
 
-import copy
-
 import pytest
 import torch
 from transformers import DynamicCache, GPT2LMHeadModel
