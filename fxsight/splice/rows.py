@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-from .._torch import pytree
+from .._torch import pytree, user_modes_suspended
 
 
 class Rows(NamedTuple):
@@ -84,11 +84,17 @@ def splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any:
 
 def conform(value: Any, like: Any) -> Any:
     """``value`` shaped like ``like`` (broadcast where a tensor's shape differs), on its
-    device (a value read on one device and written where another one was)."""
+    device (a value read on one device and written where another one was). fxsight's own
+    work on a write: a user's mode around the trace does not see it."""
+    with user_modes_suspended():
+        return _conform(value, like)
+
+
+def _conform(value: Any, like: Any) -> Any:
 
     def fit(new, old):
         if isinstance(old, torch.Tensor):  # (read on one device, written on another: moved)
-            return conform_to(new, old.shape, old.device, old.dtype)
+            return _conform_to(new, old.shape, old.device, old.dtype)
         return new
 
     if isinstance(like, torch.Tensor) or not isinstance(value, (tuple, list, dict)):
@@ -102,6 +108,12 @@ def conform_to(value: Any, shape: tuple[int, ...], device: torch.device,
                dtype: torch.dtype) -> Any:
     """:func:`conform` to a tensor of a known ``shape``, ``device`` and ``dtype`` (the value
     it replaces is then not needed: what only computes it is pruned)."""
+    with user_modes_suspended():
+        return _conform_to(value, shape, device, dtype)
+
+
+def _conform_to(value: Any, shape: tuple[int, ...], device: torch.device,
+                dtype: torch.dtype) -> Any:
     if isinstance(value, torch.Tensor):
         if value.device != device:
             value = value.to(device)
