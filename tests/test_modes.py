@@ -201,16 +201,31 @@ def test_modes_opened_and_closed_around_lines_that_record_nothing_are_fine(backe
 @pytest.mark.parametrize("backend", ["auto", "hooks"])
 def test_a_flop_counter_around_a_trace_counts_the_forward(backend):
     """FlopCounterMode around a trace counted fxsight's own shape pass on fake tensors as
-    well: 960 flops where the plain forward makes 480. (Under ``backend="fx"`` it is refused:
-    the counter installs global module hooks.)"""
+    well: 960 flops where the plain forward makes 480. Now the plain forward's counts, per
+    module too, with the block's matmul where a plain hook's is (in the parent's)."""
     with FlopCounterMode(display=False) as plain:
-        _model()(X)
+        _hooked(_model(), lambda m, a, o: o @ W)
     net = NNsight(_model())
     with FlopCounterMode(display=False) as counter:
         with net.trace(X, backend=None if backend == "auto" else backend):
             h = net[1].output
             net[1].output = h @ W
-    assert counter.get_total_flops() == plain.get_total_flops() + 2 * 3 * 8 * 8
+    assert counter.get_flop_counts() == plain.get_flop_counts()
+    assert counter.get_total_flops() == 2 * 3 * (6 * 8 + 8 * 8 + 8 * 4)
+
+
+def test_a_flop_counter_around_an_fx_trace_is_refused_naming_it():
+    """Under ``backend="fx"`` a FlopCounterMode is refused before anything runs: it counts
+    per module through torch's global module hooks, which a captured graph does not call
+    (``backend="auto"`` runs the hooks backend). The refusal said "global forward hooks";
+    it now names the hook and the counter that installs it."""
+    net = NNsight(_model())
+    with FlopCounterMode(display=False) as counter:
+        with pytest.raises(fxsight.CaptureError,
+                           match=r"ModuleTracker\._fw_pre_hook.*FlopCounterMode installs it"):
+            with net.trace(X, backend="fx"):
+                out = net.output.save()
+    assert counter.get_total_flops() == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
