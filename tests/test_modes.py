@@ -264,6 +264,30 @@ def test_modes_around_a_trace_apply_to_its_torch_functions(backend):
     torch.testing.assert_close(out, expected)
 
 
+class _Quiet(TorchFunctionMode):
+    """A user's torch function mode whose method names its instance ``mode``."""
+
+    def __torch_function__(mode, func, types, args=(), kwargs=None):  # noqa: N805
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_function_mode_naming_its_instance_otherwise_is_the_traces_own(backend):
+    """A function mode around the trace whose ``__torch_function__`` calls its instance
+    other than ``self`` was not found handing the block's ``torch.relu(h)`` on: the line
+    was refused as if a mode had been left inside the block ("(none)"). Now it runs, as a
+    plain hook's ``torch.relu`` does under the mode."""
+    model = _model()
+    with torch.no_grad():
+        expected = _hooked(model, lambda m, a, o: torch.relu(o))
+    net = NNsight(model)
+    with torch.no_grad(), _Quiet():
+        with net.trace(X, backend=backend):
+            net[1].output = torch.relu(net[1].output)
+            out = net.output.save()
+    torch.testing.assert_close(out, expected)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fork_rng_around_a_trace_forks_its_dropouts(backend):
     """``torch.random.fork_rng()`` around a whole trace forks the forward's dropouts as it
