@@ -727,6 +727,9 @@ def user_modes_suspended():
     (``torch.utils._python_dispatch._disable_current_modes``,
     ``torch._C._pop_torch_function_stack`` / ``_push_on_torch_function_stack``,
     ``torch._C._autograd._pop_saved_tensors_default_hooks`` / ``_push_...``; checked 2.13.)"""
+    if torch.compiler.is_compiling():  # (a helper of a graph dynamo compiles: no modes)
+        yield
+        return
     suspensions = _suspensions()
     if not (function_mode_depth() or dispatch_mode_depth() or saved_tensors_hooks_top()):
         suspensions.append(None)
@@ -771,7 +774,7 @@ def user_modes_resumed():
     in a plain forward. Outside a suspension, or where it put nothing aside, nothing
     changes. (``torch.utils._python_dispatch._push_mode`` / ``_pop_mode``, and the stacks
     of :func:`user_modes_suspended`; checked 2.13.)"""
-    suspensions = _suspensions()
+    suspensions = [] if torch.compiler.is_compiling() else _suspensions()
     saved = suspensions[-1] if suspensions else None
     if saved is None:
         yield
