@@ -714,6 +714,18 @@ def _suspensions() -> list:
     return stack
 
 
+def _tracing() -> bool:
+    """Whether the code running is being traced into a graph: by dynamo, or by
+    AOTAutograd / ``make_fx`` (a fake, proxy or functional tensor mode is active), as
+    inductor traces fxsight's helpers in a graph it compiles
+    (``torch._C._get_dispatch_mode``, ``_TorchDispatchModeKey``; checked 2.13)."""
+    if torch.compiler.is_compiling():
+        return True
+    keys = torch._C._TorchDispatchModeKey
+    return any(torch._C._get_dispatch_mode(key) is not None
+               for key in (keys.FAKE, keys.PROXY, keys.FUNCTIONAL))
+
+
 @contextlib.contextmanager
 def user_modes_suspended():
     """While active, the caller's dispatch modes, saved-tensor hooks and torch function
@@ -727,7 +739,7 @@ def user_modes_suspended():
     (``torch.utils._python_dispatch._disable_current_modes``,
     ``torch._C._pop_torch_function_stack`` / ``_push_on_torch_function_stack``,
     ``torch._C._autograd._pop_saved_tensors_default_hooks`` / ``_push_...``; checked 2.13.)"""
-    if torch.compiler.is_compiling():  # (a helper of a graph dynamo compiles: no modes)
+    if _tracing():  # (a helper of a graph being compiled: nothing to put aside)
         yield
         return
     suspensions = _suspensions()
@@ -774,7 +786,7 @@ def user_modes_resumed():
     in a plain forward. Outside a suspension, or where it put nothing aside, nothing
     changes. (``torch.utils._python_dispatch._push_mode`` / ``_pop_mode``, and the stacks
     of :func:`user_modes_suspended`; checked 2.13.)"""
-    suspensions = [] if torch.compiler.is_compiling() else _suspensions()
+    suspensions = [] if _tracing() else _suspensions()
     saved = suspensions[-1] if suspensions else None
     if saved is None:
         yield
