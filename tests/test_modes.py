@@ -510,3 +510,31 @@ def test_a_dispatch_mode_around_generate_sees_the_plain_generates_operators(back
     else:
         assert seen[0] == seen[1]
         assert seen[0]["aten.argmax.default"] == plain.counts["aten.argmax.default"] == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dispatch_mode_around_invokes_sees_the_batchs_forward_only(backend):
+    """Two invokes run as one batch; a counting ``TorchDispatchMode`` around the trace
+    also counted fxsight's narrowing of each read to its invoke's rows and its splicing
+    of a write into them (``slice``, ``cat``...). Now the batch's plain forward, with the
+    block's own operation (each invoke's ``* 2``, on its rows)."""
+    model = _model()
+    with _Operators() as plain:
+        _hooked(model, lambda m, a, o: None)
+    rows = (X[:2], X[2:])
+    with _Operators() as doubling:
+        [part * 2 for part in rows]
+    net = NNsight(model)
+    for _ in range(2):
+        with _Operators() as mode:
+            with net.trace(backend=backend) as tracer:
+                with tracer.invoke(rows[0]):
+                    net[1].output = net[1].output * 2
+                    first = net.output.save()
+                with tracer.invoke(rows[1]):
+                    net[1].output = net[1].output * 2
+                    second = net.output.save()
+        assert mode.counts == plain.counts + doubling.counts
+    with torch.no_grad():
+        expected = _hooked(model, lambda m, a, o: o * 2)
+    torch.testing.assert_close(torch.cat([first, second]), expected)

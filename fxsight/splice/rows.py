@@ -43,7 +43,14 @@ def _batched(value: Any, rows: Rows) -> bool:
 
 
 def narrow_rows(value: Any, start: int, stop: int, total: int) -> Any:
-    """The rows ``start:stop`` of every batched tensor in ``value`` (views, not copies)."""
+    """The rows ``start:stop`` of every batched tensor in ``value`` (views, not copies):
+    fxsight's own work (a prompt run alone is not narrowed), which a user's mode around
+    the trace does not see."""
+    with user_modes_suspended():
+        return _narrow_rows(value, start, stop, total)
+
+
+def _narrow_rows(value: Any, start: int, stop: int, total: int) -> Any:
     if isinstance(value, torch.Tensor):  # the common case (a read narrows leaf by leaf)
         return value[start:stop] if value.dim() > 0 and value.shape[0] == total else value
     rows = Rows(start, stop, total)
@@ -55,15 +62,22 @@ def narrow_row_groups(value: Any, start: int, stop: int, total: int) -> Any:
     group of consecutive rows, as many per row as its length is a multiple of ``total``
     (``generate``'s output: a row per prompt, or several beams or sequences per prompt);
     any other value is returned as it is."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 0 and \
-            value.shape[0] % total == 0:
-        factor = value.shape[0] // total
-        return value[start * factor:stop * factor]
-    return value
+    with user_modes_suspended():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 0 and \
+                value.shape[0] % total == 0:
+            factor = value.shape[0] // total
+            return value[start * factor:stop * factor]
+        return value
 
 
 def splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any:
-    """``full`` with rows ``start:stop`` replaced by ``part`` (new tensors, ``full`` untouched)."""
+    """``full`` with rows ``start:stop`` replaced by ``part`` (new tensors, ``full``
+    untouched): fxsight's own work, unseen by a user's mode around the trace."""
+    with user_modes_suspended():
+        return _splice_rows(full, part, start, stop, total)
+
+
+def _splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any:
     rows = Rows(start, stop, total)
 
     def splice(whole, piece):
