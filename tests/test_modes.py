@@ -538,3 +538,30 @@ def test_a_dispatch_mode_around_invokes_sees_the_batchs_forward_only(backend):
     with torch.no_grad():
         expected = _hooked(model, lambda m, a, o: o * 2)
     torch.testing.assert_close(torch.cat([first, second]), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modes_around_a_trace_writing_a_callers_tensor_see_the_plain_hooks_calls(backend):
+    """A tensor the caller brings into the block and writes as a module's output: a
+    ``TorchFunctionMode`` also saw fxsight's reads of it as the line recorded it (its
+    version, its shape), a ``TorchDispatchMode`` the dense copy fxsight writes in its place
+    (so that the forward's in-place changes do not reach the caller's tensor: an
+    ``aten.clone``). The copy stays, unseen: the modes see the plain forward with a hook
+    returning the tensor (the function mode: on the hooks backend); fx prunes what the
+    written value replaces (the first layer, the ``tanh``): the last layer's forward."""
+    model, value = _model(), torch.ones(3, 8)
+    with _Names() as names, _Operators() as plain:
+        expected = _hooked(model, lambda m, a, o: value)
+    if backend == "fx":
+        with _Operators() as plain:
+            model[2](value)
+    net = NNsight(model)
+    for _ in range(2):
+        with _Names() as mode, _Operators() as counts:
+            with net.trace(X, backend=backend):
+                net[1].output = value
+                out = net.output.save()
+        assert counts.counts == plain.counts
+        if backend == "hooks":
+            assert mode.names == names.names
+    torch.testing.assert_close(out, expected)

@@ -361,7 +361,8 @@ class Recorder:
                                          user_line()))
             return value._node
         if isinstance(value, torch.Tensor):
-            return self.program.input(value, user_line())
+            with user_modes_suspended():  # (its reads of the tensor: fxsight's own)
+                return self.program.input(value, user_line())
         if kind is tuple:  # (``x[:, 3]``'s key: the common items without a call each)
             items = []
             for item in value:

@@ -96,6 +96,14 @@ def _splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any
     return pytree.tree_unflatten([splice(w, p) for w, p in zip(full_leaves, part_leaves)], spec)
 
 
+def dense_copy(value: torch.Tensor) -> torch.Tensor:
+    """A dense copy of a tensor the caller brought in, written as a site's value (see
+    ``Walker._copy``): fxsight's own, so that the forward's in-place changes do not reach
+    the caller's tensor; a user's mode around the trace does not see it."""
+    with user_modes_suspended():
+        return torch.clone(value, memory_format=torch.contiguous_format)
+
+
 def conform(value: Any, like: Any) -> Any:
     """``value`` shaped like ``like`` (broadcast where a tensor's shape differs), on its
     device (a value read on one device and written where another one was). fxsight's own
