@@ -602,8 +602,13 @@ def inside_activation_checkpoint() -> bool:
     """Whether the code running now is the first forward of a non-reentrant
     ``torch.utils.checkpoint`` (whose backward reruns it): the innermost saved-tensors hooks
     are checkpoint's own (``torch.utils.checkpoint._checkpoint_hook``, checked 2.11-2.13;
-    there is no public query of the hooks in force)."""
+    there is no public query of the hooks in force). Inside :func:`user_modes_suspended`,
+    the hooks it put aside count: those are the forward's."""
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if not hooks:
+        suspensions = _suspensions()
+        saved = suspensions[-1] if suspensions else None
+        hooks = saved[3][-1] if saved is not None and saved[3] else None
     if not hooks:
         return False
     return getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
