@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import linecache
+import threading
 import types
 from typing import Any, Callable
 
@@ -49,8 +50,8 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "enclosing_checkpoint", "backend_flag_readers", "mha_fastpath_enabled",
            "function_mode_depth", "function_modes", "is_device_context", "dispatch_mode_depth",
            "dispatch_modes", "saved_tensors_hooks_top", "profiler_enabled",
-           "user_modes_suspended", "FAKE_TENSOR_LOGGER", "unmarked_writes",
-           "writes_unmarked"]
+           "user_modes_suspended", "user_modes_resumed", "FAKE_TENSOR_LOGGER",
+           "unmarked_writes", "writes_unmarked"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -629,8 +630,13 @@ def inside_activation_checkpoint() -> bool:
     """Whether the code running now is the first forward of a non-reentrant
     ``torch.utils.checkpoint`` (whose backward reruns it): the innermost saved-tensors hooks
     are checkpoint's own (``torch.utils.checkpoint._checkpoint_hook``, checked 2.11-2.13;
-    there is no public query of the hooks in force)."""
+    there is no public query of the hooks in force). Inside :func:`user_modes_suspended`,
+    the hooks it put aside count: those are the forward's."""
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if not hooks:
+        suspensions = _suspensions()
+        saved = suspensions[-1] if suspensions else None
+        hooks = saved[3][-1] if saved is not None and saved[3] else None
     if not hooks:
         return False
     return getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
@@ -729,19 +735,53 @@ def saved_tensors_hooks_top() -> Any:
 profiler_enabled: Callable[[], bool] = torch._C._autograd._profiler_enabled
 
 
+# per thread, the user modes each open ``user_modes_suspended`` put aside, innermost last
+# (``None`` where there were none): what ``user_modes_resumed`` puts back
+_SUSPENDED = threading.local()
+
+
+def _suspensions() -> list:
+    stack = getattr(_SUSPENDED, "stack", None)
+    if stack is None:
+        stack = _SUSPENDED.stack = []
+    return stack
+
+
+def _tracing() -> bool:
+    """Whether the code running is being traced into a graph: by dynamo, or by
+    AOTAutograd / ``make_fx`` (a fake, proxy or functional tensor mode is active), as
+    inductor traces fxsight's helpers in a graph it compiles
+    (``torch._C._get_dispatch_mode``, ``_TorchDispatchModeKey``; checked 2.13)."""
+    if torch.compiler.is_compiling():
+        return True
+    keys = torch._C._TorchDispatchModeKey
+    return any(torch._C._get_dispatch_mode(key) is not None
+               for key in (keys.FAKE, keys.PROXY, keys.FUNCTIONAL))
+
+
 @contextlib.contextmanager
 def user_modes_suspended():
     """While active, the caller's dispatch modes, saved-tensor hooks and torch function
-    modes other than ``with torch.device(...)`` blocks are put aside (restored after):
-    fxsight's own passes on fake tensors (the capture, the shape scan) are no forward a
-    user's ``FlopCounterMode`` or pack hook should see. The device context stays: it
-    decides where the forward's own factories put their tensors. Enter it before fxsight's
-    own modes (``real_writes``, ``after_each_operator``): it puts aside every mode in force.
+    modes other than ``with torch.device(...)`` blocks are put aside (restored after, also
+    where the block raises): fxsight's own work (the capture, the shape scan, its checks
+    and reads of shapes) is no forward a user's ``FlopCounterMode``, ``TorchFunctionMode``
+    or pack hook should see; :func:`user_modes_resumed` puts them back where the model or
+    the user's own operations run. The device context stays: it decides where the
+    forward's own factories put their tensors. Enter it before fxsight's own modes
+    (``real_writes``, ``after_each_operator``): it puts aside every mode in force.
     (``torch.utils._python_dispatch._disable_current_modes``,
     ``torch._C._pop_torch_function_stack`` / ``_push_on_torch_function_stack``,
     ``torch._C._autograd._pop_saved_tensors_default_hooks`` / ``_push_...``; checked 2.13.)"""
-    if not (function_mode_depth() or dispatch_mode_depth() or saved_tensors_hooks_top()):
+    if _tracing():  # (a helper of a graph being compiled: nothing to put aside)
         yield
+        return
+    suspensions = _suspensions()
+    if not (function_mode_depth() or dispatch_mode_depth() or saved_tensors_hooks_top()):
+        suspensions.append(None)
+        try:
+            yield
+        finally:
+            suspensions.pop()
         return
     from torch.utils._python_dispatch import _disable_current_modes
     autograd = torch._C._autograd
@@ -751,15 +791,73 @@ def user_modes_suspended():
         autograd._pop_saved_tensors_default_hooks()
     functions = [torch._C._pop_torch_function_stack() for _ in range(function_mode_depth())]
     try:
-        for mode in reversed(functions):
-            if is_device_context(mode):
-                torch._C._push_on_torch_function_stack(mode)
-        with _disable_current_modes():
-            yield
+        kept = [mode for mode in reversed(functions) if is_device_context(mode)]
+        for mode in kept:
+            torch._C._push_on_torch_function_stack(mode)
+        with _disable_current_modes() as dispatch:
+            user = [mode for mode in reversed(dispatch)  # (not export's pre-dispatch)
+                    if getattr(mode, "_dispatch_key", None) is None]
+            suspensions.append((functions[::-1], kept, user, hooks[::-1]))
+            try:
+                yield
+            finally:
+                suspensions.pop()
     finally:
         while function_mode_depth():
             torch._C._pop_torch_function_stack()
         for mode in reversed(functions):
             torch._C._push_on_torch_function_stack(mode)
         for pack, unpack in reversed(hooks):
+            autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+@contextlib.contextmanager
+def user_modes_resumed():
+    """Inside :func:`user_modes_suspended`, the modes it put aside back in force (below
+    any mode fxsight entered since, restored after, also where the block raises): the
+    model's own forward and the user's recorded operations run in the user's modes, as
+    in a plain forward. Outside a suspension, or where it put nothing aside, nothing
+    changes. (``torch.utils._python_dispatch._push_mode`` / ``_pop_mode``, and the stacks
+    of :func:`user_modes_suspended`; checked 2.13.)"""
+    suspensions = [] if _tracing() else _suspensions()
+    saved = suspensions[-1] if suspensions else None
+    if saved is None:
+        yield
+        return
+    from torch.utils._python_dispatch import _pop_mode, _push_mode
+    functions, kept, dispatch, hooks = saved
+    autograd = torch._C._autograd
+    own_functions = [torch._C._pop_torch_function_stack()
+                     for _ in range(function_mode_depth())][::-1]
+    own_dispatch = [_pop_mode() for _ in range(dispatch_mode_depth())][::-1]
+    own_hooks = []
+    while autograd._top_saved_tensors_default_hooks(True) is not None:
+        own_hooks.append(autograd._top_saved_tensors_default_hooks(True))
+        autograd._pop_saved_tensors_default_hooks()
+    own_hooks.reverse()
+    suspensions.append(None)  # (a suspension inside puts aside what is in force then)
+    try:
+        for mode in functions:
+            torch._C._push_on_torch_function_stack(mode)
+        for mode in own_functions:
+            if not any(mode is k for k in kept):
+                torch._C._push_on_torch_function_stack(mode)
+        for mode in [*dispatch, *own_dispatch]:
+            _push_mode(mode)
+        for pack, unpack in [*hooks, *own_hooks]:
+            autograd._push_saved_tensors_default_hooks(pack, unpack)
+        yield
+    finally:
+        suspensions.pop()
+        while function_mode_depth():
+            torch._C._pop_torch_function_stack()
+        for mode in own_functions:
+            torch._C._push_on_torch_function_stack(mode)
+        while dispatch_mode_depth():
+            _pop_mode()
+        for mode in own_dispatch:
+            _push_mode(mode)
+        while autograd._top_saved_tensors_default_hooks(True) is not None:
+            autograd._pop_saved_tensors_default_hooks()
+        for pack, unpack in own_hooks:
             autograd._push_saved_tensors_default_hooks(pack, unpack)

@@ -141,3 +141,24 @@ def test_two_invoke_patching_runs_directly_with_its_rows_narrowed(net):
             got = _patched(net, x, compile=True)
             assert _direct_runs() == before + 1
             torch.testing.assert_close(got, _patched(net, x, compile=False), **TOL)
+
+
+def test_a_broadcast_write_runs_its_graph_directly(net):
+    """A row written into every row of a module's output (``conform_to`` in the graph
+    expands it) ran its graph directly; the suspension of a user's modes in that helper
+    then stopped inductor's tracing of it (its fake and proxy modes put aside), and every
+    call went through ``torch.compile``. Now direct again, with the eager values."""
+    x, row = torch.randn(4, 5), torch.randn(10)
+
+    def written(**options):
+        with net.trace(x, **options):
+            net.layer1.output = net.layer1.output[0] * 0 + row
+            out = net.output.save()
+        return out
+
+    with torch.no_grad():
+        before = _direct_runs()
+        got = written(compile=True)
+        assert _direct_runs() > before
+        torch.testing.assert_close(got, written(compile=False), **TOL)
+        torch.testing.assert_close(got, net._module[1:](row.expand(4, 10)), **TOL)

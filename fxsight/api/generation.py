@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .._torch import user_modes_resumed
 from ..capture.caches import Unsupported as CacheUnsupported
 from ..capture.caches import flatten, rows_of
 from ..capture.effects import saved_generators
@@ -313,7 +314,7 @@ class Generator(Tracer):
                       ("generate", reason), what="generate()")
         self._check_first_step(args, kwargs, rows)
         interleaver = StepInterleaver(self.program, rows, self._operations())
-        with interleaver.installed(module):
+        with interleaver.installed(module), user_modes_resumed():
             output = module.generate(**inputs, **options)
         _check_steps(self.program, interleaver.step + 1)
         interleaver.finish(output)
@@ -406,7 +407,8 @@ class Generator(Tracer):
         original = module.__dict__.get("forward")
         module.forward = steps.forward_for(module.forward)
         try:
-            output = module.generate(**inputs, **options)
+            with user_modes_resumed():  # (transformers' loop, as in a plain generate)
+                output = module.generate(**inputs, **options)
         except Unsupported as reason:
             if self.options.backend != "fx" and callers_code_ran(self._generate_kwargs, steps):
                 raise self._not_run_again(reason, steps) from reason

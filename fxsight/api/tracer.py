@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .._torch import pytree
+from .._torch import pytree, user_modes_suspended
 from ..bind import bind_frame, bind_objects
 from ..errors import InputError, TraceError, at_line, user_line
 from ..locks import model_lock
@@ -129,7 +129,13 @@ class Tracer(TraceMetadata):
 
     def exit_into(self, frame: Any, failed: bool) -> None:
         """End the block: run (unless it ``failed``) and bind the saved values in
-        ``frame``, the caller's."""
+        ``frame``, the caller's. The user's modes around the trace see the model's forward
+        and the block's operations only (see ``user_modes_resumed``), not fxsight's own
+        work."""
+        with user_modes_suspended():
+            self._exit_into(frame, failed)
+
+    def _exit_into(self, frame: Any, failed: bool) -> None:
         if self._implicit is not None:
             self._implicit.__exit__(None, None, None)
         sessions = active_sessions()
@@ -230,7 +236,8 @@ class Tracer(TraceMetadata):
 
     def _add_invoke(self, args: tuple, kwargs: dict) -> Invoke:
         invoke = Invoke(self, len(self.invokes), args, kwargs)
-        invoke.prepared = self.model._prepare_invoke(args, kwargs, invoke)
+        with user_modes_suspended():  # (its checks of the inputs: fxsight's own reads)
+            invoke.prepared = self.model._prepare_invoke(args, kwargs, invoke)
         self.invokes.append(invoke)
         return invoke
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from .._torch import global_hook_keys
+from .._torch import forward_hook_dicts, global_hook_keys
 
 
 def _only_traced_added(module: torch.nn.Module, old: tuple, new: tuple) -> bool:
@@ -48,7 +48,10 @@ def user_hooks(model: torch.nn.Module) -> tuple[str | None, list]:
     forward, forward_pre, backward, backward_pre = global_hook_keys()
     global_hooks = None
     if forward or forward_pre:
-        global_hooks = "torch has global forward hooks (register_module_forward_hook)"
+        pre_hooks, hooks = forward_hook_dicts()
+        first = next(iter(pre_hooks.values()), None) or next(iter(hooks.values()))
+        global_hooks = (f"torch has global forward hooks (register_module_forward_hook: "
+                        f"{describe_hook(first)}{_installed_by(first)})")
     elif backward or backward_pre:
         global_hooks = ("torch has global backward hooks "
                         "(register_module_full_backward_hook)")
@@ -90,3 +93,13 @@ def describe_hook(hook: Any) -> str:
     if code is not None:
         return f"{name} at {code.co_filename}:{code.co_firstlineno}"
     return name
+
+
+def _installed_by(hook: Any) -> str:
+    """Who installs a global hook, where a message can say: torch's ``ModuleTracker``, which
+    ``FlopCounterMode`` enters to count per module."""
+    owner = getattr(hook, "__self__", None)
+    if type(owner).__name__ == "ModuleTracker" and \
+            type(owner).__module__.startswith("torch."):
+        return "; torch.utils.flop_counter.FlopCounterMode installs it to count per module"
+    return ""

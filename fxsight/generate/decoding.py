@@ -50,6 +50,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .._torch import user_modes_suspended
 from ..capture.captures import cached_capture, flat_inputs, signature
 from ..capture.state import current_watch
 from ..capture.export import CaptureError
@@ -287,7 +288,8 @@ class GraphSteps:
             attributes = self.model.__dict__
             replacement = attributes.pop("forward")
             try:
-                return self(**kwargs)
+                with user_modes_suspended():  # (its graph runs in them: see Executable)
+                    return self(**kwargs)
             finally:
                 attributes["forward"] = replacement  # (a function: no Module bookkeeping)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .._torch import user_modes_suspended
 from ..capture.caches import Unsupported as CacheUnsupported
 from ..capture.caches import build, flatten, is_cache
 from ..capture.events import ModuleEvents
@@ -212,6 +213,10 @@ class StepInterleaver:
             raise TraceError(at_line(message, node.line))
 
     def _on_event(self, site: Site, value: Any) -> Any:
+        with user_modes_suspended():  # (fxsight's own work: no user mode sees it)
+            return self._at_event(site, value)
+
+    def _at_event(self, site: Site, value: Any) -> Any:
         events = self.events
         if site.path == "" and site.kind == INPUT:
             self._start_step(_batch_size(value))

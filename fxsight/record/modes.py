@@ -84,8 +84,10 @@ def modes_passed(frame: FrameType | None, entry: int | None) -> list:
     stack while it handles the call."""
     passed = []
     while frame is not None and id(frame) != entry:
-        if frame.f_code.co_name == "__torch_function__":
-            mode = frame.f_locals.get("self")
+        code = frame.f_code
+        if code.co_name == "__torch_function__" and code.co_argcount:
+            # (the mode is the method's first argument, whatever its name)
+            mode = frame.f_locals.get(code.co_varnames[0])
             if isinstance(mode, TorchFunctionMode):
                 passed.append(mode)
         frame = frame.f_back

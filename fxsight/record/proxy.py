@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .._torch import pytree
+from .._torch import pytree, user_modes_suspended
 from ..errors import ControlFlowError, TraceError, at_line, user_line
 from . import numpy_values
 from .program import Kind, is_backward, origin, set_attribute
@@ -128,16 +128,16 @@ class Proxy:
     # --- metadata (from shape propagation on fake values) ----------------------------
     @property
     def shape(self) -> torch.Size:
-        return self._recorder.meta(self, "shape").shape
+        return self._meta("shape", lambda meta: meta.shape)
 
     def size(self, dim: int | None = None):
         if dim is None:
             return self.shape
-        return self._recorder.meta(self, f"size({operator.index(dim)})").shape[dim]
+        return self._meta(f"size({operator.index(dim)})", lambda meta: meta.shape[dim])
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._recorder.meta(self, "dtype").dtype
+        return self._meta("dtype", lambda meta: meta.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -207,12 +207,17 @@ class Proxy:
         meta = self._recorder.meta(self, "iteration")
         if isinstance(meta, Mapping):  # a dict (kwargs, a ModelOutput): its keys
             return iter(list(meta.keys()))
-        length = meta.shape[0] if isinstance(meta, torch.Tensor) else len(meta)
-        return iter([self[i] for i in range(length)])
+        return iter([self[i] for i in range(self._meta("iteration", _length))])
 
     def __len__(self) -> int:
-        meta = self._recorder.meta(self, "len()")
-        return meta.shape[0] if isinstance(meta, torch.Tensor) else len(meta)
+        return self._meta("len()", _length)
+
+    def _meta(self, what: str, read: Any) -> Any:
+        """``read`` of the value's meta value (see :meth:`Recorder.meta`), with the user's
+        modes put aside: a read of fxsight's fake value is no call a user's
+        ``TorchFunctionMode`` around the trace should see."""
+        with user_modes_suspended():
+            return read(self._recorder.meta(self, what))
 
     # --- a dict's value (kwargs of ``.inputs``, a ModelOutput): keys known from its meta
     def keys(self) -> list:
@@ -418,6 +423,11 @@ def _binary(op):
         return self._recorder.create_op("call_function", op, (other, self), {})
 
     return forward, reverse
+
+
+def _length(meta: Any) -> int:
+    """The length of a meta value: a tensor's first dimension, a sequence's ``len``."""
+    return meta.shape[0] if isinstance(meta, torch.Tensor) else len(meta)
 
 
 def _array_operand(op, proxy: Proxy, array: Any, reverse: bool) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .._torch import pytree
+from .._torch import pytree, user_modes_suspended
 from ..errors import TraceError, at_line, user_line
 from . import numpy_values
 from .modes import ambient_modes, modes_passed, refuse_forward_mode_change, refuse_mode_change
@@ -252,13 +252,15 @@ class Recorder:
         if self.done:
             return self._value_of(proxy)
         self.check_open()
-        return self.host.meta_of(proxy._node, what)
+        with user_modes_suspended():  # (fxsight's reads of its fake values)
+            return self.host.meta_of(proxy._node, what)
 
     def device(self, proxy: Proxy) -> torch.device:
         if self.done:
             return self._value_of(proxy).device
         self.check_open()
-        return self.host.device_of(proxy._node)
+        with user_modes_suspended():
+            return self.host.device_of(proxy._node)
 
     def settle(self, value: Any) -> Any:
         """``value`` with every proxy of this finished trace replaced by its real value
@@ -359,7 +361,8 @@ class Recorder:
                                          user_line()))
             return value._node
         if isinstance(value, torch.Tensor):
-            return self.program.input(value, user_line())
+            with user_modes_suspended():  # (its reads of the tensor: fxsight's own)
+                return self.program.input(value, user_line())
         if kind is tuple:  # (``x[:, 3]``'s key: the common items without a call each)
             items = []
             for item in value:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .._torch import user_modes_resumed
 from ..errors import TraceError, at_line
 from ..record.program import (AUTOGRAD_GRAD, Kind, Node, Program, execute, is_backward,
                               map_nodes)
@@ -137,9 +138,11 @@ class BackwardPhase:
         reached = [t for t in tensors.values() if t is not None]
         if reached:
             try:
-                torch.autograd.grad(loss, reached, grad_outputs=grad_outputs,
-                                    retain_graph=kwargs["retain_graph"],
-                                    create_graph=kwargs["create_graph"], allow_unused=True)
+                with user_modes_resumed():  # (the user's backward, in the user's modes)
+                    torch.autograd.grad(loss, reached, grad_outputs=grad_outputs,
+                                        retain_graph=kwargs["retain_graph"],
+                                        create_graph=kwargs["create_graph"],
+                                        allow_unused=True)
             except Exception as error:
                 if not isinstance(error, TraceError):
                     error.add_note(f"  at {node.line}")
@@ -166,9 +169,11 @@ class BackwardPhase:
 
 def _execute_at_line(node: Node, args: tuple, kwargs: dict) -> Any:
     """Run an operation of the backward phase; an error torch raises there names the
-    user's line (a note: its type is torch's, as in eager code)."""
+    user's line (a note: its type is torch's, as in eager code). It runs in the user's
+    modes (see ``user_modes_resumed``)."""
     try:
-        return execute(node.op, node.target, args, kwargs)
+        with user_modes_resumed():
+            return execute(node.op, node.target, args, kwargs)
     except Exception as error:
         if not isinstance(error, TraceError):
             error.add_note(f"  at {node.line}")

@@ -31,7 +31,7 @@ import torch
 
 from ..stats import bump
 from ..errors import NotOnGraph, user_stacklevel
-from .._torch import compile_backend, pytree, without_duck_shaping
+from .._torch import compile_backend, pytree, user_modes_resumed, without_duck_shaping
 from ..record.program import INPUT_PART, Program
 from ..splice.indices import Validated, blind, candidates, tensor_indices
 from ..splice.attention_masks import ASSUME_UNPADDED, CHECK, KEEP, all_ones, \
@@ -369,7 +369,8 @@ class Runner:
             raise NotOnGraph(refused)
         if self.index_values:
             flat_inputs = [*flat_inputs, *self.index_values]
-        outputs = executable(flat_inputs)
+        with user_modes_resumed():  # (the graph: the model's and the user's operations)
+            outputs = executable(flat_inputs)
         spliced = executable.spliced
         if executable.output_builder is not None:  # (no cache objects to rebuild)
             objects = None

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from .._torch import user_modes_resumed, user_modes_suspended
 from ..errors import TraceError, at_line
 from ..capture.events import ModuleEvents
 from ..capture.model_hooks import describe_hook
@@ -40,7 +41,8 @@ class RealWalker(Walker):
         return self.program.input_values[node.input_index]
 
     def call(self, node, op, target, args, kwargs, position):
-        return execute(op, target, args, kwargs)
+        with user_modes_resumed():  # (the user's operation, in the user's modes)
+            return execute(op, target, args, kwargs)
 
     def on_written(self, site: Site) -> None:
         self.written.add(site)
@@ -96,6 +98,10 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
         return None, walker.values
 
     def on_event(site: Site, value: Any) -> Any:
+        with user_modes_suspended():  # (fxsight's own work: no user mode sees it)
+            return at_event(site, value)
+
+    def at_event(site: Site, value: Any) -> Any:
         position = index.get(site)
         if position is None or position not in schedule:
             return None
@@ -121,7 +127,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
     try:
         with undone_on_refusal(model, program, args, kwargs, written_buffers), \
                 events.installed(), \
-                _skipping(model, skips, walker, events, index):
+                _skipping(model, skips, walker, events, index), user_modes_resumed():
             output = model(*args, **kwargs)
     except _StopForward:
         output = None

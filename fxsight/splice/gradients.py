@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .._torch import pytree
+from .._torch import pytree, user_modes_suspended
 from ..errors import TraceError, at_line
 from ..record.program import Kind, Node, Program, is_backward, node_args, select
 from ..record.sites import Site
@@ -76,7 +76,8 @@ def _report(taps: TapHooks | None, key: str, grad: torch.Tensor) -> torch.Tensor
     sink = taps.sink if taps is not None else None
     if sink is None:
         return None
-    return sink.on_grad(key, grad)
+    with user_modes_suspended():  # (fxsight's own work: no user mode sees it)
+        return sink.on_grad(key, grad)
 
 
 @torch.compiler.disable
@@ -89,7 +90,8 @@ def grad_tap(value: Any, key: str) -> Any:
     graphs break around it (it must run on the real tensor)."""
     if isinstance(value, torch.Tensor) and value.requires_grad:
         taps = getattr(_STATE, "taps", None)
-        handle = value.register_hook(functools.partial(_report, taps, key))
+        with user_modes_suspended():
+            handle = value.register_hook(functools.partial(_report, taps, key))
         if taps is not None:
             taps.handles.append(handle)
             taps.tensors[key] = value

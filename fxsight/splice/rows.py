@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-from .._torch import pytree
+from .._torch import pytree, user_modes_suspended
 
 
 class Rows(NamedTuple):
@@ -43,7 +43,14 @@ def _batched(value: Any, rows: Rows) -> bool:
 
 
 def narrow_rows(value: Any, start: int, stop: int, total: int) -> Any:
-    """The rows ``start:stop`` of every batched tensor in ``value`` (views, not copies)."""
+    """The rows ``start:stop`` of every batched tensor in ``value`` (views, not copies):
+    fxsight's own work (a prompt run alone is not narrowed), which a user's mode around
+    the trace does not see."""
+    with user_modes_suspended():
+        return _narrow_rows(value, start, stop, total)
+
+
+def _narrow_rows(value: Any, start: int, stop: int, total: int) -> Any:
     if isinstance(value, torch.Tensor):  # the common case (a read narrows leaf by leaf)
         return value[start:stop] if value.dim() > 0 and value.shape[0] == total else value
     rows = Rows(start, stop, total)
@@ -55,15 +62,22 @@ def narrow_row_groups(value: Any, start: int, stop: int, total: int) -> Any:
     group of consecutive rows, as many per row as its length is a multiple of ``total``
     (``generate``'s output: a row per prompt, or several beams or sequences per prompt);
     any other value is returned as it is."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 0 and \
-            value.shape[0] % total == 0:
-        factor = value.shape[0] // total
-        return value[start * factor:stop * factor]
-    return value
+    with user_modes_suspended():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 0 and \
+                value.shape[0] % total == 0:
+            factor = value.shape[0] // total
+            return value[start * factor:stop * factor]
+        return value
 
 
 def splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any:
-    """``full`` with rows ``start:stop`` replaced by ``part`` (new tensors, ``full`` untouched)."""
+    """``full`` with rows ``start:stop`` replaced by ``part`` (new tensors, ``full``
+    untouched): fxsight's own work, unseen by a user's mode around the trace."""
+    with user_modes_suspended():
+        return _splice_rows(full, part, start, stop, total)
+
+
+def _splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any:
     rows = Rows(start, stop, total)
 
     def splice(whole, piece):
@@ -82,13 +96,27 @@ def splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any:
     return pytree.tree_unflatten([splice(w, p) for w, p in zip(full_leaves, part_leaves)], spec)
 
 
+def dense_copy(value: torch.Tensor) -> torch.Tensor:
+    """A dense copy of a tensor the caller brought in, written as a site's value (see
+    ``Walker._copy``): fxsight's own, so that the forward's in-place changes do not reach
+    the caller's tensor; a user's mode around the trace does not see it."""
+    with user_modes_suspended():
+        return torch.clone(value, memory_format=torch.contiguous_format)
+
+
 def conform(value: Any, like: Any) -> Any:
     """``value`` shaped like ``like`` (broadcast where a tensor's shape differs), on its
-    device (a value read on one device and written where another one was)."""
+    device (a value read on one device and written where another one was). fxsight's own
+    work on a write: a user's mode around the trace does not see it."""
+    with user_modes_suspended():
+        return _conform(value, like)
+
+
+def _conform(value: Any, like: Any) -> Any:
 
     def fit(new, old):
         if isinstance(old, torch.Tensor):  # (read on one device, written on another: moved)
-            return conform_to(new, old.shape, old.device, old.dtype)
+            return _conform_to(new, old.shape, old.device, old.dtype)
         return new
 
     if isinstance(like, torch.Tensor) or not isinstance(value, (tuple, list, dict)):
@@ -102,6 +130,12 @@ def conform_to(value: Any, shape: tuple[int, ...], device: torch.device,
                dtype: torch.dtype) -> Any:
     """:func:`conform` to a tensor of a known ``shape``, ``device`` and ``dtype`` (the value
     it replaces is then not needed: what only computes it is pruned)."""
+    with user_modes_suspended():
+        return _conform_to(value, shape, device, dtype)
+
+
+def _conform_to(value: Any, shape: tuple[int, ...], device: torch.device,
+                dtype: torch.dtype) -> Any:
     if isinstance(value, torch.Tensor):
         if value.device != device:
             value = value.to(device)

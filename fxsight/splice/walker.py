@@ -25,7 +25,7 @@ from ..errors import (EDIT_CALL_HINT, NotOnGraph, OrderError, ShapeError, TraceE
                       at_line)
 from ..record.program import (Kind, Node, Program, draws_random, map_nodes, node_args,
                               own_rows, replace, select, set_attribute, setitem)
-from .rows import Rows, conform, narrow_rows, splice_rows
+from .rows import Rows, conform, dense_copy, narrow_rows, splice_rows
 from ..capture.caches import CacheRef, is_cache, rows_of
 from .shared_memory import SharedMemory, memory_of, read_root, upstream
 from .gradients import (backward_phase, grad_tap, grad_target, leaf_index,
@@ -300,8 +300,7 @@ class Walker:
         """A dense copy of a tensor the caller brought in, written as a site's value: the
         run's in-place changes after the write go to the copy, and a broadcast value is a
         tensor of its own (an in-place change of an expanded view is an error in torch)."""
-        return self.call(None, "call_function", torch.clone, (value,),
-                         {"memory_format": torch.contiguous_format}, position)
+        return self.call(None, "call_function", dense_copy, (value,), {}, position)
 
     def _brought_in(self, recorded: Any, count: int) -> list[bool]:
         """For each of the ``count`` leaves of a written value (``recorded``: as the Program
