@@ -663,10 +663,11 @@ def test_position_ids_of_one_row_or_one_dimension(models, tokenizer):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_continuing_the_cache_of_a_padded_batch(models, tokenizer, kind, backend):
     """The cache of prompts of different lengths (its rows' positions counting their real
-    tokens), continued with the mask of its tokens and the new ones and positions counted
-    from it: each row goes on from its own real tokens, as the whole sequence run alone.
-    Without position_ids the trace is the plain call on the same inputs (the positions
-    the cache's tokens were computed at are not known to it)."""
+    tokens), continued with the mask of its tokens and the new ones, with positions
+    counted from it or without position_ids (fxsight remembers that its trace made the
+    cache counting real tokens): each row goes on from its own real tokens, as the whole
+    sequence run alone. A plain forward's cache of the same batch (its tokens at their
+    columns), continued without position_ids, is the plain call on the same inputs."""
     lm, model = models[kind]
     a, b = _ids(tokenizer, PROMPT_A), _ids(tokenizer, PROMPT_B)
     caches = []
@@ -684,9 +685,15 @@ def test_continuing_the_cache_of_a_padded_batch(models, tokenizer, kind, backend
         logits = lm.output.logits.save()
     for row, ids in enumerate([a, b]):
         torch.testing.assert_close(logits[row], _continued(model, ids, new), atol=ATOL, rtol=0)
-    with torch.no_grad():
-        plain = model(**inputs, **{CACHE: copy.deepcopy(caches[1])}).logits
     with torch.no_grad(), lm.trace(inputs, **{CACHE: caches[1]}, backend=backend):
+        logits = lm.output.logits.save()
+    for row, ids in enumerate([a, b]):
+        torch.testing.assert_close(logits[row], _continued(model, ids, new), atol=ATOL, rtol=0)
+    past_ids = torch.tensor([a, [0] * (width - len(b)) + b])
+    with torch.no_grad():
+        cache = getattr(model(past_ids, attention_mask=mask[:, :width], use_cache=True), CACHE)
+        plain = model(**inputs, **{CACHE: copy.deepcopy(cache)}).logits
+    with torch.no_grad(), lm.trace(inputs, **{CACHE: cache}, backend=backend):
         logits = lm.output.logits.save()
     torch.testing.assert_close(logits, plain, atol=ATOL, rtol=0)
 

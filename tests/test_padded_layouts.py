@@ -7,6 +7,9 @@ batch: a trace that re-packed or moved the padding reads other columns and fails
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -376,3 +379,149 @@ def test_opt_padded_rows_are_their_prompts_alone_and_pads_the_plain_forwards(opt
     for row, (past, more) in enumerate(zip(rows, ([7, 8, 9], [10]))):
         torch.testing.assert_close(saved[row][0], _alone(model, past + more, len(past)),
                                    atol=ATOL, rtol=0)
+
+
+def _padded_cache(lm, past: list[list[int]], how: str, backend: str):
+    """The cache of fxsight's run of the left-padded prompts ``past`` (positions counted
+    from the mask), as it comes back ``how``: saved, in the saved output, in the trace's
+    result (nothing saved), from a run without a trace, from invokes of other lengths."""
+    ids, mask = _left_padded(past)
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": True, "backend": backend}
+    with torch.no_grad():
+        if how == "trace=False":
+            return getattr(lm.trace(**inputs, trace=False), CACHE)
+        if how == "invokes":
+            with lm.trace(use_cache=True, backend=backend) as tracer:
+                for row in past:
+                    with tracer.invoke([row]):
+                        pass
+                out = lm.output.save()
+            return getattr(out, CACHE)
+        with lm.trace(**inputs) as tracer:
+            if how == "saved cache":
+                cache = getattr(lm.output, CACHE).save()
+            elif how == "saved output":
+                out = lm.output.save()
+        return cache if how == "saved cache" else \
+            getattr(out if how == "saved output" else tracer.result, CACHE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_cache_of_a_padded_trace_goes_on_without_positions(wrapped, kind, backend):
+    """The cache of a trace of left-padded prompts (fxsight passed positions counting each
+    row's real tokens), continued with a mask over its tokens and no ``position_ids``:
+    each row is its prompt and the new tokens run alone, however the cache came back
+    (saved, in the output, the result, ``trace=False``, invokes of other lengths), and
+    again continuing the cache it filled (was: columns' positions, as for a plain
+    forward's cache: GPT-2 0.445 off, Llama 0.0026). A plain forward's cache of the same
+    prompts, continued alike, is still the plain call."""
+    lm, model = wrapped[kind]
+    past, (first, second) = _rows(5, 3), _rows(1, 1, seed=5)
+    _, past_mask = _left_padded(past)
+    for how in ("saved cache", "saved output", "result", "trace=False", "invokes"):
+        cache = _padded_cache(lm, past, how, backend)
+        mask = torch.cat([past_mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        with torch.no_grad(), lm.trace({"input_ids": torch.tensor([first, first]),
+                                        "attention_mask": mask},
+                                       backend=backend, **{CACHE: cache}):
+            logits = lm.output.logits.save()
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        with torch.no_grad(), lm.trace(torch.tensor([second, second]), attention_mask=mask,
+                                       backend=backend, **{CACHE: cache}):
+            more = lm.output.logits.save()
+        for row, p in enumerate(past):
+            alone = _alone(model, p + first + second, len(p))
+            torch.testing.assert_close(logits[row, 0], alone[0], atol=ATOL, rtol=0, msg=how)
+            torch.testing.assert_close(more[row, 0], alone[1], atol=ATOL, rtol=0, msg=how)
+    ids = torch.tensor([first, first])
+    mask = torch.cat([past_mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask,
+                      **{CACHE: _cache(model, *_left_padded(past), False)}).logits
+    with torch.no_grad(), lm.trace(ids, attention_mask=mask, backend=backend,
+                                   **{CACHE: _cache(model, *_left_padded(past), False)}):
+        logits = lm.output.logits.save()
+    torch.testing.assert_close(logits, plain, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_cache_of_generate_goes_on_without_positions(wrapped, kind, backend):
+    """``lm.generate`` of prompts of different lengths (transformers' ``generate`` counts
+    positions from the mask): the cache passed to it and filled, or the one in its output
+    (``return_dict_in_generate``), continued with the token it chose and no
+    ``position_ids``, is each prompt and that token run alone (was: GPT-2 0.39 off, Llama
+    0.0038)."""
+    from transformers import DynamicCache
+
+    lm, model = wrapped[kind]
+    past = _rows(5, 3, seed=6)
+    for way in ("passed", "output"):
+        given = DynamicCache(config=model.config) if way == "passed" else None
+        extra = {CACHE: given} if way == "passed" else {"return_dict_in_generate": True}
+        with torch.no_grad(), lm.generate(past, max_new_tokens=1, do_sample=False,
+                                          backend=backend, **extra) as tracer:
+            chosen = lm.generator.output.save()
+        cache = given if way == "passed" else getattr(tracer.result, CACHE)
+        chosen = chosen if way == "passed" else chosen.sequences
+        width = cache.get_seq_length()
+        mask = torch.cat([_left_padded(past)[1], torch.ones(2, 1, dtype=torch.long)], 1)
+        assert mask.shape[1] == width + 1
+        with torch.no_grad(), lm.trace(chosen[:, -1:], attention_mask=mask, backend=backend,
+                                       **{CACHE: cache}):
+            logits = lm.output.logits.save()
+        for row, p in enumerate(past):
+            alone = _alone(model, p + [int(chosen[row, -1])], len(p))
+            torch.testing.assert_close(logits[row], alone, atol=ATOL, rtol=0, msg=way)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_remembered_caches_are_not_kept_alive(wrapped, backend):
+    """fxsight remembers the caches of its runs that counted real tokens weakly: once the
+    caller lets go of one (and of the trace), it is freed, and so is its entry."""
+    from fxsight.api import counted_caches
+
+    lm, _ = wrapped["gpt2"]
+    cache = _padded_cache(lm, _rows(5, 3), "saved cache", backend)
+    assert counted_caches.counted(cache)
+    entry, ref = counted_caches._COUNTED[id(cache)], weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert ref() is None and entry() is None
+    assert all(value is not entry for value in counted_caches._COUNTED.values())
+
+
+def test_a_padded_cache_that_cannot_be_weakly_referenced_is_refused(wrapped):
+    """A cache whose padded rows are continued without ``position_ids``, that fxsight
+    cannot remember (not weakly referenceable): whether its tokens were placed by columns
+    or counting real tokens is not known, so a ``TraceError`` before the model runs, naming
+    the line and the ``position_ids`` to pass."""
+    class Unreferenced:  # (a cache by its get_seq_length, with no __weakref__ slot)
+        __slots__ = ("length",)
+
+        def __init__(self, length: int):
+            self.length = length
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return self.length
+
+    lm, model = wrapped["gpt2"]
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        ids, mask = torch.tensor([[5], [6]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
+        for trace in (True, False):
+            with pytest.raises(TraceError) as info, torch.no_grad():
+                if trace:
+                    with lm.trace(ids, attention_mask=mask, **{CACHE: Unreferenced(2)}):  # here
+                        lm.output.save()
+                else:
+                    lm.trace(ids, attention_mask=mask, trace=False, **{  # here
+                        CACHE: Unreferenced(2)})
+            message = str(info.value)
+            assert "cannot be weakly referenced" in message and "position_ids=" in message
+            assert "# here" in message
+    finally:
+        handle.remove()
+    assert not calls

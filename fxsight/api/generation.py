@@ -305,6 +305,8 @@ class Generator(Tracer):
                 restore_generators = saved_generators(module, (), inputs)
                 try:
                     self._generate_with_graphs(module, inputs, options, rows)
+                    self.model._after_generate(self, inputs, [self._output,
+                                                              *self._results.values()])
                     self._fill_caches()
                     return
                 except Unsupported as error:
@@ -321,6 +323,7 @@ class Generator(Tracer):
         self.backend = "hooks"
         self._output, self._output_kept = output, True
         self._results = {node: interleaver.result(node) for node in self.program.saves}
+        self.model._after_generate(self, inputs, [output, *self._results.values()])
         self._fill_caches()
 
     def _check_first_step(self, args: tuple, kwargs: dict, rows: dict[Any, Rows]) -> None:

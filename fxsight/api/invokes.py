@@ -57,6 +57,8 @@ class Alone:
     def __init__(self):
         self.padded: bool | None = None
         self.model_positions: tuple[str, str] | None = None
+        self.positions_made = False
+        self.prepared: tuple[tuple, dict, int] | None = None  # (once prepared)
 
 
 class WholeBatch:

@@ -61,12 +61,13 @@ from .nnsight import CLASS_ENVOYS, NNsight, plain_run_in_with, with_invoker_args
 from .padding_checks import PaddingChecks
 from .cache_layout import check_cache_columns
 from .call_site import entered_by_with, refuse_discarded, refuse_in_with
+from .counted_caches import caches_in, counted, remember
 from .text_encoding import TOKENIZER_KEYWORDS, TokenEncoding
 from .token_index import TokenIndexer, reads_under
-from .token_inputs import (DECODER_PADS, TOKEN_KEYWORDS, aligned, as_row, batch_sized,
-                           check_batchable,
-                           check_positions, keyword_input, past_length, past_width,
-                           split_past_mask, with_past_mask, with_token_keywords)
+from .token_inputs import (CACHE_KEYWORDS, DECODER_PADS, TOKEN_KEYWORDS, aligned, as_row,
+                           batch_sized, check_batchable, check_positions, keyword_input,
+                           past_cache, past_length, past_width, split_past_mask,
+                           with_past_mask, with_token_keywords)
 from .token_rows import (TokenFacts, id_ranges, left_pad, read_facts, real_positions,
                          unpredicted_first)
 
@@ -335,10 +336,12 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         if invoke is not None and own_mask is None:
             invoke.padded = padded  # (the batch's check reads it, not the device)
         own_positions = prepared.get("position_ids") is None
-        if past_padded and own_positions:
-            # the positions the cache's padded rows were computed at are not known (a plain
-            # forward counts columns, generate real tokens): the model places the input's
-            # tokens, as in the plain call (_batch_inputs refuses where it cannot)
+        if past_padded and own_positions and \
+                not self._counted_cache(past_cache(kwargs, value), where, line):
+            # the cache's padded rows were computed at their columns (a plain forward's):
+            # the model places the input's tokens, as in the plain call (_batch_inputs
+            # refuses where it cannot); one that fxsight's run made counting real tokens
+            # (a trace of a padded batch, generate) goes on counting them below
             if invoke is not None:
                 invoke.model_positions = (where, line)
         else:
@@ -355,6 +358,57 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
                              invoke.index, line, self._encoder_decoder(),
                              self._encoder_decoder() and not _generating(invoke))
         return (), self._to_device(prepared), ids.shape[0]
+
+    def _counted_cache(self, cache: Any, where: str, line: str) -> bool:
+        """Whether ``cache``, continued by an input whose mask pads a row among its tokens
+        and that gives no position ids, came out of a run of fxsight's whose positions
+        counted each row's real tokens (``counted_caches``): its input goes on counting
+        them. Where that is not known (a cache that cannot be weakly referenced), a
+        ``TraceError`` before the run, unless the model counts the mask itself (OPT)."""
+        known = counted(cache)
+        if known is None and not self._places_by_mask():
+            raise TraceError(at_line(
+                f"{where} continues a cache whose rows are padded (zeros in the attention "
+                f"mask's columns of the cache) and gives no position_ids: the positions "
+                f"the cache's tokens were computed at are not known (its "
+                f"{type(cache).__name__} cannot be weakly referenced, so fxsight cannot "
+                f"remember whether its own run made it counting real tokens). Pass "
+                f"position_ids= as the cache's were made (counted from the mask: "
+                f"(mask.cumsum(-1) - 1).clamp(min=0)[:, -n:], where generate or a trace "
+                f"of a padded batch made it; past + torch.arange(n), where a plain "
+                f"forward without them did)", line))
+        return bool(known)
+
+    def _after_run(self, invokes: list, kwargs: dict, values: list) -> None:
+        """After a run of the batched ``kwargs`` (of the ``invokes``, an ``Alone`` for a
+        plain run): where its positions counted each row's real tokens in a padded batch
+        (fxsight's ``position_ids``, none a caller's), remember the caches it filled or
+        returned (passed in, or among the output and the saved ``values``), so that a
+        continuation without position ids goes on counting them."""
+        if self._encoder_decoder() or not _counts_positions(invokes, kwargs):
+            return
+        for value in [*(kwargs.get(name) for name in CACHE_KEYWORDS), *values]:
+            for cache in caches_in(value):
+                remember(cache)
+
+    def _after_generate(self, tracer: Any, kwargs: dict, values: list) -> None:
+        """After ``generate`` of the batched ``kwargs`` (``tracer``: its Generator):
+        transformers' ``generate`` counts positions from the mask where the model takes
+        ``position_ids``; where a prompt is padded, remember the caches it filled or
+        returned (passed to it, or among its output and the saved ``values``)."""
+        if self._encoder_decoder() or not self._accepts("position_ids"):
+            return
+        mask = kwargs.get("attention_mask")
+        lengths = {inv.prepared[1]["input_ids"].shape[1] for inv in tracer.invokes}
+        padded = len(lengths) > 1 or any(inv.padded for inv in tracer.invokes)
+        if not padded and any(inv.padded is None for inv in tracer.invokes):
+            padded = isinstance(mask, torch.Tensor) and not bool(mask.all())
+        if not padded:
+            return
+        given = {**tracer._generate_kwargs, **kwargs}
+        for value in [*(given.get(name) for name in CACHE_KEYWORDS), *values]:
+            for cache in caches_in(value):
+                remember(cache)
 
     def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]],
                       invokes: list | None = None) -> tuple[tuple, dict]:
@@ -675,6 +729,15 @@ def _known_padding(invokes: list | None, prepared: list[dict], length: int) -> b
         return None
     return any(invoke.padded for invoke in invokes) or \
         any(kw["input_ids"].shape[1] != length for kw in prepared)
+
+
+def _counts_positions(invokes: list, kwargs: dict) -> bool:
+    """Whether the batched ``kwargs`` of ``invokes`` pass ``position_ids`` that fxsight
+    counted from the mask (each row's real tokens) and no caller's: where fxsight passes
+    them, a row is padded."""
+    return "position_ids" in kwargs and bool(invokes) and \
+        all(invoke.positions_made or "position_ids" not in invoke.prepared[1]
+            for invoke in invokes)
 
 
 def _model_positions(invokes: list | None, prepared: list[dict]) -> list[bool]:

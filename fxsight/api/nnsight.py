@@ -169,10 +169,12 @@ class NNsight(Envoy):
                     seed_tracer(tracer, self._edits)
                 return tracer.result
             alone = Alone()  # (what its preparation knows: no device read to check it)
-            prepared = self._prepare_invoke(args, kwargs, alone)
+            prepared = alone.prepared = self._prepare_invoke(args, kwargs, alone)
             self._before_run()
             self._check_batch(None, prepared[0], prepared[1], alone.padded)
-            return self._module(*prepared[0], **prepared[1])
+            output = self._module(*prepared[0], **prepared[1])
+            self._after_run([alone], prepared[1], [output])
+            return output
         tracer = Tracer(self, args, kwargs, options)
         if self._edits:
             seed_tracer(tracer, self._edits)
@@ -285,6 +287,11 @@ class NNsight(Envoy):
 
     def _before_run(self) -> None:
         """Last preparations before the model runs (LanguageModel dispatches weights)."""
+
+    def _after_run(self, invokes: list, kwargs: dict, values: list) -> None:
+        """After a run of the batched ``kwargs`` (of the ``invokes``), whose output and
+        saved values are among ``values`` (LanguageModel remembers the caches made
+        counting real tokens: ``counted_caches``); nothing here."""
 
     def _check_batch(self, tracer: Any, args: tuple, kwargs: dict,
                      padded: bool | None = None) -> None:

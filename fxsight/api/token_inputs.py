@@ -141,16 +141,22 @@ def past_width(mask: Any, kwargs: dict) -> int | None:
 def past_length(kwargs: Mapping, value: Any) -> int:
     """How many tokens a cache passed in (``cache=`` / ``past_key_values=``, as a keyword or
     in a dict input) holds already: 0 where none is passed."""
+    cache = past_cache(kwargs, value)
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
+def past_cache(kwargs: Mapping, value: Any) -> Any:
+    """The cache passed in (``cache=`` / ``past_key_values=``, as a keyword or in a dict
+    input ``value``), or ``None``."""
     sources = [kwargs]
     if isinstance(value, Mapping) or is_batch_encoding(value):
         sources.append(value)
     for source in sources:
         for name in CACHE_KEYWORDS:
             cache = source.get(name)
-            length = getattr(cache, "get_seq_length", None)
-            if callable(length):
-                return int(length())
-    return 0
+            if callable(getattr(cache, "get_seq_length", None)):
+                return cache
+    return None
 
 
 def split_past_mask(value: Any, past: int, where: str,

@@ -452,6 +452,9 @@ class Tracer(TraceMetadata):
         self.graph_module = outcome.graph_module
         self._output, self._output_kept = outcome.output, outcome.output_kept
         self._results = outcome.values
+        if self._stop_line is None:  # (a stopped run's caches are not its whole pass)
+            self.model._after_run(self.invokes, kwargs, [
+                *([outcome.output] if outcome.output_kept else []), *outcome.values.values()])
         if self._cache_requests:
             self._fill_caches()
 
