@@ -3,7 +3,8 @@
 ``with lm.generate(prompt, max_new_tokens=n) as tracer:`` records interventions like a
 trace. A node recorded outside ``tracer.iter[...]`` / ``tracer.all()`` applies to the first
 step; inside them, to the chosen steps, once per step (a saved value becomes a list with one
-entry per step). ``for step in tracer.iter[...]`` / ``for step in tracer.all()`` record the
+entry per step; the generated ids, ``lm.generator.output``, stay one value in any
+scope). ``for step in tracer.iter[...]`` / ``for step in tracer.all()`` record the
 loop's body once per step instead, ``step`` a real int (a saved value is that step's).
 Every model call ``generate`` makes is one step; its boundary events drive
 the Program as in the hooks backend: each node runs as soon as its values exist in the
@@ -34,7 +35,7 @@ from ..generate.decoding import (GraphSteps, HeldStreamer, Unsupported, callers_
                                  unsupported_options)
 from ..generate.first_step import first_step_nodes, repeats_rows
 from ..generate.interleave import (GENERATOR, StepInterleaver, StepWalker,
-                                   needs_generated_ids)
+                                   check_ids_with_step_values, needs_generated_ids)
 from ..record.active import current_tracer
 from ..record.program import Kind, Node, is_view
 from ..record.proxy import Proxy
@@ -291,6 +292,7 @@ class Generator(Tracer):
     # --- running ------------------------------------------------------------------------
     def _execute(self) -> None:
         _check_nothing_changed_after(self.program)
+        check_ids_with_step_values(self.program)
         args, kwargs, rows = self._prepare_run()
         self._check_cache_padding(kwargs)
         # (shapes as the first decoding step has them: logits of the last position only)

@@ -552,7 +552,9 @@ class GraphSteps:
             stepped = node.steps is not None or node in after
             for n in inputs:
                 steps = n.steps
-                if steps is None:
+                if node in after and n not in after and n.kind is not Kind.INPUT:
+                    needed.add(n)  # (the nodes of the ids run after the steps)
+                elif steps is None:
                     if stepped and n.kind is not Kind.INPUT:
                         needed.add(n)
                 elif steps.single and not _same_step(n, node):

@@ -4,7 +4,8 @@ call ``generate`` makes.
 Every model call is one decoding step. Nodes recorded outside ``tracer.iter``/``tracer.all()``
 run at the first step, the others at their steps (a saved value becomes a list with one
 entry per step); each node runs as soon as its values exist in the current step, and a write
-runs at its module's boundary. Nodes that read the generated ids run after ``generate``.
+runs at its module's boundary. Nodes that read the generated ids run once, after
+``generate`` (one value in any scope: see :func:`check_ids_with_step_values`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,28 @@ def needs_generated_ids(program) -> set[Node]:
                 any(arg in after for arg in node.all_input_nodes):
             after.add(node)
     return after
+
+
+def check_ids_with_step_values(program) -> None:
+    """The generated ids are one value of the whole generation, known once it has ended: a
+    value computed from them (in any scope: nnsight's generator is called once, after
+    ``generate``) is computed once, from them and from values of the first step or of one
+    step of a ``for step in tracer.iter[...]`` loop. One that also needs a value of every
+    chosen step (of ``with tracer.all():`` / ``with tracer.iter[...]:``, a list, one per
+    step) has no one step to be computed at: a TraceError at its line, before running."""
+    after = needs_generated_ids(program)
+    for node in program.nodes:
+        if node not in after:
+            continue
+        for arg in node.all_input_nodes:
+            if arg not in after and arg.steps is not None and not arg.steps.single:
+                raise TraceError(at_line(
+                    "this uses the generated ids (lm.generator.output), one value known "
+                    "once generation has ended, with a value of each decoding step of "
+                    "`with tracer.all():` / `with tracer.iter[...]:` (one per step): save "
+                    "both and combine them after the block, or use them in a step loop "
+                    "(`for step in tracer.all():`), where each step's value is one",
+                    node.line))
 
 
 class AnySite(dict):
@@ -274,9 +297,9 @@ class StepInterleaver:
         for node in self.once:
             if node in self.walker.values:
                 self.persistent[node] = self.walker.values[node]
-        for node in self.after:  # (of chosen steps: computed once, from the ids)
-            if node.steps is not None and node in self.walker.values:
-                self.collected[node] = [self.walker.values[node]]
+        for node in self.after:  # (computed once, from the ids: one value, as on fx)
+            if node in self.walker.values:
+                self.persistent[node] = self.walker.values[node]
         if self.pending:
             node = self.pending[0]
             site = node.site
@@ -285,6 +308,6 @@ class StepInterleaver:
                                      f"intervention could not be applied", node.line))
 
     def result(self, node: Node) -> Any:
-        if node.steps is not None:
+        if node.steps is not None and node not in self.after:
             return step_result(node, self.collected.get(node, []))
         return self.persistent[node]
