@@ -112,11 +112,16 @@ class _Walk:
             return value
         self.seen.add(id(value))
         if isinstance(value, list):
+            spreads = getattr(kind, "spreads_steps", False)
             for i in range(len(value) - 1, -1, -1):
                 item = value[i]
+                spread = spreads and type(item) is Proxy and _of_several_steps(item)
                 new = self.bound(item, depth - 1)
                 if new is not item:
-                    value[i] = new
+                    if spread and isinstance(new, list):
+                        value[i:i + 1] = new  # (one entry per step, as appended per step)
+                    else:
+                        value[i] = new
                     item = new = None  # (no reference of the walk's own left behind)
                     if self.done():
                         break
@@ -154,6 +159,13 @@ _LOADS = frozenset({"LOAD_FAST", "LOAD_NAME", "LOAD_GLOBAL", "LOAD_DEREF", "LOAD
 # (code, offset) -> the names ``value_reads`` found; bounded
 _VALUE_READS: dict[tuple[types.CodeType, int], frozenset[str]] = {}
 _MAX_VALUE_READS = 256
+
+
+def _of_several_steps(proxy: Proxy) -> bool:
+    """Whether ``proxy`` was recorded inside ``with tracer.all():`` / ``tracer.iter[...]``
+    (not a ``for step in ...`` loop's step): its value is a list, one entry per step."""
+    steps = object.__getattribute__(proxy, "_node").steps
+    return steps is not None and not steps.single
 
 
 def value_reads(frame: types.FrameType) -> frozenset[str]:

@@ -136,3 +136,30 @@ def test_ids_with_values_of_every_step_is_an_error_naming_the_line(gpt2, tokeniz
             with tracer.all():
                 ids, hidden = lm.generator.output, lm.transformer.h[0].output
                 (ids.float().mean() + hidden.mean()).save()  # the line
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("choice", ["all", "iter[1:]", "iter[2]"])
+def test_a_steps_value_appended_to_a_list_in_a_with_block_is_one_entry_per_step(
+        gpt2, tokenizer, backend, choice):
+    """nnsight's ``hs = nnsight.list().save()`` then ``with tracer.all():
+    hs.append(h.output)``: the block's body runs once per step there, so the list holds
+    one entry per step (it held one entry, the list of every step's value); a plain
+    Python list keeps the one entry. Against a forward hook on transformers' generate."""
+    _, blocks = _reference(gpt2, tokenizer)
+    chosen = {"all": blocks, "iter[1:]": blocks[1:], "iter[2]": blocks[2:]}[choice]
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    plain = []
+    with torch.no_grad(), lm.generate(PROMPTS, max_new_tokens=STEPS, do_sample=False,
+                                      backend=backend) as tracer:
+        kept = fxsight.list().save()
+        scope = {"all": tracer.all, "iter[1:]": lambda: tracer.iter[1:],
+                 "iter[2]": lambda: tracer.iter[2]}[choice]()
+        with scope:
+            kept.append(lm.transformer.h[0].output)
+            plain.append(lm.transformer.h[0].output.save())
+    assert type(kept) is fxsight.list and len(kept) == len(chosen)
+    for got, want in zip(kept, chosen):
+        assert type(got) is torch.Tensor
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert len(plain) == 1

@@ -59,7 +59,11 @@ def keep(value: Any) -> None:
 class SavableList(list):
     """nnsight 0.4's ``nnsight.list()`` (``fxsight.list()``): a list with ``.save()``,
     which is :func:`save` of it (traced values put into it later are real values in it
-    after the block); otherwise a plain list."""
+    after the block); otherwise a plain list. A traced value appended inside ``with
+    tracer.all():`` / ``with tracer.iter[...]:`` in ``lm.generate`` becomes one entry per
+    decoding step, as nnsight's body appends once per step."""
+
+    spreads_steps = True  # (read by fxsight.bind)
 
     def save(self) -> "SavableList":
         """Keep this list with the innermost trace or session (see :func:`save`)."""
