@@ -34,6 +34,13 @@ def remember(cache: Any) -> None:
     _COUNTED[key] = ref
 
 
+def remember_in(values: list) -> None:
+    """Remember every cache among ``values`` (see :func:`caches_in`)."""
+    for value in values:
+        for cache in caches_in(value):
+            remember(cache)
+
+
 def _forget(key: int, dead: weakref.ref) -> None:
     if _COUNTED.get(key) is dead:
         del _COUNTED[key]

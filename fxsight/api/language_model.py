@@ -61,7 +61,8 @@ from .nnsight import CLASS_ENVOYS, NNsight, plain_run_in_with, with_invoker_args
 from .padding_checks import PaddingChecks
 from .cache_layout import check_cache_columns
 from .call_site import entered_by_with, refuse_discarded, refuse_in_with
-from .counted_caches import caches_in, counted, remember
+from .counted_caches import counted, remember_in
+from .decoder_padding import decoder_padded, with_decoder_mask
 from .text_encoding import TOKENIZER_KEYWORDS, TokenEncoding
 from .token_index import TokenIndexer, reads_under
 from .token_inputs import (CACHE_KEYWORDS, DECODER_PADS, TOKEN_KEYWORDS, aligned, as_row,
@@ -387,9 +388,7 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         continuation without position ids goes on counting them."""
         if self._encoder_decoder() or not _counts_positions(invokes, kwargs):
             return
-        for value in [*(kwargs.get(name) for name in CACHE_KEYWORDS), *values]:
-            for cache in caches_in(value):
-                remember(cache)
+        remember_in([*(kwargs.get(name) for name in CACHE_KEYWORDS), *values])
 
     def _after_generate(self, tracer: Any, kwargs: dict, values: list) -> None:
         """After ``generate`` of the batched ``kwargs`` (``tracer``: its Generator):
@@ -406,9 +405,7 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         if not padded:
             return
         given = {**tracer._generate_kwargs, **kwargs}
-        for value in [*(given.get(name) for name in CACHE_KEYWORDS), *values]:
-            for cache in caches_in(value):
-                remember(cache)
+        remember_in([*(given.get(name) for name in CACHE_KEYWORDS), *values])
 
     def _batch_inputs(self, prepared: list[tuple[tuple, dict, int]],
                       invokes: list | None = None) -> tuple[tuple, dict]:
@@ -439,13 +436,14 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
                     v[:, past:], length, 0, right)], 1) for v in column])
             elif pad_decoder and key in DECODER_PADS and \
                     len({v.shape[1:] for v in column}) > 1:
-                batched[key] = self._decoder_padded(key, column)
+                batched[key] = decoder_padded(key, column, self._decoder_pad_id)
             elif all(batch_sized(v, n) for v, (_, _, n) in zip(column, prepared)):
                 batched[key] = torch.cat(column)
             else:
                 batched[key] = column[0]
         if pad_decoder:
-            batched = self._with_decoder_mask(batched, invokes)
+            batched = with_decoder_mask(batched, invokes,
+                                        self._accepts("decoder_attention_mask"))
         # (an invoke of a model taking position_ids has them where a row is padded: where
         # none has and all are as long, no row of the batch is padded)
         unpadded = self._accepts("position_ids") and \
@@ -463,38 +461,11 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
             batched.pop("attention_mask")  # (all ones: _check_padding saw to it)
         return (), batched
 
-    def _decoder_padded(self, key: str, column: list[torch.Tensor]) -> torch.Tensor:
-        """An encoder-decoder's decoder tokens ``key`` of the invokes (``column``), of
-        other lengths, right-padded to the longest: its decoder is causal, so a real token
-        reads no pad after it, each at its own position."""
-        width = max(value.shape[1] for value in column)
-        pad = DECODER_PADS[key]
-        pad = self._decoder_pad_id() if pad is None else pad
-        return torch.cat([left_pad(value, width, pad, right=True) for value in column])
-
     def _decoder_pad_id(self) -> int:
         """The id a decoder's tokens are padded with (the config's ``pad_token_id``, which
         transformers' shift of labels puts at their -100s), else the tokenizer's."""
         value = getattr(getattr(self._module, "config", None), "pad_token_id", None)
         return value if isinstance(value, int) else self._pad_id()
-
-    def _with_decoder_mask(self, batched: dict, invokes: list[dict]) -> dict:
-        """``batched`` with a ``decoder_attention_mask`` over the decoder tokens the
-        invokes gave (ones, zeros at the pads of the shorter), where they were padded, no
-        invoke gave one and the model takes it."""
-        name = next((k for k in ("decoder_input_ids", "labels") if k in batched), None)
-        if name is None or "decoder_attention_mask" in batched or \
-                not self._accepts("decoder_attention_mask"):
-            return batched
-        widths = [kw[name].shape[1] for kw in invokes]
-        width = batched[name].shape[1]
-        if all(w == width for w in widths):
-            return batched
-        device = batched[name].device
-        mask = torch.cat([left_pad(torch.ones(kw[name].shape[:2], dtype=torch.long,
-                                              device=device), width, 0, right=True)
-                          for kw in invokes])
-        return {**batched, "decoder_attention_mask": mask}
 
     def _tokenizer_options(self, kwargs: dict) -> dict:
         """The tokenizer's keywords among an invoke's (``truncation=True, max_length=4``),
