@@ -240,3 +240,92 @@ def test_edited_model_traced_through_the_original_envoys(backend):
     torch.testing.assert_close(modified, expected)
     torch.testing.assert_close(also, expected)
     torch.testing.assert_close(original, model(_ids(1, seed=2)).logits)
+
+
+def _language_model(backend: str):
+    from fxsight import LanguageModel
+    from models import train_tokenizer
+    tokenizer = train_tokenizer()
+    model = tiny_gpt2(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer))
+    return model, LanguageModel(model, tokenizer=tokenizer, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_takes_nnsights_run_options(backend):
+    """``lm.generate(..., scan=False, validate=False, remote=False)`` (research code's
+    ``**tracer_kwargs``) generates as without them. Was: transformers' generate got them
+    (``TypeError: 'bool' object is not callable`` for ``validate=``, "model_kwargs are not
+    used" for ``scan=`` and ``remote=``)."""
+    model, lm = _language_model(backend)
+    prompt = _ids(1, 4)
+    with lm.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                     scan=False, validate=False, remote=False):
+        tokens = lm.generator.output.save()
+    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                              max_new_tokens=3, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(tokens, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_session_and_trace_take_remote_false(backend):
+    """``with lm.session(remote=REMOTE):`` and ``lm.trace(x, remote=False)`` with
+    ``REMOTE = False`` (function-vector code run locally) run locally; on a module whose
+    forward takes no ``**kwargs`` too. Was: ``session()`` a TypeError, the trace of such a
+    module a TraceError ("'remote' is not a parameter")."""
+    model, lm = _language_model(backend)
+    with lm.session(remote=False):
+        with lm.trace(_ids(1, seed=1), remote=False):
+            hidden = lm.transformer.h[1].output[:, -1, :]
+        with lm.trace(_ids(1, seed=2), remote=False):
+            lm.transformer.h[1].output[:, -1, :] = hidden
+            patched = lm.lm_head.output.save()
+
+    def patch(module, args, output):
+        output = output.clone()
+        output[:, -1] = hidden
+        return output
+
+    handle = model.transformer.h[1].register_forward_hook(patch)
+    try:
+        expected = model(_ids(1, seed=2)).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(patched, expected)
+    linear = torch.nn.Linear(3, 2)
+    with NNsight(linear, backend=backend).trace(torch.ones(1, 3), remote=False) as net:
+        out = net.output.save()
+    torch.testing.assert_close(out, linear(torch.ones(1, 3)))
+
+
+def test_remote_true_is_refused_before_running():
+    """``remote=True`` (nnsight: run on NDIF's servers) cannot be honoured: a TraceError at
+    the line. Was: a trace of GPT-2 ran locally, ``remote=True`` passed into its forward's
+    ``**kwargs`` (silently)."""
+    _, lm = _language_model("auto")
+    with pytest.raises(TraceError, match="NDIF"):
+        with lm.trace(_ids(1), remote=True):
+            lm.lm_head.output.save()
+    with pytest.raises(TraceError, match="NDIF"):
+        with lm.generate(_ids(1, 4), max_new_tokens=2, remote=True):
+            lm.generator.output.save()
+    with pytest.raises(TraceError, match="NDIF"):
+        with lm.session(remote=True):
+            pass
+
+
+def test_apply_of_no_traced_value_between_a_sessions_traces():
+    """nnsight 0.4 mask training: ``nnsight.apply(model.zero_grad)`` between a session's
+    traces runs the function (the session's Python runs as it is written). Was: a
+    TraceError ("no traced value among the arguments") naming no line. Inside a trace such
+    a call is refused at its line: it would run before the block's lines."""
+    import fxsight
+    model, lm = _language_model("auto")
+    with lm.session():
+        with lm.trace(_ids(1)):
+            lm.lm_head.output.sum().backward()
+        assert model.lm_head.weight.grad is not None
+        fxsight.apply(model.zero_grad)
+        assert model.lm_head.weight.grad is None
+    with pytest.raises(TraceError, match="(?s)no traced value.*test_ported_research"):
+        with lm.trace(_ids(1)):
+            fxsight.apply(model.zero_grad)
