@@ -135,10 +135,6 @@ def test_grad_errors(gpt2):
     with pytest.raises(fxsight.TraceError, match="never calls backward"):
         with net.trace(x):
             net.layer1.output.grad.save()
-    with pytest.raises(fxsight.TraceError, match="module's inputs and outputs"):
-        with net.trace(x):
-            (net.layer1.output * 2).grad.save()
-            net.output.sum().backward()
     with pytest.raises(fxsight.TraceError, match=r"under torch\.no_grad\(\)"):
         with torch.no_grad(), net.trace(x):
             net.layer1.output.grad.save()
@@ -458,7 +454,9 @@ def test_grad_of_a_model_output_field(gpt2, backend):
                                    [acts["h"], out.logits])
     torch.testing.assert_close(hidden, expected[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits, expected[1])
-    with pytest.raises(fxsight.TraceError, match="not on computed values"):
+    # a computed value's gradient (see test_ported_research.py) is that tensor's, as a
+    # hook on it sees it: a view the loss is not computed from gets none
+    with pytest.raises(fxsight.TraceError, match="never computed"):
         with net.trace(ids, use_cache=False, backend=backend):
             net.output.logits.mT.grad.save()
             net.output.logits.sum().backward()

@@ -74,10 +74,19 @@ def edited_copy(model: Any) -> Any:
     """A new wrapper around the same module, with a copy of ``model``'s edit list."""
     new = copy.copy(model)
     object.__setattr__(new, "_root", new)
+    # (nnsight's edited model is a shallow copy sharing the envoys: the original's
+    # envoys read and write a trace of the copy, and the copy's a trace of the original)
+    object.__setattr__(new, "_edit_lineage", edit_lineage(model))
     object.__setattr__(new, "_children", {})
     object.__setattr__(new, "_last_run", {})
     object.__setattr__(new, "_edits", list(edits_of(model)))
     return new
+
+
+def edit_lineage(model: Any) -> Any:
+    """The wrapper a model's chain of non-inplace edits started from (the model itself
+    where it is no edited copy)."""
+    return model.__dict__.get("_edit_lineage", model)
 
 
 class EditTracer(Tracer):

@@ -113,7 +113,19 @@ def apply(fn: Callable, *args, **kwargs) -> Any:
     ...     top = fxsight.apply(lambda h: h.topk(1).indices, net.output).save()
     >>> top.shape
     torch.Size([2, 1])
+
+    With no traced value among the arguments (nnsight 0.4's ``nnsight.apply(model.zero_grad)``
+    between a session's traces), ``fn`` is plain Python: it is called at once, outside a
+    trace; inside an open trace that is a ``TraceError`` at the line (the block's lines run
+    when the model runs, ``fn`` would run before them).
     """
+    if not any(isinstance(v, Proxy) for v in pytree.tree_leaves((args, kwargs))):
+        if active_tracers():
+            raise TraceError(at_line(
+                f"fxsight.apply({getattr(fn, '__name__', 'fn')}, ...) has no traced value "
+                f"among its arguments: it would run now, before the block's lines run "
+                f"with the model; call it before or after the trace", user_line()))
+        return fn(*args, **kwargs)
     return find_recorder(args, kwargs).create_op("call_function", fn, args, kwargs,
                                                  lenient=True)
 

@@ -58,6 +58,7 @@ from .mask_reads import places_by_mask
 from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
                             _tokenizer_beside)
 from .nnsight import CLASS_ENVOYS, NNsight, plain_run_in_with, with_invoker_args
+from .nnsight_options import without_checks, without_remote
 from .padding_checks import PaddingChecks
 from .cache_layout import check_cache_columns
 from .call_site import entered_by_with, refuse_discarded, refuse_in_with
@@ -197,6 +198,9 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
             trace = entered_by_with(sys._getframe(1))
         elif not trace:
             plain_run_in_with("generate", sys._getframe(1))
+        # (nnsight's options of where and how it runs; transformers' generate fails on them)
+        kwargs = without_checks(self._module, without_remote(self._module, kwargs,
+                                                             "lm.generate(...)"))
         if "invoker_args" in kwargs:  # (generate's keywords share names with them)
             raise TraceError(at_line(
                 "lm.generate(..., invoker_args=...): keywords for the prompt's tokenization "

@@ -22,6 +22,7 @@ from .inputs import (batch, batch_size, check_batchable, check_keywords, describ
                      earlier_invokes, expand_mapping, named_inputs, plain_batch_size,
                      plainly_batchable)
 from .invokes import Alone
+from .nnsight_options import without_remote
 from .session import Session
 from .tracer import ScanTracer, Tracer
 
@@ -161,7 +162,7 @@ class NNsight(Envoy):
                     "model.trace(trace=False) has no input: without a trace it runs the "
                     "model at once, on the inputs given to it (`model.trace(x, "
                     "trace=False)`)", user_line()))
-        kwargs = with_invoker_args(kwargs)
+        kwargs = without_remote(self._module, with_invoker_args(kwargs), "model.trace(...)")
         options = self._run_options(backend, compile, prune)
         if not trace:
             if self._edits:  # an edited model runs with its edits
@@ -217,9 +218,11 @@ class NNsight(Envoy):
         refuse_discarded(sys._getframe(1), "model.edit(...)")
         return tracer
 
-    def session(self) -> Session:
+    def session(self, remote: bool = False) -> Session:
         """``with model.session():`` several traces as one unit: a value of an earlier
-        trace is used in a later one without ``.save()`` (see :mod:`fxsight.api.session`)."""
+        trace is used in a later one without ``.save()`` (see :mod:`fxsight.api.session`).
+        ``remote=False`` (nnsight's option) is accepted: fxsight runs locally."""
+        without_remote(None, {"remote": remote}, "model.session(...)")
         refuse_discarded(sys._getframe(1), "model.session()")
         return Session(self)
 

@@ -19,11 +19,28 @@ def active_tracers() -> list[Any]:
 
 
 def current_tracer(model: Any) -> Any:
-    """The innermost open tracer of ``model`` (an ``NNsight`` wrapper), or ``None``."""
-    for tracer in reversed(active_tracers()):
-        if tracer.model is model or getattr(tracer, "_also", None) is model:
+    """The innermost open tracer of ``model`` (an ``NNsight`` wrapper), or ``None``.
+
+    A model and its edited copies (``model.edit()``) share their envoys, as nnsight's
+    shallow copies do: the tutorial's ``with edited.trace(x): model.lm_head.output`` reads
+    the edited model's trace."""
+    stack = active_tracers()
+    if not stack:
+        return None
+    lineage = _lineage(model)
+    for tracer in reversed(stack):
+        if tracer.model is model or getattr(tracer, "_also", None) is model or \
+                _lineage(tracer.model) is lineage:
             return tracer
     return None
+
+
+def _lineage(model: Any) -> Any:
+    """The wrapper ``model``'s non-inplace edits started from (see ``api.edit``)."""
+    try:
+        return vars(model).get("_edit_lineage", model)
+    except TypeError:  # (no __dict__)
+        return model
 
 
 def active_sessions() -> list[Any]:

@@ -16,7 +16,8 @@ from .._torch import user_modes_resumed
 from ..errors import TraceError, at_line
 from ..record.program import (AUTOGRAD_GRAD, Kind, Node, Program, execute, is_backward,
                               map_nodes)
-from ..splice.gradients import grad_target, set_active_sink, tapped_tensor
+from ..splice.gradients import (grad_target, is_value_key, set_active_sink, tapped_tensor,
+                                value_target)
 from ..splice.rows import Rows, conform, narrow_rows, splice_rows
 
 
@@ -97,15 +98,18 @@ class BackwardPhase:
         kind = node.kind
         rows = self.rows[node.invoke]
         if kind is Kind.GRAD:
-            grad = self.grads[self.owners.get(node), self.keys[node]]
-            self.values[node] = grad if rows.whole or grad is None else narrow_rows(
-                grad, rows.start, rows.stop, rows.total)
+            key = self.keys[node]
+            grad = self.grads[self.owners.get(node), key]
+            # (a computed value's gradient is already of the invoke's rows)
+            self.values[node] = grad if rows.whole or grad is None or is_value_key(key) \
+                else narrow_rows(grad, rows.start, rows.stop, rows.total)
         elif kind is Kind.GRAD_WRITE:
             slot = (self.running, self.keys[node])
             value = map_nodes(node.args[1], self.values.__getitem__)
             old = self.grads[slot]
-            self.grads[slot] = conform(value, old) if rows.whole else splice_rows(
-                old, value, rows.start, rows.stop, rows.total)
+            self.grads[slot] = conform(value, old) \
+                if rows.whole or is_value_key(self.keys[node]) else splice_rows(
+                    old, value, rows.start, rows.stop, rows.total)
             self.values[node] = None
         elif kind in (Kind.READ, Kind.WRITE):
             raise TraceError(at_line(
@@ -158,7 +162,8 @@ class BackwardPhase:
                                      "backward()", node.line))
         grad = next((n for n in [node, *node.all_input_nodes] if n.kind is Kind.GRAD),
                     node)
-        where = grad_target(grad)[0].site.label if grad.kind is Kind.GRAD else None
+        where = grad_target(grad)[0].site.label \
+            if grad.kind is Kind.GRAD and value_target(grad) is None else None
         owner = self.owners.get(grad)
         call = "torch.autograd.grad (allow_unused=True makes it None)" \
             if owner is not None and owner.target is AUTOGRAD_GRAD else "backward()"

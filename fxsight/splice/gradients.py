@@ -127,7 +127,45 @@ class Field(str):
 
 def grad_target(node: Node) -> tuple[Node, list[Any]]:
     """The module read whose gradient a grad node means, and the item keys (and
-    :class:`Field` attribute names) on the way."""
+    :class:`Field` attribute names) on the way (a computed value's gradient has no module
+    read: see :func:`value_target`)."""
+    read, keys = _read_and_keys(node)
+    if read.kind is not Kind.READ:
+        raise TraceError(at_line(
+            ".grad is available on a module's inputs and outputs (and items of them, like "
+            "`.output[0]` or `.output.logits`) and on values computed from them in the "
+            "block, not on a value brought in (a tensor of yours: read its own `.grad` "
+            "after the trace)", node.line))
+    return read, keys
+
+
+def value_target(node: Node) -> Node | None:
+    """The computed value (an operation of the block: ``x - x_hat``, an SAE's features)
+    whose gradient a grad node means, or ``None`` where it means a module read's (an item
+    of one: ``.output[0]``). Its gradient is tapped on the tensor the operation gives, as
+    a tensor hook registered on it in torch (or by nnsight) sees it."""
+    read, _ = _read_and_keys(node)
+    target = node.args[0]
+    if read.kind is Kind.READ or type(target) is not Node or target.kind is not Kind.OP:
+        return None
+    return target
+
+
+def value_key(target: Node) -> str:
+    """The key a grad tap on the computed value ``target`` reports under (never a
+    module site's: those are ``label/leaf``)."""
+    return f"={target.index}"
+
+
+def is_value_key(key: str) -> bool:
+    """Whether a tap's key is a computed value's (its gradient is of the value as the
+    block has it, an invoke's rows already: it is not narrowed to them)."""
+    return key.startswith("=")
+
+
+def _read_and_keys(node: Node) -> tuple[Node, list[Any]]:
+    """Follow a grad node's target up through item and field picks: the node reached
+    (a module read, or the computed value the picks start from) and the keys."""
     read, keys = node.args[0], []
     while read.kind is Kind.OP and (
             (read.target is operator.getitem and not node_args(read.args[1])) or
@@ -136,10 +174,6 @@ def grad_target(node: Node) -> tuple[Node, list[Any]]:
         key = read.args[1]
         keys.insert(0, Field(key) if read.target is getattr else key)
         read = read.args[0]
-    if read.kind is not Kind.READ:
-        raise TraceError(at_line(
-            ".grad is available on a module's inputs and outputs (and items of them, like "
-            "`.output[0]` or `.output.logits`), not on computed values", node.line))
     return read, keys
 
 

@@ -59,7 +59,10 @@ class MetaWalker(Walker):
     def check_grad_write(self, node, site, old, value, rows) -> None:
         if not isinstance(old, torch.Tensor) or isinstance(value, UnknownMeta):
             return
-        shape = old.shape if rows.whole else (rows.stop - rows.start, *old.shape[1:])
+        # (a computed value's gradient is of the value as the block has it: no narrowing)
+        shape = old.shape if rows.whole or site is None else \
+            (rows.stop - rows.start, *old.shape[1:])
+        label = "this value" if site is None else site.label
         new_shape = value.shape if isinstance(value, torch.Tensor) else ()
         try:
             fits = torch.broadcast_shapes(new_shape, shape) == torch.Size(shape)
@@ -67,12 +70,12 @@ class MetaWalker(Walker):
             fits = False
         if not fits:
             raise ShapeError(at_line(f"a gradient of shape {tuple(new_shape)} cannot replace "
-                                     f"the gradient of {site.label}, of shape {tuple(shape)}",
+                                     f"the gradient of {label}, of shape {tuple(shape)}",
                                      node.line))
         if isinstance(value, torch.Tensor) and value.dtype != old.dtype:
             # (torch refuses a tensor hook that changes a gradient's dtype, in backward())
             raise ShapeError(at_line(
-                f"a {_dtype(value)} gradient cannot replace the gradient of {site.label}, "
+                f"a {_dtype(value)} gradient cannot replace the gradient of {label}, "
                 f"which is {_dtype(old)}: convert it first (`.to({old.dtype})`)", node.line))
 
     def _check_inside_skips(self) -> None:

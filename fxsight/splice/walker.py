@@ -29,7 +29,7 @@ from .rows import Rows, conform, dense_copy, narrow_rows, splice_rows
 from ..capture.caches import CacheRef, is_cache, rows_of
 from .shared_memory import SharedMemory, memory_of, read_root, upstream
 from .gradients import (backward_phase, grad_tap, grad_target, leaf_index,
-                        picks_inside_a_tensor, tap_key)
+                        picks_inside_a_tensor, tap_key, value_key, value_target)
 from ..record.sites import Site, is_operation, module_label
 
 BEFORE_ALL = -1
@@ -56,6 +56,9 @@ class Walker:
         self.grad_nodes = [n for n in program.nodes if n in self.backward_nodes
                            and n.kind in (Kind.GRAD, Kind.GRAD_WRITE)]
         self.grad_keys: dict[Node, str] = {}
+        # computed values whose gradient the trace uses (``residual.grad``) -> those reads
+        # and writes; module reads' gradients are tapped at their sites (``_tapped``)
+        self.value_grads = _value_grads(program, self.grad_nodes)
         # how many times each site's value has changed (whole writes, in-place changes): a
         # gradient read after a change is the changed value's (a tap of its own), as a
         # tensor hook registered after it sees it in torch
@@ -101,7 +104,7 @@ class Walker:
             if kind is Kind.GRAD_WRITE:
                 rows = self._rows(node)
                 value = map_nodes(node.args[1], self.values.__getitem__)
-                site = grad_target(node)[0].site
+                site = None if value_target(node) is not None else grad_target(node)[0].site
                 self.check_grad_write(node, site, self.values[target], value, rows)
             return
         if kind is Kind.INPUT:
@@ -149,6 +152,8 @@ class Walker:
         taps: dict[int, str] = {}
         version = self.tap_versions.get(site, 0)
         for node in self.grad_nodes:
+            if value_target(node) is not None:
+                continue  # (a computed value's: tapped where it is computed)
             read, keys = grad_target(node)
             if read.site != site or read in self.values:
                 continue
@@ -175,6 +180,16 @@ class Walker:
                                    position)
         self.on_tapped(site)
         return unflatten_keeping_sizes(flat, spec)
+
+    def _tap_value(self, node: Node, position: int) -> None:
+        """A grad tap on the computed value of ``node``, whose gradient the trace uses:
+        the tensor's gradient from all its uses, as a hook registered on it sees it."""
+        key = value_key(node)
+        for grad in self.value_grads[node]:
+            self.grad_keys[grad] = key
+        if self.taps_gradients:
+            self.values[node] = self.call(None, "call_function", grad_tap,
+                                          (self.values[node], key), {}, position)
 
     def _retapped(self, site: Site, old: Any, new: Any) -> Any:
         """``new``, the value a write gives ``site`` (``old`` before it), with a tap of
@@ -401,6 +416,8 @@ class Walker:
         kwargs = map_nodes(node.kwargs, self.values.__getitem__)
         self.values[node] = self.call(node, node.op, node.target, args, kwargs, position)
         self.positions[node] = position
+        if node in self.value_grads:
+            self._tap_value(node, position)
         if node.mutation:
             self.shared.note_change(node, position)
             if self.grad_nodes:
@@ -461,6 +478,35 @@ class Walker:
             if index == position:
                 return site
         raise KeyError(position)
+
+
+def _value_grads(program: Program, grad_nodes: list[Node]) -> dict[Node, list[Node]]:
+    """The computed values whose gradient ``grad_nodes`` read or replace, each with those
+    nodes. A value changed in place before its gradient is read is refused: which version
+    of it is meant (the hook sees the value before the change) would be a guess."""
+    found: dict[Node, list[Node]] = {}
+    for grad in grad_nodes:
+        target = value_target(grad)
+        if target is None:
+            continue
+        if target.mutation:
+            raise TraceError(at_line(_CHANGED_IN_PLACE.format(line=target.line), grad.line))
+        found.setdefault(target, []).append(grad)
+    if found:
+        order = {node: i for i, node in enumerate(program.nodes)}
+        for node in program.nodes:
+            if node.mutation and node.args and node.args[0] in found:
+                grads = [g for g in found[node.args[0]] if order[g] > order[node]]
+                if grads:
+                    raise TraceError(at_line(_CHANGED_IN_PLACE.format(line=node.line),
+                                             grads[0].line))
+    return found
+
+
+_CHANGED_IN_PLACE = (
+    ".grad of a computed value changed in place before this line (at {line}) is not "
+    "supported: which version of it is meant would be a guess; read `.grad` before the "
+    "change, or of a copy made after it (`v = v.clone()`)")
 
 
 def _no_aliases(site: Site) -> frozenset:
