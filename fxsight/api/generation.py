@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from typing import Any, Iterator
 
 import torch
@@ -36,7 +37,7 @@ from ..generate.decoding import (GraphSteps, HeldStreamer, Unsupported, callers_
 from ..generate.first_step import first_step_nodes, repeats_rows
 from ..generate.interleave import (GENERATOR, StepInterleaver, StepWalker,
                                    check_ids_with_step_values, needs_generated_ids)
-from ..record.active import current_tracer
+from ..record.active import active_sessions, current_tracer
 from ..record.program import Kind, Node, is_view
 from ..record.proxy import Proxy
 from ..record.scope import ALL, Scope, Steps, resolve_choice
@@ -73,9 +74,20 @@ class StepScope:
         recorder.scope = recorder.scope._replace(steps=self.steps)
         return self.steps
 
-    def __exit__(self, *exc) -> bool:
-        self.tracer.recorder.scope = self._previous
+    def __exit__(self, exc_type: Any, *exc: Any) -> bool:
+        self.close(sys._getframe(1), exc_type is not None)
         return False
+
+    def close(self, frame: Any, failed: bool) -> None:
+        """End the scope, entered in ``frame``: what the block appended there to a list is
+        one entry per step after the run (see :mod:`fxsight.api.step_appends`)."""
+        self.tracer.recorder.scope = self._previous
+        if not failed:
+            steps = self.steps
+            kept = [*self.tracer._kept, *(obj for s in active_sessions() for obj in s.kept)]
+            self.tracer._step_appends.mark(
+                frame, kept,
+                lambda proxy: object.__getattribute__(proxy, "_node").steps is steps)
 
     def __iter__(self) -> Iterator[int]:
         steps = self.steps.concrete(self.tracer._step_count)
