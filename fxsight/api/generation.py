@@ -34,7 +34,7 @@ from ..locks import model_lock
 from ..generate.decoding import (GraphSteps, HeldStreamer, Unsupported, callers_code_ran,
                                  callers_objects, unchanged_between_steps,
                                  unsupported_options)
-from ..generate.first_step import first_step_nodes, repeats_rows
+from ..generate.first_step import first_step_nodes, repeated_rows, row_repeats
 from ..generate.interleave import (GENERATOR, StepInterleaver, StepWalker,
                                    check_ids_with_step_values, needs_generated_ids)
 from ..record.active import active_sessions, current_tracer
@@ -44,7 +44,7 @@ from ..record.scope import ALL, Scope, Steps, resolve_choice
 from ..record.sites import is_operation
 from ..run.forward import fall_back, metadata_source
 from ..run.options import RunOptions
-from ..splice.rows import Rows
+from ..splice.rows import Rows, expand_rows
 from ..splice.meta_walker import MetaWalker
 from ..splice.walker import Walker
 from .cache_layout import padded_rows, pads_after_cache, refusal
@@ -354,9 +354,22 @@ class Generator(Tracer):
         nodes = [node for node in self.program.nodes
                  if node.kind in (Kind.READ, Kind.WRITE) and node.site != GENERATOR and
                  not is_operation(node.site.path) and not _after_the_prompt(node.steps)]
-        # (a batch generate repeats each prompt row of: its values are another batch's)
-        walked = first_step_nodes(self.program) \
-            if not repeats_rows(self.model._module, self._generate_kwargs) else []
+        walked = first_step_nodes(self.program)
+        # (beams or sequences: step 0 runs each prompt row as several, its inputs expanded
+        # as generate expands them; not a cache given, whose rows it expands itself)
+        repeats = row_repeats(self.model._module, self._generate_kwargs)
+        if repeats != 1:
+            given = {**self._generate_kwargs, **kwargs}
+            if any(given.get(name) is not None for name in CACHE_KEYWORDS):
+                walked = []
+            else:
+                total = rows[None].total
+                expanded = expand_rows(rows, total * repeats)
+                if expanded is None:
+                    walked = []
+                else:
+                    kwargs = repeated_rows(kwargs, repeats, total)
+                    rows = expanded
         if not nodes and not walked:
             return
         try:  # (a model the scan fails on: its lines are checked as they run, as before)
