@@ -287,3 +287,49 @@ def test_beams_step_0_edits_that_fit_run_as_hooks_give_them(models, tokenizer, b
         lm.transformer.h[0].output[:] += vector
         ids = lm.generator.output.save()
     assert torch.equal(ids, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [{"do_sample": False, "num_beams": 2},
+                                     {"do_sample": True, "num_return_sequences": 3}],
+                         ids=["beams", "sequences"])
+def test_step_0_shape_reads_count_the_rows_generate_runs(models, tokenizer, backend,
+                                                         options):
+    """With beams or several sequences, step 0 runs each prompt as several rows: a shape
+    read while recording is of those rows (it was the prompts' own, 2 rows for 4 or 6),
+    so a loop over ``h.shape[0]`` edits every row, as a forward hook on transformers'
+    ``generate`` does (it edited the first prompt's rows only, silently)."""
+    model = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    vector = torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(5))
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    rows = len(PROMPTS) * max(options.get("num_beams", 1),
+                              options.get("num_return_sequences", 1))
+    calls = []
+
+    def steer(module, args, output):
+        calls.append(output.shape[0])
+        if len(calls) == 1:
+            output = output.clone()
+            output[:, -1] += vector
+            return output
+        return None
+
+    handle = model.transformer.h[0].register_forward_hook(steer)
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            want = model.generate(**encoded, max_new_tokens=3, **options)
+    finally:
+        handle.remove()
+    assert calls[0] == rows
+    torch.manual_seed(0)
+    with torch.no_grad(), lm.generate(PROMPTS, max_new_tokens=3, backend=backend,
+                                      **options):
+        h = lm.transformer.h[0].output
+        count = h.shape[0]
+        for row in range(count):
+            h[row, -1] += vector
+        ids = lm.generator.output.save()
+    assert count == rows
+    assert torch.equal(ids, want)

@@ -175,7 +175,43 @@ class Generator(Tracer):
             return kwargs
         return _after_the_cache(kwargs, self._generate_kwargs)
 
+    def _row_repeats(self, kwargs: dict) -> int | None:
+        """How many consecutive rows decoding step 0 runs each prompt row as (beams,
+        sequences: :func:`row_repeats`); ``None`` where that is more than one beside a
+        cache given (``generate`` expands the cache's rows itself)."""
+        repeats = row_repeats(self.model._module, self._generate_kwargs)
+        if repeats != 1:
+            given = {**self._generate_kwargs, **kwargs}
+            if any(given.get(name) is not None for name in CACHE_KEYWORDS):
+                return None
+        return repeats
+
+    def _as_step_zero(self, kwargs: dict, rows: dict[Any, Rows]
+                      ) -> tuple[dict, dict[Any, Rows], bool]:
+        """The batch's ``kwargs`` and the invokes' ``rows`` as decoding step 0 has them:
+        each prompt row repeated as ``generate`` expands its inputs for beams or
+        sequences; and whether that is known (else both as given)."""
+        repeats = self._row_repeats(kwargs)
+        if repeats == 1:
+            return kwargs, rows, True
+        total = rows[None].total
+        expanded = None if repeats is None else expand_rows(rows, total * repeats)
+        if expanded is None:
+            return kwargs, rows, False
+        return repeated_rows(kwargs, repeats, total), expanded, True
+
     def _inputs_for_metadata(self, invoke: int | None) -> tuple[tuple, dict]:
+        # (step 0's rows: an invoke's prompts each repeated as generate runs them, for
+        # beams or sequences; a shape read there is of those rows)
+        args, kwargs = self._prompt_inputs_for_metadata(invoke)
+        repeats = self._row_repeats(kwargs)
+        if repeats is not None and repeats != 1:
+            invokes = self.invokes if invoke is None else [self.invokes[invoke]]
+            total = sum(inv.prepared[2] for inv in invokes)
+            kwargs = repeated_rows(kwargs, repeats, total)
+        return args, kwargs
+
+    def _prompt_inputs_for_metadata(self, invoke: int | None) -> tuple[tuple, dict]:
         # (an invoke alone, where a cache is given to generate: the cache's rows of its
         # prompts, as its first step sees them; a cache whose rows cannot be taken:
         # none, the invoke's whole sequence)
@@ -308,7 +344,8 @@ class Generator(Tracer):
         args, kwargs, rows = self._prepare_run()
         self._check_cache_padding(kwargs)
         # (shapes as the first decoding step has them: logits of the last position only)
-        self._check_shapes_read(args, self._first_step_inputs(kwargs), rows)
+        step_kwargs, step_rows, exact = self._as_step_zero(kwargs, rows)
+        self._check_shapes_read(args, self._first_step_inputs(step_kwargs), step_rows)
         self._check_step_shapes_read(kwargs)
         module = self.model._module
         inputs = {k: v for k, v in kwargs.items() if k not in ("position_ids", "use_cache")}
@@ -328,7 +365,7 @@ class Generator(Tracer):
                     reason = str(error)
             fall_back(reason, self.options, self.model._fallback_warned,
                       ("generate", reason), what="generate()")
-        self._check_first_step(args, kwargs, rows)
+        self._check_first_step(args, step_kwargs, step_rows, exact)
         interleaver = StepInterleaver(self.program, rows, self._operations())
         with interleaver.installed(module), user_modes_resumed():
             output = module.generate(**inputs, **options)
@@ -340,7 +377,8 @@ class Generator(Tracer):
         self.model._after_generate(self, inputs, [output, *self._results.values()])
         self._fill_caches()
 
-    def _check_first_step(self, args: tuple, kwargs: dict, rows: dict[Any, Rows]) -> None:
+    def _check_first_step(self, args: tuple, kwargs: dict, rows: dict[Any, Rows],
+                          exact: bool) -> None:
         """On the hooks backend a step's lines run at its module events as they come: a
         line of the first step at a module call that a decoding step does not make (an
         edit's ``tracer.iter[:2]`` loop at call #1: a step is one forward pass), or whose
@@ -354,22 +392,9 @@ class Generator(Tracer):
         nodes = [node for node in self.program.nodes
                  if node.kind in (Kind.READ, Kind.WRITE) and node.site != GENERATOR and
                  not is_operation(node.site.path) and not _after_the_prompt(node.steps)]
-        walked = first_step_nodes(self.program)
-        # (beams or sequences: step 0 runs each prompt row as several, its inputs expanded
-        # as generate expands them; not a cache given, whose rows it expands itself)
-        repeats = row_repeats(self.model._module, self._generate_kwargs)
-        if repeats != 1:
-            given = {**self._generate_kwargs, **kwargs}
-            if any(given.get(name) is not None for name in CACHE_KEYWORDS):
-                walked = []
-            else:
-                total = rows[None].total
-                expanded = expand_rows(rows, total * repeats)
-                if expanded is None:
-                    walked = []
-                else:
-                    kwargs = repeated_rows(kwargs, repeats, total)
-                    rows = expanded
+        # (``kwargs`` and ``rows`` as step 0 has them: not known where a cache is given
+        # beside beams or sequences, whose rows generate expands itself)
+        walked = first_step_nodes(self.program) if exact else []
         if not nodes and not walked:
             return
         try:  # (a model the scan fails on: its lines are checked as they run, as before)
