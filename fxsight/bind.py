@@ -16,7 +16,7 @@ import ctypes
 import dis
 import sys
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -41,6 +41,7 @@ _LIBRARIES = frozenset({"builtins", "fxsight", "torch", "transformers", "tokeniz
                         "accelerate", "numpy", "pandas", "matplotlib", "tqdm", "datasets"})
 
 Resolve = Callable[[Proxy], "tuple[bool, Any]"]
+Spreads = Callable[[list, Any], bool]
 
 # types whose values the walk never enters (atoms, objects of libraries or without a
 # ``__dict__``), learned as it goes: one set lookup each next time (bounded)
@@ -78,8 +79,9 @@ class _Walk:
     from their end (what the block appended comes last)."""
 
     def __init__(self, resolve: Resolve, proxies: list[Proxy] | None = None,
-                 until: Callable[[], bool] | None = None):
+                 until: Callable[[], bool] | None = None, spreads: Spreads | None = None):
         self.resolve = resolve
+        self.spreads = spreads  # (list, item) -> whether item's values are one entry each
         self.seen: set[int] = set()
         # (the probe first: it is held exactly as the proxies are)
         self.held = [object(), *proxies] if proxies and _COUNTED else None
@@ -112,10 +114,10 @@ class _Walk:
             return value
         self.seen.add(id(value))
         if isinstance(value, list):
-            spreads = getattr(kind, "spreads_steps", False)
+            spreads = self.spreads
             for i in range(len(value) - 1, -1, -1):
                 item = value[i]
-                spread = spreads and type(item) is Proxy and _of_several_steps(item)
+                spread = spreads is not None and type(item) is Proxy and spreads(value, item)
                 new = self.bound(item, depth - 1)
                 if new is not item:
                     if spread and isinstance(new, list):
@@ -153,19 +155,47 @@ class _Walk:
                 return
 
 
+def reachable_lists(roots: Iterable[Any], depth: int = _DEPTH,
+                    budget: int = 200_000) -> list[list]:
+    """The lists reachable from ``roots`` through lists, dicts, tuples and the user's own
+    objects, ``depth`` levels deep, as the binding walks them (no library's objects); at
+    most ``budget`` values are looked at."""
+    found: list[list] = []
+    seen: set[int] = set()
+    stack = [(root, depth) for root in roots]
+    while stack and budget > 0:
+        value, left = stack.pop()
+        budget -= 1
+        kind = type(value)
+        if kind is Proxy or kind in _LEAF_TYPES or left == 0 or id(value) in seen:
+            continue
+        if isinstance(value, _ATOMS):
+            _leaf(kind)
+            continue
+        seen.add(id(value))
+        if isinstance(value, list):
+            found.append(value)
+            items: Iterable[Any] = value
+        elif isinstance(value, dict):
+            items = value.values()
+        elif isinstance(value, tuple):
+            items = value
+        elif hasattr(value, "__dict__") and \
+                kind.__module__.partition(".")[0] not in _LIBRARIES:
+            items = vars(value).values()
+        else:
+            _leaf(kind)
+            continue
+        stack.extend((item, left - 1) for item in items)
+    return found
+
+
 # the instructions that load a variable (3.11 - 3.14)
 _LOADS = frozenset({"LOAD_FAST", "LOAD_NAME", "LOAD_GLOBAL", "LOAD_DEREF", "LOAD_FAST_CHECK",
                     "LOAD_FAST_BORROW"})
 # (code, offset) -> the names ``value_reads`` found; bounded
 _VALUE_READS: dict[tuple[types.CodeType, int], frozenset[str]] = {}
 _MAX_VALUE_READS = 256
-
-
-def _of_several_steps(proxy: Proxy) -> bool:
-    """Whether ``proxy`` was recorded inside ``with tracer.all():`` / ``tracer.iter[...]``
-    (not a ``for step in ...`` loop's step): its value is a list, one entry per step."""
-    steps = object.__getattribute__(proxy, "_node").steps
-    return steps is not None and not steps.single
 
 
 def value_reads(frame: types.FrameType) -> frozenset[str]:
@@ -201,14 +231,17 @@ def _write_back(frame: types.FrameType) -> None:
 
 def bind_frame(frame: types.FrameType | None, resolve: Resolve,
                saved: Callable[[], list[Proxy]] | None,
-               until: Callable[[], bool] | None = None) -> None:
+               until: Callable[[], bool] | None = None,
+               spreads: Spreads | None = None) -> None:
     """Replace the saved proxies reachable from ``frame``'s variables.
 
     ``resolve(proxy)`` returns ``(True, value)`` for a proxy to replace. ``saved()``
     returns the trace's saved proxies still alive (none: nothing to do), whose references
     the walk counts to stop early (a function, not the list: a caller's frame or a
     wrapper holding the list would hold them too); ``None`` walks everything the frame
-    reaches, or until ``until()`` is true (checked after each proxy).
+    reaches, or until ``until()`` is true (checked after each proxy). ``spreads(list,
+    proxy)``: whether the proxy's value, a list, is put into that list one entry each
+    (appended per decoding step).
     """
     proxies = saved() if saved is not None else None
     if frame is None or (proxies is not None and not proxies):
@@ -222,7 +255,7 @@ def bind_frame(frame: types.FrameType | None, resolve: Resolve,
         if not proxies:
             return
     fast = namespace is not frame.f_globals and _LOCALS_TO_FAST is not None
-    walk = _Walk(resolve, proxies, until)
+    walk = _Walk(resolve, proxies, until, spreads)
     proxies = None  # (the walk holds them: counted against its probe)
     changed = False
     names = list(namespace)
@@ -273,14 +306,15 @@ def bind_frame(frame: types.FrameType | None, resolve: Resolve,
 
 def bind_objects(objects: list, resolve: Resolve,
                  saved: Callable[[], list[Proxy]] | None = None,
-                 until: Callable[[], bool] | None = None) -> None:
+                 until: Callable[[], bool] | None = None,
+                 spreads: Spreads | None = None) -> None:
     """Replace the saved proxies inside ``objects`` (lists, dicts, the user's objects kept
-    with ``fxsight.save(obj)``), in place; ``saved`` and ``until`` as for
+    with ``fxsight.save(obj)``), in place; ``saved``, ``until`` and ``spreads`` as for
     :func:`bind_frame`."""
     proxies = saved() if saved is not None else None
     if proxies is not None and not proxies:
         return
-    walk = _Walk(resolve, proxies, until)
+    walk = _Walk(resolve, proxies, until, spreads)
     proxies = None
     if walk.done():
         return

@@ -145,7 +145,8 @@ def test_a_steps_value_appended_to_a_list_in_a_with_block_is_one_entry_per_step(
     """nnsight's ``hs = nnsight.list().save()`` then ``with tracer.all():
     hs.append(h.output)``: the block's body runs once per step there, so the list holds
     one entry per step (it held one entry, the list of every step's value); a plain
-    Python list keeps the one entry. Against a forward hook on transformers' generate."""
+    Python list too (see tests/test_step_appends.py). Against a forward hook on
+    transformers' generate."""
     _, blocks = _reference(gpt2, tokenizer)
     chosen = {"all": blocks, "iter[1:]": blocks[1:], "iter[2]": blocks[2:]}[choice]
     lm = LanguageModel(gpt2, tokenizer=tokenizer)
@@ -162,4 +163,6 @@ def test_a_steps_value_appended_to_a_list_in_a_with_block_is_one_entry_per_step(
     for got, want in zip(kept, chosen):
         assert type(got) is torch.Tensor
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    assert len(plain) == 1
+    assert len(plain) == len(chosen)
+    for got, want in zip(plain, chosen):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

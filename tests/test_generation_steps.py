@@ -215,13 +215,19 @@ def test_an_invokes_step_0_with_a_cache_is_its_rows_after_the_caches(models, tok
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("read", ["token", "column", "tuple", "all steps", "write"])
+@pytest.mark.parametrize("options", [{"do_sample": True},
+                                     {"do_sample": False, "num_beams": 2},
+                                     {"do_sample": True, "num_return_sequences": 3}],
+                         ids=["sampling", "beams", "sequences"])
 def test_an_index_out_of_range_at_step_0_is_refused_before_running(models, tokenizer,
-                                                                  backend, read):
+                                                                  backend, read, options):
     """An index past the first step's values (``.token[7]`` of a 3-token prompt,
     ``[:, 9]`` of 3 positions, in ``tracer.all()`` too, or a write there) is the same
     error on both backends, naming the line, before the model runs: on hooks it was
     torch's IndexError from inside step 0 (the model called, the line unnamed), as the
-    fx backend's splice of step 0 raises it (ShapeIndexError / TokenIndexError)."""
+    fx backend's splice of step 0 raises it (ShapeIndexError / TokenIndexError). Also
+    where ``generate`` runs each prompt as several rows (beams, sequences): the hooks
+    backend did not check those (torch's IndexError from inside step 0)."""
     model = models["gpt2"]
     lm = LanguageModel(model, tokenizer=tokenizer)
     ids = torch.tensor([[5, 6, 7]])
@@ -232,8 +238,8 @@ def test_an_index_out_of_range_at_step_0_is_refused_before_running(models, token
     kind = fxsight.TokenIndexError if read == "token" else fxsight.ShapeIndexError
     try:
         with pytest.raises(kind) as caught:
-            with lm.generate(ids, max_new_tokens=3, do_sample=True,
-                             backend=backend) as tracer:
+            with lm.generate(ids, max_new_tokens=3, backend=backend,
+                             **options) as tracer:
                 block = lm.transformer.h[0]
                 if read == "token":
                     block.output.token[7].save()  # out of range
@@ -251,3 +257,79 @@ def test_an_index_out_of_range_at_step_0_is_refused_before_running(models, token
             handle.remove()
     assert isinstance(caught.value, IndexError) and "# out of range" in str(caught.value)
     assert calls == [] and torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_beams_step_0_edits_that_fit_run_as_hooks_give_them(models, tokenizer, backend):
+    """With beams, step 0 runs each prompt row as ``num_beams`` rows: an edit of the
+    first step that fits those rows (checked on them before running, on hooks too) gives
+    what a forward pre-hook adding the same vector to block 1's input at step 0 gives."""
+    model = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    vector = torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(3))
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    calls = []
+
+    def steer(module, args):
+        calls.append(1)
+        if len(calls) == 1:
+            return (args[0] + vector, *args[1:])
+        return None
+
+    handle = model.transformer.h[1].register_forward_pre_hook(steer)
+    try:
+        with torch.no_grad():
+            want = model.generate(**encoded, do_sample=False, num_beams=2, max_new_tokens=3)
+    finally:
+        handle.remove()
+    with torch.no_grad(), lm.generate(PROMPTS, max_new_tokens=3, do_sample=False,
+                                      num_beams=2, backend=backend):
+        lm.transformer.h[0].output[:] += vector
+        ids = lm.generator.output.save()
+    assert torch.equal(ids, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [{"do_sample": False, "num_beams": 2},
+                                     {"do_sample": True, "num_return_sequences": 3}],
+                         ids=["beams", "sequences"])
+def test_step_0_shape_reads_count_the_rows_generate_runs(models, tokenizer, backend,
+                                                         options):
+    """With beams or several sequences, step 0 runs each prompt as several rows: a shape
+    read while recording is of those rows (it was the prompts' own, 2 rows for 4 or 6),
+    so a loop over ``h.shape[0]`` edits every row, as a forward hook on transformers'
+    ``generate`` does (it edited the first prompt's rows only, silently)."""
+    model = models["gpt2"]
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    vector = torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(5))
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    rows = len(PROMPTS) * max(options.get("num_beams", 1),
+                              options.get("num_return_sequences", 1))
+    calls = []
+
+    def steer(module, args, output):
+        calls.append(output.shape[0])
+        if len(calls) == 1:
+            output = output.clone()
+            output[:, -1] += vector
+            return output
+        return None
+
+    handle = model.transformer.h[0].register_forward_hook(steer)
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            want = model.generate(**encoded, max_new_tokens=3, **options)
+    finally:
+        handle.remove()
+    assert calls[0] == rows
+    torch.manual_seed(0)
+    with torch.no_grad(), lm.generate(PROMPTS, max_new_tokens=3, backend=backend,
+                                      **options):
+        h = lm.transformer.h[0].output
+        count = h.shape[0]
+        for row in range(count):
+            h[row, -1] += vector
+        ids = lm.generator.output.save()
+    assert count == rows
+    assert torch.equal(ids, want)

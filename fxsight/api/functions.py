@@ -61,9 +61,8 @@ class SavableList(list):
     which is :func:`save` of it (traced values put into it later are real values in it
     after the block); otherwise a plain list. A traced value appended inside ``with
     tracer.all():`` / ``with tracer.iter[...]:`` in ``lm.generate`` becomes one entry per
-    decoding step, as nnsight's body appends once per step."""
-
-    spreads_steps = True  # (read by fxsight.bind)
+    decoding step, as nnsight's body appends once per step (as it does in any list: see
+    :mod:`fxsight.api.step_appends`)."""
 
     def save(self) -> "SavableList":
         """Keep this list with the innermost trace or session (see :func:`save`)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from typing import Any, Iterator
 
 import torch
@@ -33,17 +34,17 @@ from ..locks import model_lock
 from ..generate.decoding import (GraphSteps, HeldStreamer, Unsupported, callers_code_ran,
                                  callers_objects, unchanged_between_steps,
                                  unsupported_options)
-from ..generate.first_step import first_step_nodes, repeats_rows
+from ..generate.first_step import first_step_nodes, repeated_rows, row_repeats
 from ..generate.interleave import (GENERATOR, StepInterleaver, StepWalker,
                                    check_ids_with_step_values, needs_generated_ids)
-from ..record.active import current_tracer
+from ..record.active import active_sessions, current_tracer
 from ..record.program import Kind, Node, is_view
 from ..record.proxy import Proxy
 from ..record.scope import ALL, Scope, Steps, resolve_choice
 from ..record.sites import is_operation
 from ..run.forward import fall_back, metadata_source
 from ..run.options import RunOptions
-from ..splice.rows import Rows
+from ..splice.rows import Rows, expand_rows
 from ..splice.meta_walker import MetaWalker
 from ..splice.walker import Walker
 from .cache_layout import padded_rows, pads_after_cache, refusal
@@ -73,9 +74,20 @@ class StepScope:
         recorder.scope = recorder.scope._replace(steps=self.steps)
         return self.steps
 
-    def __exit__(self, *exc) -> bool:
-        self.tracer.recorder.scope = self._previous
+    def __exit__(self, exc_type: Any, *exc: Any) -> bool:
+        self.close(sys._getframe(1), exc_type is not None)
         return False
+
+    def close(self, frame: Any, failed: bool) -> None:
+        """End the scope, entered in ``frame``: what the block appended there to a list is
+        one entry per step after the run (see :mod:`fxsight.api.step_appends`)."""
+        self.tracer.recorder.scope = self._previous
+        if not failed:
+            steps = self.steps
+            kept = [*self.tracer._kept, *(obj for s in active_sessions() for obj in s.kept)]
+            self.tracer._step_appends.mark(
+                frame, kept,
+                lambda proxy: object.__getattribute__(proxy, "_node").steps is steps)
 
     def __iter__(self) -> Iterator[int]:
         steps = self.steps.concrete(self.tracer._step_count)
@@ -163,7 +175,43 @@ class Generator(Tracer):
             return kwargs
         return _after_the_cache(kwargs, self._generate_kwargs)
 
+    def _row_repeats(self, kwargs: dict) -> int | None:
+        """How many consecutive rows decoding step 0 runs each prompt row as (beams,
+        sequences: :func:`row_repeats`); ``None`` where that is more than one beside a
+        cache given (``generate`` expands the cache's rows itself)."""
+        repeats = row_repeats(self.model._module, self._generate_kwargs)
+        if repeats != 1:
+            given = {**self._generate_kwargs, **kwargs}
+            if any(given.get(name) is not None for name in CACHE_KEYWORDS):
+                return None
+        return repeats
+
+    def _as_step_zero(self, kwargs: dict, rows: dict[Any, Rows]
+                      ) -> tuple[dict, dict[Any, Rows], bool]:
+        """The batch's ``kwargs`` and the invokes' ``rows`` as decoding step 0 has them:
+        each prompt row repeated as ``generate`` expands its inputs for beams or
+        sequences; and whether that is known (else both as given)."""
+        repeats = self._row_repeats(kwargs)
+        if repeats == 1:
+            return kwargs, rows, True
+        total = rows[None].total
+        expanded = None if repeats is None else expand_rows(rows, total * repeats)
+        if expanded is None:
+            return kwargs, rows, False
+        return repeated_rows(kwargs, repeats, total), expanded, True
+
     def _inputs_for_metadata(self, invoke: int | None) -> tuple[tuple, dict]:
+        # (step 0's rows: an invoke's prompts each repeated as generate runs them, for
+        # beams or sequences; a shape read there is of those rows)
+        args, kwargs = self._prompt_inputs_for_metadata(invoke)
+        repeats = self._row_repeats(kwargs)
+        if repeats is not None and repeats != 1:
+            invokes = self.invokes if invoke is None else [self.invokes[invoke]]
+            total = sum(inv.prepared[2] for inv in invokes)
+            kwargs = repeated_rows(kwargs, repeats, total)
+        return args, kwargs
+
+    def _prompt_inputs_for_metadata(self, invoke: int | None) -> tuple[tuple, dict]:
         # (an invoke alone, where a cache is given to generate: the cache's rows of its
         # prompts, as its first step sees them; a cache whose rows cannot be taken:
         # none, the invoke's whole sequence)
@@ -296,7 +344,8 @@ class Generator(Tracer):
         args, kwargs, rows = self._prepare_run()
         self._check_cache_padding(kwargs)
         # (shapes as the first decoding step has them: logits of the last position only)
-        self._check_shapes_read(args, self._first_step_inputs(kwargs), rows)
+        step_kwargs, step_rows, exact = self._as_step_zero(kwargs, rows)
+        self._check_shapes_read(args, self._first_step_inputs(step_kwargs), step_rows)
         self._check_step_shapes_read(kwargs)
         module = self.model._module
         inputs = {k: v for k, v in kwargs.items() if k not in ("position_ids", "use_cache")}
@@ -316,7 +365,7 @@ class Generator(Tracer):
                     reason = str(error)
             fall_back(reason, self.options, self.model._fallback_warned,
                       ("generate", reason), what="generate()")
-        self._check_first_step(args, kwargs, rows)
+        self._check_first_step(args, step_kwargs, step_rows, exact)
         interleaver = StepInterleaver(self.program, rows, self._operations())
         with interleaver.installed(module), user_modes_resumed():
             output = module.generate(**inputs, **options)
@@ -328,7 +377,8 @@ class Generator(Tracer):
         self.model._after_generate(self, inputs, [output, *self._results.values()])
         self._fill_caches()
 
-    def _check_first_step(self, args: tuple, kwargs: dict, rows: dict[Any, Rows]) -> None:
+    def _check_first_step(self, args: tuple, kwargs: dict, rows: dict[Any, Rows],
+                          exact: bool) -> None:
         """On the hooks backend a step's lines run at its module events as they come: a
         line of the first step at a module call that a decoding step does not make (an
         edit's ``tracer.iter[:2]`` loop at call #1: a step is one forward pass), or whose
@@ -342,9 +392,9 @@ class Generator(Tracer):
         nodes = [node for node in self.program.nodes
                  if node.kind in (Kind.READ, Kind.WRITE) and node.site != GENERATOR and
                  not is_operation(node.site.path) and not _after_the_prompt(node.steps)]
-        # (a batch generate repeats each prompt row of: its values are another batch's)
-        walked = first_step_nodes(self.program) \
-            if not repeats_rows(self.model._module, self._generate_kwargs) else []
+        # (``kwargs`` and ``rows`` as step 0 has them: not known where a cache is given
+        # beside beams or sequences, whose rows generate expands itself)
+        walked = first_step_nodes(self.program) if exact else []
         if not nodes and not walked:
             return
         try:  # (a model the scan fails on: its lines are checked as they run, as before)

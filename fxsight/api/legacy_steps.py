@@ -4,6 +4,7 @@ rather than on the tracer (``with tracer.all():``, nnsight >= 0.5's, which it ma
 
 from __future__ import annotations
 
+import sys
 from types import FrameType
 from typing import Any
 
@@ -33,7 +34,7 @@ class ModuleSteps:
         return self.scope.__enter__()
 
     def __exit__(self, exc_type: Any, *exc: Any) -> bool:
-        self.scope.__exit__(exc_type, *exc)
+        self.scope.close(sys._getframe(1), exc_type is not None)
         if exc_type is None and self.path:
             for node in self.tracer.program.nodes[self.first:]:
                 if node.kind in (Kind.READ, Kind.WRITE) and not _under(node.site.path,

@@ -35,6 +35,7 @@ from ..stats import bump
 from .cache import CacheRequest
 from .calls import CallIndexer, CallScope
 from .invokes import Barrier, Invoke, WholeBatch
+from .step_appends import StepAppends
 from .trace_metadata import TraceMetadata
 
 
@@ -72,6 +73,7 @@ class Tracer(TraceMetadata):
         self._stop_line: Any = None  # tracer.stop(): where, and how many Program nodes
         self._stop_after = 0  # were recorded before it
         self._kept: list[Any] = []  # fxsight.save(obj) on lists, dicts, user objects
+        self._step_appends = StepAppends()  # appended per decoding step (generate's)
         self._logs: list[tuple] = []  # the values of each tracer.log(...) call
         # shapes read while recording: (node, the dimensions read or None for all, the
         # shape seen, line), checked against the batch's before the run
@@ -157,9 +159,10 @@ class Tracer(TraceMetadata):
         finally:
             self._state = "done"
         self._print_logs()
-        bind_frame(frame, self._resolve, self.recorder.live_saved)
+        spreads = self._step_appends.spreads if self._step_appends else None
+        bind_frame(frame, self._resolve, self.recorder.live_saved, spreads=spreads)
         if kept:
-            bind_objects(kept, self._resolve, self.recorder.live_saved)
+            bind_objects(kept, self._resolve, self.recorder.live_saved, spreads=spreads)
         self._let_go()
 
     def _print_logs(self) -> None:
@@ -174,6 +177,7 @@ class Tracer(TraceMetadata):
         for invoke in self.invokes:
             invoke.tracer = None
         self._barriers = []
+        self._step_appends.clear()
         self._shapes_read = []
         self._token_reads = []
 

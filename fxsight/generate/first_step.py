@@ -1,7 +1,7 @@
 """Decoding step 0 of a ``generate`` on the hooks backend, checked before it runs: the
 nodes that run at it on its own values (walked on the shapes of a scan of the first
-step's forward pass, as the fx backend's splice of step 0 walks them), and whether its
-batch is the prompts' rows (not repeated per prompt)."""
+step's forward pass, as the fx backend's splice of step 0 walks them), and how many rows
+``generate`` runs each prompt row as (beams, sequences)."""
 
 from __future__ import annotations
 
@@ -33,15 +33,22 @@ def first_step_nodes(program: Any) -> list[Node]:
     return nodes if any(node.kind is not Kind.INPUT for node in nodes) else []
 
 
-def repeats_rows(module: torch.nn.Module, generate_kwargs: dict) -> bool:
-    """Whether ``generate`` runs each prompt row as several rows (``num_beams``,
-    ``num_return_sequences``: its keywords, else the generation config's)."""
+def row_repeats(module: torch.nn.Module, generate_kwargs: dict) -> int:
+    """How many consecutive rows ``generate`` runs each prompt row as: transformers
+    expands the inputs by ``max(num_beams, num_return_sequences)`` (its keywords, else
+    the generation config's)."""
     configs = (generate_kwargs, generate_kwargs.get("generation_config"),
                getattr(module, "generation_config", None))
-    for name in ("num_beams", "num_return_sequences"):
-        count = next((value for value in (
-            config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-            for config in configs) if value is not None), 1)
-        if count != 1:
-            return True
-    return False
+    counts = [next((value for value in (
+        config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        for config in configs) if value is not None), 1)
+        for name in ("num_beams", "num_return_sequences")]
+    return max(1, *counts)
+
+
+def repeated_rows(kwargs: dict, repeats: int, total: int) -> dict:
+    """``kwargs`` with each batched tensor's rows repeated ``repeats`` times, one after
+    another (``repeat_interleave``), as ``generate`` expands its inputs."""
+    return {name: value.repeat_interleave(repeats, dim=0)
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and
+            value.shape[0] == total else value for name, value in kwargs.items()}
