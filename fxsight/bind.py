@@ -78,8 +78,11 @@ class _Walk:
     from their end (what the block appended comes last)."""
 
     def __init__(self, resolve: Resolve, proxies: list[Proxy] | None = None,
-                 until: Callable[[], bool] | None = None):
+                 until: Callable[[], bool] | None = None, spreading: frozenset = frozenset()):
         self.resolve = resolve
+        # ids of the lists whose entries of several steps become one entry per step (the
+        # plain lists kept with ``fxsight.save(list())``, as ``fxsight.list()``)
+        self.spreading = spreading
         self.seen: set[int] = set()
         # (the probe first: it is held exactly as the proxies are)
         self.held = [object(), *proxies] if proxies and _COUNTED else None
@@ -112,7 +115,7 @@ class _Walk:
             return value
         self.seen.add(id(value))
         if isinstance(value, list):
-            spreads = getattr(kind, "spreads_steps", False)
+            spreads = getattr(kind, "spreads_steps", False) or id(value) in self.spreading
             for i in range(len(value) - 1, -1, -1):
                 item = value[i]
                 spread = spreads and type(item) is Proxy and _of_several_steps(item)
@@ -201,14 +204,16 @@ def _write_back(frame: types.FrameType) -> None:
 
 def bind_frame(frame: types.FrameType | None, resolve: Resolve,
                saved: Callable[[], list[Proxy]] | None,
-               until: Callable[[], bool] | None = None) -> None:
+               until: Callable[[], bool] | None = None,
+               spreading: frozenset = frozenset()) -> None:
     """Replace the saved proxies reachable from ``frame``'s variables.
 
     ``resolve(proxy)`` returns ``(True, value)`` for a proxy to replace. ``saved()``
     returns the trace's saved proxies still alive (none: nothing to do), whose references
     the walk counts to stop early (a function, not the list: a caller's frame or a
     wrapper holding the list would hold them too); ``None`` walks everything the frame
-    reaches, or until ``until()`` is true (checked after each proxy).
+    reaches, or until ``until()`` is true (checked after each proxy). In the lists whose
+    ids are in ``spreading``, a value of several decoding steps becomes one entry per step.
     """
     proxies = saved() if saved is not None else None
     if frame is None or (proxies is not None and not proxies):
@@ -222,7 +227,7 @@ def bind_frame(frame: types.FrameType | None, resolve: Resolve,
         if not proxies:
             return
     fast = namespace is not frame.f_globals and _LOCALS_TO_FAST is not None
-    walk = _Walk(resolve, proxies, until)
+    walk = _Walk(resolve, proxies, until, spreading)
     proxies = None  # (the walk holds them: counted against its probe)
     changed = False
     names = list(namespace)
@@ -273,14 +278,15 @@ def bind_frame(frame: types.FrameType | None, resolve: Resolve,
 
 def bind_objects(objects: list, resolve: Resolve,
                  saved: Callable[[], list[Proxy]] | None = None,
-                 until: Callable[[], bool] | None = None) -> None:
+                 until: Callable[[], bool] | None = None,
+                 spreading: frozenset = frozenset()) -> None:
     """Replace the saved proxies inside ``objects`` (lists, dicts, the user's objects kept
-    with ``fxsight.save(obj)``), in place; ``saved`` and ``until`` as for
+    with ``fxsight.save(obj)``), in place; ``saved``, ``until`` and ``spreading`` as for
     :func:`bind_frame`."""
     proxies = saved() if saved is not None else None
     if proxies is not None and not proxies:
         return
-    walk = _Walk(resolve, proxies, until)
+    walk = _Walk(resolve, proxies, until, spreading)
     proxies = None
     if walk.done():
         return

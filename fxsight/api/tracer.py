@@ -157,9 +157,12 @@ class Tracer(TraceMetadata):
         finally:
             self._state = "done"
         self._print_logs()
-        bind_frame(frame, self._resolve, self.recorder.live_saved)
+        # (a plain list kept with fxsight.save(list()): one entry per step appended inside
+        # ``with tracer.all():``, as fxsight.list() and nnsight's ``list().save()``)
+        spreading = frozenset(id(obj) for obj in kept if isinstance(obj, list))
+        bind_frame(frame, self._resolve, self.recorder.live_saved, spreading=spreading)
         if kept:
-            bind_objects(kept, self._resolve, self.recorder.live_saved)
+            bind_objects(kept, self._resolve, self.recorder.live_saved, spreading=spreading)
         self._let_go()
 
     def _print_logs(self) -> None:
