@@ -95,3 +95,29 @@ def test_walkthrough_saved_list_gets_one_entry_per_step(tokenizer, backend):
     assert len(hidden_states) == 3
     for got, want in zip(hidden_states, logits):
         torch.testing.assert_close(got, want[:, -1:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_edit_bound_as_tracer_says_how_to_bind_both(tokenizer, backend):
+    """nnsight >= 0.5's edit page: ``with model.edit(inplace=True) as tracer:`` then
+    ``for _ in tracer.iter[...]:``. fxsight binds the model there (nnsight 0.4's), so
+    ``tracer.iter`` is an AttributeError: it now names the binding and the spelling that
+    gives both, which runs as the plain hook does."""
+    base = _gpt2(tokenizer)
+    model = LanguageModel(base, tokenizer=tokenizer, backend=backend)
+    with pytest.raises(AttributeError, match=r"as \(tracer, edited\)"):
+        with model.edit(inplace=True) as tracer:
+            for _ in tracer.iter[:1]:
+                model.transformer.h[0].output[:] = 0
+    with model.edit(inplace=True) as (tracer, edited):
+        for _ in tracer.iter[:1]:
+            edited.transformer.h[0].output[:] = 0
+    with model.trace("Hello world"):
+        logits = model.lm_head.output.save()
+    handle = base.transformer.h[0].register_forward_hook(lambda m, a, o: torch.zeros_like(o))
+    try:
+        with torch.no_grad():
+            expected = base(**tokenizer("Hello world", return_tensors="pt")).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
