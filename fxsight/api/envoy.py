@@ -127,6 +127,11 @@ class Envoy:
             if name in self._root._alias_names:
                 hint += (f" ({name!r} is a rename= alias, but no key of it names a module "
                          f"from here)")
+            if name in _TRACER_ATTRIBUTES and self is self._root and \
+                    _in_place_edit_of(self):
+                hint += ("; `with model.edit(inplace=True) as tracer:` binds the model in "
+                         "fxsight (nnsight >= 0.5 binds the edit's tracer): write `with "
+                         "model.edit(inplace=True) as (tracer, edited):` to have both")
             raise AttributeError(at_line(
                 f"{module_label(self._path)} ({type(module).__name__}) has no submodule or "
                 f"attribute {name!r}{hint}", user_line())) from None
@@ -540,6 +545,18 @@ _NNSIGHT_ENVOY_METHODS = {
     "iter": "nnsight's `envoy.iter[...]` is written with the tracer: `with "
             "tracer.iter[1:3]: ...` (or `for step in tracer.iter[1:3]:`)",
 }
+
+
+# a tracer's attributes that nnsight >= 0.5 code reads on ``tracer`` bound by
+# ``with model.edit(inplace=True) as tracer:`` (which binds the model here)
+_TRACER_ATTRIBUTES = frozenset({"iter", "invoke", "cache", "barrier", "stop", "result", "log"})
+
+
+def _in_place_edit_of(root: "Envoy") -> bool:
+    """Whether an edit of ``root`` itself (``inplace=True``) is being recorded."""
+    from ..record.active import active_tracers
+    return any(getattr(tracer, "edited", None) is root and tracer.model is root
+               for tracer in active_tracers())
 
 
 def _unknown_attribute(envoy: Envoy, name: str) -> str:

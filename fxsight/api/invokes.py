@@ -32,6 +32,19 @@ class Invoke:
         self.model_positions: tuple[str, str] | None = None
         self._previous: Scope | None = None
 
+    @property
+    def inputs(self) -> "InvokeInputs":
+        """nnsight >= 0.5's ``invoker.inputs``: this invoke's prepared inputs as ``(args,
+        kwargs)``, real values known when the invoke is opened (a ``LanguageModel``'s
+        token ids are ``invoker.inputs[1]["input_ids"]``; the logit lens tutorial's
+        ``input_tokens = invoker.inputs.save()``). New containers: changing them changes
+        nothing of the trace."""
+        if self.prepared is None:
+            raise TraceError(at_line("this invoke's inputs are not prepared yet",
+                                     user_line()))
+        args, kwargs, _ = self.prepared
+        return InvokeInputs((tuple(args), dict(kwargs)))
+
     def __enter__(self) -> "Invoke":
         recorder = self.tracer.recorder
         if recorder.scope.invoke is not None:
@@ -44,6 +57,15 @@ class Invoke:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.tracer.recorder.scope = self._previous
         return False
+
+
+class InvokeInputs(tuple):
+    """``(args, kwargs)`` of an invoke (:attr:`Invoke.inputs`): real values, so ``.save()``
+    (nnsight saves every object) returns them as they are."""
+
+    def save(self) -> "InvokeInputs":
+        """The inputs themselves: they are real values already."""
+        return self
 
 
 class Alone:
