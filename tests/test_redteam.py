@@ -84,18 +84,52 @@ def lm(tokenizer):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_step_that_never_ran_is_an_error_naming_the_line(lm, backend):
-    with pytest.raises(TraceError, match=r"decoding step 7.*ran 3 step") as info:
+def test_a_step_past_max_new_tokens_is_an_error_naming_the_line_before_running(lm,
+                                                                            backend):
+    """A step ``max_new_tokens`` cannot reach (``tracer.iter[7]``, a list with one, a
+    ``for step in tracer.iter[:10]`` loop's later steps) is refused before the model runs
+    (it was refused after generating, the model run for nothing)."""
+    calls = []
+    handle = lm._module.transformer.wte.register_forward_hook(lambda *a: calls.append(1)) \
+        if backend == "hooks" else None
+    try:
+        with pytest.raises(TraceError, match=r"decoding step 7.*max_new_tokens=3 makes at "
+                                             r"most 3 step") as info:
+            with lm.generate("Hello there", max_new_tokens=3, do_sample=False,
+                             backend=backend) as tracer:
+                with tracer.iter[7]:
+                    late = lm.transformer.h[0].output.save()  # the line named
+        assert "late = lm.transformer.h[0].output.save()" in str(info.value)
+        with pytest.raises(TraceError, match=r"decoding step 5.*max_new_tokens=3"):
+            with lm.generate("Hello there", max_new_tokens=3, do_sample=False,
+                             backend=backend) as tracer:
+                with tracer.iter[[1, 5]]:
+                    lm.transformer.h[0].output[:] = 0
+        with pytest.raises(TraceError, match=r"step loop is for decoding step 3.*"
+                                             r"max_new_tokens=3"):
+            with lm.generate("Hello there", max_new_tokens=3, do_sample=False,
+                             backend=backend) as tracer:
+                for step in tracer.iter[:10]:
+                    lm.transformer.h[0].output.save()
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert calls == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_an_eos_token_cut_off_is_an_error_naming_the_line(lm, backend):
+    """Within ``max_new_tokens``, a step that an eos token cut off is known after the run:
+    an error naming the line and the steps that ran."""
+    ids = lm.tokenizer("Hello there", return_tensors="pt")
+    with torch.no_grad():
+        first = lm._module.generate(**ids, max_new_tokens=1, do_sample=False)[0, -1]
+    with pytest.raises(TraceError, match=r"decoding step 2.*ran 1 step"):
         with lm.generate("Hello there", max_new_tokens=3, do_sample=False,
+                         eos_token_id=int(first), pad_token_id=int(first),
                          backend=backend) as tracer:
-            with tracer.iter[7]:
-                late = lm.transformer.h[0].output.save()  # the line named
-    assert "late = lm.transformer.h[0].output.save()" in str(info.value)
-    with pytest.raises(TraceError, match=r"decoding step 5.*ran 3 step"):
-        with lm.generate("Hello there", max_new_tokens=3, do_sample=False,
-                         backend=backend) as tracer:
-            with tracer.iter[[1, 5]]:
-                lm.transformer.h[0].output[:] = 0
+            with tracer.iter[2]:
+                lm.transformer.h[0].output.save()  # the line named
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

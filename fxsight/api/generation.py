@@ -340,6 +340,8 @@ class Generator(Tracer):
     # --- running ------------------------------------------------------------------------
     def _execute(self) -> None:
         _check_nothing_changed_after(self.program)
+        _check_steps_possible(self.program, self._max_new_tokens(),
+                              self._generate_kwargs.get("max_new_tokens") is not None)
         check_ids_with_step_values(self.program)
         args, kwargs, rows = self._prepare_run()
         self._check_cache_padding(kwargs)
@@ -630,6 +632,25 @@ def _check_steps(program: Any, count: int) -> None:
                     f"{count} step(s) (0 to {count - 1}): set max_new_tokens high enough, "
                     "or choose steps that exist (an open-ended slice or tracer.all() takes "
                     "whatever steps run)", node.line))
+
+
+def _check_steps_possible(program: Any, limit: Any, given: bool) -> None:
+    """Before generation: a node chosen for a step past ``max_new_tokens`` (``limit``;
+    ``given``: as a keyword, else from a generation config) is an error before anything
+    runs, as it would be after the run (:func:`_check_steps`), the model run for nothing."""
+    if not isinstance(limit, int):
+        return
+    where = f"max_new_tokens={limit}" if given else \
+        f"the generation config's max_new_tokens ({limit})"
+    for node in program.nodes:
+        missing = node.steps.missing(limit) if node.steps is not None else []
+        if missing:
+            what = "this line of a step loop is for" if node.steps.single else \
+                "this line applies to"
+            raise TraceError(at_line(
+                f"{what} decoding step {missing[0]}, but {where} makes at most {limit} "
+                f"step(s) (0 to {limit - 1}): pass a larger max_new_tokens, or choose steps "
+                "below it", node.line))
 
 
 def _after_the_prompt(steps: Steps | None) -> bool:
