@@ -61,6 +61,11 @@ def test_logit_lens_reads_the_invokes_input_ids(tokenizer, backend):
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     assert torch.equal(input_tokens[1]["input_ids"][0], ids[0])
     assert input_tokens[0] == ()
+    args, kwargs = input_tokens  # (as a call takes them)
+    assert len(args) == 0 and list(kwargs) == list(input_tokens[1])
+    # nnsight 0.4's spelling: an IndexError that says where the ids are
+    with pytest.raises(IndexError, match=r'invoker\.inputs\[1\]\["input_ids"\]'):
+        input_tokens[0][0]["input_ids"]
     outs = {}
     handles = [block.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o))
                for i, block in enumerate(base.transformer.h)]

@@ -4,6 +4,8 @@ batch: :class:`Invoke`; no input: the whole batch, :class:`WholeBatch`) and nnsi
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import TraceError, at_line, user_line
 from ..record.scope import Scope
 
@@ -43,7 +45,7 @@ class Invoke:
             raise TraceError(at_line("this invoke's inputs are not prepared yet",
                                      user_line()))
         args, kwargs, _ = self.prepared
-        return InvokeInputs((tuple(args), dict(kwargs)))
+        return InvokeInputs((PositionalInputs(args), dict(kwargs)))
 
     def __enter__(self) -> "Invoke":
         recorder = self.tracer.recorder
@@ -66,6 +68,26 @@ class InvokeInputs(tuple):
     def save(self) -> "InvokeInputs":
         """The inputs themselves: they are real values already."""
         return self
+
+
+class PositionalInputs(tuple):
+    """The positional half of :class:`InvokeInputs`: a tuple whose index out of range
+    says where the inputs are where they are all keywords (a ``LanguageModel``'s tokens:
+    nnsight 0.4's ``invoker.inputs[0][0]["input_ids"]`` is ``invoker.inputs[1]
+    ["input_ids"]``)."""
+
+    def __getitem__(self, index: Any) -> Any:
+        try:
+            return super().__getitem__(index)
+        except IndexError:
+            if len(self) == 0:
+                raise IndexError(
+                    "invoker.inputs is (args, kwargs), as nnsight >= 0.5 gives it, and this "
+                    "invoke's inputs are all keywords (args is ()): read them from "
+                    "invoker.inputs[1] (a LanguageModel's token ids: invoker.inputs[1]"
+                    "[\"input_ids\"]; nnsight 0.4 wrote invoker.inputs[0][0][\"input_ids\"])"
+                ) from None
+            raise
 
 
 class Alone:
