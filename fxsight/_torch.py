@@ -861,3 +861,41 @@ def user_modes_resumed():
             autograd._pop_saved_tensors_default_hooks()
         for pack, unpack in own_hooks:
             autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+# ``compiled_functions_eager``: how many blocks are open (all threads), and the stance
+# the first one found
+_EAGER_LOCK = threading.Lock()
+_EAGER_OPEN = [0, None]
+
+
+@contextlib.contextmanager
+def compiled_functions_eager():
+    """While active, a ``torch.compile``d function or module the model calls runs as plain
+    Python (dynamo's ``force_eager`` stance: ``torch.compiler.set_stance``): the forwards
+    fxsight runs on fake tensors or under modes of its own to learn shapes would otherwise
+    make dynamo compile it for them, or mark its code to be skipped from then on (a frame
+    met under a dispatch mode is skipped, for every later call too: a ``fullgraph=True``
+    function then fails, "found no compiled frames"; checked 2.13), which changes the
+    user's compiled code for good. The stance is one setting of the process: blocks of
+    several threads share one (set by the first, put back by the last; a compiled call
+    in another thread meanwhile runs eagerly, to the same values). Inside a compiled
+    region (where torch refuses to change the stance) nothing is changed."""
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback
+    from torch._dynamo.eval_frame import DynamoStance, _set_stance
+
+    if get_eval_frame_callback() not in (None, False):  # (a compiled region)
+        yield
+        return
+    with _EAGER_LOCK:
+        if _EAGER_OPEN[0] == 0:
+            _EAGER_OPEN[1] = _set_stance(DynamoStance("force_eager"))
+        _EAGER_OPEN[0] += 1
+    try:
+        yield
+    finally:
+        with _EAGER_LOCK:
+            _EAGER_OPEN[0] -= 1
+            if _EAGER_OPEN[0] == 0:
+                _set_stance(_EAGER_OPEN[1])
+                _EAGER_OPEN[1] = None

@@ -11,7 +11,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .._torch import kept_parametrization_cache, pytree, real_writes, tensor_version
+from .._torch import (compiled_functions_eager, kept_parametrization_cache, pytree, real_writes,
+                      tensor_version)
 
 
 @contextlib.contextmanager
@@ -41,7 +42,8 @@ def kept_forward_effects(model: torch.nn.Module, args: tuple, kwargs: dict,
     their values back (:func:`kept_tensors`), the random generators (the CPU's, and those
     of the CUDA devices the model or the inputs are on) their states, and
     ``parametrize.cached()``'s cache its tensors (not those the forward computed, fake
-    ones included). A buffer is compared by value too: BatchNorm's kernel updates its
+    ones included); a ``torch.compile``d function it calls runs eagerly, leaving dynamo's
+    compiled code as it was (:func:`~fxsight._torch.compiled_functions_eager`). A buffer is compared by value too: BatchNorm's kernel updates its
     running statistics in place without bumping their version counter (a buffer holding
     NaN is put back whatever happened: the same values). ``changed``, if given, gets the
     buffers so put back."""
@@ -49,7 +51,7 @@ def kept_forward_effects(model: torch.nn.Module, args: tuple, kwargs: dict,
              if not b.is_meta]
     try:
         with torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)), \
-                kept_parametrization_cache(), kept_tensors(model):
+                kept_parametrization_cache(), kept_tensors(model), compiled_functions_eager():
             yield
     finally:
         with torch.no_grad():

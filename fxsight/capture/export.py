@@ -17,7 +17,8 @@ from typing import Any, ContextManager
 import torch
 import torch.fx as fx
 
-from .._torch import (export_leaves_no_buffer_hook, forget_generated_source,
+from .._torch import (compiled_functions_eager, export_leaves_no_buffer_hook,
+                      forget_generated_source,
                       generated_source_key, generated_source_keys, parametrization_cache_on,
                       plain_codegen, pytree, user_modes_suspended)
 
@@ -120,7 +121,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *rest: Any,
     known = generated_source_keys()
     captured = None
     try:
-        with user_modes_suspended():  # (a user's dispatch mode sees no fake forward)
+        # (a user's dispatch mode sees no fake forward; a compiled function the model
+        # calls is traced as plain Python, dynamo's code for it left as it was)
+        with user_modes_suspended(), compiled_functions_eager():
             captured = contextvars.copy_context().run(_capture, model, args, kwargs, *rest,
                                                       **options)
         return captured
