@@ -189,9 +189,11 @@ def real_writes(written: list, storages: set[int]):
     seen: set[int] = set()
 
     class _Writes(TorchDispatchMode):
+        supports_higher_order_operators = True  # (flex attention: no schema, no write)
+
         def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
             kwargs = kwargs or {}
-            if func._schema.is_mutable:
+            if is_op_overload(func) and func._schema.is_mutable:
                 for i, argument in enumerate(func._schema.arguments):
                     if argument.alias_info is None or not argument.alias_info.is_write:
                         continue
@@ -218,6 +220,10 @@ def after_each_operator(callback: Callable[[Any, tuple, dict, Any], None]):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class _After(TorchDispatchMode):
+        # (higher-order operators too, flex attention's: ``callback`` sees them as any
+        # operator, with their function arguments; checked 2.13)
+        supports_higher_order_operators = True
+
         def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
             kwargs = kwargs or {}
             result = func(*args, **kwargs)

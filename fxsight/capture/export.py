@@ -27,7 +27,6 @@ from ..stats import bump
 from ..errors import CaptureError
 from . import caches, dispatch, model_hooks, state
 from .captured_forward import CacheLayout, Captured, SiteSlot
-from .compiled_attention import refuse_compiled_attention
 from .dynamic_shapes import _auto_dynamic_shapes, _make_dynamic
 from .events import ModuleEvents
 from .hidden import NestedTensor, kept_constant
@@ -117,7 +116,6 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *rest: Any,
     ``torch.*.config.patch()`` that ``torch.export`` enters leaves a context variable of
     its own in the context it ran in (two per capture), which would grow the caller's
     context without bound; nothing a capture sets is meant to outlive it."""
-    refuse_compiled_attention(model)
     known = generated_source_keys()
     captured = None
     try:

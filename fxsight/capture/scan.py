@@ -17,7 +17,6 @@ from ..stats import bump
 from . import caches
 from .captures import MAX_CAPTURES, flat_inputs, signature
 from .buffer_writes import BufferWrites
-from .compiled_attention import refuse_compiled_attention
 from .effects import kept_forward_effects
 from .state import Watch
 from .dispatch import offloaded
@@ -116,7 +115,6 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     ``torch.autocast`` it runs with autocast's cache of weight casts off, so it neither
     fills the user's cache with fake casts nor reads it.
     """
-    refuse_compiled_attention(model)
     values: dict[Site, Any] = {}
     devices: dict[Site, Any] = {}
     aliases: dict[Site, frozenset] = {}
