@@ -57,6 +57,7 @@ class _Call:
     out_constants: list[Any]
     out_metas: list[tuple]            # (shape, dtype, device) of each output tensor
     reason: str
+    grad_enabled: bool = True         # the grad mode the forward was captured in
 
 
 TENSOR = object()  # where a tensor goes among a call's constants
@@ -96,8 +97,11 @@ def opaque(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
     tensors = iter(inputs[:call.n_tensors])
     leaves = [next(tensors) if c is TENSOR else c for c in call.in_constants]
     args, kwargs = pytree.tree_unflatten(leaves, call.in_spec)
-    output = module.forward(*args, **kwargs)
-    flat = [v for v in pytree.tree_leaves(output) if isinstance(v, torch.Tensor)]
+    # in the captured grad mode, not the one autograd runs an operator's forward in (off):
+    # some kernels choose by it (an LSTM's on CPU: 7e-9 off in fp32 without this)
+    with torch.set_grad_enabled(call.grad_enabled):
+        output = module.forward(*args, **kwargs)
+    flat = [v.detach() for v in pytree.tree_leaves(output) if isinstance(v, torch.Tensor)]
     if len(flat) != len(call.out_metas):
         raise RuntimeError(f"fxsight: module {call.path!r} returned {len(flat)} tensors, "
                            f"{len(call.out_metas)} when it was captured")
@@ -205,7 +209,14 @@ class _Meta:
         self.shape, self.dtype, self.device = tuple(tensor.shape), tensor.dtype, tensor.device
 
 
+class _Nested:
+    """A recorded nested tensor (inside a ``TransformerEncoder``'s fast path): no shape
+    of its own; a module that returns one cannot be an opaque call."""
+
+
 def _meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_nested:
+        return _Nested()
     return _Meta(value) if isinstance(value, torch.Tensor) else value
 
 
@@ -268,7 +279,8 @@ def _router(module: torch.nn.Module, path: str, reason: str, outputs: dict[Site,
                               len(tensors), out_spec,
                               [TENSOR if isinstance(v, _Meta) else v for v in out_flat],
                               [(m.shape, m.dtype, m.device) for m in out_flat
-                               if isinstance(m, _Meta)], reason), kept)
+                               if isinstance(m, _Meta)], reason, torch.is_grad_enabled()),
+                        kept)
         parameters = [p for p in module.parameters()]
         results = iter(opaque(tensors + parameters, key))
         leaves = [next(results) if c is TENSOR else c

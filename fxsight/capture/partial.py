@@ -10,6 +10,7 @@ from ..errors import CaptureError
 from ..stats import bump
 from . import opaque as opaque_calls
 from .export import Captured, capture
+from .fast_paths import fast_path_modules
 
 
 def capture_partly(model: torch.nn.Module, args: tuple, kwargs: dict,
@@ -20,6 +21,16 @@ def capture_partly(model: torch.nn.Module, args: tuple, kwargs: dict,
     again with that module as one opaque call (``capture/opaque.py``), up to
     ``opaque.MAX_OPAQUE`` modules. Raises the first error where an opaque call does not
     help, the last one where something outside a module (the output) stops the capture."""
+    fast = {} if events_on is not None else fast_path_modules(model, opaque_calls.MAX_OPAQUE)
+    if fast:  # (their eager forward, not the slow path export would trace)
+        try:
+            outputs = opaque_calls.record_outputs(model, args, kwargs, model)
+            captured = capture(model, args, kwargs, opaque=fast, outputs=outputs,
+                               operations=operations)
+            bump("partial_captures")
+            return captured
+        except Exception:  # noqa: BLE001 - capture as usual, and fail as usual
+            pass
     try:
         return capture(model, args, kwargs, events_on=events_on, operations=operations)
     except CaptureError as error:

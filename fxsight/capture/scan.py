@@ -13,6 +13,7 @@ from .._torch import (FakeTensorMode, autocast_cache_off, enclosing_checkpoint,
                       fake_embedding_takes_meta_weights, pytree, unflatten_keeping_sizes,
                       unflatten_unchecked, unset_fake_temporarily, user_modes_suspended)
 
+from ..errors import TraceError
 from ..stats import bump
 from . import caches
 from .captures import MAX_CAPTURES, flat_inputs, signature
@@ -55,7 +56,17 @@ class ScanResult:
     def meta_value(self, site: Site) -> Any:
         """``site``'s value, as meta tensors of its own: a walk may change them in place
         (``h.requires_grad_()``, ``h[:, 0] = 0``) and must not change this scan's."""
-        return _tree_map(_fresh_meta, self.values[site])
+        value = self.values[site]
+        if any(isinstance(leaf, NestedValue) for leaf in pytree.tree_leaves(value)):
+            raise TraceError(
+                f"{site.path}.{site.kind} holds a nested tensor (a module inside "
+                f"nn.TransformerEncoder's fast path, which runs its layers on nested "
+                f"tensors where a src_key_padding_mask is given in eval mode without "
+                f"gradients): fxsight cannot read or write it; use the encoder's own "
+                f"input or output, or trace with gradients on, in train mode or under "
+                f"torch.backends.mha.set_fastpath_enabled(False), as a plain forward "
+                f"then takes the path that has per-layer values")
+        return _tree_map(_fresh_meta, value)
 
     def alias_keys(self, site: Site) -> frozenset:
         return self.aliases.get(site, frozenset())
@@ -66,7 +77,13 @@ class ScanResult:
         return self.input_reads.unread()
 
 
+class NestedValue:
+    """A nested tensor seen at a boundary (it has no shape to record)."""
+
+
 def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_nested:
+        return NestedValue()
     if isinstance(value, torch.Tensor):
         return torch.empty(value.shape, dtype=value.dtype, device="meta")
     return value
@@ -125,7 +142,8 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
         with unset_fake_temporarily():  # plain meta tensors, not fakes of this scan's mode
             values[site] = _tree_map(_to_meta, value)
         devices[site] = _tree_map(
-            lambda v: v.device if isinstance(v, torch.Tensor) else None, value)
+            lambda v: v.device if isinstance(v, torch.Tensor) and not v.is_nested else None,
+            value)
         aliases[site] = frozenset(number(leaf) for leaf in pytree.tree_leaves(value)
                                   if isinstance(leaf, torch.Tensor))
         checkpoint = enclosing_checkpoint(sys._getframe(1))

@@ -136,9 +136,15 @@ class Walker:
                 f"forward pass ({why}){hint}", node.line))
         return self.index[site]
 
-    def _current(self, site: Site) -> Any:
+    def _current(self, site: Site, node: Node | None = None) -> Any:
         if site not in self.current:
-            self.current[site] = self._tapped(site, self.site_value(site))
+            try:
+                value = self.site_value(site)
+            except TraceError as error:  # (a value the site cannot have: name the line)
+                if node is None or "\n  at " in str(error):
+                    raise
+                raise type(error)(at_line(str(error), node.line)) from None
+            self.current[site] = self._tapped(site, value)
         return self.current[site]
 
     def _tapped(self, site: Site, value: Any, leaves: set[int] | None = None,
@@ -231,7 +237,7 @@ class Walker:
     def _read(self, node: Node) -> None:
         site = node.site
         position = max(self.position_of_site(node), self.current_position.get(site, BEFORE_ALL))
-        value = select(self._current(site), node.accessor)
+        value = select(self._current(site, node), node.accessor)
         rows = self._rows(node)
         if not rows.whole:
             narrow = self.narrowing(site)
@@ -279,7 +285,7 @@ class Walker:
                 f"computed after {module_label(site.path)} has run"
                 f"{self._why_late(recorded, value_position, self.positions)}",
                 node.line))
-        full = self._current(site)
+        full = self._current(site, node)
         old = select(full, accessor)
         rows = self._rows(node)
         self.check_write(node, site, old, value, rows)
