@@ -227,6 +227,14 @@ def test_edited_model_traced_through_the_original_envoys(backend):
         modified = net.lm_head.output.save()
         also = edited.lm_head.output.save()
 
+    expected = _last_token_patched(model, hidden, _ids(1, seed=2))
+    torch.testing.assert_close(modified, expected)
+    torch.testing.assert_close(also, expected)
+    torch.testing.assert_close(original, model(_ids(1, seed=2)).logits)
+
+
+def _last_token_patched(model, hidden, ids):
+    """The logits of ``ids`` with block 1's last position set to ``hidden`` (a hook)."""
     def patch(module, args, output):
         output = output.clone()
         output[:, -1] = hidden
@@ -234,12 +242,9 @@ def test_edited_model_traced_through_the_original_envoys(backend):
 
     handle = model.transformer.h[1].register_forward_hook(patch)
     try:
-        expected = model(_ids(1, seed=2)).logits
+        return model(ids).logits
     finally:
         handle.remove()
-    torch.testing.assert_close(modified, expected)
-    torch.testing.assert_close(also, expected)
-    torch.testing.assert_close(original, model(_ids(1, seed=2)).logits)
 
 
 def _language_model(backend: str):
@@ -280,17 +285,7 @@ def test_session_and_trace_take_remote_false(backend):
             lm.transformer.h[1].output[:, -1, :] = hidden
             patched = lm.lm_head.output.save()
 
-    def patch(module, args, output):
-        output = output.clone()
-        output[:, -1] = hidden
-        return output
-
-    handle = model.transformer.h[1].register_forward_hook(patch)
-    try:
-        expected = model(_ids(1, seed=2)).logits
-    finally:
-        handle.remove()
-    torch.testing.assert_close(patched, expected)
+    torch.testing.assert_close(patched, _last_token_patched(model, hidden, _ids(1, seed=2)))
     linear = torch.nn.Linear(3, 2)
     with NNsight(linear, backend=backend).trace(torch.ones(1, 3), remote=False) as net:
         out = net.output.save()
