@@ -1,5 +1,6 @@
 """Property test: ``patching.activation_patching`` with random options (site kinds, layers,
-positions counted from either end (one past the prompt: a ValueError), batch sizes that do not divide
+positions counted from either end (one past the prompt, or two that are one token: a
+ValueError), batch sizes that do not divide
 the cells, the suffix path or not, the hooks backend, a metric of the last position or of
 every position) against a hand-written loop of forward hooks, one cell at a time, in float64
 (``patching_loops.py``): equal up to float64 rounding.
@@ -53,6 +54,11 @@ def test_random_activation_patching_equals_a_hooks_loop(kind, length, changed, s
     options = {} if layers is None else {"layers": layers}
     if any(not -length <= p < length for p in where):
         with pytest.raises(ValueError, match="out of range"):
+            patching.activation_patching(net, clean, corrupted, METRICS[which], sites=kinds,
+                                         positions=positions, progress=False, **options)
+        return
+    if len({p % length for p in where}) < len(where):  # (1 and -4 of 5 tokens: one token)
+        with pytest.raises(ValueError, match="the same position"):
             patching.activation_patching(net, clean, corrupted, METRICS[which], sites=kinds,
                                          positions=positions, progress=False, **options)
         return

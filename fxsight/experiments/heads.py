@@ -19,6 +19,7 @@ from ..api.envoy import Envoy
 from . import suffix as suffix_path
 from .jobs import (Experiment, Group, Refs, dataset_result, job_info, kwargs_key, pairs_of,
                    position_in, position_labels, run_job)
+from .modes import check_reproducible
 from .result import PatchingResult
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Layout, Sweep, Target, check_layers,
                      choose_batch_size, expanded, find_layout, forward_kwargs,
@@ -64,6 +65,7 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
     ``dims == ("layer", "head", "position")``: the patched run's metric minus the corrupted
     run's."""
     start = time.perf_counter()
+    check_reproducible(model, "head patching")
     items, dataset = pairs_of(model, clean, corrupted, metric)
     layout = find_layout(model, blocks)
     layer_list = check_layers(layers, layout.n_layers)

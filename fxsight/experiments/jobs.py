@@ -450,6 +450,12 @@ def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, mem
                 store.save(done, item_metrics)
     except Exception as failure:  # noqa: BLE001 - saved, sent to the other ranks, raised
         error = failure
+    except BaseException:
+        # interrupted (Ctrl-C, SystemExit): keep what finished, and stop at once (no
+        # exchange with the other ranks, which notice this one's missing heartbeat)
+        if store.own is not None and computed:
+            store.save(done, item_metrics, force=True)
+        raise
     if store.own is not None and (computed or error is None):
         store.save(done, item_metrics, force=True)
     payloads = ranks.exchange("running its batches",
@@ -552,7 +558,7 @@ def position_labels(positions: Any, lengths: list[int]) -> list[int]:
     """The position axis of a sweep over prompts of ``lengths`` tokens: as for one prompt
     when they have one length; else ``"all"`` is every position counted from the end
     (``-longest .. -1``) and given positions are kept as given (negative: from the end)."""
-    from .sweeps import check_positions, integers
+    from .sweeps import check_distinct, check_position_labels, check_positions, integers
 
     if len(set(lengths)) == 1:
         return check_positions(positions, lengths[0])
@@ -560,8 +566,9 @@ def position_labels(positions: Any, lengths: list[int]) -> list[int]:
     if isinstance(positions, str):
         check_positions(positions, longest)
         return list(range(-longest, 0))
-    labels = integers(positions, "position")
-    check_positions(labels, longest)
+    # (kept as given: 1 and -4 are one token of a 5-token pair, not of a 3-token one)
+    labels = check_position_labels(integers(positions, "position"), longest)
+    check_distinct(labels, labels, "position")
     return labels
 
 

@@ -32,12 +32,14 @@ from ..api.functions import apply_pure
 from ..errors import TraceError
 from . import suffix as suffix_path
 from .heads import head_patching
+from .modes import check_reproducible
 from .result import Cell, PatchingResult
 from .jobs import (Experiment, Group as JobGroup, Item, Refs, check_same_length,
                    dataset_result, is_dataset,
                    job_info, kwargs_key, value_key, pairs_of, position_in, position_labels,
                    prompts_of, run_job, summary)
-from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, can_keep_last, check_kinds, check_layers,
+from .sweeps import (DEFAULT_MEMORY_BUDGET, Sweep, Target, can_keep_last, check_distinct,
+                     check_kinds, check_layers,
                      check_positions, choose_batch_size, expanded, find_layout,
                      forward_kwargs as _forward_kwargs, hidden,
                      metric_values, reads_last_position_only, reference_run, row_bytes,
@@ -115,6 +117,7 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
     """
 
     start = time.perf_counter()
+    check_reproducible(model, "activation patching")
     kinds = check_kinds(sites)
     items, dataset = pairs_of(model, clean, corrupted, metric)
     layout = find_layout(model, blocks)
@@ -312,6 +315,7 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
     """
 
     start = time.perf_counter()
+    check_reproducible(model, "steering sweep")
     items, dataset = prompts_of(model, prompt, metric)
     layout = find_layout(model, blocks)
     layer_list = check_layers(layers, layout.n_layers)
@@ -323,6 +327,7 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
     scale_list = [float(s) for s in scales]
     if not scale_list:
         raise ValueError("scales is empty")
+    check_distinct(scale_list, list(scales), "scale")
     kwargs = _forward_kwargs(model, forward_kwargs)
     options = trace_options(backend, compile)
     blocks = [Target(layout.site("resid", layer)) for layer in layer_list]
@@ -368,11 +373,13 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
 
             def skips(rows, padded, block=block, layer=layer):
                 first = padded[0][0]
-                dtype = hidden(first.runs.outputs[block.key]).dtype
-                mask = torch.zeros(length, 1, dtype=dtype)
+                state = hidden(first.runs.outputs[block.key])
+                # (on the model's device: a vector made on the CPU steers a GPU model)
+                mask = torch.zeros(length, 1, dtype=state.dtype, device=state.device)
                 mask[[p for label in position_list
                       if (p := position_in(label, length)) is not None]] = 1
-                deltas = {name: (v[layer] if v.dim() == 2 else v).to(dtype) * mask
+                deltas = {name: (v[layer] if v.dim() == 2 else v).to(state.device,
+                                                                     state.dtype) * mask
                           for name, v in named.items()}
                 steered = torch.stack([hidden(r.runs.outputs[block.key])[0]
                                        + scale * deltas[name] for r, (name, scale) in padded])
@@ -469,6 +476,7 @@ def attribution(model: Envoy, clean: Any, corrupted: Any = None,
         raise RuntimeError("attribution differentiates the metric: it cannot run under "
                            "torch.inference_mode() (no tensor made there records gradients); "
                            "call it outside, or under torch.no_grad() (it enables them)")
+    check_reproducible(model, "attribution patching")
     if is_dataset(clean):
         return _attribution_dataset(model, clean, corrupted, metric, sites, blocks,
                                     trace_kwargs)

@@ -328,6 +328,7 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[Cell],
                for which in live]
     packings = {}
     dtype = hidden(corrupt[cells[0][2].key]).dtype
+    device = hidden(corrupt[cells[0][2].key]).device
     scores = None  # in the metric's dtype (see metric_values), once the first cell ran
     tracer = None
     traces = 0
@@ -340,7 +341,7 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[Cell],
                 chunk = [units[i] for i in which]
                 key = tuple(p for p, _ in chunk)
                 if key not in packings:
-                    packings[key] = pack(corrupted, list(key), dtype)
+                    packings[key] = pack(corrupted, list(key), dtype).to(device)
                 packing = packings[key]
                 inputs, tracer = run_layer(model, setup.name, setup.head, setup.layers,
                                            packing, target, prefix, clean, corrupt, chunk,
@@ -351,7 +352,7 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[Cell],
                 with torch.no_grad():
                     logits = head_logits(setup.head._module, inputs, setup.columns)
                     chosen = setup.small_metric if setup.columns is not None else metric
-                    values = metric_values(chosen, logits, len(which))
+                    values = metric_values(chosen, logits, len(which)).cpu()
                 if scores is None:
                     scores = torch.zeros(len(cells), len(units), dtype=values.dtype)
                 scores[c, which] = (values - baseline).to(scores.dtype)

@@ -38,12 +38,22 @@ class Packing:
     def rows(self) -> int:
         return self.ids.shape[0]
 
+    def to(self, device: torch.device) -> "Packing":
+        """The packing with its tensors on ``device`` (the model's: its inputs and the
+        indices into its values)."""
+        def moved(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            return pair[0].to(device), pair[1].to(device)
+        return Packing(self.ids.to(device), self.position_ids.to(device),
+                       self.mask.to(device), self.segments, moved(self.starts),
+                       moved(self.ends))
+
 
 def pack(ids: torch.Tensor, positions: list[int], dtype: torch.dtype) -> Packing:
     """Pack the suffixes ``ids[0, p:]`` for each ``p`` in ``positions`` (cell order kept in
     ``segments``) into rows one token longer than the longest (``T + 1`` where position 0
     is among them: with every position from ``p0`` on, the suffixes pair up to fill the
     rows exactly)."""
+    ids = ids.cpu()  # (built on the CPU; see Packing.to)
     length = ids.shape[1]
     capacity = length - min(positions) + 1
     order = sorted(range(len(positions)), key=lambda i: positions[i])  # longest first
@@ -108,7 +118,7 @@ def reproduces(model: Envoy, name: str, head: Envoy, ids: torch.Tensor, layers: 
     length = ids.shape[1]
     positions = [p for p in (length // 3, length - 1 - length // 3) if 0 < p < length]
     positions = sorted(set(positions)) or [0]
-    packing = pack(ids, positions, logits.dtype)
+    packing = pack(ids, positions, logits.dtype).to(logits.device)
     keep = {"logits_to_keep": packing.ends[1]} if packing.rows == 1 and \
         "logits_to_keep" in forward_parameters(model) else {}
     try:

@@ -162,7 +162,22 @@ def check_kinds(kinds: Sequence[str] | str) -> list[str]:
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise ValueError(f"sites must be some of {', '.join(map(repr, KINDS))}, not {kinds!r}")
+    check_distinct(kinds, kinds, "site")
     return kinds
+
+
+def check_distinct(labels: list, given: list, what: str, unit: str = "") -> None:
+    """Raise where two of ``given`` (as the caller wrote them) are one label of a result's
+    axis (``labels``, the same entries normalized): the axis would name one cell twice, and
+    ``result.sel`` would find only the first."""
+    seen: dict = {}
+    for label, value in zip(labels, given):
+        if label in seen:
+            same = f"{what}s {seen[label]!r} and {value!r} are the same {what}{unit}" \
+                if seen[label] != value else f"{what} {value!r} is given twice"
+            raise ValueError(f"{same}: give each {what} once (a result's axis labels each "
+                             f"of its cells once)")
+        seen[label] = value
 
 
 def integers(values: Any, what: str) -> list[int]:
@@ -198,21 +213,35 @@ def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
     for layer in layers:
         if not -n_layers <= layer < n_layers:
             raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers")
-    return [layer % n_layers for layer in layers]
+    chosen = [layer % n_layers for layer in layers]
+    check_distinct(chosen, layers, "layer", f" (of {n_layers})")
+    return chosen
 
 
 def check_positions(positions: Any, length: int) -> list[int]:
-    """``"all"``, an int or a list of ints (negative ones count from the end)."""
+    """``"all"``, an int or a list of ints (negative ones count from the end), as positions
+    of a prompt of ``length`` tokens; an empty list, one out of range, or two that are one
+    token (``1`` and ``-4`` of 5) are a ``ValueError``."""
     if isinstance(positions, str):
         if positions != "all":
             raise ValueError(f"positions must be 'all' or a list of token positions, "
                              f"not {positions!r}")
         return list(range(length))
-    positions = integers(positions, "position")
+    positions = check_position_labels(integers(positions, "position"), length)
+    chosen = [p % length for p in positions]
+    check_distinct(chosen, positions, "position", f" of the {length}-token prompt")
+    return chosen
+
+
+def check_position_labels(positions: list[int], length: int) -> list[int]:
+    """``positions`` (ints) checked to be some, each in range for ``length`` tokens."""
+    if not positions:
+        raise ValueError("positions is empty: give at least one token position ('all': "
+                         "every one)")
     for p in positions:
         if not -length <= p < length:
             raise ValueError(f"position {p!r} is out of range for {length} tokens")
-    return [p % length for p in positions]
+    return positions
 
 
 # --- inputs ------------------------------------------------------------------------------------
