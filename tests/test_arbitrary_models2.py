@@ -4,6 +4,7 @@ warnings, and models not tried before; each checked against a plain forward (hoo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 
@@ -67,3 +68,111 @@ def test_dataclass_output_in_invokes_is_refused_before_running(backend):
         with net.trace(x1, backend=backend):
             whole = net.output.save()
     assert torch.equal(whole.hidden, model.proj(x1))
+
+
+# ----------------------------------------------------------------------------------------
+# 2. channels_last inputs: a patch across invokes, BatchNorm's running stats, a whole write
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(torch.relu(self.bn(self.conv1(x))))
+        return self.head(h.mean((2, 3)))
+
+
+def _channels_last(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape).to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_patch_across_invokes_is_bit_equal(backend):
+    torch.manual_seed(0)
+    base = _ConvNet().train()
+    x1, x2 = _channels_last(2, 3, 8, 8), _channels_last(2, 3, 8, 8)
+    reference = copy.deepcopy(base)
+
+    def patch(module, args, out):
+        out = out.clone()
+        out[2:] = out[:2]
+        return out
+
+    handle = reference.conv1.register_forward_hook(patch)
+    expected = reference(torch.cat([x1, x2]))
+    handle.remove()
+    model = copy.deepcopy(base)
+    net = NNsight(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with net.trace(backend=backend) as tracer:
+            with tracer.invoke(x1):
+                h = net.conv1.output
+            with tracer.invoke(x2):
+                net.conv1.output = h
+            out = net.output.save()
+    assert torch.equal(out, expected)
+    assert torch.equal(model.bn.running_mean, reference.bn.running_mean)
+    assert torch.equal(model.bn.running_var, reference.bn.running_var)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_whole_write_of_a_callers_tensor_is_bit_equal(backend):
+    torch.manual_seed(0)
+    base = _ConvNet().train()
+    x, v = _channels_last(4, 3, 8, 8), _channels_last(4, 8, 8, 8)
+    reference = copy.deepcopy(base)
+    handle = reference.conv1.register_forward_hook(lambda m, a, o: v)
+    expected = reference(x)
+    handle.remove()
+    net = NNsight(copy.deepcopy(base))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with net.trace(x, backend=backend):
+            net.conv1.output = v
+            out = net.output.save()
+    assert torch.equal(out, expected)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. an LSTM (an opaque call on fx): an in-place edit of h_n, its batch-first output's layout
+
+class _LSTMSum(nn.Module):
+    """A batch-first LSTM whose output (a transposed view) is reduced over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 6, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, (h, _) = self.rnn(x)
+        return self.head(h[-1]) + out.sum(1).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lstm_h_n_in_place_edit_is_bit_equal(backend):
+    torch.manual_seed(0)
+    base, x = _LSTMSum(), torch.randn(3, 5, 4)
+    reference = copy.deepcopy(base)
+
+    def edit(module, args, output):
+        out, (h, c) = output
+        h = h.clone()
+        h[:, 0] = 0
+        return out, (h, c)
+
+    handle = reference.rnn.register_forward_hook(edit)
+    expected = reference(x)
+    handle.remove()
+    net = NNsight(copy.deepcopy(base))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with net.trace(x, backend=backend):
+            net.rnn.output[1][0][:, 0] = 0
+            out = net.output.save()
+    assert torch.equal(out, expected)
