@@ -176,3 +176,33 @@ def test_lstm_h_n_in_place_edit_is_bit_equal(backend):
             net.rnn.output[1][0][:, 0] = 0
             out = net.output.save()
     assert torch.equal(out, expected)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. .skip() of nn.MultiheadAttention with (v, None) on its fused fast path
+
+class _AttentionNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_of_multihead_attention_with_no_weights_on_its_fast_path(backend):
+    torch.manual_seed(0)
+    model, x, v = _AttentionNet().eval(), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        assert model.attn(x, x, x, need_weights=False)[1] is None  # (what it returns)
+        expected = model.head(v)
+        net = NNsight(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with net.trace(x, backend=backend):
+                net.attn.skip((v, None))
+                out = net.output.save()
+    assert torch.equal(out, expected)
