@@ -206,3 +206,58 @@ def test_skip_of_multihead_attention_with_no_weights_on_its_fast_path(backend):
                 net.attn.skip((v, None))
                 out = net.output.save()
     assert torch.equal(out, expected)
+
+
+# ----------------------------------------------------------------------------------------
+# 5. packed sequences into an LSTM: read and write its output (h_n) on every backend
+
+class _PackedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 6, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        _, (h, _) = self.rnn(packed)
+        return self.head(h[-1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_sequence_lstm_output_read_and_write(backend):
+    torch.manual_seed(0)
+    base, x, lengths = _PackedNet(), torch.randn(3, 5, 4), torch.tensor([5, 3, 2])
+    reference = copy.deepcopy(base)
+    want_rnn, _ = _hooked(reference, "rnn", x, lengths)
+
+    def edit(module, args, output):
+        out, (h, c) = output
+        return out, (torch.zeros_like(h), c)
+
+    handle = reference.rnn.register_forward_hook(edit)
+    expected = reference(x, lengths)
+    handle.remove()
+    net = NNsight(copy.deepcopy(base))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with net.trace(x, lengths, backend=backend):
+            h_n = net.rnn.output[1][0].save()
+        with net.trace(x, lengths, backend=backend):
+            net.rnn.output[1][0][:] = 0
+            out = net.output.save()
+    assert torch.equal(h_n, want_rnn[1][0])
+    assert torch.equal(out, expected)
+
+
+def test_packed_sequence_cache_on_hooks():
+    torch.manual_seed(0)
+    model, x, lengths = _PackedNet(), torch.randn(3, 5, 4), torch.tensor([5, 3, 2])
+    want_rnn, _ = _hooked(model, "rnn", x, lengths)
+    net = NNsight(model)
+    with net.trace(x, lengths, backend="hooks") as tracer:
+        cache = tracer.cache()
+    got = cache["model.rnn"].output
+    assert torch.equal(got[0].data, want_rnn[0].data)
+    assert torch.equal(got[0].batch_sizes, want_rnn[0].batch_sizes)
+    assert torch.equal(got[1][0], want_rnn[1][0])
