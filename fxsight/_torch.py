@@ -306,9 +306,18 @@ def holds_size(spec: Any) -> bool:
 def unflatten_keeping_sizes(leaves: list[Any], spec: Any) -> Any:
     """``pytree.tree_unflatten(leaves, spec)``, with each ``torch.Size`` of integers
     rebuilt as a ``torch.Size`` (as the value it was flattened from), not a tuple."""
-    if not holds_size(spec):
+    if not holds_size(spec) and not holds_packed(spec):
         return pytree.tree_unflatten(leaves, spec)
     return unflatten_unchecked(leaves, spec)
+
+
+def holds_packed(spec: Any) -> bool:
+    """Whether a pytree layout has a ``PackedSequence`` in it: its constructor refuses
+    ``batch_sizes`` off the CPU (a meta or fake tensor while shapes are learnt), so such a
+    layout is rebuilt by :func:`unflatten_unchecked` (as the named tuple it is)."""
+    packed = torch.nn.utils.rnn.PackedSequence  # (a named tuple: its type is the context)
+    return spec.type is packed or spec.context is packed or \
+        any(holds_packed(child) for child in spec.children())
 
 
 def changes_first_argument(target: Any) -> bool:

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .._torch import pytree
+from .._torch import pytree, unflatten_keeping_sizes
 from ..errors import TraceError, at_line, user_line
 from ..record.program import Program, own_rows
 from ..record.scope import Scope
@@ -52,7 +52,9 @@ def convert(value: Any, device: torch.device | None, dtype: torch.dtype | None,
 
     if isinstance(value, torch.Tensor):  # (most sites: without the pytree walk)
         return one(value)
-    return pytree.tree_map_only(torch.Tensor, one, value)
+    leaves, spec = pytree.tree_flatten(value)  # (a PackedSequence, rebuilt unchecked)
+    return unflatten_keeping_sizes(
+        [one(v) if isinstance(v, torch.Tensor) else v for v in leaves], spec)
 
 
 @dataclass

@@ -55,7 +55,7 @@ class _Call:
     n_tensors: int
     out_spec: Any
     out_constants: list[Any]
-    out_metas: list[tuple]            # (shape, dtype, device) of each output tensor
+    out_metas: list[tuple]            # (shape, dtype, device, stride) of each output
     reason: str
     grad_enabled: bool = True         # the grad mode the forward was captured in
 
@@ -107,15 +107,19 @@ def opaque(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
                            f"{len(call.out_metas)} when it was captured")
     seen = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
     out = []
-    for tensor, (shape, dtype, _) in zip(flat, call.out_metas):
+    for tensor, (shape, dtype, _, stride) in zip(flat, call.out_metas):
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise RuntimeError(f"fxsight: module {call.path!r} returned a {tensor.dtype} "
                                f"tensor of shape {tuple(tensor.shape)} where the captured "
                                f"graph has {dtype} {shape} (its output shape depends on "
                                f"data); trace with backend='hooks'")
-        tensor = tensor.contiguous()
-        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
-            tensor = tensor.clone()  # (an operator's outputs never alias its inputs)
+        if tensor.stride() != stride or (
+                tensor.numel() and tensor.untyped_storage().data_ptr() in seen):
+            # the layout the plain forward gives (a batch-first LSTM's output is a
+            # transposed view: later kernels run on it as in the plain forward, bit for
+            # bit); an operator's outputs never alias its inputs
+            tensor = torch.empty_strided(shape, stride, dtype=dtype,
+                                         device=tensor.device).copy_(tensor)
         seen.add(tensor.untyped_storage().data_ptr())
         out.append(tensor)
     return out
@@ -124,8 +128,8 @@ def opaque(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
 @opaque.register_fake
 def _opaque_fake(inputs, key):
     call = _CALLS[key]
-    return [torch.empty(shape, dtype=dtype, device=device)
-            for shape, dtype, device in call.out_metas]
+    return [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+            for shape, dtype, device, stride in call.out_metas]
 
 
 def _no_backward(ctx, grads):
@@ -201,12 +205,35 @@ def _forward_recording(model: torch.nn.Module, args: tuple, kwargs: dict,
 
 
 class _Meta:
-    """A recorded output tensor: shape, dtype, device (a pytree leaf)."""
+    """A recorded output tensor: shape, dtype, device and its layout's strides (a
+    pytree leaf)."""
 
-    __slots__ = ("shape", "dtype", "device")
+    __slots__ = ("shape", "dtype", "device", "stride")
 
     def __init__(self, tensor: torch.Tensor):
         self.shape, self.dtype, self.device = tuple(tensor.shape), tensor.dtype, tensor.device
+        self.stride = dense_stride(tensor)
+
+
+def dense_stride(tensor: torch.Tensor) -> tuple[int, ...]:
+    """``tensor``'s strides where they lay it out densely (a permutation of a contiguous
+    layout: a transposed or ``channels_last`` tensor), else the contiguous strides (a view
+    into a larger tensor is returned as a tensor of its own)."""
+    shape, stride = tuple(tensor.shape), tuple(tensor.stride())
+    order = sorted(range(len(shape)), key=lambda d: (stride[d], shape[d]))
+    expected, dense = 1, True
+    for dim in order:
+        if shape[dim] != 1 and stride[dim] != expected:
+            dense = False
+            break
+        expected *= shape[dim]
+    if dense:
+        return stride
+    contiguous, size = [], 1
+    for extent in reversed(shape):
+        contiguous.append(size)
+        size *= max(extent, 1)
+    return tuple(reversed(contiguous))
 
 
 class _Nested:
@@ -278,7 +305,7 @@ def _router(module: torch.nn.Module, path: str, reason: str, outputs: dict[Site,
                               [TENSOR if isinstance(v, torch.Tensor) else v for v in flat],
                               len(tensors), out_spec,
                               [TENSOR if isinstance(v, _Meta) else v for v in out_flat],
-                              [(m.shape, m.dtype, m.device) for m in out_flat
+                              [(m.shape, m.dtype, m.device, m.stride) for m in out_flat
                                if isinstance(m, _Meta)], reason, torch.is_grad_enabled()),
                         kept)
         parameters = [p for p in module.parameters()]

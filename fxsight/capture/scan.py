@@ -22,9 +22,10 @@ from .effects import kept_forward_effects
 from .state import Watch
 from .dispatch import offloaded
 from .events import ModuleEvents, silenced_hooks
+from .fast_path_outputs import as_plain_output
 from .input_flow import InputFlow, InputReads
 from .memory import MemoryNumbers
-from ..record.sites import Site
+from ..record.sites import OUTPUT, Site
 
 
 @dataclass
@@ -138,7 +139,11 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
     checkpointed: dict[Site, str] = {}
     number = MemoryNumbers()
 
+    modules = dict(model.named_modules(remove_duplicate=False))
+
     def record(site: Site, value: Any) -> None:
+        if site.kind == OUTPUT:
+            value = as_plain_output(modules.get(site.path), value)
         with unset_fake_temporarily():  # plain meta tensors, not fakes of this scan's mode
             values[site] = _tree_map(_to_meta, value)
         devices[site] = _tree_map(

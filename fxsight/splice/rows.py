@@ -85,7 +85,8 @@ def _splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any
             return piece
         piece = torch.as_tensor(piece, dtype=whole.dtype, device=whole.device)
         piece = piece.expand(stop - start, *whole.shape[1:])
-        return torch.cat([whole[:start], piece, whole[stop:]], dim=0)
+        parts = [part for part in (whole[:start], piece, whole[stop:]) if part.shape[0]]
+        return _laid_out_like(torch.cat(parts, dim=0), whole)
 
     if isinstance(full, torch.Tensor):  # the common case (a write splices leaf by leaf)
         return splice(full, part)
@@ -96,12 +97,29 @@ def _splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any
     return pytree.tree_unflatten([splice(w, p) for w, p in zip(full_leaves, part_leaves)], spec)
 
 
+def _laid_out_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a new tensor of ``like``'s shape) in ``like``'s memory layout where that
+    differs (a ``channels_last`` batch: kernels run on it as the plain forward's do, bit
+    for bit); a tensor whose layout already agrees is returned as it is."""
+    if value.stride() == like.stride() or not _dense(like):
+        return value
+    return torch.empty_like(like).copy_(value)
+
+
+def _dense(value: torch.Tensor) -> bool:
+    """Whether ``value``'s strides are a permutation of a dense layout (no gaps, no
+    overlaps: what ``torch.empty_like`` keeps)."""
+    return value.is_contiguous() or value.is_contiguous(memory_format=torch.channels_last) \
+        or (value.dim() == 5 and value.is_contiguous(memory_format=torch.channels_last_3d))
+
+
 def dense_copy(value: torch.Tensor) -> torch.Tensor:
     """A dense copy of a tensor the caller brought in, written as a site's value (see
     ``Walker._copy``): fxsight's own, so that the forward's in-place changes do not reach
     the caller's tensor; a user's mode around the trace does not see it."""
-    with user_modes_suspended():
-        return torch.clone(value, memory_format=torch.contiguous_format)
+    layout = torch.preserve_format if _dense(value) else torch.contiguous_format
+    with user_modes_suspended():  # (a channels_last tensor stays one: see _laid_out_like)
+        return torch.clone(value, memory_format=layout)
 
 
 def conform(value: Any, like: Any) -> Any:

@@ -26,6 +26,7 @@ from ..errors import (EDIT_CALL_HINT, NotOnGraph, OrderError, ShapeError, TraceE
 from ..record.program import (Kind, Node, Program, draws_random, map_nodes, node_args,
                               own_rows, replace, select, set_attribute, setitem)
 from .rows import Rows, conform, dense_copy, narrow_rows, splice_rows
+from .opaque_rows import batched_object
 from ..capture.caches import CacheRef, is_cache, rows_of
 from .shared_memory import SharedMemory, memory_of, read_root, upstream
 from .gradients import (backward_phase, grad_tap, grad_target, leaf_index,
@@ -240,6 +241,7 @@ class Walker:
         value = select(self._current(site, node), node.accessor)
         rows = self._rows(node)
         if not rows.whole:
+            self._check_rows_of_object(node, site, value, rows)
             narrow = self.narrowing(site)
             value = self._leafwise(value, lambda leaf: self.call(
                 None, "call_function", narrow,
@@ -248,6 +250,19 @@ class Walker:
         self.values[node] = value
         self.positions[node] = position
         self.read_versions[node] = self.tap_versions.get(site, 0)
+
+    def _check_rows_of_object(self, node: Node, site: Site, value: Any, rows: Rows) -> None:
+        """Refuse an invoke's read or write of a value holding an object of batched tensors
+        (a dataclass, an object of the user's class): it cannot be given the invoke's rows."""
+        kind = batched_object(value, rows.total)
+        if kind is not None:
+            raise TraceError(at_line(
+                f"{site.label} holds an object of class {kind} whose tensors are the whole batch of "
+                f"{rows.total} rows; fxsight cannot give this invoke its own rows "
+                f"({rows.start}:{rows.stop}) of an object that is not a tuple, list, dict "
+                f"or registered pytree node. Trace each input on its own, or register "
+                f"{kind} as a pytree node (torch.utils._pytree.register_dataclass)",
+                node.line))
 
     def _own_rows(self, node: Node) -> None:
         """A value computed for the whole batch, narrowed to the rows of ``node``'s invoke
@@ -288,6 +303,8 @@ class Walker:
         full = self._current(site, node)
         old = select(full, accessor)
         rows = self._rows(node)
+        if not rows.whole:
+            self._check_rows_of_object(node, site, old, rows)
         self.check_write(node, site, old, value, rows)
         old_leaves, spec = pytree.tree_flatten(old)
         new_leaves = pytree.tree_leaves(value) if isinstance(value, (tuple, list, dict)) \
