@@ -17,8 +17,8 @@ from typing import Any, ContextManager
 import torch
 import torch.fx as fx
 
-from .._torch import (export_leaves_no_buffer_hook, forget_generated_source,
-                      generated_source_key, generated_source_keys, parametrization_cache_on,
+from .._torch import (export_leaves_no_buffer_hook, fake_cache_unchanged,
+                      forget_generated_source, generated_source_key, generated_source_keys, parametrization_cache_on,
                       plain_codegen, pytree, user_modes_suspended)
 
 from ..locks import exclusive_export
@@ -118,7 +118,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *rest: Any,
     known = generated_source_keys()
     captured = None
     try:
-        with user_modes_suspended():  # (a user's dispatch mode sees no fake forward)
+        # (a user's dispatch mode sees no fake forward; the fake operators' cache stays)
+        with user_modes_suspended(), fake_cache_unchanged():
             captured = contextvars.copy_context().run(_capture, model, args, kwargs, *rest,
                                                       **options)
         return captured
