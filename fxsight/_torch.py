@@ -10,6 +10,7 @@ needed and since which torch version it has been checked (fxsight runs on torch 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import linecache
 import threading
 import types
@@ -32,6 +33,7 @@ from torch._subclasses.fake_tensor import (DataDependentOutputException,
                                            DynamicOutputShapeException)
 
 __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporarily",
+           "fake_cache_unchanged",
            "DynamicOutputShapeException", "DataDependentOutputException",
            "mark_static_address", "python_binding", "dispatched",
            "torch_function_modes_active", "dispatch_modes_active",
@@ -77,6 +79,30 @@ def fake_embedding_takes_meta_weights() -> bool:
     allows it (``torch._subclasses.fake_impls``); torch 2.11 raises a device mismatch, so
     a model whose weights are on meta needs fake inputs on meta too."""
     return _TORCH_2_13
+
+
+@contextlib.contextmanager
+def fake_cache_unchanged():
+    """The operators that fake tensors run in the block are cached as they run, and those
+    entries are dropped at its end. ``FakeTensorMode.cache`` is one dict for every fake
+    mode of the process (a class attribute, never trimmed by torch), keyed by operator and
+    input shapes: each new input shape a trace walks on fake tensors (fxsight's scans and
+    checks, ``torch.export``'s capture) added entries for good, a few kilobytes per
+    operator of the model. The entries added last are the block's (the dict keeps its
+    insertion order); another thread's fake tensors, rare and merely slower for it, may
+    lose theirs. (``FakeTensorMode.cache`` is private; checked 2.13.)"""
+    cache = FakeTensorMode.cache
+    before = len(cache)
+    try:
+        yield
+    finally:
+        added = len(cache) - before
+        if added > 0:
+            try:
+                for key in list(itertools.islice(reversed(cache), added)):
+                    cache.pop(key, None)
+            except RuntimeError:  # (changed by another thread meanwhile: left as it is)
+                pass
 
 
 @contextlib.contextmanager
@@ -636,7 +662,8 @@ def inductor_compile(owned: fx.GraphModule, flat: list[Any],
         symbol = shape_env.create_symbol(flat[i], source, dynamic_dim=DimDynamic.DYNAMIC,
                                          positive=None, do_not_specialize_zero_one=True)
         fakes[i] = shape_env.create_symintnode(symbol, hint=flat[i], source=source)
-    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+    with fake_cache_unchanged(), \
+            torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
         compiled = compile_fx(owned, fakes, config_patches=options)
     return compiled, shape_env, fakes
 

@@ -18,8 +18,8 @@ import torch
 import torch.fx as fx
 
 from .._torch import (compiled_functions_eager, export_leaves_no_buffer_hook,
-                      forget_generated_source,
-                      generated_source_key, generated_source_keys, parametrization_cache_on,
+                      fake_cache_unchanged, forget_generated_source, generated_source_key,
+                      generated_source_keys, parametrization_cache_on,
                       plain_codegen, pytree, user_modes_suspended)
 
 from ..locks import exclusive_export
@@ -120,8 +120,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *rest: Any,
     captured = None
     try:
         # (a user's dispatch mode sees no fake forward; a compiled function the model
-        # calls is traced as plain Python, dynamo's code for it left as it was)
-        with user_modes_suspended(), compiled_functions_eager():
+        # calls is traced as plain Python, dynamo's code for it left as it was; the fake
+        # operators' cache stays as it was)
+        with user_modes_suspended(), compiled_functions_eager(), fake_cache_unchanged():
             captured = contextvars.copy_context().run(_capture, model, args, kwargs, *rest,
                                                       **options)
         return captured

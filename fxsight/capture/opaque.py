@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .._torch import (FakeTensorMode, autocast_cache_off, pytree, unset_fake_temporarily,
-                      user_modes_suspended)
+from .._torch import (FakeTensorMode, autocast_cache_off, fake_cache_unchanged, pytree,
+                      unset_fake_temporarily, user_modes_suspended)
 from ..record.sites import OUTPUT, Site
 from .events import ModuleEvents
 from .effects import kept_forward_effects
@@ -179,7 +179,7 @@ def record_outputs(model: torch.nn.Module, args: tuple, kwargs: dict,
     before = Watch(model, 0)
     try:
         # (a user's dispatch mode sees the trace's forward only)
-        with user_modes_suspended(), autocast_cache_off(), \
+        with user_modes_suspended(), autocast_cache_off(), fake_cache_unchanged(), \
                 kept_forward_effects(model, args, kwargs):
             _forward_recording(model, args, kwargs, events_on, record, outputs)
     finally:

@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 import torch
 from .._torch import (FakeTensorMode, autocast_cache_off, enclosing_checkpoint,
-                      fake_embedding_takes_meta_weights, pytree, unflatten_keeping_sizes,
-                      unflatten_unchecked, unset_fake_temporarily, user_modes_suspended)
+                      fake_cache_unchanged, fake_embedding_takes_meta_weights, pytree,
+                      unflatten_keeping_sizes, unflatten_unchecked, unset_fake_temporarily, user_modes_suspended)
 
 from ..errors import TraceError
 from ..stats import bump
@@ -163,7 +163,8 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
         # (a user's dispatch mode or saved-tensor hooks around the trace see its forward
         # only; fxsight's own modes, entered after, stay)
         with user_modes_suspended(), silenced_hooks(model), \
-                kept_forward_effects(model, args, kwargs, changed), autocast_cache_off():
+                kept_forward_effects(model, args, kwargs, changed), autocast_cache_off(), \
+                fake_cache_unchanged():
             output, events, reads = _run(model, args, kwargs, events, record,
                                           (values, devices, aliases, checkpointed), writes)
     finally:

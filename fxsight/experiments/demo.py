@@ -21,9 +21,11 @@ it; ``--out PATH`` (default ``demo_patching.png``); ``--no-loop`` skips the time
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -41,6 +43,22 @@ CORRUPTED = "a3 f8 c7 h6 e2 b5 c"
 # the residual stream entering each block (layer 0: the embeddings), what attention and the
 # MLP add, and the residual stream leaving each block
 SITES = ["resid_pre", "attn", "mlp", "resid"]
+
+
+@contextlib.contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    """transformers logs errors only inside the block; its logger's level is the caller's
+    again after (``set_verbosity_error()`` alone would silence the caller's warnings for
+    the rest of the process)."""
+    from transformers.utils import logging as hf_logging
+
+    root = logging.getLogger(hf_logging.__name__.split(".")[0])
+    level = root.level
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 # --- the task ---------------------------------------------------------------------------------
@@ -77,14 +95,12 @@ def sample(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.
 
 def build_model(seed: int = 0) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()
     config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_inner=128,
                         vocab_size=len(vocabulary()), n_positions=PAIRS + 1,
                         bos_token_id=0, eos_token_id=0, pad_token_id=0,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    with torch.random.fork_rng(devices=[]):
+    with _transformers_errors_only(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
     return model
@@ -146,12 +162,10 @@ def load(path: str = DATA):
     """The built-in demo model as a ``LanguageModel`` (its module and tokenizer from
     ``path``)."""
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
-    from transformers.utils import logging
 
-
-    logging.set_verbosity_error()
-    module = GPT2LMHeadModel.from_pretrained(path).eval()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    with _transformers_errors_only():
+        module = GPT2LMHeadModel.from_pretrained(path).eval()
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     return LanguageModel(module, tokenizer=tokenizer)
 
 

@@ -42,6 +42,7 @@ from typing import Any, Callable
 import torch
 
 from .ranks import Ranks
+from .progress import progress_bar
 from .result import PatchingResult
 from .sweeps import (Sweep, check_rows_apart, metric_values, reads_last_position_only,
                      token_ids)
@@ -385,8 +386,6 @@ def run_job(experiment: Experiment, sweep: Sweep, batch_size, memory_budget, cho
 
 def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, memory_budget,
              choose, progress: bool, checkpoint, on_batch) -> JobResult:
-    from tqdm.auto import tqdm
-
     items = experiment.items
     cache: dict[int, Refs] = {}
     item_metrics: dict[int, tuple[float, float | None]] = {}
@@ -421,9 +420,9 @@ def _run_job(ranks: Ranks, experiment: Experiment, sweep: Sweep, batch_size, mem
     rows_total = sum(len(b.rows) for b in todo)
     last_use = {i: t for t, b in enumerate(todo) for i, _ in b.rows}
     try:
-        with torch.no_grad(), tqdm(total=rows_total, desc=sweep.description, unit="cell",
-                                   disable=not progress or ranks.rank != 0,
-                                   leave=False) as bar:
+        with torch.no_grad(), progress_bar(total=rows_total, desc=sweep.description,
+                                           unit="cell", leave=False,
+                                           disable=not progress or ranks.rank != 0) as bar:
             for t, batch in enumerate(todo):
                 group = groups[batch.length][batch.group]
                 needed = sorted({i for i, _ in batch.rows})

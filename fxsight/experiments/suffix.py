@@ -62,6 +62,7 @@ from typing import Any, Callable
 import torch
 
 from ..api.envoy import Envoy
+from .progress import progress_bar
 from .result import PatchingResult
 from .suffix_batch import Unit, pack, reproduces, run_layer
 from .suffix_vocabulary import head_logits, vocabulary_reads
@@ -320,8 +321,6 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[Cell],
     """Every (site, layer) of ``cells`` at every unit: scores (len(cells), len(units)), the
     number of traces, the last tracer and the number of cells not run (see
     :func:`changing_units`: their scores are 0)."""
-    from tqdm.auto import tqdm
-
     live = [changing_units(units, hidden(corrupt[target.key]), hidden(clean[target.key]))
             for _, _, target, _, _ in cells]
     batches = [[which[i:i + cells_per_trace] for i in range(0, len(which), cells_per_trace)]
@@ -332,8 +331,8 @@ def run_sweep(model: Envoy, setup: Plan, cells: list[Cell],
     scores = None  # in the metric's dtype (see metric_values), once the first cell ran
     tracer = None
     traces = 0
-    bar = tqdm(total=sum(map(len, batches)), desc=description, unit="batch",
-               disable=not progress, leave=False)
+    bar = progress_bar(total=sum(map(len, batches)), desc=description, unit="batch",
+                       disable=not progress, leave=False)
     try:
         for c, (_, _, target, prefix, local) in enumerate(cells):
             local = local if setup.local else []

@@ -34,9 +34,9 @@ import torch
 import torch.fx as fx
 
 from .._torch import (FakeTensorMode, dispatch_modes_active, dispatched, entry_point,
-                      python_binding, pytree, torch_function_modes_active)
+                      fake_cache_unchanged, python_binding, pytree,
+                      torch_function_modes_active)
 from .direct import plain_target
-
 _CALL = re.compile(r"\btorch\.ops\.(\w+)\.(\w+)\.(\w+)\(")
 
 # (operator, binding, the kinds of a call's arguments) -> whether the binding makes the
@@ -195,7 +195,7 @@ def _same_calls(target: Any, binding: Callable, node: fx.Node) -> bool:
         mode = FakeTensorMode()
         args = tuple(_probe(a, mode) for a in node.args)
         kwargs = {k: _probe(v, mode) for k, v in node.kwargs.items()}
-        with mode:
+        with fake_cache_unchanged(), mode:
             want = _recorded(target, args, kwargs)
             got = _recorded(binding, args, kwargs)
         same = want == got

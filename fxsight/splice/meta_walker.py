@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 from .._torch import (DataDependentOutputException, DynamicOutputShapeException,
-                      FakeTensorMode, autocast_cache_off, pytree, user_modes_suspended)
+                      FakeTensorMode, autocast_cache_off, fake_cache_unchanged, pytree,
+                      user_modes_suspended)
 
 from ..errors import (DataDependentError, ItemAssignmentError, NotOnGraph, ShapeError,
                       ShapeIndexError, TraceError, at_line)
@@ -302,7 +303,8 @@ def _fake_execute(op: str, target: Any, args: tuple, kwargs: dict,
     def to_meta(t: torch.Tensor) -> torch.Tensor:
         return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
-    with autocast_cache_off(), FakeTensorMode(allow_non_fake_inputs=True):
+    with autocast_cache_off(), fake_cache_unchanged(), \
+            FakeTensorMode(allow_non_fake_inputs=True):
         args, kwargs = pytree.tree_map_only(
             torch.Tensor, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
                                                         device=device) if t.is_meta else t,
