@@ -1,7 +1,7 @@
 """Module outputs whose fake value differs from the real one in kind, not just in data.
 
 ``nn.MultiheadAttention``'s fused fast path (eval, no gradients, ``need_weights=False``)
-returns ``torch._native_multi_head_attention``'s outputs: the real kernel gives no
+returns the fused native attention kernel's outputs: the real kernel gives no
 weights (``None``), its fake kernel an empty tensor of shape ``(0,)``. The scan learns a
 module's value from the fake run; :func:`as_plain_output` gives the value the real
 forward returns, so that a write or ``.skip()`` of ``(v, None)`` is checked against what

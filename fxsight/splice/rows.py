@@ -117,8 +117,8 @@ def dense_copy(value: torch.Tensor) -> torch.Tensor:
     """A dense copy of a tensor the caller brought in, written as a site's value (see
     ``Walker._copy``): fxsight's own, so that the forward's in-place changes do not reach
     the caller's tensor; a user's mode around the trace does not see it."""
-    layout = torch.preserve_format if _dense(value) else torch.contiguous_format
     with user_modes_suspended():  # (a channels_last tensor stays one: see _laid_out_like)
+        layout = torch.preserve_format if _dense(value) else torch.contiguous_format
         return torch.clone(value, memory_format=layout)
 
 

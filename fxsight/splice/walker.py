@@ -261,7 +261,7 @@ class Walker:
                 f"{rows.total} rows; fxsight cannot give this invoke its own rows "
                 f"({rows.start}:{rows.stop}) of an object that is not a tuple, list, dict "
                 f"or registered pytree node. Trace each input on its own, or register "
-                f"{kind} as a pytree node (torch.utils._pytree.register_dataclass)",
+                f"{kind} as a pytree node (torch.export.register_dataclass)",
                 node.line))
 
     def _own_rows(self, node: Node) -> None:
