@@ -7,6 +7,7 @@ output needs is pruned.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -182,6 +183,8 @@ class _SpliceWalker(Walker):
         if node is not None and node.index in self.indices:
             target, args = as_selection(target, args, self.indices[node.index],
                                         self.index_inputs[node.index])
+        if op == "call_function":
+            target = representable(target)
         with self.graph.inserting_after(self._anchor(position)):
             new = self.graph.create_node(op, target, args, kwargs,
                                          name=node.name if node is not None else None)
@@ -257,6 +260,26 @@ def _same_constant(old: Any, new: Any) -> bool:
 
 def captured_anchor(graph: fx.Graph) -> fx.Node:
     return [n for n in graph.nodes if n.op == "placeholder"][-1]
+
+
+def representable(target: Any) -> Any:
+    """``target`` as a graph's generated code can name it: a lambda whose source cannot be
+    read (defined in a REPL or by ``exec``; torch.fx names a lambda by its source text and
+    raises "Unable to represent lambda") is called through a function of fxsight's own;
+    anything else as it is. (Graphs are still keyed by the user's function: see
+    ``record.program``.)"""
+    if getattr(target, "__name__", None) != "<lambda>" or not callable(target):
+        return target
+    try:
+        inspect.getsource(target)
+        return target
+    except (OSError, TypeError):
+        pass
+
+    def applied(*args: Any, **kwargs: Any) -> Any:
+        return target(*args, **kwargs)
+
+    return applied
 
 
 def _static(target: Any, args: tuple) -> bool:
