@@ -48,9 +48,20 @@ class MetaWalker(Walker):
     def __init__(self, program: Program, rows: dict[Any, Rows], source: Any):
         super().__init__(program, rows, source.index, getattr(source, "alias_keys", None))
         self.source = source
+        self._visiting: Node | None = None  # (the node whose line an error names)
+
+    def visit(self, node: Node) -> None:
+        self._visiting = node
+        super().visit(node)
 
     def site_value(self, site: Site) -> Any:
-        return self.source.meta_value(site)
+        try:
+            return self.source.meta_value(site)
+        except NotOnGraph as error:  # (a size the capture knows only when it runs)
+            message = str(error)
+            if "\n  at " in message or self._visiting is None:
+                raise
+            raise NotOnGraph(at_line(message, self._visiting.line)) from None
 
     def run(self, nodes=None) -> None:
         self._check_inside_skips()
