@@ -266,16 +266,23 @@ def captured_anchor(graph: fx.Graph) -> fx.Node:
 def representable(target: Any) -> Any:
     """``target`` as a graph's generated code can name it: a lambda whose source cannot be
     read (defined in a REPL or by ``exec``; torch.fx names a lambda by its source text and
-    raises "Unable to represent lambda") is called through a function of fxsight's own;
+    raises "Unable to represent lambda"), a bound method or a callable object without a
+    name is called through a function of fxsight's own;
     anything else as it is. (Graphs are still keyed by the user's function: see
     ``record.program``.)"""
-    if getattr(target, "__name__", None) != "<lambda>" or not callable(target):
+    if not callable(target):
         return target
-    try:
-        inspect.getsource(target)
-        return target
-    except (OSError, TypeError):
-        pass
+    # (a bound method, ``model.zero_grad``: torch.fx names a torch object by its module
+    # and name, ``torch.nn.modules.module.zero_grad``, which names nothing; an object
+    # without a name)
+    if not inspect.ismethod(target) and hasattr(target, "__name__"):
+        if target.__name__ != "<lambda>":
+            return target
+        try:
+            inspect.getsource(target)
+            return target
+        except (OSError, TypeError):
+            pass
 
     def applied(*args: Any, **kwargs: Any) -> Any:
         return target(*args, **kwargs)
