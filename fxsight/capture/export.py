@@ -305,7 +305,7 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     return captured
 
 
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_TORCH_DIR = os.path.dirname(inspect.getfile(torch)) + os.sep
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _STDLIB_DIR = sysconfig.get_paths()["stdlib"] + os.sep
 _MACHINERY = ("fx.", "export.", "overrides", "_")  # (torch's tracing, not the model's calls)
