@@ -113,20 +113,32 @@ def apply(fn: Callable, *args, **kwargs) -> Any:
     >>> top.shape
     torch.Size([2, 1])
 
-    With no traced value among the arguments (nnsight 0.4's ``nnsight.apply(model.zero_grad)``
-    between a session's traces), ``fn`` is plain Python: it is called at once, outside a
-    trace; inside an open trace that is a ``TraceError`` at the line (the block's lines run
-    when the model runs, ``fn`` would run before them).
+    With no traced value among the arguments, inside a trace, the call is recorded all the
+    same and ``fn`` runs once, where the block has reached when the model runs (nnsight's
+    ``noise = nnsight.apply(torch.randn, 3, 4)``, ``nnsight.apply(model.zero_grad)`` after
+    the block's ``loss.backward()``, which it then follows): a random draw takes the
+    generator's numbers in the order of the plain script written with hooks. Such a ``fn``
+    has nothing meta to work on, so it is not called to learn its result's shape (it
+    would really run twice), unless it is one of torch's functions (``torch.randn``),
+    called with the meta device as the default one; otherwise the shape is known after
+    the block. Outside a trace (between a session's traces), ``fn`` is plain Python,
+    called at once.
+
+    >>> with net.trace(torch.ones(2, 3)):
+    ...     noise = fxsight.apply(torch.zeros, 2, 3)
+    ...     net.output = net.output + noise
+    ...     out = net.output.save()
+    >>> out.shape
+    torch.Size([2, 3])
     """
     if not any(isinstance(v, Proxy) for v in pytree.tree_leaves((args, kwargs))):
-        if active_tracers():
-            raise TraceError(at_line(
-                f"fxsight.apply({getattr(fn, '__name__', 'fn')}, ...) has no traced value "
-                f"among its arguments: it would run now, before the block's lines run "
-                f"with the model; call it before or after the trace", user_line()))
-        return fn(*args, **kwargs)
-    return find_recorder(args, kwargs).create_op("call_function", fn, args, kwargs,
-                                                 lenient=True)
+        tracers = active_tracers()
+        if not tracers:
+            return fn(*args, **kwargs)  # (plain Python: between a session's traces)
+        recorder = tracers[-1].recorder  # (recorded in the innermost open trace)
+    else:
+        recorder = find_recorder(args, kwargs)
+    return recorder.create_op("call_function", fn, args, kwargs, lenient=True)
 
 
 def apply_pure(fn: Callable, *args, **kwargs) -> Any:

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import TraceError, at_line, user_line
 from ..locks import model_lock
-from ..record.program import Node
+from ..record.program import Kind, Node
 from ..record.sites import OUTPUT, is_operation
 from ..capture.operations import spec_for
 from ..run.forward import metadata_source, run_source
@@ -44,8 +44,9 @@ class TraceMetadata:
             walker.run(_walked_for(self.program, node.invoke))
         meta = walker.values[node]
         if isinstance(meta, UnknownMeta):
-            raise TraceError(at_line(f"the {what} of this value depends on real data "
-                                     f"(fxsight.apply on an opaque function)", user_line()))
+            raise TraceError(at_line(f"the {what} of this value is not known inside the "
+                                     f"block: {_unknown_because(node, walker.values)}",
+                                     user_line()))
         if (what in ("shape", "dtype") or what.startswith("size(")) and \
                 not isinstance(meta, torch.Tensor):
             raise TraceError(at_line(f"this value is a {type(meta).__name__}, not a tensor; "
@@ -192,3 +193,26 @@ class _WholeRows(dict):
 
     def __missing__(self, key):
         return Rows(0, 1, 1)
+
+
+def _unknown_because(node: Node, values: dict) -> str:
+    """Why the meta value of ``node`` is unknown: the ``fxsight.apply`` it comes from."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        inputs = [n for n in current.all_input_nodes if isinstance(values.get(n), UnknownMeta)]
+        if current.lenient and not inputs:
+            name = getattr(current.target, "__name__", "fn")
+            if not any(n.kind is not Kind.INPUT for n in current.all_input_nodes):
+                return (f"it comes from fxsight.apply({name}, ...) ({current.line}), which "
+                        f"has no traced value among its arguments, so it is called once, "
+                        f"when the model runs (not before, to learn the shape); use the "
+                        f"value after the block, or pass its shape along yourself")
+            return (f"it comes from fxsight.apply({name}, ...) ({current.line}), which "
+                    f"cannot be called on meta tensors (shapes only, no data)")
+        stack.extend(inputs)
+    return "it depends on real data (fxsight.apply of a function)"
+

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .._torch import pytree, unflatten_keeping_sizes
+from .._torch import holds_packed, pytree, unflatten_keeping_sizes
 from ..errors import NotOnGraph
 from ..stats import bump
 from . import caches
@@ -70,6 +70,10 @@ class Captured:
     # the boundary events are a submodule's (``capture(..., events_on=...)``: a decoding
     # step's model): the root site's output is that module's, not the captured forward's
     events_inside: bool = False
+    # where an opaque call takes a tensor sized by data (a packed sequence's lengths):
+    # (flat input index, its value at capture) of the integer inputs that decide such
+    # sizes; the call's output shapes hold for these values only (``opaque.deciding_inputs``)
+    decided_by: tuple = field(default=(), repr=False, compare=False)
     # site -> ``value_layout(site)``, made at its first use (a view shares it)
     layouts: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -119,11 +123,28 @@ class Captured:
         return [n for n in self.graph_module.graph.nodes if n.op == "placeholder"][-1]
 
     def meta_value(self, site: Site) -> Any:
+        """``site``'s value as meta tensors (shapes, dtypes), for the checks of a trace.
+        Raises :class:`NotOnGraph` where a size is known only when the graph runs (it
+        depends on the values of the model's inputs: a packed sequence's length)."""
         slot = self.slots[site]
-        metas = [_to_meta(n.meta.get("val"), self.bindings) if n is not None else
-                 _nested_meta(c, self.bindings) if type(c) is NestedTensor else c
-                 for n, c in zip(slot.nodes, slot.constants)]
+        try:
+            metas = [_to_meta(n.meta.get("val"), self.bindings) if n is not None else
+                     _nested_meta(c, self.bindings) if type(c) is NestedTensor else c
+                     for n, c in zip(slot.nodes, slot.constants)]
+        except _UnknownSize:
+            raise NotOnGraph(_unknown_size_message(site, slot.spec)) from None
         return unflatten_keeping_sizes(metas, slot.spec)
+
+    def fits_values(self, flat_inputs: list[Any]) -> bool:
+        """Whether the integer inputs that decide the sizes of an opaque call's inputs
+        (:attr:`decided_by`) have the values they had at capture (always, where none do);
+        read with the user's modes suspended by the caller."""
+        for index, kept in self.decided_by:
+            value = flat_inputs[index] if index < len(flat_inputs) else None
+            if not isinstance(value, torch.Tensor) or value.shape != kept.shape or \
+                    value.dtype != kept.dtype or not torch.equal(value.cpu(), kept):
+                return False
+        return True
 
     def value_layout(self, site: Site) -> tuple[list[Any], pytree.TreeSpec]:
         """``pytree.tree_flatten(self.meta_value(site))`` but its tensor leaves: the leaves
@@ -197,14 +218,30 @@ class CacheLayout:
         return pytree.tree_unflatten(leaves, self.model_spec)
 
 
+class _UnknownSize(Exception):
+    """A size of a captured value that depends on the values of the model's inputs."""
+
+
 def _concrete(sizes: Any, bindings: dict | None) -> list[int]:
     out = []
     for size in sizes:
         if isinstance(size, torch.SymInt):
             expr = size.node.expr
-            size = int(expr.xreplace(bindings)) if bindings is not None else size.node.hint
+            size = expr.xreplace(bindings) if bindings is not None else size.node.hint
+            if size is None or not getattr(size, "is_number", True):  # (an unbacked size)
+                raise _UnknownSize()
         out.append(int(size))
     return out
+
+
+def _unknown_size_message(site: Site, spec: pytree.TreeSpec) -> str:
+    """Why the fx backend cannot check a trace that uses ``site``."""
+    what = "the length of a PackedSequence, the sum of its sequence lengths" \
+        if holds_packed(spec) else "a size computed from the values of a tensor"
+    return (f"{site.label} has a size that depends on the values of the model's inputs "
+            f"({what}): the captured graph knows it only when it runs, so the fx backend "
+            f"cannot check this trace's use of it; the hooks backend can (backend='hooks', "
+            f"or 'auto')")
 
 
 def _nested_meta(nested: NestedTensor, bindings: dict | None) -> Any:

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .._torch import default_device_set, parametrization_cache_on, pytree
+from .._torch import (default_device_set, parametrization_cache_on, pytree,
+                      user_modes_suspended)
 from ..errors import CaptureError
 from ..stats import bump
 from . import caches, state
@@ -285,6 +286,9 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         if view is not False:
             return view
     hit = cache.get(key)
+    if isinstance(hit, Captured) and hit.decided_by and not _fits_values(hit, args, kwargs):
+        hit = None  # (its opaque calls' shapes were recorded for other lengths: again)
+        bump("value_recaptures")
     if hit is None:
         shapes = cache.shapes_of(general_signature(key))
         if len(shapes) < 2:
@@ -303,6 +307,13 @@ def cached_capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     if isinstance(hit, CaptureError):
         raise _kept(hit)
     return hit
+
+
+def _fits_values(captured: Captured, args: tuple, kwargs: dict) -> bool:
+    """:meth:`Captured.fits_values` of these inputs (read with the user's modes
+    suspended)."""
+    with user_modes_suspended():
+        return captured.fits_values(pytree.tree_leaves((tuple(args), dict(kwargs))))
 
 
 def _dynamic_view(model: torch.nn.Module, cache: _Captures, key: tuple, args: tuple,

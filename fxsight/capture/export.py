@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import os
+import sysconfig
 import time
+import traceback
 import weakref
 from typing import Any, ContextManager
 
@@ -197,6 +200,7 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                              f"real values of each trace, as a plain forward does)", path)
         error.whole_model = True
         raise error
+    flat_given = pytree.tree_leaves((tuple(args), dict(kwargs)))  # (the caller's inputs)
     layouts: dict[Site, tuple[pytree.TreeSpec, list[Any]]] = {}
     tensor_leaves: dict[Site, frozenset[int]] = {}  # (a constant None is a leaf too)
 
@@ -249,7 +253,8 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         where = f"module {culprit or 'model'!r}" if culprit is not None else "the model"
         text = str(error).strip()
         reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-        raise CaptureError(f"could not capture {where}: {reason}", culprit) from error
+        raise CaptureError(f"could not capture {where}: {reason}{_model_line(error)}",
+                           culprit) from error
     if changes:
         error = CaptureError(f"could not capture the model: its forward changes "
                              f"{changes[0]}, which a captured graph would not repeat")
@@ -292,10 +297,39 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                         callees=dict(events.callees), opaque=dict(opaque),
                         aliases={site: memory_roots(slot.nodes, BOUNDARY)
                                  for site, slot in slots.items()},
-                        events_inside=events_on is not None and events_on is not model)
+                        events_inside=events_on is not None and events_on is not model,
+                        decided_by=opaque_calls.deciding_inputs(graph, flat_given)
+                        if opaque else ())
     if dynamic:
         _make_dynamic(captured, exported, guards)
     return captured
+
+
+_TORCH_DIR = os.path.dirname(inspect.getfile(torch)) + os.sep
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_STDLIB_DIR = sysconfig.get_paths()["stdlib"] + os.sep
+_MACHINERY = ("fx.", "export.", "overrides", "_")  # (torch's tracing, not the model's calls)
+
+
+def _model_line(error: BaseException) -> str:
+    """Where the model's own code was when ``error`` stopped the capture: `` (in forward at
+    file:line, calling torch.nn.utils.rnn.pad_packed_sequence)``; ``""`` where no frame of
+    the traceback is the model's (one outside torch, fxsight and the standard library)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    own = [k for k, frame in enumerate(frames)
+           if not frame.filename.startswith((_TORCH_DIR, _OWN_DIR, _STDLIB_DIR, "<frozen"))]
+    if not own:
+        return ""
+    frame = frames[own[-1]]
+    where = f" (in {frame.name} at {frame.filename}:{frame.lineno}"
+    callee = frames[own[-1] + 1] if own[-1] + 1 < len(frames) else None
+    if callee is not None and callee.filename.startswith(_TORCH_DIR):
+        module = os.path.splitext(callee.filename[len(_TORCH_DIR):])[0].replace(os.sep, ".")
+        # (a torch function the model called, not the tracing machinery around the call)
+        if not callee.name.startswith("_") and not module.startswith(_MACHINERY) and \
+                "._" not in module and not module.split(".")[-1].startswith("_"):
+            where += f", calling torch.{module}.{callee.name}"
+    return where + ")"
 
 
 def _nested_marks(gm: fx.GraphModule, graph: fx.Graph) -> dict[str, dict[int, fx.Node]]:

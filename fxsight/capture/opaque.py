@@ -125,6 +125,34 @@ def opaque(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
     return out
 
 
+def deciding_inputs(graph: torch.fx.Graph, leaves: list[Any]
+                    ) -> tuple[tuple[int, torch.Tensor], ...]:
+    """Where an opaque call of ``graph`` takes a tensor whose size depends on data (a
+    ``PackedSequence``'s data, as long as the sum of its lengths): the model's integer
+    tensors on the CPU among its flat inputs ``leaves`` (index, a copy of the value), whose
+    values decide such sizes (``pack_padded_sequence`` takes its lengths there); the
+    output shapes the capture recorded for the call hold only for these values. ``()``
+    where no opaque call takes such a tensor. (A size decided by other values, a float
+    tensor's, is checked when the call runs, see :func:`opaque`.)"""
+    if not any(node.op == "call_function" and node.target is OPAQUE and any(
+            _data_sized(arg.meta.get("val")) for arg in node.args[0]
+            if isinstance(arg, torch.fx.Node)) for node in graph.nodes):
+        return ()
+    return tuple((index, value.detach().clone()) for index, value in enumerate(leaves)
+                 if isinstance(value, torch.Tensor) and value.device.type == "cpu"
+                 and not value.is_floating_point() and not value.is_complex()
+                 and value.numel() <= _MAX_DECIDING_NUMEL)
+
+
+_MAX_DECIDING_NUMEL = 1 << 16  # (lengths, not token ids of a long batch: not kept)
+
+
+def _data_sized(value: Any) -> bool:
+    """Whether a fake tensor has a size known only from data (an unbacked symbolic size)."""
+    return isinstance(value, torch.Tensor) and any(
+        isinstance(size, torch.SymInt) and size.node.hint is None for size in value.shape)
+
+
 @opaque.register_fake
 def _opaque_fake(inputs, key):
     call = _CALLS[key]

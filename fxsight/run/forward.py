@@ -257,7 +257,9 @@ def _run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
         try:
             outcome = _run_fx(module, captured, program, flat[0], rows, options, keep_output,
                               forward_saves, args, kwargs, update_caches=not stop)
-            if remember and not outcome.used_caches:
+            # (not a run whose capture holds for some input values only: the lengths of
+            # a packed sequence, see ``Captured.decided_by``; the signature has shapes)
+            if remember and not outcome.used_caches and not captured.decided_by:
                 last.pop(slot, None)
                 if len(last) >= MAX_LAST_RUNS:
                     del last[next(iter(last))]  # (the oldest)

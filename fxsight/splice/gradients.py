@@ -110,12 +110,16 @@ def is_backward_root(node: Node) -> bool:
 
 
 def backward_phase(program: Program) -> set[Node]:
-    """The nodes that can only run after the forward pass (they need a gradient)."""
+    """The nodes that can only run after the forward pass: those that need a gradient,
+    and the functions applied after a ``backward()`` (``fxsight.apply(model.zero_grad)``:
+    they run where the block calls them, after that backward pass, as the block's Python
+    would)."""
     phase: set[Node] = set()
     if not program.uses_gradients:
         return phase
     for node in program.nodes:
-        if is_backward_root(node) or any(arg in phase for arg in node.all_input_nodes):
+        if is_backward_root(node) or any(arg in phase for arg in node.all_input_nodes) or \
+                (node.lenient and phase):
             phase.add(node)
     return phase
 

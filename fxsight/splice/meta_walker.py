@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import types
 from typing import Any
 
 import torch
@@ -48,9 +49,20 @@ class MetaWalker(Walker):
     def __init__(self, program: Program, rows: dict[Any, Rows], source: Any):
         super().__init__(program, rows, source.index, getattr(source, "alias_keys", None))
         self.source = source
+        self._visiting: Node | None = None  # (the node whose line an error names)
+
+    def visit(self, node: Node) -> None:
+        self._visiting = node
+        super().visit(node)
 
     def site_value(self, site: Site) -> Any:
-        return self.source.meta_value(site)
+        try:
+            return self.source.meta_value(site)
+        except NotOnGraph as error:  # (a size the capture knows only when it runs)
+            message = str(error)
+            if "\n  at " in message or self._visiting is None:
+                raise
+            raise NotOnGraph(at_line(message, self._visiting.line)) from None
 
     def run(self, nodes=None) -> None:
         self._check_inside_skips()
@@ -117,6 +129,8 @@ class MetaWalker(Walker):
                 return _device_move_meta(target, args, kwargs)
             if target is operator.getitem or target is setitem:
                 args = _meta_index(args)
+            if node is not None and node.lenient:
+                return _applied_meta(node, op, target, args, kwargs)
             return execute(op, target, args, kwargs)
         except NotOnGraph as error:  # (a cache object at a boundary: see capture.caches)
             raise NotOnGraph(at_line(str(error), node.line if node is not None else None)) \
@@ -176,6 +190,31 @@ class MetaWalker(Walker):
                     f"ones to repeat the value over them): a value of shape "
                     f"{tuple(new_leaf.shape)} cannot be written into {site.label} of shape "
                     f"{tuple(target_shape)}{_rows_note(node, rows)}", node.line))
+
+
+def _applied_meta(node: Node, op: str, target: Any, args: Any, kwargs: Any) -> Any:
+    """The result of an applied function (``fxsight.apply``) on meta values: called with
+    the meta device as the default one (a tensor it makes, ``torch.randn(h.shape)``, is a
+    meta tensor) and the random generators put back after it (one it makes on a device of
+    its own draws nothing from the run's generators). A function of the user's with no
+    traced value among its arguments is not called: it has nothing meta to work on, so
+    the call would be a real one, made again when the model runs; its result is unknown
+    until then (:data:`UNKNOWN`). A torch function (``torch.randn``) is called."""
+    if not any(n.kind is not Kind.INPUT for n in node.all_input_nodes) and \
+            not _torch_function(target):
+        return UNKNOWN
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda), torch.device("meta"):
+        return execute(op, target, args, kwargs)
+
+
+def _torch_function(target: Any) -> bool:
+    """Whether ``target`` is one of torch's functions (``torch.randn``, ``F.dropout``), not
+    a method bound to an object (``model.zero_grad``: a call of it would be a real one)."""
+    if not isinstance(getattr(target, "__self__", None), (type(None), types.ModuleType)):
+        return False
+    module = getattr(target, "__module__", None) or ""
+    return module == "torch" or module.startswith("torch.")
 
 
 _DEVICE_MOVES = ("cpu", "cuda", "to")

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-from .._torch import (changes_first_argument, holds_size, is_unused_random, pytree, rename_node,
-                      unflatten_keeping_sizes)
+from .._torch import (changes_first_argument, holds_packed, holds_size, is_unused_random, pytree,
+                      rename_node, unflatten_keeping_sizes)
 
 from ..errors import NotOnGraph, at_line
 from ..stats import bump
@@ -185,6 +185,7 @@ class _SpliceWalker(Walker):
                                         self.index_inputs[node.index])
         if op == "call_function":
             target = representable(target)
+        op, target, args, kwargs = _flattened_packed(op, target, args, kwargs)
         with self.graph.inserting_after(self._anchor(position)):
             new = self.graph.create_node(op, target, args, kwargs,
                                          name=node.name if node is not None else None)
@@ -265,21 +266,48 @@ def captured_anchor(graph: fx.Graph) -> fx.Node:
 def representable(target: Any) -> Any:
     """``target`` as a graph's generated code can name it: a lambda whose source cannot be
     read (defined in a REPL or by ``exec``; torch.fx names a lambda by its source text and
-    raises "Unable to represent lambda") is called through a function of fxsight's own;
+    raises "Unable to represent lambda"), a bound method or a callable object without a
+    name is called through a function of fxsight's own;
     anything else as it is. (Graphs are still keyed by the user's function: see
     ``record.program``.)"""
-    if getattr(target, "__name__", None) != "<lambda>" or not callable(target):
+    if not callable(target):
         return target
-    try:
-        inspect.getsource(target)
-        return target
-    except (OSError, TypeError):
-        pass
+    # (a bound method, ``model.zero_grad``: torch.fx names a torch object by its module
+    # and name, ``torch.nn.modules.module.zero_grad``, which names nothing; an object
+    # without a name)
+    if not inspect.ismethod(target) and hasattr(target, "__name__"):
+        if target.__name__ != "<lambda>":
+            return target
+        try:
+            inspect.getsource(target)
+            return target
+        except (OSError, TypeError):
+            pass
 
     def applied(*args: Any, **kwargs: Any) -> Any:
         return target(*args, **kwargs)
 
     return applied
+
+
+def _flattened_packed(op: str, target: Any, args: tuple, kwargs: dict
+                      ) -> tuple[str, Any, tuple, dict]:
+    """A call whose arguments hold a ``PackedSequence`` of graph values (a packed RNN's
+    output, cached or given to ``fxsight.apply``): torch.fx rebuilds a named tuple in a
+    node's arguments through its constructor, which refuses graph values, so the node takes
+    the arguments' leaves and a function of fxsight's own rebuilds them (unchecked, as the
+    named tuple they were) before the call. Other calls as they are."""
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    if not holds_packed(spec):
+        return op, target, args, kwargs
+
+    def packed_call(*leaves: Any) -> Any:
+        call_args, call_kwargs = unflatten_keeping_sizes(list(leaves), spec)
+        if op == "call_method":
+            return getattr(call_args[0], target)(*call_args[1:], **call_kwargs)
+        return target(*call_args, **call_kwargs)
+
+    return "call_function", packed_call, tuple(flat), {}
 
 
 def _static(target: Any, args: tuple) -> bool:
