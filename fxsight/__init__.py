@@ -15,14 +15,14 @@ from .api.functions import SavableDict, SavableList, apply, log, save, trace
 from .api.nnsight import NNsight
 from .errors import (CaptureError, ControlFlowError, DataDependentError, FxsightError,
                      ItemAssignmentError, InputError, OrderError, ShapeError, ShapeIndexError,
-                     TokenIndexError, TraceError)
+                     TokenIndexError, TraceError, UsageError)
 from .record.proxy import Proxy
 from .stats import reset_stats, stats
 
 __all__ = ["NNsight", "LanguageModel", "Envoy", "trace", "save", "apply", "log", "stats",
            "reset_stats", "Proxy", "FxsightError", "TraceError", "OrderError", "ShapeError",
            "ControlFlowError", "CaptureError", "ShapeIndexError", "TokenIndexError",
-           "DataDependentError", "ItemAssignmentError", "InputError"]
+           "DataDependentError", "ItemAssignmentError", "InputError", "UsageError"]
 
 __version__ = "0.1.0"
 

@@ -52,6 +52,12 @@ class InputError(TraceError, ValueError):
     without ``is_split_into_words=True``): nnsight raises ValueError."""
 
 
+class UsageError(TraceError, ValueError):
+    """A trace's blocks used in a way that cannot run: invokes nested, a barrier that not
+    every participating invoke reaches, a read or write inside a module that is skipped:
+    nnsight raises ValueError."""
+
+
 class ItemAssignmentError(TraceError, TypeError):
     """An item assigned into a traced value that cannot take one (a tuple output): Python
     raises TypeError."""

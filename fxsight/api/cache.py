@@ -246,7 +246,8 @@ class CacheDict(dict):
                            (n[len(prefix):].split(".")[0] for n in self._names()
                             if n.startswith(prefix)) if part.isdigit()})
         if not children:
-            raise TypeError(f"{self._path or 'the cache'!r} holds no indexed modules")
+            raise KeyError(f"{self._path or 'the cache'!r} holds no indexed modules (no module "
+                           f"of it is named by a number)")
         if index < 0:
             index += children[-1] + 1
         if index not in children:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import operator
 import sys
 import warnings
 from types import MethodType
@@ -183,6 +184,8 @@ class Envoy:
         if isinstance(module, torch.nn.ModuleDict):
             return self._child(str(key), module[key])
         if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
+            if not isinstance(key, (int, slice, str)) and hasattr(type(key), "__index__"):
+                key = operator.index(key)  # (a NumPy integer; a step number refuses here)
             if isinstance(key, int):
                 length = len(module)
                 if not -length <= key < length:

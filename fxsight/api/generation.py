@@ -47,6 +47,7 @@ from ..run.options import RunOptions
 from ..splice.rows import Rows, expand_rows
 from ..splice.meta_walker import MetaWalker
 from ..splice.walker import Walker
+from .block_steps import step_target
 from .cache_layout import padded_rows, pads_after_cache, refusal
 from .calls import scoped_loop
 from .token_inputs import CACHE_KEYWORDS, past_length
@@ -68,11 +69,11 @@ class StepScope:
         self.steps = steps
         self._previous: Scope | None = None
 
-    def __enter__(self) -> Steps:
+    def __enter__(self) -> Any:
         recorder = self.tracer.recorder
         self._previous = recorder.scope
         recorder.scope = recorder.scope._replace(steps=self.steps)
-        return self.steps
+        return step_target(self.steps)
 
     def __exit__(self, exc_type: Any, *exc: Any) -> bool:
         self.close(sys._getframe(1), exc_type is not None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import TraceError, at_line, user_line
+from ..errors import TraceError, UsageError, at_line, user_line
 from ..record.scope import Scope
 
 
@@ -50,7 +50,7 @@ class Invoke:
     def __enter__(self) -> "Invoke":
         recorder = self.tracer.recorder
         if recorder.scope.invoke is not None:
-            raise TraceError(at_line("invokes cannot be nested", user_line()))
+            raise UsageError(at_line("invokes cannot be nested", user_line()))
         scope = self._previous = recorder.scope
         # (made directly: ``_replace`` is two Python calls)
         recorder.scope = Scope(self.index, scope.steps, scope.call)
@@ -142,7 +142,7 @@ class Barrier:
         if self.arrived and len(self.arrived) != self.participants:
             reached = ", ".join("the whole batch" if i is None else f"#{i}"
                                 for i in sorted(self.arrived, key=lambda i: (i is None, i)))
-            raise TraceError(at_line(
+            raise UsageError(at_line(
                 f"barrier({self.participants}) was reached by {len(self.arrived)} invoke(s) "
                 f"({reached}); each of the {self.participants} participating invokes must "
                 f"call it", self.line))

@@ -148,7 +148,7 @@ class TokenEncoding:
         else:
             if any(len(r) == 0 for r in rows):
                 empty = next(i for i, r in enumerate(rows) if len(r) == 0)
-                raise TraceError(at_line(f"{where}: prompt {empty} has no tokens", line))
+                raise InputError(at_line(f"{where}: prompt {empty} has no tokens", line))
             length = max(len(r) for r in rows)
             pad = self._pad_id()
             # (an encoder-decoder's input is padded on the right: see _pads_right)
@@ -192,7 +192,7 @@ class TokenEncoding:
             raise TraceError(at_line(f"{where}: attention_mask must hold 0s and 1s", line))
         if facts.empty:
             empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
-            raise TraceError(at_line(f"{where}: prompt {empty[0]} has no tokens (its "
+            raise InputError(at_line(f"{where}: prompt {empty[0]} has no tokens (its "
                                      f"attention_mask is all zeros)", line))
 
     def _pads_right(self) -> bool:

@@ -151,8 +151,9 @@ class Proxy:
         return self.ndim
 
     def retain_grad(self) -> None:
-        """Accepted and ignored (returns None, as torch does; nothing is recorded): a trace
-        reads gradients with ``value.grad`` inside the block, without retaining them."""
+        """As torch's: after the trace, the saved value's ``.grad`` is its gradient from the
+        ``backward()`` calls recorded after this line (summed); returns None."""
+        self._recorder.retain_grad(self)
 
     # --- recording ---------------------------------------------------------------------
     @classmethod

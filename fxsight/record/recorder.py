@@ -22,8 +22,9 @@ from ..errors import TraceError, at_line, user_line
 from . import numpy_values
 from .modes import ambient_modes, modes_passed, refuse_forward_mode_change, refuse_mode_change
 from .active import active_tracers
-from .program import AUTOGRAD_GRAD, Kind, Node, Program, execute, setitem
+from .program import AUTOGRAD_GRAD, Kind, Node, Program, execute, is_backward, setitem
 from .proxy import Proxy, from_where
+from .retained_grads import RetainedGrads
 from .scope import Scope
 from .sites import Site
 
@@ -67,6 +68,8 @@ class Recorder:
         self.refused: dict[str, str] = {}
         # the ``with loss.backward():`` blocks open now, innermost last
         self.backward_blocks: list[Node] = []
+        # ``value.retain_grad()`` calls: read at each later ``backward()``, filled after
+        self.retained = RetainedGrads()
         # saved proxies (held weakly: a proxy refers to its recorder; an entry counts only
         # for the very proxy it was made for, so a reused id never matches) and their
         # nodes at save time
@@ -132,6 +135,8 @@ class Recorder:
         node = self.program.op(op, target, self.to_arg(tuple(args)),
                                self.to_arg(kwargs) if kwargs else {}, self.scope,
                                user_line(), lenient)
+        if self.retained and is_backward(node) and node.target is not AUTOGRAD_GRAD:
+            self.retained.read_for(self.program, node)
         if node.mutation and args and isinstance(args[0], Proxy):
             object.__setattr__(args[0], "_node", node)
             return args[0]
@@ -170,6 +175,18 @@ class Recorder:
         for grad in grads:
             self.program.backward_blocks[grad._node] = call._node
         return tuple(grads)
+
+    def retain_grad(self, proxy: Proxy) -> None:
+        """``proxy.retain_grad()``: once the trace has run, the saved value's ``.grad`` holds
+        its gradient from the ``backward()`` calls recorded after this line."""
+        if self.done:  # after the trace: the value itself
+            self._value_of(proxy).retain_grad()
+            return
+        self._check_allowed("grad")
+        self.check_open()
+        target = self._after_changes(self.to_arg(proxy))
+        if isinstance(target, Node):
+            self.retained.add(proxy, target, self._scope_of(target), user_line())
 
     def create_grad_write(self, proxy: Proxy, value: Any) -> None:
         """``proxy.grad = value``."""
@@ -223,6 +240,8 @@ class Recorder:
         proxies stand for them, and the host is held weakly."""
         self._values = values
         self.done = True
+        if self.retained:
+            self.retained.fill(self.resolve, values)
         self._host_ref = weakref.ref(self.host)
         self.host = None
 

@@ -19,7 +19,7 @@ from .._torch import (DataDependentOutputException, DynamicOutputShapeException,
                       user_modes_suspended)
 
 from ..errors import (DataDependentError, ItemAssignmentError, NotOnGraph, ShapeError,
-                      ShapeIndexError, TraceError, at_line)
+                      ShapeIndexError, UsageError, at_line)
 from ..record.program import (AUTOGRAD_GRAD, Kind, ModuleCall, Node, Program, execute,
                               origin, setitem)
 from .rows import Rows
@@ -107,7 +107,7 @@ class MetaWalker(Walker):
             position = self.index.get(node.site)
             for start, end, skipped in spans:
                 if position is not None and start < position < end:
-                    raise TraceError(at_line(
+                    raise UsageError(at_line(
                         f"{node.site.label} is inside {module_label(skipped.path)}, "
                         f"which is skipped (.skip(...)) and does not run",
                         node.line))
