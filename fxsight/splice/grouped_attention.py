@@ -73,20 +73,24 @@ def _repeat_source(node: Any, queries: torch.Tensor) -> tuple[fx.Node, int] | No
             unsqueezed.args[1] != 2:
         return None
     source = unsqueezed.args[0]
-    result, wide, heads = _value(node), _value(expanded), _value(source)
-    if result is None or wide is None or heads is None or heads.dim() != 4 or \
-            wide.dim() != 5:
+    result, wide, heads = (_sizes(_value(n)) for n in (node, expanded, source))
+    asked = _sizes(queries)
+    if result is None or wide is None or heads is None or asked is None or \
+            len(heads) != 4 or len(wide) != 5:
         return None
-    try:
-        batch, groups, tokens, size = (int(s) for s in heads.shape)
-        repeats = int(wide.shape[2])
-        same = tuple(int(s) for s in wide.shape) == (batch, groups, repeats, tokens, size) \
-            and tuple(int(s) for s in result.shape) == (batch, groups * repeats, tokens, size) \
-            and int(queries.shape[1]) == groups * repeats and repeats > 1 \
-            and int(queries.shape[0]) == batch and int(queries.shape[-1]) == size
-    except (TypeError, ValueError, RuntimeError):  # (a symbolic size without a value)
-        return None
+    batch, groups, tokens, size = heads
+    repeats = wide[2]
+    same = repeats > 1 and wide == (batch, groups, repeats, tokens, size) and \
+        result == (batch, groups * repeats, tokens, size) and \
+        (asked[0], asked[1], asked[-1]) == (batch, groups * repeats, size)
     return (source, repeats) if same else None
+
+
+def _sizes(value: torch.Tensor | None) -> tuple[int, ...] | None:
+    """A tensor's sizes, ``None`` where one is symbolic (static graphs only)."""
+    if value is None or not all(type(size) is int for size in value.shape):
+        return None
+    return tuple(value.shape)
 
 
 def _call_of(node: Any, targets: frozenset) -> bool:
