@@ -37,6 +37,7 @@ import torch.fx as fx
 
 from .._torch import is_op_overload, returns_alias
 from ..stats import bump
+from .grouped_attention import ungrouped_heads
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # the graph inputs a mask may be computed from (the models' own name for the padding mask,
@@ -246,7 +247,9 @@ def _rewrite(graph: fx.Graph, group: _Group, cone: list[fx.Node],
     (and the mask computed only where they are not)."""
     if not inputs:
         for call in group.calls:
+            repeats = _repeats(call)
             _unmasked(call, causal)
+            _erase_unused(repeats)
         return len(group.calls)
     separable = _feeds_only(cone, group)
     with graph.inserting_before(_first_user(cone, group)):
@@ -255,10 +258,26 @@ def _rewrite(graph: fx.Graph, group: _Group, cone: list[fx.Node],
         if separable:
             mask = graph.call_function(_mask_unless(cone, inputs), (plain, *inputs))
     for call in group.calls:
+        given = _arguments(call)
+        grouped = ungrouped_heads(given["query"], given["key"], given["value"])
         call.target = either_attention(causal)
-        call.args = (plain, *_attention_args(call, mask))
+        call.args = (plain, *_attention_args(call, mask), *(grouped or ()))
         call.kwargs = {}
     return len(group.calls)
+
+
+def _repeats(call: fx.Node) -> list[fx.Node]:
+    """The nodes that repeat a grouped-query call's key/value heads (none where it is
+    not one), in graph order: erased where the unmasked call no longer uses them."""
+    given = _arguments(call)
+    if ungrouped_heads(given["query"], given["key"], given["value"]) is None:
+        return []
+    chains = []
+    for repeated in (given["key"], given["value"]):
+        expanded = repeated.args[0]
+        chains += [expanded.args[0], expanded, repeated]
+    order = {node: i for i, node in enumerate(call.graph.nodes)}
+    return sorted(set(chains), key=order.__getitem__)
 
 
 def _first_user(cone: list[fx.Node], group: _Group) -> fx.Node:
@@ -278,8 +297,14 @@ def _feeds_only(cone: list[fx.Node], group: _Group) -> bool:
 
 
 def _unmasked(call: fx.Node, causal: bool) -> None:
-    """Make an attention call unmasked, ``is_causal=causal``."""
+    """Make an attention call unmasked, ``is_causal=causal``; on the key/value heads
+    before their repeat, ``enable_gqa=True``, where the eager forward calls it so
+    (:mod:`fxsight.splice.grouped_attention`)."""
     given = _arguments(call)
+    grouped = ungrouped_heads(given["query"], given["key"], given["value"])
+    if grouped is not None:
+        given["key"], given["value"] = grouped
+        given["enable_gqa"] = True
     given["attn_mask"] = None
     given["is_causal"] = causal
     call.args = tuple(given.pop(name) for name in _PARAMETERS[:3])
@@ -325,20 +350,34 @@ def all_ones(*inputs: torch.Tensor) -> bool:
 
 def either_attention(causal: bool) -> Callable:
     """The attention call of the eager forward: unmasked where the padding masks are all
-    ones (``is_causal=causal``), with the model's mask otherwise."""
+    ones (``is_causal=causal``), with the model's mask otherwise. Given the key/value
+    heads before their repeat too (``key_heads``, ``value_heads``), the unmasked call
+    takes those, ``enable_gqa=True`` (:mod:`fxsight.splice.grouped_attention`)."""
     return _causal_or_masked if causal else _full_or_masked
 
 
-def _causal_or_masked(plain: bool, query, key, value, mask, scale, enable_gqa):
+def _causal_or_masked(plain: bool, query, key, value, mask, scale, enable_gqa,
+                      key_heads=None, value_heads=None):
     if plain:
-        return SDPA(query, key, value, None, 0.0, True, scale=scale, enable_gqa=enable_gqa)
+        return _unmasked_attention(query, key, value, True, scale, enable_gqa, key_heads,
+                                   value_heads)
     return SDPA(query, key, value, mask, 0.0, False, scale=scale, enable_gqa=enable_gqa)
 
 
-def _full_or_masked(plain: bool, query, key, value, mask, scale, enable_gqa):
+def _full_or_masked(plain: bool, query, key, value, mask, scale, enable_gqa,
+                    key_heads=None, value_heads=None):
     if plain:
-        return SDPA(query, key, value, None, 0.0, False, scale=scale, enable_gqa=enable_gqa)
+        return _unmasked_attention(query, key, value, False, scale, enable_gqa, key_heads,
+                                   value_heads)
     return SDPA(query, key, value, mask, 0.0, False, scale=scale, enable_gqa=enable_gqa)
+
+
+def _unmasked_attention(query, key, value, causal, scale, enable_gqa, key_heads,
+                        value_heads):
+    if key_heads is not None:
+        return SDPA(query, key_heads, value_heads, None, 0.0, causal, scale=scale,
+                    enable_gqa=True)
+    return SDPA(query, key, value, None, 0.0, causal, scale=scale, enable_gqa=enable_gqa)
 
 
 class _MaskUnless:
