@@ -21,6 +21,7 @@ class CallScope:
         self._previous: Scope | None = None
 
     def __enter__(self) -> int:
+        refuse_nested(self.tracer.recorder.scope.call is not None, "call")
         if not isinstance(self.steps.choice, int):
             raise TraceError(at_line("in a trace, `with tracer.iter[...]` takes one call "
                                      "(an int); loop over several: `for i in "
@@ -37,6 +38,7 @@ class CallScope:
     def __iter__(self):
         choice = self.steps.choice
         recorder = self.tracer.recorder
+        refuse_nested(recorder.scope.call is not None, "call")
         if not (choice == ALL or (isinstance(choice, slice) and choice.stop is None)):
             calls = self.steps.concrete(None)
             if any(not isinstance(c, int) or c < 0 for c in calls):
@@ -57,6 +59,29 @@ class CallScope:
                 call += stride
         finally:
             recorder.scope = previous
+
+
+def refuse_nested(nested: bool, unit: str) -> None:
+    """Refuse ``tracer.iter[...]`` / ``tracer.all()`` inside another (``nested``): each
+    chooses the ``unit`` (``"call"``, ``"step"``) of every read and write in its body, so
+    an inner choice would replace the outer one and every pass of the outer loop would
+    see the inner choice's values, not its own."""
+    if not nested:
+        return
+    if unit == "step":
+        detail = ("in generate both choose decoding steps, and the inner choice would "
+                  "replace the outer one (each pass of the outer loop would read and write "
+                  "the inner one's steps). Choose the steps once (`for step in "
+                  "tracer.all():` with `if step == 2:` inside). A module or operation "
+                  "called several times in one step is its first call there; "
+                  "tracer.cache(modules=[...]) keeps every call of every step")
+    else:
+        detail = ("both choose the call of every module and operation their body reads "
+                  "and writes, and the inner choice would replace the outer one (each pass "
+                  "of the outer loop would see the inner one's calls). Choose the calls "
+                  "once: one `for i in tracer.iter[...]:` loop, and `if i == 2:` inside")
+    raise TraceError(at_line(f"tracer.iter[...] / tracer.all() inside another: {detail}",
+                             user_line()))
 
 
 def scoped_loop(recorder: Recorder, items: list[int], scope_for: Any):

@@ -49,7 +49,7 @@ from ..splice.meta_walker import MetaWalker
 from ..splice.walker import Walker
 from .block_steps import step_target
 from .cache_layout import padded_rows, pads_after_cache, refusal
-from .calls import scoped_loop
+from .calls import refuse_nested, scoped_loop
 from .token_inputs import CACHE_KEYWORDS, past_length
 from .tracer import Tracer
 
@@ -71,6 +71,7 @@ class StepScope:
 
     def __enter__(self) -> Any:
         recorder = self.tracer.recorder
+        refuse_nested(recorder.scope.steps is not None, "step")
         self._previous = recorder.scope
         recorder.scope = recorder.scope._replace(steps=self.steps)
         return step_target(self.steps)
@@ -91,6 +92,7 @@ class StepScope:
                 lambda proxy: object.__getattribute__(proxy, "_node").steps is steps)
 
     def __iter__(self) -> Iterator[int]:
+        refuse_nested(self.tracer.recorder.scope.steps is not None, "step")
         steps = self.steps.concrete(self.tracer._step_count)
         return scoped_loop(self.tracer.recorder, steps,
                          lambda step: {"steps": Steps(step, single=True)})

@@ -18,6 +18,8 @@ import difflib
 import weakref
 from typing import Any, Callable
 
+import torch
+
 from ..capture.operations import (SOURCE, Differing, Opaque, Parsed, SourceError, describe,
                                   forward_slot, parse)
 from ..errors import TraceError, at_line, outside_a_trace, user_line
@@ -236,6 +238,8 @@ _NNSIGHT_METHODS = {
            "tracer.all(): op.output[:] = 0` (or `for i in tracer.all():`)",
     "iter": "nnsight's `op.iter[...]` is written with the tracer: `with tracer.iter[1:3]: "
             "...` (or `for i in tracer.iter[1:3]:`)",
+    "skip": "an operation cannot be skipped: assign its .output to replace what it returns "
+            "(the call still runs), or .skip() the module it calls (its own envoy)",
 }
 
 
@@ -317,5 +321,11 @@ def source_of(envoy: Any) -> SourceEnvoy:
         raise TraceError(at_line(
             f"{label}.source: the module has a forward of its own (an instance attribute); "
             f"only its class's forward can be instrumented", user_line()))
+    if type(module).forward is torch.nn.Module.forward:
+        raise TraceError(at_line(
+            f"{label}.source: {type(module).__name__} has no forward of its own (a "
+            f"container: the modules in it are called by the forward of the module that "
+            f"holds it); use .source of that module, or of each module in it",
+            user_line()))
     prefix = f"{envoy._path}.{SOURCE}" if envoy._path else SOURCE
     return SourceEnvoy(envoy._root, type(module).forward, prefix, label)

@@ -600,6 +600,10 @@ def execute(op: str, target: Any, args: tuple, kwargs: dict) -> Any:
 
 
 # --- accessors: which part of a site's value the user means --------------------------
+class NoArguments(IndexError):
+    """``.input`` of a call made without arguments: there is no first input."""
+
+
 def select(value: Any, accessor: str) -> Any:
     """The part of a site's value an accessor names.
 
@@ -613,7 +617,7 @@ def select(value: Any, accessor: str) -> Any:
         return args[0]
     if kwargs:
         return next(iter(kwargs.values()))
-    raise IndexError("the module was called without arguments")
+    raise NoArguments("the call was made without arguments")
 
 
 def replace(value: Any, accessor: str, new: Any) -> Any:

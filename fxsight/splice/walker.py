@@ -24,7 +24,8 @@ from .._torch import pytree, unflatten_keeping_sizes
 from ..errors import (EDIT_CALL_HINT, NotOnGraph, OrderError, ShapeError, TraceError,
                       at_line)
 from ..record.program import (Kind, Node, Program, draws_random, map_nodes, node_args,
-                              own_rows, replace, select, set_attribute, setitem)
+                              NoArguments, own_rows, replace, select, set_attribute,
+                              setitem)
 from .rows import Rows, conform, dense_copy, narrow_rows, splice_rows
 from .opaque_rows import batched_object
 from ..capture.caches import CacheRef, is_cache, rows_of
@@ -238,7 +239,7 @@ class Walker:
     def _read(self, node: Node) -> None:
         site = node.site
         position = max(self.position_of_site(node), self.current_position.get(site, BEFORE_ALL))
-        value = select(self._current(site, node), node.accessor)
+        value = _part(self._current(site, node), node.accessor, site, node)
         rows = self._rows(node)
         if not rows.whole:
             self._check_rows_of_object(node, site, value, rows)
@@ -301,7 +302,7 @@ class Walker:
                 f"{self._why_late(recorded, value_position, self.positions)}",
                 node.line))
         full = self._current(site, node)
-        old = select(full, accessor)
+        old = _part(full, accessor, site, node)
         rows = self._rows(node)
         if not rows.whole:
             self._check_rows_of_object(node, site, old, rows)
@@ -587,3 +588,16 @@ def _caches_of_rows(value: Any, rows: Rows) -> Any:
     return unflatten_keeping_sizes([
         leaf.of_rows(*rows) if type(leaf) is CacheRef
         else rows_of(leaf, *rows) if is_cache(leaf) else leaf for leaf in flat], spec)
+
+
+def _part(full: Any, accessor: str, site: Site, node: Node) -> Any:
+    """The part of ``site``'s value ``accessor`` names (:func:`select`); ``.input`` of a
+    call made without arguments is a TraceError naming the site and the user's line."""
+    try:
+        return select(full, accessor)
+    except NoArguments:
+        what = "operation" if is_operation(site.path) else "module"
+        raise TraceError(at_line(
+            f"{module_label(site.path)}.input: the {what} was called without arguments, so "
+            f"it has no first input to read or write; read .inputs (the empty "
+            f"(args, kwargs)) or the {what}'s .output instead", node.line)) from None
