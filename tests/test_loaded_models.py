@@ -229,11 +229,14 @@ def test_a_change_to_the_meta_model_before_loading_is_refused(saved, change):
 
 
 def test_what_fxsight_does_on_the_meta_model_is_no_change(saved):
-    """A scan, an edit with inputs and ``.source`` on the meta model (before the weights
+    """A scan (also one whose forward makes transformers install its output-capturing
+    hooks), an edit with inputs and ``.source`` on the meta model (before the weights
     load) change nothing the load check sees; the trace then equals the plain model."""
     lm = LanguageModel(saved["llama"])
     with lm.scan(IDS):
         shape = lm.model.layers[0].output.save()
+    with lm.scan(IDS, output_hidden_states=True):
+        lm.output.save()
     with lm.edit(IDS, inplace=True):
         lm.model.layers[0].output[:, 2] = 0.5
     assert "self_attn" in repr(lm.model.layers[0].source)

@@ -21,6 +21,7 @@ import torch
 
 from ..capture import captures as capture
 from ..capture import scan
+from ..capture.model_hooks import is_traced_hook
 from ..capture.state import Watch
 from ..errors import TraceError, at_line, user_line
 from ..run import executable as runner
@@ -163,6 +164,8 @@ class _Built:
         found += [f"module {_label(path)}: hooks" for path in sorted({*hooks, *self.hooks})
                   if hooks.get(path) != self.hooks.get(path)]
         if not found:  # (anything else: an attribute, a config's setting, a tensor)
+            if self.watch.only_traced_hooks_added():  # (transformers' own, on a scan)
+                return []
             found = self.watch.changes() or ["its state"]
         return found
 
@@ -178,10 +181,13 @@ def _tensor_flags(model: torch.nn.Module) -> dict[str, tuple[torch.dtype, bool]]
 
 
 def _hook_counts(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """The number of each kind of hook of the modules that have some, by path."""
+    """The number of each kind of hook of the modules that have some, by path, but for
+    those transformers installs on a forward itself (``output_attentions=True`` in a scan
+    of the meta model: the loaded model installs its own)."""
     counts = {}
     for path, module in model.named_modules():
-        numbers = tuple(len(getattr(module, name)) for name in _HOOK_DICTS)
+        numbers = tuple(sum(1 for hook in getattr(module, name).values()
+                            if not is_traced_hook(hook)) for name in _HOOK_DICTS)
         if any(numbers):
             counts[path] = numbers
     return counts
