@@ -55,8 +55,8 @@ from .edit import seed_tracer
 from .generation import Generator, GeneratorEnvoy
 from .inputs import check_keywords, describe, earlier_invokes, forward_signature
 from .mask_reads import places_by_mask
-from .model_loading import (_forget, _load_meta, _prepare_tokenizer, _refresh_envoys,
-                            _tokenizer_beside)
+from .model_loading import (LazyLoad, _forget, _load_meta, _prepare_tokenizer,
+                            _refresh_envoys, _tokenizer_beside)
 from .nnsight import CLASS_ENVOYS, NNsight, plain_run_in_with, with_invoker_args
 from .nnsight_options import without_checks, without_remote
 from .padding_checks import PaddingChecks
@@ -119,6 +119,9 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         object.__setattr__(self, "automodel", automodel)
         object.__setattr__(self, "_load_path", path)
         object.__setattr__(self, "_load_kwargs", dict(kwargs))
+        # (shared with edited copies of this wrapper: the weights are loaded once)
+        object.__setattr__(self, "_lazy_load", None if path is None or dispatch else
+                           LazyLoad(path, automodel, kwargs, module))
         object.__setattr__(self, "_dispatched", path is None)
         object.__setattr__(self, "_forward_params", None)
         object.__setattr__(self, "_mask_positions", None)  # (places_by_mask, once)
@@ -132,12 +135,18 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         return self._dispatched
 
     def dispatch_model(self) -> None:
-        """Load the real weights now (``automodel.from_pretrained(path, **kwargs)``)."""
+        """Load the real weights now (``automodel.from_pretrained(path, **kwargs)``), or
+        take them from the wrapper this one was copied from (``model.edit()``) or to, if
+        that one loaded them already."""
         if self._dispatched:
             return
         old = self._module
-        new = self.automodel.from_pretrained(self._load_path, **self._load_kwargs)
-        new.eval()
+        lazy = self._lazy_load
+        if lazy is not None:
+            new = lazy.load()
+        else:
+            new = self.automodel.from_pretrained(self._load_path, **self._load_kwargs)
+            new.eval()
         object.__setattr__(self, "_module", new)
         object.__setattr__(self, "_dispatched", True)
         object.__setattr__(self, "_forward_params", None)

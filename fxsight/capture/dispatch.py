@@ -116,11 +116,12 @@ def offload_reason(model: torch.nn.Module) -> tuple[str, str] | None:
         if named:
             paths = [key for key, _ in named]
             devices = dict(named)
-    shown = ", ".join(f"{p or 'model'!r}" + (f" (on {devices[p]!r})" if p in devices else "")
-                      for p in paths[:3])
+    shown = ", ".join((repr(p) if p else "'' (the whole model)") +
+                      (f" (on {devices[p]!r})" if p in devices else "") for p in paths[:3])
     more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+    how = " (device_map)" if devices else ""  # (else cpu_offload, disk_offload, ...)
     return paths[0], (
-        f"accelerate offloads module {shown}{more} (device_map): its AlignDevicesHook loads "
+        f"accelerate offloads module {shown}{more}{how}: its AlignDevicesHook loads "
         f"the weights into the module before each forward and puts meta tensors back "
         f"after it, which a captured graph cannot repeat; each trace runs the dispatched "
         f"model's own forward with hooks instead (same numbers)")
