@@ -32,6 +32,22 @@ def core_llama():
     return tiny_llama()
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The test tokenizer (:func:`models.train_tokenizer`, 128 tokens), one per test module
+    (a module's tests may change its settings)."""
+    from models import train_tokenizer
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def gpt2(tokenizer):
+    """A tiny random GPT-2 (2 layers, 64 wide) with the test tokenizer's vocabulary, one per
+    test module; a module that needs another model defines its own ``gpt2``."""
+    from models import tiny_gpt2
+    return tiny_gpt2(vocab_size=len(tokenizer))
+
+
 @pytest.fixture
 def core_ids():
     """Token ids of shape (2, 7) for the tiny language models."""

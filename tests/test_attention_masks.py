@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxsight
 from fxsight import LanguageModel, NNsight
-from models import tiny_gpt2, tiny_llama, train_tokenizer
+from models import tiny_gpt2, tiny_llama
 
 # the kernel both paths reach on CPU: (query, key, value, dropout_p, is_causal, attn_mask)
 KERNEL = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -37,11 +37,6 @@ class AttentionCalls(TorchDispatchMode):
             mask = kwargs.get("attn_mask", args[5] if len(args) > 5 else None)
             self.calls.append((bool(is_causal), mask is not None))
         return func(*args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 MODELS = {"gpt2": (tiny_gpt2, "transformer.h"), "llama": (tiny_llama, "model.layers")}

@@ -9,21 +9,10 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel, TraceError
-from models import tiny_gpt2, train_tokenizer
 
 BACKENDS = ["fx", "hooks"]
 PROMPTS = ["The Eiffel Tower is in", "Hello there"]
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def gpt2(tokenizer):
-    return tiny_gpt2(vocab_size=len(tokenizer))
 
 
 def _reference(model, tokenizer):

@@ -8,15 +8,10 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel
-from models import tiny_gpt2, train_tokenizer
+from models import tiny_gpt2
 
 PROMPTS = ["The Eiffel Tower is in", "Hello there"]
 SAME_LENGTH = ["Hello there", "Jello there"]  # (as many tokens: no padding)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,10 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel
-from models import tiny_gpt2, tiny_llama, train_tokenizer
+from models import tiny_gpt2, tiny_llama
 
 BACKENDS = ["fx", "hooks"]
 PROMPTS = ["The Eiffel Tower is in", "Hello there"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 @pytest.fixture(scope="module")

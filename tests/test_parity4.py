@@ -7,15 +7,10 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel, NNsight
-from models import tiny_gpt2, train_tokenizer
+from models import tiny_gpt2
 
 BACKENDS = ["fx", "hooks"]
 PROMPT = "The Eiffel Tower is in"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 @pytest.fixture(scope="module")
