@@ -1,6 +1,6 @@
 """Hand-written plain-PyTorch references made with forward hooks, shared by the tests (a
-helper module, not a test file): hooks installed for one block of code, and the logits of
-one plain forward pass with hooks."""
+helper module, not a test file): hooks installed for one block of code, the logits of one
+plain forward pass with hooks, and transformers' own ``generate`` with hooks."""
 
 from __future__ import annotations
 
@@ -36,3 +36,12 @@ def hooked_logits(model: torch.nn.Module, ids: torch.Tensor,
     no cache) with the forward hooks and pre-hooks of :func:`reference_hooks` installed."""
     with reference_hooks(model, hooks, pre_hooks), torch.no_grad():
         return model(ids, use_cache=False).logits
+
+
+def hooked_generate(model: torch.nn.Module, *args, hooks: dict[str, Callable] | None = None,
+                    pre_hooks: dict[str, Callable] | None = None, **generate_kwargs):
+    """transformers' own ``model.generate(*args, **generate_kwargs)`` (no gradients) with
+    the forward hooks and pre-hooks of :func:`reference_hooks` installed; returns what it
+    returns."""
+    with reference_hooks(model, hooks, pre_hooks), torch.no_grad():
+        return model.generate(*args, **generate_kwargs)

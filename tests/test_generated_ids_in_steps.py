@@ -9,6 +9,7 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel, TraceError
+from hook_references import hooked_generate
 
 BACKENDS = ["fx", "hooks"]
 PROMPTS = ["The Eiffel Tower is in", "Hello there"]
@@ -18,15 +19,10 @@ STEPS = 3
 def _reference(model, tokenizer):
     """transformers' ``generate``'s ids, and block 0's output at each step (a hook)."""
     seen = []
-    handle = model.transformer.h[0].register_forward_hook(
-        lambda module, args, output: seen.append(
-            (output[0] if isinstance(output, tuple) else output).clone()))
-    try:
-        encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            ids = model.generate(**encoded, do_sample=False, max_new_tokens=STEPS)
-    finally:
-        handle.remove()
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    ids = hooked_generate(model, **encoded, do_sample=False, max_new_tokens=STEPS, hooks={
+        "transformer.h.0": lambda module, args, output: seen.append(
+            (output[0] if isinstance(output, tuple) else output).clone())})
     return ids, seen
 
 

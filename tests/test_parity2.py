@@ -8,6 +8,7 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel, NNsight
+from hook_references import hooked_generate
 
 BACKENDS = ["fx", "hooks"]
 PROMPT = "The Eiffel Tower is in"
@@ -16,22 +17,18 @@ PROMPT = "The Eiffel Tower is in"
 def _generate_with_hooks(model, tokenizer, hooks, steps=4):
     """Plain transformers generate with hand-written forward hooks ``{path: fn(call, out)}``
     (``call``: the decoding step, counted per module); returns the generated ids."""
-    handles = []
-    for path, fn in hooks.items():
+    def counting(fn):
         calls = {"n": 0}
 
-        def hook(module, args, output, fn=fn, calls=calls):
+        def hook(module, args, output):
             step = calls["n"]
             calls["n"] += 1
             return fn(step, output)
-        handles.append(model.get_submodule(path).register_forward_hook(hook))
-    try:
-        encoded = tokenizer([PROMPT], return_tensors="pt")
-        with torch.no_grad():
-            return model.generate(**encoded, do_sample=False, max_new_tokens=steps)
-    finally:
-        for handle in handles:
-            handle.remove()
+        return hook
+
+    encoded = tokenizer([PROMPT], return_tensors="pt")
+    return hooked_generate(model, **encoded, do_sample=False, max_new_tokens=steps,
+                           hooks={path: counting(fn) for path, fn in hooks.items()})
 
 
 def _steer(seed):
