@@ -8,8 +8,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 # --- fixtures of the core-engine tests (tests/test_core_*.py) -------------------------
-import contextlib  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -32,6 +30,22 @@ def core_llama():
     return tiny_llama()
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The test tokenizer (:func:`models.train_tokenizer`, 128 tokens), one per test module
+    (a module's tests may change its settings)."""
+    from models import train_tokenizer
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def gpt2(tokenizer):
+    """A tiny random GPT-2 (2 layers, 64 wide) with the test tokenizer's vocabulary, one per
+    test module; a module that needs another model defines its own ``gpt2``."""
+    from models import tiny_gpt2
+    return tiny_gpt2(vocab_size=len(tokenizer))
+
+
 @pytest.fixture
 def core_ids():
     """Token ids of shape (2, 7) for the tiny language models."""
@@ -39,24 +53,10 @@ def core_ids():
     return torch.randint(4, 128, (2, 7), generator=generator)
 
 
-@contextlib.contextmanager
-def _reference_hooks(model, hooks=None, pre_hooks=None):
-    handles = []
-    try:
-        for path, fn in (hooks or {}).items():
-            handles.append(model.get_submodule(path).register_forward_hook(fn))
-        for path, fn in (pre_hooks or {}).items():
-            handles.append(model.get_submodule(path).register_forward_pre_hook(
-                fn, with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @pytest.fixture
 def reference_hooks():
     """``with reference_hooks(model, hooks={path: fn}, pre_hooks={path: fn}):`` installs
     plain PyTorch forward (pre-)hooks for a hand-written reference, removed afterwards.
     Pre-hooks get ``(module, args, kwargs)`` and may return ``(args, kwargs)``."""
-    return _reference_hooks
+    from hook_references import reference_hooks as installed
+    return installed

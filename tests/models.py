@@ -177,6 +177,18 @@ def _special_token_ids(vocab_size: int) -> dict[str, int]:
     return {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
 
 
+def _seeded_model(model_class: type, config_class: type, config_kwargs: dict[str, Any],
+                  config_overrides: dict[str, Any], seed: int) -> Any:
+    """``model_class`` built from ``config_class(**config_kwargs, **config_overrides)``
+    (overrides win) under ``torch.manual_seed(seed)``, in eval mode; the global RNG is left
+    as it was."""
+    config = config_class(**{**config_kwargs, **config_overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    return model.eval()
+
+
 def tiny_gpt2(
     n_layer: int = 2,
     n_embd: int = 64,
@@ -200,12 +212,7 @@ def tiny_gpt2(
         n_positions=256,
         **_special_token_ids(vocab_size),
     )
-    config_kwargs.update(config_overrides)
-    config = GPT2Config(**config_kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
-    return model.eval()
+    return _seeded_model(GPT2LMHeadModel, GPT2Config, config_kwargs, config_overrides, seed)
 
 
 def tiny_llama(
@@ -235,12 +242,8 @@ def tiny_llama(
         max_position_embeddings=256,
         **_special_token_ids(vocab_size),
     )
-    config_kwargs.update(config_overrides)
-    config = LlamaConfig(**config_kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model.eval()
+    return _seeded_model(LlamaForCausalLM, LlamaConfig, config_kwargs, config_overrides,
+                         seed)
 
 
 class ReluNet(torch.nn.Module):

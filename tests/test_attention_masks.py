@@ -17,7 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxsight
 from fxsight import LanguageModel, NNsight
-from models import tiny_gpt2, tiny_llama, train_tokenizer
+from hook_references import hooked_logits
+from models import tiny_gpt2, tiny_llama
 
 # the kernel both paths reach on CPU: (query, key, value, dropout_p, is_causal, attn_mask)
 KERNEL = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -37,11 +38,6 @@ class AttentionCalls(TorchDispatchMode):
             mask = kwargs.get("attn_mask", args[5] if len(args) > 5 else None)
             self.calls.append((bool(is_causal), mask is not None))
         return func(*args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 MODELS = {"gpt2": (tiny_gpt2, "transformer.h"), "llama": (tiny_llama, "model.layers")}
@@ -125,15 +121,10 @@ def _custom_mask(length: int) -> torch.Tensor:
 def _with_mask_at_block_1(model, ids, mask):
     """The logits of a plain forward whose block 1 is called with ``mask`` (a pre-hook)."""
 
-    def pre_hook(module, args):
-        return (args[0], args[1], mask, *args[3:])
+    def pre_hook(module, args, kwargs):
+        return (args[0], args[1], mask, *args[3:]), kwargs
 
-    handle = model.transformer.h[1].register_forward_pre_hook(pre_hook)
-    try:
-        with torch.no_grad():
-            return model(ids, use_cache=False).logits
-    finally:
-        handle.remove()
+    return hooked_logits(model, ids, pre_hooks={"transformer.h.1": pre_hook})
 
 
 @pytest.mark.parametrize("backend", ["fx", "hooks"])

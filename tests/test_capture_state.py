@@ -205,40 +205,24 @@ class ReadsTorchSettings(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+def _torch_setting(get, set_, value):
+    """``set_(value)`` for the ``with`` block, then ``set_`` back what ``get()`` gave."""
+    previous = get()
+    set_(value)
     try:
         yield
     finally:
-        torch.set_default_dtype(previous)
-
-
-@contextlib.contextmanager
-def _deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-@contextlib.contextmanager
-def _matmul_precision(precision):
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
+        set_(previous)
 
 
 TORCH_SETTINGS = {
-    "default dtype": lambda: _default_dtype(torch.float64),
+    "default dtype": lambda: _torch_setting(
+        torch.get_default_dtype, torch.set_default_dtype, torch.float64),
     "inference mode": torch.inference_mode,
-    "deterministic algorithms": _deterministic,
-    "float32 matmul precision": lambda: _matmul_precision(
+    "deterministic algorithms": lambda: _torch_setting(
+        torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms, True),
+    "float32 matmul precision": lambda: _torch_setting(
+        torch.get_float32_matmul_precision, torch.set_float32_matmul_precision,
         "high" if torch.get_float32_matmul_precision() == "highest" else "highest"),
 }
 

@@ -14,14 +14,9 @@ import pytest
 import torch
 
 from fxsight import CaptureError, LanguageModel
-from models import tiny_llama, train_tokenizer
+from models import tiny_llama
 
 PROMPT = "a b c d"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ import fxsight
 from fxsight import LanguageModel, NNsight
 from fxsight.run import executable
 from fxsight.run.options import CompileOptions
-from models import mlp, tiny_gpt2, train_tokenizer
+from models import mlp, tiny_gpt2
 
 PROMPT = "The Eiffel Tower is in"
 
@@ -137,11 +137,6 @@ def test_the_stand_in_backend_overwrites_outputs_fxsight_does_not_copy(without_c
     (first_hidden, _), (second_hidden, _) = values
     assert first_hidden.data_ptr() == second_hidden.data_ptr()  # one buffer, overwritten
     assert not torch.equal(first_hidden, _mlp_reference(model, inputs[0])[0])
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 def _generate(lm, steer, compile, backend="fx", new_tokens=6, **options):

@@ -14,6 +14,7 @@ import torch
 
 import fxsight
 from fxsight import NNsight, ShapeError, TraceError
+from hook_references import hooked_logits
 from models import ReluNet, mlp, tiny_gpt2
 
 BACKENDS = ("fx", "hooks")
@@ -39,14 +40,8 @@ def _reference_logits(module, x, steer):
         output[:, 1] = 0
         return output
 
-    handles = [module.transformer.h[0].register_forward_hook(zero),
-               module.transformer.h[1].register_forward_hook(lambda m, a, o: o + steer)]
-    try:
-        with torch.no_grad():
-            return module(x, use_cache=False).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    return hooked_logits(module, x, hooks={"transformer.h.0": zero,
+                                           "transformer.h.1": lambda m, a, o: o + steer})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

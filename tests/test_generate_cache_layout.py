@@ -11,17 +11,12 @@ from transformers import DynamicCache, GPT2LMHeadModel
 
 import fxsight
 from fxsight import LanguageModel
-from models import tiny_gpt2, tiny_llama, train_tokenizer
+from models import tiny_gpt2, tiny_llama
 
 BACKENDS = ["fx", "hooks"]
 PREFIX = "The Eiffel Tower is in"
 ENDINGS = [" Paris", " the city of Rome is", " a"]
 NEW = 3
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 @pytest.fixture(scope="module")

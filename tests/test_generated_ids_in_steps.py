@@ -9,35 +9,20 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel, TraceError
-from models import tiny_gpt2, train_tokenizer
+from hook_references import hooked_generate
 
 BACKENDS = ["fx", "hooks"]
 PROMPTS = ["The Eiffel Tower is in", "Hello there"]
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def gpt2(tokenizer):
-    return tiny_gpt2(vocab_size=len(tokenizer))
-
-
 def _reference(model, tokenizer):
     """transformers' ``generate``'s ids, and block 0's output at each step (a hook)."""
     seen = []
-    handle = model.transformer.h[0].register_forward_hook(
-        lambda module, args, output: seen.append(
-            (output[0] if isinstance(output, tuple) else output).clone()))
-    try:
-        encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            ids = model.generate(**encoded, do_sample=False, max_new_tokens=STEPS)
-    finally:
-        handle.remove()
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    ids = hooked_generate(model, **encoded, do_sample=False, max_new_tokens=STEPS, hooks={
+        "transformer.h.0": lambda module, args, output: seen.append(
+            (output[0] if isinstance(output, tuple) else output).clone())})
     return ids, seen
 
 

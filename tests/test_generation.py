@@ -7,14 +7,9 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel
-from models import saved_language_model, tiny_gpt2, tiny_llama, train_tokenizer
+from models import saved_language_model, tiny_gpt2, tiny_llama
 
 PROMPTS = ["The Eiffel Tower is in", "Hello there"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 # torch 2.11 and 2.12's inductor emits C++ that does not compile for the dynamic decoding

@@ -8,15 +8,11 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel
-from models import tiny_gpt2, train_tokenizer
+from hook_references import hooked_generate
+from models import tiny_gpt2
 
 PROMPTS = ["The Eiffel Tower is in", "Hello there"]
 SAME_LENGTH = ["Hello there", "Jello there"]  # (as many tokens: no padding)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +23,9 @@ def model(tokenizer):
 def _generate_with_hook(model, tokenizer, prompts, hook, pre=False, **options):
     """transformers' generate with a plain forward hook (or pre-hook with keywords) on
     the whole model."""
-    if pre:
-        handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    else:
-        handle = model.register_forward_hook(hook)
-    try:
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
-        return model.generate(**encoded, **{"do_sample": False, **options})
-    finally:
-        handle.remove()
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    hooks = {"pre_hooks" if pre else "hooks": {"": hook}}  # ("": the model itself)
+    return hooked_generate(model, **encoded, **{"do_sample": False, **options}, **hooks)
 
 
 def _same_cache(a, b):

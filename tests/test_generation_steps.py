@@ -7,15 +7,11 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel
-from models import tiny_gpt2, tiny_llama, train_tokenizer
+from hook_references import hooked_generate
+from models import tiny_gpt2, tiny_llama
 
 BACKENDS = ["fx", "hooks"]
 PROMPTS = ["The Eiffel Tower is in", "Hello there"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +20,17 @@ def models(tokenizer):
             "llama": tiny_llama(vocab_size=len(tokenizer))}
 
 
+def _appends_output(seen: list):
+    """A forward hook appending a copy of its module's output to ``seen``."""
+    return lambda module, args, output: seen.append(output.clone())
+
+
 def _head_outputs(model, tokenizer, **options):
     """What transformers' ``generate`` gives ``lm_head`` at each step (a forward hook)."""
     seen = []
-    handle = model.lm_head.register_forward_hook(
-        lambda module, args, output: seen.append(output.clone()))
-    try:
-        encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            model.generate(**encoded, do_sample=False, **options)
-    finally:
-        handle.remove()
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    hooked_generate(model, **encoded, do_sample=False, **options,
+                    hooks={"lm_head": _appends_output(seen)})
     return seen
 
 
@@ -138,14 +134,8 @@ def test_step_0_with_a_cache_is_the_tokens_after_the_caches(models, tokenizer, b
 
     given = cache()
     seen = []
-    handle = model.transformer.h[0].register_forward_hook(
-        lambda module, args, output: seen.append(output.clone()))
-    try:
-        with torch.no_grad():
-            want = model.generate(ids, past_key_values=given, max_new_tokens=2,
-                                  do_sample=False)
-    finally:
-        handle.remove()
+    want = hooked_generate(model, ids, past_key_values=given, max_new_tokens=2,
+                           do_sample=False, hooks={"transformer.h.0": _appends_output(seen)})
     with lm.generate(ids, past_key_values=cache(), max_new_tokens=2, do_sample=False,
                      backend=backend) as tracer:
         hidden = lm.transformer.h[0].output
@@ -192,14 +182,9 @@ def test_an_invokes_step_0_with_a_cache_is_its_rows_after_the_caches(models, tok
 
     given = cache()
     seen = []
-    handle = model.transformer.h[0].register_forward_hook(
-        lambda module, args, output: seen.append(output.clone()))
-    try:
-        with torch.no_grad():
-            want = model.generate(ids, attention_mask=torch.ones_like(ids),
-                                  past_key_values=given, max_new_tokens=2, do_sample=False)
-    finally:
-        handle.remove()
+    want = hooked_generate(model, ids, attention_mask=torch.ones_like(ids),
+                           past_key_values=given, max_new_tokens=2, do_sample=False,
+                           hooks={"transformer.h.0": _appends_output(seen)})
     with lm.generate(past_key_values=cache(), max_new_tokens=2, do_sample=False,
                      backend=backend) as tracer:
         with tracer.invoke(ids[:1]):

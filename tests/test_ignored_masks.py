@@ -333,15 +333,22 @@ class _StackIgnoresMask(T5Stack):
         return super().forward(input_ids=input_ids, **kwargs)
 
 
+def _large_weights(model_class, config):
+    """``model_class(config)`` in eval mode, seeded, every parameter drawn again from
+    N(0, 0.3) (larger weights: the greedy tokens vary)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = model_class(config).eval()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_(0, 0.3)
+    return model
+
+
 def _t5(ignoring: bool):
     config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                       pad_token_id=0, eos_token_id=2, decoder_start_token_id=None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = T5ForConditionalGeneration(config).eval()
-        with torch.no_grad():  # (larger weights: the greedy tokens vary)
-            for parameter in model.parameters():
-                parameter.normal_(0, 0.3)
+    model = _large_weights(T5ForConditionalGeneration, config)
     if ignoring:
         model.encoder.__class__ = _StackIgnoresMask
     return model
@@ -529,12 +536,7 @@ def _bart(dropping: bool):
                         encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
                         pad_token_id=1, bos_token_id=0, eos_token_id=2,
                         decoder_start_token_id=2, forced_eos_token_id=None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = BartForConditionalGeneration(config).eval()
-        with torch.no_grad():  # (larger weights: the greedy tokens vary)
-            for parameter in model.parameters():
-                parameter.normal_(0, 0.3)
+    model = _large_weights(BartForConditionalGeneration, config)
     if dropping:
         model.model.decoder.__class__ = _DecoderDropsEncoderMask
     return model

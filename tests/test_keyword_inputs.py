@@ -16,7 +16,7 @@ from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, 
 import fxsight
 from fxsight.errors import TraceError
 from fxsight.record.active import active_tracers
-from models import tiny_gpt2, train_tokenizer
+from models import tiny_gpt2
 
 BACKENDS = ("fx", "hooks")
 TEXTS = ["The capital of France is", "Big Ben"]
@@ -54,11 +54,6 @@ def vit():
     return _seeded(lambda: ViTModel(ViTConfig(
         image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
         num_attention_heads=2, intermediate_size=64)))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 @pytest.fixture(scope="module")

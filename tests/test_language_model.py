@@ -29,11 +29,6 @@ IDS_D = [5, 17, 42, 8]
 
 
 # --- fixtures and plain-PyTorch references -------------------------------------------------
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
-
-
 def _blocks(model):
     return model.transformer.h if hasattr(model, "transformer") else model.model.layers
 

@@ -14,15 +14,10 @@ import pytest
 import torch
 
 from fxsight import LanguageModel
-from models import tiny_gpt2, tiny_llama, train_tokenizer
+from models import tiny_gpt2, tiny_llama
 
 BACKENDS = ["fx", "hooks"]
 PROMPT = "The Eiffel Tower is in"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 def _build(kind: str, tokenizer) -> torch.nn.Module:

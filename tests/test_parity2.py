@@ -8,41 +8,27 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel, NNsight
-from models import tiny_gpt2, train_tokenizer
+from hook_references import hooked_generate
 
 BACKENDS = ["fx", "hooks"]
 PROMPT = "The Eiffel Tower is in"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def gpt2(tokenizer):
-    return tiny_gpt2(vocab_size=len(tokenizer))
-
-
 def _generate_with_hooks(model, tokenizer, hooks, steps=4):
     """Plain transformers generate with hand-written forward hooks ``{path: fn(call, out)}``
     (``call``: the decoding step, counted per module); returns the generated ids."""
-    handles = []
-    for path, fn in hooks.items():
+    def counting(fn):
         calls = {"n": 0}
 
-        def hook(module, args, output, fn=fn, calls=calls):
+        def hook(module, args, output):
             step = calls["n"]
             calls["n"] += 1
             return fn(step, output)
-        handles.append(model.get_submodule(path).register_forward_hook(hook))
-    try:
-        encoded = tokenizer([PROMPT], return_tensors="pt")
-        with torch.no_grad():
-            return model.generate(**encoded, do_sample=False, max_new_tokens=steps)
-    finally:
-        for handle in handles:
-            handle.remove()
+        return hook
+
+    encoded = tokenizer([PROMPT], return_tensors="pt")
+    return hooked_generate(model, **encoded, do_sample=False, max_new_tokens=steps,
+                           hooks={path: counting(fn) for path, fn in hooks.items()})
 
 
 def _steer(seed):

@@ -10,20 +10,9 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel, NNsight
-from models import tiny_gpt2, train_tokenizer
 
 BACKENDS = ["fx", "hooks"]
 PROMPT = "The Eiffel Tower is in the city of"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def gpt2(tokenizer):
-    return tiny_gpt2(vocab_size=len(tokenizer))
 
 
 def _ids(tokenizer, prompt=PROMPT):

@@ -7,15 +7,11 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel, NNsight
-from models import tiny_gpt2, train_tokenizer
+from hook_references import hooked_logits
+from models import tiny_gpt2
 
 BACKENDS = ["fx", "hooks"]
 PROMPT = "The Eiffel Tower is in"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +63,8 @@ def test_an_edits_later_call_under_generate_says_what_is_wrong(gpt2, tokenizer, 
 def _hooked_run(model, ids, hooks):
     """A plain forward with hand-written forward hooks ``{path: fn(output)}`` (a return
     value replaces the output); returns the logits."""
-    handles = [model.get_submodule(path).register_forward_hook(
-        lambda m, a, o, fn=fn: fn(o)) for path, fn in hooks.items()]
-    try:
-        with torch.no_grad():
-            return model(ids, use_cache=False).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    return hooked_logits(model, ids, hooks={
+        path: lambda m, a, o, fn=fn: fn(o) for path, fn in hooks.items()})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

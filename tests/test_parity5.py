@@ -11,16 +11,11 @@ import torch
 import fxsight
 from fxsight import LanguageModel, NNsight
 from fxsight.errors import TraceError
-from models import mlp, tiny_gpt2, train_tokenizer
+from models import mlp, tiny_gpt2
 
 BACKENDS = ["fx", "hooks"]
 PROMPT = "The Eiffel Tower is in"
 WORDS = [["The", "Eiffel", "Tower"], ["is", "in"]]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,13 @@ import torch
 
 from fxsight import LanguageModel
 from fxsight.errors import TokenIndexError, TraceError
-from models import tiny_gpt2, train_tokenizer
+from models import tiny_gpt2
 
 BACKENDS = ["fx", "hooks"]
 ATOL = 1e-5
 LONG = "The Eiffel Tower is in the city of"
 SHORT = "Big Ben"
 MIDDLE = "The capital of France"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,9 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel
-from models import tiny_gpt2, train_tokenizer
+from models import tiny_gpt2
 
 BACKENDS = ["fx", "hooks"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 def _gpt2(tokenizer) -> torch.nn.Module:

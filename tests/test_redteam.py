@@ -71,12 +71,6 @@ def test_a_tensor_changed_in_place_after_its_last_use_is_an_error(backend):
 
 # --- S7: decoding steps that never happened --------------------------------------------
 @pytest.fixture(scope="module")
-def tokenizer():
-    from models import train_tokenizer
-    return train_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def lm(tokenizer):
     from fxsight import LanguageModel
     from models import tiny_gpt2

@@ -13,12 +13,7 @@ import pytest
 import torch
 
 from fxsight import LanguageModel, NNsight
-from models import mlp, tiny_gpt2, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
+from models import mlp, tiny_gpt2
 
 
 def _generate(model, tokenizer, backend):

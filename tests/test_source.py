@@ -188,18 +188,24 @@ def test_unknown_name_lists_the_nearest(gpt2):
     assert "attention_interface_0" in message and "test_source.py" in message
 
 
-def test_wrong_shape_write_fails_before_running(ids):
+def _gpt2_counting_forwards():
+    """A tiny eager GPT-2 whose final LayerNorm appends to the list returned with it, per
+    call, whether the call was a real forward pass (captures and scans run on fake
+    tensors)."""
     model = tiny_gpt2(attn_implementation="eager")
     calls = []
 
     class CountingLayerNorm(torch.nn.LayerNorm):
-        """Counts real forward passes (captures and scans run on fake tensors)."""
-
         def forward(self, x):
             calls.append(type(x) is torch.Tensor)
             return super().forward(x)
 
     model.transformer.ln_f.__class__ = CountingLayerNorm
+    return model, calls
+
+
+def test_wrong_shape_write_fails_before_running(ids):
+    model, calls = _gpt2_counting_forwards()
     net = NNsight(model)
     for backend in BACKENDS:
         with pytest.raises(ShapeError) as info:
@@ -212,15 +218,7 @@ def test_wrong_shape_write_fails_before_running(ids):
 
 
 def test_wrong_shape_write_in_generation_fails_before_running():
-    model = tiny_gpt2(attn_implementation="eager")
-    calls = []
-
-    class CountingLayerNorm(torch.nn.LayerNorm):
-        def forward(self, x):
-            calls.append(type(x) is torch.Tensor)
-            return super().forward(x)
-
-    model.transformer.ln_f.__class__ = CountingLayerNorm
+    model, calls = _gpt2_counting_forwards()
     net = fxsight.LanguageModel(model)
     ids = torch.randint(4, 128, (1, 5), generator=torch.Generator().manual_seed(0))
     for backend in BACKENDS:

@@ -14,7 +14,7 @@ import torch
 
 import fxsight
 from fxsight import LanguageModel
-from models import tiny_gpt2, train_tokenizer
+from hook_references import hooked_generate
 
 BACKENDS = ["fx", "hooks"]
 PROMPTS = ["The Eiffel Tower is in", "Hello there"]
@@ -22,30 +22,14 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def gpt2(tokenizer):
-    return tiny_gpt2(vocab_size=len(tokenizer))
-
-
-@pytest.fixture(scope="module")
 def reference(gpt2, tokenizer):
     """Block 0's output and the logits at each step of transformers' ``generate``."""
     blocks, logits = [], []
-    hooks = [gpt2.transformer.h[0].register_forward_hook(
-                 lambda m, a, out: blocks.append(out[0].clone() if isinstance(out, tuple)
-                                                 else out.clone())),
-             gpt2.lm_head.register_forward_hook(lambda m, a, out: logits.append(out.clone()))]
-    try:
-        encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            gpt2.generate(**encoded, do_sample=False, max_new_tokens=STEPS)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    hooked_generate(gpt2, **encoded, do_sample=False, max_new_tokens=STEPS, hooks={
+        "transformer.h.0": lambda m, a, out: blocks.append(
+            out[0].clone() if isinstance(out, tuple) else out.clone()),
+        "lm_head": lambda m, a, out: logits.append(out.clone())})
     return blocks, logits
 
 

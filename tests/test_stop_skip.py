@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
 
 from fxsight import CaptureError, NNsight, OrderError, ShapeError, TraceError
+from hook_references import hooked_logits
 from models import mlp, tiny_gpt2
 
 BACKENDS = ("fx", "hooks")
@@ -80,13 +81,8 @@ def test_saving_layer_3_computes_no_later_layer(gpt2_small_shape):
     module = gpt2_small_shape
     x = _ids(512, 1, 16)
     expected = {}
-    handle = module.transformer.h[3].register_forward_hook(
-        lambda m, i, o: expected.setdefault("h3", o))
-    try:
-        with torch.no_grad():
-            module(x, use_cache=False)
-    finally:
-        handle.remove()
+    hooked_logits(module, x, hooks={
+        "transformer.h.3": lambda m, i, o: expected.setdefault("h3", o)})
 
     model = NNsight(module)
     with torch.no_grad(), model.trace(x, use_cache=False, backend="fx") as tracer:
@@ -107,13 +103,8 @@ def test_saving_layer_3_computes_no_later_layer(gpt2_small_shape):
 def test_stop_ends_the_forward_pass_after_the_last_needed_value(gpt2, backend):
     x = _ids()
     expected = {}
-    handle = gpt2.transformer.h[0].register_forward_hook(
-        lambda m, i, o: expected.setdefault("h0", o))
-    try:
-        with torch.no_grad():
-            gpt2(x, use_cache=False)
-    finally:
-        handle.remove()
+    hooked_logits(gpt2, x, hooks={
+        "transformer.h.0": lambda m, i, o: expected.setdefault("h0", o)})
 
     # (hooks on the model run it on the hooks backend: the fx graph is inspected instead)
     counter = _Counter(gpt2, ["transformer.h.0", "transformer.h.1", "lm_head"]

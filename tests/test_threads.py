@@ -10,6 +10,7 @@ import torch
 import torch.fx._symbolic_trace as fx_symbolic_trace
 
 from fxsight import NNsight
+from hook_references import hooked_logits
 from models import mlp, tiny_gpt2
 
 
@@ -45,12 +46,7 @@ def _gpt2_reference(model, ids, position):
         output = output.clone()
         output[:, position] = 0
         return output
-    handle = model.transformer.h[0].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            return model(ids, use_cache=False).logits
-    finally:
-        handle.remove()
+    return hooked_logits(model, ids, hooks={"transformer.h.0": hook})
 
 
 def _mlp_reference(model, x, column, scale):
@@ -140,14 +136,7 @@ def test_one_model_four_threads_keep_their_own_interventions(backend):
             output = output * scale
             return output + steering[thread] if steer else output
 
-        handles = [model.transformer.h[0].register_forward_hook(h0),
-                   model.transformer.h[1].register_forward_hook(h1)]
-        try:
-            with torch.no_grad():
-                return model(ids, use_cache=False).logits
-        finally:
-            for handle in handles:
-                handle.remove()
+        return hooked_logits(model, ids, hooks={"transformer.h.0": h0, "transformer.h.1": h1})
 
     expected = {(t, i): reference(t, i) for t in range(4) for i in range(15)}
     results = {}

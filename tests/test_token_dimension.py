@@ -15,15 +15,10 @@ import pytest
 import torch
 
 from fxsight import LanguageModel, TokenIndexError, TraceError
-from models import tiny_gpt2, train_tokenizer
+from models import tiny_gpt2
 
 BACKENDS = ["fx", "hooks"]
 PROMPTS = ["The Eiffel Tower is in", "Hi there"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer()
 
 
 @pytest.fixture(scope="module")

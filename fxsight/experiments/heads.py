@@ -23,7 +23,7 @@ from .modes import check_reproducible
 from .result import PatchingResult
 from .sweeps import (DEFAULT_MEMORY_BUDGET, Layout, Sweep, Target, check_layers,
                      choose_batch_size, expanded, find_layout, forward_kwargs,
-                     can_keep_last, reference_run, row_bytes, stacked, token_labels, trace_options)
+                     can_keep_last, row_bytes, stacked, token_labels, trace_options)
 
 OUTPUT_PROJECTION_NAMES = ("c_proj", "o_proj", "out_proj", "dense")
 
@@ -93,24 +93,20 @@ def head_patching(model: Envoy, clean: Any, corrupted: Any = None,
     seen: dict = {}
 
     def refs(item) -> Refs:
-        clean_run = reference_run(model, item.clean, targets.values(), kwargs,
-                                  reference_options)
-        corrupt_run = reference_run(model, item.corrupted, corrupt_targets, kwargs,
-                                    reference_options)
+        clean_run, corrupt_run = sweep.reference_pair(
+            item.clean, item.corrupted, targets.values(), corrupt_targets, reference_options)
         width = clean_run.outputs[targets[layer_list[0]].key].shape[-1]
         if width % heads:
             raise ValueError(f"the output projection's input width {width} is not a "
                              f"multiple of {heads} heads")
-        sweep.output_kind = corrupt_run.output_kind
         seen.setdefault("reference", clean_run)
         return Refs.of_pair(item, clean_run, corrupt_run)
 
     can_keep = can_keep_last(model, kwargs)
 
-    def per_row(length: int, probe: Refs) -> int:
+    def per_row(length: int, kept: int, probe: Refs) -> int:
         clean_run = probe.runs[0]
         width = clean_run.outputs[targets[layer_list[0]].key].shape[-1]
-        kept = 1 if can_keep and probe.last_only else length
         return row_bytes(model, length, kept, width, clean_run.logits.shape[-1],
                          clean_run.logits.dtype)
 

@@ -242,7 +242,8 @@ class Experiment:
     shape: tuple[int, ...]  # one item's scores
     refs: Callable[[Item], Refs]
     groups: Callable[[int], list[Group]]  # by length
-    row_bytes: Callable[[int, Refs], int]  # by length, from a probe item's refs
+    row_bytes: Callable[[int, int, Refs], int]  # by length and positions of logits kept,
+    # from a probe item's refs
     can_keep_last: bool  # the model's forward takes logits_to_keep (and it is not given)
     key: list  # what identifies the job beyond items (sites, layers, positions, ...)
 
@@ -260,7 +261,8 @@ def _plan(experiment: Experiment, probe: Refs, batch_size, memory_budget, choose
         cells = max((len(g.cells) for g in groups[length]), default=0)
         if cells == 0:
             continue
-        size = choose(batch_size, memory_budget, experiment.row_bytes(length, probe),
+        kept = 1 if experiment.can_keep_last and probe.last_only else length
+        size = choose(batch_size, memory_budget, experiment.row_bytes(length, kept, probe),
                       cells * len(members))
         sizes[length] = size
         per_chunk = max(1, size // cells)

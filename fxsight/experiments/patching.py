@@ -149,24 +149,21 @@ def activation_patching(model: Envoy, clean: Any, corrupted: Any = None,
         return fast
 
     def refs(item: Item) -> Refs:
-        clean_run = reference_run(model, item.clean, clean_targets, kwargs, reference_options)
-        corrupt_run = reference_run(model, item.corrupted, corrupt_targets, kwargs,
-                                    reference_options)
+        clean_run, corrupt_run = sweep.reference_pair(
+            item.clean, item.corrupted, clean_targets, corrupt_targets, reference_options)
         for target in clean_targets:
             shape = hidden(clean_run.outputs[target.key]).shape
             if shape[:2] != (1, item.length):
                 raise ValueError(f"{target.key} has shape {tuple(shape)}; patching needs "
                                  f"(batch, tokens, ...)")
-        sweep.output_kind = corrupt_run.output_kind
         seen.setdefault("reference", clean_run)
         return Refs.of_pair(item, clean_run, corrupt_run)
 
     can_keep = can_keep_last(model, kwargs)
 
-    def per_row(length: int, probe: Refs) -> int:
+    def per_row(length: int, kept: int, probe: Refs) -> int:
         clean_run = probe.runs[0]
         value = hidden(clean_run.outputs[clean_targets[0].key])
-        kept = 1 if can_keep and probe.last_only else length
         return row_bytes(model, length, kept, value.shape[-1], clean_run.logits.shape[-1],
                          value.dtype)
 
@@ -358,9 +355,8 @@ def steering_sweep(model: Envoy, prompt: Any, vectors: Any,
 
     can_keep = can_keep_last(model, kwargs)
 
-    def per_row(length: int, probe: Refs) -> int:
+    def per_row(length: int, kept: int, probe: Refs) -> int:
         base = hidden(probe.runs.outputs[blocks[0].key])
-        kept = 1 if can_keep and probe.last_only else length
         return row_bytes(model, length, kept, base.shape[-1], probe.runs.logits.shape[-1],
                          base.dtype)
 

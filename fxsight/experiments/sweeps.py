@@ -528,6 +528,19 @@ class Sweep:
         self.backends.add(tracer.backend)
         return _real(logits)
 
+    def reference_pair(self, clean_ids: torch.Tensor, corrupted_ids: torch.Tensor,
+                       clean_targets: Iterable[Target], corrupt_targets: Iterable[Target],
+                       trace_options: dict) -> tuple[Reference, Reference]:
+        """The clean and the corrupted prompt's reference runs (with the sweep's forward
+        kwargs and ``trace_options``, the reference runs' own); the sweep's batches read
+        their logits from an output like the corrupted run's."""
+        clean_run = reference_run(self.model, clean_ids, clean_targets, self.kwargs,
+                                  trace_options)
+        corrupt_run = reference_run(self.model, corrupted_ids, corrupt_targets, self.kwargs,
+                                    trace_options)
+        self.output_kind = corrupt_run.output_kind
+        return clean_run, corrupt_run
+
 
 def can_keep_last(model: Envoy, kwargs: dict) -> bool:
     """Whether the sweep may ask the model for the last position's logits only: its
