@@ -221,9 +221,7 @@ def test_envoy_parent_root_device_devices():
     assert net.devices == {torch.device("cpu")}
     assert net.inner[1].device is None  # (no parameters)
     assert net.inner[1].devices == set()
-
-
-def test_envoy_extras_never_hide_the_model_own_names():
+    # (they never hide the model's own names: a submodule or attribute comes first)
     module = torch.nn.Module()
     module.parent = torch.nn.Linear(2, 2)
     module.device = "mine"
@@ -271,3 +269,35 @@ def test_a_submodule_trace_names_how_to_trace_it_alone(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert callable(getattr(net, name))
+
+
+# --- the tracer ------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_barrier_takes_nnsight_keyword_n(backend):
+    """``tracer.barrier(n=2)`` (nnsight 0.8's parameter name): a patch from one invoke into
+    another, as a forward hook writing the clean rows' value does."""
+    module = _Net()
+    net = fxsight.NNsight(module)
+    clean_x, corrupt_x = torch.randn(1, 3), torch.randn(1, 3)
+    with net.trace(backend=backend) as tracer:
+        barrier = tracer.barrier(n=2)
+        with tracer.invoke(clean_x):
+            clean = net.inner.output[:, 1]
+            barrier()
+        with tracer.invoke(corrupt_x):
+            barrier()
+            net.inner.output[:, 1] = clean
+            patched = net.output.save()
+    clean_inner = module.inner(clean_x)
+
+    def patch(m, args, out):
+        out = out.clone()
+        out[:, 1] = clean_inner[:, 1]
+        return out
+
+    handle = module.inner.register_forward_hook(patch)
+    try:
+        expected = module(corrupt_x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(patched, expected)
