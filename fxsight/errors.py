@@ -58,6 +58,18 @@ class UsageError(TraceError, ValueError):
     nnsight raises ValueError."""
 
 
+class NNsightDeprecationWarning(FutureWarning):
+    """The warning of an nnsight spelling that nnsight 0.8 deprecates and fxsight accepts
+    (``model.iter[...]``): the category nnsight warns under, so that a ported filter
+    (``warnings.filterwarnings("ignore", category=NNsightDeprecationWarning)``) applies."""
+
+
+class UnsupportedError(FxsightError, NotImplementedError):
+    """An nnsight name for something fxsight does not do (NDIF's remote service and its
+    settings, models of images or diffusion): raised at the line that uses it, saying what
+    to write instead."""
+
+
 class ItemAssignmentError(TraceError, TypeError):
     """An item assigned into a traced value that cannot take one (a tuple output): Python
     raises TypeError."""

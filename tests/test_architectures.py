@@ -133,8 +133,9 @@ def test_roberta_invokes_of_different_lengths_equal_each_prompt_alone(backend):
         rb = model(torch.tensor([b])).logits
     hook.remove()
     torch.testing.assert_close(la, ra)
-    torch.testing.assert_close(lb[:, -3:], rb)
-    torch.testing.assert_close(hb[:, -3:], seen["h"])
+    # (an encoder's rows are padded on the right, as its tokenizer and nnsight pad them)
+    torch.testing.assert_close(lb[:, :3], rb)
+    torch.testing.assert_close(hb[:, :3], seen["h"])
     # (the longest input the positions allow: 34 rows from position 2)
     with pytest.raises(TraceError, match="longer than the model's 32 positions"):
         with lm.trace(list(range(4, 37)), backend=backend):

@@ -25,6 +25,7 @@ from ..capture.operations import innermost
 from .aliases import resolve
 from .call_site import refuse_in_with, refuse_with
 from .envoy_classes import class_for
+from .envoy_extras import MISSING, envoy_extra
 from .legacy_steps import envoy_all
 from .source import source_of
 
@@ -122,7 +123,14 @@ class Envoy:
         try:
             value = getattr(module, name)
         except AttributeError:
+            # (``tracer`` bound to the model by an in-place edit: the hint below says so)
+            extra = MISSING if name in _TRACER_ATTRIBUTES and _in_place_edit_of(self) \
+                else envoy_extra(self, name)
+            if extra is not MISSING:
+                return extra
             hint = _NNSIGHT_ENVOY_METHODS.get(name)
+            if name in _MODEL_METHODS and self is not self._root:
+                hint = _MODEL_METHODS[name]
             hint = f"; {hint}" if hint else \
                 f"; its submodules are: {', '.join(submodules) or '(none)'}"
             if name in self._root._alias_names:
@@ -137,7 +145,7 @@ class Envoy:
                 f"{module_label(self._path)} ({type(module).__name__}) has no submodule or "
                 f"attribute {name!r}{hint}", user_line())) from None
         if type(value) is MethodType and value.__self__ is module:
-            return _refused_in_with(value, f"{module_label(self._path)}.{name}", self._root)
+            return _refused_in_with(value, f"{module_label(self._path)}.{name}", self)
         return value
 
     def _aliased(self, name: str) -> "Envoy | None":
@@ -459,12 +467,15 @@ def _gives_context(function: Any) -> bool:
         word in str(annotation) for word in ("Context", "Generator", "Iterator"))
 
 
-def _refused_in_with(method: MethodType, label: str, root: "Envoy") -> Callable:
-    """``method`` (of the module, reached through its envoy) that raises a TraceError
+def _refused_in_with(method: MethodType, label: str, envoy: "Envoy") -> Callable:
+    """``method`` (of the module, reached through its ``envoy``) that raises a TraceError
     before it runs where its call is a with statement's context manager: inside a trace of
     the model always (the with statement would end before the model runs), outside one
-    where it is not known to give a context manager."""
+    where it is not known to give a context manager. Where it returns the module itself
+    (``to``, ``cpu``, ``train``: torch's methods that chain), it returns the envoy, as
+    nnsight's ``to``/``cpu``/``cuda`` do."""
     gives_context = _gives_context(method.__func__)
+    root, module = envoy._root, method.__self__
 
     def call(*args: Any, **kwargs: Any) -> Any:
         frame = sys._getframe(1)
@@ -482,7 +493,8 @@ def _refused_in_with(method: MethodType, label: str, root: "Envoy") -> Callable:
                                f"@contextlib.contextmanager, or a method annotated to return "
                                f"one: `-> contextlib.AbstractContextManager`); or call it "
                                f"first: `cm = {label}(...)`, then `with cm:`")
-        return method(*args, **kwargs)
+        result = method(*args, **kwargs)
+        return envoy if result is module else result
 
     call = functools.wraps(method)(call)
     call.__self__, call.__func__ = method.__self__, method.__func__  # type: ignore[attr-defined]
@@ -548,6 +560,18 @@ _NNSIGHT_ENVOY_METHODS = {
     "iter": "nnsight's `envoy.iter[...]` is written with the tracer: `with "
             "tracer.iter[1:3]: ...` (or `for step in tracer.iter[1:3]:`)",
 }
+
+
+# the model's methods that nnsight 0.8 also gives every envoy (a trace of the submodule
+# alone, with the model's envoys): fxsight has them on the model only
+_SUBMODULE_ALONE = ("fxsight runs these on the model: `model.{name}(...)`; for the submodule "
+                    "alone, wrap it: `fxsight.NNsight(envoy._module).{name}(...)` (its "
+                    "envoys are that wrapper's, `sub.output` rather than the model's path)")
+_MODEL_METHODS = {name: _SUBMODULE_ALONE.format(name=name)
+                  for name in ("trace", "scan", "edit", "session", "clear_edits", "export")}
+_NNSIGHT_ENVOY_METHODS["interleave"] = (
+    "nnsight's `interleave` (the low-level driver of a trace) has no counterpart: use "
+    "`model.trace(...)`")
 
 
 # a tracer's attributes that nnsight >= 0.5 code reads on ``tracer`` bound by

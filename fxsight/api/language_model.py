@@ -662,6 +662,8 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         # (an encoder's values are right-padded, counted from the start; so is a decoder's
         # made from the input shifted; a decoder's ids given to each invoke are not
         # padded: every row has all of them)
+        if self._pads_right() and not self._encoder_decoder():
+            return TokenIndexer(tracer, proxy, from_start=True)  # (an encoder's: all of it)
         encoder = self._encoder_path() if self._pads_right() else None
         if encoder is None:
             return TokenIndexer(tracer, proxy)

@@ -199,8 +199,22 @@ class TokenEncoding:
         """Whether the input's rows are padded on the right: an encoder-decoder's (its
         encoder is bidirectional and masked, so right padding moves no real token, where
         left padding would move them to other positions in an encoder that places tokens
-        by index and takes no ``position_ids``: BART's, Marian's, Pegasus's)."""
-        return self._encoder_decoder()
+        by index and takes no ``position_ids``: BART's, Marian's, Pegasus's), and an
+        encoder's, a model that does not generate (BERT: its pooler and a classifier read
+        position 0, every row's first token only where the rows are padded on the right, as
+        its tokenizer and nnsight pad them)."""
+        return self._encoder_decoder() or not self._generates()
+
+    def _generates(self) -> bool:
+        """Whether the model generates (a decoder: transformers' ``can_generate()``); a
+        model that does not say is taken to."""
+        can_generate = getattr(self._module, "can_generate", None)
+        if not callable(can_generate):
+            return True
+        try:
+            return bool(can_generate())
+        except Exception:  # (a remote-code model's own: taken to generate, as before)
+            return True
 
     def _pad_id(self) -> int:
         for source in (self.tokenizer, getattr(self._module, "config", None)):

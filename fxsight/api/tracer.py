@@ -343,9 +343,9 @@ class Tracer(TraceMetadata):
         """``for i in tracer.all():`` every call of the modules read in the body."""
         return CallScope(self, Steps(ALL))
 
-    def barrier(self, participants: int) -> Barrier:
+    def barrier(self, n: int) -> Barrier:
         """nnsight's ``tracer.barrier(n)`` (accepted and checked; see :class:`Barrier`)."""
-        barrier = Barrier(self, participants)
+        barrier = Barrier(self, n)
         self._barriers.append(barrier)
         return barrier
 
