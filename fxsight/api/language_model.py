@@ -56,6 +56,7 @@ from .generation import Generator, GeneratorEnvoy
 from .inputs import check_keywords, describe, earlier_invokes, forward_signature
 from .mask_reads import places_by_mask
 from .model_loading import (LazyLoad, _forget, _load_meta, _prepare_tokenizer,
+                            apply_tokenizer_settings,
                             _refresh_envoys, _tokenizer_beside)
 from .nnsight import CLASS_ENVOYS, NNsight, plain_run_in_with, with_invoker_args
 from .nnsight_options import without_checks, without_remote
@@ -84,8 +85,12 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
     """A transformers language model wrapped for tracing, with text inputs.
 
     ``LanguageModel(path_or_module, tokenizer=None, automodel=AutoModelForCausalLM,
-    dispatch=False, **kwargs)``: ``kwargs`` go to ``automodel.from_pretrained`` (``device_map``,
-    ``dtype``, ...), except ``backend`` and ``compile`` (defaults of every trace).
+    dispatch=False, tokenizer_kwargs=None, **kwargs)``: ``kwargs`` go to
+    ``automodel.from_pretrained`` (``device_map``, ``dtype``, ...), except ``backend`` and
+    ``compile`` (defaults of every trace). ``tokenizer_kwargs`` (nnsight's) go to
+    ``AutoTokenizer.from_pretrained`` where the tokenizer is loaded from the path, and
+    those that are the tokenizer's attributes (``padding_side``, ...) are set on it, after
+    fxsight's own defaults, whichever way it came.
     """
 
     _token_indexing = True
@@ -93,8 +98,10 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
     def __init__(self, model_or_path: Any, tokenizer: Any = None,
                  automodel: Any = AutoModelForCausalLM, dispatch: bool = False, *,
                  backend: str = "auto", compile: Any = None,
-                 rename: dict | None = None, envoys: Any = CLASS_ENVOYS, **kwargs: Any):
+                 rename: dict | None = None, envoys: Any = CLASS_ENVOYS,
+                 tokenizer_kwargs: dict | None = None, **kwargs: Any):
         given_tokenizer = tokenizer
+        tokenizer_kwargs = dict(tokenizer_kwargs or {})
         if isinstance(model_or_path, torch.nn.Module):
             module, path = model_or_path, None
             if kwargs:  # (they are loading options: a module is loaded already)
@@ -107,7 +114,8 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
                 tokenizer = _tokenizer_beside(module)
         elif isinstance(model_or_path, (str, os.PathLike)):
             path = os.fspath(model_or_path)
-            module, tokenizer = _load_meta(path, tokenizer, automodel, kwargs)
+            module, tokenizer = _load_meta(path, tokenizer, automodel, kwargs,
+                                           tokenizer_kwargs)
         else:
             raise TypeError("LanguageModel wraps a torch.nn.Module or loads a local path, "
                             f"not {type(model_or_path).__name__}")
@@ -115,6 +123,9 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
                          envoys=envoys)
         if tokenizer is not None and given_tokenizer is None:
             _prepare_tokenizer(tokenizer)  # (fxsight's own; a user's tokenizer stays as it is)
+        if tokenizer_kwargs:
+            apply_tokenizer_settings(tokenizer, tokenizer_kwargs,
+                                     loaded=path is not None and given_tokenizer is None)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "automodel", automodel)
         object.__setattr__(self, "_load_path", path)

@@ -42,6 +42,26 @@ def _prepare_tokenizer(tokenizer: Any) -> None:
         tokenizer.padding_side = "left"
 
 
+def apply_tokenizer_settings(tokenizer: Any, settings: dict, loaded: bool) -> None:
+    """Set nnsight's ``tokenizer_kwargs`` that are attributes of ``tokenizer`` on it
+    (``padding_side``, ...: after fxsight's own defaults). The others are options of
+    loading the tokenizer: taken where fxsight ``loaded`` it with them, else a
+    ``TypeError`` naming them (a tokenizer given or found loaded already)."""
+    if tokenizer is None:
+        raise TypeError(f"LanguageModel(tokenizer_kwargs={settings!r}): the model has no "
+                        f"tokenizer to apply them to (give one: tokenizer=...)")
+    unknown = [key for key in settings if not hasattr(tokenizer, key)]
+    if unknown and not loaded:
+        raise TypeError(f"LanguageModel(tokenizer_kwargs=...): {', '.join(map(repr, unknown))} "
+                        f"{'is not an attribute' if len(unknown) == 1 else 'are not attributes'}"
+                        f" of the {type(tokenizer).__name__} given, and fxsight did not load "
+                        f"it (load it yourself with them: AutoTokenizer.from_pretrained(path, "
+                        f"...))")
+    for key, value in settings.items():
+        if hasattr(tokenizer, key):
+            setattr(tokenizer, key, value)
+
+
 def _tokenizer_beside(module: torch.nn.Module) -> Any:
     """The tokenizer saved beside a loaded model's weights, if its path is a local folder."""
     name = getattr(getattr(module, "config", None), "_name_or_path", None)
@@ -54,15 +74,18 @@ def _tokenizer_beside(module: torch.nn.Module) -> Any:
         return None
 
 
-def _load_meta(path: str, tokenizer: Any, automodel: Any, kwargs: dict):
-    """The model of ``path`` on the meta device (structure only) and its tokenizer."""
+def _load_meta(path: str, tokenizer: Any, automodel: Any, kwargs: dict,
+               tokenizer_kwargs: dict | None = None):
+    """The model of ``path`` on the meta device (structure only) and its tokenizer
+    (loaded with ``tokenizer_kwargs`` where none is given)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoTokenizer
 
     config_kwargs = {k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs}
     config = _config(path, kwargs, config_kwargs, AutoConfig)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path, **config_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **{**config_kwargs,
+                                                           **(tokenizer_kwargs or {})})
     build_kwargs = {k: kwargs[k] for k in _FROM_CONFIG_KWARGS if k in kwargs
                     and kwargs[k] != "auto"}
     with init_empty_weights(include_buffers=False):
