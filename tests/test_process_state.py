@@ -473,3 +473,47 @@ def test_other_threads_warnings_show_while_a_model_is_captured(backend):
         assert set(_messages(shown)) == set(plain)
     assert warnings.filters is filters and warnings.filters == entries
     assert warnings.showwarning is showwarning
+
+
+def test_exporting_an_edited_model_keeps_which_warnings_were_shown():
+    """``edited.export(x)`` re-exports the edited graph with ``torch.export``, whose
+    ``catch_warnings`` blocks made Python forget which warnings it had shown; it forgets
+    nothing now, and shows no warning of torch's about its export."""
+    net = NNsight(mlp())
+    x = torch.randn(3, 5)
+    with net.edit() as edited:
+        net.layer1.output[:, 0] = 0
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        _users_warning()
+        exported = edited.export(x)
+        _users_warning()
+        assert _messages(shown) == [(UserWarning, "the user's warning")]
+    with torch.no_grad(), edited.trace(x):
+        expected = edited.output.save()
+    torch.testing.assert_close(exported(x), expected)
+
+
+@pytest.mark.parametrize("grad", (False, True))
+def test_a_compiled_trace_keeps_which_warnings_were_shown(grad):
+    """Compiling the spliced graph (inductor directly without gradients, through dynamo
+    with them) entered torch's ``catch_warnings`` blocks too, and Python forgot which
+    warnings it had shown; the compiled trace forgets nothing now."""
+    net = NNsight(mlp(seed=3))
+    x = torch.randn(3, 5)
+
+    def trace(compile):
+        with torch.set_grad_enabled(grad), net.trace(x, compile=compile):
+            net.layer1.output[:, 0] = 0
+            out = net.output.save()
+        return out
+
+    eager = trace(False)  # (the capture: the compilation alone is looked at below)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        _users_warning()
+        compiled = trace(True)
+        del shown[:]
+        _users_warning()
+        assert [m for m in _messages(shown) if not m[1].startswith("fxsight:")] == []
+    torch.testing.assert_close(compiled, eager)

@@ -194,6 +194,27 @@ class _ShownRecords:
 
 
 @contextlib.contextmanager
+def shown_warnings_kept() -> Iterator[None]:
+    """While active, warnings show as they come; after it, the modules' records of shown
+    warnings that nothing touched meanwhile are marked current again, where the block moved
+    the filters' version on but left the filters as they were (torch.compile's
+    ``catch_warnings`` blocks): cheap (two reads of the version) where it did not."""
+    filters = warnings.filters
+    entries = list(filters)
+    version = _filters_version()
+    try:
+        yield
+    finally:
+        if version is not None and warnings.filters is filters and \
+                len(filters) == len(entries) and all(map(operator.is_, filters, entries)):
+            now = _filters_version()
+            if now is not None and now != version:
+                for registry in _registries():
+                    if registry.get("version") == version:
+                        registry["version"] = now
+
+
+@contextlib.contextmanager
 def held_warnings(replayed: Replayed = _never) -> Iterator[None]:
     """While active, this thread's warnings are held back; after it, Python's records of
     shown warnings are as they were, and where the block ends without an exception, the
