@@ -1,26 +1,29 @@
 """Python's warnings left as a plain forward leaves them, around work fxsight does that a
-plain forward does not (a capture, an export of an edited model).
+plain forward does not (a capture, an export of an edited model, a compilation).
 
 Two things torch does there reach the user otherwise:
 
 - it warns about what its own tracing does (``torch.export`` about the ``_flat_weights``
   an ``nn.LSTM`` assigns while it is traced), warnings a plain forward never shows;
-- it enters ``warnings.catch_warnings()`` (``ExportedProgram.module()``, once per lifted
-  parameter), and each entry and exit moves the warnings filters' version on: Python then
-  forgets, for every module, which warnings it has already shown, so a warning the user saw
-  once (the default filter) shows again after a trace.
+- it enters ``warnings.catch_warnings()`` (``ExportedProgram.module()`` once per lifted
+  parameter, aot autograd and inductor while compiling), and each entry and exit moves the
+  warnings filters' version on: Python then forgets, for every module, which warnings it
+  has already shown, so a warning the user saw once (the default filter) shows again.
 
-While :func:`held_warnings` is active, the warnings this thread issues are held back (those
-of other threads are shown as they come); after it, every module's record of the warnings
-it has shown is as it was (marked current for the filters, which are the same list with
-the same entries: the version alone moved), and the held warnings that a plain forward
-issues too (``replayed``) are issued again, through the user's filters and
-``warnings.showwarning``. The filters themselves are never changed (a ``catch_warnings``
-block would replace the list for every thread, and a filter another thread adds meanwhile
-would be lost): only ``warnings.showwarning`` is swapped for the block, the documented hook,
-and put back. Blocks must not overlap in time (callers hold
-:func:`fxsight.locks.exclusive_export`): torch's own ``catch_warnings`` blocks save and
-restore ``showwarning`` too.
+While :func:`held_warnings` is active (a capture, an export), the warnings this thread
+issues are held back, those of other threads shown as they come; after it, every module's
+record of the warnings it has shown is as it was, marked current for the filters (the same
+list with the same entries: the version alone moved), and the held warnings that a plain
+forward issues too (``replayed``: the model's own) are issued again, through the user's
+filters and ``warnings.showwarning``. :func:`shown_warnings_kept` (a compilation, whose
+warnings are the user's: they asked for it) only keeps the records current.
+
+The filters themselves are never changed (a ``catch_warnings`` block would replace the list
+for every thread, and a filter another thread adds meanwhile would be lost): only
+``warnings.showwarning``, the documented hook, is swapped during a :func:`held_warnings`
+block and put back. Those blocks hold :func:`fxsight.locks.exclusive_export`, as fxsight's
+exports do: torch's own ``catch_warnings`` blocks save and restore ``showwarning`` too, and
+must not interleave with them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from typing import Any, Callable, Iterator
 from ..locks import exclusive_export
 
 Replayed = Callable[[FrameType], bool]
+
+# whether a held_warnings block is open in this thread (an inner one does nothing)
+_BLOCK = threading.local()
 
 
 def _never(frame: FrameType) -> bool:
@@ -78,6 +84,27 @@ def _registries() -> list[dict]:
         if isinstance(registry, dict):
             found.append(registry)
     return found
+
+
+class _Filters:
+    """The filters as a block found them: the list and its entries."""
+
+    def __init__(self) -> None:
+        self.list = warnings.filters
+        self.entries = list(self.list)
+
+    def unchanged(self) -> bool:
+        filters = warnings.filters
+        return filters is self.list and len(filters) == len(self.entries) and \
+            all(map(operator.is_, filters, self.entries))
+
+
+def _mark_current(registries: list[dict], version: int, now: int) -> None:
+    """Each registry current at ``version`` made current at ``now`` (what it holds stays
+    true: the filters are the same)."""
+    for registry in registries:
+        if registry.get("version") == version:
+            registry["version"] = now
 
 
 class _Held:
@@ -158,17 +185,11 @@ class _ShownRecords:
     """The registries that were current when the block started, and what they held."""
 
     def __init__(self) -> None:
-        self.filters = warnings.filters
-        self.entries = list(self.filters)
+        self.filters = _Filters()
         self.version = _filters_version()
         self.kept = [] if self.version is None else \
             [(registry, dict(registry)) for registry in _registries()
              if registry.get("version") == self.version]
-
-    def _filters_unchanged(self) -> bool:
-        filters = warnings.filters
-        return filters is self.filters and len(filters) == len(self.entries) and \
-            all(map(operator.is_, filters, self.entries))
 
     def restore(self, held: list[_Held]) -> None:
         """No registry left saying that a held warning was shown; each kept registry as it
@@ -179,39 +200,37 @@ class _ShownRecords:
             if registry is not None:
                 for key in warning.keys():
                     registry.pop(key, None)
-        if self.version is None or not self._filters_unchanged():
+        if self.version is None or not self.filters.unchanged():
             return
-        version = _filters_version()
-        if version is None or version == self.version:
+        now = _filters_version()
+        if now is None or now == self.version:
             return
         for registry, before in self.kept:
-            if registry.get("version") != self.version:
+            if registry.get("version") != self.version:  # (cleared meanwhile)
                 meanwhile = {key: value for key, value in registry.items() if key != "version"}
                 registry.clear()
                 registry.update(meanwhile)
                 registry.update(before)
-            registry["version"] = version
+                registry["version"] = self.version
+        _mark_current([registry for registry, _ in self.kept], self.version, now)
 
 
-@contextlib.contextmanager
-def shown_warnings_kept() -> Iterator[None]:
+class shown_warnings_kept:
     """While active, warnings show as they come; after it, the modules' records of shown
     warnings that nothing touched meanwhile are marked current again, where the block moved
     the filters' version on but left the filters as they were (torch.compile's
-    ``catch_warnings`` blocks): cheap (two reads of the version) where it did not."""
-    filters = warnings.filters
-    entries = list(filters)
-    version = _filters_version()
-    try:
-        yield
-    finally:
-        if version is not None and warnings.filters is filters and \
-                len(filters) == len(entries) and all(map(operator.is_, filters, entries)):
+    ``catch_warnings`` blocks): cheap (two reads of the version) where it did not.
+    (A class, not a generator: it is entered at each compiled call.)"""
+
+    def __enter__(self) -> None:
+        self.filters = _Filters()
+        self.version = _filters_version()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.version is not None and self.filters.unchanged():
             now = _filters_version()
-            if now is not None and now != version:
-                for registry in _registries():
-                    if registry.get("version") == version:
-                        registry["version"] = now
+            if now is not None and now != self.version:
+                _mark_current(_registries(), self.version, now)
 
 
 @contextlib.contextmanager
@@ -221,16 +240,21 @@ def held_warnings(replayed: Replayed = _never) -> Iterator[None]:
     held warnings whose issuing frame ``replayed`` accepts are issued again (the others,
     torch's about its own tracing, are dropped; so are all where the block raises: the
     caller runs the model otherwise, which issues them itself)."""
+    if getattr(_BLOCK, "open", False):  # (inside another block of this thread: its own)
+        yield
+        return
     with exclusive_export():
         records = _ShownRecords()
         replaced = warnings.showwarning
         recorder = _Recorder(replaced, replayed)
-        warnings.showwarning = recorder
         completed = False
         try:
+            _BLOCK.open = True
+            warnings.showwarning = recorder
             yield
             completed = True
         finally:
+            _BLOCK.open = False
             recorder.active = False
             if warnings.showwarning is recorder:  # (else someone replaced it meanwhile)
                 warnings.showwarning = replaced
