@@ -53,7 +53,7 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "function_mode_depth", "function_modes", "is_device_context", "dispatch_mode_depth",
            "dispatch_modes", "saved_tensors_hooks_top", "profiler_enabled",
            "user_modes_suspended", "user_modes_resumed", "FAKE_TENSOR_LOGGER",
-           "unmarked_writes", "writes_unmarked"]
+           "unmarked_writes", "writes_unmarked", "in_tracing_machinery"]
 
 TreeSpec = pytree.TreeSpec
 
@@ -941,3 +941,26 @@ def compiled_functions_eager():
             if _EAGER_OPEN[0] == 0:
                 _set_stance(_EAGER_OPEN[1])
                 _EAGER_OPEN[1] = None
+
+
+# the packages of torch's tracing machinery: export, fx, dynamo and inductor, aot autograd,
+# fake tensors and the Python dispatch modes, decompositions and meta kernels (checked
+# 2.13); a warning their code issues while fxsight captures a model is about the capture
+# (``torch.export`` warns that an ``nn.LSTM`` assigns ``_flat_weights`` while traced), not
+# about the model: a plain forward never issues it
+_TRACING_MACHINERY = ("torch.export", "torch._export", "torch.fx", "torch._dynamo",
+                      "torch._inductor", "torch._functorch", "torch._subclasses",
+                      "torch._higher_order_ops", "torch._library", "torch._custom_op",
+                      "torch._guards", "torch._ops", "torch._python_dispatcher",
+                      "torch._decomp", "torch._prims", "torch._prims_common", "torch._refs",
+                      "torch._meta_registrations", "torch._logging", "torch._dispatch",
+                      "torch._compile", "torch.utils._pytree",
+                      "torch.utils._python_dispatch", "torch.utils._sympy",
+                      "torch.compiler", "sympy")
+
+
+def in_tracing_machinery(module_name: str | None) -> bool:
+    """Whether the module called ``module_name`` is part of torch's tracing machinery."""
+    return isinstance(module_name, str) and any(
+        module_name == package or module_name.startswith(package + ".")
+        for package in _TRACING_MACHINERY)

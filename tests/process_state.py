@@ -194,15 +194,32 @@ def filters_version() -> int:
     return registry["version"]
 
 
+def shown_warnings(registry: dict, version: int | None = None) -> Any:
+    """The warnings ``registry`` (a module's ``__warningregistry__``) says its module has
+    shown: its entries where it is current for the filters' version, else none (Python
+    clears it at the module's next warning: each warning it held shows again, though the
+    user saw it)."""
+    version = filters_version() if version is None else version
+    if registry.get("version") != version:
+        return freeze({})
+    return freeze({key: value for key, value in registry.items() if key != "version"})
+
+
 def _warnings() -> State:
+    """The filters (the list, its entries), ``showwarning``, and which warnings each
+    module has shown (see :func:`shown_warnings`). The filters' version itself is not
+    kept: a user never sees it, only what it makes Python forget."""
+    version = filters_version()
     state: State = {("warnings", "filters"): freeze(
         [tuple(map(repr, f)) for f in warnings.filters if f[2] is not _Probe]),
-        ("warnings", "version"): filters_version()}
+        ("warnings", "filters_list"): id(warnings.filters)}
     state[("warnings", "showwarning")] = id(warnings.showwarning)
-    for name, module in list(sys.modules.items()):
-        registry = getattr(module, "__warningregistry__", None) if module else None
+    registries = {name: vars(module).get("__warningregistry__")
+                  for name, module in list(sys.modules.items()) if hasattr(module, "__dict__")}
+    registries["<once>"] = warnings.onceregistry
+    for name, registry in registries.items():
         if isinstance(registry, dict):
-            state[("warningregistry", name)] = freeze(dict(registry))
+            state[("warningregistry", name)] = shown_warnings(registry, version)
     return state
 
 

@@ -288,3 +288,232 @@ def test_traces_of_new_shapes_leave_the_fake_operator_cache_as_it_was(backend):
         net.layer2.output.shape
     grown = len(FakeTensorMode.cache) - before
     assert grown == 0, f"{grown} fake operator cache entries kept by seven new shapes"
+
+
+# --- warnings -------------------------------------------------------------------------------
+
+class _Recurrent(torch.nn.Module):
+    """Linear, LSTM, Linear. The LSTM assigns ``_flat_weights`` in its forward: torch.export
+    warns about it while it is traced, a warning a plain forward never shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 8)
+        self.rnn = torch.nn.LSTM(8, 8, batch_first=True)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(self.embed(x))[0])
+
+
+class _Deprecating(torch.nn.Module):
+    """A model whose forward warns (as transformers' models warn of deprecated arguments):
+    a warning a plain forward shows, so a trace shows it too."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        warnings.warn("the model's deprecation warning", FutureWarning)
+        return self.layer(x)
+
+
+def _fresh_models():
+    """New models (each trace captures them anew) and their inputs: the LSTM model, a tiny
+    GPT-2 and the warning model."""
+    ids = torch.tensor([[5, 6, 7, 8]])
+    return [(_Recurrent().eval(), torch.randn(2, 3, 4), "rnn"),
+            (tiny_gpt2(n_layer=1, n_embd=16, n_head=2), ids, "transformer.h.0"),
+            (_Deprecating(), torch.randn(2, 4), "layer")]
+
+
+def _traced(model, inputs, path, backend):
+    wrapped = NNsight(model)
+    envoy = wrapped
+    for name in path.split("."):
+        envoy = envoy[int(name)] if name.isdigit() else getattr(envoy, name)
+    with torch.no_grad(), wrapped.trace(inputs, backend=backend):
+        envoy.output.save()
+        wrapped.output.save()
+
+
+def _messages(shown) -> list[tuple[type, str]]:
+    return [(w.category, str(w.message).split(",")[0]) for w in shown]
+
+
+def _users_warning():
+    warnings.warn("the user's warning", UserWarning)
+
+
+@pytest.mark.parametrize("backend", ("fx", "hooks"))
+def test_a_trace_shows_only_the_warnings_a_plain_forward_shows(backend):
+    """torch.export warned the user about the ``_flat_weights`` an ``nn.LSTM`` assigns
+    while traced ("The tensor attributes self.model.rnn._flat_weights[0], ... were assigned
+    during export"), beside fxsight's own warning that the LSTM runs as an opaque call; a
+    plain forward shows no such warning. Now a trace shows what a plain forward shows
+    (the model's own warning too) plus fxsight's own warnings, for every model."""
+    for model, inputs, path in _fresh_models():
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                model(inputs)
+        plain = set(_messages(shown))
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            _traced(model, inputs, path, backend)
+        traced = {m for m in _messages(shown) if not m[1].startswith("fxsight:")}
+        assert traced == plain, f"{type(model).__name__} on {backend}: a trace showed " \
+                                f"{sorted(traced - plain, key=repr)}, not " \
+                                f"{sorted(plain - traced, key=repr)}, unlike a plain forward"
+
+
+@pytest.mark.parametrize("backend", ("fx", "hooks"))
+def test_a_warning_shown_once_is_not_shown_again_after_a_trace(backend):
+    """Each ``catch_warnings`` block torch enters while it captures a model
+    (``ExportedProgram.module()``) moves the filters' version on, and Python then forgot,
+    for every module, which warnings it had shown: a warning the user saw once (the default
+    filter) showed again after a trace. A plain forward forgets nothing; a trace neither,
+    and the model's own warning, shown by a plain forward before, is not shown again."""
+    for model, inputs, path in _fresh_models():
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("default")
+            _users_warning()
+            with torch.no_grad():
+                model(inputs)
+            before = _messages(shown)
+            _traced(model, inputs, path, backend)
+            del shown[:]
+            _users_warning()
+            with torch.no_grad():
+                model(inputs)
+            assert _messages(shown) == [], \
+                f"after a trace of {type(model).__name__} on {backend}, warnings seen " \
+                f"before ({before}) showed again: {_messages(shown)}"
+
+
+def _not_fxsights(shown):
+    """A registry's shown warnings (see ``process_state.shown_warnings``) but fxsight's
+    own (its deliberate warnings, which a plain forward has no reason to show)."""
+    if not (isinstance(shown, tuple) and shown and shown[0] == "dict"):
+        return shown
+    return ("dict", tuple((key, value) for key, value in shown[1]
+                          if not str(key[1][0]).startswith("fxsight:")))
+
+
+@pytest.mark.parametrize("backend", ("fx", "hooks"))
+def test_a_trace_changes_the_warnings_state_as_a_plain_forward(backend):
+    """The snapshot's warnings part (filters, ``showwarning``, what each module has
+    shown): a trace that captures new models changes it as their plain forwards do (on
+    the code before, the capture made this module forget the user's warning it had
+    shown, and contextlib keep torch's ``_flat_weights`` warning)."""
+    def warnings_changes(run):
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            _users_warning()  # (this module's registry: current, one warning shown)
+            before = snapshot()
+            run()
+            after = snapshot()
+        found = {key: tuple(map(_not_fxsights, value))
+                 for key, value in changes(before, after).items()
+                 if key[0] in ("warnings", "warningregistry")}
+        return {key: value for key, value in found.items() if value[0] != value[1]}
+
+    def plain():
+        for model, inputs, _ in _fresh_models():
+            with torch.no_grad():
+                model(inputs)
+
+    def traces():
+        for model, inputs, path in _fresh_models():
+            _traced(model, inputs, path, backend)
+
+    traces()  # (first-use set-up and imports)
+    plain_changes = warnings_changes(plain)
+    trace_changes = warnings_changes(traces)
+    assert trace_changes == plain_changes, "\n".join(
+        [f"a trace changed the warnings state (before -> after) as its plain forwards "
+         f"do not: (plain: {plain_changes})"] +
+        [f"{key}: {value}" for key, value in trace_changes.items()
+         if plain_changes.get(key) != value] +
+        [f"{key}: unchanged" for key in plain_changes if key not in trace_changes])
+
+
+class _ThreadedWarning(torch.nn.Module):
+    """A forward that waits for a worker thread, which warns: the warning is another
+    thread's, issued while the model is captured."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        worker = threading.Thread(
+            target=lambda: warnings.warn("a worker thread's warning", UserWarning))
+        worker.start()
+        worker.join()
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("backend", ("fx", "hooks"))
+def test_other_threads_warnings_show_while_a_model_is_captured(backend):
+    """While a capture holds back its own thread's warnings, another thread's warnings
+    show as they come (as in a plain forward), and the filters and ``showwarning`` are
+    left as they were."""
+    filters, showwarning = warnings.filters, warnings.showwarning
+    entries = list(filters)
+    model, x = _ThreadedWarning(), torch.randn(2, 4)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model(x)
+        plain = _messages(shown)
+        del shown[:]
+        _traced(model, x, "layer", backend)
+        assert set(_messages(shown)) == set(plain)
+    assert warnings.filters is filters and warnings.filters == entries
+    assert warnings.showwarning is showwarning
+
+
+def test_exporting_an_edited_model_keeps_which_warnings_were_shown():
+    """``edited.export(x)`` re-exports the edited graph with ``torch.export``, whose
+    ``catch_warnings`` blocks made Python forget which warnings it had shown; it forgets
+    nothing now, and shows no warning of torch's about its export."""
+    net = NNsight(mlp())
+    x = torch.randn(3, 5)
+    with net.edit() as edited:
+        net.layer1.output[:, 0] = 0
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        _users_warning()
+        exported = edited.export(x)
+        _users_warning()
+        assert _messages(shown) == [(UserWarning, "the user's warning")]
+    with torch.no_grad(), edited.trace(x):
+        expected = edited.output.save()
+    torch.testing.assert_close(exported(x), expected)
+
+
+@pytest.mark.parametrize("grad", (False, True))
+def test_a_compiled_trace_keeps_which_warnings_were_shown(grad):
+    """Compiling the spliced graph (inductor directly without gradients, through dynamo
+    with them) entered torch's ``catch_warnings`` blocks too, and Python forgot which
+    warnings it had shown; the compiled trace forgets nothing now."""
+    net = NNsight(mlp(seed=3))
+    x = torch.randn(3, 5)
+
+    def trace(compile):
+        with torch.set_grad_enabled(grad), net.trace(x, compile=compile):
+            net.layer1.output[:, 0] = 0
+            out = net.output.save()
+        return out
+
+    eager = trace(False)  # (the capture: the compilation alone is looked at below)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        _users_warning()
+        compiled = trace(True)
+        del shown[:]
+        _users_warning()
+        assert [m for m in _messages(shown) if not m[1].startswith("fxsight:")] == []
+    torch.testing.assert_close(compiled, eager)

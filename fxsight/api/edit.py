@@ -25,6 +25,7 @@ from .._torch import plain_pickling, pytree, pytree_codegen
 from ..capture.captures import cached_capture
 from ..capture.export import CaptureError, strip_export_checks
 from ..capture.operations import spec_for
+from ..capture.quiet_warnings import held_warnings
 from ..errors import TraceError, at_line
 from ..locks import exclusive_export, model_lock
 from ..record.program import HookedCall, Kind, Node, Program
@@ -194,7 +195,8 @@ def _export(model: Any, module: torch.nn.Module, args: tuple, kwargs: dict,
     flat_inputs = pytree.tree_leaves((args, kwargs))
     _bake_program_inputs(gm, len(flat_inputs), program.input_values)
 
-    with exclusive_export():
+    # (torch's warnings about its own export held back, the shown-warnings records kept)
+    with exclusive_export(), held_warnings():
         exported = torch.export.export(gm, tuple(flat_inputs), strict=False).module()
     strip_export_checks(exported)
     graph = exported.graph

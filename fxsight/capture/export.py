@@ -15,6 +15,7 @@ import sysconfig
 import time
 import traceback
 import weakref
+from types import FrameType
 from typing import Any, ContextManager
 
 import torch
@@ -22,8 +23,8 @@ import torch.fx as fx
 
 from .._torch import (compiled_functions_eager, export_leaves_no_buffer_hook,
                       fake_cache_unchanged, forget_generated_source, generated_source_key,
-                      generated_source_keys, parametrization_cache_on,
-                      plain_codegen, pytree, user_modes_suspended)
+                      generated_source_keys, in_tracing_machinery,
+                      parametrization_cache_on, plain_codegen, pytree, user_modes_suspended)
 
 from ..locks import exclusive_export
 from ..stats import bump
@@ -35,6 +36,7 @@ from .events import ModuleEvents
 from .hidden import NestedTensor, kept_constant
 from .memory import memory_roots
 from .quiet_logs import quiet_logger
+from .quiet_warnings import held_warnings
 from . import opaque as opaque_calls
 from ..record.sites import Site
 
@@ -125,7 +127,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, *rest: Any,
         # (a user's dispatch mode sees no fake forward; a compiled function the model
         # calls is traced as plain Python, dynamo's code for it left as it was; the fake
         # operators' cache stays as it was)
-        with user_modes_suspended(), compiled_functions_eager(), fake_cache_unchanged():
+        # (and the warnings as a plain forward leaves them: see quiet_warnings)
+        with user_modes_suspended(), compiled_functions_eager(), fake_cache_unchanged(), \
+                held_warnings(_issued_by_the_model):
             captured = contextvars.copy_context().run(_capture, model, args, kwargs, *rest,
                                                       **options)
         return captured
@@ -390,12 +394,7 @@ class _Root(torch.nn.Module):
             if cache_state.found:  # the input caches, built again from their tensors
                 args, kwargs, cache_state.roots = caches.rebuild(
                     args, kwargs, cache_state.layout, cache_state.found)
-            try:
-                output = self.model(*args, **kwargs)
-            except Exception as error:
-                if _data_dependent(error):
-                    raise _Uncapturable(error) from None
-                raise
+            output = self._call_model(args, kwargs)
             changes[:] = [c for c in watch.changes(plain=True) if c not in ignored]
             return cache_state.convert(output)
 
@@ -404,6 +403,30 @@ class _Root(torch.nn.Module):
         except (TypeError, ValueError):
             pass
         self.forward = forward
+
+    def _call_model(self, args: tuple, kwargs: dict) -> Any:
+        """The model's own forward (the frames of the model's code run inside this one's:
+        see :func:`_issued_by_the_model`)."""
+        try:
+            return self.model(*args, **kwargs)
+        except Exception as error:
+            if _data_dependent(error):
+                raise _Uncapturable(error) from None
+            raise
+
+
+def _issued_by_the_model(frame: FrameType) -> bool:
+    """Whether a warning issued in ``frame`` during a capture is one a plain forward issues
+    too: issued by code the model's forward runs (the model's, torch.nn's), not by torch's
+    tracing machinery (about the capture itself, before, around or after the forward)."""
+    if in_tracing_machinery(frame.f_globals.get("__name__")):
+        return False
+    model_call = _Root._call_model.__code__
+    while frame is not None:
+        if frame.f_code is model_call:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _unprefixed(path: str) -> str:

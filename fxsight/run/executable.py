@@ -44,6 +44,7 @@ from .direct import compile_direct, eligible
 from .options import CompileOptions
 from ..capture import caches
 from ..capture.captures import on_release
+from ..capture.quiet_warnings import shown_warnings_kept
 
 class CountingBackend:
     """A ``torch.compile`` backend that counts the graphs it compiles and delegates."""
@@ -220,7 +221,9 @@ class Executable:
         try:
             # (in a copy of the caller's context: each config patch dynamo and inductor
             # enter while compiling leaves a context variable where it ran)
-            outputs = contextvars.copy_context().run(fn, *flat_inputs)
+            # (and the warnings shown so far stay shown: see shown_warnings_kept)
+            with shown_warnings_kept():
+                outputs = contextvars.copy_context().run(fn, *flat_inputs)
         except Exception as error:  # noqa: BLE001 - decide below whether compile was at fault
             # The same inputs eagerly: if that fails too, the error is the user's (raise
             # the eager error); if it works, compilation failed: run eagerly from now on.
@@ -242,9 +245,10 @@ class Executable:
             return None  # (tried again at a call without gradients)
         start = time.perf_counter()
         # (in a copy of the caller's context: see __call__)
-        direct = contextvars.copy_context().run(
-            compile_direct, self.spliced.graph_module, flat_inputs, self._direct_dynamic,
-            self._direct_options, self.spliced.index_inputs)
+        with shown_warnings_kept():
+            direct = contextvars.copy_context().run(
+                compile_direct, self.spliced.graph_module, flat_inputs,
+                self._direct_dynamic, self._direct_options, self.spliced.index_inputs)
         self._direct_pending = False
         self._direct_attempts += 1
         if direct is not None:
