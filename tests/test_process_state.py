@@ -517,3 +517,27 @@ def test_a_compiled_trace_keeps_which_warnings_were_shown(grad):
         _users_warning()
         assert [m for m in _messages(shown) if not m[1].startswith("fxsight:")] == []
     torch.testing.assert_close(compiled, eager)
+
+
+def test_the_hooks_backend_shows_a_models_warning_once_per_trace():
+    """Under the ``always`` filter a plain forward shows the model's own warning once;
+    the hooks backend showed it twice in a trace that scans new shapes (once from the
+    scan on fake tensors, once from the real forward). Now once per trace, like the plain
+    forward, for a new shape and a known one; an fx trace shows it once, at its capture."""
+    model, inputs = _Deprecating(), torch.randn(2, 4)
+
+    def shown_by(run):
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            run()
+        return [m for m in _messages(shown) if not m[1].startswith("fxsight:")]
+
+    def plain():
+        with torch.no_grad():
+            model(inputs)
+
+    once = shown_by(plain)
+    assert len(once) == 1
+    for _ in range(2):
+        assert shown_by(lambda: _traced(model, inputs, "layer", "hooks")) == once
+    assert shown_by(lambda: _traced(_Deprecating(), torch.randn(3, 4), "layer", "fx")) == once

@@ -25,6 +25,7 @@ from .events import ModuleEvents, silenced_hooks
 from .fast_path_outputs import as_plain_output
 from .input_flow import InputFlow, InputReads
 from .memory import MemoryNumbers
+from .quiet_warnings import held_warnings
 from ..record.sites import OUTPUT, Site
 
 
@@ -249,7 +250,10 @@ def cached_scan(model: torch.nn.Module, args: tuple, kwargs: dict,
         per_model = _CACHE[model] = OrderedDict()
     result = per_model.get(key)
     if result is None:
-        result = per_model[key] = scan(model, args, kwargs, operations)
+        # (the model's warnings in a scan are dropped: the run that follows issues them,
+        # as the plain forward does, once; a capture's scan replays them, see export.py)
+        with held_warnings():
+            result = per_model[key] = scan(model, args, kwargs, operations)
         while len(per_model) > MAX_CAPTURES:
             per_model.popitem(last=False)
     else:
