@@ -312,3 +312,20 @@ def test_an_offloaded_model_loads_its_weights_as_a_plain_forward_does(saved, tmp
         _traced(lm, "hooks", shape)
         assert len(loads) == factor * plain
         assert all(p.is_meta for p in offloaded)
+
+
+@pytest.mark.parametrize("move, dtype", [("cpu", torch.float32), ("double", torch.float64)])
+def test_a_lazy_models_device_and_dtype_moves_load_it_first(saved, move, dtype):
+    """``lm.cpu()``, ``lm.double()``... on a model not loaded yet (nnsight's wrapper
+    methods, as ``lm.to(...)``): the weights load first and the move applies to them
+    (``lm.cpu()`` was torch's "Cannot copy out of meta tensor", ``lm.double()`` a change
+    to the meta structure that the load would drop); the wrapper is returned, and its
+    traces equal the plain model moved the same way."""
+    lm = LanguageModel(saved["llama"])
+    assert getattr(lm, move)() is lm
+    assert lm.dispatched
+    assert {p.dtype for p in lm._module.parameters()} == {dtype}
+    assert not any(p.is_meta for p in lm._module.parameters())
+    h, logits, _ = _traced(lm, "auto")
+    expected_h, expected = _by_hand(lm._module)
+    assert torch.equal(h, expected_h) and torch.equal(logits, expected)

@@ -266,6 +266,40 @@ class LanguageModel(TokenEncoding, PaddingChecks, NNsight):
         self._module.to(*args, **kwargs)
         return self
 
+    def _converted(self, method: str, *args: Any) -> "LanguageModel":
+        """``module.<method>(*args)`` of torch's device and dtype moves, the weights loaded
+        first (on the meta structure the move would fail or be dropped by the load);
+        returns the wrapper, as :meth:`to` does."""
+        refuse_in_with(sys._getframe(2), f"model.{method}(...)",
+                       "the wrapper, after moving the model", "call it on a line of its own")
+        self.dispatch_model()
+        getattr(self._module, method)(*args)
+        return self
+
+    def cpu(self) -> "LanguageModel":
+        """Move the model to the CPU (loading its weights first if needed)."""
+        return self._converted("cpu")
+
+    def cuda(self, device: Any = None) -> "LanguageModel":
+        """Move the model to a GPU (loading its weights first if needed)."""
+        return self._converted("cuda", device)
+
+    def half(self) -> "LanguageModel":
+        """Cast the model's floating-point tensors to float16 (weights loaded first)."""
+        return self._converted("half")
+
+    def float(self) -> "LanguageModel":
+        """Cast the model's floating-point tensors to float32 (weights loaded first)."""
+        return self._converted("float")
+
+    def double(self) -> "LanguageModel":
+        """Cast the model's floating-point tensors to float64 (weights loaded first)."""
+        return self._converted("double")
+
+    def bfloat16(self) -> "LanguageModel":
+        """Cast the model's floating-point tensors to bfloat16 (weights loaded first)."""
+        return self._converted("bfloat16")
+
     # --- inputs ------------------------------------------------------------------------------
     def _accepts(self, name: str) -> bool:
         params = self._forward_params
