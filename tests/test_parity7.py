@@ -219,3 +219,48 @@ def test_model_output_attribute_written_in_one_invoke_keeps_the_cache(gpt2, refe
     assert len(got) == len(want) and got[0].shape[0] == 3
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# --- 3. an attachment's output written in a trace of the edited model -----------------------
+class _Attachment(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.lin = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writing_an_attachments_output_is_refused_clearly(gpt2, reference_hooks, backend):
+    """An edit adds an attached module's output to block 0's; a trace of the edited model
+    reads the attachment's output (as a forward hook on it sees it), and a write of it,
+    which fxsight cannot honour inside a call it runs as one step, is refused before the
+    run, naming that call and the line (was: "has no output call #0")."""
+    model = copy.deepcopy(gpt2)
+    net = NNsight(model)
+    net.transformer.h[0].attachment = _Attachment()
+    with net.edit() as edited:
+        h = net.transformer.h[0].output
+        net.transformer.h[0].output = h + net.transformer.h[0].attachment(h, hook=True)
+    x = _ids(2, 3)
+    with edited.trace(x, backend=backend):
+        attached = edited.transformer.h[0].attachment.output.save()
+        logits = edited.output.logits.save()
+    seen = {}
+    attachment = model.transformer.h[0].attachment
+
+    def through_attachment(module, args, output):
+        return output + attachment(output)
+
+    with reference_hooks(model, hooks={"transformer.h.0": through_attachment,
+                                       "transformer.h.0.attachment":
+                                       lambda m, a, o: seen.__setitem__("a", o)}), \
+            torch.no_grad():
+        expected = model(x).logits
+    torch.testing.assert_close(attached, seen["a"])
+    torch.testing.assert_close(logits, expected)
+    with pytest.raises(fxsight.TraceError, match=r"hook=True(.|\n)*test_parity7.py"):
+        with edited.trace(x, backend=backend):
+            edited.transformer.h[0].attachment.output *= 0
