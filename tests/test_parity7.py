@@ -264,3 +264,19 @@ def test_writing_an_attachments_output_is_refused_clearly(gpt2, reference_hooks,
     with pytest.raises(fxsight.TraceError, match=r"hook=True(.|\n)*test_parity7.py"):
         with edited.trace(x, backend=backend):
             edited.transformer.h[0].attachment.output *= 0
+
+
+def test_an_edit_storing_a_value_in_a_list_saves_nothing():
+    """An edit's block that puts a traced value into the caller's list is no save (an edit
+    has no values of its own: saving one is refused), and the edit applies."""
+    model = mlp()
+    net = NNsight(model)
+    kept = []
+    with net.edit() as edited:
+        kept.append(net.layer1.output)
+        net.layer2.output = net.layer2.output * 2
+    x = _x()
+    with edited.trace(x):
+        out = edited.output.save()
+    hidden = model.layer2(model.act1(model.layer1(x))) * 2
+    torch.testing.assert_close(out, model.layer3(model.act2(hidden)))
