@@ -16,6 +16,7 @@ import ctypes
 import dis
 import sys
 import types
+from itertools import islice
 from typing import Any, Callable, Iterable
 
 import torch
@@ -34,6 +35,7 @@ def _locals_to_fast() -> Callable[[types.FrameType, int], None] | None:
 
 _LOCALS_TO_FAST = _locals_to_fast()
 _DEPTH = 4  # how deep into containers and objects the walk goes
+_FIRST_LOOK = 64  # the items of each list or dict a walk's first pass looks at, from its end
 _ATOMS = (str, bytes, int, float, bool, type(None), torch.Tensor, torch.nn.Module, type,
           types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType)
 # packages whose objects hold no user values: their attributes are not walked
@@ -87,6 +89,8 @@ class _Walk:
         self.held = [object(), *proxies] if proxies and _COUNTED else None
         self.until = until  # or: the walk may stop once ``until()`` (after a proxy)
         self.finished = False
+        # the items looked at in each list or dict, from its end (``None``: all of them)
+        self.limit: int | None = None
 
     def done(self) -> bool:
         """Whether the walk may stop: ``until()``, or no reference to a live saved proxy
@@ -115,7 +119,8 @@ class _Walk:
         self.seen.add(id(value))
         if isinstance(value, list):
             spreads = self.spreads
-            for i in range(len(value) - 1, -1, -1):
+            last = -1 if self.limit is None else max(-1, len(value) - 1 - self.limit)
+            for i in range(len(value) - 1, last, -1):
                 item = value[i]
                 spread = spreads is not None and type(item) is Proxy and spreads(value, item)
                 new = self.bound(item, depth - 1)
@@ -143,7 +148,9 @@ class _Walk:
         return value
 
     def _bound_mapping(self, mapping: dict, depth: int) -> None:
-        for key in reversed(list(mapping)):
+        keys = list(mapping) if self.limit is None or len(mapping) <= self.limit else \
+            list(islice(reversed(mapping), self.limit))[::-1]
+        for key in reversed(keys):
             item = mapping[key]
             new = self.bound(item, depth - 1)
             if new is not item:
@@ -282,26 +289,51 @@ def bind_frame(frame: types.FrameType | None, resolve: Resolve,
         frame.f_locals  # noqa: B018 - (read again: see _write_back)
     elif walk.done():
         return
-    for index in range(len(names) - 1, -1, -1):  # (from the last: the block's own names)
-        kind = kinds[index]
-        if kind is Proxy or kind in _LEAF_TYPES:
-            continue
-        name = names[index]
-        value = namespace[name]
-        new = walk.bound(value, _DEPTH)
-        if new is not value:  # (a tuple, rebuilt)
-            namespace[name] = new
-            changed = True
-            value = new = None
-            if fast:
-                _write_back(frame)
-                changed = False
-            if walk.done():
+    # the containers the variables hold, from the last name on (the block's own), then
+    # the module globals the frame's code names (changed in place, never rebound); first
+    # the last items of each (what the block stored comes last), then all of them, so
+    # that a long list of earlier results is not walked before a small dict
+    reached = [names[i] for i in range(len(names) - 1, -1, -1)
+               if kinds[i] is not Proxy and kinds[i] not in _LEAF_TYPES]
+    named = _named_globals(frame) if namespace is not frame.f_globals else []
+    early = walk.until is not None or walk.held is not None  # (the walk may end early)
+    for limit in (_FIRST_LOOK, None) if early else (None,):
+        walk.limit = limit
+        walk.seen.clear()
+        for name in reached:
+            value = namespace[name]
+            new = walk.bound(value, _DEPTH)
+            if new is not value:  # (a tuple, rebuilt)
+                namespace[name] = new
+                changed = True
+                value = new = None
+                if fast:
+                    _write_back(frame)
+                    changed = False
+                if walk.done():
+                    break
+            if walk.finished:
                 break
+        value = new = None
+        for value in named:
+            if walk.finished:
+                break
+            walk.bound(value, _DEPTH)
+        value = None
         if walk.finished:
             break
+    named = None
     if changed and fast:
         _LOCALS_TO_FAST(frame, 0)
+
+
+def _named_globals(frame: types.FrameType) -> list[Any]:
+    """The module globals ``frame``'s code names (``captured[k] = value`` in a function,
+    ``captured`` a dict of its module) that a walk enters (no atoms)."""
+    namespace = frame.f_globals
+    found = [namespace[name] for name in frame.f_code.co_names if name in namespace]
+    return [value for value in found
+            if type(value) not in _LEAF_TYPES and not isinstance(value, _ATOMS)]
 
 
 def bind_objects(objects: list, resolve: Resolve,
@@ -322,3 +354,124 @@ def bind_objects(objects: list, resolve: Resolve,
         walk.bound(value, _DEPTH)
         if walk.finished:
             return
+
+
+def _variable_references() -> int:
+    """How many references a function's variable adds to its value once the frame's
+    ``f_locals`` has been read: the variable's own, and the ``f_locals`` dict's where
+    that is a copy (before 3.13)."""
+    value = object()
+    before = sys.getrefcount(value)
+    sys._getframe().f_locals  # noqa: B018 - (read for its effect)
+    return 1 + sys.getrefcount(value) - before
+
+
+_VARIABLE_REFERENCES = _variable_references()
+_OPTIMIZED = 0x1  # (a code flag: the function's variables live in the frame, not a dict)
+
+
+def find_stored(frame: types.FrameType | None, waiting: Callable[[], list[Proxy]],
+                found: Callable[[Proxy], None],
+                held_elsewhere: Callable[[Proxy], int] = lambda proxy: 0,
+                budget: int = 200_000) -> None:
+    """Call ``found(proxy)`` once for each of the proxies ``waiting()`` returns that the
+    block stored somewhere other than ``frame``'s variables (``captured[k] = value``,
+    ``results.append(value)``, ``obj.attr = value`` in a trace's block).
+
+    Where references are counted exactly, no walk is needed: a proxy referred to by more
+    than ``frame``'s variables, this call and ``held_elsewhere(proxy)`` (fxsight's own
+    holders) is held by some container, one the frame reaches or not (a module's list).
+    Elsewhere the lists, dicts, tuples and user objects the frame's variables reach are
+    walked, smaller containers first and each from its end, looking at no more than
+    ``budget`` values.
+    """
+    proxies = waiting()
+    if not proxies:
+        return
+    namespace = frame.f_locals if frame is not None else {}
+    per_variable = _VARIABLE_REFERENCES if frame is not None and \
+        namespace is not frame.f_globals and frame.f_code.co_flags & _OPTIMIZED else 1
+    variables: dict[int, int] = {}
+    for value in namespace.values():
+        if type(value) is Proxy:
+            variables[id(value)] = variables.get(id(value), 0) + 1
+    value = None
+    if _COUNTED:
+        held = [object(), *proxies]  # (the probe first: held exactly as the proxies are)
+        proxies = None
+        counts = list(map(sys.getrefcount, held))
+        stored = [proxy for proxy, count in zip(held[1:], counts[1:])
+                  if count - counts[0] - per_variable * variables.get(id(proxy), 0)
+                  - held_elsewhere(proxy) > 0]
+        held = None
+        for proxy in stored:
+            found(proxy)
+        return
+    _walk_for(proxies, namespace, found, budget)
+
+
+def _walk_for(proxies: list[Proxy], namespace: dict, found: Callable[[Proxy], None],
+              budget: int) -> None:
+    """:func:`find_stored` where references are not counted: call ``found`` for each of
+    ``proxies`` inside what ``namespace``'s values reach (not the values themselves)."""
+    index = {id(proxy): proxy for proxy in proxies}
+    reported: set[int] = set()
+    seen: set[int] = set()
+    left = [budget]
+
+    def visit(container: Any, depth: int) -> bool:
+        """Walk ``container``; True once the walk may end."""
+        kind = type(container)
+        if isinstance(container, (list, tuple)):
+            items: Iterable[Any] = reversed(container)
+        elif isinstance(container, dict):
+            items = reversed(container.values())
+        elif hasattr(container, "__dict__") and \
+                kind.__module__.partition(".")[0] not in _LIBRARIES:
+            items = reversed(vars(container).values())
+        else:
+            _leaf(kind)
+            return False
+        nested = []
+        for item in items:
+            left[0] -= 1
+            if left[0] < 0:
+                return True
+            kind = type(item)
+            if kind is Proxy:
+                if index.get(id(item)) is item and id(item) not in reported:
+                    reported.add(id(item))
+                    found(item)
+                    if len(reported) == len(index):
+                        return True
+            elif kind not in _LEAF_TYPES and depth > 1:
+                if isinstance(item, _ATOMS):
+                    _leaf(kind)
+                elif id(item) not in seen:
+                    seen.add(id(item))
+                    nested.append(item)
+        nested.sort(key=_size)
+        return any(visit(item, depth - 1) for item in nested)
+
+    roots = []
+    for value in reversed(namespace.values()):
+        kind = type(value)
+        if kind is Proxy or kind in _LEAF_TYPES:
+            continue
+        if isinstance(value, _ATOMS):
+            _leaf(kind)
+        elif id(value) not in seen:
+            seen.add(id(value))
+            roots.append(value)
+    roots.sort(key=_size)
+    for root in roots:
+        if visit(root, _DEPTH):
+            return
+
+
+def _size(container: Any) -> int:
+    """How many items a walk of ``container`` looks at (objects: their attributes)."""
+    if isinstance(container, (list, tuple, dict)):
+        return len(container)
+    attributes = getattr(container, "__dict__", None)
+    return len(attributes) if isinstance(attributes, dict) else 0

@@ -22,6 +22,15 @@ class _Store:
         self.pairs = []
 
 
+def _put_elsewhere(value):
+    _ELSEWHERE.clear()
+    _ELSEWHERE.append(value)
+
+
+def _taken_from_elsewhere():
+    return _ELSEWHERE.pop()
+
+
 def _saved_by_a_helper(net):
     return net.layer1.output.save()
 
@@ -62,10 +71,9 @@ def test_saved_values_are_bound_wherever_they_are_kept(setup, backend):
 def test_a_saved_proxy_out_of_reach_stands_for_its_value(setup, backend):
     model, net, x = setup
     hidden = model.layer1(x)
-    _ELSEWHERE.clear()
     with net.trace(x, backend=backend):
-        _ELSEWHERE.append(net.layer1.output.save())  # a module global: not in the frame
-    proxy = _ELSEWHERE[0]
+        _put_elsewhere(net.layer1.output.save())  # (a global the block's code never names)
+    proxy = _taken_from_elsewhere()
     assert isinstance(proxy, fxsight.Proxy)
     torch.testing.assert_close(proxy.value, hidden, rtol=0, atol=0)
     assert proxy.shape == hidden.shape and proxy.dtype == hidden.dtype
@@ -79,13 +87,14 @@ def test_a_saved_proxy_out_of_reach_stands_for_its_value(setup, backend):
 
 
 def test_an_unsaved_proxy_after_the_trace_is_a_clear_error(setup):
+    """A value only a variable holds, unsaved, stays a proxy whose use says to save it
+    (stored into a list, dict or object it is saved: see test_parity7.py)."""
     model, net, x = setup
-    kept = []
     with net.trace(x):
-        kept.append(net.layer1.output)  # not saved
+        hidden = net.layer1.output  # not saved
         net.output.save()
     with pytest.raises(fxsight.TraceError, match="not saved"):
-        kept[0] + 1
+        hidden + 1
 
 
 class _Walked(list):

@@ -129,6 +129,10 @@ class EditTracer(Tracer):
         if self._kept:
             super()._save_reachable(self._kept, None)
 
+    def _save_stored(self, frame: Any) -> None:
+        """Nothing: an edit has no values of its own (the proxies its block stores in the
+        caller's containers are no values, as in a trace of nnsight's edit)."""
+
     def _execute(self) -> None:
         program = self.program
         if program.saves:

@@ -358,6 +358,8 @@ class Envoy:
 
     def _write(self, kind: str, accessor: str, value: Any) -> None:
         tracer = self._tracer(accessor)
+        if getattr(tracer, "hooked_calls", None):
+            _refuse_write_in_hooked_call(tracer, self, accessor)
         tracer.recorder.create_write(self._site(kind, tracer), accessor, value)
 
     @property
@@ -537,6 +539,24 @@ def _from_hooked_call(recorder: Recorder, hooked: tuple, envoy: "Envoy",
         # a call for every row (an edit's), read in an invoke: the invoke's rows of it
         value = recorder.create_op("call_function", own_rows, (value,), {})
     return value
+
+
+def _refuse_write_in_hooked_call(tracer: Any, envoy: "Envoy", accessor: str) -> None:
+    """A write of ``envoy.<accessor>`` where the module runs only inside a call made with
+    ``hook=True`` (an attachment an edit calls): fxsight runs that call as one step of the
+    block, so nothing can be replaced inside it; refused, naming the call, before the
+    run (was: "has no output call #0")."""
+    hooked = _hooked_call(tracer, envoy._path)
+    if hooked is None or envoy._path in tracer._forward_paths():
+        return
+    _, _, line = hooked
+    label = module_label(envoy._path)
+    raise TraceError(at_line(
+        f"{label} runs only inside the call made with hook=True ({line}), which fxsight "
+        f"runs as one step: its .{accessor} can be read but not replaced (nnsight hooks "
+        f"that call); change the value the call returns where it is used instead (in the "
+        f"edit: `out = {label.rpartition('.')[2]}(h, hook=True) * 0`), or read "
+        f"{label}.{accessor} and compute from it", user_line()))
 
 
 def _first_input(inputs: tuple) -> Any:

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from .._torch import pytree, user_modes_suspended
-from ..bind import bind_frame, bind_objects
+from ..bind import bind_frame, bind_objects, find_stored
 from ..errors import InputError, TraceError, at_line, user_line
 from ..locks import model_lock
 from ..record.active import active_sessions, active_tracers
@@ -118,8 +118,7 @@ class Tracer(TraceMetadata):
                 raise
         self.recorder.open, self.recorder.thread = True, get_ident()
         self.recorder.modes, self.recorder.entry = ambient_modes(), entry_frame()
-        if active_sessions():  # (what a later trace may use: see _save_reachable)
-            self.recorder.made = []
+        self.recorder.made = []  # (what the block stores unsaved: see _save_stored)
         active_tracers().append(self)
         if self._implicit is not None:
             self._implicit.__enter__()
@@ -145,6 +144,8 @@ class Tracer(TraceMetadata):
             self._kept
         if not failed and (kept or sessions):
             self._save_reachable(kept, frame if sessions else None)
+        if not failed and not sessions:
+            self._save_stored(frame)
         self.recorder.open = False
         stack = active_tracers()
         if self in stack:
@@ -207,6 +208,22 @@ class Tracer(TraceMetadata):
             bind_frame(frame, save, None, until)
         if kept and (waiting is None or waiting):
             bind_objects(kept, save, until=until)
+
+    def _save_stored(self, frame: Any) -> None:
+        """Save this trace's values the block stored, unsaved, into the lists, dicts and
+        objects the caller's ``frame`` reaches (``captured[k] = value``,
+        ``results.append(value)``, ``obj.attr = value``): in nnsight the block's code
+        really runs, so they hold real values after it, as they do here once bound."""
+        recorder = self.recorder
+
+        def waiting() -> list[Proxy]:
+            return list(recorder.waiting().values())
+
+        find_stored(frame, waiting, recorder.save, self._held_by_tracer)
+
+    def _held_by_tracer(self, proxy: Proxy) -> int:
+        """How many references this tracer's own records hold to ``proxy``."""
+        return sum(held is proxy for held, _ in self.hooked_calls.values())
 
     # --- user API -----------------------------------------------------------------------
     def invoke(self, *args, **kwargs) -> Invoke | WholeBatch:

@@ -61,7 +61,8 @@ class Recorder:
         # the ``id`` of the frame the trace's block is in (``modes.entry_frame``)
         self.entry: int | None = None
         self.thread: int | None = None  # the thread whose trace context opened it
-        # in a session: every proxy made, held weakly (what may wait to be saved at the end)
+        # every proxy made, held weakly (what may wait to be saved at the end; ``None``
+        # until the trace's context opens)
         self.made: list[weakref.ref] | None = None
         self.done = False  # whether the trace has run: saved proxies stand for their values
         # ``what -> why``: kinds of node this trace cannot run (gradients in generate)
@@ -219,7 +220,7 @@ class Recorder:
 
     def waiting(self) -> dict[int, Proxy] | None:
         """The proxies made and still alive but not saved, by id (``None`` where the
-        recorder does not keep track: outside a session)."""
+        recorder does not keep track: before the trace's context opens)."""
         if self.made is None:
             return None
         alive = [ref() for ref in self.made]

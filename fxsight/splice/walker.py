@@ -252,6 +252,24 @@ class Walker:
         self.positions[node] = position
         self.read_versions[node] = self.tap_versions.get(site, 0)
 
+    def _passed_through(self, value: Any, narrowed: Any, old: Any) -> Any:
+        """``value``, made from the invoke's read ``narrowed`` of ``old`` by setting one of
+        its items or attributes, with each object that is no runtime value (a KV cache,
+        which the read gave the invoke's rows of) and that the write left as the read gave
+        it put back as the whole batch's ``old`` one: it passes through the write
+        unchanged, as a hook that sets the attribute on the model's own output leaves it."""
+        new_leaves, spec = pytree.tree_flatten(value)
+        read_leaves = pytree.tree_leaves(narrowed)
+        old_leaves = pytree.tree_leaves(old)
+        if not len(new_leaves) == len(read_leaves) == len(old_leaves):
+            return value
+        kept = [old_leaf if new_leaf is read_leaf and not self.is_value(old_leaf) and
+                old_leaf is not read_leaf else new_leaf
+                for new_leaf, read_leaf, old_leaf in zip(new_leaves, read_leaves, old_leaves)]
+        if all(a is b for a, b in zip(kept, new_leaves)):
+            return value
+        return unflatten_keeping_sizes(kept, spec)
+
     def _check_rows_of_object(self, node: Node, site: Site, value: Any, rows: Rows) -> None:
         """Refuse an invoke's read or write of a value holding an object of batched tensors
         (a dataclass, an object of the user's class): it cannot be given the invoke's rows."""
@@ -290,9 +308,12 @@ class Walker:
         self.values[node] = None
 
     def _write_at(self, node: Node, site: Site, accessor: str, value: Any,
-                  value_position: int, recorded: Any = None, leafwise: bool = True) -> None:
+                  value_position: int, recorded: Any = None, leafwise: bool = True,
+                  narrowed: Any = None) -> None:
         """Replace ``accessor`` of ``site`` with ``value`` (for ``node``, the user's line;
-        ``recorded``: the value as the Program has it, leaf for leaf where ``leafwise``)."""
+        ``recorded``: the value as the Program has it, leaf for leaf where ``leafwise``;
+        ``narrowed``: the invoke's read ``value`` was made from by setting one item or
+        attribute, whose other Python objects, a KV cache, pass through as they were)."""
         position = self.position_of_site(node, site)
         if value_position > position:
             later = self._site_at(value_position)
@@ -306,6 +327,8 @@ class Walker:
         rows = self._rows(node)
         if not rows.whole:
             self._check_rows_of_object(node, site, old, rows)
+            if narrowed is not None:
+                value = self._passed_through(value, narrowed, old)
         self.check_write(node, site, old, value, rows)
         old_leaves, spec = pytree.tree_flatten(old)
         new_leaves = pytree.tree_leaves(value) if isinstance(value, (tuple, list, dict)) \
@@ -378,7 +401,7 @@ class Walker:
             value = self._copy(value, value_position)  # (as a whole write's: see there)
         new = _with_item(self.values[read], map_nodes(key, self.values.__getitem__), value)
         self._write_at(node, read.site, read.accessor, new, value_position, (key, item),
-                       leafwise=False)
+                       leafwise=False, narrowed=self.values[read])
         self.values[node] = new
 
     def _set_attribute_of_read(self, node: Node) -> None:
@@ -399,7 +422,7 @@ class Walker:
                                      f"({type(self.values[read]).__name__}): {error}",
                                      node.line)) from None
         self._write_at(node, read.site, read.accessor, new, value_position, (name, item),
-                       leafwise=False)
+                       leafwise=False, narrowed=self.values[read])
         self.values[node] = new
 
     def _check_skip_value(self, node: Node, value_position: int) -> None:
