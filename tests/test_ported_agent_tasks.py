@@ -224,6 +224,50 @@ def test_barrier_patches_embeddings_between_padded_prompts(base, tokenizer, refe
     assert not torch.allclose(expected[1], unpatched[1], atol=1e-3)
 
 
+# --- task 18: logit lens -----------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logit_lens_over_a_slice_of_the_layers(base, tokenizer, backend):
+    """``for layer in model.transformer.h[:4]:`` (the eval's "first N layers"): a slice of a
+    module list is a list of its envoys, as nnsight slices them (was: a TypeError); each
+    layer's argmax through ``lm_head(ln_f(h))`` is the plain forward's."""
+    model = LanguageModel(base, tokenizer=tokenizer, backend=backend)
+    first = model.transformer.h[:4]
+    assert isinstance(first, list) and [e._path for e in first] == \
+        [f"transformer.h.{i}" for i in range(4)]
+    assert [e._path for e in model.transformer.h[-2::-2]] == \
+        [f"transformer.h.{i}" for i in (4, 2, 0)]
+    prompt = "The Eiffel Tower is in"
+    layer_predictions, layer_logits = [], []
+    with model.trace(prompt):
+        for layer in model.transformer.h[:4]:
+            logits = model.lm_head(model.transformer.ln_f(layer.output))
+            layer_predictions.append(logits[0, -1].argmax(dim=-1).save())
+            layer_logits.append(logits[0, -1].save())
+
+    outputs = []
+    handles = [block.register_forward_hook(lambda m, a, o: outputs.append(o))
+               for block in base.transformer.h[:4]]
+    try:
+        with torch.no_grad():
+            base(**tokenizer(prompt, return_tensors="pt"), use_cache=False)
+            expected = [base.lm_head(base.transformer.ln_f(o))[0, -1] for o in outputs]
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(torch.stack(layer_logits), torch.stack(expected),
+                               rtol=0, atol=1e-5)
+    assert [int(p) for p in layer_predictions] == [int(e.argmax()) for e in expected]
+
+
+def test_indexing_a_module_list_with_a_float_names_the_line(base, tokenizer):
+    """An index that is no int, slice or name: a TypeError naming the module list and the
+    user's line."""
+    model = LanguageModel(base, tokenizer=tokenizer)
+    with pytest.raises(TypeError, match=r"transformer\.h \(ModuleList\) cannot be indexed "
+                                        r"with 1\.5(.|\n)*test_ported_agent_tasks\.py"):
+        model.transformer.h[1.5]
+
+
 # --- the eval's advanced_11: steering in the generate body ---------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_steering_written_outside_iter_applies_at_the_prompts_step(base, tokenizer, backend):
