@@ -161,10 +161,11 @@ class Envoy:
             envoy = envoy._child(part, envoy._module._modules[part])
         return envoy
 
-    def __getitem__(self, key: Any) -> "Envoy":
-        """``envoy[i]``: a module of a list; ``envoy["name"]``: the submodule ``name``
-        (the way to a submodule named like an envoy attribute: ``layer["output"]`` is
-        BERT's ``BertLayer.output`` module, ``layer.output`` the layer's activation)."""
+    def __getitem__(self, key: Any) -> "Envoy | list[Envoy]":
+        """``envoy[i]``: a module of a list; ``envoy[:6]``: a list of those modules'
+        envoys (as nnsight slices a list's envoys); ``envoy["name"]``: the submodule
+        ``name`` (the way to a submodule named like an envoy attribute: ``layer["output"]``
+        is BERT's ``BertLayer.output`` module, ``layer.output`` the layer's activation)."""
         module = self._module
         if type(key) is str and not isinstance(module, torch.nn.ModuleDict):
             child = module._modules.get(key)
@@ -194,6 +195,9 @@ class Envoy:
         if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
             if not isinstance(key, (int, slice, str)) and hasattr(type(key), "__index__"):
                 key = operator.index(key)  # (a NumPy integer; a step number refuses here)
+            if isinstance(key, slice):
+                names = list(module._modules)[key]
+                return [self._child(name, module._modules[name]) for name in names]
             if isinstance(key, int):
                 length = len(module)
                 if not -length <= key < length:
@@ -202,8 +206,8 @@ class Envoy:
                                              user_line()))
                 index = key % length
                 return self._child(str(index), module[index])
-        raise TypeError(f"{module_label(self._path)} ({type(module).__name__}) cannot be "
-                        f"indexed with {key!r}")
+        raise TypeError(at_line(f"{module_label(self._path)} ({type(module).__name__}) "
+                                f"cannot be indexed with {key!r}", user_line()))
 
     def __iter__(self) -> Iterator["Envoy"]:
         for name, module in self._module.named_children():
