@@ -156,3 +156,21 @@ def test_nnsight_04_module_all(gpt2, tokenizer, reference, backend):
         with lm.transformer.h[0].all():
             acts.append(lm.transformer.h[0].output.save())
     _same(acts, blocks)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unsaved_appends_get_one_entry_per_step(gpt2, tokenizer, reference, backend):
+    """nnsight's agent-eval task "iterate generation": ``tokens.append(lm.lm_head.output)``
+    without ``.save()`` inside ``with tracer.all():`` (nnsight's body runs for real, so the
+    plain list holds each step's value). It held one unsaved proxy (``len(tokens) == 1``);
+    now the value stored is saved and spread, one real entry per step."""
+    _, logits = reference
+    lm = LanguageModel(gpt2, tokenizer=tokenizer)
+    tokens, by_name = [], {"logits": []}
+    with torch.no_grad(), lm.generate(PROMPTS, max_new_tokens=STEPS, do_sample=False,
+                                      backend=backend) as tracer:
+        with tracer.all():
+            tokens.append(lm.lm_head.output)
+            by_name["logits"].append(lm.lm_head.output[:, -1].max(-1).values)
+    _same(tokens, logits)
+    _same(by_name["logits"], [step[:, -1].max(-1).values for step in logits])
