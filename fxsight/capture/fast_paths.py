@@ -79,6 +79,9 @@ def fast_path_modules(model: torch.nn.Module, limit: int) -> dict[str, str]:
     """The outermost modules of ``model`` (not the root) that may take a fast path,
     path -> reason; none where there are more than ``limit`` of them."""
     found: dict[str, str] = {}
+    if isinstance(model, torch.nn.MultiheadAttention):  # (alone: one opaque call)
+        reason = _reason(model)
+        return {"": reason} if reason is not None else {}
     for path, module in model.named_modules():
         if not path or any(path.startswith(p + ".") for p in found):
             continue

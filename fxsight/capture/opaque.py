@@ -377,7 +377,7 @@ def attention_key(target: Any, args: tuple) -> Any:
 
 def ignored_changes(reasons: dict[str, str]) -> set[str]:
     """The state changes ``routed`` makes (``state.Watch.changes``' words)."""
-    return {f"module {path!r}, attribute 'forward' (added)" for path in reasons}
+    return {f"module {(path or 'model')!r}, attribute 'forward' (added)" for path in reasons}
 
 
 _CHANGED = re.compile(r"^module '([^']+)'")
