@@ -69,6 +69,16 @@ def _reason(module: torch.nn.Module) -> str | None:
     return None
 
 
+_GRAD_DECIDED = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
+                 torch.nn.TransformerEncoder)
+
+
+def grad_decides_path(model: torch.nn.Module) -> bool:
+    """Whether a module of ``model`` chooses between its fast and slow paths by the grad
+    mode (a forward pass that learns what the plain one calls runs in the caller's)."""
+    return any(isinstance(module, _GRAD_DECIDED) for module in model.modules())
+
+
 def may_take_fast_path(module: torch.nn.Module) -> bool:
     """Whether ``module``'s eager forward may take a fast path now (over-approximated:
     the checks that depend on the inputs are left to the forward)."""
