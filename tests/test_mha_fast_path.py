@@ -13,6 +13,7 @@ its ``.source`` read there returned the slow path's softmax, which the hooks bac
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -85,11 +86,11 @@ def _equal(a, b) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
 
+@contextlib.contextmanager
 def _quiet():
-    catcher = warnings.catch_warnings()
-    catcher.__enter__()
-    warnings.simplefilter("ignore")  # (the fx backend's note of an opaque call)
-    return catcher
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fx backend's note of an opaque call)
+        yield
 
 
 # ----------------------------------------------------------------------------------------
@@ -107,13 +108,10 @@ def test_read_of_the_attention_and_the_block_is_bit_equal(backend, need_weights,
         (want_attn, want_weights), (want, _) = _hooked(model, "attn", x, kpm, am)
         assert (want_weights is None) == (not need_weights)
         net = NNsight(model)
-        catcher = _quiet()
-        try:
+        with _quiet():
             with net.trace(x, kpm, am, backend=backend):
                 attn = net.attn.output.save()
                 out = net.output.save()
-        finally:
-            catcher.__exit__(None, None, None)
     assert torch.equal(attn[0], want_attn)
     assert _equal(attn[1], want_weights)
     assert torch.equal(out[0], want)
@@ -130,13 +128,10 @@ def test_attention_alone_is_bit_equal(backend, need_weights, dtype):
     with torch.no_grad():
         want = attn(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
         net = NNsight(attn)
-        catcher = _quiet()
-        try:
+        with _quiet():
             with net.trace(x, x, x, key_padding_mask=kpm, need_weights=need_weights,
                            backend=backend):
                 out = net.output.save()
-        finally:
-            catcher.__exit__(None, None, None)
     assert torch.equal(out[0], want[0])
     assert _equal(out[1], want[1])
 
@@ -150,14 +145,11 @@ def test_write_of_the_attention_output_is_bit_equal(backend, need_weights):
         _, (want, _) = _hooked(model, "attn", x, kpm, None,
                                hook=lambda out: (out[0] * 2, out[1]))
         net = NNsight(model)
-        catcher = _quiet()
-        try:
+        with _quiet():
             with net.trace(x, kpm, backend=backend):
                 attn = net.attn.output
                 net.attn.output = (attn[0] * 2, attn[1])
                 out = net.output.save()
-        finally:
-            catcher.__exit__(None, None, None)
     assert torch.equal(out[0], want)
 
 
@@ -170,13 +162,10 @@ def test_skip_of_the_attention_is_bit_equal(backend, need_weights):
         (_, weights), _ = _hooked(model, "attn", x)
         _, (want, _) = _hooked(model, "attn", x, hook=lambda out: (v, out[1]))
         net = NNsight(model)
-        catcher = _quiet()
-        try:
+        with _quiet():
             with net.trace(x, backend=backend):
                 net.attn.skip((v, weights))
                 out = net.output.save()
-        finally:
-            catcher.__exit__(None, None, None)
     assert torch.equal(out[0], want)
 
 
@@ -229,12 +218,9 @@ def test_fast_path_turned_off_reaches_the_softmax(backend):
     model, x = _block(True), _x()
     net = NNsight(model)
     with torch.no_grad():
-        catcher = _quiet()
-        try:
+        with _quiet():
             with net.trace(x, backend=backend):
                 net.attn.output.save()
-        finally:
-            catcher.__exit__(None, None, None)
         before = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
