@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..capture.fast_paths import fast_path_refusal
 from ..capture.operations import (SOURCE, Differing, Opaque, Parsed, SourceError, describe,
                                   forward_slot, parse)
 from ..errors import TraceError, at_line, outside_a_trace, user_line
@@ -185,9 +186,10 @@ class OperationEnvoy:
                     f"this block has no inputs: give it the model's inputs "
                     f"(`model.edit(inputs)`), or use .source of it in a trace first",
                     user_line()))
+            why = fast_path_refusal(self._path, callees.__contains__)
             raise TraceError(at_line(
-                f"{self.label} is not called in this forward pass (its line is not "
-                f"reached with these inputs)", user_line()))
+                f"{self.label} is not called in this forward pass ("
+                f"{why or 'its line is not reached with these inputs'})", user_line()))
         called = callees[self._path]
         if isinstance(called, Differing):
             raise TraceError(at_line(

@@ -2,7 +2,7 @@
 
 An attention is an attention kernel (``scaled_dot_product_attention`` and its variants,
 ``MultiheadAttention``'s fused fast path, ``flex_attention``: its keys are its key
-argument's tokens) or a softmax over the last dimension of scores. A softmax of scores of
+argument's tokens; an opaque call of ``MultiheadAttention``, which runs that fast path) or a softmax over the last dimension of scores. A softmax of scores of
 four dimensions (batch, heads, queries, keys) is one at once; of three (batch * heads,
 queries, keys: ``torch.bmm`` attention, ``MultiheadAttention`` with ``need_weights``) or
 more, where its scores are a product of two tensors the forward computed from its inputs
@@ -22,6 +22,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+
+from .opaque import attention_key
 
 _aten = torch.ops.aten
 # attention kernels: (overload packet or higher-order operator) -> the position of its key
@@ -57,9 +59,16 @@ def kernel_keys(target: Any, args: tuple, tensor_of: Callable) -> int | None:
     """The number of keys of an attention kernel (-1 where symbolic), ``None`` for
     another operator."""
     position = _KERNELS.get(packet(target))
-    if position is None or len(args) <= position:
+    if position is None:
+        # (a module that runs as an opaque call: nn.MultiheadAttention on its fast path)
+        leaf = attention_key(target, args)
+        if leaf is None:
+            return None
+    elif len(args) <= position:
         return None
-    key = tensor_of(args[position])
+    else:
+        leaf = args[position]
+    key = tensor_of(leaf)
     if not isinstance(key, torch.Tensor) or key.dim() < 2:
         return None
     try:

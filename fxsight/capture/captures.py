@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .._torch import (default_device_set, parametrization_cache_on, pytree,
-                      user_modes_suspended)
+from .._torch import (default_device_set, mha_fastpath_enabled, parametrization_cache_on,
+                      pytree, user_modes_suspended)
 from ..errors import CaptureError
 from ..stats import bump
 from . import caches, state
@@ -204,12 +204,14 @@ def _torch_settings() -> tuple:
     ``emb.to(torch.get_default_dtype())``), inference mode, deterministic algorithms and
     the float32 matmul precision (a forward may branch on them), and whether parametrized
     tensors are cached (``parametrize.cached()``: a capture would bake the cached tensor
-    in, see ``export``). A capture made under other settings is another capture, as a
+    in, see ``export``), and whether ``nn.MultiheadAttention`` may take its fast path (which
+    makes it an opaque call, see ``fast_paths``). A capture made under other settings is another capture, as a
     plain forward would see the change."""
     return (torch.get_default_dtype(), default_device_set(),
             torch.is_inference_mode_enabled(), torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.get_float32_matmul_precision(), parametrization_cache_on())
+            torch.get_float32_matmul_precision(), parametrization_cache_on(),
+            mha_fastpath_enabled())
 
 
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # looked at always (a model may move its inputs)

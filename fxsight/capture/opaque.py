@@ -34,6 +34,7 @@ from .._torch import (FakeTensorMode, autocast_cache_off, fake_cache_unchanged, 
                       unset_fake_temporarily, user_modes_suspended)
 from ..record.sites import OUTPUT, Site
 from .events import ModuleEvents
+from .fast_path_outputs import as_plain_output
 from .effects import kept_forward_effects
 from .state import Watch
 
@@ -58,6 +59,7 @@ class _Call:
     out_metas: list[tuple]            # (shape, dtype, device, stride) of each output
     reason: str
     grad_enabled: bool = True         # the grad mode the forward was captured in
+    attention_key: int | None = None  # an attention module's: its key tensor's index
 
 
 TENSOR = object()  # where a tensor goes among a call's constants
@@ -198,9 +200,13 @@ def record_outputs(model: torch.nn.Module, args: tuple, kwargs: dict,
     put back afterwards (a trace changes them only as the plain forward does), and
     autocast's cache of weight casts is neither filled nor read (``autocast_cache_off``)."""
     outputs: dict[Site, Any] = {}
+    modules = dict(events_on.named_modules())
 
     def record(site: Site, value: Any) -> None:
         if site.kind == OUTPUT:
+            # (the value the real forward returns: None where a fused kernel's fake gives
+            # an empty tensor, which the opaque call's real output must match)
+            value = as_plain_output(modules.get(site.path), value)
             with unset_fake_temporarily():
                 outputs[site] = pytree.tree_map(_meta, value)
 
@@ -334,7 +340,8 @@ def _router(module: torch.nn.Module, path: str, reason: str, outputs: dict[Site,
                               len(tensors), out_spec,
                               [TENSOR if isinstance(v, _Meta) else v for v in out_flat],
                               [(m.shape, m.dtype, m.device, m.stride) for m in out_flat
-                               if isinstance(m, _Meta)], reason, torch.is_grad_enabled()),
+                               if isinstance(m, _Meta)], reason, torch.is_grad_enabled(),
+                              _attention_key(module, args, kwargs, tensors)),
                         kept)
         parameters = [p for p in module.parameters()]
         results = iter(opaque(tensors + parameters, key))
@@ -345,9 +352,32 @@ def _router(module: torch.nn.Module, path: str, reason: str, outputs: dict[Site,
     return forward
 
 
+def _attention_key(module: torch.nn.Module, args: tuple, kwargs: dict,
+                   tensors: list[torch.Tensor]) -> int | None:
+    """For an ``nn.MultiheadAttention`` (batch first): the index among ``tensors`` (its
+    call's) of its ``key`` argument, whose tokens are the attention's keys."""
+    if not isinstance(module, torch.nn.MultiheadAttention) or not module.batch_first:
+        return None
+    key = args[1] if len(args) > 1 else kwargs.get("key")
+    return next((i for i, t in enumerate(tensors) if t is key), None)
+
+
+def attention_key(target: Any, args: tuple) -> Any:
+    """Where ``target`` of ``args`` is an opaque call of an attention module (the
+    padding checks see it as the attention kernel it runs): its key argument (a leaf of
+    its inputs: a graph node, a tensor), else ``None``."""
+    if target is not OPAQUE or len(args) < 2 or not isinstance(args[1], str):
+        return None
+    call = _CALLS.get(args[1])
+    if call is None or call.attention_key is None or \
+            not isinstance(args[0], (list, tuple)) or len(args[0]) <= call.attention_key:
+        return None
+    return args[0][call.attention_key]
+
+
 def ignored_changes(reasons: dict[str, str]) -> set[str]:
     """The state changes ``routed`` makes (``state.Watch.changes``' words)."""
-    return {f"module {path!r}, attribute 'forward' (added)" for path in reasons}
+    return {f"module {(path or 'model')!r}, attribute 'forward' (added)" for path in reasons}
 
 
 _CHANGED = re.compile(r"^module '([^']+)'")

@@ -12,6 +12,10 @@ from . import opaque as opaque_calls
 from .export import Captured, capture
 from .fast_paths import fast_path_modules
 
+# modules taking a fast path made opaque in one capture, at most (one capture for all:
+# a vision transformer's attention in every layer)
+MAX_FAST_PATH = 256
+
 
 def capture_partly(model: torch.nn.Module, args: tuple, kwargs: dict,
                    events_on: torch.nn.Module | None = None,
@@ -21,7 +25,7 @@ def capture_partly(model: torch.nn.Module, args: tuple, kwargs: dict,
     again with that module as one opaque call (``capture/opaque.py``), up to
     ``opaque.MAX_OPAQUE`` modules. Raises the first error where an opaque call does not
     help, the last one where something outside a module (the output) stops the capture."""
-    fast = {} if events_on is not None else fast_path_modules(model, opaque_calls.MAX_OPAQUE)
+    fast = {} if events_on is not None else fast_path_modules(model, MAX_FAST_PATH)
     if fast:  # (their eager forward, not the slow path export would trace)
         try:
             outputs = opaque_calls.record_outputs(model, args, kwargs, model)

@@ -23,6 +23,7 @@ from .state import Watch
 from .dispatch import offloaded
 from .events import ModuleEvents, silenced_hooks
 from .fast_path_outputs import as_plain_output
+from .fast_paths import grad_decides_path
 from .input_flow import InputFlow, InputReads
 from .memory import MemoryNumbers
 from .quiet_warnings import held_warnings
@@ -186,7 +187,10 @@ def _run(model, args, kwargs, events, record, recorded, writes):
 
     observe = writes.observe if writes.watched else None  # (the buffers written)
 
-    with torch.no_grad():
+    # without gradients, but in the trace's grad mode where a module chooses its path by
+    # it (nn.MultiheadAttention's fused fast path), so that the scan takes the path the
+    # plain forward takes
+    with torch.set_grad_enabled(torch.is_grad_enabled() and grad_decides_path(model)):
         try:
             if offloaded(model):  # weights loaded by accelerate in each forward: real
                 raise _RealProbe  # tensors only (a probe with the real values)

@@ -19,10 +19,12 @@ import torch.nn as nn
 from ..capture.caches import input_caches
 from ..capture.captures import cached_capture, flat_inputs, signature
 from ..capture.export import CaptureError, Captured
+from ..capture.fast_paths import ATTENTION_REASON, fast_path_refusal
 from ..capture.operations import spec_for
 from ..capture.scan import ScanResult, cached_scan
 from ..errors import NotOnGraph, TraceError, at_line, user_line, user_stacklevel
 from ..record.program import Kind, Node, Program
+from ..record.sites import is_operation, module_label
 from ..splice.gradients import TapHooks, backward_phase
 from ..splice.rows import Rows
 from ..splice.meta_walker import MetaWalker
@@ -119,6 +121,30 @@ def _inside_opaque(captured: Captured, program: Program,
         return (f"the trace uses gradients, which do not flow through module {path!r} "
                 f"(an opaque call in the captured graph)")
     return None
+
+
+def _refuse_operations_not_called(module: nn.Module, captured: Captured, program: Program,
+                                  args: tuple, kwargs: dict, operations: frozenset) -> None:
+    """Raise, as the hooks backend does, where ``program`` reads or writes an operation
+    (``.source``) of a module that runs as an opaque call because it may take torch's
+    fused fast path, and that fast path runs for these inputs (a fake-tensor scan, which
+    takes it as the plain forward does): the operation is not called."""
+    fast = [path for path, reason in captured.opaque.items() if reason == ATTENTION_REASON]
+    if not fast or not operations:
+        return
+    nodes = [node for node in program.nodes if getattr(node, "site", None) is not None
+             and is_operation(node.site.path)
+             and any(node.site.path.startswith(f"{path}.") for path in fast)]
+    if not nodes:
+        return
+    index = cached_scan(module, args, kwargs, operations).index
+    called = {site.path for site in index}
+    for node in nodes:
+        site = node.site
+        why = None if site.path in called else fast_path_refusal(site.path, called.__contains__)
+        if why is not None:
+            raise TraceError(at_line(f"{module_label(site.path)} has no {site.kind} call "
+                                     f"#{site.call} in this forward pass ({why})", node.line))
 
 
 def metadata_source(module: nn.Module, args: tuple, kwargs: dict,
@@ -249,6 +275,7 @@ def _run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
                            key[-1] if remember else None)
     outcome = None
     if captured is not None:
+        _refuse_operations_not_called(module, captured, program, args, kwargs, operations)
         reason = _inside_opaque(captured, program, backward_nodes)
         if reason is not None:
             fall_back(NotOnGraph(reason), options, warned, ("opaque", reason))

@@ -29,6 +29,7 @@ from ..record.program import (Kind, Node, Program, draws_random, map_nodes, node
 from .rows import Rows, conform, dense_copy, narrow_rows, splice_rows
 from .opaque_rows import batched_object
 from ..capture.caches import CacheRef, is_cache, rows_of
+from ..capture.fast_paths import fast_path_refusal
 from .shared_memory import SharedMemory, memory_of, read_root, upstream
 from .gradients import (backward_phase, grad_tap, grad_target, leaf_index,
                         picks_inside_a_tensor, tap_key, value_key, value_target)
@@ -129,9 +130,12 @@ class Walker:
             if calls:
                 times = "once" if calls == 1 else f"{calls} times"
                 why = f"it runs {times} in it, from call #0"
+            elif is_operation(site.path):
+                why = fast_path_refusal(site.path, lambda path: any(
+                    s.path == path for s in self.index)) or \
+                    "its line is not reached with these inputs"
             else:
-                why = ("its line is not reached with these inputs" if is_operation(site.path)
-                       else "the module never runs with these inputs")
+                why = "the module never runs with these inputs"
             hint = EDIT_CALL_HINT if node in self.program.from_edits and site.call else ""
             raise TraceError(at_line(
                 f"{module_label(site.path)} has no {site.kind} call #{site.call} in this "
