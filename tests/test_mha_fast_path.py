@@ -250,3 +250,30 @@ def test_sequence_first_attention_takes_no_fast_path(backend):
             out = net.output.save()
     assert torch.equal(out[0], want)
     assert torch.equal(probs.view(2, _HEADS, _TOKENS, _TOKENS).mean(dim=1), want_weights)
+
+
+def test_several_fast_path_attentions_are_one_warning():
+    """A model of 6 blocks, each with an ``nn.MultiheadAttention`` that runs as an opaque
+    call: one warning naming them (it was one per attention: 12 for a ViT-B), and the
+    values are the plain forward's."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.mlp = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.mlp(x + self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[Block() for _ in range(6)]).eval()
+    x = torch.randn(2, 5, 16)
+    wrapped = NNsight(model)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with torch.no_grad(), wrapped.trace(x, backend="fx"):
+            kept = wrapped[3].output.save()
+    opaque = [str(w.message) for w in shown if "opaque" in str(w.message)]
+    assert len(opaque) == 1 and "(6 in all)" in opaque[0], opaque
+    with torch.no_grad():
+        assert torch.equal(kept, model[:4](x))

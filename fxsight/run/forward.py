@@ -92,12 +92,26 @@ def capture_for(module: nn.Module, args: tuple, kwargs: dict, options: RunOption
         key = ("opaque", signature(module, args, kwargs, flat))
         if key not in warned:
             warned.add(key)
+            by_reason: dict[str, list[str]] = {}
             for path, reason in captured.opaque.items():
-                warnings.warn(f"fxsight: module {path!r} runs as one opaque call inside the "
-                              f"captured graph (the rest of the model is captured; a trace "
-                              f"that reads or writes inside it runs on hooks): {reason}",
-                              RuntimeWarning, stacklevel=user_stacklevel())
+                by_reason.setdefault(reason, []).append(path)
+            for reason, paths in by_reason.items():  # (one warning per reason: a ViT's
+                warnings.warn(                       # 12 attentions are one)
+                    f"fxsight: {_modules_named(paths)} "
+                    f"{'runs as one opaque call' if len(paths) == 1 else 'run as opaque calls'}"
+                    f" inside the captured graph (the rest of the model is captured; a "
+                    f"trace that reads or writes inside {'it' if len(paths) == 1 else 'them'}"
+                    f" runs on hooks): {reason}",
+                    RuntimeWarning, stacklevel=user_stacklevel())
     return captured
+
+
+def _modules_named(paths: list[str], shown: int = 4) -> str:
+    """``module 'a'``, or ``modules 'a', 'b', ... (12 in all)``."""
+    if len(paths) == 1:
+        return f"module {paths[0]!r}"
+    names = ", ".join(map(repr, paths[:shown]))
+    return f"modules {names}{f', ... ({len(paths)} in all)' if len(paths) > shown else ''}"
 
 
 def _inside_opaque(captured: Captured, program: Program,
