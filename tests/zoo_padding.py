@@ -56,10 +56,14 @@ def check_padding(name: str, backend: str) -> str:
     except Exception as error:  # noqa: BLE001 - recorded
         return f"error: {type(error).__name__}: {' '.join(str(error).split())[:300]}"
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    # (a decoder's prompts are left-padded: its tokens are the last; an encoder's, a model
+    # that does not generate, right-padded: the first, as its tokenizer pads them)
+    generates = not callable(getattr(model, "can_generate", None)) or model.can_generate()
     for value, expected in zip(saved, alone):
         value = zoo.first_tensor(value)
-        if not seq2seq:  # (left-padded: its tokens are the last)
-            value = value[:, -expected.shape[1]:]
+        if not seq2seq:
+            value = value[:, -expected.shape[1]:] if generates else \
+                value[:, :expected.shape[1]]
         if value.shape != expected.shape or not torch.allclose(
                 value.float(), expected.float(), atol=1e-4, rtol=1e-3):
             diff = (value.float() - expected.float()).abs().max().item() \
