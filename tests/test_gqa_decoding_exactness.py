@@ -14,6 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from transformers import DynamicCache
+
 from fxsight import LanguageModel
 from models import tiny_llama
 
@@ -92,3 +94,31 @@ def test_trace_of_a_padded_batch_is_the_plain_forward(backend):
     with lm.trace({"input_ids": ids, "attention_mask": mask}, backend=backend):
         got = lm.output.logits.save()
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["fx", "hooks"])
+def test_one_token_continuing_a_padded_cache_is_the_plain_forward(backend):
+    """A trace of one new token per row after a padded batch's cache (a graph of static
+    shapes, whose mask fxsight computes only for a padded batch)."""
+    model = _model(2)
+    ids, mask = _batch()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+    def cache() -> DynamicCache:
+        made = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                  past_key_values=made, use_cache=True)
+        return made
+
+    token = torch.tensor([[7], [9], [11]])
+    longer = torch.cat([mask, torch.ones_like(token)], dim=1)
+    after = positions[:, -1:] + 1
+    with torch.no_grad():
+        want = model(input_ids=token, attention_mask=longer, position_ids=after,
+                     past_key_values=cache()).logits
+    lm = LanguageModel(model)
+    with lm.trace({"input_ids": token, "attention_mask": longer, "position_ids": after},
+                  past_key_values=cache(), backend=backend):
+        got = lm.output.logits.save()
+    assert torch.equal(got, want), f"max diff {(got - want).abs().max().item():.3g}"

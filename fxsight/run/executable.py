@@ -35,8 +35,7 @@ from .._torch import compile_backend, pytree, user_modes_resumed, without_duck_s
 from ..record.program import INPUT_PART, Program
 from ..splice.indices import Validated, blind, candidates, tensor_indices
 from ..splice.attention_masks import ASSUME_UNPADDED, CHECK, KEEP, all_ones, \
-    elide_model_masks
-from ..splice.single_query_attention import pack_single_queries
+    elide_model_masks, pack_single_queries
 from ..splice.splice import Spliced, splice
 from ..splice.meta_walker import MetaWalker
 from .eager import bound_forward, fast_forward, plainly_bindable

@@ -11,15 +11,14 @@ or exported, it repeats the key/value heads to the query heads (``repeat_kv``), 
 is the call a captured graph holds. The values agree but for the last bits (the kernel
 sums in another order).
 
-:func:`pack_single_queries` makes such a call of an eager graph the eager forward's: where
-the query has one token, the key and value are both the repeat of the same number of
-key/value heads (of the query's head size) inside a transformers module, and the graph
-has the model's padding mask (an ``attention_mask`` input), the call becomes
-:func:`single_query_attention`, which decides at each run, as the eager forward does, with
-transformers' own functions, where a padding mask has a zero (the eager forward has a
-mask then). Where every padding mask is all ones the eager forward has no mask and the
-graph's call is kept as it is (which mask the eager forward would skip is decided by
-transformers' mask functions, not by the attention's).
+:func:`single_query_heads` finds such a call in a captured graph: the query has one token,
+the key and value are both the repeat of the same number of key/value heads (of the
+query's head size), inside a transformers module; sizes may be symbolic (the decoding
+steps' graphs are dynamic). :func:`masked_single_query` makes the call as the eager
+forward does with a mask, with transformers' own functions, decided at each run
+(:func:`fxsight.splice.attention_masks.pack_single_queries` and the masked branch of
+:func:`fxsight.splice.attention_masks.either_attention` use it where a padding mask has
+a zero: the eager forward has a mask then).
 """
 
 from __future__ import annotations
@@ -30,77 +29,42 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..stats import bump
-from .attention_masks import MASK_INPUTS, SDPA, _padding_mask, all_ones
 from .grouped_attention import _in_transformers
 
 _aten = torch.ops.aten
+SDPA = _aten.scaled_dot_product_attention.default
 _SDPA_INTEGRATION = "transformers.integrations.sdpa_attention"
 # transformers' functions the eager call is decided and made with
 _DECIDERS = ("use_gqa_in_sdpa", "pack_gqa", "repeat_kv", "is_torchdynamo_compiling")
-# scaled_dot_product_attention's arguments, in order
-_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 
 
-def pack_single_queries(gm: fx.GraphModule) -> int:
-    """Rewrite ``gm``'s grouped-query attention calls of one query token with a mask as
-    described in the module docstring (``gm`` is recompiled where one is); how many."""
+def decidable() -> bool:
+    """Whether transformers' SDPA attention is loaded with the functions that decide and
+    make the eager call (none where no transformers model was captured through it, or
+    a version without them: then the graph's call is kept)."""
     integration = sys.modules.get(_SDPA_INTEGRATION)
-    if integration is None or not all(hasattr(integration, n) for n in _DECIDERS):
-        return 0  # (no transformers model captured through it, or a version without)
-    graph = gm.graph
-    padding = [n for n in graph.nodes if n.op == "placeholder" and
-               (n.target in MASK_INPUTS or n.name in MASK_INPUTS) and
-               _padding_mask(n.meta.get("val"))]
-    if not padding:
-        return 0
-    rewritten = 0
-    for call in list(graph.nodes):
-        if call.op != "call_function" or call.target is not SDPA:
-            continue
-        given = dict(zip(_PARAMETERS, call.args))
-        given.update(call.kwargs)
-        heads = _grouped_single_query(given)
-        if heads is None:
-            continue
-        (key_heads, value_heads), repeats = heads
-        chains = [given["key"], given["value"]]
-        with graph.inserting_before(call):
-            plain = graph.call_function(all_ones, tuple(padding))
-        call.target = single_query_attention
-        call.args = (plain, given["query"], key_heads, value_heads, given["attn_mask"],
-                     given.get("scale"), repeats)
-        call.kwargs = {}
-        for repeated in chains:
-            _erase_chain(repeated)
-        rewritten += 1
-    if rewritten:
-        graph.lint()
-        gm.recompile()
-        bump("single_queries_packed", rewritten)
-    return rewritten
+    return integration is not None and all(hasattr(integration, n) for n in _DECIDERS)
 
 
-def single_query_attention(plain: bool, query: torch.Tensor, key_heads: torch.Tensor,
-                           value_heads: torch.Tensor, mask: torch.Tensor, scale: Any,
-                           repeats: int) -> torch.Tensor:
-    """A grouped-query attention of one query token as transformers' eager SDPA attention
-    runs it with a mask (``plain``: every padding mask all ones, where the graph's own
-    call, on the repeated heads, is kept; see the module docstring)."""
+def masked_single_query(query: torch.Tensor, key_heads: torch.Tensor,
+                        value_heads: torch.Tensor, mask: torch.Tensor, scale: Any,
+                        repeats: int) -> torch.Tensor:
+    """A grouped-query attention of one query token on ``key_heads`` / ``value_heads``
+    (each repeated ``repeats`` times to the query's heads) with ``mask``, as
+    transformers' SDPA attention runs it (see the module docstring)."""
     integration = sys.modules[_SDPA_INTEGRATION]
-    if not plain:
-        if integration.use_gqa_in_sdpa(mask, key_heads, value_heads):
-            return SDPA(query, key_heads, value_heads, mask, 0.0, False, scale=scale,
-                        enable_gqa=True)
-        if not integration.is_torchdynamo_compiling():
-            packed = SDPA(integration.pack_gqa(query, repeats), key_heads, value_heads,
-                          integration.pack_gqa(mask, repeats), 0.0, False, scale=scale)
-            return packed.reshape(packed.shape[0], -1, 1, value_heads.shape[-1])
+    if integration.use_gqa_in_sdpa(mask, key_heads, value_heads):
+        return SDPA(query, key_heads, value_heads, mask, 0.0, False, scale=scale,
+                    enable_gqa=True)
+    if not integration.is_torchdynamo_compiling():
+        packed = SDPA(integration.pack_gqa(query, repeats), key_heads, value_heads,
+                      integration.pack_gqa(mask, repeats), 0.0, False, scale=scale)
+        return packed.reshape(packed.shape[0], -1, 1, value_heads.shape[-1])
     return SDPA(query, integration.repeat_kv(key_heads, repeats),
                 integration.repeat_kv(value_heads, repeats), mask, 0.0, False, scale=scale)
 
 
-def _grouped_single_query(given: dict[str, Any]) -> tuple[tuple[fx.Node, fx.Node], int] | None:
+def single_query_heads(given: dict[str, Any]) -> tuple[tuple[fx.Node, fx.Node], int] | None:
     """``((key heads, value heads), repeats)`` of a masked attention call of one query
     token on repeated key/value heads inside a transformers module; else ``None``."""
     mask = given.get("attn_mask")
@@ -166,18 +130,6 @@ def _full_slice(node: Any) -> bool:
     start, end, step = (list(node.args[2:]) + [None, None, None])[:3]
     return start in (None, 0) and (step in (None, 1)) and \
         (end is None or (type(end) is int and end >= sys.maxsize))
-
-
-def _erase_chain(node: fx.Node) -> None:
-    """Erase a ``repeat_kv`` chain that nothing uses any more (up to its source)."""
-    while isinstance(node, fx.Node) and not node.users and node.op == "call_function" and \
-            node.target in (_aten.reshape.default, _aten.view.default, _aten.expand.default,
-                            _aten.slice.Tensor, _aten.unsqueeze.default):
-        source = node.args[0]
-        node.graph.erase_node(node)
-        if node.target is _aten.unsqueeze.default:
-            return
-        node = source
 
 
 def _value(node: Any) -> torch.Tensor | None:
