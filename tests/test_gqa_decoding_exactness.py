@@ -122,3 +122,25 @@ def test_one_token_continuing_a_padded_cache_is_the_plain_forward(backend):
                   past_key_values=cache(), backend=backend):
         got = lm.output.logits.save()
     assert torch.equal(got, want), f"max diff {(got - want).abs().max().item():.3g}"
+
+
+def test_an_edit_at_every_step_is_the_hooks_backends_bit_for_bit():
+    """A padded batch's generation with layer 0's attention output scaled at every step:
+    the fx backend's step logits and ids are the hooks backend's (the edit done by
+    forward hooks on the eager model)."""
+    model = _model(2)
+    ids, mask = _batch()
+    lm = LanguageModel(model)
+    results = {}
+    for backend in ("hooks", "fx"):
+        with lm.generate({"input_ids": ids, "attention_mask": mask}, max_new_tokens=NEW,
+                         min_new_tokens=NEW, do_sample=False, backend=backend) as tracer:
+            with tracer.all():
+                lm.model.layers[0].self_attn.output[0][:] *= 1.5
+                logits = lm.lm_head.output[:, -1].save()
+            sequences = tracer.result.save()
+        results[backend] = (sequences, list(logits))
+    (want_ids, want_logits), (got_ids, got_logits) = results["hooks"], results["fx"]
+    assert len(got_logits) == NEW
+    assert all(torch.equal(g, w) for g, w in zip(got_logits, want_logits))
+    assert torch.equal(got_ids, want_ids)
