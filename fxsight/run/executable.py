@@ -35,7 +35,7 @@ from .._torch import compile_backend, pytree, user_modes_resumed, without_duck_s
 from ..record.program import INPUT_PART, Program
 from ..splice.indices import Validated, blind, candidates, tensor_indices
 from ..splice.attention_masks import ASSUME_UNPADDED, CHECK, KEEP, all_ones, \
-    elide_model_masks
+    elide_model_masks, pack_single_queries
 from ..splice.splice import Spliced, splice
 from ..splice.meta_walker import MetaWalker
 from .eager import bound_forward, fast_forward, plainly_bindable
@@ -149,6 +149,8 @@ class Executable:
         # graphs check whether the padding masks are all ones; a compiled graph keeps
         # the mask, and a twin compiled without it runs where they are (_unpadded)
         deciding = elide_model_masks(gm, CHECK if compile_options is None else KEEP)
+        if compile_options is None:  # (compiled, transformers repeats the heads too)
+            pack_single_queries(gm)
         self._unpadded: Executable | None = None
         self._padding_at: list[int] = []
         if compile_options is not None and deciding:

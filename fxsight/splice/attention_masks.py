@@ -38,6 +38,7 @@ import torch.fx as fx
 from .._torch import is_op_overload, returns_alias
 from ..stats import bump
 from .grouped_attention import ungrouped_heads
+from .single_query_attention import decidable, masked_single_query, single_query_heads
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # the graph inputs a mask may be computed from (the models' own name for the padding mask,
@@ -92,6 +93,44 @@ def elide_model_masks(gm: fx.GraphModule, padded: str = CHECK) -> list[str]:
         gm.recompile()
         bump("masks_elided", rewritten)
     return list(deciding)
+
+
+def pack_single_queries(gm: fx.GraphModule) -> int:
+    """Make ``gm``'s grouped-query attention calls of one query token that keep their
+    mask (a dynamic graph's: every decoding step's) the eager forward's where a padding
+    mask has a zero (:mod:`fxsight.splice.single_query_attention`); where every padding
+    mask is all ones, the eager forward has no mask and the call stays as it is (whether
+    transformers skips a mask is its mask functions' decision, not the attention's).
+    Only for eager graphs (compiled, transformers repeats the heads as the graph does);
+    ``gm`` is recompiled where a call is rewritten. How many are."""
+    graph = gm.graph
+    padding = [node for node in graph.nodes if node.op == "placeholder" and
+               (node.target in MASK_INPUTS or node.name in MASK_INPUTS) and
+               _padding_mask(node.meta.get("val"))]
+    if not padding or not decidable():
+        return 0
+    plain, rewritten = None, 0
+    for call in list(graph.nodes):
+        if call.op != "call_function" or call.target is not SDPA:
+            continue
+        given = _arguments(call)
+        single = single_query_heads(given)
+        if single is None:
+            continue
+        if plain is None:  # (one check per run, before the first such call)
+            with graph.inserting_before(call):
+                plain = graph.call_function(all_ones, tuple(padding))
+        (key_heads, value_heads), repeats = single
+        call.target = kept_or_single_query
+        call.args = (plain, given["query"], given["key"], given["value"],
+                     given["attn_mask"], given.get("scale"), key_heads, value_heads, repeats)
+        call.kwargs = {}
+        rewritten += 1
+    if rewritten:
+        graph.lint()
+        gm.recompile()
+        bump("single_queries_packed", rewritten)
+    return rewritten
 
 
 def _erase_unused(cone: list[fx.Node]) -> None:
@@ -260,9 +299,10 @@ def _rewrite(graph: fx.Graph, group: _Group, cone: list[fx.Node],
     for call in group.calls:
         given = _arguments(call)
         grouped = ungrouped_heads(given["query"], given["key"], given["value"])
+        single = single_query_heads(given) if decidable() else None
         call.target = either_attention(causal)
         call.args = (plain, *_attention_args(call, mask), *(grouped or ()))
-        call.kwargs = {}
+        call.kwargs = {} if single is None else {"single_query": (*single[0], single[1])}
     return len(group.calls)
 
 
@@ -352,24 +392,48 @@ def either_attention(causal: bool) -> Callable:
     """The attention call of the eager forward: unmasked where the padding masks are all
     ones (``is_causal=causal``), with the model's mask otherwise. Given the key/value
     heads before their repeat too (``key_heads``, ``value_heads``), the unmasked call
-    takes those, ``enable_gqa=True`` (:mod:`fxsight.splice.grouped_attention`)."""
+    takes those, ``enable_gqa=True`` (:mod:`fxsight.splice.grouped_attention`). Given
+    ``single_query`` (key/value heads before their repeat, and how many repeats), the
+    masked call is one query token's as the eager forward makes it
+    (:mod:`fxsight.splice.single_query_attention`)."""
     return _causal_or_masked if causal else _full_or_masked
 
 
 def _causal_or_masked(plain: bool, query, key, value, mask, scale, enable_gqa,
-                      key_heads=None, value_heads=None):
+                      key_heads=None, value_heads=None, single_query=None):
     if plain:
         return _unmasked_attention(query, key, value, True, scale, enable_gqa, key_heads,
                                    value_heads)
-    return SDPA(query, key, value, mask, 0.0, False, scale=scale, enable_gqa=enable_gqa)
+    return _masked_attention(query, key, value, mask, scale, enable_gqa, single_query)
 
 
 def _full_or_masked(plain: bool, query, key, value, mask, scale, enable_gqa,
-                    key_heads=None, value_heads=None):
+                    key_heads=None, value_heads=None, single_query=None):
     if plain:
         return _unmasked_attention(query, key, value, False, scale, enable_gqa, key_heads,
                                    value_heads)
+    return _masked_attention(query, key, value, mask, scale, enable_gqa, single_query)
+
+
+def _masked_attention(query, key, value, mask, scale, enable_gqa, single_query):
+    """The masked call; of one query token on repeated key/value heads (``single_query``:
+    the heads before their repeat, and how many repeats), as the eager forward makes it
+    (:mod:`fxsight.splice.single_query_attention`)."""
+    if single_query is not None:
+        key_heads, value_heads, repeats = single_query
+        return masked_single_query(query, key_heads, value_heads, mask, scale, repeats)
     return SDPA(query, key, value, mask, 0.0, False, scale=scale, enable_gqa=enable_gqa)
+
+
+def kept_or_single_query(plain: bool, query, key, value, mask, scale, key_heads,
+                         value_heads, repeats: int):
+    """A masked attention call of one query token on key/value heads repeated
+    ``repeats`` times (``key``, ``value``; before the repeat ``key_heads``,
+    ``value_heads``): the graph's call where every padding mask is all ones (``plain``),
+    else the eager forward's (:func:`pack_single_queries`)."""
+    if plain:
+        return SDPA(query, key, value, mask, 0.0, False, scale=scale)
+    return masked_single_query(query, key_heads, value_heads, mask, scale, repeats)
 
 
 def _unmasked_attention(query, key, value, causal, scale, enable_gqa, key_heads,
