@@ -444,29 +444,31 @@ def _walk_for(proxies: list[Proxy], namespace: dict, found: Callable[[Proxy], No
                     found(item)
                     if len(reported) == len(index):
                         return True
-            elif kind not in _LEAF_TYPES and depth > 1:
-                if isinstance(item, _ATOMS):
-                    _leaf(kind)
-                elif id(item) not in seen:
-                    seen.add(id(item))
-                    nested.append(item)
+            elif depth > 1 and _enters(item, seen):
+                nested.append(item)
         nested.sort(key=_size)
         return any(visit(item, depth - 1) for item in nested)
 
-    roots = []
-    for value in reversed(namespace.values()):
-        kind = type(value)
-        if kind is Proxy or kind in _LEAF_TYPES:
-            continue
-        if isinstance(value, _ATOMS):
-            _leaf(kind)
-        elif id(value) not in seen:
-            seen.add(id(value))
-            roots.append(value)
+    roots = [value for value in reversed(namespace.values()) if _enters(value, seen)]
     roots.sort(key=_size)
     for root in roots:
         if visit(root, _DEPTH):
             return
+
+
+def _enters(value: Any, seen: set[int]) -> bool:
+    """Whether a walk for stored proxies goes into ``value`` (a container or object not
+    seen yet; not a proxy, nor an atom), marking it seen."""
+    kind = type(value)
+    if kind is Proxy or kind in _LEAF_TYPES:
+        return False
+    if isinstance(value, _ATOMS):
+        _leaf(kind)
+        return False
+    if id(value) in seen:
+        return False
+    seen.add(id(value))
+    return True
 
 
 def _size(container: Any) -> int:

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+import fxsight
 from fxsight import NNsight, TraceError
 
 BACKENDS = ["fx", "hooks"]
@@ -277,3 +278,37 @@ def test_several_fast_path_attentions_are_one_warning():
     assert len(opaque) == 1 and "(6 in all)" in opaque[0], opaque
     with torch.no_grad():
         assert torch.equal(kept, model[:4](x))
+
+
+def test_fast_path_attentions_that_cannot_be_opaque_fall_back_to_hooks(monkeypatch):
+    """Where the attentions that may take the fused fast path cannot all be opaque calls
+    (more than ``MAX_FAST_PATH`` of them, here 1 for 2), fx would trace their slow path,
+    last bits off the plain forward (it did so silently): a ``CaptureError`` naming them;
+    ``auto`` runs the hooks backend, bit-equal."""
+    import fxsight.capture.partial as partial
+
+    monkeypatch.setattr(partial, "MAX_FAST_PATH", 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[_FastBlock() for _ in range(2)]).eval()
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(fxsight.CaptureError, match=r"2 modules may take torch's fused"):
+        with torch.no_grad(), NNsight(model).trace(x, backend="fx"):
+            pass
+    wrapped = NNsight(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with torch.no_grad(), wrapped.trace(x) as tracer:
+            kept = wrapped[1].output.save()
+    assert tracer.backend == "hooks"
+    with torch.no_grad():
+        assert torch.equal(kept, model(x))
+
+
+class _FastBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mlp = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.mlp(x + self.attn(x, x, x, need_weights=False)[0])

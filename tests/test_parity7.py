@@ -49,12 +49,18 @@ class _Holder:
 
 
 # --- 1. unsaved values stored into the caller's containers ---------------------------------
+@pytest.mark.parametrize("counted", [True, False], ids=["counted", "walked"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unsaved_values_stored_in_containers_are_real_after_the_trace(gpt2, reference_hooks,
-                                                                      backend):
+                                                                      backend, counted,
+                                                                      monkeypatch):
     """``results.append(h.output[0, -1])``, ``captured[k] = ...``, ``obj.attr = ...`` and
     nested containers, in a two-invoke patch trace: real tensors after it, equal to what
-    forward hooks see (were: proxies, an error at their first use)."""
+    forward hooks see (were: proxies, an error at their first use). ``walked``: where
+    references are not counted exactly (not CPython), found by the bounded walk."""
+    import fxsight.bind
+
+    monkeypatch.setattr(fxsight.bind, "_COUNTED", counted)
     net = NNsight(gpt2)
     clean, corrupt = _ids(1, 0), _ids(1, 1)
     results, captured, holder, nested = [], {}, _Holder(), {"deep": [[]]}

@@ -85,9 +85,9 @@ def may_take_fast_path(module: torch.nn.Module) -> bool:
     return _reason(module) is not None
 
 
-def fast_path_modules(model: torch.nn.Module, limit: int) -> dict[str, str]:
+def fast_path_modules(model: torch.nn.Module) -> dict[str, str]:
     """The outermost modules of ``model`` (not the root) that may take a fast path,
-    path -> reason; none where there are more than ``limit`` of them."""
+    path -> reason."""
     found: dict[str, str] = {}
     if isinstance(model, torch.nn.MultiheadAttention):  # (alone: one opaque call)
         reason = _reason(model)
@@ -98,7 +98,7 @@ def fast_path_modules(model: torch.nn.Module, limit: int) -> dict[str, str]:
         reason = _reason(module)
         if reason is not None:
             found[path] = reason
-    return found if len(found) <= limit else {}
+    return found
 
 
 def fast_path_refusal(path: str, called: Callable[[str], bool]) -> str | None:

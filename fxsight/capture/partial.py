@@ -17,6 +17,30 @@ from .fast_paths import fast_path_modules
 MAX_FAST_PATH = 256
 
 
+def _capture_fast_paths(model: torch.nn.Module, args: tuple, kwargs: dict,
+                        fast: dict[str, str], operations: frozenset) -> Captured:
+    """:func:`capture` with the modules that may take torch's fused fast path (``fast``:
+    path -> reason) as opaque calls; a :class:`CaptureError` where that cannot be done
+    (a capture through their slow path would differ from the plain forward in the last
+    bits: the hooks backend runs them as the plain forward does)."""
+    first = next(iter(fast))
+    if len(fast) > MAX_FAST_PATH:
+        raise CaptureError(f"could not capture the model: {len(fast)} modules may take "
+                           f"torch's fused fast path (more than {MAX_FAST_PATH} opaque calls "
+                           f"in one graph): {fast[first]}", first)
+    try:
+        outputs = opaque_calls.record_outputs(model, args, kwargs, model)
+        captured = capture(model, args, kwargs, opaque=fast, outputs=outputs,
+                           operations=operations)
+    except Exception as error:  # noqa: BLE001 - whatever stops it: the hooks backend runs
+        raise CaptureError(f"could not capture the model with {', '.join(map(repr, fast))} "
+                           f"as opaque calls ({fast[first]}): {type(error).__name__}: "
+                           f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}",
+                           first) from error
+    bump("partial_captures")
+    return captured
+
+
 def capture_partly(model: torch.nn.Module, args: tuple, kwargs: dict,
                    events_on: torch.nn.Module | None = None,
                    operations: frozenset = frozenset()) -> Captured:
@@ -25,16 +49,9 @@ def capture_partly(model: torch.nn.Module, args: tuple, kwargs: dict,
     again with that module as one opaque call (``capture/opaque.py``), up to
     ``opaque.MAX_OPAQUE`` modules. Raises the first error where an opaque call does not
     help, the last one where something outside a module (the output) stops the capture."""
-    fast = {} if events_on is not None else fast_path_modules(model, MAX_FAST_PATH)
+    fast = {} if events_on is not None else fast_path_modules(model)
     if fast:  # (their eager forward, not the slow path export would trace)
-        try:
-            outputs = opaque_calls.record_outputs(model, args, kwargs, model)
-            captured = capture(model, args, kwargs, opaque=fast, outputs=outputs,
-                               operations=operations)
-            bump("partial_captures")
-            return captured
-        except Exception:  # noqa: BLE001 - capture as usual, and fail as usual
-            pass
+        return _capture_fast_paths(model, args, kwargs, fast, operations)
     try:
         return capture(model, args, kwargs, events_on=events_on, operations=operations)
     except CaptureError as error:
