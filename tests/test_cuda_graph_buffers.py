@@ -289,7 +289,7 @@ def test_a_static_caches_tensors_are_static_addresses_as_in_a_plain_forward(
 
 
 def test_a_chosen_cache_is_kept_under_cuda_graphs(tokenizer):
-    from fxsight.api.generation import _with_static_cache
+    from fxsight.api.graph_generation import _with_static_cache
     from fxsight.run.options import RunOptions
 
     model = tiny_gpt2(vocab_size=len(tokenizer))

@@ -33,7 +33,7 @@ has the same shapes, is one exact-shape graph, and under CUDA graphs
 
 Where a step cannot run this way (a cache of another kind, a batch that changes size,
 arguments the wrapper does not know), :class:`Unsupported` is raised and the generation
-is run again with the hooks backend (``api.generation`` decides whether it may be).
+is run again with the hooks backend (``api.graph_generation`` decides whether it may be).
 """
 
 from __future__ import annotations
