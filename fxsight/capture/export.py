@@ -207,6 +207,10 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     flat_given = pytree.tree_leaves((tuple(args), dict(kwargs)))  # (the caller's inputs)
     layouts: dict[Site, tuple[pytree.TreeSpec, list[Any]]] = {}
     tensor_leaves: dict[Site, frozenset[int]] = {}  # (a constant None is a leaf too)
+    # site -> {leaf: the earlier leaf holding the same tensor object}: one marker for both,
+    # so the forward sees them as one object still (``attn(h, h, h)``: torch's attention
+    # takes another path, with other kernels, where ``query is key``)
+    same_leaves: dict[Site, dict[int, int]] = {}
 
     def mark(site: Site, value: Any) -> Any:
         flat, spec = pytree.tree_flatten(value)
@@ -214,8 +218,17 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         tensor_leaves[site] = frozenset(
             i for i, v in enumerate(flat) if isinstance(v, torch.Tensor))
         label = _marker(site)
-        marked = [boundary(v, label, i) if isinstance(v, torch.Tensor) else v
-                  for i, v in enumerate(flat)]
+        first: dict[int, int] = {}
+        marked = []
+        for i, v in enumerate(flat):
+            if not isinstance(v, torch.Tensor):
+                marked.append(v)
+            elif id(v) in first:
+                same_leaves.setdefault(site, {})[i] = first[id(v)]
+                marked.append(marked[first[id(v)]])
+            else:
+                first[id(v)] = i
+                marked.append(boundary(v, label, i))
         return pytree.tree_unflatten(marked, spec)
 
     events = ModuleEvents(model if events_on is None else events_on, mark,
@@ -285,9 +298,12 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         constants = [_cache_ref(c, cache_state.roots, site) if caches.is_cache(c)
                      else kept_constant(c, site.label) for c in constants]
         found = marks.get(_marker(site), {})
+        same = same_leaves.get(site, {})
+        found = {**found, **{j: found[i] for j, i in same.items() if i in found}}
         nodes = [found.get(i) if constants[i] is None else None for i in range(len(constants))]
         # a tensor whose marker is not in the top-level graph: inside a nested graph
         inner = nested.get(_marker(site), {})
+        inner = {**inner, **{j: inner[i] for j, i in same.items() if i in inner}}
         tensors = tensor_leaves[site]
         constants = [NestedTensor(site.label, _nested_value(inner.get(i)))
                      if i in tensors and n is None else c

@@ -376,6 +376,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
         tensor_old = [n for n in old_nodes if n is not None]
         new_nodes = [v for v, o in zip(new_leaves, old_nodes) if o is not None] \
             if len(new_leaves) == len(old_nodes) else new_leaves
+        _check_one_value_per_tensor(site, tensor_old, new_nodes, program)
         for old, new in zip(tensor_old, new_nodes):
             if isinstance(new, fx.Node) and new is not old:
                 written[old] = new
@@ -659,6 +660,24 @@ def _drop_needless_twins(graph: fx.Graph, twins: dict[fx.Node, list[fx.Node]]) -
         if node in alive:  # it draws itself
             for twin in made:
                 graph.erase_node(twin)
+
+
+def _check_one_value_per_tensor(site: Site, old: list, new: list, program: Program) -> None:
+    """Raise :class:`NotOnGraph` where a write gives different values to leaves of
+    ``site`` that are one tensor object in the forward (``attn(h, h, h)``, one boundary
+    marker for all three: see ``capture.export``): the graph holds the path the model's
+    Python takes for one object (``query is key``), which it would not take for the
+    values written."""
+    given: dict[fx.Node, Any] = {}
+    for old_node, new_value in zip(old, new):
+        if given.setdefault(old_node, new_value) is not new_value:
+            lines = [n.line for n in program.nodes if n.kind is Kind.WRITE and n.site == site]
+            raise NotOnGraph(at_line(
+                f"{site.label}: the model passes one tensor object as several of these values, "
+                f"and the write gives them values of their own; the captured graph holds the path its Python "
+                f"takes for one tensor object (an attention's `query is key`), not the one "
+                f"it takes for different tensors (the hooks backend runs that forward)",
+                lines[-1] if lines else None))
 
 
 def _boundary_name(label: str, leaf: int) -> str:
