@@ -42,6 +42,7 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "global_forward_hooks", "global_hook_keys", "holds_size", "unflatten_keeping_sizes",
            "generated_source_keys", "TreeSpec", "uncompiled", "plain_pickling",
            "generated_source_key", "forget_generated_source", "tensor_version",
+           "set_tensor_version", "script_object_class",
            "forward_hook_dicts", "default_store", "dict_version_reader",
            "is_operator", "ambient_state_plain", "global_state_guard", "tensor_guards",
            "inductor_compile", "returns_alias", "inductor_mode_options",
@@ -202,11 +203,12 @@ def dispatched(fn: Callable, args: tuple, kwargs: dict) -> tuple[list[tuple], An
 
 @contextlib.contextmanager
 def real_writes(written: list, storages: set[int]):
-    """Appends to ``written`` ``(tensor, copy of its value)`` for each real tensor (not
-    fake, not meta) in one of ``storages`` (``untyped_storage().data_ptr()``) that an
-    operator run while active first writes in place: a
-    ``TorchDispatchMode`` (``torch.utils._python_dispatch``) reading which arguments an
-    operator writes from its schema (``_schema``, ``alias_info.is_write``; checked 2.13).
+    """Appends to ``written`` ``(tensor, copy of its value, its version counter)``, both
+    as they were before the write, for each real tensor (not fake, not meta) in one of
+    ``storages`` (``untyped_storage().data_ptr()``) that an operator run while active
+    first writes in place: a ``TorchDispatchMode`` (``torch.utils._python_dispatch``)
+    reading which arguments an operator writes from its schema (``_schema``,
+    ``alias_info.is_write``; checked 2.13).
     Entered outside a ``FakeTensorMode``, it sees the operators that mode runs for real
     (those whose inputs are all real)."""
     from torch._subclasses.fake_tensor import FakeTensor
@@ -231,7 +233,8 @@ def real_writes(written: list, storages: set[int]):
                                 tensor.untyped_storage().data_ptr() in storages:
                             seen.add(id(tensor))
                             with unset_fake_temporarily():  # (a real copy)
-                                written.append((tensor, tensor.detach().clone()))
+                                written.append((tensor, tensor.detach().clone(),
+                                                tensor_version(tensor)))
             return func(*args, **kwargs)
 
     with _Writes():
@@ -515,6 +518,24 @@ def tensor_version(tensor: torch.Tensor) -> int | None:
         return tensor._version
     except RuntimeError:
         return None
+
+
+def set_tensor_version(tensor: torch.Tensor, version: int) -> None:
+    """Set ``tensor``'s in-place version counter (shared with its views) back to
+    ``version``: for a tensor written in place and then given its old value back, which is
+    then the tensor it was (autograd's checks of saved tensors included). No public API
+    (``torch._C._autograd._unsafe_set_version_counter``; checked 2.13)."""
+    torch._C._autograd._unsafe_set_version_counter((tensor,), (version,))
+
+
+def script_object_class(value: torch.ScriptObject) -> str:
+    """The qualified name of a TorchScript object's class
+    (``__torch__.torch.classes.quantized.LinearPackedParamsBase``); no public API
+    (``ScriptObject._type()``; checked 2.13)."""
+    try:
+        return value._type().qualified_name()
+    except Exception:  # noqa: BLE001 - a name for a message only
+        return type(value).__name__
 
 
 def default_store() -> Any:

@@ -12,26 +12,41 @@ from typing import Callable, Iterator
 import torch
 
 from .._torch import (compiled_functions_eager, kept_parametrization_cache, pytree, real_writes,
-                      tensor_version)
+                      set_tensor_version, tensor_version)
 
 
 @contextlib.contextmanager
-def kept_tensors(model: torch.nn.Module):
+def kept_tensors(model: torch.nn.Module, restored: list[torch.Tensor] | None = None):
     """``model``'s parameters and buffers written in place while active get their values
-    back. For the forwards fxsight runs to learn shapes: fake mode runs an operation whose
-    inputs are all real for real (RWKV's first forward in eval mode divides its weights in
-    place), and a probe with real values runs every one. (Only the model's own memory is
-    copied: not the activations a probe changes in place.)"""
+    back, and their version counters too: to autograd and to anyone reading versions,
+    they are the tensors they were, as if never written (the trace's forward then bumps
+    them as the plain forward does, once per write: ``spectral_norm``'s power iteration
+    in train mode, BatchNorm's ``num_batches_tracked``). For the forwards fxsight runs to
+    learn shapes: fake mode runs an operation whose inputs are all real for real (RWKV's
+    first forward in eval mode divides its weights in place, ``spectral_norm`` updates
+    its vectors ``u``, ``v``), and a probe with real values runs every one. (Only the
+    model's own memory is copied: not the activations a probe changes in place.)
+    ``restored``, if given, gets the tensors so put back."""
     storages = {t.untyped_storage().data_ptr()
                 for t in itertools.chain(model.parameters(), model.buffers()) if not t.is_meta}
-    written: list[tuple[torch.Tensor, torch.Tensor]] = []
+    written: list[tuple[torch.Tensor, torch.Tensor, int | None]] = []
     try:
         with real_writes(written, storages):
             yield
     finally:
         with torch.no_grad():
-            for tensor, value in written:
-                tensor.copy_(value)
+            for tensor, value, version in written:
+                _put_back(tensor, value, version)
+                if restored is not None:
+                    restored.append(tensor)
+
+
+def _put_back(tensor: torch.Tensor, value: torch.Tensor, version: int | None) -> None:
+    """``tensor`` given ``value`` and the version counter ``version`` (``None``: an
+    inference tensor, which has none)."""
+    tensor.copy_(value)
+    if version is not None:
+        set_tensor_version(tensor, version)
 
 
 @contextlib.contextmanager
@@ -43,23 +58,29 @@ def kept_forward_effects(model: torch.nn.Module, args: tuple, kwargs: dict,
     of the CUDA devices the model or the inputs are on) their states, and
     ``parametrize.cached()``'s cache its tensors (not those the forward computed, fake
     ones included); a ``torch.compile``d function it calls runs eagerly, leaving dynamo's
-    compiled code as it was (:func:`~fxsight._torch.compiled_functions_eager`). A buffer is compared by value too: BatchNorm's kernel updates its
-    running statistics in place without bumping their version counter (a buffer holding
-    NaN is put back whatever happened: the same values). ``changed``, if given, gets the
-    buffers so put back."""
+    compiled code as it was (:func:`~fxsight._torch.compiled_functions_eager`). A buffer is
+    compared by value too: BatchNorm's kernel updates its running statistics in place
+    without bumping their version counter (a buffer holding NaN is put back whatever
+    happened: the same values); a buffer put back keeps its version counter. ``changed``,
+    if given, gets the buffers so put back."""
     saved = [(b, tensor_version(b), b.detach().clone()) for b in model.buffers()
              if not b.is_meta]
+    restored: list[torch.Tensor] = []
     try:
         with torch.random.fork_rng(devices=_cuda_devices(model, args, kwargs)), \
-                kept_parametrization_cache(), kept_tensors(model), compiled_functions_eager():
+                kept_parametrization_cache(), kept_tensors(model, restored), \
+                compiled_functions_eager():
             yield
     finally:
+        written = {t.untyped_storage().data_ptr() for t in restored}
         with torch.no_grad():
             for buffer, version, copy in saved:
                 if tensor_version(buffer) != version or not torch.equal(buffer, copy):
-                    buffer.copy_(copy)
-                    if changed is not None:
-                        changed.append(buffer)
+                    _put_back(buffer, copy, version)
+                elif buffer.untyped_storage().data_ptr() not in written:
+                    continue
+                if changed is not None:
+                    changed.append(buffer)
 
 
 def saved_generators(model: torch.nn.Module, args: tuple, kwargs: dict

@@ -37,6 +37,7 @@ from .hidden import NestedTensor, kept_constant
 from .memory import memory_roots
 from .quiet_logs import quiet_logger
 from .quiet_warnings import held_warnings
+from .script_objects import script_object_reason
 from . import opaque as opaque_calls
 from ..record.sites import Site
 
@@ -183,7 +184,8 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
                              f"captured graph would not run")
         error.whole_model = True
         raise error
-    foreign = _foreign_forward(model) or dispatch.offload_reason(model)
+    foreign = _foreign_forward(model) or dispatch.offload_reason(model) or \
+        script_object_reason(model)
     if foreign is not None:
         error = CaptureError(f"could not capture the model: {foreign[1]}", foreign[0])
         error.whole_model = True

@@ -1,12 +1,17 @@
 """The hooks on a model: those a capture refuses (:func:`user_hooks`: a graph runs no
 Python hook), those it traces into the graph (:func:`is_traced_hook`: transformers'
-output-capturing hooks) and how messages name a hook (:func:`describe_hook`)."""
+output-capturing hooks), torch's weight reparametrizations among them
+(:func:`is_weight_reparametrization`) and how messages name a hook (:func:`describe_hook`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
+
 from .._torch import forward_hook_dicts, global_hook_keys
 
 
@@ -84,6 +89,19 @@ TRACED_HOOK_FLAGS = frozenset({"_output_capturing_hooks_installed"})
 def is_traced_hook(hook: Any) -> bool:
     """Whether ``hook`` is one a capture may trace into the graph (see above)."""
     return getattr(hook, "__module__", None) in _TRACED_HOOK_MODULES
+
+
+def is_weight_reparametrization(hook: Any) -> bool:
+    """Whether ``hook`` is a forward pre-hook by which torch computes a module's weight
+    before each call, from tensors of the module's own: the hook-based
+    ``torch.nn.utils.weight_norm`` and ``spectral_norm`` (whose power iteration updates
+    the buffers ``weight_u``, ``weight_v`` in train mode) and ``torch.nn.utils.prune``'s
+    masks (``weight = weight_orig * weight_mask``). Part of the module's own computation:
+    a skipped call runs none (see :mod:`fxsight.run.skipping`)."""
+    return isinstance(hook, _WEIGHT_REPARAMETRIZATIONS)
+
+
+_WEIGHT_REPARAMETRIZATIONS = (BasePruningMethod, SpectralNorm, WeightNorm)
 
 
 def describe_hook(hook: Any) -> str:

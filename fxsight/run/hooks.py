@@ -7,8 +7,6 @@ fx backends give the same answers, in the same order.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections import defaultdict
 from typing import Any, Mapping
 
@@ -19,7 +17,8 @@ from .._torch import user_modes_resumed, user_modes_suspended
 from ..errors import TraceError, at_line
 from ..capture.events import ModuleEvents
 from ..capture.model_hooks import describe_hook
-from ..record.program import Kind, Node, Program, execute, is_backward, map_nodes
+from ..record.program import Kind, Node, Program, execute, is_backward
+from .skipping import skipping
 from .checkpointing import (check_checkpoint_sites, check_checkpointed_writes,
                             check_gradient_outside_reentrant, check_write_outside_checkpoint,
                             gradient_reads, undone_on_refusal)
@@ -127,7 +126,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
     try:
         with undone_on_refusal(model, program, args, kwargs, written_buffers), \
                 events.installed(), \
-                _skipping(model, skips, walker, events, index), user_modes_resumed():
+                skipping(model, skips, walker, events, index), user_modes_resumed():
             output = model(*args, **kwargs)
     except _StopForward:
         output = None
@@ -191,71 +190,3 @@ def _hooked_output_read(model: nn.Module, node: Node) -> Site | None:
                                           module._backward_hooks):
             return site
     return None
-
-
-_NO_FORWARD = object()
-
-
-@contextlib.contextmanager
-def _skipping(model: nn.Module, skips: list[Node], walker: RealWalker,
-              events: ModuleEvents, index: dict[Site, int]):
-    """While active, each skipped module call returns its skip value instead of running.
-
-    A forward pre-hook cannot skip a module in torch, so the module's ``forward`` is
-    replaced by an instance attribute for the run (restored in ``finally``); its hooks
-    still fire, so the skip's write and later reads happen at its output event. Calls
-    that are no events (another thread's, or a module call of the Program itself, made
-    while ``events.paused``) run the module's own forward. The calls a skipped call
-    would have made inside it are counted as made (``index``: the forward's events), so
-    that a later call of a submodule has the number it has in the forward, as on fx."""
-    saved: list[tuple[nn.Module, Any]] = []
-    try:
-        for node in skips:
-            site: Site = node.site
-            module = model.get_submodule(site.path)
-            if any(m is module for m, _ in saved):
-                continue
-            calls = {n.site.call: n for n in skips if n.site.path == site.path}
-            saved.append((module, module.__dict__.get("forward", _NO_FORWARD)))
-            module.forward = _skipped_forward(module, site.path, calls, walker, events,
-                                              index)
-        yield
-    finally:
-        for module, previous in reversed(saved):
-            if previous is _NO_FORWARD:
-                module.__dict__.pop("forward", None)
-            else:
-                module.__dict__["forward"] = previous
-
-
-def _skipped_forward(module: nn.Module, path: str, calls: dict[int, Node],
-                     walker: RealWalker, events: ModuleEvents, index: dict[Site, int]):
-    original = module.forward
-
-    def forward(*args, **kwargs):
-        if threading.get_ident() != events.thread:  # another thread's call: not skipped
-            return original(*args, **kwargs)
-        if events.paused:  # the Program's own call of the module (``blk.mlp(x)``): runs
-            return original(*args, **kwargs)
-        call = events.calls.get(path, 0) - 1
-        node = calls.get(call)
-        if node is None:
-            return original(*args, **kwargs)
-        _count_calls_inside(events, index, path, call)
-        return map_nodes(node.args[0], walker.values.__getitem__)
-
-    return forward
-
-
-def _count_calls_inside(events: ModuleEvents, index: dict[Site, int], path: str,
-                        call: int) -> None:
-    """Count the calls of submodules and operations that call ``call`` of the module at
-    ``path`` makes in the forward (between its input and output events), as made."""
-    start = index.get(Site(path, INPUT, call))
-    end = index.get(Site(path, OUTPUT, call))
-    if start is None or end is None:
-        return
-    prefix = f"{path}." if path else ""
-    for site, position in index.items():
-        if start < position < end and site.kind == INPUT and site.path.startswith(prefix):
-            events.calls[site.path] = events.calls.get(site.path, 0) + 1
