@@ -322,3 +322,92 @@ def test_a_trace_reads_its_call_sites_bytecode_once(monkeypatch):
         with pytest.raises(TraceError, match="alone on a line"):
             exec("net.trace(x)\n", scope)
     assert len(decoded) == 3
+
+
+class _Items(dict):
+    """A ``_modules`` dict that counts the walks through it (``named_modules`` reads
+    every module's ``_modules.items()``)."""
+
+    walks = 0
+
+    def items(self):
+        type(self).walks += 1
+        return super().items()
+
+
+class _Walked(torch.nn.Module):
+    """A small tree whose root's ``_modules`` counts the walks of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        self.b = torch.nn.Linear(4, 4)
+        self.shared = self.b  # (a second path of one module: its first path is "b")
+        self._modules = _Items(self._modules)
+
+    def forward(self, x):
+        return self.shared(self.a(x))
+
+
+def test_the_hooks_backend_walks_the_module_tree_only_where_it_changed():
+    """A hooks trace finds each module's first path to hook it: walked once while the
+    tree stays as it was (was: ``named_modules()`` at every trace, O(depth x modules)),
+    and again after each kind of change below the root; the table holds no module, so a
+    model whose submodule refers back to it is freed with it."""
+    from fxsight.capture.events import module_paths
+
+    model = _Walked()
+
+    def walked_after(change) -> tuple[int, dict]:
+        change()
+        before = _Items.walks
+        paths = module_paths(model)
+        walks = _Items.walks - before
+        want = {}
+        for path, module in model.named_modules():
+            want.setdefault(module, path)
+        assert list(paths.items()) == list(want.items())
+        return walks, paths
+
+    assert walked_after(lambda: None)[0] == 1
+    assert walked_after(lambda: None)[0] == 0
+    assert walked_after(lambda: None)[1][model.b] == "b"
+    assert walked_after(lambda: setattr(model, "c", torch.nn.Tanh()))[0] == 1
+    assert walked_after(lambda: None)[0] == 0
+    assert walked_after(lambda: model.a.append(torch.nn.Linear(4, 4)))[0] == 1  # (deeper)
+    assert walked_after(lambda: model.a._modules.__setitem__("1", torch.nn.GELU()))[0] == 1
+    assert walked_after(lambda: setattr(model.a, "_modules", dict(model.a._modules)))[0] == 1
+    assert walked_after(lambda: delattr(model, "c"))[0] == 1
+    assert walked_after(lambda: None)[0] == 0
+
+    net, x = NNsight(model), torch.randn(2, 4)
+    for _ in range(2):
+        before = _Items.walks
+        with torch.no_grad(), net.trace(x, backend="hooks"):
+            net.a[0].output = net.a[0].output * 2
+            out = net.output.save()
+    assert _Items.walks == before  # (the second trace: no walk)
+    handle = model.a[0].register_forward_hook(lambda m, a, o: o * 2)
+    try:
+        torch.testing.assert_close(out, model(x))
+    finally:
+        handle.remove()
+
+    assert _freed_after_paths()
+
+
+def _freed_after_paths() -> bool:
+    """Whether a model whose submodule refers back to it is freed once its paths were
+    found (in a scope of its own: an assertion's values would keep it)."""
+    import gc
+    import weakref
+
+    from fxsight.capture.events import module_paths
+
+    model = _Walked()
+    object.__setattr__(model.b, "owner", model)  # (refers back to its root: no module)
+    module_paths(model)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    return alive() is None
