@@ -54,6 +54,7 @@ __all__ = ["pytree", "OptimizedModule", "FakeTensorMode", "unset_fake_temporaril
            "function_mode_depth", "function_modes", "is_device_context", "dispatch_mode_depth",
            "dispatch_modes", "saved_tensors_hooks_top", "profiler_enabled",
            "user_modes_suspended", "user_modes_resumed", "FAKE_TENSOR_LOGGER",
+           "as_own_work",
            "unmarked_writes", "writes_unmarked", "in_tracing_machinery"]
 
 TreeSpec = pytree.TreeSpec
@@ -872,6 +873,24 @@ def user_modes_suspended():
             torch._C._push_on_torch_function_stack(mode)
         for pack, unpack in reversed(hooks):
             autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+def as_own_work(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` inside :func:`user_modes_suspended`. Where nothing compiles,
+    no mode or saved-tensor hook is in force and no suspension with modes put aside is
+    the innermost, the suspension would put nothing aside and a ``user_modes_resumed``
+    inside would bring nothing back: ``function`` is called directly, the same call
+    without entering the suspension (a few µs, paid by fxsight's helpers in a rewritten
+    graph at every run, and by each step of a trace)."""
+    if torch.compiler.is_compiling() or function_mode_depth() or dispatch_mode_depth() \
+            or saved_tensors_hooks_top() is not None:
+        with user_modes_suspended():
+            return function(*args)
+    stack = getattr(_SUSPENDED, "stack", None)
+    if stack and stack[-1] is not None:
+        with user_modes_suspended():
+            return function(*args)
+    return function(*args)
 
 
 @contextlib.contextmanager

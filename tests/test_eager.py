@@ -188,3 +188,60 @@ def test_no_binding_is_checked_under_a_users_dispatch_mode():
         assert eager.bound_forward(module) is None
     assert mode.calls == [] and not eager._CHECKED
     assert eager.bound_forward(module) is not None
+
+
+def test_a_language_models_graph_with_its_mask_check_takes_the_bindings(tokenizer):
+    """A LanguageModel's eager graph computes the model's mask only where a padding mask
+    is not all ones (``attention_masks._MaskUnless``, an object of fxsight's running the
+    model's own mask code): it takes torch's bindings all the same (it took the entry
+    points: every LanguageModel trace), with the values the entry points give, for
+    padded and unpadded batches, and equal to a hand-written hook's where unpadded."""
+    from fxsight import LanguageModel
+    from fxsight.run import executable
+
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    lm = LanguageModel(model, tokenizer=tokenizer)
+    ids = torch.randint(4, len(tokenizer), (2, 7), generator=torch.Generator().manual_seed(0))
+    steer = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    prompts = {"unpadded": (ids[:1], ids[1:]), "padded": (ids[:1], ids[1:, 2:])}
+    made = []
+    original = executable.bound_forward
+
+    def patch(first, second):
+        with torch.no_grad(), lm.trace() as tracer:
+            with tracer.invoke(first):
+                clean = lm.transformer.h[0].output[:, -1]
+            with tracer.invoke(second):
+                lm.transformer.h[0].output[:, -1] = clean + steer
+                logits = lm.lm_head.output.save()
+        assert tracer.backend == "fx"
+        return logits
+
+    results = {}
+    for bindings in (True, False):
+        executable.forget(model)
+        executable.bound_forward = (lambda gm: made.append(original(gm)) or made[-1]) \
+            if bindings else (lambda gm: None)
+        try:
+            results[bindings] = {name: [patch(*pair) for _ in range(2)]
+                                 for name, pair in prompts.items()}
+        finally:
+            executable.bound_forward = original
+    executable.forget(model)
+    assert made and all(bound is not None for bound in made)
+    for name in prompts:
+        for got, want in zip(results[True][name], results[False][name]):
+            assert torch.equal(got, want), name
+
+    def hook(module, args, output):
+        output = output.clone()
+        output[1, -1] = output[0, -1] + steer
+        return output
+
+    handle = model.transformer.h[0].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            want = model(ids, use_cache=False).logits[1:]
+    finally:
+        handle.remove()
+    assert torch.equal(results[True]["unpadded"][0], want)

@@ -232,3 +232,182 @@ def test_a_buffer_written_on_a_path_the_scan_did_not_take_is_named_by_the_refusa
         if name != "unused":
             assert torch.equal(b, before[name]), name
     assert torch.equal(model.unused, before["unused"] + 1)
+
+
+def test_a_repeated_hooks_trace_walks_its_program_once(monkeypatch):
+    """The hooks backend walks a Program on meta values before it runs (its checks, and
+    where each node acts): once per scan, structure and rows, as the fx backend validates
+    a runner once (was: at every trace). New values reuse the walk; a new input shape, a
+    new steering shape and new rows walk again, and the check that raises before the run
+    still raises. Every answer is a hand-written hook's."""
+    from fxsight.splice.meta_walker import MetaWalker
+
+    walks = []
+    original = MetaWalker.run
+    monkeypatch.setattr(MetaWalker, "run", lambda self, *a, **k: (
+        walks.append(len(self.program.nodes)), original(self, *a, **k))[1])
+    torch.manual_seed(0)
+    model = _Counted(4)
+    net = NNsight(model)
+
+    def traced(x, steer):
+        with torch.no_grad(), net.trace(x, backend="hooks"):
+            net[1].output[:, 0] = net[0].output[:, 1] * 2 + steer
+            out = net.output.save()
+        return out
+
+    def reference(x, steer):
+        seen = {}
+        handles = [model[0].register_forward_hook(lambda m, a, o: seen.update(h=o)),
+                   model[1].register_forward_hook(lambda m, a, o: _put(o, seen, steer))]
+        try:
+            with torch.no_grad():
+                return model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    x = torch.randn(3, 4)
+    for i in range(3):
+        steer = torch.randn(3) * i
+        assert torch.equal(traced(x, steer), reference(x, steer))
+    assert len(walks) == 1, walks
+    bigger = torch.randn(5, 4)
+    assert torch.equal(traced(bigger, torch.ones(5)), reference(bigger, torch.ones(5)))
+    assert len(walks) == 2
+    assert torch.equal(traced(x, torch.ones(())), reference(x, torch.ones(())))
+    assert len(walks) == 3  # (another steering shape: another structure)
+    with pytest.raises(Exception, match="shape|size"):
+        traced(x, torch.ones(4))  # (3 rows written with 4 values: refused before the run)
+    with torch.no_grad(), net.trace(backend="hooks") as tracer:  # (two invokes: new rows)
+        with tracer.invoke(x[:1]):
+            net[1].output[:, 0] = net[0].output[:, 1] * 2
+        with tracer.invoke(x[1:]):
+            out = net.output.save()
+    assert len(walks) == 5
+    torch.testing.assert_close(out, model(x[1:]))
+
+
+def _put(output, seen, steer):
+    """The reference's write: column 0 of ``output`` from column 1 of the first layer's."""
+    output = output.clone()
+    output[:, 0] = seen["h"][:, 1] * 2 + steer
+    return output
+
+
+def test_a_trace_reads_its_call_sites_bytecode_once(monkeypatch):
+    """``model.trace(...)`` alone on a line is refused by reading what the caller does
+    with its value in the caller's bytecode: a call site's instructions are decoded once
+    (was: the caller's whole code object at every trace, 0.1-0.3 ms), and a code object
+    made anew (the same text again) is decoded anew, so the refusal still holds there."""
+    import dis
+
+    from fxsight.api import call_site
+
+    decoded = []
+    original = dis.get_instructions
+    # (the call site's own decoding: bind.py reads the caller's bytecode too, once)
+    monkeypatch.setattr(call_site, "dis", type(dis)("dis"))
+    vars(call_site.dis).update(vars(dis), get_instructions=lambda code, *a, **k: (
+        decoded.append(code), original(code, *a, **k))[1])
+    net = NNsight(torch.nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        with torch.no_grad(), net.trace(x):
+            out = net.output.save()
+    assert len(decoded) == 1
+    torch.testing.assert_close(out, net._module(x))
+    for _ in range(2):  # (each exec compiles a new code object: decoded again, refused)
+        scope = {"net": net, "x": x}
+        with pytest.raises(TraceError, match="alone on a line"):
+            exec("net.trace(x)\n", scope)
+    assert len(decoded) == 3
+
+
+class _Items(dict):
+    """A ``_modules`` dict that counts the walks through it (``named_modules`` reads
+    every module's ``_modules.items()``)."""
+
+    walks = 0
+
+    def items(self):
+        type(self).walks += 1
+        return super().items()
+
+
+class _Walked(torch.nn.Module):
+    """A small tree whose root's ``_modules`` counts the walks of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        self.b = torch.nn.Linear(4, 4)
+        self.shared = self.b  # (a second path of one module: its first path is "b")
+        self._modules = _Items(self._modules)
+
+    def forward(self, x):
+        return self.shared(self.a(x))
+
+
+def test_the_hooks_backend_walks_the_module_tree_only_where_it_changed():
+    """A hooks trace finds each module's first path to hook it: walked once while the
+    tree stays as it was (was: ``named_modules()`` at every trace, O(depth x modules)),
+    and again after each kind of change below the root; the table holds no module, so a
+    model whose submodule refers back to it is freed with it."""
+    from fxsight.capture.events import module_paths
+
+    model = _Walked()
+
+    def walked_after(change) -> tuple[int, dict]:
+        change()
+        before = _Items.walks
+        paths = module_paths(model)
+        walks = _Items.walks - before
+        want = {}
+        for path, module in model.named_modules():
+            want.setdefault(module, path)
+        assert list(paths.items()) == list(want.items())
+        return walks, paths
+
+    assert walked_after(lambda: None)[0] == 1
+    assert walked_after(lambda: None)[0] == 0
+    assert walked_after(lambda: None)[1][model.b] == "b"
+    assert walked_after(lambda: setattr(model, "c", torch.nn.Tanh()))[0] == 1
+    assert walked_after(lambda: None)[0] == 0
+    assert walked_after(lambda: model.a.append(torch.nn.Linear(4, 4)))[0] == 1  # (deeper)
+    assert walked_after(lambda: model.a._modules.__setitem__("1", torch.nn.GELU()))[0] == 1
+    assert walked_after(lambda: setattr(model.a, "_modules", dict(model.a._modules)))[0] == 1
+    assert walked_after(lambda: delattr(model, "c"))[0] == 1
+    assert walked_after(lambda: None)[0] == 0
+
+    net, x = NNsight(model), torch.randn(2, 4)
+    for _ in range(2):
+        before = _Items.walks
+        with torch.no_grad(), net.trace(x, backend="hooks"):
+            net.a[0].output = net.a[0].output * 2
+            out = net.output.save()
+    assert _Items.walks == before  # (the second trace: no walk)
+    handle = model.a[0].register_forward_hook(lambda m, a, o: o * 2)
+    try:
+        torch.testing.assert_close(out, model(x))
+    finally:
+        handle.remove()
+
+    assert _freed_after_paths()
+
+
+def _freed_after_paths() -> bool:
+    """Whether a model whose submodule refers back to it is freed once its paths were
+    found (in a scope of its own: an assertion's values would keep it)."""
+    import gc
+    import weakref
+
+    from fxsight.capture.events import module_paths
+
+    model = _Walked()
+    object.__setattr__(model.b, "owner", model)  # (refers back to its root: no module)
+    module_paths(model)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    return alive() is None

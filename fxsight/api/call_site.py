@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dis
 import os
-from types import FrameType
+import weakref
+from types import CodeType, FrameType
 
 from ..errors import TraceError, at_line, user_line
 
@@ -21,13 +22,54 @@ _WITH = frozenset({"BEFORE_WITH", "BEFORE_ASYNC_WITH", "LOAD_SPECIAL", "COPY"})
 _HANDED_OUT = frozenset({"RETURN_VALUE", "YIELD_VALUE"})
 
 
+# per code object (by id, held weakly): offset of the running instruction -> the (up to
+# two) instructions after it. Decoding a code object with ``dis`` took 0.1-0.3 ms a trace
+# (every ``model.trace(...)`` asks); a call site asks the same question every time.
+_FOLLOWING: dict[int, tuple[weakref.ref, dict[int, tuple[dis.Instruction, ...]]]] = {}
+_MAX_CODES = 512  # code objects remembered (all forgotten past it; each is a few entries)
+
+
+def _following(frame: FrameType) -> tuple[dis.Instruction, ...]:
+    """The (at most two) instructions ``frame`` runs after the one running now (a
+    call's; ``f_lasti`` may be at the call's inline cache entries, which ``dis`` does not
+    list), as ``dis`` lists them."""
+    code, offset = frame.f_code, frame.f_lasti
+    entry = _FOLLOWING.get(id(code))
+    if entry is None or entry[0]() is not code:
+        if len(_FOLLOWING) >= _MAX_CODES:
+            _FOLLOWING.clear()
+        entry = (weakref.ref(code, _forget_code(id(code))), {})
+        _FOLLOWING[id(code)] = entry
+    found = entry[1].get(offset)
+    if found is None:
+        found = entry[1][offset] = _decoded_after(code, offset)
+    return found
+
+
+def _forget_code(key: int):
+    """The weak reference's callback: the code object's entry goes with it (where it is
+    still its own: a later code object may have taken the id's entry)."""
+    def forget(reference: weakref.ref) -> None:
+        entry = _FOLLOWING.get(key)
+        if entry is not None and entry[0] is reference:
+            del _FOLLOWING[key]
+    return forget
+
+
+def _decoded_after(code: CodeType, offset: int) -> tuple[dis.Instruction, ...]:
+    instructions = dis.get_instructions(code)
+    for instruction in instructions:
+        if instruction.offset > offset:
+            following = next(instructions, None)
+            return (instruction,) if following is None else (instruction, following)
+    return ()
+
+
 def next_instruction(frame: FrameType) -> dis.Instruction | None:
     """The instruction ``frame`` runs after the one running now (a call's; ``f_lasti`` may
     be at the call's inline cache entries, which ``dis`` does not list)."""
-    for instruction in dis.get_instructions(frame.f_code):
-        if instruction.offset > frame.f_lasti:
-            return instruction
-    return None
+    following = _following(frame)
+    return following[0] if following else None
 
 
 def unpacks_two(frame: FrameType) -> bool:
@@ -49,14 +91,12 @@ def entered_by_with(frame: FrameType) -> bool:
 def is_with_statement(frame: FrameType) -> bool:
     """Whether the value of the running call is, for certain, a ``with`` statement's context
     manager (a value handed out of the frame is not)."""
-    instructions = dis.get_instructions(frame.f_code)
-    for instruction in instructions:
-        if instruction.offset > frame.f_lasti:
-            if instruction.opname == "COPY":  # 3.14: COPY, then LOAD_SPECIAL (__enter__)
-                following = next(instructions, None)
-                return following is not None and following.opname == "LOAD_SPECIAL"
-            return instruction.opname in _WITH
-    return False
+    following = _following(frame)
+    if not following:
+        return False
+    if following[0].opname == "COPY":  # 3.14: COPY, then LOAD_SPECIAL (__enter__)
+        return len(following) > 1 and following[1].opname == "LOAD_SPECIAL"
+    return following[0].opname in _WITH
 
 
 def refuse_in_with(frame: FrameType, call: str, what: str, instead: str) -> None:

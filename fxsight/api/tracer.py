@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .._torch import pytree, user_modes_suspended
+from .._torch import as_own_work, pytree
 from ..bind import bind_frame, bind_objects, find_stored
 from ..errors import InputError, TraceError, at_line, user_line
 from ..locks import model_lock
@@ -133,8 +133,7 @@ class Tracer(TraceMetadata):
         ``frame``, the caller's. The user's modes around the trace see the model's forward
         and the block's operations only (see ``user_modes_resumed``), not fxsight's own
         work."""
-        with user_modes_suspended():
-            self._exit_into(frame, failed)
+        as_own_work(self._exit_into, frame, failed)
 
     def _exit_into(self, frame: Any, failed: bool) -> None:
         if self._implicit is not None:
@@ -257,8 +256,8 @@ class Tracer(TraceMetadata):
 
     def _add_invoke(self, args: tuple, kwargs: dict) -> Invoke:
         invoke = Invoke(self, len(self.invokes), args, kwargs)
-        with user_modes_suspended():  # (its checks of the inputs: fxsight's own reads)
-            invoke.prepared = self.model._prepare_invoke(args, kwargs, invoke)
+        # (its checks of the inputs: fxsight's own reads)
+        invoke.prepared = as_own_work(self.model._prepare_invoke, args, kwargs, invoke)
         self.invokes.append(invoke)
         return invoke
 

@@ -13,17 +13,16 @@ from .._torch import forward_hook_dicts, pytree
 from ..record.sites import INPUT, OUTPUT, Site
 from . import operations as ops
 from .model_hooks import is_traced_hook
+from .module_tree import first_paths
 
 # on_event(site, value) -> replacement value or None; value is (args, kwargs) for inputs.
 EventHandler = Callable[[Site, Any], Any]
 
 
 def module_paths(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
-    """Each module of ``model`` with its dotted path (the first path of a shared module)."""
-    paths: dict[torch.nn.Module, str] = {}
-    for path, module in model.named_modules():
-        paths.setdefault(module, path)
-    return paths
+    """Each module of ``model`` with its dotted path (the first path of a shared module),
+    walked again only where the tree changed (:func:`module_tree.first_paths`)."""
+    return first_paths(model)
 
 
 def _replaced(before: Any, after: Any) -> list:

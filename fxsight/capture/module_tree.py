@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import weakref
 
 import torch
 
@@ -52,3 +53,49 @@ class ModuleTree:
                 list(map(self.read, self.dicts)) == self.versions
         except Exception:  # noqa: BLE001 - a module without its dict: walk again
             return False
+
+
+# model -> ((module, its ``_modules`` dict's version, its first path), ...) of the last
+# walk, every module held weakly: the table keeps no module alive (a submodule that
+# refers to its root would keep the entry's key alive through strong references)
+_FIRST_PATHS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = \
+    weakref.WeakKeyDictionary()
+
+
+def first_paths(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
+    """Each module of ``model`` with its dotted path (the first path of a shared module),
+    as ``named_modules()`` walks them; walked again only where a ``_modules`` dict of a
+    module met changed or was replaced since (its version tag: CPython gives every dict,
+    new or changed, a number of its own), a module met is gone, or a class walks its own
+    way. The dict is the caller's."""
+    read = dict_version_reader()
+    walked = _FIRST_PATHS.get(model)
+    if walked is not None and read is not None:
+        found = _still_walked(walked, read)
+        if found is not None:
+            return found
+    found = {}
+    for path, module in model.named_modules():
+        found.setdefault(module, path)
+    if read is not None and all(type(m).named_modules is _WALK for m in found):
+        try:
+            _FIRST_PATHS[model] = tuple((weakref.ref(m), read(_submodules(_dict(m))), p)
+                                        for m, p in found.items())
+        except (KeyError, TypeError):  # (a module without its dict, or not weakly held)
+            _FIRST_PATHS.pop(model, None)
+    return found
+
+
+def _still_walked(walked: tuple, read) -> dict[torch.nn.Module, str] | None:
+    """The first paths of a stored walk where every module met is alive and holds a
+    ``_modules`` dict of the same version (any doubt: ``None``)."""
+    found: dict[torch.nn.Module, str] = {}
+    try:
+        for reference, version, path in walked:
+            module = reference()
+            if module is None or read(_submodules(_dict(module))) != version:
+                return None
+            found[module] = path
+    except Exception:  # noqa: BLE001 - a module without its dict: walk again
+        return None
+    return found

@@ -38,6 +38,10 @@ from .._torch import (FakeTensorMode, dispatch_modes_active, dispatched, entry_p
                       torch_function_modes_active)
 from .direct import plain_target
 _CALL = re.compile(r"\btorch\.ops\.(\w+)\.(\w+)\.(\w+)\(")
+# a read of one of the graph's attributes (fx's code for a ``get_attr`` node)
+_ATTRIBUTE = re.compile(r"(?<![\w.])self\.(\w+)\b(?![.(\w])")
+# the names of the graph module's parameter and buffer dicts in its rewritten forward
+_PARAMETERS, _BUFFERS = "_fxsight_parameters", "_fxsight_buffers"
 
 # (operator, binding, the kinds of a call's arguments) -> whether the binding makes the
 # operator's calls
@@ -56,8 +60,8 @@ def _overload(namespace: str, packet: str, overload: str) -> Any:
 
 def _rewritten(graph_module: fx.GraphModule, bind: Callable[[Any], Any]) -> Callable:
     """``graph_module.forward`` with each ``torch.ops`` call bound to ``bind(overload)``
-    (left as it is where that is ``None``); the original ``forward`` where the code cannot
-    be rewritten."""
+    (left as it is where that is ``None``) and its parameters and buffers read from their
+    dicts; the original ``forward`` where the code cannot be rewritten."""
     bound: dict[str, object] = {}
 
     def rebind(match: re.Match) -> str:
@@ -70,13 +74,29 @@ def _rewritten(graph_module: fx.GraphModule, bind: Callable[[Any], Any]) -> Call
         return name + "("
 
     try:
-        source = _CALL.sub(rebind, graph_module.code)
-        namespace = {**graph_module.forward.__globals__, **bound}
+        source = _ATTRIBUTE.sub(lambda match: _stored(graph_module, match),
+                                _CALL.sub(rebind, graph_module.code))
+        namespace = {**graph_module.forward.__globals__, **bound,
+                     _PARAMETERS: graph_module._parameters, _BUFFERS: graph_module._buffers}
         exec(compile(source, f"<fxsight rewritten forward {id(graph_module):x}>", "exec"),
              namespace)
         return types.MethodType(namespace["forward"], graph_module)
     except Exception:  # noqa: BLE001 - the generated forward is always a correct fallback
         return graph_module.forward
+
+
+def _stored(graph_module: fx.GraphModule, match: re.Match) -> str:
+    """A read of a parameter or buffer of the graph module as a lookup in its dict (what
+    ``Module.__getattr__`` finds there, without its Python frame: a call per parameter per
+    run), the read as it is for any other attribute."""
+    name = match.group(1)
+    if name in vars(graph_module) or hasattr(type(graph_module), name):
+        return match.group(0)  # (an attribute of its own: found before __getattr__)
+    if name in graph_module._parameters:
+        return f"{_PARAMETERS}[{name!r}]"
+    if name in graph_module._buffers:
+        return f"{_BUFFERS}[{name!r}]"
+    return match.group(0)
 
 
 def fast_forward(graph_module: fx.GraphModule) -> Callable:
@@ -88,8 +108,8 @@ def fast_forward(graph_module: fx.GraphModule) -> Callable:
 def bound_forward(graph_module: fx.GraphModule) -> Callable | None:
     """``graph_module.forward`` with ATen calls bound to torch's Python bindings where
     each is the same call (:func:`fast_forward`'s entry points elsewhere), or ``None``
-    where the graph is not one of ATen operators and fxsight's helpers over plain
-    parameters, a dispatch mode is active, or no call could be bound."""
+    where the graph is not one of ATen operators and fxsight's helpers (functions, and
+    objects whose class says ``torch_operations_only``) over plain parameters, a dispatch mode is active, or no call could be bound."""
     tensors = [*graph_module.parameters(), *graph_module.buffers()]
     if any(type(t) not in _PLAIN_TENSORS for t in tensors) or dispatch_modes_active():
         return None  # (a mode active now would see the checks' calls on fake tensors)
@@ -97,7 +117,11 @@ def bound_forward(graph_module: fx.GraphModule) -> Callable | None:
     for node in graph_module.graph.nodes:
         if node.op in ("placeholder", "get_attr", "output"):
             continue
-        if node.op != "call_function" or not plain_target(node.target):
+        if node.op != "call_function":
+            return None
+        if getattr(type(node.target), "torch_operations_only", False):
+            continue  # (fxsight's helper object of torch operations: called as it is)
+        if not plain_target(node.target):
             return None
         calls.setdefault(node.target, []).append(node)
     bindings = {}

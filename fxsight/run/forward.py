@@ -27,10 +27,10 @@ from ..record.program import Kind, Node, Program
 from ..record.sites import is_operation, module_label
 from ..splice.gradients import TapHooks, backward_phase
 from ..splice.rows import Rows
-from ..splice.meta_walker import MetaWalker
 from ..stats import bump
 from .backward import BackwardPhase, forward_exports
 from .executable import runner_for
+from .hook_walks import walked_positions
 from .hooks import run_with_hooks
 from .options import RunOptions
 
@@ -341,10 +341,9 @@ def _run_hooks(module: nn.Module, program: Program, args: tuple, kwargs: dict,
                rows: dict[Any, Rows], stop: bool, forward_saves: list[Node],
                operations: frozenset = frozenset()) -> Outcome:
     source = cached_scan(module, args, kwargs, operations)
-    walker = MetaWalker(program, rows, source)
-    walker.run()
+    positions = walked_positions(module, program, rows, source)
     grad_keys: dict[Node, str] = {}
-    output, values = run_with_hooks(module, program, rows, source.index, walker.positions,
+    output, values = run_with_hooks(module, program, rows, source.index, positions,
                                     args, kwargs, stop=stop, grad_keys=grad_keys,
                                     operations=operations, checkpointed=source.checkpointed,
                                     written_buffers=source.written_buffers)

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from .._torch import user_modes_resumed, user_modes_suspended
+from .._torch import as_own_work, user_modes_resumed
 from ..errors import TraceError, at_line
 from ..capture.events import ModuleEvents
 from ..capture.model_hooks import describe_hook
@@ -97,8 +97,7 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
         return None, walker.values
 
     def on_event(site: Site, value: Any) -> Any:
-        with user_modes_suspended():  # (fxsight's own work: no user mode sees it)
-            return at_event(site, value)
+        return as_own_work(at_event, site, value)  # (fxsight's own: no user mode sees it)
 
     def at_event(site: Site, value: Any) -> Any:
         position = index.get(site)

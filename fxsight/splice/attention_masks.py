@@ -448,6 +448,10 @@ class _MaskUnless:
     """Computes a model's mask from its inputs only where they are not all ones."""
 
     __name__ = "mask_unless_all_ones"
+    # it runs the model's own mask code (a copy of the captured graph's ATen calls) on
+    # plain tensors, and no user code: an eager graph calling it may still take torch's
+    # Python bindings for its own ATen calls (``run.eager.bound_forward``)
+    torch_operations_only = True
 
     def __init__(self, cone: list[fx.Node], inputs: list[fx.Node]):
         graph = fx.Graph()

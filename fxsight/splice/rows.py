@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-from .._torch import pytree, user_modes_suspended
+from .._torch import as_own_work, pytree, user_modes_suspended
 
 
 class Rows(NamedTuple):
@@ -46,8 +46,7 @@ def narrow_rows(value: Any, start: int, stop: int, total: int) -> Any:
     """The rows ``start:stop`` of every batched tensor in ``value`` (views, not copies):
     fxsight's own work (a prompt run alone is not narrowed), which a user's mode around
     the trace does not see."""
-    with user_modes_suspended():
-        return _narrow_rows(value, start, stop, total)
+    return as_own_work(_narrow_rows, value, start, stop, total)
 
 
 def _narrow_rows(value: Any, start: int, stop: int, total: int) -> Any:
@@ -62,19 +61,21 @@ def narrow_row_groups(value: Any, start: int, stop: int, total: int) -> Any:
     group of consecutive rows, as many per row as its length is a multiple of ``total``
     (``generate``'s output: a row per prompt, or several beams or sequences per prompt);
     any other value is returned as it is."""
-    with user_modes_suspended():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 0 and \
-                value.shape[0] % total == 0:
-            factor = value.shape[0] // total
-            return value[start * factor:stop * factor]
-        return value
+    return as_own_work(_narrow_row_groups, value, start, stop, total)
+
+
+def _narrow_row_groups(value: Any, start: int, stop: int, total: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 0 and \
+            value.shape[0] % total == 0:
+        factor = value.shape[0] // total
+        return value[start * factor:stop * factor]
+    return value
 
 
 def splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any:
     """``full`` with rows ``start:stop`` replaced by ``part`` (new tensors, ``full``
     untouched): fxsight's own work, unseen by a user's mode around the trace."""
-    with user_modes_suspended():
-        return _splice_rows(full, part, start, stop, total)
+    return as_own_work(_splice_rows, full, part, start, stop, total)
 
 
 def _splice_rows(full: Any, part: Any, start: int, stop: int, total: int) -> Any:
@@ -126,8 +127,7 @@ def conform(value: Any, like: Any) -> Any:
     """``value`` shaped like ``like`` (broadcast where a tensor's shape differs), on its
     device (a value read on one device and written where another one was). fxsight's own
     work on a write: a user's mode around the trace does not see it."""
-    with user_modes_suspended():
-        return _conform(value, like)
+    return as_own_work(_conform, value, like)
 
 
 def _conform(value: Any, like: Any) -> Any:
@@ -148,8 +148,7 @@ def conform_to(value: Any, shape: tuple[int, ...], device: torch.device,
                dtype: torch.dtype) -> Any:
     """:func:`conform` to a tensor of a known ``shape``, ``device`` and ``dtype`` (the value
     it replaces is then not needed: what only computes it is pruned)."""
-    with user_modes_suspended():
-        return _conform_to(value, shape, device, dtype)
+    return as_own_work(_conform_to, value, shape, device, dtype)
 
 
 def _conform_to(value: Any, shape: tuple[int, ...], device: torch.device,
