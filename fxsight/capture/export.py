@@ -38,7 +38,7 @@ from .memory import memory_roots
 from .quiet_logs import quiet_logger
 from .quiet_warnings import held_warnings
 from . import opaque as opaque_calls
-from ..record.sites import Site
+from ..record.sites import INPUT, Site
 
 
 @torch.library.custom_op("fxsight::boundary", mutates_args=())
@@ -208,14 +208,24 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     layouts: dict[Site, tuple[pytree.TreeSpec, list[Any]]] = {}
     tensor_leaves: dict[Site, frozenset[int]] = {}  # (a constant None is a leaf too)
 
+    repeats: dict[Site, dict[int, int]] = {}  # (a leaf -> the first leaf of its tensor)
+
     def mark(site: Site, value: Any) -> Any:
         flat, spec = pytree.tree_flatten(value)
         layouts[site] = (spec, [None if isinstance(v, torch.Tensor) else v for v in flat])
         tensor_leaves[site] = frozenset(
             i for i, v in enumerate(flat) if isinstance(v, torch.Tensor))
         label = _marker(site)
-        marked = [boundary(v, label, i) if isinstance(v, torch.Tensor) else v
-                  for i, v in enumerate(flat)]
+        # one marker per tensor of an input: a forward that tests its arguments for
+        # identity (nn.MultiheadAttention's ``query is key`` projects a self-attention's
+        # inputs in one product) takes the branch the plain forward takes
+        firsts = _first_leaves(flat) if site.kind == INPUT else {}
+        repeats[site] = {i: first for i, first in firsts.items() if i != first}
+        marked: list[Any] = []
+        for i, v in enumerate(flat):
+            first = firsts.get(i, i)
+            marked.append(marked[first] if first != i else
+                          boundary(v, label, i) if isinstance(v, torch.Tensor) else v)
         return pytree.tree_unflatten(marked, spec)
 
     events = ModuleEvents(model if events_on is None else events_on, mark,
@@ -285,7 +295,9 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         constants = [_cache_ref(c, cache_state.roots, site) if caches.is_cache(c)
                      else kept_constant(c, site.label) for c in constants]
         found = marks.get(_marker(site), {})
-        nodes = [found.get(i) if constants[i] is None else None for i in range(len(constants))]
+        repeated = repeats.get(site, {})
+        nodes = [found.get(repeated.get(i, i)) if constants[i] is None else None
+                 for i in range(len(constants))]
         # a tensor whose marker is not in the top-level graph: inside a nested graph
         inner = nested.get(_marker(site), {})
         tensors = tensor_leaves[site]
@@ -493,6 +505,14 @@ def _cached_parametrization(model: torch.nn.Module) -> str | None:
         if torch.nn.utils.parametrize.is_parametrized(module):
             return path
     return None
+
+
+def _first_leaves(flat: list[Any]) -> dict[int, int]:
+    """For each tensor leaf of ``flat``: the index of the first leaf holding the same
+    tensor (itself, unless the tensor is passed more than once)."""
+    first: dict[int, int] = {}
+    return {i: first.setdefault(id(v), i) for i, v in enumerate(flat)
+            if isinstance(v, torch.Tensor)}
 
 
 def _drop_forward_hooks(module: torch.nn.Module) -> None:

@@ -376,6 +376,7 @@ def splice(captured: Captured, program: Program, rows: dict[Any, Rows],
         tensor_old = [n for n in old_nodes if n is not None]
         new_nodes = [v for v, o in zip(new_leaves, old_nodes) if o is not None] \
             if len(new_leaves) == len(old_nodes) else new_leaves
+        _check_repeats_written_alike(site, tensor_old, new_nodes, program)
         for old, new in zip(tensor_old, new_nodes):
             if isinstance(new, fx.Node) and new is not old:
                 written[old] = new
@@ -666,3 +667,23 @@ def _boundary_name(label: str, leaf: int) -> str:
     tensors after the first of a site get their leaf index: ``transformer_h_0_input_leaf2``."""
     name = label.replace(".", "_").replace("#", "_")
     return f"{name}_leaf{leaf}" if leaf else name
+
+
+def _check_repeats_written_alike(site: Site, old_nodes: list[fx.Node], new: list[Any],
+                                 program: Program) -> None:
+    """An input that passes one tensor more than once (``attn(h, h, h)``) has one node for
+    it in the graph, which the forward was captured with (``query is key``: the branch
+    the plain forward takes for it); a write giving those places different values would
+    make the plain forward take another branch: ``NotOnGraph`` (the hooks backend runs
+    it as the plain forward does)."""
+    given: dict[fx.Node, Any] = {}
+    for old, value in zip(old_nodes, new):
+        if given.setdefault(old, value) is not value:
+            raise NotOnGraph(at_line(
+                f"{site.label} passes one tensor at several places (as "
+                f"{module_label(site.path)}'s forward receives it, e.g. a self-attention's "
+                f"query, key and value), and this write gives them different values: the "
+                f"captured graph holds the forward for one tensor there (a plain forward "
+                f"may test its arguments for identity)", next(
+                    (n.line for n in program.nodes if n.kind is Kind.WRITE and n.site == site),
+                    None)))
