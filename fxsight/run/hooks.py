@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .._torch import user_modes_resumed, user_modes_suspended
 from ..errors import TraceError, at_line
-from ..capture.events import ModuleEvents
+from ..capture.events import ModuleEvents, observed_forward
 from ..capture.model_hooks import describe_hook
 from ..record.program import Kind, Node, Program, execute, is_backward, map_nodes
 from .checkpointing import (check_checkpoint_sites, check_checkpointed_writes,
@@ -121,7 +121,8 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
             return (tuple(new[0]), dict(new[1])) if site.kind == INPUT else new
         return None
 
-    events = ModuleEvents(model, on_event, only=paths, operations=operations)
+    events = ModuleEvents(model, on_event, only=paths, operations=operations,
+                          keep_fast_paths=True)
     skips = [n for n in program.nodes
              if n.skip and rows[n.invoke].whole]
     try:
@@ -202,8 +203,9 @@ def _skipping(model: nn.Module, skips: list[Node], walker: RealWalker,
     """While active, each skipped module call returns its skip value instead of running.
 
     A forward pre-hook cannot skip a module in torch, so the module's ``forward`` is
-    replaced by an instance attribute for the run (restored in ``finally``); its hooks
-    still fire, so the skip's write and later reads happen at its output event. Calls
+    replaced by an instance attribute for the run (restored in ``finally``; where the
+    events wrap the module's forward, ``ObservedForward``, what the wrapper calls); its
+    hooks still fire, so the skip's write and later reads happen at its output event. Calls
     that are no events (another thread's, or a module call of the Program itself, made
     while ``events.paused``) run the module's own forward. The calls a skipped call
     would have made inside it are counted as made (``index``: the forward's events), so
@@ -216,22 +218,29 @@ def _skipping(model: nn.Module, skips: list[Node], walker: RealWalker,
             if any(m is module for m, _ in saved):
                 continue
             calls = {n.site.call: n for n in skips if n.site.path == site.path}
+            observed = observed_forward(module)
+            if observed is not None:  # (its events wrap its forward: skipped inside them)
+                saved.append((module, observed.inner))
+                observed.inner = _skipped_forward(observed.inner, site.path, calls, walker,
+                                                  events, index)
+                continue
             saved.append((module, module.__dict__.get("forward", _NO_FORWARD)))
-            module.forward = _skipped_forward(module, site.path, calls, walker, events,
-                                              index)
+            module.forward = _skipped_forward(module.forward, site.path, calls, walker,
+                                              events, index)
         yield
     finally:
         for module, previous in reversed(saved):
-            if previous is _NO_FORWARD:
+            observed = observed_forward(module)
+            if observed is not None:
+                observed.inner = previous
+            elif previous is _NO_FORWARD:
                 module.__dict__.pop("forward", None)
             else:
                 module.__dict__["forward"] = previous
 
 
-def _skipped_forward(module: nn.Module, path: str, calls: dict[int, Node],
+def _skipped_forward(original: Any, path: str, calls: dict[int, Node],
                      walker: RealWalker, events: ModuleEvents, index: dict[Site, int]):
-    original = module.forward
-
     def forward(*args, **kwargs):
         if threading.get_ident() != events.thread:  # another thread's call: not skipped
             return original(*args, **kwargs)
