@@ -1,16 +1,18 @@
 """Which operators of a forward pass are attentions, and over how many keys.
 
 An attention is an attention kernel (``scaled_dot_product_attention`` and its variants,
-``MultiheadAttention``'s fused fast path, ``flex_attention``: its keys are its key
-argument's tokens; an opaque call of ``MultiheadAttention``, which runs that fast path) or a softmax over the last dimension of scores. A softmax of scores of
-four dimensions (batch, heads, queries, keys) is one at once; of three (batch * heads,
-queries, keys: ``torch.bmm`` attention, ``MultiheadAttention`` with ``need_weights``) or
-more, where its scores are a product of two tensors the forward computed from its inputs
-(queries times keys; a router's logits are its input times a weight) and its
-probabilities weigh values in a product of matrices (``probs @ v``, ``torch.bmm(probs,
-v)``, an einsum summing over their last dimension). Its keys are those the product sums
-over: the values weighted. A softmax over the keys and a learned sink logit beside them
-(GPT-OSS: the sink's column dropped before the product) attends over the keys alone.
+``MultiheadAttention``'s and ``TransformerEncoderLayer``'s fused fast paths,
+``flex_attention``: its keys are its key argument's tokens, the encoder layer's its
+input's; an opaque call of either module, which runs that fast path) or a softmax over the
+last dimension of scores. A softmax of scores of four dimensions (batch, heads, queries,
+keys) is one at once; of three (batch * heads, queries, keys: ``torch.bmm`` attention,
+``MultiheadAttention`` with ``need_weights``) or more, where its scores are a product of
+two tensors the forward computed from its inputs (queries times keys; a router's logits
+are its input times a weight) and its probabilities weigh values in a product of
+matrices (``probs @ v``, ``torch.bmm(probs, v)``, an einsum summing over their last
+dimension). Its keys are those the product sums over: the values weighted. A softmax
+over the keys and a learned sink logit beside them (GPT-OSS: the sink's column dropped
+before the product) attends over the keys alone.
 
 :class:`Attentions` records them as a forward pass runs, an operator at a time: on
 captured graph nodes or on the tensors of a scan alike, each result named by a key
@@ -36,6 +38,11 @@ _KERNELS: dict[Any, int] = {
         "_scaled_dot_product_fused_attention_overrideable",
         # (MultiheadAttention's fused fast path: query, key, value of (batch, tokens, width))
         "_native_multi_head_attention") if hasattr(_aten, name)}
+# (TransformerEncoderLayer's fused fast path: self-attention over its input, batch first,
+# whose result adds that input back: the layer's residual connections)
+_RESIDUAL_KERNELS = frozenset(getattr(_aten, name) for name in (
+    "_transformer_encoder_layer_fwd",) if hasattr(_aten, name))
+_KERNELS.update((kernel, 0) for kernel in _RESIDUAL_KERNELS)
 if hasattr(torch.ops.higher_order, "flex_attention"):
     _KERNELS[torch.ops.higher_order.flex_attention] = 1
 _SOFTMAXES = frozenset(getattr(_aten, name) for name in ("softmax", "_softmax", "_safe_softmax")
@@ -55,20 +62,35 @@ def packet(target: Any) -> Any:
     return getattr(target, "overloadpacket", target)
 
 
+def _key_argument(target: Any, args: tuple) -> tuple[Any, bool] | None:
+    """An attention kernel's key argument and whether its result adds that argument back
+    (an encoder layer's residual connections), ``None`` for another operator."""
+    position = _KERNELS.get(packet(target))
+    if position is None:
+        # (a module that runs as an opaque call: nn.MultiheadAttention or
+        # nn.TransformerEncoderLayer on its fast path)
+        return attention_key(target, args)
+    if len(args) <= position:
+        return None
+    return args[position], packet(target) in _RESIDUAL_KERNELS
+
+
+def kernel_residual(target: Any, args: tuple) -> Any:
+    """Where ``target`` is an attention kernel whose result adds its key argument back
+    (``nn.TransformerEncoderLayer``'s fused kernel, or an opaque call of the layer): that
+    argument, whose flow reaches the result directly, not only through the attention;
+    ``None`` otherwise."""
+    found = _key_argument(target, args)
+    return found[0] if found is not None and found[1] else None
+
+
 def kernel_keys(target: Any, args: tuple, tensor_of: Callable) -> int | None:
     """The number of keys of an attention kernel (-1 where symbolic), ``None`` for
     another operator."""
-    position = _KERNELS.get(packet(target))
-    if position is None:
-        # (a module that runs as an opaque call: nn.MultiheadAttention on its fast path)
-        leaf = attention_key(target, args)
-        if leaf is None:
-            return None
-    elif len(args) <= position:
+    found = _key_argument(target, args)
+    if found is None:
         return None
-    else:
-        leaf = args[position]
-    key = tensor_of(leaf)
+    key = tensor_of(found[0])
     if not isinstance(key, torch.Tensor) or key.dim() < 2:
         return None
     try:

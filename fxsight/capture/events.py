@@ -1,4 +1,6 @@
-"""Observing module boundaries with forward hooks, with a guarantee that they are removed."""
+"""Observing module boundaries with forward hooks, with a guarantee that they are removed
+(or, where a hook would change the path the forward takes, with the module's ``forward``
+wrapped: :class:`ObservedForward`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from .._torch import forward_hook_dicts, pytree
 from ..record.sites import INPUT, OUTPUT, Site
 from . import operations as ops
+from .fast_paths import hook_sensitive_modules
 from .model_hooks import is_traced_hook
 from .module_tree import first_paths
 
@@ -103,8 +106,12 @@ class ModuleEvents:
 
     def __init__(self, model: torch.nn.Module, on_event: EventHandler,
                  only: set[str] | None = None, operations: frozenset = frozenset(),
-                 copy_back: bool = False):
+                 copy_back: bool = False, keep_fast_paths: bool = False):
         self.model = model
+        # observe the modules whose forward hooks would turn an enclosing module's fast
+        # path off (``fast_paths.hook_sensitive_modules``) by their ``forward`` instead,
+        # so that the forward takes the path a plain one takes (a real run, a scan of it)
+        self.keep_fast_paths = keep_fast_paths
         self.on_event = on_event
         self.only = only
         # ``on_event`` gives operations copies of their arguments (boundary markers): what
@@ -129,6 +136,7 @@ class ModuleEvents:
     def installed(self) -> Iterator["ModuleEvents"]:
         handles = []
         forwards = []
+        observed: list[tuple[torch.nn.Module, Any]] = []
         reordered: list[tuple[dict, list]] = []
         try:
             if self.operations:
@@ -143,8 +151,14 @@ class ModuleEvents:
                                                 self._dispatcher(prefix, tree, forward))
                     forwards.append((module, slot, vars(module).get(slot, _ABSENT)))
                     vars(module)[slot] = types.MethodType(function, module)
-            for module, path in module_paths(self.model).items():
+            paths = module_paths(self.model)
+            sensitive = hook_sensitive_modules(paths) if self.keep_fast_paths else ()
+            for module, path in paths.items():
                 if self.only is not None and path not in self.only:
+                    continue
+                if module in sensitive:
+                    observed.append((module, vars(module).get("forward", _ABSENT)))
+                    vars(module)["forward"] = ObservedForward(self, module, path)
                     continue
                 handles.append(module.register_forward_pre_hook(
                     self._pre_hook(path), with_kwargs=True))
@@ -160,6 +174,11 @@ class ModuleEvents:
                 handle.remove()
             for hooks, order in reordered:
                 _put_back_order(hooks, order)
+            for module, before in reversed(observed):
+                if before is _ABSENT:
+                    vars(module).pop("forward", None)
+                else:  # (its instrumented forward, or the instance's own)
+                    vars(module)["forward"] = before
             for module, slot, before in forwards:
                 if getattr(vars(module).get(slot), ops.MARK, False):
                     if before is _ABSENT:
@@ -268,6 +287,34 @@ class ModuleEvents:
             self.order.append(site)
             return self.on_event(site, output)
         return hook
+
+
+class ObservedForward:
+    """A module's ``forward`` with its boundary events around it, in place of the forward
+    hook and pre-hook :class:`ModuleEvents` would add (an instance attribute while the
+    events are installed): where a hook would turn a fast path off
+    (``nn.TransformerEncoderLayer`` takes its slow path where a module inside it has
+    one), the forward takes the path a plain one takes. ``inner``: what it calls (the
+    module's forward, or a skip of it, see ``run.hooks``)."""
+
+    def __init__(self, events: ModuleEvents, module: torch.nn.Module, path: str):
+        self.inner = module.forward  # (the class's, the instance's own, an instrumented one)
+        self._pre, self._post = events._pre_hook(path), events._post_hook(path)
+        self._module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        new = self._pre(self._module, args, kwargs)
+        if new is not None:
+            args, kwargs = new
+        output = self.inner(*args, **kwargs)
+        new = self._post(self._module, args, output)
+        return output if new is None else new
+
+
+def observed_forward(module: torch.nn.Module) -> ObservedForward | None:
+    """The :class:`ObservedForward` installed on ``module``, if any."""
+    forward = vars(module).get("forward")
+    return forward if isinstance(forward, ObservedForward) else None
 
 
 @contextlib.contextmanager

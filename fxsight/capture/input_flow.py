@@ -48,7 +48,7 @@ import torch
 import torch.fx as fx
 
 from .._torch import after_each_operator, pytree, storage_key, written_arguments
-from .attention_ops import Attentions, kernel_keys, softmax_keys
+from .attention_ops import Attentions, kernel_keys, kernel_residual, softmax_keys
 from .memory import memory_roots
 
 _aten = torch.ops.aten
@@ -132,8 +132,9 @@ def _operator_flow(target: Any, args: tuple, kwargs: dict, flow_of: Any,
                    tensor_of: Any) -> tuple[Flow, Flow]:
     """What an operator's result carries: its arguments' flows (``flow_of(leaf)``), an
     integer index argument's (``tensor_of(leaf)``: its tensor, for the dtype), a running
-    count's and an angle's as positions, an attention's not near; and what its arguments
-    carry (an attention's record)."""
+    count's and an angle's as positions, an attention's not near (but for the input an
+    encoder layer's fused kernel adds back); and what its arguments carry (an attention's
+    record)."""
     packet = _packet(target)
     index = _INDEX_ARGUMENTS.get(packet)
     index_arg = None
@@ -156,7 +157,8 @@ def _operator_flow(target: Any, args: tuple, kwargs: dict, flow_of: Any,
         return _as_positions(flow), flow
     if kernel_keys(target, args, tensor_of) is not None or \
             softmax_keys(target, args, tensor_of) is not None:
-        return _attended(flow), flow
+        residual = kernel_residual(target, args)  # (an encoder layer's: added back)
+        return _or(_attended(flow), _NONE if residual is None else flow_of(residual)), flow
     if attended and packet in _MATMULS:
         return _attended(flow), flow
     if positions_only and packet in _PRODUCTS and _per_token(args, tensor_of):

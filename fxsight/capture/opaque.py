@@ -35,6 +35,7 @@ from .._torch import (FakeTensorMode, autocast_cache_off, fake_cache_unchanged, 
 from ..record.sites import OUTPUT, Site
 from .events import ModuleEvents
 from .fast_path_outputs import as_plain_output
+from .fast_paths import attention_adds_its_keys, attention_key_argument
 from .effects import kept_forward_effects
 from .state import Watch
 
@@ -60,6 +61,7 @@ class _Call:
     reason: str
     grad_enabled: bool = True         # the grad mode the forward was captured in
     attention_key: int | None = None  # an attention module's: its key tensor's index
+    adds_keys: bool = False           # whether its output adds that tensor back
 
 
 TENSOR = object()  # where a tensor goes among a call's constants
@@ -341,7 +343,8 @@ def _router(module: torch.nn.Module, path: str, reason: str, outputs: dict[Site,
                               [TENSOR if isinstance(v, _Meta) else v for v in out_flat],
                               [(m.shape, m.dtype, m.device, m.stride) for m in out_flat
                                if isinstance(m, _Meta)], reason, torch.is_grad_enabled(),
-                              _attention_key(module, args, kwargs, tensors)),
+                              _attention_key(module, args, kwargs, tensors),
+                              attention_adds_its_keys(module)),
                         kept)
         parameters = [p for p in module.parameters()]
         results = iter(opaque(tensors + parameters, key))
@@ -354,25 +357,27 @@ def _router(module: torch.nn.Module, path: str, reason: str, outputs: dict[Site,
 
 def _attention_key(module: torch.nn.Module, args: tuple, kwargs: dict,
                    tensors: list[torch.Tensor]) -> int | None:
-    """For an ``nn.MultiheadAttention`` (batch first): the index among ``tensors`` (its
-    call's) of its ``key`` argument, whose tokens are the attention's keys."""
-    if not isinstance(module, torch.nn.MultiheadAttention) or not module.batch_first:
+    """For a module whose fast path is an attention (a batch-first
+    ``nn.MultiheadAttention``, an ``nn.TransformerEncoderLayer``): the index among
+    ``tensors`` (its call's) of the argument whose tokens are the attention's keys."""
+    key = attention_key_argument(module, args, kwargs)
+    if key is None:
         return None
-    key = args[1] if len(args) > 1 else kwargs.get("key")
     return next((i for i, t in enumerate(tensors) if t is key), None)
 
 
-def attention_key(target: Any, args: tuple) -> Any:
-    """Where ``target`` of ``args`` is an opaque call of an attention module (the
-    padding checks see it as the attention kernel it runs): its key argument (a leaf of
-    its inputs: a graph node, a tensor), else ``None``."""
+def attention_key(target: Any, args: tuple) -> tuple[Any, bool] | None:
+    """Where ``target`` of ``args`` is an opaque call of a module whose fast path is an
+    attention (the padding checks see it as the attention kernel it runs): its key
+    argument (a leaf of its inputs: a graph node, a tensor) and whether the module's
+    output adds it back (an encoder layer's residual connections), else ``None``."""
     if target is not OPAQUE or len(args) < 2 or not isinstance(args[1], str):
         return None
     call = _CALLS.get(args[1])
     if call is None or call.attention_key is None or \
             not isinstance(args[0], (list, tuple)) or len(args[0]) <= call.attention_key:
         return None
-    return args[0][call.attention_key]
+    return args[0][call.attention_key], call.adds_keys
 
 
 def ignored_changes(reasons: dict[str, str]) -> set[str]:

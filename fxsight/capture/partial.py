@@ -47,25 +47,36 @@ def capture_partly(model: torch.nn.Module, args: tuple, kwargs: dict,
     """:func:`capture`; where it fails inside a module (the culprit of its
     :class:`CaptureError`, or the module whose Python state the forward changes), capture
     again with that module as one opaque call (``capture/opaque.py``), up to
-    ``opaque.MAX_OPAQUE`` modules. Raises the first error where an opaque call does not
-    help, the last one where something outside a module (the output) stops the capture."""
+    ``opaque.MAX_OPAQUE`` modules. The modules that may take a fast path
+    (``fast_paths``) are opaque calls from the start. Raises the first error where an
+    opaque call does not help, the last one where something outside a module (the
+    output) stops the capture."""
     fast = {} if events_on is not None else fast_path_modules(model)
-    if fast:  # (their eager forward, not the slow path export would trace)
-        return _capture_fast_paths(model, args, kwargs, fast, operations)
-    try:
-        return capture(model, args, kwargs, events_on=events_on, operations=operations)
-    except CaptureError as error:
-        first = error
-    if _hooks_error(first) or events_on is not None:  # (not for decoding steps)
-        raise first
-    top = model if events_on is None else events_on
     reasons: dict[str, str] = {}
+    if fast:  # (their eager forward, not the slow path export would trace)
+        try:
+            return _capture_fast_paths(model, args, kwargs, fast, operations)
+        except CaptureError as failed:
+            # (a module around them that export cannot capture either: an encoder's
+            # data-dependent check of its mask, made opaque below, as anywhere)
+            first, error = failed, failed.__cause__
+            if not isinstance(error, CaptureError) or not error.module_path:
+                raise
+            reasons = dict(fast)
+    else:
+        try:
+            return capture(model, args, kwargs, events_on=events_on, operations=operations)
+        except CaptureError as failed:
+            first = error = failed
+    if _hooks_error(first) or _hooks_error(error) or events_on is not None:
+        raise first  # (not for decoding steps)
+    top = model if events_on is None else events_on
     outputs = None
-    error = first
     while True:
         path = getattr(error, "changed_module", None) if getattr(
             error, "changes_state", False) else error.module_path
-        if path in reasons or len(reasons) >= opaque_calls.MAX_OPAQUE:
+        if path in reasons or \
+                sum(1 for p in reasons if p not in fast) >= opaque_calls.MAX_OPAQUE:
             raise first
         if not path or _hooks_error(error) or not _is_submodule(top, path):
             if error is first:

@@ -157,7 +157,8 @@ def scan(model: torch.nn.Module, args: tuple, kwargs: dict,
         if checkpoint is not None:
             checkpointed[site] = checkpoint
 
-    events = ModuleEvents(model, record, operations=operations)
+    # (observed as the hooks backend observes it: the path a plain forward takes)
+    events = ModuleEvents(model, record, operations=operations, keep_fast_paths=True)
     writes = BufferWrites(model)
     changed: list[torch.Tensor] = []
     before = Watch(model, 0)
@@ -212,7 +213,8 @@ def _run(model, args, kwargs, events, record, recorded, writes):
             writes.forget_views()
             for table in recorded:
                 table.clear()
-            events = ModuleEvents(model, record, operations=events.operations)
+            events = ModuleEvents(model, record, operations=events.operations,
+                                  keep_fast_paths=True)
             if _is_meta_model(model):
                 meta_args, meta_kwargs = pytree.tree_map(_to_meta, (args, kwargs))
                 flow = InputFlow(_followed(args, kwargs, (meta_args, meta_kwargs)), where)

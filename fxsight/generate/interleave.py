@@ -184,7 +184,7 @@ class StepInterleaver:
         paths = {n.site.path for n in self.program.nodes
                  if n.kind in (Kind.READ, Kind.WRITE) and n.site != GENERATOR}
         self.events = ModuleEvents(module, self._on_event, only=paths | {""},
-                                   operations=self.operations)
+                                   operations=self.operations, keep_fast_paths=True)
         with self.events.installed():
             yield
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 from ..capture.caches import input_caches
 from ..capture.captures import cached_capture, flat_inputs, signature
 from ..capture.export import CaptureError, Captured
-from ..capture.fast_paths import ATTENTION_REASON, fast_path_refusal
+from ..capture.fast_paths import FUSED_REASONS, fast_path_refusal
 from ..capture.operations import spec_for
 from ..capture.scan import ScanResult, cached_scan
 from ..errors import NotOnGraph, TraceError, at_line, user_line, user_stacklevel
@@ -143,7 +143,7 @@ def _refuse_operations_not_called(module: nn.Module, captured: Captured, program
     (``.source``) of a module that runs as an opaque call because it may take torch's
     fused fast path, and that fast path runs for these inputs (a fake-tensor scan, which
     takes it as the plain forward does): the operation is not called."""
-    fast = [path for path, reason in captured.opaque.items() if reason == ATTENTION_REASON]
+    fast = [path for path, reason in captured.opaque.items() if reason in FUSED_REASONS]
     if not fast or not operations:
         return
     nodes = [node for node in program.nodes if getattr(node, "site", None) is not None

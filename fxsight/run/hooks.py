@@ -119,7 +119,8 @@ def run_with_hooks(model: nn.Module, program: Program, rows: dict[Any, Rows],
             return (tuple(new[0]), dict(new[1])) if site.kind == INPUT else new
         return None
 
-    events = ModuleEvents(model, on_event, only=paths, operations=operations)
+    events = ModuleEvents(model, on_event, only=paths, operations=operations,
+                          keep_fast_paths=True)
     skips = [n for n in program.nodes
              if n.skip and rows[n.invoke].whole]
     try:

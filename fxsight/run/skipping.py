@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch.nn as nn
 
-from ..capture.events import ModuleEvents
+from ..capture.events import ModuleEvents, observed_forward
 from ..capture.model_hooks import is_weight_reparametrization
 from ..record.program import Node, map_nodes
 from ..record.sites import INPUT, OUTPUT, Site
@@ -32,7 +32,8 @@ def skipping(model: nn.Module, skips: list[Node], walker: Walker,
     """While active, each skipped module call returns its skip value instead of running.
 
     A forward pre-hook cannot skip a module in torch, so the module's ``forward`` is
-    replaced by an instance attribute for the run (restored in ``finally``); its hooks
+    replaced by an instance attribute for the run (restored in ``finally``; where the
+    events wrap the module's forward, ``ObservedForward``, what the wrapper calls); its hooks
     still fire, so the skip's write and later reads happen at its output event, but for
     torch's weight reparametrizations, which do nothing on a skipped call (wrapped in
     place, same key, restored in ``finally``). Calls that are no events (another
@@ -49,18 +50,27 @@ def skipping(model: nn.Module, skips: list[Node], walker: Walker,
             if any(m is module for m, _ in saved):
                 continue
             calls = {n.site.call: n for n in skips if n.site.path == site.path}
-            saved.append((module, module.__dict__.get("forward", _NO_FORWARD)))
-            module.forward = _skipped_forward(module, site.path, calls, walker, events,
-                                              index)
             wrapped.extend(_reparametrizations_skipped(module, site.path, set(calls),
                                                        events))
+            observed = observed_forward(module)
+            if observed is not None:  # (its events wrap its forward: skipped inside them)
+                saved.append((module, observed.inner))
+                observed.inner = _skipped_forward(observed.inner, site.path, calls, walker,
+                                                  events, index)
+                continue
+            saved.append((module, module.__dict__.get("forward", _NO_FORWARD)))
+            module.forward = _skipped_forward(module.forward, site.path, calls, walker,
+                                              events, index)
         yield
     finally:
         for hooks, key, new, hook in reversed(wrapped):
             if hooks.get(key) is new:
                 hooks[key] = hook
         for module, previous in reversed(saved):
-            if previous is _NO_FORWARD:
+            observed = observed_forward(module)
+            if observed is not None:
+                observed.inner = previous
+            elif previous is _NO_FORWARD:
                 module.__dict__.pop("forward", None)
             else:
                 module.__dict__["forward"] = previous
@@ -97,9 +107,8 @@ def _reparametrizations_skipped(module: nn.Module, path: str, calls: set[int],
     return wrapped
 
 
-def _skipped_forward(module: nn.Module, path: str, calls: dict[int, Node],
+def _skipped_forward(original: Callable, path: str, calls: dict[int, Node],
                      walker: Walker, events: ModuleEvents, index: dict[Site, int]):
-    original = module.forward
     skipped = set(calls)
 
     def forward(*args, **kwargs):

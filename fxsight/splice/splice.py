@@ -673,10 +673,11 @@ def _check_one_value_per_tensor(site: Site, old: list, new: list, program: Progr
         if given.setdefault(old_node, new_value) is not new_value:
             lines = [n.line for n in program.nodes if n.kind is Kind.WRITE and n.site == site]
             raise NotOnGraph(at_line(
-                f"{site.label}: the model passes one tensor object as several of these values, "
-                f"and the write gives them values of their own; the captured graph holds the path its Python "
-                f"takes for one tensor object (an attention's `query is key`), not the one "
-                f"it takes for different tensors (the hooks backend runs that forward)",
+                f"{site.label}: the model passes one tensor object as several of these "
+                f"values, and the write gives them values of their own; the captured graph "
+                f"holds the path its Python takes for one tensor object (an attention's "
+                f"`query is key`), not the one it takes for different tensors (the hooks "
+                f"backend runs that forward)",
                 lines[-1] if lines else None))
 
 
@@ -685,3 +686,4 @@ def _boundary_name(label: str, leaf: int) -> str:
     tensors after the first of a site get their leaf index: ``transformer_h_0_input_leaf2``."""
     name = label.replace(".", "_").replace("#", "_")
     return f"{name}_leaf{leaf}" if leaf else name
+
