@@ -351,3 +351,22 @@ def test_writes_follow_the_plain_forwards_branch(llama):
 
     messages = {b: _refusal(later(b), llama, b) for b in BACKENDS}
     assert messages["fx"] == messages["hooks"] and "decoding step 1" in messages["fx"]
+
+
+@pytest.mark.parametrize("backend", ["hooks", "auto"])
+def test_shapes_read_while_recording_are_the_plain_forwards(llama, backend):
+    """Without padding the kernel gets the key/value heads as they are: a shape read
+    while recording is theirs (was the repeated heads', 8 for 2, on every backend), as is
+    the value saved."""
+    batch = _batch(padded=False)
+    _, key = _states(llama, batch)[0]
+    lm = LanguageModel(llama)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (auto: runs on hooks)
+        with lm.trace(batch, backend=backend):
+            kernel = _inner(lm).torch_nn_functional_scaled_dot_product_attention_0
+            given = kernel.inputs[0][1]
+            shape = tuple(given.shape)
+            saved = given.save()
+    assert shape == tuple(key.shape) == (len(LENGTHS), KV_HEADS, max(LENGTHS), HEAD_SIZE)
+    assert torch.equal(saved, key)

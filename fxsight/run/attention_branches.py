@@ -131,6 +131,43 @@ def plain_scan(module: nn.Module, args: tuple, kwargs: dict, operations: frozens
         return None
 
 
+class PlainBranchValues:
+    """A capture or scan (``source``) whose values of operations inside transformers'
+    attention functions are the plain forward's (``plain``: :func:`plain_scan`), for the
+    checks made before running and the shapes read while recording; the rest, the event
+    order among it, is ``source``'s (the plain forward's operations there are among the
+    source's, or refused before running)."""
+
+    def __init__(self, source: Any, plain: ScanResult, inside: tuple[str, ...]):
+        self._source = source
+        self._plain = plain
+        self._inside = inside  # ("<op path>.source.", ...) of the attention functions
+
+    def meta_value(self, site: Site) -> Any:
+        if site.path.startswith(self._inside) and site in self._plain.index:
+            return self._plain.meta_value(site)
+        return self._source.meta_value(site)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+
+def with_plain_values(module: nn.Module, args: tuple, kwargs: dict, operations: frozenset,
+                      source: Any) -> Any:
+    """``source`` (a capture or a scan of these inputs with ``operations``), its values
+    of operations inside transformers' attention functions the plain forward's
+    (:class:`PlainBranchValues`) where ``operations`` reach inside one."""
+    if not any(len(chain) > 1 for chain in operations):
+        return source
+    inside = tuple(f"{path}.{SOURCE}." for path, called in source.callees.items()
+                   if (getattr(called, "__module__", None) or "").startswith(
+                       _ATTENTION_PACKAGE))
+    if not inside:
+        return source
+    plain = plain_scan(module, args, kwargs, operations)
+    return source if plain is None else PlainBranchValues(source, plain, inside)
+
+
 def branch_refusal(nodes: list[tuple[Node, str]], plain: ScanResult | None,
                    captured: Captured | None, where: str = "this forward pass",
                    fx: bool | None = None) -> str | None:
