@@ -150,7 +150,7 @@ def test_blocks_are_found_and_marked():
             "\n```python\nz = 2\n```\n```sh\nls\n```\n")
     assert python_blocks(text) == [("x = 1\n", True), ("y\n", False), ("z = 2\n", True)]
     counts = {d: len(python_blocks((ROOT / d).read_text())) for d in DOCUMENTS}
-    assert counts["README.md"] == 2 and counts["docs/source.md"] == 6, counts
+    assert counts["README.md"] == 2 and counts["docs/source.md"] == 7, counts
 
 
 def test_readme(saved_models, tmp_path, monkeypatch):
@@ -188,6 +188,9 @@ def test_source(saved_models, tmp_path, monkeypatch):
     hf = ns["hf"]
     ids = ns["tokenizer"]("The Eiffel Tower is in", return_tensors="pt").input_ids
     assert len(ns["patterns"]) == 3  # the generate example's, one per step
+    # the grouped-query example: step 0's repeated key heads, a later step's grouped queries
+    assert tuple(ns["keys"].shape) == (2, 8, 4, 8)
+    assert tuple(ns["queries"].shape) == (2, 2, 4, 8)
     with torch.no_grad():
         attentions = hf(ids, output_attentions=True, use_cache=False).attentions
     assert torch.equal(ns["probabilities"], attentions[0])

@@ -35,6 +35,7 @@ from ..splice.rows import Rows
 from .first_step_inputs import FirstStepInputs
 from .graph_generation import GraphGeneration
 from .step_checks import StepChecks, check_nothing_changed_after, check_steps, check_steps_possible
+from .step_branches import step_branch_refusal
 from .step_scopes import StepIndexer, StepScope
 from .token_inputs import CACHE_KEYWORDS, past_length
 from .tracer import Tracer
@@ -184,10 +185,14 @@ class Generator(FirstStepInputs, StepChecks, GraphGeneration, Tracer):
         self._check_shapes_read(args, self._first_step_inputs(step_kwargs), step_rows)
         self._check_step_shapes_read(kwargs)
         module = self.model._module
+        branches = step_branch_refusal(module, self.program, args,
+                                       self._first_step_inputs(step_kwargs),
+                                       self._generate_kwargs, self._operations(),
+                                       fx=self.options.backend != "hooks")
         inputs = {k: v for k, v in kwargs.items() if k not in ("position_ids", "use_cache")}
         options = dict(self._generate_kwargs)
         if self.options.backend != "hooks":
-            reason = unsupported_options(module, options)
+            reason = unsupported_options(module, options) or branches
             if reason is None:
                 restore_generators = saved_generators(module, (), inputs)
                 try:

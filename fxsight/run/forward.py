@@ -28,6 +28,7 @@ from ..record.sites import is_operation, module_label
 from ..splice.gradients import TapHooks, backward_phase
 from ..splice.rows import Rows
 from ..stats import bump
+from .attention_branches import attention_nodes, branch_refusal, plain_scan, with_plain_values
 from .backward import BackwardPhase, forward_exports
 from .executable import runner_for
 from .hook_walks import walked_positions
@@ -161,20 +162,42 @@ def _refuse_operations_not_called(module: nn.Module, captured: Captured, program
                                      f"#{site.call} in this forward pass ({why})", node.line))
 
 
+def _plain_branch_refusal(module: nn.Module, program: Program, args: tuple, kwargs: dict,
+                          operations: frozenset, captured: Captured | None,
+                          callees: dict | None = None) -> str | None:
+    """Raise, on both backends, where ``program`` reads or writes an operation inside one
+    of transformers' attention functions that the plain forward does not call with these
+    inputs; on the fx backend (``captured``), why its graph does not hold one as the
+    plain forward computes it (see ``attention_branches``), else ``None``."""
+    if not operations:
+        return None
+    nodes = attention_nodes(program.nodes, captured.callees if captured is not None
+                            else callees)
+    if not nodes:
+        return None
+    return branch_refusal(nodes, plain_scan(module, args, kwargs, operations), captured)
+
+
 def metadata_source(module: nn.Module, args: tuple, kwargs: dict,
                     options: RunOptions,
                     operations: frozenset = frozenset()) -> Captured | ScanResult:
     """Boundary shapes for these inputs: from the capture where the fx backend will run
     (it is needed anyway), else from a fake-tensor scan. ``operations``: the operations
-    spec whose sites are needed too (``capture.operations.spec_for``)."""
+    spec whose sites are needed too (``capture.operations.spec_for``); the values of
+    operations inside transformers' attention functions are the plain forward's
+    (``attention_branches.with_plain_values``: a run that differs there runs on hooks)."""
+    source = None
     if options.backend != "hooks":
         try:
             captured = cached_capture(module, args, kwargs, operations=operations)
             if not captured.opaque:  # (a partial capture lacks the sites inside)
-                return captured
+                source = captured
         except CaptureError:
             pass
-    return cached_scan(module, args, kwargs, operations)
+    if source is None:
+        source = cached_scan(module, args, kwargs, operations)
+    return with_plain_values(module, args, kwargs, operations, source) if operations \
+        else source
 
 
 def run_source(module: nn.Module, program: Program, args: tuple, kwargs: dict,
@@ -290,7 +313,8 @@ def _run_program(module: nn.Module, program: Program, args: tuple, kwargs: dict,
     outcome = None
     if captured is not None:
         _refuse_operations_not_called(module, captured, program, args, kwargs, operations)
-        reason = _inside_opaque(captured, program, backward_nodes)
+        reason = _inside_opaque(captured, program, backward_nodes) or \
+            _plain_branch_refusal(module, program, args, kwargs, operations, captured)
         if reason is not None:
             fall_back(NotOnGraph(reason), options, warned, ("opaque", reason))
             captured = None
@@ -341,7 +365,9 @@ def _run_hooks(module: nn.Module, program: Program, args: tuple, kwargs: dict,
                rows: dict[Any, Rows], stop: bool, forward_saves: list[Node],
                operations: frozenset = frozenset()) -> Outcome:
     source = cached_scan(module, args, kwargs, operations)
-    positions = walked_positions(module, program, rows, source)
+    _plain_branch_refusal(module, program, args, kwargs, operations, None, source.callees)
+    positions = walked_positions(module, program, rows, with_plain_values(
+        module, args, kwargs, operations, source))
     grad_keys: dict[Node, str] = {}
     output, values = run_with_hooks(module, program, rows, source.index, positions,
                                     args, kwargs, stop=stop, grad_keys=grad_keys,
